@@ -1,0 +1,59 @@
+"""The exceptions quicmesh raises.
+
+Every error quicmesh raises derives from :class:`QuicmeshError`. Library
+exceptions (aioquic, h2, ssl, OSError) are translated at the edge of the
+package, so callers only ever catch this family.
+"""
+
+from __future__ import annotations
+
+
+class QuicmeshError(Exception):
+    """Root of every error quicmesh raises."""
+
+
+class ConfigError(QuicmeshError):
+    """A configuration, CLI argument or file is invalid; the message names what and where."""
+
+
+class TunnelError(QuicmeshError):
+    """A tunnel (peer connection or stream) failed."""
+
+
+class ConnectError(TunnelError):
+    """A peer connection could not be established (unreachable, handshake failed, timed out)."""
+
+
+class PeerVerificationError(ConnectError):
+    """The peer's certificate chain or SPIFFE identity was not accepted."""
+
+
+class StreamRefused(TunnelError):
+    """The peer sidecar answered the CONNECT with an error status.
+
+    :param status: the HTTP status the peer returned (400 malformed, 403 not allowed,
+        502/503 the destination could not be reached).
+    :param reason: the reason the peer gave, if any.
+    """
+
+    def __init__(self, status: int, reason: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        text = f"peer refused the stream with status {status}"
+        super().__init__(f"{text}: {reason}" if reason else text)
+
+
+class StreamReset(TunnelError):
+    """The stream was reset (aborted) by the peer or because its connection was lost.
+
+    :param error_code: the transport's error code (an HTTP/3 or HTTP/2 error code),
+        or ``None`` when the connection itself was lost.
+    """
+
+    def __init__(self, message: str, error_code: int | None = None) -> None:
+        self.error_code = error_code
+        super().__init__(message)
+
+
+class ConnectionLost(TunnelError):
+    """The peer connection closed or failed while it was in use."""
