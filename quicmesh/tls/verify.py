@@ -1,0 +1,90 @@
+"""Verifying a peer's certificate chain and reading its SPIFFE ID.
+
+:func:`verify_peer` is what the QUIC server side uses on client certificates,
+since aioquic does not verify them. It drives ``cryptography.x509.verification``
+(RFC 5280 path building, in Rust, with the verification time injectable)
+rather than ``aioquic.tls.verify_certificate``: the latter goes through
+pyOpenSSL's X509Store, falls back to certifi's web roots when given no CA
+data, and does not check that the leaf is allowed to authenticate a client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from quicmesh.errors import PeerVerificationError
+from quicmesh.tls.identity import TrustBundle
+from quicmesh.tls.spiffe import spiffe_id_of, uri_sans_of, validate_spiffe_id
+
+
+def verify_peer(
+    certificate: x509.Certificate,
+    chain: list[x509.Certificate],
+    trust: TrustBundle,
+    *,
+    now: datetime.datetime | None = None,
+) -> str:
+    """Verify a peer's certificate chain against ``trust`` and return its SPIFFE ID.
+
+    Checks, in order: the leaf's validity dates, the chain up to a root in
+    ``trust`` (signatures, CA constraints, dates of every certificate, the
+    clientAuth extended key usage), then that the leaf carries exactly one URI
+    SAN and that it is a valid SPIFFE ID (the X509-SVID rules).
+
+    :param certificate: the peer's leaf certificate.
+    :param chain: the intermediates the peer sent (may be empty).
+    :param trust: the roots the chain must lead to.
+    :param now: the verification time (default: the current time); for tests.
+    :returns: the peer's SPIFFE ID.
+    :raises PeerVerificationError: with a one-line reason.
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.UTC)
+    if now > certificate.not_valid_after_utc:
+        raise PeerVerificationError(
+            f"peer certificate has expired (not valid after {certificate.not_valid_after_utc})"
+        )
+    if now < certificate.not_valid_before_utc:
+        raise PeerVerificationError(
+            "peer certificate is not yet valid "
+            f"(not valid before {certificate.not_valid_before_utc})"
+        )
+    verifier = PolicyBuilder().store(Store(trust.certificates)).time(now).build_client_verifier()
+    try:
+        verifier.verify(certificate, chain)
+    except VerificationError as exc:
+        raise PeerVerificationError(f"peer certificate not signed by a trusted CA: {exc}") from exc
+    return _spiffe_id_of_verified(certificate)
+
+
+def _spiffe_id_of_verified(certificate: x509.Certificate) -> str:
+    """Return the single, valid SPIFFE ID of a peer leaf; PeerVerificationError otherwise."""
+    spiffe_id = spiffe_id_of(certificate)
+    if spiffe_id is None:
+        raise PeerVerificationError("peer certificate carries no SPIFFE ID")
+    if len(uri_sans_of(certificate)) != 1:
+        raise PeerVerificationError("peer certificate carries more than one URI SAN")
+    try:
+        return validate_spiffe_id(spiffe_id)
+    except ValueError as exc:
+        raise PeerVerificationError(f"peer certificate carries an {exc}") from exc
+
+
+def peer_identity_from_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
+    """Return the SPIFFE ID of the peer of a completed ``ssl`` handshake.
+
+    The chain itself was verified by ``ssl`` (the contexts from
+    :mod:`quicmesh.tls.context` require it); this reads the SPIFFE ID. With
+    asyncio streams, pass ``writer.get_extra_info("ssl_object")``.
+
+    :raises PeerVerificationError: if the peer sent no certificate or it carries
+        no (or an invalid) SPIFFE ID.
+    """
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:
+        raise PeerVerificationError("peer presented no certificate")
+    return _spiffe_id_of_verified(x509.load_der_x509_certificate(der))
