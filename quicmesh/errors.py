@@ -57,3 +57,7 @@ class StreamReset(TunnelError):
 
 class ConnectionLost(TunnelError):
     """The peer connection closed or failed while it was in use."""
+
+
+class InvalidTarget(TunnelError, ValueError):
+    """A CONNECT target (``host:port``) or an extra header is malformed."""

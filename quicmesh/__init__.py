@@ -1,0 +1,1 @@
+"""quicmesh: service-mesh traffic between sidecars over QUIC."""

@@ -1,0 +1,249 @@
+"""The one place quicmesh reaches into aioquic's internals.
+
+aioquic 1.7 is driven through its public API everywhere else. What it lacks,
+quicmesh adds here, on connection instances (never by patching aioquic's
+classes or modules), each hook documented with the limit it works around and
+covered by a test in ``tests/test_aioquic_layer.py``:
+
+* **Client certificates** (:func:`require_client_certificate`): an aioquic server
+  asks for a client certificate only through the private
+  ``tls.Context._request_client_certificate`` flag, accepts an empty certificate
+  and never verifies the chain. We set the flag on every full handshake; the
+  caller verifies the chain and SPIFFE ID itself (:func:`peer_certificate`)
+  before any stream is served. On a resumed (PSK) handshake the flag is cleared,
+  because aioquic would otherwise wait for a certificate that never comes.
+* **Flow control from the read path** (:class:`ReadDrivenFlowControl`): aioquic
+  raises MAX_STREAM_DATA / MAX_DATA when data *arrives*, so a reader that stops
+  reading does not stop its peer. For the streams we track, windows are instead
+  raised from what the application has consumed.
+* **QPACK blocked streams** (:class:`MeshH3Connection`): aioquic announces
+  SETTINGS_QPACK_BLOCKED_STREAMS = 16; we announce 0 so that no request stream
+  ever waits for another stream's encoder instructions.
+* **Sender and limit state** (:func:`unsent_bytes`, :func:`can_open_bidi_stream`,
+  :func:`connection_stats`): read-only views aioquic keeps private.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pylsqpack
+from aioquic import tls
+from aioquic.h3.connection import H3Connection
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+
+
+class MeshH3Connection(H3Connection):
+    """aioquic's HTTP/3 connection announcing no QPACK blocked streams.
+
+    With SETTINGS_QPACK_BLOCKED_STREAMS = 0 the peer's encoder only references
+    dynamic-table entries we have acknowledged, so a HEADERS frame never waits
+    on the encoder stream and streams never wait on each other (RFC 9204 2.1.2).
+    """
+
+    def _init_connection(self) -> None:
+        self._blocked_streams = 0
+        self._decoder = pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams)
+        super()._init_connection()
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+def require_client_certificate(quic: QuicConnection) -> None:
+    """Make a server connection ask the client for its certificate (mutual TLS).
+
+    Must be called before the first datagram is received. The chain is *not*
+    verified by aioquic: call :func:`peer_certificate` once the handshake
+    completes and verify it.
+    """
+    original_initialize = quic._initialize
+
+    def _initialize(self: QuicConnection, peer_cid: bytes) -> None:
+        original_initialize(peer_cid)
+        context = self.tls
+        context._request_client_certificate = True
+        fetch = context.get_session_ticket_cb
+        if fetch is not None:
+
+            def fetch_and_skip_certificate(label: bytes) -> tls.SessionTicket | None:
+                ticket = fetch(label)
+                if ticket is not None:
+                    # A resumed handshake carries no client certificate: the identity
+                    # is the one the ticket recorded when it was issued.
+                    context._request_client_certificate = False
+                return ticket
+
+            context.get_session_ticket_cb = fetch_and_skip_certificate
+
+    quic._initialize = types.MethodType(_initialize, quic)  # type: ignore[method-assign]
+
+
+def peer_certificate(quic: QuicConnection) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+    """The certificate and chain the peer presented in a full handshake."""
+    context = quic.tls
+    return context._peer_certificate, list(context._peer_certificate_chain)
+
+
+def session_resumed(quic: QuicConnection) -> bool:
+    """True when the handshake resumed a session (PSK): no certificate was exchanged."""
+    return bool(quic.tls.session_resumed)
+
+
+# -- flow control --------------------------------------------------------------
+
+
+@dataclass
+class _StreamCredit:
+    delivered: int = 0
+    """QUIC stream bytes delivered to the HTTP/3 layer (framing included)."""
+    buffered: int = 0
+    """Payload bytes handed to the application and not yet read."""
+
+
+class ReadDrivenFlowControl:
+    """Raise a connection's receive windows from the read path, not on arrival.
+
+    For each tracked stream the window is ``consumed + stream_window``, where
+    ``consumed`` counts every stream byte except payload the application has not
+    read yet. The connection window is likewise ``consumed + connection_window``.
+    Untracked streams (HTTP/3 control and QPACK streams, read at once) keep
+    aioquic's behaviour. Installed on one connection instance.
+    """
+
+    def __init__(self, quic: QuicConnection, stream_window: int, connection_window: int) -> None:
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self._quic = quic
+        self._streams: dict[int, _StreamCredit] = {}
+        self._buffered_total = 0
+        write_stream_limits = quic._write_stream_limits
+        write_connection_limits = quic._write_connection_limits
+
+        def _write_stream_limits(self_: QuicConnection, builder: Any, space: Any, stream: Any) -> None:
+            credit = self._streams.get(stream.stream_id)
+            if credit is None:
+                write_stream_limits(builder=builder, space=space, stream=stream)
+                return
+            target = credit.delivered - credit.buffered + self.stream_window
+            if target - stream.max_stream_data_local >= self.stream_window // 4:
+                stream.max_stream_data_local = target
+            # aioquic doubles the window when half of it has *arrived*; hide the
+            # arrivals from that check so only the line above moves the window.
+            highest = stream.receiver.highest_offset
+            stream.receiver.highest_offset = 0
+            try:
+                write_stream_limits(builder=builder, space=space, stream=stream)
+            finally:
+                stream.receiver.highest_offset = highest
+
+        def _write_connection_limits(self_: QuicConnection, builder: Any, space: Any) -> None:
+            max_data = self_._local_max_data
+            target = max_data.used - self._buffered_total + self.connection_window
+            if target - max_data.value >= self.connection_window // 4:
+                max_data.value = target
+            used = max_data.used
+            max_data.used = 0
+            try:
+                write_connection_limits(builder=builder, space=space)
+            finally:
+                max_data.used = used
+
+        quic._write_stream_limits = types.MethodType(_write_stream_limits, quic)  # type: ignore[method-assign]
+        quic._write_connection_limits = types.MethodType(_write_connection_limits, quic)  # type: ignore[method-assign]
+
+    def track(self, stream_id: int) -> None:
+        """Drive this stream's window from the read path from now on."""
+        self._streams.setdefault(stream_id, _StreamCredit())
+
+    def delivered(self, stream_id: int, stream_bytes: int, payload_bytes: int) -> None:
+        """``stream_bytes`` arrived, of which ``payload_bytes`` now wait for the application."""
+        credit = self._streams.get(stream_id)
+        if credit is not None:
+            credit.delivered += stream_bytes
+            credit.buffered += payload_bytes
+            self._buffered_total += payload_bytes
+
+    def consumed(self, stream_id: int, payload_bytes: int) -> None:
+        """The application read ``payload_bytes`` of the stream."""
+        credit = self._streams.get(stream_id)
+        if credit is not None:
+            amount = min(payload_bytes, credit.buffered)
+            credit.buffered -= amount
+            self._buffered_total -= amount
+
+    def forget(self, stream_id: int) -> None:
+        """The stream is finished: its unread payload no longer holds credit back."""
+        credit = self._streams.pop(stream_id, None)
+        if credit is not None:
+            self._buffered_total -= credit.buffered
+
+    def delivered_bytes(self, stream_id: int) -> int:
+        """QUIC stream bytes of the stream delivered so far."""
+        credit = self._streams.get(stream_id)
+        return credit.delivered if credit is not None else 0
+
+    def buffered(self, stream_id: int) -> int:
+        """Payload bytes of the stream waiting for the application."""
+        credit = self._streams.get(stream_id)
+        return credit.buffered if credit is not None else 0
+
+
+# -- read-only views ---------------------------------------------------------------
+
+
+def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to the stream that aioquic has not yet put in a packet."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return int(sender._buffer_stop - sender.highest_offset)
+
+
+def can_open_bidi_stream(quic: QuicConnection) -> bool:
+    """Whether the peer's MAX_STREAMS allows one more bidirectional stream now."""
+    return bool(quic.get_next_available_stream_id() // 4 < quic._remote_max_streams_bidi)
+
+
+def stream_is_open(quic: QuicConnection, stream_id: int) -> bool:
+    """Whether aioquic still holds state for the stream."""
+    return stream_id in quic._streams
+
+
+def limit_peer_streams(quic: QuicConnection, max_streams: int) -> None:
+    """Let the peer open at most ``max_streams`` concurrent bidirectional streams.
+
+    aioquic fixes the initial MAX_STREAMS at 128; this sets it before the
+    transport parameters are sent.
+    """
+    limit = quic._local_max_streams_bidi
+    limit.value = limit.sent = max_streams
+
+
+def count_lost_packets(quic: QuicConnection, on_lost: Callable[[int], None]) -> None:
+    """Call ``on_lost(n)`` whenever the loss detector declares ``n`` packets lost."""
+    recovery = quic._loss
+    original = recovery._on_packets_lost
+
+    def _on_packets_lost(self_: Any, *, packets: Any, **kwargs: Any) -> None:
+        on_lost(len(packets))
+        original(packets=packets, **kwargs)
+
+    recovery._on_packets_lost = types.MethodType(_on_packets_lost, recovery)
+
+
+def connection_stats(quic: QuicConnection) -> dict[str, Any]:
+    """RTT, congestion window and bytes in flight from aioquic's loss recovery."""
+    recovery = quic._loss
+    return {
+        "rtt": recovery._rtt_smoothed if recovery._rtt_initialized else None,
+        "rtt_min": recovery._rtt_min if recovery._rtt_initialized else None,
+        "cwnd": recovery.congestion_window,
+        "bytes_in_flight": recovery.bytes_in_flight,
+        "congestion_control": quic.configuration.congestion_control_algorithm,
+    }

@@ -1,0 +1,301 @@
+"""The asyncio side of a tunnel session, shared by every transport.
+
+:class:`SessionConnection` owns the :class:`~quicmesh.transport.stream.MeshStream`
+objects of one connection and drives a sans-IO
+:class:`~quicmesh.tunnel.session.TunnelSession`: it turns stream calls into
+session calls, session events into stream wake-ups, and asks its subclass (the
+QUIC or TCP adaptor) to move bytes with :meth:`SessionConnection._transmit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..errors import ConnectionLost, StreamReset, TunnelError
+from ..tunnel import events
+from ..tunnel.connect import parse_target, validate_headers
+from ..tunnel.session import ResetReason, TunnelSession
+from .base import Authorizer, PeerConnection, StreamHandler
+from .stream import DEFAULT_HIGH_WATER, MeshStream
+
+logger = logging.getLogger("quicmesh.transport")
+
+
+class SessionConnection(PeerConnection):
+    """A peer connection whose streams are carried by a :class:`TunnelSession`.
+
+    Subclasses implement :meth:`_transmit` (send what the session has queued),
+    :meth:`_close_transport` and :meth:`stats`, and call :meth:`_handle_events`
+    with what the session returned for their input, :meth:`_transmitted` after
+    bytes left, and :meth:`_connection_lost` when the connection is gone.
+    """
+
+    transport_name = "session"
+
+    def __init__(
+        self,
+        session: TunnelSession,
+        *,
+        peer_identity: str,
+        handler: StreamHandler | None = None,
+        authorize: Authorizer | None = None,
+        high_water: int = DEFAULT_HIGH_WATER,
+        log_id: str = "",
+    ) -> None:
+        self.session = session
+        self.peer_identity = peer_identity
+        self.streams_opened = 0
+        self._handler = handler
+        self._authorize = authorize
+        self._high_water = high_water
+        self._loop = asyncio.get_running_loop()
+        self._streams: dict[int, MeshStream] = {}
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._credit: asyncio.Future[None] | None = None
+        self._transmit_scheduled = False
+        self._lost: TunnelError | None = None
+        self._closed = self._loop.create_future()
+        self.log = logging.LoggerAdapter(logger, {"connection": log_id})
+        self._log_id = log_id
+
+    # -- PeerConnection ------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def can_open_stream(self) -> bool:
+        return self._lost is None and self.session.can_open_stream()
+
+    async def open_stream(self, target: str, headers: dict[str, str] | None = None) -> MeshStream:
+        parsed = parse_target(target)
+        checked = validate_headers(headers)
+        while not self.session.can_open_stream():
+            self._raise_if_lost()
+            if self._credit is None:
+                self._credit = self._loop.create_future()
+            await asyncio.shield(self._credit)
+        self._raise_if_lost()
+        stream_id = self.session.open_stream(parsed, checked)
+        stream = MeshStream(
+            self,
+            stream_id=stream_id,
+            target=parsed.authority,
+            headers=checked,
+            peer_identity=self.peer_identity,
+            is_client=True,
+            high_water=self._high_water,
+        )
+        self._streams[stream_id] = stream
+        self.streams_opened += 1
+        self._schedule_transmit()
+        await stream.wait_accepted()
+        return stream
+
+    def close(self) -> None:
+        if self._lost is None:
+            self.session.close()
+            self._transmit()
+            self._close_transport()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+        if self._handler_tasks:
+            await asyncio.gather(*self._handler_tasks, return_exceptions=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"streams_opened": self.streams_opened, "streams_active": len(self._streams)}
+
+    # -- for subclasses ------------------------------------------------------
+
+    def _transmit(self) -> None:
+        """Send whatever the session has queued."""
+        raise NotImplementedError
+
+    def _close_transport(self) -> None:
+        """Close the underlying socket(s) after the session's close was sent."""
+        raise NotImplementedError
+
+    def _handle_events(self, tunnel_events: list[events.TunnelEvent]) -> None:
+        """Act on what the session reported, then send what it queued in reply."""
+        for event in tunnel_events:
+            if isinstance(event, events.DataReceived):
+                self._on_data(event)
+            elif isinstance(event, events.ResponseReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_response(event.status, event.reason)
+                    self._forget_if_closed(stream)
+            elif isinstance(event, events.StreamRequested):
+                self._on_stream_requested(event)
+            elif isinstance(event, events.StreamReset):
+                stream = self._streams.pop(event.stream_id, None)
+                if stream is not None:
+                    kind = "destination connect error" if event.connect_error else "reset"
+                    stream._on_reset(
+                        StreamReset(
+                            f"stream {event.stream_id} {kind} by peer "
+                            f"(error code {event.error_code:#x})",
+                            event.error_code,
+                        )
+                    )
+            elif isinstance(event, events.RequestRejected):
+                self.log.warning(
+                    "rejected stream %d from %s: %d %s",
+                    event.stream_id,
+                    self.peer_identity,
+                    event.status,
+                    event.reason,
+                )
+            elif isinstance(event, events.ConnectionTerminated):
+                reason = event.reason or f"error code {event.error_code:#x}"
+                self._connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
+        if self._credit is not None and self.can_open_stream:
+            self._wake_credit()
+        self._schedule_transmit()
+
+    def _transmitted(self) -> None:
+        """Bytes left: wake the streams whose drain() waits."""
+        for stream in list(self._streams.values()):
+            if stream._wants_writable:
+                stream._on_writable()
+
+    def _connection_lost(self, error: TunnelError) -> None:
+        if self._lost is not None:
+            return
+        self._lost = error
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._on_reset(StreamReset(f"stream {stream.stream_id} lost: {error}"))
+        self._wake_credit()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- StreamChannel -------------------------------------------------------
+
+    def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
+        if self._lost is not None:
+            raise self._lost
+        self.session.send_data(stream.stream_id, data, end_stream)
+        self._forget_if_closed(stream)
+        self._schedule_transmit()
+
+    def respond_stream(self, stream: MeshStream, status: int, reason: str) -> None:
+        if self._lost is None:
+            self.session.respond(stream.stream_id, status, reason)
+            if status != 200:
+                self._streams.pop(stream.stream_id, None)
+            self._schedule_transmit()
+
+    def reset_stream(self, stream: MeshStream, reason: ResetReason) -> None:
+        self._streams.pop(stream.stream_id, None)
+        if self._lost is None:
+            self.session.reset_stream(stream.stream_id, reason)
+            self._schedule_transmit()
+
+    def stop_stream_reading(self, stream: MeshStream) -> None:
+        if self._lost is None:
+            self.session.stop_reading(stream.stream_id)
+            self._forget_if_closed(stream)
+            self._schedule_transmit()
+
+    def stream_data_consumed(self, stream: MeshStream, amount: int) -> None:
+        if self._lost is None:
+            self.session.data_consumed(stream.stream_id, amount)
+            self._schedule_transmit()
+
+    def stream_unsent_bytes(self, stream: MeshStream) -> int:
+        if self._lost is not None:
+            return 0
+        return self.session.unsent_bytes(stream.stream_id)
+
+    # -- internals -----------------------------------------------------------
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise ConnectionLost(str(self._lost))
+
+    def _wake_credit(self) -> None:
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
+        self._credit = None
+
+    def _schedule_transmit(self) -> None:
+        if not self._transmit_scheduled and self._lost is None:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._scheduled_transmit)
+
+    def _scheduled_transmit(self) -> None:
+        self._transmit_scheduled = False
+        if self._lost is None:
+            self._transmit()
+
+    def _forget_if_closed(self, stream: MeshStream) -> None:
+        if stream.closed:
+            self._streams.pop(stream.stream_id, None)
+
+    def _on_data(self, event: events.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            if event.data:
+                self.session.data_consumed(event.stream_id, len(event.data))
+            return
+        if event.data:
+            stream._on_data(event.data)
+        if event.stream_ended:
+            stream._on_eof()
+        self._forget_if_closed(stream)
+
+    def _on_stream_requested(self, event: events.StreamRequested) -> None:
+        if self._handler is None:
+            self.session.respond(event.stream_id, 403, "this peer accepts no streams")
+            return
+        if self._authorize is not None and not self._authorize(self.peer_identity, event.target):
+            self.log.warning(
+                "refused stream %d: %s may not reach %s",
+                event.stream_id,
+                self.peer_identity,
+                event.target,
+            )
+            self.session.respond(
+                event.stream_id, 403, f"{self.peer_identity} may not reach {event.target}"
+            )
+            return
+        stream = MeshStream(
+            self,
+            stream_id=event.stream_id,
+            target=event.target,
+            headers=event.headers,
+            peer_identity=self.peer_identity,
+            is_client=False,
+            high_water=self._high_water,
+        )
+        self._streams[event.stream_id] = stream
+        self.streams_opened += 1
+        task = self._loop.create_task(self._run_handler(self._handler, stream))
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    async def _run_handler(self, handler: StreamHandler, stream: MeshStream) -> None:
+        try:
+            await handler(stream)
+        except TunnelError as exc:
+            self.log.info("stream %d to %s ended: %s", stream.stream_id, stream.target, exc)
+            stream.abort()
+        except Exception:
+            self.log.exception("handler failed on stream %d to %s", stream.stream_id, stream.target)
+            if not stream.closed:
+                try:
+                    stream.refuse(500, "handler failed")
+                except TunnelError:
+                    stream.abort()
+        else:
+            if not stream.closed:
+                stream.close()

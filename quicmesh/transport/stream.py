@@ -1,0 +1,317 @@
+"""MeshStream: one tunnelled flow, with asyncio stream semantics.
+
+A :class:`MeshStream` is what an application holds for one flow, whichever
+transport carries it. Reading follows :class:`asyncio.StreamReader` (``read``,
+``readexactly``, ``at_eof``); writing follows :class:`asyncio.StreamWriter`
+(``write``, ``drain``, ``write_eof``, ``close``, ``wait_closed``). The stream
+talks to its connection through :class:`StreamChannel`, which every transport's
+connection implements.
+
+Backpressure works both ways: ``drain()`` waits while more than
+``high_water`` bytes of this stream are still unsent, and the connection only
+credits the peer (flow-control window) for bytes the application has read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Protocol
+
+from ..errors import StreamRefused, StreamReset, TunnelError
+from ..tunnel.session import ResetReason
+
+DEFAULT_HIGH_WATER = 64 * 1024
+"""Unsent bytes above which :meth:`MeshStream.drain` waits."""
+
+
+class StreamChannel(Protocol):
+    """What a stream asks of the connection that carries it."""
+
+    def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
+        """Queue bytes (and the half-close) on the stream."""
+
+    def respond_stream(self, stream: MeshStream, status: int, reason: str) -> None:
+        """(server) Answer the stream's CONNECT."""
+
+    def reset_stream(self, stream: MeshStream, reason: ResetReason) -> None:
+        """Abort the stream in both directions."""
+
+    def stop_stream_reading(self, stream: MeshStream) -> None:
+        """Discard further input on the stream."""
+
+    def stream_data_consumed(self, stream: MeshStream, amount: int) -> None:
+        """The application has read ``amount`` bytes."""
+
+    def stream_unsent_bytes(self, stream: MeshStream) -> int:
+        """Bytes written to the stream and not yet sent."""
+
+
+class _Response(enum.Enum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
+class MeshStream:
+    """One flow tunnelled to or from a peer sidecar.
+
+    :ivar target: the CONNECT target (``host:port``).
+    :ivar headers: the extra request headers, lower-cased.
+    :ivar peer_identity: the peer sidecar's SPIFFE ID.
+    :ivar stream_id: the transport's stream identifier (for logs).
+    """
+
+    def __init__(
+        self,
+        channel: StreamChannel,
+        *,
+        stream_id: int,
+        target: str,
+        headers: dict[str, str],
+        peer_identity: str,
+        is_client: bool,
+        high_water: int = DEFAULT_HIGH_WATER,
+    ) -> None:
+        self.stream_id = stream_id
+        self.target = target
+        self.headers = headers
+        self.peer_identity = peer_identity
+        self.is_client = is_client
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._channel = channel
+        self._high_water = high_water
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._eof_received = False
+        self._eof_sent = False
+        self._reading_stopped = False
+        self._error: TunnelError | None = None
+        self._response = _Response.PENDING
+        self._responded = self._loop.create_future()
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed = self._loop.create_future()
+
+    def __repr__(self) -> str:
+        side = "client" if self.is_client else "server"
+        return f"<MeshStream {side} id={self.stream_id} target={self.target}>"
+
+    # -- the peer's answer ---------------------------------------------------
+
+    async def wait_accepted(self) -> None:
+        """Wait for the CONNECT to be answered; raise StreamRefused if it was refused."""
+        await asyncio.shield(self._responded)
+        if self._error is not None and self._response is not _Response.ACCEPTED:
+            raise self._error
+
+    def accept(self) -> None:
+        """(server) Answer the CONNECT with 200 and open the tunnel.
+
+        Reading or writing accepts implicitly; call this to accept early.
+        """
+        if self._response is _Response.PENDING and not self.is_client:
+            self._response = _Response.ACCEPTED
+            self._channel.respond_stream(self, 200, "")
+            self._set_responded()
+
+    def refuse(self, status: int, reason: str = "") -> None:
+        """(server) Answer the CONNECT with an error status (4xx/5xx) and end the stream."""
+        if self.is_client:
+            raise TunnelError("only the accepting side can refuse a stream")
+        if not 400 <= status <= 599:
+            raise ValueError(f"refusal status must be 4xx or 5xx, not {status}")
+        if self._response is not _Response.PENDING:
+            raise TunnelError(f"stream {self.stream_id} was already answered")
+        self._response = _Response.REFUSED
+        self._channel.respond_stream(self, status, reason)
+        self._eof_sent = True
+        self._reading_stopped = True
+        self._fail(StreamRefused(status, reason))
+
+    # -- reading -------------------------------------------------------------
+
+    def at_eof(self) -> bool:
+        """True when the peer half-closed and every byte has been read."""
+        return self._eof_received and not self._buffer
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read up to ``n`` bytes (at least one unless at EOF); ``n=-1`` reads to EOF."""
+        self.accept()
+        if n == 0:
+            return b""
+        if n < 0:
+            chunks = []
+            while True:
+                chunk = await self.read(1 << 20)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        while not self._buffer and not self._eof_received:
+            self._raise_error()
+            await self._wait_readable()
+        self._raise_error()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        if data:
+            self._channel.stream_data_consumed(self, len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` at an early EOF."""
+        self.accept()
+        while len(self._buffer) < n and not self._eof_received:
+            self._raise_error()
+            await self._wait_readable()
+        self._raise_error()
+        if len(self._buffer) < n:
+            partial = bytes(self._buffer)
+            self._buffer.clear()
+            self._channel.stream_data_consumed(self, len(partial))
+            raise asyncio.IncompleteReadError(partial, n)
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        self._channel.stream_data_consumed(self, n)
+        return data
+
+    async def _wait_readable(self) -> None:
+        self._read_waiter = self._loop.create_future()
+        try:
+            await self._read_waiter
+        finally:
+            self._read_waiter = None
+
+    # -- writing -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the peer; call :meth:`drain` to respect backpressure."""
+        self._raise_error()
+        if self._eof_sent:
+            raise TunnelError(f"stream {self.stream_id}: write after write_eof")
+        if not data:
+            return
+        self.accept()
+        self.bytes_sent += len(data)
+        self._channel.send_stream_data(self, bytes(data), False)
+
+    def write_eof(self) -> None:
+        """Half-close: the peer reads EOF after the bytes already written."""
+        if self._eof_sent or self._error is not None:
+            return
+        self.accept()
+        self._eof_sent = True
+        self._channel.send_stream_data(self, b"", True)
+        self._maybe_closed()
+
+    def can_write_eof(self) -> bool:
+        """Always True: every transport supports half-close."""
+        return True
+
+    async def drain(self) -> None:
+        """Wait until this stream's unsent bytes fall to the high-water mark."""
+        self._raise_error()
+        while self._channel.stream_unsent_bytes(self) > self._high_water:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+            self._raise_error()
+
+    # -- closing -------------------------------------------------------------
+
+    def abort(self, reason: ResetReason = ResetReason.CANCELLED) -> None:
+        """Reset the stream in both directions; the peer sees an error on read."""
+        if self._closed.done():
+            return
+        self._channel.reset_stream(self, reason)
+        self._fail(StreamReset(f"stream {self.stream_id} aborted locally ({reason.value})"))
+
+    def close(self) -> None:
+        """Half-close our side and stop reading: the stream ends once the peer's FIN is in."""
+        self.write_eof()
+        if not self._eof_received and not self._reading_stopped and self._error is None:
+            self._reading_stopped = True
+            self._channel.stop_stream_reading(self)
+        self._buffer.clear()
+        self._maybe_closed()
+
+    def is_closing(self) -> bool:
+        """True once our side is half-closed, closed or aborted."""
+        return self._eof_sent or self._error is not None
+
+    async def wait_closed(self) -> None:
+        """Wait until both directions are finished (FIN or reset each way)."""
+        await asyncio.shield(self._closed)
+
+    @property
+    def closed(self) -> bool:
+        """True once both directions are finished."""
+        return self._closed.done()
+
+    # -- fed by the connection -----------------------------------------------
+
+    def _on_response(self, status: int, reason: str) -> None:
+        if self._response is not _Response.PENDING:
+            return
+        if status == 200:
+            self._response = _Response.ACCEPTED
+            self._set_responded()
+        else:
+            self._response = _Response.REFUSED
+            self._fail(StreamRefused(status, reason))
+
+    def _on_data(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        if self._reading_stopped:
+            self._channel.stream_data_consumed(self, len(data))
+            return
+        self._buffer += data
+        self._wake_reader()
+
+    def _on_eof(self) -> None:
+        self._eof_received = True
+        self._wake_reader()
+        self._maybe_closed()
+
+    def _on_reset(self, error: TunnelError) -> None:
+        self._fail(error)
+
+    def _on_writable(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            if self._channel.stream_unsent_bytes(self) <= self._high_water:
+                self._drain_waiter.set_result(None)
+
+    @property
+    def _wants_writable(self) -> bool:
+        return self._drain_waiter is not None
+
+    # -- internals -----------------------------------------------------------
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _set_responded(self) -> None:
+        if not self._responded.done():
+            self._responded.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _fail(self, error: TunnelError) -> None:
+        if self._error is None and not self._closed.done():
+            self._error = error
+        self._set_responded()
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _maybe_closed(self) -> None:
+        input_done = self._eof_received or self._reading_stopped
+        if self._eof_sent and input_done and not self._closed.done():
+            self._closed.set_result(None)

@@ -1,0 +1,68 @@
+"""Events a tunnel session reports, whatever protocol carries it.
+
+Like aioquic's and h2's events these are past-tense dataclasses: the session
+returns them from its input methods and the asyncio layer acts on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TunnelEvent:
+    """Base class of the events a :class:`~quicmesh.tunnel.session.TunnelSession` returns."""
+
+
+@dataclass
+class StreamRequested(TunnelEvent):
+    """(server) The peer opened a stream with a valid CONNECT request."""
+
+    stream_id: int
+    target: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RequestRejected(TunnelEvent):
+    """(server) A malformed request was answered with an error status by the session itself."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass
+class ResponseReceived(TunnelEvent):
+    """(client) The peer answered our CONNECT; ``status`` 200 means the tunnel is open."""
+
+    stream_id: int
+    status: int
+    reason: str = ""
+
+
+@dataclass
+class DataReceived(TunnelEvent):
+    """Tunnelled bytes arrived; ``stream_ended`` is the peer's half-close (FIN)."""
+
+    stream_id: int
+    data: bytes
+    stream_ended: bool = False
+
+
+@dataclass
+class StreamReset(TunnelEvent):
+    """The peer aborted the stream (reset, or asked us to stop sending)."""
+
+    stream_id: int
+    error_code: int
+    connect_error: bool = False
+    """True when the peer reset because its destination connection failed."""
+
+
+@dataclass
+class ConnectionTerminated(TunnelEvent):
+    """The connection is closed; every stream on it is gone."""
+
+    error_code: int
+    reason: str = ""

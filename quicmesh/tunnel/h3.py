@@ -1,0 +1,249 @@
+"""CONNECT tunnels over HTTP/3 (RFC 9114 section 4.4), sans-IO.
+
+:class:`H3TunnelSession` sits on an aioquic :class:`QuicConnection` the way
+aioquic's own :class:`H3Connection` does: feed it QUIC events, act on the
+tunnel events it returns, and send what ``quic.datagrams_to_send()`` yields.
+Each flow is one request stream: HEADERS ``:method CONNECT``,
+``:authority host:port`` and extra headers; the answer ``:status 200`` (or an
+error status with a ``proxy-status`` reason); then DATA frames both ways. FIN is
+half-close; an abort resets the stream with H3_REQUEST_CANCELLED or
+H3_CONNECT_ERROR.
+"""
+
+from __future__ import annotations
+
+from aioquic.h3 import events as h3_events
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
+from aioquic.h3.exceptions import H3Error
+from aioquic.quic import events as quic_events
+from aioquic.quic.connection import QuicConnection
+
+from .. import _aioquic
+from ..errors import InvalidTarget
+from . import events
+from .connect import (
+    Target,
+    decode_proxy_status,
+    encode_proxy_status,
+    parse_target,
+    validate_headers,
+)
+from .session import ResetReason, TunnelSession
+
+MAX_HEADER_STREAM_BYTES = 64 * 1024
+"""Bytes a request stream may carry before its HEADERS frame is complete."""
+
+DEFAULT_STREAM_WINDOW = 1024 * 1024
+DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
+
+_RESET_CODES = {
+    ResetReason.CANCELLED: H3ErrorCode.H3_REQUEST_CANCELLED,
+    ResetReason.CONNECT_ERROR: H3ErrorCode.H3_CONNECT_ERROR,
+}
+
+
+def _is_request_stream(stream_id: int) -> bool:
+    return stream_id % 4 == 0
+
+
+class H3TunnelSession(TunnelSession):
+    """CONNECT tunnels over one HTTP/3 connection.
+
+    :param quic: the QUIC connection, not yet connected (client) or not yet
+        initialised (server).
+    :param stream_window: receive window per stream, raised as the application reads.
+    :param connection_window: receive window of the whole connection.
+    """
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+    ) -> None:
+        self.quic = quic
+        self.is_client = quic.configuration.is_client
+        self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
+        self._h3: _aioquic.MeshH3Connection | None = None
+        self._headers_done: set[int] = set()
+
+    @property
+    def h3(self) -> _aioquic.MeshH3Connection:
+        """The HTTP/3 layer, created once the QUIC handshake has started."""
+        if self._h3 is None:
+            self._h3 = _aioquic.MeshH3Connection(self.quic)
+        return self._h3
+
+    # -- input -----------------------------------------------------------------
+
+    def handle_quic_event(self, event: quic_events.QuicEvent) -> list[events.TunnelEvent]:
+        """Process one QUIC event and return the tunnel events it caused."""
+        if isinstance(event, quic_events.ConnectionTerminated):
+            return [events.ConnectionTerminated(event.error_code, event.reason_phrase)]
+        if isinstance(event, quic_events.ProtocolNegotiated | quic_events.HandshakeCompleted):
+            self.h3  # noqa: B018 - creates the control streams as early as possible
+            return []
+        if isinstance(event, quic_events.StreamDataReceived):
+            return self._on_stream_data(event)
+        if isinstance(event, quic_events.StreamReset | quic_events.StopSendingReceived):
+            return self._on_reset(event)
+        return []
+
+    def _on_stream_data(self, event: quic_events.StreamDataReceived) -> list[events.TunnelEvent]:
+        stream_id = event.stream_id
+        if not _is_request_stream(stream_id):
+            return self._to_tunnel_events(self.h3.handle_event(event))
+        self.flow_control.track(stream_id)
+        if stream_id not in self._headers_done:
+            pending = self.flow_control.delivered_bytes(stream_id) + len(event.data)
+            if pending > MAX_HEADER_STREAM_BYTES:
+                return self._reject_oversized(stream_id)
+        result = self._to_tunnel_events(self.h3.handle_event(event))
+        payload = sum(len(e.data) for e in result if isinstance(e, events.DataReceived))
+        self.flow_control.delivered(stream_id, len(event.data), payload)
+        return result
+
+    def _reject_oversized(self, stream_id: int) -> list[events.TunnelEvent]:
+        code = H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
+        self._abort_stream(stream_id, code)
+        if self.is_client:
+            return [events.StreamReset(stream_id, code)]
+        return [events.RequestRejected(stream_id, 431, "request header section too large")]
+
+    def _on_reset(
+        self, event: quic_events.StreamReset | quic_events.StopSendingReceived
+    ) -> list[events.TunnelEvent]:
+        stream_id = event.stream_id
+        self.h3.handle_event(event)
+        if not _is_request_stream(stream_id):
+            return []
+        self.flow_control.forget(stream_id)
+        self._headers_done.discard(stream_id)
+        # A reset, or a request to stop sending, aborts the whole flow.
+        self._abort_stream(stream_id, event.error_code)
+        return [
+            events.StreamReset(
+                stream_id,
+                event.error_code,
+                connect_error=event.error_code == H3ErrorCode.H3_CONNECT_ERROR,
+            )
+        ]
+
+    def _to_tunnel_events(self, h3_evs: list[h3_events.H3Event]) -> list[events.TunnelEvent]:
+        result: list[events.TunnelEvent] = []
+        for ev in h3_evs:
+            if isinstance(ev, h3_events.HeadersReceived):
+                result.extend(self._on_headers(ev))
+            elif isinstance(ev, h3_events.DataReceived):
+                if ev.stream_id in self._headers_done:
+                    result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
+        return result
+
+    def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
+        stream_id = ev.stream_id
+        if stream_id in self._headers_done:
+            # Trailers end the stream; a tunnel carries none, so they only mark FIN.
+            return [events.DataReceived(stream_id, b"", True)] if ev.stream_ended else []
+        fields = {}
+        extra: dict[str, str] = {}
+        for name, value in ev.headers:
+            key = name.decode("ascii", "replace")
+            text = value.decode("utf-8", "replace")
+            if key.startswith(":"):
+                fields[key] = text
+            else:
+                extra[key] = text
+        if self.is_client:
+            status_text = fields.get(":status", "")
+            if status_text.startswith("1"):
+                return []
+            self._headers_done.add(stream_id)
+            status = int(status_text) if status_text.isdigit() else 502
+            result: list[events.TunnelEvent] = [
+                events.ResponseReceived(stream_id, status, decode_proxy_status(extra.get("proxy-status")))
+            ]
+            if ev.stream_ended:
+                result.append(events.DataReceived(stream_id, b"", True))
+            return result
+        return self._on_request(stream_id, fields, extra, ev.stream_ended)
+
+    def _on_request(
+        self, stream_id: int, fields: dict[str, str], extra: dict[str, str], ended: bool
+    ) -> list[events.TunnelEvent]:
+        self._headers_done.add(stream_id)
+        if fields.get(":method") != "CONNECT":
+            return self._reject(stream_id, 400, f"method {fields.get(':method')!r} is not CONNECT")
+        if ":protocol" in fields or ":path" in fields or ":scheme" in fields:
+            return self._reject(stream_id, 400, "extended CONNECT is not supported: send :authority only")
+        try:
+            target = parse_target(fields.get(":authority", ""))
+            headers = validate_headers(extra)
+        except InvalidTarget as exc:
+            return self._reject(stream_id, 400, str(exc))
+        result: list[events.TunnelEvent] = [events.StreamRequested(stream_id, target.authority, headers)]
+        if ended:
+            result.append(events.DataReceived(stream_id, b"", True))
+        return result
+
+    def _reject(self, stream_id: int, status: int, reason: str) -> list[events.TunnelEvent]:
+        self.respond(stream_id, status, reason)
+        return [events.RequestRejected(stream_id, status, reason)]
+
+    # -- TunnelSession ---------------------------------------------------------
+
+    def can_open_stream(self) -> bool:
+        return _aioquic.can_open_bidi_stream(self.quic)
+
+    def open_stream(self, target: Target, headers: dict[str, str]) -> int:
+        stream_id = self.quic.get_next_available_stream_id()
+        fields = [(b":method", b"CONNECT"), (b":authority", target.authority.encode())]
+        fields += [(k.encode(), v.encode()) for k, v in headers.items()]
+        self.flow_control.track(stream_id)
+        self.h3.send_headers(stream_id, fields)
+        return stream_id
+
+    def respond(self, stream_id: int, status: int, reason: str = "") -> None:
+        fields = [(b":status", str(status).encode())]
+        if status != 200 and reason:
+            fields.append((b"proxy-status", encode_proxy_status(reason).encode()))
+        try:
+            self.h3.send_headers(stream_id, fields, end_stream=status != 200)
+        except (H3Error, ValueError, AssertionError):
+            return
+        if status != 200:
+            self.stop_reading(stream_id)
+            self.flow_control.forget(stream_id)
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        self.h3.send_data(stream_id, data, end_stream)
+
+    def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
+        self.flow_control.forget(stream_id)
+        self._abort_stream(stream_id, _RESET_CODES[reason])
+
+    def stop_reading(self, stream_id: int) -> None:
+        self.flow_control.forget(stream_id)
+        if _aioquic.stream_is_open(self.quic, stream_id):
+            try:
+                self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
+            except ValueError:
+                pass
+
+    def data_consumed(self, stream_id: int, amount: int) -> None:
+        self.flow_control.consumed(stream_id, amount)
+
+    def unsent_bytes(self, stream_id: int) -> int:
+        return _aioquic.unsent_bytes(self.quic, stream_id)
+
+    def close(self, reason: str = "") -> None:
+        self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=reason)
+
+    def _abort_stream(self, stream_id: int, code: int) -> None:
+        if not _aioquic.stream_is_open(self.quic, stream_id):
+            return
+        for action in (self.quic.reset_stream, self.quic.stop_stream):
+            try:
+                action(stream_id, code)
+            except ValueError:
+                pass
