@@ -1,0 +1,221 @@
+"""``quicmesh netem``: run a command across an emulated link.
+
+::
+
+    quicmesh netem --delay 20ms --loss 2% --rate 20mbit [--jitter 2ms] [--queue 60ms|25pkt]
+                   [--burst 3 [--max-burst 3]] [--seed N] [--server-command CMD]
+                   [--wait-port PORT] -- COMMAND...
+
+COMMAND runs in the client namespace; the server side is reachable at the address in
+``QUICMESH_NETEM_SERVER`` (the client's own address is in ``QUICMESH_NETEM_CLIENT``).
+``--server-command`` starts a command (split like a shell would) in the server
+namespace first; ``--wait-port`` waits until it accepts TCP connections on that port.
+Impairments apply to both directions. The exit status is COMMAND's; 2 means bad
+arguments or no root, and the message is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, NoReturn
+
+from quicmesh.errors import ConfigError, QuicmeshError
+from quicmesh.netem.config import (
+    DirectionConfig,
+    GilbertElliottConfig,
+    LinkConfig,
+    parse_duration,
+    parse_percent,
+    parse_queue,
+    parse_rate,
+)
+from quicmesh.netem.link import Link, LinkStats
+from quicmesh.netem.model import DirectionStats
+from quicmesh.netem.system import missing_privileges
+
+__all__ = ["main"]
+
+PROG = "quicmesh netem"
+_WAIT_PORT_TIMEOUT = 10.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="Run COMMAND in a client network namespace joined to a server namespace "
+        "by an emulated link (delay, jitter, loss, rate, queue). Needs root.",
+    )
+    add = parser.add_argument
+    add("--delay", type=_typed(parse_duration), default=0.0, help="one-way delay, e.g. 20ms")
+    add("--jitter", type=_typed(parse_duration), default=0.0, help="delay +/- this, e.g. 2ms")
+    add("--reorder", action="store_true", help="let jitter reorder packets")
+    add("--loss", type=_typed(parse_percent), default=0.0, help="random loss, e.g. 2%%")
+    add("--burst", type=float, metavar="PACKETS", help="make --loss bursty: mean burst length")
+    add("--max-burst", type=int, metavar="PACKETS", help="cap on consecutive losses")
+    add("--rate", type=_typed(parse_rate), help="bottleneck rate, e.g. 20mbit")
+    add("--queue", type=_typed(parse_queue), help="drop-tail queue: 25pkt, 64kb or 60ms")
+    add("--seed", type=int, default=0, help="seed of loss and jitter (default 0)")
+    add("--mtu", type=int, default=1500, help="MTU of the link (default 1500)")
+    add("--server-command", metavar="CMD", help="command to run in the server namespace")
+    add(
+        "--wait-port",
+        type=int,
+        metavar="PORT",
+        help="wait until the server accepts a (probe) connection on PORT",
+    )
+    add("--quiet", action="store_true", help="print neither addresses nor counters")
+    add("command", nargs=argparse.REMAINDER, help="command for the client namespace")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> LinkConfig:
+    direction: dict[str, Any] = {
+        "delay": args.delay,
+        "jitter": args.jitter,
+        "reorder": args.reorder,
+        "loss": args.loss,
+        "rate_bps": args.rate,
+    }
+    if args.queue is not None:
+        if args.rate is None:
+            raise ConfigError("--queue needs --rate")
+        direction.update(args.queue)
+    if args.max_burst is not None and args.burst is None:
+        raise ConfigError("--max-burst needs --burst")
+    if args.burst is not None:
+        if not args.loss:
+            raise ConfigError("--burst needs --loss (the long-run loss rate)")
+        direction["burst"] = GilbertElliottConfig.from_loss_and_burst(
+            args.loss, args.burst, args.max_burst
+        )
+        direction["loss"] = 0.0
+    config = DirectionConfig(**direction)
+    return LinkConfig(
+        client_to_server=config, server_to_client=config, seed=args.seed, mtu=args.mtu
+    )
+
+
+def _describe(name: str, stats: DirectionStats) -> str:
+    return (
+        f"{name}: {stats.packets_in} packets in, {stats.packets_out} out, "
+        f"{stats.dropped_by_loss} lost, {stats.dropped_by_queue} dropped by the queue "
+        f"(max {stats.max_queue_packets} packets queued)"
+    )
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so the link is torn down."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for_port(link: Link, port: int) -> None:
+    deadline = time.monotonic() + _WAIT_PORT_TIMEOUT
+    while True:
+        with link.entered("client"):
+            probe = socket.socket()
+        with probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect((link.server_address, port))
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise QuicmeshError(f"the server did not listen on port {port} within 10 s")
+        time.sleep(0.05)  # polling for an external process, bounded by the deadline
+
+
+def main(argv: list[str]) -> int:
+    """Run ``quicmesh netem`` with ``argv`` (the arguments after ``netem``)."""
+    try:
+        args = _build_parser().parse_args(argv)
+        config = _config(args)
+        server_argv = shlex.split(args.server_command) if args.server_command else None
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # shlex
+        print(f"{PROG}: --server-command: {exc}", file=sys.stderr)
+        return 2
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        command = [os.environ.get("SHELL", "/bin/sh")]
+    reason = missing_privileges()
+    if reason is not None:
+        print(f"{PROG}: {reason}", file=sys.stderr)
+        return 2
+    try:
+        with _terminate_as_exit(), Link(config) as link:
+            env = dict(os.environ)
+            env["QUICMESH_NETEM_SERVER"] = link.server_address
+            env["QUICMESH_NETEM_CLIENT"] = link.client_address
+            env["QUICMESH_NETEM_SERVER_NS"] = link.server_ns
+            env["QUICMESH_NETEM_CLIENT_NS"] = link.client_ns
+            if not args.quiet:
+                print(
+                    f"{PROG}: client {link.client_address} (namespace {link.client_ns}), "
+                    f"server {link.server_address} (namespace {link.server_ns})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if server_argv:
+                link.popen("server", server_argv, env=env)
+                if args.wait_port is not None:
+                    _wait_for_port(link, args.wait_port)
+            process = link.popen("client", command, env=env, start_new_session=False)
+            try:
+                status = process.wait()
+            except KeyboardInterrupt:
+                status = 130
+            stats: LinkStats = link.stats()
+        if not args.quiet:
+            print(
+                f"{PROG}: " + _describe("client->server", stats.client_to_server), file=sys.stderr
+            )
+            print(
+                f"{PROG}: " + _describe("server->client", stats.server_to_client), file=sys.stderr
+            )
+    except KeyboardInterrupt:
+        return 130
+    except QuicmeshError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    return status if status >= 0 else 128 - status
