@@ -1,0 +1,1 @@
+"""Tests for quicmesh.congestion."""

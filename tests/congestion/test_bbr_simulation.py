@@ -1,0 +1,75 @@
+"""BBR against a simulated bottleneck: startup, drain, ProbeRTT, loss and queues.
+
+The path is the issue's: 20 Mbit/s, 40 ms RTT, 60 ms of queue (unless a test
+says otherwise). Every run is deterministic (seeded loss, seeded model).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from quicmesh.congestion.bbr import BbrState
+
+from .netsim import Link, simulate
+
+LINK = Link()
+
+
+def test_startup_finds_bottleneck_bandwidth_within_a_few_rtts() -> None:
+    trace = simulate(LINK, 1.5)
+    found = [t for t, bw in trace.bw_estimates if abs(bw - LINK.rate) <= 0.15 * LINK.rate]
+    assert found, "the bandwidth estimate never came within 15 % of the bottleneck"
+    assert found[0] <= 10 * LINK.rtt
+    # ... and stays there.
+    assert all(abs(bw - LINK.rate) <= 0.15 * LINK.rate for t, bw in trace.bw_estimates if t > 0.5)
+    drain = trace.entered(BbrState.DRAIN)
+    assert drain and drain[0] <= 12 * LINK.rtt
+
+
+def test_drain_empties_the_startup_queue() -> None:
+    trace = simulate(LINK, 1.5)
+    (drain_start,) = trace.entered(BbrState.DRAIN)
+    probe_bw_start = next(t for t, s in trace.states if s.is_probe_bw)
+    startup_peak = max(trace.queue_delays_between(0.0, drain_start))
+    assert startup_peak > 0.25 * LINK.rtt, "startup built no queue to drain"
+    assert probe_bw_start - drain_start <= 3 * LINK.rtt
+    after = trace.queue_delays_between(probe_bw_start, probe_bw_start + LINK.rtt)
+    assert max(after) < 0.1 * LINK.rtt
+
+
+def test_probe_rtt_happens_periodically_in_a_long_flow() -> None:
+    trace = simulate(LINK, 17.0)
+    entries = trace.entered(BbrState.PROBE_RTT)
+    assert len(entries) >= 2
+    gaps = [b - a for a, b in zip([0.0, *entries], entries, strict=False)]
+    assert all(4.5 <= gap <= 10.5 for gap in gaps), gaps
+    # Each ProbeRTT lasts at least 200 ms plus a round, and not much more.
+    for entry in entries:
+        leave = next(t for t, s in trace.states if t > entry and s is not BbrState.PROBE_RTT)
+        assert 0.2 <= leave - entry <= 0.2 + 4 * LINK.rtt
+    assert trace.model.min_rtt == pytest.approx(LINK.rtt, abs=0.002)
+    # Inflight was cut to about half a BDP, so the queue was empty.
+    probe_rtt_windows = [w for t, s, w in trace.windows if s is BbrState.PROBE_RTT]
+    assert min(probe_rtt_windows) <= 0.5 * LINK.bdp + 2 * 1200
+    assert max(w for t, s, w in trace.windows if t > 2.0) >= 2 * LINK.bdp
+
+
+@pytest.mark.parametrize(
+    ("loss", "minimum_share"),
+    [(0.0, 0.95), (0.005, 0.9), (0.01, 0.9), (0.02, 0.8), (0.05, 0.7)],
+)
+def test_random_loss_does_not_collapse_the_rate(loss: float, minimum_share: float) -> None:
+    trace = simulate(Link(loss=loss), 15.0)
+    share = trace.goodput(2.0) / LINK.rate
+    assert share >= minimum_share, f"{share:.1%} of the bottleneck at {loss:.1%} loss"
+
+
+def test_queueing_delay_stays_bounded_on_a_deep_buffer() -> None:
+    # One second of buffer: only BBR's own model keeps the queue short.
+    trace = simulate(Link(queue_seconds=1.0), 15.0)
+    delays = trace.queue_delays_between(1.0, 15.0)
+    assert statistics.median(delays) < LINK.rtt
+    assert max(delays) < 2 * LINK.rtt
+    assert trace.goodput(1.0) >= 0.95 * LINK.rate
