@@ -19,6 +19,12 @@ covered by a test in ``tests/test_aioquic_layer.py``:
 * **QPACK blocked streams** (:class:`MeshH3Connection`): aioquic announces
   SETTINGS_QPACK_BLOCKED_STREAMS = 16; we announce 0 so that no request stream
   ever waits for another stream's encoder instructions.
+* **Packet-writer cost** (:class:`ActiveStreamScheduler`): aioquic's
+  ``_write_application`` visits every stream for every packet it builds, so the
+  cost of sending grows with the number of open streams. The scheduler shows the
+  writer only the streams that have something to send (data, FIN, reset,
+  STOP_SENDING, a window update, or a finished stream to discard), keeping
+  aioquic's own round-robin order among them.
 * **Sender and limit state** (:func:`unsent_bytes`, :func:`can_open_bidi_stream`,
   :func:`connection_stats`): read-only views aioquic keeps private.
 """
@@ -191,6 +197,132 @@ class ReadDrivenFlowControl:
         """Payload bytes of the stream waiting for the application."""
         credit = self._streams.get(stream_id)
         return credit.buffered if credit is not None else 0
+
+
+# -- packet-writer cost -------------------------------------------------------------
+
+
+def _has_data_to_send(stream: Any) -> bool:
+    return not stream.sender.buffer_is_empty and not stream.sender.reset_pending
+
+
+def _needs_service(stream: Any) -> bool:
+    return bool(
+        stream.stream_id & 2  # unidirectional (HTTP/3 control and QPACK): always
+        or stream.is_finished
+        or stream.receiver.stop_pending
+        or stream.sender.reset_pending
+        or not stream.sender.buffer_is_empty
+        or stream.max_stream_data_local_sent != stream.max_stream_data_local
+    )
+
+
+class ActiveStreamScheduler:
+    """Show aioquic's packet writer only the streams with something to send.
+
+    aioquic's writer visits every stream in ``_streams_queue`` for every packet
+    and round-robins between them. During ``datagrams_to_send`` the connection's
+    ``_streams`` and ``_streams_queue`` are swapped for a small view, then
+    restored; streams aioquic discarded meanwhile are removed from the real
+    table. The view holds every stream that needs a control frame (reset,
+    STOP_SENDING, window update, discard) and the next ``data_streams_per_call``
+    streams with data, taken in rotation from a round-robin queue, so the
+    per-packet cost is bounded while every stream still gets its turn in order.
+
+    A stream enters the scheduler when the application acts on it
+    (:meth:`activate`), when aioquic creates it, and when a frame of it is
+    acknowledged or lost (its delivery handlers are wrapped).
+    """
+
+    def __init__(self, quic: QuicConnection, data_streams_per_call: int = 16) -> None:
+        self._quic = quic
+        self._limit = data_streams_per_call
+        self._queue: dict[int, Any] = {}
+        """Round-robin order of the streams that may need service."""
+        self._known: set[int] = set()
+        original_datagrams_to_send = quic.datagrams_to_send
+        original_on_max_stream_data_delivery = quic._on_max_stream_data_delivery
+
+        def datagrams_to_send(self_: QuicConnection, now: float) -> list[tuple[bytes, Any]]:
+            for stream in self_._streams_queue:
+                self._adopt(stream)
+            view = self._view()
+            all_streams = self_._streams
+            self_._streams = {s.stream_id: s for s in view}
+            self_._streams_queue = view
+            try:
+                return original_datagrams_to_send(now)
+            finally:
+                remaining = self_._streams
+                order = self_._streams_queue
+                for stream in view:
+                    if stream.stream_id not in remaining:
+                        all_streams.pop(stream.stream_id, None)
+                        self._known.discard(stream.stream_id)
+                        self._queue.pop(stream.stream_id, None)
+                self_._streams = all_streams
+                self_._streams_queue = []
+                # Served streams go to the back of the rotation, in aioquic's order.
+                for stream in order:
+                    self._queue.pop(stream.stream_id, None)
+                    if stream.stream_id in remaining and _needs_service(stream):
+                        self._queue[stream.stream_id] = stream
+
+        def on_max_stream_data_delivery(self_: QuicConnection, delivery: Any, stream: Any) -> None:
+            original_on_max_stream_data_delivery(delivery, stream)
+            self._queue.setdefault(stream.stream_id, stream)
+
+        quic.datagrams_to_send = types.MethodType(datagrams_to_send, quic)  # type: ignore[method-assign]
+        quic._on_max_stream_data_delivery = types.MethodType(  # type: ignore[method-assign]
+            on_max_stream_data_delivery, quic
+        )
+
+    def _view(self) -> list[Any]:
+        view = []
+        data_streams = 0
+        idle = []
+        for stream in self._queue.values():
+            if _has_data_to_send(stream) and not (
+                stream.stream_id & 2 or stream.receiver.stop_pending or stream.is_finished
+            ):
+                if data_streams < self._limit:
+                    view.append(stream)
+                    data_streams += 1
+                elif stream.max_stream_data_local_sent != stream.max_stream_data_local:
+                    view.append(stream)
+            elif _needs_service(stream):
+                view.append(stream)
+            else:
+                idle.append(stream.stream_id)
+        for stream_id in idle:
+            del self._queue[stream_id]
+        return view
+
+    def activate(self, stream_id: int) -> None:
+        """The application changed the stream (wrote, reset, read): let the writer see it."""
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None:
+            self._adopt(stream)
+
+    def _adopt(self, stream: Any) -> None:
+        self._queue.setdefault(stream.stream_id, stream)
+        if stream.stream_id in self._known:
+            return
+        self._known.add(stream.stream_id)
+        for part, name in (
+            (stream.sender, "on_data_delivery"),
+            (stream.sender, "on_reset_delivery"),
+            (stream.receiver, "on_stop_sending_delivery"),
+        ):
+            setattr(part, name, self._wrap_delivery(stream, getattr(part, name)))
+
+    def _wrap_delivery(self, stream: Any, handler: Callable[..., None]) -> Callable[..., None]:
+        def on_delivery(*args: Any) -> None:
+            handler(*args)
+            # Acked or lost: the stream may have data to resend or be finished.
+            self._queue.setdefault(stream.stream_id, stream)
+
+        return on_delivery
 
 
 # -- read-only views ---------------------------------------------------------------

@@ -53,6 +53,7 @@ class SessionConnection(PeerConnection):
         self._loop = asyncio.get_running_loop()
         self._streams: dict[int, MeshStream] = {}
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._drain_waiting: set[MeshStream] = set()
         self._credit: asyncio.Future[None] | None = None
         self._transmit_scheduled = False
         self._lost: TunnelError | None = None
@@ -163,9 +164,12 @@ class SessionConnection(PeerConnection):
 
     def _transmitted(self) -> None:
         """Bytes left: wake the streams whose drain() waits."""
-        for stream in list(self._streams.values()):
-            if stream._wants_writable:
+        if self._drain_waiting:
+            waiting, self._drain_waiting = self._drain_waiting, set()
+            for stream in waiting:
                 stream._on_writable()
+                if stream._wants_writable:
+                    self._drain_waiting.add(stream)
 
     def _connection_lost(self, error: TunnelError) -> None:
         if self._lost is not None:
@@ -210,6 +214,9 @@ class SessionConnection(PeerConnection):
         if self._lost is None:
             self.session.data_consumed(stream.stream_id, amount)
             self._schedule_transmit()
+
+    def stream_waits_for_drain(self, stream: MeshStream) -> None:
+        self._drain_waiting.add(stream)
 
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         if self._lost is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from typing import Any
 
 from aioquic.asyncio import QuicConnectionProtocol, serve
@@ -99,6 +100,10 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.is_client = quic.configuration.is_client
         if not self.is_client:
             _aioquic.require_client_certificate(quic)
+        if quic.configuration.congestion_control_algorithm == "bbr":
+            from ..congestion import enable_model_pacing
+
+            enable_model_pacing(quic)
         self.session = H3TunnelSession(
             quic,
             stream_window=transport.stream_window,
@@ -309,6 +314,8 @@ class QuicTransport(Transport):
             server = await serve(address[0], address[1], configuration=config, create_protocol=create_protocol)
         except OSError as exc:
             raise ConnectError(f"cannot listen on UDP {address[0]}:{address[1]}: {exc.strerror}") from None
+        assert server._transport is not None
+        _tune_udp_socket(server._transport)
         return QuicListener(server)
 
     async def connect(self, address: Address, *, timeout: float = 10.0) -> QuicPeerConnection:
@@ -317,12 +324,13 @@ class QuicTransport(Transport):
         _aioquic.limit_peer_streams(quic, self.max_streams)
         local = "::" if _is_ipv6(address[0]) else "0.0.0.0"
         try:
-            _, protocol = await loop.create_datagram_endpoint(
+            udp, protocol = await loop.create_datagram_endpoint(
                 lambda: _TunnelProtocol(quic, transport=self, owns_socket=True),
                 local_addr=(local, 0),
             )
         except OSError as exc:
             raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
+        _tune_udp_socket(udp)
         protocol.close_socket_when_done()
         try:
             protocol.connect(address)
@@ -342,6 +350,21 @@ class QuicTransport(Transport):
             protocol._close_own_socket()
             raise protocol.failure or ConnectError("QUIC handshake failed")
         return protocol.connection
+
+
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+"""SO_RCVBUF / SO_SNDBUF asked for on QUIC sockets (the kernel caps it at rmem_max/wmem_max)."""
+
+
+def _tune_udp_socket(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+        except OSError:
+            pass
 
 
 def _is_ipv6(host: str) -> bool:

@@ -46,6 +46,9 @@ class StreamChannel(Protocol):
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         """Bytes written to the stream and not yet sent."""
 
+    def stream_waits_for_drain(self, stream: MeshStream) -> None:
+        """Call ``stream._on_writable()`` after the next bytes leave."""
+
 
 class _Response(enum.Enum):
     PENDING = "pending"
@@ -213,6 +216,7 @@ class MeshStream:
         self._raise_error()
         while self._channel.stream_unsent_bytes(self) > self._high_water:
             self._drain_waiter = self._loop.create_future()
+            self._channel.stream_waits_for_drain(self)
             try:
                 await self._drain_waiter
             finally:
@@ -234,7 +238,10 @@ class MeshStream:
         if not self._eof_received and not self._reading_stopped and self._error is None:
             self._reading_stopped = True
             self._channel.stop_stream_reading(self)
-        self._buffer.clear()
+        if self._buffer:
+            # Unread bytes are dropped: credit them so the connection window does not shrink.
+            self._channel.stream_data_consumed(self, len(self._buffer))
+            self._buffer.clear()
         self._maybe_closed()
 
     def is_closing(self) -> bool:
@@ -285,7 +292,7 @@ class MeshStream:
 
     @property
     def _wants_writable(self) -> bool:
-        return self._drain_waiter is not None
+        return self._drain_waiter is not None and not self._drain_waiter.done()
 
     # -- internals -----------------------------------------------------------
 

@@ -65,6 +65,7 @@ class H3TunnelSession(TunnelSession):
         self.quic = quic
         self.is_client = quic.configuration.is_client
         self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
+        self.scheduler = _aioquic.ActiveStreamScheduler(quic)
         self._h3: _aioquic.MeshH3Connection | None = None
         self._headers_done: set[int] = set()
 
@@ -85,9 +86,13 @@ class H3TunnelSession(TunnelSession):
             self.h3  # noqa: B018 - creates the control streams as early as possible
             return []
         if isinstance(event, quic_events.StreamDataReceived):
+            if event.end_stream:
+                self.scheduler.activate(event.stream_id)
             return self._on_stream_data(event)
         if isinstance(event, quic_events.StreamReset | quic_events.StopSendingReceived):
-            return self._on_reset(event)
+            result = self._on_reset(event)
+            self.scheduler.activate(event.stream_id)
+            return result
         return []
 
     def _on_stream_data(self, event: quic_events.StreamDataReceived) -> list[events.TunnelEvent]:
@@ -201,6 +206,7 @@ class H3TunnelSession(TunnelSession):
         fields += [(k.encode(), v.encode()) for k, v in headers.items()]
         self.flow_control.track(stream_id)
         self.h3.send_headers(stream_id, fields)
+        self.scheduler.activate(stream_id)
         return stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
@@ -211,12 +217,14 @@ class H3TunnelSession(TunnelSession):
             self.h3.send_headers(stream_id, fields, end_stream=status != 200)
         except (H3Error, ValueError, AssertionError):
             return
+        self.scheduler.activate(stream_id)
         if status != 200:
             self.stop_reading(stream_id)
             self.flow_control.forget(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         self.h3.send_data(stream_id, data, end_stream)
+        self.scheduler.activate(stream_id)
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
         self.flow_control.forget(stream_id)
@@ -229,9 +237,11 @@ class H3TunnelSession(TunnelSession):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
             except ValueError:
                 pass
+            self.scheduler.activate(stream_id)
 
     def data_consumed(self, stream_id: int, amount: int) -> None:
         self.flow_control.consumed(stream_id, amount)
+        self.scheduler.activate(stream_id)
 
     def unsent_bytes(self, stream_id: int) -> int:
         return _aioquic.unsent_bytes(self.quic, stream_id)
@@ -247,3 +257,4 @@ class H3TunnelSession(TunnelSession):
                 action(stream_id, code)
             except ValueError:
                 pass
+        self.scheduler.activate(stream_id)
