@@ -1,1 +1,68 @@
-"""quicmesh: service-mesh traffic between sidecars over QUIC."""
+"""quicmesh: service-mesh traffic between sidecars over QUIC.
+
+The public API (see docs/api.md)::
+
+    ca = quicmesh.DevCA(); ident = ca.issue("spiffe://mesh.local/ns/default/sa/reviews")
+    t = quicmesh.QuicTransport(identity=ident, trust=ca.trust_bundle)  # or H2Transport, ...
+    listener = await t.listen(("127.0.0.1", 0), handler, authorize=None)
+    conn = await t.connect(listener.address)
+    stream = await conn.open_stream("reviews.default.svc:9080")
+
+Everything not exported here is internal.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    InvalidTarget,
+    PeerVerificationError,
+    QuicmeshError,
+    StreamRefused,
+    StreamReset,
+    TunnelError,
+)
+from .splice import splice
+from .tls import DevCA, Identity, TrustBundle
+from .transport.base import Listener, PeerConnection, Transport
+from .transport.h2 import H2Transport
+from .transport.quic import QuicTransport
+from .transport.stream import MeshStream
+from .transport.tcp import TcpTransport
+from .tunnel.session import ResetReason
+
+__version__ = "0.1.0"
+
+TRANSPORTS: dict[str, type[Transport]] = {
+    "quic": QuicTransport,
+    "h2": H2Transport,
+    "tcp": TcpTransport,
+}
+"""Transport implementations by configuration name."""
+
+__all__ = [
+    "TRANSPORTS",
+    "ConfigError",
+    "ConnectError",
+    "ConnectionLost",
+    "DevCA",
+    "H2Transport",
+    "Identity",
+    "InvalidTarget",
+    "Listener",
+    "MeshStream",
+    "PeerConnection",
+    "PeerVerificationError",
+    "QuicTransport",
+    "QuicmeshError",
+    "ResetReason",
+    "StreamRefused",
+    "StreamReset",
+    "TcpTransport",
+    "Transport",
+    "TrustBundle",
+    "TunnelError",
+    "splice",
+]

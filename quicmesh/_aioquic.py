@@ -89,7 +89,9 @@ def require_client_certificate(quic: QuicConnection) -> None:
     quic._initialize = types.MethodType(_initialize, quic)  # type: ignore[method-assign]
 
 
-def peer_certificate(quic: QuicConnection) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+def peer_certificate(
+    quic: QuicConnection,
+) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
     """The certificate and chain the peer presented in a full handshake."""
     context = quic.tls
     return context._peer_certificate, list(context._peer_certificate_chain)
@@ -130,14 +132,14 @@ class ReadDrivenFlowControl:
         write_stream_limits = quic._write_stream_limits
         write_connection_limits = quic._write_connection_limits
 
-        def _write_stream_limits(self_: QuicConnection, builder: Any, space: Any, stream: Any) -> None:
+        def _write_stream_limits(
+            self_: QuicConnection, builder: Any, space: Any, stream: Any
+        ) -> None:
             credit = self._streams.get(stream.stream_id)
             if credit is None:
                 write_stream_limits(builder=builder, space=space, stream=stream)
                 return
-            target = credit.delivered - credit.buffered + self.stream_window
-            if target - stream.max_stream_data_local >= self.stream_window // 4:
-                stream.max_stream_data_local = target
+            self._raise_stream_window(stream, credit)
             # aioquic doubles the window when half of it has *arrived*; hide the
             # arrivals from that check so only the line above moves the window.
             highest = stream.receiver.highest_offset
@@ -162,6 +164,18 @@ class ReadDrivenFlowControl:
         quic._write_stream_limits = types.MethodType(_write_stream_limits, quic)  # type: ignore[method-assign]
         quic._write_connection_limits = types.MethodType(_write_connection_limits, quic)  # type: ignore[method-assign]
 
+    def _raise_stream_window(self, stream: Any, credit: _StreamCredit) -> None:
+        target = credit.delivered - credit.buffered + self.stream_window
+        if target - stream.max_stream_data_local >= self.stream_window // 4:
+            stream.max_stream_data_local = target
+
+    def _update(self, stream_id: int, credit: _StreamCredit) -> None:
+        # Raise the window here, not only in the packet writer: the scheduler shows
+        # the writer a stream with nothing to send only if its window changed.
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None:
+            self._raise_stream_window(stream, credit)
+
     def track(self, stream_id: int) -> None:
         """Drive this stream's window from the read path from now on."""
         self._streams.setdefault(stream_id, _StreamCredit())
@@ -173,6 +187,7 @@ class ReadDrivenFlowControl:
             credit.delivered += stream_bytes
             credit.buffered += payload_bytes
             self._buffered_total += payload_bytes
+            self._update(stream_id, credit)
 
     def consumed(self, stream_id: int, payload_bytes: int) -> None:
         """The application read ``payload_bytes`` of the stream."""
@@ -181,6 +196,7 @@ class ReadDrivenFlowControl:
             amount = min(payload_bytes, credit.buffered)
             credit.buffered -= amount
             self._buffered_total -= amount
+            self._update(stream_id, credit)
 
     def forget(self, stream_id: int) -> None:
         """The stream is finished: its unread payload no longer holds credit back."""
@@ -234,8 +250,14 @@ class ActiveStreamScheduler:
     acknowledged or lost (its delivery handlers are wrapped).
     """
 
-    def __init__(self, quic: QuicConnection, data_streams_per_call: int = 16) -> None:
+    def __init__(
+        self,
+        quic: QuicConnection,
+        data_streams_per_call: int = 16,
+        on_discard: Callable[[int], None] | None = None,
+    ) -> None:
         self._quic = quic
+        self._on_discard = on_discard
         self._limit = data_streams_per_call
         self._queue: dict[int, Any] = {}
         """Round-robin order of the streams that may need service."""
@@ -260,11 +282,14 @@ class ActiveStreamScheduler:
                         all_streams.pop(stream.stream_id, None)
                         self._known.discard(stream.stream_id)
                         self._queue.pop(stream.stream_id, None)
+                        if self._on_discard is not None:
+                            self._on_discard(stream.stream_id)
                 self_._streams = all_streams
                 self_._streams_queue = []
                 # Served streams go to the back of the rotation, in aioquic's order.
                 for stream in order:
-                    self._queue.pop(stream.stream_id, None)
+                    stream_id: int = stream.stream_id  # type: ignore[assignment]
+                    self._queue.pop(stream_id, None)
                     if stream.stream_id in remaining and _needs_service(stream):
                         self._queue[stream.stream_id] = stream
 
@@ -366,7 +391,7 @@ def count_lost_packets(quic: QuicConnection, on_lost: Callable[[int], None]) -> 
         on_lost(len(packets))
         original(packets=packets, **kwargs)
 
-    recovery._on_packets_lost = types.MethodType(_on_packets_lost, recovery)
+    recovery._on_packets_lost = types.MethodType(_on_packets_lost, recovery)  # type: ignore[method-assign]
 
 
 def connection_stats(quic: QuicConnection) -> dict[str, Any]:

@@ -147,6 +147,11 @@ class SessionConnection(PeerConnection):
                             event.error_code,
                         )
                     )
+            elif isinstance(event, events.PeerStoppedReading):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_peer_stopped_reading()
+                    self._forget_if_closed(stream)
             elif isinstance(event, events.RequestRejected):
                 self.log.warning(
                     "rejected stream %d from %s: %d %s",

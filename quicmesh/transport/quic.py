@@ -17,13 +17,14 @@ before any stream is served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 from typing import Any
 
-from aioquic.asyncio import QuicConnectionProtocol, serve
-from aioquic.asyncio.server import QuicServer
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
@@ -75,6 +76,7 @@ class QuicPeerConnection(SessionConnection):
 
     async def wait_closed(self) -> None:
         await self.protocol.wait_closed()
+        self.protocol.close_socket_when_done()
         await super().wait_closed()
 
 
@@ -122,6 +124,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.bytes_received += len(data)
         self.datagrams_received += 1
         super().datagram_received(data, addr)
+        if self.connection is not None and self.connection._credit is not None:
+            # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
+            self.connection._handle_events([])
 
     def transmit(self) -> None:
         self._transmit_task = None
@@ -208,12 +213,15 @@ class _TunnelProtocol(QuicConnectionProtocol):
         if self.connection is not None:
             self.connection._connection_lost(ConnectionLost(f"QUIC connection closed: {reason}"))
         elif self.failure is None:
-            if event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE or 0x100 <= event.error_code < 0x200:
+            if (
+                event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
+                or 0x100 <= event.error_code < 0x200
+            ):
                 self.failure = PeerVerificationError(f"handshake refused: {reason}")
             else:
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
         if self._close_socket:
-            self._loop.call_soon(self._close_own_socket)
+            self._close_own_socket()
 
 
 class QuicListener(Listener):
@@ -311,9 +319,13 @@ class QuicTransport(Transport):
             return _TunnelProtocol(quic, transport=self, handler=handler, authorize=authorize)
 
         try:
-            server = await serve(address[0], address[1], configuration=config, create_protocol=create_protocol)
+            server = await serve(
+                address[0], address[1], configuration=config, create_protocol=create_protocol
+            )
         except OSError as exc:
-            raise ConnectError(f"cannot listen on UDP {address[0]}:{address[1]}: {exc.strerror}") from None
+            raise ConnectError(
+                f"cannot listen on UDP {address[0]}:{address[1]}: {exc.strerror}"
+            ) from None
         assert server._transport is not None
         _tune_udp_socket(server._transport)
         return QuicListener(server)
@@ -335,7 +347,7 @@ class QuicTransport(Transport):
         try:
             protocol.connect(address)
             await asyncio.wait_for(protocol.wait_connected(), timeout)
-        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             quic.close()
             protocol.transmit()
             protocol._close_own_socket()
@@ -345,7 +357,9 @@ class QuicTransport(Transport):
                 raise ConnectError(
                     f"QUIC handshake with {address[0]}:{address[1]} timed out after {timeout:g}s"
                 ) from None
-            raise ConnectError(f"QUIC connection to {address[0]}:{address[1]} failed: {exc}") from None
+            raise ConnectError(
+                f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
+            ) from None
         if protocol.connection is None:
             protocol._close_own_socket()
             raise protocol.failure or ConnectError("QUIC handshake failed")
@@ -361,10 +375,8 @@ def _tune_udp_socket(transport: asyncio.BaseTransport) -> None:
     if sock is None:
         return
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-        except OSError:
-            pass
 
 
 def _is_ipv6(host: str) -> bool:

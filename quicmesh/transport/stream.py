@@ -89,6 +89,7 @@ class MeshStream:
         self._buffer = bytearray()
         self._eof_received = False
         self._eof_sent = False
+        self._peer_stopped_reading = False
         self._reading_stopped = False
         self._error: TunnelError | None = None
         self._response = _Response.PENDING
@@ -145,7 +146,7 @@ class MeshStream:
         if n == 0:
             return b""
         if n < 0:
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 chunk = await self.read(1 << 20)
                 if not chunk:
@@ -190,6 +191,8 @@ class MeshStream:
     def write(self, data: bytes) -> None:
         """Queue ``data`` for the peer; call :meth:`drain` to respect backpressure."""
         self._raise_error()
+        if self._peer_stopped_reading:
+            return  # the peer asked for no more bytes: discard, as HTTP/3 allows
         if self._eof_sent:
             raise TunnelError(f"stream {self.stream_id}: write after write_eof")
         if not data:
@@ -214,7 +217,10 @@ class MeshStream:
     async def drain(self) -> None:
         """Wait until this stream's unsent bytes fall to the high-water mark."""
         self._raise_error()
-        while self._channel.stream_unsent_bytes(self) > self._high_water:
+        while (
+            not self._peer_stopped_reading
+            and self._channel.stream_unsent_bytes(self) > self._high_water
+        ):
             self._drain_waiter = self._loop.create_future()
             self._channel.stream_waits_for_drain(self)
             try:
@@ -282,13 +288,24 @@ class MeshStream:
         self._wake_reader()
         self._maybe_closed()
 
+    def _on_peer_stopped_reading(self) -> None:
+        self._peer_stopped_reading = True
+        self._eof_sent = True
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self._maybe_closed()
+
     def _on_reset(self, error: TunnelError) -> None:
         self._fail(error)
 
     def _on_writable(self) -> None:
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            if self._channel.stream_unsent_bytes(self) <= self._high_water:
-                self._drain_waiter.set_result(None)
+        waiter = self._drain_waiter
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (self._channel.stream_unsent_bytes(self) <= self._high_water)
+        ):
+            waiter.set_result(None)
 
     @property
     def _wants_writable(self) -> bool:

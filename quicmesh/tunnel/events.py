@@ -61,6 +61,13 @@ class StreamReset(TunnelEvent):
 
 
 @dataclass
+class PeerStoppedReading(TunnelEvent):
+    """The peer needs no more of our bytes (STOP_SENDING with no error); its data still flows."""
+
+    stream_id: int
+
+
+@dataclass
 class ConnectionTerminated(TunnelEvent):
     """The connection is closed; every stream on it is gone."""
 

@@ -12,6 +12,8 @@ H3_CONNECT_ERROR.
 
 from __future__ import annotations
 
+import contextlib
+
 from aioquic.h3 import events as h3_events
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.exceptions import H3Error
@@ -65,9 +67,16 @@ class H3TunnelSession(TunnelSession):
         self.quic = quic
         self.is_client = quic.configuration.is_client
         self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
-        self.scheduler = _aioquic.ActiveStreamScheduler(quic)
+        self.scheduler = _aioquic.ActiveStreamScheduler(quic, on_discard=self._on_discarded)
         self._h3: _aioquic.MeshH3Connection | None = None
         self._headers_done: set[int] = set()
+        self._stopped_reading: set[int] = set()
+
+    def _on_discarded(self, stream_id: int) -> None:
+        """aioquic dropped the finished stream: drop what the session kept about it."""
+        self.flow_control.forget(stream_id)
+        self._headers_done.discard(stream_id)
+        self._stopped_reading.discard(stream_id)
 
     @property
     def h3(self) -> _aioquic.MeshH3Connection:
@@ -110,7 +119,9 @@ class H3TunnelSession(TunnelSession):
         return result
 
     def _reject_oversized(self, stream_id: int) -> list[events.TunnelEvent]:
-        code = H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
+        code = (
+            H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
+        )
         self._abort_stream(stream_id, code)
         if self.is_client:
             return [events.StreamReset(stream_id, code)]
@@ -122,6 +133,16 @@ class H3TunnelSession(TunnelSession):
         stream_id = event.stream_id
         self.h3.handle_event(event)
         if not _is_request_stream(stream_id):
+            return []
+        if (
+            isinstance(event, quic_events.StopSendingReceived)
+            and event.error_code == H3ErrorCode.H3_NO_ERROR
+        ):
+            # RFC 9114 4.1.1: the peer wants no more request bytes but still sends its own.
+            return [events.PeerStoppedReading(stream_id)]
+        if isinstance(event, quic_events.StreamReset) and stream_id in self._stopped_reading:
+            # The peer's answer to our STOP_SENDING (RFC 9000 3.5): its direction is
+            # over, which we asked for; ours carries on.
             return []
         self.flow_control.forget(stream_id)
         self._headers_done.discard(stream_id)
@@ -140,9 +161,8 @@ class H3TunnelSession(TunnelSession):
         for ev in h3_evs:
             if isinstance(ev, h3_events.HeadersReceived):
                 result.extend(self._on_headers(ev))
-            elif isinstance(ev, h3_events.DataReceived):
-                if ev.stream_id in self._headers_done:
-                    result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
+            elif isinstance(ev, h3_events.DataReceived) and ev.stream_id in self._headers_done:
+                result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
         return result
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
@@ -166,7 +186,9 @@ class H3TunnelSession(TunnelSession):
             self._headers_done.add(stream_id)
             status = int(status_text) if status_text.isdigit() else 502
             result: list[events.TunnelEvent] = [
-                events.ResponseReceived(stream_id, status, decode_proxy_status(extra.get("proxy-status")))
+                events.ResponseReceived(
+                    stream_id, status, decode_proxy_status(extra.get("proxy-status"))
+                )
             ]
             if ev.stream_ended:
                 result.append(events.DataReceived(stream_id, b"", True))
@@ -180,13 +202,17 @@ class H3TunnelSession(TunnelSession):
         if fields.get(":method") != "CONNECT":
             return self._reject(stream_id, 400, f"method {fields.get(':method')!r} is not CONNECT")
         if ":protocol" in fields or ":path" in fields or ":scheme" in fields:
-            return self._reject(stream_id, 400, "extended CONNECT is not supported: send :authority only")
+            return self._reject(
+                stream_id, 400, "extended CONNECT is not supported: send :authority only"
+            )
         try:
             target = parse_target(fields.get(":authority", ""))
             headers = validate_headers(extra)
         except InvalidTarget as exc:
             return self._reject(stream_id, 400, str(exc))
-        result: list[events.TunnelEvent] = [events.StreamRequested(stream_id, target.authority, headers)]
+        result: list[events.TunnelEvent] = [
+            events.StreamRequested(stream_id, target.authority, headers)
+        ]
         if ended:
             result.append(events.DataReceived(stream_id, b"", True))
         return result
@@ -232,11 +258,10 @@ class H3TunnelSession(TunnelSession):
 
     def stop_reading(self, stream_id: int) -> None:
         self.flow_control.forget(stream_id)
+        self._stopped_reading.add(stream_id)
         if _aioquic.stream_is_open(self.quic, stream_id):
-            try:
+            with contextlib.suppress(ValueError):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
-            except ValueError:
-                pass
             self.scheduler.activate(stream_id)
 
     def data_consumed(self, stream_id: int, amount: int) -> None:
@@ -253,8 +278,6 @@ class H3TunnelSession(TunnelSession):
         if not _aioquic.stream_is_open(self.quic, stream_id):
             return
         for action in (self.quic.reset_stream, self.quic.stop_stream):
-            try:
+            with contextlib.suppress(ValueError):
                 action(stream_id, code)
-            except ValueError:
-                pass
         self.scheduler.activate(stream_id)

@@ -1,0 +1,566 @@
+"""The asyncio side of a tunnel session over TLS on TCP, shared by H2Transport and TcpTransport.
+
+:class:`TlsTunnelProtocol` is an :class:`asyncio.Protocol` on a plain TCP
+socket that runs TLS itself, with an :class:`ssl.SSLObject` over two
+:class:`ssl.MemoryBIO` buffers, and feeds the decrypted bytes to a sans-IO
+session (:class:`~quicmesh.tunnel.h2.H2TunnelSession` or
+:class:`~quicmesh.tunnel.http1.Http1TunnelSession`). :class:`TlsPeerConnection`
+is the :class:`~quicmesh.transport._session.SessionConnection` on top.
+
+Why not ``loop.create_connection(ssl=...)``: asyncio's TLS transport cannot
+half-close (``can_write_eof()`` is False, and a received ``close_notify`` closes
+both directions). Driving ``SSLObject`` directly gives TLS 1.3 half-close both
+ways: ``unwrap()`` sends our ``close_notify`` and reading carries on until the
+peer's; then the TCP write side is shut down. An abort is a TCP RST
+(``SO_LINGER`` 0). It also puts the socket's own write buffer under our
+control: the session is asked for bytes only while the socket transport is
+below its high-water mark (``pause_writing``/``resume_writing``), and the
+kernel keeps at most ``TCP_NOTSENT_LOWAT`` unsent bytes, so data the session
+has not handed out yet can still be interleaved fairly between streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import ssl
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConnectError, ConnectionLost, PeerVerificationError, TunnelError
+from ..tls import peer_identity_from_ssl
+from ..tunnel.h2 import H2TunnelSession
+from ..tunnel.http1 import Http1TunnelSession
+from ._session import SessionConnection
+from .base import Address, Authorizer, Listener, StreamHandler
+
+logger = logging.getLogger("quicmesh.transport.tls")
+
+TlsSession = H2TunnelSession | Http1TunnelSession
+"""The sans-IO sessions that run over a TLS byte stream."""
+
+WRITE_BUFFER_HIGH = 64 * 1024
+"""Bytes buffered in the socket transport above which the session is not asked for more."""
+
+WRITE_BUFFER_LOW = 16 * 1024
+"""Bytes buffered in the socket transport below which sending resumes."""
+
+NOTSENT_LOWAT = 128 * 1024
+"""Unsent bytes the kernel may hold per socket (TCP_NOTSENT_LOWAT, Linux)."""
+
+SEND_BUDGET = 64 * 1024
+"""Bytes asked of the session per call while the socket accepts more."""
+
+READ_CHUNK = 256 * 1024
+"""Largest plaintext read from TLS at once."""
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a server waits for a client to finish its TLS handshake."""
+
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+_connection_ids = itertools.count(1)
+
+
+class TlsPeerConnection(SessionConnection):
+    """A peer connection whose session runs over one TLS-on-TCP connection."""
+
+    def __init__(self, protocol: TlsTunnelProtocol, *, transport_name: str, **kwargs: Any) -> None:
+        assert protocol.session is not None
+        super().__init__(protocol.session, **kwargs)
+        self.protocol = protocol
+        self.transport_name = transport_name
+
+    def _transmit(self) -> None:
+        self.protocol.flush()
+
+    def _close_transport(self) -> None:
+        self.protocol.close()
+
+    def stats(self) -> dict[str, Any]:
+        result = super().stats()
+        result.update(
+            transport=self.transport_name,
+            peer_identity=self.peer_identity,
+            bytes_sent=self.protocol.bytes_sent,
+            bytes_received=self.protocol.bytes_received,
+        )
+        result.update(self.protocol.tcp_info())
+        return result
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.protocol.closed)
+        await super().wait_closed()
+
+
+class TlsTunnelProtocol(asyncio.Protocol):
+    """TLS over a TCP socket, driving one tunnel session.
+
+    :param context: the mutual-TLS context (from :mod:`quicmesh.tls.context`).
+    :param server_side: which side of the handshake this is.
+    :param alpn: the ALPN protocol both sides must have agreed on.
+    :param session_factory: creates the session once the peer is verified.
+    :param transport_name: ``"h2"`` or ``"tcp"``, for stats and logs.
+    :param handler: (server) called with each accepted stream.
+    :param authorize: (server) ``authorize(peer_spiffe_id, target) -> bool``.
+    :param high_water: unsent bytes per stream above which ``drain()`` waits.
+    :param wait_for_ticket: (client) count the connection ready only once the
+        server sent a TLS session ticket, that is once it accepted our certificate.
+    :param handshake_timeout: (server) seconds allowed for the TLS handshake.
+    """
+
+    def __init__(
+        self,
+        *,
+        context: ssl.SSLContext,
+        server_side: bool,
+        alpn: str,
+        session_factory: Callable[[], TlsSession],
+        transport_name: str,
+        handler: StreamHandler | None = None,
+        authorize: Authorizer | None = None,
+        high_water: int,
+        wait_for_ticket: bool = False,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        on_closed: Callable[[TlsTunnelProtocol], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self._server_side = server_side
+        self._alpn = alpn
+        self._session_factory = session_factory
+        self._transport_name = transport_name
+        self._handler = handler
+        self._authorize = authorize
+        self._high_water = high_water
+        self._wait_for_ticket = wait_for_ticket
+        self._handshake_timeout = handshake_timeout
+        self._on_closed = on_closed
+        self.session: TlsSession | None = None
+        self.connection: TlsPeerConnection | None = None
+        self.failure: TunnelError | None = None
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.log_id = f"{transport_name}-{next(_connection_ids)}"
+        self._transport: asyncio.Transport | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._handshaking = True
+        self._closing = False
+        self._write_paused = False
+        self._read_paused = False
+        self._close_notify_sent = False
+        self._close_notify_received = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        _tune_socket(transport)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        if self._server_side:
+            self._handshake_timer = self._loop.call_later(
+                self._handshake_timeout, self._on_handshake_timeout
+            )
+        self._handshake()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self._incoming.write(data)
+        if self._handshaking:
+            self._handshake()
+        elif not self._closing:
+            self._read_records()
+
+    def eof_received(self) -> bool:
+        if self._close_notify_received:
+            # The peer half-closed cleanly; keep the socket open while we still write.
+            return self.session is not None and not self.session.finished
+        if self._handshaking:
+            self._fail(self._early_close_error())
+        else:
+            self._fail(ConnectionLost("peer closed the TCP connection without TLS close_notify"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._cancel_handshake_timer()
+        if self.failure is None:
+            if self._handshaking:
+                self.failure = self._early_close_error()
+            elif isinstance(exc, ConnectionResetError):
+                self.failure = ConnectionLost("connection reset by peer")
+            elif exc is not None:
+                self.failure = ConnectionLost(f"connection lost: {exc}")
+        error = self.failure or ConnectionLost("connection closed")
+        self._settle_ready(error)
+        if self.connection is not None:
+            self.connection._connection_lost(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.flush()
+
+    # -- sending -------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what the session has queued while the socket accepts more; then
+        half-close, close or reset the connection when the session says so."""
+        session, connection, transport = self.session, self.connection, self._transport
+        if session is None or connection is None or transport is None or self._closing:
+            return
+        pending = session.pending_events()
+        if pending:
+            connection._handle_events(pending)
+        drained = False
+        while not self._write_paused:
+            data = session.data_to_send(SEND_BUDGET)
+            if not data:
+                drained = True
+                break
+            self._ssl.write(data)
+            self._send_tls()
+        if session.abort_requested:
+            self._abort()
+            return
+        if drained and session.output_ended and not self._close_notify_sent:
+            self._send_close_notify()
+        if session.finished and self._close_notify_sent:
+            self._closing = True
+            transport.close()
+            return
+        if session.input_paused != self._read_paused:
+            self._read_paused = session.input_paused
+            if self._read_paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+        connection._transmitted()
+        if connection._credit is not None and connection.can_open_stream:
+            connection._wake_credit()
+
+    def close(self) -> None:
+        """Close gracefully: send what is queued, our close_notify, then close."""
+        if self._transport is None or self._closing:
+            return
+        if self.session is not None and not self._handshaking:
+            self.flush()
+            if self._closing:
+                return
+            if not self._close_notify_sent:
+                self._send_close_notify()
+        self._closing = True
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Reset the TCP connection (RST)."""
+        if self._transport is not None and not self._closing:
+            self._abort()
+
+    def tcp_info(self) -> dict[str, Any]:
+        """RTT, congestion window and retransmissions from the kernel (Linux), if available."""
+        if self._transport is None or not sys.platform.startswith("linux"):
+            return {}
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return {}
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            _, rtt_us, _, _, cwnd = struct.unpack_from("<IIIII", info, 64)
+            mss = struct.unpack_from("<I", info, 16)[0]
+            retransmits = struct.unpack_from("<I", info, 100)[0]
+        except (OSError, struct.error):
+            return {}
+        return {"rtt": rtt_us / 1e6, "cwnd": cwnd * mss, "packets_lost": retransmits}
+
+    # -- TLS -----------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_tls()
+            return
+        except ssl.SSLError as exc:
+            self._send_tls()  # the alert tells the peer why
+            self._fail(self._tls_error(exc))
+            return
+        self._send_tls()
+        self._handshaking = False
+        self._cancel_handshake_timer()
+        try:
+            identity = self._verify_peer()
+        except TunnelError as exc:
+            self._fail(exc)
+            return
+        self.session = self._session_factory()
+        self.connection = TlsPeerConnection(
+            self,
+            transport_name=self._transport_name,
+            peer_identity=identity,
+            handler=self._handler,
+            authorize=self._authorize,
+            high_water=self._high_water,
+            log_id=self.log_id,
+        )
+        self.flush()
+        self._read_records()
+
+    def _verify_peer(self) -> str:
+        alpn = self._ssl.selected_alpn_protocol()
+        if alpn != self._alpn:
+            raise ConnectError(f"peer does not speak {self._alpn} (ALPN {alpn!r})")
+        return peer_identity_from_ssl(self._ssl)
+
+    def _read_records(self) -> None:
+        session, connection = self.session, self.connection
+        assert session is not None and connection is not None
+        chunks: list[bytes] = []
+        eof = False
+        error: ssl.SSLError | None = None
+        while True:
+            try:
+                data = self._ssl.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                error = exc
+                break
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+        self._send_tls()
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            connection._handle_events(session.receive_data(data))
+        if eof and not self._close_notify_received:
+            self._close_notify_received = True
+            connection._handle_events(session.receive_eof())
+        if error is not None:
+            self._fail(self._tls_error(error))
+            return
+        self._settle_ready()
+        self.flush()
+
+    def _send_tls(self) -> None:
+        data = self._outgoing.read()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self.bytes_sent += len(data)
+            self._transport.write(data)
+
+    def _send_close_notify(self) -> None:
+        self._close_notify_sent = True
+        # SSLWantReadError: ours is sent, the peer's is still to come.
+        with contextlib.suppress(ssl.SSLError):
+            self._ssl.unwrap()
+        self._send_tls()
+        if self._transport is not None and self._transport.can_write_eof():
+            self._transport.write_eof()
+
+    def _abort(self) -> None:
+        assert self._transport is not None
+        self._closing = True
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._transport.abort()
+
+    # -- failures ------------------------------------------------------------------
+
+    def _fail(self, error: TunnelError) -> None:
+        if self.failure is None:
+            self.failure = error
+            side = "client" if self._server_side else "server"
+            level = logging.WARNING if isinstance(error, PeerVerificationError) else logging.INFO
+            logger.log(level, "[%s] connection with %s failed: %s", self.log_id, side, error)
+        self._settle_ready(error)
+        if self.connection is not None:
+            self.connection._connection_lost(error)
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.close()
+
+    def _settle_ready(self, error: TunnelError | None = None) -> None:
+        if self.ready.done() or self._server_side:
+            return
+        if error is not None:
+            self.ready.set_exception(error)
+        elif self.session is not None and self.session.ready:
+            ssl_session = self._ssl.session
+            if not self._wait_for_ticket or (ssl_session is not None and ssl_session.has_ticket):
+                self.ready.set_result(None)
+
+    def _tls_error(self, exc: ssl.SSLError) -> TunnelError:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            whose = "client" if self._server_side else "server"
+            return PeerVerificationError(f"{whose} certificate not trusted: {exc.verify_message}")
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason and any(word in reason for word in _CERTIFICATE_ALERTS):
+            whose = "client" if self._server_side else "server"
+            return PeerVerificationError(
+                f"the {whose} rejected our certificate (TLS alert {reason.lower()})"
+            )
+        if self._handshaking or not self.ready.done():
+            return ConnectError(f"TLS handshake failed: {reason}")
+        return ConnectionLost(f"TLS error: {reason}")
+
+    def _early_close_error(self) -> TunnelError:
+        if self._server_side:
+            return ConnectError("client closed the connection during the TLS handshake")
+        return ConnectError(
+            "server closed the connection during the TLS handshake "
+            "(it may not trust our certificate)"
+        )
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self._handshaking:
+            self._fail(ConnectError(f"TLS handshake not done in {self._handshake_timeout:g}s"))
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+
+def _tune_socket(transport: asyncio.Transport) -> None:
+    """TCP_NODELAY, and a small unsent queue in the kernel (TCP_NOTSENT_LOWAT)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sys.platform.startswith("linux"):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass
+
+
+class TlsListener(Listener):
+    """A TCP socket accepting mutual-TLS connections, each driving one tunnel session."""
+
+    def __init__(self, server: asyncio.Server, protocols: set[TlsTunnelProtocol]) -> None:
+        self._server = server
+        self._protocols = protocols
+        sockname = server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+
+    def close(self) -> None:
+        self._server.close()
+        for protocol in list(self._protocols):
+            if protocol.connection is not None:
+                protocol.connection.close()
+            else:
+                protocol.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+        if self._protocols:
+            await asyncio.gather(*(asyncio.shield(p.closed) for p in list(self._protocols)))
+
+
+async def start_server(
+    address: Address,
+    *,
+    context: ssl.SSLContext,
+    alpn: str,
+    session_factory: Callable[[], TlsSession],
+    transport_name: str,
+    handler: StreamHandler,
+    authorize: Authorizer | None,
+    high_water: int,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> tuple[asyncio.Server, set[TlsTunnelProtocol]]:
+    """Listen on ``address``; each accepted connection drives a session from ``session_factory``."""
+    loop = asyncio.get_running_loop()
+    protocols: set[TlsTunnelProtocol] = set()
+
+    def create_protocol() -> TlsTunnelProtocol:
+        protocol = TlsTunnelProtocol(
+            context=context,
+            server_side=True,
+            alpn=alpn,
+            session_factory=session_factory,
+            transport_name=transport_name,
+            handler=handler,
+            authorize=authorize,
+            high_water=high_water,
+            handshake_timeout=handshake_timeout,
+            on_closed=protocols.discard,
+        )
+        protocols.add(protocol)
+        return protocol
+
+    try:
+        server = await loop.create_server(create_protocol, address[0], address[1])
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot listen on TCP {address[0]}:{address[1]}: {exc.strerror or exc}"
+        ) from None
+    return server, protocols
+
+
+async def open_connection(
+    address: Address,
+    *,
+    context: ssl.SSLContext,
+    alpn: str,
+    session_factory: Callable[[], TlsSession],
+    transport_name: str,
+    high_water: int,
+    timeout: float,
+    wait_for_ticket: bool = False,
+) -> TlsTunnelProtocol:
+    """Connect to ``address``, run the TLS handshake, verify the server and wait until ready.
+
+    :raises ConnectError: (or :class:`PeerVerificationError`) naming why.
+    """
+    loop = asyncio.get_running_loop()
+    host, port = address[0], address[1]
+    protocol: TlsTunnelProtocol | None = None
+
+    def create_protocol() -> TlsTunnelProtocol:
+        return TlsTunnelProtocol(
+            context=context,
+            server_side=False,
+            alpn=alpn,
+            session_factory=session_factory,
+            transport_name=transport_name,
+            high_water=high_water,
+            wait_for_ticket=wait_for_ticket,
+        )
+
+    try:
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(create_protocol, host, port)
+            await asyncio.shield(protocol.ready)
+    except TimeoutError:
+        if protocol is not None:
+            protocol.abort()
+        raise ConnectError(
+            f"connecting to {host}:{port} over {transport_name} timed out after {timeout:g}s"
+        ) from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    return protocol

@@ -1,0 +1,127 @@
+"""H2Transport: flows as HTTP/2 CONNECT streams over one mutual-TLS TCP connection.
+
+The HBONE-style baseline QUIC is compared against. Each flow is one HTTP/2
+stream carrying a CONNECT (RFC 9113 section 8.5), multiplexed on one TLS 1.3
+connection (ALPN ``h2``) per peer. The protocol work is in the sans-IO
+:class:`~quicmesh.tunnel.h2.H2TunnelSession`; the socket, TLS and write-buffer
+handling in :mod:`quicmesh.transport._tcp`, shared with
+:class:`~quicmesh.transport.tcp.TcpTransport`.
+
+Both sides present their identity and verify the peer's chain against the
+trust bundle during the handshake (``ssl``), then read its SPIFFE ID. A client's
+:meth:`H2Transport.connect` returns once the server's SETTINGS arrived, so a
+server that refused our certificate is reported there, as
+:class:`~quicmesh.errors.PeerVerificationError`.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
+from ..tunnel.h2 import (
+    DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_WINDOW,
+    H2TunnelSession,
+)
+from ._tcp import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    TlsListener,
+    TlsPeerConnection,
+    open_connection,
+    start_server,
+)
+from .base import Address, Authorizer, StreamHandler, Transport
+from .stream import DEFAULT_HIGH_WATER
+
+ALPN = "h2"
+
+H2PeerConnection = TlsPeerConnection
+"""A peer connection of :class:`H2Transport`: many CONNECT streams on one HTTP/2 connection."""
+
+
+class H2Listener(TlsListener):
+    """A TCP socket accepting HTTP/2-over-mutual-TLS connections from peer sidecars."""
+
+
+class H2Transport(Transport):
+    """Flows as HTTP/2 CONNECT streams, many per mutual-TLS TCP connection.
+
+    :param identity: this sidecar's certificate and key.
+    :param trust: the CAs peers' certificates must chain to.
+    :param stream_window: receive window per stream, in bytes.
+    :param connection_window: receive window per connection, in bytes.
+    :param high_water: unsent bytes per stream above which ``drain()`` waits.
+    :param max_streams: concurrent streams a peer may open towards us.
+    :param handshake_timeout: seconds a server allows a client for its TLS handshake.
+    """
+
+    name = "h2"
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        trust: TrustBundle,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+        high_water: int = DEFAULT_HIGH_WATER,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__(identity=identity, trust=trust)
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self.high_water = high_water
+        self.max_streams = max_streams
+        self.handshake_timeout = handshake_timeout
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
+        """The mutual-TLS context for one side (built once)."""
+        if server_side not in self._contexts:
+            factory = server_ssl_context if server_side else client_ssl_context
+            self._contexts[server_side] = factory(self.identity, self.trust, [ALPN])
+        return self._contexts[server_side]
+
+    def session(self, *, is_client: bool) -> H2TunnelSession:
+        """A new sans-IO session for one connection."""
+        return H2TunnelSession(
+            is_client=is_client,
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_streams=self.max_streams,
+        )
+
+    async def listen(
+        self,
+        address: Address,
+        handler: StreamHandler,
+        authorize: Authorizer | None = None,
+    ) -> H2Listener:
+        server, protocols = await start_server(
+            address,
+            context=self.ssl_context(server_side=True),
+            alpn=ALPN,
+            session_factory=lambda: self.session(is_client=False),
+            transport_name=self.name,
+            handler=handler,
+            authorize=authorize,
+            high_water=self.high_water,
+            handshake_timeout=self.handshake_timeout,
+        )
+        return H2Listener(server, protocols)
+
+    async def connect(self, address: Address, *, timeout: float = 10.0) -> H2PeerConnection:
+        protocol = await open_connection(
+            address,
+            context=self.ssl_context(server_side=False),
+            alpn=ALPN,
+            session_factory=lambda: self.session(is_client=True),
+            transport_name=self.name,
+            high_water=self.high_water,
+            timeout=timeout,
+        )
+        assert protocol.connection is not None
+        return protocol.connection

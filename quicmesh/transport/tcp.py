@@ -1,0 +1,220 @@
+"""TcpTransport: one mutual-TLS TCP connection per flow, with an HTTP/1.1 CONNECT preamble.
+
+The per-flow baseline. :meth:`TcpPeerConnection.open_stream` dials a new TLS 1.3
+connection (ALPN ``http/1.1``) for every flow and runs an
+:class:`~quicmesh.tunnel.http1.Http1TunnelSession` on it: ``CONNECT host:port``,
+``200``, then the flow's bytes unframed. Half-close is TLS ``close_notify``
+followed by a TCP write shutdown, which TLS 1.3 allows in each direction
+independently; an abort is a TCP RST, which the peer reads as
+:class:`~quicmesh.errors.StreamReset`. The socket and TLS handling is
+:mod:`quicmesh.transport._tcp`, shared with :class:`~quicmesh.transport.h2.H2Transport`.
+
+:meth:`TcpTransport.connect` dials the first connection at once, so the peer's
+identity is known and verified (and a server that refuses our certificate is
+reported) before any flow; that connection then carries the first flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from ..errors import ConnectionLost, PeerVerificationError, TunnelError
+from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
+from ..tunnel.connect import parse_target, validate_headers
+from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
+from ._tcp import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    TlsListener,
+    TlsTunnelProtocol,
+    open_connection,
+    start_server,
+)
+from .base import Address, Authorizer, PeerConnection, StreamHandler, Transport
+from .stream import DEFAULT_HIGH_WATER, MeshStream
+
+ALPN = "http/1.1"
+
+
+class TcpListener(TlsListener):
+    """A TCP socket accepting one mutual-TLS connection per flow from peer sidecars."""
+
+
+class TcpPeerConnection(PeerConnection):
+    """Flows to one peer sidecar, each on its own mutual-TLS TCP connection."""
+
+    transport_name = "tcp"
+
+    def __init__(
+        self, transport: TcpTransport, address: Address, first: TlsTunnelProtocol, timeout: float
+    ) -> None:
+        assert first.connection is not None
+        self.peer_identity = first.connection.peer_identity
+        self.streams_opened = 0
+        self.connections_opened = 1
+        self._transport = transport
+        self._address = address
+        self._timeout = timeout
+        self._spare: TlsTunnelProtocol | None = first
+        self._flows: set[TlsTunnelProtocol] = {first}
+        self._closed = False
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        first.closed.add_done_callback(lambda _: self._flow_closed(first))
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def active_streams(self) -> int:
+        return sum(p.connection.active_streams for p in self._flows if p.connection is not None)
+
+    @property
+    def can_open_stream(self) -> bool:
+        return not self._closed
+
+    async def open_stream(self, target: str, headers: dict[str, str] | None = None) -> MeshStream:
+        parse_target(target)
+        validate_headers(headers)
+        if self._closed:
+            raise ConnectionLost("connection to the peer is closed")
+        protocol, self._spare = self._spare, None
+        if protocol is None or protocol.closed.done():
+            protocol = await self._transport._dial(self._address, self._timeout)
+            self.connections_opened += 1
+            self._flows.add(protocol)
+            protocol.closed.add_done_callback(lambda _: self._flow_closed(protocol))
+        connection = protocol.connection
+        assert connection is not None
+        if connection.peer_identity != self.peer_identity:
+            protocol.close()
+            raise PeerVerificationError(
+                f"peer identity changed from {self.peer_identity} to {connection.peer_identity}"
+            )
+        try:
+            stream = await connection.open_stream(target, headers)
+        except TunnelError:
+            if protocol.failure is not None and not isinstance(protocol.failure, ConnectionLost):
+                raise protocol.failure from None
+            raise
+        self.streams_opened += 1
+        return stream
+
+    def stats(self) -> dict[str, Any]:
+        flows = list(self._flows)
+        return {
+            "transport": "tcp",
+            "peer_identity": self.peer_identity,
+            "streams_opened": self.streams_opened,
+            "streams_active": self.active_streams,
+            "connections_opened": self.connections_opened,
+            "connections_active": len(flows),
+            "bytes_sent": self._bytes_sent + sum(p.bytes_sent for p in flows),
+            "bytes_received": self._bytes_received + sum(p.bytes_received for p in flows),
+        }
+
+    def close(self) -> None:
+        self._closed = True
+        for protocol in list(self._flows):
+            if protocol.connection is not None:
+                protocol.connection.close()
+            else:
+                protocol.close()
+
+    async def wait_closed(self) -> None:
+        if self._flows:
+            await asyncio.gather(*(asyncio.shield(p.closed) for p in list(self._flows)))
+        waits = [p.connection.wait_closed() for p in list(self._flows) if p.connection is not None]
+        await asyncio.gather(*waits)
+
+    def _flow_closed(self, protocol: TlsTunnelProtocol) -> None:
+        if protocol in self._flows:
+            self._flows.discard(protocol)
+            self._bytes_sent += protocol.bytes_sent
+            self._bytes_received += protocol.bytes_received
+
+
+class TcpTransport(Transport):
+    """Flows as HTTP/1.1 CONNECT tunnels, one mutual-TLS TCP connection each.
+
+    :param identity: this sidecar's certificate and key.
+    :param trust: the CAs peers' certificates must chain to.
+    :param receive_window: unread bytes per flow above which the socket is not read.
+    :param high_water: unsent bytes per stream above which ``drain()`` waits.
+    :param handshake_timeout: seconds a server allows a client for its TLS handshake.
+    """
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        trust: TrustBundle,
+        receive_window: int = DEFAULT_RECEIVE_WINDOW,
+        high_water: int = DEFAULT_HIGH_WATER,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__(identity=identity, trust=trust)
+        self.receive_window = receive_window
+        self.high_water = high_water
+        self.handshake_timeout = handshake_timeout
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
+        """The mutual-TLS context for one side (built once).
+
+        The server sends one TLS session ticket, which is also how
+        :meth:`connect` learns that the server accepted our certificate.
+        """
+        if server_side not in self._contexts:
+            if server_side:
+                context = server_ssl_context(self.identity, self.trust, [ALPN])
+                context.num_tickets = 1
+            else:
+                context = client_ssl_context(self.identity, self.trust, [ALPN])
+            self._contexts[server_side] = context
+        return self._contexts[server_side]
+
+    def session(self, *, is_client: bool) -> Http1TunnelSession:
+        """A new sans-IO session for one flow's connection."""
+        return Http1TunnelSession(is_client=is_client, receive_window=self.receive_window)
+
+    async def listen(
+        self,
+        address: Address,
+        handler: StreamHandler,
+        authorize: Authorizer | None = None,
+    ) -> TcpListener:
+        server, protocols = await start_server(
+            address,
+            context=self.ssl_context(server_side=True),
+            alpn=ALPN,
+            session_factory=lambda: self.session(is_client=False),
+            transport_name=self.name,
+            handler=handler,
+            authorize=authorize,
+            high_water=self.high_water,
+            handshake_timeout=self.handshake_timeout,
+        )
+        return TcpListener(server, protocols)
+
+    async def connect(self, address: Address, *, timeout: float = 10.0) -> TcpPeerConnection:
+        first = await self._dial(address, timeout, wait_for_ticket=True)
+        return TcpPeerConnection(self, address, first, timeout)
+
+    async def _dial(
+        self, address: Address, timeout: float, *, wait_for_ticket: bool = False
+    ) -> TlsTunnelProtocol:
+        return await open_connection(
+            address,
+            context=self.ssl_context(server_side=False),
+            alpn=ALPN,
+            session_factory=lambda: self.session(is_client=True),
+            transport_name=self.name,
+            high_water=self.high_water,
+            timeout=timeout,
+            wait_for_ticket=wait_for_ticket,
+        )

@@ -1,0 +1,350 @@
+"""One contract suite, run against every transport on real loopback sockets.
+
+Each test builds a listener and a peer connection of the transport under test
+and checks a property every implementation of the socket interface must have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import quicmesh
+from quicmesh import DevCA, MeshStream, ResetReason
+
+TRANSPORT_NAMES = ["quic", "h2", "tcp"]
+TARGET = "reviews.default.svc:9080"
+
+
+class Mesh:
+    """A development CA and two identities: the client sidecar and the server sidecar."""
+
+    def __init__(self) -> None:
+        self.ca = DevCA()
+        self.client = self.ca.issue("spiffe://mesh.local/ns/default/sa/client")
+        self.server = self.ca.issue("spiffe://mesh.local/ns/default/sa/server")
+
+    def transport(self, name: str, identity: Any = None, trust: Any = None) -> quicmesh.Transport:
+        return quicmesh.TRANSPORTS[name](
+            identity=identity or self.client, trust=trust or self.ca.trust_bundle
+        )
+
+
+MESH = Mesh()
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+async def echo(stream: MeshStream) -> None:
+    while data := await stream.read(65536):
+        stream.write(data)
+        await stream.drain()
+    stream.write_eof()
+
+
+async def pair(
+    name: str,
+    handler: Callable[[MeshStream], Awaitable[None]] = echo,
+    authorize: Callable[[str, str], bool] | None = None,
+) -> tuple[quicmesh.Listener, quicmesh.PeerConnection]:
+    server = MESH.transport(name, identity=MESH.server)
+    listener = await server.listen(("127.0.0.1", 0), handler, authorize=authorize)
+    conn = await MESH.transport(name).connect(listener.address)
+    return listener, conn
+
+
+async def shutdown(listener: quicmesh.Listener, conn: quicmesh.PeerConnection) -> None:
+    conn.close()
+    await conn.wait_closed()
+    listener.close()
+    await listener.wait_closed()
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_many_concurrent_streams_echo_intact(name: str) -> None:
+    rng = random.Random(2)
+    payloads = [rng.randbytes(rng.choice([0, 1, 100, 1500, 20000, 65536])) for _ in range(200)]
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        assert conn.peer_identity == MESH.server.spiffe_id
+
+        async def one(index: int, payload: bytes) -> None:
+            stream = await conn.open_stream(TARGET, headers={"x-request-id": str(index)})
+            stream.write(payload)
+            await stream.drain()
+            stream.write_eof()
+            back = await stream.read()
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+            assert stream.at_eof()
+            await stream.wait_closed()
+
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(payloads)))
+        stats = conn.stats()
+        assert stats["streams_opened"] == 200
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_server_sees_target_headers_and_identity(name: str) -> None:
+    seen: list[tuple[str, dict[str, str], str]] = []
+
+    async def handler(stream: MeshStream) -> None:
+        seen.append((stream.target, stream.headers, stream.peer_identity))
+        stream.write(b"hello")
+        stream.write_eof()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET, headers={"X-Request-Id": "42"})
+        assert stream.target == TARGET
+        assert await stream.readexactly(5) == b"hello"
+        assert await stream.read() == b""
+        assert stream.peer_identity == MESH.server.spiffe_id
+        await shutdown(listener, conn)
+
+    run(main())
+    assert seen == [(TARGET, {"x-request-id": "42"}, MESH.client.spiffe_id)]
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_half_close_client_first(name: str) -> None:
+    async def handler(stream: MeshStream) -> None:
+        request = await stream.read()  # to EOF: the client half-closed
+        stream.write(b"got " + str(len(request)).encode())
+        stream.write_eof()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x" * 100_000)
+        stream.write_eof()
+        assert await stream.read() == b"got 100000"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_half_close_server_first(name: str) -> None:
+    received: asyncio.Future[bytes]
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"banner")
+        stream.write_eof()  # the server is done talking but keeps reading
+        received.set_result(await stream.read())
+
+    async def main() -> None:
+        nonlocal received
+        received = asyncio.get_running_loop().create_future()
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        assert await stream.read() == b"banner"
+        assert stream.at_eof()
+        stream.write(b"still sending after the peer's EOF")
+        stream.write_eof()
+        await stream.wait_closed()
+        assert await received == b"still sending after the peer's EOF"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_client_abort_reaches_server(name: str) -> None:
+    outcome: asyncio.Future[BaseException | None]
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.headers.get("x-role") != "aborted":
+            await echo(stream)
+            return
+        try:
+            while await stream.read(1024):
+                pass
+        except quicmesh.StreamReset as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+
+    async def main() -> None:
+        nonlocal outcome
+        outcome = asyncio.get_running_loop().create_future()
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET, headers={"x-role": "aborted"})
+        stream.write(b"partial")
+        await stream.drain()
+        stream.abort()
+        assert isinstance(await outcome, quicmesh.StreamReset)
+        with pytest.raises(quicmesh.StreamReset):
+            await stream.read()
+        # the connection carries on
+        other = await conn.open_stream(TARGET)
+        other.write(b"still fine")
+        other.write_eof()
+        assert await other.read() == b"still fine"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_server_connect_error_reaches_client(name: str) -> None:
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        stream.abort(ResetReason.CONNECT_ERROR)
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        with pytest.raises(quicmesh.StreamReset) as reset:
+            # The reset may overtake the 200: it then surfaces from open_stream itself.
+            stream = await conn.open_stream(TARGET)
+            await stream.read()
+        if name != "tcp":  # a TCP reset cannot say why; HTTP/2 and HTTP/3 carry CONNECT_ERROR
+            assert "connect error" in str(reset.value)
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["quic", "h2"])
+def test_stalled_reader_does_not_stall_other_streams(name: str) -> None:
+    release: asyncio.Event
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.headers.get("x-role") == "stalled":
+            stream.accept()
+            await release.wait()
+            total = len(await stream.read())
+            stream.write(str(total).encode())
+            stream.write_eof()
+        else:
+            await echo(stream)
+
+    async def main() -> None:
+        nonlocal release
+        release = asyncio.Event()
+        listener, conn = await pair(name, handler)
+        stalled = await conn.open_stream(TARGET, headers={"x-role": "stalled"})
+        chunk = b"s" * 65536
+
+        async def fill() -> int:
+            sent = 0
+            for _ in range(128):  # 8 MiB: far more than any window
+                stalled.write(chunk)
+                sent += len(chunk)
+                await stalled.drain()
+            stalled.write_eof()
+            return sent
+
+        filler = asyncio.ensure_future(fill())
+
+        async def one(index: int) -> None:
+            payload = random.Random(index).randbytes(256 * 1024)
+            stream = await conn.open_stream(TARGET)
+            stream.write(payload)
+            stream.write_eof()
+            assert await stream.read() == payload
+
+        await asyncio.gather(*(one(i) for i in range(20)))
+        # Every other stream finished while the stalled one's writer is held back.
+        assert not filler.done()
+        release.set()
+        sent = await filler
+        assert int(await stalled.read()) == sent
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_refused_identity_gets_403_and_others_carry_on(name: str) -> None:
+    def authorize(peer: str, target: str) -> bool:
+        return peer == MESH.client.spiffe_id and target == TARGET
+
+    async def main() -> None:
+        listener, conn = await pair(name, authorize=authorize)
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await conn.open_stream("payments.default.svc:443")
+        assert refused.value.status == 403
+        assert "may not reach" in refused.value.reason
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"ok")
+        stream.write_eof()
+        assert await stream.read() == b"ok"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_handler_refusal_carries_status_and_reason(name: str) -> None:
+    async def handler(stream: MeshStream) -> None:
+        stream.refuse(502, "cannot reach the app: Connection refused")
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await conn.open_stream(TARGET)
+        assert refused.value.status == 502
+        assert refused.value.reason == "cannot reach the app: Connection refused"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+@pytest.mark.parametrize("target", ["no-port", "host:0", "host:99999", "bad host:80", ""])
+def test_invalid_target_is_refused_locally(name: str, target: str) -> None:
+    async def main() -> None:
+        listener, conn = await pair(name)
+        with pytest.raises(quicmesh.InvalidTarget):
+            await conn.open_stream(target)
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_client_from_another_ca_is_refused(name: str) -> None:
+    rogue_ca = DevCA()
+    rogue = rogue_ca.issue("spiffe://mesh.local/ns/default/sa/client")
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        # The rogue client trusts the real CA but presents a certificate the server must refuse.
+        client = MESH.transport(name, identity=rogue, trust=MESH.ca.trust_bundle)
+        with pytest.raises(quicmesh.TunnelError):
+            conn = await client.connect(listener.address, timeout=5)
+            # TLS 1.3: the client may finish its handshake before the server refuses.
+            stream = await conn.open_stream(TARGET)
+            await stream.read()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_server_from_another_ca_is_refused(name: str) -> None:
+    rogue_ca = DevCA()
+    rogue = rogue_ca.issue("spiffe://mesh.local/ns/default/sa/server")
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=rogue, trust=MESH.ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        with pytest.raises(quicmesh.PeerVerificationError):
+            await MESH.transport(name).connect(listener.address, timeout=5)
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())

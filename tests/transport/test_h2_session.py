@@ -1,0 +1,323 @@
+"""Sans-IO tests of H2TunnelSession: two sessions (or a raw h2 peer) wired back to back."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quicmesh.tunnel import events
+from quicmesh.tunnel.connect import Target, parse_target
+from quicmesh.tunnel.h2 import DEFAULT_STREAM_WINDOW, SEND_QUANTUM, H2TunnelSession
+from quicmesh.tunnel.session import ResetReason
+
+TARGET = Target("reviews.default.svc", 9080)
+
+
+def exchange(
+    client: H2TunnelSession, server: H2TunnelSession
+) -> tuple[list[events.TunnelEvent], list[events.TunnelEvent]]:
+    """Move bytes both ways until both sides are quiet; return (client, server) events."""
+    client_events: list[events.TunnelEvent] = []
+    server_events: list[events.TunnelEvent] = []
+    while True:
+        to_server = client.data_to_send()
+        to_client = server.data_to_send()
+        if not to_server and not to_client:
+            return client_events, server_events
+        if to_server:
+            server_events += server.receive_data(to_server)
+        if to_client:
+            client_events += client.receive_data(to_client)
+
+
+def connected_pair() -> tuple[H2TunnelSession, H2TunnelSession]:
+    client = H2TunnelSession(is_client=True)
+    server = H2TunnelSession(is_client=False)
+    exchange(client, server)
+    assert client.ready and server.ready
+    return client, server
+
+
+def open_tunnel(
+    client: H2TunnelSession, server: H2TunnelSession, headers: dict[str, str] | None = None
+) -> int:
+    stream_id = client.open_stream(TARGET, headers or {})
+    _, server_events = exchange(client, server)
+    assert server_events == [events.StreamRequested(stream_id, TARGET.authority, headers or {})]
+    server.respond(stream_id, 200)
+    client_events, _ = exchange(client, server)
+    assert client_events == [events.ResponseReceived(stream_id, 200, "")]
+    return stream_id
+
+
+def payload_of(evs: list[events.TunnelEvent], stream_id: int) -> bytes:
+    return b"".join(
+        e.data for e in evs if isinstance(e, events.DataReceived) and e.stream_id == stream_id
+    )
+
+
+def ended(evs: list[events.TunnelEvent], stream_id: int) -> bool:
+    return any(
+        isinstance(e, events.DataReceived) and e.stream_id == stream_id and e.stream_ended
+        for e in evs
+    )
+
+
+def test_connect_exchange_carries_target_headers_and_data_both_ways() -> None:
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server, {"x-request-id": "7"})
+    client.send_data(stream_id, b"ping")
+    server.send_data(stream_id, b"pong", end_stream=True)
+    client_events, server_events = exchange(client, server)
+    assert payload_of(server_events, stream_id) == b"ping"
+    assert not ended(server_events, stream_id)
+    assert payload_of(client_events, stream_id) == b"pong"
+    assert ended(client_events, stream_id)
+    # Half-closed one way, the other direction still flows.
+    client.send_data(stream_id, b"more", end_stream=True)
+    _, server_events = exchange(client, server)
+    assert payload_of(server_events, stream_id) == b"more"
+    assert ended(server_events, stream_id)
+    assert client.h2.open_outbound_streams == 0
+
+
+def test_refusal_carries_status_and_reason_and_releases_the_stream() -> None:
+    client, server = connected_pair()
+    stream_id = client.open_stream(TARGET, {})
+    exchange(client, server)
+    server.respond(stream_id, 403, 'spiffe://x may not reach "y"')
+    client_events, _ = exchange(client, server)
+    assert client_events[0] == events.ResponseReceived(
+        stream_id, 403, 'spiffe://x may not reach "y"'
+    )
+    assert client.h2.open_outbound_streams == 0
+    assert server.h2.open_inbound_streams == 0
+
+
+@pytest.mark.parametrize(
+    ("reason", "code", "connect_error"),
+    [
+        (ResetReason.CANCELLED, ErrorCodes.CANCEL, False),
+        (ResetReason.CONNECT_ERROR, ErrorCodes.CONNECT_ERROR, True),
+    ],
+)
+def test_reset_reaches_the_peer_with_its_code(
+    reason: ResetReason, code: int, connect_error: bool
+) -> None:
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server)
+    server.reset_stream(stream_id, reason)
+    client_events, _ = exchange(client, server)
+    assert client_events == [events.StreamReset(stream_id, code, connect_error=connect_error)]
+
+
+def test_receive_window_opens_only_as_the_application_reads() -> None:
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server)
+    total = 3 * DEFAULT_STREAM_WINDOW
+    server.send_data(stream_id, b"x" * total, end_stream=True)
+    client_events, _ = exchange(client, server)
+    received = len(payload_of(client_events, stream_id))
+    assert received == DEFAULT_STREAM_WINDOW
+    assert server.unsent_bytes(stream_id) == total - received
+    while received < total:
+        client.data_consumed(stream_id, received)
+        client_events, _ = exchange(client, server)
+        chunk = len(payload_of(client_events, stream_id))
+        assert 0 < chunk <= DEFAULT_STREAM_WINDOW
+        received += chunk
+    assert ended(client_events, stream_id)
+
+
+def test_stalled_stream_holds_back_only_itself() -> None:
+    client, server = connected_pair()
+    stalled = open_tunnel(client, server)
+    other = open_tunnel(client, server)
+    server.send_data(stalled, b"s" * (2 * DEFAULT_STREAM_WINDOW))
+    exchange(client, server)
+    server.send_data(other, b"o" * 100_000, end_stream=True)
+    client_events, _ = exchange(client, server)
+    assert payload_of(client_events, other) == b"o" * 100_000
+
+
+def test_small_stream_is_not_queued_behind_a_bulk_stream() -> None:
+    client, server = connected_pair()
+    bulk = open_tunnel(client, server)
+    small = open_tunnel(client, server)
+    client.send_data(bulk, b"b" * (4 * 1024 * 1024))
+    client.send_data(small, b"hello", end_stream=True)
+    first_batch = client.data_to_send(64 * 1024)
+    server_events = server.receive_data(first_batch)
+    assert payload_of(server_events, small) == b"hello"
+    assert len(payload_of(server_events, bulk)) <= 64 * 1024 + SEND_QUANTUM
+
+
+def test_unsent_bytes_counts_the_sessions_buffer() -> None:
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server)
+    client.send_data(stream_id, b"x" * 100_000)
+    assert client.unsent_bytes(stream_id) == 100_000
+    client.data_to_send(SEND_QUANTUM)
+    assert client.unsent_bytes(stream_id) == 100_000 - SEND_QUANTUM
+
+
+def test_stop_reading_discards_input_and_releases_the_stream() -> None:
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server)
+    server.send_data(stream_id, b"bye", end_stream=True)
+    exchange(client, server)
+    client.send_data(stream_id, b"ignored" * 10_000)
+    server.stop_reading(stream_id)
+    client_events, server_events = exchange(client, server)
+    assert payload_of(server_events, stream_id) == b""
+    assert server.h2.open_inbound_streams == 0
+    # RST_STREAM NO_ERROR after the server's END_STREAM: not an abort, a "stop sending".
+    assert client_events == [events.PeerStoppedReading(stream_id)]
+    assert client.unsent_bytes(stream_id) == 0
+
+
+def test_stream_limit_is_respected() -> None:
+    client = H2TunnelSession(is_client=True)
+    server = H2TunnelSession(is_client=False, max_streams=2)
+    exchange(client, server)
+    client.open_stream(TARGET, {})
+    client.open_stream(TARGET, {})
+    assert not client.can_open_stream()
+
+
+def test_close_sends_goaway() -> None:
+    client, server = connected_pair()
+    client.close("bye")
+    _, server_events = exchange(client, server)
+    assert server_events == [events.ConnectionTerminated(0, "bye")]
+    assert client.finished and server.finished
+
+
+# -- malformed input from a raw h2 peer ---------------------------------------------
+
+
+def raw_client() -> tuple[h2.connection.H2Connection, H2TunnelSession]:
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False
+        )
+    )
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False)
+    server.receive_data(raw.data_to_send())
+    raw.receive_data(server.data_to_send())
+    server.receive_data(raw.data_to_send())
+    return raw, server
+
+
+def send_raw_request(
+    headers: list[tuple[bytes, bytes]], end_stream: bool = False
+) -> tuple[list[events.TunnelEvent], list[h2.events.Event]]:
+    raw, server = raw_client()
+    raw.send_headers(1, headers, end_stream=end_stream)
+    server_events = server.receive_data(raw.data_to_send())
+    raw_events = raw.receive_data(server.data_to_send())
+    return server_events, raw_events
+
+
+def response_status(raw_events: list[h2.events.Event]) -> int | None:
+    for event in raw_events:
+        if isinstance(event, h2.events.ResponseReceived):
+            return int(dict(event.headers or [])[b":status"])
+    return None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", b"a:1")],
+        [(b":method", b"CONNECT"), (b":authority", b"no-port")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:99999")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"proxy-status", b"x")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x-a", b"1"), (b"x-a", b"2")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x-a", b"caf\xc3\xa9")],
+    ],
+)
+def test_malformed_connect_gets_400(headers: list[tuple[bytes, bytes]]) -> None:
+    server_events, raw_events = send_raw_request(headers)
+    assert len(server_events) == 1
+    rejected = server_events[0]
+    assert isinstance(rejected, events.RequestRejected)
+    assert rejected.status == 400
+    assert response_status(raw_events) == 400
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b":path", b"/")],
+        [(b":method", b"CONNECT")],
+        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x", b"y" * 70_000)],
+    ],
+)
+def test_header_blocks_breaking_http2_rules_close_the_connection(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    server_events, raw_events = send_raw_request(headers)
+    assert len(server_events) == 1
+    assert isinstance(server_events[0], events.ConnectionTerminated)
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in raw_events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048), st.booleans())
+def test_garbage_never_raises(garbage: bytes, after_preface: bool) -> None:
+    if after_preface:
+        _, server = raw_client()
+    else:
+        server = H2TunnelSession(is_client=False)
+    result = server.receive_data(garbage)
+    assert all(isinstance(e, events.TunnelEvent) for e in result)
+    server.data_to_send()
+    if any(isinstance(e, events.ConnectionTerminated) for e in result):
+        assert server.finished
+        assert server.receive_data(b"more") == []
+
+
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_HOSTS = (
+    st.lists(_LABEL, min_size=1, max_size=4)
+    .map(".".join)
+    .filter(lambda h: not h.rsplit(".", 1)[-1].isdigit())
+)
+_HEADER_NAMES = st.from_regex(r"x-[a-z0-9-]{1,20}", fullmatch=True)
+_HEADER_VALUES = st.from_regex(r"[!-~]([ !-~]{0,30}[!-~])?", fullmatch=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    _HOSTS,
+    st.integers(1, 65535),
+    st.dictionaries(_HEADER_NAMES, _HEADER_VALUES, max_size=8),
+)
+def test_well_formed_connects_are_parsed(host: str, port: int, headers: dict[str, str]) -> None:
+    client, server = connected_pair()
+    stream_id = client.open_stream(Target(host, port), headers)
+    _, server_events = exchange(client, server)
+    assert server_events == [events.StreamRequested(stream_id, f"{host}:{port}", headers)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40))
+def test_any_authority_is_parsed_or_rejected_with_400(authority: str) -> None:
+    server_events, raw_events = send_raw_request(
+        [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+    )
+    [event] = server_events
+    try:
+        expected = parse_target(authority)
+    except ValueError:
+        assert isinstance(event, events.RequestRejected) and event.status == 400
+        assert response_status(raw_events) == 400
+    else:
+        assert event == events.StreamRequested(1, expected.authority, {})

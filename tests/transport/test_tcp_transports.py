@@ -1,0 +1,375 @@
+"""Contract tests for the TLS-over-TCP transports (H2Transport, TcpTransport) on loopback sockets.
+
+Each ``check_*`` function takes a transport class and runs on real sockets; the
+tests below parametrise them over ``h2`` and ``tcp`` (QUIC can join the same
+functions). Synchronisation is by events and futures only, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from quicmesh.errors import (
+    ConnectError,
+    InvalidTarget,
+    PeerVerificationError,
+    StreamRefused,
+    StreamReset,
+    TunnelError,
+)
+from quicmesh.tls import DevCA, Identity
+from quicmesh.transport.base import Authorizer, PeerConnection, StreamHandler, Transport
+from quicmesh.transport.h2 import H2Transport
+from quicmesh.transport.stream import MeshStream
+from quicmesh.transport.tcp import TcpTransport
+
+TransportFactory = Callable[..., Transport]
+CLIENT_ID = "spiffe://mesh.local/ns/default/sa/client"
+SERVER_ID = "spiffe://mesh.local/ns/default/sa/server"
+CHUNK = 64 * 1024
+
+
+class Mesh:
+    """A development CA with a client and a server identity, plus a stranger's CA."""
+
+    def __init__(self) -> None:
+        self.ca = DevCA()
+        self.client = self.ca.issue(CLIENT_ID)
+        self.server = self.ca.issue(SERVER_ID)
+        self.stranger_ca = DevCA()
+
+
+_MESH: Mesh | None = None
+
+
+def mesh() -> Mesh:
+    global _MESH
+    if _MESH is None:
+        _MESH = Mesh()
+    return _MESH
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 60.0) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(coro, timeout)
+
+    asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def peers(
+    make: TransportFactory,
+    handler: StreamHandler,
+    *,
+    authorize: Authorizer | None = None,
+    client_identity: Identity | None = None,
+    **options: Any,
+) -> AsyncIterator[PeerConnection]:
+    m = mesh()
+    server = make(identity=m.server, trust=m.ca.trust_bundle, **options)
+    listener = await server.listen(("127.0.0.1", 0), handler, authorize)
+    try:
+        client = make(identity=client_identity or m.client, trust=m.ca.trust_bundle, **options)
+        conn = await client.connect(listener.address)
+        try:
+            yield conn
+        finally:
+            conn.close()
+            await conn.wait_closed()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def echo(stream: MeshStream) -> None:
+    while chunk := await stream.read(CHUNK):
+        stream.write(chunk)
+        await stream.drain()
+    stream.write_eof()
+
+
+async def send_and_receive(stream: MeshStream, payload: bytes) -> bytes:
+    async def send() -> None:
+        for offset in range(0, len(payload), CHUNK):
+            stream.write(payload[offset : offset + CHUNK])
+            await stream.drain()
+        stream.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await stream.read()
+    await sender
+    return received
+
+
+# -- the contract ----------------------------------------------------------------------
+
+
+async def check_many_streams_echo(make: TransportFactory, count: int = 200) -> None:
+    rng = random.Random(20240611)
+    seen: dict[str, tuple[str, str]] = {}
+
+    async def handler(stream: MeshStream) -> None:
+        seen[stream.headers["x-request-id"]] = (stream.peer_identity, stream.target)
+        await echo(stream)
+
+    async with peers(make, handler) as conn:
+        assert conn.peer_identity == SERVER_ID
+
+        async def one(index: int) -> None:
+            payload = rng.randbytes(rng.randrange(0, 256 * 1024))
+            stream = await conn.open_stream(
+                f"svc-{index}.default.svc:80", {"x-request-id": str(index)}
+            )
+            assert stream.peer_identity == SERVER_ID
+            assert await send_and_receive(stream, payload) == payload
+            await stream.wait_closed()
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+        assert conn.stats()["streams_opened"] == count
+        assert conn.active_streams == 0
+    assert seen == {str(i): (CLIENT_ID, f"svc-{i}.default.svc:80") for i in range(count)}
+
+
+async def check_half_close_client_first(make: TransportFactory) -> None:
+    async def handler(stream: MeshStream) -> None:
+        request = await stream.read()  # to the client's FIN
+        assert stream.at_eof()
+        stream.write(b"got " + request)
+        stream.write_eof()
+
+    async with peers(make, handler) as conn:
+        stream = await conn.open_stream("a.svc:1")
+        stream.write(b"question")
+        stream.write_eof()
+        assert await stream.read() == b"got question"
+        assert stream.at_eof()
+        await stream.wait_closed()
+
+
+async def check_half_close_server_first(make: TransportFactory) -> None:
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"banner")
+        stream.write_eof()
+        received.set_result(await stream.read())
+
+    async with peers(make, handler) as conn:
+        stream = await conn.open_stream("a.svc:1")
+        assert await stream.read() == b"banner"
+        assert stream.at_eof()
+        for _ in range(4):  # the client's direction still flows after the server's FIN
+            stream.write(b"x" * CHUNK)
+            await stream.drain()
+        stream.write_eof()
+        assert await received == b"x" * (4 * CHUNK)
+        await stream.wait_closed()
+
+
+async def check_client_abort_resets_the_server(make: TransportFactory) -> None:
+    outcome: asyncio.Future[BaseException | bytes] = asyncio.get_running_loop().create_future()
+    got_data = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        await stream.readexactly(5)
+        got_data.set()
+        try:
+            outcome.set_result(await stream.read())
+        except TunnelError as exc:
+            outcome.set_result(exc)
+            raise
+
+    async with peers(make, handler) as conn:
+        stream = await conn.open_stream("a.svc:1")
+        stream.write(b"hello")
+        await got_data.wait()
+        stream.abort()
+        assert isinstance(await outcome, StreamReset)
+        with pytest.raises(StreamReset):
+            await stream.read()
+
+
+async def check_server_abort_resets_the_client(make: TransportFactory) -> None:
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"partial")
+        await stream.drain()
+        await stream.readexactly(2)
+        stream.abort()
+
+    async with peers(make, handler) as conn:
+        stream = await conn.open_stream("a.svc:1")
+        assert await stream.readexactly(7) == b"partial"
+        stream.write(b"go")
+        with pytest.raises(StreamReset):
+            await stream.read()
+        # The connection (H2) or the transport (TCP) still carries other flows.
+        other = await conn.open_stream("b.svc:1")
+        other.write_eof()
+        await other.readexactly(7)
+
+
+async def check_stalled_reader_does_not_slow_others(
+    make: TransportFactory, *, bound: int, others: int = 50
+) -> None:
+    release = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.target.startswith("stalled"):
+            stream.accept()
+            await release.wait()
+            total = len(await stream.read())
+            stream.write(str(total).encode())
+            stream.write_eof()
+        else:
+            await echo(stream)
+
+    async with peers(make, handler) as conn:
+        stalled = await conn.open_stream("stalled.svc:1")
+        written = 0
+        stop = False
+
+        async def writer() -> None:
+            nonlocal written
+            while not stop:
+                stalled.write(b"s" * CHUNK)
+                written += CHUNK
+                if written > bound:
+                    raise AssertionError(f"wrote {written} bytes to a stalled reader")
+                await stalled.drain()
+            stalled.write_eof()
+
+        task = asyncio.create_task(writer())
+        rng = random.Random(7)
+
+        async def one(index: int) -> None:
+            payload = rng.randbytes(CHUNK)
+            stream = await conn.open_stream(f"svc-{index}.svc:80")
+            assert await send_and_receive(stream, payload) == payload
+
+        await asyncio.gather(*(one(i) for i in range(others)))
+        # The writer must come to a stop: no progress over a full round trip
+        # through both sides. Without backpressure it passes ``bound`` and fails.
+        while True:
+            before = written
+            await send_and_receive(await conn.open_stream("ping.svc:1"), b".")
+            assert not task.done(), "the stalled stream's writer should be waiting in drain()"
+            if written == before:
+                break
+        unsent = stalled._channel.stream_unsent_bytes(stalled)
+        assert unsent <= 64 * 1024 + CHUNK
+        stop = True
+        release.set()
+        await task
+        assert int(await stalled.read()) == written
+
+
+async def check_untrusted_server(make: TransportFactory) -> None:
+    m = mesh()
+    impostor = m.stranger_ca.issue(SERVER_ID)
+    listener = await make(identity=impostor, trust=m.ca.trust_bundle).listen(("127.0.0.1", 0), echo)
+    try:
+        client = make(identity=m.client, trust=m.ca.trust_bundle)
+        with pytest.raises(PeerVerificationError, match="server certificate not trusted"):
+            await client.connect(listener.address)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def check_untrusted_client(make: TransportFactory) -> None:
+    m = mesh()
+    intruder = m.stranger_ca.issue(CLIENT_ID)
+    with pytest.raises(PeerVerificationError, match="rejected our certificate"):
+        async with peers(make, echo, client_identity=intruder):
+            pass
+    # A trusted client still gets through.
+    async with peers(make, echo) as conn:
+        stream = await conn.open_stream("a.svc:1")
+        assert await send_and_receive(stream, b"ok") == b"ok"
+
+
+async def check_authorize_refusal_is_403(make: TransportFactory) -> None:
+    def authorize(peer: str, target: str) -> bool:
+        assert peer == CLIENT_ID
+        return not target.startswith("secret")
+
+    async with peers(make, echo, authorize=authorize) as conn:
+        with pytest.raises(StreamRefused) as refused:
+            await conn.open_stream("secret.svc:443")
+        assert refused.value.status == 403
+        assert CLIENT_ID in refused.value.reason
+        stream = await conn.open_stream("public.svc:80")
+        assert await send_and_receive(stream, b"still fine") == b"still fine"
+
+
+async def check_invalid_target_fails_locally(make: TransportFactory) -> None:
+    async with peers(make, echo) as conn:
+        with pytest.raises(InvalidTarget):
+            await conn.open_stream("no-port")
+        with pytest.raises(InvalidTarget):
+            await conn.open_stream("a.svc:1", {"connection": "close"})
+
+
+async def check_unreachable_peer(make: TransportFactory) -> None:
+    m = mesh()
+    listener = await make(identity=m.server, trust=m.ca.trust_bundle).listen(("127.0.0.1", 0), echo)
+    address = listener.address
+    listener.close()
+    await listener.wait_closed()
+    with pytest.raises(ConnectError, match="cannot connect"):
+        await make(identity=m.client, trust=m.ca.trust_bundle).connect(address)
+
+
+# -- run against each transport ------------------------------------------------------
+
+TRANSPORTS: dict[str, TransportFactory] = {"h2": H2Transport, "tcp": TcpTransport}
+STALLED_BOUND = {"h2": 2 * 1024 * 1024, "tcp": 32 * 1024 * 1024}
+"""Bytes a writer may get ahead of a reader that stopped: the stream window (h2), or
+the receive window plus the kernel's socket buffers (one TCP connection per flow)."""
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def transport_name(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+Check = Callable[[TransportFactory], Awaitable[None]]
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        check_many_streams_echo,
+        check_half_close_client_first,
+        check_half_close_server_first,
+        check_client_abort_resets_the_server,
+        check_server_abort_resets_the_client,
+        check_untrusted_server,
+        check_untrusted_client,
+        check_authorize_refusal_is_403,
+        check_invalid_target_fails_locally,
+        check_unreachable_peer,
+    ],
+    ids=lambda check: check.__name__.removeprefix("check_"),
+)
+def test_contract(transport_name: str, check: Check) -> None:
+    async def main() -> None:
+        await check(TRANSPORTS[transport_name])
+
+    run(main())
+
+
+def test_stalled_reader_does_not_slow_others(transport_name: str) -> None:
+    async def main() -> None:
+        await check_stalled_reader_does_not_slow_others(
+            TRANSPORTS[transport_name], bound=STALLED_BOUND[transport_name]
+        )
+
+    run(main())
