@@ -13,7 +13,8 @@ import sys
 
 from .errors import QuicmeshError
 
-BENCHMARKS = ("throughput", "hol")
+BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration")
+"""Benchmark modules under quicmesh.bench, each with ``main(argv) -> int``."""
 
 
 class _Parser(argparse.ArgumentParser):
