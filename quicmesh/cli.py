@@ -1,4 +1,4 @@
-"""The ``quicmesh`` command: ``demo``, ``bench``, ``netem``.
+"""The ``quicmesh`` command: ``demo``, ``sidecar``, ``bench``, ``netem``.
 
 ``main(argv) -> int`` never lets a traceback reach the user for bad input: errors
 are one line on stderr and exit code 2.
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "netem", help="run a command behind an emulated link (root)", add_help=False
     )
     netem.add_argument("args", nargs=argparse.REMAINDER)
+    sidecar = sub.add_parser(
+        "sidecar", help="run a sidecar proxy: quicmesh sidecar -c FILE", add_help=False
+    )
+    sidecar.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             from .netem.cli import main as netem_main
 
             return netem_main(args.args)
+        if args.command == "sidecar":
+            from .sidecar.cli import main as sidecar_main
+
+            return sidecar_main(args.args)
     except QuicmeshError as exc:
         return _fail(f"quicmesh {args.command}: {exc}")
     except KeyboardInterrupt:
