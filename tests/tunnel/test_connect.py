@@ -1,0 +1,151 @@
+"""Property tests for CONNECT target and header validation and proxy-status."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quicmesh.errors import InvalidTarget
+from quicmesh.tunnel.connect import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_COUNT,
+    RESERVED_HEADERS,
+    Target,
+    decode_proxy_status,
+    encode_proxy_status,
+    parse_target,
+    validate_headers,
+)
+
+labels = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?\Z")
+host_names = (
+    st.lists(labels, min_size=1, max_size=5)
+    .map(".".join)
+    .filter(lambda name: not name.rsplit(".", 1)[-1].isdigit())
+)
+ports = st.integers(min_value=1, max_value=65535)
+
+
+@given(host_names, ports)
+def test_host_names_round_trip(host: str, port: int) -> None:
+    target = parse_target(f"{host}:{port}")
+    assert target == Target(host, port)
+    assert parse_target(target.authority) == target
+
+
+@given(host_names, ports)
+def test_host_names_are_lower_cased(host: str, port: int) -> None:
+    assert parse_target(f"{host.upper()}:{port}").host == host
+
+
+@given(st.ip_addresses(v=4), ports)
+def test_ipv4_round_trip(address: ipaddress.IPv4Address, port: int) -> None:
+    assert parse_target(f"{address}:{port}") == Target(str(address), port)
+
+
+@given(st.ip_addresses(v=6), ports)
+def test_ipv6_round_trip(address: ipaddress.IPv6Address, port: int) -> None:
+    target = parse_target(f"[{address.exploded}]:{port}")
+    assert target == Target(str(address), port)
+    assert target.authority == f"[{address}]:{port}"
+    assert parse_target(target.authority) == target
+
+
+@given(st.text(max_size=400))
+def test_arbitrary_text_is_parsed_or_refused_cleanly(text: str) -> None:
+    try:
+        target = parse_target(text)
+    except InvalidTarget as exc:
+        assert str(exc)
+        assert "\n" not in str(exc)
+    else:
+        assert 1 <= target.port <= 65535
+        assert parse_target(target.authority) == target
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "no-port",
+        ":80",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:99999",
+        "host:+80",
+        "host:\uff18\uff10",  # full-width digits
+        "bad host:80",
+        "-leading.example:80",
+        "trailing-.example:80",
+        "under_score.example:80",
+        "a..b:80",
+        "1.2.3:80",
+        "300.1.1.1:80",
+        "[::1:80",
+        "[not-v6]:80",
+        "::1:80",
+        "x" * 64 + ".example:80",
+    ],
+)
+def test_bad_targets_are_refused(value: str) -> None:
+    with pytest.raises(InvalidTarget):
+        parse_target(value)
+
+
+header_names = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,30}\Z").filter(
+    lambda name: name not in RESERVED_HEADERS
+)
+header_values = st.from_regex(r"\A([!-~]([ -~]{0,40}[!-~])?)?\Z")
+
+
+@given(st.dictionaries(header_names, header_values, max_size=MAX_HEADER_COUNT))
+def test_valid_headers_are_kept(headers: dict[str, str]) -> None:
+    assert validate_headers(headers) == headers
+
+
+@given(st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=10))
+def test_arbitrary_headers_are_kept_or_refused_cleanly(headers: dict[str, str]) -> None:
+    try:
+        result = validate_headers(headers)
+    except InvalidTarget as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert all(name == name.lower() for name in result)
+        assert not RESERVED_HEADERS & result.keys()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {":path": "/"},
+        {"host": "x"},
+        {"Connection": "close"},
+        {"x-a": "line\nbreak"},
+        {"x-a": " padded"},
+        {"x a": "space in name"},
+        {"x-é": "non-ascii name"},
+        {"x-a": "é"},
+        {"x-a": "1", "X-A": "2"},
+        {f"x-{i}": "v" for i in range(MAX_HEADER_COUNT + 1)},
+        {"x-big": "v" * (MAX_HEADER_BYTES + 1)},
+    ],
+)
+def test_bad_headers_are_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(InvalidTarget):
+        validate_headers(headers)
+
+
+@given(st.text(max_size=600))
+def test_proxy_status_round_trips_printable_reasons(reason: str) -> None:
+    decoded = decode_proxy_status(encode_proxy_status(reason))
+    printable = "".join(ch if " " <= ch <= "~" else "?" for ch in reason)[:512]
+    assert decoded == printable
+
+
+@given(st.text(max_size=200))
+def test_decoding_any_proxy_status_never_fails(value: str) -> None:
+    assert isinstance(decode_proxy_status(value), str)
