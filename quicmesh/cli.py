@@ -62,13 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = ("sidecar",)
+"""Subcommands whose arguments go untouched to their own parser (``-c`` included)."""
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Cut ``argv`` after a passthrough subcommand: argparse would claim its options."""
+    for index, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            if arg in PASSTHROUGH:
+                return argv[: index + 1], argv[index + 1 :]
+            break
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    argv, passthrough = _split_passthrough(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if passthrough is not None:
+        args.args = passthrough
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s"

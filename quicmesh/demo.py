@@ -1,12 +1,18 @@
-"""``quicmesh demo``: the tunnel end to end on loopback, no files needed.
+"""``quicmesh demo``: two real sidecar processes on loopback, no files needed.
 
-Builds a development CA, then runs on 127.0.0.1:
+Writes a development CA and two sidecar configurations into a temporary
+directory, then runs on 127.0.0.1::
 
-    clients --TCP--> sidecar A (outbound) ==QUIC/H2/TCP mTLS==> sidecar B (inbound) --TCP--> app
+    TCP clients  --> sidecar A (outbound) ==QUIC|H2|TCP mTLS==> sidecar B (inbound) --> echo app
+    HTTP clients --> sidecar A (outbound) ==QUIC|H2|TCP mTLS==> sidecar B (inbound) --> HTTP app
 
-The app echoes each flow back; every client checks that what comes back is
-byte-for-byte what it sent. Prints progress and a summary table, and exits 0
-only if every byte of every flow arrived intact.
+Sidecars A and B are ``quicmesh sidecar -c FILE`` child processes. Concurrent
+TCP flows send random bytes that the echo app returns; an HTTP client
+(``http.client``) posts bodies the HTTP app echoes and fetches generated bodies
+it can verify. Progress is printed every second; the summary table comes from
+the clients' own measurements and from the sidecars' ``/metrics``. The demo
+exits 0 only if every byte of every flow and request arrived intact and both
+sidecars drained cleanly.
 """
 
 from __future__ import annotations
@@ -14,167 +20,401 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import http.client
+import http.server
 import os
+import random
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from . import TRANSPORTS, DevCA, MeshStream, splice
 from .errors import QuicmeshError
+from .sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
+from .tls import DevCA
 
-TARGET_HOST = "reviews.default.svc"
+IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
+IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
 
 
 @dataclass
-class DemoStats:
-    """Counters the demo prints at the end."""
+class Tally:
+    """What one kind of client achieved."""
 
-    flows_ok: int = 0
-    flows_failed: int = 0
+    ok: int = 0
+    failed: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def fail(self, message: str) -> None:
+        """Count a failed flow or request."""
+        self.failed += 1
+        if len(self.errors) < 20:
+            self.errors.append(message)
+
+
+# -- the applications behind sidecar B -------------------------------------------
+
 
 async def _echo_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    writer.close()
-
-
-async def _demo(args: argparse.Namespace) -> DemoStats:
-    ca = DevCA()
-    ident_a = ca.issue("spiffe://mesh.local/ns/default/sa/productpage")
-    ident_b = ca.issue("spiffe://mesh.local/ns/default/sa/reviews")
-    transport_cls = TRANSPORTS[args.transport]
-    extra = {"congestion_control": args.congestion_control} if args.transport == "quic" else {}
-
-    app = await asyncio.start_server(_echo_app, "127.0.0.1", 0)
-    app_port = app.sockets[0].getsockname()[1]
-    target = f"{TARGET_HOST}:{app_port}"
-
-    async def inbound(stream: MeshStream) -> None:
-        # Sidecar B: only the app's port is an allowed destination.
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", app_port)
-        except OSError as exc:
-            stream.refuse(502, f"cannot reach the app: {exc.strerror}")
-            return
-        await splice(stream, reader, writer)
-
-    def authorize(peer: str, dest: str) -> bool:
-        return peer == ident_a.spiffe_id and dest == target
-
-    b_transport = transport_cls(identity=ident_b, trust=ca.trust_bundle, **extra)
-    listener = await b_transport.listen(("127.0.0.1", 0), inbound, authorize=authorize)
-    a_transport = transport_cls(identity=ident_a, trust=ca.trust_bundle, **extra)
-    peer = await a_transport.connect(listener.address)
-
-    async def outbound(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Sidecar A: every accepted TCP connection becomes one tunnelled flow.
-        try:
-            stream = await peer.open_stream(target, headers={"x-quicmesh-demo": "1"})
-        except QuicmeshError:
-            writer.transport.abort()
-            return
-        await splice(stream, reader, writer)
-
-    sidecar_a = await asyncio.start_server(outbound, "127.0.0.1", 0)
-    a_port = sidecar_a.sockets[0].getsockname()[1]
-    print(
-        f"app 127.0.0.1:{app_port}  sidecar B {args.transport} "
-        f"{listener.address[0]}:{listener.address[1]}"
-        f"  sidecar A tcp 127.0.0.1:{a_port}  peer {peer.peer_identity}",
-        flush=True,
-    )
-
-    stats = DemoStats()
-    deadline = time.monotonic() + args.duration
-
-    async def client(index: int) -> None:
-        while time.monotonic() < deadline:
-            payload = os.urandom(args.size)
-            start = time.monotonic()
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", a_port)
-                writer.write(payload)
-                writer.write_eof()
-                echoed = await reader.read(-1)
-                writer.close()
-            except OSError as exc:
-                stats.flows_failed += 1
-                stats.errors.append(f"flow {index}: {exc}")
-                continue
-            stats.bytes_sent += len(payload)
-            stats.bytes_received += len(echoed)
-            if hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest():
-                stats.flows_ok += 1
-                stats.latencies.append(time.monotonic() - start)
-            else:
-                stats.flows_failed += 1
-                stats.errors.append(
-                    f"flow {index}: {len(echoed)} of {len(payload)} bytes came back intact"
-                )
-
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            print(
-                f"  flows ok {stats.flows_ok:6d}  failed {stats.flows_failed}  "
-                f"MB echoed {stats.bytes_received / 1e6:8.1f}",
-                flush=True,
-            )
-
-    reporter = asyncio.ensure_future(progress())
     try:
-        await asyncio.gather(*(client(i) for i in range(args.flows)))
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except OSError:
+        pass
     finally:
-        reporter.cancel()
-    conn_stats = peer.stats()
-    peer.close()
-    await peer.wait_closed()
-    sidecar_a.close()
-    listener.close()
-    await listener.wait_closed()
-    app.close()
-    print_summary(args, stats, conn_stats)
-    return stats
+        writer.close()
+
+
+def blob(size: int, seed: int) -> bytes:
+    """The body ``GET /blob?size=N&seed=S`` returns: reproducible by the client."""
+    return random.Random(seed).randbytes(size)
+
+
+class _HttpApp(http.server.BaseHTTPRequestHandler):
+    """``POST /echo`` returns the body; ``GET /blob?size=N&seed=S`` returns :func:`blob`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        self._reply(body)
+
+    def do_GET(self) -> None:
+        query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
+        self._reply(blob(int(query.get("size", "0")), int(query.get("seed", "0"))))
+
+    def _reply(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "application/octet-stream")
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-sha256", hashlib.sha256(body).hexdigest())
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+# -- configurations --------------------------------------------------------------
+
+
+@dataclass
+class Ports:
+    """Every loopback port the demo uses."""
+
+    echo_app: int
+    http_app: int
+    admin_a: int = field(default_factory=free_port)
+    admin_b: int = field(default_factory=free_port)
+    tunnel_b: int = field(default_factory=free_port)
+    echo_a: int = field(default_factory=free_port)
+    http_a: int = field(default_factory=free_port)
+
+
+def sidecar_configs(
+    args: argparse.Namespace, ports: Ports, ca_dir: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configurations of sidecar A (outbound) and sidecar B (inbound)."""
+    echo_target = f"{LOOPBACK}:{ports.echo_app}"
+    http_target = f"{LOOPBACK}:{ports.http_app}"
+    b = {
+        "node": {"name": "sidecar-b", "identity": IDENTITY_B},
+        "tls": {"ca_dir": ca_dir},
+        "admin": {"address": f"{LOOPBACK}:{ports.admin_b}"},
+        "drain": {"grace_period": "10s"},
+        "listeners": {
+            "inbound": [
+                {
+                    "name": "mesh",
+                    "address": f"{LOOPBACK}:{ports.tunnel_b}",
+                    "transports": [args.transport],
+                    "destinations": [echo_target, http_target],
+                    "policies": [
+                        {"identity": IDENTITY_A, "destinations": [echo_target, http_target]}
+                    ],
+                }
+            ]
+        },
+    }
+
+    def cluster(name: str, target: str) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "name": name,
+            "transport": args.transport,
+            "target": target,
+            "endpoints": [f"{LOOPBACK}:{ports.tunnel_b}"],
+            "load_balancing": "least_request",
+            "health_check": {"interval": "2s", "timeout": "1s"},
+            "circuit_breakers": {"max_concurrent_streams": 4096, "max_pending_opens": 4096},
+        }
+        if args.transport == "quic":
+            config["congestion_control"] = args.congestion_control
+        return config
+
+    a = {
+        "node": {"name": "sidecar-a", "identity": IDENTITY_A},
+        "tls": {"ca_dir": ca_dir},
+        "admin": {"address": f"{LOOPBACK}:{ports.admin_a}"},
+        "drain": {"grace_period": "10s"},
+        "listeners": {
+            "outbound": [
+                {"name": "echo", "address": f"{LOOPBACK}:{ports.echo_a}", "cluster": "echo"},
+                {"name": "web", "address": f"{LOOPBACK}:{ports.http_a}", "cluster": "web"},
+            ]
+        },
+        "clusters": [cluster("echo", echo_target), cluster("web", http_target)],
+    }
+    return a, b
+
+
+# -- the load --------------------------------------------------------------------
+
+
+async def _tcp_client(port: int, size: int, deadline: float, tally: Tally) -> None:
+    while time.monotonic() < deadline:
+        payload = os.urandom(size)
+        start = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            writer.write(payload)
+            writer.write_eof()
+            echoed = await reader.read(-1)
+            writer.close()
+        except OSError as exc:
+            tally.fail(f"tcp flow: {exc}")
+            continue
+        tally.bytes_sent += len(payload)
+        tally.bytes_received += len(echoed)
+        if echoed == payload:
+            tally.ok += 1
+            tally.latencies.append(time.monotonic() - start)
+        else:
+            tally.fail(f"tcp flow: {len(echoed)} of {len(payload)} bytes came back intact")
+
+
+def _http_request(port: int, size: int, index: int) -> tuple[int, int, str]:
+    """One HTTP request through sidecar A; returns bytes sent, received, and an error."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        if index % 2:
+            body = os.urandom(size)
+            conn.request("POST", "/echo", body=body, headers={"connection": "close"})
+            expected = body
+        else:
+            seed = random.randrange(1 << 30)
+            conn.request("GET", f"/blob?size={size}&seed={seed}", headers={"connection": "close"})
+            body, expected = b"", blob(size, seed)
+        response = conn.getresponse()
+        received = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        return len(body), len(received), f"status {response.status}"
+    if (
+        received != expected
+        or response.getheader("x-sha256") != hashlib.sha256(expected).hexdigest()
+    ):
+        return len(body), len(received), f"body of {len(received)} bytes does not match"
+    return len(body), len(received), ""
+
+
+async def _http_client(port: int, size: int, deadline: float, tally: Tally) -> None:
+    index = 0
+    while time.monotonic() < deadline:
+        index += 1
+        start = time.monotonic()
+        try:
+            sent, received, error = await asyncio.to_thread(_http_request, port, size, index)
+        except (OSError, http.client.HTTPException) as exc:
+            tally.fail(f"http request: {exc or type(exc).__name__}")
+            continue
+        tally.bytes_sent += sent
+        tally.bytes_received += received
+        if error:
+            tally.fail(f"http request: {error}")
+        else:
+            tally.ok += 1
+            tally.latencies.append(time.monotonic() - start)
+
+
+async def _progress(flows: Tally, requests: Tally, started: float) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        moved = (flows.bytes_received + requests.bytes_received) / 1e6
+        print(
+            f"  {time.monotonic() - started:5.1f}s  tcp flows ok {flows.ok:6d}"
+            f" failed {flows.failed}"
+            f"  http requests ok {requests.ok:5d} failed {requests.failed}  MB back {moved:8.1f}",
+            flush=True,
+        )
+
+
+# -- the whole demo --------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace, workdir: Path) -> int:
+    ca_dir = workdir / "ca"
+    DevCA().save(ca_dir)
+    echo_server = await asyncio.start_server(_echo_app, LOOPBACK, 0)
+    http_server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _HttpApp)
+    http_server.daemon_threads = True
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    ports = Ports(
+        echo_app=echo_server.sockets[0].getsockname()[1],
+        http_app=int(http_server.server_address[1]),
+    )
+    config_a, config_b = sidecar_configs(args, ports, str(ca_dir))
+    sidecar_b = SidecarProcess("sidecar-b", config_b, workdir)
+    sidecar_a = SidecarProcess("sidecar-a", config_a, workdir)
+    try:
+        sidecar_b.start()
+        sidecar_a.start()
+        await asyncio.to_thread(sidecar_b.wait_ready)
+        await asyncio.to_thread(sidecar_a.wait_ready)
+        print(
+            f"apps: echo {LOOPBACK}:{ports.echo_app}, http {LOOPBACK}:{ports.http_app}\n"
+            f"sidecar B: inbound {args.transport} {LOOPBACK}:{ports.tunnel_b}, "
+            f"admin http://{LOOPBACK}:{ports.admin_b}/metrics\n"
+            f"sidecar A: tcp {LOOPBACK}:{ports.echo_a} -> echo, http {LOOPBACK}:{ports.http_a}"
+            f" -> web, admin http://{LOOPBACK}:{ports.admin_a}/metrics\n"
+            f"load: {args.flows} TCP flows of {args.size} bytes and {_http_workers(args)} HTTP "
+            f"clients for {args.duration:g}s",
+            flush=True,
+        )
+        flows, requests = Tally(), Tally()
+        started = time.monotonic()
+        deadline = started + args.duration
+        reporter = asyncio.ensure_future(_progress(flows, requests, started))
+        try:
+            await asyncio.gather(
+                *(_tcp_client(ports.echo_a, args.size, deadline, flows) for _ in range(args.flows)),
+                *(
+                    _http_client(ports.http_a, args.size, deadline, requests)
+                    for _ in range(_http_workers(args))
+                ),
+            )
+        finally:
+            reporter.cancel()
+        metrics_a = await asyncio.to_thread(sidecar_a.metrics)
+        metrics_b = await asyncio.to_thread(sidecar_b.metrics)
+    finally:
+        exit_a = await asyncio.to_thread(sidecar_a.stop)
+        exit_b = await asyncio.to_thread(sidecar_b.stop)
+        echo_server.close()
+        http_server.shutdown()
+        http_server.server_close()
+    print_summary(args, flows, requests, metrics_a, metrics_b, (exit_a, exit_b))
+    ok = (
+        flows.failed == 0
+        and requests.failed == 0
+        and flows.ok > 0
+        and requests.ok > 0
+        and flows.bytes_sent == flows.bytes_received
+        and exit_a == 0
+        and exit_b == 0
+    )
+    if not ok:
+        for name, process in (("A", sidecar_a), ("B", sidecar_b)):
+            for line in process.stderr().splitlines()[-5:]:
+                print(f"  sidecar {name}: {line}")
+    print("\nresult:", "every byte arrived intact" if ok else "FAILED: see the errors above")
+    return 0 if ok else 1
+
+
+def _http_workers(args: argparse.Namespace) -> int:
+    return max(2, int(args.flows) // 4)
+
+
+def _percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"{statistics.median(ordered) * 1000:.1f} ms / {p99 * 1000:.1f} ms"
 
 
 def print_summary(
-    args: argparse.Namespace, stats: DemoStats, conn_stats: dict[str, object]
+    args: argparse.Namespace,
+    flows: Tally,
+    requests: Tally,
+    metrics_a: dict[Any, float],
+    metrics_b: dict[Any, float],
+    exits: tuple[int, int],
 ) -> None:
-    """The closing table."""
-    lat = sorted(stats.latencies)
-    p50 = statistics.median(lat) * 1000 if lat else float("nan")
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
+    """The closing table: the clients' view, then the sidecars' own metrics."""
+
+    def a(name: str, **labels: str) -> int:
+        return int(metric(metrics_a, name, **labels))
+
+    rtts = [v for (n, _), v in metrics_a.items() if n == "quicmesh_peer_connection_rtt_seconds"]
     rows = [
         ("transport", args.transport),
-        ("flows ok / failed", f"{stats.flows_ok} / {stats.flows_failed}"),
-        ("bytes sent / echoed", f"{stats.bytes_sent} / {stats.bytes_received}"),
-        ("flow latency p50 / p99", f"{p50:.1f} ms / {p99:.1f} ms"),
-        ("streams on the peer connection", str(conn_stats.get("streams_opened", "?"))),
-        ("packets lost", str(conn_stats.get("packets_lost", "n/a"))),
-        ("0-RTT / migrations", "0 / 0 (not yet implemented)"),
+        ("tcp flows ok / failed", f"{flows.ok} / {flows.failed}"),
+        ("tcp bytes sent / echoed", f"{flows.bytes_sent} / {flows.bytes_received}"),
+        ("tcp flow latency p50 / p99", _percentiles(flows.latencies)),
+        ("http requests ok / failed", f"{requests.ok} / {requests.failed}"),
+        ("http latency p50 / p99", _percentiles(requests.latencies)),
+        ("A: flows completed", str(a("quicmesh_cluster_flows_total", outcome="completed"))),
+        (
+            "A: streams / peer connections",
+            f"{a('quicmesh_cluster_streams_total')} / {a('quicmesh_cluster_connections_total')}",
+        ),
+        (
+            "A: bytes into / out of tunnel",
+            f"{a('quicmesh_cluster_bytes_sent_total')} / "
+            f"{a('quicmesh_cluster_bytes_received_total')}",
+        ),
+        (
+            "A: connect failures / overflows",
+            f"{a('quicmesh_cluster_connect_failures_total')} / "
+            f"{a('quicmesh_cluster_circuit_breaker_overflows_total')}",
+        ),
+        ("A: peer RTT (smoothed)", f"{max(rtts) * 1000:.2f} ms" if rtts else "n/a"),
+        (
+            "A: packets lost",
+            str(a("quicmesh_peer_connection_packets_lost_total"))
+            if args.transport == "quic"
+            else "n/a",
+        ),
+        (
+            "A: 0-RTT attempted / accepted",
+            f"{a('quicmesh_cluster_early_data_attempted_total')} / "
+            f"{a('quicmesh_cluster_early_data_accepted_total')}",
+        ),
+        ("A: migrations", str(a("quicmesh_cluster_migrations_total"))),
+        (
+            "B: streams accepted / refused",
+            f"{int(metric(metrics_b, 'quicmesh_listener_streams_total'))}"
+            f" / {int(metric(metrics_b, 'quicmesh_listener_flows_total', outcome='refused'))}",
+        ),
+        ("sidecar exit codes A / B", f"{exits[0]} / {exits[1]}"),
     ]
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    for error in stats.errors[:5]:
+    for error in (flows.errors + requests.errors)[:5]:
         print(f"  error: {error}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; 0 only if every flow came back intact."""
+    """Run the demo; 0 only if every flow and request came back intact."""
     if args.flows < 1 or args.duration <= 0 or args.size < 1:
         print("quicmesh demo: --flows, --duration and --size must be positive", file=sys.stderr)
         return 2
-    stats = asyncio.run(_demo(args))
-    ok = stats.flows_failed == 0 and stats.flows_ok > 0 and stats.bytes_sent == stats.bytes_received
-    print("\nresult:", "every byte arrived intact" if ok else "FAILED: some flows lost bytes")
-    return 0 if ok else 1
+    with tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
+        try:
+            return int(asyncio.run(_demo(args, Path(workdir))))
+        except QuicmeshError as exc:
+            print(f"quicmesh demo: {exc}", file=sys.stderr)
+            return 1

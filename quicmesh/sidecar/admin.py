@@ -1,0 +1,163 @@
+"""The admin endpoint: ``/metrics``, ``/stats``, ``/config_dump``, ``/ready``, ``/drain``.
+
+:func:`route` is sans-IO: it maps a method and path to a :class:`Response`
+using an :class:`AdminView` of the runtime. :class:`AdminServer` is the asyncio
+side: it reads one HTTP/1.1 request per connection (with h11) and writes the
+response, ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import h11
+
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+logger = logging.getLogger("quicmesh.sidecar.admin")
+
+MAX_REQUEST_BYTES = 64 * 1024
+"""Largest admin request (headers and body) read."""
+
+
+class AdminView(Protocol):
+    """What the admin endpoint asks of the runtime."""
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and live state (``/stats``)."""
+
+    def config_dump(self) -> dict[str, Any]:
+        """The running configuration."""
+
+    def is_ready(self) -> bool:
+        """Whether the sidecar takes traffic."""
+
+    def begin_drain(self) -> bool:
+        """Start draining; False if a drain was already under way."""
+
+
+@dataclass(frozen=True)
+class Response:
+    """An admin response."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+def _json(status: int, value: object) -> Response:
+    body = json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    return Response(status, "application/json", body)
+
+
+def _text(status: int, text: str) -> Response:
+    return Response(status, "text/plain; charset=utf-8", text.encode() + b"\n")
+
+
+ROUTES = {
+    "/metrics": "GET",
+    "/stats": "GET",
+    "/config_dump": "GET",
+    "/ready": "GET",
+    "/drain": "POST",
+}
+"""Admin paths and the method each takes."""
+
+
+def route(view: AdminView, method: str, target: str) -> Response:
+    """The response to ``method target`` (query strings are ignored)."""
+    path = target.split("?", 1)[0]
+    if path == "/":
+        return _text(200, "\n".join(f"{m} {p}" for p, m in ROUTES.items()))
+    expected = ROUTES.get(path)
+    if expected is None:
+        return _text(404, f"no admin path {path}; try {', '.join(ROUTES)}")
+    allowed = {expected, "HEAD"} if expected == "GET" else {expected}
+    if method not in allowed:
+        return _text(405, f"{path} takes {expected}")
+    if path == "/metrics":
+        return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
+    if path == "/stats":
+        return _json(200, view.snapshot())
+    if path == "/config_dump":
+        return _json(200, view.config_dump())
+    if path == "/ready":
+        return _text(200, "ready") if view.is_ready() else _text(503, "not ready")
+    started = view.begin_drain()
+    return _text(202, "draining" if started else "already draining")
+
+
+class AdminServer:
+    """Serves :func:`route` over HTTP/1.1 on the admin address."""
+
+    def __init__(self, view: AdminView, address: tuple[str, int]) -> None:
+        self.view = view
+        self.address = address
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind the admin address.
+
+        :raises OSError: the address cannot be bound.
+        """
+        self._server = await asyncio.start_server(
+            self._handle, self.address[0], self.address[1], reuse_address=True
+        )
+
+    async def close(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(self._serve(reader, writer), 10.0)
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            logger.debug("admin connection failed: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        request: h11.Request | None = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        if request is None:
+            return
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace")
+        try:
+            response = route(self.view, method, target)
+        except Exception:
+            logger.exception("admin %s %s failed", method, target)
+            response = _text(500, "internal error")
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            ("connection", "close"),
+        ]
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        if method != "HEAD":
+            writer.write(conn.send(h11.Data(data=response.body)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()

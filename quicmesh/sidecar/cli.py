@@ -1,0 +1,96 @@
+"""``quicmesh sidecar -c sidecar.yaml``: run a sidecar until SIGTERM (or ``POST /drain``).
+
+Exit codes: 0 after a clean drain, 2 for an invalid configuration (one line on
+stderr naming the file, field and problem), 1 when the sidecar cannot start
+(an address in use). SIGHUP reloads the configuration file; SIGTERM and SIGINT
+drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ..errors import ConfigError, QuicmeshError
+from .config import load_config
+
+logger = logging.getLogger("quicmesh.sidecar")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``quicmesh sidecar`` argument parser."""
+    parser = _Parser(prog="quicmesh sidecar", description="Run a quicmesh sidecar proxy.")
+    parser.add_argument("-c", "--config", required=True, help="the sidecar's YAML configuration")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="level of the sidecar's own log on stderr (default info)",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run the sidecar; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"quicmesh sidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    _configure_logging(args.log_level)
+    try:
+        return asyncio.run(_run(config, args.config))
+    except ConfigError as exc:
+        print(f"quicmesh sidecar: {exc}", file=sys.stderr)
+        return 2
+    except QuicmeshError as exc:
+        print(f"quicmesh sidecar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _configure_logging(level: str) -> None:
+    sidecar_logger = logging.getLogger("quicmesh.sidecar")
+    sidecar_logger.setLevel(level.upper())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+async def _run(config: object, path: str) -> int:
+    from .config import SidecarConfig
+    from .runtime import Sidecar
+
+    assert isinstance(config, SidecarConfig)
+    sidecar = Sidecar(config, config_path=path)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(sidecar.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, sidecar.begin_drain)
+    loop.add_signal_handler(signal.SIGINT, sidecar.begin_drain)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await sidecar.wait_drained()
+    return 0

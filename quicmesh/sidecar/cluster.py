@@ -1,0 +1,408 @@
+"""A cluster: peer sidecars reached over one transport, with pools, balancing and health.
+
+:meth:`Cluster.open_flow` is how an outbound listener gets a tunnel stream: it
+takes circuit-breaker slots, lets the load balancer pick among available
+endpoints, opens the stream on that endpoint's :class:`~.pool.EndpointPool`, and
+on a connect failure records it (outlier ejection) and retries another endpoint.
+The decisions live in the sans-IO :mod:`.lb`, :mod:`.health`, :mod:`.circuit`
+and :func:`.pool.plan_open`; this module is their asyncio glue, plus the active
+health checks and idle-connection sweep as two background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConnectError, ConnectionLost, QuicmeshError, StreamRefused, TunnelError
+from ..transport.base import Address, PeerConnection, Transport
+from ..transport.stream import MeshStream
+from .accesslog import Outcome
+from .circuit import CircuitBreaker
+from .config import ClusterConfig, format_address
+from .health import HealthState, HealthTracker
+from .lb import make_balancer
+from .pool import EndpointPool, PooledConnection, PoolOverflow
+from .stats import ClusterStats
+
+logger = logging.getLogger("quicmesh.sidecar.cluster")
+
+SWEEP_INTERVAL = 1.0
+"""Seconds between idle-connection sweeps."""
+
+
+class FlowRefused(QuicmeshError):
+    """A cluster could not open a flow; :attr:`outcome` says why, for the access log."""
+
+    def __init__(self, outcome: Outcome, reason: str, endpoint: str = "") -> None:
+        self.outcome = outcome
+        self.reason = reason
+        self.endpoint = endpoint
+        super().__init__(reason)
+
+
+@dataclass
+class Endpoint:
+    """One peer sidecar of a cluster and its pool."""
+
+    address: Address
+    pool: EndpointPool
+
+    @property
+    def name(self) -> str:
+        """``host:port``."""
+        return format_address(self.address)
+
+    @property
+    def active_requests(self) -> int:
+        """Flows open to this endpoint (for least_request)."""
+        return self.pool.active_streams
+
+
+@dataclass
+class OpenedFlow:
+    """A tunnel stream a cluster opened, and where."""
+
+    stream: MeshStream
+    endpoint: Endpoint
+    connection: PeerConnection
+
+
+class Cluster:
+    """The running form of a :class:`~.config.ClusterConfig`.
+
+    :param config: the cluster's configuration.
+    :param transport: the transport instance (with this sidecar's identity) to dial with.
+    :param stats: counters, kept across reloads by the runtime.
+    :param rng: randomness for the balancer.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        transport: Transport,
+        stats: ClusterStats,
+        *,
+        headers: dict[str, str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.stats = stats
+        self.headers = headers or {}
+        self.breaker = CircuitBreaker(config.circuit_breakers)
+        self.health = HealthTracker(config.outlier_detection, config.health_check)
+        self.balancer = make_balancer(config.load_balancing, rng)
+        self.endpoints: dict[Address, Endpoint] = {}
+        self.retired: list[Endpoint] = []
+        self._loop = asyncio.get_running_loop()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.set_endpoints(config.endpoints)
+
+    # -- configuration -------------------------------------------------------
+
+    def set_endpoints(self, addresses: tuple[Address, ...]) -> None:
+        """Replace the endpoint list; kept endpoints keep their pools and health."""
+        new: dict[Address, Endpoint] = {}
+        for address in addresses:
+            if address in new:
+                continue
+            existing = self.endpoints.get(address)
+            new[address] = existing or Endpoint(
+                address,
+                EndpointPool(
+                    address,
+                    self.transport,
+                    self.breaker,
+                    connect_timeout=self.config.connect_timeout,
+                    early_data=self.config.early_data,
+                    on_connected=self._connected,
+                    on_closed=self._connection_closed,
+                ),
+            )
+        for address, endpoint in self.endpoints.items():
+            if address not in new:
+                self.retired.append(endpoint)
+        self.endpoints = new
+        self.health.set_endpoints(new)
+        if addresses != self.config.endpoints:
+            from dataclasses import replace
+
+            self.config = replace(self.config, endpoints=tuple(new))
+        for endpoint in new.values():
+            self.stats.endpoint(endpoint.name)
+
+    def start(self) -> None:
+        """Start the background tasks (health checks, idle sweep)."""
+        self._tasks.append(self._loop.create_task(self._sweep_loop()))
+        if self.config.health_check is not None:
+            self._tasks.append(self._loop.create_task(self._health_loop()))
+
+    # -- flows ----------------------------------------------------------------
+
+    async def open_flow(self) -> OpenedFlow:
+        """Open a tunnel stream to the cluster's target on a chosen endpoint.
+
+        :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
+            every attempt failed, or the peer refused the stream.
+        """
+        if not self.breaker.try_open_stream():
+            self.stats.overflows["max_concurrent_streams"] += 1
+            raise FlowRefused(
+                Outcome.OVERFLOW,
+                f"cluster {self.config.name}: max_concurrent_streams "
+                f"({self.config.circuit_breakers.max_concurrent_streams}) reached",
+            )
+        try:
+            return await self._open_with_retries()
+        except BaseException:
+            self.breaker.release_stream()
+            raise
+
+    async def _open_with_retries(self) -> OpenedFlow:
+        tried: set[Address] = set()
+        last: FlowRefused | None = None
+        for attempt in range(self.config.connect_retries + 1):
+            now = self._loop.time()
+            candidates = [
+                e
+                for e in self.endpoints.values()
+                if e.address not in tried and self.health[e.address].is_available(now)
+            ]
+            if not candidates:
+                if last is not None:
+                    raise last
+                raise FlowRefused(
+                    Outcome.NO_HEALTHY_ENDPOINT,
+                    f"cluster {self.config.name}: no healthy endpoint "
+                    f"({len(self.endpoints)} configured)",
+                )
+            endpoint = self.balancer.choose(candidates)
+            tried.add(endpoint.address)
+            if attempt > 0:
+                self.stats.retries += 1
+            try:
+                return await self._open_on(endpoint)
+            except FlowRefused as exc:
+                if exc.outcome is not Outcome.CONNECT_FAILED:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    async def _open_on(self, endpoint: Endpoint) -> OpenedFlow:
+        if not self.breaker.try_begin_pending():
+            self.stats.overflows["max_pending_opens"] += 1
+            raise FlowRefused(
+                Outcome.OVERFLOW,
+                f"cluster {self.config.name}: max_pending_opens "
+                f"({self.config.circuit_breakers.max_pending_opens}) reached",
+                endpoint.name,
+            )
+        try:
+            stream, connection = await asyncio.wait_for(
+                endpoint.pool.open_stream(self.config.target, self.headers),
+                self.config.connect_timeout,
+            )
+        except PoolOverflow as exc:
+            self.stats.overflows["max_connections"] += 1
+            raise FlowRefused(
+                Outcome.OVERFLOW, f"cluster {self.config.name}: {exc}", endpoint.name
+            ) from None
+        except StreamRefused as exc:
+            if exc.status == 503:
+                # The peer is draining: another endpoint may take the flow.
+                raise FlowRefused(Outcome.CONNECT_FAILED, str(exc), endpoint.name) from None
+            raise FlowRefused(Outcome.REFUSED, str(exc), endpoint.name) from None
+        except (TimeoutError, ConnectError, ConnectionLost, TunnelError, OSError) as exc:
+            reason = (
+                f"timed out after {self.config.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else str(exc) or type(exc).__name__
+            )
+            self._record_connect_failure(endpoint)
+            raise FlowRefused(
+                Outcome.CONNECT_FAILED, f"{endpoint.name}: {reason}", endpoint.name
+            ) from None
+        finally:
+            self.breaker.end_pending()
+        self.health[endpoint.address].connect_succeeded(self._loop.time())
+        ep_stats = self.stats.endpoint(endpoint.name)
+        ep_stats.streams_total += 1
+        ep_stats.streams_active += 1
+        self.stats.streams_total += 1
+        self.stats.streams_active += 1
+        return OpenedFlow(stream, endpoint, connection)
+
+    def flow_finished(self, flow: OpenedFlow, bytes_sent: int, bytes_received: int) -> None:
+        """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes."""
+        self.breaker.release_stream()
+        self.stats.streams_active -= 1
+        self.stats.bytes_sent += bytes_sent
+        self.stats.bytes_received += bytes_received
+        self.stats.endpoint(flow.endpoint.name).streams_active -= 1
+
+    def _record_connect_failure(self, endpoint: Endpoint) -> None:
+        self.stats.connect_failures += 1
+        ep_stats = self.stats.endpoint(endpoint.name)
+        ep_stats.connect_failures += 1
+        if endpoint.address in self.endpoints and self.health.connect_failed(
+            endpoint.address, self._loop.time()
+        ):
+            ep_stats.ejections += 1
+            health = self.health[endpoint.address]
+            logger.warning(
+                "cluster %s: ejected %s after %d connect failures (for %.1fs)",
+                self.config.name,
+                endpoint.name,
+                self.config.outlier_detection.consecutive_connect_failures,
+                (health.ejected_until or 0) - self._loop.time(),
+            )
+
+    def _connected(self, pool: EndpointPool, pooled: PooledConnection) -> None:
+        self.stats.connections_total += 1
+        self.stats.endpoint(format_address(pool.address)).connections_total += 1
+        state = pooled.connection.early_data
+        if state in ("attempted", "accepted", "rejected"):
+            self.stats.early_data_attempted += 1
+        if state == "accepted":
+            self.stats.early_data_accepted += 1
+
+    def _connection_closed(self, pool: EndpointPool, pooled: PooledConnection) -> None:
+        with contextlib.suppress(Exception):
+            self.stats.migrations_closed += int(pooled.connection.stats().get("migrations", 0))
+
+    # -- background -----------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        interval = min(SWEEP_INTERVAL, self.config.idle_timeout / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            for endpoint in self.endpoints.values():
+                endpoint.pool.close_idle(now, self.config.idle_timeout)
+            for endpoint in list(self.retired):
+                endpoint.pool.close_idle(now, 0.0)
+                if not endpoint.pool.connections:
+                    self.retired.remove(endpoint)
+
+    async def _health_loop(self) -> None:
+        check = self.config.health_check
+        assert check is not None
+        while True:
+            endpoints = list(self.endpoints.values())
+            await asyncio.gather(*(self._check(e, check.timeout) for e in endpoints))
+            await asyncio.sleep(check.interval)
+
+    async def _check(self, endpoint: Endpoint, timeout: float) -> None:
+        try:
+            connection = await self.transport.connect(endpoint.address, timeout=timeout)
+        except (QuicmeshError, OSError) as exc:
+            if endpoint.address in self.endpoints:
+                health = self.health[endpoint.address]
+                was = health.state(self._loop.time())
+                health.check_failed(self._loop.time())
+                if health.state(self._loop.time()) is not was:
+                    logger.warning(
+                        "cluster %s: %s is unhealthy: %s", self.config.name, endpoint.name, exc
+                    )
+            return
+        connection.close()
+        with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
+            await asyncio.wait_for(connection.wait_closed(), timeout)
+        if endpoint.address in self.endpoints:
+            health = self.health[endpoint.address]
+            was = health.state(self._loop.time())
+            health.check_passed(self._loop.time())
+            if health.state(self._loop.time()) is not was:
+                logger.info("cluster %s: %s is healthy again", self.config.name, endpoint.name)
+
+    # -- views and shutdown ----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and live state for ``/stats`` and ``/metrics``."""
+        now = self._loop.time()
+        stats = self.stats
+        endpoints: dict[str, Any] = {}
+        migrations = stats.migrations_closed
+        connections_active = 0
+        for endpoint in list(self.endpoints.values()) + self.retired:
+            ep_stats = stats.endpoint(endpoint.name)
+            state = (
+                self.health[endpoint.address].state(now).value
+                if endpoint.address in self.endpoints
+                else "removed"
+            )
+            connections = []
+            for pooled in endpoint.pool.connections:
+                if pooled.connection.is_closed:
+                    continue
+                try:
+                    conn_stats = dict(pooled.connection.stats())
+                except Exception:  # a transport's stats() must not break the admin page
+                    conn_stats = {}
+                migrations += int(conn_stats.get("migrations", 0) or 0)
+                connections_active += 1
+                connections.append(
+                    {
+                        "id": pooled.label,
+                        "early_data": pooled.connection.early_data,
+                        "streams_active": pooled.connection.active_streams,
+                        **{k: v for k, v in conn_stats.items() if _is_scalar(v)},
+                    }
+                )
+            endpoints[endpoint.name] = {
+                "health": state,
+                "streams_active": ep_stats.streams_active,
+                "streams_total": ep_stats.streams_total,
+                "connect_failures": ep_stats.connect_failures,
+                "ejections": ep_stats.ejections,
+                "connections_total": ep_stats.connections_total,
+                "connections": connections,
+            }
+        return {
+            "transport": self.config.transport,
+            "target": self.config.target,
+            "connections_total": stats.connections_total,
+            "connections_active": connections_active,
+            "streams_total": stats.streams_total,
+            "streams_active": stats.streams_active,
+            "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received,
+            "connect_failures": stats.connect_failures,
+            "retries": stats.retries,
+            "circuit_breaker_overflows": dict(stats.overflows),
+            "early_data_attempted": stats.early_data_attempted,
+            "early_data_accepted": stats.early_data_accepted,
+            "migrations": migrations,
+            "outcomes": dict(stats.outcomes),
+            "endpoints": endpoints,
+        }
+
+    def healthy_endpoints(self) -> int:
+        """How many endpoints may take flows now."""
+        now = self._loop.time()
+        return sum(
+            1
+            for e in self.endpoints.values()
+            if self.health[e.address].state(now) is HealthState.HEALTHY
+        )
+
+    async def close(self) -> None:
+        """Stop the background tasks and close every pooled connection."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for endpoint in list(self.endpoints.values()) + self.retired:
+            await endpoint.pool.close()
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, int | float | str | bool) or value is None

@@ -1,0 +1,819 @@
+"""The sidecar's configuration: dataclasses and a validating YAML loader.
+
+:func:`load_config` reads a YAML file (PyYAML ``safe_load``) into a frozen
+:class:`SidecarConfig`. Every problem is reported as one
+:class:`~quicmesh.errors.ConfigError` line naming the file, the field and what
+is wrong, for example::
+
+    sidecar.yaml: clusters[0].endpoints[1]: port 70000 is outside 1-65535
+
+The loader does no networking and opens only the files the configuration names
+as data (the endpoints files); certificates are loaded later by the runtime.
+docs/config.md documents every field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ..errors import ConfigError
+
+Address = tuple[str, int]
+
+TRANSPORT_NAMES = ("quic", "h2", "tcp")
+"""Values of ``clusters[].transport`` and ``listeners.inbound[].transports``."""
+
+LB_POLICIES = ("round_robin", "least_request", "random")
+"""Values of ``clusters[].load_balancing``."""
+
+CONGESTION_CONTROLS = ("reno", "cubic", "bbr")
+"""Values of ``clusters[].congestion_control`` (QUIC clusters only)."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m)?\s*$")
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_HOST = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+# -- the configuration --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Who this sidecar is."""
+
+    name: str
+    identity: str
+    """This sidecar's SPIFFE ID, presented to peers in its certificate."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Where the sidecar's certificate, key and trust bundle come from.
+
+    Either ``ca_dir`` (a development CA written by :meth:`quicmesh.DevCA.save`,
+    which issues ``node.identity`` at start) or all of ``cert``, ``key`` and
+    ``trust_bundle`` (PEM files).
+    """
+
+    ca_dir: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    trust_bundle: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP endpoint (``/metrics``, ``/stats``, ``/ready``, ...)."""
+
+    address: Address
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """Where the JSON access log goes: ``"-"`` is stdout, ``None`` disables it."""
+
+    path: str | None = "-"
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    """How a drain (SIGTERM or ``POST /drain``) behaves."""
+
+    grace_period: float = 10.0
+    """Seconds live flows get to finish before connections are closed."""
+
+
+@dataclass(frozen=True)
+class OutboundListenerConfig:
+    """A local TCP listener whose connections are proxied to a cluster."""
+
+    name: str
+    address: Address
+    cluster: str
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    """One allowed destination: a host name, IP address or CIDR block, and a port.
+
+    ``port`` is ``None`` for ``*`` (any port).
+    """
+
+    text: str
+    host: str | None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    port: int | None
+
+
+@dataclass(frozen=True)
+class IdentityPolicy:
+    """Which destinations peers with a matching identity may reach.
+
+    ``identity`` is an exact SPIFFE ID, a prefix ending in ``/*``, or ``*``.
+    """
+
+    identity: str
+    destinations: tuple[DestinationRule, ...]
+
+
+@dataclass(frozen=True)
+class InboundListenerConfig:
+    """The tunnel listener that accepts flows from peer sidecars.
+
+    QUIC listens on UDP and H2 or TCP on TCP, all on the same port number.
+    """
+
+    name: str
+    address: Address
+    transports: tuple[str, ...]
+    destinations: tuple[DestinationRule, ...]
+    policies: tuple[IdentityPolicy, ...] = ()
+    connect_timeout: float = 5.0
+    max_streams: int = 128
+    """Concurrent streams one peer connection may open (QUIC and H2)."""
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """Active health checking: a fresh transport handshake to each endpoint."""
+
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class OutlierDetectionConfig:
+    """Passive ejection of endpoints that fail to connect."""
+
+    consecutive_connect_failures: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 100
+
+
+@dataclass(frozen=True)
+class CircuitBreakerConfig:
+    """Limits on a cluster; a flow over a limit is refused and counted."""
+
+    max_connections: int = 64
+    max_concurrent_streams: int = 1024
+    max_pending_opens: int = 256
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A set of peer sidecars reached over one transport."""
+
+    name: str
+    transport: str
+    target: str
+    """The authority (``host:port``) sent in each CONNECT: where the peer forwards."""
+    endpoints: tuple[Address, ...]
+    endpoints_file: str | None = None
+    load_balancing: str = "round_robin"
+    congestion_control: str = "cubic"
+    early_data: bool = False
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
+    circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    connect_retries: int = 1
+
+    def same_except_endpoints(self, other: ClusterConfig) -> bool:
+        """True when only the endpoint list differs (a reload can update in place)."""
+        return _replace_endpoints(self, ()) == _replace_endpoints(other, ())
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """A whole sidecar configuration, as loaded from one YAML file."""
+
+    source: str
+    node: NodeConfig
+    tls: TlsConfig
+    admin: AdminConfig
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    outbound: tuple[OutboundListenerConfig, ...] = ()
+    inbound: tuple[InboundListenerConfig, ...] = ()
+    clusters: tuple[ClusterConfig, ...] = ()
+
+    def cluster(self, name: str) -> ClusterConfig:
+        """The cluster called ``name`` (the loader guarantees listeners' clusters exist)."""
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view for ``/config_dump``."""
+        return _plain(self)  # type: ignore[no-any-return]
+
+
+def _replace_endpoints(cluster: ClusterConfig, endpoints: tuple[Address, ...]) -> ClusterConfig:
+    from dataclasses import replace
+
+    return replace(cluster, endpoints=endpoints)
+
+
+def _plain(value: Any) -> Any:
+    from dataclasses import fields, is_dataclass
+
+    if isinstance(value, DestinationRule):
+        return value.text
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple | list):
+        if len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+            return format_address(value)  # type: ignore[arg-type]
+        return [_plain(item) for item in value]
+    return value
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Read and validate the sidecar configuration at ``path``.
+
+    :raises ConfigError: one line, ``<file>: <field>: <problem>``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, source=str(path), base_dir=path.parent)
+
+
+def parse_config(text: str, *, source: str, base_dir: Path | None = None) -> SidecarConfig:
+    """Validate a YAML document; ``source`` names it in errors, relative paths use ``base_dir``."""
+    document = _parse_yaml(text, source)
+    base = base_dir if base_dir is not None else Path(".")
+    return _Loader(source, base).sidecar(_Field(source, "", document))
+
+
+def load_endpoints_file(path: str | Path) -> tuple[Address, ...]:
+    """Read an endpoints file: a YAML list of ``host:port``, or ``{endpoints: [...]}``.
+
+    :raises ConfigError: naming the endpoints file, the entry and the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read endpoints file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    document = _parse_yaml(text, str(path))
+    node = _Field(str(path), "", document)
+    if isinstance(document, Mapping):
+        node.only_keys({"endpoints"})
+        node = node.child("endpoints")
+    return tuple(item.address() for item in node.items(allow_empty=True))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+        problem = (exc.problem or "invalid YAML").replace("\n", " ")
+        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{source}: invalid YAML: {first}") from None
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``host:port`` or ``[v6]:port`` (port 1-65535); ValueError says what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected host:port")
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not [ipv6]:port")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not host:port")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
+        if not _HOST.match(host):
+            raise ValueError(f"{host!r} is not a host name or IP address")
+    return host, _parse_port(port_text)
+
+
+def format_address(address: Address) -> str:
+    """``host:port``, with IPv6 literals in brackets."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_port(text: str) -> int:
+    if not text.isdigit() or len(text) > 6:
+        raise ValueError(f"port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return port
+
+
+def parse_destination(text: str) -> DestinationRule:
+    """Parse a destination rule: ``host:port``, ``ip:port``, ``cidr:port``; port may be ``*``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected host:port or cidr:port")
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port or cidr:port")
+    port = None if port_text == "*" else _parse_port(port_text)
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    name: str | None = None
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        if "/" in host or not _HOST.match(host):
+            raise ValueError(f"{host!r} is not a host name, IP address or CIDR block") from None
+        name = host.lower().rstrip(".")
+    return DestinationRule(text=text, host=name, network=network, port=port)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``"500ms"``, ``"2s"``, ``"1m"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s or 500ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration such as 5s or 500ms")
+        number, unit = float(match.group(1)), match.group(2) or "s"
+        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    else:
+        raise ValueError("expected a duration such as 5s or 500ms")
+    if not math.isfinite(seconds) or seconds < 0 or seconds > 86400:
+        raise ValueError(f"duration {value!r} is outside 0-86400 seconds")
+    return seconds
+
+
+T = TypeVar("T")
+
+
+class _Field:
+    """A value in the document and where it is, for error messages."""
+
+    def __init__(self, source: str, path: str, value: Any) -> None:
+        self.source = source
+        self.path = path
+        self.value = value
+
+    def error(self, problem: str) -> ConfigError:
+        where = f"{self.path}: " if self.path else ""
+        return ConfigError(f"{self.source}: {where}{problem}")
+
+    def mapping(self) -> Mapping[str, Any]:
+        if not isinstance(self.value, Mapping):
+            raise self.error(f"expected a mapping, got {_kind(self.value)}")
+        for key in self.value:
+            if not isinstance(key, str):
+                raise self.error(f"field names must be strings, got {_kind(key)} {key!r:.40}")
+        return self.value
+
+    def only_keys(self, allowed: set[str]) -> None:
+        for key in self.mapping():
+            if key not in allowed:
+                raise self.child(key).error(
+                    f"unknown field (expected one of: {', '.join(sorted(allowed))})"
+                )
+
+    def has(self, key: str) -> bool:
+        return key in self.mapping() and self.mapping()[key] is not None
+
+    def child(self, key: str) -> _Field:
+        if not _FIELD_NAME.match(key):
+            sub = f"{self.path}[{key!r:.40}]"
+        else:
+            sub = f"{self.path}.{key}" if self.path else key
+        return _Field(self.source, sub, self.mapping().get(key))
+
+    def items(self, *, allow_empty: bool = False) -> list[_Field]:
+        if self.value is None and allow_empty:
+            return []
+        if not isinstance(self.value, list):
+            raise self.error(f"expected a list, got {_kind(self.value)}")
+        if not self.value and not allow_empty:
+            raise self.error("must not be empty")
+        return [_Field(self.source, f"{self.path}[{i}]", v) for i, v in enumerate(self.value)]
+
+    def required(self) -> _Field:
+        if self.value is None:
+            raise self.error("is required")
+        return self
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value.strip():
+            raise self.error(f"expected a non-empty string, got {_kind(self.value)}")
+        return self.value.strip()
+
+    def name(self) -> str:
+        text = self.string()
+        if not _NAME.match(text):
+            raise self.error(f"{text!r:.60} is not a name (letters, digits, '_', '.', '-')")
+        return text
+
+    def integer(self, low: int, high: int) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.error(f"expected an integer, got {_kind(self.value)}")
+        if not low <= self.value <= high:
+            raise self.error(f"{self.value} is outside {low}-{high}")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.error(f"expected true or false, got {_kind(self.value)}")
+        return self.value
+
+    def choice(self, choices: tuple[str, ...]) -> str:
+        if self.value not in choices:
+            raise self.error(f"{self.value!r:.40} is not one of {', '.join(choices)}")
+        return str(self.value)
+
+    def convert(self, parse: Callable[[Any], T]) -> T:
+        try:
+            return parse(self.value)
+        except (ValueError, TypeError) as exc:
+            raise self.error(str(exc) or "invalid value") from None
+
+    def address(self) -> Address:
+        return self.convert(parse_address)
+
+    def duration(self, *, positive: bool = True) -> float:
+        seconds = self.convert(parse_duration)
+        if positive and seconds <= 0:
+            raise self.error("must be greater than zero")
+        return seconds
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+class _Loader:
+    """Turns a parsed YAML document into a :class:`SidecarConfig`."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def path(self, node: _Field) -> str:
+        text = node.string()
+        if "\x00" in text:
+            raise node.error("path contains a NUL character")
+        return str(self.base_dir / text)
+
+    def sidecar(self, root: _Field) -> SidecarConfig:
+        if root.value is None:
+            raise root.error("the file is empty: expected a mapping with node, tls and admin")
+        root.only_keys({"node", "tls", "admin", "access_log", "drain", "listeners", "clusters"})
+        clusters = tuple(self.cluster(c) for c in root.child("clusters").items(allow_empty=True))
+        names = [c.name for c in clusters]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise root.child("clusters").error(f"[{index}].name: duplicate cluster {name!r}")
+        outbound: tuple[OutboundListenerConfig, ...] = ()
+        inbound: tuple[InboundListenerConfig, ...] = ()
+        listeners = root.child("listeners")
+        if listeners.value is not None:
+            listeners.only_keys({"outbound", "inbound"})
+            outbound = tuple(
+                self.outbound(item, set(names))
+                for item in listeners.child("outbound").items(allow_empty=True)
+            )
+            inbound = tuple(
+                self.inbound(item) for item in listeners.child("inbound").items(allow_empty=True)
+            )
+        if not outbound and not inbound:
+            raise root.child("listeners").error("at least one outbound or inbound listener needed")
+        admin = self.admin(root.child("admin").required())
+        self.check_ports(listeners, admin, outbound, inbound)
+        return SidecarConfig(
+            source=self.source,
+            node=self.node(root.child("node").required()),
+            tls=self.tls(root.child("tls").required()),
+            admin=admin,
+            access_log=self.access_log(root.child("access_log")),
+            drain=self.drain(root.child("drain")),
+            outbound=outbound,
+            inbound=inbound,
+            clusters=clusters,
+        )
+
+    def check_ports(
+        self,
+        listeners: _Field,
+        admin: AdminConfig,
+        outbound: tuple[OutboundListenerConfig, ...],
+        inbound: tuple[InboundListenerConfig, ...],
+    ) -> None:
+        tcp_ports: dict[int, str] = {admin.address[1]: "admin.address"}
+        udp_ports: dict[int, str] = {}
+        names: set[str] = set()
+
+        def claim(table: dict[int, str], port: int, owner: str, kind: str) -> None:
+            if port in table:
+                raise listeners.error(f"{owner}: {kind} port {port} is also used by {table[port]}")
+            table[port] = owner
+
+        for index, out in enumerate(outbound):
+            owner = f"outbound[{index}]"
+            if out.name in names:
+                raise listeners.error(f"{owner}.name: duplicate listener {out.name!r}")
+            names.add(out.name)
+            claim(tcp_ports, out.address[1], owner, "TCP")
+        for index, inb in enumerate(inbound):
+            owner = f"inbound[{index}]"
+            if inb.name in names:
+                raise listeners.error(f"{owner}.name: duplicate listener {inb.name!r}")
+            names.add(inb.name)
+            if "quic" in inb.transports:
+                claim(udp_ports, inb.address[1], owner, "UDP")
+            if "h2" in inb.transports or "tcp" in inb.transports:
+                claim(tcp_ports, inb.address[1], owner, "TCP")
+
+    def node(self, node: _Field) -> NodeConfig:
+        node.only_keys({"name", "identity"})
+        identity = node.child("identity").required()
+        return NodeConfig(
+            name=node.child("name").required().name(),
+            identity=identity.convert(_spiffe_id),
+        )
+
+    def tls(self, node: _Field) -> TlsConfig:
+        node.only_keys({"ca_dir", "cert", "key", "trust_bundle"})
+        files = [key for key in ("cert", "key", "trust_bundle") if node.has(key)]
+        if node.has("ca_dir"):
+            if files:
+                raise node.child(files[0]).error("give either ca_dir or cert/key/trust_bundle")
+            return TlsConfig(ca_dir=self.path(node.child("ca_dir")))
+        for key in ("cert", "key", "trust_bundle"):
+            if not node.has(key):
+                raise node.child(key).error("is required when ca_dir is not given")
+        return TlsConfig(
+            cert=self.path(node.child("cert")),
+            key=self.path(node.child("key")),
+            trust_bundle=self.path(node.child("trust_bundle")),
+        )
+
+    def admin(self, node: _Field) -> AdminConfig:
+        node.only_keys({"address"})
+        return AdminConfig(address=node.child("address").required().address())
+
+    def access_log(self, node: _Field) -> AccessLogConfig:
+        if node.value is None:
+            return AccessLogConfig()
+        node.only_keys({"path"})
+        path = node.child("path")
+        if path.value is None:
+            return AccessLogConfig(path=None)
+        text = path.string()
+        return AccessLogConfig(path="-" if text == "-" else self.path(path))
+
+    def drain(self, node: _Field) -> DrainConfig:
+        if node.value is None:
+            return DrainConfig()
+        node.only_keys({"grace_period"})
+        grace = node.child("grace_period")
+        if grace.value is None:
+            return DrainConfig()
+        return DrainConfig(grace_period=grace.duration(positive=False))
+
+    def outbound(self, node: _Field, clusters: set[str]) -> OutboundListenerConfig:
+        node.only_keys({"name", "address", "cluster"})
+        cluster_field = node.child("cluster").required()
+        cluster = cluster_field.name()
+        if cluster not in clusters:
+            raise cluster_field.error(f"no cluster named {cluster!r}")
+        return OutboundListenerConfig(
+            name=node.child("name").required().name(),
+            address=node.child("address").required().address(),
+            cluster=cluster,
+        )
+
+    def inbound(self, node: _Field) -> InboundListenerConfig:
+        node.only_keys(
+            {
+                "name",
+                "address",
+                "transports",
+                "destinations",
+                "policies",
+                "connect_timeout",
+                "max_streams",
+            }
+        )
+        transports_field = node.child("transports").required()
+        transports = tuple(t.choice(TRANSPORT_NAMES) for t in transports_field.items())
+        if len(set(transports)) != len(transports):
+            raise transports_field.error("lists a transport twice")
+        if "h2" in transports and "tcp" in transports:
+            raise transports_field.error(
+                "h2 and tcp both listen on TCP: give them separate inbound listeners"
+            )
+        policies = tuple(self.policy(p) for p in node.child("policies").items(allow_empty=True))
+        timeout = node.child("connect_timeout")
+        streams = node.child("max_streams")
+        return InboundListenerConfig(
+            name=node.child("name").required().name(),
+            address=node.child("address").required().address(),
+            transports=transports,
+            destinations=self.destinations(node.child("destinations").required()),
+            policies=policies,
+            connect_timeout=timeout.duration() if timeout.value is not None else 5.0,
+            max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
+        )
+
+    def destinations(self, node: _Field) -> tuple[DestinationRule, ...]:
+        return tuple(item.convert(parse_destination) for item in node.items())
+
+    def policy(self, node: _Field) -> IdentityPolicy:
+        node.only_keys({"identity", "destinations"})
+        return IdentityPolicy(
+            identity=node.child("identity").required().convert(_identity_pattern),
+            destinations=self.destinations(node.child("destinations").required()),
+        )
+
+    def cluster(self, node: _Field) -> ClusterConfig:
+        node.only_keys(
+            {
+                "name",
+                "transport",
+                "target",
+                "endpoints",
+                "endpoints_file",
+                "load_balancing",
+                "congestion_control",
+                "early_data",
+                "health_check",
+                "outlier_detection",
+                "circuit_breakers",
+                "connect_timeout",
+                "idle_timeout",
+                "connect_retries",
+            }
+        )
+        transport = node.child("transport").required().choice(TRANSPORT_NAMES)
+        endpoints: tuple[Address, ...] = ()
+        endpoints_file: str | None = None
+        if node.has("endpoints") and node.has("endpoints_file"):
+            raise node.child("endpoints_file").error("give either endpoints or endpoints_file")
+        if node.has("endpoints_file"):
+            endpoints_file = self.path(node.child("endpoints_file"))
+            endpoints = load_endpoints_file(endpoints_file)
+        elif node.has("endpoints"):
+            endpoints = tuple(e.address() for e in node.child("endpoints").items())
+        else:
+            raise node.child("endpoints").error("is required (or endpoints_file)")
+        target = node.child("target").required()
+        target.convert(parse_address)
+        congestion = node.child("congestion_control")
+        early = node.child("early_data")
+        if transport != "quic":
+            for option in (congestion, early):
+                if option.value is not None:
+                    raise option.error("applies to quic clusters only")
+        return ClusterConfig(
+            name=node.child("name").required().name(),
+            transport=transport,
+            target=target.string(),
+            endpoints=endpoints,
+            endpoints_file=endpoints_file,
+            load_balancing=_or_default(node.child("load_balancing"), "round_robin", LB_POLICIES),
+            congestion_control=_or_default(congestion, "cubic", CONGESTION_CONTROLS),
+            early_data=early.boolean() if early.value is not None else False,
+            health_check=self.health_check(node.child("health_check")),
+            outlier_detection=self.outlier(node.child("outlier_detection")),
+            circuit_breakers=self.circuit_breakers(node.child("circuit_breakers")),
+            connect_timeout=_duration_or(node.child("connect_timeout"), 5.0),
+            idle_timeout=_duration_or(node.child("idle_timeout"), 60.0),
+            connect_retries=_int_or(node.child("connect_retries"), 1, 0, 10),
+        )
+
+    def health_check(self, node: _Field) -> HealthCheckConfig | None:
+        if node.value is None:
+            return None
+        node.only_keys({"interval", "timeout", "unhealthy_threshold", "healthy_threshold"})
+        return HealthCheckConfig(
+            interval=_duration_or(node.child("interval"), 5.0),
+            timeout=_duration_or(node.child("timeout"), 2.0),
+            unhealthy_threshold=_int_or(node.child("unhealthy_threshold"), 2, 1, 100),
+            healthy_threshold=_int_or(node.child("healthy_threshold"), 1, 1, 100),
+        )
+
+    def outlier(self, node: _Field) -> OutlierDetectionConfig:
+        if node.value is None:
+            return OutlierDetectionConfig()
+        node.only_keys(
+            {"consecutive_connect_failures", "base_ejection_time", "max_ejection_percent"}
+        )
+        return OutlierDetectionConfig(
+            consecutive_connect_failures=_int_or(
+                node.child("consecutive_connect_failures"), 5, 1, 1000
+            ),
+            base_ejection_time=_duration_or(node.child("base_ejection_time"), 30.0),
+            max_ejection_percent=_int_or(node.child("max_ejection_percent"), 100, 0, 100),
+        )
+
+    def circuit_breakers(self, node: _Field) -> CircuitBreakerConfig:
+        if node.value is None:
+            return CircuitBreakerConfig()
+        node.only_keys({"max_connections", "max_concurrent_streams", "max_pending_opens"})
+        return CircuitBreakerConfig(
+            max_connections=_int_or(node.child("max_connections"), 64, 1, 100000),
+            max_concurrent_streams=_int_or(node.child("max_concurrent_streams"), 1024, 1, 1000000),
+            max_pending_opens=_int_or(node.child("max_pending_opens"), 256, 0, 1000000),
+        )
+
+
+def _or_default(node: _Field, default: str, choices: tuple[str, ...]) -> str:
+    return default if node.value is None else node.choice(choices)
+
+
+def _duration_or(node: _Field, default: float) -> float:
+    return default if node.value is None else node.duration()
+
+
+def _int_or(node: _Field, default: int, low: int, high: int) -> int:
+    return default if node.value is None else node.integer(low, high)
+
+
+def _spiffe_id(value: object) -> str:
+    from ..tls.spiffe import validate_spiffe_id
+
+    if not isinstance(value, str):
+        raise ValueError(f"expected a SPIFFE ID string, got {_kind(value)}")
+    return validate_spiffe_id(value)
+
+
+def _identity_pattern(value: object) -> str:
+    if value == "*":
+        return "*"
+    if isinstance(value, str) and value.endswith("/*"):
+        _spiffe_id(value[:-2] + "/x")
+        return value
+    return _spiffe_id(value)
+
+
+def identity_matches(pattern: str, identity: str) -> bool:
+    """Whether a peer identity matches a policy's ``identity`` pattern."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        return identity.startswith(pattern[:-1])
+    return identity == pattern
+
+
+def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
+    """Whether a CONNECT target's host and port fall under ``rule``."""
+    if rule.port is not None and rule.port != port:
+        return False
+    if rule.network is not None:
+        try:
+            return ipaddress.ip_address(host) in rule.network
+        except ValueError:
+            return False
+    return rule.host == host.lower().rstrip(".")

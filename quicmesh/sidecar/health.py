@@ -1,0 +1,131 @@
+"""Endpoint health: active checks and outlier ejection, as a sans-IO state machine.
+
+:class:`EndpointHealth` is fed results (a health check passed or failed, a
+connect succeeded or failed) with the current time ``now`` and answers whether
+the endpoint may take flows. :class:`HealthTracker` holds one per endpoint of a
+cluster and enforces ``max_ejection_percent``. Neither touches a clock or a
+socket; the runtime passes ``loop.time()``.
+
+States: ``healthy``; ``unhealthy`` (``unhealthy_threshold`` active checks in a
+row failed, until ``healthy_threshold`` pass); ``ejected`` (``consecutive_connect_failures``
+connect failures in a row, for ``base_ejection_time`` times the number of
+ejections so far, capped at ten times).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import HealthCheckConfig, OutlierDetectionConfig
+
+MAX_EJECTION_MULTIPLIER = 10
+"""An endpoint ejected again and again stays out at most this many base ejection times."""
+
+
+class HealthState(enum.Enum):
+    """Whether an endpoint may take flows."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    EJECTED = "ejected"
+
+
+@dataclass
+class EndpointHealth:
+    """The health of one endpoint."""
+
+    outlier: OutlierDetectionConfig
+    check: HealthCheckConfig | None = None
+    failing_checks: int = 0
+    passing_checks: int = 0
+    active_unhealthy: bool = False
+    connect_failures: int = 0
+    ejections: int = 0
+    ejected_until: float | None = None
+
+    def state(self, now: float) -> HealthState:
+        """The state at time ``now`` (an ejection ends by itself)."""
+        if self.ejected_until is not None:
+            if now < self.ejected_until:
+                return HealthState.EJECTED
+            self.ejected_until = None
+        return HealthState.UNHEALTHY if self.active_unhealthy else HealthState.HEALTHY
+
+    def is_available(self, now: float) -> bool:
+        """Whether the endpoint may take new flows at ``now``."""
+        return self.state(now) is HealthState.HEALTHY
+
+    def check_passed(self, now: float) -> None:
+        """An active health check succeeded."""
+        self.failing_checks = 0
+        self.passing_checks += 1
+        threshold = self.check.healthy_threshold if self.check is not None else 1
+        if self.active_unhealthy and self.passing_checks >= threshold:
+            self.active_unhealthy = False
+        if self.ejected_until is not None and not self.active_unhealthy:
+            # A passing active check readmits an ejected endpoint early, like Envoy.
+            self.ejected_until = None
+            self.connect_failures = 0
+
+    def check_failed(self, now: float) -> None:
+        """An active health check failed (no handshake within the timeout)."""
+        self.passing_checks = 0
+        self.failing_checks += 1
+        threshold = self.check.unhealthy_threshold if self.check is not None else 1
+        if self.failing_checks >= threshold:
+            self.active_unhealthy = True
+
+    def connect_succeeded(self, now: float) -> None:
+        """A flow's connection or stream to the endpoint opened."""
+        self.connect_failures = 0
+
+    def connect_failed(self, now: float, *, may_eject: bool = True) -> bool:
+        """A connect to the endpoint failed; returns True if this ejected it."""
+        self.connect_failures += 1
+        if (
+            may_eject
+            and self.connect_failures >= self.outlier.consecutive_connect_failures
+            and self.state(now) is not HealthState.EJECTED
+        ):
+            self.ejections += 1
+            multiplier = min(self.ejections, MAX_EJECTION_MULTIPLIER)
+            self.ejected_until = now + self.outlier.base_ejection_time * multiplier
+            self.connect_failures = 0
+            return True
+        return False
+
+
+class HealthTracker:
+    """The health of every endpoint of one cluster, keyed by endpoint."""
+
+    def __init__(
+        self, outlier: OutlierDetectionConfig, check: HealthCheckConfig | None = None
+    ) -> None:
+        self.outlier = outlier
+        self.check = check
+        self.endpoints: dict[object, EndpointHealth] = {}
+
+    def set_endpoints(self, keys: Iterable[object]) -> None:
+        """Track exactly ``keys``: new ones start healthy, kept ones keep their state."""
+        keys = list(keys)
+        self.endpoints = {
+            key: self.endpoints.get(key) or EndpointHealth(self.outlier, self.check) for key in keys
+        }
+
+    def __getitem__(self, key: object) -> EndpointHealth:
+        return self.endpoints[key]
+
+    def available(self, now: float) -> list[object]:
+        """Endpoints that may take flows now, in endpoint order."""
+        return [key for key, health in self.endpoints.items() if health.is_available(now)]
+
+    def connect_failed(self, key: object, now: float) -> bool:
+        """Record a connect failure; eject unless that would pass ``max_ejection_percent``."""
+        health = self.endpoints.get(key)
+        if health is None:
+            return False
+        ejected = sum(1 for h in self.endpoints.values() if h.state(now) is HealthState.EJECTED)
+        limit = len(self.endpoints) * self.outlier.max_ejection_percent / 100
+        return health.connect_failed(now, may_eject=ejected + 1 <= limit)

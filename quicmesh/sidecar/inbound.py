@@ -1,0 +1,193 @@
+"""The inbound tunnel listener: flows from peer sidecars to local destinations.
+
+One listener serves several transports on one port number (QUIC on UDP, H2 or
+TCP on TCP, like HBONE's 15008). Each stream is checked against the listener's
+destination allow-list and identity policies (:mod:`.policy`): a refused stream
+is answered 403 with the reason, and a destination that cannot be reached 502,
+both logged. An accepted stream is spliced onto a TCP connection to its target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from .. import TRANSPORTS
+from ..errors import QuicmeshError, TunnelError
+from ..splice import splice
+from ..tls import Identity, TrustBundle
+from ..transport.base import Listener, Transport
+from ..transport.stream import MeshStream
+from .accesslog import FlowRecord, Outcome
+from .config import InboundListenerConfig, format_address
+from .flows import FLUSH_TIMEOUT, FlowTracker, wait_flushed
+from .policy import refusal_reason, split_target
+from .stats import ListenerStats
+
+logger = logging.getLogger("quicmesh.sidecar.inbound")
+
+
+def inbound_transport(
+    name: str, identity: Identity, trust: TrustBundle, max_streams: int
+) -> Transport:
+    """The server-side transport for one of a listener's ``transports``."""
+    cls = TRANSPORTS[name]
+    if name in ("quic", "h2"):
+        return cls(identity=identity, trust=trust, max_streams=max_streams)  # type: ignore[call-arg]
+    return cls(identity=identity, trust=trust)
+
+
+class InboundListener:
+    """Accepts tunnel streams on every configured transport of one address.
+
+    :param config: the listener's configuration; replace it to change policies on reload.
+    :param identity: this sidecar's identity, presented to peers.
+    :param trust: the CAs peers must chain to.
+    :param stats: counters, kept across reloads.
+    :param flows: the sidecar's live-flow tracker.
+    :param log: called with each flow's access-log record.
+    """
+
+    def __init__(
+        self,
+        config: InboundListenerConfig,
+        identity: Identity,
+        trust: TrustBundle,
+        stats: ListenerStats,
+        flows: FlowTracker,
+        log: Callable[[FlowRecord], None],
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.trust = trust
+        self.stats = stats
+        self.draining = False
+        self._flows = flows
+        self._log = log
+        self._listeners: list[Listener] = []
+        self._local_flows = FlowTracker()
+
+    async def start(self) -> None:
+        """Listen on the address with every transport.
+
+        :raises QuicmeshError: an address cannot be bound (listeners already open are closed).
+        """
+        try:
+            for name in self.config.transports:
+                transport = inbound_transport(
+                    name, self.identity, self.trust, self.config.max_streams
+                )
+                self._listeners.append(await transport.listen(self.config.address, self._handle))
+        except (QuicmeshError, OSError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the transports' listeners and their connections (GOAWAY / CONNECTION_CLOSE)."""
+        for listener in self._listeners:
+            listener.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until every transport listener has closed."""
+        for listener in self._listeners:
+            with contextlib.suppress(QuicmeshError, OSError):
+                await listener.wait_closed()
+
+    async def drain_and_close(self, grace: float) -> None:
+        """Refuse new streams, wait up to ``grace`` seconds for live ones, then close."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._local_flows.wait_idle(), grace)
+        self.close()
+        await self.wait_closed()
+
+    async def _handle(self, stream: MeshStream) -> None:
+        with self._flows.track(), self._local_flows.track():
+            await self._serve(stream)
+
+    async def _serve(self, stream: MeshStream) -> None:
+        start, started = time.time(), time.monotonic()
+        config = self.config
+        stats = self.stats
+        stats.streams_total += 1
+        stats.streams_active += 1
+        record = FlowRecord(
+            start=start,
+            duration=0.0,
+            listener=config.name,
+            direction="inbound",
+            downstream="",
+            target=stream.target,
+            transport=_transport_of(stream),
+            peer_identity=stream.peer_identity,
+            endpoint="",
+            bytes_sent=0,
+            bytes_received=0,
+            outcome=Outcome.COMPLETED,
+        )
+        try:
+            await self._forward(stream, config, record)
+        finally:
+            stats.streams_active -= 1
+            record.duration = time.monotonic() - started
+            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+            self._log(record)
+
+    async def _forward(
+        self, stream: MeshStream, config: InboundListenerConfig, record: FlowRecord
+    ) -> None:
+        if self.draining:
+            record.outcome, record.reason = Outcome.DRAINING, "sidecar is draining"
+            _refuse(stream, 503, record.reason)
+            return
+        reason = refusal_reason(config, stream.peer_identity, stream.target)
+        if reason is not None:
+            logger.warning("refused %s -> %s: %s", stream.peer_identity, stream.target, reason)
+            record.outcome, record.reason = Outcome.REFUSED, reason
+            _refuse(stream, 403, reason)
+            return
+        parsed = split_target(stream.target)
+        assert parsed is not None
+        host, port = parsed
+        record.endpoint = format_address(parsed)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), config.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            why = (
+                f"timed out after {config.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else exc.strerror or str(exc)
+            )
+            record.outcome = Outcome.UNREACHABLE
+            record.reason = f"cannot reach {stream.target}: {why}"
+            _refuse(stream, 502, record.reason)
+            return
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        try:
+            result = await splice(stream, reader, writer)
+            if not result.error:
+                await wait_flushed(stream, FLUSH_TIMEOUT)
+        finally:
+            self.stats.connections_active -= 1
+        record.bytes_sent = result.bytes_from_stream
+        record.bytes_received = result.bytes_to_stream
+        if result.error:
+            record.outcome, record.reason = Outcome.RESET, result.error
+
+
+def _refuse(stream: MeshStream, status: int, reason: str) -> None:
+    try:
+        stream.refuse(status, reason)
+    except TunnelError:
+        stream.abort()
+
+
+def _transport_of(stream: MeshStream) -> str:
+    channel = getattr(stream, "_channel", None)
+    return str(getattr(channel, "transport_name", "")) or "unknown"

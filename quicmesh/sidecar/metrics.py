@@ -1,0 +1,212 @@
+"""``/metrics``: the sidecar's counters in the Prometheus text format.
+
+A :class:`SnapshotCollector` is registered in a private
+:class:`prometheus_client.CollectorRegistry` (not the global one, so several
+sidecars can share a process in tests). At each scrape it turns the runtime's
+snapshot, the same dictionary ``/stats`` serves, into metric families, so the
+two views can never disagree. Metric names start with ``quicmesh_``; see
+docs/config.md for the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+Snapshot = dict[str, Any]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Content-Type of ``/metrics``."""
+
+_LISTENER_COUNTERS = (
+    (
+        "connections_total",
+        "connections",
+        "Connections accepted (outbound) or made to destinations (inbound).",
+    ),
+    ("streams_total", "streams", "Tunnel streams opened (outbound) or accepted (inbound)."),
+    ("bytes_received", "bytes_received", "Bytes received from the downstream side."),
+    ("bytes_sent", "bytes_sent", "Bytes sent to the downstream side."),
+)
+_LISTENER_GAUGES = (
+    ("connections_active", "connections_active", "Connections open now."),
+    ("streams_active", "streams_active", "Tunnel streams open now."),
+)
+_CLUSTER_COUNTERS = (
+    ("connections_total", "connections", "Peer connections opened."),
+    ("streams_total", "streams", "Flows opened through the cluster."),
+    ("bytes_sent", "bytes_sent", "Bytes sent into the tunnel."),
+    ("bytes_received", "bytes_received", "Bytes received from the tunnel."),
+    ("connect_failures", "connect_failures", "Failed connects or stream opens."),
+    ("retries", "retries", "Flows retried on another endpoint."),
+    ("early_data_attempted", "early_data_attempted", "Peer connections that attempted 0-RTT."),
+    ("early_data_accepted", "early_data_accepted", "Peer connections whose 0-RTT was accepted."),
+    ("migrations", "migrations", "QUIC connection migrations."),
+)
+_CLUSTER_GAUGES = (
+    ("connections_active", "connections_active", "Peer connections open now."),
+    ("streams_active", "streams_active", "Flows open now."),
+)
+_CONNECTION_GAUGES = (
+    ("rtt", "rtt_seconds", "Smoothed round-trip time of the peer connection."),
+    ("cwnd", "cwnd_bytes", "Congestion window of the peer connection."),
+    ("streams_active", "streams_active", "Streams open on the peer connection."),
+)
+_CONNECTION_COUNTERS = (
+    ("packets_lost", "packets_lost", "Packets declared lost on the peer connection."),
+    ("packets_sent", "packets_sent", "Packets sent on the peer connection."),
+    ("bytes_sent", "bytes_sent", "Bytes sent on the peer connection (wire)."),
+    ("bytes_received", "bytes_received", "Bytes received on the peer connection (wire)."),
+)
+HEALTH_STATES = ("healthy", "unhealthy", "ejected", "removed")
+
+
+class SnapshotCollector:
+    """A prometheus-client collector that reads a snapshot callable at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        """No fixed description: families depend on the configuration."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from one snapshot."""
+        snap = self._snapshot()
+        yield from _sidecar_families(snap)
+        yield from _listener_families(snap.get("listeners", {}))
+        yield from _cluster_families(snap.get("clusters", {}))
+
+
+def _sidecar_families(snap: Snapshot) -> Iterator[Metric]:
+    ready = GaugeMetricFamily(
+        "quicmesh_ready", "1 when the sidecar takes traffic.", labels=["node"]
+    )
+    ready.add_metric([snap["node"]], 1.0 if snap["ready"] else 0.0)
+    yield ready
+    draining = GaugeMetricFamily("quicmesh_draining", "1 while draining.", labels=["node"])
+    draining.add_metric([snap["node"]], 1.0 if snap["draining"] else 0.0)
+    yield draining
+    reloads = CounterMetricFamily(
+        "quicmesh_config_reloads", "Configuration reloads by result.", labels=["result"]
+    )
+    for result, count in snap["reloads"].items():
+        reloads.add_metric([result], count)
+    yield reloads
+
+
+def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:
+    for key, name, doc in _LISTENER_COUNTERS:
+        family = CounterMetricFamily(f"quicmesh_listener_{name}", doc, labels=["listener", "kind"])
+        for listener, data in listeners.items():
+            family.add_metric([listener, data["kind"]], data[key])
+        yield family
+    for key, name, doc in _LISTENER_GAUGES:
+        gauge = GaugeMetricFamily(f"quicmesh_listener_{name}", doc, labels=["listener", "kind"])
+        for listener, data in listeners.items():
+            gauge.add_metric([listener, data["kind"]], data[key])
+        yield gauge
+    flows = CounterMetricFamily(
+        "quicmesh_listener_flows", "Flows ended, by outcome.", labels=["listener", "outcome"]
+    )
+    for listener, data in listeners.items():
+        for outcome, count in data["outcomes"].items():
+            flows.add_metric([listener, outcome], count)
+    yield flows
+
+
+def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
+    for key, name, doc in _CLUSTER_COUNTERS:
+        family = CounterMetricFamily(
+            f"quicmesh_cluster_{name}", doc, labels=["cluster", "transport"]
+        )
+        for cluster, data in clusters.items():
+            family.add_metric([cluster, data["transport"]], data[key])
+        yield family
+    for key, name, doc in _CLUSTER_GAUGES:
+        gauge = GaugeMetricFamily(f"quicmesh_cluster_{name}", doc, labels=["cluster", "transport"])
+        for cluster, data in clusters.items():
+            gauge.add_metric([cluster, data["transport"]], data[key])
+        yield gauge
+    overflows = CounterMetricFamily(
+        "quicmesh_cluster_circuit_breaker_overflows",
+        "Flows refused because a circuit-breaker limit was reached.",
+        labels=["cluster", "limit"],
+    )
+    outcomes = CounterMetricFamily(
+        "quicmesh_cluster_flows", "Flows ended, by outcome.", labels=["cluster", "outcome"]
+    )
+    for cluster, data in clusters.items():
+        for limit in ("max_connections", "max_concurrent_streams", "max_pending_opens"):
+            overflows.add_metric([cluster, limit], data["circuit_breaker_overflows"].get(limit, 0))
+        for outcome, count in data["outcomes"].items():
+            outcomes.add_metric([cluster, outcome], count)
+    yield overflows
+    yield outcomes
+    yield from _endpoint_families(clusters)
+
+
+def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:
+    labels = ["cluster", "endpoint"]
+    health = GaugeMetricFamily(
+        "quicmesh_endpoint_health",
+        "1 for the endpoint's current health state.",
+        labels=[*labels, "state"],
+    )
+    counters = {
+        key: CounterMetricFamily(f"quicmesh_endpoint_{key}", doc, labels=labels)
+        for key, doc in (
+            ("streams_total", "Flows opened to the endpoint."),
+            ("connect_failures", "Failed connects to the endpoint."),
+            ("ejections", "Times the endpoint was ejected."),
+            ("connections_total", "Peer connections opened to the endpoint."),
+        )
+    }
+    streams_active = GaugeMetricFamily(
+        "quicmesh_endpoint_streams_active", "Flows open to the endpoint.", labels=labels
+    )
+    conn_labels = [*labels, "connection", "transport"]
+    conn_gauges = {
+        key: GaugeMetricFamily(f"quicmesh_peer_connection_{name}", doc, labels=conn_labels)
+        for key, name, doc in _CONNECTION_GAUGES
+    }
+    conn_counters = {
+        key: CounterMetricFamily(f"quicmesh_peer_connection_{name}", doc, labels=conn_labels)
+        for key, name, doc in _CONNECTION_COUNTERS
+    }
+    for cluster, data in clusters.items():
+        for endpoint, ep in data["endpoints"].items():
+            for state in HEALTH_STATES:
+                health.add_metric([cluster, endpoint, state], 1.0 if ep["health"] == state else 0.0)
+            for key, family in counters.items():
+                family.add_metric([cluster, endpoint], ep[key])
+            streams_active.add_metric([cluster, endpoint], ep["streams_active"])
+            for conn in ep["connections"]:
+                values = [cluster, endpoint, str(conn["id"]), data["transport"]]
+                for key, gauge in conn_gauges.items():
+                    if isinstance(conn.get(key), int | float):
+                        gauge.add_metric(values, float(conn[key]))
+                for key, counter in conn_counters.items():
+                    if isinstance(conn.get(key), int | float):
+                        counter.add_metric(values, float(conn[key]))
+    yield health
+    yield from counters.values()
+    yield streams_active
+    yield from conn_gauges.values()
+    yield from conn_counters.values()
+
+
+class Metrics:
+    """The sidecar's Prometheus registry and its text exposition."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
+
+    def exposition(self) -> bytes:
+        """The ``/metrics`` body."""
+        return generate_latest(self.registry)

@@ -1,0 +1,133 @@
+"""Outbound listeners: local TCP connections proxied through a cluster.
+
+Each accepted connection becomes one flow: the cluster opens a tunnel stream on
+a pooled peer connection and :func:`quicmesh.splice` copies bytes both ways. A
+flow the cluster cannot open is answered with a TCP reset, so the local client
+sees a failure rather than an empty response, and is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from ..splice import splice
+from .accesslog import FlowRecord, Outcome
+from .cluster import Cluster, FlowRefused
+from .config import OutboundListenerConfig, format_address
+from .flows import FLUSH_TIMEOUT, FlowTracker, wait_flushed
+from .stats import ListenerStats
+
+logger = logging.getLogger("quicmesh.sidecar.outbound")
+
+
+class OutboundListener:
+    """A local TCP server: each connection is a flow through the configured cluster.
+
+    :param config: the listener's configuration (replaceable on reload).
+    :param clusters: looks up the current cluster by name at each new connection.
+    :param stats: counters, kept across reloads.
+    :param flows: the sidecar's live-flow tracker (for drains).
+    :param log: called with each flow's access-log record.
+    """
+
+    def __init__(
+        self,
+        config: OutboundListenerConfig,
+        clusters: Callable[[str], Cluster],
+        stats: ListenerStats,
+        flows: FlowTracker,
+        log: Callable[[FlowRecord], None],
+    ) -> None:
+        self.config = config
+        self._clusters = clusters
+        self.stats = stats
+        self._flows = flows
+        self._log = log
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting.
+
+        :raises OSError: the address cannot be bound.
+        """
+        host, port = self.config.address
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+
+    def close(self) -> None:
+        """Stop accepting; flows already accepted carry on."""
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._flows.track():
+            await self._proxy(reader, writer)
+
+    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        start, started = time.time(), time.monotonic()
+        peer = writer.get_extra_info("peername")
+        downstream = format_address((peer[0], peer[1])) if peer else ""
+        stats = self.stats
+        stats.connections_total += 1
+        stats.connections_active += 1
+        cluster = self._clusters(self.config.cluster)
+        record = FlowRecord(
+            start=start,
+            duration=0.0,
+            listener=self.config.name,
+            direction="outbound",
+            downstream=downstream,
+            target=cluster.config.target,
+            transport=cluster.config.transport,
+            peer_identity="",
+            endpoint="",
+            bytes_sent=0,
+            bytes_received=0,
+            outcome=Outcome.COMPLETED,
+        )
+        try:
+            try:
+                flow = await cluster.open_flow()
+            except FlowRefused as exc:
+                record.outcome, record.reason, record.endpoint = (
+                    exc.outcome,
+                    exc.reason,
+                    exc.endpoint,
+                )
+                reset_connection(writer)
+                return
+            record.endpoint = flow.endpoint.name
+            record.peer_identity = flow.connection.peer_identity
+            stats.streams_total += 1
+            stats.streams_active += 1
+            try:
+                result = await splice(flow.stream, reader, writer)
+                if not result.error:
+                    await wait_flushed(flow.stream, FLUSH_TIMEOUT)
+            finally:
+                stats.streams_active -= 1
+            record.bytes_sent = result.bytes_to_stream
+            record.bytes_received = result.bytes_from_stream
+            cluster.flow_finished(flow, result.bytes_to_stream, result.bytes_from_stream)
+            if result.error:
+                record.outcome, record.reason = Outcome.RESET, result.error
+        finally:
+            stats.connections_active -= 1
+            record.duration = time.monotonic() - started
+            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+            cluster.stats.outcomes[record.outcome.value] += 1
+            self._log(record)
+
+
+def reset_connection(writer: asyncio.StreamWriter) -> None:
+    """Close a local TCP connection with RST (SO_LINGER 0), so the client sees a failure."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

@@ -1,0 +1,237 @@
+"""Per-endpoint connection pools: many flows on few peer connections.
+
+A QUIC or H2 peer connection carries many streams, so an endpoint's pool opens
+another connection only when every connection it has is at the peer's stream
+limit (:attr:`~quicmesh.PeerConnection.can_open_stream` is False). That choice
+is the sans-IO :func:`plan_open`; :class:`EndpointPool` is the asyncio side that
+dials, waits and keeps the connections. A TCP peer connection dials one TLS
+connection per stream itself, so its pool never needs more than one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import ConnectError, QuicmeshError
+from ..transport.base import Address, PeerConnection, Transport
+from ..transport.stream import MeshStream
+from .circuit import CircuitBreaker
+
+logger = logging.getLogger("quicmesh.sidecar.pool")
+
+
+class Poolable(Protocol):
+    """What the pool's choice needs to know about a connection."""
+
+    @property
+    def is_closed(self) -> bool:
+        """True once closed or lost."""
+
+    @property
+    def can_open_stream(self) -> bool:
+        """True when a stream can be opened without waiting for the peer's credit."""
+
+    @property
+    def active_streams(self) -> int:
+        """Streams open on the connection."""
+
+
+class Action(enum.Enum):
+    """What to do for the next stream."""
+
+    USE = "use"
+    """Open the stream on :attr:`Plan.connection`."""
+    CONNECT = "connect"
+    """Dial a new connection."""
+    WAIT_FOR_CONNECT = "wait_for_connect"
+    """A connection is being dialled: wait for it, then plan again."""
+    QUEUE = "queue"
+    """No new connection is allowed: wait for stream credit on :attr:`Plan.connection`."""
+    OVERFLOW = "overflow"
+    """No connection exists and none may be opened."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of :func:`plan_open`."""
+
+    action: Action
+    connection: Any = None
+
+
+def plan_open(connections: Sequence[Poolable], *, connecting: bool, may_connect: bool) -> Plan:
+    """Decide where the next stream goes.
+
+    :param connections: the pool's connections (closed ones are skipped).
+    :param connecting: whether a dial is already under way.
+    :param may_connect: whether the circuit breaker allows another connection.
+    """
+    live = [c for c in connections if not c.is_closed]
+    ready = [c for c in live if c.can_open_stream]
+    if ready:
+        return Plan(Action.USE, min(ready, key=lambda c: c.active_streams))
+    if connecting:
+        return Plan(Action.WAIT_FOR_CONNECT)
+    if may_connect:
+        return Plan(Action.CONNECT)
+    if live:
+        return Plan(Action.QUEUE, min(live, key=lambda c: c.active_streams))
+    return Plan(Action.OVERFLOW)
+
+
+class PoolOverflow(QuicmeshError):
+    """The cluster's ``max_connections`` is reached and this endpoint has no connection."""
+
+
+@dataclass
+class PooledConnection:
+    """A peer connection and what the pool knows about it."""
+
+    connection: PeerConnection
+    label: str
+    opened_at: float
+    idle_since: float | None = None
+    retired_stats: dict[str, Any] = field(default_factory=dict)
+
+
+class EndpointPool:
+    """The peer connections to one endpoint (a peer sidecar's address)."""
+
+    def __init__(
+        self,
+        address: Address,
+        transport: Transport,
+        breaker: CircuitBreaker,
+        *,
+        connect_timeout: float,
+        early_data: bool = False,
+        on_connected: Any = None,
+        on_closed: Any = None,
+    ) -> None:
+        self.address = address
+        self.transport = transport
+        self.breaker = breaker
+        self.connect_timeout = connect_timeout
+        self.early_data = early_data and _accepts_early_data(transport)
+        self.connections: list[PooledConnection] = []
+        self.connections_opened = 0
+        self._connecting: asyncio.Future[None] | None = None
+        self._on_connected = on_connected
+        self._on_closed = on_closed
+        self._loop = asyncio.get_running_loop()
+
+    async def open_stream(
+        self, target: str, headers: dict[str, str]
+    ) -> tuple[MeshStream, PeerConnection]:
+        """Open a flow to ``target`` on a pooled connection, dialling one if needed.
+
+        :raises ConnectError: the endpoint could not be reached.
+        :raises PoolOverflow: no connection may be opened and none exists.
+        :raises TunnelError: the stream could not be opened (refused, connection lost).
+        """
+        while True:
+            self.sweep_closed()
+            may_connect = self.breaker.connections < self.breaker.limits.max_connections
+            plan = plan_open(
+                [p.connection for p in self.connections],
+                connecting=self._connecting is not None,
+                may_connect=may_connect,
+            )
+            if plan.action is Action.USE or plan.action is Action.QUEUE:
+                connection: PeerConnection = plan.connection
+                self._mark_busy(connection)
+                stream = await connection.open_stream(target, headers)
+                return stream, connection
+            if plan.action is Action.WAIT_FOR_CONNECT:
+                assert self._connecting is not None
+                await asyncio.shield(self._connecting)
+                continue
+            if plan.action is Action.OVERFLOW or not self.breaker.try_open_connection():
+                raise PoolOverflow(
+                    f"max_connections ({self.breaker.limits.max_connections}) reached"
+                )
+            await self._connect()
+
+    async def _connect(self) -> None:
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._connecting = done
+        try:
+            kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
+            if self.early_data:
+                kwargs["early_data"] = True
+            try:
+                connection = await self.transport.connect(self.address, **kwargs)
+            except OSError as exc:
+                self.breaker.release_connection()
+                raise ConnectError(f"cannot connect: {exc.strerror or exc}") from None
+            except BaseException:
+                self.breaker.release_connection()
+                raise
+            self.connections_opened += 1
+            label = f"{self.connections_opened}"
+            pooled = PooledConnection(connection, label, opened_at=self._loop.time())
+            self.connections.append(pooled)
+            if self._on_connected is not None:
+                self._on_connected(self, pooled)
+        finally:
+            self._connecting = None
+            done.set_result(None)
+
+    def _mark_busy(self, connection: PeerConnection) -> None:
+        for pooled in self.connections:
+            if pooled.connection is connection:
+                pooled.idle_since = None
+
+    def sweep_closed(self) -> None:
+        """Forget connections that closed, giving back their circuit-breaker slots."""
+        for pooled in [p for p in self.connections if p.connection.is_closed]:
+            self._forget(pooled)
+
+    def _forget(self, pooled: PooledConnection) -> None:
+        if pooled in self.connections:
+            self.connections.remove(pooled)
+            self.breaker.release_connection()
+            if self._on_closed is not None:
+                self._on_closed(self, pooled)
+
+    def close_idle(self, now: float, idle_timeout: float) -> None:
+        """Close connections that have carried no stream for ``idle_timeout`` seconds."""
+        self.sweep_closed()
+        for pooled in list(self.connections):
+            if pooled.connection.active_streams > 0:
+                pooled.idle_since = None
+            elif pooled.idle_since is None:
+                pooled.idle_since = now
+            elif now - pooled.idle_since >= idle_timeout:
+                logger.info("closing idle connection %s to %s:%d", pooled.label, *self.address)
+                pooled.connection.close()
+                self._forget(pooled)
+
+    @property
+    def active_streams(self) -> int:
+        """Streams open on all of this pool's connections."""
+        return sum(p.connection.active_streams for p in self.connections)
+
+    async def close(self) -> None:
+        """Close every connection (GOAWAY / CONNECTION_CLOSE) and wait for them."""
+        pooled = list(self.connections)
+        for item in pooled:
+            item.connection.close()
+        for item in pooled:
+            with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
+                await asyncio.wait_for(item.connection.wait_closed(), 5.0)
+            self._forget(item)
+
+
+def _accepts_early_data(transport: Transport) -> bool:
+    try:
+        return "early_data" in inspect.signature(transport.connect).parameters
+    except (TypeError, ValueError):
+        return False

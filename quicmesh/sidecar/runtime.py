@@ -1,0 +1,477 @@
+"""The running sidecar: builds listeners and clusters from a config, reloads, drains.
+
+:class:`Sidecar` is the asyncio glue around the sans-IO pieces. It owns the
+admin server, the outbound and inbound listeners, the clusters and their
+counters, the access log and the live-flow tracker. :meth:`Sidecar.reload`
+applies a new configuration without dropping live flows (a flow holds on to the
+cluster and pool it started on); :meth:`Sidecar.drain` stops taking flows, lets
+live ones finish within the grace period and closes peer connections cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import TRANSPORTS
+from ..errors import ConfigError, QuicmeshError
+from ..tls import DevCA, Identity, TrustBundle
+from ..transport.base import Transport
+from .accesslog import AccessLog, FlowRecord
+from .admin import AdminServer
+from .cluster import Cluster
+from .config import (
+    ClusterConfig,
+    SidecarConfig,
+    format_address,
+    load_config,
+    load_endpoints_file,
+)
+from .flows import FlowTracker
+from .inbound import InboundListener
+from .metrics import Metrics
+from .outbound import OutboundListener
+from .stats import ClusterStats, ListenerStats
+
+logger = logging.getLogger("quicmesh.sidecar")
+
+WATCH_INTERVAL = 0.5
+"""Seconds between checks of watched endpoints files."""
+
+
+def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
+    """This sidecar's identity and trust bundle, from a dev CA directory or PEM files.
+
+    :raises ConfigError: a file is missing or invalid, or the identity does not match.
+    """
+    tls = config.tls
+    source = config.source
+    if tls.ca_dir is not None:
+        ca = DevCA.load(tls.ca_dir)
+        try:
+            identity = ca.issue(config.node.identity)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: node.identity: {exc}") from None
+        return identity, ca.trust_bundle
+    assert tls.cert is not None and tls.key is not None and tls.trust_bundle is not None
+    identity = Identity.from_files(tls.cert, tls.key)
+    trust = TrustBundle.from_file(tls.trust_bundle)
+    if identity.spiffe_id != config.node.identity:
+        raise ConfigError(
+            f"{source}: node.identity: {config.node.identity} does not match the certificate "
+            f"{tls.cert} ({identity.spiffe_id})"
+        )
+    return identity, trust
+
+
+def cluster_transport(config: ClusterConfig, identity: Identity, trust: TrustBundle) -> Transport:
+    """The client-side transport a cluster dials with."""
+    cls = TRANSPORTS[config.transport]
+    if config.transport == "quic":
+        return cls(  # type: ignore[call-arg]
+            identity=identity, trust=trust, congestion_control=config.congestion_control
+        )
+    return cls(identity=identity, trust=trust)
+
+
+class Sidecar:
+    """One sidecar process's state.
+
+    :param config: the validated configuration.
+    :param config_path: the file to re-read on :meth:`reload` (None: reload is refused).
+    """
+
+    def __init__(self, config: SidecarConfig, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.identity, self.trust = load_identity(config)
+        self.flows = FlowTracker()
+        self.access_log = AccessLog(config.access_log.path)
+        self.metrics = Metrics(self.snapshot)
+        self.admin = AdminServer(self, config.admin.address)
+        self.clusters: dict[str, Cluster] = {}
+        self.cluster_stats: dict[str, ClusterStats] = {}
+        self.listener_stats: dict[str, ListenerStats] = {}
+        self.outbound: dict[str, OutboundListener] = {}
+        self.inbound: dict[str, InboundListener] = {}
+        self.retired_clusters: list[Cluster] = []
+        self.reloads = {"ok": 0, "rejected": 0}
+        self.ready = False
+        self.draining = False
+        self.started_at = time.time()
+        self._drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watched: dict[str, tuple[int, int, int] | None] = {}
+        self._reload_lock = asyncio.Lock()
+        self._background_tasks: set[asyncio.Task[None]] = set()
+
+    # -- start -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the admin address and every listener, start the clusters.
+
+        :raises QuicmeshError: an address cannot be bound; everything opened is closed.
+        """
+        try:
+            await self._bind(self.admin.start, "admin", self.config.admin.address)
+            for cluster_config in self.config.clusters:
+                self.clusters[cluster_config.name] = self._make_cluster(cluster_config)
+            for out in self.config.outbound:
+                await self._start_outbound(out)
+            for inb in self.config.inbound:
+                await self._start_inbound(inb)
+        except BaseException:
+            await self._close_everything()
+            raise
+        self._remember_watched()
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
+        self.ready = True
+        logger.info(
+            "sidecar %s (%s) ready: admin %s, outbound %s, inbound %s",
+            self.config.node.name,
+            self.identity.spiffe_id,
+            format_address(self.config.admin.address),
+            ", ".join(f"{o.name}={format_address(o.address)}" for o in self.config.outbound) or "-",
+            ", ".join(
+                f"{i.name}={format_address(i.address)}/{'+'.join(i.transports)}"
+                for i in self.config.inbound
+            )
+            or "-",
+        )
+
+    async def _bind(self, start: Any, what: str, address: tuple[str, int]) -> None:
+        try:
+            await start()
+        except OSError as exc:
+            raise QuicmeshError(
+                f"cannot listen on {format_address(address)} ({what}): {exc.strerror or exc}"
+            ) from None
+
+    def _make_cluster(self, config: ClusterConfig) -> Cluster:
+        stats = self.cluster_stats.setdefault(config.name, ClusterStats(config.name))
+        cluster = Cluster(
+            config,
+            cluster_transport(config, self.identity, self.trust),
+            stats,
+            headers={"x-quicmesh-source": self.config.node.name},
+        )
+        cluster.start()
+        return cluster
+
+    def _listener_stats(self, name: str, kind: str) -> ListenerStats:
+        stats = self.listener_stats.get(name)
+        if stats is None or stats.kind != kind:
+            stats = self.listener_stats[name] = ListenerStats(name, kind)
+        return stats
+
+    async def _start_outbound(self, config: Any) -> None:
+        listener = OutboundListener(
+            config,
+            self.clusters.__getitem__,
+            self._listener_stats(config.name, "outbound"),
+            self.flows,
+            self._log_flow,
+        )
+        await self._bind(listener.start, f"listener {config.name}", config.address)
+        self.outbound[config.name] = listener
+
+    async def _start_inbound(self, config: Any) -> None:
+        listener = InboundListener(
+            config,
+            self.identity,
+            self.trust,
+            self._listener_stats(config.name, "inbound"),
+            self.flows,
+            self._log_flow,
+        )
+        try:
+            await listener.start()
+        except QuicmeshError as exc:
+            raise QuicmeshError(f"listener {config.name}: {exc}") from None
+        self.inbound[config.name] = listener
+
+    def _log_flow(self, record: FlowRecord) -> None:
+        self.access_log.write(record)
+
+    # -- reload ----------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and apply it; keep the running one if invalid.
+
+        Returns True if the new configuration was applied.
+        """
+        if self.config_path is None or self.draining:
+            return False
+        async with self._reload_lock:
+            try:
+                new = load_config(self.config_path)
+                if new.node != self.config.node or new.tls != self.config.tls:
+                    raise ConfigError(
+                        f"{self.config_path}: node and tls cannot change on reload: restart"
+                    )
+                if new.admin != self.config.admin or new.access_log != self.config.access_log:
+                    raise ConfigError(
+                        f"{self.config_path}: admin and access_log cannot change on reload: restart"
+                    )
+                await self._apply(new)
+            except QuicmeshError as exc:
+                self.reloads["rejected"] += 1
+                logger.error("reload rejected, keeping the running configuration: %s", exc)
+                return False
+        self.reloads["ok"] += 1
+        logger.info("reloaded %s", self.config_path)
+        return True
+
+    async def _apply(self, new: SidecarConfig) -> None:
+        # New listeners are bound first, so a port that cannot be bound leaves everything as is.
+        started_out: list[OutboundListener] = []
+        started_in: list[InboundListener] = []
+        old_out = {o.name: o for o in self.config.outbound}
+        old_in = {i.name: i for i in self.config.inbound}
+        new_clusters: dict[str, Cluster] = {}
+        try:
+            for cluster_config in new.clusters:
+                current = self.clusters.get(cluster_config.name)
+                if current is None or not current.config.same_except_endpoints(cluster_config):
+                    new_clusters[cluster_config.name] = self._make_cluster(cluster_config)
+            for out in new.outbound:
+                previous = old_out.get(out.name)
+                if previous is None or previous.address != out.address:
+                    listener = OutboundListener(
+                        out,
+                        self.clusters.__getitem__,
+                        self._listener_stats(out.name, "outbound"),
+                        self.flows,
+                        self._log_flow,
+                    )
+                    await self._bind(listener.start, f"listener {out.name}", out.address)
+                    started_out.append(listener)
+            for inb in new.inbound:
+                previous_in = old_in.get(inb.name)
+                if (
+                    previous_in is None
+                    or previous_in.address != inb.address
+                    or previous_in.transports != inb.transports
+                ):
+                    in_listener = InboundListener(
+                        inb,
+                        self.identity,
+                        self.trust,
+                        self._listener_stats(inb.name, "inbound"),
+                        self.flows,
+                        self._log_flow,
+                    )
+                    await in_listener.start()
+                    started_in.append(in_listener)
+        except BaseException:
+            for listener in started_out:
+                listener.close()
+            for in_listener in started_in:
+                in_listener.close()
+            for cluster in new_clusters.values():
+                await cluster.close()
+            raise
+        # Commit: swap clusters, then listeners. Live flows keep their own objects.
+        for cluster_config in new.clusters:
+            if cluster_config.name in new_clusters:
+                old = self.clusters.get(cluster_config.name)
+                if old is not None:
+                    self._retire_cluster(old)
+                self.clusters[cluster_config.name] = new_clusters[cluster_config.name]
+            else:
+                self.clusters[cluster_config.name].set_endpoints(cluster_config.endpoints)
+        for name in set(self.clusters) - {c.name for c in new.clusters}:
+            self._retire_cluster(self.clusters.pop(name))
+        started_by_name = {listener.config.name: listener for listener in started_out}
+        for out in new.outbound:
+            if out.name in started_by_name:
+                if out.name in self.outbound:
+                    self.outbound[out.name].close()
+                self.outbound[out.name] = started_by_name[out.name]
+            else:
+                self.outbound[out.name].config = out
+        for name in set(self.outbound) - {o.name for o in new.outbound}:
+            self.outbound.pop(name).close()
+        started_in_by_name = {listener.config.name: listener for listener in started_in}
+        grace = new.drain.grace_period
+        for inb in new.inbound:
+            if inb.name in started_in_by_name:
+                if inb.name in self.inbound:
+                    self._background(self.inbound[inb.name].drain_and_close(grace))
+                self.inbound[inb.name] = started_in_by_name[inb.name]
+            else:
+                self.inbound[inb.name].config = inb
+        for name in set(self.inbound) - {i.name for i in new.inbound}:
+            self._background(self.inbound.pop(name).drain_and_close(grace))
+        self.config = new
+        self._remember_watched()
+
+    def _retire_cluster(self, cluster: Cluster) -> None:
+        """Keep an old cluster until its live flows end, then close its connections."""
+        self.retired_clusters.append(cluster)
+
+        async def close_when_idle() -> None:
+            while cluster.stats.streams_active > 0 and any(
+                e.pool.active_streams for e in cluster.endpoints.values()
+            ):
+                await asyncio.sleep(1.0)
+            await cluster.close()
+            with contextlib.suppress(ValueError):
+                self.retired_clusters.remove(cluster)
+
+        self._background(close_when_idle())
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    # -- endpoints files -------------------------------------------------------
+
+    def _remember_watched(self) -> None:
+        self._watched = {
+            c.endpoints_file: _file_version(c.endpoints_file)
+            for c in self.config.clusters
+            if c.endpoints_file is not None
+        }
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for path, seen in list(self._watched.items()):
+                version = _file_version(path)
+                if version == seen:
+                    continue
+                self._watched[path] = version
+                self._reload_endpoints(path)
+
+    def _reload_endpoints(self, path: str) -> None:
+        try:
+            endpoints = load_endpoints_file(path)
+        except ConfigError as exc:
+            self.reloads["rejected"] += 1
+            logger.error("endpoints file rejected, keeping the running endpoints: %s", exc)
+            return
+        for cluster in self.clusters.values():
+            if cluster.config.endpoints_file == path:
+                cluster.set_endpoints(endpoints)
+                logger.info(
+                    "cluster %s: endpoints now %s",
+                    cluster.config.name,
+                    ", ".join(format_address(e) for e in endpoints) or "none",
+                )
+        self.reloads["ok"] += 1
+
+    # -- drain -----------------------------------------------------------------
+
+    def begin_drain(self) -> bool:
+        """Start a drain in the background; False if one is already running."""
+        if self.draining:
+            return False
+        self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+        return True
+
+    async def drain(self) -> None:
+        """Stop taking flows, let live ones finish within the grace period, close cleanly."""
+        if self.draining:
+            await self._drained.wait()
+            return
+        self.draining = True
+        self.ready = False
+        grace = self.config.drain.grace_period
+        logger.info("draining: %d live flows, grace period %gs", self.flows.active, grace)
+        for out in self.outbound.values():
+            out.close()
+        for inb in self.inbound.values():
+            inb.draining = True
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.flows.wait_idle(), grace)
+        except TimeoutError:
+            logger.warning("grace period over: closing %d live flows", self.flows.active)
+        await asyncio.gather(
+            *(inb.drain_and_close(0.0) for inb in self.inbound.values()),
+            return_exceptions=True,
+        )
+        await self._close_everything()
+        logger.info("drained in %.2fs", time.monotonic() - started)
+        self._drained.set()
+
+    async def wait_drained(self) -> None:
+        """Wait until a drain has finished."""
+        await self._drained.wait()
+
+    async def _close_everything(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for out in self.outbound.values():
+            out.close()
+        for inb in self.inbound.values():
+            inb.close()
+        for cluster in list(self.clusters.values()) + self.retired_clusters:
+            with contextlib.suppress(QuicmeshError, OSError):
+                await cluster.close()
+        for inb in self.inbound.values():
+            await inb.wait_closed()
+        await self.admin.close()
+        self.access_log.close()
+
+    # -- views -----------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """Whether the sidecar takes traffic (started and not draining)."""
+        return self.ready and not self.draining
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and live state: ``/stats``, and the source of ``/metrics``."""
+        listeners: dict[str, Any] = {}
+        for name, out in self.outbound.items():
+            listeners[name] = {
+                **out.stats.to_dict(),
+                "address": format_address(out.config.address),
+                "cluster": out.config.cluster,
+            }
+        for name, inb in self.inbound.items():
+            listeners[name] = {
+                **inb.stats.to_dict(),
+                "address": format_address(inb.config.address),
+                "transports": list(inb.config.transports),
+            }
+        return {
+            "node": self.config.node.name,
+            "identity": self.identity.spiffe_id,
+            "ready": self.is_ready(),
+            "draining": self.draining,
+            "uptime": round(time.time() - self.started_at, 3),
+            "flows_active": self.flows.active,
+            "reloads": dict(self.reloads),
+            "listeners": listeners,
+            "clusters": {name: c.snapshot() for name, c in self.clusters.items()},
+        }
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of :meth:`snapshot`."""
+        return self.metrics.exposition()
+
+    def config_dump(self) -> dict[str, Any]:
+        """The running configuration, with the live endpoint lists."""
+        dump = self.config.to_dict()
+        for cluster in dump["clusters"]:
+            live = self.clusters.get(cluster["name"])
+            if live is not None:
+                cluster["endpoints"] = [format_address(e) for e in live.endpoints]
+        return dump
+
+
+def _file_version(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(Path(path))
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)

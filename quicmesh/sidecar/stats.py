@@ -1,0 +1,96 @@
+"""Counters the sidecar keeps per listener, cluster and endpoint.
+
+Plain dataclasses that the listeners and clusters increment. They outlive a
+reload (a cluster rebuilt under the same name keeps counting), and are the one
+source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
+:mod:`quicmesh.sidecar.metrics`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .accesslog import Outcome
+
+
+@dataclass
+class ListenerStats:
+    """One listener's counters.
+
+    For an outbound listener a *connection* is a local client's TCP connection and
+    a *stream* the tunnel stream opened for it; for the inbound listener a *stream*
+    is a flow from a peer sidecar and a *connection* the TCP connection to its
+    destination.
+    """
+
+    name: str
+    kind: str
+    connections_total: int = 0
+    connections_active: int = 0
+    streams_total: int = 0
+    streams_active: int = 0
+    bytes_received: int = 0
+    """Bytes from the downstream side (local client, or peer sidecar)."""
+    bytes_sent: int = 0
+    """Bytes to the downstream side."""
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def flow_ended(self, outcome: Outcome, bytes_received: int, bytes_sent: int) -> None:
+        """Count a finished flow."""
+        self.outcomes[outcome.value] += 1
+        self.bytes_received += bytes_received
+        self.bytes_sent += bytes_sent
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly view."""
+        return {
+            "kind": self.kind,
+            "connections_total": self.connections_total,
+            "connections_active": self.connections_active,
+            "streams_total": self.streams_total,
+            "streams_active": self.streams_active,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "outcomes": dict(self.outcomes),
+        }
+
+
+@dataclass
+class EndpointStats:
+    """One endpoint's counters within a cluster."""
+
+    streams_total: int = 0
+    streams_active: int = 0
+    connect_failures: int = 0
+    ejections: int = 0
+    connections_total: int = 0
+
+
+@dataclass
+class ClusterStats:
+    """One cluster's counters."""
+
+    name: str
+    connections_total: int = 0
+    streams_total: int = 0
+    streams_active: int = 0
+    bytes_sent: int = 0
+    """Bytes sent into the tunnel."""
+    bytes_received: int = 0
+    """Bytes received from the tunnel."""
+    connect_failures: int = 0
+    retries: int = 0
+    overflows: Counter[str] = field(default_factory=Counter)
+    early_data_attempted: int = 0
+    early_data_accepted: int = 0
+    migrations_closed: int = 0
+    """Migrations counted on connections that have since closed."""
+    outcomes: Counter[str] = field(default_factory=Counter)
+    endpoints: dict[str, EndpointStats] = field(default_factory=dict)
+
+    def endpoint(self, name: str) -> EndpointStats:
+        """The counters of endpoint ``name`` (``host:port``), created on first use."""
+        if name not in self.endpoints:
+            self.endpoints[name] = EndpointStats()
+        return self.endpoints[name]

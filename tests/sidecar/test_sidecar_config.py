@@ -1,0 +1,318 @@
+"""The configuration loader: valid documents load, invalid ones give one clear line.
+
+Hypothesis feeds random and mutated YAML documents: the loader either returns a
+config or raises ConfigError whose message is one line starting with the file name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quicmesh.errors import ConfigError
+from quicmesh.sidecar.config import (
+    SidecarConfig,
+    load_config,
+    load_endpoints_file,
+    parse_config,
+    parse_duration,
+)
+
+SOURCE = "sidecar.yaml"
+
+VALID: dict[str, Any] = {
+    "node": {"name": "a", "identity": "spiffe://mesh.local/ns/default/sa/a"},
+    "tls": {"ca_dir": "ca"},
+    "admin": {"address": "127.0.0.1:15000"},
+    "access_log": {"path": "-"},
+    "drain": {"grace_period": "5s"},
+    "listeners": {
+        "outbound": [{"name": "app", "address": "127.0.0.1:15001", "cluster": "reviews"}],
+        "inbound": [
+            {
+                "name": "mesh",
+                "address": "127.0.0.1:15008",
+                "transports": ["quic", "h2"],
+                "destinations": ["127.0.0.1:9080", "10.0.0.0/8:*"],
+                "policies": [
+                    {
+                        "identity": "spiffe://mesh.local/ns/default/*",
+                        "destinations": ["127.0.0.1:9080"],
+                    }
+                ],
+                "connect_timeout": "2s",
+                "max_streams": 64,
+            }
+        ],
+    },
+    "clusters": [
+        {
+            "name": "reviews",
+            "transport": "quic",
+            "target": "127.0.0.1:9080",
+            "endpoints": ["127.0.0.1:15008", "[::1]:15008"],
+            "load_balancing": "least_request",
+            "congestion_control": "bbr",
+            "early_data": False,
+            "health_check": {
+                "interval": "1s",
+                "timeout": "500ms",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+            },
+            "outlier_detection": {
+                "consecutive_connect_failures": 3,
+                "base_ejection_time": "10s",
+                "max_ejection_percent": 50,
+            },
+            "circuit_breakers": {
+                "max_connections": 4,
+                "max_concurrent_streams": 100,
+                "max_pending_opens": 10,
+            },
+            "connect_timeout": 2,
+            "idle_timeout": "1m",
+            "connect_retries": 2,
+        }
+    ],
+}
+
+
+def load(document: Any) -> SidecarConfig:
+    return parse_config(yaml.safe_dump(document), source=SOURCE, base_dir=Path("/etc/q"))
+
+
+def error_of(document: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(document)
+    return str(info.value)
+
+
+def test_the_full_example_loads() -> None:
+    config = load(VALID)
+    cluster = config.cluster("reviews")
+    assert cluster.endpoints == (("127.0.0.1", 15008), ("::1", 15008))
+    assert cluster.congestion_control == "bbr"
+    assert cluster.health_check is not None and cluster.health_check.timeout == 0.5
+    assert cluster.idle_timeout == 60.0
+    assert config.tls.ca_dir == "/etc/q/ca"
+    assert config.inbound[0].transports == ("quic", "h2")
+    assert config.to_dict()["clusters"][0]["endpoints"] == ["127.0.0.1:15008", "[::1]:15008"]
+
+
+def test_defaults() -> None:
+    document = copy.deepcopy(VALID)
+    document["clusters"][0] = {
+        "name": "reviews",
+        "transport": "h2",
+        "target": "reviews:9080",
+        "endpoints": ["127.0.0.1:15008"],
+    }
+    cluster = load(document).cluster("reviews")
+    assert cluster.load_balancing == "round_robin"
+    assert cluster.health_check is None
+    assert cluster.connect_retries == 1
+    assert cluster.outlier_detection.consecutive_connect_failures == 5
+
+
+def mutate(path: list[Any], value: Any) -> dict[str, Any]:
+    document = copy.deepcopy(VALID)
+    node: Any = document
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return document
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (
+            ["clusters", 0, "endpoints", 1],
+            "127.0.0.1:70000",
+            "sidecar.yaml: clusters[0].endpoints[1]: port 70000 is outside 1-65535",
+        ),
+        (
+            ["clusters", 0, "transport"],
+            "udp",
+            "sidecar.yaml: clusters[0].transport: 'udp' is not one of quic, h2, tcp",
+        ),
+        (["node", "identity"], "http://x", "sidecar.yaml: node.identity: invalid SPIFFE ID"),
+        (["node"], DELETE, "sidecar.yaml: node: is required"),
+        (["clusters", 0, "colour"], "red", "sidecar.yaml: clusters[0].colour: unknown field"),
+        (
+            ["listeners", "outbound", 0, "cluster"],
+            "nope",
+            "sidecar.yaml: listeners.outbound[0].cluster: no cluster named 'nope'",
+        ),
+        (
+            ["clusters", 0, "health_check", "interval"],
+            "soon",
+            "sidecar.yaml: clusters[0].health_check.interval: 'soon' is not a duration",
+        ),
+        (
+            ["listeners", "inbound", 0, "transports"],
+            ["h2", "tcp"],
+            "sidecar.yaml: listeners.inbound[0].transports: h2 and tcp both listen on TCP",
+        ),
+        (
+            ["listeners", "inbound", 0, "destinations", 1],
+            "10.0.0.0/33:*",
+            "sidecar.yaml: listeners.inbound[0].destinations[1]: '10.0.0.0/33' is not",
+        ),
+        (
+            ["listeners", "outbound", 0, "address"],
+            "127.0.0.1:15008",
+            "sidecar.yaml: listeners: inbound[0]: TCP port 15008 is also used by outbound[0]",
+        ),
+        (
+            ["clusters", 0, "circuit_breakers", "max_connections"],
+            0,
+            "sidecar.yaml: clusters[0].circuit_breakers.max_connections: 0 is outside 1-100000",
+        ),
+        (
+            ["clusters", 0, "early_data"],
+            "yes",
+            "sidecar.yaml: clusters[0].early_data: expected true or false",
+        ),
+    ],
+)
+def test_errors_name_file_field_and_problem(path: list[Any], value: Any, message: str) -> None:
+    error = error_of(mutate(path, value))
+    assert error.startswith(message), error
+    assert "\n" not in error
+
+
+def test_quic_only_options_are_refused_on_other_transports() -> None:
+    document = mutate(["clusters", 0, "transport"], "tcp")
+    error = error_of(document)
+    assert error.startswith("sidecar.yaml: clusters[0].congestion_control: applies to quic")
+
+
+def test_invalid_yaml_names_the_line() -> None:
+    with pytest.raises(ConfigError, match=r"^sidecar.yaml: line \d+ column \d+: invalid YAML"):
+        parse_config("node:\n  name: [a\n  b: c\n", source=SOURCE)
+
+
+def test_empty_file() -> None:
+    with pytest.raises(ConfigError, match="the file is empty"):
+        parse_config("", source=SOURCE)
+
+
+def test_endpoints_file(tmp_path: Path) -> None:
+    (tmp_path / "eps.yaml").write_text("- 127.0.0.1:1\n- 127.0.0.1:2\n")
+    document = mutate(["clusters", 0, "endpoints"], DELETE)
+    document["clusters"][0]["endpoints_file"] = "eps.yaml"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(document))
+    config = load_config(tmp_path / "s.yaml")
+    assert config.cluster("reviews").endpoints == (("127.0.0.1", 1), ("127.0.0.1", 2))
+    (tmp_path / "eps.yaml").write_text("endpoints: [127.0.0.1:0]\n")
+    with pytest.raises(ConfigError, match=r"eps.yaml: endpoints\[0\]: port 0 is outside"):
+        load_endpoints_file(tmp_path / "eps.yaml")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match=r"^/nonexistent/s\.yaml: cannot read"):
+        load_config("/nonexistent/s.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(5, 5.0), ("250ms", 0.25), ("2s", 2.0), ("1.5m", 90.0), (".5", 0.5)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+# -- hypothesis ---------------------------------------------------------------------------
+
+
+def check_loads_or_clean_error(text: str) -> None:
+    try:
+        parse_config(text, source=SOURCE, base_dir=Path("/etc/q"))
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{SOURCE}: "), message
+        assert "\n" not in message and "\r" not in message, message
+        assert len(message) < 1000
+
+
+yaml_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(
+        ["127.0.0.1:15008", "[::1]:1", "quic", "h2", "tcp", "5s", "*", "10.0.0.0/8:*", "x:0"]
+    ),
+)
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=12), st.integers()), children, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(yaml_values)
+def test_random_documents_never_crash(document: Any) -> None:
+    check_loads_or_clean_error(yaml.safe_dump(document))
+
+
+def paths_of(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += paths_of(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += paths_of(value, (*prefix, index))
+    return found
+
+
+ALL_PATHS = paths_of(VALID)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(ALL_PATHS), st.one_of(yaml_values, st.just(DELETE))),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_mutated_documents_load_or_fail_cleanly(mutations: list[tuple[Any, Any]]) -> None:
+    document = copy.deepcopy(VALID)
+    for path, value in mutations:
+        node: Any = document
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            if value is DELETE:
+                del node[path[-1]]
+            else:
+                node[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    check_loads_or_clean_error(yaml.safe_dump(document))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_crashes(text: str) -> None:
+    check_loads_or_clean_error(text)

@@ -1,0 +1,338 @@
+"""End to end: real sidecar processes over each transport, with real loopback sockets.
+
+Sidecar B (module fixture ``mesh``) serves quic+h2 and tcp tunnels in front of an
+echo app; each test starts the sidecar A it needs with ``python -m quicmesh sidecar``.
+Synchronisation is by events (an echoed byte proves a flow is established) or by
+polling ``/ready``, ``/stats`` and the access log with a deadline, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
+
+from .conftest import HeldFlow, Mesh, addr, echo_flow, refused, wait_until
+
+TRANSPORTS = ["quic", "h2", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def main_a(mesh: Mesh) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
+    """Sidecar A with one listener per scenario."""
+    dead = addr(free_port())
+    clusters = [
+        *(mesh.cluster(f"echo_{t}", t, load_balancing="least_request") for t in TRANSPORTS),
+        *(
+            mesh.cluster(
+                f"eject_{t}",
+                t,
+                endpoints=[dead, mesh.endpoint(t)],
+                load_balancing="round_robin",
+                connect_timeout="1s",
+                connect_retries=1,
+                outlier_detection={"consecutive_connect_failures": 1, "base_ejection_time": "60s"},
+            )
+            for t in TRANSPORTS
+        ),
+        mesh.cluster("breaker", "quic", circuit_breakers={"max_concurrent_streams": 2}),
+        mesh.cluster("forbidden", "quic", target=addr(free_port())),
+        mesh.cluster("stranger", "quic", endpoints=[addr(mesh.ports["strict"])]),
+    ]
+    config, ports = mesh.a_config(clusters)
+    a = SidecarProcess("a-main", config, mesh.workdir)
+    a.start()
+    a.wait_ready()
+    yield a, ports
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_many_concurrent_flows_arrive_intact(
+    main_a: tuple[SidecarProcess, dict[str, int]], mesh: Mesh, transport: str
+) -> None:
+    a, ports = main_a
+    payloads = [os.urandom(1000 + 997 * i) for i in range(48)]
+
+    async def main() -> list[bytes]:
+        return await asyncio.gather(*(echo_flow(ports[f"echo_{transport}"], p) for p in payloads))
+
+    results = asyncio.run(main())
+    assert [len(r) for r in results] == [len(p) for p in payloads]
+    assert results == payloads
+    cluster = f"echo_{transport}"
+    wait_until(
+        lambda: metric(a.metrics(), "quicmesh_cluster_flows_total", cluster=cluster) == 48,
+        what="48 flows counted",
+    )
+    samples = a.metrics()
+    total = sum(len(p) for p in payloads)
+    assert metric(samples, "quicmesh_cluster_bytes_sent_total", cluster=cluster) == total
+    assert metric(samples, "quicmesh_cluster_bytes_received_total", cluster=cluster) == total
+    assert metric(samples, "quicmesh_cluster_streams_total", cluster=cluster) == 48
+    assert metric(samples, "quicmesh_listener_connections_total", listener=cluster) == 48
+    if transport != "tcp":
+        # Many streams, few connections: a new one only at the peer's stream limit.
+        assert metric(samples, "quicmesh_cluster_connections_total", cluster=cluster) <= 2
+    if transport == "quic":
+        assert metric(samples, "quicmesh_peer_connection_rtt_seconds", cluster=cluster) > 0
+        assert metric(samples, "quicmesh_peer_connection_cwnd_bytes", cluster=cluster) > 0
+    lines = [r for r in a.access_log() if r["listener"] == cluster]
+    assert len(lines) == 48
+    assert {r["outcome"] for r in lines} == {"completed"}
+    assert {r["transport"] for r in lines} == {transport}
+    assert {r["peer_identity"] for r in lines} == {"spiffe://mesh.local/ns/default/sa/reviews"}
+    assert sum(r["bytes_sent"] for r in lines) == total
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_down_endpoint_is_ejected_and_traffic_moves(
+    main_a: tuple[SidecarProcess, dict[str, int]], mesh: Mesh, transport: str
+) -> None:
+    a, ports = main_a
+    cluster = f"eject_{transport}"
+    payloads = [os.urandom(5000) for _ in range(10)]
+
+    async def main() -> list[bytes]:
+        return [await echo_flow(ports[cluster], p) for p in payloads]
+
+    assert asyncio.run(main()) == payloads
+    samples = a.metrics()
+    healthy = mesh.endpoint(transport)
+    dead = next(
+        dict(labels)["endpoint"]
+        for (name, labels), _ in samples.items()
+        if name == "quicmesh_endpoint_health"
+        and dict(labels)["cluster"] == cluster
+        and dict(labels)["endpoint"] != healthy
+    )
+    assert (
+        metric(samples, "quicmesh_endpoint_health", cluster=cluster, endpoint=dead, state="ejected")
+        == 1
+    )
+    assert (
+        metric(
+            samples, "quicmesh_endpoint_health", cluster=cluster, endpoint=healthy, state="healthy"
+        )
+        == 1
+    )
+    assert metric(samples, "quicmesh_endpoint_ejections_total", cluster=cluster, endpoint=dead) == 1
+    assert (
+        metric(samples, "quicmesh_endpoint_streams_total", cluster=cluster, endpoint=healthy) == 10
+    )
+    assert metric(samples, "quicmesh_cluster_connect_failures_total", cluster=cluster) == 1
+    assert metric(samples, "quicmesh_cluster_retries_total", cluster=cluster) == 1
+
+
+def test_circuit_breaker_overflow_is_refused_and_counted(
+    main_a: tuple[SidecarProcess, dict[str, int]],
+) -> None:
+    a, ports = main_a
+
+    async def main() -> tuple[bool, list[bool]]:
+        held = [await HeldFlow.open(ports["breaker"]) for _ in range(2)]
+        overflowed = await refused(ports["breaker"])
+        finished = [await flow.finish(b"bye" * 1000) for flow in held]
+        return overflowed, finished
+
+    overflowed, finished = asyncio.run(main())
+    assert overflowed
+    assert finished == [True, True]
+    samples = a.metrics()
+    assert (
+        metric(
+            samples,
+            "quicmesh_cluster_circuit_breaker_overflows_total",
+            cluster="breaker",
+            limit="max_concurrent_streams",
+        )
+        == 1
+    )
+    lines = wait_until(
+        lambda: [r for r in a.access_log() if r["listener"] == "breaker"][2:] and a.access_log(),
+        what="three breaker flows logged",
+    )
+    outcomes = sorted(r["outcome"] for r in lines if r["listener"] == "breaker")
+    assert outcomes == ["completed", "completed", "overflow"]
+
+
+@pytest.mark.parametrize(
+    ("listener", "b_listener", "reason"),
+    [
+        ("forbidden", "mesh", "is not allowed by listener mesh"),
+        ("stranger", "strict", "spiffe://mesh.local/ns/default/sa/productpage is not allowed"),
+    ],
+)
+def test_refused_destination_or_identity_is_reset_with_a_reason(
+    main_a: tuple[SidecarProcess, dict[str, int]],
+    mesh: Mesh,
+    listener: str,
+    b_listener: str,
+    reason: str,
+) -> None:
+    a, ports = main_a
+    assert asyncio.run(refused(ports[listener]))
+    a_line = wait_until(
+        lambda: [r for r in a.access_log() if r["listener"] == listener],
+        what="A's access-log line",
+    )[0]
+    assert a_line["outcome"] == "refused"
+    assert "403" in a_line["reason"] and reason in a_line["reason"]
+    b_line = wait_until(
+        lambda: [
+            r
+            for r in mesh.b.access_log()
+            if r["listener"] == b_listener and r["outcome"] == "refused"
+        ],
+        what="B's access-log line",
+    )[-1]
+    assert reason in b_line["reason"]
+    assert b_line["peer_identity"] == "spiffe://mesh.local/ns/default/sa/productpage"
+    samples = mesh.b.metrics()
+    assert (
+        metric(samples, "quicmesh_listener_flows_total", listener=b_listener, outcome="refused")
+        >= 1
+    )
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"name": "a", "identity": "spiffe://mesh.local/a"},
+                "tls": {"ca_dir": "ca"},
+                "admin": {"address": "127.0.0.1:15000"},
+                "listeners": {
+                    "outbound": [{"name": "x", "address": "127.0.0.1:1", "cluster": "c"}]
+                },
+                "clusters": [
+                    {
+                        "name": "c",
+                        "transport": "quic",
+                        "target": "a:1",
+                        "endpoints": ["127.0.0.1:1", "127.0.0.1:70000"],
+                    }
+                ],
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"quicmesh sidecar: {path}: clusters[0].endpoints[1]: port 70000 is outside 1-65535"
+    )
+    assert done.stdout == ""
+
+
+def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int) -> None:
+    mesh = Mesh(workdir, echo_port, name="b-drain")
+    mesh.b.start()
+    config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
+    a = SidecarProcess("a-drain", config, workdir)
+    a.start()
+    try:
+        mesh.b.wait_ready()
+        a.wait_ready()
+        payloads = [os.urandom(60_000) for _ in range(16)]
+
+        async def main() -> tuple[list[bool], bool]:
+            held = await asyncio.gather(*(HeldFlow.open(ports["echo"]) for _ in payloads))
+            # Every flow is established through both sidecars: now drain both.
+            a.signal(signal.SIGTERM)
+            mesh.b.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until, lambda: a.request("GET", "/ready")[0] == 503, 10.0, "A draining"
+            )
+            late = await refused(ports["echo"])
+            results = await asyncio.gather(
+                *(f.finish(p) for f, p in zip(held, payloads, strict=True))
+            )
+            return list(results), late
+
+        results, late = asyncio.run(main())
+        assert results == [True] * len(payloads)
+        assert late, "a new connection during the drain must be refused"
+        assert a.process is not None and a.process.wait(15) == 0
+        assert mesh.b.process is not None and mesh.b.process.wait(15) == 0
+        completed = [r for r in a.access_log() if r["outcome"] == "completed"]
+        assert len(completed) == len(payloads)
+        assert "drained in" in a.stderr()
+    finally:
+        a.stop()
+        mesh.b.stop()
+
+
+def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: Path) -> None:
+    endpoints_file = tmp_path / "endpoints.yaml"
+    endpoints_file.write_text(yaml.safe_dump([mesh.endpoint("quic")]))
+    config, ports = mesh.a_config(
+        [
+            mesh.cluster("echo", "quic"),
+            mesh.cluster("watched", "quic", endpoints=None, endpoints_file=str(endpoints_file)),
+        ]
+    )
+    del config["clusters"][1]["endpoints"]
+    a = SidecarProcess("a-reload", config, mesh.workdir)
+    a.start()
+    try:
+        a.wait_ready()
+
+        def reloads(result: str) -> int:
+            return int(a.stats()["reloads"][result])
+
+        async def main() -> list[bool]:
+            held = [await HeldFlow.open(ports["echo"]) for _ in range(8)]
+            # Rebuild the cluster on another transport: live QUIC flows must survive.
+            new = yaml.safe_load(yaml.safe_dump(config))
+            new["clusters"][0] = mesh.cluster("echo", "h2")
+            a.write_config(new)
+            a.signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_until, lambda: reloads("ok") == 1, 10.0, "reload")
+            fresh = os.urandom(50_000)
+            assert await echo_flow(ports["echo"], fresh) == fresh
+            return [await f.finish(os.urandom(100_000)) for f in held]
+
+        assert asyncio.run(main()) == [True] * 8
+        lines = [r for r in a.access_log() if r["listener"] == "echo"]
+        assert sorted(r["transport"] for r in lines) == ["h2"] + ["quic"] * 8
+        assert {r["outcome"] for r in lines} == {"completed"}
+
+        # An invalid configuration is refused and the running one kept.
+        a.config_path.write_text("clusters: [\n")
+        a.signal(signal.SIGHUP)
+        wait_until(lambda: reloads("rejected") == 1, what="rejected reload")
+        assert "reload rejected" in a.stderr() and "invalid YAML" in a.stderr()
+        payload = os.urandom(10_000)
+        assert asyncio.run(echo_flow(ports["echo"], payload)) == payload
+
+        # A watched endpoints file: a change applies, an invalid one is refused.
+        def endpoints() -> list[str]:
+            _, body = a.request("GET", "/config_dump")
+            dump: dict[str, Any] = yaml.safe_load(body)
+            return list(next(c for c in dump["clusters"] if c["name"] == "watched")["endpoints"])
+
+        both = [mesh.endpoint("quic"), addr(mesh.ports["strict"])]
+        endpoints_file.write_text(yaml.safe_dump(both))
+        wait_until(lambda: endpoints() == both, what="endpoints file applied")
+        endpoints_file.write_text("- 127.0.0.1:99999\n")
+        wait_until(lambda: reloads("rejected") == 2, what="bad endpoints file refused")
+        assert endpoints() == both
+        assert "port 99999 is outside 1-65535" in a.stderr()
+    finally:
+        assert a.stop() == 0

@@ -1,0 +1,397 @@
+"""Unit tests for the sidecar's sans-IO pieces: balancing, health, circuit breakers,
+pool choice, inbound policy, admin routing, access-log lines and metrics exposition."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from quicmesh.sidecar.accesslog import FlowRecord, Outcome
+from quicmesh.sidecar.admin import Response, route
+from quicmesh.sidecar.circuit import CircuitBreaker
+from quicmesh.sidecar.config import (
+    CircuitBreakerConfig,
+    HealthCheckConfig,
+    IdentityPolicy,
+    InboundListenerConfig,
+    OutlierDetectionConfig,
+    parse_destination,
+)
+from quicmesh.sidecar.health import EndpointHealth, HealthState, HealthTracker
+from quicmesh.sidecar.launch import metric, parse_metrics
+from quicmesh.sidecar.lb import LeastRequest, RandomChoice, RoundRobin, make_balancer
+from quicmesh.sidecar.metrics import Metrics
+from quicmesh.sidecar.policy import refusal_reason
+from quicmesh.sidecar.pool import Action, plan_open
+
+
+@dataclass
+class Ep:
+    name: str
+    active_requests: int = 0
+
+
+# -- load balancing ---------------------------------------------------------------
+
+
+def test_round_robin_cycles_in_order() -> None:
+    eps = [Ep("a"), Ep("b"), Ep("c")]
+    lb = RoundRobin()
+    assert [lb.choose(eps).name for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_least_request_prefers_the_idle_endpoint() -> None:
+    eps = [Ep("busy", 10), Ep("idle", 0)]
+    lb = LeastRequest(random.Random(1))
+    assert {lb.choose(eps).name for _ in range(20)} == {"idle"}
+
+
+def test_least_request_spreads_over_equal_endpoints() -> None:
+    eps = [Ep(str(i)) for i in range(4)]
+    lb = LeastRequest(random.Random(7))
+    assert len({lb.choose(eps).name for _ in range(100)}) == 4
+
+
+def test_random_is_reproducible_with_a_seed() -> None:
+    eps = [Ep(str(i)) for i in range(5)]
+    first = [RandomChoice(random.Random(3)).choose(eps).name for _ in range(1)]
+    a = RandomChoice(random.Random(3))
+    b = RandomChoice(random.Random(3))
+    assert [a.choose(eps).name for _ in range(20)] == [b.choose(eps).name for _ in range(20)]
+    assert first
+    counts = Counter(a.choose(eps).name for _ in range(500))
+    assert len(counts) == 5
+
+
+def test_make_balancer_by_name() -> None:
+    assert isinstance(make_balancer("least_request"), LeastRequest)
+    assert isinstance(make_balancer("round_robin"), RoundRobin)
+
+
+# -- health and outlier ejection --------------------------------------------------
+
+OUTLIER = OutlierDetectionConfig(
+    consecutive_connect_failures=3, base_ejection_time=10.0, max_ejection_percent=100
+)
+
+
+def test_consecutive_connect_failures_eject_then_the_ejection_ends() -> None:
+    health = EndpointHealth(OUTLIER)
+    assert not health.connect_failed(0.0)
+    assert not health.connect_failed(1.0)
+    assert health.connect_failed(2.0)
+    assert health.state(5.0) is HealthState.EJECTED
+    assert not health.is_available(11.9)
+    assert health.state(12.0) is HealthState.HEALTHY
+
+
+def test_a_success_resets_the_failure_count() -> None:
+    health = EndpointHealth(OUTLIER)
+    health.connect_failed(0.0)
+    health.connect_failed(0.0)
+    health.connect_succeeded(0.0)
+    assert not health.connect_failed(0.0)
+    assert health.is_available(0.0)
+
+
+def test_repeated_ejections_last_longer() -> None:
+    health = EndpointHealth(OUTLIER)
+    for _ in range(3):
+        health.connect_failed(0.0)
+    assert health.ejected_until == 10.0
+    for _ in range(3):
+        health.connect_failed(20.0)
+    assert health.ejected_until == 40.0
+
+
+def test_active_checks_mark_unhealthy_and_back() -> None:
+    check = HealthCheckConfig(unhealthy_threshold=2, healthy_threshold=2)
+    health = EndpointHealth(OUTLIER, check)
+    health.check_failed(0.0)
+    assert health.state(0.0) is HealthState.HEALTHY
+    health.check_failed(1.0)
+    assert health.state(1.0) is HealthState.UNHEALTHY
+    health.check_passed(2.0)
+    assert health.state(2.0) is HealthState.UNHEALTHY
+    health.check_passed(3.0)
+    assert health.state(3.0) is HealthState.HEALTHY
+
+
+def test_a_passing_check_readmits_an_ejected_endpoint() -> None:
+    health = EndpointHealth(OUTLIER, HealthCheckConfig())
+    for _ in range(3):
+        health.connect_failed(0.0)
+    assert health.state(1.0) is HealthState.EJECTED
+    health.check_passed(1.0)
+    assert health.state(1.0) is HealthState.HEALTHY
+
+
+def test_max_ejection_percent_keeps_some_endpoints() -> None:
+    outlier = OutlierDetectionConfig(
+        consecutive_connect_failures=1, base_ejection_time=10.0, max_ejection_percent=50
+    )
+    tracker = HealthTracker(outlier)
+    tracker.set_endpoints(["a", "b"])
+    assert tracker.connect_failed("a", 0.0)
+    assert not tracker.connect_failed("b", 0.0)
+    assert tracker.available(0.0) == ["b"]
+
+
+def test_tracker_keeps_state_of_kept_endpoints() -> None:
+    tracker = HealthTracker(OUTLIER)
+    tracker.set_endpoints(["a", "b"])
+    for _ in range(3):
+        tracker.connect_failed("a", 0.0)
+    tracker.set_endpoints(["a", "c"])
+    assert tracker.available(1.0) == ["c"]
+
+
+# -- circuit breakers ---------------------------------------------------------------
+
+
+def test_circuit_breaker_counts_overflows_per_limit() -> None:
+    breaker = CircuitBreaker(
+        CircuitBreakerConfig(max_connections=1, max_concurrent_streams=2, max_pending_opens=0)
+    )
+    assert breaker.try_open_stream() and breaker.try_open_stream()
+    assert not breaker.try_open_stream()
+    breaker.release_stream()
+    assert breaker.try_open_stream()
+    assert breaker.try_open_connection() and not breaker.try_open_connection()
+    assert not breaker.try_begin_pending()
+    assert breaker.overflows == {
+        "max_connections": 1,
+        "max_concurrent_streams": 1,
+        "max_pending_opens": 1,
+    }
+
+
+# -- the pool's choice ------------------------------------------------------------------
+
+
+@dataclass
+class Conn:
+    active_streams: int = 0
+    can_open_stream: bool = True
+    is_closed: bool = False
+
+
+def test_pool_reuses_a_connection_with_credit() -> None:
+    busy, spare = Conn(5), Conn(1)
+    plan = plan_open([busy, spare], connecting=False, may_connect=True)
+    assert plan.action is Action.USE and plan.connection is spare
+
+
+def test_pool_connects_only_at_the_stream_limit() -> None:
+    full = Conn(100, can_open_stream=False)
+    assert plan_open([full], connecting=False, may_connect=True).action is Action.CONNECT
+    assert plan_open([], connecting=False, may_connect=True).action is Action.CONNECT
+
+
+def test_pool_waits_for_a_dial_in_progress() -> None:
+    full = Conn(100, can_open_stream=False)
+    assert plan_open([full], connecting=True, may_connect=True).action is Action.WAIT_FOR_CONNECT
+
+
+def test_pool_queues_or_overflows_at_max_connections() -> None:
+    full = Conn(100, can_open_stream=False)
+    plan = plan_open([full], connecting=False, may_connect=False)
+    assert plan.action is Action.QUEUE and plan.connection is full
+    assert plan_open([], connecting=False, may_connect=False).action is Action.OVERFLOW
+
+
+def test_pool_skips_closed_connections() -> None:
+    closed = Conn(0, is_closed=True)
+    assert plan_open([closed], connecting=False, may_connect=True).action is Action.CONNECT
+
+
+# -- inbound policy --------------------------------------------------------------------
+
+A = "spiffe://mesh.local/ns/default/sa/a"
+B = "spiffe://mesh.local/ns/default/sa/b"
+
+
+def inbound(**kwargs: Any) -> InboundListenerConfig:
+    defaults: dict[str, Any] = {
+        "name": "mesh",
+        "address": ("127.0.0.1", 15008),
+        "transports": ("quic",),
+        "destinations": tuple(
+            parse_destination(d) for d in ("127.0.0.1:8080", "10.0.0.0/8:*", "db.local:5432")
+        ),
+    }
+    defaults.update(kwargs)
+    return InboundListenerConfig(**defaults)
+
+
+@pytest.mark.parametrize(
+    ("target", "allowed"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.0.0.1:8081", False),
+        ("10.1.2.3:443", True),
+        ("11.0.0.1:443", False),
+        ("db.local:5432", True),
+        ("DB.local:5432", True),
+        ("db.local:5433", False),
+        ("[::1]:8080", False),
+        ("garbage", False),
+    ],
+)
+def test_destination_allow_list(target: str, allowed: bool) -> None:
+    assert (refusal_reason(inbound(), A, target) is None) is allowed
+
+
+def test_identity_policies() -> None:
+    config = inbound(
+        policies=(
+            IdentityPolicy(A, (parse_destination("127.0.0.1:8080"),)),
+            IdentityPolicy("spiffe://mesh.local/ns/ops/*", (parse_destination("10.0.0.0/8:*"),)),
+        )
+    )
+    assert refusal_reason(config, A, "127.0.0.1:8080") is None
+    reason = refusal_reason(config, B, "127.0.0.1:8080")
+    assert reason is not None and B in reason
+    assert refusal_reason(config, "spiffe://mesh.local/ns/ops/sa/x", "10.0.0.1:22") is None
+    reason = refusal_reason(config, A, "10.0.0.1:22")
+    assert reason is not None and "may not reach" in reason
+
+
+# -- admin, access log, metrics ----------------------------------------------------------
+
+
+class FakeView:
+    def __init__(self) -> None:
+        self.drains = 0
+        self.ready = True
+
+    def metrics_text(self) -> bytes:
+        return b"m 1\n"
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"x": 1}
+
+    def config_dump(self) -> dict[str, Any]:
+        return {"node": {"name": "n"}}
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def begin_drain(self) -> bool:
+        self.drains += 1
+        self.ready = False
+        return self.drains == 1
+
+
+def test_admin_routes() -> None:
+    view = FakeView()
+    assert route(view, "GET", "/metrics").body == b"m 1\n"
+    assert json.loads(route(view, "GET", "/stats").body) == {"x": 1}
+    assert json.loads(route(view, "GET", "/config_dump?x=1").body)["node"]["name"] == "n"
+    assert route(view, "GET", "/ready").status == 200
+    assert route(view, "GET", "/drain").status == 405
+    assert route(view, "POST", "/drain") == Response(
+        202, "text/plain; charset=utf-8", b"draining\n"
+    )
+    assert route(view, "GET", "/ready").status == 503
+    assert route(view, "POST", "/drain").body == b"already draining\n"
+    assert route(view, "GET", "/nope").status == 404
+
+
+def test_access_log_line_is_one_json_object() -> None:
+    record = FlowRecord(
+        start=0.0,
+        duration=0.0123,
+        listener="app",
+        direction="outbound",
+        downstream="127.0.0.1:5",
+        target="127.0.0.1:80",
+        transport="quic",
+        peer_identity=B,
+        endpoint="127.0.0.1:15008",
+        bytes_sent=10,
+        bytes_received=20,
+        outcome=Outcome.REFUSED,
+        reason="no\nnewline",
+    )
+    line = record.to_json()
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["start"] == "1970-01-01T00:00:00.000Z"
+    assert data["duration_ms"] == 12.3
+    assert data["outcome"] == "refused" and data["reason"] == "no\nnewline"
+
+
+def test_metrics_exposition_from_a_snapshot() -> None:
+    snapshot = {
+        "node": "a",
+        "ready": True,
+        "draining": False,
+        "reloads": {"ok": 1, "rejected": 2},
+        "listeners": {
+            "app": {
+                "kind": "outbound",
+                "connections_total": 3,
+                "connections_active": 1,
+                "streams_total": 3,
+                "streams_active": 1,
+                "bytes_received": 100,
+                "bytes_sent": 200,
+                "outcomes": {"completed": 2},
+            }
+        },
+        "clusters": {
+            "c": {
+                "transport": "quic",
+                "connections_total": 1,
+                "connections_active": 1,
+                "streams_total": 3,
+                "streams_active": 1,
+                "bytes_sent": 100,
+                "bytes_received": 200,
+                "connect_failures": 4,
+                "retries": 1,
+                "early_data_attempted": 0,
+                "early_data_accepted": 0,
+                "migrations": 2,
+                "circuit_breaker_overflows": {"max_concurrent_streams": 5},
+                "outcomes": {"completed": 2, "overflow": 5},
+                "endpoints": {
+                    "127.0.0.1:1": {
+                        "health": "ejected",
+                        "streams_active": 1,
+                        "streams_total": 3,
+                        "connect_failures": 4,
+                        "ejections": 1,
+                        "connections_total": 1,
+                        "connections": [
+                            {"id": "1", "rtt": 0.002, "cwnd": 13000, "packets_lost": 7}
+                        ],
+                    }
+                },
+            }
+        },
+    }
+    samples = parse_metrics(Metrics(lambda: snapshot).exposition().decode())
+    assert metric(samples, "quicmesh_ready") == 1
+    assert metric(samples, "quicmesh_listener_connections_total", listener="app") == 3
+    assert metric(samples, "quicmesh_cluster_migrations_total", cluster="c") == 2
+    assert (
+        metric(
+            samples,
+            "quicmesh_cluster_circuit_breaker_overflows_total",
+            limit="max_concurrent_streams",
+        )
+        == 5
+    )
+    assert metric(samples, "quicmesh_endpoint_health", state="ejected") == 1
+    assert metric(samples, "quicmesh_endpoint_health", state="healthy") == 0
+    assert metric(samples, "quicmesh_peer_connection_rtt_seconds") == 0.002
+    assert metric(samples, "quicmesh_peer_connection_cwnd_bytes") == 13000
+    assert metric(samples, "quicmesh_peer_connection_packets_lost_total") == 7
+    assert metric(samples, "quicmesh_config_reloads_total", result="rejected") == 2
