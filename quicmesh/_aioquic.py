@@ -27,6 +27,22 @@ covered by a test in ``tests/test_aioquic_layer.py``:
   aioquic's own round-robin order among them.
 * **Sender and limit state** (:func:`unsent_bytes`, :func:`can_open_bidi_stream`,
   :func:`connection_stats`): read-only views aioquic keeps private.
+* **Session tickets and 0-RTT on the server** (:func:`configure_server_tls`):
+  aioquic's ticket fetcher and handler are set once per server; we set them per
+  connection so that each ticket is tied to the connection (and the identity)
+  that issued or redeemed it. aioquic accepts 0-RTT whenever it accepts the
+  ticket and has no switch to refuse it: with ``accept_early_data=False`` the
+  0-RTT read key is never installed and EncryptedExtensions omits ``early_data``,
+  so the client learns of the rejection and the server drops its 0-RTT packets.
+* **Rejected 0-RTT** (:func:`reschedule_early_data`): aioquic does nothing
+  special when the server rejects 0-RTT; the 0-RTT packets would only be declared
+  lost by the usual loss detection, a round trip or more later. We declare them
+  lost (not a congestion event) as soon as the handshake says so, so their stream
+  data goes again at once in 1-RTT packets with the same stream offsets.
+* **Paths** (:class:`PathMonitor`, :func:`active_path`, :func:`pto_count`,
+  :func:`spare_connection_ids`): aioquic validates a client's new address and
+  reverts to the last validated path on failure (since 1.7.0) but reports none of
+  it; the monitor calls back on validation success and failure.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import pylsqpack
 from aioquic import tls
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from cryptography import x509
 
 
@@ -67,12 +84,54 @@ def require_client_certificate(quic: QuicConnection) -> None:
     verified by aioquic: call :func:`peer_certificate` once the handshake
     completes and verify it.
     """
+    configure_server_tls(quic)
+
+
+def configure_server_tls(
+    quic: QuicConnection,
+    *,
+    fetch_ticket: Callable[[bytes], tls.SessionTicket | None] | None = None,
+    on_ticket_issued: Callable[[tls.SessionTicket], None] | None = None,
+    accept_early_data: bool = True,
+) -> None:
+    """Set up a server connection's TLS: client certificate, tickets, 0-RTT policy.
+
+    :param fetch_ticket: looks up the ticket a ClientHello offers (``None``: no
+        resumption). On a hit the client-certificate request is withdrawn.
+    :param on_ticket_issued: called with each ticket this connection issues (after
+        the client's Finished, before the handshake-completed event): no handler,
+        no tickets.
+    :param accept_early_data: False refuses 0-RTT even when the ticket is accepted.
+
+    Must be called before the first datagram is received.
+    """
     original_initialize = quic._initialize
 
     def _initialize(self: QuicConnection, peer_cid: bytes) -> None:
         original_initialize(peer_cid)
         context = self.tls
         context._request_client_certificate = True
+        if fetch_ticket is not None:
+            context.get_session_ticket_cb = fetch_ticket
+        if on_ticket_issued is not None:
+            context.new_session_ticket_cb = on_ticket_issued
+        if not accept_early_data:
+            install_key = context.update_traffic_key_cb
+
+            def refuse_early_key(
+                direction: tls.Direction,
+                epoch: tls.Epoch,
+                cipher_suite: tls.CipherSuite,
+                secret: bytes,
+            ) -> None:
+                if direction == tls.Direction.DECRYPT and epoch == tls.Epoch.ZERO_RTT:
+                    # Called right after the flag is set and before EncryptedExtensions
+                    # is written: clearing it tells the client 0-RTT was rejected.
+                    context.early_data_accepted = False
+                    return
+                install_key(direction, epoch, cipher_suite, secret)
+
+            context.update_traffic_key_cb = refuse_early_key
         fetch = context.get_session_ticket_cb
         if fetch is not None:
 
@@ -404,3 +463,100 @@ def connection_stats(quic: QuicConnection) -> dict[str, Any]:
         "bytes_in_flight": recovery.bytes_in_flight,
         "congestion_control": quic.configuration.congestion_control_algorithm,
     }
+
+
+# -- 0-RTT -------------------------------------------------------------------------
+
+
+def reschedule_early_data(quic: QuicConnection, now: float) -> int:
+    """Declare every 0-RTT packet still in flight lost; return how many there were.
+
+    Call on a client whose handshake completed with 0-RTT rejected: the server
+    could not read those packets, so their frames are queued again and go out in
+    1-RTT packets. Not reported to congestion control (nothing was dropped by
+    the network).
+    """
+    space = quic._spaces[tls.Epoch.ONE_RTT]
+    packets = [
+        packet
+        for packet in space.sent_packets.values()
+        if packet.packet_type == QuicPacketType.ZERO_RTT
+    ]
+    if packets:
+        quic._loss._on_packets_lost(congestion_event=False, now=now, packets=packets, space=space)
+    return len(packets)
+
+
+def count_sent_packets(quic: QuicConnection, on_sent: Callable[[QuicPacketType], None]) -> None:
+    """Call ``on_sent(packet_type)`` for every packet the connection sends."""
+    recovery = quic._loss
+    original = recovery.on_packet_sent
+
+    def on_packet_sent(self_: Any, *, packet: Any, space: Any) -> None:
+        on_sent(packet.packet_type)
+        original(packet=packet, space=space)
+
+    recovery.on_packet_sent = types.MethodType(on_packet_sent, recovery)  # type: ignore[method-assign]
+
+
+# -- paths -------------------------------------------------------------------------
+
+
+def active_path(quic: QuicConnection) -> tuple[Any, bool] | None:
+    """The peer address packets go to now, and whether that path is validated."""
+    paths = quic._network_paths
+    if not paths:
+        return None
+    return paths[0].addr, bool(paths[0].is_validated)
+
+
+def pto_count(quic: QuicConnection) -> int:
+    """Consecutive probe timeouts without an acknowledgement (RFC 9002 section 6.2)."""
+    return int(quic._loss._pto_count)
+
+
+def spare_connection_ids(quic: QuicConnection) -> int:
+    """Connection IDs the peer issued that we have not used yet."""
+    return len(quic._peer_cid_available)
+
+
+class PathMonitor:
+    """Report aioquic's path validations on one connection.
+
+    ``on_validated(addr)`` runs when a PATH_RESPONSE validates a path (after a
+    peer address change on a server, or a probe); ``on_abandoned(addr)`` when
+    validation of the active path times out and aioquic reverts to the last
+    validated path (RFC 9000 section 9.3.2).
+    """
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        on_validated: Callable[[Any], None],
+        on_abandoned: Callable[[Any], None],
+    ) -> None:
+        original_response = quic._handle_path_response_frame
+        original_abandon = quic._abandon_path_validation
+
+        def handle_path_response(
+            self_: QuicConnection, context: Any, frame_type: int, buf: Any
+        ) -> None:
+            before = {id(path): path.is_validated for path in self_._network_paths}
+            original_response(context, frame_type, buf)
+            for path in self_._network_paths:
+                if path.is_validated and not before.get(id(path), True):
+                    on_validated(path.addr)
+
+        def abandon(self_: QuicConnection) -> None:
+            addr = self_._network_paths[0].addr if self_._network_paths else None
+            original_abandon()
+            on_abandoned(addr)
+
+        # Frame handlers are bound into a table when the connection is created.
+        handlers = quic._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        frame_type = QuicFrameType.PATH_RESPONSE
+        handlers[frame_type] = (
+            types.MethodType(handle_path_response, quic),
+            handlers[frame_type][1],
+        )
+        quic._abandon_path_validation = types.MethodType(abandon, quic)  # type: ignore[method-assign]

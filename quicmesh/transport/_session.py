@@ -75,7 +75,21 @@ class SessionConnection(PeerConnection):
     def can_open_stream(self) -> bool:
         return self._lost is None and self.session.can_open_stream()
 
-    async def open_stream(self, target: str, headers: dict[str, str] | None = None) -> MeshStream:
+    async def open_stream(
+        self,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        wait_response: bool = True,
+    ) -> MeshStream:
+        """Open a flow (see :meth:`PeerConnection.open_stream`).
+
+        :param wait_response: False returns as soon as the CONNECT is queued, so the
+            first bytes written follow it at once (in 0-RTT packets on a QUIC
+            connection still in its handshake). A refusal then surfaces as
+            :class:`~quicmesh.errors.StreamRefused` from the stream's next read,
+            write or drain.
+        """
         parsed = parse_target(target)
         checked = validate_headers(headers)
         while not self.session.can_open_stream():
@@ -97,7 +111,8 @@ class SessionConnection(PeerConnection):
         self._streams[stream_id] = stream
         self.streams_opened += 1
         self._schedule_transmit()
-        await stream.wait_accepted()
+        if wait_response:
+            await stream.wait_accepted()
         return stream
 
     def close(self) -> None:

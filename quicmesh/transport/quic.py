@@ -12,6 +12,23 @@ and its SPIFFE ID here; the server asks for a client certificate through
 :func:`quicmesh._aioquic.require_client_certificate` and verifies its chain and
 SPIFFE ID with :func:`quicmesh.tls.verify_peer` when the handshake completes,
 before any stream is served.
+
+0-RTT resumption (:meth:`QuicTransport.connect` with ``early_data=True``): a
+resumed handshake carries no certificate, so each session ticket is stored with
+the identity verified when it was issued (:mod:`quicmesh.transport.tickets`).
+The client returns a connection at once, with the identity its ticket recorded;
+streams opened with ``wait_response=False`` send their CONNECT and first bytes
+(up to ``max_early_data``) as 0-RTT; when the handshake completes the identity is
+confirmed (or every stream fails with :class:`PeerVerificationError`) and, if the
+server rejected 0-RTT, that data is sent again in 1-RTT packets at once. The
+server serves 0-RTT streams as soon as a single-use ticket is redeemed, with the
+identity the ticket was issued to; a replayed first flight finds no ticket.
+
+Connection migration (:meth:`QuicPeerConnection.migrate`): the client moves to a
+new UDP socket and the next connection ID; the server (aioquic) validates the
+new path and limits what it sends there to three times what it received until
+then. Migrations and path validations are counted per connection and per
+transport (:attr:`QuicTransport.counters`).
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections import Counter
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -29,29 +47,91 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.tls import SessionTicket
 
 from .. import _aioquic
-from ..errors import ConnectError, ConnectionLost, PeerVerificationError, QuicmeshError
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    PeerVerificationError,
+    QuicmeshError,
+    TunnelError,
+)
 from ..tls import Identity, TrustBundle, spiffe_id_of, verify_peer
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
+from ..tunnel.session import ResetReason
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport
+from .stream import MeshStream
+from .tickets import TicketCache, TicketStore
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
 CRYPTO_ERROR_BAD_CERTIFICATE = 0x100 + 42
 """QUIC CRYPTO_ERROR carrying TLS alert bad_certificate (RFC 9001 section 4.8)."""
 
+DEFAULT_MAX_EARLY_DATA = 16 * 1024
+"""Payload bytes a client sends as 0-RTT, over all streams, before the handshake completes."""
+
+EARLY_DATA_OVERHEAD = 4 * 1024
+"""Stream bytes (HTTP/3 framing, control streams) a server allows in 0-RTT on top of
+``max_early_data`` before it closes the connection."""
+
+EARLY_STREAM_COST = 64
+"""What a CONNECT costs from the client's 0-RTT budget besides its target and headers."""
+
+OLD_SOCKET_GRACE = 2.0
+"""Seconds a migrated client keeps receiving on its previous socket (packets in flight)."""
+
+COUNTERS = (
+    "zero_rtt_attempted",
+    "zero_rtt_accepted",
+    "zero_rtt_rejected",
+    "tickets_received",
+    "tickets_issued",
+    "tickets_redeemed",
+    "tickets_refused",
+    "migrations_active",
+    "migrations_auto_rebind",
+    "migrations_peer_address_change",
+    "path_validations_ok",
+    "path_validations_failed",
+)
+"""Keys of :attr:`QuicTransport.counters` (and of the per-connection ``stats()``)."""
+
 
 class QuicPeerConnection(SessionConnection):
-    """A QUIC connection to one peer sidecar; each flow is one HTTP/3 CONNECT stream."""
+    """A QUIC connection to one peer sidecar; each flow is one HTTP/3 CONNECT stream.
+
+    On a client connected with ``early_data=True`` the connection exists before
+    the handshake completes: :attr:`early_data` is ``"attempted"`` until then,
+    and stream payload beyond ``max_early_data`` waits for the handshake.
+    """
 
     transport_name = "quic"
 
-    def __init__(self, protocol: _TunnelProtocol, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        protocol: _TunnelProtocol,
+        *,
+        early_data: str = "none",
+        max_early_data: int = DEFAULT_MAX_EARLY_DATA,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(protocol.session, **kwargs)
         self.protocol = protocol
         self.packets_lost = 0
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._early_data = early_data
+        self._early_budget: int | None = max_early_data if early_data == "attempted" else None
+        self._deferred: list[tuple[MeshStream, bytes, bool]] = []
+        self._deferred_bytes: dict[int, int] = {}
+        self._handshake_waiter: asyncio.Future[None] = self._loop.create_future()
+
+    @property
+    def early_data(self) -> str:
+        return self._early_data
 
     def _transmit(self) -> None:
         self.protocol.transmit()
@@ -60,9 +140,13 @@ class QuicPeerConnection(SessionConnection):
         self.protocol.close_socket_when_done()
 
     def stats(self) -> dict[str, Any]:
+        """Counters of :class:`~quicmesh.PeerConnection` plus QUIC's: ``early_data``,
+        ``zero_rtt_packets_sent``, ``path`` (peer address in use), ``migrations_*``,
+        ``path_validations_*`` and the 0-RTT and ticket counts of this connection."""
         quic = self.protocol._quic
         result = super().stats()
         result.update(_aioquic.connection_stats(quic))
+        path = _aioquic.active_path(quic)
         result.update(
             transport="quic",
             peer_identity=self.peer_identity,
@@ -71,13 +155,104 @@ class QuicPeerConnection(SessionConnection):
             packets_sent=self.protocol.datagrams_sent,
             packets_received=self.protocol.datagrams_received,
             packets_lost=self.packets_lost,
+            zero_rtt_packets_sent=self.protocol.zero_rtt_packets_sent,
+            early_data=self._early_data,
+            path=path[0] if path is not None else None,
+            path_validated=path[1] if path is not None else None,
         )
+        result.update(self.counters)
         return result
 
     async def wait_closed(self) -> None:
         await self.protocol.wait_closed()
         self.protocol.close_socket_when_done()
         await super().wait_closed()
+
+    async def migrate(self, local_address: Address | None = None) -> None:
+        """Move this (client) connection to a new UDP socket, mid-transfer.
+
+        :param local_address: where to bind the new socket; by default the same
+            host as now with a new port. The next connection ID the server issued
+            is used, so the two paths cannot be linked by an observer (when the
+            server has issued none, the current one is kept). Streams carry on:
+            packets lost on the way are retransmitted. Raises
+            :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
+        """
+        self._raise_if_lost()
+        await self.protocol.migrate(local_address, cause="active")
+
+    # -- 0-RTT budget ----------------------------------------------------------
+
+    async def open_stream(
+        self,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        wait_response: bool = True,
+    ) -> MeshStream:
+        if self._early_budget is not None:
+            cost = EARLY_STREAM_COST + len(target)
+            cost += sum(len(k) + len(v) for k, v in (headers or {}).items())
+            if cost > self._early_budget:
+                # No 0-RTT budget left for the CONNECT: open it after the handshake.
+                await asyncio.shield(self._handshake_waiter)
+            else:
+                self._early_budget -= cost
+        return await super().open_stream(target, headers, wait_response=wait_response)
+
+    def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
+        budget = self._early_budget
+        if budget is not None:
+            self._raise_if_lost()
+            if stream.stream_id in self._deferred_bytes or len(data) > budget:
+                # Beyond the 0-RTT budget: wait for the handshake, in order.
+                self._deferred.append((stream, data, end_stream))
+                self._deferred_bytes[stream.stream_id] = self._deferred_bytes.get(
+                    stream.stream_id, 0
+                ) + len(data)
+                return
+            self._early_budget = budget - len(data)
+        super().send_stream_data(stream, data, end_stream)
+
+    def stream_unsent_bytes(self, stream: MeshStream) -> int:
+        deferred = self._deferred_bytes.get(stream.stream_id, 0)
+        return super().stream_unsent_bytes(stream) + deferred
+
+    def reset_stream(self, stream: MeshStream, reason: ResetReason) -> None:
+        if self._deferred_bytes.pop(stream.stream_id, None) is not None:
+            self._deferred = [item for item in self._deferred if item[0] is not stream]
+        super().reset_stream(stream, reason)
+
+    def _handshake_completed(self, early_data_accepted: bool) -> None:
+        """The handshake is done: settle the 0-RTT outcome and send deferred bytes."""
+        self._early_budget = None
+        if self._early_data == "attempted":
+            self._early_data = "accepted" if early_data_accepted else "rejected"
+        deferred, self._deferred = self._deferred, []
+        self._deferred_bytes.clear()
+        for stream, data, end_stream in deferred:
+            if self._lost is None:
+                super().send_stream_data(stream, data, end_stream)
+        if not self._handshake_waiter.done():
+            self._handshake_waiter.set_result(None)
+
+    def _connection_lost(self, error: TunnelError) -> None:
+        super()._connection_lost(error)
+        self._early_budget = None
+        self._deferred.clear()
+        self._deferred_bytes.clear()
+        if not self._handshake_waiter.done():
+            self._handshake_waiter.set_result(None)
+
+
+class _SocketReceiver(asyncio.DatagramProtocol):
+    """Feeds datagrams from a socket a connection migrated to into its protocol."""
+
+    def __init__(self, protocol: _TunnelProtocol) -> None:
+        self._protocol = protocol
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._protocol.datagram_received(data, addr)
 
 
 class _TunnelProtocol(QuicConnectionProtocol):
@@ -92,6 +267,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
         handler: StreamHandler | None = None,
         authorize: Authorizer | None = None,
         owns_socket: bool = False,
+        peer_address: Address | None = None,
+        ticket_identity: str | None = None,
+        accept_early_data: bool = True,
     ) -> None:
         super().__init__(quic)
         self._owner = transport
@@ -99,9 +277,30 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self._authorize = authorize
         self._owns_socket = owns_socket
         self._close_socket = False
+        self._peer_address = peer_address
         self.is_client = quic.configuration.is_client
+        self._resumed_identity = ticket_identity
+        """The identity the session ticket recorded (client: the one offered;
+        server: the one redeemed)."""
+        self._issued_tickets: list[SessionTicket] = []
+        self._handshake_done = False
+        self._early_bytes = 0
+        self._max_early_bytes = transport.max_early_data + EARLY_DATA_OVERHEAD
+        self._last_path = None if self.is_client else _aioquic.active_path(quic)
+        self._old_sockets: list[asyncio.DatagramTransport] = []
+        self._rebound_this_streak = False
+        self._migrating = False
+        self.zero_rtt_packets_sent = 0
         if not self.is_client:
-            _aioquic.require_client_certificate(quic)
+            _aioquic.configure_server_tls(
+                quic,
+                fetch_ticket=self._redeem_ticket,
+                on_ticket_issued=self._issued_tickets.append,
+                accept_early_data=accept_early_data,
+            )
+        else:
+            _aioquic.count_sent_packets(quic, self._count_sent)
+        _aioquic.PathMonitor(quic, self._path_validated, self._path_abandoned)
         if quic.configuration.congestion_control_algorithm == "bbr":
             from ..congestion import enable_model_pacing
 
@@ -124,6 +323,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.bytes_received += len(data)
         self.datagrams_received += 1
         super().datagram_received(data, addr)
+        if not self.is_client:
+            self._check_peer_address()
         if self.connection is not None and self.connection._credit is not None:
             # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
             self.connection._handle_events([])
@@ -145,6 +346,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self._timer_at = timer_at
         if self.connection is not None:
             self.connection._transmitted()
+        if self.is_client and self._owner.rebind_after_ptos is not None:
+            self._maybe_rebind(self._owner.rebind_after_ptos)
 
     def close_socket_when_done(self) -> None:
         self._close_socket = True
@@ -154,14 +357,135 @@ class _TunnelProtocol(QuicConnectionProtocol):
     def _close_own_socket(self) -> None:
         if self._owns_socket and self._transport is not None:
             self._transport.close()
+            for old in self._old_sockets:
+                old.close()
+            self._old_sockets.clear()
+
+    def _count_sent(self, packet_type: QuicPacketType) -> None:
+        if packet_type == QuicPacketType.ZERO_RTT:
+            self.zero_rtt_packets_sent += 1
+
+    # -- migration -------------------------------------------------------------
+
+    async def migrate(self, local_address: Address | None, *, cause: str) -> None:
+        """Move to a new UDP socket (client): see :meth:`QuicPeerConnection.migrate`."""
+        assert self.is_client and self._transport is not None
+        if local_address is None:
+            current = self._transport.get_extra_info("sockname")
+            local_address = (current[0], 0)
+        try:
+            udp, _ = await self._loop.create_datagram_endpoint(
+                lambda: _SocketReceiver(self), local_addr=local_address
+            )
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot open a UDP socket on {local_address[0]}:{local_address[1]}: {exc.strerror}"
+            ) from None
+        _tune_udp_socket(udp)
+        old, self._transport = self._transport, udp
+        # Packets already on their way to the old port are still read for a while.
+        self._old_sockets.append(old)
+        self._loop.call_later(OLD_SOCKET_GRACE, self._retire_socket, old)
+        if _aioquic.spare_connection_ids(self._quic):
+            self._quic.change_connection_id()
+        # An ack-eliciting packet goes out on the new path now, even when idle.
+        self._quic.send_ping(0)
+        self._count(f"migrations_{cause}")
+        logger.info("[%s] migrated (%s) to %s", self.log_id, cause, udp.get_extra_info("sockname"))
+        self.transmit()
+
+    def _retire_socket(self, old: asyncio.DatagramTransport) -> None:
+        if old in self._old_sockets:
+            self._old_sockets.remove(old)
+            old.close()
+
+    def _maybe_rebind(self, after_ptos: int) -> None:
+        count = _aioquic.pto_count(self._quic)
+        if count == 0:
+            self._rebound_this_streak = False
+        elif (
+            count >= after_ptos
+            and not self._rebound_this_streak
+            and not self._migrating
+            and self._handshake_done
+            and self.connection is not None
+            and not self.connection.is_closed
+        ):
+            self._rebound_this_streak = True
+            self._migrating = True
+            task = self._loop.create_task(self.migrate(None, cause="auto_rebind"))
+            task.add_done_callback(self._rebind_done)
+
+    def _rebind_done(self, task: asyncio.Task[None]) -> None:
+        self._migrating = False
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("[%s] automatic rebinding failed: %s", self.log_id, task.exception())
+
+    def _check_peer_address(self) -> None:
+        path = _aioquic.active_path(self._quic)
+        if path is None or self._last_path is None:
+            self._last_path = path
+            return
+        if path[0] != self._last_path[0]:
+            logger.info("[%s] peer address changed to %s", self.log_id, path[0])
+            self._count("migrations_peer_address_change")
+        self._last_path = path
+
+    def _path_validated(self, addr: Any) -> None:
+        self._count("path_validations_ok")
+
+    def _path_abandoned(self, addr: Any) -> None:
+        logger.info("[%s] path validation to %s failed", self.log_id, addr)
+        self._count("path_validations_failed")
+        if not self.is_client:
+            self._last_path = _aioquic.active_path(self._quic)
+
+    def _count(self, name: str) -> None:
+        self._owner.counters[name] += 1
+        if self.connection is not None:
+            self.connection.counters[name] += 1
+
+    # -- session tickets ---------------------------------------------------------
+
+    def _redeem_ticket(self, label: bytes) -> SessionTicket | None:
+        record = self._owner.ticket_store.redeem(label)
+        if record is None:
+            self._count("tickets_refused")
+            return None
+        self._count("tickets_redeemed")
+        self._resumed_identity = record.identity
+        return record.ticket
+
+    def on_ticket_received(self, ticket: SessionTicket) -> None:
+        """(client) A NewSessionTicket arrived: cache it with the server's identity."""
+        self._issued_tickets.append(ticket)
+        if self._handshake_done and self.connection is not None:
+            self._commit_tickets(self.connection.peer_identity)
+
+    def _commit_tickets(self, identity: str) -> None:
+        tickets, self._issued_tickets = self._issued_tickets, []
+        for ticket in tickets:
+            if self.is_client:
+                assert self._peer_address is not None
+                self._owner.ticket_cache.store(self._peer_address, ticket, identity)
+                self._count("tickets_received")
+            else:
+                self._owner.ticket_store.add(ticket, identity)
+                self._count("tickets_issued")
 
     # -- events ----------------------------------------------------------------
 
     def quic_event_received(self, event: quic_events.QuicEvent) -> None:
         if isinstance(event, quic_events.HandshakeCompleted):
-            self._on_handshake_completed()
+            self._on_handshake_completed(event)
         elif isinstance(event, quic_events.ConnectionTerminated):
             self._on_terminated(event)
+            return
+        elif (
+            isinstance(event, quic_events.StreamDataReceived)
+            and not self._handshake_done
+            and not self._on_early_stream_data(event)
+        ):
             return
         if self.connection is None:
             if self.failure is None:
@@ -169,16 +493,35 @@ class _TunnelProtocol(QuicConnectionProtocol):
             return
         self.connection._handle_events(self.session.handle_quic_event(event))
 
-    def _on_handshake_completed(self) -> None:
-        try:
-            identity = self._verify_peer()
-        except PeerVerificationError as exc:
-            self.failure = exc
-            self._pending.clear()
-            side = "server" if self.is_client else "client"
-            logger.warning("[%s] refused %s: %s", self.log_id, side, exc)
-            self._quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
-            return
+    def _on_early_stream_data(self, event: quic_events.StreamDataReceived) -> bool:
+        """(server) Stream data before the handshake completed: 0-RTT, accepted with a
+        redeemed ticket. Serve it at once, within the 0-RTT budget."""
+        if self.is_client or self._resumed_identity is None:
+            return True
+        self._early_bytes += len(event.data)
+        if self._early_bytes > self._max_early_bytes:
+            reason = f"more than {self._max_early_bytes} bytes of 0-RTT data"
+            logger.warning("[%s] closing: %s", self.log_id, reason)
+            self._quic.close(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=QuicFrameType.STREAM_BASE,
+                reason_phrase=reason,
+            )
+            self.transmit()
+            return False
+        if self.connection is None and self.failure is None:
+            self._create_connection(self._resumed_identity, early_data="accepted")
+        return True
+
+    def start_early(self, identity: str) -> QuicPeerConnection:
+        """(client) The ClientHello offered a ticket allowing 0-RTT: the connection
+        is usable now, with the identity the ticket recorded."""
+        self._owner.counters["zero_rtt_attempted"] += 1
+        connection = self._create_connection(identity, early_data="attempted")
+        connection.counters["zero_rtt_attempted"] += 1
+        return connection
+
+    def _create_connection(self, identity: str, early_data: str = "none") -> QuicPeerConnection:
         self.connection = QuicPeerConnection(
             self,
             peer_identity=identity,
@@ -186,17 +529,62 @@ class _TunnelProtocol(QuicConnectionProtocol):
             authorize=self._authorize,
             high_water=self._owner.high_water,
             log_id=self.log_id,
+            early_data=early_data,
+            max_early_data=self._owner.max_early_data,
         )
         _aioquic.count_lost_packets(self._quic, self._count_lost)
         pending, self._pending = self._pending, []
         for event in pending:
             self.connection._handle_events(self.session.handle_quic_event(event))
+        return self.connection
+
+    def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
+        self._handshake_done = True
+        try:
+            identity = self._verify_peer(event.session_resumed)
+            if self.connection is not None and identity != self.connection.peer_identity:
+                raise PeerVerificationError(
+                    f"peer is {identity}, but the session ticket was issued by "
+                    f"{self.connection.peer_identity}"
+                )
+        except PeerVerificationError as exc:
+            self._refuse(exc)
+            return
+        if self.connection is None:
+            self._create_connection(identity)
+        assert self.connection is not None
+        self._commit_tickets(identity)
+        if self.is_client and self.connection.early_data == "attempted":
+            outcome = "accepted" if event.early_data_accepted else "rejected"
+            self._count(f"zero_rtt_{outcome}")
+            if not event.early_data_accepted:
+                resent = _aioquic.reschedule_early_data(self._quic, self._loop.time())
+                logger.info(
+                    "[%s] 0-RTT rejected: resending %d packets in 1-RTT", self.log_id, resent
+                )
+        self.connection._handshake_completed(event.early_data_accepted)
+
+    def _refuse(self, exc: PeerVerificationError) -> None:
+        self.failure = exc
+        self._pending.clear()
+        self._issued_tickets.clear()
+        side = "server" if self.is_client else "client"
+        logger.warning("[%s] refused %s: %s", self.log_id, side, exc)
+        self._quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
+        if self.connection is not None:
+            self.connection._connection_lost(exc)
 
     def _count_lost(self, count: int) -> None:
         if self.connection is not None:
             self.connection.packets_lost += count
 
-    def _verify_peer(self) -> str:
+    def _verify_peer(self, resumed: bool) -> str:
+        if resumed:
+            # No certificate in a resumed handshake: the ticket vouches for the identity
+            # verified when it was issued.
+            if self._resumed_identity is None:
+                raise PeerVerificationError("resumed session with no recorded peer identity")
+            return self._resumed_identity
         certificate, chain = _aioquic.peer_certificate(self._quic)
         if certificate is None:
             raise PeerVerificationError("peer presented no certificate")
@@ -208,10 +596,27 @@ class _TunnelProtocol(QuicConnectionProtocol):
             return identity
         return verify_peer(certificate, chain, self._owner.trust)
 
+    def handshake_timed_out(self, timeout: float) -> None:
+        """(client, early data) The handshake did not complete in time."""
+        if self._handshake_done or self.connection is None:
+            return
+        self._quic.close()
+        self.transmit()
+        self.connection._connection_lost(
+            ConnectError(f"QUIC handshake timed out after {timeout:g}s")
+        )
+
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
         if self.connection is not None:
-            self.connection._connection_lost(ConnectionLost(f"QUIC connection closed: {reason}"))
+            if self._handshake_done:
+                self.connection._connection_lost(
+                    ConnectionLost(f"QUIC connection closed: {reason}")
+                )
+            else:
+                self.connection._connection_lost(
+                    ConnectError(f"QUIC connection closed during handshake: {reason}")
+                )
         elif self.failure is None:
             if (
                 event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
@@ -254,6 +659,24 @@ class QuicTransport(Transport):
     :param connection_window: receive window per connection, in bytes.
     :param high_water: unsent bytes per stream above which ``drain()`` waits.
     :param max_streams: concurrent streams a peer may open towards us.
+    :param qlog_dir: write a qlog file per connection there.
+    :param ticket_cache: (client) session tickets per peer, for ``connect(...,
+        early_data=True)``; by default in memory only. Pass
+        ``TicketCache(path)`` to resume after a restart.
+    :param ticket_store: (server) the tickets this transport's listeners issued:
+        single use, expiring. Replicas behind one address must share one.
+    :param max_early_data: (client) payload bytes sent as 0-RTT before the
+        handshake completes, over all streams; further bytes wait for the
+        handshake. (server) 0-RTT stream bytes accepted, plus
+        ``EARLY_DATA_OVERHEAD`` for headers and framing; more closes the connection.
+    :param rebind_after_ptos: (client) move to a new UDP port after this many
+        consecutive probe timeouts, as when a NAT mapping died (off by default).
+
+    :attr:`counters` adds up, over every connection of this transport, the keys
+    in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
+    (client) and issued / redeemed / refused (server), migrations by cause
+    (``active``: :meth:`QuicPeerConnection.migrate`; ``auto_rebind``; and, on a
+    server, ``peer_address_change``), and path validations ok / failed.
     """
 
     name = "quic"
@@ -270,6 +693,10 @@ class QuicTransport(Transport):
         high_water: int = 64 * 1024,
         max_streams: int = 128,
         qlog_dir: str | None = None,
+        ticket_cache: TicketCache | None = None,
+        ticket_store: TicketStore | None = None,
+        max_early_data: int = DEFAULT_MAX_EARLY_DATA,
+        rebind_after_ptos: int | None = None,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control == "bbr":
@@ -283,6 +710,11 @@ class QuicTransport(Transport):
         self.high_water = high_water
         self.max_streams = max_streams
         self.qlog_dir = qlog_dir
+        self.ticket_cache = ticket_cache if ticket_cache is not None else TicketCache()
+        self.ticket_store = ticket_store if ticket_store is not None else TicketStore()
+        self.max_early_data = max_early_data
+        self.rebind_after_ptos = rebind_after_ptos
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         """The aioquic configuration for one side of a connection."""
@@ -311,12 +743,26 @@ class QuicTransport(Transport):
         address: Address,
         handler: StreamHandler,
         authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
     ) -> QuicListener:
+        """Accept peer connections (see :meth:`Transport.listen`).
+
+        :param early_data: accept 0-RTT from clients resuming with a ticket. False
+            still resumes sessions (no certificates) but rejects their 0-RTT, which
+            the clients then send again in 1-RTT.
+        """
         config = self.configuration(is_client=False)
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
-            return _TunnelProtocol(quic, transport=self, handler=handler, authorize=authorize)
+            return _TunnelProtocol(
+                quic,
+                transport=self,
+                handler=handler,
+                authorize=authorize,
+                accept_early_data=early_data,
+            )
 
         try:
             server = await serve(
@@ -330,20 +776,59 @@ class QuicTransport(Transport):
         _tune_udp_socket(server._transport)
         return QuicListener(server)
 
-    async def connect(self, address: Address, *, timeout: float = 10.0) -> QuicPeerConnection:
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> QuicPeerConnection:
+        """Connect to the peer sidecar at ``address`` (see :meth:`Transport.connect`).
+
+        :param early_data: resume with a ticket cached for ``address`` and return
+            before the handshake completes, so that streams opened with
+            ``open_stream(..., wait_response=False)`` send their CONNECT and first
+            bytes as 0-RTT. Only for flows whose first bytes are safe to replay
+            (0-RTT data can be replayed by an attacker unless the server's tickets
+            are single use, as quicmesh's are). Without a cached ticket this is
+            an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
+            A handshake failure then surfaces on the streams, not here.
+        """
         loop = asyncio.get_running_loop()
-        quic = QuicConnection(configuration=self.configuration(is_client=True))
+        config = self.configuration(is_client=True)
+        cached = self.ticket_cache.take(address) if early_data else None
+        if cached is not None:
+            config.session_ticket = cached.ticket
+        holder: list[_TunnelProtocol] = []
+        quic = QuicConnection(
+            configuration=config,
+            session_ticket_handler=lambda ticket: holder[0].on_ticket_received(ticket),
+        )
         _aioquic.limit_peer_streams(quic, self.max_streams)
         local = "::" if _is_ipv6(address[0]) else "0.0.0.0"
         try:
             udp, protocol = await loop.create_datagram_endpoint(
-                lambda: _TunnelProtocol(quic, transport=self, owns_socket=True),
+                lambda: _TunnelProtocol(
+                    quic,
+                    transport=self,
+                    owns_socket=True,
+                    peer_address=address,
+                    ticket_identity=cached.identity if cached is not None else None,
+                ),
                 local_addr=(local, 0),
             )
         except OSError as exc:
             raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
+        holder.append(protocol)
         _tune_udp_socket(udp)
         protocol.close_socket_when_done()
+        if cached is not None and cached.ticket.max_early_data_size is not None:
+            try:
+                protocol.connect(address)
+            except OSError as exc:
+                protocol._close_own_socket()
+                raise ConnectError(
+                    f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
+                ) from None
+            connection = protocol.start_early(cached.identity)
+            loop.call_later(timeout, protocol.handshake_timed_out, timeout)
+            return connection
         try:
             protocol.connect(address)
             await asyncio.wait_for(protocol.wait_connected(), timeout)

@@ -1,0 +1,221 @@
+"""``quicmesh bench ttfb``: time to the first response byte on a new peer connection.
+
+What one run measures, behind the link emulator (:mod:`quicmesh.netem`, root)
+with a fixed round-trip time (``--rtt``, default 50 ms, no loss):
+
+* **Flow.** The client sidecar opens a *new* peer connection to the server
+  sidecar, opens one tunnelled flow, writes a 64-byte request and waits for the
+  first byte of the answer; the server writes 64 bytes as soon as it has read
+  the request. The clock runs from just before ``connect()`` to that first byte.
+* **Cases.**
+
+  - ``h2``: TCP + TLS 1.3 (mutual) + HTTP/2 CONNECT (:class:`~quicmesh.H2Transport`).
+  - ``quic-1rtt``: a full QUIC handshake (mutual TLS), then the CONNECT.
+  - ``quic-0rtt``: resumption with a ticket from an earlier connection,
+    ``early_data=True``: the CONNECT and the request travel in 0-RTT packets.
+
+  Every flow uses ``open_stream(..., wait_response=False)``, so the request
+  follows its CONNECT at once in every case.
+* **Result.** The median over ``--trials`` connections, in milliseconds and in
+  round trips (median / RTT), with the expected count for comparison. The server
+  and client live in two network namespaces joined by the emulated link; both
+  run on one event loop in this process.
+
+``--quick``: 20 ms RTT, 3 trials. ``--json FILE`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport
+from ..errors import QuicmeshError
+
+REQUEST = b"G" * 64
+RESPONSE = b"R" * 64
+TARGET = "ttfb.bench.svc:80"
+CASES = ("h2", "quic-1rtt", "quic-0rtt")
+EXPECTED_RTTS = {"h2": 3, "quic-1rtt": 2, "quic-0rtt": 1}
+"""Round trips before the first response byte, by protocol design."""
+
+
+@dataclass
+class Row:
+    """One case: median time to first byte over the trials."""
+
+    case: str
+    rtt_ms: float
+    trials: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    rtts: float
+    expected_rtts: int
+    early_data: str
+
+
+async def _respond(stream: MeshStream) -> None:
+    await stream.readexactly(len(REQUEST))
+    stream.write(RESPONSE)
+    await stream.drain()
+    await stream.read()
+    stream.write_eof()
+
+
+async def _one_flow(
+    transport: Transport, address: tuple[str, int], early: bool, client_side: _Side
+) -> tuple[float, str]:
+    start = time.perf_counter()
+    with client_side():
+        if isinstance(transport, QuicTransport):
+            conn: Any = await transport.connect(address, early_data=early)
+        else:
+            conn = await transport.connect(address)
+    stream = await conn.open_stream(TARGET, wait_response=False)
+    stream.write(REQUEST)
+    first = await stream.read(1)
+    elapsed = time.perf_counter() - start
+    if first != RESPONSE[:1]:
+        raise QuicmeshError(f"unexpected first byte {first!r}")
+    await stream.readexactly(len(RESPONSE) - 1)
+    stream.write_eof()
+    await stream.read()
+    early_data = conn.early_data
+    conn.close()
+    await conn.wait_closed()
+    return elapsed, early_data
+
+
+_Side = Callable[[], AbstractContextManager[None]]
+
+
+async def measure(
+    rtt: float, trials: int, cases: list[str], server_side: _Side, client_side: _Side, host: str
+) -> list[Row]:
+    """Run every case ``trials`` times against listeners bound on ``host``."""
+    ca = DevCA()
+    client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
+    server_id = ca.issue("spiffe://mesh.local/ns/bench/sa/server")
+    rows = []
+    for case in cases:
+        kind = H2Transport if case == "h2" else QuicTransport
+        server = kind(identity=server_id, trust=ca.trust_bundle)
+        client = kind(identity=client_id, trust=ca.trust_bundle)
+        with server_side():
+            listener = await server.listen((host, 0), _respond)
+        try:
+            early = case == "quic-0rtt"
+            if early:
+                # One full handshake first, for the ticket; each trial leaves a new one.
+                await _one_flow(client, listener.address, False, client_side)
+                await _wait_for_ticket(client, listener.address)
+            times = []
+            outcome = "none"
+            for _ in range(trials):
+                elapsed, outcome = await _one_flow(client, listener.address, early, client_side)
+                times.append(elapsed)
+                if early:
+                    await _wait_for_ticket(client, listener.address)
+            if early and outcome != "accepted":
+                raise QuicmeshError(f"0-RTT was {outcome}, not accepted")
+        finally:
+            listener.close()
+            await listener.wait_closed()
+        median = statistics.median(times)
+        rows.append(
+            Row(
+                case=case,
+                rtt_ms=rtt * 1000,
+                trials=trials,
+                median_ms=median * 1000,
+                min_ms=min(times) * 1000,
+                max_ms=max(times) * 1000,
+                rtts=median / rtt,
+                expected_rtts=EXPECTED_RTTS[case],
+                early_data=outcome,
+            )
+        )
+    return rows
+
+
+async def _wait_for_ticket(client: Transport, address: tuple[str, int]) -> None:
+    assert isinstance(client, QuicTransport)
+    deadline = time.monotonic() + 10
+    while client.ticket_cache.count(address) == 0:
+        if time.monotonic() > deadline:
+            raise QuicmeshError("the server sent no session ticket")
+        await asyncio.sleep(0.005)
+
+
+def run_on_link(rtt: float, trials: int, cases: list[str]) -> list[Row]:
+    """Measure behind a netem link with ``rtt`` (needs root)."""
+    from ..netem import Link, LinkConfig
+
+    with Link(LinkConfig.symmetric(delay=rtt / 2)) as link:
+        return asyncio.run(
+            measure(
+                rtt,
+                trials,
+                cases,
+                server_side=lambda: link.entered("server"),
+                client_side=lambda: link.entered("client"),
+                host=link.server_address,
+            )
+        )
+
+
+def format_table(rows: list[Row]) -> str:
+    """The human-readable result table."""
+    lines = [
+        f"time to first byte on a new connection, RTT {rows[0].rtt_ms:g} ms, "
+        f"median of {rows[0].trials}",
+        f"{'case':<11} {'median ms':>10} {'min':>8} {'max':>8} {'RTTs':>6} {'expected':>9}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.case:<11} {row.median_ms:>10.1f} {row.min_ms:>8.1f} {row.max_ms:>8.1f} "
+            f"{row.rtts:>6.2f} {row.expected_rtts:>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``quicmesh bench ttfb [--rtt MS] [--trials N] [--cases ...] [--quick] [--json FILE]``."""
+    parser = argparse.ArgumentParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
+    parser.add_argument("--rtt", type=float, default=None, help="round-trip time, ms (50)")
+    parser.add_argument("--trials", type=int, default=None, help="connections per case (10)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="20 ms RTT, 3 trials")
+    parser.add_argument("--json", help="write the rows to this file")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    rtt_ms = args.rtt if args.rtt is not None else (20.0 if args.quick else 50.0)
+    trials = args.trials if args.trials is not None else (3 if args.quick else 10)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if rtt_ms <= 0 or trials < 1 or not cases or any(c not in CASES for c in cases):
+        print(
+            f"quicmesh bench ttfb: need --rtt > 0, --trials >= 1, --cases from {CASES}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        rows = run_on_link(rtt_ms / 1000, trials, cases)
+    except QuicmeshError as exc:
+        print(f"quicmesh bench ttfb: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"rows": [asdict(row) for row in rows]}, file, indent=2)
+    return 0

@@ -1,0 +1,230 @@
+"""TLS session tickets for QUIC resumption and 0-RTT, with the identity each one stands for.
+
+A resumed (PSK) handshake exchanges no certificates, so neither side can check
+the other's SPIFFE ID on it. Each ticket is therefore stored together with the
+identity verified in the full handshake that produced it:
+
+* :class:`TicketStore` (server): the tickets this sidecar issued, each recorded
+  against the client's verified SPIFFE ID. A ticket is **single use**: redeeming
+  it removes it, so a replayed first flight (same ClientHello, same 0-RTT
+  packets) finds no ticket, falls back to a full handshake it cannot finish, and
+  its 0-RTT data is never decrypted. Tickets also **expire** (``lifetime``).
+  The store is server state: replicas behind one address must share one store
+  (pass the same object, or implement ``add``/``redeem`` on shared storage).
+* :class:`TicketCache` (client): tickets received per peer address, with the
+  server's verified SPIFFE ID, in memory and optionally in a JSON file so that a
+  restarted sidecar can resume. Tickets are single use here too (the server
+  would refuse a second redemption anyway).
+
+Both are sans-IO: the clock is injected and nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aioquic.tls import CipherSuite, SessionTicket
+
+DEFAULT_TICKET_LIFETIME = 3600.0
+"""Seconds a server accepts a ticket after issuing it (aioquic announces 24 h; we redeem less)."""
+
+DEFAULT_STORE_CAPACITY = 100_000
+"""Outstanding tickets a server keeps; the oldest are dropped (and refused) beyond this."""
+
+TICKETS_PER_PEER = 4
+"""Tickets a client keeps per peer address (one is used per connection)."""
+
+
+@dataclass
+class IssuedTicket:
+    """A server-side ticket and the client identity it was issued to."""
+
+    ticket: SessionTicket
+    identity: str
+    issued_at: float
+
+
+class TicketStore:
+    """Server side: single-use, expiring session tickets with the client's identity.
+
+    :param lifetime: seconds after issuing a ticket during which it is accepted.
+    :param capacity: most tickets kept; the oldest are evicted first.
+    :param clock: ``time.time``-like function (injected in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        lifetime: float = DEFAULT_TICKET_LIFETIME,
+        capacity: int = DEFAULT_STORE_CAPACITY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lifetime = lifetime
+        self.capacity = capacity
+        self.clock = clock
+        self.issued = 0
+        self.redeemed = 0
+        self.refused = 0
+        self._tickets: OrderedDict[bytes, IssuedTicket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def add(self, ticket: SessionTicket, identity: str) -> None:
+        """Record a ticket just issued to the client whose verified SPIFFE ID is ``identity``."""
+        self._tickets[ticket.ticket] = IssuedTicket(ticket, identity, self.clock())
+        self.issued += 1
+        while len(self._tickets) > self.capacity:
+            self._tickets.popitem(last=False)
+
+    def redeem(self, label: bytes) -> IssuedTicket | None:
+        """Take the ticket a ClientHello offers; None if unknown, used already or expired."""
+        record = self._tickets.pop(label, None)
+        if record is None or self.clock() - record.issued_at > self.lifetime:
+            self.refused += 1
+            return None
+        self.redeemed += 1
+        return record
+
+
+@dataclass
+class CachedTicket:
+    """A client-side ticket and the server identity verified when it was received."""
+
+    ticket: SessionTicket
+    identity: str
+
+
+class TicketCache:
+    """Client side: session tickets per peer address, optionally persisted to a file.
+
+    :param path: a JSON file to load at start and rewrite on every change, or None
+        for memory only. The file holds resumption secrets: it is written with
+        mode 0600.
+    :param per_peer: tickets kept per peer (newest first).
+    :param clock: ``time.time``-like function; expired tickets are never handed out.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        per_peer: int = TICKETS_PER_PEER,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.per_peer = per_peer
+        self.clock = clock
+        self._tickets: dict[str, list[CachedTicket]] = {}
+        if self.path is not None and self.path.exists():
+            self._load(self.path)
+
+    @staticmethod
+    def key(address: tuple[str, int]) -> str:
+        """The cache key of a peer address."""
+        return f"{address[0]}:{address[1]}"
+
+    def count(self, address: tuple[str, int]) -> int:
+        """Tickets held for ``address``."""
+        return len(self._tickets.get(self.key(address), []))
+
+    def store(self, address: tuple[str, int], ticket: SessionTicket, identity: str) -> None:
+        """Keep a ticket received from the peer at ``address`` whose identity is ``identity``."""
+        tickets = self._tickets.setdefault(self.key(address), [])
+        tickets.insert(0, CachedTicket(ticket, identity))
+        del tickets[self.per_peer :]
+        self._save()
+
+    def take(self, address: tuple[str, int]) -> CachedTicket | None:
+        """Remove and return the newest valid ticket for ``address`` (None if there is none)."""
+        key = self.key(address)
+        tickets = self._tickets.get(key, [])
+        now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+        result = None
+        while tickets and result is None:
+            candidate = tickets.pop(0)
+            if candidate.ticket.not_valid_before <= now <= candidate.ticket.not_valid_after:
+                result = candidate
+        if not tickets:
+            self._tickets.pop(key, None)
+        self._save()
+        return result
+
+    def clear(self) -> None:
+        """Forget every ticket."""
+        self._tickets.clear()
+        self._save()
+
+    # -- persistence -----------------------------------------------------------
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        data = {
+            key: [_ticket_to_json(entry) for entry in entries]
+            for key, entries in self._tickets.items()
+        }
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tickets-")
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(data, file)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+            self._tickets = {
+                key: [_ticket_from_json(entry) for entry in entries]
+                for key, entries in data.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            # A damaged cache only costs a full handshake.
+            self._tickets = {}
+
+
+def _ticket_to_json(entry: CachedTicket) -> dict[str, object]:
+    ticket = entry.ticket
+    return {
+        "identity": entry.identity,
+        "age_add": ticket.age_add,
+        "cipher_suite": int(ticket.cipher_suite),
+        "not_valid_after": ticket.not_valid_after.isoformat(),
+        "not_valid_before": ticket.not_valid_before.isoformat(),
+        "resumption_secret": ticket.resumption_secret.hex(),
+        "server_name": ticket.server_name,
+        "ticket": ticket.ticket.hex(),
+        "max_early_data_size": ticket.max_early_data_size,
+        "other_extensions": [[kind, value.hex()] for kind, value in ticket.other_extensions],
+    }
+
+
+def _ticket_from_json(data: dict[str, object]) -> CachedTicket:
+    extensions = data["other_extensions"]
+    assert isinstance(extensions, list)
+    ticket = SessionTicket(
+        age_add=int(str(data["age_add"])),
+        cipher_suite=CipherSuite(int(str(data["cipher_suite"]))),
+        not_valid_after=datetime.datetime.fromisoformat(str(data["not_valid_after"])),
+        not_valid_before=datetime.datetime.fromisoformat(str(data["not_valid_before"])),
+        resumption_secret=bytes.fromhex(str(data["resumption_secret"])),
+        server_name=data["server_name"],  # type: ignore[arg-type]
+        ticket=bytes.fromhex(str(data["ticket"])),
+        max_early_data_size=data["max_early_data_size"],  # type: ignore[arg-type]
+        other_extensions=[(int(kind), bytes.fromhex(value)) for kind, value in extensions],
+    )
+    return CachedTicket(ticket, str(data["identity"]))

@@ -1,0 +1,44 @@
+"""The time-to-first-byte benchmark: a tiny run behind the link emulator.
+
+The only timing assertion is the ordering the protocols guarantee with a 20 ms
+RTT: 0-RTT QUIC beats a full QUIC handshake, which beats TCP + TLS + HTTP/2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from quicmesh.bench import ttfb
+from quicmesh.netem.system import missing_privileges
+
+
+def _require_netns() -> None:
+    reason = missing_privileges()
+    if reason is None:
+        return
+    if os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
+        pytest.fail(f"QUICMESH_REQUIRE_NETNS=1 but the link emulator {reason}")
+    pytest.skip(f"link emulator {reason}; set QUICMESH_REQUIRE_NETNS=1 to make this fail")
+
+
+@pytest.mark.netns
+def test_quick_run_orders_the_cases(tmp_path: Path) -> None:
+    _require_netns()
+    report = tmp_path / "ttfb.json"
+    assert ttfb.main(["--quick", "--json", str(report)]) == 0
+    rows = {row["case"]: row for row in json.loads(report.read_text())["rows"]}
+    assert set(rows) == {"h2", "quic-1rtt", "quic-0rtt"}
+    assert rows["quic-0rtt"]["early_data"] == "accepted"
+    # Each case needs at least its protocol's round trips (20 ms each).
+    for row in rows.values():
+        assert row["rtts"] >= row["expected_rtts"] * 0.9
+    assert rows["quic-0rtt"]["median_ms"] < rows["quic-1rtt"]["median_ms"] < rows["h2"]["median_ms"]
+
+
+@pytest.mark.parametrize("argv", [["--rtt", "0"], ["--trials", "0"], ["--cases", "udp"]])
+def test_bad_options_exit_2(argv: list[str]) -> None:
+    assert ttfb.main(argv) == 2

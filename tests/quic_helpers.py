@@ -1,0 +1,103 @@
+"""Shared helpers for the 0-RTT and migration tests: identities, servers, waiting, packets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quicmesh import DevCA, MeshStream, QuicTransport
+
+CA = DevCA()
+CLIENT = CA.issue("spiffe://mesh.local/ns/default/sa/client")
+SERVER = CA.issue("spiffe://mesh.local/ns/default/sa/server")
+TARGET = "reviews.default.svc:9080"
+
+
+def run(coro: Awaitable[None], timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+
+
+def client_transport(**kwargs: Any) -> QuicTransport:
+    return QuicTransport(identity=CLIENT, trust=CA.trust_bundle, **kwargs)
+
+
+def server_transport(identity: Any = SERVER, **kwargs: Any) -> QuicTransport:
+    return QuicTransport(identity=identity, trust=CA.trust_bundle, **kwargs)
+
+
+class Recorder:
+    """A server handler that echoes and records what each stream delivered, by request ID."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, list[bytes]] = {}
+
+    async def __call__(self, stream: MeshStream) -> None:
+        request_id = stream.headers.get("x-request-id", "")
+        chunks = []
+        while data := await stream.read(65536):
+            chunks.append(data)
+            stream.write(data)
+            await stream.drain()
+        self.received.setdefault(request_id, []).append(b"".join(chunks))
+        stream.write_eof()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (checked after each turn of the event loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+async def exchange(conn: Any, payload: bytes, request_id: str = "x", **kwargs: Any) -> bytes:
+    """Open a stream, send ``payload`` and half-close, return what came back."""
+    stream = await conn.open_stream(TARGET, headers={"x-request-id": request_id}, **kwargs)
+    stream.write(payload)
+    stream.write_eof()
+    data: bytes = await stream.read()
+    return data
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    length = 1 << (data[pos] >> 6)
+    value = data[pos] & 0x3F
+    for byte in data[pos + 1 : pos + length]:
+        value = (value << 8) | byte
+    return value, pos + length
+
+
+LONG_HEADER_TYPES = {0: "initial", 1: "0rtt", 2: "handshake", 3: "retry"}
+
+
+def packet_types(datagram: bytes) -> list[tuple[str, int]]:
+    """The QUIC v1 packets coalesced in a datagram: (type, length) for each."""
+    result = []
+    pos = 0
+    while pos < len(datagram):
+        first = datagram[pos]
+        if not first & 0x80:
+            result.append(("1rtt", len(datagram) - pos))
+            break
+        kind = LONG_HEADER_TYPES[(first & 0x30) >> 4]
+        cursor = pos + 5
+        cursor += 1 + datagram[cursor]  # destination CID
+        cursor += 1 + datagram[cursor]  # source CID
+        if kind == "initial":
+            token_length, cursor = _varint(datagram, cursor)
+            cursor += token_length
+        if kind == "retry":
+            result.append((kind, len(datagram) - pos))
+            break
+        length, cursor = _varint(datagram, cursor)
+        result.append((kind, cursor + length - pos))
+        pos = cursor + length
+    return result
+
+
+def zero_rtt_bytes(datagrams: list[bytes]) -> int:
+    """Bytes of 0-RTT packets in ``datagrams``."""
+    return sum(size for d in datagrams for kind, size in packet_types(d) if kind == "0rtt")

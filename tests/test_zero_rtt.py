@@ -1,0 +1,417 @@
+"""0-RTT resumption over real loopback sockets: accepted, rejected, replayed, refused tickets.
+
+A :class:`~quicmesh.bench.relay.UdpRelay` sits between client and server where a
+test needs to see or replay what went over the wire.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aioquic.tls import CipherSuite, SessionTicket
+from quic_helpers import (
+    CA,
+    SERVER,
+    Recorder,
+    client_transport,
+    exchange,
+    run,
+    server_transport,
+    until,
+    zero_rtt_bytes,
+)
+
+from quicmesh import QuicTransport, TunnelError
+from quicmesh.bench.relay import UdpRelay
+from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
+from quicmesh.transport.tickets import IssuedTicket, TicketCache, TicketStore
+
+RNG = random.Random(6)
+
+
+async def prime(client: QuicTransport, address: tuple[str, int]) -> None:
+    """One full handshake, so that the client holds a ticket for ``address``."""
+    conn = await client.connect(address)
+    assert conn.early_data == "none"
+    assert await exchange(conn, b"prime", "prime") == b"prime"
+    await until(lambda: client.ticket_cache.count(address) > 0)
+    conn.close()
+    await conn.wait_closed()
+
+
+async def early_exchange(
+    client: QuicTransport, address: tuple[str, int], payloads: list[bytes]
+) -> tuple[Any, list[bytes]]:
+    """Connect with early data and run one stream per payload, opened before the handshake."""
+    conn = await client.connect(address, early_data=True)
+    assert conn.early_data == "attempted"
+    streams = []
+    for index, payload in enumerate(payloads):
+        stream = await conn.open_stream(
+            "reviews.default.svc:9080", headers={"x-request-id": str(index)}, wait_response=False
+        )
+        stream.write(payload)
+        stream.write_eof()
+        streams.append(stream)
+    results = [await stream.read() for stream in streams]
+    return conn, results
+
+
+# -- accepted ---------------------------------------------------------------------
+
+
+def test_accepted_0rtt_carries_the_data_in_0rtt_packets() -> None:
+    payload = RNG.randbytes(8000)
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        relay = await UdpRelay(listener.address, record=True).start()
+        client = client_transport()
+        await prime(client, relay.address)
+        relay.captured.clear()
+
+        conn, results = await early_exchange(client, relay.address, [payload])
+        assert results == [payload]
+        assert conn.early_data == "accepted"
+        assert conn.peer_identity == SERVER.spiffe_id
+        stats = conn.stats()
+        assert stats["zero_rtt_packets_sent"] > 0
+        assert stats["zero_rtt_accepted"] == 1
+        # The CONNECT and the whole payload went in 0-RTT packets, as seen on the wire.
+        assert zero_rtt_bytes(relay.captured) > len(payload)
+        assert client.counters["zero_rtt_attempted"] == client.counters["zero_rtt_accepted"] == 1
+        assert server.counters["tickets_redeemed"] == 1
+        assert recorder.received["0"] == [payload]
+        conn.close()
+        await conn.wait_closed()
+        relay.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_server_sees_the_client_identity_from_the_ticket() -> None:
+    seen: list[str] = []
+
+    async def handler(stream: Any) -> None:
+        seen.append(stream.peer_identity)
+        stream.write(await stream.read())
+        stream.write_eof()
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        client = client_transport()
+        await prime(client, listener.address)
+        conn, results = await early_exchange(client, listener.address, [b"who"])
+        assert results == [b"who"] and conn.early_data == "accepted"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert seen == ["spiffe://mesh.local/ns/default/sa/client"] * 2
+
+
+def test_payload_beyond_max_early_data_waits_for_the_handshake() -> None:
+    budget = 4096
+    payloads = [RNG.randbytes(900) for _ in range(4)] + [RNG.randbytes(50_000)]
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        relay = await UdpRelay(listener.address, record=True).start()
+        client = client_transport(max_early_data=budget)
+        await prime(client, relay.address)
+        relay.captured.clear()
+        conn, results = await early_exchange(client, relay.address, payloads)
+        assert results == payloads
+        assert conn.early_data == "accepted"
+        early = zero_rtt_bytes(relay.captured)
+        assert 3600 < early < budget + EARLY_DATA_OVERHEAD
+        conn.close()
+        await conn.wait_closed()
+        relay.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_server_closes_a_connection_sending_too_much_0rtt() -> None:
+    async def main() -> None:
+        server = server_transport(max_early_data=1000)
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport(max_early_data=1_000_000)
+        await prime(client, listener.address)
+        conn = await client.connect(listener.address, early_data=True)
+        stream = await conn.open_stream("a.svc:1", wait_response=False)
+        stream.write(b"x" * 100_000)
+        with pytest.raises(TunnelError, match="0-RTT"):
+            await stream.read()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+# -- rejected -------------------------------------------------------------------------
+
+
+def test_rejected_0rtt_loses_nothing() -> None:
+    payloads = [RNG.randbytes(n) for n in (0, 1, 1500, 6000, 40_000)]
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), recorder, early_data=False)
+        client = client_transport()
+        await prime(client, listener.address)
+        conn, results = await early_exchange(client, listener.address, payloads)
+        assert results == payloads
+        assert conn.early_data == "rejected"
+        stats = conn.stats()
+        assert stats["zero_rtt_packets_sent"] > 0
+        assert stats["zero_rtt_rejected"] == 1
+        # Resumed (no certificate exchanged), identity from the ticket, 0-RTT refused.
+        assert conn.peer_identity == SERVER.spiffe_id
+        assert server.counters["tickets_redeemed"] == 1
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    # Every stream reached the application exactly once, byte for byte.
+    assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
+        str(i): [p] for i, p in enumerate(payloads)
+    }
+
+
+def test_expired_ticket_falls_back_to_a_full_handshake() -> None:
+    now = [1000.0]
+    store = TicketStore(lifetime=60, clock=lambda: now[0])
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = server_transport(ticket_store=store)
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        client = client_transport()
+        await prime(client, listener.address)
+        now[0] += 61
+        conn, results = await early_exchange(client, listener.address, [b"late"])
+        assert results == [b"late"]
+        assert conn.early_data == "rejected"
+        assert store.refused == 1 and server.counters["tickets_refused"] == 1
+        assert conn.peer_identity == SERVER.spiffe_id
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert recorder.received["0"] == [b"late"]
+
+
+def test_unknown_ticket_falls_back_to_a_full_handshake() -> None:
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport()
+        await prime(client, listener.address)
+        server.ticket_store = TicketStore()  # a restarted server knows no ticket
+        conn, results = await early_exchange(client, listener.address, [b"new"])
+        assert results == [b"new"]
+        assert conn.early_data == "rejected"
+        assert server.counters["tickets_refused"] == 1
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_different_server_behind_the_address_fails_the_streams() -> None:
+    other = CA.issue("spiffe://mesh.local/ns/default/sa/other")
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        impostor = server_transport(identity=other)
+        impostor_listener = await impostor.listen(("127.0.0.1", 0), recorder)
+        client = client_transport()
+        await prime(client, listener.address)
+        cached = client.ticket_cache.take(listener.address)
+        assert cached is not None
+        client.ticket_cache.store(impostor_listener.address, cached.ticket, cached.identity)
+        conn = await client.connect(impostor_listener.address, early_data=True)
+        stream = await conn.open_stream("a.svc:1", wait_response=False)
+        stream.write(b"secret")
+        with pytest.raises(TunnelError, match="ticket was issued by"):
+            await stream.read()
+        assert conn.is_closed
+        await conn.wait_closed()
+        for item in (listener, impostor_listener):
+            item.close()
+            await item.wait_closed()
+
+    run(main())
+    assert recorder.received == {}
+
+
+# -- replay ------------------------------------------------------------------------
+
+
+class ReusableTicketStore(TicketStore):
+    """A store that forgets to make tickets single use (the mistake replays exploit)."""
+
+    def redeem(self, label: bytes) -> IssuedTicket | None:
+        record = self._tickets.get(label)
+        if record is not None:
+            self.redeemed += 1
+        return record
+
+
+@pytest.mark.parametrize("single_use", [True, False])
+def test_replayed_first_flight_is_not_delivered_twice(single_use: bool) -> None:
+    recorder = Recorder()
+    store = TicketStore() if single_use else ReusableTicketStore()
+
+    async def main() -> None:
+        server = server_transport(ticket_store=store)
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        relay = await UdpRelay(listener.address, record=True).start()
+        client = client_transport()
+        await prime(client, relay.address)
+        relay.captured.clear()
+        conn, results = await early_exchange(client, relay.address, [b"transfer 100 coins"])
+        assert results == [b"transfer 100 coins"] and conn.early_data == "accepted"
+        first_flight = list(relay.captured[:3])
+        assert zero_rtt_bytes(first_flight) > 0
+
+        # Replayed while the connection lives (same connection IDs) ...
+        during = await relay.replay(first_flight)
+        # ... and after it is gone, as a new connection.
+        conn.close()
+        await conn.wait_closed()
+        await until(lambda: not listener._server._protocols)  # type: ignore[attr-defined]
+        after = await relay.replay(first_flight)
+        await until(lambda: relay.stats.spoof_replies[after] > 0)
+        # A full round trip on a fresh connection: the replays were processed before it.
+        barrier = await client.connect(listener.address)
+        assert await exchange(barrier, b"barrier", "barrier") == b"barrier"
+        barrier.close()
+        await barrier.wait_closed()
+        # The server answered the replays from the relay's fresh sockets, no more than
+        # three times what it received there (anti-amplification).
+        size = sum(len(d) for d in first_flight)
+        assert relay.stats.spoof_replies[during] <= 3 * size
+        assert relay.stats.spoof_replies[after] <= 3 * size
+        relay.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    deliveries = recorder.received["0"]
+    if single_use:
+        assert deliveries == [b"transfer 100 coins"]
+    else:
+        # Without single-use tickets the replay reaches the application again: the
+        # test does see replays.
+        assert len(deliveries) >= 2
+
+
+# -- ticket bookkeeping ---------------------------------------------------------------
+
+
+def _ticket(label: bytes, lifetime: float = 3600) -> SessionTicket:
+    now = datetime.datetime.now(datetime.UTC)
+    return SessionTicket(
+        age_add=7,
+        cipher_suite=CipherSuite.AES_128_GCM_SHA256,
+        not_valid_after=now + datetime.timedelta(seconds=lifetime),
+        not_valid_before=now,
+        resumption_secret=b"s" * 32,
+        server_name="",
+        ticket=label,
+        max_early_data_size=0xFFFFFFFF,
+        other_extensions=[(0x39, b"\x01\x02")],
+    )
+
+
+def test_ticket_store_is_single_use_and_expires() -> None:
+    now = [0.0]
+    store = TicketStore(lifetime=10, capacity=2, clock=lambda: now[0])
+    store.add(_ticket(b"a"), "spiffe://x/a")
+    store.add(_ticket(b"b"), "spiffe://x/b")
+    record = store.redeem(b"a")
+    assert record is not None and record.identity == "spiffe://x/a"
+    assert store.redeem(b"a") is None  # used
+    assert store.redeem(b"zz") is None  # unknown
+    now[0] = 11
+    assert store.redeem(b"b") is None  # expired
+    store.add(_ticket(b"c"), "c")
+    store.add(_ticket(b"d"), "d")
+    store.add(_ticket(b"e"), "e")
+    assert len(store) == 2 and store.redeem(b"c") is None  # evicted
+    assert (store.issued, store.redeemed, store.refused) == (5, 1, 4)
+
+
+def test_ticket_cache_persists_to_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "tickets.json"
+    cache = TicketCache(path)
+    cache.store(("10.0.0.1", 443), _ticket(b"one"), "spiffe://x/server")
+    cache.store(("10.0.0.1", 443), _ticket(b"expired", lifetime=-1), "spiffe://x/server")
+    assert path.stat().st_mode & 0o777 == 0o600
+    restored = TicketCache(path)
+    assert restored.count(("10.0.0.1", 443)) == 2
+    taken = restored.take(("10.0.0.1", 443))  # the expired one is skipped
+    assert taken is not None
+    assert taken.ticket.ticket == b"one" and taken.identity == "spiffe://x/server"
+    assert taken.ticket.other_extensions == [(0x39, b"\x01\x02")]
+    assert TicketCache(path).count(("10.0.0.1", 443)) == 0
+    path.write_text("{not json")
+    assert TicketCache(path).count(("10.0.0.1", 443)) == 0
+
+
+def test_restarted_client_resumes_from_its_ticket_file(tmp_path: Path) -> None:
+    path = tmp_path / "tickets.json"
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        await prime(client_transport(ticket_cache=TicketCache(path)), listener.address)
+        restarted = client_transport(ticket_cache=TicketCache(path))
+        conn, results = await early_exchange(restarted, listener.address, [b"again"])
+        assert results == [b"again"] and conn.early_data == "accepted"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_without_a_ticket_early_data_is_an_ordinary_connect() -> None:
+    async def main() -> None:
+        listener = await server_transport().listen(("127.0.0.1", 0), Recorder())
+        conn = await client_transport().connect(listener.address, early_data=True)
+        assert conn.early_data == "none"
+        assert await exchange(conn, b"plain") == b"plain"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
