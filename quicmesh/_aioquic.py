@@ -248,14 +248,26 @@ class ReadDrivenFlowControl:
             self._buffered_total += payload_bytes
             self._update(stream_id, credit)
 
-    def consumed(self, stream_id: int, payload_bytes: int) -> None:
-        """The application read ``payload_bytes`` of the stream."""
+    def consumed(self, stream_id: int, payload_bytes: int) -> bool:
+        """The application read ``payload_bytes`` of the stream.
+
+        Returns True when a window update (MAX_STREAM_DATA or MAX_DATA) is now due,
+        i.e. when the caller should send packets; most reads make none due.
+        """
         credit = self._streams.get(stream_id)
-        if credit is not None:
-            amount = min(payload_bytes, credit.buffered)
-            credit.buffered -= amount
-            self._buffered_total -= amount
-            self._update(stream_id, credit)
+        if credit is None:
+            return False
+        amount = min(payload_bytes, credit.buffered)
+        credit.buffered -= amount
+        self._buffered_total -= amount
+        self._update(stream_id, credit)
+        stream = self._quic._streams.get(stream_id)
+        stream_due = stream is not None and (
+            stream.max_stream_data_local != stream.max_stream_data_local_sent
+        )
+        max_data = self._quic._local_max_data
+        target = max_data.used - self._buffered_total + self.connection_window
+        return stream_due or target - max_data.value >= self.connection_window // 4
 
     def forget(self, stream_id: int) -> None:
         """The stream is finished: its unread payload no longer holds credit back."""

@@ -140,7 +140,11 @@ class SessionConnection(PeerConnection):
         raise NotImplementedError
 
     def _handle_events(self, tunnel_events: list[events.TunnelEvent]) -> None:
-        """Act on what the session reported, then send what it queued in reply."""
+        """Act on what the session reported.
+
+        The caller (the I/O adaptor, after feeding input) sends what the session
+        queued in reply.
+        """
         for event in tunnel_events:
             if isinstance(event, events.DataReceived):
                 self._on_data(event)
@@ -180,7 +184,7 @@ class SessionConnection(PeerConnection):
                 self._connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
         if self._credit is not None and self.can_open_stream:
             self._wake_credit()
-        self._schedule_transmit()
+        # No transmit here: both adaptors send right after feeding input to the session.
 
     def _transmitted(self) -> None:
         """Bytes left: wake the streams whose drain() waits."""
@@ -231,8 +235,7 @@ class SessionConnection(PeerConnection):
             self._schedule_transmit()
 
     def stream_data_consumed(self, stream: MeshStream, amount: int) -> None:
-        if self._lost is None:
-            self.session.data_consumed(stream.stream_id, amount)
+        if self._lost is None and self.session.data_consumed(stream.stream_id, amount):
             self._schedule_transmit()
 
     def stream_waits_for_drain(self, stream: MeshStream) -> None:

@@ -412,16 +412,17 @@ class H2TunnelSession(TunnelSession):
         self._acknowledge(stream_id, self._unread.pop(stream_id, 0))
         self._release_if_done(stream_id)
 
-    def data_consumed(self, stream_id: int, amount: int) -> None:
+    def data_consumed(self, stream_id: int, amount: int) -> bool:
         unread = self._unread.get(stream_id, 0)
         amount = min(amount, unread)
         if amount <= 0:
-            return
+            return False
         if unread > amount:
             self._unread[stream_id] = unread - amount
         else:
             del self._unread[stream_id]
         self._acknowledge(stream_id, amount)
+        return True
 
     def unsent_bytes(self, stream_id: int) -> int:
         outbound = self._outbound.get(stream_id)

@@ -264,9 +264,11 @@ class H3TunnelSession(TunnelSession):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
             self.scheduler.activate(stream_id)
 
-    def data_consumed(self, stream_id: int, amount: int) -> None:
-        self.flow_control.consumed(stream_id, amount)
+    def data_consumed(self, stream_id: int, amount: int) -> bool:
+        if not self.flow_control.consumed(stream_id, amount):
+            return False
         self.scheduler.activate(stream_id)
+        return True
 
     def unsent_bytes(self, stream_id: int) -> int:
         return _aioquic.unsent_bytes(self.quic, stream_id)

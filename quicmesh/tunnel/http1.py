@@ -298,8 +298,9 @@ class Http1TunnelSession(TunnelSession):
         self._reading_stopped = True
         self._unread = 0
 
-    def data_consumed(self, stream_id: int, amount: int) -> None:
+    def data_consumed(self, stream_id: int, amount: int) -> bool:
         self._unread = max(self._unread - amount, 0)
+        return True
 
     def unsent_bytes(self, stream_id: int) -> int:
         return len(self._outgoing) + len(self._held)

@@ -57,8 +57,11 @@ class TunnelSession(ABC):
         """Discard what the peer still sends on the stream and ask it to stop."""
 
     @abstractmethod
-    def data_consumed(self, stream_id: int, amount: int) -> None:
-        """The application read ``amount`` tunnelled bytes: credit them to the peer."""
+    def data_consumed(self, stream_id: int, amount: int) -> bool:
+        """The application read ``amount`` tunnelled bytes: credit them to the peer.
+
+        Returns True when that made something (a window update) worth sending now.
+        """
 
     @abstractmethod
     def unsent_bytes(self, stream_id: int) -> int:
