@@ -438,6 +438,11 @@ def can_open_bidi_stream(quic: QuicConnection) -> bool:
     return bool(quic.get_next_available_stream_id() // 4 < quic._remote_max_streams_bidi)
 
 
+def has_request_streams(quic: QuicConnection) -> bool:
+    """Whether aioquic still holds a bidirectional stream (data unacked or unread)."""
+    return any(not stream_id & 2 for stream_id in quic._streams)
+
+
 def stream_is_open(quic: QuicConnection, stream_id: int) -> bool:
     """Whether aioquic still holds state for the stream."""
     return stream_id in quic._streams

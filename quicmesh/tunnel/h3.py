@@ -273,6 +273,9 @@ class H3TunnelSession(TunnelSession):
     def unsent_bytes(self, stream_id: int) -> int:
         return _aioquic.unsent_bytes(self.quic, stream_id)
 
+    def is_idle(self) -> bool:
+        return not _aioquic.has_request_streams(self.quic)
+
     def close(self, reason: str = "") -> None:
         self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=reason)
 

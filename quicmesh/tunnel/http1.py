@@ -305,6 +305,9 @@ class Http1TunnelSession(TunnelSession):
     def unsent_bytes(self, stream_id: int) -> int:
         return len(self._outgoing) + len(self._held)
 
+    def is_idle(self) -> bool:
+        return self.finished and not self.unsent_bytes(1)
+
     def close(self, reason: str = "") -> None:
         """Close the connection: a tunnel still open in either direction is reset."""
         if self._state is _State.OPEN:

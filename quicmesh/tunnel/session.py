@@ -70,3 +70,7 @@ class TunnelSession(ABC):
     @abstractmethod
     def close(self, reason: str = "") -> None:
         """Close the whole connection gracefully."""
+
+    def is_idle(self) -> bool:
+        """True when no stream holds state: every byte written was delivered (acked)."""
+        return True
