@@ -6,11 +6,10 @@ import asyncio
 import hashlib
 
 import pytest
+from test_contract import MESH, TARGET, TRANSPORT_NAMES
 
 import quicmesh
 from quicmesh import MeshStream
-
-from test_contract import MESH, TARGET, TRANSPORT_NAMES
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
