@@ -80,6 +80,20 @@ def test_adaptor_forwards_events_and_detects_app_limited_pauses() -> None:
     assert log["pacing_rate"] > 0
 
 
+def test_adaptor_marks_app_limited_when_the_streams_run_dry() -> None:
+    controller = BbrCongestionControl(max_datagram_size=MSS)
+    pending = [True]
+    controller.has_pending_data = lambda: pending[0]
+    # Late sends with data still queued (a busy CPU, not an idle application).
+    for number, sent_time in enumerate((0.0, 0.1, 0.2)):
+        controller.on_packet_sent(packet=_sent_packet(number, sent_time))
+    assert controller.model.sampler.app_limited_until == 0
+    # The last queued byte left with the window open: the application ran dry.
+    pending[0] = False
+    controller.on_packet_sent(packet=_sent_packet(3, 0.2001))
+    assert controller.model.sampler.app_limited_until != 0
+
+
 def test_pacer_holds_the_models_rate_despite_late_timers() -> None:
     controller = BbrCongestionControl(max_datagram_size=MSS)
     controller.model.pacing_rate = RATE
@@ -143,6 +157,8 @@ def test_connection_pair_transfers_with_bbr() -> None:
     assert enable_model_pacing(server)
     controller = congestion_controller(client)
     assert isinstance(controller, BbrCongestionControl)
+    assert controller.has_pending_data is not None
+    assert not controller.has_pending_data()
 
     size = 3_000_000
     client_addr, server_addr = ("10.0.0.1", 1234), ("10.0.0.2", 4433)
@@ -187,6 +203,8 @@ def test_connection_pair_transfers_with_bbr() -> None:
             if isinstance(event, HandshakeCompleted):
                 stream_id = client.get_next_available_stream_id()
                 client.send_stream_data(stream_id, b"x" * size, end_stream=True)
+                assert controller.has_pending_data is not None
+                assert controller.has_pending_data()
                 sent_at = now
         while (event := server.next_event()) is not None:
             if isinstance(event, StreamDataReceived):

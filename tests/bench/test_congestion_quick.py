@@ -1,0 +1,144 @@
+"""The congestion benchmark: a tiny run on the link emulator, and its reporting.
+
+No timing assertions: the run only proves that every flow kind connects, moves
+data and lands in the JSON document, the tables and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quicmesh.bench import congestion
+from quicmesh.netem.system import missing_privileges
+
+
+def _require_netns() -> None:
+    reason = missing_privileges()
+    if reason is None:
+        return
+    if os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
+        pytest.fail(f"QUICMESH_REQUIRE_NETNS=1 but the link emulator {reason}")
+    pytest.skip(f"link emulator {reason}; set QUICMESH_REQUIRE_NETNS=1 to make this fail")
+
+
+@pytest.mark.netns
+def test_tiny_run_writes_every_output(tmp_path: Path) -> None:
+    _require_netns()
+    argv = [
+        "--losses", "1", "--flows", "quic-bbr,quic-cubic,tcp-bbr", "--fairness", "tcp-cubic",
+        "--duration", "1", "--fairness-duration", "1", "--fairness-loss", "1",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert congestion.main(argv) == 0
+    document = json.loads((tmp_path / "congestion.json").read_text())
+    assert document["link"] == {
+        "rate_bps": 20e6,
+        "rtt": 0.04,
+        "queue_delay": 0.06,
+        "loss_applies_to": "both directions",
+    }
+    assert [case["loss"] for case in document["cases"]] == [0.01] * 3
+    flows = [case["flows"][0] for case in document["cases"]]
+    assert [flow["flow"] for flow in flows] == ["quic-bbr", "quic-cubic", "tcp-bbr"]
+    for flow in flows:
+        assert flow["goodput_bps"] > 0
+        assert flow["rtt_samples"] > 0
+        assert flow["queueing_delay_median"] >= 0
+        assert flow["min_rtt"] > 0
+    assert flows[2]["controller"] == "bbr"  # the kernel confirmed TCP_CONGESTION
+    assert "median_sent_over_model" in flows[0]["pacing"]
+    assert "pacing" not in flows[1]
+    for case in document["cases"]:
+        assert set(case["link"]) == {"client_to_server", "server_to_client"}
+        assert case["link"]["client_to_server"]["packets_in"] > 0
+        assert set(case["cpu"]) == {"sender_thread", "receiver_process_total", "forwarder"}
+    (fairness,) = document["fairness"]
+    assert [flow["flow"] for flow in fairness["flows"]] == ["quic-bbr", "tcp-cubic"]
+    summary = document["summary"]
+    assert set(summary["table"]) == {"quic-bbr", "quic-cubic", "tcp-bbr"}
+    shares = [flow["share"] for flow in summary["fairness"][0]["flows"]]
+    assert sum(shares) == pytest.approx(1.0)
+    table = (tmp_path / "congestion.md").read_text()
+    assert "| 1 % |" in table and "quic-bbr" in table
+    pytest.importorskip("matplotlib")
+    for name in ("goodput", "fairness", "pacing"):
+        assert (tmp_path / f"congestion-{name}.png").stat().st_size > 0
+
+
+def _flow(name: str, goodput: float, delay: float | None) -> dict[str, Any]:
+    return {
+        "flow": name,
+        "goodput_bps": goodput,
+        "goodput_second_half_bps": goodput,
+        "queueing_delay_median": delay,
+        "queueing_delay_p95": delay,
+    }
+
+
+def _document(quic_bbr: float, tcp_bbr: float, delay: float) -> dict[str, Any]:
+    return {
+        "link": {"rate_bps": 20e6, "rtt": 0.04, "queue_delay": 0.06},
+        "duration": 20.0,
+        "quic_datagram_size": 1200,
+        "cases": [
+            {"loss": 0.02, "flows": [_flow("quic-bbr", quic_bbr, delay)]},
+            {"loss": 0.02, "flows": [_flow("tcp-bbr", tcp_bbr, 0.03)]},
+        ],
+        "fairness": [
+            {"loss": 0.0, "flows": [_flow("quic-bbr", 12e6, 0.01), _flow("tcp-cubic", 6e6, 0.01)]}
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("quic_bbr", "tcp_bbr", "delay", "met"),
+    [
+        (17e6, 16e6, 0.010, True),
+        (17e6, 18e6, 0.010, False),  # below kernel TCP BBR
+        (15e6, 14e6, 0.010, False),  # below 80 % of the link
+        (17e6, 16e6, 0.050, False),  # queueing delay above one RTT
+    ],
+)
+def test_summary_checks_the_target(
+    quic_bbr: float, tcp_bbr: float, delay: float, met: bool
+) -> None:
+    document = _document(quic_bbr, tcp_bbr, delay)
+    document["summary"] = congestion.summarize(document, 20e6)
+    assert document["summary"]["target"]["met"] is met
+    (fairness,) = document["summary"]["fairness"]
+    assert [round(flow["share"], 3) for flow in fairness["flows"]] == [0.667, 0.333]
+    text = congestion.markdown(document)
+    assert ("Target met." in text) is met
+    assert "| 2 % |" in text
+
+
+def test_goodput_interpolates_the_receiver_timeline() -> None:
+    timeline = [(10.0, 0), (11.0, 1000), (12.0, 3000)]
+    assert congestion.goodput_between(timeline, 10.5, 11.5) == pytest.approx(1500.0)
+    assert congestion.goodput_between(timeline, 9.0, 13.0) == pytest.approx(750.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--flows", "quic-vegas"],
+        ["--losses", "150"],
+        ["--duration", "0"],
+        ["--repeat", "0"],
+        ["--datagram-size", "1000"],
+    ],
+)
+def test_bad_options_exit_2(argv: list[str]) -> None:
+    assert congestion.main(argv) == 2
+
+
+def test_flow_kinds_parse() -> None:
+    kind = congestion.FlowKind.parse("tcp-bbr")
+    assert (kind.protocol, kind.controller, kind.name) == ("tcp", "bbr", "tcp-bbr")
+    with pytest.raises(ValueError, match="unknown flow"):
+        congestion.FlowKind.parse("udp-bbr")
