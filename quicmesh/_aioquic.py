@@ -55,7 +55,7 @@ from typing import Any
 import pylsqpack
 from aioquic import tls
 from aioquic.h3.connection import H3Connection
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from cryptography import x509
 
@@ -436,6 +436,24 @@ def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
 def can_open_bidi_stream(quic: QuicConnection) -> bool:
     """Whether the peer's MAX_STREAMS allows one more bidirectional stream now."""
     return bool(quic.get_next_available_stream_id() // 4 < quic._remote_max_streams_bidi)
+
+
+def closing_reason(quic: QuicConnection) -> str | None:
+    """Why the connection is closing, as soon as it is, or None while it is open.
+
+    aioquic raises ``ConnectionTerminated`` only when the closing or draining
+    period (3 PTO) ends; until then the connection looks open, and a stream
+    opened meanwhile would be lost.
+    """
+    event = quic._close_event
+    if event is None:
+        return None
+    return event.reason_phrase or f"error code {event.error_code:#x}"
+
+
+def is_draining(quic: QuicConnection) -> bool:
+    """True once the peer's CONNECTION_CLOSE arrived: nothing may be sent any more."""
+    return bool(quic._state == QuicConnectionState.DRAINING)
 
 
 def has_request_streams(quic: QuicConnection) -> bool:

@@ -271,6 +271,12 @@ class SessionConnection(PeerConnection):
         if self._lost is None and self.session.data_consumed(stream.stream_id, amount):
             self._schedule_transmit()
 
+    def stream_closed(self, stream: MeshStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+        if self._idle_waiter is not None:
+            self._wake_if_idle()
+
     def stream_waits_for_drain(self, stream: MeshStream) -> None:
         self._drain_waiting.add(stream)
 

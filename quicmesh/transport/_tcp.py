@@ -479,6 +479,19 @@ class TlsListener(Listener):
         if self._protocols:
             await asyncio.gather(*(asyncio.shield(p.closed) for p in list(self._protocols)))
 
+    @property
+    def connections(self) -> list[TlsPeerConnection]:
+        """The accepted peer connections still open (a read-only snapshot).
+
+        For a graceful shutdown: :meth:`~quicmesh.PeerConnection.aclose` each of
+        them before :meth:`close` (which closes whatever is left at once).
+        """
+        return [
+            p.connection
+            for p in list(self._protocols)
+            if p.connection is not None and not p.connection.is_closed
+        ]
+
 
 async def start_server(
     address: Address,

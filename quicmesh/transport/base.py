@@ -9,7 +9,7 @@ a :class:`~quicmesh.transport.stream.MeshStream` whichever transport carries it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..tls import Identity, TrustBundle
@@ -92,6 +92,11 @@ class Listener(ABC):
 
     address: Address
     """The (host, port) actually bound."""
+
+    @property
+    @abstractmethod
+    def connections(self) -> Sequence[PeerConnection]:
+        """The accepted peer connections still open (a snapshot)."""
 
     @abstractmethod
     def close(self) -> None:

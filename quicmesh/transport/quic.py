@@ -38,6 +38,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -323,6 +324,16 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.bytes_received += len(data)
         self.datagrams_received += 1
         super().datagram_received(data, addr)
+        if self.connection is not None and not self.connection.is_closed:
+            reason = _aioquic.closing_reason(self._quic)
+            if reason is not None:
+                # The peer closed: say so now, not when aioquic's draining period ends.
+                self.connection._connection_lost(
+                    ConnectionLost(f"QUIC connection closed: {reason}")
+                )
+                if _aioquic.is_draining(self._quic):
+                    # A draining endpoint sends nothing more (RFC 9000 10.2.2).
+                    self._close_own_socket()
         if not self.is_client:
             self._check_peer_address()
         if self.connection is not None and self.connection._credit is not None:
@@ -632,8 +643,13 @@ class _TunnelProtocol(QuicConnectionProtocol):
 class QuicListener(Listener):
     """A UDP socket accepting QUIC connections from peer sidecars."""
 
-    def __init__(self, server: QuicServer) -> None:
+    def __init__(
+        self, server: QuicServer, protocols: weakref.WeakSet[_TunnelProtocol] | None = None
+    ) -> None:
         self._server = server
+        self._protocols: weakref.WeakSet[_TunnelProtocol] = (
+            protocols if protocols is not None else weakref.WeakSet()
+        )
         assert server._transport is not None
         sockname = server._transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
@@ -646,6 +662,20 @@ class QuicListener(Listener):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+    @property
+    def connections(self) -> list[QuicPeerConnection]:
+        """The accepted peer connections still open (a read-only snapshot).
+
+        For a graceful shutdown: :meth:`~QuicPeerConnection.aclose` each of them,
+        so the bytes of streams that just finished are acknowledged, before
+        :meth:`close` (which closes whatever is left at once).
+        """
+        return [
+            p.connection
+            for p in list(self._protocols)
+            if p.connection is not None and not p.connection.is_closed
+        ]
 
 
 class QuicTransport(Transport):
@@ -754,15 +784,19 @@ class QuicTransport(Transport):
         """
         config = self.configuration(is_client=False)
 
+        accepted: weakref.WeakSet[_TunnelProtocol] = weakref.WeakSet()
+
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
-            return _TunnelProtocol(
+            protocol = _TunnelProtocol(
                 quic,
                 transport=self,
                 handler=handler,
                 authorize=authorize,
                 accept_early_data=early_data,
             )
+            accepted.add(protocol)
+            return protocol
 
         try:
             server = await serve(
@@ -774,7 +808,7 @@ class QuicTransport(Transport):
             ) from None
         assert server._transport is not None
         _tune_udp_socket(server._transport)
-        return QuicListener(server)
+        return QuicListener(server, accepted)
 
     async def connect(
         self, address: Address, *, timeout: float = 10.0, early_data: bool = False

@@ -48,6 +48,9 @@ class StreamChannel(Protocol):
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         """Bytes written to the stream and not yet sent."""
 
+    def stream_closed(self, stream: MeshStream) -> None:
+        """Both directions of the stream are finished: forget it."""
+
     def stream_waits_for_drain(self, stream: MeshStream) -> None:
         """Call ``stream._on_writable()`` after the next bytes leave."""
 
@@ -344,10 +347,14 @@ class MeshStream:
         self._wake_reader()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
-        if not self._closed.done():
-            self._closed.set_result(None)
+        self._set_closed()
 
     def _maybe_closed(self) -> None:
         input_done = self._eof_received or self._reading_stopped
-        if self._eof_sent and input_done and not self._closed.done():
+        if self._eof_sent and input_done:
+            self._set_closed()
+
+    def _set_closed(self) -> None:
+        if not self._closed.done():
             self._closed.set_result(None)
+            self._channel.stream_closed(self)

@@ -10,6 +10,7 @@ from test_contract import MESH, TARGET, TRANSPORT_NAMES
 
 import quicmesh
 from quicmesh import MeshStream
+from quicmesh.transport.quic import QuicPeerConnection
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
@@ -47,3 +48,56 @@ def test_aclose_lets_running_streams_finish(name: str) -> None:
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert digests == [hashlib.sha256(payload).digest()] * 4
+
+
+@pytest.mark.parametrize("name", ["quic", "h2"])
+def test_finished_streams_are_forgotten_on_both_sides(name: str) -> None:
+    async def handler(stream: MeshStream) -> None:
+        await stream.read()
+        stream.write(b"bye")
+        stream.write_eof()  # our EOF is the last thing that happens on this stream
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await MESH.transport(name).connect(listener.address)
+        for _ in range(5):
+            stream = await conn.open_stream(TARGET)
+            stream.write_eof()
+            assert await stream.read() == b"bye"
+            assert stream.closed
+        assert conn.active_streams == 0
+        (accepted,) = listener.connections
+        assert accepted.active_streams == 0
+        await conn.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_quic_peer_close_is_seen_before_the_draining_period_ends() -> None:
+    async def handler(stream: MeshStream) -> None:
+        await stream.read()
+
+    async def main() -> None:
+        server = MESH.transport("quic", identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await MESH.transport("quic").connect(listener.address)
+        assert isinstance(conn, QuicPeerConnection)
+        stream = await conn.open_stream(TARGET)
+        (accepted,) = listener.connections
+        accepted.close()
+        with pytest.raises(quicmesh.StreamReset):
+            await stream.read()
+        # Seen from the peer's CONNECTION_CLOSE, while aioquic is still draining
+        # (it reports the end only after 3 PTO): no stream can be opened meanwhile.
+        assert conn.is_closed
+        assert not conn.protocol._closed.is_set()
+        with pytest.raises(quicmesh.ConnectionLost):
+            await conn.open_stream(TARGET)
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
