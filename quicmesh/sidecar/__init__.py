@@ -9,8 +9,9 @@ its own module:
   breakers, inbound authorization, which connection takes a stream);
 - :mod:`.pool`, :mod:`.cluster`: peer connection pools and clusters (asyncio);
 - :mod:`.outbound`, :mod:`.inbound`: the listeners;
-- :mod:`.admin`, :mod:`.metrics`, :mod:`.stats`, :mod:`.accesslog`: observability;
-- :mod:`.runtime`: the running sidecar, reload and drain;
+- :mod:`.admin`, :mod:`.metrics`, :mod:`.stats`, :mod:`.accesslog`: observability
+  (and the admin actions ``POST /drain``, ``POST /migrate``);
+- :mod:`.runtime`: the running sidecar, reload, drain and migration;
 - :mod:`.launch`: running sidecar processes (the demo and the tests use it).
 """
 

@@ -1,9 +1,11 @@
-"""The admin endpoint: ``/metrics``, ``/stats``, ``/config_dump``, ``/ready``, ``/drain``.
+"""The admin endpoint: ``/metrics``, ``/stats``, ``/config_dump``, ``/ready``, and the
+actions ``POST /drain`` and ``POST /migrate``.
 
 :func:`route` is sans-IO: it maps a method and path to a :class:`Response`
-using an :class:`AdminView` of the runtime. :class:`AdminServer` is the asyncio
-side: it reads one HTTP/1.1 request per connection (with h11) and writes the
-response, ``Connection: close``.
+using an :class:`AdminView` of the runtime, or to a :class:`Deferred` response
+when the answer needs I/O first (``POST /migrate``). :class:`AdminServer` is the
+asyncio side: it reads one HTTP/1.1 request per connection (with h11), awaits a
+deferred response, and writes it, ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +46,9 @@ class AdminView(Protocol):
     def begin_drain(self) -> bool:
         """Start draining; False if a drain was already under way."""
 
+    async def migrate(self) -> dict[str, Any]:
+        """Move every QUIC peer connection to a new local port; what moved, as JSON."""
+
 
 @dataclass(frozen=True)
 class Response:
@@ -51,6 +57,13 @@ class Response:
     status: int
     content_type: str
     body: bytes
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A response that needs I/O first: the server awaits :attr:`respond`."""
+
+    respond: Callable[[], Awaitable[Response]]
 
 
 def _json(status: int, value: object) -> Response:
@@ -68,11 +81,12 @@ ROUTES = {
     "/config_dump": "GET",
     "/ready": "GET",
     "/drain": "POST",
+    "/migrate": "POST",
 }
 """Admin paths and the method each takes."""
 
 
-def route(view: AdminView, method: str, target: str) -> Response:
+def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     """The response to ``method target`` (query strings are ignored)."""
     path = target.split("?", 1)[0]
     if path == "/":
@@ -91,8 +105,14 @@ def route(view: AdminView, method: str, target: str) -> Response:
         return _json(200, view.config_dump())
     if path == "/ready":
         return _text(200, "ready") if view.is_ready() else _text(503, "not ready")
+    if path == "/migrate":
+        return Deferred(lambda: _migrated(view))
     started = view.begin_drain()
     return _text(202, "draining" if started else "already draining")
+
+
+async def _migrated(view: AdminView) -> Response:
+    return _json(200, await view.migrate())
 
 
 class AdminServer:
@@ -148,6 +168,8 @@ class AdminServer:
         target = request.target.decode("ascii", "replace")
         try:
             response = route(self.view, method, target)
+            if isinstance(response, Deferred):
+                response = await response.respond()
         except Exception:
             logger.exception("admin %s %s failed", method, target)
             response = _text(500, "internal error")

@@ -7,6 +7,10 @@ on a connect failure records it (outlier ejection) and retries another endpoint.
 The decisions live in the sans-IO :mod:`.lb`, :mod:`.health`, :mod:`.circuit`
 and :func:`.pool.plan_open`; this module is their asyncio glue, plus the active
 health checks and idle-connection sweep as two background tasks.
+
+QUIC clusters also count what their transport reports (0-RTT, session tickets,
+migrations, path validations) and can move every peer connection to a new
+local port (:meth:`Cluster.migrate`, the admin's ``POST /migrate``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConnectError, ConnectionLost, QuicmeshError, StreamRefused, TunnelError
 from ..transport.base import Address, PeerConnection, Transport
+from ..transport.quic import QuicPeerConnection
 from ..transport.stream import MeshStream
 from .accesslog import Outcome
 from .circuit import CircuitBreaker
@@ -27,7 +33,7 @@ from .config import ClusterConfig, format_address
 from .health import HealthState, HealthTracker
 from .lb import make_balancer
 from .pool import EndpointPool, PooledConnection, PoolOverflow
-from .stats import ClusterStats
+from .stats import ClusterStats, sum_counters
 
 logger = logging.getLogger("quicmesh.sidecar.cluster")
 
@@ -70,6 +76,8 @@ class OpenedFlow:
     stream: MeshStream
     endpoint: Endpoint
     connection: PeerConnection
+    early: bool = False
+    """Opened in 0-RTT, without waiting for the peer's answer."""
 
 
 class Cluster:
@@ -101,6 +109,9 @@ class Cluster:
         self.retired: list[Endpoint] = []
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
+        counters = getattr(transport, "counters", None)
+        if isinstance(counters, Counter) and not any(c is counters for c in stats.quic_counters):
+            stats.quic_counters.append(counters)
         self.set_endpoints(config.endpoints)
 
     # -- configuration -------------------------------------------------------
@@ -121,7 +132,6 @@ class Cluster:
                     connect_timeout=self.config.connect_timeout,
                     early_data=self.config.early_data,
                     on_connected=self._connected,
-                    on_closed=self._connection_closed,
                 ),
             )
         for address, endpoint in self.endpoints.items():
@@ -204,7 +214,7 @@ class Cluster:
                 endpoint.name,
             )
         try:
-            stream, connection = await asyncio.wait_for(
+            stream, connection, early = await asyncio.wait_for(
                 endpoint.pool.open_stream(self.config.target, self.headers),
                 self.config.connect_timeout,
             )
@@ -236,7 +246,7 @@ class Cluster:
         ep_stats.streams_active += 1
         self.stats.streams_total += 1
         self.stats.streams_active += 1
-        return OpenedFlow(stream, endpoint, connection)
+        return OpenedFlow(stream, endpoint, connection, early)
 
     def flow_finished(self, flow: OpenedFlow, bytes_sent: int, bytes_received: int) -> None:
         """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes."""
@@ -266,15 +276,52 @@ class Cluster:
     def _connected(self, pool: EndpointPool, pooled: PooledConnection) -> None:
         self.stats.connections_total += 1
         self.stats.endpoint(format_address(pool.address)).connections_total += 1
-        state = pooled.connection.early_data
-        if state in ("attempted", "accepted", "rejected"):
-            self.stats.early_data_attempted += 1
-        if state == "accepted":
-            self.stats.early_data_accepted += 1
 
-    def _connection_closed(self, pool: EndpointPool, pooled: PooledConnection) -> None:
-        with contextlib.suppress(Exception):
-            self.stats.migrations_closed += int(pooled.connection.stats().get("migrations", 0))
+    # -- migration ------------------------------------------------------------
+
+    async def migrate(self) -> list[dict[str, Any]]:
+        """Move every live QUIC peer connection to a new local UDP port, at once.
+
+        Streams in flight carry on (the peer validates the new path). Returns one
+        entry per connection: endpoint, connection id, streams active when it
+        moved, its migration count, and ``error`` (empty when it moved).
+        """
+        moving: list[tuple[Endpoint, PooledConnection, QuicPeerConnection]] = [
+            (endpoint, pooled, pooled.connection)
+            for endpoint in list(self.endpoints.values()) + self.retired
+            for pooled in endpoint.pool.connections
+            if isinstance(pooled.connection, QuicPeerConnection) and not pooled.connection.is_closed
+        ]
+        streams = [connection.active_streams for _, _, connection in moving]
+        outcomes = await asyncio.gather(
+            *(connection.migrate() for _, _, connection in moving), return_exceptions=True
+        )
+        report = []
+        for (endpoint, pooled, connection), active, outcome in zip(
+            moving, streams, outcomes, strict=True
+        ):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            error = str(outcome) if isinstance(outcome, Exception) else ""
+            if error:
+                logger.warning(
+                    "cluster %s: connection %s to %s did not migrate: %s",
+                    self.config.name,
+                    pooled.label,
+                    endpoint.name,
+                    error,
+                )
+            report.append(
+                {
+                    "cluster": self.config.name,
+                    "endpoint": endpoint.name,
+                    "connection": pooled.label,
+                    "streams_active": active,
+                    "migrations": connection.counters["migrations_active"],
+                    "error": error,
+                }
+            )
+        return report
 
     # -- background -----------------------------------------------------------
 
@@ -328,7 +375,6 @@ class Cluster:
         now = self._loop.time()
         stats = self.stats
         endpoints: dict[str, Any] = {}
-        migrations = stats.migrations_closed
         connections_active = 0
         for endpoint in list(self.endpoints.values()) + self.retired:
             ep_stats = stats.endpoint(endpoint.name)
@@ -345,7 +391,6 @@ class Cluster:
                     conn_stats = dict(pooled.connection.stats())
                 except Exception:  # a transport's stats() must not break the admin page
                     conn_stats = {}
-                migrations += int(conn_stats.get("migrations", 0) or 0)
                 connections_active += 1
                 connections.append(
                     {
@@ -364,7 +409,7 @@ class Cluster:
                 "connections_total": ep_stats.connections_total,
                 "connections": connections,
             }
-        return {
+        view = {
             "transport": self.config.transport,
             "target": self.config.target,
             "connections_total": stats.connections_total,
@@ -376,12 +421,12 @@ class Cluster:
             "connect_failures": stats.connect_failures,
             "retries": stats.retries,
             "circuit_breaker_overflows": dict(stats.overflows),
-            "early_data_attempted": stats.early_data_attempted,
-            "early_data_accepted": stats.early_data_accepted,
-            "migrations": migrations,
             "outcomes": dict(stats.outcomes),
             "endpoints": endpoints,
         }
+        if stats.quic_counters:
+            view["quic"] = sum_counters(stats.quic_counters)
+        return view
 
     def healthy_endpoints(self) -> int:
         """How many endpoints may take flows now."""
@@ -392,8 +437,11 @@ class Cluster:
             if self.health[e.address].state(now) is HealthState.HEALTHY
         )
 
-    async def close(self) -> None:
-        """Stop the background tasks and close every pooled connection."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop the background tasks and close every pooled connection.
+
+        :param grace: seconds running streams get to finish, every byte acknowledged.
+        """
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -401,7 +449,7 @@ class Cluster:
                 await task
         self._tasks.clear()
         for endpoint in list(self.endpoints.values()) + self.retired:
-            await endpoint.pool.close()
+            await endpoint.pool.close(grace)
 
 
 def _is_scalar(value: object) -> bool:

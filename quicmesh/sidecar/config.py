@@ -68,6 +68,9 @@ class TlsConfig:
     cert: str | None = None
     key: str | None = None
     trust_bundle: str | None = None
+    ticket_cache: str | None = None
+    """A file keeping the QUIC session tickets peers issued, so that a restarted
+    sidecar resumes (and sends 0-RTT on ``early_data`` clusters). None: memory only."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class InboundListenerConfig:
     connect_timeout: float = 5.0
     max_streams: int = 128
     """Concurrent streams one peer connection may open (QUIC and H2)."""
+    early_data: bool = True
+    """Accept 0-RTT from QUIC peers resuming with a ticket (False: they resend it in 1-RTT)."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,8 @@ class ClusterConfig:
     load_balancing: str = "round_robin"
     congestion_control: str = "cubic"
     early_data: bool = False
+    """QUIC only: resume with a cached ticket and send each new connection's first
+    flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
@@ -584,12 +591,13 @@ class _Loader:
         )
 
     def tls(self, node: _Field) -> TlsConfig:
-        node.only_keys({"ca_dir", "cert", "key", "trust_bundle"})
+        node.only_keys({"ca_dir", "cert", "key", "trust_bundle", "ticket_cache"})
         files = [key for key in ("cert", "key", "trust_bundle") if node.has(key)]
+        ticket_cache = self.path(node.child("ticket_cache")) if node.has("ticket_cache") else None
         if node.has("ca_dir"):
             if files:
                 raise node.child(files[0]).error("give either ca_dir or cert/key/trust_bundle")
-            return TlsConfig(ca_dir=self.path(node.child("ca_dir")))
+            return TlsConfig(ca_dir=self.path(node.child("ca_dir")), ticket_cache=ticket_cache)
         for key in ("cert", "key", "trust_bundle"):
             if not node.has(key):
                 raise node.child(key).error("is required when ca_dir is not given")
@@ -597,6 +605,7 @@ class _Loader:
             cert=self.path(node.child("cert")),
             key=self.path(node.child("key")),
             trust_bundle=self.path(node.child("trust_bundle")),
+            ticket_cache=ticket_cache,
         )
 
     def admin(self, node: _Field) -> AdminConfig:
@@ -644,6 +653,7 @@ class _Loader:
                 "policies",
                 "connect_timeout",
                 "max_streams",
+                "early_data",
             }
         )
         transports_field = node.child("transports").required()
@@ -657,6 +667,9 @@ class _Loader:
         policies = tuple(self.policy(p) for p in node.child("policies").items(allow_empty=True))
         timeout = node.child("connect_timeout")
         streams = node.child("max_streams")
+        early = node.child("early_data")
+        if early.value is not None and "quic" not in transports:
+            raise early.error("applies to listeners serving quic only")
         return InboundListenerConfig(
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),
@@ -665,6 +678,7 @@ class _Loader:
             policies=policies,
             connect_timeout=timeout.duration() if timeout.value is not None else 5.0,
             max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
+            early_data=early.boolean() if early.value is not None else True,
         )
 
     def destinations(self, node: _Field) -> tuple[DestinationRule, ...]:

@@ -1,4 +1,4 @@
-"""Counting live flows, so a drain can wait for the last one, and their last bytes."""
+"""Counting live flows, so a drain can wait for the last one, and for their last bytes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from ..transport.stream import MeshStream
 
 FLUSH_TIMEOUT = 30.0
 """Longest a finished flow waits for its last bytes to leave."""
+
+ACK_TIMEOUT = 2.0
+"""Seconds a drain gives each peer connection, once its flows are finished (or the
+grace period is over), to have their last bytes acknowledged before it closes
+(:meth:`~quicmesh.PeerConnection.aclose`). One round trip is enough; this allows
+for a lost packet or two on a slow path."""
 
 
 class FlowTracker:
@@ -38,14 +44,13 @@ class FlowTracker:
         await self._idle.wait()
 
 
-async def wait_flushed(stream: MeshStream, timeout: float) -> None:
+async def wait_sent(stream: MeshStream, timeout: float) -> None:
     """Wait (at most ``timeout`` seconds) until every byte written to ``stream`` has left.
 
-    A flow counts as finished for a drain only once its last bytes are on the
-    wire: closing the peer connection earlier would drop them. MeshStream has
-    no public "wait until sent" yet, so this lowers the stream's high-water mark
-    to zero and waits on ``drain()``, which the connection wakes as bytes leave.
+    A flow counts as finished for a drain only once its last bytes are handed to
+    the network; acknowledgement is then the peer connection's business
+    (:meth:`~quicmesh.PeerConnection.aclose` waits for it when a drain closes
+    the pools). A stream that failed meanwhile has nothing left to send.
     """
-    stream._high_water = 0
     with contextlib.suppress(TunnelError, TimeoutError):
-        await asyncio.wait_for(stream.drain(), timeout)
+        await asyncio.wait_for(stream.wait_sent(), timeout)

@@ -19,11 +19,12 @@ from .. import TRANSPORTS
 from ..errors import QuicmeshError, TunnelError
 from ..splice import splice
 from ..tls import Identity, TrustBundle
-from ..transport.base import Listener, Transport
+from ..transport.base import Listener, PeerConnection, StreamHandler, Transport
+from ..transport.quic import QuicTransport
 from ..transport.stream import MeshStream
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
-from .flows import FLUSH_TIMEOUT, FlowTracker, wait_flushed
+from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .policy import refusal_reason, split_target
 from .stats import ListenerStats
 
@@ -38,6 +39,15 @@ def inbound_transport(
     if name in ("quic", "h2"):
         return cls(identity=identity, trust=trust, max_streams=max_streams)  # type: ignore[call-arg]
     return cls(identity=identity, trust=trust)
+
+
+async def listen(
+    transport: Transport, config: InboundListenerConfig, handler: StreamHandler
+) -> Listener:
+    """Listen with one transport; QUIC accepts 0-RTT unless ``early_data`` is off."""
+    if isinstance(transport, QuicTransport):
+        return await transport.listen(config.address, handler, early_data=config.early_data)
+    return await transport.listen(config.address, handler)
 
 
 class InboundListener:
@@ -80,7 +90,9 @@ class InboundListener:
                 transport = inbound_transport(
                     name, self.identity, self.trust, self.config.max_streams
                 )
-                self._listeners.append(await transport.listen(self.config.address, self._handle))
+                if isinstance(transport, QuicTransport):
+                    self.stats.quic_counters.append(transport.counters)
+                self._listeners.append(await listen(transport, self.config, self._handle))
         except (QuicmeshError, OSError):
             self.close()
             raise
@@ -97,10 +109,24 @@ class InboundListener:
                 await listener.wait_closed()
 
     async def drain_and_close(self, grace: float) -> None:
-        """Refuse new streams, wait up to ``grace`` seconds for live ones, then close."""
+        """Refuse new streams, wait up to ``grace`` seconds for live ones, then close.
+
+        Peer connections are then closed gracefully
+        (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes of finished flows
+        get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
+        """
         self.draining = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._local_flows.wait_idle(), grace)
+        connections: list[PeerConnection] = [
+            connection
+            for listener in self._listeners
+            # QuicListener and the TLS listeners expose the connections they accepted.
+            for connection in getattr(listener, "connections", ())
+        ]
+        await asyncio.gather(
+            *(_aclose(connection, ACK_TIMEOUT) for connection in connections),
+        )
         self.close()
         await self.wait_closed()
 
@@ -121,7 +147,7 @@ class InboundListener:
             direction="inbound",
             downstream="",
             target=stream.target,
-            transport=_transport_of(stream),
+            transport=stream.transport,
             peer_identity=stream.peer_identity,
             endpoint="",
             bytes_sent=0,
@@ -172,7 +198,7 @@ class InboundListener:
         try:
             result = await splice(stream, reader, writer)
             if not result.error:
-                await wait_flushed(stream, FLUSH_TIMEOUT)
+                await wait_sent(stream, FLUSH_TIMEOUT)
         finally:
             self.stats.connections_active -= 1
         record.bytes_sent = result.bytes_from_stream
@@ -181,13 +207,13 @@ class InboundListener:
             record.outcome, record.reason = Outcome.RESET, result.error
 
 
+async def _aclose(connection: PeerConnection, timeout: float) -> None:
+    with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
+        await asyncio.wait_for(connection.aclose(timeout), timeout + ACK_TIMEOUT)
+
+
 def _refuse(stream: MeshStream, status: int, reason: str) -> None:
     try:
         stream.refuse(status, reason)
     except TunnelError:
         stream.abort()
-
-
-def _transport_of(stream: MeshStream) -> str:
-    channel = getattr(stream, "_channel", None)
-    return str(getattr(channel, "transport_name", "")) or "unknown"

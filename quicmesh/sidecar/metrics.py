@@ -42,9 +42,6 @@ _CLUSTER_COUNTERS = (
     ("bytes_received", "bytes_received", "Bytes received from the tunnel."),
     ("connect_failures", "connect_failures", "Failed connects or stream opens."),
     ("retries", "retries", "Flows retried on another endpoint."),
-    ("early_data_attempted", "early_data_attempted", "Peer connections that attempted 0-RTT."),
-    ("early_data_accepted", "early_data_accepted", "Peer connections whose 0-RTT was accepted."),
-    ("migrations", "migrations", "QUIC connection migrations."),
 )
 _CLUSTER_GAUGES = (
     ("connections_active", "connections_active", "Peer connections open now."),
@@ -60,6 +57,63 @@ _CONNECTION_COUNTERS = (
     ("packets_sent", "packets_sent", "Packets sent on the peer connection."),
     ("bytes_sent", "bytes_sent", "Bytes sent on the peer connection (wire)."),
     ("bytes_received", "bytes_received", "Bytes received on the peer connection (wire)."),
+    ("zero_rtt_packets_sent", "zero_rtt_packets_sent", "Packets sent as 0-RTT (QUIC)."),
+)
+_MIGRATION_CAUSES = ("active", "auto_rebind", "peer_address_change")
+"""``cause`` label of the migration counters (keys ``migrations_<cause>`` of QUIC's counters)."""
+_CLUSTER_QUIC = (
+    (
+        "zero_rtt",
+        "result",
+        ("attempted", "accepted", "rejected"),
+        "zero_rtt_{}",
+        "Peer connections that attempted 0-RTT, and whether the peer accepted it.",
+    ),
+    (
+        "migrations",
+        "cause",
+        _MIGRATION_CAUSES,
+        "migrations_{}",
+        "QUIC connection migrations: active (POST /migrate), auto_rebind (after PTOs).",
+    ),
+    (
+        "path_validations",
+        "result",
+        ("ok", "failed"),
+        "path_validations_{}",
+        "QUIC path validations (PATH_CHALLENGE answered, or abandoned).",
+    ),
+    (
+        "session_tickets",
+        "result",
+        ("received",),
+        "tickets_{}",
+        "QUIC session tickets received from peers (for resumption and 0-RTT).",
+    ),
+)
+_LISTENER_QUIC = (
+    (
+        "session_tickets",
+        "result",
+        ("issued", "redeemed", "refused"),
+        "tickets_{}",
+        "QUIC session tickets issued to peers, redeemed by a resuming peer (once each),"
+        " and refused (unknown, used already, or expired).",
+    ),
+    (
+        "migrations",
+        "cause",
+        _MIGRATION_CAUSES,
+        "migrations_{}",
+        "QUIC peers seen moving to a new address (peer_address_change).",
+    ),
+    (
+        "path_validations",
+        "result",
+        ("ok", "failed"),
+        "path_validations_{}",
+        "QUIC path validations of peers' new addresses.",
+    ),
 )
 HEALTH_STATES = ("healthy", "unhealthy", "ejected", "removed")
 
@@ -117,6 +171,16 @@ def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         for outcome, count in data["outcomes"].items():
             flows.add_metric([listener, outcome], count)
     yield flows
+    for name, label, values, key, doc in _LISTENER_QUIC:
+        family = CounterMetricFamily(
+            f"quicmesh_listener_{name}", doc, labels=["listener", "kind", label]
+        )
+        for listener, data in listeners.items():
+            quic = data.get("quic")
+            if quic is not None:
+                for value in values:
+                    family.add_metric([listener, data["kind"], value], quic[key.format(value)])
+        yield family
 
 
 def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
@@ -147,6 +211,16 @@ def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
             outcomes.add_metric([cluster, outcome], count)
     yield overflows
     yield outcomes
+    for name, label, values, key, doc in _CLUSTER_QUIC:
+        family = CounterMetricFamily(
+            f"quicmesh_cluster_{name}", doc, labels=["cluster", "transport", label]
+        )
+        for cluster, data in clusters.items():
+            quic = data.get("quic")
+            if quic is not None:
+                for value in values:
+                    family.add_metric([cluster, data["transport"], value], quic[key.format(value)])
+        yield family
     yield from _endpoint_families(clusters)
 
 

@@ -4,6 +4,8 @@ Each accepted connection becomes one flow: the cluster opens a tunnel stream on
 a pooled peer connection and :func:`quicmesh.splice` copies bytes both ways. A
 flow the cluster cannot open is answered with a TCP reset, so the local client
 sees a failure rather than an empty response, and is logged with its reason.
+A flow opened in 0-RTT learns of a refusal only once it is spliced; it is
+logged as refused all the same.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import struct
 import time
 from collections.abc import Callable
 
+from ..errors import StreamRefused, TunnelError
 from ..splice import splice
+from ..transport.stream import MeshStream
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster, FlowRefused
 from .config import OutboundListenerConfig, format_address
-from .flows import FLUSH_TIMEOUT, FlowTracker, wait_flushed
+from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
 
 logger = logging.getLogger("quicmesh.sidecar.outbound")
+
+REFUSAL_WAIT = 1.0
+"""Seconds a failed 0-RTT flow waits for the peer's answer, to tell a refusal from a reset."""
 
 
 class OutboundListener:
@@ -108,7 +115,7 @@ class OutboundListener:
             try:
                 result = await splice(flow.stream, reader, writer)
                 if not result.error:
-                    await wait_flushed(flow.stream, FLUSH_TIMEOUT)
+                    await wait_sent(flow.stream, FLUSH_TIMEOUT)
             finally:
                 stats.streams_active -= 1
             record.bytes_sent = result.bytes_to_stream
@@ -116,12 +123,26 @@ class OutboundListener:
             cluster.flow_finished(flow, result.bytes_to_stream, result.bytes_from_stream)
             if result.error:
                 record.outcome, record.reason = Outcome.RESET, result.error
+                refusal = await _refusal(flow.stream) if flow.early else None
+                if refusal is not None:
+                    record.outcome, record.reason = Outcome.REFUSED, str(refusal)
         finally:
             stats.connections_active -= 1
             record.duration = time.monotonic() - started
             stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
             cluster.stats.outcomes[record.outcome.value] += 1
             self._log(record)
+
+
+async def _refusal(stream: MeshStream) -> StreamRefused | None:
+    """The peer's refusal of a stream opened without waiting for its answer, if it refused."""
+    try:
+        await asyncio.wait_for(stream.wait_accepted(), REFUSAL_WAIT)
+    except StreamRefused as exc:
+        return exc
+    except (TunnelError, TimeoutError):
+        return None
+    return None
 
 
 def reset_connection(writer: asyncio.StreamWriter) -> None:

@@ -6,6 +6,10 @@ limit (:attr:`~quicmesh.PeerConnection.can_open_stream` is False). That choice
 is the sans-IO :func:`plan_open`; :class:`EndpointPool` is the asyncio side that
 dials, waits and keeps the connections. A TCP peer connection dials one TLS
 connection per stream itself, so its pool never needs more than one.
+
+With ``early_data`` a QUIC connection resumed with a cached ticket is usable
+before its handshake completes; streams opened on it then do not wait for the
+peer's answer, so their CONNECT and first bytes ride in 0-RTT packets.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ConnectError, QuicmeshError
+from ..errors import ConnectError, QuicmeshError, StreamRefused, TunnelError
 from ..transport.base import Address, PeerConnection, Transport
+from ..transport.quic import QuicPeerConnection
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
 
@@ -86,6 +91,10 @@ def plan_open(connections: Sequence[Poolable], *, connecting: bool, may_connect:
     return Plan(Action.OVERFLOW)
 
 
+CLOSE_TIMEOUT = 5.0
+"""Seconds a closing connection gets, beyond its grace, to say goodbye."""
+
+
 class PoolOverflow(QuicmeshError):
     """The cluster's ``max_connections`` is reached and this endpoint has no connection."""
 
@@ -129,13 +138,22 @@ class EndpointPool:
 
     async def open_stream(
         self, target: str, headers: dict[str, str]
-    ) -> tuple[MeshStream, PeerConnection]:
+    ) -> tuple[MeshStream, PeerConnection, bool]:
         """Open a flow to ``target`` on a pooled connection, dialling one if needed.
+
+        Returns the stream, its connection, and whether the stream was opened in
+        0-RTT (without waiting for the peer's answer: a refusal then surfaces on
+        the stream's first read or write).
+
+        A stream lost because its pooled connection turned out to be closed (the
+        peer closed it, and a QUIC client learns that only when its draining
+        period ends) is opened again, once, on another or a new connection.
 
         :raises ConnectError: the endpoint could not be reached.
         :raises PoolOverflow: no connection may be opened and none exists.
         :raises TunnelError: the stream could not be opened (refused, connection lost).
         """
+        lost_once = False
         while True:
             self.sweep_closed()
             may_connect = self.breaker.connections < self.breaker.limits.max_connections
@@ -147,8 +165,24 @@ class EndpointPool:
             if plan.action is Action.USE or plan.action is Action.QUEUE:
                 connection: PeerConnection = plan.connection
                 self._mark_busy(connection)
-                stream = await connection.open_stream(target, headers)
-                return stream, connection
+                if (
+                    isinstance(connection, QuicPeerConnection)
+                    and connection.early_data == "attempted"
+                ):
+                    # Still in its handshake: the CONNECT and first bytes go as 0-RTT.
+                    stream = await connection.open_stream(target, headers, wait_response=False)
+                    return stream, connection, True
+                try:
+                    stream = await connection.open_stream(target, headers)
+                except StreamRefused:
+                    raise
+                except TunnelError as exc:
+                    if lost_once or not connection.is_closed:
+                        raise
+                    lost_once = True
+                    logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)
+                    continue
+                return stream, connection, False
             if plan.action is Action.WAIT_FOR_CONNECT:
                 assert self._connecting is not None
                 await asyncio.shield(self._connecting)
@@ -219,14 +253,20 @@ class EndpointPool:
         """Streams open on all of this pool's connections."""
         return sum(p.connection.active_streams for p in self.connections)
 
-    async def close(self) -> None:
-        """Close every connection (GOAWAY / CONNECTION_CLOSE) and wait for them."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Close every connection gracefully (GOAWAY / CONNECTION_CLOSE) and wait for them.
+
+        :param grace: seconds streams still running get to finish, every byte
+            acknowledged (:meth:`~quicmesh.PeerConnection.aclose`); then they are reset.
+        """
         pooled = list(self.connections)
-        for item in pooled:
-            item.connection.close()
-        for item in pooled:
+
+        async def close_one(item: PooledConnection) -> None:
             with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
-                await asyncio.wait_for(item.connection.wait_closed(), 5.0)
+                await asyncio.wait_for(item.connection.aclose(grace), grace + CLOSE_TIMEOUT)
+
+        await asyncio.gather(*(close_one(item) for item in pooled))
+        for item in pooled:
             self._forget(item)
 
 

@@ -5,7 +5,14 @@ admin server, the outbound and inbound listeners, the clusters and their
 counters, the access log and the live-flow tracker. :meth:`Sidecar.reload`
 applies a new configuration without dropping live flows (a flow holds on to the
 cluster and pool it started on); :meth:`Sidecar.drain` stops taking flows, lets
-live ones finish within the grace period and closes peer connections cleanly.
+live ones finish within the grace period and closes peer connections cleanly
+(:meth:`~quicmesh.PeerConnection.aclose`: the last bytes are acknowledged first).
+:meth:`Sidecar.migrate` moves every QUIC peer connection to a new local port.
+
+Every QUIC cluster dials with one per-sidecar
+:class:`~quicmesh.transport.tickets.TicketCache`
+(kept in ``tls.ticket_cache`` if given), so ``early_data`` clusters resume with
+0-RTT, after a restart too.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from .. import TRANSPORTS
 from ..errors import ConfigError, QuicmeshError
 from ..tls import DevCA, Identity, TrustBundle
 from ..transport.base import Transport
+from ..transport.quic import QuicTransport
+from ..transport.tickets import TicketCache
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
 from .cluster import Cluster
@@ -32,7 +41,7 @@ from .config import (
     load_config,
     load_endpoints_file,
 )
-from .flows import FlowTracker
+from .flows import ACK_TIMEOUT, FlowTracker
 from .inbound import InboundListener
 from .metrics import Metrics
 from .outbound import OutboundListener
@@ -69,14 +78,24 @@ def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
     return identity, trust
 
 
-def cluster_transport(config: ClusterConfig, identity: Identity, trust: TrustBundle) -> Transport:
-    """The client-side transport a cluster dials with."""
-    cls = TRANSPORTS[config.transport]
+def cluster_transport(
+    config: ClusterConfig,
+    identity: Identity,
+    trust: TrustBundle,
+    ticket_cache: TicketCache | None = None,
+) -> Transport:
+    """The client-side transport a cluster dials with.
+
+    :param ticket_cache: (QUIC) the sidecar's session tickets, shared by its clusters.
+    """
     if config.transport == "quic":
-        return cls(  # type: ignore[call-arg]
-            identity=identity, trust=trust, congestion_control=config.congestion_control
+        return QuicTransport(
+            identity=identity,
+            trust=trust,
+            congestion_control=config.congestion_control,
+            ticket_cache=ticket_cache,
         )
-    return cls(identity=identity, trust=trust)
+    return TRANSPORTS[config.transport](identity=identity, trust=trust)
 
 
 class Sidecar:
@@ -90,6 +109,7 @@ class Sidecar:
         self.config = config
         self.config_path = config_path
         self.identity, self.trust = load_identity(config)
+        self.ticket_cache = TicketCache(config.tls.ticket_cache)
         self.flows = FlowTracker()
         self.access_log = AccessLog(config.access_log.path)
         self.metrics = Metrics(self.snapshot)
@@ -157,7 +177,7 @@ class Sidecar:
         stats = self.cluster_stats.setdefault(config.name, ClusterStats(config.name))
         cluster = Cluster(
             config,
-            cluster_transport(config, self.identity, self.trust),
+            cluster_transport(config, self.identity, self.trust, self.ticket_cache),
             stats,
             headers={"x-quicmesh-source": self.config.node.name},
         )
@@ -258,6 +278,7 @@ class Sidecar:
                     previous_in is None
                     or previous_in.address != inb.address
                     or previous_in.transports != inb.transports
+                    or previous_in.early_data != inb.early_data
                 ):
                     in_listener = InboundListener(
                         inb,
@@ -321,7 +342,7 @@ class Sidecar:
                 e.pool.active_streams for e in cluster.endpoints.values()
             ):
                 await asyncio.sleep(1.0)
-            await cluster.close()
+            await cluster.close(ACK_TIMEOUT)
             with contextlib.suppress(ValueError):
                 self.retired_clusters.remove(cluster)
 
@@ -395,8 +416,14 @@ class Sidecar:
             await asyncio.wait_for(self.flows.wait_idle(), grace)
         except TimeoutError:
             logger.warning("grace period over: closing %d live flows", self.flows.active)
+        # Flows are done (or out of time): close every peer connection gracefully, so
+        # the last bytes of finished flows are acknowledged before CONNECTION_CLOSE.
         await asyncio.gather(
             *(inb.drain_and_close(0.0) for inb in self.inbound.values()),
+            *(
+                cluster.close(ACK_TIMEOUT)
+                for cluster in list(self.clusters.values()) + self.retired_clusters
+            ),
             return_exceptions=True,
         )
         await self._close_everything()
@@ -421,6 +448,25 @@ class Sidecar:
             await inb.wait_closed()
         await self.admin.close()
         self.access_log.close()
+
+    # -- migration -------------------------------------------------------------
+
+    async def migrate(self) -> dict[str, Any]:
+        """Move every QUIC peer connection of every cluster to a new local UDP port.
+
+        Returns ``{"migrated": n, "failed": n, "connections": [...]}``, one entry
+        per connection (see :meth:`Cluster.migrate`).
+        """
+        clusters = list(self.clusters.values()) + self.retired_clusters
+        reports = await asyncio.gather(*(cluster.migrate() for cluster in clusters))
+        connections = [entry for report in reports for entry in report]
+        failed = sum(1 for entry in connections if entry["error"])
+        logger.info("migrated %d QUIC peer connections", len(connections) - failed)
+        return {
+            "migrated": len(connections) - failed,
+            "failed": failed,
+            "connections": connections,
+        }
 
     # -- views -----------------------------------------------------------------
 

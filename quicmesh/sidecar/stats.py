@@ -9,9 +9,20 @@ source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..transport.quic import COUNTERS as QUIC_COUNTERS
 from .accesslog import Outcome
+
+
+def sum_counters(sources: Iterable[Counter[str]]) -> dict[str, int]:
+    """The QUIC transport counters (:data:`~quicmesh.transport.quic.COUNTERS`) added up."""
+    total = dict.fromkeys(QUIC_COUNTERS, 0)
+    for counters in sources:
+        for name in QUIC_COUNTERS:
+            total[name] += counters[name]
+    return total
 
 
 @dataclass
@@ -35,6 +46,9 @@ class ListenerStats:
     bytes_sent: int = 0
     """Bytes to the downstream side."""
     outcomes: Counter[str] = field(default_factory=Counter)
+    quic_counters: list[Counter[str]] = field(default_factory=list)
+    """(inbound) The :attr:`~quicmesh.QuicTransport.counters` of every QUIC transport this
+    listener served with, across reloads: tickets, migrations, path validations."""
 
     def flow_ended(self, outcome: Outcome, bytes_received: int, bytes_sent: int) -> None:
         """Count a finished flow."""
@@ -43,8 +57,8 @@ class ListenerStats:
         self.bytes_sent += bytes_sent
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-friendly view."""
-        return {
+        """A JSON-friendly view (``quic`` only for a listener that served QUIC)."""
+        view: dict[str, object] = {
             "kind": self.kind,
             "connections_total": self.connections_total,
             "connections_active": self.connections_active,
@@ -54,6 +68,9 @@ class ListenerStats:
             "bytes_sent": self.bytes_sent,
             "outcomes": dict(self.outcomes),
         }
+        if self.quic_counters:
+            view["quic"] = sum_counters(self.quic_counters)
+        return view
 
 
 @dataclass
@@ -82,10 +99,9 @@ class ClusterStats:
     connect_failures: int = 0
     retries: int = 0
     overflows: Counter[str] = field(default_factory=Counter)
-    early_data_attempted: int = 0
-    early_data_accepted: int = 0
-    migrations_closed: int = 0
-    """Migrations counted on connections that have since closed."""
+    quic_counters: list[Counter[str]] = field(default_factory=list)
+    """The :attr:`~quicmesh.QuicTransport.counters` of every transport the cluster dialled
+    with, across reloads: 0-RTT, tickets, migrations, path validations."""
     outcomes: Counter[str] = field(default_factory=Counter)
     endpoints: dict[str, EndpointStats] = field(default_factory=dict)
 

@@ -28,7 +28,7 @@ SOURCE = "sidecar.yaml"
 
 VALID: dict[str, Any] = {
     "node": {"name": "a", "identity": "spiffe://mesh.local/ns/default/sa/a"},
-    "tls": {"ca_dir": "ca"},
+    "tls": {"ca_dir": "ca", "ticket_cache": "tickets.json"},
     "admin": {"address": "127.0.0.1:15000"},
     "access_log": {"path": "-"},
     "drain": {"grace_period": "5s"},
@@ -48,6 +48,7 @@ VALID: dict[str, Any] = {
                 ],
                 "connect_timeout": "2s",
                 "max_streams": 64,
+                "early_data": False,
             }
         ],
     },
@@ -59,7 +60,7 @@ VALID: dict[str, Any] = {
             "endpoints": ["127.0.0.1:15008", "[::1]:15008"],
             "load_balancing": "least_request",
             "congestion_control": "bbr",
-            "early_data": False,
+            "early_data": True,
             "health_check": {
                 "interval": "1s",
                 "timeout": "500ms",
@@ -102,7 +103,10 @@ def test_the_full_example_loads() -> None:
     assert cluster.health_check is not None and cluster.health_check.timeout == 0.5
     assert cluster.idle_timeout == 60.0
     assert config.tls.ca_dir == "/etc/q/ca"
+    assert config.tls.ticket_cache == "/etc/q/tickets.json"
+    assert cluster.early_data is True
     assert config.inbound[0].transports == ("quic", "h2")
+    assert config.inbound[0].early_data is False
     assert config.to_dict()["clusters"][0]["endpoints"] == ["127.0.0.1:15008", "[::1]:15008"]
 
 
@@ -119,6 +123,12 @@ def test_defaults() -> None:
     assert cluster.health_check is None
     assert cluster.connect_retries == 1
     assert cluster.outlier_detection.consecutive_connect_failures == 5
+    assert cluster.early_data is False
+    del document["tls"]["ticket_cache"]
+    del document["listeners"]["inbound"][0]["early_data"]
+    config = load(document)
+    assert config.tls.ticket_cache is None
+    assert config.inbound[0].early_data is True
 
 
 def mutate(path: list[Any], value: Any) -> dict[str, Any]:
@@ -186,6 +196,16 @@ DELETE = object()
             ["clusters", 0, "early_data"],
             "yes",
             "sidecar.yaml: clusters[0].early_data: expected true or false",
+        ),
+        (
+            ["listeners", "inbound", 0, "transports"],
+            ["h2"],
+            "sidecar.yaml: listeners.inbound[0].early_data: applies to listeners serving quic",
+        ),
+        (
+            ["tls", "ticket_cache"],
+            7,
+            "sidecar.yaml: tls.ticket_cache: expected a non-empty string",
         ),
     ],
 )

@@ -309,7 +309,13 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
             return [await f.finish(os.urandom(100_000)) for f in held]
 
         assert asyncio.run(main()) == [True] * 8
-        lines = [r for r in a.access_log() if r["listener"] == "echo"]
+        lines = wait_until(
+            lambda: (
+                [r for r in a.access_log() if r["listener"] == "echo"][8:]
+                and [r for r in a.access_log() if r["listener"] == "echo"]
+            ),
+            what="nine flows logged",
+        )
         assert sorted(r["transport"] for r in lines) == ["h2"] + ["quic"] * 8
         assert {r["outcome"] for r in lines} == {"completed"}
 

@@ -3,6 +3,7 @@ pool choice, inbound policy, admin routing, access-log lines and metrics exposit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import Counter
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from quicmesh.sidecar.accesslog import FlowRecord, Outcome
-from quicmesh.sidecar.admin import Response, route
+from quicmesh.sidecar.admin import Deferred, Response, route
 from quicmesh.sidecar.circuit import CircuitBreaker
 from quicmesh.sidecar.config import (
     CircuitBreakerConfig,
@@ -28,6 +29,7 @@ from quicmesh.sidecar.lb import LeastRequest, RandomChoice, RoundRobin, make_bal
 from quicmesh.sidecar.metrics import Metrics
 from quicmesh.sidecar.policy import refusal_reason
 from quicmesh.sidecar.pool import Action, plan_open
+from quicmesh.transport.quic import COUNTERS as QUIC_COUNTERS
 
 
 @dataclass
@@ -287,6 +289,9 @@ class FakeView:
         self.ready = False
         return self.drains == 1
 
+    async def migrate(self) -> dict[str, Any]:
+        return {"migrated": 1, "failed": 0, "connections": [{"cluster": "c"}]}
+
 
 def test_admin_routes() -> None:
     view = FakeView()
@@ -301,6 +306,11 @@ def test_admin_routes() -> None:
     assert route(view, "GET", "/ready").status == 503
     assert route(view, "POST", "/drain").body == b"already draining\n"
     assert route(view, "GET", "/nope").status == 404
+    assert route(view, "GET", "/migrate").status == 405
+    deferred = route(view, "POST", "/migrate")
+    assert isinstance(deferred, Deferred)
+    response = asyncio.run(deferred.respond())
+    assert response.status == 200 and json.loads(response.body)["migrated"] == 1
 
 
 def test_access_log_line_is_one_json_object() -> None:
@@ -343,7 +353,23 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "bytes_received": 100,
                 "bytes_sent": 200,
                 "outcomes": {"completed": 2},
-            }
+            },
+            "mesh": {
+                "kind": "inbound",
+                "connections_total": 0,
+                "connections_active": 0,
+                "streams_total": 0,
+                "streams_active": 0,
+                "bytes_received": 0,
+                "bytes_sent": 0,
+                "outcomes": {},
+                "quic": {
+                    **dict.fromkeys(QUIC_COUNTERS, 0),
+                    "tickets_issued": 5,
+                    "tickets_redeemed": 3,
+                    "migrations_peer_address_change": 1,
+                },
+            },
         },
         "clusters": {
             "c": {
@@ -356,9 +382,14 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "bytes_received": 200,
                 "connect_failures": 4,
                 "retries": 1,
-                "early_data_attempted": 0,
-                "early_data_accepted": 0,
-                "migrations": 2,
+                "quic": {
+                    **dict.fromkeys(QUIC_COUNTERS, 0),
+                    "zero_rtt_attempted": 3,
+                    "zero_rtt_accepted": 2,
+                    "zero_rtt_rejected": 1,
+                    "migrations_active": 2,
+                    "path_validations_ok": 4,
+                },
                 "circuit_breaker_overflows": {"max_concurrent_streams": 5},
                 "outcomes": {"completed": 2, "overflow": 5},
                 "endpoints": {
@@ -381,6 +412,13 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     assert metric(samples, "quicmesh_ready") == 1
     assert metric(samples, "quicmesh_listener_connections_total", listener="app") == 3
     assert metric(samples, "quicmesh_cluster_migrations_total", cluster="c") == 2
+    assert metric(samples, "quicmesh_cluster_migrations_total", cause="active") == 2
+    assert metric(samples, "quicmesh_cluster_zero_rtt_total", result="accepted") == 2
+    assert metric(samples, "quicmesh_cluster_zero_rtt_total", result="rejected") == 1
+    assert metric(samples, "quicmesh_cluster_path_validations_total", result="ok") == 4
+    assert metric(samples, "quicmesh_listener_session_tickets_total", result="redeemed") == 3
+    assert metric(samples, "quicmesh_listener_migrations_total", cause="peer_address_change") == 1
+    assert metric(samples, "quicmesh_listener_session_tickets_total", listener="app") == 0
     assert (
         metric(
             samples,
