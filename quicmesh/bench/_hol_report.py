@@ -200,7 +200,9 @@ def cpu_summary(
         result[f"{side}_loop_lag_ms"] = distribution(lag)
         cpu = monitor.get("cpu", [])
         used = counter_at(cpu, 1, end) - counter_at(cpu, 1, start) if len(cpu) > 1 else None
-        result[f"{side}_cpu"] = None if used is None else round(used / (end - start), 3)
+        result[f"{side}_cpu"] = (
+            None if used is None or end <= start else round(used / (end - start), 3)
+        )
     queues = {"client": client.get("queues", []), "server": server.get("queues", [])}
     columns = {"udp_rx": 1, "udp_tx": 2, "tcp_rx": 3, "tcp_tx": 4}
     for side, rows in queues.items():

@@ -222,8 +222,9 @@ class _LineReader:
         threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.put(line)
+        with stream:
+            for line in stream:
+                self.lines.put(line)
         self.lines.put(None)
 
     def wait_for(self, word: str, timeout: float) -> bool:
@@ -329,15 +330,29 @@ def execute(spec: RunSpec, settings: Settings, ca_dir: str, scratch: Path) -> di
         seed=spec.seed,
         **spec.variant.worker_fields(),
     )
+    result_path = scratch / "client.json"
+    with contextlib.suppress(FileNotFoundError):
+        result_path.unlink()
+    with (
+        (scratch / "server.err").open("w+") as server_err,
+        (scratch / "client.err").open("w+") as client_err,
+    ):
+        return _execute(spec, settings, config, measure, server_err, client_err, result_path)
+
+
+def _execute(
+    spec: RunSpec,
+    settings: Settings,
+    config: WorkerConfig,
+    measure: float,
+    server_err: IO[str],
+    client_err: IO[str],
+    result_path: Path,
+) -> dict[str, Any]:
     argv = [sys.executable, "-m", "quicmesh.bench._hol_worker"]
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    result_path = scratch / "client.json"
-    with contextlib.suppress(FileNotFoundError):
-        result_path.unlink()
-    server_err = (scratch / "server.err").open("w+")
-    client_err = (scratch / "client.err").open("w+")
     kernel_cc = spec.variant.congestion_control
     host_sampler = HostCpuSampler()
     with Link(spec.profile.config(spec.seed)) as link, host_sampler:
@@ -395,8 +410,6 @@ def execute(spec: RunSpec, settings: Settings, ca_dir: str, scratch: Path) -> di
         server_result = json.loads(server_output.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         server_result = {"error": _tail(server_err)}
-    server_err.close()
-    client_err.close()
     quic_seen = {
         "client": raw["connection"].get("congestion_control"),
         "server": next(
