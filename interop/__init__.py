@@ -1,0 +1,1 @@
+"""QUIC interop matrix: quicmesh against independent QUIC stacks (see docs/interop.md)."""

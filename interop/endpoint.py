@@ -1,0 +1,444 @@
+"""quicmesh's interop endpoint: an HTTP/3 file server and client on quicmesh's QUIC layer.
+
+It follows the QUIC Interop Runner's endpoint conventions, with paths and
+ports taken from the environment instead of a container's fixed layout:
+
+``ROLE``
+    ``server`` or ``client``.
+``TESTCASE``
+    One of :data:`SUPPORTED`; anything else exits with status 127.
+``WWW`` / ``PORT`` / ``HOST`` (server)
+    Directory served, UDP port and address to listen on.
+``REQUESTS`` / ``DOWNLOADS`` (client)
+    Space-separated ``https://`` URLs to GET over HTTP/3, and where to save them.
+    For ``resumption`` and ``zerortt`` the first URL is fetched on a first
+    connection and the rest on a second one resuming it (in 0-RTT for
+    ``zerortt``); for ``handshakeloss`` each URL gets its own connection.
+``CERTS``
+    ``cert.pem`` / ``priv.key`` (server), ``ca.pem`` (client), as written by
+    :mod:`interop.certs`.
+``QLOGDIR`` / ``SSLKEYLOGFILE``
+    Where to write qlog traces and TLS secrets (optional).
+
+The QUIC configuration is :meth:`quicmesh.QuicTransport.configuration`, with
+two interop changes: the client presents no certificate (quicmesh sidecars use
+mutual TLS; web servers do not ask for one) and the server presents an ordinary
+server certificate. ``max_datagram_frame_size`` stays ``None``: the endpoint
+never announces or sends DATAGRAM frames. Exit status: 0 success, 1 failure,
+127 unsupported test case.
+
+Run as ``python -m interop.endpoint``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aioquic.asyncio
+import aioquic.h3.events
+import aioquic.quic.events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.tls import CipherSuite
+
+from quicmesh import Identity, QuicTransport, TrustBundle
+from quicmesh._aioquic import MeshH3Connection
+
+from .certs import SERVER_NAME
+
+logger = logging.getLogger("quicmesh.interop.endpoint")
+
+SUPPORTED_SERVER = frozenset(
+    {
+        "handshake",
+        "transfer",
+        "multiplexing",
+        "retry",
+        "resumption",
+        "zerortt",
+        "http3",
+        "keyupdate",
+        "chacha20",
+        "rebind-port",
+        "rebind-addr",
+        "handshakeloss",
+        "transferloss",
+    }
+)
+"""Server test cases. ``connectionmigration`` is missing: aioquic's server cannot
+announce a preferred_address transport parameter."""
+
+SUPPORTED_CLIENT = SUPPORTED_SERVER | {"connectionmigration"}
+"""Client test cases (aioquic's client moves to a server's preferred address)."""
+
+SUPPORTED = {"server": SUPPORTED_SERVER, "client": SUPPORTED_CLIENT}
+
+EXIT_UNSUPPORTED = 127
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A QUIC stack with aioquic's asyncio API (aioquic itself, qh3).
+
+    The endpoint logic below is written once against this; each stack brings its
+    modules and its configuration.
+    """
+
+    name: str
+    asyncio: Any
+    """The ``connect``/``serve``/``QuicConnectionProtocol`` module."""
+    h3_connection: Any
+    h3_events: Any
+    quic_events: Any
+    configure: Callable[..., Any]
+    """``configure(is_client=, testcase=, certs=, qlog_dir=)`` gives the configuration."""
+    supported: dict[str, frozenset[str]]
+
+
+def configuration(
+    *, is_client: bool, testcase: str, certs: Path, qlog_dir: str | None
+) -> QuicConfiguration:
+    """quicmesh's QUIC configuration, adapted for a foreign peer and a test case."""
+    chain = (certs / "cert.pem").read_bytes()
+    identity = Identity.from_pem(chain, (certs / "priv.key").read_bytes())
+    transport = QuicTransport(
+        identity=identity,
+        trust=TrustBundle.from_file(certs / "ca.pem"),
+        idle_timeout=30.0,
+        qlog_dir=qlog_dir,
+    )
+    config = transport.configuration(is_client=is_client)
+    if is_client:
+        # No client certificate: quicmesh's mutual TLS is for sidecars only.
+        config.certificate = None
+        config.certificate_chain = []
+        config.private_key = None
+        config.server_name = SERVER_NAME
+    else:
+        config.cadata = None
+    if testcase == "chacha20":
+        config.cipher_suites = [CipherSuite.CHACHA20_POLY1305_SHA256]
+    keylog = os.environ.get("SSLKEYLOGFILE")
+    if keylog:
+        config.secrets_log_file = open(keylog, "a", buffering=1)  # noqa: SIM115
+    if config.max_datagram_frame_size is not None:
+        raise AssertionError("quicmesh must not announce DATAGRAM support to interop peers")
+    return config
+
+
+QUICMESH = Stack(
+    name="quicmesh",
+    asyncio=aioquic.asyncio,
+    h3_connection=MeshH3Connection,
+    h3_events=aioquic.h3.events,
+    quic_events=aioquic.quic.events,
+    configure=configuration,
+    supported=SUPPORTED,
+)
+
+
+# -- server --------------------------------------------------------------------
+
+
+def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
+    """A protocol class of ``stack`` serving GET requests for files below ``www``."""
+    root = www.resolve()
+
+    class ServerProtocol(stack.asyncio.QuicConnectionProtocol):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._h3: Any = None
+
+        def quic_event_received(self, event: Any) -> None:
+            if isinstance(event, stack.quic_events.ProtocolNegotiated) and (
+                event.alpn_protocol in ("h3", "h3-29")
+            ):
+                self._h3 = stack.h3_connection(self._quic)
+            if self._h3 is None:
+                return
+            for h3_event in self._h3.handle_event(event):
+                if isinstance(h3_event, stack.h3_events.HeadersReceived):
+                    self._respond(h3_event)
+
+        def _respond(self, event: Any) -> None:
+            headers = dict(event.headers)
+            path = headers.get(b":path", b"/").decode().split("?", 1)[0]
+            target = (root / path.lstrip("/")).resolve()
+            if headers.get(b":method") != b"GET" or not target.is_relative_to(root):
+                self._send(event.stream_id, 400, b"")
+            elif not target.is_file():
+                self._send(event.stream_id, 404, b"")
+            else:
+                self._send(event.stream_id, 200, target.read_bytes())
+
+        def _send(self, stream_id: int, status: int, body: bytes) -> None:
+            self._h3.send_headers(
+                stream_id,
+                [
+                    (b":status", str(status).encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"server", f"{stack.name}-interop".encode()),
+                ],
+            )
+            self._h3.send_data(stream_id, body, end_stream=True)
+            self.transmit()
+
+    return ServerProtocol
+
+
+async def run_server(stack: Stack, testcase: str) -> int:
+    """Serve ``WWW`` until SIGTERM or SIGINT."""
+    config = stack.configure(
+        is_client=False,
+        testcase=testcase,
+        certs=Path(os.environ.get("CERTS", "/certs")),
+        qlog_dir=os.environ.get("QLOGDIR") or None,
+    )
+    tickets: dict[bytes, Any] = {}
+    server = await stack.asyncio.serve(
+        os.environ.get("HOST", "127.0.0.1"),
+        int(os.environ.get("PORT", "443")),
+        configuration=config,
+        create_protocol=_server_protocol(stack, Path(os.environ.get("WWW", "/www"))),
+        session_ticket_fetcher=tickets.get,
+        session_ticket_handler=lambda ticket: tickets.__setitem__(ticket.ticket, ticket),
+        retry=testcase == "retry",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    # Close what is open so that every qlog trace is written.
+    protocols = set(getattr(server, "_protocols", {}).values())
+    for protocol in protocols:
+        protocol.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(p.wait_closed() for p in protocols)), timeout=2.0)
+    server.close()
+    return 0
+
+
+# -- client --------------------------------------------------------------------
+
+
+def _client_protocol(stack: Stack) -> Callable[..., Any]:
+    """A protocol class of ``stack`` that sends GET requests and collects responses."""
+
+    class ClientProtocol(stack.asyncio.QuicConnectionProtocol):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._h3 = stack.h3_connection(self._quic)
+            self._responses: dict[int, tuple[asyncio.Future[int], list[bytes], list[int]]] = {}
+
+        def get(self, url: str) -> asyncio.Future[int]:
+            """Send a GET for ``url``; the future gives the status once the body is in."""
+            parts = urlsplit(url)
+            stream_id = self._quic.get_next_available_stream_id()
+            self._h3.send_headers(
+                stream_id,
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"https"),
+                    (b":authority", parts.netloc.encode()),
+                    (b":path", (parts.path or "/").encode()),
+                    (b"user-agent", f"{stack.name}-interop".encode()),
+                ],
+                end_stream=True,
+            )
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._responses[stream_id] = (future, [], [0])
+            return future
+
+        def body(self, future: asyncio.Future[int]) -> bytes:
+            for candidate, chunks, _ in self._responses.values():
+                if candidate is future:
+                    return b"".join(chunks)
+            raise KeyError("unknown request")
+
+        def quic_event_received(self, event: Any) -> None:
+            if isinstance(event, stack.quic_events.ConnectionTerminated):
+                for future, _, _ in self._responses.values():
+                    if not future.done():
+                        future.set_exception(
+                            ConnectionError(f"connection closed: {event.reason_phrase!r}")
+                        )
+            for h3_event in self._h3.handle_event(event):
+                self._on_h3_event(h3_event)
+
+        def _on_h3_event(self, event: Any) -> None:
+            events = stack.h3_events
+            if not isinstance(event, events.HeadersReceived | events.DataReceived):
+                return
+            entry = self._responses.get(event.stream_id)
+            if entry is None:
+                return
+            future, chunks, status = entry
+            if isinstance(event, events.HeadersReceived):
+                status[0] = int(dict(event.headers).get(b":status", b"0"))
+            else:
+                chunks.append(event.data)
+            if event.stream_ended and not future.done():
+                future.set_result(status[0])
+
+    return ClientProtocol
+
+
+MAX_REQUESTS_IN_FLIGHT = 100
+"""Requests a client keeps open at once (servers here allow 100 or more streams)."""
+
+
+async def _request_key_update(protocol: Any) -> None:
+    """Ask for a key update as soon as the stack allows it.
+
+    aioquic defers a key update requested before the handshake is confirmed;
+    qh3 refuses it, so keep asking until the HANDSHAKE_DONE frame has arrived.
+    """
+    for _ in range(200):
+        try:
+            protocol._quic.request_key_update()
+        except AssertionError:
+            await asyncio.sleep(0.01)
+        else:
+            protocol.transmit()
+            return
+    raise RuntimeError("the handshake was never confirmed: no key update")
+
+
+async def _fetch(
+    stack: Stack,
+    urls: list[str],
+    config: Any,
+    downloads: Path,
+    *,
+    testcase: str,
+    tickets: list[Any],
+    early_data: bool = False,
+) -> None:
+    """Fetch ``urls`` on one connection and save them below ``downloads``."""
+    parts = urlsplit(urls[0])
+    host, port = parts.hostname or "127.0.0.1", parts.port or 443
+    async with stack.asyncio.connect(
+        host,
+        port,
+        configuration=config,
+        create_protocol=_client_protocol(stack),
+        session_ticket_handler=tickets.append,
+        wait_connected=not early_data,
+    ) as protocol:
+        if testcase == "keyupdate":
+            await _request_key_update(protocol)
+        # The first requests go out together (in 0-RTT when resuming); the rest
+        # as earlier ones finish, since a stack may refuse to open a stream
+        # beyond the peer's MAX_STREAMS instead of queueing it (qh3 does).
+        futures = {url: protocol.get(url) for url in urls[:MAX_REQUESTS_IN_FLIGHT]}
+        protocol.transmit()
+        window = asyncio.Semaphore(0)
+        for future in futures.values():
+            future.add_done_callback(lambda _: window.release())
+
+        async def get_later(url: str) -> None:
+            await window.acquire()
+            while True:
+                try:
+                    futures[url] = protocol.get(url)
+                except ValueError:  # qh3: no stream credit (MAX_STREAMS) yet
+                    await asyncio.sleep(0.01)
+                else:
+                    break
+            futures[url].add_done_callback(lambda _: window.release())
+            protocol.transmit()
+
+        await asyncio.gather(*(get_later(url) for url in urls[MAX_REQUESTS_IN_FLIGHT:]))
+        statuses = await asyncio.wait_for(
+            asyncio.gather(*(futures[url] for url in urls)), timeout=120.0
+        )
+        for url, status in zip(urls, statuses, strict=True):
+            if status != 200:
+                raise RuntimeError(f"GET {url}: status {status}")
+            name = Path(urlsplit(url).path).name or "index.html"
+            (downloads / name).write_bytes(protocol.body(futures[url]))
+        if testcase in ("resumption", "zerortt"):
+            # NewSessionTicket may trail the responses slightly.
+            for _ in range(20):
+                if tickets:
+                    break
+                await asyncio.sleep(0.05)
+
+
+async def run_client(stack: Stack, testcase: str) -> int:
+    """Fetch ``REQUESTS`` into ``DOWNLOADS``."""
+    urls = os.environ.get("REQUESTS", "").split()
+    if not urls:
+        print("REQUESTS is empty", file=sys.stderr)
+        return 1
+    downloads = Path(os.environ.get("DOWNLOADS", "/downloads"))
+    downloads.mkdir(parents=True, exist_ok=True)
+    certs = Path(os.environ.get("CERTS", "/certs"))
+    qlog_dir = os.environ.get("QLOGDIR") or None
+
+    def config() -> Any:
+        return stack.configure(is_client=True, testcase=testcase, certs=certs, qlog_dir=qlog_dir)
+
+    tickets: list[Any] = []
+    if testcase in ("resumption", "zerortt"):
+        await _fetch(stack, urls[:1], config(), downloads, testcase=testcase, tickets=tickets)
+        if not tickets:
+            print("the server sent no session ticket", file=sys.stderr)
+            return 1
+        resumed = config()
+        resumed.session_ticket = tickets[-1]
+        await _fetch(
+            stack,
+            urls[1:],
+            resumed,
+            downloads,
+            testcase=testcase,
+            tickets=[],
+            early_data=testcase == "zerortt",
+        )
+    elif testcase == "handshakeloss":
+        for url in urls:
+            await _fetch(stack, [url], config(), downloads, testcase=testcase, tickets=tickets)
+    else:
+        await _fetch(stack, urls, config(), downloads, testcase=testcase, tickets=tickets)
+    return 0
+
+
+def run(stack: Stack) -> int:
+    """Run the role named by ``ROLE`` for ``TESTCASE`` with ``stack``; the exit status."""
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
+    role = os.environ.get("ROLE", "")
+    testcase = os.environ.get("TESTCASE", "")
+    if role not in stack.supported:
+        print(f"{stack.name} cannot be a {role!r}", file=sys.stderr)
+        return EXIT_UNSUPPORTED if role in ("server", "client") else 1
+    if testcase not in stack.supported[role]:
+        print(f"test case {testcase!r} not supported as {role}", file=sys.stderr)
+        return EXIT_UNSUPPORTED
+    try:
+        if role == "server":
+            return asyncio.run(run_server(stack, testcase))
+        return asyncio.run(run_client(stack, testcase))
+    except Exception as exc:
+        print(f"{role} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def main() -> int:
+    """Entry point: quicmesh's endpoint."""
+    return run(QUICMESH)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
