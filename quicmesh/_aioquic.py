@@ -466,6 +466,25 @@ def stream_is_open(quic: QuicConnection, stream_id: int) -> bool:
     return stream_id in quic._streams
 
 
+def tolerate_initial_without_crypto(quic: QuicConnection) -> None:
+    """Keep a server connection whose first Initial carries no CRYPTO frame.
+
+    When a client's first Initial (its ClientHello) is lost, its probe may carry
+    only PING or ACK (RFC 9002 6.2.4); aioquic then closes with PROTOCOL_VIOLATION
+    instead of waiting for the retransmitted ClientHello (found by the interop
+    runner against qh3 under handshake loss, docs/interop.md). Any valid, padded
+    Initial already creates server state, so accepting this one exposes nothing new.
+    """
+    original = quic._payload_received
+
+    def _payload_received(
+        self_: QuicConnection, context: Any, plain: bytes, crypto_frame_required: bool = False
+    ) -> tuple[bool, bool]:
+        return original(context, plain, crypto_frame_required=False)
+
+    quic._payload_received = types.MethodType(_payload_received, quic)  # type: ignore[method-assign]
+
+
 def limit_peer_streams(quic: QuicConnection, max_streams: int) -> None:
     """Let the peer open at most ``max_streams`` concurrent bidirectional streams.
 

@@ -766,3 +766,63 @@ def test_finished_streams_leave_no_session_state() -> None:
         assert not [s for s in side.quic._streams if s % 4 == 0]
         assert not side.session.flow_control._streams
         assert not side.session._headers_done
+
+
+# -- 8. an Initial without CRYPTO ------------------------------------------------------
+
+
+def _ping_only_initial(client: QuicConnection) -> bytes:
+    """A padded client Initial carrying only PING, as a probe after a lost ClientHello."""
+    from aioquic.quic.crypto import CryptoPair
+    from aioquic.quic.packet import QuicFrameType, QuicPacketType
+    from aioquic.quic.packet_builder import QuicPacketBuilder
+
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=client._peer_cid.cid, is_client=True, version=client._version)
+    builder = QuicPacketBuilder(
+        host_cid=client.host_cid,
+        is_client=True,
+        max_datagram_size=1200,
+        packet_number=50,
+        peer_cid=client._peer_cid.cid,
+        version=client._version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    builder.start_frame(QuicFrameType.PING)
+    datagrams, _ = builder.flush()
+    assert len(datagrams[0]) >= 1200
+    return datagrams[0]
+
+
+@pytest.mark.parametrize("tolerant", [True, False])
+def test_server_survives_an_initial_without_crypto(tolerant: bool) -> None:
+    clock = Clock()
+    client_config = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle).configuration(
+        is_client=True
+    )
+    client = QuicConnection(configuration=client_config)
+    client.connect(SERVER_ADDR, now=clock.now)
+    lost_client_hello = client.datagrams_to_send(now=clock.now)
+    assert lost_client_hello  # dropped on the way: never delivered
+    server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
+        is_client=False
+    )
+    server = QuicConnection(
+        configuration=server_config, original_destination_connection_id=client._peer_cid.cid
+    )
+    _aioquic.require_client_certificate(server)
+    if tolerant:
+        _aioquic.tolerate_initial_without_crypto(server)
+    server.receive_datagram(_ping_only_initial(client), CLIENT_ADDR, now=clock.now)
+    if not tolerant:  # aioquic alone gives up on the connection
+        assert server._close_event is not None
+        return
+    assert server._close_event is None
+    # The ClientHello arrives after all: the handshake completes.
+    for data, _ in lost_client_hello:
+        server.receive_datagram(data, CLIENT_ADDR, now=clock.now)
+    client_side, server_side = Side(client, CLIENT_ADDR), Side(server, SERVER_ADDR)
+    server_side.pump()
+    settle(client_side, server_side, clock)
+    assert client_side.of(quic_events.HandshakeCompleted)
+    assert server_side.of(quic_events.HandshakeCompleted)
