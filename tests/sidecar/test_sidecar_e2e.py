@@ -46,6 +46,7 @@ def main_a(mesh: Mesh) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
             for t in TRANSPORTS
         ),
         mesh.cluster("breaker", "quic", circuit_breakers={"max_concurrent_streams": 2}),
+        mesh.cluster("echo_bbr", "quic", congestion_control="bbr"),
         mesh.cluster("forbidden", "quic", target=addr(free_port())),
         mesh.cluster("stranger", "quic", endpoints=[addr(mesh.ports["strict"])]),
     ]
@@ -93,6 +94,22 @@ def test_many_concurrent_flows_arrive_intact(
     assert {r["transport"] for r in lines} == {transport}
     assert {r["peer_identity"] for r in lines} == {"spiffe://mesh.local/ns/default/sa/reviews"}
     assert sum(r["bytes_sent"] for r in lines) == total
+
+
+def test_bbr_cluster_carries_flows_with_bbr(
+    main_a: tuple[SidecarProcess, dict[str, int]],
+) -> None:
+    a, ports = main_a
+    payloads = [os.urandom(50_000 + i) for i in range(8)]
+
+    async def main() -> list[bytes]:
+        return await asyncio.gather(*(echo_flow(ports["echo_bbr"], p) for p in payloads))
+
+    assert asyncio.run(main()) == payloads
+    cluster = a.stats()["clusters"]["echo_bbr"]
+    connections = [c for e in cluster["endpoints"].values() for c in e["connections"]]
+    assert connections
+    assert {c["congestion_control"] for c in connections} == {"bbr"}
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
