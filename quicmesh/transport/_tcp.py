@@ -195,8 +195,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._closing = True
         self._cancel_handshake_timer()
         if self.failure is None:
-            if self._handshaking:
-                self.failure = self._early_close_error()
+            if self._handshaking or not (self._server_side or self.ready.done()):
+                # Before the client is ready (TLS done, the peer's first message still to
+                # come) a lost connection most likely means the server refused us.
+                self.failure = self._early_close_error(exc)
             elif isinstance(exc, ConnectionResetError):
                 self.failure = ConnectionLost("connection reset by peer")
             elif exc is not None:
@@ -375,7 +377,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._ssl.unwrap()
         self._send_tls()
         if self._transport is not None and self._transport.can_write_eof():
-            self._transport.write_eof()
+            # ENOTCONN: the peer already reset the connection (e.g. on our GOAWAY).
+            with contextlib.suppress(OSError):
+                self._transport.write_eof()
 
     def _abort(self) -> None:
         assert self._transport is not None
@@ -425,12 +429,13 @@ class TlsTunnelProtocol(asyncio.Protocol):
             return ConnectError(f"TLS handshake failed: {reason}")
         return ConnectionLost(f"TLS error: {reason}")
 
-    def _early_close_error(self) -> TunnelError:
+    def _early_close_error(self, exc: Exception | None = None) -> TunnelError:
+        detail = f": {exc}" if exc is not None else ""
         if self._server_side:
-            return ConnectError("client closed the connection during the TLS handshake")
+            return ConnectError(f"client closed the connection during the TLS handshake{detail}")
         return ConnectError(
-            "server closed the connection during the TLS handshake "
-            "(it may not trust our certificate)"
+            "server closed the connection before it was ready "
+            f"(it may not trust our certificate){detail}"
         )
 
     def _on_handshake_timeout(self) -> None:

@@ -6,6 +6,7 @@ data and lands in the JSON document, the tables and the plots.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -65,7 +66,9 @@ def test_tiny_run_writes_every_output(tmp_path: Path) -> None:
     assert sum(shares) == pytest.approx(1.0)
     table = (tmp_path / "congestion.md").read_text()
     assert "| 1 % |" in table and "quic-bbr" in table
-    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:  # plots are an optional extra
+        assert not list(tmp_path.glob("congestion-*.png"))
+        return
     for name in ("goodput", "fairness", "pacing"):
         assert (tmp_path / f"congestion-{name}.png").stat().st_size > 0
 
