@@ -4,8 +4,9 @@ The asyncio adaptor is thin: :class:`_TunnelProtocol` is an aioquic
 :class:`QuicConnectionProtocol` that hands QUIC events to a sans-IO
 :class:`~quicmesh.tunnel.h3.H3TunnelSession` and the resulting tunnel events to
 the shared :class:`~quicmesh.transport._session.SessionConnection`. Servers use
-aioquic's own :func:`~aioquic.asyncio.serve` (connection-ID routing, version
-negotiation, retry).
+aioquic's own :class:`~aioquic.asyncio.server.QuicServer` (connection-ID routing,
+version negotiation). Every socket reads the datagrams waiting on it in batches
+and each connection transmits once per batch (:mod:`quicmesh.transport._udp`).
 
 Mutual TLS: the client verifies the server's chain through aioquic (``cadata``)
 and its SPIFFE ID here; the server asks for a client certificate through
@@ -37,13 +38,14 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import weakref
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
@@ -53,6 +55,7 @@ from aioquic.tls import SessionTicket
 
 from .. import _aioquic
 from ..errors import (
+    ConfigError,
     ConnectError,
     ConnectionLost,
     PeerVerificationError,
@@ -62,6 +65,7 @@ from ..errors import (
 from ..tls import Identity, TrustBundle, spiffe_id_of, verify_peer
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
 from ..tunnel.session import ResetReason
+from . import _udp
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport
 from .stream import MeshStream
@@ -81,6 +85,9 @@ EARLY_DATA_OVERHEAD = 4 * 1024
 
 EARLY_STREAM_COST = 64
 """What a CONNECT costs from the client's 0-RTT budget besides its target and headers."""
+
+RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
+"""Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
 
 OLD_SOCKET_GRACE = 2.0
 """Seconds a migrated client keeps receiving on its previous socket (packets in flight)."""
@@ -247,13 +254,53 @@ class QuicPeerConnection(SessionConnection):
 
 
 class _SocketReceiver(asyncio.DatagramProtocol):
-    """Feeds datagrams from a socket a connection migrated to into its protocol."""
+    """The asyncio protocol of a client's UDP socket (the first one, and each one
+    the connection migrated to): reads datagrams in batches into its connection."""
 
-    def __init__(self, protocol: _TunnelProtocol) -> None:
+    def __init__(self, protocol: _TunnelProtocol, max_datagrams: int) -> None:
         self._protocol = protocol
+        self._max_datagrams = max_datagrams
+        self.reader: _udp.BatchReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.reader = _udp.BatchReader(
+            cast(asyncio.DatagramTransport, transport),
+            self._protocol.datagram_received,
+            max_datagrams=self._max_datagrams,
+        )
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._protocol.datagram_received(data, addr)
+        assert self.reader is not None
+        self.reader.datagram_received(data, addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+class _BatchingQuicServer(QuicServer):
+    """aioquic's server (connection-ID routing, version negotiation, new
+    connections), fed in batches: each connection transmits once per batch."""
+
+    def __init__(self, *, max_datagrams: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_datagrams = max_datagrams
+        self.reader: _udp.BatchReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self._transport is not None
+        self.reader = _udp.BatchReader(
+            self._transport, super().datagram_received, max_datagrams=self._max_datagrams
+        )
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        assert self.reader is not None
+        self.reader.datagram_received(cast(bytes, data), addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 class _TunnelProtocol(QuicConnectionProtocol):
@@ -321,9 +368,14 @@ class _TunnelProtocol(QuicConnectionProtocol):
     # -- I/O -------------------------------------------------------------------
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        """Process one datagram; the transmit waits for the end of the batch being
+        read (:mod:`quicmesh.transport._udp`), if any."""
         self.bytes_received += len(data)
         self.datagrams_received += 1
-        super().datagram_received(data, addr)
+        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        self._process_events()
+        if not _udp.defer_transmit(self.transmit):
+            self.transmit()
         if self.connection is not None and not self.connection.is_closed:
             reason = _aioquic.closing_reason(self._quic)
             if reason is not None:
@@ -386,7 +438,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
             local_address = (current[0], 0)
         try:
             udp, _ = await self._loop.create_datagram_endpoint(
-                lambda: _SocketReceiver(self), local_addr=local_address
+                lambda: _SocketReceiver(self, self._owner.receive_batch),
+                local_addr=local_address,
             )
         except OSError as exc:
             raise ConnectError(
@@ -701,6 +754,11 @@ class QuicTransport(Transport):
         ``EARLY_DATA_OVERHEAD`` for headers and framing; more closes the connection.
     :param rebind_after_ptos: (client) move to a new UDP port after this many
         consecutive probe timeouts, as when a NAT mapping died (off by default).
+    :param receive_batch: datagrams read from a socket per readiness event, each
+        connection then transmitting once (:mod:`quicmesh.transport._udp`); 1
+        reads one at a time, as plain asyncio does. By default
+        :data:`RECEIVE_BATCH`, or the ``QUICMESH_RECEIVE_BATCH`` environment
+        variable when set (for A/B benchmarks, whose servers run in child processes).
 
     :attr:`counters` adds up, over every connection of this transport, the keys
     in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
@@ -727,6 +785,7 @@ class QuicTransport(Transport):
         ticket_store: TicketStore | None = None,
         max_early_data: int = DEFAULT_MAX_EARLY_DATA,
         rebind_after_ptos: int | None = None,
+        receive_batch: int | None = None,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control == "bbr":
@@ -744,6 +803,12 @@ class QuicTransport(Transport):
         self.ticket_store = ticket_store if ticket_store is not None else TicketStore()
         self.max_early_data = max_early_data
         self.rebind_after_ptos = rebind_after_ptos
+        if receive_batch is None:
+            setting = os.environ.get("QUICMESH_RECEIVE_BATCH", str(RECEIVE_BATCH))
+            receive_batch = int(setting) if setting.isdigit() else 0
+        if receive_batch < 1:
+            raise ConfigError(f"receive_batch must be a whole number >= 1, not {receive_batch}")
+        self.receive_batch = receive_batch
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
@@ -788,6 +853,7 @@ class QuicTransport(Transport):
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
+            _aioquic.tolerate_initial_without_crypto(quic)
             protocol = _TunnelProtocol(
                 quic,
                 transport=self,
@@ -799,8 +865,13 @@ class QuicTransport(Transport):
             return protocol
 
         try:
-            server = await serve(
-                address[0], address[1], configuration=config, create_protocol=create_protocol
+            _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _BatchingQuicServer(
+                    configuration=config,
+                    create_protocol=create_protocol,
+                    max_datagrams=self.receive_batch,
+                ),
+                local_addr=(address[0], address[1]),
             )
         except OSError as exc:
             raise ConnectError(
@@ -836,20 +907,21 @@ class QuicTransport(Transport):
         )
         _aioquic.limit_peer_streams(quic, self.max_streams)
         local = "::" if _is_ipv6(address[0]) else "0.0.0.0"
+        protocol = _TunnelProtocol(
+            quic,
+            transport=self,
+            owns_socket=True,
+            peer_address=address,
+            ticket_identity=cached.identity if cached is not None else None,
+        )
+        holder.append(protocol)
         try:
-            udp, protocol = await loop.create_datagram_endpoint(
-                lambda: _TunnelProtocol(
-                    quic,
-                    transport=self,
-                    owns_socket=True,
-                    peer_address=address,
-                    ticket_identity=cached.identity if cached is not None else None,
-                ),
-                local_addr=(local, 0),
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: _SocketReceiver(protocol, self.receive_batch), local_addr=(local, 0)
             )
         except OSError as exc:
             raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
-        holder.append(protocol)
+        protocol.connection_made(udp)
         _tune_udp_socket(udp)
         protocol.close_socket_when_done()
         if cached is not None and cached.ticket.max_early_data_size is not None:

@@ -1,0 +1,137 @@
+"""Receive batching for QUIC's UDP sockets.
+
+asyncio's datagram transport reads one datagram per event-loop iteration, and
+aioquic's protocol runs a full ``datagrams_to_send`` pass (ACKs, stream data,
+the timer) after each. Under load the socket's receive queue fills while the
+loop works through it one datagram at a time.
+
+How quicmesh reads instead, in this one place: asyncio's reader still waits for
+readiness and delivers the first datagram (so closing, pausing and error
+handling stay asyncio's). :class:`BatchReader` then reads whatever else is
+waiting, up to ``max_datagrams`` in all, with non-blocking ``recvfrom`` on a
+``dup()`` of the transport's socket (the same kernel socket; asyncio's
+``TransportSocket`` does not expose ``recvfrom``). Every datagram is processed
+as it is read; a connection that received one defers its transmit
+(:func:`defer_transmit`) and transmits once when the batch ends, so one pass of
+``datagrams_to_send`` acknowledges the whole batch. A batch of one is what
+asyncio alone does.
+
+The batch is found through a context variable because on a server aioquic's
+``QuicServer`` routes each datagram to its connection by connection ID: the
+reader cannot know which connections a batch touches until they say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import socket
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_MAX_DATAGRAMS = 64
+"""Datagrams read per readiness event, the one asyncio delivered included."""
+
+MAX_DATAGRAM_SIZE = 65535
+"""Bytes asked of ``recvfrom``: the largest UDP payload, so nothing is truncated."""
+
+Deliver = Callable[[bytes, Any], None]
+
+_batch: contextvars.ContextVar[dict[Callable[[], None], None] | None] = contextvars.ContextVar(
+    "quicmesh_receive_batch", default=None
+)
+
+
+def defer_transmit(transmit: Callable[[], None]) -> bool:
+    """Run ``transmit`` once when the batch being read ends; False outside a batch
+    (the caller transmits now)."""
+    pending = _batch.get()
+    if pending is None:
+        return False
+    pending[transmit] = None
+    return True
+
+
+class BatchReader:
+    """Reads every datagram waiting on a transport's socket when asyncio delivers one.
+
+    :param transport: the datagram transport whose protocol owns this reader.
+    :param deliver: processes one datagram (receive it, handle its events);
+        transmits go through :func:`defer_transmit`.
+    :param max_datagrams: datagrams per readiness event, at most; 1 reads one at
+        a time, as asyncio does.
+
+    The protocol calls :meth:`datagram_received` from its own
+    ``datagram_received`` and :meth:`close` from ``connection_lost``.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.DatagramTransport,
+        deliver: Deliver,
+        *,
+        max_datagrams: int = DEFAULT_MAX_DATAGRAMS,
+    ) -> None:
+        self._transport = transport
+        self._deliver = deliver
+        self._max_datagrams = max(1, max_datagrams)
+        self._socket: socket.socket | None = None
+        if self._max_datagrams > 1:
+            shared = transport.get_extra_info("socket")
+            if shared is not None:
+                self._socket = shared.dup()
+                self._socket.setblocking(False)
+        self.batches = 0
+        """Readiness events handled (each one batch)."""
+        self.datagrams = 0
+        """Datagrams delivered."""
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        """Deliver ``data`` and every datagram waiting behind it, then flush the
+        connections' deferred transmits, each once."""
+        pending: dict[Callable[[], None], None] = {}
+        token = _batch.set(pending)
+        try:
+            self.batches += 1
+            self.datagrams += 1
+            self._deliver_one(data, addr)
+            sock = self._socket
+            if sock is not None:
+                for _ in range(self._max_datagrams - 1):
+                    if self._transport.is_closing():
+                        break
+                    try:
+                        data, addr = sock.recvfrom(MAX_DATAGRAM_SIZE)
+                    except OSError:
+                        # Nothing waiting (BlockingIOError), or an ICMP error, which
+                        # aioquic ignores too.
+                        break
+                    self.datagrams += 1
+                    self._deliver_one(data, addr)
+        finally:
+            _batch.reset(token)
+            for transmit in pending:
+                self._guard(transmit)
+
+    def _deliver_one(self, data: bytes, addr: Any) -> None:
+        self._guard(self._deliver, data, addr)
+
+    def _guard(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:
+            # What asyncio does when a protocol callback raises: report it, and carry
+            # on with the rest of the batch (other datagrams, other connections).
+            asyncio.get_running_loop().call_exception_handler(
+                {
+                    "message": f"Exception in {callback!r}",
+                    "exception": exc,
+                    "transport": self._transport,
+                }
+            )
+
+    def close(self) -> None:
+        """Release the duplicated socket (the transport closes its own)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
