@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quicmesh.bench import congestion
-from quicmesh.netem.system import missing_privileges
-
-
-def _require_netns() -> None:
-    reason = missing_privileges()
-    if reason is None:
-        return
-    if os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
-        pytest.fail(f"QUICMESH_REQUIRE_NETNS=1 but the link emulator {reason}")
-    pytest.skip(f"link emulator {reason}; set QUICMESH_REQUIRE_NETNS=1 to make this fail")
 
 
 @pytest.mark.netns
 def test_tiny_run_writes_every_output(tmp_path: Path) -> None:
-    _require_netns()
     argv = [
         "--losses", "1", "--flows", "quic-bbr,quic-cubic,tcp-bbr", "--fairness", "tcp-cubic",
         "--duration", "1", "--fairness-duration", "1", "--fairness-loss", "1",

@@ -10,26 +10,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quicmesh.bench import hol
-from quicmesh.netem.system import missing_privileges
-
-
-@pytest.fixture(autouse=True)
-def _netns_privileges(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("netns") is None:
-        return
-    reason = missing_privileges()
-    if reason is None:
-        return
-    if os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
-        pytest.fail(f"QUICMESH_REQUIRE_NETNS=1 but the link emulator {reason}")
-    pytest.skip(f"link emulator {reason}; set QUICMESH_REQUIRE_NETNS=1 to make this fail")
 
 
 def _check_distribution(latency: dict[str, Any]) -> None:

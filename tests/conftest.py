@@ -1,8 +1,9 @@
-"""Fixtures for the link emulator tests.
+"""Fixtures shared by every test.
 
-Tests marked ``netns`` build real namespaces and TUN devices. Without root they are
-skipped with the reason, unless ``QUICMESH_REQUIRE_NETNS=1`` (set by CI), in which
-case they fail: CI must not pass by skipping them.
+Tests marked ``netns`` (link emulator, HOL/congestion/ttfb benchmarks) build real
+namespaces and TUN devices. Without root they are skipped with the reason, unless
+``QUICMESH_REQUIRE_NETNS=1`` (set by CI), in which case they fail: CI must not pass
+by skipping them.
 """
 
 from __future__ import annotations
