@@ -217,7 +217,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self.flush()
+        # Not from here: asyncio calls this from its write handler, and a transport
+        # closed or aborted there has its connection_lost run twice (CPython 3.11
+        # _SelectorSocketTransport._write_ready closes again once its buffer is empty).
+        asyncio.get_running_loop().call_soon(self.flush)
 
     # -- sending -------------------------------------------------------------------
 
