@@ -469,20 +469,6 @@ class _BbrProbe:
         }
 
 
-class _SizedQuicTransport(QuicTransport):
-    """QuicTransport sending datagrams of a chosen size (``--datagram-size``)."""
-
-    def __init__(self, *, datagram_size: int | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.datagram_size = datagram_size
-
-    def configuration(self, *, is_client: bool) -> Any:
-        config = super().configuration(is_client=is_client)
-        if self.datagram_size is not None:
-            config.max_datagram_size = self.datagram_size
-        return config
-
-
 async def _quic_flow(
     kind: FlowKind,
     label: str,
@@ -492,11 +478,11 @@ async def _quic_flow(
     trust: TrustBundle,
     datagram_size: int | None,
 ) -> SenderResult:
-    transport = _SizedQuicTransport(
+    transport = QuicTransport(
         identity=identity,
         trust=trust,
         congestion_control=kind.controller,
-        datagram_size=datagram_size,
+        max_datagram_size=datagram_size or 1200,
     )
     connection = await transport.connect(address)
     try:

@@ -187,6 +187,8 @@ class ClusterConfig:
     endpoints_file: str | None = None
     load_balancing: str = "round_robin"
     congestion_control: str = "cubic"
+    max_datagram_size: int = 1200
+    """QUIC only: largest UDP payload the cluster's connections send (1200-1452)."""
     early_data: bool = False
     """QUIC only: resume with a cached ticket and send each new connection's first
     flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
@@ -701,6 +703,7 @@ class _Loader:
                 "endpoints_file",
                 "load_balancing",
                 "congestion_control",
+                "max_datagram_size",
                 "early_data",
                 "health_check",
                 "outlier_detection",
@@ -725,9 +728,10 @@ class _Loader:
         target = node.child("target").required()
         target.convert(parse_address)
         congestion = node.child("congestion_control")
+        datagram = node.child("max_datagram_size")
         early = node.child("early_data")
         if transport != "quic":
-            for option in (congestion, early):
+            for option in (congestion, datagram, early):
                 if option.value is not None:
                     raise option.error("applies to quic clusters only")
         return ClusterConfig(
@@ -738,6 +742,7 @@ class _Loader:
             endpoints_file=endpoints_file,
             load_balancing=_or_default(node.child("load_balancing"), "round_robin", LB_POLICIES),
             congestion_control=_or_default(congestion, "cubic", CONGESTION_CONTROLS),
+            max_datagram_size=_int_or(datagram, 1200, 1200, 1452),
             early_data=early.boolean() if early.value is not None else False,
             health_check=self.health_check(node.child("health_check")),
             outlier_detection=self.outlier(node.child("outlier_detection")),

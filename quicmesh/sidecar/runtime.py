@@ -93,6 +93,7 @@ def cluster_transport(
             identity=identity,
             trust=trust,
             congestion_control=config.congestion_control,
+            max_datagram_size=config.max_datagram_size,
             ticket_cache=ticket_cache,
         )
     return TRANSPORTS[config.transport](identity=identity, trust=trust)

@@ -759,6 +759,10 @@ class QuicTransport(Transport):
         reads one at a time, as plain asyncio does. By default
         :data:`RECEIVE_BATCH`, or the ``QUICMESH_RECEIVE_BATCH`` environment
         variable when set (for A/B benchmarks, whose servers run in child processes).
+    :param max_datagram_size: largest UDP payload sent, 1200 (aioquic's default and
+        QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
+        over IPv6). aioquic does no path MTU discovery: raise it only on paths known
+        to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
 
     :attr:`counters` adds up, over every connection of this transport, the keys
     in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
@@ -786,6 +790,7 @@ class QuicTransport(Transport):
         max_early_data: int = DEFAULT_MAX_EARLY_DATA,
         rebind_after_ptos: int | None = None,
         receive_batch: int | None = None,
+        max_datagram_size: int = 1200,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control == "bbr":
@@ -809,6 +814,9 @@ class QuicTransport(Transport):
         if receive_batch < 1:
             raise ConfigError(f"receive_batch must be a whole number >= 1, not {receive_batch}")
         self.receive_batch = receive_batch
+        if not 1200 <= max_datagram_size <= 1452:
+            raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
+        self.max_datagram_size = max_datagram_size
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
@@ -825,6 +833,7 @@ class QuicTransport(Transport):
             certificate_chain=self.identity.chain,
             private_key=self.identity.private_key,
             server_name=None,
+            max_datagram_size=self.max_datagram_size,
         )
         config.max_datagram_frame_size = None
         if self.qlog_dir is not None:

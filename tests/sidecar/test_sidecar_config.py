@@ -60,6 +60,7 @@ VALID: dict[str, Any] = {
             "endpoints": ["127.0.0.1:15008", "[::1]:15008"],
             "load_balancing": "least_request",
             "congestion_control": "bbr",
+            "max_datagram_size": 1452,
             "early_data": True,
             "health_check": {
                 "interval": "1s",
@@ -100,6 +101,7 @@ def test_the_full_example_loads() -> None:
     cluster = config.cluster("reviews")
     assert cluster.endpoints == (("127.0.0.1", 15008), ("::1", 15008))
     assert cluster.congestion_control == "bbr"
+    assert cluster.max_datagram_size == 1452
     assert cluster.health_check is not None and cluster.health_check.timeout == 0.5
     assert cluster.idle_timeout == 60.0
     assert config.tls.ca_dir == "/etc/q/ca"
@@ -162,6 +164,11 @@ DELETE = object()
         (["node", "identity"], "http://x", "sidecar.yaml: node.identity: invalid SPIFFE ID"),
         (["node"], DELETE, "sidecar.yaml: node: is required"),
         (["clusters", 0, "colour"], "red", "sidecar.yaml: clusters[0].colour: unknown field"),
+        (
+            ["clusters", 0, "max_datagram_size"],
+            1500,
+            "sidecar.yaml: clusters[0].max_datagram_size:",
+        ),
         (
             ["listeners", "outbound", 0, "cluster"],
             "nope",
