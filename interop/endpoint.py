@@ -54,26 +54,11 @@ from quicmesh import Identity, QuicTransport, TrustBundle
 from quicmesh._aioquic import MeshH3Connection
 
 from .certs import SERVER_NAME
+from .peers import TESTCASES
 
 logger = logging.getLogger("quicmesh.interop.endpoint")
 
-SUPPORTED_SERVER = frozenset(
-    {
-        "handshake",
-        "transfer",
-        "multiplexing",
-        "retry",
-        "resumption",
-        "zerortt",
-        "http3",
-        "keyupdate",
-        "chacha20",
-        "rebind-port",
-        "rebind-addr",
-        "handshakeloss",
-        "transferloss",
-    }
-)
+SUPPORTED_SERVER = frozenset(TESTCASES) - {"connectionmigration"}
 """Server test cases. ``connectionmigration`` is missing: aioquic's server cannot
 announce a preferred_address transport parameter."""
 

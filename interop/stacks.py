@@ -19,25 +19,9 @@ from urllib.parse import urlsplit
 
 from .certs import SERVER_NAME
 from .endpoint import EXIT_UNSUPPORTED, Stack, run
+from .peers import TESTCASES
 
-_ALL = frozenset(
-    {
-        "handshake",
-        "transfer",
-        "multiplexing",
-        "retry",
-        "resumption",
-        "zerortt",
-        "http3",
-        "keyupdate",
-        "chacha20",
-        "rebind-port",
-        "rebind-addr",
-        "handshakeloss",
-        "transferloss",
-        "connectionmigration",
-    }
-)
+_ALL = frozenset(TESTCASES)
 
 SUPPORTED: dict[str, dict[str, Any]] = {
     "qh3": {
