@@ -61,6 +61,8 @@ class Trace:
     """(time, model.bw) after an acknowledgement, every 10 ms."""
     windows: list[tuple[float, BbrState, int]] = field(default_factory=list)
     """(time, state, model.congestion_window) after each event."""
+    inflight_hi_changes: list[tuple[float, BbrState, float]] = field(default_factory=list)
+    """(time, state, model.inflight_hi) each time the long-term bound changed."""
 
     def goodput(self, start: float, end: float | None = None) -> float:
         """Acknowledged bytes per second between ``start`` and ``end``."""
@@ -104,6 +106,7 @@ def simulate(
     acked: set[int] = set()
     last_bw_sample = -1.0
     state = model.state
+    inflight_hi = model.inflight_hi
 
     while now < duration:
         can_send = model.bytes_in_flight + packet_size <= model.congestion_window
@@ -157,6 +160,9 @@ def simulate(
         else:
             raise AssertionError("the model allows no packet with nothing in flight")
         trace.windows.append((now, model.state, model.congestion_window))
+        if model.inflight_hi != inflight_hi:
+            inflight_hi = model.inflight_hi
+            trace.inflight_hi_changes.append((now, model.state, inflight_hi))
         if model.state is not state:
             state = model.state
             trace.states.append((now, state))

@@ -66,6 +66,17 @@ def test_random_loss_does_not_collapse_the_rate(loss: float, minimum_share: floa
     assert share >= minimum_share, f"{share:.1%} of the bottleneck at {loss:.1%} loss"
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_loss_outside_a_probe_leaves_inflight_hi_alone(seed: int) -> None:
+    # A cluster of random losses while cruising is not the answer to a probe: if it
+    # set inflight_hi, cruising (at 85 % of it) would hold the window under one BDP
+    # for the rest of the flow. Only probing rounds may lower the long-term bound.
+    trace = simulate(Link(loss=0.02, seed=seed), 20.0, packet_size=1452)
+    quiet = (BbrState.PROBE_BW_CRUISE, BbrState.PROBE_RTT)
+    assert [change for change in trace.inflight_hi_changes if change[1] in quiet] == []
+    assert trace.goodput(2.0) >= 0.95 * LINK.rate
+
+
 def test_queueing_delay_stays_bounded_on_a_deep_buffer() -> None:
     # One second of buffer: only BBR's own model keeps the queue short.
     trace = simulate(Link(queue_seconds=1.0), 15.0)
