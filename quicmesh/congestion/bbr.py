@@ -154,7 +154,10 @@ class BbrModel:
     :attr:`congestion_window` after each event.
 
     :param max_datagram_size: the sender's packet size (the draft's SMSS), bytes.
-    :param now: the time the connection starts, seconds.
+    :param now: the time the connection starts, seconds; by default the send time
+        of the first packet (a controller is often created before its clock is known,
+        and timers dated from a wrong origin would, for one, start the connection
+        in ProbeRTT).
     :param rng: the randomness used to spread bandwidth probes (seed it to replay).
     :param loss_threshold: the loss rate per round trip above which loss counts as
         congestion (see the module docstring for why this is not the draft's 2 %).
@@ -164,13 +167,16 @@ class BbrModel:
         self,
         *,
         max_datagram_size: int,
-        now: float = 0.0,
+        now: float | None = None,
         rng: random.Random | None = None,
         loss_threshold: float = LOSS_THRESH,
     ) -> None:
         if not 0.0 < loss_threshold < 1.0:
             raise ValueError(f"loss_threshold must be between 0 and 1, not {loss_threshold}")
         self._loss_thresh = loss_threshold
+        self._clock_started = now is not None
+        if now is None:
+            now = 0.0
         self._mss = max_datagram_size
         self._rng = rng if rng is not None else random.Random()
         self._initial_cwnd = INITIAL_WINDOW_PACKETS * max_datagram_size
@@ -285,11 +291,20 @@ class BbrModel:
         :param size: its size, bytes.
         :param now: the send time, seconds.
         """
+        if not self._clock_started:
+            self._start_clock(now)
         if self.sampler.bytes_in_flight == 0 and self.sampler.app_limited_until:
             self._handle_restart_from_idle(now)
         self.sampler.on_packet_sent(key, size=size, now=now)
         if self.sampler.bytes_in_flight + self._mss > self.congestion_window:
             self._cwnd_limited_round = self.round_count
+
+    def _start_clock(self, now: float) -> None:
+        self._clock_started = True
+        self._min_rtt_stamp = self._probe_rtt_min_stamp = now
+        self._extra_acked_interval_start = now
+        self._standing_since = (0, now)
+        self._cycle_stamp = now
 
     def on_packet_acked(self, key: Hashable, *, now: float) -> None:
         """A packet was acknowledged; update the model, the rate and the window.

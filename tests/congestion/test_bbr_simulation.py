@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from quicmesh.congestion.bbr import BbrState
+from quicmesh.congestion.bbr import BbrModel, BbrState
 
 from .netsim import Link, simulate
 
@@ -26,6 +26,20 @@ def test_startup_finds_bottleneck_bandwidth_within_a_few_rtts() -> None:
     assert all(abs(bw - LINK.rate) <= 0.15 * LINK.rate for t, bw in trace.bw_estimates if t > 0.5)
     drain = trace.entered(BbrState.DRAIN)
     assert drain and drain[0] <= 12 * LINK.rtt
+
+
+def test_timers_start_with_the_first_packet() -> None:
+    # aioquic creates the controller before it has a clock; the event loop's clock
+    # is far from zero by the first packet. Dated from zero, the ProbeRTT timer had
+    # long expired and every connection began in ProbeRTT instead of Startup.
+    model = BbrModel(max_datagram_size=1200)
+    start = 8817.5
+    for number in range(10):
+        model.on_packet_sent(number, size=1200, now=start)
+    for number in range(10):
+        model.on_packet_acked(number, now=start + LINK.rtt)
+    assert model.state is BbrState.STARTUP
+    assert model.congestion_window >= 20 * 1200
 
 
 def test_drain_empties_the_startup_queue() -> None:
