@@ -610,8 +610,34 @@ def _stats_delta(before: LinkStats, after: LinkStats) -> dict[str, dict[str, int
             "dropped_by_queue": new.dropped_by_queue - old.dropped_by_queue,
             "dropped_by_device": new.dropped_by_device - old.dropped_by_device,
             "max_queue_packets": new.max_queue_packets,
+            "bytes_in": new.bytes_in - old.bytes_in,
+            "bytes_out": new.bytes_out - old.bytes_out,
         }
     return result
+
+
+def link_use(goodput: float, received: int, link_bytes: int, rate_bps: float) -> dict[str, float]:
+    """Where a lone flow's share of the bottleneck went.
+
+    :param goodput: the flow's goodput while its sender wrote, bytes/s.
+    :param received: every payload byte the receiver read on the flow.
+    :param link_bytes: the IP bytes the bottleneck carried towards the receiver
+        during the case (the emulator drops lost packets before the queue, so they
+        take none of its time).
+    :param rate_bps: the bottleneck's rate.
+
+    ``payload_per_link_byte`` is what headers, retransmissions and the handshake
+    leave of each byte on the link; ``utilisation`` is the share of the link's time
+    the flow kept it busy, ``goodput / (rate * payload_per_link_byte)``. A transport
+    with more per-packet overhead needs a higher utilisation for the same goodput.
+    """
+    if not link_bytes or not received:
+        return {}
+    payload = received / link_bytes
+    return {
+        "payload_per_link_byte": payload,
+        "utilisation": goodput / (rate_bps / 8 * payload),
+    }
 
 
 @dataclass
@@ -659,9 +685,20 @@ class Bench:
         after = link.stats()
         results = []
         receiver_cpu = 0.0
+        link_stats = _stats_delta(before, after)
         for sender in senders:
             timeline, receiver_cpu = receiver.report(sender.label)
             goodput = goodput_between(timeline, sender.started, sender.finished)
+            use = (
+                link_use(
+                    goodput,
+                    timeline[-1][1] if timeline else 0,
+                    link_stats["client_to_server"]["bytes_out"],
+                    self.rate_bps,
+                )
+                if len(senders) == 1
+                else {}
+            )
             midpoint = (sender.started + sender.finished) / 2
             delays = sender.queueing_delays
             results.append(
@@ -682,12 +719,13 @@ class Bench:
                         for t, n in timeline
                         if sender.started <= t <= sender.finished + 0.5
                     ],
+                    **use,
                     **sender.detail,
                 }
             )
         return {
             "flows": results,
-            "link": _stats_delta(before, after),
+            "link": link_stats,
             "cpu": {
                 "sender_thread": sender_cpu,
                 "receiver_process_total": receiver_cpu,
@@ -794,7 +832,13 @@ def summarize(document: dict[str, Any], rate_bps: float) -> dict[str, Any]:
         ]
         p95 = [f["queueing_delay_p95"] for f in flows if f["queueing_delay_p95"] is not None]
         lags = [f["loop_lag_p99"] for f in flows if f.get("loop_lag_p99") is not None]
+        use = {
+            key: statistics.median(values) if values else None
+            for key in ("utilisation", "payload_per_link_byte")
+            for values in [[f[key] for f in flows if key in f]]
+        }
         table.setdefault(name, {})[f"{loss:g}"] = {
+            **use,
             "loop_lag_p99": statistics.median(lags) if lags else None,
             "goodput_bps": statistics.median(f["goodput_bps"] for f in flows),
             "queueing_delay_median": statistics.median(delays) if delays else None,
@@ -893,6 +937,26 @@ def markdown(document: dict[str, Any]) -> str:
                 "-"
                 if row is None
                 else f"{_ms(row['queueing_delay_median'])} / {_ms(row['queueing_delay_p95'])}"
+            )
+        lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Link use: the share of the bottleneck's time the flow kept busy, and the payload "
+        "each link byte carried (after IP, UDP/TCP, QUIC and HTTP/3 headers, "
+        "retransmissions and the handshake):",
+        "",
+        "| loss | " + " | ".join(flows) + " |",
+        "|---:|" + "---:|" * len(flows),
+    ]
+    for loss in losses:
+        cells = []
+        for name in flows:
+            row = table[name].get(f"{loss:g}")
+            cells.append(
+                "-"
+                if row is None or row.get("utilisation") is None
+                else f"{100 * row['utilisation']:.1f} % busy, "
+                f"{100 * row['payload_per_link_byte']:.1f} % payload"
             )
         lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
     if summary["fairness"]:

@@ -39,6 +39,10 @@ def test_tiny_run_writes_every_output(tmp_path: Path) -> None:
         assert flow["rtt_samples"] > 0
         assert flow["queueing_delay_median"] >= 0
         assert flow["min_rtt"] > 0
+        # The link carried the payload plus headers: less than one payload byte per
+        # link byte, and a lone flow cannot keep the link busier than all the time.
+        assert 0.5 < flow["payload_per_link_byte"] < 1.0
+        assert 0.0 < flow["utilisation"] <= 1.05
     assert flows[2]["controller"] == "bbr"  # the kernel confirmed TCP_CONGESTION
     assert "median_sent_over_model" in flows[0]["pacing"]
     assert "pacing" not in flows[1]
@@ -106,6 +110,15 @@ def test_summary_checks_the_target(
     text = congestion.markdown(document)
     assert ("Target met." in text) is met
     assert "| 2 % |" in text
+
+
+def test_link_use_separates_overhead_from_idle_time() -> None:
+    # 1000 payload bytes per 1100 link bytes; 2 MB/s of goodput on a 20 Mbit/s link.
+    use = congestion.link_use(2e6, 1000, 1100, 20e6)
+    assert use["payload_per_link_byte"] == pytest.approx(1000 / 1100)
+    assert use["utilisation"] == pytest.approx(2e6 / (2.5e6 * 1000 / 1100))
+    assert congestion.link_use(2e6, 0, 1100, 20e6) == {}
+    assert congestion.link_use(2e6, 1000, 0, 20e6) == {}
 
 
 def test_goodput_interpolates_the_receiver_timeline() -> None:
