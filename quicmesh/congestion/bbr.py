@@ -59,7 +59,11 @@ Where this departs from the draft, and why:
   to 13 % above the bottleneck, so pacing at it built a standing queue of about
   one BDP, bounded only by the window (``docs/congestion.md``). The rate over
   several queued round trips is a measurement of the bottleneck that such jitter
-  barely moves.
+  barely moves, if it is the slope fitted through every acknowledgement of those
+  rounds: the rate between their first and last ACK took a late timestamp at
+  either end whole, and on the emulated link landed up to 2.4 % below the
+  bottleneck, leaving the link that much idle until the next probe (fitted: most
+  within 0.2 % of it, the worst 1.4 % below).
 """
 
 from __future__ import annotations
@@ -228,7 +232,8 @@ class BbrModel:
         # Standing-queue check (not in the draft; see the module docstring).
         self._round_min_rtt = math.inf
         self._standing_rounds = 0
-        self._standing_since: tuple[int, float] = (0, now)
+        self._round_deliveries: list[tuple[float, int]] = []
+        self._standing_deliveries: list[tuple[float, int]] = []
         self.bw_corrections = 0
         """Times a standing queue showed ``max_bw`` too high and it was remeasured."""
 
@@ -303,7 +308,6 @@ class BbrModel:
         self._clock_started = True
         self._min_rtt_stamp = self._probe_rtt_min_stamp = now
         self._extra_acked_interval_start = now
-        self._standing_since = (0, now)
         self._cycle_stamp = now
 
     def on_packet_acked(self, key: Hashable, *, now: float) -> None:
@@ -639,10 +643,12 @@ class BbrModel:
         queue drains unless the estimate is above the real bandwidth. When every
         RTT sample of :data:`STANDING_QUEUE_ROUNDS` consecutive round trips stays
         above ``min_rtt`` by :data:`STANDING_QUEUE_DELAY`, the bottleneck was busy
-        all along, so the delivery rate over those rounds is its bandwidth,
-        measured over several round trips instead of one: ``max_bw`` falls to it.
+        all along, so the delivery rate over those rounds (:func:`_delivery_slope`)
+        is its bandwidth, measured over several round trips instead of one:
+        ``max_bw`` falls to it.
         """
         self._round_min_rtt = min(self._round_min_rtt, rs.rtt)
+        self._round_deliveries.append((now, self.sampler.delivered))
         if not self._round_start:
             return
         standing = (
@@ -651,20 +657,19 @@ class BbrModel:
             and self._round_min_rtt > self.min_rtt * (1.0 + STANDING_QUEUE_DELAY)
         )
         self._round_min_rtt = math.inf
+        deliveries, self._round_deliveries = self._round_deliveries, []
         if not standing:
             self._standing_rounds = 0
+            self._standing_deliveries = []
             return
-        if self._standing_rounds == 0:
-            self._standing_since = (self.sampler.delivered, now)
         self._standing_rounds += 1
+        self._standing_deliveries += deliveries
         if self._standing_rounds <= STANDING_QUEUE_ROUNDS:
             return
-        delivered, since = self._standing_since
+        rate = _delivery_slope(self._standing_deliveries)
         self._standing_rounds = 0
-        if now <= since:
-            return
-        rate = (self.sampler.delivered - delivered) / (now - since)
-        if rate < self.max_bw:
+        self._standing_deliveries = []
+        if rate is not None and rate < self.max_bw:
             self._max_bw_filter.reset(rate)
             self.max_bw = rate
             self.bw_corrections += 1
@@ -792,3 +797,21 @@ class BbrModel:
             return math.inf
         headroom = max(self._mss, HEADROOM * self.inflight_hi)
         return max(self.inflight_hi - headroom, self._min_pipe_cwnd)
+
+
+def _delivery_slope(deliveries: list[tuple[float, int]]) -> float | None:
+    """Bytes per second delivered, the least-squares slope of (ACK time, delivered).
+
+    Every acknowledgement counts, so one ACK processed late at either end of the
+    interval barely moves the result, where the rate between the first and last
+    ACK would take the whole error (a few percent over three round trips).
+    """
+    if len(deliveries) < 2:
+        return None
+    n = len(deliveries)
+    mean_t = sum(t for t, _ in deliveries) / n
+    mean_d = sum(d for _, d in deliveries) / n
+    variance = sum((t - mean_t) ** 2 for t, _ in deliveries)
+    if variance <= 0.0:
+        return None
+    return sum((t - mean_t) * (d - mean_d) for t, d in deliveries) / variance

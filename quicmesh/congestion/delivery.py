@@ -154,7 +154,8 @@ class DeliveryRateSampler:
         ack_elapsed = now - packet.delivered_time
         interval = max(send_elapsed, ack_elapsed)
         delivered = self.delivered - packet.delivered
-        is_valid = interval > 0.0 and interval >= self.min_rtt
+        # Shorter than the clock's resolution (as RTTs are rounded) is no interval at all.
+        is_valid = interval >= max(self.min_rtt, 1e-6)
         return RateSample(
             delivery_rate=delivered / interval if is_valid else 0.0,
             is_valid=is_valid,
