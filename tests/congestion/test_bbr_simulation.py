@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from quicmesh.congestion.bbr import BbrModel, BbrState
+from quicmesh.congestion.bbr import BbrModel, BbrState, _delivery_slope
 
 from .netsim import Link, simulate
 
@@ -108,3 +108,18 @@ def test_late_ack_timestamps_do_not_build_a_standing_queue() -> None:
     assert statistics.median(delays) < 0.25 * LINK.rtt
     assert trace.goodput(2.0) >= 0.93 * LINK.rate
     assert trace.model.bw_corrections > 0
+
+
+def test_bottleneck_rate_fit_shrugs_off_one_late_ack() -> None:
+    # Three round trips of ACKs from a busy 20 Mbit/s bottleneck, the last one read
+    # 3 ms late by a busy event loop.
+    rate = LINK.rate
+    deliveries = [(i * 0.001, round(i * 0.001 * rate)) for i in range(121)]
+    late, delivered = deliveries[-1]
+    deliveries[-1] = (late + 0.003, delivered)
+    first_to_last = (deliveries[-1][1] - deliveries[0][1]) / (deliveries[-1][0] - deliveries[0][0])
+    assert first_to_last < 0.98 * rate
+    fitted = _delivery_slope(deliveries)
+    assert fitted == pytest.approx(rate, rel=0.005)
+    assert _delivery_slope(deliveries[:1]) is None
+    assert _delivery_slope([(1.0, 0), (1.0, 1200)]) is None
