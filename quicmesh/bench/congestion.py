@@ -59,7 +59,7 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -904,21 +904,16 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "Goodput, Mbit/s (share of the link rate):",
         "",
-        "| loss | " + " | ".join(flows) + " |",
-        "|---:|" + "---:|" * len(flows),
     ]
     rate = link["rate_bps"]
-    for loss in losses:
-        cells = []
-        for name in flows:
-            row = table[name].get(f"{loss:g}")
-            cells.append(
-                "-"
-                if row is None
-                else f"{_mbit(row['goodput_bps'])} ({100 * row['goodput_bps'] / rate:.0f} %)"
-                + _starved(row)
-            )
-        lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
+    lines += _loss_table(
+        table,
+        flows,
+        losses,
+        lambda row: (
+            f"{_mbit(row['goodput_bps'])} ({100 * row['goodput_bps'] / rate:.0f} %)" + _starved(row)
+        ),
+    )
     lines += [
         "",
         f"† the sender's event loop woke up more than {STARVED_LOOP_LAG * 1e3:g} ms late "
@@ -926,39 +921,31 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "Queueing delay (smoothed RTT minus minimum RTT), median / 95th percentile, ms:",
         "",
-        "| loss | " + " | ".join(flows) + " |",
-        "|---:|" + "---:|" * len(flows),
     ]
-    for loss in losses:
-        cells = []
-        for name in flows:
-            row = table[name].get(f"{loss:g}")
-            cells.append(
-                "-"
-                if row is None
-                else f"{_ms(row['queueing_delay_median'])} / {_ms(row['queueing_delay_p95'])}"
-            )
-        lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
+    lines += _loss_table(
+        table,
+        flows,
+        losses,
+        lambda row: f"{_ms(row['queueing_delay_median'])} / {_ms(row['queueing_delay_p95'])}",
+    )
     lines += [
         "",
         "Link use: the share of the bottleneck's time the flow kept busy, and the payload "
         "each link byte carried (after IP, UDP/TCP, QUIC and HTTP/3 headers, "
         "retransmissions and the handshake):",
         "",
-        "| loss | " + " | ".join(flows) + " |",
-        "|---:|" + "---:|" * len(flows),
     ]
-    for loss in losses:
-        cells = []
-        for name in flows:
-            row = table[name].get(f"{loss:g}")
-            cells.append(
-                "-"
-                if row is None or row.get("utilisation") is None
-                else f"{100 * row['utilisation']:.1f} % busy, "
-                f"{100 * row['payload_per_link_byte']:.1f} % payload"
-            )
-        lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
+    lines += _loss_table(
+        table,
+        flows,
+        losses,
+        lambda row: (
+            "-"
+            if row.get("utilisation") is None
+            else f"{100 * row['utilisation']:.1f} % busy, "
+            f"{100 * row['payload_per_link_byte']:.1f} % payload"
+        ),
+    )
     if summary["fairness"]:
         lines += [
             "",
@@ -1010,6 +997,21 @@ def markdown(document: dict[str, Any]) -> str:
             f"Target {'met' if target['met'] else 'NOT met'}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _loss_table(
+    table: dict[str, dict[str, dict[str, Any]]],
+    flows: Sequence[str],
+    losses: Sequence[float],
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A markdown table, a row per loss rate and a column per flow; "-" where none ran."""
+    lines = ["| loss | " + " | ".join(flows) + " |", "|---:|" + "---:|" * len(flows)]
+    for loss in losses:
+        rows = [table[name].get(f"{loss:g}") for name in flows]
+        cells = ["-" if row is None else cell(row) for row in rows]
+        lines.append(f"| {loss * 100:g} % | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _starved(row: dict[str, Any]) -> str:
