@@ -50,7 +50,7 @@ import aioquic.quic.events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.tls import CipherSuite
 
-from quicmesh import Identity, QuicTransport, TrustBundle
+from quicmesh import Identity, QuicTransport, TrustBundle, _aioquic
 from quicmesh._aioquic import MeshH3Connection
 
 from .certs import SERVER_NAME
@@ -87,6 +87,9 @@ class Stack:
     configure: Callable[..., Any]
     """``configure(is_client=, testcase=, certs=, qlog_dir=)`` gives the configuration."""
     supported: dict[str, frozenset[str]]
+    prepare_server_connection: Callable[[Any], None] | None = None
+    """Called with each server connection before its first datagram: the fixes the
+    stack's own server applies (quicmesh's ``QuicTransport.listen`` installs them too)."""
 
 
 def configuration(
@@ -128,6 +131,7 @@ QUICMESH = Stack(
     quic_events=aioquic.quic.events,
     configure=configuration,
     supported=SUPPORTED,
+    prepare_server_connection=_aioquic.tolerate_initial_without_crypto,
 )
 
 
@@ -142,6 +146,8 @@ def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._h3: Any = None
+            if stack.prepare_server_connection is not None:
+                stack.prepare_server_connection(self._quic)
 
         def quic_event_received(self, event: Any) -> None:
             if isinstance(event, stack.quic_events.ProtocolNegotiated) and (
