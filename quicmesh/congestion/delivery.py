@@ -47,7 +47,8 @@ class RateSample:
 
     :param delivery_rate: bytes per second over ``interval``; 0.0 when ``is_valid`` is false.
     :param is_valid: false when the interval was shorter than the path's minimum RTT,
-        which would overestimate the rate (ACK compression).
+        which would overestimate the rate (ACK compression), or than a microsecond,
+        the resolution of RTT samples (no rate can be told from a shorter one).
     :param is_app_limited: the packet was sent while the sender was application-limited,
         so the sample may underestimate the path.
     :param interval: the longer of the send and ACK intervals, seconds.

@@ -35,6 +35,17 @@ def test_first_sample_spans_the_round_trip() -> None:
     assert sampler.min_rtt == pytest.approx(0.1)
 
 
+def test_an_interval_below_a_microsecond_gives_no_rate() -> None:
+    # An ACK read in the same microsecond as the send (a clock's float noise): the
+    # RTT rounds to 0, and 1000 bytes over 5e-324 s would be an infinite rate.
+    sampler = DeliveryRateSampler(now=0.0)
+    sampler.on_packet_sent("a", size=1000, now=0.0)
+    rs = sampler.on_packet_acked("a", now=5e-324)
+    assert rs is not None
+    assert not rs.is_valid
+    assert rs.delivery_rate == 0.0
+
+
 def test_app_limited_marks_packets_until_delivered() -> None:
     sampler = DeliveryRateSampler()
     sampler.on_packet_sent(0, size=1000, now=0.0)
