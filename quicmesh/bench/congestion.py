@@ -70,6 +70,7 @@ from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
 from ..transport.stream import MeshStream
+from . import source_state
 
 RATE_BPS = 20e6
 """The bottleneck rate, bits per second."""
@@ -631,7 +632,7 @@ def link_use(goodput: float, received: int, link_bytes: int, rate_bps: float) ->
     the flow kept it busy, ``goodput / (rate * payload_per_link_byte)``. A transport
     with more per-packet overhead needs a higher utilisation for the same goodput.
     """
-    if not link_bytes or not received:
+    if not link_bytes or not received or rate_bps <= 0:
         return {}
     payload = received / link_bytes
     return {
@@ -787,6 +788,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         .configuration(is_client=True)
         .max_datagram_size,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": source_state(),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "cases": [],
         "fairness": [],

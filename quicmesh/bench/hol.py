@@ -66,6 +66,7 @@ from ..netem import (
 from ..netem.system import NetemError, missing_privileges, write_sysctl
 from ..tls import DevCA
 from . import _hol_report as report
+from . import source_state
 from ._hol_worker import WorkerConfig
 
 TRANSPORT_VARIANTS = ("quic-bbr", "quic-cubic", "h2-bbr", "h2-cubic", "tcp-bbr", "tcp-cubic")
@@ -751,6 +752,7 @@ def main(argv: list[str]) -> int:
     progress = Progress(len(plan), estimate_seconds(plan, settings))
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    source = source_state()
     with tempfile.TemporaryDirectory(prefix="quicmesh-hol-") as scratch_dir:
         scratch = Path(scratch_dir)
         ca_dir = scratch / "ca"
@@ -783,7 +785,7 @@ def main(argv: list[str]) -> int:
             progress.finish()
             print("interrupted; writing what was measured", file=sys.stderr)
         progress.finish()
-    result = assemble(args, settings, runs, failures)
+    result = assemble(args, settings, runs, failures, source)
     write_outputs(result, runs, out)
     for failure in failures:
         print(
@@ -817,8 +819,12 @@ def assemble(
     settings: Settings,
     runs: list[dict[str, Any]],
     failures: list[dict[str, Any]],
+    source: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON document: settings, pooled points, stall phases, every run (without samples)."""
+    """The JSON document: settings, pooled points, stall phases, every run (without samples).
+
+    :param source: :func:`~quicmesh.bench.source_state` taken when the runs started.
+    """
     points = []
     keys: list[tuple[str, str]] = []
     for run in runs:
@@ -862,7 +868,7 @@ def assemble(
             "interop_runner": bool(args.interop),
             "slow_threshold_ms": {run["link"]: round(2e3 * run["rtt"], 3) for run in runs},
             "kernel": os.uname().release,
-            "source": _source_state(),
+            "source": source,
         },
         "points": points,
         "stall": stall,
@@ -897,24 +903,6 @@ def replot(out: Path) -> int:
         written = []
     print(f"wrote {out / 'hol.md'}" + "".join(f", {p}" for p in written))
     return 0
-
-
-def _source_state() -> dict[str, Any]:
-    """The git commit and the locally modified files the workers ran (best effort)."""
-    root = Path(__file__).resolve().parents[2]
-    state: dict[str, Any] = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        state["commit"] = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "quicmesh"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout  # fmt: skip
-        state["modified"] = sorted(
-            line[3:] for line in status.splitlines() if line.startswith(" M")
-        )
-    return state
 
 
 def write_outputs(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None:

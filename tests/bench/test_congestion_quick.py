@@ -81,7 +81,16 @@ def _document(quic_bbr: float, tcp_bbr: float, delay: float) -> dict[str, Any]:
         "duration": 20.0,
         "quic_datagram_size": 1200,
         "cases": [
-            {"loss": 0.02, "flows": [_flow("quic-bbr", quic_bbr, delay)]},
+            {
+                "loss": 0.02,
+                "flows": [
+                    {
+                        **_flow("quic-bbr", quic_bbr, delay),
+                        "utilisation": 0.97,
+                        "payload_per_link_byte": 0.955,
+                    }
+                ],
+            },
             {"loss": 0.02, "flows": [_flow("tcp-bbr", tcp_bbr, 0.03)]},
         ],
         "fairness": [
@@ -110,6 +119,8 @@ def test_summary_checks_the_target(
     text = congestion.markdown(document)
     assert ("Target met." in text) is met
     assert "| 2 % |" in text
+    # Link use where the run measured it, "-" where it did not (tcp-bbr here).
+    assert "| 2 % | 97.0 % busy, 95.5 % payload | - |" in text
 
 
 def test_link_use_separates_overhead_from_idle_time() -> None:
