@@ -87,9 +87,9 @@ class Stack:
     configure: Callable[..., Any]
     """``configure(is_client=, testcase=, certs=, qlog_dir=)`` gives the configuration."""
     supported: dict[str, frozenset[str]]
-    prepare_server_connection: Callable[[Any], None] | None = None
-    """Called with each server connection before its first datagram: the fixes the
-    stack's own server applies (quicmesh's ``QuicTransport.listen`` installs them too)."""
+    prepare_connection: Callable[[Any], None] | None = None
+    """Called with each connection (client or server) before its first datagram: the
+    fixes the stack applies to aioquic (as quicmesh's ``QuicTransport`` does)."""
 
 
 def configuration(
@@ -123,6 +123,13 @@ def configuration(
     return config
 
 
+def _quicmesh_fixes(quic: Any) -> None:
+    """The hooks ``QuicTransport`` installs on every aioquic connection it makes."""
+    _aioquic.repeat_acks_in_probes(quic)
+    if not quic.configuration.is_client:
+        _aioquic.tolerate_initial_without_crypto(quic)
+
+
 QUICMESH = Stack(
     name="quicmesh",
     asyncio=aioquic.asyncio,
@@ -131,7 +138,7 @@ QUICMESH = Stack(
     quic_events=aioquic.quic.events,
     configure=configuration,
     supported=SUPPORTED,
-    prepare_server_connection=_aioquic.tolerate_initial_without_crypto,
+    prepare_connection=_quicmesh_fixes,
 )
 
 
@@ -146,8 +153,8 @@ def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._h3: Any = None
-            if stack.prepare_server_connection is not None:
-                stack.prepare_server_connection(self._quic)
+            if stack.prepare_connection is not None:
+                stack.prepare_connection(self._quic)
 
         def quic_event_received(self, event: Any) -> None:
             if isinstance(event, stack.quic_events.ProtocolNegotiated) and (
@@ -229,6 +236,8 @@ def _client_protocol(stack: Stack) -> Callable[..., Any]:
     class ClientProtocol(stack.asyncio.QuicConnectionProtocol):  # type: ignore[misc, name-defined]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if stack.prepare_connection is not None:
+                stack.prepare_connection(self._quic)
             self._h3 = stack.h3_connection(self._quic)
             self._responses: dict[int, tuple[asyncio.Future[int], list[bytes], list[int]]] = {}
 

@@ -485,6 +485,39 @@ def tolerate_initial_without_crypto(quic: QuicConnection) -> None:
     quic._payload_received = types.MethodType(_payload_received, quic)  # type: ignore[method-assign]
 
 
+def repeat_acks_in_probes(quic: QuicConnection) -> None:
+    """Make a handshake probe carry the ACK ranges of its packet number space again.
+
+    aioquic writes an Initial or Handshake ACK frame once, when packets arrive,
+    and its probe timeout (PTO) sends a bare PING. If that one ACK is lost, the
+    peer never learns which of its handshake packets arrived: it keeps
+    retransmitting those, and the ones really lost wait for its own, ever longer,
+    PTOs. Seen with ngtcp2's server at 30 % loss (interop ``handshakeloss``): the
+    client got the first half of the server's flight, its one ACK was lost, its
+    four PING probes reached the server without ACK ranges, and the server resent
+    the half the client already had, 7 s later, then gave up. ACK frames may be
+    sent in any packet and repeated (RFC 9000, section 13.2); so, whenever a probe
+    is due before the handshake completes, the Initial and Handshake spaces that
+    have received packets schedule their ACK frame again.
+    """
+    original = quic.datagrams_to_send
+
+    def datagrams_to_send(self_: QuicConnection, now: float) -> list[tuple[bytes, Any]]:
+        if self_._probe_pending and not self_._handshake_complete:
+            for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+                space = self_._spaces.get(epoch)
+                if (
+                    space is not None
+                    and len(space.ack_queue) > 0
+                    and space.ack_at is None
+                    and self_._cryptos[epoch].send.is_valid()
+                ):
+                    space.ack_at = now
+        return original(now=now)
+
+    quic.datagrams_to_send = types.MethodType(datagrams_to_send, quic)  # type: ignore[method-assign]
+
+
 def limit_peer_streams(quic: QuicConnection, max_streams: int) -> None:
     """Let the peer open at most ``max_streams`` concurrent bidirectional streams.
 

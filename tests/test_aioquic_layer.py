@@ -826,3 +826,59 @@ def test_server_survives_an_initial_without_crypto(tolerant: bool) -> None:
     settle(client_side, server_side, clock)
     assert client_side.of(quic_events.HandshakeCompleted)
     assert server_side.of(quic_events.HandshakeCompleted)
+
+
+# -- 9. handshake probes repeat lost ACKs ------------------------------------------------
+
+
+def _sent_frames(quic: QuicConnection) -> list[tuple[str, list[str]]]:
+    """(packet type, frame types) of every packet ``quic`` sent, from its qlog."""
+    assert quic._quic_logger is not None
+    return [
+        (event["data"]["header"]["packet_type"], [f["frame_type"] for f in event["data"]["frames"]])
+        for event in quic._quic_logger.to_dict()["events"]
+        if event["name"] == "transport:packet_sent"
+    ]
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_handshake_probe_carries_the_ack_that_was_lost(repeat: bool) -> None:
+    # The client gets the server's Initial (the ServerHello) but not the Handshake
+    # packets behind it, and its one ACK of that Initial is lost. Its probe must tell
+    # the server again what arrived, or the server resends what the client has.
+    from aioquic.buffer import Buffer
+    from aioquic.quic.logger import QuicLogger
+    from aioquic.quic.packet import pull_quic_header
+
+    clock = Clock()
+    client_config = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle).configuration(
+        is_client=True
+    )
+    client_config.quic_logger = QuicLogger()
+    client = QuicConnection(configuration=client_config)
+    if repeat:
+        _aioquic.repeat_acks_in_probes(client)
+    client.connect(SERVER_ADDR, now=clock.now)
+    server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
+        is_client=False
+    )
+    server = QuicConnection(
+        configuration=server_config, original_destination_connection_id=client._peer_cid.cid
+    )
+    _aioquic.require_client_certificate(server)
+    for data, _ in client.datagrams_to_send(now=clock.now):
+        server.receive_datagram(data, CLIENT_ADDR, now=clock.now + 0.02)
+    first, _ = server.datagrams_to_send(now=clock.now + 0.02)[0]
+    initial = pull_quic_header(Buffer(data=first), host_cid_length=8)
+    assert initial.packet_length < len(first)  # Handshake packets follow: they are lost
+    client.receive_datagram(first[: initial.packet_length], SERVER_ADDR, now=clock.now + 0.04)
+    assert client.datagrams_to_send(now=clock.now + 0.04)  # its ACK: lost too
+    before = len(_sent_frames(client))
+
+    timer = client.get_timer()
+    assert timer is not None
+    client.handle_timer(now=timer)
+    assert client.datagrams_to_send(now=timer)
+    probe = _sent_frames(client)[before:]
+    assert any("ping" in frames for _, frames in probe)
+    assert any(kind == "initial" and "ack" in frames for kind, frames in probe) is repeat

@@ -349,6 +349,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         else:
             _aioquic.count_sent_packets(quic, self._count_sent)
         _aioquic.PathMonitor(quic, self._path_validated, self._path_abandoned)
+        _aioquic.repeat_acks_in_probes(quic)
         if quic.configuration.congestion_control_algorithm == "bbr":
             from ..congestion import enable_model_pacing
 
