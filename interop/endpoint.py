@@ -123,13 +123,6 @@ def configuration(
     return config
 
 
-def _quicmesh_fixes(quic: Any) -> None:
-    """The hooks ``QuicTransport`` installs on every aioquic connection it makes."""
-    _aioquic.repeat_acks_in_probes(quic)
-    if not quic.configuration.is_client:
-        _aioquic.tolerate_initial_without_crypto(quic)
-
-
 QUICMESH = Stack(
     name="quicmesh",
     asyncio=aioquic.asyncio,
@@ -138,7 +131,7 @@ QUICMESH = Stack(
     quic_events=aioquic.quic.events,
     configure=configuration,
     supported=SUPPORTED,
-    prepare_connection=_quicmesh_fixes,
+    prepare_connection=_aioquic.fix_handshake_recovery,
 )
 
 

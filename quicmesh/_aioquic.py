@@ -518,6 +518,16 @@ def repeat_acks_in_probes(quic: QuicConnection) -> None:
     quic.datagrams_to_send = types.MethodType(datagrams_to_send, quic)  # type: ignore[method-assign]
 
 
+def fix_handshake_recovery(quic: QuicConnection) -> None:
+    """Install the handshake fixes every quicmesh connection needs, before its first
+    datagram: :func:`repeat_acks_in_probes`, and on a server
+    :func:`tolerate_initial_without_crypto`. One place, so that the transport and the
+    interop endpoint (which drives aioquic itself) cannot drift apart."""
+    repeat_acks_in_probes(quic)
+    if not quic.configuration.is_client:
+        tolerate_initial_without_crypto(quic)
+
+
 def limit_peer_streams(quic: QuicConnection, max_streams: int) -> None:
     """Let the peer open at most ``max_streams`` concurrent bidirectional streams.
 

@@ -349,7 +349,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         else:
             _aioquic.count_sent_packets(quic, self._count_sent)
         _aioquic.PathMonitor(quic, self._path_validated, self._path_abandoned)
-        _aioquic.repeat_acks_in_probes(quic)
+        _aioquic.fix_handshake_recovery(quic)
         if quic.configuration.congestion_control_algorithm == "bbr":
             from ..congestion import enable_model_pacing
 
@@ -863,7 +863,6 @@ class QuicTransport(Transport):
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
-            _aioquic.tolerate_initial_without_crypto(quic)
             protocol = _TunnelProtocol(
                 quic,
                 transport=self,
