@@ -104,7 +104,10 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     if path == "/config_dump":
         return _json(200, view.config_dump())
     if path == "/ready":
-        return _text(200, "ready") if view.is_ready() else _text(503, "not ready")
+        if view.is_ready():
+            return _text(200, "ready")
+        reason = getattr(view, "not_ready_reason", lambda: "")()
+        return _text(503, f"not ready: {reason}" if reason else "not ready")
     if path == "/migrate":
         return Deferred(lambda: _migrated(view))
     started = view.begin_drain()

@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh sidecar`` argument parser."""
     parser = _Parser(prog="quicmesh sidecar", description="Run a quicmesh sidecar proxy.")
     parser.add_argument("-c", "--config", required=True, help="the sidecar's YAML configuration")
-    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration and the sidecar's certificate, then exit",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -52,6 +56,11 @@ def main(argv: list[str]) -> int:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        try:
+            _check_certificate(config)
+        except ConfigError as exc:
+            print(f"quicmesh sidecar: {exc}", file=sys.stderr)
+            return 2
         print(f"{args.config}: ok")
         return 0
     _configure_logging(args.log_level)
@@ -65,6 +74,17 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _check_certificate(config: object) -> None:
+    """Load the identity and check it as ``/ready`` would; ConfigError says what is wrong."""
+    from ..tls.check import check_own_certificate
+    from .certs import load_identity
+    from .config import SidecarConfig
+
+    assert isinstance(config, SidecarConfig)
+    identity, trust = load_identity(config)
+    check_own_certificate(identity, trust, config.source)
 
 
 def _configure_logging(level: str) -> None:

@@ -23,7 +23,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConnectError, ConnectionLost, QuicmeshError, StreamRefused, TunnelError
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    PeerVerificationError,
+    QuicmeshError,
+    StreamRefused,
+    TunnelError,
+)
+from ..tls.check import handshake_failure_reason
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.quic import QuicPeerConnection
 from ..transport.stream import MeshStream
@@ -234,7 +242,7 @@ class Cluster:
                 if isinstance(exc, TimeoutError)
                 else str(exc) or type(exc).__name__
             )
-            self._record_connect_failure(endpoint)
+            self._record_connect_failure(endpoint, exc)
             raise FlowRefused(
                 Outcome.CONNECT_FAILED, f"{endpoint.name}: {reason}", endpoint.name
             ) from None
@@ -256,8 +264,18 @@ class Cluster:
         self.stats.bytes_received += bytes_received
         self.stats.endpoint(flow.endpoint.name).streams_active -= 1
 
-    def _record_connect_failure(self, endpoint: Endpoint) -> None:
+    def _record_connect_failure(self, endpoint: Endpoint, error: BaseException) -> None:
         self.stats.connect_failures += 1
+        if isinstance(error, PeerVerificationError) or "certificate" in str(error).lower():
+            reason, side = handshake_failure_reason(error)
+            self.stats.handshake_failures[reason] += 1
+            logger.warning(
+                "cluster %s: TLS handshake with %s failed (%s at fault): %s",
+                self.config.name,
+                endpoint.name,
+                {"ours": "our certificate", "peer": "the peer's certificate"}.get(side, "unknown"),
+                error,
+            )
         ep_stats = self.stats.endpoint(endpoint.name)
         ep_stats.connect_failures += 1
         if endpoint.address in self.endpoints and self.health.connect_failed(
@@ -422,6 +440,7 @@ class Cluster:
             "retries": stats.retries,
             "circuit_breaker_overflows": dict(stats.overflows),
             "outcomes": dict(stats.outcomes),
+            "handshake_failures": dict(stats.handshake_failures),
             "endpoints": endpoints,
         }
         if stats.quic_counters:

@@ -71,6 +71,9 @@ class TlsConfig:
     ticket_cache: str | None = None
     """A file keeping the QUIC session tickets peers issued, so that a restarted
     sidecar resumes (and sends 0-RTT on ``early_data`` clusters). None: memory only."""
+    certificate_lifetime: float = 86400.0
+    """(``ca_dir`` only) Seconds each certificate the sidecar issues itself is valid;
+    a new one is issued two thirds into that time."""
 
 
 @dataclass(frozen=True)
@@ -593,13 +596,25 @@ class _Loader:
         )
 
     def tls(self, node: _Field) -> TlsConfig:
-        node.only_keys({"ca_dir", "cert", "key", "trust_bundle", "ticket_cache"})
+        node.only_keys(
+            {"ca_dir", "cert", "key", "trust_bundle", "ticket_cache", "certificate_lifetime"}
+        )
         files = [key for key in ("cert", "key", "trust_bundle") if node.has(key)]
         ticket_cache = self.path(node.child("ticket_cache")) if node.has("ticket_cache") else None
+        lifetime = node.child("certificate_lifetime")
         if node.has("ca_dir"):
             if files:
                 raise node.child(files[0]).error("give either ca_dir or cert/key/trust_bundle")
-            return TlsConfig(ca_dir=self.path(node.child("ca_dir")), ticket_cache=ticket_cache)
+            seconds = 86400.0 if lifetime.value is None else lifetime.duration()
+            if seconds < 1.0:
+                raise lifetime.error("must be at least 1s")
+            return TlsConfig(
+                ca_dir=self.path(node.child("ca_dir")),
+                ticket_cache=ticket_cache,
+                certificate_lifetime=seconds,
+            )
+        if lifetime.value is not None:
+            raise lifetime.error("applies to ca_dir only (PEM files carry their own dates)")
         for key in ("cert", "key", "trust_bundle"):
             if not node.has(key):
                 raise node.child(key).error("is required when ca_dir is not given")

@@ -78,6 +78,7 @@ class InboundListener:
         self._flows = flows
         self._log = log
         self._listeners: list[Listener] = []
+        self._transports: list[Transport] = []
         self._local_flows = FlowTracker()
 
     async def start(self) -> None:
@@ -92,10 +93,25 @@ class InboundListener:
                 )
                 if isinstance(transport, QuicTransport):
                     self.stats.quic_counters.append(transport.counters)
+                self._transports.append(transport)
                 self._listeners.append(await listen(transport, self.config, self._handle))
         except (QuicmeshError, OSError):
             self.close()
             raise
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` to peers from their next handshake on."""
+        self.identity, self.trust = identity, trust
+        for transport in self._transports:
+            transport.set_identity(identity, trust)
+
+    def handshake_failures(self) -> dict[str, int]:
+        """Peers' handshakes this listener refused, by reason."""
+        total: dict[str, int] = {}
+        for transport in self._transports:
+            for reason, count in transport.handshake_failures.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
 
     def close(self) -> None:
         """Close the transports' listeners and their connections (GOAWAY / CONNECTION_CLOSE)."""

@@ -151,6 +151,44 @@ def _sidecar_families(snap: Snapshot) -> Iterator[Metric]:
     for result, count in snap["reloads"].items():
         reloads.add_metric([result], count)
     yield reloads
+    yield from _certificate_families(snap)
+
+
+def _certificate_families(snap: Snapshot) -> Iterator[Metric]:
+    certificate = snap.get("certificate")
+    if certificate is not None:
+        valid = GaugeMetricFamily(
+            "quicmesh_certificate_valid",
+            "1 when our own certificate is valid and trusted by our own bundle.",
+            labels=["identity"],
+        )
+        valid.add_metric([certificate["spiffe_id"]], 0.0 if certificate["problem"] else 1.0)
+        yield valid
+        expiry = GaugeMetricFamily(
+            "quicmesh_certificate_expires_in_seconds",
+            "Seconds until our own certificate expires.",
+            labels=["identity"],
+        )
+        expiry.add_metric([certificate["spiffe_id"]], certificate["expires_in"])
+        yield expiry
+        rotations = CounterMetricFamily(
+            "quicmesh_certificate_rotations",
+            "Times our certificate was replaced (renewed, files changed, or SDS).",
+            labels=["identity"],
+        )
+        rotations.add_metric([certificate["spiffe_id"]], certificate["rotations"])
+        yield rotations
+    failures = snap.get("handshake_failures")
+    if failures is not None:
+        family = CounterMetricFamily(
+            "quicmesh_handshake_failures",
+            "TLS handshakes that failed, by our role and reason.",
+            labels=["role", "reason"],
+        )
+        for role, reasons in failures.items():
+            for reason, count in reasons.items():
+                family.add_metric([role, reason], count)
+        yield family
 
 
 def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:

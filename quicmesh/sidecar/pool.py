@@ -108,6 +108,8 @@ class PooledConnection:
     opened_at: float
     idle_since: float | None = None
     retired_stats: dict[str, Any] = field(default_factory=dict)
+    identity: object = None
+    """The identity the transport presented when this connection was dialled."""
 
 
 class EndpointPool:
@@ -134,6 +136,7 @@ class EndpointPool:
         self._connecting: asyncio.Future[None] | None = None
         self._on_connected = on_connected
         self._on_closed = on_closed
+        self._closing: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
 
     async def open_stream(
@@ -157,8 +160,12 @@ class EndpointPool:
         while True:
             self.sweep_closed()
             may_connect = self.breaker.connections < self.breaker.limits.max_connections
+            current = [p for p in self.connections if not self.is_stale(p)]
+            # After a certificate rotation, connections made with the old identity
+            # take no new flows (a new one is dialled) unless no other may be.
+            candidates = current if may_connect or current else self.connections
             plan = plan_open(
-                [p.connection for p in self.connections],
+                [p.connection for p in candidates],
                 connecting=self._connecting is not None,
                 may_connect=may_connect,
             )
@@ -198,6 +205,7 @@ class EndpointPool:
         self._connecting = done
         try:
             kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
+            identity = self.transport.identity
             if self.early_data:
                 kwargs["early_data"] = True
             try:
@@ -210,7 +218,9 @@ class EndpointPool:
                 raise
             self.connections_opened += 1
             label = f"{self.connections_opened}"
-            pooled = PooledConnection(connection, label, opened_at=self._loop.time())
+            pooled = PooledConnection(
+                connection, label, opened_at=self._loop.time(), identity=identity
+            )
             self.connections.append(pooled)
             if self._on_connected is not None:
                 self._on_connected(self, pooled)
@@ -235,10 +245,27 @@ class EndpointPool:
             if self._on_closed is not None:
                 self._on_closed(self, pooled)
 
+    def is_stale(self, pooled: PooledConnection) -> bool:
+        """Whether ``pooled`` was made with an identity the transport no longer presents."""
+        return pooled.identity is not None and pooled.identity is not self.transport.identity
+
     def close_idle(self, now: float, idle_timeout: float) -> None:
-        """Close connections that have carried no stream for ``idle_timeout`` seconds."""
+        """Close connections that have carried no stream for ``idle_timeout`` seconds.
+
+        Connections made with a rotated-out identity are closed as soon as their
+        last flow ends (they take no new flows).
+        """
         self.sweep_closed()
         for pooled in list(self.connections):
+            if self.is_stale(pooled) and pooled.connection.active_streams == 0:
+                logger.info(
+                    "closing connection %s to %s:%d: made with a rotated-out certificate",
+                    pooled.label,
+                    *self.address,
+                )
+                self._close_gracefully(pooled.connection)
+                self._forget(pooled)
+                continue
             if pooled.connection.active_streams > 0:
                 pooled.idle_since = None
             elif pooled.idle_since is None:
@@ -247,6 +274,15 @@ class EndpointPool:
                 logger.info("closing idle connection %s to %s:%d", pooled.label, *self.address)
                 pooled.connection.close()
                 self._forget(pooled)
+
+    def _close_gracefully(self, connection: PeerConnection) -> None:
+        async def close() -> None:
+            with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
+                await asyncio.wait_for(connection.aclose(CLOSE_TIMEOUT), 2 * CLOSE_TIMEOUT)
+
+        task = self._loop.create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @property
     def active_streams(self) -> int:

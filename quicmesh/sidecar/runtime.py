@@ -27,12 +27,13 @@ from typing import Any
 
 from .. import TRANSPORTS
 from ..errors import ConfigError, QuicmeshError
-from ..tls import DevCA, Identity, TrustBundle
+from ..tls import Identity, TrustBundle
 from ..transport.base import Transport
 from ..transport.quic import QuicTransport
 from ..transport.tickets import TicketCache
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
+from .certs import CertificateSource, load_identity
 from .cluster import Cluster
 from .config import (
     ClusterConfig,
@@ -51,31 +52,6 @@ logger = logging.getLogger("quicmesh.sidecar")
 
 WATCH_INTERVAL = 0.5
 """Seconds between checks of watched endpoints files."""
-
-
-def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
-    """This sidecar's identity and trust bundle, from a dev CA directory or PEM files.
-
-    :raises ConfigError: a file is missing or invalid, or the identity does not match.
-    """
-    tls = config.tls
-    source = config.source
-    if tls.ca_dir is not None:
-        ca = DevCA.load(tls.ca_dir)
-        try:
-            identity = ca.issue(config.node.identity)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: node.identity: {exc}") from None
-        return identity, ca.trust_bundle
-    assert tls.cert is not None and tls.key is not None and tls.trust_bundle is not None
-    identity = Identity.from_files(tls.cert, tls.key)
-    trust = TrustBundle.from_file(tls.trust_bundle)
-    if identity.spiffe_id != config.node.identity:
-        raise ConfigError(
-            f"{source}: node.identity: {config.node.identity} does not match the certificate "
-            f"{tls.cert} ({identity.spiffe_id})"
-        )
-    return identity, trust
 
 
 def cluster_transport(
@@ -110,6 +86,7 @@ class Sidecar:
         self.config = config
         self.config_path = config_path
         self.identity, self.trust = load_identity(config)
+        self.certs = CertificateSource(config, self.identity, self.trust)
         self.ticket_cache = TicketCache(config.tls.ticket_cache)
         self.flows = FlowTracker()
         self.access_log = AccessLog(config.access_log.path)
@@ -152,6 +129,10 @@ class Sidecar:
             raise
         self._remember_watched()
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
+        self.certs.start(self._rotate_identity)
+        problem = self.certs.problem()
+        if problem is not None:
+            logger.error("not ready: %s", problem)
         self.ready = True
         logger.info(
             "sidecar %s (%s) ready: admin %s, outbound %s, inbound %s",
@@ -334,6 +315,18 @@ class Sidecar:
         self.config = new
         self._remember_watched()
 
+    def _rotate_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """A new certificate: every transport presents it from the next handshake on.
+
+        Pools then dial new connections for new flows and close the old ones as
+        their last flow ends (:meth:`.pool.EndpointPool.is_stale`).
+        """
+        self.identity, self.trust = identity, trust
+        for cluster in list(self.clusters.values()) + self.retired_clusters:
+            cluster.transport.set_identity(identity, trust)
+        for inbound in self.inbound.values():
+            inbound.set_identity(identity, trust)
+
     def _retire_cluster(self, cluster: Cluster) -> None:
         """Keep an old cluster until its live flows end, then close its connections."""
         self.retired_clusters.append(cluster)
@@ -436,6 +429,7 @@ class Sidecar:
         await self._drained.wait()
 
     async def _close_everything(self) -> None:
+        await self.certs.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
         for out in self.outbound.values():
@@ -473,7 +467,15 @@ class Sidecar:
 
     def is_ready(self) -> bool:
         """Whether the sidecar takes traffic (started and not draining)."""
-        return self.ready and not self.draining
+        return self.ready and not self.draining and self.certs.problem() is None
+
+    def not_ready_reason(self) -> str:
+        """Why :meth:`is_ready` is False, in one line ("" when ready)."""
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "starting"
+        return self.certs.problem() or ""
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and live state: ``/stats``, and the source of ``/metrics``."""
@@ -498,9 +500,24 @@ class Sidecar:
             "uptime": round(time.time() - self.started_at, 3),
             "flows_active": self.flows.active,
             "reloads": dict(self.reloads),
+            "certificate": self.certs.snapshot(),
+            "handshake_failures": self._handshake_failures(),
             "listeners": listeners,
             "clusters": {name: c.snapshot() for name, c in self.clusters.items()},
         }
+
+    def _handshake_failures(self) -> dict[str, dict[str, int]]:
+        """TLS handshakes that failed, by our role (client: dialling a cluster;
+        server: a peer dialling an inbound listener) and reason."""
+        client: dict[str, int] = {}
+        for cluster_stats in self.cluster_stats.values():
+            for reason, count in cluster_stats.handshake_failures.items():
+                client[reason] = client.get(reason, 0) + count
+        server: dict[str, int] = {}
+        for inbound in self.inbound.values():
+            for reason, count in inbound.handshake_failures().items():
+                server[reason] = server.get(reason, 0) + count
+        return {"client": client, "server": server}
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of :meth:`snapshot`."""

@@ -104,6 +104,8 @@ class ClusterStats:
     with, across reloads: 0-RTT, tickets, migrations, path validations."""
     outcomes: Counter[str] = field(default_factory=Counter)
     endpoints: dict[str, EndpointStats] = field(default_factory=dict)
+    handshake_failures: Counter[str] = field(default_factory=Counter)
+    """Connections the cluster could not make because a TLS handshake failed, by reason."""
 
     def endpoint(self, name: str) -> EndpointStats:
         """The counters of endpoint ``name`` (``host:port``), created on first use."""

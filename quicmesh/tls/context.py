@@ -46,6 +46,22 @@ def client_ssl_context(
     return _mutual_tls_context(ssl.PROTOCOL_TLS_CLIENT, identity, trust, alpn_protocols)
 
 
+def update_ssl_context(context: ssl.SSLContext, identity: Identity, trust: TrustBundle) -> None:
+    """Make a context from this module present ``identity`` from the next handshake on.
+
+    The roots of ``trust`` are added to those the context verifies with (``ssl``
+    cannot remove roots from a context; a CA that must be distrusted needs a new
+    context, i.e. a restart).
+
+    :raises ConfigError: if ``ssl`` rejects the identity or trust bundle.
+    """
+    try:
+        context.load_verify_locations(cadata=trust.pem.decode("ascii"))
+        _load_identity(context, identity)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot update TLS context: {exc}") from exc
+
+
 def _mutual_tls_context(
     protocol: ssl._SSLMethod, identity: Identity, trust: TrustBundle, alpn_protocols: list[str]
 ) -> ssl.SSLContext:

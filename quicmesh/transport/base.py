@@ -9,6 +9,7 @@ a :class:`~quicmesh.transport.stream.MeshStream` whichever transport carries it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -113,6 +114,17 @@ class Transport(ABC):
     name: str
 
     def __init__(self, *, identity: Identity, trust: TrustBundle) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.handshake_failures: Counter[str] = Counter()
+        """(server side) Handshakes refused, by reason (see
+        :func:`quicmesh.tls.check.handshake_failure_reason`)."""
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` and verify with ``trust`` in every handshake from now on.
+
+        Connections already established keep the certificates they were made with.
+        """
         self.identity = identity
         self.trust = trust
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ssl
 
 from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
+from ..tls.context import update_ssl_context
 from ..tunnel.h2 import (
     DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_STREAMS,
@@ -84,6 +85,12 @@ class H2Transport(Transport):
             factory = server_ssl_context if server_side else client_ssl_context
             self._contexts[server_side] = factory(self.identity, self.trust, [ALPN])
         return self._contexts[server_side]
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        super().set_identity(identity, trust)
+        for context in self._contexts.values():
+            update_ssl_context(context, identity, trust)
 
     def session(self, *, is_client: bool) -> H2TunnelSession:
         """A new sans-IO session for one connection."""

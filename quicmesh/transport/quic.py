@@ -63,6 +63,7 @@ from ..errors import (
     TunnelError,
 )
 from ..tls import Identity, TrustBundle, spiffe_id_of, verify_peer
+from ..tls.check import handshake_failure_reason
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
 from ..tunnel.session import ResetReason
 from . import _udp
@@ -635,6 +636,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self._issued_tickets.clear()
         side = "server" if self.is_client else "client"
         logger.warning("[%s] refused %s: %s", self.log_id, side, exc)
+        if not self.is_client:
+            self._owner.handshake_failures[handshake_failure_reason(exc)[0]] += 1
         self._quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
         if self.connection is not None:
             self.connection._connection_lost(exc)
@@ -819,6 +822,16 @@ class QuicTransport(Transport):
             raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
         self.max_datagram_size = max_datagram_size
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._server_configurations: list[QuicConfiguration] = []
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` from the next handshake on, on listeners too."""
+        super().set_identity(identity, trust)
+        for config in self._server_configurations:
+            config.certificate = identity.certificate
+            config.certificate_chain = identity.chain
+            config.private_key = identity.private_key
+            config.cadata = trust.pem
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         """The aioquic configuration for one side of a connection."""
@@ -858,6 +871,7 @@ class QuicTransport(Transport):
             the clients then send again in 1-RTT.
         """
         config = self.configuration(is_client=False)
+        self._server_configurations.append(config)
 
         accepted: weakref.WeakSet[_TunnelProtocol] = weakref.WeakSet()
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import ConnectionLost, PeerVerificationError, TunnelError
 from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
+from ..tls.context import update_ssl_context
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
 from ._tcp import (
@@ -193,6 +194,12 @@ class TcpTransport(Transport):
                 context = client_ssl_context(self.identity, self.trust, [ALPN])
             self._contexts[server_side] = context
         return self._contexts[server_side]
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        super().set_identity(identity, trust)
+        for context in self._contexts.values():
+            update_ssl_context(context, identity, trust)
 
     def session(self, *, is_client: bool) -> Http1TunnelSession:
         """A new sans-IO session for one flow's connection."""

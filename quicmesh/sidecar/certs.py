@@ -1,0 +1,233 @@
+"""The sidecar's own identity over time: loaded, checked, renewed, reloaded.
+
+:class:`CertificateSource` owns the identity and trust bundle a sidecar
+presents and verifies with, and where they come from:
+
+- ``tls.ca_dir`` (the development CA): the sidecar issues itself a certificate
+  for ``node.identity`` valid ``tls.certificate_lifetime``, and issues a new one
+  two thirds into that lifetime;
+- ``tls.cert``/``key``/``trust_bundle`` (PEM files, kept up to date by an agent
+  as Envoy's ``watched_directory`` expects): the files are polled and read again
+  when any of them changes; a half-written or mismatched set is logged and
+  ignored until the next change;
+- :meth:`CertificateSource.replace` (SDS): a control plane pushes a new one.
+
+Each change calls ``on_rotated(identity, trust)``; the runtime hands the new
+identity to every transport (new handshakes use it at once) and pools replace
+connections made with the old one. :meth:`CertificateSource.problem` says in
+one line why the current certificate cannot be used (expired, not yet valid,
+not trusted by our own bundle); the sidecar is then not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Callable
+
+from ..errors import ConfigError, QuicmeshError
+from ..tls import DevCA, Identity, TrustBundle
+from ..tls.check import own_certificate_problem, renewal_time
+from .config import SidecarConfig
+
+logger = logging.getLogger("quicmesh.sidecar.certs")
+
+POLL_INTERVAL = 0.25
+"""Seconds between checks of watched certificate files."""
+
+Rotated = Callable[[Identity, TrustBundle], None]
+
+
+def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
+    """This sidecar's identity and trust bundle, from a dev CA directory or PEM files.
+
+    :raises ConfigError: a file is missing or invalid, or the identity does not match.
+    """
+    tls = config.tls
+    source = config.source
+    if tls.ca_dir is not None:
+        ca = DevCA.load(tls.ca_dir)
+        try:
+            identity = ca.issue(config.node.identity, _lifetime(config), not_before=_start())
+        except ValueError as exc:
+            raise ConfigError(f"{source}: node.identity: {exc}") from None
+        return identity, ca.trust_bundle
+    assert tls.cert is not None and tls.key is not None and tls.trust_bundle is not None
+    identity = Identity.from_files(tls.cert, tls.key)
+    trust = TrustBundle.from_file(tls.trust_bundle)
+    if identity.spiffe_id != config.node.identity:
+        raise ConfigError(
+            f"{source}: node.identity: {config.node.identity} does not match the certificate "
+            f"{tls.cert} ({identity.spiffe_id})"
+        )
+    return identity, trust
+
+
+def _lifetime(config: SidecarConfig) -> datetime.timedelta:
+    seconds = config.tls.certificate_lifetime
+    return datetime.timedelta(seconds=seconds)
+
+
+def _start() -> datetime.datetime:
+    # A second before now (X.509 keeps whole seconds), for peers whose clock is a
+    # little behind, but no more: a short-lived certificate must not be mostly past.
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    return now - datetime.timedelta(seconds=1)
+
+
+class CertificateSource:
+    """The sidecar's current identity and trust bundle, and the task that renews them.
+
+    :param config: the sidecar configuration (``tls`` and ``node`` sections).
+    :param identity: the identity already loaded (see :func:`load_identity`).
+    :param trust: the trust bundle already loaded.
+    """
+
+    def __init__(self, config: SidecarConfig, identity: Identity, trust: TrustBundle) -> None:
+        self.config = config
+        self.identity = identity
+        self.trust = trust
+        self.rotations = 0
+        self.failures = 0
+        self._retry_at: datetime.datetime | None = None
+        self._on_rotated: Rotated | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._versions = self._file_versions()
+
+    # -- state -----------------------------------------------------------------
+
+    def problem(self, now: datetime.datetime | None = None) -> str | None:
+        """Why the current certificate cannot be presented, in one line, or None."""
+        return own_certificate_problem(self.identity, self.trust, now)
+
+    def next_renewal(self) -> datetime.datetime | None:
+        """When the dev CA will issue the next certificate (None: not from ``ca_dir``)."""
+        if self.config.tls.ca_dir is None:
+            return None
+        return self._retry_at or renewal_time(self.identity)
+
+    def snapshot(self) -> dict[str, object]:
+        """The certificate's state for ``/stats``."""
+        certificate = self.identity.certificate
+        renewal = self.next_renewal() or renewal_time(self.identity)
+        return {
+            "spiffe_id": self.identity.spiffe_id,
+            "serial": format(certificate.serial_number, "x"),
+            "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+            "expires_in": round(
+                (
+                    certificate.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+                ).total_seconds(),
+                3,
+            ),
+            "renewal": renewal.isoformat(),
+            "rotations": self.rotations,
+            "failures": self.failures,
+            "problem": self.problem() or "",
+        }
+
+    # -- changes ---------------------------------------------------------------
+
+    def replace(self, identity: Identity, trust: TrustBundle | None = None) -> None:
+        """Use a new identity (and trust bundle) from now on; tell the runtime.
+
+        :raises ConfigError: the certificate is for another SPIFFE ID than ``node.identity``.
+        """
+        if identity.spiffe_id != self.config.node.identity:
+            raise ConfigError(
+                f"new certificate is for {identity.spiffe_id}, not node.identity "
+                f"{self.config.node.identity}"
+            )
+        self.identity = identity
+        if trust is not None:
+            self.trust = trust
+        self.rotations += 1
+        certificate = identity.certificate
+        logger.info(
+            "certificate rotated: %s serial %x valid until %s",
+            identity.spiffe_id,
+            certificate.serial_number,
+            certificate.not_valid_after_utc,
+        )
+        problem = self.problem()
+        if problem is not None:
+            logger.error("%s", problem)
+        if self._on_rotated is not None:
+            self._on_rotated(self.identity, self.trust)
+
+    def start(self, on_rotated: Rotated) -> None:
+        """Start renewing (``ca_dir``) or watching the files; ``on_rotated`` hears of changes."""
+        self._on_rotated = on_rotated
+        if self.config.tls.ca_dir is not None or self.config.tls.cert is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            renewal = self.next_renewal()
+            if renewal is not None:
+                delay = (renewal - datetime.datetime.now(datetime.UTC)).total_seconds()
+                await asyncio.sleep(max(0.0, delay))
+                self._renew_from_ca()
+            else:
+                await asyncio.sleep(POLL_INTERVAL)
+                self._reload_files_if_changed()
+
+    def _renew_from_ca(self) -> None:
+        tls = self.config.tls
+        assert tls.ca_dir is not None
+        try:
+            ca = DevCA.load(tls.ca_dir)
+            identity = ca.issue(
+                self.config.node.identity, _lifetime(self.config), not_before=_start()
+            )
+        except (QuicmeshError, ValueError) as exc:
+            self.failures += 1
+            logger.error("cannot renew the certificate from %s: %s", tls.ca_dir, exc)
+            # Keep the current certificate and try again after a tenth of the lifetime.
+            self._retry_at = datetime.datetime.now(datetime.UTC) + _lifetime(self.config) / 10
+            return
+        self._retry_at = None
+        self.replace(identity, ca.trust_bundle)
+
+    def _file_versions(self) -> tuple[tuple[int, int, int] | None, ...]:
+        tls = self.config.tls
+        return tuple(_version(path) for path in (tls.cert, tls.key, tls.trust_bundle) if path)
+
+    def _reload_files_if_changed(self) -> None:
+        versions = self._file_versions()
+        if versions == self._versions:
+            return
+        self._versions = versions
+        try:
+            identity, trust = load_identity(self.config)
+        except ConfigError as exc:
+            # An agent may be half way through writing the set: wait for the next change.
+            self.failures += 1
+            logger.warning("certificate files changed but cannot be used yet: %s", exc)
+            return
+        if (
+            identity.cert_chain_pem() == self.identity.cert_chain_pem()
+            and trust.pem == self.trust.pem
+        ):
+            return
+        self.replace(identity, trust)
+
+
+def _version(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)

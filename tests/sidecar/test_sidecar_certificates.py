@@ -1,0 +1,353 @@
+"""Certificates over time: refused when unusable, renewed, reloaded, rotated under traffic.
+
+Real sidecar processes on loopback. Rotation is driven by the certificates'
+own lifetime (a few seconds), and the tests wait on the sidecars' counters
+(``quicmesh_certificate_rotations_total``), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
+from quicmesh.tls import DevCA
+from quicmesh.tls.check import handshake_failure_reason, own_certificate_problem, renewal_time
+
+from .conftest import IDENTITY_A, IDENTITY_B, addr, echo_flow, refused, wait_until
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+# -- sans-IO checks ----------------------------------------------------------------
+
+
+def test_own_certificate_problems_are_named() -> None:
+    ca, other = DevCA(), DevCA()
+    good = ca.issue(IDENTITY_A)
+    assert own_certificate_problem(good, ca.trust_bundle) is None
+    expired = ca.issue(
+        IDENTITY_A,
+        not_before=NOW - datetime.timedelta(days=2),
+        not_after=NOW - datetime.timedelta(days=1),
+    )
+    problem = own_certificate_problem(expired, ca.trust_bundle)
+    assert problem is not None and problem.startswith(f"our certificate ({IDENTITY_A}) expired")
+    future = ca.issue(IDENTITY_A, not_before=NOW + datetime.timedelta(days=1))
+    problem = own_certificate_problem(future, ca.trust_bundle)
+    assert problem is not None and "is not valid before" in problem
+    problem = own_certificate_problem(good, other.trust_bundle)
+    assert problem is not None and "not trusted by our own trust bundle" in problem
+
+
+def test_renewal_is_two_thirds_into_the_lifetime() -> None:
+    start = NOW.replace(microsecond=0) - datetime.timedelta(hours=1)
+    identity = DevCA().issue(
+        IDENTITY_A, not_before=start, not_after=start + datetime.timedelta(hours=3)
+    )
+    assert renewal_time(identity) == start + datetime.timedelta(hours=2)
+
+
+def test_handshake_failure_reasons_name_the_side() -> None:
+    from quicmesh.errors import ConnectError, PeerVerificationError
+
+    assert handshake_failure_reason(PeerVerificationError("peer certificate has expired")) == (
+        "peer_certificate_expired",
+        "peer",
+    )
+    assert handshake_failure_reason(
+        PeerVerificationError("handshake refused: peer certificate not signed by a trusted CA")
+    ) == ("our_certificate_refused", "ours")
+    assert handshake_failure_reason(
+        PeerVerificationError("handshake refused: unable to get local issuer certificate")
+    ) == ("peer_certificate_untrusted", "peer")
+    assert handshake_failure_reason(
+        PeerVerificationError("server certificate not trusted: certificate has expired")
+    ) == ("peer_certificate_expired", "peer")
+    assert handshake_failure_reason(
+        PeerVerificationError("the server rejected our certificate (TLS alert x)")
+    ) == ("our_certificate_refused", "ours")
+    assert handshake_failure_reason(ConnectError("QUIC handshake timed out after 1s")) == (
+        "timeout",
+        "unknown",
+    )
+
+
+# -- processes ---------------------------------------------------------------------
+
+
+def _pem_config(directory: Path, name: str, identity: str, **ports: int) -> dict[str, Any]:
+    return {
+        "node": {"name": name, "identity": identity},
+        "tls": {
+            "cert": str(directory / f"{name}.crt"),
+            "key": str(directory / f"{name}.key"),
+            "trust_bundle": str(directory / "bundle.pem"),
+        },
+        "admin": {"address": addr(ports["admin"])},
+        "listeners": {
+            "inbound": [
+                {
+                    "name": "mesh",
+                    "address": addr(ports["mesh"]),
+                    "transports": ["quic"],
+                    "destinations": ["127.0.0.1:*"],
+                }
+            ]
+        },
+    }
+
+
+def _write_identity(directory: Path, name: str, identity: Any) -> None:
+    tmp_cert, tmp_key = directory / f".{name}.crt", directory / f".{name}.key"
+    identity.save(tmp_cert, tmp_key)
+    os.replace(tmp_key, directory / f"{name}.key")
+    os.replace(tmp_cert, directory / f"{name}.crt")
+
+
+@pytest.mark.parametrize("case", ["expired", "not_yet_valid", "untrusted"])
+def test_unusable_own_certificate_refuses_ready_and_check(tmp_path: Path, case: str) -> None:
+    ca, other = DevCA(), DevCA()
+    if case == "expired":
+        identity = ca.issue(
+            IDENTITY_B,
+            not_before=NOW - datetime.timedelta(days=2),
+            not_after=NOW - datetime.timedelta(days=1),
+        )
+        expected = "expired at"
+    elif case == "not_yet_valid":
+        identity = ca.issue(IDENTITY_B, not_before=NOW + datetime.timedelta(days=1))
+        expected = "is not valid before"
+    else:
+        identity = other.issue(IDENTITY_B)
+        expected = "not trusted by our own trust bundle"
+    _write_identity(tmp_path, "b", identity)
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    ports = {"admin": free_port(), "mesh": free_port()}
+    config = _pem_config(tmp_path, "b", IDENTITY_B, **ports)
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.write_config()
+    check = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 2
+    lines = check.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "our certificate" in lines[0]
+    sidecar.start()
+    try:
+        status, body = wait_until(
+            lambda: _try_request(sidecar, "/ready"), timeout=20, what="admin answers"
+        )
+        assert status == 503
+        assert expected in body.decode() and "our certificate" in body.decode()
+        assert metric(sidecar.metrics(), "quicmesh_certificate_valid") == 0
+        assert "not ready" not in sidecar.stderr() or expected in sidecar.stderr()
+        assert expected in sidecar.stderr()
+        # A good certificate written over the bad one is picked up: ready, without a restart.
+        _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+        wait_until(lambda: _try_request(sidecar, "/ready") == (200, b"ready\n"), timeout=20)
+        assert metric(sidecar.metrics(), "quicmesh_certificate_rotations_total") == 1
+    finally:
+        assert sidecar.stop() == 0
+
+
+def _try_request(sidecar: SidecarProcess, path: str) -> tuple[int, bytes] | None:
+    try:
+        return sidecar.request("GET", path, timeout=1.0)
+    except OSError:
+        return None
+
+
+def test_good_certificate_passes_check(tmp_path: Path) -> None:
+    ca = DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.write_config()
+    check = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip().endswith(": ok")
+
+
+def _mesh_pair(
+    tmp_path: Path, echo_port: int, transport: str, lifetime: str
+) -> tuple[SidecarProcess, SidecarProcess, int]:
+    DevCA().save(tmp_path / "ca")
+    ports = {k: free_port() for k in ("b_admin", "b_mesh", "a_admin", "a_out")}
+    tls = {"ca_dir": str(tmp_path / "ca"), "certificate_lifetime": lifetime}
+    b = SidecarProcess(
+        "b",
+        {
+            "node": {"name": "b", "identity": IDENTITY_B},
+            "tls": tls,
+            "admin": {"address": addr(ports["b_admin"])},
+            "listeners": {
+                "inbound": [
+                    {
+                        "name": "mesh",
+                        "address": addr(ports["b_mesh"]),
+                        "transports": [transport],
+                        "destinations": [addr(echo_port)],
+                    }
+                ]
+            },
+        },
+        tmp_path,
+    )
+    a = SidecarProcess(
+        "a",
+        {
+            "node": {"name": "a", "identity": IDENTITY_A},
+            "tls": tls,
+            "admin": {"address": addr(ports["a_admin"])},
+            "listeners": {
+                "outbound": [{"name": "out", "address": addr(ports["a_out"]), "cluster": "echo"}]
+            },
+            "clusters": [
+                {
+                    "name": "echo",
+                    "transport": transport,
+                    "target": addr(echo_port),
+                    "endpoints": [addr(ports["b_mesh"])],
+                }
+            ],
+        },
+        tmp_path,
+    )
+    return a, b, ports["a_out"]
+
+
+@pytest.mark.parametrize("transport", ["quic", "h2", "tcp"])
+def test_short_lived_certificates_rotate_under_traffic_without_losing_a_flow(
+    tmp_path: Path, echo_port: int, transport: str
+) -> None:
+    a, b, port = _mesh_pair(tmp_path, echo_port, transport, "3s")
+    b.start()
+    a.start()
+    try:
+        b.wait_ready()
+        a.wait_ready()
+        results: list[bool] = []
+
+        def rotations(sidecar: SidecarProcess) -> float:
+            return metric(sidecar.metrics(), "quicmesh_certificate_rotations_total")
+
+        async def long_flow() -> bool:
+            # Opened before the first rotation, kept open across several, then finished.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            sent = bytearray()
+            try:
+                while rotations(a) < 3 or rotations(b) < 3:
+                    chunk = os.urandom(2000)
+                    writer.write(chunk)
+                    sent += chunk
+                    await writer.drain()
+                    echoed = await asyncio.wait_for(reader.readexactly(len(chunk)), 10)
+                    if echoed != chunk:
+                        return False
+                    await asyncio.sleep(0.05)
+                writer.write_eof()
+                return await asyncio.wait_for(reader.read(-1), 10) == b""
+            finally:
+                writer.close()
+
+        async def steady_flows() -> None:
+            while rotations(a) < 3 or rotations(b) < 3:
+                payloads = [os.urandom(3000 + i) for i in range(4)]
+                got = await asyncio.gather(*(echo_flow(port, p) for p in payloads))
+                results.extend(g == p for g, p in zip(got, payloads, strict=True))
+
+        async def main() -> bool:
+            long = asyncio.ensure_future(long_flow())
+            await asyncio.wait_for(steady_flows(), 60)
+            return await long
+
+        assert asyncio.run(main())
+        assert results and all(results), f"{results.count(False)} of {len(results)} flows lost"
+        samples = a.metrics()
+        completed = metric(samples, "quicmesh_cluster_flows_total", outcome="completed")
+        assert completed >= len(results)
+        assert metric(samples, "quicmesh_handshake_failures_total") == 0
+        assert metric(b.metrics(), "quicmesh_handshake_failures_total") == 0
+        if transport != "tcp":
+            # New connections were made with the new certificates.
+            assert metric(samples, "quicmesh_cluster_connections_total", cluster="echo") >= 2
+        lines = [r for r in a.access_log() if r.get("listener") == "out"]
+        assert {r["outcome"] for r in lines} == {"completed"}
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+def _use_files(sidecar: SidecarProcess, directory: Path, identity: Any, bundle: bytes) -> None:
+    _write_identity(directory, sidecar.name, identity)
+    (directory / f"{sidecar.name}-bundle.pem").write_bytes(bundle)
+    sidecar.config["tls"] = {
+        "cert": str(directory / f"{sidecar.name}.crt"),
+        "key": str(directory / f"{sidecar.name}.key"),
+        "trust_bundle": str(directory / f"{sidecar.name}-bundle.pem"),
+    }
+
+
+@pytest.mark.parametrize("who_refuses", ["client", "server"])
+def test_refused_certificates_are_counted_with_the_side_at_fault(
+    tmp_path: Path, echo_port: int, who_refuses: str
+) -> None:
+    a, b, port = _mesh_pair(tmp_path, echo_port, "quic", "3600s")
+    ca_a, ca_b = DevCA(), DevCA()
+    both = ca_a.trust_bundle.pem + ca_b.trust_bundle.pem
+    if who_refuses == "client":
+        # A trusts only its own CA: it refuses B's certificate (signed by another).
+        _use_files(a, tmp_path, ca_a.issue(IDENTITY_A), ca_a.trust_bundle.pem)
+        _use_files(b, tmp_path, ca_b.issue(IDENTITY_B), both)
+    else:
+        # A trusts B, but B trusts only its own CA: B refuses A's certificate.
+        _use_files(a, tmp_path, ca_a.issue(IDENTITY_A), both)
+        _use_files(b, tmp_path, ca_b.issue(IDENTITY_B), ca_b.trust_bundle.pem)
+    b.start()
+    a.start()
+    try:
+        b.wait_ready()
+        a.wait_ready()
+        assert asyncio.run(refused(port))
+        wait_until(
+            lambda: metric(a.metrics(), "quicmesh_handshake_failures_total", role="client") >= 1,
+            what="A counts a failed handshake",
+        )
+        failures = a.stats()["handshake_failures"]["client"]
+        if who_refuses == "client":
+            assert set(failures) == {"peer_certificate_untrusted"}, failures
+            assert "(the peer's certificate at fault)" in a.stderr()
+        else:
+            assert set(failures) == {"our_certificate_refused"}, failures
+            assert "(our certificate at fault)" in a.stderr()
+            server = b.stats()["handshake_failures"]["server"]
+            assert set(server) == {"peer_certificate_untrusted"}, server
+            assert (
+                metric(
+                    b.metrics(),
+                    "quicmesh_handshake_failures_total",
+                    role="server",
+                    reason="peer_certificate_untrusted",
+                )
+                >= 1
+            )
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
