@@ -15,7 +15,6 @@ import signal
 import sys
 
 from ..errors import ConfigError, QuicmeshError
-from .config import load_config
 
 logger = logging.getLogger("quicmesh.sidecar")
 
@@ -51,7 +50,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        config = load_config(args.config)
+        config = _load(args.config)
     except ConfigError as exc:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +73,13 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _load(path: str) -> object:
+    """quicmesh YAML, or an Envoy bootstrap (``static_resources``/``dynamic_resources``)."""
+    from ..xds.bootstrap import load_any_config
+
+    return load_any_config(path)
 
 
 def _check_certificate(config: object) -> None:

@@ -208,6 +208,19 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class XdsConfig:
+    """Where listeners, clusters, endpoints and secrets come from: an ADS server."""
+
+    address: Address
+    """The control plane's gRPC address (plaintext HTTP/2: keep it on loopback or a
+    trusted network)."""
+    cluster: str = "quicmesh"
+    """The ``node.cluster`` the sidecar reports."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    """The ``node.metadata`` the sidecar reports (string values)."""
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """A whole sidecar configuration, as loaded from one YAML file."""
 
@@ -220,6 +233,8 @@ class SidecarConfig:
     outbound: tuple[OutboundListenerConfig, ...] = ()
     inbound: tuple[InboundListenerConfig, ...] = ()
     clusters: tuple[ClusterConfig, ...] = ()
+    xds: XdsConfig | None = None
+    """Set: listeners and clusters come from this ADS server (see docs/xds.md)."""
 
     def cluster(self, name: str) -> ClusterConfig:
         """The cluster called ``name`` (the loader guarantees listeners' clusters exist)."""
@@ -521,7 +536,10 @@ class _Loader:
     def sidecar(self, root: _Field) -> SidecarConfig:
         if root.value is None:
             raise root.error("the file is empty: expected a mapping with node, tls and admin")
-        root.only_keys({"node", "tls", "admin", "access_log", "drain", "listeners", "clusters"})
+        root.only_keys(
+            {"node", "tls", "admin", "access_log", "drain", "listeners", "clusters", "xds"}
+        )
+        xds = self.xds(root.child("xds"))
         clusters = tuple(self.cluster(c) for c in root.child("clusters").items(allow_empty=True))
         names = [c.name for c in clusters]
         for index, name in enumerate(names):
@@ -539,7 +557,7 @@ class _Loader:
             inbound = tuple(
                 self.inbound(item) for item in listeners.child("inbound").items(allow_empty=True)
             )
-        if not outbound and not inbound:
+        if not outbound and not inbound and xds is None:
             raise root.child("listeners").error("at least one outbound or inbound listener needed")
         admin = self.admin(root.child("admin").required())
         self.check_ports(listeners, admin, outbound, inbound)
@@ -553,6 +571,25 @@ class _Loader:
             outbound=outbound,
             inbound=inbound,
             clusters=clusters,
+            xds=xds,
+        )
+
+    def xds(self, node: _Field) -> XdsConfig | None:
+        if node.value is None:
+            return None
+        node.only_keys({"address", "cluster", "metadata"})
+        metadata = node.child("metadata")
+        pairs: list[tuple[str, str]] = []
+        if metadata.value is not None:
+            for key, value in metadata.mapping().items():
+                if not isinstance(value, str):
+                    raise metadata.child(key).error(f"expected a string, got {_kind(value)}")
+                pairs.append((key, value))
+        cluster = node.child("cluster")
+        return XdsConfig(
+            address=node.child("address").required().address(),
+            cluster=cluster.name() if cluster.value is not None else "quicmesh",
+            metadata=tuple(pairs),
         )
 
     def check_ports(

@@ -39,7 +39,6 @@ from .config import (
     ClusterConfig,
     SidecarConfig,
     format_address,
-    load_config,
     load_endpoints_file,
 )
 from .flows import ACK_TIMEOUT, FlowTracker
@@ -212,7 +211,14 @@ class Sidecar:
             return False
         async with self._reload_lock:
             try:
-                new = load_config(self.config_path)
+                from ..xds.bootstrap import load_any_config
+
+                new = load_any_config(self.config_path)
+                if new.xds is not None or self.config.xds is not None:
+                    raise ConfigError(
+                        f"{self.config_path}: listeners and clusters come from xDS: "
+                        "a reload applies nothing (restart to change the xds section)"
+                    )
                 if new.node != self.config.node or new.tls != self.config.tls:
                     raise ConfigError(
                         f"{self.config_path}: node and tls cannot change on reload: restart"

@@ -1,0 +1,199 @@
+"""An Envoy bootstrap file as a sidecar configuration.
+
+``quicmesh sidecar -c envoy.yaml`` accepts either quicmesh's own YAML
+(docs/config.md) or an Envoy bootstrap (a document with ``static_resources``
+or ``dynamic_resources``). The bootstrap is parsed into Envoy's own
+``envoy.config.bootstrap.v3.Bootstrap`` message, then mapped with
+:mod:`quicmesh.xds.mapping`:
+
+- ``node.id`` is the sidecar's name;
+- ``admin.address`` the admin endpoint;
+- ``static_resources.secrets``: a ``tls_certificate`` and a ``validation_context``
+  whose data sources are ``filename`` s; the certificate's SPIFFE ID is
+  ``node.identity``, and the files are watched (as with ``tls.cert``);
+- ``static_resources.listeners`` / ``clusters``: the supported subset;
+- ``dynamic_resources.ads_config`` naming (``envoy_grpc.cluster_name``) a static
+  cluster with one endpoint: the ADS server. That cluster is the control plane's,
+  not a mesh cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from ..sidecar.config import (
+    AdminConfig,
+    NodeConfig,
+    SidecarConfig,
+    TlsConfig,
+    XdsConfig,
+    load_config,
+)
+
+ENVOY_KEYS = {"static_resources", "dynamic_resources"}
+"""Top-level keys that mark a document as an Envoy bootstrap."""
+
+
+def is_envoy_bootstrap(document: object) -> bool:
+    """Whether a parsed YAML document is an Envoy bootstrap rather than quicmesh YAML."""
+    return isinstance(document, dict) and bool(ENVOY_KEYS & set(document))
+
+
+def load_any_config(path: str | Path) -> SidecarConfig:
+    """quicmesh YAML or an Envoy bootstrap, whichever ``path`` holds.
+
+    :raises ConfigError: one line naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return load_config(path)  # says what is wrong in its usual words
+    try:
+        document = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return load_config(path)
+    if not is_envoy_bootstrap(document):
+        return load_config(path)
+    return parse_bootstrap(document, source=str(path))
+
+
+def parse_bootstrap(document: Any, *, source: str) -> SidecarConfig:
+    """Map an Envoy bootstrap document onto a :class:`SidecarConfig`.
+
+    :raises ConfigError: ``<source>: <resource>: <problem>``.
+    """
+    from .mapping import MappingError
+    from .resources import Bootstrap, ParseError, parse_message
+
+    try:
+        bootstrap = parse_message(document, Bootstrap, "bootstrap")
+        return _map_bootstrap(bootstrap, source)
+    except (ParseError, MappingError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _map_bootstrap(bootstrap: Any, source: str) -> SidecarConfig:
+    from .mapping import (
+        EnvoyResources,
+        MappingError,
+        _only,
+        _socket_address,
+        check_ports,
+        map_resources,
+        secrets_by_kind,
+    )
+
+    _only(bootstrap, {"node", "admin", "static_resources", "dynamic_resources"}, "bootstrap")
+    _only(bootstrap.node, {"id", "cluster", "metadata"}, "bootstrap.node")
+    if not bootstrap.node.id:
+        raise MappingError("bootstrap.node.id is required: it is the sidecar's name")
+    if not bootstrap.HasField("admin"):
+        raise MappingError("bootstrap.admin.address is required")
+    _only(bootstrap.admin, {"address"}, "bootstrap.admin")
+    admin_address, _ = _socket_address(bootstrap.admin.address, "bootstrap.admin.address")
+    static = bootstrap.static_resources
+    _only(static, {"listeners", "clusters", "secrets"}, "bootstrap.static_resources")
+    resources = EnvoyResources(
+        listeners={listener.name: listener for listener in static.listeners},
+        clusters={cluster.name: cluster for cluster in static.clusters},
+        secrets={secret.name: secret for secret in static.secrets},
+    )
+    xds = _ads(bootstrap, resources)
+    certificate, validation = secrets_by_kind(resources.secrets)
+    if certificate is None or validation is None:
+        raise MappingError(
+            "bootstrap.static_resources.secrets: a tls_certificate and a validation_context "
+            "are required (the sidecar's identity and trust bundle)"
+        )
+    cert = _filename(certificate.tls_certificate.certificate_chain, certificate.name)
+    key = _filename(certificate.tls_certificate.private_key, certificate.name)
+    bundle = _filename(validation.validation_context.trusted_ca, validation.name)
+    identity = _identity_of(cert)
+    mapped = map_resources(resources)
+    if mapped.warming and xds is None:
+        raise MappingError(
+            f"Cluster {mapped.warming[0]!r}: an EDS cluster needs dynamic_resources (ADS)"
+        )
+    check_ports(mapped, admin_address[1])
+    if not mapped.outbound and not mapped.inbound and xds is None:
+        raise MappingError("bootstrap.static_resources: at least one supported listener needed")
+    from ..sidecar.config import _NAME
+
+    if not _NAME.match(bootstrap.node.id):
+        raise MappingError(f"bootstrap.node.id: {bootstrap.node.id!r} is not a quicmesh name")
+    config = SidecarConfig(
+        source=source,
+        node=NodeConfig(name=bootstrap.node.id, identity=identity),
+        tls=TlsConfig(cert=cert, key=key, trust_bundle=bundle),
+        admin=AdminConfig(address=admin_address),
+        outbound=mapped.outbound,
+        inbound=mapped.inbound,
+        clusters=mapped.clusters,
+    )
+    if xds is not None:
+        metadata = tuple(
+            (key, value.string_value)
+            for key, value in bootstrap.node.metadata.fields.items()
+            if value.WhichOneof("kind") == "string_value"
+        )
+        config = replace(
+            config,
+            xds=replace(xds, cluster=bootstrap.node.cluster or "quicmesh", metadata=metadata),
+        )
+    return config
+
+
+def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
+    from .mapping import MappingError, _only, map_endpoints
+
+    if not bootstrap.HasField("dynamic_resources"):
+        return None
+    dynamic = bootstrap.dynamic_resources
+    where = "bootstrap.dynamic_resources"
+    _only(dynamic, {"ads_config", "lds_config", "cds_config"}, where)
+    for name in ("lds_config", "cds_config"):
+        if dynamic.HasField(name) and not getattr(dynamic, name).HasField("ads"):
+            raise MappingError(f"{where}.{name}: only ads is supported (one ADS stream)")
+    ads = dynamic.ads_config
+    _only(ads, {"api_type", "transport_api_version", "grpc_services"}, f"{where}.ads_config")
+    if len(ads.grpc_services) != 1 or not ads.grpc_services[0].HasField("envoy_grpc"):
+        raise MappingError(f"{where}.ads_config: needs one grpc_services entry with envoy_grpc")
+    cluster_name = ads.grpc_services[0].envoy_grpc.cluster_name
+    cluster = resources.clusters.pop(cluster_name, None)
+    if cluster is None:
+        raise MappingError(
+            f"{where}.ads_config: envoy_grpc.cluster_name {cluster_name!r} is not a static cluster"
+        )
+    endpoints = map_endpoints(cluster.load_assignment, f"Cluster {cluster_name!r}")
+    if len(endpoints) != 1:
+        raise MappingError(f"Cluster {cluster_name!r}: the ADS cluster needs exactly one endpoint")
+    return XdsConfig(address=endpoints[0])
+
+
+def _filename(source: Any, secret: str) -> str:
+    from .mapping import MappingError
+
+    where = f"Secret {secret!r}"
+    if source.WhichOneof("specifier") != "filename":
+        raise MappingError(
+            f"{where}: give certificates as filename data sources (they are watched for changes)"
+        )
+    return str(source.filename)
+
+
+def _identity_of(cert_path: str) -> str:
+    from ..tls._pem import parse_certificates, read_file
+    from ..tls.spiffe import spiffe_id_of
+    from .mapping import MappingError
+
+    certificate = parse_certificates(read_file(cert_path), cert_path)[0]
+    spiffe_id = spiffe_id_of(certificate)
+    if spiffe_id is None:
+        raise MappingError(f"{cert_path}: the certificate carries no SPIFFE ID (URI SAN)")
+    return spiffe_id

@@ -1,0 +1,629 @@
+"""Envoy resources onto the sidecar's model, refusing what has no quicmesh meaning.
+
+The mapping (docs/xds.md has the table):
+
+- a ``Listener`` whose one filter is ``envoy.filters.network.tcp_proxy`` is an
+  outbound listener (:class:`~quicmesh.sidecar.config.OutboundListenerConfig`);
+  its ``tunneling_config.hostname`` (``host:port``) is the CONNECT target, which
+  quicmesh keeps on the cluster;
+- a ``Listener`` whose one filter is ``envoy.filters.network.http_connection_manager``
+  with a CONNECT ``upgrade_configs`` is an inbound tunnel listener: UDP with
+  ``codec_type: HTTP3`` is ``quic``, TCP with ``HTTP2`` (or ``AUTO``) is ``h2``,
+  ``HTTP1`` is ``tcp``; its virtual hosts' ``domains`` (``host:port``) are the
+  allowed destinations;
+- a ``Cluster`` (type ``EDS`` or ``STATIC``) is a :class:`ClusterConfig`: its
+  ``typed_extension_protocol_options`` ``envoy.extensions.upstreams.http.v3.HttpProtocolOptions``
+  say the transport (explicit ``http3_protocol_options``: quic,
+  ``http2_protocol_options``: h2, ``http_protocol_options``: tcp), ``lb_policy``
+  the balancer, ``circuit_breakers``, ``outlier_detection``
+  (``consecutive_local_origin_failure``), ``health_checks`` (``tcp_health_check``:
+  a transport handshake) and ``connect_timeout`` the rest;
+- a ``ClusterLoadAssignment`` gives the endpoints: those whose ``health_status``
+  is ``UNHEALTHY``, ``DRAINING`` or ``TIMEOUT`` take no flows (as in Envoy);
+  weights must be equal (quicmesh balances endpoints equally);
+- a ``Secret`` with ``tls_certificate`` is the identity, one with
+  ``validation_context`` the trust bundle (``trusted_ca``).
+
+Every message is checked field by field: a set field outside the supported
+subset raises :class:`MappingError` naming the resource and the field. The
+functions are pure: resources in, configuration out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from ..errors import QuicmeshError
+from ..sidecar.config import (
+    Address,
+    CircuitBreakerConfig,
+    ClusterConfig,
+    DestinationRule,
+    HealthCheckConfig,
+    InboundListenerConfig,
+    OutboundListenerConfig,
+    OutlierDetectionConfig,
+    parse_address,
+    parse_destination,
+)
+from .resources import (
+    Cluster,
+    ClusterLoadAssignment,
+    HttpConnectionManager,
+    HttpProtocolOptions,
+    Listener,
+    Router,
+    Secret,
+    TcpProxy,
+)
+
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ROUTER = "envoy.filters.http.router"
+
+EXCLUDED_HEALTH = {2, 3, 4}
+"""``HealthStatus`` values whose endpoints take no flows: UNHEALTHY, DRAINING, TIMEOUT."""
+
+LB_POLICIES = {0: "round_robin", 1: "least_request", 3: "random"}
+"""``Cluster.LbPolicy`` values quicmesh has, and their quicmesh names."""
+
+
+class MappingError(QuicmeshError):
+    """An Envoy resource uses something quicmesh does not support; one line."""
+
+
+@dataclass
+class EnvoyResources:
+    """The resources of each type the sidecar holds, by name."""
+
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+    assignments: dict[str, ClusterLoadAssignment] = field(default_factory=dict)
+    secrets: dict[str, Secret] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MappedConfig:
+    """What :func:`map_resources` makes of a set of resources."""
+
+    outbound: tuple[OutboundListenerConfig, ...]
+    inbound: tuple[InboundListenerConfig, ...]
+    clusters: tuple[ClusterConfig, ...]
+    warming: tuple[str, ...] = ()
+    """Clusters (and the listeners using them) held back: no endpoints arrived yet."""
+
+
+# -- field checks ---------------------------------------------------------------
+
+
+def _only(message: Message, allowed: Iterable[str], where: str) -> None:
+    """Refuse any set field of ``message`` outside ``allowed``."""
+    allowed = set(allowed)
+    for descriptor, _ in message.ListFields():
+        if descriptor.name not in allowed:
+            raise MappingError(
+                f"{where}: field {descriptor.name!r} is not supported by quicmesh "
+                f"(supported: {', '.join(sorted(allowed)) or 'none'})"
+            )
+
+
+def _seconds(duration: Message) -> float:
+    return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+def _socket_address(address: Message, where: str) -> tuple[Address, str]:
+    """``(host, port)`` and ``"TCP"``/``"UDP"`` from an ``envoy.config.core.v3.Address``."""
+    _only(address, {"socket_address"}, where)
+    socket = address.socket_address
+    _only(socket, {"address", "port_value", "protocol"}, f"{where}.socket_address")
+    host = str(socket.address)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise MappingError(
+            f"{where}.socket_address.address: {host!r} is not an IP address"
+        ) from None
+    port = int(socket.port_value)
+    if not 1 <= port <= 65535:
+        raise MappingError(f"{where}.socket_address.port_value: {port} is outside 1-65535")
+    return (host, port), "UDP" if socket.protocol == 1 else "TCP"
+
+
+def _name(value: str, where: str) -> str:
+    from ..sidecar.config import _NAME
+
+    if not _NAME.match(value):
+        raise MappingError(
+            f"{where}: {value!r} is not a quicmesh name (letters, digits, _ . -; up to 63)"
+        )
+    return value
+
+
+# -- listeners -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Outbound:
+    config: OutboundListenerConfig
+    target: str
+
+
+def map_listener(listener: Listener) -> _Outbound | InboundListenerConfig:
+    """One Listener: an outbound listener (and its CONNECT target) or an inbound one.
+
+    :raises MappingError: naming the listener and the unsupported field.
+    """
+    where = f"Listener {listener.name!r}"
+    _only(
+        listener,
+        {
+            "name",
+            "address",
+            "filter_chains",
+            "stat_prefix",
+            "traffic_direction",
+            "udp_listener_config",
+        },
+        where,
+    )
+    name = _name(listener.name, f"{where}: name")
+    address, protocol = _socket_address(listener.address, f"{where}: address")
+    if len(listener.filter_chains) != 1:
+        raise MappingError(
+            f"{where}: needs exactly one filter_chain, has {len(listener.filter_chains)}"
+        )
+    chain = listener.filter_chains[0]
+    _only(chain, {"filters", "name"}, f"{where}: filter_chains[0]")
+    if len(chain.filters) != 1:
+        raise MappingError(
+            f"{where}: filter_chains[0] needs exactly one filter, has {len(chain.filters)}"
+        )
+    network_filter = chain.filters[0]
+    _only(network_filter, {"name", "typed_config"}, f"{where}: filter {network_filter.name!r}")
+    type_name = network_filter.typed_config.TypeName()
+    if type_name == TcpProxy.DESCRIPTOR.full_name:
+        if protocol != "TCP":
+            raise MappingError(f"{where}: a tcp_proxy listener listens on TCP, not UDP")
+        if listener.HasField("udp_listener_config"):
+            raise MappingError(f"{where}: udp_listener_config applies to UDP listeners only")
+        proxy = TcpProxy()
+        network_filter.typed_config.Unpack(proxy)
+        return _map_tcp_proxy(name, address, proxy, where)
+    if type_name == HttpConnectionManager.DESCRIPTOR.full_name:
+        manager = HttpConnectionManager()
+        network_filter.typed_config.Unpack(manager)
+        return _map_connect_terminator(name, address, protocol, manager, where)
+    raise MappingError(
+        f"{where}: filter {network_filter.name!r} ({type_name or 'no typed_config'}) is not "
+        f"supported: use {TCP_PROXY} (outbound) or {HTTP_CONNECTION_MANAGER} with CONNECT (inbound)"
+    )
+
+
+def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> _Outbound:
+    where = f"{where}: tcp_proxy"
+    _only(proxy, {"stat_prefix", "cluster", "tunneling_config"}, where)
+    if not proxy.cluster:
+        raise MappingError(f"{where}: cluster is required (weighted_clusters is not supported)")
+    if not proxy.HasField("tunneling_config"):
+        raise MappingError(
+            f"{where}: tunneling_config is required: quicmesh carries every flow over CONNECT"
+        )
+    _only(proxy.tunneling_config, {"hostname"}, f"{where}.tunneling_config")
+    target = proxy.tunneling_config.hostname
+    try:
+        parse_address(target)
+    except ValueError as exc:
+        raise MappingError(f"{where}.tunneling_config.hostname: {exc}") from None
+    cluster = _name(proxy.cluster, f"{where}.cluster")
+    return _Outbound(OutboundListenerConfig(name=name, address=address, cluster=cluster), target)
+
+
+def _map_connect_terminator(
+    name: str, address: Address, protocol: str, manager: HttpConnectionManager, where: str
+) -> InboundListenerConfig:
+    where = f"{where}: http_connection_manager"
+    _only(
+        manager,
+        {
+            "stat_prefix",
+            "codec_type",
+            "route_config",
+            "upgrade_configs",
+            "http_filters",
+            "http2_protocol_options",
+            "http3_protocol_options",
+        },
+        where,
+    )
+    codec = HttpConnectionManager.CodecType.Name(manager.codec_type)
+    if protocol == "UDP":
+        if codec != "HTTP3":
+            raise MappingError(f"{where}: a UDP listener needs codec_type HTTP3, not {codec}")
+        transport = "quic"
+    elif codec in ("HTTP2", "AUTO"):
+        transport = "h2"
+    elif codec == "HTTP1":
+        transport = "tcp"
+    else:
+        raise MappingError(f"{where}: codec_type {codec} on a TCP listener is not supported")
+    if not any(u.upgrade_type.upper() == "CONNECT" for u in manager.upgrade_configs):
+        raise MappingError(f"{where}: upgrade_configs must include CONNECT")
+    for index, upgrade in enumerate(manager.upgrade_configs):
+        _only(upgrade, {"upgrade_type"}, f"{where}.upgrade_configs[{index}]")
+    for index, http_filter in enumerate(manager.http_filters):
+        if http_filter.name != ROUTER and http_filter.typed_config.TypeName() != (
+            Router.DESCRIPTOR.full_name
+        ):
+            raise MappingError(
+                f"{where}.http_filters[{index}]: {http_filter.name!r} is not supported "
+                f"(only {ROUTER})"
+            )
+    _only(manager.route_config, {"name", "virtual_hosts"}, f"{where}.route_config")
+    destinations: list[DestinationRule] = []
+    for vh_index, host in enumerate(manager.route_config.virtual_hosts):
+        vh_where = f"{where}.route_config.virtual_hosts[{vh_index}]"
+        _only(host, {"name", "domains", "routes"}, vh_where)
+        for domain in host.domains:
+            try:
+                destinations.append(parse_destination(domain))
+            except ValueError as exc:
+                raise MappingError(f"{vh_where}.domains: {exc}") from None
+    if not destinations:
+        raise MappingError(
+            f"{where}.route_config: no virtual host domains: they are the allowed destinations"
+        )
+    return InboundListenerConfig(
+        name=name, address=address, transports=(transport,), destinations=tuple(destinations)
+    )
+
+
+# -- clusters --------------------------------------------------------------------
+
+_CLUSTER_FIELDS = {
+    "name",
+    "type",
+    "eds_cluster_config",
+    "connect_timeout",
+    "lb_policy",
+    "load_assignment",
+    "health_checks",
+    "circuit_breakers",
+    "typed_extension_protocol_options",
+    "outlier_detection",
+    "transport_socket",
+}
+
+
+def cluster_transport(cluster: Cluster) -> str:
+    """quic, h2 or tcp, from the cluster's ``HttpProtocolOptions`` (default h2).
+
+    :raises MappingError: other options, or not an explicit HTTP version.
+    """
+    where = f"Cluster {cluster.name!r}: typed_extension_protocol_options"
+    options = dict(cluster.typed_extension_protocol_options)
+    for key in options:
+        if key != HTTP_PROTOCOL_OPTIONS:
+            raise MappingError(f"{where}: {key!r} is not supported (only {HTTP_PROTOCOL_OPTIONS})")
+    if not options:
+        return "h2"
+    parsed = HttpProtocolOptions()
+    if not options[HTTP_PROTOCOL_OPTIONS].Unpack(parsed):
+        raise MappingError(f"{where}: {HTTP_PROTOCOL_OPTIONS} holds another message type")
+    where = f"{where}[{HTTP_PROTOCOL_OPTIONS}]"
+    _only(parsed, {"explicit_http_config"}, where)
+    which = parsed.explicit_http_config.WhichOneof("protocol_config")
+    if which is None:
+        raise MappingError(f"{where}: explicit_http_config with one HTTP version is required")
+    return {
+        "http3_protocol_options": "quic",
+        "http2_protocol_options": "h2",
+        "http_protocol_options": "tcp",
+    }[which]
+
+
+def map_cluster(
+    cluster: Cluster, target: str, assignment: ClusterLoadAssignment | None
+) -> ClusterConfig | None:
+    """One Cluster (with its endpoints): a ClusterConfig, or None while it warms.
+
+    :param target: the CONNECT target the listeners using it tunnel to.
+    :param assignment: the ClusterLoadAssignment for an EDS cluster (None: not yet arrived).
+    :raises MappingError: naming the cluster and the unsupported field.
+    """
+    where = f"Cluster {cluster.name!r}"
+    _only(cluster, _CLUSTER_FIELDS, where)
+    name = _name(cluster.name, f"{where}: name")
+    kind = Cluster.DiscoveryType.Name(cluster.type)
+    if kind == "EDS":
+        _only(
+            cluster.eds_cluster_config,
+            {"eds_config", "service_name"},
+            f"{where}.eds_cluster_config",
+        )
+        if cluster.HasField("load_assignment"):
+            raise MappingError(
+                f"{where}: an EDS cluster takes its endpoints from EDS, not load_assignment"
+            )
+        if assignment is None:
+            return None
+    elif kind == "STATIC":
+        if cluster.HasField("eds_cluster_config"):
+            raise MappingError(f"{where}: eds_cluster_config applies to EDS clusters only")
+        assignment = cluster.load_assignment
+    else:
+        raise MappingError(f"{where}: type {kind} is not supported (EDS or STATIC)")
+    if cluster.HasField("transport_socket"):
+        socket = cluster.transport_socket
+        if socket.name not in ("envoy.transport_sockets.tls", "envoy.transport_sockets.quic"):
+            raise MappingError(
+                f"{where}: transport_socket {socket.name!r} is not supported: quicmesh always "
+                "uses mutual TLS with the sidecar's own identity"
+            )
+    if cluster.lb_policy not in LB_POLICIES:
+        raise MappingError(
+            f"{where}: lb_policy {Cluster.LbPolicy.Name(cluster.lb_policy)} is not supported "
+            "(ROUND_ROBIN, LEAST_REQUEST, RANDOM)"
+        )
+    connect_timeout = 5.0
+    if cluster.HasField("connect_timeout"):
+        connect_timeout = _seconds(cluster.connect_timeout)
+        if not 0 < connect_timeout <= 86400:
+            raise MappingError(f"{where}: connect_timeout {connect_timeout}s is outside (0, 86400]")
+    return ClusterConfig(
+        name=name,
+        transport=cluster_transport(cluster),
+        target=target,
+        endpoints=map_endpoints(assignment, where),
+        load_balancing=LB_POLICIES[cluster.lb_policy],
+        health_check=_health_check(cluster, where),
+        outlier_detection=_outlier(cluster, where),
+        circuit_breakers=_breakers(cluster, where),
+        connect_timeout=connect_timeout,
+    )
+
+
+def map_endpoints(assignment: ClusterLoadAssignment, where: str) -> tuple[Address, ...]:
+    """The addresses of the endpoints that may take flows.
+
+    :raises MappingError: a priority other than 0, unequal weights, or a bad address.
+    """
+    where = f"{where}: ClusterLoadAssignment"
+    _only(assignment, {"cluster_name", "endpoints"}, where)
+    addresses: list[Address] = []
+    weights: set[int] = set()
+    for index, locality in enumerate(assignment.endpoints):
+        loc_where = f"{where}.endpoints[{index}]"
+        _only(locality, {"locality", "lb_endpoints", "load_balancing_weight"}, loc_where)
+        for lb_index, lb_endpoint in enumerate(locality.lb_endpoints):
+            ep_where = f"{loc_where}.lb_endpoints[{lb_index}]"
+            _only(lb_endpoint, {"endpoint", "health_status", "load_balancing_weight"}, ep_where)
+            _only(lb_endpoint.endpoint, {"address", "hostname"}, f"{ep_where}.endpoint")
+            address, _ = _socket_address(
+                lb_endpoint.endpoint.address, f"{ep_where}.endpoint.address"
+            )
+            if lb_endpoint.HasField("load_balancing_weight"):
+                weights.add(lb_endpoint.load_balancing_weight.value)
+            else:
+                weights.add(1)
+            if lb_endpoint.health_status in EXCLUDED_HEALTH:
+                continue
+            addresses.append(address)
+    if len(weights) > 1:
+        raise MappingError(
+            f"{where}: load_balancing_weight differs between endpoints ({sorted(weights)}): "
+            "quicmesh balances endpoints equally"
+        )
+    return tuple(addresses)
+
+
+def _health_check(cluster: Cluster, where: str) -> HealthCheckConfig | None:
+    if not cluster.health_checks:
+        return None
+    if len(cluster.health_checks) > 1:
+        raise MappingError(
+            f"{where}: one health check is supported, not {len(cluster.health_checks)}"
+        )
+    check = cluster.health_checks[0]
+    hc_where = f"{where}.health_checks[0]"
+    _only(
+        check,
+        {"timeout", "interval", "unhealthy_threshold", "healthy_threshold", "tcp_health_check"},
+        hc_where,
+    )
+    if not check.HasField("tcp_health_check"):
+        raise MappingError(
+            f"{hc_where}: only tcp_health_check (a transport handshake) is supported"
+        )
+    _only(check.tcp_health_check, set(), f"{hc_where}.tcp_health_check")
+    return HealthCheckConfig(
+        interval=_seconds(check.interval) if check.HasField("interval") else 5.0,
+        timeout=_seconds(check.timeout) if check.HasField("timeout") else 2.0,
+        unhealthy_threshold=_bounded(check, "unhealthy_threshold", 2, 1, 100, hc_where),
+        healthy_threshold=_bounded(check, "healthy_threshold", 1, 1, 100, hc_where),
+    )
+
+
+def _outlier(cluster: Cluster, where: str) -> OutlierDetectionConfig:
+    if not cluster.HasField("outlier_detection"):
+        return OutlierDetectionConfig()
+    detection = cluster.outlier_detection
+    od_where = f"{where}.outlier_detection"
+    _only(
+        detection,
+        {
+            "consecutive_local_origin_failure",
+            "base_ejection_time",
+            "max_ejection_percent",
+            "split_external_local_origin_errors",
+        },
+        od_where,
+    )
+    return OutlierDetectionConfig(
+        consecutive_connect_failures=_bounded(
+            detection, "consecutive_local_origin_failure", 5, 1, 1000, od_where
+        ),
+        base_ejection_time=(
+            _seconds(detection.base_ejection_time)
+            if detection.HasField("base_ejection_time")
+            else 30.0
+        ),
+        max_ejection_percent=_bounded(detection, "max_ejection_percent", 100, 0, 100, od_where),
+    )
+
+
+def _breakers(cluster: Cluster, where: str) -> CircuitBreakerConfig:
+    if not cluster.HasField("circuit_breakers"):
+        return CircuitBreakerConfig()
+    cb_where = f"{where}.circuit_breakers"
+    _only(cluster.circuit_breakers, {"thresholds"}, cb_where)
+    thresholds = cluster.circuit_breakers.thresholds
+    if len(thresholds) > 1:
+        raise MappingError(f"{cb_where}: one threshold (priority DEFAULT) is supported")
+    if not thresholds:
+        return CircuitBreakerConfig()
+    limits = thresholds[0]
+    t_where = f"{cb_where}.thresholds[0]"
+    _only(limits, {"priority", "max_connections", "max_pending_requests", "max_requests"}, t_where)
+    if limits.priority != 0:
+        raise MappingError(f"{t_where}: priority HIGH is not supported (DEFAULT only)")
+    return CircuitBreakerConfig(
+        max_connections=_bounded(limits, "max_connections", 64, 1, 100000, t_where),
+        max_concurrent_streams=_bounded(limits, "max_requests", 1024, 1, 1000000, t_where),
+        max_pending_opens=_bounded(limits, "max_pending_requests", 256, 0, 1000000, t_where),
+    )
+
+
+def _bounded(parent: Message, name: str, default: int, low: int, high: int, where: str) -> int:
+    """The value of the ``UInt32Value`` field ``name`` of ``parent`` (``default`` if unset)."""
+    if not parent.HasField(name):
+        return default
+    value = int(getattr(parent, name).value)
+    if not low <= value <= high:
+        raise MappingError(f"{where}.{name}: {value} is outside {low}-{high}")
+    return value
+
+
+# -- everything ------------------------------------------------------------------
+
+
+def map_resources(resources: EnvoyResources) -> MappedConfig:
+    """Map a whole set of resources; clusters without endpoints yet are held back.
+
+    A listener whose cluster is warming (or absent) is held back with it, as
+    Envoy does not activate a listener before its clusters are ready.
+
+    :raises MappingError: the first unsupported field or inconsistency found.
+    """
+    outbound: list[_Outbound] = []
+    inbound: list[InboundListenerConfig] = []
+    for listener in resources.listeners.values():
+        mapped = map_listener(listener)
+        if isinstance(mapped, _Outbound):
+            outbound.append(mapped)
+        else:
+            inbound.append(mapped)
+    targets: dict[str, str] = {}
+    for out in outbound:
+        previous = targets.setdefault(out.config.cluster, out.target)
+        if previous != out.target:
+            raise MappingError(
+                f"Listener {out.config.name!r}: tunneling_config.hostname {out.target!r} differs "
+                f"from {previous!r} of another listener on cluster {out.config.cluster!r}: "
+                "quicmesh keeps one CONNECT target per cluster"
+            )
+    clusters: dict[str, ClusterConfig] = {}
+    warming: list[str] = []
+    for cluster in resources.clusters.values():
+        service = cluster.eds_cluster_config.service_name or cluster.name
+        mapped_cluster = map_cluster(
+            cluster, targets.get(cluster.name, ""), resources.assignments.get(service)
+        )
+        if mapped_cluster is None:
+            warming.append(cluster.name)
+        else:
+            clusters[mapped_cluster.name] = mapped_cluster
+    ready_outbound = tuple(o.config for o in outbound if o.config.cluster in clusters)
+    return MappedConfig(
+        outbound=ready_outbound,
+        inbound=tuple(inbound),
+        clusters=tuple(clusters.values()),
+        warming=tuple(sorted(warming)),
+    )
+
+
+def check_ports(mapped: MappedConfig, admin_port: int) -> None:
+    """Refuse two listeners on one port (and protocol), or on the admin port.
+
+    :raises MappingError: naming both.
+    """
+    tcp: dict[int, str] = {admin_port: "admin"}
+    udp: dict[int, str] = {}
+    for out in mapped.outbound:
+        _claim(tcp, out.address[1], f"Listener {out.name!r}", "TCP")
+    for inb in mapped.inbound:
+        table = udp if "quic" in inb.transports else tcp
+        _claim(table, inb.address[1], f"Listener {inb.name!r}", "UDP" if table is udp else "TCP")
+
+
+def _claim(table: dict[int, str], port: int, owner: str, kind: str) -> None:
+    if port in table:
+        raise MappingError(f"{owner}: {kind} port {port} is also used by {table[port]}")
+    table[port] = owner
+
+
+def secrets_by_kind(
+    secrets: Mapping[str, Secret],
+) -> tuple[Secret | None, Secret | None]:
+    """The Secret with a ``tls_certificate`` and the one with a ``validation_context``.
+
+    :raises MappingError: more than one of a kind, or an unsupported field.
+    """
+    certificate: Secret | None = None
+    validation: Secret | None = None
+    for secret in secrets.values():
+        where = f"Secret {secret.name!r}"
+        _only(secret, {"name", "tls_certificate", "validation_context"}, where)
+        if secret.HasField("tls_certificate"):
+            if certificate is not None:
+                raise MappingError(
+                    f"{where}: a second tls_certificate ({certificate.name!r} has one)"
+                )
+            _only(
+                secret.tls_certificate,
+                {"certificate_chain", "private_key"},
+                f"{where}.tls_certificate",
+            )
+            certificate = secret
+        if secret.HasField("validation_context"):
+            if validation is not None:
+                raise MappingError(
+                    f"{where}: a second validation_context ({validation.name!r} has one)"
+                )
+            _only(secret.validation_context, {"trusted_ca"}, f"{where}.validation_context")
+            validation = secret
+    return certificate, validation
+
+
+def data_source_bytes(source: Message, where: str) -> bytes:
+    """The bytes of an ``envoy.config.core.v3.DataSource`` (file, inline bytes or string).
+
+    :raises MappingError: an unsupported kind, or a file that cannot be read.
+    """
+    _only(source, {"filename", "inline_bytes", "inline_string"}, where)
+    kind = source.WhichOneof("specifier")
+    if kind == "inline_bytes":
+        return bytes(source.inline_bytes)
+    if kind == "inline_string":
+        return str(source.inline_string).encode()
+    if kind == "filename":
+        try:
+            with open(source.filename, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise MappingError(f"{where}: cannot read {source.filename}: {exc.strerror}") from None
+    raise MappingError(f"{where}: empty data source")

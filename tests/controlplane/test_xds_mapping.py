@@ -1,0 +1,369 @@
+"""Envoy resources onto quicmesh's model: examples, refusals, and hypothesis over the mapping."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quicmesh.errors import ConfigError
+from quicmesh.sidecar.config import ClusterConfig
+from quicmesh.tls import DevCA
+from quicmesh.xds.bootstrap import parse_bootstrap
+from quicmesh.xds.mapping import (
+    EnvoyResources,
+    MappingError,
+    map_cluster,
+    map_listener,
+    map_resources,
+)
+from quicmesh.xds.resources import Cluster, ClusterLoadAssignment, Listener, parse_message
+
+from .envoy_docs import (
+    cla_doc,
+    cluster_doc,
+    inbound_listener_doc,
+    outbound_listener_doc,
+    static_cluster_doc,
+)
+
+IDENTITY = "spiffe://mesh.local/ns/default/sa/productpage"
+
+
+def _cluster(doc: dict[str, Any]) -> Cluster:
+    return parse_message(doc, Cluster, "test")
+
+
+def _cla(doc: dict[str, Any]) -> ClusterLoadAssignment:
+    return parse_message(doc, ClusterLoadAssignment, "test")
+
+
+def test_outbound_listener_and_quic_cluster() -> None:
+    listener = parse_message(
+        outbound_listener_doc("out", 15001, "reviews", "10.0.0.9:9080"), Listener, "t"
+    )
+    resources = EnvoyResources(
+        listeners={"out": listener},
+        clusters={"reviews": _cluster(cluster_doc("reviews", "quic", lb="LEAST_REQUEST"))},
+        assignments={"reviews": _cla(cla_doc("reviews", [("127.0.0.1", 4001, "HEALTHY", None)]))},
+    )
+    mapped = map_resources(resources)
+    assert mapped.warming == ()
+    (out,) = mapped.outbound
+    assert (out.name, out.address, out.cluster) == ("out", ("127.0.0.1", 15001), "reviews")
+    (cluster,) = mapped.clusters
+    assert cluster.transport == "quic"
+    assert cluster.target == "10.0.0.9:9080"
+    assert cluster.endpoints == (("127.0.0.1", 4001),)
+    assert cluster.load_balancing == "least_request"
+
+
+def test_eds_cluster_warms_until_its_endpoints_arrive() -> None:
+    listener = parse_message(outbound_listener_doc("out", 15001, "c", "h:1"), Listener, "t")
+    resources = EnvoyResources(
+        listeners={"out": listener}, clusters={"c": _cluster(cluster_doc("c", "h2"))}
+    )
+    mapped = map_resources(resources)
+    assert mapped.warming == ("c",)
+    assert mapped.clusters == () and mapped.outbound == ()
+    resources.assignments["c"] = _cla(cla_doc("c", []))
+    mapped = map_resources(resources)
+    assert mapped.warming == () and len(mapped.outbound) == 1
+    assert mapped.clusters[0].endpoints == ()
+
+
+def test_inbound_listeners_quic_and_h2() -> None:
+    quic = map_listener(
+        parse_message(
+            inbound_listener_doc("in-quic", 15008, "UDP", ["127.0.0.1:8080"]), Listener, "t"
+        )
+    )
+    h2 = map_listener(
+        parse_message(inbound_listener_doc("in-h2", 15008, "TCP", ["10.0.0.0/8:*"]), Listener, "t")
+    )
+    assert not hasattr(quic, "target") and not hasattr(h2, "target")
+    assert quic.transports == ("quic",)  # type: ignore[union-attr]
+    assert h2.transports == ("h2",)  # type: ignore[union-attr]
+    assert [d.text for d in h2.destinations] == ["10.0.0.0/8:*"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lb_policy": "MAGLEV"}, "lb_policy MAGLEV is not supported"),
+        ({"dns_lookup_family": "V4_ONLY"}, "field 'dns_lookup_family' is not supported"),
+        ({"type": "STRICT_DNS"}, "type STRICT_DNS is not supported"),
+        (
+            {"circuit_breakers": {"thresholds": [{"max_retries": 3}]}},
+            "field 'max_retries' is not supported",
+        ),
+        (
+            {"outlier_detection": {"consecutive_5xx": 3}},
+            "field 'consecutive_5xx' is not supported",
+        ),
+        (
+            {
+                "health_checks": [
+                    {"timeout": "1s", "interval": "1s", "http_health_check": {"path": "/"}}
+                ]
+            },
+            "field 'http_health_check' is not supported",
+        ),
+    ],
+)
+def test_unsupported_cluster_fields_are_named(change: dict[str, Any], message: str) -> None:
+    doc = cluster_doc("c", "quic")
+    doc.update(change)
+    with pytest.raises(MappingError) as info:
+        map_cluster(_cluster(doc), "h:1", _cla(cla_doc("c", [])))
+    assert message in str(info.value)
+    assert str(info.value).startswith("Cluster 'c'")
+    assert "\n" not in str(info.value)
+
+
+def test_unequal_weights_and_unhealthy_endpoints() -> None:
+    doc = cla_doc("c", [("127.0.0.1", 1, "HEALTHY", 1), ("127.0.0.1", 2, "HEALTHY", 3)])
+    with pytest.raises(MappingError, match="load_balancing_weight differs"):
+        map_cluster(_cluster(cluster_doc("c", "h2")), "h:1", _cla(doc))
+
+
+# -- hypothesis ----------------------------------------------------------------------
+
+HEALTH = ["UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED"]
+LB = {"ROUND_ROBIN": "round_robin", "LEAST_REQUEST": "least_request", "RANDOM": "random"}
+TRANSPORTS = ["quic", "h2", "tcp"]
+
+endpoints = st.lists(
+    st.tuples(
+        st.sampled_from(["127.0.0.1", "10.1.2.3", "::1"]),
+        st.integers(1, 65535),
+        st.sampled_from(HEALTH),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    transport=st.sampled_from(TRANSPORTS),
+    lb=st.sampled_from(sorted(LB)),
+    eps=endpoints,
+    max_connections=st.none() | st.integers(1, 100000),
+    max_requests=st.none() | st.integers(1, 1000000),
+    failures=st.none() | st.integers(1, 1000),
+    connect_ms=st.integers(1, 60000),
+    health=st.booleans(),
+)
+def test_cluster_mapping_matches_the_envoy_fields(
+    transport: str,
+    lb: str,
+    eps: list[tuple[str, int, str]],
+    max_connections: int | None,
+    max_requests: int | None,
+    failures: int | None,
+    connect_ms: int,
+    health: bool,
+) -> None:
+    doc = cluster_doc("c", transport, lb=lb)
+    doc["connect_timeout"] = f"{connect_ms / 1000}s"
+    thresholds: dict[str, Any] = {}
+    if max_connections is not None:
+        thresholds["max_connections"] = max_connections
+    if max_requests is not None:
+        thresholds["max_requests"] = max_requests
+    doc["circuit_breakers"] = {"thresholds": [thresholds]}
+    if failures is not None:
+        doc["outlier_detection"] = {"consecutive_local_origin_failure": failures}
+    if health:
+        doc["health_checks"] = [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                "unhealthy_threshold": 3,
+                "healthy_threshold": 2,
+                "tcp_health_check": {},
+            }
+        ]
+    cla = cla_doc("c", [(h, p, s, None) for h, p, s in eps])
+    mapped = map_cluster(_cluster(doc), "app:80", _cla(cla))
+    assert isinstance(mapped, ClusterConfig)
+    assert mapped.transport == transport
+    assert mapped.load_balancing == LB[lb]
+    assert mapped.target == "app:80"
+    assert mapped.endpoints == tuple(
+        (h, p) for h, p, s in eps if s not in ("UNHEALTHY", "DRAINING", "TIMEOUT")
+    )
+    assert mapped.circuit_breakers.max_connections == (max_connections or 64)
+    assert mapped.circuit_breakers.max_concurrent_streams == (max_requests or 1024)
+    assert mapped.outlier_detection.consecutive_connect_failures == (failures or 5)
+    assert abs(mapped.connect_timeout - connect_ms / 1000) < 1e-6
+    if health:
+        assert mapped.health_check is not None
+        assert (mapped.health_check.interval, mapped.health_check.unhealthy_threshold) == (2.0, 3)
+    else:
+        assert mapped.health_check is None
+
+
+cluster_fields = sorted(
+    f.name
+    for f in Cluster.DESCRIPTOR.fields
+    if f.name
+    not in {
+        "name",
+        "type",
+        "eds_cluster_config",
+        "connect_timeout",
+        "lb_policy",
+        "load_assignment",
+        "health_checks",
+        "circuit_breakers",
+        "typed_extension_protocol_options",
+        "outlier_detection",
+        "transport_socket",
+        "cluster_type",
+    }
+    and f.type in (f.TYPE_BOOL, f.TYPE_UINT32, f.TYPE_STRING)
+    and not f.is_repeated
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(field=st.sampled_from(cluster_fields))
+def test_every_other_scalar_cluster_field_is_refused_by_name(field: str) -> None:
+    cluster = _cluster(cluster_doc("c", "h2"))
+    descriptor = Cluster.DESCRIPTOR.fields_by_name[field]
+    value: Any = {descriptor.TYPE_BOOL: True, descriptor.TYPE_UINT32: 7}.get(descriptor.type, "x")
+    setattr(cluster, field, value)
+    with pytest.raises(MappingError, match=f"field '{field}' is not supported"):
+        map_cluster(cluster, "h:1", _cla(cla_doc("c", [])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    document=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "node",
+                        "admin",
+                        "static_resources",
+                        "listeners",
+                        "clusters",
+                        "id",
+                        "name",
+                        "address",
+                        "socket_address",
+                        "port_value",
+                        "secrets",
+                        "type",
+                        "x",
+                    ]
+                ),
+                children,
+                max_size=4,
+            )
+        ),
+        max_leaves=20,
+    )
+)
+def test_any_bootstrap_document_is_a_config_or_one_line_error(document: Any) -> None:
+    if not isinstance(document, dict):
+        document = {"static_resources": document}
+    document.setdefault("static_resources", {})
+    try:
+        parse_bootstrap(document, source="envoy.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("envoy.yaml: ")
+        assert "\n" not in str(exc)
+
+
+# -- bootstrap files through the CLI ------------------------------------------------
+
+
+def write_bootstrap(tmp_path: Path, **overrides: Any) -> Path:
+    ca = DevCA()
+    identity = ca.issue(IDENTITY)
+    identity.save(tmp_path / "cert.pem", tmp_path / "key.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    document: dict[str, Any] = {
+        "node": {"id": "a", "cluster": "mesh"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
+        "static_resources": {
+            "listeners": [outbound_listener_doc("out", 15001, "reviews", "127.0.0.1:9080")],
+            "clusters": [static_cluster_doc("reviews", "quic", [("127.0.0.1", 15008)])],
+            "secrets": [
+                {
+                    "name": "default",
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": str(tmp_path / "cert.pem")},
+                        "private_key": {"filename": str(tmp_path / "key.pem")},
+                    },
+                },
+                {
+                    "name": "ROOTCA",
+                    "validation_context": {"trusted_ca": {"filename": str(tmp_path / "ca.pem")}},
+                },
+            ],
+        },
+    }
+    document["static_resources"].update(overrides)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_envoy_bootstrap_checks_with_the_cli(tmp_path: Path) -> None:
+    path = write_bootstrap(tmp_path)
+    result = _check(path)
+    assert result.returncode == 0, result.stderr
+    from quicmesh.xds.bootstrap import load_any_config
+
+    config = load_any_config(path)
+    assert config.node.identity == IDENTITY and config.node.name == "a"
+    assert config.clusters[0].transport == "quic"
+    assert config.clusters[0].target == "127.0.0.1:9080"
+
+
+def test_envoy_bootstrap_with_unsupported_field_fails_in_one_line(tmp_path: Path) -> None:
+    cluster = {**static_cluster_doc("reviews", "quic", []), "respect_dns_ttl": True}
+    path = write_bootstrap(tmp_path, clusters=[cluster])
+    result = _check(path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "Cluster 'reviews': field 'respect_dns_ttl' is not supported" in lines[0]
+    assert str(path) in lines[0]
+
+
+def test_envoy_bootstrap_with_expired_certificate_fails_check(tmp_path: Path) -> None:
+    path = write_bootstrap(tmp_path)
+    ca = DevCA()
+    now = datetime.datetime.now(datetime.UTC)
+    ca.issue(
+        IDENTITY,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    ).save(tmp_path / "cert.pem", tmp_path / "key.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    result = _check(path)
+    assert result.returncode == 2
+    assert "our certificate" in result.stderr and "expired" in result.stderr
