@@ -1,4 +1,4 @@
-"""The ``quicmesh`` command: ``demo``, ``sidecar``, ``bench``, ``netem``.
+"""The ``quicmesh`` command: ``demo``, ``sidecar``, ``intercept``, ``bench``, ``netem``.
 
 ``main(argv) -> int`` never lets a traceback reach the user for bad input: errors
 are one line on stderr and exit code 2.
@@ -13,7 +13,7 @@ import sys
 
 from .errors import QuicmeshError
 
-BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration")
+BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration", "intercept")
 """Benchmark modules under quicmesh.bench, each with ``main(argv) -> int``."""
 
 
@@ -59,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar", help="run a sidecar proxy: quicmesh sidecar -c FILE", add_help=False
     )
     sidecar.add_argument("args", nargs=argparse.REMAINDER)
+    intercept = sub.add_parser(
+        "intercept",
+        help="install or remove transparent-interception rules (nftables, root)",
+        add_help=False,
+    )
+    intercept.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
-PASSTHROUGH = ("sidecar",)
+PASSTHROUGH = ("sidecar", "intercept")
 """Subcommands whose arguments go untouched to their own parser (``-c`` included)."""
 
 
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sidecar.cli import main as sidecar_main
 
             return sidecar_main(args.args)
+        if args.command == "intercept":
+            from .intercept.cli import main as intercept_main
+
+            return intercept_main(args.args)
     except QuicmeshError as exc:
         return _fail(f"quicmesh {args.command}: {exc}")
     except KeyboardInterrupt:

@@ -61,6 +61,8 @@ class FlowRecord:
     """Bytes back from the destination."""
     outcome: Outcome
     reason: str = ""
+    original_destination: str = ""
+    """(captured flows) The address the application dialled, before the capture rules."""
 
     def to_json(self) -> str:
         """The record as one JSON line (no newline)."""

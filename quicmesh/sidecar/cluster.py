@@ -162,8 +162,14 @@ class Cluster:
 
     # -- flows ----------------------------------------------------------------
 
-    async def open_flow(self) -> OpenedFlow:
+    async def open_flow(
+        self, *, target: str | None = None, endpoint: Address | None = None
+    ) -> OpenedFlow:
         """Open a tunnel stream to the cluster's target on a chosen endpoint.
+
+        :param target: the CONNECT authority instead of the configured ``target``
+            (a captured connection's original destination).
+        :param endpoint: use only this endpoint (the peer fronting the destination).
 
         :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
             every attempt failed, or the peer refused the stream.
@@ -176,12 +182,12 @@ class Cluster:
                 f"({self.config.circuit_breakers.max_concurrent_streams}) reached",
             )
         try:
-            return await self._open_with_retries()
+            return await self._open_with_retries(target or self.config.target, endpoint)
         except BaseException:
             self.breaker.release_stream()
             raise
 
-    async def _open_with_retries(self) -> OpenedFlow:
+    async def _open_with_retries(self, target: str, pinned: Address | None) -> OpenedFlow:
         tried: set[Address] = set()
         last: FlowRefused | None = None
         for attempt in range(self.config.connect_retries + 1):
@@ -189,7 +195,9 @@ class Cluster:
             candidates = [
                 e
                 for e in self.endpoints.values()
-                if e.address not in tried and self.health[e.address].is_available(now)
+                if e.address not in tried
+                and self.health[e.address].is_available(now)
+                and (pinned is None or e.address == pinned)
             ]
             if not candidates:
                 if last is not None:
@@ -204,7 +212,7 @@ class Cluster:
             if attempt > 0:
                 self.stats.retries += 1
             try:
-                return await self._open_on(endpoint)
+                return await self._open_on(endpoint, target)
             except FlowRefused as exc:
                 if exc.outcome is not Outcome.CONNECT_FAILED:
                     raise
@@ -212,7 +220,7 @@ class Cluster:
         assert last is not None
         raise last
 
-    async def _open_on(self, endpoint: Endpoint) -> OpenedFlow:
+    async def _open_on(self, endpoint: Endpoint, target: str) -> OpenedFlow:
         if not self.breaker.try_begin_pending():
             self.stats.overflows["max_pending_opens"] += 1
             raise FlowRefused(
@@ -223,7 +231,7 @@ class Cluster:
             )
         try:
             stream, connection, early = await asyncio.wait_for(
-                endpoint.pool.open_stream(self.config.target, self.headers),
+                endpoint.pool.open_stream(target, self.headers),
                 self.config.connect_timeout,
             )
         except PoolOverflow as exc:

@@ -37,6 +37,9 @@ LB_POLICIES = ("round_robin", "least_request", "random")
 CONGESTION_CONTROLS = ("reno", "cubic", "bbr")
 """Values of ``clusters[].congestion_control`` (QUIC clusters only)."""
 
+OUTBOUND_POLICIES = ("registry_only", "passthrough")
+"""Values of ``intercept.outbound_policy``: what captured traffic to unknown destinations gets."""
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m)?\s*$")
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -201,6 +204,16 @@ class ClusterConfig:
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
     connect_retries: int = 1
+    services: tuple[Address, ...] = ()
+    """Addresses (``ip:port``, e.g. a service VIP) whose captured connections go to this
+    cluster, as the YAML lists them."""
+    file_services: tuple[Address, ...] = ()
+    """More such addresses, from the endpoints file (re-read when it changes)."""
+
+    @property
+    def all_services(self) -> tuple[Address, ...]:
+        """:attr:`services` then the :attr:`file_services` not among them."""
+        return merge_services(self.services, self.file_services)
 
     def same_except_endpoints(self, other: ClusterConfig) -> bool:
         """True when only the endpoint list differs (a reload can update in place)."""
@@ -221,6 +234,28 @@ class XdsConfig:
 
 
 @dataclass(frozen=True)
+class InterceptConfig:
+    """The capture listeners that ``quicmesh intercept install`` redirects TCP to."""
+
+    outbound_port: int = 15001
+    inbound_port: int | None = 15006
+    """None: no inbound capture listener."""
+    outbound_policy: str = "registry_only"
+    """What a captured connection to an address no cluster lists gets: ``registry_only``
+    (refused with a reset, counted) or ``passthrough`` (connected directly)."""
+    connect_timeout: float = 5.0
+    """Seconds to connect to a passthrough or inbound original destination."""
+
+
+@dataclass(frozen=True)
+class EndpointsDocument:
+    """What an endpoints file holds: peer sidecars and, optionally, service addresses."""
+
+    endpoints: tuple[Address, ...]
+    services: tuple[Address, ...] = ()
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """A whole sidecar configuration, as loaded from one YAML file."""
 
@@ -235,6 +270,7 @@ class SidecarConfig:
     clusters: tuple[ClusterConfig, ...] = ()
     xds: XdsConfig | None = None
     """Set: listeners and clusters come from this ADS server (see docs/xds.md)."""
+    intercept: InterceptConfig | None = None
 
     def cluster(self, name: str) -> ClusterConfig:
         """The cluster called ``name`` (the loader guarantees listeners' clusters exist)."""
@@ -251,7 +287,7 @@ class SidecarConfig:
 def _replace_endpoints(cluster: ClusterConfig, endpoints: tuple[Address, ...]) -> ClusterConfig:
     from dataclasses import replace
 
-    return replace(cluster, endpoints=endpoints)
+    return replace(cluster, endpoints=endpoints, services=(), file_services=())
 
 
 def _plain(value: Any) -> Any:
@@ -298,6 +334,14 @@ def load_endpoints_file(path: str | Path) -> tuple[Address, ...]:
 
     :raises ConfigError: naming the endpoints file, the entry and the problem.
     """
+    return load_endpoints_document(path).endpoints
+
+
+def load_endpoints_document(path: str | Path) -> EndpointsDocument:
+    """Read an endpoints file, with the ``services`` (``ip:port``) of ``{endpoints, services}``.
+
+    :raises ConfigError: naming the endpoints file, the entry and the problem.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -307,10 +351,15 @@ def load_endpoints_file(path: str | Path) -> tuple[Address, ...]:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     document = _parse_yaml(text, str(path))
     node = _Field(str(path), "", document)
+    services: tuple[Address, ...] = ()
     if isinstance(document, Mapping):
-        node.only_keys({"endpoints"})
+        node.only_keys({"endpoints", "services"})
+        services = tuple(
+            item.convert(parse_service) for item in node.child("services").items(allow_empty=True)
+        )
         node = node.child("endpoints")
-    return tuple(item.address() for item in node.items(allow_empty=True))
+    endpoints = tuple(item.address() for item in node.items(allow_empty=True))
+    return EndpointsDocument(endpoints, services)
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -348,6 +397,20 @@ def parse_address(text: str) -> Address:
         if not _HOST.match(host):
             raise ValueError(f"{host!r} is not a host name or IP address")
     return host, _parse_port(port_text)
+
+
+def parse_service(text: object) -> Address:
+    """Parse a service address: ``ip:port`` or ``[ipv6]:port`` (an IP literal, no name)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected ip:port, got {_kind(text)}")
+    host, port = parse_address(text)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address (services match dialled addresses)"
+        ) from None
+    return host, port
 
 
 def format_address(address: Address) -> str:
@@ -537,7 +600,17 @@ class _Loader:
         if root.value is None:
             raise root.error("the file is empty: expected a mapping with node, tls and admin")
         root.only_keys(
-            {"node", "tls", "admin", "access_log", "drain", "listeners", "clusters", "xds"}
+            {
+                "node",
+                "tls",
+                "admin",
+                "access_log",
+                "drain",
+                "listeners",
+                "clusters",
+                "xds",
+                "intercept",
+            }
         )
         xds = self.xds(root.child("xds"))
         clusters = tuple(self.cluster(c) for c in root.child("clusters").items(allow_empty=True))
@@ -557,10 +630,14 @@ class _Loader:
             inbound = tuple(
                 self.inbound(item) for item in listeners.child("inbound").items(allow_empty=True)
             )
-        if not outbound and not inbound and xds is None:
-            raise root.child("listeners").error("at least one outbound or inbound listener needed")
+        intercept = self.intercept(root.child("intercept"))
+        if not outbound and not inbound and xds is None and intercept is None:
+            raise root.child("listeners").error(
+                "at least one outbound or inbound listener (or intercept) needed"
+            )
         admin = self.admin(root.child("admin").required())
-        self.check_ports(listeners, admin, outbound, inbound)
+        self.check_ports(listeners, admin, outbound, inbound, intercept)
+        self.check_services(root.child("clusters"), clusters)
         return SidecarConfig(
             source=self.source,
             node=self.node(root.child("node").required()),
@@ -572,6 +649,7 @@ class _Loader:
             inbound=inbound,
             clusters=clusters,
             xds=xds,
+            intercept=intercept,
         )
 
     def xds(self, node: _Field) -> XdsConfig | None:
@@ -592,12 +670,42 @@ class _Loader:
             metadata=tuple(pairs),
         )
 
+    def intercept(self, node: _Field) -> InterceptConfig | None:
+        if node.value is None:
+            return None
+        node.only_keys({"outbound_port", "inbound_port", "outbound_policy", "connect_timeout"})
+        inbound = node.child("inbound_port")
+        inbound_explicit_none = "inbound_port" in node.mapping() and inbound.value is None
+        config = InterceptConfig(
+            outbound_port=_int_or(node.child("outbound_port"), 15001, 1, 65535),
+            inbound_port=None if inbound_explicit_none else _int_or(inbound, 15006, 1, 65535),
+            outbound_policy=_or_default(
+                node.child("outbound_policy"), "registry_only", OUTBOUND_POLICIES
+            ),
+            connect_timeout=_duration_or(node.child("connect_timeout"), 5.0),
+        )
+        if config.inbound_port == config.outbound_port:
+            raise inbound.error(f"port {config.inbound_port} is also the outbound_port")
+        return config
+
+    def check_services(self, node: _Field, clusters: tuple[ClusterConfig, ...]) -> None:
+        owners: dict[Address, str] = {}
+        for index, cluster in enumerate(clusters):
+            for service in cluster.all_services:
+                if service in owners and owners[service] != cluster.name:
+                    raise node.error(
+                        f"[{index}].services: {format_address(service)} is also a service "
+                        f"of cluster {owners[service]!r}"
+                    )
+                owners[service] = cluster.name
+
     def check_ports(
         self,
         listeners: _Field,
         admin: AdminConfig,
         outbound: tuple[OutboundListenerConfig, ...],
         inbound: tuple[InboundListenerConfig, ...],
+        intercept: InterceptConfig | None = None,
     ) -> None:
         tcp_ports: dict[int, str] = {admin.address[1]: "admin.address"}
         udp_ports: dict[int, str] = {}
@@ -623,6 +731,10 @@ class _Loader:
                 claim(udp_ports, inb.address[1], owner, "UDP")
             if "h2" in inb.transports or "tcp" in inb.transports:
                 claim(tcp_ports, inb.address[1], owner, "TCP")
+        if intercept is not None:
+            claim(tcp_ports, intercept.outbound_port, "intercept.outbound_port", "TCP")
+            if intercept.inbound_port is not None:
+                claim(tcp_ports, intercept.inbound_port, "intercept.inbound_port", "TCP")
 
     def node(self, node: _Field) -> NodeConfig:
         node.only_keys({"name", "identity"})
@@ -763,16 +875,22 @@ class _Loader:
                 "connect_timeout",
                 "idle_timeout",
                 "connect_retries",
+                "services",
             }
         )
         transport = node.child("transport").required().choice(TRANSPORT_NAMES)
+        services = tuple(
+            item.convert(parse_service) for item in node.child("services").items(allow_empty=True)
+        )
+        file_services: tuple[Address, ...] = ()
         endpoints: tuple[Address, ...] = ()
         endpoints_file: str | None = None
         if node.has("endpoints") and node.has("endpoints_file"):
             raise node.child("endpoints_file").error("give either endpoints or endpoints_file")
         if node.has("endpoints_file"):
             endpoints_file = self.path(node.child("endpoints_file"))
-            endpoints = load_endpoints_file(endpoints_file)
+            document = load_endpoints_document(endpoints_file)
+            endpoints, file_services = document.endpoints, document.services
         elif node.has("endpoints"):
             endpoints = tuple(e.address() for e in node.child("endpoints").items())
         else:
@@ -802,6 +920,8 @@ class _Loader:
             connect_timeout=_duration_or(node.child("connect_timeout"), 5.0),
             idle_timeout=_duration_or(node.child("idle_timeout"), 60.0),
             connect_retries=_int_or(node.child("connect_retries"), 1, 0, 10),
+            services=services,
+            file_services=file_services,
         )
 
     def health_check(self, node: _Field) -> HealthCheckConfig | None:
@@ -838,6 +958,11 @@ class _Loader:
             max_concurrent_streams=_int_or(node.child("max_concurrent_streams"), 1024, 1, 1000000),
             max_pending_opens=_int_or(node.child("max_pending_opens"), 256, 0, 1000000),
         )
+
+
+def merge_services(first: tuple[Address, ...], second: tuple[Address, ...]) -> tuple[Address, ...]:
+    """``first`` then the items of ``second`` not in it."""
+    return first + tuple(item for item in second if item not in first)
 
 
 def _or_default(node: _Field, default: str, choices: tuple[str, ...]) -> str:

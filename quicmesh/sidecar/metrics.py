@@ -134,6 +134,28 @@ class SnapshotCollector:
         yield from _sidecar_families(snap)
         yield from _listener_families(snap.get("listeners", {}))
         yield from _cluster_families(snap.get("clusters", {}))
+        yield from _intercept_families(snap.get("intercept", {}))
+
+
+def _intercept_families(intercept: dict[str, Any]) -> Iterator[Metric]:
+    if not intercept:
+        return
+    flows = CounterMetricFamily(
+        "quicmesh_intercept_flows",
+        "Captured flows by original destination and route (a cluster, passthrough, "
+        "registry_only: refused, local: inbound, not_redirected: refused).",
+        labels=["direction", "original_destination", "route"],
+    )
+    for entry in intercept["destinations"]:
+        flows.add_metric(
+            [entry["direction"], entry["original_destination"], entry["route"]], entry["flows"]
+        )
+    yield flows
+    services = GaugeMetricFamily(
+        "quicmesh_intercept_services", "Service addresses in the destination table."
+    )
+    services.add_metric([], intercept["services"])
+    yield services
 
 
 def _sidecar_families(snap: Snapshot) -> Iterator[Metric]:

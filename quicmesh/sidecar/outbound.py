@@ -23,7 +23,7 @@ from ..splice import splice
 from ..transport.stream import MeshStream
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster, FlowRefused
-from .config import OutboundListenerConfig, format_address
+from .config import Address, OutboundListenerConfig, format_address
 from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
 
@@ -98,40 +98,55 @@ class OutboundListener:
             outcome=Outcome.COMPLETED,
         )
         try:
-            try:
-                flow = await cluster.open_flow()
-            except FlowRefused as exc:
-                record.outcome, record.reason, record.endpoint = (
-                    exc.outcome,
-                    exc.reason,
-                    exc.endpoint,
-                )
-                reset_connection(writer)
-                return
-            record.endpoint = flow.endpoint.name
-            record.peer_identity = flow.connection.peer_identity
-            stats.streams_total += 1
-            stats.streams_active += 1
-            try:
-                result = await splice(flow.stream, reader, writer)
-                if not result.error:
-                    await wait_sent(flow.stream, FLUSH_TIMEOUT)
-            finally:
-                stats.streams_active -= 1
-            record.bytes_sent = result.bytes_to_stream
-            record.bytes_received = result.bytes_from_stream
-            cluster.flow_finished(flow, result.bytes_to_stream, result.bytes_from_stream)
-            if result.error:
-                record.outcome, record.reason = Outcome.RESET, result.error
-                refusal = await _refusal(flow.stream) if flow.early else None
-                if refusal is not None:
-                    record.outcome, record.reason = Outcome.REFUSED, str(refusal)
+            await proxy_to_cluster(cluster, reader, writer, record, stats)
         finally:
             stats.connections_active -= 1
             record.duration = time.monotonic() - started
             stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
             cluster.stats.outcomes[record.outcome.value] += 1
             self._log(record)
+
+
+async def proxy_to_cluster(
+    cluster: Cluster,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    record: FlowRecord,
+    stats: ListenerStats,
+    *,
+    target: str | None = None,
+    endpoint: Address | None = None,
+) -> None:
+    """Carry one local TCP connection through ``cluster``, filling in ``record``.
+
+    A flow the cluster cannot open is answered with a TCP reset. ``target`` and
+    ``endpoint`` override the cluster's CONNECT authority and endpoint choice
+    (see :meth:`Cluster.open_flow`).
+    """
+    try:
+        flow = await cluster.open_flow(target=target, endpoint=endpoint)
+    except FlowRefused as exc:
+        record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint
+        reset_connection(writer)
+        return
+    record.endpoint = flow.endpoint.name
+    record.peer_identity = flow.connection.peer_identity
+    stats.streams_total += 1
+    stats.streams_active += 1
+    try:
+        result = await splice(flow.stream, reader, writer)
+        if not result.error:
+            await wait_sent(flow.stream, FLUSH_TIMEOUT)
+    finally:
+        stats.streams_active -= 1
+    record.bytes_sent = result.bytes_to_stream
+    record.bytes_received = result.bytes_from_stream
+    cluster.flow_finished(flow, result.bytes_to_stream, result.bytes_from_stream)
+    if result.error:
+        record.outcome, record.reason = Outcome.RESET, result.error
+        refusal = await _refusal(flow.stream) if flow.early else None
+        if refusal is not None:
+            record.outcome, record.reason = Outcome.REFUSED, str(refusal)
 
 
 async def _refusal(stream: MeshStream) -> StreamRefused | None:

@@ -33,14 +33,24 @@ from ..transport.quic import QuicTransport
 from ..transport.tickets import TicketCache
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
+from .capture import (
+    INBOUND_NAME,
+    OUTBOUND_NAME,
+    CaptureInboundListener,
+    CaptureOutboundListener,
+    DestinationCounts,
+)
 from .certs import CertificateSource, load_identity
 from .cluster import Cluster
 from .config import (
+    Address,
     ClusterConfig,
     SidecarConfig,
     format_address,
-    load_endpoints_file,
+    load_endpoints_document,
+    merge_services,
 )
+from .destinations import ClusterDestinations, DestinationTable, DuplicateService
 from .flows import ACK_TIMEOUT, FlowTracker
 from .inbound import InboundListener
 from .metrics import Metrics
@@ -96,6 +106,12 @@ class Sidecar:
         self.listener_stats: dict[str, ListenerStats] = {}
         self.outbound: dict[str, OutboundListener] = {}
         self.inbound: dict[str, InboundListener] = {}
+        self.capture: list[CaptureOutboundListener | CaptureInboundListener] = []
+        self.destination_counts = DestinationCounts()
+        self.services: dict[str, tuple[Address, ...]] = {
+            c.name: c.all_services for c in config.clusters
+        }
+        self.destinations = DestinationTable((), "registry_only")
         self.retired_clusters: list[Cluster] = []
         self.reloads = {"ok": 0, "rejected": 0}
         self.ready = False
@@ -123,6 +139,8 @@ class Sidecar:
                 await self._start_outbound(out)
             for inb in self.config.inbound:
                 await self._start_inbound(inb)
+            self.destinations = self._destination_table(self.config, self.services)
+            await self._start_capture()
         except BaseException:
             await self._close_everything()
             raise
@@ -197,6 +215,51 @@ class Sidecar:
             raise QuicmeshError(f"listener {config.name}: {exc}") from None
         self.inbound[config.name] = listener
 
+    async def _start_capture(self) -> None:
+        intercept = self.config.intercept
+        if intercept is None:
+            return
+        outbound = CaptureOutboundListener(
+            intercept,
+            lambda: self.destinations,
+            self.clusters.__getitem__,
+            self._listener_stats(OUTBOUND_NAME, "intercept_outbound"),
+            self.flows,
+            self.destination_counts,
+            self._log_flow,
+        )
+        self.capture.append(outbound)
+        await self._bind(outbound.start, OUTBOUND_NAME, ("*", intercept.outbound_port))
+        if intercept.inbound_port is not None:
+            inbound = CaptureInboundListener(
+                intercept,
+                self._listener_stats(INBOUND_NAME, "intercept_inbound"),
+                self.flows,
+                self.destination_counts,
+                self._log_flow,
+            )
+            self.capture.append(inbound)
+            await self._bind(inbound.start, INBOUND_NAME, ("*", intercept.inbound_port))
+
+    def _destination_table(
+        self, config: SidecarConfig, services: dict[str, tuple[Address, ...]]
+    ) -> DestinationTable:
+        """The table for ``config``'s clusters with the live endpoints and ``services``.
+
+        :raises DuplicateService: two clusters list one service address.
+        """
+        policy = config.intercept.outbound_policy if config.intercept else "registry_only"
+        entries = []
+        for cluster_config in config.clusters:
+            live = self.clusters.get(cluster_config.name)
+            endpoints = tuple(live.endpoints) if live is not None else cluster_config.endpoints
+            entries.append(
+                ClusterDestinations(
+                    cluster_config.name, services.get(cluster_config.name, ()), endpoints
+                )
+            )
+        return DestinationTable(entries, policy)
+
     def _log_flow(self, record: FlowRecord) -> None:
         self.access_log.write(record)
 
@@ -226,6 +289,10 @@ class Sidecar:
                 if new.admin != self.config.admin or new.access_log != self.config.access_log:
                     raise ConfigError(
                         f"{self.config_path}: admin and access_log cannot change on reload: restart"
+                    )
+                if _capture_ports(new) != _capture_ports(self.config):
+                    raise ConfigError(
+                        f"{self.config_path}: intercept ports cannot change on reload: restart"
                     )
                 await self._apply(new)
             except QuicmeshError as exc:
@@ -319,6 +386,11 @@ class Sidecar:
         for name in set(self.inbound) - {i.name for i in new.inbound}:
             self._background(self.inbound.pop(name).drain_and_close(grace))
         self.config = new
+        self.services = {c.name: c.all_services for c in new.clusters}
+        self.destinations = self._destination_table(new, self.services)
+        if new.intercept is not None:
+            for capture in self.capture:
+                capture.config = new.intercept
         self._remember_watched()
 
     def _rotate_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -374,11 +446,21 @@ class Sidecar:
 
     def _reload_endpoints(self, path: str) -> None:
         try:
-            endpoints = load_endpoints_file(path)
-        except ConfigError as exc:
+            document = load_endpoints_document(path)
+            services = dict(self.services)
+            for cluster in self.clusters.values():
+                if cluster.config.endpoints_file == path:
+                    services[cluster.config.name] = merge_services(
+                        cluster.config.services, document.services
+                    )
+            table = self._destination_table(self.config, services)
+        except (ConfigError, DuplicateService) as exc:
             self.reloads["rejected"] += 1
             logger.error("endpoints file rejected, keeping the running endpoints: %s", exc)
             return
+        endpoints = document.endpoints
+        self.services = services
+        self.destinations = table
         for cluster in self.clusters.values():
             if cluster.config.endpoints_file == path:
                 cluster.set_endpoints(endpoints)
@@ -387,6 +469,8 @@ class Sidecar:
                     cluster.config.name,
                     ", ".join(format_address(e) for e in endpoints) or "none",
                 )
+        # Endpoint hosts route captured traffic too: rebuild with the new endpoints.
+        self.destinations = self._destination_table(self.config, self.services)
         self.reloads["ok"] += 1
 
     # -- drain -----------------------------------------------------------------
@@ -409,6 +493,8 @@ class Sidecar:
         logger.info("draining: %d live flows, grace period %gs", self.flows.active, grace)
         for out in self.outbound.values():
             out.close()
+        for capture in self.capture:
+            capture.close()
         for inb in self.inbound.values():
             inb.draining = True
         started = time.monotonic()
@@ -440,6 +526,8 @@ class Sidecar:
             self._watch_task.cancel()
         for out in self.outbound.values():
             out.close()
+        for capture in self.capture:
+            capture.close()
         for inb in self.inbound.values():
             inb.close()
         for cluster in list(self.clusters.values()) + self.retired_clusters:
@@ -498,6 +586,18 @@ class Sidecar:
                 "address": format_address(inb.config.address),
                 "transports": list(inb.config.transports),
             }
+        for capture in self.capture:
+            listeners[capture.name] = {
+                **capture.stats.to_dict(),
+                "address": format_address(("*", capture.port)),
+            }
+        intercept: dict[str, Any] = {}
+        if self.config.intercept is not None:
+            intercept = {
+                "outbound_policy": self.config.intercept.outbound_policy,
+                "services": len(self.destinations),
+                "destinations": self.destination_counts.to_list(),
+            }
         return {
             "node": self.config.node.name,
             "identity": self.identity.spiffe_id,
@@ -510,6 +610,7 @@ class Sidecar:
             "handshake_failures": self._handshake_failures(),
             "listeners": listeners,
             "clusters": {name: c.snapshot() for name, c in self.clusters.items()},
+            "intercept": intercept,
         }
 
     def _handshake_failures(self) -> dict[str, dict[str, int]]:
@@ -537,6 +638,11 @@ class Sidecar:
             if live is not None:
                 cluster["endpoints"] = [format_address(e) for e in live.endpoints]
         return dump
+
+
+def _capture_ports(config: SidecarConfig) -> tuple[int, int | None] | None:
+    intercept = config.intercept
+    return None if intercept is None else (intercept.outbound_port, intercept.inbound_port)
 
 
 def _file_version(path: str) -> tuple[int, int, int] | None:
