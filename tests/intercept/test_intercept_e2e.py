@@ -1,0 +1,343 @@
+"""End to end, as root: an unmodified client in a namespace reaches a backend through the mesh.
+
+One lab (:class:`quicmesh.intercept.lab.InterceptLab`) for the module: sidecar A
+with ``quicmesh intercept install`` in the app namespace, sidecar B with its own
+rules and the backends in the service namespace, QUIC between them over a veth
+pair. The client programs (curl, a raw socket) know nothing of the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from quicmesh.intercept import lab as L
+from quicmesh.intercept.lab import InterceptLab, NamespacedSidecar
+from quicmesh.sidecar.launch import metric
+from quicmesh.tls import DevCA
+
+pytestmark = pytest.mark.netns
+
+IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
+IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+VIP = "10.96.0.10"
+ECHO_VIP = "10.96.0.11"
+NEW_VIP = "10.96.0.12"
+VIP6 = "fd96::10"
+TUNNEL = f"{L.SERVICE_ADDRESS}:15008"
+B_DESTINATIONS = ["127.0.0.1:9080", "127.0.0.1:7007", f"{L.SERVICE_ADDRESS}:9080"]
+
+
+def a_config(workdir: Path, policy: str) -> dict[str, Any]:
+    return {
+        "node": {"name": "a", "identity": IDENTITY_A},
+        "tls": {"ca_dir": str(workdir / "ca")},
+        "admin": {"address": "127.0.0.1:15000"},
+        "intercept": {"outbound_policy": policy, "connect_timeout": "3s"},
+        "clusters": [
+            {
+                "name": "reviews",
+                "transport": "quic",
+                "target": "127.0.0.1:9080",
+                "endpoints": [TUNNEL],
+                "services": [f"{VIP}:9080", f"[{VIP6}]:9080"],
+            },
+            {
+                "name": "echo",
+                "transport": "quic",
+                "target": "127.0.0.1:7007",
+                "endpoints_file": str(workdir / "echo-endpoints.yaml"),
+            },
+        ],
+    }
+
+
+def b_config(workdir: Path) -> dict[str, Any]:
+    return {
+        "node": {"name": "b", "identity": IDENTITY_B},
+        "tls": {"ca_dir": str(workdir / "ca")},
+        "admin": {"address": "127.0.0.1:15000"},
+        "intercept": {"outbound_policy": "registry_only"},
+        "listeners": {
+            "inbound": [
+                {
+                    "name": "mesh",
+                    "address": TUNNEL,
+                    "transports": ["quic"],
+                    "destinations": B_DESTINATIONS,
+                    "policies": [{"identity": IDENTITY_A, "destinations": B_DESTINATIONS}],
+                }
+            ]
+        },
+    }
+
+
+def write_endpoints(workdir: Path, services: list[str]) -> None:
+    path = workdir / "echo-endpoints.yaml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"endpoints": [TUNNEL], "services": services}))
+    tmp.replace(path)
+
+
+class World:
+    def __init__(self, lab: InterceptLab, a: NamespacedSidecar, b: NamespacedSidecar) -> None:
+        self.lab, self.a, self.b = lab, a, b
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("intercept")
+    DevCA().save(workdir / "ca")
+    write_endpoints(workdir, [f"{ECHO_VIP}:7007"])
+    with InterceptLab() as lab:
+        b = lab.sidecar("b", b_config(workdir), workdir, lab.service_ns)
+        a = lab.sidecar("a", a_config(workdir, "registry_only"), workdir, lab.app_ns)
+        for namespace, extra in (
+            (lab.app_ns, ["--exclude-ports", str(L.EXCLUDED_ECHO_PORT)]),
+            (lab.service_ns, ["--exclude-inbound-ports", f"22,{L.EXCLUDED_ECHO_PORT}"]),
+        ):
+            done = lab.intercept(namespace, "install", *extra)
+            assert done.returncode == 0, done.stderr
+        yield World(lab, a, b)
+
+
+def curl(world: World, url: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["ip", "netns", "exec", world.lab.app_ns, "curl", "-sS", "--max-time", "10", url],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def exchange(world: World, address: tuple[str, int], payload: bytes) -> bytes:
+    """A raw TCP client in the app namespace: send, half-close, read until EOF."""
+    with world.lab.entered(world.lab.app_ns):
+        sock = socket.create_connection(address, timeout=10)
+    with sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def refused(world: World, address: tuple[str, int]) -> bool:
+    """True if the connection is reset (or closed) without an answer."""
+    try:
+        return exchange(world, address, b"anyone there?") == b""
+    except ConnectionResetError:
+        return True
+
+
+def log_lines(sidecar: NamespacedSidecar, **fields: str) -> list[dict[str, Any]]:
+    return [
+        line
+        for line in sidecar.access_log()
+        if all(line.get(key) == value for key, value in fields.items())
+    ]
+
+
+def captured_outbound(world: World) -> int:
+    return int(world.a.stats()["listeners"]["intercept_outbound"]["connections_total"])
+
+
+def test_curl_to_a_vip_nobody_owns_reaches_the_backend_over_quic(world: World) -> None:
+    done = curl(world, f"http://{VIP}:9080/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == L.HTTP_BODY
+    a_line = wait_until(
+        lambda: log_lines(world.a, original_destination=f"{VIP}:9080"), what="A's log line"
+    )[-1]
+    assert a_line["listener"] == "intercept_outbound"
+    assert a_line["outcome"] == "completed" and a_line["transport"] == "quic"
+    assert a_line["peer_identity"] == IDENTITY_B and a_line["target"] == "127.0.0.1:9080"
+    b_line = wait_until(
+        lambda: log_lines(world.b, listener="mesh", target="127.0.0.1:9080"), what="B's log"
+    )[-1]
+    assert b_line["peer_identity"] == IDENTITY_A  # B sees A's SPIFFE identity
+    samples = world.a.metrics()
+    assert (
+        metric(
+            samples,
+            "quicmesh_intercept_flows_total",
+            original_destination=f"{VIP}:9080",
+            route="reviews",
+        )
+        >= 1
+    )
+
+
+def test_ipv6_vip_is_captured_too(world: World) -> None:
+    done = curl(world, f"http://[{VIP6}]:9080/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == L.HTTP_BODY
+    wait_until(
+        lambda: log_lines(world.a, original_destination=f"[{VIP6}]:9080", outcome="completed"),
+        what="A's log line for the IPv6 VIP",
+    )
+
+
+def test_raw_tcp_echo_through_the_tunnel(world: World) -> None:
+    payload = bytes(range(256)) * 400
+    assert exchange(world, (ECHO_VIP, 7007), payload) == payload
+    line = wait_until(lambda: log_lines(world.a, original_destination=f"{ECHO_VIP}:7007"))[-1]
+    assert line["bytes_sent"] == len(payload) and line["bytes_received"] == len(payload)
+
+
+def test_an_endpoint_address_goes_through_the_peer_fronting_it(world: World) -> None:
+    done = curl(world, f"http://{L.SERVICE_ADDRESS}:9080/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == L.HTTP_BODY
+    line = wait_until(lambda: log_lines(world.a, original_destination=f"{L.SERVICE_ADDRESS}:9080"))[
+        -1
+    ]
+    assert line["target"] == f"{L.SERVICE_ADDRESS}:9080" and line["endpoint"] == TUNNEL
+    assert line["peer_identity"] == IDENTITY_B
+
+
+def test_a_service_added_to_the_endpoints_file_is_reachable_without_restart(
+    world: World,
+) -> None:
+    assert refused(world, (NEW_VIP, 7007))  # registry_only: unknown yet
+    ok_before = world.a.stats()["reloads"]["ok"]
+    write_endpoints(Path(world.a.workdir), [f"{ECHO_VIP}:7007", f"{NEW_VIP}:7007"])
+    wait_until(lambda: world.a.stats()["reloads"]["ok"] > ok_before, what="endpoints reload")
+    assert exchange(world, (NEW_VIP, 7007), b"new service") == b"new service"
+
+
+def test_registry_only_refuses_and_counts_passthrough_connects(world: World) -> None:
+    unknown = (L.OTHER_ADDRESS, L.PLAIN_ECHO_PORT)
+    assert refused(world, unknown)
+    line = wait_until(lambda: log_lines(world.a, original_destination="10.79.0.3:7008"))[-1]
+    assert line["outcome"] == "refused" and "registry_only" in line["reason"]
+    samples = world.a.metrics()
+    assert metric(samples, "quicmesh_intercept_flows_total", route="registry_only") >= 1
+
+    workdir = Path(world.a.workdir)
+    before = captured_outbound(world)
+    inbound_before = log_lines(world.b, listener="intercept_inbound")
+    world.a.write_config(a_config(workdir, "passthrough"))
+    ok_before = world.a.stats()["reloads"]["ok"]
+    world.a.signal(signal.SIGHUP)
+    wait_until(lambda: world.a.stats()["reloads"]["ok"] > ok_before, what="reload")
+    try:
+        assert exchange(world, unknown, b"straight through") == b"straight through"
+        line = wait_until(
+            lambda: log_lines(world.a, original_destination="10.79.0.3:7008", outcome="completed")
+        )[-1]
+        assert line["transport"] == "direct" and line["endpoint"] == "10.79.0.3:7008"
+        # A's own connection to the destination was not captured again: one flow, no loop.
+        assert captured_outbound(world) == before + 1
+        # B's inbound capture took it (A's traffic left the app namespace unmodified).
+        b_lines = wait_until(
+            lambda: log_lines(world.b, listener="intercept_inbound")[len(inbound_before) :]
+        )
+        assert b_lines[-1]["original_destination"] == "10.79.0.3:7008"
+        assert b_lines[-1]["outcome"] == "completed"
+    finally:
+        world.a.write_config(a_config(workdir, "registry_only"))
+        ok_before = world.a.stats()["reloads"]["ok"]
+        world.a.signal(signal.SIGHUP)
+        wait_until(lambda: world.a.stats()["reloads"]["ok"] > ok_before, what="reload")
+
+
+def test_excluded_ports_are_untouched(world: World) -> None:
+    before_a = captured_outbound(world)
+    before_b = len(log_lines(world.b, listener="intercept_inbound"))
+    # registry_only would refuse it if it were captured; excluded, it goes straight there.
+    address = (L.OTHER_ADDRESS, L.EXCLUDED_ECHO_PORT)
+    assert exchange(world, address, b"not for the mesh") == b"not for the mesh"
+    assert captured_outbound(world) == before_a
+    assert len(log_lines(world.b, listener="intercept_inbound")) == before_b
+
+
+def test_the_sidecar_group_is_not_captured(world: World) -> None:
+    """A process with the sidecar's group ID dials an unknown address: not refused, not seen."""
+    before = captured_outbound(world)
+    code = (
+        "import socket; s = socket.create_connection(('10.79.0.3', 7008), timeout=5); "
+        "s.sendall(b'own'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())"
+    )
+    done = subprocess.run(
+        ["ip", "netns", "exec", world.lab.app_ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        group=1337,
+        extra_groups=[],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "own"
+    assert captured_outbound(world) == before
+
+
+def test_direct_connection_to_the_capture_port_is_reset(world: World) -> None:
+    """Dialling 15001 itself (no NAT record) is refused rather than looped."""
+    with world.lab.entered(world.lab.app_ns):
+        sock = socket.create_connection(("127.0.0.1", 15001), timeout=5)
+    with sock, contextlib.suppress(ConnectionResetError):
+        assert sock.recv(10) == b""
+    line = wait_until(lambda: log_lines(world.a, listener="intercept_outbound", outcome="refused"))
+    assert any("not a redirected connection" in item["reason"] for item in line)
+
+
+def test_install_twice_changes_nothing_and_remove_leaves_nothing(world: World) -> None:
+    lab = world.lab
+    listed = subprocess.run(
+        ["ip", "netns", "exec", lab.app_ns, "nft", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "table inet quicmesh" in listed
+    again = lab.intercept(lab.app_ns, "install", "--exclude-ports", str(L.EXCLUDED_ECHO_PORT))
+    assert again.returncode == 0, again.stderr
+    relisted = subprocess.run(
+        ["ip", "netns", "exec", lab.app_ns, "nft", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert relisted == listed
+    for namespace in (lab.app_ns, lab.service_ns):
+        for _ in range(2):  # removing twice is fine too
+            done = lab.intercept(namespace, "remove")
+            assert done.returncode == 0, done.stderr
+        empty = subprocess.run(
+            ["ip", "netns", "exec", namespace, "nft", "list", "ruleset"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert empty.strip() == ""
+    # Without the rules, the VIP is no longer reachable: nothing captures it.
+    done = curl(world, f"http://{VIP}:9080/")
+    assert done.returncode != 0
