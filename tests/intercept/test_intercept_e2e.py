@@ -33,7 +33,7 @@ IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -138,7 +138,7 @@ def curl(world: World, url: str) -> subprocess.CompletedProcess[bytes]:
 def exchange(world: World, address: tuple[str, int], payload: bytes) -> bytes:
     """A raw TCP client in the app namespace: send, half-close, read until EOF."""
     with world.lab.entered(world.lab.app_ns):
-        sock = socket.create_connection(address, timeout=10)
+        sock = socket.create_connection(address, timeout=30)
     with sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
@@ -302,7 +302,7 @@ def test_the_sidecar_group_is_not_captured(world: World) -> None:
 def test_direct_connection_to_the_capture_port_is_reset(world: World) -> None:
     """Dialling 15001 itself (no NAT record) is refused rather than looped."""
     with world.lab.entered(world.lab.app_ns):
-        sock = socket.create_connection(("127.0.0.1", 15001), timeout=5)
+        sock = socket.create_connection(("127.0.0.1", 15001), timeout=30)
     with sock, contextlib.suppress(ConnectionResetError):
         assert sock.recv(10) == b""
     line = wait_until(lambda: log_lines(world.a, listener="intercept_outbound", outcome="refused"))
