@@ -28,7 +28,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh sidecar`` argument parser."""
     parser = _Parser(prog="quicmesh sidecar", description="Run a quicmesh sidecar proxy.")
-    parser.add_argument("-c", "--config", required=True, help="the sidecar's YAML configuration")
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        help="the sidecar's YAML configuration, or an Envoy bootstrap (static_resources)",
+    )
+    parser.add_argument(
+        "--xds",
+        metavar="HOST:PORT",
+        help="take listeners, clusters, endpoints and secrets from this ADS server",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -51,6 +61,8 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         config = _load(args.config)
+        if args.xds is not None:
+            config = _with_xds(config, args.xds)
     except ConfigError as exc:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +94,20 @@ def _load(path: str) -> object:
     return load_any_config(path)
 
 
+def _with_xds(config: object, address: str) -> object:
+    from dataclasses import replace
+
+    from .config import SidecarConfig, XdsConfig, parse_address
+
+    assert isinstance(config, SidecarConfig)
+    try:
+        parsed = parse_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"--xds: {exc}") from None
+    xds = config.xds or XdsConfig(address=parsed)
+    return replace(config, xds=replace(xds, address=parsed))
+
+
 def _check_certificate(config: object) -> None:
     """Load the identity and check it as ``/ready`` would; ConfigError says what is wrong."""
     from ..tls.check import check_own_certificate
@@ -107,6 +133,10 @@ async def _run(config: object, path: str) -> int:
     assert isinstance(config, SidecarConfig)
     sidecar = Sidecar(config, config_path=path)
     await sidecar.start()
+    if config.xds is not None:
+        from ..xds.client import AdsClient
+
+        sidecar.attach_xds(AdsClient(sidecar, config.xds))
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
 

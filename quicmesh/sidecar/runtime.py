@@ -123,6 +123,8 @@ class Sidecar:
         self._watched: dict[str, tuple[int, int, int] | None] = {}
         self._reload_lock = asyncio.Lock()
         self._background_tasks: set[asyncio.Task[None]] = set()
+        self.xds: Any = None
+        """The :class:`~quicmesh.xds.client.AdsClient` driving this sidecar, if any."""
 
     # -- start -----------------------------------------------------------------
 
@@ -302,6 +304,27 @@ class Sidecar:
         self.reloads["ok"] += 1
         logger.info("reloaded %s", self.config_path)
         return True
+
+    async def apply_config(self, new: SidecarConfig) -> None:
+        """Apply a configuration from elsewhere (xDS) through the reload path.
+
+        :raises QuicmeshError: it cannot be applied (an address cannot be bound);
+            the running configuration stays.
+        """
+        if self.draining:
+            raise QuicmeshError("the sidecar is draining")
+        async with self._reload_lock:
+            try:
+                await self._apply(new)
+            except QuicmeshError:
+                self.reloads["rejected"] += 1
+                raise
+        self.reloads["ok"] += 1
+
+    def attach_xds(self, client: Any) -> None:
+        """Let an ADS client drive this sidecar; not ready until it has synced."""
+        self.xds = client
+        client.start()
 
     async def _apply(self, new: SidecarConfig) -> None:
         # New listeners are bound first, so a port that cannot be bound leaves everything as is.
@@ -522,6 +545,8 @@ class Sidecar:
 
     async def _close_everything(self) -> None:
         await self.certs.close()
+        if self.xds is not None:
+            await self.xds.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
         for out in self.outbound.values():
@@ -561,7 +586,12 @@ class Sidecar:
 
     def is_ready(self) -> bool:
         """Whether the sidecar takes traffic (started and not draining)."""
-        return self.ready and not self.draining and self.certs.problem() is None
+        return (
+            self.ready
+            and not self.draining
+            and self.certs.problem() is None
+            and (self.xds is None or self.xds.synced.is_set())
+        )
 
     def not_ready_reason(self) -> str:
         """Why :meth:`is_ready` is False, in one line ("" when ready)."""
@@ -569,6 +599,8 @@ class Sidecar:
             return "draining"
         if not self.ready:
             return "starting"
+        if self.xds is not None and not self.xds.synced.is_set():
+            return "waiting for the control plane (LDS and CDS)"
         return self.certs.problem() or ""
 
     def snapshot(self) -> dict[str, Any]:
@@ -608,6 +640,7 @@ class Sidecar:
             "reloads": dict(self.reloads),
             "certificate": self.certs.snapshot(),
             "handshake_failures": self._handshake_failures(),
+            **({"xds": self.xds.snapshot()} if self.xds is not None else {}),
             "listeners": listeners,
             "clusters": {name: c.snapshot() for name, c in self.clusters.items()},
             "intercept": intercept,

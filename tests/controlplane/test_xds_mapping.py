@@ -25,8 +25,7 @@ from quicmesh.xds.mapping import (
     map_resources,
 )
 from quicmesh.xds.resources import Cluster, ClusterLoadAssignment, Listener, parse_message
-
-from .envoy_docs import (
+from quicmesh.xds.testing.documents import (
     cla_doc,
     cluster_doc,
     inbound_listener_doc,

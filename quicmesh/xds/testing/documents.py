@@ -1,4 +1,4 @@
-"""Envoy resources as YAML-shaped dicts, the way a control plane or bootstrap writes them."""
+"""Envoy resources as YAML-shaped dicts (as a bootstrap or control plane writes them)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,54 @@ def inbound_listener_doc(
     if protocol == "UDP":
         listener["udp_listener_config"] = {"quic_options": {}}
     return listener
+
+
+def secret_docs(cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> list[dict[str, Any]]:
+    """The SDS secrets ``default`` (identity) and ``ROOTCA`` (trust bundle), inline."""
+    return [
+        {
+            "name": "default",
+            "tls_certificate": {
+                "certificate_chain": {"inline_bytes": _b64(cert_chain_pem)},
+                "private_key": {"inline_bytes": _b64(key_pem)},
+            },
+        },
+        {
+            "name": "ROOTCA",
+            "validation_context": {"trusted_ca": {"inline_bytes": _b64(bundle_pem)}},
+        },
+    ]
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def listener(doc: dict[str, Any]) -> Any:
+    """A Listener message from its document."""
+    from ..resources import Listener, parse_message
+
+    return parse_message(doc, Listener, "Listener")
+
+
+def cluster(doc: dict[str, Any]) -> Any:
+    """A Cluster message from its document."""
+    from ..resources import Cluster, parse_message
+
+    return parse_message(doc, Cluster, "Cluster")
+
+
+def assignment(doc: dict[str, Any]) -> Any:
+    """A ClusterLoadAssignment message from its document."""
+    from ..resources import ClusterLoadAssignment, parse_message
+
+    return parse_message(doc, ClusterLoadAssignment, "ClusterLoadAssignment")
+
+
+def secret(doc: dict[str, Any]) -> Any:
+    """A Secret message from its document."""
+    from ..resources import Secret, parse_message
+
+    return parse_message(doc, Secret, "Secret")

@@ -1,0 +1,239 @@
+"""The ADS client: one gRPC stream to a control plane driving a running sidecar.
+
+:class:`AdsClient` keeps one ``StreamAggregatedResources`` stream open
+(``grpc.aio``, plaintext HTTP/2). For each response it asks
+:class:`~quicmesh.xds.state.AdsState` for the update, maps the resources
+(:func:`~quicmesh.xds.mapping.map_resources`), applies the result with the
+sidecar's own reload path (:meth:`~quicmesh.sidecar.runtime.Sidecar.apply_config`:
+live flows finish on the clusters they started on), then ACKs; a mapping error
+or an apply that fails is NACKed with the one-line reason as ``error_detail``,
+and the running configuration stays. SDS secrets go to the sidecar's
+:class:`~quicmesh.sidecar.certs.CertificateSource`.
+
+When the stream breaks the client reconnects with exponential backoff
+(:data:`BACKOFF_INITIAL` doubling to :data:`BACKOFF_MAX`, with jitter); the
+last good configuration keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from ..errors import QuicmeshError
+from ..sidecar.config import XdsConfig, format_address
+from ..tls import Identity, TrustBundle
+from ..tls.check import own_certificate_problem
+from .mapping import MappingError, check_ports, data_source_bytes, map_resources, secrets_by_kind
+from .resources import SECRET_TYPE, SHORT_NAMES
+from .state import AdsState, ProtocolError, Update, make_node
+
+if TYPE_CHECKING:
+    from ..sidecar.runtime import Sidecar
+
+logger = logging.getLogger("quicmesh.xds")
+
+BACKOFF_INITIAL = 0.25
+"""Seconds before the first reconnect attempt."""
+
+BACKOFF_MAX = 10.0
+"""Longest wait between reconnect attempts."""
+
+
+class AdsClient:
+    """Drives ``sidecar`` from the ADS server in ``config``.
+
+    :param sidecar: a started sidecar; its listeners and clusters are replaced by
+        what the control plane sends.
+    :param config: the server address and what to report as ``node``.
+    :param rng: randomness for the backoff jitter.
+    """
+
+    def __init__(
+        self, sidecar: Sidecar, config: XdsConfig, *, rng: random.Random | None = None
+    ) -> None:
+        self.sidecar = sidecar
+        self.config = config
+        self.state = AdsState(
+            make_node(
+                sidecar.config.node.name,
+                config.cluster,
+                config.metadata,
+                sidecar.config.node.identity,
+            )
+        )
+        self.synced = asyncio.Event()
+        """Set once LDS and CDS were both applied (the sidecar is then ready)."""
+        self.counters = {"acks": 0, "nacks": 0, "streams": 0, "stream_failures": 0}
+        self.connected = False
+        self.last_error = ""
+        self.warming: tuple[str, ...] = ()
+        self._applied_types: set[str] = set()
+        self._rng = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the stream (and its reconnects) in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Close the stream; the sidecar keeps its configuration."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The client's state for ``/stats``."""
+        return {
+            "server": format_address(self.config.address),
+            "connected": self.connected,
+            "synced": self.synced.is_set(),
+            "versions": {
+                SHORT_NAMES[t]: self.state.version(t) for t in sorted(SHORT_NAMES, key=str)
+            },
+            "warming": list(self.warming),
+            "last_error": self.last_error,
+            **self.counters,
+        }
+
+    # -- the stream -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_INITIAL
+        target = format_address(self.config.address)
+        while True:
+            started = time.monotonic()
+            try:
+                async with grpc.aio.insecure_channel(target) as channel:
+                    await self._stream(channel)
+                reason = "the control plane closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except (OSError, QuicmeshError) as exc:
+                reason = str(exc)
+            self.connected = False
+            self.counters["stream_failures"] += 1
+            if time.monotonic() - started > 30:
+                backoff = BACKOFF_INITIAL
+            delay = backoff * (0.5 + self._rng.random())
+            logger.warning(
+                "ADS stream to %s ended (%s): keeping the running configuration, "
+                "reconnecting in %.2fs",
+                target,
+                reason,
+                delay,
+            )
+            self.last_error = reason
+            await asyncio.sleep(delay)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def _stream(self, channel: grpc.aio.Channel) -> None:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        call = stub.StreamAggregatedResources()
+        self.counters["streams"] += 1
+        for request in self.state.requests_for_new_stream():
+            await call.write(request)
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            if not self.connected:
+                self.connected = True
+                logger.info("ADS stream to %s open", format_address(self.config.address))
+            for request in await self._handle(response):
+                await call.write(request)
+
+    async def _handle(self, response: Any) -> list[Any]:
+        kind = SHORT_NAMES.get(response.type_url, response.type_url)
+        try:
+            update = self.state.on_response(response)
+        except ProtocolError as exc:
+            return self._nack_response(response, kind, str(exc))
+        try:
+            await self._apply(update)
+        except (MappingError, QuicmeshError) as exc:
+            self.counters["nacks"] += 1
+            self.last_error = f"{kind} version {update.version}: {exc}"
+            logger.error("NACK %s version %s: %s", kind, update.version, exc)
+            return self.state.reject(update, str(exc))
+        self.counters["acks"] += 1
+        logger.info(
+            "ACK %s version %s (%d resources%s)",
+            kind,
+            update.version,
+            len(response.resources),
+            f", removed {', '.join(update.removed)}" if update.removed else "",
+        )
+        return self.state.accept(update)
+
+    def _nack_response(self, response: Any, kind: str, error: str) -> list[Any]:
+        self.counters["nacks"] += 1
+        self.last_error = f"{kind} version {response.version_info}: {error}"
+        logger.error("NACK %s version %s: %s", kind, response.version_info, error)
+        return self.state.reject_response(response, error)
+
+    # -- applying -------------------------------------------------------------
+
+    async def _apply(self, update: Update) -> None:
+        """Map and apply an update; MappingError or QuicmeshError to NACK it."""
+        if update.type_url == SECRET_TYPE:
+            self._apply_secrets(update)
+            return
+        mapped = map_resources(update.resources)
+        base = self.sidecar.config
+        check_ports(mapped, base.admin.address[1])
+        new = replace(
+            base, outbound=mapped.outbound, inbound=mapped.inbound, clusters=mapped.clusters
+        )
+        await self.sidecar.apply_config(new)
+        self.warming = mapped.warming
+        self._applied_types.add(update.type_url)
+        if {"type.googleapis.com/envoy.config.listener.v3.Listener"} <= self._applied_types and (
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster" in self._applied_types
+        ):
+            self.synced.set()
+
+    def _apply_secrets(self, update: Update) -> None:
+        certificate, validation = secrets_by_kind(update.resources.secrets)
+        if certificate is None and validation is None:
+            return
+        source = self.sidecar.certs
+        identity, trust = source.identity, source.trust
+        if validation is not None:
+            pem = data_source_bytes(
+                validation.validation_context.trusted_ca,
+                f"Secret {validation.name!r}: validation_context.trusted_ca",
+            )
+            trust = TrustBundle.from_pem(pem)
+        if certificate is not None:
+            where = f"Secret {certificate.name!r}: tls_certificate"
+            identity = Identity.from_pem(
+                data_source_bytes(
+                    certificate.tls_certificate.certificate_chain, f"{where}.certificate_chain"
+                ),
+                data_source_bytes(certificate.tls_certificate.private_key, f"{where}.private_key"),
+            )
+        if (
+            identity.cert_chain_pem() == source.identity.cert_chain_pem()
+            and trust.pem == source.trust.pem
+        ):
+            return
+        problem = own_certificate_problem(identity, trust)
+        if problem is not None:
+            raise MappingError(f"SDS: {problem}")
+        if identity.spiffe_id != self.sidecar.config.node.identity:
+            raise MappingError(
+                f"SDS: the certificate is for {identity.spiffe_id}, "
+                f"not this node's {self.sidecar.config.node.identity}"
+            )
+        source.replace(identity, trust)

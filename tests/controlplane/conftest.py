@@ -1,0 +1,125 @@
+"""Fixtures for the xDS tests: the test ADS server and sidecars driven by it."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port
+from quicmesh.tls import DevCA
+from quicmesh.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
+from quicmesh.xds.testing import AdsServer
+from quicmesh.xds.testing import documents as docs
+
+IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
+IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
+
+
+def addr(port: int) -> str:
+    return f"{LOOPBACK}:{port}"
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            while data := sock.recv(65536):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    """A TCP echo app on loopback (echoes until EOF, then half-closes)."""
+    server = _Server((LOOPBACK, 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def ads() -> Iterator[AdsServer]:
+    """A running test ADS server."""
+    server = AdsServer()
+    server.start()
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("xds-ca")
+    DevCA().save(path / "ca")
+    return path / "ca"
+
+
+def xds_sidecar(
+    name: str, identity: str, ca: Path, workdir: Path, server: AdsServer, **tls: Any
+) -> SidecarProcess:
+    """A sidecar with no listeners of its own: everything comes from ``server``."""
+    config = {
+        "node": {"name": name, "identity": identity},
+        "tls": {"ca_dir": str(ca), **tls},
+        "admin": {"address": addr(free_port())},
+        "drain": {"grace_period": "10s"},
+        "xds": {"address": server.address, "cluster": "mesh"},
+    }
+    return SidecarProcess(name, config, workdir)
+
+
+def inbound_resources(port: int, destinations: list[str], prefix: str = "in") -> list[Any]:
+    """B's tunnel listeners on ``port``: QUIC (UDP, HTTP/3) and H2 (TCP)."""
+    return [
+        docs.listener(docs.inbound_listener_doc(f"{prefix}-quic", port, "UDP", destinations)),
+        docs.listener(docs.inbound_listener_doc(f"{prefix}-h2", port, "TCP", destinations)),
+    ]
+
+
+def push_outbound(
+    server: AdsServer,
+    version: str,
+    *,
+    node: str,
+    listeners: list[tuple[str, int, str, str]],
+    clusters: list[tuple[str, str]],
+    endpoints: dict[str, list[int]],
+) -> None:
+    """CDS, EDS and LDS for one node: ``listeners`` (name, port, cluster, target),
+    ``clusters`` (name, transport), ``endpoints`` (cluster -> ports on loopback)."""
+    server.set_resources(
+        CLUSTER_TYPE,
+        [docs.cluster(docs.cluster_doc(n, t)) for n, t in clusters],
+        version,
+        node=node,
+    )
+    server.set_resources(
+        ENDPOINT_TYPE,
+        [
+            docs.assignment(docs.cla_doc(n, [(LOOPBACK, p, "HEALTHY", None) for p in ports]))
+            for n, ports in endpoints.items()
+        ],
+        version,
+        node=node,
+    )
+    server.set_resources(
+        LISTENER_TYPE,
+        [docs.listener(docs.outbound_listener_doc(n, p, c, t)) for n, p, c, t in listeners],
+        version,
+        node=node,
+    )
