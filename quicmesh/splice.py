@@ -77,6 +77,11 @@ async def splice(
         is_tcp_error = isinstance(exc, OSError)
         stream.abort(ResetReason.CONNECT_ERROR if is_tcp_error else ResetReason.CANCELLED)
         _reset_tcp(writer)
+    except asyncio.CancelledError:
+        # Abandoned (the caller's task was cancelled): reset both sides, not leak them.
+        stream.abort()
+        _reset_tcp(writer)
+        raise
     finally:
         for task in tasks:
             task.cancel()

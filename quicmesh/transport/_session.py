@@ -117,7 +117,14 @@ class SessionConnection(PeerConnection):
         self.streams_opened += 1
         self._schedule_transmit()
         if wait_response:
-            await stream.wait_accepted()
+            try:
+                await stream.wait_accepted()
+            except BaseException:
+                # Refused, lost, or abandoned by the caller (a timeout cancels us): a
+                # stream nobody will read must not hold its slot or its peer's
+                # destination connection, so reset it both ways (no-op once closed).
+                stream.abort()
+                raise
         return stream
 
     def close(self) -> None:
@@ -355,6 +362,10 @@ class SessionConnection(PeerConnection):
     async def _run_handler(self, handler: StreamHandler, stream: MeshStream) -> None:
         try:
             await handler(stream)
+        except asyncio.CancelledError:
+            # The handler was abandoned (shutdown): the peer must not wait for it.
+            stream.abort()
+            raise
         except TunnelError as exc:
             self.log.info("stream %d to %s ended: %s", stream.stream_id, stream.target, exc)
             stream.abort()

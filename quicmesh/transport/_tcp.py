@@ -584,4 +584,9 @@ async def open_connection(
         ) from None
     except OSError as exc:
         raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    except asyncio.CancelledError:
+        # Abandoned mid-dial (the caller timed out): no half-open connection is kept.
+        if protocol is not None:
+            protocol.abort()
+        raise
     return protocol
