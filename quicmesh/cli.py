@@ -1,7 +1,9 @@
 """The ``quicmesh`` command: ``demo``, ``sidecar``, ``intercept``, ``bench``, ``netem``.
 
 ``main(argv) -> int`` never lets a traceback reach the user for bad input: errors
-are one line on stderr and exit code 2.
+are one line on stderr and exit code 2. ``sidecar``, ``bench NAME`` and ``netem``
+hand everything after their name to their own parser, so their options and
+``--help`` are theirs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from . import __version__
+from .congestion import CONGESTION_CONTROLS, default_congestion_control
 from .errors import QuicmeshError
 
 BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration", "intercept")
@@ -35,41 +39,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
+    parser.add_argument("--version", action="version", version=f"quicmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser(
         "demo", help="loopback demo: app <- sidecar B <- QUIC <- sidecar A <- clients"
     )
-    demo.add_argument("--transport", choices=("quic", "h2", "tcp"), default="quic")
+    demo.add_argument(
+        "--transport",
+        choices=("quic", "h2", "tcp"),
+        default="quic",
+        help="how sidecar A reaches sidecar B (default quic)",
+    )
     demo.add_argument("--flows", type=int, default=32, help="concurrent client flows (default 32)")
     demo.add_argument("--duration", type=float, default=5.0, help="seconds of load (default 5)")
     demo.add_argument(
         "--size", type=int, default=16384, help="bytes each request sends (default 16384)"
     )
-    demo.add_argument("--congestion-control", choices=("reno", "cubic", "bbr"), default="cubic")
-    bench = sub.add_parser(
-        "bench", help=f"run a benchmark: {', '.join(BENCHMARKS)}", add_help=False
+    demo.add_argument(
+        "--congestion-control",
+        choices=CONGESTION_CONTROLS,
+        default=None,
+        help="QUIC congestion control of sidecar A's clusters "
+        f"(default: like the host's TCP, here {default_congestion_control()})",
     )
-    bench.add_argument("name", help=f"one of: {', '.join(BENCHMARKS)}")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    netem = sub.add_parser(
-        "netem", help="run a command behind an emulated link (root)", add_help=False
+    # The passthrough subcommands: main() hands their arguments to their own parsers.
+    sub.add_parser(
+        "bench",
+        help=f"run a benchmark: quicmesh bench {{{','.join(BENCHMARKS)}}} [--help]",
+        add_help=False,
     )
-    netem.add_argument("args", nargs=argparse.REMAINDER)
-    sidecar = sub.add_parser(
-        "sidecar", help="run a sidecar proxy: quicmesh sidecar -c FILE", add_help=False
+    sub.add_parser(
+        "netem",
+        help="run a command behind an emulated link (root): quicmesh netem --help",
+        add_help=False,
     )
-    sidecar.add_argument("args", nargs=argparse.REMAINDER)
-    intercept = sub.add_parser(
+    sub.add_parser("sidecar", help="run a sidecar proxy: quicmesh sidecar -c FILE", add_help=False)
+    sub.add_parser(
         "intercept",
         help="install or remove transparent-interception rules (nftables, root)",
         add_help=False,
     )
-    intercept.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
-PASSTHROUGH = ("sidecar", "intercept")
-"""Subcommands whose arguments go untouched to their own parser (``-c`` included)."""
+PASSTHROUGH = ("sidecar", "intercept", "bench", "netem")
+"""Subcommands whose arguments go untouched to their own parser (``-c``, ``--help`` included)."""
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -102,13 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args)
         if args.command == "bench":
-            if args.name not in BENCHMARKS:
-                return _fail(
-                    f"quicmesh bench: unknown benchmark {args.name!r}: "
-                    f"choose one of {', '.join(BENCHMARKS)}"
-                )
-            module = importlib.import_module(f"quicmesh.bench.{args.name}")
-            return int(module.main(args.args))
+            return _bench(args.args)
         if args.command == "netem":
             from .netem.cli import main as netem_main
 
@@ -126,6 +134,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _bench(argv: list[str]) -> int:
+    if not argv:
+        return _fail(f"quicmesh bench: name a benchmark: one of {', '.join(BENCHMARKS)}")
+    if argv[0] in ("-h", "--help"):
+        print(_bench_usage(), end="")
+        return 0
+    name = argv[0]
+    if name not in BENCHMARKS:
+        return _fail(
+            f"quicmesh bench: unknown benchmark {name!r}: choose one of {', '.join(BENCHMARKS)}"
+        )
+    try:
+        module = importlib.import_module(f"quicmesh.bench.{name}")
+    except ImportError as exc:
+        return _fail(f"quicmesh bench {name}: cannot be loaded: {exc}")
+    return int(module.main(argv[1:]))
+
+
+def _bench_usage() -> str:
+    """``quicmesh bench --help``: each benchmark with the first line of its docstring."""
+    lines = [
+        f"usage: quicmesh bench {{{','.join(BENCHMARKS)}}} [OPTIONS]",
+        "",
+        "Run one benchmark; `quicmesh bench NAME --help` lists its options.",
+        "",
+    ]
+    for name in BENCHMARKS:
+        try:
+            module = importlib.import_module(f"quicmesh.bench.{name}")
+        except ImportError as exc:
+            summary = f"(cannot be loaded: {exc})"
+        else:
+            first = (module.__doc__ or "").strip().splitlines()[0]
+            summary = first.split("``: ", 1)[-1]
+        lines.append(f"  {name:<11} {summary}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

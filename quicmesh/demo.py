@@ -170,7 +170,8 @@ def sidecar_configs(
             "circuit_breakers": {"max_concurrent_streams": 4096, "max_pending_opens": 4096},
         }
         if args.transport == "quic":
-            config["congestion_control"] = args.congestion_control
+            if args.congestion_control is not None:  # None: the host's TCP default
+                config["congestion_control"] = args.congestion_control
             config["early_data"] = ticket_cache is not None
         return config
 

@@ -6,10 +6,20 @@ these machines are noisy; none of them asserts a speed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The benchmarks' argument parser: a bad option is one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def source_state() -> dict[str, Any]:

@@ -70,7 +70,7 @@ from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
 from ..transport.stream import MeshStream
-from . import source_state
+from . import OneLineParser, source_state
 
 RATE_BPS = 20e6
 """The bottleneck rate, bits per second."""
@@ -1164,15 +1164,9 @@ def _positive(text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh bench congestion`` options."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="quicmesh bench congestion",
         description="Bulk goodput and queueing delay per congestion controller on an "
         "emulated link (needs root).",

@@ -65,8 +65,8 @@ from ..netem import (
 )
 from ..netem.system import NetemError, missing_privileges, write_sysctl
 from ..tls import DevCA
+from . import OneLineParser, source_state
 from . import _hol_report as report
-from . import source_state
 from ._hol_worker import WorkerConfig
 
 TRANSPORT_VARIANTS = ("quic-bbr", "quic-cubic", "h2-bbr", "h2-cubic", "tcp-bbr", "tcp-cubic")
@@ -585,7 +585,7 @@ def _queue(text: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of ``quicmesh bench hol``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quicmesh bench hol",
         description="Head-of-line blocking: interactive latency next to a bulk flow on one "
         "peer connection, per transport and congestion control, on an emulated lossy link.",

@@ -25,7 +25,6 @@ What one run measures, on loopback through a relay that adds a one-way delay of
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -36,6 +35,7 @@ from typing import Any
 
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, TunnelError
 from ..errors import QuicmeshError
+from . import OneLineParser
 from .relay import TcpRelay, UdpRelay
 
 CASES = ("quic-migrate", "quic-rebind", "h2-rebind")
@@ -168,14 +168,22 @@ def format_table(rows: list[Row]) -> str:
             f"{row.case:<13} {stall} {rtts} {row.steady_gap_ms:>14.1f} "
             f"{row.flows_lost:>5} of {row.flows:<3} {row.received_bytes / 1e6:>12.1f}"
         )
+    lines += COLUMNS.splitlines()
     return "\n".join(lines)
+
+
+COLUMNS = """
+stall ms: longest gap between two reads (any flow) from the address change to the end
+  ('never': the connection broke and no flow resumed)
+RTTs: that stall divided by the round-trip time
+steady gap ms: longest gap between two reads before the change (the normal pace, for reference)
+flows lost: flows that failed; MB received: payload read by the client over all flows"""
+"""The legend printed under :func:`format_table`."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench migration [--rtt MS] [--flows N] [--duration S] [--quick] [--json F]``."""
-    parser = argparse.ArgumentParser(
-        prog="quicmesh bench migration", description=__doc__.split("\n")[0]
-    )
+    parser = OneLineParser(prog="quicmesh bench migration", description=__doc__.split("\n")[0])
     parser.add_argument("--rtt", type=float, default=40.0, help="round-trip time, ms (40)")
     parser.add_argument("--flows", type=int, default=4, help="flows on the connection (4)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per case (4)")

@@ -61,6 +61,7 @@ from .. import TRANSPORTS, DevCA, Identity, MeshStream, PeerConnection, TrustBun
 from ..errors import QuicmeshError
 from ..transport.quic import UDP_SOCKET_BUFFER
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
+from . import OneLineParser
 
 REFERENCE = "aioquic"
 """Name of the raw-aioquic reference in the table and the JSON output."""
@@ -668,7 +669,7 @@ def _parse_list(text: str, convert: Callable[[str], Any]) -> list[Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of ``quicmesh bench throughput``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quicmesh bench throughput",
         description="Bulk download over each transport and over raw aioquic (HTTP/3 GET), "
         "on loopback, servers in a child process.",

@@ -26,7 +26,6 @@ with a fixed round-trip time (``--rtt``, default 50 ms, no loss):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
+from . import OneLineParser
 
 REQUEST = b"G" * 64
 RESPONSE = b"R" * 64
@@ -185,12 +185,21 @@ def format_table(rows: list[Row]) -> str:
             f"{row.case:<11} {row.median_ms:>10.1f} {row.min_ms:>8.1f} {row.max_ms:>8.1f} "
             f"{row.rtts:>6.2f} {row.expected_rtts:>9}"
         )
+    lines += COLUMNS.splitlines()
     return "\n".join(lines)
+
+
+COLUMNS = """
+median / min / max ms: from just before connect() to the first response byte
+RTTs: the median divided by the round-trip time (handshake plus request round trips)
+expected: the round trips the protocol needs (h2: TCP + TLS + request = 3, quic-1rtt: 2,
+  quic-0rtt: 1); RTTs above it are time spent on CPU or waiting for timers"""
+"""The legend printed under :func:`format_table`."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench ttfb [--rtt MS] [--trials N] [--cases ...] [--quick] [--json FILE]``."""
-    parser = argparse.ArgumentParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
     parser.add_argument("--rtt", type=float, default=None, help="round-trip time, ms (50)")
     parser.add_argument("--trials", type=int, default=None, help="connections per case (10)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")

@@ -12,7 +12,9 @@ imported. The layers:
   machine, fed with packet events and times;
 - :mod:`~quicmesh.congestion.adaptor`: :class:`BbrCongestionControl`, aioquic's
   controller interface around the model, and :func:`enable_model_pacing`, which
-  makes a connection's pacer run at the model's rate.
+  makes a connection's pacer run at the model's rate;
+- :mod:`~quicmesh.congestion.host`: :func:`default_congestion_control`, the
+  default of transports and sidecar clusters: the host's TCP algorithm.
 
 A transport selecting BBR does::
 
@@ -34,9 +36,11 @@ from .adaptor import (
 )
 from .bbr import BbrModel, BbrState
 from .delivery import DeliveryRateSampler, RateSample
+from .host import CONGESTION_CONTROLS, congestion_control_like, default_congestion_control
 
 __all__ = [
     "BBR",
+    "CONGESTION_CONTROLS",
     "BbrCongestionControl",
     "BbrModel",
     "BbrState",
@@ -44,7 +48,9 @@ __all__ = [
     "ModelPacer",
     "RateSample",
     "available_congestion_controls",
+    "congestion_control_like",
     "congestion_controller",
+    "default_congestion_control",
     "enable_model_pacing",
     "ensure_registered",
 ]

@@ -1,9 +1,13 @@
-"""The JSON access log: one line per flow, written when the flow ends.
+"""The access log: one line per flow, written when the flow ends.
 
-A :class:`FlowRecord` says when a flow started, how long it lasted, the bytes it
-carried each way, where it went (target, endpoint, transport), who asked (peer
-identity) and how it ended (:class:`Outcome`, with a reason when it did not
-complete). :class:`AccessLog` writes records to stdout or a file.
+A :class:`FlowRecord` says when a flow started, which flow it was (``flow_id``:
+the W3C trace id both sidecars log, see :mod:`.tracing`), how long it lasted,
+the bytes it carried each way, where it came from (``downstream``) and went
+(target, endpoint, transport), who asked (peer identity) and how it ended
+(:class:`Outcome`, with a reason when it did not complete). :class:`AccessLog`
+writes records to stdout or a file, as JSON (the default), in the ``text``
+layout, or through a template of ``{field}`` names (:func:`parse_log_format`),
+and reopens its file on request (SIGUSR1, after logrotate moved it).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import datetime
 import enum
 import json
 import logging
+import re
+import string
 import sys
 from dataclasses import asdict, dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 logger = logging.getLogger("quicmesh.sidecar.accesslog")
 
@@ -63,9 +69,11 @@ class FlowRecord:
     reason: str = ""
     original_destination: str = ""
     """(captured flows) The address the application dialled, before the capture rules."""
+    flow_id: str = ""
+    """The flow's trace id, the same in both sidecars' lines (``traceparent`` on the hop)."""
 
-    def to_json(self) -> str:
-        """The record as one JSON line (no newline)."""
+    def fields(self) -> dict[str, Any]:
+        """The values of a log line, by the names of :data:`FIELDS`."""
         data = asdict(self)
         data["start"] = (
             datetime.datetime.fromtimestamp(self.start, datetime.UTC)
@@ -73,31 +81,140 @@ class FlowRecord:
             .replace("+00:00", "Z")
         )
         data["duration_ms"] = round(self.duration * 1000, 3)
-        del data["duration"]
         data["outcome"] = self.outcome.value
-        return json.dumps(data, separators=(",", ":"))
+        return {name: data[name] for name in FIELDS}
+
+    def to_json(self) -> str:
+        """The record as one JSON line (no newline)."""
+        return json.dumps(self.fields(), separators=(",", ":"))
+
+    def to_text(self, template: str) -> str:
+        """The record through a template checked by :func:`parse_log_format`; empty is ``-``."""
+        values = {
+            name: "-" if value == "" else _CONTROL.sub(_escape, str(value))
+            for name, value in self.fields().items()
+        }
+        return template.format_map(values)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    """A control character (a newline in a reason) as ``\\xNN``: a record stays one line."""
+    return f"\\x{ord(match.group()):02x}"
+
+
+FIELDS = (
+    "start",
+    "flow_id",
+    "listener",
+    "direction",
+    "downstream",
+    "target",
+    "transport",
+    "peer_identity",
+    "endpoint",
+    "bytes_sent",
+    "bytes_received",
+    "outcome",
+    "reason",
+    "original_destination",
+    "duration_ms",
+)
+"""The fields of a log line, in JSON order; a template names them as ``{field}``."""
+
+JSON = "json"
+"""The default format: one JSON object per line."""
+
+TEXT = (
+    "[{start}] {flow_id} {direction} {listener} {downstream} -> {target} {transport} "
+    "{endpoint} {peer_identity} {outcome} {bytes_sent} {bytes_received} {duration_ms}ms "
+    "{reason}"
+)
+"""The ``text`` format: space-separated fields, ``-`` for an empty one, the reason last."""
+
+
+def parse_log_format(value: object) -> str:
+    """``json``, ``text`` or a template such as ``"{start} {flow_id} {outcome}"``.
+
+    Returns ``"json"`` or the template. A template is one line naming only
+    :data:`FIELDS` in braces (``{{`` and ``}}`` are literal braces), without
+    conversions or format specifications.
+
+    :raises ValueError: the format is not one of these.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected json, text or a template of {field} names")
+    if value == JSON:
+        return JSON
+    if value == "text":
+        return TEXT
+    if _CONTROL.search(value):
+        raise ValueError("a template must be one line of printable characters")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"invalid template: {exc}") from None
+    names = [name for _, name, _, _ in parts if name is not None]
+    if not names:
+        raise ValueError("expected json, text or a template naming at least one {field}")
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in FIELDS:
+            raise ValueError(f"unknown field {{{name}}} (known: {', '.join(FIELDS)})")
+        if spec or conversion:
+            raise ValueError(f"{{{name}}}: conversions and format specifications are not allowed")
+    return value
 
 
 class AccessLog:
-    """Writes :class:`FlowRecord` lines to stdout (``"-"``), a file, or nowhere (``None``)."""
+    """Writes :class:`FlowRecord` lines to stdout (``"-"``), a file, or nowhere (``None``).
 
-    def __init__(self, path: str | None) -> None:
+    :param log_format: ``"json"`` or a template returned by :func:`parse_log_format`.
+    """
+
+    def __init__(self, path: str | None, log_format: str = JSON) -> None:
         self.path = path
+        self.log_format = log_format
         self._file: TextIO | None = None
         if path == "-":
             self._file = sys.stdout
         elif path is not None:
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
+    def format(self, record: FlowRecord) -> str:
+        """One line (no newline) in this log's format."""
+        if self.log_format == JSON:
+            return record.to_json()
+        return record.to_text(self.log_format)
+
     def write(self, record: FlowRecord) -> None:
         """Append one line and flush, so a crash loses no finished flow."""
         if self._file is None:
             return
         try:
-            self._file.write(record.to_json() + "\n")
+            self._file.write(self.format(record) + "\n")
             self._file.flush()
         except (OSError, ValueError) as exc:
             logger.warning("cannot write the access log: %s", exc)
+
+    def reopen(self) -> None:
+        """Open the file again by its path (after logrotate moved it); stdout stays.
+
+        If the path cannot be opened, the current file is kept and a warning logged.
+        """
+        if self.path is None or self.path == "-" or self._file is None:
+            return
+        try:
+            new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        except OSError as exc:
+            logger.warning("cannot reopen the access log %s: %s", self.path, exc.strerror or exc)
+            return
+        old, self._file = self._file, new
+        old.close()
+        logger.info("reopened the access log %s", self.path)
 
     def close(self) -> None:
         """Close the file (stdout stays open)."""

@@ -3,7 +3,7 @@
 Exit codes: 0 after a clean drain, 2 for an invalid configuration (one line on
 stderr naming the file, field and problem), 1 when the sidecar cannot start
 (an address in use). SIGHUP reloads the configuration file; SIGTERM and SIGINT
-drain.
+drain; SIGUSR1 reopens the access log file (for logrotate, as Envoy does).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"quicmesh sidecar: {exc}", file=sys.stderr)
             return 2
+        for warning in config.warnings:
+            print(f"quicmesh sidecar: warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
     _configure_logging(args.log_level)
@@ -148,5 +150,6 @@ async def _run(config: object, path: str) -> int:
     loop.add_signal_handler(signal.SIGTERM, sidecar.begin_drain)
     loop.add_signal_handler(signal.SIGINT, sidecar.begin_drain)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, sidecar.reopen_logs)
     await sidecar.wait_drained()
     return 0

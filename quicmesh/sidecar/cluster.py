@@ -163,13 +163,18 @@ class Cluster:
     # -- flows ----------------------------------------------------------------
 
     async def open_flow(
-        self, *, target: str | None = None, endpoint: Address | None = None
+        self,
+        *,
+        target: str | None = None,
+        endpoint: Address | None = None,
+        headers: dict[str, str] | None = None,
     ) -> OpenedFlow:
         """Open a tunnel stream to the cluster's target on a chosen endpoint.
 
         :param target: the CONNECT authority instead of the configured ``target``
             (a captured connection's original destination).
         :param endpoint: use only this endpoint (the peer fronting the destination).
+        :param headers: sent in the CONNECT besides the cluster's own (e.g. ``traceparent``).
 
         :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
             every attempt failed, or the peer refused the stream.
@@ -182,12 +187,16 @@ class Cluster:
                 f"({self.config.circuit_breakers.max_concurrent_streams}) reached",
             )
         try:
-            return await self._open_with_retries(target or self.config.target, endpoint)
+            return await self._open_with_retries(
+                target or self.config.target, endpoint, {**self.headers, **(headers or {})}
+            )
         except BaseException:
             self.breaker.release_stream()
             raise
 
-    async def _open_with_retries(self, target: str, pinned: Address | None) -> OpenedFlow:
+    async def _open_with_retries(
+        self, target: str, pinned: Address | None, headers: dict[str, str]
+    ) -> OpenedFlow:
         tried: set[Address] = set()
         last: FlowRefused | None = None
         for attempt in range(self.config.connect_retries + 1):
@@ -212,7 +221,7 @@ class Cluster:
             if attempt > 0:
                 self.stats.retries += 1
             try:
-                return await self._open_on(endpoint, target)
+                return await self._open_on(endpoint, target, headers)
             except FlowRefused as exc:
                 if exc.outcome is not Outcome.CONNECT_FAILED:
                     raise
@@ -220,7 +229,9 @@ class Cluster:
         assert last is not None
         raise last
 
-    async def _open_on(self, endpoint: Endpoint, target: str) -> OpenedFlow:
+    async def _open_on(
+        self, endpoint: Endpoint, target: str, headers: dict[str, str]
+    ) -> OpenedFlow:
         if not self.breaker.try_begin_pending():
             self.stats.overflows["max_pending_opens"] += 1
             raise FlowRefused(
@@ -231,7 +242,7 @@ class Cluster:
             )
         try:
             stream, connection, early = await asyncio.wait_for(
-                endpoint.pool.open_stream(target, self.headers),
+                endpoint.pool.open_stream(target, headers),
                 self.config.connect_timeout,
             )
         except PoolOverflow as exc:

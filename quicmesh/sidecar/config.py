@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ..congestion.host import default_congestion_control
 from ..errors import ConfigError
+from .accesslog import parse_log_format
 
 Address = tuple[str, int]
 
@@ -88,9 +90,11 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class AccessLogConfig:
-    """Where the JSON access log goes: ``"-"`` is stdout, ``None`` disables it."""
+    """Where the access log goes: ``"-"`` is stdout, ``None`` disables it."""
 
     path: str | None = "-"
+    format: str = "json"
+    """``"json"`` or a template of ``{field}`` names (``text`` is loaded as its template)."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,8 @@ class ClusterConfig:
     endpoints: tuple[Address, ...]
     endpoints_file: str | None = None
     load_balancing: str = "round_robin"
-    congestion_control: str = "cubic"
+    congestion_control: str = field(default_factory=default_congestion_control)
+    """QUIC only; by default the host's TCP algorithm (``net.ipv4.tcp_congestion_control``)."""
     max_datagram_size: int = 1200
     """QUIC only: largest UDP payload the cluster's connections send (1200-1452)."""
     early_data: bool = False
@@ -271,6 +276,9 @@ class SidecarConfig:
     xds: XdsConfig | None = None
     """Set: listeners and clusters come from this ADS server (see docs/xds.md)."""
     intercept: InterceptConfig | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """Problems that did not stop the load, one line each (e.g. a QUIC-only field on an
+    h2 cluster, ignored): the CLI prints them, the sidecar logs them at start and reload."""
 
     def cluster(self, name: str) -> ClusterConfig:
         """The cluster called ``name`` (the loader guarantees listeners' clusters exist)."""
@@ -589,6 +597,7 @@ class _Loader:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.warnings: list[str] = []
 
     def path(self, node: _Field) -> str:
         text = node.string()
@@ -650,6 +659,7 @@ class _Loader:
             clusters=clusters,
             xds=xds,
             intercept=intercept,
+            warnings=tuple(self.warnings),
         )
 
     def xds(self, node: _Field) -> XdsConfig | None:
@@ -781,12 +791,15 @@ class _Loader:
     def access_log(self, node: _Field) -> AccessLogConfig:
         if node.value is None:
             return AccessLogConfig()
-        node.only_keys({"path"})
+        node.only_keys({"path", "format"})
+        fmt = node.child("format")
+        log_format = fmt.convert(parse_log_format) if fmt.value is not None else "json"
         path = node.child("path")
         if path.value is None:
-            return AccessLogConfig(path=None)
+            disabled = "path" in node.mapping()  # path: null
+            return AccessLogConfig(path=None if disabled else "-", format=log_format)
         text = path.string()
-        return AccessLogConfig(path="-" if text == "-" else self.path(path))
+        return AccessLogConfig(path="-" if text == "-" else self.path(path), format=log_format)
 
     def drain(self, node: _Field) -> DrainConfig:
         if node.value is None:
@@ -901,9 +914,13 @@ class _Loader:
         datagram = node.child("max_datagram_size")
         early = node.child("early_data")
         if transport != "quic":
+            # Checked like on a quic cluster but ignored: switching a cluster's transport
+            # is a one-line change (examples/README.md).
             for option in (congestion, datagram, early):
                 if option.value is not None:
-                    raise option.error("applies to quic clusters only")
+                    self.warnings.append(
+                        str(option.error(f"applies to quic clusters only: ignored for {transport}"))
+                    )
         return ClusterConfig(
             name=node.child("name").required().name(),
             transport=transport,
@@ -911,7 +928,9 @@ class _Loader:
             endpoints=endpoints,
             endpoints_file=endpoints_file,
             load_balancing=_or_default(node.child("load_balancing"), "round_robin", LB_POLICIES),
-            congestion_control=_or_default(congestion, "cubic", CONGESTION_CONTROLS),
+            congestion_control=_or_default(
+                congestion, default_congestion_control(), CONGESTION_CONTROLS
+            ),
             max_datagram_size=_int_or(datagram, 1200, 1200, 1452),
             early_data=early.boolean() if early.value is not None else False,
             health_check=self.health_check(node.child("health_check")),

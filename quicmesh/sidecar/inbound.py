@@ -4,7 +4,10 @@ One listener serves several transports on one port number (QUIC on UDP, H2 or
 TCP on TCP, like HBONE's 15008). Each stream is checked against the listener's
 destination allow-list and identity policies (:mod:`.policy`): a refused stream
 is answered 403 with the reason, and a destination that cannot be reached 502,
-both logged. An accepted stream is spliced onto a TCP connection to its target.
+both logged. A flow's ``flow_id`` is the trace id of its ``traceparent`` header
+(sent by the peer sidecar, or by any W3C-traced client), a new one without it;
+``downstream`` is the peer sidecar's address. An accepted stream is spliced onto
+a TCP connection to its target.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .config import InboundListenerConfig, format_address
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .policy import refusal_reason, split_target
 from .stats import ListenerStats
+from .tracing import continue_or_start
 
 logger = logging.getLogger("quicmesh.sidecar.inbound")
 
@@ -161,7 +165,7 @@ class InboundListener:
             duration=0.0,
             listener=config.name,
             direction="inbound",
-            downstream="",
+            downstream=stream.peer_address,
             target=stream.target,
             transport=stream.transport,
             peer_identity=stream.peer_identity,
@@ -169,6 +173,7 @@ class InboundListener:
             bytes_sent=0,
             bytes_received=0,
             outcome=Outcome.COMPLETED,
+            flow_id=continue_or_start(stream.headers).trace_id,
         )
         try:
             await self._forward(stream, config, record)

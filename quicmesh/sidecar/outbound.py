@@ -1,9 +1,11 @@
 """Outbound listeners: local TCP connections proxied through a cluster.
 
 Each accepted connection becomes one flow: the cluster opens a tunnel stream on
-a pooled peer connection and :func:`quicmesh.splice` copies bytes both ways. A
-flow the cluster cannot open is answered with a TCP reset, so the local client
-sees a failure rather than an empty response, and is logged with its reason.
+a pooled peer connection and :func:`quicmesh.splice` copies bytes both ways. The
+flow starts a trace: its CONNECT carries a ``traceparent`` whose trace id is the
+``flow_id`` of both sidecars' access-log lines. A flow the cluster cannot open
+is answered with a TCP reset, so the local client sees a failure rather than an
+empty response, and is logged with its reason.
 A flow opened in 0-RTT learns of a refusal only once it is spliced; it is
 logged as refused all the same.
 """
@@ -26,6 +28,8 @@ from .cluster import Cluster, FlowRefused
 from .config import Address, OutboundListenerConfig, format_address
 from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
+from .tracing import HEADER as TRACE_HEADER
+from .tracing import TraceContext
 
 logger = logging.getLogger("quicmesh.sidecar.outbound")
 
@@ -121,10 +125,15 @@ async def proxy_to_cluster(
 
     A flow the cluster cannot open is answered with a TCP reset. ``target`` and
     ``endpoint`` override the cluster's CONNECT authority and endpoint choice
-    (see :meth:`Cluster.open_flow`).
+    (see :meth:`Cluster.open_flow`). The flow starts a trace: its CONNECT carries
+    a ``traceparent`` whose trace id is ``record.flow_id``.
     """
+    trace = TraceContext.new()
+    record.flow_id = trace.trace_id
     try:
-        flow = await cluster.open_flow(target=target, endpoint=endpoint)
+        flow = await cluster.open_flow(
+            target=target, endpoint=endpoint, headers={TRACE_HEADER: trace.header()}
+        )
     except FlowRefused as exc:
         record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint
         reset_connection(writer)

@@ -98,7 +98,7 @@ class Sidecar:
         self.certs = CertificateSource(config, self.identity, self.trust)
         self.ticket_cache = TicketCache(config.tls.ticket_cache)
         self.flows = FlowTracker()
-        self.access_log = AccessLog(config.access_log.path)
+        self.access_log = AccessLog(config.access_log.path, config.access_log.format)
         self.metrics = Metrics(self.snapshot)
         self.admin = AdminServer(self, config.admin.address)
         self.clusters: dict[str, Cluster] = {}
@@ -153,6 +153,8 @@ class Sidecar:
         if problem is not None:
             logger.error("not ready: %s", problem)
         self.ready = True
+        for warning in self.config.warnings:
+            logger.warning("%s", warning)
         logger.info(
             "sidecar %s (%s) ready: admin %s, outbound %s, inbound %s",
             self.config.node.name,
@@ -265,6 +267,10 @@ class Sidecar:
     def _log_flow(self, record: FlowRecord) -> None:
         self.access_log.write(record)
 
+    def reopen_logs(self) -> None:
+        """Reopen the access log file by its path (SIGUSR1, as Envoy: after logrotate)."""
+        self.access_log.reopen()
+
     # -- reload ----------------------------------------------------------------
 
     async def reload(self) -> bool:
@@ -297,6 +303,8 @@ class Sidecar:
                         f"{self.config_path}: intercept ports cannot change on reload: restart"
                     )
                 await self._apply(new)
+                for warning in new.warnings:
+                    logger.warning("%s", warning)
             except QuicmeshError as exc:
                 self.reloads["rejected"] += 1
                 logger.error("reload rejected, keeping the running configuration: %s", exc)

@@ -37,7 +37,7 @@ from ..tls import peer_identity_from_ssl
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
 from ._session import SessionConnection
-from .base import Address, Authorizer, Listener, StreamHandler
+from .base import Address, Authorizer, Listener, StreamHandler, host_port
 
 logger = logging.getLogger("quicmesh.transport.tls")
 
@@ -75,6 +75,10 @@ class TlsPeerConnection(SessionConnection):
         super().__init__(protocol.session, **kwargs)
         self.protocol = protocol
         self.transport_name = transport_name
+
+    @property
+    def peer_address(self) -> str:
+        return self.protocol.peer_address()
 
     def _transmit(self) -> None:
         self.protocol.flush()
@@ -277,6 +281,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
         """Reset the TCP connection (RST)."""
         if self._transport is not None and not self._closing:
             self._abort()
+
+    def peer_address(self) -> str:
+        """The remote ``host:port`` of the TCP connection, ``""`` once it is gone."""
+        if self._transport is None:
+            return ""
+        return host_port(self._transport.get_extra_info("peername"))
 
     def tcp_info(self) -> dict[str, Any]:
         """RTT, congestion window and retransmissions from the kernel (Linux), if available."""

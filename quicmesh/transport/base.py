@@ -24,6 +24,15 @@ Authorizer = Callable[[str, str], bool]
 """``authorize(peer_spiffe_id, target) -> bool``: may this peer reach this target?"""
 
 
+def host_port(address: Any) -> str:
+    """A socket address (``(host, port, ...)``) as ``host:port`` or ``[v6]:port``; ``""``
+    for anything else."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return ""
+    host, port = str(address[0]), address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class PeerConnection(ABC):
     """A connection to one peer sidecar that carries many streams."""
 
@@ -50,6 +59,11 @@ class PeerConnection(ABC):
     def early_data(self) -> str:
         """0-RTT outcome: ``"none"``, ``"attempted"``, ``"accepted"`` or ``"rejected"``."""
         return "none"
+
+    @property
+    def peer_address(self) -> str:
+        """The peer sidecar's address now, ``host:port`` (``[v6]:port``); ``""`` if unknown."""
+        return ""
 
     @property
     @abstractmethod

@@ -68,7 +68,7 @@ from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3Tunn
 from ..tunnel.session import ResetReason
 from . import _udp
 from ._session import SessionConnection
-from .base import Address, Authorizer, Listener, StreamHandler, Transport
+from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
 from .stream import MeshStream
 from .tickets import TicketCache, TicketStore
 
@@ -147,6 +147,11 @@ class QuicPeerConnection(SessionConnection):
 
     def _close_transport(self) -> None:
         self.protocol.close_socket_when_done()
+
+    @property
+    def peer_address(self) -> str:
+        path = _aioquic.active_path(self.protocol._quic)
+        return host_port(path[0]) if path is not None else ""
 
     def stats(self) -> dict[str, Any]:
         """Counters of :class:`~quicmesh.PeerConnection` plus QUIC's: ``early_data``,
@@ -740,7 +745,9 @@ class QuicTransport(Transport):
 
     :param identity: this sidecar's certificate and key.
     :param trust: the CAs peers' certificates must chain to.
-    :param congestion_control: ``"reno"``, ``"cubic"`` (aioquic's) or ``"bbr"``.
+    :param congestion_control: ``"reno"``, ``"cubic"`` (aioquic's) or ``"bbr"``; by
+        default the host's TCP algorithm
+        (:func:`~quicmesh.congestion.default_congestion_control`).
     :param idle_timeout: seconds of silence before a connection is dropped.
     :param stream_window: receive window per stream, in bytes.
     :param connection_window: receive window per connection, in bytes.
@@ -782,7 +789,7 @@ class QuicTransport(Transport):
         *,
         identity: Identity,
         trust: TrustBundle,
-        congestion_control: str = "cubic",
+        congestion_control: str | None = None,
         idle_timeout: float = 60.0,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
@@ -797,6 +804,10 @@ class QuicTransport(Transport):
         max_datagram_size: int = 1200,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
+        if congestion_control is None:
+            from ..congestion.host import default_congestion_control
+
+            congestion_control = default_congestion_control()
         if congestion_control == "bbr":
             from .. import congestion
 

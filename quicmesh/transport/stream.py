@@ -30,6 +30,10 @@ class StreamChannel(Protocol):
 
     transport_name: str
 
+    @property
+    def peer_address(self) -> str:
+        """The peer's address (``host:port``), ``""`` if unknown."""
+
     def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
         """Queue bytes (and the half-close) on the stream."""
 
@@ -102,6 +106,11 @@ class MeshStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = self._loop.create_future()
+
+    @property
+    def peer_address(self) -> str:
+        """The address of the peer sidecar carrying this flow now (``host:port``), or ``""``."""
+        return self._channel.peer_address
 
     def __repr__(self) -> str:
         side = "client" if self.is_client else "server"

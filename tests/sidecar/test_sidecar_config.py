@@ -222,10 +222,25 @@ def test_errors_name_file_field_and_problem(path: list[Any], value: Any, message
     assert "\n" not in error
 
 
-def test_quic_only_options_are_refused_on_other_transports() -> None:
-    document = mutate(["clusters", 0, "transport"], "tcp")
-    error = error_of(document)
-    assert error.startswith("sidecar.yaml: clusters[0].congestion_control: applies to quic")
+@pytest.mark.parametrize("transport", ["h2", "tcp"])
+def test_quic_only_options_are_ignored_with_a_warning_on_other_transports(transport: str) -> None:
+    # examples/README.md: switching a cluster's transport is a one-line change.
+    document = mutate(["clusters", 0, "transport"], transport)
+    config = load(document)
+    assert config.clusters[0].transport == transport
+    assert [w.split(": ")[1] for w in config.warnings] == [
+        "clusters[0].congestion_control",
+        "clusters[0].max_datagram_size",
+        "clusters[0].early_data",
+    ]
+    assert config.warnings[0] == (
+        "sidecar.yaml: clusters[0].congestion_control: applies to quic clusters only: "
+        f"ignored for {transport}"
+    )
+    # Still checked: a typo is an error whatever the transport.
+    document["clusters"][0]["congestion_control"] = "bbrr"
+    assert "clusters[0].congestion_control" in error_of(document)
+    assert load(VALID).warnings == ()
 
 
 def test_invalid_yaml_names_the_line() -> None:

@@ -1,0 +1,138 @@
+"""The ``quicmesh`` command as a user runs it: the console script and ``python -m quicmesh``
+in a subprocess, never ``main()`` in-process (which would miss the top-level parser)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import quicmesh
+from quicmesh.bench import migration, ttfb
+from quicmesh.cli import BENCHMARKS
+
+SCRIPT = shutil.which("quicmesh")
+
+
+def run(*argv: str, script: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a child process, with this checkout on its path."""
+    if script:
+        assert SCRIPT is not None, "the quicmesh console script is not on PATH: pip install -e ."
+        command = [SCRIPT, *argv]
+    else:
+        command = [sys.executable, "-m", "quicmesh", *argv]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+BOTH = pytest.mark.parametrize("script", [False, True], ids=["python-m", "script"])
+
+
+@BOTH
+def test_version(script: bool) -> None:
+    result = run("--version", script=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"quicmesh {quicmesh.__version__}"
+
+
+@BOTH
+def test_top_level_help_lists_every_subcommand(script: bool) -> None:
+    result = run("--help", script=script)
+    assert result.returncode == 0, result.stderr
+    for command in ("demo", "sidecar", "bench", "netem"):
+        assert command in result.stdout
+
+
+@BOTH
+@pytest.mark.parametrize("command", ["netem", "bench", "sidecar", "demo"])
+def test_every_subcommand_has_help(script: bool, command: str) -> None:
+    result = run(command, "--help", script=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: quicmesh " + command)
+
+
+def test_netem_options_reach_its_parser() -> None:
+    # Parsed before the privilege check: a bad value is named whatever the user's rights.
+    result = run("netem", "--delay", "20parsecs", "--loss", "2%", "--", "true")
+    assert result.returncode == 2
+    assert "--delay" in result.stderr and "unrecognized" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    help_text = run("netem", "--help").stdout
+    for option in ("--delay", "--loss", "--rate", "--jitter", "--queue", "--server-command"):
+        assert option in help_text
+
+
+@pytest.mark.netns
+def test_netem_runs_the_readme_line() -> None:
+    script = 'test -n "$QUICMESH_NETEM_SERVER" && ip -o -4 addr show netem0'
+    result = run(
+        "netem", "--delay", "20ms", "--loss", "2%", "--rate", "20mbit", "--", "sh", "-c", script,
+        script=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "inet 10.77.0.1/30" in result.stdout
+    assert "client->server" in result.stderr
+
+
+def test_bench_help_names_every_benchmark() -> None:
+    result = run("bench", "--help", script=True)
+    assert result.returncode == 0, result.stderr
+    for name in BENCHMARKS:
+        assert f"  {name} " in result.stdout
+
+
+@pytest.mark.parametrize("name", ["throughput", "hol", "congestion", "ttfb", "migration"])
+def test_each_benchmark_has_help(name: str) -> None:
+    result = run("bench", name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: quicmesh bench {name}")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench"], "name a benchmark: one of throughput"),
+        (["bench", "nonsense"], "unknown benchmark 'nonsense'"),
+        (["bench", "ttfb", "--trials", "many"], "--trials"),
+        (["netem", "--rate", "fast"], "--rate"),
+        (["demo", "--flows", "0"], "--flows, --duration and --size must be positive"),
+        (["demo", "--congestion-control", "vegas"], "invalid choice"),
+        (["sidecar"], "-c/--config"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line(argv: list[str], message: str) -> None:
+    result = run(*argv)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_demo_option_has_help_text() -> None:
+    result = run("demo", "--help", script=True)
+    assert result.returncode == 0
+    options = result.stdout.split("options:", 1)[1]
+    # argparse puts an option's help on its line or the next one; an option with no help
+    # is followed directly by the next option.
+    lines = [line for line in options.splitlines() if line.strip()]
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        if line.startswith("  -"):
+            described = len(line.split("  ")) > 2 or not following.lstrip().startswith("-")
+            assert described, f"no help text for {line.strip()}"
+    for option in ("--transport", "--flows", "--duration", "--size", "--congestion-control"):
+        assert option in options
+
+
+def test_benchmark_tables_explain_their_columns() -> None:
+    rows = [migration.Row("quic-migrate", 40.0, 4, 0, 12.0, 0.3, 5.0, 1000)]
+    table = migration.format_table(rows)
+    for column in ("stall ms:", "RTTs:", "steady gap ms:", "flows lost:"):
+        assert column in table
+    ttfb_rows = [ttfb.Row("h2", 50.0, 3, 150.0, 149.0, 151.0, 3.0, 3, "n/a")]
+    table = ttfb.format_table(ttfb_rows)
+    for column in ("median / min / max ms:", "RTTs:", "expected:"):
+        assert column in table
