@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"quicmesh sidecar: {exc}", file=sys.stderr)
             return 2
-        for warning in config.warnings:
+        for warning in getattr(config, "warnings", ()):
             print(f"quicmesh sidecar: warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
