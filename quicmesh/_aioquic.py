@@ -19,6 +19,12 @@ covered by a test in ``tests/test_aioquic_layer.py``:
 * **QPACK blocked streams** (:class:`MeshH3Connection`): aioquic announces
   SETTINGS_QPACK_BLOCKED_STREAMS = 16; we announce 0 so that no request stream
   ever waits for another stream's encoder instructions.
+* **Decoded header-section limit** (:class:`MeshH3Connection`): aioquic announces
+  no SETTINGS_MAX_FIELD_SECTION_SIZE and pylsqpack decodes whatever a block
+  expands to (a "QPACK bomb": 60 KB referring 60,000 times to a 3.9 KB table
+  entry decodes to 234 MB). We announce the limit and bound each block's decoded
+  size from its wire bytes before pylsqpack sees it; a block over the limit
+  raises :class:`FieldSectionTooLarge`, and only its stream is refused.
 * **Packet-writer cost** (:class:`ActiveStreamScheduler`): aioquic's
   ``_write_application`` visits every stream for every packet it builds, so the
   cost of sending grows with the number of open streams. The scheduler shows the
@@ -54,24 +60,104 @@ from typing import Any
 
 import pylsqpack
 from aioquic import tls
-from aioquic.h3.connection import H3Connection
+from aioquic.h3.connection import H3Connection, Setting
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from cryptography import x509
 
+from .tunnel.qpack import FieldSectionBound, QpackFormatError
+
+
+class FieldSectionTooLarge(Exception):
+    """A header block would decode to more than the field-section limit.
+
+    Raised out of :meth:`MeshH3Connection.handle_event` before pylsqpack decodes
+    the block; the caller refuses (resets) that one stream and calls
+    :meth:`MeshH3Connection.abandon_stream`. The connection carries on.
+    """
+
+    def __init__(self, stream_id: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"stream {stream_id}: header section would decode to at least {size} bytes, "
+            f"more than {limit}"
+        )
+        self.stream_id = stream_id
+        self.size = size
+        self.limit = limit
+
+
+class _BoundedDecoder:
+    """pylsqpack's decoder behind a size check: each header block's decoded size is
+    bounded from its wire bytes (:class:`~quicmesh.tunnel.qpack.FieldSectionBound`)
+    and refused, undecoded, when the bound passes ``limit``."""
+
+    def __init__(self, decoder: pylsqpack.Decoder, max_table_capacity: int, limit: int) -> None:
+        self._decoder = decoder
+        self.bound = FieldSectionBound(max_table_capacity)
+        self.limit = limit
+
+    def feed_encoder(self, data: bytes) -> list[int]:
+        result: list[int] = self._decoder.feed_encoder(data)
+        self.bound.feed_encoder(data)
+        return result
+
+    def feed_header(self, stream_id: int, data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        try:
+            size = self.bound.section_size(data)
+        except QpackFormatError:
+            size = 0  # malformed: pylsqpack says so (a connection error, RFC 9204 2.2)
+        if size > self.limit:
+            raise FieldSectionTooLarge(stream_id, size, self.limit)
+        return self._decoder.feed_header(stream_id, data)
+
+    def resume_header(self, stream_id: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        return self._decoder.resume_header(stream_id)
+
+    def cancel_stream(self, stream_id: int) -> bytes:
+        return self._decoder.cancel_stream(stream_id)
+
 
 class MeshH3Connection(H3Connection):
-    """aioquic's HTTP/3 connection announcing no QPACK blocked streams.
+    """aioquic's HTTP/3 connection announcing no QPACK blocked streams, with a limit
+    on decoded header sections.
 
     With SETTINGS_QPACK_BLOCKED_STREAMS = 0 the peer's encoder only references
     dynamic-table entries we have acknowledged, so a HEADERS frame never waits
     on the encoder stream and streams never wait on each other (RFC 9204 2.1.2).
+
+    aioquic announces no SETTINGS_MAX_FIELD_SECTION_SIZE and pylsqpack decodes a
+    header block whatever it expands to. We announce ``max_field_section_size``
+    and check every block *before* decoding it: a block that could decode to
+    more raises :class:`FieldSectionTooLarge` (RFC 9114 4.2.2, RFC 9204 7.3).
+
+    :param max_field_section_size: decoded bytes (names, values, 32 per field).
     """
+
+    def __init__(self, quic: QuicConnection, max_field_section_size: int) -> None:
+        self.max_field_section_size = max_field_section_size
+        super().__init__(quic)
 
     def _init_connection(self) -> None:
         self._blocked_streams = 0
-        self._decoder = pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams)
+        self._decoder = _BoundedDecoder(  # type: ignore[assignment]
+            pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams),
+            self._max_table_capacity,
+            self.max_field_section_size,
+        )
         super()._init_connection()
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section_size
+        return settings
+
+    def abandon_stream(self, stream_id: int) -> None:
+        """Forget a request stream refused mid-frame; tell the peer's encoder that its
+        header block will not be decoded (Stream Cancellation, RFC 9204 4.4.2)."""
+        self._stream.pop(stream_id, None)
+        if self._local_decoder_stream_id is not None:
+            cancel = self._decoder.cancel_stream(stream_id)
+            self._quic.send_stream_data(self._local_decoder_stream_id, cancel)
 
 
 # -- TLS -----------------------------------------------------------------------

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 from ..errors import InvalidTarget
 
+MAX_FIELD_SECTION_SIZE = 60 * 1024
+"""Decoded size of a request's or response's header section, every transport: names
+and values plus 32 bytes per field (RFC 9114 4.2.2; Envoy's 60 KiB default). HTTP/3
+(SETTINGS_MAX_FIELD_SECTION_SIZE) and HTTP/2 (SETTINGS_MAX_HEADER_LIST_SIZE) announce
+it and refuse larger sections while decoding; HTTP/1.1 bounds the head's bytes."""
+
 MAX_HEADER_COUNT = 64
 """Extra headers one CONNECT request may carry."""
 

@@ -43,6 +43,7 @@ from h2.errors import ErrorCodes
 from ..errors import InvalidTarget
 from . import events
 from .connect import (
+    MAX_FIELD_SECTION_SIZE,
     Target,
     decode_proxy_status,
     encode_proxy_status,
@@ -60,7 +61,7 @@ DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 DEFAULT_MAX_STREAMS = 128
 """Concurrent streams the peer may open towards us (SETTINGS_MAX_CONCURRENT_STREAMS)."""
 
-MAX_HEADER_LIST_SIZE = 64 * 1024
+MAX_HEADER_LIST_SIZE = MAX_FIELD_SECTION_SIZE
 """SETTINGS_MAX_HEADER_LIST_SIZE; h2's HPACK decoder refuses larger header blocks."""
 
 SEND_QUANTUM = 16 * 1024

@@ -24,6 +24,7 @@ from .. import _aioquic
 from ..errors import InvalidTarget
 from . import events
 from .connect import (
+    MAX_FIELD_SECTION_SIZE,
     Target,
     decode_proxy_status,
     encode_proxy_status,
@@ -55,6 +56,9 @@ class H3TunnelSession(TunnelSession):
         initialised (server).
     :param stream_window: receive window per stream, raised as the application reads.
     :param connection_window: receive window of the whole connection.
+    :param max_field_section_size: decoded size of a header section (names, values
+        and 32 bytes per field) above which a stream is refused before its header
+        block is decoded: 431 to a request (then reset), a reset of a response.
     """
 
     def __init__(
@@ -63,8 +67,13 @@ class H3TunnelSession(TunnelSession):
         *,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
+        max_field_section_size: int = MAX_FIELD_SECTION_SIZE,
     ) -> None:
         self.quic = quic
+        self.max_field_section_size = max_field_section_size
+        self.sections_refused = 0
+        """Header sections refused, undecoded, for their decoded size."""
+        self._refused: set[int] = set()
         self.is_client = quic.configuration.is_client
         self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
         self.scheduler = _aioquic.ActiveStreamScheduler(quic, on_discard=self._on_discarded)
@@ -77,12 +86,13 @@ class H3TunnelSession(TunnelSession):
         self.flow_control.forget(stream_id)
         self._headers_done.discard(stream_id)
         self._stopped_reading.discard(stream_id)
+        self._refused.discard(stream_id)
 
     @property
     def h3(self) -> _aioquic.MeshH3Connection:
         """The HTTP/3 layer, created once the QUIC handshake has started."""
         if self._h3 is None:
-            self._h3 = _aioquic.MeshH3Connection(self.quic)
+            self._h3 = _aioquic.MeshH3Connection(self.quic, self.max_field_section_size)
         return self._h3
 
     # -- input -----------------------------------------------------------------
@@ -108,24 +118,37 @@ class H3TunnelSession(TunnelSession):
         stream_id = event.stream_id
         if not _is_request_stream(stream_id):
             return self._to_tunnel_events(self.h3.handle_event(event))
+        if stream_id in self._refused:
+            return []  # in flight before the peer saw our reset
         self.flow_control.track(stream_id)
         if stream_id not in self._headers_done:
             pending = self.flow_control.delivered_bytes(stream_id) + len(event.data)
             if pending > MAX_HEADER_STREAM_BYTES:
                 return self._reject_oversized(stream_id)
-        result = self._to_tunnel_events(self.h3.handle_event(event))
+        try:
+            h3_events_ = self.h3.handle_event(event)
+        except _aioquic.FieldSectionTooLarge as exc:
+            # Refused before decoding: nothing of the block was expanded.
+            self.sections_refused += 1
+            self._refused.add(stream_id)
+            self.h3.abandon_stream(stream_id)
+            return self._reject_oversized(stream_id, str(exc))
+        result = self._to_tunnel_events(h3_events_)
         payload = sum(len(e.data) for e in result if isinstance(e, events.DataReceived))
         self.flow_control.delivered(stream_id, len(event.data), payload)
         return result
 
-    def _reject_oversized(self, stream_id: int) -> list[events.TunnelEvent]:
+    def _reject_oversized(
+        self, stream_id: int, why: str = "request header section too large"
+    ) -> list[events.TunnelEvent]:
+        self.flow_control.forget(stream_id)
         code = (
             H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
         )
         self._abort_stream(stream_id, code)
         if self.is_client:
             return [events.StreamReset(stream_id, code)]
-        return [events.RequestRejected(stream_id, 431, "request header section too large")]
+        return [events.RequestRejected(stream_id, 431, why)]
 
     def _on_reset(
         self, event: quic_events.StreamReset | quic_events.StopSendingReceived
@@ -170,15 +193,20 @@ class H3TunnelSession(TunnelSession):
         if stream_id in self._headers_done:
             # Trailers end the stream; a tunnel carries none, so they only mark FIN.
             return [events.DataReceived(stream_id, b"", True)] if ev.stream_ended else []
-        fields = {}
+        fields: dict[str, str] = {}
         extra: dict[str, str] = {}
+        duplicate = None
         for name, value in ev.headers:
             key = name.decode("ascii", "replace")
             text = value.decode("utf-8", "replace")
-            if key.startswith(":"):
-                fields[key] = text
-            else:
-                extra[key] = text
+            into = fields if key.startswith(":") else extra
+            if key in into and duplicate is None:
+                duplicate = key
+            into[key] = text
+        if duplicate is not None and not self.is_client:
+            # The list, not the dict: a field given twice is refused, as over HTTP/2.
+            self._headers_done.add(stream_id)
+            return self._reject(stream_id, 400, f"header {duplicate!r} is given twice")
         if self.is_client:
             status_text = fields.get(":status", "")
             if status_text.startswith("1"):

@@ -27,6 +27,7 @@ import h11
 from ..errors import InvalidTarget
 from . import events
 from .connect import (
+    MAX_FIELD_SECTION_SIZE,
     STATUS_REASONS,
     Target,
     decode_proxy_status,
@@ -42,7 +43,7 @@ STREAM_ID = 1
 DEFAULT_RECEIVE_WINDOW = 1024 * 1024
 """Unread bytes above which the session asks for the socket not to be read."""
 
-MAX_REQUEST_HEAD_BYTES = 64 * 1024
+MAX_REQUEST_HEAD_BYTES = MAX_FIELD_SECTION_SIZE
 """Longest request or response head h11 will buffer; larger heads are refused (431)."""
 
 

@@ -1,0 +1,202 @@
+"""Issue 13, finding 2: decoded header-section limits, enforced before decoding.
+
+A QPACK bomb (a HEADERS block referring tens of thousands of times to one large
+dynamic-table entry) used to be decoded in full by pylsqpack (234 MB, seconds of
+the only event loop) and then accepted, because duplicates collapsed into a dict.
+Now its decoded size is bounded from the wire bytes and the stream is refused
+undecoded (431, then reset), while the connection and other flows carry on; a
+field given twice is refused on HTTP/3 as on HTTP/2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pylsqpack
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
+from aioquic.h3.connection import Setting
+from aioquic.quic import events as quic_events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from quic_helpers import Recorder, client_transport, exchange, run, server_transport, until
+from test_aioquic_layer import Clock, _raw_h3_client, _request, _status, settle
+
+from quicmesh.tunnel import events
+from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE
+from quicmesh.tunnel.qpack import FieldSectionBound
+
+TABLE_CAPACITY = 4096
+
+
+def _prefix_int(value: int, prefix: int, first: int = 0) -> bytes:
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes([first | value])
+    out = [first | mask]
+    value -= mask
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint(value: int) -> bytes:
+    if value < 64:
+        return bytes([value])
+    if value < 16384:
+        return (value | 0x4000).to_bytes(2, "big")
+    return (value | 0x80000000).to_bytes(4, "big")
+
+
+def qpack_bomb(entry: int = 3900, references: int = 60000) -> tuple[bytes, bytes]:
+    """Encoder-stream bytes inserting one ``entry``-byte field, and a HEADERS frame
+    (``:method CONNECT``, ``:authority x:1``) referring to it ``references`` times."""
+    insert, block = qpack_bomb_block(entry, references)
+    return insert, _varint(1) + _varint(len(block)) + block
+
+
+def qpack_bomb_block(entry: int, references: int) -> tuple[bytes, bytes]:
+    """The encoder-stream bytes and the bare header block of :func:`qpack_bomb`."""
+    insert = _prefix_int(TABLE_CAPACITY, 5, 0x20)  # Set Dynamic Table Capacity
+    insert += _prefix_int(6, 5, 0x40) + b"x-bomb"  # Insert with Literal Name
+    insert += _prefix_int(entry, 7) + b"a" * entry
+    # Required Insert Count 1 (encoded 2), base 1; :method CONNECT (static 15);
+    # :authority (static 0) with a literal value; then the indexed references.
+    block = _prefix_int(2, 8) + b"\x00" + bytes([0xC0 | 15])
+    block += _prefix_int(0, 4, 0x50) + _prefix_int(3, 7) + b"x:1"
+    block += b"\x80" * references
+    return insert, block
+
+
+def test_bomb_is_refused_undecoded_and_the_connection_carries_on() -> None:
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    assert client.h3 is not None
+    settings_sent = client.h3._received_settings or {}
+    assert settings_sent.get(Setting.MAX_FIELD_SECTION_SIZE) == MAX_FIELD_SECTION_SIZE
+    insert, frame = qpack_bomb()
+    client.quic.send_stream_data(client.h3._local_encoder_stream_id, insert)
+    bombs = []
+    started = time.perf_counter()
+    for _ in range(4):
+        stream_id = client.quic.get_next_available_stream_id()
+        client.quic.send_stream_data(stream_id, frame)
+        bombs.append(stream_id)
+    settle(client, server, clock)
+    elapsed = time.perf_counter() - started
+    # Decoding one such block took 11 to 38 s before; refusing four takes well under one.
+    assert elapsed < 5, elapsed
+    rejected = {e.stream_id: e.status for e in server.of(events.RequestRejected)}
+    assert rejected == dict.fromkeys(bombs, 431)
+    assert not server.of(events.StreamRequested)
+    resets = {e.stream_id: e.error_code for e in client.of(quic_events.StreamReset)}
+    assert resets == dict.fromkeys(bombs, H3ErrorCode.H3_REQUEST_REJECTED)
+    assert server.session is not None and server.session.sections_refused == 4
+
+    after = _request(client, [(b":method", b"CONNECT"), (b":authority", b"db.svc:5432")])
+    settle(client, server, clock)
+    assert _status(client, after) == "200"
+    assert not client.of(quic_events.ConnectionTerminated)
+    assert not server.of(quic_events.ConnectionTerminated)
+
+
+def test_a_field_given_twice_is_refused_on_http3() -> None:
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    twice = _request(
+        client,
+        [
+            (b":method", b"CONNECT"),
+            (b":authority", b"db.svc:5432"),
+            (b"x-tenant", b"a"),
+            (b"x-tenant", b"b"),
+        ],
+    )
+    settle(client, server, clock)
+    assert _status(client, twice) == "400"
+    [rejected] = server.of(events.RequestRejected)
+    assert "'x-tenant' is given twice" in rejected.reason
+    assert not server.of(events.StreamRequested)
+
+
+_names = st.sampled_from([b":authority", b"x-request-id", b"user-agent", b"x-tenant", b"accept"])
+_values = st.binary(min_size=0, max_size=300).map(lambda v: bytes(33 + b % 94 for b in v))
+_sections = st.lists(st.lists(st.tuples(_names, _values), max_size=12), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sections=_sections, chunk=st.integers(1, 64))
+def test_bound_is_never_below_the_decoded_size(
+    sections: list[list[tuple[bytes, bytes]]], chunk: int
+) -> None:
+    encoder = pylsqpack.Encoder()
+    decoder = pylsqpack.Decoder(TABLE_CAPACITY, 16)
+    bound = FieldSectionBound(TABLE_CAPACITY)
+    setup = encoder.apply_settings(TABLE_CAPACITY, 16)
+    decoder.feed_encoder(setup)
+    bound.feed_encoder(setup)
+    for index, fields in enumerate(sections):
+        instructions, block = encoder.encode(index * 4, [(b":method", b"CONNECT"), *fields])
+        decoder.feed_encoder(instructions)
+        for start in range(0, len(instructions), chunk):
+            bound.feed_encoder(instructions[start : start + chunk])
+        control, decoded = decoder.feed_header(index * 4, block)
+        encoder.feed_decoder(control)
+        size = sum(len(name) + len(value) + 32 for name, value in decoded)
+        assert size <= bound.section_size(block)
+
+
+def test_bound_of_the_bomb_is_its_decoded_size() -> None:
+    insert, block = qpack_bomb_block(entry=3900, references=60000)
+    bound = FieldSectionBound(TABLE_CAPACITY)
+    bound.feed_encoder(insert)
+    decoder = pylsqpack.Decoder(TABLE_CAPACITY, 16)
+    decoder.feed_encoder(insert)
+    _, small_block = qpack_bomb_block(entry=3900, references=10)
+    _, decoded = decoder.feed_header(0, small_block)
+    exact = sum(len(name) + len(value) + 32 for name, value in decoded)
+    # No Huffman coding: only the two static-table fields are counted pessimistically.
+    assert exact <= bound.section_size(small_block) <= exact + 256
+    assert bound.section_size(block) > 60000 * (6 + 3900 + 32) > 3000 * MAX_FIELD_SECTION_SIZE
+
+
+def test_bombs_over_a_real_connection_do_not_stall_other_flows() -> None:
+    async def main() -> None:
+        recorder = Recorder()
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        good = await client_transport().connect(listener.address)
+        hostile = await client_transport().connect(listener.address)
+        baseline = await exchange(good, b"before", "before")
+        assert baseline == b"before"
+
+        quic = hostile.protocol._quic
+        h3 = hostile.session.h3
+        insert, frame = qpack_bomb()
+        quic.send_stream_data(h3._local_encoder_stream_id, insert)
+        started = time.perf_counter()
+        for _ in range(16):
+            quic.send_stream_data(quic.get_next_available_stream_id(), frame)
+            hostile.protocol.transmit()
+        flows = [exchange(good, b"during %d" % i, f"during-{i}") for i in range(20)]
+        answers = await asyncio.gather(*flows)
+        assert answers == [b"during %d" % i for i in range(20)]
+
+        def refused() -> int:
+            return sum(c.session.sections_refused for c in listener.connections)
+
+        await until(lambda: refused() == 16, timeout=30)
+        # 16 bombs took the sidecar's loop about 160 s before; now they cost little.
+        assert time.perf_counter() - started < 10
+        assert not hostile.is_closed and not good.is_closed
+        # The hostile connection itself still carries ordinary flows.
+        assert await exchange(hostile, b"ordinary", "after") == b"ordinary"
+        for conn in (good, hostile):
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
