@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="QUIC congestion control of sidecar A's clusters "
         f"(default: like the host's TCP, here {default_congestion_control()})",
     )
+    demo.add_argument(
+        "--xds",
+        action="store_true",
+        help="drive both sidecars from an ADS server and change clusters, endpoints and "
+        "certificates under load",
+    )
     # The passthrough subcommands: main() hands their arguments to their own parsers.
     sub.add_parser(
         "bench",
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
+        if args.command == "demo" and args.xds:
+            from .xds.demo import run_xds_demo
+
+            return run_xds_demo(args)
         if args.command == "demo":
             from .demo import run_demo
 

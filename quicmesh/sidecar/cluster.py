@@ -267,7 +267,10 @@ class Cluster:
             ) from None
         finally:
             self.breaker.end_pending()
-        self.health[endpoint.address].connect_succeeded(self._loop.time())
+        if endpoint.address in self.endpoints:
+            # (An endpoint removed while the flow was opening has no health record
+            # any more; the flow still runs on it to its end.)
+            self.health[endpoint.address].connect_succeeded(self._loop.time())
         ep_stats = self.stats.endpoint(endpoint.name)
         ep_stats.streams_total += 1
         ep_stats.streams_active += 1

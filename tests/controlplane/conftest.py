@@ -123,3 +123,28 @@ def push_outbound(
         version,
         node=node,
     )
+
+
+@pytest.fixture
+def pair(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path, echo_port: int
+) -> Iterator[tuple[SidecarProcess, SidecarProcess, dict[str, int]]]:
+    """Sidecars A and B, both driven only by ``ads``; B's tunnel listeners pushed."""
+    ports = {"b": free_port(), "b2": free_port(), "out": free_port(), "out2": free_port()}
+    ads.set_resources(
+        LISTENER_TYPE,
+        inbound_resources(ports["b"], [addr(echo_port)])
+        + inbound_resources(ports["b2"], [addr(echo_port)], prefix="in2"),
+        "b1",
+        node="b",
+    )
+    ads.set_resources(CLUSTER_TYPE, [], "b1", node="b")
+    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads)
+    b = xds_sidecar("b", IDENTITY_B, ca_dir, tmp_path, ads)
+    b.start()
+    a.start()
+    yield a, b, ports
+    try:
+        assert a.stop() == 0
+    finally:
+        assert b.stop() == 0

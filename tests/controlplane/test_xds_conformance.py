@@ -11,47 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
-import pytest
 from sidecar.conftest import echo_flow, refused, wait_until  # tests/sidecar/conftest.py
 
-from quicmesh.sidecar.launch import SidecarProcess, free_port
+from quicmesh.sidecar.launch import SidecarProcess
 from quicmesh.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE
 from quicmesh.xds.testing import AdsServer
 from quicmesh.xds.testing import documents as docs
 
-from .conftest import IDENTITY_A, IDENTITY_B, addr, inbound_resources, push_outbound, xds_sidecar
+from .conftest import addr, push_outbound
 
 
 def _flow_ok(port: int) -> bool:
     payload = os.urandom(20000)
     return asyncio.run(echo_flow(port, payload)) == payload
-
-
-@pytest.fixture
-def pair(
-    ads: AdsServer, ca_dir: Path, tmp_path: Path, echo_port: int
-) -> tuple[SidecarProcess, SidecarProcess, dict[str, int]]:
-    """Sidecars A and B, both driven only by ``ads``; B's tunnel listeners pushed."""
-    ports = {"b": free_port(), "b2": free_port(), "out": free_port(), "out2": free_port()}
-    ads.set_resources(
-        LISTENER_TYPE,
-        inbound_resources(ports["b"], [addr(echo_port)])
-        + inbound_resources(ports["b2"], [addr(echo_port)], prefix="in2"),
-        "b1",
-        node="b",
-    )
-    ads.set_resources(CLUSTER_TYPE, [], "b1", node="b")
-    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads)
-    b = xds_sidecar("b", IDENTITY_B, ca_dir, tmp_path, ads)
-    b.start()
-    a.start()
-    yield a, b, ports
-    try:
-        assert a.stop() == 0
-    finally:
-        assert b.stop() == 0
 
 
 def test_versions_nonces_and_acks(

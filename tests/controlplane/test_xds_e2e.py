@@ -1,0 +1,200 @@
+"""End to end: two sidecars driven only by the ADS server, changes under steady traffic.
+
+Sidecar B gets its tunnel listeners (QUIC and H2 on two ports) from LDS; sidecar A
+its outbound listener, cluster and endpoints from LDS/CDS/EDS. While flows run
+without pause, the control plane flips A's cluster from h2 to quic, then moves
+its endpoints to B's second port. Every flow must arrive intact: flows started
+before a change finish on the old cluster, new ones use the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from sidecar.conftest import wait_until  # tests/sidecar/conftest.py
+
+from quicmesh.sidecar.launch import SidecarProcess
+from quicmesh.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
+from quicmesh.xds.testing import AdsServer
+from quicmesh.xds.testing import documents as docs
+
+from .conftest import addr, push_outbound
+
+LOOPBACK = "127.0.0.1"
+
+
+async def _flow(port: int, size: int, hold: float = 0.0) -> bool:
+    """One flow: send ``size`` random bytes in pieces (over ``hold`` seconds), check the echo."""
+    payload = os.urandom(size)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        pieces = 8
+        step = len(payload) // pieces + 1
+        received = bytearray()
+        for offset in range(0, len(payload), step):
+            writer.write(payload[offset : offset + step])
+            await writer.drain()
+            if hold:
+                await asyncio.sleep(hold / pieces)
+        writer.write_eof()
+        while chunk := await asyncio.wait_for(reader.read(65536), 30):
+            received += chunk
+        return bytes(received) == payload
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def test_control_plane_flips_transport_and_moves_endpoints_under_load(
+    ads: AdsServer,
+    pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]],
+    echo_port: int,
+) -> None:
+    a, b, ports = pair
+    push_outbound(
+        ads,
+        "1",
+        node="a",
+        listeners=[("out", ports["out"], "echo", addr(echo_port))],
+        clusters=[("echo", "h2")],
+        endpoints={"echo": [ports["b"]]},
+    )
+    b.wait_ready()
+    a.wait_ready()
+
+    def cluster() -> dict[str, object]:
+        return a.stats()["clusters"]["echo"]  # type: ignore[no-any-return]
+
+    async def main() -> list[bool]:
+        results: list[asyncio.Task[bool]] = []
+        stop = asyncio.Event()
+
+        async def traffic() -> None:
+            index = 0
+            while not stop.is_set():
+                # Short flows, and every fifth one held open across the next change.
+                hold = 1.5 if index % 5 == 0 else 0.0
+                results.append(asyncio.ensure_future(_flow(ports["out"], 30_000 + index, hold)))
+                index += 1
+                await asyncio.sleep(0.02)
+
+        async def completed() -> int:
+            return sum(1 for t in results if t.done())
+
+        async def until(predicate: object, what: str) -> None:
+            await asyncio.to_thread(wait_until, predicate, 30, what)
+
+        runner = asyncio.ensure_future(traffic())
+        await until(lambda: len(results) >= 30, "traffic under way")
+        # 1. h2 -> quic.
+        ads.set_resources(
+            CLUSTER_TYPE, [docs.cluster(docs.cluster_doc("echo", "quic"))], "2", node="a"
+        )
+        await until(lambda: cluster()["transport"] == "quic", "cluster flipped to quic")
+        flipped_at = len(results)
+        await until(lambda: len(results) >= flipped_at + 30, "traffic on quic")
+        # 2. endpoints move to B's second port.
+        ads.set_resources(
+            ENDPOINT_TYPE,
+            [docs.assignment(docs.cla_doc("echo", [(LOOPBACK, ports["b2"], "HEALTHY", None)]))],
+            "3",
+            node="a",
+        )
+        moved = addr(ports["b2"])
+        await until(
+            lambda: (
+                list(cluster()["endpoints"]) in ([moved], [addr(ports["b"]), moved])
+                and moved in cluster()["endpoints"]
+            ),
+            "endpoints moved",
+        )
+        moved_at = len(results)
+        await until(lambda: len(results) >= moved_at + 30, "traffic on the new endpoint")
+        stop.set()
+        await runner
+        return list(await asyncio.gather(*results))
+
+    outcomes = asyncio.run(main())
+    lost = outcomes.count(False)
+    assert lost == 0, f"{lost} of {len(outcomes)} flows lost"
+    assert len(outcomes) >= 90
+    wait_until(
+        lambda: len([r for r in a.access_log() if r.get("listener") == "out"]) == len(outcomes),
+        what="every flow logged",
+    )
+    lines = [r for r in a.access_log() if r.get("listener") == "out"]
+    assert {r["outcome"] for r in lines} == {"completed"}
+    assert {r["transport"] for r in lines} == {"h2", "quic"}
+    assert {r["endpoint"] for r in lines} == {addr(ports["b"]), addr(ports["b2"])}
+    assert a.stats()["xds"]["nacks"] == 0
+    # B was driven by LDS only, and accepted both tunnel transports.
+    b_listeners = b.stats()["listeners"]
+    assert {"in-quic", "in-h2", "in2-quic", "in2-h2"} <= set(b_listeners)
+    assert ads.requests_of(LISTENER_TYPE)
+
+
+def test_demo_xds_runs_from_the_console_script() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "demo", "--xds", "--duration", "3", "--flows", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "demo ok" in result.stdout
+    assert "0 failed" in result.stdout and "0 NACKs" in result.stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "--xds" in help_text.stdout
+
+
+def test_sidecar_help_shows_xds() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "--xds HOST:PORT" in result.stdout and "Envoy" in result.stdout
+
+
+def test_bad_xds_address_is_one_line() -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        from pathlib import Path
+
+        from quicmesh.tls import DevCA
+
+        DevCA().save(Path(directory) / "ca")
+        config = Path(directory) / "a.yaml"
+        config.write_text(
+            "node: {name: a, identity: 'spiffe://mesh.local/a'}\n"
+            f"tls: {{ca_dir: {directory}/ca}}\n"
+            "admin: {address: '127.0.0.1:1'}\n"
+            "xds: {address: '127.0.0.1:2'}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(config), "--xds", "nope"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("quicmesh sidecar: --xds: ")
