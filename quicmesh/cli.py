@@ -17,7 +17,7 @@ from . import __version__
 from .congestion import CONGESTION_CONTROLS, default_congestion_control
 from .errors import QuicmeshError
 
-BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration", "intercept")
+BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration", "intercept", "xds")
 """Benchmark modules under quicmesh.bench, each with ``main(argv) -> int``."""
 
 

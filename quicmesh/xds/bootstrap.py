@@ -60,10 +60,10 @@ def load_any_config(path: str | Path) -> SidecarConfig:
         return load_config(path)
     if not is_envoy_bootstrap(document):
         return load_config(path)
-    return parse_bootstrap(document, source=str(path))
+    return parse_bootstrap(document, source=str(path), base_dir=path.parent)
 
 
-def parse_bootstrap(document: Any, *, source: str) -> SidecarConfig:
+def parse_bootstrap(document: Any, *, source: str, base_dir: Path | None = None) -> SidecarConfig:
     """Map an Envoy bootstrap document onto a :class:`SidecarConfig`.
 
     :raises ConfigError: ``<source>: <resource>: <problem>``.
@@ -73,12 +73,12 @@ def parse_bootstrap(document: Any, *, source: str) -> SidecarConfig:
 
     try:
         bootstrap = parse_message(document, Bootstrap, "bootstrap")
-        return _map_bootstrap(bootstrap, source)
+        return _map_bootstrap(bootstrap, source, base_dir or Path("."))
     except (ParseError, MappingError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _map_bootstrap(bootstrap: Any, source: str) -> SidecarConfig:
+def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig:
     from .mapping import (
         EnvoyResources,
         MappingError,
@@ -111,9 +111,9 @@ def _map_bootstrap(bootstrap: Any, source: str) -> SidecarConfig:
             "bootstrap.static_resources.secrets: a tls_certificate and a validation_context "
             "are required (the sidecar's identity and trust bundle)"
         )
-    cert = _filename(certificate.tls_certificate.certificate_chain, certificate.name)
-    key = _filename(certificate.tls_certificate.private_key, certificate.name)
-    bundle = _filename(validation.validation_context.trusted_ca, validation.name)
+    cert = _filename(certificate.tls_certificate.certificate_chain, certificate.name, base_dir)
+    key = _filename(certificate.tls_certificate.private_key, certificate.name, base_dir)
+    bundle = _filename(validation.validation_context.trusted_ca, validation.name, base_dir)
     identity = _identity_of(cert)
     mapped = map_resources(resources)
     if mapped.warming and xds is None:
@@ -176,7 +176,7 @@ def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
     return XdsConfig(address=endpoints[0])
 
 
-def _filename(source: Any, secret: str) -> str:
+def _filename(source: Any, secret: str, base_dir: Path) -> str:
     from .mapping import MappingError
 
     where = f"Secret {secret!r}"
@@ -184,7 +184,7 @@ def _filename(source: Any, secret: str) -> str:
         raise MappingError(
             f"{where}: give certificates as filename data sources (they are watched for changes)"
         )
-    return str(source.filename)
+    return str(base_dir / str(source.filename))
 
 
 def _identity_of(cert_path: str) -> str:

@@ -198,3 +198,96 @@ def test_bad_xds_address_is_one_line() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("quicmesh sidecar: --xds: ")
+
+
+def test_two_sidecars_from_envoy_bootstrap_files_carry_traffic(
+    tmp_path: object, echo_port: int
+) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from quicmesh.sidecar.launch import free_port
+    from quicmesh.tls import DevCA
+
+    from .conftest import IDENTITY_A, IDENTITY_B
+
+    workdir = Path(str(tmp_path))
+    ca = DevCA()
+    (workdir / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    ports = {
+        "a_admin": free_port(),
+        "b_admin": free_port(),
+        "mesh": free_port(),
+        "out": free_port(),
+    }
+
+    def bootstrap(name: str, identity: str, admin: int, resources: dict[str, object]) -> Path:
+        ca.issue(identity).save(workdir / f"{name}-cert.pem", workdir / f"{name}-key.pem")
+        document = {
+            "node": {"id": name},
+            "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin}}},
+            "static_resources": {
+                **resources,
+                "secrets": [
+                    {
+                        "name": "default",
+                        "tls_certificate": {
+                            "certificate_chain": {"filename": f"{name}-cert.pem"},
+                            "private_key": {"filename": f"{name}-key.pem"},
+                        },
+                    },
+                    {
+                        "name": "ROOTCA",
+                        "validation_context": {"trusted_ca": {"filename": "ca.pem"}},
+                    },
+                ],
+            },
+        }
+        path = workdir / f"{name}-envoy.yaml"
+        path.write_text(yaml.safe_dump(document), encoding="utf-8")
+        return path
+
+    b_path = bootstrap(
+        "b",
+        IDENTITY_B,
+        ports["b_admin"],
+        {"listeners": [docs.inbound_listener_doc("in", ports["mesh"], "UDP", [addr(echo_port)])]},
+    )
+    a_path = bootstrap(
+        "a",
+        IDENTITY_A,
+        ports["a_admin"],
+        {
+            "listeners": [docs.outbound_listener_doc("out", ports["out"], "echo", addr(echo_port))],
+            "clusters": [docs.static_cluster_doc("echo", "quic", [(LOOPBACK, ports["mesh"])])],
+        },
+    )
+
+    class Process(SidecarProcess):
+        def __init__(self, name: str, path: Path, admin: int) -> None:
+            super().__init__(name, {"admin": {"address": addr(admin)}}, workdir)
+            self.config_path = path
+
+        def write_config(self, config: dict[str, object] | None = None) -> None:
+            pass
+
+    b = Process("b", b_path, ports["b_admin"])
+    a = Process("a", a_path, ports["a_admin"])
+    b.start()
+    a.start()
+    try:
+        b.wait_ready()
+        a.wait_ready()
+        outcomes = asyncio.run(_many(ports["out"]))
+        assert all(outcomes) and len(outcomes) == 16
+        lines = [r for r in a.access_log() if r.get("listener") == "out"]
+        assert {r["transport"] for r in lines} == {"quic"}
+        assert {r["peer_identity"] for r in lines} == {IDENTITY_B}
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+async def _many(port: int) -> list[bool]:
+    return list(await asyncio.gather(*(_flow(port, 10_000 + i) for i in range(16))))

@@ -366,3 +366,23 @@ def test_envoy_bootstrap_with_expired_certificate_fails_check(tmp_path: Path) ->
     result = _check(path)
     assert result.returncode == 2
     assert "our certificate" in result.stderr and "expired" in result.stderr
+
+
+def test_the_bootstrap_example_in_docs_runs_check(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "docs" / "xds.md").read_text(encoding="utf-8")
+    example = text.split("An example bootstrap")[1].split("```yaml\n")[1].split("```")[0]
+    ca = DevCA()
+    ca.issue("spiffe://mesh.local/ns/default/sa/productpage").save(
+        tmp_path / "cert.pem", tmp_path / "key.pem"
+    )
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(example, encoding="utf-8")
+    result = _check(path)
+    assert result.returncode == 0, result.stderr
+    from quicmesh.xds.bootstrap import load_any_config
+
+    config = load_any_config(path)
+    assert config.clusters[0].transport == "quic"
+    assert config.clusters[0].load_balancing == "least_request"
+    assert config.outbound[0].address == ("127.0.0.1", 15001)
