@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from quicmesh.errors import ConfigError
 from quicmesh.tls._pem import (
@@ -24,7 +25,7 @@ from quicmesh.tls._pem import (
     read_file,
     write_file,
 )
-from quicmesh.tls.spiffe import spiffe_id_of
+from quicmesh.tls.spiffe import SPIFFE_SCHEME_PREFIX, spiffe_id_of, uri_sans_of
 
 
 class Identity:
@@ -166,6 +167,19 @@ class TrustBundle:
         """The CA certificates, in file order."""
         return list(self._certificates)
 
+    def trust_domains_for(self, certificate: x509.Certificate) -> set[str | None]:
+        """The trust domains of the roots that directly signed ``certificate``.
+
+        ``certificate`` is the top of a verified chain (the leaf when the peer sent
+        no intermediates). A root's trust domain is the one its
+        ``spiffe://<trust domain>`` URI SAN names (as :class:`~quicmesh.tls.DevCA`
+        writes it); ``None`` stands for a root that names none, which vouches for
+        any trust domain. When no root signed ``certificate`` (intermediates not
+        known here), every root's domain is returned.
+        """
+        roots = [root for root in self._certificates if _signed(root, certificate)]
+        return {_root_trust_domain(root) for root in roots or self._certificates}
+
     @property
     def pem(self) -> bytes:
         """All certificates as concatenated PEM (what ``cadata`` parameters take)."""
@@ -174,3 +188,22 @@ class TrustBundle:
     def __repr__(self) -> str:
         names = ", ".join(c.subject.rfc4514_string() for c in self._certificates)
         return f"TrustBundle([{names}])"
+
+
+def _root_trust_domain(root: x509.Certificate) -> str | None:
+    for uri in uri_sans_of(root):
+        if uri.startswith(SPIFFE_SCHEME_PREFIX):
+            domain = uri[len(SPIFFE_SCHEME_PREFIX) :].partition("/")[0]
+            if domain:
+                return domain
+    return None
+
+
+def _signed(root: x509.Certificate, certificate: x509.Certificate) -> bool:
+    if root == certificate:
+        return True
+    try:
+        certificate.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

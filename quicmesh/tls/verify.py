@@ -18,7 +18,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from quicmesh.errors import PeerVerificationError
 from quicmesh.tls.identity import TrustBundle
-from quicmesh.tls.spiffe import spiffe_id_of, uri_sans_of, validate_spiffe_id
+from quicmesh.tls.spiffe import spiffe_id_of, trust_domain_of, uri_sans_of, validate_spiffe_id
 
 
 def verify_peer(
@@ -55,10 +55,38 @@ def verify_peer(
         )
     verifier = PolicyBuilder().store(Store(trust.certificates)).time(now).build_client_verifier()
     try:
-        verifier.verify(certificate, chain)
+        verified = verifier.verify(certificate, chain)
     except VerificationError as exc:
         raise PeerVerificationError(f"peer certificate not signed by a trusted CA: {exc}") from exc
-    return _spiffe_id_of_verified(certificate)
+    spiffe_id = _spiffe_id_of_verified(certificate)
+    check_trust_domain(spiffe_id, verified.chain[-1], trust)
+    return spiffe_id
+
+
+def check_trust_domain(spiffe_id: str, top: x509.Certificate, trust: TrustBundle) -> None:
+    """Refuse a SPIFFE ID whose trust domain the CA that vouched for it does not serve.
+
+    A trust bundle is per trust domain (SPIFFE): a root whose own URI SAN is
+    ``spiffe://mesh.local`` signs only for ``mesh.local``. ``top`` is the root the
+    chain was verified to, or the top certificate of the chain the peer sent (its
+    signer is looked up in ``trust``: :meth:`TrustBundle.trust_domains_for`). A
+    root that names no trust domain vouches for any.
+
+    :raises PeerVerificationError: naming both trust domains.
+    """
+    domains = trust.trust_domains_for(top)
+    if None in domains:
+        return
+    try:
+        domain = trust_domain_of(spiffe_id)
+    except ValueError as exc:
+        raise PeerVerificationError(f"peer certificate carries an {exc}") from None
+    if domain not in domains:
+        allowed = ", ".join(sorted(d for d in domains if d is not None))
+        raise PeerVerificationError(
+            f"peer identity {spiffe_id} is in trust domain {domain!r}, but its CA "
+            f"vouches only for {allowed}"
+        )
 
 
 def _spiffe_id_of_verified(certificate: x509.Certificate) -> str:
@@ -74,17 +102,31 @@ def _spiffe_id_of_verified(certificate: x509.Certificate) -> str:
         raise PeerVerificationError(f"peer certificate carries an {exc}") from exc
 
 
-def peer_identity_from_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
+def peer_identity_from_ssl(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, trust: TrustBundle | None = None
+) -> str:
     """Return the SPIFFE ID of the peer of a completed ``ssl`` handshake.
 
     The chain itself was verified by ``ssl`` (the contexts from
     :mod:`quicmesh.tls.context` require it); this reads the SPIFFE ID. With
     asyncio streams, pass ``writer.get_extra_info("ssl_object")``.
 
-    :raises PeerVerificationError: if the peer sent no certificate or it carries
-        no (or an invalid) SPIFFE ID.
+    :param trust: the bundle the chain was verified with, to check the trust
+        domain (:func:`check_trust_domain`); by default the CA certificates loaded
+        in the SSL context.
+    :raises PeerVerificationError: if the peer sent no certificate, it carries
+        no (or an invalid) SPIFFE ID, or one of a trust domain its CA does not serve.
     """
     der = ssl_object.getpeercert(binary_form=True)
     if der is None:
         raise PeerVerificationError("peer presented no certificate")
-    return _spiffe_id_of_verified(x509.load_der_x509_certificate(der))
+    certificate = x509.load_der_x509_certificate(der)
+    spiffe_id = _spiffe_id_of_verified(certificate)
+    context = getattr(ssl_object, "context", None)
+    if trust is None and context is not None:
+        roots = context.get_ca_certs(binary_form=True)
+        if roots:
+            trust = TrustBundle(x509.load_der_x509_certificate(root) for root in roots)
+    if trust is not None:
+        check_trust_domain(spiffe_id, certificate, trust)
+    return spiffe_id

@@ -64,6 +64,7 @@ from ..errors import (
 )
 from ..tls import Identity, TrustBundle, spiffe_id_of, verify_peer
 from ..tls.check import handshake_failure_reason
+from ..tls.verify import check_trust_domain
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
 from ..tunnel.session import ResetReason
 from . import _udp
@@ -666,6 +667,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
             identity = spiffe_id_of(certificate)
             if identity is None:
                 raise PeerVerificationError("peer certificate carries no SPIFFE ID")
+            check_trust_domain(identity, chain[-1] if chain else certificate, self._owner.trust)
             return identity
         return verify_peer(certificate, chain, self._owner.trust)
 
