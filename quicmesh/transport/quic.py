@@ -339,6 +339,11 @@ class _TunnelProtocol(QuicConnectionProtocol):
         server: the one redeemed)."""
         self._issued_tickets: list[SessionTicket] = []
         self._handshake_done = False
+        self.handshake_finished: asyncio.Future[None] = self._loop.create_future()
+        """Done once the handshake completed or the connection ended, never with an
+        exception (aioquic's ``wait_connected`` future, abandoned by a timed-out
+        connect, logged "Future exception was never retrieved" when the connection
+        then closed)."""
         self._early_bytes = 0
         self._max_early_bytes = transport.max_early_data + EARLY_DATA_OVERHEAD
         self._last_path = None if self.is_client else _aioquic.active_path(quic)
@@ -550,8 +555,10 @@ class _TunnelProtocol(QuicConnectionProtocol):
     def quic_event_received(self, event: quic_events.QuicEvent) -> None:
         if isinstance(event, quic_events.HandshakeCompleted):
             self._on_handshake_completed(event)
+            self._finish_handshake_wait()
         elif isinstance(event, quic_events.ConnectionTerminated):
             self._on_terminated(event)
+            self._finish_handshake_wait()
             return
         elif (
             isinstance(event, quic_events.StreamDataReceived)
@@ -680,6 +687,10 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.connection._connection_lost(
             ConnectError(f"QUIC handshake timed out after {timeout:g}s")
         )
+
+    def _finish_handshake_wait(self) -> None:
+        if not self.handshake_finished.done():
+            self.handshake_finished.set_result(None)
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
@@ -973,7 +984,7 @@ class QuicTransport(Transport):
             return connection
         try:
             protocol.connect(address)
-            await asyncio.wait_for(protocol.wait_connected(), timeout)
+            await asyncio.wait_for(asyncio.shield(protocol.handshake_finished), timeout)
         except (TimeoutError, ConnectionError, OSError) as exc:
             quic.close()
             protocol.transmit()

@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,35 @@ def test_sigusr1_reopens_the_access_log_and_keeps_running(mesh: Mesh, tmp_path: 
     assert " outbound echo 127.0.0.1:" in current[0] and " completed 5 5 " in current[0]
     assert "reopened the access log" in a.stderr()
     assert not any(line.startswith("{") for line in current)
+
+
+def test_failed_health_checks_log_one_line_and_no_asyncio_noise(mesh: Mesh) -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a peer that never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.settimeout(10)
+    with silent:
+        dead = addr(silent.getsockname()[1])
+        cluster = mesh.cluster(
+            "echo",
+            "quic",
+            endpoints=[dead],
+            health_check={"interval": "100ms", "timeout": "200ms", "unhealthy_threshold": 1},
+        )
+        config, _ = mesh.a_config([cluster])
+        a = SidecarProcess("a-health", config, mesh.workdir)
+        a.start()
+        try:
+            a.wait_ready()
+            # Each health check is a new QUIC connection from a new UDP port: wait for six
+            # (five of them timed out: more than enough garbage for asyncio to complain of).
+            sources: set[int] = set()
+            while len(sources) < 6:
+                _, source = silent.recvfrom(65536)
+                sources.add(source[1])
+            wait_until(lambda: "is unhealthy" in a.stderr(), what="the endpoint marked unhealthy")
+        finally:
+            assert a.stop() == 0
+    stderr = a.stderr()
+    assert "never retrieved" not in stderr and "Traceback" not in stderr, stderr
+    unhealthy = [line for line in stderr.splitlines() if "is unhealthy" in line]
+    assert len(unhealthy) == 1 and "timed out after 0.2s" in unhealthy[0]
