@@ -393,9 +393,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     if quic and (migration.get("migrated", 0) < 1 or _counter(runs_a, "zero_rtt", "accepted") < 1):
         print("\nnote: the migration or the 0-RTT resumption did not happen (see the table)")
     if not ok:
-        for name, process in (("A", sidecar_a), ("B", sidecar_b)):
-            for line in process.stderr().splitlines()[-5:]:
-                print(f"  sidecar {name}: {line}")
+        for name, process, codes in (("A", sidecar_a, exits), ("B", sidecar_b, [exit_b])):
+            if any(code != 0 for code in codes):
+                print(f"  sidecar {name} exited with {codes[-1]}: {process.last_error()}")
     print("\nresult:", "every byte arrived intact" if ok else "FAILED: see the errors above")
     return 0 if ok else 1
 

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._child import child_environment, python_command
 from ..netem import (
     GilbertElliottConfig,
     Link,
@@ -350,10 +351,8 @@ def _execute(
     client_err: IO[str],
     result_path: Path,
 ) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "quicmesh.bench._hol_worker"]
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    argv = python_command("-m", "quicmesh.bench._hol_worker")
+    env = child_environment()
     kernel_cc = spec.variant.congestion_control
     host_sampler = HostCpuSampler()
     with Link(spec.profile.config(spec.seed)) as link, host_sampler:

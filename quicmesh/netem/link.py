@@ -26,12 +26,10 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -39,6 +37,8 @@ from quicmesh.netem import system
 from quicmesh.netem.config import LinkConfig
 from quicmesh.netem.model import DirectionStats
 from quicmesh.netem.system import NetemError
+
+from .._child import child_environment, python_command
 
 __all__ = [
     "CLIENT_ADDRESS",
@@ -210,17 +210,13 @@ class Link:
     def _start_forwarder(self) -> None:
         parent, child = socket.socketpair()
         client_fd, server_fd = self._tun_fds
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
-        argv = [
-            sys.executable, "-m", "quicmesh.netem.forwarder",
+        env = child_environment()
+        argv = python_command(
+            "-m", "quicmesh.netem.forwarder",
             "--client-fd", str(client_fd), "--server-fd", str(server_fd),
             "--control-fd", str(child.fileno()),
             "--config", json.dumps(self.config.to_dict()),
-        ]  # fmt: skip
+        )  # fmt: skip
         try:
             self._forwarder = subprocess.Popen(
                 argv,

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from .._child import child_environment, python_command
 from ..errors import QuicmeshError
 
 LOOPBACK = "127.0.0.1"
@@ -89,14 +89,19 @@ class SidecarProcess:
         os.replace(tmp, self.config_path)
 
     def start(self, *extra: str) -> None:
-        """Start the process (does not wait for it to be ready)."""
+        """Start the process (does not wait for it to be ready).
+
+        The child imports this process's quicmesh whatever the working directory
+        holds (:mod:`quicmesh._child`).
+        """
         self.write_config()
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(self.config_path), *extra],
+                python_command("-m", "quicmesh", "sidecar", "-c", str(self.config_path), *extra),
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
+                env=child_environment(),
             )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -106,14 +111,16 @@ class SidecarProcess:
             if self.process is not None and self.process.poll() is not None:
                 raise QuicmeshError(
                     f"sidecar {self.name} exited with {self.process.returncode}: "
-                    f"{self.stderr()[-2000:]}"
+                    f"{self.last_error()}"
                 )
             with contextlib.suppress(OSError, http.client.HTTPException):
                 status, _ = self.request("GET", "/ready", timeout=1.0)
                 if status == 200:
                     return
             time.sleep(0.05)
-        raise QuicmeshError(f"sidecar {self.name} not ready after {timeout:g}s: {self.stderr()}")
+        raise QuicmeshError(
+            f"sidecar {self.name} not ready after {timeout:g}s: {self.last_error()}"
+        )
 
     def request(self, method: str, path: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
         """One admin request; returns the status and body."""
@@ -149,6 +156,12 @@ class SidecarProcess:
         if not self.stderr_path.exists():
             return ""
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def last_error(self) -> str:
+        """The last line the process wrote on stderr (a traceback's is the exception), or
+        ``"no output"``: a child's failure is reported in one line."""
+        lines = [line.strip() for line in self.stderr().splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the process."""
