@@ -380,6 +380,7 @@ def plot(
         rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False, sharey=True
     )
     threshold = result["settings"]["slow_threshold_ms"]
+    link_text = describe_link(result["settings"])
     for index, link in enumerate(links):
         axis = axes[index // columns][index % columns]
         for variant, values in sorted(latencies[link].items()):
@@ -391,14 +392,15 @@ def plot(
         axis.axvline(threshold.get(link, 80.0), color="grey", linestyle=":", linewidth=1)
         _log_axis(axis.xaxis)
         axis.set_title(link)
-        axis.set_xlabel("interactive latency (ms, log)")
+        axis.set_xlabel("interactive latency (ms, log scale)")
+        axis.set_ylabel("fraction of responses (0-1)")
         axis.grid(True, which="both", alpha=0.3)
-        if index % columns == 0:
-            axis.set_ylabel("fraction of responses")
+        axis.legend(fontsize=7, loc="lower right")
     for index in range(len(links), rows * columns):
         axes[index // columns][index % columns].axis("off")
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    figure.suptitle("Interactive response latency CDF (dotted: 2 x base RTT)")
+    figure.suptitle(
+        f"Interactive response latency CDF per link and loss: {link_text} (dotted: 2 x base RTT)"
+    )
     figure.tight_layout()
     path = out / "hol-cdf.png"
     figure.savefig(path, dpi=110)
@@ -428,23 +430,54 @@ def plot(
                 label=variant,
                 **_style(variant),
             )
+            if variant.endswith("-bbr") and not variant.startswith("h2lowbuf"):
+                # The BBR rows are the comparison that means something: their values are
+                # written on the points, so each series can be read off the log axis.
+                for loss, point in zip(losses, points, strict=True):
+                    left.annotate(
+                        f"{point['latency_ms']['p99']:.0f}",
+                        (loss, point["latency_ms"]["p99"]),
+                        textcoords="offset points",
+                        xytext=(0, 6),
+                        ha="center",
+                        fontsize=7,
+                        color=_style(variant).get("color"),
+                    )
         _log_axis(left.yaxis)
-        left.set_xlabel("random loss (%)")
-        left.set_ylabel("interactive p99 (ms, log)")
-        left.set_title("p99 latency vs loss")
-        right.set_xlabel("random loss (%)")
+        left.set_xlabel("random loss (%, both directions)")
+        left.set_ylabel("interactive p99 latency (ms, log scale)")
+        left.set_title("interactive p99 (BBR rows labelled in ms)")
+        right.set_xlabel("random loss (%, both directions)")
         right.set_ylabel("bulk goodput (Mbit/s)")
-        right.set_title("bulk goodput vs loss (same runs)")
+        right.set_title("bulk goodput (same runs)")
         right.set_ylim(bottom=0)
         for axis in (left, right):
             axis.grid(True, which="both", alpha=0.3)
-        left.legend(fontsize=8)
+            axis.legend(fontsize=7)
+        figure.suptitle(f"Interactive p99 and bulk goodput vs random loss: {link_text}")
         figure.tight_layout()
         path = out / "hol-p99.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
     return written
+
+
+def describe_link(settings: dict[str, Any]) -> str:
+    """The emulated link of a run in words, for plot titles: rate, RTT and queue."""
+    parts = []
+    if settings.get("rate_bps"):
+        parts.append(f"{settings['rate_bps'] / 1e6:g} Mbit/s")
+    if settings.get("rtt"):
+        parts.append(f"{settings['rtt'] * 1e3:g} ms RTT")
+    queue = settings.get("queue") or {}
+    if queue.get("queue_delay"):
+        parts.append(f"{queue['queue_delay'] * 1e3:g} ms drop-tail queue")
+    elif queue.get("queue_packets"):
+        parts.append(f"{queue['queue_packets']}-packet drop-tail queue")
+    elif queue.get("queue_bytes"):
+        parts.append(f"{queue['queue_bytes'] / 1e3:g} kB drop-tail queue")
+    return ", ".join(parts) or "emulated link"
 
 
 def _log_axis(axis: Any) -> None:

@@ -1045,6 +1045,10 @@ def plot(document: dict[str, Any], out: Path) -> list[Path]:
     table = summary["table"]
     rate = document["link"]["rate_bps"]
     rtt = document["link"]["rtt"]
+    link = (
+        f"{rate / 1e6:g} Mbit/s, RTT {rtt * 1e3:g} ms, queue "
+        f"{document['link']['queue_delay'] * 1e3:g} ms"
+    )
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     for name in [n for n in FLOWS if n in table] + sorted(set(table) - set(FLOWS)):
         rows = sorted((float(loss), row) for loss, row in table[name].items())
@@ -1060,17 +1064,18 @@ def plot(document: dict[str, Any], out: Path) -> list[Path]:
         )
     top.axhline(rate / 1e6, color="grey", linewidth=0.8)
     top.axhline(TARGET_SHARE_OF_LINK * rate / 1e6, color="grey", linewidth=0.8, linestyle=":")
-    top.set_ylabel("goodput, Mbit/s")
+    top.set_ylabel("goodput (Mbit/s)")
+    top.set_xlabel("random loss (%, both directions)")
     top.set_ylim(bottom=0)
     top.legend(fontsize="small")
-    top.set_title(
-        f"{rate / 1e6:g} Mbit/s, RTT {rtt * 1e3:g} ms, queue "
-        f"{document['link']['queue_delay'] * 1e3:g} ms"
-    )
+    top.set_title("bulk goodput (grey: link rate, dotted: target share)")
     bottom.axhline(rtt * 1e3, color="grey", linewidth=0.8, linestyle=":")
-    bottom.set_ylabel("median queueing delay, ms")
-    bottom.set_xlabel("random loss, % (both directions)")
+    bottom.set_ylabel("median queueing delay (ms)")
+    bottom.set_xlabel("random loss (%, both directions)")
+    bottom.set_title("queueing delay at the bottleneck (dotted: one RTT)")
+    bottom.legend(fontsize="small")
     bottom.set_ylim(bottom=0)
+    figure.suptitle(f"Goodput and queueing vs random loss: {link}")
     figure.tight_layout()
     path = out / "congestion-goodput.png"
     figure.savefig(path, dpi=110)
@@ -1084,10 +1089,15 @@ def plot(document: dict[str, Any], out: Path) -> list[Path]:
             for flow in case["flows"]:
                 times, rates = _rate_series(flow["timeline"])
                 axis.plot(times, [r * 8 / 1e6 for r in rates], label=flow["flow"])
-            axis.set_ylabel("Mbit/s (0.5 s)")
+            axis.set_ylabel("goodput (Mbit/s, 0.5 s windows)")
+            axis.set_xlabel("time (s)")
+            axis.set_title(
+                f"{' vs '.join(f['flow'] for f in case['flows'])}, "
+                f"{case.get('loss', 0) * 100:g} % loss"
+            )
             axis.set_ylim(0, rate / 1e6 * 1.1)
             axis.legend(fontsize="small")
-        axes[-1, 0].set_xlabel("seconds")
+        figure.suptitle(f"Sharing the link: {link}")
         figure.tight_layout()
         path = out / "congestion-fairness.png"
         figure.savefig(path, dpi=110)
@@ -1112,9 +1122,11 @@ def plot(document: dict[str, Any], out: Path) -> list[Path]:
                 linewidth=0.8,
             )
             axis.set_ylim(0, rate / 1e6 * 1.6)
-            axis.set_ylabel(f"{loss * 100:g} %: Mbit/s")
+            axis.set_ylabel("rate (Mbit/s)")
+            axis.set_xlabel("time (s, 100 ms windows)")
+            axis.set_title(f"quic-bbr at {loss * 100:g} % loss", fontsize="small")
             axis.legend(fontsize="x-small", loc="lower right")
-        axes[-1, 0].set_xlabel("seconds (100 ms windows)")
+        figure.suptitle(f"BBR's pacing rate and what was sent: {link}")
         figure.tight_layout()
         path = out / "congestion-pacing.png"
         figure.savefig(path, dpi=110)
