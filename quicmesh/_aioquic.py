@@ -45,7 +45,11 @@ covered by a test in ``tests/test_aioquic_layer.py``:
   lost by the usual loss detection, a round trip or more later. We declare them
   lost (not a congestion event) as soon as the handshake says so, so their stream
   data goes again at once in 1-RTT packets with the same stream offsets.
-* **Paths** (:class:`PathMonitor`, :func:`active_path`, :func:`pto_count`,
+* **Liveness** (:func:`pto_count`, :func:`awaiting_ack`): aioquic counts probe
+  timeouts but never gives up on a silent peer before its idle timeout; the
+  transport reads both to fail a dead connection within seconds
+  (:mod:`quicmesh.transport.liveness`).
+* **Paths** (:class:`PathMonitor`, :func:`active_path`,
   :func:`spare_connection_ids`): aioquic validates a client's new address and
   reverts to the last validated path on failure (since 1.7.0) but reports none of
   it; the monitor calls back on validation success and failure.
@@ -696,6 +700,11 @@ def active_path(quic: QuicConnection) -> tuple[Any, bool] | None:
 def pto_count(quic: QuicConnection) -> int:
     """Consecutive probe timeouts without an acknowledgement (RFC 9002 section 6.2)."""
     return int(quic._loss._pto_count)
+
+
+def awaiting_ack(quic: QuicConnection) -> bool:
+    """Whether ack-eliciting packets are in flight, unacknowledged (any space)."""
+    return any(space.ack_eliciting_in_flight for space in quic._loss.spaces)
 
 
 def spare_connection_ids(quic: QuicConnection) -> int:

@@ -59,5 +59,10 @@ class ConnectionLost(TunnelError):
     """The peer connection closed or failed while it was in use."""
 
 
+class PeerUnresponsive(ConnectionLost):
+    """The peer stopped acknowledging packets (dead, hung, or the path drops them):
+    the connection was failed by its liveness checks, not closed by the peer."""
+
+
 class InvalidTarget(TunnelError, ValueError):
     """A CONNECT target (``host:port``) or an extra header is malformed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConnectionLost, StreamReset, TunnelError
@@ -76,7 +77,18 @@ class SessionConnection(PeerConnection):
 
     @property
     def can_open_stream(self) -> bool:
-        return self._lost is None and self.session.can_open_stream()
+        return self._lost is None and not self._closing and self.session.can_open_stream()
+
+    @property
+    def lost_error(self) -> TunnelError | None:
+        """Why the connection is gone (the error its streams were reset with), or
+        None while it is open."""
+        return self._lost
+
+    def add_lost_callback(self, callback: Callable[[TunnelError], None]) -> None:
+        """Call ``callback(error)`` once the connection is lost or closed (at once
+        if it already is)."""
+        self._closed.add_done_callback(lambda _: callback(self._lost or ConnectionLost("closed")))
 
     async def open_stream(
         self,

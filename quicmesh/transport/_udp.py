@@ -36,6 +36,7 @@ MAX_DATAGRAM_SIZE = 65535
 """Bytes asked of ``recvfrom``: the largest UDP payload, so nothing is truncated."""
 
 Deliver = Callable[[bytes, Any], None]
+ReportError = Callable[[OSError], None]
 
 _batch: contextvars.ContextVar[dict[Callable[[], None], None] | None] = contextvars.ContextVar(
     "quicmesh_receive_batch", default=None
@@ -60,6 +61,9 @@ class BatchReader:
         transmits go through :func:`defer_transmit`.
     :param max_datagrams: datagrams per readiness event, at most; 1 reads one at
         a time, as asyncio does.
+    :param on_error: called with an error the socket reported while the batch was
+        read (an ICMP unreachable on a connected socket: ``ConnectionRefusedError``),
+        as asyncio calls ``error_received``; without it such errors are dropped.
 
     The protocol calls :meth:`datagram_received` from its own
     ``datagram_received`` and :meth:`close` from ``connection_lost``.
@@ -71,9 +75,11 @@ class BatchReader:
         deliver: Deliver,
         *,
         max_datagrams: int = DEFAULT_MAX_DATAGRAMS,
+        on_error: ReportError | None = None,
     ) -> None:
         self._transport = transport
         self._deliver = deliver
+        self._on_error = on_error
         self._max_datagrams = max(1, max_datagrams)
         self._socket: socket.socket | None = None
         if self._max_datagrams > 1:
@@ -102,9 +108,13 @@ class BatchReader:
                         break
                     try:
                         data, addr = sock.recvfrom(MAX_DATAGRAM_SIZE)
-                    except OSError:
-                        # Nothing waiting (BlockingIOError), or an ICMP error, which
-                        # aioquic ignores too.
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        # An ICMP error the kernel queued on the socket: reading it
+                        # consumed it, so it is reported here or never.
+                        if self._on_error is not None:
+                            self._guard(self._on_error, exc)
                         break
                     self.datagrams += 1
                     self._deliver_one(data, addr)

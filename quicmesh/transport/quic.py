@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import errno
 import logging
 import os
 import socket
@@ -58,6 +58,7 @@ from ..errors import (
     ConfigError,
     ConnectError,
     ConnectionLost,
+    PeerUnresponsive,
     PeerVerificationError,
     QuicmeshError,
     TunnelError,
@@ -70,6 +71,7 @@ from ..tunnel.session import ResetReason
 from . import _udp
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
+from .liveness import Liveness, LivenessConfig, Verdict
 from .stream import MeshStream
 from .tickets import TicketCache, TicketStore
 
@@ -93,6 +95,11 @@ RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
 
 OLD_SOCKET_GRACE = 2.0
 """Seconds a migrated client keeps receiving on its previous socket (packets in flight)."""
+
+UNREACHABLE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+)
+"""Socket errors that report an ICMP destination unreachable (port, host, network)."""
 
 COUNTERS = (
     "zero_rtt_attempted",
@@ -274,11 +281,16 @@ class _SocketReceiver(asyncio.DatagramProtocol):
             cast(asyncio.DatagramTransport, transport),
             self._protocol.datagram_received,
             max_datagrams=self._max_datagrams,
+            on_error=self._protocol.socket_error,
         )
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         assert self.reader is not None
         self.reader.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            self._protocol.socket_error(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.reader is not None:
@@ -377,6 +389,13 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
         self.log_id = quic.host_cid.hex()
+        self.connected_socket: asyncio.DatagramTransport | None = None
+        """(client) The UDP socket connected to the peer: datagrams go to it without
+        an address, and it reports ICMP errors."""
+        self._unreachable: asyncio.Future[None] | None = None
+        self._liveness: Liveness | None = None
+        self._liveness_timer: asyncio.TimerHandle | None = None
+        self._liveness_at: float | None = None
 
     # -- I/O -------------------------------------------------------------------
 
@@ -385,7 +404,10 @@ class _TunnelProtocol(QuicConnectionProtocol):
         read (:mod:`quicmesh.transport._udp`), if any."""
         self.bytes_received += len(data)
         self.datagrams_received += 1
-        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        now = self._loop.time()
+        if self._liveness is not None:
+            self._liveness.received(now)
+        self._quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
         if not _udp.defer_transmit(self.transmit):
             self.transmit()
@@ -409,10 +431,11 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self._transmit_task = None
         assert self._transport is not None
         now = self._loop.time()
+        connected = self._transport is self.connected_socket
         for data, addr in self._quic.datagrams_to_send(now=now):
             self.bytes_sent += len(data)
             self.datagrams_sent += 1
-            self._transport.sendto(data, addr)
+            self._transport.sendto(data, None if connected else addr)
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -424,6 +447,101 @@ class _TunnelProtocol(QuicConnectionProtocol):
             self.connection._transmitted()
         if self.is_client and self._owner.rebind_after_ptos is not None:
             self._maybe_rebind(self._owner.rebind_after_ptos)
+        if self._liveness is not None:
+            self._watch_liveness(now)
+
+    # -- liveness ----------------------------------------------------------------
+
+    async def wait_connected(self) -> None:
+        """(client) Wait for the handshake; an ICMP unreachable error ends the wait
+        at once with ``ConnectionRefusedError`` (:attr:`failure` says which)."""
+        handshake = asyncio.ensure_future(super().wait_connected())
+        unreachable = self._unreachable = self._loop.create_future()
+        try:
+            await asyncio.wait({handshake, unreachable}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._unreachable = None
+            if not handshake.done():
+                handshake.cancel()
+        if not handshake.done():
+            raise ConnectionRefusedError(str(self.failure))
+        handshake.result()
+
+    def socket_error(self, exc: OSError) -> None:
+        """The UDP socket reported an error: an ICMP port or host unreachable on a
+        connected client socket fails the handshake at once and, once established,
+        counts towards :attr:`LivenessConfig.unreachable_limit`."""
+        if exc.errno not in UNREACHABLE_ERRNOS:
+            logger.debug("[%s] UDP socket error ignored: %s", self.log_id, exc)
+            return
+        address = self._peer_address
+        where = f"{address[0]}:{address[1]}" if address is not None else "peer"
+        why = exc.strerror or type(exc).__name__
+        if not self._handshake_done:
+            error = ConnectError(f"QUIC endpoint {where} unreachable: {why}")
+            if self.failure is None:
+                self.failure = error
+            if self._unreachable is not None and not self._unreachable.done():
+                self._unreachable.set_result(None)
+            elif self.connection is not None:
+                self._fail(error)  # 0-RTT: the streams learn it
+            return
+        if self._liveness is None:
+            return
+        verdict = self._liveness.unreachable(self._loop.time())
+        if verdict is Verdict.UNREACHABLE:
+            self._fail(ConnectionLost(f"QUIC {where}: {self._liveness.reason} ({why})"))
+        else:
+            self._quic.send_ping(0)
+            self._transmit_soon()
+
+    def _watch_liveness(self, now: float) -> None:
+        liveness = self._liveness
+        assert liveness is not None
+        if self.connection is None or self.connection.is_closed:
+            self._stop_liveness()
+            return
+        awaiting = _aioquic.awaiting_ack(self._quic)
+        verdict = liveness.check(
+            now, probe_timeouts=_aioquic.pto_count(self._quic), awaiting_ack=awaiting
+        )
+        if verdict is Verdict.UNRESPONSIVE:
+            self._fail(PeerUnresponsive(f"QUIC connection failed: {liveness.reason}"))
+            return
+        if verdict is Verdict.PING:
+            self._quic.send_ping(0)
+            self._transmit_soon()
+        deadline = liveness.deadline(awaiting_ack=awaiting)
+        if deadline is None:
+            return
+        if self._liveness_timer is not None:
+            if self._liveness_at is not None and self._liveness_at <= deadline:
+                return  # fires first; it re-arms for the later deadline
+            self._liveness_timer.cancel()
+        self._liveness_at = deadline
+        self._liveness_timer = self._loop.call_at(deadline, self._liveness_timer_fired)
+
+    def _liveness_timer_fired(self) -> None:
+        self._liveness_timer = self._liveness_at = None
+        if self._liveness is not None:
+            self._watch_liveness(self._loop.time())
+
+    def _stop_liveness(self) -> None:
+        self._liveness = None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = self._liveness_at = None
+
+    def _fail(self, error: TunnelError) -> None:
+        """Fail the connection now: every stream is reset at once, a
+        CONNECTION_CLOSE goes out (a hung peer that wakes up learns of it)."""
+        logger.warning("[%s] %s", self.log_id, error)
+        self._stop_liveness()
+        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=str(error)[:200])
+        self.transmit()
+        if self.connection is not None:
+            self.connection._connection_lost(error)
+        self._close_own_socket()
 
     def close_socket_when_done(self) -> None:
         self._close_socket = True
@@ -632,6 +750,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         if self.connection is None:
             self._create_connection(identity)
         assert self.connection is not None
+        self._liveness = Liveness(self._owner.liveness, self._loop.time())
         self._commit_tickets(identity)
         if self.is_client and self.connection.early_data == "attempted":
             outcome = "accepted" if event.early_data_accepted else "rejected"
@@ -693,6 +812,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
             self.handshake_finished.set_result(None)
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
+        self._stop_liveness()
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
         if self.connection is not None:
             if self._handshake_done:
@@ -787,6 +907,18 @@ class QuicTransport(Transport):
         QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
         over IPv6). aioquic does no path MTU discovery: raise it only on paths known
         to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
+    :param keepalive_interval: seconds of silence after which an idle connection
+        PINGs its peer (None: never), so a dead peer is noticed while no flow sends.
+    :param max_probe_timeouts: consecutive probe timeouts without an acknowledgement
+        after which the connection fails with :class:`~quicmesh.errors.PeerUnresponsive`
+        and every stream on it is reset (None: only the idle timeout ends it).
+    :param dead_after: seconds with packets unacknowledged and nothing received
+        after which the connection fails the same way (None: no bound).
+        :mod:`quicmesh.transport.liveness` has the rules, ICMP unreachable included.
+
+    A client's UDP socket is connected to its peer, so the kernel reports ICMP
+    port and host unreachable: :meth:`connect` then fails at once with
+    :class:`~quicmesh.errors.ConnectError` instead of waiting for its timeout.
 
     :attr:`counters` adds up, over every connection of this transport, the keys
     in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
@@ -815,6 +947,9 @@ class QuicTransport(Transport):
         rebind_after_ptos: int | None = None,
         receive_batch: int | None = None,
         max_datagram_size: int = 1200,
+        keepalive_interval: float | None = 1.0,
+        max_probe_timeouts: int | None = 6,
+        dead_after: float | None = 10.0,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:
@@ -845,6 +980,13 @@ class QuicTransport(Transport):
         if not 1200 <= max_datagram_size <= 1452:
             raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
         self.max_datagram_size = max_datagram_size
+        if not idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be positive seconds, not {idle_timeout}")
+        self.liveness = LivenessConfig(
+            keepalive_interval=keepalive_interval,
+            max_probe_timeouts=max_probe_timeouts,
+            dead_after=dead_after,
+        )
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._server_configurations: list[QuicConfiguration] = []
 
@@ -953,7 +1095,6 @@ class QuicTransport(Transport):
             session_ticket_handler=lambda ticket: holder[0].on_ticket_received(ticket),
         )
         _aioquic.limit_peer_streams(quic, self.max_streams)
-        local = "::" if _is_ipv6(address[0]) else "0.0.0.0"
         protocol = _TunnelProtocol(
             quic,
             transport=self,
@@ -963,11 +1104,15 @@ class QuicTransport(Transport):
         )
         holder.append(protocol)
         try:
+            # Connected: the kernel then reports ICMP unreachable errors to the socket.
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: _SocketReceiver(protocol, self.receive_batch), local_addr=(local, 0)
+                lambda: _SocketReceiver(protocol, self.receive_batch), remote_addr=address
             )
         except OSError as exc:
-            raise ConnectError(f"cannot open a UDP socket: {exc.strerror}") from None
+            raise ConnectError(
+                f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"
+            ) from None
+        protocol.connected_socket = udp
         protocol.connection_made(udp)
         _tune_udp_socket(udp)
         protocol.close_socket_when_done()
@@ -1015,10 +1160,3 @@ def _tune_udp_socket(transport: asyncio.BaseTransport) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False

@@ -1,0 +1,263 @@
+"""Dead and hung peers, ICMP unreachable: QUIC fails fast (issue 12).
+
+The sans-IO rules (:mod:`quicmesh.transport.liveness`) are walked with
+hypothesis; the QUIC adaptor runs over loopback, through a UDP relay that can
+blackhole the path or close its port (the kernel then answers ICMP port
+unreachable, as for a killed peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quicmesh import ConnectError, ConnectionLost, StreamReset
+from quicmesh.errors import ConfigError, PeerUnresponsive
+from quicmesh.transport.liveness import Liveness, LivenessConfig, Verdict
+from tests.quic_helpers import TARGET, Recorder, client_transport, run, server_transport
+
+# -- sans-IO ------------------------------------------------------------------------
+
+configs = st.builds(
+    LivenessConfig,
+    keepalive_interval=st.one_of(st.none(), st.floats(0.01, 100)),
+    max_probe_timeouts=st.one_of(st.none(), st.integers(1, 20)),
+    dead_after=st.one_of(st.none(), st.floats(0.01, 100)),
+    unreachable_limit=st.integers(1, 5),
+)
+
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["received", "check", "unreachable"]),
+        st.floats(0, 5),  # time advance
+        st.integers(0, 25),  # probe timeouts
+        st.booleans(),  # awaiting ack
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(configs, steps)
+def test_verdicts_follow_the_thresholds(config: LivenessConfig, script: list[Any]) -> None:
+    liveness = Liveness(config, 0.0)
+    now = 0.0
+    awaiting_since: float | None = None
+    errors = 0
+    for action, advance, ptos, awaiting in script:
+        now += advance
+        if action == "received":
+            liveness.received(now)
+            errors = 0
+            continue
+        if action == "unreachable":
+            errors += 1
+            verdict = liveness.unreachable(now)
+            expected = Verdict.UNREACHABLE if errors >= config.unreachable_limit else Verdict.PING
+            assert verdict is expected
+            continue
+        awaiting_since = (
+            (awaiting_since if awaiting_since is not None else now) if awaiting else None
+        )
+        verdict = liveness.check(now, probe_timeouts=ptos, awaiting_ack=awaiting)
+        too_many = config.max_probe_timeouts is not None and ptos >= config.max_probe_timeouts
+        silent = (
+            awaiting
+            and config.dead_after is not None
+            and awaiting_since is not None
+            and now - max(liveness.last_received, awaiting_since) >= config.dead_after
+        )
+        if too_many or silent:
+            assert verdict is Verdict.UNRESPONSIVE
+            assert liveness.reason.startswith("peer unresponsive")
+        elif (
+            not awaiting
+            and config.keepalive_interval is not None
+            and now - liveness.last_received >= config.keepalive_interval
+        ):
+            assert verdict is Verdict.PING
+        else:
+            assert verdict is Verdict.ALIVE
+            deadline = liveness.deadline(awaiting_ack=awaiting)
+            # The next check is due later, never in the past (no busy timer).
+            assert deadline is None or deadline > now
+
+
+def test_a_single_icmp_error_only_probes() -> None:
+    liveness = Liveness(LivenessConfig(unreachable_limit=2), 0.0)
+    assert liveness.unreachable(1.0) is Verdict.PING
+    liveness.received(1.1)  # the peer answered: the error was stray
+    assert liveness.unreachable(2.0) is Verdict.PING
+    assert liveness.unreachable(2.01) is Verdict.UNREACHABLE
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"keepalive_interval": 0}, "keepalive_interval"),
+        ({"max_probe_timeouts": 0}, "max_probe_timeouts"),
+        ({"dead_after": -1.0}, "dead_after"),
+        ({"unreachable_limit": 0}, "unreachable_limit"),
+    ],
+)
+def test_bad_thresholds_are_config_errors(kwargs: dict[str, Any], word: str) -> None:
+    with pytest.raises(ConfigError, match=word):
+        LivenessConfig(**kwargs)
+
+
+# -- over loopback ------------------------------------------------------------------
+
+
+class Relay(asyncio.DatagramProtocol):
+    """A UDP relay between one client and a server: can drop everything, or close."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.blackhole = False
+        self.client: Any = None
+        self.front: asyncio.DatagramTransport | None = None
+        self.back: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def start(cls, server: tuple[str, int]) -> Relay:
+        loop = asyncio.get_running_loop()
+        relay = cls(server)
+        front, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
+        relay.front = front  # type: ignore[assignment]
+
+        class Back(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                if not relay.blackhole and relay.client is not None and relay.front is not None:
+                    relay.front.sendto(data, relay.client)
+
+        back, _ = await loop.create_datagram_endpoint(Back, remote_addr=server)
+        relay.back = back  # type: ignore[assignment]
+        return relay
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.front is not None
+        host, port = self.front.get_extra_info("sockname")[:2]
+        return host, port
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.client = addr
+        if not self.blackhole and self.back is not None:
+            self.back.sendto(data)
+
+    def close(self) -> None:
+        for transport in (self.front, self.back):
+            if transport is not None:
+                transport.close()
+
+
+def closed_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_connect_to_a_closed_udp_port_fails_at_once() -> None:
+    async def main() -> None:
+        port = closed_udp_port()
+        client = client_transport()
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="unreachable"):
+            await client.connect(("127.0.0.1", port), timeout=5.0)
+        assert time.monotonic() - started < 0.1
+
+    run(main())
+
+
+async def _echo_setup(**client_kwargs: Any) -> tuple[Any, Relay, Any, Any]:
+    server = server_transport()
+    listener = await server.listen(("127.0.0.1", 0), Recorder())
+    relay = await Relay.start(listener.address)
+    client = client_transport(**client_kwargs)
+    connection = await client.connect(relay.address, timeout=5.0)
+    stream = await connection.open_stream(TARGET)
+    stream.write(b"ping")
+    assert await stream.readexactly(4) == b"ping"
+    return listener, relay, connection, stream
+
+
+def test_a_blackholed_idle_connection_fails_within_seconds() -> None:
+    """No flow sends: keepalive PINGs go unanswered, probe timeouts pile up."""
+
+    async def main() -> None:
+        listener, relay, connection, stream = await _echo_setup(
+            keepalive_interval=0.2, max_probe_timeouts=4, dead_after=None
+        )
+        relay.blackhole = True
+        started = time.monotonic()
+        with pytest.raises(StreamReset, match="unresponsive"):
+            await asyncio.wait_for(stream.read(10), 10.0)
+        elapsed = time.monotonic() - started
+        assert connection.is_closed
+        assert isinstance(connection.lost_error, PeerUnresponsive)
+        assert elapsed < 3.0, elapsed
+        relay.close()
+        listener.close()
+
+    run(main())
+
+
+def test_dead_after_bounds_the_wait_in_seconds() -> None:
+    async def main() -> None:
+        listener, relay, _connection, stream = await _echo_setup(
+            keepalive_interval=0.1, max_probe_timeouts=None, dead_after=0.5
+        )
+        relay.blackhole = True
+        started = time.monotonic()
+        with pytest.raises(StreamReset, match="no ACK for"):
+            await asyncio.wait_for(stream.read(10), 10.0)
+        assert 0.5 <= time.monotonic() - started < 3.0
+        relay.close()
+        listener.close()
+
+    run(main())
+
+
+def test_a_closed_peer_port_fails_the_connection_on_icmp() -> None:
+    """As after kill -9 of the peer: every datagram is answered port unreachable."""
+
+    async def main() -> None:
+        listener, relay, connection, stream = await _echo_setup(
+            keepalive_interval=0.2, max_probe_timeouts=None, dead_after=None
+        )
+        relay.close()
+        started = time.monotonic()
+        with pytest.raises(StreamReset, match="unreachable"):
+            await asyncio.wait_for(stream.read(10), 10.0)
+        assert time.monotonic() - started < 1.5
+        assert isinstance(connection.lost_error, ConnectionLost)
+        assert not isinstance(connection.lost_error, PeerUnresponsive)
+        listener.close()
+
+    run(main())
+
+
+def test_a_live_idle_connection_survives_its_idle_timeout_with_keepalive() -> None:
+    async def main() -> None:
+        server = server_transport(idle_timeout=0.6)
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport(idle_timeout=0.6, keepalive_interval=0.15)
+        connection = await client.connect(listener.address, timeout=5.0)
+        stream = await connection.open_stream(TARGET)
+        await asyncio.sleep(1.5)  # the idle period under test, not synchronisation
+        assert not connection.is_closed
+        stream.write(b"still here")
+        stream.write_eof()
+        assert await stream.read(100) == b"still here"
+        await connection.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
