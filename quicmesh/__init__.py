@@ -3,7 +3,7 @@
 The public API (see docs/api.md)::
 
     ca = quicmesh.DevCA(); ident = ca.issue("spiffe://mesh.local/ns/default/sa/reviews")
-    t = quicmesh.QuicTransport(identity=ident, trust=ca.trust_bundle)  # or H2Transport, ...
+    t = quicmesh.QuicTransport(identity=ident, trust=ca.trust_bundle)  # or AutoTransport...
     listener = await t.listen(("127.0.0.1", 0), handler, authorize=None)
     conn = await t.connect(listener.address)
     stream = await conn.open_stream("reviews.default.svc:9080")
@@ -18,6 +18,7 @@ from .errors import (
     ConnectError,
     ConnectionLost,
     InvalidTarget,
+    PeerUnresponsive,
     PeerVerificationError,
     QuicmeshError,
     StreamRefused,
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .splice import splice
 from .tls import DevCA, Identity, TrustBundle
+from .transport.auto import AutoTransport
 from .transport.base import Listener, PeerConnection, Transport
 from .transport.h2 import H2Transport
 from .transport.quic import QuicTransport
@@ -39,11 +41,13 @@ TRANSPORTS: dict[str, type[Transport]] = {
     "quic": QuicTransport,
     "h2": H2Transport,
     "tcp": TcpTransport,
+    "auto": AutoTransport,
 }
 """Transport implementations by configuration name."""
 
 __all__ = [
     "TRANSPORTS",
+    "AutoTransport",
     "ConfigError",
     "ConnectError",
     "ConnectionLost",
@@ -54,6 +58,7 @@ __all__ = [
     "Listener",
     "MeshStream",
     "PeerConnection",
+    "PeerUnresponsive",
     "PeerVerificationError",
     "QuicTransport",
     "QuicmeshError",

@@ -158,3 +158,8 @@ class Transport(ABC):
     @abstractmethod
     async def connect(self, address: Address, *, timeout: float = 10.0) -> PeerConnection:
         """Connect to the peer sidecar at ``address``, verifying its identity."""
+
+    def stats(self) -> dict[str, Any]:
+        """Transport-wide counters for the admin's ``/stats`` (an
+        :class:`~quicmesh.AutoTransport`'s fallbacks); none by default."""
+        return {}

@@ -1,0 +1,380 @@
+"""AutoTransport: QUIC when it works, HTTP/2 when UDP does not.
+
+Many networks drop UDP. :class:`AutoTransport` connects with QUIC and, if the
+QUIC handshake has not completed after ``fallback_delay`` (300 ms by default),
+races an HTTP/2 connection to the same address, happy-eyeballs style (RFC
+8305); the first to complete is used. The peer must accept both on one port
+number (UDP for QUIC, TCP for HTTP/2), as a quicmesh inbound listener with
+``transports: [quic, h2]`` and :meth:`AutoTransport.listen` do.
+
+When QUIC fails to an address where HTTP/2 succeeds, or a QUIC connection to it
+dies unresponsive mid-life (a path that started dropping UDP), QUIC is marked
+broken for that address (:class:`BrokenQuicMemory`, sans-IO): connections go
+straight to HTTP/2 while the mark lasts, ``broken_backoff`` seconds the first
+time, doubling each time QUIC fails again, up to ``max_broken_backoff``. When a
+mark expires while HTTP/2 fallback connections are open, one QUIC handshake is
+tried; if it completes the fallback connections are retired (no new streams;
+each closes once its streams end), so the next connections are QUIC again.
+Envoy's alternate-protocols cache and cloudflared's QUIC-to-HTTP/2 fallback do
+the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError, ConnectError, PeerUnresponsive, QuicmeshError, TunnelError
+from ..tls import Identity, TrustBundle
+from .base import Address, Authorizer, Listener, PeerConnection, StreamHandler, Transport
+from .h2 import H2Transport
+from .quic import QuicTransport
+
+logger = logging.getLogger("quicmesh.transport.auto")
+
+DEFAULT_FALLBACK_DELAY = 0.3
+"""Seconds a QUIC handshake gets before HTTP/2 is raced against it."""
+
+DEFAULT_BROKEN_BACKOFF = 300.0
+"""Seconds QUIC stays marked broken for an address the first time."""
+
+DEFAULT_MAX_BROKEN_BACKOFF = 3600.0
+"""The longest QUIC stays marked broken (the backoff doubles up to this)."""
+
+RETIRE_TIMEOUT = 3600.0
+"""Seconds a retired HTTP/2 fallback connection's streams get to finish."""
+
+COUNTERS = (
+    "connections_quic",
+    "connections_h2",
+    "fallbacks",
+    "quic_marked_broken",
+    "quic_retries",
+    "quic_retries_ok",
+)
+"""Keys of :attr:`AutoTransport.fallback_counters`."""
+
+
+@dataclass
+class _Mark:
+    failures: int = 0
+    """Times QUIC failed since it last worked: the backoff is base * 2**(failures - 1)."""
+    until: float | None = None
+
+
+class BrokenQuicMemory:
+    """Which addresses QUIC is broken for, and until when (sans-IO).
+
+    :param backoff: seconds of the first mark.
+    :param max_backoff: the longest mark; each further failure doubles it up to this.
+    """
+
+    def __init__(
+        self,
+        backoff: float = DEFAULT_BROKEN_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BROKEN_BACKOFF,
+    ) -> None:
+        if not backoff > 0:
+            raise ConfigError(f"broken_backoff must be positive seconds, not {backoff}")
+        if not max_backoff >= backoff:
+            raise ConfigError(
+                f"max_broken_backoff ({max_backoff}) must be at least broken_backoff ({backoff})"
+            )
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._marks: dict[object, _Mark] = {}
+
+    def is_broken(self, key: object, now: float) -> bool:
+        """Whether QUIC is marked broken for ``key`` at ``now``."""
+        mark = self._marks.get(key)
+        return mark is not None and mark.until is not None and now < mark.until
+
+    def broken_until(self, key: object) -> float | None:
+        """When the current (or last) mark for ``key`` ends."""
+        mark = self._marks.get(key)
+        return None if mark is None else mark.until
+
+    def failed(self, key: object, now: float) -> float:
+        """QUIC failed to ``key`` (where another protocol worked): mark it broken.
+
+        Returns when the mark ends. A failure while marked (a retry that raced an
+        expiry) does not extend it twice.
+        """
+        mark = self._marks.setdefault(key, _Mark())
+        if self.is_broken(key, now):
+            assert mark.until is not None
+            return mark.until
+        mark.failures += 1
+        backoff = min(self.backoff * 2 ** min(mark.failures - 1, 62), self.max_backoff)
+        mark.until = now + backoff
+        return mark.until
+
+    def worked(self, key: object) -> None:
+        """A QUIC handshake to ``key`` completed: forget its failures."""
+        self._marks.pop(key, None)
+
+    def broken(self, now: float) -> list[object]:
+        """The keys marked broken at ``now``."""
+        return [key for key in self._marks if self.is_broken(key, now)]
+
+
+class AutoListener(Listener):
+    """A QUIC listener and an HTTP/2 listener on the same port number."""
+
+    def __init__(self, listeners: Sequence[Listener]) -> None:
+        self.listeners = list(listeners)
+        self.address = self.listeners[0].address
+
+    @property
+    def connections(self) -> list[PeerConnection]:
+        return [c for listener in self.listeners for c in listener.connections]
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*(listener.wait_closed() for listener in self.listeners))
+
+
+class AutoTransport(Transport):
+    """QUIC first, HTTP/2 when QUIC does not get through (see the module docstring).
+
+    :param identity: this sidecar's certificate and key.
+    :param trust: the CAs peers' certificates must chain to.
+    :param quic: the QUIC transport to use (by default one with this identity).
+    :param h2: the HTTP/2 transport to fall back to (likewise).
+    :param fallback_delay: seconds a QUIC handshake gets before HTTP/2 is raced.
+    :param broken_backoff: seconds QUIC stays marked broken for an address the
+        first time it fails there.
+    :param max_broken_backoff: the longest mark (the backoff doubles up to it).
+
+    :attr:`fallback_counters` counts connections made per transport
+    (``connections_quic``, ``connections_h2``), ``fallbacks`` (HTTP/2
+    connections made because QUIC was broken or lost the race),
+    ``quic_marked_broken`` (marks set), ``quic_retries`` and ``quic_retries_ok``
+    (QUIC tried again when a mark expired); :meth:`stats` adds the addresses
+    marked broken now.
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        trust: TrustBundle,
+        quic: QuicTransport | None = None,
+        h2: H2Transport | None = None,
+        fallback_delay: float = DEFAULT_FALLBACK_DELAY,
+        broken_backoff: float = DEFAULT_BROKEN_BACKOFF,
+        max_broken_backoff: float = DEFAULT_MAX_BROKEN_BACKOFF,
+    ) -> None:
+        super().__init__(identity=identity, trust=trust)
+        if not fallback_delay >= 0:
+            raise ConfigError(f"fallback_delay must be >= 0 seconds, not {fallback_delay}")
+        self.quic = quic if quic is not None else QuicTransport(identity=identity, trust=trust)
+        self.h2 = h2 if h2 is not None else H2Transport(identity=identity, trust=trust)
+        self.fallback_delay = fallback_delay
+        self.memory = BrokenQuicMemory(broken_backoff, max_broken_backoff)
+        self.fallback_counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self.counters = self.quic.counters
+        """The QUIC transport's counters (0-RTT, tickets, migrations)."""
+        self._fallbacks: dict[Address, list[PeerConnection]] = {}
+        self._retry_timers: dict[Address, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- listening -------------------------------------------------------------------
+
+    async def listen(
+        self,
+        address: Address,
+        handler: StreamHandler,
+        authorize: Authorizer | None = None,
+    ) -> AutoListener:
+        """Accept QUIC (UDP) and HTTP/2 (TCP) connections on one port number.
+
+        With port 0 the QUIC listener picks the port and HTTP/2 takes the same
+        number (tried a few times if that TCP port is taken).
+        """
+        attempts = 5 if address[1] == 0 else 1
+        for attempt in range(attempts):
+            quic_listener = await self.quic.listen(address, handler, authorize)
+            try:
+                h2_listener = await self.h2.listen(
+                    (address[0], quic_listener.address[1]), handler, authorize
+                )
+            except ConnectError:
+                quic_listener.close()
+                await quic_listener.wait_closed()
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            return AutoListener([quic_listener, h2_listener])
+        raise AssertionError("unreachable")
+
+    # -- connecting ------------------------------------------------------------------
+
+    async def connect(self, address: Address, *, timeout: float = 10.0) -> PeerConnection:
+        """Connect with QUIC, or HTTP/2 if QUIC is broken or too slow (see the class)."""
+        loop = asyncio.get_running_loop()
+        if self.memory.is_broken(address, loop.time()):
+            connection = await self.h2.connect(address, timeout=timeout)
+            return self._h2_used(address, connection)
+        quic = loop.create_task(self.quic.connect(address, timeout=timeout))
+        h2: asyncio.Task[PeerConnection] | None = None
+        winner: PeerConnection | None = None
+        watching_quic = False
+        try:
+            await asyncio.wait({quic}, timeout=self.fallback_delay)
+            if quic.done() and quic.exception() is None:
+                winner = quic.result()
+                return self._quic_used(address, winner)
+            h2 = loop.create_task(self.h2.connect(address, timeout=timeout))
+            pending: set[asyncio.Task[Any]] = {quic, h2}
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if quic.done() and quic.exception() is None:
+                    winner = quic.result()
+                    return self._quic_used(address, winner)
+                if h2.done() and h2.exception() is None:
+                    winner = h2.result()
+                    if quic.done():
+                        self._quic_failed(address, quic.exception())
+                    else:
+                        watching_quic = True
+                        self._watch_late_quic(address, quic)
+                    return self._h2_used(address, winner)
+            raise ConnectError(
+                f"{address[0]}:{address[1]}: QUIC: {quic.exception()}; HTTP/2: {h2.exception()}"
+            ) from None
+        finally:
+            if not watching_quic:
+                self._discard_loser(quic, winner)
+            if h2 is not None:
+                self._discard_loser(h2, winner)
+
+    def _discard_loser(self, task: asyncio.Task[Any], winner: PeerConnection | None) -> None:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(self._close_if_connected)
+        elif not task.cancelled() and task.exception() is None and task.result() is not winner:
+            task.result().close()
+
+    def _close_if_connected(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            task.result().close()
+
+    def _watch_late_quic(self, address: Address, task: asyncio.Task[Any]) -> None:
+        """HTTP/2 won the race: the QUIC handshake goes on, to learn whether QUIC works."""
+
+        def finished(task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None:
+                self._quic_failed(address, error)
+                return
+            self.memory.worked(address)
+            task.result().close()
+
+        task.add_done_callback(finished)
+
+    def _quic_used(self, address: Address, connection: PeerConnection) -> PeerConnection:
+        self.memory.worked(address)
+        self.fallback_counters["connections_quic"] += 1
+        add_lost_callback = getattr(connection, "add_lost_callback", None)
+        if add_lost_callback is not None:
+
+            def lost(error: TunnelError) -> None:
+                if isinstance(error, PeerUnresponsive):
+                    # Blackholed mid-life: the path may have started dropping UDP.
+                    self._quic_failed(address, error)
+
+            add_lost_callback(lost)
+        return connection
+
+    def _h2_used(self, address: Address, connection: PeerConnection) -> PeerConnection:
+        self.fallback_counters["connections_h2"] += 1
+        self.fallback_counters["fallbacks"] += 1
+        fallbacks = self._fallbacks.setdefault(address, [])
+        fallbacks[:] = [c for c in fallbacks if not c.is_closed]
+        fallbacks.append(connection)
+        return connection
+
+    def _quic_failed(self, address: Address, error: BaseException | None) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.memory.is_broken(address, now):
+            return
+        until = self.memory.failed(address, now)
+        self.fallback_counters["quic_marked_broken"] += 1
+        logger.warning(
+            "QUIC to %s:%d marked broken for %.0fs (HTTP/2 meanwhile): %s",
+            address[0],
+            address[1],
+            until - now,
+            error,
+        )
+        timer = self._retry_timers.pop(address, None)
+        if timer is not None:
+            timer.cancel()
+        self._retry_timers[address] = loop.call_at(until, self._mark_expired, address)
+
+    def _mark_expired(self, address: Address) -> None:
+        self._retry_timers.pop(address, None)
+        fallbacks = [c for c in self._fallbacks.get(address, []) if not c.is_closed]
+        self._fallbacks[address] = fallbacks
+        if not fallbacks:
+            return  # nothing to replace: the next connect tries QUIC anyway
+        task = asyncio.get_running_loop().create_task(self._retry_quic(address))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _retry_quic(self, address: Address) -> None:
+        """The mark expired with HTTP/2 fallback connections open: try QUIC once; if
+        it works, retire them so that the next connections are QUIC."""
+        self.fallback_counters["quic_retries"] += 1
+        try:
+            probe = await self.quic.connect(address, timeout=max(1.0, 10 * self.fallback_delay))
+        except (QuicmeshError, OSError) as exc:
+            self._quic_failed(address, exc)
+            return
+        self.fallback_counters["quic_retries_ok"] += 1
+        self.memory.worked(address)
+        probe.close()
+        retired = self._fallbacks.pop(address, [])
+        logger.info(
+            "QUIC to %s:%d works again: retiring %d HTTP/2 fallback connections",
+            address[0],
+            address[1],
+            len(retired),
+        )
+        await asyncio.gather(
+            *(c.aclose(RETIRE_TIMEOUT) for c in retired if not c.is_closed),
+            return_exceptions=True,
+        )
+
+    # -- views -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """:attr:`fallback_counters`, plus ``endpoints_quic_broken``: addresses
+        QUIC is marked broken for now."""
+        now = asyncio.get_running_loop().time()
+        return {**self.fallback_counters, "endpoints_quic_broken": len(self.memory.broken(now))}
+
+    async def aclose(self) -> None:
+        """Stop the background work (retry timers, QUIC retries)."""
+        for timer in self._retry_timers.values():
+            timer.cancel()
+        self._retry_timers.clear()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
