@@ -188,6 +188,7 @@ class AutoTransport(Transport):
         self._fallbacks: dict[Address, list[PeerConnection]] = {}
         self._retry_timers: dict[Address, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._retiring: set[asyncio.Task[Any]] = set()
 
     # -- listening -------------------------------------------------------------------
 
@@ -264,11 +265,26 @@ class AutoTransport(Transport):
             task.cancel()
             task.add_done_callback(self._close_if_connected)
         elif not task.cancelled() and task.exception() is None and task.result() is not winner:
-            task.result().close()
+            self._close(task.result())
 
     def _close_if_connected(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is None:
-            task.result().close()
+            self._close(task.result())
+
+    def _close(self, connection: PeerConnection) -> None:
+        """Close a connection nobody uses (a race's loser, a retry's probe)."""
+
+        async def close() -> None:
+            connection.close()
+            with contextlib.suppress(QuicmeshError, OSError):
+                await connection.wait_closed()
+
+        self._spawn(close())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _watch_late_quic(self, address: Address, task: asyncio.Task[Any]) -> None:
         """HTTP/2 won the race: the QUIC handshake goes on, to learn whether QUIC works."""
@@ -281,7 +297,7 @@ class AutoTransport(Transport):
                 self._quic_failed(address, error)
                 return
             self.memory.worked(address)
-            task.result().close()
+            self._close(task.result())
 
         task.add_done_callback(finished)
 
@@ -332,9 +348,7 @@ class AutoTransport(Transport):
         self._fallbacks[address] = fallbacks
         if not fallbacks:
             return  # nothing to replace: the next connect tries QUIC anyway
-        task = asyncio.get_running_loop().create_task(self._retry_quic(address))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._retry_quic(address))
 
     async def _retry_quic(self, address: Address) -> None:
         """The mark expired with HTTP/2 fallback connections open: try QUIC once; if
@@ -347,7 +361,7 @@ class AutoTransport(Transport):
             return
         self.fallback_counters["quic_retries_ok"] += 1
         self.memory.worked(address)
-        probe.close()
+        self._close(probe)
         retired = self._fallbacks.pop(address, [])
         logger.info(
             "QUIC to %s:%d works again: retiring %d HTTP/2 fallback connections",
@@ -355,10 +369,13 @@ class AutoTransport(Transport):
             address[1],
             len(retired),
         )
-        await asyncio.gather(
-            *(c.aclose(RETIRE_TIMEOUT) for c in retired if not c.is_closed),
-            return_exceptions=True,
-        )
+        loop = asyncio.get_running_loop()
+        for connection in retired:
+            if not connection.is_closed:
+                # No new streams from now on; closed when its last stream ends.
+                task = loop.create_task(connection.aclose(RETIRE_TIMEOUT))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
 
     # -- views -------------------------------------------------------------------------
 
@@ -369,12 +386,12 @@ class AutoTransport(Transport):
         return {**self.fallback_counters, "endpoints_quic_broken": len(self.memory.broken(now))}
 
     async def aclose(self) -> None:
-        """Stop the background work (retry timers, QUIC retries)."""
+        """Stop the background work (retry timers, QUIC retries) and wait until the
+        connections it closed (race losers, probes) are closed."""
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()
-        for task in list(self._background):
-            task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in list(self._retiring):
+            task.cancel()  # the connections stay retired; their owner closes them
+        while self._background or self._retiring:
+            await asyncio.gather(*self._background, *self._retiring, return_exceptions=True)
