@@ -84,16 +84,24 @@ class Peer:
         self.relay: Relay | None = None
 
     async def start(self, *, quic: bool = True) -> tuple[str, int]:
+        h2 = H2Transport(identity=SERVER, trust=CA.trust_bundle)
         if quic:
             listener = await server_transport().listen(("127.0.0.1", 0), self.recorder)
             self.listeners.append(listener)
-            self.relay = await Relay.start(listener.address)
-            port = self.relay.address[1]
-        else:
-            port = closed_udp_port()
-        h2 = H2Transport(identity=SERVER, trust=CA.trust_bundle)
-        self.listeners.append(await h2.listen(("127.0.0.1", port), self.recorder))
-        return ("127.0.0.1", port)
+        for _ in range(10):  # the relay's port number may be taken on TCP
+            if quic:
+                self.relay = await Relay.start(listener.address)
+                port = self.relay.address[1]
+            else:
+                port = closed_udp_port()
+            try:
+                self.listeners.append(await h2.listen(("127.0.0.1", port), self.recorder))
+            except ConnectError:
+                if self.relay is not None:
+                    self.relay.close()
+                continue
+            return ("127.0.0.1", port)
+        raise AssertionError("no port number free on both UDP and TCP")
 
     async def close(self) -> None:
         if self.relay is not None:
