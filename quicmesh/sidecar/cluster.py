@@ -304,6 +304,7 @@ class Cluster:
             endpoint.address, self._loop.time()
         ):
             ep_stats.ejections += 1
+            endpoint.pool.retire_connections("ejected")
             health = self.health[endpoint.address]
             logger.warning(
                 "cluster %s: ejected %s after %d connect failures (for %.1fs)",
@@ -315,6 +316,7 @@ class Cluster:
 
     def _connected(self, pool: EndpointPool, pooled: PooledConnection) -> None:
         self.stats.connections_total += 1
+        self.stats.connections_by_transport[pooled.connection.transport_name] += 1
         self.stats.endpoint(format_address(pool.address)).connections_total += 1
 
     # -- migration ------------------------------------------------------------
@@ -397,6 +399,7 @@ class Cluster:
                     logger.warning(
                         "cluster %s: %s is unhealthy: %s", self.config.name, endpoint.name, exc
                     )
+                    endpoint.pool.retire_connections("failed its health checks")
             return
         connection.close()
         with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
@@ -461,12 +464,16 @@ class Cluster:
             "connect_failures": stats.connect_failures,
             "retries": stats.retries,
             "circuit_breaker_overflows": dict(stats.overflows),
+            "connections_by_transport": dict(stats.connections_by_transport),
             "outcomes": dict(stats.outcomes),
             "handshake_failures": dict(stats.handshake_failures),
             "endpoints": endpoints,
         }
         if stats.quic_counters:
             view["quic"] = sum_counters(stats.quic_counters)
+        fallback = self.transport.stats()
+        if fallback:
+            view["fallback"] = fallback
         return view
 
     def healthy_endpoints(self) -> int:
@@ -491,6 +498,7 @@ class Cluster:
         self._tasks.clear()
         for endpoint in list(self.endpoints.values()) + self.retired:
             await endpoint.pool.close(grace)
+        await self.transport.aclose()
 
 
 def _is_scalar(value: object) -> bool:

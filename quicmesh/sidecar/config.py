@@ -33,6 +33,9 @@ Address = tuple[str, int]
 TRANSPORT_NAMES = ("quic", "h2", "tcp")
 """Values of ``clusters[].transport`` and ``listeners.inbound[].transports``."""
 
+CLUSTER_TRANSPORT_NAMES = (*TRANSPORT_NAMES, "auto")
+"""Values of ``clusters[].transport``: ``auto`` is QUIC with HTTP/2 fallback."""
+
 LB_POLICIES = ("round_robin", "least_request", "random")
 """Values of ``clusters[].load_balancing``."""
 
@@ -186,6 +189,24 @@ class CircuitBreakerConfig:
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """``transport: auto``: when to race HTTP/2, how long QUIC stays marked broken."""
+
+    delay: float = 0.3
+    broken_backoff: float = 300.0
+    max_broken_backoff: float = 3600.0
+
+
+@dataclass(frozen=True)
+class LivenessSettings:
+    """QUIC and auto clusters: keepalive and dead-peer detection (None: off)."""
+
+    keepalive_interval: float | None = 1.0
+    max_probe_timeouts: int | None = 6
+    dead_after: float | None = 10.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """A set of peer sidecars reached over one transport."""
 
@@ -208,6 +229,8 @@ class ClusterConfig:
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
+    """Seconds a pooled connection may carry no flow before it is closed; also the
+    QUIC ``max_idle_timeout``."""
     connect_retries: int = 1
     services: tuple[Address, ...] = ()
     """Addresses (``ip:port``, e.g. a service VIP) whose captured connections go to this
@@ -219,6 +242,9 @@ class ClusterConfig:
     def all_services(self) -> tuple[Address, ...]:
         """:attr:`services` then the :attr:`file_services` not among them."""
         return merge_services(self.services, self.file_services)
+
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
 
     def same_except_endpoints(self, other: ClusterConfig) -> bool:
         """True when only the endpoint list differs (a reload can update in place)."""
@@ -889,9 +915,11 @@ class _Loader:
                 "idle_timeout",
                 "connect_retries",
                 "services",
+                "liveness",
+                "fallback",
             }
         )
-        transport = node.child("transport").required().choice(TRANSPORT_NAMES)
+        transport = node.child("transport").required().choice(CLUSTER_TRANSPORT_NAMES)
         services = tuple(
             item.convert(parse_service) for item in node.child("services").items(allow_empty=True)
         )
@@ -913,14 +941,20 @@ class _Loader:
         congestion = node.child("congestion_control")
         datagram = node.child("max_datagram_size")
         early = node.child("early_data")
-        if transport != "quic":
+        liveness = node.child("liveness")
+        fallback = node.child("fallback")
+        if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            for option in (congestion, datagram, early):
+            for option in (congestion, datagram, early, liveness):
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))
                     )
+        if transport != "auto" and fallback.value is not None:
+            self.warnings.append(
+                str(fallback.error(f"applies to auto clusters only: ignored for {transport}"))
+            )
         return ClusterConfig(
             name=node.child("name").required().name(),
             transport=transport,
@@ -941,7 +975,41 @@ class _Loader:
             connect_retries=_int_or(node.child("connect_retries"), 1, 0, 10),
             services=services,
             file_services=file_services,
+            liveness=self.liveness(liveness),
+            fallback=self.fallback(fallback),
         )
+
+    def liveness(self, node: _Field) -> LivenessSettings:
+        if node.value is None:
+            return LivenessSettings()
+        node.only_keys({"keepalive_interval", "max_probe_timeouts", "dead_after"})
+
+        def off_or(key: str, read: Callable[[_Field], Any], default: Any) -> Any:
+            child = node.child(key)
+            if child.value is None:
+                return default
+            if child.value == "off" or child.value is False:
+                return None
+            return read(child)
+
+        return LivenessSettings(
+            keepalive_interval=off_or("keepalive_interval", lambda f: f.duration(), 1.0),
+            max_probe_timeouts=off_or("max_probe_timeouts", lambda f: f.integer(1, 1000), 6),
+            dead_after=off_or("dead_after", lambda f: f.duration(), 10.0),
+        )
+
+    def fallback(self, node: _Field) -> FallbackConfig:
+        if node.value is None:
+            return FallbackConfig()
+        node.only_keys({"delay", "broken_backoff", "max_broken_backoff"})
+        delay_node = node.child("delay")
+        delay = 0.3 if delay_node.value is None else delay_node.duration(positive=False)
+        backoff = _duration_or(node.child("broken_backoff"), 300.0)
+        maximum_node = node.child("max_broken_backoff")
+        maximum = _duration_or(maximum_node, max(3600.0, backoff))
+        if maximum < backoff:
+            raise maximum_node.error(f"must be at least broken_backoff ({backoff:g}s)")
+        return FallbackConfig(delay=delay, broken_backoff=backoff, max_broken_backoff=maximum)
 
     def health_check(self, node: _Field) -> HealthCheckConfig | None:
         if node.value is None:

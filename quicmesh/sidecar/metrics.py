@@ -43,6 +43,12 @@ _CLUSTER_COUNTERS = (
     ("connect_failures", "connect_failures", "Failed connects or stream opens."),
     ("retries", "retries", "Flows retried on another endpoint."),
 )
+_CLUSTER_FALLBACK_COUNTERS = (
+    ("fallbacks", "HTTP/2 connections made because QUIC was broken or too slow (auto)."),
+    ("quic_marked_broken", "Times QUIC was marked broken for an endpoint (auto)."),
+    ("quic_retries", "QUIC handshakes tried when a broken mark expired (auto)."),
+    ("quic_retries_ok", "Of those, the ones that completed: HTTP/2 fallbacks retired (auto)."),
+)
 _CLUSTER_GAUGES = (
     ("connections_active", "connections_active", "Peer connections open now."),
     ("streams_active", "streams_active", "Flows open now."),
@@ -271,6 +277,36 @@ def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
             outcomes.add_metric([cluster, outcome], count)
     yield overflows
     yield outcomes
+    opened = CounterMetricFamily(
+        "quicmesh_cluster_connections_by_transport",
+        "Peer connections opened, by the transport that carried them (auto clusters: quic or h2).",
+        labels=["cluster", "transport", "via"],
+    )
+    for cluster, data in clusters.items():
+        for via in ("quic", "h2", "tcp"):
+            count = data.get("connections_by_transport", {}).get(via)
+            if count is not None or data["transport"] in (via, "auto"):
+                opened.add_metric([cluster, data["transport"], via], count or 0)
+    yield opened
+    for key, doc in _CLUSTER_FALLBACK_COUNTERS:
+        family = CounterMetricFamily(
+            f"quicmesh_cluster_{key}", doc, labels=["cluster", "transport"]
+        )
+        for cluster, data in clusters.items():
+            if "fallback" in data:
+                family.add_metric([cluster, data["transport"]], data["fallback"][key])
+        yield family
+    broken = GaugeMetricFamily(
+        "quicmesh_cluster_endpoints_quic_broken",
+        "Endpoints QUIC is marked broken for now (auto clusters use HTTP/2 there).",
+        labels=["cluster", "transport"],
+    )
+    for cluster, data in clusters.items():
+        if "fallback" in data:
+            broken.add_metric(
+                [cluster, data["transport"]], data["fallback"]["endpoints_quic_broken"]
+            )
+    yield broken
     for name, label, values, key, doc in _CLUSTER_QUIC:
         family = CounterMetricFamily(
             f"quicmesh_cluster_{name}", doc, labels=["cluster", "transport", label]

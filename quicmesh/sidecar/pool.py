@@ -110,6 +110,9 @@ class PooledConnection:
     retired_stats: dict[str, Any] = field(default_factory=dict)
     identity: object = None
     """The identity the transport presented when this connection was dialled."""
+    retired: str | None = None
+    """Why the connection takes no new flow (its endpoint failed health checks or
+    was ejected), or None."""
 
 
 class EndpointPool:
@@ -160,7 +163,7 @@ class EndpointPool:
         while True:
             self.sweep_closed()
             may_connect = self.breaker.connections < self.breaker.limits.max_connections
-            current = [p for p in self.connections if not self.is_stale(p)]
+            current = [p for p in self.connections if not self.is_stale(p) and p.retired is None]
             # After a certificate rotation, connections made with the old identity
             # take no new flows (a new one is dialled) unless no other may be.
             candidates = current if may_connect or current else self.connections
@@ -257,11 +260,14 @@ class EndpointPool:
         """
         self.sweep_closed()
         for pooled in list(self.connections):
-            if self.is_stale(pooled) and pooled.connection.active_streams == 0:
+            if (
+                self.is_stale(pooled) or pooled.retired is not None
+            ) and pooled.connection.active_streams == 0:
                 logger.info(
-                    "closing connection %s to %s:%d: made with a rotated-out certificate",
+                    "closing connection %s to %s:%d: %s",
                     pooled.label,
                     *self.address,
+                    pooled.retired or "made with a rotated-out certificate",
                 )
                 self._close_gracefully(pooled.connection)
                 self._forget(pooled)
@@ -283,6 +289,26 @@ class EndpointPool:
         task = self._loop.create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def retire_connections(self, reason: str) -> None:
+        """The endpoint was found dead (health checks, outlier ejection): its
+        connections take no new flow. Idle ones close now, busy ones once their
+        last flow ends (the transport's liveness checks fail them first if the peer
+        is really gone); the pool dials afresh when the endpoint takes flows again."""
+        self.sweep_closed()
+        for pooled in list(self.connections):
+            if pooled.retired is None:
+                logger.info(
+                    "retiring connection %s to %s:%d (%s, %d streams)",
+                    pooled.label,
+                    *self.address,
+                    reason,
+                    pooled.connection.active_streams,
+                )
+                pooled.retired = reason
+            if pooled.connection.active_streams == 0:
+                self._close_gracefully(pooled.connection)
+                self._forget(pooled)
 
     @property
     def active_streams(self) -> int:

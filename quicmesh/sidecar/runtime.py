@@ -28,6 +28,7 @@ from typing import Any
 from .. import TRANSPORTS
 from ..errors import ConfigError, QuicmeshError
 from ..tls import Identity, TrustBundle
+from ..transport.auto import AutoTransport
 from ..transport.base import Transport
 from ..transport.quic import QuicTransport
 from ..transport.tickets import TicketCache
@@ -73,13 +74,27 @@ def cluster_transport(
 
     :param ticket_cache: (QUIC) the sidecar's session tickets, shared by its clusters.
     """
-    if config.transport == "quic":
-        return QuicTransport(
+    if config.transport in ("quic", "auto"):
+        quic = QuicTransport(
             identity=identity,
             trust=trust,
             congestion_control=config.congestion_control,
             max_datagram_size=config.max_datagram_size,
             ticket_cache=ticket_cache,
+            idle_timeout=config.idle_timeout,
+            keepalive_interval=config.liveness.keepalive_interval,
+            max_probe_timeouts=config.liveness.max_probe_timeouts,
+            dead_after=config.liveness.dead_after,
+        )
+        if config.transport == "quic":
+            return quic
+        return AutoTransport(
+            identity=identity,
+            trust=trust,
+            quic=quic,
+            fallback_delay=config.fallback.delay,
+            broken_backoff=config.fallback.broken_backoff,
+            max_broken_backoff=config.fallback.max_broken_backoff,
         )
     return TRANSPORTS[config.transport](identity=identity, trust=trust)
 

@@ -99,6 +99,9 @@ class ClusterStats:
     connect_failures: int = 0
     retries: int = 0
     overflows: Counter[str] = field(default_factory=Counter)
+    connections_by_transport: Counter[str] = field(default_factory=Counter)
+    """Peer connections opened, by the transport that carried them (``quic`` or
+    ``h2`` for an ``auto`` cluster)."""
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """The :attr:`~quicmesh.QuicTransport.counters` of every transport the cluster dialled
     with, across reloads: 0-RTT, tickets, migrations, path validations."""

@@ -163,3 +163,8 @@ class Transport(ABC):
         """Transport-wide counters for the admin's ``/stats`` (an
         :class:`~quicmesh.AutoTransport`'s fallbacks); none by default."""
         return {}
+
+    async def aclose(self) -> None:
+        """Stop the transport's own background work, if any (listeners and
+        connections are closed through their own objects)."""
+        return None

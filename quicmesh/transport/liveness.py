@@ -10,7 +10,10 @@ what the adaptor tells it, when to probe the peer and when to give up:
   always has a probe outstanding soon after its peer stops answering.
 * **Dead after probe timeouts.** ``max_probe_timeouts`` consecutive probe
   timeouts (RFC 9002 section 6.2: ack-eliciting packets sent, none
-  acknowledged, the PTO doubling each time) declare the peer unresponsive.
+  acknowledged, the PTO doubling each time) declare the peer unresponsive,
+  once nothing has arrived for ``min_silence`` seconds either: on a fast path
+  six PTOs take well under a second, less than a busy peer's event loop may
+  stall.
 * **Dead after seconds.** Ack-eliciting packets unacknowledged, and nothing
   received, for ``dead_after`` seconds declare it unresponsive too: a bound for
   long round trips, where PTOs are long.
@@ -47,6 +50,8 @@ class LivenessConfig:
     unreachable_limit: int = 2
     """ICMP unreachable errors in a row, nothing received between them, that
     declare the peer unreachable."""
+    min_silence: float = 2.0
+    """Seconds without a packet from the peer that ``max_probe_timeouts`` also needs."""
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None and not self.keepalive_interval > 0:
@@ -59,6 +64,8 @@ class LivenessConfig:
             )
         if self.dead_after is not None and not self.dead_after > 0:
             raise ConfigError(f"dead_after must be positive seconds, not {self.dead_after}")
+        if not self.min_silence >= 0:
+            raise ConfigError(f"min_silence must be >= 0 seconds, not {self.min_silence}")
         if self.unreachable_limit < 1:
             raise ConfigError(
                 f"unreachable_limit must be a whole number >= 1, not {self.unreachable_limit}"
@@ -119,7 +126,11 @@ class Liveness:
             self._awaiting_since = None
         elif self._awaiting_since is None:
             self._awaiting_since = now
-        if config.max_probe_timeouts is not None and probe_timeouts >= config.max_probe_timeouts:
+        if (
+            config.max_probe_timeouts is not None
+            and probe_timeouts >= config.max_probe_timeouts
+            and now - self.last_received >= config.min_silence
+        ):
             self.reason = f"peer unresponsive: {probe_timeouts} probe timeouts without an ACK"
             return Verdict.UNRESPONSIVE
         if awaiting_ack and config.dead_after is not None:
@@ -136,16 +147,20 @@ class Liveness:
             return Verdict.PING
         return Verdict.ALIVE
 
-    def deadline(self, *, awaiting_ack: bool) -> float | None:
+    def deadline(self, now: float, *, awaiting_ack: bool) -> float | None:
         """When :meth:`check` should run next, at the latest (probe timeouts are
         counted by the QUIC stack's own timer, after which the adaptor checks)."""
         config = self.config
         if awaiting_ack:
-            if config.dead_after is None:
-                return None
-            since = self._awaiting_since
-            start = self.last_received if since is None else max(self.last_received, since)
-            return start + config.dead_after
+            deadlines = []
+            silent_enough = self.last_received + config.min_silence
+            if config.max_probe_timeouts is not None and silent_enough > now:
+                deadlines.append(silent_enough)
+            if config.dead_after is not None:
+                since = self._awaiting_since
+                start = self.last_received if since is None else max(self.last_received, since)
+                deadlines.append(start + config.dead_after)
+            return min(deadlines, default=None)
         if config.keepalive_interval is None:
             return None
         return self.last_received + config.keepalive_interval

@@ -511,7 +511,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         if verdict is Verdict.PING:
             self._quic.send_ping(0)
             self._transmit_soon()
-        deadline = liveness.deadline(awaiting_ack=awaiting)
+        deadline = liveness.deadline(now, awaiting_ack=awaiting)
         if deadline is None:
             return
         if self._liveness_timer is not None:

@@ -159,7 +159,7 @@ DELETE = object()
         (
             ["clusters", 0, "transport"],
             "udp",
-            "sidecar.yaml: clusters[0].transport: 'udp' is not one of quic, h2, tcp",
+            "sidecar.yaml: clusters[0].transport: 'udp' is not one of quic, h2, tcp, auto",
         ),
         (["node", "identity"], "http://x", "sidecar.yaml: node.identity: invalid SPIFFE ID"),
         (["node"], DELETE, "sidecar.yaml: node: is required"),

@@ -30,6 +30,7 @@ configs = st.builds(
     max_probe_timeouts=st.one_of(st.none(), st.integers(1, 20)),
     dead_after=st.one_of(st.none(), st.floats(0.01, 100)),
     unreachable_limit=st.integers(1, 5),
+    min_silence=st.floats(0, 10),
 )
 
 steps = st.lists(
@@ -66,7 +67,11 @@ def test_verdicts_follow_the_thresholds(config: LivenessConfig, script: list[Any
             (awaiting_since if awaiting_since is not None else now) if awaiting else None
         )
         verdict = liveness.check(now, probe_timeouts=ptos, awaiting_ack=awaiting)
-        too_many = config.max_probe_timeouts is not None and ptos >= config.max_probe_timeouts
+        too_many = (
+            config.max_probe_timeouts is not None
+            and ptos >= config.max_probe_timeouts
+            and now - liveness.last_received >= config.min_silence
+        )
         silent = (
             awaiting
             and config.dead_after is not None
@@ -84,7 +89,7 @@ def test_verdicts_follow_the_thresholds(config: LivenessConfig, script: list[Any
             assert verdict is Verdict.PING
         else:
             assert verdict is Verdict.ALIVE
-            deadline = liveness.deadline(awaiting_ack=awaiting)
+            deadline = liveness.deadline(now, awaiting_ack=awaiting)
             # The next check is due later, never in the past (no busy timer).
             assert deadline is None or deadline > now
 
