@@ -71,14 +71,6 @@ def test_liveness_checks_can_be_turned_off() -> None:
     ("cluster", "message"),
     [
         (
-            {"transport": "quic"},
-            "sidecar.yaml: clusters[0].fallback: applies to auto clusters only",
-        ),
-        (
-            {"transport": "h2", "fallback": None, "congestion_control": None},
-            "sidecar.yaml: clusters[0].max_datagram_size: applies to quic and auto clusters only",
-        ),
-        (
             {"fallback": {"delay": "soon"}},
             "sidecar.yaml: clusters[0].fallback.delay: 'soon' is not a duration",
         ),
@@ -107,6 +99,19 @@ def test_errors_name_the_field(cluster: dict[str, Any], message: str) -> None:
             del document["clusters"][0][key]
     error = error_of(document)
     assert error.startswith(message), error
+
+
+def test_options_of_other_transports_are_ignored_with_a_warning() -> None:
+    config = load(auto_document(transport="quic"))
+    assert config.warnings == (
+        "sidecar.yaml: clusters[0].fallback: applies to auto clusters only: ignored for quic",
+    )
+    document = auto_document(transport="h2")
+    del document["clusters"][0]["fallback"]
+    config = load(document)
+    assert "sidecar.yaml: clusters[0].liveness: applies to quic clusters only: ignored for h2" in (
+        config.warnings
+    )
 
 
 AUTO_PATHS = paths_of(auto_document())
