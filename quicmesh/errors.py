@@ -61,7 +61,8 @@ class ConnectionLost(TunnelError):
 
 class PeerUnresponsive(ConnectionLost):
     """The peer stopped acknowledging packets (dead, hung, or the path drops them):
-    the connection was failed by its liveness checks, not closed by the peer."""
+    the connection was failed by its liveness checks, this side's or the peer's
+    (which then heard nothing from here: a path dropping packets one way)."""
 
 
 class InvalidTarget(TunnelError, ValueError):

@@ -346,6 +346,12 @@ class AutoTransport(Transport):
         self._retry_timers.pop(address, None)
         fallbacks = [c for c in self._fallbacks.get(address, []) if not c.is_closed]
         self._fallbacks[address] = fallbacks
+        logger.info(
+            "QUIC to %s:%d no longer marked broken (%d HTTP/2 fallback connections open)",
+            address[0],
+            address[1],
+            len(fallbacks),
+        )
         if not fallbacks:
             return  # nothing to replace: the next connect tries QUIC anyway
         self._spawn(self._retry_quic(address))

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
+UNRESPONSIVE = "peer unresponsive"
+"""How every unresponsive verdict's reason begins; it travels in the CONNECTION_CLOSE
+reason phrase, so the peer knows why (:class:`~quicmesh.errors.PeerUnresponsive`)."""
+
 
 @dataclass(frozen=True)
 class LivenessConfig:
@@ -131,13 +135,13 @@ class Liveness:
             and probe_timeouts >= config.max_probe_timeouts
             and now - self.last_received >= config.min_silence
         ):
-            self.reason = f"peer unresponsive: {probe_timeouts} probe timeouts without an ACK"
+            self.reason = f"{UNRESPONSIVE}: {probe_timeouts} probe timeouts without an ACK"
             return Verdict.UNRESPONSIVE
         if awaiting_ack and config.dead_after is not None:
             assert self._awaiting_since is not None
             silent = now - max(self.last_received, self._awaiting_since)
             if silent >= config.dead_after:
-                self.reason = f"peer unresponsive: no ACK for {silent:.1f}s"
+                self.reason = f"{UNRESPONSIVE}: no ACK for {silent:.1f}s"
                 return Verdict.UNRESPONSIVE
         if (
             not awaiting_ack

@@ -71,7 +71,7 @@ from ..tunnel.session import ResetReason
 from . import _udp
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
-from .liveness import Liveness, LivenessConfig, Verdict
+from .liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
 from .stream import MeshStream
 from .tickets import TicketCache, TicketStore
 
@@ -392,7 +392,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.connected_socket: asyncio.DatagramTransport | None = None
         """(client) The UDP socket connected to the peer: datagrams go to it without
         an address, and it reports ICMP errors."""
-        self._unreachable: asyncio.Future[None] | None = None
+        self._connect_waiter: asyncio.Future[None] | None = None
         self._liveness: Liveness | None = None
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._liveness_at: float | None = None
@@ -415,9 +415,15 @@ class _TunnelProtocol(QuicConnectionProtocol):
             reason = _aioquic.closing_reason(self._quic)
             if reason is not None:
                 # The peer closed: say so now, not when aioquic's draining period ends.
-                self.connection._connection_lost(
-                    ConnectionLost(f"QUIC connection closed: {reason}")
-                )
+                lost: ConnectionLost = ConnectionLost(f"QUIC connection closed: {reason}")
+                if UNRESPONSIVE in reason:
+                    # Its liveness checks failed the connection: what it sent reached
+                    # us, what we sent did not (a path dropping packets one way).
+                    lost = PeerUnresponsive(
+                        f"QUIC connection closed by the peer, which heard nothing from here: "
+                        f"{reason}"
+                    )
+                self.connection._connection_lost(lost)
                 if _aioquic.is_draining(self._quic):
                     # A draining endpoint sends nothing more (RFC 9000 10.2.2).
                     self._close_own_socket()
@@ -453,19 +459,23 @@ class _TunnelProtocol(QuicConnectionProtocol):
     # -- liveness ----------------------------------------------------------------
 
     async def wait_connected(self) -> None:
-        """(client) Wait for the handshake; an ICMP unreachable error ends the wait
-        at once with ``ConnectionRefusedError`` (:attr:`failure` says which)."""
-        handshake = asyncio.ensure_future(super().wait_connected())
-        unreachable = self._unreachable = self._loop.create_future()
-        try:
-            await asyncio.wait({handshake, unreachable}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._unreachable = None
-            if not handshake.done():
-                handshake.cancel()
-        if not handshake.done():
-            raise ConnectionRefusedError(str(self.failure))
-        handshake.result()
+        """(client) Wait for the handshake to complete. Raises ``ConnectionError``
+        if the connection terminated first, ``ConnectionRefusedError`` at once on an
+        ICMP unreachable error (:attr:`failure` says which)."""
+        if self._handshake_done:
+            return
+        if self._connect_waiter is None:
+            self._connect_waiter = self._loop.create_future()
+        await asyncio.shield(self._connect_waiter)
+
+    def _end_wait(self, error: BaseException | None) -> None:
+        waiter = self._connect_waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved: nobody may be waiting any more
 
     def socket_error(self, exc: OSError) -> None:
         """The UDP socket reported an error: an ICMP port or host unreachable on a
@@ -481,10 +491,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
             error = ConnectError(f"QUIC endpoint {where} unreachable: {why}")
             if self.failure is None:
                 self.failure = error
-            if self._unreachable is not None and not self._unreachable.done():
-                self._unreachable.set_result(None)
-            elif self.connection is not None:
+            if self.connection is not None:
                 self._fail(error)  # 0-RTT: the streams learn it
+            self._end_wait(ConnectionRefusedError(str(error)))
             return
         if self._liveness is None:
             return
@@ -737,6 +746,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
         self._handshake_done = True
+        self._end_wait(None)
         try:
             identity = self._verify_peer(event.session_resumed)
             if self.connection is not None and identity != self.connection.peer_identity:
@@ -813,6 +823,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
+        self._end_wait(ConnectionError(event.reason_phrase))
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
         if self.connection is not None:
             if self._handshake_done:
