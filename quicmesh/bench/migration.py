@@ -13,12 +13,22 @@ What one run measures, on loopback through a relay that adds a one-way delay of
   - ``quic-rebind``: NAT rebinding, the relay's upstream socket changes port, the
     client does not know; the server validates the new path;
   - ``h2-rebind``: the same rebinding for the TCP relay of an HTTP/2 connection,
-    which breaks it (as a NAT does to TCP): every flow on it is lost.
+    which breaks it (as a NAT does to TCP): every flow on it is lost;
+  - ``quic-death`` / ``h2-death``: the peer dies (``kill -9``): the relay closes
+    its sockets, so the client's next datagram meets ICMP port unreachable (QUIC)
+    or the TCP connection is reset (HTTP/2);
+  - ``quic-hang`` / ``h2-hang``: the peer hangs (``SIGSTOP``) or the path
+    blackholes: the relay drops everything both ways and closes nothing.
+    QUIC's liveness checks (keepalive, probe timeouts) fail the connection;
+    HTTP/2 has none, so its flows wait (``never`` within the run).
 
 * **Result.** The stall: the longest gap between two reads (over all flows) from
   the event to the end, in milliseconds and in RTTs; next to it the longest gap
   before the event (the steady state, for reference), the flows lost and the
   bytes received. A broken connection's stall is reported as ``never resumed``.
+  For the death and hang cases, ``reset ms``: from the event until the last flow
+  failed (every flow must fail: its peer is gone), or ``never`` within
+  :data:`FAILOVER_WAIT` seconds.
 
 ``--quick``: 1.5 s per case. ``--json FILE`` writes the rows.
 """
@@ -39,6 +49,11 @@ from . import OneLineParser
 from .relay import TcpRelay, UdpRelay
 
 CASES = ("quic-migrate", "quic-rebind", "h2-rebind")
+"""The default cases: the client's address changes."""
+FAILOVER_CASES = ("quic-death", "h2-death", "quic-hang", "h2-hang")
+"""The peer dies or hangs (``--cases``; ``--failover`` runs these)."""
+FAILOVER_WAIT = 12.0
+"""Seconds a death or hang case waits for its flows to fail."""
 TARGET = "bulk.bench.svc:9000"
 CHUNK = 16 * 1024
 
@@ -57,6 +72,8 @@ class Row:
     steady_gap_ms: float
     """Longest gap before the event."""
     received_bytes: int
+    reset_ms: float | None = None
+    """(death, hang) From the event until the last flow failed; None: not all did."""
 
 
 async def _download(stream: MeshStream) -> None:
@@ -74,8 +91,15 @@ async def _download(stream: MeshStream) -> None:
         reader.cancel()
 
 
-async def _flow(conn: Any, reads: list[float], counter: list[int], stop: asyncio.Event) -> bool:
-    """Client: read until ``stop``, then half-close and drain; False if the flow failed."""
+async def _flow(
+    conn: Any,
+    reads: list[float],
+    counter: list[int],
+    stop: asyncio.Event,
+    failures: list[float] | None = None,
+) -> bool:
+    """Client: read until ``stop``, then half-close and drain; False if the flow failed
+    (when, in ``failures``)."""
     try:
         stream = await conn.open_stream(TARGET)
         closer = asyncio.ensure_future(stop.wait())
@@ -89,6 +113,8 @@ async def _flow(conn: Any, reads: list[float], counter: list[int], stop: asyncio
                 stream.write_eof()
         return True
     except TunnelError:
+        if failures is not None:
+            failures.append(time.perf_counter())
         return False
 
 
@@ -113,23 +139,41 @@ async def run_case(case: str, rtt: float, flows: int, duration: float) -> Row:
         relay = await TcpRelay(listener.address, delay=rtt / 2).start()
     reads: list[float] = []
     counter = [0]
+    failures: list[float] = []
     stop = asyncio.Event()
+    failover = case in FAILOVER_CASES
     conn: Any = await client.connect(relay.address)
     try:
-        tasks = [asyncio.ensure_future(_flow(conn, reads, counter, stop)) for _ in range(flows)]
+        tasks = [
+            asyncio.ensure_future(_flow(conn, reads, counter, stop, failures)) for _ in range(flows)
+        ]
         start = time.perf_counter()
         await asyncio.sleep(duration / 2)
         event_at = time.perf_counter()
         if case == "quic-migrate":
             await conn.migrate()
+        elif case.endswith("-death"):
+            relay.close()
+        elif case.endswith("-hang"):
+            relay.freeze()
         elif isinstance(relay, UdpRelay):
             await relay.rebind()
         else:
             relay.rebind()
-        await asyncio.sleep(duration / 2)
+        if failover:
+            await asyncio.wait(tasks, timeout=FAILOVER_WAIT)
+        else:
+            await asyncio.sleep(duration / 2)
         end = time.perf_counter()
         stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        if failover:
+            conn.close()  # what is left of a hung connection
+            done, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            results = [t.result() if t in done else False for t in tasks]
+        else:
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     finally:
         conn.close()
         await conn.wait_closed()
@@ -141,6 +185,8 @@ async def run_case(case: str, rtt: float, flows: int, duration: float) -> Row:
     # fails did not resume.
     resumed = lost < flows and any(t > event_at for t in reads)
     stall = _longest_gap(reads, event_at, end) if resumed else None
+    failed_in_time = [t for t in failures if t <= end]
+    reset = max(failed_in_time) - event_at if len(failed_in_time) == flows else None
     return Row(
         case=case,
         rtt_ms=rtt * 1000,
@@ -150,6 +196,7 @@ async def run_case(case: str, rtt: float, flows: int, duration: float) -> Row:
         stall_rtts=stall / rtt if stall is not None else None,
         steady_gap_ms=_longest_gap(reads, start + duration / 4, event_at) * 1000,
         received_bytes=counter[0],
+        reset_ms=reset * 1000 if reset is not None else None,
     )
 
 
@@ -159,14 +206,18 @@ def format_table(rows: list[Row]) -> str:
         f"stall when the client address changes mid-transfer, RTT {rows[0].rtt_ms:g} ms, "
         f"{rows[0].flows} flows",
         f"{'case':<13} {'stall ms':>9} {'RTTs':>6} {'steady gap ms':>14} "
-        f"{'flows lost':>11} {'MB received':>12}",
+        f"{'flows lost':>11} {'MB received':>12} {'reset ms':>9}",
     ]
     for row in rows:
         stall = f"{row.stall_ms:9.1f}" if row.stall_ms is not None else f"{'never':>9}"
         rtts = f"{row.stall_rtts:6.2f}" if row.stall_rtts is not None else f"{'-':>6}"
+        if row.case not in FAILOVER_CASES:
+            reset = f"{'-':>9}"
+        else:
+            reset = f"{row.reset_ms:9.1f}" if row.reset_ms is not None else f"{'never':>9}"
         lines.append(
             f"{row.case:<13} {stall} {rtts} {row.steady_gap_ms:>14.1f} "
-            f"{row.flows_lost:>5} of {row.flows:<3} {row.received_bytes / 1e6:>12.1f}"
+            f"{row.flows_lost:>5} of {row.flows:<3} {row.received_bytes / 1e6:>12.1f} {reset}"
         )
     lines += COLUMNS.splitlines()
     return "\n".join(lines)
@@ -177,7 +228,9 @@ stall ms: longest gap between two reads (any flow) from the address change to th
   ('never': the connection broke and no flow resumed)
 RTTs: that stall divided by the round-trip time
 steady gap ms: longest gap between two reads before the change (the normal pace, for reference)
-flows lost: flows that failed; MB received: payload read by the client over all flows"""
+flows lost: flows that failed; MB received: payload read by the client over all flows
+reset ms: (death, hang) from the event until the client saw the last flow fail
+  ('never': not all failed within the wait)"""
 """The legend printed under :func:`format_table`."""
 
 
@@ -187,7 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtt", type=float, default=40.0, help="round-trip time, ms (40)")
     parser.add_argument("--flows", type=int, default=4, help="flows on the connection (4)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per case (4)")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"subset of {','.join(CASES + FAILOVER_CASES)} (default {','.join(CASES)})",
+    )
+    parser.add_argument("--failover", action="store_true", help=f"run {','.join(FAILOVER_CASES)}")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the cases this many times, interleaved (1)"
+    )
     parser.add_argument("--quick", action="store_true", help="1.5 s per case")
     parser.add_argument("--json", help="write the rows to this file")
     try:
@@ -195,17 +256,27 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) and 2
     duration = args.duration if args.duration is not None else (1.5 if args.quick else 4.0)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if args.rtt <= 0 or args.flows < 1 or duration <= 0 or any(c not in CASES for c in cases):
+    default = FAILOVER_CASES if args.failover else CASES
+    cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
+    known = CASES + FAILOVER_CASES
+    if (
+        args.rtt <= 0
+        or args.flows < 1
+        or duration <= 0
+        or args.repeat < 1
+        or any(c not in known for c in cases)
+    ):
         print(
             "quicmesh bench migration: need --rtt > 0, --flows >= 1, --duration > 0, "
-            f"--cases from {CASES}",
+            f"--repeat >= 1, --cases from {known}",
             file=sys.stderr,
         )
         return 2
     try:
         rows = [
-            asyncio.run(run_case(case, args.rtt / 1000, args.flows, duration)) for case in cases
+            asyncio.run(run_case(case, args.rtt / 1000, args.flows, duration))
+            for _ in range(args.repeat)
+            for case in cases
         ]
     except QuicmeshError as exc:
         print(f"quicmesh bench migration: {exc}", file=sys.stderr)
@@ -214,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"rows": [asdict(row) for row in rows]}, file, indent=2)
-    failures = [row.case for row in rows if row.case.startswith("quic") and row.flows_lost]
+    failures = [
+        row.case
+        for row in rows
+        if row.case.startswith("quic") and row.case not in FAILOVER_CASES and row.flows_lost
+    ]
     if failures:
         print(f"QUIC flows lost in: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -161,6 +161,11 @@ class UdpRelay:
 
     # -- impairments -------------------------------------------------------------
 
+    def freeze(self) -> None:
+        """Drop every datagram of every client both ways from now on, as when the
+        server hangs (SIGSTOP) or the path blackholes: no answer, no ICMP."""
+        self.blackholed.update(self._upstreams)
+
     async def rebind(self) -> None:
         """NAT rebinding: every client's packets leave from a new port from now on."""
         for client in list(self._upstreams):
@@ -210,6 +215,8 @@ class _TcpPipe(asyncio.Protocol):
         self.relay._later(lambda: self._deliver(data))
 
     def _deliver(self, data: bytes) -> None:
+        if self.relay.frozen:
+            return
         if self.peer is None or self.peer.transport is None:
             self._early.append(data)
         elif not self.peer.transport.is_closing():
@@ -250,6 +257,8 @@ class TcpRelay:
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
         self._pairs: list[tuple[_TcpPipe, _TcpPipe]] = []
+        self.frozen = False
+        """Drop every byte both ways (see :meth:`freeze`)."""
 
     def _later(self, action: Callable[[], None]) -> None:
         if self.delay > 0:
@@ -279,6 +288,11 @@ class TcpRelay:
         self._pairs.append((front, back))
         back.attach(front)
         front.attach(back)
+
+    def freeze(self) -> None:
+        """Deliver nothing more either way, close nothing, as when the server hangs
+        (SIGSTOP) or the path blackholes; TCP keeps the connections open."""
+        self.frozen = True
 
     def rebind(self) -> int:
         """Break every relayed connection (reset both ways); returns how many."""

@@ -13,6 +13,14 @@ with a fixed round-trip time (``--rtt``, default 50 ms, no loss):
   - ``quic-1rtt``: a full QUIC handshake (mutual TLS), then the CONNECT.
   - ``quic-0rtt``: resumption with a ticket from an earlier connection,
     ``early_data=True``: the CONNECT and the request travel in 0-RTT packets.
+  - ``auto-udp-blocked``: an :class:`~quicmesh.AutoTransport` (QUIC, HTTP/2
+    raced after 300 ms) while nftables in the server namespace drops every UDP
+    datagram; a fresh transport per trial, so every trial races.
+  - ``auto-udp-marked``: the same, once QUIC is marked broken for the address
+    (one transport, warmed by a first connection): straight to HTTP/2.
+  - ``h2-udp-blocked``: HTTP/2 alone under the same block, the baseline.
+
+  ``--udp-blocked`` runs the last three.
 
   Every flow uses ``open_stream(..., wait_response=False)``, so the request
   follows its CONNECT at once in every case.
@@ -36,7 +44,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport
+from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
 from . import OneLineParser
 
@@ -44,7 +52,15 @@ REQUEST = b"G" * 64
 RESPONSE = b"R" * 64
 TARGET = "ttfb.bench.svc:80"
 CASES = ("h2", "quic-1rtt", "quic-0rtt")
-EXPECTED_RTTS = {"h2": 3, "quic-1rtt": 2, "quic-0rtt": 1}
+UDP_BLOCKED_CASES = ("h2-udp-blocked", "auto-udp-blocked", "auto-udp-marked")
+EXPECTED_RTTS = {
+    "h2": 3,
+    "quic-1rtt": 2,
+    "quic-0rtt": 1,
+    "h2-udp-blocked": 3,
+    "auto-udp-blocked": 3,
+    "auto-udp-marked": 3,
+}
 """Round trips before the first response byte, by protocol design."""
 
 
@@ -99,14 +115,35 @@ _Side = Callable[[], AbstractContextManager[None]]
 
 
 async def measure(
-    rtt: float, trials: int, cases: list[str], server_side: _Side, client_side: _Side, host: str
+    rtt: float,
+    trials: int,
+    cases: list[str],
+    server_side: _Side,
+    client_side: _Side,
+    host: str,
+    block_udp: Callable[[bool], None] | None = None,
 ) -> list[Row]:
-    """Run every case ``trials`` times against listeners bound on ``host``."""
+    """Run every case ``trials`` times against listeners bound on ``host``.
+
+    :param block_udp: turns the UDP block on and off (the ``*-udp-*`` cases).
+    """
     ca = DevCA()
     client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
     server_id = ca.issue("spiffe://mesh.local/ns/bench/sa/server")
     rows = []
     for case in cases:
+        if case in UDP_BLOCKED_CASES:
+            if block_udp is None:
+                raise QuicmeshError(f"{case} needs the link emulator (UDP blocking)")
+            block_udp(True)
+            try:
+                times = await _measure_blocked(
+                    case, trials, ca, client_id, server_id, host, [server_side, client_side]
+                )
+            finally:
+                block_udp(False)
+            rows.append(_row(case, rtt, trials, times, "none"))
+            continue
         kind = H2Transport if case == "h2" else QuicTransport
         server = kind(identity=server_id, trust=ca.trust_bundle)
         client = kind(identity=client_id, trust=ca.trust_bundle)
@@ -130,21 +167,73 @@ async def measure(
         finally:
             listener.close()
             await listener.wait_closed()
-        median = statistics.median(times)
-        rows.append(
-            Row(
-                case=case,
-                rtt_ms=rtt * 1000,
-                trials=trials,
-                median_ms=median * 1000,
-                min_ms=min(times) * 1000,
-                max_ms=max(times) * 1000,
-                rtts=median / rtt,
-                expected_rtts=EXPECTED_RTTS[case],
-                early_data=outcome,
-            )
-        )
+        rows.append(_row(case, rtt, trials, times, outcome))
     return rows
+
+
+def _row(case: str, rtt: float, trials: int, times: list[float], outcome: str) -> Row:
+    median = statistics.median(times)
+    return Row(
+        case=case,
+        rtt_ms=rtt * 1000,
+        trials=trials,
+        median_ms=median * 1000,
+        min_ms=min(times) * 1000,
+        max_ms=max(times) * 1000,
+        rtts=median / rtt,
+        expected_rtts=EXPECTED_RTTS[case],
+        early_data=outcome,
+    )
+
+
+async def _measure_blocked(
+    case: str,
+    trials: int,
+    ca: DevCA,
+    client_id: Any,
+    server_id: Any,
+    host: str,
+    sides: list[_Side],
+) -> list[float]:
+    """One UDP-blocked case: the server accepts QUIC and HTTP/2 on one port number."""
+    server_side, client_side = sides
+    server = AutoTransport(identity=server_id, trust=ca.trust_bundle)
+    with server_side():
+        listener = await server.listen((host, 0), _respond)
+
+    def client() -> Transport:
+        if case == "h2-udp-blocked":
+            return H2Transport(identity=client_id, trust=ca.trust_bundle)
+        return AutoTransport(identity=client_id, trust=ca.trust_bundle)
+
+    clients: list[Transport] = []
+    try:
+        shared = client()
+        clients.append(shared)
+        if case == "auto-udp-marked":
+            assert isinstance(shared, AutoTransport)
+            # The first connection races; its QUIC attempt, given 1 s, marks QUIC broken.
+            with client_side():
+                warm = await shared.connect(listener.address, timeout=1.0)
+            warm.close()
+            deadline = time.monotonic() + 10
+            while not shared.stats()["endpoints_quic_broken"]:
+                if time.monotonic() > deadline:
+                    raise QuicmeshError("QUIC was not marked broken with UDP blocked")
+                await asyncio.sleep(0.01)
+        times = []
+        for _ in range(trials):
+            transport = shared if case != "auto-udp-blocked" else client()
+            if transport is not shared:
+                clients.append(transport)
+            elapsed, _ = await _one_flow(transport, listener.address, False, client_side)
+            times.append(elapsed)
+        return times
+    finally:
+        for transport in clients:
+            await transport.aclose()
+        listener.close()
+        await listener.wait_closed()
 
 
 async def _wait_for_ticket(client: Transport, address: tuple[str, int]) -> None:
@@ -161,6 +250,10 @@ def run_on_link(rtt: float, trials: int, cases: list[str]) -> list[Row]:
     from ..netem import Link, LinkConfig
 
     with Link(LinkConfig.symmetric(delay=rtt / 2)) as link:
+
+        def block_udp(on: bool) -> None:
+            _block_udp(link.server_ns, on)
+
         return asyncio.run(
             measure(
                 rtt,
@@ -169,8 +262,33 @@ def run_on_link(rtt: float, trials: int, cases: list[str]) -> list[Row]:
                 server_side=lambda: link.entered("server"),
                 client_side=lambda: link.entered("client"),
                 host=link.server_address,
+                block_udp=block_udp,
             )
         )
+
+
+NFT_TABLE = "quicmesh_bench_udp_block"
+
+
+def _block_udp(namespace: str, on: bool) -> None:
+    """Drop (or stop dropping) every UDP datagram arriving in ``namespace``."""
+    import subprocess
+
+    if on:
+        script = (
+            f"table inet {NFT_TABLE} {{\n"
+            "  chain input { type filter hook input priority 0; policy accept;\n"
+            "    meta l4proto udp drop\n"
+            "  }\n"
+            "}\n"
+        )
+        argv = ["ip", "netns", "exec", namespace, "nft", "-f", "-"]
+    else:
+        script = ""
+        argv = ["ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", NFT_TABLE]
+    result = subprocess.run(argv, input=script.encode(), capture_output=True, check=False)
+    if result.returncode != 0:
+        raise QuicmeshError(f"nft failed: {result.stderr.decode(errors='replace').strip()}")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -178,11 +296,11 @@ def format_table(rows: list[Row]) -> str:
     lines = [
         f"time to first byte on a new connection, RTT {rows[0].rtt_ms:g} ms, "
         f"median of {rows[0].trials}",
-        f"{'case':<11} {'median ms':>10} {'min':>8} {'max':>8} {'RTTs':>6} {'expected':>9}",
+        f"{'case':<16} {'median ms':>10} {'min':>8} {'max':>8} {'RTTs':>6} {'expected':>9}",
     ]
     for row in rows:
         lines.append(
-            f"{row.case:<11} {row.median_ms:>10.1f} {row.min_ms:>8.1f} {row.max_ms:>8.1f} "
+            f"{row.case:<16} {row.median_ms:>10.1f} {row.min_ms:>8.1f} {row.max_ms:>8.1f} "
             f"{row.rtts:>6.2f} {row.expected_rtts:>9}"
         )
     lines += COLUMNS.splitlines()
@@ -193,7 +311,8 @@ COLUMNS = """
 median / min / max ms: from just before connect() to the first response byte
 RTTs: the median divided by the round-trip time (handshake plus request round trips)
 expected: the round trips the protocol needs (h2: TCP + TLS + request = 3, quic-1rtt: 2,
-  quic-0rtt: 1); RTTs above it are time spent on CPU or waiting for timers"""
+  quic-0rtt: 1; the UDP-blocked cases end on HTTP/2: 3, plus for auto-udp-blocked the
+  300 ms before HTTP/2 is raced); RTTs above it are time spent on CPU or waiting for timers"""
 """The legend printed under :func:`format_table`."""
 
 
@@ -202,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
     parser.add_argument("--rtt", type=float, default=None, help="round-trip time, ms (50)")
     parser.add_argument("--trials", type=int, default=None, help="connections per case (10)")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"subset of {','.join(CASES + UDP_BLOCKED_CASES)} (default {','.join(CASES)})",
+    )
+    parser.add_argument(
+        "--udp-blocked", action="store_true", help=f"run {','.join(UDP_BLOCKED_CASES)}"
+    )
     parser.add_argument("--quick", action="store_true", help="20 ms RTT, 3 trials")
     parser.add_argument("--json", help="write the rows to this file")
     try:
@@ -211,10 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) and 2
     rtt_ms = args.rtt if args.rtt is not None else (20.0 if args.quick else 50.0)
     trials = args.trials if args.trials is not None else (3 if args.quick else 10)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if rtt_ms <= 0 or trials < 1 or not cases or any(c not in CASES for c in cases):
+    default = UDP_BLOCKED_CASES if args.udp_blocked else CASES
+    cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
+    known = CASES + UDP_BLOCKED_CASES
+    if rtt_ms <= 0 or trials < 1 or not cases or any(c not in known for c in cases):
         print(
-            f"quicmesh bench ttfb: need --rtt > 0, --trials >= 1, --cases from {CASES}",
+            f"quicmesh bench ttfb: need --rtt > 0, --trials >= 1, --cases from {known}",
             file=sys.stderr,
         )
         return 2

@@ -189,6 +189,7 @@ class AutoTransport(Transport):
         self._retry_timers: dict[Address, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._retiring: set[asyncio.Task[Any]] = set()
+        self._late: set[asyncio.Task[Any]] = set()
 
     # -- listening -------------------------------------------------------------------
 
@@ -288,6 +289,8 @@ class AutoTransport(Transport):
 
     def _watch_late_quic(self, address: Address, task: asyncio.Task[Any]) -> None:
         """HTTP/2 won the race: the QUIC handshake goes on, to learn whether QUIC works."""
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
         def finished(task: asyncio.Task[Any]) -> None:
             if task.cancelled():
@@ -399,5 +402,9 @@ class AutoTransport(Transport):
         self._retry_timers.clear()
         for task in list(self._retiring):
             task.cancel()  # the connections stay retired; their owner closes them
-        while self._background or self._retiring:
-            await asyncio.gather(*self._background, *self._retiring, return_exceptions=True)
+        for task in list(self._late):
+            task.cancel()  # QUIC handshakes still racing a won HTTP/2 connection
+        while self._background or self._retiring or self._late:
+            await asyncio.gather(
+                *self._background, *self._retiring, *self._late, return_exceptions=True
+            )

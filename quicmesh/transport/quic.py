@@ -960,7 +960,7 @@ class QuicTransport(Transport):
         max_datagram_size: int = 1200,
         keepalive_interval: float | None = 1.0,
         max_probe_timeouts: int | None = 6,
-        dead_after: float | None = 10.0,
+        dead_after: float | None = 5.0,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:
@@ -1154,6 +1154,12 @@ class QuicTransport(Transport):
             raise ConnectError(
                 f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
             ) from None
+        except asyncio.CancelledError:
+            # Abandoned (e.g. the other side of an AutoTransport race won): no socket left.
+            quic.close()
+            protocol.transmit()
+            protocol._close_own_socket()
+            raise
         if protocol.connection is None:
             protocol._close_own_socket()
             raise protocol.failure or ConnectError("QUIC handshake failed")
