@@ -392,7 +392,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self.connected_socket: asyncio.DatagramTransport | None = None
         """(client) The UDP socket connected to the peer: datagrams go to it without
         an address, and it reports ICMP errors."""
-        self._connect_waiter: asyncio.Future[None] | None = None
         self._liveness: Liveness | None = None
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._liveness_at: float | None = None
@@ -458,25 +457,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     # -- liveness ----------------------------------------------------------------
 
-    async def wait_connected(self) -> None:
-        """(client) Wait for the handshake to complete. Raises ``ConnectionError``
-        if the connection terminated first, ``ConnectionRefusedError`` at once on an
-        ICMP unreachable error (:attr:`failure` says which)."""
-        if self._handshake_done:
-            return
-        if self._connect_waiter is None:
-            self._connect_waiter = self._loop.create_future()
-        await asyncio.shield(self._connect_waiter)
-
-    def _end_wait(self, error: BaseException | None) -> None:
-        waiter = self._connect_waiter
-        if waiter is not None and not waiter.done():
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-                waiter.exception()  # retrieved: nobody may be waiting any more
-
     def socket_error(self, exc: OSError) -> None:
         """The UDP socket reported an error: an ICMP port or host unreachable on a
         connected client socket fails the handshake at once and, once established,
@@ -493,7 +473,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
                 self.failure = error
             if self.connection is not None:
                 self._fail(error)  # 0-RTT: the streams learn it
-            self._end_wait(ConnectionRefusedError(str(error)))
+            else:
+                self._quic.close()  # nothing to tell a closed port
+            self._finish_handshake_wait()
             return
         if self._liveness is None:
             return
@@ -746,7 +728,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
         self._handshake_done = True
-        self._end_wait(None)
         try:
             identity = self._verify_peer(event.session_resumed)
             if self.connection is not None and identity != self.connection.peer_identity:
@@ -823,7 +804,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
-        self._end_wait(ConnectionError(event.reason_phrase))
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
         if self.connection is not None:
             if self._handshake_done:
