@@ -202,9 +202,13 @@ async def run_case(case: str, rtt: float, flows: int, duration: float) -> Row:
 
 def format_table(rows: list[Row]) -> str:
     """The human-readable result table."""
+    event = (
+        "the peer dies or hangs"
+        if all(row.case in FAILOVER_CASES for row in rows)
+        else "the client address changes"
+    )
     lines = [
-        f"stall when the client address changes mid-transfer, RTT {rows[0].rtt_ms:g} ms, "
-        f"{rows[0].flows} flows",
+        f"stall when {event} mid-transfer, RTT {rows[0].rtt_ms:g} ms, {rows[0].flows} flows",
         f"{'case':<13} {'stall ms':>9} {'RTTs':>6} {'steady gap ms':>14} "
         f"{'flows lost':>11} {'MB received':>12} {'reset ms':>9}",
     ]

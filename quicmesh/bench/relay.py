@@ -79,6 +79,7 @@ class UdpRelay:
         self._front: _Endpoint | None = None
         self._upstreams: dict[Address, _Endpoint] = {}
         self._extra: list[_Endpoint] = []
+        self._closed = False
         self.address: Address = ("", 0)
 
     async def start(self, host: str = "127.0.0.1") -> UdpRelay:
@@ -91,7 +92,8 @@ class UdpRelay:
         return self
 
     def close(self) -> None:
-        """Close every socket."""
+        """Close every socket (datagrams still delayed in the relay are dropped)."""
+        self._closed = True
         for endpoint in [self._front, *self._upstreams.values(), *self._extra]:
             if endpoint is not None and endpoint.transport is not None:
                 endpoint.transport.close()
@@ -126,11 +128,13 @@ class UdpRelay:
         self._later(lambda: self._forward_up(data, client))
 
     def _forward_up(self, data: bytes, client: Address) -> None:
+        if self._closed:
+            return
         endpoint = self._upstreams.get(client)
         if endpoint is None:
             self._loop.create_task(self._open_upstream(client, data))
             return
-        if endpoint.transport is not None:
+        if endpoint.transport is not None and not endpoint.transport.is_closing():
             self.stats.to_server += 1
             endpoint.transport.sendto(data, self.upstream)
 
@@ -155,9 +159,10 @@ class UdpRelay:
         self._later(lambda: self._forward_down(data, client))
 
     def _forward_down(self, data: bytes, client: Address) -> None:
-        if self._front is not None and self._front.transport is not None:
+        front = self._front
+        if front is not None and front.transport is not None and not front.transport.is_closing():
             self.stats.to_client += 1
-            self._front.transport.sendto(data, client)
+            front.transport.sendto(data, client)
 
     # -- impairments -------------------------------------------------------------
 

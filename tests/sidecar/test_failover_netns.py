@@ -26,7 +26,7 @@ import pytest
 
 from quicmesh import ConnectError, DevCA, QuicTransport
 from quicmesh.netem import Link
-from quicmesh.sidecar.launch import SidecarProcess
+from quicmesh.sidecar.launch import SidecarProcess, metric
 
 pytestmark = pytest.mark.netns
 
@@ -358,6 +358,13 @@ def test_blocked_udp_falls_back_to_h2_and_back_to_quic(mesh: Mesh) -> None:
         assert by_transport().get("h2", 0) >= 1
         assert by_transport().get("quic", 0) == 0
         poll(lambda: mesh.stats()["fallback"]["endpoints_quic_broken"] == 1, 10, "QUIC marked")
+        assert mesh.a is not None
+        with mesh.link.entered("client"):
+            samples = mesh.a.metrics()
+        assert metric(samples, "quicmesh_cluster_endpoints_quic_broken", cluster="b") == 1
+        assert metric(samples, "quicmesh_cluster_quic_marked_broken_total", cluster="b") == 1
+        assert metric(samples, "quicmesh_cluster_connections_by_transport_total", via="h2") >= 1
+        assert metric(samples, "quicmesh_cluster_fallbacks_total", cluster="b") >= 1
         # 2. UDP restored: once the backoff expires, new connections are QUIC again.
         mesh.unblock_udp()
         deadline = time.monotonic() + 20
