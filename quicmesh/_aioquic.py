@@ -60,9 +60,11 @@ from typing import Any
 
 import pylsqpack
 from aioquic import tls
+from aioquic._buffer import Buffer
 from aioquic.h3.connection import H3Connection, Setting
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
 from cryptography import x509
 
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
@@ -743,3 +745,39 @@ class PathMonitor:
             handlers[frame_type][1],
         )
         quic._abandon_path_validation = types.MethodType(abandon, quic)  # type: ignore[method-assign]
+
+
+# -- admission ---------------------------------------------------------------------
+
+
+def received_valid_packet(quic: QuicConnection) -> bool:
+    """Whether a server connection has decrypted a packet yet.
+
+    aioquic creates a server connection for any Initial-shaped datagram and keeps
+    it until the idle timeout even when nothing decrypts; the listener asks this
+    after the first datagram and drops the connection at once when it is False.
+    """
+    return bool(quic._state != QuicConnectionState.FIRSTFLIGHT)
+
+
+def new_connection_initial(
+    data: bytes, configuration: Any, known: Callable[[bytes], bool]
+) -> Any | None:
+    """The header of a datagram that would make aioquic's server create a connection
+    (an Initial of a supported version, at least 1200 bytes, for an unknown
+    connection ID), or None for any other datagram."""
+    if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+        return None
+    try:
+        header = pull_quic_header(
+            Buffer(data=data), host_cid_length=configuration.connection_id_length
+        )
+    except ValueError:
+        return None
+    if (
+        header.packet_type != QuicPacketType.INITIAL
+        or header.version not in configuration.supported_versions
+        or known(header.destination_cid)
+    ):
+        return None
+    return header

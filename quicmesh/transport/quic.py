@@ -68,6 +68,7 @@ from ..tls.verify import check_trust_domain
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
 from ..tunnel.session import ResetReason
 from . import _udp
+from ._admission import ADMISSION_COUNTERS, Admission, AdmissionConfig, Decision, RateLimitedLog
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
 from .stream import MeshStream
@@ -287,19 +288,103 @@ class _SocketReceiver(asyncio.DatagramProtocol):
 
 class _BatchingQuicServer(QuicServer):
     """aioquic's server (connection-ID routing, version negotiation, new
-    connections), fed in batches: each connection transmits once per batch."""
+    connections, Retry), fed in batches: each connection transmits once per batch.
 
-    def __init__(self, *, max_datagrams: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    New connections pass :class:`~quicmesh.transport._admission.Admission` first
+    (half-open caps, Retry when configured or under load, handshake timeout); a
+    connection whose first datagram does not decrypt is dropped at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_datagrams: int,
+        admission: AdmissionConfig,
+        counters: Counter[str],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(retry=True, **kwargs)
+        self._retry_tokens: Any = self._retry
         self._max_datagrams = max_datagrams
+        self.admission = Admission(admission)
+        self._counters = counters
+        self._refusals = RateLimitedLog(logger)
         self.reader: _udp.BatchReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self._transport is not None
         self.reader = _udp.BatchReader(
-            self._transport, super().datagram_received, max_datagrams=self._max_datagrams
+            self._transport, self._admit_datagram, max_datagrams=self._max_datagrams
         )
+
+    def _admit_datagram(self, data: bytes, addr: Any) -> None:
+        header = _aioquic.new_connection_initial(
+            data, self._configuration, known=self._protocols.__contains__
+        )
+        if header is None:
+            super().datagram_received(data, addr)
+            return
+        source = str(addr[0])
+        decision = self.admission.decide(source, bool(header.token))
+        if decision is Decision.REFUSE:
+            self._counters["initials_refused_half_open"] += 1
+            self._refusals.log(
+                logging.WARNING,
+                "half-open",
+                "dropped an Initial from %s: %d connections half-open (%d from that address)",
+                source,
+                self.admission.half_open,
+                self.admission.config.max_half_open_per_source,
+            )
+            return
+        # aioquic sends a Retry, or checks the token, only when it holds a handler.
+        self._retry = self._retry_tokens if decision is Decision.RETRY or header.token else None  # type: ignore[assignment]
+        super().datagram_received(data, addr)
+        self._retry = self._retry_tokens
+        protocol = self._protocols.get(header.destination_cid)
+        if protocol is None:
+            if decision is Decision.RETRY and not header.token:
+                self._counters["retries_sent"] += 1
+            elif header.token:
+                self._counters["retry_tokens_invalid"] += 1
+                self._refusals.log(
+                    logging.INFO, "token", "refused an invalid Retry token from %s", source
+                )
+            return
+        if not _aioquic.received_valid_packet(protocol._quic):
+            # Nothing decrypted: keep no state for it (a forged Initial costs us nothing).
+            self._counters["initials_undecryptable"] += 1
+            self._drop(protocol)
+            return
+        self.admission.opened(protocol, source)
+        cast(_TunnelProtocol, protocol).on_handshake_done = self._handshake_done
+        self._loop.call_later(
+            self.admission.config.handshake_timeout, self._handshake_deadline, protocol
+        )
+
+    def _handshake_done(self, protocol: QuicConnectionProtocol) -> None:
+        self.admission.closed(protocol)
+
+    def _handshake_deadline(self, protocol: QuicConnectionProtocol) -> None:
+        if not self.admission.is_half_open(protocol):
+            return
+        self._counters["handshakes_timed_out"] += 1
+        self._refusals.log(
+            logging.INFO,
+            "handshake-timeout",
+            "dropped a connection whose handshake took more than %gs",
+            self.admission.config.handshake_timeout,
+        )
+        self._drop(protocol, close=True)
+
+    def _drop(self, protocol: QuicConnectionProtocol, close: bool = False) -> None:
+        self._connection_terminated(protocol)
+        cast(_TunnelProtocol, protocol).discard(close=close)
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        self.admission.closed(protocol)
+        super()._connection_terminated(protocol)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert self.reader is not None
@@ -373,6 +458,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
         )
         self.connection: QuicPeerConnection | None = None
         self.failure: QuicmeshError | None = None
+        self.on_handshake_done: Any = None
+        """(server) Called with this protocol when the handshake completes."""
+        self._discarded = False
         self._pending: list[quic_events.QuicEvent] = []
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
@@ -405,8 +493,21 @@ class _TunnelProtocol(QuicConnectionProtocol):
             # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
             self.connection._handle_events([])
 
+    def discard(self, *, close: bool = False) -> None:
+        """(server) Forget this connection now, before its handshake completed: no
+        timer, nothing more sent (but a CONNECTION_CLOSE when ``close``)."""
+        if close:
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED)
+            self.transmit()
+        self._discarded = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def transmit(self) -> None:
         self._transmit_task = None
+        if self._discarded:
+            return
         assert self._transport is not None
         now = self._loop.time()
         for data, addr in self._quic.datagrams_to_send(now=now):
@@ -619,6 +720,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
         self._handshake_done = True
+        if self.on_handshake_done is not None:
+            self.on_handshake_done(self)
         try:
             identity = self._verify_peer(event.session_resumed)
             if self.connection is not None and identity != self.connection.peer_identity:
@@ -787,6 +890,9 @@ class QuicTransport(Transport):
         QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
         over IPv6). aioquic does no path MTU discovery: raise it only on paths known
         to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
+    :param admission: (server) half-open connection caps, Retry policy and
+        handshake timeout (:mod:`quicmesh.transport._admission`); protective
+        defaults. Its counters (:data:`ADMISSION_COUNTERS`) join :attr:`counters`.
 
     :attr:`counters` adds up, over every connection of this transport, the keys
     in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
@@ -815,6 +921,7 @@ class QuicTransport(Transport):
         rebind_after_ptos: int | None = None,
         receive_batch: int | None = None,
         max_datagram_size: int = 1200,
+        admission: AdmissionConfig | None = None,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:
@@ -846,6 +953,8 @@ class QuicTransport(Transport):
             raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
         self.max_datagram_size = max_datagram_size
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
+        self.admission = admission if admission is not None else AdmissionConfig()
         self._server_configurations: list[QuicConfiguration] = []
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -917,6 +1026,8 @@ class QuicTransport(Transport):
                     configuration=config,
                     create_protocol=create_protocol,
                     max_datagrams=self.receive_batch,
+                    admission=self.admission,
+                    counters=self.counters,
                 ),
                 local_addr=(address[0], address[1]),
             )
