@@ -301,9 +301,12 @@ class _BatchingQuicServer(QuicServer):
         max_datagrams: int,
         admission: AdmissionConfig,
         counters: Counter[str],
+        reset_key: bytes,
         **kwargs: Any,
     ) -> None:
         super().__init__(retry=True, **kwargs)
+        self._reset_key = reset_key
+        self._resets_window = (0.0, 0)
         self._retry_tokens: Any = self._retry
         self._max_datagrams = max_datagrams
         self.admission = Admission(admission)
@@ -323,6 +326,10 @@ class _BatchingQuicServer(QuicServer):
             data, self._configuration, known=self._protocols.__contains__
         )
         if header is None:
+            cid = _aioquic.unknown_short_header_cid(data, self._configuration.connection_id_length)
+            if cid is not None and cid not in self._protocols:
+                self._send_stateless_reset(cid, len(data), addr)
+                return
             super().datagram_received(data, addr)
             return
         source = str(addr[0])
@@ -362,6 +369,21 @@ class _BatchingQuicServer(QuicServer):
         self._loop.call_later(
             self.admission.config.handshake_timeout, self._handshake_deadline, protocol
         )
+
+    def _send_stateless_reset(self, cid: bytes, received: int, addr: Any) -> None:
+        """A 1-RTT packet for a connection we do not know (we restarted, or dropped
+        it): tell the peer at once (RFC 9000 10.3), at most
+        :data:`STATELESS_RESETS_PER_SECOND` a second."""
+        now = self._loop.time()
+        start, sent = self._resets_window
+        if now - start >= 1.0:
+            start, sent = now, 0
+        if sent >= STATELESS_RESETS_PER_SECOND:
+            return
+        self._resets_window = (start, sent + 1)
+        assert self._transport is not None
+        self._transport.sendto(_aioquic.stateless_reset(self._reset_key, cid, received), addr)
+        self._counters["stateless_resets_sent"] += 1
 
     def _handshake_done(self, protocol: QuicConnectionProtocol) -> None:
         self.admission.closed(protocol)
@@ -473,6 +495,12 @@ class _TunnelProtocol(QuicConnectionProtocol):
         read (:mod:`quicmesh.transport._udp`), if any."""
         self.bytes_received += len(data)
         self.datagrams_received += 1
+        if self.is_client and _aioquic.is_stateless_reset(self._quic, cast(bytes, data)):
+            logger.info("[%s] the server sent a stateless reset: connection gone", self.log_id)
+            _aioquic.terminate_after_stateless_reset(self._quic)
+            self._process_events()
+            self._close_own_socket()
+            return
         self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
         self._process_events()
         if not _udp.defer_transmit(self.transmit):
@@ -514,6 +542,11 @@ class _TunnelProtocol(QuicConnectionProtocol):
             self.bytes_sent += len(data)
             self.datagrams_sent += 1
             self._transport.sendto(data, addr)
+        if not self.is_client:
+            # Route the connection IDs just issued now, not at the next event: a
+            # packet using one must not be answered with a stateless reset.
+            for cid in _aioquic.pending_issued_connection_ids(self._quic):
+                self._connection_id_issued_handler(cid)
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -893,6 +926,11 @@ class QuicTransport(Transport):
     :param admission: (server) half-open connection caps, Retry policy and
         handshake timeout (:mod:`quicmesh.transport._admission`); protective
         defaults. Its counters (:data:`ADMISSION_COUNTERS`) join :attr:`counters`.
+    :param stateless_reset_key: (server) secret from which the stateless reset
+        token of every connection ID is derived (at least 16 bytes). Give the same
+        key after a restart (:func:`load_stateless_reset_key`) and a peer whose
+        connection the restart lost learns it from its next packet (RFC 9000
+        10.3) instead of waiting for its idle timeout. Random by default.
 
     :attr:`counters` adds up, over every connection of this transport, the keys
     in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
@@ -922,6 +960,7 @@ class QuicTransport(Transport):
         receive_batch: int | None = None,
         max_datagram_size: int = 1200,
         admission: AdmissionConfig | None = None,
+        stateless_reset_key: bytes | None = None,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:
@@ -955,6 +994,9 @@ class QuicTransport(Transport):
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
         self.admission = admission if admission is not None else AdmissionConfig()
+        if stateless_reset_key is not None and len(stateless_reset_key) < 16:
+            raise ConfigError("stateless_reset_key must be at least 16 bytes")
+        self.stateless_reset_key = stateless_reset_key or os.urandom(32)
         self._server_configurations: list[QuicConfiguration] = []
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -1010,6 +1052,7 @@ class QuicTransport(Transport):
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
+            _aioquic.derive_stateless_reset_tokens(quic, self.stateless_reset_key)
             protocol = _TunnelProtocol(
                 quic,
                 transport=self,
@@ -1028,6 +1071,7 @@ class QuicTransport(Transport):
                     max_datagrams=self.receive_batch,
                     admission=self.admission,
                     counters=self.counters,
+                    reset_key=self.stateless_reset_key,
                 ),
                 local_addr=(address[0], address[1]),
             )
@@ -1113,6 +1157,35 @@ class QuicTransport(Transport):
             protocol._close_own_socket()
             raise protocol.failure or ConnectError("QUIC handshake failed")
         return protocol.connection
+
+
+STATELESS_RESETS_PER_SECOND = 100
+"""Stateless resets a listener sends per second at most (each answers a 1-RTT
+packet for an unknown connection, which anyone can send)."""
+
+
+def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
+    """The stateless reset key kept in ``path``, created (32 random bytes, mode 0600)
+    if missing, so that it survives restarts.
+
+    :raises ConfigError: the file cannot be read or created, or is too short.
+    """
+    try:
+        with open(path, "rb") as existing:
+            key = existing.read()
+    except FileNotFoundError:
+        key = os.urandom(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as created:
+                created.write(key)
+        except OSError as exc:
+            raise ConfigError(f"cannot create stateless reset key {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read stateless reset key {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
+    return key
 
 
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
