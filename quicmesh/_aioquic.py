@@ -57,6 +57,9 @@ covered by a test in ``tests/test_aioquic_layer.py``:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,9 +67,12 @@ from typing import Any
 
 import pylsqpack
 from aioquic import tls
+from aioquic._buffer import Buffer
 from aioquic.h3.connection import H3Connection, Setting
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
 from cryptography import x509
 
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
@@ -752,3 +758,128 @@ class PathMonitor:
             handlers[frame_type][1],
         )
         quic._abandon_path_validation = types.MethodType(abandon, quic)  # type: ignore[method-assign]
+
+
+# -- admission ---------------------------------------------------------------------
+
+
+def received_valid_packet(quic: QuicConnection) -> bool:
+    """Whether a server connection has decrypted a packet yet.
+
+    aioquic creates a server connection for any Initial-shaped datagram and keeps
+    it until the idle timeout even when nothing decrypts; the listener asks this
+    after the first datagram and drops the connection at once when it is False.
+    """
+    return bool(quic._state != QuicConnectionState.FIRSTFLIGHT)
+
+
+def new_connection_initial(
+    data: bytes, configuration: Any, known: Callable[[bytes], bool]
+) -> Any | None:
+    """The header of a datagram that would make aioquic's server create a connection
+    (an Initial of a supported version, at least 1200 bytes, for an unknown
+    connection ID), or None for any other datagram."""
+    if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+        return None
+    try:
+        header = pull_quic_header(
+            Buffer(data=data), host_cid_length=configuration.connection_id_length
+        )
+    except ValueError:
+        return None
+    if (
+        header.packet_type != QuicPacketType.INITIAL
+        or header.version not in configuration.supported_versions
+        or known(header.destination_cid)
+    ):
+        return None
+    return header
+
+
+# -- stateless reset ---------------------------------------------------------------
+
+STATELESS_RESET_TOKEN_SIZE = 16
+MIN_STATELESS_RESET_SIZE = 21
+"""RFC 9000 10.3: 5 unpredictable bytes (the first with the fixed bit) and the token."""
+
+
+def stateless_reset_token(key: bytes, cid: bytes) -> bytes:
+    """The reset token of connection ID ``cid`` under ``key`` (RFC 9000 10.3.2: a
+    keyed hash of the connection ID, so a restarted server knows it without state)."""
+    return hmac.new(key, cid, hashlib.sha256).digest()[:STATELESS_RESET_TOKEN_SIZE]
+
+
+def derive_stateless_reset_tokens(quic: QuicConnection, key: bytes) -> None:
+    """Make a server connection's reset tokens :func:`stateless_reset_token` of its
+    connection IDs, instead of aioquic's random ones (which die with the process).
+
+    Call before the first datagram: the first token goes in the transport
+    parameters, later ones in NEW_CONNECTION_ID frames.
+    """
+    for connection_id in quic._host_cids:
+        connection_id.stateless_reset_token = stateless_reset_token(key, connection_id.cid)
+    original = quic._replenish_connection_ids
+
+    def _replenish_connection_ids(self_: QuicConnection) -> None:
+        original()
+        for connection_id in self_._host_cids:
+            if not connection_id.was_sent:
+                connection_id.stateless_reset_token = stateless_reset_token(key, connection_id.cid)
+
+    quic._replenish_connection_ids = types.MethodType(_replenish_connection_ids, quic)  # type: ignore[method-assign]
+
+
+def unknown_short_header_cid(data: bytes, cid_length: int) -> bytes | None:
+    """The destination connection ID of a short-header (1-RTT) datagram, or None for
+    a long-header one or one too short to be answered with a stateless reset."""
+    if len(data) <= MIN_STATELESS_RESET_SIZE or data[0] & 0x80 or not data[0] & 0x40:
+        return None
+    return data[1 : 1 + cid_length]
+
+
+def stateless_reset(key: bytes, cid: bytes, received: int) -> bytes:
+    """A stateless reset for connection ID ``cid``, shorter than the ``received``
+    datagram that provoked it (so two endpoints cannot loop), looking like a
+    short-header packet."""
+    size = min(received - 1, 43)
+    prefix = bytearray(os.urandom(size - STATELESS_RESET_TOKEN_SIZE))
+    prefix[0] = (prefix[0] & 0x3F) | 0x40
+    return bytes(prefix) + stateless_reset_token(key, cid)
+
+
+def is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
+    """Whether ``data`` ends with a reset token the peer gave for one of its
+    connection IDs (RFC 9000 10.3.1). aioquic stores the tokens but never checks."""
+    if len(data) < MIN_STATELESS_RESET_SIZE or data[0] & 0x80:
+        return False
+    tail = data[-STATELESS_RESET_TOKEN_SIZE:]
+    tokens = [quic._peer_cid.stateless_reset_token]
+    tokens += [c.stateless_reset_token for c in quic._peer_cid_available]
+    return any(token and hmac.compare_digest(token, tail) for token in tokens)
+
+
+def terminate_after_stateless_reset(quic: QuicConnection) -> None:
+    """End the connection at once, sending nothing more (RFC 9000 10.3.1): aioquic
+    then reports ``ConnectionTerminated`` as for any other end."""
+    if quic._state in (QuicConnectionState.TERMINATED,):
+        return
+    quic._close_event = quic_events.ConnectionTerminated(
+        error_code=QuicErrorCode.NO_ERROR,
+        frame_type=None,
+        reason_phrase="the peer sent a stateless reset (it restarted or lost the connection)",
+    )
+    quic._close_end()
+
+
+def pending_issued_connection_ids(quic: QuicConnection) -> list[bytes]:
+    """Connection IDs issued (NEW_CONNECTION_ID written) whose event is still queued.
+
+    aioquic's server learns of them only when it next processes this connection's
+    events; a peer quick to use one would meanwhile meet a listener that does not
+    know it (and, with stateless resets, is told the connection is gone).
+    """
+    return [
+        event.connection_id
+        for event in quic._events
+        if isinstance(event, quic_events.ConnectionIdIssued)
+    ]

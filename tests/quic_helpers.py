@@ -18,11 +18,19 @@ def run(coro: Awaitable[None], timeout: float = 60) -> None:
     asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
 
 
+# These tests look at first flights packet by packet (how much 0-RTT leaves before the
+# handshake, which datagrams carry it), so they pin the congestion controller instead of
+# taking the host's default: Cubic sends its initial window as one burst, BBR paces it.
+PINNED_CONGESTION_CONTROL = "cubic"
+
+
 def client_transport(**kwargs: Any) -> QuicTransport:
+    kwargs.setdefault("congestion_control", PINNED_CONGESTION_CONTROL)
     return QuicTransport(identity=CLIENT, trust=CA.trust_bundle, **kwargs)
 
 
 def server_transport(identity: Any = SERVER, **kwargs: Any) -> QuicTransport:
+    kwargs.setdefault("congestion_control", PINNED_CONGESTION_CONTROL)
     return QuicTransport(identity=identity, trust=CA.trust_bundle, **kwargs)
 
 

@@ -194,7 +194,7 @@ def parse_port_ranges(text: str) -> tuple[PortRange, ...]:
 
 def _port(text: str, item: str) -> int:
     text = text.strip()
-    if not text.isdigit() or len(text) > 5 or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 1 <= int(text) <= 65535:
         raise ValueError(f"{item!r} is not a port (1-65535) or a range such as 8000-8080")
     return int(text)
 
@@ -224,7 +224,7 @@ def parse_ids(text: str) -> tuple[int, ...]:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        if not item.isdigit() or len(item) > 10 or int(item) >= 2**32 - 1:
+        if not (item.isascii() and item.isdigit()) or len(item) > 10 or int(item) >= 2**32 - 1:
             raise ValueError(f"{item!r} is not a numeric user or group ID")
         ids.append(int(item))
     return tuple(ids)

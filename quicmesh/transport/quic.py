@@ -69,6 +69,7 @@ from ..tls.verify import check_trust_domain
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
 from ..tunnel.session import ResetReason
 from . import _udp
+from ._admission import ADMISSION_COUNTERS, Admission, AdmissionConfig, Decision, RateLimitedLog
 from ._session import SessionConnection
 from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
 from .liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
@@ -299,19 +300,125 @@ class _SocketReceiver(asyncio.DatagramProtocol):
 
 class _BatchingQuicServer(QuicServer):
     """aioquic's server (connection-ID routing, version negotiation, new
-    connections), fed in batches: each connection transmits once per batch."""
+    connections, Retry), fed in batches: each connection transmits once per batch.
 
-    def __init__(self, *, max_datagrams: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    New connections pass :class:`~quicmesh.transport._admission.Admission` first
+    (half-open caps, Retry when configured or under load, handshake timeout); a
+    connection whose first datagram does not decrypt is dropped at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_datagrams: int,
+        admission: AdmissionConfig,
+        counters: Counter[str],
+        reset_key: bytes,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(retry=True, **kwargs)
+        self._reset_key = reset_key
+        self._resets_window = (0.0, 0)
+        self._retry_tokens: Any = self._retry
         self._max_datagrams = max_datagrams
+        self.admission = Admission(admission)
+        self._counters = counters
+        self._refusals = RateLimitedLog(logger)
         self.reader: _udp.BatchReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self._transport is not None
         self.reader = _udp.BatchReader(
-            self._transport, super().datagram_received, max_datagrams=self._max_datagrams
+            self._transport, self._admit_datagram, max_datagrams=self._max_datagrams
         )
+
+    def _admit_datagram(self, data: bytes, addr: Any) -> None:
+        header = _aioquic.new_connection_initial(
+            data, self._configuration, known=self._protocols.__contains__
+        )
+        if header is None:
+            cid = _aioquic.unknown_short_header_cid(data, self._configuration.connection_id_length)
+            if cid is not None and cid not in self._protocols:
+                self._send_stateless_reset(cid, len(data), addr)
+                return
+            super().datagram_received(data, addr)
+            return
+        source = str(addr[0])
+        decision = self.admission.decide(source, bool(header.token))
+        if decision is Decision.REFUSE:
+            self._counters["initials_refused_half_open"] += 1
+            self._refusals.log(
+                logging.WARNING,
+                "half-open",
+                "dropped an Initial from %s: %d connections half-open (%d from that address)",
+                source,
+                self.admission.half_open,
+                self.admission.config.max_half_open_per_source,
+            )
+            return
+        # aioquic sends a Retry, or checks the token, only when it holds a handler.
+        self._retry = self._retry_tokens if decision is Decision.RETRY or header.token else None  # type: ignore[assignment]
+        super().datagram_received(data, addr)
+        self._retry = self._retry_tokens
+        protocol = self._protocols.get(header.destination_cid)
+        if protocol is None:
+            if decision is Decision.RETRY and not header.token:
+                self._counters["retries_sent"] += 1
+            elif header.token:
+                self._counters["retry_tokens_invalid"] += 1
+                self._refusals.log(
+                    logging.INFO, "token", "refused an invalid Retry token from %s", source
+                )
+            return
+        if not _aioquic.received_valid_packet(protocol._quic):
+            # Nothing decrypted: keep no state for it (a forged Initial costs us nothing).
+            self._counters["initials_undecryptable"] += 1
+            self._drop(protocol)
+            return
+        self.admission.opened(protocol, source)
+        cast(_TunnelProtocol, protocol).on_handshake_done = self._handshake_done
+        self._loop.call_later(
+            self.admission.config.handshake_timeout, self._handshake_deadline, protocol
+        )
+
+    def _send_stateless_reset(self, cid: bytes, received: int, addr: Any) -> None:
+        """A 1-RTT packet for a connection we do not know (we restarted, or dropped
+        it): tell the peer at once (RFC 9000 10.3), at most
+        :data:`STATELESS_RESETS_PER_SECOND` a second."""
+        now = self._loop.time()
+        start, sent = self._resets_window
+        if now - start >= 1.0:
+            start, sent = now, 0
+        if sent >= STATELESS_RESETS_PER_SECOND:
+            return
+        self._resets_window = (start, sent + 1)
+        assert self._transport is not None
+        self._transport.sendto(_aioquic.stateless_reset(self._reset_key, cid, received), addr)
+        self._counters["stateless_resets_sent"] += 1
+
+    def _handshake_done(self, protocol: QuicConnectionProtocol) -> None:
+        self.admission.closed(protocol)
+
+    def _handshake_deadline(self, protocol: QuicConnectionProtocol) -> None:
+        if not self.admission.is_half_open(protocol):
+            return
+        self._counters["handshakes_timed_out"] += 1
+        self._refusals.log(
+            logging.INFO,
+            "handshake-timeout",
+            "dropped a connection whose handshake took more than %gs",
+            self.admission.config.handshake_timeout,
+        )
+        self._drop(protocol, close=True)
+
+    def _drop(self, protocol: QuicConnectionProtocol, close: bool = False) -> None:
+        self._connection_terminated(protocol)
+        cast(_TunnelProtocol, protocol).discard(close=close)
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        self.admission.closed(protocol)
+        super()._connection_terminated(protocol)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert self.reader is not None
@@ -385,6 +492,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
         )
         self.connection: QuicPeerConnection | None = None
         self.failure: QuicmeshError | None = None
+        self.on_handshake_done: Any = None
+        """(server) Called with this protocol when the handshake completes."""
+        self._discarded = False
         self._pending: list[quic_events.QuicEvent] = []
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
@@ -403,6 +513,12 @@ class _TunnelProtocol(QuicConnectionProtocol):
         read (:mod:`quicmesh.transport._udp`), if any."""
         self.bytes_received += len(data)
         self.datagrams_received += 1
+        if self.is_client and _aioquic.is_stateless_reset(self._quic, cast(bytes, data)):
+            logger.info("[%s] the server sent a stateless reset: connection gone", self.log_id)
+            _aioquic.terminate_after_stateless_reset(self._quic)
+            self._process_events()
+            self._close_own_socket()
+            return
         now = self._loop.time()
         if self._liveness is not None:
             self._liveness.received(now)
@@ -432,8 +548,21 @@ class _TunnelProtocol(QuicConnectionProtocol):
             # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
             self.connection._handle_events([])
 
+    def discard(self, *, close: bool = False) -> None:
+        """(server) Forget this connection now, before its handshake completed: no
+        timer, nothing more sent (but a CONNECTION_CLOSE when ``close``)."""
+        if close:
+            self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED)
+            self.transmit()
+        self._discarded = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def transmit(self) -> None:
         self._transmit_task = None
+        if self._discarded:
+            return
         assert self._transport is not None
         now = self._loop.time()
         connected = self._transport is self.connected_socket
@@ -441,6 +570,11 @@ class _TunnelProtocol(QuicConnectionProtocol):
             self.bytes_sent += len(data)
             self.datagrams_sent += 1
             self._transport.sendto(data, None if connected else addr)
+        if not self.is_client:
+            # Route the connection IDs just issued now, not at the next event: a
+            # packet using one must not be answered with a stateless reset.
+            for cid in _aioquic.pending_issued_connection_ids(self._quic):
+                self._connection_id_issued_handler(cid)
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -728,6 +862,8 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
         self._handshake_done = True
+        if self.on_handshake_done is not None:
+            self.on_handshake_done(self)
         try:
             identity = self._verify_peer(event.session_resumed)
             if self.connection is not None and identity != self.connection.peer_identity:
@@ -898,6 +1034,14 @@ class QuicTransport(Transport):
         QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
         over IPv6). aioquic does no path MTU discovery: raise it only on paths known
         to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
+    :param admission: (server) half-open connection caps, Retry policy and
+        handshake timeout (:mod:`quicmesh.transport._admission`); protective
+        defaults. Its counters (:data:`ADMISSION_COUNTERS`) join :attr:`counters`.
+    :param stateless_reset_key: (server) secret from which the stateless reset
+        token of every connection ID is derived (at least 16 bytes). Give the same
+        key after a restart (:func:`load_stateless_reset_key`) and a peer whose
+        connection the restart lost learns it from its next packet (RFC 9000
+        10.3) instead of waiting for its idle timeout. Random by default.
     :param keepalive_interval: seconds of silence after which an idle connection
         PINGs its peer (None: never), so a dead peer is noticed while no flow sends.
     :param max_probe_timeouts: consecutive probe timeouts without an acknowledgement
@@ -938,6 +1082,8 @@ class QuicTransport(Transport):
         rebind_after_ptos: int | None = None,
         receive_batch: int | None = None,
         max_datagram_size: int = 1200,
+        admission: AdmissionConfig | None = None,
+        stateless_reset_key: bytes | None = None,
         keepalive_interval: float | None = 1.0,
         max_probe_timeouts: int | None = 6,
         dead_after: float | None = 5.0,
@@ -979,6 +1125,11 @@ class QuicTransport(Transport):
             dead_after=dead_after,
         )
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
+        self.admission = admission if admission is not None else AdmissionConfig()
+        if stateless_reset_key is not None and len(stateless_reset_key) < 16:
+            raise ConfigError("stateless_reset_key must be at least 16 bytes")
+        self.stateless_reset_key = stateless_reset_key or os.urandom(32)
         self._server_configurations: list[QuicConfiguration] = []
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -1034,6 +1185,7 @@ class QuicTransport(Transport):
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
             _aioquic.limit_peer_streams(quic, self.max_streams)
+            _aioquic.derive_stateless_reset_tokens(quic, self.stateless_reset_key)
             protocol = _TunnelProtocol(
                 quic,
                 transport=self,
@@ -1050,6 +1202,9 @@ class QuicTransport(Transport):
                     configuration=config,
                     create_protocol=create_protocol,
                     max_datagrams=self.receive_batch,
+                    admission=self.admission,
+                    counters=self.counters,
+                    reset_key=self.stateless_reset_key,
                 ),
                 local_addr=(address[0], address[1]),
             )
@@ -1144,6 +1299,35 @@ class QuicTransport(Transport):
             protocol._close_own_socket()
             raise protocol.failure or ConnectError("QUIC handshake failed")
         return protocol.connection
+
+
+STATELESS_RESETS_PER_SECOND = 100
+"""Stateless resets a listener sends per second at most (each answers a 1-RTT
+packet for an unknown connection, which anyone can send)."""
+
+
+def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
+    """The stateless reset key kept in ``path``, created (32 random bytes, mode 0600)
+    if missing, so that it survives restarts.
+
+    :raises ConfigError: the file cannot be read or created, or is too short.
+    """
+    try:
+        with open(path, "rb") as existing:
+            key = existing.read()
+    except FileNotFoundError:
+        key = os.urandom(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as created:
+                created.write(key)
+        except OSError as exc:
+            raise ConfigError(f"cannot create stateless reset key {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read stateless reset key {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
+    return key
 
 
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024

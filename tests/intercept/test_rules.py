@@ -139,7 +139,7 @@ def test_port_parser_accepts_or_names_the_bad_item(text: str) -> None:
         assert all(1 <= a <= b <= 65535 for a, b in parsed)
 
 
-@pytest.mark.parametrize("text", ["0", "65536", "80-70", "http", "1-2-3", "99999999"])
+@pytest.mark.parametrize("text", ["0", "65536", "80-70", "http", "1-2-3", "99999999", "²", "٣"])
 def test_bad_ports_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(text))):
         parse_port_ranges(text)
@@ -159,7 +159,7 @@ def test_bad_cidrs_are_refused(text: str) -> None:
 def test_ids() -> None:
     assert parse_ids("1337, 0") == (1337, 0)
     assert parse_ids("") == ()
-    for bad in ("-1", "root", "4294967295"):
+    for bad in ("-1", "root", "4294967295", "²"):
         with pytest.raises(ValueError, match="not a numeric user or group ID"):
             parse_ids(bad)
 

@@ -1,0 +1,119 @@
+"""Issue 13, findings 1 and 4: a restarted listener tells its old peers at once.
+
+The listener derives each connection ID's stateless reset token from a key kept
+in a 0600 file; after a restart (SIGKILL, then the same key) a client's next
+packet on its old connection is answered with a stateless reset, and the client
+drops the connection then, instead of after its idle timeout (60 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from quic_helpers import run
+
+import quicmesh
+from quicmesh import DevCA, QuicTransport
+from quicmesh.transport.quic import load_stateless_reset_key
+
+SERVER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from quicmesh import DevCA, QuicTransport
+    from quicmesh.transport.quic import load_stateless_reset_key
+
+    async def echo(stream):
+        while data := await stream.read(65536):
+            stream.write(data)
+        stream.write_eof()
+
+    async def main():
+        ca = DevCA.load(sys.argv[1])
+        identity = ca.issue("spiffe://mesh.local/ns/default/sa/server")
+        transport = QuicTransport(
+            identity=identity, trust=ca.trust_bundle,
+            stateless_reset_key=load_stateless_reset_key(sys.argv[2]),
+        )
+        listener = await transport.listen(("127.0.0.1", int(sys.argv[3])), echo)
+        print(listener.address[1], flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def _start(ca_dir: Path, key: Path, port: int) -> tuple[subprocess.Popen[str], int]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(ca_dir), str(key), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        child.kill()
+        raise AssertionError("server did not start")
+    return child, int(line)
+
+
+def test_key_file_is_created_private_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "reset.key"
+    key = load_stateless_reset_key(path)
+    assert len(key) == 32
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_stateless_reset_key(path) == key
+    (tmp_path / "short.key").write_bytes(b"x")
+    with pytest.raises(quicmesh.ConfigError, match="shorter than 16 bytes"):
+        load_stateless_reset_key(tmp_path / "short.key")
+
+
+def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path) -> None:
+    ca = DevCA()
+    ca.save(tmp_path / "ca")
+    key = tmp_path / "reset.key"
+    first, port = _start(tmp_path / "ca", key, 0)
+    second = None
+    try:
+
+        async def main() -> None:
+            nonlocal second
+            client = QuicTransport(
+                identity=ca.issue("spiffe://mesh.local/ns/default/sa/client"),
+                trust=ca.trust_bundle,
+            )
+            conn = await client.connect(("127.0.0.1", port))
+            stream = await conn.open_stream("a.svc:1")
+            stream.write(b"before")
+            stream.write_eof()
+            assert await stream.read() == b"before"
+            first.send_signal(signal.SIGKILL)  # no CONNECTION_CLOSE: a crash
+            first.wait()
+            second, _ = _start(tmp_path / "ca", key, port)
+            # The next packet meets a listener that does not know the connection.
+            with pytest.raises(quicmesh.TunnelError, match="stateless reset"):
+                await asyncio.wait_for(conn.open_stream("a.svc:1"), 5)
+            assert conn.is_closed
+            # A new connection to the restarted sidecar works.
+            fresh = await client.connect(("127.0.0.1", port))
+            stream = await fresh.open_stream("a.svc:1")
+            stream.write(b"after")
+            stream.write_eof()
+            assert await stream.read() == b"after"
+            fresh.close()
+            await fresh.wait_closed()
+
+        run(main())
+    finally:
+        for child in (first, second):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
