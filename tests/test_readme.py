@@ -55,7 +55,9 @@ COMMANDS = [
 def test_readme_commands_parse(command: str) -> None:
     words = shlex.split(command)[1:]
     name = words[0]
-    argv = [name, "throughput", "--help"] if name == "bench" else [name, "--help"]
+    argv = [name, "throughput", "--help"] if words[1:2] != ["--help"] else [name, "--help"]
+    if name != "bench":
+        argv = [name, "--help"]
     result = subprocess.run(
         [sys.executable, "-m", "quicmesh", *argv], capture_output=True, text=True, timeout=60
     )

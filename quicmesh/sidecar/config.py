@@ -158,6 +158,30 @@ class InboundListenerConfig:
     """Concurrent streams one peer connection may open (QUIC and H2)."""
     early_data: bool = True
     """Accept 0-RTT from QUIC peers resuming with a ticket (False: they resend it in 1-RTT)."""
+    retry: str = "auto"
+    """(QUIC) Address validation with Retry: ``auto`` (while ``retry_threshold``
+    connections are half-open), ``always`` or ``never``."""
+    retry_threshold: int = 64
+    max_half_open: int = 1024
+    """(QUIC) Connections in their handshake, at most; further Initials are dropped."""
+    max_half_open_per_source: int = 128
+    """(QUIC) The same, per source IP address."""
+    handshake_timeout: float = 10.0
+    """(QUIC) Seconds a peer may take to complete its handshake."""
+    stateless_reset_key: str | None = None
+    """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
+    peers of a restarted sidecar learn at once that their connections are gone."""
+
+
+QUIC_ADMISSION_KEYS = (
+    "retry",
+    "retry_threshold",
+    "max_half_open",
+    "max_half_open_per_source",
+    "handshake_timeout",
+    "stateless_reset_key",
+)
+"""Inbound listener keys for QUIC address validation and half-open limits."""
 
 
 @dataclass(frozen=True)
@@ -859,6 +883,7 @@ class _Loader:
                 "connect_timeout",
                 "max_streams",
                 "early_data",
+                *QUIC_ADMISSION_KEYS,
             }
         )
         transports_field = node.child("transports").required()
@@ -875,6 +900,7 @@ class _Loader:
         early = node.child("early_data")
         if early.value is not None and "quic" not in transports:
             raise early.error("applies to listeners serving quic only")
+        admission = self.quic_admission(node, "quic" in transports)
         return InboundListenerConfig(
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),
@@ -884,7 +910,27 @@ class _Loader:
             connect_timeout=timeout.duration() if timeout.value is not None else 5.0,
             max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
             early_data=early.boolean() if early.value is not None else True,
+            **admission,
         )
+
+    def quic_admission(self, node: _Field, serves_quic: bool) -> dict[str, Any]:
+        """The QUIC admission keys of an inbound listener (issue 13)."""
+        result: dict[str, Any] = {}
+        for key in QUIC_ADMISSION_KEYS:
+            field_ = node.child(key)
+            if field_.value is None:
+                continue
+            if not serves_quic:
+                raise field_.error("applies to listeners serving quic only")
+            if key == "retry":
+                result[key] = field_.choice(("auto", "always", "never"))
+            elif key == "handshake_timeout":
+                result[key] = field_.duration()
+            elif key == "stateless_reset_key":
+                result[key] = self.path(field_)
+            else:
+                result[key] = field_.integer(1, 1_000_000)
+        return result
 
     def destinations(self, node: _Field) -> tuple[DestinationRule, ...]:
         return tuple(item.convert(parse_destination) for item in node.items())

@@ -22,8 +22,9 @@ from .. import TRANSPORTS
 from ..errors import QuicmeshError, TunnelError
 from ..splice import splice
 from ..tls import Identity, TrustBundle
+from ..transport._admission import AdmissionConfig, RateLimitedLog
 from ..transport.base import Listener, PeerConnection, StreamHandler, Transport
-from ..transport.quic import QuicTransport
+from ..transport.quic import QuicTransport, load_stateless_reset_key
 from ..transport.stream import MeshStream
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
@@ -34,12 +35,38 @@ from .tracing import continue_or_start
 
 logger = logging.getLogger("quicmesh.sidecar.inbound")
 
+REFUSAL_LOG = RateLimitedLog(logger)
+"""Streams refused by policy: a peer can send them at will, so one line per 10 s
+(with the count of those not logged); the access log still records each one."""
+
 
 def inbound_transport(
-    name: str, identity: Identity, trust: TrustBundle, max_streams: int
+    name: str,
+    identity: Identity,
+    trust: TrustBundle,
+    max_streams: int,
+    config: InboundListenerConfig | None = None,
 ) -> Transport:
-    """The server-side transport for one of a listener's ``transports``."""
+    """The server-side transport for one of a listener's ``transports`` (QUIC with
+    the listener's admission limits and stateless reset key)."""
     cls = TRANSPORTS[name]
+    if name == "quic" and config is not None:
+        reset_key = None
+        if config.stateless_reset_key is not None:
+            reset_key = load_stateless_reset_key(config.stateless_reset_key)
+        return QuicTransport(
+            identity=identity,
+            trust=trust,
+            max_streams=max_streams,
+            admission=AdmissionConfig(
+                retry=config.retry,
+                retry_threshold=config.retry_threshold,
+                max_half_open=config.max_half_open,
+                max_half_open_per_source=config.max_half_open_per_source,
+                handshake_timeout=config.handshake_timeout,
+            ),
+            stateless_reset_key=reset_key,
+        )
     if name in ("quic", "h2"):
         return cls(identity=identity, trust=trust, max_streams=max_streams)  # type: ignore[call-arg]
     return cls(identity=identity, trust=trust)
@@ -93,7 +120,7 @@ class InboundListener:
         try:
             for name in self.config.transports:
                 transport = inbound_transport(
-                    name, self.identity, self.trust, self.config.max_streams
+                    name, self.identity, self.trust, self.config.max_streams, self.config
                 )
                 if isinstance(transport, QuicTransport):
                     self.stats.quic_counters.append(transport.counters)
@@ -192,7 +219,14 @@ class InboundListener:
             return
         reason = refusal_reason(config, stream.peer_identity, stream.target)
         if reason is not None:
-            logger.warning("refused %s -> %s: %s", stream.peer_identity, stream.target, reason)
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "policy",
+                "refused %s -> %s: %s",
+                stream.peer_identity,
+                stream.target,
+                reason,
+            )
             record.outcome, record.reason = Outcome.REFUSED, reason
             _refuse(stream, 403, reason)
             return

@@ -16,6 +16,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..transport._admission import ADMISSION_COUNTERS
+
 Snapshot = dict[str, Any]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,6 +121,15 @@ _LISTENER_QUIC = (
         ("ok", "failed"),
         "path_validations_{}",
         "QUIC path validations of peers' new addresses.",
+    ),
+    (
+        "quic_admission",
+        "event",
+        ADMISSION_COUNTERS,
+        "{}",
+        "What a QUIC listener did with traffic before a handshake completed: Initials"
+        " that did not decrypt (no state kept), refused over the half-open caps, Retry"
+        " packets sent, invalid Retry tokens, handshakes timed out, stateless resets sent.",
     ),
 )
 HEALTH_STATES = ("healthy", "unhealthy", "ejected", "removed")
@@ -245,7 +256,9 @@ def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:
             quic = data.get("quic")
             if quic is not None:
                 for value in values:
-                    family.add_metric([listener, data["kind"], value], quic[key.format(value)])
+                    family.add_metric(
+                        [listener, data["kind"], value], quic.get(key.format(value), 0)
+                    )
         yield family
 
 

@@ -19,10 +19,14 @@ from ..errors import ConnectionLost, StreamReset, TunnelError
 from ..tunnel import events
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.session import ResetReason, TunnelSession
+from ._admission import RateLimitedLog
 from .base import Authorizer, PeerConnection, StreamHandler
 from .stream import DEFAULT_HIGH_WATER, MeshStream
 
 logger = logging.getLogger("quicmesh.transport")
+
+REFUSAL_LOG = RateLimitedLog(logger)
+"""Refused and rejected streams, logged at most once per 10 s per kind (with a count)."""
 
 
 class SessionConnection(PeerConnection):
@@ -210,8 +214,12 @@ class SessionConnection(PeerConnection):
                     stream._on_peer_stopped_reading()
                     self._forget_if_closed(stream)
             elif isinstance(event, events.RequestRejected):
-                self.log.warning(
-                    "rejected stream %d from %s: %d %s",
+                # A peer can cause these at will: one line per interval, with a count.
+                REFUSAL_LOG.log(
+                    logging.WARNING,
+                    "rejected",
+                    "[%s] rejected stream %d from %s: %d %s",
+                    self._log_id,
                     event.stream_id,
                     self.peer_identity,
                     event.status,
@@ -346,8 +354,11 @@ class SessionConnection(PeerConnection):
             self.session.respond(event.stream_id, 403, "this peer accepts no streams")
             return
         if self._authorize is not None and not self._authorize(self.peer_identity, event.target):
-            self.log.warning(
-                "refused stream %d: %s may not reach %s",
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "unauthorized",
+                "[%s] refused stream %d: %s may not reach %s",
+                self._log_id,
                 event.stream_id,
                 self.peer_identity,
                 event.target,

@@ -368,6 +368,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                     "tickets_issued": 5,
                     "tickets_redeemed": 3,
                     "migrations_peer_address_change": 1,
+                    "initials_undecryptable": 7,
                 },
             },
         },
@@ -419,6 +420,11 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     assert metric(samples, "quicmesh_listener_session_tickets_total", result="redeemed") == 3
     assert metric(samples, "quicmesh_listener_migrations_total", cause="peer_address_change") == 1
     assert metric(samples, "quicmesh_listener_session_tickets_total", listener="app") == 0
+    assert metric(samples, "quicmesh_listener_quic_admission_total", event="retries_sent") == 0
+    assert (
+        metric(samples, "quicmesh_listener_quic_admission_total", event="initials_undecryptable")
+        == 7
+    )
     assert (
         metric(
             samples,
