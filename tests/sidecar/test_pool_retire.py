@@ -1,0 +1,43 @@
+"""The pool drops the connections of an endpoint found dead (issue 12): over loopback QUIC."""
+
+from __future__ import annotations
+
+from quicmesh.sidecar.circuit import CircuitBreaker
+from quicmesh.sidecar.config import CircuitBreakerConfig
+from quicmesh.sidecar.pool import EndpointPool
+from tests.quic_helpers import TARGET, Recorder, client_transport, run, server_transport, until
+
+
+def test_retired_connections_take_no_new_flow_and_close_when_idle() -> None:
+    async def main() -> None:
+        listener = await server_transport().listen(("127.0.0.1", 0), Recorder())
+        breaker = CircuitBreaker(CircuitBreakerConfig())
+        pool = EndpointPool(listener.address, client_transport(), breaker, connect_timeout=5)
+        busy, first, _ = await pool.open_stream(TARGET, {})
+        assert pool.connections_opened == 1
+        pool.retire_connections("failed its health checks")
+        # The busy connection stays for its flow but takes no new one: a new one is dialled.
+        assert not first.is_closed
+        other, second, _ = await pool.open_stream(TARGET, {})
+        assert second is not first
+        assert pool.connections_opened == 2
+        # An idle retired connection is closed at once.
+        other.write_eof()
+        await other.read()
+        await until(lambda: second.active_streams == 0)
+        pool.retire_connections("ejected")
+        assert all(p.connection is not second for p in pool.connections)
+        # The busy one closes once its last flow has ended.
+        busy.write(b"bye")
+        busy.write_eof()
+        assert await busy.read() == b"bye"
+        await until(lambda: first.active_streams == 0)
+        pool.close_idle(0.0, 60.0)
+        await until(lambda: first.is_closed, timeout=10)
+        assert pool.connections == []
+        assert breaker.connections == 0
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
