@@ -17,7 +17,16 @@ from . import __version__
 from .congestion import CONGESTION_CONTROLS, default_congestion_control
 from .errors import QuicmeshError
 
-BENCHMARKS = ("throughput", "hol", "congestion", "ttfb", "migration", "intercept", "xds")
+BENCHMARKS = (
+    "throughput",
+    "hol",
+    "congestion",
+    "ttfb",
+    "migration",
+    "intercept",
+    "xds",
+    "attack",
+)
 """Benchmark modules under quicmesh.bench, each with ``main(argv) -> int``."""
 
 

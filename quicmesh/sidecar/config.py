@@ -171,7 +171,23 @@ class InboundListenerConfig:
     stateless_reset_key: str | None = None
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
+    max_streams_per_identity: int = 1024
+    """Concurrent inbound streams one peer identity may hold, over all its connections."""
+    max_streams_total: int = 16384
+    """Concurrent inbound streams in all."""
+    overload_max_rss: int | None = None
+    """MiB of resident memory counted as full by the overload manager (None: not watched)."""
+    overload_max_descriptors: int | None = None
+    """Open descriptors counted as full (None: the soft ``ulimit -n``)."""
 
+
+INBOUND_LIMIT_KEYS = (
+    "max_streams_per_identity",
+    "max_streams_total",
+    "overload_max_rss",
+    "overload_max_descriptors",
+)
+"""Inbound listener keys for per-identity and total stream limits and overload."""
 
 QUIC_ADMISSION_KEYS = (
     "retry",
@@ -884,6 +900,7 @@ class _Loader:
                 "max_streams",
                 "early_data",
                 *QUIC_ADMISSION_KEYS,
+                *INBOUND_LIMIT_KEYS,
             }
         )
         transports_field = node.child("transports").required()
@@ -901,6 +918,9 @@ class _Loader:
         if early.value is not None and "quic" not in transports:
             raise early.error("applies to listeners serving quic only")
         admission = self.quic_admission(node, "quic" in transports)
+        for key in INBOUND_LIMIT_KEYS:
+            if node.child(key).value is not None:
+                admission[key] = node.child(key).integer(1, 1 << 40)
         return InboundListenerConfig(
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),

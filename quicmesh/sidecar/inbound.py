@@ -29,11 +29,15 @@ from ..transport.stream import MeshStream
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
+from .overload import OverloadManager, default_max_descriptors, measure
 from .policy import refusal_reason, split_target
 from .stats import ListenerStats
 from .tracing import continue_or_start
 
 logger = logging.getLogger("quicmesh.sidecar.inbound")
+
+OVERLOAD_SAMPLE_INTERVAL = 1.0
+"""Seconds between two samples of memory and descriptors (:mod:`.overload`)."""
 
 REFUSAL_LOG = RateLimitedLog(logger)
 """Streams refused by policy: a peer can send them at will, so one line per 10 s
@@ -111,6 +115,15 @@ class InboundListener:
         self._listeners: list[Listener] = []
         self._transports: list[Transport] = []
         self._local_flows = FlowTracker()
+        self.overload = OverloadManager(
+            max_streams_per_identity=config.max_streams_per_identity,
+            max_streams_total=config.max_streams_total,
+            max_rss=config.overload_max_rss * 1024 * 1024 if config.overload_max_rss else None,
+            max_descriptors=config.overload_max_descriptors or default_max_descriptors(),
+        )
+        self._active: dict[MeshStream, None] = {}
+        """Inbound streams admitted, oldest first (the newest are shed first)."""
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen on the address with every transport.
@@ -129,6 +142,41 @@ class InboundListener:
         except (QuicmeshError, OSError):
             self.close()
             raise
+        self.stats.overload = self._overload_view
+        self._sample()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_every_second())
+
+    async def _sample_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(OVERLOAD_SAMPLE_INTERVAL)
+            self._sample()
+
+    def _sample(self) -> None:
+        """Measure memory and descriptors; in ``shed``, reset the newest tenth of flows."""
+        overload = self.overload
+        state = overload.update(*measure())
+        if state == "shed" and self._active:
+            newest = list(self._active)[-max(1, len(self._active) // 10) :]
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "shed",
+                "overloaded (%s): resetting the %d newest inbound flows",
+                ", ".join(f"{k} {v:.0%}" for k, v in overload.pressure.items()),
+                len(newest),
+            )
+            for stream in newest:
+                overload.shed += 1
+                stream.abort()
+
+    def _overload_view(self) -> dict[str, object]:
+        overload = self.overload
+        return {
+            "state": overload.state,
+            "pressure": dict(overload.pressure),
+            "refusals": dict(overload.refusals),
+            "shed": overload.shed,
+            "streams": overload.streams,
+        }
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` to peers from their next handshake on."""
@@ -146,6 +194,9 @@ class InboundListener:
 
     def close(self) -> None:
         """Close the transports' listeners and their connections (GOAWAY / CONNECTION_CLOSE)."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         for listener in self._listeners:
             listener.close()
 
@@ -217,6 +268,25 @@ class InboundListener:
             record.outcome, record.reason = Outcome.DRAINING, "sidecar is draining"
             _refuse(stream, 503, record.reason)
             return
+        # Limits and overload first: a refused stream costs no destination connection.
+        refusal = self.overload.admit(stream.peer_identity)
+        if refusal is not None:
+            REFUSAL_LOG.log(
+                logging.WARNING, "limit", "refused %s: %s", stream.peer_identity, refusal
+            )
+            record.outcome, record.reason = Outcome.OVERFLOW, refusal
+            _refuse(stream, 503, refusal)
+            return
+        self._active[stream] = None
+        try:
+            await self._forward_admitted(stream, config, record)
+        finally:
+            del self._active[stream]
+            self.overload.release(stream.peer_identity)
+
+    async def _forward_admitted(
+        self, stream: MeshStream, config: InboundListenerConfig, record: FlowRecord
+    ) -> None:
         reason = refusal_reason(config, stream.peer_identity, stream.target)
         if reason is not None:
             REFUSAL_LOG.log(

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..transport._admission import ADMISSION_COUNTERS
+from .overload import STATES as OVERLOAD_STATES
 
 Snapshot = dict[str, Any]
 
@@ -248,6 +249,7 @@ def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         for outcome, count in data["outcomes"].items():
             flows.add_metric([listener, outcome], count)
     yield flows
+    yield from _overload_families(listeners)
     for name, label, values, key, doc in _LISTENER_QUIC:
         family = CounterMetricFamily(
             f"quicmesh_listener_{name}", doc, labels=["listener", "kind", label]
@@ -331,6 +333,45 @@ def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
                     family.add_metric([cluster, data["transport"], value], quic[key.format(value)])
         yield family
     yield from _endpoint_families(clusters)
+
+
+def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
+    """The inbound listeners' limits and overload manager (:mod:`.overload`)."""
+    state = GaugeMetricFamily(
+        "quicmesh_listener_overload_state",
+        "1 for the inbound listener's overload state (normal, stop_accepting, shed).",
+        labels=["listener", "state"],
+    )
+    pressure = GaugeMetricFamily(
+        "quicmesh_listener_overload_pressure",
+        "Use of a watched resource as a fraction of its limit (memory, descriptors).",
+        labels=["listener", "resource"],
+    )
+    refusals = CounterMetricFamily(
+        "quicmesh_listener_limit_refusals",
+        "Inbound streams refused by a limit: per_identity, total, overloaded.",
+        labels=["listener", "reason"],
+    )
+    shed = CounterMetricFamily(
+        "quicmesh_listener_overload_shed",
+        "Inbound flows reset to shed load.",
+        labels=["listener"],
+    )
+    for listener, data in listeners.items():
+        overload = data.get("overload")
+        if overload is None:
+            continue
+        for value in OVERLOAD_STATES:
+            state.add_metric([listener, value], 1.0 if overload["state"] == value else 0.0)
+        for resource, fraction in overload["pressure"].items():
+            pressure.add_metric([listener, resource], fraction)
+        for reason in ("per_identity", "total", "overloaded"):
+            refusals.add_metric([listener, reason], overload["refusals"].get(reason, 0))
+        shed.add_metric([listener], overload["shed"])
+    yield state
+    yield pressure
+    yield refusals
+    yield shed
 
 
 def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:

@@ -9,7 +9,7 @@ source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..transport.quic import COUNTERS as QUIC_COUNTERS
@@ -49,6 +49,8 @@ class ListenerStats:
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """(inbound) The :attr:`~quicmesh.QuicTransport.counters` of every QUIC transport this
     listener served with, across reloads: tickets, migrations, path validations."""
+    overload: Callable[[], dict[str, object]] | None = None
+    """(inbound) A view of the listener's limits and overload state (:mod:`.overload`)."""
 
     def flow_ended(self, outcome: Outcome, bytes_received: int, bytes_sent: int) -> None:
         """Count a finished flow."""
@@ -70,6 +72,8 @@ class ListenerStats:
         }
         if self.quic_counters:
             view["quic"] = sum_counters(self.quic_counters)
+        if self.overload is not None:
+            view["overload"] = self.overload()
         return view
 
 

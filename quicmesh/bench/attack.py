@@ -1,0 +1,320 @@
+"""``quicmesh bench attack``: good traffic through a QUIC listener under attack (issue 13).
+
+A listener (QuicTransport with its default admission limits, echo handler) runs
+in a child process; the parent sends good traffic all along, one flow of 1 KiB
+every 20 ms on a pooled connection plus a fresh handshake every 0.5 s, and
+records each flow's latency and failures. Each probe runs in its own attacker
+process, between a baseline phase and an after phase of the same length:
+
+* ``initials``: forged version-1 Initials (random connection IDs, nothing that
+  decrypts), 10,000 in 10 s (``--quick``: 2,000 in 2 s);
+* ``qpack``: 16 QPACK bombs (a 3.9 KB dynamic-table entry referenced 60,000
+  times in one 60 KB header block) on one authenticated connection;
+* ``churn``: one identity opening and resetting streams as fast as it can.
+
+It prints p50/p99 of the good flows per phase, failures, the listener's CPU
+and peak RSS per phase, and PASS when the during-phase p99 is within 3x of the
+baseline's and no good flow failed. The machine may be shared: say so next to
+any figure. Not (yet) two full sidecars: the probes hit the QUIC listener that
+the sidecar's inbound listener runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from .. import DevCA, MeshStream, QuicTransport
+from ..tunnel.h3 import H3TunnelSession
+
+TARGET = "echo.bench:1"
+PROBES = ("initials", "qpack", "churn")
+
+
+async def _echo(stream: MeshStream) -> None:
+    while data := await stream.read(65536):
+        stream.write(data)
+        await stream.drain()
+    stream.write_eof()
+
+
+async def _serve(ca_dir: str) -> None:
+    ca = DevCA.load(ca_dir)
+    identity = ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/server")
+    transport = QuicTransport(identity=identity, trust=ca.trust_bundle)
+    listener = await transport.listen(("127.0.0.1", 0), _echo)
+    print(listener.address[1], flush=True)
+    while True:
+        await asyncio.sleep(1)
+        print(
+            f"counters {dict((k, v) for k, v in transport.counters.items() if v)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _prefix_int(value: int, prefix: int, first: int = 0) -> bytes:
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes([first | value])
+    out = [first | mask]
+    value -= mask
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint(value: int) -> bytes:
+    if value < 64:
+        return bytes([value])
+    if value < 16384:
+        return (value | 0x4000).to_bytes(2, "big")
+    return (value | 0x80000000).to_bytes(4, "big")
+
+
+def qpack_bomb(entry: int = 3900, references: int = 60000) -> tuple[bytes, bytes]:
+    """Encoder-stream bytes inserting one ``entry``-byte field (table capacity 4096)
+    and an HTTP/3 HEADERS frame (``:method CONNECT``, ``:authority x:1``) referring
+    to it ``references`` times."""
+    insert = _prefix_int(4096, 5, 0x20) + _prefix_int(6, 5, 0x40) + b"x-bomb"
+    insert += _prefix_int(entry, 7) + b"a" * entry
+    block = _prefix_int(2, 8) + b"\x00" + bytes([0xC0 | 15])
+    block += _prefix_int(0, 4, 0x50) + _prefix_int(3, 7) + b"x:1" + b"\x80" * references
+    return insert, _varint(1) + _varint(len(block)) + block
+
+
+def forged_initial(rng: random.Random, size: int = 1200) -> bytes:
+    """A version-1 Initial header with random connection IDs; nothing decrypts."""
+    head = bytes([0xC3]) + (1).to_bytes(4, "big")
+    head += bytes([8]) + rng.randbytes(8) + bytes([8]) + rng.randbytes(8) + b"\x00"
+    remaining = size - len(head) - 2
+    return head + (remaining | 0x4000).to_bytes(2, "big") + rng.randbytes(remaining)
+
+
+async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: int) -> None:
+    address = ("127.0.0.1", port)
+    if probe == "initials":
+        rng = random.Random(13)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        start = time.monotonic()
+        for index in range(count):
+            sock.sendto(forged_initial(rng), address)
+            delay = start + duration * (index + 1) / count - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        print(f"sent {count} forged Initials", flush=True)
+        return
+    ca = DevCA.load(ca_dir)
+    identity = ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/attacker")
+    conn = await QuicTransport(identity=identity, trust=ca.trust_bundle).connect(address)
+    if probe == "qpack":
+        quic = conn.protocol._quic
+        insert, frame = qpack_bomb()
+        session = cast(H3TunnelSession, conn.session)
+        encoder_stream = session.h3._local_encoder_stream_id
+        assert encoder_stream is not None
+        quic.send_stream_data(encoder_stream, insert)
+        for _ in range(count):
+            quic.send_stream_data(quic.get_next_available_stream_id(), frame)
+            conn.protocol.transmit()
+            await asyncio.sleep(duration / count)
+        print(f"sent {count} QPACK bombs", flush=True)
+        await asyncio.sleep(1)
+        return
+    opened = 0
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not conn.can_open_stream:
+            await asyncio.sleep(0.001)
+            continue
+        stream = await conn.open_stream(TARGET, wait_response=False)
+        stream.write(b"x")
+        stream.abort()
+        opened += 1
+        if opened % 50 == 0:
+            await asyncio.sleep(0)
+    print(f"churned {opened} streams ({opened / duration:.0f}/s)", flush=True)
+
+
+@dataclass
+class Phase:
+    """Good traffic during one phase."""
+
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    failures: int = 0
+    handshakes: int = 0
+    cpu: float = 0.0
+    rss: int = 0
+
+    def quantile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{pid}/status") as status:
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        return cpu, rss * 1024
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0.0, 0
+
+
+async def _good_traffic(
+    phase: Phase, client: QuicTransport, conn: object, port: int, seconds: float, pid: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    cpu_before, _ = _proc_cpu_rss(pid)
+    end = loop.time() + seconds
+    payload = os.urandom(1024)
+    next_handshake = loop.time()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one_flow() -> None:
+        started = loop.time()
+        try:
+            stream = await asyncio.wait_for(conn.open_stream(TARGET), 5)  # type: ignore[attr-defined]
+            stream.write(payload)
+            stream.write_eof()
+            data = await asyncio.wait_for(stream.read(), 5)
+            if data != payload:
+                raise ValueError("corrupted echo")
+            phase.latencies.append(loop.time() - started)
+        except Exception:
+            phase.failures += 1
+
+    async def one_handshake() -> None:
+        try:
+            fresh = await client.connect(("127.0.0.1", port), timeout=5)
+            fresh.close()
+            phase.handshakes += 1
+        except Exception:
+            phase.failures += 1
+
+    while loop.time() < end:
+        tasks.append(loop.create_task(one_flow()))
+        if loop.time() >= next_handshake:
+            tasks.append(loop.create_task(one_handshake()))
+            next_handshake += 0.5
+        await asyncio.sleep(0.02)
+        phase.rss = max(phase.rss, _proc_cpu_rss(pid)[1])
+    await asyncio.gather(*tasks)
+    phase.cpu = _proc_cpu_rss(pid)[0] - cpu_before
+
+
+async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> list[Phase]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "quicmesh.bench.attack", "--role", "server", "--ca", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        ca = DevCA.load(workdir)
+        client = QuicTransport(
+            identity=ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/good"), trust=ca.trust_bundle
+        )
+        conn = await client.connect(("127.0.0.1", port))
+        phases = [Phase("before"), Phase("during"), Phase("after")]
+        await _good_traffic(phases[0], client, conn, port, args.phase, server.pid)
+        count = {"initials": args.initials, "qpack": 16, "churn": 0}[probe]
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "quicmesh.bench.attack",
+            "--role",
+            "attacker",
+            "--probe",
+            probe,
+            "--port",
+            str(port),
+            "--ca",
+            str(workdir),
+            "--duration",
+            str(args.attack),
+            "--count",
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        await _good_traffic(phases[1], client, conn, port, args.attack, server.pid)
+        output, _ = await attacker.communicate()
+        print(f"  attacker: {output.decode().strip()}")
+        await _good_traffic(phases[2], client, conn, port, args.phase, server.pid)
+        conn.close()
+        return phases
+    finally:
+        server.kill()
+        server.wait()
+
+
+def main(argv: list[str]) -> int:
+    """Run the probes (or one side of them, with ``--role``)."""
+    parser = argparse.ArgumentParser(
+        prog="quicmesh bench attack", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="2 s phases, 2,000 Initials")
+    parser.add_argument("--probe", choices=PROBES, action="append", help="(repeatable) default all")
+    parser.add_argument("--phase", type=float, default=5.0, help="seconds before and after")
+    parser.add_argument("--attack", type=float, default=10.0, help="seconds of attack")
+    parser.add_argument("--initials", type=int, default=10000)
+    parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ca", help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "server":
+        asyncio.run(_serve(args.ca))
+        return 0
+    if args.role == "attacker":
+        asyncio.run(_attack(args.probe[0], args.port, args.ca, args.duration, args.count))
+        return 0
+    if args.quick:
+        args.phase, args.attack, args.initials = 2.0, 2.0, 2000
+    probes = args.probe or list(PROBES)
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="quicmesh-bench-attack-") as directory:
+        workdir = Path(directory)
+        DevCA().save(workdir)
+        for probe in probes:
+            print(f"probe {probe}:")
+            phases = asyncio.run(_run_probe(probe, args, workdir))
+            for phase in phases:
+                print(
+                    f"  {phase.name:<7} flows {len(phase.latencies):4d}  failures {phase.failures}"
+                    f"  handshakes {phase.handshakes:3d}  p50 {phase.quantile(0.5):7.2f} ms"
+                    f"  p99 {phase.quantile(0.99):7.2f} ms  listener CPU {phase.cpu:5.2f} s"
+                    f"  peak RSS {phase.rss / 2**20:6.1f} MiB"
+                )
+            base, during = phases[0].quantile(0.99), phases[1].quantile(0.99)
+            ratio = during / base if base else float("inf")
+            failures = sum(p.failures for p in phases)
+            ok = ratio <= 3.0 and failures == 0
+            failed |= not ok
+            verdict = "PASS" if ok else "FAIL"
+            print(f"  {verdict}: p99 during/before {ratio:.2f}x (target <= 3x), {failures} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

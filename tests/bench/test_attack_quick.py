@@ -1,0 +1,40 @@
+"""``quicmesh bench attack`` as a user runs it: --help, and one short probe."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def test_help_lists_the_options() -> None:
+    result = subprocess.run(
+        ["quicmesh", "bench", "attack", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--probe" in result.stdout
+
+
+def test_a_short_qpack_probe_reports_phases_and_a_verdict() -> None:
+    result = subprocess.run(
+        ["quicmesh", "bench", "attack", "--probe", "qpack", "--phase", "1", "--attack", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    assert "attacker: sent 16 QPACK bombs" in out, out + result.stderr
+    for phase in ("before", "during", "after"):
+        assert f"  {phase} " in out
+    # Timing on a shared machine decides PASS or FAIL; failed good flows never pass.
+    assert ("PASS" in out) == (result.returncode == 0)
+    assert " 0 failed" in out
+
+
+def test_unknown_probe_is_refused_in_one_line() -> None:
+    result = subprocess.run(
+        ["quicmesh", "bench", "attack", "--probe", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'nope'" in result.stderr
