@@ -313,11 +313,12 @@ def _use_files(sidecar: SidecarProcess, directory: Path, identity: Any, bundle: 
     }
 
 
+@pytest.mark.parametrize("transport", ["quic", "h2"])
 @pytest.mark.parametrize("who_refuses", ["client", "server"])
 def test_refused_certificates_are_counted_with_the_side_at_fault(
-    tmp_path: Path, echo_port: int, who_refuses: str
+    tmp_path: Path, echo_port: int, who_refuses: str, transport: str
 ) -> None:
-    a, b, port = _mesh_pair(tmp_path, echo_port, "quic", "3600s")
+    a, b, port = _mesh_pair(tmp_path, echo_port, transport, "3600s")
     ca_a, ca_b = DevCA(), DevCA()
     both = ca_a.trust_bundle.pem + ca_b.trust_bundle.pem
     if who_refuses == "client":
