@@ -68,10 +68,12 @@ from typing import Any
 import pylsqpack
 from aioquic import tls
 from aioquic._buffer import Buffer
+from aioquic._crypto import CryptoError
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.crypto import CryptoPair, KeyUnavailableError
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
 from cryptography import x509
 
@@ -771,6 +773,27 @@ def received_valid_packet(quic: QuicConnection) -> bool:
     after the first datagram and drops the connection at once when it is False.
     """
     return bool(quic._state != QuicConnectionState.FIRSTFLIGHT)
+
+
+def initial_decrypts(data: bytes, cid_length: int) -> bool:
+    """Whether the first packet of ``data`` (a client Initial) decrypts with the
+    Initial keys its destination connection ID derives (RFC 9001 5.2).
+
+    A few microseconds of HKDF and AES-GCM, where creating the aioquic connection
+    that would find out (TLS context, certificate, key) costs a millisecond: a
+    listener checks this before it keeps anything for a new connection.
+    """
+    buf = Buffer(data=data)
+    try:
+        header = pull_quic_header(buf, host_cid_length=cid_length)
+        if header.version is None:
+            return False
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+        crypto.decrypt_packet(data[: header.packet_length], buf.tell(), 0)
+    except (ValueError, CryptoError, KeyUnavailableError):
+        return False
+    return True
 
 
 def new_connection_initial(

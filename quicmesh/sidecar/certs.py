@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import DevCA, Identity, TrustBundle
-from ..tls.check import own_certificate_problem, renewal_time
+from ..tls.check import RENEW_FRACTION, own_certificate_problem, renewal_time
 from .config import SidecarConfig
 
 logger = logging.getLogger("quicmesh.sidecar.certs")
@@ -93,6 +93,7 @@ class CertificateSource:
         self.rotations = 0
         self.failures = 0
         self._retry_at: datetime.datetime | None = None
+        self._issued_at = datetime.datetime.now(datetime.UTC)
         self._on_rotated: Rotated | None = None
         self._task: asyncio.Task[None] | None = None
         self._versions = self._file_versions()
@@ -107,7 +108,11 @@ class CertificateSource:
         """When the dev CA will issue the next certificate (None: not from ``ca_dir``)."""
         if self.config.tls.ca_dir is None:
             return None
-        return self._retry_at or renewal_time(self.identity)
+        if self._retry_at is not None:
+            return self._retry_at
+        # Two thirds of the way from when we issued it to its expiry.
+        not_after = self.identity.certificate.not_valid_after_utc
+        return self._issued_at + (not_after - self._issued_at) * RENEW_FRACTION
 
     def snapshot(self) -> dict[str, object]:
         """The certificate's state for ``/stats``."""
@@ -199,6 +204,7 @@ class CertificateSource:
             self._retry_at = datetime.datetime.now(datetime.UTC) + _lifetime(self.config) / 10
             return
         self._retry_at = None
+        self._issued_at = datetime.datetime.now(datetime.UTC)
         self.replace(identity, ca.trust_bundle)
 
     def _file_versions(self) -> tuple[tuple[int, int, int] | None, ...]:

@@ -19,10 +19,12 @@ import contextlib
 import enum
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import _aioquic
 from ..errors import ConnectError, QuicmeshError, StreamRefused, TunnelError
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.quic import QuicPeerConnection
@@ -113,6 +115,9 @@ class PooledConnection:
     retired: str | None = None
     """Why the connection takes no new flow (its endpoint failed health checks or
     was ejected), or None."""
+    replace_after: float | None = None
+    """Wall-clock time after which the connection takes no new flows: two thirds of
+    the way from its handshake to the expiry of the peer's certificate."""
 
 
 class EndpointPool:
@@ -222,7 +227,11 @@ class EndpointPool:
             self.connections_opened += 1
             label = f"{self.connections_opened}"
             pooled = PooledConnection(
-                connection, label, opened_at=self._loop.time(), identity=identity
+                connection,
+                label,
+                opened_at=self._loop.time(),
+                identity=identity,
+                replace_after=_replace_after(connection),
             )
             self.connections.append(pooled)
             if self._on_connected is not None:
@@ -249,8 +258,12 @@ class EndpointPool:
                 self._on_closed(self, pooled)
 
     def is_stale(self, pooled: PooledConnection) -> bool:
-        """Whether ``pooled`` was made with an identity the transport no longer presents."""
-        return pooled.identity is not None and pooled.identity is not self.transport.identity
+        """Whether ``pooled`` should be replaced: it was made with an identity the
+        transport no longer presents (ours rotated), or the peer's certificate is
+        two thirds of the way to expiring (the peer has rotated by then)."""
+        if pooled.identity is not None and pooled.identity is not self.transport.identity:
+            return True
+        return pooled.replace_after is not None and time.time() >= pooled.replace_after
 
     def close_idle(self, now: float, idle_timeout: float) -> None:
         """Close connections that have carried no stream for ``idle_timeout`` seconds.
@@ -267,7 +280,8 @@ class EndpointPool:
                     "closing connection %s to %s:%d: %s",
                     pooled.label,
                     *self.address,
-                    pooled.retired or "made with a rotated-out certificate",
+                    pooled.retired
+                    or "replaced (our certificate rotated, or the peer's is near expiry)",
                 )
                 self._close_gracefully(pooled.connection)
                 self._forget(pooled)
@@ -330,6 +344,37 @@ class EndpointPool:
         await asyncio.gather(*(close_one(item) for item in pooled))
         for item in pooled:
             self._forget(item)
+
+
+def peer_certificate_expiry(connection: PeerConnection) -> float | None:
+    """When the certificate the peer presented on ``connection`` expires (epoch seconds).
+
+    None when unknown (a resumed QUIC session presents no certificate; a transport
+    that does not say).
+    """
+    certificate: Any = None
+    if isinstance(connection, QuicPeerConnection):
+        quic = getattr(connection.protocol, "_quic", None)
+        if quic is not None and quic.tls is not None:
+            certificate, _ = _aioquic.peer_certificate(quic)
+    else:
+        ssl_object = getattr(getattr(connection, "protocol", None), "_ssl", None)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:
+            from cryptography import x509
+
+            certificate = x509.load_der_x509_certificate(der)
+    if certificate is None:
+        return None
+    return float(certificate.not_valid_after_utc.timestamp())
+
+
+def _replace_after(connection: PeerConnection) -> float | None:
+    expiry = peer_certificate_expiry(connection)
+    if expiry is None:
+        return None
+    now = time.time()
+    return now + max(0.0, expiry - now) * 2 / 3
 
 
 def _accepts_early_data(transport: Transport) -> bool:

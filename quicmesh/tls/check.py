@@ -87,7 +87,7 @@ def handshake_failure_reason(error: BaseException) -> tuple[str, str]:
     if isinstance(error, TimeoutError) or "timed out" in text or "not done in" in text:
         return "timeout", "unknown"
     remote = "handshake refused" in text or "connection closed" in text
-    if "rejected our certificate" in text or (remote and "peer certificate" in text):
+    if "our certificate" in text or (remote and "peer certificate" in text):
         # A quicmesh peer closes with "peer certificate ...": we are its peer.
         return "our_certificate_refused", "ours"
     if "certificate" not in text and "issuer" not in text and "signature" not in text:

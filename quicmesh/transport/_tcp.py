@@ -29,11 +29,13 @@ import socket
 import ssl
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConnectError, ConnectionLost, PeerVerificationError, TunnelError
 from ..tls import peer_identity_from_ssl
+from ..tls.check import handshake_failure_reason
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
 from ._session import SessionConnection
@@ -522,10 +524,20 @@ async def start_server(
     authorize: Authorizer | None,
     high_water: int,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    handshake_failures: Counter[str] | None = None,
 ) -> tuple[asyncio.Server, set[TlsTunnelProtocol]]:
-    """Listen on ``address``; each accepted connection drives a session from ``session_factory``."""
+    """Listen on ``address``; each accepted connection drives a session from ``session_factory``.
+
+    :param handshake_failures: counts, by reason, the connections that ended before
+        their handshake (and the check of the client's certificate) completed.
+    """
     loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
+
+    def closed(protocol: TlsTunnelProtocol) -> None:
+        protocols.discard(protocol)
+        if handshake_failures is not None and protocol.connection is None and protocol.failure:
+            handshake_failures[handshake_failure_reason(protocol.failure)[0]] += 1
 
     def create_protocol() -> TlsTunnelProtocol:
         protocol = TlsTunnelProtocol(
@@ -538,7 +550,7 @@ async def start_server(
             authorize=authorize,
             high_water=high_water,
             handshake_timeout=handshake_timeout,
-            on_closed=protocols.discard,
+            on_closed=closed,
         )
         protocols.add(protocol)
         return protocol

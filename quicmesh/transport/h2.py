@@ -117,6 +117,7 @@ class H2Transport(Transport):
             authorize=authorize,
             high_water=self.high_water,
             handshake_timeout=self.handshake_timeout,
+            handshake_failures=self.handshake_failures,
         )
         return H2Listener(server, protocols)
 

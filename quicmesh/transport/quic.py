@@ -345,6 +345,10 @@ class _BatchingQuicServer(QuicServer):
             super().datagram_received(data, addr)
             return
         source = str(addr[0])
+        if not _aioquic.initial_decrypts(data, self._configuration.connection_id_length):
+            # Forged (or corrupted): no connection is created, nothing is kept.
+            self._counters["initials_undecryptable"] += 1
+            return
         decision = self.admission.decide(source, bool(header.token))
         if decision is Decision.REFUSE:
             self._counters["initials_refused_half_open"] += 1

@@ -221,6 +221,7 @@ class TcpTransport(Transport):
             authorize=authorize,
             high_water=self.high_water,
             handshake_timeout=self.handshake_timeout,
+            handshake_failures=self.handshake_failures,
         )
         return TcpListener(server, protocols)
 

@@ -281,6 +281,12 @@ def test_two_sidecars_from_envoy_bootstrap_files_carry_traffic(
         a.wait_ready()
         outcomes = asyncio.run(_many(ports["out"]))
         assert all(outcomes) and len(outcomes) == 16
+        # A logs a flow a few event-loop turns after its client read the EOF: wait for the
+        # lines (reading the log at once raced with that and found none in a loaded run).
+        wait_until(
+            lambda: len([r for r in a.access_log() if r.get("listener") == "out"]) == 16,
+            what="every flow logged",
+        )
         lines = [r for r in a.access_log() if r.get("listener") == "out"]
         assert {r["transport"] for r in lines} == {"quic"}
         assert {r["peer_identity"] for r in lines} == {IDENTITY_B}
