@@ -1021,6 +1021,11 @@ class _Loader:
             self.warnings.append(
                 str(fallback.error(f"applies to auto clusters only: ignored for {transport}"))
             )
+        if transport == "auto" and early.value is not None and early.boolean():
+            # AutoTransport dials without 0-RTT (a race has no ticket to spend twice).
+            self.warnings.append(
+                str(early.error("applies to quic clusters only: ignored for auto"))
+            )
         return ClusterConfig(
             name=node.child("name").required().name(),
             transport=transport,

@@ -101,6 +101,13 @@ def test_errors_name_the_field(cluster: dict[str, Any], message: str) -> None:
     assert error.startswith(message), error
 
 
+def test_early_data_on_an_auto_cluster_is_ignored_with_a_warning() -> None:
+    config = load(auto_document(early_data=True))
+    assert config.warnings == (
+        "sidecar.yaml: clusters[0].early_data: applies to quic clusters only: ignored for auto",
+    )
+
+
 def test_options_of_other_transports_are_ignored_with_a_warning() -> None:
     config = load(auto_document(transport="quic"))
     assert config.warnings == (
