@@ -115,7 +115,7 @@ class _BoundedDecoder:
 
     def feed_header(self, stream_id: int, data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         try:
-            size = self.bound.section_size(data)
+            size = self.bound.section_size(data, stop_above=self.limit)
         except QpackFormatError:
             size = 0  # malformed: pylsqpack says so (a connection error, RFC 9204 2.2)
         if size > self.limit:
