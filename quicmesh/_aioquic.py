@@ -77,6 +77,7 @@ from aioquic.quic.crypto import CryptoPair, KeyUnavailableError
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
 from cryptography import x509
 
+from .tunnel.connect import MAX_FIELD_SECTION_SIZE
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
 
 
@@ -115,7 +116,7 @@ class _BoundedDecoder:
 
     def feed_header(self, stream_id: int, data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         try:
-            size = self.bound.section_size(data)
+            size = self.bound.section_size(data, stop_above=self.limit)
         except QpackFormatError:
             size = 0  # malformed: pylsqpack says so (a connection error, RFC 9204 2.2)
         if size > self.limit:
@@ -142,10 +143,14 @@ class MeshH3Connection(H3Connection):
     and check every block *before* decoding it: a block that could decode to
     more raises :class:`FieldSectionTooLarge` (RFC 9114 4.2.2, RFC 9204 7.3).
 
-    :param max_field_section_size: decoded bytes (names, values, 32 per field).
+    :param max_field_section_size: decoded bytes (names, values, 32 per field);
+        Envoy's default when not given (aioquic's servers, as in the interop endpoint,
+        construct the class with the QUIC connection alone).
     """
 
-    def __init__(self, quic: QuicConnection, max_field_section_size: int) -> None:
+    def __init__(
+        self, quic: QuicConnection, max_field_section_size: int = MAX_FIELD_SECTION_SIZE
+    ) -> None:
         self.max_field_section_size = max_field_section_size
         super().__init__(quic)
 

@@ -494,7 +494,7 @@ def format_address(address: Address) -> str:
 
 
 def _parse_port(text: str) -> int:
-    if not text.isdigit() or len(text) > 6:
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
         raise ValueError(f"port {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:

@@ -172,17 +172,20 @@ class FieldSectionBound:
 
     # -- header blocks ---------------------------------------------------------------
 
-    def section_size(self, block: bytes) -> int:
+    def section_size(self, block: bytes, stop_above: int | None = None) -> int:
         """An upper bound of the decoded size of one header block (RFC 9204 4.5).
+
+        :param stop_above: return as soon as the bound passes this many bytes (a
+            bomb is refused after a few field lines, not after walking 60 KB).
 
         Raises :class:`QpackFormatError` if the block cannot be parsed.
         """
         try:
-            return self._section_size(block)
+            return self._section_size(block, stop_above)
         except IndexError:
             raise QpackFormatError("header block ends inside a field line") from None
 
-    def _section_size(self, block: bytes) -> int:
+    def _section_size(self, block: bytes, stop_above: int | None) -> int:
         encoded_insert_count, pos = _integer(block, 0, 8)
         required = self._required_insert_count(encoded_insert_count)
         negative = block[pos] & 0x80
@@ -214,6 +217,8 @@ class FieldSectionBound:
                 value, pos = _string(block, pos, 7)
                 size = name + value
             total += size + FIELD_OVERHEAD
+            if stop_above is not None and total > stop_above:
+                return total
         return total
 
     def _required_insert_count(self, encoded: int) -> int:

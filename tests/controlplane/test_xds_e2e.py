@@ -291,8 +291,8 @@ def test_two_sidecars_from_envoy_bootstrap_files_carry_traffic(
         assert {r["transport"] for r in lines} == {"quic"}
         assert {r["peer_identity"] for r in lines} == {IDENTITY_B}
     finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
+        codes = (a.stop(), b.stop())
+    assert codes == (0, 0)
 
 
 async def _many(port: int) -> list[bool]:

@@ -299,8 +299,8 @@ def test_short_lived_certificates_rotate_under_traffic_without_losing_a_flow(
         lines = [r for r in a.access_log() if r.get("listener") == "out"]
         assert {r["outcome"] for r in lines} == {"completed"}
     finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
+        codes = (a.stop(), b.stop())
+    assert codes == (0, 0)
 
 
 def _use_files(sidecar: SidecarProcess, directory: Path, identity: Any, bundle: bytes) -> None:
@@ -358,5 +358,5 @@ def test_refused_certificates_are_counted_with_the_side_at_fault(
                 >= 1
             )
     finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
+        codes = (a.stop(), b.stop())
+    assert codes == (0, 0)

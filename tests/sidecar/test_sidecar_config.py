@@ -20,6 +20,7 @@ from quicmesh.sidecar.config import (
     SidecarConfig,
     load_config,
     load_endpoints_file,
+    parse_address,
     parse_config,
     parse_duration,
 )
@@ -358,3 +359,11 @@ def test_mutated_documents_load_or_fail_cleanly(mutations: list[tuple[Any, Any]]
 @given(st.text(max_size=200))
 def test_arbitrary_text_never_crashes(text: str) -> None:
     check_loads_or_clean_error(text)
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u00b9", "\u0663", "8\u00b0"])
+def test_a_port_of_non_ascii_digits_is_refused_as_not_a_number(port: str) -> None:
+    # str.isdigit() accepts superscripts and Arabic-Indic digits; int() refuses some of them
+    # with its own message ("invalid literal for int()"), and takes others as a number.
+    with pytest.raises(ValueError, match=r"^port .* is not a number$"):
+        parse_address(f"127.0.0.1:{port}")
