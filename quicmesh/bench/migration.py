@@ -52,7 +52,7 @@ CASES = ("quic-migrate", "quic-rebind", "h2-rebind")
 """The default cases: the client's address changes."""
 FAILOVER_CASES = ("quic-death", "h2-death", "quic-hang", "h2-hang")
 """The peer dies or hangs (``--cases``; ``--failover`` runs these)."""
-FAILOVER_WAIT = 12.0
+FAILOVER_WAIT = 15.0
 """Seconds a death or hang case waits for its flows to fail."""
 TARGET = "bulk.bench.svc:9000"
 CHUNK = 16 * 1024

@@ -243,7 +243,7 @@ class LivenessSettings:
 
     keepalive_interval: float | None = 1.0
     max_probe_timeouts: int | None = 6
-    dead_after: float | None = 5.0
+    dead_after: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -1066,7 +1066,7 @@ class _Loader:
         return LivenessSettings(
             keepalive_interval=off_or("keepalive_interval", lambda f: f.duration(), 1.0),
             max_probe_timeouts=off_or("max_probe_timeouts", lambda f: f.integer(1, 1000), 6),
-            dead_after=off_or("dead_after", lambda f: f.duration(), 5.0),
+            dead_after=off_or("dead_after", lambda f: f.duration(), 10.0),
         )
 
     def fallback(self, node: _Field) -> FallbackConfig:

@@ -48,7 +48,7 @@ class LivenessConfig:
     """Seconds of silence on an idle connection before a PING."""
     max_probe_timeouts: int | None = 6
     """Consecutive probe timeouts without an acknowledgement that declare the peer dead."""
-    dead_after: float | None = 5.0
+    dead_after: float | None = 10.0
     """Seconds with ack-eliciting packets unacknowledged and nothing received that
     declare the peer dead."""
     unreachable_limit: int = 2

@@ -1090,7 +1090,7 @@ class QuicTransport(Transport):
         stateless_reset_key: bytes | None = None,
         keepalive_interval: float | None = 1.0,
         max_probe_timeouts: int | None = 6,
-        dead_after: float | None = 5.0,
+        dead_after: float | None = 10.0,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:

@@ -57,7 +57,7 @@ def test_defaults() -> None:
         delay=0.3, broken_backoff=300, max_broken_backoff=3600
     )
     assert cluster.liveness == LivenessSettings(
-        keepalive_interval=1.0, max_probe_timeouts=6, dead_after=5.0
+        keepalive_interval=1.0, max_probe_timeouts=6, dead_after=10.0
     )
 
 
