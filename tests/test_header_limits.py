@@ -22,52 +22,10 @@ from hypothesis import strategies as st
 from quic_helpers import Recorder, client_transport, exchange, run, server_transport, until
 from test_aioquic_layer import Clock, _raw_h3_client, _request, _status, settle
 
+from quicmesh.bench.attack import QPACK_TABLE_CAPACITY, qpack_bomb, qpack_bomb_block
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE
 from quicmesh.tunnel.qpack import FieldSectionBound
-
-TABLE_CAPACITY = 4096
-
-
-def _prefix_int(value: int, prefix: int, first: int = 0) -> bytes:
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes([first | value])
-    out = [first | mask]
-    value -= mask
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _varint(value: int) -> bytes:
-    if value < 64:
-        return bytes([value])
-    if value < 16384:
-        return (value | 0x4000).to_bytes(2, "big")
-    return (value | 0x80000000).to_bytes(4, "big")
-
-
-def qpack_bomb(entry: int = 3900, references: int = 60000) -> tuple[bytes, bytes]:
-    """Encoder-stream bytes inserting one ``entry``-byte field, and a HEADERS frame
-    (``:method CONNECT``, ``:authority x:1``) referring to it ``references`` times."""
-    insert, block = qpack_bomb_block(entry, references)
-    return insert, _varint(1) + _varint(len(block)) + block
-
-
-def qpack_bomb_block(entry: int, references: int) -> tuple[bytes, bytes]:
-    """The encoder-stream bytes and the bare header block of :func:`qpack_bomb`."""
-    insert = _prefix_int(TABLE_CAPACITY, 5, 0x20)  # Set Dynamic Table Capacity
-    insert += _prefix_int(6, 5, 0x40) + b"x-bomb"  # Insert with Literal Name
-    insert += _prefix_int(entry, 7) + b"a" * entry
-    # Required Insert Count 1 (encoded 2), base 1; :method CONNECT (static 15);
-    # :authority (static 0) with a literal value; then the indexed references.
-    block = _prefix_int(2, 8) + b"\x00" + bytes([0xC0 | 15])
-    block += _prefix_int(0, 4, 0x50) + _prefix_int(3, 7) + b"x:1"
-    block += b"\x80" * references
-    return insert, block
 
 
 def test_bomb_is_refused_undecoded_and_the_connection_carries_on() -> None:
@@ -132,9 +90,9 @@ def test_bound_is_never_below_the_decoded_size(
     sections: list[list[tuple[bytes, bytes]]], chunk: int
 ) -> None:
     encoder = pylsqpack.Encoder()
-    decoder = pylsqpack.Decoder(TABLE_CAPACITY, 16)
-    bound = FieldSectionBound(TABLE_CAPACITY)
-    setup = encoder.apply_settings(TABLE_CAPACITY, 16)
+    decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
+    bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
+    setup = encoder.apply_settings(QPACK_TABLE_CAPACITY, 16)
     decoder.feed_encoder(setup)
     bound.feed_encoder(setup)
     for index, fields in enumerate(sections):
@@ -150,9 +108,9 @@ def test_bound_is_never_below_the_decoded_size(
 
 def test_bound_of_the_bomb_is_its_decoded_size() -> None:
     insert, block = qpack_bomb_block(entry=3900, references=60000)
-    bound = FieldSectionBound(TABLE_CAPACITY)
+    bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
     bound.feed_encoder(insert)
-    decoder = pylsqpack.Decoder(TABLE_CAPACITY, 16)
+    decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
     decoder.feed_encoder(insert)
     _, small_block = qpack_bomb_block(entry=3900, references=10)
     _, decoded = decoder.feed_header(0, small_block)

@@ -84,15 +84,28 @@ def _varint(value: int) -> bytes:
     return (value | 0x80000000).to_bytes(4, "big")
 
 
+QPACK_TABLE_CAPACITY = 4096
+"""The dynamic-table capacity a bomb sets (the most quicmesh's decoder allows)."""
+
+
 def qpack_bomb(entry: int = 3900, references: int = 60000) -> tuple[bytes, bytes]:
-    """Encoder-stream bytes inserting one ``entry``-byte field (table capacity 4096)
-    and an HTTP/3 HEADERS frame (``:method CONNECT``, ``:authority x:1``) referring
-    to it ``references`` times."""
-    insert = _prefix_int(4096, 5, 0x20) + _prefix_int(6, 5, 0x40) + b"x-bomb"
-    insert += _prefix_int(entry, 7) + b"a" * entry
-    block = _prefix_int(2, 8) + b"\x00" + bytes([0xC0 | 15])
-    block += _prefix_int(0, 4, 0x50) + _prefix_int(3, 7) + b"x:1" + b"\x80" * references
+    """Encoder-stream bytes inserting one ``entry``-byte field, and an HTTP/3 HEADERS
+    frame (``:method CONNECT``, ``:authority x:1``) referring to it ``references`` times."""
+    insert, block = qpack_bomb_block(entry, references)
     return insert, _varint(1) + _varint(len(block)) + block
+
+
+def qpack_bomb_block(entry: int, references: int) -> tuple[bytes, bytes]:
+    """The encoder-stream bytes and the bare header block of :func:`qpack_bomb`."""
+    insert = _prefix_int(QPACK_TABLE_CAPACITY, 5, 0x20)  # Set Dynamic Table Capacity
+    insert += _prefix_int(6, 5, 0x40) + b"x-bomb"  # Insert with Literal Name
+    insert += _prefix_int(entry, 7) + b"a" * entry
+    # Required Insert Count 1 (encoded 2), base 1; :method CONNECT (static 15);
+    # :authority (static 0) with a literal value; then the indexed references.
+    block = _prefix_int(2, 8) + b"\x00" + bytes([0xC0 | 15])
+    block += _prefix_int(0, 4, 0x50) + _prefix_int(3, 7) + b"x:1"
+    block += b"\x80" * references
+    return insert, block
 
 
 def forged_initial(rng: random.Random, size: int = 1200) -> bytes:

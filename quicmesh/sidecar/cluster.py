@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import (
     ConnectError,
     ConnectionLost,
+    InvalidTarget,
     PeerVerificationError,
     QuicmeshError,
     StreamRefused,
@@ -255,6 +256,11 @@ class Cluster:
                 # The peer is draining: another endpoint may take the flow.
                 raise FlowRefused(Outcome.CONNECT_FAILED, str(exc), endpoint.name) from None
             raise FlowRefused(Outcome.REFUSED, str(exc), endpoint.name) from None
+        except InvalidTarget as exc:
+            # Our request is at fault, not the endpoint: no outlier ejection, no retry.
+            raise FlowRefused(
+                Outcome.REFUSED, f"cluster {self.config.name}: {exc}", endpoint.name
+            ) from None
         except (TimeoutError, ConnectError, ConnectionLost, TunnelError, OSError) as exc:
             reason = (
                 f"timed out after {self.config.connect_timeout:g}s"

@@ -26,6 +26,7 @@ import yaml
 
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError
+from ..tunnel.connect import parse_target
 from .accesslog import parse_log_format
 
 Address = tuple[str, int]
@@ -1003,7 +1004,9 @@ class _Loader:
         else:
             raise node.child("endpoints").error("is required (or endpoints_file)")
         target = node.child("target").required()
-        target.convert(parse_address)
+        # The tunnel's own grammar, the one every flow's CONNECT is checked against: a
+        # target it refuses must fail here, not once per flow as a "connect failure".
+        target.convert(parse_target)
         congestion = node.child("congestion_control")
         datagram = node.child("max_datagram_size")
         early = node.child("early_data")

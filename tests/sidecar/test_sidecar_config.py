@@ -367,3 +367,14 @@ def test_a_port_of_non_ascii_digits_is_refused_as_not_a_number(port: str) -> Non
     # with its own message ("invalid literal for int()"), and takes others as a number.
     with pytest.raises(ValueError, match=r"^port .* is not a number$"):
         parse_address(f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    "target", ["10.0.0.999:80", "x:065535", "reviews:0", "-bad-.svc:80", "1.2.3:80"]
+)
+def test_a_cluster_target_the_tunnel_would_refuse_is_refused_at_load(target: str) -> None:
+    # The tunnel's grammar decides: before, these passed the config's address parser
+    # and failed every flow, which the cluster counted as connect failures.
+    document = copy.deepcopy(VALID)
+    document["clusters"][0]["target"] = target
+    assert error_of(document).startswith("sidecar.yaml: clusters[0].target: target ")

@@ -114,6 +114,9 @@ def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path) -> Non
         run(main())
     finally:
         for child in (first, second):
-            if child is not None and child.poll() is None:
-                child.kill()
-                child.wait()
+            if child is not None:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                assert child.stdout is not None
+                child.stdout.close()

@@ -1,0 +1,67 @@
+"""A flow whose CONNECT our side got wrong is refused without blaming the endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import yaml
+
+from quicmesh import DevCA, H2Transport, MeshStream
+from quicmesh.sidecar.accesslog import Outcome
+from quicmesh.sidecar.cluster import Cluster, FlowRefused
+from quicmesh.sidecar.config import format_address, parse_config
+from quicmesh.sidecar.health import HealthState
+from quicmesh.sidecar.stats import ClusterStats
+
+from .test_sidecar_config import VALID
+
+
+async def _echo(stream: MeshStream) -> None:
+    while data := await stream.read(65536):
+        stream.write(data)
+    stream.write_eof()
+
+
+def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
+    async def main() -> None:
+        ca = DevCA()
+        server = H2Transport(
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+        )
+        listener = await server.listen(("127.0.0.1", 0), _echo)
+        document = copy.deepcopy(VALID)
+        cluster_doc = document["clusters"][0]
+        cluster_doc.update(transport="h2", endpoints=[format_address(listener.address)])
+        for key in ("congestion_control", "max_datagram_size", "early_data", "health_check"):
+            cluster_doc.pop(key, None)
+        config = parse_config(yaml.safe_dump(document), source="s.yaml").clusters[0]
+        client = H2Transport(
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/a"), trust=ca.trust_bundle
+        )
+        cluster = Cluster(config, client, ClusterStats(config.name))
+        cluster.start()
+        try:
+            threshold = config.outlier_detection.consecutive_connect_failures
+            for _ in range(threshold + 2):
+                try:
+                    await cluster.open_flow(target="10.0.0.999:80")
+                except FlowRefused as refused:
+                    assert refused.outcome is Outcome.REFUSED
+                    assert "10.0.0.999:80" in refused.reason
+                else:
+                    raise AssertionError("an invalid target was opened")
+            assert cluster.stats.connect_failures == 0
+            now = asyncio.get_running_loop().time()
+            assert cluster.health[listener.address].state(now) is HealthState.HEALTHY
+            flow = await cluster.open_flow()
+            flow.stream.write(b"ping")
+            flow.stream.write_eof()
+            assert await flow.stream.read() == b"ping"
+            cluster.flow_finished(flow, 4, 4)
+        finally:
+            await cluster.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
