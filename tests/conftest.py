@@ -9,10 +9,15 @@ by skipping them.
 from __future__ import annotations
 
 import os
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 from quicmesh.netem.system import missing_privileges
+from quicmesh.sidecar.launch import LOOPBACK
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +30,31 @@ def _netns_privileges(request: pytest.FixtureRequest) -> None:
     if os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
         pytest.fail(f"QUICMESH_REQUIRE_NETNS=1 but the link emulator {reason}")
     pytest.skip(f"link emulator {reason}; set QUICMESH_REQUIRE_NETNS=1 to make this fail")
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            while data := sock.recv(65536):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+@pytest.fixture(scope="session")
+def echo_port() -> Iterator[int]:
+    """A TCP echo app on loopback (echoes until EOF, then half-closes)."""
+    server = _EchoServer((LOOPBACK, 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import socketserver
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,34 +20,6 @@ IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
 
 def addr(port: int) -> str:
     return f"{LOOPBACK}:{port}"
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        try:
-            while data := sock.recv(65536):
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-
-
-@pytest.fixture(scope="module")
-def echo_port() -> Iterator[int]:
-    """A TCP echo app on loopback (echoes until EOF, then half-closes)."""
-    server = _Server((LOOPBACK, 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ pair. The client programs (curl, a raw socket) know nothing of the mesh.
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -24,24 +24,14 @@ from quicmesh.intercept import lab as L
 from quicmesh.intercept.lab import InterceptLab, NamespacedSidecar
 from quicmesh.sidecar.launch import metric
 from quicmesh.tls import DevCA
+from tests.sidecar.conftest import wait_until as sidecar_wait_until
 
 pytestmark = pytest.mark.netns
 
 IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
 IDENTITY_B = "spiffe://mesh.local/ns/default/sa/reviews"
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
+# The sidecar tests' poll, with a longer default: these flows cross two namespaces.
+wait_until = functools.partial(sidecar_wait_until, timeout=30.0)
 
 
 VIP = "10.96.0.10"

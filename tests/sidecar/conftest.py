@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import socketserver
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,34 +30,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = ""
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.02)
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        try:
-            while data := sock.recv(65536):
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-
-
-@pytest.fixture(scope="session")
-def echo_port() -> Iterator[int]:
-    """A TCP echo app on loopback (echoes until EOF, then half-closes)."""
-    server = _Server((LOOPBACK, 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="session")
