@@ -17,6 +17,7 @@ from .errors import (
     ConfigError,
     ConnectError,
     ConnectionLost,
+    InvalidHeader,
     InvalidTarget,
     PeerUnresponsive,
     PeerVerificationError,
@@ -24,6 +25,7 @@ from .errors import (
     StreamRefused,
     StreamReset,
     TunnelError,
+    TunnelUsageError,
 )
 from .splice import splice
 from .tls import DevCA, Identity, TrustBundle
@@ -54,6 +56,7 @@ __all__ = [
     "DevCA",
     "H2Transport",
     "Identity",
+    "InvalidHeader",
     "InvalidTarget",
     "Listener",
     "MeshStream",
@@ -69,5 +72,6 @@ __all__ = [
     "Transport",
     "TrustBundle",
     "TunnelError",
+    "TunnelUsageError",
     "splice",
 ]

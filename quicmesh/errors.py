@@ -65,5 +65,21 @@ class PeerUnresponsive(ConnectionLost):
     (which then heard nothing from here: a path dropping packets one way)."""
 
 
-class InvalidTarget(TunnelError, ValueError):
-    """A CONNECT target (``host:port``) or an extra header is malformed."""
+class TunnelUsageError(QuicmeshError, ValueError):
+    """A request the caller built is malformed: refused before anything is sent.
+
+    Not a :class:`TunnelError`: nothing failed on the network or at the peer, so a
+    sidecar never counts one against an endpoint (no outlier ejection, no retry).
+    """
+
+
+class InvalidTarget(TunnelUsageError):
+    """A CONNECT target (``host:port``) is malformed."""
+
+
+class InvalidHeader(InvalidTarget):
+    """An extra CONNECT header is malformed, reserved, repeated or over the limits.
+
+    A subclass of :class:`InvalidTarget` because header errors were raised as
+    ``InvalidTarget`` before this class existed; catch :class:`TunnelUsageError`
+    for both."""

@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from quicmesh import duration
 from quicmesh.errors import ConfigError
 
 __all__ = [
@@ -259,7 +260,6 @@ def _check_seconds(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be between 0 and 3600 seconds, got {value}")
 
 
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
 _RATE_UNITS = {
     "": 1.0,
     "bit": 1.0,
@@ -281,11 +281,15 @@ def _split(text: str, what: str) -> tuple[float, str]:
 
 
 def parse_duration(text: str) -> float:
-    """``"20ms"``, ``"1.5s"``, ``"500us"`` or a bare number of seconds -> seconds."""
-    number, unit = _split(text, "duration")
-    if unit not in _DURATION_UNITS:
-        raise ConfigError(f"cannot read duration {text!r}: unit must be s, ms or us")
-    return number * _DURATION_UNITS[unit]
+    """``"20ms"``, ``"1.5s"``, ``"500us"`` or a bare number of seconds -> seconds.
+
+    The grammar is :func:`quicmesh.duration.parse_duration`'s, shared with the
+    sidecar's configuration; its error becomes a :class:`ConfigError`.
+    """
+    try:
+        return duration.parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read duration: {exc}") from None
 
 
 def parse_percent(text: str) -> float:

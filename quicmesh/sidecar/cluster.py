@@ -26,11 +26,12 @@ from typing import Any
 from ..errors import (
     ConnectError,
     ConnectionLost,
-    InvalidTarget,
     PeerVerificationError,
     QuicmeshError,
     StreamRefused,
+    StreamReset,
     TunnelError,
+    TunnelUsageError,
 )
 from ..tls.check import handshake_failure_reason
 from ..transport.base import Address, PeerConnection, Transport
@@ -87,6 +88,21 @@ class OpenedFlow:
     connection: PeerConnection
     early: bool = False
     """Opened in 0-RTT, without waiting for the peer's answer."""
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """Whether a failed stream open counts against its endpoint (outlier detection).
+
+    Only connection failures and timeouts do: the endpoint could not be reached or
+    its handshake failed (:class:`ConnectError`, ``OSError``), its connection failed
+    (:class:`ConnectionLost`, or a :class:`StreamReset` without an error code: the
+    stream was lost with its connection), or it did not answer in time. A stream
+    the peer reset with an error code, a refusal (:class:`StreamRefused`) and a
+    malformed request of ours (:class:`TunnelUsageError`) do not.
+    """
+    if isinstance(error, StreamReset):
+        return error.error_code is None
+    return isinstance(error, TimeoutError | ConnectError | ConnectionLost | OSError)
 
 
 class Cluster:
@@ -256,18 +272,20 @@ class Cluster:
                 # The peer is draining: another endpoint may take the flow.
                 raise FlowRefused(Outcome.CONNECT_FAILED, str(exc), endpoint.name) from None
             raise FlowRefused(Outcome.REFUSED, str(exc), endpoint.name) from None
-        except InvalidTarget as exc:
+        except TunnelUsageError as exc:
             # Our request is at fault, not the endpoint: no outlier ejection, no retry.
             raise FlowRefused(
                 Outcome.REFUSED, f"cluster {self.config.name}: {exc}", endpoint.name
             ) from None
-        except (TimeoutError, ConnectError, ConnectionLost, TunnelError, OSError) as exc:
+        except (TimeoutError, TunnelError, OSError) as exc:
             reason = (
                 f"timed out after {self.config.connect_timeout:g}s"
                 if isinstance(exc, TimeoutError)
                 else str(exc) or type(exc).__name__
             )
-            self._record_connect_failure(endpoint, exc)
+            if is_connection_failure(exc):
+                self._record_connect_failure(endpoint, exc)
+            # Either way another endpoint may take the flow (a retry).
             raise FlowRefused(
                 Outcome.CONNECT_FAILED, f"{endpoint.name}: {reason}", endpoint.name
             ) from None

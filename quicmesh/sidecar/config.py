@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .. import duration
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError
 from ..tunnel.connect import parse_target
@@ -47,7 +48,6 @@ OUTBOUND_POLICIES = ("registry_only", "passthrough")
 """Values of ``intercept.outbound_policy``: what captured traffic to unknown destinations gets."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m)?\s*$")
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _HOST = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
 
@@ -529,17 +529,14 @@ def parse_destination(text: str) -> DestinationRule:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as ``"500ms"``, ``"2s"``, ``"1m"``."""
+    """Seconds from a number or a duration string (:mod:`quicmesh.duration`'s grammar:
+    ``"500ms"``, ``"2s"``, ``"1m"``), within 0-86400 seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 5s or 500ms")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            raise ValueError(f"{value!r} is not a duration such as 5s or 500ms")
-        number, unit = float(match.group(1)), match.group(2) or "s"
-        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+        seconds = duration.parse_duration(value)
     else:
         raise ValueError("expected a duration such as 5s or 500ms")
     if not math.isfinite(seconds) or seconds < 0 or seconds > 86400:

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from ..errors import InvalidTarget
+from ..errors import InvalidHeader, InvalidTarget
 
 MAX_FIELD_SECTION_SIZE = 60 * 1024
 """Decoded size of a request's or response's header section, every transport: names
@@ -120,27 +120,27 @@ def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:
     if not headers:
         return {}
     if len(headers) > MAX_HEADER_COUNT:
-        raise InvalidTarget(f"{len(headers)} headers: at most {MAX_HEADER_COUNT} are allowed")
+        raise InvalidHeader(f"{len(headers)} headers: at most {MAX_HEADER_COUNT} are allowed")
     result: dict[str, str] = {}
     total = 0
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidTarget("header names and values must be strings")
+            raise InvalidHeader("header names and values must be strings")
         lowered = name.lower()
         if not _HEADER_NAME.match(lowered) or not lowered.isascii():
-            raise InvalidTarget(f"header name {name!r} is not a valid HTTP token")
+            raise InvalidHeader(f"header name {name!r} is not a valid HTTP token")
         if lowered in RESERVED_HEADERS:
-            raise InvalidTarget(f"header {name!r} is reserved and cannot be set")
+            raise InvalidHeader(f"header {name!r} is reserved and cannot be set")
         if _HEADER_VALUE_FORBIDDEN.search(value) or not value.isascii():
-            raise InvalidTarget(f"header {name!r} has control or non-ASCII characters")
+            raise InvalidHeader(f"header {name!r} has control or non-ASCII characters")
         if value != value.strip(" \t"):
-            raise InvalidTarget(f"header {name!r} has leading or trailing white space")
+            raise InvalidHeader(f"header {name!r} has leading or trailing white space")
         if lowered in result:
-            raise InvalidTarget(f"header {name!r} is given twice")
+            raise InvalidHeader(f"header {name!r} is given twice")
         total += len(lowered) + len(value)
         result[lowered] = value
     if total > MAX_HEADER_BYTES:
-        raise InvalidTarget(f"headers total {total} bytes: at most {MAX_HEADER_BYTES} are allowed")
+        raise InvalidHeader(f"headers total {total} bytes: at most {MAX_HEADER_BYTES} are allowed")
     return result
 
 

@@ -40,7 +40,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from ..errors import InvalidTarget
+from ..errors import TunnelUsageError
 from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
@@ -312,7 +312,7 @@ class H2TunnelSession(TunnelSession):
         try:
             target = parse_target(pseudo.get(":authority", ""))
             headers = validate_headers(extra)
-        except InvalidTarget as exc:
+        except TunnelUsageError as exc:
             return self._reject(stream_id, 400, str(exc))
         self._open.add(stream_id)
         self._outbound[stream_id] = _Outbound()

@@ -21,7 +21,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
 
 from .. import _aioquic
-from ..errors import InvalidTarget
+from ..errors import TunnelUsageError
 from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
@@ -236,7 +236,7 @@ class H3TunnelSession(TunnelSession):
         try:
             target = parse_target(fields.get(":authority", ""))
             headers = validate_headers(extra)
-        except InvalidTarget as exc:
+        except TunnelUsageError as exc:
             return self._reject(stream_id, 400, str(exc))
         result: list[events.TunnelEvent] = [
             events.StreamRequested(stream_id, target.authority, headers)

@@ -24,7 +24,7 @@ import enum
 
 import h11
 
-from ..errors import InvalidTarget
+from ..errors import TunnelUsageError
 from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
@@ -186,7 +186,7 @@ class Http1TunnelSession(TunnelSession):
         try:
             target = parse_target(bytes(event.target).decode("ascii"))
             headers = validate_headers(extra)
-        except (InvalidTarget, UnicodeDecodeError) as exc:
+        except (TunnelUsageError, UnicodeDecodeError) as exc:
             return self._reject(400, str(exc))
         try:
             self._h11.next_event()  # EndOfMessage: CONNECT carries no body

@@ -5,11 +5,20 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import pytest
 import yaml
 
 from quicmesh import DevCA, H2Transport, MeshStream
+from quicmesh.errors import (
+    ConnectError,
+    ConnectionLost,
+    InvalidHeader,
+    InvalidTarget,
+    StreamRefused,
+    StreamReset,
+)
 from quicmesh.sidecar.accesslog import Outcome
-from quicmesh.sidecar.cluster import Cluster, FlowRefused
+from quicmesh.sidecar.cluster import Cluster, FlowRefused, is_connection_failure
 from quicmesh.sidecar.config import format_address, parse_config
 from quicmesh.sidecar.health import HealthState
 from quicmesh.sidecar.stats import ClusterStats
@@ -51,7 +60,17 @@ def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
                     assert "10.0.0.999:80" in refused.reason
                 else:
                     raise AssertionError("an invalid target was opened")
+            for _ in range(threshold + 2):
+                # A header our side got wrong (a reserved name) is a usage error too.
+                try:
+                    await cluster.open_flow(headers={"connection": "close"})
+                except FlowRefused as refused:
+                    assert refused.outcome is Outcome.REFUSED
+                    assert "'connection' is reserved" in refused.reason
+                else:
+                    raise AssertionError("a reserved header was sent")
             assert cluster.stats.connect_failures == 0
+            assert cluster.stats.retries == 0
             now = asyncio.get_running_loop().time()
             assert cluster.health[listener.address].state(now) is HealthState.HEALTHY
             flow = await cluster.open_flow()
@@ -65,3 +84,23 @@ def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
             await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize(
+    ("error", "counted"),
+    [
+        (TimeoutError(), True),
+        (ConnectError("cannot connect: Connection refused"), True),
+        (ConnectionRefusedError(), True),
+        (ConnectionLost("peer closed the connection"), True),
+        (StreamReset("stream 0 lost: handshake failed"), True),  # lost with its connection
+        (StreamReset("stream 0 reset by peer (error code 0x10c)", 0x10C), False),
+        (StreamRefused(502, "cannot reach the app"), False),
+        (InvalidTarget("target '10.0.0.999:80' has an invalid host name"), False),
+        (InvalidHeader("header 'connection' is reserved and cannot be set"), False),
+    ],
+)
+def test_outlier_detection_counts_only_connection_failures_and_timeouts(
+    error: BaseException, counted: bool
+) -> None:
+    assert is_connection_failure(error) is counted

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quicmesh.errors import InvalidTarget
+from quicmesh.errors import InvalidHeader, InvalidTarget, TunnelError, TunnelUsageError
 from quicmesh.tunnel.connect import (
     MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
@@ -149,3 +149,15 @@ def test_proxy_status_round_trips_printable_reasons(reason: str) -> None:
 @given(st.text(max_size=200))
 def test_decoding_any_proxy_status_never_fails(value: str) -> None:
     assert isinstance(decode_proxy_status(value), str)
+
+
+def test_a_malformed_request_is_a_usage_error_not_a_tunnel_error() -> None:
+    # A sidecar counts TunnelErrors against the endpoint; a target or header our
+    # side got wrong must not look like an outage.
+    with pytest.raises(TunnelUsageError) as target_error:
+        parse_target("10.0.0.999:80")
+    with pytest.raises(InvalidHeader) as header_error:
+        validate_headers({"connection": "close"})
+    for error in (target_error.value, header_error.value):
+        assert isinstance(error, ValueError) and isinstance(error, InvalidTarget)
+        assert not isinstance(error, TunnelError)
