@@ -53,8 +53,8 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
 from aioquic.tls import SessionTicket
 
-from .. import _aioquic
-from ..errors import (
+from ... import _aioquic
+from ...errors import (
     ConfigError,
     ConnectError,
     ConnectionLost,
@@ -63,18 +63,18 @@ from ..errors import (
     QuicmeshError,
     TunnelError,
 )
-from ..tls import Identity, TrustBundle, spiffe_id_of, verify_peer
-from ..tls.check import handshake_failure_reason
-from ..tls.verify import check_trust_domain
-from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
-from ..tunnel.session import ResetReason
-from . import _udp
-from ._admission import ADMISSION_COUNTERS, Admission, AdmissionConfig, Decision, RateLimitedLog
-from ._session import SessionConnection
-from .base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
-from .liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
-from .stream import MeshStream
-from .tickets import TicketCache, TicketStore
+from ...tls import Identity, TrustBundle, spiffe_id_of, verify_peer
+from ...tls.check import handshake_failure_reason
+from ...tls.verify import check_trust_domain
+from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW, H3TunnelSession
+from ...tunnel.session import ResetReason
+from .. import _udp
+from .._admission import ADMISSION_COUNTERS, Admission, AdmissionConfig, Decision, RateLimitedLog
+from .._session import SessionConnection
+from ..base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
+from ..liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
+from ..stream import MeshStream
+from ..tickets import TicketCache, TicketStore
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
@@ -486,7 +486,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         _aioquic.PathMonitor(quic, self._path_validated, self._path_abandoned)
         _aioquic.fix_handshake_recovery(quic)
         if quic.configuration.congestion_control_algorithm == "bbr":
-            from ..congestion import enable_model_pacing
+            from ...congestion import enable_model_pacing
 
             enable_model_pacing(quic)
         self.session = H3TunnelSession(
@@ -1094,11 +1094,11 @@ class QuicTransport(Transport):
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if congestion_control is None:
-            from ..congestion.host import default_congestion_control
+            from ...congestion.host import default_congestion_control
 
             congestion_control = default_congestion_control()
         if congestion_control == "bbr":
-            from .. import congestion
+            from ... import congestion
 
             congestion.ensure_registered()
         self.congestion_control = congestion_control
