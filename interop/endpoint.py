@@ -50,8 +50,9 @@ import aioquic.quic.events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.tls import CipherSuite
 
-from quicmesh import Identity, QuicTransport, TrustBundle, _aioquic
-from quicmesh._aioquic import MeshH3Connection
+from quicmesh import Identity, QuicTransport, TrustBundle
+from quicmesh._aioquic import MeshH3Connection, MeshQuicConnection
+from quicmesh.transport.quic.server import MeshQuicServer
 
 from .certs import SERVER_NAME
 from .peers import TESTCASES
@@ -87,9 +88,13 @@ class Stack:
     configure: Callable[..., Any]
     """``configure(is_client=, testcase=, certs=, qlog_dir=)`` gives the configuration."""
     supported: dict[str, frozenset[str]]
-    prepare_connection: Callable[[Any], None] | None = None
-    """Called with each connection (client or server) before its first datagram: the
-    fixes the stack applies to aioquic (as quicmesh's ``QuicTransport`` does)."""
+    serve: Callable[..., Any] | None = None
+    """Replaces ``asyncio.serve`` (same arguments): quicmesh's server builds its own
+    connection class."""
+    client_connection: Callable[..., Any] | None = None
+    """``client_connection(configuration, session_ticket_handler)`` replaces the
+    connection ``asyncio.connect`` built (quicmesh: :class:`MeshQuicConnection`, the
+    class ``QuicTransport`` uses, with every fix quicmesh applies to aioquic)."""
 
 
 def configuration(
@@ -123,6 +128,47 @@ def configuration(
     return config
 
 
+async def _serve_mesh(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., Any],
+    session_ticket_fetcher: Callable[[bytes], Any],
+    session_ticket_handler: Callable[[Any], None],
+    retry: bool,
+) -> MeshQuicServer:
+    """aioquic's ``serve`` with :class:`MeshQuicConnection` connections."""
+
+    def accept(original_cid: bytes | None, retry_source_cid: bytes | None) -> MeshQuicConnection:
+        return MeshQuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_source_cid,
+            fetch_ticket=session_ticket_fetcher,
+            on_ticket_issued=session_ticket_handler,
+        )
+
+    _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: MeshQuicServer(
+            configuration=configuration,
+            create_protocol=create_protocol,
+            accept=accept,
+            retry=retry,
+        ),
+        local_addr=(host, port),
+    )
+    return server
+
+
+def _client_mesh_connection(
+    configuration: QuicConfiguration, session_ticket_handler: Callable[[Any], None]
+) -> MeshQuicConnection:
+    return MeshQuicConnection(
+        configuration=configuration, session_ticket_handler=session_ticket_handler
+    )
+
+
 QUICMESH = Stack(
     name="quicmesh",
     asyncio=aioquic.asyncio,
@@ -131,7 +177,8 @@ QUICMESH = Stack(
     quic_events=aioquic.quic.events,
     configure=configuration,
     supported=SUPPORTED,
-    prepare_connection=_aioquic.fix_handshake_recovery,
+    serve=_serve_mesh,
+    client_connection=_client_mesh_connection,
 )
 
 
@@ -146,8 +193,6 @@ def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._h3: Any = None
-            if stack.prepare_connection is not None:
-                stack.prepare_connection(self._quic)
 
         def quic_event_received(self, event: Any) -> None:
             if isinstance(event, stack.quic_events.ProtocolNegotiated) and (
@@ -195,7 +240,7 @@ async def run_server(stack: Stack, testcase: str) -> int:
         qlog_dir=os.environ.get("QLOGDIR") or None,
     )
     tickets: dict[bytes, Any] = {}
-    server = await stack.asyncio.serve(
+    server = await (stack.serve or stack.asyncio.serve)(
         os.environ.get("HOST", "127.0.0.1"),
         int(os.environ.get("PORT", "443")),
         configuration=config,
@@ -223,14 +268,14 @@ async def run_server(stack: Stack, testcase: str) -> int:
 # -- client --------------------------------------------------------------------
 
 
-def _client_protocol(stack: Stack) -> Callable[..., Any]:
+def _client_protocol(stack: Stack, on_ticket: Callable[[Any], None]) -> Callable[..., Any]:
     """A protocol class of ``stack`` that sends GET requests and collects responses."""
 
     class ClientProtocol(stack.asyncio.QuicConnectionProtocol):  # type: ignore[misc, name-defined]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if stack.prepare_connection is not None:
-                stack.prepare_connection(self._quic)
+        def __init__(self, quic: Any, *args: Any, **kwargs: Any) -> None:
+            if stack.client_connection is not None:
+                quic = stack.client_connection(quic.configuration, on_ticket)
+            super().__init__(quic, *args, **kwargs)
             self._h3 = stack.h3_connection(self._quic)
             self._responses: dict[int, tuple[asyncio.Future[int], list[bytes], list[int]]] = {}
 
@@ -325,7 +370,7 @@ async def _fetch(
         host,
         port,
         configuration=config,
-        create_protocol=_client_protocol(stack),
+        create_protocol=_client_protocol(stack, tickets.append),
         session_ticket_handler=tickets.append,
         wait_connected=not early_data,
     ) as protocol:

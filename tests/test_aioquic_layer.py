@@ -21,6 +21,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
 
 from quicmesh import _aioquic
+from quicmesh._aioquic import MeshQuicConnection
 from quicmesh.errors import ConnectError, PeerVerificationError, StreamReset, TunnelError
 from quicmesh.tls import DevCA, verify_peer
 from quicmesh.transport.quic import QuicTransport
@@ -133,15 +134,13 @@ def make_pair(
     server_transport = server_transport or QuicTransport(
         identity=SERVER_IDENTITY, trust=CA.trust_bundle
     )
-    client_quic = QuicConnection(configuration=client_transport.configuration(is_client=True))
-    server_quic = QuicConnection(
+    client_quic = MeshQuicConnection(configuration=client_transport.configuration(is_client=True))
+    server_quic = MeshQuicConnection(
         configuration=server_transport.configuration(is_client=False),
         original_destination_connection_id=client_quic.original_destination_connection_id,
+        request_client_certificate=client_cert,
+        max_streams=server_max_streams,
     )
-    if client_cert:
-        _aioquic.require_client_certificate(server_quic)
-    if server_max_streams is not None:
-        _aioquic.limit_peer_streams(server_quic, server_max_streams)
     client = Side(client_quic, CLIENT_ADDR)
     server = Side(server_quic, SERVER_ADDR)
     if sessions:
@@ -800,19 +799,18 @@ def test_server_survives_an_initial_without_crypto(tolerant: bool) -> None:
     client_config = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle).configuration(
         is_client=True
     )
-    client = QuicConnection(configuration=client_config)
+    client = MeshQuicConnection(configuration=client_config)
     client.connect(SERVER_ADDR, now=clock.now)
     lost_client_hello = client.datagrams_to_send(now=clock.now)
     assert lost_client_hello  # dropped on the way: never delivered
     server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
         is_client=False
     )
-    server = QuicConnection(
+    # MeshQuicConnection tolerates it; aioquic's own class is the control.
+    server_class = MeshQuicConnection if tolerant else QuicConnection
+    server = server_class(
         configuration=server_config, original_destination_connection_id=client._peer_cid.cid
     )
-    _aioquic.require_client_certificate(server)
-    if tolerant:
-        _aioquic.tolerate_initial_without_crypto(server)
     server.receive_datagram(_ping_only_initial(client), CLIENT_ADDR, now=clock.now)
     if not tolerant:  # aioquic alone gives up on the connection
         assert server._close_event is not None
@@ -855,17 +853,17 @@ def test_handshake_probe_carries_the_ack_that_was_lost(repeat: bool) -> None:
         is_client=True
     )
     client_config.quic_logger = QuicLogger()
-    client = QuicConnection(configuration=client_config)
-    if repeat:
-        _aioquic.repeat_acks_in_probes(client)
+    # MeshQuicConnection repeats the ACK; aioquic's own class is the control.
+    client = (MeshQuicConnection if repeat else QuicConnection)(configuration=client_config)
     client.connect(SERVER_ADDR, now=clock.now)
     server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
         is_client=False
     )
-    server = QuicConnection(
-        configuration=server_config, original_destination_connection_id=client._peer_cid.cid
+    server = MeshQuicConnection(
+        configuration=server_config,
+        original_destination_connection_id=client._peer_cid.cid,
+        request_client_certificate=True,
     )
-    _aioquic.require_client_certificate(server)
     for data, _ in client.datagrams_to_send(now=clock.now):
         server.receive_datagram(data, CLIENT_ADDR, now=clock.now + 0.02)
     first, _ = server.datagrams_to_send(now=clock.now + 0.02)[0]

@@ -10,7 +10,7 @@ and each connection transmits once per batch (:mod:`quicmesh.transport._udp`).
 
 Mutual TLS: the client verifies the server's chain through aioquic (``cadata``)
 and its SPIFFE ID here; the server asks for a client certificate through
-:func:`quicmesh._aioquic.require_client_certificate` and verifies its chain and
+:class:`quicmesh._aioquic.MeshQuicConnection` and verifies its chain and
 SPIFFE ID with :func:`quicmesh.tls.verify_peer` when the handshake completes,
 before any stream is served.
 
@@ -49,11 +49,11 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.tls import SessionTicket
 
 from ... import _aioquic
+from ..._aioquic import MeshQuicConnection
 from ...errors import (
     ConfigError,
     ConnectError,
@@ -75,6 +75,9 @@ from ..base import Address, Authorizer, Listener, StreamHandler, Transport, host
 from ..liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
 from ..stream import MeshStream
 from ..tickets import TicketCache, TicketStore
+from . import aioquic_engine, engine
+from .engine import EngineLimits, EngineTls, get_engine
+from .server import MeshQuicServer
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
@@ -139,7 +142,8 @@ class QuicPeerConnection(SessionConnection):
     ) -> None:
         super().__init__(protocol.session, **kwargs)
         self.protocol = protocol
-        self.packets_lost = 0
+        self.lost_before = 0
+        """Packets lost before this connection object existed (not counted)."""
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._early_data = early_data
         self._early_budget: int | None = max_early_data if early_data == "attempted" else None
@@ -177,8 +181,8 @@ class QuicPeerConnection(SessionConnection):
             bytes_received=self.protocol.bytes_received,
             packets_sent=self.protocol.datagrams_sent,
             packets_received=self.protocol.datagrams_received,
-            packets_lost=self.packets_lost,
-            zero_rtt_packets_sent=self.protocol.zero_rtt_packets_sent,
+            packets_lost=self.protocol._quic.packets_lost - self.lost_before,
+            zero_rtt_packets_sent=self.protocol._quic.zero_rtt_packets_sent,
             early_data=self._early_data,
             path=path[0] if path is not None else None,
             path_validated=path[1] if path is not None else None,
@@ -298,7 +302,7 @@ class _SocketReceiver(asyncio.DatagramProtocol):
             self.reader.close()
 
 
-class _BatchingQuicServer(QuicServer):
+class _BatchingQuicServer(MeshQuicServer):
     """aioquic's server (connection-ID routing, version negotiation, new
     connections, Retry), fed in batches: each connection transmits once per batch.
 
@@ -316,10 +320,9 @@ class _BatchingQuicServer(QuicServer):
         reset_key: bytes,
         **kwargs: Any,
     ) -> None:
-        super().__init__(retry=True, **kwargs)
+        super().__init__(**kwargs)
         self._reset_key = reset_key
         self._resets_window = (0.0, 0)
-        self._retry_tokens: Any = self._retry
         self._max_datagrams = max_datagrams
         self.admission = Admission(admission)
         self._counters = counters
@@ -361,10 +364,7 @@ class _BatchingQuicServer(QuicServer):
                 self.admission.config.max_half_open_per_source,
             )
             return
-        # aioquic sends a Retry, or checks the token, only when it holds a handler.
-        self._retry = self._retry_tokens if decision is Decision.RETRY or header.token else None  # type: ignore[assignment]
-        super().datagram_received(data, addr)
-        self._retry = self._retry_tokens
+        self._new_connection(data, addr, header, retry=decision is Decision.RETRY)
         protocol = self._protocols.get(header.destination_cid)
         if protocol is None:
             if decision is Decision.RETRY and not header.token:
@@ -438,7 +438,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: MeshQuicConnection,
         stream_handler: Any = None,
         *,
         transport: QuicTransport,
@@ -450,6 +450,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
         accept_early_data: bool = True,
     ) -> None:
         super().__init__(quic)
+        self._quic: MeshQuicConnection = quic
         self._owner = transport
         self._handler = handler
         self._authorize = authorize
@@ -469,26 +470,15 @@ class _TunnelProtocol(QuicConnectionProtocol):
         then closed)."""
         self._early_bytes = 0
         self._max_early_bytes = transport.max_early_data + EARLY_DATA_OVERHEAD
-        self._last_path = None if self.is_client else _aioquic.active_path(quic)
         self._old_sockets: list[asyncio.DatagramTransport] = []
         self._rebound_this_streak = False
         self._migrating = False
-        self.zero_rtt_packets_sent = 0
         if not self.is_client:
-            _aioquic.configure_server_tls(
-                quic,
+            quic.configure_tickets(
                 fetch_ticket=self._redeem_ticket,
                 on_ticket_issued=self._issued_tickets.append,
                 accept_early_data=accept_early_data,
             )
-        else:
-            _aioquic.count_sent_packets(quic, self._count_sent)
-        _aioquic.PathMonitor(quic, self._path_validated, self._path_abandoned)
-        _aioquic.fix_handshake_recovery(quic)
-        if quic.configuration.congestion_control_algorithm == "bbr":
-            from ...congestion import enable_model_pacing
-
-            enable_model_pacing(quic)
         self.session = H3TunnelSession(
             quic,
             stream_window=transport.stream_window,
@@ -546,8 +536,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
                 if _aioquic.is_draining(self._quic):
                     # A draining endpoint sends nothing more (RFC 9000 10.2.2).
                     self._close_own_socket()
-        if not self.is_client:
-            self._check_peer_address()
         if self.connection is not None and self.connection._credit is not None:
             # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
             self.connection._handle_events([])
@@ -684,10 +672,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
                 old.close()
             self._old_sockets.clear()
 
-    def _count_sent(self, packet_type: QuicPacketType) -> None:
-        if packet_type == QuicPacketType.ZERO_RTT:
-            self.zero_rtt_packets_sent += 1
-
     # -- migration -------------------------------------------------------------
 
     async def migrate(self, local_address: Address | None, *, cause: str) -> None:
@@ -745,15 +729,9 @@ class _TunnelProtocol(QuicConnectionProtocol):
         if not task.cancelled() and task.exception() is not None:
             logger.warning("[%s] automatic rebinding failed: %s", self.log_id, task.exception())
 
-    def _check_peer_address(self) -> None:
-        path = _aioquic.active_path(self._quic)
-        if path is None or self._last_path is None:
-            self._last_path = path
-            return
-        if path[0] != self._last_path[0]:
-            logger.info("[%s] peer address changed to %s", self.log_id, path[0])
-            self._count("migrations_peer_address_change")
-        self._last_path = path
+    def _peer_address_changed(self, addr: Any) -> None:
+        logger.info("[%s] peer address changed to %s", self.log_id, addr)
+        self._count("migrations_peer_address_change")
 
     def _path_validated(self, addr: Any) -> None:
         self._count("path_validations_ok")
@@ -761,8 +739,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
     def _path_abandoned(self, addr: Any) -> None:
         logger.info("[%s] path validation to %s failed", self.log_id, addr)
         self._count("path_validations_failed")
-        if not self.is_client:
-            self._last_path = _aioquic.active_path(self._quic)
 
     def _count(self, name: str) -> None:
         self._owner.counters[name] += 1
@@ -800,6 +776,15 @@ class _TunnelProtocol(QuicConnectionProtocol):
     # -- events ----------------------------------------------------------------
 
     def quic_event_received(self, event: quic_events.QuicEvent) -> None:
+        if isinstance(event, engine.PathValidated):
+            self._path_validated(event.addr)
+            return
+        if isinstance(event, engine.PathAbandoned):
+            self._path_abandoned(event.addr)
+            return
+        if isinstance(event, engine.PeerAddressChanged):
+            self._peer_address_changed(event.addr)
+            return
         if isinstance(event, quic_events.HandshakeCompleted):
             self._on_handshake_completed(event)
             self._finish_handshake_wait()
@@ -858,7 +843,7 @@ class _TunnelProtocol(QuicConnectionProtocol):
             early_data=early_data,
             max_early_data=self._owner.max_early_data,
         )
-        _aioquic.count_lost_packets(self._quic, self._count_lost)
+        self.connection.lost_before = self._quic.packets_lost
         pending, self._pending = self._pending, []
         for event in pending:
             self.connection._handle_events(self.session.handle_quic_event(event))
@@ -904,10 +889,6 @@ class _TunnelProtocol(QuicConnectionProtocol):
         self._quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
         if self.connection is not None:
             self.connection._connection_lost(exc)
-
-    def _count_lost(self, count: int) -> None:
-        if self.connection is not None:
-            self.connection.packets_lost += count
 
     def _verify_peer(self, resumed: bool) -> str:
         if resumed:
@@ -1054,6 +1035,9 @@ class QuicTransport(Transport):
     :param dead_after: seconds with packets unacknowledged and nothing received
         after which the connection fails the same way (None: no bound).
         :mod:`quicmesh.transport.liveness` has the rules, ICMP unreachable included.
+    :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`;
+        ``"aioquic"``, the default, is the only one built in). An unknown name
+        raises :class:`ValueError` naming the valid ones.
 
     A client's UDP socket is connected to its peer, so the kernel reports ICMP
     port and host unreachable: :meth:`connect` then fails at once with
@@ -1091,8 +1075,17 @@ class QuicTransport(Transport):
         keepalive_interval: float | None = 1.0,
         max_probe_timeouts: int | None = 6,
         dead_after: float | None = 10.0,
+        engine: str = "aioquic",
     ) -> None:
         super().__init__(identity=identity, trust=trust)
+        found = get_engine(engine)
+        if not isinstance(found, aioquic_engine.AioquicEngine):
+            raise ConfigError(
+                f"QUIC engine {engine!r} owns its sockets: the asyncio driver runs "
+                "datagram engines only so far"
+            )
+        self.engine = found
+        """The QUIC engine connections are built with (:mod:`.engine`)."""
         if congestion_control is None:
             from ...congestion.host import default_congestion_control
 
@@ -1145,28 +1138,27 @@ class QuicTransport(Transport):
             config.private_key = identity.private_key
             config.cadata = trust.pem
 
+    def engine_limits(self) -> EngineLimits:
+        """The transport settings every connection's engine gets."""
+        return EngineLimits(
+            idle_timeout=self.idle_timeout,
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_streams=self.max_streams,
+            congestion_control=self.congestion_control,
+            max_datagram_size=self.max_datagram_size,
+            qlog_dir=self.qlog_dir,
+            stateless_reset_key=self.stateless_reset_key,
+            alpn=tuple(H3_ALPN),
+        )
+
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
         """The aioquic configuration for one side of a connection."""
-        config = QuicConfiguration(
-            alpn_protocols=H3_ALPN,
+        return aioquic_engine.configuration(
+            self.engine_limits(),
+            EngineTls(identity=self.identity, trust=self.trust),
             is_client=is_client,
-            idle_timeout=self.idle_timeout,
-            max_data=self.connection_window,
-            max_stream_data=self.stream_window,
-            congestion_control_algorithm=self.congestion_control,
-            cadata=self.trust.pem,
-            certificate=self.identity.certificate,
-            certificate_chain=self.identity.chain,
-            private_key=self.identity.private_key,
-            server_name=None,
-            max_datagram_size=self.max_datagram_size,
         )
-        config.max_datagram_frame_size = None
-        if self.qlog_dir is not None:
-            from aioquic.quic.logger import QuicFileLogger
-
-            config.quic_logger = QuicFileLogger(self.qlog_dir)
-        return config
 
     async def listen(
         self,
@@ -1187,9 +1179,23 @@ class QuicTransport(Transport):
 
         accepted: weakref.WeakSet[_TunnelProtocol] = weakref.WeakSet()
 
-        def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> _TunnelProtocol:
-            _aioquic.limit_peer_streams(quic, self.max_streams)
-            _aioquic.derive_stateless_reset_tokens(quic, self.stateless_reset_key)
+        limits = self.engine_limits()
+        tls = EngineTls(identity=self.identity, trust=self.trust)
+
+        def accept(
+            original_cid: bytes | None, retry_source_cid: bytes | None
+        ) -> MeshQuicConnection:
+            return self.engine.accept(
+                limits,
+                tls,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_source_cid,
+                config=config,
+            )
+
+        def create_protocol(
+            quic: MeshQuicConnection, stream_handler: Any = None
+        ) -> _TunnelProtocol:
             protocol = _TunnelProtocol(
                 quic,
                 transport=self,
@@ -1209,6 +1215,7 @@ class QuicTransport(Transport):
                     admission=self.admission,
                     counters=self.counters,
                     reset_key=self.stateless_reset_key,
+                    accept=accept,
                 ),
                 local_addr=(address[0], address[1]),
             )
@@ -1240,11 +1247,13 @@ class QuicTransport(Transport):
         if cached is not None:
             config.session_ticket = cached.ticket
         holder: list[_TunnelProtocol] = []
-        quic = QuicConnection(
-            configuration=config,
+        quic = self.engine.connect(
+            self.engine_limits(),
+            EngineTls(identity=self.identity, trust=self.trust),
+            address,
             session_ticket_handler=lambda ticket: holder[0].on_ticket_received(ticket),
+            config=config,
         )
-        _aioquic.limit_peer_streams(quic, self.max_streams)
         protocol = _TunnelProtocol(
             quic,
             transport=self,
