@@ -180,6 +180,15 @@ class InboundListenerConfig:
     """MiB of resident memory counted as full by the overload manager (None: not watched)."""
     overload_max_descriptors: int | None = None
     """Open descriptors counted as full (None: the soft ``ulimit -n``)."""
+    max_connections_per_identity: int = 256
+    """Connections one peer identity may hold on this listener (all transports)."""
+    max_buffered_per_connection: int = 32
+    """MiB the inbound flows of one peer connection may hold in buffers (received and
+    not yet written to the destination, read from it and not yet sent); beyond it
+    the connection's fullest flows are reset."""
+    max_buffered_total: int = 1024
+    """MiB all inbound flows may hold in buffers: the overload manager's third
+    resource (503 from 90 %, shedding from 98 %)."""
 
 
 INBOUND_LIMIT_KEYS = (
@@ -187,6 +196,9 @@ INBOUND_LIMIT_KEYS = (
     "max_streams_total",
     "overload_max_rss",
     "overload_max_descriptors",
+    "max_connections_per_identity",
+    "max_buffered_per_connection",
+    "max_buffered_total",
 )
 """Inbound listener keys for per-identity and total stream limits and overload."""
 

@@ -26,6 +26,7 @@ from ..transport._admission import AdmissionConfig, RateLimitedLog
 from ..transport.base import Listener, PeerConnection, StreamHandler, Transport
 from ..transport.quic import QuicTransport, load_stateless_reset_key
 from ..transport.stream import MeshStream
+from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
@@ -35,6 +36,8 @@ from .stats import ListenerStats
 from .tracing import continue_or_start
 
 logger = logging.getLogger("quicmesh.sidecar.inbound")
+
+MIB = 1024 * 1024
 
 OVERLOAD_SAMPLE_INTERVAL = 1.0
 """Seconds between two samples of memory and descriptors (:mod:`.overload`)."""
@@ -54,6 +57,9 @@ def inbound_transport(
     """The server-side transport for one of a listener's ``transports`` (QUIC with
     the listener's admission limits and stateless reset key)."""
     cls = TRANSPORTS[name]
+    stream_window, connection_window = DEFAULT_STREAM_WINDOW, DEFAULT_CONNECTION_WINDOW
+    if config is not None:
+        stream_window, connection_window = receive_windows(config.max_buffered_per_connection * MIB)
     if name == "quic" and config is not None:
         reset_key = None
         if config.stateless_reset_key is not None:
@@ -70,10 +76,29 @@ def inbound_transport(
                 handshake_timeout=config.handshake_timeout,
             ),
             stateless_reset_key=reset_key,
+            stream_window=stream_window,
+            connection_window=connection_window,
         )
     if name in ("quic", "h2"):
-        return cls(identity=identity, trust=trust, max_streams=max_streams)  # type: ignore[call-arg]
+        return cls(  # type: ignore[call-arg]
+            identity=identity,
+            trust=trust,
+            max_streams=max_streams,
+            stream_window=stream_window,
+            connection_window=connection_window,
+        )
     return cls(identity=identity, trust=trust)
+
+
+def receive_windows(max_buffered: int) -> tuple[int, int]:
+    """Receive windows keeping what one peer connection can make us buffer on
+    the receive side to half of ``max_buffered`` (at most the transports'
+    defaults, 16 MiB and 1 MiB; at least 64 KiB): a hard bound, by flow control.
+    The send side holds at most ``high_water`` per stream; the listener's
+    sampler resets the fullest flows of a connection over ``max_buffered``.
+    Returns (stream window, connection window)."""
+    connection = max(64 * 1024, min(DEFAULT_CONNECTION_WINDOW, max_buffered // 2))
+    return min(DEFAULT_STREAM_WINDOW, connection), connection
 
 
 async def listen(
@@ -120,7 +145,12 @@ class InboundListener:
             max_streams_total=config.max_streams_total,
             max_rss=config.overload_max_rss * 1024 * 1024 if config.overload_max_rss else None,
             max_descriptors=config.overload_max_descriptors or default_max_descriptors(),
+            max_connections_per_identity=config.max_connections_per_identity,
+            max_buffered_total=config.max_buffered_total * MIB,
+            max_buffered_per_connection=config.max_buffered_per_connection * MIB,
         )
+        self._connections: dict[str, dict[object, None]] = {}
+        """Per peer identity, the connections that carried an admitted stream, oldest first."""
         self._active: dict[MeshStream, None] = {}
         """Inbound streams admitted, oldest first (the newest are shed first)."""
         self._sampler: asyncio.Task[None] | None = None
@@ -152,9 +182,18 @@ class InboundListener:
             self._sample()
 
     def _sample(self) -> None:
-        """Measure memory and descriptors; in ``shed``, reset the newest tenth of flows."""
+        """Measure memory, descriptors and buffers; reset the fullest flows of a
+        connection over its buffer limit; close an identity's connections beyond
+        its limit; in ``shed``, reset the newest tenth of flows."""
         overload = self.overload
-        state = overload.update(*measure())
+        per_connection: dict[object, int] = {}
+        for stream in self._active:
+            held = stream.buffered_bytes
+            per_connection[stream.channel] = per_connection.get(stream.channel, 0) + held
+        for connection in overload.over_buffered(per_connection):
+            self._reset_fullest(connection, per_connection[connection])
+        self._close_extra_connections()
+        state = overload.update(*measure(), buffered=sum(per_connection.values()))
         if state == "shed" and self._active:
             newest = list(self._active)[-max(1, len(self._active) // 10) :]
             REFUSAL_LOG.log(
@@ -168,6 +207,88 @@ class InboundListener:
                 overload.shed += 1
                 stream.abort()
 
+    def _reset_fullest(self, connection: object, held: int) -> None:
+        """Reset the flows of ``connection`` holding the most, until it holds no more
+        than ``max_buffered_per_connection``."""
+        cap = self.overload.max_buffered_per_connection
+        assert cap is not None
+        streams = sorted(
+            (s for s in self._active if s.channel is connection),
+            key=lambda s: s.buffered_bytes,
+            reverse=True,
+        )
+        for stream in streams:
+            if held <= cap:
+                break
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "buffers",
+                "resetting %s -> %s: its connection holds %d bytes in buffers"
+                " (max_buffered_per_connection %d)",
+                stream.peer_identity,
+                stream.target,
+                held,
+                cap,
+            )
+            held -= stream.buffered_bytes
+            self.overload.buffer_resets += 1
+            stream.abort()
+
+    def _close_extra_connections(self) -> None:
+        """Close the connections of an identity beyond ``max_connections_per_identity``
+        (those that never carried an admitted stream first, then the newest), so
+        that connections kept idle are bounded too."""
+        cap = self.overload.max_connections_per_identity
+        by_identity: dict[str, list[PeerConnection]] = {}
+        for transport, listener in zip(self._transports, self._listeners, strict=False):
+            if transport.name == "tcp":
+                continue  # one connection per flow: max_streams_per_identity bounds them
+            for connection in getattr(listener, "connections", ()):
+                if not connection.is_closed:
+                    by_identity.setdefault(connection.peer_identity, []).append(connection)
+        for identity, known in list(self._connections.items()):
+            for connection in [c for c in known if getattr(c, "is_closed", True)]:
+                del known[connection]
+            if not known:
+                del self._connections[identity]
+        for identity, connections in by_identity.items():
+            if len(connections) <= cap:
+                continue
+            known = self._connections.get(identity, {})
+            age = {c: index for index, c in enumerate(known)}
+            # Never used first, then the newest.
+            connections.sort(key=lambda c: (c in age, -age.get(c, 0)))
+            extra = connections[: len(connections) - cap]
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "connections",
+                "closing %d connections of %s: max_connections_per_identity (%d)",
+                len(extra),
+                identity,
+                cap,
+            )
+            for connection in extra:
+                self.overload.refusals["connections_per_identity"] += 1
+                known.pop(connection, None)
+                connection.close()
+
+    def _admit_connection(self, stream: MeshStream) -> str | None:
+        """Count the stream's connection for its identity: the refusal if the
+        identity already holds ``max_connections_per_identity`` others. (Not for
+        ``tcp``, one connection per flow, which ``max_streams_per_identity`` bounds.)"""
+        if stream.transport == "tcp":
+            return None
+        known = self._connections.setdefault(stream.peer_identity, {})
+        connection = stream.channel
+        if connection in known:
+            return None
+        for other in [c for c in known if getattr(c, "is_closed", True)]:
+            del known[other]
+        refusal = self.overload.admit_connection(stream.peer_identity, len(known))
+        if refusal is None:
+            known[connection] = None
+        return refusal
+
     def _overload_view(self) -> dict[str, object]:
         overload = self.overload
         return {
@@ -175,6 +296,8 @@ class InboundListener:
             "pressure": dict(overload.pressure),
             "refusals": dict(overload.refusals),
             "shed": overload.shed,
+            "buffer_resets": overload.buffer_resets,
+            "buffered": overload.buffered,
             "streams": overload.streams,
         }
 
@@ -269,6 +392,21 @@ class InboundListener:
             _refuse(stream, 503, record.reason)
             return
         # Limits and overload first: a refused stream costs no destination connection.
+        connection_refusal = self._admit_connection(stream)
+        if connection_refusal is not None:
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "connections",
+                "refused %s and closed its connection: %s",
+                stream.peer_identity,
+                connection_refusal,
+            )
+            record.outcome, record.reason = Outcome.OVERFLOW, connection_refusal
+            _refuse(stream, 503, connection_refusal)
+            close = getattr(stream.channel, "close", None)
+            if close is not None:
+                asyncio.get_running_loop().call_soon(close)
+            return
         refusal = self.overload.admit(stream.peer_identity)
         if refusal is not None:
             REFUSAL_LOG.log(

@@ -344,17 +344,28 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
     )
     pressure = GaugeMetricFamily(
         "quicmesh_listener_overload_pressure",
-        "Use of a watched resource as a fraction of its limit (memory, descriptors).",
+        "Use of a watched resource as a fraction of its limit (memory, descriptors, buffers).",
         labels=["listener", "resource"],
     )
     refusals = CounterMetricFamily(
         "quicmesh_listener_limit_refusals",
-        "Inbound streams refused by a limit: per_identity, total, overloaded.",
+        "Inbound streams refused by a limit: per_identity, total, overloaded,"
+        " connections_per_identity (also counts connections closed for it).",
         labels=["listener", "reason"],
     )
     shed = CounterMetricFamily(
         "quicmesh_listener_overload_shed",
         "Inbound flows reset to shed load.",
+        labels=["listener"],
+    )
+    buffered = GaugeMetricFamily(
+        "quicmesh_listener_buffered_bytes",
+        "Bytes the inbound flows held in buffers at the last sample.",
+        labels=["listener"],
+    )
+    buffer_resets = CounterMetricFamily(
+        "quicmesh_listener_buffer_resets",
+        "Inbound flows reset because their connection passed max_buffered_per_connection.",
         labels=["listener"],
     )
     for listener, data in listeners.items():
@@ -365,13 +376,17 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
             state.add_metric([listener, value], 1.0 if overload["state"] == value else 0.0)
         for resource, fraction in overload["pressure"].items():
             pressure.add_metric([listener, resource], fraction)
-        for reason in ("per_identity", "total", "overloaded"):
+        for reason in ("per_identity", "total", "overloaded", "connections_per_identity"):
             refusals.add_metric([listener, reason], overload["refusals"].get(reason, 0))
         shed.add_metric([listener], overload["shed"])
+        buffered.add_metric([listener], overload.get("buffered", 0))
+        buffer_resets.add_metric([listener], overload.get("buffer_resets", 0))
     yield state
     yield pressure
     yield refusals
     yield shed
+    yield buffered
+    yield buffer_resets
 
 
 def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:

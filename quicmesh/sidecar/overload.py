@@ -1,8 +1,10 @@
 """An overload manager in Envoy's spirit, for the inbound listener.
 
-Resources are sampled once a second: the process's resident memory and its open
-file descriptors, each against a limit (memory: ``overload_max_rss`` MiB if set;
-descriptors: ``overload_max_descriptors``, by default the soft ``RLIMIT_NOFILE``).
+Resources are sampled once a second: the process's resident memory, its open
+file descriptors and the bytes its inbound flows hold in buffers, each against a
+limit (memory: ``overload_max_rss`` MiB if set; descriptors:
+``overload_max_descriptors``, by default the soft ``RLIMIT_NOFILE``; buffers:
+``max_buffered_total`` MiB).
 The fullest resource decides the state:
 
 * ``normal`` below :data:`STOP_ACCEPTING` of its limit;
@@ -11,10 +13,11 @@ The fullest resource decides the state:
 * ``shed`` from :data:`SHED`: also reset the newest tenth of the inbound flows
   each second until the pressure falls.
 
-Plus two plain caps checked for every new stream: streams per peer identity and
-streams in total. The state, the pressures and the refusals are exported in
-``/metrics``. The decision logic is sans-IO (:meth:`OverloadManager.update` takes
-the measurements); :func:`measure` reads ``/proc``.
+Plus plain caps checked for every new stream: streams per peer identity, streams
+in total, connections per peer identity (:meth:`OverloadManager.admit_connection`).
+The state, the pressures and the refusals are exported in ``/metrics``. The
+decision logic is sans-IO (:meth:`OverloadManager.update` takes the
+measurements); :func:`measure` reads ``/proc``.
 """
 
 from __future__ import annotations
@@ -59,25 +62,44 @@ class OverloadManager:
     :param max_streams_total: concurrent inbound streams in all.
     :param max_rss: resident bytes counted as full memory (None: not watched).
     :param max_descriptors: descriptors counted as full.
+    :param max_connections_per_identity: connections one peer identity may hold.
+    :param max_buffered_total: bytes all inbound flows may hold in buffers (None:
+        not watched).
+    :param max_buffered_per_connection: bytes the inbound flows of one connection
+        may hold; beyond it the listener resets the connection's fullest flows.
     """
 
     max_streams_per_identity: int
     max_streams_total: int
     max_rss: int | None
     max_descriptors: int
+    max_connections_per_identity: int = 256
+    max_buffered_total: int | None = None
+    max_buffered_per_connection: int | None = None
     state: str = "normal"
-    pressure: dict[str, float] = field(default_factory=lambda: {"memory": 0.0, "descriptors": 0.0})
+    pressure: dict[str, float] = field(
+        default_factory=lambda: {"memory": 0.0, "descriptors": 0.0, "buffers": 0.0}
+    )
     refusals: Counter[str] = field(default_factory=Counter)
-    """Streams refused, by reason: ``per_identity``, ``total``, ``overloaded``."""
+    """Streams refused, by reason: ``per_identity``, ``total``, ``overloaded``,
+    ``connections_per_identity``."""
     shed: int = 0
     """Flows reset to shed load."""
+    buffer_resets: int = 0
+    """Flows reset because their connection held more than ``max_buffered_per_connection``."""
+    buffered: int = 0
+    """Bytes the inbound flows held in buffers at the last sample."""
     _per_identity: Counter[str] = field(default_factory=Counter)
     _total: int = 0
 
-    def update(self, rss: int, descriptors: int) -> str:
+    def update(self, rss: int, descriptors: int, buffered: int = 0) -> str:
         """Take a sample; return the new state."""
+        self.buffered = buffered
         self.pressure["memory"] = rss / self.max_rss if self.max_rss else 0.0
         self.pressure["descriptors"] = descriptors / self.max_descriptors
+        self.pressure["buffers"] = (
+            buffered / self.max_buffered_total if self.max_buffered_total else 0.0
+        )
         worst = max(self.pressure.values())
         if worst >= SHED:
             self.state = "shed"
@@ -104,6 +126,24 @@ class OverloadManager:
             return None
         self.refusals[reason] += 1
         return why
+
+    def admit_connection(self, identity: str, connections: int) -> str | None:
+        """A connection of ``identity`` carries its first stream while the identity
+        holds ``connections`` live connections (this one excluded): the refusal, or None."""
+        if connections < self.max_connections_per_identity:
+            return None
+        self.refusals["connections_per_identity"] += 1
+        return (
+            f"max_connections_per_identity ({self.max_connections_per_identity})"
+            f" reached by {identity}"
+        )
+
+    def over_buffered(self, per_connection: dict[object, int]) -> list[object]:
+        """The connections holding more than ``max_buffered_per_connection``."""
+        cap = self.max_buffered_per_connection
+        if cap is None:
+            return []
+        return [connection for connection, held in per_connection.items() if held > cap]
 
     def release(self, identity: str) -> None:
         """A stream admitted by :meth:`admit` ended."""

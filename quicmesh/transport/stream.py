@@ -233,6 +233,16 @@ class MeshStream:
         """The name of the transport carrying the stream: ``quic``, ``h2`` or ``tcp``."""
         return self._channel.transport_name
 
+    @property
+    def channel(self) -> StreamChannel:
+        """The connection carrying this stream (to group a peer's flows by connection)."""
+        return self._channel
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this stream holds in memory: received and not read, written and not sent."""
+        return len(self._buffer) + self._channel.stream_unsent_bytes(self)
+
     async def drain(self) -> None:
         """Wait until this stream's unsent bytes fall to the high-water mark."""
         await self._wait_unsent_at_most(self._high_water)

@@ -10,6 +10,7 @@ counted for ``/metrics``. Real QUIC on loopback against the inbound listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import socket
 from pathlib import Path
@@ -23,7 +24,7 @@ import quicmesh
 from quicmesh import QuicTransport
 from quicmesh.sidecar.config import parse_config
 from quicmesh.sidecar.flows import FlowTracker
-from quicmesh.sidecar.inbound import InboundListener
+from quicmesh.sidecar.inbound import InboundListener, inbound_transport, receive_windows
 from quicmesh.sidecar.overload import OverloadManager
 from quicmesh.sidecar.stats import ListenerStats
 
@@ -156,3 +157,113 @@ def test_overload_states_follow_the_fullest_resource() -> None:
     manager.release("a")
     assert manager.admit("c") is None
     assert dict(manager.refusals) == {"overloaded": 1, "per_identity": 1, "total": 1}
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def _roundtrip(conn: Any, target: str) -> None:
+    stream = await conn.open_stream(target)
+    stream.write(b"ok")
+    stream.write_eof()
+    assert await asyncio.wait_for(stream.read(), 10) == b"ok"
+
+
+def test_one_identity_cannot_hold_more_than_its_connections() -> None:
+    async def main() -> None:
+        app = await _echo_server()
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        listener, address = await _inbound(max_connections_per_identity=2)
+        client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle)
+        conns = [await client.connect(address) for _ in range(3)]
+        for conn in conns[:2]:
+            await _roundtrip(conn, target)
+        # The third connection's first stream is refused and the connection closed.
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await conns[2].open_stream(target)
+        assert refused.value.status == 503
+        assert "max_connections_per_identity (2)" in str(refused.value)
+        await _until(lambda: conns[2].is_closed)
+        # Connections kept idle beyond the limit are closed by the sampler.
+        idle = [await client.connect(address) for _ in range(2)]
+        await _until(lambda: all(c.is_closed for c in idle))
+        # The identity's first two connections carry on.
+        for conn in conns[:2]:
+            assert not conn.is_closed
+            await _roundtrip(conn, target)
+        assert listener.overload.refusals["connections_per_identity"] == 3
+        for conn in conns:
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        app.close()
+
+    run(main())
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("cap_mib", "stream_window", "connection_window"),
+    [(None, MIB, 16 * MIB), (4, MIB, 2 * MIB), (1, MIB // 2, MIB // 2), (0.01, 65536, 65536)],
+)
+def test_max_buffered_per_connection_sets_the_receive_windows(
+    cap_mib: float | None, stream_window: int, connection_window: int
+) -> None:
+    """What one peer connection can make the listener buffer on the receive side
+    is bounded by flow control: the QUIC and H2 receive windows are set to half
+    of ``max_buffered_per_connection`` (default 32 MiB: the transports' own 16 MiB)."""
+    if cap_mib is not None and cap_mib < 1:
+        assert receive_windows(int(cap_mib * MIB)) == (stream_window, connection_window)
+        return
+    limits = {} if cap_mib is None else {"max_buffered_per_connection": cap_mib}
+    config = _config(transports=["quic", "h2"], **limits)
+    for name in ("quic", "h2"):
+        transport: Any = inbound_transport(name, SERVER, CA.trust_bundle, 128, config)
+        assert (transport.stream_window, transport.connection_window) == (
+            stream_window,
+            connection_window,
+        )
+
+
+async def _firehose_app() -> asyncio.Server:
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = b"y" * 65536
+        with contextlib.suppress(OSError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    return await asyncio.start_server(firehose, "127.0.0.1", 0)
+
+
+def test_a_peer_that_stops_reading_gets_its_fullest_flows_reset() -> None:
+    """A peer opens streams to a destination that sends without end and reads
+    none of it: past ``max_buffered_per_connection`` the listener resets the
+    connection's fullest flows (counted, logged once per 10 s)."""
+
+    async def main() -> None:
+        app = await _firehose_app()
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        listener, address = await _inbound(max_buffered_per_connection=1)
+        conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
+        streams = [await conn.open_stream(target) for _ in range(32)]
+        await _until(lambda: listener.overload.buffer_resets > 0, 20)
+        metrics = listener.stats.to_dict()["overload"]
+        assert metrics["buffer_resets"] >= 1  # type: ignore[index]
+        for stream in streams:
+            stream.abort()
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        app.close()
+
+    run(main())
