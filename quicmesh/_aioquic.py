@@ -63,6 +63,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -75,13 +76,14 @@ from aioquic.asyncio.server import _encode_invalid_token_close
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
 from aioquic.quic.crypto import CryptoPair, KeyUnavailableError
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
 from cryptography import x509
 
+from .transport._stream_rate import StreamRate
 from .transport.quic import engine as engine_events
 from .tunnel.connect import MAX_FIELD_SECTION_SIZE
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
@@ -696,6 +698,44 @@ class MeshPacketRecovery(QuicPacketRecovery):
         super()._on_packets_lost(packets=packets, **kwargs)
 
 
+class RateLimitedStreamCredit(Limit):
+    """aioquic's MAX_STREAMS (bidirectional) limit of one connection, whose
+    increases go through a :class:`~quicmesh.transport._stream_rate.StreamRate`.
+
+    aioquic raises the limit by one for each peer stream it discards (``value +=
+    1``): here that credit is *wanted*, and granted when the bucket has tokens
+    (read by ``_write_connection_limits`` when it builds a packet).
+    """
+
+    def __init__(self, limit: Limit, bucket: StreamRate) -> None:
+        self.frame_type = limit.frame_type
+        self.name = limit.name
+        self.sent = limit.sent
+        self.used = limit.used
+        self._granted = self._wanted = limit.value
+        self.bucket = bucket
+
+    @property
+    def value(self) -> int:
+        if self._wanted > self._granted:
+            self._granted += self.bucket.take(self._wanted - self._granted, time.monotonic())
+        return self._granted
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self._wanted += value - self._granted
+
+    def next_grant_at(self, now: float) -> float | None:
+        """When the tokens for a batch of the owed credit are there (at most about
+        100 MAX_STREAMS updates a second, none sooner than 2 ms), or None."""
+        if self._wanted <= self._granted:
+            return None
+        bucket = self.bucket
+        batch = min(self._wanted - self._granted, max(1, int(bucket.rate / 100)))
+        bucket.take(0, now)  # refill
+        return max(now + 0.002, now + (batch - bucket.tokens) / bucket.rate)
+
+
 class MeshQuicConnection(QuicConnection):
     """aioquic's ``QuicConnection`` with every quicmesh deviation, in one class.
 
@@ -742,6 +782,10 @@ class MeshQuicConnection(QuicConnection):
     8. ``_on_max_stream_data_delivery``: the stream goes back to the scheduler.
     9. ``_replenish_connection_ids`` (server): new connection IDs get derived
        reset tokens too.
+    10. ``get_timer`` (server, with :meth:`attach_stream_rate`): the credit for
+        new peer streams that aioquic returns as streams end is granted through
+        the identity's token bucket (:class:`RateLimitedStreamCredit`); the
+        timer also fires when held-back credit can next be granted.
 
     The private aioquic names these rely on are listed, with signatures, in
     ``tests/test_aioquic_canary.py``.
@@ -819,6 +863,14 @@ class MeshQuicConnection(QuicConnection):
     def attach_scheduler(self, scheduler: ActiveStreamScheduler) -> None:
         """Let ``scheduler`` choose which streams the packet writer sees."""
         self.scheduler = scheduler
+
+    def attach_stream_rate(self, bucket: StreamRate) -> None:
+        """(server) Grant the peer new-stream credit at ``bucket``'s rate (step 10)."""
+        limit = self._local_max_streams_bidi
+        if isinstance(limit, RateLimitedStreamCredit):
+            limit.bucket = bucket
+        else:
+            self._local_max_streams_bidi = RateLimitedStreamCredit(limit, bucket)
 
     # -- 2. TLS --------------------------------------------------------------------
 
@@ -959,6 +1011,17 @@ class MeshQuicConnection(QuicConnection):
                     connection_id.stateless_reset_token = stateless_reset_token(
                         key, connection_id.cid
                     )
+
+    # -- 10. stream credit at a rate ------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        at = super().get_timer()
+        limit = self._local_max_streams_bidi
+        if isinstance(limit, RateLimitedStreamCredit):
+            grant = limit.next_grant_at(time.monotonic())
+            if grant is not None and (at is None or grant < at):
+                return grant
+        return at
 
     # -- counts ----------------------------------------------------------------------------
 

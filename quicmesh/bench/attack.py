@@ -10,7 +10,12 @@ process, between a baseline phase and an after phase of the same length:
   decrypts), 10,000 in 10 s (``--quick``: 2,000 in 2 s);
 * ``qpack``: 16 QPACK bombs (a 3.9 KB dynamic-table entry referenced 60,000
   times in one 60 KB header block) on one authenticated connection;
-* ``churn``: one identity opening and resetting streams as fast as it can.
+* ``churn``: one identity opening and resetting streams at 9,000/s in all
+  (``--churn-rate``), from several attacker processes (``--attackers``, 3) that
+  share the identity's certificate, one connection each (one Python process
+  reaches about 3,000 streams/s; h2load cannot present a client certificate).
+  Each attacker obeys the listener's stream credit (MAX_STREAMS), as aioquic
+  does; the line it prints gives the rate offered and the streams it opened.
 
 It prints p50/p99 of the good flows per phase, failures, the listener's CPU
 and peak RSS per phase, and PASS when the during-phase p99 is within 3x of the
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -34,7 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from .. import DevCA, MeshStream, QuicTransport
+import pylsqpack
+
+from .. import DevCA, Identity, MeshStream, QuicTransport, _aioquic
+from ..transport._stream_rate import DEFAULT_STREAM_RATE
 from ..tunnel.h3 import H3TunnelSession
 
 TARGET = "echo.bench:1"
@@ -48,10 +57,14 @@ async def _echo(stream: MeshStream) -> None:
     stream.write_eof()
 
 
-async def _serve(ca_dir: str) -> None:
+async def _serve(ca_dir: str, stream_rate: float) -> None:
     ca = DevCA.load(ca_dir)
     identity = ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/server")
-    transport = QuicTransport(identity=identity, trust=ca.trust_bundle)
+    transport = QuicTransport(
+        identity=identity,
+        trust=ca.trust_bundle,
+        max_stream_rate=stream_rate or None,
+    )
     listener = await transport.listen(("127.0.0.1", 0), _echo)
     print(listener.address[1], flush=True)
     while True:
@@ -130,7 +143,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
         print(f"sent {count} forged Initials", flush=True)
         return
     ca = DevCA.load(ca_dir)
-    identity = ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/attacker")
+    identity = Identity.from_files(Path(ca_dir) / "attacker.pem", Path(ca_dir) / "attacker.key")
     conn = await QuicTransport(identity=identity, trust=ca.trust_bundle).connect(address)
     if probe == "qpack":
         quic = conn.protocol._quic
@@ -146,19 +159,42 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
         print(f"sent {count} QPACK bombs", flush=True)
         await asyncio.sleep(1)
         return
-    opened = 0
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        if not conn.can_open_stream:
-            await asyncio.sleep(0.001)
-            continue
-        stream = await conn.open_stream(TARGET, wait_response=False)
-        stream.write(b"x")
-        stream.abort()
-        opened += 1
-        if opened % 50 == 0:
-            await asyncio.sleep(0)
-    print(f"churned {opened} streams ({opened / duration:.0f}/s)", flush=True)
+    # Rapid reset, as HTTP/2's CVE-2023-44487: every 10 ms, send a CONNECT
+    # HEADERS frame (and a byte) on each new stream the credit allows, and reset
+    # the streams of the previous tick. Frames are queued straight into the QUIC
+    # connection and go out packed many to a datagram, so one process can offer
+    # 9,000 streams/s. Like any aioquic client it sends no stream beyond the
+    # listener's MAX_STREAMS: what it could not open is counted as held back.
+    quic = conn.protocol._quic
+    encoder = pylsqpack.Encoder()
+    _, block = encoder.encode(0, [(b":method", b"CONNECT"), (b":authority", TARGET.encode())])
+    frame = _varint(1) + _varint(len(block)) + block + _varint(0) + _varint(1) + b"x"
+    opened = held = 0
+    previous: list[int] = []
+    start = time.monotonic()
+    deadline = start + duration
+    tick = 0.01
+    while (now := time.monotonic()) < deadline:
+        for stream_id in previous:
+            quic.reset_stream(stream_id, 0x10C)  # H3_REQUEST_CANCELLED, both ways
+            quic.stop_stream(stream_id, 0x10C)
+        previous = []
+        due = int((now - start) * count) - opened - held
+        for _ in range(max(0, due)):
+            stream_id = quic.get_next_available_stream_id()
+            if not _aioquic.can_open_bidi_stream(quic):
+                held += 1
+                continue
+            quic.send_stream_data(stream_id, frame)
+            previous.append(stream_id)
+            opened += 1
+        conn.protocol.transmit()
+        await asyncio.sleep(tick)
+    print(
+        f"offered {count:.0f}/s, opened {opened} streams ({opened / duration:.0f}/s),"
+        f" {held} held back by the listener's stream credit",
+        flush=True,
+    )
 
 
 @dataclass
@@ -235,7 +271,17 @@ async def _good_traffic(
 
 async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> list[Phase]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "quicmesh.bench.attack", "--role", "server", "--ca", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "quicmesh.bench.attack",
+            "--role",
+            "server",
+            "--ca",
+            str(workdir),
+            "--max-stream-rate",
+            str(args.max_stream_rate),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -251,27 +297,43 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
         phases = [Phase("before"), Phase("during"), Phase("after")]
         await _good_traffic(phases[0], client, conn, port, args.phase, server.pid)
         count = {"initials": args.initials, "qpack": 16, "churn": 0}[probe]
-        attacker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "quicmesh.bench.attack",
-            "--role",
-            "attacker",
-            "--probe",
-            probe,
-            "--port",
-            str(port),
-            "--ca",
-            str(workdir),
-            "--duration",
-            str(args.attack),
-            "--count",
-            str(count),
-            stdout=asyncio.subprocess.PIPE,
-        )
+        processes = args.attackers if probe == "churn" else 1
+        if probe == "churn":
+            count = int(args.churn_rate / processes)
+        attackers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "quicmesh.bench.attack",
+                "--role",
+                "attacker",
+                "--probe",
+                probe,
+                "--port",
+                str(port),
+                "--ca",
+                str(workdir),
+                "--duration",
+                str(args.attack),
+                "--count",
+                str(count),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            for _ in range(processes)
+        ]
         await _good_traffic(phases[1], client, conn, port, args.attack, server.pid)
-        output, _ = await attacker.communicate()
-        print(f"  attacker: {output.decode().strip()}")
+        opened = 0
+        for attacker in attackers:
+            output, _ = await attacker.communicate()
+            line = output.decode().strip()
+            print(f"  attacker: {line}")
+            if match := re.search(r"opened (\d+) streams", line):
+                opened += int(match.group(1))
+        if probe == "churn":
+            print(
+                f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
+                f" opened {opened / args.attack:.0f}/s"
+            )
         await _good_traffic(phases[2], client, conn, port, args.phase, server.pid)
         conn.close()
         return phases
@@ -290,6 +352,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--phase", type=float, default=5.0, help="seconds before and after")
     parser.add_argument("--attack", type=float, default=10.0, help="seconds of attack")
     parser.add_argument("--initials", type=int, default=10000)
+    parser.add_argument(
+        "--churn-rate", type=float, default=9000.0, help="streams/s one identity offers in all"
+    )
+    parser.add_argument("--attackers", type=int, default=1, help="churn attacker processes")
+    parser.add_argument(
+        "--max-stream-rate",
+        type=float,
+        default=DEFAULT_STREAM_RATE,
+        help="the listener's max_stream_rate: new streams/s per identity (0: unlimited)",
+    )
     parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
@@ -297,7 +369,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "server":
-        asyncio.run(_serve(args.ca))
+        asyncio.run(_serve(args.ca, args.max_stream_rate))
         return 0
     if args.role == "attacker":
         asyncio.run(_attack(args.probe[0], args.port, args.ca, args.duration, args.count))
@@ -308,7 +380,11 @@ def main(argv: list[str]) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="quicmesh-bench-attack-") as directory:
         workdir = Path(directory)
-        DevCA().save(workdir)
+        ca = DevCA()
+        ca.save(workdir)
+        ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/attacker").save(
+            workdir / "attacker.pem", workdir / "attacker.key"
+        )
         for probe in probes:
             print(f"probe {probe}:")
             phases = asyncio.run(_run_probe(probe, args, workdir))

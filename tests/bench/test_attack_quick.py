@@ -38,3 +38,32 @@ def test_unknown_probe_is_refused_in_one_line() -> None:
     )
     assert result.returncode == 2
     assert "invalid choice: 'nope'" in result.stderr
+
+
+def test_a_short_churn_probe_offers_the_rate_and_is_held_by_stream_credit() -> None:
+    result = subprocess.run(
+        [
+            "quicmesh",
+            "bench",
+            "attack",
+            "--probe",
+            "churn",
+            "--phase",
+            "1",
+            "--attack",
+            "2",
+            "--max-stream-rate",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    assert "one identity, 1 connections: offered 9000/s" in out, out + result.stderr
+    opened = int(out.split("one identity, 1 connections: offered 9000/s, opened ")[1].split("/")[0])
+    # 200/s for 2 s plus the first 128 streams' credit and the bucket's burst: the
+    # listener never let the attacker reach its 9,000/s.
+    assert 0 < opened <= (128 + 128 + 200 * 2 * 1.5) / 2
+    assert "held back by the listener's stream credit" in out
+    assert ("PASS" in out) == (result.returncode == 0)

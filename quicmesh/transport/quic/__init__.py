@@ -40,6 +40,7 @@ import errno
 import logging
 import os
 import socket
+import time
 import weakref
 from collections import Counter
 from typing import Any, cast
@@ -71,6 +72,7 @@ from ...tunnel.session import ResetReason
 from .. import _udp
 from .._admission import ADMISSION_COUNTERS, Admission, AdmissionConfig, Decision, RateLimitedLog
 from .._session import SessionConnection
+from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
 from ..base import Address, Authorizer, Listener, StreamHandler, Transport, host_port
 from ..liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
 from ..stream import MeshStream
@@ -866,6 +868,10 @@ class _TunnelProtocol(QuicConnectionProtocol):
         if self.connection is None:
             self._create_connection(identity)
         assert self.connection is not None
+        if not self.is_client:
+            bucket = self._owner.stream_rates.for_identity(identity, time.monotonic())
+            if bucket is not None:
+                self._quic.attach_stream_rate(bucket)
         self._liveness = Liveness(self._owner.liveness, self._loop.time())
         self._commit_tickets(identity)
         if self.is_client and self.connection.early_data == "attempted":
@@ -1035,6 +1041,10 @@ class QuicTransport(Transport):
     :param dead_after: seconds with packets unacknowledged and nothing received
         after which the connection fails the same way (None: no bound).
         :mod:`quicmesh.transport.liveness` has the rules, ICMP unreachable included.
+    :param max_stream_rate: (server) new streams per second one peer identity may
+        open, over all its connections, through the stream credit (MAX_STREAMS) it
+        is granted (:mod:`quicmesh.transport._stream_rate`; None: as fast as its
+        streams end). Churn and rapid reset cost the listener no more than this.
     :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`;
         ``"aioquic"``, the default, is the only one built in). An unknown name
         raises :class:`ValueError` naming the valid ones.
@@ -1076,6 +1086,7 @@ class QuicTransport(Transport):
         max_probe_timeouts: int | None = 6,
         dead_after: float | None = 10.0,
         engine: str = "aioquic",
+        max_stream_rate: float | None = DEFAULT_STREAM_RATE,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         found = get_engine(engine)
@@ -1100,6 +1111,10 @@ class QuicTransport(Transport):
         self.connection_window = connection_window
         self.high_water = high_water
         self.max_streams = max_streams
+        if max_stream_rate is not None and not max_stream_rate > 0:
+            raise ConfigError(f"max_stream_rate must be positive, not {max_stream_rate}")
+        self.stream_rates = StreamRates(max_stream_rate, burst=max_streams)
+        """(server) One new-stream token bucket per peer identity (:mod:`.._stream_rate`)."""
         self.qlog_dir = qlog_dir
         self.ticket_cache = ticket_cache if ticket_cache is not None else TicketCache()
         self.ticket_store = ticket_store if ticket_store is not None else TicketStore()

@@ -1,0 +1,80 @@
+"""Stream-open rate per peer identity, enforced through stream credit (sans-IO).
+
+A QUIC peer may open a new stream each time one of its streams ends: aioquic
+raises MAX_STREAMS by one for every stream it discards, so a peer that opens and
+resets streams in a loop ("rapid reset", stream churn) makes the listener parse
+and discard streams as fast as it can send them. Refusing such streams after
+they arrive still costs their parsing; withholding the credit costs nothing.
+
+:class:`StreamRate` is a token bucket: the credit a connection returns to its
+peer for ended streams is granted at most ``rate`` per second over a burst of
+``burst``, and the bucket is shared by every connection of one peer identity
+(:class:`StreamRates`), so opening more connections does not multiply the rate.
+The credit held back is granted as tokens refill; the connection's timer asks
+for :meth:`StreamRate.next_at`. A compliant peer waits for MAX_STREAMS (its
+streams beyond the credit are never sent); a peer that ignores it gets
+STREAM_LIMIT_ERROR. The connection's first ``max_streams`` credit is not
+counted: the bucket bounds the *rate* of new streams, the concurrency limit
+stays ``max_streams``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+DEFAULT_STREAM_RATE = 1000.0
+"""New streams per second one peer identity may open, over all its connections."""
+
+
+class StreamRate:
+    """A token bucket of new-stream credit.
+
+    :param rate: tokens per second.
+    :param burst: the most tokens held (at least 1).
+    :param now: the current time (seconds, the clock later calls use).
+    """
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0:
+            raise ValueError("stream rate must be positive")
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = self.burst
+        self._at = now
+
+    def take(self, wanted: int, now: float) -> int:
+        """Grant up to ``wanted`` credits now; return how many."""
+        if now > self._at:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        granted = min(wanted, int(self._tokens))
+        self._tokens -= granted
+        return granted
+
+    @property
+    def tokens(self) -> float:
+        """Tokens held at the last :meth:`take`."""
+        return self._tokens
+
+
+class StreamRates:
+    """One :class:`StreamRate` per peer identity, kept while a connection uses it.
+
+    :param rate: new streams per second per identity (None: not limited).
+    :param burst: the bucket's size.
+    """
+
+    def __init__(self, rate: float | None, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: weakref.WeakValueDictionary[str, StreamRate] = weakref.WeakValueDictionary()
+
+    def for_identity(self, identity: str, now: float) -> StreamRate | None:
+        """The bucket of ``identity`` (the same object for all its connections)."""
+        if self.rate is None:
+            return None
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            bucket = StreamRate(self.rate, self.burst, now)
+            self._buckets[identity] = bucket
+        return bucket
