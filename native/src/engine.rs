@@ -1,0 +1,587 @@
+//! The QUIC engine proper, free of Python: a quinn endpoint on a tokio runtime, whose
+//! connections and streams are driven by tasks that report what happened as [`Event`]s.
+//!
+//! Python (see `lib.rs`) sends commands through per-stream channels and collects the events in
+//! batches: [`Shared::push`] writes one byte to a socket pair when the queue becomes non-empty,
+//! so an event loop can watch its other end.
+//!
+//! Stream credit is driven by the application's reads: a stream's receive task only takes data
+//! out of quinn (which is what lets quinn send MAX_STREAM_DATA) when Python asked for a read.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// The process-wide runtime driving every native endpoint (one I/O thread: the GIL is never
+/// needed there, and the machines quicmesh runs on are small).
+pub fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("quicmesh-native")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the native QUIC runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Lock a mutex, also when a panicking task poisoned it (the data stays consistent: every
+/// critical section here is a single map or queue operation).
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a connection ended or could not be established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// A certificate was refused (by us or, through a TLS alert, by the peer).
+    Verification,
+    /// The peer closed the connection (application or transport close without a TLS alert).
+    PeerClosed,
+    /// This side closed it.
+    LocallyClosed,
+    /// The idle timeout expired (the peer is unreachable or silent).
+    TimedOut,
+    /// Anything else: version mismatch, stateless reset, protocol violation.
+    Failed,
+}
+
+impl CloseKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseKind::Verification => "verification",
+            CloseKind::PeerClosed => "peer_closed",
+            CloseKind::LocallyClosed => "locally_closed",
+            CloseKind::TimedOut => "timed_out",
+            CloseKind::Failed => "failed",
+        }
+    }
+}
+
+/// Classify a quinn connection error; crypto errors (0x100-0x1ff) are certificate refusals.
+pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
+    let is_crypto = |code: u64| (0x100..0x200).contains(&code);
+    let kind = match error {
+        ConnectionError::TransportError(e) if is_crypto(u64::from(e.code)) => {
+            CloseKind::Verification
+        }
+        ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => {
+            CloseKind::Verification
+        }
+        ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => {
+            CloseKind::PeerClosed
+        }
+        ConnectionError::LocallyClosed => CloseKind::LocallyClosed,
+        ConnectionError::TimedOut => CloseKind::TimedOut,
+        _ => CloseKind::Failed,
+    };
+    (kind, error.to_string())
+}
+
+/// (client) Wait until the server confirmed the handshake (HANDSHAKE_DONE, RFC 9001 4.1.2).
+///
+/// In TLS 1.3 a client's handshake completes before the server has checked the client's
+/// certificate; a refusal comes after. Waiting for confirmation makes a refused client
+/// certificate fail the connect instead of the first use. quinn has no event for it, so its
+/// frame counters are polled every millisecond, at most until the connection ends.
+pub async fn confirmed(conn: &Connection) -> Result<(), ConnectionError> {
+    let confirmation = async {
+        while conn.stats().frame_rx.handshake_done == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        () = confirmation => Ok(()),
+        error = conn.closed() => Err(error),
+    }
+}
+
+/// What the engine reports to Python.
+#[derive(Debug)]
+pub enum Event {
+    /// A client connection completed its handshake (peer verified).
+    Connected { token: u64, conn: u64 },
+    /// A client connection failed before its handshake completed.
+    ConnectFailed {
+        token: u64,
+        kind: CloseKind,
+        message: String,
+    },
+    /// A server accepted a connection (client certificate verified).
+    Accepted { conn: u64 },
+    /// An incoming connection failed its handshake (e.g. its certificate was refused).
+    AcceptFailed { kind: CloseKind, message: String },
+    /// A stream this side asked to open is open.
+    StreamOpened { token: u64, conn: u64, stream: u64 },
+    /// A stream could not be opened (the connection is gone).
+    OpenFailed {
+        token: u64,
+        conn: u64,
+        message: String,
+    },
+    /// The peer opened a stream.
+    StreamAccepted {
+        conn: u64,
+        stream: u64,
+        bidirectional: bool,
+    },
+    /// Data read on a stream (in answer to a read request); `fin`: the peer finished it.
+    Data {
+        conn: u64,
+        stream: u64,
+        chunks: Vec<Bytes>,
+        fin: bool,
+    },
+    /// `bytes` more of a stream's writes were taken by quinn (within the peer's credit).
+    Written { conn: u64, stream: u64, bytes: u64 },
+    /// The peer reset the stream (RESET_STREAM) with `code`.
+    ResetReceived { conn: u64, stream: u64, code: u64 },
+    /// The peer asked us to stop sending (STOP_SENDING) with `code`.
+    StopSendingReceived { conn: u64, stream: u64, code: u64 },
+    /// A connection ended; its streams are gone.
+    Closed {
+        conn: u64,
+        kind: CloseKind,
+        message: String,
+    },
+}
+
+/// Commands for a stream's sending task.
+#[derive(Debug)]
+pub enum SendCmd {
+    Write(Bytes),
+    Finish,
+    Reset(VarInt),
+}
+
+/// Commands for a stream's receiving task.
+#[derive(Debug)]
+pub enum RecvCmd {
+    Read(usize),
+    StopSending(VarInt),
+}
+
+/// The halves of a stream Python can still command.
+#[derive(Debug, Default)]
+pub struct StreamHandles {
+    pub send: Option<UnboundedSender<SendCmd>>,
+    pub recv: Option<UnboundedSender<RecvCmd>>,
+}
+
+/// State shared between the Python-facing endpoint and its tasks.
+#[derive(Debug)]
+pub struct Shared {
+    events: Mutex<Vec<Event>>,
+    wake: UnixStream,
+    pub connections: Mutex<HashMap<u64, Connection>>,
+    pub streams: Mutex<HashMap<(u64, u64), StreamHandles>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Create the shared state; returns it with the read end of the wake-up socket pair.
+    pub fn new() -> std::io::Result<(Arc<Self>, UnixStream)> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let shared = Shared {
+            events: Mutex::new(Vec::new()),
+            wake: writer,
+            connections: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        };
+        Ok((Arc::new(shared), reader))
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queue an event; wake the reader if the queue was empty.
+    pub fn push(&self, event: Event) {
+        let mut events = lock(&self.events);
+        let was_empty = events.is_empty();
+        events.push(event);
+        if was_empty {
+            // A full socket buffer means a wake-up byte is already pending: nothing is lost.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+
+    /// Take every queued event.
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut *lock(&self.events))
+    }
+
+    /// Record a connection and start serving its incoming streams and its end.
+    pub fn adopt(self: &Arc<Self>, conn: Connection) -> u64 {
+        let id = self.next_id();
+        lock(&self.connections).insert(id, conn.clone());
+        let shared = Arc::clone(self);
+        tokio::spawn(async move { shared.serve(id, conn).await });
+        id
+    }
+
+    async fn serve(self: Arc<Self>, id: u64, conn: Connection) {
+        loop {
+            tokio::select! {
+                accepted = conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let stream = u64::from(send.id());
+                        self.start_stream(id, stream, Some(send), Some(recv));
+                        self.push(Event::StreamAccepted { conn: id, stream, bidirectional: true });
+                    }
+                    Err(_) => break,
+                },
+                accepted = conn.accept_uni() => match accepted {
+                    Ok(recv) => {
+                        let stream = u64::from(recv.id());
+                        self.start_stream(id, stream, None, Some(recv));
+                        self.push(Event::StreamAccepted { conn: id, stream, bidirectional: false });
+                    }
+                    Err(_) => break,
+                },
+            }
+        }
+        let (kind, message) = classify(&conn.closed().await);
+        lock(&self.connections).remove(&id);
+        lock(&self.streams).retain(|(c, _), _| *c != id);
+        self.push(Event::Closed {
+            conn: id,
+            kind,
+            message,
+        });
+    }
+
+    /// Register a stream's halves and start their tasks.
+    pub fn start_stream(
+        self: &Arc<Self>,
+        conn: u64,
+        stream: u64,
+        send: Option<SendStream>,
+        recv: Option<RecvStream>,
+    ) {
+        let mut handles = StreamHandles::default();
+        if let Some(send) = send {
+            let (tx, rx) = unbounded_channel();
+            handles.send = Some(tx);
+            tokio::spawn(Arc::clone(self).send_task(conn, stream, send, rx));
+        }
+        if let Some(recv) = recv {
+            let (tx, rx) = unbounded_channel();
+            handles.recv = Some(tx);
+            tokio::spawn(Arc::clone(self).recv_task(conn, stream, recv, rx));
+        }
+        lock(&self.streams).insert((conn, stream), handles);
+    }
+
+    /// Forget a finished half; the stream is forgotten when both are.
+    fn release(&self, conn: u64, stream: u64, send_half: bool) {
+        let mut streams = lock(&self.streams);
+        if let Some(handles) = streams.get_mut(&(conn, stream)) {
+            if send_half {
+                handles.send = None;
+            } else {
+                handles.recv = None;
+            }
+            if handles.send.is_none() && handles.recv.is_none() {
+                streams.remove(&(conn, stream));
+            }
+        }
+    }
+
+    async fn send_task(
+        self: Arc<Self>,
+        conn: u64,
+        stream: u64,
+        mut send: SendStream,
+        mut commands: UnboundedReceiver<SendCmd>,
+    ) {
+        enum Step {
+            Command(Option<SendCmd>),
+            Wrote(Result<usize, WriteError>),
+            Stopped(Result<Option<VarInt>, quinn::StoppedError>),
+        }
+        let mut queue: VecDeque<Bytes> = VecDeque::new();
+        let mut finishing = false;
+        let mut finished = false;
+        loop {
+            let step = if let Some(front) = queue.front() {
+                tokio::select! {
+                    biased;
+                    command = commands.recv() => Step::Command(command),
+                    wrote = send.write(front) => Step::Wrote(wrote),
+                }
+            } else {
+                let stopped = send.stopped();
+                tokio::select! {
+                    biased;
+                    command = commands.recv() => Step::Command(command),
+                    stopped = stopped => Step::Stopped(stopped),
+                }
+            };
+            match step {
+                Step::Command(None) => break,
+                Step::Command(Some(SendCmd::Write(data))) => {
+                    if !finishing && !data.is_empty() {
+                        queue.push_back(data);
+                    }
+                }
+                Step::Command(Some(SendCmd::Finish)) => finishing = true,
+                Step::Command(Some(SendCmd::Reset(code))) => {
+                    let _ = send.reset(code);
+                    break;
+                }
+                Step::Wrote(Ok(written)) => {
+                    if let Some(front) = queue.front_mut() {
+                        if written >= front.len() {
+                            queue.pop_front();
+                        } else {
+                            let _ = front.split_to(written);
+                        }
+                    }
+                    self.push(Event::Written {
+                        conn,
+                        stream,
+                        bytes: written as u64,
+                    });
+                }
+                Step::Wrote(Err(WriteError::Stopped(code))) | Step::Stopped(Ok(Some(code))) => {
+                    self.push(Event::StopSendingReceived {
+                        conn,
+                        stream,
+                        code: code.into_inner(),
+                    });
+                    break;
+                }
+                // All data acknowledged after FIN, or the connection is gone (its Closed event
+                // tells Python), or the stream was already closed.
+                Step::Wrote(Err(_)) | Step::Stopped(_) => break,
+            }
+            if finishing && !finished && queue.is_empty() {
+                if send.finish().is_err() {
+                    break;
+                }
+                finished = true;
+            }
+        }
+        self.release(conn, stream, true);
+    }
+
+    async fn recv_task(
+        self: Arc<Self>,
+        conn: u64,
+        stream: u64,
+        mut recv: RecvStream,
+        mut commands: UnboundedReceiver<RecvCmd>,
+    ) {
+        enum Step {
+            Command(Option<RecvCmd>),
+            Read(Result<Option<quinn::Chunk>, ReadError>),
+        }
+        let mut wanted: Option<usize> = None;
+        loop {
+            let step = if let Some(max) = wanted {
+                tokio::select! {
+                    biased;
+                    command = commands.recv() => Step::Command(command),
+                    read = recv.read_chunk(max, true) => Step::Read(read),
+                }
+            } else {
+                Step::Command(commands.recv().await)
+            };
+            match step {
+                Step::Command(None) => break,
+                Step::Command(Some(RecvCmd::Read(max))) => wanted = Some(max.max(1)),
+                Step::Command(Some(RecvCmd::StopSending(code))) => {
+                    let _ = recv.stop(code);
+                    break;
+                }
+                Step::Read(Ok(Some(chunk))) => {
+                    let max = wanted.take().unwrap_or(chunk.bytes.len());
+                    let (chunks, fin) = drain_ready(&mut recv, chunk.bytes, max);
+                    self.push(Event::Data {
+                        conn,
+                        stream,
+                        chunks,
+                        fin,
+                    });
+                    if fin {
+                        break;
+                    }
+                }
+                Step::Read(Ok(None)) => {
+                    self.push(Event::Data {
+                        conn,
+                        stream,
+                        chunks: Vec::new(),
+                        fin: true,
+                    });
+                    break;
+                }
+                Step::Read(Err(ReadError::Reset(code))) => {
+                    self.push(Event::ResetReceived {
+                        conn,
+                        stream,
+                        code: code.into_inner(),
+                    });
+                    break;
+                }
+                Step::Read(Err(_)) => break,
+            }
+        }
+        self.release(conn, stream, false);
+    }
+}
+
+/// After a first chunk, take whatever else is already buffered, up to `max` bytes in all, so
+/// one event carries a batch (read_chunk is cancel-safe: an unfinished poll takes nothing).
+fn drain_ready(recv: &mut RecvStream, first: Bytes, max: usize) -> (Vec<Bytes>, bool) {
+    let mut total = first.len();
+    let mut chunks = vec![first];
+    let mut context = Context::from_waker(Waker::noop());
+    while total < max {
+        let mut read = pin!(recv.read_chunk(max - total, true));
+        match read.as_mut().poll(&mut context) {
+            Poll::Ready(Ok(Some(chunk))) => {
+                total += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            Poll::Ready(Ok(None)) => return (chunks, true),
+            // Pending, or an error the next read request will report.
+            Poll::Ready(Err(_)) | Poll::Pending => break,
+        }
+    }
+    (chunks, false)
+}
+
+/// Resolve `host:port` (numeric addresses only: quicmesh resolves names before connecting).
+pub fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| format!("'{host}' is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Build quinn's transport parameters from the options Python passed.
+#[derive(Debug, Clone, Default)]
+pub struct TransportOptions {
+    pub stream_receive_window: Option<u64>,
+    pub receive_window: Option<u64>,
+    pub send_window: Option<u64>,
+    pub idle_timeout: Option<Duration>,
+    pub keep_alive: Option<Duration>,
+    pub max_bidi_streams: Option<u64>,
+    pub max_uni_streams: Option<u64>,
+    pub congestion: Option<String>,
+}
+
+impl TransportOptions {
+    pub fn build(&self) -> Result<quinn::TransportConfig, String> {
+        let varint = |name: &str, value: u64| {
+            VarInt::from_u64(value).map_err(|_| format!("{name} {value} is too large"))
+        };
+        let mut config = quinn::TransportConfig::default();
+        if let Some(v) = self.stream_receive_window {
+            config.stream_receive_window(varint("stream_receive_window", v)?);
+        }
+        if let Some(v) = self.receive_window {
+            config.receive_window(varint("receive_window", v)?);
+        }
+        if let Some(v) = self.send_window {
+            config.send_window(v);
+        }
+        if let Some(v) = self.idle_timeout {
+            let timeout = quinn::IdleTimeout::try_from(v)
+                .map_err(|_| format!("idle_timeout {v:?} is too large"))?;
+            config.max_idle_timeout(Some(timeout));
+        }
+        config.keep_alive_interval(self.keep_alive);
+        if let Some(v) = self.max_bidi_streams {
+            config.max_concurrent_bidi_streams(varint("max_bidi_streams", v)?);
+        }
+        if let Some(v) = self.max_uni_streams {
+            config.max_concurrent_uni_streams(varint("max_uni_streams", v)?);
+        }
+        match self.congestion.as_deref() {
+            None | Some("cubic") => {}
+            Some("newreno") => {
+                config.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
+            Some("bbr") => {
+                config.congestion_controller_factory(Arc::new(
+                    quinn::congestion::BbrConfig::default(),
+                ));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "congestion control '{other}' is not one of cubic, newreno, bbr"
+                ))
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_reject_bad_values() {
+        let bad = TransportOptions {
+            congestion: Some("vegas".into()),
+            ..Default::default()
+        };
+        assert!(bad.build().unwrap_err().contains("vegas"));
+        let huge = TransportOptions {
+            stream_receive_window: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert!(huge.build().unwrap_err().contains("too large"));
+        let good = TransportOptions {
+            congestion: Some("bbr".into()),
+            ..Default::default()
+        };
+        assert!(good.build().is_ok());
+    }
+
+    #[test]
+    fn addresses_are_numeric() {
+        assert!(socket_addr("127.0.0.1", 4433).is_ok());
+        assert!(socket_addr("::1", 4433).is_ok());
+        assert!(socket_addr("localhost", 4433).is_err());
+    }
+
+    #[test]
+    fn push_wakes_once_per_batch() {
+        let (shared, mut reader) = Shared::new().unwrap();
+        shared.push(Event::Accepted { conn: 1 });
+        shared.push(Event::Accepted { conn: 2 });
+        let mut buf = [0u8; 8];
+        let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(shared.take_events().len(), 2);
+        assert!(shared.take_events().is_empty());
+    }
+}

@@ -1,0 +1,589 @@
+//! `quicmesh._native`: quicmesh's native QUIC engine (quinn + rustls) as a Python module.
+//!
+//! One [`Endpoint`] owns a UDP socket; quinn runs its I/O, protection, ACKs, recovery and pacing
+//! on a tokio thread without the GIL. Python issues commands (each returns at once) and learns
+//! what happened from `drain()`, a batch of event tuples, after `fileno()` turned readable.
+//! The asyncio adaptor is `quicmesh/transport/native.py`; this layer has no policy of its own.
+//!
+//! Errors raised here are quicmesh's own exceptions (`quicmesh.errors`), built at the boundary;
+//! nothing panics across it (PyO3 would turn a panic into `PanicException`, but no code path
+//! here unwraps).
+
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod verify;
+
+use std::future::Future;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::IntoPyObjectExt;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::VarInt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TransportOptions};
+use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
+
+/// Build one of `quicmesh.errors`' exceptions carrying `message`.
+fn quicmesh_error(name: &str, message: impl Into<String>) -> PyErr {
+    let message = message.into();
+    Python::with_gil(|py| {
+        match py
+            .import("quicmesh.errors")
+            .and_then(|module| module.getattr(name))
+            .and_then(|class| class.call1((message.clone(),)))
+        {
+            Ok(instance) => PyErr::from_value(instance),
+            Err(error) => error,
+        }
+    })
+}
+
+fn config_error(message: impl Into<String>) -> PyErr {
+    quicmesh_error("ConfigError", message)
+}
+
+/// The certificates of a PEM bundle, in order.
+fn pem_certificates(pem: &[u8], what: &str) -> PyResult<Vec<CertificateDer<'static>>> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| config_error(format!("{what}: not valid PEM: {e}")))?;
+    if certificates.is_empty() {
+        return Err(config_error(format!("{what}: holds no certificate")));
+    }
+    Ok(certificates)
+}
+
+/// The roots of a trust bundle PEM, each with the trust domain its own `spiffe://` URI SAN names
+/// (as `quicmesh.tls.identity.TrustBundle.trust_domains_for` reads it; none: any domain).
+fn trust_roots(pem: &[u8]) -> PyResult<Vec<TrustRoot>> {
+    pem_certificates(pem, "trust bundle")?
+        .into_iter()
+        .map(|der| {
+            let uris = verify::uri_sans_of(der.as_ref())
+                .map_err(|e| config_error(format!("trust bundle: {e}")))?;
+            let trust_domain = uris.iter().find_map(|uri| {
+                let domain = uri.strip_prefix(SPIFFE_SCHEME_PREFIX)?.split('/').next()?;
+                (!domain.is_empty()).then(|| domain.to_owned())
+            });
+            Ok(TrustRoot { der, trust_domain })
+        })
+        .collect()
+}
+
+fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
+    match event {
+        Event::Connected { token, conn } => ("connected", token, conn).into_py_any(py),
+        Event::ConnectFailed {
+            token,
+            kind,
+            message,
+        } => ("connect_failed", token, kind.name(), message).into_py_any(py),
+        Event::Accepted { conn } => ("accepted", conn).into_py_any(py),
+        Event::AcceptFailed { kind, message } => {
+            ("accept_failed", kind.name(), message).into_py_any(py)
+        }
+        Event::StreamOpened {
+            token,
+            conn,
+            stream,
+        } => ("stream_opened", token, conn, stream).into_py_any(py),
+        Event::OpenFailed {
+            token,
+            conn,
+            message,
+        } => ("open_failed", token, conn, message).into_py_any(py),
+        Event::StreamAccepted {
+            conn,
+            stream,
+            bidirectional,
+        } => ("stream_accepted", conn, stream, bidirectional).into_py_any(py),
+        Event::Data {
+            conn,
+            stream,
+            chunks,
+            fin,
+        } => {
+            let total = chunks.iter().map(Bytes::len).sum();
+            let data = PyBytes::new_with(py, total, |buffer| {
+                let mut at = 0;
+                for chunk in &chunks {
+                    buffer[at..at + chunk.len()].copy_from_slice(chunk);
+                    at += chunk.len();
+                }
+                Ok(())
+            })?;
+            ("data", conn, stream, data, fin).into_py_any(py)
+        }
+        Event::Written {
+            conn,
+            stream,
+            bytes,
+        } => ("written", conn, stream, bytes).into_py_any(py),
+        Event::ResetReceived { conn, stream, code } => {
+            ("reset_received", conn, stream, code).into_py_any(py)
+        }
+        Event::StopSendingReceived { conn, stream, code } => {
+            ("stop_sending_received", conn, stream, code).into_py_any(py)
+        }
+        Event::Closed {
+            conn,
+            kind,
+            message,
+        } => ("closed", conn, kind.name(), message).into_py_any(py),
+    }
+}
+
+fn varint(name: &str, value: u64) -> PyResult<VarInt> {
+    VarInt::from_u64(value).map_err(|_| config_error(format!("{name} {value} exceeds 2^62-1")))
+}
+
+fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
+    value
+        .map(|s| {
+            Duration::try_from_secs_f64(s).map_err(|_| {
+                config_error(format!("{name} must be a non-negative number of seconds"))
+            })
+        })
+        .transpose()
+}
+
+/// Builds the client TLS configuration, with the server identities a connection allows.
+type ClientCrypto = dyn Fn(Option<Vec<String>>) -> Result<QuicClientConfig, String> + Send + Sync;
+
+/// A QUIC endpoint: one UDP socket, client and (with `server=True`) server.
+#[pyclass(module = "quicmesh._native", frozen)]
+struct Endpoint {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    wake: UnixStream,
+    client_crypto: Arc<ClientCrypto>,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+#[pymethods]
+impl Endpoint {
+    /// Bind a UDP socket on `host:port` and start the engine.
+    ///
+    /// `cert_chain_pem` (leaf first) and `key_pem` are this side's identity, used as a server
+    /// and as a client; `trust_pem` holds the roots peers must chain to. A server requires a
+    /// client certificate. `alpn` lists the protocols offered/accepted.
+    #[new]
+    #[pyo3(signature = (
+        host, port, *, cert_chain_pem, key_pem, trust_pem, alpn, server=false,
+        allowed_clients=None, stream_receive_window=None, receive_window=None, send_window=None,
+        idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
+        congestion=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        host: &str,
+        port: u16,
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+        trust_pem: &[u8],
+        alpn: Vec<Vec<u8>>,
+        server: bool,
+        allowed_clients: Option<Vec<String>>,
+        stream_receive_window: Option<u64>,
+        receive_window: Option<u64>,
+        send_window: Option<u64>,
+        idle_timeout: Option<f64>,
+        keep_alive: Option<f64>,
+        max_bidi_streams: Option<u64>,
+        max_uni_streams: Option<u64>,
+        congestion: Option<String>,
+    ) -> PyResult<Self> {
+        let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let options = TransportOptions {
+            stream_receive_window,
+            receive_window,
+            send_window,
+            idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+            keep_alive: seconds(keep_alive, "keep_alive")?,
+            max_bidi_streams,
+            max_uni_streams,
+            congestion,
+        };
+        let transport = Arc::new(options.build().map_err(config_error)?);
+        let chain = pem_certificates(cert_chain_pem, "certificate chain")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| config_error(format!("private key: not a PEM private key: {e}")))?;
+        let roots = trust_roots(trust_pem)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let server_config = if server {
+            let verifier = SpiffeVerifier::new(&roots, allowed_clients)
+                .map_err(|e| config_error(e.to_string()))?;
+            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| config_error(format!("TLS: {e}")))?
+                .with_client_cert_verifier(Arc::new(verifier))
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(|e| config_error(format!("certificate and key: {e}")))?;
+            tls.alpn_protocols = alpn.clone();
+            let crypto = QuicServerConfig::try_from(tls)
+                .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
+            let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            config.transport_config(Arc::clone(&transport));
+            Some(config)
+        } else {
+            None
+        };
+
+        let client_provider = Arc::clone(&provider);
+        let client_alpn = alpn;
+        let client_crypto = Arc::new(move |allowed: Option<Vec<String>>| {
+            let verifier = SpiffeVerifier::new(&roots, allowed).map_err(|e| e.to_string())?;
+            let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&client_provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| format!("TLS: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| format!("certificate and key: {e}"))?;
+            tls.alpn_protocols = client_alpn.clone();
+            QuicClientConfig::try_from(tls).map_err(|e| format!("TLS for QUIC: {e}"))
+        });
+        // Check the client side builds now, so a bad identity fails at bind, not at connect.
+        client_crypto(None).map_err(config_error)?;
+
+        let socket = std::net::UdpSocket::bind(address)
+            .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server_config,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
+        let (shared, wake) =
+            Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        if server {
+            let accepting = endpoint.clone();
+            let shared = Arc::clone(&shared);
+            rt.spawn(async move {
+                while let Some(incoming) = accepting.accept().await {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        match incoming.await {
+                            Ok(conn) => {
+                                let id = shared.adopt(conn);
+                                shared.push(Event::Accepted { conn: id });
+                            }
+                            Err(error) => {
+                                let (kind, message) = engine::classify(&error);
+                                shared.push(Event::AcceptFailed { kind, message });
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        Ok(Endpoint {
+            shared,
+            endpoint,
+            wake,
+            client_crypto,
+            transport,
+        })
+    }
+
+    /// The file descriptor that turns readable when events are waiting (for `add_reader`).
+    fn fileno(&self) -> i32 {
+        self.wake.as_raw_fd()
+    }
+
+    /// Take every waiting event, as tuples whose first item names the event.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut sink = [0u8; 256];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        let events = self.shared.take_events();
+        let items = events
+            .into_iter()
+            .map(|event| event_tuple(py, event))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// The local `(host, port)` the socket is bound to.
+    fn local_address(&self) -> PyResult<(String, u16)> {
+        let address = self
+            .endpoint
+            .local_addr()
+            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        Ok((address.ip().to_string(), address.port()))
+    }
+
+    /// Start connecting to `host:port`; returns a token that a `connected` or
+    /// `connect_failed` event carries. With `allowed`, only those server SPIFFE IDs are accepted.
+    #[pyo3(signature = (host, port, *, server_name="quicmesh", allowed=None))]
+    fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        server_name: &str,
+        allowed: Option<Vec<String>>,
+    ) -> PyResult<u64> {
+        let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let crypto = (self.client_crypto)(allowed).map_err(config_error)?;
+        // quinn starts the connection's driver task here: it needs the runtime's context.
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::clone(&self.transport));
+        let connecting = self
+            .endpoint
+            .connect_with(config, address, server_name)
+            .map_err(|e| {
+                quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
+            })?;
+        let token = self.shared.next_id();
+        let shared = Arc::clone(&self.shared);
+        rt.spawn(async move {
+            match connecting.await {
+                Ok(conn) => match engine::confirmed(&conn).await {
+                    Ok(()) => {
+                        let id = shared.adopt(conn);
+                        shared.push(Event::Connected { token, conn: id });
+                    }
+                    Err(error) => {
+                        let (kind, message) = engine::classify(&error);
+                        shared.push(Event::ConnectFailed { token, kind, message });
+                    }
+                },
+                Err(error) => {
+                    let (kind, message) = engine::classify(&error);
+                    shared.push(Event::ConnectFailed {
+                        token,
+                        kind,
+                        message,
+                    });
+                }
+            }
+        });
+        Ok(token)
+    }
+
+    /// Open a stream (waiting for the peer's stream limit); returns a token that a
+    /// `stream_opened` or `open_failed` event carries.
+    #[pyo3(signature = (conn, *, bidirectional=true))]
+    fn open_stream(&self, conn: u64, bidirectional: bool) -> PyResult<u64> {
+        let connection = self.connection(conn)?;
+        let token = self.shared.next_id();
+        let shared = Arc::clone(&self.shared);
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        rt.spawn(async move {
+            let opened = if bidirectional {
+                connection
+                    .open_bi()
+                    .await
+                    .map(|(send, recv)| (send, Some(recv)))
+            } else {
+                connection.open_uni().await.map(|send| (send, None))
+            };
+            match opened {
+                Ok((send, recv)) => {
+                    let stream = u64::from(send.id());
+                    shared.start_stream(conn, stream, Some(send), recv);
+                    shared.push(Event::StreamOpened {
+                        token,
+                        conn,
+                        stream,
+                    });
+                }
+                Err(error) => {
+                    shared.push(Event::OpenFailed {
+                        token,
+                        conn,
+                        message: error.to_string(),
+                    });
+                }
+            }
+        });
+        Ok(token)
+    }
+
+    /// Open a stream now if the peer's stream limit allows it; return its ID, or `None` when
+    /// the limit is reached (then `open_stream` waits for it).
+    #[pyo3(signature = (conn, *, bidirectional=true))]
+    fn try_open_stream(&self, conn: u64, bidirectional: bool) -> PyResult<Option<u64>> {
+        let connection = self.connection(conn)?;
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let mut context = Context::from_waker(Waker::noop());
+        let opened = if bidirectional {
+            let mut opening = pin!(connection.open_bi());
+            match opening.as_mut().poll(&mut context) {
+                Poll::Ready(result) => result.map(|(send, recv)| (send, Some(recv))),
+                Poll::Pending => return Ok(None),
+            }
+        } else {
+            let mut opening = pin!(connection.open_uni());
+            match opening.as_mut().poll(&mut context) {
+                Poll::Ready(result) => result.map(|send| (send, None)),
+                Poll::Pending => return Ok(None),
+            }
+        };
+        let (send, recv) = opened.map_err(|e| quicmesh_error("ConnectionLost", e.to_string()))?;
+        let stream = u64::from(send.id());
+        self.shared.start_stream(conn, stream, Some(send), recv);
+        Ok(Some(stream))
+    }
+
+    /// Queue `data` on a stream; `written` events report what quinn took (within the peer's
+    /// credit): the caller bounds what it has outstanding.
+    fn write(&self, conn: u64, stream: u64, data: &[u8]) -> PyResult<()> {
+        self.send_command(conn, stream, SendCmd::Write(Bytes::copy_from_slice(data)))
+    }
+
+    /// Finish the stream's sending side (FIN after the queued data).
+    fn finish(&self, conn: u64, stream: u64) -> PyResult<()> {
+        self.send_command(conn, stream, SendCmd::Finish)
+    }
+
+    /// Abort the sending side with RESET_STREAM(`code`); returns whether it was still open.
+    fn reset(&self, conn: u64, stream: u64, code: u64) -> PyResult<bool> {
+        let code = varint("error code", code)?;
+        Ok(self
+            .send_command(conn, stream, SendCmd::Reset(code))
+            .is_ok())
+    }
+
+    /// Ask for up to `max_bytes` of the stream; a `data` event answers. Only these requests
+    /// take data out of quinn, so only they open the peer's credit.
+    fn read(&self, conn: u64, stream: u64, max_bytes: usize) -> PyResult<()> {
+        self.recv_command(conn, stream, RecvCmd::Read(max_bytes))
+    }
+
+    /// Abort the receiving side with STOP_SENDING(`code`); returns whether it was still open.
+    fn stop_sending(&self, conn: u64, stream: u64, code: u64) -> PyResult<bool> {
+        let code = varint("error code", code)?;
+        Ok(self
+            .recv_command(conn, stream, RecvCmd::StopSending(code))
+            .is_ok())
+    }
+
+    /// Close a connection with application error `code` and `reason`.
+    #[pyo3(signature = (conn, code=0, reason=""))]
+    fn close_connection(&self, conn: u64, code: u64, reason: &str) -> PyResult<()> {
+        let code = varint("error code", code)?;
+        if let Some(connection) = lock(&self.shared.connections).get(&conn) {
+            let _entered = runtime().ok().map(|rt| rt.enter());
+            connection.close(code, reason.as_bytes());
+        }
+        Ok(())
+    }
+
+    /// The peer's certificate chain, DER, leaf first.
+    fn peer_certificates<'py>(&self, py: Python<'py>, conn: u64) -> PyResult<Bound<'py, PyList>> {
+        let connection = self.connection(conn)?;
+        let chain = connection
+            .peer_identity()
+            .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .map(|chain| *chain)
+            .unwrap_or_default();
+        PyList::new(py, chain.iter().map(|der| PyBytes::new(py, der.as_ref())))
+    }
+
+    /// The peer's `(host, port)`.
+    fn remote_address(&self, conn: u64) -> PyResult<(String, u16)> {
+        let address = self.connection(conn)?.remote_address();
+        Ok((address.ip().to_string(), address.port()))
+    }
+
+    /// The connection's path and UDP counters: rtt and min_rtt in seconds, cwnd in bytes, ...
+    fn stats<'py>(&self, py: Python<'py>, conn: u64) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.connection(conn)?.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("rtt", stats.path.rtt.as_secs_f64())?;
+        dict.set_item("min_rtt", stats.path.min_rtt.as_secs_f64())?;
+        dict.set_item("cwnd", stats.path.cwnd)?;
+        dict.set_item("lost_packets", stats.path.lost_packets)?;
+        dict.set_item("lost_bytes", stats.path.lost_bytes)?;
+        dict.set_item("sent_packets", stats.path.sent_packets)?;
+        dict.set_item("congestion_events", stats.path.congestion_events)?;
+        dict.set_item("mtu", stats.path.current_mtu)?;
+        dict.set_item("datagrams_sent", stats.udp_tx.datagrams)?;
+        dict.set_item("bytes_sent", stats.udp_tx.bytes)?;
+        dict.set_item("datagrams_received", stats.udp_rx.datagrams)?;
+        dict.set_item("bytes_received", stats.udp_rx.bytes)?;
+        Ok(dict)
+    }
+
+    /// Close every connection and stop accepting.
+    #[pyo3(signature = (code=0, reason=""))]
+    fn close(&self, code: u64, reason: &str) -> PyResult<()> {
+        self.endpoint
+            .close(varint("error code", code)?, reason.as_bytes());
+        Ok(())
+    }
+}
+
+impl Endpoint {
+    fn connection(&self, conn: u64) -> PyResult<quinn::Connection> {
+        lock(&self.shared.connections)
+            .get(&conn)
+            .cloned()
+            .ok_or_else(|| quicmesh_error("ConnectionLost", format!("connection {conn} is closed")))
+    }
+
+    fn send_command(&self, conn: u64, stream: u64, command: SendCmd) -> PyResult<()> {
+        let streams = lock(&self.shared.streams);
+        let sender = streams.get(&(conn, stream)).and_then(|h| h.send.as_ref());
+        match sender.map(|s| s.send(command)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(quicmesh_error(
+                "StreamReset",
+                format!("stream {stream} can no longer send (finished, reset or stopped)"),
+            )),
+        }
+    }
+
+    fn recv_command(&self, conn: u64, stream: u64, command: RecvCmd) -> PyResult<()> {
+        let streams = lock(&self.shared.streams);
+        let sender = streams.get(&(conn, stream)).and_then(|h| h.recv.as_ref());
+        match sender.map(|s| s.send(command)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(quicmesh_error(
+                "StreamReset",
+                format!("stream {stream} can no longer be read (finished, reset or stopped)"),
+            )),
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _entered = runtime().ok().map(|rt| rt.enter());
+        self.endpoint.close(VarInt::from_u32(0), b"");
+    }
+}
+
+/// Why `value` is not a valid SPIFFE ID (`None` if it is): the rules the native verifier applies.
+#[pyfunction]
+fn spiffe_id_problem(value: &str) -> Option<&'static str> {
+    verify::spiffe_id_problem(value)
+}
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Endpoint>()?;
+    module.add_function(wrap_pyfunction!(spiffe_id_problem, module)?)?;
+    module.add("QUINN_VERSION", "0.11")?;
+    Ok(())
+}

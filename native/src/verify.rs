@@ -1,0 +1,380 @@
+//! Peer verification for quicmesh's mTLS: a chain to a root of the trust bundle (rustls-webpki),
+//! then the leaf's single URI SAN, read with x509-parser, must be a valid SPIFFE ID in a trust
+//! domain that root vouches for (and, optionally, one of the identities the caller allows).
+//!
+//! The rules mirror `quicmesh/tls/verify.py` (`verify_peer`, `check_trust_domain`) and
+//! `quicmesh/tls/spiffe.py` (`validate_spiffe_id`); `tests/native/test_native_spiffe.py`
+//! checks with hypothesis that both give the same verdict on the same IDs.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The prefix every SPIFFE ID starts with.
+pub const SPIFFE_SCHEME_PREFIX: &str = "spiffe://";
+/// The longest SPIFFE ID in bytes the specification allows.
+pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
+
+/// Why a peer was refused; its text is what Python's `PeerVerificationError` carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError(pub String);
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Return why `value` is not a valid SPIFFE ID, or `None` if it is (the SPIFFE-ID standard).
+pub fn spiffe_id_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        return Some("it is empty");
+    }
+    if value.len() > MAX_SPIFFE_ID_BYTES {
+        return Some("it is longer than 2048 bytes");
+    }
+    let Some(rest) = value.strip_prefix(SPIFFE_SCHEME_PREFIX) else {
+        return Some("it must start with 'spiffe://' (lowercase scheme)");
+    };
+    if value.contains('?') || value.contains('#') {
+        return Some("a query or fragment is not allowed");
+    }
+    let (trust_domain, path) = match rest.split_once('/') {
+        Some((domain, path)) => (domain, Some(path)),
+        None => (rest, None),
+    };
+    if trust_domain.is_empty() {
+        return Some("the trust domain is empty");
+    }
+    if trust_domain.contains('@') {
+        return Some("userinfo is not allowed");
+    }
+    if trust_domain.contains(':') {
+        return Some("a port is not allowed");
+    }
+    let domain_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c);
+    if !trust_domain.chars().all(domain_char) {
+        return Some(
+            "the trust domain may only contain lowercase letters, digits, '.', '-' and '_'",
+        );
+    }
+    let path = path?;
+    for segment in path.split('/') {
+        if segment.is_empty() {
+            return Some("the path has an empty segment (a '//' or a trailing '/')");
+        }
+        if segment == "." || segment == ".." {
+            return Some("the path may not contain '.' or '..' segments");
+        }
+        let segment_char = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
+        if !segment.chars().all(segment_char) {
+            return Some("path segments may only contain letters, digits, '.', '-' and '_'");
+        }
+    }
+    None
+}
+
+/// The trust domain of a valid SPIFFE ID.
+fn trust_domain_of(spiffe_id: &str) -> &str {
+    let rest = spiffe_id
+        .strip_prefix(SPIFFE_SCHEME_PREFIX)
+        .unwrap_or(spiffe_id);
+    rest.split_once('/').map_or(rest, |(domain, _)| domain)
+}
+
+/// Every URI subject alternative name of a DER certificate, in order.
+pub fn uri_sans_of(der: &[u8]) -> Result<Vec<String>, VerifyError> {
+    let (_, certificate) = X509Certificate::from_der(der)
+        .map_err(|e| VerifyError(format!("peer certificate cannot be parsed: {e}")))?;
+    let extension = certificate
+        .subject_alternative_name()
+        .map_err(|e| VerifyError(format!("peer certificate has a malformed SAN: {e}")))?;
+    Ok(extension
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::URI(uri) => Some((*uri).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A root of the trust bundle and the trust domain it vouches for (`None`: any).
+#[derive(Debug, Clone)]
+pub struct TrustRoot {
+    pub der: CertificateDer<'static>,
+    pub trust_domain: Option<String>,
+}
+
+/// Verifies a peer's chain and SPIFFE ID; used as rustls's client and server verifier.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    domains: Vec<Option<String>>,
+    hints: Vec<DistinguishedName>,
+    allowed: Option<Vec<String>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeVerifier {
+    /// Build a verifier trusting `roots`; with `allowed`, only those SPIFFE IDs are accepted.
+    pub fn new(roots: &[TrustRoot], allowed: Option<Vec<String>>) -> Result<Self, VerifyError> {
+        if roots.is_empty() {
+            return Err(VerifyError("the trust bundle holds no certificate".into()));
+        }
+        let mut anchors = Vec::with_capacity(roots.len());
+        let mut domains = Vec::with_capacity(roots.len());
+        let mut hints = Vec::with_capacity(roots.len());
+        for root in roots {
+            let anchor = webpki::anchor_from_trusted_cert(&root.der)
+                .map_err(|e| VerifyError(format!("trust bundle certificate rejected: {e}")))?
+                .to_owned();
+            hints.push(DistinguishedName::from(anchor.subject.as_ref().to_vec()));
+            anchors.push(anchor);
+            domains.push(root.trust_domain.clone());
+        }
+        Ok(Self {
+            anchors,
+            domains,
+            hints,
+            allowed,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        })
+    }
+
+    /// Verify `end_entity` (with the peer's `intermediates`) for `usage`; return its SPIFFE ID.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<String, VerifyError> {
+        let certificate = EndEntityCert::try_from(end_entity)
+            .map_err(|e| VerifyError(format!("peer certificate cannot be parsed: {e}")))?;
+        let path = certificate
+            .verify_for_usage(
+                self.algorithms.all,
+                &self.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| {
+                VerifyError(format!("peer certificate not signed by a trusted CA: {e}"))
+            })?;
+        let anchor = path.anchor();
+        let domain = self
+            .anchors
+            .iter()
+            .position(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            })
+            .and_then(|i| self.domains[i].clone());
+        let uris = uri_sans_of(end_entity.as_ref())?;
+        let spiffe_id = match uris
+            .iter()
+            .find(|uri| uri.starts_with(SPIFFE_SCHEME_PREFIX))
+        {
+            None => return Err(VerifyError("peer certificate carries no SPIFFE ID".into())),
+            Some(_) if uris.len() != 1 => {
+                return Err(VerifyError(
+                    "peer certificate carries more than one URI SAN".into(),
+                ))
+            }
+            Some(uri) => uri.clone(),
+        };
+        if let Some(problem) = spiffe_id_problem(&spiffe_id) {
+            return Err(VerifyError(format!(
+                "peer certificate carries an invalid SPIFFE ID '{spiffe_id}': {problem}"
+            )));
+        }
+        if let Some(domain) = domain {
+            let peer_domain = trust_domain_of(&spiffe_id);
+            if peer_domain != domain {
+                return Err(VerifyError(format!(
+                    "peer identity {spiffe_id} is in trust domain '{peer_domain}', but its CA \
+                     vouches only for {domain}"
+                )));
+            }
+        }
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(&spiffe_id) {
+                return Err(VerifyError(format!(
+                    "peer identity {spiffe_id} is not one of the allowed identities ({})",
+                    allowed.join(", ")
+                )));
+            }
+        }
+        Ok(spiffe_id)
+    }
+
+    fn to_tls_error(error: VerifyError) -> rustls::Error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // SPIFFE names workloads by URI SAN, not by DNS name: the server name is not checked.
+        self.verify(end_entity, intermediates, now, KeyUsage::server_auth())
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(Self::to_tls_error)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, KeyUsage::client_auth())
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(Self::to_tls_error)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_ids() {
+        for id in [
+            "spiffe://mesh.local",
+            "spiffe://mesh.local/ns/default/sa/x",
+            "spiffe://a-b_c.1/A.b-c_d",
+        ] {
+            assert_eq!(spiffe_id_problem(id), None, "{id}");
+        }
+    }
+
+    #[test]
+    fn invalid_ids() {
+        for id in [
+            "",
+            "SPIFFE://mesh.local/x",
+            "https://mesh.local/x",
+            "spiffe://",
+            "spiffe:///x",
+            "spiffe://Mesh.local/x",
+            "spiffe://mesh.local:443/x",
+            "spiffe://user@mesh.local/x",
+            "spiffe://mesh.local/x/",
+            "spiffe://mesh.local//x",
+            "spiffe://mesh.local/./x",
+            "spiffe://mesh.local/x/..",
+            "spiffe://mesh.local/x?y",
+            "spiffe://mesh.local/x#y",
+            "spiffe://mesh.local/x%20y",
+        ] {
+            assert!(spiffe_id_problem(id).is_some(), "{id}");
+        }
+        let long = format!("spiffe://mesh.local/{}", "a".repeat(MAX_SPIFFE_ID_BYTES));
+        assert_eq!(
+            spiffe_id_problem(&long),
+            Some("it is longer than 2048 bytes")
+        );
+    }
+
+    #[test]
+    fn trust_domain() {
+        assert_eq!(trust_domain_of("spiffe://mesh.local/x/y"), "mesh.local");
+        assert_eq!(trust_domain_of("spiffe://mesh.local"), "mesh.local");
+    }
+
+    #[test]
+    fn empty_bundle_refused() {
+        assert!(SpiffeVerifier::new(&[], None).is_err());
+    }
+
+    #[test]
+    fn garbage_is_not_a_certificate() {
+        assert!(uri_sans_of(b"not a certificate").is_err());
+        let root = TrustRoot {
+            der: CertificateDer::from(b"junk".to_vec()),
+            trust_domain: None,
+        };
+        assert!(SpiffeVerifier::new(&[root], None).is_err());
+    }
+}
