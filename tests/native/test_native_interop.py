@@ -13,13 +13,15 @@ import os
 import ssl
 from typing import Any
 
-from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceived
 
 from quicmesh import _aioquic
+from quicmesh._aioquic import MeshQuicConnection
 from quicmesh.tls import verify_peer
 from quicmesh.transport.native import NativeEndpoint
+from quicmesh.transport.quic.server import MeshQuicServer
 
 from .test_native_engine import CA, CLIENT, SERVER, echo, run
 
@@ -56,22 +58,30 @@ class EchoProtocol(QuicConnectionProtocol):
 def test_native_client_and_aioquic_server() -> None:
     payload = os.urandom(300_000)
     identities: list[str] = []
+    configuration = _configuration(SERVER, is_client=False)
 
     def create_protocol(quic: Any, **kwargs: Any) -> EchoProtocol:
-        _aioquic.require_client_certificate(quic)
         protocol = EchoProtocol(quic, **kwargs)
         protocol.identities = identities
         return protocol
 
+    def accept(original_cid: bytes | None, retry_source_cid: bytes | None) -> MeshQuicConnection:
+        # quicmesh's aioquic connection: a server one asks for the client's certificate.
+        return MeshQuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_source_cid,
+        )
+
     async def main() -> None:
-        server = await serve(
-            "127.0.0.1",
-            0,
-            configuration=_configuration(SERVER, is_client=False),
-            create_protocol=create_protocol,
+        transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: MeshQuicServer(
+                configuration=configuration, create_protocol=create_protocol, accept=accept
+            ),
+            local_addr=("127.0.0.1", 0),
         )
         try:
-            port = server._transport.get_extra_info("sockname")[1]
+            port = transport.get_extra_info("sockname")[1]
             async with await NativeEndpoint.bind(
                 "127.0.0.1", 0, CLIENT, CA.trust_bundle, alpn=[ALPN]
             ) as client:
@@ -84,8 +94,6 @@ def test_native_client_and_aioquic_server() -> None:
                 assert identities == [CLIENT.spiffe_id]
         finally:
             server.close()
-
-    run(main())
 
 
 def test_aioquic_client_and_native_server() -> None:
