@@ -170,6 +170,9 @@ class InboundListenerConfig:
     handshake_timeout: float = 10.0
     """(QUIC) Seconds a peer may take to complete its handshake."""
     stateless_reset_key: str | None = None
+    max_stream_rate: int = 1000
+    """(QUIC) New streams per second one peer identity may open (over all its
+    connections), granted through QUIC stream credit."""
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
     max_streams_per_identity: int = 1024
@@ -209,6 +212,7 @@ QUIC_ADMISSION_KEYS = (
     "max_half_open_per_source",
     "handshake_timeout",
     "stateless_reset_key",
+    "max_stream_rate",
 )
 """Inbound listener keys for QUIC address validation and half-open limits."""
 

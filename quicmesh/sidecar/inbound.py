@@ -76,6 +76,7 @@ def inbound_transport(
                 handshake_timeout=config.handshake_timeout,
             ),
             stateless_reset_key=reset_key,
+            max_stream_rate=config.max_stream_rate,
             stream_window=stream_window,
             connection_window=connection_window,
         )

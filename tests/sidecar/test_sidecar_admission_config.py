@@ -49,6 +49,7 @@ def test_admission_keys_reach_the_quic_transport(tmp_path: Path) -> None:
         max_half_open_per_source=10,
         handshake_timeout="3s",
         stateless_reset_key="reset.key",
+        max_stream_rate=250,
     ).inbound[0]
     assert config.stateless_reset_key == str(tmp_path / "reset.key")
     ca = DevCA()
@@ -58,6 +59,7 @@ def test_admission_keys_reach_the_quic_transport(tmp_path: Path) -> None:
     assert transport.admission.retry == "always"
     assert transport.admission.max_half_open_per_source == 10
     assert transport.admission.handshake_timeout == 3.0
+    assert transport.stream_rates.rate == 250
     assert stat.S_IMODE(os.stat(tmp_path / "reset.key").st_mode) == 0o600
     again = inbound_transport("quic", identity, ca.trust_bundle, 64, config)
     assert isinstance(again, QuicTransport)
@@ -67,6 +69,8 @@ def test_admission_keys_reach_the_quic_transport(tmp_path: Path) -> None:
 def test_defaults_protect() -> None:
     config = _load(Path("/etc/q")).inbound[0]
     assert (config.retry, config.max_half_open, config.handshake_timeout) == ("auto", 1024, 10.0)
+    assert (config.max_stream_rate, config.max_connections_per_identity) == (1000, 256)
+    assert (config.max_buffered_per_connection, config.max_buffered_total) == (32, 1024)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +79,10 @@ def test_defaults_protect() -> None:
         ("retry", "sometimes", "retry"),
         ("max_half_open", 0, "max_half_open"),
         ("handshake_timeout", "-1s", "handshake_timeout"),
+        ("max_stream_rate", 0, "max_stream_rate"),
+        ("max_connections_per_identity", 0, "max_connections_per_identity"),
+        ("max_buffered_per_connection", "lots", "max_buffered_per_connection"),
+        ("max_buffered_total", -5, "max_buffered_total"),
     ],
 )
 def test_bad_values_name_the_field(key: str, value: Any, message: str) -> None:
