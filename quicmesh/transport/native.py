@@ -55,10 +55,10 @@ WRITE_HIGH_WATER = 256 * 1024
 
 def _load() -> ModuleType | None:
     try:
-        from quicmesh import _native  # type: ignore[attr-defined]
+        from quicmesh import _native
     except ImportError:
         return None
-    return _native  # type: ignore[no-any-return]
+    return _native
 
 
 _NATIVE = _load()

@@ -299,3 +299,51 @@ def test_bad_pem_is_a_config_error() -> None:
             "127.0.0.1", 0, cert_chain_pem=CLIENT.cert_chain_pem(),
             key_pem=SERVER.private_key_pem(), trust_pem=CA.trust_bundle.pem, alpn=[b"x"],
         )  # fmt: skip
+
+
+def test_open_stream_waits_for_the_peers_stream_limit() -> None:
+    async def main() -> None:
+        server = await server_endpoint(max_bidi_streams=2)
+        async with server, await client_endpoint() as client:
+            connection = await client.connect(*server.address)
+            accepted = await server.accept()
+            first = await connection.open_stream()
+            second = await connection.open_stream()
+            third = asyncio.create_task(connection.open_stream())
+            for stream in (first, second):
+                stream.write(b"ping")
+                stream.finish()
+            peers = [await accepted.accept_stream() for _ in range(2)]
+            assert not third.done()  # the limit holds while both streams are open
+            for peer in peers:
+                assert await peer.read_all() == b"ping"
+                peer.finish()
+            for stream in (first, second):
+                assert await stream.read_all() == b""
+            # Both streams are finished both ways: the server grants one more.
+            opened = await asyncio.wait_for(third, 10)
+            assert opened.stream_id == 8
+            opened.write(b"third")
+            opened.finish()
+            assert await (await accepted.accept_stream()).read_all() == b"third"
+
+    run(main())
+
+
+def test_unidirectional_streams() -> None:
+    async def main() -> None:
+        async with await server_endpoint() as server, await client_endpoint() as client:
+            connection = await client.connect(*server.address)
+            accepted = await server.accept()
+            stream = await connection.open_stream(bidirectional=False)
+            stream.write(b"one way")
+            stream.finish()
+            with pytest.raises(StreamReset, match="not writable"):
+                stream.write(b"more")
+            assert await stream.read() == b""  # nothing ever comes back on it
+            peer = await accepted.accept_stream()
+            assert await peer.read_all() == b"one way"
+            with pytest.raises(StreamReset, match="not writable"):
+                peer.write(b"back")
+
+    run(main())

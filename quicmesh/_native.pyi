@@ -1,0 +1,67 @@
+"""Types of ``quicmesh._native``, the native QUIC engine (native/src/lib.rs).
+
+Events from :meth:`Endpoint.drain` are tuples whose first item names them:
+
+* ``("connected", token, conn)`` / ``("connect_failed", token, kind, message)``
+* ``("accepted", conn)`` / ``("accept_failed", kind, message)``
+* ``("stream_opened", token, conn, stream)`` / ``("open_failed", token, conn, message)``
+* ``("stream_accepted", conn, stream, bidirectional)``
+* ``("data", conn, stream, data, fin)``: the answer to one :meth:`Endpoint.read`
+* ``("written", conn, stream, count)``: quinn took ``count`` more bytes
+* ``("reset_received", conn, stream, code)`` / ``("stop_sending_received", conn, stream, code)``
+* ``("closed", conn, kind, message)``
+
+``kind`` is one of ``verification``, ``peer_closed``, ``locally_closed``,
+``timed_out``, ``failed``.
+"""
+
+from typing import Any
+
+QUINN_VERSION: str
+
+def spiffe_id_problem(value: str) -> str | None: ...
+
+class Endpoint:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        cert_chain_pem: bytes,
+        key_pem: bytes,
+        trust_pem: bytes,
+        alpn: list[bytes],
+        server: bool = False,
+        allowed_clients: list[str] | None = None,
+        stream_receive_window: int | None = None,
+        receive_window: int | None = None,
+        send_window: int | None = None,
+        idle_timeout: float | None = None,
+        keep_alive: float | None = None,
+        max_bidi_streams: int | None = None,
+        max_uni_streams: int | None = None,
+        congestion: str | None = None,
+    ) -> None: ...
+    def fileno(self) -> int: ...
+    def drain(self) -> list[tuple[Any, ...]]: ...
+    def local_address(self) -> tuple[str, int]: ...
+    def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        server_name: str = "quicmesh",
+        allowed: list[str] | None = None,
+    ) -> int: ...
+    def open_stream(self, conn: int, *, bidirectional: bool = True) -> int: ...
+    def try_open_stream(self, conn: int, *, bidirectional: bool = True) -> int | None: ...
+    def write(self, conn: int, stream: int, data: bytes) -> None: ...
+    def finish(self, conn: int, stream: int) -> None: ...
+    def reset(self, conn: int, stream: int, code: int) -> bool: ...
+    def read(self, conn: int, stream: int, max_bytes: int) -> None: ...
+    def stop_sending(self, conn: int, stream: int, code: int) -> bool: ...
+    def close_connection(self, conn: int, code: int = 0, reason: str = "") -> None: ...
+    def peer_certificates(self, conn: int) -> list[bytes]: ...
+    def remote_address(self, conn: int) -> tuple[str, int]: ...
+    def stats(self, conn: int) -> dict[str, float | int]: ...
+    def close(self, code: int = 0, reason: str = "") -> None: ...
