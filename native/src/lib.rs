@@ -362,7 +362,11 @@ impl Endpoint {
                     }
                     Err(error) => {
                         let (kind, message) = engine::classify(&error);
-                        shared.push(Event::ConnectFailed { token, kind, message });
+                        shared.push(Event::ConnectFailed {
+                            token,
+                            kind,
+                            message,
+                        });
                     }
                 },
                 Err(error) => {
@@ -519,9 +523,25 @@ impl Endpoint {
         dict.set_item("mtu", stats.path.current_mtu)?;
         dict.set_item("datagrams_sent", stats.udp_tx.datagrams)?;
         dict.set_item("bytes_sent", stats.udp_tx.bytes)?;
+        dict.set_item("send_calls", stats.udp_tx.ios)?;
         dict.set_item("datagrams_received", stats.udp_rx.datagrams)?;
+        dict.set_item("receive_calls", stats.udp_rx.ios)?;
         dict.set_item("bytes_received", stats.udp_rx.bytes)?;
         Ok(dict)
+    }
+
+    /// Move to a new UDP socket bound on `host:port` (port 0: any); every connection follows
+    /// (its peer validates the new path, RFC 9000 section 9). Returns the new local address.
+    fn rebind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
+        let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let socket = std::net::UdpSocket::bind(address)
+            .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        self.endpoint.rebind(socket).map_err(|e| {
+            quicmesh_error("ConnectError", format!("cannot move to {address}: {e}"))
+        })?;
+        self.local_address()
     }
 
     /// Close every connection and stop accepting.

@@ -186,6 +186,22 @@ class NativeEndpoint:
             await self._accept_waiter
         return self._accepted.popleft()
 
+    def rebind(self, host: str | None = None, port: int = 0) -> tuple[str, int]:
+        """Move every connection of this endpoint to a new UDP socket (connection migration).
+
+        The peer sees packets from the new address and validates the path
+        (PATH_CHALLENGE / PATH_RESPONSE, RFC 9000 section 9) before sending there
+        at full rate; streams carry on.
+
+        :param host: the new local address (default: the current one).
+        :param port: the new local port (0: any free port).
+        :returns: the new local ``(host, port)``.
+        :raises ConfigError: the socket cannot be bound.
+        """
+        host = host if host is not None else self.address[0]
+        new_host, new_port = self._endpoint.rebind(host, port)
+        return str(new_host), int(new_port)
+
     def close(self) -> None:
         """Close every connection and the socket."""
         if self._closed:
@@ -324,7 +340,8 @@ class NativeConnection:
 
     def stats(self) -> dict[str, Any]:
         """RTT (``rtt``, ``min_rtt``, seconds), ``cwnd`` (bytes), ``lost_packets``, and
-        UDP counters (``datagrams_sent``, ``bytes_sent``, ...)."""
+        UDP counters (``datagrams_sent``, ``bytes_sent``, ``send_calls``: fewer calls than
+        datagrams means segmentation offload (GSO) batched them, ...)."""
         self._check()
         return dict(self._native.stats(self._conn))
 
