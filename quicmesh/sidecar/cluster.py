@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,6 @@ from ..errors import (
 )
 from ..tls.check import handshake_failure_reason
 from ..transport.base import Address, PeerConnection, Transport
-from ..transport.quic import QuicPeerConnection
 from ..transport.stream import MeshStream
 from .accesslog import Outcome
 from .circuit import CircuitBreaker
@@ -134,8 +132,8 @@ class Cluster:
         self.retired: list[Endpoint] = []
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
-        counters = getattr(transport, "counters", None)
-        if isinstance(counters, Counter) and not any(c is counters for c in stats.quic_counters):
+        counters = transport.counters
+        if counters and not any(c is counters for c in stats.quic_counters):
             stats.quic_counters.append(counters)
         self.set_endpoints(config.endpoints)
 
@@ -352,11 +350,11 @@ class Cluster:
         entry per connection: endpoint, connection id, streams active when it
         moved, its migration count, and ``error`` (empty when it moved).
         """
-        moving: list[tuple[Endpoint, PooledConnection, QuicPeerConnection]] = [
+        moving: list[tuple[Endpoint, PooledConnection, PeerConnection]] = [
             (endpoint, pooled, pooled.connection)
             for endpoint in list(self.endpoints.values()) + self.retired
             for pooled in endpoint.pool.connections
-            if isinstance(pooled.connection, QuicPeerConnection) and not pooled.connection.is_closed
+            if pooled.connection.supports_migration and not pooled.connection.is_closed
         ]
         streams = [connection.active_streams for _, _, connection in moving]
         outcomes = await asyncio.gather(
@@ -383,7 +381,7 @@ class Cluster:
                     "endpoint": endpoint.name,
                     "connection": pooled.label,
                     "streams_active": active,
-                    "migrations": connection.counters["migrations_active"],
+                    "migrations": connection.stats().get("migrations_active", 0),
                     "error": error,
                 }
             )

@@ -17,14 +17,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-from .. import TRANSPORTS
 from ..errors import QuicmeshError, TunnelError
+from ..logs import RateLimitedLog
 from ..splice import splice
 from ..tls import Identity, TrustBundle
-from ..transport._admission import AdmissionConfig, RateLimitedLog
-from ..transport.base import Listener, PeerConnection, StreamHandler, Transport
-from ..transport.quic import QuicTransport, load_stateless_reset_key
+from ..transport.base import (
+    Listener,
+    PeerConnection,
+    StreamHandler,
+    Transport,
+    transport_registry,
+)
 from ..transport.stream import MeshStream
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
@@ -56,39 +61,30 @@ def inbound_transport(
 ) -> Transport:
     """The server-side transport for one of a listener's ``transports`` (QUIC with
     the listener's admission limits and stateless reset key)."""
-    cls = TRANSPORTS[name]
-    stream_window, connection_window = DEFAULT_STREAM_WINDOW, DEFAULT_CONNECTION_WINDOW
-    if config is not None:
-        stream_window, connection_window = receive_windows(config.max_buffered_per_connection * MIB)
-    if name == "quic" and config is not None:
-        reset_key = None
-        if config.stateless_reset_key is not None:
-            reset_key = load_stateless_reset_key(config.stateless_reset_key)
-        return QuicTransport(
-            identity=identity,
-            trust=trust,
-            max_streams=max_streams,
-            admission=AdmissionConfig(
-                retry=config.retry,
-                retry_threshold=config.retry_threshold,
-                max_half_open=config.max_half_open,
-                max_half_open_per_source=config.max_half_open_per_source,
-                handshake_timeout=config.handshake_timeout,
-            ),
-            stateless_reset_key=reset_key,
-            max_stream_rate=config.max_stream_rate,
-            stream_window=stream_window,
-            connection_window=connection_window,
-        )
+    options: dict[str, Any] = {}
     if name in ("quic", "h2"):
-        return cls(  # type: ignore[call-arg]
-            identity=identity,
-            trust=trust,
+        stream_window, connection_window = DEFAULT_STREAM_WINDOW, DEFAULT_CONNECTION_WINDOW
+        if config is not None:
+            stream_window, connection_window = receive_windows(
+                config.max_buffered_per_connection * MIB
+            )
+        options.update(
             max_streams=max_streams,
             stream_window=stream_window,
             connection_window=connection_window,
         )
-    return cls(identity=identity, trust=trust)
+    if name == "quic" and config is not None:
+        options["admission"] = {
+            "retry": config.retry,
+            "retry_threshold": config.retry_threshold,
+            "max_half_open": config.max_half_open,
+            "max_half_open_per_source": config.max_half_open_per_source,
+            "handshake_timeout": config.handshake_timeout,
+        }
+        if config.stateless_reset_key is not None:
+            options["stateless_reset_key_file"] = config.stateless_reset_key
+        options["max_stream_rate"] = config.max_stream_rate
+    return transport_registry().build(name, identity=identity, trust=trust, options=options)
 
 
 def receive_windows(max_buffered: int) -> tuple[int, int]:
@@ -106,9 +102,7 @@ async def listen(
     transport: Transport, config: InboundListenerConfig, handler: StreamHandler
 ) -> Listener:
     """Listen with one transport; QUIC accepts 0-RTT unless ``early_data`` is off."""
-    if isinstance(transport, QuicTransport):
-        return await transport.listen(config.address, handler, early_data=config.early_data)
-    return await transport.listen(config.address, handler)
+    return await transport.listen(config.address, handler, early_data=config.early_data)
 
 
 class InboundListener:
@@ -166,7 +160,7 @@ class InboundListener:
                 transport = inbound_transport(
                     name, self.identity, self.trust, self.config.max_streams, self.config
                 )
-                if isinstance(transport, QuicTransport):
+                if transport.counters:
                     self.stats.quic_counters.append(transport.counters)
                 self._transports.append(transport)
                 self._listeners.append(await listen(transport, self.config, self._handle))

@@ -16,7 +16,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..transport._admission import ADMISSION_COUNTERS
 from .overload import STATES as OVERLOAD_STATES
 
 Snapshot = dict[str, Any]
@@ -70,6 +69,16 @@ _CONNECTION_COUNTERS = (
 )
 _MIGRATION_CAUSES = ("active", "auto_rebind", "peer_address_change")
 """``cause`` label of the migration counters (keys ``migrations_<cause>`` of QUIC's counters)."""
+_ADMISSION_EVENTS = (
+    "initials_undecryptable",
+    "initials_refused_half_open",
+    "retries_sent",
+    "retry_tokens_invalid",
+    "handshakes_timed_out",
+    "stateless_resets_sent",
+)
+"""``event`` label of the QUIC admission counters (the transport's
+``ADMISSION_COUNTERS``, kept equal by a test)."""
 _CLUSTER_QUIC = (
     (
         "zero_rtt",
@@ -126,7 +135,7 @@ _LISTENER_QUIC = (
     (
         "quic_admission",
         "event",
-        ADMISSION_COUNTERS,
+        _ADMISSION_EVENTS,
         "{}",
         "What a QUIC listener did with traffic before a handshake completed: Initials"
         " that did not decrypt (no state kept), refused over the half-open caps, Retry"

@@ -17,17 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import inspect
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .. import _aioquic
 from ..errors import ConnectError, QuicmeshError, StreamRefused, TunnelError
 from ..transport.base import Address, PeerConnection, Transport
-from ..transport.quic import QuicPeerConnection
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
 
@@ -138,7 +135,7 @@ class EndpointPool:
         self.transport = transport
         self.breaker = breaker
         self.connect_timeout = connect_timeout
-        self.early_data = early_data and _accepts_early_data(transport)
+        self.early_data = early_data
         self.connections: list[PooledConnection] = []
         self.connections_opened = 0
         self._connecting: asyncio.Future[None] | None = None
@@ -180,10 +177,7 @@ class EndpointPool:
             if plan.action is Action.USE or plan.action is Action.QUEUE:
                 connection: PeerConnection = plan.connection
                 self._mark_busy(connection)
-                if (
-                    isinstance(connection, QuicPeerConnection)
-                    and connection.early_data == "attempted"
-                ):
+                if connection.early_data == "attempted":
                     # Still in its handshake: the CONNECT and first bytes go as 0-RTT.
                     stream = await connection.open_stream(target, headers, wait_response=False)
                     return stream, connection, True
@@ -212,12 +206,11 @@ class EndpointPool:
         done: asyncio.Future[None] = self._loop.create_future()
         self._connecting = done
         try:
-            kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
             identity = self.transport.identity
-            if self.early_data:
-                kwargs["early_data"] = True
             try:
-                connection = await self.transport.connect(self.address, **kwargs)
+                connection = await self.transport.connect(
+                    self.address, timeout=self.connect_timeout, early_data=self.early_data
+                )
             except OSError as exc:
                 self.breaker.release_connection()
                 raise ConnectError(f"cannot connect: {exc.strerror or exc}") from None
@@ -352,18 +345,7 @@ def peer_certificate_expiry(connection: PeerConnection) -> float | None:
     None when unknown (a resumed QUIC session presents no certificate; a transport
     that does not say).
     """
-    certificate: Any = None
-    if isinstance(connection, QuicPeerConnection):
-        quic = getattr(connection.protocol, "_quic", None)
-        if quic is not None and quic.tls is not None:
-            certificate, _ = _aioquic.peer_certificate(quic)
-    else:
-        ssl_object = getattr(getattr(connection, "protocol", None), "_ssl", None)
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if der:
-            from cryptography import x509
-
-            certificate = x509.load_der_x509_certificate(der)
+    certificate = connection.peer_certificate
     if certificate is None:
         return None
     return float(certificate.not_valid_after_utc.timestamp())
@@ -375,10 +357,3 @@ def _replace_after(connection: PeerConnection) -> float | None:
         return None
     now = time.time()
     return now + max(0.0, expiry - now) * 2 / 3
-
-
-def _accepts_early_data(transport: Transport) -> bool:
-    try:
-        return "early_data" in inspect.signature(transport.connect).parameters
-    except (TypeError, ValueError):
-        return False

@@ -9,10 +9,10 @@ live ones finish within the grace period and closes peer connections cleanly
 (:meth:`~quicmesh.PeerConnection.aclose`: the last bytes are acknowledged first).
 :meth:`Sidecar.migrate` moves every QUIC peer connection to a new local port.
 
-Every QUIC cluster dials with one per-sidecar
-:class:`~quicmesh.transport.tickets.TicketCache`
-(kept in ``tls.ticket_cache`` if given), so ``early_data`` clusters resume with
-0-RTT, after a restart too.
+Transports are built by name through one per-sidecar
+:func:`~quicmesh.transport.base.transport_registry`, whose QUIC transports share
+one session-ticket cache (kept in ``tls.ticket_cache`` if given), so
+``early_data`` clusters resume with 0-RTT, after a restart too.
 """
 
 from __future__ import annotations
@@ -23,15 +23,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import TRANSPORTS
 from ..errors import ConfigError, QuicmeshError
 from ..tls import Identity, TrustBundle
-from ..transport.auto import AutoTransport
-from ..transport.base import Transport
-from ..transport.quic import QuicTransport
-from ..transport.tickets import TicketCache
+from ..transport.base import Transport, transport_registry
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
 from .capture import (
@@ -58,6 +54,9 @@ from .metrics import Metrics
 from .outbound import OutboundListener
 from .stats import ClusterStats, ListenerStats
 
+if TYPE_CHECKING:
+    from ..transport.base import TransportRegistry
+
 logger = logging.getLogger("quicmesh.sidecar")
 
 WATCH_INTERVAL = 0.5
@@ -68,35 +67,33 @@ def cluster_transport(
     config: ClusterConfig,
     identity: Identity,
     trust: TrustBundle,
-    ticket_cache: TicketCache | None = None,
+    registry: TransportRegistry | None = None,
 ) -> Transport:
     """The client-side transport a cluster dials with.
 
-    :param ticket_cache: (QUIC) the sidecar's session tickets, shared by its clusters.
+    :param registry: builds it; the sidecar's, whose QUIC transports share one
+        ticket cache (by default a new one).
     """
+    registry = registry if registry is not None else transport_registry()
+    options: dict[str, Any] = {}
     if config.transport in ("quic", "auto"):
-        quic = QuicTransport(
-            identity=identity,
-            trust=trust,
-            congestion_control=config.congestion_control,
-            max_datagram_size=config.max_datagram_size,
-            ticket_cache=ticket_cache,
-            idle_timeout=config.idle_timeout,
-            keepalive_interval=config.liveness.keepalive_interval,
-            max_probe_timeouts=config.liveness.max_probe_timeouts,
-            dead_after=config.liveness.dead_after,
-        )
-        if config.transport == "quic":
-            return quic
-        return AutoTransport(
-            identity=identity,
-            trust=trust,
-            quic=quic,
-            fallback_delay=config.fallback.delay,
-            broken_backoff=config.fallback.broken_backoff,
-            max_broken_backoff=config.fallback.max_broken_backoff,
-        )
-    return TRANSPORTS[config.transport](identity=identity, trust=trust)
+        quic = {
+            "congestion_control": config.congestion_control,
+            "max_datagram_size": config.max_datagram_size,
+            "idle_timeout": config.idle_timeout,
+            "keepalive_interval": config.liveness.keepalive_interval,
+            "max_probe_timeouts": config.liveness.max_probe_timeouts,
+            "dead_after": config.liveness.dead_after,
+        }
+        options = quic
+        if config.transport == "auto":
+            options = {
+                "quic": quic,
+                "fallback_delay": config.fallback.delay,
+                "broken_backoff": config.fallback.broken_backoff,
+                "max_broken_backoff": config.fallback.max_broken_backoff,
+            }
+    return registry.build(config.transport, identity=identity, trust=trust, options=options)
 
 
 class Sidecar:
@@ -111,7 +108,9 @@ class Sidecar:
         self.config_path = config_path
         self.identity, self.trust = load_identity(config)
         self.certs = CertificateSource(config, self.identity, self.trust)
-        self.ticket_cache = TicketCache(config.tls.ticket_cache)
+        self.transports = transport_registry(ticket_cache=config.tls.ticket_cache)
+        """Builds the clusters' and listeners' transports; its QUIC ones share a ticket cache."""
+        self.ticket_cache = self.transports.ticket_cache
         self.flows = FlowTracker()
         self.access_log = AccessLog(config.access_log.path, config.access_log.format)
         self.metrics = Metrics(self.snapshot)
@@ -195,7 +194,7 @@ class Sidecar:
         stats = self.cluster_stats.setdefault(config.name, ClusterStats(config.name))
         cluster = Cluster(
             config,
-            cluster_transport(config, self.identity, self.trust, self.ticket_cache),
+            cluster_transport(config, self.identity, self.trust, self.transports),
             stats,
             headers={"x-quicmesh-source": self.config.node.name},
         )

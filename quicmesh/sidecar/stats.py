@@ -12,16 +12,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..transport.quic import COUNTERS as QUIC_COUNTERS
 from .accesslog import Outcome
 
 
 def sum_counters(sources: Iterable[Counter[str]]) -> dict[str, int]:
-    """The QUIC transport counters (:data:`~quicmesh.transport.quic.COUNTERS`) added up."""
-    total = dict.fromkeys(QUIC_COUNTERS, 0)
+    """Transports' :attr:`~quicmesh.transport.base.Transport.counters` added up, key
+    by key (every key any of them reports, in the order first seen)."""
+    total: dict[str, int] = {}
     for counters in sources:
-        for name in QUIC_COUNTERS:
-            total[name] += counters[name]
+        for name, count in counters.items():
+            total[name] = total.get(name, 0) + count
     return total
 
 
@@ -47,8 +47,9 @@ class ListenerStats:
     """Bytes to the downstream side."""
     outcomes: Counter[str] = field(default_factory=Counter)
     quic_counters: list[Counter[str]] = field(default_factory=list)
-    """(inbound) The :attr:`~quicmesh.QuicTransport.counters` of every QUIC transport this
-    listener served with, across reloads: tickets, migrations, path validations."""
+    """(inbound) The :attr:`~quicmesh.transport.base.Transport.counters` of every
+    transport this listener served with that counts (QUIC), across reloads: tickets,
+    migrations, path validations, admission events."""
     overload: Callable[[], dict[str, object]] | None = None
     """(inbound) A view of the listener's limits and overload state (:mod:`.overload`)."""
 
@@ -107,8 +108,9 @@ class ClusterStats:
     """Peer connections opened, by the transport that carried them (``quic`` or
     ``h2`` for an ``auto`` cluster)."""
     quic_counters: list[Counter[str]] = field(default_factory=list)
-    """The :attr:`~quicmesh.QuicTransport.counters` of every transport the cluster dialled
-    with, across reloads: 0-RTT, tickets, migrations, path validations."""
+    """The :attr:`~quicmesh.transport.base.Transport.counters` of every transport the
+    cluster dialled with that counts (QUIC, auto), across reloads: 0-RTT, tickets,
+    migrations, path validations."""
     outcomes: Counter[str] = field(default_factory=Counter)
     endpoints: dict[str, EndpointStats] = field(default_factory=dict)
     handshake_failures: Counter[str] = field(default_factory=Counter)

@@ -23,13 +23,12 @@ connection whose first datagram did not decrypt, and counts everything in
 from __future__ import annotations
 
 import enum
-import logging
-import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..logs import RateLimitedLog as RateLimitedLog  # its home was here
 
 ADMISSION_COUNTERS = (
     "initials_undecryptable",
@@ -123,35 +122,3 @@ class Admission:
     def is_half_open(self, key: Hashable) -> bool:
         """Whether ``key`` is still waiting for its handshake."""
         return key in self._half_open
-
-
-class RateLimitedLog:
-    """Log one line per kind at most every ``interval`` seconds; the next line says
-    how many were suppressed meanwhile. For refusals an attacker can cause at will.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
-        interval: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._clock = clock
-        self._next: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless ``kind`` was logged in the last interval;
-        return whether it was logged."""
-        now = self._clock()
-        if now < self._next.get(kind, float("-inf")):
-            self._suppressed[kind] += 1
-            return False
-        self._next[kind] = now + self._interval
-        suppressed = self._suppressed.pop(kind, 0)
-        if suppressed:
-            message += f" ({suppressed} more like this in the last {self._interval:g}s)"
-        self._logger.log(level, message, *args)
-        return True

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConnectionLost, StreamReset, TunnelError
+from ..logs import RateLimitedLog
 from ..tunnel import events
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.session import ResetReason, TunnelSession
-from ._admission import RateLimitedLog
 from .base import Authorizer, PeerConnection, StreamHandler
 from .stream import DEFAULT_HIGH_WATER, MeshStream
 

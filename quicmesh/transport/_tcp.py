@@ -33,6 +33,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
+
 from ..errors import ConnectError, ConnectionLost, PeerVerificationError, TunnelError
 from ..tls import peer_identity_from_ssl
 from ..tls.check import handshake_failure_reason
@@ -87,6 +89,11 @@ class TlsPeerConnection(SessionConnection):
 
     def _close_transport(self) -> None:
         self.protocol.close()
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        der = self.protocol._ssl.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der) if der else None
 
     def stats(self) -> dict[str, Any]:
         result = super().stats()

@@ -198,15 +198,20 @@ class AutoTransport(Transport):
         address: Address,
         handler: StreamHandler,
         authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
     ) -> AutoListener:
         """Accept QUIC (UDP) and HTTP/2 (TCP) connections on one port number.
 
         With port 0 the QUIC listener picks the port and HTTP/2 takes the same
-        number (tried a few times if that TCP port is taken).
+        number (tried a few times if that TCP port is taken). ``early_data`` is
+        passed to the QUIC listener.
         """
         attempts = 5 if address[1] == 0 else 1
         for attempt in range(attempts):
-            quic_listener = await self.quic.listen(address, handler, authorize)
+            quic_listener = await self.quic.listen(
+                address, handler, authorize, early_data=early_data
+            )
             try:
                 h2_listener = await self.h2.listen(
                     (address[0], quic_listener.address[1]), handler, authorize
@@ -222,8 +227,14 @@ class AutoTransport(Transport):
 
     # -- connecting ------------------------------------------------------------------
 
-    async def connect(self, address: Address, *, timeout: float = 10.0) -> PeerConnection:
-        """Connect with QUIC, or HTTP/2 if QUIC is broken or too slow (see the class)."""
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> PeerConnection:
+        """Connect with QUIC, or HTTP/2 if QUIC is broken or too slow (see the class).
+
+        ``early_data`` is ignored: a QUIC connection returned before its handshake
+        would win the race with HTTP/2 whether or not QUIC gets through.
+        """
         loop = asyncio.get_running_loop()
         if self.memory.is_broken(address, loop.time()):
             connection = await self.h2.connect(address, timeout=timeout)

@@ -1,9 +1,17 @@
 """The socket interface a proxy plugs in: Transport, Listener, PeerConnection.
 
 These abstract classes are defined once; :class:`~quicmesh.QuicTransport`,
-:class:`~quicmesh.H2Transport` and :class:`~quicmesh.TcpTransport` implement them,
-and a proxy picks one by configuration without changing its own code. A flow is
-a :class:`~quicmesh.transport.stream.MeshStream` whichever transport carries it.
+:class:`~quicmesh.H2Transport`, :class:`~quicmesh.TcpTransport` and
+:class:`~quicmesh.AutoTransport` implement them, and a proxy picks one by
+configuration without changing its own code. A flow is a
+:class:`~quicmesh.transport.stream.MeshStream` whichever transport carries it.
+
+Every implementation takes the same arguments (``connect(..., early_data=)``,
+``open_stream(..., wait_response=)``, ``listen(..., early_data=)``) and says what
+it can do through attributes (:attr:`PeerConnection.supports_migration`,
+:attr:`PeerConnection.early_data`, :attr:`Transport.counters`), so that a caller
+never asks which transport it has. :func:`transport_registry` builds one by name
+from its per-transport options (:mod:`quicmesh.transport.registry`).
 """
 
 from __future__ import annotations
@@ -11,10 +19,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from .registry import TransportRegistry as TransportRegistry
 
 Address = tuple[str, int]
 StreamHandler = Callable[[MeshStream], Awaitable[None]]
@@ -41,13 +54,26 @@ class PeerConnection(ABC):
     """The peer sidecar's SPIFFE ID, verified during the handshake."""
 
     @abstractmethod
-    async def open_stream(self, target: str, headers: dict[str, str] | None = None) -> MeshStream:
+    async def open_stream(
+        self,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        wait_response: bool = True,
+    ) -> MeshStream:
         """Open a flow to ``target`` (``host:port``) through the peer sidecar.
 
         Waits while the peer's stream limit is reached. Raises
         :class:`~quicmesh.errors.InvalidTarget` for a malformed target or header,
         :class:`~quicmesh.errors.StreamRefused` when the peer answers with an error
         status, :class:`~quicmesh.errors.ConnectionLost` when the connection fails.
+
+        :param wait_response: False returns as soon as the CONNECT is queued, so the
+            first bytes written follow it at once (as 0-RTT on a QUIC connection
+            whose :attr:`early_data` is ``"attempted"``); a refusal then surfaces as
+            :class:`~quicmesh.errors.StreamRefused` from the stream's next read,
+            write or drain. A transport that opens a connection per flow (TCP)
+            always waits for the answer and ignores it.
         """
 
     @property
@@ -57,8 +83,22 @@ class PeerConnection(ABC):
 
     @property
     def early_data(self) -> str:
-        """0-RTT outcome: ``"none"``, ``"attempted"``, ``"accepted"`` or ``"rejected"``."""
+        """0-RTT outcome: ``"none"``, ``"attempted"`` (handshake still running: streams
+        opened with ``wait_response=False`` go as 0-RTT), ``"accepted"`` or
+        ``"rejected"``. Always ``"none"`` on transports without 0-RTT."""
         return "none"
+
+    @property
+    def supports_migration(self) -> bool:
+        """Whether :meth:`migrate` can move this connection to a new local address
+        (a QUIC client connection); False by default."""
+        return False
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented in the handshake; None when unknown (a
+        resumed QUIC session presents none, a TCP connection has one per flow)."""
+        return None
 
     @property
     def peer_address(self) -> str:
@@ -78,7 +118,9 @@ class PeerConnection(ABC):
     @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Counters: ``rtt`` (s), ``bytes_sent``, ``bytes_received``, ``streams_opened``,
-        ``streams_active``, ``packets_sent``, ``packets_lost``, ``cwnd`` (where known)."""
+        ``streams_active``, ``packets_sent``, ``packets_lost``, ``cwnd`` (where known),
+        plus the connection's share of its transport's :attr:`Transport.counters`
+        (e.g. QUIC's ``migrations_active``)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -98,7 +140,8 @@ class PeerConnection(ABC):
         await self.wait_closed()
 
     async def migrate(self, local_address: Address | None = None) -> None:
-        """Move the connection to a new local address (QUIC only)."""
+        """Move the connection to a new local address (only where
+        :attr:`supports_migration`; others raise :class:`NotImplementedError`)."""
         raise NotImplementedError(f"{self.transport_name} connections cannot migrate")
 
 
@@ -133,6 +176,11 @@ class Transport(ABC):
         self.handshake_failures: Counter[str] = Counter()
         """(server side) Handshakes refused, by reason (see
         :func:`quicmesh.tls.check.handshake_failure_reason`)."""
+        self.counters: Counter[str] = Counter()
+        """Event counts over every connection and listener of this transport, each
+        key present from the start (zero): QUIC's 0-RTT, tickets, migrations, path
+        validations and admission events (:data:`quicmesh.transport.quic.COUNTERS`).
+        Empty for a transport that counts nothing of the kind (H2, TCP)."""
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` and verify with ``trust`` in every handshake from now on.
@@ -148,23 +196,52 @@ class Transport(ABC):
         address: Address,
         handler: StreamHandler,
         authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
     ) -> Listener:
         """Accept peer connections on ``address``.
 
         Each stream whose CONNECT is well formed and allowed by ``authorize`` is
         passed to ``handler``; others are answered 400 or 403 and logged.
+
+        :param early_data: accept 0-RTT from clients resuming a session (QUIC);
+            ignored by transports without 0-RTT.
         """
 
     @abstractmethod
-    async def connect(self, address: Address, *, timeout: float = 10.0) -> PeerConnection:
-        """Connect to the peer sidecar at ``address``, verifying its identity."""
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> PeerConnection:
+        """Connect to the peer sidecar at ``address``, verifying its identity.
+
+        :param timeout: seconds for the connection and its handshake.
+        :param early_data: where the transport has 0-RTT (QUIC) and a session
+            ticket for ``address`` is cached, return before the handshake completes
+            (:attr:`PeerConnection.early_data` ``"attempted"``) so that streams
+            opened with ``wait_response=False`` go as 0-RTT. Only for flows whose
+            first bytes are safe to replay. Otherwise an ordinary connect: H2 and
+            TCP ignore it, and so does :class:`~quicmesh.AutoTransport` (a connection
+            returned before its handshake would always win the race with HTTP/2).
+        """
 
     def stats(self) -> dict[str, Any]:
-        """Transport-wide counters for the admin's ``/stats`` (an
-        :class:`~quicmesh.AutoTransport`'s fallbacks); none by default."""
+        """Transport-wide state for the admin's ``/stats`` besides :attr:`counters`
+        (an :class:`~quicmesh.AutoTransport`'s fallbacks); none by default."""
         return {}
 
     async def aclose(self) -> None:
         """Stop the transport's own background work, if any (listeners and
         connections are closed through their own objects)."""
         return None
+
+
+def transport_registry(*, ticket_cache: str | None = None) -> TransportRegistry:
+    """A :class:`~quicmesh.transport.registry.TransportRegistry`: builds transports
+    by name (``"quic"``, ``"h2"``, ``"tcp"``, ``"auto"``) from per-transport options.
+
+    :param ticket_cache: the file where the QUIC transports it builds keep their
+        session tickets (None: in memory); one cache is shared by all of them.
+    """
+    from .registry import TransportRegistry  # the implementations import this module
+
+    return TransportRegistry(ticket_cache=ticket_cache)

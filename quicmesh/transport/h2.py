@@ -106,7 +106,11 @@ class H2Transport(Transport):
         address: Address,
         handler: StreamHandler,
         authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
     ) -> H2Listener:
+        """Accept peer connections (see :meth:`Transport.listen`); TLS over TCP has
+        no 0-RTT here, so ``early_data`` is ignored."""
         server, protocols = await start_server(
             address,
             context=self.ssl_context(server_side=True),
@@ -121,7 +125,11 @@ class H2Transport(Transport):
         )
         return H2Listener(server, protocols)
 
-    async def connect(self, address: Address, *, timeout: float = 10.0) -> H2PeerConnection:
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> H2PeerConnection:
+        """Connect (see :meth:`Transport.connect`); ``early_data`` is ignored: the
+        connection is returned once the TLS handshake has completed."""
         protocol = await open_connection(
             address,
             context=self.ssl_context(server_side=False),

@@ -76,7 +76,18 @@ class TcpPeerConnection(PeerConnection):
     def can_open_stream(self) -> bool:
         return not self._closed
 
-    async def open_stream(self, target: str, headers: dict[str, str] | None = None) -> MeshStream:
+    async def open_stream(
+        self,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        wait_response: bool = True,
+    ) -> MeshStream:
+        """Open a flow on its own TLS connection (see :meth:`PeerConnection.open_stream`).
+
+        ``wait_response`` is ignored: the stream is returned once the peer answered
+        the CONNECT, as a new flow's connection has no 0-RTT to gain from sending first.
+        """
         parse_target(target)
         validate_headers(headers)
         if self._closed:
@@ -210,7 +221,11 @@ class TcpTransport(Transport):
         address: Address,
         handler: StreamHandler,
         authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
     ) -> TcpListener:
+        """Accept peer connections (see :meth:`Transport.listen`); ``early_data`` is
+        ignored (no 0-RTT over TLS here)."""
         server, protocols = await start_server(
             address,
             context=self.ssl_context(server_side=True),
@@ -225,7 +240,11 @@ class TcpTransport(Transport):
         )
         return TcpListener(server, protocols)
 
-    async def connect(self, address: Address, *, timeout: float = 10.0) -> TcpPeerConnection:
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> TcpPeerConnection:
+        """Connect (see :meth:`Transport.connect`): the first flow's TLS connection,
+        kept for the first stream; ``early_data`` is ignored."""
         first = await self._dial(address, timeout, wait_for_ticket=True)
         return TcpPeerConnection(self, address, first, timeout)
 

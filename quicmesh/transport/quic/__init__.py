@@ -52,6 +52,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.tls import SessionTicket
+from cryptography import x509
 
 from ... import _aioquic
 from ..._aioquic import MeshQuicConnection
@@ -156,6 +157,20 @@ class QuicPeerConnection(SessionConnection):
     @property
     def early_data(self) -> str:
         return self._early_data
+
+    @property
+    def supports_migration(self) -> bool:
+        """A client connection can :meth:`migrate`; a server's follows its peer."""
+        return bool(self.protocol.is_client)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's certificate (None on a resumed session, which presents none)."""
+        quic = self.protocol._quic
+        if quic.tls is None:
+            return None
+        certificate, _ = _aioquic.peer_certificate(quic)
+        return certificate
 
     def _transmit(self) -> None:
         self.protocol.transmit()

@@ -1,0 +1,44 @@
+"""Logging helpers shared by every layer.
+
+:class:`RateLimitedLog` keeps a line per kind of event an attacker can cause at
+will (refused Initials, refused streams) from flooding the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+
+class RateLimitedLog:
+    """Log one line per kind at most every ``interval`` seconds; the next line says
+    how many were suppressed meanwhile. For refusals an attacker can cause at will.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless ``kind`` was logged in the last interval;
+        return whether it was logged."""
+        now = self._clock()
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] += 1
+            return False
+        self._next[kind] = now + self._interval
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            message += f" ({suppressed} more like this in the last {self._interval:g}s)"
+        self._logger.log(level, message, *args)
+        return True
