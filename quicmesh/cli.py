@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("sidecar", help="run a sidecar proxy: quicmesh sidecar -c FILE", add_help=False)
     sub.add_parser(
+        "fuzz",
+        help="fuzz the parsers that meet the network or a file (atheris): quicmesh fuzz --help",
+        add_help=False,
+    )
+    sub.add_parser(
         "intercept",
         help="install or remove transparent-interception rules (nftables, root)",
         add_help=False,
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = ("sidecar", "intercept", "bench", "netem")
+PASSTHROUGH = ("sidecar", "intercept", "bench", "netem", "fuzz")
 """Subcommands whose arguments go untouched to their own parser (``-c``, ``--help`` included)."""
 
 
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sidecar.cli import main as sidecar_main
 
             return sidecar_main(args.args)
+        if args.command == "fuzz":
+            from .fuzz import main as fuzz_main
+
+            return fuzz_main(args.args)
         if args.command == "intercept":
             from .intercept.cli import main as intercept_main
 

@@ -42,12 +42,12 @@ def test_version(script: bool) -> None:
 def test_top_level_help_lists_every_subcommand(script: bool) -> None:
     result = run("--help", script=script)
     assert result.returncode == 0, result.stderr
-    for command in ("demo", "sidecar", "bench", "netem"):
+    for command in ("demo", "sidecar", "bench", "netem", "fuzz"):
         assert command in result.stdout
 
 
 @BOTH
-@pytest.mark.parametrize("command", ["netem", "bench", "sidecar", "demo"])
+@pytest.mark.parametrize("command", ["netem", "bench", "sidecar", "demo", "fuzz"])
 def test_every_subcommand_has_help(script: bool, command: str) -> None:
     result = run(command, "--help", script=script)
     assert result.returncode == 0, result.stderr

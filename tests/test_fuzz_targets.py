@@ -1,0 +1,64 @@
+"""Issue 13, fuzzing: the atheris targets of ``quicmesh fuzz``.
+
+Every input kept in ``tests/fuzz_regressions/<target>/`` (crashes found by a
+long run, and seeds) is replayed through its target; a short coverage-guided
+run of every target (2 s each) runs through the console script, as a user
+runs it (``quicmesh fuzz --seconds N``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from quicmesh.fuzz import REGRESSIONS, TARGETS, replay
+
+KEPT = sorted(
+    (target.name, case)
+    for target in REGRESSIONS.iterdir()
+    if target.is_dir()
+    for case in target.iterdir()
+    if case.is_file()
+)
+
+
+def test_every_target_has_kept_cases() -> None:
+    assert {target for target, _ in KEPT} == set(TARGETS)
+
+
+@pytest.mark.parametrize(("target", "case"), KEPT, ids=[f"{t}/{c.name}" for t, c in KEPT])
+def test_kept_inputs_replay_without_escaping(target: str, case: Path) -> None:
+    replay(target, case.read_bytes())
+
+
+def test_help_names_the_options() -> None:
+    result = subprocess.run(
+        ["quicmesh", "fuzz", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    for option in ("--seconds", "--target", "--crashes", "--corpus"):
+        assert option in result.stdout
+
+
+def test_an_unknown_target_is_refused_in_one_line() -> None:
+    result = subprocess.run(
+        ["quicmesh", "fuzz", "--target", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'nope'" in result.stderr
+
+
+def test_a_short_run_of_every_target_finds_no_crash(tmp_path: Path) -> None:
+    pytest.importorskip("atheris", reason="atheris (the test extra) builds for Python <= 3.11")
+    result = subprocess.run(
+        ["quicmesh", "fuzz", "--seconds", "2", "--crashes", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    for target in TARGETS:
+        assert f"{target}: ok (Done " in result.stdout, result.stdout
+    assert not any(path.is_file() for path in tmp_path.rglob("*"))
