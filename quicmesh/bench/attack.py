@@ -20,8 +20,10 @@ process, between a baseline phase and an after phase of the same length:
 It prints p50/p99 of the good flows per phase, failures, the listener's CPU
 and peak RSS per phase, and PASS when the during-phase p99 is within 3x of the
 baseline's and no good flow failed. The machine may be shared: say so next to
-any figure. Not (yet) two full sidecars: the probes hit the QUIC listener that
-the sidecar's inbound listener runs.
+any figure. With ``--sidecars`` the probes hit two full sidecars as in
+examples/ instead (sidecar A outbound, sidecar B inbound over QUIC, an echo app
+behind B): good traffic is a TCP flow through A every 20 ms, the attacks go to
+B's QUIC port, and the CPU and RSS are sidecar B's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -269,7 +272,128 @@ async def _good_traffic(
     phase.cpu = _proc_cpu_rss(pid)[0] - cpu_before
 
 
+async def _good_tcp_traffic(phase: Phase, port: int, seconds: float, pid: int) -> None:
+    """Good flows through sidecar A: a new TCP connection to its outbound
+    listener every 20 ms, 1 KiB echoed by the app behind sidecar B."""
+    loop = asyncio.get_running_loop()
+    cpu_before, _ = _proc_cpu_rss(pid)
+    end = loop.time() + seconds
+    payload = os.urandom(1024)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one_flow() -> None:
+        started = loop.time()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            try:
+                writer.write(payload)
+                writer.write_eof()
+                data = await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+            if data != payload:
+                raise ValueError("corrupted echo")
+            phase.latencies.append(loop.time() - started)
+        except Exception:
+            phase.failures += 1
+
+    while loop.time() < end:
+        tasks.append(loop.create_task(one_flow()))
+        await asyncio.sleep(0.02)
+        phase.rss = max(phase.rss, _proc_cpu_rss(pid)[1])
+    await asyncio.gather(*tasks)
+    phase.cpu = _proc_cpu_rss(pid)[0] - cpu_before
+
+
+async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path) -> list[Phase]:
+    """The probe against two sidecars as in examples/ (A outbound, B inbound
+    QUIC, an echo app behind B): good traffic through A, attacks on B's port."""
+    from ..demo import Ports as DemoPorts
+    from ..demo import echo_app, sidecar_configs
+    from ..sidecar.launch import LOOPBACK, SidecarProcess
+
+    app = await asyncio.start_server(echo_app, LOOPBACK, 0)
+    ports = DemoPorts(echo_app=app.sockets[0].getsockname()[1], http_app=1)
+    options = argparse.Namespace(transport="quic", congestion_control=None)
+    config_a, config_b = sidecar_configs(options, ports, str(workdir))
+    config_b["listeners"]["inbound"][0]["max_stream_rate"] = int(args.max_stream_rate or 1000000)
+    sidecar_b = SidecarProcess(f"sidecar-b-{probe}", config_b, workdir)
+    sidecar_a = SidecarProcess(f"sidecar-a-{probe}", config_a, workdir)
+    try:
+        sidecar_b.start()
+        sidecar_a.start()
+        await asyncio.to_thread(sidecar_b.wait_ready)
+        await asyncio.to_thread(sidecar_a.wait_ready)
+        assert sidecar_b.process is not None
+        pid = sidecar_b.process.pid
+
+        async def good(phase: Phase, seconds: float) -> None:
+            await _good_tcp_traffic(phase, ports.echo_a, seconds, pid)
+
+        return await _probe_phases(probe, args, workdir, ports.tunnel_b, good)
+    finally:
+        for sidecar in (sidecar_a, sidecar_b):
+            if sidecar.process is not None:
+                sidecar.process.kill()
+                sidecar.process.wait()
+        app.close()
+
+
+async def _probe_phases(
+    probe: str,
+    args: argparse.Namespace,
+    workdir: Path,
+    port: int,
+    good: Callable[[Phase, float], Awaitable[None]],
+) -> list[Phase]:
+    """Good traffic before, during (the attacker processes running) and after."""
+    phases = [Phase("before"), Phase("during"), Phase("after")]
+    await good(phases[0], args.phase)
+    count = {"initials": args.initials, "qpack": 16, "churn": 0}[probe]
+    processes = args.attackers if probe == "churn" else 1
+    if probe == "churn":
+        count = int(args.churn_rate / processes)
+    attackers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "quicmesh.bench.attack",
+            "--role",
+            "attacker",
+            "--probe",
+            probe,
+            "--port",
+            str(port),
+            "--ca",
+            str(workdir),
+            "--duration",
+            str(args.attack),
+            "--count",
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    await good(phases[1], args.attack)
+    opened = 0
+    for attacker in attackers:
+        output, _ = await attacker.communicate()
+        line = output.decode().strip()
+        print(f"  attacker: {line}")
+        if match := re.search(r"opened (\d+) streams", line):
+            opened += int(match.group(1))
+    if probe == "churn":
+        print(
+            f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
+            f" opened {opened / args.attack:.0f}/s"
+        )
+    await good(phases[2], args.phase)
+    return phases
+
+
 async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> list[Phase]:
+    if args.sidecars:
+        return await _run_sidecar_probe(probe, args, workdir)
     server = subprocess.Popen(
         [
             sys.executable,
@@ -294,47 +418,11 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
             identity=ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/good"), trust=ca.trust_bundle
         )
         conn = await client.connect(("127.0.0.1", port))
-        phases = [Phase("before"), Phase("during"), Phase("after")]
-        await _good_traffic(phases[0], client, conn, port, args.phase, server.pid)
-        count = {"initials": args.initials, "qpack": 16, "churn": 0}[probe]
-        processes = args.attackers if probe == "churn" else 1
-        if probe == "churn":
-            count = int(args.churn_rate / processes)
-        attackers = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "quicmesh.bench.attack",
-                "--role",
-                "attacker",
-                "--probe",
-                probe,
-                "--port",
-                str(port),
-                "--ca",
-                str(workdir),
-                "--duration",
-                str(args.attack),
-                "--count",
-                str(count),
-                stdout=asyncio.subprocess.PIPE,
-            )
-            for _ in range(processes)
-        ]
-        await _good_traffic(phases[1], client, conn, port, args.attack, server.pid)
-        opened = 0
-        for attacker in attackers:
-            output, _ = await attacker.communicate()
-            line = output.decode().strip()
-            print(f"  attacker: {line}")
-            if match := re.search(r"opened (\d+) streams", line):
-                opened += int(match.group(1))
-        if probe == "churn":
-            print(
-                f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
-                f" opened {opened / args.attack:.0f}/s"
-            )
-        await _good_traffic(phases[2], client, conn, port, args.phase, server.pid)
+
+        async def good(phase: Phase, seconds: float) -> None:
+            await _good_traffic(phase, client, conn, port, seconds, server.pid)
+
+        phases = await _probe_phases(probe, args, workdir, port, good)
         conn.close()
         return phases
     finally:
@@ -362,6 +450,12 @@ def main(argv: list[str]) -> int:
         default=DEFAULT_STREAM_RATE,
         help="the listener's max_stream_rate: new streams/s per identity (0: unlimited)",
     )
+    parser.add_argument(
+        "--sidecars",
+        action="store_true",
+        help="attack two full sidecars as in examples/ (good traffic: TCP through A to an"
+        " echo app behind B; probes on B's QUIC port) instead of a bare QUIC listener",
+    )
     parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
@@ -377,6 +471,7 @@ def main(argv: list[str]) -> int:
     if args.quick:
         args.phase, args.attack, args.initials = 2.0, 2.0, 2000
     probes = args.probe or list(PROBES)
+    who = "sidecar B" if args.sidecars else "listener"
     failed = False
     with tempfile.TemporaryDirectory(prefix="quicmesh-bench-attack-") as directory:
         workdir = Path(directory)
@@ -392,7 +487,7 @@ def main(argv: list[str]) -> int:
                 print(
                     f"  {phase.name:<7} flows {len(phase.latencies):4d}  failures {phase.failures}"
                     f"  handshakes {phase.handshakes:3d}  p50 {phase.quantile(0.5):7.2f} ms"
-                    f"  p99 {phase.quantile(0.99):7.2f} ms  listener CPU {phase.cpu:5.2f} s"
+                    f"  p99 {phase.quantile(0.99):7.2f} ms  {who} CPU {phase.cpu:5.2f} s"
                     f"  peak RSS {phase.rss / 2**20:6.1f} MiB"
                 )
             base, during = phases[0].quantile(0.99), phases[1].quantile(0.99)

@@ -67,3 +67,29 @@ def test_a_short_churn_probe_offers_the_rate_and_is_held_by_stream_credit() -> N
     assert 0 < opened <= (128 + 128 + 200 * 2 * 1.5) / 2
     assert "held back by the listener's stream credit" in out
     assert ("PASS" in out) == (result.returncode == 0)
+
+
+def test_a_short_probe_against_two_sidecars() -> None:
+    result = subprocess.run(
+        [
+            "quicmesh",
+            "bench",
+            "attack",
+            "--sidecars",
+            "--probe",
+            "qpack",
+            "--phase",
+            "1",
+            "--attack",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout
+    assert "attacker: sent 16 QPACK bombs" in out, out + result.stderr
+    for phase in ("before", "during", "after"):
+        assert f"  {phase} " in out and "sidecar B CPU" in out
+    assert ("PASS" in out) == (result.returncode == 0)
+    assert " 0 failed" in out
