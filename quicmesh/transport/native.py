@@ -465,16 +465,31 @@ class NativeStream:
                 raise self._read_error
             if self._eof:
                 return b""
-            if not self._read_requested:
-                self._native.read(self._conn, self.stream_id, READ_CHUNK)
-                self._read_requested = True
+            self._request_read()
             self._read_waiter = self._connection._endpoint._loop.create_future()
             await self._read_waiter
         count = len(self._buffer) if max_bytes < 0 else min(max_bytes, len(self._buffer))
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         self.bytes_read += count
+        if not self._buffer and not self._eof and self._read_error is None:
+            # Ask for the next chunk while the caller works on this one: at most one
+            # READ_CHUNK beyond what the application has read leaves quinn early.
+            self._request_read()
         return data
+
+    def _request_read(self) -> None:
+        if self._read_requested:
+            return
+        try:
+            self._native.read(self._conn, self.stream_id, READ_CHUNK)
+        except StreamReset as exc:
+            # The engine already ended the stream; its events say how (FIN, reset, loss).
+            self._connection._endpoint._on_events()
+            if not self._eof and self._read_error is None:
+                self._read_error = exc
+            return
+        self._read_requested = True
 
     async def read_all(self) -> bytes:
         """Everything until the peer finishes the stream."""
