@@ -233,6 +233,8 @@ impl Endpoint {
                 .with_single_cert(chain.clone(), key.clone_key())
                 .map_err(|e| config_error(format!("certificate and key: {e}")))?;
             tls.alpn_protocols = alpn.clone();
+            // No resumption yet (0-RTT with single-use tickets is to come): issue no tickets.
+            tls.send_tls13_tickets = 0;
             let crypto = QuicServerConfig::try_from(tls)
                 .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
             let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
