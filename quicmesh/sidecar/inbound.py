@@ -236,8 +236,8 @@ class InboundListener:
         cap = self.overload.max_connections_per_identity
         by_identity: dict[str, list[PeerConnection]] = {}
         for transport, listener in zip(self._transports, self._listeners, strict=False):
-            if transport.name == "tcp":
-                continue  # one connection per flow: max_streams_per_identity bounds them
+            if transport.connection_per_flow:
+                continue  # max_streams_per_identity bounds them
             for connection in getattr(listener, "connections", ()):
                 if not connection.is_closed:
                     by_identity.setdefault(connection.peer_identity, []).append(connection)
@@ -270,8 +270,9 @@ class InboundListener:
     def _admit_connection(self, stream: MeshStream) -> str | None:
         """Count the stream's connection for its identity: the refusal if the
         identity already holds ``max_connections_per_identity`` others. (Not for
-        ``tcp``, one connection per flow, which ``max_streams_per_identity`` bounds.)"""
-        if stream.transport == "tcp":
+        a transport with one connection per flow (``tcp``), which
+        ``max_streams_per_identity`` bounds.)"""
+        if any(t.connection_per_flow and t.name == stream.transport for t in self._transports):
             return None
         known = self._connections.setdefault(stream.peer_identity, {})
         connection = stream.channel

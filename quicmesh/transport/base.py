@@ -170,6 +170,10 @@ class Transport(ABC):
 
     name: str
 
+    connection_per_flow: bool = False
+    """Whether every flow has a connection of its own (TCP): per-connection limits
+    then do not apply, and a limit on flows bounds connections too."""
+
     def __init__(self, *, identity: Identity, trust: TrustBundle) -> None:
         self.identity = identity
         self.trust = trust

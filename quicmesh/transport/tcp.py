@@ -175,6 +175,7 @@ class TcpTransport(Transport):
     """
 
     name = "tcp"
+    connection_per_flow = True
 
     def __init__(
         self,

@@ -87,6 +87,10 @@ def test_every_transport_takes_the_same_arguments(name: str) -> None:
     run(main())
 
 
+def test_connection_per_flow_is_declared_by_the_transport() -> None:
+    assert [build(name).connection_per_flow for name in NAMES] == [False, False, True, False]
+
+
 def test_counters_are_declared_by_the_transport() -> None:
     quic, auto = build("quic"), build("auto")
     assert set(quic.counters) == set(COUNTERS) | set(ADMISSION_COUNTERS)
