@@ -2,8 +2,10 @@
 
 Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 
-* ``("connected", token, conn)`` / ``("connect_failed", token, kind, message)``
-* ``("accepted", conn)`` / ``("accept_failed", kind, message)``
+* ``("connected", token, conn, early)`` / ``("connect_failed", token, kind, message)``
+* ``("accepted", conn, early)`` / ``("accept_failed", kind, message)``
+* ``("early_data", conn, accepted)``: the server's answer to a 0-RTT flight
+* ``("early_data_rejected", conn, stream)``: a stream sent as 0-RTT was rejected
 * ``("stream_opened", token, conn, stream)`` / ``("open_failed", token, conn, message)``
 * ``("stream_accepted", conn, stream, bidirectional)``
 * ``("data", conn, stream, data, fin)``: the answer to one :meth:`Endpoint.read`
@@ -41,6 +43,7 @@ class Endpoint:
         max_bidi_streams: int | None = None,
         max_uni_streams: int | None = None,
         congestion: str | None = None,
+        early_data: bool = False,
     ) -> None: ...
     def fileno(self) -> int: ...
     def drain(self) -> list[tuple[Any, ...]]: ...
@@ -50,7 +53,7 @@ class Endpoint:
         host: str,
         port: int,
         *,
-        server_name: str = "quicmesh",
+        server_name: str | None = None,
         allowed: list[str] | None = None,
     ) -> int: ...
     def open_stream(self, conn: int, *, bidirectional: bool = True) -> int: ...

@@ -116,16 +116,22 @@ pub async fn confirmed(conn: &Connection) -> Result<(), ConnectionError> {
 /// What the engine reports to Python.
 #[derive(Debug)]
 pub enum Event {
-    /// A client connection completed its handshake (peer verified).
-    Connected { token: u64, conn: u64 },
+    /// A client connection completed its handshake (peer verified), or, with `early`, resumed
+    /// with 0-RTT: usable at once, the server's identity is the one its ticket recorded.
+    Connected { token: u64, conn: u64, early: bool },
     /// A client connection failed before its handshake completed.
     ConnectFailed {
         token: u64,
         kind: CloseKind,
         message: String,
     },
-    /// A server accepted a connection (client certificate verified).
-    Accepted { conn: u64 },
+    /// A server accepted a connection (client certificate verified), or, with `early`, a client
+    /// resumed with a single-use ticket (its identity is the one the ticket recorded).
+    Accepted { conn: u64, early: bool },
+    /// (client) The server accepted or rejected the 0-RTT data of an early connection.
+    EarlyData { conn: u64, accepted: bool },
+    /// A stream opened in 0-RTT was lost to the server's rejection of it.
+    EarlyDataRejected { conn: u64, stream: u64 },
     /// An incoming connection failed its handshake (e.g. its certificate was refused).
     AcceptFailed { kind: CloseKind, message: String },
     /// A stream this side asked to open is open.
@@ -238,6 +244,81 @@ impl Shared {
         let shared = Arc::clone(self);
         tokio::spawn(async move { shared.serve(id, conn).await });
         id
+    }
+
+    /// (server) Complete an incoming connection. With 0-RTT enabled, a client that resumed
+    /// with a ticket is served at once (its 0-RTT streams included): rustls restored the
+    /// client certificate chain verified when the ticket was issued. A full handshake is
+    /// served only once it completed, i.e. after the client's certificate was verified.
+    pub async fn accept(self: Arc<Self>, incoming: quinn::Incoming, early_data: bool) {
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(error) => {
+                let (kind, message) = classify(&error);
+                self.push(Event::AcceptFailed { kind, message });
+                return;
+            }
+        };
+        let result = if early_data {
+            match connecting.into_0rtt() {
+                Ok((conn, _)) if conn.peer_identity().is_some() => {
+                    let id = self.adopt(conn);
+                    self.push(Event::Accepted {
+                        conn: id,
+                        early: true,
+                    });
+                    return;
+                }
+                Ok((conn, accepted)) => {
+                    tokio::select! {
+                        _ = accepted => match conn.close_reason() {
+                            None => Ok(conn),
+                            Some(error) => Err(error),
+                        },
+                        error = conn.closed() => Err(error),
+                    }
+                }
+                Err(connecting) => connecting.await,
+            }
+        } else {
+            connecting.await
+        };
+        match result {
+            Ok(conn) => {
+                let id = self.adopt(conn);
+                self.push(Event::Accepted {
+                    conn: id,
+                    early: false,
+                });
+            }
+            Err(error) => {
+                let (kind, message) = classify(&error);
+                self.push(Event::AcceptFailed { kind, message });
+            }
+        }
+    }
+
+    /// (client) Adopt a connection resumed with 0-RTT. No verifier runs in a resumed
+    /// handshake: rustls resumes a session only under the verifier (the same allowed server
+    /// identities) and client credentials that made it, so the server is the one verified
+    /// when its ticket was issued; its chain is known once the server answered.
+    pub fn adopt_early_client(
+        self: &Arc<Self>,
+        token: u64,
+        conn: Connection,
+        accepted: quinn::ZeroRttAccepted,
+    ) {
+        let id = self.adopt(conn);
+        self.push(Event::Connected {
+            token,
+            conn: id,
+            early: true,
+        });
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let accepted = accepted.await;
+            shared.push(Event::EarlyData { conn: id, accepted });
+        });
     }
 
     async fn serve(self: Arc<Self>, id: u64, conn: Connection) {
@@ -364,6 +445,10 @@ impl Shared {
                         bytes: written as u64,
                     });
                 }
+                Step::Wrote(Err(WriteError::ZeroRttRejected)) => {
+                    self.push(Event::EarlyDataRejected { conn, stream });
+                    break;
+                }
                 Step::Wrote(Err(WriteError::Stopped(code))) | Step::Stopped(Ok(Some(code))) => {
                     self.push(Event::StopSendingReceived {
                         conn,
@@ -435,6 +520,10 @@ impl Shared {
                         chunks: Vec::new(),
                         fin: true,
                     });
+                    break;
+                }
+                Step::Read(Err(ReadError::ZeroRttRejected)) => {
+                    self.push(Event::EarlyDataRejected { conn, stream });
                     break;
                 }
                 Step::Read(Err(ReadError::Reset(code))) => {
@@ -576,8 +665,14 @@ mod tests {
     #[test]
     fn push_wakes_once_per_batch() {
         let (shared, mut reader) = Shared::new().unwrap();
-        shared.push(Event::Accepted { conn: 1 });
-        shared.push(Event::Accepted { conn: 2 });
+        shared.push(Event::Accepted {
+            conn: 1,
+            early: false,
+        });
+        shared.push(Event::Accepted {
+            conn: 2,
+            early: false,
+        });
         let mut buf = [0u8; 8];
         let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
         assert_eq!(n, 1);

@@ -84,13 +84,19 @@ fn trust_roots(pem: &[u8]) -> PyResult<Vec<TrustRoot>> {
 
 fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
     match event {
-        Event::Connected { token, conn } => ("connected", token, conn).into_py_any(py),
+        Event::Connected { token, conn, early } => {
+            ("connected", token, conn, early).into_py_any(py)
+        }
         Event::ConnectFailed {
             token,
             kind,
             message,
         } => ("connect_failed", token, kind.name(), message).into_py_any(py),
-        Event::Accepted { conn } => ("accepted", conn).into_py_any(py),
+        Event::Accepted { conn, early } => ("accepted", conn, early).into_py_any(py),
+        Event::EarlyData { conn, accepted } => ("early_data", conn, accepted).into_py_any(py),
+        Event::EarlyDataRejected { conn, stream } => {
+            ("early_data_rejected", conn, stream).into_py_any(py)
+        }
         Event::AcceptFailed { kind, message } => {
             ("accept_failed", kind.name(), message).into_py_any(py)
         }
@@ -160,7 +166,11 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
 }
 
 /// Builds the client TLS configuration, with the server identities a connection allows.
-type ClientCrypto = dyn Fn(Option<Vec<String>>) -> Result<QuicClientConfig, String> + Send + Sync;
+type ClientCrypto =
+    dyn Fn(Option<Vec<String>>) -> Result<Arc<QuicClientConfig>, String> + Send + Sync;
+
+/// The most client TLS configurations (one per list of allowed server identities) kept.
+const CLIENT_CONFIGS: usize = 64;
 
 /// A QUIC endpoint: one UDP socket, client and (with `server=True`) server.
 #[pyclass(module = "quicmesh._native", frozen)]
@@ -170,6 +180,7 @@ struct Endpoint {
     wake: UnixStream,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
+    early_data: bool,
 }
 
 #[pymethods]
@@ -184,7 +195,7 @@ impl Endpoint {
         host, port, *, cert_chain_pem, key_pem, trust_pem, alpn, server=false,
         allowed_clients=None, stream_receive_window=None, receive_window=None, send_window=None,
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
-        congestion=None
+        congestion=None, early_data=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -204,6 +215,7 @@ impl Endpoint {
         max_bidi_streams: Option<u64>,
         max_uni_streams: Option<u64>,
         congestion: Option<String>,
+        early_data: bool,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let options = TransportOptions {
@@ -233,8 +245,15 @@ impl Endpoint {
                 .with_single_cert(chain.clone(), key.clone_key())
                 .map_err(|e| config_error(format!("certificate and key: {e}")))?;
             tls.alpn_protocols = alpn.clone();
-            // No resumption yet (0-RTT with single-use tickets is to come): issue no tickets.
-            tls.send_tls13_tickets = 0;
+            if early_data {
+                // Stateful tickets: rustls `take`s a ticket from this store when a client
+                // resumes with it, so each ticket is good for one resumption (one 0-RTT flight);
+                // a resumed handshake restores the client certificate chain the ticket recorded.
+                tls.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+                tls.max_early_data_size = u32::MAX;
+            } else {
+                tls.send_tls13_tickets = 0;
+            }
             let crypto = QuicServerConfig::try_from(tls)
                 .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
             let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -246,8 +265,22 @@ impl Endpoint {
 
         let client_provider = Arc::clone(&provider);
         let client_alpn = alpn;
+        // One ticket store per endpoint (one identity): tickets are bound to this client.
+        let tickets: Arc<dyn rustls::client::ClientSessionStore> =
+            Arc::new(rustls::client::ClientSessionMemoryCache::new(256));
+        // One TLS configuration per list of allowed server identities, kept: rustls resumes
+        // a session only with the verifier and client credentials that made it.
+        let configs = std::sync::Mutex::new(std::collections::HashMap::new());
         let client_crypto = Arc::new(move |allowed: Option<Vec<String>>| {
-            let verifier = SpiffeVerifier::new(&roots, allowed).map_err(|e| e.to_string())?;
+            let mut configs = lock(&configs);
+            if let Some(config) = configs.get(&allowed) {
+                return Ok(Arc::clone(config));
+            }
+            if configs.len() >= CLIENT_CONFIGS {
+                configs.clear();
+            }
+            let verifier =
+                SpiffeVerifier::new(&roots, allowed.clone()).map_err(|e| e.to_string())?;
             let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&client_provider))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(|e| format!("TLS: {e}"))?
@@ -256,7 +289,17 @@ impl Endpoint {
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .map_err(|e| format!("certificate and key: {e}"))?;
             tls.alpn_protocols = client_alpn.clone();
-            QuicClientConfig::try_from(tls).map_err(|e| format!("TLS for QUIC: {e}"))
+            if early_data {
+                tls.resumption = rustls::client::Resumption::store(Arc::clone(&tickets));
+                tls.enable_early_data = true;
+            } else {
+                tls.resumption = rustls::client::Resumption::disabled();
+            }
+            let config = Arc::new(
+                QuicClientConfig::try_from(tls).map_err(|e| format!("TLS for QUIC: {e}"))?,
+            );
+            configs.insert(allowed, Arc::clone(&config));
+            Ok(config)
         });
         // Check the client side builds now, so a bad identity fails at bind, not at connect.
         client_crypto(None).map_err(config_error)?;
@@ -280,18 +323,7 @@ impl Endpoint {
             rt.spawn(async move {
                 while let Some(incoming) = accepting.accept().await {
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        match incoming.await {
-                            Ok(conn) => {
-                                let id = shared.adopt(conn);
-                                shared.push(Event::Accepted { conn: id });
-                            }
-                            Err(error) => {
-                                let (kind, message) = engine::classify(&error);
-                                shared.push(Event::AcceptFailed { kind, message });
-                            }
-                        }
-                    });
+                    tokio::spawn(shared.accept(incoming, early_data));
                 }
             });
         }
@@ -301,6 +333,7 @@ impl Endpoint {
             wake,
             client_crypto,
             transport,
+            early_data,
         })
     }
 
@@ -332,20 +365,22 @@ impl Endpoint {
 
     /// Start connecting to `host:port`; returns a token that a `connected` or
     /// `connect_failed` event carries. With `allowed`, only those server SPIFFE IDs are accepted.
-    #[pyo3(signature = (host, port, *, server_name="quicmesh", allowed=None))]
+    #[pyo3(signature = (host, port, *, server_name=None, allowed=None))]
     fn connect(
         &self,
         host: &str,
         port: u16,
-        server_name: &str,
+        server_name: Option<&str>,
         allowed: Option<Vec<String>>,
     ) -> PyResult<u64> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
+        // Session tickets are stored per server name: by default the server's address.
+        let server_name = server_name.unwrap_or(host);
         let crypto = (self.client_crypto)(allowed).map_err(config_error)?;
         // quinn starts the connection's driver task here: it needs the runtime's context.
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(Arc::clone(&self.transport));
         let connecting = self
             .endpoint
@@ -355,12 +390,27 @@ impl Endpoint {
             })?;
         let token = self.shared.next_id();
         let shared = Arc::clone(&self.shared);
+        let connecting = if self.early_data {
+            match connecting.into_0rtt() {
+                Ok((conn, accepted)) => {
+                    shared.adopt_early_client(token, conn, accepted);
+                    return Ok(token);
+                }
+                Err(connecting) => connecting,
+            }
+        } else {
+            connecting
+        };
         rt.spawn(async move {
             match connecting.await {
                 Ok(conn) => match engine::confirmed(&conn).await {
                     Ok(()) => {
                         let id = shared.adopt(conn);
-                        shared.push(Event::Connected { token, conn: id });
+                        shared.push(Event::Connected {
+                            token,
+                            conn: id,
+                            early: false,
+                        });
                     }
                     Err(error) => {
                         let (kind, message) = engine::classify(&error);

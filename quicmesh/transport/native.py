@@ -116,6 +116,7 @@ class NativeEndpoint:
         server: bool = False,
         alpn: Iterable[str] = ("quicmesh",),
         allowed_clients: Iterable[str] | None = None,
+        early_data: bool = False,
         **options: Any,
     ) -> NativeEndpoint:
         """Bind ``host:port`` (port 0: any) with our ``identity`` and the peers' ``trust``.
@@ -123,6 +124,12 @@ class NativeEndpoint:
         :param server: accept connections (each must present a client certificate).
         :param alpn: the ALPN protocols offered (client) or accepted (server).
         :param allowed_clients: (server) accept only these client SPIFFE IDs.
+        :param early_data: resumption with 0-RTT. A server issues single-use session
+            tickets (each one resumes one connection; a replayed first flight finds
+            its ticket gone and its 0-RTT data is dropped) and serves a resumed
+            client at once under the identity its ticket recorded; a client keeps the
+            tickets (bound to this endpoint's identity and the server's address) and
+            sends its first streams as 0-RTT when it has one.
         :param options: transport settings: ``stream_receive_window``,
             ``receive_window``, ``send_window`` (bytes), ``idle_timeout``,
             ``keep_alive`` (seconds), ``max_bidi_streams``, ``max_uni_streams``,
@@ -139,6 +146,7 @@ class NativeEndpoint:
             alpn=[protocol.encode() for protocol in alpn],
             server=server,
             allowed_clients=list(allowed_clients) if allowed_clients is not None else None,
+            early_data=early_data,
             **options,
         )
         return cls(endpoint, asyncio.get_running_loop())
@@ -232,8 +240,9 @@ class NativeEndpoint:
                 continue
             handler(*event[1:])
 
-    def _on_connected(self, token: int, conn: int) -> None:
+    def _on_connected(self, token: int, conn: int, early: bool) -> None:
         connection = NativeConnection(self, conn, is_client=True)
+        connection.early_data = "attempted" if early else None
         self._connections[conn] = connection
         future = self._connecting.get(token)
         if future is None or future.done():  # the caller gave up (timeout, cancel)
@@ -250,11 +259,24 @@ class NativeEndpoint:
         else:
             future.set_exception(ConnectError(f"QUIC handshake failed: {message}"))
 
-    def _on_accepted(self, conn: int) -> None:
+    def _on_accepted(self, conn: int, early: bool) -> None:
         connection = NativeConnection(self, conn, is_client=False)
+        connection.resumed = early
         self._connections[conn] = connection
         self._accepted.append(connection)
         _done(self._accept_waiter)
+
+    def _on_early_data(self, conn: int, accepted: bool) -> None:
+        connection = self._connection(conn)
+        if connection is not None:
+            connection.early_data = "accepted" if accepted else "rejected"
+
+    def _on_early_data_rejected(self, conn: int, stream: int) -> None:
+        target = self._stream(conn, stream)
+        if target is not None:
+            target._fail(
+                StreamReset(f"stream {stream} was sent as 0-RTT and the server rejected it")
+            )
 
     def _on_accept_failed(self, kind: str, message: str) -> None:
         self.handshake_failures[kind] += 1
@@ -311,7 +333,9 @@ class NativeEndpoint:
 class NativeConnection:
     """A verified QUIC connection of a :class:`NativeEndpoint`.
 
-    :ivar peer_identity: the peer's SPIFFE ID (verified during the handshake).
+    :ivar early_data: (client) ``None`` (full handshake), ``"attempted"`` (resumed with
+        0-RTT, the server has not answered yet), ``"accepted"`` or ``"rejected"``.
+    :ivar resumed: (server) whether the client resumed with a ticket (0-RTT possible).
     """
 
     def __init__(self, endpoint: NativeEndpoint, conn: int, *, is_client: bool) -> None:
@@ -324,10 +348,18 @@ class NativeConnection:
         self._incoming: collections.deque[NativeStream] = collections.deque()
         self._incoming_waiter: asyncio.Future[None] | None = None
         self.error: ConnectionLost | None = None
+        self.early_data: str | None = None
+        self.resumed = False
         self.closed: asyncio.Future[None] = endpoint._loop.create_future()
-        chain = self.peer_certificates()
-        identity = spiffe_id_of(chain[0]) if chain else None
-        self.peer_identity = identity or ""
+        self._peer_identity = ""
+
+    @property
+    def peer_identity(self) -> str:
+        """The peer's SPIFFE ID (``""`` while a 0-RTT client waits for the server's answer)."""
+        if not self._peer_identity and self.error is None:
+            chain = self.peer_certificates()
+            self._peer_identity = (spiffe_id_of(chain[0]) if chain else None) or ""
+        return self._peer_identity
 
     def peer_certificates(self) -> list[x509.Certificate]:
         """The certificate chain the peer presented, leaf first."""
