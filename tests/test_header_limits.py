@@ -130,14 +130,14 @@ def test_bombs_over_a_real_connection_do_not_stall_other_flows() -> None:
         baseline = await exchange(good, b"before", "before")
         assert baseline == b"before"
 
-        quic = hostile.protocol._quic
+        quic = hostile.quic
         h3 = hostile.session.h3
         insert, frame = qpack_bomb()
         quic.send_stream_data(h3._local_encoder_stream_id, insert)
         started = time.perf_counter()
         for _ in range(16):
             quic.send_stream_data(quic.get_next_available_stream_id(), frame)
-            hostile.protocol.transmit()
+            hostile.transmit()
         flows = [exchange(good, b"during %d" % i, f"during-{i}") for i in range(20)]
         answers = await asyncio.gather(*flows)
         assert answers == [b"during %d" % i for i in range(20)]

@@ -75,7 +75,7 @@ def server_protocols(listener: Any) -> list[Any]:
 
 def server_path(listener: Any) -> tuple[Any, bool]:
     (protocol,) = server_protocols(listener)
-    path = aioquic_layer.active_path(protocol._quic)
+    path = protocol.quic.active_path()
     assert path is not None
     return path
 
@@ -104,7 +104,7 @@ def test_active_migration_mid_transfer_on_many_streams() -> None:
     async def main() -> None:
         server, listener, _, conn = await setup()
         before = server_path(listener)[0]
-        old_cid = conn.protocol._quic._peer_cid.cid
+        old_cid = conn.quic._peer_cid.cid
 
         async def migrate() -> None:
             await conn.migrate()
@@ -112,10 +112,10 @@ def test_active_migration_mid_transfer_on_many_streams() -> None:
         await Transfer(conn).run(migrate)
         stats = conn.stats()
         assert stats["migrations_active"] == 1
-        new_port = conn.protocol._transport.get_extra_info("sockname")[1]
+        new_port = conn.local_address[1]
         after, validated = server_path(listener)
         assert after != before and after[1] == new_port and validated
-        assert conn.protocol._quic._peer_cid.cid != old_cid  # a fresh connection ID
+        assert conn.quic._peer_cid.cid != old_cid  # a fresh connection ID
         assert server.counters["migrations_peer_address_change"] == 1
         assert server.counters["path_validations_ok"] >= 1
         assert server.counters["path_validations_failed"] == 0
@@ -224,7 +224,7 @@ def test_automatic_rebinding_after_consecutive_ptos() -> None:
         assert client_transport().rebind_after_ptos is None  # off by default
 
         async def nat_mapping_dies() -> None:
-            port = conn.protocol._transport.get_extra_info("sockname")[1]
+            port = conn.local_address[1]
             relay.blackholed.add(("127.0.0.1", port))
 
         await Transfer(conn).run(nat_mapping_dies)
@@ -238,7 +238,7 @@ def test_automatic_rebinding_after_consecutive_ptos() -> None:
 def test_pto_count_and_spare_connection_ids_are_visible() -> None:
     async def main() -> None:
         _, listener, _, conn = await setup()
-        quic = conn.protocol._quic
+        quic = conn.quic
         assert aioquic_layer.pto_count(quic) == 0
         await until(lambda: aioquic_layer.spare_connection_ids(quic) > 0)
         await teardown(listener, None, conn)

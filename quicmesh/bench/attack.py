@@ -149,7 +149,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
     identity = Identity.from_files(Path(ca_dir) / "attacker.pem", Path(ca_dir) / "attacker.key")
     conn = await QuicTransport(identity=identity, trust=ca.trust_bundle).connect(address)
     if probe == "qpack":
-        quic = conn.protocol._quic
+        quic = conn.quic
         insert, frame = qpack_bomb()
         session = cast(H3TunnelSession, conn.session)
         encoder_stream = session.h3._local_encoder_stream_id
@@ -157,7 +157,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
         quic.send_stream_data(encoder_stream, insert)
         for _ in range(count):
             quic.send_stream_data(quic.get_next_available_stream_id(), frame)
-            conn.protocol.transmit()
+            conn.transmit()
             await asyncio.sleep(duration / count)
         print(f"sent {count} QPACK bombs", flush=True)
         await asyncio.sleep(1)
@@ -168,7 +168,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
     # connection and go out packed many to a datagram, so one process can offer
     # 9,000 streams/s. Like any aioquic client it sends no stream beyond the
     # listener's MAX_STREAMS: what it could not open is counted as held back.
-    quic = conn.protocol._quic
+    quic = conn.quic
     encoder = pylsqpack.Encoder()
     _, block = encoder.encode(0, [(b":method", b"CONNECT"), (b":authority", TARGET.encode())])
     frame = _varint(1) + _varint(len(block)) + block + _varint(0) + _varint(1) + b"x"
@@ -191,7 +191,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
             quic.send_stream_data(stream_id, frame)
             previous.append(stream_id)
             opened += 1
-        conn.protocol.transmit()
+        conn.transmit()
         await asyncio.sleep(tick)
     print(
         f"offered {count:.0f}/s, opened {opened} streams ({opened / duration:.0f}/s),"

@@ -398,8 +398,8 @@ class _BbrProbe:
     """Samples a QUIC connection's BBR model and its bytes on the wire."""
 
     def __init__(self, connection: Any) -> None:
-        self._protocol = connection.protocol
-        controller = congestion_controller(self._protocol._quic)
+        self._protocol = connection
+        controller = congestion_controller(connection.quic)
         assert isinstance(controller, BbrCongestionControl)
         self._model = controller.model
         self.samples: list[tuple[float, float, float, int, int, int, str]] = []

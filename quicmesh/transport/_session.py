@@ -33,9 +33,12 @@ class SessionConnection(PeerConnection):
     """A peer connection whose streams are carried by a :class:`TunnelSession`.
 
     Subclasses implement :meth:`_transmit` (send what the session has queued),
-    :meth:`_close_transport` and :meth:`stats`, and call :meth:`_handle_events`
-    with what the session returned for their input, :meth:`_transmitted` after
-    bytes left, and :meth:`_connection_lost` when the connection is gone.
+    :meth:`_close_transport` and :meth:`stats`. The I/O adaptor (the subclass
+    itself, or the protocol object of a TCP connection) calls the methods under
+    "for the I/O adaptor": :meth:`handle_events` with what the session returned
+    for its input, :meth:`transmitted` after bytes left,
+    :meth:`stream_credit_changed` when the session may allow more streams, and
+    :meth:`on_connection_lost` when the connection is gone.
     """
 
     transport_name = "session"
@@ -171,7 +174,7 @@ class SessionConnection(PeerConnection):
     def stats(self) -> dict[str, Any]:
         return {"streams_opened": self.streams_opened, "streams_active": len(self._streams)}
 
-    # -- for subclasses ------------------------------------------------------
+    # -- for the I/O adaptor -------------------------------------------------
 
     def _transmit(self) -> None:
         """Send whatever the session has queued."""
@@ -181,7 +184,7 @@ class SessionConnection(PeerConnection):
         """Close the underlying socket(s) after the session's close was sent."""
         raise NotImplementedError
 
-    def _handle_events(self, tunnel_events: list[events.TunnelEvent]) -> None:
+    def handle_events(self, tunnel_events: list[events.TunnelEvent]) -> None:
         """Act on what the session reported.
 
         The caller (the I/O adaptor, after feeding input) sends what the session
@@ -227,9 +230,8 @@ class SessionConnection(PeerConnection):
                 )
             elif isinstance(event, events.ConnectionTerminated):
                 reason = event.reason or f"error code {event.error_code:#x}"
-                self._connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
-        if self._credit is not None and self.can_open_stream:
-            self._wake_credit()
+                self.on_connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
+        self.stream_credit_changed()
         # No transmit here: both adaptors send right after feeding input to the session.
         if self._idle_waiter is not None:
             self._wake_if_idle()
@@ -242,7 +244,18 @@ class SessionConnection(PeerConnection):
         if waiter is not None and not waiter.done() and self._is_idle():
             waiter.set_result(None)
 
-    def _transmitted(self) -> None:
+    @property
+    def waits_for_stream_credit(self) -> bool:
+        """Whether an :meth:`open_stream` call waits for the peer to allow a stream."""
+        return self._credit is not None
+
+    def stream_credit_changed(self) -> None:
+        """The session may allow more streams now: wake :meth:`open_stream` calls
+        waiting for credit, if one can proceed."""
+        if self._credit is not None and self.can_open_stream:
+            self._wake_credit()
+
+    def transmitted(self) -> None:
         """Bytes left: wake the streams whose drain() waits (and a graceful close)."""
         if self._idle_waiter is not None:
             self._wake_if_idle()
@@ -253,7 +266,9 @@ class SessionConnection(PeerConnection):
                 if stream._wants_writable:
                     self._drain_waiting.add(stream)
 
-    def _connection_lost(self, error: TunnelError) -> None:
+    def on_connection_lost(self, error: TunnelError) -> None:
+        """The connection is gone: reset every stream with ``error``, wake waiters;
+        :meth:`wait_closed` returns. Later calls change nothing."""
         if self._lost is not None:
             return
         self._lost = error

@@ -219,7 +219,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
         error = self.failure or ConnectionLost("connection closed")
         self._settle_ready(error)
         if self.connection is not None:
-            self.connection._connection_lost(error)
+            self.connection.on_connection_lost(error)
         if not self.closed.done():
             self.closed.set_result(None)
         if self._on_closed is not None:
@@ -245,7 +245,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
             return
         pending = session.pending_events()
         if pending:
-            connection._handle_events(pending)
+            connection.handle_events(pending)
         drained = False
         while not self._write_paused:
             data = session.data_to_send(SEND_BUDGET)
@@ -269,9 +269,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 transport.pause_reading()
             else:
                 transport.resume_reading()
-        connection._transmitted()
-        if connection._credit is not None and connection.can_open_stream:
-            connection._wake_credit()
+        connection.transmitted()
+        connection.stream_credit_changed()
 
     def close(self) -> None:
         """Close gracefully: send what is queued, our close_notify, then close."""
@@ -376,10 +375,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._send_tls()
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            connection._handle_events(session.receive_data(data))
+            connection.handle_events(session.receive_data(data))
         if eof and not self._close_notify_received:
             self._close_notify_received = True
-            connection._handle_events(session.receive_eof())
+            connection.handle_events(session.receive_eof())
         if error is not None:
             self._fail(self._tls_error(error))
             return
@@ -422,7 +421,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
             logger.log(level, "[%s] connection with %s failed: %s", self.log_id, side, error)
         self._settle_ready(error)
         if self.connection is not None:
-            self.connection._connection_lost(error)
+            self.connection.on_connection_lost(error)
         if self._transport is not None and not self._closing:
             self._closing = True
             self._transport.close()

@@ -93,7 +93,7 @@ def test_quic_peer_close_is_seen_before_the_draining_period_ends() -> None:
         # Seen from the peer's CONNECTION_CLOSE, while aioquic is still draining
         # (it reports the end only after 3 PTO): no stream can be opened meanwhile.
         assert conn.is_closed
-        assert not conn.protocol._closed.is_set()
+        assert not conn.terminated
         with pytest.raises(quicmesh.ConnectionLost):
             await conn.open_stream(TARGET)
         await conn.wait_closed()

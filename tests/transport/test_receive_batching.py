@@ -149,7 +149,7 @@ async def _download(
     client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle, receive_batch=receive_batch)
     listener = await server.listen(("127.0.0.1", 0), _send_payload)
     conn = await client.connect(listener.address)
-    protocol = conn.protocol
+    protocol = conn
     assert protocol._transport is not None
     client_reader = protocol._transport.get_protocol().reader  # type: ignore[attr-defined]
     transmits = 0

@@ -1,0 +1,845 @@
+"""The QUIC connection driver: one object per QUIC connection.
+
+:class:`QuicPeerConnection` is the asyncio side of one QUIC connection, and the
+only one: it owns the engine connection (:mod:`quicmesh.transport.quic.engine`;
+for aioquic a :class:`~quicmesh._aioquic.MeshQuicConnection`), the sans-IO
+HTTP/3 tunnel session on it (:class:`~quicmesh.tunnel.h3.H3TunnelSession`), and,
+as a :class:`~quicmesh.transport._session.SessionConnection`, the streams. It
+reads datagrams (in batches, :mod:`quicmesh.transport._udp`), arms one timer,
+sends datagrams, and acts on QUIC events: the handshake (peer identity, 0-RTT
+outcome, tickets), liveness, paths and migration. Its settings are one
+:class:`~quicmesh.transport.quic.options.QuicOptions` value; the rules with
+state of their own are sans-IO (:mod:`quicmesh.transport.quic.policy`,
+:mod:`quicmesh.transport.liveness`).
+
+A server connection is built by the listener for a client's first Initial; a
+client connection by :meth:`QuicTransport.connect`. Either exists before its
+handshake completes but takes streams only once it is *established*: the
+handshake completed and the peer's identity was verified, or (0-RTT) a ticket
+vouched for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from aioquic.quic import events as quic_events
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.tls import SessionTicket
+
+from ...errors import (
+    ConnectError,
+    ConnectionLost,
+    PeerUnresponsive,
+    PeerVerificationError,
+    QuicmeshError,
+    TunnelError,
+)
+from ...tls import spiffe_id_of, verify_peer
+from ...tls.check import handshake_failure_reason
+from ...tls.verify import check_trust_domain
+from ...tunnel.h3 import H3TunnelSession
+from ...tunnel.session import ResetReason
+from .. import _udp
+from .._session import SessionConnection
+from ..base import Address, Authorizer, StreamHandler, host_port
+from ..liveness import UNRESPONSIVE, Liveness, Verdict
+from ..stream import MeshStream
+from . import engine
+from .options import COUNTERS, CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD, QuicOptions
+from .policy import EarlyDataBudget, RebindRule
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from ..._aioquic import MeshQuicConnection
+
+logger = logging.getLogger("quicmesh.transport.quic")
+
+OLD_SOCKET_GRACE = 2.0
+"""Seconds a migrated client keeps receiving on its previous socket (packets in flight)."""
+
+UNREACHABLE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+)
+"""Socket errors that report an ICMP destination unreachable (port, host, network)."""
+
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+"""SO_RCVBUF / SO_SNDBUF asked for on QUIC sockets (the kernel caps it at rmem_max/wmem_max)."""
+
+
+def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
+    """Ask for :data:`UDP_SOCKET_BUFFER` bytes of socket buffer each way."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+
+
+class QuicPeerConnection(SessionConnection):
+    """A QUIC connection to one peer sidecar; each flow is one HTTP/3 CONNECT stream.
+
+    On a client connected with ``early_data=True`` the connection is usable
+    before the handshake completes: :attr:`early_data` is ``"attempted"`` until
+    then, and stream payload beyond ``max_early_data`` waits for the handshake.
+
+    :param quic: the engine connection (handshake not started).
+    :param options: the transport's settings.
+    :param counters: the transport's counters (this connection adds to them).
+    :param handshake_failures: the transport's refused handshakes, by reason.
+    :param handler: (server) runs each accepted stream.
+    :param authorize: (server) decides whether a peer may reach a target.
+    :param owns_socket: (client) close the socket when the connection ends.
+    :param peer_address: (client) the address connected to (ticket cache key).
+    :param ticket_identity: (client) the identity the offered ticket recorded.
+    :param accept_early_data: (server) serve 0-RTT streams of resumed sessions.
+    """
+
+    transport_name = "quic"
+
+    def __init__(
+        self,
+        quic: MeshQuicConnection,
+        options: QuicOptions,
+        *,
+        counters: Counter[str],
+        handshake_failures: Counter[str],
+        handler: StreamHandler | None = None,
+        authorize: Authorizer | None = None,
+        owns_socket: bool = False,
+        peer_address: Address | None = None,
+        ticket_identity: str | None = None,
+        accept_early_data: bool = True,
+    ) -> None:
+        h3_session = H3TunnelSession(
+            quic, stream_window=options.stream_window, connection_window=options.connection_window
+        )
+        super().__init__(
+            h3_session,
+            peer_identity="",
+            handler=handler,
+            authorize=authorize,
+            high_water=options.high_water,
+            log_id=quic.log_id,
+        )
+        self.h3_session = h3_session
+        """The sans-IO HTTP/3 tunnel session (also :attr:`session`)."""
+        self.quic = quic
+        """The engine connection (aioquic: a :class:`~quicmesh._aioquic.MeshQuicConnection`)."""
+        self.options = options
+        self.is_client = quic.is_client
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._transport_counters = counters
+        self._handshake_failures = handshake_failures
+        self._owns_socket = owns_socket
+        self._close_socket = False
+        self._peer_address = peer_address
+        self._resumed_identity = ticket_identity
+        """The identity the session ticket recorded (client: the one offered;
+        server: the one redeemed)."""
+        self._issued_tickets: list[SessionTicket] = []
+        self._handshake_done = False
+        self._established = False
+        self.handshake_finished: asyncio.Future[None] = self._loop.create_future()
+        """Done once the handshake completed or the connection ended, never with an
+        exception (so an abandoned connect leaves no "Future exception was never
+        retrieved")."""
+        self._terminated = asyncio.Event()
+        """Set once the engine reported ``ConnectionTerminated`` (closing or
+        draining period over)."""
+        self._early_data = "none"
+        self._budget = EarlyDataBudget(remaining=None)
+        self._deferred: list[tuple[MeshStream, bytes, bool]] = []
+        self._handshake_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._early_bytes = 0
+        self._max_early_bytes = options.max_early_data + EARLY_DATA_OVERHEAD
+        self._old_sockets: list[asyncio.DatagramTransport] = []
+        self._rebind = (
+            RebindRule(options.rebind_after_ptos)
+            if self.is_client and options.rebind_after_ptos is not None
+            else None
+        )
+        if not self.is_client:
+            quic.configure_tickets(
+                fetch_ticket=self._redeem_ticket,
+                on_ticket_issued=self._issued_tickets.append,
+                accept_early_data=accept_early_data,
+            )
+        self.failure: QuicmeshError | None = None
+        """Why the connection never became established (refused, closed, unreachable)."""
+        self.on_handshake_done: Callable[[QuicPeerConnection], None] | None = None
+        """(server) Called with this connection when the handshake completes."""
+        self._discarded = False
+        self._pending: list[quic_events.QuicEvent] = []
+        self.bytes_sent = self.bytes_received = 0
+        self.datagrams_sent = self.datagrams_received = 0
+        self.lost_before = 0
+        """Packets lost before the connection was established (not counted)."""
+        self.connected_socket: asyncio.DatagramTransport | None = None
+        """(client) The UDP socket connected to the peer: datagrams go to it without
+        an address, and it reports ICMP errors."""
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_task: asyncio.Handle | None = None
+        self._liveness: Liveness | None = None
+        self._liveness_timer: asyncio.TimerHandle | None = None
+        self._liveness_at: float | None = None
+        # Connection-ID routing callbacks, under the names aioquic's QuicServer sets
+        # (quicmesh.transport.quic.server.MeshQuicServer sets them on every connection).
+        self._connection_id_issued_handler: Callable[[bytes], None] = lambda cid: None
+        self._connection_id_retired_handler: Callable[[bytes], None] = lambda cid: None
+        self._connection_terminated_handler: Callable[[], None] = lambda: None
+
+    # -- PeerConnection --------------------------------------------------------------
+
+    @property
+    def log_id(self) -> str:
+        """This connection's first connection ID, in hex (in its log lines)."""
+        return self._log_id
+
+    @property
+    def established(self) -> bool:
+        """Whether streams can be opened: the handshake completed and the peer was
+        verified, or a session ticket vouched for it (0-RTT)."""
+        return self._established
+
+    @property
+    def early_data(self) -> str:
+        """``"none"``, ``"attempted"`` (client, handshake pending), ``"accepted"``
+        or ``"rejected"``."""
+        return self._early_data
+
+    @property
+    def supports_migration(self) -> bool:
+        """A client connection can :meth:`migrate`; a server's follows its peer."""
+        return bool(self.is_client)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's certificate (None on a resumed session, which presents none)."""
+        if self.quic.tls is None:
+            return None
+        certificate, _ = self.quic.peer_certificate()
+        return certificate
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the engine reported the end of the connection (after the closing
+        or draining period; :attr:`is_closed` is true as soon as it began)."""
+        return self._terminated.is_set()
+
+    @property
+    def local_address(self) -> Address | None:
+        """The local address of the UDP socket in use (a client's changes when it
+        migrates), or None before there is one."""
+        if self._transport is None:
+            return None
+        sockname = self._transport.get_extra_info("sockname")
+        return (sockname[0], sockname[1])
+
+    @property
+    def peer_address(self) -> str:
+        path = self.quic.active_path()
+        return host_port(path[0]) if path is not None else ""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of :class:`~quicmesh.PeerConnection` plus QUIC's: ``early_data``,
+        ``zero_rtt_packets_sent``, ``path`` (peer address in use), ``migrations_*``,
+        ``path_validations_*`` and the 0-RTT and ticket counts of this connection."""
+        quic = self.quic
+        result = super().stats()
+        engine_stats = quic.stats()
+        result.update(engine_stats)
+        path = quic.active_path()
+        result.update(
+            transport="quic",
+            peer_identity=self.peer_identity,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            packets_sent=self.datagrams_sent,
+            packets_received=self.datagrams_received,
+            packets_lost=engine_stats["packets_lost"] - self.lost_before,
+            early_data=self._early_data,
+            path=path[0] if path is not None else None,
+            path_validated=path[1] if path is not None else None,
+        )
+        result.update(self.counters)
+        return result
+
+    async def wait_closed(self) -> None:
+        await self._terminated.wait()
+        self.close_socket_when_done()
+        await super().wait_closed()
+
+    async def migrate(self, local_address: Address | None = None) -> None:
+        """Move this (client) connection to a new UDP socket, mid-transfer.
+
+        :param local_address: where to bind the new socket; by default the same
+            host as now with a new port. The next connection ID the server issued
+            is used, so the two paths cannot be linked by an observer (when the
+            server has issued none, the current one is kept). Streams carry on:
+            packets lost on the way are retransmitted. Raises
+            :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
+        """
+        self._raise_if_lost()
+        await self._migrate(local_address, cause="active")
+
+    # -- 0-RTT budget ----------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        wait_response: bool = True,
+    ) -> MeshStream:
+        if self._budget.active and not self._budget.open_stream(target, headers):
+            # No 0-RTT budget left for the CONNECT: open it after the handshake.
+            await asyncio.shield(self._handshake_waiter)
+        return await super().open_stream(target, headers, wait_response=wait_response)
+
+    def send_stream_data(self, stream: MeshStream, data: bytes, end_stream: bool) -> None:
+        if self._budget.active:
+            self._raise_if_lost()
+            if not self._budget.send(stream.stream_id, len(data)):
+                # Beyond the 0-RTT budget: wait for the handshake, in order.
+                self._deferred.append((stream, data, end_stream))
+                return
+        super().send_stream_data(stream, data, end_stream)
+
+    def stream_unsent_bytes(self, stream: MeshStream) -> int:
+        return super().stream_unsent_bytes(stream) + self._budget.deferred(stream.stream_id)
+
+    def reset_stream(self, stream: MeshStream, reason: ResetReason) -> None:
+        if self._budget.forget(stream.stream_id):
+            self._deferred = [item for item in self._deferred if item[0] is not stream]
+        super().reset_stream(stream, reason)
+
+    def _settle_early_data(self, early_data_accepted: bool) -> None:
+        """The handshake is done: settle the 0-RTT outcome and send deferred bytes."""
+        self._budget.settle()
+        if self._early_data == "attempted":
+            self._early_data = "accepted" if early_data_accepted else "rejected"
+        deferred, self._deferred = self._deferred, []
+        for stream, data, end_stream in deferred:
+            if self._lost is None:
+                super().send_stream_data(stream, data, end_stream)
+        if not self._handshake_waiter.done():
+            self._handshake_waiter.set_result(None)
+
+    def on_connection_lost(self, error: TunnelError) -> None:
+        super().on_connection_lost(error)
+        self._budget.settle()
+        self._deferred.clear()
+        if not self._handshake_waiter.done():
+            self._handshake_waiter.set_result(None)
+
+    # -- SessionConnection ------------------------------------------------------------
+
+    def _transmit(self) -> None:
+        self.transmit()
+
+    def _close_transport(self) -> None:
+        self.close_socket_when_done()
+
+    # -- I/O -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The UDP socket datagrams go out on (a server's listening socket)."""
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connect(self, addr: Address) -> None:
+        """(client) Start the handshake: the first flight goes out now."""
+        self.quic.connect(addr, now=self._loop.time())
+        self.transmit()
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        """Process one datagram; the transmit waits for the end of the batch being
+        read (:mod:`quicmesh.transport._udp`), if any."""
+        data = cast(bytes, data)
+        self.bytes_received += len(data)
+        self.datagrams_received += 1
+        if self.is_client and self.quic.is_stateless_reset(data):
+            logger.info("[%s] the server sent a stateless reset: connection gone", self.log_id)
+            self.quic.terminate_after_stateless_reset()
+            self._process_events()
+            self.close_socket()
+            return
+        now = self._loop.time()
+        if self._liveness is not None:
+            self._liveness.received(now)
+        self.quic.receive_datagram(data, addr, now=now)
+        self._process_events()
+        if not _udp.defer_transmit(self.transmit):
+            self.transmit()
+        if self._established and not self.is_closed:
+            reason = self.quic.closing_reason()
+            if reason is not None:
+                # The peer closed: say so now, not when the draining period ends.
+                lost: ConnectionLost = ConnectionLost(f"QUIC connection closed: {reason}")
+                if UNRESPONSIVE in reason:
+                    # Its liveness checks failed the connection: what it sent reached
+                    # us, what we sent did not (a path dropping packets one way).
+                    lost = PeerUnresponsive(
+                        f"QUIC connection closed by the peer, which heard nothing from here: "
+                        f"{reason}"
+                    )
+                self.on_connection_lost(lost)
+                if self.quic.is_draining():
+                    # A draining endpoint sends nothing more (RFC 9000 10.2.2).
+                    self.close_socket()
+        if self._established and self.waits_for_stream_credit:
+            # MAX_STREAMS raises no QUIC event: wake open_stream() calls waiting for credit.
+            self.handle_events([])
+
+    def transmit(self) -> None:
+        """Send what the engine has queued and re-arm the timer."""
+        self._transmit_task = None
+        if self._discarded:
+            return
+        assert self._transport is not None
+        now = self._loop.time()
+        connected = self._transport is self.connected_socket
+        for data, addr in self.quic.datagrams_to_send(now=now):
+            self.bytes_sent += len(data)
+            self.datagrams_sent += 1
+            self._transport.sendto(data, None if connected else addr)
+        if not self.is_client:
+            # Route the connection IDs just issued now, not at the next event: a
+            # packet using one must not be answered with a stateless reset.
+            for cid in self.quic.pending_issued_connection_ids():
+                self._connection_id_issued_handler(cid)
+        timer_at = self.quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+        if self._established:
+            self.transmitted()
+        if self._rebind is not None:
+            self._maybe_rebind(self._rebind)
+        if self._liveness is not None:
+            self._watch_liveness(now)
+
+    def _transmit_soon(self) -> None:
+        if self._transmit_task is None:
+            self._transmit_task = self._loop.call_soon(self.transmit)
+
+    def _handle_timer(self) -> None:
+        now = max(self._timer_at or 0.0, self._loop.time())
+        self._timer = None
+        self._timer_at = None
+        self.quic.handle_timer(now=now)
+        self._process_events()
+        self.transmit()
+
+    def _process_events(self) -> None:
+        event = self.quic.next_event()
+        while event is not None:
+            if isinstance(event, quic_events.ConnectionIdIssued):
+                self._connection_id_issued_handler(event.connection_id)
+            elif isinstance(event, quic_events.ConnectionIdRetired):
+                self._connection_id_retired_handler(event.connection_id)
+            elif isinstance(event, quic_events.ConnectionTerminated):
+                self._connection_terminated_handler()
+                self._terminated.set()
+            self._on_quic_event(event)
+            event = self.quic.next_event()
+
+    def discard(self, *, close: bool = False) -> None:
+        """(server) Forget this connection now, before its handshake completed: no
+        timer, nothing more sent (but a CONNECTION_CLOSE when ``close``)."""
+        if close:
+            self.quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED)
+            self.transmit()
+        self._discarded = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close_socket_when_done(self) -> None:
+        """(client) Close the socket once the engine reports the connection ended."""
+        self._close_socket = True
+        if self._terminated.is_set():
+            self.close_socket()
+
+    def close_socket(self) -> None:
+        """(client) Close the socket(s) now (nothing more is sent or received)."""
+        if self._owns_socket and self._transport is not None:
+            self._transport.close()
+            for old in self._old_sockets:
+                old.close()
+            self._old_sockets.clear()
+
+    def abandon(self) -> None:
+        """(client) Give up a connection attempt: close, send it, close the socket."""
+        self.quic.close()
+        self.transmit()
+        self.close_socket()
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def socket_error(self, exc: OSError) -> None:
+        """The UDP socket reported an error: an ICMP port or host unreachable on a
+        connected client socket fails the handshake at once and, once established,
+        counts towards :attr:`LivenessConfig.unreachable_limit`."""
+        if exc.errno not in UNREACHABLE_ERRNOS:
+            logger.debug("[%s] UDP socket error ignored: %s", self.log_id, exc)
+            return
+        address = self._peer_address
+        where = f"{address[0]}:{address[1]}" if address is not None else "peer"
+        why = exc.strerror or type(exc).__name__
+        if not self._handshake_done:
+            error = ConnectError(f"QUIC endpoint {where} unreachable: {why}")
+            if self.failure is None:
+                self.failure = error
+            if self._established:
+                self._fail(error)  # 0-RTT: the streams learn it
+            else:
+                self.quic.close()  # nothing to tell a closed port
+            self._finish_handshake_wait()
+            return
+        if self._liveness is None:
+            return
+        verdict = self._liveness.unreachable(self._loop.time())
+        if verdict is Verdict.UNREACHABLE:
+            self._fail(ConnectionLost(f"QUIC {where}: {self._liveness.reason} ({why})"))
+        else:
+            self.quic.send_ping(0)
+            self._transmit_soon()
+
+    def _watch_liveness(self, now: float) -> None:
+        liveness = self._liveness
+        assert liveness is not None
+        if not self._established or self.is_closed:
+            self._stop_liveness()
+            return
+        awaiting = self.quic.awaiting_ack()
+        verdict = liveness.check(
+            now, probe_timeouts=self.quic.probe_timeouts(), awaiting_ack=awaiting
+        )
+        if verdict is Verdict.UNRESPONSIVE:
+            self._fail(PeerUnresponsive(f"QUIC connection failed: {liveness.reason}"))
+            return
+        if verdict is Verdict.PING:
+            self.quic.send_ping(0)
+            self._transmit_soon()
+        deadline = liveness.deadline(now, awaiting_ack=awaiting)
+        if deadline is None:
+            return
+        if self._liveness_timer is not None:
+            if self._liveness_at is not None and self._liveness_at <= deadline:
+                return  # fires first; it re-arms for the later deadline
+            self._liveness_timer.cancel()
+        self._liveness_at = deadline
+        self._liveness_timer = self._loop.call_at(deadline, self._liveness_timer_fired)
+
+    def _liveness_timer_fired(self) -> None:
+        self._liveness_timer = self._liveness_at = None
+        if self._liveness is not None:
+            self._watch_liveness(self._loop.time())
+
+    def _stop_liveness(self) -> None:
+        self._liveness = None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = self._liveness_at = None
+
+    def _fail(self, error: TunnelError) -> None:
+        """Fail the connection now: every stream is reset at once, a
+        CONNECTION_CLOSE goes out (a hung peer that wakes up learns of it)."""
+        logger.warning("[%s] %s", self.log_id, error)
+        self._stop_liveness()
+        self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=str(error)[:200])
+        self.transmit()
+        if self._established:
+            self.on_connection_lost(error)
+        self.close_socket()
+
+    # -- migration -----------------------------------------------------------------------
+
+    async def _migrate(self, local_address: Address | None, *, cause: str) -> None:
+        assert self.is_client and self._transport is not None
+        if local_address is None:
+            current = self._transport.get_extra_info("sockname")
+            local_address = (current[0], 0)
+        try:
+            udp, _ = await self._loop.create_datagram_endpoint(
+                lambda: SocketReceiver(self, self.options.receive_batch),
+                local_addr=local_address,
+            )
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot open a UDP socket on {local_address[0]}:{local_address[1]}: {exc.strerror}"
+            ) from None
+        tune_udp_socket(udp)
+        old, self._transport = self._transport, udp
+        # Packets already on their way to the old port are still read for a while.
+        self._old_sockets.append(old)
+        self._loop.call_later(OLD_SOCKET_GRACE, self._retire_socket, old)
+        if self.quic.spare_connection_ids():
+            self.quic.change_connection_id()
+        # An ack-eliciting packet goes out on the new path now, even when idle.
+        self.quic.send_ping(0)
+        self._count(f"migrations_{cause}")
+        logger.info("[%s] migrated (%s) to %s", self.log_id, cause, udp.get_extra_info("sockname"))
+        self.transmit()
+
+    def _retire_socket(self, old: asyncio.DatagramTransport) -> None:
+        if old in self._old_sockets:
+            self._old_sockets.remove(old)
+            old.close()
+
+    def _maybe_rebind(self, rule: RebindRule) -> None:
+        established = self._handshake_done and self._established and not self.is_closed
+        if rule.check(self.quic.probe_timeouts(), established=established):
+            task = self._loop.create_task(self._migrate(None, cause="auto_rebind"))
+            task.add_done_callback(self._rebind_done)
+
+    def _rebind_done(self, task: asyncio.Task[None]) -> None:
+        if self._rebind is not None:
+            self._rebind.finished()
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("[%s] automatic rebinding failed: %s", self.log_id, task.exception())
+
+    def _count(self, name: str) -> None:
+        self._transport_counters[name] += 1
+        self.counters[name] += 1
+
+    # -- session tickets -----------------------------------------------------------------
+
+    def _redeem_ticket(self, label: bytes) -> SessionTicket | None:
+        record = self.options.ticket_store.redeem(label)
+        if record is None:
+            self._count("tickets_refused")
+            return None
+        self._count("tickets_redeemed")
+        self._resumed_identity = record.identity
+        return record.ticket
+
+    def on_ticket_received(self, ticket: SessionTicket) -> None:
+        """(client) A NewSessionTicket arrived: cache it with the server's identity."""
+        self._issued_tickets.append(ticket)
+        if self._handshake_done and self._established:
+            self._commit_tickets(self.peer_identity)
+
+    def _commit_tickets(self, identity: str) -> None:
+        tickets, self._issued_tickets = self._issued_tickets, []
+        for ticket in tickets:
+            if self.is_client:
+                assert self._peer_address is not None
+                self.options.ticket_cache.store(self._peer_address, ticket, identity)
+                self._count("tickets_received")
+            else:
+                self.options.ticket_store.add(ticket, identity)
+                self._count("tickets_issued")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_quic_event(self, event: quic_events.QuicEvent) -> None:
+        if isinstance(event, engine.PathValidated):
+            self._count("path_validations_ok")
+            return
+        if isinstance(event, engine.PathAbandoned):
+            logger.info("[%s] path validation to %s failed", self.log_id, event.addr)
+            self._count("path_validations_failed")
+            return
+        if isinstance(event, engine.PeerAddressChanged):
+            logger.info("[%s] peer address changed to %s", self.log_id, event.addr)
+            self._count("migrations_peer_address_change")
+            return
+        if isinstance(event, quic_events.HandshakeCompleted):
+            self._on_handshake_completed(event)
+            self._finish_handshake_wait()
+        elif isinstance(event, quic_events.ConnectionTerminated):
+            self._on_terminated(event)
+            self._finish_handshake_wait()
+            return
+        elif (
+            isinstance(event, quic_events.StreamDataReceived)
+            and not self._handshake_done
+            and not self._on_early_stream_data(event)
+        ):
+            return
+        if not self._established:
+            if self.failure is None:
+                self._pending.append(event)
+            return
+        self.handle_events(self.h3_session.handle_quic_event(event))
+
+    def _on_early_stream_data(self, event: quic_events.StreamDataReceived) -> bool:
+        """(server) Stream data before the handshake completed: 0-RTT, accepted with a
+        redeemed ticket. Serve it at once, within the 0-RTT budget."""
+        if self.is_client or self._resumed_identity is None:
+            return True
+        self._early_bytes += len(event.data)
+        if self._early_bytes > self._max_early_bytes:
+            reason = f"more than {self._max_early_bytes} bytes of 0-RTT data"
+            logger.warning("[%s] closing: %s", self.log_id, reason)
+            self.quic.close(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=QuicFrameType.STREAM_BASE,
+                reason_phrase=reason,
+            )
+            self.transmit()
+            return False
+        if not self._established and self.failure is None:
+            self._establish(self._resumed_identity, early_data="accepted")
+        return True
+
+    def start_early(self, identity: str) -> None:
+        """(client) The ClientHello offered a ticket allowing 0-RTT: the connection
+        is usable now, with the identity the ticket recorded."""
+        self._transport_counters["zero_rtt_attempted"] += 1
+        self._establish(identity, early_data="attempted")
+        self.counters["zero_rtt_attempted"] += 1
+
+    def _establish(self, identity: str, early_data: str = "none") -> None:
+        self.peer_identity = identity
+        self._early_data = early_data
+        if early_data == "attempted":
+            self._budget = EarlyDataBudget(remaining=self.options.max_early_data)
+        self._established = True
+        self.lost_before = self.quic.stats()["packets_lost"]
+        pending, self._pending = self._pending, []
+        for event in pending:
+            self.handle_events(self.h3_session.handle_quic_event(event))
+
+    def _on_handshake_completed(self, event: quic_events.HandshakeCompleted) -> None:
+        self._handshake_done = True
+        if self.on_handshake_done is not None:
+            self.on_handshake_done(self)
+        try:
+            identity = self._verify_peer(event.session_resumed)
+            if self._established and identity != self.peer_identity:
+                raise PeerVerificationError(
+                    f"peer is {identity}, but the session ticket was issued by {self.peer_identity}"
+                )
+        except PeerVerificationError as exc:
+            self._refuse(exc)
+            return
+        if not self._established:
+            self._establish(identity)
+        if not self.is_client:
+            bucket = self.options.stream_rates.for_identity(identity, time.monotonic())
+            if bucket is not None:
+                self.quic.attach_stream_rate(bucket)
+        self._liveness = Liveness(self.options.liveness, self._loop.time())
+        self._commit_tickets(identity)
+        if self.is_client and self._early_data == "attempted":
+            outcome = "accepted" if event.early_data_accepted else "rejected"
+            self._count(f"zero_rtt_{outcome}")
+            if not event.early_data_accepted:
+                resent = self.quic.resend_early_data(self._loop.time())
+                logger.info(
+                    "[%s] 0-RTT rejected: resending %d packets in 1-RTT", self.log_id, resent
+                )
+        self._settle_early_data(event.early_data_accepted)
+
+    def _refuse(self, exc: PeerVerificationError) -> None:
+        self.failure = exc
+        self._pending.clear()
+        self._issued_tickets.clear()
+        side = "server" if self.is_client else "client"
+        logger.warning("[%s] refused %s: %s", self.log_id, side, exc)
+        if not self.is_client:
+            self._handshake_failures[handshake_failure_reason(exc)[0]] += 1
+        self.quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
+        if self._established:
+            self.on_connection_lost(exc)
+
+    def _verify_peer(self, resumed: bool) -> str:
+        if resumed:
+            # No certificate in a resumed handshake: the ticket vouches for the identity
+            # verified when it was issued.
+            if self._resumed_identity is None:
+                raise PeerVerificationError("resumed session with no recorded peer identity")
+            return self._resumed_identity
+        certificate, chain = self.quic.peer_certificate()
+        if certificate is None:
+            raise PeerVerificationError("peer presented no certificate")
+        trust = self.options.trust
+        if self.is_client:
+            # The engine verified the chain against our trust bundle already.
+            identity = spiffe_id_of(certificate)
+            if identity is None:
+                raise PeerVerificationError("peer certificate carries no SPIFFE ID")
+            check_trust_domain(identity, chain[-1] if chain else certificate, trust)
+            return identity
+        return verify_peer(certificate, chain, trust)
+
+    def handshake_timed_out(self, timeout: float) -> None:
+        """(client, early data) The handshake did not complete in time."""
+        if self._handshake_done or not self._established:
+            return
+        self.quic.close()
+        self.transmit()
+        self.on_connection_lost(ConnectError(f"QUIC handshake timed out after {timeout:g}s"))
+
+    def _finish_handshake_wait(self) -> None:
+        if not self.handshake_finished.done():
+            self.handshake_finished.set_result(None)
+
+    def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
+        self._stop_liveness()
+        reason = event.reason_phrase or f"error code {event.error_code:#x}"
+        if self._established:
+            if self._handshake_done:
+                self.on_connection_lost(ConnectionLost(f"QUIC connection closed: {reason}"))
+            else:
+                self.on_connection_lost(
+                    ConnectError(f"QUIC connection closed during handshake: {reason}")
+                )
+        elif self.failure is None:
+            if (
+                event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
+                or 0x100 <= event.error_code < 0x200
+            ):
+                self.failure = PeerVerificationError(f"handshake refused: {reason}")
+            else:
+                self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
+        if self._close_socket:
+            self.close_socket()
+
+
+class SocketReceiver(asyncio.DatagramProtocol):
+    """The asyncio protocol of a client's UDP socket (the first one, and each one
+    the connection migrated to): reads datagrams in batches into its connection."""
+
+    def __init__(self, connection: QuicPeerConnection, max_datagrams: int) -> None:
+        self._connection = connection
+        self._max_datagrams = max_datagrams
+        self.reader: _udp.BatchReader | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.reader = _udp.BatchReader(
+            cast(asyncio.DatagramTransport, transport),
+            self._connection.datagram_received,
+            max_datagrams=self._max_datagrams,
+            on_error=self._connection.socket_error,
+        )
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        assert self.reader is not None
+        self.reader.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            self._connection.socket_error(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reader is not None:
+            self.reader.close()

@@ -1,0 +1,442 @@
+"""QuicTransport: flows as HTTP/3 CONNECT streams over QUIC.
+
+The transport holds the settings and the shared state (tickets, counters) and
+makes connections: :meth:`QuicTransport.connect` opens a UDP socket connected to
+the peer and a :class:`~quicmesh.transport.quic.connection.QuicPeerConnection`
+(the driver of one QUIC connection) over an engine connection;
+:meth:`QuicTransport.listen` binds a
+:class:`~quicmesh.transport.quic.listener.BatchingQuicServer` that makes one
+driver per accepted connection. The engine is chosen by name
+(:mod:`quicmesh.transport.quic.engine`); aioquic is the default.
+
+Mutual TLS: the client's engine verifies the server's chain (``cadata``), the
+driver its SPIFFE ID; the server's engine asks for a client certificate and the
+driver verifies its chain and SPIFFE ID with :func:`quicmesh.tls.verify_peer`
+when the handshake completes, before any stream is served.
+
+0-RTT resumption (:meth:`QuicTransport.connect` with ``early_data=True``): a
+resumed handshake carries no certificate, so each session ticket is stored with
+the identity verified when it was issued (:mod:`quicmesh.transport.tickets`).
+The client returns a connection at once, with the identity its ticket recorded;
+streams opened with ``wait_response=False`` send their CONNECT and first bytes
+(up to ``max_early_data``) as 0-RTT; when the handshake completes the identity is
+confirmed (or every stream fails with :class:`PeerVerificationError`) and, if the
+server rejected 0-RTT, that data is sent again in 1-RTT packets at once. The
+server serves 0-RTT streams as soon as a single-use ticket is redeemed, with the
+identity the ticket was issued to; a replayed first flight finds no ticket.
+
+Connection migration (:meth:`QuicPeerConnection.migrate`): the client moves to a
+new UDP socket and the next connection ID; the server (aioquic) validates the
+new path and limits what it sends there to three times what it received until
+then. Migrations and path validations are counted per connection and per
+transport (:attr:`QuicTransport.counters`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections import Counter
+from typing import Any
+
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+
+from ..._aioquic import MeshQuicConnection
+from ...errors import ConfigError, ConnectError
+from ...tls import Identity, TrustBundle
+from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
+from .. import _udp
+from .._admission import ADMISSION_COUNTERS, AdmissionConfig
+from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
+from ..base import Address, Authorizer, StreamHandler, Transport
+from ..liveness import LivenessConfig
+from ..tickets import TicketCache, TicketStore
+from . import aioquic_engine
+from .connection import QuicPeerConnection, SocketReceiver, tune_udp_socket
+from .engine import EngineLimits, EngineTls, get_engine
+from .listener import BatchingQuicServer, QuicListener
+from .options import COUNTERS, DEFAULT_MAX_EARLY_DATA, QuicOptions
+
+RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
+"""Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
+
+
+class QuicTransport(Transport):
+    """Flows as HTTP/3 CONNECT streams, many per QUIC connection.
+
+    :param identity: this sidecar's certificate and key.
+    :param trust: the CAs peers' certificates must chain to.
+    :param congestion_control: ``"reno"``, ``"cubic"`` (aioquic's) or ``"bbr"``; by
+        default the host's TCP algorithm
+        (:func:`~quicmesh.congestion.default_congestion_control`).
+    :param idle_timeout: seconds of silence before a connection is dropped.
+    :param stream_window: receive window per stream, in bytes.
+    :param connection_window: receive window per connection, in bytes.
+    :param high_water: unsent bytes per stream above which ``drain()`` waits.
+    :param max_streams: concurrent streams a peer may open towards us.
+    :param qlog_dir: write a qlog file per connection there.
+    :param ticket_cache: (client) session tickets per peer, for ``connect(...,
+        early_data=True)``; by default in memory only. Pass
+        ``TicketCache(path)`` to resume after a restart.
+    :param ticket_store: (server) the tickets this transport's listeners issued:
+        single use, expiring. Replicas behind one address must share one.
+    :param max_early_data: (client) payload bytes sent as 0-RTT before the
+        handshake completes, over all streams; further bytes wait for the
+        handshake. (server) 0-RTT stream bytes accepted, plus
+        ``EARLY_DATA_OVERHEAD`` for headers and framing; more closes the connection.
+    :param rebind_after_ptos: (client) move to a new UDP port after this many
+        consecutive probe timeouts, as when a NAT mapping died (off by default).
+    :param receive_batch: datagrams read from a socket per readiness event, each
+        connection then transmitting once (:mod:`quicmesh.transport._udp`); 1
+        reads one at a time, as plain asyncio does. By default
+        :data:`RECEIVE_BATCH`, or the ``QUICMESH_RECEIVE_BATCH`` environment
+        variable when set (for A/B benchmarks, whose servers run in child processes).
+    :param max_datagram_size: largest UDP payload sent, 1200 (aioquic's default and
+        QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
+        over IPv6). aioquic does no path MTU discovery: raise it only on paths known
+        to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
+    :param admission: (server) half-open connection caps, Retry policy and
+        handshake timeout (:mod:`quicmesh.transport._admission`); protective
+        defaults. Its counters (:data:`ADMISSION_COUNTERS`) join :attr:`counters`.
+    :param stateless_reset_key: (server) secret from which the stateless reset
+        token of every connection ID is derived (at least 16 bytes). Give the same
+        key after a restart (:func:`load_stateless_reset_key`) and a peer whose
+        connection the restart lost learns it from its next packet (RFC 9000
+        10.3) instead of waiting for its idle timeout. Random by default.
+    :param keepalive_interval: seconds of silence after which an idle connection
+        PINGs its peer (None: never), so a dead peer is noticed while no flow sends.
+    :param max_probe_timeouts: consecutive probe timeouts without an acknowledgement
+        after which the connection fails with :class:`~quicmesh.errors.PeerUnresponsive`
+        and every stream on it is reset (None: only the idle timeout ends it).
+    :param dead_after: seconds with packets unacknowledged and nothing received
+        after which the connection fails the same way (None: no bound).
+        :mod:`quicmesh.transport.liveness` has the rules, ICMP unreachable included.
+    :param max_stream_rate: (server) new streams per second one peer identity may
+        open, over all its connections, through the stream credit (MAX_STREAMS) it
+        is granted (:mod:`quicmesh.transport._stream_rate`; None: as fast as its
+        streams end). Churn and rapid reset cost the listener no more than this.
+    :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`;
+        ``"aioquic"``, the default, is the only one built in). An unknown name
+        raises :class:`ValueError` naming the valid ones.
+
+    A client's UDP socket is connected to its peer, so the kernel reports ICMP
+    port and host unreachable: :meth:`connect` then fails at once with
+    :class:`~quicmesh.errors.ConnectError` instead of waiting for its timeout.
+
+    :attr:`counters` adds up, over every connection of this transport, the keys
+    in :data:`COUNTERS`: 0-RTT attempted / accepted / rejected, tickets received
+    (client) and issued / redeemed / refused (server), migrations by cause
+    (``active``: :meth:`QuicPeerConnection.migrate`; ``auto_rebind``; and, on a
+    server, ``peer_address_change``), and path validations ok / failed.
+    """
+
+    name = "quic"
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        trust: TrustBundle,
+        congestion_control: str | None = None,
+        idle_timeout: float = 60.0,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW,
+        high_water: int = 64 * 1024,
+        max_streams: int = 128,
+        qlog_dir: str | None = None,
+        ticket_cache: TicketCache | None = None,
+        ticket_store: TicketStore | None = None,
+        max_early_data: int = DEFAULT_MAX_EARLY_DATA,
+        rebind_after_ptos: int | None = None,
+        receive_batch: int | None = None,
+        max_datagram_size: int = 1200,
+        admission: AdmissionConfig | None = None,
+        stateless_reset_key: bytes | None = None,
+        keepalive_interval: float | None = 1.0,
+        max_probe_timeouts: int | None = 6,
+        dead_after: float | None = 10.0,
+        engine: str = "aioquic",
+        max_stream_rate: float | None = DEFAULT_STREAM_RATE,
+    ) -> None:
+        super().__init__(identity=identity, trust=trust)
+        found = get_engine(engine)
+        if not isinstance(found, aioquic_engine.AioquicEngine):
+            raise ConfigError(
+                f"QUIC engine {engine!r} owns its sockets: the asyncio driver runs "
+                "datagram engines only so far"
+            )
+        self.engine = found
+        """The QUIC engine connections are built with (:mod:`.engine`)."""
+        if congestion_control is None:
+            from ...congestion.host import default_congestion_control
+
+            congestion_control = default_congestion_control()
+        if congestion_control == "bbr":
+            from ... import congestion
+
+            congestion.ensure_registered()
+        self.congestion_control = congestion_control
+        self.idle_timeout = idle_timeout
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self.high_water = high_water
+        self.max_streams = max_streams
+        if max_stream_rate is not None and not max_stream_rate > 0:
+            raise ConfigError(f"max_stream_rate must be positive, not {max_stream_rate}")
+        self.stream_rates = StreamRates(max_stream_rate, burst=max_streams)
+        """(server) One new-stream token bucket per peer identity (:mod:`.._stream_rate`)."""
+        self.qlog_dir = qlog_dir
+        self.ticket_cache = ticket_cache if ticket_cache is not None else TicketCache()
+        self.ticket_store = ticket_store if ticket_store is not None else TicketStore()
+        self.max_early_data = max_early_data
+        self.rebind_after_ptos = rebind_after_ptos
+        if receive_batch is None:
+            setting = os.environ.get("QUICMESH_RECEIVE_BATCH", str(RECEIVE_BATCH))
+            receive_batch = int(setting) if setting.isdigit() else 0
+        if receive_batch < 1:
+            raise ConfigError(f"receive_batch must be a whole number >= 1, not {receive_batch}")
+        self.receive_batch = receive_batch
+        if not 1200 <= max_datagram_size <= 1452:
+            raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
+        self.max_datagram_size = max_datagram_size
+        if not idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be positive seconds, not {idle_timeout}")
+        self.liveness = LivenessConfig(
+            keepalive_interval=keepalive_interval,
+            max_probe_timeouts=max_probe_timeouts,
+            dead_after=dead_after,
+        )
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
+        self.admission = admission if admission is not None else AdmissionConfig()
+        if stateless_reset_key is not None and len(stateless_reset_key) < 16:
+            raise ConfigError("stateless_reset_key must be at least 16 bytes")
+        self.stateless_reset_key = stateless_reset_key or os.urandom(32)
+        self._server_configurations: list[QuicConfiguration] = []
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` from the next handshake on, on listeners too."""
+        super().set_identity(identity, trust)
+        for config in self._server_configurations:
+            config.certificate = identity.certificate
+            config.certificate_chain = identity.chain
+            config.private_key = identity.private_key
+            config.cadata = trust.pem
+
+    def engine_limits(self) -> EngineLimits:
+        """The transport settings every connection's engine gets."""
+        return EngineLimits(
+            idle_timeout=self.idle_timeout,
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_streams=self.max_streams,
+            congestion_control=self.congestion_control,
+            max_datagram_size=self.max_datagram_size,
+            qlog_dir=self.qlog_dir,
+            stateless_reset_key=self.stateless_reset_key,
+            alpn=tuple(H3_ALPN),
+        )
+
+    def options(self) -> QuicOptions:
+        """The settings a new connection driver gets (a snapshot: :meth:`set_identity`
+        changes the trust bundle of later connections)."""
+        return QuicOptions(
+            trust=self.trust,
+            high_water=self.high_water,
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_early_data=self.max_early_data,
+            rebind_after_ptos=self.rebind_after_ptos,
+            receive_batch=self.receive_batch,
+            liveness=self.liveness,
+            ticket_cache=self.ticket_cache,
+            ticket_store=self.ticket_store,
+            stream_rates=self.stream_rates,
+        )
+
+    def configuration(self, *, is_client: bool) -> QuicConfiguration:
+        """The aioquic configuration for one side of a connection."""
+        return aioquic_engine.configuration(
+            self.engine_limits(),
+            EngineTls(identity=self.identity, trust=self.trust),
+            is_client=is_client,
+        )
+
+    async def listen(
+        self,
+        address: Address,
+        handler: StreamHandler,
+        authorize: Authorizer | None = None,
+        *,
+        early_data: bool = True,
+    ) -> QuicListener:
+        """Accept peer connections (see :meth:`Transport.listen`).
+
+        :param early_data: accept 0-RTT from clients resuming with a ticket. False
+            still resumes sessions (no certificates) but rejects their 0-RTT, which
+            the clients then send again in 1-RTT.
+        """
+        config = self.configuration(is_client=False)
+        self._server_configurations.append(config)
+
+        accepted: weakref.WeakSet[QuicPeerConnection] = weakref.WeakSet()
+
+        limits = self.engine_limits()
+        tls = EngineTls(identity=self.identity, trust=self.trust)
+
+        def accept(
+            original_cid: bytes | None, retry_source_cid: bytes | None
+        ) -> MeshQuicConnection:
+            return self.engine.accept(
+                limits,
+                tls,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_source_cid,
+                config=config,
+            )
+
+        def create_protocol(
+            quic: MeshQuicConnection, stream_handler: Any = None
+        ) -> QuicPeerConnection:
+            connection = QuicPeerConnection(
+                quic,
+                self.options(),
+                counters=self.counters,
+                handshake_failures=self.handshake_failures,
+                handler=handler,
+                authorize=authorize,
+                accept_early_data=early_data,
+            )
+            accepted.add(connection)
+            return connection
+
+        try:
+            _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: BatchingQuicServer(
+                    configuration=config,
+                    create_protocol=create_protocol,
+                    max_datagrams=self.receive_batch,
+                    admission=self.admission,
+                    counters=self.counters,
+                    reset_key=self.stateless_reset_key,
+                    accept=accept,
+                ),
+                local_addr=(address[0], address[1]),
+            )
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot listen on UDP {address[0]}:{address[1]}: {exc.strerror}"
+            ) from None
+        assert server._transport is not None
+        tune_udp_socket(server._transport)
+        return QuicListener(server, accepted)
+
+    async def connect(
+        self, address: Address, *, timeout: float = 10.0, early_data: bool = False
+    ) -> QuicPeerConnection:
+        """Connect to the peer sidecar at ``address`` (see :meth:`Transport.connect`).
+
+        :param early_data: resume with a ticket cached for ``address`` and return
+            before the handshake completes, so that streams opened with
+            ``open_stream(..., wait_response=False)`` send their CONNECT and first
+            bytes as 0-RTT. Only for flows whose first bytes are safe to replay
+            (0-RTT data can be replayed by an attacker unless the server's tickets
+            are single use, as quicmesh's are). Without a cached ticket this is
+            an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
+            A handshake failure then surfaces on the streams, not here.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.configuration(is_client=True)
+        cached = self.ticket_cache.take(address) if early_data else None
+        if cached is not None:
+            config.session_ticket = cached.ticket
+        holder: list[QuicPeerConnection] = []
+        quic = self.engine.connect(
+            self.engine_limits(),
+            EngineTls(identity=self.identity, trust=self.trust),
+            address,
+            session_ticket_handler=lambda ticket: holder[0].on_ticket_received(ticket),
+            config=config,
+        )
+        connection = QuicPeerConnection(
+            quic,
+            self.options(),
+            counters=self.counters,
+            handshake_failures=self.handshake_failures,
+            owns_socket=True,
+            peer_address=address,
+            ticket_identity=cached.identity if cached is not None else None,
+        )
+        holder.append(connection)
+        try:
+            # Connected: the kernel then reports ICMP unreachable errors to the socket.
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: SocketReceiver(connection, self.receive_batch), remote_addr=address
+            )
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"
+            ) from None
+        connection.connected_socket = udp
+        connection.connection_made(udp)
+        tune_udp_socket(udp)
+        connection.close_socket_when_done()
+        if cached is not None and cached.ticket.max_early_data_size is not None:
+            try:
+                connection.connect(address)
+            except OSError as exc:
+                connection.close_socket()
+                raise ConnectError(
+                    f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
+                ) from None
+            connection.start_early(cached.identity)
+            loop.call_later(timeout, connection.handshake_timed_out, timeout)
+            return connection
+        try:
+            connection.connect(address)
+            await asyncio.wait_for(asyncio.shield(connection.handshake_finished), timeout)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            connection.abandon()
+            if connection.failure is not None:
+                raise connection.failure from None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConnectError(
+                    f"QUIC handshake with {address[0]}:{address[1]} timed out after {timeout:g}s"
+                ) from None
+            raise ConnectError(
+                f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
+            ) from None
+        except asyncio.CancelledError:
+            # Abandoned (e.g. the other side of an AutoTransport race won): no socket left.
+            connection.abandon()
+            raise
+        if not connection.established:
+            connection.close_socket()
+            raise connection.failure or ConnectError("QUIC handshake failed")
+        return connection
+
+
+def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
+    """The stateless reset key kept in ``path``, created (32 random bytes, mode 0600)
+    if missing, so that it survives restarts.
+
+    :raises ConfigError: the file cannot be read or created, or is too short.
+    """
+    try:
+        with open(path, "rb") as existing:
+            key = existing.read()
+    except FileNotFoundError:
+        key = os.urandom(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as created:
+                created.write(key)
+        except OSError as exc:
+            raise ConfigError(f"cannot create stateless reset key {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read stateless reset key {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
+    return key
