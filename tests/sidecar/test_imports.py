@@ -91,7 +91,7 @@ def test_the_check_catches_each_way_of_importing_a_transport() -> None:
         "x.py:4: imports quicmesh.transport.tickets",
         "x.py:5: imports quicmesh.transport.auto",
         "x.py:6: imports quicmesh._aioquic",
-        "x.py:7: imports quicmesh.transport.quic (via quicmesh.QuicTransport)",
+        "x.py:7: imports quicmesh.transport.quic.transport (via quicmesh.QuicTransport)",
         "x.py:8: imports quicmesh (via quicmesh.TRANSPORTS)",
         "x.py:11: imports quicmesh.transport._admission",
     ]
