@@ -234,7 +234,7 @@ class CaptureOutboundListener(_CaptureListener):
         route: Route = self._table().route(destination)
         if route.kind is RouteKind.CLUSTER:
             cluster = self._clusters(route.cluster)
-            record.target = route.target or cluster.config.target
+            record.target = route.target or cluster.config.target or ""
             record.transport = cluster.config.transport
             try:
                 await proxy_to_cluster(

@@ -202,8 +202,14 @@ class Cluster:
                 f"({self.config.circuit_breakers.max_concurrent_streams}) reached",
             )
         try:
+            chosen = target or self.config.target
+            if not chosen:
+                raise FlowRefused(
+                    Outcome.REFUSED,
+                    f"cluster {self.config.name}: no CONNECT target (no listener names one)",
+                )
             return await self._open_with_retries(
-                target or self.config.target, endpoint, {**self.headers, **(headers or {})}
+                chosen, endpoint, {**self.headers, **(headers or {})}
             )
         except BaseException:
             self.breaker.release_stream()

@@ -27,7 +27,7 @@ import yaml
 from .. import duration
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError
-from ..tunnel.connect import parse_target
+from ..tunnel.connect import Target, parse_authority, parse_port, parse_target
 from .accesslog import parse_log_format
 
 Address = tuple[str, int]
@@ -269,8 +269,11 @@ class ClusterConfig:
 
     name: str
     transport: str
-    target: str
-    """The authority (``host:port``) sent in each CONNECT: where the peer forwards."""
+    target: Target | None
+    """The authority (``host:port``) sent in each CONNECT: where the peer forwards.
+    Parsed at load with the tunnel's own grammar and carried parsed from there.
+    None only for an xDS cluster no listener names a target for: its flows must
+    bring their own (interception routes)."""
     endpoints: tuple[Address, ...]
     endpoints_file: str | None = None
     load_balancing: str = "round_robin"
@@ -467,27 +470,16 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``host:port`` or ``[v6]:port`` (port 1-65535); ValueError says what is wrong."""
+    """Parse ``host:port`` or ``[v6]:port`` (port 1-65535); ValueError says what is wrong.
+
+    The grammar is the tunnel's own (:func:`quicmesh.tunnel.connect.parse_authority`,
+    the one CONNECT targets are checked against), with white space around it ignored.
+    Only destination rules (a CIDR block, port ``*``: :func:`parse_destination`) and
+    service addresses (an IP literal: :func:`parse_service`) read a different one.
+    """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("expected host:port")
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r} is not [ipv6]:port")
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r} is not host:port")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
-        if not _HOST.match(host):
-            raise ValueError(f"{host!r} is not a host name or IP address")
-    return host, _parse_port(port_text)
+    return parse_authority(text.strip())
 
 
 def parse_service(text: object) -> Address:
@@ -510,15 +502,6 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or len(text) > 6:
-        raise ValueError(f"port {text!r} is not a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is outside 1-65535")
-    return port
-
-
 def parse_destination(text: str) -> DestinationRule:
     """Parse a destination rule: ``host:port``, ``ip:port``, ``cidr:port``; port may be ``*``."""
     if not isinstance(text, str) or not text.strip():
@@ -532,7 +515,7 @@ def parse_destination(text: str) -> DestinationRule:
             raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
     if not sep or not host:
         raise ValueError(f"{text!r} is not host:port or cidr:port")
-    port = None if port_text == "*" else _parse_port(port_text)
+    port = None if port_text == "*" else parse_port(port_text)
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     name: str | None = None
     try:
@@ -1016,10 +999,9 @@ class _Loader:
             endpoints = tuple(e.address() for e in node.child("endpoints").items())
         else:
             raise node.child("endpoints").error("is required (or endpoints_file)")
-        target = node.child("target").required()
         # The tunnel's own grammar, the one every flow's CONNECT is checked against: a
         # target it refuses must fail here, not once per flow as a "connect failure".
-        target.convert(parse_target)
+        target = node.child("target").required().convert(parse_target)
         congestion = node.child("congestion_control")
         datagram = node.child("max_datagram_size")
         early = node.child("early_data")
@@ -1045,7 +1027,7 @@ class _Loader:
         return ClusterConfig(
             name=node.child("name").required().name(),
             transport=transport,
-            target=target.string(),
+            target=target,
             endpoints=endpoints,
             endpoints_file=endpoints_file,
             load_balancing=_or_default(node.child("load_balancing"), "round_robin", LB_POLICIES),

@@ -93,7 +93,7 @@ class OutboundListener:
             listener=self.config.name,
             direction="outbound",
             downstream=downstream,
-            target=cluster.config.target,
+            target=cluster.config.target or "",
             transport=cluster.config.transport,
             peer_identity="",
             endpoint="",

@@ -9,6 +9,7 @@ the 403 response and into the access log.
 
 from __future__ import annotations
 
+from ..tunnel.connect import Target
 from .config import (
     InboundListenerConfig,
     destination_matches,
@@ -18,7 +19,13 @@ from .config import (
 
 
 def split_target(target: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` as ``(host, port)``; None if malformed."""
+    """``host:port`` or ``[v6]:port`` as ``(host, port)``; None if malformed.
+
+    A :class:`~quicmesh.tunnel.connect.Target` (what an inbound stream carries) was
+    parsed by its tunnel session already: its parts are taken as they are.
+    """
+    if isinstance(target, Target):
+        return target.host, target.port
     try:
         return parse_address(target)
     except ValueError:

@@ -126,7 +126,7 @@ class SessionConnection(PeerConnection):
         stream = MeshStream(
             self,
             stream_id=stream_id,
-            target=parsed.authority,
+            target=parsed,
             headers=checked,
             peer_identity=self.peer_identity,
             is_client=True,

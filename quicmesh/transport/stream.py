@@ -19,6 +19,7 @@ import enum
 from typing import Protocol
 
 from ..errors import StreamRefused, StreamReset, TunnelError
+from ..tunnel.connect import Target
 from ..tunnel.session import ResetReason
 
 DEFAULT_HIGH_WATER = 64 * 1024
@@ -68,7 +69,9 @@ class _Response(enum.Enum):
 class MeshStream:
     """One flow tunnelled to or from a peer sidecar.
 
-    :ivar target: the CONNECT target (``host:port``).
+    :ivar target: the CONNECT target, a :class:`~quicmesh.tunnel.connect.Target`: the
+        ``host:port`` string itself, with its parsed ``host`` and ``port``. Parsed
+        once (by the opener, or by the tunnel session from the request), never again.
     :ivar headers: the extra request headers, lower-cased.
     :ivar peer_identity: the peer sidecar's SPIFFE ID.
     :ivar stream_id: the transport's stream identifier (for logs).
@@ -79,7 +82,7 @@ class MeshStream:
         channel: StreamChannel,
         *,
         stream_id: int,
-        target: str,
+        target: Target,
         headers: dict[str, str],
         peer_identity: str,
         is_client: bool,

@@ -88,7 +88,7 @@ class TcpPeerConnection(PeerConnection):
         ``wait_response`` is ignored: the stream is returned once the peer answered
         the CONNECT, as a new flow's connection has no 0-RTT to gain from sending first.
         """
-        parse_target(target)
+        target = parse_target(target)
         validate_headers(headers)
         if self._closed:
             raise ConnectionLost("connection to the peer is closed")

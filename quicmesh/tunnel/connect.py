@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 
 from ..errors import InvalidHeader, InvalidTarget
 
@@ -47,67 +46,119 @@ RESERVED_HEADERS = frozenset(
 """Headers a caller may not set: connection-specific in HTTP/2 and HTTP/3, or ours."""
 
 
-@dataclass(frozen=True)
-class Target:
-    """A validated CONNECT target: a DNS name or IP literal and a port."""
+class Target(str):
+    """A validated CONNECT target: the authority ``host:port`` (``[v6]:port``) with its
+    parsed :attr:`host` and :attr:`port`.
+
+    Parsed once, by :func:`parse_target`, and carried as is from there (a cluster's
+    configured target, the request a session decoded, :attr:`MeshStream.target
+    <quicmesh.transport.stream.MeshStream.target>`). It is the authority string
+    itself, so code that treats a target as text keeps working; build one with
+    :func:`parse_target` or ``Target(host, port)`` from already-validated parts.
+    """
 
     host: str
+    """A lower-case DNS name or a normalised IP literal (IPv6 without brackets)."""
     port: int
+    """1-65535."""
+
+    def __new__(cls, host: str, port: int) -> Target:
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = super().__new__(cls, authority)
+        target.host = host
+        target.port = port
+        return target
+
+    def __getnewargs__(self) -> tuple[str, int]:  # type: ignore[override]
+        return (self.host, self.port)
 
     @property
     def authority(self) -> str:
-        """The ``:authority`` form: ``host:port``, with IPv6 literals in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        """The ``:authority`` form as a plain string: ``host:port``, IPv6 in brackets."""
+        return str.__str__(self)
 
-    def __str__(self) -> str:
-        return self.authority
+    def __repr__(self) -> str:
+        return f"Target({self.host!r}, {self.port})"
 
 
 def parse_target(value: str) -> Target:
-    """Parse and validate ``host:port`` (``[v6]:port`` for IPv6).
+    """Parse and validate a CONNECT target, ``host:port`` (``[v6]:port`` for IPv6).
 
-    Host names are lower-cased and checked against RFC 1123; IP literals are
-    normalised. Raises :class:`~quicmesh.errors.InvalidTarget` naming the problem.
+    The grammar is :func:`parse_authority`'s. A :class:`Target` is returned as is:
+    it was parsed already. Raises :class:`~quicmesh.errors.InvalidTarget` naming
+    the target and the problem.
     """
+    if isinstance(value, Target):
+        return value
     if not isinstance(value, str) or not value:
         raise InvalidTarget("target is empty: expected host:port")
     if len(value) > 300:
         raise InvalidTarget("target is longer than 300 characters")
+    try:
+        host, port = parse_authority(value)
+    except InvalidTarget as exc:
+        raise InvalidTarget(f"target {value!r}: {exc}") from None
+    return Target(host, port)
+
+
+def parse_authority(value: str) -> tuple[str, int]:
+    """The one ``host:port`` grammar of quicmesh, as ``(host, port)``.
+
+    ``host`` is an RFC 1123 host name (lower-cased; a last label that is all digits
+    is refused, so ``10.0.0.999`` is neither an address nor a name), a dotted IPv4
+    address, or an IPv6 address in brackets (normalised, brackets removed); the
+    port is 1 to 5 ASCII digits, 1-65535. CONNECT targets (:func:`parse_target`)
+    and the sidecar's configured addresses (listeners, endpoints, admin) use it.
+    Raises :class:`~quicmesh.errors.InvalidTarget` with a one-line message naming
+    the part at fault.
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidTarget("expected host:port")
+    if len(value) > 300:
+        raise InvalidTarget("longer than 300 characters")
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:
-            raise InvalidTarget(f"target {value!r} is not [ipv6]:port")
+            raise InvalidTarget(f"{value!r} is not [ipv6]:port")
         try:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
-            raise InvalidTarget(f"target {value!r} has an invalid IPv6 address") from None
+            raise InvalidTarget(f"{host!r} is not an IPv6 address") from None
     else:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host:
-            raise InvalidTarget(f"target {value!r} is not host:port")
+            raise InvalidTarget(f"{value!r} is not host:port")
+        if ":" in host:
+            raise InvalidTarget(f"{value!r}: write IPv6 addresses as [address]:port")
         host = host.lower()
         try:
             host = str(ipaddress.IPv4Address(host))
         except ValueError:
-            _check_host_name(value, host)
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise InvalidTarget(f"target {value!r} has an invalid port")
-    port = int(port_text)
+            _check_host_name(host)
+    return host, parse_port(port_text)
+
+
+def parse_port(text: str) -> int:
+    """A port, 1 to 5 ASCII digits within 1-65535; InvalidTarget says what is wrong."""
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidTarget(f"port {text!r} is not a number")
+    if len(text) > 5:
+        raise InvalidTarget(f"port {text!r} has more than 5 digits")
+    port = int(text)
     if not 1 <= port <= 65535:
-        raise InvalidTarget(f"target {value!r} has port {port} outside 1-65535")
-    return Target(host, port)
+        raise InvalidTarget(f"port {port} is outside 1-65535")
+    return port
 
 
-def _check_host_name(value: str, host: str) -> None:
+def _check_host_name(host: str) -> None:
     name = host[:-1] if host.endswith(".") else host
     if len(name) > 253 or not name:
-        raise InvalidTarget(f"target {value!r} has an invalid host name")
+        raise InvalidTarget(f"{host!r} is not a host name or IP address")
     for label in name.split("."):
         if not _LABEL.match(label):
-            raise InvalidTarget(f"target {value!r} has an invalid host name label {label!r}")
+            raise InvalidTarget(f"host name {host!r} has an invalid label {label!r}")
     if name.rsplit(".", 1)[-1].isdigit():
-        raise InvalidTarget(f"target {value!r} is neither an IPv4 address nor a host name")
+        raise InvalidTarget(f"{host!r} is neither an IPv4 address nor a host name")
 
 
 def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:

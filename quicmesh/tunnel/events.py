@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .connect import Target
+
 
 @dataclass
 class TunnelEvent:
@@ -19,7 +21,9 @@ class StreamRequested(TunnelEvent):
     """(server) The peer opened a stream with a valid CONNECT request."""
 
     stream_id: int
-    target: str
+    target: Target
+    """Parsed by the session; carried as is to :attr:`MeshStream.target
+    <quicmesh.transport.stream.MeshStream.target>`."""
     headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -316,7 +316,7 @@ class H2TunnelSession(TunnelSession):
             return self._reject(stream_id, 400, str(exc))
         self._open.add(stream_id)
         self._outbound[stream_id] = _Outbound()
-        return [events.StreamRequested(stream_id, target.authority, headers)]
+        return [events.StreamRequested(stream_id, target, headers)]
 
     def _on_response(self, event: h2.events.ResponseReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id

@@ -238,9 +238,7 @@ class H3TunnelSession(TunnelSession):
             headers = validate_headers(extra)
         except TunnelUsageError as exc:
             return self._reject(stream_id, 400, str(exc))
-        result: list[events.TunnelEvent] = [
-            events.StreamRequested(stream_id, target.authority, headers)
-        ]
+        result: list[events.TunnelEvent] = [events.StreamRequested(stream_id, target, headers)]
         if ended:
             result.append(events.DataReceived(stream_id, b"", True))
         return result

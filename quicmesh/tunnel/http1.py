@@ -193,7 +193,7 @@ class Http1TunnelSession(TunnelSession):
         except h11.RemoteProtocolError as exc:
             return self._reject(400, f"malformed request: {exc}")
         self._state = _State.REQUESTED
-        return [events.StreamRequested(STREAM_ID, target.authority, headers)]
+        return [events.StreamRequested(STREAM_ID, target, headers)]
 
     def _client_events(self) -> list[events.TunnelEvent]:
         if self._state is not _State.REQUESTED:

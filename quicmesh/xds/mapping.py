@@ -47,9 +47,9 @@ from ..sidecar.config import (
     InboundListenerConfig,
     OutboundListenerConfig,
     OutlierDetectionConfig,
-    parse_address,
     parse_destination,
 )
+from ..tunnel.connect import Target, parse_target
 from .resources import (
     Cluster,
     ClusterLoadAssignment,
@@ -150,7 +150,7 @@ def _name(value: str, where: str) -> str:
 @dataclass(frozen=True)
 class _Outbound:
     config: OutboundListenerConfig
-    target: str
+    target: Target
 
 
 def map_listener(listener: Listener) -> _Outbound | InboundListenerConfig:
@@ -214,9 +214,8 @@ def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> 
             f"{where}: tunneling_config is required: quicmesh carries every flow over CONNECT"
         )
     _only(proxy.tunneling_config, {"hostname"}, f"{where}.tunneling_config")
-    target = proxy.tunneling_config.hostname
     try:
-        parse_address(target)
+        target = parse_target(proxy.tunneling_config.hostname)
     except ValueError as exc:
         raise MappingError(f"{where}.tunneling_config.hostname: {exc}") from None
     cluster = _name(proxy.cluster, f"{where}.cluster")
@@ -326,12 +325,22 @@ def cluster_transport(cluster: Cluster) -> str:
     }[which]
 
 
+def _cluster_target(target: str | None, where: str) -> Target | None:
+    if target is None:
+        return None
+    try:
+        return parse_target(target)
+    except ValueError as exc:
+        raise MappingError(f"{where}: target: {exc}") from None
+
+
 def map_cluster(
-    cluster: Cluster, target: str, assignment: ClusterLoadAssignment | None
+    cluster: Cluster, target: str | None, assignment: ClusterLoadAssignment | None
 ) -> ClusterConfig | None:
     """One Cluster (with its endpoints): a ClusterConfig, or None while it warms.
 
-    :param target: the CONNECT target the listeners using it tunnel to.
+    :param target: the CONNECT target the listeners using it tunnel to (None: no
+        listener names one).
     :param assignment: the ClusterLoadAssignment for an EDS cluster (None: not yet arrived).
     :raises MappingError: naming the cluster and the unsupported field.
     """
@@ -377,7 +386,7 @@ def map_cluster(
     return ClusterConfig(
         name=name,
         transport=cluster_transport(cluster),
-        target=target,
+        target=_cluster_target(target, where),
         endpoints=map_endpoints(assignment, where),
         load_balancing=LB_POLICIES[cluster.lb_policy],
         health_check=_health_check(cluster, where),
@@ -527,7 +536,7 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
             outbound.append(mapped)
         else:
             inbound.append(mapped)
-    targets: dict[str, str] = {}
+    targets: dict[str, Target] = {}
     for out in outbound:
         previous = targets.setdefault(out.config.cluster, out.target)
         if previous != out.target:
@@ -541,7 +550,7 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
     for cluster in resources.clusters.values():
         service = cluster.eds_cluster_config.service_name or cluster.name
         mapped_cluster = map_cluster(
-            cluster, targets.get(cluster.name, ""), resources.assignments.get(service)
+            cluster, targets.get(cluster.name), resources.assignments.get(service)
         )
         if mapped_cluster is None:
             warming.append(cluster.name)

@@ -24,6 +24,7 @@ from quicmesh.sidecar.config import (
     parse_config,
     parse_duration,
 )
+from quicmesh.tunnel.connect import parse_target
 
 SOURCE = "sidecar.yaml"
 
@@ -378,3 +379,27 @@ def test_a_cluster_target_the_tunnel_would_refuse_is_refused_at_load(target: str
     document = copy.deepcopy(VALID)
     document["clusters"][0]["target"] = target
     assert error_of(document).startswith("sidecar.yaml: clusters[0].target: target ")
+
+
+_AUTHORITY_ALPHABET = st.sampled_from("abcxyz019.-:[]_ \t")
+
+
+@given(
+    st.text(_AUTHORITY_ALPHABET, max_size=24) | st.from_regex(r"\A[a-z0-9.]{1,12}:0?[0-9]{1,6}\Z")
+)
+def test_an_address_parses_exactly_when_the_tunnel_would_accept_it(text: str) -> None:
+    # One host:port grammar: a configured address (listener, endpoint, admin) is
+    # refused exactly when the tunnel's parse_target refuses it (white space aside).
+    try:
+        target = parse_target(text.strip())
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_address(text)
+    else:
+        assert parse_address(text) == (target.host, target.port)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.999:80", "x:065535", "1.2.3:80", "a_b:80"])
+def test_an_address_the_tunnel_refuses_is_refused(address: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(address)

@@ -16,6 +16,7 @@ import pytest
 
 import quicmesh
 from quicmesh import DevCA, MeshStream, ResetReason
+from quicmesh.tunnel.connect import Target
 
 TRANSPORT_NAMES = ["quic", "h2", "tcp"]
 TARGET = "reviews.default.svc:9080"
@@ -111,6 +112,11 @@ def test_server_sees_target_headers_and_identity(name: str) -> None:
         assert await stream.read() == b""
         assert stream.peer_identity == MESH.server.spiffe_id
         await shutdown(listener, conn)
+        # Both ends carry the target parsed (once), not a string to parse again.
+        [(target, _, _)] = seen
+        for carried in (stream.target, target):
+            assert isinstance(carried, Target)
+            assert (carried.host, carried.port) == ("reviews.default.svc", 9080)
 
     run(main())
     assert seen == [(TARGET, {"x-request-id": "42"}, MESH.client.spiffe_id)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import pickle
 
 import pytest
 from hypothesis import given
@@ -161,3 +162,17 @@ def test_a_malformed_request_is_a_usage_error_not_a_tunnel_error() -> None:
     for error in (target_error.value, header_error.value):
         assert isinstance(error, ValueError) and isinstance(error, InvalidTarget)
         assert not isinstance(error, TunnelError)
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [("Reviews.Default.svc:9080", "reviews.default.svc", 9080), ("[::1]:443", "::1", 443)],
+)
+def test_a_target_is_its_authority_string_with_its_parts(text: str, host: str, port: int) -> None:
+    target = parse_target(text)
+    assert isinstance(target, str) and target == target.authority
+    assert (target.host, target.port) == (host, port)
+    assert parse_target(target) is target  # parsed once: a Target is not parsed again
+    assert pickle.loads(pickle.dumps(target)) == target
+    assert pickle.loads(pickle.dumps(target)).port == port
+    assert repr(target) == f"Target({host!r}, {port})"
