@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ..errors import InvalidHeader, InvalidTarget
+from ..errors import InvalidHeader, InvalidTarget, TunnelUsageError
 
 MAX_FIELD_SECTION_SIZE = 60 * 1024
 """Decoded size of a request's or response's header section, every transport: names
@@ -193,6 +195,64 @@ def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:
     if total > MAX_HEADER_BYTES:
         raise InvalidHeader(f"headers total {total} bytes: at most {MAX_HEADER_BYTES} are allowed")
     return result
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """A valid CONNECT request, as :func:`parse_connect_request` read it."""
+
+    target: Target
+    headers: dict[str, str]
+    """The extra headers, validated and lower-cased."""
+
+
+_EXTENDED_CONNECT = (":path", ":scheme", ":protocol")
+
+
+def parse_connect_request(fields: Iterable[tuple[bytes, bytes]]) -> ConnectRequest:
+    """Read a CONNECT request's header fields, every transport alike.
+
+    ``fields`` is the decoded header list in HTTP/2 and HTTP/3 form: the
+    ``:method`` and ``:authority`` pseudo-headers and the extra headers (an
+    HTTP/1.1 session passes its request line's method and target that way and
+    leaves out ``Host``). A field given twice, a method other than ``CONNECT``,
+    extended CONNECT (``:path``, ``:scheme``, ``:protocol``), a bad target or bad
+    extra headers are refused; the session answers 400 with the message.
+
+    :raises ~quicmesh.errors.TunnelUsageError: (an :class:`~quicmesh.errors.InvalidTarget`
+        or :class:`~quicmesh.errors.InvalidHeader` for those) one line naming the problem.
+    """
+    pseudo: dict[str, str] = {}
+    extra: dict[str, str] = {}
+    for raw_name, raw_value in fields:
+        name = bytes(raw_name).decode("ascii", "replace")
+        value = bytes(raw_value).decode("utf-8", "replace")
+        into = pseudo if name.startswith(":") else extra
+        if name in into:
+            raise InvalidHeader(f"header {name!r} is given twice")
+        into[name] = value
+    method = pseudo.get(":method")
+    if method != "CONNECT":
+        raise TunnelUsageError(f"method {method!r} is not CONNECT")
+    if any(name in pseudo for name in _EXTENDED_CONNECT):
+        raise TunnelUsageError("extended CONNECT is not supported: send :authority only")
+    return ConnectRequest(parse_target(pseudo.get(":authority", "")), validate_headers(extra))
+
+
+def connect_request_fields(target: Target, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 and HTTP/3 header list of a CONNECT for ``target`` with ``headers``."""
+    fields = [(b":method", b"CONNECT"), (b":authority", target.authority.encode())]
+    fields += [(name.encode(), value.encode()) for name, value in headers.items()]
+    return fields
+
+
+def response_fields(status: int, reason: str = "") -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 and HTTP/3 header list answering a CONNECT; a refusal's reason
+    goes in ``proxy-status``."""
+    fields = [(b":status", str(status).encode())]
+    if status != 200 and reason:
+        fields.append((b"proxy-status", encode_proxy_status(reason).encode()))
+    return fields
 
 
 def encode_proxy_status(reason: str) -> str:

@@ -45,10 +45,10 @@ from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
     Target,
+    connect_request_fields,
     decode_proxy_status,
-    encode_proxy_status,
-    parse_target,
-    validate_headers,
+    parse_connect_request,
+    response_fields,
 )
 from .session import ResetReason, TunnelSession
 
@@ -72,7 +72,6 @@ _RESET_CODES = {
     ResetReason.CANCELLED: ErrorCodes.CANCEL,
     ResetReason.CONNECT_ERROR: ErrorCodes.CONNECT_ERROR,
 }
-_FORBIDDEN_PSEUDO_HEADERS = (":path", ":scheme", ":protocol")
 
 
 class _Outbound:
@@ -294,29 +293,13 @@ class H2TunnelSession(TunnelSession):
     def _on_request(self, event: h2.events.RequestReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None
-        pseudo: dict[str, str] = {}
-        extra: dict[str, str] = {}
-        for raw_name, raw_value in event.headers or []:
-            name = bytes(raw_name).decode("ascii", "replace")
-            value = bytes(raw_value).decode("utf-8", "replace")
-            fields = pseudo if name.startswith(":") else extra
-            if name in fields:
-                return self._reject(stream_id, 400, f"header {name!r} is given twice")
-            fields[name] = value
-        method = pseudo.get(":method")
-        if method != "CONNECT":
-            return self._reject(stream_id, 400, f"method {method!r} is not CONNECT")
-        if any(name in pseudo for name in _FORBIDDEN_PSEUDO_HEADERS):
-            reason = "extended CONNECT is not supported: send :authority only"
-            return self._reject(stream_id, 400, reason)
         try:
-            target = parse_target(pseudo.get(":authority", ""))
-            headers = validate_headers(extra)
+            request = parse_connect_request((bytes(n), bytes(v)) for n, v in event.headers or [])
         except TunnelUsageError as exc:
             return self._reject(stream_id, 400, str(exc))
         self._open.add(stream_id)
         self._outbound[stream_id] = _Outbound()
-        return [events.StreamRequested(stream_id, target, headers)]
+        return [events.StreamRequested(stream_id, request.target, request.headers)]
 
     def _on_response(self, event: h2.events.ResponseReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
@@ -370,18 +353,15 @@ class H2TunnelSession(TunnelSession):
 
     def open_stream(self, target: Target, headers: dict[str, str]) -> int:
         stream_id = self.h2.get_next_available_stream_id()
-        fields = [(b":method", b"CONNECT"), (b":authority", target.authority.encode())]
-        fields += [(name.encode(), value.encode()) for name, value in headers.items()]
-        self.h2.send_headers(stream_id, fields)
+        self.h2.send_headers(stream_id, connect_request_fields(target, headers))
         self._outbound[stream_id] = _Outbound()
         return stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
-        fields = [(b":status", str(status).encode())]
-        if status != 200 and reason:
-            fields.append((b"proxy-status", encode_proxy_status(reason).encode()))
         try:
-            self.h2.send_headers(stream_id, fields, end_stream=status != 200)
+            self.h2.send_headers(
+                stream_id, response_fields(status, reason), end_stream=status != 200
+            )
         except h2.exceptions.H2Error:
             return
         if status != 200:

@@ -26,10 +26,10 @@ from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
     Target,
+    connect_request_fields,
     decode_proxy_status,
-    encode_proxy_status,
-    parse_target,
-    validate_headers,
+    parse_connect_request,
+    response_fields,
 )
 from .session import ResetReason, TunnelSession
 
@@ -193,53 +193,28 @@ class H3TunnelSession(TunnelSession):
         if stream_id in self._headers_done:
             # Trailers end the stream; a tunnel carries none, so they only mark FIN.
             return [events.DataReceived(stream_id, b"", True)] if ev.stream_ended else []
-        fields: dict[str, str] = {}
-        extra: dict[str, str] = {}
-        duplicate = None
-        for name, value in ev.headers:
-            key = name.decode("ascii", "replace")
-            text = value.decode("utf-8", "replace")
-            into = fields if key.startswith(":") else extra
-            if key in into and duplicate is None:
-                duplicate = key
-            into[key] = text
-        if duplicate is not None and not self.is_client:
-            # The list, not the dict: a field given twice is refused, as over HTTP/2.
+        if not self.is_client:
             self._headers_done.add(stream_id)
-            return self._reject(stream_id, 400, f"header {duplicate!r} is given twice")
-        if self.is_client:
-            status_text = fields.get(":status", "")
+            try:
+                request = parse_connect_request(ev.headers)
+            except TunnelUsageError as exc:
+                return self._reject(stream_id, 400, str(exc))
+            result: list[events.TunnelEvent] = [
+                events.StreamRequested(stream_id, request.target, request.headers)
+            ]
+        else:
+            fields = {name: value for name, value in ev.headers}
+            status_text = fields.get(b":status", b"").decode("ascii", "replace")
             if status_text.startswith("1"):
                 return []
             self._headers_done.add(stream_id)
             status = int(status_text) if status_text.isdigit() else 502
-            result: list[events.TunnelEvent] = [
-                events.ResponseReceived(
-                    stream_id, status, decode_proxy_status(extra.get("proxy-status"))
-                )
-            ]
-            if ev.stream_ended:
-                result.append(events.DataReceived(stream_id, b"", True))
-            return result
-        return self._on_request(stream_id, fields, extra, ev.stream_ended)
-
-    def _on_request(
-        self, stream_id: int, fields: dict[str, str], extra: dict[str, str], ended: bool
-    ) -> list[events.TunnelEvent]:
-        self._headers_done.add(stream_id)
-        if fields.get(":method") != "CONNECT":
-            return self._reject(stream_id, 400, f"method {fields.get(':method')!r} is not CONNECT")
-        if ":protocol" in fields or ":path" in fields or ":scheme" in fields:
-            return self._reject(
-                stream_id, 400, "extended CONNECT is not supported: send :authority only"
+            proxy_status = fields.get(b"proxy-status")
+            reason = decode_proxy_status(
+                proxy_status.decode("utf-8", "replace") if proxy_status is not None else None
             )
-        try:
-            target = parse_target(fields.get(":authority", ""))
-            headers = validate_headers(extra)
-        except TunnelUsageError as exc:
-            return self._reject(stream_id, 400, str(exc))
-        result: list[events.TunnelEvent] = [events.StreamRequested(stream_id, target, headers)]
-        if ended:
+            result = [events.ResponseReceived(stream_id, status, reason)]
+        if ev.stream_ended:
             result.append(events.DataReceived(stream_id, b"", True))
         return result
 
@@ -254,19 +229,16 @@ class H3TunnelSession(TunnelSession):
 
     def open_stream(self, target: Target, headers: dict[str, str]) -> int:
         stream_id = self.quic.get_next_available_stream_id()
-        fields = [(b":method", b"CONNECT"), (b":authority", target.authority.encode())]
-        fields += [(k.encode(), v.encode()) for k, v in headers.items()]
         self.flow_control.track(stream_id)
-        self.h3.send_headers(stream_id, fields)
+        self.h3.send_headers(stream_id, connect_request_fields(target, headers))
         self.scheduler.activate(stream_id)
         return stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
-        fields = [(b":status", str(status).encode())]
-        if status != 200 and reason:
-            fields.append((b"proxy-status", encode_proxy_status(reason).encode()))
         try:
-            self.h3.send_headers(stream_id, fields, end_stream=status != 200)
+            self.h3.send_headers(
+                stream_id, response_fields(status, reason), end_stream=status != 200
+            )
         except (H3Error, ValueError, AssertionError):
             return
         self.scheduler.activate(stream_id)

@@ -32,8 +32,7 @@ from .connect import (
     Target,
     decode_proxy_status,
     encode_proxy_status,
-    parse_target,
-    validate_headers,
+    parse_connect_request,
 )
 from .session import ResetReason, TunnelSession
 
@@ -172,28 +171,19 @@ class Http1TunnelSession(TunnelSession):
             return self._reject(status, f"malformed request: {exc}")
         if not isinstance(event, h11.Request):
             return []
-        if event.method != b"CONNECT":
-            method = event.method.decode("ascii", "replace")
-            return self._reject(400, f"method {method!r} is not CONNECT")
-        extra: dict[str, str] = {}
-        for raw_name, raw_value in event.headers:
-            name = bytes(raw_name).decode("ascii", "replace")
-            if name == "host":
-                continue
-            if name in extra:
-                return self._reject(400, f"header {name!r} is given twice")
-            extra[name] = bytes(raw_value).decode("utf-8", "replace")
+        # The request line in HTTP/2 form; Host repeats the target and is left out.
+        fields = [(b":method", bytes(event.method)), (b":authority", bytes(event.target))]
+        fields += [(bytes(n), bytes(v)) for n, v in event.headers if bytes(n) != b"host"]
         try:
-            target = parse_target(bytes(event.target).decode("ascii"))
-            headers = validate_headers(extra)
-        except (TunnelUsageError, UnicodeDecodeError) as exc:
+            request = parse_connect_request(fields)
+        except TunnelUsageError as exc:
             return self._reject(400, str(exc))
         try:
             self._h11.next_event()  # EndOfMessage: CONNECT carries no body
         except h11.RemoteProtocolError as exc:
             return self._reject(400, f"malformed request: {exc}")
         self._state = _State.REQUESTED
-        return [events.StreamRequested(STREAM_ID, target, headers)]
+        return [events.StreamRequested(STREAM_ID, request.target, request.headers)]
 
     def _client_events(self) -> list[events.TunnelEvent]:
         if self._state is not _State.REQUESTED:

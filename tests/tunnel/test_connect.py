@@ -14,9 +14,12 @@ from quicmesh.tunnel.connect import (
     MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
     RESERVED_HEADERS,
+    ConnectRequest,
     Target,
+    connect_request_fields,
     decode_proxy_status,
     encode_proxy_status,
+    parse_connect_request,
     parse_target,
     validate_headers,
 )
@@ -176,3 +179,63 @@ def test_a_target_is_its_authority_string_with_its_parts(text: str, host: str, p
     assert pickle.loads(pickle.dumps(target)) == target
     assert pickle.loads(pickle.dumps(target)).port == port
     assert repr(target) == f"Target({host!r}, {port})"
+
+
+# -- the one CONNECT request parser (every session's) ----------------------------------
+
+targets = st.one_of(
+    st.builds(Target, host_names, ports),
+    st.builds(lambda a, p: Target(str(a), p), st.ip_addresses(), ports),
+)
+
+
+@given(targets, st.dictionaries(header_names, header_values, max_size=8))
+def test_a_connect_request_round_trips(target: Target, headers: dict[str, str]) -> None:
+    request = parse_connect_request(connect_request_fields(target, headers))
+    assert request == ConnectRequest(target, headers)
+    assert (request.target.host, request.target.port) == (target.host, target.port)
+
+
+field_names = st.one_of(
+    st.sampled_from([b":method", b":authority", b":path", b":scheme", b":protocol", b"host"]),
+    st.binary(max_size=12),
+)
+
+
+@given(st.lists(st.tuples(field_names, st.binary(max_size=30)), max_size=8))
+def test_any_field_list_is_a_request_or_one_usage_error(fields: list[tuple[bytes, bytes]]) -> None:
+    try:
+        request = parse_connect_request(fields)
+    except TunnelUsageError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        names = [name for name, _ in fields]
+        assert names.count(b":method") == 1 and (b":method", b"CONNECT") in fields
+        assert len(set(names)) == len(names)
+        assert not {b":path", b":scheme", b":protocol"} & set(names)
+        assert parse_target(request.target.authority) == request.target
+        assert validate_headers(request.headers) == request.headers
+
+
+CONNECT = [(b":method", b"CONNECT"), (b":authority", b"a.svc:80")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([(b":method", b"GET"), (b":authority", b"a.svc:80")], "method 'GET' is not CONNECT"),
+        ([(b":authority", b"a.svc:80")], "method None is not CONNECT"),
+        ([*CONNECT, (b":path", b"/")], "extended CONNECT is not supported"),
+        ([*CONNECT, (b":authority", b"b.svc:80")], "header ':authority' is given twice"),
+        ([*CONNECT, (b"x-a", b"1"), (b"x-a", b"2")], "header 'x-a' is given twice"),
+        ([(b":method", b"CONNECT"), (b":authority", b"10.0.0.999:80")], "target '10.0.0.999:80'"),
+        ([(b":method", b"CONNECT")], "target is empty"),
+        ([*CONNECT, (b"connection", b"close")], "header 'connection' is reserved"),
+    ],
+)
+def test_a_bad_connect_request_is_refused_with_its_reason(
+    fields: list[tuple[bytes, bytes]], reason: str
+) -> None:
+    with pytest.raises(TunnelUsageError) as refused:
+        parse_connect_request(fields)
+    assert str(refused.value).startswith(reason)
