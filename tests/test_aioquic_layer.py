@@ -764,7 +764,7 @@ def test_finished_streams_leave_no_session_state() -> None:
         assert side.session is not None
         assert not [s for s in side.quic._streams if s % 4 == 0]
         assert not side.session.flow_control._streams
-        assert not side.session._headers_done
+        assert not side.session._streams
 
 
 # -- 8. an Initial without CRYPTO ------------------------------------------------------

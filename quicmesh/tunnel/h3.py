@@ -49,6 +49,26 @@ def _is_request_stream(stream_id: int) -> bool:
     return stream_id % 4 == 0
 
 
+class _Stream:
+    """What the session keeps about one request stream (aioquic keeps the rest).
+
+    One record per stream, dropped in one place when aioquic discards the stream
+    (:meth:`H3TunnelSession._on_discarded`) or the connection ends.
+    """
+
+    __slots__ = ("aborted", "headers_done", "refused", "stopped_reading")
+
+    def __init__(self) -> None:
+        self.headers_done = False
+        """The request's (or response's) HEADERS were read: DATA is the flow's bytes."""
+        self.stopped_reading = False
+        """We sent STOP_SENDING H3_NO_ERROR: the peer's answering reset is expected."""
+        self.refused = False
+        """Refused undecoded (header section too large): whatever still comes is dropped."""
+        self.aborted = False
+        """Reset, by us or the peer, and reported: nothing more is reported for it."""
+
+
 class H3TunnelSession(TunnelSession):
     """CONNECT tunnels over one HTTP/3 connection.
 
@@ -73,20 +93,22 @@ class H3TunnelSession(TunnelSession):
         self.max_field_section_size = max_field_section_size
         self.sections_refused = 0
         """Header sections refused, undecoded, for their decoded size."""
-        self._refused: set[int] = set()
         self.is_client = quic.configuration.is_client
         self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
         self.scheduler = _aioquic.ActiveStreamScheduler(quic, on_discard=self._on_discarded)
         self._h3: _aioquic.MeshH3Connection | None = None
-        self._headers_done: set[int] = set()
-        self._stopped_reading: set[int] = set()
+        self._streams: dict[int, _Stream] = {}
+
+    def _stream(self, stream_id: int) -> _Stream:
+        record = self._streams.get(stream_id)
+        if record is None:
+            record = self._streams[stream_id] = _Stream()
+        return record
 
     def _on_discarded(self, stream_id: int) -> None:
         """aioquic dropped the finished stream: drop what the session kept about it."""
         self.flow_control.forget(stream_id)
-        self._headers_done.discard(stream_id)
-        self._stopped_reading.discard(stream_id)
-        self._refused.discard(stream_id)
+        self._streams.pop(stream_id, None)
 
     @property
     def h3(self) -> _aioquic.MeshH3Connection:
@@ -100,6 +122,7 @@ class H3TunnelSession(TunnelSession):
     def handle_quic_event(self, event: quic_events.QuicEvent) -> list[events.TunnelEvent]:
         """Process one QUIC event and return the tunnel events it caused."""
         if isinstance(event, quic_events.ConnectionTerminated):
+            self._streams.clear()
             return [events.ConnectionTerminated(event.error_code, event.reason_phrase)]
         if isinstance(event, quic_events.ProtocolNegotiated | quic_events.HandshakeCompleted):
             self.h3  # noqa: B018 - creates the control streams as early as possible
@@ -118,10 +141,11 @@ class H3TunnelSession(TunnelSession):
         stream_id = event.stream_id
         if not _is_request_stream(stream_id):
             return self._to_tunnel_events(self.h3.handle_event(event))
-        if stream_id in self._refused:
+        record = self._stream(stream_id)
+        if record.refused or record.aborted:
             return []  # in flight before the peer saw our reset
         self.flow_control.track(stream_id)
-        if stream_id not in self._headers_done:
+        if not record.headers_done:
             pending = self.flow_control.delivered_bytes(stream_id) + len(event.data)
             if pending > MAX_HEADER_STREAM_BYTES:
                 return self._reject_oversized(stream_id)
@@ -130,7 +154,7 @@ class H3TunnelSession(TunnelSession):
         except _aioquic.FieldSectionTooLarge as exc:
             # Refused before decoding: nothing of the block was expanded.
             self.sections_refused += 1
-            self._refused.add(stream_id)
+            record.refused = True
             self.h3.abandon_stream(stream_id)
             return self._reject_oversized(stream_id, str(exc))
         result = self._to_tunnel_events(h3_events_)
@@ -142,6 +166,7 @@ class H3TunnelSession(TunnelSession):
         self, stream_id: int, why: str = "request header section too large"
     ) -> list[events.TunnelEvent]:
         self.flow_control.forget(stream_id)
+        self._stream(stream_id).aborted = True
         code = (
             H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
         )
@@ -157,18 +182,21 @@ class H3TunnelSession(TunnelSession):
         self.h3.handle_event(event)
         if not _is_request_stream(stream_id):
             return []
+        record = self._stream(stream_id)
+        if record.aborted:
+            return []  # reported once: a reset and a STOP_SENDING both arrive
         if (
             isinstance(event, quic_events.StopSendingReceived)
             and event.error_code == H3ErrorCode.H3_NO_ERROR
         ):
             # RFC 9114 4.1.1: the peer wants no more request bytes but still sends its own.
             return [events.PeerStoppedReading(stream_id)]
-        if isinstance(event, quic_events.StreamReset) and stream_id in self._stopped_reading:
+        if isinstance(event, quic_events.StreamReset) and record.stopped_reading:
             # The peer's answer to our STOP_SENDING (RFC 9000 3.5): its direction is
             # over, which we asked for; ours carries on.
             return []
         self.flow_control.forget(stream_id)
-        self._headers_done.discard(stream_id)
+        record.aborted = True
         # A reset, or a request to stop sending, aborts the whole flow.
         self._abort_stream(stream_id, event.error_code)
         return [
@@ -184,17 +212,18 @@ class H3TunnelSession(TunnelSession):
         for ev in h3_evs:
             if isinstance(ev, h3_events.HeadersReceived):
                 result.extend(self._on_headers(ev))
-            elif isinstance(ev, h3_events.DataReceived) and ev.stream_id in self._headers_done:
+            elif isinstance(ev, h3_events.DataReceived) and self._delivers(ev.stream_id):
                 result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
         return result
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
         stream_id = ev.stream_id
-        if stream_id in self._headers_done:
+        record = self._stream(stream_id)
+        if record.headers_done:
             # Trailers end the stream; a tunnel carries none, so they only mark FIN.
             return [events.DataReceived(stream_id, b"", True)] if ev.stream_ended else []
         if not self.is_client:
-            self._headers_done.add(stream_id)
+            record.headers_done = True
             try:
                 request = parse_connect_request(ev.headers)
             except TunnelUsageError as exc:
@@ -207,7 +236,7 @@ class H3TunnelSession(TunnelSession):
             status_text = fields.get(b":status", b"").decode("ascii", "replace")
             if status_text.startswith("1"):
                 return []
-            self._headers_done.add(stream_id)
+            record.headers_done = True
             status = int(status_text) if status_text.isdigit() else 502
             proxy_status = fields.get(b"proxy-status")
             reason = decode_proxy_status(
@@ -217,6 +246,10 @@ class H3TunnelSession(TunnelSession):
         if ev.stream_ended:
             result.append(events.DataReceived(stream_id, b"", True))
         return result
+
+    def _delivers(self, stream_id: int) -> bool:
+        record = self._streams.get(stream_id)
+        return record is not None and record.headers_done and not record.aborted
 
     def _reject(self, stream_id: int, status: int, reason: str) -> list[events.TunnelEvent]:
         self.respond(stream_id, status, reason)
@@ -247,16 +280,22 @@ class H3TunnelSession(TunnelSession):
             self.flow_control.forget(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        record = self._streams.get(stream_id)
+        if (record is not None and record.aborted) or not _aioquic.stream_is_open(
+            self.quic, stream_id
+        ):
+            return  # reset (or reset and gone): nothing more goes out, as over HTTP/2 and 1.1
         self.h3.send_data(stream_id, data, end_stream)
         self.scheduler.activate(stream_id)
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
         self.flow_control.forget(stream_id)
+        self._stream(stream_id).aborted = True
         self._abort_stream(stream_id, _RESET_CODES[reason])
 
     def stop_reading(self, stream_id: int) -> None:
         self.flow_control.forget(stream_id)
-        self._stopped_reading.add(stream_id)
+        self._stream(stream_id).stopped_reading = True
         if _aioquic.stream_is_open(self.quic, stream_id):
             with contextlib.suppress(ValueError):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
