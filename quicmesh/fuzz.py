@@ -7,7 +7,8 @@ error its API documents, and fails (a crash) on anything else:
 
 * ``connect``: a CONNECT request's target and header fields
   (:func:`~quicmesh.tunnel.connect.parse_target`,
-  :func:`~quicmesh.tunnel.connect.validate_headers`, used by all three sessions);
+  :func:`~quicmesh.tunnel.connect.validate_headers` and
+  :func:`~quicmesh.tunnel.connect.parse_connect_request`, used by all three sessions);
 * ``h3``: an HTTP/3 request stream and the QPACK encoder stream, into the server
   side of an :class:`~quicmesh.tunnel.h3.H3TunnelSession` over a real in-memory
   QUIC connection (aioquic, handshake done once);
@@ -63,17 +64,25 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 
 def fuzz_connect(data: bytes) -> None:
     """Target and header lines of a CONNECT request."""
-    from .errors import InvalidTarget
-    from .tunnel.connect import parse_target, validate_headers
+    from .errors import TunnelUsageError
+    from .tunnel.connect import parse_connect_request, parse_target, validate_headers
 
     text = data.decode("utf-8", "surrogateescape")
     target, _, rest = text.partition("\n")
     headers: dict[str, str] = {}
+    fields = [(b":method", b"CONNECT"), (b":authority", target.encode("utf-8", "surrogateescape"))]
     for line in rest.split("\n"):
         name, _, value = line.partition(":")
         headers[name] = value
-    for call in (lambda: parse_target(target), lambda: validate_headers(headers)):
-        with contextlib.suppress(InvalidTarget):
+        fields.append(
+            (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        )
+    for call in (
+        lambda: parse_target(target),
+        lambda: validate_headers(headers),
+        lambda: parse_connect_request(fields),
+    ):
+        with contextlib.suppress(TunnelUsageError):
             call()
 
 

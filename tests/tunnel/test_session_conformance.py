@@ -24,10 +24,9 @@ from collections.abc import Callable
 import pytest
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from h2.errors import ErrorCodes as H2ErrorCodes
 
-from quicmesh import _aioquic
+from quicmesh._aioquic import MeshQuicConnection
 from quicmesh.tls import DevCA
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import Target, parse_target
@@ -156,12 +155,12 @@ class H3Pair(Pair):
     def __init__(self, max_streams: int = 128) -> None:
         super().__init__()
         self.now = 1000.0
-        client_quic = QuicConnection(configuration=self._configuration(is_client=True))
-        server_quic = QuicConnection(
+        client_quic = MeshQuicConnection(configuration=self._configuration(is_client=True))
+        server_quic = MeshQuicConnection(
             configuration=self._configuration(is_client=False),
             original_destination_connection_id=client_quic.original_destination_connection_id,
+            max_streams=max_streams,
         )
-        _aioquic.limit_peer_streams(server_quic, max_streams)
         self.client = self.h3_client = H3TunnelSession(client_quic)
         self.server = self.h3_server = H3TunnelSession(server_quic)
         client_quic.connect(self.SERVER_ADDR, now=self.now)
