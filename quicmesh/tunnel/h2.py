@@ -74,14 +74,44 @@ _RESET_CODES = {
 }
 
 
-class _Outbound:
-    """Bytes the application queued on one stream, not yet framed."""
+class _Stream:
+    """What the session keeps about one stream, in one record dropped in one place
+    (:meth:`H2TunnelSession._forget`, or once both directions are over)."""
 
-    __slots__ = ("buffer", "end_stream")
+    __slots__ = (
+        "blocked",
+        "buffer",
+        "discarding",
+        "end_stream",
+        "input_ended",
+        "open",
+        "queued",
+        "remote_ended",
+        "sending",
+        "unread",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, open_: bool = False) -> None:
+        self.sending = True
+        """We may still send: bytes queued, or the END_STREAM still to come."""
         self.buffer = bytearray()
+        """Bytes the application queued, not yet framed."""
         self.end_stream = False
+        """The application's half-close, sent after the buffer."""
+        self.queued = False
+        """In the round-robin queue of streams with something to frame."""
+        self.blocked = False
+        """Out of flow-control window: waits for the peer's WINDOW_UPDATE."""
+        self.open = open_
+        """CONNECT accepted (200 sent or received): the peer's DATA is the flow's."""
+        self.unread = 0
+        """Bytes delivered that the application has not read (not yet credited)."""
+        self.discarding = False
+        """The application stopped reading: the peer's bytes are credited and dropped."""
+        self.remote_ended = False
+        """The peer sent END_STREAM while we were still sending."""
+        self.input_ended = False
+        """The peer's END_STREAM arrived."""
 
 
 class H2TunnelSession(TunnelSession):
@@ -129,14 +159,9 @@ class H2TunnelSession(TunnelSession):
         """True once the peer's SETTINGS arrived: its preface is in and it accepted us."""
         self.closed = False
         """True once the connection is closed (GOAWAY sent or received, or a protocol error)."""
-        self._outbound: dict[int, _Outbound] = {}
+        self._streams: dict[int, _Stream] = {}
         self._ready: deque[int] = deque()
-        self._queued: set[int] = set()
-        self._blocked: set[int] = set()
-        self._unread: dict[int, int] = {}
-        self._open: set[int] = set()
-        self._discarding: set[int] = set()
-        self._remote_ended: set[int] = set()
+        """Streams with something to frame, in round-robin order."""
 
     # -- the byte-stream interface ------------------------------------------------
 
@@ -202,8 +227,8 @@ class H2TunnelSession(TunnelSession):
         framed = 0
         while self._ready and framed < budget and not self.closed:
             stream_id = self._ready[0]
-            outbound = self._outbound.get(stream_id)
-            if outbound is None:
+            stream = self._streams.get(stream_id)
+            if stream is None or not stream.sending:
                 self._unqueue()
                 continue
             try:
@@ -211,33 +236,33 @@ class H2TunnelSession(TunnelSession):
             except h2.exceptions.H2Error:
                 self._drop_outbound(stream_id)
                 continue
-            size = min(len(outbound.buffer), window, self.h2.max_outbound_frame_size, SEND_QUANTUM)
-            if size <= 0 and outbound.buffer:
+            size = min(len(stream.buffer), window, self.h2.max_outbound_frame_size, SEND_QUANTUM)
+            if size <= 0 and stream.buffer:
                 if self.h2.outbound_flow_control_window <= 0:
                     break  # the whole connection waits for WINDOW_UPDATE
                 self._unqueue()
-                self._blocked.add(stream_id)
+                stream.blocked = True
                 continue
             self._ready.popleft()
-            chunk = bytes(outbound.buffer[:size])
-            del outbound.buffer[:size]
-            end_stream = outbound.end_stream and not outbound.buffer
+            chunk = bytes(stream.buffer[:size])
+            del stream.buffer[:size]
+            end_stream = stream.end_stream and not stream.buffer
             try:
                 self.h2.send_data(stream_id, chunk, end_stream=end_stream)
             except h2.exceptions.H2Error:
-                self._queued.discard(stream_id)
+                stream.queued = False
                 self._drop_outbound(stream_id)
                 continue
             framed += size
             if end_stream:
-                self._queued.discard(stream_id)
-                del self._outbound[stream_id]
-                self._remote_ended.discard(stream_id)
+                stream.queued = False
+                stream.sending = stream.remote_ended = False
                 self._release_if_done(stream_id)
-            elif outbound.buffer:
+                self._drop_if_over(stream_id)
+            elif stream.buffer:
                 self._ready.append(stream_id)
             else:
-                self._queued.discard(stream_id)
+                stream.queued = False
         return self.h2.data_to_send()
 
     # -- input -------------------------------------------------------------------
@@ -258,7 +283,7 @@ class H2TunnelSession(TunnelSession):
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self.peer_settings_received = True
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for stream_id in list(self._blocked):
+                for stream_id in [i for i, s in self._streams.items() if s.blocked]:
                     self._on_window_updated(stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close_all()
@@ -274,20 +299,24 @@ class H2TunnelSession(TunnelSession):
         padding = (event.flow_controlled_length or 0) - len(data)
         if padding > 0:
             self._acknowledge(stream_id, padding)
-        if stream_id not in self._open or stream_id in self._discarding:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.open or stream.discarding:
             self._acknowledge(stream_id, len(data))
             return []
         if not data:
             return []
-        self._unread[stream_id] = self._unread.get(stream_id, 0) + len(data)
+        stream.unread += len(data)
         return [events.DataReceived(stream_id, data)]
 
     def _on_stream_ended(self, stream_id: int | None) -> list[events.TunnelEvent]:
         assert stream_id is not None
-        if stream_id not in self._open or stream_id in self._discarding:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.open or stream.discarding:
             return []
-        if stream_id in self._outbound:
-            self._remote_ended.add(stream_id)
+        stream.input_ended = True
+        if stream.sending:
+            stream.remote_ended = True
+        self._drop_if_over(stream_id)
         return [events.DataReceived(stream_id, b"", True)]
 
     def _on_request(self, event: h2.events.RequestReceived) -> list[events.TunnelEvent]:
@@ -297,8 +326,7 @@ class H2TunnelSession(TunnelSession):
             request = parse_connect_request((bytes(n), bytes(v)) for n, v in event.headers or [])
         except TunnelUsageError as exc:
             return self._reject(stream_id, 400, str(exc))
-        self._open.add(stream_id)
-        self._outbound[stream_id] = _Outbound()
+        self._streams[stream_id] = _Stream(open_=True)
         return [events.StreamRequested(stream_id, request.target, request.headers)]
 
     def _on_response(self, event: h2.events.ResponseReceived) -> list[events.TunnelEvent]:
@@ -314,7 +342,7 @@ class H2TunnelSession(TunnelSession):
                 proxy_status = bytes(raw_value).decode("utf-8", "replace")
         status = int(status_text) if status_text.isdigit() else 502
         if status == 200:
-            self._open.add(stream_id)
+            self._stream(stream_id).open = True
         else:
             # Refused: release the stream here too, in case the server does not.
             self._forget(stream_id)
@@ -325,18 +353,21 @@ class H2TunnelSession(TunnelSession):
         stream_id = event.stream_id
         assert stream_id is not None
         code = int(event.error_code) if event.error_code is not None else 0
-        if code == ErrorCodes.NO_ERROR and stream_id in self._remote_ended:
+        stream = self._streams.get(stream_id)
+        if code == ErrorCodes.NO_ERROR and stream is not None and stream.remote_ended:
             # RFC 9113 section 8.1: the peer sent all it had and needs nothing more
             # from us. Its bytes stay readable; ours are dropped.
             self._drop_outbound(stream_id)
-            self._open.discard(stream_id)
+            stream.open = False
+            self._drop_if_over(stream_id)
             return [events.PeerStoppedReading(stream_id)]
         self._forget(stream_id)
         return [events.StreamReset(stream_id, code, connect_error=code == ErrorCodes.CONNECT_ERROR)]
 
     def _on_window_updated(self, stream_id: int | None) -> None:
-        if stream_id and stream_id in self._blocked:
-            self._blocked.discard(stream_id)
+        stream = self._streams.get(stream_id) if stream_id is not None else None
+        if stream_id is not None and stream is not None and stream.blocked:
+            stream.blocked = False
             self._schedule(stream_id)
 
     def _reject(self, stream_id: int, status: int, reason: str) -> list[events.TunnelEvent]:
@@ -354,7 +385,7 @@ class H2TunnelSession(TunnelSession):
     def open_stream(self, target: Target, headers: dict[str, str]) -> int:
         stream_id = self.h2.get_next_available_stream_id()
         self.h2.send_headers(stream_id, connect_request_fields(target, headers))
-        self._outbound[stream_id] = _Outbound()
+        self._streams[stream_id] = _Stream()
         return stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
@@ -371,12 +402,12 @@ class H2TunnelSession(TunnelSession):
             self.stop_reading(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        outbound = self._outbound.get(stream_id)
-        if outbound is None or outbound.end_stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.sending or stream.end_stream:
             return
-        outbound.buffer += data
-        outbound.end_stream = end_stream
-        if outbound.buffer or end_stream:
+        stream.buffer += data
+        stream.end_stream = end_stream
+        if stream.buffer or end_stream:
             self._schedule(stream_id)
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
@@ -389,28 +420,28 @@ class H2TunnelSession(TunnelSession):
         HTTP/2 has no STOP_SENDING: once our own side has ended, the stream is
         reset with NO_ERROR so the peer stops and the stream is released.
         """
-        self._discarding.add(stream_id)
-        self._acknowledge(stream_id, self._unread.pop(stream_id, 0))
+        stream = self._stream(stream_id)
+        stream.discarding = True
+        self._acknowledge(stream_id, stream.unread)
+        stream.unread = 0
         self._release_if_done(stream_id)
 
     def data_consumed(self, stream_id: int, amount: int) -> bool:
-        unread = self._unread.get(stream_id, 0)
-        amount = min(amount, unread)
-        if amount <= 0:
+        stream = self._streams.get(stream_id)
+        amount = min(amount, stream.unread if stream is not None else 0)
+        if stream is None or amount <= 0:
             return False
-        if unread > amount:
-            self._unread[stream_id] = unread - amount
-        else:
-            del self._unread[stream_id]
+        stream.unread -= amount
         self._acknowledge(stream_id, amount)
+        self._drop_if_over(stream_id)
         return True
 
     def unsent_bytes(self, stream_id: int) -> int:
-        outbound = self._outbound.get(stream_id)
-        return len(outbound.buffer) if outbound is not None else 0
+        stream = self._streams.get(stream_id)
+        return len(stream.buffer) if stream is not None and stream.sending else 0
 
     def is_idle(self) -> bool:
-        return not self._outbound and not (
+        return not any(s.sending for s in self._streams.values()) and not (
             self.h2.open_outbound_streams + self.h2.open_inbound_streams
         )
 
@@ -423,34 +454,61 @@ class H2TunnelSession(TunnelSession):
 
     # -- internals -----------------------------------------------------------------
 
+    def _stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._streams[stream_id] = _Stream()
+            stream.sending = False
+        return stream
+
     def _schedule(self, stream_id: int) -> None:
-        if stream_id not in self._queued and stream_id not in self._blocked:
-            self._queued.add(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.queued and not stream.blocked:
+            stream.queued = True
             self._ready.append(stream_id)
 
     def _unqueue(self) -> None:
-        self._queued.discard(self._ready.popleft())
+        stream = self._streams.get(self._ready.popleft())
+        if stream is not None:
+            stream.queued = False
 
     def _drop_outbound(self, stream_id: int) -> None:
-        self._outbound.pop(stream_id, None)
-        self._remote_ended.discard(stream_id)
-        self._blocked.discard(stream_id)
-        if stream_id in self._queued:
-            self._queued.discard(stream_id)
+        """Nothing more goes out on the stream: drop what is queued."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.sending = stream.remote_ended = stream.blocked = False
+        stream.buffer.clear()
+        if stream.queued:
+            stream.queued = False
             self._ready.remove(stream_id)
 
     def _forget(self, stream_id: int) -> None:
+        """Drop the stream's record, crediting what the application never read."""
         self._drop_outbound(stream_id)
-        self._open.discard(stream_id)
-        self._discarding.discard(stream_id)
-        self._acknowledge(stream_id, self._unread.pop(stream_id, 0))
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._acknowledge(stream_id, stream.unread)
+
+    def _drop_if_over(self, stream_id: int) -> None:
+        """Drop the record once both directions are over and everything was read."""
+        stream = self._streams.get(stream_id)
+        if (
+            stream is not None
+            and not stream.sending
+            and not stream.discarding
+            and stream.unread == 0
+            and (stream.input_ended or not stream.open)
+        ):
+            del self._streams[stream_id]
 
     def _release_if_done(self, stream_id: int) -> None:
         """Reset a stream we stopped reading once our own side has ended."""
-        if stream_id in self._discarding and stream_id not in self._outbound:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.discarding and not stream.sending:
             self._forget(stream_id)
-            stream = self.h2.streams.get(stream_id)
-            if stream is not None and not stream.closed:
+            h2_stream = self.h2.streams.get(stream_id)
+            if h2_stream is not None and not h2_stream.closed:
                 self._send_reset(stream_id, ErrorCodes.NO_ERROR)
 
     def _send_reset(self, stream_id: int, code: int) -> None:
@@ -465,9 +523,5 @@ class H2TunnelSession(TunnelSession):
 
     def _close_all(self) -> None:
         self.closed = True
-        self._outbound.clear()
+        self._streams.clear()
         self._ready.clear()
-        self._queued.clear()
-        self._blocked.clear()
-        self._unread.clear()
-        self._remote_ended.clear()

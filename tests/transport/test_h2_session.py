@@ -181,6 +181,32 @@ def test_stop_reading_discards_input_and_releases_the_stream() -> None:
     assert client.unsent_bytes(stream_id) == 0
 
 
+@pytest.mark.parametrize("how", ["both-ends", "reset", "refused", "peer-stopped-reading"])
+def test_finished_streams_leave_no_session_state(how: str) -> None:
+    # One record per stream, dropped in one place: nothing is left once streams end.
+    client, server = connected_pair()
+    for _ in range(20):
+        if how == "refused":
+            stream_id = client.open_stream(TARGET, {})
+            exchange(client, server)
+            server.respond(stream_id, 403, "no")
+            exchange(client, server)
+            continue
+        stream_id = open_tunnel(client, server)
+        client.send_data(stream_id, b"ping" * 1000, end_stream=how == "both-ends")
+        server.send_data(stream_id, b"pong" * 1000, end_stream=how != "reset")
+        client_events, server_events = exchange(client, server)
+        if how == "reset":
+            client.reset_stream(stream_id, ResetReason.CANCELLED)
+        elif how == "peer-stopped-reading":
+            server.stop_reading(stream_id)  # its side ended: RST_STREAM NO_ERROR
+        for session, evs in ((client, client_events), (server, server_events)):
+            session.data_consumed(stream_id, len(payload_of(evs, stream_id)))
+        exchange(client, server)
+    assert not client._streams and not server._streams
+    assert client.is_idle() and server.is_idle()
+
+
 def test_stream_limit_is_respected() -> None:
     client = H2TunnelSession(is_client=True)
     server = H2TunnelSession(is_client=False, max_streams=2)
