@@ -562,6 +562,20 @@ fn drain_ready(recv: &mut RecvStream, first: Bytes, max: usize) -> (Vec<Bytes>, 
     (chunks, false)
 }
 
+/// The UDP buffer size asked for (the kernel caps it at net.core.rmem_max / wmem_max).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// Bind a UDP socket with large kernel buffers: the default (about 208 KiB) overflows under a
+/// segmentation-offload burst, and every datagram dropped there is a loss to recovery.
+pub fn bind_udp(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    let tuned = socket2::Socket::from(socket);
+    // Best effort: a smaller buffer than asked for is not an error.
+    let _ = tuned.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = tuned.set_send_buffer_size(UDP_BUFFER_BYTES);
+    Ok(tuned.into())
+}
+
 /// Resolve `host:port` (numeric addresses only: quicmesh resolves names before connecting).
 pub fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, String> {
     let ip: std::net::IpAddr = host
@@ -653,6 +667,13 @@ mod tests {
             ..Default::default()
         };
         assert!(good.build().is_ok());
+    }
+
+    #[test]
+    fn udp_buffers_are_raised() {
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let size = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        assert!(size > 212_992, "{size}");
     }
 
     #[test]

@@ -304,7 +304,7 @@ impl Endpoint {
         // Check the client side builds now, so a bad identity fails at bind, not at connect.
         client_crypto(None).map_err(config_error)?;
 
-        let socket = std::net::UdpSocket::bind(address)
+        let socket = engine::bind_udp(address)
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
@@ -586,7 +586,7 @@ impl Endpoint {
     /// (its peer validates the new path, RFC 9000 section 9). Returns the new local address.
     fn rebind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
-        let socket = std::net::UdpSocket::bind(address)
+        let socket = engine::bind_udp(address)
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
