@@ -26,8 +26,8 @@ import yaml
 
 from .. import duration
 from ..congestion.host import default_congestion_control
-from ..errors import ConfigError
-from ..tunnel.connect import Target, parse_authority, parse_port, parse_target
+from ..errors import ConfigError, InvalidTarget
+from ..tunnel.connect import Target, parse_authority, parse_host_name, parse_port, parse_target
 from .accesslog import parse_log_format
 
 Address = tuple[str, int]
@@ -49,7 +49,6 @@ OUTBOUND_POLICIES = ("registry_only", "passthrough")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-_HOST = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
 
 
 # -- the configuration --------------------------------------------------------
@@ -521,9 +520,12 @@ def parse_destination(text: str) -> DestinationRule:
     try:
         network = ipaddress.ip_network(host, strict=False)
     except ValueError:
-        if "/" in host or not _HOST.match(host):
+        try:
+            # The tunnel's host-name grammar: a rule no CONNECT target can match
+            # (10.0.0.999, a_b.svc) is refused here rather than loaded.
+            name = parse_host_name(host).rstrip(".")
+        except InvalidTarget:
             raise ValueError(f"{host!r} is not a host name, IP address or CIDR block") from None
-        name = host.lower().rstrip(".")
     return DestinationRule(text=text, host=name, network=network, port=port)
 
 

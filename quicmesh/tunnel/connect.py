@@ -152,6 +152,14 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_host_name(host: str) -> str:
+    """A DNS host name as :func:`parse_authority` reads it: lower-cased, RFC 1123
+    labels, the last one not all digits; InvalidTarget says what is wrong."""
+    host = host.lower()
+    _check_host_name(host)
+    return host
+
+
 def _check_host_name(host: str) -> None:
     name = host[:-1] if host.endswith(".") else host
     if len(name) > 253 or not name:

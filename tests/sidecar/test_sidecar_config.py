@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from quicmesh.errors import ConfigError
 from quicmesh.sidecar.config import (
     SidecarConfig,
+    destination_matches,
     load_config,
     load_endpoints_file,
     parse_address,
     parse_config,
+    parse_destination,
     parse_duration,
 )
 from quicmesh.tunnel.connect import parse_target
@@ -403,3 +405,16 @@ def test_an_address_parses_exactly_when_the_tunnel_would_accept_it(text: str) ->
 def test_an_address_the_tunnel_refuses_is_refused(address: str) -> None:
     with pytest.raises(ValueError):
         parse_address(address)
+
+
+@pytest.mark.parametrize("rule", ["10.0.0.999:80", "a_b.svc:*", "1.2.3:443", "-x.svc:80"])
+def test_a_destination_no_target_can_match_is_refused(rule: str) -> None:
+    with pytest.raises(ValueError, match=r"is not a host name, IP address or CIDR block$"):
+        parse_destination(rule)
+
+
+def test_a_destination_name_is_read_like_a_target_host() -> None:
+    rule = parse_destination("Reviews.Default.svc.:9080")
+    assert (rule.host, rule.port) == ("reviews.default.svc", 9080)
+    target = parse_target("reviews.default.svc:9080")
+    assert destination_matches(rule, target.host, target.port)
