@@ -140,19 +140,21 @@ async def _serve_mesh(
 ) -> MeshQuicServer:
     """aioquic's ``serve`` with :class:`MeshQuicConnection` connections."""
 
-    def accept(original_cid: bytes | None, retry_source_cid: bytes | None) -> MeshQuicConnection:
-        return MeshQuicConnection(
+    def accept(
+        original_cid: bytes | None, retry_source_cid: bytes | None
+    ) -> tuple[MeshQuicConnection, Any]:
+        quic = MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_cid,
             retry_source_connection_id=retry_source_cid,
             fetch_ticket=session_ticket_fetcher,
             on_ticket_issued=session_ticket_handler,
         )
+        return quic, create_protocol(quic)
 
     _, server = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: MeshQuicServer(
             configuration=configuration,
-            create_protocol=create_protocol,
             accept=accept,
             retry=retry,
         ),

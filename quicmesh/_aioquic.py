@@ -36,7 +36,7 @@ name relied on is listed in ``tests/test_aioquic_canary.py``:
   aioquic's own round-robin order among them.
 * **Sender and limit state** (:func:`unsent_bytes`, :func:`can_open_bidi_stream`,
   :func:`connection_stats`): read-only views aioquic keeps private.
-* **Session tickets and 0-RTT on the server** (:meth:`MeshQuicConnection.configure_tickets`):
+* **Session tickets and 0-RTT on the server** (``fetch_ticket``, ``on_ticket_issued``):
   aioquic's ticket fetcher and handler are set once per server; we set them per
   connection so that each ticket is tied to the connection (and the identity)
   that issued or redeemed it. aioquic accepts 0-RTT whenever it accepts the
@@ -843,19 +843,6 @@ class MeshQuicConnection(QuicConnection):
 
     # -- attachments -------------------------------------------------------------
 
-    def configure_tickets(
-        self,
-        *,
-        fetch_ticket: Callable[[bytes], tls.SessionTicket | None] | None,
-        on_ticket_issued: Callable[[tls.SessionTicket], None] | None,
-        accept_early_data: bool = True,
-    ) -> None:
-        """(server, before the first datagram) Set the ticket hooks and 0-RTT policy
-        of step 2 (see the class docstring)."""
-        self._fetch_ticket = fetch_ticket
-        self._on_ticket_issued = on_ticket_issued
-        self._accept_early_data = accept_early_data
-
     def attach_flow_control(self, flow_control: ReadDrivenFlowControl) -> None:
         """Let ``flow_control`` drive the receive windows of the streams it tracks."""
         self.flow_control = flow_control
@@ -1081,7 +1068,9 @@ class MeshQuicConnection(QuicConnection):
         return can_open_bidi_stream(self)
 
     def peer_certificate(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
-        """See :func:`peer_certificate`."""
+        """See :func:`peer_certificate` (nothing before the TLS context exists)."""
+        if self.tls is None:
+            return None, []
         return peer_certificate(self)
 
     def resend_early_data(self, now: float) -> int:
@@ -1123,6 +1112,10 @@ class MeshQuicConnection(QuicConnection):
     def received_valid_packet(self) -> bool:
         """See :func:`received_valid_packet`."""
         return received_valid_packet(self)
+
+    def ticket_received(self, ticket: tls.SessionTicket) -> None:
+        """(client) Queue a ``SessionTicketReceived`` event for a NewSessionTicket."""
+        self._events.append(cast(Any, engine_events.SessionTicketReceived(ticket)))
 
     def pending_issued_connection_ids(self) -> list[bytes]:
         """See :func:`pending_issued_connection_ids`."""

@@ -61,15 +61,22 @@ class AioquicEngine:
         address: Address,
         *,
         wake: Callable[[], None] | None = None,
-        session_ticket_handler: Callable[..., None] | None = None,
         config: QuicConfiguration | None = None,
     ) -> MeshQuicConnection:
-        """A client connection (handshake not started: the driver calls ``connect``)."""
-        return MeshQuicConnection(
+        """A client connection (handshake not started: the driver calls ``connect``);
+        each ticket the server issues is a ``SessionTicketReceived`` event.
+
+        :param config: the aioquic configuration to use instead of one made from
+            ``limits`` and ``tls`` (the transport's, which follows ``set_identity``).
+        """
+        connection: list[MeshQuicConnection] = []
+        quic = MeshQuicConnection(
             configuration=config or configuration(limits, tls, is_client=True),
-            session_ticket_handler=session_ticket_handler,
+            session_ticket_handler=lambda ticket: connection[0].ticket_received(ticket),
             max_streams=limits.max_streams,
         )
+        connection.append(quic)
+        return quic
 
     def accept(
         self,
@@ -80,7 +87,10 @@ class AioquicEngine:
         retry_source_connection_id: bytes | None,
         config: QuicConfiguration | None = None,
     ) -> MeshQuicConnection:
-        """A server connection for a new client Initial; asks for a client certificate."""
+        """A server connection for a new client Initial; asks for a client certificate.
+
+        :param config: the listener's aioquic configuration (see :meth:`connect`).
+        """
         return MeshQuicConnection(
             configuration=config or configuration(limits, tls, is_client=False),
             original_destination_connection_id=original_destination_connection_id,

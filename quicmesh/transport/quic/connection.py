@@ -102,7 +102,6 @@ class QuicPeerConnection(SessionConnection):
     :param owns_socket: (client) close the socket when the connection ends.
     :param peer_address: (client) the address connected to (ticket cache key).
     :param ticket_identity: (client) the identity the offered ticket recorded.
-    :param accept_early_data: (server) serve 0-RTT streams of resumed sessions.
     """
 
     transport_name = "quic"
@@ -119,7 +118,6 @@ class QuicPeerConnection(SessionConnection):
         owns_socket: bool = False,
         peer_address: Address | None = None,
         ticket_identity: str | None = None,
-        accept_early_data: bool = True,
     ) -> None:
         h3_session = H3TunnelSession(
             quic, stream_window=options.stream_window, connection_window=options.connection_window
@@ -169,12 +167,6 @@ class QuicPeerConnection(SessionConnection):
             if self.is_client and options.rebind_after_ptos is not None
             else None
         )
-        if not self.is_client:
-            quic.configure_tickets(
-                fetch_ticket=self._redeem_ticket,
-                on_ticket_issued=self._issued_tickets.append,
-                accept_early_data=accept_early_data,
-            )
         self.failure: QuicmeshError | None = None
         """Why the connection never became established (refused, closed, unreachable)."""
         self.on_handshake_done: Callable[[QuicPeerConnection], None] | None = None
@@ -228,8 +220,6 @@ class QuicPeerConnection(SessionConnection):
     @property
     def peer_certificate(self) -> x509.Certificate | None:
         """The peer's certificate (None on a resumed session, which presents none)."""
-        if self.quic.tls is None:
-            return None
         certificate, _ = self.quic.peer_certificate()
         return certificate
 
@@ -621,7 +611,9 @@ class QuicPeerConnection(SessionConnection):
 
     # -- session tickets -----------------------------------------------------------------
 
-    def _redeem_ticket(self, label: bytes) -> SessionTicket | None:
+    def redeem_ticket(self, label: bytes) -> SessionTicket | None:
+        """(server, engine's ``fetch_ticket`` hook) The ticket a ClientHello offers,
+        taken from the store (single use), or None; records its identity."""
         record = self.options.ticket_store.redeem(label)
         if record is None:
             self._count("tickets_refused")
@@ -629,6 +621,10 @@ class QuicPeerConnection(SessionConnection):
         self._count("tickets_redeemed")
         self._resumed_identity = record.identity
         return record.ticket
+
+    def ticket_issued(self, ticket: SessionTicket) -> None:
+        """(server, engine's ``ticket_issued`` hook) Stored once the handshake completes."""
+        self._issued_tickets.append(ticket)
 
     def on_ticket_received(self, ticket: SessionTicket) -> None:
         """(client) A NewSessionTicket arrived: cache it with the server's identity."""
@@ -656,6 +652,9 @@ class QuicPeerConnection(SessionConnection):
         if isinstance(event, engine.PathAbandoned):
             logger.info("[%s] path validation to %s failed", self.log_id, event.addr)
             self._count("path_validations_failed")
+            return
+        if isinstance(event, engine.SessionTicketReceived):
+            self.on_ticket_received(event.ticket)
             return
         if isinstance(event, engine.PeerAddressChanged):
             logger.info("[%s] peer address changed to %s", self.log_id, event.addr)

@@ -323,6 +323,10 @@ class EngineConnection(Protocol):
     def change_connection_id(self) -> None:
         """Switch to the next connection ID the peer issued (before migrating)."""
 
+    def attach_stream_rate(self, bucket: Any) -> None:
+        """(server) Grant the peer new-stream credit (MAX_STREAMS) no faster than the
+        :class:`~quicmesh.transport._stream_rate.StreamRate` ``bucket`` allows."""
+
     def stats(self) -> dict[str, Any]:
         """The keys of :data:`ENGINE_STATS`."""
 
@@ -354,6 +358,10 @@ class DatagramConnection(EngineConnection, Protocol):
 
     def received_valid_packet(self) -> bool:
         """(server) Whether a packet has decrypted yet (admission drops it if not)."""
+
+    def pending_issued_connection_ids(self) -> list[bytes]:
+        """(server) Connection IDs just issued whose ``ConnectionIdIssued`` event is
+        still queued (the listener routes them at once)."""
 
 
 @runtime_checkable

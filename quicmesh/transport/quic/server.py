@@ -23,17 +23,18 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from ... import _aioquic
 from ..._aioquic import MeshQuicConnection
 
-Accept = Callable[[bytes | None, bytes | None], MeshQuicConnection]
-"""``accept(original_destination_cid, retry_source_cid)``: a new server connection."""
+Accept = Callable[[bytes | None, bytes | None], tuple[MeshQuicConnection, Any]]
+"""``accept(original_destination_cid, retry_source_cid)``: a new server connection
+and the protocol object (an asyncio datagram protocol) that drives it."""
 
 
 class MeshQuicServer(QuicServer):
     """aioquic's server with quicmesh's connections (see the module docstring).
 
-    :param accept: builds the connection for a new client Initial.
+    :param accept: builds the connection and its driver for a new client Initial.
     :param retry: answer every token-less Initial with a Retry (address validation).
     Other keyword arguments go to :class:`~aioquic.asyncio.server.QuicServer`
-    (``configuration``, ``create_protocol``).
+    (``configuration``).
     """
 
     def __init__(self, *, accept: Accept, retry: bool = False, **kwargs: Any) -> None:
@@ -95,8 +96,7 @@ class MeshQuicServer(QuicServer):
                 addr,
             )
             return
-        connection = self._accept(original_cid, retry_source_cid)
-        protocol = self._create_protocol(connection, stream_handler=None)
+        connection, protocol = self._accept(original_cid, retry_source_cid)
         protocol.connection_made(self._transport)
         protocol._connection_id_issued_handler = functools.partial(
             self._connection_id_issued, protocol=protocol

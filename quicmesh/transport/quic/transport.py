@@ -38,7 +38,6 @@ import asyncio
 import os
 import weakref
 from collections import Counter
-from typing import Any
 
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
@@ -284,22 +283,25 @@ class QuicTransport(Transport):
         accepted: weakref.WeakSet[QuicPeerConnection] = weakref.WeakSet()
 
         limits = self.engine_limits()
-        tls = EngineTls(identity=self.identity, trust=self.trust)
 
         def accept(
             original_cid: bytes | None, retry_source_cid: bytes | None
-        ) -> MeshQuicConnection:
-            return self.engine.accept(
+        ) -> tuple[MeshQuicConnection, QuicPeerConnection]:
+            driver: list[QuicPeerConnection] = []
+            tls = EngineTls(
+                identity=self.identity,
+                trust=self.trust,
+                fetch_ticket=lambda label: driver[0].redeem_ticket(label),
+                ticket_issued=lambda ticket: driver[0].ticket_issued(ticket),
+                accept_early_data=early_data,
+            )
+            quic = self.engine.accept(
                 limits,
                 tls,
                 original_destination_connection_id=original_cid,
                 retry_source_connection_id=retry_source_cid,
                 config=config,
             )
-
-        def create_protocol(
-            quic: MeshQuicConnection, stream_handler: Any = None
-        ) -> QuicPeerConnection:
             connection = QuicPeerConnection(
                 quic,
                 self.options(),
@@ -307,16 +309,15 @@ class QuicTransport(Transport):
                 handshake_failures=self.handshake_failures,
                 handler=handler,
                 authorize=authorize,
-                accept_early_data=early_data,
             )
+            driver.append(connection)
             accepted.add(connection)
-            return connection
+            return quic, connection
 
         try:
             _, server = await asyncio.get_running_loop().create_datagram_endpoint(
                 lambda: BatchingQuicServer(
                     configuration=config,
-                    create_protocol=create_protocol,
                     max_datagrams=self.receive_batch,
                     admission=self.admission,
                     counters=self.counters,
@@ -352,12 +353,10 @@ class QuicTransport(Transport):
         cached = self.ticket_cache.take(address) if early_data else None
         if cached is not None:
             config.session_ticket = cached.ticket
-        holder: list[QuicPeerConnection] = []
         quic = self.engine.connect(
             self.engine_limits(),
             EngineTls(identity=self.identity, trust=self.trust),
             address,
-            session_ticket_handler=lambda ticket: holder[0].on_ticket_received(ticket),
             config=config,
         )
         connection = QuicPeerConnection(
@@ -369,7 +368,6 @@ class QuicTransport(Transport):
             peer_address=address,
             ticket_identity=cached.identity if cached is not None else None,
         )
-        holder.append(connection)
         try:
             # Connected: the kernel then reports ICMP unreachable errors to the socket.
             udp, _ = await loop.create_datagram_endpoint(
