@@ -65,19 +65,21 @@ def test_native_client_and_aioquic_server() -> None:
         protocol.identities = identities
         return protocol
 
-    def accept(original_cid: bytes | None, retry_source_cid: bytes | None) -> MeshQuicConnection:
-        # quicmesh's aioquic connection: a server one asks for the client's certificate.
-        return MeshQuicConnection(
+    def accept(
+        original_cid: bytes | None, retry_source_cid: bytes | None
+    ) -> tuple[MeshQuicConnection, EchoProtocol]:
+        # quicmesh's aioquic connection, asking for the client's certificate.
+        quic = MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_cid,
             retry_source_connection_id=retry_source_cid,
+            request_client_certificate=True,
         )
+        return quic, create_protocol(quic)
 
     async def main() -> None:
         transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: MeshQuicServer(
-                configuration=configuration, create_protocol=create_protocol, accept=accept
-            ),
+            lambda: MeshQuicServer(configuration=configuration, accept=accept),
             local_addr=("127.0.0.1", 0),
         )
         try:
