@@ -41,11 +41,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pylsqpack
 
 from .. import DevCA, Identity, MeshStream, QuicTransport, _aioquic
+from ..errors import QuicmeshError
 from ..transport._stream_rate import DEFAULT_STREAM_RATE
 from ..tunnel.h3 import H3TunnelSession
 
@@ -313,17 +314,29 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
     from ..sidecar.launch import LOOPBACK, SidecarProcess
 
     app = await asyncio.start_server(echo_app, LOOPBACK, 0)
-    ports = DemoPorts(echo_app=app.sockets[0].getsockname()[1], http_app=1)
-    options = argparse.Namespace(transport="quic", congestion_control=None)
-    config_a, config_b = sidecar_configs(options, ports, str(workdir))
-    config_b["listeners"]["inbound"][0]["max_stream_rate"] = int(args.max_stream_rate or 1000000)
-    sidecar_b = SidecarProcess(f"sidecar-b-{probe}", config_b, workdir)
-    sidecar_a = SidecarProcess(f"sidecar-a-{probe}", config_a, workdir)
+    sidecars: list[SidecarProcess] = []
     try:
-        sidecar_b.start()
-        sidecar_a.start()
-        await asyncio.to_thread(sidecar_b.wait_ready)
-        await asyncio.to_thread(sidecar_a.wait_ready)
+        for attempt in range(3):
+            # free_port() numbers can be taken by another process before a sidecar
+            # binds them (a busy machine): start again with new ones.
+            ports = DemoPorts(echo_app=app.sockets[0].getsockname()[1], http_app=1)
+            options = argparse.Namespace(transport="quic", congestion_control=None)
+            config_a, config_b = sidecar_configs(options, ports, str(workdir))
+            inbound = config_b["listeners"]["inbound"][0]
+            inbound["max_stream_rate"] = int(args.max_stream_rate or 1000000)
+            sidecar_b = SidecarProcess(f"sidecar-b-{probe}-{attempt}", config_b, workdir)
+            sidecar_a = SidecarProcess(f"sidecar-a-{probe}-{attempt}", config_a, workdir)
+            sidecars += [sidecar_a, sidecar_b]
+            try:
+                sidecar_b.start()
+                sidecar_a.start()
+                await asyncio.to_thread(sidecar_b.wait_ready)
+                await asyncio.to_thread(sidecar_a.wait_ready)
+                break
+            except QuicmeshError:
+                _stop(sidecar_a, sidecar_b)
+                if attempt == 2:
+                    raise
         assert sidecar_b.process is not None
         pid = sidecar_b.process.pid
 
@@ -332,11 +345,16 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
 
         return await _probe_phases(probe, args, workdir, ports.tunnel_b, good)
     finally:
-        for sidecar in (sidecar_a, sidecar_b):
-            if sidecar.process is not None:
-                sidecar.process.kill()
-                sidecar.process.wait()
+        _stop(*sidecars)
         app.close()
+
+
+def _stop(*sidecars: Any) -> None:
+    for sidecar in sidecars:
+        if sidecar.process is not None and sidecar.process.poll() is None:
+            sidecar.process.kill()
+        if sidecar.process is not None:
+            sidecar.process.wait()
 
 
 async def _probe_phases(
