@@ -109,3 +109,30 @@ def packet_types(datagram: bytes) -> list[tuple[str, int]]:
 def zero_rtt_bytes(datagrams: list[bytes]) -> int:
     """Bytes of 0-RTT packets in ``datagrams``."""
     return sum(size for d in datagrams for kind, size in packet_types(d) if kind == "0rtt")
+
+
+# -- engines -------------------------------------------------------------------------
+
+QUIC_ENGINES = ["aioquic", "native"]
+"""The QUIC engines the engine-parametrised tests run on."""
+
+NATIVE_MISSING = (
+    "the native QUIC extension quicmesh._native is not built "
+    "(pip install -e . on a machine with Rust and cargo builds it)"
+)
+
+
+def require_engine(engine: str) -> None:
+    """Skip a native-engine case where the extension is not built (with the reason);
+    fail it instead under ``QUICMESH_REQUIRE_NATIVE=1`` (CI), as tests/native does."""
+    import os
+
+    import pytest
+
+    from quicmesh.transport.quic.native_engine import native_available
+
+    if engine != "native" or native_available():
+        return
+    if os.environ.get("QUICMESH_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"{NATIVE_MISSING}; QUICMESH_REQUIRE_NATIVE=1 requires it")
+    pytest.skip(NATIVE_MISSING)

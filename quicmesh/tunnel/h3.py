@@ -13,6 +13,7 @@ H3_CONNECT_ERROR.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 from aioquic.h3 import events as h3_events
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
@@ -32,6 +33,9 @@ from .connect import (
     response_fields,
 )
 from .session import ResetReason, TunnelSession
+
+if TYPE_CHECKING:
+    from ..transport.quic.engine import EngineConnection
 
 MAX_HEADER_STREAM_BYTES = 64 * 1024
 """Bytes a request stream may carry before its HEADERS frame is complete."""
@@ -69,11 +73,56 @@ class _Stream:
         """Reset, by us or the peer, and reported: nothing more is reported for it."""
 
 
+class EngineFlowControl:
+    """Read-driven credit for a socket engine: the engine keeps the windows.
+
+    The same calls as :class:`~quicmesh._aioquic.ReadDrivenFlowControl`, passed
+    on to the engine connection's ``track_stream``, ``stream_delivered``,
+    ``stream_consumed`` and ``forget_stream``
+    (:class:`~quicmesh.transport.quic.engine.EngineConnection`); the
+    session's own count of delivered stream bytes (header-size limit) is kept here.
+    """
+
+    def __init__(self, quic: EngineConnection) -> None:
+        self._quic = quic
+        self._delivered: dict[int, int] = {}
+
+    def track(self, stream_id: int) -> None:
+        if stream_id not in self._delivered:
+            self._delivered[stream_id] = 0
+            self._quic.track_stream(stream_id)
+
+    def delivered(self, stream_id: int, stream_bytes: int, payload_bytes: int) -> None:
+        if stream_id in self._delivered:
+            self._delivered[stream_id] += stream_bytes
+            self._quic.stream_delivered(stream_id, stream_bytes, payload_bytes)
+
+    def consumed(self, stream_id: int, payload_bytes: int) -> bool:
+        return stream_id in self._delivered and self._quic.stream_consumed(stream_id, payload_bytes)
+
+    def forget(self, stream_id: int) -> None:
+        if self._delivered.pop(stream_id, None) is not None:
+            self._quic.forget_stream(stream_id)
+
+    def delivered_bytes(self, stream_id: int) -> int:
+        return self._delivered.get(stream_id, 0)
+
+
+class _EngineScheduler:
+    """A socket engine schedules its streams itself: nothing to activate."""
+
+    def activate(self, stream_id: int) -> None:
+        """Nothing (the engine saw the command)."""
+
+
 class H3TunnelSession(TunnelSession):
     """CONNECT tunnels over one HTTP/3 connection.
 
     :param quic: the QUIC connection, not yet connected (client) or not yet
-        initialised (server).
+        initialised (server): aioquic's (a datagram engine's
+        :class:`~quicmesh._aioquic.MeshQuicConnection`, whose flow control and
+        stream scheduling the session installs) or a socket engine's
+        connection (:mod:`quicmesh.transport.quic.engine`), which does both itself.
     :param stream_window: receive window per stream, raised as the application reads.
     :param connection_window: receive window of the whole connection.
     :param max_field_section_size: decoded size of a header section (names, values
@@ -83,19 +132,29 @@ class H3TunnelSession(TunnelSession):
 
     def __init__(
         self,
-        quic: QuicConnection,
+        quic: QuicConnection | EngineConnection,
         *,
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
         max_field_section_size: int = MAX_FIELD_SECTION_SIZE,
     ) -> None:
-        self.quic = quic
+        self.quic: Any = quic
         self.max_field_section_size = max_field_section_size
         self.sections_refused = 0
         """Header sections refused, undecoded, for their decoded size."""
-        self.is_client = quic.configuration.is_client
-        self.flow_control = _aioquic.ReadDrivenFlowControl(quic, stream_window, connection_window)
-        self.scheduler = _aioquic.ActiveStreamScheduler(quic, on_discard=self._on_discarded)
+        self._aioquic = isinstance(quic, QuicConnection)
+        self.flow_control: _aioquic.ReadDrivenFlowControl | EngineFlowControl
+        self.scheduler: _aioquic.ActiveStreamScheduler | _EngineScheduler
+        if isinstance(quic, QuicConnection):
+            self.is_client = quic.configuration.is_client
+            self.flow_control = _aioquic.ReadDrivenFlowControl(
+                quic, stream_window, connection_window
+            )
+            self.scheduler = _aioquic.ActiveStreamScheduler(quic, on_discard=self._on_discarded)
+        else:
+            self.is_client = quic.is_client
+            self.flow_control = EngineFlowControl(quic)
+            self.scheduler = _EngineScheduler()
         self._h3: _aioquic.MeshH3Connection | None = None
         self._streams: dict[int, _Stream] = {}
 
@@ -258,10 +317,12 @@ class H3TunnelSession(TunnelSession):
     # -- TunnelSession ---------------------------------------------------------
 
     def can_open_stream(self) -> bool:
+        if not self._aioquic:
+            return bool(self.quic.can_open_bidi_stream())
         return _aioquic.can_open_bidi_stream(self.quic)
 
     def open_stream(self, target: Target, headers: dict[str, str]) -> int:
-        stream_id = self.quic.get_next_available_stream_id()
+        stream_id: int = self.quic.get_next_available_stream_id()
         self.flow_control.track(stream_id)
         self.h3.send_headers(stream_id, connect_request_fields(target, headers))
         self.scheduler.activate(stream_id)
@@ -281,9 +342,7 @@ class H3TunnelSession(TunnelSession):
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         record = self._streams.get(stream_id)
-        if (record is not None and record.aborted) or not _aioquic.stream_is_open(
-            self.quic, stream_id
-        ):
+        if (record is not None and record.aborted) or not self._stream_is_open(stream_id):
             return  # reset (or reset and gone): nothing more goes out, as over HTTP/2 and 1.1
         self.h3.send_data(stream_id, data, end_stream)
         self.scheduler.activate(stream_id)
@@ -296,7 +355,7 @@ class H3TunnelSession(TunnelSession):
     def stop_reading(self, stream_id: int) -> None:
         self.flow_control.forget(stream_id)
         self._stream(stream_id).stopped_reading = True
-        if _aioquic.stream_is_open(self.quic, stream_id):
+        if self._stream_is_open(stream_id):
             with contextlib.suppress(ValueError):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
             self.scheduler.activate(stream_id)
@@ -308,16 +367,25 @@ class H3TunnelSession(TunnelSession):
         return True
 
     def unsent_bytes(self, stream_id: int) -> int:
+        if not self._aioquic:
+            return int(self.quic.stream_unsent_bytes(stream_id))
         return _aioquic.unsent_bytes(self.quic, stream_id)
 
     def is_idle(self) -> bool:
+        if not self._aioquic:
+            return not self.quic.has_request_streams()
         return not _aioquic.has_request_streams(self.quic)
+
+    def _stream_is_open(self, stream_id: int) -> bool:
+        if not self._aioquic:
+            return bool(self.quic.stream_is_open(stream_id))
+        return _aioquic.stream_is_open(self.quic, stream_id)
 
     def close(self, reason: str = "") -> None:
         self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=reason)
 
     def _abort_stream(self, stream_id: int, code: int) -> None:
-        if not _aioquic.stream_is_open(self.quic, stream_id):
+        if not self._stream_is_open(stream_id):
             return
         for action in (self.quic.reset_stream, self.quic.stop_stream):
             with contextlib.suppress(ValueError):

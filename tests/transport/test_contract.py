@@ -13,12 +13,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from quic_helpers import require_engine
 
 import quicmesh
 from quicmesh import DevCA, MeshStream, ResetReason
 from quicmesh.tunnel.connect import Target
 
-TRANSPORT_NAMES = ["quic", "h2", "tcp"]
+TRANSPORT_NAMES = ["quic", "quic-native", "h2", "tcp"]
+"""``quic-native`` is ``QuicTransport(engine="native")``: skipped where the extension
+is not built, failed then under QUICMESH_REQUIRE_NATIVE=1 (quic_helpers.require_engine)."""
 TARGET = "reviews.default.svc:9080"
 
 
@@ -31,6 +34,13 @@ class Mesh:
         self.server = self.ca.issue("spiffe://mesh.local/ns/default/sa/server")
 
     def transport(self, name: str, identity: Any = None, trust: Any = None) -> quicmesh.Transport:
+        if name == "quic-native":
+            require_engine("native")
+            return quicmesh.QuicTransport(
+                identity=identity or self.client,
+                trust=trust or self.ca.trust_bundle,
+                engine="native",
+            )
         return quicmesh.TRANSPORTS[name](
             identity=identity or self.client, trust=trust or self.ca.trust_bundle
         )
@@ -221,7 +231,7 @@ def test_server_connect_error_reaches_client(name: str) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("name", ["quic", "h2"])
+@pytest.mark.parametrize("name", ["quic", "quic-native", "h2"])
 def test_stalled_reader_does_not_stall_other_streams(name: str) -> None:
     release: asyncio.Event
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
+from quic_helpers import require_engine
 
 from quicmesh import DevCA
 from quicmesh._aioquic import MeshQuicConnection
 from quicmesh.errors import ConfigError
-from quicmesh.transport.quic import QuicTransport, engine
+from quicmesh.transport.quic import QuicTransport, engine, native_engine
 from quicmesh.transport.quic.aioquic_engine import AioquicEngine
 
 CA = DevCA()
@@ -54,15 +56,64 @@ def test_aioquic_connections_implement_the_engine_interface() -> None:
     assert "bbr" in transport.engine.congestion_controls()
 
 
-class _SocketEngine:
-    name = "socket-test"
-    io = "socket"
+class _DatagramEngine:
+    name = "datagram-test"
+    io = "datagrams"
 
 
 def test_a_registered_engine_is_found_by_name(registry: None) -> None:
-    engine.register_engine("socket-test", _SocketEngine)  # type: ignore[arg-type]
-    assert "socket-test" in engine.engine_names()
-    assert isinstance(engine.get_engine("socket-test"), _SocketEngine)
-    # The asyncio driver runs datagram engines only, and says so.
-    with pytest.raises(ConfigError, match="owns its sockets"):
-        QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="socket-test")
+    engine.register_engine("datagram-test", _DatagramEngine)  # type: ignore[arg-type]
+    assert "datagram-test" in engine.engine_names()
+    assert isinstance(engine.get_engine("datagram-test"), _DatagramEngine)
+    # The transport runs aioquic as its datagram engine, and says so for another one.
+    with pytest.raises(ConfigError, match="only datagram engine"):
+        QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="datagram-test")
+
+
+def test_native_without_the_extension_is_a_one_line_error_saying_how_to_build_it(
+    registry: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine._ENGINES.pop("native", None)
+    monkeypatch.setattr(native_engine, "_NATIVE", None)
+    with pytest.raises(ConfigError) as raised:
+        QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="native")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "not built" in message and "pip install -e ." in message and "aioquic" in message
+    assert "native" not in engine.engine_names()
+
+
+def test_native_engine_is_registered_and_its_connections_are_socket_connections() -> None:
+    require_engine("native")
+    assert "native" in engine.engine_names()
+    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="native")
+    assert isinstance(transport.engine, native_engine.NativeEngine)
+    assert transport.engine.io == "socket"
+    assert transport.engine.congestion_controls() == ["bbr", "cubic", "reno"]
+
+    async def main() -> None:
+        quic = transport.engine.connect(
+            transport.engine_limits(),
+            engine.EngineTls(identity=IDENTITY, trust=CA.trust_bundle),
+            ("127.0.0.1", 9),
+        )
+        assert isinstance(quic, engine.SocketConnection)
+        assert not isinstance(quic, engine.DatagramConnection)
+        assert quic.is_client and not quic.early and quic.resumed_identity() is None
+        assert set(engine.ENGINE_STATS) <= set(quic.stats())
+        quic.close()
+
+    asyncio.run(main())
+
+
+def test_native_engine_refuses_an_unknown_congestion_control() -> None:
+    require_engine("native")
+
+    async def main() -> None:
+        transport = QuicTransport(
+            identity=IDENTITY, trust=CA.trust_bundle, engine="native", congestion_control="vegas"
+        )
+        with pytest.raises(ConfigError, match="'vegas' is not one of"):
+            await transport.connect(("127.0.0.1", 9))
+
+    asyncio.run(main())

@@ -12,7 +12,13 @@ outcome, tickets), liveness, paths and migration. Its settings are one
 state of their own are sans-IO (:mod:`quicmesh.transport.quic.policy`,
 :mod:`quicmesh.transport.liveness`).
 
-A server connection is built by the listener for a client's first Initial; a
+With a socket engine (``io="socket"``, e.g. the native engine) there is no
+datagram, socket or timer here: the engine wakes the driver
+(:meth:`QuicPeerConnection.engine_woke`) after it queued events, the driver
+drains them into the same tunnel session and flushes.
+
+A server connection is built by the listener for a client's first Initial (a
+socket engine's listener: for each connection it accepted); a
 client connection by :meth:`QuicTransport.connect`. Either exists before its
 handshake completes but takes streams only once it is *established*: the
 handshake completed and the peer's identity was verified, or (0-RTT) a ticket
@@ -93,7 +99,8 @@ class QuicPeerConnection(SessionConnection):
     before the handshake completes: :attr:`early_data` is ``"attempted"`` until
     then, and stream payload beyond ``max_early_data`` waits for the handshake.
 
-    :param quic: the engine connection (handshake not started).
+    :param quic: the engine connection (handshake not started, or, for a socket
+        engine, under way).
     :param options: the transport's settings.
     :param counters: the transport's counters (this connection adds to them).
     :param handshake_failures: the transport's refused handshakes, by reason.
@@ -108,7 +115,7 @@ class QuicPeerConnection(SessionConnection):
 
     def __init__(
         self,
-        quic: MeshQuicConnection,
+        quic: MeshQuicConnection | engine.SocketConnection,
         options: QuicOptions,
         *,
         counters: Counter[str],
@@ -132,8 +139,12 @@ class QuicPeerConnection(SessionConnection):
         )
         self.h3_session = h3_session
         """The sans-IO HTTP/3 tunnel session (also :attr:`session`)."""
-        self.quic = quic
+        self.quic: MeshQuicConnection = cast("MeshQuicConnection", quic)
         """The engine connection (aioquic: a :class:`~quicmesh._aioquic.MeshQuicConnection`)."""
+        self._socket: engine.SocketConnection | None = (
+            quic if isinstance(quic, engine.SocketConnection) else None
+        )
+        """The engine connection when its engine owns the socket (``io="socket"``)."""
         self.options = options
         self.is_client = quic.is_client
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
@@ -192,6 +203,8 @@ class QuicPeerConnection(SessionConnection):
         self._connection_id_issued_handler: Callable[[bytes], None] = lambda cid: None
         self._connection_id_retired_handler: Callable[[bytes], None] = lambda cid: None
         self._connection_terminated_handler: Callable[[], None] = lambda: None
+        if self._socket is not None:
+            self._socket.set_wake(self.engine_woke)
 
     # -- PeerConnection --------------------------------------------------------------
 
@@ -233,6 +246,8 @@ class QuicPeerConnection(SessionConnection):
     def local_address(self) -> Address | None:
         """The local address of the UDP socket in use (a client's changes when it
         migrates), or None before there is one."""
+        if self._socket is not None:
+            return None if self.terminated else self._socket.local_address()
         if self._transport is None:
             return None
         sockname = self._transport.get_extra_info("sockname")
@@ -252,6 +267,12 @@ class QuicPeerConnection(SessionConnection):
         engine_stats = quic.stats()
         result.update(engine_stats)
         path = quic.active_path()
+        if self._socket is not None:
+            # The engine moved the datagrams: its counters are the connection's.
+            self.bytes_sent = engine_stats.get("bytes_sent", 0)
+            self.bytes_received = engine_stats.get("bytes_received", 0)
+            self.datagrams_sent = engine_stats.get("packets_sent", 0)
+            self.datagrams_received = engine_stats.get("packets_received", 0)
         result.update(
             transport="quic",
             peer_identity=self.peer_identity,
@@ -350,9 +371,23 @@ class QuicPeerConnection(SessionConnection):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def connect(self, addr: Address) -> None:
-        """(client) Start the handshake: the first flight goes out now."""
+        """(client) Start the handshake: the first flight goes out now (a socket
+        engine started it already: take what it reported so far)."""
+        if self._socket is not None:
+            self.engine_woke()
+            return
         self.quic.connect(addr, now=self._loop.time())
         self.transmit()
+
+    def engine_woke(self) -> None:
+        """(socket engines) Events wait: drain them into the tunnel session, then flush."""
+        self._process_events()
+        if self._discarded:
+            return
+        self.transmit()
+        if self._established and self.waits_for_stream_credit:
+            # Stream credit raises no QUIC event: wake open_stream() calls waiting for it.
+            self.handle_events([])
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         """Process one datagram; the transmit waits for the end of the batch being
@@ -397,6 +432,11 @@ class QuicPeerConnection(SessionConnection):
         """Send what the engine has queued and re-arm the timer."""
         self._transmit_task = None
         if self._discarded:
+            return
+        if self._socket is not None:
+            self._socket.flush()
+            if self._established:
+                self.transmitted()
             return
         assert self._transport is not None
         now = self._loop.time()
@@ -562,6 +602,14 @@ class QuicPeerConnection(SessionConnection):
     # -- migration -----------------------------------------------------------------------
 
     async def _migrate(self, local_address: Address | None, *, cause: str) -> None:
+        if self._socket is not None:
+            try:
+                moved = await self._socket.migrate(local_address)
+            except engine.EngineError as exc:
+                raise ConnectError(str(exc)) from None
+            self._count(f"migrations_{cause}")
+            logger.info("[%s] migrated (%s) to %s", self.log_id, cause, moved)
+            return
         assert self.is_client and self._transport is not None
         if local_address is None:
             current = self._transport.get_extra_info("sockname")
@@ -736,7 +784,9 @@ class QuicPeerConnection(SessionConnection):
             bucket = self.options.stream_rates.for_identity(identity, time.monotonic())
             if bucket is not None:
                 self.quic.attach_stream_rate(bucket)
-        self._liveness = Liveness(self.options.liveness, self._loop.time())
+        if self._socket is None:
+            # A socket engine keeps its peer alive and drops a silent one itself.
+            self._liveness = Liveness(self.options.liveness, self._loop.time())
         self._commit_tickets(identity)
         if self.is_client and self._early_data == "attempted":
             outcome = "accepted" if event.early_data_accepted else "rejected"

@@ -31,13 +31,19 @@ Two I/O shapes are allowed (:attr:`QuicEngine.io`):
   ``ConnectionIdRetired`` events), which asks the engine for a new connection
   with :meth:`QuicEngine.accept`.
 * ``"socket"`` (a native engine with its own thread doing UDP I/O): the engine
-  owns the sockets, timers and pacing. It calls the ``wake`` callback given to
-  :meth:`QuicEngine.connect` / :meth:`QuicEngine.listen` from any thread
-  (the driver wraps it in ``loop.call_soon_threadsafe``) when events wait, and the
-  driver then drains :meth:`EngineConnection.next_event` (a batch: many stream
-  events per wake-up). :meth:`SocketConnection.flush` tells the engine that
-  commands issued since the last flush (stream writes, resets, credit) may go
-  out. Migration is :meth:`SocketConnection.migrate`.
+  owns the sockets, timers and pacing. It watches its own wake-up file
+  descriptor on the event loop (``loop.add_reader``) and calls the ``wake``
+  callback given to :meth:`QuicEngine.connect` (or, for an accepted connection,
+  :meth:`SocketConnection.set_wake`) on the event loop's thread when events for
+  that connection wait; the driver then drains :meth:`EngineConnection.next_event`
+  (a batch: many stream events per wake-up). A listener's ``wake``
+  (:meth:`QuicEngine.listen`) says that :meth:`EngineListener.accepted` has
+  connections. :meth:`SocketConnection.flush` tells the engine that commands
+  issued since the last flush (stream writes, resets, credit) may go out.
+  Migration is :meth:`SocketConnection.migrate`. There is no timer and no
+  datagram in Python. :mod:`quicmesh.transport.quic.native_engine` is one (its
+  docstring lists the hooks below it implements differently, e.g. tickets and
+  0-RTT inside rustls, and the ones it cannot offer).
 
 Events are aioquic's public event dataclasses (:mod:`aioquic.quic.events`:
 ``HandshakeCompleted``, ``StreamDataReceived``, ``StreamReset``,
@@ -179,6 +185,9 @@ class EngineLimits:
         derived from (HMAC-SHA256 of the connection ID, first 16 bytes:
         :func:`quicmesh._aioquic.stateless_reset_token`), so they survive restarts.
     :param alpn: ALPN protocols offered / accepted (HTTP/3).
+    :param keep_alive: (socket engines) seconds of silence after which the engine
+        PINGs the peer itself (None: never); datagram engines leave this to the
+        driver's liveness rules.
     """
 
     idle_timeout: float
@@ -190,6 +199,7 @@ class EngineLimits:
     qlog_dir: str | None = None
     stateless_reset_key: bytes | None = None
     alpn: tuple[str, ...] = ("h3",)
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)
@@ -373,6 +383,10 @@ class SocketConnection(EngineConnection, Protocol):
     queue goes from empty to non-empty.
     """
 
+    def set_wake(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` on the event loop's thread whenever events for this
+        connection were queued (the driver then drains :meth:`next_event`)."""
+
     def flush(self) -> None:
         """Let commands issued since the last flush go out (one wake of the engine
         thread per batch of driver work, not per call)."""
@@ -385,6 +399,19 @@ class SocketConnection(EngineConnection, Protocol):
     def local_address(self) -> Address:
         """The local address of the socket in use."""
 
+    def has_request_streams(self) -> bool:
+        """Whether a bidirectional stream is still open (the connection is not idle)."""
+
+    @property
+    def early(self) -> bool:
+        """(client) The connection resumed a session with 0-RTT and the server has not
+        answered yet (the engine keeps its own tickets: :attr:`EngineTls.ticket` is
+        not used)."""
+
+    def resumed_identity(self) -> str | None:
+        """(client) The server identity the resumed session vouches for (the one
+        verified at its last full handshake with that address), or None."""
+
 
 class EngineListener(Protocol):
     """(socket engines) A listening UDP socket owned by the engine."""
@@ -395,6 +422,9 @@ class EngineListener(Protocol):
 
     def accepted(self) -> Iterable[SocketConnection]:
         """Connections accepted since the last call (each one's first events wait)."""
+
+    def refused(self) -> list[str]:
+        """Why each handshake the engine refused since the last call failed."""
 
     def close(self) -> None:
         """Stop accepting; close the socket (connections close through their driver)."""
@@ -471,6 +501,11 @@ def get_engine(name: str) -> QuicEngine:
     """
     _register_builtin()
     factory = _ENGINES.get(name)
+    if factory is None and name == "native":
+        from ...errors import ConfigError
+        from .native_engine import NOT_BUILT
+
+        raise ConfigError(NOT_BUILT)
     if factory is None:
         valid = ", ".join(sorted(_ENGINES))
         raise ValueError(f"unknown QUIC engine {name!r}: valid engines are {valid}")
@@ -482,3 +517,8 @@ def _register_builtin() -> None:
         from .aioquic_engine import AioquicEngine
 
         register_engine("aioquic", AioquicEngine)
+    if "native" not in _ENGINES:
+        from .native_engine import NativeEngine, native_available
+
+        if native_available():
+            register_engine("native", NativeEngine)

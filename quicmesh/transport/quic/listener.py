@@ -24,6 +24,7 @@ from .. import _udp
 from .._admission import Admission, AdmissionConfig, Decision
 from ..base import Listener
 from .connection import QuicPeerConnection
+from .engine import EngineListener
 from .server import MeshQuicServer
 
 logger = logging.getLogger("quicmesh.transport.quic")
@@ -171,6 +172,40 @@ class BatchingQuicServer(MeshQuicServer):
         self._protocols.clear()
         assert self._transport is not None
         self._transport.close()
+
+
+class SocketEngineListener(Listener):
+    """A socket engine's listening UDP socket (:class:`~.engine.EngineListener`),
+    as the :class:`~quicmesh.transport.base.Listener` handed to the caller.
+
+    :param listener: the engine's listener.
+    :param drivers: the drivers of the connections it accepted (the transport adds them).
+    """
+
+    def __init__(
+        self, listener: EngineListener, drivers: weakref.WeakSet[QuicPeerConnection]
+    ) -> None:
+        self._listener = listener
+        self._drivers = drivers
+        self.address = listener.address
+        self._closed = asyncio.get_running_loop().create_future()
+
+    def close(self) -> None:
+        """Close every connection at once (CONNECTION_CLOSE) and the socket."""
+        if self._closed.done():
+            return
+        for driver in list(self._drivers):
+            driver.abandon()
+        self._listener.close()
+        self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    @property
+    def connections(self) -> list[QuicPeerConnection]:
+        """The accepted peer connections still open (see :attr:`QuicListener.connections`)."""
+        return [c for c in list(self._drivers) if c.established and not c.is_closed]
 
 
 class QuicListener(Listener):

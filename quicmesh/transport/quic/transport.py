@@ -7,7 +7,12 @@ the peer and a :class:`~quicmesh.transport.quic.connection.QuicPeerConnection`
 :meth:`QuicTransport.listen` binds a
 :class:`~quicmesh.transport.quic.listener.BatchingQuicServer` that makes one
 driver per accepted connection. The engine is chosen by name
-(:mod:`quicmesh.transport.quic.engine`); aioquic is the default.
+(:mod:`quicmesh.transport.quic.engine`); aioquic is the default. With a socket
+engine (``engine="native"``, :mod:`quicmesh.transport.quic.native_engine`) the
+engine owns the UDP sockets: :meth:`QuicTransport.connect` and
+:meth:`QuicTransport.listen` ask it for a connection or a listener
+(:class:`~quicmesh.transport.quic.listener.SocketEngineListener`) and the same
+driver and HTTP/3 tunnel session run over it.
 
 Mutual TLS: the client's engine verifies the server's chain (``cadata``), the
 driver its SPIFFE ID; the server's engine asks for a client certificate and the
@@ -38,13 +43,15 @@ import asyncio
 import os
 import weakref
 from collections import Counter
+from typing import cast
 
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..._aioquic import MeshQuicConnection
-from ...errors import ConfigError, ConnectError
+from ...errors import ConfigError, ConnectError, PeerVerificationError
 from ...tls import Identity, TrustBundle
+from ...tls.check import handshake_failure_reason
 from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
@@ -54,8 +61,16 @@ from ..liveness import LivenessConfig
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
 from .connection import QuicPeerConnection, SocketReceiver, tune_udp_socket
-from .engine import EngineLimits, EngineTls, get_engine
-from .listener import BatchingQuicServer, QuicListener
+from .engine import (
+    EngineError,
+    EngineLimits,
+    EngineListener,
+    EngineTls,
+    QuicEngine,
+    SocketConnection,
+    get_engine,
+)
+from .listener import BatchingQuicServer, QuicListener, SocketEngineListener
 from .options import COUNTERS, DEFAULT_MAX_EARLY_DATA, QuicOptions
 
 RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
@@ -116,9 +131,12 @@ class QuicTransport(Transport):
         open, over all its connections, through the stream credit (MAX_STREAMS) it
         is granted (:mod:`quicmesh.transport._stream_rate`; None: as fast as its
         streams end). Churn and rapid reset cost the listener no more than this.
-    :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`;
-        ``"aioquic"``, the default, is the only one built in). An unknown name
-        raises :class:`ValueError` naming the valid ones.
+    :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`):
+        ``"aioquic"`` (the default, pure Python) or ``"native"`` (quinn + rustls in
+        Rust, when the extension is built; otherwise :class:`ConfigError` says how
+        to get it). An unknown name raises :class:`ValueError` naming the valid
+        ones. What the native engine does differently (tickets, liveness, the
+        settings it ignores) is in :mod:`quicmesh.transport.quic.native_engine`.
 
     A client's UDP socket is connected to its peer, so the kernel reports ICMP
     port and host unreachable: :meth:`connect` then fails at once with
@@ -161,12 +179,11 @@ class QuicTransport(Transport):
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         found = get_engine(engine)
-        if not isinstance(found, aioquic_engine.AioquicEngine):
+        if found.io == "datagrams" and not isinstance(found, aioquic_engine.AioquicEngine):
             raise ConfigError(
-                f"QUIC engine {engine!r} owns its sockets: the asyncio driver runs "
-                "datagram engines only so far"
+                f"QUIC engine {engine!r}: the only datagram engine the transport runs is aioquic"
             )
-        self.engine = found
+        self.engine: QuicEngine = found
         """The QUIC engine connections are built with (:mod:`.engine`)."""
         if congestion_control is None:
             from ...congestion.host import default_congestion_control
@@ -236,6 +253,7 @@ class QuicTransport(Transport):
             qlog_dir=self.qlog_dir,
             stateless_reset_key=self.stateless_reset_key,
             alpn=tuple(H3_ALPN),
+            keep_alive=self.liveness.keepalive_interval,
         )
 
     def options(self) -> QuicOptions:
@@ -270,13 +288,15 @@ class QuicTransport(Transport):
         authorize: Authorizer | None = None,
         *,
         early_data: bool = True,
-    ) -> QuicListener:
+    ) -> QuicListener | SocketEngineListener:
         """Accept peer connections (see :meth:`Transport.listen`).
 
         :param early_data: accept 0-RTT from clients resuming with a ticket. False
             still resumes sessions (no certificates) but rejects their 0-RTT, which
             the clients then send again in 1-RTT.
         """
+        if self.engine.io == "socket":
+            return self._listen_socket(address, handler, authorize, early_data=early_data)
         config = self.configuration(is_client=False)
         self._server_configurations.append(config)
 
@@ -295,7 +315,7 @@ class QuicTransport(Transport):
                 ticket_issued=lambda ticket: driver[0].ticket_issued(ticket),
                 accept_early_data=early_data,
             )
-            quic = self.engine.accept(
+            quic = cast(aioquic_engine.AioquicEngine, self.engine).accept(
                 limits,
                 tls,
                 original_destination_connection_id=original_cid,
@@ -348,12 +368,14 @@ class QuicTransport(Transport):
             an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
             A handshake failure then surfaces on the streams, not here.
         """
+        if self.engine.io == "socket":
+            return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
         config = self.configuration(is_client=True)
         cached = self.ticket_cache.take(address) if early_data else None
         if cached is not None:
             config.session_ticket = cached.ticket
-        quic = self.engine.connect(
+        quic = cast(aioquic_engine.AioquicEngine, self.engine).connect(
             self.engine_limits(),
             EngineTls(identity=self.identity, trust=self.trust),
             address,
@@ -412,6 +434,87 @@ class QuicTransport(Transport):
             raise
         if not connection.established:
             connection.close_socket()
+            raise connection.failure or ConnectError("QUIC handshake failed")
+        return connection
+
+    # -- socket engines ------------------------------------------------------------------
+
+    def _listen_socket(
+        self,
+        address: Address,
+        handler: StreamHandler,
+        authorize: Authorizer | None,
+        *,
+        early_data: bool,
+    ) -> SocketEngineListener:
+        """:meth:`listen` on a socket engine: it binds and accepts; one driver per
+        connection it accepted."""
+        accepted: weakref.WeakSet[QuicPeerConnection] = weakref.WeakSet()
+        found: list[EngineListener] = []
+
+        def wake() -> None:
+            listener = found[0]
+            for reason in listener.refused():
+                refusal = PeerVerificationError(reason)
+                self.handshake_failures[handshake_failure_reason(refusal)[0]] += 1
+            for quic in listener.accepted():
+                accepted.add(
+                    QuicPeerConnection(
+                        quic,
+                        self.options(),
+                        counters=self.counters,
+                        handshake_failures=self.handshake_failures,
+                        handler=handler,
+                        authorize=authorize,
+                    )
+                )
+
+        tls = EngineTls(identity=self.identity, trust=self.trust, accept_early_data=early_data)
+        try:
+            found.append(self.engine.listen(self.engine_limits(), tls, address, wake=wake))
+        except EngineError as exc:
+            raise ConnectError(f"cannot listen on UDP {address[0]}:{address[1]}: {exc}") from None
+        return SocketEngineListener(found[0], accepted)
+
+    async def _connect_socket(
+        self, address: Address, *, timeout: float, early_data: bool
+    ) -> QuicPeerConnection:
+        """:meth:`connect` on a socket engine (its first flight is on its way when
+        it returns the connection; 0-RTT when it resumed a session)."""
+        loop = asyncio.get_running_loop()
+        tls = EngineTls(identity=self.identity, trust=self.trust)
+        try:
+            quic = self.engine.connect(self.engine_limits(), tls, address)
+        except EngineError as exc:
+            raise ConnectError(str(exc)) from None
+        assert isinstance(quic, SocketConnection)
+        identity = quic.resumed_identity()
+        connection = QuicPeerConnection(
+            quic,
+            self.options(),
+            counters=self.counters,
+            handshake_failures=self.handshake_failures,
+            owns_socket=True,
+            peer_address=address,
+            ticket_identity=identity,
+        )
+        if early_data and quic.early and identity is not None:
+            connection.start_early(identity)
+            connection.connect(address)
+            loop.call_later(timeout, connection.handshake_timed_out, timeout)
+            return connection
+        try:
+            connection.connect(address)
+            await asyncio.wait_for(asyncio.shield(connection.handshake_finished), timeout)
+        except TimeoutError:
+            connection.abandon()
+            raise ConnectError(
+                f"QUIC handshake with {address[0]}:{address[1]} timed out after {timeout:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            connection.abandon()
+            raise
+        if not connection.established:
             raise connection.failure or ConnectError("QUIC handshake failed")
         return connection
 

@@ -1,0 +1,829 @@
+"""The native QUIC engine (``engine="native"``): quinn + rustls in Rust, a socket engine.
+
+The extension ``quicmesh._native`` (native/src) owns its UDP sockets and runs
+QUIC (packet protection, ACKs, loss recovery, congestion control, pacing,
+TLS 1.3) on its own thread without the GIL. This module puts it behind the
+engine interface (:mod:`quicmesh.transport.quic.engine`, ``io="socket"``):
+
+* :class:`NativeEngine` makes client connections on one client endpoint per
+  transport and event loop (one UDP socket; the session tickets live there)
+  and listeners (:class:`NativeListener`, one server endpoint each);
+* :class:`NativeConnection` is the :class:`~.engine.SocketConnection`: aioquic's
+  stream API (``get_next_available_stream_id``, ``send_stream_data``,
+  ``reset_stream``, ``stop_stream``) over the extension's commands, and its
+  events (:meth:`drain` batches, after its wake-up descriptor turned readable)
+  turned into aioquic's event dataclasses, so aioquic's HTTP/3 layer, and with it
+  quicmesh's H3 CONNECT tunnel session, runs on it unchanged.
+
+Read-driven credit: quinn raises a peer's stream window only when data is taken
+out of it, and this engine takes data out only with read requests. An untracked
+stream (HTTP/3 control and QPACK streams) is read as fast as it arrives; a
+tracked one (a tunnel's request stream) only while the payload delivered to the
+application and not yet read (:meth:`NativeConnection.stream_delivered` /
+:meth:`NativeConnection.stream_consumed`) is below the stream window. A stalled
+reader therefore holds at most one stream window here and one in quinn.
+
+Where the engine interface's aioquic-shaped hooks do not fit, this engine says so
+rather than pretending:
+
+* **Tickets and 0-RTT** are rustls's own: the server's tickets are stateful and
+  single use (rustls takes a ticket out of its store when a client resumes with
+  it, so a replayed first flight finds none), bound to the client identity they
+  were issued to (a resumed connection keeps the client chain verified at issue);
+  the client's tickets stay in its endpoint (memory only). So
+  :attr:`~.engine.EngineTls.fetch_ticket`, :attr:`~.engine.EngineTls.ticket_issued`
+  and :attr:`~.engine.EngineTls.ticket` are not used, no ``SessionTicketReceived``
+  event is raised, and ``QuicTransport(ticket_cache=..., ticket_store=...)`` do
+  not apply. A rejected 0-RTT flight is not resent: its streams are reset
+  (:meth:`NativeConnection.resend_early_data` returns 0).
+* **SPIFFE verification** happens inside the handshake, in Rust, with the rules
+  of :func:`quicmesh.tls.verify_peer` (native/src/verify.rs); the driver checks
+  the chain :meth:`NativeConnection.peer_certificate` gives again, as for any engine.
+* **Liveness**: quinn sends the keepalive PINGs (``keep_alive``) and drops a
+  silent peer after the idle timeout; probe-timeout counts are not exposed, so
+  the driver's liveness rules (``max_probe_timeouts``, ``dead_after``) and
+  ``rebind_after_ptos`` do not run on this engine.
+* **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
+  client endpoint's socket moves, with every connection on it); quinn validates
+  a migrating client's new path itself and raises no event for it.
+* Not used: ``max_datagram_size`` (quinn does path MTU discovery from 1200),
+  ``qlog_dir``, ``stateless_reset_key`` (quinn's key is random per endpoint),
+  ``max_stream_rate`` (:meth:`NativeConnection.attach_stream_rate`), listener
+  admission (quinn answers Initials itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+from typing import Any, Literal
+
+from aioquic.quic import events as quic_events
+from cryptography import x509
+
+from ...errors import ConfigError, QuicmeshError
+from ...tls.spiffe import spiffe_id_of
+from .engine import Address, EngineError, EngineLimits, EngineTls, SocketConnection
+from .options import CRYPTO_ERROR_BAD_CERTIFICATE
+
+logger = logging.getLogger("quicmesh.transport.quic")
+
+H3_REQUEST_CANCELLED = 0x10C
+"""The reset code given to streams of a rejected 0-RTT flight (RFC 9114 8.1)."""
+
+READ_CHUNK = 64 * 1024
+"""The most one read request takes out of quinn."""
+
+NOT_BUILT = (
+    "the native QUIC engine is not built: install quicmesh with Rust and cargo "
+    "(pip install -e .; README, 'The native engine and machines without Rust') "
+    "or use engine 'aioquic'"
+)
+"""The one-line error for ``engine="native"`` without the extension."""
+
+CONGESTION_NAMES = {"reno": "newreno", "newreno": "newreno", "cubic": "cubic", "bbr": "bbr"}
+"""quicmesh's congestion-control names and quinn's."""
+
+
+def _load() -> ModuleType | None:
+    try:
+        from ... import _native
+    except ImportError:
+        return None
+    return _native
+
+
+_NATIVE = _load()
+
+
+def native_available() -> bool:
+    """Whether the extension ``quicmesh._native`` was built and imports."""
+    return _NATIVE is not None
+
+
+def _extension() -> Any:
+    if _NATIVE is None:
+        raise ConfigError(NOT_BUILT)
+    return _NATIVE
+
+
+def _endpoint(
+    limits: EngineLimits,
+    tls: EngineTls,
+    address: Address,
+    *,
+    server: bool,
+    early_data: bool,
+) -> Any:
+    """A ``_native.Endpoint`` bound to ``address`` with the connection settings."""
+    native = _extension()
+    congestion = CONGESTION_NAMES.get(limits.congestion_control)
+    if congestion is None:
+        valid = ", ".join(sorted(CONGESTION_NAMES))
+        raise ConfigError(
+            f"congestion control {limits.congestion_control!r} is not one of {valid} "
+            "(native engine)"
+        )
+    return native.Endpoint(
+        address[0],
+        address[1],
+        cert_chain_pem=tls.identity.cert_chain_pem(),
+        key_pem=tls.identity.private_key_pem(),
+        trust_pem=tls.trust.pem,
+        alpn=[protocol.encode() for protocol in limits.alpn],
+        server=server,
+        stream_receive_window=limits.stream_window,
+        receive_window=limits.connection_window,
+        idle_timeout=limits.idle_timeout,
+        keep_alive=limits.keep_alive,
+        max_bidi_streams=limits.max_streams,
+        congestion=congestion,
+        early_data=early_data,
+    )
+
+
+class _Pump:
+    """Watches one endpoint's wake-up descriptor and routes its events to connections.
+
+    Shared by a client endpoint (many connections) and a listener. Runs on the
+    event loop's thread: ``loop.add_reader`` on :meth:`Endpoint.fileno`.
+    """
+
+    def __init__(
+        self, endpoint: Any, loop: asyncio.AbstractEventLoop, limits: EngineLimits
+    ) -> None:
+        self.endpoint = endpoint
+        self.loop = loop
+        self.stream_window = limits.stream_window
+        self.congestion = limits.congestion_control
+        self.connections: dict[int, NativeConnection] = {}
+        self.connecting: dict[int, NativeConnection] = {}
+        self.on_accepted: Callable[[NativeConnection], None] | None = None
+        self.on_accept_failed: Callable[[str, str], None] | None = None
+        self._fd = endpoint.fileno()
+        self.closed = False
+        loop.add_reader(self._fd, self.pump)
+        weakref.finalize(self, _remove_reader, loop, self._fd)
+
+    def pump(self) -> None:
+        """Drain the endpoint's events into its connections, then wake each one once."""
+        woken: dict[int, NativeConnection] = {}
+        for event in self.endpoint.drain():
+            connection = self._route(event)
+            if connection is not None:
+                woken[id(connection)] = connection
+        for connection in woken.values():
+            connection.woke()
+
+    def _route(self, event: tuple[Any, ...]) -> NativeConnection | None:
+        kind = event[0]
+        if kind == "connected":
+            _, token, conn, early = event
+            connection = self.connecting.pop(token, None)
+            if connection is None:
+                with contextlib.suppress(QuicmeshError):
+                    self.endpoint.close_connection(conn)
+                return None
+            self.connections[conn] = connection
+            connection.connected(conn, early)
+            return connection
+        if kind == "connect_failed":
+            _, token, failure, message = event
+            connection = self.connecting.pop(token, None)
+            if connection is not None:
+                connection.terminated(failure, message)
+            return connection
+        if kind == "accepted":
+            _, conn, early = event
+            connection = NativeConnection(self, is_client=False)
+            self.connections[conn] = connection
+            connection.connected(conn, early)
+            if self.on_accepted is not None:
+                self.on_accepted(connection)
+            return connection
+        if kind == "accept_failed":
+            if self.on_accept_failed is not None:
+                self.on_accept_failed(event[1], event[2])
+            return None
+        conn = event[2] if kind in ("stream_opened", "open_failed") else event[1]
+        connection = self.connections.get(conn)
+        if connection is None:
+            return None
+        if kind == "closed":
+            del self.connections[connection.conn]
+        connection.on_native_event(event)
+        return connection
+
+    def close(self) -> None:
+        """Close the endpoint (every connection on it) and stop watching it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.endpoint.close()
+        self.pump()  # the closes already queued reach their connections
+        _remove_reader(self.loop, self._fd)
+        left = [*self.connections.values(), *self.connecting.values()]
+        self.connections.clear()
+        self.connecting.clear()
+        for connection in left:
+            connection.terminated("locally_closed", "the endpoint was closed")
+            connection.woke()
+
+
+def _remove_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    if not loop.is_closed():
+        loop.remove_reader(fd)
+
+
+@dataclass
+class _Stream:
+    """What the engine keeps about one stream (quinn keeps the rest)."""
+
+    unsent: int = 0
+    """Bytes written that quinn has not taken yet (``written`` events)."""
+    send_done: bool = False
+    """FIN queued, reset sent, or STOP_SENDING received."""
+    recv_done: bool = False
+    """FIN or RESET_STREAM received, or STOP_SENDING sent."""
+    reading: bool = False
+    """A read request is outstanding."""
+    tracked: bool = False
+    buffered: int = 0
+    """Payload delivered to the application and not read yet (tracked streams)."""
+
+
+class NativeConnection:
+    """One QUIC connection of the native engine (see the module docstring)."""
+
+    def __init__(self, pump: _Pump, *, is_client: bool) -> None:
+        self._pump = pump
+        self._native = pump.endpoint
+        self.conn = -1
+        self.token: int | None = None
+        """(client) The endpoint's token for the connect, until it is reported."""
+        self._is_client = is_client
+        self._events: list[Any] = []
+        self._streams: dict[int, _Stream] = {}
+        self._spare: dict[bool, int] = {}
+        """Streams opened ahead by :meth:`get_next_available_stream_id`, by direction
+        (True: unidirectional)."""
+        self._opening = False
+        self._window = pump.stream_window
+        self._wake: Callable[[], None] | None = None
+        self._closed_reason: str | None = None
+        self._early = False
+        self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
+        self.on_verified: Callable[[str], None] | None = None
+        self.ticket_identity: str | None = None
+        # What aioquic's H3Connection reads of its QUIC connection besides the stream API.
+        self.configuration = SimpleNamespace(is_client=is_client)
+        self._quic_logger = None
+        self._remote_max_datagram_frame_size = None
+
+    # -- engine side -------------------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        """Whether this is the client side."""
+        return self._is_client
+
+    @property
+    def log_id(self) -> str:
+        """The engine's connection number, for logs (quinn's IDs stay inside)."""
+        return f"native-{self.conn}"
+
+    @property
+    def early(self) -> bool:
+        """(client) The connection resumed with 0-RTT and the server has not answered."""
+        return self._early
+
+    def resumed_identity(self) -> str | None:
+        """(client) The identity the server at this address was last verified as."""
+        return self.ticket_identity
+
+    def set_wake(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (on the event loop's thread) after events for this
+        connection were queued."""
+        self._wake = wake
+
+    def woke(self) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    def connected(self, conn: int, early: bool) -> None:
+        """The endpoint reported the connection: handshake done (peer verified in
+        Rust), or resumed with 0-RTT (``early``)."""
+        self.conn = conn
+        self.token = None
+        if self._is_client and early:
+            self._early = True  # HandshakeCompleted follows the server's answer
+            return
+        self._handshake_completed(early_data_accepted=early)
+
+    def _handshake_completed(self, *, early_data_accepted: bool) -> None:
+        certificate, _ = self.peer_certificate()
+        if certificate is not None and self.on_verified is not None:
+            identity = spiffe_id_of(certificate)
+            if identity is not None:
+                self.on_verified(identity)
+        self._events.append(
+            quic_events.HandshakeCompleted(
+                alpn_protocol="h3",
+                early_data_accepted=early_data_accepted,
+                session_resumed=certificate is None,
+            )
+        )
+
+    def terminated(self, kind: str, message: str) -> None:
+        """The connection ended (or never came up): ``ConnectionTerminated``."""
+        if self._closed_reason is not None:
+            return
+        self._closed_reason = message
+        code = CRYPTO_ERROR_BAD_CERTIFICATE if kind == "verification" else 0
+        self._events.append(
+            quic_events.ConnectionTerminated(
+                error_code=code, frame_type=None, reason_phrase=message
+            )
+        )
+
+    def on_native_event(self, event: tuple[Any, ...]) -> None:
+        """Turn one of the extension's events into aioquic's (or engine.py's)."""
+        kind = event[0]
+        if kind == "data":
+            _, _, stream_id, data, fin = event
+            state = self._stream(stream_id)
+            state.reading = False
+            if fin:
+                state.recv_done = True
+            self._events.append(
+                quic_events.StreamDataReceived(data=data, end_stream=fin, stream_id=stream_id)
+            )
+            if not fin and not state.tracked and stream_id & 2:
+                self._read(stream_id, state)  # control and QPACK streams: read at once
+        elif kind == "stream_accepted":
+            _, _, stream_id, bidirectional = event
+            state = self._stream(stream_id)
+            if not bidirectional:
+                state.send_done = True
+            self._read(stream_id, state)
+        elif kind == "written":
+            _, _, stream_id, count = event
+            written = self._streams.get(stream_id)
+            if written is not None:
+                written.unsent = max(0, written.unsent - count)
+        elif kind == "reset_received":
+            _, _, stream_id, code = event
+            self._stream(stream_id).recv_done = True
+            self._events.append(quic_events.StreamReset(error_code=code, stream_id=stream_id))
+        elif kind == "stop_sending_received":
+            _, _, stream_id, code = event
+            state = self._stream(stream_id)
+            state.send_done = True
+            state.unsent = 0
+            self._events.append(
+                quic_events.StopSendingReceived(error_code=code, stream_id=stream_id)
+            )
+        elif kind == "early_data":
+            self._early = False
+            self._handshake_completed(early_data_accepted=bool(event[2]))
+        elif kind == "early_data_rejected":
+            # quinn forgets streams sent in a rejected 0-RTT flight: reset them here.
+            stream_id = event[2]
+            state = self._stream(stream_id)
+            state.recv_done = state.send_done = True
+            self._events.append(
+                quic_events.StreamReset(error_code=H3_REQUEST_CANCELLED, stream_id=stream_id)
+            )
+        elif kind == "stream_opened":
+            _, _, _, stream_id = event
+            self._opening = False
+            self._stream(stream_id)
+            self._spare.setdefault(bool(stream_id & 2), stream_id)
+        elif kind == "open_failed":
+            self._opening = False
+        elif kind == "closed":
+            _, _, failure, message = event
+            self.terminated(failure, message)
+
+    def _stream(self, stream_id: int) -> _Stream:
+        state = self._streams.get(stream_id)
+        if state is None:
+            state = self._streams[stream_id] = _Stream()
+            if stream_id & 2 and bool(stream_id & 1) != (not self._is_client):
+                state.send_done = True  # the peer's unidirectional stream: receive only
+            if stream_id & 2 and bool(stream_id & 1) == (not self._is_client):
+                state.recv_done = True  # our unidirectional stream: send only
+        return state
+
+    def _read(self, stream_id: int, state: _Stream) -> bool:
+        """Ask quinn for the stream's next chunk (unless one is asked for already)."""
+        if state.reading or state.recv_done or self._closed_reason is not None:
+            return False
+        size = READ_CHUNK
+        if state.tracked:
+            room = self._window - state.buffered
+            if room <= 0:
+                return False
+            size = min(size, room)
+        try:
+            self._native.read(self.conn, stream_id, size)
+        except QuicmeshError:  # the connection is gone: its close event follows
+            return False
+        state.reading = True
+        return True
+
+    # -- EngineConnection: streams ------------------------------------------------------
+
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int:
+        """The ID of the next stream we open; quinn opens it now (kept until used).
+
+        :raises EngineError: the peer's stream limit allows no new stream now
+            (:meth:`can_open_bidi_stream` says so first for request streams).
+        """
+        spare = self._spare.get(is_unidirectional)
+        if spare is not None:
+            return spare
+        stream_id = self._try_open(bidirectional=not is_unidirectional)
+        if stream_id is None:
+            raise EngineError("the peer's stream limit allows no new stream now")
+        return stream_id
+
+    def _try_open(self, *, bidirectional: bool) -> int | None:
+        try:
+            stream_id: int | None = self._native.try_open_stream(
+                self.conn, bidirectional=bidirectional
+            )
+        except QuicmeshError:  # connection gone (its close event follows)
+            return None
+        if stream_id is not None:
+            self._spare[not bidirectional] = stream_id
+            self._stream(stream_id)
+        return stream_id
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Queue ``data`` (and FIN) on a stream."""
+        for direction, spare in list(self._spare.items()):
+            if spare == stream_id:
+                del self._spare[direction]
+        state = self._stream(stream_id)
+        if state.send_done:
+            return  # reset or stopped: nothing more goes out
+        try:
+            if data:
+                self._native.write(self.conn, stream_id, data)
+                state.unsent += len(data)
+            if end_stream:
+                self._native.finish(self.conn, stream_id)
+                state.send_done = True
+        except QuicmeshError:  # the stream or the connection ended: events follow
+            state.send_done = True
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        """Abandon sending on a stream (RESET_STREAM)."""
+        state = self._stream(stream_id)
+        if not state.send_done:
+            with contextlib.suppress(QuicmeshError):
+                self._native.reset(self.conn, stream_id, error_code)
+        state.send_done = True
+        state.unsent = 0
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        """Ask the peer to stop sending on a stream (STOP_SENDING)."""
+        state = self._stream(stream_id)
+        if not state.recv_done:
+            with contextlib.suppress(QuicmeshError):
+                self._native.stop_sending(self.conn, stream_id, error_code)
+        state.recv_done = True
+
+    def next_event(self) -> Any:
+        """The next pending event, or None."""
+        if not self._events:
+            return None
+        return self._events.pop(0)
+
+    def close(
+        self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""
+    ) -> None:
+        """Close the connection with an application CONNECTION_CLOSE (quinn sends
+        transport closes itself)."""
+        if self.conn < 0:
+            # Not reported yet: the endpoint closes it when it is (the pump forgets the token).
+            if self.token is not None:
+                self._pump.connecting.pop(self.token, None)
+            self.terminated("locally_closed", reason_phrase or "closed before the handshake")
+            return
+        if self._closed_reason is not None:
+            return
+        with contextlib.suppress(QuicmeshError):
+            self._native.close_connection(self.conn, error_code, reason_phrase)
+
+    def send_ping(self, uid: int) -> None:
+        """Nothing: quinn sends keepalive PINGs itself (``keep_alive``)."""
+
+    # -- read-driven credit and sender state --
+
+    def track_stream(self, stream_id: int) -> None:
+        """Read the stream only while its unread payload is below the stream window."""
+        state = self._stream(stream_id)
+        state.tracked = True
+        self._read(stream_id, state)
+
+    def stream_delivered(self, stream_id: int, stream_bytes: int, payload_bytes: int) -> None:
+        """Count the payload now waiting for the application; read on if there is room."""
+        state = self._streams.get(stream_id)
+        if state is None or not state.tracked:
+            return
+        state.buffered += payload_bytes
+        self._read(stream_id, state)
+
+    def stream_consumed(self, stream_id: int, payload_bytes: int) -> bool:
+        """The application read ``payload_bytes``: ask quinn for more if that made room."""
+        state = self._streams.get(stream_id)
+        if state is None or not state.tracked:
+            return False
+        state.buffered = max(0, state.buffered - payload_bytes)
+        return self._read(stream_id, state)
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The stream is finished: its unread payload holds nothing back."""
+        state = self._streams.get(stream_id)
+        if state is not None:
+            state.tracked = False
+            state.buffered = 0
+            self._read(stream_id, state)
+
+    def stream_unsent_bytes(self, stream_id: int) -> int:
+        """Bytes written that quinn has not taken (within the peer's credit) yet."""
+        state = self._streams.get(stream_id)
+        return state.unsent if state is not None else 0
+
+    def stream_is_open(self, stream_id: int) -> bool:
+        """Whether either direction of the stream can still carry something."""
+        state = self._streams.get(stream_id)
+        if self._closed_reason is not None:
+            return False
+        return state is not None and not (state.send_done and state.recv_done)
+
+    def has_request_streams(self) -> bool:
+        """Whether a bidirectional stream is still open."""
+        return any(
+            not stream_id & 2 and not (state.send_done and state.recv_done)
+            for stream_id, state in self._streams.items()
+        )
+
+    def can_open_bidi_stream(self) -> bool:
+        """Whether a bidirectional stream can be opened now; if not, the engine asks
+        quinn to open one as soon as the peer allows it, and wakes the driver then."""
+        if self._closed_reason is not None or self.conn < 0:
+            return False
+        if False in self._spare or self._try_open(bidirectional=True) is not None:
+            return True
+        if not self._opening:
+            with contextlib.suppress(QuicmeshError):
+                self._native.open_stream(self.conn, bidirectional=True)
+                self._opening = True
+        return False
+
+    # -- TLS and tickets --
+
+    def peer_certificate(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+        """The peer's certificate and chain, as rustls verified them (a resumed
+        session restores the ones verified when its ticket was issued)."""
+        if self._certificates is None or self._certificates[0] is None:
+            try:
+                der = self._native.peer_certificates(self.conn)
+            except QuicmeshError:  # gone: nothing to show
+                der = []
+            chain = [x509.load_der_x509_certificate(item) for item in der]
+            self._certificates = (chain[0], chain[1:]) if chain else (None, [])
+        return self._certificates
+
+    def resend_early_data(self, now: float) -> int:
+        """Not done by this engine: streams of a rejected 0-RTT flight are reset."""
+        return 0
+
+    # -- closing, liveness, paths --
+
+    def closing_reason(self) -> str | None:
+        """Why the connection ended, once the engine reported it."""
+        return self._closed_reason
+
+    def is_draining(self) -> bool:
+        """quinn keeps the draining state to itself."""
+        return False
+
+    def probe_timeouts(self) -> int:
+        """Not exposed by quinn (see the module docstring)."""
+        return 0
+
+    def awaiting_ack(self) -> bool:
+        """Not exposed by quinn (see the module docstring)."""
+        return False
+
+    def active_path(self) -> tuple[Any, bool] | None:
+        """The peer's address (quinn validates paths before using them)."""
+        if self.conn < 0 or self._closed_reason is not None:
+            return None
+        try:
+            host, port = self._native.remote_address(self.conn)
+        except QuicmeshError:  # gone
+            return None
+        return (str(host), int(port)), True
+
+    def spare_connection_ids(self) -> int:
+        """Not exposed by quinn (it picks the next connection ID when it migrates)."""
+        return 0
+
+    def change_connection_id(self) -> None:
+        """Nothing: quinn changes the connection ID on a new path itself."""
+
+    def attach_stream_rate(self, bucket: Any) -> None:
+        """Not supported by this engine (quinn grants MAX_STREAMS as streams end)."""
+
+    def stats(self) -> dict[str, Any]:
+        """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection."""
+        try:
+            native = dict(self._native.stats(self.conn)) if self.conn >= 0 else {}
+        except QuicmeshError:  # gone: the last figures are lost
+            native = {}
+        return {
+            "rtt": native.get("rtt"),
+            "rtt_min": native.get("min_rtt"),
+            "cwnd": native.get("cwnd"),
+            "bytes_in_flight": None,
+            "congestion_control": self._pump.congestion,
+            "packets_lost": int(native.get("lost_packets", 0)),
+            "zero_rtt_packets_sent": 0,
+            "bytes_sent": int(native.get("bytes_sent", 0)),
+            "bytes_received": int(native.get("bytes_received", 0)),
+            "packets_sent": int(native.get("datagrams_sent", 0)),
+            "packets_received": int(native.get("datagrams_received", 0)),
+            "send_calls": int(native.get("send_calls", 0)),
+            "receive_calls": int(native.get("receive_calls", 0)),
+            "mtu": native.get("mtu"),
+        }
+
+    # -- SocketConnection --
+
+    def flush(self) -> None:
+        """Nothing to do: each command reached the engine thread when issued."""
+
+    async def migrate(self, local_address: Address | None) -> Address:
+        """(client) Move the client endpoint to a new UDP socket; quinn uses a new
+        connection ID there and the server validates the path. Every connection of
+        the endpoint moves (one socket per transport and event loop)."""
+        host = local_address[0] if local_address is not None else self.local_address()[0]
+        port = local_address[1] if local_address is not None else 0
+        try:
+            new_host, new_port = self._native.rebind(host, port)
+        except QuicmeshError as exc:  # the extension raises ConfigError/ConnectError
+            raise EngineError(f"cannot open a UDP socket on {host}:{port}: {exc}") from None
+        return str(new_host), int(new_port)
+
+    def local_address(self) -> Address:
+        """The local address of the endpoint's socket."""
+        host, port = self._native.local_address()
+        return str(host), int(port)
+
+
+class NativeListener:
+    """(server) One native endpoint accepting connections (:class:`~.engine.EngineListener`)."""
+
+    def __init__(self, pump: _Pump, wake: Callable[[], None]) -> None:
+        self._pump = pump
+        self._accepted: list[NativeConnection] = []
+        self._refused: list[str] = []
+        self._wake = wake
+        pump.on_accepted = self._on_accepted
+        pump.on_accept_failed = self._on_accept_failed
+
+    def _on_accepted(self, connection: NativeConnection) -> None:
+        self._accepted.append(connection)
+        self._wake()
+
+    def _on_accept_failed(self, kind: str, message: str) -> None:
+        logger.warning("refused client: %s", message)
+        self._refused.append(message if kind == "verification" else f"{kind}: {message}")
+        self._wake()
+
+    def refused(self) -> list[str]:
+        """Why each handshake refused since the last call failed."""
+        refused, self._refused = self._refused, []
+        return refused
+
+    @property
+    def address(self) -> Address:
+        """The bound address."""
+        host, port = self._pump.endpoint.local_address()
+        return str(host), int(port)
+
+    def accepted(self) -> Iterable[SocketConnection]:
+        """Connections accepted since the last call (their first events wait)."""
+        accepted, self._accepted = self._accepted, []
+        return accepted
+
+    def close(self) -> None:
+        """Close every connection (CONNECTION_CLOSE) and the socket."""
+        self._pump.close()
+
+
+class NativeEngine:
+    """The native engine: quinn 0.11 + rustls in Rust (see the module docstring)."""
+
+    name = "native"
+    io: Literal["datagrams", "socket"] = "socket"
+
+    def __init__(self) -> None:
+        _extension()
+        self._clients: dict[Any, _Pump] = {}
+        self._server_identities: dict[Address, str] = {}
+        """(client) The identity each server address was last verified as (what a
+        resumed 0-RTT connection serves under until the server answers)."""
+
+    def congestion_controls(self) -> list[str]:
+        """``bbr``, ``cubic`` and ``reno`` (quinn's ``newreno``)."""
+        return ["bbr", "cubic", "reno"]
+
+    def server_identity(self, address: Address) -> str | None:
+        """(client) The identity the server at ``address`` had at its last full handshake."""
+        return self._server_identities.get(address)
+
+    def _client_pump(self, limits: EngineLimits, tls: EngineTls, address: Address) -> _Pump:
+        """The client endpoint for this loop, identity and settings (one UDP socket)."""
+        loop = asyncio.get_running_loop()
+        local = ("::", 0) if ":" in address[0] else ("0.0.0.0", 0)
+        key = (id(loop), id(tls.identity), id(tls.trust), limits, local[0])
+        pump = self._clients.get(key)
+        if pump is None or pump.closed or pump.loop is not loop:
+            endpoint = _endpoint(limits, tls, local, server=False, early_data=True)
+            pump = _Pump(endpoint, loop, limits)
+            self._clients = {k: p for k, p in self._clients.items() if not p.loop.is_closed()}
+            self._clients[key] = pump
+        return pump
+
+    def connect(
+        self,
+        limits: EngineLimits,
+        tls: EngineTls,
+        address: Address,
+        *,
+        wake: Callable[[], None] | None = None,
+    ) -> NativeConnection:
+        """A client connection to ``address``, its first flight already on its way
+        (0-RTT when the endpoint holds a ticket for that address: :attr:`NativeConnection.early`).
+
+        :raises ConfigError: bad identity or settings.
+        :raises EngineError: the connection cannot be started.
+        """
+        pump = self._client_pump(limits, tls, address)
+        connection = NativeConnection(pump, is_client=True)
+        if wake is not None:
+            connection.set_wake(wake)
+        connection.on_verified = lambda identity: self._server_identities.__setitem__(
+            address, identity
+        )
+        try:
+            token = pump.endpoint.connect(address[0], address[1])
+        except QuicmeshError as exc:  # ConfigError / ConnectError from the extension
+            raise EngineError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from None
+        connection.token = token
+        connection.ticket_identity = self._server_identities.get(address)
+        pump.connecting[token] = connection
+        # A resumed connection is reported at once ("connected", early): take it now.
+        for event in pump.endpoint.drain():
+            pump._route(event)
+        return connection
+
+    def accept(self, *args: Any, **kwargs: Any) -> Any:
+        """Not for a socket engine: quinn accepts connections itself (:meth:`listen`)."""
+        raise NotImplementedError("the native engine owns its sockets: use listen()")
+
+    def listen(
+        self,
+        limits: EngineLimits,
+        tls: EngineTls,
+        address: Address,
+        *,
+        wake: Callable[[], None],
+    ) -> NativeListener:
+        """Listen on ``address`` (0-RTT with single-use tickets when
+        ``tls.accept_early_data``).
+
+        :raises EngineError: the socket cannot be bound, or a bad identity.
+        """
+        try:
+            endpoint = _endpoint(
+                limits,
+                tls,
+                address,
+                server=True,
+                early_data=tls.accept_early_data,
+            )
+        except ConfigError as exc:
+            raise EngineError(str(exc)) from None
+        return NativeListener(_Pump(endpoint, asyncio.get_running_loop(), limits), wake)

@@ -1,0 +1,200 @@
+"""``QuicTransport`` on both QUIC engines: mixed pairs, 0-RTT, replay, migration.
+
+The contract suite (tests/transport/test_contract.py, ``quic-native``) runs the
+socket-interface properties and the stalled reader on the native engine; this
+file covers what is QUIC-specific, parametrised by engine. Native cases skip with
+the reason where the extension is not built and fail under
+``QUICMESH_REQUIRE_NATIVE=1`` (:func:`quic_helpers.require_engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import pytest
+from quic_helpers import (
+    CA,
+    CLIENT,
+    SERVER,
+    TARGET,
+    Recorder,
+    exchange,
+    require_engine,
+    run,
+    until,
+    zero_rtt_bytes,
+)
+from test_migration import STREAMS, Transfer, echo
+
+from quicmesh import QuicTransport
+from quicmesh.bench.relay import UdpRelay
+
+PAIRS = [("native", "aioquic"), ("aioquic", "native"), ("native", "native")]
+"""(client engine, server engine)."""
+
+
+def transport(engine: str, identity: object = CLIENT, **kwargs: object) -> QuicTransport:
+    require_engine(engine)
+    kwargs.setdefault("congestion_control", "cubic")
+    return QuicTransport(identity=identity, trust=CA.trust_bundle, engine=engine, **kwargs)  # type: ignore[arg-type]
+
+
+async def prime(client: QuicTransport, address: tuple[str, int]) -> None:
+    """One full handshake and a round trip, so that the client holds a ticket."""
+    conn = await client.connect(address)
+    assert conn.early_data == "none"
+    assert await exchange(conn, b"prime", "prime") == b"prime"
+    if client.engine.name == "aioquic":
+        await until(lambda: client.ticket_cache.count(address) > 0)
+    # The native engine's tickets arrive with the handshake, before any stream data.
+    conn.close()
+    await conn.wait_closed()
+
+
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+def test_mixed_engines_carry_streams_with_identities_both_ways(
+    client_engine: str, server_engine: str
+) -> None:
+    rng = random.Random(16)
+    payloads = [rng.randbytes(size) for size in (0, 1, 1500, 70000, 1 << 20)]
+    seen: list[str] = []
+
+    async def handler(stream: object) -> None:
+        seen.append(stream.peer_identity)  # type: ignore[attr-defined]
+        await echo(stream)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        server = transport(server_engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await transport(client_engine).connect(listener.address)
+        assert conn.peer_identity == SERVER.spiffe_id
+
+        async def one(payload: bytes) -> None:
+            stream = await conn.open_stream(TARGET)
+            stream.write(payload)
+            await stream.drain()
+            stream.write_eof()
+            back = await stream.read()
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+
+        await asyncio.gather(*(one(p) for p in payloads))
+        stats = conn.stats()
+        assert stats["streams_opened"] == len(payloads)
+        assert stats["rtt"] is not None and stats["rtt"] > 0
+        assert stats["packets_sent"] > 0 and stats["bytes_received"] > sum(map(len, payloads))
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert seen == [CLIENT.spiffe_id] * len(payloads)
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_accepted_0rtt_carries_the_connect_and_payload_in_0rtt_packets(engine: str) -> None:
+    payload = random.Random(6).randbytes(8000)
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        relay = await UdpRelay(listener.address, record=True).start()
+        client = transport(engine)
+        await prime(client, relay.address)
+        relay.captured.clear()
+
+        conn = await client.connect(relay.address, early_data=True)
+        assert conn.early_data == "attempted"
+        assert conn.peer_identity == SERVER.spiffe_id  # from the ticket, until confirmed
+        stream = await conn.open_stream(TARGET, headers={"x-request-id": "0"}, wait_response=False)
+        stream.write(payload)
+        stream.write_eof()
+        assert await stream.read() == payload
+        assert conn.early_data == "accepted"
+        assert conn.stats()["zero_rtt_accepted"] == 1
+        # The CONNECT and the whole payload went in 0-RTT packets, as seen on the wire.
+        assert zero_rtt_bytes(relay.captured) > len(payload)
+        assert client.counters["zero_rtt_attempted"] == client.counters["zero_rtt_accepted"] == 1
+        assert [c.peer_identity for c in listener.connections] == [CLIENT.spiffe_id]
+        conn.close()
+        await conn.wait_closed()
+        relay.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert recorder.received["0"] == [payload]
+
+
+def test_native_replayed_0rtt_flight_is_delivered_once() -> None:
+    """A recorded first flight (Initial + 0-RTT), replayed from other addresses while
+    the connection lives and after it ended, reaches the application once: the
+    server's tickets are single use (rustls takes a ticket out of its store)."""
+    recorder = Recorder()
+
+    async def main() -> None:
+        server = transport("native", SERVER)
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        relay = await UdpRelay(listener.address, record=True).start()
+        client = transport("native")
+        await prime(client, relay.address)
+        relay.captured.clear()
+        conn = await client.connect(relay.address, early_data=True)
+        assert conn.early_data == "attempted"
+        stream = await conn.open_stream(TARGET, headers={"x-request-id": "0"}, wait_response=False)
+        stream.write(b"transfer 100 coins")
+        stream.write_eof()
+        assert await stream.read() == b"transfer 100 coins"
+        assert conn.early_data == "accepted"
+        first_flight = list(relay.captured[:3])
+        assert zero_rtt_bytes(first_flight) > 0
+
+        await relay.replay(first_flight)  # while the connection lives
+        conn.close()
+        await conn.wait_closed()
+        await until(lambda: not listener.connections)
+        await relay.replay(first_flight)  # after it ended
+        # A full round trip on a fresh connection: the replays were processed before it.
+        barrier = await transport("native").connect(listener.address)
+        assert await exchange(barrier, b"barrier", "barrier") == b"barrier"
+        barrier.close()
+        await barrier.wait_closed()
+        relay.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert recorder.received["0"] == [b"transfer 100 coins"]
+
+
+@pytest.mark.parametrize("server_engine", ["aioquic", "native"])
+def test_native_client_migrates_mid_transfer_on_many_streams(server_engine: str) -> None:
+    async def main() -> None:
+        server = transport(server_engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        conn = await transport("native").connect(listener.address)
+        old_port = conn.local_address[1]
+
+        async def migrate() -> None:
+            await conn.migrate()
+
+        await Transfer(conn).run(migrate)
+        assert conn.stats()["migrations_active"] == 1
+        new_port = conn.local_address[1]
+        assert new_port != old_port
+        (accepted,) = listener.connections
+        await until(lambda: accepted.stats()["path"][1] == new_port)
+        assert accepted.stats()["path_validated"]
+        if server_engine == "aioquic":
+            assert server.counters["migrations_peer_address_change"] == 1
+            assert server.counters["path_validations_ok"] >= 1
+        assert conn.stats()["streams_opened"] == STREAMS
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
