@@ -29,9 +29,11 @@ class RateLimitedLog:
         self._next: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless ``kind`` was logged in the last interval;
-        return whether it was logged."""
+    def log(
+        self, level: int, kind: str, message: str, *args: object, exc_info: bool = False
+    ) -> bool:
+        """Log ``message % args`` (with the exception being handled if ``exc_info``)
+        unless ``kind`` was logged in the last interval; return whether it was logged."""
         now = self._clock()
         if now < self._next.get(kind, float("-inf")):
             self._suppressed[kind] += 1
@@ -40,5 +42,5 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(kind, 0)
         if suppressed:
             message += f" ({suppressed} more like this in the last {self._interval:g}s)"
-        self._logger.log(level, message, *args)
+        self._logger.log(level, message, *args, exc_info=exc_info)
         return True

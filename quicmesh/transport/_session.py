@@ -408,7 +408,16 @@ class SessionConnection(PeerConnection):
             self.log.info("stream %d to %s ended: %s", stream.stream_id, stream.target, exc)
             stream.abort()
         except Exception:
-            self.log.exception("handler failed on stream %d to %s", stream.stream_id, stream.target)
+            # Rate-limited: if a peer can make a handler fail, it can do so per stream.
+            REFUSAL_LOG.log(
+                logging.ERROR,
+                "handler_failed",
+                "[%s] handler failed on stream %d to %s",
+                self._log_id,
+                stream.stream_id,
+                stream.target,
+                exc_info=True,
+            )
             if not stream.closed:
                 try:
                     stream.refuse(500, "handler failed")

@@ -329,6 +329,13 @@ class H3TunnelSession(TunnelSession):
         return stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
+        record = self._streams.get(stream_id)
+        if (record is not None and record.aborted) or not _aioquic.stream_is_open(
+            self.quic, stream_id
+        ):
+            # The peer reset the stream before it was answered (rapid reset): the
+            # answer is dropped, as data written after a reset is.
+            return
         try:
             self.h3.send_headers(
                 stream_id, response_fields(status, reason), end_stream=status != 200

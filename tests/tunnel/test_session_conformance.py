@@ -350,3 +350,34 @@ def test_the_stream_limit_holds_and_frees_up(make_pair: Callable[..., Pair]) -> 
     else:
         with pytest.raises(RuntimeError, match="exactly one stream"):
             pair.client.open_stream(TARGET, {})
+
+
+@pytest.mark.parametrize("status", [200, 403])
+def test_answering_a_stream_the_peer_already_reset_is_dropped(
+    make_pair: Callable[..., Pair], status: int
+) -> None:
+    # Rapid reset (issue 13): the peer resets a stream before the server's
+    # handler answers it. The late answer is dropped, as data written after a
+    # reset is, instead of raising out of the session (aioquic raised
+    # RuntimeError, a traceback per churned stream in the sidecar's log).
+    pair = make_pair()
+    other = pair.open(parse_target("ratings.default.svc:80")) if pair.multiplexed else None
+    stream_id = pair.client.open_stream(TARGET, {})
+    _, server_events = pair.exchange()
+    assert [e.stream_id for e in server_events if isinstance(e, events.StreamRequested)] == [
+        stream_id
+    ]
+    pair.client.reset_stream(stream_id, ResetReason.CANCELLED)
+    # One move, not until quiet: the handler answers before the resets are acknowledged.
+    _, server_events, _ = pair._move()
+    if pair.in_band_reset:
+        assert len(resets(server_events, stream_id)) == 1
+    pair.server.respond(stream_id, status, "too late")
+    client_events, _ = pair.exchange()
+    assert not [e for e in client_events if isinstance(e, events.ResponseReceived)]
+    if other is not None:
+        pair.client.send_data(other, b"still here", end_stream=True)
+        pair.server.send_data(other, b"me too", end_stream=True)
+        client_events, server_events = pair.exchange()
+        assert payload(server_events, other) == b"still here" and ended(server_events, other)
+        assert payload(client_events, other) == b"me too" and ended(client_events, other)
