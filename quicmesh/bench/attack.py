@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import random
 import re
@@ -180,8 +182,12 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
     tick = 0.01
     while (now := time.monotonic()) < deadline:
         for stream_id in previous:
-            quic.reset_stream(stream_id, 0x10C)  # H3_REQUEST_CANCELLED, both ways
-            quic.stop_stream(stream_id, 0x10C)
+            # H3_REQUEST_CANCELLED, both ways; a stream the listener already
+            # refused and finished is gone.
+            with contextlib.suppress(ValueError, RuntimeError):
+                quic.reset_stream(stream_id, 0x10C)
+            with contextlib.suppress(ValueError, RuntimeError):
+                quic.stop_stream(stream_id, 0x10C)
         previous = []
         due = int((now - start) * count) - opened - held
         for _ in range(max(0, due)):
@@ -211,6 +217,10 @@ class Phase:
     handshakes: int = 0
     cpu: float = 0.0
     rss: int = 0
+    lag: float | None = None
+    """(--sidecars) The largest event-loop delay sidecar B reported, seconds."""
+    cuts: int = 0
+    """(--sidecars) Rate cuts sidecar B's overload action made during the phase."""
 
     def quantile(self, q: float) -> float:
         if not self.latencies:
@@ -273,11 +283,34 @@ async def _good_traffic(
     phase.cpu = _proc_cpu_rss(pid)[0] - cpu_before
 
 
-async def _good_tcp_traffic(phase: Phase, port: int, seconds: float, pid: int) -> None:
+async def _overload_of(admin_port: int) -> dict[str, Any]:
+    """Sidecar B's inbound overload view from its admin ``/stats`` (empty if unreadable)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", admin_port), 2)
+        try:
+            writer.write(b"GET /stats HTTP/1.0\r\nHost: b\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 2)
+        finally:
+            writer.close()
+        stats = json.loads(raw.partition(b"\r\n\r\n")[2])
+        for listener in stats["listeners"].values():
+            if "overload" in listener:
+                return cast(dict[str, Any], listener["overload"])
+    except (OSError, TimeoutError, ValueError, KeyError):
+        pass
+    return {}
+
+
+async def _good_tcp_traffic(
+    phase: Phase, port: int, seconds: float, pid: int, admin_port: int
+) -> None:
     """Good flows through sidecar A: a new TCP connection to its outbound
-    listener every 20 ms, 1 KiB echoed by the app behind sidecar B."""
+    listener every 20 ms, 1 KiB echoed by the app behind sidecar B; sidecar B's
+    event-loop delay read from its admin endpoint every half second."""
     loop = asyncio.get_running_loop()
     cpu_before, _ = _proc_cpu_rss(pid)
+    cuts_before = (await _overload_of(admin_port)).get("rate_cuts", 0)
+    next_poll = loop.time() + 0.5
     end = loop.time() + seconds
     payload = os.urandom(1024)
     tasks: list[asyncio.Task[None]] = []
@@ -298,11 +331,21 @@ async def _good_tcp_traffic(phase: Phase, port: int, seconds: float, pid: int) -
         except Exception:
             phase.failures += 1
 
+    async def poll() -> None:
+        overload = await _overload_of(admin_port)
+        if "loop_lag" in overload:
+            phase.lag = max(phase.lag or 0.0, overload["loop_lag"])
+            phase.cuts = overload.get("rate_cuts", 0) - cuts_before
+
     while loop.time() < end:
         tasks.append(loop.create_task(one_flow()))
+        if loop.time() >= next_poll:
+            next_poll += 0.5
+            tasks.append(loop.create_task(poll()))
         await asyncio.sleep(0.02)
         phase.rss = max(phase.rss, _proc_cpu_rss(pid)[1])
     await asyncio.gather(*tasks)
+    await poll()
     phase.cpu = _proc_cpu_rss(pid)[0] - cpu_before
 
 
@@ -341,7 +384,7 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
         pid = sidecar_b.process.pid
 
         async def good(phase: Phase, seconds: float) -> None:
-            await _good_tcp_traffic(phase, ports.echo_a, seconds, pid)
+            await _good_tcp_traffic(phase, ports.echo_a, seconds, pid, ports.admin_b)
 
         return await _probe_phases(probe, args, workdir, ports.tunnel_b, good)
     finally:
@@ -507,6 +550,11 @@ def main(argv: list[str]) -> int:
                     f"  handshakes {phase.handshakes:3d}  p50 {phase.quantile(0.5):7.2f} ms"
                     f"  p99 {phase.quantile(0.99):7.2f} ms  {who} CPU {phase.cpu:5.2f} s"
                     f"  peak RSS {phase.rss / 2**20:6.1f} MiB"
+                    + (
+                        f"  loop lag {phase.lag * 1000:5.0f} ms  rate cuts {phase.cuts}"
+                        if phase.lag is not None
+                        else ""
+                    )
                 )
             base, during = phases[0].quantile(0.99), phases[1].quantile(0.99)
             ratio = during / base if base else float("inf")

@@ -35,7 +35,13 @@ from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
-from .overload import OverloadManager, default_max_descriptors, measure
+from .overload import (
+    LOOP_LAG_TICK,
+    OverloadManager,
+    StreamRateGovernor,
+    default_max_descriptors,
+    measure,
+)
 from .policy import refusal_reason, split_target
 from .stats import ListenerStats
 from .tracing import continue_or_start
@@ -149,6 +155,9 @@ class InboundListener:
         self._active: dict[MeshStream, None] = {}
         """Inbound streams admitted, oldest first (the newest are shed first)."""
         self._sampler: asyncio.Task[None] | None = None
+        self.governor = StreamRateGovernor(base_rate=config.max_stream_rate or None)
+        """The overload action on event-loop delay (:class:`.overload.StreamRateGovernor`)."""
+        self._lag_probe: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Listen on the address with every transport.
@@ -169,7 +178,28 @@ class InboundListener:
             raise
         self.stats.overload = self._overload_view
         self._sample()
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_every_second())
+        loop = asyncio.get_running_loop()
+        self._sampler = loop.create_task(self._sample_every_second())
+        self._lag_probe = loop.call_at(loop.time() + LOOP_LAG_TICK, self._probe_lag, loop)
+
+    def _probe_lag(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Measure how late this timer fired (the event loop's delay) and apply the
+        governor's rate changes to every transport that can withhold stream credit."""
+        assert self._lag_probe is not None
+        now = loop.time()
+        delay = max(0.0, now - self._lag_probe.when())
+        for identity, rate in self.governor.observe(delay, now).items():
+            applied = [t.set_stream_rate(identity, rate) for t in self._transports]
+            if rate is not None and any(applied):
+                REFUSAL_LOG.log(
+                    logging.WARNING,
+                    "loop_lag",
+                    "overloaded: event loop %.0f ms late; %s may open %.0f new streams/s",
+                    delay * 1000,
+                    identity,
+                    rate,
+                )
+        self._lag_probe = loop.call_at(now + LOOP_LAG_TICK, self._probe_lag, loop)
 
     async def _sample_every_second(self) -> None:
         while True:
@@ -295,6 +325,9 @@ class InboundListener:
             "buffer_resets": overload.buffer_resets,
             "buffered": overload.buffered,
             "streams": overload.streams,
+            "loop_lag": self.governor.lag,
+            "rate_cuts": self.governor.cuts,
+            "slowed": dict(self.governor.rates),
         }
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -316,6 +349,9 @@ class InboundListener:
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
+            self._lag_probe = None
         for listener in self._listeners:
             listener.close()
 
@@ -355,6 +391,7 @@ class InboundListener:
         start, started = time.time(), time.monotonic()
         config = self.config
         stats = self.stats
+        self.governor.opened(stream.peer_identity)
         stats.streams_total += 1
         stats.streams_active += 1
         record = FlowRecord(

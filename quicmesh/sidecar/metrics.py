@@ -200,6 +200,14 @@ def _sidecar_families(snap: Snapshot) -> Iterator[Metric]:
     for result, count in snap["reloads"].items():
         reloads.add_metric([result], count)
     yield reloads
+    suppressed = CounterMetricFamily(
+        "quicmesh_access_log_suppressed",
+        "Access-log lines of refused flows left out by the per-identity limit, by outcome.",
+        labels=["outcome"],
+    )
+    for outcome, count in snap.get("access_log", {}).get("suppressed", {}).items():
+        suppressed.add_metric([outcome], count)
+    yield suppressed
     yield from _certificate_families(snap)
 
 
@@ -372,6 +380,21 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         "Bytes the inbound flows held in buffers at the last sample.",
         labels=["listener"],
     )
+    loop_lag = GaugeMetricFamily(
+        "quicmesh_listener_event_loop_lag_seconds",
+        "Largest delay of the event loop probed in the last second (overload action's input).",
+        labels=["listener"],
+    )
+    rate_cuts = CounterMetricFamily(
+        "quicmesh_listener_overload_stream_rate_cuts",
+        "Times the heaviest peer identity's new-stream rate was cut for event-loop delay.",
+        labels=["listener"],
+    )
+    slowed = GaugeMetricFamily(
+        "quicmesh_listener_overload_slowed_identities",
+        "Peer identities whose new-stream rate is cut now.",
+        labels=["listener"],
+    )
     buffer_resets = CounterMetricFamily(
         "quicmesh_listener_buffer_resets",
         "Inbound flows reset because their connection passed max_buffered_per_connection.",
@@ -390,12 +413,18 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         shed.add_metric([listener], overload["shed"])
         buffered.add_metric([listener], overload.get("buffered", 0))
         buffer_resets.add_metric([listener], overload.get("buffer_resets", 0))
+        loop_lag.add_metric([listener], overload.get("loop_lag", 0.0))
+        rate_cuts.add_metric([listener], overload.get("rate_cuts", 0))
+        slowed.add_metric([listener], len(overload.get("slowed", {})))
     yield state
     yield pressure
     yield refusals
     yield shed
     yield buffered
     yield buffer_resets
+    yield loop_lag
+    yield rate_cuts
+    yield slowed
 
 
 def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:

@@ -15,6 +15,15 @@ The fullest resource decides the state:
 
 Plus plain caps checked for every new stream: streams per peer identity, streams
 in total, connections per peer identity (:meth:`OverloadManager.admit_connection`).
+
+And one action on the event loop's delay (:class:`StreamRateGovernor`): the
+sidecar has a single event loop, so a peer that makes it parse and refuse
+streams as fast as its credit allows delays every other peer's flows. A timer
+probes the loop every :data:`LOOP_LAG_TICK` seconds; when it fires more than
+``overload_max_loop_lag`` late, the identity that opened the most streams
+lately gets its new-stream credit cut (the transport withholds MAX_STREAMS
+from all its connections, :meth:`~quicmesh.transport.base.Transport.set_stream_rate`),
+and it gets it back step by step once the loop is calm.
 The state, the pressures and the refusals are exported in ``/metrics``. The
 decision logic is sans-IO (:meth:`OverloadManager.update` takes the
 measurements); :func:`measure` reads ``/proc``.
@@ -22,6 +31,7 @@ measurements); :func:`measure` reads ``/proc``.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections import Counter
@@ -160,3 +170,108 @@ class OverloadManager:
     def _worst(self) -> str:
         name = max(self.pressure, key=lambda key: self.pressure[key])
         return f"{name} at {self.pressure[name]:.0%} of its limit"
+
+
+LOOP_LAG_TICK = 0.02
+"""Seconds between two probes of the event loop's delay."""
+
+DEFAULT_MAX_LOOP_LAG = 0.05
+"""Event-loop delay (seconds) past which the heaviest identity is slowed down."""
+
+
+@dataclass
+class StreamRateGovernor:
+    """Overload action on event-loop delay: slow down the heaviest identity (sans-IO).
+
+    The caller reports every new inbound stream (:meth:`opened`) and every probe
+    of the loop's delay (:meth:`observe`), and applies the rate changes
+    :meth:`observe` returns to its transports. When a probe fires more than
+    ``max_lag`` late, the identity that opened the most streams in the last
+    one to two ``window`` seconds, if it opened more than ``heavy`` a second, gets
+    its rate cut to half of what it opened (not below ``floor``), at most once per
+    ``hold`` seconds (AIMD's decrease). Identities opening fewer than ``heavy``
+    streams a second are never cut, however late the loop: their flows are the
+    traffic being protected, and a machine busy for other reasons would
+    otherwise slow them down. Once every probe stayed under half of ``max_lag`` for
+    ``recover`` seconds, each slowed identity's rate doubles, and goes back to
+    the transport's own (``None``) when it reaches ``base_rate``.
+
+    :param max_lag: seconds of delay that count as overload.
+    :param base_rate: the transport's new-stream rate per identity (None: unlimited).
+    """
+
+    max_lag: float = DEFAULT_MAX_LOOP_LAG
+    base_rate: float | None = 1000.0
+    floor: float = 10.0
+    heavy: float = 100.0
+    hold: float = 0.2
+    recover: float = 2.0
+    window: float = 1.0
+    rates: dict[str, float] = field(default_factory=dict)
+    """Identities slowed down now, and their rates."""
+    cuts: int = 0
+    """Rate cuts made."""
+    lag: float = 0.0
+    """The largest delay probed in the last full window (seconds)."""
+    _opened: Counter[str] = field(default_factory=Counter)
+    _previous: Counter[str] = field(default_factory=Counter)
+    _window_start: float | None = None
+    _window_lag: float = 0.0
+    _last_cut: float = -math.inf
+    _calm_since: float | None = None
+
+    def opened(self, identity: str) -> None:
+        """A new inbound stream of ``identity`` reached the listener."""
+        self._opened[identity] += 1
+
+    def observe(self, delay: float, now: float) -> dict[str, float | None]:
+        """A probe fired ``delay`` seconds late at ``now``; the rate changes to apply
+        (identity: new rate, or None for the transport's own)."""
+        if self._window_start is None:
+            self._window_start = now
+        elif now - self._window_start >= self.window:
+            self.lag, self._window_lag = self._window_lag, 0.0
+            self._previous, self._opened = self._opened, Counter()
+            self._window_start = now
+        self._window_lag = max(self._window_lag, delay)
+        if delay > self.max_lag:
+            self._calm_since = None
+            if now - self._last_cut >= self.hold:
+                return self._cut(now)
+        elif delay < self.max_lag / 2:
+            if self._calm_since is None:
+                self._calm_since = now
+            elif now - self._calm_since >= self.recover and self.rates:
+                self._calm_since = now
+                return self._restore()
+        return {}
+
+    def _cut(self, now: float) -> dict[str, float | None]:
+        assert self._window_start is not None
+        seconds = self.window + (now - self._window_start)
+        recent = self._opened + self._previous
+        if not recent:
+            return {}
+        identity, count = recent.most_common(1)[0]
+        opened_rate = count / seconds
+        if opened_rate <= self.heavy:
+            return {}
+        current = self.rates.get(identity, self.base_rate or math.inf)
+        rate = max(self.floor, min(current, opened_rate) / 2)
+        if rate >= current:
+            return {}
+        self.rates[identity] = rate
+        self.cuts += 1
+        self._last_cut = now
+        return {identity: rate}
+
+    def _restore(self) -> dict[str, float | None]:
+        changes: dict[str, float | None] = {}
+        for identity, rate in list(self.rates.items()):
+            doubled = rate * 2
+            if self.base_rate is None or doubled < self.base_rate:
+                self.rates[identity] = changes[identity] = doubled
+            else:
+                del self.rates[identity]
+                changes[identity] = None
+        return changes

@@ -660,6 +660,7 @@ class Sidecar:
             "uptime": round(time.time() - self.started_at, 3),
             "flows_active": self.flows.active,
             "reloads": dict(self.reloads),
+            "access_log": {"suppressed": dict(self.access_log.refusals.suppressed)},
             "certificate": self.certs.snapshot(),
             "handshake_failures": self._handshake_failures(),
             **({"xds": self.xds.snapshot()} if self.xds is not None else {}),

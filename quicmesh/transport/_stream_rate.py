@@ -16,6 +16,12 @@ streams beyond the credit are never sent); a peer that ignores it gets
 STREAM_LIMIT_ERROR. The connection's first ``max_streams`` credit is not
 counted: the bucket bounds the *rate* of new streams, the concurrency limit
 stays ``max_streams``.
+
+An overload action may lower one identity's rate for a while
+(:meth:`StreamRates.set_rate`, the sidecar's event-loop delay governor): the
+identity's bucket, shared by all its connections, then refills more slowly and
+keeps at most a token, so that identity's new streams slow down at once while
+other identities keep theirs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import weakref
 
 DEFAULT_STREAM_RATE = 1000.0
 """New streams per second one peer identity may open, over all its connections."""
+
+
+UNLIMITED = 1e9
+"""The rate a bucket gets when its identity is no longer limited."""
 
 
 class StreamRate:
@@ -56,6 +66,16 @@ class StreamRate:
         """Tokens held at the last :meth:`take`."""
         return self._tokens
 
+    def set_rate(self, rate: float, now: float) -> None:
+        """Refill at ``rate`` from now on; a lower rate also empties the bucket
+        down to one token (a throttled peer gets no burst)."""
+        if rate <= 0:
+            raise ValueError("stream rate must be positive")
+        self.take(0, now)
+        if rate < self.rate:
+            self._tokens = min(self._tokens, 1.0)
+        self.rate = rate
+
 
 class StreamRates:
     """One :class:`StreamRate` per peer identity, kept while a connection uses it.
@@ -68,13 +88,35 @@ class StreamRates:
         self.rate = rate
         self.burst = burst
         self._buckets: weakref.WeakValueDictionary[str, StreamRate] = weakref.WeakValueDictionary()
+        self._overrides: dict[str, float] = {}
 
     def for_identity(self, identity: str, now: float) -> StreamRate | None:
         """The bucket of ``identity`` (the same object for all its connections)."""
-        if self.rate is None:
+        rate = self._overrides.get(identity, self.rate)
+        if rate is None:
             return None
         bucket = self._buckets.get(identity)
         if bucket is None:
-            bucket = StreamRate(self.rate, self.burst, now)
+            bucket = StreamRate(self.rate or UNLIMITED, self.burst, now)
+            if identity in self._overrides:
+                bucket.set_rate(rate, now)  # slowed down: no burst either
             self._buckets[identity] = bucket
         return bucket
+
+    def set_rate(self, identity: str, rate: float | None, now: float) -> None:
+        """Give ``identity`` its own ``rate`` (None: back to the transport's), for
+        its connections now and later. A connection accepted while the transport
+        had no rate at all carries no bucket and is not slowed."""
+        if rate is None:
+            self._overrides.pop(identity, None)
+            rate = self.rate
+        else:
+            self._overrides[identity] = rate
+        bucket = self._buckets.get(identity)
+        if bucket is not None:
+            # Unlimited again: a rate no peer reaches (the bucket stays attached).
+            bucket.set_rate(rate if rate is not None else UNLIMITED, now)
+
+    def rate_of(self, identity: str) -> float | None:
+        """The rate ``identity``'s new streams get now (None: not limited)."""
+        return self._overrides.get(identity, self.rate)

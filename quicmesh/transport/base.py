@@ -228,6 +228,16 @@ class Transport(ABC):
             returned before its handshake would always win the race with HTTP/2).
         """
 
+    def set_stream_rate(self, identity: str, rate: float | None) -> bool:
+        """(server) Let ``identity`` open at most ``rate`` new streams a second over
+        all its connections from now on (None: back to the transport's own limit).
+
+        An overload action (the sidecar slows its heaviest peer when its event loop
+        falls behind). Returns False where the transport cannot do it (H2, TCP: a
+        new stream there costs no credit to withhold), True otherwise.
+        """
+        return False
+
     def stats(self) -> dict[str, Any]:
         """Transport-wide state for the admin's ``/stats`` besides :attr:`counters`
         (an :class:`~quicmesh.AutoTransport`'s fallbacks); none by default."""

@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 from quicmesh.errors import ConfigError
 from quicmesh.sidecar.accesslog import (
     FIELDS,
+    REFUSED_OUTCOMES,
     TEXT,
     AccessLog,
     FlowRecord,
     Outcome,
+    RefusalLogLimit,
     parse_log_format,
 )
 from quicmesh.sidecar.config import parse_config
@@ -203,3 +205,76 @@ def test_reopen_keeps_the_old_file_when_the_path_cannot_be_opened(tmp_path: Path
     log.write(record())
     log.close()
     assert len((tmp_path / "moved.log").read_text().splitlines()) == 1
+
+
+# -- refused flows: a line per refusal, rate-limited per identity and outcome (issue 13) --
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refused_lines_are_limited_per_identity_and_say_how_many_were_left_out(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    log = AccessLog(str(tmp_path / "access.log"))
+    log.refusals = RefusalLogLimit(rate=10, burst=5, clock=clock)
+    churner = "spiffe://mesh.local/ns/default/sa/churner"
+    for _ in range(1000):  # a churning identity refused 1,000 times in the same instant
+        log.write(record(peer_identity=churner, outcome=Outcome.REFUSED))
+    log.write(record(outcome=Outcome.REFUSED))  # another identity has its own bucket
+    log.write(record(peer_identity=churner, outcome=Outcome.OVERFLOW))  # another outcome too
+    for _ in range(50):  # completed flows are never left out
+        log.write(record(peer_identity=churner))
+    clock.now += 0.15  # one more token (and a half)
+    log.write(record(peer_identity=churner, outcome=Outcome.REFUSED))
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    refused = [x for x in lines if x["peer_identity"] == churner and x["outcome"] == "refused"]
+    assert len(refused) == 6
+    assert [x["suppressed"] for x in refused] == [0, 0, 0, 0, 0, 995]
+    assert sum(x["outcome"] == "completed" for x in lines) == 50
+    assert sum(x["outcome"] == "overflow" for x in lines) == 1
+    assert sum(x["peer_identity"] != churner for x in lines) == 1
+    assert log.refusals.suppressed == {"refused": 995}
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 0.5), st.integers(0, 3), st.sampled_from(sorted(Outcome, key=str))),
+        max_size=300,
+    )
+)
+def test_refused_lines_never_exceed_the_bucket_and_every_flow_is_accounted(
+    flows: list[tuple[float, int, Outcome]],
+) -> None:
+    clock = Clock()
+    limit = RefusalLogLimit(rate=20, burst=4, clock=clock, max_keys=2)
+    start = clock.now
+    written: dict[tuple[int, Outcome], int] = {}
+    reported = 0
+    for delay, who, outcome in flows:
+        clock.now += delay
+        flow = record(peer_identity=f"spiffe://mesh.local/ns/a/sa/{who}", outcome=outcome)
+        if limit.admit(flow):
+            written[who, outcome] = written.get((who, outcome), 0) + 1
+            reported += flow.suppressed
+        else:
+            assert outcome in REFUSED_OUTCOMES
+    elapsed = clock.now - start
+    for (_, outcome), count in written.items():
+        if outcome in REFUSED_OUTCOMES:
+            # max_keys=2 may forget a bucket (a fresh burst), never more than once per flow
+            assert count <= len(flows)
+    left_out = sum(limit.suppressed.values())
+    assert left_out == len(flows) - sum(written.values())
+    assert reported <= left_out
+    refused_written = sum(c for (_, o), c in written.items() if o in REFUSED_OUTCOMES)
+    keys = {(w, o) for _, w, o in flows if o in REFUSED_OUTCOMES}
+    if len(keys) <= 2:  # no pruning possible: the token bucket holds exactly
+        assert refused_written <= len(keys) * (4 + 20 * elapsed) + 1e-9

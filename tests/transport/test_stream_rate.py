@@ -119,3 +119,61 @@ def test_identities_share_one_bucket_while_in_use() -> None:
     assert first is rates.for_identity("spiffe://a", 1.0)
     assert first is not rates.for_identity("spiffe://b", 1.0)
     assert StreamRates(None, burst=5).for_identity("spiffe://a", 0.0) is None
+
+
+def test_a_slowed_identity_gets_its_new_rate_on_every_connection_and_others_keep_theirs() -> None:
+    # The overload action (Transport.set_stream_rate): the sidecar cuts the heaviest
+    # identity's rate when its event loop falls behind, and restores it later.
+    async def main() -> tuple[int, int, int]:
+        server = QuicTransport(
+            identity=SERVER, trust=CA.trust_bundle, max_streams=SLOTS, max_stream_rate=1000
+        )
+        listener = await server.listen(("127.0.0.1", 0), _echo)
+        churner = QuicTransport(identity=CHURNER, trust=CA.trust_bundle)
+        other = QuicTransport(identity=OTHER, trust=CA.trust_bundle)
+        conns = [await churner.connect(listener.address) for _ in range(2)]
+        other_conn = await other.connect(listener.address)
+        try:
+            assert server.set_stream_rate(CHURNER.spiffe_id, RATE)
+            assert server.stream_rates.rate_of(CHURNER.spiffe_id) == RATE
+            slowed, others = await asyncio.gather(_churn(conns, 2.0), _churn([other_conn], 2.0))
+            assert server.set_stream_rate(CHURNER.spiffe_id, None)
+            assert server.stream_rates.rate_of(CHURNER.spiffe_id) == 1000
+            restored = await _churn(conns, 2.0)
+        finally:
+            for conn in [*conns, other_conn]:
+                conn.close()
+                await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+        return slowed, others, restored
+
+    slowed, others, restored = asyncio.run(asyncio.wait_for(main(), 60))
+    # Each connection starts with SLOTS credit; the cut left at most one token.
+    bound = 2 * SLOTS + 1 + RATE * 2.0 * 1.5
+    assert slowed <= bound
+    assert slowed >= RATE * 2.0 * 0.5  # slowed, not stalled
+    assert others > bound and restored > bound
+
+
+def test_a_cut_empties_the_bucket_and_later_connections_get_the_cut_rate() -> None:
+    rates = StreamRates(100.0, burst=50)
+    bucket = rates.for_identity("spiffe://a", 0.0)
+    assert bucket is not None and bucket.take(10, 0.0) == 10
+    rates.set_rate("spiffe://a", 2.0, 0.0)
+    assert bucket.take(10, 0.0) == 1  # one token left, no burst
+    assert bucket.take(10, 1.0) == 2  # then the cut rate
+    del bucket  # no connection of the identity left
+    later = rates.for_identity("spiffe://a", 5.0)
+    assert later is not None and later.rate == 2.0 and later.take(10, 5.0) == 1
+    rates.set_rate("spiffe://a", None, 5.0)
+    assert later.rate == 100.0 and rates.rate_of("spiffe://a") == 100.0
+    assert later.take(100, 6.0) == 50  # refills at the transport's rate up to the burst
+    # A transport without a rate can still slow one identity down.
+    unlimited = StreamRates(None, burst=5)
+    unlimited.set_rate("spiffe://b", 3.0, 0.0)
+    slowed = unlimited.for_identity("spiffe://b", 0.0)
+    assert slowed is not None and slowed.rate == 3.0
+    assert unlimited.for_identity("spiffe://c", 0.0) is None
+    unlimited.set_rate("spiffe://b", None, 1.0)
+    assert slowed.take(1000, 2.0) == 5 and unlimited.rate_of("spiffe://b") is None

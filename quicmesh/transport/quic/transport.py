@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import weakref
 from collections import Counter
 from typing import cast
@@ -231,6 +232,10 @@ class QuicTransport(Transport):
             raise ConfigError("stateless_reset_key must be at least 16 bytes")
         self.stateless_reset_key = stateless_reset_key or os.urandom(32)
         self._server_configurations: list[QuicConfiguration] = []
+
+    def set_stream_rate(self, identity: str, rate: float | None) -> bool:
+        self.stream_rates.set_rate(identity, rate, time.monotonic())
+        return True
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on, on listeners too."""

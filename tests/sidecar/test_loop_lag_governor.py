@@ -1,0 +1,225 @@
+"""Issue 13, stream churn: the overload action on event-loop delay.
+
+The sidecar has one event loop; when a timer probe fires more than
+``max_lag`` late, the identity that opened the most streams lately gets its
+new-stream credit cut (AIMD), never an identity opening few streams, and gets it
+back once the loop is calm. Sans-IO units (hypothesis included) and one real
+loopback run: a churning identity against an ``InboundListener`` whose loop is
+made late, while a light identity's flows carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from quic_helpers import CA, CLIENT, SERVER, run
+
+from quicmesh import QuicTransport
+from quicmesh.sidecar.config import parse_config
+from quicmesh.sidecar.flows import FlowTracker
+from quicmesh.sidecar.inbound import InboundListener
+from quicmesh.sidecar.metrics import Metrics
+from quicmesh.sidecar.overload import StreamRateGovernor
+from quicmesh.sidecar.stats import ListenerStats
+
+CHURNER = "spiffe://mesh.local/ns/default/sa/churner"
+INBOUND = """
+node: {name: b, identity: spiffe://mesh.local/ns/default/sa/server}
+tls: {ca_dir: ca}
+admin: {address: "127.0.0.1:15000"}
+listeners:
+  inbound:
+    - {name: mesh, address: "127.0.0.1:{port}", transports: [quic], destinations: ["127.0.0.1:*"],
+       max_stream_rate: 1000, max_streams: 8}
+"""
+LIGHT = "spiffe://mesh.local/ns/default/sa/light"
+
+
+def _open(governor: StreamRateGovernor, identity: str, count: int) -> None:
+    for _ in range(count):
+        governor.opened(identity)
+
+
+def test_a_late_loop_cuts_the_heaviest_identity_by_half_of_what_it_opened() -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000)
+    assert governor.observe(0.0, 0.0) == {}
+    _open(governor, CHURNER, 900)
+    _open(governor, LIGHT, 50)
+    assert governor.observe(0.01, 0.5) == {}  # on time: nothing
+    # 900 streams in 1.5 s of window: 600/s opened, cut to 300/s.
+    assert governor.observe(0.2, 0.5) == {CHURNER: 300.0}
+    assert governor.observe(0.2, 0.6) == {}  # hold: one cut per 0.2 s
+    assert governor.observe(0.2, 0.71) == {CHURNER: 150.0}
+    for step in range(1, 10):
+        governor.observe(0.2, 0.71 + 0.21 * step)
+    assert governor.rates == {CHURNER: governor.floor}  # never below the floor
+    assert LIGHT not in governor.rates
+    assert governor.cuts == 6  # 300, 150, 75, 37.5, 18.75, then the floor
+
+
+def test_an_identity_opening_few_streams_is_never_cut() -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000, heavy=100)
+    governor.observe(0.0, 0.0)
+    _open(governor, LIGHT, 50)  # 50 in the window: a light peer on a busy machine
+    for step in range(20):
+        assert governor.observe(0.5, 0.1 * step) == {}
+    assert governor.rates == {} and governor.cuts == 0
+
+
+def test_a_calm_loop_gives_the_rate_back_step_by_step() -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000, recover=2.0)
+    governor.observe(0.0, 0.0)
+    _open(governor, CHURNER, 3000)
+    assert governor.observe(0.3, 0.5) == {CHURNER: 500.0}
+    assert governor.observe(0.3, 0.8) == {CHURNER: 250.0}
+    now, changes = 0.8, []
+    while governor.rates and now < 30:
+        now += 0.02
+        if change := governor.observe(0.001, now):
+            changes.append(change)
+    assert changes == [{CHURNER: 500.0}, {CHURNER: None}]  # doubled, then the base again
+    assert governor.observe(0.001, now + 5) == {}
+    assert governor.lag < 0.05  # the last full window was calm
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 0.3),  # probe delay
+            st.floats(0.001, 0.1),  # time to the next probe
+            st.dictionaries(st.sampled_from("abcd"), st.integers(0, 60), max_size=4),
+        ),
+        max_size=200,
+    )
+)
+def test_rates_stay_between_the_floor_and_the_base_and_light_identities_keep_theirs(
+    probes: list[tuple[float, float, dict[str, int]]],
+) -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000, floor=10, heavy=100)
+    now = 0.0
+    opened: Counter[str] = Counter()
+    applied: dict[str, float] = {}
+    for delay, advance, streams in probes:
+        for identity, count in streams.items():
+            _open(governor, identity, count)
+            opened[identity] += count
+        now += advance
+        for identity, rate in governor.observe(delay, now).items():
+            if rate is None:
+                applied.pop(identity)
+            else:
+                assert 10 <= rate < 1000
+                applied[identity] = rate
+    assert applied == governor.rates
+    # An identity is only ever cut after opening more than `heavy` a second in
+    # a window of at least `window` seconds.
+    for identity in governor.rates:
+        assert opened[identity] > 100 * governor.window
+
+
+def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_is_not() -> None:
+    churner_identity = CA.issue(CHURNER)
+
+    async def main() -> None:
+        app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        stats = ListenerStats(name="mesh", kind="inbound")
+        listener = InboundListener(
+            parse_config(
+                INBOUND.replace("{port}", str(_free_udp_port())),
+                source="b.yaml",
+                base_dir=Path("."),
+            ).inbound[0],
+            SERVER,
+            CA.trust_bundle,
+            stats,
+            FlowTracker(),
+            lambda record: None,
+        )
+        # Everything here shares one loop with the stalls, so the churner is slow:
+        # "heavy" is lowered from its default 100 streams/s.
+        listener.governor = StreamRateGovernor(base_rate=1000, heavy=20)
+        await listener.start()
+        address = listener._listeners[0].address
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + 30
+
+        def stall() -> None:  # the CPU a churn costs, made visible: 80 ms busy every 100 ms
+            if loop.time() < stop and not listener.governor.rates:
+                end = time.monotonic() + 0.08
+                while time.monotonic() < end:
+                    pass
+                loop.call_later(0.02, stall)
+
+        churn_conn = await QuicTransport(identity=churner_identity, trust=CA.trust_bundle).connect(
+            address
+        )
+        light_conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
+
+        async def churn() -> None:
+            while loop.time() < stop and not listener.governor.rates:
+                streams = [await churn_conn.open_stream(target) for _ in range(8)]
+                for stream in streams:
+                    stream.abort()
+
+        async def light() -> int:
+            done = 0
+            while loop.time() < stop and not listener.governor.rates:
+                stream = await light_conn.open_stream(target)
+                stream.write(b"ping")
+                stream.write_eof()
+                assert await stream.read() == b"ping"
+                done += 1
+                await asyncio.sleep(0.2)
+            return done
+
+        loop.call_soon(stall)
+        _, flows = await asyncio.wait_for(asyncio.gather(churn(), light()), 40)
+        assert flows > 0
+        governor = listener.governor
+        assert CHURNER in governor.rates and CLIENT.spiffe_id not in governor.rates
+        assert governor.cuts >= 1
+        quic = listener._transports[0]
+        assert isinstance(quic, QuicTransport)
+        assert quic.stream_rates.rate_of(CHURNER) == governor.rates[CHURNER] < 1000
+        # The light identity still gets a flow through at once.
+        stream = await asyncio.wait_for(light_conn.open_stream(target), 10)
+        stream.write(b"still")
+        stream.write_eof()
+        assert await stream.read() == b"still"
+        snapshot = {"node": "b", "ready": True, "draining": False, "reloads": {}}
+        exposition = Metrics(lambda: {**snapshot, "listeners": {"mesh": stats.to_dict()}})
+        text = exposition.exposition().decode()
+        assert 'quicmesh_listener_overload_stream_rate_cuts_total{listener="mesh"}' in text
+        assert 'quicmesh_listener_overload_slowed_identities{listener="mesh"} 1.0' in text
+        assert "quicmesh_listener_event_loop_lag_seconds" in text
+        for conn in (churn_conn, light_conn):
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        app.close()
+        await app.wait_closed()
+
+    run(main())
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):  # the churner's flows are reset
+        while data := await reader.read(65536):
+            writer.write(data)
+    writer.close()
