@@ -191,6 +191,9 @@ class InboundListenerConfig:
     max_buffered_total: int = 1024
     """MiB all inbound flows may hold in buffers: the overload manager's third
     resource (503 from 90 %, shedding from 98 %)."""
+    overload_max_loop_lag: float = 0.05
+    """Seconds of event-loop delay past which the peer identity opening the most
+    streams gets its new-stream credit cut (QUIC; 0: off)."""
 
 
 INBOUND_LIMIT_KEYS = (
@@ -900,6 +903,7 @@ class _Loader:
                 "early_data",
                 *QUIC_ADMISSION_KEYS,
                 *INBOUND_LIMIT_KEYS,
+                "overload_max_loop_lag",
             }
         )
         transports_field = node.child("transports").required()
@@ -920,6 +924,9 @@ class _Loader:
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
                 admission[key] = node.child(key).integer(1, 1 << 40)
+        loop_lag = node.child("overload_max_loop_lag")
+        if loop_lag.value is not None:
+            admission["overload_max_loop_lag"] = loop_lag.duration(positive=False)
         return InboundListenerConfig(
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),

@@ -155,7 +155,9 @@ class InboundListener:
         self._active: dict[MeshStream, None] = {}
         """Inbound streams admitted, oldest first (the newest are shed first)."""
         self._sampler: asyncio.Task[None] | None = None
-        self.governor = StreamRateGovernor(base_rate=config.max_stream_rate or None)
+        self.governor = StreamRateGovernor(
+            max_lag=config.overload_max_loop_lag, base_rate=config.max_stream_rate or None
+        )
         """The overload action on event-loop delay (:class:`.overload.StreamRateGovernor`)."""
         self._lag_probe: asyncio.TimerHandle | None = None
 
@@ -180,7 +182,8 @@ class InboundListener:
         self._sample()
         loop = asyncio.get_running_loop()
         self._sampler = loop.create_task(self._sample_every_second())
-        self._lag_probe = loop.call_at(loop.time() + LOOP_LAG_TICK, self._probe_lag, loop)
+        if self.governor.max_lag > 0:
+            self._lag_probe = loop.call_at(loop.time() + LOOP_LAG_TICK, self._probe_lag, loop)
 
     def _probe_lag(self, loop: asyncio.AbstractEventLoop) -> None:
         """Measure how late this timer fired (the event loop's delay) and apply the

@@ -223,3 +223,27 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
     writer.close()
+
+
+def test_a_zero_threshold_turns_the_probe_off() -> None:
+    async def main() -> None:
+        document = INBOUND.replace("{port}", str(_free_udp_port())).replace(
+            "max_streams: 8}", "max_streams: 8, overload_max_loop_lag: 0s}"
+        )
+        config = parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0]
+        listener = InboundListener(
+            config,
+            SERVER,
+            CA.trust_bundle,
+            ListenerStats(name="mesh", kind="inbound"),
+            FlowTracker(),
+            lambda record: None,
+        )
+        await listener.start()
+        try:
+            assert listener._lag_probe is None and listener.governor.max_lag == 0
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())

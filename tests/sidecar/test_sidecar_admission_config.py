@@ -71,6 +71,16 @@ def test_defaults_protect() -> None:
     assert (config.retry, config.max_half_open, config.handshake_timeout) == ("auto", 1024, 10.0)
     assert (config.max_stream_rate, config.max_connections_per_identity) == (1000, 256)
     assert (config.max_buffered_per_connection, config.max_buffered_total) == (32, 1024)
+    assert config.overload_max_loop_lag == 0.05
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("20ms", 0.02), ("1s", 1.0), ("0s", 0.0)])
+def test_the_loop_lag_threshold_is_a_duration_and_zero_turns_it_off(
+    value: str, seconds: float
+) -> None:
+    assert _load(Path("/etc/q"), overload_max_loop_lag=value).inbound[0].overload_max_loop_lag == (
+        seconds
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,6 +93,8 @@ def test_defaults_protect() -> None:
         ("max_connections_per_identity", 0, "max_connections_per_identity"),
         ("max_buffered_per_connection", "lots", "max_buffered_per_connection"),
         ("max_buffered_total", -5, "max_buffered_total"),
+        ("overload_max_loop_lag", "soon", "overload_max_loop_lag"),
+        ("overload_max_loop_lag", "-5ms", "overload_max_loop_lag"),
     ],
 )
 def test_bad_values_name_the_field(key: str, value: Any, message: str) -> None:

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from quic_helpers import CA, CLIENT, SERVER, run
 
 import quicmesh
@@ -203,6 +206,39 @@ def test_one_identity_cannot_hold_more_than_its_connections() -> None:
         listener.close()
         await listener.wait_closed()
         app.close()
+
+    run(main())
+
+
+def test_half_open_connections_do_not_count_against_an_identitys_connections() -> None:
+    # max_connections_per_identity counts handshaken connections only: a half-open
+    # one has no verified identity yet, and is bounded by max_half_open(_per_source).
+    async def main() -> None:
+        app = await _echo_server()
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        listener, address = await _inbound(max_connections_per_identity=1)
+        flights = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for _ in range(5):  # real first flights that never finish
+                quic = QuicConnection(
+                    configuration=QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+                )
+                quic.connect(address, now=0.0)
+                for data, _ in quic.datagrams_to_send(now=0.0):
+                    flights.sendto(data, address)
+            conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
+            await _roundtrip(conn, target)
+            listener._sample()  # the sampler's pass over connections per identity
+            assert not conn.is_closed
+            await _roundtrip(conn, target)
+            assert listener.overload.refusals["connections_per_identity"] == 0
+            conn.close()
+            await conn.wait_closed()
+        finally:
+            flights.close()
+            listener.close()
+            await listener.wait_closed()
+            app.close()
 
     run(main())
 
