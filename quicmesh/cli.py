@@ -26,6 +26,7 @@ BENCHMARKS = (
     "intercept",
     "xds",
     "attack",
+    "overhead",
 )
 """Benchmark modules under quicmesh.bench, each with ``main(argv) -> int``."""
 

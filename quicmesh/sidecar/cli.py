@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from ..errors import ConfigError, QuicmeshError
 
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="validate the configuration and the sidecar's certificate, then exit",
+    )
+    parser.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=("auto", "asyncio", "uvloop"),
+        help="the event loop: uvloop (pip install uvloop, or quicmesh[uvloop]), asyncio's"
+        " own, or auto (default: uvloop when it is installed, else asyncio)",
     )
     parser.add_argument(
         "--log-level",
@@ -78,7 +86,13 @@ def main(argv: list[str]) -> int:
         return 0
     _configure_logging(args.log_level)
     try:
-        return asyncio.run(_run(config, args.config))
+        loop_factory = event_loop_factory(args.event_loop)
+    except QuicmeshError as exc:
+        print(f"quicmesh sidecar: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_run(config, args.config))
     except ConfigError as exc:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
@@ -87,6 +101,25 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for ``--event-loop``: uvloop's, or None for asyncio's own.
+
+    :raises QuicmeshError: ``uvloop`` was asked for and does not import.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise QuicmeshError(
+                "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+            ) from None
+        return None
+    logger.info("event loop: uvloop")
+    return uvloop.new_event_loop
 
 
 def _load(path: str) -> object:

@@ -1,0 +1,233 @@
+"""The parsers behind ``quicmesh bench overhead``: h2load, ab, /proc, nft (property tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quicmesh.bench._measure import (
+    CLOCK_TICKS,
+    MeasureError,
+    cpu_seconds,
+    parse_ab,
+    parse_h2load_log,
+    parse_h2load_summary,
+    parse_nft_counters,
+    parse_proc_stat,
+    parse_snmp,
+    percentile,
+    process_tree,
+)
+
+H2LOAD_SAMPLE = """starting benchmark...
+spawning thread #0: 16 total client(s). Timing-based test with 0s of warm-up time and 2s of main duration for measurements.
+Application protocol: http/1.1
+
+finished in 2.00s, 104.00 req/s, 128.38KB/s
+requests: 208 total, 208 started, 208 done, 208 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 208 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 256.75KB (262912) total, 38.39KB (39312) headers (space savings 0.00%), 208.00KB (212992) data
+                     min         max         mean         sd        +/- sd
+time for request:      261us      5.16ms      1.03ms      1.22ms    92.31%
+"""  # noqa: E501
+
+
+def test_h2load_sample_from_nghttp2_1_52() -> None:
+    summary = parse_h2load_summary(H2LOAD_SAMPLE)
+    assert summary.seconds == 2.0
+    assert summary.requests_per_second == 104.0
+    assert (summary.total, summary.done, summary.succeeded, summary.failed) == (208, 208, 208, 0)
+    assert summary.status_2xx == 208
+    assert summary.data_bytes == 212992
+
+
+@given(
+    value=st.decimals(min_value=0, max_value=10**6, places=2),
+    unit=st.sampled_from(["s", "ms", "us"]),
+    rps=st.decimals(min_value=0, max_value=10**7, places=2),
+    counts=st.lists(st.integers(0, 10**9), min_size=6, max_size=6),
+    data=st.integers(0, 2**40),
+)
+def test_h2load_summary_round_trip(
+    value: object, unit: str, rps: object, counts: list[int], data: int
+) -> None:
+    total, done, ok, failed, errored, timeout = counts
+    text = (
+        f"finished in {value}{unit}, {rps} req/s, 1.00MB/s\n"
+        f"requests: {total} total, {total} started, {done} done, {ok} succeeded, "
+        f"{failed} failed, {errored} errored, {timeout} timeout\n"
+        f"status codes: {ok} 2xx, 0 3xx, 0 4xx, 0 5xx\n"
+        f"traffic: 1KB (1) total, 1KB (1) headers (space savings 0.00%), 1KB ({data}) data\n"
+    )
+    summary = parse_h2load_summary(text)
+    scale = {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+    assert math.isclose(summary.seconds, float(str(value)) * scale)
+    assert summary.requests_per_second == float(str(rps))
+    assert (summary.total, summary.done, summary.succeeded) == (total, done, ok)
+    assert (summary.failed, summary.errored, summary.timeout) == (failed, errored, timeout)
+    assert summary.data_bytes == data
+
+
+@given(st.text(max_size=300))
+def test_h2load_summary_rejects_or_parses_any_text(text: str) -> None:
+    try:
+        parse_h2load_summary(text)
+    except MeasureError as exc:
+        assert "h2load" in str(exc)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**62), st.integers(100, 599), st.integers(0, 10**9)),
+        max_size=50,
+    )
+)
+def test_h2load_log_keeps_2xx_latencies_in_seconds(rows: list[tuple[int, int, int]]) -> None:
+    text = "\n".join(f"{start}\t{status}\t{micros}" for start, status, micros in rows)
+    latencies = parse_h2load_log(text + "\n")
+    expected = [micros / 1e6 for _, status, micros in rows if 200 <= status < 300]
+    assert latencies == expected
+
+
+@pytest.mark.parametrize("line", ["1\t200", "1\tOK\t5", "x"])
+def test_h2load_log_bad_lines_name_their_number(line: str) -> None:
+    with pytest.raises(MeasureError, match="h2load log line 2"):
+        parse_h2load_log("1\t200\t5\n" + line)
+
+
+AB_SAMPLE = """Concurrency Level:      8
+Time taken for tests:   1.005 seconds
+Complete requests:      8489
+Failed requests:        3
+Non-2xx responses:      2
+Total transferred:      10687651 bytes
+Requests per second:    8446.07 [#/sec] (mean)
+Time per request:       0.947 [ms] (mean)
+"""
+
+
+def test_ab_sample() -> None:
+    report = parse_ab(AB_SAMPLE)
+    assert (report.complete, report.failed, report.non_2xx) == (8489, 3, 2)
+    assert report.requests_per_second == 8446.07
+    assert report.seconds == 1.005
+
+
+def test_ab_without_its_totals_is_refused() -> None:
+    with pytest.raises(MeasureError, match="Complete requests"):
+        parse_ab("apr_socket_recv: Connection reset by peer (104)\n")
+
+
+@given(
+    comm=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\x00")),
+    ppid=st.integers(0, 2**22),
+    utime=st.integers(0, 2**40),
+    stime=st.integers(0, 2**40),
+)
+def test_proc_stat_counts_fields_after_the_last_parenthesis(
+    comm: str, ppid: int, utime: int, stime: int
+) -> None:
+    middle = " ".join(str(n) for n in range(5, 14))
+    line = f"4242 ({comm}) S {ppid} {middle} {utime} {stime} 0 0 20 0 1 0\n"
+    assert parse_proc_stat(line) == (ppid, utime, stime)
+
+
+@pytest.mark.parametrize("line", ["", "1 (x) S 1 2 3", "1 (x) S one 2 3 4 5 6 7 8 9 10 11 12 13"])
+def test_proc_stat_bad_lines(line: str) -> None:
+    with pytest.raises(MeasureError):
+        parse_proc_stat(line)
+
+
+def test_this_process_in_proc() -> None:
+    own = Path(f"/proc/{os.getpid()}/stat").read_text()
+    assert parse_proc_stat(own)[0] == os.getppid()
+    before = cpu_seconds([os.getpid()])
+    deadline = before + 3 / CLOCK_TICKS
+    while cpu_seconds([os.getpid()]) < deadline:  # burn a few ticks of CPU
+        sum(range(10000))
+    assert cpu_seconds([os.getpid(), 2**22 + 1]) >= deadline  # a gone pid counts zero
+    assert os.getpid() in process_tree(os.getppid())
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Z][a-z]{1,8}", fullmatch=True),
+        st.dictionaries(
+            st.from_regex(r"[A-Za-z]{1,12}", fullmatch=True), st.integers(0, 2**63), min_size=1
+        ),
+        max_size=5,
+    )
+)
+def test_snmp_round_trip(tables: dict[str, dict[str, int]]) -> None:
+    text = "".join(
+        f"{proto}: {' '.join(counters)}\n{proto}: {' '.join(map(str, counters.values()))}\n"
+        for proto, counters in tables.items()
+    )
+    assert parse_snmp(text) == tables
+
+
+def test_snmp_mismatched_pair_is_refused() -> None:
+    with pytest.raises(MeasureError):
+        parse_snmp("Udp: InDatagrams OutDatagrams\nTcp: 1 2\n")
+
+
+def test_this_namespaces_snmp_has_udp_and_tcp() -> None:
+    tables = parse_snmp(Path("/proc/net/snmp").read_text())
+    assert "OutDatagrams" in tables["Udp"] and "OutSegs" in tables["Tcp"]
+
+
+def _nft_rule(comment: str | None, packets: int | None) -> dict[str, object]:
+    expr: list[dict[str, object]] = [{"match": {"op": "==", "right": 1}}]
+    if packets is not None:
+        expr.append({"counter": {"packets": packets, "bytes": 0}})
+    rule: dict[str, object] = {"family": "inet", "table": "t", "chain": "out", "expr": expr}
+    if comment is not None:
+        rule["comment"] = comment
+    return {"rule": rule}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.sampled_from(["hop-tcp", "hop-udp", "other"])),
+            st.one_of(st.none(), st.integers(0, 2**63)),
+        ),
+        max_size=8,
+    )
+)
+def test_nft_counters_sum_per_comment(rules: list[tuple[str | None, int | None]]) -> None:
+    items: list[object] = [{"metainfo": {"version": "1.0.6"}}, {"chain": {"name": "out"}}]
+    items += [_nft_rule(comment, packets) for comment, packets in rules]
+    counts = parse_nft_counters(json.dumps({"nftables": items}))
+    expected: dict[str, int] = {}
+    for comment, packets in rules:
+        if comment is not None and packets is not None:
+            expected[comment] = expected.get(comment, 0) + packets
+    assert counts == expected
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"tables": []}', "nft: command not found"])
+def test_nft_counters_refuse_other_text(text: str) -> None:
+    with pytest.raises(MeasureError):
+        parse_nft_counters(text)
+
+
+@given(st.lists(st.floats(-1e9, 1e9), min_size=1, max_size=200), st.floats(0, 1))
+def test_percentile_is_an_element_and_monotonic(values: list[float], q: float) -> None:
+    value = percentile(values, q)
+    assert value in values
+    assert percentile(values, 0.0) == min(values)
+    assert percentile(values, 1.0) == max(values)
+    assert percentile(values, min(1.0, q + 0.1)) >= value
+    # nearest rank: at least a fraction q of the values are <= it
+    assert sum(v <= value for v in values) >= q * len(values)
+
+
+def test_percentile_of_nothing_is_nan() -> None:
+    assert math.isnan(percentile([], 0.5))
