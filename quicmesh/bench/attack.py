@@ -367,6 +367,8 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
             config_a, config_b = sidecar_configs(options, ports, str(workdir))
             inbound = config_b["listeners"]["inbound"][0]
             inbound["max_stream_rate"] = int(args.max_stream_rate or 1000000)
+            if args.max_loop_lag is not None:
+                inbound["overload_max_loop_lag"] = f"{args.max_loop_lag:g}ms"
             sidecar_b = SidecarProcess(f"sidecar-b-{probe}-{attempt}", config_b, workdir)
             sidecar_a = SidecarProcess(f"sidecar-a-{probe}-{attempt}", config_a, workdir)
             sidecars += [sidecar_a, sidecar_b]
@@ -432,6 +434,9 @@ async def _probe_phases(
             "--count",
             str(count),
             stdout=asyncio.subprocess.PIPE,
+            # A remote attacker spends none of the node's CPU: here it shares the
+            # machine, so it yields to the processes under test (--attacker-nice).
+            preexec_fn=lambda: os.nice(args.attacker_nice),
         )
         for _ in range(processes)
     ]
@@ -439,8 +444,8 @@ async def _probe_phases(
     opened = 0
     for attacker in attackers:
         output, _ = await attacker.communicate()
-        line = output.decode().strip()
-        print(f"  attacker: {line}")
+        line = " ".join(output.decode().split("\n")).strip()
+        print(f"  attacker: {line}, nice {args.attacker_nice}")
         if match := re.search(r"opened (\d+) streams", line):
             opened += int(match.group(1))
     if probe == "churn":
@@ -512,6 +517,21 @@ def main(argv: list[str]) -> int:
         help="the listener's max_stream_rate: new streams/s per identity (0: unlimited)",
     )
     parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=19,
+        metavar="N",
+        help="niceness of the attacker processes (default 19: a remote attacker costs the"
+        " node no CPU; 0 to let it compete with the sidecars for this machine's cores)",
+    )
+    parser.add_argument(
+        "--max-loop-lag",
+        type=float,
+        metavar="MS",
+        help="(--sidecars) sidecar B's overload_max_loop_lag in ms (0: off; default: the"
+        " sidecar's, 50 ms)",
+    )
+    parser.add_argument(
         "--sidecars",
         action="store_true",
         help="attack two full sidecars as in examples/ (good traffic: TCP through A to an"
@@ -528,6 +548,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.role == "attacker":
         asyncio.run(_attack(args.probe[0], args.port, args.ca, args.duration, args.count))
+        print(f"(attacker CPU {time.process_time():.2f} s)", flush=True)
         return 0
     if args.quick:
         args.phase, args.attack, args.initials = 2.0, 2.0, 2000

@@ -12,6 +12,7 @@ def test_help_lists_the_options() -> None:
     )
     assert result.returncode == 0
     assert "--quick" in result.stdout and "--probe" in result.stdout
+    assert "--max-loop-lag" in result.stdout and "--attacker-nice" in result.stdout
 
 
 def test_a_short_qpack_probe_reports_phases_and_a_verdict() -> None:
@@ -83,6 +84,10 @@ def test_a_short_probe_against_two_sidecars() -> None:
             "1",
             "--attack",
             "2",
+            "--max-loop-lag",
+            "20",
+            "--attacker-nice",
+            "5",
         ],
         capture_output=True,
         text=True,
@@ -90,8 +95,10 @@ def test_a_short_probe_against_two_sidecars() -> None:
     )
     out = result.stdout
     assert "attacker: sent 16 QPACK bombs" in out, out + result.stderr
+    assert re.search(r"attacker CPU [0-9.]+ s\), nice 5", out), out
     for phase in ("before", "during", "after"):
-        assert f"  {phase} " in out and "sidecar B CPU" in out
+        # sidecar B's event-loop delay and its overload action, read from its /stats
+        assert re.search(rf"  {phase} .*sidecar B CPU .*loop lag +\d+ ms  rate cuts \d+", out), out
     # Two sidecars and an app on a loaded machine: good flows may time out (5 s),
     # which the verdict then reports; the test checks the command, not the figures.
     assert re.search(r"(PASS|FAIL): p99 during/before [0-9.]+x \(target <= 3x\), \d+ failed", out)
