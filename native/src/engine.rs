@@ -189,6 +189,17 @@ pub enum RecvCmd {
 pub struct StreamHandles {
     pub send: Option<UnboundedSender<SendCmd>>,
     pub recv: Option<UnboundedSender<RecvCmd>>,
+    /// Which incarnation of the stream ID these are: after a rejected 0-RTT flight quinn
+    /// gives the same IDs again, and the old tasks must not release the new halves.
+    pub generation: u64,
+}
+
+/// One incarnation of a stream: its connection, ID and generation.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamKey {
+    pub conn: u64,
+    pub stream: u64,
+    pub generation: u64,
 }
 
 /// State shared between the Python-facing endpoint and its tasks.
@@ -360,24 +371,38 @@ impl Shared {
         send: Option<SendStream>,
         recv: Option<RecvStream>,
     ) {
-        let mut handles = StreamHandles::default();
+        let generation = self.next_id();
+        let mut handles = StreamHandles {
+            generation,
+            ..StreamHandles::default()
+        };
+        let id = StreamKey {
+            conn,
+            stream,
+            generation,
+        };
         if let Some(send) = send {
             let (tx, rx) = unbounded_channel();
             handles.send = Some(tx);
-            tokio::spawn(Arc::clone(self).send_task(conn, stream, send, rx));
+            tokio::spawn(Arc::clone(self).send_task(id, send, rx));
         }
         if let Some(recv) = recv {
             let (tx, rx) = unbounded_channel();
             handles.recv = Some(tx);
-            tokio::spawn(Arc::clone(self).recv_task(conn, stream, recv, rx));
+            tokio::spawn(Arc::clone(self).recv_task(id, recv, rx));
         }
         lock(&self.streams).insert((conn, stream), handles);
     }
 
-    /// Forget a finished half; the stream is forgotten when both are.
-    fn release(&self, conn: u64, stream: u64, send_half: bool) {
+    /// Forget a finished half (of this incarnation of the stream); the stream is forgotten
+    /// when both are.
+    fn release(&self, id: StreamKey, send_half: bool) {
+        let StreamKey { conn, stream, .. } = id;
         let mut streams = lock(&self.streams);
-        if let Some(handles) = streams.get_mut(&(conn, stream)) {
+        if let Some(handles) = streams
+            .get_mut(&(conn, stream))
+            .filter(|handles| handles.generation == id.generation)
+        {
             if send_half {
                 handles.send = None;
             } else {
@@ -391,8 +416,7 @@ impl Shared {
 
     async fn send_task(
         self: Arc<Self>,
-        conn: u64,
-        stream: u64,
+        id: StreamKey,
         mut send: SendStream,
         mut commands: UnboundedReceiver<SendCmd>,
     ) {
@@ -401,6 +425,7 @@ impl Shared {
             Wrote(Result<usize, WriteError>),
             Stopped(Result<Option<VarInt>, quinn::StoppedError>),
         }
+        let StreamKey { conn, stream, .. } = id;
         let mut queue: VecDeque<Bytes> = VecDeque::new();
         let mut finishing = false;
         let mut finished = false;
@@ -468,13 +493,12 @@ impl Shared {
                 finished = true;
             }
         }
-        self.release(conn, stream, true);
+        self.release(id, true);
     }
 
     async fn recv_task(
         self: Arc<Self>,
-        conn: u64,
-        stream: u64,
+        id: StreamKey,
         mut recv: RecvStream,
         mut commands: UnboundedReceiver<RecvCmd>,
     ) {
@@ -482,6 +506,7 @@ impl Shared {
             Command(Option<RecvCmd>),
             Read(Result<Option<quinn::Chunk>, ReadError>),
         }
+        let StreamKey { conn, stream, .. } = id;
         let mut wanted: Option<usize> = None;
         loop {
             let step = if let Some(max) = wanted {
@@ -537,7 +562,7 @@ impl Shared {
                 Step::Read(Err(_)) => break,
             }
         }
-        self.release(conn, stream, false);
+        self.release(id, false);
     }
 }
 

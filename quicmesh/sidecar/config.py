@@ -27,6 +27,7 @@ import yaml
 from .. import duration
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError, InvalidTarget
+from ..transport.base import QUIC_ENGINE_NAMES, quic_engine_problem
 from ..tunnel.connect import Target, parse_authority, parse_host_name, parse_port, parse_target
 from .accesslog import parse_log_format
 
@@ -172,6 +173,8 @@ class InboundListenerConfig:
     max_stream_rate: int = 1000
     """(QUIC) New streams per second one peer identity may open (over all its
     connections), granted through QUIC stream credit."""
+    engine: str = "aioquic"
+    """(QUIC) The QUIC engine serving the listener: ``aioquic`` or ``native``."""
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
     max_streams_per_identity: int = 1024
@@ -286,6 +289,8 @@ class ClusterConfig:
     early_data: bool = False
     """QUIC only: resume with a cached ticket and send each new connection's first
     flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
+    engine: str = "aioquic"
+    """QUIC only: the QUIC engine of the cluster's connections, ``aioquic`` or ``native``."""
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
@@ -901,6 +906,7 @@ class _Loader:
                 "connect_timeout",
                 "max_streams",
                 "early_data",
+                "engine",
                 *QUIC_ADMISSION_KEYS,
                 *INBOUND_LIMIT_KEYS,
                 "overload_max_loop_lag",
@@ -920,6 +926,9 @@ class _Loader:
         early = node.child("early_data")
         if early.value is not None and "quic" not in transports:
             raise early.error("applies to listeners serving quic only")
+        engine = node.child("engine")
+        if engine.value is not None and "quic" not in transports:
+            raise engine.error("applies to listeners serving quic only")
         admission = self.quic_admission(node, "quic" in transports)
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
@@ -936,8 +945,20 @@ class _Loader:
             connect_timeout=timeout.duration() if timeout.value is not None else 5.0,
             max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
             early_data=early.boolean() if early.value is not None else True,
+            engine=self.quic_engine(engine, check_built=True),
             **admission,
         )
+
+    def quic_engine(self, node: _Field, *, check_built: bool) -> str:
+        """``engine``: one of :data:`QUIC_ENGINE_NAMES` (default ``aioquic``); with
+        ``check_built``, one that can run here (the native one needs its extension)."""
+        if node.value is None:
+            return "aioquic"
+        name = node.choice(QUIC_ENGINE_NAMES)
+        problem = quic_engine_problem(name) if check_built else None
+        if problem is not None:
+            raise node.error(problem)
+        return name
 
     def quic_admission(self, node: _Field, serves_quic: bool) -> dict[str, Any]:
         """The QUIC admission keys of an inbound listener (issue 13)."""
@@ -980,6 +1001,7 @@ class _Loader:
                 "congestion_control",
                 "max_datagram_size",
                 "early_data",
+                "engine",
                 "health_check",
                 "outlier_detection",
                 "circuit_breakers",
@@ -1016,10 +1038,11 @@ class _Loader:
         early = node.child("early_data")
         liveness = node.child("liveness")
         fallback = node.child("fallback")
+        engine = node.child("engine")
         if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            for option in (congestion, datagram, early, liveness):
+            for option in (congestion, datagram, early, liveness, engine):
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))
@@ -1045,6 +1068,7 @@ class _Loader:
             ),
             max_datagram_size=_int_or(datagram, 1200, 1200, 1452),
             early_data=early.boolean() if early.value is not None else False,
+            engine=self.quic_engine(engine, check_built=transport in ("quic", "auto")),
             health_check=self.health_check(node.child("health_check")),
             outlier_detection=self.outlier(node.child("outlier_detection")),
             circuit_breakers=self.circuit_breakers(node.child("circuit_breakers")),

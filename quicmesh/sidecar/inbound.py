@@ -90,6 +90,7 @@ def inbound_transport(
         if config.stateless_reset_key is not None:
             options["stateless_reset_key_file"] = config.stateless_reset_key
         options["max_stream_rate"] = config.max_stream_rate
+        options["engine"] = config.engine
     return transport_registry().build(name, identity=identity, trust=trust, options=options)
 
 

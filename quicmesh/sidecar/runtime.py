@@ -84,6 +84,7 @@ def cluster_transport(
             "keepalive_interval": config.liveness.keepalive_interval,
             "max_probe_timeouts": config.liveness.max_probe_timeouts,
             "dead_after": config.liveness.dead_after,
+            "engine": config.engine,
         }
         options = quic
         if config.transport == "auto":

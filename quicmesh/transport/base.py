@@ -249,6 +249,23 @@ class Transport(ABC):
         return None
 
 
+QUIC_ENGINE_NAMES = ("aioquic", "native")
+"""The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
+
+
+def quic_engine_problem(name: str) -> str | None:
+    """Why ``QuicTransport(engine=name)`` cannot run here, in one line (an unknown
+    name, or ``"native"`` where its extension is not built), or None when it can."""
+    from ..errors import QuicmeshError
+    from .quic.engine import get_engine  # the implementations import this module
+
+    try:
+        get_engine(name)
+    except (ValueError, QuicmeshError) as exc:
+        return str(exc)
+    return None
+
+
 def transport_registry(*, ticket_cache: str | None = None) -> TransportRegistry:
     """A :class:`~quicmesh.transport.registry.TransportRegistry`: builds transports
     by name (``"quic"``, ``"h2"``, ``"tcp"``, ``"auto"``) from per-transport options.

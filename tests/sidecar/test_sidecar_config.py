@@ -53,6 +53,7 @@ VALID: dict[str, Any] = {
                 "connect_timeout": "2s",
                 "max_streams": 64,
                 "early_data": False,
+                "engine": "aioquic",
             }
         ],
     },
@@ -66,6 +67,7 @@ VALID: dict[str, Any] = {
             "congestion_control": "bbr",
             "max_datagram_size": 1452,
             "early_data": True,
+            "engine": "aioquic",
             "health_check": {
                 "interval": "1s",
                 "timeout": "500ms",
@@ -236,6 +238,7 @@ def test_quic_only_options_are_ignored_with_a_warning_on_other_transports(transp
         "clusters[0].congestion_control",
         "clusters[0].max_datagram_size",
         "clusters[0].early_data",
+        "clusters[0].engine",
     ]
     assert config.warnings[0] == (
         "sidecar.yaml: clusters[0].congestion_control: applies to quic clusters only: "
@@ -418,3 +421,50 @@ def test_a_destination_name_is_read_like_a_target_host() -> None:
     assert (rule.host, rule.port) == ("reviews.default.svc", 9080)
     target = parse_target("reviews.default.svc:9080")
     assert destination_matches(rule, target.host, target.port)
+
+
+# -- QUIC engine ------------------------------------------------------------------------
+
+
+def test_quic_engine_per_cluster_and_per_listener() -> None:
+    config = load(VALID)
+    assert config.cluster("reviews").engine == "aioquic"
+    assert config.inbound[0].engine == "aioquic"
+    document = mutate(["clusters", 0, "engine"], DELETE)
+    del document["listeners"]["inbound"][0]["engine"]
+    assert load(document).cluster("reviews").engine == "aioquic"  # the default
+    assert error_of(mutate(["clusters", 0, "engine"], "quiche")) == (
+        "sidecar.yaml: clusters[0].engine: 'quiche' is not one of aioquic, native"
+    )
+    assert error_of(mutate(["listeners", "inbound", 0, "engine"], "picoquic")) == (
+        "sidecar.yaml: listeners.inbound[0].engine: 'picoquic' is not one of aioquic, native"
+    )
+    h2_only = mutate(["listeners", "inbound", 0, "transports"], ["h2"])
+    del h2_only["listeners"]["inbound"][0]["early_data"]
+    assert error_of(h2_only) == (
+        "sidecar.yaml: listeners.inbound[0].engine: applies to listeners serving quic only"
+    )
+
+
+def test_native_engine_loads_where_built_and_is_one_line_error_where_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from quicmesh.transport.quic import engine, native_engine
+
+    document = mutate(["clusters", 0, "engine"], "native")
+    document["listeners"]["inbound"][0]["engine"] = "native"
+    if native_engine.native_available():
+        config = load(document)
+        assert config.cluster("reviews").engine == config.inbound[0].engine == "native"
+    monkeypatch.setattr(native_engine, "_NATIVE", None)
+    monkeypatch.delitem(engine._ENGINES, "native", raising=False)
+    message = error_of(document)
+    assert "\n" not in message
+    assert message.startswith("sidecar.yaml: ")
+    assert "engine: the native QUIC engine is not built" in message
+    assert "pip install -e ." in message
+    # Not a quic cluster: checked, ignored with a warning, whether built or not.
+    h2 = mutate(["clusters", 0, "transport"], "h2")
+    h2["clusters"][0]["engine"] = "native"
+    del h2["listeners"]["inbound"][0]["engine"]
+    assert load(h2).cluster("reviews").engine == "native"

@@ -307,7 +307,8 @@ class EngineConnection(Protocol):
 
     def resend_early_data(self, now: float) -> int:
         """(client) 0-RTT was rejected: send what went as 0-RTT again in 1-RTT
-        packets at once (no congestion event); return how many packets that was."""
+        packets at once (no congestion event); return how many packets (a socket
+        engine: streams) that was."""
 
     # -- closing, liveness, paths --
 

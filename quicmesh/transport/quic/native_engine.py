@@ -34,8 +34,12 @@ rather than pretending:
   :attr:`~.engine.EngineTls.fetch_ticket`, :attr:`~.engine.EngineTls.ticket_issued`
   and :attr:`~.engine.EngineTls.ticket` are not used, no ``SessionTicketReceived``
   event is raised, and ``QuicTransport(ticket_cache=..., ticket_store=...)`` do
-  not apply. A rejected 0-RTT flight is not resent: its streams are reset
-  (:meth:`NativeConnection.resend_early_data` returns 0).
+  not apply. The client's tickets are kept per server address and port (the
+  server name it gives rustls is :func:`ticket_server_name`, never resolved).
+  When the server rejects a 0-RTT flight, quinn forgets the streams opened in
+  it and hands out the same stream IDs again; the engine kept every byte written
+  before the server answered and sends it again at once on the re-opened streams
+  (:meth:`NativeConnection.resend_early_data`), so nothing is lost.
 * **SPIFFE verification** happens inside the handshake, in Rust, with the rules
   of :func:`quicmesh.tls.verify_peer` (native/src/verify.rs); the driver checks
   the chain :meth:`NativeConnection.peer_certificate` gives again, as for any engine.
@@ -88,6 +92,15 @@ NOT_BUILT = (
 
 CONGESTION_NAMES = {"reno": "newreno", "newreno": "newreno", "cubic": "cubic", "bbr": "bbr"}
 """quicmesh's congestion-control names and quinn's."""
+
+
+def ticket_server_name(address: Address) -> str:
+    """The TLS server name a client connection to ``address`` gives rustls: rustls
+    keys its session tickets by server name, and peers are known by IP address and
+    port, so this names both (under ``.invalid``, RFC 2606: never resolved). The
+    server ignores it (the SPIFFE ID in its certificate is what is checked)."""
+    host = address[0].replace(".", "-").replace(":", "-").strip("-") or "any"
+    return f"{host}-{address[1]}.quicmesh.invalid"
 
 
 def _load() -> ModuleType | None:
@@ -277,6 +290,11 @@ class NativeConnection:
         self._wake: Callable[[], None] | None = None
         self._closed_reason: str | None = None
         self._early = False
+        self._early_log: dict[int, list[tuple[bytes, bool]]] | None = None
+        """(client, 0-RTT) What each stream opened before the server answered was
+        given, in order (resent on the re-opened streams if 0-RTT is rejected)."""
+        self._early_resets: dict[int, int] = {}
+        self._resent = 0
         self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
         self.on_verified: Callable[[str], None] | None = None
         self.ticket_identity: str | None = None
@@ -322,6 +340,7 @@ class NativeConnection:
         self.token = None
         if self._is_client and early:
             self._early = True  # HandshakeCompleted follows the server's answer
+            self._early_log = {}
             return
         self._handshake_completed(early_data_accepted=early)
 
@@ -389,16 +408,16 @@ class NativeConnection:
                 quic_events.StopSendingReceived(error_code=code, stream_id=stream_id)
             )
         elif kind == "early_data":
+            accepted = bool(event[2])
             self._early = False
-            self._handshake_completed(early_data_accepted=bool(event[2]))
+            log, self._early_log = self._early_log, None
+            if not accepted and log:
+                self._resent = self._resend(log)
+            self._handshake_completed(early_data_accepted=accepted)
         elif kind == "early_data_rejected":
-            # quinn forgets streams sent in a rejected 0-RTT flight: reset them here.
-            stream_id = event[2]
-            state = self._stream(stream_id)
-            state.recv_done = state.send_done = True
-            self._events.append(
-                quic_events.StreamReset(error_code=H3_REQUEST_CANCELLED, stream_id=stream_id)
-            )
+            # An old incarnation of a stream of the rejected 0-RTT flight: the stream
+            # is opened again and its bytes resent when the server's answer arrives.
+            pass
         elif kind == "stream_opened":
             _, _, _, stream_id = event
             self._opening = False
@@ -419,6 +438,40 @@ class NativeConnection:
             if stream_id & 2 and bool(stream_id & 1) == (not self._is_client):
                 state.recv_done = True  # our unidirectional stream: send only
         return state
+
+    def _resend(self, log: dict[int, list[tuple[bytes, bool]]]) -> int:
+        """0-RTT was rejected: quinn forgot the streams opened in it and gives the same
+        IDs again; open them again in order and write what they were given."""
+        resent = 0
+        for stream_id in sorted(log, key=lambda sid: (sid & 2, sid)):
+            try:
+                again = self._native.try_open_stream(self.conn, bidirectional=not stream_id & 2)
+            except QuicmeshError:
+                again = None
+            state = self._stream(stream_id)
+            if again != stream_id:
+                # Not the same ID (cannot happen with quinn 0.11): fail the stream.
+                logger.warning("[%s] 0-RTT stream %d could not be resent", self.log_id, stream_id)
+                state.send_done = state.recv_done = True
+                self._events.append(
+                    quic_events.StreamReset(error_code=H3_REQUEST_CANCELLED, stream_id=stream_id)
+                )
+                continue
+            state.unsent = 0
+            state.reading = False
+            state.send_done = state.recv_done = False
+            if stream_id & 2:
+                state.recv_done = True  # ours, unidirectional
+            for data, end_stream in log[stream_id]:
+                self.send_stream_data(stream_id, data, end_stream)
+            code = self._early_resets.get(stream_id)
+            if code is not None:
+                self.reset_stream(stream_id, code)
+            if state.tracked or not stream_id & 2:
+                self._read(stream_id, state)
+            resent += 1
+        self._early_resets.clear()
+        return resent
 
     def _read(self, stream_id: int, state: _Stream) -> bool:
         """Ask quinn for the stream's next chunk (unless one is asked for already)."""
@@ -463,6 +516,8 @@ class NativeConnection:
         if stream_id is not None:
             self._spare[not bidirectional] = stream_id
             self._stream(stream_id)
+            if self._early_log is not None:
+                self._early_log[stream_id] = []
         return stream_id
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
@@ -473,6 +528,9 @@ class NativeConnection:
         state = self._stream(stream_id)
         if state.send_done:
             return  # reset or stopped: nothing more goes out
+        early = self._early_log.get(stream_id) if self._early_log is not None else None
+        if early is not None:
+            early.append((data, end_stream))
         try:
             if data:
                 self._native.write(self.conn, stream_id, data)
@@ -481,11 +539,15 @@ class NativeConnection:
                 self._native.finish(self.conn, stream_id)
                 state.send_done = True
         except QuicmeshError:  # the stream or the connection ended: events follow
-            state.send_done = True
+            # (a 0-RTT stream quinn just forgot is resent from the log instead)
+            if early is None:
+                state.send_done = True
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abandon sending on a stream (RESET_STREAM)."""
         state = self._stream(stream_id)
+        if self._early_log is not None and stream_id in self._early_log:
+            self._early_resets[stream_id] = error_code
         if not state.send_done:
             with contextlib.suppress(QuicmeshError):
                 self._native.reset(self.conn, stream_id, error_code)
@@ -604,8 +666,9 @@ class NativeConnection:
         return self._certificates
 
     def resend_early_data(self, now: float) -> int:
-        """Not done by this engine: streams of a rejected 0-RTT flight are reset."""
-        return 0
+        """0-RTT was rejected: the engine already re-opened the streams of the flight
+        and wrote their bytes again (before ``HandshakeCompleted``); how many streams."""
+        return self._resent
 
     # -- closing, liveness, paths --
 
@@ -788,7 +851,9 @@ class NativeEngine:
             address, identity
         )
         try:
-            token = pump.endpoint.connect(address[0], address[1])
+            token = pump.endpoint.connect(
+                address[0], address[1], server_name=ticket_server_name(address)
+            )
         except QuicmeshError as exc:  # ConfigError / ConnectError from the extension
             raise EngineError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from None
         connection.token = token
