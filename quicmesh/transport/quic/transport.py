@@ -234,6 +234,8 @@ class QuicTransport(Transport):
         self._server_configurations: list[QuicConfiguration] = []
 
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
+        if self.engine.io == "socket":
+            return False  # quinn grants stream credit itself (native_engine.py)
         self.stream_rates.set_rate(identity, rate, time.monotonic())
         return True
 
