@@ -185,16 +185,20 @@ class StreamRateGovernor:
 
     The caller reports every new inbound stream (:meth:`opened`) and every probe
     of the loop's delay (:meth:`observe`), and applies the rate changes
-    :meth:`observe` returns to its transports. When a probe fires more than
-    ``max_lag`` late, the identity that opened the most streams in the last
-    one to two ``window`` seconds, if it opened more than ``heavy`` a second, gets
-    its rate cut to half of what it opened (not below ``floor``), at most once per
-    ``hold`` seconds (AIMD's decrease). Identities opening fewer than ``heavy``
-    streams a second are never cut, however late the loop: their flows are the
-    traffic being protected, and a machine busy for other reasons would
-    otherwise slow them down. Once every probe stayed under half of ``max_lag`` for
-    ``recover`` seconds, each slowed identity's rate doubles, and goes back to
-    the transport's own (``None``) when it reaches ``base_rate``.
+    :meth:`observe` returns to its transports. When ``late`` probes in a row
+    fire more than ``max_lag`` late, the identity that opened the most streams in
+    the last one to two ``window`` seconds, if it opened more than ``heavy`` a
+    second, gets its rate cut to half of what it opened (not below ``floor``), at
+    most once per ``hold`` seconds (AIMD's decrease). Identities opening fewer than
+    ``heavy`` streams a second are never cut, however late the loop: their flows
+    are the traffic being protected, and a machine busy for other reasons (or a
+    flood of forged Initials, which no identity sends) would otherwise slow them
+    down; a stall makes a light identity's flows arrive in a burst, which is why
+    ``heavy`` is well above what a busy client opens. At the floor an identity
+    costs the loop little (about 0.1-0.4 ms per refused stream here). Once every
+    probe stayed under half of ``max_lag`` for ``recover`` seconds, each slowed
+    identity's rate doubles, and goes back to the transport's own (``None``) when
+    it reaches ``base_rate``.
 
     :param max_lag: seconds of delay that count as overload.
     :param base_rate: the transport's new-stream rate per identity (None: unlimited).
@@ -202,8 +206,9 @@ class StreamRateGovernor:
 
     max_lag: float = DEFAULT_MAX_LOOP_LAG
     base_rate: float | None = 1000.0
-    floor: float = 10.0
-    heavy: float = 100.0
+    floor: float = 100.0
+    heavy: float = 200.0
+    late: int = 2
     hold: float = 0.2
     recover: float = 2.0
     window: float = 1.0
@@ -219,6 +224,7 @@ class StreamRateGovernor:
     _window_lag: float = 0.0
     _last_cut: float = -math.inf
     _calm_since: float | None = None
+    _late_in_a_row: int = 0
 
     def opened(self, identity: str) -> None:
         """A new inbound stream of ``identity`` reached the listener."""
@@ -236,9 +242,12 @@ class StreamRateGovernor:
         self._window_lag = max(self._window_lag, delay)
         if delay > self.max_lag:
             self._calm_since = None
-            if now - self._last_cut >= self.hold:
+            self._late_in_a_row += 1
+            if self._late_in_a_row >= self.late and now - self._last_cut >= self.hold:
                 return self._cut(now)
-        elif delay < self.max_lag / 2:
+            return {}
+        self._late_in_a_row = 0
+        if delay < self.max_lag / 2:
             if self._calm_since is None:
                 self._calm_since = now
             elif now - self._calm_since >= self.recover and self.rates:
