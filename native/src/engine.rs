@@ -92,7 +92,15 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
         ConnectionError::TimedOut => CloseKind::TimedOut,
         _ => CloseKind::Failed,
     };
-    (kind, error.to_string())
+    let message = match error {
+        ConnectionError::Reset => {
+            "the peer sent a stateless reset: it no longer knows the connection \
+             (restarted or dropped it)"
+                .to_owned()
+        }
+        _ => error.to_string(),
+    };
+    (kind, message)
 }
 
 /// (client) Wait until the server confirmed the handshake (HANDSHAKE_DONE, RFC 9001 4.1.2).

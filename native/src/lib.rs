@@ -195,7 +195,7 @@ impl Endpoint {
         host, port, *, cert_chain_pem, key_pem, trust_pem, alpn, server=false,
         allowed_clients=None, stream_receive_window=None, receive_window=None, send_window=None,
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
-        congestion=None, early_data=false
+        congestion=None, early_data=false, reset_key=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -216,6 +216,7 @@ impl Endpoint {
         max_uni_streams: Option<u64>,
         congestion: Option<String>,
         early_data: bool,
+        reset_key: Option<Vec<u8>>,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let options = TransportOptions {
@@ -308,8 +309,30 @@ impl Endpoint {
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
+        // Stateless reset tokens are an HMAC of the connection ID: with the same key after a
+        // restart, a peer's next packet on a lost connection is answered with a reset it trusts.
+        let endpoint_config = match reset_key {
+            Some(key) if key.len() < 16 => {
+                return Err(config_error("reset_key must be at least 16 bytes"))
+            }
+            Some(key) => {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+                // quinn drops packets whose connection ID its generator did not sign (no reset
+                // for them): the generator's key must survive the restart too.
+                let tag = ring::hmac::sign(&key, b"quicmesh connection ID generator");
+                let mut cid_key = [0u8; 8];
+                cid_key.copy_from_slice(&tag.as_ref()[..8]);
+                let cid_key = u64::from_le_bytes(cid_key);
+                let mut config = quinn::EndpointConfig::new(Arc::new(key));
+                config.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                config
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             server_config,
             socket,
             Arc::new(quinn::TokioRuntime),

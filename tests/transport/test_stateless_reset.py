@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from quic_helpers import run
+from quic_helpers import QUIC_ENGINES, require_engine, run
 
 import quicmesh
 from quicmesh import DevCA, QuicTransport
@@ -40,7 +40,7 @@ SERVER = textwrap.dedent(
         identity = ca.issue("spiffe://mesh.local/ns/default/sa/server")
         transport = QuicTransport(
             identity=identity, trust=ca.trust_bundle,
-            stateless_reset_key=load_stateless_reset_key(sys.argv[2]),
+            stateless_reset_key=load_stateless_reset_key(sys.argv[2]), engine=sys.argv[4],
         )
         listener = await transport.listen(("127.0.0.1", int(sys.argv[3])), echo)
         print(listener.address[1], flush=True)
@@ -51,9 +51,11 @@ SERVER = textwrap.dedent(
 )
 
 
-def _start(ca_dir: Path, key: Path, port: int) -> tuple[subprocess.Popen[str], int]:
+def _start(
+    ca_dir: Path, key: Path, port: int, engine: str = "aioquic"
+) -> tuple[subprocess.Popen[str], int]:
     child = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(ca_dir), str(key), str(port)],
+        [sys.executable, "-c", SERVER, str(ca_dir), str(key), str(port), engine],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -76,11 +78,13 @@ def test_key_file_is_created_private_and_kept(tmp_path: Path) -> None:
         load_stateless_reset_key(tmp_path / "short.key")
 
 
-def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", QUIC_ENGINES)
+def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path, engine: str) -> None:
+    require_engine(engine)
     ca = DevCA()
     ca.save(tmp_path / "ca")
     key = tmp_path / "reset.key"
-    first, port = _start(tmp_path / "ca", key, 0)
+    first, port = _start(tmp_path / "ca", key, 0, engine)
     second = None
     try:
 
@@ -89,6 +93,7 @@ def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path) -> Non
             client = QuicTransport(
                 identity=ca.issue("spiffe://mesh.local/ns/default/sa/client"),
                 trust=ca.trust_bundle,
+                engine=engine,
             )
             conn = await client.connect(("127.0.0.1", port))
             stream = await conn.open_stream("a.svc:1")
@@ -97,7 +102,7 @@ def test_client_learns_of_a_restart_from_the_first_packet(tmp_path: Path) -> Non
             assert await stream.read() == b"before"
             first.send_signal(signal.SIGKILL)  # no CONNECTION_CLOSE: a crash
             first.wait()
-            second, _ = _start(tmp_path / "ca", key, port)
+            second, _ = _start(tmp_path / "ca", key, port, engine)
             # The next packet meets a listener that does not know the connection.
             with pytest.raises(quicmesh.TunnelError, match="stateless reset"):
                 await asyncio.wait_for(conn.open_stream("a.svc:1"), 5)

@@ -39,7 +39,10 @@ rather than pretending:
   When the server rejects a 0-RTT flight, quinn forgets the streams opened in
   it and hands out the same stream IDs again; the engine kept every byte written
   before the server answered and sends it again at once on the re-opened streams
-  (:meth:`NativeConnection.resend_early_data`), so nothing is lost.
+  (:meth:`NativeConnection.resend_early_data`), so nothing is lost. The
+  server's 0-RTT volume is bounded by the stream and connection windows (QUIC
+  requires ``max_early_data_size`` 0xffffffff in tickets, RFC 9001 4.6.1), not by
+  ``max_early_data``; the ticket counters of :attr:`QuicTransport.counters` stay 0.
 * **SPIFFE verification** happens inside the handshake, in Rust, with the rules
   of :func:`quicmesh.tls.verify_peer` (native/src/verify.rs); the driver checks
   the chain :meth:`NativeConnection.peer_certificate` gives again, as for any engine.
@@ -50,10 +53,16 @@ rather than pretending:
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
   client endpoint's socket moves, with every connection on it); quinn validates
   a migrating client's new path itself and raises no event for it.
+* **Stateless resets**: quinn derives the tokens from
+  :attr:`~.engine.EngineLimits.stateless_reset_key` (HMAC-SHA256 of the
+  connection ID, as aioquic's engine here), so a restarted listener with the same
+  key tells its old peers at once.
 * Not used: ``max_datagram_size`` (quinn does path MTU discovery from 1200),
-  ``qlog_dir``, ``stateless_reset_key`` (quinn's key is random per endpoint),
-  ``max_stream_rate`` (:meth:`NativeConnection.attach_stream_rate`), listener
-  admission (quinn answers Initials itself).
+  ``qlog_dir``,
+  ``max_stream_rate`` (:meth:`NativeConnection.attach_stream_rate`;
+  ``QuicTransport.set_stream_rate`` returns False), listener admission (quinn
+  answers Initials itself). An ICMP unreachable does not fail a connect at once
+  (the endpoint's socket is not connected): it fails at its timeout.
 """
 
 from __future__ import annotations
@@ -157,6 +166,7 @@ def _endpoint(
         max_bidi_streams=limits.max_streams,
         congestion=congestion,
         early_data=early_data,
+        reset_key=limits.stateless_reset_key,
     )
 
 
