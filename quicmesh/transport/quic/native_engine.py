@@ -151,23 +151,37 @@ def _endpoint(
             f"congestion control {limits.congestion_control!r} is not one of {valid} "
             "(native engine)"
         )
-    return native.Endpoint(
-        address[0],
-        address[1],
-        cert_chain_pem=tls.identity.cert_chain_pem(),
-        key_pem=tls.identity.private_key_pem(),
-        trust_pem=tls.trust.pem,
-        alpn=[protocol.encode() for protocol in limits.alpn],
-        server=server,
-        stream_receive_window=limits.stream_window,
-        receive_window=limits.connection_window,
-        idle_timeout=limits.idle_timeout,
-        keep_alive=limits.keep_alive,
-        max_bidi_streams=limits.max_streams,
-        congestion=congestion,
-        early_data=early_data,
-        reset_key=limits.stateless_reset_key,
-    )
+    options: dict[str, Any] = {
+        "cert_chain_pem": tls.identity.cert_chain_pem(),
+        "key_pem": tls.identity.private_key_pem(),
+        "trust_pem": tls.trust.pem,
+        "alpn": [protocol.encode() for protocol in limits.alpn],
+        "server": server,
+        "stream_receive_window": limits.stream_window,
+        "receive_window": limits.connection_window,
+        "idle_timeout": limits.idle_timeout,
+        "keep_alive": limits.keep_alive,
+        "max_bidi_streams": limits.max_streams,
+        "congestion": congestion,
+        "early_data": early_data,
+    }
+    try:
+        return native.Endpoint(
+            address[0], address[1], reset_key=limits.stateless_reset_key, **options
+        )
+    except TypeError:
+        # An extension built before reset_key existed (a stale build in the tree).
+        global _STALE_WARNED
+        if not _STALE_WARNED:
+            _STALE_WARNED = True
+            logger.warning(
+                "quicmesh._native is older than this quicmesh (no reset_key): stateless "
+                "resets use a random key; rebuild it (pip install -e .)"
+            )
+        return native.Endpoint(address[0], address[1], **options)
+
+
+_STALE_WARNED = False
 
 
 class _Pump:
