@@ -838,7 +838,7 @@ def render(rows: list[Row], plan: Plan, namespace: bool) -> str:
                 triple = [v[f"{q}_ms@{rate}"] for q in ("p50", "p90", "p99")]
                 cells.append("(" + " / ".join(_cell(x) for x in triple) + ")")
             else:
-                triple = [v[f"added_{q}_ms@{rate}"] for q in ("p50", "p90", "p99")]
+                triple = [v.get(f"added_{q}_ms@{rate}", math.nan) for q in ("p50", "p90", "p99")]
                 cells.append(" / ".join(("+" if x >= 0 else "") + _cell(x) for x in triple))
         quic = row.path.startswith("quic")
         proxied = row.path != "direct"
@@ -1054,6 +1054,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
         "network_namespace": namespace,
         "plan": asdict(plan),
         "rows": [asdict(r) for r in rows],
+        "samples": {name: [asdict(s) for s in runs] for name, runs in samples.items()},
         "ratios": {b: ratios(rows, b, top) for b in ("h2", "nghttpx")},
         "table": render(rows, plan, namespace),
     }

@@ -24,6 +24,7 @@ from quicmesh.bench._measure import (
     percentile,
     process_tree,
 )
+from quicmesh.bench.overhead import PathSpec, Plan, Sample, ratios, render, summarise
 
 H2LOAD_SAMPLE = """starting benchmark...
 spawning thread #0: 16 total client(s). Timing-based test with 0s of warm-up time and 2s of main duration for measurements.
@@ -231,3 +232,47 @@ def test_percentile_is_an_element_and_monotonic(values: list[float], q: float) -
 
 def test_percentile_of_nothing_is_nan() -> None:
     assert math.isnan(percentile([], 0.5))
+
+
+def _sample(p90: float, cpu: float, max_rps: float) -> Sample:
+    sample = Sample(
+        vcpu_per_krps=cpu,
+        max_rps=max_rps,
+        conn_per_request_rps=max_rps / 10,
+        bulk_mbps=max_rps / 100,
+        cpu_seconds_per_gb=cpu * 10,
+        packets_per_request=2.0,
+        new_flow_packets=6.0,
+    )
+    sample.latency_ms[1000] = [p90 / 2, p90, p90 * 2]
+    sample.achieved_rps[1000] = 1000.0
+    return sample
+
+
+def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> None:
+    plan = Plan((1000,), 1.0, 0.5, 1.0, 1.0, 10**6, 2)
+    specs = [PathSpec.parse(p) for p in ("direct", "h2", "h2/asyncio", "nghttpx", "stunnel")]
+    samples = {
+        "direct": [_sample(1.0, 0.0, 20000), _sample(3.0, 0.0, 20000)],
+        "h2": [_sample(2.0, 0.3, 2000), _sample(5.0, 0.3, 2000)],  # added p90 1 and 2
+        "h2/asyncio": [_sample(3.0, 0.4, 1000), _sample(6.0, 0.4, 1000)],  # added 2 and 3
+        "nghttpx": [_sample(1.5, 0.1, 8000), _sample(3.5, 0.1, 8000)],  # added 0.5 twice
+    }
+    rows = summarise(specs, samples, plan, {"stunnel": "not installed: apt-get install stunnel4"})
+    by_path = {row.path: row for row in rows}
+    assert by_path["h2"].values["added_p90_ms@1000"] == 1.5
+    assert by_path["h2/asyncio"].values["added_p90_ms@1000"] == 2.5
+    assert by_path["stunnel"].status.startswith("not installed") and not by_path["stunnel"].values
+    against_h2 = ratios(rows, "h2", 1000)
+    assert against_h2["h2"]["p90"] == 1.0
+    assert against_h2["h2/asyncio"]["p90"] == 2.5 / 1.5
+    assert math.isclose(against_h2["nghttpx"]["vCPU"], 0.1 / 0.3)
+    assert against_h2["nghttpx"]["max"] == 4.0
+    assert "direct" not in against_h2
+    table = render(rows, plan, namespace=True)
+    assert "| stunnel | not installed: apt-get install stunnel4 |" in table
+    assert "Ratios against h2 (same run" in table and "Ratios against nghttpx" in table
+    # Without the direct path there is no added latency: shown as "-", never a crash.
+    no_direct = summarise(specs[1:4], {k: v for k, v in samples.items() if k != "direct"}, plan, {})
+    assert "| h2 | - / - / - |" in render(no_direct, plan, namespace=False)
+    assert math.isnan(ratios(no_direct, "h2", 1000)["h2"]["p90"])
