@@ -839,7 +839,11 @@ def render(rows: list[Row], plan: Plan, namespace: bool) -> str:
                 cells.append("(" + " / ".join(_cell(x) for x in triple) + ")")
             else:
                 triple = [v.get(f"added_{q}_ms@{rate}", math.nan) for q in ("p50", "p90", "p99")]
-                cells.append(" / ".join(("+" if x >= 0 else "") + _cell(x) for x in triple))
+                cell = " / ".join(("+" if x >= 0 else "") + _cell(x) for x in triple)
+                achieved = v[f"rps@{rate}"]
+                if achieved < 0.95 * rate:  # fell behind: the latency is queueing
+                    cell += f" (only {achieved:,.0f} rps)"
+                cells.append(cell)
         quic = row.path.startswith("quic")
         proxied = row.path != "direct"
         cells += [
