@@ -13,12 +13,19 @@ import random
 import socket
 from typing import Any
 
+import pytest
+from aioquic._buffer import Buffer
+from aioquic._crypto import CryptoError
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair, KeyUnavailableError
+from aioquic.quic.packet import QuicProtocolVersion, pull_quic_header
+from hypothesis import given
+from hypothesis import strategies as st
 from quic_helpers import CA, CLIENT, SERVER, TARGET, run, until
 
-from quicmesh import MeshStream, QuicTransport
+from quicmesh import MeshStream, QuicTransport, _aioquic
 from quicmesh.transport._admission import Admission, AdmissionConfig, Decision, RateLimitedLog
 
 
@@ -185,3 +192,44 @@ def test_refusal_logs_are_rate_limited(caplog: Any) -> None:
     assert logged.count(True) == 1
     assert len(caplog.records) == 2
     assert "999 more like this" in caplog.records[1].getMessage()
+
+
+def _decrypts_with_both_keys(data: bytes, cid_length: int) -> bool:
+    """The reference: aioquic's own Initial key pair (client and server keys)."""
+    buf = Buffer(data=data)
+    try:
+        header = pull_quic_header(buf, host_cid_length=cid_length)
+        if header.version is None:
+            return False
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+        crypto.decrypt_packet(data[: header.packet_length], buf.tell(), 0)
+    except (ValueError, CryptoError, KeyUnavailableError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("version", [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2])
+def test_trial_decryption_accepts_real_first_flights_of_both_versions(version: int) -> None:
+    # Only the client's Initial key is derived now (half the HKDF work per forged
+    # Initial); real first flights of QUIC v1 and v2 must still decrypt.
+    for _ in range(5):
+        quic = QuicConnection(
+            configuration=QuicConfiguration(
+                is_client=True, alpn_protocols=H3_ALPN, original_version=version
+            )
+        )
+        quic.connect(("127.0.0.1", 4433), now=0.0)
+        [first, *_] = [data for data, _ in quic.datagrams_to_send(now=0.0)]
+        assert _aioquic.initial_decrypts(first, 8) and _decrypts_with_both_keys(first, 8)
+        forged = bytearray(first)
+        forged[60] ^= 0x01  # one bit of the encrypted payload: the AEAD check fails
+        assert not _aioquic.initial_decrypts(bytes(forged), 8)
+
+
+@given(st.binary(min_size=0, max_size=1400), st.integers(0, 2**32 - 1))
+def test_trial_decryption_agrees_with_aioquic_on_any_bytes(payload: bytes, seed: int) -> None:
+    rng = random.Random(seed)
+    candidates = [payload, forged_initial(rng), forged_initial(rng)[: len(payload) or 1]]
+    for data in candidates:
+        assert _aioquic.initial_decrypts(data, 8) == _decrypts_with_both_keys(data, 8)
