@@ -419,3 +419,4 @@ class AutoTransport(Transport):
             await asyncio.gather(
                 *self._background, *self._retiring, *self._late, return_exceptions=True
             )
+        await self.quic.aclose()

@@ -248,3 +248,24 @@ def test_native_client_migrates_mid_transfer_on_many_streams(server_engine: str)
         await listener.wait_closed()
 
     run(main())
+
+
+def test_native_transport_aclose_releases_its_client_endpoint() -> None:
+    async def main() -> None:
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), echo)
+        client = transport("native")
+        conn = await client.connect(listener.address)
+        assert await exchange(conn, b"x") == b"x"
+        await client.aclose()  # what a retired sidecar cluster does
+        await asyncio.wait_for(conn.wait_closed(), 10)
+        assert conn.is_closed
+        # The transport still works: a new client endpoint is made for the next connect.
+        again = await client.connect(listener.address)
+        assert await exchange(again, b"y") == b"y"
+        again.close()
+        await again.wait_closed()
+        await client.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())

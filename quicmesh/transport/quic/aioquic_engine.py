@@ -113,3 +113,6 @@ class AioquicEngine:
     ) -> EngineListener:
         """Not for a datagram engine: the driver's listener owns the socket."""
         raise NotImplementedError("aioquic is a datagram engine: the driver listens")
+
+    def close(self) -> None:
+        """Nothing: the driver owns every socket."""

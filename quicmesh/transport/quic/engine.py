@@ -480,6 +480,10 @@ class QuicEngine(Protocol):
         """(socket engines) Listen on ``address``; ``wake`` when connections or
         events wait. Raises :class:`EngineError` when the socket cannot be bound."""
 
+    def close(self) -> None:
+        """Release what the engine holds besides its connections and listeners (a
+        socket engine's client sockets; client connections still on them end)."""
+
 
 _ENGINES: dict[str, Callable[[], QuicEngine]] = {}
 

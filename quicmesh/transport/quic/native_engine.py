@@ -888,6 +888,16 @@ class NativeEngine:
             pump._route(event)
         return connection
 
+    def close(self) -> None:
+        """Close the client endpoints (their UDP sockets and any connection left on them)."""
+        pumps, self._clients = list(self._clients.values()), {}
+        for pump in pumps:
+            if pump.loop.is_closed():
+                pump.endpoint.close()
+                pump.closed = True
+            else:
+                pump.close()
+
     def accept(self, *args: Any, **kwargs: Any) -> Any:
         """Not for a socket engine: quinn accepts connections itself (:meth:`listen`)."""
         raise NotImplementedError("the native engine owns its sockets: use listen()")

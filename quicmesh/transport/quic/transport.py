@@ -233,6 +233,11 @@ class QuicTransport(Transport):
         self.stateless_reset_key = stateless_reset_key or os.urandom(32)
         self._server_configurations: list[QuicConfiguration] = []
 
+    async def aclose(self) -> None:
+        """Release the engine's own sockets (the native engine's client endpoint);
+        close the connections first."""
+        self.engine.close()
+
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
         if self.engine.io == "socket":
             return False  # quinn grants stream credit itself (native_engine.py)
