@@ -481,7 +481,7 @@ def sidecar_configs(
         },
         "clusters": [cluster],
     }
-    b = {
+    b: dict[str, Any] = {
         "node": {"name": "bench-b", "identity": IDENTITY_B},
         "tls": {"ca_dir": ca_dir},
         "admin": {"address": f"{LOOPBACK}:{free_port()}"},
@@ -498,6 +498,8 @@ def sidecar_configs(
             ]
         },
     }
+    if engine is not None:
+        b["listeners"]["inbound"][0]["engine"] = engine
     return a, b
 
 
@@ -510,18 +512,18 @@ def _native_unavailable(workdir: Path, ca_dir: Path) -> str:
         return "not built (quicmesh._native does not import)"
     import yaml
 
-    config_a, _ = sidecar_configs("quic", "native", str(ca_dir), 1, 2, 3)
-    path = workdir / "engine-check.yaml"
-    path.write_text(yaml.safe_dump(config_a, sort_keys=False))
-    result = subprocess.run(
-        python_command("-m", "quicmesh", "sidecar", "-c", str(path), "--check"),
-        capture_output=True, text=True, env=child_environment(), timeout=60,
-    )  # fmt: skip
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit code {result.returncode}"
-        reason = reason.rpartition(".yaml: ")[2].split(" (expected", 1)[0]
-        return f"the sidecar does not take engine: native yet ({reason})"
+    for config in sidecar_configs("quic", "native", str(ca_dir), 1, 2, 3):
+        path = workdir / "engine-check.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        result = subprocess.run(
+            python_command("-m", "quicmesh", "sidecar", "-c", str(path), "--check"),
+            capture_output=True, text=True, env=child_environment(), timeout=60,
+        )  # fmt: skip
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"exit code {result.returncode}"
+            reason = reason.rpartition(".yaml: ")[2].split(" (expected", 1)[0]
+            return f"the sidecar does not take engine: native yet ({reason})"
     return ""
 
 
