@@ -570,6 +570,10 @@ class HopCounter:
         self.port = port
         if self.nft is None or port is None:
             return
+        # No client socket of this namespace may get the hop's port as its ephemeral port
+        # (its packets would be counted as the hop's).
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text(f"{port}\n")
         rules = "".join(
             f'add rule inet {NFT_TABLE} out {proto} {end} {port} counter comment "hop-{proto}"\n'
             for proto in ("tcp", "udp")
@@ -702,7 +706,7 @@ def measure(lab: Lab, spec: PathSpec, proxies: Proxies, plan: Plan) -> Sample:
     ab = require("ab")
     meter = Meter(proxies, lab.hop)
     out = run_tool(
-        [ab, "-q", "-c", str(AB_CONCURRENCY), "-t", str(max(1, round(plan.ab_seconds))),
+        [ab, "-q", "-r", "-c", str(AB_CONCURRENCY), "-t", str(max(1, round(plan.ab_seconds))),
          "-n", "1000000", "-s", "10", f"{url}/small"],
         plan.ab_seconds + 60,
     )  # fmt: skip
@@ -860,6 +864,8 @@ def render(rows: list[Row], plan: Plan, namespace: bool) -> str:
         ]
         if v["failures"]:
             cells[0] += f" ({v['failures']:.0f} failed)"
+        if row.status != "ok":
+            cells[0] += f" ({row.status})"
         lines.append("| " + " | ".join(cells) + " |")
     for baseline in ("h2", "nghttpx"):
         table = ratios(rows, baseline, top)
@@ -1011,6 +1017,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
     state = source_state()
     samples: dict[str, list[Sample]] = {}
     why: dict[str, str] = {}
+    failed_rounds: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="quicmesh-bench-overhead-") as directory:
         workdir = Path(directory)
         backend = Backend(workdir, plan.bulk_bytes)
@@ -1036,6 +1043,11 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
                         continue
                     try:
                         sample = measure(lab, spec, proxies, plan)
+                    except (BenchError, MeasureError) as exc:
+                        # One path's failed round does not end the run; its row says so.
+                        report(f"round {number} {spec.name}: failed: {exc}")
+                        failed_rounds[spec.name] = failed_rounds.get(spec.name, 0) + 1
+                        continue
                     finally:
                         proxies.stop()
                     samples.setdefault(spec.name, []).append(sample)
@@ -1049,6 +1061,8 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
                     )
         finally:
             backend.stop()
+    for name, count in failed_rounds.items():
+        why.setdefault(name, f"{count} round(s) failed (see the lines above)")
     rows = summarise(specs, samples, plan, why)
     top = max(plan.rates)
     return {
