@@ -167,12 +167,26 @@ async def _run(config: object, path: str) -> int:
 
     assert isinstance(config, SidecarConfig)
     sidecar = Sidecar(config, config_path=path)
+    loop = asyncio.get_running_loop()
+    # A SIGTERM during start-up (the admin answers "starting" meanwhile) drains once
+    # started, instead of killing the process with listeners half open.
+    stop_requested = False
+
+    def stop() -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if started:
+            sidecar.begin_drain()
+
+    started = False
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
     await sidecar.start()
+    started = True
     if config.xds is not None:
         from ..xds.client import AdsClient
 
         sidecar.attach_xds(AdsClient(sidecar, config.xds))
-    loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload() -> None:
@@ -180,9 +194,9 @@ async def _run(config: object, path: str) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, sidecar.begin_drain)
-    loop.add_signal_handler(signal.SIGINT, sidecar.begin_drain)
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGUSR1, sidecar.reopen_logs)
+    if stop_requested:
+        sidecar.begin_drain()
     await sidecar.wait_drained()
     return 0
