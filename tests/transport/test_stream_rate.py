@@ -122,6 +122,8 @@ def test_identities_share_one_bucket_while_in_use() -> None:
 
 
 def test_a_slowed_identity_gets_its_new_rate_on_every_connection_and_others_keep_theirs() -> None:
+    SLOW = 2.0
+
     # The overload action (Transport.set_stream_rate): the sidecar cuts the heaviest
     # identity's rate when its event loop falls behind, and restores it later.
     async def main() -> tuple[int, int, int]:
@@ -134,8 +136,8 @@ def test_a_slowed_identity_gets_its_new_rate_on_every_connection_and_others_keep
         conns = [await churner.connect(listener.address) for _ in range(2)]
         other_conn = await other.connect(listener.address)
         try:
-            assert server.set_stream_rate(CHURNER.spiffe_id, RATE)
-            assert server.stream_rates.rate_of(CHURNER.spiffe_id) == RATE
+            assert server.set_stream_rate(CHURNER.spiffe_id, SLOW)
+            assert server.stream_rates.rate_of(CHURNER.spiffe_id) == SLOW
             slowed, others = await asyncio.gather(_churn(conns, 2.0), _churn([other_conn], 2.0))
             assert server.set_stream_rate(CHURNER.spiffe_id, None)
             assert server.stream_rates.rate_of(CHURNER.spiffe_id) == 1000
@@ -150,9 +152,9 @@ def test_a_slowed_identity_gets_its_new_rate_on_every_connection_and_others_keep
 
     slowed, others, restored = asyncio.run(asyncio.wait_for(main(), 60))
     # Each connection starts with SLOTS credit; the cut left at most one token.
-    bound = 2 * SLOTS + 1 + RATE * 2.0 * 1.5
+    bound = 2 * SLOTS + 1 + SLOW * 2.0 * 1.5
     assert slowed <= bound
-    assert slowed >= RATE * 2.0 * 0.5  # slowed, not stalled
+    assert slowed >= 2 * SLOTS  # slowed, not stalled
     assert others > bound and restored > bound
 
 
