@@ -64,6 +64,12 @@ def _load() -> ModuleType | None:
 _NATIVE = _load()
 
 
+def native_module() -> ModuleType | None:
+    """The extension ``quicmesh._native``, or None where it was not built (one import
+    for this adaptor and the ``native`` QUIC engine)."""
+    return _NATIVE
+
+
 def native_available() -> bool:
     """Whether the native extension was built and imports."""
     return _NATIVE is not None

@@ -81,6 +81,7 @@ from cryptography import x509
 
 from ...errors import ConfigError, QuicmeshError
 from ...tls.spiffe import spiffe_id_of
+from ..native import native_module
 from .engine import Address, EngineError, EngineLimits, EngineTls, SocketConnection
 from .options import CRYPTO_ERROR_BAD_CERTIFICATE
 
@@ -112,15 +113,7 @@ def ticket_server_name(address: Address) -> str:
     return f"{host}-{address[1]}.quicmesh.invalid"
 
 
-def _load() -> ModuleType | None:
-    try:
-        from ... import _native
-    except ImportError:
-        return None
-    return _native
-
-
-_NATIVE = _load()
+_NATIVE: ModuleType | None = native_module()
 
 
 def native_available() -> bool:
