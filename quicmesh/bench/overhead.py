@@ -398,22 +398,12 @@ class Lab:
             f"cert = {self.workdir / 'client.pem'}\nkey = {self.workdir / 'client-key.pem'}\n"
             f"{verify}"
         )
-        processes = []
-        try:
-            for name, text, port in (("server", server, tunnel), ("client", client, front)):
-                conf = self.workdir / f"stunnel-{name}.conf"
-                conf.write_text(text)
-                process = subprocess.Popen(
-                    [binary, str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                processes.append(process)
-                wait_listening(port, process, f"stunnel {name}", 15.0)
-        except BenchError:
-            for process in processes:
-                stop(process)
-            raise
-        return Proxies(front, processes[::-1], tunnel)
+        commands = []
+        for name, text, port in (("server", server, tunnel), ("client", client, front)):
+            conf = self.workdir / f"stunnel-{name}.conf"
+            conf.write_text(text)
+            commands.append((f"stunnel {name}", [binary, str(conf)], port))
+        return Proxies(front, _start_pair(commands), tunnel)
 
     def _nghttpx(self) -> Proxies:
         binary = which("nghttpx")
@@ -438,20 +428,28 @@ class Lab:
             f"--client-private-key-file={self.workdir / 'client-key.pem'}",
             f"--client-cert-file={self.workdir / 'client.pem'}",
         ]  # fmt: skip
-        processes = []
-        try:
-            for name, command, port in (("server", server, tunnel), ("client", client, front)):
-                process = subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                processes.append(process)
-                wait_listening(port, process, f"nghttpx {name}", 15.0)
-        except BenchError:
-            for process in processes:
-                stop(process)
-            raise
-        return Proxies(front, processes[::-1], tunnel)
+        commands = [("nghttpx server", server, tunnel), ("nghttpx client", client, front)]
+        return Proxies(front, _start_pair(commands), tunnel)
+
+
+def _start_pair(commands: list[tuple[str, list[str], int]]) -> list[subprocess.Popen[bytes]]:
+    """Start a native proxy pair, server side first, each waited for on its port; the
+    processes client first (the order they are stopped in). On a failure the ones
+    already started are stopped."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for label, command, port in commands:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            processes.append(process)
+            wait_listening(port, process, label, 15.0)
+    except BenchError:
+        for process in processes:
+            stop(process)
+        raise
+    return processes[::-1]
 
 
 def sidecar_configs(
