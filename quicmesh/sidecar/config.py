@@ -329,6 +329,9 @@ class XdsConfig:
     """The ``node.cluster`` the sidecar reports."""
     metadata: tuple[tuple[str, str], ...] = ()
     """The ``node.metadata`` the sidecar reports (string values)."""
+    initial_fetch_timeout: float = 15.0
+    """Seconds the first sync waits for the endpoints of warming clusters before
+    the sidecar becomes ready without them (Envoy's ``initial_fetch_timeout``)."""
 
 
 @dataclass(frozen=True)
@@ -738,7 +741,7 @@ class _Loader:
     def xds(self, node: _Field) -> XdsConfig | None:
         if node.value is None:
             return None
-        node.only_keys({"address", "cluster", "metadata"})
+        node.only_keys({"address", "cluster", "metadata", "initial_fetch_timeout"})
         metadata = node.child("metadata")
         pairs: list[tuple[str, str]] = []
         if metadata.value is not None:
@@ -751,6 +754,7 @@ class _Loader:
             address=node.child("address").required().address(),
             cluster=cluster.name() if cluster.value is not None else "quicmesh",
             metadata=tuple(pairs),
+            initial_fetch_timeout=_duration_or(node.child("initial_fetch_timeout"), 15.0),
         )
 
     def intercept(self, node: _Field) -> InterceptConfig | None:

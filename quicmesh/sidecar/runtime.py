@@ -623,6 +623,8 @@ class Sidecar:
         if not self.ready:
             return "starting"
         if self.xds is not None and not self.xds.synced.is_set():
+            if self.xds.warming:
+                return f"waiting for the control plane (endpoints of {', '.join(self.xds.warming)})"
             return "waiting for the control plane (LDS and CDS)"
         return self.certs.problem() or ""
 

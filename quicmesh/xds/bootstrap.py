@@ -173,7 +173,10 @@ def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
     endpoints = map_endpoints(cluster.load_assignment, f"Cluster {cluster_name!r}")
     if len(endpoints) != 1:
         raise MappingError(f"Cluster {cluster_name!r}: the ADS cluster needs exactly one endpoint")
-    return XdsConfig(address=endpoints[0])
+    timeout = 15.0
+    if dynamic.cds_config.HasField("initial_fetch_timeout"):
+        timeout = dynamic.cds_config.initial_fetch_timeout.ToTimedelta().total_seconds()
+    return XdsConfig(address=endpoints[0], initial_fetch_timeout=timeout)
 
 
 def _filename(source: Any, secret: str, base_dir: Path) -> str:

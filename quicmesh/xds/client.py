@@ -71,7 +71,9 @@ class AdsClient:
             )
         )
         self.synced = asyncio.Event()
-        """Set once LDS and CDS were both applied (the sidecar is then ready)."""
+        """Set once LDS and CDS were both applied and no cluster is warming, or
+        ``config.initial_fetch_timeout`` after LDS and CDS if one still is (the
+        sidecar is then ready)."""
         self.counters = {"acks": 0, "nacks": 0, "streams": 0, "stream_failures": 0}
         self.connected = False
         self.last_error = ""
@@ -79,6 +81,7 @@ class AdsClient:
         self._applied_types: set[str] = set()
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
+        self._initial_fetch_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start the stream (and its reconnects) in the background."""
@@ -86,6 +89,8 @@ class AdsClient:
 
     async def close(self) -> None:
         """Close the stream; the sidecar keeps its configuration."""
+        if self._initial_fetch_timer is not None:
+            self._initial_fetch_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -201,6 +206,30 @@ class AdsClient:
         if {"type.googleapis.com/envoy.config.listener.v3.Listener"} <= self._applied_types and (
             "type.googleapis.com/envoy.config.cluster.v3.Cluster" in self._applied_types
         ):
+            self._note_initial_sync()
+
+    def _note_initial_sync(self) -> None:
+        # As Envoy's init manager: not ready while a cluster of the first sync still
+        # waits for its endpoints (its listener is not bound yet), for at most
+        # config.initial_fetch_timeout.
+        if self.synced.is_set():
+            return
+        if not self.warming:
+            if self._initial_fetch_timer is not None:
+                self._initial_fetch_timer.cancel()
+            self.synced.set()
+        elif self._initial_fetch_timer is None:
+            self._initial_fetch_timer = asyncio.get_running_loop().call_later(
+                self.config.initial_fetch_timeout, self._initial_fetch_timed_out
+            )
+
+    def _initial_fetch_timed_out(self) -> None:
+        if not self.synced.is_set():
+            logger.warning(
+                "no endpoints for %s after %.0f s: ready without them",
+                ", ".join(self.warming),
+                self.config.initial_fetch_timeout,
+            )
             self.synced.set()
 
     def _apply_secrets(self, update: Update) -> None:

@@ -39,15 +39,22 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def xds_sidecar(
-    name: str, identity: str, ca: Path, workdir: Path, server: AdsServer, **tls: Any
+    name: str,
+    identity: str,
+    ca: Path,
+    workdir: Path,
+    server: AdsServer,
+    xds: dict[str, Any] | None = None,
+    **tls: Any,
 ) -> SidecarProcess:
-    """A sidecar with no listeners of its own: everything comes from ``server``."""
+    """A sidecar with no listeners of its own: everything comes from ``server``;
+    ``xds``: more keys of its ``xds`` section."""
     config = {
         "node": {"name": name, "identity": identity},
         "tls": {"ca_dir": str(ca), **tls},
         "admin": {"address": addr(free_port())},
         "drain": {"grace_period": "10s"},
-        "xds": {"address": server.address, "cluster": "mesh"},
+        "xds": {"address": server.address, "cluster": "mesh", **(xds or {})},
     }
     return SidecarProcess(name, config, workdir)
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 from sidecar.conftest import echo_flow, refused, wait_until  # tests/sidecar/conftest.py
 
-from quicmesh.sidecar.launch import SidecarProcess
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port
 from quicmesh.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE
 from quicmesh.xds.testing import AdsServer
 from quicmesh.xds.testing import documents as docs
 
-from .conftest import addr, push_outbound
+from .conftest import IDENTITY_A, addr, push_outbound, xds_sidecar
 
 
 def _flow_ok(port: int) -> bool:
@@ -56,6 +57,61 @@ def test_versions_nonces_and_acks(
     xds = a.stats()["xds"]
     assert xds["synced"] and xds["connected"] and xds["nacks"] == 0
     assert xds["versions"]["LDS"] == "1" and xds["versions"]["CDS"] == "1"
+
+
+def test_not_ready_until_the_first_clusters_have_endpoints(
+    ads: AdsServer, pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]], echo_port: int
+) -> None:
+    # As Envoy's initialization: LDS and CDS applied is not enough while the
+    # listener's cluster waits for its endpoints (the listener is not bound yet).
+    a, b, ports = pair
+    ads.set_resources(CLUSTER_TYPE, [docs.cluster(docs.cluster_doc("echo", "quic"))], "1", node="a")
+    ads.set_resources(
+        LISTENER_TYPE,
+        [docs.listener(docs.outbound_listener_doc("out", ports["out"], "echo", addr(echo_port)))],
+        "1",
+        node="a",
+    )
+    wait_until(lambda: _warming(a) == ["echo"], what="echo warming")
+    status, body = a.request("GET", "/ready")
+    assert status == 503 and b"endpoints of echo" in body, body
+    assert asyncio.run(refused(ports["out"]))
+    ads.set_resources(
+        ENDPOINT_TYPE,
+        [docs.assignment(docs.cla_doc("echo", [(LOOPBACK, ports["b"], "HEALTHY", None)]))],
+        "1",
+        node="a",
+    )
+    b.wait_ready()
+    a.wait_ready()
+    assert _flow_ok(ports["out"])
+
+
+def test_ready_without_endpoints_after_the_initial_fetch_timeout(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path, echo_port: int
+) -> None:
+    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads, xds={"initial_fetch_timeout": "1s"})
+    ads.set_resources(CLUSTER_TYPE, [docs.cluster(docs.cluster_doc("echo", "quic"))], "1", node="a")
+    ads.set_resources(
+        LISTENER_TYPE,
+        [docs.listener(docs.outbound_listener_doc("out", free_port(), "echo", addr(echo_port)))],
+        "1",
+        node="a",
+    )
+    a.start()
+    try:
+        a.wait_ready()
+        assert a.stats()["xds"]["warming"] == ["echo"]
+        assert "no endpoints for echo after 1 s: ready without them" in a.stderr()
+    finally:
+        assert a.stop() == 0
+
+
+def _warming(sidecar: SidecarProcess) -> list[str] | None:
+    try:
+        return sidecar.stats()["xds"]["warming"]
+    except OSError:  # the admin listener is not up yet
+        return None
 
 
 def _streams(ads: AdsServer, node: str) -> set[int]:
@@ -141,8 +197,8 @@ def test_warming_and_removal(
     ads.set_resources(
         ENDPOINT_TYPE,
         [
-            docs.assignment(docs.cla_doc("echo", [("127.0.0.1", ports["b"], "HEALTHY", None)])),
-            docs.assignment(docs.cla_doc("late", [("127.0.0.1", ports["b"], "HEALTHY", None)])),
+            docs.assignment(docs.cla_doc("echo", [(LOOPBACK, ports["b"], "HEALTHY", None)])),
+            docs.assignment(docs.cla_doc("late", [(LOOPBACK, ports["b"], "HEALTHY", None)])),
         ],
         "2",
         node="a",

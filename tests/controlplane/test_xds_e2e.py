@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from sidecar.conftest import wait_until  # tests/sidecar/conftest.py
 
@@ -297,3 +300,21 @@ def test_two_sidecars_from_envoy_bootstrap_files_carry_traffic(
 
 async def _many(port: int) -> list[bool]:
     return list(await asyncio.gather(*(_flow(port, 10_000 + i) for i in range(16))))
+
+
+def test_a_bad_initial_fetch_timeout_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "a.yaml"
+    config.write_text(
+        "node: {name: a, identity: 'spiffe://mesh.local/a'}\n"
+        "admin: {address: '127.0.0.1:1'}\n"
+        "xds: {address: '127.0.0.1:2', initial_fetch_timeout: soon}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(config), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "xds.initial_fetch_timeout" in lines[0], lines

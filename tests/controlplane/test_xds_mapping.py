@@ -386,3 +386,27 @@ def test_the_bootstrap_example_in_docs_runs_check(tmp_path: Path) -> None:
     assert config.clusters[0].transport == "quic"
     assert config.clusters[0].load_balancing == "least_request"
     assert config.outbound[0].address == ("127.0.0.1", 15001)
+
+
+def test_envoy_bootstrap_ads_keeps_the_cds_initial_fetch_timeout(tmp_path: Path) -> None:
+    from quicmesh.xds.bootstrap import load_any_config
+
+    path = write_bootstrap(tmp_path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["static_resources"]["clusters"].append(
+        static_cluster_doc("xds", "h2", [("127.0.0.1", 18000)])
+    )
+    grpc = [{"envoy_grpc": {"cluster_name": "xds"}}]
+    document["dynamic_resources"] = {
+        "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": grpc},
+        "cds_config": {"ads": {}, "initial_fetch_timeout": "2.5s"},
+        "lds_config": {"ads": {}},
+    }
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    config = load_any_config(path)
+    assert config.xds is not None
+    assert config.xds.address == ("127.0.0.1", 18000)
+    assert config.xds.initial_fetch_timeout == 2.5
+    del document["dynamic_resources"]["cds_config"]["initial_fetch_timeout"]
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    assert load_any_config(path).xds.initial_fetch_timeout == 15.0  # type: ignore[union-attr]
