@@ -20,6 +20,7 @@ from quicmesh.bench._measure import (
     parse_h2load_summary,
     parse_nft_counters,
     parse_proc_stat,
+    parse_schedstat,
     parse_snmp,
     percentile,
     process_tree,
@@ -154,6 +155,25 @@ def test_this_process_in_proc() -> None:
         sum(range(10000))
     assert cpu_seconds([os.getpid(), 2**22 + 1]) >= deadline  # a gone pid counts zero
     assert os.getpid() in process_tree(os.getppid())
+
+
+def test_cpu_seconds_sees_less_than_one_tick() -> None:
+    before = cpu_seconds([os.getpid()])
+    sum(range(20000))  # well under one 10 ms tick
+    assert 0 < cpu_seconds([os.getpid()]) - before < 1
+
+
+@given(st.integers(0, 2**63), st.integers(0, 2**63), st.integers(0, 2**31))
+def test_schedstat_round_trip(run: int, wait: int, slices: int) -> None:
+    assert parse_schedstat(f"{run} {wait} {slices}\n") == run
+
+
+@given(st.text(max_size=40))
+def test_schedstat_garbage_is_one_measure_error(text: str) -> None:
+    try:
+        parse_schedstat(text)
+    except MeasureError as exc:
+        assert "schedstat" in str(exc)
 
 
 @given(
