@@ -145,7 +145,10 @@ impl SpiffeVerifier {
             let anchor = webpki::anchor_from_trusted_cert(&root.der)
                 .map_err(|e| VerifyError(format!("trust bundle certificate rejected: {e}")))?
                 .to_owned();
-            hints.push(DistinguishedName::from(anchor.subject.as_ref().to_vec()));
+            // A trust anchor's subject is the Name's content, without its outer SEQUENCE; a
+            // CertificateRequest's certificate_authorities carry whole Names (RFC 8446 4.2.4).
+            // GnuTLS clients (ngtcp2's gtlsclient) send no certificate for a bare one.
+            hints.push(DistinguishedName::in_sequence(anchor.subject.as_ref()));
             anchors.push(anchor);
             domains.push(root.trust_domain.clone());
         }
@@ -361,6 +364,35 @@ mod tests {
     fn trust_domain() {
         assert_eq!(trust_domain_of("spiffe://mesh.local/x/y"), "mesh.local");
         assert_eq!(trust_domain_of("spiffe://mesh.local"), "mesh.local");
+    }
+
+    /// A throwaway self-signed CA ("CN=hint test CA", P-256), for the hints test.
+    const HINT_TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBMTCB2KADAgECAgEBMAoGCCqGSM49BAMCMBcxFTATBgNVBAMMDGhpbnQgdGVz
+dCBDQTAgFw0yNjAxMDEwMDAwMDBaGA8yMTI1MTIwODAwMDAwMFowFzEVMBMGA1UE
+AwwMaGludCB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEELE9WfIu
+f+OfS7VkYdKM1w+Jmf7ccxgY9bEnGIcStDkBUlzcfo1D6HPOkRcoZXBWTxijSGk9
++0e5a/kPkCgc16MTMBEwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF
+AiBlqIBaFNpXCYmBAot/RxRRi1RSSBjPhiApzugqz6TeJAIhAPWpl4DbcElfxbzc
+YMl3BJFcg+9yOUWohDCdCQwAyWNF
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn client_certificate_hints_are_whole_names() {
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(HINT_TEST_CA.as_bytes()).expect("test CA");
+        let (_, ca) = X509Certificate::from_der(der.as_ref()).expect("test CA parses");
+        let root = TrustRoot {
+            der: der.clone(),
+            trust_domain: None,
+        };
+        let verifier = SpiffeVerifier::new(&[root], None).expect("verifier");
+        let hints = ClientCertVerifier::root_hint_subjects(&verifier);
+        assert_eq!(hints.len(), 1);
+        // The DER of the CA's subject Name, outer SEQUENCE included (what a client matches
+        // its certificate's issuer against).
+        assert_eq!(hints[0].as_ref(), ca.subject().as_raw());
     }
 
     #[test]
