@@ -15,8 +15,15 @@ ports taken from the environment instead of a container's fixed layout:
     connection and the rest on a second one resuming it (in 0-RTT for
     ``zerortt``); for ``handshakeloss`` each URL gets its own connection.
 ``CERTS``
-    ``cert.pem`` / ``priv.key`` (server), ``ca.pem`` (client), as written by
+    ``cert.pem`` / ``priv.key`` (server), ``ca.pem`` (client), ``client.pem`` /
+    ``client.key`` (client, with ``CLIENT_CERTIFICATE=1``), as written by
     :mod:`interop.certs`.
+``CLIENT_CERTIFICATE``
+    ``1``: the client presents ``client.pem`` (the server requires a client
+    certificate: quicmesh's native engine does).
+``ENGINE``
+    quicmesh's QUIC engine: ``aioquic`` (default) or ``native``
+    (:mod:`interop.native_endpoint`).
 ``QLOGDIR`` / ``SSLKEYLOGFILE``
     Where to write qlog traces and TLS secrets (optional).
 
@@ -97,6 +104,12 @@ class Stack:
     class ``QuicTransport`` uses, with every fix quicmesh applies to aioquic)."""
 
 
+def wants_client_certificate() -> bool:
+    """Whether the client is to present ``client.pem`` (``CLIENT_CERTIFICATE=1``: the
+    server requires one, as quicmesh's native engine does)."""
+    return os.environ.get("CLIENT_CERTIFICATE") == "1"
+
+
 def configuration(
     *, is_client: bool, testcase: str, certs: Path, qlog_dir: str | None
 ) -> QuicConfiguration:
@@ -110,7 +123,16 @@ def configuration(
         qlog_dir=qlog_dir,
     )
     config = transport.configuration(is_client=is_client)
-    if is_client:
+    if is_client and wants_client_certificate():
+        # The server asks for one (quicmesh's native listener): certs/client.pem.
+        client = Identity.from_pem(
+            (certs / "client.pem").read_bytes(), (certs / "client.key").read_bytes()
+        )
+        config.certificate = client.certificate
+        config.certificate_chain = client.chain
+        config.private_key = client.private_key
+        config.server_name = SERVER_NAME
+    elif is_client:
         # No client certificate: quicmesh's mutual TLS is for sidecars only.
         config.certificate = None
         config.certificate_chain = []
@@ -187,6 +209,35 @@ QUICMESH = Stack(
 # -- server --------------------------------------------------------------------
 
 
+def serve_file(
+    h3: Any, stream_id: int, headers: list[tuple[bytes, bytes]], root: Path, name: str
+) -> None:
+    """Answer one request on an HTTP/3 connection: the file below ``root`` for a GET.
+
+    ``h3`` is any HTTP/3 connection with aioquic's API (aioquic's, qh3's, or
+    quicmesh's over either QUIC engine); ``name`` goes in the ``server`` header.
+    The caller transmits.
+    """
+    fields = dict(headers)
+    path = fields.get(b":path", b"/").decode().split("?", 1)[0]
+    target = (root / path.lstrip("/")).resolve()
+    if fields.get(b":method") != b"GET" or not target.is_relative_to(root):
+        status, body = 400, b""
+    elif not target.is_file():
+        status, body = 404, b""
+    else:
+        status, body = 200, target.read_bytes()
+    h3.send_headers(
+        stream_id,
+        [
+            (b":status", str(status).encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"server", f"{name}-interop".encode()),
+        ],
+    )
+    h3.send_data(stream_id, body, end_stream=True)
+
+
 def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
     """A protocol class of ``stack`` serving GET requests for files below ``www``."""
     root = www.resolve()
@@ -205,30 +256,8 @@ def _server_protocol(stack: Stack, www: Path) -> Callable[..., Any]:
                 return
             for h3_event in self._h3.handle_event(event):
                 if isinstance(h3_event, stack.h3_events.HeadersReceived):
-                    self._respond(h3_event)
-
-        def _respond(self, event: Any) -> None:
-            headers = dict(event.headers)
-            path = headers.get(b":path", b"/").decode().split("?", 1)[0]
-            target = (root / path.lstrip("/")).resolve()
-            if headers.get(b":method") != b"GET" or not target.is_relative_to(root):
-                self._send(event.stream_id, 400, b"")
-            elif not target.is_file():
-                self._send(event.stream_id, 404, b"")
-            else:
-                self._send(event.stream_id, 200, target.read_bytes())
-
-        def _send(self, stream_id: int, status: int, body: bytes) -> None:
-            self._h3.send_headers(
-                stream_id,
-                [
-                    (b":status", str(status).encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"server", f"{stack.name}-interop".encode()),
-                ],
-            )
-            self._h3.send_data(stream_id, body, end_stream=True)
-            self.transmit()
+                    serve_file(self._h3, h3_event.stream_id, h3_event.headers, root, stack.name)
+                    self.transmit()
 
     return ServerProtocol
 
@@ -270,6 +299,60 @@ async def run_server(stack: Stack, testcase: str) -> int:
 # -- client --------------------------------------------------------------------
 
 
+def request_headers(url: str, name: str) -> list[tuple[bytes, bytes]]:
+    """The header section of a GET for ``url`` (``name`` goes in ``user-agent``)."""
+    parts = urlsplit(url)
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", parts.netloc.encode()),
+        (b":path", (parts.path or "/").encode()),
+        (b"user-agent", f"{name}-interop".encode()),
+    ]
+
+
+class Responses:
+    """The responses a client waits for, by request stream, whatever the stack."""
+
+    def __init__(self, h3_events: Any) -> None:
+        self._events = h3_events
+        self._responses: dict[int, tuple[asyncio.Future[int], list[bytes], list[int]]] = {}
+
+    def expect(self, stream_id: int) -> asyncio.Future[int]:
+        """A future for the response on ``stream_id``: its status once the body is in."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._responses[stream_id] = (future, [], [0])
+        return future
+
+    def body(self, future: asyncio.Future[int]) -> bytes:
+        """The body of the response ``future`` stands for."""
+        for candidate, chunks, _ in self._responses.values():
+            if candidate is future:
+                return b"".join(chunks)
+        raise KeyError("unknown request")
+
+    def fail(self, reason: str) -> None:
+        """The connection ended: every response still awaited fails with ``reason``."""
+        for future, _, _ in self._responses.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"connection closed: {reason}"))
+
+    def received(self, event: Any) -> None:
+        """Take one HTTP/3 event (headers or data of a response)."""
+        if not isinstance(event, self._events.HeadersReceived | self._events.DataReceived):
+            return
+        entry = self._responses.get(event.stream_id)
+        if entry is None:
+            return
+        future, chunks, status = entry
+        if isinstance(event, self._events.HeadersReceived):
+            status[0] = int(dict(event.headers).get(b":status", b"0"))
+        else:
+            chunks.append(event.data)
+        if event.stream_ended and not future.done():
+            future.set_result(status[0])
+
+
 def _client_protocol(stack: Stack, on_ticket: Callable[[Any], None]) -> Callable[..., Any]:
     """A protocol class of ``stack`` that sends GET requests and collects responses."""
 
@@ -279,57 +362,22 @@ def _client_protocol(stack: Stack, on_ticket: Callable[[Any], None]) -> Callable
                 quic = stack.client_connection(quic.configuration, on_ticket)
             super().__init__(quic, *args, **kwargs)
             self._h3 = stack.h3_connection(self._quic)
-            self._responses: dict[int, tuple[asyncio.Future[int], list[bytes], list[int]]] = {}
+            self._responses = Responses(stack.h3_events)
 
         def get(self, url: str) -> asyncio.Future[int]:
             """Send a GET for ``url``; the future gives the status once the body is in."""
-            parts = urlsplit(url)
             stream_id = self._quic.get_next_available_stream_id()
-            self._h3.send_headers(
-                stream_id,
-                [
-                    (b":method", b"GET"),
-                    (b":scheme", b"https"),
-                    (b":authority", parts.netloc.encode()),
-                    (b":path", (parts.path or "/").encode()),
-                    (b"user-agent", f"{stack.name}-interop".encode()),
-                ],
-                end_stream=True,
-            )
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._responses[stream_id] = (future, [], [0])
-            return future
+            self._h3.send_headers(stream_id, request_headers(url, stack.name), end_stream=True)
+            return self._responses.expect(stream_id)
 
         def body(self, future: asyncio.Future[int]) -> bytes:
-            for candidate, chunks, _ in self._responses.values():
-                if candidate is future:
-                    return b"".join(chunks)
-            raise KeyError("unknown request")
+            return self._responses.body(future)
 
         def quic_event_received(self, event: Any) -> None:
             if isinstance(event, stack.quic_events.ConnectionTerminated):
-                for future, _, _ in self._responses.values():
-                    if not future.done():
-                        future.set_exception(
-                            ConnectionError(f"connection closed: {event.reason_phrase!r}")
-                        )
+                self._responses.fail(repr(event.reason_phrase))
             for h3_event in self._h3.handle_event(event):
-                self._on_h3_event(h3_event)
-
-        def _on_h3_event(self, event: Any) -> None:
-            events = stack.h3_events
-            if not isinstance(event, events.HeadersReceived | events.DataReceived):
-                return
-            entry = self._responses.get(event.stream_id)
-            if entry is None:
-                return
-            future, chunks, status = entry
-            if isinstance(event, events.HeadersReceived):
-                status[0] = int(dict(event.headers).get(b":status", b"0"))
-            else:
-                chunks.append(event.data)
-            if event.stream_ended and not future.done():
-                future.set_result(status[0])
+                self._responses.received(h3_event)
 
     return ClientProtocol
 
@@ -476,7 +524,15 @@ def run(stack: Stack) -> int:
 
 
 def main() -> int:
-    """Entry point: quicmesh's endpoint."""
+    """Entry point: quicmesh's endpoint on the engine ``ENGINE`` names (aioquic by default)."""
+    engine = os.environ.get("ENGINE", "aioquic")
+    if engine == "native":
+        from .native_endpoint import main as native_main
+
+        return native_main()
+    if engine != "aioquic":
+        print(f"ENGINE must be aioquic or native, not {engine!r}", file=sys.stderr)
+        return 1
     return run(QUICMESH)
 
 

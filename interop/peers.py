@@ -56,6 +56,8 @@ class Invocation:
     keylog: Path
     preferred_port: int | None = None
     """Server, connectionmigration: the port of the preferred address to announce."""
+    client_certificate: bool = False
+    """Client: present ``certs/client.pem`` (the server requires a client certificate)."""
 
     @property
     def qlogdir(self) -> Path:
@@ -81,6 +83,12 @@ class Peer:
     roles: tuple[str, ...] = ("server", "client")
     writes_keylog = False
     """Whether the stack honours ``SSLKEYLOGFILE`` (its traffic can be decrypted)."""
+    requires_client_certificate = False
+    """(server) Whether the server refuses a client without a certificate."""
+    is_quicmesh = False
+    """Whether this is quicmesh itself (on one of its QUIC engines)."""
+    not_available = "not installed (run without --no-install)"
+    """What the matrix says when :meth:`available` stays False."""
 
     def available(self) -> bool:
         """Whether the stack can be run on this machine."""
@@ -128,15 +136,18 @@ def _endpoint_env(run: Invocation) -> dict[str, str]:
         "QLOGDIR": str(run.qlogdir),
         "SSLKEYLOGFILE": str(run.keylog),
         "PYTHONPATH": str(REPO),
+        "CLIENT_CERTIFICATE": "1" if run.client_certificate else "0",
     }
 
 
 class QuicmeshPeer(Peer):
-    """quicmesh's own endpoint (:mod:`interop.endpoint`)."""
+    """quicmesh's own endpoint (:mod:`interop.endpoint`) on its default engine, aioquic."""
 
     name = "quicmesh"
     description = "quicmesh (aioquic 1.7.2 with quicmesh's QUIC configuration)"
     writes_keylog = True
+    is_quicmesh = True
+    engine = "aioquic"
 
     def available(self) -> bool:
         return True
@@ -151,7 +162,36 @@ class QuicmeshPeer(Peer):
         return None
 
     def commands(self, run: Invocation) -> list[Command]:
-        return [Command([sys.executable, "-m", "interop.endpoint"], _endpoint_env(run), REPO)]
+        env = dict(_endpoint_env(run), ENGINE=self.engine)
+        return [Command([sys.executable, "-m", "interop.endpoint"], env, REPO)]
+
+
+class QuicmeshNativePeer(QuicmeshPeer):
+    """quicmesh's endpoint on its native engine (quinn + rustls:
+    :mod:`interop.native_endpoint`), which requires a client certificate."""
+
+    name = "quicmesh-native"
+    description = (
+        "quicmesh's native engine (quinn 0.11 + rustls 0.23 in quicmesh._native, through"
+        " quicmesh's engine interface; HTTP/3 in Python); requires a client certificate,"
+        " writes no key log"
+    )
+    writes_keylog = False
+    requires_client_certificate = True
+    engine = "native"
+    not_available = (
+        "the native extension quicmesh._native is not built (pip install -e . with Rust; README)"
+    )
+
+    def available(self) -> bool:
+        from quicmesh.transport.quic.native_engine import native_available
+
+        return native_available()
+
+    def unsupported(self, role: str, testcase: str) -> str | None:
+        from .native_endpoint import WHY
+
+        return WHY.get((role, testcase))
 
 
 class AioquicApiPeer(Peer):
@@ -248,6 +288,9 @@ class Ngtcp2Peer(Peer):
         ]
         if run.testcase == "keyupdate":
             client.append("--key-update=1ms")
+        if run.client_certificate:
+            client += ["--cert", str(run.certs / "client.pem")]
+            client += ["--key", str(run.certs / "client.key")]
         target = ["127.0.0.1", str(run.port)]
         if run.testcase in ("resumption", "zerortt"):
             session = ["--session-file", str(run.logdir / "session.pem")]
@@ -337,6 +380,17 @@ class CurlPeer(Peer):
 
 
 PEERS: dict[str, Peer] = {
-    peer.name: peer for peer in (QuicmeshPeer(), Ngtcp2Peer(), Qh3Peer(), CaddyPeer(), CurlPeer())
+    peer.name: peer
+    for peer in (
+        QuicmeshPeer(),
+        QuicmeshNativePeer(),
+        Ngtcp2Peer(),
+        Qh3Peer(),
+        CaddyPeer(),
+        CurlPeer(),
+    )
 }
-"""Every stack the runner knows, by name."""
+"""Every stack the runner knows, by name (quicmesh's engines first)."""
+
+ENGINES: dict[str, Peer] = {"aioquic": PEERS["quicmesh"], "native": PEERS["quicmesh-native"]}
+"""quicmesh's endpoint per QUIC engine (``python -m interop.run --engines``)."""

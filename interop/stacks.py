@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .certs import SERVER_NAME
-from .endpoint import EXIT_UNSUPPORTED, Stack, run
+from .endpoint import EXIT_UNSUPPORTED, Stack, run, wants_client_certificate
 from .peers import TESTCASES
 
 _ALL = frozenset(TESTCASES)
@@ -61,6 +61,8 @@ def qh3_configuration(*, is_client: bool, testcase: str, certs: Path, qlog_dir: 
     if is_client:
         config.cafile = str(certs / "ca.pem")
         config.server_name = SERVER_NAME
+        if wants_client_certificate():
+            config.load_cert_chain(certs / "client.pem", certs / "client.key")
     else:
         config.load_cert_chain(certs / "cert.pem", certs / "priv.key")
     if testcase == "chacha20":
@@ -106,8 +108,17 @@ def _curl_session(testcase: str) -> Any:
     return Session(
         http_version="v3only",
         verify=str(Path(os.environ["CERTS"]) / "ca.pem"),
+        cert=_curl_client_certificate(),
         curl_options=options,
     )
+
+
+def _curl_client_certificate() -> tuple[str, str] | None:
+    """``client.pem`` and its key when the server requires a client certificate."""
+    if not wants_client_certificate():
+        return None
+    certs = Path(os.environ["CERTS"])
+    return str(certs / "client.pem"), str(certs / "client.key")
 
 
 def _save(downloads: Path, url: str, response: Any) -> None:
@@ -123,6 +134,7 @@ async def _curl_parallel(urls: list[str], downloads: Path) -> None:
     async with AsyncSession(
         http_version="v3only",
         verify=str(Path(os.environ["CERTS"]) / "ca.pem"),
+        cert=_curl_client_certificate(),
         curl_options={CurlOpt.PIPEWAIT: 1},
         max_clients=len(urls),
     ) as session:
