@@ -23,6 +23,8 @@ use bytes::Bytes;
 use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::admission::{self, HalfOpenSlot};
+
 /// The process-wide runtime driving every native endpoint (one I/O thread: the GIL is never
 /// needed there, and the machines quicmesh runs on are small).
 pub fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
@@ -121,6 +123,28 @@ pub async fn confirmed(conn: &Connection) -> Result<(), ConnectionError> {
     }
 }
 
+/// The application error code a connection whose handshake took too long is closed with
+/// (0: no error, as the aioquic listener's close).
+const HANDSHAKE_TIMED_OUT: VarInt = VarInt::from_u32(0);
+
+/// Whether quinn refused an Initial because its payload did not decrypt (a forged or
+/// corrupted datagram: quinn-proto `Endpoint::accept`, "authentication failed").
+pub fn undecryptable(error: &ConnectionError) -> bool {
+    matches!(
+        error,
+        ConnectionError::TransportError(e)
+            if e.code == quinn::TransportErrorCode::PROTOCOL_VIOLATION
+                && e.reason == "authentication failed"
+    )
+}
+
+/// A handshake under way on the server.
+enum Pending {
+    /// 0-RTT enabled, no ticket: served once the handshake completed.
+    Early(Connection, quinn::ZeroRttAccepted),
+    Full(quinn::Connecting),
+}
+
 /// What the engine reports to Python.
 #[derive(Debug)]
 pub enum Event {
@@ -136,6 +160,16 @@ pub enum Event {
     /// A server accepted a connection (client certificate verified), or, with `early`, a client
     /// resumed with a single-use ticket (its identity is the one the ticket recorded).
     Accepted { conn: u64, early: bool },
+    /// (server) The handshake of a connection accepted early (0-RTT) completed, after
+    /// `received` UDP payload bytes from the client (its 0-RTT data, Initial and Handshake
+    /// packets): what the 0-RTT cap is checked against.
+    HandshakeDone { conn: u64, received: u64 },
+    /// A new connection's Initial was dropped, refused, answered with a Retry or timed out:
+    /// `counter` names the admission counter it adds to.
+    Admission {
+        counter: &'static str,
+        source: SocketAddr,
+    },
     /// (client) The server accepted or rejected the 0-RTT data of an early connection.
     EarlyData { conn: u64, accepted: bool },
     /// A stream opened in 0-RTT was lost to the server's rejection of it.
@@ -265,55 +299,83 @@ impl Shared {
         id
     }
 
-    /// (server) Complete an incoming connection. With 0-RTT enabled, a client that resumed
-    /// with a ticket is served at once (its 0-RTT streams included): rustls restored the
-    /// client certificate chain verified when the ticket was issued. A full handshake is
-    /// served only once it completed, i.e. after the client's certificate was verified.
-    pub async fn accept(self: Arc<Self>, incoming: quinn::Incoming, early_data: bool) {
-        let connecting = match incoming.accept() {
-            Ok(connecting) => connecting,
-            Err(error) => {
-                let (kind, message) = classify(&error);
-                self.push(Event::AcceptFailed { kind, message });
-                return;
-            }
-        };
-        let result = if early_data {
+    /// (server) Complete an incoming connection admitted by [`crate::admission`] (quinn
+    /// accepted its Initial: it decrypted), holding its half-open `slot` until the handshake
+    /// completed, failed or took longer than `timeout` (then the connection is closed and
+    /// counted).
+    ///
+    /// With 0-RTT enabled, a client that resumed with a ticket is served at once (its 0-RTT
+    /// streams included): rustls restored the client certificate chain verified when the
+    /// ticket was issued; [`Event::HandshakeDone`] follows when its handshake completes. A full
+    /// handshake is served only once it completed, i.e. after the client's certificate was
+    /// verified.
+    pub async fn accept(
+        self: Arc<Self>,
+        connecting: quinn::Connecting,
+        early_data: bool,
+        slot: HalfOpenSlot,
+        timeout: Duration,
+    ) {
+        let source = connecting.remote_address();
+        let pending = if early_data {
             match connecting.into_0rtt() {
-                Ok((conn, _)) if conn.peer_identity().is_some() => {
-                    let id = self.adopt(conn);
+                Ok((conn, accepted)) if conn.peer_identity().is_some() => {
+                    let id = self.adopt(conn.clone());
                     self.push(Event::Accepted {
                         conn: id,
                         early: true,
                     });
+                    let completed = tokio::select! {
+                        _ = accepted => conn.close_reason().is_none(),
+                        _ = conn.closed() => false,
+                        () = tokio::time::sleep(timeout) => {
+                            conn.close(HANDSHAKE_TIMED_OUT, b"handshake timed out");
+                            admission::count(&self, "handshakes_timed_out", source);
+                            false
+                        }
+                    };
+                    if completed {
+                        let received = conn.stats().udp_rx.bytes;
+                        self.push(Event::HandshakeDone { conn: id, received });
+                    }
+                    drop(slot);
                     return;
                 }
-                Ok((conn, accepted)) => {
-                    tokio::select! {
-                        _ = accepted => match conn.close_reason() {
-                            None => Ok(conn),
-                            Some(error) => Err(error),
-                        },
-                        error = conn.closed() => Err(error),
-                    }
-                }
-                Err(connecting) => connecting.await,
+                Ok((conn, accepted)) => Pending::Early(conn, accepted),
+                Err(connecting) => Pending::Full(connecting),
             }
         } else {
-            connecting.await
+            Pending::Full(connecting)
         };
+        let handshake = async move {
+            match pending {
+                Pending::Early(conn, accepted) => tokio::select! {
+                    _ = accepted => match conn.close_reason() {
+                        None => Ok(conn),
+                        Some(error) => Err(error),
+                    },
+                    error = conn.closed() => Err(error),
+                },
+                Pending::Full(connecting) => connecting.await,
+            }
+        };
+        // On timeout the handshake's future is dropped with the last handle of its
+        // connection: quinn closes the connection then.
+        let result = tokio::time::timeout(timeout, handshake).await;
+        drop(slot);
         match result {
-            Ok(conn) => {
+            Ok(Ok(conn)) => {
                 let id = self.adopt(conn);
                 self.push(Event::Accepted {
                     conn: id,
                     early: false,
                 });
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 let (kind, message) = classify(&error);
                 self.push(Event::AcceptFailed { kind, message });
             }
+            Err(_) => admission::count(&self, "handshakes_timed_out", source),
         }
     }
 

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod engine;
 pub mod verify;
 
@@ -32,6 +33,7 @@ use quinn::VarInt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use admission::{Admission, AdmissionConfig, RetryMode};
 use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TransportOptions};
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
@@ -93,6 +95,12 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             message,
         } => ("connect_failed", token, kind.name(), message).into_py_any(py),
         Event::Accepted { conn, early } => ("accepted", conn, early).into_py_any(py),
+        Event::HandshakeDone { conn, received } => {
+            ("handshake_done", conn, received).into_py_any(py)
+        }
+        Event::Admission { counter, source } => {
+            ("admission", counter, source.ip().to_string()).into_py_any(py)
+        }
         Event::EarlyData { conn, accepted } => ("early_data", conn, accepted).into_py_any(py),
         Event::EarlyDataRejected { conn, stream } => {
             ("early_data_rejected", conn, stream).into_py_any(py)
@@ -172,6 +180,15 @@ type ClientCrypto =
 /// The most client TLS configurations (one per list of allowed server identities) kept.
 const CLIENT_CONFIGS: usize = 64;
 
+/// New connections (an Initial each, about 1.2 KB) quinn queues for the admission loop.
+const MAX_INCOMING: usize = 4096;
+
+/// Bytes quinn buffers for one new connection before it is accepted (early 0-RTT packets).
+const INCOMING_BUFFER_BYTES: u64 = 64 << 10;
+
+/// Bytes quinn buffers for all new connections before they are accepted.
+const INCOMING_BUFFER_BYTES_TOTAL: u64 = 16 << 20;
+
 /// A QUIC endpoint: one UDP socket, client and (with `server=True`) server.
 #[pyclass(module = "quicmesh._native", frozen)]
 struct Endpoint {
@@ -181,6 +198,8 @@ struct Endpoint {
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
     early_data: bool,
+    /// (server) The half-open connections and the caps on them.
+    admission: Option<Arc<Admission>>,
 }
 
 #[pymethods]
@@ -195,7 +214,8 @@ impl Endpoint {
         host, port, *, cert_chain_pem, key_pem, trust_pem, alpn, server=false,
         allowed_clients=None, stream_receive_window=None, receive_window=None, send_window=None,
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
-        congestion=None, early_data=false, reset_key=None
+        congestion=None, early_data=false, reset_key=None, retry="auto", retry_threshold=64,
+        max_half_open=1024, max_half_open_per_source=128, handshake_timeout=10.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -217,8 +237,22 @@ impl Endpoint {
         congestion: Option<String>,
         early_data: bool,
         reset_key: Option<Vec<u8>>,
+        retry: &str,
+        retry_threshold: usize,
+        max_half_open: usize,
+        max_half_open_per_source: usize,
+        handshake_timeout: f64,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let admission = AdmissionConfig {
+            retry: RetryMode::parse(retry).map_err(config_error)?,
+            retry_threshold,
+            max_half_open,
+            max_half_open_per_source,
+            handshake_timeout: seconds(Some(handshake_timeout), "handshake_timeout")?
+                .unwrap_or_default(),
+        };
+        admission.check().map_err(config_error)?;
         let options = TransportOptions {
             stream_receive_window,
             receive_window,
@@ -259,6 +293,12 @@ impl Endpoint {
                 .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
             let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
             config.transport_config(Arc::clone(&transport));
+            // New connections quinn holds before the admission loop decides on them (it
+            // decides at once; these bound a burst while it is busy), and the datagrams
+            // buffered for them.
+            config.max_incoming(MAX_INCOMING);
+            config.incoming_buffer_size(INCOMING_BUFFER_BYTES);
+            config.incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL);
             Some(config)
         } else {
             None
@@ -340,15 +380,14 @@ impl Endpoint {
         .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
         let (shared, wake) =
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
-        if server {
-            let accepting = endpoint.clone();
-            let shared = Arc::clone(&shared);
-            rt.spawn(async move {
-                while let Some(incoming) = accepting.accept().await {
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(shared.accept(incoming, early_data));
-                }
-            });
+        let admission = server.then(|| Admission::new(admission));
+        if let Some(admission) = &admission {
+            rt.spawn(admission::serve(
+                endpoint.clone(),
+                Arc::clone(&shared),
+                Arc::clone(admission),
+                early_data,
+            ));
         }
         Ok(Endpoint {
             shared,
@@ -357,7 +396,13 @@ impl Endpoint {
             client_crypto,
             transport,
             early_data,
+            admission,
         })
+    }
+
+    /// (server) Connections accepted whose handshake has not completed (0 for a client).
+    fn half_open(&self) -> usize {
+        self.admission.as_ref().map_or(0, |a| a.half_open())
     }
 
     /// The file descriptor that turns readable when events are waiting (for `add_reader`).

@@ -367,6 +367,10 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
             config_a, config_b = sidecar_configs(options, ports, str(workdir))
             inbound = config_b["listeners"]["inbound"][0]
             inbound["max_stream_rate"] = int(args.max_stream_rate or 1000000)
+            # Both sidecars' QUIC on the chosen engine (B's listener, A's clusters).
+            inbound["engine"] = args.engine
+            for cluster in config_a["clusters"]:
+                cluster["engine"] = args.engine
             if args.max_loop_lag is not None:
                 inbound["overload_max_loop_lag"] = f"{args.max_loop_lag:g}ms"
             sidecar_b = SidecarProcess(f"sidecar-b-{probe}-{attempt}", config_b, workdir)
@@ -388,7 +392,15 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
         async def good(phase: Phase, seconds: float) -> None:
             await _good_tcp_traffic(phase, ports.echo_a, seconds, pid, ports.admin_b)
 
-        return await _probe_phases(probe, args, workdir, ports.tunnel_b, good)
+        phases = await _probe_phases(probe, args, workdir, ports.tunnel_b, good)
+        samples = await asyncio.to_thread(sidecar_b.metrics)
+        counts = {
+            dict(labels)["event"]: int(value)
+            for (name, labels), value in samples.items()
+            if name == "quicmesh_listener_quic_admission_total" and value
+        }
+        print(f"  sidecar B ({args.engine}) admission: {counts or 'nothing counted'}")
+        return phases
     finally:
         _stop(*sidecars)
         app.close()
@@ -537,6 +549,13 @@ def main(argv: list[str]) -> int:
         help="attack two full sidecars as in examples/ (good traffic: TCP through A to an"
         " echo app behind B; probes on B's QUIC port) instead of a bare QUIC listener",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("aioquic", "native"),
+        default="aioquic",
+        help="(--sidecars) the QUIC engine of both sidecars (B's listener, A's clusters);"
+        " the attackers stay aioquic clients",
+    )
     parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
@@ -584,6 +603,8 @@ def main(argv: list[str]) -> int:
             failed |= not ok
             verdict = "PASS" if ok else "FAIL"
             print(f"  {verdict}: p99 during/before {ratio:.2f}x (target <= 3x), {failures} failed")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average {load} (1/5/15 min; the machine may be shared)")
     return 1 if failed else 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+from quic_helpers import require_engine
+
 
 def test_help_lists_the_options() -> None:
     result = subprocess.run(
@@ -13,6 +15,7 @@ def test_help_lists_the_options() -> None:
     assert result.returncode == 0
     assert "--quick" in result.stdout and "--probe" in result.stdout
     assert "--max-loop-lag" in result.stdout and "--attacker-nice" in result.stdout
+    assert "--engine {aioquic,native}" in result.stdout
 
 
 def test_a_short_qpack_probe_reports_phases_and_a_verdict() -> None:
@@ -103,3 +106,37 @@ def test_a_short_probe_against_two_sidecars() -> None:
     # which the verdict then reports; the test checks the command, not the figures.
     assert re.search(r"(PASS|FAIL): p99 during/before [0-9.]+x \(target <= 3x\), \d+ failed", out)
     assert ("PASS" in out) == (result.returncode == 0)
+
+
+def test_forged_initials_against_native_sidecars_are_counted_and_leave_nothing() -> None:
+    require_engine("native")
+    result = subprocess.run(
+        [
+            "quicmesh",
+            "bench",
+            "attack",
+            "--sidecars",
+            "--engine",
+            "native",
+            "--probe",
+            "initials",
+            "--phase",
+            "1",
+            "--attack",
+            "2",
+            "--initials",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout
+    assert "attacker: sent 2000 forged Initials" in out, out + result.stderr
+    # Sidecar B's native listener counted the ones quinn handed it (about 1/4: quinn
+    # drops those whose reserved bits are wrong first) and refused none for half-open.
+    counted = re.search(r"sidecar B \(native\) admission: \{'initials_undecryptable': (\d+)\}", out)
+    assert counted is not None, out
+    assert 0 < int(counted.group(1)) <= 2000
+    assert re.search(r"(PASS|FAIL): p99 during/before [0-9.]+x \(target <= 3x\), \d+ failed", out)
+    assert re.search(r"load average [0-9.]+, [0-9.]+, [0-9.]+", out)

@@ -101,8 +101,11 @@ its library's exceptions never cross this interface.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from .._admission import AdmissionConfig
+from .options import DEFAULT_MAX_EARLY_DATA
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -188,6 +191,14 @@ class EngineLimits:
     :param keep_alive: (socket engines) seconds of silence after which the engine
         PINGs the peer itself (None: never); datagram engines leave this to the
         driver's liveness rules.
+    :param admission: (socket engines, server) half-open caps, Retry policy and
+        handshake timeout the engine's listener applies
+        (:mod:`quicmesh.transport._admission`); datagram engines get them from the
+        driver's listener.
+    :param max_early_data: (socket engines, server) 0-RTT payload bytes a resumed
+        client may send before its handshake completes (plus
+        :data:`~quicmesh.transport.quic.options.EARLY_DATA_OVERHEAD`); more closes
+        the connection.
     """
 
     idle_timeout: float
@@ -200,6 +211,8 @@ class EngineLimits:
     stateless_reset_key: bytes | None = None
     alpn: tuple[str, ...] = ("h3",)
     keep_alive: float | None = None
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    max_early_data: int = DEFAULT_MAX_EARLY_DATA
 
 
 @dataclass(frozen=True)
@@ -426,6 +439,10 @@ class EngineListener(Protocol):
 
     def refused(self) -> list[str]:
         """Why each handshake the engine refused since the last call failed."""
+
+    def counted(self) -> dict[str, int]:
+        """Admission counters (:data:`~quicmesh.transport._admission.ADMISSION_COUNTERS`)
+        added since the last call: Initials dropped, refused, retried, timed out."""
 
     def close(self) -> None:
         """Stop accepting; close the socket (connections close through their driver)."""

@@ -40,12 +40,32 @@ rather than pretending:
   it and hands out the same stream IDs again; the engine kept every byte written
   before the server answered and sends it again at once on the re-opened streams
   (:meth:`NativeConnection.resend_early_data`), so nothing is lost. The
-  server's 0-RTT volume is bounded by the stream and connection windows (QUIC
-  requires ``max_early_data_size`` 0xffffffff in tickets, RFC 9001 4.6.1), not by
-  ``max_early_data``; the ticket counters of :attr:`QuicTransport.counters` stay 0.
+  server's 0-RTT cap (``max_early_data`` + ``EARLY_DATA_OVERHEAD``; QUIC requires
+  ``max_early_data_size`` 0xffffffff in tickets, RFC 9001 4.6.1, so rustls cannot
+  apply it) is checked when a 0-RTT connection's handshake completes, against the
+  UDP bytes the client sent until then (quinn does not count 0-RTT payload
+  apart): over it, the connection is closed (H3_EXCESSIVE_LOAD). The ticket
+  counters of :attr:`QuicTransport.counters` stay 0.
+* **Listener admission** (issue 13) is the aioquic listener's
+  (:mod:`quicmesh.transport._admission`, the same ``AdmissionConfig`` and
+  counters), applied in Rust (native/src/admission.rs) to quinn's new
+  connections before any handshake work: half-open caps per listener and per
+  source IP (refused Initials are ignored), Retry always or while
+  ``retry_threshold`` connections are half-open (quinn's tokens, bound to the
+  address), the handshake timeout. Differences: quinn decrypts an Initial only
+  when it is accepted, so one answered with a Retry is not checked first
+  (the Retry is stateless and smaller than the Initial); quinn drops about 3/4
+  of forged Initials (wrong reserved bits once unprotected) and Initials with
+  invalid Retry tokens (INVALID_TOKEN) before the listener sees them, so those
+  are not counted (``retry_tokens_invalid`` stays 0).
 * **SPIFFE verification** happens inside the handshake, in Rust, with the rules
   of :func:`quicmesh.tls.verify_peer` (native/src/verify.rs); the driver checks
   the chain :meth:`NativeConnection.peer_certificate` gives again, as for any engine.
+* **New-stream rate** (``max_stream_rate``, ``QuicTransport.set_stream_rate``,
+  the sidecar's loop-lag governor): quinn grants MAX_STREAMS itself, so the
+  identity's bucket is applied in this driver by holding streams beyond the rate
+  unread in their slot (:meth:`NativeConnection.attach_stream_rate`): the peer
+  then waits for credit, as with aioquic's withheld MAX_STREAMS.
 * **Liveness**: quinn sends the keepalive PINGs (``keep_alive``) and drops a
   silent peer after the idle timeout; probe-timeout counts are not exposed, so
   the driver's liveness rules (``max_probe_timeouts``, ``dead_after``) and
@@ -58,10 +78,7 @@ rather than pretending:
   connection ID, as aioquic's engine here), so a restarted listener with the same
   key tells its old peers at once.
 * Not used: ``max_datagram_size`` (quinn does path MTU discovery from 1200),
-  ``qlog_dir``,
-  ``max_stream_rate`` (:meth:`NativeConnection.attach_stream_rate`;
-  ``QuicTransport.set_stream_rate`` returns False), listener admission (quinn
-  answers Initials itself). An ICMP unreachable does not fail a connect at once
+  ``qlog_dir``. An ICMP unreachable does not fail a connect at once
   (the endpoint's socket is not connected): it fails at its timeout.
 """
 
@@ -70,7 +87,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
@@ -80,15 +99,21 @@ from aioquic.quic import events as quic_events
 from cryptography import x509
 
 from ...errors import ConfigError, QuicmeshError
+from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
+from .._stream_rate import StreamRate
 from ..native import native_module
 from .engine import Address, EngineError, EngineLimits, EngineTls, SocketConnection
-from .options import CRYPTO_ERROR_BAD_CERTIFICATE
+from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
 H3_REQUEST_CANCELLED = 0x10C
 """The reset code given to streams of a rejected 0-RTT flight (RFC 9114 8.1)."""
+
+H3_EXCESSIVE_LOAD = 0x107
+"""The application close code of a connection that sent more 0-RTT data than
+allowed (RFC 9114 8.1: behaving in a way that generates excessive load)."""
 
 READ_CHUNK = 64 * 1024
 """The most one read request takes out of quinn."""
@@ -158,6 +183,15 @@ def _endpoint(
         "congestion": congestion,
         "early_data": early_data,
     }
+    if server:
+        admission = limits.admission
+        options.update(
+            retry=admission.retry,
+            retry_threshold=admission.retry_threshold,
+            max_half_open=admission.max_half_open,
+            max_half_open_per_source=admission.max_half_open_per_source,
+            handshake_timeout=admission.handshake_timeout,
+        )
     try:
         return native.Endpoint(
             address[0], address[1], reset_key=limits.stateless_reset_key, **options
@@ -195,6 +229,9 @@ class _Pump:
         self.connecting: dict[int, NativeConnection] = {}
         self.on_accepted: Callable[[NativeConnection], None] | None = None
         self.on_accept_failed: Callable[[str, str], None] | None = None
+        self.on_admission: Callable[[str, str], None] | None = None
+        self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
+        self.max_streams = limits.max_streams
         self._fd = endpoint.fileno()
         self.closed = False
         loop.add_reader(self._fd, self.pump)
@@ -239,6 +276,10 @@ class _Pump:
         if kind == "accept_failed":
             if self.on_accept_failed is not None:
                 self.on_accept_failed(event[1], event[2])
+            return None
+        if kind == "admission":
+            if self.on_admission is not None:
+                self.on_admission(event[1], event[2])
             return None
         conn = event[2] if kind in ("stream_opened", "open_failed") else event[1]
         connection = self.connections.get(conn)
@@ -304,6 +345,13 @@ class NativeConnection:
         (True: unidirectional)."""
         self._opening = False
         self._window = pump.stream_window
+        self._rate: StreamRate | None = None
+        """(server) The peer identity's new-stream bucket (:meth:`attach_stream_rate`)."""
+        self._free_streams = pump.max_streams
+        """(server) Peer streams still served without a token (the first ``max_streams``)."""
+        self._held: deque[int] = deque()
+        """(server) Peer bidirectional streams waiting for a token, oldest first."""
+        self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
         self._closed_reason: str | None = None
         self._early = False
@@ -380,6 +428,10 @@ class NativeConnection:
         if self._closed_reason is not None:
             return
         self._closed_reason = message
+        self._held.clear()
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         code = CRYPTO_ERROR_BAD_CERTIFICATE if kind == "verification" else 0
         self._events.append(
             quic_events.ConnectionTerminated(
@@ -403,6 +455,8 @@ class NativeConnection:
                 self._read(stream_id, state)  # control and QPACK streams: read at once
         elif kind == "stream_accepted":
             _, _, stream_id, bidirectional = event
+            if bidirectional and not self._stream_admitted(stream_id):
+                return
             state = self._stream(stream_id)
             if not bidirectional:
                 state.send_done = True
@@ -431,6 +485,8 @@ class NativeConnection:
             if not accepted and log:
                 self._resent = self._resend(log)
             self._handshake_completed(early_data_accepted=accepted)
+        elif kind == "handshake_done":
+            self._check_early_data(received=event[2])
         elif kind == "early_data_rejected":
             # An old incarnation of a stream of the rejected 0-RTT flight: the stream
             # is opened again and its bytes resent when the server's answer arrives.
@@ -445,6 +501,23 @@ class NativeConnection:
         elif kind == "closed":
             _, _, failure, message = event
             self.terminated(failure, message)
+
+    def _check_early_data(self, received: int) -> None:
+        """(server) The handshake of a 0-RTT connection completed after ``received``
+        bytes from the client: over ``max_early_data`` + ``EARLY_DATA_OVERHEAD``, the
+        connection is closed (as the aioquic engine's driver closes it).
+
+        quinn does not count 0-RTT payload apart, so this is the UDP payload received
+        before the handshake completed (the client's Initial and Handshake packets
+        included, within the overhead); the check runs when the handshake completes,
+        before the streams' data is read (reads are driven from here)."""
+        limit = self._pump.max_early_bytes
+        if received <= limit:
+            return
+        reason = f"more than {limit} bytes of 0-RTT data"
+        logger.warning("[%s] closing: %s (%d received)", self.log_id, reason, received)
+        with contextlib.suppress(QuicmeshError):
+            self._native.close_connection(self.conn, H3_EXCESSIVE_LOAD, reason)
 
     def _stream(self, stream_id: int) -> _Stream:
         state = self._streams.get(stream_id)
@@ -723,7 +796,49 @@ class NativeConnection:
         """Nothing: quinn changes the connection ID on a new path itself."""
 
     def attach_stream_rate(self, bucket: Any) -> None:
-        """Not supported by this engine (quinn grants MAX_STREAMS as streams end)."""
+        """(server) Serve the peer's new bidirectional streams no faster than
+        ``bucket`` (a :class:`~quicmesh.transport._stream_rate.StreamRate`) allows.
+
+        quinn grants new-stream credit (MAX_STREAMS) itself as streams end, so the
+        credit is withheld by proxy: a stream beyond the rate is held, unread and
+        unknown to HTTP/3, until a token comes (a timer). A held stream keeps its
+        slot of ``max_streams``, so a peer with every slot held gets no new credit
+        and waits, as with the aioquic engine; nothing is refused. The first
+        ``max_streams`` streams of a connection take no token (as aioquic's first
+        credit)."""
+        self._rate = bucket
+
+    def _stream_admitted(self, stream_id: int) -> bool:
+        """Whether the peer's new bidirectional stream is served now; if not, it is
+        held until its token comes (:meth:`attach_stream_rate`)."""
+        if self._is_client or self._rate is None:
+            return True
+        if self._free_streams > 0:
+            self._free_streams -= 1
+            return True
+        if not self._held and self._rate.take(1, time.monotonic()) == 1:
+            return True
+        self._held.append(stream_id)
+        self._arm_release()
+        return False
+
+    def _arm_release(self) -> None:
+        if self._release is not None or self._rate is None:
+            return
+        delay = max(0.001, (1.0 - self._rate.tokens) / self._rate.rate)
+        self._release = self._pump.loop.call_later(delay, self._release_held)
+
+    def _release_held(self) -> None:
+        """Serve the held streams the bucket has tokens for now; wait for the rest."""
+        self._release = None
+        if self._rate is None or self._closed_reason is not None:
+            return
+        now = time.monotonic()
+        while self._held and self._rate.take(1, now) == 1:
+            stream_id = self._held.popleft()
+            self._read(stream_id, self._stream(stream_id))
+        if self._held:
+            self._arm_release()
 
     def stats(self) -> dict[str, Any]:
         """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection."""
@@ -778,9 +893,12 @@ class NativeListener:
         self._pump = pump
         self._accepted: list[NativeConnection] = []
         self._refused: list[str] = []
+        self._counted: Counter[str] = Counter()
+        self._refusals = RateLimitedLog(logger)
         self._wake = wake
         pump.on_accepted = self._on_accepted
         pump.on_accept_failed = self._on_accept_failed
+        pump.on_admission = self._on_admission
 
     def _on_accepted(self, connection: NativeConnection) -> None:
         self._accepted.append(connection)
@@ -791,10 +909,41 @@ class NativeListener:
         self._refused.append(message if kind == "verification" else f"{kind}: {message}")
         self._wake()
 
+    def _on_admission(self, counter: str, source: str) -> None:
+        """The endpoint's admission dropped, refused, retried or timed out a new
+        connection from ``source`` (as the aioquic listener, logged at most once per
+        interval per kind)."""
+        self._counted[counter] += 1
+        if counter == "initials_refused_half_open":
+            self._refusals.log(
+                logging.WARNING,
+                "half-open",
+                "dropped an Initial from %s: too many connections half-open",
+                source,
+            )
+        elif counter == "handshakes_timed_out":
+            self._refusals.log(
+                logging.INFO,
+                "handshake-timeout",
+                "dropped a connection from %s whose handshake took too long",
+                source,
+            )
+        self._wake()
+
     def refused(self) -> list[str]:
         """Why each handshake refused since the last call failed."""
         refused, self._refused = self._refused, []
         return refused
+
+    @property
+    def half_open(self) -> int:
+        """Connections accepted whose handshake has not completed."""
+        return int(self._pump.endpoint.half_open())
+
+    def counted(self) -> dict[str, int]:
+        """Admission counters added since the last call."""
+        counted, self._counted = dict(self._counted), Counter()
+        return counted
 
     @property
     def address(self) -> Address:

@@ -239,8 +239,6 @@ class QuicTransport(Transport):
         self.engine.close()
 
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
-        if self.engine.io == "socket":
-            return False  # quinn grants stream credit itself (native_engine.py)
         self.stream_rates.set_rate(identity, rate, time.monotonic())
         return True
 
@@ -266,6 +264,8 @@ class QuicTransport(Transport):
             stateless_reset_key=self.stateless_reset_key,
             alpn=tuple(H3_ALPN),
             keep_alive=self.liveness.keepalive_interval,
+            admission=self.admission,
+            max_early_data=self.max_early_data,
         )
 
     def options(self) -> QuicOptions:
@@ -466,6 +466,7 @@ class QuicTransport(Transport):
 
         def wake() -> None:
             listener = found[0]
+            self.counters.update(listener.counted())
             for reason in listener.refused():
                 refusal = PeerVerificationError(reason)
                 self.handshake_failures[handshake_failure_reason(refusal)[0]] += 1
