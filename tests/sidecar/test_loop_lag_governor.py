@@ -17,9 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from quic_helpers import CA, CLIENT, SERVER, run
+from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 
 from quicmesh import QuicTransport
 from quicmesh.sidecar.config import parse_config
@@ -37,7 +38,7 @@ admin: {address: "127.0.0.1:15000"}
 listeners:
   inbound:
     - {name: mesh, address: "127.0.0.1:{port}", transports: [quic], destinations: ["127.0.0.1:*"],
-       max_stream_rate: 1000, max_streams: 8}
+       max_stream_rate: 1000, max_streams: 8, engine: "{engine}"}
 """
 LIGHT = "spiffe://mesh.local/ns/default/sa/light"
 
@@ -132,7 +133,11 @@ def test_rates_stay_between_the_floor_and_the_base_and_light_identities_keep_the
         assert opened[identity] > 100 * governor.window
 
 
-def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_is_not() -> None:
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_is_not(
+    engine: str,
+) -> None:
+    require_engine(engine)
     churner_identity = CA.issue(CHURNER)
 
     async def main() -> None:
@@ -141,7 +146,7 @@ def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_i
         stats = ListenerStats(name="mesh", kind="inbound")
         listener = InboundListener(
             parse_config(
-                INBOUND.replace("{port}", str(_free_udp_port())),
+                INBOUND.replace("{port}", str(_free_udp_port())).replace("{engine}", engine),
                 source="b.yaml",
                 base_dir=Path("."),
             ).inbound[0],
@@ -232,8 +237,10 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 def test_a_zero_threshold_turns_the_probe_off() -> None:
     async def main() -> None:
-        document = INBOUND.replace("{port}", str(_free_udp_port())).replace(
-            "max_streams: 8}", "max_streams: 8, overload_max_loop_lag: 0s}"
+        document = (
+            INBOUND.replace("{port}", str(_free_udp_port()))
+            .replace("{engine}", "aioquic")
+            .replace("max_streams: 8,", "max_streams: 8, overload_max_loop_lag: 0s,")
         )
         config = parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0]
         listener = InboundListener(

@@ -21,7 +21,7 @@ import yaml
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from quic_helpers import CA, CLIENT, SERVER, run
+from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 
 import quicmesh
 from quicmesh import QuicTransport
@@ -177,11 +177,14 @@ async def _roundtrip(conn: Any, target: str) -> None:
     assert await asyncio.wait_for(stream.read(), 10) == b"ok"
 
 
-def test_one_identity_cannot_hold_more_than_its_connections() -> None:
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_one_identity_cannot_hold_more_than_its_connections(engine: str) -> None:
+    require_engine(engine)
+
     async def main() -> None:
         app = await _echo_server()
         target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
-        listener, address = await _inbound(max_connections_per_identity=2)
+        listener, address = await _inbound(max_connections_per_identity=2, engine=engine)
         client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle)
         conns = [await client.connect(address) for _ in range(3)]
         for conn in conns[:2]:
