@@ -182,6 +182,16 @@ class MeshH3Connection(H3Connection):
         settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section_size
         return settings
 
+    def hand_over_stream(self, stream_id: int) -> tuple[int | None, int, bytes]:
+        """Forget a request stream whose input another parser takes over (splicing) and
+        return where aioquic's parser stood: the type of the frame it is inside (``None``
+        at a frame boundary), the bytes of that frame still to come counted from the
+        start of the unparsed bytes, and those unparsed bytes."""
+        stream = self._stream.pop(stream_id, None)
+        if stream is None:
+            return None, 0, b""
+        return stream.frame_type, stream.frame_size or 0, bytes(stream.buffer)
+
     def abandon_stream(self, stream_id: int) -> None:
         """Forget a request stream refused mid-frame; tell the peer's encoder that its
         header block will not be decoded (Stream Cancellation, RFC 9204 4.4.2)."""

@@ -11,6 +11,10 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 * ``("data", conn, stream, data, fin)``: the answer to one :meth:`Endpoint.read`
 * ``("written", conn, stream, count)``: quinn took ``count`` more bytes
 * ``("reset_received", conn, stream, code)`` / ``("stop_sending_received", conn, stream, code)``
+* ``("read_paused", conn, stream)``: after :meth:`Endpoint.pause_read`, behind every
+  ``data`` event of the stream
+* ``("spliced", conn, splice_id, stream, sent, received, error, code)``: a spliced flow
+  ended (``error`` empty and ``code`` 0 when both directions ended cleanly)
 * ``("closed", conn, kind, message)``
 
 ``kind`` is one of ``verification``, ``peer_closed``, ``locally_closed``,
@@ -22,6 +26,10 @@ from typing import Any
 QUINN_VERSION: str
 
 def spiffe_id_problem(value: str) -> str | None: ...
+def fd_carrier() -> int: ...
+def h3_deframe(
+    chunks: list[bytes], *, frame_type: int | None = None, remaining: int = 0
+) -> tuple[bytes, int | None, str]: ...
 
 class Endpoint:
     def __init__(
@@ -69,4 +77,19 @@ class Endpoint:
     def remote_address(self, conn: int) -> tuple[str, int]: ...
     def stats(self, conn: int) -> dict[str, float | int]: ...
     def rebind(self, host: str, port: int) -> tuple[str, int]: ...
+    def pause_read(self, conn: int, stream: int) -> None: ...
+    def splice(
+        self,
+        conn: int,
+        stream: int,
+        token: int,
+        *,
+        to_tcp: bytes,
+        to_quic: bytes,
+        unparsed: bytes,
+        frame_type: int | None = None,
+        frame_remaining: int = 0,
+        recv_fin: bool = False,
+    ) -> int: ...
+    def splice_abort(self, splice_id: int, code: int) -> bool: ...
     def close(self, code: int = 0, reason: str = "") -> None: ...

@@ -4,15 +4,24 @@
 peer go into the tunnel and bytes from the tunnel go to the local peer, each
 direction with backpressure (``drain``) and half-close (EOF one way does not
 end the other). If either side fails, the flow is reset on both sides.
+
+Where the stream's transport can copy between sockets itself (the native QUIC
+engine: :meth:`~quicmesh.transport.stream.MeshStream.can_splice`) and
+``offload`` allows it, the TCP socket is handed to the transport instead (with
+the bytes already read from it), and the same semantics hold without a byte
+passing through Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from dataclasses import dataclass
+from typing import cast
 
-from .errors import TunnelError
+from .errors import QuicmeshError, TunnelError
 from .transport.stream import MeshStream
 from .tunnel.session import ResetReason
 
@@ -29,17 +38,30 @@ class SpliceResult:
     """Bytes read from the tunnel and written to the TCP side."""
     error: str = ""
     """Empty when both directions finished cleanly, else why the flow was reset."""
+    offloaded: bool = False
+    """The stream's transport copied the bytes itself (:meth:`MeshStream.splice_socket`)."""
 
 
 async def splice(
-    stream: MeshStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    stream: MeshStream,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    offload: bool = True,
 ) -> SpliceResult:
     """Copy bytes both ways between ``stream`` and a TCP connection until both ends close.
 
     Returns byte counts and the error that ended the flow, if any. On an error the
     stream is aborted (the peer sees a reset) and the TCP connection is closed
     with a reset, so neither side mistakes a failed flow for a complete one.
+
+    :param offload: let the stream's transport copy the flow itself when it can
+        (:meth:`MeshStream.can_splice`); False always copies here.
     """
+    if offload and stream.can_splice():
+        offloaded = await _offload(stream, reader, writer)
+        if offloaded is not None:
+            return offloaded
     result = SpliceResult()
 
     async def tcp_to_stream() -> None:
@@ -94,6 +116,49 @@ async def splice(
             await writer.wait_closed()
         stream.close()
     return result
+
+
+async def _offload(
+    stream: MeshStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> SpliceResult | None:
+    """Hand the TCP connection to the stream's transport; None if it cannot be taken
+    from asyncio as it is (the caller copies in Python then)."""
+    transport = cast(asyncio.Transport, writer.transport)
+    sock = writer.get_extra_info("socket")
+    if (
+        sock is None
+        or transport.is_closing()
+        or transport.get_write_buffer_size()
+        or reader.exception() is not None
+    ):
+        return None
+    transport.pause_reading()
+    # What asyncio already read goes first; feed_eof makes read() return it at once
+    # (the socket's own EOF, if any, stays in the kernel for the transport to see).
+    reader.feed_eof()
+    pending = await reader.read()
+    detached = socket.socket(fileno=os.dup(sock.fileno()))
+    transport.abort()  # closes asyncio's descriptor; the connection lives on in ours
+    try:
+        outcome = await stream.splice_socket(detached, pending)
+    except (TunnelError, QuicmeshError, OSError) as exc:
+        # The stream failed before the transport took the socket: reset both.
+        stream.abort()
+        if detached.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                detached.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            detached.close()
+        return SpliceResult(len(pending), 0, str(exc) or type(exc).__name__, offloaded=True)
+    except asyncio.CancelledError:
+        stream.abort()  # the transport resets the socket too
+        raise
+    return SpliceResult(
+        outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
+    )
+
+
+_LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+"""struct linger {l_onoff=1, l_linger=0}: close() sends RST."""
 
 
 def _reset_tcp(writer: asyncio.StreamWriter) -> None:

@@ -16,7 +16,7 @@ import aioquic
 from aioquic import tls
 from aioquic.asyncio import protocol as asyncio_protocol
 from aioquic.asyncio import server as asyncio_server
-from aioquic.h3.connection import H3Connection
+from aioquic.h3.connection import H3Connection, H3Stream
 from aioquic.quic import stream as quic_stream
 from aioquic.quic.congestion import base as congestion_base
 from aioquic.quic.connection import QuicConnection
@@ -89,6 +89,9 @@ STREAM_ATTRIBUTES = {
                "max_stream_data_local_sent"],
 }  # fmt: skip
 
+H3_STREAM_ATTRIBUTES = ["buffer", "frame_type", "frame_size"]
+"""An H3Stream's parser state, read when a stream is handed to the native engine's splice."""
+
 MODULE_ATTRIBUTES = [(congestion_base, "_factories"), (H3Connection, "_init_connection")]
 
 
@@ -146,6 +149,11 @@ def test_private_aioquic_names_are_still_there() -> None:
     for part, names in STREAM_ATTRIBUTES.items():
         holder = stream if part == "stream" else getattr(stream, part)
         changed += [f"QuicStream.{part}.{a}: missing" for a in names if not hasattr(holder, a)]
+    h3_stream = H3Stream(stream_id=0)
+    changed += [f"H3Stream.{a}: missing" for a in H3_STREAM_ATTRIBUTES
+                if not hasattr(h3_stream, a)]  # fmt: skip
+    if "self._stream" not in inspect.getsource(H3Connection.__init__):
+        changed.append("H3Connection._stream: no longer set in __init__")
     space = QuicPacketSpace()
     for name in ("ack_at", "ack_queue", "sent_packets", "ack_eliciting_in_flight"):
         if not hasattr(space, name):

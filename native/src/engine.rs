@@ -203,6 +203,20 @@ pub enum Event {
     ResetReceived { conn: u64, stream: u64, code: u64 },
     /// The peer asked us to stop sending (STOP_SENDING) with `code`.
     StopSendingReceived { conn: u64, stream: u64, code: u64 },
+    /// (splicing) The stream's receive task stopped reading: every `Data` event it gave
+    /// comes before this one.
+    ReadPaused { conn: u64, stream: u64 },
+    /// (splicing) A spliced flow ended: bytes carried each way (payload), and the failure
+    /// that reset it (`error` empty and `code` 0 when both directions ended cleanly).
+    Spliced {
+        id: u64,
+        conn: u64,
+        stream: u64,
+        sent: u64,
+        received: u64,
+        error: String,
+        code: u64,
+    },
     /// A connection ended; its streams are gone.
     Closed {
         conn: u64,
@@ -217,6 +231,8 @@ pub enum SendCmd {
     Write(Bytes),
     Finish,
     Reset(VarInt),
+    /// (splicing) Hand the sending half, with the bytes not sent yet, to a splice.
+    Handover(tokio::sync::oneshot::Sender<crate::splice::SendHandover>),
 }
 
 /// Commands for a stream's receiving task.
@@ -224,6 +240,10 @@ pub enum SendCmd {
 pub enum RecvCmd {
     Read(usize),
     StopSending(VarInt),
+    /// (splicing) Stop reading and say so with `Event::ReadPaused`.
+    Pause,
+    /// (splicing) Hand the receiving half to a splice.
+    Handover(tokio::sync::oneshot::Sender<RecvStream>),
 }
 
 /// The halves of a stream Python can still command.
@@ -251,6 +271,8 @@ pub struct Shared {
     wake: UnixStream,
     pub connections: Mutex<HashMap<u64, Connection>>,
     pub streams: Mutex<HashMap<(u64, u64), StreamHandles>>,
+    /// Spliced flows by splice ID: where an abort from Python goes (`splice.rs`).
+    pub splices: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>,
     next_id: AtomicU64,
 }
 
@@ -265,6 +287,7 @@ impl Shared {
             wake: writer,
             connections: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            splices: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -526,6 +549,11 @@ impl Shared {
                     let _ = send.reset(code);
                     break;
                 }
+                Step::Command(Some(SendCmd::Handover(to))) => {
+                    let _ = to.send((send, queue));
+                    self.release(id, true);
+                    return;
+                }
                 Step::Wrote(Ok(written)) => {
                     if let Some(front) = queue.front_mut() {
                         if written >= front.len() {
@@ -594,6 +622,15 @@ impl Shared {
                 Step::Command(Some(RecvCmd::StopSending(code))) => {
                     let _ = recv.stop(code);
                     break;
+                }
+                Step::Command(Some(RecvCmd::Pause)) => {
+                    wanted = None;
+                    self.push(Event::ReadPaused { conn, stream });
+                }
+                Step::Command(Some(RecvCmd::Handover(to))) => {
+                    let _ = to.send(recv);
+                    self.release(id, false);
+                    return;
                 }
                 Step::Read(Ok(Some(chunk))) => {
                     let max = wanted.take().unwrap_or(chunk.bytes.len());

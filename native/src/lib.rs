@@ -13,6 +13,7 @@
 
 pub mod admission;
 pub mod engine;
+pub mod splice;
 pub mod verify;
 
 use std::future::Future;
@@ -151,6 +152,16 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
         Event::StopSendingReceived { conn, stream, code } => {
             ("stop_sending_received", conn, stream, code).into_py_any(py)
         }
+        Event::ReadPaused { conn, stream } => ("read_paused", conn, stream).into_py_any(py),
+        Event::Spliced {
+            id,
+            conn,
+            stream,
+            sent,
+            received,
+            error,
+            code,
+        } => ("spliced", conn, id, stream, sent, received, error, code).into_py_any(py),
         Event::Closed {
             conn,
             kind,
@@ -601,6 +612,98 @@ impl Endpoint {
             .is_ok())
     }
 
+    /// (splicing) Stop reading a stream; a `read_paused` event follows every `data` event
+    /// already given for it (at once if its receiving side is already over).
+    fn pause_read(&self, conn: u64, stream: u64) {
+        if self.recv_command(conn, stream, RecvCmd::Pause).is_err() {
+            self.shared.push(Event::ReadPaused { conn, stream });
+        }
+    }
+
+    /// (splicing) Splice a stream onto the TCP socket just sent to `fd_carrier()` with
+    /// `token`: the engine copies both ways until both end, then a `spliced` event reports
+    /// the bytes each way and the failure, if any (see `splice.rs`). `to_tcp`: payload
+    /// received and not yet written to the socket; `to_quic`: bytes read from the socket and
+    /// not yet sent; `unparsed`, `frame_type`, `frame_remaining`: the HTTP/3 parser's state;
+    /// `recv_fin`: the stream's FIN was received. Returns the splice's ID.
+    #[pyo3(signature = (
+        conn, stream, token, *, to_tcp, to_quic, unparsed, frame_type=None, frame_remaining=0,
+        recv_fin=false
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn splice(
+        &self,
+        conn: u64,
+        stream: u64,
+        token: u64,
+        to_tcp: &[u8],
+        to_quic: &[u8],
+        unparsed: &[u8],
+        frame_type: Option<u64>,
+        frame_remaining: u64,
+        recv_fin: bool,
+    ) -> PyResult<u64> {
+        let inbox = splice::FdInbox::get().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let fd = inbox
+            .take(token)
+            .map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let tcp = std::net::TcpStream::from(fd);
+        let deframer = splice::Deframer::resume(frame_type, frame_remaining)
+            .map_err(|e| quicmesh_error("TunnelError", e.message))?;
+        let connection = self.connection(conn)?;
+        tcp.set_nonblocking(true)
+            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let tcp = tokio::net::TcpStream::from_std(tcp)
+            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        let (send_to, send_from) = tokio::sync::oneshot::channel();
+        let send = self
+            .send_command(conn, stream, SendCmd::Handover(send_to))
+            .ok()
+            .map(|()| send_from);
+        let recv = if recv_fin {
+            None
+        } else {
+            let (recv_to, recv_from) = tokio::sync::oneshot::channel();
+            self.recv_command(conn, stream, RecvCmd::Handover(recv_to))
+                .ok()
+                .map(|()| recv_from)
+        };
+        let id = self.shared.next_id();
+        let (abort_to, abort_from) = tokio::sync::oneshot::channel();
+        lock(&self.shared.splices).insert(id, abort_to);
+        let spec = splice::SpliceSpec {
+            id,
+            conn,
+            stream,
+            to_tcp: Bytes::copy_from_slice(to_tcp),
+            to_quic: Bytes::copy_from_slice(to_quic),
+            unparsed: Bytes::copy_from_slice(unparsed),
+            deframer,
+            recv_fin,
+        };
+        rt.spawn(splice::run(
+            Arc::clone(&self.shared),
+            spec,
+            tcp,
+            connection,
+            send,
+            recv,
+            abort_from,
+        ));
+        Ok(id)
+    }
+
+    /// (splicing) Fail a spliced flow: both sides are reset (the stream with `code`), and
+    /// its `spliced` event follows. Returns whether it was still running.
+    fn splice_abort(&self, id: u64, code: u64) -> bool {
+        match lock(&self.shared.splices).remove(&id) {
+            Some(abort) => abort.send(code).is_ok(),
+            None => false,
+        }
+    }
+
     /// Close a connection with application error `code` and `reason`.
     #[pyo3(signature = (conn, code=0, reason=""))]
     fn close_connection(&self, conn: u64, code: u64, reason: &str) -> PyResult<()> {
@@ -719,11 +822,48 @@ fn spiffe_id_problem(value: &str) -> Option<&'static str> {
     verify::spiffe_id_problem(value)
 }
 
+/// The splice's HTTP/3 deframer (native/src/splice.rs) over `chunks`, fed one by one, then the
+/// end of the stream: `(payload, None, "")`, or what was deframed before the first violation,
+/// its stream error code and why. Starts at a frame boundary, or inside a frame of
+/// `frame_type` with `remaining` bytes to come. For tests of the framing rules.
+#[pyfunction]
+#[pyo3(signature = (chunks, *, frame_type=None, remaining=0))]
+fn h3_deframe<'py>(
+    py: Python<'py>,
+    chunks: Vec<Vec<u8>>,
+    frame_type: Option<u64>,
+    remaining: u64,
+) -> PyResult<(Bound<'py, PyBytes>, Option<u64>, String)> {
+    let mut payload: Vec<Bytes> = Vec::new();
+    let result = splice::Deframer::resume(frame_type, remaining).and_then(|mut deframer| {
+        for chunk in chunks {
+            deframer.feed(Bytes::from(chunk), &mut payload)?;
+        }
+        deframer.finish()
+    });
+    let data = PyBytes::new(py, &payload.concat());
+    Ok(match result {
+        Ok(()) => (data, None, String::new()),
+        Err(error) => (data, Some(error.code), error.message),
+    })
+}
+
+/// (splicing) The descriptor of the Unix datagram socket on which sockets are handed to the
+/// engine (SCM_RIGHTS, an 8-byte little-endian token as the payload); duplicate it to use it.
+#[pyfunction]
+fn fd_carrier() -> PyResult<i32> {
+    splice::FdInbox::get()
+        .map(splice::FdInbox::sender_fd)
+        .map_err(|e| quicmesh_error("QuicmeshError", e))
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Endpoint>()?;
     module.add_function(wrap_pyfunction!(spiffe_id_problem, module)?)?;
+    module.add_function(wrap_pyfunction!(fd_carrier, module)?)?;
+    module.add_function(wrap_pyfunction!(h3_deframe, module)?)?;
     module.add("QUINN_VERSION", "0.11")?;
     Ok(())
 }

@@ -197,6 +197,10 @@ class InboundListenerConfig:
     overload_max_loop_lag: float = 0.05
     """Seconds of event-loop delay past which the peer identity opening the most
     streams gets its new-stream credit cut (QUIC; 0: off)."""
+    splice: bool = True
+    """(QUIC, native engine) Let the engine copy each accepted flow between its
+    stream and the destination's TCP connection itself, after the CONNECT exchange
+    (False: the sidecar copies in Python)."""
 
 
 INBOUND_LIMIT_KEYS = (
@@ -312,6 +316,10 @@ class ClusterConfig:
 
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    splice: bool = True
+    """QUIC only, native engine: let the engine copy each flow between the local TCP
+    connection and its stream itself, once the peer accepted the CONNECT (False:
+    the sidecar copies in Python)."""
 
     def same_except_endpoints(self, other: ClusterConfig) -> bool:
         """True when only the endpoint list differs (a reload can update in place)."""
@@ -911,6 +919,7 @@ class _Loader:
                 "max_streams",
                 "early_data",
                 "engine",
+                "splice",
                 *QUIC_ADMISSION_KEYS,
                 *INBOUND_LIMIT_KEYS,
                 "overload_max_loop_lag",
@@ -933,6 +942,9 @@ class _Loader:
         engine = node.child("engine")
         if engine.value is not None and "quic" not in transports:
             raise engine.error("applies to listeners serving quic only")
+        splice = node.child("splice")
+        if splice.value is not None and "quic" not in transports:
+            raise splice.error("applies to listeners serving quic only")
         admission = self.quic_admission(node, "quic" in transports)
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
@@ -950,6 +962,7 @@ class _Loader:
             max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
             early_data=early.boolean() if early.value is not None else True,
             engine=self.quic_engine(engine, check_built=True),
+            splice=splice.boolean() if splice.value is not None else True,
             **admission,
         )
 
@@ -1006,6 +1019,7 @@ class _Loader:
                 "max_datagram_size",
                 "early_data",
                 "engine",
+                "splice",
                 "health_check",
                 "outlier_detection",
                 "circuit_breakers",
@@ -1043,10 +1057,11 @@ class _Loader:
         liveness = node.child("liveness")
         fallback = node.child("fallback")
         engine = node.child("engine")
+        splice = node.child("splice")
         if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            for option in (congestion, datagram, early, liveness, engine):
+            for option in (congestion, datagram, early, liveness, engine, splice):
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))
@@ -1083,6 +1098,7 @@ class _Loader:
             file_services=file_services,
             liveness=self.liveness(liveness),
             fallback=self.fallback(fallback),
+            splice=splice.boolean() if splice.value is not None else True,
         )
 
     def liveness(self, node: _Field) -> LivenessSettings:

@@ -496,11 +496,12 @@ class InboundListener:
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         try:
-            result = await splice(stream, reader, writer)
+            result = await splice(stream, reader, writer, offload=config.splice)
             if not result.error:
                 await wait_sent(stream, FLUSH_TIMEOUT)
         finally:
             self.stats.connections_active -= 1
+        self.stats.streams_spliced += result.offloaded
         record.bytes_sent = result.bytes_from_stream
         record.bytes_received = result.bytes_to_stream
         if result.error:

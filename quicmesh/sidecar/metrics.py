@@ -32,6 +32,11 @@ _LISTENER_COUNTERS = (
     ("streams_total", "streams", "Tunnel streams opened (outbound) or accepted (inbound)."),
     ("bytes_received", "bytes_received", "Bytes received from the downstream side."),
     ("bytes_sent", "bytes_sent", "Bytes sent to the downstream side."),
+    (
+        "streams_spliced",
+        "streams_spliced",
+        "Flows the QUIC engine copied itself (splice), not the sidecar.",
+    ),
 )
 _LISTENER_GAUGES = (
     ("connections_active", "connections_active", "Connections open now."),

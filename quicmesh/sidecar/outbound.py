@@ -143,11 +143,12 @@ async def proxy_to_cluster(
     stats.streams_total += 1
     stats.streams_active += 1
     try:
-        result = await splice(flow.stream, reader, writer)
+        result = await splice(flow.stream, reader, writer, offload=cluster.config.splice)
         if not result.error:
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
     finally:
         stats.streams_active -= 1
+    stats.streams_spliced += result.offloaded
     record.bytes_sent = result.bytes_to_stream
     record.bytes_received = result.bytes_from_stream
     cluster.flow_finished(flow, result.bytes_to_stream, result.bytes_from_stream)

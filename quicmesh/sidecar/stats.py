@@ -45,6 +45,8 @@ class ListenerStats:
     """Bytes from the downstream side (local client, or peer sidecar)."""
     bytes_sent: int = 0
     """Bytes to the downstream side."""
+    streams_spliced: int = 0
+    """Flows whose bytes the QUIC engine copied itself (``splice``), not the sidecar."""
     outcomes: Counter[str] = field(default_factory=Counter)
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """(inbound) The :attr:`~quicmesh.transport.base.Transport.counters` of every
@@ -69,6 +71,7 @@ class ListenerStats:
             "streams_active": self.streams_active,
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
+            "streams_spliced": self.streams_spliced,
             "outcomes": dict(self.outcomes),
         }
         if self.quic_counters:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..tunnel import events
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.session import ResetReason, TunnelSession
 from .base import Authorizer, PeerConnection, StreamHandler
-from .stream import DEFAULT_HIGH_WATER, MeshStream
+from .stream import DEFAULT_HIGH_WATER, MeshStream, SpliceOutcome
 
 logger = logging.getLogger("quicmesh.transport")
 
@@ -321,6 +322,15 @@ class SessionConnection(PeerConnection):
 
     def stream_waits_for_drain(self, stream: MeshStream) -> None:
         self._drain_waiting.add(stream)
+
+    def can_splice_stream(self, stream: MeshStream) -> bool:
+        """False: only a connection whose engine copies between sockets itself can."""
+        return False
+
+    async def splice_stream(
+        self, stream: MeshStream, sock: socket.socket, pending: bytes
+    ) -> SpliceOutcome:
+        raise TunnelError(f"a {self.transport_name} connection cannot splice streams")
 
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         if self._lost is not None:

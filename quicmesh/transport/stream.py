@@ -10,12 +10,20 @@ connection implements.
 Backpressure works both ways: ``drain()`` waits while more than
 ``high_water`` bytes of this stream are still unsent, and the connection only
 credits the peer (flow-control window) for bytes the application has read.
+
+Splicing: where the transport can copy a flow between the stream and a TCP
+socket itself (the native QUIC engine), :meth:`MeshStream.can_splice` says so and
+:meth:`MeshStream.splice_socket` hands both over; the application then sees only
+the outcome (:class:`SpliceOutcome`). Other transports answer False and the
+caller copies in Python (:func:`quicmesh.splice.splice` does either).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import socket
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import StreamRefused, StreamReset, TunnelError
@@ -24,6 +32,19 @@ from ..tunnel.session import ResetReason
 
 DEFAULT_HIGH_WATER = 64 * 1024
 """Unsent bytes above which :meth:`MeshStream.drain` waits."""
+
+
+@dataclass
+class SpliceOutcome:
+    """What a flow spliced by its transport carried (:meth:`MeshStream.splice_socket`)."""
+
+    bytes_to_stream: int = 0
+    """Bytes read from the socket and sent on the stream (payload)."""
+    bytes_from_stream: int = 0
+    """Bytes received on the stream and written to the socket (payload)."""
+    error: str = ""
+    """Empty when both directions finished cleanly, else why the flow was reset (both
+    sides: the stream with RESET_STREAM/STOP_SENDING, the socket with RST)."""
 
 
 class StreamChannel(Protocol):
@@ -58,6 +79,16 @@ class StreamChannel(Protocol):
 
     def stream_waits_for_drain(self, stream: MeshStream) -> None:
         """Call ``stream._on_writable()`` after the next bytes leave."""
+
+    def can_splice_stream(self, stream: MeshStream) -> bool:
+        """Whether the connection can splice the stream onto a socket now."""
+
+    async def splice_stream(
+        self, stream: MeshStream, sock: socket.socket, pending: bytes
+    ) -> SpliceOutcome:
+        """Copy between the stream and ``sock`` (taken over) until both directions end;
+        ``pending`` was read from ``sock`` and goes first. Collects what the stream
+        buffered with :meth:`MeshStream._hand_over` once nothing more arrives for it."""
 
 
 class _Response(enum.Enum):
@@ -109,6 +140,7 @@ class MeshStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = self._loop.create_future()
+        self._spliced = False
 
     @property
     def peer_address(self) -> str:
@@ -268,6 +300,61 @@ class MeshStream:
             finally:
                 self._drain_waiter = None
             self._raise_error()
+
+    # -- splicing ------------------------------------------------------------
+
+    def can_splice(self) -> bool:
+        """Whether :meth:`splice_socket` can hand this flow to its transport now: the
+        transport can (the native QUIC engine), the CONNECT was accepted (or, on the
+        accepting side, is accepted by splicing), and nothing was half-closed, stopped
+        or failed yet."""
+        answered = self._response is _Response.ACCEPTED
+        return (
+            (answered or (self._response is _Response.PENDING and not self.is_client))
+            and self._error is None
+            and not self._eof_sent
+            and not self._reading_stopped
+            and not self._peer_stopped_reading
+            and not self._spliced
+            and self._channel.can_splice_stream(self)
+        )
+
+    async def splice_socket(self, sock: socket.socket, pending: bytes = b"") -> SpliceOutcome:
+        """Let the transport copy this flow to and from a connected TCP socket itself.
+
+        The transport takes ``sock`` over (it is closed here) and copies both ways
+        with the same semantics as :func:`quicmesh.splice.splice`: half-close each
+        way, backpressure, and on a failure a reset of both sides. ``pending`` holds
+        bytes already read from ``sock``: they are sent first. Bytes this stream
+        received and nobody read yet are written to ``sock`` first. Returns once both
+        directions ended; the stream is then closed (or failed, with the outcome's
+        error). :meth:`abort` fails a spliced flow too.
+
+        :raises TunnelError: the stream cannot be spliced (:meth:`can_splice`), or it
+            failed before the transport took it (``sock`` is then still open).
+        """
+        if not self.can_splice():
+            raise TunnelError(f"stream {self.stream_id} cannot be spliced now")
+        self.accept()  # (server) the 200 goes out before the engine takes the stream
+        self._spliced = True
+        outcome = await self._channel.splice_stream(self, sock, pending)
+        self.bytes_sent += outcome.bytes_to_stream
+        self.bytes_received += outcome.bytes_from_stream
+        if outcome.error:
+            self._fail(StreamReset(outcome.error))
+        else:
+            self._eof_sent = self._eof_received = True
+            self._set_closed()
+        return outcome
+
+    def _hand_over(self) -> tuple[bytes, bool]:
+        """(splicing) The bytes received and not read, and whether the peer's FIN is in;
+        the stream keeps none of them. Raises the stream's error if it failed."""
+        self._raise_error()
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self.bytes_received -= len(data)  # counted again in the splice's outcome
+        return data, self._eof_received
 
     # -- closing -------------------------------------------------------------
 

@@ -383,6 +383,14 @@ class H3TunnelSession(TunnelSession):
             return not self.quic.has_request_streams()
         return not _aioquic.has_request_streams(self.quic)
 
+    def hand_over(self, stream_id: int) -> tuple[int | None, int, bytes]:
+        """(splicing) Stop handling a request stream's input, which the engine parses
+        from now on: returns the HTTP/3 parser's state for it (see
+        :meth:`~quicmesh._aioquic.MeshH3Connection.hand_over_stream`)."""
+        self.flow_control.forget(stream_id)
+        self._streams.pop(stream_id, None)
+        return self.h3.hand_over_stream(stream_id)
+
     def _stream_is_open(self, stream_id: int) -> bool:
         if not self._aioquic:
             return bool(self.quic.stream_is_open(stream_id))

@@ -352,6 +352,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "streams_active": 1,
                 "bytes_received": 100,
                 "bytes_sent": 200,
+                "streams_spliced": 2,
                 "outcomes": {"completed": 2},
             },
             "mesh": {
@@ -362,6 +363,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "streams_active": 0,
                 "bytes_received": 0,
                 "bytes_sent": 0,
+                "streams_spliced": 0,
                 "outcomes": {},
                 "quic": {
                     **dict.fromkeys(QUIC_COUNTERS, 0),
@@ -412,6 +414,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     samples = parse_metrics(Metrics(lambda: snapshot).exposition().decode())
     assert metric(samples, "quicmesh_ready") == 1
     assert metric(samples, "quicmesh_listener_connections_total", listener="app") == 3
+    assert metric(samples, "quicmesh_listener_streams_spliced_total", listener="app") == 2
     assert metric(samples, "quicmesh_cluster_migrations_total", cluster="c") == 2
     assert metric(samples, "quicmesh_cluster_migrations_total", cause="active") == 2
     assert metric(samples, "quicmesh_cluster_zero_rtt_total", result="accepted") == 2

@@ -58,7 +58,7 @@ from .. import _udp
 from .._session import SessionConnection
 from ..base import Address, Authorizer, StreamHandler, host_port
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
-from ..stream import MeshStream
+from ..stream import MeshStream, SpliceOutcome
 from . import engine
 from .options import COUNTERS, CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD, QuicOptions
 from .policy import EarlyDataBudget, RebindRule
@@ -257,6 +257,36 @@ class QuicPeerConnection(SessionConnection):
     def peer_address(self) -> str:
         path = self.quic.active_path()
         return host_port(path[0]) if path is not None else ""
+
+    def can_splice_stream(self, stream: MeshStream) -> bool:
+        """Whether the engine can splice the stream onto a socket now (a socket engine
+        offering ``can_splice``, e.g. the native one; not while 0-RTT is unsettled)."""
+        can_splice = getattr(self.quic, "can_splice", None)
+        return self._lost is None and can_splice is not None and bool(can_splice(stream.stream_id))
+
+    async def splice_stream(
+        self, stream: MeshStream, sock: socket.socket, pending: bytes
+    ) -> SpliceOutcome:
+        """Hand the stream and ``sock`` to the engine (see :meth:`MeshStream.splice_socket`):
+        the engine stops reading the stream, the bytes that reached the stream and the
+        HTTP/3 parser's state go with it, then the engine copies until both ends close."""
+        quic: Any = self.quic
+        stream_id = stream.stream_id
+        await quic.pause_reading(stream_id)
+        payload, eof = stream._hand_over()
+        session = cast(H3TunnelSession, self.session)
+        frame_type, remaining, unparsed = session.hand_over(stream_id)
+        sent, received, error = await quic.splice_stream(
+            stream_id,
+            sock,
+            to_tcp=payload,
+            to_quic=pending,
+            frame_type=frame_type,
+            frame_remaining=remaining,
+            unparsed=unparsed,
+            recv_fin=eof,
+        )
+        return SpliceOutcome(sent, received, error)
 
     def stats(self) -> dict[str, Any]:
         """Counters of :class:`~quicmesh.PeerConnection` plus QUIC's: ``early_data``,

@@ -77,6 +77,14 @@ rather than pretending:
   :attr:`~.engine.EngineLimits.stateless_reset_key` (HMAC-SHA256 of the
   connection ID, as aioquic's engine here), so a restarted listener with the same
   key tells its old peers at once.
+* **Splicing**: :meth:`NativeConnection.splice_stream` hands a request stream
+  and a TCP socket to the engine (native/src/splice.rs), which copies both ways
+  without Python (DATA framing in Rust); Python learns only the outcome. The
+  stream's reads stop first (:meth:`NativeConnection.pause_reading`: the
+  engine's ``read_paused`` event comes after every ``data`` event it gave),
+  so what Python already received goes to the socket first; the socket
+  crosses to Rust over a Unix socket pair (SCM_RIGHTS, :func:`_hand_socket`).
+  Not while a 0-RTT flight is unsettled (its bytes may have to be resent).
 * Not used: ``max_datagram_size`` (quinn does path MTU discovery from 1200),
   ``qlog_dir``. An ICMP unreachable does not fail a connect at once
   (the endpoint's socket is not connected): it fails at its timeout.
@@ -86,7 +94,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
+import socket
 import time
 import weakref
 from collections import Counter, deque
@@ -98,7 +109,7 @@ from typing import Any, Literal
 from aioquic.quic import events as quic_events
 from cryptography import x509
 
-from ...errors import ConfigError, QuicmeshError
+from ...errors import ConfigError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
@@ -210,6 +221,34 @@ def _endpoint(
 
 _STALE_WARNED = False
 
+H3_REQUEST_CANCELLED_CODE = 0x10C
+"""The code a spliced flow is reset with when Python abandons it."""
+
+_CARRIER: socket.socket | None = None
+_TOKENS = itertools.count(1)
+
+
+def _hand_socket(sock: socket.socket) -> int:
+    """Send ``sock``'s descriptor to the engine (SCM_RIGHTS over the extension's Unix
+    socket pair, with a token the engine checks); close ours. Returns the token."""
+    global _CARRIER
+    if _CARRIER is None:
+        fd = os.dup(_extension().fd_carrier())
+        _CARRIER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=fd)
+    token = next(_TOKENS)
+    try:
+        socket.send_fds(_CARRIER, [token.to_bytes(8, "little")], [sock.fileno()])
+    finally:
+        sock.close()
+    return token
+
+
+class _ReadPaused:
+    """Marks, among a connection's queued events, where the engine stopped reading a stream."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
 
 class _Pump:
     """Watches one endpoint's wake-up descriptor and routes its events to connections.
@@ -232,6 +271,8 @@ class _Pump:
         self.on_admission: Callable[[str, str], None] | None = None
         self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
         self.max_streams = limits.max_streams
+        self.splices: dict[int, asyncio.Future[tuple[int, int, str]]] = {}
+        """Spliced flows by splice ID: their outcome arrives even after their connection."""
         self._fd = endpoint.fileno()
         self.closed = False
         loop.add_reader(self._fd, self.pump)
@@ -281,6 +322,12 @@ class _Pump:
             if self.on_admission is not None:
                 self.on_admission(event[1], event[2])
             return None
+        if kind == "spliced":
+            _, conn, splice_id, _, sent, received, error, _ = event
+            waiter = self.splices.pop(splice_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((sent, received, error))
+            return self.connections.get(conn)
         conn = event[2] if kind in ("stream_opened", "open_failed") else event[1]
         connection = self.connections.get(conn)
         if connection is None:
@@ -295,8 +342,16 @@ class _Pump:
         if self.closed:
             return
         self.closed = True
+        for splice_id in list(self.splices):
+            with contextlib.suppress(QuicmeshError):
+                self.endpoint.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
         self.endpoint.close()
         self.pump()  # the closes already queued reach their connections
+        for waiter in self.splices.values():
+            # Their outcome can no longer be drained: the engine resets them itself.
+            if not waiter.done():
+                waiter.set_result((0, 0, "the endpoint was closed"))
+        self.splices.clear()
         _remove_reader(self.loop, self._fd)
         left = [*self.connections.values(), *self.connecting.values()]
         self.connections.clear()
@@ -326,6 +381,10 @@ class _Stream:
     tracked: bool = False
     buffered: int = 0
     """Payload delivered to the application and not read yet (tracked streams)."""
+    splicing: bool = False
+    """Handed (or being handed) to the engine's splice: Python reads it no more."""
+    splice_id: int | None = None
+    paused: asyncio.Future[None] | None = None
 
 
 class NativeConnection:
@@ -432,6 +491,9 @@ class NativeConnection:
         if self._release is not None:
             self._release.cancel()
             self._release = None
+        for state in self._streams.values():
+            if state.paused is not None and not state.paused.done():
+                state.paused.set_result(None)
         code = CRYPTO_ERROR_BAD_CERTIFICATE if kind == "verification" else 0
         self._events.append(
             quic_events.ConnectionTerminated(
@@ -498,6 +560,8 @@ class NativeConnection:
             self._spare.setdefault(bool(stream_id & 2), stream_id)
         elif kind == "open_failed":
             self._opening = False
+        elif kind == "read_paused":
+            self._events.append(_ReadPaused(event[2]))
         elif kind == "closed":
             _, _, failure, message = event
             self.terminated(failure, message)
@@ -565,7 +629,7 @@ class NativeConnection:
 
     def _read(self, stream_id: int, state: _Stream) -> bool:
         """Ask quinn for the stream's next chunk (unless one is asked for already)."""
-        if state.reading or state.recv_done or self._closed_reason is not None:
+        if state.reading or state.recv_done or state.splicing or self._closed_reason is not None:
             return False
         size = READ_CHUNK
         if state.tracked:
@@ -634,8 +698,13 @@ class NativeConnection:
                 state.send_done = True
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
-        """Abandon sending on a stream (RESET_STREAM)."""
+        """Abandon sending on a stream (RESET_STREAM); a spliced stream's splice fails
+        (both sides reset)."""
         state = self._stream(stream_id)
+        if state.splice_id is not None:
+            with contextlib.suppress(QuicmeshError):
+                self._native.splice_abort(state.splice_id, error_code)
+            return
         if self._early_log is not None and stream_id in self._early_log:
             self._early_resets[stream_id] = error_code
         if not state.send_done:
@@ -647,6 +716,8 @@ class NativeConnection:
     def stop_stream(self, stream_id: int, error_code: int) -> None:
         """Ask the peer to stop sending on a stream (STOP_SENDING)."""
         state = self._stream(stream_id)
+        if state.splice_id is not None:
+            return  # the splice's reset covers both directions
         if not state.recv_done:
             with contextlib.suppress(QuicmeshError):
                 self._native.stop_sending(self.conn, stream_id, error_code)
@@ -654,9 +725,95 @@ class NativeConnection:
 
     def next_event(self) -> Any:
         """The next pending event, or None."""
-        if not self._events:
-            return None
-        return self._events.pop(0)
+        while self._events:
+            event = self._events.pop(0)
+            if not isinstance(event, _ReadPaused):
+                return event
+            # Every event before it has been handed to the session now.
+            state = self._streams.get(event.stream_id)
+            paused = state.paused if state is not None else None
+            if paused is not None and not paused.done():
+                paused.set_result(None)
+        return None
+
+    # -- splicing ---------------------------------------------------------------------
+
+    def can_splice(self, stream_id: int) -> bool:
+        """Whether a request stream can be spliced now: open, not being spliced, and
+        no 0-RTT flight unsettled on the connection."""
+        state = self._streams.get(stream_id)
+        return (
+            state is not None
+            and not state.splicing
+            and not state.send_done
+            and self.conn >= 0
+            and self._closed_reason is None
+            and self._early_log is None
+            and not self._early
+            and not stream_id & 2
+        )
+
+    async def pause_reading(self, stream_id: int) -> None:
+        """Stop reading the stream; return once every byte the engine gave for it has
+        been handed to the session (the driver processed the events before the mark)."""
+        state = self._stream(stream_id)
+        state.splicing = True
+        if self._closed_reason is not None:
+            return
+        state.paused = asyncio.get_running_loop().create_future()
+        self._native.pause_read(self.conn, stream_id)
+        try:
+            await state.paused
+        finally:
+            state.paused = None
+
+    async def splice_stream(
+        self,
+        stream_id: int,
+        sock: socket.socket,
+        *,
+        to_tcp: bytes,
+        to_quic: bytes,
+        frame_type: int | None,
+        frame_remaining: int,
+        unparsed: bytes,
+        recv_fin: bool,
+    ) -> tuple[int, int, str]:
+        """Let the engine copy between the (paused) stream and ``sock`` (taken over)
+        until both end: returns the payload bytes sent and received, and the failure
+        that reset both sides ("" if none)."""
+        state = self._stream(stream_id)
+        if self._closed_reason is not None:
+            sock.close()
+            raise ConnectionLost(f"QUIC connection closed: {self._closed_reason}")
+        token = _hand_socket(sock)
+        splice_id: int = self._native.splice(
+            self.conn,
+            stream_id,
+            token,
+            to_tcp=to_tcp,
+            to_quic=to_quic,
+            unparsed=unparsed,
+            frame_type=frame_type,
+            frame_remaining=frame_remaining,
+            recv_fin=recv_fin,
+        )
+        state.splice_id = splice_id
+        waiter = self._pump.loop.create_future()
+        self._pump.splices[splice_id] = waiter
+        try:
+            sent, received, error = await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            with contextlib.suppress(QuicmeshError):
+                self._native.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
+            raise
+        finally:
+            state.splice_id = None
+            state.send_done = state.recv_done = True
+            state.unsent = 0
+            state.tracked = False
+            state.buffered = 0
+        return sent, received, error
 
     def close(
         self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""

@@ -1,0 +1,762 @@
+//! Splicing: the engine copies a flow between a TCP socket and a QUIC request stream itself.
+//!
+//! When both ends of a sidecar flow are sockets (the application's or the backend's TCP
+//! connection, and a CONNECT stream on this engine), Python hands both over once the CONNECT
+//! exchange is done, and sees only the outcome and the byte counts (`Event::Spliced`).
+//!
+//! Three parts, each small:
+//!
+//! * [`Deframer`] and [`data_header`]: the thin HTTP/3 layer a CONNECT tunnel needs after its
+//!   HEADERS (sans-IO). The payload travels in DATA frames (RFC 9114 7.2.1: type 0x00, a
+//!   variable-length integer length, the bytes). Frames of unknown and reserved types are
+//!   skipped (RFC 9114 9, 7.2.8); a HEADERS frame after the response is the trailers and ends
+//!   the body; a frame type not allowed on a request stream (CANCEL_PUSH, SETTINGS,
+//!   PUSH_PROMISE, GOAWAY, MAX_PUSH_ID, HTTP/2's reserved types) or DATA after the trailers is
+//!   H3_FRAME_UNEXPECTED; a frame cut by the end of the stream is H3_FRAME_ERROR. Python's
+//!   session (aioquic's H3 layer) applies the same rules; here a violation fails the one flow.
+//! * [`FdInbox`]: how a TCP socket crosses from Python without `unsafe`: Python sends its
+//!   descriptor over a Unix socket pair (SCM_RIGHTS), rustix's safe `recvmsg` hands it back as
+//!   an `OwnedFd`.
+//! * [`run`]: the copy itself on the engine's tokio thread, without the GIL. Each direction
+//!   moves one bounded chunk (64 KiB) at a time and reads its source only once the previous
+//!   chunk was taken by its sink, so read-driven backpressure stays: QUIC stream credit opens
+//!   only as the TCP peer reads, and the TCP peer's window only as quinn takes bytes within
+//!   the QUIC peer's credit. Bytes Python already held go first, in order: what Python had
+//!   queued on the stream (already framed), then what it had read from TCP and not yet sent,
+//!   then the socket; and, the other way, the payload it had received and not yet written,
+//!   then the unparsed HTTP/3 bytes it had, then quinn's.
+//!
+//! Semantics are the Python pump's (`quicmesh.splice.splice`): EOF each way is a half-close
+//! (TCP FIN -> QUIC FIN; QUIC FIN -> `shutdown(SHUT_WR)`); a failure resets both sides: the
+//! stream with RESET_STREAM and STOP_SENDING (the peer's code when it reset, H3_CONNECT_ERROR
+//! for a TCP error, H3_REQUEST_CANCELLED when Python aborts) and the TCP connection with RST
+//! (SO_LINGER 0). A splice reports its end only once the peer acknowledged every byte it
+//! sent (quinn's `stopped()` after `finish()`), so a drain closing the connection next loses
+//! nothing.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::engine::{lock, Event, Shared};
+
+/// H3_NO_ERROR: a STOP_SENDING with it only says "no more bytes needed" (RFC 9114 4.1.1).
+pub const H3_NO_ERROR: u64 = 0x100;
+/// H3_FRAME_UNEXPECTED (RFC 9114 8.1).
+pub const H3_FRAME_UNEXPECTED: u64 = 0x105;
+/// H3_FRAME_ERROR: a malformed frame, e.g. one cut by the end of the stream.
+pub const H3_FRAME_ERROR: u64 = 0x106;
+/// H3_REQUEST_CANCELLED: the flow was abandoned (Python's abort).
+pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
+/// H3_CONNECT_ERROR: the TCP side of the CONNECT failed (RFC 9114 4.4).
+pub const H3_CONNECT_ERROR: u64 = 0x10f;
+
+const DATA: u64 = 0x00;
+const HEADERS: u64 = 0x01;
+
+/// The most bytes one direction holds at a time.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Room kept in front of each chunk read from TCP for its DATA frame header.
+const HEADER_ROOM: usize = 9;
+
+/// Whether a frame type may not appear on a request stream (RFC 9114 7.2.3-7.2.8: CANCEL_PUSH,
+/// SETTINGS, PUSH_PROMISE (no push is ever allowed), GOAWAY, MAX_PUSH_ID, and the types
+/// reserved for HTTP/2's frames).
+fn unexpected_on_request_stream(frame_type: u64) -> bool {
+    matches!(frame_type, 0x02..=0x09 | 0x0d)
+}
+
+/// A violation of the framing rules: the stream error code and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: u64,
+    pub message: String,
+}
+
+fn frame_error(code: u64, message: impl Into<String>) -> FrameError {
+    FrameError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Decode one QUIC variable-length integer (RFC 9000 16) from the front of `bytes`:
+/// `Some((value, length))`, or `None` while incomplete.
+pub fn decode_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let first = *bytes.first()?;
+    let length = 1usize << (first >> 6);
+    if bytes.len() < length {
+        return None;
+    }
+    let mut value = u64::from(first & 0x3f);
+    for byte in &bytes[1..length] {
+        value = (value << 8) | u64::from(*byte);
+    }
+    Some((value, length))
+}
+
+/// Encode `value` (below 2^62) as a QUIC variable-length integer, shortest form.
+pub fn encode_varint(value: u64, out: &mut Vec<u8>) {
+    if value < 1 << 6 {
+        out.push(value as u8);
+    } else if value < 1 << 14 {
+        out.extend_from_slice(&((value as u16) | 0x4000).to_be_bytes());
+    } else if value < 1 << 30 {
+        out.extend_from_slice(&((value as u32) | 0x8000_0000).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(value | 0xc000_0000_0000_0000).to_be_bytes());
+    }
+}
+
+/// The header of a DATA frame carrying `length` bytes (type 0x00, then the length).
+pub fn data_header(length: usize) -> Vec<u8> {
+    let mut header = vec![DATA as u8];
+    encode_varint(length as u64, &mut header);
+    header
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a frame header (type and length), `header` holds what arrived of it.
+    Header,
+    /// Inside a DATA frame: this many payload bytes still to come.
+    Data(u64),
+    /// Inside a frame that is skipped (unknown type, trailers): this many bytes to drop.
+    Skip(u64),
+}
+
+/// The request stream's frames after the CONNECT's HEADERS, turned back into the flow's bytes.
+#[derive(Debug, Clone)]
+pub struct Deframer {
+    phase: Phase,
+    header: Vec<u8>,
+    trailers: bool,
+}
+
+impl Default for Deframer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deframer {
+    /// A deframer at a frame boundary.
+    pub fn new() -> Self {
+        Deframer {
+            phase: Phase::Header,
+            header: Vec::new(),
+            trailers: false,
+        }
+    }
+
+    /// A deframer taking over mid-frame from another parser: inside a frame of `frame_type`
+    /// with `remaining` bytes of it still to come (`None`: at a frame boundary).
+    pub fn resume(frame_type: Option<u64>, remaining: u64) -> Result<Self, FrameError> {
+        let mut deframer = Deframer::new();
+        if let Some(frame_type) = frame_type {
+            deframer.start_frame(frame_type, remaining)?;
+        }
+        Ok(deframer)
+    }
+
+    fn start_frame(&mut self, frame_type: u64, length: u64) -> Result<(), FrameError> {
+        if frame_type == DATA {
+            if self.trailers {
+                return Err(frame_error(
+                    H3_FRAME_UNEXPECTED,
+                    "DATA frame after the trailers",
+                ));
+            }
+            self.phase = if length == 0 {
+                Phase::Header
+            } else {
+                Phase::Data(length)
+            };
+        } else if frame_type == HEADERS {
+            if self.trailers {
+                return Err(frame_error(
+                    H3_FRAME_UNEXPECTED,
+                    "HEADERS frame after the trailers",
+                ));
+            }
+            // Trailers: a tunnel carries none; they end the body (the FIN follows).
+            self.trailers = true;
+            self.phase = if length == 0 {
+                Phase::Header
+            } else {
+                Phase::Skip(length)
+            };
+        } else if unexpected_on_request_stream(frame_type) {
+            return Err(frame_error(
+                H3_FRAME_UNEXPECTED,
+                format!("frame type {frame_type:#x} is not allowed on a request stream"),
+            ));
+        } else {
+            self.phase = if length == 0 {
+                Phase::Header
+            } else {
+                Phase::Skip(length)
+            };
+        }
+        Ok(())
+    }
+
+    /// Feed the stream's next bytes; the payload they carry is appended to `out` (slices of
+    /// `input`, no copy).
+    pub fn feed(&mut self, mut input: Bytes, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
+        while !input.is_empty() {
+            match self.phase {
+                Phase::Data(left) => {
+                    let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    out.push(input.split_to(take));
+                    let left = left - take as u64;
+                    self.phase = if left == 0 {
+                        Phase::Header
+                    } else {
+                        Phase::Data(left)
+                    };
+                }
+                Phase::Skip(left) => {
+                    let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let _ = input.split_to(take);
+                    let left = left - take as u64;
+                    self.phase = if left == 0 {
+                        Phase::Header
+                    } else {
+                        Phase::Skip(left)
+                    };
+                }
+                Phase::Header => {
+                    // At most 16 header bytes: take one at a time until both integers parse.
+                    self.header.push(input[0]);
+                    let _ = input.split_to(1);
+                    let Some((frame_type, used)) = decode_varint(&self.header) else {
+                        continue;
+                    };
+                    let Some((length, _)) = decode_varint(&self.header[used..]) else {
+                        continue;
+                    };
+                    self.header.clear();
+                    self.start_frame(frame_type, length)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended (FIN): an error if it cut a frame.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.phase == Phase::Header && self.header.is_empty() {
+            Ok(())
+        } else {
+            Err(frame_error(
+                H3_FRAME_ERROR,
+                "frame truncated by the end of the stream",
+            ))
+        }
+    }
+}
+
+/// Where TCP sockets handed over by Python arrive: a Unix datagram socket pair; Python sends
+/// each descriptor with SCM_RIGHTS on one end (with a token), [`FdInbox::take`] receives it.
+#[derive(Debug)]
+pub struct FdInbox {
+    sender: UnixDatagram,
+    receiver: UnixDatagram,
+    lock: Mutex<()>,
+}
+
+impl FdInbox {
+    /// The process's inbox.
+    pub fn get() -> Result<&'static FdInbox, String> {
+        static INBOX: OnceLock<Result<FdInbox, String>> = OnceLock::new();
+        INBOX
+            .get_or_init(|| {
+                let (sender, receiver) =
+                    UnixDatagram::pair().map_err(|e| format!("cannot create the fd inbox: {e}"))?;
+                receiver
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("cannot create the fd inbox: {e}"))?;
+                Ok(FdInbox {
+                    sender,
+                    receiver,
+                    lock: Mutex::new(()),
+                })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The descriptor Python sends on (Python duplicates it to own its copy).
+    pub fn sender_fd(&self) -> i32 {
+        self.sender.as_raw_fd()
+    }
+
+    /// Receive the descriptor sent (already, by the caller's thread) with `token`.
+    pub fn take(&self, token: u64) -> Result<OwnedFd, String> {
+        let _serial = lock(&self.lock);
+        let mut payload = [0u8; 8];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let received = rustix::net::recvmsg(
+            &self.receiver,
+            &mut [IoSliceMut::new(&mut payload)],
+            &mut control,
+            rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(|e| format!("no socket was handed over: {e}"))?;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for message in control.drain() {
+            if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = message {
+                fds.extend(rights);
+            }
+        }
+        if received.bytes != 8 || u64::from_le_bytes(payload) != token {
+            return Err("the socket handed over does not carry the splice's token".into());
+        }
+        match fds.len() {
+            1 => Ok(fds.remove(0)),
+            n => Err(format!("{n} descriptors handed over for one splice")),
+        }
+    }
+
+    /// Send `fd` with `token` (what Python does with `socket.send_fds`; for tests).
+    pub fn send(&self, token: u64, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        let fds = [fd];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            &self.sender,
+            &[IoSlice::new(&token.to_le_bytes())],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )?;
+        Ok(())
+    }
+}
+
+/// What Python handed over with the socket.
+#[derive(Debug)]
+pub struct SpliceSpec {
+    pub id: u64,
+    pub conn: u64,
+    pub stream: u64,
+    /// Payload received on the stream that Python had not written to TCP yet.
+    pub to_tcp: Bytes,
+    /// Bytes read from TCP that Python had not written to the stream yet (sent framed).
+    pub to_quic: Bytes,
+    /// Stream bytes Python received and had not parsed yet (fed to the deframer first).
+    pub unparsed: Bytes,
+    pub deframer: Deframer,
+    /// The stream's FIN was already received (by Python).
+    pub recv_fin: bool,
+}
+
+/// A stream's sending half as its task hands it over, with the bytes it had not sent yet.
+pub type SendHandover = (SendStream, VecDeque<Bytes>);
+
+/// Why a spliced flow failed.
+#[derive(Debug)]
+enum Failure {
+    Tcp(std::io::Error),
+    PeerReset(u64),
+    PeerStopped(u64),
+    Frame(FrameError),
+    Quic(String),
+    Aborted(u64),
+}
+
+impl Failure {
+    /// The code the stream is reset with, both ways (none when the connection is gone).
+    fn code(&self) -> u64 {
+        match self {
+            Failure::Tcp(_) => H3_CONNECT_ERROR,
+            Failure::PeerReset(code) | Failure::PeerStopped(code) | Failure::Aborted(code) => *code,
+            Failure::Frame(error) => error.code,
+            Failure::Quic(_) => H3_REQUEST_CANCELLED,
+        }
+    }
+
+    fn describe(&self, stream: u64) -> String {
+        match self {
+            Failure::Tcp(error) => match error.raw_os_error() {
+                Some(errno) => format!(
+                    "[Errno {errno}] {}",
+                    error.to_string().split(" (os error").next().unwrap_or("")
+                ),
+                None => error.to_string(),
+            },
+            Failure::PeerReset(code) | Failure::PeerStopped(code) => {
+                let kind = if *code == H3_CONNECT_ERROR {
+                    "destination connect error"
+                } else {
+                    "reset"
+                };
+                format!("stream {stream} {kind} by peer (error code {code:#x})")
+            }
+            Failure::Frame(error) => format!("stream {stream}: {}", error.message),
+            Failure::Quic(message) => format!("connection lost: {message}"),
+            Failure::Aborted(code) => format!("stream {stream} aborted locally ({code:#x})"),
+        }
+    }
+}
+
+fn write_failure(error: WriteError) -> Failure {
+    match error {
+        WriteError::Stopped(code) => Failure::PeerStopped(code.into_inner()),
+        other => Failure::Quic(other.to_string()),
+    }
+}
+
+async fn read_tcp(tcp: &TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        match tcp.try_read(buffer) {
+            Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(written) => data = &data[written..],
+            Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// TCP -> QUIC: what the stream's task had queued, then Python's bytes, then the socket's,
+/// each chunk as one DATA frame; TCP EOF -> FIN. Counts the payload in `counted`.
+async fn upstream(
+    tcp: &TcpStream,
+    send: Option<&mut SendHandover>,
+    prefix: Bytes,
+    counted: &mut u64,
+) -> Result<(), Failure> {
+    let Some((send, queued)) = send else {
+        return Err(Failure::Quic("the stream can no longer send".into()));
+    };
+    let mut discard = false;
+    let mut pending: Vec<Bytes> = queued.drain(..).collect();
+    if !prefix.is_empty() {
+        *counted += prefix.len() as u64;
+        pending.push(Bytes::from(data_header(prefix.len())));
+        pending.push(prefix);
+    }
+    loop {
+        if !pending.is_empty() && !discard {
+            match send.write_all_chunks(&mut pending[..]).await {
+                Ok(()) => {}
+                Err(WriteError::Stopped(code)) if code.into_inner() == H3_NO_ERROR => {
+                    // The peer needs no more bytes (RFC 9114 4.1.1): drop what comes, as the
+                    // Python pump does, until the local side closes.
+                    discard = true;
+                }
+                Err(error) => return Err(write_failure(error)),
+            }
+        }
+        pending.clear();
+        let mut buffer = BytesMut::zeroed(HEADER_ROOM + CHUNK);
+        let read = read_tcp(tcp, &mut buffer[HEADER_ROOM..])
+            .await
+            .map_err(Failure::Tcp)?;
+        if read == 0 {
+            if !discard && send.finish().is_ok() {
+                // Done once the peer acknowledged every byte (not merely once quinn took
+                // them): a drain that closes the connection next loses nothing.
+                let _ = send.stopped().await;
+            }
+            return Ok(());
+        }
+        *counted += read as u64;
+        let header = data_header(read);
+        let start = HEADER_ROOM - header.len();
+        buffer[start..HEADER_ROOM].copy_from_slice(&header);
+        buffer.truncate(HEADER_ROOM + read);
+        let frame = buffer.freeze().slice(start..);
+        pending.push(frame);
+    }
+}
+
+/// QUIC -> TCP: Python's payload, then the unparsed bytes, then quinn's, deframed; QUIC FIN
+/// -> `shutdown(SHUT_WR)`. Reads quinn only once the previous chunk reached the socket.
+async fn downstream(
+    tcp: &TcpStream,
+    recv: Option<&mut RecvStream>,
+    prefix: Bytes,
+    unparsed: Bytes,
+    deframer: &mut Deframer,
+    recv_fin: bool,
+    counted: &mut u64,
+) -> Result<(), Failure> {
+    let mut payload = vec![prefix];
+    deframer
+        .feed(unparsed, &mut payload)
+        .map_err(Failure::Frame)?;
+    let mut fin = recv_fin;
+    let mut recv = recv;
+    loop {
+        for chunk in payload.drain(..) {
+            if !chunk.is_empty() {
+                write_tcp(tcp, &chunk).await.map_err(Failure::Tcp)?;
+                *counted += chunk.len() as u64;
+            }
+        }
+        if fin {
+            deframer.finish().map_err(Failure::Frame)?;
+            socket2::SockRef::from(tcp)
+                .shutdown(Shutdown::Write)
+                .map_err(Failure::Tcp)?;
+            return Ok(());
+        }
+        let Some(stream) = recv.as_deref_mut() else {
+            return Err(Failure::Quic("the stream can no longer be read".into()));
+        };
+        match stream.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => deframer
+                .feed(chunk.bytes, &mut payload)
+                .map_err(Failure::Frame)?,
+            Ok(None) => fin = true,
+            Err(ReadError::Reset(code)) => return Err(Failure::PeerReset(code.into_inner())),
+            Err(error) => return Err(Failure::Quic(error.to_string())),
+        }
+    }
+}
+
+/// Copy a flow both ways until both directions ended or one failed, then report it
+/// (`Event::Spliced`). `abort` carries a code from Python to fail the flow.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    shared: Arc<Shared>,
+    spec: SpliceSpec,
+    tcp: TcpStream,
+    connection: Connection,
+    send: Option<oneshot::Receiver<SendHandover>>,
+    recv: Option<oneshot::Receiver<RecvStream>>,
+    abort: oneshot::Receiver<u64>,
+) {
+    let SpliceSpec {
+        id,
+        conn,
+        stream,
+        to_tcp,
+        to_quic,
+        unparsed,
+        mut deframer,
+        recv_fin,
+    } = spec;
+    let mut send = match send {
+        Some(handover) => handover.await.ok(),
+        None => None,
+    };
+    let mut recv = match recv {
+        Some(handover) => handover.await.ok(),
+        None => None,
+    };
+    let (mut sent, mut received) = (0u64, 0u64);
+    let aborted = async {
+        match abort.await {
+            Ok(code) => code,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = {
+        let up = upstream(&tcp, send.as_mut(), to_quic, &mut sent);
+        let down = downstream(
+            &tcp,
+            recv.as_mut(),
+            to_tcp,
+            unparsed,
+            &mut deframer,
+            recv_fin,
+            &mut received,
+        );
+        let both = async { tokio::try_join!(up, down).map(|_| ()) };
+        tokio::select! {
+            result = both => result,
+            code = aborted => Err(Failure::Aborted(code)),
+            error = connection.closed() => Err(Failure::Quic(error.to_string())),
+        }
+    };
+    let (error, code) = match &result {
+        Ok(()) => (String::new(), 0),
+        Err(failure) => {
+            let code = failure.code();
+            let code_varint = VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x10c));
+            if let Some((send, _)) = send.as_mut() {
+                let _ = send.reset(code_varint);
+            }
+            if let Some(recv) = recv.as_mut() {
+                let _ = recv.stop(code_varint);
+            }
+            // RST, so the local peer sees the failure rather than a clean end.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            (failure.describe(stream), code)
+        }
+    };
+    drop(tcp);
+    lock(&shared.splices).remove(&id);
+    shared.push(Event::Spliced {
+        id,
+        conn,
+        stream,
+        sent,
+        received,
+        error,
+        code,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(frame_type: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_varint(frame_type, &mut out);
+        encode_varint(payload.len() as u64, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn deframe_in_pieces(input: &[u8], piece: usize) -> Result<Vec<u8>, FrameError> {
+        let mut deframer = Deframer::new();
+        let mut out = Vec::new();
+        for chunk in input.chunks(piece.max(1)) {
+            deframer.feed(Bytes::copy_from_slice(chunk), &mut out)?;
+        }
+        deframer.finish()?;
+        Ok(out.concat())
+    }
+
+    #[test]
+    fn varints_round_trip_in_shortest_form() {
+        for (value, length) in [
+            (0u64, 1usize),
+            (63, 1),
+            (64, 2),
+            (16383, 2),
+            (16384, 4),
+            ((1 << 30) - 1, 4),
+            (1 << 30, 8),
+            ((1 << 62) - 1, 8),
+        ] {
+            let mut out = Vec::new();
+            encode_varint(value, &mut out);
+            assert_eq!(out.len(), length, "{value}");
+            assert_eq!(decode_varint(&out), Some((value, length)));
+            assert_eq!(decode_varint(&out[..length - 1]), None);
+        }
+        // RFC 9000 A.1's examples.
+        assert_eq!(
+            decode_varint(&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c]),
+            Some((151_288_809_941_952_652, 8))
+        );
+        assert_eq!(decode_varint(&[0x7b, 0xbd]), Some((15_293, 2)));
+    }
+
+    #[test]
+    fn data_frames_in_any_chunking_give_the_payload() {
+        let mut input = frame(DATA, b"hello ");
+        input.extend(frame(0x21, b"grease")); // reserved (0x1f * N + 0x21): skipped
+        input.extend(frame(DATA, b""));
+        input.extend(frame(DATA, &vec![7u8; 70_000]));
+        input.extend(frame(0x2a, b""));
+        input.extend(frame(DATA, b"world"));
+        input.extend(frame(HEADERS, b"trailers")); // ends the body
+        input.extend(frame(0x40, b"x"));
+        let mut expected = b"hello ".to_vec();
+        expected.extend(vec![7u8; 70_000]);
+        expected.extend(b"world");
+        for piece in [1, 2, 3, 7, 64, 1000, 100_000] {
+            assert_eq!(
+                deframe_in_pieces(&input, piece).unwrap(),
+                expected,
+                "{piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_not_allowed_on_a_request_stream_are_frame_unexpected() {
+        for frame_type in [0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0d] {
+            let input = frame(frame_type, b"");
+            let error = deframe_in_pieces(&input, 1).unwrap_err();
+            assert_eq!(error.code, H3_FRAME_UNEXPECTED, "{frame_type:#x}");
+        }
+        let mut input = frame(HEADERS, b"t");
+        input.extend(frame(DATA, b"late"));
+        assert_eq!(
+            deframe_in_pieces(&input, 5).unwrap_err().code,
+            H3_FRAME_UNEXPECTED
+        );
+    }
+
+    #[test]
+    fn a_frame_cut_by_the_end_of_the_stream_is_a_frame_error() {
+        let input = frame(DATA, b"abcdef");
+        for cut in 1..input.len() {
+            let error = deframe_in_pieces(&input[..cut], 2).unwrap_err();
+            assert_eq!(error.code, H3_FRAME_ERROR, "{cut}");
+        }
+    }
+
+    #[test]
+    fn resuming_mid_frame_continues_it() {
+        let mut deframer = Deframer::resume(Some(DATA), 3).unwrap();
+        let mut out = Vec::new();
+        let mut input = b"abc".to_vec();
+        input.extend(frame(DATA, b"de"));
+        deframer.feed(Bytes::from(input), &mut out).unwrap();
+        assert_eq!(out.concat(), b"abcde");
+        let mut skipping = Deframer::resume(Some(0x21), 2).unwrap();
+        skipping
+            .feed(Bytes::from_static(b"zz\x00\x01q"), &mut out)
+            .unwrap();
+        assert_eq!(out.concat(), b"abcdeq");
+        assert!(Deframer::resume(Some(0x04), 1).is_err());
+    }
+
+    #[test]
+    fn data_headers_parse_back() {
+        for length in [0usize, 1, 63, 64, 16_383, 16_384, CHUNK] {
+            let header = data_header(length);
+            assert!(header.len() <= HEADER_ROOM);
+            let (frame_type, used) = decode_varint(&header).unwrap();
+            assert_eq!(frame_type, DATA);
+            assert_eq!(decode_varint(&header[used..]).unwrap().0, length as u64);
+        }
+    }
+
+    #[test]
+    fn a_socket_crosses_the_inbox_with_its_token() {
+        use std::os::fd::AsFd;
+        let inbox = FdInbox::get().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        inbox.send(42, listener.as_fd()).unwrap();
+        let fd = inbox.take(42).unwrap();
+        let again = std::net::TcpListener::from(fd);
+        assert_eq!(again.local_addr().unwrap(), address);
+        inbox.send(1, listener.as_fd()).unwrap();
+        assert!(inbox.take(2).unwrap_err().contains("token"));
+        assert!(inbox.take(3).unwrap_err().contains("no socket"));
+    }
+}

@@ -1,0 +1,413 @@
+"""End to end: the native engine splices sidecar flows (``splice``, on by default).
+
+Two ``quicmesh sidecar`` processes as the README runs them; sidecar A's clusters and
+sidecar B's inbound listeners run on the native engine, so both sides hand each
+flow's TCP connection and QUIC stream to the engine after the CONNECT exchange.
+``quicmesh_listener_streams_spliced`` proves the engine carried the flows; the
+bytes, half-closes, resets, drain and access-log counts must be what the Python
+pump gives. The backend here is a small threaded TCP app that speaks first (a
+banner right after accept, so bytes reach B's sidecar before the stream is handed
+over and A's stream together with the CONNECT's answer) and reports what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quic_helpers import require_engine
+
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
+
+from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
+
+BANNER = b"+READY\n"
+
+
+class _App(socketserver.StreamRequestHandler):
+    """One command line after the banner:
+
+    * ``echo``: echo until EOF, then half-close;
+    * ``download N``: send N bytes (a counter pattern) and half-close, then read until
+      EOF and record what came (the other direction stays open after a FIN);
+    * ``rst``: close with RST at once;
+    * ``hold NAME``: read until EOF or an error and record which (``eof`` / ``reset``).
+    """
+
+    server: _AppServer
+
+    def handle(self) -> None:
+        sock = self.connection
+        sock.sendall(BANNER)
+        line = self.rfile.readline().decode().split()
+        if not line:
+            return
+        if line[0] == "echo":
+            while data := self.rfile.read1(65536):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        elif line[0] == "download":
+            sock.sendall(pattern(int(line[1])))
+            sock.shutdown(socket.SHUT_WR)
+            self.server.seen[line[2]] = self.rfile.read()
+        elif line[0] == "rst":
+            # Closed here, with RST (socketserver would half-close it first).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        elif line[0] == "hold":
+            try:
+                while self.rfile.read1(65536):
+                    pass
+                self.server.seen[line[1]] = b"eof"
+            except ConnectionResetError:
+                self.server.seen[line[1]] = b"reset"
+            self.server.seen_event.set()
+
+
+class _AppServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__((LOOPBACK, 0), _App)
+        self.seen: dict[str, bytes] = {}
+        self.seen_event = threading.Event()
+
+
+def pattern(size: int) -> bytes:
+    return (b"0123456789abcdef" * (size // 16 + 1))[:size]
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[_AppServer]:
+    server = _AppServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class SpliceMesh:
+    """Sidecar B (inbound listeners on both engines) and sidecar A (one cluster per case)."""
+
+    def __init__(
+        self, workdir: Path, app_port: int, clusters: dict[str, dict[str, Any]], name: str
+    ) -> None:
+        self.ports = {"native": free_port(), "aioquic": free_port(), "native_off": free_port()}
+        app = addr(app_port)
+        inbound: list[dict[str, Any]] = [
+            {
+                "name": "mesh_native",
+                "address": addr(self.ports["native"]),
+                "transports": ["quic"],
+                "engine": "native",
+                "destinations": [app],
+            },
+            {
+                "name": "mesh_aioquic",
+                "address": addr(self.ports["aioquic"]),
+                "transports": ["quic"],
+                "destinations": [app],
+            },
+            {
+                "name": "mesh_native_off",
+                "address": addr(self.ports["native_off"]),
+                "transports": ["quic"],
+                "engine": "native",
+                "splice": False,
+                "destinations": [app],
+            },
+        ]
+        self.b = SidecarProcess(
+            f"b-{name}",
+            {
+                "node": {"name": "b", "identity": IDENTITY_B},
+                "tls": {"ca_dir": str(workdir / "ca")},
+                "admin": {"address": addr(free_port())},
+                "drain": {"grace_period": "10s"},
+                "listeners": {"inbound": inbound},
+            },
+            workdir,
+        )
+        self.listen = {name: free_port() for name in clusters}
+        a_clusters = []
+        for cluster, options in clusters.items():
+            inbound_name = options.pop("to")
+            a_clusters.append(
+                {
+                    "name": cluster,
+                    "transport": "quic",
+                    "target": app,
+                    "endpoints": [addr(self.ports[inbound_name])],
+                    **options,
+                }
+            )
+        self.a = SidecarProcess(
+            f"a-{name}",
+            {
+                "node": {"name": "a", "identity": IDENTITY_A},
+                "tls": {"ca_dir": str(workdir / "ca")},
+                "admin": {"address": addr(free_port())},
+                "drain": {"grace_period": "10s"},
+                "listeners": {
+                    "outbound": [
+                        {"name": name, "address": addr(port), "cluster": name}
+                        for name, port in self.listen.items()
+                    ]
+                },
+                "clusters": a_clusters,
+            },
+            workdir,
+        )
+
+    def __enter__(self) -> SpliceMesh:
+        self.b.start()
+        self.a.start()
+        self.b.wait_ready()
+        self.a.wait_ready()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.a.stop()
+        self.b.stop()
+
+    def spliced(self, side: str, listener: str) -> float:
+        sidecar = self.a if side == "a" else self.b
+        return metric(
+            sidecar.metrics(), "quicmesh_listener_streams_spliced_total", listener=listener
+        )
+
+
+async def open_flow(port: int, command: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect through a listener and send the command at once (before any answer)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(command.encode() + b"\n")
+    return reader, writer
+
+
+async def echo(port: int, payload: bytes) -> bytes:
+    """An echo flow: the payload follows the command immediately, then half-close."""
+    reader, writer = await open_flow(port, "echo")
+    try:
+
+        async def send() -> None:
+            for offset in range(0, len(payload), 65536):
+                writer.write(payload[offset : offset + 65536])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        received = await asyncio.wait_for(reader.read(-1), 60)
+        await sender
+        return received
+    finally:
+        writer.close()
+
+
+def sizes() -> list[int]:
+    return [0, 1, 1000, 65_535, 65_536, 300_001, 1 << 20, 3 * (1 << 20) + 7]
+
+
+def test_native_flows_are_spliced_on_both_sides_and_lose_nothing(
+    workdir: Path, app: _AppServer
+) -> None:
+    require_engine("native")
+    clusters = {
+        "native": {"engine": "native", "to": "native"},
+        "native_off": {"engine": "native", "to": "native", "splice": False},
+    }
+    with SpliceMesh(workdir, app.server_address[1], clusters, "splice") as mesh:
+        payloads = [os.urandom(size) for size in sizes()] * 2
+
+        async def main() -> list[bytes]:
+            return await asyncio.gather(*(echo(mesh.listen["native"], p) for p in payloads))
+
+        results = asyncio.run(main())
+        for sent, got in zip(payloads, results, strict=True):
+            assert got[: len(BANNER)] == BANNER
+            assert hashlib.sha256(got[len(BANNER) :]).digest() == hashlib.sha256(sent).digest()
+        flows = len(payloads)
+
+        def counted() -> bool:
+            lines = [r for r in mesh.a.access_log() if r["listener"] == "native"]
+            served = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
+            return len(lines) == flows and len(served) == flows
+
+        wait_until(counted, what="both access logs")
+        assert mesh.spliced("a", "native") == flows
+        assert mesh.spliced("b", "mesh_native") == flows
+        command = len(b"echo\n")
+        out = sorted(r["bytes_sent"] for r in mesh.a.access_log() if r["listener"] == "native")
+        back = sorted(r["bytes_received"] for r in mesh.a.access_log() if r["listener"] == "native")
+        assert out == sorted(len(p) + command for p in payloads)
+        assert back == sorted(len(p) + len(BANNER) for p in payloads)
+        served = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
+        # B's line counts from the destination's side: sent to it, received from it.
+        assert sorted(r["bytes_sent"] for r in served) == out
+        assert sorted(r["bytes_received"] for r in served) == back
+        assert {r["outcome"] for r in served} == {"completed"}
+        samples = mesh.a.metrics()
+        assert metric(samples, "quicmesh_listener_bytes_received_total", listener="native") == (
+            sum(out)
+        )
+        assert metric(samples, "quicmesh_cluster_bytes_received_total", cluster="native") == (
+            sum(back)
+        )
+        assert metric(samples, "quicmesh_cluster_streams_active", cluster="native") == 0
+        assert metric(samples, "quicmesh_listener_streams_active", listener="native") == 0
+
+        # splice: false on the cluster: the same flows, copied by the sidecar (A), while
+        # B (the same native listener) still splices.
+        async def unspliced() -> list[bytes]:
+            return await asyncio.gather(*(echo(mesh.listen["native_off"], p) for p in payloads[:4]))
+
+        for sent, got in zip(payloads, asyncio.run(unspliced()), strict=False):
+            assert got == BANNER + sent
+        wait_until(lambda: mesh.spliced("b", "mesh_native") == flows + 4, what="B spliced the 4")
+        assert mesh.spliced("a", "native_off") == 0
+
+
+def test_half_close_both_ways_and_resets_both_ways(workdir: Path, app: _AppServer) -> None:
+    require_engine("native")
+    clusters = {"native": {"engine": "native", "to": "native"}}
+    with SpliceMesh(workdir, app.server_address[1], clusters, "splice-rst") as mesh:
+        port = mesh.listen["native"]
+
+        async def download() -> tuple[bytes, bool]:
+            # The backend's FIN comes first; our direction stays open and our bytes
+            # still arrive after it (QUIC FIN -> shutdown(SHUT_WR), then TCP FIN -> FIN).
+            reader, writer = await open_flow(port, "download 2000000 dl")
+            got = await asyncio.wait_for(reader.read(-1), 60)
+            writer.write(b"thanks after your FIN")
+            await writer.drain()
+            writer.write_eof()
+            await asyncio.to_thread(wait_until, lambda: "dl" in app.seen, 10.0, "upload seen")
+            writer.close()
+            return got, app.seen["dl"] == b"thanks after your FIN"
+
+        got, upload_arrived = asyncio.run(download())
+        assert got == BANNER + pattern(2_000_000)
+        assert upload_arrived
+
+        async def backend_resets() -> str:
+            reader, writer = await open_flow(port, "rst")
+            try:
+                data = await asyncio.wait_for(reader.read(-1), 20)
+            except ConnectionResetError:
+                return "reset"
+            finally:
+                writer.close()
+            return f"clean end after {data!r}"
+
+        assert asyncio.run(backend_resets()) == "reset"
+
+        async def app_resets() -> None:
+            reader, writer = await open_flow(port, "hold app-rst")
+            assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 20) == BANNER
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        app.seen_event.clear()
+        asyncio.run(app_resets())
+        wait_until(lambda: "app-rst" in app.seen, 20.0, "the backend saw the flow end")
+        assert app.seen["app-rst"] == b"reset"
+
+        def logged() -> list[dict[str, Any]]:
+            a_lines = [r for r in mesh.a.access_log() if r["listener"] == "native"]
+            b_lines = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
+            return a_lines + b_lines if len(a_lines) == len(b_lines) == 3 else []
+
+        lines = wait_until(logged, what="three flows logged by both")
+        assert [r["outcome"] for r in lines] == ["completed", "reset", "reset"] * 2
+        assert mesh.spliced("a", "native") == 3
+        assert mesh.spliced("b", "mesh_native") == 3
+        samples = mesh.a.metrics()
+        assert metric(samples, "quicmesh_cluster_streams_active", cluster="native") == 0
+        # The connection carried on: a new flow after the resets is fine.
+        assert asyncio.run(echo(port, b"still here")) == BANNER + b"still here"
+
+
+def test_mixed_engines_splice_only_on_the_native_side(workdir: Path, app: _AppServer) -> None:
+    require_engine("native")
+    clusters = {
+        "native_to_aioquic": {"engine": "native", "to": "aioquic"},
+        "aioquic_to_native": {"engine": "aioquic", "to": "native"},
+    }
+    with SpliceMesh(workdir, app.server_address[1], clusters, "splice-mixed") as mesh:
+        payloads = [os.urandom(size) for size in (0, 5000, 700_000)]
+
+        async def main() -> list[list[bytes]]:
+            return [
+                await asyncio.gather(*(echo(mesh.listen[name], p) for p in payloads))
+                for name in clusters
+            ]
+
+        for results in asyncio.run(main()):
+            assert results == [BANNER + p for p in payloads]
+        flows = len(payloads)
+        wait_until(lambda: mesh.spliced("b", "mesh_native") == flows, what="B's native listener")
+        assert mesh.spliced("a", "native_to_aioquic") == flows
+        assert mesh.spliced("a", "aioquic_to_native") == 0
+        assert mesh.spliced("b", "mesh_aioquic") == 0
+
+
+def test_drain_waits_for_spliced_flows_and_loses_nothing(workdir: Path, app: _AppServer) -> None:
+    require_engine("native")
+    clusters = {"native": {"engine": "native", "to": "native"}}
+    with SpliceMesh(workdir, app.server_address[1], clusters, "splice-drain") as mesh:
+        port = mesh.listen["native"]
+        payloads = [os.urandom(200_000 + i) for i in range(8)]
+
+        async def main() -> list[bytes]:
+            flows = [await open_flow(port, "echo") for _ in payloads]
+            for reader, _ in flows:
+                assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 20) == BANNER
+            # Every flow is established through both sidecars (the banner crossed
+            # them, so both spliced it): drain both.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: mesh.b.stats()["listeners"]["mesh_native"]["streams_active"] == len(flows),
+                10.0,
+                "flows established",
+            )
+            mesh.a.signal(signal.SIGTERM)
+            mesh.b.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until,
+                lambda: mesh.a.request("GET", "/ready")[0] == 503,
+                10.0,
+                "A draining",
+            )
+
+            async def finish(flow: Any, payload: bytes) -> bytes:
+                reader, writer = flow
+                writer.write(payload)
+                await writer.drain()
+                writer.write_eof()
+                data: bytes = await asyncio.wait_for(reader.read(-1), 60)
+                writer.close()
+                return data
+
+            return await asyncio.gather(
+                *(finish(f, p) for f, p in zip(flows, payloads, strict=True))
+            )
+
+        assert asyncio.run(main()) == payloads
+        assert mesh.a.process is not None and mesh.a.process.wait(20) == 0
+        assert mesh.b.process is not None and mesh.b.process.wait(20) == 0
+        lines = [r for r in mesh.a.access_log() if r["listener"] == "native"]
+        assert sorted(r["bytes_sent"] for r in lines) == sorted(len(p) + 5 for p in payloads)
+        assert {r["outcome"] for r in lines} == {"completed"}
+        assert "drained in" in mesh.a.stderr()

@@ -1,0 +1,186 @@
+"""``MeshStream.splice_socket`` on the native engine: the engine copies a flow
+between its QUIC stream and a real TCP connection, starting with the bytes Python
+already held.
+
+The accepting side's handler reads one byte, so the rest of the first flight sits
+in the stream's buffer when the stream is handed over; ``pending`` stands for
+bytes already read from the TCP socket. Both must come out first and in order.
+Other transports (aioquic here) answer ``can_splice() == False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine
+
+from quicmesh import QuicTransport
+from quicmesh.errors import StreamReset, TunnelError
+from quicmesh.transport.stream import MeshStream, SpliceOutcome
+
+T = TypeVar("T")
+
+
+def transport(engine: str, identity: object) -> QuicTransport:
+    require_engine(engine)
+    return QuicTransport(
+        identity=identity,  # type: ignore[arg-type]
+        trust=CA.trust_bundle,
+        engine=engine,
+        congestion_control="cubic",
+    )
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def tcp_pair() -> tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connected loopback TCP pair: a plain socket (to hand over) and a stream end."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result((reader, writer))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.create_connection(("127.0.0.1", port))
+    reader, writer = await accepted
+    server.close()
+    return sock, reader, writer
+
+
+def test_bytes_held_in_python_go_first_and_the_flow_ends_cleanly() -> None:
+    rng = random.Random(7)
+    upload = rng.randbytes(300_000)
+    download = rng.randbytes(500_000)
+    pending = b"read from TCP before the hand-over|"
+    outcomes: list[SpliceOutcome] = []
+    at_tcp: list[bytes] = []
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        async def handler(stream: MeshStream) -> None:
+            first = await stream.readexactly(1)
+            assert stream.can_splice()
+            sock, reader, writer = await tcp_pair()
+
+            async def app() -> None:
+                writer.write(download)
+                await writer.drain()
+                writer.write_eof()
+                at_tcp.append(await reader.read())
+                writer.close()
+
+            app_task = asyncio.ensure_future(app())
+            outcomes.append(await stream.splice_socket(sock, pending))
+            await app_task
+            assert stream.closed
+            done.set_result(first)
+
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(upload)  # at once, with the CONNECT's answer still on its way
+        stream.write_eof()
+        received = await asyncio.wait_for(stream.read(), 30)
+        first = await asyncio.wait_for(done, 30)
+        assert first + at_tcp[0] == upload
+        assert received == pending + download
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+
+    run(main())
+    (outcome,) = outcomes
+    assert outcome == SpliceOutcome(len(pending) + len(download), len(upload) - 1, "")
+
+
+def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
+    async def main() -> tuple[str, SpliceOutcome, SpliceOutcome, str]:
+        results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
+        tcp_ends: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+        async def handler(stream: MeshStream) -> None:
+            sock, reader, writer = await tcp_pair()
+            tcp_ends.put_nowait((reader, writer))
+            results.put_nowait(await stream.splice_socket(sock))
+
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native", CLIENT).connect(listener.address)
+
+        # 1. The client aborts its stream: the TCP peer sees a reset.
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        reader, _ = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+        stream.abort()
+        try:
+            await asyncio.wait_for(reader.read(), 10)
+            tcp_saw = "clean end"
+        except ConnectionResetError:
+            tcp_saw = "reset"
+        first = await asyncio.wait_for(results.get(), 10)
+
+        # 2. The TCP peer resets: the client's stream fails with H3_CONNECT_ERROR.
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"y")
+        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"y"
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+        with pytest.raises(StreamReset) as failure:
+            await asyncio.wait_for(stream.read(), 10)
+        second = await asyncio.wait_for(results.get(), 10)
+        # The connection carries on.
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"z")
+        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"z"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        writer.close()
+        return tcp_saw, first, second, str(failure.value)
+
+    tcp_saw, first, second, client_saw = run(main())
+    assert tcp_saw == "reset"
+    assert "0x10c" in first.error  # the client's abort: H3_REQUEST_CANCELLED
+    assert first.bytes_from_stream == 1
+    assert "reset" in second.error.lower()
+    assert "0x10f" in client_saw  # H3_CONNECT_ERROR, as the Python pump sends
+
+
+def test_other_engines_do_not_splice() -> None:
+    payload = hashlib.sha256(b"seed").digest() * 5000
+
+    async def main() -> bytes:
+        async def handler(stream: MeshStream) -> None:
+            assert not stream.can_splice()
+            with socket.socket() as unused, pytest.raises(TunnelError):
+                await stream.splice_socket(unused)
+            stream.write(await stream.read())
+            stream.write_eof()
+
+        listener = await transport("aioquic", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("aioquic", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(payload)
+        stream.write_eof()
+        back = await asyncio.wait_for(stream.read(), 30)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        return back
+
+    assert run(main()) == payload
