@@ -120,6 +120,18 @@ _TYPE_NAMES = {
 }
 
 
+def _ungreased(packet: bytes) -> bytes:
+    """``packet`` with the fixed bit set, for parsing its header only.
+
+    A peer that announced ``grease_quic_bit`` (RFC 9287) may receive packets
+    with the fixed bit (0x40) cleared: quinn and ngtcp2 both grease it then.
+    aioquic's header parser refuses such a packet; the bit is outside header
+    protection but inside the AEAD's associated data, so decryption keeps the
+    packet as it was on the wire.
+    """
+    return packet if packet[0] & 0x40 else bytes([packet[0] | 0x40]) + packet[1:]
+
+
 class TraceAnalyzer:
     """Feed datagrams in order with :meth:`datagram`; read :attr:`summary`."""
 
@@ -134,8 +146,8 @@ class TraceAnalyzer:
         offset = 0
         while offset < len(data):
             packet = data[offset:]
-            if not packet[0] & 0x40 and packet[0] & 0x80 == 0:
-                break  # padding after coalesced packets, or garbage
+            if not any(packet):
+                break  # padding after coalesced packets
             try:
                 consumed = self._packet(direction, path, packet)
             except (ValueError, BufferReadError):
@@ -147,11 +159,11 @@ class TraceAnalyzer:
 
     def _packet(self, direction: int, path: int, packet: bytes) -> int:
         if packet[0] & 0x80:
-            buf = Buffer(data=packet)
+            buf = Buffer(data=_ungreased(packet))
             header = pull_quic_header(buf)
         else:
             connection, cid = self._short_header_connection(direction, packet)
-            buf = Buffer(data=packet)
+            buf = Buffer(data=_ungreased(packet))
             header = pull_quic_header(buf, host_cid_length=len(cid))
             if connection is None:
                 self.summary.packets[(direction, "1rtt-unknown")] += 1
@@ -230,7 +242,7 @@ class TraceAnalyzer:
         expected = connection._largest_pn[key] + 1
         if kind == "initial":
             pair = CryptoPair()
-            dcid = Buffer(data=packet)
+            dcid = Buffer(data=_ungreased(packet))
             header = pull_quic_header(dcid)
             cid = header.destination_cid if direction == TO_SERVER else connection.original_dcid
             candidates = [cid]

@@ -82,6 +82,13 @@ def test_quicmesh_engines_with_each_other(
     _play(client, server, "transfer", certs, tmp_path)
 
 
+def test_the_native_server_follows_a_key_update_from_ngtcp2(certs: Path, tmp_path: Path) -> None:
+    """Key phases change both ways on the decrypted trace. quinn and ngtcp2 grease the
+    QUIC bit (RFC 9287) once both announced it, so this also checks that the
+    runner reads such packets (before, it saw none of them and failed the case)."""
+    _play(NGTCP2, NATIVE, "keyupdate", certs, tmp_path)
+
+
 def test_a_case_the_native_engine_cannot_play_is_unsupported_with_its_reason(
     certs: Path, tmp_path: Path
 ) -> None:
