@@ -45,8 +45,8 @@ from pathlib import Path
 from .certs import make_certificates
 from .peers import ENGINES, PEERS, REPO, TESTCASES, Command, Invocation, Peer
 from .relay import TO_CLIENT, Relay, read_trace
+from .testcases import DECRYPTED, check
 from .testcases import TESTCASES as CASES
-from .testcases import check
 from .trace import analyze
 
 PASS, FAIL, UNSUPPORTED = "pass", "fail", "unsupported"
@@ -152,6 +152,12 @@ async def run_case(
         if reason is not None:
             result.reason = reason
             return result
+    if testcase in DECRYPTED and not (client.writes_keylog or server.writes_keylog):
+        result.reason = (
+            "neither side writes a TLS key log: the packets this case is checked on"
+            " cannot be decrypted"
+        )
+        return result
     logdir = logs / f"{client.name}_{server.name}" / testcase
     try:
         await _play(client, server, testcase, quick, logdir, certs, seed, result, keep_trace)

@@ -71,6 +71,12 @@ class Connection:
         default_factory=lambda: {TO_SERVER: set(), TO_CLIENT: set()}
     )
     """Paths (relay upstream numbers) on which each side sent PATH_CHALLENGE."""
+    open_paths: dict[int, set[int]] = field(
+        default_factory=lambda: {TO_SERVER: set(), TO_CLIENT: set()}
+    )
+    """Paths on which each side sent a packet without CONNECTION_CLOSE (a path the
+    peer first used for its CONNECTION_CLOSE gets the answering close, RFC 9000
+    10.2.2, and needs no validation)."""
     paths: set[int] = field(default_factory=set)
     datagram_frames: dict[int, int] = field(default_factory=lambda: {TO_SERVER: 0, TO_CLIENT: 0})
     undecryptable: int = 0
@@ -310,9 +316,11 @@ class TraceAnalyzer:
         self, connection: Connection, direction: int, path: int, kind: str, payload: bytes
     ) -> None:
         buf = Buffer(data=payload)
+        closes = False
         try:
             while not buf.eof():
                 frame_type = buf.pull_uint_var()
+                closes = closes or frame_type in (0x1C, 0x1D)
                 if frame_type == 0x00 or frame_type == 0x01 or frame_type == 0x1E:
                     continue
                 if frame_type in (0x02, 0x03):
@@ -378,6 +386,9 @@ class TraceAnalyzer:
                     return  # an extension frame we do not parse; the rest is skipped
         except BufferReadError:
             return
+        finally:
+            if not closes:
+                connection.open_paths[direction].add(path)
 
     def _handshake_messages(self, connection: Connection, direction: int, kind: str) -> None:
         initial = _contiguous(connection._crypto_data[(direction, "initial")])
