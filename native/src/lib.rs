@@ -732,6 +732,12 @@ impl Endpoint {
         Ok((address.ip().to_string(), address.port()))
     }
 
+    /// The largest DATAGRAM the peer takes now, or `None` when it announced no
+    /// max_datagram_frame_size (RFC 9221): HTTP/3 refuses SETTINGS_H3_DATAGRAM without it.
+    fn peer_max_datagram_size(&self, conn: u64) -> PyResult<Option<usize>> {
+        Ok(self.connection(conn)?.max_datagram_size())
+    }
+
     /// The connection's path and UDP counters: rtt and min_rtt in seconds, cwnd in bytes, ...
     fn stats<'py>(&self, py: Python<'py>, conn: u64) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.connection(conn)?.stats();

@@ -422,10 +422,10 @@ class NativeConnection:
         self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
         self.on_verified: Callable[[str], None] | None = None
         self.ticket_identity: str | None = None
-        # What aioquic's H3Connection reads of its QUIC connection besides the stream API.
+        # What aioquic's H3Connection reads of its QUIC connection besides the stream API
+        # (and _remote_max_datagram_frame_size, below).
         self.configuration = SimpleNamespace(is_client=is_client)
         self._quic_logger = None
-        self._remote_max_datagram_frame_size = None
 
     # -- engine side -------------------------------------------------------------------
 
@@ -438,6 +438,22 @@ class NativeConnection:
     def log_id(self) -> str:
         """The engine's connection number, for logs (quinn's IDs stay inside)."""
         return f"native-{self.conn}"
+
+    @property
+    def _remote_max_datagram_frame_size(self) -> int | None:
+        """Whether the peer announced max_datagram_frame_size (RFC 9221), as aioquic's
+        H3Connection reads it: it refuses a peer's SETTINGS_H3_DATAGRAM=1 without it
+        (RFC 9297 2.1.1). quinn gives the largest DATAGRAM the peer takes, or None."""
+        if self.conn < 0:
+            return None
+        query = getattr(self._native, "peer_max_datagram_size", None)
+        if query is None:  # an extension built before it existed
+            return None
+        try:
+            size: int | None = query(self.conn)
+        except QuicmeshError:  # gone
+            return None
+        return size
 
     @property
     def early(self) -> bool:
