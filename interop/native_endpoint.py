@@ -50,6 +50,7 @@ from aioquic.quic import events as quic_events
 
 from quicmesh import Identity, QuicTransport, TrustBundle
 from quicmesh._aioquic import MeshH3Connection
+from quicmesh.transport._admission import AdmissionConfig
 from quicmesh.transport.quic.engine import EngineTls, SocketConnection
 
 from .endpoint import EXIT_UNSUPPORTED, Responses, request_headers, serve_file
@@ -58,8 +59,6 @@ from .peers import TESTCASES
 NAME = "quicmesh-native"
 
 WHY: dict[tuple[str, str], str] = {
-    ("server", "retry"): "the native listener sends no Retry (quinn accepts every Initial;"
-    " the extension never calls Incoming::retry)",
     ("server", "connectionmigration"): "the native listener cannot announce a preferred_address"
     " (one UDP socket per listener)",
     ("client", "keyupdate"): "the native extension cannot start a key update"
@@ -81,14 +80,19 @@ HANDSHAKE_TIMEOUT = 30.0
 """Seconds a client waits for its handshake (the idle timeout ends it earlier)."""
 
 
-def transport(certs: Path, role: str) -> QuicTransport:
-    """A native-engine transport: the server's or the client's certificate, the interop CA."""
+def transport(certs: Path, role: str, *, retry: bool = False) -> QuicTransport:
+    """A native-engine transport: the server's or the client's certificate, the interop CA.
+
+    :param retry: (server) answer every first Initial with a Retry (the listener's
+        admission, ``AdmissionConfig(retry="always")``); never otherwise.
+    """
     cert, key = ("cert.pem", "priv.key") if role == "server" else ("client.pem", "client.key")
     return QuicTransport(
         identity=Identity.from_pem((certs / cert).read_bytes(), (certs / key).read_bytes()),
         trust=TrustBundle.from_file(certs / "ca.pem"),
         idle_timeout=30.0,
         engine="native",
+        admission=AdmissionConfig(retry="always" if retry else "never"),
     )
 
 
@@ -173,7 +177,7 @@ class Session:
 
 async def run_server(testcase: str) -> int:
     """Serve ``WWW`` until SIGTERM or SIGINT."""
-    mesh = transport(Path(os.environ.get("CERTS", "/certs")), "server")
+    mesh = transport(Path(os.environ.get("CERTS", "/certs")), "server", retry=testcase == "retry")
     engine = mesh.engine
     root = Path(os.environ.get("WWW", "/www")).resolve()
     tls = EngineTls(identity=mesh.identity, trust=mesh.trust)
