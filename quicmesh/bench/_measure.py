@@ -216,29 +216,52 @@ def parse_schedstat(text: str) -> int:
     return int(fields[0])
 
 
-def cpu_seconds(pids: Iterable[int], proc: Path = Path("/proc")) -> float:
-    """The CPU time of the processes ``pids`` (all their threads), in seconds; a process
-    that has gone counts zero.
+@dataclass(frozen=True)
+class CpuReading:
+    """The CPU time of some processes at one moment, from two counters.
 
-    ``/proc/<pid>/stat`` counts in clock ticks (10 ms), too coarse for a native proxy
-    that moves a test's bulk in a few ms; the live threads' ``schedstat`` counts in ns
-    but forgets threads that have exited. Each process counts the larger of the two.
-    """
-    total = 0.0
+    ``/proc/<pid>/stat`` counts every thread, gone ones too, in clock ticks (10 ms):
+    too coarse for a native proxy that moves a test's bulk in a few ms. The live
+    threads' ``schedstat`` counts in ns but forgets threads that have exited. The
+    time between two readings is the schedstat difference, or the ticks' when a
+    thread exited in between (schedstat then went back)."""
+
+    ticked: float
+    """utime + stime, seconds."""
+    live: float
+    """The live threads' run time, seconds (0 where schedstat is missing)."""
+
+    def __sub__(self, earlier: CpuReading) -> float:
+        ticked, live = self.ticked - earlier.ticked, self.live - earlier.live
+        if live <= 0 or ticked > live * 1.05 + 2 / CLOCK_TICKS:
+            return ticked  # a thread left (or schedstat is missing): trust the ticks
+        return live
+
+
+def cpu_seconds(pids: Iterable[int], proc: Path = Path("/proc")) -> CpuReading:
+    """The CPU time of the processes ``pids`` (all their threads) now; a process that
+    has gone counts zero. Subtract two readings for seconds used in between."""
+    ticks = 0
+    nanoseconds = 0
     for pid in pids:
         try:
             _, utime, stime = parse_proc_stat((proc / str(pid) / "stat").read_text())
         except OSError:
             continue
-        ticked = (utime + stime) / CLOCK_TICKS
-        nanoseconds = 0
-        try:
-            for task in (proc / str(pid) / "task").iterdir():
+        ticks += utime + stime
+        for task in _tasks(proc / str(pid) / "task"):
+            try:
                 nanoseconds += parse_schedstat((task / "schedstat").read_text())
-        except (OSError, MeasureError):  # no schedstat (kernel option), or a thread gone
-            nanoseconds = 0
-        total += max(ticked, nanoseconds / 1e9)
-    return total
+            except (OSError, MeasureError):  # the thread has gone; no schedstat
+                continue
+    return CpuReading(ticks / CLOCK_TICKS, nanoseconds / 1e9)
+
+
+def _tasks(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
 
 
 def udp_datagrams_sent(proc: Path = Path("/proc")) -> int:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from quicmesh.bench._measure import (
     CLOCK_TICKS,
+    CpuReading,
     MeasureError,
     cpu_seconds,
     parse_ab,
@@ -150,10 +151,9 @@ def test_this_process_in_proc() -> None:
     own = Path(f"/proc/{os.getpid()}/stat").read_text()
     assert parse_proc_stat(own)[0] == os.getppid()
     before = cpu_seconds([os.getpid()])
-    deadline = before + 3 / CLOCK_TICKS
-    while cpu_seconds([os.getpid()]) < deadline:  # burn a few ticks of CPU
-        sum(range(10000))
-    assert cpu_seconds([os.getpid(), 2**22 + 1]) >= deadline  # a gone pid counts zero
+    while cpu_seconds([os.getpid()]) - before < 3 / CLOCK_TICKS:
+        sum(range(10000))  # burn a few ticks of CPU
+    assert cpu_seconds([os.getpid(), 2**22 + 1]) - before >= 3 / CLOCK_TICKS  # gone: zero
     assert os.getpid() in process_tree(os.getppid())
 
 
@@ -161,6 +161,33 @@ def test_cpu_seconds_sees_less_than_one_tick() -> None:
     before = cpu_seconds([os.getpid()])
     sum(range(20000))  # well under one 10 ms tick
     assert 0 < cpu_seconds([os.getpid()]) - before < 1
+
+
+def test_a_thread_that_exits_between_readings_is_still_counted() -> None:
+    import threading
+
+    before = cpu_seconds([os.getpid()])
+    tids: list[int] = []
+
+    def burn() -> None:
+        tids.append(threading.get_native_id())
+        while cpu_seconds([os.getpid()]) - before < 6 / CLOCK_TICKS:
+            sum(range(10000))
+
+    thread = threading.Thread(target=burn)
+    thread.start()
+    thread.join()
+    task = Path(f"/proc/self/task/{tids[0]}")
+    while task.exists():  # until the kernel has reaped it: its schedstat is then gone
+        os.sched_yield()
+    assert cpu_seconds([os.getpid()]) - before >= 3 / CLOCK_TICKS  # the ticks kept it
+
+
+def test_reading_difference_rules() -> None:
+    tick = 1 / CLOCK_TICKS
+    assert CpuReading(1.0, 0.5) - CpuReading(1.0, 0.499) == pytest.approx(0.001)  # sub-tick
+    assert CpuReading(2.0, 0.5) - CpuReading(1.0, 0.9) == 1.0  # a thread left: the ticks
+    assert CpuReading(1.0, 0.0) - CpuReading(1.0 - tick, 0.0) == pytest.approx(tick)  # no schedstat
 
 
 @given(st.integers(0, 2**63), st.integers(0, 2**63), st.integers(0, 2**31))
