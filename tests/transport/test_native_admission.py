@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -222,3 +224,58 @@ def test_bad_admission_settings_are_one_line_errors(setting: dict[str, Any], mes
     with pytest.raises(ConfigError, match=message) as caught:
         AdmissionConfig(**setting)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"retry": "sometimes"}, "retry must be one of auto, always, never, not 'sometimes'"),
+        ({"max_half_open": 0}, "max_half_open must be a whole number >= 1, not 0"),
+        ({"max_half_open_per_source": 0}, "max_half_open_per_source must be a whole number"),
+        ({"handshake_timeout": 0.0}, "handshake_timeout must be > 0 s"),
+        ({"handshake_timeout": -1.0}, "handshake_timeout must be a non-negative number"),
+    ],
+)
+def test_the_extension_refuses_bad_admission_settings_in_one_line(
+    setting: dict[str, Any], message: str
+) -> None:
+    require_engine("native")
+    from quicmesh import _native  # type: ignore[attr-defined]
+
+    with pytest.raises(ConfigError) as caught:
+        _native.Endpoint(
+            "127.0.0.1",
+            0,
+            cert_chain_pem=SERVER.cert_chain_pem(),
+            key_pem=SERVER.private_key_pem(),
+            trust_pem=CA.trust_bundle.pem,
+            alpn=[b"h3"],
+            server=True,
+            **setting,
+        )
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_sidecar_listener_on_the_native_engine_refuses_a_bad_retry_mode_in_one_line(
+    tmp_path: Any,
+) -> None:
+    require_engine("native")
+    config = tmp_path / "b.yaml"
+    config.write_text(
+        "node: {name: b, identity: spiffe://mesh.local/ns/default/sa/b}\n"
+        "tls: {ca_dir: ca}\n"
+        'admin: {address: "127.0.0.1:0"}\n'
+        "listeners:\n"
+        "  inbound:\n"
+        '    - {name: mesh, address: "127.0.0.1:0", transports: [quic], engine: native,\n'
+        '       destinations: ["127.0.0.1:*"], retry: sometimes}\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "--config", str(config), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "retry" in lines[0] and "sometimes" in lines[0], result.stderr
