@@ -194,9 +194,10 @@ def _endpoint(
         "congestion": congestion,
         "early_data": early_data,
     }
+    newer: dict[str, Any] = {"reset_key": limits.stateless_reset_key}
     if server:
         admission = limits.admission
-        options.update(
+        newer.update(
             retry=admission.retry,
             retry_threshold=admission.retry_threshold,
             max_half_open=admission.max_half_open,
@@ -204,18 +205,24 @@ def _endpoint(
             handshake_timeout=admission.handshake_timeout,
         )
     try:
+        return native.Endpoint(address[0], address[1], **options, **newer)
+    except TypeError:
+        pass
+    # An extension built before these options existed (a stale build in the tree):
+    # run without them, and say so once.
+    global _STALE_WARNED
+    if not _STALE_WARNED:
+        _STALE_WARNED = True
+        logger.warning(
+            "quicmesh._native is older than this quicmesh: the listener admission "
+            "limits (and, older still, the stateless reset key) are not applied; "
+            "rebuild it (pip install -e .)"
+        )
+    try:
         return native.Endpoint(
             address[0], address[1], reset_key=limits.stateless_reset_key, **options
         )
     except TypeError:
-        # An extension built before reset_key existed (a stale build in the tree).
-        global _STALE_WARNED
-        if not _STALE_WARNED:
-            _STALE_WARNED = True
-            logger.warning(
-                "quicmesh._native is older than this quicmesh (no reset_key): stateless "
-                "resets use a random key; rebuild it (pip install -e .)"
-            )
         return native.Endpoint(address[0], address[1], **options)
 
 
