@@ -71,6 +71,7 @@ from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
 from ..transport.stream import MeshStream
 from . import OneLineParser, source_state
+from ._engine import add_engine_argument, engine_problem
 
 RATE_BPS = 20e6
 """The bottleneck rate, bits per second."""
@@ -142,6 +143,8 @@ class ReceiverSetup:
     cert_chain_pem: bytes
     key_pem: bytes
     trust_pem: bytes
+    engine: str = "aioquic"
+    """The QUIC engine of the receiving listener (the senders' too)."""
 
 
 class _Counters:
@@ -212,7 +215,9 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
             counters.end(label)
             writer.close()
 
-    quic = QuicTransport(identity=identity, trust=trust, congestion_control="cubic")
+    quic = QuicTransport(
+        identity=identity, trust=trust, congestion_control="cubic", engine=setup.engine
+    )
     listener = await quic.listen((SERVER_ADDRESS, 0), on_stream)
     tcp_server = await asyncio.start_server(on_tcp, SERVER_ADDRESS, 0, limit=1 << 20)
     tcp_port = tcp_server.sockets[0].getsockname()[1]
@@ -478,17 +483,20 @@ async def _quic_flow(
     identity: Identity,
     trust: TrustBundle,
     datagram_size: int | None,
+    engine: str = "aioquic",
 ) -> SenderResult:
     transport = QuicTransport(
         identity=identity,
         trust=trust,
         congestion_control=kind.controller,
         max_datagram_size=datagram_size or 1200,
+        engine=engine,
     )
     connection = await transport.connect(address)
     try:
         stream = await connection.open_stream(TARGET, headers={FLOW_HEADER: label})
-        probe = _BbrProbe(connection) if kind.controller == "bbr" else None
+        # quicmesh's BBRv3 model runs on aioquic; the native engine runs quinn's BBR.
+        probe = _BbrProbe(connection) if kind.controller == "bbr" and engine == "aioquic" else None
         rtts: list[float] = []
         lags: list[float] = []
         written = 0
@@ -547,11 +555,14 @@ async def run_senders(
     identity: Identity,
     trust: TrustBundle,
     datagram_size: int | None = None,
+    engine: str = "aioquic",
 ) -> tuple[list[SenderResult], float]:
     """Run the flows together; returns their results and the thread's CPU seconds."""
     cpu = time.thread_time()
     coroutines = [
-        _quic_flow(kind, label, receiver.quic_address, duration, identity, trust, datagram_size)
+        _quic_flow(
+            kind, label, receiver.quic_address, duration, identity, trust, datagram_size, engine
+        )
         if kind.protocol == "quic"
         else _tcp_flow(kind, label, receiver.tcp_address, duration)
         for kind, label in flows
@@ -680,6 +691,7 @@ class Bench:
             self.identity,
             self.trust,
             self.datagram_size,
+            self.setup.engine,
         )
         senders, sender_cpu = future.result(timeout=duration + 60)
         time.sleep(0.2)  # the last packets reach the receiver
@@ -770,6 +782,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cert_chain_pem=identity.cert_chain_pem(),
             key_pem=identity.private_key_pem(),
             trust_pem=ca.trust_bundle.pem,
+            engine=args.engine,
         ),
     )
     document: dict[str, Any] = {
@@ -783,6 +796,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration": args.duration,
         "tcp": "plain kernel TCP sockets, TCP_CONGESTION per socket",
         "quic": "QuicTransport, one tunnel stream, 64 KiB writes with drain()",
+        "quic_engine": args.engine,
         "quic_datagram_size": args.datagram_size
         or QuicTransport(identity=identity, trust=ca.trust_bundle)
         .configuration(is_client=True)
@@ -902,7 +916,8 @@ def markdown(document: dict[str, Any]) -> str:
         f"Link: {link['rate_bps'] / 1e6:g} Mbit/s, RTT {link['rtt'] * 1e3:g} ms, "
         f"drop-tail queue {link['queue_delay'] * 1e3:g} ms, random loss in both directions; "
         f"{document['duration']:g} s per flow; QUIC datagrams of "
-        f"{document['quic_datagram_size']} bytes.",
+        f"{document['quic_datagram_size']} bytes; QUIC engine "
+        f"{document.get('quic_engine', 'aioquic')}.",
         "",
         "Goodput, Mbit/s (share of the link rate):",
         "",
@@ -1205,6 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="QUIC max_datagram_size (default: QuicTransport's, aioquic's 1200)",
     )
+    add_engine_argument(parser)
     return parser
 
 
@@ -1220,6 +1236,10 @@ def main(argv: list[str] | None = None) -> int:
             "quicmesh bench congestion: --repeat must be at least 1, --datagram-size at least 1200",
             file=sys.stderr,
         )
+        return 2
+    problem = engine_problem(args.engine)
+    if problem is not None:
+        print(f"quicmesh bench congestion: {problem}", file=sys.stderr)
         return 2
     args.argv = argv
     args.losses = args.losses or list(QUICK_LOSSES if args.quick else LOSSES)

@@ -68,6 +68,7 @@ from ..netem.system import NetemError, missing_privileges, write_sysctl
 from ..tls import DevCA
 from . import OneLineParser, source_state
 from . import _hol_report as report
+from ._engine import add_engine_argument, engine_problem
 from ._hol_worker import WorkerConfig
 
 TRANSPORT_VARIANTS = ("quic-bbr", "quic-cubic", "h2-bbr", "h2-cubic", "tcp-bbr", "tcp-cubic")
@@ -176,6 +177,8 @@ class Settings:
     grace: float
     seeds: int
     stall_measure: float
+    engine: str = "aioquic"
+    """The QUIC engine of the quic variants (both ends)."""
 
 
 # -- planning -------------------------------------------------------------------------
@@ -330,6 +333,7 @@ def execute(spec: RunSpec, settings: Settings, ca_dir: str, scratch: Path) -> di
         stall_flow=0 if stall else None,
         stall_after=measure / 2,
         seed=spec.seed,
+        transport_options={"engine": settings.engine} if spec.variant.transport == "quic" else {},
         **spec.variant.worker_fields(),
     )
     result_path = scratch / "client.json"
@@ -690,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="measured seconds of a stall run (default 10s; quick 6s)",
     )
+    add_engine_argument(parser)
     return parser
 
 
@@ -712,6 +717,9 @@ def _apply_defaults(args: argparse.Namespace) -> Settings:
     warmup = args.warmup if args.warmup is not None else 2.0
     measure = args.duration if args.duration is not None else (10.0 if quick else 8.0)
     stall = args.stall_duration if args.stall_duration is not None else (6.0 if quick else 10.0)
+    problem = engine_problem(args.engine)
+    if problem is not None:
+        raise ValueError(problem)
     if args.request_size < 24 or args.response_size < 40:
         raise ValueError("--request-size must be >= 24 and --response-size >= 40 bytes")
     return Settings(
@@ -724,6 +732,7 @@ def _apply_defaults(args: argparse.Namespace) -> Settings:
         grace=args.grace,
         seeds=seeds,
         stall_measure=stall,
+        engine=args.engine,
     )
 
 

@@ -43,9 +43,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import DevCA, H2Transport, MeshStream, QuicTransport, TunnelError
+from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
 from ..errors import QuicmeshError
 from . import OneLineParser
+from ._engine import add_engine_argument, engine_problem
 from .relay import TcpRelay, UdpRelay
 
 CASES = ("quic-migrate", "quic-rebind", "h2-rebind")
@@ -123,14 +124,22 @@ def _longest_gap(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points))
 
 
-async def run_case(case: str, rtt: float, flows: int, duration: float) -> Row:
-    """Run one case and measure it."""
+async def run_case(
+    case: str, rtt: float, flows: int, duration: float, engine: str = "aioquic"
+) -> Row:
+    """Run one case and measure it (``engine``: the QUIC engine of the quic cases)."""
     ca = DevCA()
     client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
     server_id = ca.issue("spiffe://mesh.local/ns/bench/sa/server")
     kind = H2Transport if case.startswith("h2") else QuicTransport
-    server = kind(identity=server_id, trust=ca.trust_bundle)
-    client = kind(identity=client_id, trust=ca.trust_bundle)
+    server: Transport
+    client: Transport
+    if kind is QuicTransport:
+        server = QuicTransport(identity=server_id, trust=ca.trust_bundle, engine=engine)
+        client = QuicTransport(identity=client_id, trust=ca.trust_bundle, engine=engine)
+    else:
+        server = H2Transport(identity=server_id, trust=ca.trust_bundle)
+        client = H2Transport(identity=client_id, trust=ca.trust_bundle)
     listener = await server.listen(("127.0.0.1", 0), _download)
     relay: UdpRelay | TcpRelay
     if kind is QuicTransport:
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="1.5 s per case")
     parser.add_argument("--json", help="write the rows to this file")
+    add_engine_argument(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -276,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = engine_problem(args.engine)
+    if problem is not None:
+        print(f"quicmesh bench migration: {problem}", file=sys.stderr)
+        return 2
     try:
         rows = [
-            asyncio.run(run_case(case, args.rtt / 1000, args.flows, duration))
+            asyncio.run(run_case(case, args.rtt / 1000, args.flows, duration, args.engine))
             for _ in range(args.repeat)
             for case in cases
         ]

@@ -47,6 +47,7 @@ from typing import Any
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
 from . import OneLineParser
+from ._engine import add_engine_argument, engine_problem
 
 REQUEST = b"G" * 64
 RESPONSE = b"R" * 64
@@ -122,10 +123,12 @@ async def measure(
     client_side: _Side,
     host: str,
     block_udp: Callable[[bool], None] | None = None,
+    engine: str = "aioquic",
 ) -> list[Row]:
     """Run every case ``trials`` times against listeners bound on ``host``.
 
     :param block_udp: turns the UDP block on and off (the ``*-udp-*`` cases).
+    :param engine: the QUIC engine of the ``quic-*`` cases (both ends).
     """
     ca = DevCA()
     client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
@@ -144,9 +147,14 @@ async def measure(
                 block_udp(False)
             rows.append(_row(case, rtt, trials, times, "none"))
             continue
-        kind = H2Transport if case == "h2" else QuicTransport
-        server = kind(identity=server_id, trust=ca.trust_bundle)
-        client = kind(identity=client_id, trust=ca.trust_bundle)
+        server: Transport
+        client: Transport
+        if case == "h2":
+            server = H2Transport(identity=server_id, trust=ca.trust_bundle)
+            client = H2Transport(identity=client_id, trust=ca.trust_bundle)
+        else:
+            server = QuicTransport(identity=server_id, trust=ca.trust_bundle, engine=engine)
+            client = QuicTransport(identity=client_id, trust=ca.trust_bundle, engine=engine)
         with server_side():
             listener = await server.listen((host, 0), _respond)
         try:
@@ -238,6 +246,8 @@ async def _measure_blocked(
 
 async def _wait_for_ticket(client: Transport, address: tuple[str, int]) -> None:
     assert isinstance(client, QuicTransport)
+    if client.engine.name == "native":
+        return  # rustls keeps the tickets; they arrive with the handshake, before any answer
     deadline = time.monotonic() + 10
     while client.ticket_cache.count(address) == 0:
         if time.monotonic() > deadline:
@@ -245,7 +255,7 @@ async def _wait_for_ticket(client: Transport, address: tuple[str, int]) -> None:
         await asyncio.sleep(0.005)
 
 
-def run_on_link(rtt: float, trials: int, cases: list[str]) -> list[Row]:
+def run_on_link(rtt: float, trials: int, cases: list[str], engine: str = "aioquic") -> list[Row]:
     """Measure behind a netem link with ``rtt`` (needs root)."""
     from ..netem import Link, LinkConfig
 
@@ -263,6 +273,7 @@ def run_on_link(rtt: float, trials: int, cases: list[str]) -> list[Row]:
                 client_side=lambda: link.entered("client"),
                 host=link.server_address,
                 block_udp=block_udp,
+                engine=engine,
             )
         )
 
@@ -331,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="20 ms RTT, 3 trials")
     parser.add_argument("--json", help="write the rows to this file")
+    add_engine_argument(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -346,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = engine_problem(args.engine)
+    if problem is not None:
+        print(f"quicmesh bench ttfb: {problem}", file=sys.stderr)
+        return 2
     try:
-        rows = run_on_link(rtt_ms / 1000, trials, cases)
+        rows = run_on_link(rtt_ms / 1000, trials, cases, args.engine)
     except QuicmeshError as exc:
         print(f"quicmesh bench ttfb: {exc}", file=sys.stderr)
         return 1
