@@ -694,6 +694,35 @@ fn drain_ready(recv: &mut RecvStream, first: Bytes, max: usize) -> (Vec<Bytes>, 
     (chunks, false)
 }
 
+/// The ack-eliciting frames among those counted (every kind but ACK, PADDING and
+/// CONNECTION_CLOSE, RFC 9002 section 2): the liveness rules read "sent something the peer
+/// must acknowledge" from its growth.
+pub fn ack_eliciting(frames: &quinn::FrameStats) -> u64 {
+    let f = frames;
+    f.ack_frequency
+        + f.crypto
+        + f.data_blocked
+        + f.datagram
+        + u64::from(f.handshake_done)
+        + f.immediate_ack
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+        + f.max_streams_uni
+        + f.new_connection_id
+        + f.new_token
+        + f.path_challenge
+        + f.path_response
+        + f.ping
+        + f.reset_stream
+        + f.retire_connection_id
+        + f.stream_data_blocked
+        + f.streams_blocked_bidi
+        + f.streams_blocked_uni
+        + f.stop_sending
+        + f.stream
+}
+
 /// The UDP buffer size asked for (the kernel caps it at net.core.rmem_max / wmem_max).
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
@@ -727,6 +756,16 @@ pub struct TransportOptions {
     pub max_bidi_streams: Option<u64>,
     pub max_uni_streams: Option<u64>,
     pub congestion: Option<String>,
+    /// The UDP payload size sent from the start (quinn's `initial_mtu`; QUIC's 1200 minimum
+    /// stays the floor black-hole detection falls back to).
+    pub initial_mtu: Option<u16>,
+    /// Path MTU discovery (DPLPMTUD, RFC 8899 / RFC 9000 14.3) up to this UDP payload size;
+    /// `Some(0)`: off (the size stays `initial_mtu`). Default: quinn's, up to 1452.
+    pub mtu_discovery_max: Option<u16>,
+    /// Ask a peer that supports draft-ietf-quic-ack-frequency to send an ACK only after this
+    /// many ack-eliciting packets (or its max_ack_delay); `None`: quinn's default, no
+    /// ACK_FREQUENCY frames (the peer acknowledges every second packet).
+    pub ack_eliciting_threshold: Option<u64>,
 }
 
 impl TransportOptions {
@@ -755,6 +794,28 @@ impl TransportOptions {
         }
         if let Some(v) = self.max_uni_streams {
             config.max_concurrent_uni_streams(varint("max_uni_streams", v)?);
+        }
+        if let Some(mtu) = self.initial_mtu {
+            if !(1200..=65527).contains(&mtu) {
+                return Err(format!("initial_mtu {mtu} is not within 1200 to 65527"));
+            }
+            config.initial_mtu(mtu);
+        }
+        match self.mtu_discovery_max {
+            None => {}
+            Some(0) => {
+                config.mtu_discovery_config(None);
+            }
+            Some(max) => {
+                let mut discovery = quinn::MtuDiscoveryConfig::default();
+                discovery.upper_bound(max.max(self.initial_mtu.unwrap_or(1200)));
+                config.mtu_discovery_config(Some(discovery));
+            }
+        }
+        if let Some(threshold) = self.ack_eliciting_threshold {
+            let mut frequency = quinn::AckFrequencyConfig::default();
+            frequency.ack_eliciting_threshold(varint("ack_eliciting_threshold", threshold)?);
+            config.ack_frequency_config(Some(frequency));
         }
         match self.congestion.as_deref() {
             None | Some("cubic") => {}
@@ -799,6 +860,23 @@ mod tests {
             ..Default::default()
         };
         assert!(good.build().is_ok());
+        let small = TransportOptions {
+            initial_mtu: Some(1000),
+            ..Default::default()
+        };
+        assert!(small.build().unwrap_err().contains("initial_mtu 1000"));
+        let tuned = TransportOptions {
+            initial_mtu: Some(1452),
+            mtu_discovery_max: Some(0),
+            ack_eliciting_threshold: Some(9),
+            ..Default::default()
+        };
+        assert!(tuned.build().is_ok());
+        let huge_threshold = TransportOptions {
+            ack_eliciting_threshold: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert!(huge_threshold.build().unwrap_err().contains("too large"));
     }
 
     #[test]

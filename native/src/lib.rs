@@ -226,7 +226,8 @@ impl Endpoint {
         allowed_clients=None, stream_receive_window=None, receive_window=None, send_window=None,
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
         congestion=None, early_data=false, reset_key=None, retry="auto", retry_threshold=64,
-        max_half_open=1024, max_half_open_per_source=128, handshake_timeout=10.0
+        max_half_open=1024, max_half_open_per_source=128, handshake_timeout=10.0,
+        initial_mtu=None, mtu_discovery_max=None, ack_eliciting_threshold=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -253,6 +254,9 @@ impl Endpoint {
         max_half_open: usize,
         max_half_open_per_source: usize,
         handshake_timeout: f64,
+        initial_mtu: Option<u16>,
+        mtu_discovery_max: Option<u16>,
+        ack_eliciting_threshold: Option<u64>,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let admission = AdmissionConfig {
@@ -273,6 +277,9 @@ impl Endpoint {
             max_bidi_streams,
             max_uni_streams,
             congestion,
+            initial_mtu,
+            mtu_discovery_max,
+            ack_eliciting_threshold,
         };
         let transport = Arc::new(options.build().map_err(config_error)?);
         let chain = pem_certificates(cert_chain_pem, "certificate chain")?;
@@ -756,6 +763,15 @@ impl Endpoint {
         dict.set_item("datagrams_received", stats.udp_rx.datagrams)?;
         dict.set_item("receive_calls", stats.udp_rx.ios)?;
         dict.set_item("bytes_received", stats.udp_rx.bytes)?;
+        dict.set_item("mtu_probes_sent", stats.path.sent_plpmtud_probes)?;
+        dict.set_item("acks_sent", stats.frame_tx.acks)?;
+        dict.set_item("acks_received", stats.frame_rx.acks)?;
+        dict.set_item("ack_frequency_sent", stats.frame_tx.ack_frequency)?;
+        dict.set_item("ack_frequency_received", stats.frame_rx.ack_frequency)?;
+        dict.set_item(
+            "ack_eliciting_frames_sent",
+            engine::ack_eliciting(&stats.frame_tx),
+        )?;
         Ok(dict)
     }
 

@@ -15,7 +15,10 @@ loopback (a 1 KB body and a large file):
 
 A quicmesh path may name the sidecars' event loop: ``h2/asyncio``,
 ``h2/uvloop`` (``quicmesh sidecar --event-loop``); plain ``h2`` is the
-sidecar's default. Load (h2load from nghttp2-client, ab from apache2-utils):
+sidecar's default. ``quic-native/ackN`` runs the native engine with
+``ack_eliciting_threshold: N`` on both sidecars (``ack1``: RFC 9000's ACK for
+every second packet, no ACK_FREQUENCY frames): that setting's before/after in
+one run. Load (h2load from nghttp2-client, ab from apache2-utils):
 
 * keep-alive: h2load, 16 HTTP/1.1 connections, fixed total rates (100, 500,
   1000 rps; h2load's ``--rps`` per connection), latency of every request from
@@ -79,6 +82,20 @@ PATHS = ("direct", "quic-aioquic", "quic-native", "h2", "tcp", "stunnel", "nghtt
 """Every path, in the default order."""
 SIDECAR_PATHS = {"quic-aioquic": "quic", "quic-native": "quic", "h2": "h2", "tcp": "tcp"}
 LOOPS = ("asyncio", "uvloop")
+
+VARIANT_PATHS = ("quic-native",)
+"""Paths that take a variant other than an event loop: ``ackN`` sets both
+sidecars' ``ack_eliciting_threshold`` to N (0 to 1000)."""
+
+
+def _ack_variant(text: str) -> int | None:
+    """N of an ``ackN`` variant, or None."""
+    digits = text.removeprefix("ack")
+    if text.startswith("ack") and digits.isdigit() and int(digits) <= 1000:
+        return int(digits)
+    return None
+
+
 SMALL_BYTES = 1024
 CONNECTIONS = 16
 """Keep-alive connections of the fixed-rate and max-rps loads."""
@@ -274,6 +291,8 @@ class PathSpec:
     name: str
     base: str
     loop: str | None = None
+    variant: str | None = None
+    """``ackN`` (a setting changed on both sidecars, :data:`VARIANT_PATHS`)."""
 
     @classmethod
     def parse(cls, text: str) -> PathSpec:
@@ -281,6 +300,8 @@ class PathSpec:
         base, _, loop = text.partition("/")
         if base not in PATHS:
             raise ValueError(f"unknown path {base!r}: choose from {', '.join(PATHS)}")
+        if loop and base in VARIANT_PATHS and _ack_variant(loop) is not None:
+            return cls(text, base, None, loop)
         if loop and base not in SIDECAR_PATHS:
             raise ValueError(f"{text!r}: only quicmesh paths take an event loop")
         if loop and loop not in LOOPS:
@@ -364,6 +385,10 @@ class Lab:
         config_a, config_b = sidecar_configs(
             SIDECAR_PATHS[spec.base], engine, str(self.ca_dir), port_a, tunnel, self.backend.port
         )
+        threshold = _ack_variant(spec.variant or "")
+        if threshold is not None:
+            config_a["clusters"][0]["ack_eliciting_threshold"] = threshold
+            config_b["listeners"]["inbound"][0]["ack_eliciting_threshold"] = threshold
         tag = spec.name.replace("/", "-")
         sidecar_b = SidecarProcess(f"{tag}-b", config_b, self.workdir)
         sidecar_a = SidecarProcess(f"{tag}-a", config_a, self.workdir)
@@ -918,7 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="quicmesh bench overhead",
         description=__doc__.split("\n")[0].split(": ", 1)[-1],
-        epilog="Paths: " + ", ".join(PATHS) + " (quicmesh ones also as NAME/asyncio, NAME/uvloop).",
+        epilog="Paths: "
+        + ", ".join(PATHS)
+        + " (quicmesh ones also as NAME/asyncio, NAME/uvloop; quic-native/ackN).",
     )
     parser.add_argument(
         "--paths", default=",".join(PATHS), help="comma-separated paths (default: all)"

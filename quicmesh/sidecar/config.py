@@ -27,7 +27,12 @@ import yaml
 from .. import duration
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError, InvalidTarget
-from ..transport.base import QUIC_ENGINE_NAMES, quic_engine_problem
+from ..transport.base import (
+    ACK_ELICITING_THRESHOLD_MAX,
+    DEFAULT_ACK_ELICITING_THRESHOLD,
+    QUIC_ENGINE_NAMES,
+    quic_engine_problem,
+)
 from ..tunnel.connect import Target, parse_authority, parse_host_name, parse_port, parse_target
 from .accesslog import parse_log_format
 
@@ -175,6 +180,11 @@ class InboundListenerConfig:
     connections), granted through QUIC stream credit."""
     engine: str = "aioquic"
     """(QUIC) The QUIC engine serving the listener: ``aioquic`` or ``native``."""
+    max_datagram_size: int = 1200
+    """(QUIC) UDP payload size the listener's connections send from the start (1200-1452)."""
+    ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
+    """(QUIC, native engine) ack-eliciting packets a native peer may receive before it
+    must acknowledge (draft-ietf-quic-ack-frequency; 1: RFC 9000's every second packet)."""
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
     max_streams_per_identity: int = 1024
@@ -295,6 +305,9 @@ class ClusterConfig:
     flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
     engine: str = "aioquic"
     """QUIC only: the QUIC engine of the cluster's connections, ``aioquic`` or ``native``."""
+    ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
+    """QUIC only, native engine: ack-eliciting packets a native peer may receive before
+    it must acknowledge (draft-ietf-quic-ack-frequency; 1: RFC 9000's every second packet)."""
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig = field(default_factory=OutlierDetectionConfig)
     circuit_breakers: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
@@ -920,6 +933,8 @@ class _Loader:
                 "early_data",
                 "engine",
                 "splice",
+                "max_datagram_size",
+                "ack_eliciting_threshold",
                 *QUIC_ADMISSION_KEYS,
                 *INBOUND_LIMIT_KEYS,
                 "overload_max_loop_lag",
@@ -940,11 +955,12 @@ class _Loader:
         if early.value is not None and "quic" not in transports:
             raise early.error("applies to listeners serving quic only")
         engine = node.child("engine")
-        if engine.value is not None and "quic" not in transports:
-            raise engine.error("applies to listeners serving quic only")
         splice = node.child("splice")
-        if splice.value is not None and "quic" not in transports:
-            raise splice.error("applies to listeners serving quic only")
+        datagram = node.child("max_datagram_size")
+        ack_threshold = node.child("ack_eliciting_threshold")
+        for option in (engine, splice, datagram, ack_threshold):
+            if option.value is not None and "quic" not in transports:
+                raise option.error("applies to listeners serving quic only")
         admission = self.quic_admission(node, "quic" in transports)
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
@@ -963,6 +979,10 @@ class _Loader:
             early_data=early.boolean() if early.value is not None else True,
             engine=self.quic_engine(engine, check_built=True),
             splice=splice.boolean() if splice.value is not None else True,
+            max_datagram_size=_int_or(datagram, 1200, 1200, 1452),
+            ack_eliciting_threshold=_int_or(
+                ack_threshold, DEFAULT_ACK_ELICITING_THRESHOLD, 0, ACK_ELICITING_THRESHOLD_MAX
+            ),
             **admission,
         )
 
@@ -1017,6 +1037,7 @@ class _Loader:
                 "load_balancing",
                 "congestion_control",
                 "max_datagram_size",
+                "ack_eliciting_threshold",
                 "early_data",
                 "engine",
                 "splice",
@@ -1058,10 +1079,11 @@ class _Loader:
         fallback = node.child("fallback")
         engine = node.child("engine")
         splice = node.child("splice")
+        ack_threshold = node.child("ack_eliciting_threshold")
         if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            for option in (congestion, datagram, early, liveness, engine, splice):
+            for option in (congestion, datagram, early, liveness, engine, splice, ack_threshold):
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))
@@ -1086,6 +1108,9 @@ class _Loader:
                 congestion, default_congestion_control(), CONGESTION_CONTROLS
             ),
             max_datagram_size=_int_or(datagram, 1200, 1200, 1452),
+            ack_eliciting_threshold=_int_or(
+                ack_threshold, DEFAULT_ACK_ELICITING_THRESHOLD, 0, ACK_ELICITING_THRESHOLD_MAX
+            ),
             early_data=early.boolean() if early.value is not None else False,
             engine=self.quic_engine(engine, check_built=transport in ("quic", "auto")),
             health_check=self.health_check(node.child("health_check")),

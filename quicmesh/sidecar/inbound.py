@@ -91,6 +91,8 @@ def inbound_transport(
             options["stateless_reset_key_file"] = config.stateless_reset_key
         options["max_stream_rate"] = config.max_stream_rate
         options["engine"] = config.engine
+        options["max_datagram_size"] = config.max_datagram_size
+        options["ack_eliciting_threshold"] = config.ack_eliciting_threshold
     return transport_registry().build(name, identity=identity, trust=trust, options=options)
 
 

@@ -80,6 +80,7 @@ def cluster_transport(
         quic = {
             "congestion_control": config.congestion_control,
             "max_datagram_size": config.max_datagram_size,
+            "ack_eliciting_threshold": config.ack_eliciting_threshold,
             "idle_timeout": config.idle_timeout,
             "keepalive_interval": config.liveness.keepalive_interval,
             "max_probe_timeouts": config.liveness.max_probe_timeouts,

@@ -249,6 +249,18 @@ class Transport(ABC):
         return None
 
 
+DEFAULT_ACK_ELICITING_THRESHOLD = 1
+"""Ack-eliciting packets a native QUIC peer may receive before it must acknowledge:
+1 is RFC 9000's default (an ACK for every second packet) and sends no
+ACK_FREQUENCY frames (draft-ietf-quic-ack-frequency). A higher value (9: an ACK
+for every tenth packet, or within the peer's max_ack_delay, 25 ms) saved 13 % of
+the datagrams per request and 40 % of the CPU per GB in ``quicmesh bench overhead``,
+but raised added latency and lowered bulk throughput in the same run
+(docs/performance.md), so it is an option, not the default."""
+
+ACK_ELICITING_THRESHOLD_MAX = 1 << 20
+"""The largest ``ack_eliciting_threshold`` accepted."""
+
 QUIC_ENGINE_NAMES = ("aioquic", "native")
 """The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
 

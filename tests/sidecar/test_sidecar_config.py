@@ -446,6 +446,47 @@ def test_quic_engine_per_cluster_and_per_listener() -> None:
     )
 
 
+def test_datagram_size_and_ack_threshold_per_cluster_and_per_listener() -> None:
+    """The inbound listener sets its QUIC datagram size too (not only clusters), and
+    both set the native engine's ack_eliciting_threshold; the transports get them."""
+    from quicmesh.sidecar.inbound import inbound_transport
+    from quicmesh.sidecar.runtime import cluster_transport
+    from quicmesh.tls.ca import DevCA
+
+    config = load(VALID)
+    assert config.inbound[0].max_datagram_size == 1200
+    assert config.inbound[0].ack_eliciting_threshold == 1
+    assert config.cluster("reviews").ack_eliciting_threshold == 1
+    document = mutate(["listeners", "inbound", 0, "max_datagram_size"], 1452)
+    document["listeners"]["inbound"][0]["ack_eliciting_threshold"] = 9
+    document["clusters"][0]["ack_eliciting_threshold"] = 4
+    tuned = load(document)
+    assert tuned.inbound[0].max_datagram_size == 1452
+    assert tuned.inbound[0].ack_eliciting_threshold == 9
+    assert tuned.cluster("reviews").ack_eliciting_threshold == 4
+    ca = DevCA()
+    identity = ca.issue("spiffe://mesh.local/ns/default/sa/x")
+    listener = inbound_transport("quic", identity, ca.trust_bundle, 16, tuned.inbound[0])
+    assert listener.engine_limits().max_datagram_size == 1452  # type: ignore[attr-defined]
+    assert listener.engine_limits().ack_eliciting_threshold == 9  # type: ignore[attr-defined]
+    cluster = cluster_transport(tuned.cluster("reviews"), identity, ca.trust_bundle)
+    assert cluster.engine_limits().ack_eliciting_threshold == 4  # type: ignore[attr-defined]
+    assert error_of(mutate(["listeners", "inbound", 0, "max_datagram_size"], 9000)) == (
+        "sidecar.yaml: listeners.inbound[0].max_datagram_size: 9000 is outside 1200-1452"
+    )
+    assert error_of(mutate(["clusters", 0, "ack_eliciting_threshold"], -1)) == (
+        "sidecar.yaml: clusters[0].ack_eliciting_threshold: -1 is outside 0-1048576"
+    )
+    h2_only = mutate(["listeners", "inbound", 0, "transports"], ["h2"])
+    for key in ("early_data", "engine"):
+        del h2_only["listeners"]["inbound"][0][key]
+    h2_only["listeners"]["inbound"][0]["max_datagram_size"] = 1452
+    assert error_of(h2_only) == (
+        "sidecar.yaml: listeners.inbound[0].max_datagram_size: "
+        "applies to listeners serving quic only"
+    )
+
+
 def test_native_engine_loads_where_built_and_is_one_line_error_where_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from quicmesh import ConnectError, ConnectionLost, StreamReset
 from quicmesh.errors import ConfigError, PeerUnresponsive
 from quicmesh.transport.liveness import Liveness, LivenessConfig, Verdict
-from tests.quic_helpers import TARGET, Recorder, client_transport, run, server_transport
+from tests.quic_helpers import (
+    TARGET,
+    Recorder,
+    client_transport,
+    require_engine,
+    run,
+    server_transport,
+)
 
 # -- sans-IO ------------------------------------------------------------------------
 
@@ -265,5 +272,67 @@ def test_a_live_idle_connection_survives_its_idle_timeout_with_keepalive() -> No
         await connection.aclose()
         listener.close()
         await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_blackholed_native_connection_fails_within_seconds() -> None:
+    """The native engine (quinn) gets the same verdicts: its keepalive PINGs go
+    unanswered, and the probe timeouts estimated from its sampled counters fail
+    the connection in seconds, not at the idle timeout (60 s)."""
+    require_engine("native")
+
+    async def main() -> None:
+        server = server_transport(engine="native")
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        relay = await Relay.start(listener.address)
+        client = client_transport(
+            engine="native", keepalive_interval=0.2, max_probe_timeouts=4, dead_after=None
+        )
+        connection = await client.connect(relay.address, timeout=5.0)
+        stream = await connection.open_stream(TARGET)
+        stream.write(b"ping")
+        assert await stream.readexactly(4) == b"ping"
+        relay.blackhole = True
+        started = time.monotonic()
+        with pytest.raises(StreamReset, match="unresponsive"):
+            await asyncio.wait_for(stream.read(10), 15.0)
+        elapsed = time.monotonic() - started
+        assert connection.is_closed
+        assert isinstance(connection.lost_error, PeerUnresponsive)
+        # min_silence (2 s) + keepalive + sampling; the idle timeout would be 60 s.
+        assert elapsed < 5.0, elapsed
+        relay.close()
+        listener.close()
+        await client.aclose()
+        await server.aclose()
+
+    run(main())
+
+
+def test_a_live_native_connection_is_not_declared_dead() -> None:
+    """Sampled counters do not fail a peer that answers: a quiet connection with
+    keepalive, then traffic, outlives several min_silence periods."""
+    require_engine("native")
+
+    async def main() -> None:
+        server = server_transport(engine="native")
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport(
+            engine="native", keepalive_interval=0.2, max_probe_timeouts=2, dead_after=1.0
+        )
+        connection = await client.connect(listener.address, timeout=5.0)
+        stream = await connection.open_stream(TARGET)
+        for _ in range(3):
+            await asyncio.sleep(1.2)  # the idle period under test, not synchronisation
+            stream.write(b"still here")
+            assert await stream.readexactly(10) == b"still here"
+        assert not connection.is_closed
+        stream.write_eof()
+        assert await stream.read(100) == b""
+        await connection.aclose()
+        listener.close()
+        await client.aclose()
+        await server.aclose()
 
     run(main())

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from quic_helpers import require_engine
 from test_contract import MESH, TARGET
 
 import quicmesh
 from quicmesh import MeshStream
 
 
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
 @pytest.mark.parametrize("size", [1200, 1452])
-def test_max_datagram_size_bounds_the_datagrams_sent(size: int) -> None:
+def test_max_datagram_size_bounds_the_datagrams_sent(size: int, engine: str) -> None:
+    """On the native engine too (with path MTU discovery off, the size stays)."""
+    require_engine(engine)
+
     async def handler(stream: MeshStream) -> None:
         stream.accept()
         for _ in range(16):
@@ -22,7 +27,11 @@ def test_max_datagram_size_bounds_the_datagrams_sent(size: int) -> None:
 
     async def main() -> tuple[int, int]:
         server = quicmesh.QuicTransport(
-            identity=MESH.server, trust=MESH.ca.trust_bundle, max_datagram_size=size
+            identity=MESH.server,
+            trust=MESH.ca.trust_bundle,
+            max_datagram_size=size,
+            engine=engine,
+            mtu_discovery=False,
         )
         listener = await server.listen(("127.0.0.1", 0), handler)
         conn = await MESH.transport("quic").connect(listener.address)
@@ -34,6 +43,7 @@ def test_max_datagram_size_bounds_the_datagrams_sent(size: int) -> None:
         await conn.aclose()
         listener.close()
         await listener.wait_closed()
+        await server.aclose()
         return stats["bytes_sent"], stats["packets_sent"]
 
     sent, packets = asyncio.run(asyncio.wait_for(main(), 60))
@@ -47,4 +57,90 @@ def test_max_datagram_size_outside_the_safe_range_is_refused(size: int) -> None:
     with pytest.raises(quicmesh.ConfigError, match="max_datagram_size"):
         quicmesh.QuicTransport(
             identity=MESH.server, trust=MESH.ca.trust_bundle, max_datagram_size=size
+        )
+
+
+def _native(**kwargs: object) -> quicmesh.QuicTransport:
+    require_engine("native")
+    identity = kwargs.pop("identity", MESH.client)
+    return quicmesh.QuicTransport(
+        identity=identity,  # type: ignore[arg-type]
+        trust=MESH.ca.trust_bundle,
+        engine="native",
+        congestion_control="cubic",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def _upload(client: quicmesh.QuicTransport, server: quicmesh.QuicTransport) -> tuple:
+    """4 MiB from client to server on one stream; (client stats, server stats)."""
+    received = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        total = 0
+        while data := await stream.read(65536):
+            total += len(data)
+        stream.write_eof()
+        received.set_result(total)
+
+    listener = await server.listen(("127.0.0.1", 0), handler)
+    conn = await client.connect(listener.address)
+    stream = await conn.open_stream(TARGET)
+    for _ in range(64):
+        stream.write(b"u" * 65536)
+        await stream.drain()
+    stream.write_eof()
+    assert await stream.read() == b""
+    assert await received == 64 * 65536
+    (accepted,) = listener.connections
+    stats = conn.stats(), accepted.stats()
+    await conn.aclose()
+    listener.close()
+    await listener.wait_closed()
+    for transport in (client, server):
+        await transport.aclose()
+    return stats
+
+
+def test_native_path_mtu_discovery_raises_the_datagram_size_on_both_ends() -> None:
+    """quinn's DPLPMTUD (RFC 8899) from 1200 up to 1452 on loopback, each end for
+    itself; off, the size stays at max_datagram_size."""
+
+    async def main() -> None:
+        client_stats, server_stats = await _upload(_native(), _native(identity=MESH.server))
+        assert client_stats["mtu"] == server_stats["mtu"] == 1452
+        assert client_stats["mtu_probes_sent"] > 0 and server_stats["mtu_probes_sent"] > 0
+        fixed = await _upload(
+            _native(mtu_discovery=False), _native(identity=MESH.server, mtu_discovery=False)
+        )
+        assert [stats["mtu"] for stats in fixed] == [1200, 1200]
+        assert [stats["mtu_probes_sent"] for stats in fixed] == [0, 0]
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_native_ack_frequency_is_requested_of_the_peer() -> None:
+    """ack_eliciting_threshold: the sender asks its native peer (ACK_FREQUENCY
+    frames) to acknowledge every tenth packet and the peer gets the request; 1 sends
+    none (RFC 9000's default)."""
+
+    async def main() -> None:
+        default = await _upload(_native(), _native(identity=MESH.server))
+        assert default[0]["ack_frequency_sent"] == 0
+        assert default[1]["ack_frequency_received"] == 0
+        sparse = await _upload(_native(ack_eliciting_threshold=9), _native(identity=MESH.server))
+        assert sparse[0]["ack_frequency_sent"] > 0
+        # The receiver (the server) got the request. (How many fewer ACKs it then sent
+        # depends on how quinn batches received datagrams: docs/performance.md counts them.)
+        assert sparse[1]["ack_frequency_received"] > 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("value", [-1, (1 << 20) + 1])
+def test_ack_eliciting_threshold_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(quicmesh.ConfigError, match="ack_eliciting_threshold must be 0 to"):
+        quicmesh.QuicTransport(
+            identity=MESH.server, trust=MESH.ca.trust_bundle, ack_eliciting_threshold=value
         )

@@ -15,7 +15,8 @@ state of their own are sans-IO (:mod:`quicmesh.transport.quic.policy`,
 With a socket engine (``io="socket"``, e.g. the native engine) there is no
 datagram, socket or timer here: the engine wakes the driver
 (:meth:`QuicPeerConnection.engine_woke`) after it queued events, the driver
-drains them into the same tunnel session and flushes.
+drains them into the same tunnel session and flushes; the liveness rules run
+on counters the engine is sampled for (:meth:`.engine.SocketConnection.sample_liveness`).
 
 A server connection is built by the listener for a client's first Initial (a
 socket engine's listener: for each connection it accepted); a
@@ -587,6 +588,8 @@ class QuicPeerConnection(SessionConnection):
         if not self._established or self.is_closed:
             self._stop_liveness()
             return
+        if self._socket is not None and self._socket.sample_liveness(now):
+            liveness.received(now)
         awaiting = self.quic.awaiting_ack()
         verdict = liveness.check(
             now, probe_timeouts=self.quic.probe_timeouts(), awaiting_ack=awaiting
@@ -598,6 +601,13 @@ class QuicPeerConnection(SessionConnection):
             self.quic.send_ping(0)
             self._transmit_soon()
         deadline = liveness.deadline(now, awaiting_ack=awaiting)
+        if self._socket is not None and awaiting:
+            # Probe timeouts and acknowledgements are only seen by sampling the engine.
+            sample_at = now + engine.LIVENESS_SAMPLE
+            deadline = sample_at if deadline is None else min(deadline, sample_at)
+        if self._socket is not None and deadline is not None and deadline <= now:
+            # The engine sends the keepalive PING itself: look again once it may have.
+            deadline = now + engine.LIVENESS_SAMPLE
         if deadline is None:
             return
         if self._liveness_timer is not None:
@@ -814,9 +824,11 @@ class QuicPeerConnection(SessionConnection):
             bucket = self.options.stream_rates.for_identity(identity, time.monotonic())
             if bucket is not None:
                 self.quic.attach_stream_rate(bucket)
-        if self._socket is None:
-            # A socket engine keeps its peer alive and drops a silent one itself.
-            self._liveness = Liveness(self.options.liveness, self._loop.time())
+        # A socket engine PINGs an idle peer itself (EngineLimits.keep_alive); the
+        # verdicts are the same, from its sampled counters (sample_liveness).
+        self._liveness = Liveness(self.options.liveness, self._loop.time())
+        if self._socket is not None:
+            self._watch_liveness(self._loop.time())
         self._commit_tickets(identity)
         if self.is_client and self._early_data == "attempted":
             outcome = "accepted" if event.early_data_accepted else "rejected"

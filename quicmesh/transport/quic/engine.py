@@ -130,6 +130,11 @@ ENGINE_STATS = (
 seconds or None before the first sample; ``cwnd`` and ``bytes_in_flight`` in bytes)."""
 
 
+LIVENESS_SAMPLE = 0.25
+"""(socket engines) Seconds between two :meth:`SocketConnection.sample_liveness`
+calls while ack-eliciting packets await an acknowledgement."""
+
+
 class EngineError(Exception):
     """An engine could not do what the driver asked (the message says what); the
     driver turns it into a :class:`~quicmesh.errors.QuicmeshError`."""
@@ -182,7 +187,14 @@ class EngineLimits:
     :param max_streams: concurrent bidirectional streams the peer may open.
     :param congestion_control: algorithm name, one of
         :meth:`QuicEngine.congestion_controls`.
-    :param max_datagram_size: largest UDP payload sent (1200 to 1452).
+    :param max_datagram_size: UDP payload size sent from the start (1200 to 1452;
+        an engine without path MTU discovery never sends more).
+    :param mtu_discovery: (engines with DPLPMTUD, RFC 8899 / RFC 9000 14.3) probe
+        the path for larger datagrams, up to 1452 bytes of UDP payload.
+    :param ack_eliciting_threshold: (engines with draft-ietf-quic-ack-frequency)
+        ack-eliciting packets a peer that supports the extension may receive
+        before it must acknowledge; 1 is RFC 9000's default (an ACK for every
+        second packet, no ACK_FREQUENCY frames sent).
     :param qlog_dir: write a qlog file per connection there (None: no qlog).
     :param stateless_reset_key: (server) secret the stateless reset tokens are
         derived from (HMAC-SHA256 of the connection ID, first 16 bytes:
@@ -209,6 +221,8 @@ class EngineLimits:
     max_datagram_size: int = 1200
     qlog_dir: str | None = None
     stateless_reset_key: bytes | None = None
+    mtu_discovery: bool = True
+    ack_eliciting_threshold: int = 1
     alpn: tuple[str, ...] = ("h3",)
     keep_alive: float | None = None
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
@@ -425,6 +439,15 @@ class SocketConnection(EngineConnection, Protocol):
     def resumed_identity(self) -> str | None:
         """(client) The server identity the resumed session vouches for (the one
         verified at its last full handshake with that address), or None."""
+
+    def sample_liveness(self, now: float) -> bool:
+        """Read the engine's counters at ``now`` (the driver's clock): return whether a
+        datagram from the peer arrived since the last sample. Until the next sample,
+        :meth:`~EngineConnection.awaiting_ack` and
+        :meth:`~EngineConnection.probe_timeouts` answer from this one, so the
+        driver's liveness rules (:mod:`quicmesh.transport.liveness`) run on a socket
+        engine too; the driver samples at least every :data:`LIVENESS_SAMPLE` seconds
+        while something awaits an acknowledgement."""
 
 
 class EngineListener(Protocol):

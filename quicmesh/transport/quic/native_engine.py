@@ -66,10 +66,13 @@ rather than pretending:
   identity's bucket is applied in this driver by holding streams beyond the rate
   unread in their slot (:meth:`NativeConnection.attach_stream_rate`): the peer
   then waits for credit, as with aioquic's withheld MAX_STREAMS.
-* **Liveness**: quinn sends the keepalive PINGs (``keep_alive``) and drops a
-  silent peer after the idle timeout; probe-timeout counts are not exposed, so
-  the driver's liveness rules (``max_probe_timeouts``, ``dead_after``) and
-  ``rebind_after_ptos`` do not run on this engine.
+* **Liveness**: quinn sends the keepalive PINGs (``keep_alive``); the driver's
+  liveness rules (``max_probe_timeouts``, ``dead_after``) run on quinn's
+  counters, sampled (:meth:`NativeConnection.sample_liveness`,
+  :class:`_LivenessSample`: probe timeouts are estimated from the RTT, quinn
+  does not expose its count), so a hung peer fails the connection in seconds
+  rather than at the idle timeout. ``rebind_after_ptos`` does not run on this
+  engine, nor the ICMP-unreachable rule (its socket is not connected).
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
   client endpoint's socket moves, with every connection on it); quinn validates
   a migrating client's new path itself and raises no event for it.
@@ -85,8 +88,12 @@ rather than pretending:
   so what Python already received goes to the socket first; the socket
   crosses to Rust over a Unix socket pair (SCM_RIGHTS, :func:`_hand_socket`).
   Not while a 0-RTT flight is unsettled (its bytes may have to be resent).
-* Not used: ``max_datagram_size`` (quinn does path MTU discovery from 1200),
-  ``qlog_dir``. An ICMP unreachable does not fail a connect at once
+* **Packets**: ``max_datagram_size`` is quinn's initial datagram size, and
+  path MTU discovery (``mtu_discovery``, DPLPMTUD) probes up to
+  :data:`MTU_DISCOVERY_MAX`; ``ack_eliciting_threshold`` asks a native peer
+  (ACK_FREQUENCY frames, draft-ietf-quic-ack-frequency) to acknowledge every
+  N+1 ack-eliciting packets instead of every second one.
+* Not used: ``qlog_dir``. An ICMP unreachable does not fail a connect at once
   (the endpoint's socket is not connected): it fails at its timeout.
 """
 
@@ -96,6 +103,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -135,6 +143,10 @@ NOT_BUILT = (
     "or use engine 'aioquic'"
 )
 """The one-line error for ``engine="native"`` without the extension."""
+
+MTU_DISCOVERY_MAX = 1452
+"""The largest UDP payload quinn's path MTU discovery probes for (a 1500-byte MTU
+over IPv6); it falls back to 1200 when probes of a size stop arriving."""
 
 CONGESTION_NAMES = {"reno": "newreno", "newreno": "newreno", "cubic": "cubic", "bbr": "bbr"}
 """quicmesh's congestion-control names and quinn's."""
@@ -204,6 +216,14 @@ def _endpoint(
             max_half_open_per_source=admission.max_half_open_per_source,
             handshake_timeout=admission.handshake_timeout,
         )
+    newer.update(
+        initial_mtu=limits.max_datagram_size,
+        mtu_discovery_max=MTU_DISCOVERY_MAX if limits.mtu_discovery else 0,
+        # 1 is RFC 9000's default: no ACK_FREQUENCY frames at all.
+        ack_eliciting_threshold=(
+            limits.ack_eliciting_threshold if limits.ack_eliciting_threshold != 1 else None
+        ),
+    )
     try:
         return native.Endpoint(address[0], address[1], **options, **newer)
     except TypeError:
@@ -215,8 +235,9 @@ def _endpoint(
         _STALE_WARNED = True
         logger.warning(
             "quicmesh._native is older than this quicmesh: the listener admission "
-            "limits (and, older still, the stateless reset key) are not applied; "
-            "rebuild it (pip install -e .)"
+            "limits and the packet settings (initial_mtu, mtu_discovery_max, "
+            "ack_eliciting_threshold; older still, the stateless reset key) are not "
+            "applied; rebuild it (pip install -e .)"
         )
     try:
         return native.Endpoint(
@@ -394,6 +415,62 @@ class _Stream:
     paused: asyncio.Future[None] | None = None
 
 
+class _LivenessSample:
+    """What the driver's liveness rules read, made from quinn's counters.
+
+    quinn keeps its probe-timeout count and its unacknowledged packets to itself;
+    its connection stats count datagrams received, ACK frames received and frames
+    sent by type. Sampled by the driver (``sample_liveness``), they give:
+
+    * **heard from the peer**: the datagrams-received count grew since the last sample;
+    * **awaiting an acknowledgement**: ack-eliciting frames (every kind but ACK,
+      PADDING and CONNECTION_CLOSE) were sent after the sample at which the peer
+      was last heard from;
+    * **probe timeouts**: how many PTOs (RFC 9002 6.2, doubling each time) fit in
+      the time since the later of those two, with a PTO estimated from quinn's
+      smoothed RTT as ``2 * rtt + 25 ms`` (quinn's is ``rtt + 4 * rttvar +
+      max_ack_delay``, 25 ms by default), so the count is never early by more
+      than the variance allows.
+
+    Each is as fresh as the last sample (every :data:`.engine.LIVENESS_SAMPLE`
+    seconds while something awaits an acknowledgement): verdicts come up to
+    that much later than on aioquic, where the driver sees every datagram.
+    """
+
+    MAX_ACK_DELAY = 0.025
+
+    def __init__(self) -> None:
+        self.received = -1
+        self.eliciting_when_heard = 0
+        self.heard_at: float | None = None
+        self.awaiting_since: float | None = None
+        self.awaiting = False
+        self.probe_timeouts = 0
+
+    def update(self, now: float, stats: dict[str, Any]) -> bool:
+        """Take one sample of ``stats``; return whether the peer was heard from."""
+        received = int(stats.get("datagrams_received", 0))
+        eliciting = int(stats.get("ack_eliciting_frames_sent", 0))
+        heard = received != self.received
+        if heard:
+            self.received = received
+            self.eliciting_when_heard = eliciting
+            self.heard_at = now
+            self.awaiting_since = None
+        self.awaiting = eliciting > self.eliciting_when_heard
+        if not self.awaiting:
+            self.awaiting_since = None
+        elif self.awaiting_since is None:
+            self.awaiting_since = now
+        self.probe_timeouts = 0
+        if self.awaiting and self.awaiting_since is not None:
+            start = max(self.awaiting_since, self.heard_at or self.awaiting_since)
+            pto = 2 * float(stats.get("rtt") or 0.0) + self.MAX_ACK_DELAY
+            # After n timeouts, (2**n - 1) PTOs have passed.
+            self.probe_timeouts = int(math.log2((now - start) / pto + 1))
+        return heard
+
+
 class NativeConnection:
     """One QUIC connection of the native engine (see the module docstring)."""
 
@@ -427,6 +504,7 @@ class NativeConnection:
         self._early_resets: dict[int, int] = {}
         self._resent = 0
         self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
+        self._liveness = _LivenessSample()
         self.on_verified: Callable[[str], None] | None = None
         self.ticket_identity: str | None = None
         # What aioquic's H3Connection reads of its QUIC connection besides the stream API
@@ -950,13 +1028,26 @@ class NativeConnection:
         """quinn keeps the draining state to itself."""
         return False
 
+    def sample_liveness(self, now: float) -> bool:
+        """Read quinn's counters: whether a datagram arrived since the last sample
+        (see :class:`_LivenessSample` for what the other answers are made of)."""
+        try:
+            stats = self._native.stats(self.conn) if self.conn >= 0 else None
+        except QuicmeshError:  # gone: its close event follows
+            stats = None
+        if stats is None:
+            return False
+        return self._liveness.update(now, stats)
+
     def probe_timeouts(self) -> int:
-        """Not exposed by quinn (see the module docstring)."""
-        return 0
+        """Probe timeouts as quinn would have counted them by the last sample
+        (quinn does not expose its count: estimated, see :class:`_LivenessSample`)."""
+        return self._liveness.probe_timeouts
 
     def awaiting_ack(self) -> bool:
-        """Not exposed by quinn (see the module docstring)."""
-        return False
+        """Whether ack-eliciting frames went out after the peer was last heard
+        from (at the last sample)."""
+        return self._liveness.awaiting
 
     def active_path(self) -> tuple[Any, bool] | None:
         """The peer's address (quinn validates paths before using them)."""
@@ -1041,6 +1132,11 @@ class NativeConnection:
             "send_calls": int(native.get("send_calls", 0)),
             "receive_calls": int(native.get("receive_calls", 0)),
             "mtu": native.get("mtu"),
+            "mtu_probes_sent": int(native.get("mtu_probes_sent", 0)),
+            "acks_sent": int(native.get("acks_sent", 0)),
+            "acks_received": int(native.get("acks_received", 0)),
+            "ack_frequency_sent": int(native.get("ack_frequency_sent", 0)),
+            "ack_frequency_received": int(native.get("ack_frequency_received", 0)),
         }
 
     # -- SocketConnection --

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...tls import TrustBundle
 from .._stream_rate import StreamRates
+from ..base import ACK_ELICITING_THRESHOLD_MAX, DEFAULT_ACK_ELICITING_THRESHOLD
 from ..liveness import LivenessConfig
 from ..tickets import TicketCache, TicketStore
 
@@ -34,6 +35,16 @@ COUNTERS = (
     "path_validations_failed",
 )
 """Keys of :attr:`QuicTransport.counters` (and of the per-connection ``stats()``)."""
+
+__all__ = [
+    "ACK_ELICITING_THRESHOLD_MAX",
+    "COUNTERS",
+    "CRYPTO_ERROR_BAD_CERTIFICATE",
+    "DEFAULT_ACK_ELICITING_THRESHOLD",
+    "DEFAULT_MAX_EARLY_DATA",
+    "EARLY_DATA_OVERHEAD",
+    "QuicOptions",
+]
 
 
 @dataclass(frozen=True)

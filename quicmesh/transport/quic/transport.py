@@ -72,7 +72,13 @@ from .engine import (
     get_engine,
 )
 from .listener import BatchingQuicServer, QuicListener, SocketEngineListener
-from .options import COUNTERS, DEFAULT_MAX_EARLY_DATA, QuicOptions
+from .options import (
+    ACK_ELICITING_THRESHOLD_MAX,
+    COUNTERS,
+    DEFAULT_ACK_ELICITING_THRESHOLD,
+    DEFAULT_MAX_EARLY_DATA,
+    QuicOptions,
+)
 
 RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
 """Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
@@ -112,6 +118,16 @@ class QuicTransport(Transport):
         QUIC's minimum, safe on any path) to 1452 (the most a 1500-byte MTU carries
         over IPv6). aioquic does no path MTU discovery: raise it only on paths known
         to carry it; larger datagrams cost fewer packets (and less CPU) per byte.
+        The native engine starts at this size and, with ``mtu_discovery``, probes the
+        path for more.
+    :param mtu_discovery: (native engine) path MTU discovery (DPLPMTUD, RFC 8899 /
+        RFC 9000 14.3, quinn's): probe for datagrams up to 1452 bytes of UDP payload
+        and fall back to 1200 when they stop arriving. aioquic has none.
+    :param ack_eliciting_threshold: (native engine) ack-eliciting packets a native
+        peer may receive before it must acknowledge (ACK_FREQUENCY frames,
+        draft-ietf-quic-ack-frequency; it still acknowledges within its
+        max_ack_delay, and at once on reordering). 1 is RFC 9000's default, an ACK
+        for every second packet, and sends no such frames; aioquic peers ignore it.
     :param admission: (server) half-open connection caps, Retry policy and
         handshake timeout (:mod:`quicmesh.transport._admission`); protective
         defaults. Its counters (:data:`ADMISSION_COUNTERS`) join :attr:`counters`.
@@ -170,6 +186,8 @@ class QuicTransport(Transport):
         rebind_after_ptos: int | None = None,
         receive_batch: int | None = None,
         max_datagram_size: int = 1200,
+        mtu_discovery: bool = True,
+        ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD,
         admission: AdmissionConfig | None = None,
         stateless_reset_key: bytes | None = None,
         keepalive_interval: float | None = 1.0,
@@ -218,6 +236,13 @@ class QuicTransport(Transport):
         if not 1200 <= max_datagram_size <= 1452:
             raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
         self.max_datagram_size = max_datagram_size
+        self.mtu_discovery = mtu_discovery
+        if not 0 <= ack_eliciting_threshold <= ACK_ELICITING_THRESHOLD_MAX:
+            raise ConfigError(
+                f"ack_eliciting_threshold must be 0 to {ACK_ELICITING_THRESHOLD_MAX}, "
+                f"not {ack_eliciting_threshold}"
+            )
+        self.ack_eliciting_threshold = ack_eliciting_threshold
         if not idle_timeout > 0:
             raise ConfigError(f"idle_timeout must be positive seconds, not {idle_timeout}")
         self.liveness = LivenessConfig(
@@ -260,6 +285,8 @@ class QuicTransport(Transport):
             max_streams=self.max_streams,
             congestion_control=self.congestion_control,
             max_datagram_size=self.max_datagram_size,
+            mtu_discovery=self.mtu_discovery,
+            ack_eliciting_threshold=self.ack_eliciting_threshold,
             qlog_dir=self.qlog_dir,
             stateless_reset_key=self.stateless_reset_key,
             alpn=tuple(H3_ALPN),
