@@ -269,3 +269,36 @@ def test_native_transport_aclose_releases_its_client_endpoint() -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("controller", ["bbr", "cubic", "reno", None])
+def test_native_congestion_controls_carry_a_bulk_and_report_their_stats(
+    controller: str | None,
+) -> None:
+    """bbr, cubic and reno map to quinn's BBR, Cubic and NewReno (both ends); None is
+    the host's TCP algorithm, as on aioquic. Stats: RTT, cwnd and losses."""
+    from quicmesh.congestion.host import default_congestion_control
+
+    payload = random.Random(3).randbytes(1 << 20)
+
+    async def main() -> None:
+        server = transport("native", SERVER, congestion_control=controller)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = transport("native", congestion_control=controller)
+        expected = controller or default_congestion_control()
+        assert client.congestion_control == expected
+        conn = await client.connect(listener.address)
+        assert await exchange(conn, payload) == payload
+        stats = conn.stats()
+        assert stats["congestion_control"] == expected
+        assert stats["rtt"] > 0 and stats["rtt_min"] > 0
+        assert stats["cwnd"] > 0
+        assert stats["packets_lost"] >= 0
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        await client.aclose()
+        await server.aclose()
+
+    run(main())
