@@ -1,7 +1,9 @@
 """The time-to-first-byte benchmark: a tiny run behind the link emulator.
 
-The only timing assertion is the ordering the protocols guarantee with a 20 ms
+The only timing assertion is the ordering the protocols guarantee with a 60 ms
 RTT: 0-RTT QUIC beats a full QUIC handshake, which beats TCP + TLS + HTTP/2.
+(At --quick's 20 ms a loaded CI machine's CPU time outweighed a round trip:
+quic-1rtt 115 ms against h2's 109.)
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from quicmesh.bench import ttfb
 @pytest.mark.netns
 def test_quick_run_orders_the_cases(tmp_path: Path) -> None:
     report = tmp_path / "ttfb.json"
-    assert ttfb.main(["--quick", "--json", str(report)]) == 0
+    assert ttfb.main(["--quick", "--rtt", "60", "--json", str(report)]) == 0
     rows = {row["case"]: row for row in json.loads(report.read_text())["rows"]}
     assert set(rows) == {"h2", "quic-1rtt", "quic-0rtt"}
     assert rows["quic-0rtt"]["early_data"] == "accepted"
-    # Each case needs at least its protocol's round trips (20 ms each).
+    # Each case needs at least its protocol's round trips (60 ms each).
     for row in rows.values():
         assert row["rtts"] >= row["expected_rtts"] * 0.9
     assert rows["quic-0rtt"]["median_ms"] < rows["quic-1rtt"]["median_ms"] < rows["h2"]["median_ms"]
