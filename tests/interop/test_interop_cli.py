@@ -1,0 +1,78 @@
+"""``python -m interop.run`` as a user runs it: --help, a bad name, and one small matrix.
+
+The matrix run plays the native engine against ngtcp2 (both roles, ``handshake``)
+and writes the generated section into a copy of a document. Skipped without
+ngtcp2 or the native extension unless ``QUICMESH_REQUIRE_INTEROP`` is set (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from interop.peers import PEERS, REPO
+from interop.run import MATRIX_END, MATRIX_START
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "interop.run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def test_help_names_the_engines_option() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    assert "--engines" in result.stdout and "aioquic,native" in result.stdout
+
+
+def test_an_unknown_engine_is_a_one_line_error() -> None:
+    result = _run("--engines", "picoquic", "--no-install", "--no-write")
+    assert result.returncode == 2
+    assert "unknown peer or test case: picoquic" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_native_matrix_against_ngtcp2_is_written(tmp_path: Path) -> None:
+    available = PEERS["ngtcp2"].available() and PEERS["quicmesh-native"].available()
+    if not available:
+        if os.environ.get("QUICMESH_REQUIRE_INTEROP"):
+            pytest.fail(
+                "QUICMESH_REQUIRE_INTEROP is set but ngtcp2 or the native engine is missing"
+            )
+        pytest.skip("needs ngtcp2's gtlsclient/gtlsserver and the native extension")
+    doc = tmp_path / "interop.md"
+    doc.write_text(f"# notes kept\n\n{MATRIX_START}\nold\n{MATRIX_END}\n\ntail kept\n")
+    result = _run(
+        "--engines",
+        "native",
+        "--peers",
+        "ngtcp2",
+        "--tests",
+        "handshake",
+        "--quick",
+        "--no-install",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--output",
+        str(doc),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed, 0 failed, 0 unsupported" in result.stdout
+    text = doc.read_text()
+    assert text.startswith("# notes kept") and text.rstrip().endswith("tail kept")
+    assert "old" not in text
+    assert "| quicmesh-native → ngtcp2 | ✓ |" in text
+    assert "| ngtcp2 → quicmesh-native | ✓ |" in text
+    assert "load average" in text
+    assert (tmp_path / "logs" / "ngtcp2_quicmesh-native" / "handshake" / "result.json").is_file()
