@@ -8,7 +8,10 @@ loopback (a 1 KB body and a large file):
   processes as in examples/ (client -> sidecar A outbound -> the transport ->
   sidecar B inbound -> nginx), mutual TLS, access logs off;
   ``quic-native`` needs ``quicmesh._native`` and a sidecar that takes a
-  cluster's ``engine: native`` (checked with ``quicmesh sidecar --check``);
+  cluster's ``engine: native`` (checked with ``quicmesh sidecar --check``); it
+  runs with the sidecars' defaults, so the engine splices each flow itself
+  (``splice``); ``quic-native-pump`` is the same with ``splice: false`` on both
+  sidecars (the sidecar copies every byte in Python), for the comparison;
 * ``stunnel``: a stunnel4 pair, mutual TLS, one TLS connection per flow;
 * ``nghttpx``: an nghttpx pair, HTTP/1 in, one mutual-TLS HTTP/2 connection
   between the two, HTTP/1 to nginx.
@@ -78,9 +81,24 @@ from ._measure import (
 )
 
 LOOPBACK = "127.0.0.1"
-PATHS = ("direct", "quic-aioquic", "quic-native", "h2", "tcp", "stunnel", "nghttpx")
+PATHS = (
+    "direct",
+    "quic-aioquic",
+    "quic-native",
+    "quic-native-pump",
+    "h2",
+    "tcp",
+    "stunnel",
+    "nghttpx",
+)
 """Every path, in the default order."""
-SIDECAR_PATHS = {"quic-aioquic": "quic", "quic-native": "quic", "h2": "h2", "tcp": "tcp"}
+SIDECAR_PATHS = {
+    "quic-aioquic": "quic",
+    "quic-native": "quic",
+    "quic-native-pump": "quic",
+    "h2": "h2",
+    "tcp": "tcp",
+}
 LOOPS = ("asyncio", "uvloop")
 
 VARIANT_PATHS = ("quic-native",)
@@ -364,7 +382,7 @@ class Lab:
         if spec.base == "direct":
             return Proxies(self.backend.port, [])
         if spec.base in SIDECAR_PATHS:
-            if spec.base == "quic-native" and self.native_reason:
+            if spec.base.startswith("quic-native") and self.native_reason:
                 raise Unavailable(self.native_reason)
             return self._sidecars(spec)
         if spec.base == "stunnel":
@@ -381,9 +399,15 @@ class Lab:
                 raise Unavailable("uvloop is not installed: pip install uvloop") from None
         extra = ("--event-loop", spec.loop) if spec.loop else ()
         port_a, tunnel = free_port(), free_port()
-        engine = "native" if spec.base == "quic-native" else None
+        engine = "native" if spec.base.startswith("quic-native") else None
         config_a, config_b = sidecar_configs(
-            SIDECAR_PATHS[spec.base], engine, str(self.ca_dir), port_a, tunnel, self.backend.port
+            SIDECAR_PATHS[spec.base],
+            engine,
+            str(self.ca_dir),
+            port_a,
+            tunnel,
+            self.backend.port,
+            splice=False if spec.base == "quic-native-pump" else None,
         )
         threshold = _ack_variant(spec.variant or "")
         if threshold is not None:
@@ -478,10 +502,18 @@ def _start_pair(commands: list[tuple[str, list[str], int]]) -> list[subprocess.P
 
 
 def sidecar_configs(
-    transport: str, engine: str | None, ca_dir: str, port_a: int, tunnel: int, backend: int
+    transport: str,
+    engine: str | None,
+    ca_dir: str,
+    port_a: int,
+    tunnel: int,
+    backend: int,
+    *,
+    splice: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sidecar A (outbound listener on ``port_a``) and B (inbound on ``tunnel``,
-    forwarding only to the backend), as in examples/ with access logs off."""
+    forwarding only to the backend), as in examples/ with access logs off;
+    ``splice`` set on both (the cluster and the inbound listener) when given."""
     target = f"{LOOPBACK}:{backend}"
     cluster: dict[str, Any] = {
         "name": "backend",
@@ -492,6 +524,8 @@ def sidecar_configs(
     }
     if engine is not None:
         cluster["engine"] = engine
+    if splice is not None:
+        cluster["splice"] = splice
     a = {
         "node": {"name": "bench-a", "identity": IDENTITY_A},
         "tls": {"ca_dir": ca_dir},
@@ -523,6 +557,8 @@ def sidecar_configs(
     }
     if engine is not None:
         b["listeners"]["inbound"][0]["engine"] = engine
+    if splice is not None:
+        b["listeners"]["inbound"][0]["splice"] = splice
     return a, b
 
 
@@ -1014,7 +1050,9 @@ def _specs(args: argparse.Namespace) -> list[PathSpec]:
         bad = [e for e in engines if e not in ("aioquic", "native")]
         if bad:
             raise BenchError(f"--engines: unknown engine {bad[0]!r}: choose aioquic, native")
-        specs = [s for s in specs if not s.base.startswith("quic-") or s.base[5:] in engines]
+        specs = [
+            s for s in specs if not s.base.startswith("quic-") or s.base.split("-")[1] in engines
+        ]
     if not specs:
         raise BenchError("--paths: name at least one path")
     names = [s.name for s in specs]

@@ -845,6 +845,7 @@ class NativeConnection:
         state = self._streams.get(stream_id)
         return (
             state is not None
+            and hasattr(self._native, "splice")  # not an extension built before splicing
             and not state.splicing
             and not state.send_done
             and self.conn >= 0
