@@ -144,13 +144,11 @@ async def _offload(
     except (TunnelError, QuicmeshError, OSError) as exc:
         # The stream failed before the transport took the socket: reset both.
         stream.abort()
-        if detached.fileno() >= 0:
-            with contextlib.suppress(OSError):
-                detached.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            detached.close()
+        _reset_socket(detached)
         return SpliceResult(len(pending), 0, str(exc) or type(exc).__name__, offloaded=True)
     except asyncio.CancelledError:
-        stream.abort()  # the transport resets the socket too
+        stream.abort()  # once the transport has the socket, it resets it too
+        _reset_socket(detached)
         raise
     return SpliceResult(
         outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
@@ -159,6 +157,14 @@ async def _offload(
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 """struct linger {l_onoff=1, l_linger=0}: close() sends RST."""
+
+
+def _reset_socket(sock: socket.socket) -> None:
+    """Close ``sock`` with RST, unless it was already handed over (and closed here)."""
+    if sock.fileno() >= 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        sock.close()
 
 
 def _reset_tcp(writer: asyncio.StreamWriter) -> None:
