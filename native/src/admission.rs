@@ -175,12 +175,18 @@ pub fn count(shared: &Shared, counter: &'static str, source: SocketAddr) {
     shared.push(Event::Admission { counter, source });
 }
 
-/// Serve quinn's new connections on `endpoint` through `admission` until the endpoint closes.
+/// Makes one connection's own server configuration (e.g. with its qlog file), or None: the
+/// endpoint's.
+pub type ConfigFactory = Arc<dyn Fn() -> Option<Arc<quinn::ServerConfig>> + Send + Sync>;
+
+/// Serve quinn's new connections on `endpoint` through `admission` until the endpoint closes
+/// (`per_connection`: each admitted connection's configuration, when not the endpoint's).
 pub async fn serve(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     admission: Arc<Admission>,
     early_data: bool,
+    per_connection: Option<ConfigFactory>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let source = incoming.remote_address();
@@ -197,21 +203,27 @@ pub async fn serve(
             },
             // quinn decrypts the Initial here: one that does not (forged, corrupted) leaves
             // nothing behind and never takes a half-open slot.
-            Decision::Retry | Decision::Admit => match incoming.accept() {
-                Ok(connecting) => {
-                    let slot = admission.open(source.ip());
-                    let timeout = admission.config.handshake_timeout;
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(shared.accept(connecting, early_data, slot, timeout));
+            Decision::Retry | Decision::Admit => {
+                let accepted = match per_connection.as_ref().and_then(|make| make()) {
+                    Some(config) => incoming.accept_with(config),
+                    None => incoming.accept(),
+                };
+                match accepted {
+                    Ok(connecting) => {
+                        let slot = admission.open(source.ip());
+                        let timeout = admission.config.handshake_timeout;
+                        let shared = Arc::clone(&shared);
+                        tokio::spawn(shared.accept(connecting, early_data, slot, timeout));
+                    }
+                    Err(error) if undecryptable(&error) => {
+                        count(&shared, "initials_undecryptable", source);
+                    }
+                    Err(error) => {
+                        let (kind, message) = classify(&error);
+                        shared.push(Event::AcceptFailed { kind, message });
+                    }
                 }
-                Err(error) if undecryptable(&error) => {
-                    count(&shared, "initials_undecryptable", source);
-                }
-                Err(error) => {
-                    let (kind, message) = classify(&error);
-                    shared.push(Event::AcceptFailed { kind, message });
-                }
-            },
+            }
         }
     }
 }

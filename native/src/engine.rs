@@ -766,6 +766,8 @@ pub struct TransportOptions {
     /// many ack-eliciting packets (or its max_ack_delay); `None`: quinn's default, no
     /// ACK_FREQUENCY frames (the peer acknowledges every second packet).
     pub ack_eliciting_threshold: Option<u64>,
+    /// Write a qlog file (JSON-SEQ, quinn-proto's `qlog` feature) per connection here.
+    pub qlog_dir: Option<std::path::PathBuf>,
 }
 
 impl TransportOptions {
@@ -837,6 +839,27 @@ impl TransportOptions {
         }
         Ok(config)
     }
+
+    /// [`Self::build`] for one connection: with `qlog_dir`, its own qlog stream (quinn
+    /// writes a connection's events to the stream of the transport config it was made
+    /// with), in a new file named after `side` and `id`.
+    pub fn build_for_connection(
+        &self,
+        side: &str,
+        id: u64,
+    ) -> Result<Arc<quinn::TransportConfig>, String> {
+        let mut config = self.build()?;
+        if let Some(dir) = &self.qlog_dir {
+            let path = dir.join(format!("native-{side}-{}-{id}.sqlog", std::process::id()));
+            let file = std::fs::File::create(&path)
+                .map_err(|e| format!("cannot create qlog file {}: {e}", path.display()))?;
+            let mut qlog = quinn::QlogConfig::default();
+            qlog.writer(Box::new(file))
+                .title(Some(format!("quicmesh native {side} connection {id}")));
+            config.qlog_stream(qlog.into_stream());
+        }
+        Ok(Arc::new(config))
+    }
 }
 
 #[cfg(test)]
@@ -877,6 +900,32 @@ mod tests {
             ..Default::default()
         };
         assert!(huge_threshold.build().unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn qlog_files_are_made_per_connection() {
+        let dir = std::env::temp_dir().join(format!("quicmesh-qlog-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = TransportOptions {
+            qlog_dir: Some(dir.clone()),
+            ..Default::default()
+        };
+        options.build_for_connection("client", 7).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("native-client-") && names[0].ends_with("-7.sqlog"));
+        let missing = TransportOptions {
+            qlog_dir: Some(dir.join("missing")),
+            ..Default::default()
+        };
+        assert!(missing
+            .build_for_connection("server", 1)
+            .unwrap_err()
+            .contains("cannot create qlog file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -208,6 +208,7 @@ struct Endpoint {
     wake: UnixStream,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
+    options: TransportOptions,
     early_data: bool,
     /// (server) The half-open connections and the caps on them.
     admission: Option<Arc<Admission>>,
@@ -227,7 +228,7 @@ impl Endpoint {
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
         congestion=None, early_data=false, reset_key=None, retry="auto", retry_threshold=64,
         max_half_open=1024, max_half_open_per_source=128, handshake_timeout=10.0,
-        initial_mtu=None, mtu_discovery_max=None, ack_eliciting_threshold=None
+        initial_mtu=None, mtu_discovery_max=None, ack_eliciting_threshold=None, qlog_dir=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -257,6 +258,7 @@ impl Endpoint {
         initial_mtu: Option<u16>,
         mtu_discovery_max: Option<u16>,
         ack_eliciting_threshold: Option<u64>,
+        qlog_dir: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let admission = AdmissionConfig {
@@ -280,8 +282,15 @@ impl Endpoint {
             initial_mtu,
             mtu_discovery_max,
             ack_eliciting_threshold,
+            qlog_dir,
         };
         let transport = Arc::new(options.build().map_err(config_error)?);
+        if let Some(dir) = options.qlog_dir.as_ref().filter(|dir| !dir.is_dir()) {
+            return Err(config_error(format!(
+                "qlog_dir {} is not a folder",
+                dir.display()
+            )));
+        }
         let chain = pem_certificates(cert_chain_pem, "certificate chain")?;
         let key = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| config_error(format!("private key: not a PEM private key: {e}")))?;
@@ -389,6 +398,7 @@ impl Endpoint {
             }
             None => quinn::EndpointConfig::default(),
         };
+        let qlog_server = server_config.clone().filter(|_| options.qlog_dir.is_some());
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             server_config,
@@ -400,11 +410,25 @@ impl Endpoint {
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         let admission = server.then(|| Admission::new(admission));
         if let Some(admission) = &admission {
+            // With qlog, each connection gets its own configuration (its own file); a file
+            // that cannot be made (the folder was checked above) costs the connection its
+            // qlog, not its service.
+            let per_connection: Option<admission::ConfigFactory> = qlog_server.map(|base| {
+                let options = options.clone();
+                let ids = Arc::clone(&shared);
+                Arc::new(move || {
+                    let transport = options.build_for_connection("server", ids.next_id()).ok()?;
+                    let mut config = base.clone();
+                    config.transport_config(transport);
+                    Some(Arc::new(config))
+                }) as admission::ConfigFactory
+            });
             rt.spawn(admission::serve(
                 endpoint.clone(),
                 Arc::clone(&shared),
                 Arc::clone(admission),
                 early_data,
+                per_connection,
             ));
         }
         Ok(Endpoint {
@@ -413,6 +437,7 @@ impl Endpoint {
             wake,
             client_crypto,
             transport,
+            options,
             early_data,
             admission,
         })
@@ -466,15 +491,22 @@ impl Endpoint {
         // quinn starts the connection's driver task here: it needs the runtime's context.
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
+        let token = self.shared.next_id();
+        let transport = if self.options.qlog_dir.is_some() {
+            self.options
+                .build_for_connection("client", token)
+                .map_err(config_error)?
+        } else {
+            Arc::clone(&self.transport)
+        };
         let mut config = quinn::ClientConfig::new(crypto);
-        config.transport_config(Arc::clone(&self.transport));
+        config.transport_config(transport);
         let connecting = self
             .endpoint
             .connect_with(config, address, server_name)
             .map_err(|e| {
                 quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
             })?;
-        let token = self.shared.next_id();
         let shared = Arc::clone(&self.shared);
         let connecting = if self.early_data {
             match connecting.into_0rtt() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from quic_helpers import require_engine
@@ -144,3 +145,35 @@ def test_ack_eliciting_threshold_out_of_range_is_refused(value: int) -> None:
         quicmesh.QuicTransport(
             identity=MESH.server, trust=MESH.ca.trust_bundle, ack_eliciting_threshold=value
         )
+
+
+def test_native_qlog_writes_one_file_per_connection_on_each_side(tmp_path: Path) -> None:
+    """qlog_dir on the native engine: quinn-proto's qlog (JSON-SEQ), one file per
+    connection, client and server, with the packets of the exchange in it."""
+    import json
+
+    async def main() -> None:
+        client_stats, _ = await _upload(
+            _native(qlog_dir=str(tmp_path)), _native(identity=MESH.server, qlog_dir=str(tmp_path))
+        )
+        assert client_stats["packets_sent"] > 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert [name.split("-")[1] for name in files] == ["client", "server"], files
+    for path in tmp_path.iterdir():
+        records = [
+            json.loads(record) for record in path.read_text().split("\x1e") if record.strip()
+        ]
+        assert "qlog_version" in records[0]
+        names = {record.get("name") for record in records[1:]}
+        assert "transport:packet_sent" in names and "transport:packet_received" in names, names
+
+
+def test_native_qlog_dir_must_be_a_folder(tmp_path: Path) -> None:
+    async def main() -> None:
+        client = _native(qlog_dir=str(tmp_path / "missing"))
+        with pytest.raises(quicmesh.QuicmeshError, match=r"qlog_dir .* is not a folder"):
+            await client.connect(("127.0.0.1", 9))
+
+    asyncio.run(asyncio.wait_for(main(), 30))

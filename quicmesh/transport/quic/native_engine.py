@@ -93,7 +93,10 @@ rather than pretending:
   :data:`MTU_DISCOVERY_MAX`; ``ack_eliciting_threshold`` asks a native peer
   (ACK_FREQUENCY frames, draft-ietf-quic-ack-frequency) to acknowledge every
   N+1 ack-eliciting packets instead of every second one.
-* Not used: ``qlog_dir``. An ICMP unreachable does not fail a connect at once
+* **qlog**: with ``qlog_dir``, quinn-proto's own qlog (its ``qlog`` feature,
+  JSON-SEQ) writes one file per connection there, named
+  ``native-{client|server}-{pid}-{n}.sqlog``.
+* An ICMP unreachable does not fail a connect at once
   (the endpoint's socket is not connected): it fails at its timeout.
 """
 
@@ -223,6 +226,7 @@ def _endpoint(
         ack_eliciting_threshold=(
             limits.ack_eliciting_threshold if limits.ack_eliciting_threshold != 1 else None
         ),
+        qlog_dir=limits.qlog_dir,
     )
     try:
         return native.Endpoint(address[0], address[1], **options, **newer)
@@ -235,8 +239,8 @@ def _endpoint(
         _STALE_WARNED = True
         logger.warning(
             "quicmesh._native is older than this quicmesh: the listener admission "
-            "limits and the packet settings (initial_mtu, mtu_discovery_max, "
-            "ack_eliciting_threshold; older still, the stateless reset key) are not "
+            "limits, the packet settings (initial_mtu, mtu_discovery_max, "
+            "ack_eliciting_threshold) and qlog_dir (older still, the stateless reset key) are not "
             "applied; rebuild it (pip install -e .)"
         )
     try:
