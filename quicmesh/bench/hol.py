@@ -179,6 +179,8 @@ class Settings:
     stall_measure: float
     engine: str = "aioquic"
     """The QUIC engine of the quic variants (both ends)."""
+    send_window: int | None = None
+    """(native engine) quinn's send_window on both ends (None: its default)."""
 
 
 # -- planning -------------------------------------------------------------------------
@@ -333,7 +335,11 @@ def execute(spec: RunSpec, settings: Settings, ca_dir: str, scratch: Path) -> di
         stall_flow=0 if stall else None,
         stall_after=measure / 2,
         seed=spec.seed,
-        transport_options={"engine": settings.engine} if spec.variant.transport == "quic" else {},
+        transport_options=(
+            {"engine": settings.engine, "send_window": settings.send_window}
+            if spec.variant.transport == "quic"
+            else {}
+        ),
         **spec.variant.worker_fields(),
     )
     result_path = scratch / "client.json"
@@ -695,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured seconds of a stall run (default 10s; quick 6s)",
     )
     add_engine_argument(parser)
+    parser.add_argument(
+        "--send-window",
+        type=int,
+        default=None,
+        help="native engine: QuicTransport(send_window=BYTES) on both ends (default quinn's)",
+    )
     return parser
 
 
@@ -720,6 +732,8 @@ def _apply_defaults(args: argparse.Namespace) -> Settings:
     problem = engine_problem(args.engine)
     if problem is not None:
         raise ValueError(problem)
+    if args.send_window is not None and args.engine != "native":
+        raise ValueError("--send-window applies to --engine native only")
     if args.request_size < 24 or args.response_size < 40:
         raise ValueError("--request-size must be >= 24 and --response-size >= 40 bytes")
     return Settings(
@@ -733,6 +747,7 @@ def _apply_defaults(args: argparse.Namespace) -> Settings:
         seeds=seeds,
         stall_measure=stall,
         engine=args.engine,
+        send_window=args.send_window,
     )
 
 

@@ -200,6 +200,9 @@ class EngineLimits:
         derived from (HMAC-SHA256 of the connection ID, first 16 bytes:
         :func:`quicmesh._aioquic.stateless_reset_token`), so they survive restarts.
     :param alpn: ALPN protocols offered / accepted (HTTP/3).
+    :param send_window: (native engine) bytes of stream data the engine holds
+        unacknowledged over all streams (quinn's ``send_window``; None: quinn's
+        default, about 10 MB).
     :param keep_alive: (socket engines) seconds of silence after which the engine
         PINGs the peer itself (None: never); datagram engines leave this to the
         driver's liveness rules.
@@ -225,6 +228,7 @@ class EngineLimits:
     ack_eliciting_threshold: int = 1
     alpn: tuple[str, ...] = ("h3",)
     keep_alive: float | None = None
+    send_window: int | None = None
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_early_data: int = DEFAULT_MAX_EARLY_DATA
 

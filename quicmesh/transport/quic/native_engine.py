@@ -202,6 +202,7 @@ def _endpoint(
         "alpn": [protocol.encode() for protocol in limits.alpn],
         "server": server,
         "stream_receive_window": limits.stream_window,
+        "send_window": limits.send_window,
         "receive_window": limits.connection_window,
         "idle_timeout": limits.idle_timeout,
         "keep_alive": limits.keep_alive,

@@ -123,6 +123,12 @@ class QuicTransport(Transport):
     :param mtu_discovery: (native engine) path MTU discovery (DPLPMTUD, RFC 8899 /
         RFC 9000 14.3, quinn's): probe for datagrams up to 1452 bytes of UDP payload
         and fall back to 1200 when they stop arriving. aioquic has none.
+    :param send_window: (native engine) bytes of stream data quinn holds
+        unacknowledged over all streams (None: quinn's default, about 10 MB). A bulk
+        stream can fill it, and a new write on another stream then waits for it to
+        drain: smaller bounds that head-of-line wait (docs/performance.md: 256 KiB
+        took quic-bbr's p99 next to a bulk flow from 1.54x to 0.69x h2-bbr's) but
+        caps throughput at about send_window per round trip.
     :param ack_eliciting_threshold: (native engine) ack-eliciting packets a native
         peer may receive before it must acknowledge (ACK_FREQUENCY frames,
         draft-ietf-quic-ack-frequency; it still acknowledges within its
@@ -188,6 +194,7 @@ class QuicTransport(Transport):
         max_datagram_size: int = 1200,
         mtu_discovery: bool = True,
         ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD,
+        send_window: int | None = None,
         admission: AdmissionConfig | None = None,
         stateless_reset_key: bytes | None = None,
         keepalive_interval: float | None = 1.0,
@@ -243,6 +250,9 @@ class QuicTransport(Transport):
                 f"not {ack_eliciting_threshold}"
             )
         self.ack_eliciting_threshold = ack_eliciting_threshold
+        if send_window is not None and not 16 * 1024 <= send_window <= 1 << 40:
+            raise ConfigError(f"send_window must be 16 KiB to 1 TiB, not {send_window}")
+        self.send_window = send_window
         if not idle_timeout > 0:
             raise ConfigError(f"idle_timeout must be positive seconds, not {idle_timeout}")
         self.liveness = LivenessConfig(
@@ -291,6 +301,7 @@ class QuicTransport(Transport):
             stateless_reset_key=self.stateless_reset_key,
             alpn=tuple(H3_ALPN),
             keep_alive=self.liveness.keepalive_interval,
+            send_window=self.send_window,
             admission=self.admission,
             max_early_data=self.max_early_data,
         )
