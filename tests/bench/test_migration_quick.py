@@ -17,6 +17,18 @@ from quicmesh.bench import migration
 from tests.quic_helpers import require_engine
 
 
+def test_quick_run_on_the_native_engine_keeps_quic_flows(tmp_path: Path) -> None:
+    """``--engine native``: the same cases with quinn under QuicTransport."""
+    require_engine("native")
+    report = tmp_path / "migration.json"
+    argv = ["--quick", "--duration", "1", "--cases", "quic-migrate,quic-rebind"]
+    assert migration.main([*argv, "--engine", "native", "--json", str(report)]) == 0
+    rows = {row["case"]: row for row in json.loads(report.read_text())["rows"]}
+    for case in ("quic-migrate", "quic-rebind"):
+        assert rows[case]["flows_lost"] == 0
+        assert rows[case]["stall_ms"] is not None
+
+
 def test_quick_run_keeps_quic_flows_and_loses_h2_ones(tmp_path: Path) -> None:
     report = tmp_path / "migration.json"
     assert migration.main(["--quick", "--duration", "1", "--json", str(report)]) == 0
@@ -31,18 +43,6 @@ def test_quick_run_keeps_quic_flows_and_loses_h2_ones(tmp_path: Path) -> None:
 @pytest.mark.parametrize("argv", [["--rtt", "-1"], ["--flows", "0"], ["--cases", "tcp"]])
 def test_bad_options_exit_2(argv: list[str]) -> None:
     assert migration.main(argv) == 2
-
-
-def test_quick_run_on_the_native_engine_keeps_quic_flows(tmp_path: Path) -> None:
-    """``--engine native``: the same cases with quinn under QuicTransport."""
-    require_engine("native")
-    report = tmp_path / "migration.json"
-    argv = ["--quick", "--duration", "1", "--cases", "quic-migrate,quic-rebind"]
-    assert migration.main([*argv, "--engine", "native", "--json", str(report)]) == 0
-    rows = {row["case"]: row for row in json.loads(report.read_text())["rows"]}
-    for case in ("quic-migrate", "quic-rebind"):
-        assert rows[case]["flows_lost"] == 0
-        assert rows[case]["stall_ms"] is not None
 
 
 @pytest.mark.parametrize("bench", ["migration", "ttfb", "congestion", "hol"])
