@@ -129,10 +129,10 @@ def make_pair(
 ) -> tuple[Side, Side]:
     """A client and a server QuicConnection (with H3TunnelSessions if ``sessions``)."""
     client_transport = client_transport or QuicTransport(
-        identity=CLIENT_IDENTITY, trust=CA.trust_bundle
+        identity=CLIENT_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
     )
     server_transport = server_transport or QuicTransport(
-        identity=SERVER_IDENTITY, trust=CA.trust_bundle
+        identity=SERVER_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
     )
     client_quic = MeshQuicConnection(configuration=client_transport.configuration(is_client=True))
     server_quic = MeshQuicConnection(
@@ -207,7 +207,8 @@ def test_server_gets_client_certificate_only_with_the_hook() -> None:
     other = DevCA()
     stranger = other.issue("spiffe://mesh.local/ns/default/sa/stranger")
     _, server = make_pair(
-        Clock(), client_transport=QuicTransport(identity=stranger, trust=CA.trust_bundle)
+        Clock(),
+        client_transport=QuicTransport(identity=stranger, trust=CA.trust_bundle, engine="aioquic"),
     )
     certificate, chain = _aioquic.peer_certificate(server.quic)
     assert certificate == stranger.certificate
@@ -220,8 +221,12 @@ async def _connect_and_open(server_identity: Any, client_identity: Any) -> None:
         await stream.read(-1)
         stream.close()
 
-    listen_transport = QuicTransport(identity=server_identity, trust=CA.trust_bundle)
-    connect_transport = QuicTransport(identity=client_identity, trust=CA.trust_bundle)
+    listen_transport = QuicTransport(
+        identity=server_identity, trust=CA.trust_bundle, engine="aioquic"
+    )
+    connect_transport = QuicTransport(
+        identity=client_identity, trust=CA.trust_bundle, engine="aioquic"
+    )
     listener = await listen_transport.listen(("127.0.0.1", 0), handler)
     try:
         connection = await connect_transport.connect(listener.address, timeout=5)
@@ -271,6 +276,7 @@ def _receiver_with_flow_control(
         trust=CA.trust_bundle,
         stream_window=stream_window,
         connection_window=connection_window,
+        engine="aioquic",
     )
     client, server = make_pair(clock, server_transport=server_transport)
     flow = _aioquic.ReadDrivenFlowControl(server.quic, stream_window, connection_window)
@@ -524,8 +530,12 @@ async def _echo(stream: Any) -> None:
 
 
 async def _open_beyond_the_limit() -> None:
-    server_transport = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle, max_streams=4)
-    client_transport = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle)
+    server_transport = QuicTransport(
+        identity=SERVER_IDENTITY, trust=CA.trust_bundle, max_streams=4, engine="aioquic"
+    )
+    client_transport = QuicTransport(
+        identity=CLIENT_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    )
     listener = await server_transport.listen(("127.0.0.1", 0), _echo)
     connection = await client_transport.connect(listener.address)
     try:
@@ -612,8 +622,12 @@ async def _abort_both_ways() -> None:
             assert await stream.readexactly(2) == b"go"
             stream.abort(ResetReason.CONNECT_ERROR)
 
-    server_transport = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle)
-    client_transport = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle)
+    server_transport = QuicTransport(
+        identity=SERVER_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    )
+    client_transport = QuicTransport(
+        identity=CLIENT_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    )
     listener = await server_transport.listen(("127.0.0.1", 0), handler)
     connection = await client_transport.connect(listener.address)
     try:
@@ -796,16 +810,16 @@ def _ping_only_initial(client: QuicConnection) -> bytes:
 @pytest.mark.parametrize("tolerant", [True, False])
 def test_server_survives_an_initial_without_crypto(tolerant: bool) -> None:
     clock = Clock()
-    client_config = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle).configuration(
-        is_client=True
-    )
+    client_config = QuicTransport(
+        identity=CLIENT_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    ).configuration(is_client=True)
     client = MeshQuicConnection(configuration=client_config)
     client.connect(SERVER_ADDR, now=clock.now)
     lost_client_hello = client.datagrams_to_send(now=clock.now)
     assert lost_client_hello  # dropped on the way: never delivered
-    server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
-        is_client=False
-    )
+    server_config = QuicTransport(
+        identity=SERVER_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    ).configuration(is_client=False)
     # MeshQuicConnection tolerates it; aioquic's own class is the control.
     server_class = MeshQuicConnection if tolerant else QuicConnection
     server = server_class(
@@ -849,16 +863,16 @@ def test_handshake_probe_carries_the_ack_that_was_lost(repeat: bool) -> None:
     from aioquic.quic.packet import pull_quic_header
 
     clock = Clock()
-    client_config = QuicTransport(identity=CLIENT_IDENTITY, trust=CA.trust_bundle).configuration(
-        is_client=True
-    )
+    client_config = QuicTransport(
+        identity=CLIENT_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    ).configuration(is_client=True)
     client_config.quic_logger = QuicLogger()
     # MeshQuicConnection repeats the ACK; aioquic's own class is the control.
     client = (MeshQuicConnection if repeat else QuicConnection)(configuration=client_config)
     client.connect(SERVER_ADDR, now=clock.now)
-    server_config = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle).configuration(
-        is_client=False
-    )
+    server_config = QuicTransport(
+        identity=SERVER_IDENTITY, trust=CA.trust_bundle, engine="aioquic"
+    ).configuration(is_client=False)
     server = MeshQuicConnection(
         configuration=server_config,
         original_destination_connection_id=client._peer_cid.cid,

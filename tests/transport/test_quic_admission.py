@@ -62,13 +62,19 @@ async def exchange(transport: QuicTransport, address: Any, payload: bytes) -> by
     return data
 
 
+# These tests look inside aioquic's listener (BatchingQuicServer, its admission and
+# routing table) and forge Initials with aioquic: they run on aioquic whatever the
+# default engine (the native engine's admission runs in Rust, tests/native).
 def _client() -> QuicTransport:
-    return QuicTransport(identity=CLIENT, trust=CA.trust_bundle)
+    return QuicTransport(identity=CLIENT, trust=CA.trust_bundle, engine="aioquic")
 
 
 def _server(**admission: Any) -> QuicTransport:
     return QuicTransport(
-        identity=SERVER, trust=CA.trust_bundle, admission=AdmissionConfig(**admission)
+        identity=SERVER,
+        trust=CA.trust_bundle,
+        admission=AdmissionConfig(**admission),
+        engine="aioquic",
     )
 
 
