@@ -150,7 +150,11 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
         return
     ca = DevCA.load(ca_dir)
     identity = Identity.from_files(Path(ca_dir) / "attacker.pem", Path(ca_dir) / "attacker.key")
-    conn = await QuicTransport(identity=identity, trust=ca.trust_bundle).connect(address)
+    # The qpack and churn attackers write frames straight into aioquic's connection
+    # (conn.quic), so they run on aioquic whatever the default engine; the listener
+    # and the good traffic run on the default one.
+    attacker = QuicTransport(identity=identity, trust=ca.trust_bundle, engine="aioquic")
+    conn = await attacker.connect(address)
     if probe == "qpack":
         quic = conn.quic
         insert, frame = qpack_bomb()
