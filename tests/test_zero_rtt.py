@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import quic_helpers
 from aioquic.tls import CipherSuite, SessionTicket
 from quic_helpers import (
     CA,
     SERVER,
     Recorder,
-    client_transport,
     exchange,
     run,
-    server_transport,
     until,
     zero_rtt_bytes,
 )
@@ -31,6 +30,19 @@ from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
 from quicmesh.transport.tickets import IssuedTicket, TicketCache, TicketStore
 
 RNG = random.Random(6)
+
+
+# These tests drive aioquic's 0-RTT: the transport's TicketCache and TicketStore
+# (which the native engine does not use: rustls keeps its tickets), aioquic's
+# SessionTicket and its 0-RTT packets. They run on aioquic whatever the default
+# engine; the native engine's 0-RTT is tested in tests/native and
+# tests/transport/test_quic_engines.py.
+def client_transport(**kwargs: Any) -> QuicTransport:
+    return quic_helpers.client_transport(engine="aioquic", **kwargs)
+
+
+def server_transport(identity: Any = SERVER, **kwargs: Any) -> QuicTransport:
+    return quic_helpers.server_transport(identity, engine="aioquic", **kwargs)
 
 
 async def prime(client: QuicTransport, address: tuple[str, int]) -> None:
