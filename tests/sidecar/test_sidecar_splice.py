@@ -118,6 +118,7 @@ class SpliceMesh:
                 "name": "mesh_aioquic",
                 "address": addr(self.ports["aioquic"]),
                 "transports": ["quic"],
+                "engine": "aioquic",
                 "destinations": [app],
             },
             {
