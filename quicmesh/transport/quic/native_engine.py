@@ -257,20 +257,17 @@ _STALE_WARNED = False
 H3_REQUEST_CANCELLED_CODE = 0x10C
 """The code a spliced flow is reset with when Python abandons it."""
 
-_CARRIER: socket.socket | None = None
 _TOKENS = itertools.count(1)
 
 
 def _hand_socket(sock: socket.socket) -> int:
     """Send ``sock``'s descriptor to the engine (SCM_RIGHTS over the extension's Unix
     socket pair, with a token the engine checks); close ours. Returns the token."""
-    global _CARRIER
-    if _CARRIER is None:
-        fd = os.dup(_extension().fd_carrier())
-        _CARRIER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=fd)
     token = next(_TOKENS)
+    carrier_fd = os.dup(_extension().fd_carrier())
     try:
-        socket.send_fds(_CARRIER, [token.to_bytes(8, "little")], [sock.fileno()])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=carrier_fd) as carrier:
+            socket.send_fds(carrier, [token.to_bytes(8, "little")], [sock.fileno()])
     finally:
         sock.close()
     return token
