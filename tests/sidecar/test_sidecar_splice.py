@@ -32,6 +32,7 @@ from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
 from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
 
 BANNER = b"+READY\n"
+HOLDING = b"+HOLDING\n"
 
 
 class _App(socketserver.StreamRequestHandler):
@@ -41,7 +42,8 @@ class _App(socketserver.StreamRequestHandler):
     * ``download N``: send N bytes (a counter pattern) and half-close, then read until
       EOF and record what came (the other direction stays open after a FIN);
     * ``rst``: close with RST at once;
-    * ``hold NAME``: read until EOF or an error and record which (``eof`` / ``reset``).
+    * ``hold NAME``: say ``+HOLDING``, read until EOF or an error and record which
+      (``eof`` / ``reset``).
     """
 
     server: _AppServer
@@ -65,6 +67,7 @@ class _App(socketserver.StreamRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
         elif line[0] == "hold":
+            sock.sendall(HOLDING)  # the command is read: a reset now reaches the loop below
             try:
                 while self.rfile.read1(65536):
                     pass
@@ -315,7 +318,8 @@ def test_half_close_both_ways_and_resets_both_ways(workdir: Path, app: _AppServe
 
         async def app_resets() -> None:
             reader, writer = await open_flow(port, "hold app-rst")
-            assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 20) == BANNER
+            answer = await asyncio.wait_for(reader.readexactly(len(BANNER + HOLDING)), 20)
+            assert answer == BANNER + HOLDING
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
