@@ -10,6 +10,8 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 * ``("stream_accepted", conn, stream, bidirectional)``
 * ``("data", conn, stream, data, fin)``: the answer to one :meth:`Endpoint.read`
 * ``("written", conn, stream, count)``: quinn took ``count`` more bytes
+* ``("send_acked", conn, stream)``: a finished stream's data and FIN were all
+  acknowledged (where ``SEND_ACKED_EVENTS``)
 * ``("reset_received", conn, stream, code)`` / ``("stop_sending_received", conn, stream, code)``
 * ``("read_paused", conn, stream)``: after :meth:`Endpoint.pause_read`, behind every
   ``data`` event of the stream
@@ -24,6 +26,7 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 from typing import Any
 
 QUINN_VERSION: str
+SEND_ACKED_EVENTS: bool
 
 def spiffe_id_problem(value: str) -> str | None: ...
 def fd_carrier() -> int: ...

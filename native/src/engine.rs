@@ -199,6 +199,9 @@ pub enum Event {
     },
     /// `bytes` more of a stream's writes were taken by quinn (within the peer's credit).
     Written { conn: u64, stream: u64, bytes: u64 },
+    /// Every byte of a finished stream, and its FIN, were acknowledged by the peer: quinn
+    /// holds nothing more for it (until then, closing the connection would lose its tail).
+    SendAcked { conn: u64, stream: u64 },
     /// The peer reset the stream (RESET_STREAM) with `code`.
     ResetReceived { conn: u64, stream: u64, code: u64 },
     /// The peer asked us to stop sending (STOP_SENDING) with `code`.
@@ -580,8 +583,12 @@ impl Shared {
                     });
                     break;
                 }
-                // All data acknowledged after FIN, or the connection is gone (its Closed event
-                // tells Python), or the stream was already closed.
+                Step::Stopped(Ok(None)) if finished => {
+                    self.push(Event::SendAcked { conn, stream });
+                    break;
+                }
+                // The connection is gone (its Closed event tells Python), or the stream was
+                // already closed.
                 Step::Wrote(Err(_)) | Step::Stopped(_) => break,
             }
             if finishing && !finished && queue.is_empty() {

@@ -146,6 +146,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             stream,
             bytes,
         } => ("written", conn, stream, bytes).into_py_any(py),
+        Event::SendAcked { conn, stream } => ("send_acked", conn, stream).into_py_any(py),
         Event::ResetReceived { conn, stream, code } => {
             ("reset_received", conn, stream, code).into_py_any(py)
         }
@@ -919,5 +920,7 @@ fn native_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(fd_carrier, module)?)?;
     module.add_function(wrap_pyfunction!(h3_deframe, module)?)?;
     module.add("QUINN_VERSION", "0.11")?;
+    // Streams report ("send_acked", conn, stream) once their FIN and data were acknowledged.
+    module.add("SEND_ACKED_EVENTS", true)?;
     Ok(())
 }

@@ -302,3 +302,39 @@ def test_native_congestion_controls_carry_a_bulk_and_report_their_stats(
         await server.aclose()
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_graceful_close_waits_until_the_peer_has_every_byte(engine: str) -> None:
+    # The server answers and finishes at once, so the client's stream is done on
+    # both sides while most of its upload is still in its engine's send buffer:
+    # aclose() must wait until the peer acknowledged it (the native engine once
+    # closed as soon as the FIN was queued, and the upload lost its tail).
+    payload = random.Random(7).randbytes(4 << 20)
+    uploads: list[asyncio.Future[bytes]] = []
+
+    async def handler(stream: object) -> None:
+        stream.accept()  # type: ignore[attr-defined]
+        stream.write_eof()  # type: ignore[attr-defined]
+        uploads[0].set_result(await stream.read())  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        uploads.append(asyncio.get_running_loop().create_future())
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await transport(engine).connect(listener.address)
+        try:
+            stream = await conn.open_stream(TARGET)
+            stream.write(payload)
+            stream.write_eof()
+            assert await stream.read() == b""
+            await conn.aclose()
+            got = await asyncio.wait_for(uploads[0], 10)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())

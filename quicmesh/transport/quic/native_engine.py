@@ -404,6 +404,9 @@ class _Stream:
     """Bytes written that quinn has not taken yet (``written`` events)."""
     send_done: bool = False
     """FIN queued, reset sent, or STOP_SENDING received."""
+    fin_unacked: bool = False
+    """FIN queued and not yet acknowledged with all the data before it (``send_acked``):
+    quinn still holds bytes of the stream, which a connection close would lose."""
     recv_done: bool = False
     """FIN or RESET_STREAM received, or STOP_SENDING sent."""
     reading: bool = False
@@ -485,6 +488,9 @@ class NativeConnection:
         self._is_client = is_client
         self._events: list[Any] = []
         self._streams: dict[int, _Stream] = {}
+        self._acks_reported = bool(getattr(_NATIVE, "SEND_ACKED_EVENTS", False))
+        """Whether the extension reports ``send_acked`` (one built before it does not:
+        a graceful close then waits only for FINs to be queued, as before)."""
         self._spare: dict[bool, int] = {}
         """Streams opened ahead by :meth:`get_next_available_stream_id`, by direction
         (True: unidirectional)."""
@@ -631,6 +637,10 @@ class NativeConnection:
             written = self._streams.get(stream_id)
             if written is not None:
                 written.unsent = max(0, written.unsent - count)
+        elif kind == "send_acked":
+            acked = self._streams.get(event[2])
+            if acked is not None:
+                acked.fin_unacked = False  # the driver's wake-up checks for idleness
         elif kind == "reset_received":
             _, _, stream_id, code = event
             self._stream(stream_id).recv_done = True
@@ -639,6 +649,7 @@ class NativeConnection:
             _, _, stream_id, code = event
             state = self._stream(stream_id)
             state.send_done = True
+            state.fin_unacked = False
             state.unsent = 0
             self._events.append(
                 quic_events.StopSendingReceived(error_code=code, stream_id=stream_id)
@@ -795,6 +806,7 @@ class NativeConnection:
             if end_stream:
                 self._native.finish(self.conn, stream_id)
                 state.send_done = True
+                state.fin_unacked = self._acks_reported
         except QuicmeshError:  # the stream or the connection ended: events follow
             # (a 0-RTT stream quinn just forgot is resent from the log instead)
             if early is None:
@@ -810,10 +822,11 @@ class NativeConnection:
             return
         if self._early_log is not None and stream_id in self._early_log:
             self._early_resets[stream_id] = error_code
-        if not state.send_done:
+        if not state.send_done or state.fin_unacked:
             with contextlib.suppress(QuicmeshError):
                 self._native.reset(self.conn, stream_id, error_code)
         state.send_done = True
+        state.fin_unacked = False
         state.unsent = 0
 
     def stop_stream(self, stream_id: int, error_code: int) -> None:
@@ -985,7 +998,7 @@ class NativeConnection:
     def has_request_streams(self) -> bool:
         """Whether a bidirectional stream is still open."""
         return any(
-            not stream_id & 2 and not (state.send_done and state.recv_done)
+            not stream_id & 2 and (not (state.send_done and state.recv_done) or state.fin_unacked)
             for stream_id, state in self._streams.items()
         )
 
