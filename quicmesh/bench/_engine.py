@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..transport.base import QUIC_ENGINE_NAMES, quic_engine_problem
+from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine, quic_engine_problem
 
 
 def add_engine_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--engine`` (default ``aioquic``)."""
+    """Add ``--engine`` (default: :func:`default_quic_engine`, native where its
+    extension is built, else aioquic)."""
+    default = default_quic_engine()
     parser.add_argument(
         "--engine",
-        default="aioquic",
-        help=f"QUIC engine of the quic cases: {', '.join(QUIC_ENGINE_NAMES)} (default aioquic)",
+        default=default,
+        help=f"QUIC engine of the quic cases: {', '.join(QUIC_ENGINE_NAMES)} "
+        f"(default here: {default})",
     )
 
 

@@ -60,7 +60,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from .. import DevCA, Identity, QuicTransport, TrustBundle
 from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
+from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
 from . import OneLineParser, source_state
 from ._engine import add_engine_argument, engine_problem
@@ -143,8 +144,9 @@ class ReceiverSetup:
     cert_chain_pem: bytes
     key_pem: bytes
     trust_pem: bytes
-    engine: str = "aioquic"
-    """The QUIC engine of the receiving listener (the senders' too)."""
+    engine: str = field(default_factory=default_quic_engine)
+    """The QUIC engine of the receiving listener (the senders' too; default: native
+    where its extension is built, else aioquic)."""
 
 
 class _Counters:
@@ -483,7 +485,7 @@ async def _quic_flow(
     identity: Identity,
     trust: TrustBundle,
     datagram_size: int | None,
-    engine: str = "aioquic",
+    engine: str | None = None,
 ) -> SenderResult:
     transport = QuicTransport(
         identity=identity,
@@ -496,7 +498,8 @@ async def _quic_flow(
     try:
         stream = await connection.open_stream(TARGET, headers={FLOW_HEADER: label})
         # quicmesh's BBRv3 model runs on aioquic; the native engine runs quinn's BBR.
-        probe = _BbrProbe(connection) if kind.controller == "bbr" and engine == "aioquic" else None
+        model = kind.controller == "bbr" and transport.engine.name == "aioquic"
+        probe = _BbrProbe(connection) if model else None
         rtts: list[float] = []
         lags: list[float] = []
         written = 0
@@ -555,7 +558,7 @@ async def run_senders(
     identity: Identity,
     trust: TrustBundle,
     datagram_size: int | None = None,
-    engine: str = "aioquic",
+    engine: str | None = None,
 ) -> tuple[list[SenderResult], float]:
     """Run the flows together; returns their results and the thread's CPU seconds."""
     cpu = time.thread_time()

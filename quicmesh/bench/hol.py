@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,6 +66,7 @@ from ..netem import (
 )
 from ..netem.system import NetemError, missing_privileges, write_sysctl
 from ..tls import DevCA
+from ..transport.base import default_quic_engine
 from . import OneLineParser, source_state
 from . import _hol_report as report
 from ._engine import add_engine_argument, engine_problem
@@ -177,8 +178,9 @@ class Settings:
     grace: float
     seeds: int
     stall_measure: float
-    engine: str = "aioquic"
-    """The QUIC engine of the quic variants (both ends)."""
+    engine: str = field(default_factory=default_quic_engine)
+    """The QUIC engine of the quic variants (both ends; default: native where its
+    extension is built, else aioquic)."""
     send_window: int | None = None
     """(native engine) quinn's send_window on both ends (None: its default)."""
 

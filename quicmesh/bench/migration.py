@@ -125,7 +125,7 @@ def _longest_gap(times: list[float], start: float, end: float) -> float:
 
 
 async def run_case(
-    case: str, rtt: float, flows: int, duration: float, engine: str = "aioquic"
+    case: str, rtt: float, flows: int, duration: float, engine: str | None = None
 ) -> Row:
     """Run one case and measure it (``engine``: the QUIC engine of the quic cases)."""
     ca = DevCA()

@@ -123,7 +123,7 @@ async def measure(
     client_side: _Side,
     host: str,
     block_udp: Callable[[bool], None] | None = None,
-    engine: str = "aioquic",
+    engine: str | None = None,
 ) -> list[Row]:
     """Run every case ``trials`` times against listeners bound on ``host``.
 
@@ -255,7 +255,7 @@ async def _wait_for_ticket(client: Transport, address: tuple[str, int]) -> None:
         await asyncio.sleep(0.005)
 
 
-def run_on_link(rtt: float, trials: int, cases: list[str], engine: str = "aioquic") -> list[Row]:
+def run_on_link(rtt: float, trials: int, cases: list[str], engine: str | None = None) -> list[Row]:
     """Measure behind a netem link with ``rtt`` (needs root)."""
     from ..netem import Link, LinkConfig
 

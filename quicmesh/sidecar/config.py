@@ -31,6 +31,7 @@ from ..transport.base import (
     ACK_ELICITING_THRESHOLD_MAX,
     DEFAULT_ACK_ELICITING_THRESHOLD,
     QUIC_ENGINE_NAMES,
+    default_quic_engine,
     quic_engine_problem,
 )
 from ..tunnel.connect import Target, parse_authority, parse_host_name, parse_port, parse_target
@@ -178,8 +179,9 @@ class InboundListenerConfig:
     max_stream_rate: int = 1000
     """(QUIC) New streams per second one peer identity may open (over all its
     connections), granted through QUIC stream credit."""
-    engine: str = "aioquic"
-    """(QUIC) The QUIC engine serving the listener: ``aioquic`` or ``native``."""
+    engine: str = field(default_factory=default_quic_engine)
+    """(QUIC) The QUIC engine serving the listener: ``native`` or ``aioquic`` (default:
+    native where its extension is built, else aioquic)."""
     max_datagram_size: int = 1200
     """(QUIC) UDP payload size the listener's connections send from the start (1200-1452)."""
     ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
@@ -303,8 +305,9 @@ class ClusterConfig:
     early_data: bool = False
     """QUIC only: resume with a cached ticket and send each new connection's first
     flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
-    engine: str = "aioquic"
-    """QUIC only: the QUIC engine of the cluster's connections, ``aioquic`` or ``native``."""
+    engine: str = field(default_factory=default_quic_engine)
+    """QUIC only: the QUIC engine of the cluster's connections, ``native`` or ``aioquic``
+    (default: native where its extension is built, else aioquic)."""
     ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
     """QUIC only, native engine: ack-eliciting packets a native peer may receive before
     it must acknowledge (draft-ietf-quic-ack-frequency; 1: RFC 9000's every second packet)."""
@@ -987,10 +990,11 @@ class _Loader:
         )
 
     def quic_engine(self, node: _Field, *, check_built: bool) -> str:
-        """``engine``: one of :data:`QUIC_ENGINE_NAMES` (default ``aioquic``); with
-        ``check_built``, one that can run here (the native one needs its extension)."""
+        """``engine``: one of :data:`QUIC_ENGINE_NAMES` (default: :func:`default_quic_engine`,
+        native where its extension is built, else aioquic); with ``check_built``, one that
+        can run here (the native one needs its extension)."""
         if node.value is None:
-            return "aioquic"
+            return default_quic_engine()
         name = node.choice(QUIC_ENGINE_NAMES)
         problem = quic_engine_problem(name) if check_built else None
         if problem is not None:

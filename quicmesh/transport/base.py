@@ -16,6 +16,7 @@ from its per-transport options (:mod:`quicmesh.transport.registry`).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -263,6 +264,28 @@ ACK_ELICITING_THRESHOLD_MAX = 1 << 20
 
 QUIC_ENGINE_NAMES = ("aioquic", "native")
 """The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
+
+
+_fallback_logged = False
+
+
+def default_quic_engine() -> str:
+    """The QUIC engine used where none is named (``QuicTransport()``, a sidecar
+    cluster or QUIC inbound listener without ``engine``, the demo, the benchmarks,
+    xDS clusters): ``"native"`` where the extension ``quicmesh._native`` is built
+    and imports, else ``"aioquic"`` (logged once at INFO). The one place that decides."""
+    global _fallback_logged
+    from .native import native_available  # the implementations import this module
+
+    if native_available():
+        return "native"
+    if not _fallback_logged:
+        _fallback_logged = True
+        logging.getLogger(__name__).info(
+            "the native QUIC engine is not built (no quicmesh._native): QUIC runs on aioquic "
+            "(README, 'The native engine and machines without Rust')"
+        )
+    return "aioquic"
 
 
 def quic_engine_problem(name: str) -> str | None:

@@ -7,9 +7,11 @@ the peer and a :class:`~quicmesh.transport.quic.connection.QuicPeerConnection`
 :meth:`QuicTransport.listen` binds a
 :class:`~quicmesh.transport.quic.listener.BatchingQuicServer` that makes one
 driver per accepted connection. The engine is chosen by name
-(:mod:`quicmesh.transport.quic.engine`); aioquic is the default. With a socket
-engine (``engine="native"``, :mod:`quicmesh.transport.quic.native_engine`) the
-engine owns the UDP sockets: :meth:`QuicTransport.connect` and
+(:mod:`quicmesh.transport.quic.engine`); the default is the native one where its
+extension is built, else aioquic
+(:func:`~quicmesh.transport.base.default_quic_engine`). With a socket engine
+(``engine="native"``, :mod:`quicmesh.transport.quic.native_engine`) the engine owns
+the UDP sockets: :meth:`QuicTransport.connect` and
 :meth:`QuicTransport.listen` ask it for a connection or a listener
 (:class:`~quicmesh.transport.quic.listener.SocketEngineListener`) and the same
 driver and HTTP/3 tunnel session run over it.
@@ -57,7 +59,7 @@ from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
 from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
-from ..base import Address, Authorizer, StreamHandler, Transport
+from ..base import Address, Authorizer, StreamHandler, Transport, default_quic_engine
 from ..liveness import LivenessConfig
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
@@ -155,11 +157,13 @@ class QuicTransport(Transport):
         is granted (:mod:`quicmesh.transport._stream_rate`; None: as fast as its
         streams end). Churn and rapid reset cost the listener no more than this.
     :param engine: the QUIC implementation, by name (:func:`.engine.get_engine`):
-        ``"aioquic"`` (the default, pure Python) or ``"native"`` (quinn + rustls in
-        Rust, when the extension is built; otherwise :class:`ConfigError` says how
-        to get it). An unknown name raises :class:`ValueError` naming the valid
-        ones. What the native engine does differently (tickets, liveness, the
-        settings it ignores) is in :mod:`quicmesh.transport.quic.native_engine`.
+        ``"native"`` (quinn + rustls in Rust, when the extension is built; otherwise
+        :class:`ConfigError` says how to get it) or ``"aioquic"`` (pure Python).
+        None (the default): :func:`~quicmesh.transport.base.default_quic_engine`,
+        native where the extension is built, else aioquic. An unknown name raises
+        :class:`ValueError` naming the valid ones. What the native engine does
+        differently (tickets, liveness, the settings it ignores) is in
+        :mod:`quicmesh.transport.quic.native_engine`.
 
     A client's UDP socket is connected to its peer, so the kernel reports ICMP
     port and host unreachable: :meth:`connect` then fails at once with
@@ -200,10 +204,12 @@ class QuicTransport(Transport):
         keepalive_interval: float | None = 1.0,
         max_probe_timeouts: int | None = 6,
         dead_after: float | None = 10.0,
-        engine: str = "aioquic",
+        engine: str | None = None,
         max_stream_rate: float | None = DEFAULT_STREAM_RATE,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
+        if engine is None:
+            engine = default_quic_engine()
         found = get_engine(engine)
         if found.io == "datagrams" and not isinstance(found, aioquic_engine.AioquicEngine):
             raise ConfigError(
