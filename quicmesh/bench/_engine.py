@@ -14,8 +14,7 @@ from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine, quic_engine
 
 
 def add_engine_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--engine`` (default: :func:`default_quic_engine`, native where its
-    extension is built, else aioquic)."""
+    """Add ``--engine`` (default: :func:`default_quic_engine`)."""
     default = default_quic_engine()
     parser.add_argument(
         "--engine",

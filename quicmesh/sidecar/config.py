@@ -181,7 +181,7 @@ class InboundListenerConfig:
     connections), granted through QUIC stream credit."""
     engine: str = field(default_factory=default_quic_engine)
     """(QUIC) The QUIC engine serving the listener: ``native`` or ``aioquic`` (default:
-    native where its extension is built, else aioquic)."""
+    :func:`~quicmesh.transport.base.default_quic_engine`)."""
     max_datagram_size: int = 1200
     """(QUIC) UDP payload size the listener's connections send from the start (1200-1452)."""
     ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
@@ -307,7 +307,7 @@ class ClusterConfig:
     flows as 0-RTT. Only for destinations that tolerate a replayed first flight."""
     engine: str = field(default_factory=default_quic_engine)
     """QUIC only: the QUIC engine of the cluster's connections, ``native`` or ``aioquic``
-    (default: native where its extension is built, else aioquic)."""
+    (default: :func:`~quicmesh.transport.base.default_quic_engine`)."""
     ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
     """QUIC only, native engine: ack-eliciting packets a native peer may receive before
     it must acknowledge (draft-ietf-quic-ack-frequency; 1: RFC 9000's every second packet)."""
@@ -990,9 +990,8 @@ class _Loader:
         )
 
     def quic_engine(self, node: _Field, *, check_built: bool) -> str:
-        """``engine``: one of :data:`QUIC_ENGINE_NAMES` (default: :func:`default_quic_engine`,
-        native where its extension is built, else aioquic); with ``check_built``, one that
-        can run here (the native one needs its extension)."""
+        """``engine``: one of :data:`QUIC_ENGINE_NAMES` (default: :func:`default_quic_engine`);
+        with ``check_built``, one that can run here (the native one needs its extension)."""
         if node.value is None:
             return default_quic_engine()
         name = node.choice(QUIC_ENGINE_NAMES)

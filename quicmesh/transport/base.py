@@ -17,11 +17,13 @@ from its per-transport options (:mod:`quicmesh.transport.registry`).
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream
 
@@ -266,19 +268,35 @@ QUIC_ENGINE_NAMES = ("aioquic", "native")
 """The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
 
 
+DEFAULT_ENGINE_VARIABLE = "QUICMESH_QUIC_ENGINE"
+"""The environment variable that names the QUIC engine used where none is named."""
+
+BUILT_IN_DEFAULT_ENGINE = "aioquic"
+"""The engine used where neither the configuration nor :data:`DEFAULT_ENGINE_VARIABLE`
+names one (docs/design.md, "Why the native engine is not the default yet")."""
+
 _fallback_logged = False
 
 
 def default_quic_engine() -> str:
     """The QUIC engine used where none is named (``QuicTransport()``, a sidecar
     cluster or QUIC inbound listener without ``engine``, the demo, the benchmarks,
-    xDS clusters): ``"native"`` where the extension ``quicmesh._native`` is built
-    and imports, else ``"aioquic"`` (logged once at INFO). The one place that decides."""
+    xDS clusters): the one ``QUICMESH_QUIC_ENGINE`` names, else
+    :data:`BUILT_IN_DEFAULT_ENGINE`; ``"native"`` falls back to ``"aioquic"`` where
+    the extension ``quicmesh._native`` is not built (logged once at INFO). The one
+    place that decides. An unknown name raises :class:`~quicmesh.errors.ConfigError`
+    naming the variable."""
     global _fallback_logged
     from .native import native_available  # the implementations import this module
 
-    if native_available():
-        return "native"
+    wanted = os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip() or BUILT_IN_DEFAULT_ENGINE
+    if wanted not in QUIC_ENGINE_NAMES:
+        raise ConfigError(
+            f"environment: {DEFAULT_ENGINE_VARIABLE}={wanted!r} is not a QUIC engine "
+            f"(one of {', '.join(QUIC_ENGINE_NAMES)})"
+        )
+    if wanted == "aioquic" or native_available():
+        return wanted
     if not _fallback_logged:
         _fallback_logged = True
         logging.getLogger(__name__).info(

@@ -26,6 +26,7 @@ from quicmesh.sidecar.config import (
     parse_destination,
     parse_duration,
 )
+from quicmesh.transport.base import default_quic_engine
 from quicmesh.tunnel.connect import parse_target
 
 SOURCE = "sidecar.yaml"
@@ -432,7 +433,9 @@ def test_quic_engine_per_cluster_and_per_listener() -> None:
     assert config.inbound[0].engine == "aioquic"
     document = mutate(["clusters", 0, "engine"], DELETE)
     del document["listeners"]["inbound"][0]["engine"]
-    assert load(document).cluster("reviews").engine == "aioquic"  # the default
+    defaulted = load(document)
+    assert defaulted.cluster("reviews").engine == default_quic_engine()  # the default
+    assert defaulted.inbound[0].engine == default_quic_engine()
     assert error_of(mutate(["clusters", 0, "engine"], "quiche")) == (
         "sidecar.yaml: clusters[0].engine: 'quiche' is not one of aioquic, native"
     )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from quic_helpers import require_engine
@@ -11,6 +15,11 @@ from quic_helpers import require_engine
 from quicmesh import DevCA
 from quicmesh._aioquic import MeshQuicConnection
 from quicmesh.errors import ConfigError
+from quicmesh.transport.base import (
+    BUILT_IN_DEFAULT_ENGINE,
+    DEFAULT_ENGINE_VARIABLE,
+    default_quic_engine,
+)
 from quicmesh.transport.quic import QuicTransport, engine, native_engine
 from quicmesh.transport.quic.aioquic_engine import AioquicEngine
 
@@ -26,11 +35,93 @@ def registry() -> Iterator[None]:
     engine._ENGINES.update(saved)
 
 
-def test_aioquic_is_the_default_engine() -> None:
+def test_the_default_engine_is_aioquic_unless_the_environment_names_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(DEFAULT_ENGINE_VARIABLE, raising=False)
+    assert default_quic_engine() == BUILT_IN_DEFAULT_ENGINE == "aioquic"
     transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
     assert isinstance(transport.engine, AioquicEngine)
     assert transport.engine.name == "aioquic" and transport.engine.io == "datagrams"
     assert "aioquic" in engine.engine_names()
+    require_engine("native")
+    monkeypatch.setenv(DEFAULT_ENGINE_VARIABLE, "native")
+    assert default_quic_engine() == "native"
+    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
+    assert isinstance(transport.engine, native_engine.NativeEngine)
+    assert transport.engine.name == "native" and transport.engine.io == "socket"
+    explicit = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="aioquic")
+    assert explicit.engine.name == "aioquic"
+
+
+FALLBACK = """
+import logging, sys
+sys.modules["quicmesh._native"] = None  # the extension is not built: importing it fails
+logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s")
+from quicmesh import DevCA
+from quicmesh.sidecar.config import parse_config
+from quicmesh.transport.base import default_quic_engine
+from quicmesh.transport.quic import QuicTransport
+ca = DevCA()
+identity = ca.issue("spiffe://mesh.local/ns/default/sa/client")
+print("default", default_quic_engine(), default_quic_engine())
+print("transport", QuicTransport(identity=identity, trust=ca.trust_bundle).engine.name)
+config = parse_config(sys.stdin.read(), source="sidecar.yaml")
+print("config", config.clusters[0].engine, config.inbound[0].engine)
+"""
+
+FALLBACK_CONFIG = """
+node: {name: a, identity: "spiffe://mesh.local/ns/default/sa/a"}
+tls: {ca_dir: ca}
+admin: {address: "127.0.0.1:15000"}
+listeners:
+  inbound:
+    - {name: mesh, address: "127.0.0.1:15008", transports: [quic], destinations: ["127.0.0.1:9080"]}
+clusters:
+  - {name: reviews, transport: quic, target: "127.0.0.1:9080", endpoints: ["127.0.0.1:15008"]}
+"""
+
+
+def test_without_the_extension_a_native_default_falls_back_to_aioquic_logged_once() -> None:
+    """A machine without Rust: no ``quicmesh._native``; with ``QUICMESH_QUIC_ENGINE=native``,
+    QuicTransport() and a sidecar config without ``engine`` run on aioquic, and the
+    fallback is logged once."""
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK],
+        input=FALLBACK_CONFIG,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, DEFAULT_ENGINE_VARIABLE: "native"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "default aioquic aioquic",
+        "transport aioquic",
+        "config aioquic aioquic",
+    ]
+    logged = [line for line in done.stderr.splitlines() if "QUIC engine is not built" in line]
+    assert len(logged) == 1 and logged[0].startswith("LOG INFO "), done.stderr
+
+
+def test_an_unknown_engine_in_the_environment_is_a_one_line_error(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(FALLBACK_CONFIG)
+    for command in (["bench", "hol", "--help"], ["sidecar", "--config", str(config), "--check"]):
+        done = subprocess.run(
+            ["quicmesh", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, DEFAULT_ENGINE_VARIABLE: "quiche"},
+        )
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines() == [
+            f"quicmesh {command[0]}: environment: QUICMESH_QUIC_ENGINE='quiche' is not a "
+            "QUIC engine (one of aioquic, native)"
+        ], done.stderr
 
 
 def test_unknown_engine_is_a_one_line_error_naming_the_valid_ones() -> None:
@@ -42,7 +133,7 @@ def test_unknown_engine_is_a_one_line_error_naming_the_valid_ones() -> None:
 
 
 def test_aioquic_connections_implement_the_engine_interface() -> None:
-    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
+    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="aioquic")
     quic = transport.engine.connect(
         transport.engine_limits(),
         engine.EngineTls(identity=IDENTITY, trust=CA.trust_bundle),
