@@ -19,8 +19,9 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
   ended (``error`` empty and ``code`` 0 when both directions ended cleanly)
 * ``("closed", conn, kind, message)``
 
-``kind`` is one of ``verification``, ``peer_closed``, ``locally_closed``,
-``timed_out``, ``failed``.
+``kind`` is one of ``verification`` (this side refused the peer's certificate),
+``peer_refused`` (the peer's TLS alert refused ours), ``peer_closed``,
+``locally_closed``, ``timed_out``, ``failed``.
 """
 
 from typing import Any

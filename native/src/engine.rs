@@ -53,8 +53,10 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Why a connection ended or could not be established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseKind {
-    /// A certificate was refused (by us or, through a TLS alert, by the peer).
+    /// This side's TLS refused the peer's certificate (a local rustls error).
     Verification,
+    /// The peer refused our certificate: its TLS alert closed the connection.
+    PeerRefused,
     /// The peer closed the connection (application or transport close without a TLS alert).
     PeerClosed,
     /// This side closed it.
@@ -69,6 +71,7 @@ impl CloseKind {
     pub fn name(self) -> &'static str {
         match self {
             CloseKind::Verification => "verification",
+            CloseKind::PeerRefused => "peer_refused",
             CloseKind::PeerClosed => "peer_closed",
             CloseKind::LocallyClosed => "locally_closed",
             CloseKind::TimedOut => "timed_out",
@@ -77,7 +80,9 @@ impl CloseKind {
     }
 }
 
-/// Classify a quinn connection error; crypto errors (0x100-0x1ff) are certificate refusals.
+/// Classify a quinn connection error; crypto errors (0x100-0x1ff) are certificate refusals:
+/// ours when quinn reports a local `TransportError`, the peer's when its CONNECTION_CLOSE
+/// carried the alert (`ConnectionClosed`, "aborted by peer").
 pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
     let is_crypto = |code: u64| (0x100..0x200).contains(&code);
     let kind = match error {
@@ -85,7 +90,7 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
             CloseKind::Verification
         }
         ConnectionError::ConnectionClosed(c) if is_crypto(u64::from(c.error_code)) => {
-            CloseKind::Verification
+            CloseKind::PeerRefused
         }
         ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => {
             CloseKind::PeerClosed
@@ -872,6 +877,31 @@ impl TransportOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_says_whose_tls_refused() {
+        let bad_certificate = quinn::TransportErrorCode::crypto(42);
+        let ours = ConnectionError::TransportError(quinn_proto::TransportError {
+            code: bad_certificate,
+            frame: None,
+            reason: "invalid peer certificate".into(),
+        });
+        assert_eq!(classify(&ours).0, CloseKind::Verification);
+        let theirs = ConnectionError::ConnectionClosed(quinn_proto::ConnectionClose {
+            error_code: bad_certificate,
+            frame_type: None,
+            reason: bytes::Bytes::from_static(b"invalid peer certificate"),
+        });
+        let (kind, message) = classify(&theirs);
+        assert_eq!(kind, CloseKind::PeerRefused);
+        assert!(message.starts_with("aborted by peer"), "{message}");
+        let closed = ConnectionError::ConnectionClosed(quinn_proto::ConnectionClose {
+            error_code: quinn::TransportErrorCode::NO_ERROR,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        });
+        assert_eq!(classify(&closed).0, CloseKind::PeerClosed);
+    }
 
     #[test]
     fn options_reject_bad_values() {

@@ -96,7 +96,8 @@ class NativeEndpoint:
     Create with :meth:`bind`. Close with :meth:`close` (or ``async with``).
 
     :ivar handshake_failures: incoming handshakes that failed, by reason
-        (``verification``: the client's certificate was refused).
+        (``verification``: the client's certificate was refused; ``peer_refused``:
+        the client refused ours).
     """
 
     def __init__(self, endpoint: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -260,7 +261,9 @@ class NativeEndpoint:
         future = self._connecting.get(token)
         if future is None or future.done():
             return
-        if kind == "verification":
+        if kind == "verification":  # we refused the server's certificate
+            future.set_exception(PeerVerificationError(message))
+        elif kind == "peer_refused":  # the server refused ours
             future.set_exception(PeerVerificationError(f"handshake refused: {message}"))
         else:
             future.set_exception(ConnectError(f"QUIC handshake failed: {message}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from quic_helpers import require_engine
 
 from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
 from quicmesh.tls import DevCA
@@ -322,12 +323,29 @@ def _use_files(sidecar: SidecarProcess, directory: Path, identity: Any, bundle: 
     }
 
 
-@pytest.mark.parametrize("transport", ["quic", "h2"])
+@pytest.mark.parametrize(
+    "transport",
+    [
+        # quic-<A's cluster engine>-<B's listener engine>: each engine's verdicts and
+        # alerts are told apart, also facing the other engine.
+        "quic-aioquic-aioquic",
+        "quic-native-native",
+        "quic-native-aioquic",
+        "quic-aioquic-native",
+        "h2",
+    ],
+)
 @pytest.mark.parametrize("who_refuses", ["client", "server"])
 def test_refused_certificates_are_counted_with_the_side_at_fault(
     tmp_path: Path, echo_port: int, who_refuses: str, transport: str
 ) -> None:
+    transport, *engines = transport.split("-")
+    for engine in engines:
+        require_engine(engine)
     a, b, port = _mesh_pair(tmp_path, echo_port, transport, "3600s")
+    if engines:
+        a.config["clusters"][0]["engine"] = engines[0]
+        b.config["listeners"]["inbound"][0]["engine"] = engines[1]
     ca_a, ca_b = DevCA(), DevCA()
     both = ca_a.trust_bundle.pem + ca_b.trust_bundle.pem
     if who_refuses == "client":

@@ -744,6 +744,11 @@ class QuicPeerConnection(SessionConnection):
         if isinstance(event, engine.SessionTicketReceived):
             self.on_ticket_received(event.ticket)
             return
+        if isinstance(event, engine.PeerCertificateRefused):
+            if self.failure is None:
+                # Our verdict: the text has no "handshake refused" (the peer's).
+                self.failure = PeerVerificationError(event.reason)
+            return
         if isinstance(event, engine.PeerAddressChanged):
             logger.info("[%s] peer address changed to %s", self.log_id, event.addr)
             self._count("migrations_peer_address_change")

@@ -167,6 +167,15 @@ class PeerAddressChanged:
 
 
 @dataclass(frozen=True)
+class PeerCertificateRefused:
+    """This side's TLS refused the peer's certificate inside the handshake (an engine
+    that verifies there; ``reason`` names the problem). A refusal by the peer
+    arrives as aioquic's ``ConnectionTerminated`` with a crypto error code."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class SessionTicketReceived:
     """(client) The server issued a session ticket (engine's ticket object)."""
 

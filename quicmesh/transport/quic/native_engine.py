@@ -125,7 +125,14 @@ from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
 from ..native import native_module
-from .engine import Address, EngineError, EngineLimits, EngineTls, SocketConnection
+from .engine import (
+    Address,
+    EngineError,
+    EngineLimits,
+    EngineTls,
+    PeerCertificateRefused,
+    SocketConnection,
+)
 from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD
 
 logger = logging.getLogger("quicmesh.transport.quic")
@@ -603,7 +610,9 @@ class NativeConnection:
         for state in self._streams.values():
             if state.paused is not None and not state.paused.done():
                 state.paused.set_result(None)
-        code = CRYPTO_ERROR_BAD_CERTIFICATE if kind == "verification" else 0
+        if kind == "verification":
+            self._events.append(PeerCertificateRefused(message))
+        code = CRYPTO_ERROR_BAD_CERTIFICATE if kind in ("verification", "peer_refused") else 0
         self._events.append(
             quic_events.ConnectionTerminated(
                 error_code=code, frame_type=None, reason_phrase=message
@@ -1198,7 +1207,12 @@ class NativeListener:
 
     def _on_accept_failed(self, kind: str, message: str) -> None:
         logger.warning("refused client: %s", message)
-        self._refused.append(message if kind == "verification" else f"{kind}: {message}")
+        if kind == "verification":  # we refused the client's certificate
+            self._refused.append(message)
+        elif kind == "peer_refused":  # the client refused ours (its TLS alert)
+            self._refused.append(f"handshake refused: {message}")
+        else:
+            self._refused.append(f"{kind}: {message}")
         self._wake()
 
     def _on_admission(self, counter: str, source: str) -> None:
