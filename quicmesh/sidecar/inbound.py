@@ -162,7 +162,8 @@ class InboundListener:
             max_lag=config.overload_max_loop_lag, base_rate=config.max_stream_rate or None
         )
         """The overload action on event-loop delay (:class:`.overload.StreamRateGovernor`)."""
-        self._lag_probe: asyncio.TimerHandle | None = None
+        self._lag_probe: asyncio.Handle | None = None
+        self._lag_probe_due = 0.0
 
     async def start(self) -> None:
         """Listen on the address with every transport.
@@ -186,14 +187,19 @@ class InboundListener:
         loop = asyncio.get_running_loop()
         self._sampler = loop.create_task(self._sample_every_second())
         if self.governor.max_lag > 0:
-            self._lag_probe = loop.call_at(loop.time() + LOOP_LAG_TICK, self._probe_lag, loop)
+            self._schedule_lag_probe(loop, loop.time())
+
+    def _schedule_lag_probe(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        # The time it is due is kept here: uvloop's call_at() of a time already
+        # past (the probe itself ran late) returns a plain Handle, without when().
+        self._lag_probe_due = now + LOOP_LAG_TICK
+        self._lag_probe = loop.call_at(self._lag_probe_due, self._probe_lag, loop)
 
     def _probe_lag(self, loop: asyncio.AbstractEventLoop) -> None:
         """Measure how late this timer fired (the event loop's delay) and apply the
         governor's rate changes to every transport that can withhold stream credit."""
-        assert self._lag_probe is not None
         now = loop.time()
-        delay = max(0.0, now - self._lag_probe.when())
+        delay = max(0.0, now - self._lag_probe_due)
         for identity, rate in self.governor.observe(delay, now).items():
             applied = [t.set_stream_rate(identity, rate) for t in self._transports]
             if rate is not None and any(applied):
@@ -205,7 +211,7 @@ class InboundListener:
                     identity,
                     rate,
                 )
-        self._lag_probe = loop.call_at(now + LOOP_LAG_TICK, self._probe_lag, loop)
+        self._schedule_lag_probe(loop, now)
 
     async def _sample_every_second(self) -> None:
         while True:

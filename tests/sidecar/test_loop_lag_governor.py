@@ -266,3 +266,42 @@ def _free_udp_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def test_the_probe_keeps_running_on_uvloop_when_it_fires_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop's call_at() of a time less than a millisecond ahead (or already past: a
+    probe that ran late on a busy machine) returns a plain Handle without when(); the
+    probe must neither raise nor stop (it did both: the governor was off from then on)."""
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr("quicmesh.sidecar.inbound.LOOP_LAG_TICK", 0.0001)
+    errors: list[dict[str, object]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: errors.append(context)
+        )
+        document = INBOUND.replace("{port}", str(_free_udp_port())).replace("{engine}", "aioquic")
+        config = parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0]
+        listener = InboundListener(
+            config,
+            SERVER,
+            CA.trust_bundle,
+            ListenerStats(name="mesh", kind="inbound"),
+            FlowTracker(),
+            lambda record: None,
+        )
+        await listener.start()
+        try:
+            await asyncio.sleep(0.01)
+            time.sleep(0.08)  # the loop is blocked: the next probe fires 80 ms late
+            await asyncio.sleep(0.01)
+            assert listener.governor._window_lag >= 0.07, "the probe stopped"
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert errors == []
