@@ -17,6 +17,9 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
   ``data`` event of the stream
 * ``("spliced", conn, splice_id, stream, sent, received, error, code)``: a spliced flow
   ended (``error`` empty and ``code`` 0 when both directions ended cleanly)
+* ``("peer_address_changed", conn, host, port)`` / ``("path_validated", conn, host, port)``
+  / ``("path_abandoned", conn, host, port)``: (server) the client's path moved, or its
+  validation ended (sampled every 50 ms)
 * ``("closed", conn, kind, message)``
 
 ``kind`` is one of ``verification`` (this side refused the peer's certificate),

@@ -110,6 +110,90 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
     (kind, message)
 }
 
+/// What a server connection's path did (RFC 9000 section 9), as [`PathWatch`] saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathChange {
+    /// The client's packets now come from `addr` (NAT rebinding or migration): quinn moved
+    /// the connection there and sent a PATH_CHALLENGE.
+    PeerAddressChanged,
+    /// A PATH_RESPONSE came back while the connection was on the new path `addr`.
+    Validated,
+    /// The connection left the new path `addr` before any PATH_RESPONSE: quinn's
+    /// validation timer (3 PTO) sent it back to the last validated path, or it moved on.
+    Abandoned,
+}
+
+impl PathChange {
+    pub fn name(self) -> &'static str {
+        match self {
+            PathChange::PeerAddressChanged => "peer_address_changed",
+            PathChange::Validated => "path_validated",
+            PathChange::Abandoned => "path_abandoned",
+        }
+    }
+}
+
+/// How often [`Shared::watch_paths`] samples a server connection's path.
+pub const PATH_SAMPLE: Duration = Duration::from_millis(50);
+
+/// (server) Tells path changes and their validation from samples of quinn's state.
+///
+/// quinn 0.11 validates a client's new path itself and raises no event: a packet from a new
+/// address moves the connection there and challenges it (quinn-proto `migrate`); a matching
+/// PATH_RESPONSE validates it; the validation timer sends it back to the previous path. What
+/// it exposes is the remote address and the frame counters, so a sample is (remote address,
+/// PATH_RESPONSE frames received): an address change is a migration, a PATH_RESPONSE counted
+/// while on the new path its validation, a return to the old address before one its failure.
+/// Sans-IO: the caller samples; a PATH_RESPONSE from the old path (quinn challenges it too)
+/// is counted as well, so a validation is reported once any response arrived.
+#[derive(Debug)]
+pub struct PathWatch {
+    remote: SocketAddr,
+    responses: u64,
+    /// The new path awaiting validation, and the one it replaced.
+    pending: Option<(SocketAddr, SocketAddr)>,
+}
+
+impl PathWatch {
+    pub fn new(remote: SocketAddr, responses: u64) -> Self {
+        PathWatch {
+            remote,
+            responses,
+            pending: None,
+        }
+    }
+
+    /// Take a sample; returns what changed since the last one, in order.
+    pub fn sample(&mut self, remote: SocketAddr, responses: u64) -> Vec<(PathChange, SocketAddr)> {
+        let mut changes = Vec::new();
+        let mut answered = responses > self.responses;
+        self.responses = responses;
+        if answered {
+            if let Some((new, _)) = self.pending.take() {
+                changes.push((PathChange::Validated, new));
+                answered = false;
+            }
+        }
+        if remote == self.remote {
+            return changes;
+        }
+        let previous = std::mem::replace(&mut self.remote, remote);
+        if let Some((new, old)) = self.pending.take() {
+            changes.push((PathChange::Abandoned, new));
+            if remote == old {
+                return changes; // back on the last validated path
+            }
+        }
+        changes.push((PathChange::PeerAddressChanged, remote));
+        if answered {
+            changes.push((PathChange::Validated, remote));
+        } else {
+            self.pending = Some((remote, previous));
+        }
+        changes
+    }
+}
+
 /// (client) Wait until the server confirmed the handshake (HANDSHAKE_DONE, RFC 9001 4.1.2).
 ///
 /// In TLS 1.3 a client's handshake completes before the server has checked the client's
@@ -225,6 +309,12 @@ pub enum Event {
         error: String,
         code: u64,
     },
+    /// (server) The client's path changed, or its validation ended (see [`PathWatch`]).
+    Path {
+        conn: u64,
+        change: PathChange,
+        addr: SocketAddr,
+    },
     /// A connection ended; its streams are gone.
     Closed {
         conn: u64,
@@ -281,6 +371,8 @@ pub struct Shared {
     pub streams: Mutex<HashMap<(u64, u64), StreamHandles>>,
     /// Spliced flows by splice ID: where an abort from Python goes (`splice.rs`).
     pub splices: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>,
+    /// (server) The path watch of each accepted connection ([`Shared::watch_paths`]).
+    paths: Mutex<HashMap<u64, PathWatch>>,
     next_id: AtomicU64,
 }
 
@@ -296,6 +388,7 @@ impl Shared {
             connections: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             splices: Mutex::new(HashMap::new()),
+            paths: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -330,6 +423,44 @@ impl Shared {
         id
     }
 
+    /// (server) Report the path changes of an accepted connection ([`PathWatch`]): sampled
+    /// every [`PATH_SAMPLE`], and once more when it closes, before its `Closed` event.
+    pub fn watch_paths(self: &Arc<Self>, id: u64, conn: Connection) {
+        let watch = PathWatch::new(conn.remote_address(), conn.stats().frame_rx.path_response);
+        lock(&self.paths).insert(id, watch);
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(PATH_SAMPLE);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => break,
+                    _ = ticks.tick() => shared.sample_paths(id, &conn),
+                }
+            }
+            // `serve` takes the last sample and forgets the watch; if it was done before the
+            // watch was made, the watch is forgotten here.
+            if !lock(&shared.connections).contains_key(&id) {
+                lock(&shared.paths).remove(&id);
+            }
+        });
+    }
+
+    /// Sample a watched connection's path and report what changed (nothing for a client's).
+    fn sample_paths(&self, id: u64, conn: &Connection) {
+        let changes = match lock(&self.paths).get_mut(&id) {
+            Some(watch) => watch.sample(conn.remote_address(), conn.stats().frame_rx.path_response),
+            None => return,
+        };
+        for (change, addr) in changes {
+            self.push(Event::Path {
+                conn: id,
+                change,
+                addr,
+            });
+        }
+    }
+
     /// (server) Complete an incoming connection admitted by [`crate::admission`] (quinn
     /// accepted its Initial: it decrypted), holding its half-open `slot` until the handshake
     /// completed, failed or took longer than `timeout` (then the connection is closed and
@@ -352,6 +483,7 @@ impl Shared {
             match connecting.into_0rtt() {
                 Ok((conn, accepted)) if conn.peer_identity().is_some() => {
                     let id = self.adopt(conn.clone());
+                    self.watch_paths(id, conn.clone());
                     self.push(Event::Accepted {
                         conn: id,
                         early: true,
@@ -396,7 +528,8 @@ impl Shared {
         drop(slot);
         match result {
             Ok(Ok(conn)) => {
-                let id = self.adopt(conn);
+                let id = self.adopt(conn.clone());
+                self.watch_paths(id, conn);
                 self.push(Event::Accepted {
                     conn: id,
                     early: false,
@@ -455,6 +588,8 @@ impl Shared {
             }
         }
         let (kind, message) = classify(&conn.closed().await);
+        self.sample_paths(id, &conn);
+        lock(&self.paths).remove(&id);
         lock(&self.connections).remove(&id);
         lock(&self.streams).retain(|(c, _), _| *c != id);
         self.push(Event::Closed {
@@ -877,6 +1012,41 @@ impl TransportOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_changes_are_told_from_samples() {
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        let mut watch = PathWatch::new(a, 0);
+        assert!(watch.sample(a, 0).is_empty());
+        // Moved to b, answered later: one change, one validation.
+        assert_eq!(watch.sample(b, 0), [(PathChange::PeerAddressChanged, b)]);
+        assert_eq!(watch.sample(b, 1), [(PathChange::Validated, b)]);
+        assert!(watch.sample(b, 1).is_empty());
+        // Moved and answered between two samples.
+        assert_eq!(
+            watch.sample(c, 2),
+            [
+                (PathChange::PeerAddressChanged, c),
+                (PathChange::Validated, c)
+            ]
+        );
+        // Moved to a, never answered: quinn went back to c.
+        assert_eq!(watch.sample(a, 2), [(PathChange::PeerAddressChanged, a)]);
+        assert_eq!(watch.sample(c, 2), [(PathChange::Abandoned, a)]);
+        assert!(watch.sample(c, 2).is_empty());
+        // Moved to a, then on to b before an answer; b is answered.
+        watch.sample(a, 2);
+        assert_eq!(
+            watch.sample(b, 2),
+            [
+                (PathChange::Abandoned, a),
+                (PathChange::PeerAddressChanged, b)
+            ]
+        );
+        assert_eq!(watch.sample(b, 3), [(PathChange::Validated, b)]);
+    }
 
     #[test]
     fn a_refusal_says_whose_tls_refused() {

@@ -163,6 +163,9 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             error,
             code,
         } => ("spliced", conn, id, stream, sent, received, error, code).into_py_any(py),
+        Event::Path { conn, change, addr } => {
+            (change.name(), conn, addr.ip().to_string(), addr.port()).into_py_any(py)
+        }
         Event::Closed {
             conn,
             kind,

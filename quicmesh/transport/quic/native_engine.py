@@ -74,8 +74,16 @@ rather than pretending:
   rather than at the idle timeout. ``rebind_after_ptos`` does not run on this
   engine, nor the ICMP-unreachable rule (its socket is not connected).
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
-  client endpoint's socket moves, with every connection on it); quinn validates
-  a migrating client's new path itself and raises no event for it.
+  client endpoint's socket moves, with every connection on it). quinn validates
+  a migrating client's new path itself and raises no event for it, so the
+  extension samples each server connection every 50 ms (native/src/engine.rs
+  ``PathWatch``: quinn's remote address and its count of PATH_RESPONSE frames
+  received) and reports ``PeerAddressChanged``, then ``PathValidated`` when a
+  PATH_RESPONSE arrived on the new path or ``PathAbandoned`` when quinn went
+  back to the old one first: the listener's ``migrations_peer_address_change``
+  and ``path_validations_*`` counters, as on aioquic. Sampled, so two changes
+  within 50 ms count as one, and a response on the old path (quinn challenges
+  it too) counts as the new path's validation.
 * **Stateless resets**: quinn derives the tokens from
   :attr:`~.engine.EngineLimits.stateless_reset_key` (HMAC-SHA256 of the
   connection ID, as aioquic's engine here), so a restarted listener with the same
@@ -130,6 +138,9 @@ from .engine import (
     EngineError,
     EngineLimits,
     EngineTls,
+    PathAbandoned,
+    PathValidated,
+    PeerAddressChanged,
     PeerCertificateRefused,
     SocketConnection,
 )
@@ -143,6 +154,14 @@ H3_REQUEST_CANCELLED = 0x10C
 H3_EXCESSIVE_LOAD = 0x107
 """The application close code of a connection that sent more 0-RTT data than
 allowed (RFC 9114 8.1: behaving in a way that generates excessive load)."""
+
+_PATH_EVENTS: dict[str, type[PathValidated | PathAbandoned | PeerAddressChanged]] = {
+    "peer_address_changed": PeerAddressChanged,
+    "path_validated": PathValidated,
+    "path_abandoned": PathAbandoned,
+}
+"""The extension's path events (a server connection's, sampled: native/src/engine.rs
+``PathWatch``) and the engine events they become."""
 
 READ_CHUNK = 64 * 1024
 """The most one read request takes out of quinn."""
@@ -685,6 +704,9 @@ class NativeConnection:
             self._opening = False
         elif kind == "read_paused":
             self._events.append(_ReadPaused(event[2]))
+        elif kind in _PATH_EVENTS:
+            _, _, host, port = event
+            self._events.append(_PATH_EVENTS[kind]((str(host), int(port))))
         elif kind == "closed":
             _, _, failure, message = event
             self.terminated(failure, message)
