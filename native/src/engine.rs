@@ -974,9 +974,8 @@ impl TransportOptions {
                 ));
             }
             Some("bbr") => {
-                config.congestion_controller_factory(Arc::new(
-                    quinn::congestion::BbrConfig::default(),
-                ));
+                config
+                    .congestion_controller_factory(Arc::new(crate::bbr::ModelBbrConfig::default()));
             }
             Some(other) => {
                 return Err(format!(

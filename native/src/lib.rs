@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod bbr;
 pub mod engine;
 pub mod splice;
 pub mod verify;

@@ -497,7 +497,8 @@ async def _quic_flow(
     connection = await transport.connect(address)
     try:
         stream = await connection.open_stream(TARGET, headers={FLOW_HEADER: label})
-        # quicmesh's BBRv3 model runs on aioquic; the native engine runs quinn's BBR.
+        # quicmesh's BBRv3 model runs on aioquic; the native engine runs its own BBR model
+        # in Rust (native/src/bbr.rs), whose state is not visible from here.
         model = kind.controller == "bbr" and transport.engine.name == "aioquic"
         probe = _BbrProbe(connection) if model else None
         rtts: list[float] = []

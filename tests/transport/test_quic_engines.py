@@ -275,7 +275,8 @@ def test_native_transport_aclose_releases_its_client_endpoint() -> None:
 def test_native_congestion_controls_carry_a_bulk_and_report_their_stats(
     controller: str | None,
 ) -> None:
-    """bbr, cubic and reno map to quinn's BBR, Cubic and NewReno (both ends); None is
+    """bbr maps to quicmesh's BBR model in the extension (native/src/bbr.rs), cubic and reno
+    to quinn's Cubic and NewReno (both ends); None is
     the host's TCP algorithm, as on aioquic. Stats: RTT, cwnd and losses."""
     from quicmesh.congestion.host import default_congestion_control
 
