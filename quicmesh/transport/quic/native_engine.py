@@ -152,6 +152,7 @@ H3_REQUEST_CANCELLED = 0x10C
 """The reset code given to streams of a rejected 0-RTT flight (RFC 9114 8.1)."""
 
 H3_EXCESSIVE_LOAD = 0x107
+H3_INTERNAL_ERROR = 0x102
 """The application close code of a connection that sent more 0-RTT data than
 allowed (RFC 9114 8.1: behaving in a way that generates excessive load)."""
 
@@ -342,7 +343,18 @@ class _Pump:
             if connection is not None:
                 woken[id(connection)] = connection
         for connection in woken.values():
-            connection.woke()
+            try:
+                connection.woke()
+            except Exception:  # one connection's bug must not stall the others
+                # The pump serves every connection of the endpoint: without this, the
+                # connections after this one in the batch would keep their events
+                # unread until their next wake-up (a flow waiting for its last bytes
+                # hung). This connection's state is unknown: close it (its flows are
+                # reset on both sides) and log why.
+                logger.exception(
+                    "[native-%d] closing the connection: internal error", connection.conn
+                )
+                connection.close(H3_INTERNAL_ERROR, reason_phrase="internal error")
 
     def _route(self, event: tuple[Any, ...]) -> NativeConnection | None:
         kind = event[0]
@@ -502,6 +514,11 @@ class _LivenessSample:
         return heard
 
 
+GONE_STREAM_IDS = 1 << 61
+"""Stream IDs above this are handed out by a connection that is gone (quinn's own
+stay far below: the peer would have to allow 2**59 streams of a kind)."""
+
+
 class NativeConnection:
     """One QUIC connection of the native engine (see the module docstring)."""
 
@@ -521,6 +538,9 @@ class NativeConnection:
         """Streams opened ahead by :meth:`get_next_available_stream_id`, by direction
         (True: unidirectional)."""
         self._opening = False
+        self._gone_stream_ids = 0
+        """Stream IDs handed out after the connection was gone (see
+        :meth:`get_next_available_stream_id`)."""
         self._window = pump.stream_window
         self._rate: StreamRate | None = None
         """(server) The peer identity's new-stream bucket (:meth:`attach_stream_rate`)."""
@@ -604,6 +624,11 @@ class NativeConnection:
         self._handshake_completed(early_data_accepted=early)
 
     def _handshake_completed(self, *, early_data_accepted: bool) -> None:
+        if not self._load_certificates():
+            # Gone before its handshake was seen here (a health check closes at
+            # once): its close event follows. Reporting the handshake now would
+            # show it without the peer's chain, as if resumed with no identity.
+            return
         certificate, _ = self.peer_certificate()
         if certificate is not None and self.on_verified is not None:
             identity = spiffe_id_of(certificate)
@@ -800,18 +825,27 @@ class NativeConnection:
         spare = self._spare.get(is_unidirectional)
         if spare is not None:
             return spare
-        stream_id = self._try_open(bidirectional=not is_unidirectional)
+        try:
+            stream_id = self._try_open(bidirectional=not is_unidirectional)
+        except QuicmeshError:
+            # The connection is gone (its close event follows). aioquic still hands out
+            # an ID there and drops what is written to it; so do we, with an ID quinn
+            # never uses, so that the HTTP/3 layer's set-up (its control streams, made
+            # when the handshake event arrives, which a peer may close at once: a
+            # health check) does not raise into the event loop.
+            self._gone_stream_ids += 1
+            kind = (2 if is_unidirectional else 0) | (0 if self._is_client else 1)
+            return GONE_STREAM_IDS + 4 * self._gone_stream_ids + kind
         if stream_id is None:
             raise EngineError("the peer's stream limit allows no new stream now")
         return stream_id
 
     def _try_open(self, *, bidirectional: bool) -> int | None:
-        try:
-            stream_id: int | None = self._native.try_open_stream(
-                self.conn, bidirectional=bidirectional
-            )
-        except QuicmeshError:  # connection gone (its close event follows)
-            return None
+        """Open a stream now: its ID, or None when the peer's stream limit is reached.
+
+        :raises QuicmeshError: the connection is gone.
+        """
+        stream_id: int | None = self._native.try_open_stream(self.conn, bidirectional=bidirectional)
         if stream_id is not None:
             self._spare[not bidirectional] = stream_id
             self._stream(stream_id)
@@ -1038,8 +1072,11 @@ class NativeConnection:
         quinn to open one as soon as the peer allows it, and wakes the driver then."""
         if self._closed_reason is not None or self.conn < 0:
             return False
-        if False in self._spare or self._try_open(bidirectional=True) is not None:
-            return True
+        try:
+            if False in self._spare or self._try_open(bidirectional=True) is not None:
+                return True
+        except QuicmeshError:  # the connection is gone: its close event follows
+            return False
         if not self._opening:
             with contextlib.suppress(QuicmeshError):
                 self._native.open_stream(self.conn, bidirectional=True)
@@ -1052,13 +1089,18 @@ class NativeConnection:
         """The peer's certificate and chain, as rustls verified them (a resumed
         session restores the ones verified when its ticket was issued)."""
         if self._certificates is None or self._certificates[0] is None:
-            try:
-                der = self._native.peer_certificates(self.conn)
-            except QuicmeshError:  # gone: nothing to show
-                der = []
-            chain = [x509.load_der_x509_certificate(item) for item in der]
-            self._certificates = (chain[0], chain[1:]) if chain else (None, [])
-        return self._certificates
+            self._load_certificates()
+        return self._certificates or (None, [])
+
+    def _load_certificates(self) -> bool:
+        """Read the peer's chain from the engine; False if the connection is gone."""
+        try:
+            der = self._native.peer_certificates(self.conn)
+        except QuicmeshError:  # gone: nothing to show
+            return False
+        chain = [x509.load_der_x509_certificate(item) for item in der]
+        self._certificates = (chain[0], chain[1:]) if chain else (None, [])
+        return True
 
     def resend_early_data(self, now: float) -> int:
         """0-RTT was rejected: the engine already re-opened the streams of the flight
