@@ -747,10 +747,12 @@ class _Loader:
         admin = self.admin(root.child("admin").required())
         self.check_ports(listeners, admin, outbound, inbound, intercept)
         self.check_services(root.child("clusters"), clusters)
+        tls = self.tls(root.child("tls").required())
+        self.check_ticket_cache(root.child("tls").child("ticket_cache"), tls, clusters)
         return SidecarConfig(
             source=self.source,
             node=self.node(root.child("node").required()),
-            tls=self.tls(root.child("tls").required()),
+            tls=tls,
             admin=admin,
             access_log=self.access_log(root.child("access_log")),
             drain=self.drain(root.child("drain")),
@@ -761,6 +763,27 @@ class _Loader:
             intercept=intercept,
             warnings=tuple(self.warnings),
         )
+
+    def check_ticket_cache(
+        self, node: _Field, tls: TlsConfig, clusters: tuple[ClusterConfig, ...]
+    ) -> None:
+        """Warn that native clusters do not use ``tls.ticket_cache``: rustls 0.23 keeps
+        a client's session tickets in memory and cannot export them (docs/design.md)."""
+        if tls.ticket_cache is None:
+            return
+        native = [
+            c.name for c in clusters if c.transport in ("quic", "auto") and c.engine == "native"
+        ]
+        if native:
+            self.warnings.append(
+                str(
+                    node.error(
+                        f"applies to aioquic clusters only: {', '.join(native)} on the native "
+                        "engine keep their session tickets in memory (a restarted sidecar "
+                        "resumes no session on them)"
+                    )
+                )
+            )
 
     def xds(self, node: _Field) -> XdsConfig | None:
         if node.value is None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from quic_helpers import require_engine
 
 from quicmesh.errors import ConfigError
 from quicmesh.sidecar.config import (
@@ -488,6 +489,24 @@ def test_datagram_size_and_ack_threshold_per_cluster_and_per_listener() -> None:
         "sidecar.yaml: listeners.inbound[0].max_datagram_size: "
         "applies to listeners serving quic only"
     )
+
+
+def test_a_ticket_cache_with_native_clusters_warns_that_they_keep_tickets_in_memory() -> None:
+    # rustls 0.23 cannot export a client session: a native cluster's tickets are never
+    # in tls.ticket_cache (docs/design.md), and the sidecar says so at load.
+    require_engine("native")
+    document = mutate(["clusters", 0, "engine"], "native")
+    assert load(document).warnings == (
+        "sidecar.yaml: tls.ticket_cache: applies to aioquic clusters only: reviews on the "
+        "native engine keep their session tickets in memory (a restarted sidecar resumes "
+        "no session on them)",
+    )
+    del document["tls"]["ticket_cache"]
+    assert load(document).warnings == ()
+    h2 = mutate(["clusters", 0, "transport"], "h2")
+    h2["clusters"][0]["engine"] = "native"
+    assert not any("ticket_cache" in w for w in load(h2).warnings)
+    assert load(VALID).warnings == ()  # aioquic clusters use the file
 
 
 def test_native_engine_loads_where_built_and_is_one_line_error_where_not(

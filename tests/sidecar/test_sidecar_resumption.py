@@ -11,16 +11,36 @@ import asyncio
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from quicmesh.sidecar.launch import SidecarProcess, metric
 
 from .conftest import LOOPBACK, Mesh, echo_flow, wait_until
 
 
-def test_a_restarted_sidecar_resumes_with_0rtt(mesh: Mesh, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def aioquic_mesh(workdir: Path, echo_port: int) -> Iterator[Mesh]:
+    """A sidecar B whose QUIC listeners run on aioquic, whatever the default engine."""
+    m = Mesh(workdir, echo_port, name="b-aioquic")
+    for listener in m.b.config["listeners"]["inbound"]:
+        if "quic" in listener["transports"]:
+            listener["engine"] = "aioquic"
+    m.b.start()
+    m.b.wait_ready()
+    yield m
+    m.b.stop()
+
+
+def test_a_restarted_sidecar_resumes_with_0rtt(aioquic_mesh: Mesh, tmp_path: Path) -> None:
+    # The ticket file is aioquic's: the native engine keeps a client's tickets in memory
+    # (rustls 0.23 cannot export a session; docs/design.md), and counts no tickets.
+    mesh = aioquic_mesh
     tickets = tmp_path / "tickets.json"
-    config, ports = mesh.a_config([mesh.cluster("echo", "quic", early_data=True)])
+    cluster = mesh.cluster("echo", "quic", early_data=True, engine="aioquic")
+    config, ports = mesh.a_config([cluster])
     config["tls"]["ticket_cache"] = str(tickets)
     a = SidecarProcess("a-0rtt", config, mesh.workdir)
     a.start()

@@ -30,7 +30,10 @@ rather than pretending:
   single use (rustls takes a ticket out of its store when a client resumes with
   it, so a replayed first flight finds none), bound to the client identity they
   were issued to (a resumed connection keeps the client chain verified at issue);
-  the client's tickets stay in its endpoint (memory only). So
+  the client's tickets stay in its endpoint (memory only: rustls 0.23 has no
+  encoding of a client session, docs/design.md "Native client tickets stay in
+  memory"; a sidecar with ``tls.ticket_cache`` and native clusters warns at
+  load, and a restarted client resumes nothing). So
   :attr:`~.engine.EngineTls.fetch_ticket`, :attr:`~.engine.EngineTls.ticket_issued`
   and :attr:`~.engine.EngineTls.ticket` are not used, no ``SessionTicketReceived``
   event is raised, and ``QuicTransport(ticket_cache=..., ticket_store=...)`` do
