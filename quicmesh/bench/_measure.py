@@ -238,7 +238,7 @@ class CpuReading:
         return live
 
 
-def cpu_seconds(pids: Iterable[int], proc: Path = Path("/proc")) -> CpuReading:
+def cpu_reading(pids: Iterable[int], proc: Path = Path("/proc")) -> CpuReading:
     """The CPU time of the processes ``pids`` (all their threads) now; a process that
     has gone counts zero. Subtract two readings for seconds used in between."""
     ticks = 0

@@ -62,6 +62,7 @@ from ..intercept import lab as L
 from ..intercept.lab import InterceptLab, NamespacedSidecar
 from ..netem import system
 from ..tls import DevCA
+from ._measure import CpuReading, cpu_reading
 
 CONNECTION_CASES = ("direct", "explicit", "intercepted")
 LOOKUP_STYLES = ("none", "set", "rules")
@@ -147,11 +148,9 @@ def _sidecar_configs(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return a, b
 
 
-def _cpu_seconds(sidecar: NamespacedSidecar) -> float:
+def _cpu_reading(sidecar: NamespacedSidecar) -> CpuReading:
     assert sidecar.process is not None
-    with open(f"/proc/{sidecar.process.pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_reading([sidecar.process.pid])
 
 
 def _one_connection(lab: InterceptLab, address: tuple[str, int]) -> float:
@@ -195,11 +194,11 @@ def measure_connections(connections: int, rounds: int) -> list[ConnectionRow]:
                     _one_connection(lab, addresses[case])
             for _ in range(rounds):
                 for case in CONNECTION_CASES:
-                    before = (_cpu_seconds(a), _cpu_seconds(b))
+                    before = (_cpu_reading(a), _cpu_reading(b))
                     for _ in range(connections):
                         samples[case].append(_one_connection(lab, addresses[case]))
-                    cpu[case][0] += _cpu_seconds(a) - before[0]
-                    cpu[case][1] += _cpu_seconds(b) - before[1]
+                    cpu[case][0] += _cpu_reading(a) - before[0]
+                    cpu[case][1] += _cpu_reading(b) - before[1]
     rows = []
     for case in CONNECTION_CASES:
         values = sorted(samples[case])

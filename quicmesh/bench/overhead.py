@@ -70,7 +70,7 @@ from ..errors import QuicmeshError
 from . import OneLineParser, source_state
 from ._measure import (
     MeasureError,
-    cpu_seconds,
+    cpu_reading,
     parse_ab,
     parse_h2load_log,
     parse_h2load_summary,
@@ -683,12 +683,12 @@ class Meter:
         self.hop = hop
         self.packets = hop.read()
         self.udp = udp_datagrams_sent()
-        self.cpu = cpu_seconds(self.pids)
+        self.cpu = cpu_reading(self.pids)
         self.start = time.monotonic()
 
     def read(self) -> Reading:
         """The changes since creation."""
-        cpu, wall = cpu_seconds(self.pids) - self.cpu, time.monotonic() - self.start
+        cpu, wall = cpu_reading(self.pids) - self.cpu, time.monotonic() - self.start
         packets = self.hop.read()
         if packets is None or self.packets is None:
             return Reading(cpu, wall, None, udp_datagrams_sent() - self.udp)

@@ -15,7 +15,7 @@ from quicmesh.bench._measure import (
     CLOCK_TICKS,
     CpuReading,
     MeasureError,
-    cpu_seconds,
+    cpu_reading,
     parse_ab,
     parse_h2load_log,
     parse_h2load_summary,
@@ -150,28 +150,28 @@ def test_proc_stat_bad_lines(line: str) -> None:
 def test_this_process_in_proc() -> None:
     own = Path(f"/proc/{os.getpid()}/stat").read_text()
     assert parse_proc_stat(own)[0] == os.getppid()
-    before = cpu_seconds([os.getpid()])
-    while cpu_seconds([os.getpid()]) - before < 3 / CLOCK_TICKS:
+    before = cpu_reading([os.getpid()])
+    while cpu_reading([os.getpid()]) - before < 3 / CLOCK_TICKS:
         sum(range(10000))  # burn a few ticks of CPU
-    assert cpu_seconds([os.getpid(), 2**22 + 1]) - before >= 3 / CLOCK_TICKS  # gone: zero
+    assert cpu_reading([os.getpid(), 2**22 + 1]) - before >= 3 / CLOCK_TICKS  # gone: zero
     assert os.getpid() in process_tree(os.getppid())
 
 
-def test_cpu_seconds_sees_less_than_one_tick() -> None:
-    before = cpu_seconds([os.getpid()])
+def test_cpu_reading_sees_less_than_one_tick() -> None:
+    before = cpu_reading([os.getpid()])
     sum(range(20000))  # well under one 10 ms tick
-    assert 0 < cpu_seconds([os.getpid()]) - before < 1
+    assert 0 < cpu_reading([os.getpid()]) - before < 1
 
 
 def test_a_thread_that_exits_between_readings_is_still_counted() -> None:
     import threading
 
-    before = cpu_seconds([os.getpid()])
+    before = cpu_reading([os.getpid()])
     tids: list[int] = []
 
     def burn() -> None:
         tids.append(threading.get_native_id())
-        while cpu_seconds([os.getpid()]) - before < 6 / CLOCK_TICKS:
+        while cpu_reading([os.getpid()]) - before < 6 / CLOCK_TICKS:
             sum(range(10000))
 
     thread = threading.Thread(target=burn)
@@ -180,7 +180,7 @@ def test_a_thread_that_exits_between_readings_is_still_counted() -> None:
     task = Path(f"/proc/self/task/{tids[0]}")
     while task.exists():  # until the kernel has reaped it: its schedstat is then gone
         os.sched_yield()
-    assert cpu_seconds([os.getpid()]) - before >= 3 / CLOCK_TICKS  # the ticks kept it
+    assert cpu_reading([os.getpid()]) - before >= 3 / CLOCK_TICKS  # the ticks kept it
 
 
 def test_reading_difference_rules() -> None:
