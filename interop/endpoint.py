@@ -299,6 +299,24 @@ async def run_server(stack: Stack, testcase: str) -> int:
 # -- client --------------------------------------------------------------------
 
 
+async def save_responses(
+    urls: list[str],
+    futures: dict[str, asyncio.Future[int]],
+    body: Callable[[asyncio.Future[int]], bytes],
+    downloads: Path,
+) -> None:
+    """Wait for every response (2 minutes at most), check each is a 200 and write its
+    body into ``downloads`` under the URL's file name."""
+    statuses = await asyncio.wait_for(
+        asyncio.gather(*(futures[url] for url in urls)), timeout=120.0
+    )
+    for url, status in zip(urls, statuses, strict=True):
+        if status != 200:
+            raise RuntimeError(f"GET {url}: status {status}")
+        name = Path(urlsplit(url).path).name or "index.html"
+        (downloads / name).write_bytes(body(futures[url]))
+
+
 def request_headers(url: str, name: str) -> list[tuple[bytes, bytes]]:
     """The header section of a GET for ``url`` (``name`` goes in ``user-agent``)."""
     parts = urlsplit(url)
@@ -448,14 +466,7 @@ async def _fetch(
             protocol.transmit()
 
         await asyncio.gather(*(get_later(url) for url in urls[MAX_REQUESTS_IN_FLIGHT:]))
-        statuses = await asyncio.wait_for(
-            asyncio.gather(*(futures[url] for url in urls)), timeout=120.0
-        )
-        for url, status in zip(urls, statuses, strict=True):
-            if status != 200:
-                raise RuntimeError(f"GET {url}: status {status}")
-            name = Path(urlsplit(url).path).name or "index.html"
-            (downloads / name).write_bytes(protocol.body(futures[url]))
+        await save_responses(urls, futures, protocol.body, downloads)
         if testcase in ("resumption", "zerortt"):
             # NewSessionTicket may trail the responses slightly.
             for _ in range(20):

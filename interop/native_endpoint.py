@@ -53,7 +53,7 @@ from quicmesh._aioquic import MeshH3Connection
 from quicmesh.transport._admission import AdmissionConfig
 from quicmesh.transport.quic.engine import EngineTls, SocketConnection
 
-from .endpoint import EXIT_UNSUPPORTED, Responses, request_headers, serve_file
+from .endpoint import EXIT_UNSUPPORTED, Responses, request_headers, save_responses, serve_file
 from .peers import TESTCASES
 
 NAME = "quicmesh-native"
@@ -243,14 +243,7 @@ async def _fetch(mesh: QuicTransport, tls: EngineTls, urls: list[str], downloads
             quic.track_stream(stream_id)
             futures[url] = responses.expect(stream_id)
             quic.flush()
-        statuses = await asyncio.wait_for(
-            asyncio.gather(*(futures[url] for url in urls)), timeout=120.0
-        )
-        for url, status in zip(urls, statuses, strict=True):
-            if status != 200:
-                raise RuntimeError(f"GET {url}: status {status}")
-            name = Path(urlsplit(url).path).name or "index.html"
-            (downloads / name).write_bytes(responses.body(futures[url]))
+        await save_responses(urls, futures, responses.body, downloads)
     finally:
         await session.close()
 
