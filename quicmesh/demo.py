@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .errors import QuicmeshError
 from .sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
@@ -159,6 +159,10 @@ def sidecar_configs(
         },
     }
 
+    if ticket_cache is not None and args.transport == "quic":
+        (inbound,) = cast(dict[str, Any], b["listeners"])["inbound"]
+        inbound["engine"] = "aioquic"  # counts the tickets it issues and redeems
+
     def cluster(name: str, target: str) -> dict[str, Any]:
         config: dict[str, Any] = {
             "name": name,
@@ -173,6 +177,10 @@ def sidecar_configs(
             if args.congestion_control is not None:  # None: the host's TCP default
                 config["congestion_control"] = args.congestion_control
             config["early_data"] = ticket_cache is not None
+            if ticket_cache is not None:
+                # The ticket file is aioquic's: the native engine keeps a client's
+                # tickets in memory (docs/design.md).
+                config["engine"] = "aioquic"
         return config
 
     tls_a: dict[str, str] = {"ca_dir": ca_dir}
