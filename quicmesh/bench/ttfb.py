@@ -25,7 +25,12 @@ with a fixed round-trip time (``--rtt``, default 50 ms, no loss):
   Every flow uses ``open_stream(..., wait_response=False)``, so the request
   follows its CONNECT at once in every case.
 * **Result.** The median over ``--trials`` connections, in milliseconds and in
-  round trips (median / RTT), with the expected count for comparison. The server
+  round trips (median / RTT), with the expected count for comparison. The path's
+  own round trip is measured too, before the cases: the median of
+  :data:`PATH_SAMPLES` 64-byte UDP echoes through the same link between the same
+  two namespaces, on the same event loop (the link emulator's forwarder adds
+  milliseconds to the nominal RTT on a busy machine); ``path RTTs`` is the median
+  divided by it, the protocol's own count without the forwarder's delay. The server
   and client live in two network namespaces joined by the emulated link; both
   run on one event loop in this process.
 
@@ -42,7 +47,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
@@ -63,6 +68,8 @@ EXPECTED_RTTS = {
     "auto-udp-marked": 3,
 }
 """Round trips before the first response byte, by protocol design."""
+PATH_SAMPLES = 20
+"""UDP echoes that measure the path's round trip."""
 
 
 @dataclass
@@ -78,6 +85,10 @@ class Row:
     rtts: float
     expected_rtts: int
     early_data: str
+    path_rtt_ms: float | None = None
+    """The measured round trip of the path (median of UDP echoes through the link)."""
+    path_rtts: float | None = None
+    """The median divided by :attr:`path_rtt_ms`."""
 
 
 async def _respond(stream: MeshStream) -> None:
@@ -130,6 +141,7 @@ async def measure(
     :param block_udp: turns the UDP block on and off (the ``*-udp-*`` cases).
     :param engine: the QUIC engine of the ``quic-*`` cases (both ends).
     """
+    path_rtt = await measure_path_rtt(host, server_side, client_side)
     ca = DevCA()
     client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
     server_id = ca.issue("spiffe://mesh.local/ns/bench/sa/server")
@@ -145,7 +157,7 @@ async def measure(
                 )
             finally:
                 block_udp(False)
-            rows.append(_row(case, rtt, trials, times, "none"))
+            rows.append(_row(case, rtt, trials, times, "none", path_rtt))
             continue
         server: Transport
         client: Transport
@@ -175,11 +187,73 @@ async def measure(
         finally:
             listener.close()
             await listener.wait_closed()
-        rows.append(_row(case, rtt, trials, times, outcome))
+        rows.append(_row(case, rtt, trials, times, outcome, path_rtt))
     return rows
 
 
-def _row(case: str, rtt: float, trials: int, times: list[float], outcome: str) -> Row:
+class _Echo(asyncio.DatagramProtocol):
+    """Sends every datagram back to where it came from."""
+
+    transport: asyncio.DatagramTransport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.transport.sendto(data, addr)
+
+
+class _EchoClient(asyncio.DatagramProtocol):
+    """Resolves :attr:`waiter` with the arrival time of the next datagram."""
+
+    waiter: asyncio.Future[float] | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(time.perf_counter())
+
+
+async def measure_path_rtt(
+    host: str, server_side: _Side, client_side: _Side, samples: int = PATH_SAMPLES
+) -> float | None:
+    """The median round trip of ``samples`` 64-byte UDP echoes from the client's side to
+    ``host`` on the server's side, one at a time; None when one is lost (the emulated
+    link has no loss, so that means the path is not UDP-clean)."""
+    loop = asyncio.get_running_loop()
+    with server_side():
+        echo, _ = await loop.create_datagram_endpoint(_Echo, local_addr=(host, 0))
+    port = echo.get_extra_info("sockname")[1]
+    try:
+        with client_side():
+            client, protocol = await loop.create_datagram_endpoint(
+                _EchoClient, remote_addr=(host, port)
+            )
+        try:
+            times = []
+            for _ in range(samples):
+                protocol.waiter = loop.create_future()
+                start = time.perf_counter()
+                client.sendto(REQUEST)
+                try:
+                    arrived = await asyncio.wait_for(protocol.waiter, 5.0)
+                except TimeoutError:
+                    return None
+                times.append(arrived - start)
+            return statistics.median(times)
+        finally:
+            client.close()
+    finally:
+        echo.close()
+
+
+def _row(
+    case: str,
+    rtt: float,
+    trials: int,
+    times: list[float],
+    outcome: str,
+    path_rtt: float | None = None,
+) -> Row:
     median = statistics.median(times)
     return Row(
         case=case,
@@ -191,6 +265,8 @@ def _row(case: str, rtt: float, trials: int, times: list[float], outcome: str) -
         rtts=median / rtt,
         expected_rtts=EXPECTED_RTTS[case],
         early_data=outcome,
+        path_rtt_ms=None if path_rtt is None else path_rtt * 1000,
+        path_rtts=None if path_rtt is None else median / path_rtt,
     )
 
 
@@ -304,15 +380,19 @@ def _block_udp(namespace: str, on: bool) -> None:
 
 def format_table(rows: list[Row]) -> str:
     """The human-readable result table."""
+    path = rows[0].path_rtt_ms
+    measured = "not measured" if path is None else f"{path:.1f} ms"
     lines = [
-        f"time to first byte on a new connection, RTT {rows[0].rtt_ms:g} ms, "
-        f"median of {rows[0].trials}",
-        f"{'case':<16} {'median ms':>10} {'min':>8} {'max':>8} {'RTTs':>6} {'expected':>9}",
+        f"time to first byte on a new connection, RTT {rows[0].rtt_ms:g} ms "
+        f"(path measured: {measured}), median of {rows[0].trials}",
+        f"{'case':<16} {'median ms':>10} {'min':>8} {'max':>8} {'RTTs':>6} {'expected':>9}"
+        f" {'path RTTs':>10}",
     ]
     for row in rows:
+        path_rtts = "-" if row.path_rtts is None else f"{row.path_rtts:.2f}"
         lines.append(
             f"{row.case:<16} {row.median_ms:>10.1f} {row.min_ms:>8.1f} {row.max_ms:>8.1f} "
-            f"{row.rtts:>6.2f} {row.expected_rtts:>9}"
+            f"{row.rtts:>6.2f} {row.expected_rtts:>9} {path_rtts:>10}"
         )
     lines += COLUMNS.splitlines()
     return "\n".join(lines)
@@ -321,6 +401,8 @@ def format_table(rows: list[Row]) -> str:
 COLUMNS = """
 median / min / max ms: from just before connect() to the first response byte
 RTTs: the median divided by the round-trip time (handshake plus request round trips)
+path RTTs: the median divided by the path's measured round trip (median of UDP echoes
+  through the same link, same event loop: the emulator's forwarder delay taken out)
 expected: the round trips the protocol needs (h2: TCP + TLS + request = 3, quic-1rtt: 2,
   quic-0rtt: 1; the UDP-blocked cases end on HTTP/2: 3, plus for auto-udp-blocked the
   300 ms before HTTP/2 is raced); RTTs above it are time spent on CPU or waiting for timers"""

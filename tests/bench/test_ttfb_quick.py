@@ -26,6 +26,11 @@ def test_quick_run_orders_the_cases(tmp_path: Path) -> None:
     # Each case needs at least its protocol's round trips (60 ms each).
     for row in rows.values():
         assert row["rtts"] >= row["expected_rtts"] * 0.9
+        # The path's own round trip is measured (UDP echoes through the same link): at
+        # least the emulated 60 ms, and the same figure on every row.
+        assert row["path_rtt_ms"] >= 60 * 0.9
+        assert row["path_rtt_ms"] == rows["h2"]["path_rtt_ms"]
+        assert row["path_rtts"] == pytest.approx(row["median_ms"] / row["path_rtt_ms"])
     assert rows["quic-0rtt"]["median_ms"] < rows["quic-1rtt"]["median_ms"] < rows["h2"]["median_ms"]
 
 
