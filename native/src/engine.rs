@@ -816,7 +816,28 @@ impl Shared {
                 Step::Read(Err(_)) => break,
             }
         }
+        self.end_recv(id, commands);
+    }
+
+    /// A stream's receiving task ended (FIN, reset, error): forget its half, then answer
+    /// the commands that reached its channel after its last look. Python may have sent
+    /// them while the task was ending (`recv_command` finds the half until the release):
+    /// a `Pause` there must still get its `ReadPaused`, after the task's last `Data`, or
+    /// the splice waiting for it never starts and its flow hangs; a `Handover` is refused
+    /// (its sender is dropped: the splice reads what Python saw, FIN included).
+    fn end_recv(&self, id: StreamKey, mut commands: UnboundedReceiver<RecvCmd>) {
         self.release(id, false);
+        // From here `recv_command` fails (and a pause is answered at once there); what
+        // it sent before is in the channel.
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            if matches!(command, RecvCmd::Pause) {
+                self.push(Event::ReadPaused {
+                    conn: id.conn,
+                    stream: id.stream,
+                });
+            }
+        }
     }
 }
 
@@ -1146,6 +1167,50 @@ mod tests {
         assert!(socket_addr("127.0.0.1", 4433).is_ok());
         assert!(socket_addr("::1", 4433).is_ok());
         assert!(socket_addr("localhost", 4433).is_err());
+    }
+
+    /// The splice hang: Python's `pause_read` found the stream's receiving half and queued
+    /// a `Pause` just as its task, having read the FIN, was ending. The task must still
+    /// answer it (after its last `Data`), or the flow's splice waits for ever.
+    #[test]
+    fn a_pause_reaching_an_ending_recv_task_is_answered() {
+        let (shared, _reader) = Shared::new().unwrap();
+        let (tx, rx) = unbounded_channel();
+        let key = StreamKey {
+            conn: 7,
+            stream: 4,
+            generation: 1,
+        };
+        lock(&shared.streams).insert(
+            (7, 4),
+            StreamHandles {
+                send: None,
+                recv: Some(tx),
+                generation: 1,
+            },
+        );
+        // The task's last event, then Python's pause (as `recv_command` sends it).
+        shared.push(Event::Data {
+            conn: 7,
+            stream: 4,
+            chunks: vec![Bytes::from_static(b"last")],
+            fin: true,
+        });
+        let sent = lock(&shared.streams)
+            .get(&(7, 4))
+            .and_then(|handles| handles.recv.as_ref())
+            .map(|recv| recv.send(RecvCmd::Pause).is_ok());
+        assert_eq!(sent, Some(true));
+        shared.end_recv(key, rx);
+        let events = shared.take_events();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(matches!(events[0], Event::Data { fin: true, .. }));
+        assert!(matches!(
+            events[1],
+            Event::ReadPaused { conn: 7, stream: 4 }
+        ));
+        // The half is forgotten: a later pause is answered by `pause_read` itself.
+        assert!(lock(&shared.streams).get(&(7, 4)).is_none());
     }
 
     #[test]
