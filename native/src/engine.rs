@@ -315,6 +315,20 @@ pub enum Event {
         change: PathChange,
         addr: SocketAddr,
     },
+    /// (client) An ICMP destination unreachable came back for the address a connection still
+    /// in its handshake is connecting to (`errno`: `ECONNREFUSED` for a closed port, ...).
+    ConnectUnreachable {
+        token: u64,
+        errno: i32,
+        detail: String,
+    },
+    /// An ICMP destination unreachable came back for the connection's peer address. What it
+    /// means (probe, or give up) is the liveness rule's to say, in Python.
+    Unreachable {
+        conn: u64,
+        errno: i32,
+        detail: String,
+    },
     /// A connection ended; its streams are gone.
     Closed {
         conn: u64,
@@ -362,6 +376,9 @@ pub struct StreamKey {
     pub generation: u64,
 }
 
+/// A connect in its handshake: where to, and the task driving it.
+pub type ConnectingEntry = (SocketAddr, Option<tokio::task::AbortHandle>);
+
 /// State shared between the Python-facing endpoint and its tasks.
 #[derive(Debug)]
 pub struct Shared {
@@ -373,6 +390,10 @@ pub struct Shared {
     pub splices: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>,
     /// (server) The path watch of each accepted connection ([`Shared::watch_paths`]).
     paths: Mutex<HashMap<u64, PathWatch>>,
+    /// (client) Connects in their handshake by token: the address and the task driving it
+    /// (aborting the task drops quinn's `Connecting`, which closes the connection; none yet
+    /// while the connect is being started).
+    pub connecting: Mutex<HashMap<u64, ConnectingEntry>>,
     next_id: AtomicU64,
 }
 
@@ -389,6 +410,7 @@ impl Shared {
             streams: Mutex::new(HashMap::new()),
             splices: Mutex::new(HashMap::new()),
             paths: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -406,6 +428,38 @@ impl Shared {
         if was_empty {
             // A full socket buffer means a wake-up byte is already pending: nothing is lost.
             let _ = (&self.wake).write(&[1]);
+        }
+    }
+
+    /// An ICMP destination unreachable came back for `error.destination` (from the socket's
+    /// error queue, [`crate::icmp`]): tell every connection to that address, in its handshake
+    /// or established.
+    pub fn unreachable(&self, error: crate::icmp::Unreachable) {
+        let destination = crate::icmp::canonical(error.destination);
+        let tokens: Vec<u64> = lock(&self.connecting)
+            .iter()
+            .filter(|(_, (address, _))| crate::icmp::canonical(*address) == destination)
+            .map(|(token, _)| *token)
+            .collect();
+        let connections: Vec<(u64, Connection)> = lock(&self.connections)
+            .iter()
+            .map(|(id, conn)| (*id, conn.clone()))
+            .collect();
+        for token in tokens {
+            self.push(Event::ConnectUnreachable {
+                token,
+                errno: error.errno,
+                detail: error.detail.clone(),
+            });
+        }
+        for (conn, connection) in connections {
+            if crate::icmp::canonical(connection.remote_address()) == destination {
+                self.push(Event::Unreachable {
+                    conn,
+                    errno: error.errno,
+                    detail: error.detail.clone(),
+                });
+            }
         }
     }
 

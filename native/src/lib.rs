@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod bbr;
 pub mod engine;
+pub mod icmp;
 pub mod splice;
 pub mod verify;
 
@@ -56,6 +57,17 @@ fn quicmesh_error(name: &str, message: impl Into<String>) -> PyErr {
 
 fn config_error(message: impl Into<String>) -> PyErr {
     quicmesh_error("ConfigError", message)
+}
+
+/// Where an endpoint socket's ICMP unreachable errors go: to the connections to that address
+/// ([`Shared::unreachable`]), while the endpoint lives.
+fn icmp_sink(shared: &Arc<Shared>) -> icmp::Sink {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |error| {
+        if let Some(shared) = shared.upgrade() {
+            shared.unreachable(error);
+        }
+    })
 }
 
 /// The certificates of a PEM bundle, in order.
@@ -167,6 +179,16 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
         Event::Path { conn, change, addr } => {
             (change.name(), conn, addr.ip().to_string(), addr.port()).into_py_any(py)
         }
+        Event::ConnectUnreachable {
+            token,
+            errno,
+            detail,
+        } => ("connect_unreachable", token, errno, detail).into_py_any(py),
+        Event::Unreachable {
+            conn,
+            errno,
+            detail,
+        } => ("unreachable", conn, errno, detail).into_py_any(py),
         Event::Closed {
             conn,
             kind,
@@ -404,15 +426,17 @@ impl Endpoint {
             None => quinn::EndpointConfig::default(),
         };
         let qlog_server = server_config.clone().filter(|_| options.qlog_dir.is_some());
-        let endpoint = quinn::Endpoint::new(
+        let (shared, wake) =
+            Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared))
+            .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             server_config,
             socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
-        let (shared, wake) =
-            Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         let admission = server.then(|| Admission::new(admission));
         if let Some(admission) = &admission {
             // With qlog, each connection gets its own configuration (its own file); a file
@@ -506,16 +530,20 @@ impl Endpoint {
         };
         let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(transport);
+        // Registered before the first flight leaves: an ICMP error may come back at once.
+        lock(&self.shared.connecting).insert(token, (address, None));
         let connecting = self
             .endpoint
             .connect_with(config, address, server_name)
             .map_err(|e| {
+                lock(&self.shared.connecting).remove(&token);
                 quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
             })?;
         let shared = Arc::clone(&self.shared);
         let connecting = if self.early_data {
             match connecting.into_0rtt() {
                 Ok((conn, accepted)) => {
+                    lock(&shared.connecting).remove(&token);
                     shared.adopt_early_client(token, conn, accepted);
                     return Ok(token);
                 }
@@ -524,7 +552,8 @@ impl Endpoint {
         } else {
             connecting
         };
-        rt.spawn(async move {
+        let mut handshakes = lock(&self.shared.connecting);
+        let task = rt.spawn(async move {
             match connecting.await {
                 Ok(conn) => match engine::confirmed(&conn).await {
                     Ok(()) => {
@@ -553,8 +582,25 @@ impl Endpoint {
                     });
                 }
             }
+            lock(&shared.connecting).remove(&token);
         });
+        // Before the task can remove the entry: it waits for this lock.
+        handshakes.insert(token, (address, Some(task.abort_handle())));
         Ok(token)
+    }
+
+    /// Give up a connect still in its handshake (no event follows): quinn closes the
+    /// connection. False if it is no longer in its handshake (its event is on its way).
+    fn abort_connect(&self, token: u64) -> bool {
+        match lock(&self.shared.connecting).remove(&token) {
+            Some((_, task)) => {
+                if let Some(task) = task {
+                    task.abort();
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Open a stream (waiting for the peer's stream limit); returns a token that a
@@ -820,7 +866,9 @@ impl Endpoint {
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
-        self.endpoint.rebind(socket).map_err(|e| {
+        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared))
+            .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
+        self.endpoint.rebind_abstract(socket).map_err(|e| {
             quicmesh_error("ConnectError", format!("cannot move to {address}: {e}"))
         })?;
         self.local_address()

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -560,9 +561,15 @@ class QuicPeerConnection(SessionConnection):
         if exc.errno not in UNREACHABLE_ERRNOS:
             logger.debug("[%s] UDP socket error ignored: %s", self.log_id, exc)
             return
+        self._unreachable(exc.strerror or type(exc).__name__)
+
+    def _unreachable(self, why: str) -> None:
+        """An ICMP destination unreachable came back for the peer's address (``why``:
+        the error's text): a connect in its handshake fails at once; an established
+        connection applies :meth:`Liveness.unreachable` (a PING, then failure on the
+        ``unreachable_limit``-th in a row)."""
         address = self._peer_address
         where = f"{address[0]}:{address[1]}" if address is not None else "peer"
-        why = exc.strerror or type(exc).__name__
         if not self._handshake_done:
             error = ConnectError(f"QUIC endpoint {where} unreachable: {why}")
             if self.failure is None:
@@ -748,6 +755,10 @@ class QuicPeerConnection(SessionConnection):
             if self.failure is None:
                 # Our verdict: the text has no "handshake refused" (the peer's).
                 self.failure = PeerVerificationError(event.reason)
+            return
+        if isinstance(event, engine.PeerUnreachable):
+            logger.debug("[%s] peer unreachable: %s", self.log_id, event.detail)
+            self._unreachable(os.strerror(event.errno))
             return
         if isinstance(event, engine.PeerAddressChanged):
             logger.info("[%s] peer address changed to %s", self.log_id, event.addr)

@@ -176,6 +176,19 @@ class PeerCertificateRefused:
 
 
 @dataclass(frozen=True)
+class PeerUnreachable:
+    """(socket engines) An ICMP destination unreachable (port, host or network) came
+    back for a datagram to the peer's address, read off the engine's unconnected
+    socket: the driver applies the same rule as to a datagram engine's connected
+    socket reporting ``errno`` (:data:`.connection.UNREACHABLE_ERRNOS`)."""
+
+    errno: int
+    """``ECONNREFUSED`` (port unreachable), ``EHOSTUNREACH``, ``ENETUNREACH`` or ``EHOSTDOWN``."""
+    detail: str
+    """What the ICMP message said and who sent it (for logs)."""
+
+
+@dataclass(frozen=True)
 class SessionTicketReceived:
     """(client) The server issued a session ticket (engine's ticket object)."""
 

@@ -145,6 +145,7 @@ from .engine import (
     PathValidated,
     PeerAddressChanged,
     PeerCertificateRefused,
+    PeerUnreachable,
     SocketConnection,
 )
 from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD
@@ -376,6 +377,12 @@ class _Pump:
             connection = self.connecting.pop(token, None)
             if connection is not None:
                 connection.terminated(failure, message)
+            return connection
+        if kind == "connect_unreachable":
+            _, token, errno, detail = event
+            connection = self.connecting.get(token)
+            if connection is not None:
+                connection.unreachable(errno, detail)
             return connection
         if kind == "accepted":
             _, conn, early = event
@@ -735,9 +742,17 @@ class NativeConnection:
         elif kind in _PATH_EVENTS:
             _, _, host, port = event
             self._events.append(_PATH_EVENTS[kind]((str(host), int(port))))
+        elif kind == "unreachable":
+            self.unreachable(event[2], event[3])
         elif kind == "closed":
             _, _, failure, message = event
             self.terminated(failure, message)
+
+    def unreachable(self, errno: int, detail: str) -> None:
+        """An ICMP destination unreachable came back for the peer's address (the
+        extension reads its socket's error queue): :class:`~.engine.PeerUnreachable`."""
+        if self._closed_reason is None:
+            self._events.append(PeerUnreachable(errno=errno, detail=detail))
 
     def _check_early_data(self, received: int) -> None:
         """(server) The handshake of a 0-RTT connection completed after ``received``
@@ -1006,9 +1021,13 @@ class NativeConnection:
         """Close the connection with an application CONNECTION_CLOSE (quinn sends
         transport closes itself)."""
         if self.conn < 0:
-            # Not reported yet: the endpoint closes it when it is (the pump forgets the token).
+            # Not reported yet: the endpoint gives it up (or closes it when it is reported:
+            # the pump forgets the token).
             if self.token is not None:
                 self._pump.connecting.pop(self.token, None)
+                abort = getattr(self._native, "abort_connect", None)  # None: an older build
+                if abort is not None:
+                    abort(self.token)
             self.terminated("locally_closed", reason_phrase or "closed before the handshake")
             return
         if self._closed_reason is not None:
