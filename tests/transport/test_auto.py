@@ -20,10 +20,12 @@ from quicmesh.transport.auto import BrokenQuicMemory
 from tests.quic_helpers import (
     CA,
     CLIENT,
+    QUIC_ENGINES,
     SERVER,
     TARGET,
     Recorder,
     client_transport,
+    require_engine,
     run,
     server_transport,
     until,
@@ -111,8 +113,8 @@ class Peer:
             await listener.wait_closed()
 
 
-def auto(**kwargs: Any) -> AutoTransport:
-    quic = client_transport(keepalive_interval=0.2, max_probe_timeouts=4)
+def auto(engine: str | None = None, **kwargs: Any) -> AutoTransport:
+    quic = client_transport(engine=engine, keepalive_interval=0.2, max_probe_timeouts=4)
     return AutoTransport(identity=CLIENT, trust=CA.trust_bundle, quic=quic, **kwargs)
 
 
@@ -177,11 +179,14 @@ def test_blocked_udp_falls_back_to_h2_and_quic_returns_after_the_backoff() -> No
     run(main())
 
 
-def test_a_closed_udp_port_falls_back_at_once() -> None:
+@pytest.mark.parametrize("engine", QUIC_ENGINES)
+def test_a_closed_udp_port_falls_back_at_once(engine: str) -> None:
+    require_engine(engine)
+
     async def main() -> None:
         peer = Peer()
         address = await peer.start(quic=False)
-        client = auto(fallback_delay=0.3)
+        client = auto(engine, fallback_delay=0.3)
         started = time.monotonic()
         connection = await client.connect(address, timeout=5)
         assert connection.transport_name == "h2"

@@ -21,6 +21,7 @@ from quicmesh import ConnectError, ConnectionLost, StreamReset
 from quicmesh.errors import ConfigError, PeerUnresponsive
 from quicmesh.transport.liveness import Liveness, LivenessConfig, Verdict
 from tests.quic_helpers import (
+    QUIC_ENGINES,
     TARGET,
     Recorder,
     client_transport,
@@ -176,10 +177,15 @@ def closed_udp_port() -> int:
     return port
 
 
-def test_connect_to_a_closed_udp_port_fails_at_once() -> None:
+@pytest.mark.parametrize("engine", QUIC_ENGINES)
+def test_connect_to_a_closed_udp_port_fails_at_once(engine: str) -> None:
+    """aioquic's client socket is connected to the peer; the native engine's endpoint
+    socket is not, and reads the ICMP error off its error queue (IP_RECVERR)."""
+    require_engine(engine)
+
     async def main() -> None:
         port = closed_udp_port()
-        client = client_transport()
+        client = client_transport(engine=engine)
         started = time.monotonic()
         with pytest.raises(ConnectError, match="unreachable"):
             await client.connect(("127.0.0.1", port), timeout=5.0)
@@ -188,11 +194,13 @@ def test_connect_to_a_closed_udp_port_fails_at_once() -> None:
     run(main())
 
 
-async def _echo_setup(**client_kwargs: Any) -> tuple[Any, Relay, Any, Any]:
-    server = server_transport()
+async def _echo_setup(
+    engine: str | None = None, **client_kwargs: Any
+) -> tuple[Any, Relay, Any, Any]:
+    server = server_transport(engine=engine)
     listener = await server.listen(("127.0.0.1", 0), Recorder())
     relay = await Relay.start(listener.address)
-    client = client_transport(**client_kwargs)
+    client = client_transport(engine=engine, **client_kwargs)
     connection = await client.connect(relay.address, timeout=5.0)
     stream = await connection.open_stream(TARGET)
     stream.write(b"ping")
@@ -238,12 +246,14 @@ def test_dead_after_bounds_the_wait_in_seconds() -> None:
     run(main())
 
 
-def test_a_closed_peer_port_fails_the_connection_on_icmp() -> None:
+@pytest.mark.parametrize("engine", QUIC_ENGINES)
+def test_a_closed_peer_port_fails_the_connection_on_icmp(engine: str) -> None:
     """As after kill -9 of the peer: every datagram is answered port unreachable."""
+    require_engine(engine)
 
     async def main() -> None:
         listener, relay, connection, stream = await _echo_setup(
-            keepalive_interval=0.2, max_probe_timeouts=None, dead_after=None
+            engine, keepalive_interval=0.2, max_probe_timeouts=None, dead_after=None
         )
         relay.close()
         started = time.monotonic()

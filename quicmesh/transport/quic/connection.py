@@ -84,6 +84,18 @@ UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 """SO_RCVBUF / SO_SNDBUF asked for on QUIC sockets (the kernel caps it at rmem_max/wmem_max)."""
 
 
+def closed_error(reason: str) -> ConnectionLost:
+    """What a connection closed with ``reason`` (the peer's reason phrase, as the
+    engine words it) is lost with: :class:`PeerUnresponsive` when the peer's
+    liveness checks failed it (what it sent reached us, what we sent did not: a
+    path dropping packets one way), else :class:`ConnectionLost`."""
+    if UNRESPONSIVE in reason:
+        return PeerUnresponsive(
+            f"QUIC connection closed by the peer, which heard nothing from here: {reason}"
+        )
+    return ConnectionLost(f"QUIC connection closed: {reason}")
+
+
 def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
     """Ask for :data:`UDP_SOCKET_BUFFER` bytes of socket buffer each way."""
     sock = transport.get_extra_info("socket")
@@ -444,15 +456,7 @@ class QuicPeerConnection(SessionConnection):
             reason = self.quic.closing_reason()
             if reason is not None:
                 # The peer closed: say so now, not when the draining period ends.
-                lost: ConnectionLost = ConnectionLost(f"QUIC connection closed: {reason}")
-                if UNRESPONSIVE in reason:
-                    # Its liveness checks failed the connection: what it sent reached
-                    # us, what we sent did not (a path dropping packets one way).
-                    lost = PeerUnresponsive(
-                        f"QUIC connection closed by the peer, which heard nothing from here: "
-                        f"{reason}"
-                    )
-                self.on_connection_lost(lost)
+                self.on_connection_lost(closed_error(reason))
                 if self.quic.is_draining():
                     # A draining endpoint sends nothing more (RFC 9000 10.2.2).
                     self.close_socket()
@@ -905,7 +909,8 @@ class QuicPeerConnection(SessionConnection):
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
         if self._established:
             if self._handshake_done:
-                self.on_connection_lost(ConnectionLost(f"QUIC connection closed: {reason}"))
+                # (A socket engine reports the peer's close only here.)
+                self.on_connection_lost(closed_error(reason))
             else:
                 self.on_connection_lost(
                     ConnectError(f"QUIC connection closed during handshake: {reason}")
