@@ -28,7 +28,9 @@ use std::task::{Context, Poll};
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{
+    self, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage,
+};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::io::Interest;
@@ -383,8 +385,14 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].destination, target);
         assert_eq!(errors[0].errno, libc::ECONNREFUSED);
-        assert!(errors[0].detail.contains("ICMP type 3 code 3"), "{errors:?}");
-        assert!(read_errors(socket.as_fd()).is_empty(), "the queue was emptied");
+        assert!(
+            errors[0].detail.contains("ICMP type 3 code 3"),
+            "{errors:?}"
+        );
+        assert!(
+            read_errors(socket.as_fd()).is_empty(),
+            "the queue was emptied"
+        );
     }
 
     #[test]

@@ -874,6 +874,25 @@ impl Endpoint {
         self.local_address()
     }
 
+    /// Make quinn send an ack-eliciting packet on the connection now (quicmesh's probe after an
+    /// ICMP unreachable: the next error, or the peer's answer, comes a round trip later).
+    ///
+    /// quinn 0.11 has no PING command (quinn-proto's `Connection::ping` is not exposed): the
+    /// connection's receive window is lowered by one byte and raised back, which queues a
+    /// MAX_DATA frame at once and leaves the credit as it was (quinn repays the byte it shrank
+    /// out of later credit).
+    fn ping(&self, conn: u64) -> PyResult<()> {
+        let connection = self.connection(conn)?;
+        let window = match self.options.receive_window {
+            Some(window) => varint("receive_window", window)?,
+            None => VarInt::MAX, // quinn's default
+        };
+        let lower = VarInt::from_u64(window.into_inner().saturating_sub(1)).unwrap_or(window);
+        connection.set_receive_window(lower);
+        connection.set_receive_window(window);
+        Ok(())
+    }
+
     /// Close every connection and stop accepting.
     #[pyo3(signature = (code=0, reason=""))]
     fn close(&self, code: u64, reason: &str) -> PyResult<()> {

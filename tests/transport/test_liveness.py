@@ -28,6 +28,7 @@ from tests.quic_helpers import (
     require_engine,
     run,
     server_transport,
+    until,
 )
 
 # -- sans-IO ------------------------------------------------------------------------
@@ -263,6 +264,41 @@ def test_a_closed_peer_port_fails_the_connection_on_icmp(engine: str) -> None:
         assert isinstance(connection.lost_error, ConnectionLost)
         assert not isinstance(connection.lost_error, PeerUnresponsive)
         listener.close()
+
+    run(main())
+
+
+def test_the_native_probe_after_an_icmp_error_sends_an_ack_eliciting_packet() -> None:
+    """quinn 0.11 has no PING command: the native engine's ``send_ping`` (the probe
+    the liveness rule sends after a first ICMP error) must still put an
+    ack-eliciting packet on the wire at once, on an idle connection with no
+    keepalive, and the peer must acknowledge it."""
+    require_engine("native")
+
+    async def main() -> None:
+        server = server_transport(engine="native")
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport(engine="native", keepalive_interval=None)
+        connection = await client.connect(listener.address, timeout=5.0)
+        quic: Any = connection.quic
+        stream = await connection.open_stream(TARGET)
+        stream.write(b"ping")
+        assert await stream.readexactly(4) == b"ping"
+
+        def counters() -> tuple[int, int]:
+            stats = quic._native.stats(quic.conn)
+            return int(stats["ack_eliciting_frames_sent"]), int(stats["datagrams_received"])
+
+        # Idle: nothing more goes out once the echo's acknowledgements settled.
+        await until(lambda: not quic.sample_liveness(time.monotonic()) and not quic.awaiting_ack())
+        sent, received = counters()
+        quic.send_ping(0)
+        # Its acknowledgement is the peer's answer: a datagram arrives.
+        await until(lambda: counters()[0] > sent and counters()[1] > received, timeout=5.0)
+        await connection.aclose()
+        listener.close()
+        await client.aclose()
+        await server.aclose()
 
     run(main())
 

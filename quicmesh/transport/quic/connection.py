@@ -608,7 +608,8 @@ class QuicPeerConnection(SessionConnection):
         if verdict is Verdict.UNRESPONSIVE:
             self._fail(PeerUnresponsive(f"QUIC connection failed: {liveness.reason}"))
             return
-        if verdict is Verdict.PING:
+        if verdict is Verdict.PING and self._socket is None:
+            # (A socket engine sends its keepalive PINGs itself.)
             self.quic.send_ping(0)
             self._transmit_soon()
         deadline = liveness.deadline(now, awaiting_ack=awaiting)

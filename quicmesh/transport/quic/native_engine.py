@@ -1036,7 +1036,14 @@ class NativeConnection:
             self._native.close_connection(self.conn, error_code, reason_phrase)
 
     def send_ping(self, uid: int) -> None:
-        """Nothing: quinn sends keepalive PINGs itself (``keep_alive``)."""
+        """Have quinn send an ack-eliciting packet now (the driver's probe after an
+        ICMP unreachable; quinn sends keepalive PINGs itself, ``keep_alive``). quinn
+        0.11 has no PING command: the extension's ``ping`` makes it send MAX_DATA."""
+        ping = getattr(self._native, "ping", None)  # None: an extension built before it
+        if ping is None or self.conn < 0 or self._closed_reason is not None:
+            return
+        with contextlib.suppress(QuicmeshError):  # gone: its close event follows
+            ping(self.conn)
 
     # -- read-driven credit and sender state --
 
