@@ -356,6 +356,9 @@ pub enum RecvCmd {
     Pause,
     /// (splicing) Hand the receiving half to a splice.
     Handover(tokio::sync::oneshot::Sender<RecvStream>),
+    /// The connection ended: give (as `Data` events) what quinn received in order and still
+    /// holds, then end; dropping the sender says it is done (see [`Shared::serve`]).
+    Drain(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The halves of a stream Python can still command.
@@ -386,8 +389,9 @@ pub struct Shared {
     wake: UnixStream,
     pub connections: Mutex<HashMap<u64, Connection>>,
     pub streams: Mutex<HashMap<(u64, u64), StreamHandles>>,
-    /// Spliced flows by splice ID: where an abort from Python goes (`splice.rs`).
-    pub splices: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>,
+    /// Spliced flows by splice ID: where an abort from Python goes, and what each holds
+    /// (`splice.rs`).
+    pub splices: Mutex<HashMap<u64, crate::splice::SpliceHandle>>,
     /// (server) The path watch of each accepted connection ([`Shared::watch_paths`]).
     paths: Mutex<HashMap<u64, PathWatch>>,
     /// (client) Connects in their handshake by token: the address and the task driving it
@@ -645,6 +649,22 @@ impl Shared {
         self.sample_paths(id, &conn);
         lock(&self.paths).remove(&id);
         lock(&self.connections).remove(&id);
+        // What the peer sent and quinn received in order is still readable after the close
+        // (quinn hands out a closed connection's received stream data until none is left),
+        // but the receive tasks read only on request: have each give what it holds before
+        // the close is reported, as aioquic, which delivers data as it arrives, would have.
+        let drained: Vec<_> = lock(&self.streams)
+            .iter()
+            .filter(|((c, _), _)| *c == id)
+            .filter_map(|(_, handles)| {
+                let (done, finished) = tokio::sync::oneshot::channel();
+                let recv = handles.recv.as_ref()?;
+                recv.send(RecvCmd::Drain(done)).ok().map(|()| finished)
+            })
+            .collect();
+        for finished in drained {
+            let _ = finished.await;
+        }
         lock(&self.streams).retain(|(c, _), _| *c != id);
         self.push(Event::Closed {
             conn: id,
@@ -807,6 +827,7 @@ impl Shared {
         }
         let StreamKey { conn, stream, .. } = id;
         let mut wanted: Option<usize> = None;
+        let mut paused = false;
         loop {
             let step = if let Some(max) = wanted {
                 tokio::select! {
@@ -819,19 +840,31 @@ impl Shared {
             };
             match step {
                 Step::Command(None) => break,
-                Step::Command(Some(RecvCmd::Read(max))) => wanted = Some(max.max(1)),
+                Step::Command(Some(RecvCmd::Read(max))) => {
+                    wanted = Some(max.max(1));
+                    paused = false;
+                }
                 Step::Command(Some(RecvCmd::StopSending(code))) => {
                     let _ = recv.stop(code);
                     break;
                 }
                 Step::Command(Some(RecvCmd::Pause)) => {
                     wanted = None;
+                    paused = true;
                     self.push(Event::ReadPaused { conn, stream });
                 }
                 Step::Command(Some(RecvCmd::Handover(to))) => {
                     let _ = to.send(recv);
                     self.release(id, false);
                     return;
+                }
+                Step::Command(Some(RecvCmd::Drain(done))) => {
+                    // A paused stream is being handed to a splice: its reader is gone.
+                    if !paused {
+                        self.drain_closed(&mut recv, conn, stream).await;
+                    }
+                    drop(done);
+                    break;
                 }
                 Step::Read(Ok(Some(chunk))) => {
                     let max = wanted.take().unwrap_or(chunk.bytes.len());
@@ -890,6 +923,54 @@ impl Shared {
                     conn: id.conn,
                     stream: id.stream,
                 });
+            }
+        }
+    }
+}
+
+/// The most bytes one `Data` event carries when a closed connection's streams are drained.
+const DRAIN_BATCH: usize = 1 << 20;
+
+impl Shared {
+    /// (the connection is closed) Report what quinn still holds of the stream, in order:
+    /// `Data` events, with the FIN if it was received, or the peer's reset after the data
+    /// before it. The amount is what the peer was allowed to send and we had not read: at
+    /// most the connection's receive window over all streams, so no reader can make it grow.
+    async fn drain_closed(&self, recv: &mut RecvStream, conn: u64, stream: u64) {
+        let mut chunks = Vec::new();
+        let mut total = 0;
+        loop {
+            // Never pending: once the connection is closed, a read that finds nothing
+            // buffered fails (quinn's ConnectionLost) instead of waiting.
+            let read = recv.read_chunk(DRAIN_BATCH, true).await;
+            let (fin, reset) = match read {
+                Ok(Some(chunk)) => {
+                    total += chunk.bytes.len();
+                    chunks.push(chunk.bytes);
+                    if total < DRAIN_BATCH {
+                        continue;
+                    }
+                    (false, None)
+                }
+                Ok(None) => (true, None),
+                Err(ReadError::Reset(code)) => (false, Some(code.into_inner())),
+                Err(_) => (false, None),
+            };
+            let last = fin || total < DRAIN_BATCH;
+            if !chunks.is_empty() || fin {
+                self.push(Event::Data {
+                    conn,
+                    stream,
+                    chunks: std::mem::take(&mut chunks),
+                    fin,
+                });
+            }
+            total = 0;
+            if let Some(code) = reset {
+                self.push(Event::ResetReceived { conn, stream, code });
+            }
+            if last {
+                return;
             }
         }
     }

@@ -762,7 +762,14 @@ impl Endpoint {
         };
         let id = self.shared.next_id();
         let (abort_to, abort_from) = tokio::sync::oneshot::channel();
-        lock(&self.shared.splices).insert(id, abort_to);
+        let held = Arc::new(splice::Held::default());
+        lock(&self.shared.splices).insert(
+            id,
+            splice::SpliceHandle {
+                abort: abort_to,
+                held: Arc::clone(&held),
+            },
+        );
         let spec = splice::SpliceSpec {
             id,
             conn,
@@ -776,6 +783,7 @@ impl Endpoint {
         rt.spawn(splice::run(
             Arc::clone(&self.shared),
             spec,
+            held,
             tcp,
             connection,
             send,
@@ -789,9 +797,18 @@ impl Endpoint {
     /// its `spliced` event follows. Returns whether it was still running.
     fn splice_abort(&self, id: u64, code: u64) -> bool {
         match lock(&self.shared.splices).remove(&id) {
-            Some(abort) => abort.send(code).is_ok(),
+            Some(handle) => handle.abort.send(code).is_ok(),
             None => false,
         }
+    }
+
+    /// (splicing) The bytes a spliced flow holds now: read from the TCP socket and not yet
+    /// taken by quinn (beyond the QUIC peer's credit), and received from quinn and not yet
+    /// written to the socket; 0 once it ended. What a flow would hold in Python's buffers.
+    fn splice_buffered(&self, id: u64) -> u64 {
+        lock(&self.shared.splices)
+            .get(&id)
+            .map_or(0, |handle| handle.held.total())
     }
 
     /// Close a connection with application error `code` and `reason`.

@@ -40,6 +40,7 @@ use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -364,6 +365,33 @@ pub struct SpliceSpec {
     pub recv_fin: bool,
 }
 
+/// What the engine keeps about a running splice: where Python's abort goes and what it holds.
+#[derive(Debug)]
+pub struct SpliceHandle {
+    pub abort: oneshot::Sender<u64>,
+    pub held: Arc<Held>,
+}
+
+/// The bytes a splice holds in memory, each way (at most a chunk or two each: a direction
+/// reads its source only after its sink took the previous chunk).
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Read from TCP (or handed over by Python) and not yet taken by quinn.
+    to_quic: AtomicU64,
+    /// Received from quinn (or handed over by Python) and not yet written to TCP.
+    to_tcp: AtomicU64,
+}
+
+impl Held {
+    pub fn total(&self) -> u64 {
+        self.to_quic.load(Ordering::Relaxed) + self.to_tcp.load(Ordering::Relaxed)
+    }
+}
+
+fn total_len(chunks: &[Bytes]) -> u64 {
+    chunks.iter().map(|chunk| chunk.len() as u64).sum()
+}
+
 /// A stream's sending half as its task hands it over, with the bytes it had not sent yet.
 pub type SendHandover = (SendStream, VecDeque<Bytes>);
 
@@ -449,6 +477,7 @@ async fn upstream(
     send: Option<&mut SendHandover>,
     prefix: Bytes,
     counted: &mut u64,
+    held: &AtomicU64,
 ) -> Result<(), Failure> {
     let Some((send, queued)) = send else {
         return Err(Failure::Quic("the stream can no longer send".into()));
@@ -461,6 +490,7 @@ async fn upstream(
         pending.push(prefix);
     }
     loop {
+        held.store(total_len(&pending), Ordering::Relaxed);
         if !pending.is_empty() && !discard {
             match send.write_all_chunks(&mut pending[..]).await {
                 Ok(()) => {}
@@ -473,6 +503,7 @@ async fn upstream(
             }
         }
         pending.clear();
+        held.store(0, Ordering::Relaxed);
         let mut buffer = BytesMut::zeroed(HEADER_ROOM + CHUNK);
         let read = read_tcp(tcp, &mut buffer[HEADER_ROOM..])
             .await
@@ -497,6 +528,7 @@ async fn upstream(
 
 /// QUIC -> TCP: Python's payload, then the unparsed bytes, then quinn's, deframed; QUIC FIN
 /// -> `shutdown(SHUT_WR)`. Reads quinn only once the previous chunk reached the socket.
+#[allow(clippy::too_many_arguments)]
 async fn downstream(
     tcp: &TcpStream,
     recv: Option<&mut RecvStream>,
@@ -505,6 +537,7 @@ async fn downstream(
     deframer: &mut Deframer,
     recv_fin: bool,
     counted: &mut u64,
+    held: &AtomicU64,
 ) -> Result<(), Failure> {
     let mut payload = vec![prefix];
     deframer
@@ -513,10 +546,12 @@ async fn downstream(
     let mut fin = recv_fin;
     let mut recv = recv;
     loop {
+        held.store(total_len(&payload), Ordering::Relaxed);
         for chunk in payload.drain(..) {
             if !chunk.is_empty() {
                 write_tcp(tcp, &chunk).await.map_err(Failure::Tcp)?;
                 *counted += chunk.len() as u64;
+                held.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
             }
         }
         if fin {
@@ -546,6 +581,7 @@ async fn downstream(
 pub async fn run(
     shared: Arc<Shared>,
     spec: SpliceSpec,
+    held: Arc<Held>,
     tcp: TcpStream,
     connection: Connection,
     send: Option<oneshot::Receiver<SendHandover>>,
@@ -578,7 +614,7 @@ pub async fn run(
         }
     };
     let result = {
-        let up = upstream(&tcp, send.as_mut(), to_quic, &mut sent);
+        let up = upstream(&tcp, send.as_mut(), to_quic, &mut sent, &held.to_quic);
         let down = downstream(
             &tcp,
             recv.as_mut(),
@@ -587,6 +623,7 @@ pub async fn run(
             &mut deframer,
             recv_fin,
             &mut received,
+            &held.to_tcp,
         );
         let both = async { tokio::try_join!(up, down).map(|_| ()) };
         tokio::select! {

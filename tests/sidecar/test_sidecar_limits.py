@@ -293,7 +293,12 @@ def test_a_peer_that_stops_reading_gets_its_fullest_flows_reset() -> None:
         target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
         listener, address = await _inbound(max_buffered_per_connection=1)
         conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
-        streams = [await conn.open_stream(target) for _ in range(32)]
+        streams = []
+        for _ in range(32):
+            # The fullest flow may be one just opened (its response is behind the
+            # others' bytes in the connection's window): reset before it is answered.
+            with contextlib.suppress(quicmesh.StreamReset):
+                streams.append(await conn.open_stream(target))
         await _until(lambda: listener.overload.buffer_resets > 0, 20)
         metrics = listener.stats.to_dict()["overload"]
         assert metrics["buffer_resets"] >= 1  # type: ignore[index]

@@ -109,6 +109,16 @@ rather than pretending:
   ``native-{client|server}-{pid}-{n}.sqlog``.
 * An ICMP unreachable does not fail a connect at once
   (the endpoint's socket is not connected): it fails at its timeout.
+* **Closing**: quinn runs the closing and draining periods (RFC 9000 10.2)
+  inside its endpoint and reports the end as they begin, so
+  ``ConnectionTerminated`` comes at once (``is_draining`` is always False;
+  aioquic raises it 3 PTO later). What the peer sent before its close and
+  quinn still holds unread (read-driven credit leaves up to a stream window
+  there) is delivered first: on the close the engine's receive tasks give it as
+  ``data`` events before the ``closed`` one.
+* **Buffered bytes** of a spliced stream (:meth:`NativeConnection.stream_unsent_bytes`,
+  which ``max_buffered_per_connection`` adds up) are what its splice holds in
+  Rust each way (``splice_buffered``), at most a chunk or two.
 """
 
 from __future__ import annotations
@@ -1078,9 +1088,19 @@ class NativeConnection:
             self._read(stream_id, state)
 
     def stream_unsent_bytes(self, stream_id: int) -> int:
-        """Bytes written that quinn has not taken (within the peer's credit) yet."""
+        """Bytes written that quinn has not taken (within the peer's credit) yet; for a
+        spliced stream, every byte its splice holds (both ways: read from the socket and
+        not taken by quinn, received and not written to the socket), which Python's
+        buffers would hold without the splice (what ``max_buffered_per_connection``
+        measures)."""
         state = self._streams.get(stream_id)
-        return state.unsent if state is not None else 0
+        if state is None:
+            return 0
+        if state.splice_id is not None:
+            with contextlib.suppress(QuicmeshError, AttributeError):
+                return int(self._native.splice_buffered(state.splice_id))
+            return 0
+        return state.unsent
 
     def stream_is_open(self, stream_id: int) -> bool:
         """Whether either direction of the stream can still carry something."""
