@@ -252,8 +252,9 @@ class QuicPeerConnection(SessionConnection):
 
     @property
     def terminated(self) -> bool:
-        """Whether the engine reported the end of the connection (after the closing
-        or draining period; :attr:`is_closed` is true as soon as it began)."""
+        """Whether the engine reported the end of the connection (aioquic: after the
+        closing or draining period; native: as it begins, quinn keeps that period to
+        itself; :attr:`is_closed` is true as soon as it began)."""
         return self._terminated.is_set()
 
     @property
