@@ -244,37 +244,42 @@ def test_every_other_scalar_cluster_field_is_refused_by_name(field: str) -> None
         map_cluster(cluster, "h:1", _cla(cla_doc("c", [])))
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    document=st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-        lambda children: (
-            st.lists(children, max_size=4)
-            | st.dictionaries(
-                st.sampled_from(
-                    [
-                        "node",
-                        "admin",
-                        "static_resources",
-                        "listeners",
-                        "clusters",
-                        "id",
-                        "name",
-                        "address",
-                        "socket_address",
-                        "port_value",
-                        "secrets",
-                        "type",
-                        "x",
-                    ]
-                ),
-                children,
-                max_size=4,
-            )
-        ),
-        max_leaves=20,
-    )
+BOOTSTRAP_KEYS = st.sampled_from(
+    [
+        "node",
+        "admin",
+        "static_resources",
+        "listeners",
+        "clusters",
+        "id",
+        "name",
+        "address",
+        "socket_address",
+        "port_value",
+        "secrets",
+        "type",
+        "x",
+    ]
 )
+
+
+def bootstrap_values(depth: int) -> st.SearchStrategy[Any]:
+    """Values nested up to ``depth`` lists or mappings deep, built level by level (not
+    with ``st.recursive``, whose check of its ``extend`` function reads the source file
+    again and warns when the file was edited during the run)."""
+    leaves = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    values: st.SearchStrategy[Any] = leaves
+    for _ in range(depth):
+        values = (
+            leaves
+            | st.lists(values, max_size=4)
+            | st.dictionaries(BOOTSTRAP_KEYS, values, max_size=4)
+        )
+    return values
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=bootstrap_values(3))
 def test_any_bootstrap_document_is_a_config_or_one_line_error(document: Any) -> None:
     if not isinstance(document, dict):
         document = {"static_resources": document}

@@ -309,14 +309,24 @@ yaml_scalars = st.one_of(
         ["127.0.0.1:15008", "[::1]:1", "quic", "h2", "tcp", "5s", "*", "10.0.0.0/8:*", "x:0"]
     ),
 )
-yaml_values = st.recursive(
-    yaml_scalars,
-    lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.dictionaries(st.one_of(st.text(max_size=12), st.integers()), children, max_size=4),
-    ),
-    max_leaves=20,
-)
+
+
+def yaml_nested(depth: int) -> st.SearchStrategy[Any]:
+    """YAML values nested up to ``depth`` lists or mappings deep (scalars first, so that
+    shrinking goes toward them). Built level by level rather than with ``st.recursive``,
+    whose check that ``extend`` uses its argument reads the source file again: a file
+    edited while the tests ran made it warn (HypothesisDeprecationWarning, an error here)."""
+    values: st.SearchStrategy[Any] = yaml_scalars
+    for _ in range(depth):
+        values = st.one_of(
+            yaml_scalars,
+            st.lists(values, max_size=4),
+            st.dictionaries(st.one_of(st.text(max_size=12), st.integers()), values, max_size=4),
+        )
+    return values
+
+
+yaml_values = yaml_nested(3)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
