@@ -239,6 +239,73 @@ struct Endpoint {
     early_data: bool,
     /// (server) The half-open connections and the caps on them.
     admission: Option<Arc<Admission>>,
+    /// (server) What the server configuration is made of (`set_identity` makes a new one).
+    server_tls: Option<Arc<ServerTls>>,
+}
+
+/// (server) The settings a server configuration is built from, kept so that a new identity
+/// ([`Endpoint::set_identity`]) gets a configuration like the first one.
+struct ServerTls {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    alpn: Vec<Vec<u8>>,
+    allowed_clients: Option<Vec<String>>,
+    early_data: bool,
+    transport: Arc<quinn::TransportConfig>,
+    /// The single-use ticket store (with `early_data`) and the trust bundle its tickets' clients
+    /// were verified with: kept across a new certificate, replaced with new roots.
+    session_storage: std::sync::Mutex<(Vec<u8>, Arc<rustls::server::ServerSessionMemoryCache>)>,
+    /// The configuration new connections get now (each qlog connection takes a copy).
+    current: std::sync::Mutex<Option<quinn::ServerConfig>>,
+}
+
+impl ServerTls {
+    /// A server configuration presenting `chain` and `key`, requiring client certificates
+    /// that chain to `roots` (the bundle `trust_pem`).
+    fn build(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: &[TrustRoot],
+        trust_pem: &[u8],
+    ) -> PyResult<quinn::ServerConfig> {
+        let verifier = SpiffeVerifier::new(roots, self.allowed_clients.clone())
+            .map_err(|e| config_error(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| config_error(format!("TLS: {e}")))?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_single_cert(chain, key)
+            .map_err(|e| config_error(format!("certificate and key: {e}")))?;
+        tls.alpn_protocols = self.alpn.clone();
+        if self.early_data {
+            // Stateful tickets: rustls `take`s a ticket from this store when a client
+            // resumes with it, so each ticket is good for one resumption (one 0-RTT flight);
+            // a resumed handshake restores the client certificate chain the ticket recorded.
+            let mut storage = lock(&self.session_storage);
+            if storage.0 != trust_pem {
+                *storage = (
+                    trust_pem.to_vec(),
+                    rustls::server::ServerSessionMemoryCache::new(4096),
+                );
+            }
+            tls.session_storage =
+                Arc::clone(&storage.1) as Arc<dyn rustls::server::StoresServerSessions>;
+            tls.max_early_data_size = u32::MAX;
+        } else {
+            tls.send_tls13_tickets = 0;
+        }
+        let crypto = QuicServerConfig::try_from(tls)
+            .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::clone(&self.transport));
+        // New connections quinn holds before the admission loop decides on them (it
+        // decides at once; these bound a burst while it is busy), and the datagrams
+        // buffered for them.
+        config.max_incoming(MAX_INCOMING);
+        config.incoming_buffer_size(INCOMING_BUFFER_BYTES);
+        config.incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL);
+        Ok(config)
+    }
 }
 
 #[pymethods]
@@ -324,39 +391,28 @@ impl Endpoint {
         let roots = trust_roots(trust_pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
-        let server_config = if server {
-            let verifier = SpiffeVerifier::new(&roots, allowed_clients)
-                .map_err(|e| config_error(e.to_string()))?;
-            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(|e| config_error(format!("TLS: {e}")))?
-                .with_client_cert_verifier(Arc::new(verifier))
-                .with_single_cert(chain.clone(), key.clone_key())
-                .map_err(|e| config_error(format!("certificate and key: {e}")))?;
-            tls.alpn_protocols = alpn.clone();
-            if early_data {
-                // Stateful tickets: rustls `take`s a ticket from this store when a client
-                // resumes with it, so each ticket is good for one resumption (one 0-RTT flight);
-                // a resumed handshake restores the client certificate chain the ticket recorded.
-                tls.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
-                tls.max_early_data_size = u32::MAX;
-            } else {
-                tls.send_tls13_tickets = 0;
-            }
-            let crypto = QuicServerConfig::try_from(tls)
-                .map_err(|e| config_error(format!("TLS for QUIC: {e}")))?;
-            let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            config.transport_config(Arc::clone(&transport));
-            // New connections quinn holds before the admission loop decides on them (it
-            // decides at once; these bound a burst while it is busy), and the datagrams
-            // buffered for them.
-            config.max_incoming(MAX_INCOMING);
-            config.incoming_buffer_size(INCOMING_BUFFER_BYTES);
-            config.incoming_buffer_size_total(INCOMING_BUFFER_BYTES_TOTAL);
-            Some(config)
+        let server_tls = if server {
+            let tls = ServerTls {
+                provider: Arc::clone(&provider),
+                alpn: alpn.clone(),
+                allowed_clients,
+                early_data,
+                transport: Arc::clone(&transport),
+                session_storage: std::sync::Mutex::new((
+                    trust_pem.to_vec(),
+                    rustls::server::ServerSessionMemoryCache::new(4096),
+                )),
+                current: std::sync::Mutex::new(None),
+            };
+            let config = tls.build(chain.clone(), key.clone_key(), &roots, trust_pem)?;
+            *lock(&tls.current) = Some(config);
+            Some(Arc::new(tls))
         } else {
             None
         };
+        let server_config = server_tls
+            .as_ref()
+            .and_then(|tls| lock(&tls.current).clone());
 
         let client_provider = Arc::clone(&provider);
         let client_alpn = alpn;
@@ -425,7 +481,7 @@ impl Endpoint {
             }
             None => quinn::EndpointConfig::default(),
         };
-        let qlog_server = server_config.clone().filter(|_| options.qlog_dir.is_some());
+        let qlog_server = server_tls.clone().filter(|_| options.qlog_dir.is_some());
         let (shared, wake) =
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared))
@@ -442,12 +498,13 @@ impl Endpoint {
             // With qlog, each connection gets its own configuration (its own file); a file
             // that cannot be made (the folder was checked above) costs the connection its
             // qlog, not its service.
-            let per_connection: Option<admission::ConfigFactory> = qlog_server.map(|base| {
+            let per_connection: Option<admission::ConfigFactory> = qlog_server.map(|tls| {
                 let options = options.clone();
                 let ids = Arc::clone(&shared);
                 Arc::new(move || {
                     let transport = options.build_for_connection("server", ids.next_id()).ok()?;
-                    let mut config = base.clone();
+                    // The identity of the moment (set_identity replaces it).
+                    let mut config = lock(&tls.current).clone()?;
                     config.transport_config(transport);
                     Some(Arc::new(config))
                 }) as admission::ConfigFactory
@@ -469,7 +526,36 @@ impl Endpoint {
             options,
             early_data,
             admission,
+            server_tls,
         })
+    }
+
+    /// (server) Present `cert_chain_pem` / `key_pem` and require client certificates that
+    /// chain to `trust_pem` from the next handshake on; connections already made carry on.
+    ///
+    /// Session tickets issued before stay valid while the trust bundle is the same; a new
+    /// trust bundle starts a new ticket store (a ticket records a client verified under the
+    /// old roots).
+    fn set_identity(
+        &self,
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+        trust_pem: &[u8],
+    ) -> PyResult<()> {
+        let Some(tls) = self.server_tls.as_ref() else {
+            return Err(config_error(
+                "set_identity: a client endpoint keeps its identity (bind a new one)",
+            ));
+        };
+        let chain = pem_certificates(cert_chain_pem, "certificate chain")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| config_error(format!("private key: not a PEM private key: {e}")))?;
+        let roots = trust_roots(trust_pem)?;
+        let config = tls.build(chain, key, &roots, trust_pem)?;
+        let mut current = lock(&tls.current);
+        self.endpoint.set_server_config(Some(config.clone()));
+        *current = Some(config);
+        Ok(())
     }
 
     /// (server) Connections accepted whose handshake has not completed (0 for a client).

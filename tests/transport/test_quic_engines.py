@@ -29,7 +29,7 @@ from quic_helpers import (
 )
 from test_migration import STREAMS, Transfer, echo
 
-from quicmesh import QuicTransport
+from quicmesh import DevCA, QuicmeshError, QuicTransport
 from quicmesh.bench.relay import UdpRelay
 
 PAIRS = [("native", "aioquic"), ("aioquic", "native"), ("native", "native")]
@@ -39,7 +39,8 @@ PAIRS = [("native", "aioquic"), ("aioquic", "native"), ("native", "native")]
 def transport(engine: str, identity: object = CLIENT, **kwargs: object) -> QuicTransport:
     require_engine(engine)
     kwargs.setdefault("congestion_control", "cubic")
-    return QuicTransport(identity=identity, trust=CA.trust_bundle, engine=engine, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("trust", CA.trust_bundle)
+    return QuicTransport(identity=identity, engine=engine, **kwargs)  # type: ignore[arg-type]
 
 
 async def prime(client: QuicTransport, address: tuple[str, int]) -> None:
@@ -92,6 +93,47 @@ def test_mixed_engines_carry_streams_with_identities_both_ways(
 
     run(main())
     assert seen == [CLIENT.spiffe_id] * len(payloads)
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_listener_presents_a_rotated_certificate_from_the_next_handshake_on(
+    engine: str,
+) -> None:
+    renewed = CA.issue(SERVER.spiffe_id)
+    other_ca = DevCA()
+    moved = other_ca.issue(SERVER.spiffe_id)
+
+    def serial(conn: object) -> int:
+        return conn.peer_certificate.serial_number  # type: ignore[attr-defined,no-any-return]
+
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        before = await transport(engine).connect(listener.address)
+        server.set_identity(renewed, CA.trust_bundle)
+        after = await transport(engine).connect(listener.address)
+        assert serial(before) == SERVER.certificate.serial_number
+        assert serial(after) == renewed.certificate.serial_number
+        # The connection made before carries on, with its certificate.
+        assert await exchange(before, b"old", "old") == b"old"
+        assert await exchange(after, b"new", "new") == b"new"
+
+        # A new trust bundle: only clients of the new CA get in from now on.
+        server.set_identity(moved, other_ca.trust_bundle)
+        with pytest.raises(QuicmeshError):
+            await transport(engine).connect(listener.address, timeout=5)
+        newcomer = transport(engine, other_ca.issue(CLIENT.spiffe_id), trust=other_ca.trust_bundle)
+        conn = await newcomer.connect(listener.address)
+        assert serial(conn) == moved.certificate.serial_number
+        assert await exchange(conn, b"moved", "moved") == b"moved"
+        assert await exchange(before, b"still", "still") == b"still"
+        for each in (before, after, conn):
+            each.close()
+            await each.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
 
 
 @pytest.mark.parametrize("engine", ["aioquic", "native"])

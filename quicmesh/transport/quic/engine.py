@@ -493,6 +493,13 @@ class EngineListener(Protocol):
         """Admission counters (:data:`~quicmesh.transport._admission.ADMISSION_COUNTERS`)
         added since the last call: Initials dropped, refused, retried, timed out."""
 
+    def set_identity(self, tls: EngineTls) -> None:
+        """Present ``tls.identity`` and trust ``tls.trust`` from the next handshake on
+        (certificate rotation); connections already made carry on.
+
+        :raises EngineError: the identity or trust bundle cannot be used.
+        """
+
     def close(self) -> None:
         """Stop accepting; close the socket (connections close through their driver)."""
 

@@ -64,6 +64,11 @@ rather than pretending:
 * **SPIFFE verification** happens inside the handshake, in Rust, with the rules
   of :func:`quicmesh.tls.verify_peer` (native/src/verify.rs); the driver checks
   the chain :meth:`NativeConnection.peer_certificate` gives again, as for any engine.
+* **Certificate rotation**: :meth:`NativeListener.set_identity` gives the listener's
+  endpoint a new server configuration (quinn's ``set_server_config``), so new
+  handshakes get the new certificate and trust bundle and connections already made
+  carry on; its single-use tickets stay valid under the same trust bundle. A client
+  endpoint keeps its identity: a new identity gets a new client endpoint.
 * **New-stream rate** (``max_stream_rate``, ``QuicTransport.set_stream_rate``,
   the sidecar's loop-lag governor): quinn grants MAX_STREAMS itself, so the
   identity's bucket is applied in this driver by holding streams beyond the rate
@@ -1374,6 +1379,18 @@ class NativeListener:
         """Connections accepted since the last call (their first events wait)."""
         accepted, self._accepted = self._accepted, []
         return accepted
+
+    def set_identity(self, tls: EngineTls) -> None:
+        """Present ``tls.identity`` and trust ``tls.trust`` from the next handshake on
+        (quinn's new server configuration); connections already made carry on."""
+        if self._pump.closed:
+            return
+        try:
+            self._pump.endpoint.set_identity(
+                tls.identity.cert_chain_pem(), tls.identity.private_key_pem(), tls.trust.pem
+            )
+        except ConfigError as exc:
+            raise EngineError(str(exc)) from None
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE) and the socket."""

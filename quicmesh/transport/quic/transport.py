@@ -273,6 +273,7 @@ class QuicTransport(Transport):
             raise ConfigError("stateless_reset_key must be at least 16 bytes")
         self.stateless_reset_key = stateless_reset_key or os.urandom(32)
         self._server_configurations: list[QuicConfiguration] = []
+        self._socket_listeners: weakref.WeakSet[EngineListener] = weakref.WeakSet()
 
     async def aclose(self) -> None:
         """Release the engine's own sockets (the native engine's client endpoint);
@@ -291,6 +292,8 @@ class QuicTransport(Transport):
             config.certificate_chain = identity.chain
             config.private_key = identity.private_key
             config.cadata = trust.pem
+        for listener in list(self._socket_listeners):
+            listener.set_identity(EngineTls(identity=identity, trust=trust))
 
     def engine_limits(self) -> EngineLimits:
         """The transport settings every connection's engine gets."""
@@ -531,6 +534,7 @@ class QuicTransport(Transport):
             found.append(self.engine.listen(self.engine_limits(), tls, address, wake=wake))
         except EngineError as exc:
             raise ConnectError(f"cannot listen on UDP {address[0]}:{address[1]}: {exc}") from None
+        self._socket_listeners.add(found[0])
         return SocketEngineListener(found[0], accepted)
 
     async def _connect_socket(
