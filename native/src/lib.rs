@@ -34,7 +34,7 @@ use pyo3::IntoPyObjectExt;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use admission::{Admission, AdmissionConfig, RetryMode};
 use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TransportOptions};
@@ -211,9 +211,57 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
-/// Builds the client TLS configuration, with the server identities a connection allows.
+/// Builds the client TLS configuration, with the server identities a connection allows and
+/// whether it may resume a session (with 0-RTT) from a ticket.
 type ClientCrypto =
-    dyn Fn(Option<Vec<String>>) -> Result<Arc<QuicClientConfig>, String> + Send + Sync;
+    dyn Fn(Option<Vec<String>>, bool) -> Result<Arc<QuicClientConfig>, String> + Send + Sync;
+
+/// The ticket store of a connection that must not resume (a full handshake: the server's
+/// certificate is verified again): it offers no ticket, and keeps those the server sends
+/// for the resumptions asked for later.
+#[derive(Debug)]
+struct KeepTickets(Arc<dyn rustls::client::ClientSessionStore>);
+
+impl rustls::client::ClientSessionStore for KeepTickets {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.0.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.0.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        _server_name: ServerName<'static>,
+        _value: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(
+        &self,
+        _server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _server_name: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0.insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
+}
 
 /// The most client TLS configurations (one per list of allowed server identities) kept.
 const CLIENT_CONFIGS: usize = 64;
@@ -420,12 +468,17 @@ impl Endpoint {
         let tickets: Arc<dyn rustls::client::ClientSessionStore> =
             Arc::new(rustls::client::ClientSessionMemoryCache::new(256));
         // One TLS configuration per list of allowed server identities, kept: rustls resumes
-        // a session only with the verifier and client credentials that made it.
-        let configs = std::sync::Mutex::new(std::collections::HashMap::new());
-        let client_crypto = Arc::new(move |allowed: Option<Vec<String>>| {
+        // a session only with the verifier and client credentials that made it. Each comes in
+        // two: one that resumes and one that does a full handshake (a copy sharing the
+        // verifier and credentials, so the tickets it keeps serve the first).
+        let configs = std::sync::Mutex::new(std::collections::HashMap::<
+            Option<Vec<String>>,
+            (Arc<QuicClientConfig>, Arc<QuicClientConfig>),
+        >::new());
+        let client_crypto = Arc::new(move |allowed: Option<Vec<String>>, resume: bool| {
             let mut configs = lock(&configs);
-            if let Some(config) = configs.get(&allowed) {
-                return Ok(Arc::clone(config));
+            if let Some((resuming, full)) = configs.get(&allowed) {
+                return Ok(Arc::clone(if resume { resuming } else { full }));
             }
             if configs.len() >= CLIENT_CONFIGS {
                 configs.clear();
@@ -440,20 +493,28 @@ impl Endpoint {
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .map_err(|e| format!("certificate and key: {e}"))?;
             tls.alpn_protocols = client_alpn.clone();
+            let mut full = tls.clone();
             if early_data {
                 tls.resumption = rustls::client::Resumption::store(Arc::clone(&tickets));
                 tls.enable_early_data = true;
+                full.resumption =
+                    rustls::client::Resumption::store(Arc::new(KeepTickets(Arc::clone(&tickets))));
             } else {
                 tls.resumption = rustls::client::Resumption::disabled();
+                full.resumption = rustls::client::Resumption::disabled();
             }
-            let config = Arc::new(
-                QuicClientConfig::try_from(tls).map_err(|e| format!("TLS for QUIC: {e}"))?,
-            );
-            configs.insert(allowed, Arc::clone(&config));
-            Ok(config)
+            let quic = |tls: rustls::ClientConfig| {
+                QuicClientConfig::try_from(tls)
+                    .map(Arc::new)
+                    .map_err(|e| format!("TLS for QUIC: {e}"))
+            };
+            let (resuming, full) = (quic(tls)?, quic(full)?);
+            let chosen = Arc::clone(if resume { &resuming } else { &full });
+            configs.insert(allowed, (resuming, full));
+            Ok(chosen)
         });
         // Check the client side builds now, so a bad identity fails at bind, not at connect.
-        client_crypto(None).map_err(config_error)?;
+        client_crypto(None, true).map_err(config_error)?;
 
         let socket = engine::bind_udp(address)
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
@@ -591,18 +652,21 @@ impl Endpoint {
 
     /// Start connecting to `host:port`; returns a token that a `connected` or
     /// `connect_failed` event carries. With `allowed`, only those server SPIFFE IDs are accepted.
-    #[pyo3(signature = (host, port, *, server_name=None, allowed=None))]
+    /// With `resume=False` the connection does a full handshake (the server's certificate is
+    /// verified again) even where a ticket would resume it; the tickets it gets are kept.
+    #[pyo3(signature = (host, port, *, server_name=None, allowed=None, resume=true))]
     fn connect(
         &self,
         host: &str,
         port: u16,
         server_name: Option<&str>,
         allowed: Option<Vec<String>>,
+        resume: bool,
     ) -> PyResult<u64> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         // Session tickets are stored per server name: by default the server's address.
         let server_name = server_name.unwrap_or(host);
-        let crypto = (self.client_crypto)(allowed).map_err(config_error)?;
+        let crypto = (self.client_crypto)(allowed, resume).map_err(config_error)?;
         // quinn starts the connection's driver task here: it needs the runtime's context.
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();

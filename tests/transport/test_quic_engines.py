@@ -137,6 +137,42 @@ def test_a_listener_presents_a_rotated_certificate_from_the_next_handshake_on(
 
 
 @pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_an_ordinary_connect_sees_the_servers_certificate_of_now_and_keeps_its_tickets(
+    engine: str,
+) -> None:
+    # A client holding a ticket resumes only when asked (early_data): an ordinary
+    # connect verifies the certificate the server presents now (a pool replacing a
+    # connection whose peer certificate nears expiry must see the renewed one).
+    renewed = CA.issue(SERVER.spiffe_id)
+
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = transport(engine)
+        await prime(client, listener.address)
+        server.set_identity(renewed, CA.trust_bundle)
+        conn = await client.connect(listener.address)
+        assert conn.early_data == "none"
+        certificate = conn.peer_certificate
+        assert certificate is not None
+        assert certificate.serial_number == renewed.certificate.serial_number
+        assert await exchange(conn, b"now", "now") == b"now"
+        conn.close()
+        await conn.wait_closed()
+        # The tickets of the full handshakes are kept: asked for, 0-RTT resumes.
+        resumed = await client.connect(listener.address, early_data=True)
+        assert resumed.early_data == "attempted"
+        assert await exchange(resumed, b"early", "early", wait_response=False) == b"early"
+        assert resumed.early_data == "accepted"
+        resumed.close()
+        await resumed.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
 def test_accepted_0rtt_carries_the_connect_and_payload_in_0rtt_packets(engine: str) -> None:
     payload = random.Random(6).randbytes(8000)
     recorder = Recorder()

@@ -61,11 +61,14 @@ class AioquicEngine:
         address: Address,
         *,
         wake: Callable[[], None] | None = None,
+        resume: bool = True,
         config: QuicConfiguration | None = None,
     ) -> MeshQuicConnection:
         """A client connection (handshake not started: the driver calls ``connect``);
         each ticket the server issues is a ``SessionTicketReceived`` event.
 
+        :param resume: unused: the connection resumes with the ticket the driver put
+            in ``config`` (``session_ticket``), if any.
         :param config: the aioquic configuration to use instead of one made from
             ``limits`` and ``tls`` (the transport's, which follows ``set_identity``).
         """

@@ -523,13 +523,16 @@ class QuicEngine(Protocol):
         address: Address,
         *,
         wake: Callable[[], None] | None = None,
+        resume: bool = True,
     ) -> EngineConnection:
         """A client connection to ``address``, handshake not started.
 
         A datagram engine returns a :class:`DatagramConnection` (the driver opens
         the socket and calls :meth:`DatagramConnection.connect`); a socket engine
         returns a :class:`SocketConnection` already sending its first flight and
-        calls ``wake`` when events wait.
+        calls ``wake`` when events wait. ``resume=False``: a full handshake even
+        where a socket engine holds a ticket for ``address`` (a datagram engine
+        resumes only with the ticket the driver put in its configuration).
         """
 
     def accept(

@@ -1438,9 +1438,13 @@ class NativeEngine:
         address: Address,
         *,
         wake: Callable[[], None] | None = None,
+        resume: bool = True,
     ) -> NativeConnection:
         """A client connection to ``address``, its first flight already on its way
         (0-RTT when the endpoint holds a ticket for that address: :attr:`NativeConnection.early`).
+
+        :param resume: False: a full handshake (the server's certificate verified
+            again) even with a ticket; the tickets the server sends are kept.
 
         :raises ConfigError: bad identity or settings.
         :raises EngineError: the connection cannot be started.
@@ -1454,12 +1458,12 @@ class NativeEngine:
         )
         try:
             token = pump.endpoint.connect(
-                address[0], address[1], server_name=ticket_server_name(address)
+                address[0], address[1], server_name=ticket_server_name(address), resume=resume
             )
         except QuicmeshError as exc:  # ConfigError / ConnectError from the extension
             raise EngineError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from None
         connection.token = token
-        connection.ticket_identity = self._server_identities.get(address)
+        connection.ticket_identity = self._server_identities.get(address) if resume else None
         pump.connecting[token] = connection
         # A resumed connection is reported at once ("connected", early): take it now.
         for event in pump.endpoint.drain():

@@ -545,7 +545,9 @@ class QuicTransport(Transport):
         loop = asyncio.get_running_loop()
         tls = EngineTls(identity=self.identity, trust=self.trust)
         try:
-            quic = self.engine.connect(self.engine_limits(), tls, address)
+            # Resumed only when asked (as the aioquic engine): an ordinary connect verifies
+            # the server's certificate of now, not the one a ticket recorded.
+            quic = self.engine.connect(self.engine_limits(), tls, address, resume=early_data)
         except EngineError as exc:
             raise ConnectError(str(exc)) from None
         assert isinstance(quic, SocketConnection)
