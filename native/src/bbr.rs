@@ -23,9 +23,9 @@
 //! 10 s, ProbeRTT holds the window at half a BDP for 200 ms and takes the least sample of
 //! that time as the new minimum, so a queue other flows keep standing (loss-based TCP) enters
 //! the BDP and the window keeps this connection's share (without it: 12 % of the link next
-//! to one TCP Cubic flow; with it 44 %, 58 % in the second half of a 30 s run). Next to kernel
-//! TCP BBR, whose own ProbeRTT shows the empty-queue RTT every 10 s, it still gets almost
-//! nothing (`docs/performance.md`).
+//! to one TCP Cubic flow in a 4 s run; with it 44 %, 58 % in the second half of a 30 s run).
+//! Next to kernel TCP BBR, whose own ProbeRTT shows the empty-queue RTT every 10 s, it still
+//! gets almost nothing (`docs/performance.md`).
 //!
 //! The additive 4 ms keeps a path whose RTT is mostly processing (loopback, a busy host) from
 //! shrinking its window with each sample: there the delivery rate is window / RTT with an RTT
