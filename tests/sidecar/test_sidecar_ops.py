@@ -14,9 +14,12 @@ import socket
 from pathlib import Path
 
 import pytest
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from quicmesh import DevCA, QuicTransport
 from quicmesh.sidecar.launch import SidecarProcess
+from tests.quic_helpers import QUIC_ENGINES, require_engine
 
 from .conftest import IDENTITY_A, Mesh, addr, echo_flow, wait_until
 
@@ -110,7 +113,24 @@ def test_sigusr1_reopens_the_access_log_and_keeps_running(mesh: Mesh, tmp_path: 
     assert not any(line.startswith("{") for line in current)
 
 
-def test_failed_health_checks_log_one_line_and_no_asyncio_noise(mesh: Mesh) -> None:
+def connection_attempt(datagram: bytes) -> bytes | None:
+    """The Destination Connection ID of a QUIC Initial (aioquic's header parser):
+    a client picks a new random one for each connection and keeps it in the
+    Initials it retransmits, so distinct ones count connection attempts, whatever
+    the engine (aioquic uses a socket per connection, the native engine one
+    socket per transport, so source ports do not tell)."""
+    try:
+        header = pull_quic_header(Buffer(data=datagram), host_cid_length=8)
+    except ValueError:
+        return None
+    if header.packet_type != QuicPacketType.INITIAL:
+        return None
+    return header.destination_cid
+
+
+@pytest.mark.parametrize("engine", QUIC_ENGINES)
+def test_failed_health_checks_log_one_line_and_no_asyncio_noise(mesh: Mesh, engine: str) -> None:
+    require_engine(engine)
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a peer that never answers
     silent.bind(("127.0.0.1", 0))
     silent.settimeout(10)
@@ -120,19 +140,22 @@ def test_failed_health_checks_log_one_line_and_no_asyncio_noise(mesh: Mesh) -> N
             "echo",
             "quic",
             endpoints=[dead],
+            engine=engine,
             health_check={"interval": "100ms", "timeout": "200ms", "unhealthy_threshold": 1},
         )
         config, _ = mesh.a_config([cluster])
-        a = SidecarProcess("a-health", config, mesh.workdir)
+        a = SidecarProcess(f"a-health-{engine}", config, mesh.workdir)
         a.start()
         try:
             a.wait_ready()
-            # Each health check is a new QUIC connection from a new UDP port: wait for six
-            # (five of them timed out: more than enough garbage for asyncio to complain of).
-            sources: set[int] = set()
-            while len(sources) < 6:
-                _, source = silent.recvfrom(65536)
-                sources.add(source[1])
+            # Each health check is a new QUIC connection: wait for six (five of them
+            # timed out: more than enough garbage for asyncio to complain of).
+            attempts: set[bytes] = set()
+            while len(attempts) < 6:
+                datagram, _ = silent.recvfrom(65536)
+                attempt = connection_attempt(datagram)
+                if attempt is not None:
+                    attempts.add(attempt)
             wait_until(lambda: "is unhealthy" in a.stderr(), what="the endpoint marked unhealthy")
         finally:
             assert a.stop() == 0
