@@ -80,7 +80,15 @@ rather than pretending:
   :class:`_LivenessSample`: probe timeouts are estimated from the RTT, quinn
   does not expose its count), so a hung peer fails the connection in seconds
   rather than at the idle timeout. ``rebind_after_ptos`` does not run on this
-  engine, nor the ICMP-unreachable rule (its socket is not connected).
+  engine.
+* **ICMP unreachable**: the endpoint's socket is not connected, so the extension
+  asks the kernel for ICMP errors (``IP_RECVERR``) and reads them off the
+  socket's error queue (native/src/icmp.rs); each one reaches the connects and
+  connections to the address it names as :class:`~.engine.PeerUnreachable`, and
+  the driver applies the aioquic engine's rule: a connect in its handshake
+  fails at once, an established connection is probed (:meth:`NativeConnection.send_ping`:
+  quinn has no PING command, the extension makes it send MAX_DATA) and fails
+  on the second error in a row. Server connections get them too.
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
   client endpoint's socket moves, with every connection on it). quinn validates
   a migrating client's new path itself and raises no event for it, so the
@@ -112,8 +120,6 @@ rather than pretending:
 * **qlog**: with ``qlog_dir``, quinn-proto's own qlog (its ``qlog`` feature,
   JSON-SEQ) writes one file per connection there, named
   ``native-{client|server}-{pid}-{n}.sqlog``.
-* An ICMP unreachable does not fail a connect at once
-  (the endpoint's socket is not connected): it fails at its timeout.
 * **Closing**: quinn runs the closing and draining periods (RFC 9000 10.2)
   inside its endpoint and reports the end as they begin, so
   ``ConnectionTerminated`` comes at once (``is_draining`` is always False;

@@ -165,8 +165,9 @@ class QuicTransport(Transport):
         differently (tickets, liveness, the settings it ignores) is in
         :mod:`quicmesh.transport.quic.native_engine`.
 
-    A client's UDP socket is connected to its peer, so the kernel reports ICMP
-    port and host unreachable: :meth:`connect` then fails at once with
+    The kernel reports ICMP port and host unreachable (aioquic: a client's UDP
+    socket is connected to its peer; native: the endpoint socket reads its error
+    queue): :meth:`connect` then fails at once with
     :class:`~quicmesh.errors.ConnectError` instead of waiting for its timeout.
 
     :attr:`counters` adds up, over every connection of this transport, the keys
