@@ -137,6 +137,33 @@ def test_a_listener_presents_a_rotated_certificate_from_the_next_handshake_on(
 
 
 @pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_client_presents_its_rotated_certificate_from_the_next_connect_on(engine: str) -> None:
+    # Rotated identities come and go (the old ones are dropped): each connect presents
+    # the identity of now (a native client endpoint is per identity: one of a dropped
+    # identity must not be handed to a new one that happens to get its address).
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = transport(engine)
+        for round_ in range(12):
+            identity = CA.issue(CLIENT.spiffe_id)
+            serial = identity.certificate.serial_number
+            client.set_identity(identity, CA.trust_bundle)
+            del identity
+            conn = await client.connect(listener.address)
+            assert await exchange(conn, b"r", str(round_)) == b"r"
+            presented = {c.peer_certificate.serial_number for c in listener.connections}  # type: ignore[union-attr]
+            assert serial in presented, round_
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        await client.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
 def test_an_ordinary_connect_sees_the_servers_certificate_of_now_and_keeps_its_tickets(
     engine: str,
 ) -> None:
