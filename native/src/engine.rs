@@ -1365,4 +1365,33 @@ mod tests {
         assert_eq!(shared.take_events().len(), 2);
         assert!(shared.take_events().is_empty());
     }
+
+    #[test]
+    fn an_unreachable_destination_reaches_the_connects_to_it_only() {
+        let (shared, _reader) = Shared::new().unwrap();
+        let dead: SocketAddr = "10.0.0.2:443".parse().unwrap();
+        let other: SocketAddr = "10.0.0.3:443".parse().unwrap();
+        lock(&shared.connecting).insert(7, (dead, None));
+        lock(&shared.connecting).insert(8, (other, None));
+        lock(&shared.connecting).insert(9, (dead, None));
+        shared.unreachable(crate::icmp::Unreachable {
+            // As an IPv6 dual-stack socket names it.
+            destination: "[::ffff:10.0.0.2]:443".parse().unwrap(),
+            errno: 111,
+            detail: "ICMP type 3 code 3".to_owned(),
+        });
+        let mut tokens: Vec<u64> = shared
+            .take_events()
+            .into_iter()
+            .map(|event| match event {
+                Event::ConnectUnreachable { token, errno, .. } => {
+                    assert_eq!(errno, 111);
+                    token
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [7, 9]);
+    }
 }
