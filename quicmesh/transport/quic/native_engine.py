@@ -771,8 +771,14 @@ class NativeConnection:
 
     def unreachable(self, errno: int, detail: str) -> None:
         """An ICMP destination unreachable came back for the peer's address (the
-        extension reads its socket's error queue): :class:`~.engine.PeerUnreachable`."""
-        if self._closed_reason is None:
+        extension reads its socket's error queue): :class:`~.engine.PeerUnreachable`.
+
+        A server connection ignores it, as an aioquic listener (whose socket sees no
+        ICMP) does: after a client's NAT rebinding the server still answers the old
+        address until the client's next packet, and the relay that closed that port
+        answers with port unreachable; failing the connection then would lose every
+        flow of a rebound client. A dead client is found by the liveness rules."""
+        if self._closed_reason is None and self._is_client:
             self._events.append(PeerUnreachable(errno=errno, detail=detail))
 
     def _check_early_data(self, received: int) -> None:
