@@ -10,6 +10,7 @@ the reason where the extension is not built and fail under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -485,6 +486,53 @@ def test_what_arrived_before_the_peers_close_is_still_read_after_it(engine: str)
             got = await asyncio.wait_for(uploads[0], 10)
             assert len(got) == len(payload)
             assert got == payload
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
+
+
+def test_the_native_engine_forgets_finished_streams() -> None:
+    # A pooled connection carries flow after flow: the engine's record of each
+    # stream must go once the stream is over (finished both ways, or aborted while
+    # the peer was still sending, whose late events must not bring it back).
+    async def handler(stream: object) -> None:
+        stream.accept()  # type: ignore[attr-defined]
+        request = await stream.read()  # type: ignore[attr-defined]
+        if request != b"more":
+            stream.write(request)  # type: ignore[attr-defined]
+            stream.write_eof()  # type: ignore[attr-defined]
+            return
+        # More than the client reads before it aborts: the engines are still
+        # sending and reading when the client's reset comes.
+        with contextlib.suppress(QuicmeshError):
+            stream.write(b"z" * (1 << 20))  # type: ignore[attr-defined]
+            stream.write_eof()  # type: ignore[attr-defined]
+            await stream.drain()  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        server = transport("native", SERVER)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await transport("native").connect(listener.address)
+        (accepted,) = listener.connections
+        engines = [conn.quic, accepted.quic]  # type: ignore[attr-defined]
+        try:
+            for n in range(30):
+                assert await exchange(conn, b"x" * n, str(n)) == b"x" * n
+            for _ in range(10):
+                stream = await conn.open_stream(TARGET)
+                stream.write(b"more")
+                stream.write_eof()
+                assert await stream.read(1) == b"z"
+                stream.abort()
+            # Left: HTTP/3's control and QPACK streams (unidirectional), 3 each way.
+            await until(lambda: not any(sid & 2 == 0 for e in engines for sid in e._streams))
+            assert [len(engine._streams) for engine in engines] == [6, 6]
+            assert not any(engine.has_request_streams() for engine in engines)
+            assert await exchange(conn, b"still carries flows") == b"still carries flows"
         finally:
             conn.close()
             await conn.wait_closed()

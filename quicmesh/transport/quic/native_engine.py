@@ -699,7 +699,9 @@ class NativeConnection:
         kind = event[0]
         if kind == "data":
             _, _, stream_id, data, fin = event
-            state = self._stream(stream_id)
+            state = self._streams.get(stream_id)
+            if state is None:  # finished and forgotten: a read that crossed its end
+                return
             state.reading = False
             if fin:
                 state.recv_done = True
@@ -708,11 +710,12 @@ class NativeConnection:
             )
             if not fin and not state.tracked and stream_id & 2:
                 self._read(stream_id, state)  # control and QPACK streams: read at once
+            self._prune(stream_id, state)
         elif kind == "stream_accepted":
             _, _, stream_id, bidirectional = event
             if bidirectional and not self._stream_admitted(stream_id):
                 return
-            state = self._stream(stream_id)
+            state = self._new_stream(stream_id)
             if not bidirectional:
                 state.send_done = True
             self._read(stream_id, state)
@@ -725,19 +728,29 @@ class NativeConnection:
             acked = self._streams.get(event[2])
             if acked is not None:
                 acked.fin_unacked = False  # the driver's wake-up checks for idleness
+                self._prune(event[2], acked)
         elif kind == "reset_received":
             _, _, stream_id, code = event
-            self._stream(stream_id).recv_done = True
+            state = self._streams.get(stream_id)
+            if state is None:  # finished and forgotten
+                return
+            state.recv_done = True
             self._events.append(quic_events.StreamReset(error_code=code, stream_id=stream_id))
+            self._prune(stream_id, state)
         elif kind == "stop_sending_received":
             _, _, stream_id, code = event
-            state = self._stream(stream_id)
+            state = self._streams.get(stream_id)
+            if state is None:
+                if stream_id not in self._held:
+                    return  # finished and forgotten
+                state = self._new_stream(stream_id)  # held, unknown to HTTP/3 yet
             state.send_done = True
             state.fin_unacked = False
             state.unsent = 0
             self._events.append(
                 quic_events.StopSendingReceived(error_code=code, stream_id=stream_id)
             )
+            self._prune(stream_id, state)
         elif kind == "early_data":
             accepted = bool(event[2])
             self._early = False
@@ -754,7 +767,7 @@ class NativeConnection:
         elif kind == "stream_opened":
             _, _, _, stream_id = event
             self._opening = False
-            self._stream(stream_id)
+            self._new_stream(stream_id)
             self._spare.setdefault(bool(stream_id & 2), stream_id)
         elif kind == "open_failed":
             self._opening = False
@@ -799,6 +812,31 @@ class NativeConnection:
             self._native.close_connection(self.conn, H3_EXCESSIVE_LOAD, reason)
 
     def _stream(self, stream_id: int) -> _Stream:
+        """The record of a stream; for one finished and forgotten (:meth:`_prune`), a
+        finished record that is not kept: late calls and events cannot bring it back."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            return _Stream(send_done=True, recv_done=True)
+        return state
+
+    def _prune(self, stream_id: int, state: _Stream) -> None:
+        """Forget a stream once nothing more can come of it: both directions over,
+        its FIN acknowledged, no splice, not part of an unsettled 0-RTT flight (the
+        engine sends no event for it after that, but those that crossed its end,
+        which find no record and are dropped)."""
+        if (
+            state.send_done
+            and state.recv_done
+            and not state.fin_unacked
+            and state.splice_id is None
+            and state.paused is None
+            and not (self._early_log is not None and stream_id in self._early_log)
+            and stream_id not in self._spare.values()
+        ):
+            self._streams.pop(stream_id, None)
+
+    def _new_stream(self, stream_id: int) -> _Stream:
+        """Record a stream the engine just opened or accepted."""
         state = self._streams.get(stream_id)
         if state is None:
             state = self._streams[stream_id] = _Stream()
@@ -817,7 +855,7 @@ class NativeConnection:
                 again = self._native.try_open_stream(self.conn, bidirectional=not stream_id & 2)
             except QuicmeshError:
                 again = None
-            state = self._stream(stream_id)
+            state = self._new_stream(stream_id)
             if again != stream_id:
                 # Not the same ID (cannot happen with quinn 0.11): fail the stream.
                 logger.warning("[%s] 0-RTT stream %d could not be resent", self.log_id, stream_id)
@@ -893,7 +931,7 @@ class NativeConnection:
         stream_id: int | None = self._native.try_open_stream(self.conn, bidirectional=bidirectional)
         if stream_id is not None:
             self._spare[not bidirectional] = stream_id
-            self._stream(stream_id)
+            self._new_stream(stream_id)
             if self._early_log is not None:
                 self._early_log[stream_id] = []
         return stream_id
@@ -921,6 +959,7 @@ class NativeConnection:
             # (a 0-RTT stream quinn just forgot is resent from the log instead)
             if early is None:
                 state.send_done = True
+        self._prune(stream_id, state)
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """Abandon sending on a stream (RESET_STREAM); a spliced stream's splice fails
@@ -938,6 +977,7 @@ class NativeConnection:
         state.send_done = True
         state.fin_unacked = False
         state.unsent = 0
+        self._prune(stream_id, state)
 
     def stop_stream(self, stream_id: int, error_code: int) -> None:
         """Ask the peer to stop sending on a stream (STOP_SENDING)."""
@@ -948,6 +988,7 @@ class NativeConnection:
             with contextlib.suppress(QuicmeshError):
                 self._native.stop_sending(self.conn, stream_id, error_code)
         state.recv_done = True
+        self._prune(stream_id, state)
 
     def next_event(self) -> Any:
         """The next pending event, or None."""
@@ -1040,6 +1081,7 @@ class NativeConnection:
             state.unsent = 0
             state.tracked = False
             state.buffered = 0
+            self._prune(stream_id, state)
         return sent, received, error
 
     def close(
@@ -1262,7 +1304,7 @@ class NativeConnection:
         now = time.monotonic()
         while self._held and self._rate.take(1, now) == 1:
             stream_id = self._held.popleft()
-            self._read(stream_id, self._stream(stream_id))
+            self._read(stream_id, self._new_stream(stream_id))
         if self._held:
             self._arm_release()
 
