@@ -271,9 +271,9 @@ QUIC_ENGINE_NAMES = ("aioquic", "native")
 DEFAULT_ENGINE_VARIABLE = "QUICMESH_QUIC_ENGINE"
 """The environment variable that names the QUIC engine used where none is named."""
 
-BUILT_IN_DEFAULT_ENGINE = "aioquic"
+BUILT_IN_DEFAULT_ENGINE = "native"
 """The engine used where neither the configuration nor :data:`DEFAULT_ENGINE_VARIABLE`
-names one (docs/design.md, "Why the native engine is not the default yet")."""
+names one, where its extension is built (else aioquic; docs/design.md, "The default engine")."""
 
 _fallback_logged = False
 

@@ -35,23 +35,23 @@ def registry() -> Iterator[None]:
     engine._ENGINES.update(saved)
 
 
-def test_the_default_engine_is_aioquic_unless_the_environment_names_another(
+def test_the_default_engine_is_native_unless_the_environment_names_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    require_engine("native")
     monkeypatch.delenv(DEFAULT_ENGINE_VARIABLE, raising=False)
-    assert default_quic_engine() == BUILT_IN_DEFAULT_ENGINE == "aioquic"
+    assert default_quic_engine() == BUILT_IN_DEFAULT_ENGINE == "native"
+    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
+    assert isinstance(transport.engine, native_engine.NativeEngine)
+    assert transport.engine.name == "native" and transport.engine.io == "socket"
+    monkeypatch.setenv(DEFAULT_ENGINE_VARIABLE, "aioquic")
+    assert default_quic_engine() == "aioquic"
     transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
     assert isinstance(transport.engine, AioquicEngine)
     assert transport.engine.name == "aioquic" and transport.engine.io == "datagrams"
     assert "aioquic" in engine.engine_names()
-    require_engine("native")
-    monkeypatch.setenv(DEFAULT_ENGINE_VARIABLE, "native")
-    assert default_quic_engine() == "native"
-    transport = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle)
-    assert isinstance(transport.engine, native_engine.NativeEngine)
-    assert transport.engine.name == "native" and transport.engine.io == "socket"
-    explicit = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="aioquic")
-    assert explicit.engine.name == "aioquic"
+    explicit = QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="native")
+    assert explicit.engine.name == "native"
 
 
 FALLBACK = """
@@ -82,10 +82,9 @@ clusters:
 """
 
 
-def test_without_the_extension_a_native_default_falls_back_to_aioquic_logged_once() -> None:
-    """A machine without Rust: no ``quicmesh._native``; with ``QUICMESH_QUIC_ENGINE=native``,
-    QuicTransport() and a sidecar config without ``engine`` run on aioquic, and the
-    fallback is logged once."""
+def test_without_the_extension_the_default_falls_back_to_aioquic_logged_once() -> None:
+    """A machine without Rust: no ``quicmesh._native``; QuicTransport() and a sidecar
+    config without ``engine`` run on aioquic, and the fallback is logged once."""
     done = subprocess.run(
         [sys.executable, "-c", FALLBACK],
         input=FALLBACK_CONFIG,
@@ -93,7 +92,7 @@ def test_without_the_extension_a_native_default_falls_back_to_aioquic_logged_onc
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, DEFAULT_ENGINE_VARIABLE: "native"},
+        env={k: v for k, v in os.environ.items() if k != DEFAULT_ENGINE_VARIABLE},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [

@@ -8,8 +8,8 @@ the peer and a :class:`~quicmesh.transport.quic.connection.QuicPeerConnection`
 :class:`~quicmesh.transport.quic.listener.BatchingQuicServer` that makes one
 driver per accepted connection. The engine is chosen by name
 (:mod:`quicmesh.transport.quic.engine`); the default is
-:func:`~quicmesh.transport.base.default_quic_engine` (aioquic unless
-``QUICMESH_QUIC_ENGINE`` names another). With a socket engine
+:func:`~quicmesh.transport.base.default_quic_engine` (native where its extension
+is built, else aioquic; ``QUICMESH_QUIC_ENGINE`` names another). With a socket engine
 (``engine="native"``, :mod:`quicmesh.transport.quic.native_engine`) the engine owns
 the UDP sockets: :meth:`QuicTransport.connect` and
 :meth:`QuicTransport.listen` ask it for a connection or a listener
@@ -160,7 +160,8 @@ class QuicTransport(Transport):
         ``"native"`` (quinn + rustls in Rust, when the extension is built; otherwise
         :class:`ConfigError` says how to get it) or ``"aioquic"`` (pure Python).
         None (the default): :func:`~quicmesh.transport.base.default_quic_engine`
-        (aioquic unless ``QUICMESH_QUIC_ENGINE`` names another). An unknown name raises
+        (native where the extension is built, else aioquic; ``QUICMESH_QUIC_ENGINE``
+        names another). An unknown name raises
         :class:`ValueError` naming the valid ones. What the native engine does
         differently (tickets, liveness, the settings it ignores) is in
         :mod:`quicmesh.transport.quic.native_engine`.
