@@ -144,18 +144,7 @@ def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_i
         app = await asyncio.start_server(_echo, "127.0.0.1", 0)
         target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
         stats = ListenerStats(name="mesh", kind="inbound")
-        listener = InboundListener(
-            parse_config(
-                INBOUND.replace("{port}", str(_free_udp_port())).replace("{engine}", engine),
-                source="b.yaml",
-                base_dir=Path("."),
-            ).inbound[0],
-            SERVER,
-            CA.trust_bundle,
-            stats,
-            FlowTracker(),
-            lambda record: None,
-        )
+        listener = _listener(engine, stats=stats)
         # Everything here shares one loop with the stalls (and a loaded machine
         # slows it further), so the churner is slow: "heavy" is lowered from its
         # default 200 streams/s; the light identity opens at most 5 a second.
@@ -237,20 +226,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 def test_a_zero_threshold_turns_the_probe_off() -> None:
     async def main() -> None:
-        document = (
-            INBOUND.replace("{port}", str(_free_udp_port()))
-            .replace("{engine}", "aioquic")
-            .replace("max_streams: 8,", "max_streams: 8, overload_max_loop_lag: 0s,")
-        )
-        config = parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0]
-        listener = InboundListener(
-            config,
-            SERVER,
-            CA.trust_bundle,
-            ListenerStats(name="mesh", kind="inbound"),
-            FlowTracker(),
-            lambda record: None,
-        )
+        listener = _listener("aioquic", options="overload_max_loop_lag: 0s,")
         await listener.start()
         try:
             assert listener._lag_probe is None and listener.governor.max_lag == 0
@@ -259,6 +235,25 @@ def test_a_zero_threshold_turns_the_probe_off() -> None:
             await listener.wait_closed()
 
     run(main())
+
+
+def _listener(
+    engine: str, options: str = "", stats: ListenerStats | None = None
+) -> InboundListener:
+    """An inbound listener of :data:`INBOUND` on a free port (``options``: more keys)."""
+    document = (
+        INBOUND.replace("{port}", str(_free_udp_port()))
+        .replace("{engine}", engine)
+        .replace("max_streams: 8,", f"max_streams: 8, {options}")
+    )
+    return InboundListener(
+        parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0],
+        SERVER,
+        CA.trust_bundle,
+        stats or ListenerStats(name="mesh", kind="inbound"),
+        FlowTracker(),
+        lambda record: None,
+    )
 
 
 def _free_udp_port() -> int:
@@ -282,16 +277,7 @@ def test_the_probe_keeps_running_on_uvloop_when_it_fires_late(
         asyncio.get_running_loop().set_exception_handler(
             lambda loop, context: errors.append(context)
         )
-        document = INBOUND.replace("{port}", str(_free_udp_port())).replace("{engine}", "aioquic")
-        config = parse_config(document, source="b.yaml", base_dir=Path(".")).inbound[0]
-        listener = InboundListener(
-            config,
-            SERVER,
-            CA.trust_bundle,
-            ListenerStats(name="mesh", kind="inbound"),
-            FlowTracker(),
-            lambda record: None,
-        )
+        listener = _listener("aioquic")
         await listener.start()
         try:
             await asyncio.sleep(0.01)
