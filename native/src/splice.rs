@@ -32,7 +32,12 @@
 //! for a TCP error, H3_REQUEST_CANCELLED when Python aborts) and the TCP connection with RST
 //! (SO_LINGER 0). A splice reports its end only once the peer acknowledged every byte it
 //! sent (quinn's `stopped()` after `finish()`), so a drain closing the connection next loses
-//! nothing.
+//! nothing. The connection's end is not a failure by itself: what quinn received for the
+//! flow before the peer's close is still written to the socket (with the FIN if it came),
+//! and a peer that closes without an error after our FIN went out counts as having it all
+//! (its close can overtake its acknowledgement). A close before our FIN, with an error
+//! before the acknowledgement, or one that cut the peer's bytes before its FIN fails the
+//! flow as before.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, IoSliceMut};
@@ -45,7 +50,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{
+    Connection, ConnectionError, ReadError, RecvStream, SendStream, StoppedError,
+    TransportErrorCode, VarInt, WriteError,
+};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -441,6 +449,21 @@ impl Failure {
     }
 }
 
+/// Whether the peer closed the connection without an error (an application close with
+/// H3_NO_ERROR or quicmesh's 0, or a transport close with NO_ERROR): what it was sent
+/// before the close counts as delivered.
+pub fn closed_gracefully(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::ApplicationClosed(close) => {
+            matches!(close.error_code.into_inner(), 0 | H3_NO_ERROR)
+        }
+        ConnectionError::ConnectionClosed(close) => {
+            close.error_code == TransportErrorCode::NO_ERROR
+        }
+        _ => false,
+    }
+}
+
 fn write_failure(error: WriteError) -> Failure {
     match error {
         WriteError::Stopped(code) => Failure::PeerStopped(code.into_inner()),
@@ -472,8 +495,14 @@ async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 
 /// TCP -> QUIC: what the stream's task had queued, then Python's bytes, then the socket's,
 /// each chunk as one DATA frame; TCP EOF -> FIN. Counts the payload in `counted`.
+///
+/// Done once the peer acknowledged every byte and the FIN, or closed the connection
+/// without an error after the FIN was sent. A connection that ends before the FIN went out
+/// fails this direction (what the TCP side still sends can no longer be carried), as does
+/// one that ends with an error before the acknowledgement.
 async fn upstream(
     tcp: &TcpStream,
+    connection: &Connection,
     send: Option<&mut SendHandover>,
     prefix: Bytes,
     counted: &mut u64,
@@ -505,14 +534,31 @@ async fn upstream(
         pending.clear();
         held.store(0, Ordering::Relaxed);
         let mut buffer = BytesMut::zeroed(HEADER_ROOM + CHUNK);
-        let read = read_tcp(tcp, &mut buffer[HEADER_ROOM..])
-            .await
-            .map_err(Failure::Tcp)?;
+        let read = tokio::select! {
+            read = read_tcp(tcp, &mut buffer[HEADER_ROOM..]) => read.map_err(Failure::Tcp)?,
+            error = connection.closed() => return Err(Failure::Quic(error.to_string())),
+        };
         if read == 0 {
-            if !discard && send.finish().is_ok() {
+            if discard {
+                return Ok(());
+            }
+            if let Some(error) = connection.close_reason() {
+                return Err(Failure::Quic(error.to_string()));
+            }
+            if send.finish().is_ok() {
                 // Done once the peer acknowledged every byte (not merely once quinn took
-                // them): a drain that closes the connection next loses nothing.
-                let _ = send.stopped().await;
+                // them): a drain that closes the connection next loses nothing. A peer
+                // that closes the connection without an error once it has read the end
+                // (its close may overtake its acknowledgement) got every byte too.
+                match send.stopped().await {
+                    Err(StoppedError::ConnectionLost(error)) if !closed_gracefully(&error) => {
+                        return Err(Failure::Quic(error.to_string()));
+                    }
+                    Err(StoppedError::ZeroRttRejected) => {
+                        return Err(Failure::Quic("0-RTT rejected".into()));
+                    }
+                    _ => {}
+                }
             }
             return Ok(());
         }
@@ -528,6 +574,11 @@ async fn upstream(
 
 /// QUIC -> TCP: Python's payload, then the unparsed bytes, then quinn's, deframed; QUIC FIN
 /// -> `shutdown(SHUT_WR)`. Reads quinn only once the previous chunk reached the socket.
+///
+/// The connection's end does not stop it: quinn keeps what it received in order readable
+/// after the close (at most the receive window), so this direction writes it all to the
+/// socket and ends with the FIN if it came; a close that cut the stream before its FIN
+/// fails it once the bytes before the cut are written (quinn's `ConnectionLost`).
 #[allow(clippy::too_many_arguments)]
 async fn downstream(
     tcp: &TcpStream,
@@ -614,7 +665,14 @@ pub async fn run(
         }
     };
     let result = {
-        let up = upstream(&tcp, send.as_mut(), to_quic, &mut sent, &held.to_quic);
+        let up = upstream(
+            &tcp,
+            &connection,
+            send.as_mut(),
+            to_quic,
+            &mut sent,
+            &held.to_quic,
+        );
         let down = downstream(
             &tcp,
             recv.as_mut(),
@@ -626,10 +684,12 @@ pub async fn run(
             &held.to_tcp,
         );
         let both = async { tokio::try_join!(up, down).map(|_| ()) };
+        // The connection's close is each direction's business (above): what quinn still
+        // holds for the flow is written to the socket first, and a peer's close without
+        // an error after the last byte is no failure.
         tokio::select! {
             result = both => result,
             code = aborted => Err(Failure::Aborted(code)),
-            error = connection.closed() => Err(Failure::Quic(error.to_string())),
         }
     };
     let (error, code) = match &result {
@@ -780,6 +840,34 @@ mod tests {
             assert_eq!(frame_type, DATA);
             assert_eq!(decode_varint(&header[used..]).unwrap().0, length as u64);
         }
+    }
+
+    #[test]
+    fn only_a_close_without_an_error_counts_as_graceful() {
+        let application = |code: u32| {
+            ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: VarInt::from_u32(code),
+                reason: Bytes::new(),
+            })
+        };
+        let transport = |code: TransportErrorCode| {
+            ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: Bytes::new(),
+            })
+        };
+        assert!(closed_gracefully(&application(0)));
+        assert!(closed_gracefully(&application(0x100)));
+        assert!(!closed_gracefully(&application(0x10c)));
+        assert!(!closed_gracefully(&application(0x101)));
+        assert!(closed_gracefully(&transport(TransportErrorCode::NO_ERROR)));
+        assert!(!closed_gracefully(&transport(
+            TransportErrorCode::PROTOCOL_VIOLATION
+        )));
+        assert!(!closed_gracefully(&ConnectionError::TimedOut));
+        assert!(!closed_gracefully(&ConnectionError::LocallyClosed));
+        assert!(!closed_gracefully(&ConnectionError::Reset));
     }
 
     #[test]
