@@ -50,9 +50,14 @@ import pylsqpack
 from .. import DevCA, Identity, MeshStream, QuicTransport, _aioquic
 from ..errors import QuicmeshError
 from ..transport._stream_rate import DEFAULT_STREAM_RATE
+from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine
 from ..tunnel.h3 import H3TunnelSession
+from ._engine import engine_problem
 
 TARGET = "echo.bench:1"
+ATTACKER_PATH = "ns/bench/sa/attacker"
+"""The attackers' SPIFFE ID path: an identity of the mesh's CA that sidecar B's
+policy allows nowhere (unless ``--churn-allowed``)."""
 PROBES = ("initials", "qpack", "churn")
 
 
@@ -135,7 +140,9 @@ def forged_initial(rng: random.Random, size: int = 1200) -> bytes:
     return head + (remaining | 0x4000).to_bytes(2, "big") + rng.randbytes(remaining)
 
 
-async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: int) -> None:
+async def _attack(
+    probe: str, port: int, ca_dir: str, duration: float, count: int, target: str = TARGET
+) -> None:
     address = ("127.0.0.1", port)
     if probe == "initials":
         rng = random.Random(13)
@@ -177,7 +184,7 @@ async def _attack(probe: str, port: int, ca_dir: str, duration: float, count: in
     # listener's MAX_STREAMS: what it could not open is counted as held back.
     quic = conn.quic
     encoder = pylsqpack.Encoder()
-    _, block = encoder.encode(0, [(b":method", b"CONNECT"), (b":authority", TARGET.encode())])
+    _, block = encoder.encode(0, [(b":method", b"CONNECT"), (b":authority", target.encode())])
     frame = _varint(1) + _varint(len(block)) + block + _varint(0) + _varint(1) + b"x"
     opened = held = 0
     previous: list[int] = []
@@ -377,6 +384,12 @@ async def _run_sidecar_probe(probe: str, args: argparse.Namespace, workdir: Path
                 cluster["engine"] = args.engine
             if args.max_loop_lag is not None:
                 inbound["overload_max_loop_lag"] = f"{args.max_loop_lag:g}ms"
+            if args.churn_allowed:
+                # The attacker's identity may reach the echo app: its streams are
+                # forwarded (a TCP connection to the app each) before it resets them.
+                args.target = f"{LOOPBACK}:{ports.echo_app}"
+                attacker_id = f"spiffe://{DevCA.load(str(workdir)).trust_domain}/{ATTACKER_PATH}"
+                inbound["policies"].append({"identity": attacker_id, "destinations": [args.target]})
             sidecar_b = SidecarProcess(f"sidecar-b-{probe}-{attempt}", config_b, workdir)
             sidecar_a = SidecarProcess(f"sidecar-a-{probe}-{attempt}", config_a, workdir)
             sidecars += [sidecar_a, sidecar_b]
@@ -449,6 +462,8 @@ async def _probe_phases(
             str(args.attack),
             "--count",
             str(count),
+            "--target",
+            args.target,
             stdout=asyncio.subprocess.PIPE,
             # A remote attacker spends none of the node's CPU: here it shares the
             # machine, so it yields to the processes under test (--attacker-nice).
@@ -468,6 +483,11 @@ async def _probe_phases(
         print(
             f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
             f" opened {opened / args.attack:.0f}/s"
+            + (
+                (" (allowed to the echo app)" if args.churn_allowed else " (allowed nowhere)")
+                if args.sidecars
+                else ""
+            )
         )
     await good(phases[2], args.phase)
     return phases
@@ -527,6 +547,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--attackers", type=int, default=1, help="churn attacker processes")
     parser.add_argument(
+        "--churn-allowed",
+        action="store_true",
+        help="(--sidecars) sidecar B's policy lets the churning identity reach the echo app, so"
+        " its streams are forwarded before it resets them (default: the policy allows it"
+        " nowhere and each stream is refused with 403)",
+    )
+    parser.add_argument(
         "--max-stream-rate",
         type=float,
         default=DEFAULT_STREAM_RATE,
@@ -553,26 +580,36 @@ def main(argv: list[str]) -> int:
         help="attack two full sidecars as in examples/ (good traffic: TCP through A to an"
         " echo app behind B; probes on B's QUIC port) instead of a bare QUIC listener",
     )
+    default_engine = default_quic_engine()
     parser.add_argument(
         "--engine",
-        choices=("aioquic", "native"),
-        default="aioquic",
-        help="(--sidecars) the QUIC engine of both sidecars (B's listener, A's clusters);"
-        " the attackers stay aioquic clients",
+        choices=QUIC_ENGINE_NAMES,
+        default=default_engine,
+        help="(--sidecars) the QUIC engine of both sidecars (B's listener, A's clusters;"
+        f" default here: {default_engine}); the attackers stay aioquic clients",
     )
     parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--target", default=TARGET, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "server":
         asyncio.run(_serve(args.ca, args.max_stream_rate))
         return 0
     if args.role == "attacker":
-        asyncio.run(_attack(args.probe[0], args.port, args.ca, args.duration, args.count))
+        asyncio.run(
+            _attack(args.probe[0], args.port, args.ca, args.duration, args.count, args.target)
+        )
         print(f"(attacker CPU {time.process_time():.2f} s)", flush=True)
         return 0
+    problem = engine_problem(args.engine)
+    if args.churn_allowed and not args.sidecars:
+        problem = "--churn-allowed applies to --sidecars only"
+    if problem is not None:
+        print(f"quicmesh bench attack: {problem}", file=sys.stderr)
+        return 2
     if args.quick:
         args.phase, args.attack, args.initials = 2.0, 2.0, 2000
     probes = args.probe or list(PROBES)
@@ -582,7 +619,7 @@ def main(argv: list[str]) -> int:
         workdir = Path(directory)
         ca = DevCA()
         ca.save(workdir)
-        ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/attacker").save(
+        ca.issue(f"spiffe://{ca.trust_domain}/{ATTACKER_PATH}").save(
             workdir / "attacker.pem", workdir / "attacker.key"
         )
         for probe in probes:

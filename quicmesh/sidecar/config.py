@@ -176,9 +176,14 @@ class InboundListenerConfig:
     handshake_timeout: float = 10.0
     """(QUIC) Seconds a peer may take to complete its handshake."""
     stateless_reset_key: str | None = None
+    """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
+    peers of a restarted sidecar learn at once that their connections are gone."""
     max_stream_rate: int = 1000
     """(QUIC) New streams per second one peer identity may open (over all its
     connections), granted through QUIC stream credit."""
+    denied_stream_rate: int = 10
+    """(QUIC) The same for an identity that no policy allows anywhere, from its first
+    refused stream on (its every stream would be refused)."""
     engine: str = field(default_factory=default_quic_engine)
     """(QUIC) The QUIC engine serving the listener: ``native`` or ``aioquic`` (default:
     :func:`~quicmesh.transport.base.default_quic_engine`)."""
@@ -187,8 +192,6 @@ class InboundListenerConfig:
     ack_eliciting_threshold: int = DEFAULT_ACK_ELICITING_THRESHOLD
     """(QUIC, native engine) ack-eliciting packets a native peer may receive before it
     must acknowledge (draft-ietf-quic-ack-frequency; 1: RFC 9000's every second packet)."""
-    """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
-    peers of a restarted sidecar learn at once that their connections are gone."""
     max_streams_per_identity: int = 1024
     """Concurrent inbound streams one peer identity may hold, over all its connections."""
     max_streams_total: int = 16384
@@ -234,6 +237,7 @@ QUIC_ADMISSION_KEYS = (
     "handshake_timeout",
     "stateless_reset_key",
     "max_stream_rate",
+    "denied_stream_rate",
 )
 """Inbound listener keys for QUIC address validation and half-open limits."""
 

@@ -42,7 +42,7 @@ from .overload import (
     default_max_descriptors,
     measure,
 )
-from .policy import refusal_reason, split_target
+from .policy import allowed_nowhere, refusal_reason, split_target
 from .stats import ListenerStats
 from .tracing import continue_or_start
 
@@ -134,7 +134,7 @@ class InboundListener:
         flows: FlowTracker,
         log: Callable[[FlowRecord], None],
     ) -> None:
-        self.config = config
+        self._config = config
         self.identity = identity
         self.trust = trust
         self.stats = stats
@@ -164,6 +164,29 @@ class InboundListener:
         """The overload action on event-loop delay (:class:`.overload.StreamRateGovernor`)."""
         self._lag_probe: asyncio.Handle | None = None
         self._lag_probe_due = 0.0
+
+    @property
+    def config(self) -> InboundListenerConfig:
+        """The listener's configuration; replace it to change policies on reload."""
+        return self._config
+
+    @config.setter
+    def config(self, config: InboundListenerConfig) -> None:
+        self._config = config
+        self._set_stream_rates(
+            self.governor.review_denied(
+                lambda identity: allowed_nowhere(config, identity), config.denied_stream_rate
+            )
+        )
+
+    def _set_stream_rates(self, changes: dict[str, float | None]) -> list[str]:
+        """Apply new-stream rate changes (None: the transport's own) to every
+        transport that can withhold stream credit; the identities it applied to."""
+        return [
+            identity
+            for identity, rate in changes.items()
+            if any([t.set_stream_rate(identity, rate) for t in self._transports])
+        ]
 
     async def start(self) -> None:
         """Listen on the address with every transport.
@@ -200,9 +223,10 @@ class InboundListener:
         governor's rate changes to every transport that can withhold stream credit."""
         now = loop.time()
         delay = max(0.0, now - self._lag_probe_due)
-        for identity, rate in self.governor.observe(delay, now).items():
-            applied = [t.set_stream_rate(identity, rate) for t in self._transports]
-            if rate is not None and any(applied):
+        changes = self.governor.observe(delay, now)
+        for identity in self._set_stream_rates(changes):
+            rate = changes[identity]
+            if rate is not None and delay > self.governor.max_lag:  # a cut, not a restore
                 REFUSAL_LOG.log(
                     logging.WARNING,
                     "loop_lag",
@@ -340,6 +364,7 @@ class InboundListener:
             "loop_lag": self.governor.lag,
             "rate_cuts": self.governor.cuts,
             "slowed": dict(self.governor.rates),
+            "denied": dict(self.governor.denied),
         }
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
@@ -482,6 +507,8 @@ class InboundListener:
             )
             record.outcome, record.reason = Outcome.REFUSED, reason
             _refuse(stream, 403, reason)
+            if allowed_nowhere(config, stream.peer_identity):
+                self._hold_denied(stream.peer_identity, config.denied_stream_rate)
             return
         parsed = split_target(stream.target)
         assert parsed is not None
@@ -514,6 +541,19 @@ class InboundListener:
         record.bytes_received = result.bytes_to_stream
         if result.error:
             record.outcome, record.reason = Outcome.RESET, result.error
+
+    def _hold_denied(self, identity: str, rate: float) -> None:
+        """Hold an identity that no policy allows at ``rate`` new streams a second
+        (its streams cost a refusal each; a compliant peer waits for credit)."""
+        if self._set_stream_rates(self.governor.deny(identity, rate)):
+            REFUSAL_LOG.log(
+                logging.WARNING,
+                "denied",
+                "%s is allowed nowhere by listener %s: it may open %g new streams/s",
+                identity,
+                self.config.name,
+                rate,
+            )
 
 
 async def _aclose(connection: PeerConnection, timeout: float) -> None:

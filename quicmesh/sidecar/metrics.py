@@ -400,6 +400,11 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         "Peer identities whose new-stream rate is cut now.",
         labels=["listener"],
     )
+    denied = GaugeMetricFamily(
+        "quicmesh_listener_denied_identities_held",
+        "Peer identities no policy allows, held at denied_stream_rate new streams/s.",
+        labels=["listener"],
+    )
     buffer_resets = CounterMetricFamily(
         "quicmesh_listener_buffer_resets",
         "Inbound flows reset because their connection passed max_buffered_per_connection.",
@@ -421,6 +426,7 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         loop_lag.add_metric([listener], overload.get("loop_lag", 0.0))
         rate_cuts.add_metric([listener], overload.get("rate_cuts", 0))
         slowed.add_metric([listener], len(overload.get("slowed", {})))
+        denied.add_metric([listener], len(overload.get("denied", {})))
     yield state
     yield pressure
     yield refusals
@@ -430,6 +436,7 @@ def _overload_families(listeners: dict[str, Any]) -> Iterator[Metric]:
     yield loop_lag
     yield rate_cuts
     yield slowed
+    yield denied
 
 
 def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:

@@ -23,7 +23,10 @@ probes the loop every :data:`LOOP_LAG_TICK` seconds; when it fires more than
 ``overload_max_loop_lag`` late, the identity that opened the most streams
 lately gets its new-stream credit cut (the transport withholds MAX_STREAMS
 from all its connections, :meth:`~quicmesh.transport.base.Transport.set_stream_rate`),
-and it gets it back step by step once the loop is calm.
+and it gets it back step by step once the loop is calm. An identity that no
+policy of the listener allows, whose every stream is refused anyway, is held at
+its own low rate from its first refused stream on (``denied_stream_rate``,
+:meth:`StreamRateGovernor.deny`), without waiting for the loop to fall behind.
 The state, the pressures and the refusals are exported in ``/metrics``. The
 decision logic is sans-IO (:meth:`OverloadManager.update` takes the
 measurements); :func:`measure` reads ``/proc``.
@@ -35,6 +38,7 @@ import math
 import os
 import resource
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 STOP_ACCEPTING = 0.90
@@ -214,6 +218,9 @@ class StreamRateGovernor:
     window: float = 1.0
     rates: dict[str, float] = field(default_factory=dict)
     """Identities slowed down now, and their rates."""
+    denied: dict[str, float] = field(default_factory=dict)
+    """Identities no policy of the listener allows, held at their own low rate
+    (:meth:`deny`): never cut further nor restored by the loop's delay."""
     cuts: int = 0
     """Rate cuts made."""
     lag: float = 0.0
@@ -255,10 +262,37 @@ class StreamRateGovernor:
                 return self._restore()
         return {}
 
+    def deny(self, identity: str, rate: float) -> dict[str, float | None]:
+        """``identity`` is allowed nowhere: every stream it opens will be refused, so
+        hold it at ``rate`` new streams a second whatever the loop's delay; the rate
+        change to apply (none if it is held already)."""
+        if self.denied.get(identity) == rate:
+            return {}
+        self.denied[identity] = rate
+        self.rates.pop(identity, None)
+        return {identity: rate}
+
+    def review_denied(
+        self, still_denied: Callable[[str], bool], rate: float
+    ) -> dict[str, float | None]:
+        """The configuration changed: release the held identities ``still_denied``
+        no longer says are allowed nowhere (back to the transport's own rate), hold
+        the others at ``rate``; the rate changes to apply."""
+        changes: dict[str, float | None] = {}
+        for identity, held in list(self.denied.items()):
+            if not still_denied(identity):
+                del self.denied[identity]
+                changes[identity] = None
+            elif held != rate:
+                self.denied[identity] = changes[identity] = rate
+        return changes
+
     def _cut(self, now: float) -> dict[str, float | None]:
         assert self._window_start is not None
         seconds = self.window + (now - self._window_start)
         recent = self._opened + self._previous
+        for identity in self.denied:
+            recent.pop(identity, None)
         if not recent:
             return {}
         identity, count = recent.most_common(1)[0]

@@ -49,3 +49,15 @@ def refusal_reason(config: InboundListenerConfig, identity: str, target: str) ->
         if any(destination_matches(rule, host, port) for rule in policy.destinations):
             return None
     return f"identity {identity} may not reach {target}"
+
+
+def allowed_nowhere(config: InboundListenerConfig, identity: str) -> bool:
+    """Whether every stream ``identity`` can open on this listener will be refused:
+    the listener has policies and none that matches it lists a destination."""
+    if not config.policies:
+        return False
+    return not any(
+        policy.destinations
+        for policy in config.policies
+        if identity_matches(policy.identity, identity)
+    )

@@ -22,12 +22,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 
-from quicmesh import QuicTransport
+from quicmesh import QuicTransport, StreamRefused
 from quicmesh.sidecar.config import parse_config
 from quicmesh.sidecar.flows import FlowTracker
 from quicmesh.sidecar.inbound import InboundListener
 from quicmesh.sidecar.metrics import Metrics
 from quicmesh.sidecar.overload import StreamRateGovernor
+from quicmesh.sidecar.policy import allowed_nowhere
 from quicmesh.sidecar.stats import ListenerStats
 
 CHURNER = "spiffe://mesh.local/ns/default/sa/churner"
@@ -41,6 +42,10 @@ listeners:
        max_stream_rate: 1000, max_streams: 8, engine: "{engine}"}
 """
 LIGHT = "spiffe://mesh.local/ns/default/sa/light"
+CLIENT_ONLY = (
+    "policies: [{identity: 'spiffe://mesh.local/ns/default/sa/client',"
+    " destinations: ['127.0.0.1:*']}],"
+)
 
 
 def _open(governor: StreamRateGovernor, identity: str, count: int) -> None:
@@ -96,6 +101,132 @@ def test_a_calm_loop_gives_the_rate_back_step_by_step() -> None:
     assert changes == [{CHURNER: 500.0}, {CHURNER: None}]  # doubled, then the base again
     assert governor.observe(0.001, now + 5) == {}
     assert governor.lag < 0.05  # the last full window was calm
+
+
+def test_an_identity_allowed_nowhere_is_held_and_never_cut_or_restored() -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000, recover=2.0)
+    governor.observe(0.0, 0.0)
+    assert governor.deny(CHURNER, 10) == {CHURNER: 10}
+    assert governor.deny(CHURNER, 10) == {}  # held already: nothing to apply
+    # The loop falls behind with the denied identity the busiest: the next
+    # busiest (over `heavy`) is the one cut.
+    _open(governor, CHURNER, 3000)
+    _open(governor, LIGHT, 600)
+    governor.observe(0.3, 0.48)
+    assert governor.observe(0.3, 0.5) == {LIGHT: 200.0}
+    now = 0.5
+    while governor.rates and now < 30:  # calm: the cut identity gets its rate back...
+        now += 0.02
+        assert CHURNER not in governor.observe(0.001, now)
+    assert governor.rates == {} and governor.denied == {CHURNER: 10}  # ...not the denied one
+
+
+def test_a_new_configuration_releases_identities_it_allows_and_rerates_the_others() -> None:
+    governor = StreamRateGovernor(max_lag=0.05, base_rate=1000)
+    governor.deny(CHURNER, 10)
+    governor.deny(LIGHT, 10)
+    # LIGHT is allowed somewhere now; the denied rate changed to 5.
+    assert governor.review_denied(lambda identity: identity == CHURNER, 5) == {
+        LIGHT: None,
+        CHURNER: 5,
+    }
+    assert governor.denied == {CHURNER: 5}
+    assert governor.review_denied(lambda identity: True, 5) == {}
+
+
+@pytest.mark.parametrize(
+    ("policies", "identity", "nowhere"),
+    [
+        ("", CHURNER, False),  # no policies: the destinations alone decide
+        (CLIENT_ONLY, CHURNER, True),
+        (CLIENT_ONLY, CLIENT.spiffe_id, False),
+        (
+            "policies: [{identity: 'spiffe://mesh.local/ns/default/*',"
+            " destinations: ['127.0.0.1:9']}],",
+            CHURNER,
+            False,
+        ),
+    ],
+)
+def test_allowed_nowhere_reads_the_listener_policies(
+    policies: str, identity: str, nowhere: bool
+) -> None:
+    config = _listener("aioquic", options=policies).config
+    assert allowed_nowhere(config, identity) is nowhere
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_an_identity_no_policy_allows_is_held_at_the_denied_rate(engine: str) -> None:
+    """A mesh identity that no policy allows gets its streams refused (403), and
+    from the first one on it may open ``denied_stream_rate`` new streams a second
+    (here 1) beyond its connection's ``max_streams`` (8), whatever the loop's
+    delay; an allowed identity's flows carry on. A reload that allows it gives
+    the rate back."""
+    require_engine(engine)
+    churner_identity = CA.issue(CHURNER)
+
+    async def main() -> None:
+        app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        stats = ListenerStats(name="mesh", kind="inbound")
+        listener = _listener(engine, options=f"{CLIENT_ONLY} denied_stream_rate: 1,", stats=stats)
+        await listener.start()
+        address = listener._listeners[0].address
+        loop = asyncio.get_running_loop()
+        conns = []
+        try:
+            churner = QuicTransport(identity=churner_identity, trust=CA.trust_bundle)
+            conns.append(churn_conn := await churner.connect(address))
+            light_client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle)
+            conns.append(light_conn := await light_client.connect(address))
+            refused = 0
+
+            async def churn() -> None:
+                nonlocal refused
+                while True:
+                    with pytest.raises(StreamRefused) as info:
+                        stream = await churn_conn.open_stream(target)
+                        await stream.read()
+                    assert info.value.status == 403
+                    refused += 1
+
+            churning = asyncio.create_task(churn())
+            started = loop.time()
+            for _ in range(5):  # the allowed identity's flows go through meanwhile
+                stream = await asyncio.wait_for(light_conn.open_stream(target), 10)
+                stream.write(b"ping")
+                stream.write_eof()
+                assert await asyncio.wait_for(stream.read(), 10) == b"ping"
+            await asyncio.sleep(1.0)
+            churning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await churning
+            elapsed = loop.time() - started
+            # Without the hold (max_stream_rate 1000) the churner gets hundreds.
+            assert 1 <= refused <= 8 + 1 + 2 * elapsed, (refused, elapsed)
+            assert listener.governor.denied == {CHURNER: 1}
+            quic = listener._transports[0]
+            assert isinstance(quic, QuicTransport)
+            assert quic.stream_rates.rate_of(CHURNER) == 1
+            assert quic.stream_rates.rate_of(CLIENT.spiffe_id) == 1000
+            snapshot = {"node": "b", "ready": True, "draining": False, "reloads": {}}
+            exposition = Metrics(lambda: {**snapshot, "listeners": {"mesh": stats.to_dict()}})
+            text = exposition.exposition().decode()
+            assert 'quicmesh_listener_denied_identities_held{listener="mesh"} 1.0' in text
+            # A reload whose policies allow the churner somewhere releases it.
+            listener.config = _listener(engine).config
+            assert listener.governor.denied == {}
+            assert quic.stream_rates.rate_of(CHURNER) == 1000
+        finally:
+            for conn in conns:
+                conn.close()
+                await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+            app.close()
+            await app.wait_closed()
+
+    run(main())
 
 
 @given(

@@ -70,6 +70,7 @@ def test_defaults_protect() -> None:
     config = _load(Path("/etc/q")).inbound[0]
     assert (config.retry, config.max_half_open, config.handshake_timeout) == ("auto", 1024, 10.0)
     assert (config.max_stream_rate, config.max_connections_per_identity) == (1000, 256)
+    assert config.denied_stream_rate == 10
     assert (config.max_buffered_per_connection, config.max_buffered_total) == (32, 1024)
     assert config.overload_max_loop_lag == 0.05
 
@@ -90,6 +91,8 @@ def test_the_loop_lag_threshold_is_a_duration_and_zero_turns_it_off(
         ("max_half_open", 0, "max_half_open"),
         ("handshake_timeout", "-1s", "handshake_timeout"),
         ("max_stream_rate", 0, "max_stream_rate"),
+        ("denied_stream_rate", 0, "denied_stream_rate"),
+        ("denied_stream_rate", "few", "denied_stream_rate"),
         ("max_connections_per_identity", 0, "max_connections_per_identity"),
         ("max_buffered_per_connection", "lots", "max_buffered_per_connection"),
         ("max_buffered_total", -5, "max_buffered_total"),
