@@ -16,6 +16,20 @@ def test_help_lists_the_options() -> None:
     assert "--quick" in result.stdout and "--probe" in result.stdout
     assert "--max-loop-lag" in result.stdout and "--attacker-nice" in result.stdout
     assert "--engine {aioquic,native}" in result.stdout
+    assert "--churn-allowed" in result.stdout
+
+
+def test_churn_allowed_without_sidecars_is_refused_in_one_line() -> None:
+    result = subprocess.run(
+        ["quicmesh", "bench", "attack", "--churn-allowed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "quicmesh bench attack: --churn-allowed applies to --sidecars only"
+    )
 
 
 def test_a_short_qpack_probe_reports_phases_and_a_verdict() -> None:
