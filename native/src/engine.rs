@@ -369,6 +369,9 @@ pub struct StreamHandles {
     /// Which incarnation of the stream ID these are: after a rejected 0-RTT flight quinn
     /// gives the same IDs again, and the old tasks must not release the new halves.
     pub generation: u64,
+    /// The tasks serving the halves: a later incarnation of the stream ID waits for them
+    /// to end (see [`Shared::start_stream`]).
+    pub tasks: [Option<tokio::task::JoinHandle<()>>; 2],
 }
 
 /// One incarnation of a stream: its connection, ID and generation.
@@ -674,6 +677,17 @@ impl Shared {
     }
 
     /// Register a stream's halves and start their tasks.
+    ///
+    /// The stream ID may still have halves of an earlier incarnation: after a rejected 0-RTT
+    /// flight quinn gives the flight's IDs again (its streams are gone, their handles fail
+    /// with `ZeroRttRejected`). quinn keys the wake-ups of blocked readers and writers by
+    /// stream ID, and dropping a `RecvStream` or `SendStream` removes the one registered
+    /// under its ID: an old handle dropped after the new incarnation's task began to wait
+    /// took that task's wake-up away, and the new stream's data never reached it (one
+    /// request of a resent flight went unanswered). So the old tasks are told to end (their
+    /// command channels close) and the new tasks touch quinn only once they have ended,
+    /// their handles dropped (the tasks drop them before releasing their halves, so a
+    /// forgotten incarnation holds none).
     pub fn start_stream(
         self: &Arc<Self>,
         conn: u64,
@@ -691,17 +705,24 @@ impl Shared {
             stream,
             generation,
         };
+        let mut streams = lock(&self.streams);
+        let [send_before, recv_before] = streams
+            .remove(&(conn, stream))
+            .map(|earlier| earlier.tasks) // its command senders are dropped here
+            .unwrap_or_default();
         if let Some(send) = send {
             let (tx, rx) = unbounded_channel();
             handles.send = Some(tx);
-            tokio::spawn(Arc::clone(self).send_task(id, send, rx));
+            let task = Arc::clone(self).send_task(id, send, rx, send_before);
+            handles.tasks[0] = Some(tokio::spawn(task));
         }
         if let Some(recv) = recv {
             let (tx, rx) = unbounded_channel();
             handles.recv = Some(tx);
-            tokio::spawn(Arc::clone(self).recv_task(id, recv, rx));
+            let task = Arc::clone(self).recv_task(id, recv, rx, recv_before);
+            handles.tasks[1] = Some(tokio::spawn(task));
         }
-        lock(&self.streams).insert((conn, stream), handles);
+        streams.insert((conn, stream), handles);
     }
 
     /// Forget a finished half (of this incarnation of the stream); the stream is forgotten
@@ -724,12 +745,18 @@ impl Shared {
         }
     }
 
+    /// Serve a stream's sending half: `before`, the task of the ID's earlier incarnation,
+    /// is waited for first (see [`Shared::start_stream`]).
     async fn send_task(
         self: Arc<Self>,
         id: StreamKey,
         mut send: SendStream,
         mut commands: UnboundedReceiver<SendCmd>,
+        before: Option<tokio::task::JoinHandle<()>>,
     ) {
+        if let Some(before) = before {
+            let _ = before.await;
+        }
         enum Step {
             Command(Option<SendCmd>),
             Wrote(Result<usize, WriteError>),
@@ -812,15 +839,22 @@ impl Shared {
                 finished = true;
             }
         }
+        drop(send); // before the release: a forgotten half holds no quinn handle
         self.release(id, true);
     }
 
+    /// Serve a stream's receiving half: `before`, the task of the ID's earlier incarnation,
+    /// is waited for first (see [`Shared::start_stream`]).
     async fn recv_task(
         self: Arc<Self>,
         id: StreamKey,
         mut recv: RecvStream,
         mut commands: UnboundedReceiver<RecvCmd>,
+        before: Option<tokio::task::JoinHandle<()>>,
     ) {
+        if let Some(before) = before {
+            let _ = before.await;
+        }
         enum Step {
             Command(Option<RecvCmd>),
             Read(Result<Option<quinn::Chunk>, ReadError>),
@@ -903,6 +937,7 @@ impl Shared {
                 Step::Read(Err(_)) => break,
             }
         }
+        drop(recv); // before the release: a forgotten half holds no quinn handle
         self.end_recv(id, commands);
     }
 
@@ -1322,6 +1357,7 @@ mod tests {
                 send: None,
                 recv: Some(tx),
                 generation: 1,
+                tasks: [None, None],
             },
         );
         // The task's last event, then Python's pause (as `recv_command` sends it).
