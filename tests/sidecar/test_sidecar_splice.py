@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from quic_helpers import require_engine
 
+from quicmesh import DevCA, QuicTransport
 from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
 
 from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
@@ -416,3 +417,47 @@ def test_drain_waits_for_spliced_flows_and_loses_nothing(workdir: Path, app: _Ap
         assert sorted(r["bytes_sent"] for r in lines) == sorted(len(p) + 5 for p in payloads)
         assert {r["outcome"] for r in lines} == {"completed"}
         assert "drained in" in mesh.a.stderr()
+
+
+@pytest.mark.parametrize("client_engine", ["native", "aioquic"])
+def test_a_client_closing_right_after_the_end_leaves_completed_flows(
+    workdir: Path, app: _AppServer, client_engine: str
+) -> None:
+    # A mesh client (no sidecar) closes its connection the moment it has read the
+    # echo's end: its close can overtake its acknowledgement of B's last bytes and
+    # FIN. Every byte was delivered, so B's access log says completed (B's splice
+    # once recorded such flows as reset); the same with splice: false.
+    require_engine("native")
+    require_engine(client_engine)
+    rounds = 20
+    clusters = {"native": {"engine": "native", "to": "native"}}
+    with SpliceMesh(
+        workdir, app.server_address[1], clusters, f"splice-closer-{client_engine}"
+    ) as mesh:
+        ca = DevCA.load(workdir / "ca")
+        client = QuicTransport(
+            identity=ca.issue(IDENTITY_A), trust=ca.trust_bundle, engine=client_engine
+        )
+        payload = b"p" * 100
+
+        async def main(listener: str) -> None:
+            for _ in range(rounds):
+                connection = await client.connect((LOOPBACK, mesh.ports[listener]))
+                stream = await connection.open_stream(addr(app.server_address[1]))
+                stream.write(b"echo\n" + payload)
+                stream.write_eof()
+                assert await asyncio.wait_for(stream.read(-1), 20) == BANNER + payload
+                connection.close()
+                await connection.wait_closed()
+
+        for listener in ("native", "native_off"):
+            asyncio.run(main(listener))
+
+            def served(name: str = f"mesh_{listener}") -> list[dict[str, Any]]:
+                return [r for r in mesh.b.access_log() if r["listener"] == name]
+
+            wait_until(lambda: len(served()) == rounds, what=f"{rounds} flows on {listener}")
+            reset = [r["reason"] for r in served() if r["outcome"] != "completed"]
+            assert not reset, f"{listener}: {len(reset)} of {rounds} not completed: {reset[0]}"
+        assert mesh.spliced("b", "mesh_native") == rounds
+        assert mesh.spliced("b", "mesh_native_off") == 0
