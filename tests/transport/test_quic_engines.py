@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import random
@@ -157,6 +158,54 @@ def test_a_client_presents_its_rotated_certificate_from_the_next_connect_on(engi
             assert serial in presented, round_
             conn.close()
             await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        await client.aclose()
+
+    run(main())
+
+
+def test_a_native_client_keeps_no_socket_for_a_rotated_out_identity() -> None:
+    """A native client endpoint is per identity (one UDP socket each): a rotated-out
+    identity's endpoint closes once its last connection ends, not when the
+    transport does (one socket per rotation stayed open before)."""
+    require_engine("native")
+
+    def open_ports() -> set[int]:
+        gc.collect()  # connections and their endpoint refer to each other
+        ports = set()
+        for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+            with open(table) as lines:
+                next(lines)
+                ports |= {int(line.split()[1].rsplit(":", 1)[1], 16) for line in lines}
+        return ports
+
+    async def main() -> None:
+        server = transport("native", SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = transport("native")
+        kept = await client.connect(listener.address)  # on the first identity's endpoint
+        assert await exchange(kept, b"k", "kept") == b"k"
+        first = kept.local_address
+        assert first is not None and first[1] in open_ports()
+        rotated = []
+        for round_ in range(8):
+            client.set_identity(CA.issue(CLIENT.spiffe_id), CA.trust_bundle)
+            conn = await client.connect(listener.address)
+            assert await exchange(conn, b"r", str(round_)) == b"r"
+            assert conn.local_address is not None and conn.local_address != first
+            rotated.append(conn.local_address[1])
+            conn.close()
+            await conn.wait_closed()
+        del conn
+        # The first identity's endpoint still carries `kept`; those in between are gone.
+        assert open_ports() & set(rotated[:-1]) == set()
+        assert first[1] in open_ports()
+        assert await exchange(kept, b"s", "still") == b"s"
+        kept.close()
+        await kept.wait_closed()
+        del kept  # (an endpoint's socket goes with the last object that refers to it)
+        await until(lambda: first[1] not in open_ports())
         listener.close()
         await listener.wait_closed()
         await client.aclose()

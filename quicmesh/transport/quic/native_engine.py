@@ -357,6 +357,11 @@ class _Pump:
         """Spliced flows by splice ID: their outcome arrives even after their connection."""
         self._fd = endpoint.fileno()
         self.closed = False
+        self.retiring = False
+        """(client) Replaced by the endpoint of a new identity: closed once idle."""
+        self.tls: EngineTls | None = None
+        """(client) The identity and trust its key names by ``id()``, kept alive so that
+        no later object can take those ids while the endpoint is in use."""
         loop.add_reader(self._fd, self.pump)
         weakref.finalize(self, _remove_reader, loop, self._fd)
 
@@ -380,6 +385,20 @@ class _Pump:
                     "[native-%d] closing the connection: internal error", connection.conn
                 )
                 connection.close(H3_INTERNAL_ERROR, reason_phrase="internal error")
+        if self.retiring and not self.closed and self.idle:
+            self.close()
+
+    @property
+    def idle(self) -> bool:
+        """No connection, handshake or splice left on the endpoint."""
+        return not (self.connections or self.connecting or self.splices)
+
+    def retire(self) -> None:
+        """(client) Close the endpoint now if idle, else once its last connection ends
+        (an identity was rotated out: its endpoint's UDP socket is not kept)."""
+        self.retiring = True
+        if self.idle:
+            self.close()
 
     def _route(self, event: tuple[Any, ...]) -> NativeConnection | None:
         kind = event[0]
@@ -1460,6 +1479,9 @@ class NativeEngine:
     def __init__(self) -> None:
         _extension()
         self._clients: dict[Any, _Pump] = {}
+        self._retiring: weakref.WeakSet[_Pump] = weakref.WeakSet()
+        """Client endpoints of rotated-out identities, closed once their connections end
+        (held by those connections only: a closed one goes with them)."""
         self._server_identities: dict[Address, str] = {}
         """(client) The identity each server address was last verified as (what a
         resumed 0-RTT connection serves under until the server answers)."""
@@ -1481,7 +1503,15 @@ class NativeEngine:
         if pump is None or pump.closed or pump.loop is not loop:
             endpoint = _endpoint(limits, tls, local, server=False, early_data=True)
             pump = _Pump(endpoint, loop, limits)
+            pump.tls = tls
             self._clients = {k: p for k, p in self._clients.items() if not p.loop.is_closed()}
+            for other_key, other in list(self._clients.items()):
+                if other_key[0] == key[0] and other_key[3:] == key[3:]:
+                    # The same loop and settings under another identity or trust: a
+                    # rotated-out certificate, whose connections finish on it.
+                    del self._clients[other_key]
+                    self._retiring.add(other)
+                    other.retire()
             self._clients[key] = pump
         return pump
 
@@ -1526,8 +1556,11 @@ class NativeEngine:
 
     def close(self) -> None:
         """Close the client endpoints (their UDP sockets and any connection left on them)."""
-        pumps, self._clients = list(self._clients.values()), {}
+        pumps, self._clients = [*self._clients.values(), *self._retiring], {}
+        self._retiring = weakref.WeakSet()
         for pump in pumps:
+            if pump.closed:
+                continue
             if pump.loop.is_closed():
                 pump.endpoint.close()
                 pump.closed = True
