@@ -292,6 +292,12 @@ class MeshStream:
 
     async def _wait_unsent_at_most(self, limit: int) -> None:
         self._raise_error()
+        if self._peer_stopped_reading:
+            # Writes are discarded from now on: yield to the event loop anyway, so that
+            # a ``write(); await drain()`` loop lets the others run (asyncio's
+            # StreamWriter.drain does the same on a closing transport).
+            await asyncio.sleep(0)
+            return
         while not self._peer_stopped_reading and self._channel.stream_unsent_bytes(self) > limit:
             self._drain_waiter = self._loop.create_future()
             self._channel.stream_waits_for_drain(self)

@@ -175,6 +175,44 @@ def test_half_close_server_first(name: str) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("name", ["quic", "quic-native", "h2"])
+def test_writing_after_the_peer_stopped_reading_still_yields_to_the_loop(name: str) -> None:
+    """A server that answered and closed its stream tells the peer to stop sending
+    (STOP_SENDING / RST_STREAM with NO_ERROR): the client's writes are discarded from
+    then on, but a ``write(); await drain()`` loop must still let other tasks run
+    (it spun without ever yielding before). TLS-over-TCP has no such signal."""
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"done")
+        stream.close()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        assert await stream.read() == b"done"
+        while not stream._peer_stopped_reading:  # the peer's stop, right behind its FIN
+            stream.write(b"x")
+            await stream.drain()
+            await asyncio.sleep(0.001)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        for _ in range(1000):
+            stream.write(b"y" * 1024)
+            await stream.drain()
+        ticker.cancel()
+        assert ticks >= 500
+        await shutdown(listener, conn)
+
+    run(main())
+
+
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_client_abort_reaches_server(name: str) -> None:
     outcome: asyncio.Future[BaseException | None]
