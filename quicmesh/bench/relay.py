@@ -13,6 +13,8 @@ outside port. The relay can
   (:meth:`UdpRelay.send_from_new_address`) and count what the server sends there;
 * **blackhole** a client address (drop its datagrams both ways), as a NAT
   mapping that died;
+* **hold** what the server sends to a client address and **release** it in one
+  burst (:meth:`UdpRelay.hold`), as a queue that stalled and then drained;
 * **delay** datagrams by a fixed one-way time in each direction.
 
 :class:`TcpRelay` does the same for TCP (delay, and a rebinding that breaks
@@ -73,11 +75,15 @@ class UdpRelay:
         self.captured: list[bytes] = []
         self.stats = RelayStats()
         self.blackholed: set[Address] = set()
+        self.held: dict[Address, list[bytes]] = {}
+        """Datagrams from the server held back per client address (:meth:`hold`)."""
         self.on_to_server: Callable[[bytes, Address], None] | None = None
         """Called with each datagram a client sends (before it is forwarded)."""
         self._loop = asyncio.get_running_loop()
         self._front: _Endpoint | None = None
         self._upstreams: dict[Address, _Endpoint] = {}
+        self._opening: dict[Address, list[bytes]] = {}
+        """Datagrams from clients whose upstream socket is being opened."""
         self._extra: list[_Endpoint] = []
         self._closed = False
         self.address: Address = ("", 0)
@@ -132,7 +138,14 @@ class UdpRelay:
             return
         endpoint = self._upstreams.get(client)
         if endpoint is None:
-            self._loop.create_task(self._open_upstream(client, data))
+            # One upstream socket per client, as a NAT maps one inside address to one
+            # outside port: what comes while it opens waits for it, in order.
+            waiting = self._opening.get(client)
+            if waiting is not None:
+                waiting.append(data)
+            else:
+                self._opening[client] = []
+                self._loop.create_task(self._open_upstream(client, data))
             return
         if endpoint.transport is not None and not endpoint.transport.is_closing():
             self.stats.to_server += 1
@@ -148,13 +161,18 @@ class UdpRelay:
         if previous is not None and previous.transport is not None:
             previous.transport.close()
         if first is not None and endpoint.transport is not None:
-            self.stats.to_server += 1
-            endpoint.transport.sendto(first, self.upstream)
+            for data in [first, *self._opening.pop(client, [])]:
+                self.stats.to_server += 1
+                endpoint.transport.sendto(data, self.upstream)
         return endpoint
 
     def _from_server(self, data: bytes, client: Address) -> None:
         if client in self.blackholed:
             self.stats.dropped += 1
+            return
+        held = self.held.get(client)
+        if held is not None:
+            held.append(data)
             return
         self._later(lambda: self._forward_down(data, client))
 
@@ -170,6 +188,18 @@ class UdpRelay:
         """Drop every datagram of every client both ways from now on, as when the
         server hangs (SIGSTOP) or the path blackholes: no answer, no ICMP."""
         self.blackholed.update(self._upstreams)
+
+    def hold(self, client: Address) -> None:
+        """Hold what the server sends to ``client`` from now on, until :meth:`release`."""
+        self.held.setdefault(client, [])
+
+    def release(self, client: Address) -> int:
+        """Deliver what was held for ``client`` at once, in order; returns how many
+        datagrams (what comes next is relayed as usual)."""
+        held = self.held.pop(client, [])
+        for data in held:
+            self._forward_down(data, client)
+        return len(held)
 
     async def rebind(self) -> None:
         """NAT rebinding: every client's packets leave from a new port from now on."""
