@@ -15,6 +15,7 @@ pub mod admission;
 pub mod bbr;
 pub mod engine;
 pub mod icmp;
+pub mod rebind;
 pub mod splice;
 pub mod verify;
 
@@ -23,7 +24,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -280,6 +281,8 @@ const INCOMING_BUFFER_BYTES_TOTAL: u64 = 16 << 20;
 struct Endpoint {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    /// The socket quinn uses now (what [`Endpoint::rebind`] moves from).
+    socket: Mutex<Arc<dyn quinn::AsyncUdpSocket>>,
     wake: UnixStream,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
@@ -550,7 +553,7 @@ impl Endpoint {
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             server_config,
-            socket,
+            Arc::clone(&socket),
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
@@ -581,6 +584,7 @@ impl Endpoint {
         Ok(Endpoint {
             shared,
             endpoint,
+            socket: Mutex::new(socket),
             wake,
             client_crypto,
             transport,
@@ -1026,8 +1030,13 @@ impl Endpoint {
     }
 
     /// Move to a new UDP socket bound on `host:port` (port 0: any); every connection follows
-    /// (its peer validates the new path, RFC 9000 section 9). Returns the new local address.
-    fn rebind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
+    /// (quinn sends a PING there at once; the peer validates the new path, RFC 9000 section 9).
+    /// The old socket is still read for `grace` seconds ([`rebind::MigratedSocket`]: what the
+    /// peer sent there before it noticed the move). Returns the new local address.
+    #[pyo3(signature = (host, port, grace=2.0))]
+    fn rebind(&self, host: &str, port: u16, grace: f64) -> PyResult<(String, u16)> {
+        let grace = Duration::try_from_secs_f64(grace)
+            .map_err(|_| config_error(format!("grace must be seconds >= 0, not {grace}")))?;
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let socket = engine::bind_udp(address)
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
@@ -1035,9 +1044,15 @@ impl Endpoint {
         let _entered = rt.enter();
         let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared))
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
-        self.endpoint.rebind_abstract(socket).map_err(|e| {
-            quicmesh_error("ConnectError", format!("cannot move to {address}: {e}"))
-        })?;
+        let mut current = lock(&self.socket);
+        let socket = rebind::MigratedSocket::wrap(socket, Arc::clone(&current), grace);
+        self.endpoint
+            .rebind_abstract(Arc::clone(&socket))
+            .map_err(|e| {
+                quicmesh_error("ConnectError", format!("cannot move to {address}: {e}"))
+            })?;
+        *current = socket;
+        drop(current);
         self.local_address()
     }
 

@@ -18,7 +18,6 @@ The package, by layer (docs/design.md, "QUIC connection anatomy"):
 from __future__ import annotations
 
 from .connection import (
-    OLD_SOCKET_GRACE,
     UDP_SOCKET_BUFFER,
     UNREACHABLE_ERRNOS,
     QuicPeerConnection,
@@ -29,6 +28,7 @@ from .options import (
     CRYPTO_ERROR_BAD_CERTIFICATE,
     DEFAULT_MAX_EARLY_DATA,
     EARLY_DATA_OVERHEAD,
+    OLD_SOCKET_GRACE,
     QuicOptions,
 )
 from .policy import EARLY_STREAM_COST

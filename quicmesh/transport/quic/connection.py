@@ -62,7 +62,13 @@ from ..base import Address, Authorizer, StreamHandler, host_port
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
 from ..stream import MeshStream, SpliceOutcome
 from . import engine
-from .options import COUNTERS, CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD, QuicOptions
+from .options import (
+    COUNTERS,
+    CRYPTO_ERROR_BAD_CERTIFICATE,
+    EARLY_DATA_OVERHEAD,
+    OLD_SOCKET_GRACE,
+    QuicOptions,
+)
 from .policy import EarlyDataBudget, RebindRule
 
 if TYPE_CHECKING:
@@ -71,9 +77,6 @@ if TYPE_CHECKING:
     from ..._aioquic import MeshQuicConnection
 
 logger = logging.getLogger("quicmesh.transport.quic")
-
-OLD_SOCKET_GRACE = 2.0
-"""Seconds a migrated client keeps receiving on its previous socket (packets in flight)."""
 
 UNREACHABLE_ERRNOS = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}

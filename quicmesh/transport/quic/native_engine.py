@@ -90,7 +90,10 @@ rather than pretending:
   quinn has no PING command, the extension makes it send MAX_DATA) and fails
   on the second error in a row. Server connections get them too.
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
-  client endpoint's socket moves, with every connection on it). quinn validates
+  client endpoint's socket moves, with every connection on it; quinn sends a PING
+  on the new path at once, and the old socket is read for ``OLD_SOCKET_GRACE``
+  seconds, as on aioquic: native/src/rebind.rs, since quinn's own reading of it
+  stalled mid-transfer and lost what the server had in flight). quinn validates
   a migrating client's new path itself and raises no event for it, so the
   extension samples each server connection every 50 ms (native/src/engine.rs
   ``PathWatch``: quinn's remote address and its count of PATH_RESPONSE frames
@@ -169,7 +172,7 @@ from .engine import (
     PeerUnreachable,
     SocketConnection,
 )
-from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD
+from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD, OLD_SOCKET_GRACE
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
@@ -1362,12 +1365,14 @@ class NativeConnection:
 
     async def migrate(self, local_address: Address | None) -> Address:
         """(client) Move the client endpoint to a new UDP socket; quinn uses a new
-        connection ID there and the server validates the path. Every connection of
-        the endpoint moves (one socket per transport and event loop)."""
+        connection ID there, sends a PING at once, and the server validates the path.
+        The old socket is still read for :data:`~.options.OLD_SOCKET_GRACE` seconds
+        (what the server sent there before it noticed the move: native/src/rebind.rs).
+        Every connection of the endpoint moves (one socket per transport and event loop)."""
         host = local_address[0] if local_address is not None else self.local_address()[0]
         port = local_address[1] if local_address is not None else 0
         try:
-            new_host, new_port = self._native.rebind(host, port)
+            new_host, new_port = self._native.rebind(host, port, OLD_SOCKET_GRACE)
         except QuicmeshError as exc:  # the extension raises ConfigError/ConnectError
             raise EngineError(f"cannot open a UDP socket on {host}:{port}: {exc}") from None
         return str(new_host), int(new_port)

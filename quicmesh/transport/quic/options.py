@@ -20,6 +20,10 @@ EARLY_DATA_OVERHEAD = 4 * 1024
 """Stream bytes (HTTP/3 framing, control streams) a server allows in 0-RTT on top of
 ``max_early_data`` before it closes the connection."""
 
+OLD_SOCKET_GRACE = 2.0
+"""Seconds a migrated client keeps receiving on its previous socket (packets in flight),
+on either engine."""
+
 COUNTERS = (
     "zero_rtt_attempted",
     "zero_rtt_accepted",
