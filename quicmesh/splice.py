@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from .errors import QuicmeshError, TunnelError
-from .transport.stream import MeshStream
+from .transport.stream import EngineSocket, MeshStream
 from .tunnel.session import ResetReason
 
 CHUNK = 64 * 1024
@@ -118,6 +119,43 @@ async def splice(
     return result
 
 
+async def splice_accepted(
+    stream: MeshStream, sock: socket.socket, *, offload: bool = True
+) -> SpliceResult:
+    """:func:`splice` for an accepted socket that asyncio has no transport for yet
+    (:class:`~quicmesh.sidecar.acceptor.SocketServer`): handed to the stream's
+    transport as it is where that can splice it (nothing was read from it), else
+    wrapped in asyncio streams and copied here."""
+    if offload and stream.can_splice():
+        return await _hand_over(stream, sock, b"", lambda: reset_socket(sock))
+    return await _copy_socket(stream, sock)
+
+
+async def splice_engine_socket(stream: MeshStream, sock: EngineSocket) -> SpliceResult:
+    """:func:`splice` for a TCP connection the stream's transport made itself
+    (:meth:`MeshStream.connect_for_splice`): the transport splices it; if the stream can
+    no longer be spliced (it failed meanwhile), the connection comes out to Python and is
+    copied here, with the same outcome as :func:`splice`."""
+    if stream.can_splice():
+        return await _hand_over(stream, sock, b"", sock.close)
+    detached = sock.detach()
+    if detached is None:
+        stream.abort()
+        return SpliceResult(error="the TCP connection was lost before the splice")
+    return await _copy_socket(stream, detached)
+
+
+async def _copy_socket(stream: MeshStream, sock: socket.socket) -> SpliceResult:
+    """:func:`splice` in Python over asyncio streams made for ``sock``."""
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except OSError as exc:
+        stream.abort(ResetReason.CONNECT_ERROR)
+        reset_socket(sock)
+        return SpliceResult(error=str(exc) or type(exc).__name__)
+    return await splice(stream, reader, writer, offload=False)
+
+
 async def _offload(
     stream: MeshStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> SpliceResult | None:
@@ -139,16 +177,27 @@ async def _offload(
     pending = await reader.read()
     detached = socket.socket(fileno=os.dup(sock.fileno()))
     transport.abort()  # closes asyncio's descriptor; the connection lives on in ours
+    return await _hand_over(stream, detached, pending, lambda: reset_socket(detached))
+
+
+async def _hand_over(
+    stream: MeshStream,
+    sock: socket.socket | EngineSocket,
+    pending: bytes,
+    reset: Callable[[], None],
+) -> SpliceResult:
+    """Let the stream's transport splice ``sock`` (``pending`` read from it already);
+    ``reset`` resets the socket if the transport did not take it."""
     try:
-        outcome = await stream.splice_socket(detached, pending)
+        outcome = await stream.splice_socket(sock, pending)
     except (TunnelError, QuicmeshError, OSError) as exc:
         # The stream failed before the transport took the socket: reset both.
         stream.abort()
-        _reset_socket(detached)
+        reset()
         return SpliceResult(len(pending), 0, str(exc) or type(exc).__name__, offloaded=True)
     except asyncio.CancelledError:
         stream.abort()  # once the transport has the socket, it resets it too
-        _reset_socket(detached)
+        reset()
         raise
     return SpliceResult(
         outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
@@ -159,8 +208,9 @@ _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 """struct linger {l_onoff=1, l_linger=0}: close() sends RST."""
 
 
-def _reset_socket(sock: socket.socket) -> None:
-    """Close ``sock`` with RST, unless it was already handed over (and closed here)."""
+def reset_socket(sock: socket.socket) -> None:
+    """Close ``sock`` with RST (so the local peer sees a failure), unless it was
+    already handed over (and closed here)."""
     if sock.fileno() >= 0:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)

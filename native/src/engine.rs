@@ -329,6 +329,14 @@ pub enum Event {
         errno: i32,
         detail: String,
     },
+    /// (splicing) A TCP connect asked for with `tcp_connect` ended: `errno` 0 when the socket
+    /// is connected (it waits in [`Shared::tcp`] for its splice), else why not (`ETIMEDOUT`
+    /// when the timeout passed first).
+    TcpConnected {
+        token: u64,
+        errno: i32,
+        message: String,
+    },
     /// A connection ended; its streams are gone.
     Closed {
         conn: u64,
@@ -385,6 +393,14 @@ pub struct StreamKey {
 /// A connect in its handshake: where to, and the task driving it.
 pub type ConnectingEntry = (SocketAddr, Option<tokio::task::AbortHandle>);
 
+/// (splicing) A TCP connection the engine makes for a splice (`tcp_connect`): the task still
+/// connecting, or the connected socket waiting for its splice.
+#[derive(Debug)]
+pub enum TcpSlot {
+    Connecting(tokio::task::AbortHandle),
+    Connected(tokio::net::TcpStream),
+}
+
 /// State shared between the Python-facing endpoint and its tasks.
 #[derive(Debug)]
 pub struct Shared {
@@ -401,6 +417,8 @@ pub struct Shared {
     /// (aborting the task drops quinn's `Connecting`, which closes the connection; none yet
     /// while the connect is being started).
     pub connecting: Mutex<HashMap<u64, ConnectingEntry>>,
+    /// (splicing) The TCP connections made for splices by token, until a splice takes them.
+    pub tcp: Mutex<HashMap<u64, TcpSlot>>,
     next_id: AtomicU64,
 }
 
@@ -418,6 +436,7 @@ impl Shared {
             splices: Mutex::new(HashMap::new()),
             paths: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
+            tcp: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))

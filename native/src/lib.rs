@@ -38,7 +38,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use admission::{Admission, AdmissionConfig, RetryMode};
-use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TransportOptions};
+use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TcpSlot, TransportOptions};
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
 /// Build one of `quicmesh.errors`' exceptions carrying `message`.
@@ -190,6 +190,11 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             errno,
             detail,
         } => ("unreachable", conn, errno, detail).into_py_any(py),
+        Event::TcpConnected {
+            token,
+            errno,
+            message,
+        } => ("tcp_connected", token, errno, message).into_py_any(py),
         Event::Closed {
             conn,
             kind,
@@ -870,9 +875,11 @@ impl Endpoint {
     /// received and not yet written to the socket; `to_quic`: bytes read from the socket and
     /// not yet sent; `unparsed`, `frame_type`, `frame_remaining`: the HTTP/3 parser's state;
     /// `recv_fin`: the stream's FIN was received. Returns the splice's ID.
+    /// With `engine_socket`, `token` is a socket this engine connected (`tcp_connect`)
+    /// instead.
     #[pyo3(signature = (
         conn, stream, token, *, to_tcp, to_quic, unparsed, frame_type=None, frame_remaining=0,
-        recv_fin=false
+        recv_fin=false, engine_socket=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn splice(
@@ -886,21 +893,41 @@ impl Endpoint {
         frame_type: Option<u64>,
         frame_remaining: u64,
         recv_fin: bool,
+        engine_socket: bool,
     ) -> PyResult<u64> {
-        let inbox = splice::FdInbox::get().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-        let fd = inbox
-            .take(token)
-            .map_err(|e| quicmesh_error("QuicmeshError", e))?;
-        let tcp = std::net::TcpStream::from(fd);
         let deframer = splice::Deframer::resume(frame_type, frame_remaining)
             .map_err(|e| quicmesh_error("TunnelError", e.message))?;
         let connection = self.connection(conn)?;
-        tcp.set_nonblocking(true)
-            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
-        let tcp = tokio::net::TcpStream::from_std(tcp)
-            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        let tcp = if engine_socket {
+            match lock(&self.shared.tcp).remove(&token) {
+                Some(TcpSlot::Connected(tcp)) => tcp,
+                Some(TcpSlot::Connecting(task)) => {
+                    task.abort();
+                    return Err(quicmesh_error(
+                        "QuicmeshError",
+                        format!("the engine's TCP connection {token} is not connected yet"),
+                    ));
+                }
+                None => {
+                    return Err(quicmesh_error(
+                        "QuicmeshError",
+                        format!("the engine holds no TCP connection {token}"),
+                    ))
+                }
+            }
+        } else {
+            let inbox = splice::FdInbox::get().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+            let fd = inbox
+                .take(token)
+                .map_err(|e| quicmesh_error("QuicmeshError", e))?;
+            let tcp = std::net::TcpStream::from(fd);
+            tcp.set_nonblocking(true)
+                .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+            tokio::net::TcpStream::from_std(tcp)
+                .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?
+        };
         let (send_to, send_from) = tokio::sync::oneshot::channel();
         let send = self
             .send_command(conn, stream, SendCmd::Handover(send_to))
@@ -945,6 +972,112 @@ impl Endpoint {
             abort_from,
         ));
         Ok(id)
+    }
+
+    /// (splicing) Connect a TCP socket to `host:port` (an IP address) for a splice, within
+    /// `timeout` seconds; returns a token that a `tcp_connected` event carries with errno 0
+    /// (connected: pass the token to `splice` with `engine_socket=True`) or why it failed
+    /// (`ETIMEDOUT` when the timeout passed). The engine's thread connects: no descriptor
+    /// crosses to Python and back.
+    #[pyo3(signature = (host, port, *, timeout))]
+    fn tcp_connect(&self, host: &str, port: u16, timeout: f64) -> PyResult<u64> {
+        let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        // Made here, on the caller's thread: a socket belongs to the network namespace of
+        // the thread that creates it, and the engine's thread may have started in another.
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}")))?;
+        let token = self.shared.next_id();
+        let shared = Arc::clone(&self.shared);
+        let mut slots = lock(&self.shared.tcp);
+        let task = rt.spawn(async move {
+            let connect = socket.connect(address);
+            let outcome = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(tcp)) => {
+                    // As asyncio's transports: no Nagle delay on the proxied flow.
+                    let _ = tcp.set_nodelay(true);
+                    Ok(tcp)
+                }
+                Ok(Err(error)) => Err((
+                    error
+                        .raw_os_error()
+                        .unwrap_or(rustix::io::Errno::IO.raw_os_error()),
+                    error.to_string(),
+                )),
+                Err(_) => Err((
+                    rustix::io::Errno::TIMEDOUT.raw_os_error(),
+                    "timed out".to_owned(),
+                )),
+            };
+            let mut slots = lock(&shared.tcp);
+            if !slots.contains_key(&token) {
+                return; // given up meanwhile (`tcp_abort`)
+            }
+            let event = match outcome {
+                Ok(tcp) => {
+                    slots.insert(token, TcpSlot::Connected(tcp));
+                    Event::TcpConnected {
+                        token,
+                        errno: 0,
+                        message: String::new(),
+                    }
+                }
+                Err((errno, message)) => {
+                    slots.remove(&token);
+                    Event::TcpConnected {
+                        token,
+                        errno,
+                        message,
+                    }
+                }
+            };
+            drop(slots);
+            shared.push(event);
+        });
+        // Before the task can look: it waits for this lock.
+        slots.insert(token, TcpSlot::Connecting(task.abort_handle()));
+        Ok(token)
+    }
+
+    /// (splicing) Give up a `tcp_connect`: a connect under way stops (no event follows), a
+    /// connected socket is closed with RST. Returns whether the token was still held.
+    fn tcp_abort(&self, token: u64) -> bool {
+        let slot = lock(&self.shared.tcp).remove(&token);
+        let _entered = runtime().ok().map(|rt| rt.enter());
+        match slot {
+            Some(TcpSlot::Connecting(task)) => {
+                task.abort();
+                true
+            }
+            Some(TcpSlot::Connected(tcp)) => {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// (splicing) Take a connected `tcp_connect` socket back: its descriptor, now Python's
+    /// (non-blocking), or `None` if the engine holds no connected socket for `token`.
+    fn tcp_release(&self, token: u64) -> PyResult<Option<i32>> {
+        let mut slots = lock(&self.shared.tcp);
+        if !matches!(slots.get(&token), Some(TcpSlot::Connected(_))) {
+            return Ok(None);
+        }
+        let Some(TcpSlot::Connected(tcp)) = slots.remove(&token) else {
+            return Ok(None);
+        };
+        drop(slots);
+        let _entered = runtime().ok().map(|rt| rt.enter());
+        let tcp = tcp
+            .into_std()
+            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        Ok(Some(std::os::fd::IntoRawFd::into_raw_fd(tcp)))
     }
 
     /// (splicing) Fail a spliced flow: both sides are reset (the stream with `code`), and

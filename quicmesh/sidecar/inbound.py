@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import QuicmeshError, TunnelError
 from ..logs import RateLimitedLog
-from ..splice import splice
+from ..splice import splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
 from ..transport.base import (
     Listener,
@@ -30,7 +30,7 @@ from ..transport.base import (
     Transport,
     transport_registry,
 )
-from ..transport.stream import MeshStream
+from ..transport.stream import EngineSocket, MeshStream
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
 from .config import InboundListenerConfig, format_address
@@ -514,10 +514,16 @@ class InboundListener:
         assert parsed is not None
         host, port = parsed
         record.endpoint = format_address(parsed)
+        engine_socket: EngineSocket | None = None
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), config.connect_timeout
-            )
+            if config.splice:
+                # The engine that splices the flow connects (no socket passes through
+                # Python), where it can.
+                engine_socket = await stream.connect_for_splice(host, port, config.connect_timeout)
+            if engine_socket is None:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), config.connect_timeout
+                )
         except (OSError, TimeoutError) as exc:
             why = (
                 f"timed out after {config.connect_timeout:g}s"
@@ -531,7 +537,10 @@ class InboundListener:
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         try:
-            result = await splice(stream, reader, writer, offload=config.splice)
+            if engine_socket is not None:
+                result = await splice_engine_socket(stream, engine_socket)
+            else:
+                result = await splice(stream, reader, writer, offload=config.splice)
             if not result.error:
                 await wait_sent(stream, FLUSH_TIMEOUT)
         finally:

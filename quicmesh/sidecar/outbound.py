@@ -19,10 +19,12 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import StreamRefused, TunnelError
-from ..splice import splice
+from ..splice import reset_socket, splice, splice_accepted
 from ..transport.stream import MeshStream
+from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster, FlowRefused
 from .config import Address, OutboundListenerConfig, format_address
@@ -60,28 +62,28 @@ class OutboundListener:
         self.stats = stats
         self._flows = flows
         self._log = log
-        self._server: asyncio.Server | None = None
+        self._server: SocketServer | None = None
 
     async def start(self) -> None:
-        """Bind and start accepting.
+        """Bind and start accepting (plain sockets: a spliced flow needs no asyncio
+        transport, :mod:`.acceptor`).
 
         :raises OSError: the address cannot be bound.
         """
         host, port = self.config.address
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self._server = await SocketServer.start(host, port, self._handle)
 
     def close(self) -> None:
         """Stop accepting; flows already accepted carry on."""
         if self._server is not None:
             self._server.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, sock: socket.socket, peer: Any) -> None:
         with self._flows.track():
-            await self._proxy(reader, writer)
+            await self._proxy(sock, peer)
 
-    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _proxy(self, sock: socket.socket, peer: Any) -> None:
         start, started = time.time(), time.monotonic()
-        peer = writer.get_extra_info("peername")
         downstream = format_address((peer[0], peer[1])) if peer else ""
         stats = self.stats
         stats.connections_total += 1
@@ -102,7 +104,7 @@ class OutboundListener:
             outcome=Outcome.COMPLETED,
         )
         try:
-            await proxy_to_cluster(cluster, reader, writer, record, stats)
+            await proxy_to_cluster(cluster, sock, None, record, stats)
         finally:
             stats.connections_active -= 1
             record.duration = time.monotonic() - started
@@ -113,8 +115,8 @@ class OutboundListener:
 
 async def proxy_to_cluster(
     cluster: Cluster,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: asyncio.StreamReader | socket.socket,
+    writer: asyncio.StreamWriter | None,
     record: FlowRecord,
     stats: ListenerStats,
     *,
@@ -122,6 +124,10 @@ async def proxy_to_cluster(
     endpoint: Address | None = None,
 ) -> None:
     """Carry one local TCP connection through ``cluster``, filling in ``record``.
+
+    The connection is asyncio's ``reader`` and ``writer``, or an accepted socket as
+    ``reader`` (``writer`` None), which asyncio wraps only if the flow is copied in
+    Python (:func:`~quicmesh.splice.splice_accepted`).
 
     A flow the cluster cannot open is answered with a TCP reset. ``target`` and
     ``endpoint`` override the cluster's CONNECT authority and endpoint choice
@@ -136,14 +142,22 @@ async def proxy_to_cluster(
         )
     except FlowRefused as exc:
         record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint
-        reset_connection(writer)
+        if isinstance(reader, socket.socket):
+            reset_socket(reader)
+        else:
+            assert writer is not None
+            reset_connection(writer)
         return
     record.endpoint = flow.endpoint.name
     record.peer_identity = flow.connection.peer_identity
     stats.streams_total += 1
     stats.streams_active += 1
     try:
-        result = await splice(flow.stream, reader, writer, offload=cluster.config.splice)
+        if isinstance(reader, socket.socket):
+            result = await splice_accepted(flow.stream, reader, offload=cluster.config.splice)
+        else:
+            assert writer is not None
+            result = await splice(flow.stream, reader, writer, offload=cluster.config.splice)
         if not result.error:
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
     finally:

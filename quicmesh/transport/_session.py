@@ -22,7 +22,7 @@ from ..tunnel import events
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.session import ResetReason, TunnelSession
 from .base import Authorizer, PeerConnection, StreamHandler
-from .stream import DEFAULT_HIGH_WATER, MeshStream, SpliceOutcome
+from .stream import DEFAULT_HIGH_WATER, EngineSocket, MeshStream, SpliceOutcome
 
 logger = logging.getLogger("quicmesh.transport")
 
@@ -328,9 +328,15 @@ class SessionConnection(PeerConnection):
         return False
 
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket, pending: bytes
+        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
     ) -> SpliceOutcome:
         raise TunnelError(f"a {self.transport_name} connection cannot splice streams")
+
+    async def connect_for_splice(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> EngineSocket | None:
+        """None: only an engine that splices can connect for a splice."""
+        return None
 
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         if self._lost is not None:

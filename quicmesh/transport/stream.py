@@ -47,6 +47,19 @@ class SpliceOutcome:
     sides: the stream with RESET_STREAM/STOP_SENDING, the socket with RST)."""
 
 
+class EngineSocket(Protocol):
+    """A TCP connection a stream's transport made itself for a splice
+    (:meth:`MeshStream.connect_for_splice`): held by the transport's engine until
+    :meth:`MeshStream.splice_socket` hands it the stream too."""
+
+    def detach(self) -> socket.socket | None:
+        """Take the connection out of the engine as a socket of Python's own (to copy
+        in Python after all); None if the engine no longer holds it."""
+
+    def close(self) -> None:
+        """Reset the connection (RST), unless it was spliced."""
+
+
 class StreamChannel(Protocol):
     """What a stream asks of the connection that carries it."""
 
@@ -84,11 +97,19 @@ class StreamChannel(Protocol):
         """Whether the connection can splice the stream onto a socket now."""
 
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket, pending: bytes
+        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
     ) -> SpliceOutcome:
         """Copy between the stream and ``sock`` (taken over) until both directions end;
         ``pending`` was read from ``sock`` and goes first. Collects what the stream
         buffered with :meth:`MeshStream._hand_over` once nothing more arrives for it."""
+
+    async def connect_for_splice(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> EngineSocket | None:
+        """Connect to ``host:port`` from the engine that would splice the stream, or
+        None where it cannot (the caller connects itself).
+
+        :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``)."""
 
 
 class _Response(enum.Enum):
@@ -325,12 +346,28 @@ class MeshStream:
             and self._channel.can_splice_stream(self)
         )
 
-    async def splice_socket(self, sock: socket.socket, pending: bytes = b"") -> SpliceOutcome:
+    async def connect_for_splice(self, host: str, port: int, timeout: float) -> EngineSocket | None:
+        """(server) Connect to ``host:port`` (an IP address) from the transport's own
+        engine, for :meth:`splice_socket`: no socket object or descriptor passes
+        through Python. None where the transport cannot (:meth:`can_splice` is False,
+        or ``host`` is a name): the caller connects itself.
+
+        :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``
+            seconds).
+        """
+        if not self.can_splice():
+            return None
+        return await self._channel.connect_for_splice(self, host, port, timeout)
+
+    async def splice_socket(
+        self, sock: socket.socket | EngineSocket, pending: bytes = b""
+    ) -> SpliceOutcome:
         """Let the transport copy this flow to and from a connected TCP socket itself.
 
         The transport takes ``sock`` over (it is closed here) and copies both ways
         with the same semantics as :func:`quicmesh.splice.splice`: half-close each
-        way, backpressure, and on a failure a reset of both sides. ``pending`` holds
+        way, backpressure, and on a failure a reset of both sides. ``sock`` may be one
+        the transport connected itself (:meth:`connect_for_splice`). ``pending`` holds
         bytes already read from ``sock``: they are sent first. Bytes this stream
         received and nobody read yet are written to ``sock`` first. Returns once both
         directions ended; the stream is then closed (or failed, with the outcome's

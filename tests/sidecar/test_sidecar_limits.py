@@ -292,7 +292,12 @@ def test_a_peer_that_stops_reading_gets_its_fullest_flows_reset() -> None:
         app = await _firehose_app()
         target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
         listener, address = await _inbound(max_buffered_per_connection=1)
-        conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
+        # A connection window above all 32 stream windows: every stream is answered
+        # (its response is not stuck behind the other flows' bytes), so the listener
+        # holds a chunk or so of each flow, well past the 1 MiB (how much of a chunk
+        # a stalled flow holds is how much its last read found).
+        client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle, connection_window=64 * MIB)
+        conn = await client.connect(address)
         streams = []
         for _ in range(32):
             # The fullest flow may be one just opened (its response is behind the

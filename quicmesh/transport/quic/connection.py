@@ -60,7 +60,7 @@ from .. import _udp
 from .._session import SessionConnection
 from ..base import Address, Authorizer, StreamHandler, host_port
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
-from ..stream import MeshStream, SpliceOutcome
+from ..stream import EngineSocket, MeshStream, SpliceOutcome
 from . import engine
 from .options import (
     COUNTERS,
@@ -282,8 +282,20 @@ class QuicPeerConnection(SessionConnection):
         can_splice = getattr(self.quic, "can_splice", None)
         return self._lost is None and can_splice is not None and bool(can_splice(stream.stream_id))
 
+    async def connect_for_splice(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> EngineSocket | None:
+        """Connect from the engine's thread where it can (the native engine's
+        ``connect_tcp``): the socket then never passes through Python."""
+        quic: Any = self.quic
+        can_connect = getattr(quic, "can_connect_tcp", None)
+        if can_connect is None or not can_connect():
+            return None
+        sock: EngineSocket | None = await quic.connect_tcp(host, port, timeout)
+        return sock
+
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket, pending: bytes
+        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
     ) -> SpliceOutcome:
         """Hand the stream and ``sock`` to the engine (see :meth:`MeshStream.splice_socket`):
         the engine stops reading the stream, the bytes that reached the stream and the

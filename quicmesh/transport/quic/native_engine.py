@@ -139,6 +139,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -328,6 +329,40 @@ def _hand_socket(sock: socket.socket) -> int:
     return token
 
 
+class NativeTcpSocket:
+    """A TCP connection the native engine made for a splice
+    (:meth:`NativeConnection.connect_tcp`): it stays on the engine's thread until
+    :meth:`NativeConnection.splice_stream` takes it; :meth:`detach` takes it out to
+    Python instead, :meth:`close` resets it (RST)."""
+
+    def __init__(self, token: int, endpoint: Any) -> None:
+        self._token: int | None = token
+        self._endpoint = endpoint
+
+    def take(self) -> int:
+        """The engine's token for the socket, for the splice (once)."""
+        token, self._token = self._token, None
+        if token is None:
+            raise QuicmeshError("the engine's TCP connection was already handed on")
+        return token
+
+    def detach(self) -> socket.socket | None:
+        """The connection as a socket of Python's own (non-blocking), or None if the
+        engine no longer holds it."""
+        token, self._token = self._token, None
+        if token is None:
+            return None
+        fd = self._endpoint.tcp_release(token)
+        return None if fd is None else socket.socket(fileno=fd)
+
+    def close(self) -> None:
+        """Reset the connection (RST), unless it was handed on."""
+        token, self._token = self._token, None
+        if token is not None:
+            with contextlib.suppress(QuicmeshError):
+                self._endpoint.tcp_abort(token)
+
+
 class _ReadPaused:
     """Marks, among a connection's queued events, where the engine stopped reading a stream."""
 
@@ -358,6 +393,8 @@ class _Pump:
         self.max_streams = limits.max_streams
         self.splices: dict[int, asyncio.Future[tuple[int, int, str]]] = {}
         """Spliced flows by splice ID: their outcome arrives even after their connection."""
+        self.tcp_connects: dict[int, asyncio.Future[tuple[int, str]]] = {}
+        """The engine's TCP connects for splices by token (:meth:`NativeConnection.connect_tcp`)."""
         self._fd = endpoint.fileno()
         self.closed = False
         self.retiring = False
@@ -443,6 +480,15 @@ class _Pump:
             if self.on_admission is not None:
                 self.on_admission(event[1], event[2])
             return None
+        if kind == "tcp_connected":
+            _, token, error, message = event
+            connecting = self.tcp_connects.pop(token, None)
+            if connecting is not None and not connecting.done():
+                connecting.set_result((error, message))
+            elif not error:  # nobody waits for it any more
+                with contextlib.suppress(QuicmeshError):
+                    self.endpoint.tcp_abort(token)
+            return None
         if kind == "spliced":
             _, conn, splice_id, _, sent, received, error, _ = event
             waiter = self.splices.pop(splice_id, None)
@@ -473,6 +519,10 @@ class _Pump:
             if not waiter.done():
                 waiter.set_result((0, 0, "the endpoint was closed"))
         self.splices.clear()
+        for connecting in self.tcp_connects.values():
+            if not connecting.done():
+                connecting.set_result((errno.ECONNABORTED, "the endpoint was closed"))
+        self.tcp_connects.clear()
         _remove_reader(self.loop, self._fd)
         left = [*self.connections.values(), *self.connecting.values()]
         self.connections.clear()
@@ -1057,10 +1107,44 @@ class NativeConnection:
         finally:
             state.paused = None
 
+    def can_connect_tcp(self) -> bool:
+        """Whether the extension connects TCP sockets for splices itself
+        (:meth:`connect_tcp`; not one built before it did)."""
+        return hasattr(self._native, "tcp_connect")
+
+    async def connect_tcp(self, host: str, port: int, timeout: float) -> NativeTcpSocket | None:
+        """Connect a TCP socket to ``host:port`` on the engine's thread, for
+        :meth:`splice_stream`: the socket stays there (no descriptor crosses to Python
+        and back). None when ``host`` is not an IP address (the caller resolves and
+        connects itself).
+
+        :raises OSError: the connect failed (:class:`TimeoutError` once ``timeout``
+            seconds passed).
+        """
+        native = self._native
+        try:
+            token: int = native.tcp_connect(host, port, timeout=timeout)
+        except ConfigError:  # a name, not an address
+            return None
+        except QuicmeshError as exc:  # no socket to be had (out of descriptors)
+            raise OSError(str(exc)) from None
+        connecting = self._pump.loop.create_future()
+        self._pump.tcp_connects[token] = connecting
+        try:
+            code, message = await connecting
+        except asyncio.CancelledError:
+            native.tcp_abort(token)
+            raise
+        finally:
+            self._pump.tcp_connects.pop(token, None)
+        if code:
+            raise OSError(code, os.strerror(code) if message != "timed out" else message)
+        return NativeTcpSocket(token, native)
+
     async def splice_stream(
         self,
         stream_id: int,
-        sock: socket.socket,
+        sock: socket.socket | NativeTcpSocket,
         *,
         to_tcp: bytes,
         to_quic: bytes,
@@ -1076,11 +1160,15 @@ class NativeConnection:
         if self._closed_reason is not None:
             sock.close()
             raise ConnectionLost(f"QUIC connection closed: {self._closed_reason}")
-        token = _hand_socket(sock)
+        if isinstance(sock, NativeTcpSocket):
+            token, engine_socket = sock.take(), True
+        else:
+            token, engine_socket = _hand_socket(sock), False
         splice_id: int = self._native.splice(
             self.conn,
             stream_id,
             token,
+            engine_socket=engine_socket,
             to_tcp=to_tcp,
             to_quic=to_quic,
             unparsed=unparsed,
