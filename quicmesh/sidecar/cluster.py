@@ -262,10 +262,8 @@ class Cluster:
                 endpoint.name,
             )
         try:
-            stream, connection, early = await asyncio.wait_for(
-                endpoint.pool.open_stream(target, headers),
-                self.config.connect_timeout,
-            )
+            async with asyncio.timeout(self.config.connect_timeout):  # no task, as wait_for's
+                stream, connection, early = await endpoint.pool.open_stream(target, headers)
         except PoolOverflow as exc:
             self.stats.overflows["max_connections"] += 1
             raise FlowRefused(

@@ -14,6 +14,7 @@ docs/config.md documents every field.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -1272,8 +1273,15 @@ def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
     if rule.port is not None and rule.port != port:
         return False
     if rule.network is not None:
-        try:
-            return ipaddress.ip_address(host) in rule.network
-        except ValueError:
-            return False
+        address = _ip_address(host)
+        return address is not None and address in rule.network
     return rule.host == host.lower().rstrip(".")
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None for a name (kept: flows repeat their targets)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

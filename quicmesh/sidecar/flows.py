@@ -53,4 +53,5 @@ async def wait_sent(stream: MeshStream, timeout: float) -> None:
     the pools). A stream that failed meanwhile has nothing left to send.
     """
     with contextlib.suppress(TunnelError, TimeoutError):
-        await asyncio.wait_for(stream.wait_sent(), timeout)
+        async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+            await stream.wait_sent()

@@ -9,6 +9,7 @@ authority and the extra headers, and builds and reads the response's reason
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -118,6 +119,14 @@ def parse_authority(value: str) -> tuple[str, int]:
         raise InvalidTarget("expected host:port")
     if len(value) > 300:
         raise InvalidTarget("longer than 300 characters")
+    return _parse_authority(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_authority(value: str) -> tuple[str, int]:
+    """:func:`parse_authority` of a string of at most 300 characters; a peer's flows
+    name the same few targets again and again, so the answers are kept (bounded;
+    refusals are not kept)."""
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:

@@ -319,14 +319,20 @@ _TOKENS = itertools.count(1)
 def _hand_socket(sock: socket.socket) -> int:
     """Send ``sock``'s descriptor to the engine (SCM_RIGHTS over the extension's Unix
     socket pair, with a token the engine checks); close ours. Returns the token."""
+    global _CARRIER
     token = next(_TOKENS)
-    carrier_fd = os.dup(_extension().fd_carrier())
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=carrier_fd) as carrier:
-            socket.send_fds(carrier, [token.to_bytes(8, "little")], [sock.fileno()])
+        if _CARRIER is None:
+            fd = os.dup(_extension().fd_carrier())
+            _CARRIER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=fd)
+        socket.send_fds(_CARRIER, [token.to_bytes(8, "little")], [sock.fileno()])
     finally:
         sock.close()
     return token
+
+
+_CARRIER: socket.socket | None = None
+"""This process's end of the extension's descriptor carrier (made once)."""
 
 
 class NativeTcpSocket:
@@ -662,6 +668,9 @@ class NativeConnection:
         self._resent = 0
         self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
         self._liveness = _LivenessSample()
+        self._remote: Address | None = None
+        """The peer's address as quinn last gave it: a client's never changes; a server's
+        is asked again after each path event."""
         self.on_verified: Callable[[str], None] | None = None
         self.ticket_identity: str | None = None
         # What aioquic's H3Connection reads of its QUIC connection besides the stream API
@@ -847,6 +856,7 @@ class NativeConnection:
             self._events.append(_ReadPaused(event[2]))
         elif kind in _PATH_EVENTS:
             _, _, host, port = event
+            self._remote = None
             self._events.append(_PATH_EVENTS[kind]((str(host), int(port))))
         elif kind == "unreachable":
             self.unreachable(event[2], event[3])
@@ -1357,14 +1367,18 @@ class NativeConnection:
         return self._liveness.awaiting
 
     def active_path(self) -> tuple[Any, bool] | None:
-        """The peer's address (quinn validates paths before using them)."""
+        """The peer's address (quinn validates paths before using them); a server's as of
+        the last path sample (``PathWatch``, every 50 ms: it moves with the path events)."""
         if self.conn < 0 or self._closed_reason is not None:
             return None
+        if self._remote is not None:
+            return self._remote, True
         try:
             host, port = self._native.remote_address(self.conn)
         except QuicmeshError:  # gone
             return None
-        return (str(host), int(port)), True
+        self._remote = (str(host), int(port))
+        return self._remote, True
 
     def spare_connection_ids(self) -> int:
         """Not exposed by quinn (it picks the next connection ID when it migrates)."""
