@@ -1132,7 +1132,8 @@ impl Endpoint {
         Ok(self.connection(conn)?.max_datagram_size())
     }
 
-    /// The connection's path and UDP counters: rtt and min_rtt in seconds, cwnd in bytes, ...
+    /// The connection's path and UDP counters: rtt and min_rtt in seconds, cwnd in bytes, ...;
+    /// `handshake_done_frames`: HANDSHAKE_DONE frames received (a client's handshake confirmed).
     fn stats<'py>(&self, py: Python<'py>, conn: u64) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.connection(conn)?.stats();
         let dict = PyDict::new(py);
@@ -1151,6 +1152,7 @@ impl Endpoint {
         dict.set_item("receive_calls", stats.udp_rx.ios)?;
         dict.set_item("bytes_received", stats.udp_rx.bytes)?;
         dict.set_item("mtu_probes_sent", stats.path.sent_plpmtud_probes)?;
+        dict.set_item("handshake_done_frames", stats.frame_rx.handshake_done)?;
         dict.set_item("acks_sent", stats.frame_tx.acks)?;
         dict.set_item("acks_received", stats.frame_rx.acks)?;
         dict.set_item("ack_frequency_sent", stats.frame_tx.ack_frequency)?;

@@ -15,6 +15,9 @@ import gc
 import hashlib
 import logging
 import random
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from quic_helpers import (
@@ -31,7 +34,7 @@ from quic_helpers import (
 )
 from test_migration import STREAMS, Transfer, echo
 
-from quicmesh import DevCA, QuicmeshError, QuicTransport
+from quicmesh import DevCA, QuicmeshError, QuicTransport, TrustBundle
 from quicmesh.bench.relay import UdpRelay
 
 PAIRS = [("native", "aioquic"), ("aioquic", "native"), ("native", "native")]
@@ -384,6 +387,97 @@ def test_every_stream_of_a_rejected_0rtt_flight_is_answered(engine: str) -> None
     run(main())
     assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
         str(i): [p] for i, p in enumerate(payloads)
+    }
+
+
+@contextlib.contextmanager
+def relay_on_its_own_thread(upstream: tuple[str, int]) -> Iterator[UdpRelay]:
+    """A :class:`UdpRelay` run by its own event loop thread: it forwards while the
+    test's event loop is held."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="relay", daemon=True)
+    thread.start()
+
+    async def start() -> UdpRelay:
+        return await UdpRelay(upstream).start()
+
+    relay = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield relay
+    finally:
+
+        def close() -> None:
+            relay.close()
+            loop.call_soon(loop.stop)  # after the sockets' close callbacks
+
+        loop.call_soon_threadsafe(close)
+        thread.join(10)
+        loop.close()
+
+
+def test_native_stream_opened_as_0rtt_is_rejected_is_answered_with_the_flight() -> None:
+    """A stream opened after quinn took the server's rejection of the 0-RTT flight but
+    before the engine's event saying so reached Python: quinn hands out the flight's
+    first stream ID again. The flight is resent then and the new stream gets its own
+    ID: every stream is answered, each request reaches the server once."""
+    payloads = [random.Random(n).randbytes(n) for n in (1, 700, 3000)]
+    recorder = Recorder()
+
+    async def main(relay: UdpRelay) -> None:
+        client = transport("native")
+        await prime(client, relay.address)
+        # A new trust bundle (still trusting the client's CA) starts a new ticket
+        # store: the listener no longer knows the client's ticket and rejects 0-RTT.
+        other = DevCA().trust_bundle.certificates
+        server.set_identity(SERVER, TrustBundle(CA.trust_bundle.certificates + other))
+        relay.delay = 0.2  # the flight is opened before the server's answer comes
+
+        conn = await client.connect(relay.address, early_data=True)
+        assert conn.early_data == "attempted"
+        streams = []
+        for index, payload in enumerate(payloads):
+            stream = await conn.open_stream(
+                TARGET, headers={"x-request-id": str(index)}, wait_response=False
+            )
+            stream.write(payload)
+            stream.write_eof()
+            streams.append(stream)
+        # Hold the event loop (the engine and the relay run on their own threads)
+        # until the server confirmed the handshake: quinn has settled the flight as
+        # rejected, and its event waits here, unread.
+        quic = conn.quic  # type: ignore[attr-defined]
+        assert quic._early_log, "the flight was not opened in 0-RTT"
+        deadline = time.monotonic() + 10
+        while not quic._native.stats(quic.conn)["handshake_done_frames"]:
+            assert time.monotonic() < deadline, "the handshake did not complete"
+            time.sleep(0.002)
+        late = await conn.open_stream(TARGET, headers={"x-request-id": "late"}, wait_response=False)
+        assert conn.early_data == "attempted"  # opened before the outcome was seen here
+        late.write(b"late")
+        late.write_eof()
+        streams.append(late)
+        reads = [asyncio.ensure_future(stream.read()) for stream in streams]
+        _, pending = await asyncio.wait(reads, timeout=20)
+        assert not pending, f"{len(pending)} of {len(reads)} streams got no answer"
+        assert [read.result() for read in reads] == [*payloads, b"late"]
+        assert conn.early_data == "rejected"
+        conn.close()
+        await conn.wait_closed()
+
+    async def serve() -> None:
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        try:
+            with relay_on_its_own_thread(listener.address) as relay:
+                await main(relay)
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    server = transport("native", SERVER)
+    run(serve())
+    assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
+        **{str(i): [p] for i, p in enumerate(payloads)},
+        "late": [b"late"],
     }
 
 

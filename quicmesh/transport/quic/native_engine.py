@@ -848,6 +848,8 @@ class NativeConnection:
         elif kind == "stream_opened":
             _, _, _, stream_id = event
             self._opening = False
+            if self._settled_by_reuse(stream_id):
+                return  # it carries its old bytes: the caller's open is asked for again
             self._new_stream(stream_id)
             self._spare.setdefault(bool(stream_id & 2), stream_id)
         elif kind == "open_failed":
@@ -928,13 +930,33 @@ class NativeConnection:
                 state.recv_done = True  # our unidirectional stream: send only
         return state
 
-    def _resend(self, log: dict[int, list[tuple[bytes, bool]]]) -> int:
+    def _settled_by_reuse(self, stream_id: int) -> bool:
+        """Whether quinn just gave (to an open) the ID of a stream of the unsettled
+        0-RTT flight: then it has taken the server's rejection already, and its
+        ``early_data`` event is still on its way here (an open can fall between the
+        two). The flight is resent now, ``stream_id`` (the first of its direction, as
+        quinn counts again from the first ID) carrying its old bytes; the event then
+        finds it settled. Without this the new stream and the flight's stream shared
+        one record, and the flight's later ones could not be opened with their IDs."""
+        log = self._early_log
+        if log is None or stream_id not in log:
+            return False
+        self._early_log = None
+        self._resent = self._resend(log, reopened=stream_id)
+        return True
+
+    def _resend(self, log: dict[int, list[tuple[bytes, bool]]], reopened: int | None = None) -> int:
         """0-RTT was rejected: quinn forgot the streams opened in it and gives the same
-        IDs again; open them again in order and write what they were given."""
+        IDs again; open them again in order and write what they were given
+        (``reopened``: one quinn has opened again already)."""
         resent = 0
         for stream_id in sorted(log, key=lambda sid: (sid & 2, sid)):
             try:
-                again = self._native.try_open_stream(self.conn, bidirectional=not stream_id & 2)
+                again = (
+                    stream_id
+                    if stream_id == reopened
+                    else self._native.try_open_stream(self.conn, bidirectional=not stream_id & 2)
+                )
             except QuicmeshError:
                 again = None
             state = self._new_stream(stream_id)
@@ -1011,6 +1033,8 @@ class NativeConnection:
         :raises QuicmeshError: the connection is gone.
         """
         stream_id: int | None = self._native.try_open_stream(self.conn, bidirectional=bidirectional)
+        if stream_id is not None and self._settled_by_reuse(stream_id):
+            return self._try_open(bidirectional=bidirectional)  # a new one for the caller
         if stream_id is not None:
             self._spare[not bidirectional] = stream_id
             self._new_stream(stream_id)
