@@ -259,7 +259,8 @@ pub enum Event {
         counter: &'static str,
         source: SocketAddr,
     },
-    /// (client) The server accepted or rejected the 0-RTT data of an early connection.
+    /// (client) The server accepted or rejected the 0-RTT data of an early connection
+    /// (rejected: [`Shared::early`] says which streams were not lost).
     EarlyData { conn: u64, accepted: bool },
     /// A stream opened in 0-RTT was lost to the server's rejection of it.
     EarlyDataRejected { conn: u64, stream: u64 },
@@ -353,6 +354,9 @@ pub enum SendCmd {
     Reset(VarInt),
     /// (splicing) Hand the sending half, with the bytes not sent yet, to a splice.
     Handover(tokio::sync::oneshot::Sender<crate::splice::SendHandover>),
+    /// (0-RTT rejected) Answer whether the stream is one quinn opened after it took the
+    /// rejection (true), not one of the lost flight.
+    Probe(tokio::sync::oneshot::Sender<bool>),
 }
 
 /// Commands for a stream's receiving task.
@@ -390,6 +394,15 @@ pub struct StreamKey {
     pub generation: u64,
 }
 
+/// (client) A connection resumed with 0-RTT, until Python took the outcome.
+#[derive(Debug, Default)]
+pub struct EarlyState {
+    /// quinn took the server's rejection: streams opened from now on are 1-RTT ones.
+    pub settled: bool,
+    /// The streams opened after the rejection (not lost with the flight).
+    pub kept: Vec<u64>,
+}
+
 /// A connect in its handshake: where to, and the task driving it.
 pub type ConnectingEntry = (SocketAddr, Option<tokio::task::AbortHandle>);
 
@@ -419,6 +432,9 @@ pub struct Shared {
     pub connecting: Mutex<HashMap<u64, ConnectingEntry>>,
     /// (splicing) The TCP connections made for splices by token, until a splice takes them.
     pub tcp: Mutex<HashMap<u64, TcpSlot>>,
+    /// (client) Connections resumed with 0-RTT whose outcome Python has not taken yet
+    /// ([`EarlyState`]); lock it before `streams`.
+    pub early: Mutex<HashMap<u64, EarlyState>>,
     next_id: AtomicU64,
 }
 
@@ -437,6 +453,7 @@ impl Shared {
             paths: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -634,6 +651,7 @@ impl Shared {
         accepted: quinn::ZeroRttAccepted,
     ) {
         let id = self.adopt(conn);
+        lock(&self.early).insert(id, EarlyState::default());
         self.push(Event::Connected {
             token,
             conn: id,
@@ -642,8 +660,49 @@ impl Shared {
         let shared = Arc::clone(self);
         tokio::spawn(async move {
             let accepted = accepted.await;
+            if accepted {
+                lock(&shared.early).remove(&id);
+            } else {
+                shared.kept_after_rejection(id).await;
+            }
             shared.push(Event::EarlyData { conn: id, accepted });
         });
+    }
+
+    /// (client, 0-RTT rejected) The connection's streams quinn opened after it took the
+    /// rejection. quinn tells a 0-RTT stream only by its handle (`SendStream` keeps it to
+    /// itself): each sending task is asked, and answers from its handle, whose `stopped()`
+    /// fails at once with `ZeroRttRejected` for a stream of the lost flight now. A stream
+    /// whose task ended is not kept (a lost one ends on `ZeroRttRejected`; Python resends
+    /// every stream of the flight it knows, reset ones included).
+    ///
+    /// Recorded in [`Shared::early`] (marked settled first, under its lock: a stream
+    /// `try_open_stream` opens from then on is recorded there as kept).
+    async fn kept_after_rejection(&self, conn: u64) {
+        let probes: Vec<_> = {
+            let mut early = lock(&self.early);
+            early.entry(conn).or_default().settled = true;
+            lock(&self.streams)
+                .iter()
+                .filter(|((c, _), _)| *c == conn)
+                .filter_map(|((_, stream), handles)| {
+                    let (to, answer) = tokio::sync::oneshot::channel();
+                    let send = handles.send.as_ref()?;
+                    send.send(SendCmd::Probe(to))
+                        .ok()
+                        .map(|()| (*stream, answer))
+                })
+                .collect()
+        };
+        let mut kept = Vec::new();
+        for (stream, answer) in probes {
+            if answer.await == Ok(true) {
+                kept.push(stream);
+            }
+        }
+        if let Some(state) = lock(&self.early).get_mut(&conn) {
+            state.kept.extend(kept);
+        }
     }
 
     async fn serve(self: Arc<Self>, id: u64, conn: Connection) {
@@ -671,6 +730,7 @@ impl Shared {
         self.sample_paths(id, &conn);
         lock(&self.paths).remove(&id);
         lock(&self.connections).remove(&id);
+        lock(&self.early).remove(&id);
         // What the peer sent and quinn received in order is still readable after the close
         // (quinn hands out a closed connection's received stream data until none is left),
         // but the receive tasks read only on request: have each give what it holds before
@@ -811,6 +871,16 @@ impl Shared {
                 Step::Command(Some(SendCmd::Reset(code))) => {
                     let _ = send.reset(code);
                     break;
+                }
+                Step::Command(Some(SendCmd::Probe(to))) => {
+                    let mut stopped = pin!(send.stopped());
+                    let lost = matches!(
+                        stopped
+                            .as_mut()
+                            .poll(&mut Context::from_waker(Waker::noop())),
+                        Poll::Ready(Err(quinn::StoppedError::ZeroRttRejected))
+                    );
+                    let _ = to.send(!lost);
                 }
                 Step::Command(Some(SendCmd::Handover(to))) => {
                     let _ = to.send((send, queue));

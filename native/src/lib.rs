@@ -806,6 +806,9 @@ impl Endpoint {
     #[pyo3(signature = (conn, *, bidirectional=true))]
     fn try_open_stream(&self, conn: u64, bidirectional: bool) -> PyResult<Option<u64>> {
         let connection = self.connection(conn)?;
+        // Held until the stream is registered: a rejection of the connection's 0-RTT is
+        // either settled before (the stream is a 1-RTT one, recorded as kept) or sees it.
+        let mut early = lock(&self.shared.early);
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
         let mut context = Context::from_waker(Waker::noop());
@@ -825,7 +828,19 @@ impl Endpoint {
         let (send, recv) = opened.map_err(|e| quicmesh_error("ConnectionLost", e.to_string()))?;
         let stream = u64::from(send.id());
         self.shared.start_stream(conn, stream, Some(send), recv);
+        if let Some(state) = early.get_mut(&conn).filter(|state| state.settled) {
+            state.kept.push(stream);
+        }
         Ok(Some(stream))
+    }
+
+    /// (client, 0-RTT rejected) The streams quinn opened after it took the rejection (1-RTT
+    /// ones, not lost with the flight); asked once, when Python takes the `early_data` event.
+    fn early_kept(&self, conn: u64) -> Vec<u64> {
+        lock(&self.shared.early)
+            .remove(&conn)
+            .map(|state| state.kept)
+            .unwrap_or_default()
     }
 
     /// Queue `data` on a stream; `written` events report what quinn took (within the peer's

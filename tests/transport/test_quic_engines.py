@@ -482,6 +482,57 @@ def test_native_stream_opened_as_0rtt_is_rejected_is_answered_with_the_flight() 
     }
 
 
+def test_native_streams_opened_after_a_rejection_are_not_resent() -> None:
+    """The rejection lands before the first request stream is opened (the HTTP/3
+    control streams went out in 0-RTT): the requests are 1-RTT streams, quinn gives
+    them the first IDs, and only the control streams are resent."""
+    payloads = [random.Random(n).randbytes(n) for n in (1, 700, 3000)]
+    recorder = Recorder()
+
+    async def main(relay: UdpRelay) -> None:
+        client = transport("native")
+        await prime(client, relay.address)
+        other = DevCA().trust_bundle.certificates
+        server.set_identity(SERVER, TrustBundle(CA.trust_bundle.certificates + other))
+        conn = await client.connect(relay.address, early_data=True)
+        assert conn.early_data == "attempted"
+        quic = conn.quic  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not quic._native.stats(quic.conn)["handshake_done_frames"]:
+            assert time.monotonic() < deadline, "the handshake did not complete"
+            time.sleep(0.002)
+        streams = []
+        for index, payload in enumerate(payloads):
+            stream = await conn.open_stream(
+                TARGET, headers={"x-request-id": str(index)}, wait_response=False
+            )
+            stream.write(payload)
+            stream.write_eof()
+            streams.append(stream)
+        reads = [asyncio.ensure_future(stream.read()) for stream in streams]
+        _, pending = await asyncio.wait(reads, timeout=20)
+        assert not pending, f"{len(pending)} of {len(reads)} streams got no answer"
+        assert [read.result() for read in reads] == payloads
+        assert conn.early_data == "rejected"
+        conn.close()
+        await conn.wait_closed()
+
+    async def serve() -> None:
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        try:
+            with relay_on_its_own_thread(listener.address) as relay:
+                await main(relay)
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    server = transport("native", SERVER)
+    run(serve())
+    assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
+        str(i): [p] for i, p in enumerate(payloads)
+    }
+
+
 def test_native_replayed_0rtt_flight_is_delivered_once() -> None:
     """A recorded first flight (Initial + 0-RTT), replayed from other addresses while
     the connection lives and after it ended, reaches the application once: the

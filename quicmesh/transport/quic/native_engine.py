@@ -837,7 +837,14 @@ class NativeConnection:
             self._early = False
             log, self._early_log = self._early_log, None
             if not accepted and log:
-                self._resent = self._resend(log)
+                # Streams quinn opened after it took the rejection (before this event
+                # came here: the HTTP/3 streams of a connection whose handshake beat
+                # this side's first look) are 1-RTT ones: not lost, not resent (an
+                # extension built before `early_kept` tells none).
+                query = getattr(self._native, "early_kept", None)
+                kept = set(query(self.conn)) if query is not None else set()
+                lost = {sid: given for sid, given in log.items() if sid not in kept}
+                self._resent = self._resend(lost) if lost else 0
             self._handshake_completed(early_data_accepted=accepted)
         elif kind == "handshake_done":
             self._check_early_data(received=event[2])
