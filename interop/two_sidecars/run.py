@@ -538,10 +538,14 @@ def _report_zero_rtt(
         zero_rtt("attempted") >= 1 and zero_rtt("accepted") == zero_rtt("attempted"),
         f"{zero_rtt('accepted')} of {zero_rtt('attempted')} accepted",
     )
-    checks.check(
-        "A sent 0-RTT packets (CONNECTs and first bytes before the handshake completed)",
-        packets >= 1,
-        f"{packets}",
+    # Not a check: on loopback B's answer can complete the resumed handshake before a
+    # busy A has written its first CONNECT, which then goes in 1-RTT (2 of 6 runs at
+    # load 3-6 on the code of that morning). That 0-RTT carries a flow's bytes is
+    # asserted in tests/test_zero_rtt.py and test_sidecar_resumption.py, measured by
+    # quicmesh bench ttfb.
+    print(
+        f"  A's 0-RTT packets: {packets}"
+        + ("" if packets else " (its handshake completed before its first CONNECT)")
     )
     checks.check("B redeemed A's session ticket (single use)", redeemed >= 1, f"{redeemed}")
     checks.check(

@@ -41,7 +41,8 @@ def test_a_resumed_connection_sends_0rtt_under_the_ticket_identities() -> None:
             first.close()
 
             second = await client.connect(*server.address)
-            assert second.early_data == "attempted"
+            # (on loopback the server's answer can be in before this line runs)
+            assert second.early_data in ("attempted", "accepted")
             stream = await second.open_stream()
             stream.write(b"sent in 0-RTT")
             stream.finish()

@@ -232,15 +232,16 @@ def test_udp_burst_drains_at_the_rate(link: Link) -> None:
     n, size = 300, 1200  # IP size 1228 bytes; 0.98 ms each at 10 Mbit/s
     client, server = udp_pair(link)
     with client, server:
+        start = time.monotonic()
         for i in range(n):
             client.send(i.to_bytes(4, "big") + bytes(size - 4))
-        server.recv(2048)
-        start = time.monotonic()
-        for _ in range(n - 1):
+        for _ in range(n):
             server.recv(2048)
         elapsed = time.monotonic() - start
-    expected = (n - 1) * (size + 28) * 8 / 10e6
-    assert elapsed == pytest.approx(expected, rel=0.03)
+    expected = n * (size + 28) * 8 / 10e6
+    # Never faster than the rate; the upper bound is loose, for a loaded machine (timed
+    # from the first recv instead, a late first recv made the rest look too fast).
+    assert expected * 0.99 <= elapsed <= expected * 1.5
     assert link.stats().client_to_server.dropped_by_queue == 0
 
 
