@@ -168,6 +168,48 @@ def test_a_client_presents_its_rotated_certificate_from_the_next_connect_on(engi
     run(main())
 
 
+STREAM_SLOT_LEAK = pytest.mark.xfail(
+    strict=False,
+    reason="known bug (docs/design.md): between two native engines, a client aborting its"
+    " streams in batches leaks about one server stream slot in 8-400 aborts (a race: the"
+    " client then waits for MAX_STREAMS for ever); not with aioquic at either end",
+)
+
+
+@pytest.mark.parametrize(
+    ("server_engine", "client_engine"),
+    [
+        ("aioquic", "aioquic"),
+        ("aioquic", "native"),
+        ("native", "aioquic"),
+        pytest.param("native", "native", marks=STREAM_SLOT_LEAK),
+    ],
+)
+def test_aborted_streams_give_their_slots_back(server_engine: str, client_engine: str) -> None:
+    """A client opening ``max_streams`` streams and aborting them all, 100 times: every
+    abort (RESET_STREAM and STOP_SENDING) must free its slot at the server, so the
+    next batch gets its credit."""
+    require_engine("native")
+
+    async def main() -> None:
+        server = transport(server_engine, SERVER, max_streams=8)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        conn = await transport(client_engine).connect(listener.address)
+        for batch in range(100):
+            streams = []
+            for _ in range(8):
+                opened = conn.open_stream(TARGET)
+                streams.append(await asyncio.wait_for(opened, 10))  # no slot: TimeoutError
+            for stream in streams:
+                stream.abort()
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
 def test_a_native_client_keeps_no_socket_for_a_rotated_out_identity() -> None:
     """A native client endpoint is per identity (one UDP socket each): a rotated-out
     identity's endpoint closes once its last connection ends, not when the
