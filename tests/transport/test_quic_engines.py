@@ -195,7 +195,7 @@ def test_aborted_streams_give_their_slots_back(server_engine: str, client_engine
         server = transport(server_engine, SERVER, max_streams=8)
         listener = await server.listen(("127.0.0.1", 0), echo)
         conn = await transport(client_engine).connect(listener.address)
-        for batch in range(100):
+        for _ in range(100):
             streams = []
             for _ in range(8):
                 opened = conn.open_stream(TARGET)
