@@ -15,6 +15,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 
-from quicmesh import QuicTransport, StreamRefused
+from quicmesh import PeerConnection, QuicTransport, StreamRefused
 from quicmesh.sidecar.config import parse_config
 from quicmesh.sidecar.flows import FlowTracker
 from quicmesh.sidecar.inbound import InboundListener
@@ -209,22 +210,14 @@ def test_an_identity_no_policy_allows_is_held_at_the_denied_rate(engine: str) ->
             assert isinstance(quic, QuicTransport)
             assert quic.stream_rates.rate_of(CHURNER) == 1
             assert quic.stream_rates.rate_of(CLIENT.spiffe_id) == 1000
-            snapshot = {"node": "b", "ready": True, "draining": False, "reloads": {}}
-            exposition = Metrics(lambda: {**snapshot, "listeners": {"mesh": stats.to_dict()}})
-            text = exposition.exposition().decode()
+            text = _metrics_text(stats)
             assert 'quicmesh_listener_denied_identities_held{listener="mesh"} 1.0' in text
             # A reload whose policies allow the churner somewhere releases it.
             listener.config = _listener(engine).config
             assert listener.governor.denied == {}
             assert quic.stream_rates.rate_of(CHURNER) == 1000
         finally:
-            for conn in conns:
-                conn.close()
-                await conn.wait_closed()
-            listener.close()
-            await listener.wait_closed()
-            app.close()
-            await app.wait_closed()
+            await _close_all(conns, listener, app)
 
     run(main())
 
@@ -344,22 +337,33 @@ def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_i
             stream.write(b"still")
             stream.write_eof()
             assert await stream.read() == b"still"
-            snapshot = {"node": "b", "ready": True, "draining": False, "reloads": {}}
-            exposition = Metrics(lambda: {**snapshot, "listeners": {"mesh": stats.to_dict()}})
-            text = exposition.exposition().decode()
+            text = _metrics_text(stats)
             assert 'quicmesh_listener_overload_stream_rate_cuts_total{listener="mesh"}' in text
             assert 'quicmesh_listener_overload_slowed_identities{listener="mesh"} 1.0' in text
             assert "quicmesh_listener_event_loop_lag_seconds" in text
         finally:
-            for conn in conns:
-                conn.close()
-                await conn.wait_closed()
-            listener.close()
-            await listener.wait_closed()
-            app.close()
-            await app.wait_closed()
+            await _close_all(conns, listener, app)
 
     run(main())
+
+
+def _metrics_text(stats: ListenerStats) -> str:
+    """The listener's ``/metrics`` exposition, as the admin server would serve it."""
+    snapshot = {"node": "b", "ready": True, "draining": False, "reloads": {}}
+    exposition = Metrics(lambda: {**snapshot, "listeners": {"mesh": stats.to_dict()}})
+    return exposition.exposition().decode()
+
+
+async def _close_all(
+    conns: Sequence[PeerConnection], listener: InboundListener, app: asyncio.Server
+) -> None:
+    for conn in conns:
+        conn.close()
+        await conn.wait_closed()
+    listener.close()
+    await listener.wait_closed()
+    app.close()
+    await app.wait_closed()
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
