@@ -265,9 +265,9 @@ def test_rates_stay_between_the_floor_and_the_base_and_light_identities_keep_the
             "native",
             marks=pytest.mark.xfail(
                 strict=False,
-                reason="known bug (docs/design.md): the churner (a native client) aborting"
-                " its streams in batches of 8 can leak a native server's stream slot, and"
-                " then waits for credit for ever (test_aborted_streams_give_their_slots_back)",
+                reason="quinn announces freed stream slots only more than max_streams/8 at a"
+                " time (docs/design.md): the churner holds 7 of its 8 streams while it waits"
+                " for the 8th, and a single freed slot is never announced",
             ),
         ),
     ],
