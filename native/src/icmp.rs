@@ -312,6 +312,19 @@ impl AsyncUdpSocket for ErrorQueueSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        // An ICMP error that arrived since the last send or receive left its errno as the
+        // socket's pending error (`sk_err`), and the next `sendmsg` returns that instead of
+        // sending, whatever its destination; quinn-udp logs and drops that datagram. After a NAT
+        // rebinding this lost, every time, the first packet on the client's new path: the
+        // challenge quinn sends to the old address draws a port unreachable just before it, and
+        // with the new path's anti-amplification budget spent on the lost packet the path never
+        // validated while the peer, hearing nothing, sent too little to refill it. Reading
+        // SO_ERROR clears the pending error; the entry stays in the error queue for the watcher.
+        if let Ok(errno) = socket::getsockopt(&self.queue.socket, sockopt::SocketError) {
+            if errno != 0 {
+                self.queue.poke.notify_one();
+            }
+        }
         self.inner.try_send(transmit)
     }
 
@@ -482,5 +495,53 @@ mod tests {
             assert_eq!(count, 1);
             assert_eq!(&data[..meta[0].len], b"after");
         });
+    }
+
+    /// Wait until `socket` has an error pending or queued (`POLLERR`, which reads nothing).
+    fn wait_for_pollerr(socket: &UdpSocket) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::empty())];
+        let ready = poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+        assert_eq!(ready, 1, "no ICMP error within 5 s");
+        assert!(fds[0].revents().unwrap().contains(PollFlags::POLLERR));
+    }
+
+    #[test]
+    fn a_send_after_an_icmp_error_is_not_lost() {
+        // Everything runs without yielding, so the watcher cannot empty the queue first: the
+        // pending error is still set when the second datagram is sent.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let probe = socket.try_clone().unwrap();
+        let wrapped = ErrorQueueSocket::wrap(socket, Arc::new(|_| {})).unwrap();
+        // Learn that the socket is writable once; the sends below then never wait.
+        let mut poller = Arc::clone(&wrapped).create_io_poller();
+        rt.block_on(std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)))
+            .unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let send = |destination: SocketAddr, contents: &[u8]| {
+            wrapped
+                .try_send(&Transmit {
+                    destination,
+                    ecn: None,
+                    contents,
+                    segment_size: None,
+                    src_ip: None,
+                })
+                .unwrap();
+        };
+        send(closed_port(), b"to nobody");
+        wait_for_pollerr(&probe);
+        send(peer.local_addr().unwrap(), b"to the peer");
+        let mut data = [0u8; 64];
+        let (count, _) = peer
+            .recv_from(&mut data)
+            .expect("the datagram after the error");
+        assert_eq!(&data[..count], b"to the peer");
     }
 }
