@@ -17,7 +17,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
@@ -135,6 +135,14 @@ impl PathChange {
 
 /// How often [`Shared::watch_paths`] samples a server connection's path.
 pub const PATH_SAMPLE: Duration = Duration::from_millis(50);
+
+/// quinn's concurrent bidirectional stream limit when `max_bidi_streams` is not set.
+pub const QUINN_MAX_BIDI_STREAMS: u64 = 100;
+
+/// How long after a stream of its peer ended a server connection's stream credit is
+/// re-announced every [`PATH_SAMPLE`] ([`Shared::announce_credit`]), at least; four round
+/// trips when longer (the slot is freed only once the peer acknowledged our end of it).
+pub const CREDIT_WINDOW: Duration = Duration::from_millis(200);
 
 /// (server) Tells path changes and their validation from samples of quinn's state.
 ///
@@ -426,6 +434,11 @@ pub struct Shared {
     pub splices: Mutex<HashMap<u64, crate::splice::SpliceHandle>>,
     /// (server) The path watch of each accepted connection ([`Shared::watch_paths`]).
     paths: Mutex<HashMap<u64, PathWatch>>,
+    /// (server) When a stream the peer opened last ended, by connection
+    /// ([`Shared::announce_credit`]).
+    stream_ends: Mutex<HashMap<u64, Instant>>,
+    /// (server) The peer's concurrent bidirectional stream limit (`max_bidi_streams`).
+    max_bidi_streams: AtomicU64,
     /// (client) Connects in their handshake by token: the address and the task driving it
     /// (aborting the task drops quinn's `Connecting`, which closes the connection; none yet
     /// while the connect is being started).
@@ -451,6 +464,8 @@ impl Shared {
             streams: Mutex::new(HashMap::new()),
             splices: Mutex::new(HashMap::new()),
             paths: Mutex::new(HashMap::new()),
+            stream_ends: Mutex::new(HashMap::new()),
+            max_bidi_streams: AtomicU64::new(QUINN_MAX_BIDI_STREAMS),
             connecting: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
@@ -532,7 +547,10 @@ impl Shared {
             loop {
                 tokio::select! {
                     _ = conn.closed() => break,
-                    _ = ticks.tick() => shared.sample_paths(id, &conn),
+                    _ = ticks.tick() => {
+                        shared.sample_paths(id, &conn);
+                        shared.announce_credit(id, &conn);
+                    }
                 }
             }
             // `serve` takes the last sample and forgets the watch; if it was done before the
@@ -540,7 +558,54 @@ impl Shared {
             if !lock(&shared.connections).contains_key(&id) {
                 lock(&shared.paths).remove(&id);
             }
+            lock(&shared.stream_ends).remove(&id);
         });
+    }
+
+    /// (server) The `max_bidi_streams` the endpoint's connections were configured with.
+    pub fn set_max_bidi_streams(&self, limit: Option<u64>) {
+        let limit = limit.unwrap_or(QUINN_MAX_BIDI_STREAMS);
+        self.max_bidi_streams.store(limit, Ordering::Relaxed);
+    }
+
+    /// A stream ended on our side (both halves done, or its splice): on a server
+    /// connection, one the client opened, its credit is re-announced for a while
+    /// ([`Shared::announce_credit`]).
+    pub fn stream_ended(&self, conn: u64, stream: u64) {
+        let client_initiated = stream & 1 == 0;
+        if client_initiated && lock(&self.paths).contains_key(&conn) {
+            lock(&self.stream_ends).insert(conn, Instant::now());
+        }
+    }
+
+    /// (server) Make quinn announce the stream slots freed since its last MAX_STREAMS.
+    ///
+    /// quinn-proto 0.11 announces new stream credit only once more than an eighth of the
+    /// limit has been freed since its last announcement (`StreamsState::queue_max_stream_id`:
+    /// `diff > max_concurrent / 8`), so a client holding all but a few of its streams open
+    /// and waiting for one more waited for ever (docs/design.md). quinn re-checks that rule
+    /// when the limit is set; with the limit at 0 an eighth is 0, so any freed slot is
+    /// queued: set 0, then the real limit again (which allocates what 0 did not; the credit
+    /// already granted stands, so the peer's streams are not affected). Done at every path
+    /// sample for [`CREDIT_WINDOW`] after a client stream ended, since the slot is freed
+    /// only when the client acknowledged our end of it, with no event for us.
+    fn announce_credit(&self, id: u64, conn: &Connection) {
+        let Some(ended) = lock(&self.stream_ends).get(&id).copied() else {
+            return;
+        };
+        if ended.elapsed() > CREDIT_WINDOW.max(conn.rtt() * 4) {
+            let mut ends = lock(&self.stream_ends);
+            if ends.get(&id) == Some(&ended) {
+                ends.remove(&id);
+            }
+            return;
+        }
+        let limit = self.max_bidi_streams.load(Ordering::Relaxed);
+        let Ok(limit) = VarInt::from_u64(limit) else {
+            return;
+        };
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
+        conn.set_max_concurrent_bi_streams(limit);
     }
 
     /// Sample a watched connection's path and report what changed (nothing for a client's).
@@ -729,6 +794,7 @@ impl Shared {
         let (kind, message) = classify(&conn.closed().await);
         self.sample_paths(id, &conn);
         lock(&self.paths).remove(&id);
+        lock(&self.stream_ends).remove(&id);
         lock(&self.connections).remove(&id);
         lock(&self.early).remove(&id);
         // What the peer sent and quinn received in order is still readable after the close
@@ -820,6 +886,8 @@ impl Shared {
             }
             if handles.send.is_none() && handles.recv.is_none() {
                 streams.remove(&(conn, stream));
+                drop(streams);
+                self.stream_ended(conn, stream);
             }
         }
     }

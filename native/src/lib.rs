@@ -553,6 +553,7 @@ impl Endpoint {
         let qlog_server = server_tls.clone().filter(|_| options.qlog_dir.is_some());
         let (shared, wake) =
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        shared.set_max_bidi_streams(options.max_bidi_streams);
         let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared))
             .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -1172,6 +1173,16 @@ impl Endpoint {
         dict.set_item("acks_received", stats.frame_rx.acks)?;
         dict.set_item("ack_frequency_sent", stats.frame_tx.ack_frequency)?;
         dict.set_item("ack_frequency_received", stats.frame_rx.ack_frequency)?;
+        dict.set_item("max_streams_bidi_sent", stats.frame_tx.max_streams_bidi)?;
+        dict.set_item("max_streams_bidi_received", stats.frame_rx.max_streams_bidi)?;
+        dict.set_item(
+            "streams_blocked_bidi_sent",
+            stats.frame_tx.streams_blocked_bidi,
+        )?;
+        dict.set_item(
+            "streams_blocked_bidi_received",
+            stats.frame_rx.streams_blocked_bidi,
+        )?;
         dict.set_item(
             "ack_eliciting_frames_sent",
             engine::ack_eliciting(&stats.frame_tx),

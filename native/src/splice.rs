@@ -710,6 +710,7 @@ pub async fn run(
     };
     drop(tcp);
     lock(&shared.splices).remove(&id);
+    shared.stream_ended(conn, stream);
     shared.push(Event::Spliced {
         id,
         conn,

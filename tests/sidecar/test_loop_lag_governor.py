@@ -257,21 +257,7 @@ def test_rates_stay_between_the_floor_and_the_base_and_light_identities_keep_the
         assert opened[identity] > 100 * governor.window
 
 
-@pytest.mark.parametrize(
-    "engine",
-    [
-        "aioquic",
-        pytest.param(
-            "native",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="quinn announces freed stream slots only more than max_streams/8 at a"
-                " time (docs/design.md): the churner holds 7 of its 8 streams while it waits"
-                " for the 8th, and a single freed slot is never announced",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
 def test_a_churning_identity_is_slowed_when_the_loop_is_late_and_the_light_one_is_not(
     engine: str,
 ) -> None:
