@@ -172,15 +172,7 @@ def test_a_client_presents_its_rotated_certificate_from_the_next_connect_on(engi
     ("server_engine", "client_engine"),
     [
         ("aioquic", "aioquic"),
-        pytest.param(
-            "aioquic",
-            "native",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="not diagnosed: under load (3 runs at once) the native client waited"
-                " for credit from an aioquic server past 10 s in 1 of 3 runs (docs/design.md)",
-            ),
-        ),
+        ("aioquic", "native"),
         ("native", "aioquic"),
         ("native", "native"),
     ],

@@ -138,6 +138,7 @@ rather than pretending:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import itertools
@@ -643,9 +644,13 @@ class NativeConnection:
         self._acks_reported = bool(getattr(_NATIVE, "SEND_ACKED_EVENTS", False))
         """Whether the extension reports ``send_acked`` (one built before it does not:
         a graceful close then waits only for FINs to be queued, as before)."""
-        self._spare: dict[bool, int] = {}
-        """Streams opened ahead by :meth:`get_next_available_stream_id`, by direction
-        (True: unidirectional)."""
+        self._spare: dict[bool, list[int]] = {}
+        """Streams opened ahead and not used yet, by direction (True: unidirectional),
+        lowest ID first: by :meth:`get_next_available_stream_id`, or by quinn once the
+        peer allowed the open :meth:`can_open_bidi_stream` asked for. There can be two:
+        a stream quinn opened asynchronously is kept even when a synchronous open got
+        one first (dropped, its ID would be opened implicitly at the peer by the next
+        stream's first frame and hold one of its slots for good)."""
         self._opening = False
         self._gone_stream_ids = 0
         """Stream IDs handed out after the connection was gone (see
@@ -858,7 +863,7 @@ class NativeConnection:
             if self._settled_by_reuse(stream_id):
                 return  # it carries its old bytes: the caller's open is asked for again
             self._new_stream(stream_id)
-            self._spare.setdefault(bool(stream_id & 2), stream_id)
+            self._keep_spare(stream_id)
         elif kind == "open_failed":
             self._opening = False
         elif kind == "read_paused":
@@ -922,7 +927,7 @@ class NativeConnection:
             and state.splice_id is None
             and state.paused is None
             and not (self._early_log is not None and stream_id in self._early_log)
-            and stream_id not in self._spare.values()
+            and not any(stream_id in spares for spares in self._spare.values())
         ):
             self._streams.pop(stream_id, None)
 
@@ -1016,9 +1021,9 @@ class NativeConnection:
         :raises EngineError: the peer's stream limit allows no new stream now
             (:meth:`can_open_bidi_stream` says so first for request streams).
         """
-        spare = self._spare.get(is_unidirectional)
-        if spare is not None:
-            return spare
+        spares = self._spare.get(is_unidirectional)
+        if spares:
+            return spares[0]
         try:
             stream_id = self._try_open(bidirectional=not is_unidirectional)
         except QuicmeshError:
@@ -1043,17 +1048,23 @@ class NativeConnection:
         if stream_id is not None and self._settled_by_reuse(stream_id):
             return self._try_open(bidirectional=bidirectional)  # a new one for the caller
         if stream_id is not None:
-            self._spare[not bidirectional] = stream_id
+            self._keep_spare(stream_id)
             self._new_stream(stream_id)
             if self._early_log is not None:
                 self._early_log[stream_id] = []
         return stream_id
 
+    def _keep_spare(self, stream_id: int) -> None:
+        """Keep a stream opened ahead until it is used (lowest ID first)."""
+        spares = self._spare.setdefault(bool(stream_id & 2), [])
+        if stream_id not in spares:
+            bisect.insort(spares, stream_id)
+
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue ``data`` (and FIN) on a stream."""
-        for direction, spare in list(self._spare.items()):
-            if spare == stream_id:
-                del self._spare[direction]
+        spares = self._spare.get(bool(stream_id & 2))
+        if spares and stream_id in spares:
+            spares.remove(stream_id)
         state = self._stream(stream_id)
         if state.send_done:
             return  # reset or stopped: nothing more goes out
@@ -1332,7 +1343,7 @@ class NativeConnection:
         if self._closed_reason is not None or self.conn < 0:
             return False
         try:
-            if False in self._spare or self._try_open(bidirectional=True) is not None:
+            if self._spare.get(False) or self._try_open(bidirectional=True) is not None:
                 return True
         except QuicmeshError:  # the connection is gone: its close event follows
             return False
