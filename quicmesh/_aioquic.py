@@ -192,6 +192,11 @@ class MeshH3Connection(H3Connection):
             return None, 0, b""
         return stream.frame_type, stream.frame_size or 0, bytes(stream.buffer)
 
+    def forget_stream(self, stream_id: int) -> None:
+        """The QUIC layer dropped the finished request stream: drop its parser state
+        (aioquic keeps a reset stream's for the connection's lifetime)."""
+        self._stream.pop(stream_id, None)
+
     def abandon_stream(self, stream_id: int) -> None:
         """Forget a request stream refused mid-frame; tell the peer's encoder that its
         header block will not be decoded (Stream Cancellation, RFC 9204 4.4.2)."""

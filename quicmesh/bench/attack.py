@@ -183,6 +183,11 @@ async def _attack(
     # 9,000 streams/s. Like any aioquic client it sends no stream beyond the
     # listener's MAX_STREAMS: what it could not open is counted as held back.
     quic = conn.quic
+    # The connection's stream scheduler shows aioquic's packet writer only the streams
+    # it was told about (quicmesh._aioquic.ActiveStreamScheduler): a reset or
+    # STOP_SENDING queued straight into aioquic must be announced to it, or the frame
+    # never leaves and the listener never frees the stream's slot.
+    scheduler = cast(H3TunnelSession, conn.session).scheduler
     encoder = pylsqpack.Encoder()
     _, block = encoder.encode(0, [(b":method", b"CONNECT"), (b":authority", target.encode())])
     frame = _varint(1) + _varint(len(block)) + block + _varint(0) + _varint(1) + b"x"
@@ -199,6 +204,7 @@ async def _attack(
                 quic.reset_stream(stream_id, 0x10C)
             with contextlib.suppress(ValueError, RuntimeError):
                 quic.stop_stream(stream_id, 0x10C)
+            scheduler.activate(stream_id)
         previous = []
         due = int((now - start) * count) - opened - held
         for _ in range(max(0, due)):

@@ -155,6 +155,8 @@ class H3TunnelSession(TunnelSession):
             self.is_client = quic.is_client
             self.flow_control = EngineFlowControl(quic)
             self.scheduler = _EngineScheduler()
+            if hasattr(quic, "on_forget"):
+                quic.on_forget = self._on_discarded
         self._h3: _aioquic.MeshH3Connection | None = None
         self._streams: dict[int, _Stream] = {}
 
@@ -165,9 +167,13 @@ class H3TunnelSession(TunnelSession):
         return record
 
     def _on_discarded(self, stream_id: int) -> None:
-        """aioquic dropped the finished stream: drop what the session kept about it."""
+        """The QUIC layer dropped the finished stream (aioquic's scheduler, or a socket
+        engine's ``on_forget``): drop what the session and the HTTP/3 layer kept
+        about it."""
         self.flow_control.forget(stream_id)
         self._streams.pop(stream_id, None)
+        if self._h3 is not None and _is_request_stream(stream_id):
+            self._h3.forget_stream(stream_id)
 
     @property
     def h3(self) -> _aioquic.MeshH3Connection:
@@ -356,11 +362,15 @@ class H3TunnelSession(TunnelSession):
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
         self.flow_control.forget(stream_id)
+        if stream_id not in self._streams and not self._stream_is_open(stream_id):
+            return  # finished and forgotten: no record to bring back
         self._stream(stream_id).aborted = True
         self._abort_stream(stream_id, _RESET_CODES[reason])
 
     def stop_reading(self, stream_id: int) -> None:
         self.flow_control.forget(stream_id)
+        if stream_id not in self._streams and not self._stream_is_open(stream_id):
+            return  # finished and forgotten: no record to bring back
         self._stream(stream_id).stopped_reading = True
         if self._stream_is_open(stream_id):
             with contextlib.suppress(ValueError):

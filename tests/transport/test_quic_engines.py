@@ -849,3 +849,48 @@ def test_the_native_engine_forgets_finished_streams() -> None:
             await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_the_http3_session_forgets_finished_streams(engine: str) -> None:
+    # The HTTP/3 session's record of each request stream, and its HTTP/3 parser's,
+    # go with the QUIC layer's (on native they stayed for the connection's lifetime:
+    # one of each per flow ever carried).
+    async def handler(stream: object) -> None:
+        stream.accept()  # type: ignore[attr-defined]
+        request = await stream.read()  # type: ignore[attr-defined]
+        with contextlib.suppress(QuicmeshError):
+            stream.write(request)  # type: ignore[attr-defined]
+            stream.write_eof()  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await transport(engine).connect(listener.address)
+        (accepted,) = listener.connections
+        sessions = [conn.session, accepted.session]  # type: ignore[attr-defined]
+
+        def request_streams() -> list[int]:
+            return [
+                sid
+                for session in sessions
+                for sid in [*session._streams, *session.h3._stream]
+                if sid & 2 == 0
+            ]
+
+        try:
+            for n in range(30):
+                assert await exchange(conn, b"x" * n, str(n)) == b"x" * n
+            for _ in range(10):
+                stream = await conn.open_stream(TARGET)
+                stream.write(b"y")
+                stream.abort()
+            await until(lambda: not request_streams())
+            assert await exchange(conn, b"still carries flows") == b"still carries flows"
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())

@@ -377,6 +377,15 @@ class _ReadPaused:
         self.stream_id = stream_id
 
 
+class _Forgotten:
+    """Marks, among a connection's queued events, where a stream was forgotten
+    (:meth:`NativeConnection._prune`): the session hears of it once every event of
+    the stream before the mark was handed to it."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
 class _Pump:
     """Watches one endpoint's wake-up descriptor and routes its events to connections.
 
@@ -652,6 +661,10 @@ class NativeConnection:
         one first (dropped, its ID would be opened implicitly at the peer by the next
         stream's first frame and hold one of its slots for good)."""
         self._opening = False
+        self.on_forget: Callable[[int], None] | None = None
+        """Called with a stream's ID once the connection forgot it and every event of
+        it was handed out (the HTTP/3 session then forgets it too: aioquic's
+        scheduler reports discarded streams the same way)."""
         self._gone_stream_ids = 0
         """Stream IDs handed out after the connection was gone (see
         :meth:`get_next_available_stream_id`)."""
@@ -929,7 +942,9 @@ class NativeConnection:
             and not (self._early_log is not None and stream_id in self._early_log)
             and not any(stream_id in spares for spares in self._spare.values())
         ):
-            self._streams.pop(stream_id, None)
+            forgotten = self._streams.pop(stream_id, None) is not None
+            if forgotten and self.on_forget is not None:
+                self._events.append(_Forgotten(stream_id))
 
     def _new_stream(self, stream_id: int) -> _Stream:
         """Record a stream the engine just opened or accepted."""
@@ -1118,6 +1133,10 @@ class NativeConnection:
         """The next pending event, or None."""
         while self._events:
             event = self._events.pop(0)
+            if isinstance(event, _Forgotten):
+                if self.on_forget is not None:
+                    self.on_forget(event.stream_id)
+                continue
             if not isinstance(event, _ReadPaused):
                 return event
             # Every event before it has been handed to the session now.
