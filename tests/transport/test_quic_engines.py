@@ -852,6 +852,44 @@ def test_the_native_engine_forgets_finished_streams() -> None:
 
 
 @pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_churner_that_stops_its_streams_is_held_to_the_stream_rate(engine: str) -> None:
+    """``max_stream_rate``: a client that opens streams and aborts them at once
+    (RESET_STREAM and STOP_SENDING, as a rapid-reset attacker) gets no more new
+    streams than ``max_streams`` plus the rate allows. On native a stream held for its
+    token was torn down, and its slot freed, by the peer's STOP_SENDING (opened at
+    about 2.6 times the rate before)."""
+
+    async def main() -> None:
+        rate, seconds = 20.0, 2.0
+        server = transport(engine, SERVER, max_streams=8, max_stream_rate=rate)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        conn = await transport(engine).connect(listener.address)
+        opened = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        try:
+            while (left := end - loop.time()) > 0:
+                try:
+                    stream = await asyncio.wait_for(
+                        conn.open_stream(TARGET, wait_response=False), left
+                    )
+                except TimeoutError:
+                    break
+                opened += 1
+                stream.write(b"x")
+                stream.abort()
+            assert opened <= 8 + rate * seconds * 1.5, opened
+            assert opened >= rate * seconds / 2, opened  # held to the rate, not stopped
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
 def test_the_http3_session_forgets_finished_streams(engine: str) -> None:
     # The HTTP/3 session's record of each request stream, and its HTTP/3 parser's,
     # go with the QUIC layer's (on native they stayed for the connection's lifetime:

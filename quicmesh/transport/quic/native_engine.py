@@ -674,6 +674,8 @@ class NativeConnection:
         self._free_streams = pump.max_streams
         """(server) Peer streams still served without a token (the first ``max_streams``)."""
         self._held: deque[int] = deque()
+        self._held_stops: dict[int, int] = {}
+        """STOP_SENDING error codes of held streams, told when they are served."""
         """(server) Peer bidirectional streams waiting for a token, oldest first."""
         self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
@@ -778,6 +780,7 @@ class NativeConnection:
             return
         self._closed_reason = message
         self._held.clear()
+        self._held_stops.clear()
         if self._release is not None:
             self._release.cancel()
             self._release = None
@@ -840,16 +843,14 @@ class NativeConnection:
             _, _, stream_id, code = event
             state = self._streams.get(stream_id)
             if state is None:
-                if stream_id not in self._held:
-                    return  # finished and forgotten
-                state = self._new_stream(stream_id)  # held, unknown to HTTP/3 yet
-            state.send_done = True
-            state.fin_unacked = False
-            state.unsent = 0
-            self._events.append(
-                quic_events.StopSendingReceived(error_code=code, stream_id=stream_id)
-            )
-            self._prune(stream_id, state)
+                if stream_id in self._held:
+                    # Held, unknown to HTTP/3 yet, and held still: its STOP_SENDING
+                    # reaches HTTP/3 when its token comes. Told now, the session
+                    # aborted it and its slot was freed without a token, so a
+                    # churner that stops its streams opened them past the rate.
+                    self._held_stops[stream_id] = code
+                return  # (or finished and forgotten)
+            self._stopped(stream_id, state, code)
         elif kind == "early_data":
             accepted = bool(event[2])
             self._early = False
@@ -1068,6 +1069,14 @@ class NativeConnection:
             if self._early_log is not None:
                 self._early_log[stream_id] = []
         return stream_id
+
+    def _stopped(self, stream_id: int, state: _Stream, code: int) -> None:
+        """The peer sent STOP_SENDING: nothing more goes out; HTTP/3 hears of it."""
+        state.send_done = True
+        state.fin_unacked = False
+        state.unsent = 0
+        self._events.append(quic_events.StopSendingReceived(error_code=code, stream_id=stream_id))
+        self._prune(stream_id, state)
 
     def _keep_spare(self, stream_id: int) -> None:
         """Keep a stream opened ahead until it is used (lowest ID first)."""
@@ -1489,7 +1498,11 @@ class NativeConnection:
         now = time.monotonic()
         while self._held and self._rate.take(1, now) == 1:
             stream_id = self._held.popleft()
-            self._read(stream_id, self._new_stream(stream_id))
+            state = self._new_stream(stream_id)
+            self._read(stream_id, state)
+            code = self._held_stops.pop(stream_id, None)
+            if code is not None:  # stopped while held: told now, after its first read
+                self._stopped(stream_id, state, code)
         if self._held:
             self._arm_release()
 
