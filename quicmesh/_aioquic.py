@@ -200,7 +200,7 @@ class MeshH3Connection(H3Connection):
     def abandon_stream(self, stream_id: int) -> None:
         """Forget a request stream refused mid-frame; tell the peer's encoder that its
         header block will not be decoded (Stream Cancellation, RFC 9204 4.4.2)."""
-        self._stream.pop(stream_id, None)
+        self.forget_stream(stream_id)
         if self._local_decoder_stream_id is not None:
             cancel = self._decoder.cancel_stream(stream_id)
             self._quic.send_stream_data(self._local_decoder_stream_id, cancel)

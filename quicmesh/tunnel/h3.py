@@ -166,6 +166,11 @@ class H3TunnelSession(TunnelSession):
             record = self._streams[stream_id] = _Stream()
         return record
 
+    def _forgotten(self, stream_id: int) -> bool:
+        """Whether the stream finished and was forgotten (:meth:`_on_discarded`): a late
+        call must not bring its record back."""
+        return stream_id not in self._streams and not self._stream_is_open(stream_id)
+
     def _on_discarded(self, stream_id: int) -> None:
         """The QUIC layer dropped the finished stream (aioquic's scheduler, or a socket
         engine's ``on_forget``): drop what the session and the HTTP/3 layer kept
@@ -362,15 +367,15 @@ class H3TunnelSession(TunnelSession):
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:
         self.flow_control.forget(stream_id)
-        if stream_id not in self._streams and not self._stream_is_open(stream_id):
-            return  # finished and forgotten: no record to bring back
+        if self._forgotten(stream_id):
+            return
         self._stream(stream_id).aborted = True
         self._abort_stream(stream_id, _RESET_CODES[reason])
 
     def stop_reading(self, stream_id: int) -> None:
         self.flow_control.forget(stream_id)
-        if stream_id not in self._streams and not self._stream_is_open(stream_id):
-            return  # finished and forgotten: no record to bring back
+        if self._forgotten(stream_id):
+            return
         self._stream(stream_id).stopped_reading = True
         if self._stream_is_open(stream_id):
             with contextlib.suppress(ValueError):

@@ -17,7 +17,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from quic_helpers import (
@@ -477,54 +478,60 @@ def relay_on_its_own_thread(upstream: tuple[str, int]) -> Iterator[UdpRelay]:
         loop.close()
 
 
-def test_native_stream_opened_as_0rtt_is_rejected_is_answered_with_the_flight() -> None:
-    """A stream opened after quinn took the server's rejection of the 0-RTT flight but
-    before the engine's event saying so reached Python: quinn hands out the flight's
-    first stream ID again. The flight is resent then and the new stream gets its own
-    ID: every stream is answered, each request reaches the server once."""
-    payloads = [random.Random(n).randbytes(n) for n in (1, 700, 3000)]
-    recorder = Recorder()
+async def _connect_for_a_rejected_flight(
+    server: QuicTransport, relay: UdpRelay, delay: float = 0.0
+) -> Any:
+    """A native client that holds a ticket, connecting with ``early_data`` to a server
+    that no longer knows it: a new trust bundle (still trusting the client's CA) starts
+    a new ticket store, so the listener rejects the 0-RTT flight. From the connect on,
+    the relay delays each datagram by ``delay``."""
+    client = transport("native")
+    await prime(client, relay.address)
+    other = DevCA().trust_bundle.certificates
+    server.set_identity(SERVER, TrustBundle(CA.trust_bundle.certificates + other))
+    relay.delay = delay
+    conn = await client.connect(relay.address, early_data=True)
+    assert conn.early_data == "attempted"
+    return conn
 
-    async def main(relay: UdpRelay) -> None:
-        client = transport("native")
-        await prime(client, relay.address)
-        # A new trust bundle (still trusting the client's CA) starts a new ticket
-        # store: the listener no longer knows the client's ticket and rejects 0-RTT.
-        other = DevCA().trust_bundle.certificates
-        server.set_identity(SERVER, TrustBundle(CA.trust_bundle.certificates + other))
-        relay.delay = 0.2  # the flight is opened before the server's answer comes
 
-        conn = await client.connect(relay.address, early_data=True)
-        assert conn.early_data == "attempted"
-        streams = []
-        for index, payload in enumerate(payloads):
-            stream = await conn.open_stream(
-                TARGET, headers={"x-request-id": str(index)}, wait_response=False
-            )
-            stream.write(payload)
-            stream.write_eof()
-            streams.append(stream)
-        # Hold the event loop (the engine and the relay run on their own threads)
-        # until the server confirmed the handshake: quinn has settled the flight as
-        # rejected, and its event waits here, unread.
-        quic = conn.quic  # type: ignore[attr-defined]
-        assert quic._early_log, "the flight was not opened in 0-RTT"
-        deadline = time.monotonic() + 10
-        while not quic._native.stats(quic.conn)["handshake_done_frames"]:
-            assert time.monotonic() < deadline, "the handshake did not complete"
-            time.sleep(0.002)
-        late = await conn.open_stream(TARGET, headers={"x-request-id": "late"}, wait_response=False)
-        assert conn.early_data == "attempted"  # opened before the outcome was seen here
-        late.write(b"late")
-        late.write_eof()
-        streams.append(late)
-        reads = [asyncio.ensure_future(stream.read()) for stream in streams]
-        _, pending = await asyncio.wait(reads, timeout=20)
-        assert not pending, f"{len(pending)} of {len(reads)} streams got no answer"
-        assert [read.result() for read in reads] == [*payloads, b"late"]
-        assert conn.early_data == "rejected"
-        conn.close()
-        await conn.wait_closed()
+def _hold_the_loop_until_confirmed(conn: Any) -> None:
+    """Block the event loop (the engine and the relay run on their own threads) until
+    the server confirmed the handshake: quinn has settled the flight, and its event
+    waits here, unread."""
+    quic = conn.quic
+    deadline = time.monotonic() + 10
+    while not quic._native.stats(quic.conn)["handshake_done_frames"]:
+        assert time.monotonic() < deadline, "the handshake did not complete"
+        time.sleep(0.002)
+
+
+async def _send_requests(conn: Any, requests: dict[str, bytes]) -> list[Any]:
+    """One stream per request (ID: payload), written and half-closed at once."""
+    streams = []
+    for request_id, payload in requests.items():
+        stream = await conn.open_stream(
+            TARGET, headers={"x-request-id": request_id}, wait_response=False
+        )
+        stream.write(payload)
+        stream.write_eof()
+        streams.append(stream)
+    return streams
+
+
+async def _answers(streams: list[Any]) -> list[bytes]:
+    """What each stream got back (every one must be answered within 20 s)."""
+    reads = [asyncio.ensure_future(stream.read()) for stream in streams]
+    _, pending = await asyncio.wait(reads, timeout=20)
+    assert not pending, f"{len(pending)} of {len(reads)} streams got no answer"
+    return [read.result() for read in reads]
+
+
+def _serve_through_a_relay(
+    server: QuicTransport, recorder: Recorder, main: Callable[[UdpRelay], Awaitable[None]]
+) -> dict[str, list[bytes]]:
+    """Run ``main`` against a listener of ``server`` behind a relay on its own thread;
+    return what the server received, by request ID (the priming request left out)."""
 
     async def serve() -> None:
         listener = await server.listen(("127.0.0.1", 0), recorder)
@@ -535,63 +542,53 @@ def test_native_stream_opened_as_0rtt_is_rejected_is_answered_with_the_flight() 
             listener.close()
             await listener.wait_closed()
 
-    server = transport("native", SERVER)
     run(serve())
-    assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
-        **{str(i): [p] for i, p in enumerate(payloads)},
-        "late": [b"late"],
-    }
+    return {k: v for k, v in recorder.received.items() if k != "prime"}
+
+
+def test_native_stream_opened_as_0rtt_is_rejected_is_answered_with_the_flight() -> None:
+    """A stream opened after quinn took the server's rejection of the 0-RTT flight but
+    before the engine's event saying so reached Python: quinn hands out the flight's
+    first stream ID again. The flight is resent then and the new stream gets its own
+    ID: every stream is answered, each request reaches the server once."""
+    requests = {str(n): random.Random(n).randbytes(n) for n in (1, 700, 3000)}
+    server = transport("native", SERVER)
+
+    async def main(relay: UdpRelay) -> None:
+        # Delayed: the flight is opened before the server's answer comes.
+        conn = await _connect_for_a_rejected_flight(server, relay, delay=0.2)
+        streams = await _send_requests(conn, requests)
+        assert conn.quic._early_log, "the flight was not opened in 0-RTT"
+        _hold_the_loop_until_confirmed(conn)
+        streams += await _send_requests(conn, {"late": b"late"})
+        assert conn.early_data == "attempted"  # opened before the outcome was seen here
+        assert await _answers(streams) == [*requests.values(), b"late"]
+        assert conn.early_data == "rejected"
+        conn.close()
+        await conn.wait_closed()
+
+    received = _serve_through_a_relay(server, Recorder(), main)
+    assert received == {**{k: [p] for k, p in requests.items()}, "late": [b"late"]}
 
 
 def test_native_streams_opened_after_a_rejection_are_not_resent() -> None:
     """The rejection lands before the first request stream is opened (the HTTP/3
     control streams went out in 0-RTT): the requests are 1-RTT streams, quinn gives
     them the first IDs, and only the control streams are resent."""
-    payloads = [random.Random(n).randbytes(n) for n in (1, 700, 3000)]
-    recorder = Recorder()
+    requests = {str(n): random.Random(n).randbytes(n) for n in (1, 700, 3000)}
+    server = transport("native", SERVER)
 
     async def main(relay: UdpRelay) -> None:
-        client = transport("native")
-        await prime(client, relay.address)
-        other = DevCA().trust_bundle.certificates
-        server.set_identity(SERVER, TrustBundle(CA.trust_bundle.certificates + other))
-        conn = await client.connect(relay.address, early_data=True)
-        assert conn.early_data == "attempted"
-        quic = conn.quic  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 10
-        while not quic._native.stats(quic.conn)["handshake_done_frames"]:
-            assert time.monotonic() < deadline, "the handshake did not complete"
-            time.sleep(0.002)
-        streams = []
-        for index, payload in enumerate(payloads):
-            stream = await conn.open_stream(
-                TARGET, headers={"x-request-id": str(index)}, wait_response=False
-            )
-            stream.write(payload)
-            stream.write_eof()
-            streams.append(stream)
-        reads = [asyncio.ensure_future(stream.read()) for stream in streams]
-        _, pending = await asyncio.wait(reads, timeout=20)
-        assert not pending, f"{len(pending)} of {len(reads)} streams got no answer"
-        assert [read.result() for read in reads] == payloads
+        conn = await _connect_for_a_rejected_flight(server, relay)
+        _hold_the_loop_until_confirmed(conn)
+        streams = await _send_requests(conn, requests)
+        assert await _answers(streams) == list(requests.values())
         assert conn.early_data == "rejected"
         conn.close()
         await conn.wait_closed()
 
-    async def serve() -> None:
-        listener = await server.listen(("127.0.0.1", 0), recorder)
-        try:
-            with relay_on_its_own_thread(listener.address) as relay:
-                await main(relay)
-        finally:
-            listener.close()
-            await listener.wait_closed()
-
-    server = transport("native", SERVER)
-    run(serve())
-    assert {k: v for k, v in recorder.received.items() if k != "prime"} == {
-        str(i): [p] for i, p in enumerate(payloads)
-    }
+    received = _serve_through_a_relay(server, Recorder(), main)
+    assert received == {k: [p] for k, p in requests.items()}
 
 
 def test_native_replayed_0rtt_flight_is_delivered_once() -> None:

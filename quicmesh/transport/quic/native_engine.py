@@ -674,9 +674,9 @@ class NativeConnection:
         self._free_streams = pump.max_streams
         """(server) Peer streams still served without a token (the first ``max_streams``)."""
         self._held: deque[int] = deque()
-        self._held_stops: dict[int, int] = {}
-        """STOP_SENDING error codes of held streams, told when they are served."""
         """(server) Peer bidirectional streams waiting for a token, oldest first."""
+        self._held_stops: dict[int, int] = {}
+        """(server) STOP_SENDING error codes of held streams, told when they are served."""
         self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
         self._closed_reason: str | None = None
