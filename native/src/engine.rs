@@ -25,21 +25,37 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::admission::{self, HalfOpenSlot};
 
-/// The process-wide runtime driving every native endpoint (one I/O thread: the GIL is never
-/// needed there, and the machines quicmesh runs on are small).
+/// The process-wide runtime driving every native endpoint: one tokio scheduler on one thread
+/// of its own ("quicmesh-native"; the GIL is never needed there, and the machines quicmesh runs
+/// on are small). Python's threads only hand it work (`enter` + `spawn`, commands on channels).
+///
+/// A current-thread scheduler, not a multi-thread one with one worker: that one runs a task
+/// woken by the running task next (its LIFO slot), so every stream write woke quinn's
+/// connection driver at once and each flow's bytes left in a datagram of their own. Here a
+/// woken task joins the back of the queue: the flows made ready by one batch of packets all
+/// write before the driver runs, and it coalesces them into full datagrams.
 pub fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    RUNTIME
+    static DRIVER: OnceLock<Result<(), String>> = OnceLock::new();
+    let rt = RUNTIME
         .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("quicmesh-native")
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the native QUIC runtime: {e}"))
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(Clone::clone)?;
+    DRIVER
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("quicmesh-native".to_owned())
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .map(drop)
+                .map_err(|e| format!("cannot start the native QUIC thread: {e}"))
+        })
+        .clone()?;
+    Ok(rt)
 }
 
 /// Lock a mutex, also when a panicking task poisoned it (the data stays consistent: every
