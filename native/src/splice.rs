@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use quinn::{
     Connection, ConnectionError, ReadError, RecvStream, SendStream, StoppedError,
     TransportErrorCode, VarInt, WriteError,
@@ -471,10 +471,12 @@ fn write_failure(error: WriteError) -> Failure {
     }
 }
 
-async fn read_tcp(tcp: &TcpStream, buffer: &mut [u8]) -> std::io::Result<usize> {
+/// Read at most `limit` bytes from `tcp`, appended to `buffer` (into its spare capacity: no
+/// zeroing, tokio's `try_read_buf` writes the uninitialised bytes safely).
+async fn read_tcp(tcp: &TcpStream, buffer: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
     loop {
         tcp.readable().await?;
-        match tcp.try_read(buffer) {
+        match tcp.try_read_buf(&mut (&mut *buffer).limit(limit)) {
             Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
             result => return result,
         }
@@ -512,6 +514,7 @@ async fn upstream(
         return Err(Failure::Quic("the stream can no longer send".into()));
     };
     let mut discard = false;
+    let mut buffer = BytesMut::new();
     let mut pending: Vec<Bytes> = queued.drain(..).collect();
     if !prefix.is_empty() {
         *counted += prefix.len() as u64;
@@ -533,9 +536,14 @@ async fn upstream(
         }
         pending.clear();
         held.store(0, Ordering::Relaxed);
-        let mut buffer = BytesMut::zeroed(HEADER_ROOM + CHUNK);
+        // Room for a frame in `buffer`: the frames sent before share its allocation until
+        // quinn drops them (acknowledged), then it is reused; a new one only when they hold
+        // too much of it (bulk: each read fills a chunk). Never zeroed: a 64 KiB memset per
+        // read was the engine's largest cost per keep-alive request.
+        buffer.reserve(HEADER_ROOM + CHUNK);
+        buffer.put_bytes(0, HEADER_ROOM);
         let read = tokio::select! {
-            read = read_tcp(tcp, &mut buffer[HEADER_ROOM..]) => read.map_err(Failure::Tcp)?,
+            read = read_tcp(tcp, &mut buffer, CHUNK) => read.map_err(Failure::Tcp)?,
             error = connection.closed() => return Err(Failure::Quic(error.to_string())),
         };
         if read == 0 {
@@ -566,8 +574,7 @@ async fn upstream(
         let header = data_header(read);
         let start = HEADER_ROOM - header.len();
         buffer[start..HEADER_ROOM].copy_from_slice(&header);
-        buffer.truncate(HEADER_ROOM + read);
-        let frame = buffer.freeze().slice(start..);
+        let frame = buffer.split().freeze().slice(start..);
         pending.push(frame);
     }
 }
@@ -742,6 +749,36 @@ mod tests {
         }
         deframer.finish()?;
         Ok(out.concat())
+    }
+
+    #[test]
+    fn tcp_reads_append_at_most_the_limit_after_what_the_buffer_holds() {
+        let rt = crate::engine::runtime().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                write_tcp(&client, &sent).await.unwrap();
+                client
+            });
+            let (mut received, mut buffer) = (Vec::new(), BytesMut::new());
+            while received.len() < data.len() {
+                buffer.reserve(HEADER_ROOM + CHUNK);
+                buffer.put_bytes(0xaa, HEADER_ROOM);
+                let read = read_tcp(&server, &mut buffer, CHUNK).await.unwrap();
+                assert!(read > 0 && read <= CHUNK, "read {read}");
+                assert_eq!(buffer.len(), HEADER_ROOM + read);
+                assert!(buffer[..HEADER_ROOM].iter().all(|byte| *byte == 0xaa));
+                received.extend_from_slice(&buffer.split()[HEADER_ROOM..]);
+            }
+            assert_eq!(received, data);
+            drop(writer.await.unwrap());
+        });
     }
 
     #[test]
