@@ -471,16 +471,36 @@ fn write_failure(error: WriteError) -> Failure {
     }
 }
 
-/// Read at most `limit` bytes from `tcp`, appended to `buffer` (into its spare capacity: no
-/// zeroing, tokio's `try_read_buf` writes the uninitialised bytes safely).
-async fn read_tcp(tcp: &TcpStream, buffer: &mut BytesMut, limit: usize) -> std::io::Result<usize> {
-    loop {
+/// Read the next chunk (at most [`CHUNK`] bytes) from `tcp` as one DATA frame: its payload
+/// length and the frame, or `None` at EOF.
+///
+/// The frame is read into `buffer`'s spare capacity after room for its header, never
+/// zeroed (tokio's `try_read_buf` writes the uninitialised bytes safely; a 64 KiB memset
+/// per read was the engine's largest cost per keep-alive request), then split off: the
+/// frames sent before share the allocation until quinn drops them (acknowledged), and it
+/// is reused after; a new one is made only when they hold too much of it (bulk: each read
+/// fills a chunk).
+async fn read_data_frame(
+    tcp: &TcpStream,
+    buffer: &mut BytesMut,
+) -> std::io::Result<Option<(usize, Bytes)>> {
+    buffer.reserve(HEADER_ROOM + CHUNK);
+    buffer.put_bytes(0, HEADER_ROOM);
+    let read = loop {
         tcp.readable().await?;
-        match tcp.try_read_buf(&mut (&mut *buffer).limit(limit)) {
+        match tcp.try_read_buf(&mut (&mut *buffer).limit(CHUNK)) {
             Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
-            result => return result,
+            result => break result?,
         }
+    };
+    if read == 0 {
+        buffer.clear();
+        return Ok(None);
     }
+    let header = data_header(read);
+    let start = HEADER_ROOM - header.len();
+    buffer[start..HEADER_ROOM].copy_from_slice(&header);
+    Ok(Some((read, buffer.split().freeze().slice(start..))))
 }
 
 async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
@@ -536,17 +556,11 @@ async fn upstream(
         }
         pending.clear();
         held.store(0, Ordering::Relaxed);
-        // Room for a frame in `buffer`: the frames sent before share its allocation until
-        // quinn drops them (acknowledged), then it is reused; a new one only when they hold
-        // too much of it (bulk: each read fills a chunk). Never zeroed: a 64 KiB memset per
-        // read was the engine's largest cost per keep-alive request.
-        buffer.reserve(HEADER_ROOM + CHUNK);
-        buffer.put_bytes(0, HEADER_ROOM);
-        let read = tokio::select! {
-            read = read_tcp(tcp, &mut buffer, CHUNK) => read.map_err(Failure::Tcp)?,
+        let frame = tokio::select! {
+            frame = read_data_frame(tcp, &mut buffer) => frame.map_err(Failure::Tcp)?,
             error = connection.closed() => return Err(Failure::Quic(error.to_string())),
         };
-        if read == 0 {
+        let Some((read, frame)) = frame else {
             if discard {
                 return Ok(());
             }
@@ -569,12 +583,8 @@ async fn upstream(
                 }
             }
             return Ok(());
-        }
+        };
         *counted += read as u64;
-        let header = data_header(read);
-        let start = HEADER_ROOM - header.len();
-        buffer[start..HEADER_ROOM].copy_from_slice(&header);
-        let frame = buffer.split().freeze().slice(start..);
         pending.push(frame);
     }
 }
@@ -752,7 +762,7 @@ mod tests {
     }
 
     #[test]
-    fn tcp_reads_append_at_most_the_limit_after_what_the_buffer_holds() {
+    fn tcp_reads_become_data_frames_of_at_most_a_chunk() {
         let rt = crate::engine::runtime().unwrap();
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -764,20 +774,16 @@ mod tests {
             let sent = data.clone();
             let writer = tokio::spawn(async move {
                 write_tcp(&client, &sent).await.unwrap();
-                client
             });
-            let (mut received, mut buffer) = (Vec::new(), BytesMut::new());
-            while received.len() < data.len() {
-                buffer.reserve(HEADER_ROOM + CHUNK);
-                buffer.put_bytes(0xaa, HEADER_ROOM);
-                let read = read_tcp(&server, &mut buffer, CHUNK).await.unwrap();
+            let (mut frames, mut buffer) = (Vec::new(), BytesMut::new());
+            while let Some((read, frame)) = read_data_frame(&server, &mut buffer).await.unwrap() {
                 assert!(read > 0 && read <= CHUNK, "read {read}");
-                assert_eq!(buffer.len(), HEADER_ROOM + read);
-                assert!(buffer[..HEADER_ROOM].iter().all(|byte| *byte == 0xaa));
-                received.extend_from_slice(&buffer.split()[HEADER_ROOM..]);
+                assert_eq!(frame.len(), data_header(read).len() + read);
+                frames.extend_from_slice(&frame);
             }
-            assert_eq!(received, data);
-            drop(writer.await.unwrap());
+            writer.await.unwrap();
+            assert!(buffer.is_empty());
+            assert_eq!(deframe_in_pieces(&frames, 1000).unwrap(), data);
         });
     }
 

@@ -562,9 +562,7 @@ def sidecar_configs(
             ]
         },
     }
-    if transport == "quic":
-        # The bench measures what the hop can carry: the one client identity's new
-        # streams are not held to the default churn limit (QUIC listeners only).
+    if transport == "quic":  # the key is refused on H2 and TCP listeners
         b["listeners"]["inbound"][0]["max_stream_rate"] = MAX_STREAM_RATE
     if engine is not None:
         b["listeners"]["inbound"][0]["engine"] = engine
