@@ -111,13 +111,20 @@ def test_0rtt_is_off_by_default(mesh: Mesh, tmp_path: Path) -> None:
 
 
 class Transfer:
-    """Concurrent echo flows that report how many bytes came back so far."""
+    """Concurrent echo flows that report how many bytes came back so far.
+
+    Each flow sends the first three quarters of its payload, then waits for
+    :attr:`resume` before the rest, so the transfer cannot end before the test
+    has done what it does mid-transfer (a fast engine finished the whole
+    transfer while the test was still asking for the migration).
+    """
 
     def __init__(self, port: int, flows: int, size: int) -> None:
         self.port = port
         self.payloads = [os.urandom(size) for _ in range(flows)]
         self.received = 0
         self.total = flows * size
+        self.resume = asyncio.Event()
         self._progress: list[tuple[int, asyncio.Event]] = []
 
     def reached(self, amount: int) -> asyncio.Event:
@@ -130,7 +137,10 @@ class Transfer:
         reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
 
         async def send() -> None:
+            held_at = len(payload) * 3 // 4
             for offset in range(0, len(payload), 65536):
+                if offset >= held_at and not self.resume.is_set():
+                    await self.resume.wait()
                 writer.write(payload[offset : offset + 65536])
                 await writer.drain()
             writer.write_eof()
@@ -169,6 +179,7 @@ def test_migration_mid_transfer_loses_no_byte(mesh: Mesh) -> None:
             status, body = await asyncio.to_thread(a.request, "POST", "/migrate")
             assert status == 200, body
             at_migration = transfer.received
+            transfer.resume.set()
             results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
             return results, json.loads(body), at_migration, transfer
 
