@@ -390,11 +390,95 @@ pub enum RecvCmd {
     StopSending(VarInt),
     /// (splicing) Stop reading and say so with `Event::ReadPaused`.
     Pause,
-    /// (splicing) Hand the receiving half to a splice.
-    Handover(tokio::sync::oneshot::Sender<RecvStream>),
+    /// (splicing) Hand the receiving half to a splice, with what it gave Python.
+    Handover(tokio::sync::oneshot::Sender<RecvHandover>),
     /// The connection ended: give (as `Data` events) what quinn received in order and still
     /// holds, then end; dropping the sender says it is done (see [`Shared::serve`]).
     Drain(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What a stream's receiving task gave Python in `Data` events: how many bytes in all, and
+/// the chunks since Python's last read request.
+///
+/// Python asks for the next chunk only once it has taken the last `Data` event in, so when
+/// it hands a stream to a splice without pausing it first, the bytes it has not seen are at
+/// most those of the events since its last request: their tail, by its count of what it saw
+/// ([`ReadLog::unseen`]). That saves the `Pause`/`ReadPaused` round trip per spliced flow.
+#[derive(Debug, Clone, Default)]
+pub struct ReadLog {
+    /// Bytes given in `Data` events in all.
+    pub delivered: u64,
+    /// The chunks given since the last read request.
+    pub since_request: Vec<Bytes>,
+}
+
+impl ReadLog {
+    fn requested(&mut self) {
+        self.since_request.clear();
+    }
+
+    fn gave(&mut self, chunks: &[Bytes]) {
+        for chunk in chunks {
+            self.delivered += chunk.len() as u64;
+            self.since_request.push(chunk.clone());
+        }
+    }
+
+    /// The bytes Python had not seen when it had seen `received` bytes of the stream, in
+    /// order; an error if that count does not fit what was given.
+    pub fn unseen(&self, received: u64) -> Result<Vec<Bytes>, String> {
+        let out_of_step = || {
+            format!(
+                "the stream's reader is out of step: Python saw {received} bytes, the engine \
+                 gave {} ({} since the last read request)",
+                self.delivered,
+                self.since_request.iter().map(Bytes::len).sum::<usize>()
+            )
+        };
+        let mut missing = self
+            .delivered
+            .checked_sub(received)
+            .ok_or_else(out_of_step)?;
+        let mut tail = Vec::new();
+        for chunk in self.since_request.iter().rev() {
+            if missing == 0 {
+                break;
+            }
+            let length = chunk.len() as u64;
+            if length <= missing {
+                tail.push(chunk.clone());
+                missing -= length;
+            } else {
+                tail.push(chunk.slice(chunk.len() - missing as usize..));
+                missing = 0;
+            }
+        }
+        if missing > 0 {
+            return Err(out_of_step());
+        }
+        tail.reverse();
+        Ok(tail)
+    }
+}
+
+/// How a stream's receiving task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvEnd {
+    /// It gave the FIN.
+    Fin,
+    /// The peer reset the stream with this code.
+    Reset(u64),
+    /// Stopped (STOP_SENDING), forgotten, or the connection failed.
+    Stopped,
+}
+
+/// What a splice gets from a stream's receiving task: the half (None once the task has
+/// ended), what the task gave Python, and how it ended if it did.
+#[derive(Debug)]
+pub struct RecvHandover {
+    pub recv: Option<RecvStream>,
+    pub log: ReadLog,
+    pub end: Option<RecvEnd>,
 }
 
 /// The halves of a stream Python can still command.
@@ -464,6 +548,9 @@ pub struct Shared {
     /// (client) Connections resumed with 0-RTT whose outcome Python has not taken yet
     /// ([`EarlyState`]); lock it before `streams`.
     pub early: Mutex<HashMap<u64, EarlyState>>,
+    /// (splicing) Receiving halves handed over for a splice that Python starts next
+    /// (`hand_over_read`, then `splice`), by (connection, stream).
+    pub read_handovers: Mutex<HashMap<(u64, u64), tokio::sync::oneshot::Receiver<RecvHandover>>>,
     next_id: AtomicU64,
 }
 
@@ -485,6 +572,7 @@ impl Shared {
             connecting: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            read_handovers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -1035,6 +1123,8 @@ impl Shared {
         let StreamKey { conn, stream, .. } = id;
         let mut wanted: Option<usize> = None;
         let mut paused = false;
+        let mut log = ReadLog::default();
+        let mut end = RecvEnd::Stopped;
         loop {
             let step = if let Some(max) = wanted {
                 tokio::select! {
@@ -1050,6 +1140,7 @@ impl Shared {
                 Step::Command(Some(RecvCmd::Read(max))) => {
                     wanted = Some(max.max(1));
                     paused = false;
+                    log.requested();
                 }
                 Step::Command(Some(RecvCmd::StopSending(code))) => {
                     let _ = recv.stop(code);
@@ -1061,14 +1152,18 @@ impl Shared {
                     self.push(Event::ReadPaused { conn, stream });
                 }
                 Step::Command(Some(RecvCmd::Handover(to))) => {
-                    let _ = to.send(recv);
+                    let _ = to.send(RecvHandover {
+                        recv: Some(recv),
+                        log,
+                        end: None,
+                    });
                     self.release(id, false);
                     return;
                 }
                 Step::Command(Some(RecvCmd::Drain(done))) => {
                     // A paused stream is being handed to a splice: its reader is gone.
                     if !paused {
-                        self.drain_closed(&mut recv, conn, stream).await;
+                        end = self.drain_closed(&mut recv, conn, stream, &mut log).await;
                     }
                     drop(done);
                     break;
@@ -1076,6 +1171,7 @@ impl Shared {
                 Step::Read(Ok(Some(chunk))) => {
                     let max = wanted.take().unwrap_or(chunk.bytes.len());
                     let (chunks, fin) = drain_ready(&mut recv, chunk.bytes, max);
+                    log.gave(&chunks);
                     self.push(Event::Data {
                         conn,
                         stream,
@@ -1083,6 +1179,7 @@ impl Shared {
                         fin,
                     });
                     if fin {
+                        end = RecvEnd::Fin;
                         break;
                     }
                 }
@@ -1093,6 +1190,7 @@ impl Shared {
                         chunks: Vec::new(),
                         fin: true,
                     });
+                    end = RecvEnd::Fin;
                     break;
                 }
                 Step::Read(Err(ReadError::ZeroRttRejected)) => {
@@ -1105,32 +1203,48 @@ impl Shared {
                         stream,
                         code: code.into_inner(),
                     });
+                    end = RecvEnd::Reset(code.into_inner());
                     break;
                 }
                 Step::Read(Err(_)) => break,
             }
         }
         drop(recv); // before the release: a forgotten half holds no quinn handle
-        self.end_recv(id, commands);
+        self.end_recv(id, commands, log, end);
     }
 
     /// A stream's receiving task ended (FIN, reset, error): forget its half, then answer
     /// the commands that reached its channel after its last look. Python may have sent
     /// them while the task was ending (`recv_command` finds the half until the release):
     /// a `Pause` there must still get its `ReadPaused`, after the task's last `Data`, or
-    /// the splice waiting for it never starts and its flow hangs; a `Handover` is refused
-    /// (its sender is dropped: the splice reads what Python saw, FIN included).
-    fn end_recv(&self, id: StreamKey, mut commands: UnboundedReceiver<RecvCmd>) {
+    /// the splice waiting for it never starts and its flow hangs; a `Handover` gets no half
+    /// but what the task gave and how it ended (`log`, `end`): the splice adds what Python
+    /// had not seen of it, and the FIN or the reset.
+    fn end_recv(
+        &self,
+        id: StreamKey,
+        mut commands: UnboundedReceiver<RecvCmd>,
+        log: ReadLog,
+        end: RecvEnd,
+    ) {
         self.release(id, false);
         // From here `recv_command` fails (and a pause is answered at once there); what
         // it sent before is in the channel.
         commands.close();
         while let Ok(command) = commands.try_recv() {
-            if matches!(command, RecvCmd::Pause) {
-                self.push(Event::ReadPaused {
+            match command {
+                RecvCmd::Pause => self.push(Event::ReadPaused {
                     conn: id.conn,
                     stream: id.stream,
-                });
+                }),
+                RecvCmd::Handover(to) => {
+                    let _ = to.send(RecvHandover {
+                        recv: None,
+                        log: log.clone(),
+                        end: Some(end),
+                    });
+                }
+                _ => {}
             }
         }
     }
@@ -1144,7 +1258,13 @@ impl Shared {
     /// `Data` events, with the FIN if it was received, or the peer's reset after the data
     /// before it. The amount is what the peer was allowed to send and we had not read: at
     /// most the connection's receive window over all streams, so no reader can make it grow.
-    async fn drain_closed(&self, recv: &mut RecvStream, conn: u64, stream: u64) {
+    async fn drain_closed(
+        &self,
+        recv: &mut RecvStream,
+        conn: u64,
+        stream: u64,
+        log: &mut ReadLog,
+    ) -> RecvEnd {
         let mut chunks = Vec::new();
         let mut total = 0;
         loop {
@@ -1166,6 +1286,7 @@ impl Shared {
             };
             let last = fin || total < DRAIN_BATCH;
             if !chunks.is_empty() || fin {
+                log.gave(&chunks);
                 self.push(Event::Data {
                     conn,
                     stream,
@@ -1176,9 +1297,10 @@ impl Shared {
             total = 0;
             if let Some(code) = reset {
                 self.push(Event::ResetReceived { conn, stream, code });
+                return RecvEnd::Reset(code);
             }
             if last {
-                return;
+                return if fin { RecvEnd::Fin } else { RecvEnd::Stopped };
             }
         }
     }
@@ -1515,15 +1637,25 @@ mod tests {
     /// The splice hang: Python's `pause_read` found the stream's receiving half and queued
     /// a `Pause` just as its task, having read the FIN, was ending. The task must still
     /// answer it (after its last `Data`), or the flow's splice waits for ever.
-    #[test]
-    fn a_pause_reaching_an_ending_recv_task_is_answered() {
-        let (shared, _reader) = Shared::new().unwrap();
+    /// Stream 4 of connection 7: its key and the command channel of its receiving task.
+    fn recv_task_channel() -> (
+        StreamKey,
+        tokio::sync::mpsc::UnboundedSender<RecvCmd>,
+        UnboundedReceiver<RecvCmd>,
+    ) {
         let (tx, rx) = unbounded_channel();
         let key = StreamKey {
             conn: 7,
             stream: 4,
             generation: 1,
         };
+        (key, tx, rx)
+    }
+
+    #[test]
+    fn a_pause_reaching_an_ending_recv_task_is_answered() {
+        let (shared, _reader) = Shared::new().unwrap();
+        let (key, tx, rx) = recv_task_channel();
         lock(&shared.streams).insert(
             (7, 4),
             StreamHandles {
@@ -1545,7 +1677,7 @@ mod tests {
             .and_then(|handles| handles.recv.as_ref())
             .map(|recv| recv.send(RecvCmd::Pause).is_ok());
         assert_eq!(sent, Some(true));
-        shared.end_recv(key, rx);
+        shared.end_recv(key, rx, ReadLog::default(), RecvEnd::Fin);
         let events = shared.take_events();
         assert_eq!(events.len(), 2, "{events:?}");
         assert!(matches!(events[0], Event::Data { fin: true, .. }));
@@ -1555,6 +1687,44 @@ mod tests {
         ));
         // The half is forgotten: a later pause is answered by `pause_read` itself.
         assert!(lock(&shared.streams).get(&(7, 4)).is_none());
+    }
+
+    /// A stream handed to a splice without a pause: the splice gets what the last `Data`
+    /// events gave that Python had not taken in, by Python's count of what it saw.
+    #[test]
+    fn a_handover_gives_the_splice_what_python_had_not_seen() {
+        let mut log = ReadLog::default();
+        log.gave(&[Bytes::from_static(b"headers")]);
+        log.requested();
+        log.gave(&[Bytes::from_static(b"abc"), Bytes::from_static(b"defg")]);
+        assert_eq!(log.delivered, 14);
+        // Python saw every event: nothing to add.
+        assert!(log.unseen(14).unwrap().is_empty());
+        // The last event was still on its way to Python.
+        assert_eq!(log.unseen(7).unwrap().concat(), b"abcdefg");
+        // Only part of it (events are whole; the count may still fall inside a chunk).
+        assert_eq!(log.unseen(9).unwrap().concat(), b"cdefg");
+        // Python saw more than was given, or missed more than the events since its last
+        // read request: out of step, the flow fails rather than lose or repeat bytes.
+        assert!(log.unseen(15).unwrap_err().contains("out of step"));
+        assert!(log.unseen(6).unwrap_err().contains("out of step"));
+    }
+
+    /// A handover that reaches a receiving task as it ends (it gave the FIN) is answered
+    /// with what it gave and the FIN, not dropped: Python may not have seen that `Data`.
+    #[test]
+    fn a_handover_reaching_an_ending_recv_task_gets_its_last_data_and_end() {
+        let (shared, _reader) = Shared::new().unwrap();
+        let (key, tx, rx) = recv_task_channel();
+        let (to, mut from) = tokio::sync::oneshot::channel();
+        tx.send(RecvCmd::Handover(to)).unwrap();
+        let mut log = ReadLog::default();
+        log.gave(&[Bytes::from_static(b"last")]);
+        shared.end_recv(key, rx, log, RecvEnd::Fin);
+        let handover = from.try_recv().unwrap();
+        assert!(handover.recv.is_none());
+        assert_eq!(handover.end, Some(RecvEnd::Fin));
+        assert_eq!(handover.log.unseen(0).unwrap().concat(), b"last");
     }
 
     #[test]

@@ -858,6 +858,8 @@ impl Endpoint {
     /// Abort the sending side with RESET_STREAM(`code`); returns whether it was still open.
     fn reset(&self, conn: u64, stream: u64, code: u64) -> PyResult<bool> {
         let code = varint("error code", code)?;
+        // A half handed over for a splice that never started is dropped with it.
+        lock(&self.shared.read_handovers).remove(&(conn, stream));
         Ok(self
             .send_command(conn, stream, SendCmd::Reset(code))
             .is_ok())
@@ -885,6 +887,22 @@ impl Endpoint {
         }
     }
 
+    /// (splicing) Hand the stream's receiving half to the splice Python starts next, at
+    /// once: no `pause_read` round trip. The splice adds the bytes the half gave that Python
+    /// had not seen (`splice`'s `received`: see `engine::ReadLog`). False when the half is
+    /// already gone (its task ended): then pause it as before.
+    fn hand_over_read(&self, conn: u64, stream: u64) -> bool {
+        let (to, from) = tokio::sync::oneshot::channel();
+        if self
+            .recv_command(conn, stream, RecvCmd::Handover(to))
+            .is_err()
+        {
+            return false;
+        }
+        lock(&self.shared.read_handovers).insert((conn, stream), from);
+        true
+    }
+
     /// (splicing) Splice a stream onto the TCP socket just sent to `fd_carrier()` with
     /// `token`: the engine copies both ways until both end, then a `spliced` event reports
     /// the bytes each way and the failure, if any (see `splice.rs`). `to_tcp`: payload
@@ -892,10 +910,11 @@ impl Endpoint {
     /// not yet sent; `unparsed`, `frame_type`, `frame_remaining`: the HTTP/3 parser's state;
     /// `recv_fin`: the stream's FIN was received. Returns the splice's ID.
     /// With `engine_socket`, `token` is a socket this engine connected (`tcp_connect`)
-    /// instead.
+    /// instead. `received`: the stream bytes Python saw, when its receiving half was handed
+    /// over with `hand_over_read` (the rest of what the half gave goes to the deframer).
     #[pyo3(signature = (
         conn, stream, token, *, to_tcp, to_quic, unparsed, frame_type=None, frame_remaining=0,
-        recv_fin=false, engine_socket=false
+        recv_fin=false, engine_socket=false, received=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn splice(
@@ -910,6 +929,7 @@ impl Endpoint {
         frame_remaining: u64,
         recv_fin: bool,
         engine_socket: bool,
+        received: Option<u64>,
     ) -> PyResult<u64> {
         let deframer = splice::Deframer::resume(frame_type, frame_remaining)
             .map_err(|e| quicmesh_error("TunnelError", e.message))?;
@@ -949,7 +969,10 @@ impl Endpoint {
             .send_command(conn, stream, SendCmd::Handover(send_to))
             .ok()
             .map(|()| send_from);
-        let recv = if recv_fin {
+        let handed = lock(&self.shared.read_handovers).remove(&(conn, stream));
+        let recv = if handed.is_some() {
+            handed
+        } else if recv_fin {
             None
         } else {
             let (recv_to, recv_from) = tokio::sync::oneshot::channel();
@@ -976,6 +999,7 @@ impl Endpoint {
             unparsed: Bytes::copy_from_slice(unparsed),
             deframer,
             recv_fin,
+            received,
         };
         rt.spawn(splice::run(
             Arc::clone(&self.shared),

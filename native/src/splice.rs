@@ -57,7 +57,7 @@ use quinn::{
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::engine::{lock, Event, Shared};
+use crate::engine::{lock, Event, RecvEnd, RecvHandover, Shared};
 
 /// H3_NO_ERROR: a STOP_SENDING with it only says "no more bytes needed" (RFC 9114 4.1.1).
 pub const H3_NO_ERROR: u64 = 0x100;
@@ -371,6 +371,9 @@ pub struct SpliceSpec {
     pub deframer: Deframer,
     /// The stream's FIN was already received (by Python).
     pub recv_fin: bool,
+    /// The stream bytes Python saw, when it handed the receiving half over without pausing
+    /// it (what else the half gave is deframed after `unparsed`).
+    pub received: Option<u64>,
 }
 
 /// What the engine keeps about a running splice: where Python's abort goes and what it holds.
@@ -601,16 +604,16 @@ async fn downstream(
     tcp: &TcpStream,
     recv: Option<&mut RecvStream>,
     prefix: Bytes,
-    unparsed: Bytes,
+    unparsed: Vec<Bytes>,
     deframer: &mut Deframer,
     recv_fin: bool,
     counted: &mut u64,
     held: &AtomicU64,
 ) -> Result<(), Failure> {
     let mut payload = vec![prefix];
-    deframer
-        .feed(unparsed, &mut payload)
-        .map_err(Failure::Frame)?;
+    for bytes in unparsed {
+        deframer.feed(bytes, &mut payload).map_err(Failure::Frame)?;
+    }
     let mut fin = recv_fin;
     let mut recv = recv;
     loop {
@@ -653,7 +656,7 @@ pub async fn run(
     tcp: TcpStream,
     connection: Connection,
     send: Option<oneshot::Receiver<SendHandover>>,
-    recv: Option<oneshot::Receiver<RecvStream>>,
+    recv: Option<oneshot::Receiver<RecvHandover>>,
     abort: oneshot::Receiver<u64>,
 ) {
     let SpliceSpec {
@@ -664,14 +667,35 @@ pub async fn run(
         to_quic,
         unparsed,
         mut deframer,
-        recv_fin,
+        mut recv_fin,
+        received,
     } = spec;
     let mut send = match send {
         Some(handover) => handover.await.ok(),
         None => None,
     };
+    let mut unparsed = vec![unparsed];
+    let mut failed: Option<Failure> = None;
     let mut recv = match recv {
-        Some(handover) => handover.await.ok(),
+        Some(handover) => match handover.await {
+            Ok(RecvHandover { recv, log, end }) => {
+                if let Some(received) = received {
+                    match log.unseen(received) {
+                        Ok(unseen) => unparsed.extend(unseen),
+                        Err(message) => failed = Some(Failure::Quic(message)),
+                    }
+                }
+                match end {
+                    Some(RecvEnd::Fin) => recv_fin = true,
+                    Some(RecvEnd::Reset(code)) => {
+                        failed.get_or_insert(Failure::PeerReset(code));
+                    }
+                    Some(RecvEnd::Stopped) | None => {}
+                }
+                recv
+            }
+            Err(_) => None,
+        },
         None => None,
     };
     let (mut sent, mut received) = (0u64, 0u64);
@@ -704,9 +728,12 @@ pub async fn run(
         // The connection's close is each direction's business (above): what quinn still
         // holds for the flow is written to the socket first, and a peer's close without
         // an error after the last byte is no failure.
-        tokio::select! {
-            result = both => result,
-            code = aborted => Err(Failure::Aborted(code)),
+        match failed {
+            Some(failure) => Err(failure),
+            None => tokio::select! {
+                result = both => result,
+                code = aborted => Err(Failure::Aborted(code)),
+            },
         }
     };
     let (error, code) = match &result {

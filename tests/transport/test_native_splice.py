@@ -106,6 +106,71 @@ def test_bytes_held_in_python_go_first_and_the_flow_ends_cleanly() -> None:
     assert outcome == SpliceOutcome(len(pending) + len(download), len(upload) - 1, "")
 
 
+def test_streams_handed_over_while_their_bytes_arrive_lose_and_repeat_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accepting side hands each stream to its splice without pausing its reader
+    first (``hand_over_reading``): the engine may just have given Python a chunk the
+    session has not taken in, and the splice must carry it, once. 24 flows at once,
+    each uploading 400 kB right behind its CONNECT: every byte arrives, in order, and
+    the hand-over (not the pause) is what ran."""
+    from quicmesh.transport.quic.native_engine import NativeConnection
+
+    handed: list[bool] = []
+    paused: list[int] = []
+    hand_over = NativeConnection.hand_over_reading
+    pause = NativeConnection.pause_reading
+
+    def counting_hand_over(self: NativeConnection, stream_id: int) -> bool:
+        done = hand_over(self, stream_id)
+        handed.append(done)
+        return done
+
+    async def counting_pause(self: NativeConnection, stream_id: int) -> None:
+        paused.append(stream_id)
+        await pause(self, stream_id)
+
+    monkeypatch.setattr(NativeConnection, "hand_over_reading", counting_hand_over)
+    monkeypatch.setattr(NativeConnection, "pause_reading", counting_pause)
+    uploads = [random.Random(n).randbytes(400_000) for n in range(24)]
+    at_tcp: dict[bytes, bytes] = {}
+
+    async def main() -> None:
+        async def handler(stream: MeshStream) -> None:
+            first = await stream.readexactly(16)  # which upload: its first 16 bytes
+            sock, reader, writer = await tcp_pair()
+
+            async def app() -> None:
+                at_tcp[first] = first + await reader.read()
+                writer.close()  # the download's end
+
+            app_task = asyncio.ensure_future(app())
+            outcome = await stream.splice_socket(sock)
+            await app_task
+            assert outcome.error == ""
+
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native", CLIENT).connect(listener.address)
+
+        async def flow(upload: bytes) -> None:
+            stream = await conn.open_stream(TARGET)
+            stream.write(upload)
+            stream.write_eof()
+            assert await asyncio.wait_for(stream.read(), 30) == b""
+
+        await asyncio.gather(*(flow(upload) for upload in uploads))
+        await until(lambda: len(at_tcp) == len(uploads))
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+
+    run(main())
+    for upload in uploads:
+        assert at_tcp[upload[:16]] == upload
+    assert len(handed) == len(uploads) and all(handed), handed
+    assert not paused
+
+
 def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
     async def main() -> tuple[str, SpliceOutcome, SpliceOutcome, str]:
         results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()

@@ -298,11 +298,14 @@ class QuicPeerConnection(SessionConnection):
         self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
     ) -> SpliceOutcome:
         """Hand the stream and ``sock`` to the engine (see :meth:`MeshStream.splice_socket`):
-        the engine stops reading the stream, the bytes that reached the stream and the
-        HTTP/3 parser's state go with it, then the engine copies until both ends close."""
+        the engine stops reading the stream (at once where it can hand the reading over,
+        else after a pause), the bytes that reached the stream and the HTTP/3 parser's state
+        go with it, then the engine copies until both ends close."""
         quic: Any = self.quic
         stream_id = stream.stream_id
-        await quic.pause_reading(stream_id)
+        hand_over = getattr(quic, "hand_over_reading", None)
+        if hand_over is None or not hand_over(stream_id):
+            await quic.pause_reading(stream_id)
         payload, eof = stream._hand_over()
         session = cast(H3TunnelSession, self.session)
         frame_type, remaining, unparsed = session.hand_over(stream_id)

@@ -138,6 +138,7 @@ rather than pretending:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import bisect
 import contextlib
 import errno
@@ -326,6 +327,7 @@ def _hand_socket(sock: socket.socket) -> int:
         if _CARRIER is None:
             fd = os.dup(_extension().fd_carrier())
             _CARRIER = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM, fileno=fd)
+            atexit.register(_CARRIER.close)  # (no ResourceWarning at the interpreter's exit)
         socket.send_fds(_CARRIER, [token.to_bytes(8, "little")], [sock.fileno()])
     finally:
         sock.close()
@@ -573,6 +575,12 @@ class _Stream:
     """Payload delivered to the application and not read yet (tracked streams)."""
     splicing: bool = False
     """Handed (or being handed) to the engine's splice: Python reads it no more."""
+    handed_over: bool = False
+    """Its receiving half went to the splice without a pause (:meth:`NativeConnection.
+    hand_over_reading`): what the engine gave it and the session had not taken in goes to
+    the splice, so those events are dropped here."""
+    received: int = 0
+    """Stream bytes the session took in (``StreamDataReceived`` events it was given)."""
     splice_id: int | None = None
     paused: asyncio.Future[None] | None = None
 
@@ -802,8 +810,8 @@ class NativeConnection:
         if kind == "data":
             _, _, stream_id, data, fin = event
             state = self._streams.get(stream_id)
-            if state is None:  # finished and forgotten: a read that crossed its end
-                return
+            if state is None or state.handed_over:  # forgotten (a read that crossed its
+                return  # end), or the splice has these bytes
             state.reading = False
             if fin:
                 state.recv_done = True
@@ -834,7 +842,7 @@ class NativeConnection:
         elif kind == "reset_received":
             _, _, stream_id, code = event
             state = self._streams.get(stream_id)
-            if state is None:  # finished and forgotten
+            if state is None or state.handed_over:  # forgotten, or the splice has the reset
                 return
             state.recv_done = True
             self._events.append(quic_events.StreamReset(error_code=code, stream_id=stream_id))
@@ -1142,6 +1150,12 @@ class NativeConnection:
         """The next pending event, or None."""
         while self._events:
             event = self._events.pop(0)
+            if isinstance(event, quic_events.StreamDataReceived | quic_events.StreamReset):
+                state = self._streams.get(event.stream_id)
+                if state is not None and state.handed_over:
+                    continue  # the splice took these bytes (or this reset) from the engine
+                if state is not None and isinstance(event, quic_events.StreamDataReceived):
+                    state.received += len(event.data)
             if isinstance(event, _Forgotten):
                 if self.on_forget is not None:
                     self.on_forget(event.stream_id)
@@ -1172,6 +1186,26 @@ class NativeConnection:
             and not self._early
             and not stream_id & 2
         )
+
+    def hand_over_reading(self, stream_id: int) -> bool:
+        """Give the stream's reading to the splice that :meth:`splice_stream` starts next,
+        without :meth:`pause_reading`'s round trip through the engine: the engine keeps what
+        it gave since Python's last read request, and the splice adds the part the session
+        had not taken in (by :attr:`_Stream.received`). False where that cannot be done
+        (an extension built before it, or the engine's reader already ended): pause then.
+        A stream whose end the session has seen needs neither (True)."""
+        state = self._stream(stream_id)
+        hand_over = getattr(self._native, "hand_over_read", None)
+        if hand_over is None or self._closed_reason is not None or state.splicing:
+            return False
+        if state.recv_done:
+            state.splicing = True
+            return True
+        if not hand_over(self.conn, stream_id):
+            return False
+        state.splicing = state.handed_over = True
+        state.reading = False
+        return True
 
     async def pause_reading(self, stream_id: int) -> None:
         """Stop reading the stream; return once every byte the engine gave for it has
@@ -1255,6 +1289,7 @@ class NativeConnection:
             frame_type=frame_type,
             frame_remaining=frame_remaining,
             recv_fin=recv_fin,
+            **({"received": state.received} if state.handed_over else {}),
         )
         state.splice_id = splice_id
         waiter = self._pump.loop.create_future()
