@@ -6,6 +6,12 @@ What one run measures, on loopback through a relay that adds a one-way delay of
 * **Flows.** The client opens ``--flows`` tunnelled flows (default 4) on one peer
   connection; the server writes to each as fast as the flow allows (a download)
   until the client half-closes. The client timestamps every read.
+  With ``--rate MBIT`` the server paces each download at that rate instead
+  (:data:`PACED_WRITE` bytes at a time): on a link with no rate limit a flow sent
+  as fast as it may is window-limited, so its reads come in bursts about one RTT
+  apart and the longest gap cannot show a stall shorter than that; paced, the
+  steady gap is the pacing interval (a few ms) and the stall is the interruption
+  itself.
 * **The event**, half-way through ``--duration``:
 
   - ``quic-migrate``: the client calls ``await conn.migrate()`` (new UDP socket,
@@ -40,6 +46,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +64,8 @@ FAILOVER_WAIT = 15.0
 """Seconds a death or hang case waits for its flows to fail."""
 TARGET = "bulk.bench.svc:9000"
 CHUNK = 16 * 1024
+PACED_WRITE = 1024
+"""Bytes per write of a paced download (``--rate``)."""
 
 
 @dataclass
@@ -75,21 +84,35 @@ class Row:
     received_bytes: int
     reset_ms: float | None = None
     """(death, hang) From the event until the last flow failed; None: not all did."""
+    rate_mbit: float | None = None
+    """Each flow's paced download rate (``--rate``); None: as fast as the flow allows."""
 
 
-async def _download(stream: MeshStream) -> None:
-    """Server: send until the client half-closes."""
-    block = bytes(CHUNK)
-    reader = asyncio.ensure_future(stream.read())
-    try:
-        while not reader.done():
-            stream.write(block)
-            await stream.drain()
-        stream.write_eof()
-    except TunnelError:
-        pass
-    finally:
-        reader.cancel()
+def _downloader(rate: float | None) -> Callable[[MeshStream], Awaitable[None]]:
+    """The server's handler: send until the client half-closes, as fast as the flow
+    allows, or paced at ``rate`` bytes a second."""
+
+    async def download(stream: MeshStream) -> None:
+        loop = asyncio.get_running_loop()
+        block = bytes(CHUNK if rate is None else PACED_WRITE)
+        due = loop.time()
+        reader = asyncio.ensure_future(stream.read())
+        try:
+            while not reader.done():
+                stream.write(block)
+                await stream.drain()
+                if rate is not None:
+                    # Due times, not sleeps after each write: a late write does not
+                    # lower the rate, and a stalled flow catches up once it resumes.
+                    due += len(block) / rate
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+            stream.write_eof()
+        except TunnelError:
+            pass
+        finally:
+            reader.cancel()
+
+    return download
 
 
 async def _flow(
@@ -125,9 +148,15 @@ def _longest_gap(times: list[float], start: float, end: float) -> float:
 
 
 async def run_case(
-    case: str, rtt: float, flows: int, duration: float, engine: str | None = None
+    case: str,
+    rtt: float,
+    flows: int,
+    duration: float,
+    engine: str | None = None,
+    rate_mbit: float | None = None,
 ) -> Row:
-    """Run one case and measure it (``engine``: the QUIC engine of the quic cases)."""
+    """Run one case and measure it (``engine``: the QUIC engine of the quic cases;
+    ``rate_mbit``: pace each download at this many Mbit/s)."""
     ca = DevCA()
     client_id = ca.issue("spiffe://mesh.local/ns/bench/sa/client")
     server_id = ca.issue("spiffe://mesh.local/ns/bench/sa/server")
@@ -140,7 +169,8 @@ async def run_case(
     else:
         server = H2Transport(identity=server_id, trust=ca.trust_bundle)
         client = H2Transport(identity=client_id, trust=ca.trust_bundle)
-    listener = await server.listen(("127.0.0.1", 0), _download)
+    rate = rate_mbit * 1e6 / 8 if rate_mbit is not None else None
+    listener = await server.listen(("127.0.0.1", 0), _downloader(rate))
     relay: UdpRelay | TcpRelay
     if kind is QuicTransport:
         relay = await UdpRelay(listener.address, delay=rtt / 2).start()
@@ -206,6 +236,7 @@ async def run_case(
         steady_gap_ms=_longest_gap(reads, start + duration / 4, event_at) * 1000,
         received_bytes=counter[0],
         reset_ms=reset * 1000 if reset is not None else None,
+        rate_mbit=rate_mbit,
     )
 
 
@@ -216,8 +247,11 @@ def format_table(rows: list[Row]) -> str:
         if all(row.case in FAILOVER_CASES for row in rows)
         else "the client address changes"
     )
+    rate = rows[0].rate_mbit
+    pace = "as fast as each flow allows" if rate is None else f"each paced at {rate:g} Mbit/s"
     lines = [
-        f"stall when {event} mid-transfer, RTT {rows[0].rtt_ms:g} ms, {rows[0].flows} flows",
+        f"stall when {event} mid-transfer, RTT {rows[0].rtt_ms:g} ms, {rows[0].flows} flows"
+        f" ({pace})",
         f"{'case':<13} {'stall ms':>9} {'RTTs':>6} {'steady gap ms':>14} "
         f"{'flows lost':>11} {'MB received':>12} {'reset ms':>9}",
     ]
@@ -262,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run the cases this many times, interleaved (1)"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="pace each flow's download at this many Mbit/s (default: as fast as it may;"
+        " paced, the stall is not hidden by a window-limited flow's per-RTT bursts)",
+    )
     parser.add_argument("--quick", action="store_true", help="1.5 s per case")
     parser.add_argument("--json", help="write the rows to this file")
     add_engine_argument(parser)
@@ -278,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         or args.flows < 1
         or duration <= 0
         or args.repeat < 1
+        or (args.rate is not None and not args.rate > 0)
         or any(c not in known for c in cases)
     ):
         print(
             "quicmesh bench migration: need --rtt > 0, --flows >= 1, --duration > 0, "
-            f"--repeat >= 1, --cases from {known}",
+            f"--repeat >= 1, --rate > 0, --cases from {known}",
             file=sys.stderr,
         )
         return 2
@@ -292,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = [
-            asyncio.run(run_case(case, args.rtt / 1000, args.flows, duration, args.engine))
+            asyncio.run(
+                run_case(case, args.rtt / 1000, args.flows, duration, args.engine, args.rate)
+            )
             for _ in range(args.repeat)
             for case in cases
         ]

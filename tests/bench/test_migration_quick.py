@@ -40,7 +40,31 @@ def test_quick_run_keeps_quic_flows_and_loses_h2_ones(tmp_path: Path) -> None:
     assert rows["h2-rebind"]["stall_ms"] is None
 
 
-@pytest.mark.parametrize("argv", [["--rtt", "-1"], ["--flows", "0"], ["--cases", "tcp"]])
+def test_a_paced_run_reports_its_rate_and_keeps_quic_flows(tmp_path: Path) -> None:
+    """``--rate``: each download paced; the console script, as a user runs it."""
+    require_engine("native")
+    report = tmp_path / "migration.json"
+    done = subprocess.run(
+        ["quicmesh", "bench", "migration", "--quick", "--duration", "1", "--rate", "4",
+         "--cases", "quic-migrate,quic-rebind", "--engine", "native", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "(each paced at 4 Mbit/s)" in done.stdout.splitlines()[0]
+    rows = json.loads(report.read_text())["rows"]
+    assert [row["case"] for row in rows] == ["quic-migrate", "quic-rebind"]
+    for row in rows:
+        assert row["rate_mbit"] == 4 and row["flows_lost"] == 0
+        # Paced at 500 kB/s a flow for about a second: not more than that went.
+        assert 0 < row["received_bytes"] <= 4 * 1.5 * 500e3, row
+
+
+@pytest.mark.parametrize(
+    "argv", [["--rtt", "-1"], ["--flows", "0"], ["--cases", "tcp"], ["--rate", "0"]]
+)
 def test_bad_options_exit_2(argv: list[str]) -> None:
     assert migration.main(argv) == 2
 
