@@ -42,6 +42,10 @@ use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TcpSlot, TransportO
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
 /// Build one of `quicmesh.errors`' exceptions carrying `message`.
+/// quinn's default max_udp_payload_size: a 1500-byte Ethernet MTU less the IPv4 and UDP
+/// headers.
+const MAX_UDP_PAYLOAD: u16 = 1472;
+
 fn quicmesh_error(name: &str, message: impl Into<String>) -> PyErr {
     let message = message.into();
     Python::with_gil(|py| {
@@ -530,7 +534,7 @@ impl Endpoint {
         let _entered = rt.enter();
         // Stateless reset tokens are an HMAC of the connection ID: with the same key after a
         // restart, a peer's next packet on a lost connection is answered with a reset it trusts.
-        let endpoint_config = match reset_key {
+        let mut endpoint_config = match reset_key {
             Some(key) if key.len() < 16 => {
                 return Err(config_error("reset_key must be at least 16 bytes"))
             }
@@ -550,6 +554,16 @@ impl Endpoint {
             }
             None => quinn::EndpointConfig::default(),
         };
+        // The largest UDP payload we accept (the max_udp_payload_size transport parameter):
+        // the peer's path MTU discovery probes up to it, so it is at least what ours probes.
+        if let Some(max) = options
+            .mtu_discovery_max
+            .filter(|max| *max > MAX_UDP_PAYLOAD)
+        {
+            endpoint_config
+                .max_udp_payload_size(max)
+                .map_err(|e| config_error(format!("mtu_discovery_max {max}: {e}")))?;
+        }
         let qlog_server = server_tls.clone().filter(|_| options.qlog_dir.is_some());
         let (shared, wake) =
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;

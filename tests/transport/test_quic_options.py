@@ -105,12 +105,15 @@ async def _upload(client: quicmesh.QuicTransport, server: quicmesh.QuicTransport
 
 
 def test_native_path_mtu_discovery_raises_the_datagram_size_on_both_ends() -> None:
-    """quinn's DPLPMTUD (RFC 8899) from 1200 up to 1452 on loopback, each end for
-    itself; off, the size stays at max_datagram_size."""
+    """quinn's DPLPMTUD (RFC 8899) from 1200 up to its ceiling (6550, what one GSO
+    batch of quinn's can carry) on loopback, whose MTU is 65536, each end for itself
+    (each accepts that size: its max_udp_payload_size); off, the size stays at
+    max_datagram_size."""
+    from quicmesh.transport.quic.native_engine import MTU_DISCOVERY_MAX
 
     async def main() -> None:
         client_stats, server_stats = await _upload(_native(), _native(identity=MESH.server))
-        assert client_stats["mtu"] == server_stats["mtu"] == 1452
+        assert client_stats["mtu"] == server_stats["mtu"] == MTU_DISCOVERY_MAX == 6550
         assert client_stats["mtu_probes_sent"] > 0 and server_stats["mtu_probes_sent"] > 0
         fixed = await _upload(
             _native(mtu_discovery=False), _native(identity=MESH.server, mtu_discovery=False)

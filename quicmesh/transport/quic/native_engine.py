@@ -110,9 +110,11 @@ rather than pretending:
 * **Splicing**: :meth:`NativeConnection.splice_stream` hands a request stream
   and a TCP socket to the engine (native/src/splice.rs), which copies both ways
   without Python (DATA framing in Rust); Python learns only the outcome. The
-  stream's reads stop first (:meth:`NativeConnection.pause_reading`: the
-  engine's ``read_paused`` event comes after every ``data`` event it gave),
-  so what Python already received goes to the socket first; the socket
+  stream's reader goes to the splice at once (:meth:`NativeConnection.
+  hand_over_reading`: the engine adds what it gave that the session had not
+  taken in), or stops first where it cannot (:meth:`NativeConnection.
+  pause_reading`: the engine's ``read_paused`` event comes after every ``data``
+  event it gave), so what Python already received goes to the socket first; the socket
   crosses to Rust over a Unix socket pair (SCM_RIGHTS, :func:`_hand_socket`).
   Not while a 0-RTT flight is unsettled (its bytes may have to be resent).
 * **Packets**: ``max_datagram_size`` is quinn's initial datagram size, and
@@ -205,9 +207,19 @@ NOT_BUILT = (
 )
 """The one-line error for ``engine="native"`` without the extension."""
 
-MTU_DISCOVERY_MAX = 1452
-"""The largest UDP payload quinn's path MTU discovery probes for (a 1500-byte MTU
-over IPv6); it falls back to 1200 when probes of a size stop arriving."""
+MTU_DISCOVERY_MAX = 6550
+"""The largest UDP payload quinn's path MTU discovery probes for, and the largest a
+native endpoint accepts (its ``max_udp_payload_size`` transport parameter).
+
+quinn sends up to 10 datagrams of the path's size in one segmentation-offload (GSO)
+call (quinn 0.11's ``MAX_TRANSMIT_SEGMENTS``), and one call carries at most 65,507
+bytes of UDP payload (the UDP length field less the IPv4 header), so 6550 is the
+largest size GSO can carry: larger, a whole batch fails with EMSGSIZE and the search
+falls back. On a path with a 1500-byte MTU the probes above it are lost (not counted
+as congestion) and the size settles near 1472 (IPv4) or 1452 (IPv6); on loopback
+(MTU 65536) and jumbo-frame networks it reaches 6550, as TCP's segments there grow
+to the interface MTU. The size falls back to 1200 when probes of a size stop
+arriving (quinn's black-hole detection)."""
 
 CONGESTION_NAMES = {"reno": "newreno", "newreno": "newreno", "cubic": "cubic", "bbr": "bbr"}
 """quicmesh's congestion-control names and quinn's."""
