@@ -106,6 +106,17 @@ def packet_types(datagram: bytes) -> list[tuple[str, int]]:
     return result
 
 
+def first_flight(datagrams: list[bytes], count: int = 3) -> list[bytes]:
+    """The first ``count`` datagrams from the first one carrying an Initial: what a
+    client sent to open a connection, without the 1-RTT packets of the one it used
+    before that were still on their way (a closed connection answers a late packet of
+    its peer, e.g. a path MTU probe, with its CONNECTION_CLOSE)."""
+    for index, datagram in enumerate(datagrams):
+        if any(kind == "initial" for kind, _ in packet_types(datagram)):
+            return datagrams[index : index + count]
+    return []
+
+
 def zero_rtt_bytes(datagrams: list[bytes]) -> int:
     """Bytes of 0-RTT packets in ``datagrams``."""
     return sum(size for d in datagrams for kind, size in packet_types(d) if kind == "0rtt")

@@ -19,6 +19,7 @@ from quic_helpers import (
     SERVER,
     Recorder,
     exchange,
+    first_flight,
     run,
     until,
     zero_rtt_bytes,
@@ -313,16 +314,16 @@ def test_replayed_first_flight_is_not_delivered_twice(single_use: bool) -> None:
         relay.captured.clear()
         conn, results = await early_exchange(client, relay.address, [b"transfer 100 coins"])
         assert results == [b"transfer 100 coins"] and conn.early_data == "accepted"
-        first_flight = list(relay.captured[:3])
-        assert zero_rtt_bytes(first_flight) > 0
+        flight = first_flight(relay.captured)
+        assert zero_rtt_bytes(flight) > 0
 
         # Replayed while the connection lives (same connection IDs) ...
-        during = await relay.replay(first_flight)
+        during = await relay.replay(flight)
         # ... and after it is gone, as a new connection.
         conn.close()
         await conn.wait_closed()
         await until(lambda: not listener._server._protocols)  # type: ignore[attr-defined]
-        after = await relay.replay(first_flight)
+        after = await relay.replay(flight)
         await until(lambda: relay.stats.spoof_replies[after] > 0)
         # A full round trip on a fresh connection: the replays were processed before it.
         barrier = await client.connect(listener.address)
@@ -331,7 +332,7 @@ def test_replayed_first_flight_is_not_delivered_twice(single_use: bool) -> None:
         await barrier.wait_closed()
         # The server answered the replays from the relay's fresh sockets, no more than
         # three times what it received there (anti-amplification).
-        size = sum(len(d) for d in first_flight)
+        size = sum(len(d) for d in flight)
         assert relay.stats.spoof_replies[during] <= 3 * size
         assert relay.stats.spoof_replies[after] <= 3 * size
         relay.close()
