@@ -918,6 +918,9 @@ impl Shared {
             let _ = finished.await;
         }
         lock(&self.streams).retain(|(c, _), _| *c != id);
+        // Receiving halves handed over for splices that never started (a caller that did
+        // not abort its stream after a failed `splice`): the connection is gone.
+        lock(&self.read_handovers).retain(|(c, _), _| *c != id);
         self.push(Event::Closed {
             conn: id,
             kind,

@@ -38,7 +38,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use admission::{Admission, AdmissionConfig, RetryMode};
-use engine::{lock, runtime, Event, RecvCmd, SendCmd, Shared, TcpSlot, TransportOptions};
+use engine::{
+    lock, runtime, Event, RecvCmd, RecvHandover, SendCmd, Shared, TcpSlot, TransportOptions,
+};
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
 /// Build one of `quicmesh.errors`' exceptions carrying `message`.
@@ -872,8 +874,22 @@ impl Endpoint {
     /// Abort the sending side with RESET_STREAM(`code`); returns whether it was still open.
     fn reset(&self, conn: u64, stream: u64, code: u64) -> PyResult<bool> {
         let code = varint("error code", code)?;
-        // A half handed over for a splice that never started is dropped with it.
-        lock(&self.shared.read_handovers).remove(&(conn, stream));
+        // A receiving half handed over for a splice that never started: stop it with the
+        // reset's code once its task gives it (dropped, quinn would send STOP_SENDING 0,
+        // not an HTTP/3 code).
+        if let Some(handed) = lock(&self.shared.read_handovers).remove(&(conn, stream)) {
+            if let Ok(rt) = runtime() {
+                rt.spawn(async move {
+                    if let Ok(RecvHandover {
+                        recv: Some(mut recv),
+                        ..
+                    }) = handed.await
+                    {
+                        let _ = recv.stop(code);
+                    }
+                });
+            }
+        }
         Ok(self
             .send_command(conn, stream, SendCmd::Reset(code))
             .is_ok())

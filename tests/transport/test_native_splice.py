@@ -111,8 +111,8 @@ def test_streams_handed_over_while_their_bytes_arrive_lose_and_repeat_none(
 ) -> None:
     """The accepting side hands each stream to its splice without pausing its reader
     first (``hand_over_reading``): the engine may just have given Python a chunk the
-    session has not taken in, and the splice must carry it, once. 24 flows at once,
-    each uploading 400 kB right behind its CONNECT: every byte arrives, in order, and
+    session has not taken in, and the splice must carry it, once. 12 flows at once,
+    each uploading 2.5 MB right behind its CONNECT: every byte arrives, in order, and
     the hand-over (not the pause) is what ran."""
     from quicmesh.transport.quic.native_engine import NativeConnection
 
@@ -132,7 +132,7 @@ def test_streams_handed_over_while_their_bytes_arrive_lose_and_repeat_none(
 
     monkeypatch.setattr(NativeConnection, "hand_over_reading", counting_hand_over)
     monkeypatch.setattr(NativeConnection, "pause_reading", counting_pause)
-    uploads = [random.Random(n).randbytes(400_000) for n in range(24)]
+    uploads = [random.Random(n).randbytes(2_500_000) for n in range(12)]
     at_tcp: dict[bytes, bytes] = {}
 
     async def main() -> None:
@@ -167,6 +167,8 @@ def test_streams_handed_over_while_their_bytes_arrive_lose_and_repeat_none(
     run(main())
     for upload in uploads:
         assert at_tcp[upload[:16]] == upload
+    # Each upload is more than the stream's receive window (1 MiB), so no reader can have
+    # given the FIN before its splice (then it is paused instead: a_pause_reaching_...).
     assert len(handed) == len(uploads) and all(handed), handed
     assert not paused
 
