@@ -159,6 +159,10 @@ def _connection_stats(stream: MeshStream) -> dict[str, Any]:
         return {}
 
 
+SNAPSHOT_RETRY = 0.25
+"""Seconds between the server's attempts to record its connections' stats, while none
+has answered."""
+
 LAG_INTERVAL = 0.005
 """Seconds the event-loop lag monitor sleeps; its oversleep is the loop's lag."""
 
@@ -281,14 +285,17 @@ class _Server:
             self.flows[stream.target] = answered
 
     def snapshot_connections(self) -> None:
+        """Record each connection's stats once, from the first of its streams that
+        answers (a stream whose connection does not answer leaves the next one of the
+        same connection to try)."""
         seen: set[int] = set()
         for stream in self._tracked:
             channel = id(getattr(stream, "_channel", None))
             if channel in seen:
                 continue
-            seen.add(channel)
             stats = _connection_stats(stream)
             if stats:
+                seen.add(channel)
                 self.connection_stats.append(stats)
 
 
@@ -328,6 +335,12 @@ async def run_server(config: WorkerConfig) -> dict[str, Any]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), snapshot_at + 1.0)
     server.snapshot_connections()
+    while not server.connection_stats and not stop.is_set():
+        # No connection answered yet (a client that started late on a loaded machine):
+        # try again until one does or the run ends.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SNAPSHOT_RETRY)
+        server.snapshot_connections()
     await stop.wait()
     monitor_task.cancel()
     probe_transport.close()
