@@ -202,6 +202,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _closed_port() -> socket.socket:
+    """A TCP socket bound to a loopback port and not listening: a connect there is
+    refused for as long as it stays open. (A port merely freed can be taken meanwhile,
+    e.g. as the source port of a connect to it, which then connects to itself.)"""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
     """Bounded poll until nghttpx accepts TCP on ``port``; raise with its log if it never does."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -447,13 +456,13 @@ async def run_checks(binary: str, workdir: Path) -> tuple[list[Result], list[str
     tracked = _Tracked()
     echo = await asyncio.start_server(tracked.wrap(_echo), "127.0.0.1", 0)
     backend = await asyncio.start_server(tracked.wrap(_connect_proxy), "127.0.0.1", 0)
-    closed_port = _free_port()  # nothing listens there
+    closed = _closed_port()  # nothing listens there
     proxy: Nghttpx | None = None
     results: list[Result] = []
     try:
         backend_port = backend.sockets[0].getsockname()[1]
         proxy = await asyncio.to_thread(start_nghttpx, binary, backend_port, workdir)
-        checks = Checks(proxy, echo.sockets[0].getsockname()[1], closed_port)
+        checks = Checks(proxy, echo.sockets[0].getsockname()[1], closed.getsockname()[1])
         for name, check in checks.all():
             try:
                 async with asyncio.timeout(CHECK_TIMEOUT):
@@ -463,6 +472,7 @@ async def run_checks(binary: str, workdir: Path) -> tuple[list[Result], list[str
                 results.append(Result(name, False, f"{type(exc).__name__}: {exc}"))
         return results, checks.notes
     finally:
+        closed.close()
         if proxy is not None:
             proxy.stop()
         echo.close()
