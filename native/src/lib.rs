@@ -43,11 +43,11 @@ use engine::{
 };
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
-/// Build one of `quicmesh.errors`' exceptions carrying `message`.
 /// quinn's default max_udp_payload_size: a 1500-byte Ethernet MTU less the IPv4 and UDP
 /// headers.
 const MAX_UDP_PAYLOAD: u16 = 1472;
 
+/// Build one of `quicmesh.errors`' exceptions carrying `message`.
 fn quicmesh_error(name: &str, message: impl Into<String>) -> PyErr {
     let message = message.into();
     Python::with_gil(|py| {
