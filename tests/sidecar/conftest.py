@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +44,26 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def addr(port: int) -> str:
     return f"{LOOPBACK}:{port}"
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port where nothing answers, held for the block: a TCP connect there is
+    refused (bound, not listening) and a QUIC Initial draws ICMP port unreachable (the UDP
+    socket bound there is connected elsewhere, so it takes no datagram from a client).
+    A port merely freed (``free_port``) could meanwhile be given to a listener."""
+    for _ in range(100):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind((LOOPBACK, 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            udp.connect((LOOPBACK, 9))
+            yield port
+            return
+    raise RuntimeError("no port free on both TCP and UDP")
 
 
 def b_config(workdir: Path, echo_port: int, **ports: int) -> dict[str, Any]:

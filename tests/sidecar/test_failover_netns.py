@@ -51,7 +51,10 @@ class Echo:
         self.ended: list[float] = []
 
     async def serve(self, host: str) -> None:
+        writers: set[asyncio.StreamWriter] = set()
+
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
             try:
                 while data := await reader.read(65536):
                     writer.write(data)
@@ -65,8 +68,16 @@ class Echo:
                 writer.close()
 
         server = await asyncio.start_server(handle, host, ECHO_PORT)
-        async with server:
-            await server.serve_forever()
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            # Cancelled at the link's tear-down: the connections' sockets are closed by a
+            # callback of this loop, which must run before the loop closes (else each is
+            # left to the garbage collector, with a ResourceWarning in a later test).
+            for writer in writers:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
 
 
 class Mesh:

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
+from quicmesh.sidecar.launch import SidecarProcess, metric
 
-from .conftest import HeldFlow, Mesh, addr, echo_flow, refused, wait_until
+from .conftest import HeldFlow, Mesh, addr, dead_port, echo_flow, refused, wait_until
 
 TRANSPORTS = ["quic", "h2", "tcp"]
 
@@ -30,7 +30,13 @@ TRANSPORTS = ["quic", "h2", "tcp"]
 @pytest.fixture(scope="module")
 def main_a(mesh: Mesh) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
     """Sidecar A with one listener per scenario."""
-    dead = addr(free_port())
+    with dead_port() as dead_one, dead_port() as dead_two:
+        yield from _main_a(mesh, addr(dead_one), addr(dead_two))
+
+
+def _main_a(
+    mesh: Mesh, dead: str, forbidden: str
+) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
     clusters = [
         *(mesh.cluster(f"echo_{t}", t, load_balancing="least_request") for t in TRANSPORTS),
         *(
@@ -47,7 +53,7 @@ def main_a(mesh: Mesh) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
         ),
         mesh.cluster("breaker", "quic", circuit_breakers={"max_concurrent_streams": 2}),
         mesh.cluster("echo_bbr", "quic", congestion_control="bbr"),
-        mesh.cluster("forbidden", "quic", target=addr(free_port())),
+        mesh.cluster("forbidden", "quic", target=forbidden),
         mesh.cluster("stranger", "quic", endpoints=[addr(mesh.ports["strict"])]),
     ]
     config, ports = mesh.a_config(clusters)
