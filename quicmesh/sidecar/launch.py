@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from ..errors import QuicmeshError
 LOOPBACK = "127.0.0.1"
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port number that is free on ``host`` for both TCP and UDP right now."""
+@contextlib.contextmanager
+def held_port(host: str = LOOPBACK) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A port number bound on ``host`` for both TCP and UDP for the block: the two
+    sockets (neither listening nor connected), closed at its end."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
@@ -40,8 +43,15 @@ def free_port(host: str = LOOPBACK) -> int:
                     udp.bind((host, port))
                 except OSError:
                     continue
-                return port
+                yield tcp, udp
+                return
     raise QuicmeshError("no port free on both TCP and UDP")
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port number that is free on ``host`` for both TCP and UDP right now."""
+    with held_port(host) as (tcp, _):
+        return int(tcp.getsockname()[1])
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, held_port
 from quicmesh.tls import DevCA
 
 IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
@@ -52,18 +51,9 @@ def dead_port() -> Iterator[int]:
     refused (bound, not listening) and a QUIC Initial draws ICMP port unreachable (the UDP
     socket bound there is connected elsewhere, so it takes no datagram from a client).
     A port merely freed (``free_port``) could meanwhile be given to a listener."""
-    for _ in range(100):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind((LOOPBACK, 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind((LOOPBACK, port))
-            except OSError:
-                continue
-            udp.connect((LOOPBACK, 9))
-            yield port
-            return
-    raise RuntimeError("no port free on both TCP and UDP")
+    with held_port() as (tcp, udp):
+        udp.connect((LOOPBACK, 9))
+        yield int(tcp.getsockname()[1])
 
 
 def b_config(workdir: Path, echo_port: int, **ports: int) -> dict[str, Any]:
