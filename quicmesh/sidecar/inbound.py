@@ -164,6 +164,8 @@ class InboundListener:
         """The overload action on event-loop delay (:class:`.overload.StreamRateGovernor`)."""
         self._lag_probe: asyncio.Handle | None = None
         self._lag_probe_due = 0.0
+        self._closing: set[asyncio.Task[None]] = set()
+        """Connections being closed once their refusal reached the peer."""
 
     @property
     def config(self) -> InboundListenerConfig:
@@ -473,9 +475,15 @@ class InboundListener:
             )
             record.outcome, record.reason = Outcome.OVERFLOW, connection_refusal
             _refuse(stream, 503, connection_refusal)
-            close = getattr(stream.channel, "close", None)
-            if close is not None:
-                asyncio.get_running_loop().call_soon(close)
+            # Gracefully, after the 503: an immediate close discards what the engine has
+            # not sent yet (the native engine's writes cross to its thread), so the peer
+            # would see its connection closed without the answer.
+            if isinstance(stream.channel, PeerConnection):
+                closing = asyncio.get_running_loop().create_task(
+                    _aclose(stream.channel, ACK_TIMEOUT)
+                )
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             return
         refusal = self.overload.admit(stream.peer_identity)
         if refusal is not None:
