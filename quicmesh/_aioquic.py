@@ -60,6 +60,7 @@ name relied on is listed in ``tests/test_aioquic_canary.py``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -73,7 +74,7 @@ from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
-from aioquic.h3.connection import H3Connection, Setting
+from aioquic.h3.connection import FrameType, H3Connection, Setting, encode_frame
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
@@ -91,7 +92,7 @@ from cryptography import x509
 
 from .transport._stream_rate import StreamRate
 from .transport.quic import engine as engine_events
-from .tunnel.connect import MAX_FIELD_SECTION_SIZE
+from .tunnel.connect import MAX_FIELD_SECTION_SIZE, response_fields
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
 
 
@@ -204,6 +205,17 @@ class MeshH3Connection(H3Connection):
         if self._local_decoder_stream_id is not None:
             cancel = self._decoder.cancel_stream(stream_id)
             self._quic.send_stream_data(self._local_decoder_stream_id, cancel)
+
+
+@functools.cache
+def connect_accepted_frame() -> bytes:
+    """The HEADERS frame answering a CONNECT with 200, for an engine that sends it itself
+    once the destination is connected (the native engine's ``connect_splice``). Encoded
+    once by a QPACK encoder with no dynamic table: a field section with Required Insert
+    Count 0 that refers to the static table only (``:status: 200`` is its entry 25), valid
+    on any connection whatever its dynamic table holds (RFC 9204 4.5.1)."""
+    _, block = pylsqpack.Encoder().encode(0, response_fields(200))
+    return bytes(encode_frame(FrameType.HEADERS, block))
 
 
 # -- TLS -----------------------------------------------------------------------

@@ -99,7 +99,28 @@ class Endpoint:
         frame_type: int | None = None,
         frame_remaining: int = 0,
         recv_fin: bool = False,
+        engine_socket: bool = False,
+        received: int | None = None,
     ) -> int: ...
+    def connect_splice(
+        self,
+        conn: int,
+        stream: int,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        answer: bytes,
+        to_tcp: bytes,
+        unparsed: bytes,
+        frame_type: int | None = None,
+        frame_remaining: int = 0,
+        recv_fin: bool = False,
+        received: int | None = None,
+    ) -> int: ...
+    def hand_over_read(self, conn: int, stream: int) -> bool: ...
+    def tcp_connect(self, host: str, port: int, *, timeout: float) -> int: ...
+    def tcp_abort(self, token: int) -> bool: ...
     def splice_abort(self, splice_id: int, code: int) -> bool: ...
     def splice_buffered(self, splice_id: int) -> int: ...
     def close(self, code: int = 0, reason: str = "") -> None: ...

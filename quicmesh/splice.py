@@ -145,6 +145,31 @@ async def splice_engine_socket(stream: MeshStream, sock: EngineSocket) -> Splice
     return await _copy_socket(stream, detached)
 
 
+async def connect_and_splice(
+    stream: MeshStream, host: str, port: int, timeout: float
+) -> SpliceResult | None:
+    """(server) Connect to ``host:port`` from the stream's transport, accept the CONNECT
+    and splice, in one step of the transport's engine (:meth:`MeshStream.
+    connect_and_splice`), with the same outcome as :func:`splice`. None where the
+    transport cannot: the caller connects and splices as before.
+
+    :raises OSError: the connect failed; the CONNECT is unanswered (refuse it).
+    """
+    try:
+        outcome = await stream.connect_and_splice(host, port, timeout)
+    except (TunnelError, QuicmeshError) as exc:
+        stream.abort()  # it failed before the engine took it
+        return SpliceResult(0, 0, str(exc) or type(exc).__name__, offloaded=True)
+    except asyncio.CancelledError:
+        stream.abort()
+        raise
+    if outcome is None:
+        return None
+    return SpliceResult(
+        outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
+    )
+
+
 async def _copy_socket(stream: MeshStream, sock: socket.socket) -> SpliceResult:
     """:func:`splice` in Python over asyncio streams made for ``sock``."""
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from quicmesh import DevCA, MeshStream, QuicTransport
 
@@ -14,8 +14,11 @@ SERVER = CA.issue("spiffe://mesh.local/ns/default/sa/server")
 TARGET = "reviews.default.svc:9080"
 
 
-def run(coro: Awaitable[None], timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 60) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
 
 
 # These tests look at first flights packet by packet (how much 0-RTT leaves before the

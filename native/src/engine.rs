@@ -354,6 +354,16 @@ pub enum Event {
         errno: i32,
         detail: String,
     },
+    /// (splicing) The destination of a `connect_splice` could not be connected (`errno` and
+    /// `message` as in `TcpConnected`): nothing was sent on the stream, its receiving half
+    /// was stopped (H3_NO_ERROR), and its sending half is Python's again (to refuse it).
+    SpliceUnconnected {
+        id: u64,
+        conn: u64,
+        stream: u64,
+        errno: i32,
+        message: String,
+    },
     /// (splicing) A TCP connect asked for with `tcp_connect` ended: `errno` 0 when the socket
     /// is connected (it waits in [`Shared::tcp`] for its splice), else why not (`ETIMEDOUT`
     /// when the timeout passed first).
@@ -576,6 +586,21 @@ impl Shared {
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
+    }
+
+    /// Give a command to a stream's sending task; false when that half is gone (finished,
+    /// reset, stopped, or handed to a splice).
+    pub fn command_send(&self, conn: u64, stream: u64, command: SendCmd) -> bool {
+        let streams = lock(&self.streams);
+        let sender = streams.get(&(conn, stream)).and_then(|h| h.send.as_ref());
+        sender.is_some_and(|s| s.send(command).is_ok())
+    }
+
+    /// Give a command to a stream's receiving task; false when that half is gone.
+    pub fn command_recv(&self, conn: u64, stream: u64, command: RecvCmd) -> bool {
+        let streams = lock(&self.streams);
+        let sender = streams.get(&(conn, stream)).and_then(|h| h.recv.as_ref());
+        sender.is_some_and(|s| s.send(command).is_ok())
     }
 
     pub fn next_id(&self) -> u64 {

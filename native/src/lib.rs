@@ -66,6 +66,18 @@ fn config_error(message: impl Into<String>) -> PyErr {
     quicmesh_error("ConfigError", message)
 }
 
+/// A TCP socket for a connect to `address`, made on the caller's (Python's) thread: a socket
+/// belongs to the network namespace of the thread that creates it, and the engine's thread
+/// may have started in another.
+fn tcp_socket(address: std::net::SocketAddr) -> PyResult<tokio::net::TcpSocket> {
+    if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}")))
+}
+
 /// Where an endpoint socket's ICMP unreachable errors go: to the connections to that address
 /// ([`Shared::unreachable`]), while the endpoint lives.
 fn icmp_sink(shared: &Arc<Shared>) -> icmp::Sink {
@@ -201,6 +213,13 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             errno,
             message,
         } => ("tcp_connected", token, errno, message).into_py_any(py),
+        Event::SpliceUnconnected {
+            id,
+            conn,
+            stream,
+            errno,
+            message,
+        } => ("splice_unconnected", conn, id, stream, errno, message).into_py_any(py),
         Event::Closed {
             conn,
             kind,
@@ -999,38 +1018,11 @@ impl Endpoint {
             .send_command(conn, stream, SendCmd::Handover(send_to))
             .ok()
             .map(|()| send_from);
-        let handed = lock(&self.shared.read_handovers).remove(&(conn, stream));
-        let recv = if handed.is_some() {
-            handed
-        } else if recv_fin {
-            None
-        } else {
-            let (recv_to, recv_from) = tokio::sync::oneshot::channel();
-            self.recv_command(conn, stream, RecvCmd::Handover(recv_to))
-                .ok()
-                .map(|()| recv_from)
-        };
-        let id = self.shared.next_id();
-        let (abort_to, abort_from) = tokio::sync::oneshot::channel();
-        let held = Arc::new(splice::Held::default());
-        lock(&self.shared.splices).insert(
-            id,
-            splice::SpliceHandle {
-                abort: abort_to,
-                held: Arc::clone(&held),
-            },
+        let recv = self.take_reading(conn, stream, recv_fin);
+        let (spec, held, abort_from) = self.register_splice(
+            conn, stream, to_tcp, to_quic, unparsed, deframer, recv_fin, received,
         );
-        let spec = splice::SpliceSpec {
-            id,
-            conn,
-            stream,
-            to_tcp: Bytes::copy_from_slice(to_tcp),
-            to_quic: Bytes::copy_from_slice(to_quic),
-            unparsed: Bytes::copy_from_slice(unparsed),
-            deframer,
-            recv_fin,
-            received,
-        };
+        let id = spec.id;
         rt.spawn(splice::run(
             Arc::clone(&self.shared),
             spec,
@@ -1038,6 +1030,64 @@ impl Endpoint {
             tcp,
             connection,
             send,
+            recv,
+            abort_from,
+        ));
+        Ok(id)
+    }
+
+    /// (splicing, the accepting side) Connect `host:port` (an IP address) within `timeout`
+    /// seconds, then answer the stream's CONNECT with `answer` (its HEADERS frame) and splice
+    /// the stream onto the connection, in one command: `splice`'s arguments are as there (the
+    /// stream's state when Python let it go). A `spliced` event ends it; if the connect
+    /// fails, a `splice_unconnected` event says why instead, nothing was sent on the stream
+    /// and Python answers it (its receiving half is stopped). Returns the splice's ID
+    /// (`splice_abort` works from the start).
+    #[pyo3(signature = (
+        conn, stream, host, port, *, timeout, answer, to_tcp, unparsed, frame_type=None,
+        frame_remaining=0, recv_fin=false, received=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn connect_splice(
+        &self,
+        conn: u64,
+        stream: u64,
+        host: &str,
+        port: u16,
+        timeout: f64,
+        answer: &[u8],
+        to_tcp: &[u8],
+        unparsed: &[u8],
+        frame_type: Option<u64>,
+        frame_remaining: u64,
+        recv_fin: bool,
+        received: Option<u64>,
+    ) -> PyResult<u64> {
+        let address = engine::socket_addr(host, port).map_err(config_error)?;
+        let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
+        let deframer = splice::Deframer::resume(frame_type, frame_remaining)
+            .map_err(|e| quicmesh_error("TunnelError", e.message))?;
+        let connection = self.connection(conn)?;
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let socket = tcp_socket(address)?;
+        let recv = self.take_reading(conn, stream, recv_fin);
+        let (spec, held, abort_from) = self.register_splice(
+            conn, stream, to_tcp, b"", unparsed, deframer, recv_fin, received,
+        );
+        let id = spec.id;
+        let destination = splice::Destination {
+            socket,
+            address,
+            timeout,
+            answer: Bytes::copy_from_slice(answer),
+        };
+        rt.spawn(splice::connect_and_run(
+            Arc::clone(&self.shared),
+            spec,
+            held,
+            destination,
+            connection,
             recv,
             abort_from,
         ));
@@ -1054,14 +1104,7 @@ impl Endpoint {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-        // Made here, on the caller's thread: a socket belongs to the network namespace of
-        // the thread that creates it, and the engine's thread may have started in another.
-        let socket = if address.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}")))?;
+        let socket = tcp_socket(address)?;
         let token = self.shared.next_id();
         let shared = Arc::clone(&self.shared);
         let mut slots = lock(&self.shared.tcp);
@@ -1307,28 +1350,84 @@ impl Endpoint {
             .ok_or_else(|| quicmesh_error("ConnectionLost", format!("connection {conn} is closed")))
     }
 
-    fn send_command(&self, conn: u64, stream: u64, command: SendCmd) -> PyResult<()> {
-        let streams = lock(&self.shared.streams);
-        let sender = streams.get(&(conn, stream)).and_then(|h| h.send.as_ref());
-        match sender.map(|s| s.send(command)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err(quicmesh_error(
-                "StreamReset",
-                format!("stream {stream} can no longer send (finished, reset or stopped)"),
-            )),
+    /// (splicing) The stream's receiving half for a splice: the one `hand_over_read` set
+    /// aside, else handed over now (Python paused it first); none once its FIN was read.
+    fn take_reading(
+        &self,
+        conn: u64,
+        stream: u64,
+        recv_fin: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<RecvHandover>> {
+        let handed = lock(&self.shared.read_handovers).remove(&(conn, stream));
+        if handed.is_some() || recv_fin {
+            return handed;
         }
+        let (recv_to, recv_from) = tokio::sync::oneshot::channel();
+        self.recv_command(conn, stream, RecvCmd::Handover(recv_to))
+            .ok()
+            .map(|()| recv_from)
+    }
+
+    /// (splicing) Register a new splice (where Python's abort goes, what it holds) and
+    /// describe what Python handed over with it.
+    #[allow(clippy::too_many_arguments)]
+    fn register_splice(
+        &self,
+        conn: u64,
+        stream: u64,
+        to_tcp: &[u8],
+        to_quic: &[u8],
+        unparsed: &[u8],
+        deframer: splice::Deframer,
+        recv_fin: bool,
+        received: Option<u64>,
+    ) -> (
+        splice::SpliceSpec,
+        Arc<splice::Held>,
+        tokio::sync::oneshot::Receiver<u64>,
+    ) {
+        let id = self.shared.next_id();
+        let (abort_to, abort_from) = tokio::sync::oneshot::channel();
+        let held = Arc::new(splice::Held::default());
+        lock(&self.shared.splices).insert(
+            id,
+            splice::SpliceHandle {
+                abort: abort_to,
+                held: Arc::clone(&held),
+            },
+        );
+        let spec = splice::SpliceSpec {
+            id,
+            conn,
+            stream,
+            to_tcp: Bytes::copy_from_slice(to_tcp),
+            to_quic: Bytes::copy_from_slice(to_quic),
+            unparsed: Bytes::copy_from_slice(unparsed),
+            deframer,
+            recv_fin,
+            received,
+        };
+        (spec, held, abort_from)
+    }
+
+    fn send_command(&self, conn: u64, stream: u64, command: SendCmd) -> PyResult<()> {
+        if self.shared.command_send(conn, stream, command) {
+            return Ok(());
+        }
+        Err(quicmesh_error(
+            "StreamReset",
+            format!("stream {stream} can no longer send (finished, reset or stopped)"),
+        ))
     }
 
     fn recv_command(&self, conn: u64, stream: u64, command: RecvCmd) -> PyResult<()> {
-        let streams = lock(&self.shared.streams);
-        let sender = streams.get(&(conn, stream)).and_then(|h| h.recv.as_ref());
-        match sender.map(|s| s.send(command)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err(quicmesh_error(
-                "StreamReset",
-                format!("stream {stream} can no longer be read (finished, reset or stopped)"),
-            )),
+        if self.shared.command_recv(conn, stream, command) {
+            return Ok(());
         }
+        Err(quicmesh_error(
+            "StreamReset",
+            format!("stream {stream} can no longer be read (finished, reset or stopped)"),
+        ))
     }
 }
 

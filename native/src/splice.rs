@@ -42,7 +42,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +57,7 @@ use quinn::{
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::engine::{lock, Event, RecvEnd, RecvHandover, Shared};
+use crate::engine::{lock, Event, RecvEnd, RecvHandover, SendCmd, Shared};
 
 /// H3_NO_ERROR: a STOP_SENDING with it only says "no more bytes needed" (RFC 9114 4.1.1).
 pub const H3_NO_ERROR: u64 = 0x100;
@@ -764,6 +764,108 @@ pub async fn run(
         error,
         code,
     });
+}
+
+/// (splicing) Where a `connect_splice` goes: the engine connects `address` (within
+/// `timeout`) and, once connected, answers the CONNECT with `answer` (the response's HEADERS
+/// frame, encoded by Python) before the flow's bytes.
+#[derive(Debug)]
+pub struct Destination {
+    /// Made on Python's thread: a socket belongs to that thread's network namespace.
+    pub socket: tokio::net::TcpSocket,
+    pub address: SocketAddr,
+    pub timeout: Duration,
+    pub answer: Bytes,
+}
+
+/// Connect the flow's destination, answer the CONNECT and splice ([`run`]): the accepting
+/// side's whole flow in one command, with no round trip through Python between the connect
+/// and the splice. If the connect fails, nothing is sent on the stream: its receiving half is
+/// stopped (H3_NO_ERROR) and `Event::SpliceUnconnected` says why, so Python refuses the
+/// CONNECT (its sending half is still Python's). If Python aborts meanwhile, the stream is
+/// reset both ways with its code (`Event::Spliced`, as an aborted splice).
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_and_run(
+    shared: Arc<Shared>,
+    spec: SpliceSpec,
+    held: Arc<Held>,
+    destination: Destination,
+    connection: Connection,
+    recv: Option<oneshot::Receiver<RecvHandover>>,
+    mut abort: oneshot::Receiver<u64>,
+) {
+    let Destination {
+        socket,
+        address,
+        timeout,
+        answer,
+    } = destination;
+    let connecting = tokio::time::timeout(timeout, socket.connect(address));
+    let outcome = tokio::select! {
+        connected = connecting => Ok(connected),
+        code = &mut abort => Err(code.unwrap_or(H3_REQUEST_CANCELLED)),
+    };
+    let (id, conn, stream) = (spec.id, spec.conn, spec.stream);
+    let unconnected = match outcome {
+        Ok(Ok(Ok(tcp))) => {
+            // As asyncio's transports: no Nagle delay on the proxied flow.
+            let _ = tcp.set_nodelay(true);
+            let (send_to, send_from) = oneshot::channel();
+            // The answer is queued first: the sending half goes to the splice with it.
+            let send = (shared.command_send(conn, stream, SendCmd::Write(answer))
+                && shared.command_send(conn, stream, SendCmd::Handover(send_to)))
+            .then_some(send_from);
+            run(shared, spec, held, tcp, connection, send, recv, abort).await;
+            return;
+        }
+        Ok(Ok(Err(error))) => Ok((
+            error
+                .raw_os_error()
+                .unwrap_or(rustix::io::Errno::IO.raw_os_error()),
+            error.to_string(),
+        )),
+        Ok(Err(_)) => Ok((
+            rustix::io::Errno::TIMEDOUT.raw_os_error(),
+            "timed out".to_owned(),
+        )),
+        Err(code) => Err(code),
+    };
+    let stop = match unconnected {
+        Ok(_) => H3_NO_ERROR,
+        Err(code) => code,
+    };
+    let stop = VarInt::from_u64(stop).unwrap_or(VarInt::from_u32(0x10c));
+    if let Some(handover) = recv {
+        if let Ok(RecvHandover {
+            recv: Some(mut recv),
+            ..
+        }) = handover.await
+        {
+            let _ = recv.stop(stop);
+        }
+    }
+    lock(&shared.splices).remove(&id);
+    match unconnected {
+        Ok((errno, message)) => shared.push(Event::SpliceUnconnected {
+            id,
+            conn,
+            stream,
+            errno,
+            message,
+        }),
+        Err(code) => {
+            shared.command_send(conn, stream, SendCmd::Reset(stop));
+            shared.push(Event::Spliced {
+                id,
+                conn,
+                stream,
+                sent: 0,
+                received: 0,
+                error: Failure::Aborted(code).describe(stream),
+                code,
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import QuicmeshError, TunnelError
 from ..logs import RateLimitedLog
-from ..splice import splice, splice_engine_socket
+from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
 from ..transport.base import (
     Listener,
@@ -523,12 +523,18 @@ class InboundListener:
         host, port = parsed
         record.endpoint = format_address(parsed)
         engine_socket: EngineSocket | None = None
+        result: SpliceResult | None = None
         try:
             if config.splice:
-                # The engine that splices the flow connects (no socket passes through
-                # Python), where it can.
-                engine_socket = await stream.connect_for_splice(host, port, config.connect_timeout)
-            if engine_socket is None:
+                # The engine that splices the flow connects, answers and splices in one
+                # step, where it can (no socket passes through Python, and Python is not
+                # woken between the connect and the splice); else it connects for the splice.
+                result = await self._connect_and_splice(stream, host, port, config)
+                if result is None:
+                    engine_socket = await stream.connect_for_splice(
+                        host, port, config.connect_timeout
+                    )
+            if result is None and engine_socket is None:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port), config.connect_timeout
                 )
@@ -542,22 +548,38 @@ class InboundListener:
             record.reason = f"cannot reach {stream.target}: {why}"
             _refuse(stream, 502, record.reason)
             return
-        self.stats.connections_total += 1
-        self.stats.connections_active += 1
-        try:
-            if engine_socket is not None:
-                result = await splice_engine_socket(stream, engine_socket)
-            else:
-                result = await splice(stream, reader, writer, offload=config.splice)
-            if not result.error:
-                await wait_sent(stream, FLUSH_TIMEOUT)
-        finally:
-            self.stats.connections_active -= 1
+        if result is None:
+            self.stats.connections_total += 1
+            self.stats.connections_active += 1
+            try:
+                if engine_socket is not None:
+                    result = await splice_engine_socket(stream, engine_socket)
+                else:
+                    result = await splice(stream, reader, writer, offload=config.splice)
+            finally:
+                self.stats.connections_active -= 1
+        if not result.error:
+            await wait_sent(stream, FLUSH_TIMEOUT)
         self.stats.streams_spliced += result.offloaded
         record.bytes_sent = result.bytes_from_stream
         record.bytes_received = result.bytes_to_stream
         if result.error:
             record.outcome, record.reason = Outcome.RESET, result.error
+
+    async def _connect_and_splice(
+        self, stream: MeshStream, host: str, port: int, config: InboundListenerConfig
+    ) -> SpliceResult | None:
+        """:func:`~quicmesh.splice.connect_and_splice`, counting the destination
+        connection as active from its connect on (the engine reports only the end)."""
+        stats = self.stats
+        stats.connections_active += 1
+        try:
+            result = await connect_and_splice(stream, host, port, config.connect_timeout)
+        finally:
+            stats.connections_active -= 1
+        if result is not None:
+            stats.connections_total += 1
+        return result
 
     def _hold_denied(self, identity: str, rate: float) -> None:
         """Hold an identity that no policy allows at ``rate`` new streams a second

@@ -338,6 +338,12 @@ class SessionConnection(PeerConnection):
         """None: only an engine that splices can connect for a splice."""
         return None
 
+    async def connect_and_splice_stream(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> SpliceOutcome | None:
+        """None: only an engine that splices can connect, answer and splice itself."""
+        return None
+
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         if self._lost is not None:
             return 0

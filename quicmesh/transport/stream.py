@@ -111,6 +111,15 @@ class StreamChannel(Protocol):
 
         :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``)."""
 
+    async def connect_and_splice_stream(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> SpliceOutcome | None:
+        """(server) Connect to ``host:port``, accept the stream's CONNECT once connected
+        and splice it onto the connection, all in the engine; None where it cannot (the
+        stream is untouched).
+
+        :raises OSError: the connect failed (the stream is unanswered)."""
+
 
 class _Response(enum.Enum):
     PENDING = "pending"
@@ -359,6 +368,35 @@ class MeshStream:
             return None
         return await self._channel.connect_for_splice(self, host, port, timeout)
 
+    async def connect_and_splice(
+        self, host: str, port: int, timeout: float
+    ) -> SpliceOutcome | None:
+        """(server) Connect to ``host:port`` (an IP address) from the transport's own
+        engine, accept the CONNECT once connected and splice the flow onto the
+        connection: :meth:`connect_for_splice`, :meth:`accept` and :meth:`splice_socket`
+        in one step that the engine runs without returning to Python in between. None
+        where the transport cannot (as :meth:`connect_for_splice`): nothing was done.
+        Returns as :meth:`splice_socket`.
+
+        :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``
+            seconds): the CONNECT is unanswered, for the caller to :meth:`refuse`.
+        :raises TunnelError: the stream failed before the engine took it.
+        """
+        if not self.can_splice() or self._response is not _Response.PENDING:
+            return None
+        self._spliced = True
+        try:
+            outcome = await self._channel.connect_and_splice_stream(self, host, port, timeout)
+        except OSError:
+            self._spliced = False
+            raise
+        if outcome is None:
+            self._spliced = False
+            return None
+        self._response = _Response.ACCEPTED
+        self._set_responded()
+        return self._spliced_outcome(outcome)
+
     async def splice_socket(
         self, sock: socket.socket | EngineSocket, pending: bytes = b""
     ) -> SpliceOutcome:
@@ -380,7 +418,10 @@ class MeshStream:
             raise TunnelError(f"stream {self.stream_id} cannot be spliced now")
         self.accept()  # (server) the 200 goes out before the engine takes the stream
         self._spliced = True
-        outcome = await self._channel.splice_stream(self, sock, pending)
+        return self._spliced_outcome(await self._channel.splice_stream(self, sock, pending))
+
+    def _spliced_outcome(self, outcome: SpliceOutcome) -> SpliceOutcome:
+        """Count a splice's bytes and end the stream as its outcome says."""
         self.bytes_sent += outcome.bytes_to_stream
         self.bytes_received += outcome.bytes_from_stream
         if outcome.error:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.tls import SessionTicket
 
+from ... import _aioquic
 from ...errors import (
     ConnectError,
     ConnectionLost,
@@ -107,6 +109,16 @@ def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+
+
+def _is_ip_address(host: str) -> bool:
+    """Whether ``host`` is an IP address the native engine connects to as it is (no
+    name, no IPv6 zone)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return "%" not in host
 
 
 class QuicPeerConnection(SessionConnection):
@@ -302,6 +314,42 @@ class QuicPeerConnection(SessionConnection):
         else after a pause), the bytes that reached the stream and the HTTP/3 parser's state
         go with it, then the engine copies until both ends close."""
         quic: Any = self.quic
+        sent, received, error = await quic.splice_stream(
+            stream.stream_id, sock, to_quic=pending, **await self._let_go(stream)
+        )
+        return SpliceOutcome(sent, received, error)
+
+    async def connect_and_splice_stream(
+        self, stream: MeshStream, host: str, port: int, timeout: float
+    ) -> SpliceOutcome | None:
+        """(server) Have the engine connect ``host:port``, answer the CONNECT with 200 once
+        connected and splice the stream onto the connection, in one command (the native
+        engine's ``connect_splice``): Python is not woken between the connect and the
+        splice. None where the engine cannot, or ``host`` is a name (the caller connects
+        itself); the stream is untouched then.
+
+        :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``):
+            the stream is unanswered, for the caller to refuse.
+        """
+        quic: Any = self.quic
+        can_connect_splice = getattr(quic, "can_connect_splice", None)
+        if can_connect_splice is None or not can_connect_splice() or not _is_ip_address(host):
+            return None
+        sent, received, error = await quic.connect_splice(
+            stream.stream_id,
+            host,
+            port,
+            timeout,
+            answer=_aioquic.connect_accepted_frame(),
+            **await self._let_go(stream),
+        )
+        return SpliceOutcome(sent, received, error)
+
+    async def _let_go(self, stream: MeshStream) -> dict[str, Any]:
+        """(splicing) Stop the stream's reading in Python (at once where the engine can
+        hand the reading over, else after a pause) and collect what Python holds of it for
+        the splice: the payload that reached the stream and the HTTP/3 parser's state."""
+        quic: Any = self.quic
         stream_id = stream.stream_id
         hand_over = getattr(quic, "hand_over_reading", None)
         if hand_over is None or not hand_over(stream_id):
@@ -309,17 +357,13 @@ class QuicPeerConnection(SessionConnection):
         payload, eof = stream._hand_over()
         session = cast(H3TunnelSession, self.session)
         frame_type, remaining, unparsed = session.hand_over(stream_id)
-        sent, received, error = await quic.splice_stream(
-            stream_id,
-            sock,
-            to_tcp=payload,
-            to_quic=pending,
-            frame_type=frame_type,
-            frame_remaining=remaining,
-            unparsed=unparsed,
-            recv_fin=eof,
-        )
-        return SpliceOutcome(sent, received, error)
+        return {
+            "to_tcp": payload,
+            "frame_type": frame_type,
+            "frame_remaining": remaining,
+            "unparsed": unparsed,
+            "recv_fin": eof,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Counters of :class:`~quicmesh.PeerConnection` plus QUIC's: ``early_data``,

@@ -160,7 +160,7 @@ from typing import Any, Literal
 from aioquic.quic import events as quic_events
 from cryptography import x509
 
-from ...errors import ConfigError, ConnectionLost, QuicmeshError
+from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
@@ -330,6 +330,12 @@ H3_REQUEST_CANCELLED_CODE = 0x10C
 _TOKENS = itertools.count(1)
 
 
+def _connect_error(code: int, message: str) -> OSError:
+    """The OSError of an engine's failed TCP connect (``errno`` and its message;
+    :class:`TimeoutError` for ETIMEDOUT)."""
+    return OSError(code, os.strerror(code) if message != "timed out" else message)
+
+
 def _hand_socket(sock: socket.socket) -> int:
     """Send ``sock``'s descriptor to the engine (SCM_RIGHTS over the extension's Unix
     socket pair, with a token the engine checks); close ours. Returns the token."""
@@ -421,8 +427,9 @@ class _Pump:
         self.on_admission: Callable[[str, str], None] | None = None
         self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
         self.max_streams = limits.max_streams
-        self.splices: dict[int, asyncio.Future[tuple[int, int, str]]] = {}
-        """Spliced flows by splice ID: their outcome arrives even after their connection."""
+        self.splices: dict[int, asyncio.Future[tuple[int, int, str] | OSError]] = {}
+        """Spliced flows by splice ID: their outcome arrives even after their connection
+        (an OSError: a :meth:`NativeConnection.connect_splice` could not connect)."""
         self.tcp_connects: dict[int, asyncio.Future[tuple[int, str]]] = {}
         """The engine's TCP connects for splices by token (:meth:`NativeConnection.connect_tcp`)."""
         self._fd = endpoint.fileno()
@@ -524,6 +531,14 @@ class _Pump:
             waiter = self.splices.pop(splice_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result((sent, received, error))
+            return self.connections.get(conn)
+        if kind == "splice_unconnected":
+            _, conn, splice_id, _, code, message = event
+            waiter = self.splices.pop(splice_id, None)
+            if waiter is not None and not waiter.done():
+                # A result, not an exception: a waiter given up meanwhile logs no
+                # "exception never retrieved".
+                waiter.set_result(_connect_error(code, message))
             return self.connections.get(conn)
         conn = event[2] if kind in ("stream_opened", "open_failed") else event[1]
         connection = self.connections.get(conn)
@@ -1264,7 +1279,7 @@ class NativeConnection:
         finally:
             self._pump.tcp_connects.pop(token, None)
         if code:
-            raise OSError(code, os.strerror(code) if message != "timed out" else message)
+            raise _connect_error(code, message)
         return NativeTcpSocket(token, native)
 
     async def splice_stream(
@@ -1303,23 +1318,88 @@ class NativeConnection:
             recv_fin=recv_fin,
             **({"received": state.received} if state.handed_over else {}),
         )
-        state.splice_id = splice_id
-        waiter = self._pump.loop.create_future()
-        self._pump.splices[splice_id] = waiter
+        return await self._spliced(stream_id, state, splice_id)
+
+    def can_connect_splice(self) -> bool:
+        """Whether the extension connects, answers and splices in one command
+        (:meth:`connect_splice`; not one built before it did)."""
+        return hasattr(self._native, "connect_splice")
+
+    async def connect_splice(
+        self,
+        stream_id: int,
+        host: str,
+        port: int,
+        timeout: float,
+        *,
+        answer: bytes,
+        to_tcp: bytes,
+        frame_type: int | None,
+        frame_remaining: int,
+        unparsed: bytes,
+        recv_fin: bool,
+    ) -> tuple[int, int, str]:
+        """(server) Have the engine connect ``host:port`` (an IP address), send ``answer``
+        (the CONNECT's 200 HEADERS frame) once connected and splice the (handed over)
+        stream onto the connection: :meth:`connect_tcp` and :meth:`splice_stream` in one
+        command, with no wake-up of Python between them. Returns as
+        :meth:`splice_stream`.
+
+        :raises OSError: the connect failed (:class:`TimeoutError` once ``timeout``
+            seconds passed): nothing was sent on the stream, its reading was stopped, and
+            its sending side is the caller's again (to refuse the CONNECT).
+        """
+        state = self._stream(stream_id)
+        if self._closed_reason is not None:
+            raise ConnectionLost(f"QUIC connection closed: {self._closed_reason}")
         try:
-            sent, received, error = await asyncio.shield(waiter)
+            splice_id: int = self._native.connect_splice(
+                self.conn,
+                stream_id,
+                host,
+                port,
+                timeout=timeout,
+                answer=answer,
+                to_tcp=to_tcp,
+                unparsed=unparsed,
+                frame_type=frame_type,
+                frame_remaining=frame_remaining,
+                recv_fin=recv_fin,
+                **({"received": state.received} if state.handed_over else {}),
+            )
+        except ConnectError as exc:  # no socket to be had (out of descriptors)
+            raise OSError(str(exc)) from None
+        return await self._spliced(stream_id, state, splice_id)
+
+    async def _spliced(
+        self, stream_id: int, state: _Stream, splice_id: int
+    ) -> tuple[int, int, str]:
+        """Wait for the outcome of the stream's splice ``splice_id`` (aborted if the
+        caller is cancelled); the stream is over then. A :meth:`connect_splice` that could
+        not connect raises OSError and leaves the stream's sending side open."""
+        state.splice_id = splice_id
+        waiter: asyncio.Future[tuple[int, int, str] | OSError] = self._pump.loop.create_future()
+        self._pump.splices[splice_id] = waiter
+        unconnected = False
+        try:
+            outcome = await asyncio.shield(waiter)
+            if isinstance(outcome, OSError):
+                unconnected = True
+                raise outcome
         except asyncio.CancelledError:
             with contextlib.suppress(QuicmeshError):
                 self._native.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
             raise
         finally:
             state.splice_id = None
-            state.send_done = state.recv_done = True
-            state.unsent = 0
+            state.recv_done = True
             state.tracked = False
             state.buffered = 0
+            if not unconnected:
+                state.send_done = True
+                state.unsent = 0
             self._prune(stream_id, state)
-        return sent, received, error
+        return outcome
 
     def close(
         self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""
