@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -303,6 +303,9 @@ pub enum Event {
         conn: u64,
         stream: u64,
         bidirectional: bool,
+        /// Its first read is under way ([`Shared::set_first_read`]): a `Data` event follows
+        /// without a read request.
+        read_started: bool,
     },
     /// Data read on a stream (in answer to a read request); `fin`: the peer finished it.
     Data {
@@ -561,6 +564,8 @@ pub struct Shared {
     /// (splicing) Receiving halves handed over for a splice that Python starts next
     /// (`hand_over_read`, then `splice`), by (connection, stream).
     pub read_handovers: Mutex<HashMap<(u64, u64), tokio::sync::oneshot::Receiver<RecvHandover>>>,
+    /// How much of a stream the peer opened is read at once, before Python asks (0: none).
+    first_read: AtomicUsize,
     next_id: AtomicU64,
 }
 
@@ -583,6 +588,7 @@ impl Shared {
             tcp: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             read_handovers: Mutex::new(HashMap::new()),
+            first_read: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -601,6 +607,17 @@ impl Shared {
         let streams = lock(&self.streams);
         let sender = streams.get(&(conn, stream)).and_then(|h| h.recv.as_ref());
         sender.is_some_and(|s| s.send(command).is_ok())
+    }
+
+    /// Read each stream the peer opens at once, up to `max` bytes, as if Python had asked:
+    /// what Python's first read request of a new stream asks for, without the round trip to
+    /// Python and back before the stream's first bytes (its request) reach Python.
+    pub fn set_first_read(&self, max: Option<usize>) {
+        self.first_read.store(max.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn first_read(&self) -> Option<usize> {
+        Some(self.first_read.load(Ordering::Relaxed)).filter(|max| *max > 0)
     }
 
     pub fn next_id(&self) -> u64 {
@@ -905,16 +922,28 @@ impl Shared {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         let stream = u64::from(send.id());
-                        self.start_stream(id, stream, Some(send), Some(recv));
-                        self.push(Event::StreamAccepted { conn: id, stream, bidirectional: true });
+                        let first_read = self.first_read();
+                        self.start_stream(id, stream, Some(send), Some(recv), first_read);
+                        self.push(Event::StreamAccepted {
+                            conn: id,
+                            stream,
+                            bidirectional: true,
+                            read_started: first_read.is_some(),
+                        });
                     }
                     Err(_) => break,
                 },
                 accepted = conn.accept_uni() => match accepted {
                     Ok(recv) => {
                         let stream = u64::from(recv.id());
-                        self.start_stream(id, stream, None, Some(recv));
-                        self.push(Event::StreamAccepted { conn: id, stream, bidirectional: false });
+                        let first_read = self.first_read();
+                        self.start_stream(id, stream, None, Some(recv), first_read);
+                        self.push(Event::StreamAccepted {
+                            conn: id,
+                            stream,
+                            bidirectional: false,
+                            read_started: first_read.is_some(),
+                        });
                     }
                     Err(_) => break,
                 },
@@ -971,6 +1000,7 @@ impl Shared {
         stream: u64,
         send: Option<SendStream>,
         recv: Option<RecvStream>,
+        first_read: Option<usize>,
     ) {
         let generation = self.next_id();
         let mut handles = StreamHandles {
@@ -996,7 +1026,7 @@ impl Shared {
         if let Some(recv) = recv {
             let (tx, rx) = unbounded_channel();
             handles.recv = Some(tx);
-            let task = Arc::clone(self).recv_task(id, recv, rx, recv_before);
+            let task = Arc::clone(self).recv_task(id, recv, rx, recv_before, first_read);
             handles.tasks[1] = Some(tokio::spawn(task));
         }
         streams.insert((conn, stream), handles);
@@ -1140,6 +1170,7 @@ impl Shared {
         mut recv: RecvStream,
         mut commands: UnboundedReceiver<RecvCmd>,
         before: Option<tokio::task::JoinHandle<()>>,
+        first_read: Option<usize>,
     ) {
         if let Some(before) = before {
             let _ = before.await;
@@ -1149,7 +1180,7 @@ impl Shared {
             Read(Result<Option<quinn::Chunk>, ReadError>),
         }
         let StreamKey { conn, stream, .. } = id;
-        let mut wanted: Option<usize> = None;
+        let mut wanted: Option<usize> = first_read.map(|max| max.max(1));
         let mut paused = false;
         let mut log = ReadLog::default();
         let mut end = RecvEnd::Stopped;

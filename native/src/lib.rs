@@ -155,7 +155,8 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             conn,
             stream,
             bidirectional,
-        } => ("stream_accepted", conn, stream, bidirectional).into_py_any(py),
+            read_started,
+        } => ("stream_accepted", conn, stream, bidirectional, read_started).into_py_any(py),
         Event::Data {
             conn,
             stream,
@@ -395,7 +396,9 @@ impl Endpoint {
     ///
     /// `cert_chain_pem` (leaf first) and `key_pem` are this side's identity, used as a server
     /// and as a client; `trust_pem` holds the roots peers must chain to. A server requires a
-    /// client certificate. `alpn` lists the protocols offered/accepted.
+    /// client certificate. `alpn` lists the protocols offered/accepted. `first_read`: read
+    /// each stream the peer opens at once, up to that many bytes, without a read request
+    /// (`stream_accepted` then says its read started).
     #[new]
     #[pyo3(signature = (
         host, port, *, cert_chain_pem, key_pem, trust_pem, alpn, server=false,
@@ -403,7 +406,8 @@ impl Endpoint {
         idle_timeout=None, keep_alive=None, max_bidi_streams=None, max_uni_streams=None,
         congestion=None, early_data=false, reset_key=None, retry="auto", retry_threshold=64,
         max_half_open=1024, max_half_open_per_source=128, handshake_timeout=10.0,
-        initial_mtu=None, mtu_discovery_max=None, ack_eliciting_threshold=None, qlog_dir=None
+        initial_mtu=None, mtu_discovery_max=None, ack_eliciting_threshold=None, qlog_dir=None,
+        first_read=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -434,6 +438,7 @@ impl Endpoint {
         mtu_discovery_max: Option<u16>,
         ack_eliciting_threshold: Option<u64>,
         qlog_dir: Option<std::path::PathBuf>,
+        first_read: Option<usize>,
     ) -> PyResult<Self> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let admission = AdmissionConfig {
@@ -589,6 +594,7 @@ impl Endpoint {
         let (shared, wake) =
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         shared.set_max_bidi_streams(options.max_bidi_streams);
+        shared.set_first_read(first_read);
         let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared))
             .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -818,7 +824,7 @@ impl Endpoint {
             match opened {
                 Ok((send, recv)) => {
                     let stream = u64::from(send.id());
-                    shared.start_stream(conn, stream, Some(send), recv);
+                    shared.start_stream(conn, stream, Some(send), recv, None);
                     shared.push(Event::StreamOpened {
                         token,
                         conn,
@@ -863,7 +869,8 @@ impl Endpoint {
         };
         let (send, recv) = opened.map_err(|e| quicmesh_error("ConnectionLost", e.to_string()))?;
         let stream = u64::from(send.id());
-        self.shared.start_stream(conn, stream, Some(send), recv);
+        self.shared
+            .start_stream(conn, stream, Some(send), recv, None);
         if let Some(state) = early.get_mut(&conn).filter(|state| state.settled) {
             state.kept.push(stream);
         }

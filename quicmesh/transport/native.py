@@ -304,7 +304,9 @@ class NativeEndpoint:
         if connection is not None:
             connection._open_failed(token, message)
 
-    def _on_stream_accepted(self, conn: int, stream: int, bidirectional: bool) -> None:
+    def _on_stream_accepted(
+        self, conn: int, stream: int, bidirectional: bool, read_started: bool = False
+    ) -> None:
         connection = self._connection(conn)
         if connection is not None:
             connection._stream_accepted(stream, bidirectional)

@@ -21,7 +21,10 @@ stream (HTTP/3 control and QPACK streams) is read as fast as it arrives; a
 tracked one (a tunnel's request stream) only while the payload delivered to the
 application and not yet read (:meth:`NativeConnection.stream_delivered` /
 :meth:`NativeConnection.stream_consumed`) is below the stream window. A stalled
-reader therefore holds at most one stream window here and one in quinn.
+reader therefore holds at most one stream window here and one in quinn. The
+first read of a stream the peer opens is the engine's own (``first_read``: what
+Python's first request would ask for, :data:`READ_CHUNK`), so a new request's
+bytes reach Python without a read request going to the engine and back.
 
 Where the engine interface's aioquic-shaped hooks do not fit, this engine says so
 rather than pretending:
@@ -72,8 +75,10 @@ rather than pretending:
 * **New-stream rate** (``max_stream_rate``, ``QuicTransport.set_stream_rate``,
   the sidecar's loop-lag governor): quinn grants MAX_STREAMS itself, so the
   identity's bucket is applied in this driver by holding streams beyond the rate
-  unread in their slot (:meth:`NativeConnection.attach_stream_rate`): the peer
-  then waits for credit, as with aioquic's withheld MAX_STREAMS.
+  in their slot (:meth:`NativeConnection.attach_stream_rate`): the peer then
+  waits for credit, as with aioquic's withheld MAX_STREAMS. What the engine's
+  first read of a held stream gave (at most :data:`READ_CHUNK`) waits here, and
+  reaches HTTP/3 when the stream is served.
 * **Liveness**: quinn sends the keepalive PINGs (``keep_alive``); the driver's
   liveness rules (``max_probe_timeouts``, ``dead_after``) run on quinn's
   counters, sampled (:meth:`NativeConnection.sample_liveness`,
@@ -298,6 +303,8 @@ def _endpoint(
             limits.ack_eliciting_threshold if limits.ack_eliciting_threshold != 1 else None
         ),
         qlog_dir=limits.qlog_dir,
+        # A new stream's first read (its request) is what Python would ask for at once.
+        first_read=READ_CHUNK,
     )
     try:
         return native.Endpoint(address[0], address[1], **options, **newer)
@@ -712,6 +719,10 @@ class NativeConnection:
         """(server) Peer bidirectional streams waiting for a token, oldest first."""
         self._held_stops: dict[int, int] = {}
         """(server) STOP_SENDING error codes of held streams, told when they are served."""
+        self._held_events: dict[int, list[tuple[Any, ...]]] = {}
+        """(server) What the first read of each held stream gave (``data``, ``reset_received``):
+        the engine reads a new stream at once (``first_read``), HTTP/3 hears of it when
+        the stream is served."""
         self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
         self._closed_reason: str | None = None
@@ -816,6 +827,7 @@ class NativeConnection:
         self._closed_reason = message
         self._held.clear()
         self._held_stops.clear()
+        self._held_events.clear()
         if self._release is not None:
             self._release.cancel()
             self._release = None
@@ -838,7 +850,8 @@ class NativeConnection:
             _, _, stream_id, data, fin = event
             state = self._streams.get(stream_id)
             if state is None or state.handed_over:  # forgotten (a read that crossed its
-                return  # end), or the splice has these bytes
+                self._hold_event(stream_id, event)  # end), or the splice has these bytes;
+                return  # or held
             state.reading = False
             if fin:
                 state.recv_done = True
@@ -849,13 +862,19 @@ class NativeConnection:
                 self._read(stream_id, state)  # control and QPACK streams: read at once
             self._prune(stream_id, state)
         elif kind == "stream_accepted":
-            _, _, stream_id, bidirectional = event
+            _, _, stream_id, bidirectional, *rest = event
+            read_started = bool(rest and rest[0])  # the engine's first read (first_read)
             if bidirectional and not self._stream_admitted(stream_id):
+                if read_started:
+                    self._held_events[stream_id] = []
                 return
             state = self._new_stream(stream_id)
             if not bidirectional:
                 state.send_done = True
-            self._read(stream_id, state)
+            if read_started:
+                state.reading = True
+            else:
+                self._read(stream_id, state)
         elif kind == "written":
             _, _, stream_id, count = event
             written = self._streams.get(stream_id)
@@ -870,6 +889,7 @@ class NativeConnection:
             _, _, stream_id, code = event
             state = self._streams.get(stream_id)
             if state is None or state.handed_over:  # forgotten, or the splice has the reset
+                self._hold_event(stream_id, event)  # (or held)
                 return
             state.recv_done = True
             self._events.append(quic_events.StreamReset(error_code=code, stream_id=stream_id))
@@ -1611,6 +1631,12 @@ class NativeConnection:
         self._arm_release()
         return False
 
+    def _hold_event(self, stream_id: int, event: tuple[Any, ...]) -> None:
+        """Keep an event of a held stream's first read until the stream is served."""
+        held = self._held_events.get(stream_id)
+        if held is not None:
+            held.append(event)
+
     def _arm_release(self) -> None:
         if self._release is not None or self._rate is None:
             return
@@ -1623,15 +1649,25 @@ class NativeConnection:
         if self._rate is None or self._closed_reason is not None:
             return
         now = time.monotonic()
+        replayed = False
         while self._held and self._rate.take(1, now) == 1:
             stream_id = self._held.popleft()
             state = self._new_stream(stream_id)
-            self._read(stream_id, state)
+            first_read = self._held_events.pop(stream_id, None)
+            if first_read is None:
+                self._read(stream_id, state)
+            else:  # the engine read it at once: what that gave, as if it came now
+                state.reading = True
+                for event in first_read:
+                    self.on_native_event(event)
+                replayed = replayed or bool(first_read)
             code = self._held_stops.pop(stream_id, None)
             if code is not None:  # stopped while held: told now, after its first read
                 self._stopped(stream_id, state, code)
         if self._held:
             self._arm_release()
+        if replayed:
+            self.woke()
 
     def stats(self) -> dict[str, Any]:
         """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection."""
