@@ -13,12 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pylsqpack
 import pytest
 from aioquic.h3 import events as h3_events
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quicmesh import _aioquic
 from quicmesh._aioquic import MeshQuicConnection
@@ -894,3 +897,30 @@ def test_handshake_probe_carries_the_ack_that_was_lost(repeat: bool) -> None:
     probe = _sent_frames(client)[before:]
     assert any("ping" in frames for _, frames in probe)
     assert any(kind == "initial" and "ack" in frames for kind, frames in probe) is repeat
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(min_size=1, max_size=20).map(lambda b: b"x-" + b.hex().encode()),
+            st.binary(max_size=40),
+        ),
+        max_size=12,
+    )
+)
+def test_the_engines_200_decodes_whatever_the_dynamic_table_holds(
+    inserted: list[tuple[bytes, bytes]],
+) -> None:
+    """The HEADERS frame the native engine sends for an accepted CONNECT is encoded once
+    for every connection: it decodes to ``:status: 200`` on a connection whose peer's
+    dynamic table holds anything (here what an encoder inserted for ``inserted``)."""
+    encoder, decoder = pylsqpack.Encoder(), pylsqpack.Decoder(4096, 16)
+    decoder.feed_encoder(encoder.apply_settings(4096, 16))
+    instructions, _ = encoder.encode(0, inserted)
+    decoder.feed_encoder(instructions)
+    frame = _aioquic.connect_accepted_frame()
+    frame_type, length, block = frame[0], frame[1], frame[2:]
+    assert (frame_type, length) == (0x01, len(block))  # HEADERS (RFC 9114 7.2.2)
+    _, headers = decoder.feed_header(4, block)
+    assert headers == [(b":status", b"200")]

@@ -121,7 +121,9 @@ rather than pretending:
   pause_reading`: the engine's ``read_paused`` event comes after every ``data``
   event it gave), so what Python already received goes to the socket first; the socket
   crosses to Rust over a Unix socket pair (SCM_RIGHTS, :func:`_hand_socket`).
-  Not while a 0-RTT flight is unsettled (its bytes may have to be resent).
+  Not while a 0-RTT flight is unsettled (its bytes may have to be resent). The
+  accepting side may instead have the engine connect the destination, answer the
+  CONNECT and splice in one command (:meth:`NativeConnection.connect_splice`).
 * **Packets**: ``max_datagram_size`` is quinn's initial datagram size, and
   path MTU discovery (``mtu_discovery``, DPLPMTUD) probes up to
   :data:`MTU_DISCOVERY_MAX`; ``ack_eliciting_threshold`` asks a native peer
