@@ -375,14 +375,15 @@ class MeshStream:
         engine, accept the CONNECT once connected and splice the flow onto the
         connection: :meth:`connect_for_splice`, :meth:`accept` and :meth:`splice_socket`
         in one step that the engine runs without returning to Python in between. None
-        where the transport cannot (as :meth:`connect_for_splice`): nothing was done.
+        where the transport cannot (as :meth:`connect_for_splice`), on the opening side,
+        or once the CONNECT was answered: nothing was done then.
         Returns as :meth:`splice_socket`.
 
         :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``
             seconds): the CONNECT is unanswered, for the caller to :meth:`refuse`.
         :raises TunnelError: the stream failed before the engine took it.
         """
-        if not self.can_splice() or self._response is not _Response.PENDING:
+        if self.is_client or not self.can_splice() or self._response is not _Response.PENDING:
             return None
         self._spliced = True
         try:

@@ -234,7 +234,8 @@ def test_a_flow_aborted_while_its_destination_connects_is_reset_at_once() -> Non
 @pytest.mark.parametrize("engine", ["native", "aioquic"])
 def test_a_name_or_another_engine_gets_none_and_the_stream_is_untouched(engine: str) -> None:
     """None where the engine cannot connect, answer and splice itself: a name on the
-    native engine, anything on aioquic. The stream is still the handler's to use."""
+    native engine, anything on aioquic, and the opening side on either. The stream is
+    still its user's."""
     answers: list[SpliceOutcome | None] = []
 
     async def main() -> bytes:
@@ -246,6 +247,8 @@ def test_a_name_or_another_engine_gets_none_and_the_stream_is_untouched(engine: 
 
         async def client(conn: Any, listener: Any) -> bytes:
             stream = await conn.open_stream(TARGET)
+            # The opening side has no CONNECT to answer.
+            answers.append(await stream.connect_and_splice("127.0.0.1", 9, 1.0))
             stream.write(b"echo me")
             stream.write_eof()
             return bytes(await asyncio.wait_for(stream.read(), 10))
@@ -253,4 +256,4 @@ def test_a_name_or_another_engine_gets_none_and_the_stream_is_untouched(engine: 
         return await serve(handler, client, engine)
 
     assert run(main()) == b"echo me"
-    assert answers == [None]
+    assert answers == [None, None]
