@@ -903,19 +903,8 @@ impl Endpoint {
         // A receiving half handed over for a splice that never started: stop it with the
         // reset's code once its task gives it (dropped, quinn would send STOP_SENDING 0,
         // not an HTTP/3 code).
-        if let Some(handed) = lock(&self.shared.read_handovers).remove(&(conn, stream)) {
-            if let Ok(rt) = runtime() {
-                rt.spawn(async move {
-                    if let Ok(RecvHandover {
-                        recv: Some(mut recv),
-                        ..
-                    }) = handed.await
-                    {
-                        let _ = recv.stop(code);
-                    }
-                });
-            }
-        }
+        let handed = lock(&self.shared.read_handovers).remove(&(conn, stream));
+        splice::stop_handed_over(handed, code);
         Ok(self
             .send_command(conn, stream, SendCmd::Reset(code))
             .is_ok())
@@ -1070,15 +1059,30 @@ impl Endpoint {
         recv_fin: bool,
         received: Option<u64>,
     ) -> PyResult<u64> {
-        let address = engine::socket_addr(host, port).map_err(config_error)?;
-        let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
-        let deframer = splice::Deframer::resume(frame_type, frame_remaining)
-            .map_err(|e| quicmesh_error("TunnelError", e.message))?;
-        let connection = self.connection(conn)?;
-        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-        let _entered = rt.enter();
-        let socket = tcp_socket(address)?;
+        // Taken first: a receiving half handed over (`hand_over_read`) is stopped if the
+        // command fails, not left parked until the connection ends.
         let recv = self.take_reading(conn, stream, recv_fin);
+        let prepared = (|| {
+            let address = engine::socket_addr(host, port).map_err(config_error)?;
+            let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
+            let deframer = splice::Deframer::resume(frame_type, frame_remaining)
+                .map_err(|e| quicmesh_error("TunnelError", e.message))?;
+            let connection = self.connection(conn)?;
+            let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+            let socket = {
+                let _entered = rt.enter();
+                tcp_socket(address)?
+            };
+            Ok((address, timeout, deframer, connection, rt, socket))
+        })();
+        let (address, timeout, deframer, connection, rt, socket) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                splice::stop_handed_over(recv, VarInt::from_u32(splice::H3_NO_ERROR as u32));
+                return Err(error);
+            }
+        };
+        let _entered = rt.enter();
         let (spec, held, abort_from) = self.register_splice(
             conn, stream, to_tcp, b"", unparsed, deframer, recv_fin, received,
         );

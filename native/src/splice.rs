@@ -766,6 +766,26 @@ pub async fn run(
     });
 }
 
+/// Stop a stream's receiving half handed over for a splice, once its task gives it.
+async fn stop_when_given(handover: oneshot::Receiver<RecvHandover>, code: VarInt) {
+    if let Ok(RecvHandover {
+        recv: Some(mut recv),
+        ..
+    }) = handover.await
+    {
+        let _ = recv.stop(code);
+    }
+}
+
+/// (splicing) A receiving half handed over for a splice that will not start: stop it with
+/// `code` once its task gives it (dropped, quinn would send STOP_SENDING 0, not an HTTP/3
+/// code, or keep it until the connection ends if the task still holds it).
+pub fn stop_handed_over(handover: Option<oneshot::Receiver<RecvHandover>>, code: VarInt) {
+    if let (Some(handover), Ok(rt)) = (handover, crate::engine::runtime()) {
+        rt.spawn(stop_when_given(handover, code));
+    }
+}
+
 /// (splicing) Where a `connect_splice` goes: the engine connects `address` (within
 /// `timeout`) and, once connected, answers the CONNECT with `answer` (the response's HEADERS
 /// frame, encoded by Python) before the flow's bytes.
@@ -806,6 +826,15 @@ pub async fn connect_and_run(
         code = &mut abort => Err(code.unwrap_or(H3_REQUEST_CANCELLED)),
     };
     let (id, conn, stream) = (spec.id, spec.conn, spec.stream);
+    // An abort that came with the connect's failure (in the same poll) is still an abort
+    // (only then: a receiver that gave its value is not asked again).
+    let outcome = match outcome {
+        Ok(failed @ (Ok(Err(_)) | Err(_))) => match abort.try_recv() {
+            Ok(code) => Err(code),
+            Err(_) => Ok(failed),
+        },
+        other => other,
+    };
     let unconnected = match outcome {
         Ok(Ok(Ok(tcp))) => {
             // As asyncio's transports: no Nagle delay on the proxied flow.
@@ -836,13 +865,7 @@ pub async fn connect_and_run(
     };
     let stop = VarInt::from_u64(stop).unwrap_or(VarInt::from_u32(0x10c));
     if let Some(handover) = recv {
-        if let Ok(RecvHandover {
-            recv: Some(mut recv),
-            ..
-        }) = handover.await
-        {
-            let _ = recv.stop(stop);
-        }
+        stop_when_given(handover, stop).await;
     }
     lock(&shared.splices).remove(&id);
     match unconnected {

@@ -257,3 +257,43 @@ def test_a_name_or_another_engine_gets_none_and_the_stream_is_untouched(engine: 
 
     assert run(main()) == b"echo me"
     assert answers == [None, None]
+
+
+def test_a_handler_cancelled_as_its_connect_failed_still_resets_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handler is cancelled right after the engine said the connect failed (before
+    it could refuse): nothing was sent on the stream, so its abort must reset it; the
+    client sees a reset, not a stream left unanswered for the connection's lifetime."""
+    from quicmesh.splice import connect_and_splice
+    from quicmesh.transport.quic.native_engine import _Pump
+
+    handlers: list[asyncio.Task[Any]] = []
+    route = _Pump._route
+
+    def cancelling_route(self: _Pump, event: tuple[Any, ...]) -> Any:
+        connection = route(self, event)
+        if event[0] == "splice_unconnected":
+            handlers[0].cancel()
+        return connection
+
+    monkeypatch.setattr(_Pump, "_route", cancelling_route)
+
+    async def main() -> str:
+        with held_port() as (dead, _):
+            port = dead.getsockname()[1]
+
+            async def handler(stream: MeshStream) -> None:
+                handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+                await connect_and_splice(stream, "127.0.0.1", port, 5.0)
+
+            async def client(conn: Any, listener: Any) -> str:
+                stream = await conn.open_stream(TARGET, wait_response=False)
+                stream.write(b"x")
+                with pytest.raises(StreamReset) as reset:
+                    await asyncio.wait_for(stream.read(), 10)
+                return str(reset.value)
+
+            return await serve(handler, client)
+
+    assert "0x10c" in run(main())  # H3_REQUEST_CANCELLED

@@ -78,11 +78,25 @@ def test_a_new_streams_request_reaches_python_with_no_read_request(
     assert asked_before_data == {}
 
 
-def test_a_held_streams_first_read_reaches_http3_when_it_is_served() -> None:
+def test_a_held_streams_first_read_reaches_http3_when_it_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Streams over the identity's rate wait unserved; the engine read their requests at
-    once all the same. Served later (the rate's timer), each flow is whole: the request,
-    its payload and its FIN, in order."""
+    once all the same, and what that gave was kept. Served later (the rate's timer), each
+    flow is whole: the request, its payload and its FIN, in order."""
     require_engine("native")
+    from quicmesh.transport.quic.native_engine import NativeConnection
+
+    kept: list[int] = []
+    hold_event = NativeConnection._hold_event
+
+    def counting_hold_event(self: NativeConnection, stream_id: int, event: Any) -> None:
+        if stream_id in self._held_events:
+            kept.append(stream_id)
+        hold_event(self, stream_id, event)
+
+    monkeypatch.setattr(NativeConnection, "_hold_event", counting_hold_event)
     uploads = [b"%d:" % n + bytes([n]) * 50_000 for n in range(12)]
     server = server_transport(engine="native", max_streams=2, max_stream_rate=20.0)
     assert run(echoed(server, uploads)) == uploads
+    assert kept  # some streams were held, with what their first read gave

@@ -1390,6 +1390,7 @@ class NativeConnection:
                 **({"received": state.received} if state.handed_over else {}),
             )
         except ConnectError as exc:  # no socket to be had (out of descriptors)
+            state.recv_done = True  # the engine stops the reading it was handed
             raise OSError(str(exc)) from None
         return await self._spliced(stream_id, state, splice_id)
 
@@ -1409,8 +1410,13 @@ class NativeConnection:
                 unconnected = True
                 raise outcome
         except asyncio.CancelledError:
-            with contextlib.suppress(QuicmeshError):
-                self._native.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
+            if waiter.done() and isinstance(waiter.result(), OSError):
+                # The connect had failed, nothing was sent: the sending half is still
+                # ours, and the caller's abort resets it.
+                unconnected = True
+            else:
+                with contextlib.suppress(QuicmeshError):
+                    self._native.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
             raise
         finally:
             state.splice_id = None
