@@ -15,8 +15,11 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 * ``("reset_received", conn, stream, code)`` / ``("stop_sending_received", conn, stream, code)``
 * ``("read_paused", conn, stream)``: after :meth:`Endpoint.pause_read`, behind every
   ``data`` event of the stream
-* ``("spliced", conn, splice_id, stream, sent, received, error, code)``: a spliced flow
-  ended (``error`` empty and ``code`` 0 when both directions ended cleanly)
+* ``("spliced", conn, splice_id, stream, sent, received, error, code, connected)``: a
+  spliced flow ended (``error`` empty and ``code`` 0 when both directions ended cleanly;
+  ``connected`` False for a ``connect_splice`` aborted before its destination connected)
+* ``("splice_unconnected", conn, splice_id, stream, errno, message)``: a
+  ``connect_splice`` could not connect its destination (nothing was sent on the stream)
 * ``("peer_address_changed", conn, host, port)`` / ``("path_validated", conn, host, port)``
   / ``("path_abandoned", conn, host, port)``: (server) the client's path moved, or its
   validation ended (sampled every 50 ms)

@@ -41,6 +41,9 @@ class SpliceResult:
     """Empty when both directions finished cleanly, else why the flow was reset."""
     offloaded: bool = False
     """The stream's transport copied the bytes itself (:meth:`MeshStream.splice_socket`)."""
+    connected: bool = True
+    """A destination connection was made (False: :func:`connect_and_splice`'s flow
+    ended before its connect completed)."""
 
 
 async def splice(
@@ -159,14 +162,18 @@ async def connect_and_splice(
         outcome = await stream.connect_and_splice(host, port, timeout)
     except (TunnelError, QuicmeshError) as exc:
         stream.abort()  # it failed before the engine took it
-        return SpliceResult(0, 0, str(exc) or type(exc).__name__, offloaded=True)
+        return SpliceResult(0, 0, str(exc) or type(exc).__name__, connected=False)
     except asyncio.CancelledError:
         stream.abort()
         raise
     if outcome is None:
         return None
     return SpliceResult(
-        outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
+        outcome.bytes_to_stream,
+        outcome.bytes_from_stream,
+        outcome.error,
+        offloaded=outcome.connected,
+        connected=outcome.connected,
     )
 
 

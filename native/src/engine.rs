@@ -336,6 +336,8 @@ pub enum Event {
         received: u64,
         error: String,
         code: u64,
+        /// False for a `connect_splice` given up before its destination connected.
+        connected: bool,
     },
     /// (server) The client's path changed, or its validation ended (see [`PathWatch`]).
     Path {

@@ -195,7 +195,11 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             received,
             error,
             code,
-        } => ("spliced", conn, id, stream, sent, received, error, code).into_py_any(py),
+            connected,
+        } => (
+            "spliced", conn, id, stream, sent, received, error, code, connected,
+        )
+            .into_py_any(py),
         Event::Path { conn, change, addr } => {
             (change.name(), conn, addr.ip().to_string(), addr.port()).into_py_any(py)
         }

@@ -763,6 +763,7 @@ pub async fn run(
         received,
         error,
         code,
+        connected: true,
     });
 }
 
@@ -886,6 +887,7 @@ pub async fn connect_and_run(
                 received: 0,
                 error: Failure::Aborted(code).describe(stream),
                 code,
+                connected: false,
             });
         }
     }

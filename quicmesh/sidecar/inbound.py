@@ -570,14 +570,15 @@ class InboundListener:
         self, stream: MeshStream, host: str, port: int, config: InboundListenerConfig
     ) -> SpliceResult | None:
         """:func:`~quicmesh.splice.connect_and_splice`, counting the destination
-        connection as active from its connect on (the engine reports only the end)."""
+        connection as active from its connect on (the engine reports only the end), and
+        in the total once made."""
         stats = self.stats
         stats.connections_active += 1
         try:
             result = await connect_and_splice(stream, host, port, config.connect_timeout)
         finally:
             stats.connections_active -= 1
-        if result is not None:
+        if result is not None and result.connected:
             stats.connections_total += 1
         return result
 

@@ -45,6 +45,9 @@ class SpliceOutcome:
     error: str = ""
     """Empty when both directions finished cleanly, else why the flow was reset (both
     sides: the stream with RESET_STREAM/STOP_SENDING, the socket with RST)."""
+    connected: bool = True
+    """(:meth:`MeshStream.connect_and_splice`) The destination was connected: False when
+    the flow was aborted while it connected (nothing was answered then)."""
 
 
 class EngineSocket(Protocol):
@@ -394,8 +397,9 @@ class MeshStream:
         if outcome is None:
             self._spliced = False
             return None
-        self._response = _Response.ACCEPTED
-        self._set_responded()
+        if outcome.connected:  # the engine sent the 200
+            self._response = _Response.ACCEPTED
+            self._set_responded()
         return self._spliced_outcome(outcome)
 
     async def splice_socket(

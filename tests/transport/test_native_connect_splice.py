@@ -229,6 +229,8 @@ def test_a_flow_aborted_while_its_destination_connects_is_reset_at_once() -> Non
     assert "0x10c" in client_saw  # H3_REQUEST_CANCELLED
     (outcome,) = outcomes
     assert outcome is not None and "aborted locally" in outcome.error
+    assert not outcome.connected  # nothing was answered
+    assert streams[0].closed and not streams[0].can_splice()
 
 
 @pytest.mark.parametrize("engine", ["native", "aioquic"])

@@ -335,7 +335,7 @@ class QuicPeerConnection(SessionConnection):
         can_connect_splice = getattr(quic, "can_connect_splice", None)
         if can_connect_splice is None or not can_connect_splice() or not _is_ip_address(host):
             return None
-        sent, received, error = await quic.connect_splice(
+        sent, received, error, connected = await quic.connect_splice(
             stream.stream_id,
             host,
             port,
@@ -343,7 +343,7 @@ class QuicPeerConnection(SessionConnection):
             answer=_aioquic.connect_accepted_frame(),
             **await self._let_go(stream),
         )
-        return SpliceOutcome(sent, received, error)
+        return SpliceOutcome(sent, received, error, connected=connected)
 
     async def _let_go(self, stream: MeshStream) -> dict[str, Any]:
         """(splicing) Stop the stream's reading in Python (at once where the engine can

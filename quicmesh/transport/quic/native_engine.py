@@ -436,9 +436,10 @@ class _Pump:
         self.on_admission: Callable[[str, str], None] | None = None
         self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
         self.max_streams = limits.max_streams
-        self.splices: dict[int, asyncio.Future[tuple[int, int, str] | OSError]] = {}
-        """Spliced flows by splice ID: their outcome arrives even after their connection
-        (an OSError: a :meth:`NativeConnection.connect_splice` could not connect)."""
+        self.splices: dict[int, asyncio.Future[tuple[int, int, str, bool] | OSError]] = {}
+        """Spliced flows by splice ID: their outcome (bytes each way, failure, whether the
+        destination was connected) arrives even after their connection (an OSError: a
+        :meth:`NativeConnection.connect_splice` could not connect)."""
         self.tcp_connects: dict[int, asyncio.Future[tuple[int, str]]] = {}
         """The engine's TCP connects for splices by token (:meth:`NativeConnection.connect_tcp`)."""
         self._fd = endpoint.fileno()
@@ -536,10 +537,12 @@ class _Pump:
                     self.endpoint.tcp_abort(token)
             return None
         if kind == "spliced":
-            _, conn, splice_id, _, sent, received, error, _ = event
+            _, conn, splice_id, _, sent, received, error, _, *connected = event
             waiter = self.splices.pop(splice_id, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result((sent, received, error))
+                waiter.set_result(
+                    (sent, received, error, bool(connected[0]) if connected else True)
+                )
             return self.connections.get(conn)
         if kind == "splice_unconnected":
             _, conn, splice_id, _, code, message = event
@@ -571,7 +574,7 @@ class _Pump:
         for waiter in self.splices.values():
             # Their outcome can no longer be drained: the engine resets them itself.
             if not waiter.done():
-                waiter.set_result((0, 0, "the endpoint was closed"))
+                waiter.set_result((0, 0, "the endpoint was closed", False))
         self.splices.clear()
         for connecting in self.tcp_connects.values():
             if not connecting.done():
@@ -1340,7 +1343,8 @@ class NativeConnection:
             recv_fin=recv_fin,
             **({"received": state.received} if state.handed_over else {}),
         )
-        return await self._spliced(stream_id, state, splice_id)
+        sent, received, error, _ = await self._spliced(stream_id, state, splice_id)
+        return sent, received, error
 
     def can_connect_splice(self) -> bool:
         """Whether the extension connects, answers and splices in one command
@@ -1360,12 +1364,13 @@ class NativeConnection:
         frame_remaining: int,
         unparsed: bytes,
         recv_fin: bool,
-    ) -> tuple[int, int, str]:
+    ) -> tuple[int, int, str, bool]:
         """(server) Have the engine connect ``host:port`` (an IP address), send ``answer``
         (the CONNECT's 200 HEADERS frame) once connected and splice the (handed over)
         stream onto the connection: :meth:`connect_tcp` and :meth:`splice_stream` in one
         command, with no wake-up of Python between them. Returns as
-        :meth:`splice_stream`.
+        :meth:`splice_stream`, and whether the destination was connected (False: the
+        flow was aborted while it connected).
 
         :raises OSError: the connect failed (:class:`TimeoutError` once ``timeout``
             seconds passed): nothing was sent on the stream, its reading was stopped, and
@@ -1396,12 +1401,14 @@ class NativeConnection:
 
     async def _spliced(
         self, stream_id: int, state: _Stream, splice_id: int
-    ) -> tuple[int, int, str]:
+    ) -> tuple[int, int, str, bool]:
         """Wait for the outcome of the stream's splice ``splice_id`` (aborted if the
         caller is cancelled); the stream is over then. A :meth:`connect_splice` that could
         not connect raises OSError and leaves the stream's sending side open."""
         state.splice_id = splice_id
-        waiter: asyncio.Future[tuple[int, int, str] | OSError] = self._pump.loop.create_future()
+        waiter: asyncio.Future[tuple[int, int, str, bool] | OSError] = (
+            self._pump.loop.create_future()
+        )
         self._pump.splices[splice_id] = waiter
         unconnected = False
         try:
