@@ -1073,11 +1073,14 @@ impl Endpoint {
                 .map_err(|e| quicmesh_error("TunnelError", e.message))?;
             let connection = self.connection(conn)?;
             let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-            let socket = {
-                let _entered = rt.enter();
-                tcp_socket(address)?
-            };
-            Ok((address, timeout, deframer, connection, rt, socket))
+            Ok((
+                address,
+                timeout,
+                deframer,
+                connection,
+                rt,
+                tcp_socket(address)?,
+            ))
         })();
         let (address, timeout, deframer, connection, rt, socket) = match prepared {
             Ok(prepared) => prepared,
@@ -1086,7 +1089,6 @@ impl Endpoint {
                 return Err(error);
             }
         };
-        let _entered = rt.enter();
         let (spec, held, abort_from) = self.register_splice(
             conn, stream, to_tcp, b"", unparsed, deframer, recv_fin, received,
         );
