@@ -54,6 +54,35 @@ class Recorder:
         stream.write_eof()
 
 
+async def flows_through(
+    handler: Callable[[MeshStream], Awaitable[None]],
+    uploads: list[bytes],
+    *,
+    wait_response: bool = False,
+    server: QuicTransport | None = None,
+) -> list[bytes]:
+    """Each upload as a flow of its own (CONNECT, the upload and FIN), all at once, over
+    one native connection to a listener of ``server`` (default: a native
+    :func:`server_transport`) serving ``handler``; what came back on each."""
+    server = server or server_transport(engine="native")
+    listener = await server.listen(("127.0.0.1", 0), handler)
+    conn = await client_transport(engine="native").connect(listener.address)
+
+    async def flow(upload: bytes) -> bytes:
+        stream = await conn.open_stream(TARGET, wait_response=wait_response)
+        stream.write(upload)
+        stream.write_eof()
+        return bytes(await asyncio.wait_for(stream.read(), 20))
+
+    try:
+        return list(await asyncio.gather(*(flow(upload) for upload in uploads)))
+    finally:
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``condition()`` holds (checked after each turn of the event loop)."""
     loop = asyncio.get_running_loop()

@@ -848,9 +848,17 @@ impl Endpoint {
     }
 
     /// Open a stream now if the peer's stream limit allows it; return its ID, or `None` when
-    /// the limit is reached (then `open_stream` waits for it).
-    #[pyo3(signature = (conn, *, bidirectional=true))]
-    fn try_open_stream(&self, conn: u64, bidirectional: bool) -> PyResult<Option<u64>> {
+    /// the limit is reached (then `open_stream` waits for it). `first_read`: (bidirectional)
+    /// read the stream's first chunk of at most that many bytes without a read request,
+    /// as for a stream the peer opened (`set_first_read`): the answer to what is sent on
+    /// the stream is asked for in the same call that opens it.
+    #[pyo3(signature = (conn, *, bidirectional=true, first_read=None))]
+    fn try_open_stream(
+        &self,
+        conn: u64,
+        bidirectional: bool,
+        first_read: Option<usize>,
+    ) -> PyResult<Option<u64>> {
         let connection = self.connection(conn)?;
         // Held until the stream is registered: a rejection of the connection's 0-RTT is
         // either settled before (the stream is a 1-RTT one, recorded as kept) or sees it.
@@ -873,8 +881,9 @@ impl Endpoint {
         };
         let (send, recv) = opened.map_err(|e| quicmesh_error("ConnectionLost", e.to_string()))?;
         let stream = u64::from(send.id());
+        let first_read = first_read.filter(|_| recv.is_some());
         self.shared
-            .start_stream(conn, stream, Some(send), recv, None);
+            .start_stream(conn, stream, Some(send), recv, first_read);
         if let Some(state) = early.get_mut(&conn).filter(|state| state.settled) {
             state.kept.push(stream);
         }
@@ -1506,5 +1515,7 @@ fn native_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("QUINN_VERSION", "0.11")?;
     // Streams report ("send_acked", conn, stream) once their FIN and data were acknowledged.
     module.add("SEND_ACKED_EVENTS", true)?;
+    // `try_open_stream` takes `first_read`.
+    module.add("OPEN_WITH_FIRST_READ", true)?;
     Ok(())
 }

@@ -9,11 +9,10 @@ whole and in order.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
-from quic_helpers import TARGET, client_transport, require_engine, run, server_transport
+from quic_helpers import flows_through, require_engine, run, server_transport
 
 from quicmesh.transport.stream import MeshStream
 
@@ -26,22 +25,7 @@ async def echo(stream: MeshStream) -> None:
 async def echoed(server: Any, uploads: list[bytes]) -> list[bytes]:
     """Each upload as a flow of its own (CONNECT, the upload and FIN at once), all at
     once, through a native echo listener made with ``server``; what came back."""
-    listener = await server.listen(("127.0.0.1", 0), echo)
-    conn = await client_transport(engine="native").connect(listener.address)
-
-    async def flow(upload: bytes) -> bytes:
-        stream = await conn.open_stream(TARGET, wait_response=False)
-        stream.write(upload)
-        stream.write_eof()
-        return bytes(await asyncio.wait_for(stream.read(), 20))
-
-    try:
-        return list(await asyncio.gather(*(flow(upload) for upload in uploads)))
-    finally:
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+    return await flows_through(echo, uploads, server=server)
 
 
 def test_a_new_streams_request_reaches_python_with_no_read_request(

@@ -698,6 +698,8 @@ class NativeConnection:
         self._events: list[Any] = []
         self._streams: dict[int, _Stream] = {}
         self._acks_reported = bool(getattr(_NATIVE, "SEND_ACKED_EVENTS", False))
+        self._open_with_first_read = bool(getattr(_NATIVE, "OPEN_WITH_FIRST_READ", False))
+        """Whether ``try_open_stream`` takes ``first_read`` (not in an extension built before)."""
         """Whether the extension reports ``send_acked`` (one built before it does not:
         a graceful close then waits only for FINs to be queued, as before)."""
         self._spare: dict[bool, list[int]] = {}
@@ -730,6 +732,9 @@ class NativeConnection:
         the stream is served."""
         self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
+        self._reads_deferred: dict[int, None] | None = None
+        """While the session takes in a batch of the engine's events: the streams whose
+        read requests wait for the end of the loop's turn (:meth:`woke`)."""
         self._closed_reason: str | None = None
         self._early = False
         self._early_log: dict[int, list[tuple[bytes, bool]]] | None = None
@@ -792,8 +797,33 @@ class NativeConnection:
         self._wake = wake
 
     def woke(self) -> None:
-        if self._wake is not None:
+        """The endpoint routed events here: the session takes them in now.
+
+        The read requests the session makes meanwhile (a stream's next chunk, asked for
+        as soon as its first one arrived) wait until the tasks those events woke have
+        run their next step. A flow's handler that hands the stream to a splice
+        in its first step (both sidecars do, right after the CONNECT's headers) thus
+        takes its reading over without a read request that the engine would serve and
+        the splice then discard.
+        """
+        if self._wake is None:
+            return
+        deferred = self._reads_deferred = {}
+        try:
             self._wake()
+        finally:
+            self._reads_deferred = None
+        if deferred:
+            # Two turns on: the tasks the events woke run first, also those woken through
+            # one future in between (``asyncio.shield``, as MeshStream.wait_accepted's).
+            loop = self._pump.loop
+            loop.call_soon(loop.call_soon, self._read_deferred, deferred)
+
+    def _read_deferred(self, stream_ids: dict[int, None]) -> None:
+        for stream_id in stream_ids:
+            state = self._streams.get(stream_id)
+            if state is not None:
+                self._read(stream_id, state)
 
     def connected(self, conn: int, early: bool) -> None:
         """The endpoint reported the connection: handshake done (peer verified in
@@ -1073,9 +1103,13 @@ class NativeConnection:
         return resent
 
     def _read(self, stream_id: int, state: _Stream) -> bool:
-        """Ask quinn for the stream's next chunk (unless one is asked for already)."""
+        """Ask quinn for the stream's next chunk (unless one is asked for already); at
+        the end of the loop's turn while the session takes in events (:meth:`woke`)."""
         if state.reading or state.recv_done or state.splicing or self._closed_reason is not None:
             return False
+        if self._reads_deferred is not None:
+            self._reads_deferred[stream_id] = None
+            return True
         size = READ_CHUNK
         if state.tracked:
             room = self._window - state.buffered
@@ -1120,12 +1154,19 @@ class NativeConnection:
 
         :raises QuicmeshError: the connection is gone.
         """
-        stream_id: int | None = self._native.try_open_stream(self.conn, bidirectional=bidirectional)
+        # A request stream's first read goes with the open (the answer is what it waits
+        # for): one command less to the engine's thread per flow.
+        reads_at_once = bidirectional and self._open_with_first_read
+        stream_id: int | None = self._native.try_open_stream(
+            self.conn,
+            bidirectional=bidirectional,
+            **({"first_read": min(READ_CHUNK, self._window)} if reads_at_once else {}),
+        )
         if stream_id is not None and self._settled_by_reuse(stream_id):
             return self._try_open(bidirectional=bidirectional)  # a new one for the caller
         if stream_id is not None:
             self._keep_spare(stream_id)
-            self._new_stream(stream_id)
+            self._new_stream(stream_id).reading = reads_at_once
             if self._early_log is not None:
                 self._early_log[stream_id] = []
         return stream_id
