@@ -460,20 +460,23 @@ class _Pump:
             if connection is not None:
                 woken[id(connection)] = connection
         for connection in woken.values():
-            try:
-                connection.woke()
-            except Exception:  # one connection's bug must not stall the others
-                # The pump serves every connection of the endpoint: without this, the
-                # connections after this one in the batch would keep their events
-                # unread until their next wake-up (a flow waiting for its last bytes
-                # hung). This connection's state is unknown: close it (its flows are
-                # reset on both sides) and log why.
-                logger.exception(
-                    "[native-%d] closing the connection: internal error", connection.conn
-                )
-                connection.close(H3_INTERNAL_ERROR, reason_phrase="internal error")
+            self.run_contained(connection, connection.woke)
         if self.retiring and not self.closed and self.idle:
             self.close()
+
+    @staticmethod
+    def run_contained(connection: NativeConnection, step: Callable[[], None]) -> None:
+        """Run ``step`` of ``connection``'s event handling; a failure closes that connection
+        only. The pump serves every connection of the endpoint: without this, the
+        connections after this one in the batch would keep their events unread until
+        their next wake-up (a flow waiting for its last bytes hung). The failed
+        connection's state is unknown: it is closed (its flows are reset on both sides),
+        and why is logged."""
+        try:
+            step()
+        except Exception:  # one connection's bug must not stall the others
+            logger.exception("[native-%d] closing the connection: internal error", connection.conn)
+            connection.close(H3_INTERNAL_ERROR, reason_phrase="internal error")
 
     @property
     def idle(self) -> bool:
@@ -609,6 +612,9 @@ class _Stream:
     """FIN or RESET_STREAM received, or STOP_SENDING sent."""
     reading: bool = False
     """A read request is outstanding."""
+    chunks_given: int = 0
+    """``data`` events the engine gave for the stream (:meth:`NativeConnection.woke`
+    defers the read request after the first)."""
     tracked: bool = False
     buffered: int = 0
     """Payload delivered to the application and not read yet (tracked streams)."""
@@ -698,10 +704,10 @@ class NativeConnection:
         self._events: list[Any] = []
         self._streams: dict[int, _Stream] = {}
         self._acks_reported = bool(getattr(_NATIVE, "SEND_ACKED_EVENTS", False))
-        self._open_with_first_read = bool(getattr(_NATIVE, "OPEN_WITH_FIRST_READ", False))
-        """Whether ``try_open_stream`` takes ``first_read`` (not in an extension built before)."""
         """Whether the extension reports ``send_acked`` (one built before it does not:
         a graceful close then waits only for FINs to be queued, as before)."""
+        self._open_with_first_read = bool(getattr(_NATIVE, "OPEN_WITH_FIRST_READ", False))
+        """Whether ``try_open_stream`` takes ``first_read`` (not in an extension built before)."""
         self._spare: dict[bool, list[int]] = {}
         """Streams opened ahead and not used yet, by direction (True: unidirectional),
         lowest ID first: by :meth:`get_next_available_stream_id`, or by quinn once the
@@ -734,7 +740,7 @@ class NativeConnection:
         self._wake: Callable[[], None] | None = None
         self._reads_deferred: dict[int, None] | None = None
         """While the session takes in a batch of the engine's events: the streams whose
-        read requests wait for the end of the loop's turn (:meth:`woke`)."""
+        read request for their second chunk waits two turns of the loop (:meth:`woke`)."""
         self._closed_reason: str | None = None
         self._early = False
         self._early_log: dict[int, list[tuple[bytes, bool]]] | None = None
@@ -799,20 +805,22 @@ class NativeConnection:
     def woke(self) -> None:
         """The endpoint routed events here: the session takes them in now.
 
-        The read requests the session makes meanwhile (a stream's next chunk, asked for
-        as soon as its first one arrived) wait until the tasks those events woke have
-        run their next step. A flow's handler that hands the stream to a splice
-        in its first step (both sidecars do, right after the CONNECT's headers) thus
-        takes its reading over without a read request that the engine would serve and
-        the splice then discard.
+        The read request the session makes meanwhile for a stream's second chunk (asked
+        for as soon as the first arrived) waits until the tasks those events woke have
+        run their next step (later chunks are asked for at once). A flow's handler that
+        hands the stream to a splice in that step (both sidecars do, right after the
+        CONNECT or its answer arrived) thus takes its reading over without a read
+        request that the engine would serve and the splice then discard.
         """
         if self._wake is None:
             return
-        deferred = self._reads_deferred = {}
+        outer = self._reads_deferred
+        deferred: dict[int, None] = {}
+        self._reads_deferred = deferred
         try:
             self._wake()
         finally:
-            self._reads_deferred = None
+            self._reads_deferred = outer
         if deferred:
             # Two turns on: the tasks the events woke run first, also those woken through
             # one future in between (``asyncio.shield``, as MeshStream.wait_accepted's).
@@ -820,10 +828,13 @@ class NativeConnection:
             loop.call_soon(loop.call_soon, self._read_deferred, deferred)
 
     def _read_deferred(self, stream_ids: dict[int, None]) -> None:
-        for stream_id in stream_ids:
-            state = self._streams.get(stream_id)
-            if state is not None:
-                self._read(stream_id, state)
+        def read() -> None:
+            for stream_id in stream_ids:
+                state = self._streams.get(stream_id)
+                if state is not None:
+                    self._read(stream_id, state)
+
+        self._pump.run_contained(self, read)
 
     def connected(self, conn: int, early: bool) -> None:
         """The endpoint reported the connection: handshake done (peer verified in
@@ -888,6 +899,7 @@ class NativeConnection:
                 self._hold_event(stream_id, event)  # end), or the splice has these bytes;
                 return  # or held
             state.reading = False
+            state.chunks_given += 1
             if fin:
                 state.recv_done = True
             self._events.append(
@@ -1103,11 +1115,12 @@ class NativeConnection:
         return resent
 
     def _read(self, stream_id: int, state: _Stream) -> bool:
-        """Ask quinn for the stream's next chunk (unless one is asked for already); at
-        the end of the loop's turn while the session takes in events (:meth:`woke`)."""
+        """Ask quinn for the stream's next chunk (unless one is asked for already); for
+        the second chunk, asked for while the session takes in events, two turns of the
+        loop later (:meth:`woke`)."""
         if state.reading or state.recv_done or state.splicing or self._closed_reason is not None:
             return False
-        if self._reads_deferred is not None:
+        if self._reads_deferred is not None and state.chunks_given == 1:
             self._reads_deferred[stream_id] = None
             return True
         size = READ_CHUNK
@@ -1156,7 +1169,9 @@ class NativeConnection:
         """
         # A request stream's first read goes with the open (the answer is what it waits
         # for): one command less to the engine's thread per flow.
-        reads_at_once = bidirectional and self._open_with_first_read
+        # Not while a 0-RTT flight is unsettled: a rejection reopens its streams and reads
+        # them again (_resend).
+        reads_at_once = bidirectional and self._open_with_first_read and self._early_log is None
         stream_id: int | None = self._native.try_open_stream(
             self.conn,
             bidirectional=bidirectional,
@@ -1949,9 +1964,16 @@ class NativeEngine:
         connection.token = token
         connection.ticket_identity = self._server_identities.get(address) if resume else None
         pump.connecting[token] = connection
-        # A resumed connection is reported at once ("connected", early): take it now.
+        # A resumed connection is reported at once ("connected", early): take it now. The
+        # drain takes the other connections' events too (and the endpoint's wake-up): they
+        # are woken for them once this caller is done, as the pump would have.
+        others: dict[int, NativeConnection] = {}
         for event in pump.endpoint.drain():
-            pump._route(event)
+            routed = pump._route(event)
+            if routed is not None and routed is not connection:
+                others[id(routed)] = routed
+        for other in others.values():
+            pump.loop.call_soon(pump.run_contained, other, other.woke)
         return connection
 
     def close(self) -> None:
