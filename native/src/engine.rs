@@ -14,13 +14,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::sync::mpsc::error::SendError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::admission::{self, HalfOpenSlot};
@@ -529,10 +530,60 @@ pub struct EarlyState {
 /// A connect in its handshake: where to, and the task driving it.
 pub type ConnectingEntry = (SocketAddr, Option<tokio::task::AbortHandle>);
 
+/// A command from Python, run on the engine's thread.
+type Command = Box<dyn FnOnce() + Send>;
+
+/// Python's commands to the engine, run on the engine's thread in the order given, one
+/// wake-up per batch ([`Shared::command`], [`Shared::flush`]).
+///
+/// A command sent from Python's thread straight into a stream's channel (or a task spawned
+/// there) schedules the woken task from outside the runtime, and tokio's current-thread
+/// scheduler then writes its wake-up eventfd every time: a new flow's six or seven commands
+/// cost as many system calls, and as many wake-ups of the engine's thread when it sleeps
+/// between them. Queued here instead, they wait for the `flush` Python's event loop makes
+/// once per turn; one task takes the batch and runs it, so every send and spawn in it is a
+/// local one.
+#[derive(Default)]
+pub struct Outbox {
+    queue: Mutex<Vec<Command>>,
+    /// Held while a batch runs: a batch taken later waits for the one before to end.
+    running: Mutex<()>,
+    ready: tokio::sync::Notify,
+    /// Commands are queued (Python flushes them); else they run on the caller's thread.
+    deferring: AtomicBool,
+    /// The endpoint is gone: the task runs what is left and ends.
+    closed: AtomicBool,
+}
+
+impl Outbox {
+    /// Take the queued commands and run them in order.
+    fn run_queued(&self) {
+        let _running = lock(&self.running);
+        let batch = std::mem::take(&mut *lock(&self.queue));
+        for command in batch {
+            // A command that panics is that command's failure only: the commands after it
+            // (and the task that runs the endpoint's batches) carry on, as they did when
+            // each ran in its own call from Python.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(command));
+        }
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("queued", &lock(&self.queue).len())
+            .field("deferring", &self.deferring)
+            .finish()
+    }
+}
+
 /// (splicing) A TCP connection the engine makes for a splice (`tcp_connect`): the task still
 /// connecting, or the connected socket waiting for its splice.
 #[derive(Debug)]
 pub enum TcpSlot {
+    /// Its connect is a command not run yet ([`Shared::command`]).
+    Starting,
     Connecting(tokio::task::AbortHandle),
     Connected(tokio::net::TcpStream),
 }
@@ -568,6 +619,8 @@ pub struct Shared {
     pub read_handovers: Mutex<HashMap<(u64, u64), tokio::sync::oneshot::Receiver<RecvHandover>>>,
     /// How much of a stream the peer opened is read at once, before Python asks (0: none).
     first_read: AtomicUsize,
+    /// Python's commands, when they are deferred to a flush ([`Outbox`]).
+    outbox: Arc<Outbox>,
     next_id: AtomicU64,
 }
 
@@ -591,6 +644,7 @@ impl Shared {
             early: Mutex::new(HashMap::new()),
             read_handovers: Mutex::new(HashMap::new()),
             first_read: AtomicUsize::new(0),
+            outbox: Arc::default(),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -604,13 +658,6 @@ impl Shared {
         sender.is_some_and(|s| s.send(command).is_ok())
     }
 
-    /// Give a command to a stream's receiving task; false when that half is gone.
-    pub fn command_recv(&self, conn: u64, stream: u64, command: RecvCmd) -> bool {
-        let streams = lock(&self.streams);
-        let sender = streams.get(&(conn, stream)).and_then(|h| h.recv.as_ref());
-        sender.is_some_and(|s| s.send(command).is_ok())
-    }
-
     /// Read each stream the peer opens at once, up to `max` bytes, as if Python had asked:
     /// what Python's first read request of a new stream asks for, without the round trip to
     /// Python and back before the stream's first bytes (its request) reach Python.
@@ -620,6 +667,60 @@ impl Shared {
 
     fn first_read(&self) -> Option<usize> {
         Some(self.first_read.load(Ordering::Relaxed)).filter(|max| *max > 0)
+    }
+
+    /// From now on, queue Python's commands until its next [`Shared::flush`]; a task on the
+    /// engine's thread runs each flushed batch in order.
+    pub fn defer_commands(&self) -> Result<(), String> {
+        if self.outbox.deferring.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let outbox = Arc::clone(&self.outbox);
+        runtime()?.spawn(async move {
+            loop {
+                outbox.ready.notified().await;
+                outbox.run_queued();
+                if outbox.closed.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Run a command of Python's on the engine's thread after those given before it: queued
+    /// until the next flush when commands are deferred, else run now on the caller's thread
+    /// (within the runtime, so it may spawn tasks).
+    pub fn command(&self, command: impl FnOnce() + Send + 'static) {
+        if self.outbox.deferring.load(Ordering::Acquire) {
+            lock(&self.outbox.queue).push(Box::new(command));
+        } else if let Ok(rt) = runtime() {
+            let _entered = rt.enter();
+            command();
+        }
+    }
+
+    /// Wake the engine's thread for the commands queued since the last flush (none: no
+    /// wake-up).
+    pub fn flush(&self) {
+        if !lock(&self.outbox.queue).is_empty() {
+            self.outbox.ready.notify_one();
+        }
+    }
+
+    /// Run the queued commands now, on the caller's thread (before closing the endpoint:
+    /// the closes and resets queued before go out first).
+    pub fn run_commands_now(&self) {
+        if let Ok(rt) = runtime() {
+            let _entered = rt.enter();
+            self.outbox.run_queued();
+        }
+    }
+
+    /// The endpoint is gone: run the queued commands and end the task that runs them.
+    pub fn close_outbox(&self) {
+        self.outbox.closed.store(true, Ordering::Release);
+        self.outbox.ready.notify_one();
     }
 
     pub fn next_id(&self) -> u64 {
@@ -925,7 +1026,7 @@ impl Shared {
                     Ok((send, recv)) => {
                         let stream = u64::from(send.id());
                         let first_read = self.first_read();
-                        self.start_stream(id, stream, Some(send), Some(recv), first_read);
+                        self.start_stream(id, stream, Some(send), Some(recv), first_read, false);
                         self.push(Event::StreamAccepted {
                             conn: id,
                             stream,
@@ -939,7 +1040,7 @@ impl Shared {
                     Ok(recv) => {
                         let stream = u64::from(recv.id());
                         let first_read = self.first_read();
-                        self.start_stream(id, stream, None, Some(recv), first_read);
+                        self.start_stream(id, stream, None, Some(recv), first_read, false);
                         self.push(Event::StreamAccepted {
                             conn: id,
                             stream,
@@ -996,6 +1097,11 @@ impl Shared {
     /// command channels close) and the new tasks touch quinn only once they have ended,
     /// their handles dropped (the tasks drop them before releasing their halves, so a
     /// forgotten incarnation holds none).
+    ///
+    /// From Python's thread (`from_python`) the tasks start as a command ([`Shared::command`]):
+    /// the halves are registered at once (commands for them queue in their channels), and the
+    /// command spawns their tasks unless a later incarnation took the ID meanwhile; then it
+    /// drops the halves unused, before that incarnation's tasks start (its command comes later).
     pub fn start_stream(
         self: &Arc<Self>,
         conn: u64,
@@ -1003,6 +1109,7 @@ impl Shared {
         send: Option<SendStream>,
         recv: Option<RecvStream>,
         first_read: Option<usize>,
+        from_python: bool,
     ) {
         let generation = self.next_id();
         let mut handles = StreamHandles {
@@ -1019,41 +1126,101 @@ impl Shared {
             .remove(&(conn, stream))
             .map(|earlier| earlier.tasks) // its command senders are dropped here
             .unwrap_or_default();
-        if let Some(send) = send {
+        let send_task = send.map(|send| {
             let (tx, rx) = unbounded_channel();
             handles.send = Some(tx);
-            let task = Arc::clone(self).send_task(id, send, rx, send_before);
-            handles.tasks[0] = Some(tokio::spawn(task));
-        }
-        if let Some(recv) = recv {
+            Arc::clone(self).send_task(id, send, rx, send_before)
+        });
+        let recv_task = recv.map(|recv| {
             let (tx, rx) = unbounded_channel();
             handles.recv = Some(tx);
-            let task = Arc::clone(self).recv_task(id, recv, rx, recv_before, first_read);
-            handles.tasks[1] = Some(tokio::spawn(task));
+            Arc::clone(self).recv_task(id, recv, rx, recv_before, first_read)
+        });
+        if !from_python {
+            handles.tasks = [send_task.map(tokio::spawn), recv_task.map(tokio::spawn)];
+            streams.insert((conn, stream), handles);
+            return;
         }
         streams.insert((conn, stream), handles);
+        drop(streams);
+        let shared = Arc::clone(self);
+        self.command(move || {
+            let mut streams = lock(&shared.streams);
+            if let Some(handles) = streams
+                .get_mut(&(conn, stream))
+                .filter(|handles| handles.generation == generation)
+            {
+                handles.tasks = [send_task.map(tokio::spawn), recv_task.map(tokio::spawn)];
+            }
+        });
     }
 
     /// Forget a finished half (of this incarnation of the stream); the stream is forgotten
     /// when both are.
     fn release(&self, id: StreamKey, send_half: bool) {
-        let StreamKey { conn, stream, .. } = id;
-        let mut streams = lock(&self.streams);
-        if let Some(handles) = streams
-            .get_mut(&(conn, stream))
-            .filter(|handles| handles.generation == id.generation)
-        {
-            if send_half {
-                handles.send = None;
-            } else {
-                handles.recv = None;
-            }
-            if handles.send.is_none() && handles.recv.is_none() {
-                streams.remove(&(conn, stream));
-                drop(streams);
-                self.stream_ended(conn, stream);
-            }
+        let forgotten = Self::release_in(&mut lock(&self.streams), id, send_half);
+        if forgotten {
+            self.stream_ended(id.conn, id.stream);
         }
+    }
+
+    /// [`Shared::release`] in the locked stream table; whether the stream is forgotten
+    /// (the caller then calls `stream_ended`, once the lock is dropped).
+    fn release_in(
+        streams: &mut HashMap<(u64, u64), StreamHandles>,
+        id: StreamKey,
+        send_half: bool,
+    ) -> bool {
+        let key = (id.conn, id.stream);
+        let Some(handles) = streams
+            .get_mut(&key)
+            .filter(|handles| handles.generation == id.generation)
+        else {
+            return false;
+        };
+        if send_half {
+            handles.send = None;
+        } else {
+            handles.recv = None;
+        }
+        let forgotten = handles.send.is_none() && handles.recv.is_none();
+        if forgotten {
+            streams.remove(&key);
+        }
+        forgotten
+    }
+
+    /// Give a stream's receiving task `command` as one of Python's commands, in their
+    /// order ([`Shared::command`]); false when that half is gone.
+    ///
+    /// Queued under the `streams` lock: a half that ends releases itself and queues the
+    /// closing of its channel under the same lock ([`Shared::end_recv`]), so a command that
+    /// found the half still reaches its channel before it closes, and is answered (a
+    /// hand-over with what the half read, a pause with `ReadPaused`). Sent after the look,
+    /// at the flush, it could find the channel closed and be lost: a splice's hand-over
+    /// given as the stream's FIN arrived lost the bytes before it.
+    pub fn command_recv_in_order(
+        self: &Arc<Self>,
+        conn: u64,
+        stream: u64,
+        command: RecvCmd,
+    ) -> bool {
+        let streams = lock(&self.streams);
+        let Some(sender) = streams.get(&(conn, stream)).and_then(|h| h.recv.clone()) else {
+            return false;
+        };
+        if !self.outbox.deferring.load(Ordering::Acquire) {
+            return sender.send(command).is_ok();
+        }
+        let shared = Arc::clone(self);
+        lock(&self.outbox.queue).push(Box::new(move || {
+            // Only when the half handed itself over meanwhile (its channel then drops what
+            // follows): a pause is answered here all the same.
+            if let Err(SendError(RecvCmd::Pause)) = sender.send(command) {
+                shared.push(Event::ReadPaused { conn, stream });
+            }
+        }));
+        true
     }
 
     /// Serve a stream's sending half: `before`, the task of the ID's earlier incarnation,
@@ -1282,15 +1449,45 @@ impl Shared {
     /// but what the task gave and how it ended (`log`, `end`): the splice adds what Python
     /// had not seen of it, and the FIN or the reset.
     fn end_recv(
-        &self,
+        self: &Arc<Self>,
         id: StreamKey,
-        mut commands: UnboundedReceiver<RecvCmd>,
+        commands: UnboundedReceiver<RecvCmd>,
         log: ReadLog,
         end: RecvEnd,
     ) {
-        self.release(id, false);
-        // From here `recv_command` fails (and a pause is answered at once there); what
-        // it sent before is in the channel.
+        let mut streams = lock(&self.streams);
+        // From here `recv_command` fails (and a pause is answered at once there).
+        let forgotten = Self::release_in(&mut streams, id, false);
+        let answer_now = if self.outbox.deferring.load(Ordering::Acquire) {
+            // Python's commands for the half still wait in the outbox (queued under this
+            // lock, `command_recv_in_order`): the channel closes behind them.
+            let shared = Arc::clone(self);
+            lock(&self.outbox.queue).push(Box::new(move || {
+                shared.answer_ended(id, commands, &log, end);
+            }));
+            None
+        } else {
+            Some((commands, log))
+        };
+        drop(streams);
+        if forgotten {
+            self.stream_ended(id.conn, id.stream);
+        }
+        match answer_now {
+            Some((commands, log)) => self.answer_ended(id, commands, &log, end),
+            None => self.outbox.ready.notify_one(),
+        }
+    }
+
+    /// Close an ended half's channel and answer the commands in it: what was sent before
+    /// the close is there.
+    fn answer_ended(
+        &self,
+        id: StreamKey,
+        mut commands: UnboundedReceiver<RecvCmd>,
+        log: &ReadLog,
+        end: RecvEnd,
+    ) {
         commands.close();
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -1558,6 +1755,42 @@ impl TransportOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deferred_commands_wait_for_the_flush_then_run_in_order_on_the_engine_thread() {
+        /// Each command's number and the thread it ran on.
+        type Ran = Arc<Mutex<Vec<(u32, Option<String>)>>>;
+        let (shared, _reader) = Shared::new().unwrap();
+        let ran: Ran = Arc::default();
+        let record = |n: u32| {
+            let ran = Arc::clone(&ran);
+            move || {
+                let thread = std::thread::current().name().map(str::to_owned);
+                lock(&ran).push((n, thread));
+            }
+        };
+        // Not deferring: a command runs at once, on the caller's thread.
+        shared.command(record(0));
+        assert_eq!(lock(&ran).len(), 1);
+        shared.defer_commands().unwrap();
+        let (done_to, done) = std::sync::mpsc::channel();
+        for n in 1..=50 {
+            shared.command(record(n));
+        }
+        shared.command(move || done_to.send(()).unwrap());
+        // Held until the flush: nothing of the batch ran.
+        assert!(done.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(lock(&ran).len(), 1);
+        shared.flush();
+        done.recv_timeout(Duration::from_secs(10)).unwrap();
+        let ran = lock(&ran);
+        let order: Vec<u32> = ran.iter().map(|(n, _)| *n).collect();
+        assert_eq!(order, (0..=50).collect::<Vec<_>>());
+        assert!(ran[1..]
+            .iter()
+            .all(|(_, thread)| thread.as_deref() == Some("quicmesh-native")));
+        shared.close_outbox();
+    }
 
     #[test]
     fn path_changes_are_told_from_samples() {

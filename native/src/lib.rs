@@ -815,8 +815,8 @@ impl Endpoint {
         let connection = self.connection(conn)?;
         let token = self.shared.next_id();
         let shared = Arc::clone(&self.shared);
-        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-        rt.spawn(async move {
+        runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let opening = async move {
             let opened = if bidirectional {
                 connection
                     .open_bi()
@@ -828,7 +828,7 @@ impl Endpoint {
             match opened {
                 Ok((send, recv)) => {
                     let stream = u64::from(send.id());
-                    shared.start_stream(conn, stream, Some(send), recv, None);
+                    shared.start_stream(conn, stream, Some(send), recv, None, false);
                     shared.push(Event::StreamOpened {
                         token,
                         conn,
@@ -843,7 +843,8 @@ impl Endpoint {
                     });
                 }
             }
-        });
+        };
+        self.shared.command(move || drop(tokio::spawn(opening)));
         Ok(token)
     }
 
@@ -883,7 +884,7 @@ impl Endpoint {
         let stream = u64::from(send.id());
         let first_read = first_read.filter(|_| recv.is_some());
         self.shared
-            .start_stream(conn, stream, Some(send), recv, first_read);
+            .start_stream(conn, stream, Some(send), recv, first_read, true);
         if let Some(state) = early.get_mut(&conn).filter(|state| state.settled) {
             state.kept.push(stream);
         }
@@ -916,8 +917,10 @@ impl Endpoint {
         // A receiving half handed over for a splice that never started: stop it with the
         // reset's code once its task gives it (dropped, quinn would send STOP_SENDING 0,
         // not an HTTP/3 code).
-        let handed = lock(&self.shared.read_handovers).remove(&(conn, stream));
-        splice::stop_handed_over(handed, code);
+        if let Some(handed) = lock(&self.shared.read_handovers).remove(&(conn, stream)) {
+            self.shared
+                .command(move || splice::stop_handed_over(Some(handed), code));
+        }
         Ok(self
             .send_command(conn, stream, SendCmd::Reset(code))
             .is_ok())
@@ -997,6 +1000,12 @@ impl Endpoint {
         let tcp = if engine_socket {
             match lock(&self.shared.tcp).remove(&token) {
                 Some(TcpSlot::Connected(tcp)) => tcp,
+                Some(TcpSlot::Starting) => {
+                    return Err(quicmesh_error(
+                        "QuicmeshError",
+                        format!("the engine's TCP connection {token} is not connected yet"),
+                    ));
+                }
                 Some(TcpSlot::Connecting(task)) => {
                     task.abort();
                     return Err(quicmesh_error(
@@ -1032,7 +1041,7 @@ impl Endpoint {
             conn, stream, to_tcp, to_quic, unparsed, deframer, recv_fin, received,
         );
         let id = spec.id;
-        rt.spawn(splice::run(
+        let splicing = splice::run(
             Arc::clone(&self.shared),
             spec,
             held,
@@ -1041,7 +1050,9 @@ impl Endpoint {
             send,
             recv,
             abort_from,
-        ));
+        );
+        // After the hand-over commands above (and every write before them).
+        self.shared.command(move || drop(tokio::spawn(splicing)));
         Ok(id)
     }
 
@@ -1091,7 +1102,7 @@ impl Endpoint {
                 tcp_socket(address)?,
             ))
         })();
-        let (address, timeout, deframer, connection, rt, socket) = match prepared {
+        let (address, timeout, deframer, connection, _runtime, socket) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 splice::stop_handed_over(recv, VarInt::from_u32(splice::H3_NO_ERROR as u32));
@@ -1108,7 +1119,7 @@ impl Endpoint {
             timeout,
             answer: Bytes::copy_from_slice(answer),
         };
-        rt.spawn(splice::connect_and_run(
+        let splicing = splice::connect_and_run(
             Arc::clone(&self.shared),
             spec,
             held,
@@ -1116,7 +1127,9 @@ impl Endpoint {
             connection,
             recv,
             abort_from,
-        ));
+        );
+        // After the hand-over commands before it (as `splice`).
+        self.shared.command(move || drop(tokio::spawn(splicing)));
         Ok(id)
     }
 
@@ -1129,12 +1142,11 @@ impl Endpoint {
     fn tcp_connect(&self, host: &str, port: u16, timeout: f64) -> PyResult<u64> {
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
-        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let socket = tcp_socket(address)?;
         let token = self.shared.next_id();
         let shared = Arc::clone(&self.shared);
-        let mut slots = lock(&self.shared.tcp);
-        let task = rt.spawn(async move {
+        let connecting = async move {
             let connect = socket.connect(address);
             let outcome = match tokio::time::timeout(timeout, connect).await {
                 Ok(Ok(tcp)) => {
@@ -1177,9 +1189,16 @@ impl Endpoint {
             };
             drop(slots);
             shared.push(event);
+        };
+        lock(&self.shared.tcp).insert(token, TcpSlot::Starting);
+        let shared = Arc::clone(&self.shared);
+        self.shared.command(move || {
+            let mut slots = lock(&shared.tcp);
+            // Not if `tcp_abort` gave it up first; the task waits for this lock to look.
+            if let Some(slot @ TcpSlot::Starting) = slots.get_mut(&token) {
+                *slot = TcpSlot::Connecting(tokio::spawn(connecting).abort_handle());
+            }
         });
-        // Before the task can look: it waits for this lock.
-        slots.insert(token, TcpSlot::Connecting(task.abort_handle()));
         Ok(token)
     }
 
@@ -1193,6 +1212,7 @@ impl Endpoint {
                 task.abort();
                 true
             }
+            Some(TcpSlot::Starting) => true,
             Some(TcpSlot::Connected(tcp)) => {
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 true
@@ -1237,13 +1257,29 @@ impl Endpoint {
             .map_or(0, |handle| handle.held.total())
     }
 
+    /// From now on, hold this endpoint's commands (writes, reads, resets, splices, stream
+    /// tasks, TCP connects, closes) until `flush`, which wakes the engine's thread once for
+    /// all of them; an event loop flushes once per turn. Without it each command wakes the
+    /// engine's thread itself.
+    fn defer_commands(&self) -> PyResult<()> {
+        self.shared
+            .defer_commands()
+            .map_err(|e| quicmesh_error("QuicmeshError", e))
+    }
+
+    /// Run the commands held since the last flush (`defer_commands`), in order.
+    fn flush(&self) {
+        self.shared.flush();
+    }
+
     /// Close a connection with application error `code` and `reason`.
     #[pyo3(signature = (conn, code=0, reason=""))]
     fn close_connection(&self, conn: u64, code: u64, reason: &str) -> PyResult<()> {
         let code = varint("error code", code)?;
-        if let Some(connection) = lock(&self.shared.connections).get(&conn) {
-            let _entered = runtime().ok().map(|rt| rt.enter());
-            connection.close(code, reason.as_bytes());
+        if let Some(connection) = lock(&self.shared.connections).get(&conn).cloned() {
+            // After the commands before it: data written before the close goes out first.
+            let reason = Bytes::copy_from_slice(reason.as_bytes());
+            self.shared.command(move || connection.close(code, &reason));
         }
         Ok(())
     }
@@ -1362,6 +1398,7 @@ impl Endpoint {
     /// Close every connection and stop accepting.
     #[pyo3(signature = (code=0, reason=""))]
     fn close(&self, code: u64, reason: &str) -> PyResult<()> {
+        self.shared.run_commands_now();
         self.endpoint
             .close(varint("error code", code)?, reason.as_bytes());
         Ok(())
@@ -1436,18 +1473,29 @@ impl Endpoint {
         (spec, held, abort_from)
     }
 
+    /// Give a stream's sending task `command` (as a command: [`engine::Shared::command`]);
+    /// an error when the task is gone.
     fn send_command(&self, conn: u64, stream: u64, command: SendCmd) -> PyResult<()> {
-        if self.shared.command_send(conn, stream, command) {
-            return Ok(());
+        let sender = lock(&self.shared.streams)
+            .get(&(conn, stream))
+            .and_then(|h| h.send.clone())
+            .filter(|sender| !sender.is_closed());
+        match sender {
+            Some(sender) => {
+                self.shared.command(move || drop(sender.send(command)));
+                Ok(())
+            }
+            None => Err(quicmesh_error(
+                "StreamReset",
+                format!("stream {stream} can no longer send (finished, reset or stopped)"),
+            )),
         }
-        Err(quicmesh_error(
-            "StreamReset",
-            format!("stream {stream} can no longer send (finished, reset or stopped)"),
-        ))
     }
 
+    /// Give a stream's receiving task `command` in the order of Python's commands
+    /// ([`engine::Shared::command_recv_in_order`]); an error when the task is gone.
     fn recv_command(&self, conn: u64, stream: u64, command: RecvCmd) -> PyResult<()> {
-        if self.shared.command_recv(conn, stream, command) {
+        if self.shared.command_recv_in_order(conn, stream, command) {
             return Ok(());
         }
         Err(quicmesh_error(
@@ -1459,6 +1507,8 @@ impl Endpoint {
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
+        self.shared.run_commands_now();
+        self.shared.close_outbox();
         let _entered = runtime().ok().map(|rt| rt.enter());
         self.endpoint.close(VarInt::from_u32(0), b"");
     }

@@ -8,8 +8,8 @@
   request that the engine would serve and the splice then discard. A handler that reads
   in Python still gets every byte.
 
-What the engine is asked is recorded at its boundary: each connection's endpoint
-handle is wrapped in a recorder of the ``read`` commands.
+What the engine is asked is recorded at its boundary: the endpoint handle each
+connection gives its commands to is wrapped in a recorder of the ``read`` commands.
 """
 
 from __future__ import annotations
@@ -55,13 +55,12 @@ def record_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, int]]:
     from quicmesh.transport.quic.native_engine import NativeConnection
 
     reads: Counter[tuple[str, int]] = Counter()
-    init = NativeConnection.__init__
+    commands = NativeConnection._native
 
-    def recording_init(self: NativeConnection, pump: Any, *, is_client: bool) -> None:
-        init(self, pump, is_client=is_client)
-        self._native = ReadRecorder(self._native, is_client, reads)
+    def recording_commands(self: NativeConnection) -> ReadRecorder:
+        return ReadRecorder(commands.fget(self), self.is_client, reads)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(NativeConnection, "__init__", recording_init)
+    monkeypatch.setattr(NativeConnection, "_native", property(recording_commands))
     return reads
 
 

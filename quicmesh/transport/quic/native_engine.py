@@ -415,6 +415,27 @@ class _Forgotten:
         self.stream_id = stream_id
 
 
+class _FlushedAtOnce:
+    """An endpoint whose every command is flushed as it is given: for commands given once
+    the event loop is closed (no end of a turn will flush them)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._endpoint, name)
+
+        def flushed(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                flush = getattr(self._endpoint, "flush", None)
+                if flush is not None:
+                    flush()
+
+        return flushed
+
+
 class _Pump:
     """Watches one endpoint's wake-up descriptor and routes its events to connections.
 
@@ -443,6 +464,10 @@ class _Pump:
         self.tcp_connects: dict[int, asyncio.Future[tuple[int, str]]] = {}
         """The engine's TCP connects for splices by token (:meth:`NativeConnection.connect_tcp`)."""
         self._fd = endpoint.fileno()
+        defer_commands = getattr(endpoint, "defer_commands", None)
+        if defer_commands is not None:  # None: an extension built before (runs them at once)
+            defer_commands()
+        self._flush_pending = False
         self.closed = False
         self.retiring = False
         """(client) Replaced by the endpoint of a new identity: closed once idle."""
@@ -451,6 +476,32 @@ class _Pump:
         no later object can take those ids while the endpoint is in use."""
         loop.add_reader(self._fd, self.pump)
         weakref.finalize(self, _remove_reader, loop, self._fd)
+
+    @property
+    def commands(self) -> Any:
+        """The endpoint, to give commands to: they run at the end of this turn of the loop.
+
+        The endpoint holds its commands (``defer_commands``) until :meth:`flush`, which wakes
+        the engine's thread once for every command given in the turn (a new flow gives six
+        or so) instead of once each.
+        """
+        if self.loop.is_closed():
+            return _FlushedAtOnce(self.endpoint)  # no turn will end to flush them
+        if not self._flush_pending:
+            self._flush_pending = True
+            try:
+                self.loop.call_soon(self.flush)
+            except RuntimeError:  # the loop closed meanwhile
+                self._flush_pending = False
+                return _FlushedAtOnce(self.endpoint)
+        return self.endpoint
+
+    def flush(self) -> None:
+        """Have the engine run the commands given so far."""
+        self._flush_pending = False
+        flush = getattr(self.endpoint, "flush", None)
+        if flush is not None:
+            flush()
 
     def pump(self) -> None:
         """Drain the endpoint's events into its connections, then wake each one once."""
@@ -461,6 +512,8 @@ class _Pump:
                 woken[id(connection)] = connection
         for connection in woken.values():
             self.run_contained(connection, connection.woke)
+        if self._flush_pending:  # the answers to this batch go now, not a turn later
+            self.flush()
         if self.retiring and not self.closed and self.idle:
             self.close()
 
@@ -497,7 +550,7 @@ class _Pump:
             connection = self.connecting.pop(token, None)
             if connection is None:
                 with contextlib.suppress(QuicmeshError):
-                    self.endpoint.close_connection(conn)
+                    self.commands.close_connection(conn)
                 return None
             self.connections[conn] = connection
             connection.connected(conn, early)
@@ -694,9 +747,13 @@ stay far below: the peer would have to allow 2**59 streams of a kind)."""
 class NativeConnection:
     """One QUIC connection of the native engine (see the module docstring)."""
 
+    @property
+    def _native(self) -> Any:
+        """The endpoint, for this connection's commands (:attr:`_Pump.commands`)."""
+        return self._pump.commands
+
     def __init__(self, pump: _Pump, *, is_client: bool) -> None:
         self._pump = pump
-        self._native = pump.endpoint
         self.conn = -1
         self.token: int | None = None
         """(client) The endpoint's token for the connect, until it is reported."""
@@ -1771,7 +1828,10 @@ class NativeConnection:
     # -- SocketConnection --
 
     def flush(self) -> None:
-        """Nothing to do: each command reached the engine thread when issued."""
+        """Nothing to do here: the commands given reach the engine when the pump flushes
+        them, at the end of the event batch being handled or of the loop's turn
+        (:attr:`_Pump.commands`; flushing at each transmit would wake the engine's thread
+        once per flow step again)."""
 
     async def migrate(self, local_address: Address | None) -> Address:
         """(client) Move the client endpoint to a new UDP socket; quinn uses a new
