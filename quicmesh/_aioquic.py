@@ -765,13 +765,22 @@ class RateLimitedStreamCredit(Limit):
 
     @property
     def value(self) -> int:
-        if self._wanted > self._granted:
-            self._granted += self.bucket.take(self._wanted - self._granted, time.monotonic())
+        # Constant between grants: aioquic reads it several times per frame (the
+        # batching check, the number it writes, then ``sent = value``). Taking tokens
+        # here made the last read exceed the number written when a token came in
+        # between: ``sent`` then counted credit the peer never got, and the peer
+        # waited for it forever (MAX_STREAMS is only sent while value != sent).
         return self._granted
 
     @value.setter
     def value(self, value: int) -> None:
         self._wanted += value - self._granted
+
+    def grant(self, now: float) -> None:
+        """Grant the owed credit the bucket has tokens for (before each packet's
+        connection limits are written)."""
+        if self._wanted > self._granted:
+            self._granted += self.bucket.take(self._wanted - self._granted, now)
 
     def next_grant_at(self, now: float) -> float | None:
         """When the tokens for a batch of the owed credit are there (at most about
@@ -1015,6 +1024,9 @@ class MeshQuicConnection(QuicConnection):
             stream.receiver.highest_offset = highest
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        streams = self._local_max_streams_bidi
+        if isinstance(streams, RateLimitedStreamCredit):
+            streams.grant(time.monotonic())
         flow = self.flow_control
         if flow is None:
             super()._write_connection_limits(builder=builder, space=space)

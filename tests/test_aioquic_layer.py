@@ -525,6 +525,40 @@ def test_stream_limit_is_visible_before_opening() -> None:
     assert not client.session.can_open_stream()
 
 
+class _TokenPerRead:
+    """A stream-rate bucket that, unless ``dry``, has one more token at every look
+    (time passing between any two reads of the credit, as on a loaded machine)."""
+
+    rate = 1000.0
+    tokens = 0.0
+    dry = False
+
+    def take(self, wanted: int, now: float) -> int:
+        return 0 if self.dry else min(wanted, 1)
+
+
+def test_rate_limited_credit_sent_is_what_the_peer_got() -> None:
+    """The MAX_STREAMS value written is the one recorded as sent, however the tokens
+    come: the server must not count credit the client never got (it then held the
+    rest back for ever, and the client's next open waited for ever)."""
+    clock = Clock()
+    client, server = make_pair(clock, sessions=True, server_max_streams=4)
+    assert isinstance(server.quic, MeshQuicConnection) and client.session is not None
+    bucket = _TokenPerRead()
+    server.quic.attach_stream_rate(bucket)  # type: ignore[arg-type]
+    limit = server.quic._local_max_streams_bidi
+    for _ in range(3):
+        ids = open_tunnels(client, server, clock, 4)
+        bucket.dry = True  # the 4 slots freed are owed, not yet granted
+        for stream_id in ids:
+            client.session.reset_stream(stream_id, ResetReason.CANCELLED)
+        settle(client, server, clock)
+        bucket.dry = False  # tokens come while the next packet is written
+        settle(client, server, clock)
+        assert client.quic._remote_max_streams_bidi == limit.sent
+        assert _aioquic.can_open_bidi_stream(client.quic)
+
+
 async def _echo(stream: Any) -> None:
     while data := await stream.read(65536):
         stream.write(data)
