@@ -1092,17 +1092,11 @@ impl Endpoint {
             let deframer = splice::Deframer::resume(frame_type, frame_remaining)
                 .map_err(|e| quicmesh_error("TunnelError", e.message))?;
             let connection = self.connection(conn)?;
-            let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-            Ok((
-                address,
-                timeout,
-                deframer,
-                connection,
-                rt,
-                tcp_socket(address)?,
-            ))
+            // The splice's task needs the engine's runtime (its command spawns it there).
+            runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+            Ok((address, timeout, deframer, connection, tcp_socket(address)?))
         })();
-        let (address, timeout, deframer, connection, _runtime, socket) = match prepared {
+        let (address, timeout, deframer, connection, socket) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 splice::stop_handed_over(recv, VarInt::from_u32(splice::H3_NO_ERROR as u32));

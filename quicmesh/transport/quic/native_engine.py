@@ -505,17 +505,22 @@ class _Pump:
 
     def pump(self) -> None:
         """Drain the endpoint's events into its connections, then wake each one once."""
-        woken: dict[int, NativeConnection] = {}
-        for event in self.endpoint.drain():
-            connection = self._route(event)
-            if connection is not None:
-                woken[id(connection)] = connection
-        for connection in woken.values():
+        for connection in self.route_waiting():
             self.run_contained(connection, connection.woke)
         if self._flush_pending:  # the answers to this batch go now, not a turn later
             self.flush()
         if self.retiring and not self.closed and self.idle:
             self.close()
+
+    def route_waiting(self) -> list[NativeConnection]:
+        """Drain the endpoint's events into its connections (taking its wake-up with
+        them); the connections they went to, once each, for the caller to wake."""
+        routed: dict[int, NativeConnection] = {}
+        for event in self.endpoint.drain():
+            connection = self._route(event)
+            if connection is not None:
+                routed[id(connection)] = connection
+        return list(routed.values())
 
     @staticmethod
     def run_contained(connection: NativeConnection, step: Callable[[], None]) -> None:
@@ -2027,13 +2032,9 @@ class NativeEngine:
         # A resumed connection is reported at once ("connected", early): take it now. The
         # drain takes the other connections' events too (and the endpoint's wake-up): they
         # are woken for them once this caller is done, as the pump would have.
-        others: dict[int, NativeConnection] = {}
-        for event in pump.endpoint.drain():
-            routed = pump._route(event)
-            if routed is not None and routed is not connection:
-                others[id(routed)] = routed
-        for other in others.values():
-            pump.loop.call_soon(pump.run_contained, other, other.woke)
+        for other in pump.route_waiting():
+            if other is not connection:
+                pump.loop.call_soon(pump.run_contained, other, other.woke)
         return connection
 
     def close(self) -> None:
