@@ -218,6 +218,19 @@ def connect_accepted_frame() -> bytes:
     return bytes(encode_frame(FrameType.HEADERS, block))
 
 
+_STATIC_ENCODER = pylsqpack.Encoder()
+"""A QPACK encoder never given a dynamic table: what it encodes refers to the static
+table only (as :func:`connect_accepted_frame`)."""
+
+
+def connect_request_frame(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """The HEADERS frame of a CONNECT with ``fields``, for an engine that sends it itself
+    (the native engine's outbound flows): encoded with the static table only, so valid
+    on any connection and needing no encoder-stream instruction (RFC 9204 4.5.1)."""
+    _, block = _STATIC_ENCODER.encode(0, fields)
+    return bytes(encode_frame(FrameType.HEADERS, block))
+
+
 # -- TLS -----------------------------------------------------------------------
 
 

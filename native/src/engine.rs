@@ -378,6 +378,16 @@ pub enum Event {
         errno: i32,
         message: String,
     },
+    /// (outbound flows) The acceptor accepted a connection from `peer`, parked as `flow`
+    /// until Python starts it or takes it back (`outbound.rs`).
+    FlowAccepted { flow: u64, peer: SocketAddr },
+    /// (outbound flows) An engine flow's CONNECT on `stream` did not get the expected answer
+    /// (`reason`): the stream was cancelled, the connection is parked again, untouched.
+    FlowUnanswered {
+        flow: u64,
+        stream: u64,
+        reason: String,
+    },
     /// A connection ended; its streams are gone.
     Closed {
         conn: u64,

@@ -15,6 +15,7 @@ pub mod admission;
 pub mod bbr;
 pub mod engine;
 pub mod icmp;
+pub mod outbound;
 pub mod rebind;
 pub mod splice;
 pub mod verify;
@@ -230,6 +231,14 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             kind,
             message,
         } => ("closed", conn, kind.name(), message).into_py_any(py),
+        Event::FlowAccepted { flow, peer } => {
+            ("flow_accepted", flow, peer.ip().to_string(), peer.port()).into_py_any(py)
+        }
+        Event::FlowUnanswered {
+            flow,
+            stream,
+            reason,
+        } => ("flow_unanswered", flow, stream, reason).into_py_any(py),
     }
 }
 
@@ -1127,6 +1136,67 @@ impl Endpoint {
         Ok(id)
     }
 
+    /// (outbound flows) Start the connection `acceptor` accepted as `flow` on connection
+    /// `conn`: the engine opens a stream, sends `request` (the CONNECT's HEADERS frame) and,
+    /// once the stream's first bytes are `answer` (the HEADERS frame of the 200 expected),
+    /// splices the connection onto it; a `spliced` event (the flow's ID as the splice's) ends
+    /// it, or a `flow_unanswered` event gives it back parked (`outbound.rs`). False, with
+    /// the connection parked again, when the peer's stream limit allows no stream now.
+    #[pyo3(signature = (acceptor, flow, conn, *, request, answer, timeout))]
+    fn start_flow(
+        &self,
+        acceptor: &FlowAcceptor,
+        flow: u64,
+        conn: u64,
+        request: &[u8],
+        answer: &[u8],
+        timeout: f64,
+    ) -> PyResult<bool> {
+        let connection = self.connection(conn)?;
+        let timeout = seconds(Some(timeout), "timeout")?.unwrap_or_default();
+        let acceptor = &acceptor.inner;
+        let Some(tcp) = acceptor.take(flow) else {
+            return Err(quicmesh_error(
+                "QuicmeshError",
+                format!("no accepted connection {flow} is waiting"),
+            ));
+        };
+        let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let _entered = rt.enter();
+        let mut context = Context::from_waker(Waker::noop());
+        let opened = {
+            let mut opening = pin!(connection.open_bi());
+            opening.as_mut().poll(&mut context)
+        };
+        let (send, recv) = match opened {
+            Poll::Ready(Ok(halves)) => halves,
+            Poll::Pending => {
+                acceptor.park(flow, tcp);
+                return Ok(false);
+            }
+            Poll::Ready(Err(error)) => {
+                acceptor.park(flow, tcp);
+                return Err(quicmesh_error("ConnectionLost", error.to_string()));
+            }
+        };
+        let shared = Arc::clone(&acceptor.shared);
+        let (held, abort) = outbound::register(&shared, flow);
+        let start = outbound::FlowStart {
+            flow,
+            conn,
+            send,
+            recv,
+            tcp,
+            connection,
+            request: Bytes::copy_from_slice(request),
+            answer: Bytes::copy_from_slice(answer),
+            timeout,
+        };
+        self.shared
+            .command(move || drop(tokio::spawn(outbound::run(shared, start, held, abort))));
+        Ok(true)
+    }
+
     /// (splicing) Connect a TCP socket to `host:port` (an IP address) for a splice, within
     /// `timeout` seconds; returns a token that a `tcp_connected` event carries with errno 0
     /// (connected: pass the token to `splice` with `engine_socket=True`) or why it failed
@@ -1549,10 +1619,89 @@ fn fd_carrier() -> PyResult<i32> {
         .map_err(|e| quicmesh_error("QuicmeshError", e))
 }
 
+/// The engine's accept loop on a listening TCP socket, for outbound flows the engine runs
+/// (`outbound.rs`): `flow_accepted`, `flow_unanswered` and `spliced` events come from it.
+#[pyclass(module = "quicmesh._native", frozen)]
+struct FlowAcceptor {
+    inner: outbound::Acceptor,
+}
+
+#[pymethods]
+impl FlowAcceptor {
+    /// Accept on the listening socket just sent to `fd_carrier()` with `token`.
+    #[new]
+    fn new(token: u64) -> PyResult<Self> {
+        let inbox = splice::FdInbox::get().map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let fd = inbox
+            .take(token)
+            .map_err(|e| quicmesh_error("QuicmeshError", e))?;
+        let inner = outbound::Acceptor::start(std::net::TcpListener::from(fd))
+            .map_err(|e| quicmesh_error("QuicmeshError", format!("cannot accept: {e}")))?;
+        Ok(FlowAcceptor { inner })
+    }
+
+    /// The file descriptor that turns readable when events are waiting (for `add_reader`).
+    fn fileno(&self) -> i32 {
+        self.inner.wake.as_raw_fd()
+    }
+
+    /// Take every waiting event, as tuples whose first item names the event.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .inner
+            .take_events()
+            .into_iter()
+            .map(|event| event_tuple(py, event))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// The local `(host, port)` accepted on.
+    fn local_address(&self) -> (String, u16) {
+        let address = self.inner.address;
+        (address.ip().to_string(), address.port())
+    }
+
+    /// Give an accepted connection that is not running to Python: its descriptor (Python
+    /// owns it from now on), or None when there is no such connection.
+    fn release(&self, flow: u64) -> PyResult<Option<i32>> {
+        let Some(tcp) = self.inner.take(flow) else {
+            return Ok(None);
+        };
+        let _entered = runtime().ok().map(|rt| rt.enter());
+        let tcp = tcp
+            .into_std()
+            .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
+        Ok(Some(std::os::fd::IntoRawFd::into_raw_fd(tcp)))
+    }
+
+    /// Fail a running engine flow: both sides are reset (the stream with `code`), and its
+    /// `spliced` event follows. Returns whether it was still running.
+    fn abort(&self, flow: u64, code: u64) -> bool {
+        match lock(&self.inner.shared.splices).remove(&flow) {
+            Some(handle) => handle.abort.send(code).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The bytes a running engine flow holds now (as `Endpoint.splice_buffered`).
+    fn buffered(&self, flow: u64) -> u64 {
+        lock(&self.inner.shared.splices)
+            .get(&flow)
+            .map_or(0, |handle| handle.held.total())
+    }
+
+    /// Stop accepting; flows accepted or running carry on.
+    fn stop(&self) {
+        self.inner.stop();
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Endpoint>()?;
+    module.add_class::<FlowAcceptor>()?;
     module.add_function(wrap_pyfunction!(spiffe_id_problem, module)?)?;
     module.add_function(wrap_pyfunction!(fd_carrier, module)?)?;
     module.add_function(wrap_pyfunction!(h3_deframe, module)?)?;

@@ -666,17 +666,17 @@ pub async fn run(
         to_tcp,
         to_quic,
         unparsed,
-        mut deframer,
+        deframer,
         mut recv_fin,
         received,
     } = spec;
-    let mut send = match send {
+    let send = match send {
         Some(handover) => handover.await.ok(),
         None => None,
     };
     let mut unparsed = vec![unparsed];
     let mut failed: Option<Failure> = None;
-    let mut recv = match recv {
+    let recv = match recv {
         Some(handover) => match handover.await {
             Ok(RecvHandover { recv, log, end }) => {
                 if let Some(received) = received {
@@ -698,6 +698,78 @@ pub async fn run(
         },
         None => None,
     };
+    let halves = Halves {
+        send,
+        recv,
+        unparsed,
+        recv_fin,
+        failed,
+    };
+    carry(
+        shared, id, conn, stream, to_tcp, to_quic, deframer, held, tcp, connection, halves, abort,
+    )
+    .await;
+}
+
+/// A flow's stream halves as a splice starts with them, and what they already say.
+pub struct Halves {
+    pub send: Option<SendHandover>,
+    pub recv: Option<RecvStream>,
+    /// Stream bytes received and not parsed yet (fed to the deframer first).
+    pub unparsed: Vec<Bytes>,
+    /// The stream's FIN was already received.
+    pub recv_fin: bool,
+    failed: Option<Failure>,
+}
+
+impl Halves {
+    /// Halves taken straight from quinn (a stream the engine opened and has not read past
+    /// `unparsed`).
+    pub fn opened(send: SendStream, recv: RecvStream, unparsed: Bytes) -> Self {
+        Halves {
+            send: Some((send, VecDeque::new())),
+            recv: Some(recv),
+            unparsed: vec![unparsed],
+            recv_fin: false,
+            failed: None,
+        }
+    }
+}
+
+impl Halves {
+    /// Halves of a flow given up before its splice began: the splice resets both sides
+    /// with `code` and reports the abort.
+    pub fn aborted(send: SendStream, recv: RecvStream, code: u64) -> Self {
+        Halves {
+            failed: Some(Failure::Aborted(code)),
+            ..Halves::opened(send, recv, Bytes::new())
+        }
+    }
+}
+
+/// The copy itself, once the halves are in hand ([`run`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn carry(
+    shared: Arc<Shared>,
+    id: u64,
+    conn: u64,
+    stream: u64,
+    to_tcp: Bytes,
+    to_quic: Bytes,
+    mut deframer: Deframer,
+    held: Arc<Held>,
+    tcp: TcpStream,
+    connection: Connection,
+    halves: Halves,
+    abort: oneshot::Receiver<u64>,
+) {
+    let Halves {
+        mut send,
+        mut recv,
+        unparsed,
+        recv_fin,
+        failed,
+    } = halves;
     let (mut sent, mut received) = (0u64, 0u64);
     let aborted = async {
         match abort.await {

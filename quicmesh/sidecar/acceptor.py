@@ -47,6 +47,7 @@ class SocketServer:
         self._handle = handle
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._paused = False
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -85,6 +86,11 @@ class SocketServer:
         return cls(sockets, handle)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
     def sockets(self) -> list[socket.socket]:
         """The listening sockets."""
         return list(self._sockets)
@@ -112,16 +118,36 @@ class SocketServer:
             except OSError:  # already gone
                 sock.close()
                 continue
-            task = self._loop.create_task(self._handle(sock, peer))
-            self._tasks.add(task)
-            task.add_done_callback(self._handled)
+            self.spawn(self._handle(sock, peer))
+
+    def spawn(self, handling: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's handling in a task of its own, kept and its failure logged
+        (a connection accepted elsewhere and handed to this server's caller)."""
+        task = self._loop.create_task(handling)
+        self._tasks.add(task)
+        task.add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("a connection's handler failed", exc_info=task.exception())
 
+    def pause(self) -> None:
+        """Stop accepting for now (someone else accepts on :attr:`sockets`)."""
+        self._paused = True
+        for sock in self._sockets:
+            if not self._loop.is_closed() and sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+
+    def resume(self) -> None:
+        """Accept again after :meth:`pause`."""
+        self._paused = False
+        for sock in self._sockets:
+            self._resume(sock)
+
     def _resume(self, listening: socket.socket) -> None:
+        if self._paused:
+            return
         if not self._closed and listening.fileno() >= 0:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 

@@ -33,7 +33,7 @@ from ..errors import (
     TunnelUsageError,
 )
 from ..tls.check import handshake_failure_reason
-from ..transport.base import Address, PeerConnection, Transport
+from ..transport.base import Address, EngineAcceptor, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .accesslog import Outcome
 from .circuit import CircuitBreaker
@@ -86,6 +86,14 @@ class OpenedFlow:
     connection: PeerConnection
     early: bool = False
     """Opened in 0-RTT, without waiting for the peer's answer."""
+
+
+@dataclass
+class EngineFlow:
+    """A flow the cluster started as an engine flow (:meth:`Cluster.start_engine_flow`)."""
+
+    endpoint: Endpoint
+    connection: PeerConnection
 
 
 def is_connection_failure(error: BaseException) -> bool:
@@ -183,6 +191,7 @@ class Cluster:
         target: str | None = None,
         endpoint: Address | None = None,
         headers: dict[str, str] | None = None,
+        chosen: Endpoint | None = None,
     ) -> OpenedFlow:
         """Open a tunnel stream to the cluster's target on a chosen endpoint.
 
@@ -190,6 +199,8 @@ class Cluster:
             (a captured connection's original destination).
         :param endpoint: use only this endpoint (the peer fronting the destination).
         :param headers: sent in the CONNECT besides the cluster's own (e.g. ``traceparent``).
+        :param chosen: the endpoint the load balancer already chose for this flow (the
+            first attempt goes there if it is still available; retries choose again).
 
         :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
             every attempt failed, or the peer refused the stream.
@@ -202,21 +213,25 @@ class Cluster:
                 f"({self.config.circuit_breakers.max_concurrent_streams}) reached",
             )
         try:
-            chosen = target or self.config.target
-            if not chosen:
+            authority = target or self.config.target
+            if not authority:
                 raise FlowRefused(
                     Outcome.REFUSED,
                     f"cluster {self.config.name}: no CONNECT target (no listener names one)",
                 )
             return await self._open_with_retries(
-                chosen, endpoint, {**self.headers, **(headers or {})}
+                authority, endpoint, {**self.headers, **(headers or {})}, chosen
             )
         except BaseException:
             self.breaker.release_stream()
             raise
 
     async def _open_with_retries(
-        self, target: str, pinned: Address | None, headers: dict[str, str]
+        self,
+        target: str,
+        pinned: Address | None,
+        headers: dict[str, str],
+        chosen: Endpoint | None = None,
     ) -> OpenedFlow:
         tried: set[Address] = set()
         last: FlowRefused | None = None
@@ -237,7 +252,10 @@ class Cluster:
                     f"cluster {self.config.name}: no healthy endpoint "
                     f"({len(self.endpoints)} configured)",
                 )
-            endpoint = self.balancer.choose(candidates)
+            if attempt == 0 and chosen is not None and chosen in candidates:
+                endpoint = chosen
+            else:
+                endpoint = self.balancer.choose(candidates)
             tried.add(endpoint.address)
             if attempt > 0:
                 self.stats.retries += 1
@@ -304,7 +322,69 @@ class Cluster:
         self.stats.streams_active += 1
         return OpenedFlow(stream, endpoint, connection, early)
 
-    def flow_finished(self, flow: OpenedFlow, bytes_sent: int, bytes_received: int) -> None:
+    @property
+    def takes_engine_flows(self) -> bool:
+        """Whether an outbound listener should let the transport's engine accept and run
+        this cluster's flows (:meth:`start_engine_flow`): QUIC on the native engine,
+        spliced (``splice``, the default)."""
+        return self.config.splice and self.transport.runs_engine_flows
+
+    def start_engine_flow(
+        self, acceptor: EngineAcceptor, flow: int, headers: dict[str, str]
+    ) -> EngineFlow | Endpoint | None:
+        """Start the connection ``acceptor`` accepted as ``flow`` as an engine flow
+        (:mod:`~quicmesh.transport.quic.native_flows`) if it can go at once: within the
+        circuit breakers, on a healthy endpoint the load balancer chose, on a pooled
+        connection that is ready and takes engine flows. When it cannot, nothing is
+        counted and :meth:`open_flow` carries it (and refuses it, dials or waits as it
+        does for any flow): given the endpoint the load balancer chose (returned, None
+        if it chose none) so that the flow takes one turn of the balancer, not two."""
+        target = self.config.target
+        if not target or not self.breaker.try_open_stream():
+            return None
+        started: EngineFlow | None = None
+        endpoint: Endpoint | None = None
+        try:
+            now = self._loop.time()
+            candidates = [
+                e for e in self.endpoints.values() if self.health[e.address].is_available(now)
+            ]
+            if not candidates:
+                return None
+            endpoint = self.balancer.choose(candidates)
+            connection = endpoint.pool.ready_connection()
+            if connection is None or not connection.start_engine_flow(
+                acceptor, flow, target, {**self.headers, **headers}, self.config.connect_timeout
+            ):
+                return endpoint
+            started = EngineFlow(endpoint, connection)
+        except TunnelUsageError:
+            return endpoint  # open_flow refuses it, with the reason
+        finally:
+            if started is None:
+                self.breaker.release_stream()
+        self.health[endpoint.address].connect_succeeded(now)
+        ep_stats = self.stats.endpoint(endpoint.name)
+        ep_stats.streams_total += 1
+        ep_stats.streams_active += 1
+        self.stats.streams_total += 1
+        self.stats.streams_active += 1
+        return started
+
+    def engine_flow_unanswered(self, flow: EngineFlow) -> None:
+        """An engine flow did not get its 200 and goes back to :meth:`open_flow`: undo
+        what :meth:`start_engine_flow` counted."""
+        self.breaker.release_stream()
+        self.stats.streams_total -= 1
+        self.stats.streams_active -= 1
+        ep_stats = self.stats.endpoint(flow.endpoint.name)
+        ep_stats.streams_total -= 1
+        ep_stats.streams_active -= 1
+        flow.connection.engine_flow_ended()
+
+    def flow_finished(
+        self, flow: OpenedFlow | EngineFlow, bytes_sent: int, bytes_received: int
+    ) -> None:
         """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes."""
         self.breaker.release_stream()
         self.stats.streams_active -= 1

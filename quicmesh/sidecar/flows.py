@@ -30,14 +30,22 @@ class FlowTracker:
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
         """Count the enclosed block as one live flow."""
-        self.active += 1
-        self._idle.clear()
+        self.begin()
         try:
             yield
         finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+            self.end()
+
+    def begin(self) -> None:
+        """Count one more live flow (until :meth:`end`)."""
+        self.active += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        """A flow counted with :meth:`begin` ended."""
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Wait until no flow is live."""

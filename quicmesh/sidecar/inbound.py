@@ -558,7 +558,8 @@ class InboundListener:
                     result = await splice(stream, reader, writer, offload=config.splice)
             finally:
                 self.stats.connections_active -= 1
-        if not result.error:
+        if not result.error and not result.offloaded:
+            # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(stream, FLUSH_TIMEOUT)
         self.stats.streams_spliced += result.offloaded
         record.bytes_sent = result.bytes_from_stream

@@ -37,6 +37,16 @@ _LISTENER_COUNTERS = (
         "streams_spliced",
         "Flows the QUIC engine copied itself (splice), not the sidecar.",
     ),
+    (
+        "engine_flows",
+        "engine_flows",
+        "Outbound flows the native engine ran from accept to end.",
+    ),
+    (
+        "engine_flows_returned",
+        "engine_flows_returned",
+        "Outbound engine flows given back to the sidecar without a plain 200.",
+    ),
 )
 _LISTENER_GAUGES = (
     ("connections_active", "connections_active", "Connections open now."),

@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StreamRefused, TunnelError
@@ -26,7 +27,7 @@ from ..splice import reset_socket, splice, splice_accepted
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
-from .cluster import Cluster, FlowRefused
+from .cluster import Cluster, Endpoint, EngineFlow, FlowRefused
 from .config import Address, OutboundListenerConfig, format_address
 from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
@@ -41,6 +42,13 @@ REFUSAL_WAIT = 1.0
 
 class OutboundListener:
     """A local TCP server: each connection is a flow through the configured cluster.
+
+    Where the cluster's connections run on the native QUIC engine and are spliced
+    (``engine: native``, ``splice: true``, the default), the engine accepts the
+    listener's connections and runs each flow it can start at once from accept to
+    end (:mod:`quicmesh.transport.quic.native_flows`); Python counts and logs it as
+    any other. The others (no connection ready, an answer other than a plain 200,
+    other transports) are carried by :func:`proxy_to_cluster`.
 
     :param config: the listener's configuration (replaceable on reload).
     :param clusters: looks up the current cluster by name at each new connection.
@@ -57,44 +65,85 @@ class OutboundListener:
         flows: FlowTracker,
         log: Callable[[FlowRecord], None],
     ) -> None:
-        self.config = config
+        self._config = config
         self._clusters = clusters
         self.stats = stats
         self._flows = flows
         self._log = log
         self._server: SocketServer | None = None
+        self._engine: list[_EngineFlows] = []
+        """The engine's accept loops (one per listening socket) while the cluster takes
+        engine flows; those stopped keep reporting until their last flow ends."""
+
+    @property
+    def config(self) -> OutboundListenerConfig:
+        """The listener's configuration; replace it on reload."""
+        return self._config
+
+    @config.setter
+    def config(self, config: OutboundListenerConfig) -> None:
+        self._config = config
+        self._choose_acceptor()
 
     async def start(self) -> None:
         """Bind and start accepting (plain sockets: a spliced flow needs no asyncio
-        transport, :mod:`.acceptor`).
+        transport, :mod:`.acceptor`; or the engine's accept loop, see the class).
 
         :raises OSError: the address cannot be bound.
         """
         host, port = self.config.address
         self._server = await SocketServer.start(host, port, self._handle)
+        self._choose_acceptor()
+
+    @property
+    def engine_accepting(self) -> bool:
+        """Whether the native engine accepts this listener's connections now."""
+        return any(not engine.stopped for engine in self._engine)
+
+    def _choose_acceptor(self) -> None:
+        """Accept in the engine while the cluster takes engine flows, else in Python
+        (checked at start and at each reload, which may change the cluster)."""
+        server = self._server
+        if server is None or server.closed:
+            return
+        try:
+            wanted = self._clusters(self.config.cluster).takes_engine_flows
+        except KeyError:
+            wanted = False
+        if wanted and not self.engine_accepting:
+            server.pause()
+            self._engine += [_EngineFlows(self, sock) for sock in server.sockets]
+        elif not wanted and self.engine_accepting:
+            self._stop_engine()
+            server.resume()
+
+    def _stop_engine(self) -> None:
+        for engine in self._engine:
+            engine.stop()
+        self._engine = [engine for engine in self._engine if engine.running]
 
     def close(self) -> None:
         """Stop accepting; flows already accepted carry on."""
         if self._server is not None:
             self._server.close()
+        self._stop_engine()
 
     async def _handle(self, sock: socket.socket, peer: Any) -> None:
-        with self._flows.track():
-            await self._proxy(sock, peer)
+        await self._proxy(sock, peer)
 
-    async def _proxy(self, sock: socket.socket, peer: Any) -> None:
-        start, started = time.time(), time.monotonic()
-        downstream = format_address((peer[0], peer[1])) if peer else ""
+    def _begin(self, peer: Any, cluster: Cluster) -> tuple[FlowRecord, float]:
+        """Count a new flow from ``peer`` (a live one, until :meth:`_end`); its record
+        and when it started (``time.monotonic()``)."""
+        self._flows.begin()
         stats = self.stats
         stats.connections_total += 1
         stats.connections_active += 1
-        cluster = self._clusters(self.config.cluster)
         record = FlowRecord(
-            start=start,
+            start=time.time(),
             duration=0.0,
             listener=self.config.name,
             direction="outbound",
-            downstream=downstream,
+            downstream=format_address((peer[0], peer[1])) if peer else "",
             target=cluster.config.target or "",
             transport=cluster.config.transport,
             peer_identity="",
@@ -103,14 +152,144 @@ class OutboundListener:
             bytes_received=0,
             outcome=Outcome.COMPLETED,
         )
+        return record, time.monotonic()
+
+    def _end(self, record: FlowRecord, started: float, cluster: Cluster) -> None:
+        """The flow :meth:`_begin` counted ended: count its outcome and log it."""
+        stats = self.stats
+        stats.connections_active -= 1
+        record.duration = time.monotonic() - started
+        stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+        cluster.stats.outcomes[record.outcome.value] += 1
+        self._log(record)
+        self._flows.end()
+
+    async def _proxy(
+        self,
+        sock: socket.socket,
+        peer: Any,
+        counted: tuple[Cluster, FlowRecord, float] | None = None,
+        trace: TraceContext | None = None,
+        chosen: Endpoint | None = None,
+    ) -> None:
+        """Carry one accepted connection through the cluster in Python (a flow counted
+        already when the engine accepted it: its cluster, record and start, trace, and
+        the endpoint the load balancer chose for it)."""
+        if counted is None:
+            cluster = self._clusters(self.config.cluster)
+            record, started = self._begin(peer, cluster)
+        else:
+            cluster, record, started = counted
         try:
-            await proxy_to_cluster(cluster, sock, None, record, stats)
+            await proxy_to_cluster(
+                cluster, sock, None, record, self.stats, trace=trace, chosen=chosen
+            )
         finally:
-            stats.connections_active -= 1
-            record.duration = time.monotonic() - started
-            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
-            cluster.stats.outcomes[record.outcome.value] += 1
-            self._log(record)
+            self._end(record, started, cluster)
+
+    def _in_python(
+        self, engine: _EngineFlows, flow: int, running: _Running, chosen: Endpoint | None
+    ) -> None:
+        """Carry a flow the engine accepted in Python (:func:`proxy_to_cluster`)."""
+        sock = engine.acceptor.release(flow)
+        record = running.record
+        if sock is None:  # the engine dropped it (closed meanwhile)
+            record.outcome = Outcome.RESET
+            record.reason = "the connection was gone before it was proxied"
+            self._end(record, running.started, running.cluster)
+            return
+        assert self._server is not None  # (it started the acceptor)
+        self._server.spawn(
+            self._proxy(
+                sock, None, (running.cluster, record, running.started), running.trace, chosen
+            )
+        )
+
+
+@dataclass
+class _Running:
+    """An engine flow: what the listener and the cluster counted for it."""
+
+    cluster: Cluster
+    record: FlowRecord
+    started: float
+    trace: TraceContext
+    flow: EngineFlow | None = None
+
+
+class _EngineFlows:
+    """One listening socket's engine accept loop and the flows it runs
+    (:class:`~quicmesh.transport.quic.native_flows.FlowEvents` of the listener)."""
+
+    def __init__(self, listener: OutboundListener, sock: socket.socket) -> None:
+        self._listener = listener
+        acceptor = listener._clusters(listener.config.cluster).transport.engine_acceptor(sock, self)
+        assert acceptor is not None  # (the cluster takes engine flows)
+        self.acceptor = acceptor
+        self.running: dict[int, _Running] = {}
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Stop accepting; report until the last running flow ended."""
+        if not self.stopped:
+            self.stopped = True
+            self.acceptor.stop()
+        if not self.running:
+            self.acceptor.close()
+
+    def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
+        listener = self._listener
+        cluster = listener._clusters(listener.config.cluster)
+        record, started = listener._begin(peer, cluster)
+        trace = TraceContext.new()
+        record.flow_id = trace.trace_id
+        running = _Running(cluster, record, started, trace)
+        opened = cluster.start_engine_flow(self.acceptor, flow, {TRACE_HEADER: trace.header()})
+        if not isinstance(opened, EngineFlow):
+            listener._in_python(self, flow, running, opened)
+            return
+        running.flow = opened
+        record.endpoint = running.flow.endpoint.name
+        record.peer_identity = running.flow.connection.peer_identity
+        listener.stats.streams_total += 1
+        listener.stats.streams_active += 1
+        listener.stats.engine_flows += 1
+        self.running[flow] = running
+
+    def flow_unanswered(self, flow: int, reason: str) -> None:
+        running = self.running.pop(flow, None)
+        if running is None:
+            return
+        logger.debug("flow %s goes the long way: %s", running.record.flow_id, reason)
+        stats = self._listener.stats
+        stats.streams_total -= 1
+        stats.streams_active -= 1
+        stats.engine_flows -= 1
+        stats.engine_flows_returned += 1
+        assert running.flow is not None
+        running.cluster.engine_flow_unanswered(running.flow)
+        chosen, running.flow = running.flow.endpoint, None
+        self._listener._in_python(self, flow, running, chosen)
+        if self.stopped and not self.running:
+            self.acceptor.close()
+
+    def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
+        running = self.running.pop(flow, None)
+        if running is None:
+            return
+        stats = self._listener.stats
+        stats.streams_active -= 1
+        stats.streams_spliced += 1
+        record = running.record
+        record.bytes_sent, record.bytes_received = sent, received
+        assert running.flow is not None
+        running.cluster.flow_finished(running.flow, sent, received)
+        running.flow.connection.engine_flow_ended()
+        if error:
+            record.outcome, record.reason = Outcome.RESET, error
+        self._listener._end(record, running.started, running.cluster)
+        if self.stopped and not self.running:
+            self.acceptor.close()
 
 
 async def proxy_to_cluster(
@@ -122,6 +301,8 @@ async def proxy_to_cluster(
     *,
     target: str | None = None,
     endpoint: Address | None = None,
+    trace: TraceContext | None = None,
+    chosen: Endpoint | None = None,
 ) -> None:
     """Carry one local TCP connection through ``cluster``, filling in ``record``.
 
@@ -131,14 +312,19 @@ async def proxy_to_cluster(
 
     A flow the cluster cannot open is answered with a TCP reset. ``target`` and
     ``endpoint`` override the cluster's CONNECT authority and endpoint choice
-    (see :meth:`Cluster.open_flow`). The flow starts a trace: its CONNECT carries
-    a ``traceparent`` whose trace id is ``record.flow_id``.
+    (see :meth:`Cluster.open_flow`), as ``chosen`` passes on the load balancer's
+    choice for the flow's first attempt. The flow starts a trace (``trace``, or a new
+    one): its CONNECT carries a ``traceparent`` whose trace id is ``record.flow_id``.
     """
-    trace = TraceContext.new()
+    if trace is None:
+        trace = TraceContext.new()
     record.flow_id = trace.trace_id
     try:
         flow = await cluster.open_flow(
-            target=target, endpoint=endpoint, headers={TRACE_HEADER: trace.header()}
+            target=target,
+            endpoint=endpoint,
+            headers={TRACE_HEADER: trace.header()},
+            chosen=chosen,
         )
     except FlowRefused as exc:
         record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint
@@ -158,7 +344,8 @@ async def proxy_to_cluster(
         else:
             assert writer is not None
             result = await splice(flow.stream, reader, writer, offload=cluster.config.splice)
-        if not result.error:
+        if not result.error and not result.offloaded:
+            # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
     finally:
         stats.streams_active -= 1

@@ -202,6 +202,23 @@ class EndpointPool:
                 )
             await self._connect()
 
+    def ready_connection(self) -> PeerConnection | None:
+        """The connection :meth:`open_stream` would open a flow on at once (one that is
+        current, not retired, and has stream credit: the fewest streams first), marked
+        busy; None when a flow would have to wait, dial or overflow."""
+        self.sweep_closed()
+        current = [p for p in self.connections if not self.is_stale(p) and p.retired is None]
+        plan = plan_open(
+            [p.connection for p in current],
+            connecting=self._connecting is not None,
+            may_connect=False,
+        )
+        if plan.action is not Action.USE:
+            return None
+        connection: PeerConnection = plan.connection
+        self._mark_busy(connection)
+        return connection
+
     async def _connect(self) -> None:
         done: asyncio.Future[None] = self._loop.create_future()
         self._connecting = done

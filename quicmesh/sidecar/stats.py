@@ -47,6 +47,12 @@ class ListenerStats:
     """Bytes to the downstream side."""
     streams_spliced: int = 0
     """Flows whose bytes the QUIC engine copied itself (``splice``), not the sidecar."""
+    engine_flows: int = 0
+    """(outbound) Flows the native engine ran from accept to end (the CONNECT
+    exchange included), Python only counting and logging them."""
+    engine_flows_returned: int = 0
+    """(outbound) Flows the engine started that came back to the sidecar without their
+    plain 200 (a refusal, a reset, no answer in time), which then opened them again."""
     outcomes: Counter[str] = field(default_factory=Counter)
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """(inbound) The :attr:`~quicmesh.transport.base.Transport.counters` of every
@@ -72,6 +78,8 @@ class ListenerStats:
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "streams_spliced": self.streams_spliced,
+            "engine_flows": self.engine_flows,
+            "engine_flows_returned": self.engine_flows_returned,
             "outcomes": dict(self.outcomes),
         }
         if self.quic_counters:

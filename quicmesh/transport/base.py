@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from ..tls import Identity, TrustBundle
@@ -47,6 +48,45 @@ def host_port(address: Any) -> str:
         return ""
     host, port = str(address[0]), address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class FlowEvents(Protocol):
+    """What an :class:`EngineAcceptor` reports, in the order its engine saw it."""
+
+    def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
+        """A connection from ``peer`` was accepted as ``flow``: start it
+        (:meth:`PeerConnection.start_engine_flow`) or take it (:meth:`EngineAcceptor.release`)."""
+
+    def flow_unanswered(self, flow: int, reason: str) -> None:
+        """An engine flow got no plain 200 (``reason``): nothing was read from its
+        socket, which waits for :meth:`EngineAcceptor.release`."""
+
+    def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
+        """An engine flow ended: payload bytes each way, and why it failed ("" if not)."""
+
+
+class EngineAcceptor(ABC):
+    """An accept loop a transport's engine runs on a listening socket, for flows the
+    engine carries from accept to end (*engine flows*: see
+    :meth:`Transport.engine_acceptor`)."""
+
+    @abstractmethod
+    def release(self, flow: int) -> socket.socket | None:
+        """The accepted connection ``flow`` as a non-blocking socket the caller owns,
+        or None if it is not waiting (running, or gone)."""
+
+    @abstractmethod
+    def abort(self, flow: int, code: int) -> bool:
+        """Reset a running engine flow both ways; its end is reported as any other's.
+        Whether it was still running."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop accepting; accepted and running flows carry on."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop accepting and reporting (once no flow runs)."""
 
 
 class PeerConnection(ABC):
@@ -147,6 +187,27 @@ class PeerConnection(ABC):
         :attr:`supports_migration`; others raise :class:`NotImplementedError`)."""
         raise NotImplementedError(f"{self.transport_name} connections cannot migrate")
 
+    def start_engine_flow(
+        self,
+        acceptor: EngineAcceptor,
+        flow: int,
+        target: str,
+        headers: dict[str, str],
+        timeout: float,
+    ) -> bool:
+        """Have the engine carry the connection ``acceptor`` accepted as ``flow`` on this
+        connection: a CONNECT for ``target`` with ``headers``, then (once the peer
+        answered 200 within ``timeout`` seconds) the flow's bytes, with no Python on
+        the way; counted in :attr:`active_streams` until :meth:`engine_flow_ended`.
+        False when nothing was started (the default: this connection cannot; or it
+        cannot now), the socket still waiting in ``acceptor``."""
+        return False
+
+    def engine_flow_ended(self) -> None:
+        """A flow :meth:`start_engine_flow` started has ended, or went back to the caller
+        (nothing to do where none can start)."""
+        return None
+
 
 class Listener(ABC):
     """Accepts peer connections and hands each stream to the handler."""
@@ -230,6 +291,18 @@ class Transport(ABC):
             TCP ignore it, and so does :class:`~quicmesh.AutoTransport` (a connection
             returned before its handshake would always win the race with HTTP/2).
         """
+
+    @property
+    def runs_engine_flows(self) -> bool:
+        """Whether :meth:`engine_acceptor` gives an accept loop (False by default)."""
+        return False
+
+    def engine_acceptor(self, sock: socket.socket, events: FlowEvents) -> EngineAcceptor | None:
+        """An accept loop on the listening ``sock`` (a duplicate of it: the caller keeps
+        its own) run by this transport's engine, reporting to ``events``; None where the
+        engine runs no flows (the default). Its flows are started on this transport's
+        connections with :meth:`PeerConnection.start_engine_flow`."""
+        return None
 
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
         """(server) Let ``identity`` open at most ``rate`` new streams a second over

@@ -461,3 +461,78 @@ def test_a_client_closing_right_after_the_end_leaves_completed_flows(
             assert not reset, f"{listener}: {len(reset)} of {rounds} not completed: {reset[0]}"
         assert mesh.spliced("b", "mesh_native") == rounds
         assert mesh.spliced("b", "mesh_native_off") == 0
+
+
+def test_outbound_flows_run_in_the_engine_and_come_back_without_their_200(
+    workdir: Path, app: _AppServer
+) -> None:
+    """Once a cluster's connection is up, its listener's flows are engine flows
+    (``quicmesh_listener_engine_flows_total``), to either engine of B (both answer with
+    the plain 200 the engine compares with), traced as any flow (the same ``flow_id`` in
+    both access logs). A refused flow comes back to the sidecar, which opens it again
+    and logs the refusal with B's reason."""
+    require_engine("native")
+    refused_target = addr(free_port())  # not among B's destinations
+    clusters = {
+        "to_native": {"engine": "native", "to": "native"},
+        "to_aioquic": {"engine": "native", "to": "aioquic"},
+        "refused": {"engine": "native", "to": "native", "target": refused_target},
+    }
+    with SpliceMesh(workdir, app.server_address[1], clusters, "engine-flows") as mesh:
+        payloads = [os.urandom(size) for size in (0, 1, 5000, 70_000, 300_000, 1 << 20)]
+        for name in ("to_native", "to_aioquic"):
+            port = mesh.listen[name]
+            assert asyncio.run(echo(port, b"dial")) == BANNER + b"dial"  # the first dials
+
+            async def main(port: int = port) -> list[bytes]:
+                return await asyncio.gather(*(echo(port, p) for p in payloads))
+
+            assert asyncio.run(main()) == [BANNER + p for p in payloads]
+        samples = mesh.a.metrics()
+        for name in ("to_native", "to_aioquic"):
+            engine_flows = metric(samples, "quicmesh_listener_engine_flows_total", listener=name)
+            assert engine_flows == len(payloads), name
+            assert (
+                metric(samples, "quicmesh_listener_engine_flows_returned_total", listener=name) == 0
+            )
+            assert metric(samples, "quicmesh_listener_streams_active", listener=name) == 0
+            assert metric(samples, "quicmesh_cluster_streams_active", cluster=name) == 0
+
+        def logged() -> bool:
+            a_lines = [r for r in mesh.a.access_log() if r["listener"] == "to_native"]
+            b_lines = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
+            return len(a_lines) == len(b_lines) == len(payloads) + 1
+
+        wait_until(logged, what="the flows to B's native listener, logged by both")
+        a_lines = [r for r in mesh.a.access_log() if r["listener"] == "to_native"]
+        b_lines = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
+        assert {r["flow_id"] for r in a_lines} == {r["flow_id"] for r in b_lines}
+        assert {r["outcome"] for r in a_lines} == {"completed"}
+        assert sorted(r["bytes_sent"] for r in a_lines) == sorted(
+            len(p) + len(b"echo\n") for p in [b"dial", *payloads]
+        )
+
+        async def refused() -> bytes:
+            reader, writer = await open_flow(mesh.listen["refused"], "echo")
+            try:
+                return await asyncio.wait_for(reader.read(-1), 20)
+            except ConnectionResetError:
+                return b"reset"
+            finally:
+                writer.close()
+
+        assert asyncio.run(refused()) == b"reset"  # dials, then refused in Python
+        assert asyncio.run(refused()) == b"reset"  # an engine flow, back, refused again
+
+        def refusals() -> list[dict[str, Any]]:
+            lines = [r for r in mesh.a.access_log() if r["listener"] == "refused"]
+            return lines if len(lines) == 2 else []
+
+        lines = wait_until(refusals, what="both refusals logged")
+        assert [r["outcome"] for r in lines] == ["refused", "refused"]
+        assert all(refused_target in r["reason"] for r in lines), lines
+        samples = mesh.a.metrics()
+        assert metric(samples, "quicmesh_listener_engine_flows_total", listener="refused") == 0
+        returned = "quicmesh_listener_engine_flows_returned_total"
+        assert metric(samples, returned, listener="refused") == 1
+        assert metric(samples, "quicmesh_cluster_streams_active", cluster="refused") == 0

@@ -353,6 +353,8 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "bytes_received": 100,
                 "bytes_sent": 200,
                 "streams_spliced": 2,
+                "engine_flows": 1,
+                "engine_flows_returned": 1,
                 "outcomes": {"completed": 2},
             },
             "mesh": {
@@ -364,6 +366,8 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "bytes_received": 0,
                 "bytes_sent": 0,
                 "streams_spliced": 0,
+                "engine_flows": 0,
+                "engine_flows_returned": 0,
                 "outcomes": {},
                 "quic": {
                     **dict.fromkeys(QUIC_COUNTERS, 0),
@@ -415,6 +419,8 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     assert metric(samples, "quicmesh_ready") == 1
     assert metric(samples, "quicmesh_listener_connections_total", listener="app") == 3
     assert metric(samples, "quicmesh_listener_streams_spliced_total", listener="app") == 2
+    assert metric(samples, "quicmesh_listener_engine_flows_total", listener="app") == 1
+    assert metric(samples, "quicmesh_listener_engine_flows_returned_total", listener="app") == 1
     assert metric(samples, "quicmesh_cluster_migrations_total", cluster="c") == 2
     assert metric(samples, "quicmesh_cluster_migrations_total", cause="active") == 2
     assert metric(samples, "quicmesh_cluster_zero_rtt_total", result="accepted") == 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -56,14 +57,16 @@ from ...errors import (
 from ...tls import spiffe_id_of, verify_peer
 from ...tls.check import handshake_failure_reason
 from ...tls.verify import check_trust_domain
+from ...tunnel.connect import connect_request_fields, parse_target, validate_headers
 from ...tunnel.h3 import H3TunnelSession
 from ...tunnel.session import ResetReason
 from .. import _udp
 from .._session import SessionConnection
-from ..base import Address, Authorizer, StreamHandler, host_port
+from ..base import Address, Authorizer, EngineAcceptor, StreamHandler, host_port
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
 from ..stream import EngineSocket, MeshStream, SpliceOutcome
 from . import engine
+from .native_flows import FlowAcceptor
 from .options import (
     COUNTERS,
     CRYPTO_ERROR_BAD_CERTIFICATE,
@@ -77,6 +80,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from ..._aioquic import MeshQuicConnection
+    from .native_flows import FlowAcceptor
 
 logger = logging.getLogger("quicmesh.transport.quic")
 
@@ -111,9 +115,10 @@ def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip_address(host: str) -> bool:
     """Whether ``host`` is an IP address the native engine connects to as it is (no
-    name, no IPv6 zone)."""
+    name, no IPv6 zone). Kept: flows repeat their destinations."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -213,6 +218,8 @@ class QuicPeerConnection(SessionConnection):
         """(server) Called with this connection when the handshake completes."""
         self._discarded = False
         self._pending: list[quic_events.QuicEvent] = []
+        self.engine_flows = 0
+        """Flows the engine runs on this connection (:meth:`start_engine_flow`)."""
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
         self.lost_before = 0
@@ -345,6 +352,62 @@ class QuicPeerConnection(SessionConnection):
         )
         return SpliceOutcome(sent, received, error, connected=connected)
 
+    # -- engine flows (the native engine's outbound flows, .native_flows) -------------
+
+    def can_start_engine_flow(self) -> bool:
+        """Whether :meth:`start_engine_flow` can start a flow on this connection now: an
+        established native-engine connection, not closing, not in 0-RTT."""
+        return (
+            self._lost is None
+            and not self._closing
+            and self._established
+            and self._early_data != "attempted"
+            and hasattr(self.quic, "start_flow")
+        )
+
+    def start_engine_flow(
+        self,
+        acceptor: EngineAcceptor,
+        flow: int,
+        target: str,
+        headers: dict[str, str],
+        timeout: float,
+    ) -> bool:
+        """Start the connection ``acceptor`` accepted as ``flow`` as an engine flow on this
+        connection (:mod:`.native_flows`): the engine sends the CONNECT for ``target`` with
+        ``headers``, waits at most ``timeout`` seconds for the plain 200, and splices.
+        Counted in :attr:`active_streams` until :meth:`engine_flow_ended`. False when
+        nothing was started (no stream credit now, or the connection is going): the
+        socket is still parked."""
+        if not self.can_start_engine_flow():
+            return False
+        fields = connect_request_fields(parse_target(target), validate_headers(headers))
+        quic: Any = self.quic
+        started = quic.start_flow(
+            cast(FlowAcceptor, acceptor).native,
+            flow,
+            request=_aioquic.connect_request_frame(fields),
+            answer=_aioquic.connect_accepted_frame(),
+            timeout=timeout,
+        )
+        if started:
+            self.engine_flows += 1
+            self.streams_opened += 1
+        return bool(started)
+
+    def engine_flow_ended(self) -> None:
+        """An engine flow :meth:`start_engine_flow` started ended (or went back to Python)."""
+        self.engine_flows -= 1
+        if self._idle_waiter is not None:
+            self._wake_if_idle()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams) + self.engine_flows
+
+    def _is_idle(self) -> bool:
+        return not self.engine_flows and super()._is_idle()
+
     async def _let_go(self, stream: MeshStream) -> dict[str, Any]:
         """(splicing) Stop the stream's reading in Python (at once where the engine can
         hand the reading over, else after a pause) and collect what Python holds of it for
@@ -393,6 +456,7 @@ class QuicPeerConnection(SessionConnection):
             path_validated=path[1] if path is not None else None,
         )
         result.update(self.counters)
+        result["streams_active"] = self.active_streams
         return result
 
     async def wait_closed(self) -> None:

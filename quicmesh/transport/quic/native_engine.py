@@ -1517,6 +1517,24 @@ class NativeConnection:
             raise OSError(str(exc)) from None
         return await self._spliced(stream_id, state, splice_id)
 
+    def start_flow(
+        self, acceptor: Any, flow: int, *, request: bytes, answer: bytes, timeout: float
+    ) -> bool:
+        """Start the connection ``acceptor`` (a ``_native.FlowAcceptor``) accepted as
+        ``flow`` as an engine flow on this connection (:mod:`.native_flows`): False when
+        the peer's stream limit allows no stream now or the connection is gone (the
+        socket stays parked)."""
+        if self._closed_reason is not None:
+            return False
+        try:
+            return bool(
+                self._native.start_flow(
+                    acceptor, flow, self.conn, request=request, answer=answer, timeout=timeout
+                )
+            )
+        except ConnectionLost:
+            return False
+
     async def _spliced(
         self, stream_id: int, state: _Stream, splice_id: int
     ) -> tuple[int, int, str, bool]:

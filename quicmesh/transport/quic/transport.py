@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 import weakref
 from collections import Counter
@@ -59,7 +60,15 @@ from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
 from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
-from ..base import Address, Authorizer, StreamHandler, Transport, default_quic_engine
+from ..base import (
+    Address,
+    Authorizer,
+    EngineAcceptor,
+    FlowEvents,
+    StreamHandler,
+    Transport,
+    default_quic_engine,
+)
 from ..liveness import LivenessConfig
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
@@ -74,6 +83,7 @@ from .engine import (
     get_engine,
 )
 from .listener import BatchingQuicServer, QuicListener, SocketEngineListener
+from .native_flows import FlowAcceptor, engine_flows_available
 from .options import (
     ACK_ELICITING_THRESHOLD_MAX,
     COUNTERS,
@@ -296,6 +306,17 @@ class QuicTransport(Transport):
             config.cadata = trust.pem
         for listener in list(self._socket_listeners):
             listener.set_identity(EngineTls(identity=identity, trust=trust))
+
+    @property
+    def runs_engine_flows(self) -> bool:
+        """True on the native engine built with outbound flows (:mod:`.native_flows`)."""
+        return self.engine.name == "native" and engine_flows_available()
+
+    def engine_acceptor(self, sock: socket.socket, events: FlowEvents) -> EngineAcceptor | None:
+        """The native engine's accept loop on ``sock`` (:mod:`.native_flows`)."""
+        if not self.runs_engine_flows:
+            return None
+        return FlowAcceptor(sock, events)
 
     def engine_limits(self) -> EngineLimits:
         """The transport settings every connection's engine gets."""

@@ -1,0 +1,261 @@
+//! Outbound flows the engine runs from accept to end (the sidecar's outbound listener).
+//!
+//! A [`FlowAcceptor`] accepts the application's TCP connections on a listening socket Python
+//! bound, on the engine's thread, and tells Python of each in its batch of events
+//! (`flow_accepted`). Python then either starts the flow as an *engine flow*
+//! (`Endpoint.start_flow`: on a connection it chose, with the CONNECT's HEADERS frame it
+//! encoded and the answer it expects) or takes the socket back (`release`) and carries the
+//! flow itself. An engine flow is run here without Python: open the stream, send the
+//! CONNECT, read the answer and, when it is byte for byte the 200 Python gave, splice the
+//! socket onto the stream ([`crate::splice::carry`]); Python hears of it again at its end
+//! (`spliced`, with the flow's ID).
+//!
+//! Anything else sends the flow back to Python unharmed (`flow_unanswered`, the socket
+//! parked again, nothing read from it): an answer that is not that 200 (a refusal, or a 200
+//! with other fields), a reset, a lost connection, or no answer within the timeout. The
+//! stream is cancelled both ways (H3_REQUEST_CANCELLED) and Python opens the flow again its
+//! own way, which decodes the answer and applies the cluster's retries. No HTTP/3 is parsed
+//! here: the answer is compared with bytes Python encoded.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use crate::engine::{lock, Event, Shared, TcpSlot};
+use crate::splice::{self, Deframer, Halves, Held, SpliceHandle, H3_REQUEST_CANCELLED};
+
+/// How long the accept loop rests after running out of descriptors or memory (the
+/// connection stays in the backlog meanwhile).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The largest answer read before it is judged (more than any plain 200 takes).
+const MAX_ANSWER: usize = 1024;
+
+/// The engine's side of one listening socket: its accept loop, the accepted connections not
+/// started yet, and the events of its flows.
+#[derive(Debug)]
+pub struct Acceptor {
+    pub shared: Arc<Shared>,
+    pub wake: UnixStream,
+    pub address: SocketAddr,
+    task: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Acceptor {
+    /// Accept on `listener` (bound and listening) from the engine's runtime.
+    pub fn start(listener: std::net::TcpListener) -> std::io::Result<Self> {
+        let rt = crate::engine::runtime().map_err(std::io::Error::other)?;
+        let _entered = rt.enter();
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let listener = TcpListener::from_std(listener)?;
+        let (shared, wake) = Shared::new()?;
+        let task = rt.spawn(accept_loop(Arc::clone(&shared), listener));
+        Ok(Acceptor {
+            shared,
+            wake,
+            address,
+            task: std::sync::Mutex::new(Some(task.abort_handle())),
+        })
+    }
+
+    /// The events since the last call (the wake-up byte taken with them).
+    pub fn take_events(&self) -> Vec<Event> {
+        let mut sink = [0u8; 256];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        self.shared.take_events()
+    }
+
+    /// Stop accepting (flows accepted or running carry on).
+    pub fn stop(&self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+
+    /// Take an accepted connection that is not running, to start it or give it to Python.
+    pub fn take(&self, flow: u64) -> Option<TcpStream> {
+        match lock(&self.shared.tcp).remove(&flow) {
+            Some(TcpSlot::Connected(tcp)) => Some(tcp),
+            _ => None,
+        }
+    }
+
+    /// Park an accepted connection again (its flow did not start).
+    pub fn park(&self, flow: u64, tcp: TcpStream) {
+        lock(&self.shared.tcp).insert(flow, TcpSlot::Connected(tcp));
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                // As asyncio's transports: no Nagle delay on the proxied flow.
+                let _ = tcp.set_nodelay(true);
+                let flow = shared.next_id();
+                lock(&shared.tcp).insert(flow, TcpSlot::Connected(tcp));
+                shared.push(Event::FlowAccepted { flow, peer });
+            }
+            Err(error) => {
+                let resources = [
+                    rustix::io::Errno::MFILE,
+                    rustix::io::Errno::NFILE,
+                    rustix::io::Errno::NOBUFS,
+                    rustix::io::Errno::NOMEM,
+                ];
+                if resources
+                    .iter()
+                    .any(|errno| error.raw_os_error() == Some(errno.raw_os_error()))
+                {
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                }
+            }
+        }
+    }
+}
+
+/// What an engine flow is given when Python starts it.
+pub struct FlowStart {
+    pub flow: u64,
+    pub conn: u64,
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub tcp: TcpStream,
+    pub connection: Connection,
+    /// The CONNECT's HEADERS frame.
+    pub request: Bytes,
+    /// The answer's HEADERS frame that lets the flow be spliced.
+    pub answer: Bytes,
+    pub timeout: Duration,
+}
+
+/// Register a flow about to start (where an abort goes, what it holds).
+pub fn register(shared: &Shared, flow: u64) -> (Arc<Held>, oneshot::Receiver<u64>) {
+    let (abort_to, abort_from) = oneshot::channel();
+    let held = Arc::new(Held::default());
+    lock(&shared.splices).insert(
+        flow,
+        SpliceHandle {
+            abort: abort_to,
+            held: Arc::clone(&held),
+        },
+    );
+    (held, abort_from)
+}
+
+/// Send the CONNECT, wait for the answer; splice if it is the expected one, else give the
+/// connection back to Python (module docs).
+pub async fn run(
+    shared: Arc<Shared>,
+    start: FlowStart,
+    held: Arc<Held>,
+    mut abort: oneshot::Receiver<u64>,
+) {
+    let FlowStart {
+        flow,
+        conn,
+        mut send,
+        mut recv,
+        tcp,
+        connection,
+        request,
+        answer,
+        timeout,
+    } = start;
+    let stream = u64::from(send.id());
+    let exchanged = tokio::select! {
+        outcome = tokio::time::timeout(timeout, exchange(&mut send, &mut recv, request, &answer)) => {
+            outcome.unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs_f64())))
+        }
+        code = &mut abort => {
+            // Python gave the flow up: both sides are reset, as an aborted splice's.
+            let halves = Halves::aborted(send, recv, code.unwrap_or(H3_REQUEST_CANCELLED));
+            let (_, never) = oneshot::channel();
+            splice::carry(
+                shared, flow, conn, stream, Bytes::new(), Bytes::new(), Deframer::new(), held,
+                tcp, connection, halves, never,
+            )
+            .await;
+            return;
+        }
+    };
+    match exchanged {
+        Ok(rest) => {
+            let halves = Halves::opened(send, recv, rest);
+            splice::carry(
+                shared,
+                flow,
+                conn,
+                stream,
+                Bytes::new(),
+                Bytes::new(),
+                Deframer::new(),
+                held,
+                tcp,
+                connection,
+                halves,
+                abort,
+            )
+            .await;
+        }
+        Err(reason) => {
+            let cancelled = VarInt::from_u64(H3_REQUEST_CANCELLED).unwrap_or(VarInt::from_u32(0));
+            let _ = send.reset(cancelled);
+            let _ = recv.stop(cancelled);
+            lock(&shared.splices).remove(&flow);
+            lock(&shared.tcp).insert(flow, TcpSlot::Connected(tcp));
+            shared.push(Event::FlowUnanswered {
+                flow,
+                stream,
+                reason,
+            });
+        }
+    }
+}
+
+/// Send `request` and read until the stream's first bytes are `answer` (then return what
+/// followed them) or cannot be (why not).
+async fn exchange(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    request: Bytes,
+    answer: &[u8],
+) -> Result<Bytes, String> {
+    send.write_chunk(request)
+        .await
+        .map_err(|error| format!("the CONNECT could not be sent: {error}"))?;
+    let mut got = BytesMut::new();
+    while got.len() < answer.len() {
+        match recv.read_chunk(MAX_ANSWER, true).await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err("the stream ended before its answer".into()),
+            Err(ReadError::Reset(code)) => {
+                return Err(format!(
+                    "stream {} reset by peer (error code {:#x}) before its answer",
+                    u64::from(recv.id()),
+                    code.into_inner()
+                ))
+            }
+            Err(error) => return Err(format!("no answer: {error}")),
+        }
+        let compared = got.len().min(answer.len());
+        if got[..compared] != answer[..compared] {
+            return Err("the answer is not the plain 200 expected".into());
+        }
+    }
+    Ok(got.split_off(answer.len()).freeze())
+}

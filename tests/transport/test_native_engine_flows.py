@@ -1,0 +1,199 @@
+"""Engine flows (``Transport.engine_acceptor``, native/src/outbound.rs): the native engine
+accepts a listening socket's connections and carries a flow from accept to end.
+
+Python starts an accepted connection on a QUIC connection
+(``PeerConnection.start_engine_flow``); the engine sends the CONNECT, splices on the
+plain 200 and reports the flow's end with its byte counts. Anything else gives the
+socket back untouched: a refusal, a reset, no answer in time, no stream credit. An
+abort resets both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from quic_helpers import client_transport, require_engine, run, server_transport, until
+
+from quicmesh.transport.base import EngineAcceptor
+from quicmesh.transport.stream import MeshStream
+
+H3_REQUEST_CANCELLED = 0x10C
+
+
+class Events:
+    """The acceptor's reports, in order, for the test to wait on."""
+
+    def __init__(self) -> None:
+        self.accepted: asyncio.Queue[tuple[int, tuple[str, int]]] = asyncio.Queue()
+        self.unanswered: dict[int, str] = {}
+        self.ended: dict[int, tuple[int, int, str]] = {}
+
+    def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
+        self.accepted.put_nowait((flow, peer))
+
+    def flow_unanswered(self, flow: int, reason: str) -> None:
+        self.unanswered[flow] = reason
+
+    def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
+        self.ended[flow] = (sent, received, error)
+
+
+async def handler(stream: MeshStream) -> None:
+    """``echo:1``: accept and echo; ``refuse:1``: 403; ``silent:1``: never answer."""
+    if stream.target.host == "refuse":
+        stream.refuse(403, "not for you")
+        return
+    if stream.target.host == "silent":
+        await asyncio.sleep(3600)
+    stream.accept()
+    while data := await stream.read(65536):
+        stream.write(data)
+        await stream.drain()
+    stream.write_eof()
+
+
+async def with_flows(
+    test: Callable[[Any, EngineAcceptor, Events, int], Coroutine[Any, Any, None]],
+    **server_options: Any,
+) -> None:
+    """Run ``test(connection, acceptor, events, port)``: a native connection to a server
+    serving :func:`handler`, and an engine accept loop on a loopback ``port``."""
+    require_engine("native")
+    listener = await server_transport(engine="native", **server_options).listen(
+        ("127.0.0.1", 0), handler
+    )
+    client = client_transport(engine="native")
+    connection = await client.connect(listener.address)
+    events = Events()
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        acceptor = client.engine_acceptor(sock, events)
+        assert acceptor is not None
+        try:
+            await test(connection, acceptor, events, sock.getsockname()[1])
+        finally:
+            acceptor.close()
+            connection.close()
+            await connection.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+
+def test_a_flow_runs_in_the_engine_from_accept_to_end() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than a stream window
+
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        flow, peer = await asyncio.wait_for(events.accepted.get(), 10)
+        assert peer == writer.get_extra_info("sockname")
+        assert connection.start_engine_flow(acceptor, flow, "echo:1", {"x-test": "1"}, 5.0)
+        assert connection.active_streams == 1  # counted while the engine runs it
+
+        async def send() -> None:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+
+        sending = asyncio.ensure_future(send())
+        echoed = await asyncio.wait_for(reader.read(-1), 30)
+        await sending
+        writer.close()
+        assert echoed == payload
+        await until(lambda: flow in events.ended, 10)
+        assert events.ended[flow] == (len(payload), len(payload), "")
+        assert not events.unanswered
+        assert acceptor.release(flow) is None  # it ran: nothing is parked
+        connection.engine_flow_ended()
+        assert connection.active_streams == 0
+
+    run(with_flows(test))
+
+
+@pytest.mark.parametrize(
+    ("target", "timeout", "why"),
+    [
+        ("refuse:1", 5.0, "not the plain 200"),
+        ("silent:1", 0.3, "no answer within 0.3s"),
+    ],
+)
+def test_a_flow_without_its_200_comes_back_untouched(target: str, timeout: float, why: str) -> None:
+    """A refusal or no answer in time: the stream is cancelled and the socket is given
+    back with the client's bytes still unread in it."""
+
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"first bytes")
+        await writer.drain()
+        flow, _ = await asyncio.wait_for(events.accepted.get(), 10)
+        assert connection.start_engine_flow(acceptor, flow, target, {}, timeout)
+        await until(lambda: flow in events.unanswered, 10)
+        assert why in events.unanswered[flow]
+        assert flow not in events.ended
+        sock = acceptor.release(flow)
+        assert sock is not None
+        with sock:
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(sock, 100), 5) == b"first bytes"
+            await loop.sock_sendall(sock, b"answered in Python")
+        assert await asyncio.wait_for(reader.read(-1), 5) == b"answered in Python"
+        writer.close()
+
+    run(with_flows(test))
+
+
+def test_no_stream_credit_starts_nothing_and_keeps_the_socket() -> None:
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        flows = [(await asyncio.wait_for(events.accepted.get(), 10))[0] for _ in clients]
+        assert connection.start_engine_flow(acceptor, flows[0], "echo:1", {}, 5.0)
+        # The server allows one stream at a time: the second cannot start now.
+        assert not connection.start_engine_flow(acceptor, flows[1], "echo:1", {}, 5.0)
+        assert connection.active_streams == 1
+        sock = acceptor.release(flows[1])
+        assert sock is not None
+        sock.close()
+        for _, writer in clients:
+            writer.close()
+
+    run(with_flows(test, max_streams=1))
+
+
+def test_an_aborted_flow_is_reset_on_both_sides() -> None:
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        flow, _ = await asyncio.wait_for(events.accepted.get(), 10)
+        assert connection.start_engine_flow(acceptor, flow, "echo:1", {}, 5.0)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        assert acceptor.abort(flow, H3_REQUEST_CANCELLED)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(-1), 10)
+        await until(lambda: flow in events.ended, 10)
+        sent, received, error = events.ended[flow]
+        assert (sent, received) == (4, 4)
+        assert "aborted" in error
+        assert not acceptor.abort(flow, H3_REQUEST_CANCELLED)  # over
+        writer.close()
+
+    run(with_flows(test))
+
+
+def test_a_stopped_acceptor_accepts_nothing_more_and_its_flows_carry_on() -> None:
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        flow, _ = await asyncio.wait_for(events.accepted.get(), 10)
+        assert connection.start_engine_flow(acceptor, flow, "echo:1", {}, 5.0)
+        acceptor.stop()
+        _, late_writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"still here")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 10) == b"still here"
+        await until(lambda: flow in events.ended, 10)
+        assert events.accepted.empty()  # the late connection waits in the backlog
+        late_writer.close()
+        writer.close()
+
+    run(with_flows(test))
