@@ -386,6 +386,7 @@ pub enum Event {
     FlowUnanswered {
         flow: u64,
         stream: u64,
+        kind: crate::outbound::Unanswered,
         reason: String,
     },
     /// A connection ended; its streams are gone.

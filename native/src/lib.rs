@@ -237,8 +237,9 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
         Event::FlowUnanswered {
             flow,
             stream,
+            kind,
             reason,
-        } => ("flow_unanswered", flow, stream, reason).into_py_any(py),
+        } => ("flow_unanswered", flow, stream, kind.name(), reason).into_py_any(py),
     }
 }
 

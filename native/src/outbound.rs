@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt};
+use quinn::{Connection, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -177,52 +177,83 @@ pub async fn run(
         timeout,
     } = start;
     let stream = u64::from(send.id());
-    let exchanged = tokio::select! {
-        outcome = tokio::time::timeout(timeout, exchange(&mut send, &mut recv, request, &answer)) => {
-            outcome.unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs_f64())))
-        }
-        code = &mut abort => {
-            // Python gave the flow up: both sides are reset, as an aborted splice's.
-            let halves = Halves::aborted(send, recv, code.unwrap_or(H3_REQUEST_CANCELLED));
-            let (_, never) = oneshot::channel();
-            splice::carry(
-                shared, flow, conn, stream, Bytes::new(), Bytes::new(), Deframer::new(), held,
-                tcp, connection, halves, never,
-            )
-            .await;
-            return;
+    let aborted = async {
+        match (&mut abort).await {
+            Ok(code) => code,
+            Err(_) => std::future::pending().await, // (its sender outlives the flow)
         }
     };
-    match exchanged {
-        Ok(rest) => {
-            let halves = Halves::opened(send, recv, rest);
-            splice::carry(
-                shared,
-                flow,
-                conn,
-                stream,
-                Bytes::new(),
-                Bytes::new(),
-                Deframer::new(),
-                held,
-                tcp,
-                connection,
-                halves,
-                abort,
-            )
-            .await;
+    let exchanged = tokio::select! {
+        outcome = tokio::time::timeout(timeout, exchange(&mut send, &mut recv, request, &answer)) => {
+            Ok(outcome.unwrap_or_else(|_| {
+                Err((Unanswered::Timeout, format!("no answer within {}s", timeout.as_secs_f64())))
+            }))
         }
-        Err(reason) => {
+        code = aborted => Err(code),
+    };
+    if matches!(exchanged, Ok(Err(_))) {
+        // Unanswered: no abort can come from now on (`abort` finds no flow)...
+        lock(&shared.splices).remove(&flow);
+    }
+    // ...and one that came with the exchange's end is still an abort (as
+    // `connect_and_run`).
+    let (halves, abort) = match exchanged
+        .and_then(|outcome| abort.try_recv().map_or(Ok(outcome), Err))
+    {
+        // Python gave the flow up: both sides are reset, as an aborted splice's.
+        Err(code) => (Halves::aborted(send, recv, code), oneshot::channel().1),
+        Ok(Ok(rest)) => (Halves::opened(send, recv, rest), abort),
+        Ok(Err((kind, reason))) => {
             let cancelled = VarInt::from_u64(H3_REQUEST_CANCELLED).unwrap_or(VarInt::from_u32(0));
             let _ = send.reset(cancelled);
             let _ = recv.stop(cancelled);
-            lock(&shared.splices).remove(&flow);
             lock(&shared.tcp).insert(flow, TcpSlot::Connected(tcp));
             shared.push(Event::FlowUnanswered {
                 flow,
                 stream,
+                kind,
                 reason,
             });
+            return;
+        }
+    };
+    splice::carry(
+        shared,
+        flow,
+        conn,
+        stream,
+        Bytes::new(),
+        Bytes::new(),
+        Deframer::new(),
+        held,
+        tcp,
+        connection,
+        halves,
+        abort,
+    )
+    .await;
+}
+
+/// Why an engine flow went back to Python (`flow_unanswered`'s `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The peer answered, with something other than the plain 200 (a refusal...).
+    Answered,
+    /// The peer reset the stream, or ended it, before answering.
+    Reset,
+    /// No answer within the timeout.
+    Timeout,
+    /// The connection failed (or the CONNECT could not be sent).
+    Lost,
+}
+
+impl Unanswered {
+    pub fn name(self) -> &'static str {
+        match self {
+            Unanswered::Answered => "answered",
+            Unanswered::Reset => "reset",
+            Unanswered::Timeout => "timeout",
+            Unanswered::Lost => "lost",
         }
     }
 }
@@ -234,27 +265,42 @@ async fn exchange(
     recv: &mut RecvStream,
     request: Bytes,
     answer: &[u8],
-) -> Result<Bytes, String> {
-    send.write_chunk(request)
-        .await
-        .map_err(|error| format!("the CONNECT could not be sent: {error}"))?;
+) -> Result<Bytes, (Unanswered, String)> {
+    send.write_chunk(request).await.map_err(|error| {
+        let kind = match error {
+            WriteError::Stopped(_) => Unanswered::Reset,
+            _ => Unanswered::Lost,
+        };
+        (kind, format!("the CONNECT could not be sent: {error}"))
+    })?;
     let mut got = BytesMut::new();
     while got.len() < answer.len() {
         match recv.read_chunk(MAX_ANSWER, true).await {
             Ok(Some(chunk)) => got.extend_from_slice(&chunk.bytes),
-            Ok(None) => return Err("the stream ended before its answer".into()),
-            Err(ReadError::Reset(code)) => {
-                return Err(format!(
-                    "stream {} reset by peer (error code {:#x}) before its answer",
-                    u64::from(recv.id()),
-                    code.into_inner()
+            Ok(None) => {
+                return Err((
+                    Unanswered::Reset,
+                    "the stream ended before its answer".into(),
                 ))
             }
-            Err(error) => return Err(format!("no answer: {error}")),
+            Err(ReadError::Reset(code)) => {
+                return Err((
+                    Unanswered::Reset,
+                    format!(
+                        "stream {} reset by peer (error code {:#x}) before its answer",
+                        u64::from(recv.id()),
+                        code.into_inner()
+                    ),
+                ))
+            }
+            Err(error) => return Err((Unanswered::Lost, format!("no answer: {error}"))),
         }
         let compared = got.len().min(answer.len());
         if got[..compared] != answer[..compared] {
-            return Err("the answer is not the plain 200 expected".into());
+            return Err((
+                Unanswered::Answered,
+                "the answer is not the plain 200 expected".into(),
+            ));
         }
     }
     Ok(got.split_off(answer.len()).freeze())

@@ -333,12 +333,15 @@ class Cluster:
         self, acceptor: EngineAcceptor, flow: int, headers: dict[str, str]
     ) -> EngineFlow | Endpoint | None:
         """Start the connection ``acceptor`` accepted as ``flow`` as an engine flow
-        (:mod:`~quicmesh.transport.quic.native_flows`) if it can go at once: within the
-        circuit breakers, on a healthy endpoint the load balancer chose, on a pooled
-        connection that is ready and takes engine flows. When it cannot, nothing is
-        counted and :meth:`open_flow` carries it (and refuses it, dials or waits as it
-        does for any flow): given the endpoint the load balancer chose (returned, None
-        if it chose none) so that the flow takes one turn of the balancer, not two."""
+        (:meth:`~quicmesh.transport.base.PeerConnection.start_engine_flow`) if it can go
+        at once: within the circuit breakers, on a healthy endpoint the load balancer
+        chose, on a pooled connection that takes engine flows now. When it cannot,
+        nothing is counted and :meth:`open_flow` carries it (and refuses it, dials or
+        waits as it does for any flow): given the endpoint the load balancer chose
+        (returned, None if it chose none) so that the flow takes one turn of the
+        balancer, not two. The flow counts as active from now on; in ``streams_total``
+        once it ended (:meth:`engine_flow_finished`: only then is it known that the peer
+        answered 200)."""
         target = self.config.target
         if not target or not self.breaker.try_open_stream():
             return None
@@ -352,7 +355,7 @@ class Cluster:
             if not candidates:
                 return None
             endpoint = self.balancer.choose(candidates)
-            connection = endpoint.pool.ready_connection()
+            connection = endpoint.pool.engine_flow_connection()
             if connection is None or not connection.start_engine_flow(
                 acceptor, flow, target, {**self.headers, **headers}, self.config.connect_timeout
             ):
@@ -363,23 +366,29 @@ class Cluster:
         finally:
             if started is None:
                 self.breaker.release_stream()
-        self.health[endpoint.address].connect_succeeded(now)
-        ep_stats = self.stats.endpoint(endpoint.name)
-        ep_stats.streams_total += 1
-        ep_stats.streams_active += 1
-        self.stats.streams_total += 1
         self.stats.streams_active += 1
+        self.stats.endpoint(endpoint.name).streams_active += 1
         return started
 
-    def engine_flow_unanswered(self, flow: EngineFlow) -> None:
+    def engine_flow_unanswered(self, flow: EngineFlow, failure: str | None) -> None:
         """An engine flow did not get its 200 and goes back to :meth:`open_flow`: undo
-        what :meth:`start_engine_flow` counted."""
+        what :meth:`start_engine_flow` counted; ``failure`` (no answer in time, or the
+        connection failed) counts against the endpoint, as a failed open does."""
         self.breaker.release_stream()
-        self.stats.streams_total -= 1
         self.stats.streams_active -= 1
-        ep_stats = self.stats.endpoint(flow.endpoint.name)
-        ep_stats.streams_total -= 1
-        ep_stats.streams_active -= 1
+        self.stats.endpoint(flow.endpoint.name).streams_active -= 1
+        flow.connection.engine_flow_ended()
+        if failure is not None:
+            self._record_connect_failure(flow.endpoint, ConnectionLost(failure))
+
+    def engine_flow_finished(self, flow: EngineFlow, bytes_sent: int, bytes_received: int) -> None:
+        """An engine flow ended (after its 200): count it, as :meth:`open_flow` and
+        :meth:`flow_finished` count the others."""
+        if flow.endpoint.address in self.endpoints:
+            self.health[flow.endpoint.address].connect_succeeded(self._loop.time())
+        self.stats.streams_total += 1
+        self.stats.endpoint(flow.endpoint.name).streams_total += 1
+        self.flow_finished(flow, bytes_sent, bytes_received)
         flow.connection.engine_flow_ended()
 
     def flow_finished(

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import StreamRefused, TunnelError
+from ..errors import QuicmeshError, StreamRefused, TunnelError
 from ..splice import reset_socket, splice, splice_accepted
+from ..transport.base import EngineAcceptor
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
@@ -111,8 +112,18 @@ class OutboundListener:
         except KeyError:
             wanted = False
         if wanted and not self.engine_accepting:
+            acceptor_of = self._clusters(self.config.cluster).transport.engine_acceptor
+            try:
+                engines = [_EngineFlows(self, acceptor_of, sock) for sock in server.sockets]
+            except (QuicmeshError, OSError) as exc:
+                logger.warning(
+                    "listener %s: accepting in Python, the engine cannot: %s",
+                    self.config.name,
+                    exc,
+                )
+                return
             server.pause()
-            self._engine += [_EngineFlows(self, sock) for sock in server.sockets]
+            self._engine += engines
         elif not wanted and self.engine_accepting:
             self._stop_engine()
             server.resume()
@@ -218,23 +229,28 @@ class _Running:
 
 
 class _EngineFlows:
-    """One listening socket's engine accept loop and the flows it runs
-    (:class:`~quicmesh.transport.quic.native_flows.FlowEvents` of the listener)."""
+    """One listening socket's engine accept loop and the flows it runs (the
+    :class:`~quicmesh.transport.base.FlowEvents` of the listener)."""
 
-    def __init__(self, listener: OutboundListener, sock: socket.socket) -> None:
+    def __init__(self, listener: OutboundListener, acceptor_of: Any, sock: socket.socket) -> None:
         self._listener = listener
-        acceptor = listener._clusters(listener.config.cluster).transport.engine_acceptor(sock, self)
-        assert acceptor is not None  # (the cluster takes engine flows)
-        self.acceptor = acceptor
         self.running: dict[int, _Running] = {}
         self.stopped = False
+        acceptor = acceptor_of(sock, self)
+        if acceptor is None:
+            raise QuicmeshError("the cluster's transport runs no engine flows")
+        self.acceptor: EngineAcceptor = acceptor
 
     def stop(self) -> None:
-        """Stop accepting; report until the last running flow ended."""
+        """Stop accepting; connections accepted meanwhile go the usual way, and the
+        flows running are reported until the last one ended."""
         if not self.stopped:
             self.stopped = True
             self.acceptor.stop()
-        if not self.running:
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        if self.stopped and not self.running:
             self.acceptor.close()
 
     def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
@@ -244,34 +260,42 @@ class _EngineFlows:
         trace = TraceContext.new()
         record.flow_id = trace.trace_id
         running = _Running(cluster, record, started, trace)
-        opened = cluster.start_engine_flow(self.acceptor, flow, {TRACE_HEADER: trace.header()})
+        opened: EngineFlow | Endpoint | None = None
+        if not self.stopped:  # (after a stop, the usual way: nothing is left running)
+            try:
+                opened = cluster.start_engine_flow(
+                    self.acceptor, flow, {TRACE_HEADER: trace.header()}
+                )
+            except Exception:  # the flow still gets the usual way
+                logger.exception(
+                    "listener %s: an engine flow could not start", listener.config.name
+                )
         if not isinstance(opened, EngineFlow):
             listener._in_python(self, flow, running, opened)
             return
         running.flow = opened
-        record.endpoint = running.flow.endpoint.name
-        record.peer_identity = running.flow.connection.peer_identity
+        record.endpoint = opened.endpoint.name
+        record.peer_identity = opened.connection.peer_identity
         listener.stats.streams_total += 1
         listener.stats.streams_active += 1
-        listener.stats.engine_flows += 1
         self.running[flow] = running
 
-    def flow_unanswered(self, flow: int, reason: str) -> None:
+    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
         running = self.running.pop(flow, None)
         if running is None:
             return
-        logger.debug("flow %s goes the long way: %s", running.record.flow_id, reason)
+        logger.debug("flow %s goes the usual way (%s): %s", running.record.flow_id, kind, reason)
         stats = self._listener.stats
-        stats.streams_total -= 1
         stats.streams_active -= 1
-        stats.engine_flows -= 1
         stats.engine_flows_returned += 1
-        assert running.flow is not None
-        running.cluster.engine_flow_unanswered(running.flow)
-        chosen, running.flow = running.flow.endpoint, None
-        self._listener._in_python(self, flow, running, chosen)
-        if self.stopped and not self.running:
-            self.acceptor.close()
+        engine_flow, running.flow = running.flow, None
+        assert engine_flow is not None
+        failed = kind in ("timeout", "lost")
+        running.cluster.engine_flow_unanswered(engine_flow, reason if failed else None)
+        # A refusal or a reset is the endpoint's answer: ask it again (the usual way reads
+        # the answer); a timeout or a lost connection lets the balancer choose again.
+        self._listener._in_python(self, flow, running, None if failed else engine_flow.endpoint)
+        self._close_when_idle()
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         running = self.running.pop(flow, None)
@@ -280,16 +304,15 @@ class _EngineFlows:
         stats = self._listener.stats
         stats.streams_active -= 1
         stats.streams_spliced += 1
+        stats.engine_flows += 1
         record = running.record
         record.bytes_sent, record.bytes_received = sent, received
         assert running.flow is not None
-        running.cluster.flow_finished(running.flow, sent, received)
-        running.flow.connection.engine_flow_ended()
+        running.cluster.engine_flow_finished(running.flow, sent, received)
         if error:
             record.outcome, record.reason = Outcome.RESET, error
         self._listener._end(record, running.started, running.cluster)
-        if self.stopped and not self.running:
-            self.acceptor.close()
+        self._close_when_idle()
 
 
 async def proxy_to_cluster(

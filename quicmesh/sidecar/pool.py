@@ -202,20 +202,23 @@ class EndpointPool:
                 )
             await self._connect()
 
-    def ready_connection(self) -> PeerConnection | None:
-        """The connection :meth:`open_stream` would open a flow on at once (one that is
-        current, not retired, and has stream credit: the fewest streams first), marked
-        busy; None when a flow would have to wait, dial or overflow."""
-        self.sweep_closed()
-        current = [p for p in self.connections if not self.is_stale(p) and p.retired is None]
-        plan = plan_open(
-            [p.connection for p in current],
-            connecting=self._connecting is not None,
-            may_connect=False,
-        )
-        if plan.action is not Action.USE:
+    def engine_flow_connection(self) -> PeerConnection | None:
+        """The connection an engine flow may start on now (one that is current, not
+        retired, and takes engine flows: fewest streams first), marked busy; None when
+        none may (the flow then goes through :meth:`open_stream`). Its stream credit is
+        not checked here (that would open a stream ahead on the native engine):
+        starting the flow finds out."""
+        candidates = [
+            p.connection
+            for p in self.connections
+            if p.retired is None
+            and not p.connection.is_closed
+            and p.connection.can_start_engine_flow()
+            and not self.is_stale(p)
+        ]
+        if not candidates:
             return None
-        connection: PeerConnection = plan.connection
+        connection = min(candidates, key=lambda c: c.active_streams)
         self._mark_busy(connection)
         return connection
 

@@ -57,9 +57,12 @@ class FlowEvents(Protocol):
         """A connection from ``peer`` was accepted as ``flow``: start it
         (:meth:`PeerConnection.start_engine_flow`) or take it (:meth:`EngineAcceptor.release`)."""
 
-    def flow_unanswered(self, flow: int, reason: str) -> None:
-        """An engine flow got no plain 200 (``reason``): nothing was read from its
-        socket, which waits for :meth:`EngineAcceptor.release`."""
+    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
+        """An engine flow got no plain 200: nothing was read from its socket, which
+        waits for :meth:`EngineAcceptor.release`. ``kind``: ``answered`` (something else,
+        e.g. a refusal), ``reset`` (the peer reset or ended the stream first),
+        ``timeout`` (no answer in time) or ``lost`` (the connection failed); ``reason``
+        says more."""
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         """An engine flow ended: payload bytes each way, and why it failed ("" if not)."""
@@ -186,6 +189,10 @@ class PeerConnection(ABC):
         """Move the connection to a new local address (only where
         :attr:`supports_migration`; others raise :class:`NotImplementedError`)."""
         raise NotImplementedError(f"{self.transport_name} connections cannot migrate")
+
+    def can_start_engine_flow(self) -> bool:
+        """Whether :meth:`start_engine_flow` may start a flow now (False by default)."""
+        return False
 
     def start_engine_flow(
         self,

@@ -375,6 +375,9 @@ def test_drain_waits_for_spliced_flows_and_loses_nothing(workdir: Path, app: _Ap
     with SpliceMesh(workdir, app.server_address[1], clusters, "splice-drain") as mesh:
         port = mesh.listen["native"]
         payloads = [os.urandom(200_000 + i) for i in range(8)]
+        # The first flow dials: the 8 below start at once on its connection, each an
+        # engine flow (run by the engine from accept to end).
+        assert asyncio.run(echo(port, b"dial")) == BANNER + b"dial"
 
         async def main() -> list[bytes]:
             flows = [await open_flow(port, "echo") for _ in payloads]
@@ -414,7 +417,9 @@ def test_drain_waits_for_spliced_flows_and_loses_nothing(workdir: Path, app: _Ap
         assert mesh.a.process is not None and mesh.a.process.wait(20) == 0
         assert mesh.b.process is not None and mesh.b.process.wait(20) == 0
         lines = [r for r in mesh.a.access_log() if r["listener"] == "native"]
-        assert sorted(r["bytes_sent"] for r in lines) == sorted(len(p) + 5 for p in payloads)
+        assert sorted(r["bytes_sent"] for r in lines) == sorted(
+            len(p) + 5 for p in [b"dial", *payloads]
+        )
         assert {r["outcome"] for r in lines} == {"completed"}
         assert "drained in" in mesh.a.stderr()
 
@@ -536,3 +541,6 @@ def test_outbound_flows_run_in_the_engine_and_come_back_without_their_200(
         returned = "quicmesh_listener_engine_flows_returned_total"
         assert metric(samples, returned, listener="refused") == 1
         assert metric(samples, "quicmesh_cluster_streams_active", cluster="refused") == 0
+        assert metric(samples, "quicmesh_cluster_streams_total", cluster="refused") == 0
+        # A refusal is the endpoint's answer, not its failure.
+        assert metric(samples, "quicmesh_cluster_connect_failures_total", cluster="refused") == 0

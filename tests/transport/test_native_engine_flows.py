@@ -29,27 +29,33 @@ class Events:
 
     def __init__(self) -> None:
         self.accepted: asyncio.Queue[tuple[int, tuple[str, int]]] = asyncio.Queue()
-        self.unanswered: dict[int, str] = {}
+        self.unanswered: dict[int, tuple[str, str]] = {}
         self.ended: dict[int, tuple[int, int, str]] = {}
 
     def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
         self.accepted.put_nowait((flow, peer))
 
-    def flow_unanswered(self, flow: int, reason: str) -> None:
-        self.unanswered[flow] = reason
+    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
+        self.unanswered[flow] = (kind, reason)
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         self.ended[flow] = (sent, received, error)
 
 
+BANNER = b"hello first\n"
+
+
 async def handler(stream: MeshStream) -> None:
-    """``echo:1``: accept and echo; ``refuse:1``: 403; ``silent:1``: never answer."""
+    """``echo:1``: accept and echo; ``banner:1``: the same, a banner written with the
+    answer; ``refuse:1``: 403; ``silent:1``: never answer."""
     if stream.target.host == "refuse":
         stream.refuse(403, "not for you")
         return
     if stream.target.host == "silent":
         await asyncio.sleep(3600)
     stream.accept()
+    if stream.target.host == "banner":
+        stream.write(BANNER)
     while data := await stream.read(65536):
         stream.write(data)
         await stream.drain()
@@ -113,13 +119,15 @@ def test_a_flow_runs_in_the_engine_from_accept_to_end() -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "timeout", "why"),
+    ("target", "timeout", "kind", "why"),
     [
-        ("refuse:1", 5.0, "not the plain 200"),
-        ("silent:1", 0.3, "no answer within 0.3s"),
+        ("refuse:1", 5.0, "answered", "not the plain 200"),
+        ("silent:1", 0.3, "timeout", "no answer within 0.3s"),
     ],
 )
-def test_a_flow_without_its_200_comes_back_untouched(target: str, timeout: float, why: str) -> None:
+def test_a_flow_without_its_200_comes_back_untouched(
+    target: str, timeout: float, kind: str, why: str
+) -> None:
     """A refusal or no answer in time: the stream is cancelled and the socket is given
     back with the client's bytes still unread in it."""
 
@@ -130,7 +138,8 @@ def test_a_flow_without_its_200_comes_back_untouched(target: str, timeout: float
         flow, _ = await asyncio.wait_for(events.accepted.get(), 10)
         assert connection.start_engine_flow(acceptor, flow, target, {}, timeout)
         await until(lambda: flow in events.unanswered, 10)
-        assert why in events.unanswered[flow]
+        assert events.unanswered[flow][0] == kind
+        assert why in events.unanswered[flow][1]
         assert flow not in events.ended
         sock = acceptor.release(flow)
         assert sock is not None
@@ -197,3 +206,50 @@ def test_a_stopped_acceptor_accepts_nothing_more_and_its_flows_carry_on() -> Non
         writer.close()
 
     run(with_flows(test))
+
+
+def test_bytes_that_come_with_the_200_reach_the_client() -> None:
+    """The peer's first bytes right behind its answer (in the same packet) go to the
+    splice, not lost with the answer."""
+
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        flow, _ = await asyncio.wait_for(events.accepted.get(), 10)
+        assert connection.start_engine_flow(acceptor, flow, "banner:1", {}, 5.0)
+        assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 10) == BANNER
+        writer.write(b"and an echo")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(-1), 10) == b"and an echo"
+        await until(lambda: flow in events.ended, 10)
+        assert events.ended[flow] == (11, len(BANNER) + 11, "")
+        writer.close()
+
+    run(with_flows(test))
+
+
+def test_a_stream_python_opened_ahead_goes_first() -> None:
+    """Asking whether a native connection can open a stream opens one ahead in quinn;
+    an engine flow would open past it and leave it holding one of the peer's stream
+    slots. So no engine flow starts while it waits; once Python's flow used it, two
+    engine flows fit in the peer's limit of two."""
+
+    async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
+        assert connection.can_open_stream  # opens one ahead
+        assert not connection.can_start_engine_flow()
+        stream = await connection.open_stream("echo:1")  # uses it
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(-1), 10) == b""
+        await until(lambda: connection.active_streams == 0, 10)
+        assert connection.can_start_engine_flow()
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        flows = [(await asyncio.wait_for(events.accepted.get(), 10))[0] for _ in clients]
+        assert connection.start_engine_flow(acceptor, flows[0], "echo:1", {}, 5.0)
+        # The second as soon as the peer gave back the slot of Python's finished flow
+        # (a stream held ahead would keep it for good).
+        await until(lambda: connection.start_engine_flow(acceptor, flows[1], "echo:1", {}, 5.0))
+        for reader, writer in clients:
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            writer.close()
+
+    run(with_flows(test, max_streams=2))

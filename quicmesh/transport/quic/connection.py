@@ -357,12 +357,16 @@ class QuicPeerConnection(SessionConnection):
     def can_start_engine_flow(self) -> bool:
         """Whether :meth:`start_engine_flow` can start a flow on this connection now: an
         established native-engine connection, not closing, not in 0-RTT."""
+        quic: Any = self.quic
         return (
             self._lost is None
             and not self._closing
             and self._established
             and self._early_data != "attempted"
-            and hasattr(self.quic, "start_flow")
+            and hasattr(quic, "start_flow")
+            # A stream Python opened ahead goes first (the engine's would open past it,
+            # and the peer would count it open until Python uses it).
+            and not quic.has_spare_request_stream()
         )
 
     def start_engine_flow(

@@ -1517,6 +1517,10 @@ class NativeConnection:
             raise OSError(str(exc)) from None
         return await self._spliced(stream_id, state, splice_id)
 
+    def has_spare_request_stream(self) -> bool:
+        """Whether a bidirectional stream was opened ahead and is not used yet."""
+        return bool(self._spare.get(False))
+
     def start_flow(
         self, acceptor: Any, flow: int, *, request: bytes, answer: bytes, timeout: float
     ) -> bool:

@@ -70,7 +70,7 @@ class FlowAcceptor(EngineAcceptor):
         if kind == "flow_accepted":
             self._events.flow_accepted(event[1], (event[2], event[3]))
         elif kind == "flow_unanswered":
-            self._events.flow_unanswered(event[1], event[3])
+            self._events.flow_unanswered(event[1], event[3], event[4])
         elif kind == "spliced":
             _, _, flow, _, sent, received, error, _, _ = event
             self._events.flow_ended(flow, sent, received, error)
@@ -101,8 +101,11 @@ class FlowAcceptor(EngineAcceptor):
         self.native.stop()
 
     def close(self) -> None:
-        """Stop accepting and stop watching the engine's events."""
+        """Stop accepting and stop watching the engine's events, once those already
+        waiting were reported (a connection accepted before the stop is not lost)."""
         self.native.stop()
-        if self._fd is not None:
-            _remove_reader(self._loop, self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        self._pump()
+        _remove_reader(self._loop, fd)
