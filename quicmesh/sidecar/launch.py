@@ -54,6 +54,13 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(tcp.getsockname()[1])
 
 
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` different port numbers, each free on ``host`` for TCP and UDP right now
+    (held together while chosen: :func:`free_port` twice may give the same one)."""
+    with contextlib.ExitStack() as held:
+        return [int(held.enter_context(held_port(host))[0].getsockname()[1]) for _ in range(count)]
+
+
 def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Samples of a Prometheus exposition keyed by ``(name, labels)``."""
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}

@@ -28,7 +28,7 @@ import pytest
 from quic_helpers import require_engine
 
 from quicmesh import DevCA, QuicTransport
-from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, free_ports, metric
 
 from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
 
@@ -81,6 +81,7 @@ class _App(socketserver.StreamRequestHandler):
 class _AppServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # (socketserver's 5 overflows with 40 flows at once)
 
     def __init__(self) -> None:
         super().__init__((LOOPBACK, 0), _App)
@@ -108,7 +109,7 @@ class SpliceMesh:
     def __init__(
         self, workdir: Path, app_port: int, clusters: dict[str, dict[str, Any]], name: str
     ) -> None:
-        self.ports = {"native": free_port(), "aioquic": free_port(), "native_off": free_port()}
+        self.ports = dict(zip(("native", "aioquic", "native_off"), free_ports(3), strict=True))
         app = addr(app_port)
         inbound: list[dict[str, Any]] = [
             {
@@ -544,3 +545,49 @@ def test_outbound_flows_run_in_the_engine_and_come_back_without_their_200(
         assert metric(samples, "quicmesh_cluster_streams_total", cluster="refused") == 0
         # A refusal is the endpoint's answer, not its failure.
         assert metric(samples, "quicmesh_cluster_connect_failures_total", cluster="refused") == 0
+
+
+def test_engine_flows_at_the_peers_stream_limit_balance_their_counts(
+    workdir: Path, app: _AppServer
+) -> None:
+    """40 flows at once on a connection B allows 4 streams: those that find no stream
+    credit go the usual way (and wait for it; most of them here), the others run in the
+    engine; every byte arrives and every gauge is back to 0 afterwards."""
+    require_engine("native")
+    clusters = {"native": {"engine": "native", "to": "native"}}
+    mesh = SpliceMesh(workdir, app.server_address[1], clusters, "engine-flows-limit")
+    mesh.b.config["listeners"]["inbound"][0]["max_streams"] = 4
+    with mesh:
+        port = mesh.listen["native"]
+        assert asyncio.run(echo(port, b"dial")) == BANNER + b"dial"
+        payloads = [os.urandom(20_000 + i) for i in range(40)]
+
+        async def main() -> list[bytes]:
+            return await asyncio.gather(*(echo(port, p) for p in payloads))
+
+        assert asyncio.run(main()) == [BANNER + p for p in payloads]
+
+        def logged() -> list[dict[str, Any]]:
+            lines = [r for r in mesh.a.access_log() if r["listener"] == "native"]
+            return lines if len(lines) == len(payloads) + 1 else []
+
+        lines = wait_until(logged, what="every flow logged")
+        assert {r["outcome"] for r in lines} == {"completed"}
+        samples = mesh.a.metrics()
+        engine_flows = metric(samples, "quicmesh_listener_engine_flows_total", listener="native")
+        assert 1 <= engine_flows <= len(payloads)
+        returned = "quicmesh_listener_engine_flows_returned_total"
+        assert metric(samples, returned, listener="native") == 0  # no credit: never started
+        assert mesh.spliced("a", "native") == len(payloads) + 1
+        for gauge, label in (
+            ("quicmesh_listener_streams_active", {"listener": "native"}),
+            ("quicmesh_listener_connections_active", {"listener": "native"}),
+            ("quicmesh_cluster_streams_active", {"cluster": "native"}),
+        ):
+            assert metric(samples, gauge, **label) == 0, gauge
+        assert (
+            mesh.a.stats()["clusters"]["native"]["endpoints"][addr(mesh.ports["native"])][
+                "streams_active"
+            ]
+            == 0
+        )
