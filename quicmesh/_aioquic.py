@@ -74,7 +74,13 @@ from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
-from aioquic.h3.connection import FrameType, H3Connection, Setting, encode_frame
+from aioquic.h3.connection import (
+    FrameType,
+    H3Connection,
+    Setting,
+    encode_frame,
+    validate_request_headers,
+)
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
@@ -223,12 +229,59 @@ _STATIC_ENCODER = pylsqpack.Encoder()
 table only (as :func:`connect_accepted_frame`)."""
 
 
+def connect_response_frame(status: int, reason: str) -> bytes:
+    """The HEADERS frame answering a CONNECT with ``status`` (and the reason's
+    ``proxy-status``), static table only as :func:`connect_accepted_frame`, for a stream
+    the connection's HTTP/3 layer never saw (an inbound engine flow refused late)."""
+    _, block = _STATIC_ENCODER.encode(0, response_fields(status, reason))
+    return bytes(encode_frame(FrameType.HEADERS, block))
+
+
 def connect_request_frame(fields: list[tuple[bytes, bytes]]) -> bytes:
     """The HEADERS frame of a CONNECT with ``fields``, for an engine that sends it itself
     (the native engine's outbound flows): encoded with the static table only, so valid
     on any connection and needing no encoder-stream instruction (RFC 9204 4.5.1)."""
     _, block = _STATIC_ENCODER.encode(0, fields)
     return bytes(encode_frame(FrameType.HEADERS, block))
+
+
+_STATIC_DECODER = pylsqpack.Decoder(0, 0)
+"""A QPACK decoder with no dynamic table: decodes field sections that refer to the
+static table only (Required Insert Count 0), the same for every connection."""
+
+_STATIC_BOUND = FieldSectionBound(0)
+
+
+def read_static_request(
+    data: bytes, limit: int = MAX_FIELD_SECTION_SIZE
+) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+    """A request stream's first bytes, when they begin with a whole HEADERS frame whose
+    field section refers to the static QPACK table only (Required Insert Count 0, as
+    quicmesh's engine flows encode their CONNECT): its decoded fields, valid as aioquic
+    requires of a request, and the bytes after the frame. None for anything else (the
+    frame cut short, another frame first, dynamic-table references, more than ``limit``
+    decoded bytes, malformed or invalid): the connection's HTTP/3 layer then reads the
+    stream as usual. Decoding such a section needs no per-connection state, and no
+    Section Acknowledgment follows one (RFC 9204 4.4.1)."""
+    buffer = Buffer(data=data)
+    try:
+        frame_type = buffer.pull_uint_var()
+        length = buffer.pull_uint_var()
+    except Exception:  # cut short (aioquic's BufferReadError)
+        return None
+    start = buffer.tell()
+    end = start + length
+    if frame_type != FrameType.HEADERS or end > len(data) or length < 2 or data[start] != 0:
+        return None
+    block = data[start:end]
+    try:
+        if _STATIC_BOUND.section_size(block, stop_above=limit) > limit:
+            return None
+        _, fields = _STATIC_DECODER.feed_header(0, block)
+        validate_request_headers(fields)
+    except Exception:  # pylsqpack's and aioquic's refusals: the usual path says why
+        return None
+    return fields, data[end:]
 
 
 # -- TLS -----------------------------------------------------------------------

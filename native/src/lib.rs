@@ -1692,9 +1692,10 @@ impl FlowAcceptor {
             .map_or(0, |handle| handle.held.total())
     }
 
-    /// Stop accepting; flows accepted or running carry on.
-    fn stop(&self) {
-        self.inner.stop();
+    /// Stop accepting; flows accepted or running carry on. Once this returns, every
+    /// connection the engine accepted has its `flow_accepted` event waiting.
+    fn stop(&self, py: Python<'_>) {
+        py.allow_threads(|| self.inner.stop());
     }
 }
 

@@ -46,7 +46,20 @@ pub struct Acceptor {
     pub wake: UnixStream,
     pub address: SocketAddr,
     task: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    stopping: Arc<Stopping>,
 }
+
+/// How [`Acceptor::stop`] ends the accept loop and knows it ended.
+#[derive(Debug, Default)]
+struct Stopping {
+    asked: tokio::sync::Notify,
+    ended: std::sync::Mutex<bool>,
+    ended_changed: std::sync::Condvar,
+}
+
+/// The longest [`Acceptor::stop`] waits for the accept loop to end (it ends at its next
+/// turn on the engine's thread).
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 impl Acceptor {
     /// Accept on `listener` (bound and listening) from the engine's runtime.
@@ -57,12 +70,18 @@ impl Acceptor {
         let address = listener.local_addr()?;
         let listener = TcpListener::from_std(listener)?;
         let (shared, wake) = Shared::new()?;
-        let task = rt.spawn(accept_loop(Arc::clone(&shared), listener));
+        let stopping = Arc::new(Stopping::default());
+        let task = rt.spawn(accept_loop(
+            Arc::clone(&shared),
+            listener,
+            Arc::clone(&stopping),
+        ));
         Ok(Acceptor {
             shared,
             wake,
             address,
             task: std::sync::Mutex::new(Some(task.abort_handle())),
+            stopping,
         })
     }
 
@@ -73,11 +92,20 @@ impl Acceptor {
         self.shared.take_events()
     }
 
-    /// Stop accepting (flows accepted or running carry on).
+    /// Stop accepting and wait (at most [`STOP_WAIT`]) until the accept loop has ended:
+    /// once this returns, every connection the engine accepted has its `flow_accepted`
+    /// event queued, and no other follows. Flows accepted or running carry on. Blocks the
+    /// calling thread (not the engine's): call it without the GIL.
     pub fn stop(&self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.abort();
+        if lock(&self.task).take().is_none() {
+            return;
         }
+        self.stopping.asked.notify_one();
+        let ended = lock(&self.stopping.ended);
+        let _ = self
+            .stopping
+            .ended_changed
+            .wait_timeout_while(ended, STOP_WAIT, |ended| !*ended);
     }
 
     /// Take an accepted connection that is not running, to start it or give it to Python.
@@ -96,13 +124,27 @@ impl Acceptor {
 
 impl Drop for Acceptor {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stopping: Arc<Stopping>) {
+    serve_accepts(&shared, &listener, &stopping).await;
+    drop(listener);
+    *lock(&stopping.ended) = true;
+    stopping.ended_changed.notify_all();
+}
+
+async fn serve_accepts(shared: &Shared, listener: &TcpListener, stopping: &Stopping) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = stopping.asked.notified() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 // As asyncio's transports: no Nagle delay on the proxied flow.
                 let _ = tcp.set_nodelay(true);

@@ -1278,6 +1278,11 @@ def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
     return rule.host == host.lower().rstrip(".")
 
 
+def ip_address_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (no IPv6 zone), or None for a name."""
+    return None if "%" in host else _ip_address(host)
+
+
 @functools.lru_cache(maxsize=1024)
 def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """``host`` as an IP address, or None for a name (kept: flows repeat their targets)."""

@@ -24,16 +24,18 @@ from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
 from ..transport.base import (
+    EngineFlowPlan,
+    InboundEngineFlow,
     Listener,
     PeerConnection,
     StreamHandler,
     Transport,
     transport_registry,
 )
-from ..transport.stream import EngineSocket, MeshStream
+from ..transport.stream import EngineSocket, MeshStream, SpliceOutcome
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
-from .config import InboundListenerConfig, format_address
+from .config import InboundListenerConfig, format_address, ip_address_of
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .overload import (
     LOOP_LAG_TICK,
@@ -155,7 +157,7 @@ class InboundListener:
         )
         self._connections: dict[str, dict[object, None]] = {}
         """Per peer identity, the connections that carried an admitted stream, oldest first."""
-        self._active: dict[MeshStream, None] = {}
+        self._active: dict[MeshStream | InboundEngineFlow, None] = {}
         """Inbound streams admitted, oldest first (the newest are shed first)."""
         self._sampler: asyncio.Task[None] | None = None
         self.governor = StreamRateGovernor(
@@ -203,7 +205,9 @@ class InboundListener:
                 if transport.counters:
                     self.stats.quic_counters.append(transport.counters)
                 self._transports.append(transport)
-                self._listeners.append(await listen(transport, self.config, self._handle))
+                listener = await listen(transport, self.config, self._handle)
+                self._listeners.append(listener)
+                listener.set_engine_flows(self._decide_now)
         except (QuicmeshError, OSError):
             self.close()
             raise
@@ -335,11 +339,14 @@ class InboundListener:
                 known.pop(connection, None)
                 connection.close()
 
-    def _admit_connection(self, stream: MeshStream) -> str | None:
+    def _admit_connection(
+        self, stream: MeshStream | InboundEngineFlow, *, count: bool = True
+    ) -> str | None:
         """Count the stream's connection for its identity: the refusal if the
         identity already holds ``max_connections_per_identity`` others. (Not for
         a transport with one connection per flow (``tcp``), which
-        ``max_streams_per_identity`` bounds.)"""
+        ``max_streams_per_identity`` bounds.) ``count=False`` only asks: nothing is
+        recorded, a refusal is not counted."""
         if any(t.connection_per_flow and t.name == stream.transport for t in self._transports):
             return None
         known = self._connections.setdefault(stream.peer_identity, {})
@@ -348,6 +355,8 @@ class InboundListener:
             return None
         for other in [c for c in known if getattr(c, "is_closed", True)]:
             del known[other]
+        if not count:
+            return self.overload.connection_refusal(stream.peer_identity, len(known))
         refusal = self.overload.admit_connection(stream.peer_identity, len(known))
         if refusal is None:
             known[connection] = None
@@ -426,15 +435,16 @@ class InboundListener:
         with self._flows.track(), self._local_flows.track():
             await self._serve(stream)
 
-    async def _serve(self, stream: MeshStream) -> None:
-        start, started = time.time(), time.monotonic()
-        config = self.config
-        stats = self.stats
-        self.governor.opened(stream.peer_identity)
-        stats.streams_total += 1
-        stats.streams_active += 1
-        record = FlowRecord(
-            start=start,
+    @staticmethod
+    def _record(
+        stream: MeshStream | InboundEngineFlow,
+        config: InboundListenerConfig,
+        start: float | None = None,
+    ) -> FlowRecord:
+        """A new flow's access-log record; its ``flow_id`` is the trace id of its
+        ``traceparent``, or a new one."""
+        return FlowRecord(
+            start=time.time() if start is None else start,
             duration=0.0,
             listener=config.name,
             direction="inbound",
@@ -448,6 +458,81 @@ class InboundListener:
             outcome=Outcome.COMPLETED,
             flow_id=continue_or_start(stream.headers).trace_id,
         )
+
+    def _decide_now(self, flow: InboundEngineFlow) -> EngineFlowPlan | None:
+        """Take a peer's CONNECT at once, for the engine to connect, answer and splice
+        (inbound engine flows, docs/design.md): only one that :meth:`_serve` would
+        splice as it is (``splice`` on, not draining, allowed by the policies, to an IP
+        address, within the limits), counted and logged as :meth:`_serve` does. Anything
+        else (None) goes to :meth:`_handle`, which refuses it with its reason."""
+        config = self.config
+        identity = flow.peer_identity
+        if self.draining or not config.splice:
+            return None
+        if refusal_reason(config, identity, flow.target) is not None:
+            return None
+        parsed = split_target(flow.target)
+        if parsed is None or ip_address_of(parsed[0]) is None:
+            return None  # a name: resolved in Python (_serve)
+        # Asked first (a refusal is the handler's to count and log), then counted in.
+        if (
+            self._admit_connection(flow, count=False) is not None
+            or self.overload.refusal(identity) is not None
+        ):
+            return None
+        self._admit_connection(flow)
+        self.overload.admit(identity)
+        started = time.monotonic()
+        self._flows.begin()
+        self._local_flows.begin()
+        self.governor.opened(identity)
+        stats = self.stats
+        stats.streams_total += 1
+        stats.streams_active += 1
+        stats.connections_active += 1
+        record = self._record(flow, config)
+        record.endpoint = format_address(parsed)
+        self._active[flow] = None
+
+        def ended(outcome: SpliceOutcome | OSError) -> None:
+            stats.connections_active -= 1
+            self._active.pop(flow, None)
+            self.overload.release(identity)
+            if isinstance(outcome, OSError):
+                why = (
+                    f"timed out after {config.connect_timeout:g}s"
+                    if isinstance(outcome, TimeoutError)
+                    else outcome.strerror or str(outcome)
+                )
+                record.outcome = Outcome.UNREACHABLE
+                record.reason = f"cannot reach {flow.target}: {why}"
+                flow.refuse(502, record.reason)
+            else:
+                if outcome.connected:
+                    stats.connections_total += 1
+                    stats.streams_spliced += 1
+                    stats.engine_flows += 1
+                record.bytes_sent = outcome.bytes_from_stream
+                record.bytes_received = outcome.bytes_to_stream
+                if outcome.error:
+                    record.outcome, record.reason = Outcome.RESET, outcome.error
+            stats.streams_active -= 1
+            record.duration = time.monotonic() - started
+            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+            self._log(record)
+            self._local_flows.end()
+            self._flows.end()
+
+        return EngineFlowPlan(parsed[0], parsed[1], config.connect_timeout, ended)
+
+    async def _serve(self, stream: MeshStream) -> None:
+        start, started = time.time(), time.monotonic()
+        config = self.config
+        stats = self.stats
+        self.governor.opened(stream.peer_identity)
+        stats.streams_total += 1
+        stats.streams_active += 1
+        record = self._record(stream, config, start)
         try:
             await self._forward(stream, config, record)
         finally:

@@ -125,28 +125,40 @@ class OverloadManager:
 
     def admit(self, identity: str) -> str | None:
         """Count a new stream of ``identity`` in, or return why it is refused."""
-        if self.state != "normal":
-            reason, why = "overloaded", f"sidecar is overloaded ({self._worst()})"
-        elif self._total >= self.max_streams_total:
-            reason, why = "total", f"max_streams_total ({self.max_streams_total}) reached"
-        elif self._per_identity[identity] >= self.max_streams_per_identity:
-            reason = "per_identity"
-            why = (
-                f"max_streams_per_identity ({self.max_streams_per_identity}) reached by {identity}"
-            )
-        else:
+        refused = self.refusal(identity)
+        if refused is None:
             self._per_identity[identity] += 1
             self._total += 1
             return None
+        reason, why = refused
         self.refusals[reason] += 1
         return why
+
+    def refusal(self, identity: str) -> tuple[str, str] | None:
+        """Why :meth:`admit` would refuse a new stream of ``identity`` now (the refusal
+        counter's key and the message), or None; nothing is counted."""
+        if self.state != "normal":
+            return "overloaded", f"sidecar is overloaded ({self._worst()})"
+        if self._total >= self.max_streams_total:
+            return "total", f"max_streams_total ({self.max_streams_total}) reached"
+        if self._per_identity.get(identity, 0) >= self.max_streams_per_identity:
+            return "per_identity", (
+                f"max_streams_per_identity ({self.max_streams_per_identity}) reached by {identity}"
+            )
+        return None
 
     def admit_connection(self, identity: str, connections: int) -> str | None:
         """A connection of ``identity`` carries its first stream while the identity
         holds ``connections`` live connections (this one excluded): the refusal, or None."""
+        refusal = self.connection_refusal(identity, connections)
+        if refusal is not None:
+            self.refusals["connections_per_identity"] += 1
+        return refusal
+
+    def connection_refusal(self, identity: str, connections: int) -> str | None:
+        """:meth:`admit_connection`'s answer, with nothing counted."""
         if connections < self.max_connections_per_identity:
             return None
-        self.refusals["connections_per_identity"] += 1
         return (
             f"max_connections_per_identity ({self.max_connections_per_identity})"
             f" reached by {identity}"

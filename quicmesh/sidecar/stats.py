@@ -48,8 +48,9 @@ class ListenerStats:
     streams_spliced: int = 0
     """Flows whose bytes the QUIC engine copied itself (``splice``), not the sidecar."""
     engine_flows: int = 0
-    """(outbound) Flows the native engine ran from accept to end (the CONNECT
-    exchange included), Python only counting and logging them."""
+    """Flows the native engine ran from accept to end (outbound) or from the CONNECT
+    to the end (inbound), the CONNECT exchange included, Python only deciding, counting
+    and logging them."""
     engine_flows_returned: int = 0
     """(outbound) Flows the engine started that came back to the sidecar without their
     plain 200 (a refusal, a reset, no answer in time), which then opened them again."""

@@ -22,11 +22,12 @@ import socket
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from ..tls import Identity, TrustBundle
-from .stream import MeshStream
+from .stream import MeshStream, SpliceOutcome
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -90,6 +91,55 @@ class EngineAcceptor(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop accepting and reporting (once no flow runs)."""
+
+
+class InboundEngineFlow(ABC):
+    """(accepting side) A peer's CONNECT that the transport's engine can carry from here
+    to its end: connect the destination, answer 200, splice (*inbound engine flows*: see
+    :meth:`Listener.set_engine_flows`). What a handler would learn of its
+    :class:`MeshStream`, and what an overload action needs of a running flow."""
+
+    channel: PeerConnection
+    stream_id: int
+    target: str
+    """The CONNECT target, ``host:port`` (a parsed :class:`~quicmesh.tunnel.connect.Target`)."""
+    headers: dict[str, str]
+    peer_identity: str
+    peer_address: str
+    transport: str
+
+    @property
+    @abstractmethod
+    def buffered_bytes(self) -> int:
+        """What the flow holds in memory now (0 before it runs and after it ended)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Reset the running flow both ways; its end is reported as any other's."""
+
+    @abstractmethod
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer the CONNECT with ``status`` and ``reason`` (a flow whose destination
+        could not be connected: nothing else was sent on the stream)."""
+
+
+@dataclass
+class EngineFlowPlan:
+    """Where an :class:`InboundEngineFlow` goes, and who hears of its end."""
+
+    host: str
+    """An IP address: the engine connects it as it is."""
+    port: int
+    timeout: float
+    """Seconds the destination's TCP connect may take."""
+    ended: Callable[[SpliceOutcome | OSError], None]
+    """Called once, with the flow's outcome, or the OSError its connect failed with
+    (nothing was answered then: the callee refuses the flow)."""
+
+
+InboundDecider = Callable[[InboundEngineFlow], EngineFlowPlan | None]
+"""Decides a peer's CONNECT at once (in the engine's event batch): a plan the engine
+carries out, or None to hand the stream to the listener's handler as usual."""
 
 
 class PeerConnection(ABC):
@@ -234,6 +284,13 @@ class Listener(ABC):
     @abstractmethod
     async def wait_closed(self) -> None:
         """Wait until the listener and its connections are closed."""
+
+    def set_engine_flows(self, decide: InboundDecider | None) -> bool:
+        """Offer each peer CONNECT the engine could carry itself to ``decide`` first
+        (None: stop), in the engine's event batch: a plan the engine then carries out
+        (connect, answer, splice), or None for the listener's handler. Whether this
+        listener can (False, the default: its streams all go to the handler)."""
+        return False
 
 
 class Transport(ABC):

@@ -207,6 +207,10 @@ class H3TunnelSession(TunnelSession):
             return result
         return []
 
+    def is_new_request_stream(self, stream_id: int) -> bool:
+        """Whether nothing of request stream ``stream_id`` reached this session yet."""
+        return stream_id not in self._streams and stream_id not in self.h3._stream
+
     def _on_stream_data(self, event: quic_events.StreamDataReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         if not _is_request_stream(stream_id):

@@ -510,6 +510,16 @@ def test_outbound_flows_run_in_the_engine_and_come_back_without_their_200(
             return len(a_lines) == len(b_lines) == len(payloads) + 1
 
         wait_until(logged, what="the flows to B's native listener, logged by both")
+        # B's native listener ran the engine flows' CONNECTs (static QPACK table only)
+        # as inbound engine flows too; its aioquic listener cannot.
+        b_samples = mesh.b.metrics()
+        engine_in = metric(
+            b_samples, "quicmesh_listener_engine_flows_total", listener="mesh_native"
+        )
+        assert len(payloads) <= engine_in <= len(payloads) + 1
+        assert (
+            metric(b_samples, "quicmesh_listener_engine_flows_total", listener="mesh_aioquic") == 0
+        )
         a_lines = [r for r in mesh.a.access_log() if r["listener"] == "to_native"]
         b_lines = [r for r in mesh.b.access_log() if r["listener"] == "mesh_native"]
         assert {r["flow_id"] for r in a_lines} == {r["flow_id"] for r in b_lines}
@@ -537,6 +547,24 @@ def test_outbound_flows_run_in_the_engine_and_come_back_without_their_200(
         lines = wait_until(refusals, what="both refusals logged")
         assert [r["outcome"] for r in lines] == ["refused", "refused"]
         assert all(refused_target in r["reason"] for r in lines), lines
+
+        # B refused all three CONNECTs (the dial's, the engine flow's and its retry) by
+        # policy, the usual way: none became an inbound engine flow.
+        def b_refusals() -> list[dict[str, Any]]:
+            lines = [r for r in mesh.b.access_log() if r["target"] == refused_target]
+            return lines if len(lines) == 3 else []
+
+        b_lines = wait_until(b_refusals, what="B's three refusals logged")
+        assert {r["outcome"] for r in b_lines} == {"refused"}
+        assert all("is not allowed" in r["reason"] for r in b_lines), b_lines
+        b_samples = mesh.b.metrics()
+        assert (
+            metric(b_samples, "quicmesh_listener_engine_flows_total", listener="mesh_native")
+            == engine_in
+        )
+        for gauge in ("streams_active", "connections_active"):
+            name = f"quicmesh_listener_{gauge}"
+            assert metric(b_samples, name, listener="mesh_native") == 0, gauge
         samples = mesh.a.metrics()
         assert metric(samples, "quicmesh_listener_engine_flows_total", listener="refused") == 0
         returned = "quicmesh_listener_engine_flows_returned_total"

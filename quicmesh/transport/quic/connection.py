@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from aioquic.h3.connection import ErrorCode
 from aioquic.quic import events as quic_events
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.tls import SessionTicket
@@ -53,16 +54,30 @@ from ...errors import (
     PeerVerificationError,
     QuicmeshError,
     TunnelError,
+    TunnelUsageError,
 )
 from ...tls import spiffe_id_of, verify_peer
 from ...tls.check import handshake_failure_reason
 from ...tls.verify import check_trust_domain
-from ...tunnel.connect import connect_request_fields, parse_target, validate_headers
+from ...tunnel.connect import (
+    connect_request_fields,
+    parse_connect_request,
+    parse_target,
+    validate_headers,
+)
 from ...tunnel.h3 import H3TunnelSession
 from ...tunnel.session import ResetReason
 from .. import _udp
 from .._session import SessionConnection
-from ..base import Address, Authorizer, EngineAcceptor, StreamHandler, host_port
+from ..base import (
+    Address,
+    Authorizer,
+    EngineAcceptor,
+    InboundDecider,
+    InboundEngineFlow,
+    StreamHandler,
+    host_port,
+)
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
 from ..stream import EngineSocket, MeshStream, SpliceOutcome
 from . import engine
@@ -124,6 +139,47 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return "%" not in host
+
+
+class _EngineInboundFlow(InboundEngineFlow):
+    """A peer's CONNECT the native engine carries itself
+    (:meth:`QuicPeerConnection._serve_in_engine`)."""
+
+    transport = "quic"
+
+    def __init__(
+        self, connection: QuicPeerConnection, stream_id: int, target: str, headers: dict[str, str]
+    ) -> None:
+        self.channel = connection
+        self._quic: Any = connection.quic
+        self.stream_id = stream_id
+        self.target = target
+        self.headers = headers
+        self.peer_identity = connection.peer_identity
+        self.peer_address = connection.peer_address
+        self.splice_id: int | None = None
+        """The engine's splice, while it runs."""
+
+    @property
+    def buffered_bytes(self) -> int:
+        if self.splice_id is None:
+            return 0
+        return int(self._quic._native.splice_buffered(self.splice_id))
+
+    def abort(self) -> None:
+        if self.splice_id is not None:
+            with contextlib.suppress(QuicmeshError):
+                self._quic._native.splice_abort(self.splice_id, ErrorCode.H3_REQUEST_CANCELLED)
+
+    def refuse(self, status: int, reason: str) -> None:
+        connection = cast(QuicPeerConnection, self.channel)
+        if connection.is_closed:
+            return
+        with contextlib.suppress(QuicmeshError):
+            connection.quic.send_stream_data(
+                self.stream_id, _aioquic.connect_response_frame(status, reason), end_stream=True
+            )
+            connection._schedule_transmit()
 
 
 class QuicPeerConnection(SessionConnection):
@@ -219,7 +275,10 @@ class QuicPeerConnection(SessionConnection):
         self._discarded = False
         self._pending: list[quic_events.QuicEvent] = []
         self.engine_flows = 0
-        """Flows the engine runs on this connection (:meth:`start_engine_flow`)."""
+        """Flows the engine runs on this connection (:meth:`start_engine_flow`; inbound,
+        :meth:`_serve_in_engine`)."""
+        self.inbound_decider: InboundDecider | None = None
+        """(server) Offered each new CONNECT first (inbound engine flows)."""
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
         self.lost_before = 0
@@ -917,7 +976,91 @@ class QuicPeerConnection(SessionConnection):
             if self.failure is None:
                 self._pending.append(event)
             return
+        if (
+            self.inbound_decider is not None
+            and isinstance(event, quic_events.StreamDataReceived)
+            and self._serve_in_engine(event, self.inbound_decider)
+        ):
+            return
         self.handle_events(self.h3_session.handle_quic_event(event))
+
+    def _serve_in_engine(
+        self, event: quic_events.StreamDataReceived, decide: InboundDecider
+    ) -> bool:
+        """(server) Offer a new request stream to ``decide`` (inbound engine flows,
+        :meth:`~quicmesh.transport.base.Listener.set_engine_flows`): one whose first
+        bytes hold its whole CONNECT, encoded with the static QPACK table only, that the
+        connection's ``authorize`` allows (0-RTT streams of a resumed client included,
+        as on the usual path). True when the engine took it (the HTTP/3 layer never
+        sees the stream); False leaves it to the HTTP/3 layer as usual."""
+        stream_id = event.stream_id
+        quic: Any = self.quic
+        if (
+            stream_id & 3  # not a client's bidirectional (request) stream
+            or not self._handshake_done
+            or self._lost is not None
+            or self._closing
+            or not hasattr(quic, "start_connect_splice")
+            or not self.h3_session.is_new_request_stream(stream_id)
+            or not quic.can_splice(stream_id)
+        ):
+            return False
+        session = self.h3_session
+        read = _aioquic.read_static_request(event.data, session.max_field_section_size)
+        if read is None:
+            return False
+        fields, rest = read
+        try:
+            request = parse_connect_request(fields)
+        except TunnelUsageError:
+            return False  # the HTTP/3 layer answers 400, with the reason
+        if self._authorize is not None and not self._authorize(self.peer_identity, request.target):
+            return False  # refused (and logged) the usual way
+        flow = _EngineInboundFlow(self, stream_id, request.target, request.headers)
+        try:
+            plan = decide(flow)
+        except Exception:  # the decider's bug: the stream still goes the usual way
+            logger.exception(
+                "[%s] stream %d: the engine-flow decider failed", self.log_id, stream_id
+            )
+            return False
+        if plan is None:
+            return False
+
+        def done(outcome: tuple[int, int, str, bool] | OSError) -> None:
+            self.engine_flow_ended()
+            flow.splice_id = None
+            self._schedule_transmit()
+            if isinstance(outcome, OSError):
+                plan.ended(outcome)
+            else:
+                sent, received, error, connected = outcome
+                plan.ended(SpliceOutcome(sent, received, error, connected=connected))
+
+        self.engine_flows += 1
+        self.streams_opened += 1
+        try:
+            flow.splice_id = quic.start_connect_splice(
+                stream_id,
+                plan.host,
+                plan.port,
+                plan.timeout,
+                answer=_aioquic.connect_accepted_frame(),
+                unparsed=rest,
+                recv_fin=event.end_stream,
+                done=done,
+            )
+        except OSError as exc:
+            self.engine_flow_ended()
+            if exc.errno == errno.EAGAIN:
+                # The stream's reading had already ended (a reset, or the connection
+                # going): a flow that ended before it began, not a destination's fault.
+                with contextlib.suppress(QuicmeshError):
+                    quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
+                plan.ended(SpliceOutcome(error=str(exc.strerror), connected=False))
+            else:  # no socket to be had, or the connection is gone: nothing was answered
+                plan.ended(exc)
+        return True
 
     def _on_early_stream_data(self, event: quic_events.StreamDataReceived) -> bool:
         """(server) Stream data before the handshake completed: 0-RTT, accepted with a

@@ -22,7 +22,7 @@ from ... import _aioquic
 from ...logs import RateLimitedLog
 from .. import _udp
 from .._admission import Admission, AdmissionConfig, Decision
-from ..base import Listener
+from ..base import InboundDecider, Listener
 from .connection import QuicPeerConnection
 from .engine import EngineListener
 from .server import MeshQuicServer
@@ -183,12 +183,27 @@ class SocketEngineListener(Listener):
     """
 
     def __init__(
-        self, listener: EngineListener, drivers: weakref.WeakSet[QuicPeerConnection]
+        self,
+        listener: EngineListener,
+        drivers: weakref.WeakSet[QuicPeerConnection],
+        engine_flows: list[InboundDecider | None] | None = None,
     ) -> None:
         self._listener = listener
         self._drivers = drivers
+        self._engine_flows = engine_flows
+        """(shared with the transport, which gives it to each connection accepted)"""
         self.address = listener.address
         self._closed = asyncio.get_running_loop().create_future()
+
+    def set_engine_flows(self, decide: InboundDecider | None) -> bool:
+        """Offer new CONNECTs to ``decide`` first, on every connection (engines that can
+        connect, answer and splice in one command: the native one)."""
+        if self._engine_flows is None:
+            return False
+        self._engine_flows[0] = decide
+        for driver in list(self._drivers):
+            driver.inbound_decider = decide
+        return True
 
     def close(self) -> None:
         """Close every connection at once (CONNECTION_CLOSE) and the socket."""

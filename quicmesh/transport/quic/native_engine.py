@@ -1539,6 +1539,71 @@ class NativeConnection:
         except ConnectionLost:
             return False
 
+    def start_connect_splice(
+        self,
+        stream_id: int,
+        host: str,
+        port: int,
+        timeout: float,
+        *,
+        answer: bytes,
+        unparsed: bytes,
+        recv_fin: bool,
+        done: Callable[[tuple[int, int, str, bool] | OSError], None],
+    ) -> int:
+        """(server) :meth:`connect_splice` of a stream the session never saw, without a
+        task: ``unparsed`` is what followed the request's HEADERS frame in the data
+        delivered so far. ``done`` gets the outcome (as :meth:`connect_splice` returns
+        or raises it). Returns the splice's ID.
+
+        :raises OSError: nothing was started (the stream cannot be spliced now, or no
+            socket was to be had); the stream's sending side is the caller's.
+        """
+        if not self.hand_over_reading(stream_id):
+            raise OSError(errno.EAGAIN, "the stream's reading could not be handed over")
+        state = self._stream(stream_id)
+        try:
+            splice_id: int = self._native.connect_splice(
+                self.conn,
+                stream_id,
+                host,
+                port,
+                timeout=timeout,
+                answer=answer,
+                to_tcp=b"",
+                unparsed=unparsed,
+                frame_type=None,
+                frame_remaining=0,
+                recv_fin=recv_fin,
+                **({"received": state.received} if state.handed_over else {}),
+            )
+        except ConnectError as exc:  # no socket to be had (out of descriptors)
+            state.recv_done = True  # the engine stops the reading it was handed
+            raise OSError(str(exc)) from None
+        except QuicmeshError as exc:  # the connection went (its close event follows)
+            state.recv_done = True
+            raise OSError(errno.ECONNABORTED, str(exc)) from None
+        state.splice_id = splice_id
+        waiter: asyncio.Future[tuple[int, int, str, bool] | OSError] = (
+            self._pump.loop.create_future()
+        )
+        self._pump.splices[splice_id] = waiter
+
+        def finished(waiter: asyncio.Future[tuple[int, int, str, bool] | OSError]) -> None:
+            outcome = waiter.result()
+            state.splice_id = None
+            state.recv_done = True
+            state.tracked = False
+            state.buffered = 0
+            if not isinstance(outcome, OSError):
+                state.send_done = True
+                state.unsent = 0
+            self._prune(stream_id, state)
+            done(outcome)
+
+        waiter.add_done_callback(finished)
+        return splice_id
+
     async def _spliced(
         self, stream_id: int, state: _Stream, splice_id: int
     ) -> tuple[int, int, str, bool]:

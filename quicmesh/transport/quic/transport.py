@@ -65,6 +65,7 @@ from ..base import (
     Authorizer,
     EngineAcceptor,
     FlowEvents,
+    InboundDecider,
     StreamHandler,
     Transport,
     default_quic_engine,
@@ -533,6 +534,7 @@ class QuicTransport(Transport):
         connection it accepted."""
         accepted: weakref.WeakSet[QuicPeerConnection] = weakref.WeakSet()
         found: list[EngineListener] = []
+        engine_flows: list[InboundDecider | None] = [None]
 
         def wake() -> None:
             listener = found[0]
@@ -541,16 +543,16 @@ class QuicTransport(Transport):
                 refusal = PeerVerificationError(reason)
                 self.handshake_failures[handshake_failure_reason(refusal)[0]] += 1
             for quic in listener.accepted():
-                accepted.add(
-                    QuicPeerConnection(
-                        quic,
-                        self.options(),
-                        counters=self.counters,
-                        handshake_failures=self.handshake_failures,
-                        handler=handler,
-                        authorize=authorize,
-                    )
+                driver = QuicPeerConnection(
+                    quic,
+                    self.options(),
+                    counters=self.counters,
+                    handshake_failures=self.handshake_failures,
+                    handler=handler,
+                    authorize=authorize,
                 )
+                driver.inbound_decider = engine_flows[0]
+                accepted.add(driver)
 
         tls = EngineTls(identity=self.identity, trust=self.trust, accept_early_data=early_data)
         try:
@@ -558,7 +560,7 @@ class QuicTransport(Transport):
         except EngineError as exc:
             raise ConnectError(f"cannot listen on UDP {address[0]}:{address[1]}: {exc}") from None
         self._socket_listeners.add(found[0])
-        return SocketEngineListener(found[0], accepted)
+        return SocketEngineListener(found[0], accepted, engine_flows)
 
     async def _connect_socket(
         self, address: Address, *, timeout: float, early_data: bool

@@ -1,0 +1,302 @@
+"""Inbound engine flows (``Listener.set_engine_flows``): a peer's CONNECT decided at once,
+in the native engine's event batch, and carried by the engine (connect the destination,
+answer 200, splice) without the HTTP/3 session, a stream object or a handler task.
+
+A CONNECT the decider declines goes to the handler as before; one whose destination
+cannot be connected is refused by the decider's ``ended`` (``flow.refuse``) and the peer
+sees that status and reason; an abort resets both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pylsqpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from quic_helpers import client_transport, require_engine, run, server_transport, until
+
+from quicmesh import _aioquic
+from quicmesh.errors import StreamRefused, StreamReset
+from quicmesh.sidecar.launch import held_port
+from quicmesh.transport.base import EngineFlowPlan, InboundEngineFlow
+from quicmesh.transport.stream import MeshStream, SpliceOutcome
+
+
+class Decider:
+    """Plans every CONNECT to ``plan_port`` (None: declines them all); records what
+    it saw and how each flow ended."""
+
+    def __init__(self, plan_port: int | None) -> None:
+        self.plan_port = plan_port
+        self.flows: list[InboundEngineFlow] = []
+        self.ended: list[SpliceOutcome | OSError] = []
+
+    def __call__(self, flow: InboundEngineFlow) -> EngineFlowPlan | None:
+        self.flows.append(flow)
+        if self.plan_port is None:
+            return None
+
+        def ended(outcome: SpliceOutcome | OSError) -> None:
+            self.ended.append(outcome)
+            if isinstance(outcome, OSError):
+                flow.refuse(502, f"cannot reach {flow.target}: {outcome.strerror}")
+
+        return EngineFlowPlan("127.0.0.1", self.plan_port, 2.0, ended)
+
+
+async def echo_server() -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def with_decider(
+    decider: Decider,
+    test: Callable[[Any, list[MeshStream]], Coroutine[Any, Any, None]],
+    client_engine: str = "native",
+) -> None:
+    """``test(connection, handled)``: a client connection to a native listener whose
+    CONNECTs go to ``decider`` first (``handled``: the streams its handler got)."""
+    require_engine("native")
+    require_engine(client_engine)
+    handled: list[MeshStream] = []
+
+    async def handler(stream: MeshStream) -> None:
+        handled.append(stream)
+        stream.refuse(403, "the handler refuses")
+
+    listener = await server_transport(engine="native").listen(("127.0.0.1", 0), handler)
+    assert listener.set_engine_flows(decider)
+    connection = await client_transport(engine=client_engine).connect(listener.address)
+    try:
+        await test(connection, handled)
+    finally:
+        connection.close()
+        await connection.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+
+def test_a_planned_connect_is_answered_and_spliced_by_the_engine() -> None:
+    async def main() -> None:
+        server = await echo_server()
+        port = server.sockets[0].getsockname()[1]
+        decider = Decider(port)
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            stream = await connection.open_stream(f"10.1.2.3:{port}", {"x-trace": "t1"})
+            payload = bytes(range(256)) * 1024
+            stream.write(payload)
+            stream.write_eof()
+            assert await asyncio.wait_for(stream.read(-1), 20) == payload
+            await until(lambda: len(decider.ended) == 1, 10)
+            (outcome,) = decider.ended
+            assert isinstance(outcome, SpliceOutcome)
+            assert (outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error) == (
+                len(payload),
+                len(payload),
+                "",
+            )
+            (flow,) = decider.flows
+            assert flow.target == f"10.1.2.3:{port}"
+            assert flow.headers == {"x-trace": "t1"}
+            assert flow.peer_identity == "spiffe://mesh.local/ns/default/sa/client"
+            assert not handled  # the handler never saw it
+
+        try:
+            await with_decider(decider, test)
+        finally:
+            server.close()
+
+    run(main())
+
+
+def test_a_declined_connect_goes_to_the_handler() -> None:
+    decider = Decider(None)
+
+    async def test(connection: Any, handled: list[MeshStream]) -> None:
+        with pytest.raises(StreamRefused, match="the handler refuses"):
+            await connection.open_stream("10.1.2.3:80")
+        assert len(decider.flows) == 1
+        assert len(handled) == 1
+
+    run(with_decider(decider, test))
+
+
+def test_an_unreachable_destination_is_refused_with_the_deciders_reason() -> None:
+    with held_port() as (tcp, _):  # bound, not listening: connects are refused
+        decider = Decider(tcp.getsockname()[1])
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            with pytest.raises(StreamRefused) as refused:
+                await connection.open_stream("10.1.2.3:80")
+            assert refused.value.status == 502
+            assert "cannot reach 10.1.2.3:80" in str(refused.value)
+            assert [type(o) for o in decider.ended] == [ConnectionRefusedError]
+            assert not handled
+
+        run(with_decider(decider, test))
+
+
+def test_an_aborted_flow_is_reset_on_both_sides() -> None:
+    async def main() -> None:
+        server = await echo_server()
+        decider = Decider(server.sockets[0].getsockname()[1])
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            stream = await connection.open_stream("10.1.2.3:80")
+            stream.write(b"ping")
+            assert await asyncio.wait_for(stream.read(4), 10) == b"ping"
+            decider.flows[0].abort()
+            with pytest.raises(StreamReset):
+                await asyncio.wait_for(stream.read(-1), 10)
+            await until(lambda: len(decider.ended) == 1, 10)
+            outcome = decider.ended[0]
+            assert isinstance(outcome, SpliceOutcome) and "aborted" in outcome.error
+
+        try:
+            await with_decider(decider, test)
+        finally:
+            server.close()
+
+    run(main())
+
+
+CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.1.2.3:80"), (b"x-a", b"b")]
+
+
+def frame(frame_type: int, payload: bytes) -> bytes:
+    return bytes([frame_type, len(payload)]) + payload  # (short payloads: 1-byte varints)
+
+
+def test_only_a_whole_static_table_connect_is_read() -> None:
+    """``read_static_request``: the fields and what follows the frame, or None for
+    anything the connection's HTTP/3 layer must read (dynamic-table references, a frame
+    cut short, another frame first, too large, invalid)."""
+    whole = _aioquic.connect_request_frame(CONNECT)
+    assert _aioquic.read_static_request(whole + b"data") == (CONNECT, b"data")
+    assert _aioquic.read_static_request(whole[:-1]) is None
+    assert _aioquic.read_static_request(frame(0x00, b"x") + whole) is None
+    encoder = pylsqpack.Encoder()
+    encoder.apply_settings(4096, 16)
+    encoder.encode(0, CONNECT)
+    _, dynamic = encoder.encode(4, CONNECT)  # refers to what the first one inserted
+    assert dynamic[0] != 0  # Required Insert Count
+    assert _aioquic.read_static_request(frame(0x01, dynamic)) is None
+    assert _aioquic.read_static_request(frame(0x01, b"\x00\x00\x80")) is None  # RIC 0, dynamic ref
+    assert _aioquic.read_static_request(whole, limit=40) is None
+    _, invalid = pylsqpack.Encoder().encode(0, [(b":method", b"CONNECT"), (b"X-Up", b"1")])
+    assert _aioquic.read_static_request(frame(0x01, invalid)) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_are_read_or_left_alone(data: bytes) -> None:
+    read = _aioquic.read_static_request(data)
+    if read is not None:
+        fields, rest = read
+        assert data.endswith(rest)
+        assert dict(fields)[b":method"]
+
+
+def test_bytes_and_fin_right_behind_the_connect_go_to_the_destination() -> None:
+    """A CONNECT sent without waiting for its answer, its payload and FIN in the same
+    packet: what followed the HEADERS frame in the first read is not lost."""
+
+    async def main() -> None:
+        server = await echo_server()
+        decider = Decider(server.sockets[0].getsockname()[1])
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            stream = await connection.open_stream("10.1.2.3:80", wait_response=False)
+            stream.write(b"right behind")
+            stream.write_eof()
+            assert await asyncio.wait_for(stream.read(-1), 10) == b"right behind"
+            await until(lambda: len(decider.ended) == 1, 10)
+            assert not handled
+
+        try:
+            await with_decider(decider, test)
+        finally:
+            server.close()
+
+    run(main())
+
+
+def test_the_connections_authorize_is_asked_first() -> None:
+    """A listener's ``authorize`` refuses before any decider sees the stream."""
+    require_engine("native")
+
+    async def main() -> None:
+        decider = Decider(1)
+        listener = await server_transport(engine="native").listen(
+            ("127.0.0.1", 0), lambda stream: asyncio.sleep(0), lambda peer, target: False
+        )
+        assert listener.set_engine_flows(decider)
+        connection = await client_transport(engine="native").connect(listener.address)
+        try:
+            with pytest.raises(StreamRefused) as refused:
+                await connection.open_stream("10.1.2.3:80")
+            assert refused.value.status == 403
+            assert not decider.flows
+        finally:
+            connection.close()
+            await connection.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
+
+
+def test_flows_in_a_socket_pair_are_not_confused() -> None:
+    """Many planned flows at once, each to its own echo connection: every byte goes
+    back to its own stream."""
+
+    async def main() -> None:
+        server = await echo_server()
+        decider = Decider(server.sockets[0].getsockname()[1])
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            async def one(index: int) -> bytes:
+                stream = await connection.open_stream("10.1.2.3:80")
+                stream.write(index.to_bytes(4, "big") * 5000)
+                stream.write_eof()
+                return bytes(await asyncio.wait_for(stream.read(-1), 20))
+
+            results = await asyncio.gather(*(one(i) for i in range(24)))
+            assert results == [i.to_bytes(4, "big") * 5000 for i in range(24)]
+            await until(lambda: len(decider.ended) == 24, 10)
+            assert not handled
+
+        try:
+            await with_decider(decider, test)
+        finally:
+            server.close()
+
+    run(main())
+
+
+def test_an_unplanned_listener_says_it_cannot() -> None:
+    require_engine("aioquic")
+
+    async def main() -> None:
+        listener = await server_transport(engine="aioquic").listen(
+            ("127.0.0.1", 0), lambda stream: asyncio.sleep(0)
+        )
+        try:
+            assert not listener.set_engine_flows(Decider(None))
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
