@@ -97,15 +97,17 @@ impl Acceptor {
     /// event queued, and no other follows. Flows accepted or running carry on. Blocks the
     /// calling thread (not the engine's): call it without the GIL.
     pub fn stop(&self) {
-        if lock(&self.task).take().is_none() {
+        let Some(task) = lock(&self.task).take() else {
             return;
-        }
+        };
         self.stopping.asked.notify_one();
         let ended = lock(&self.stopping.ended);
         let _ = self
             .stopping
             .ended_changed
             .wait_timeout_while(ended, STOP_WAIT, |ended| !*ended);
+        // (Ended by now; if the engine's thread was held up, it ends at its next turn.)
+        task.abort();
     }
 
     /// Take an accepted connection that is not running, to start it or give it to Python.

@@ -113,9 +113,13 @@ class OutboundListener:
             wanted = False
         if wanted and not self.engine_accepting:
             acceptor_of = self._clusters(self.config.cluster).transport.engine_acceptor
+            engines: list[_EngineFlows] = []
             try:
-                engines = [_EngineFlows(self, acceptor_of, sock) for sock in server.sockets]
+                for sock in server.sockets:
+                    engines.append(_EngineFlows(self, acceptor_of, sock))
             except (QuicmeshError, OSError) as exc:
+                for engine in engines:
+                    engine.stop()
                 logger.warning(
                     "listener %s: accepting in Python, the engine cannot: %s",
                     self.config.name,
@@ -202,7 +206,11 @@ class OutboundListener:
         self, engine: _EngineFlows, flow: int, running: _Running, chosen: Endpoint | None
     ) -> None:
         """Carry a flow the engine accepted in Python (:func:`proxy_to_cluster`)."""
-        sock = engine.acceptor.release(flow)
+        try:
+            sock = engine.acceptor.release(flow)
+        except (QuicmeshError, OSError) as exc:  # the socket could not be taken: lost
+            logger.warning("listener %s: a connection was lost: %s", self.config.name, exc)
+            sock = None
         record = running.record
         if sock is None:  # the engine dropped it (closed meanwhile)
             record.outcome = Outcome.RESET
@@ -261,7 +269,8 @@ class _EngineFlows:
         record.flow_id = trace.trace_id
         running = _Running(cluster, record, started, trace)
         opened: EngineFlow | Endpoint | None = None
-        if not self.stopped:  # (after a stop, the usual way: nothing is left running)
+        # After a stop, or for a cluster that takes none (a reload), the usual way.
+        if not self.stopped and cluster.takes_engine_flows:
             try:
                 opened = cluster.start_engine_flow(
                     self.acceptor, flow, {TRACE_HEADER: trace.header()}
@@ -276,8 +285,7 @@ class _EngineFlows:
         running.flow = opened
         record.endpoint = opened.endpoint.name
         record.peer_identity = opened.connection.peer_identity
-        listener.stats.streams_total += 1
-        listener.stats.streams_active += 1
+        listener.stats.streams_active += 1  # (in streams_total once it got its 200: at its end)
         self.running[flow] = running
 
     def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
@@ -290,11 +298,14 @@ class _EngineFlows:
         stats.engine_flows_returned += 1
         engine_flow, running.flow = running.flow, None
         assert engine_flow is not None
-        failed = kind in ("timeout", "lost")
-        running.cluster.engine_flow_unanswered(engine_flow, reason if failed else None)
-        # A refusal or a reset is the endpoint's answer: ask it again (the usual way reads
-        # the answer); a timeout or a lost connection lets the balancer choose again.
-        self._listener._in_python(self, flow, running, None if failed else engine_flow.endpoint)
+        # A timeout counts against the endpoint, as a failed open does; a connection lost
+        # does not (the usual way opens again, once, on another connection without
+        # counting it). A refusal or a reset is the endpoint's answer: ask it again (the
+        # usual way reads the answer); after a timeout or a loss the balancer chooses.
+        timeout = kind == "timeout"
+        running.cluster.engine_flow_unanswered(engine_flow, reason if timeout else None)
+        again = None if kind in ("timeout", "lost") else engine_flow.endpoint
+        self._listener._in_python(self, flow, running, again)
         self._close_when_idle()
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
@@ -303,6 +314,7 @@ class _EngineFlows:
             return
         stats = self._listener.stats
         stats.streams_active -= 1
+        stats.streams_total += 1
         stats.streams_spliced += 1
         stats.engine_flows += 1
         record = running.record

@@ -417,8 +417,8 @@ class Sidecar:
                 if out.name in self.outbound:
                     self.outbound[out.name].close()
                 self.outbound[out.name] = started_by_name[out.name]
-            else:
-                self.outbound[out.name].config = out
+            # (Also for one started above: it chose how to accept by the clusters of then.)
+            self.outbound[out.name].config = out
         for name in set(self.outbound) - {o.name for o in new.outbound}:
             self.outbound.pop(name).close()
         started_in_by_name = {listener.config.name: listener for listener in started_in}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from quic_helpers import require_engine
 
 from quicmesh import DevCA, QuicTransport
@@ -619,3 +620,43 @@ def test_engine_flows_at_the_peers_stream_limit_balance_their_counts(
             ]
             == 0
         )
+
+
+def test_a_reload_moves_accepting_between_python_and_the_engine(
+    workdir: Path, app: _AppServer
+) -> None:
+    """A reload that turns the cluster's splicing off hands accepting back to Python
+    (no engine flow after it), and one that adds a listener with a new native cluster
+    starts it accepting in the engine (the new clusters decide, not the old ones)."""
+    require_engine("native")
+    clusters = {"native": {"engine": "native", "to": "native"}}
+    with SpliceMesh(workdir, app.server_address[1], clusters, "engine-flows-reload") as mesh:
+        port = mesh.listen["native"]
+
+        def engine_flows(listener: str) -> float:
+            return metric(
+                mesh.a.metrics(), "quicmesh_listener_engine_flows_total", listener=listener
+            )
+
+        def reload(config: dict[str, Any], count: int) -> None:
+            mesh.a.write_config(config)
+            mesh.a.signal(signal.SIGHUP)
+            wait_until(lambda: mesh.a.stats()["reloads"]["ok"] == count, what=f"reload {count}")
+
+        assert asyncio.run(echo(port, b"dial")) == BANNER + b"dial"
+        assert asyncio.run(echo(port, b"engine")) == BANNER + b"engine"
+        assert engine_flows("native") == 1
+        config = yaml.safe_load(yaml.safe_dump(mesh.a.config))
+        config["clusters"][0]["splice"] = False
+        new_port = free_port()
+        config["listeners"]["outbound"].append(
+            {"name": "added", "address": addr(new_port), "cluster": "added"}
+        )
+        config["clusters"].append({**config["clusters"][0], "name": "added", "splice": True})
+        reload(config, 1)
+        for _ in range(3):
+            assert asyncio.run(echo(port, b"python")) == BANNER + b"python"
+        assert engine_flows("native") == 1  # no more: the cluster no longer splices
+        assert asyncio.run(echo(new_port, b"dial")) == BANNER + b"dial"
+        assert asyncio.run(echo(new_port, b"engine")) == BANNER + b"engine"
+        assert engine_flows("added") == 1

@@ -1050,8 +1050,10 @@ class QuicPeerConnection(SessionConnection):
                 recv_fin=event.end_stream,
                 done=done,
             )
-        except OSError as exc:
+        except Exception as exc:  # (anything else: as a connection gone, nothing answered)
             self.engine_flow_ended()
+            if not isinstance(exc, OSError):
+                exc = OSError(errno.ECONNABORTED, str(exc) or type(exc).__name__)
             if exc.errno == errno.EAGAIN:
                 # The stream's reading had already ended (a reset, or the connection
                 # going): a flow that ended before it began, not a destination's fault.
