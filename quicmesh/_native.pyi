@@ -25,6 +25,14 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
   validation ended (sampled every 50 ms)
 * ``("closed", conn, kind, message)``
 
+Events from :meth:`FlowAcceptor.drain` (engine flows, ``Endpoint.start_flow``):
+
+* ``("flow_accepted", flow, host, port)``: a connection accepted and parked
+* ``("flow_unanswered", flow, stream, kind, reason)``: an engine flow got no plain 200
+  (``kind``: ``answered``, ``reset``, ``timeout``, ``lost``); its connection is parked
+* ``("spliced", conn, flow, stream, sent, received, error, code, connected)``: an engine
+  flow ended, as a splice
+
 ``kind`` is one of ``verification`` (this side refused the peer's certificate),
 ``peer_refused`` (the peer's TLS alert refused ours), ``peer_closed``,
 ``locally_closed``, ``timed_out``, ``failed``.
@@ -129,4 +137,25 @@ class Endpoint:
     def tcp_abort(self, token: int) -> bool: ...
     def splice_abort(self, splice_id: int, code: int) -> bool: ...
     def splice_buffered(self, splice_id: int) -> int: ...
+    def start_flow(
+        self,
+        acceptor: FlowAcceptor,
+        flow: int,
+        conn: int,
+        *,
+        request: bytes,
+        answer: bytes,
+        timeout: float,
+    ) -> bool: ...
     def close(self, code: int = 0, reason: str = "") -> None: ...
+
+class FlowAcceptor:
+    """The engine's accept loop on a listening TCP socket (native/src/outbound.rs)."""
+
+    def __init__(self, token: int) -> None: ...
+    def fileno(self) -> int: ...
+    def drain(self) -> list[tuple[Any, ...]]: ...
+    def local_address(self) -> tuple[str, int]: ...
+    def release(self, flow: int) -> int | None: ...
+    def abort(self, flow: int, code: int) -> bool: ...
+    def stop(self) -> None: ...

@@ -1685,13 +1685,6 @@ impl FlowAcceptor {
         }
     }
 
-    /// The bytes a running engine flow holds now (as `Endpoint.splice_buffered`).
-    fn buffered(&self, flow: u64) -> u64 {
-        lock(&self.inner.shared.splices)
-            .get(&flow)
-            .map_or(0, |handle| handle.held.total())
-    }
-
     /// Stop accepting; flows accepted or running carry on. Once this returns, every
     /// connection the engine accepted has its `flow_accepted` event waiting.
     fn stop(&self, py: Python<'_>) {

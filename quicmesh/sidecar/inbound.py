@@ -499,13 +499,8 @@ class InboundListener:
             self._active.pop(flow, None)
             self.overload.release(identity)
             if isinstance(outcome, OSError):
-                why = (
-                    f"timed out after {config.connect_timeout:g}s"
-                    if isinstance(outcome, TimeoutError)
-                    else outcome.strerror or str(outcome)
-                )
                 record.outcome = Outcome.UNREACHABLE
-                record.reason = f"cannot reach {flow.target}: {why}"
+                record.reason = _unreachable(flow.target, outcome, config.connect_timeout)
                 flow.refuse(502, record.reason)
             else:
                 if outcome.connected:
@@ -624,13 +619,8 @@ class InboundListener:
                     asyncio.open_connection(host, port), config.connect_timeout
                 )
         except (OSError, TimeoutError) as exc:
-            why = (
-                f"timed out after {config.connect_timeout:g}s"
-                if isinstance(exc, TimeoutError)
-                else exc.strerror or str(exc)
-            )
             record.outcome = Outcome.UNREACHABLE
-            record.reason = f"cannot reach {stream.target}: {why}"
+            record.reason = _unreachable(stream.target, exc, config.connect_timeout)
             _refuse(stream, 502, record.reason)
             return
         if result is None:
@@ -685,6 +675,16 @@ class InboundListener:
 async def _aclose(connection: PeerConnection, timeout: float) -> None:
     with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
         await asyncio.wait_for(connection.aclose(timeout), timeout + ACK_TIMEOUT)
+
+
+def _unreachable(target: str, error: OSError, timeout: float) -> str:
+    """The reason a destination's failed connect gives (the 502's and the log's)."""
+    why = (
+        f"timed out after {timeout:g}s"
+        if isinstance(error, TimeoutError)
+        else error.strerror or str(error)
+    )
+    return f"cannot reach {target}: {why}"
 
 
 def _refuse(stream: MeshStream, status: int, reason: str) -> None:

@@ -64,9 +64,11 @@ async def with_decider(
     decider: Decider,
     test: Callable[[Any, list[MeshStream]], Coroutine[Any, Any, None]],
     client_engine: str = "native",
+    authorize: Callable[[str, str], bool] | None = None,
 ) -> None:
     """``test(connection, handled)``: a client connection to a native listener whose
-    CONNECTs go to ``decider`` first (``handled``: the streams its handler got)."""
+    CONNECTs go to ``decider`` first (``handled``: the streams its handler got; the
+    listener's ``authorize``, if given, before either)."""
     require_engine("native")
     require_engine(client_engine)
     handled: list[MeshStream] = []
@@ -75,7 +77,7 @@ async def with_decider(
         handled.append(stream)
         stream.refuse(403, "the handler refuses")
 
-    listener = await server_transport(engine="native").listen(("127.0.0.1", 0), handler)
+    listener = await server_transport(engine="native").listen(("127.0.0.1", 0), handler, authorize)
     assert listener.set_engine_flows(decider)
     connection = await client_transport(engine=client_engine).connect(listener.address)
     try:
@@ -87,38 +89,43 @@ async def with_decider(
         await listener.wait_closed()
 
 
+EchoTest = Callable[[Any, list[MeshStream], Decider, int], Coroutine[Any, Any, None]]
+
+
+async def to_echo(test: EchoTest) -> None:
+    """``test(connection, handled, decider, port)`` (as :func:`with_decider`) with a
+    decider that plans every CONNECT to an echo server on ``port``."""
+    server = await echo_server()
+    port = server.sockets[0].getsockname()[1]
+    decider = Decider(port)
+    try:
+        await with_decider(decider, lambda c, handled: test(c, handled, decider, port))
+    finally:
+        server.close()
+
+
 def test_a_planned_connect_is_answered_and_spliced_by_the_engine() -> None:
-    async def main() -> None:
-        server = await echo_server()
-        port = server.sockets[0].getsockname()[1]
-        decider = Decider(port)
+    async def test(connection: Any, handled: list[MeshStream], decider: Decider, port: int) -> None:
+        stream = await connection.open_stream(f"10.1.2.3:{port}", {"x-trace": "t1"})
+        payload = bytes(range(256)) * 1024
+        stream.write(payload)
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(-1), 20) == payload
+        await until(lambda: len(decider.ended) == 1, 10)
+        (outcome,) = decider.ended
+        assert isinstance(outcome, SpliceOutcome)
+        assert (outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error) == (
+            len(payload),
+            len(payload),
+            "",
+        )
+        (flow,) = decider.flows
+        assert flow.target == f"10.1.2.3:{port}"
+        assert flow.headers == {"x-trace": "t1"}
+        assert flow.peer_identity == "spiffe://mesh.local/ns/default/sa/client"
+        assert not handled  # the handler never saw it
 
-        async def test(connection: Any, handled: list[MeshStream]) -> None:
-            stream = await connection.open_stream(f"10.1.2.3:{port}", {"x-trace": "t1"})
-            payload = bytes(range(256)) * 1024
-            stream.write(payload)
-            stream.write_eof()
-            assert await asyncio.wait_for(stream.read(-1), 20) == payload
-            await until(lambda: len(decider.ended) == 1, 10)
-            (outcome,) = decider.ended
-            assert isinstance(outcome, SpliceOutcome)
-            assert (outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error) == (
-                len(payload),
-                len(payload),
-                "",
-            )
-            (flow,) = decider.flows
-            assert flow.target == f"10.1.2.3:{port}"
-            assert flow.headers == {"x-trace": "t1"}
-            assert flow.peer_identity == "spiffe://mesh.local/ns/default/sa/client"
-            assert not handled  # the handler never saw it
-
-        try:
-            await with_decider(decider, test)
-        finally:
-            server.close()
-
-    run(main())
+    run(to_echo(test))
 
 
 def test_a_declined_connect_goes_to_the_handler() -> None:
@@ -149,27 +156,18 @@ def test_an_unreachable_destination_is_refused_with_the_deciders_reason() -> Non
 
 
 def test_an_aborted_flow_is_reset_on_both_sides() -> None:
-    async def main() -> None:
-        server = await echo_server()
-        decider = Decider(server.sockets[0].getsockname()[1])
+    async def test(connection: Any, handled: list[MeshStream], decider: Decider, port: int) -> None:
+        stream = await connection.open_stream("10.1.2.3:80")
+        stream.write(b"ping")
+        assert await asyncio.wait_for(stream.read(4), 10) == b"ping"
+        decider.flows[0].abort()
+        with pytest.raises(StreamReset):
+            await asyncio.wait_for(stream.read(-1), 10)
+        await until(lambda: len(decider.ended) == 1, 10)
+        outcome = decider.ended[0]
+        assert isinstance(outcome, SpliceOutcome) and "aborted" in outcome.error
 
-        async def test(connection: Any, handled: list[MeshStream]) -> None:
-            stream = await connection.open_stream("10.1.2.3:80")
-            stream.write(b"ping")
-            assert await asyncio.wait_for(stream.read(4), 10) == b"ping"
-            decider.flows[0].abort()
-            with pytest.raises(StreamReset):
-                await asyncio.wait_for(stream.read(-1), 10)
-            await until(lambda: len(decider.ended) == 1, 10)
-            outcome = decider.ended[0]
-            assert isinstance(outcome, SpliceOutcome) and "aborted" in outcome.error
-
-        try:
-            await with_decider(decider, test)
-        finally:
-            server.close()
-
-    run(main())
+    run(to_echo(test))
 
 
 CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.1.2.3:80"), (b"x-a", b"b")]
@@ -213,77 +211,48 @@ def test_bytes_and_fin_right_behind_the_connect_go_to_the_destination() -> None:
     """A CONNECT sent without waiting for its answer, its payload and FIN in the same
     packet: what followed the HEADERS frame in the first read is not lost."""
 
-    async def main() -> None:
-        server = await echo_server()
-        decider = Decider(server.sockets[0].getsockname()[1])
+    async def test(connection: Any, handled: list[MeshStream], decider: Decider, port: int) -> None:
+        stream = await connection.open_stream("10.1.2.3:80", wait_response=False)
+        stream.write(b"right behind")
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(-1), 10) == b"right behind"
+        await until(lambda: len(decider.ended) == 1, 10)
+        assert not handled
 
-        async def test(connection: Any, handled: list[MeshStream]) -> None:
-            stream = await connection.open_stream("10.1.2.3:80", wait_response=False)
-            stream.write(b"right behind")
-            stream.write_eof()
-            assert await asyncio.wait_for(stream.read(-1), 10) == b"right behind"
-            await until(lambda: len(decider.ended) == 1, 10)
-            assert not handled
-
-        try:
-            await with_decider(decider, test)
-        finally:
-            server.close()
-
-    run(main())
+    run(to_echo(test))
 
 
 def test_the_connections_authorize_is_asked_first() -> None:
     """A listener's ``authorize`` refuses before any decider sees the stream."""
-    require_engine("native")
+    decider = Decider(1)
 
-    async def main() -> None:
-        decider = Decider(1)
-        listener = await server_transport(engine="native").listen(
-            ("127.0.0.1", 0), lambda stream: asyncio.sleep(0), lambda peer, target: False
-        )
-        assert listener.set_engine_flows(decider)
-        connection = await client_transport(engine="native").connect(listener.address)
-        try:
-            with pytest.raises(StreamRefused) as refused:
-                await connection.open_stream("10.1.2.3:80")
-            assert refused.value.status == 403
-            assert not decider.flows
-        finally:
-            connection.close()
-            await connection.wait_closed()
-            listener.close()
-            await listener.wait_closed()
+    async def test(connection: Any, handled: list[MeshStream]) -> None:
+        with pytest.raises(StreamRefused) as refused:
+            await connection.open_stream("10.1.2.3:80")
+        assert refused.value.status == 403
+        assert not decider.flows
+        assert not handled
 
-    run(main())
+    run(with_decider(decider, test, authorize=lambda peer, target: False))
 
 
 def test_flows_in_a_socket_pair_are_not_confused() -> None:
     """Many planned flows at once, each to its own echo connection: every byte goes
     back to its own stream."""
 
-    async def main() -> None:
-        server = await echo_server()
-        decider = Decider(server.sockets[0].getsockname()[1])
+    async def test(connection: Any, handled: list[MeshStream], decider: Decider, port: int) -> None:
+        async def one(index: int) -> bytes:
+            stream = await connection.open_stream("10.1.2.3:80")
+            stream.write(index.to_bytes(4, "big") * 5000)
+            stream.write_eof()
+            return bytes(await asyncio.wait_for(stream.read(-1), 20))
 
-        async def test(connection: Any, handled: list[MeshStream]) -> None:
-            async def one(index: int) -> bytes:
-                stream = await connection.open_stream("10.1.2.3:80")
-                stream.write(index.to_bytes(4, "big") * 5000)
-                stream.write_eof()
-                return bytes(await asyncio.wait_for(stream.read(-1), 20))
+        results = await asyncio.gather(*(one(i) for i in range(24)))
+        assert results == [i.to_bytes(4, "big") * 5000 for i in range(24)]
+        await until(lambda: len(decider.ended) == 24, 10)
+        assert not handled
 
-            results = await asyncio.gather(*(one(i) for i in range(24)))
-            assert results == [i.to_bytes(4, "big") * 5000 for i in range(24)]
-            await until(lambda: len(decider.ended) == 24, 10)
-            assert not handled
-
-        try:
-            await with_decider(decider, test)
-        finally:
-            server.close()
-
-    run(main())
+    run(to_echo(test))
 
 
 def test_an_unplanned_listener_says_it_cannot() -> None:

@@ -1497,6 +1497,41 @@ class NativeConnection:
         state = self._stream(stream_id)
         if self._closed_reason is not None:
             raise ConnectionLost(f"QUIC connection closed: {self._closed_reason}")
+        splice_id = self._command_connect_splice(
+            stream_id,
+            state,
+            host,
+            port,
+            timeout,
+            answer=answer,
+            to_tcp=to_tcp,
+            unparsed=unparsed,
+            frame_type=frame_type,
+            frame_remaining=frame_remaining,
+            recv_fin=recv_fin,
+        )
+        return await self._spliced(stream_id, state, splice_id)
+
+    def _command_connect_splice(
+        self,
+        stream_id: int,
+        state: _Stream,
+        host: str,
+        port: int,
+        timeout: float,
+        *,
+        answer: bytes,
+        to_tcp: bytes,
+        unparsed: bytes,
+        frame_type: int | None,
+        frame_remaining: int,
+        recv_fin: bool,
+    ) -> int:
+        """The engine's ``connect_splice`` command for the (handed over) stream: the
+        splice's ID.
+
+        :raises OSError: no socket to be had (the engine stops the reading it was handed).
+        """
         try:
             splice_id: int = self._native.connect_splice(
                 self.conn,
@@ -1515,7 +1550,7 @@ class NativeConnection:
         except ConnectError as exc:  # no socket to be had (out of descriptors)
             state.recv_done = True  # the engine stops the reading it was handed
             raise OSError(str(exc)) from None
-        return await self._spliced(stream_id, state, splice_id)
+        return splice_id
 
     def has_spare_request_stream(self) -> bool:
         """Whether a bidirectional stream was opened ahead and is not used yet."""
@@ -1563,46 +1598,53 @@ class NativeConnection:
             raise OSError(errno.EAGAIN, "the stream's reading could not be handed over")
         state = self._stream(stream_id)
         try:
-            splice_id: int = self._native.connect_splice(
-                self.conn,
+            splice_id = self._command_connect_splice(
                 stream_id,
+                state,
                 host,
                 port,
-                timeout=timeout,
+                timeout,
                 answer=answer,
                 to_tcp=b"",
                 unparsed=unparsed,
                 frame_type=None,
                 frame_remaining=0,
                 recv_fin=recv_fin,
-                **({"received": state.received} if state.handed_over else {}),
             )
-        except ConnectError as exc:  # no socket to be had (out of descriptors)
-            state.recv_done = True  # the engine stops the reading it was handed
-            raise OSError(str(exc)) from None
         except QuicmeshError as exc:  # the connection went (its close event follows)
             state.recv_done = True
             raise OSError(errno.ECONNABORTED, str(exc)) from None
+
+        def finished(waiter: asyncio.Future[tuple[int, int, str, bool] | OSError]) -> None:
+            outcome = waiter.result()
+            self._splice_over(stream_id, state, unconnected=isinstance(outcome, OSError))
+            done(outcome)
+
+        self._splice_waiter(state, splice_id).add_done_callback(finished)
+        return splice_id
+
+    def _splice_waiter(
+        self, state: _Stream, splice_id: int
+    ) -> asyncio.Future[tuple[int, int, str, bool] | OSError]:
+        """Where the outcome of the stream's splice ``splice_id`` arrives."""
         state.splice_id = splice_id
         waiter: asyncio.Future[tuple[int, int, str, bool] | OSError] = (
             self._pump.loop.create_future()
         )
         self._pump.splices[splice_id] = waiter
+        return waiter
 
-        def finished(waiter: asyncio.Future[tuple[int, int, str, bool] | OSError]) -> None:
-            outcome = waiter.result()
-            state.splice_id = None
-            state.recv_done = True
-            state.tracked = False
-            state.buffered = 0
-            if not isinstance(outcome, OSError):
-                state.send_done = True
-                state.unsent = 0
-            self._prune(stream_id, state)
-            done(outcome)
-
-        waiter.add_done_callback(finished)
-        return splice_id
+    def _splice_over(self, stream_id: int, state: _Stream, *, unconnected: bool) -> None:
+        """The stream's splice ended: the stream is over (its sending side too, unless a
+        connect that failed left it to the caller)."""
+        state.splice_id = None
+        state.recv_done = True
+        state.tracked = False
+        state.buffered = 0
+        if not unconnected:
+            state.send_done = True
+            state.unsent = 0
+        self._prune(stream_id, state)
 
     async def _spliced(
         self, stream_id: int, state: _Stream, splice_id: int
@@ -1610,11 +1652,7 @@ class NativeConnection:
         """Wait for the outcome of the stream's splice ``splice_id`` (aborted if the
         caller is cancelled); the stream is over then. A :meth:`connect_splice` that could
         not connect raises OSError and leaves the stream's sending side open."""
-        state.splice_id = splice_id
-        waiter: asyncio.Future[tuple[int, int, str, bool] | OSError] = (
-            self._pump.loop.create_future()
-        )
-        self._pump.splices[splice_id] = waiter
+        waiter = self._splice_waiter(state, splice_id)
         unconnected = False
         try:
             outcome = await asyncio.shield(waiter)
@@ -1631,14 +1669,7 @@ class NativeConnection:
                     self._native.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
             raise
         finally:
-            state.splice_id = None
-            state.recv_done = True
-            state.tracked = False
-            state.buffered = 0
-            if not unconnected:
-                state.send_done = True
-                state.unsent = 0
-            self._prune(stream_id, state)
+            self._splice_over(stream_id, state, unconnected=unconnected)
         return outcome
 
     def close(

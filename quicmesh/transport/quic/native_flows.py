@@ -92,10 +92,6 @@ class FlowAcceptor(EngineAcceptor):
             return bool(self.native.abort(flow, code))
         return False
 
-    def buffered(self, flow: int) -> int:
-        """The bytes a running engine flow holds in the engine now."""
-        return int(self.native.buffered(flow))
-
     def stop(self) -> None:
         """Stop accepting; accepted and running flows carry on."""
         self.native.stop()
