@@ -64,6 +64,7 @@ import functools
 import hashlib
 import hmac
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ from aioquic._buffer import Buffer
 from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
 from aioquic.h3.connection import (
+    CONNECTION_SPECIFIC_HEADERS,
     FrameType,
     H3Connection,
     Setting,
@@ -99,7 +101,7 @@ from cryptography import x509
 from .transport._stream_rate import StreamRate
 from .transport.quic import engine as engine_events
 from .tunnel.connect import MAX_FIELD_SECTION_SIZE, response_fields
-from .tunnel.qpack import FieldSectionBound, QpackFormatError
+from .tunnel.qpack import FIELD_OVERHEAD, MAX_STATIC_FIELD, FieldSectionBound, QpackFormatError
 
 
 class FieldSectionTooLarge(Exception):
@@ -251,6 +253,39 @@ static table only (Required Insert Count 0), the same for every connection."""
 
 _STATIC_BOUND = FieldSectionBound(0)
 
+_MAX_STATIC_EXPANSION = MAX_STATIC_FIELD + FIELD_OVERHEAD
+"""At most this many decoded bytes (RFC 9114 sizes) per byte of a field section that
+refers to the static table only: an Indexed Field Line takes at least one byte for an
+entry of at most ``MAX_STATIC_FIELD`` bytes plus the per-field overhead; every other
+line takes more bytes for less (a literal decodes to at most 8/5 of its length)."""
+
+_PLAIN_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+")
+"""A header name as RFC 9110 tokens go, lower case: stricter than aioquic's check."""
+_PLAIN_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+"""A header value of visible ASCII, inner spaces and tabs only: stricter than
+aioquic's check (no NUL, CR or LF; no white space first or last)."""
+_SPECIAL_HEADERS = CONNECTION_SPECIFIC_HEADERS | {b"content-length"}
+
+
+def _is_plain_connect(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether ``fields`` is a CONNECT as quicmesh sends one (``:method``, then
+    ``:authority``, then plain headers) that aioquic's ``validate_request_headers``
+    accepts: a stricter check than aioquic's, which walks every byte in Python. False
+    says nothing: the caller asks aioquic."""
+    if len(fields) < 2 or fields[0] != (b":method", b"CONNECT"):
+        return False
+    name, authority = fields[1]
+    if name != b":authority" or not authority or not _PLAIN_VALUE.fullmatch(authority):
+        return False
+    for name, value in fields[2:]:
+        if (
+            not _PLAIN_NAME.fullmatch(name)
+            or name in _SPECIAL_HEADERS
+            or not _PLAIN_VALUE.fullmatch(value)
+        ):
+            return False
+    return True
+
 
 def read_static_request(
     data: bytes, limit: int = MAX_FIELD_SECTION_SIZE
@@ -275,10 +310,14 @@ def read_static_request(
         return None
     block = data[start:end]
     try:
-        if _STATIC_BOUND.section_size(block, stop_above=limit) > limit:
+        # (A section too short to decode past the limit needs no walk.)
+        if length * _MAX_STATIC_EXPANSION > limit and (
+            _STATIC_BOUND.section_size(block, stop_above=limit) > limit
+        ):
             return None
         _, fields = _STATIC_DECODER.feed_header(0, block)
-        validate_request_headers(fields)
+        if not _is_plain_connect(fields):
+            validate_request_headers(fields)
     except Exception:  # pylsqpack's and aioquic's refusals: the usual path says why
         return None
     return fields, data[end:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class Endpoint:
     address: Address
     pool: EndpointPool
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """``host:port``."""
         return format_address(self.address)

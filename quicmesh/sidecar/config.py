@@ -55,8 +55,8 @@ CONGESTION_CONTROLS = ("reno", "cubic", "bbr")
 OUTBOUND_POLICIES = ("registry_only", "passthrough")
 """Values of ``intercept.outbound_policy``: what captured traffic to unknown destinations gets."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_FIELD_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 # -- the configuration --------------------------------------------------------
@@ -619,7 +619,7 @@ class _Field:
         return key in self.mapping() and self.mapping()[key] is not None
 
     def child(self, key: str) -> _Field:
-        if not _FIELD_NAME.match(key):
+        if not _FIELD_NAME.fullmatch(key):
             sub = f"{self.path}[{key!r:.40}]"
         else:
             sub = f"{self.path}.{key}" if self.path else key
@@ -646,7 +646,7 @@ class _Field:
 
     def name(self) -> str:
         text = self.string()
-        if not _NAME.match(text):
+        if not _NAME.fullmatch(text):
             raise self.error(f"{text!r:.60} is not a name (letters, digits, '_', '.', '-')")
         return text
 

@@ -52,6 +52,9 @@ logger = logging.getLogger("quicmesh.sidecar.inbound")
 
 MIB = 1024 * 1024
 
+MAX_REMEMBERED_REFUSALS = 4096
+"""Policy answers (identity, destination) an inbound listener keeps until a reload."""
+
 OVERLOAD_SAMPLE_INTERVAL = 1.0
 """Seconds between two samples of memory and descriptors (:mod:`.overload`)."""
 
@@ -137,6 +140,7 @@ class InboundListener:
         log: Callable[[FlowRecord], None],
     ) -> None:
         self._config = config
+        self._refusals: dict[tuple[str, str], str | None] = {}
         self.identity = identity
         self.trust = trust
         self.stats = stats
@@ -177,11 +181,26 @@ class InboundListener:
     @config.setter
     def config(self, config: InboundListenerConfig) -> None:
         self._config = config
+        self._refusals = {}
         self._set_stream_rates(
             self.governor.review_denied(
                 lambda identity: allowed_nowhere(config, identity), config.denied_stream_rate
             )
         )
+
+    def _refusal(self, config: InboundListenerConfig, identity: str, target: str) -> str | None:
+        """:func:`.policy.refusal_reason`, remembered for the current configuration
+        (flows repeat their identity and destination; a reload forgets)."""
+        if config is not self._config:
+            return refusal_reason(config, identity, target)
+        refusals = self._refusals
+        key = (identity, target)
+        if key in refusals:
+            return refusals[key]
+        if len(refusals) >= MAX_REMEMBERED_REFUSALS:
+            refusals.clear()
+        reason = refusals[key] = refusal_reason(config, identity, target)
+        return reason
 
     def _set_stream_rates(self, changes: dict[str, float | None]) -> list[str]:
         """Apply new-stream rate changes (None: the transport's own) to every
@@ -469,7 +488,7 @@ class InboundListener:
         identity = flow.peer_identity
         if self.draining or not config.splice:
             return None
-        if refusal_reason(config, identity, flow.target) is not None:
+        if self._refusal(config, identity, flow.target) is not None:
             return None
         parsed = split_target(flow.target)
         if parsed is None or ip_address_of(parsed[0]) is None:
@@ -583,7 +602,7 @@ class InboundListener:
     async def _forward_admitted(
         self, stream: MeshStream, config: InboundListenerConfig, record: FlowRecord
     ) -> None:
-        reason = refusal_reason(config, stream.peer_identity, stream.target)
+        reason = self._refusal(config, stream.peer_identity, stream.target)
         if reason is not None:
             REFUSAL_LOG.log(
                 logging.WARNING,

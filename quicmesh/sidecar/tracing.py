@@ -14,6 +14,7 @@ The format (https://www.w3.org/TR/trace-context/#traceparent-header)::
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -38,9 +39,15 @@ class TraceContext:
     """2 hex digits; ``01`` means sampled."""
 
     @classmethod
-    def new(cls, rng: random.Random = _SYSTEM_RANDOM) -> TraceContext:
-        """A new trace (a flow that arrived without one)."""
-        return cls(_random_id(rng, 128), _random_id(rng, 64))
+    def new(cls, rng: random.Random | None = None) -> TraceContext:
+        """A new trace (a flow that arrived without one): its ids from ``rng``, by
+        default from the system's random source in one read for both."""
+        if rng is not None:
+            return cls(_random_id(rng, 128), _random_id(rng, 64))
+        while True:
+            ids = os.urandom(24)
+            if any(ids[:16]) and any(ids[16:]):
+                return cls(ids[:16].hex(), ids[16:].hex())
 
     def child(self, rng: random.Random = _SYSTEM_RANDOM) -> TraceContext:
         """The context for the next hop: same trace id, a new span id."""
@@ -70,7 +77,7 @@ def parse_traceparent(value: str) -> TraceContext:
     return TraceContext(trace_id, parent_id, flags)
 
 
-def continue_or_start(headers: dict[str, str], rng: random.Random = _SYSTEM_RANDOM) -> TraceContext:
+def continue_or_start(headers: dict[str, str], rng: random.Random | None = None) -> TraceContext:
     """The trace of a received flow: its ``traceparent`` if valid, else a new trace."""
     value = headers.get(HEADER)
     if value is not None:

@@ -29,8 +29,11 @@ MAX_HEADER_COUNT = 64
 MAX_HEADER_BYTES = 16 * 1024
 """Total size of the extra headers' names and values, in bytes."""
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+"""(fullmatch) An RFC 9110 token in lower case."""
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+"""(fullmatch) Visible ASCII, inner spaces and tabs."""
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 RESERVED_HEADERS = frozenset(
@@ -174,7 +177,7 @@ def _check_host_name(host: str) -> None:
     if len(name) > 253 or not name:
         raise InvalidTarget(f"{host!r} is not a host name or IP address")
     for label in name.split("."):
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise InvalidTarget(f"host name {host!r} has an invalid label {label!r}")
     if name.rsplit(".", 1)[-1].isdigit():
         raise InvalidTarget(f"{host!r} is neither an IPv4 address nor a host name")
@@ -197,13 +200,13 @@ def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidHeader("header names and values must be strings")
         lowered = name.lower()
-        if not _HEADER_NAME.match(lowered) or not lowered.isascii():
+        if not _HEADER_NAME.fullmatch(lowered) or not lowered.isascii():
             raise InvalidHeader(f"header name {name!r} is not a valid HTTP token")
         if lowered in RESERVED_HEADERS:
             raise InvalidHeader(f"header {name!r} is reserved and cannot be set")
-        if _HEADER_VALUE_FORBIDDEN.search(value) or not value.isascii():
-            raise InvalidHeader(f"header {name!r} has control or non-ASCII characters")
-        if value != value.strip(" \t"):
+        if not _HEADER_VALUE.fullmatch(value):
+            if _HEADER_VALUE_FORBIDDEN.search(value) or not value.isascii():
+                raise InvalidHeader(f"header {name!r} has control or non-ASCII characters")
             raise InvalidHeader(f"header {name!r} has leading or trailing white space")
         if lowered in result:
             raise InvalidHeader(f"header {name!r} is given twice")

@@ -84,6 +84,12 @@ def test_new_contexts_round_trip(seed: int) -> None:
     assert parse_traceparent(context.header()) == context
 
 
+def test_new_contexts_from_the_system_source_are_valid_and_distinct() -> None:
+    contexts = [TraceContext.new() for _ in range(200)]
+    assert all(parse_traceparent(c.header()) == c for c in contexts)
+    assert len({c.trace_id for c in contexts}) == len({c.parent_id for c in contexts}) == 200
+
+
 @given(st.text(max_size=80))
 def test_any_header_value_parses_or_is_a_value_error(value: str) -> None:
     try:

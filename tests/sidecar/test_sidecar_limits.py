@@ -25,6 +25,7 @@ from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 
 import quicmesh
 from quicmesh import QuicTransport
+from quicmesh.sidecar import inbound
 from quicmesh.sidecar.config import parse_config
 from quicmesh.sidecar.flows import FlowTracker
 from quicmesh.sidecar.inbound import InboundListener, inbound_transport, receive_windows
@@ -316,3 +317,29 @@ def test_a_peer_that_stops_reading_gets_its_fullest_flows_reset() -> None:
         app.close()
 
     run(main())
+
+
+def test_policy_answers_are_remembered_within_a_bound_until_a_reload() -> None:
+    """The inbound listener keeps its policy answers per (identity, destination): at
+    most MAX_REMEMBERED_REFUSALS of them, and a new configuration starts afresh."""
+    client = "spiffe://mesh.local/ns/default/sa/client"
+    only_client = [{"identity": client, "destinations": ["127.0.0.1:*"]}]
+    listener = InboundListener(
+        _config(policies=only_client),
+        SERVER,
+        CA.trust_bundle,
+        ListenerStats(name="mesh", kind="inbound"),
+        FlowTracker(),
+        lambda record: None,
+    )
+    config = listener.config
+    assert listener._refusal(config, client, "127.0.0.1:80") is None
+    assert listener._refusal(config, "spiffe://mesh.local/ns/x/sa/y", "127.0.0.1:80")
+    for port in range(1, inbound.MAX_REMEMBERED_REFUSALS + 50):
+        assert listener._refusal(config, client, f"127.0.0.1:{port}") is None
+    assert len(listener._refusals) <= inbound.MAX_REMEMBERED_REFUSALS
+    listener.config = _config(policies=[{"identity": client, "destinations": ["10.0.0.0/8:*"]}])
+    assert listener._refusal(listener.config, client, "127.0.0.1:80")
+    # An answer asked with a configuration that was replaced is not remembered.
+    assert listener._refusal(config, client, "127.0.0.1:81") is None
+    assert listener._refusal(listener.config, client, "127.0.0.1:81")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pylsqpack
 import pytest
+from aioquic.h3.connection import validate_request_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from quic_helpers import client_transport, require_engine, run, server_transport, until
@@ -205,6 +206,64 @@ def test_any_bytes_are_read_or_left_alone(data: bytes) -> None:
         fields, rest = read
         assert data.endswith(rest)
         assert dict(fields)[b":method"]
+
+
+_HEADER_BYTES = st.binary(max_size=12) | st.sampled_from(
+    [b":method", b":authority", b":path", b"CONNECT", b"te", b"trailers", b"x-a", b" v", b"v "]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_HEADER_BYTES, _HEADER_BYTES), max_size=5), st.booleans())
+def test_the_quick_check_of_a_connect_accepts_nothing_aioquic_refuses(
+    fields: list[tuple[bytes, bytes]], as_connect: bool
+) -> None:
+    """``read_static_request`` skips aioquic's byte-by-byte validation for a CONNECT as
+    quicmesh sends one; what it lets through, aioquic accepts."""
+    if as_connect:
+        fields = [(b":method", b"CONNECT"), (b":authority", b"10.1.2.3:80"), *fields]
+    if _aioquic._is_plain_connect(fields):
+        validate_request_headers(fields)
+
+
+_TOKEN = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=20)
+_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_TOKEN, _VALUE, max_size=6))
+def test_a_connect_as_quicmesh_sends_it_takes_the_quick_check(headers: dict[str, str]) -> None:
+    headers = {n: v for n, v in headers.items() if n.encode() not in _aioquic._SPECIAL_HEADERS}
+    fields = [(b":method", b"CONNECT"), (b":authority", b"[::1]:8080")]
+    fields += [(n.encode(), v.encode()) for n, v in headers.items()]
+    assert _aioquic._is_plain_connect(fields)
+    whole = _aioquic.connect_request_frame(fields)
+    assert _aioquic.read_static_request(whole) == (fields, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(min_size=1, max_size=12), st.binary(max_size=40)), max_size=8),
+    st.binary(max_size=60),
+)
+def test_a_static_table_section_decodes_to_at_most_the_expansion_bound(
+    fields: list[tuple[bytes, bytes]], noise: bytes
+) -> None:
+    """Why ``read_static_request`` may skip the bound's walk for a short section: a
+    section that refers to the static table only decodes to at most
+    ``_MAX_STATIC_EXPANSION`` bytes (RFC 9114 sizes) per byte, whatever its bytes."""
+    static_entries = [
+        (b":status", b"200"), (b"content-type", b"application/json"),
+        (b"accept-encoding", b"gzip, deflate, br"), (b":method", b"CONNECT"),
+    ]  # fmt: skip
+    _, encoded = pylsqpack.Encoder().encode(0, static_entries + fields)
+    for block in (encoded, b"\x00\x00" + noise):
+        try:
+            _, decoded = pylsqpack.Decoder(0, 0).feed_header(0, block)
+        except Exception:
+            continue
+        size = sum(len(name) + len(value) + 32 for name, value in decoded)
+        assert size <= _aioquic._MAX_STATIC_EXPANSION * len(block)
 
 
 def test_bytes_and_fin_right_behind_the_connect_go_to_the_destination() -> None:

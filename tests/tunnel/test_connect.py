@@ -93,6 +93,8 @@ def test_arbitrary_text_is_parsed_or_refused_cleanly(text: str) -> None:
         "[not-v6]:80",
         "::1:80",
         "x" * 64 + ".example:80",
+        "line-break.example\n:80",
+        "a\n.example:80",
     ],
 )
 def test_bad_targets_are_refused(value: str) -> None:
@@ -131,6 +133,8 @@ def test_arbitrary_headers_are_kept_or_refused_cleanly(headers: dict[str, str]) 
         {"x-a": "line\nbreak"},
         {"x-a": " padded"},
         {"x a": "space in name"},
+        {"x-a\n": "a line break after the name"},
+        {"x-a": "a line break after the value\n"},
         {"x-é": "non-ascii name"},
         {"x-a": "é"},
         {"x-a": "1", "X-A": "2"},
