@@ -141,7 +141,10 @@ class _BoundedDecoder:
         try:
             size = self.bound.section_size(data, stop_above=self.limit)
         except QpackFormatError:
-            size = 0  # malformed: pylsqpack says so (a connection error, RFC 9204 2.2)
+            # Not read by the bound: pylsqpack judges what is malformed (a connection
+            # error, RFC 9204 2.2), but only a section too short to decode past the
+            # limit whatever its lines refer to is let through to it.
+            size = len(data) * max(self.bound.max_table_capacity, _MAX_STATIC_EXPANSION)
         if size > self.limit:
             raise FieldSectionTooLarge(stream_id, size, self.limit)
         return self._decoder.feed_header(stream_id, data)

@@ -14,6 +14,7 @@ import asyncio
 import time
 
 import pylsqpack
+import pytest
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import Setting
 from aioquic.quic import events as quic_events
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from quic_helpers import Recorder, client_transport, exchange, run, server_transport, until
 from test_aioquic_layer import Clock, _raw_h3_client, _request, _status, settle
 
+from quicmesh import _aioquic
 from quicmesh.bench.attack import QPACK_TABLE_CAPACITY, qpack_bomb, qpack_bomb_block
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE
@@ -158,3 +160,35 @@ def test_bombs_over_a_real_connection_do_not_stall_other_flows() -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+def _padded(prefix: bytes, pad: int) -> bytes:
+    """A field-section prefix whose Delta Base (7-bit prefix, all ones) carries ``pad``
+    continuation bytes that add nothing before its last byte."""
+    return prefix + b"\x7f" + b"\x80" * pad + b"\x00"
+
+
+@pytest.mark.parametrize("pad", range(9))
+def test_padded_integers_are_read_as_pylsqpack_reads_them(pad: int) -> None:
+    """pylsqpack takes up to 8 continuation bytes that add nothing; the bound reads them
+    too, so a padded section is bounded like any other."""
+    block = _padded(b"\x00", pad) + bytes([0xC0 | 58]) * 10
+    _, decoded = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16).feed_header(0, block)
+    size = sum(len(name) + len(value) + 32 for name, value in decoded)
+    assert size <= FieldSectionBound(QPACK_TABLE_CAPACITY).section_size(block)
+
+
+@pytest.mark.parametrize("pad", [0, 8, 12])
+def test_a_bomb_is_refused_however_its_prefix_is_padded(pad: int) -> None:
+    """Indexed static lines decode to about 160 times their size. A padded Delta Base
+    made the bound give up (size 0) and pylsqpack decoded 6 MB from a 60 KB block;
+    now a padding pylsqpack reads is bounded, and a block the bound cannot read is
+    bounded by its length."""
+    decoder = _aioquic._BoundedDecoder(
+        pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 0), QPACK_TABLE_CAPACITY, MAX_FIELD_SECTION_SIZE
+    )
+    with pytest.raises(_aioquic.FieldSectionTooLarge):
+        decoder.feed_header(0, _padded(b"\x00", pad) + bytes([0xC0 | 58]) * 60_000)
+    # A short block the bound cannot read goes to pylsqpack, the judge of what is malformed.
+    with pytest.raises(pylsqpack.DecompressionFailed):
+        decoder.feed_header(4, _padded(b"\x00", 10) + bytes([0xC0 | 58]))

@@ -56,6 +56,14 @@ OUTBOUND_POLICIES = ("registry_only", "passthrough")
 """Values of ``intercept.outbound_policy``: what captured traffic to unknown destinations gets."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def is_name(value: str) -> bool:
+    """Whether ``value`` is a quicmesh name (of a node, listener or cluster): a letter
+    or digit, then up to 62 letters, digits, ``_``, ``.`` or ``-``."""
+    return _NAME.fullmatch(value) is not None
+
+
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
@@ -646,7 +654,7 @@ class _Field:
 
     def name(self) -> str:
         text = self.string()
-        if not _NAME.fullmatch(text):
+        if not is_name(text):
             raise self.error(f"{text!r:.60} is not a name (letters, digits, '_', '.', '-')")
         return text
 

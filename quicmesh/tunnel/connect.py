@@ -200,7 +200,7 @@ def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidHeader("header names and values must be strings")
         lowered = name.lower()
-        if not _HEADER_NAME.fullmatch(lowered) or not lowered.isascii():
+        if not name.isascii() or not _HEADER_NAME.fullmatch(lowered):
             raise InvalidHeader(f"header name {name!r} is not a valid HTTP token")
         if lowered in RESERVED_HEADERS:
             raise InvalidHeader(f"header {name!r} is reserved and cannot be set")

@@ -39,7 +39,11 @@ class QpackFormatError(ValueError):
 
 def _integer(data: bytes | bytearray, pos: int, prefix: int) -> tuple[int, int]:
     """Decode a prefix integer (RFC 7541 5.1) whose prefix is the low ``prefix`` bits
-    of ``data[pos]``; return (value, next position). IndexError when incomplete."""
+    of ``data[pos]``; return (value, next position). IndexError when incomplete.
+
+    Continuation bytes that add nothing (``0x80``) are read as pylsqpack reads them
+    (it takes up to 8 of them before the last byte): a bound that refused such an
+    integer would leave the section to pylsqpack unbounded."""
     mask = (1 << prefix) - 1
     value = data[pos] & mask
     pos += 1
@@ -50,11 +54,11 @@ def _integer(data: bytes | bytearray, pos: int, prefix: int) -> tuple[int, int]:
         byte = data[pos]
         pos += 1
         value += (byte & 0x7F) << shift
-        shift += 7
-        if shift > 62:
-            raise QpackFormatError("integer longer than 62 bits")
         if not byte & 0x80:
             return value, pos
+        shift += 7
+        if shift > 63:
+            raise QpackFormatError("integer longer than 64 bits")
 
 
 def _string(data: bytes | bytearray, pos: int, prefix: int) -> tuple[int, int]:

@@ -123,9 +123,9 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     check_ports(mapped, admin_address[1])
     if not mapped.outbound and not mapped.inbound and xds is None:
         raise MappingError("bootstrap.static_resources: at least one supported listener needed")
-    from ..sidecar.config import _NAME
+    from ..sidecar.config import is_name
 
-    if not _NAME.match(bootstrap.node.id):
+    if not is_name(bootstrap.node.id):
         raise MappingError(f"bootstrap.node.id: {bootstrap.node.id!r} is not a quicmesh name")
     config = SidecarConfig(
         source=source,

@@ -135,9 +135,9 @@ def _socket_address(address: Message, where: str) -> tuple[Address, str]:
 
 
 def _name(value: str, where: str) -> str:
-    from ..sidecar.config import _NAME
+    from ..sidecar.config import is_name
 
-    if not _NAME.match(value):
+    if not is_name(value):
         raise MappingError(
             f"{where}: {value!r} is not a quicmesh name (letters, digits, _ . -; up to 63)"
         )

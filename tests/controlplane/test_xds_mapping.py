@@ -64,6 +64,16 @@ def test_outbound_listener_and_quic_cluster() -> None:
     assert cluster.load_balancing == "least_request"
 
 
+@pytest.mark.parametrize("name", ["a b", "x\nevil", "a;rm", "a" * 64, "-bad", ""])
+def test_a_listener_name_that_is_not_a_quicmesh_name_is_refused(name: str) -> None:
+    """The whole name is checked (not only its start): at most 63 letters, digits, _ . -"""
+    listener = parse_message(
+        outbound_listener_doc(name, 15001, "reviews", "10.0.0.9:9080"), Listener, "t"
+    )
+    with pytest.raises(MappingError, match="is not a quicmesh name"):
+        map_listener(listener)
+
+
 def test_eds_cluster_warms_until_its_endpoints_arrive() -> None:
     listener = parse_message(outbound_listener_doc("out", 15001, "c", "h:1"), Listener, "t")
     resources = EnvoyResources(

@@ -136,6 +136,7 @@ def test_arbitrary_headers_are_kept_or_refused_cleanly(headers: dict[str, str]) 
         {"x-a\n": "a line break after the name"},
         {"x-a": "a line break after the value\n"},
         {"x-é": "non-ascii name"},
+        {"x-\u212a": "Kelvin sign: lower-cases to an ASCII k"},
         {"x-a": "é"},
         {"x-a": "1", "X-A": "2"},
         {f"x-{i}": "v" for i in range(MAX_HEADER_COUNT + 1)},
