@@ -13,7 +13,11 @@ error its API documents, and fails (a crash) on anything else:
   side of an :class:`~quicmesh.tunnel.h3.H3TunnelSession` over a real in-memory
   QUIC connection (aioquic, handshake done once);
 * ``qpack``: the decoded-size bound (:class:`~quicmesh.tunnel.qpack.FieldSectionBound`)
-  over an encoder stream and a header block;
+  over an encoder stream and a header block, and the decoder behind it: whatever it
+  decodes is within its limit;
+* ``static_request``: a new request stream's first bytes, as the inbound engine
+  flows read them (:func:`~quicmesh._aioquic.read_static_request`): what it reads is
+  a request aioquic accepts, within the limit;
 * ``h2``: the bytes of an HTTP/2 connection after the client preface, into the
   server's :class:`~quicmesh.tunnel.h2.H2TunnelSession` (the ``h2`` transport's
   framing inside TLS);
@@ -120,17 +124,51 @@ def fuzz_http1(data: bytes) -> None:
 
 
 def fuzz_qpack(data: bytes) -> None:
-    """An encoder stream and a header block through the decoded-size bound."""
+    """An encoder stream and a header block through the decoded-size bound, and through
+    the decoder it guards (``_aioquic._BoundedDecoder``, a limit of 4 KiB): a block it
+    decodes is within the limit."""
+    import pylsqpack
+
+    from ._aioquic import FieldSectionTooLarge, _BoundedDecoder
     from .tunnel.qpack import FieldSectionBound, QpackFormatError
 
     encoder, block = _split(data)
     bound = FieldSectionBound(4096)
     try:
         bound.feed_encoder(encoder)
-        size = bound.section_size(block, stop_above=60 * 1024)
+        assert bound.section_size(block, stop_above=60 * 1024) >= 0
     except QpackFormatError:
+        pass
+    limit = 4096
+    decoder = _BoundedDecoder(pylsqpack.Decoder(4096, 16), 4096, limit)
+    try:
+        decoder.feed_encoder(encoder)
+        _, fields = decoder.feed_header(0, block)
+    except (
+        FieldSectionTooLarge,
+        pylsqpack.DecompressionFailed,
+        pylsqpack.EncoderStreamError,
+        pylsqpack.StreamBlocked,
+    ):
         return
-    assert size >= 0
+    size = sum(len(name) + len(value) + 32 for name, value in fields)
+    assert size <= limit, f"decoded {size} bytes past the limit of {limit}"
+
+
+def fuzz_static_request(data: bytes) -> None:
+    """A request stream's first bytes as inbound engine flows read them."""
+    from aioquic.h3.connection import validate_request_headers
+
+    from ._aioquic import read_static_request
+
+    limit = 4096
+    read = read_static_request(data, limit)
+    if read is None:
+        return
+    fields, rest = read
+    assert data.endswith(rest)
+    validate_request_headers(fields)
+    assert sum(len(name) + len(value) + 32 for name, value in fields) <= limit
 
 
 class _H3Pair:
@@ -248,6 +286,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "connect": fuzz_connect,
     "h3": fuzz_h3,
     "qpack": fuzz_qpack,
+    "static_request": fuzz_static_request,
     "h2": fuzz_h2,
     "http1": fuzz_http1,
     "config": fuzz_config,
@@ -267,7 +306,8 @@ def replay(target: str, data: bytes) -> None:
 INSTRUMENTED: dict[str, list[str]] = {
     "connect": ["quicmesh.tunnel"],
     "h3": ["quicmesh.tunnel", "aioquic.h3"],
-    "qpack": ["quicmesh.tunnel"],
+    "qpack": ["quicmesh.tunnel", "quicmesh._aioquic"],
+    "static_request": ["quicmesh._aioquic", "quicmesh.tunnel", "aioquic.h3"],
     "h2": ["quicmesh.tunnel", "h2", "hpack"],
     "http1": ["quicmesh.tunnel", "h11"],
     "config": ["quicmesh.sidecar.config", "quicmesh.tunnel", "yaml"],

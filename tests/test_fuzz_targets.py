@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from quicmesh.fuzz import REGRESSIONS, TARGETS, replay
+from quicmesh.fuzz import INSTRUMENTED, REGRESSIONS, TARGETS, replay
 
 KEPT = sorted(
     (target.name, case)
@@ -26,6 +26,10 @@ KEPT = sorted(
 
 def test_every_target_has_kept_cases() -> None:
     assert {target for target, _ in KEPT} == set(TARGETS)
+
+
+def test_every_target_names_what_coverage_follows() -> None:
+    assert set(INSTRUMENTED) == set(TARGETS)
 
 
 @pytest.mark.parametrize(("target", "case"), KEPT, ids=[f"{t}/{c.name}" for t, c in KEPT])
