@@ -144,6 +144,8 @@ def _parse_authority(value: str) -> tuple[str, int]:
             raise InvalidTarget(f"{value!r} is not host:port")
         if ":" in host:
             raise InvalidTarget(f"{value!r}: write IPv6 addresses as [address]:port")
+        if not host.isascii():  # (before lower(): the Kelvin sign lower-cases to "k")
+            raise InvalidTarget(f"host {host!r} is not ASCII")
         host = host.lower()
         try:
             host = str(ipaddress.IPv4Address(host))

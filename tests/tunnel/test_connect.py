@@ -95,6 +95,7 @@ def test_arbitrary_text_is_parsed_or_refused_cleanly(text: str) -> None:
         "x" * 64 + ".example:80",
         "line-break.example\n:80",
         "a\n.example:80",
+        "\u212a.example:80",  # the Kelvin sign, which lower-cases to an ASCII k
     ],
 )
 def test_bad_targets_are_refused(value: str) -> None:
