@@ -78,6 +78,16 @@ class Endpoint:
         return self.pool.active_streams
 
 
+@dataclass(frozen=True)
+class FailedOpen:
+    """A flow's first attempt, made outside :meth:`Cluster.open_flow` (an engine flow
+    that got no answer in time), which failed on ``endpoint`` with ``reason``: it counts
+    as that attempt (:meth:`Cluster.open_flow` ``failed``)."""
+
+    endpoint: Endpoint
+    reason: str
+
+
 @dataclass
 class OpenedFlow:
     """A tunnel stream a cluster opened, and where."""
@@ -193,6 +203,7 @@ class Cluster:
         endpoint: Address | None = None,
         headers: dict[str, str] | None = None,
         chosen: Endpoint | None = None,
+        failed: FailedOpen | None = None,
     ) -> OpenedFlow:
         """Open a tunnel stream to the cluster's target on a chosen endpoint.
 
@@ -202,6 +213,11 @@ class Cluster:
         :param headers: sent in the CONNECT besides the cluster's own (e.g. ``traceparent``).
         :param chosen: the endpoint the load balancer already chose for this flow (the
             first attempt goes there if it is still available; retries choose again).
+        :param failed: the flow's first attempt, made already, failed (an engine flow's
+            CONNECT got no answer in time): what is left are the retries
+            (``connect_retries``), on other endpoints, as after a failed first attempt
+            here; with none left, or no other endpoint, the flow is refused with its
+            reason.
 
         :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
             every attempt failed, or the peer refused the stream.
@@ -221,7 +237,7 @@ class Cluster:
                     f"cluster {self.config.name}: no CONNECT target (no listener names one)",
                 )
             return await self._open_with_retries(
-                authority, endpoint, {**self.headers, **(headers or {})}, chosen
+                authority, endpoint, {**self.headers, **(headers or {})}, chosen, failed
             )
         except BaseException:
             self.breaker.release_stream()
@@ -233,10 +249,17 @@ class Cluster:
         pinned: Address | None,
         headers: dict[str, str],
         chosen: Endpoint | None = None,
+        failed: FailedOpen | None = None,
     ) -> OpenedFlow:
         tried: set[Address] = set()
         last: FlowRefused | None = None
-        for attempt in range(self.config.connect_retries + 1):
+        first = 0
+        if failed is not None:
+            name = failed.endpoint.name
+            tried.add(failed.endpoint.address)
+            last = FlowRefused(Outcome.CONNECT_FAILED, f"{name}: {failed.reason}", name)
+            first = 1
+        for attempt in range(first, self.config.connect_retries + 1):
             now = self._loop.time()
             candidates = [
                 e

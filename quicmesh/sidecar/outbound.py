@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -28,7 +29,7 @@ from ..transport.base import EngineAcceptor
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
-from .cluster import Cluster, Endpoint, EngineFlow, FlowRefused
+from .cluster import Cluster, Endpoint, EngineFlow, FailedOpen, FlowRefused
 from .config import Address, OutboundListenerConfig, format_address
 from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
@@ -186,33 +187,60 @@ class OutboundListener:
         counted: tuple[Cluster, FlowRecord, float] | None = None,
         trace: TraceContext | None = None,
         chosen: Endpoint | None = None,
+        failed: FailedOpen | None = None,
     ) -> None:
         """Carry one accepted connection through the cluster in Python (a flow counted
         already when the engine accepted it: its cluster, record and start, trace, and
-        the endpoint the load balancer chose for it)."""
+        the endpoint the load balancer chose for it, or its first attempt, failed)."""
         if counted is None:
-            cluster = self._clusters(self.config.cluster)
+            cluster = self._cluster_or_reset(sock)
+            if cluster is None:
+                return
             record, started = self._begin(peer, cluster)
         else:
             cluster, record, started = counted
         try:
             await proxy_to_cluster(
-                cluster, sock, None, record, self.stats, trace=trace, chosen=chosen
+                cluster, sock, None, record, self.stats, trace=trace, chosen=chosen, failed=failed
             )
         finally:
             self._end(record, started, cluster)
 
+    def _cluster_or_reset(self, sock: socket.socket | None) -> Cluster | None:
+        """The listener's cluster; None, with the accepted connection reset, when a
+        reload removed the cluster with the listener (a connection accepted as it went)."""
+        try:
+            return self._clusters(self.config.cluster)
+        except KeyError:
+            logger.warning(
+                "listener %s: a connection was reset: cluster %s is gone",
+                self.config.name,
+                self.config.cluster,
+            )
+            if sock is not None:
+                reset_socket(sock)
+            return None
+
     def _in_python(
-        self, engine: _EngineFlows, flow: int, running: _Running, chosen: Endpoint | None
+        self,
+        engine: _EngineFlows,
+        flow: int,
+        running: _Running,
+        chosen: Endpoint | None,
+        failed: FailedOpen | None = None,
     ) -> None:
-        """Carry a flow the engine accepted in Python (:func:`proxy_to_cluster`)."""
+        """Carry a flow the engine accepted in Python (:func:`proxy_to_cluster`); one whose
+        engine attempt failed (``failed``) only if its client is still there."""
         try:
             sock = engine.acceptor.release(flow)
         except (QuicmeshError, OSError) as exc:  # the socket could not be taken: lost
             logger.warning("listener %s: a connection was lost: %s", self.config.name, exc)
             sock = None
         record = running.record
-        if sock is None:  # the engine dropped it (closed meanwhile)
+        if sock is not None and failed is not None and _was_reset(sock):
+            sock.close()
+            sock = None
+        if sock is None:  # the engine dropped it (closed meanwhile), or the client reset
             record.outcome = Outcome.RESET
             record.reason = "the connection was gone before it was proxied"
             self._end(record, running.started, running.cluster)
@@ -220,9 +248,27 @@ class OutboundListener:
         assert self._server is not None  # (it started the acceptor)
         self._server.spawn(
             self._proxy(
-                sock, None, (running.cluster, record, running.started), running.trace, chosen
+                sock,
+                None,
+                (running.cluster, record, running.started),
+                running.trace,
+                chosen,
+                failed,
             )
         )
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """Whether the peer of a non-blocking connected socket reset it (nothing is read)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+            return True
+        sock.recv(1, socket.MSG_PEEK)
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 @dataclass
@@ -263,7 +309,11 @@ class _EngineFlows:
 
     def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
         listener = self._listener
-        cluster = listener._clusters(listener.config.cluster)
+        try:
+            cluster = listener._clusters(listener.config.cluster)
+        except KeyError:  # (a reload removed it with the listener)
+            listener._cluster_or_reset(self._release(flow))
+            return
         record, started = listener._begin(peer, cluster)
         trace = TraceContext.new()
         record.flow_id = trace.trace_id
@@ -304,9 +354,18 @@ class _EngineFlows:
         # usual way reads the answer); after a timeout or a loss the balancer chooses.
         timeout = kind == "timeout"
         running.cluster.engine_flow_unanswered(engine_flow, reason if timeout else None)
+        # The timed-out attempt was the flow's first: the usual way makes its retries.
+        waited = f"timed out after {running.cluster.config.connect_timeout:g}s"
+        failed = FailedOpen(engine_flow.endpoint, waited) if timeout else None
         again = None if kind in ("timeout", "lost") else engine_flow.endpoint
-        self._listener._in_python(self, flow, running, again)
+        self._listener._in_python(self, flow, running, again, failed)
         self._close_when_idle()
+
+    def _release(self, flow: int) -> socket.socket | None:
+        try:
+            return self.acceptor.release(flow)
+        except (QuicmeshError, OSError):
+            return None
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         running = self.running.pop(flow, None)
@@ -338,6 +397,7 @@ async def proxy_to_cluster(
     endpoint: Address | None = None,
     trace: TraceContext | None = None,
     chosen: Endpoint | None = None,
+    failed: FailedOpen | None = None,
 ) -> None:
     """Carry one local TCP connection through ``cluster``, filling in ``record``.
 
@@ -348,8 +408,9 @@ async def proxy_to_cluster(
     A flow the cluster cannot open is answered with a TCP reset. ``target`` and
     ``endpoint`` override the cluster's CONNECT authority and endpoint choice
     (see :meth:`Cluster.open_flow`), as ``chosen`` passes on the load balancer's
-    choice for the flow's first attempt. The flow starts a trace (``trace``, or a new
-    one): its CONNECT carries a ``traceparent`` whose trace id is ``record.flow_id``.
+    choice for the flow's first attempt and ``failed`` a first attempt made already.
+    The flow starts a trace (``trace``, or a new one): its CONNECT carries a
+    ``traceparent`` whose trace id is ``record.flow_id``.
     """
     if trace is None:
         trace = TraceContext.new()
@@ -360,6 +421,7 @@ async def proxy_to_cluster(
             endpoint=endpoint,
             headers={TRACE_HEADER: trace.header()},
             chosen=chosen,
+            failed=failed,
         )
     except FlowRefused as exc:
         record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint

@@ -990,9 +990,10 @@ class QuicPeerConnection(SessionConnection):
         """(server) Offer a new request stream to ``decide`` (inbound engine flows,
         :meth:`~quicmesh.transport.base.Listener.set_engine_flows`): one whose first
         bytes hold its whole CONNECT, encoded with the static QPACK table only, that the
-        connection's ``authorize`` allows (0-RTT streams of a resumed client included,
-        as on the usual path). True when the engine took it (the HTTP/3 layer never
-        sees the stream); False leaves it to the HTTP/3 layer as usual."""
+        connection's ``authorize`` allows, once the handshake is done (0-RTT streams go
+        the usual way, with its early-data budget). True when the engine took it (the
+        HTTP/3 layer never sees the stream); False leaves it to the HTTP/3 layer as
+        usual."""
         stream_id = event.stream_id
         quic: Any = self.quic
         if (
