@@ -81,6 +81,8 @@ class Http1TunnelSession(TunnelSession):
         self._input_ended = False
         self._reading_stopped = False
         self._unread = 0
+        self._early = 0
+        """(server) Bytes after the request head, kept by h11 until respond()."""
         self._pending: list[events.TunnelEvent] = []
 
     # -- the byte-stream interface ------------------------------------------------
@@ -103,8 +105,10 @@ class Http1TunnelSession(TunnelSession):
 
     @property
     def input_paused(self) -> bool:
-        """True while the application has more than the receive window unread."""
-        return self._unread >= self._receive_window and not self._reading_stopped
+        """True while the application has more than the receive window unread (the
+        bytes a client sent after its request, before our answer, included)."""
+        held = self._unread + self._early
+        return held >= self._receive_window and not self._reading_stopped
 
     def receive_data(self, data: bytes) -> list[events.TunnelEvent]:
         """Process bytes read from the connection and return the tunnel events they caused.
@@ -118,8 +122,10 @@ class Http1TunnelSession(TunnelSession):
             return []
         if not self.is_client and self._state is _State.REQUESTED:
             # Bytes after the request head, before our answer: h11 keeps them
-            # (paused) and gives them back as trailing data once we accept.
+            # (paused) and gives them back as trailing data once we accept; they
+            # count against the receive window meanwhile.
             self._h11.receive_data(data)
+            self._early += len(data)
             return []
         self._h11.receive_data(data)
         return self._client_events() if self.is_client else self._server_events()
@@ -183,6 +189,7 @@ class Http1TunnelSession(TunnelSession):
         except h11.RemoteProtocolError as exc:
             return self._reject(400, f"malformed request: {exc}")
         self._state = _State.REQUESTED
+        self._early = len(self._h11.trailing_data[0])  # (read with the request head)
         return [events.StreamRequested(STREAM_ID, request.target, request.headers)]
 
     def _client_events(self) -> list[events.TunnelEvent]:
@@ -230,6 +237,7 @@ class Http1TunnelSession(TunnelSession):
         self._fin_requested = True
         self._reading_stopped = True
         self._unread = 0
+        self._early = 0
 
     # -- TunnelSession -------------------------------------------------------------
 
@@ -253,6 +261,7 @@ class Http1TunnelSession(TunnelSession):
             self._outgoing += self._h11.send(h11.Response(status_code=200, headers=[])) or b""
             self._state = _State.OPEN
             trailing, _ = self._h11.trailing_data
+            self._early = 0
             self._pending.extend(self._tunnel_data(bytes(trailing)))
             if self._input_ended:
                 self._pending.append(events.DataReceived(STREAM_ID, b"", True))

@@ -121,6 +121,42 @@ def test_input_pauses_above_the_window_until_read() -> None:
     assert not client.input_paused
 
 
+@pytest.mark.parametrize("with_head", [True, False])
+def test_bytes_before_the_answer_count_against_the_servers_window(with_head: bool) -> None:
+    """A client that keeps sending after its CONNECT while the server has not answered
+    (the destination still dialing) is held to the receive window: the server stops
+    reading (it held 2.4 GB of one client's bytes in 7 s before). Whether the bytes came
+    in the read that carried the request head or after it; all reach the application
+    once it accepts."""
+    client = Http1TunnelSession(is_client=True)
+    server = Http1TunnelSession(is_client=False, receive_window=1000)
+    client.open_stream(TARGET, {})
+    head = drain(client)
+    if with_head:
+        server.receive_data(head + b"x" * 600)
+    else:
+        server.receive_data(head)
+        server.receive_data(b"x" * 600)
+    assert not server.input_paused
+    server.receive_data(b"y" * 600)
+    assert server.input_paused
+    server.respond(STREAM_ID, 200)
+    assert server.pending_events() == [events.DataReceived(STREAM_ID, b"x" * 600 + b"y" * 600)]
+    assert server.input_paused  # (unread by the application yet)
+    server.data_consumed(STREAM_ID, 1200)
+    assert not server.input_paused
+
+
+def test_a_refusal_forgets_the_bytes_held_before_it() -> None:
+    client = Http1TunnelSession(is_client=True)
+    server = Http1TunnelSession(is_client=False, receive_window=1000)
+    client.open_stream(TARGET, {})
+    server.receive_data(drain(client) + b"x" * 2000)
+    assert server.input_paused
+    server.respond(STREAM_ID, 403, "no")
+    assert not server.input_paused
+
+
 def test_server_closing_before_answering_resets_the_client_stream() -> None:
     client = Http1TunnelSession(is_client=True)
     client.open_stream(TARGET, {})
