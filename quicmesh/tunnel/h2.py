@@ -67,6 +67,10 @@ MAX_HEADER_LIST_SIZE = MAX_FIELD_SECTION_SIZE
 SEND_QUANTUM = 16 * 1024
 """Bytes one stream may send per round-robin turn."""
 
+MAX_PENDING_OUTPUT = 1024 * 1024
+"""Bytes of frames h2 queued for the peer (PING and SETTINGS acknowledgments,
+RST_STREAM, WINDOW_UPDATE...) above which the peer is not read until it takes them."""
+
 _INITIAL_CONNECTION_WINDOW = 65535
 _RESET_CODES = {
     ResetReason.CANCELLED: ErrorCodes.CANCEL,
@@ -133,8 +137,10 @@ class H2TunnelSession(TunnelSession):
         stream_window: int = DEFAULT_STREAM_WINDOW,
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_pending_output: int = MAX_PENDING_OUTPUT,
     ) -> None:
         self.is_client = is_client
+        self.max_pending_output = max_pending_output
         config = h2.config.H2Configuration(
             client_side=is_client,
             header_encoding=None,
@@ -152,6 +158,9 @@ class H2TunnelSession(TunnelSession):
         if is_client:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         self.h2.local_settings = h2.settings.Settings(client=is_client, initial_values=settings)
+        # (h2 applies MAX_HEADER_LIST_SIZE to its decoder when the peer acknowledges a
+        # change; given as an initial value it is no change: the decoder kept 64 KiB.)
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self.h2.initiate_connection()
         if connection_window > _INITIAL_CONNECTION_WINDOW:
             self.h2.increment_flow_control_window(connection_window - _INITIAL_CONNECTION_WINDOW)
@@ -183,8 +192,14 @@ class H2TunnelSession(TunnelSession):
     abort_requested = False
     """HTTP/2 never needs the underlying connection reset."""
 
-    input_paused = False
-    """HTTP/2 flow control bounds what the peer sends: never stop reading the socket."""
+    @property
+    def input_paused(self) -> bool:
+        """HTTP/2 flow control bounds the DATA a peer sends; what it does not bound is
+        the answers h2 queues to the peer's control frames. A peer that floods PING or
+        SETTINGS (or DATA on closed streams) without reading is not read while h2 holds
+        more than ``max_pending_output`` bytes for it (h2 has no public size for its
+        queue: its ``_data_to_send``)."""
+        return len(self.h2._data_to_send) > self.max_pending_output
 
     def receive_data(self, data: bytes) -> list[events.TunnelEvent]:
         """Process bytes read from the connection and return the tunnel events they caused.

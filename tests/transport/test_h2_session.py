@@ -347,3 +347,33 @@ def test_any_authority_is_parsed_or_rejected_with_400(authority: str) -> None:
         assert response_status(raw_events) == 400
     else:
         assert event == events.StreamRequested(1, expected.authority, {})
+
+
+def test_the_decoder_holds_the_header_list_size_it_announces() -> None:
+    """A header list between the 60 KiB we announce and h2's default 64 KiB is refused
+    (h2 applies the setting to its decoder only when a change is acknowledged)."""
+    from quicmesh.tunnel.h2 import MAX_HEADER_LIST_SIZE
+
+    value = b"v" * 2000
+    headers = [(b":method", b"CONNECT"), (b":authority", b"a:1")]
+    headers += [(b"x-%d" % n, value) for n in range(31)]  # about 63 KB decoded
+    assert MAX_HEADER_LIST_SIZE < sum(len(n) + len(v) + 32 for n, v in headers) < 65536
+    server_events, _ = send_raw_request(headers)
+    assert [type(e) for e in server_events] == [events.ConnectionTerminated]
+
+
+def test_a_peer_flooding_pings_without_reading_is_not_read() -> None:
+    """PING acknowledgments queued for a peer that does not read: above
+    ``max_pending_output`` the session asks for its input to pause, until they are sent."""
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False, max_pending_output=1000)
+    server.receive_data(raw.data_to_send())
+    raw.receive_data(server.data_to_send())
+    assert not server.input_paused
+    for n in range(100):  # 100 acknowledgments of 17 bytes
+        raw.ping(n.to_bytes(8, "big"))
+    server.receive_data(raw.data_to_send())
+    assert server.input_paused
+    assert len(server.data_to_send()) >= 1700
+    assert not server.input_paused
