@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ssl
 
+from ..errors import ConfigError
 from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
 from ..tls.context import update_ssl_context
 from ..tunnel.h2 import (
@@ -26,6 +27,7 @@ from ..tunnel.h2 import (
     DEFAULT_STREAM_WINDOW,
     H2TunnelSession,
 )
+from ._stream_rate import DEFAULT_STREAM_RATE
 from ._tcp import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     TlsListener,
@@ -56,6 +58,9 @@ class H2Transport(Transport):
     :param high_water: unsent bytes per stream above which ``drain()`` waits.
     :param max_streams: concurrent streams a peer may open towards us.
     :param handshake_timeout: seconds a server allows a client for its TLS handshake.
+    :param max_stream_rate: new streams per second a peer may open on one connection
+        (after its first ``max_streams``): those above are refused unprocessed, and a
+        peer that keeps on (rapid reset) loses the connection. None: no limit.
     """
 
     name = "h2"
@@ -70,8 +75,12 @@ class H2Transport(Transport):
         high_water: int = DEFAULT_HIGH_WATER,
         max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_stream_rate: float | None = DEFAULT_STREAM_RATE,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
+        if max_stream_rate is not None and max_stream_rate <= 0:
+            raise ConfigError(f"max_stream_rate must be positive, got {max_stream_rate!r}")
+        self.max_stream_rate = max_stream_rate
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.high_water = high_water
@@ -99,6 +108,7 @@ class H2Transport(Transport):
             stream_window=self.stream_window,
             connection_window=self.connection_window,
             max_streams=self.max_streams,
+            max_stream_rate=self.max_stream_rate,
         )
 
     async def listen(

@@ -31,7 +31,9 @@ answered 400 on its stream and reported as :class:`~quicmesh.tunnel.events.Reque
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -41,6 +43,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from ..errors import TunnelUsageError
+from ..transport._stream_rate import StreamRate
 from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
@@ -128,6 +131,10 @@ class H2TunnelSession(TunnelSession):
     :param stream_window: receive window per stream, credited as the application reads.
     :param connection_window: receive window of the whole connection.
     :param max_streams: concurrent streams the peer may open.
+    :param max_pending_output: bytes h2 may hold for the peer before its input pauses.
+    :param max_stream_rate: (server) new streams per second the peer may open on this
+        connection, after a first ``max_streams``; None: no limit.
+    :param clock: seconds, for the stream rate.
     """
 
     def __init__(
@@ -138,9 +145,21 @@ class H2TunnelSession(TunnelSession):
         connection_window: int = DEFAULT_CONNECTION_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_pending_output: int = MAX_PENDING_OUTPUT,
+        max_stream_rate: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.is_client = is_client
         self.max_pending_output = max_pending_output
+        self._max_streams = max_streams
+        self._clock = clock
+        self._stream_rate = (
+            StreamRate(max_stream_rate, max_streams, clock())
+            if max_stream_rate is not None and not is_client
+            else None
+        )
+        self._refused_in_a_row = 0
+        self.streams_refused_for_rate = 0
+        """New streams refused (REFUSED_STREAM) because the peer was above the rate."""
         config = h2.config.H2Configuration(
             client_side=is_client,
             header_encoding=None,
@@ -217,6 +236,8 @@ class H2TunnelSession(TunnelSession):
             return [events.ConnectionTerminated(code, f"HTTP/2 protocol error: {exc}")]
         result: list[events.TunnelEvent] = []
         for event in h2_events:
+            if self.closed:
+                break
             result.extend(self._on_event(event))
         return result
 
@@ -307,6 +328,25 @@ class H2TunnelSession(TunnelSession):
             return [events.ConnectionTerminated(code, reason or f"GOAWAY (error code {code:#x})")]
         return []
 
+    def _refuse_for_rate(self, stream_id: int) -> list[events.TunnelEvent]:
+        """A new stream above ``max_stream_rate``: refused unprocessed (REFUSED_STREAM, so
+        a client may retry it), no handler started. A peer that keeps opening streams
+        past ``max_streams`` refusals in a row (rapid reset) loses its connection
+        (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does for the same attack."""
+        self.streams_refused_for_rate += 1
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row > self._max_streams:
+            reason = "new streams above max_stream_rate"
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.close_connection(
+                    error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
+                )
+            self._close_all()
+            return [events.ConnectionTerminated(int(ErrorCodes.ENHANCE_YOUR_CALM), reason)]
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        return []
+
     def _on_data(self, event: h2.events.DataReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None and event.data is not None
@@ -337,6 +377,10 @@ class H2TunnelSession(TunnelSession):
     def _on_request(self, event: h2.events.RequestReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None
+        if self._stream_rate is not None:
+            if not self._stream_rate.take(1, self._clock()):
+                return self._refuse_for_rate(stream_id)
+            self._refused_in_a_row = 0
         try:
             request = parse_connect_request((bytes(n), bytes(v)) for n, v in event.headers or [])
         except TunnelUsageError as exc:

@@ -377,3 +377,78 @@ def test_a_peer_flooding_pings_without_reading_is_not_read() -> None:
     assert server.input_paused
     assert len(server.data_to_send()) >= 1700
     assert not server.input_paused
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _rate_limited_pair(clock: _Clock) -> tuple[h2.connection.H2Connection, H2TunnelSession]:
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False, max_streams=4, max_stream_rate=10.0, clock=clock)
+    server.receive_data(raw.data_to_send())
+    raw.receive_data(server.data_to_send())
+    server.receive_data(raw.data_to_send())
+    return raw, server
+
+
+def _open_and_reset(raw: h2.connection.H2Connection, count: int, reset: bool = True) -> None:
+    for _ in range(count):
+        stream_id = raw.get_next_available_stream_id()
+        raw.send_headers(stream_id, [(b":method", b"CONNECT"), (b":authority", b"a:1")])
+        if reset:
+            raw.reset_stream(stream_id, ErrorCodes.CANCEL)
+
+
+def test_new_streams_above_the_rate_are_refused_unprocessed() -> None:
+    """Rapid reset (a stream opened and reset at once, over and over) frees h2's
+    concurrency limit at once: the rate bounds the handlers. The first ``max_streams``
+    (4) and then 10 a second are taken; the others are refused with REFUSED_STREAM
+    and never reach the application."""
+    clock = _Clock()
+    raw, server = _rate_limited_pair(clock)
+    _open_and_reset(raw, 4)
+    _open_and_reset(raw, 2, reset=False)
+    requested = [
+        e for e in server.receive_data(raw.data_to_send()) if isinstance(e, events.StreamRequested)
+    ]
+    assert len(requested) == 4
+    assert server.streams_refused_for_rate == 2
+    refused = [
+        e for e in raw.receive_data(server.data_to_send()) if isinstance(e, h2.events.StreamReset)
+    ]
+    assert {e.error_code for e in refused} >= {ErrorCodes.REFUSED_STREAM}
+    clock.now += 0.1  # one more token
+    _open_and_reset(raw, 1)
+    requested = [
+        e for e in server.receive_data(raw.data_to_send()) if isinstance(e, events.StreamRequested)
+    ]
+    assert len(requested) == 1
+    assert not server.closed
+
+
+def test_a_peer_that_keeps_on_above_the_rate_loses_its_connection() -> None:
+    clock = _Clock()
+    raw, server = _rate_limited_pair(clock)
+    _open_and_reset(raw, 4 + 5)  # the burst, then more refusals in a row than max_streams
+    result = server.receive_data(raw.data_to_send())
+    assert server.closed
+    terminated = [e for e in result if isinstance(e, events.ConnectionTerminated)]
+    assert terminated and terminated[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    goaway = [
+        e
+        for e in raw.receive_data(server.data_to_send())
+        if isinstance(e, h2.events.ConnectionTerminated)
+    ]
+    assert goaway and goaway[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_client_session_has_no_stream_rate() -> None:
+    assert H2TunnelSession(is_client=True, max_stream_rate=1.0)._stream_rate is None
