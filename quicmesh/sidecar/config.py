@@ -188,8 +188,9 @@ class InboundListenerConfig:
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
     max_stream_rate: int = 1000
-    """(QUIC) New streams per second one peer identity may open (over all its
-    connections), granted through QUIC stream credit."""
+    """New streams per second one peer identity may open (over all its connections),
+    granted through QUIC stream credit; on h2, per connection (streams above it are
+    refused, and a connection that keeps on is closed)."""
     denied_stream_rate: int = 10
     """(QUIC) The same for an identity that no policy allows anywhere, from its first
     refused stream on (its every stream would be refused)."""
