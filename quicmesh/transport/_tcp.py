@@ -334,6 +334,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._fail(exc)
             return
         self.session = self._session_factory()
+        if self._server_side and self.session.awaiting_request:
+            # One flow per connection (the tcp transport): its request is due within
+            # the handshake's time too, or the connection would be held idle for ever.
+            self._handshake_timer = self._loop.call_later(
+                self._handshake_timeout, self._on_request_timeout
+            )
         self.connection = TlsPeerConnection(
             self,
             transport_name=self._transport_name,
@@ -377,6 +383,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             connection.handle_events(session.receive_data(data))
+            if self._handshake_timer is not None and not session.awaiting_request:
+                self._cancel_handshake_timer()
         if eof and not self._close_notify_received:
             self._close_notify_received = True
             connection.handle_events(session.receive_eof())
@@ -464,6 +472,11 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._handshake_timer = None
         if self._handshaking:
             self._fail(ConnectError(f"TLS handshake not done in {self._handshake_timeout:g}s"))
+
+    def _on_request_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.session is not None and self.session.awaiting_request and not self._closing:
+            self._fail(ConnectError(f"no CONNECT request in {self._handshake_timeout:g}s"))
 
     def _cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None:

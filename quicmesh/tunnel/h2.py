@@ -211,6 +211,10 @@ class H2TunnelSession(TunnelSession):
     abort_requested = False
     """HTTP/2 never needs the underlying connection reset."""
 
+    awaiting_request = False
+    """An idle HTTP/2 connection is bounded by the listener's connection limits, not a
+    timer (it may carry streams later)."""
+
     @property
     def input_paused(self) -> bool:
         """HTTP/2 flow control bounds the DATA a peer sends; what it does not bound is

@@ -104,6 +104,12 @@ class Http1TunnelSession(TunnelSession):
         return self._output_ended and input_done
 
     @property
+    def awaiting_request(self) -> bool:
+        """(server) True until the client's request head is complete: the I/O layer
+        gives a connection only so long to send it (the handshake's timeout)."""
+        return not self.is_client and self._state is _State.IDLE and not self._input_ended
+
+    @property
     def input_paused(self) -> bool:
         """True while the application has more than the receive window unread (the
         bytes a client sent after its request, before our answer, included)."""

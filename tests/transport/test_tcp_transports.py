@@ -373,3 +373,42 @@ def test_stalled_reader_does_not_slow_others(transport_name: str) -> None:
         )
 
     run(main())
+
+
+def test_a_tcp_connection_that_sends_no_request_is_closed() -> None:
+    """The tcp transport carries one flow per connection: a client that completes the
+    TLS handshake and sends no CONNECT is given the handshake's timeout for it, then
+    closed (idle connections were held for ever, past every per-identity limit); one
+    that sends its request in time is served."""
+    from quicmesh.tls.context import client_ssl_context
+
+    ca = DevCA()
+    server_id = ca.issue("spiffe://mesh.local/ns/default/sa/server")
+    client_id = ca.issue("spiffe://mesh.local/ns/default/sa/client")
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        stream.write_eof()
+
+    async def main() -> None:
+        server = TcpTransport(identity=server_id, trust=ca.trust_bundle, handshake_timeout=0.5)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        context = client_ssl_context(client_id, ca.trust_bundle, ["http/1.1"])
+        try:
+            reader, writer = await asyncio.open_connection(
+                *listener.address, ssl=context, server_hostname=None
+            )
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+            writer.close()
+            reader, writer = await asyncio.open_connection(
+                *listener.address, ssl=context, server_hostname=None
+            )
+            writer.write(b"CONNECT a.svc:80 HTTP/1.1\r\nHost: a.svc:80\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            writer.close()
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(main())
