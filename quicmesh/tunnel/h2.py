@@ -70,6 +70,10 @@ MAX_HEADER_LIST_SIZE = MAX_FIELD_SECTION_SIZE
 SEND_QUANTUM = 16 * 1024
 """Bytes one stream may send per round-robin turn."""
 
+REFUSAL_BURST = 4
+"""Streams refused for the rate that a connection may accumulate, in ``max_streams``,
+beyond those the rate forgives, before it is closed."""
+
 MAX_PENDING_OUTPUT = 1024 * 1024
 """Bytes of frames h2 queued for the peer (PING and SETTINGS acknowledgments,
 RST_STREAM, WINDOW_UPDATE...) above which the peer is not read until it takes them."""
@@ -150,14 +154,13 @@ class H2TunnelSession(TunnelSession):
     ) -> None:
         self.is_client = is_client
         self.max_pending_output = max_pending_output
-        self._max_streams = max_streams
         self._clock = clock
-        self._stream_rate = (
-            StreamRate(max_stream_rate, max_streams, clock())
-            if max_stream_rate is not None and not is_client
-            else None
-        )
-        self._refused_in_a_row = 0
+        self._stream_rate: StreamRate | None = None
+        self._refusal_budget: StreamRate | None = None
+        if max_stream_rate is not None and not is_client:
+            now = clock()
+            self._stream_rate = StreamRate(max_stream_rate, max_streams, now)
+            self._refusal_budget = StreamRate(max_stream_rate, REFUSAL_BURST * max_streams, now)
         self.streams_refused_for_rate = 0
         """New streams refused (REFUSED_STREAM) because the peer was above the rate."""
         config = h2.config.H2Configuration(
@@ -334,12 +337,14 @@ class H2TunnelSession(TunnelSession):
 
     def _refuse_for_rate(self, stream_id: int) -> list[events.TunnelEvent]:
         """A new stream above ``max_stream_rate``: refused unprocessed (REFUSED_STREAM, so
-        a client may retry it), no handler started. A peer that keeps opening streams
-        past ``max_streams`` refusals in a row (rapid reset) loses its connection
-        (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does for the same attack."""
+        a client may retry it), no handler started. Refusals have a budget of their
+        own, the same rate over a burst of ``REFUSAL_BURST * max_streams``: a client a
+        little above the rate, or a burst, only sees refusals; a peer far above it
+        (rapid reset) loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does
+        for the same attack."""
         self.streams_refused_for_rate += 1
-        self._refused_in_a_row += 1
-        if self._refused_in_a_row > self._max_streams:
+        assert self._refusal_budget is not None
+        if not self._refusal_budget.take(1, self._clock()):
             reason = "new streams above max_stream_rate"
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.h2.close_connection(
@@ -381,10 +386,8 @@ class H2TunnelSession(TunnelSession):
     def _on_request(self, event: h2.events.RequestReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None
-        if self._stream_rate is not None:
-            if not self._stream_rate.take(1, self._clock()):
-                return self._refuse_for_rate(stream_id)
-            self._refused_in_a_row = 0
+        if self._stream_rate is not None and not self._stream_rate.take(1, self._clock()):
+            return self._refuse_for_rate(stream_id)
         try:
             request = parse_connect_request((bytes(n), bytes(v)) for n, v in event.headers or [])
         except TunnelUsageError as exc:

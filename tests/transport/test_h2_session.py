@@ -437,7 +437,10 @@ def test_new_streams_above_the_rate_are_refused_unprocessed() -> None:
 def test_a_peer_that_keeps_on_above_the_rate_loses_its_connection() -> None:
     clock = _Clock()
     raw, server = _rate_limited_pair(clock)
-    _open_and_reset(raw, 4 + 5)  # the burst, then more refusals in a row than max_streams
+    _open_and_reset(raw, 4 + 16)  # the burst, then the refusal budget (4 x max_streams)
+    server.receive_data(raw.data_to_send())
+    assert not server.closed
+    _open_and_reset(raw, 1)
     result = server.receive_data(raw.data_to_send())
     assert server.closed
     terminated = [e for e in result if isinstance(e, events.ConnectionTerminated)]
