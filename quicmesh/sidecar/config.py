@@ -1001,7 +1001,7 @@ class _Loader:
         for option in (engine, splice, datagram, ack_threshold):
             if option.value is not None and "quic" not in transports:
                 raise option.error("applies to listeners serving quic only")
-        admission = self.quic_admission(node, "quic" in transports)
+        admission = self.quic_admission(node, transports)
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
                 admission[key] = node.child(key).integer(1, 1 << 40)
@@ -1037,15 +1037,19 @@ class _Loader:
             raise node.error(problem)
         return name
 
-    def quic_admission(self, node: _Field, serves_quic: bool) -> dict[str, Any]:
-        """The QUIC admission keys of an inbound listener (issue 13)."""
+    def quic_admission(self, node: _Field, transports: tuple[str, ...]) -> dict[str, Any]:
+        """The QUIC admission keys of an inbound listener (issue 13); ``max_stream_rate``
+        applies to h2 too (per connection)."""
         result: dict[str, Any] = {}
         for key in QUIC_ADMISSION_KEYS:
             field_ = node.child(key)
             if field_.value is None:
                 continue
-            if not serves_quic:
-                raise field_.error("applies to listeners serving quic only")
+            if key == "max_stream_rate" and "h2" in transports:
+                pass
+            elif "quic" not in transports:
+                serving = "quic or h2" if key == "max_stream_rate" else "quic"
+                raise field_.error(f"applies to listeners serving {serving} only")
             if key == "retry":
                 result[key] = field_.choice(("auto", "always", "never"))
             elif key == "handshake_timeout":
