@@ -6,11 +6,10 @@ loopback (a 1 KB body and a large file):
 * ``direct``: client to nginx, the baseline every added latency is taken from;
 * ``quic-aioquic``, ``quic-native``, ``h2``, ``tcp``: two ``quicmesh sidecar``
   processes as in examples/ (client -> sidecar A outbound -> the transport ->
-  sidecar B inbound -> nginx), mutual TLS, access logs off (on QUIC and h2, sidecar
+  sidecar B inbound -> nginx), mutual TLS, access logs off (on QUIC, sidecar
   B's ``max_stream_rate`` is raised from its default of 1000 new streams a
-  second (per peer identity on QUIC, per connection on h2), a churn limit that
-  would otherwise cap the connection-per-request load, all of whose flows come
-  from A's one identity);
+  second per peer identity, a churn limit that would otherwise cap the
+  connection-per-request load, all of whose flows come from A's one identity);
   ``quic-native`` needs ``quicmesh._native`` and a sidecar that takes a
   cluster's ``engine: native`` (checked with ``quicmesh sidecar --check``); it
   runs with the sidecars' defaults, so the engine splices each flow itself
@@ -124,9 +123,8 @@ CONNECTIONS = 16
 AB_CONCURRENCY = 8
 MAX_STREAM_RATE = 1_000_000
 """Sidecar B's ``max_stream_rate``: the default (1000 new streams a second per peer
-identity on QUIC, per connection on h2, a churn limit) would cap the
-connection-per-request load, whose flows all come from sidecar A's one identity (on
-one pooled connection), at 1000/s on the QUIC and h2 paths."""
+identity, a churn limit) would cap the connection-per-request load, whose flows all
+come from sidecar A's one identity, at 1000/s on the QUIC paths."""
 IDENTITY_A = "spiffe://mesh.local/ns/bench/sa/client"
 IDENTITY_B = "spiffe://mesh.local/ns/bench/sa/server"
 NAMESPACE_ENV = "QUICMESH_BENCH_NETNS"
@@ -564,7 +562,7 @@ def sidecar_configs(
             ]
         },
     }
-    if transport in ("quic", "h2"):  # the key is refused on TCP listeners
+    if transport == "quic":  # the key is refused on H2 and TCP listeners
         b["listeners"]["inbound"][0]["max_stream_rate"] = MAX_STREAM_RATE
     if engine is not None:
         b["listeners"]["inbound"][0]["engine"] = engine

@@ -188,9 +188,8 @@ class InboundListenerConfig:
     """(QUIC) File keeping the stateless reset key (created 0600 if missing), so that
     peers of a restarted sidecar learn at once that their connections are gone."""
     max_stream_rate: int = 1000
-    """New streams per second one peer identity may open (over all its connections),
-    granted through QUIC stream credit; on h2, per connection (streams above it are
-    refused, and a connection that keeps on is closed)."""
+    """(QUIC) New streams per second one peer identity may open (over all its
+    connections), granted through QUIC stream credit."""
     denied_stream_rate: int = 10
     """(QUIC) The same for an identity that no policy allows anywhere, from its first
     refused stream on (its every stream would be refused)."""
@@ -1001,7 +1000,7 @@ class _Loader:
         for option in (engine, splice, datagram, ack_threshold):
             if option.value is not None and "quic" not in transports:
                 raise option.error("applies to listeners serving quic only")
-        admission = self.quic_admission(node, transports)
+        admission = self.quic_admission(node, "quic" in transports)
         for key in INBOUND_LIMIT_KEYS:
             if node.child(key).value is not None:
                 admission[key] = node.child(key).integer(1, 1 << 40)
@@ -1037,19 +1036,15 @@ class _Loader:
             raise node.error(problem)
         return name
 
-    def quic_admission(self, node: _Field, transports: tuple[str, ...]) -> dict[str, Any]:
-        """The QUIC admission keys of an inbound listener (issue 13); ``max_stream_rate``
-        applies to h2 too (per connection)."""
+    def quic_admission(self, node: _Field, serves_quic: bool) -> dict[str, Any]:
+        """The QUIC admission keys of an inbound listener (issue 13)."""
         result: dict[str, Any] = {}
         for key in QUIC_ADMISSION_KEYS:
             field_ = node.child(key)
             if field_.value is None:
                 continue
-            if key == "max_stream_rate" and "h2" in transports:
-                pass
-            elif "quic" not in transports:
-                serving = "quic or h2" if key == "max_stream_rate" else "quic"
-                raise field_.error(f"applies to listeners serving {serving} only")
+            if not serves_quic:
+                raise field_.error("applies to listeners serving quic only")
             if key == "retry":
                 result[key] = field_.choice(("auto", "always", "never"))
             elif key == "handshake_timeout":

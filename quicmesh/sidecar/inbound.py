@@ -84,8 +84,6 @@ def inbound_transport(
             stream_window=stream_window,
             connection_window=connection_window,
         )
-    if name == "h2" and config is not None:
-        options["max_stream_rate"] = config.max_stream_rate  # (per connection on h2)
     if name == "quic" and config is not None:
         options["admission"] = {
             "retry": config.retry,

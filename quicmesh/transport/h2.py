@@ -25,9 +25,9 @@ from ..tunnel.h2 import (
     DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_STREAMS,
     DEFAULT_STREAM_WINDOW,
+    H2_MAX_STREAM_RATE,
     H2TunnelSession,
 )
-from ._stream_rate import DEFAULT_STREAM_RATE
 from ._tcp import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     TlsListener,
@@ -59,8 +59,9 @@ class H2Transport(Transport):
     :param max_streams: concurrent streams a peer may open towards us.
     :param handshake_timeout: seconds a server allows a client for its TLS handshake.
     :param max_stream_rate: new streams per second a peer may open on one connection
-        (after its first ``max_streams``): those above are refused unprocessed, and a
-        peer that keeps on (rapid reset) loses the connection. None: no limit.
+        (after a first burst of 1,000; default ``H2_MAX_STREAM_RATE``, 10,000): those
+        above are refused unprocessed (REFUSED_STREAM), and a peer far above it (rapid
+        reset) loses the connection. None: no limit.
     """
 
     name = "h2"
@@ -75,7 +76,7 @@ class H2Transport(Transport):
         high_water: int = DEFAULT_HIGH_WATER,
         max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        max_stream_rate: float | None = DEFAULT_STREAM_RATE,
+        max_stream_rate: float | None = H2_MAX_STREAM_RATE,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         if max_stream_rate is not None and max_stream_rate <= 0:

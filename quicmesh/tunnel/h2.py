@@ -70,9 +70,17 @@ MAX_HEADER_LIST_SIZE = MAX_FIELD_SECTION_SIZE
 SEND_QUANTUM = 16 * 1024
 """Bytes one stream may send per round-robin turn."""
 
+H2_MAX_STREAM_RATE = 10_000.0
+"""New streams per second a peer may open on one HTTP/2 connection (after a first
+``max_streams``), the h2 transport's default: far above what a legitimate client opens
+on one connection (the Python h2 hop carries about 1,500 new flows a second), far below
+a rapid-reset flood (70,000 a second from one connection), so only a flood is refused.
+h2 has no stream credit to hold back as QUIC does (``max_stream_rate``, 1000 a second
+per identity): a stream above the rate can only be refused."""
+
 REFUSAL_BURST = 4
-"""Streams refused for the rate that a connection may accumulate, in ``max_streams``,
-beyond those the rate forgives, before it is closed."""
+"""Streams refused for the rate that a connection may accumulate, in bursts of the
+rate, beyond those the rate forgives, before it is closed."""
 
 MAX_PENDING_OUTPUT = 1024 * 1024
 """Bytes of frames h2 queued for the peer (PING and SETTINGS acknowledgments,
@@ -137,7 +145,8 @@ class H2TunnelSession(TunnelSession):
     :param max_streams: concurrent streams the peer may open.
     :param max_pending_output: bytes h2 may hold for the peer before its input pauses.
     :param max_stream_rate: (server) new streams per second the peer may open on this
-        connection, after a first ``max_streams``; None: no limit.
+        connection, after a first burst of a tenth of a second's worth (at least
+        ``max_streams``); None: no limit.
     :param clock: seconds, for the stream rate.
     """
 
@@ -159,8 +168,10 @@ class H2TunnelSession(TunnelSession):
         self._refusal_budget: StreamRate | None = None
         if max_stream_rate is not None and not is_client:
             now = clock()
-            self._stream_rate = StreamRate(max_stream_rate, max_streams, now)
-            self._refusal_budget = StreamRate(max_stream_rate, REFUSAL_BURST * max_streams, now)
+            # A burst of a tenth of a second's streams, at least max_streams.
+            burst = max(max_streams, int(max_stream_rate / 10))
+            self._stream_rate = StreamRate(max_stream_rate, burst, now)
+            self._refusal_budget = StreamRate(max_stream_rate, REFUSAL_BURST * burst, now)
         self.streams_refused_for_rate = 0
         """New streams refused (REFUSED_STREAM) because the peer was above the rate."""
         config = h2.config.H2Configuration(

@@ -109,11 +109,3 @@ def test_bad_values_name_the_field(key: str, value: Any, message: str) -> None:
 def test_quic_keys_on_a_tcp_listener_are_refused() -> None:
     with pytest.raises(ConfigError, match="quic only"):
         _load(Path("/etc/q"), transports=["h2"], retry="always")
-
-
-def test_max_stream_rate_applies_to_h2_listeners_and_not_tcp_ones() -> None:
-    assert (
-        _load(Path("/etc/q"), transports=["h2"], max_stream_rate=5).inbound[0].max_stream_rate == 5
-    )
-    with pytest.raises(ConfigError, match="quic or h2 only"):
-        _load(Path("/etc/q"), transports=["tcp"], max_stream_rate=5)
