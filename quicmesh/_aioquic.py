@@ -100,8 +100,13 @@ from cryptography import x509
 
 from .transport._stream_rate import StreamRate
 from .transport.quic import engine as engine_events
-from .tunnel.connect import MAX_FIELD_SECTION_SIZE, response_fields
-from .tunnel.qpack import FIELD_OVERHEAD, MAX_STATIC_FIELD, FieldSectionBound, QpackFormatError
+from .tunnel.connect import (
+    HEADER_NAME_PATTERN,
+    HEADER_VALUE_PATTERN,
+    MAX_FIELD_SECTION_SIZE,
+    response_fields,
+)
+from .tunnel.qpack import FieldSectionBound, QpackFormatError
 
 
 class FieldSectionTooLarge(Exception):
@@ -144,7 +149,7 @@ class _BoundedDecoder:
             # Not read by the bound: pylsqpack judges what is malformed (a connection
             # error, RFC 9204 2.2), but only a section too short to decode past the
             # limit whatever its lines refer to is let through to it.
-            size = len(data) * max(self.bound.max_table_capacity, _MAX_STATIC_EXPANSION)
+            size = self.bound.length_bound(len(data))
         if size > self.limit:
             raise FieldSectionTooLarge(stream_id, size, self.limit)
         return self._decoder.feed_header(stream_id, data)
@@ -256,17 +261,11 @@ static table only (Required Insert Count 0), the same for every connection."""
 
 _STATIC_BOUND = FieldSectionBound(0)
 
-_MAX_STATIC_EXPANSION = MAX_STATIC_FIELD + FIELD_OVERHEAD
-"""At most this many decoded bytes (RFC 9114 sizes) per byte of a field section that
-refers to the static table only: an Indexed Field Line takes at least one byte for an
-entry of at most ``MAX_STATIC_FIELD`` bytes plus the per-field overhead; every other
-line takes more bytes for less (a literal decodes to at most 8/5 of its length)."""
-
-_PLAIN_NAME = re.compile(rb"[a-z0-9!#$%&'*+.^_`|~-]+")
-"""A header name as RFC 9110 tokens go, lower case: stricter than aioquic's check."""
-_PLAIN_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
-"""A header value of visible ASCII, inner spaces and tabs only: stricter than
-aioquic's check (no NUL, CR or LF; no white space first or last)."""
+_PLAIN_NAME = re.compile(HEADER_NAME_PATTERN.encode())
+"""A header name as quicmesh's CONNECT headers go: stricter than aioquic's check."""
+_PLAIN_VALUE = re.compile(HEADER_VALUE_PATTERN.encode())
+"""A header value as quicmesh's CONNECT headers go: stricter than aioquic's check (no
+NUL, CR or LF; no white space first or last)."""
 _SPECIAL_HEADERS = CONNECTION_SPECIFIC_HEADERS | {b"content-length"}
 
 
@@ -314,7 +313,7 @@ def read_static_request(
     block = data[start:end]
     try:
         # (A section too short to decode past the limit needs no walk.)
-        if length * _MAX_STATIC_EXPANSION > limit and (
+        if _STATIC_BOUND.length_bound(length) > limit and (
             _STATIC_BOUND.section_size(block, stop_above=limit) > limit
         ):
             return None

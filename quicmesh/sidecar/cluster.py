@@ -323,7 +323,7 @@ class Cluster:
             ) from None
         except (TimeoutError, TunnelError, OSError) as exc:
             reason = (
-                f"timed out after {self.config.connect_timeout:g}s"
+                self._timed_out()
                 if isinstance(exc, TimeoutError)
                 else str(exc) or type(exc).__name__
             )
@@ -394,16 +394,23 @@ class Cluster:
         self.stats.endpoint(endpoint.name).streams_active += 1
         return started
 
-    def engine_flow_unanswered(self, flow: EngineFlow, failure: str | None) -> None:
+    def engine_flow_unanswered(self, flow: EngineFlow, failure: str | None) -> FailedOpen | None:
         """An engine flow did not get its 200 and goes back to :meth:`open_flow`: undo
-        what :meth:`start_engine_flow` counted; ``failure`` (no answer in time, or the
-        connection failed) counts against the endpoint, as a failed open does."""
+        what :meth:`start_engine_flow` counted. ``failure`` (no answer in time) counts
+        against the endpoint, as a failed open does, and the engine's attempt was the
+        flow's first: returned for :meth:`open_flow`'s ``failed``."""
         self.breaker.release_stream()
         self.stats.streams_active -= 1
         self.stats.endpoint(flow.endpoint.name).streams_active -= 1
         flow.connection.engine_flow_ended()
-        if failure is not None:
-            self._record_connect_failure(flow.endpoint, ConnectionLost(failure))
+        if failure is None:
+            return None
+        self._record_connect_failure(flow.endpoint, ConnectionLost(failure))
+        return FailedOpen(flow.endpoint, self._timed_out())
+
+    def _timed_out(self) -> str:
+        """The reason of an open that got no answer within ``connect_timeout``."""
+        return f"timed out after {self.config.connect_timeout:g}s"
 
     def engine_flow_finished(self, flow: EngineFlow, bytes_sent: int, bytes_received: int) -> None:
         """An engine flow ended (after its 200): count it, as :meth:`open_flow` and

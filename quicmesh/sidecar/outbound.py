@@ -231,11 +231,7 @@ class OutboundListener:
     ) -> None:
         """Carry a flow the engine accepted in Python (:func:`proxy_to_cluster`); one whose
         engine attempt failed (``failed``) only if its client is still there."""
-        try:
-            sock = engine.acceptor.release(flow)
-        except (QuicmeshError, OSError) as exc:  # the socket could not be taken: lost
-            logger.warning("listener %s: a connection was lost: %s", self.config.name, exc)
-            sock = None
+        sock = engine.release(flow)
         record = running.record
         if sock is not None and failed is not None and _was_reset(sock):
             sock.close()
@@ -312,7 +308,7 @@ class _EngineFlows:
         try:
             cluster = listener._clusters(listener.config.cluster)
         except KeyError:  # (a reload removed it with the listener)
-            listener._cluster_or_reset(self._release(flow))
+            listener._cluster_or_reset(self.release(flow))
             return
         record, started = listener._begin(peer, cluster)
         trace = TraceContext.new()
@@ -352,19 +348,22 @@ class _EngineFlows:
         # does not (the usual way opens again, once, on another connection without
         # counting it). A refusal or a reset is the endpoint's answer: ask it again (the
         # usual way reads the answer); after a timeout or a loss the balancer chooses.
-        timeout = kind == "timeout"
-        running.cluster.engine_flow_unanswered(engine_flow, reason if timeout else None)
         # The timed-out attempt was the flow's first: the usual way makes its retries.
-        waited = f"timed out after {running.cluster.config.connect_timeout:g}s"
-        failed = FailedOpen(engine_flow.endpoint, waited) if timeout else None
+        timeout = kind == "timeout"
+        failed = running.cluster.engine_flow_unanswered(engine_flow, reason if timeout else None)
         again = None if kind in ("timeout", "lost") else engine_flow.endpoint
         self._listener._in_python(self, flow, running, again, failed)
         self._close_when_idle()
 
-    def _release(self, flow: int) -> socket.socket | None:
+    def release(self, flow: int) -> socket.socket | None:
+        """The accepted connection ``flow`` as a socket the caller owns; None when the
+        engine dropped it (closed meanwhile) or it could not be taken (logged)."""
         try:
             return self.acceptor.release(flow)
-        except (QuicmeshError, OSError):
+        except (QuicmeshError, OSError) as exc:  # the socket could not be taken: lost
+            logger.warning(
+                "listener %s: a connection was lost: %s", self._listener.config.name, exc
+            )
             return None
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:

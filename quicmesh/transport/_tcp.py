@@ -165,7 +165,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self.bytes_received = 0
         self.log_id = f"{transport_name}-{next(_connection_ids)}"
         self._transport: asyncio.Transport | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._setup_timer: asyncio.TimerHandle | None = None
+        """(server) The deadline of the TLS handshake, then, on a connection carrying one
+        flow, of its CONNECT request (``handshake_timeout`` each)."""
         self._handshaking = True
         self._closing = False
         self._write_paused = False
@@ -182,7 +184,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
         _tune_socket(transport)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         if self._server_side:
-            self._handshake_timer = self._loop.call_later(
+            self._setup_timer = self._loop.call_later(
                 self._handshake_timeout, self._on_handshake_timeout
             )
         self._handshake()
@@ -207,7 +209,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self._cancel_handshake_timer()
+        self._cancel_setup_timer()
         if self.failure is None:
             if self._handshaking or not (self._server_side or self.ready.done()):
                 # Before the client is ready (TLS done, the peer's first message still to
@@ -327,7 +329,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
             return
         self._send_tls()
         self._handshaking = False
-        self._cancel_handshake_timer()
+        self._cancel_setup_timer()
         try:
             identity = self._verify_peer()
         except TunnelError as exc:
@@ -337,7 +339,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if self._server_side and self.session.awaiting_request:
             # One flow per connection (the tcp transport): its request is due within
             # the handshake's time too, or the connection would be held idle for ever.
-            self._handshake_timer = self._loop.call_later(
+            self._setup_timer = self._loop.call_later(
                 self._handshake_timeout, self._on_request_timeout
             )
         self.connection = TlsPeerConnection(
@@ -383,8 +385,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if chunks:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             connection.handle_events(session.receive_data(data))
-            if self._handshake_timer is not None and not session.awaiting_request:
-                self._cancel_handshake_timer()
+            if self._setup_timer is not None and not session.awaiting_request:
+                self._cancel_setup_timer()
         if eof and not self._close_notify_received:
             self._close_notify_received = True
             connection.handle_events(session.receive_eof())
@@ -469,19 +471,19 @@ class TlsTunnelProtocol(asyncio.Protocol):
         )
 
     def _on_handshake_timeout(self) -> None:
-        self._handshake_timer = None
+        self._setup_timer = None
         if self._handshaking:
             self._fail(ConnectError(f"TLS handshake not done in {self._handshake_timeout:g}s"))
 
     def _on_request_timeout(self) -> None:
-        self._handshake_timer = None
+        self._setup_timer = None
         if self.session is not None and self.session.awaiting_request and not self._closing:
             self._fail(ConnectError(f"no CONNECT request in {self._handshake_timeout:g}s"))
 
-    def _cancel_handshake_timer(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+    def _cancel_setup_timer(self) -> None:
+        if self._setup_timer is not None:
+            self._setup_timer.cancel()
+            self._setup_timer = None
 
 
 def _tune_socket(transport: asyncio.Transport) -> None:

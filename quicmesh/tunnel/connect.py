@@ -30,10 +30,12 @@ MAX_HEADER_BYTES = 16 * 1024
 """Total size of the extra headers' names and values, in bytes."""
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
-"""(fullmatch) An RFC 9110 token in lower case."""
-_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
-"""(fullmatch) Visible ASCII, inner spaces and tabs."""
+HEADER_NAME_PATTERN = r"[a-z0-9!#$%&'*+.^_`|~-]+"
+"""(fullmatch) An extra header's name: an RFC 9110 token in lower case."""
+HEADER_VALUE_PATTERN = r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?"
+"""(fullmatch) An extra header's value: visible ASCII, inner spaces and tabs."""
+_HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
+_HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN)
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 RESERVED_HEADERS = frozenset(

@@ -176,6 +176,17 @@ class FieldSectionBound:
 
     # -- header blocks ---------------------------------------------------------------
 
+    def length_bound(self, block_length: int) -> int:
+        """An upper bound of the decoded size of any header block of ``block_length``
+        bytes, from its length alone (a block the walk of :meth:`section_size` cannot
+        read, or one too short to need it): the shortest field line is one byte and
+        refers to at most a table entry (no larger than the capacity announced,
+        overhead included) or a static one (``MAX_STATIC_FIELD``, plus the overhead);
+        every other line takes more bytes for less (a literal decodes to at most 8/5
+        of its length)."""
+        per_byte = max(self.max_table_capacity, MAX_STATIC_FIELD + FIELD_OVERHEAD)
+        return block_length * per_byte
+
     def section_size(self, block: bytes, stop_above: int | None = None) -> int:
         """An upper bound of the decoded size of one header block (RFC 9204 4.5).
 
