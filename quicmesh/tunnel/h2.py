@@ -71,12 +71,13 @@ SEND_QUANTUM = 16 * 1024
 """Bytes one stream may send per round-robin turn."""
 
 H2_MAX_STREAM_RATE = 10_000.0
-"""New streams per second a peer may open on one HTTP/2 connection (after a first
-``max_streams``), the h2 transport's default: far above what a legitimate client opens
-on one connection (the Python h2 hop carries about 1,500 new flows a second), far below
-a rapid-reset flood (70,000 a second from one connection), so only a flood is refused.
-h2 has no stream credit to hold back as QUIC does (``max_stream_rate``, 1000 a second
-per identity): a stream above the rate can only be refused."""
+"""New streams per second a peer may open on one HTTP/2 connection (after a first burst
+of a tenth of a second's worth, at least ``max_streams``), the h2 transport's default:
+far above what a legitimate client opens on one connection (the Python h2 hop carries
+about 1,500 new flows a second), far below a rapid-reset flood (70,000 a second from one
+connection), so only a flood is refused. h2 has no stream credit to hold back as QUIC
+does (``max_stream_rate``, 1000 a second per identity): a stream above the rate can
+only be refused."""
 
 REFUSAL_BURST = 4
 """Streams refused for the rate that a connection may accumulate, in bursts of the
@@ -349,7 +350,7 @@ class H2TunnelSession(TunnelSession):
     def _refuse_for_rate(self, stream_id: int) -> list[events.TunnelEvent]:
         """A new stream above ``max_stream_rate``: refused unprocessed (REFUSED_STREAM, so
         a client may retry it), no handler started. Refusals have a budget of their
-        own, the same rate over a burst of ``REFUSAL_BURST * max_streams``: a client a
+        own, the same rate over ``REFUSAL_BURST`` bursts of the rate: a client a
         little above the rate, or a burst, only sees refusals; a peer far above it
         (rapid reset) loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does
         for the same attack."""
