@@ -34,6 +34,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -134,6 +135,47 @@ class _Stream:
         """The peer's END_STREAM arrived."""
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, with a new stream past our SETTINGS_MAX_CONCURRENT_STREAMS
+    left for the session to refuse.
+
+    h2 treats a HEADERS frame that opens a stream past the limit as a connection error
+    (``TooManyStreamsError``), and raises it before it decodes the frame's field block,
+    so every other flow on the connection ended with it (a client that opened streams
+    before it saw a lowered limit, or a faulty one). RFC 9113 5.1.2 allows a stream
+    error instead, REFUSED_STREAM, which leaves the others alone and tells the client
+    the stream was not processed. h2's check is the only reader of
+    ``open_inbound_streams`` while a HEADERS frame is received; it is switched off
+    there, so the stream opens and its field block is decoded (HPACK state belongs to
+    the connection: a block left undecoded would garble every later one); such streams
+    are noted in :attr:`past_limit`, for :meth:`H2TunnelSession._on_request` to refuse
+    as it takes their request.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.past_limit: set[int] = set()
+        """New streams opened past the limit, not yet refused."""
+        self._receiving_headers = False
+
+    @property
+    def open_inbound_streams(self) -> int:
+        count = super().open_inbound_streams
+        return 0 if self._receiving_headers else count
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        if (
+            frame.stream_id not in self.streams
+            and self.open_inbound_streams >= self.local_settings.max_concurrent_streams
+        ):
+            self.past_limit.add(frame.stream_id)
+        self._receiving_headers = True
+        try:
+            return super()._receive_headers_frame(frame)
+        finally:
+            self._receiving_headers = False
+
+
 class H2TunnelSession(TunnelSession):
     """CONNECT tunnels over one HTTP/2 connection.
 
@@ -175,6 +217,8 @@ class H2TunnelSession(TunnelSession):
             self._refusal_budget = StreamRate(max_stream_rate, REFUSAL_BURST * burst, now)
         self.streams_refused_for_rate = 0
         """New streams refused (REFUSED_STREAM) because the peer was above the rate."""
+        self.streams_refused_over_limit = 0
+        """New streams refused (REFUSED_STREAM) because ``max_streams`` were open."""
         config = h2.config.H2Configuration(
             client_side=is_client,
             header_encoding=None,
@@ -183,7 +227,7 @@ class H2TunnelSession(TunnelSession):
             normalize_outbound_headers=True,
             normalize_inbound_headers=True,
         )
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = _H2Connection(config)
         settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
@@ -347,17 +391,16 @@ class H2TunnelSession(TunnelSession):
             return [events.ConnectionTerminated(code, reason or f"GOAWAY (error code {code:#x})")]
         return []
 
-    def _refuse_for_rate(self, stream_id: int) -> list[events.TunnelEvent]:
-        """A new stream above ``max_stream_rate``: refused unprocessed (REFUSED_STREAM, so
-        a client may retry it), no handler started. Refusals have a budget of their
-        own, the same rate over ``REFUSAL_BURST`` bursts of the rate: a client a
-        little above the rate, or a burst, only sees refusals; a peer far above it
-        (rapid reset) loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does
-        for the same attack."""
-        self.streams_refused_for_rate += 1
-        assert self._refusal_budget is not None
-        if not self._refusal_budget.take(1, self._clock()):
-            reason = "new streams above max_stream_rate"
+    def _refuse_unprocessed(self, stream_id: int) -> list[events.TunnelEvent]:
+        """A new stream above ``max_stream_rate``, or past ``max_streams`` open ones:
+        refused unprocessed (REFUSED_STREAM, so a client may retry it), no handler
+        started. Refusals have a budget of their own (server sessions), the rate over
+        ``REFUSAL_BURST`` bursts of the rate: a client a little above the rate or the
+        limit, or a burst, only sees refusals; a peer far above them (rapid reset)
+        loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does for the same
+        attack."""
+        if self._refusal_budget is not None and not self._refusal_budget.take(1, self._clock()):
+            reason = "too many new streams refused (max_stream_rate, max_streams)"
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.h2.close_connection(
                     error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
@@ -398,8 +441,13 @@ class H2TunnelSession(TunnelSession):
     def _on_request(self, event: h2.events.RequestReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None
+        if stream_id in self.h2.past_limit:
+            self.h2.past_limit.discard(stream_id)
+            self.streams_refused_over_limit += 1
+            return self._refuse_unprocessed(stream_id)
         if self._stream_rate is not None and not self._stream_rate.take(1, self._clock()):
-            return self._refuse_for_rate(stream_id)
+            self.streams_refused_for_rate += 1
+            return self._refuse_unprocessed(stream_id)
         try:
             request = parse_connect_request((bytes(n), bytes(v)) for n, v in event.headers or [])
         except TunnelUsageError as exc:

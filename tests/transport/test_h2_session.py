@@ -455,3 +455,59 @@ def test_a_peer_that_keeps_on_above_the_rate_loses_its_connection() -> None:
 
 def test_a_client_session_has_no_stream_rate() -> None:
     assert H2TunnelSession(is_client=True, max_stream_rate=1.0)._stream_rate is None
+
+
+def test_a_stream_past_the_concurrency_limit_is_refused_and_the_others_carry_on() -> None:
+    """RFC 9113 5.1.2: a stream past our SETTINGS_MAX_CONCURRENT_STREAMS is a stream
+    error (REFUSED_STREAM); h2 made it a connection error and closed every flow. Here
+    the client opens three streams before it has seen the server's limit of 2 (as a
+    client does after a limit is lowered), the header blocks sharing HPACK's dynamic
+    table: the third is refused unprocessed, and the connection, the first two
+    streams and the table (a later stream's headers read back intact) carry on."""
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False, max_streams=2)
+    server.receive_data(raw.data_to_send())
+    fields = [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x-flow", b"mesh-flow")]
+    for stream_id in (1, 3, 5):
+        raw.send_headers(stream_id, fields)
+    server_events = server.receive_data(raw.data_to_send())
+    assert [e.stream_id for e in server_events if isinstance(e, events.StreamRequested)] == [1, 3]
+    assert not any(isinstance(e, events.ConnectionTerminated) for e in server_events)
+    assert server.streams_refused_over_limit == 1
+    raw_events = raw.receive_data(server.data_to_send())
+    refused = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in refused] == [(5, ErrorCodes.REFUSED_STREAM)]
+    server.respond(1, 200)
+    raw.receive_data(server.data_to_send())
+    raw.send_data(1, b"still here")
+    raw.reset_stream(3, ErrorCodes.CANCEL)  # frees a slot
+    raw.send_headers(7, fields)
+    server_events = server.receive_data(raw.data_to_send())
+    assert payload_of(server_events, 1) == b"still here"
+    assert events.StreamRequested(7, "a:1", {"x-flow": "mesh-flow"}) in server_events
+    assert not server.closed
+
+
+def test_a_peer_that_keeps_opening_past_the_limit_loses_its_connection() -> None:
+    """Refusals past the limit draw on the same budget as those above the rate: one
+    stream open (the limit), then four refused (the budget at 10/s: 4 bursts of 1),
+    then GOAWAY ENHANCE_YOUR_CALM."""
+    clock = _Clock()
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False, max_streams=1, max_stream_rate=10.0, clock=clock)
+    server.receive_data(raw.data_to_send())
+    fields = [(b":method", b"CONNECT"), (b":authority", b"a:1")]
+    for stream_id in range(1, 12, 2):
+        raw.send_headers(stream_id, fields)
+    server_events = server.receive_data(raw.data_to_send())
+    assert [e.stream_id for e in server_events if isinstance(e, events.StreamRequested)] == [1]
+    assert server.streams_refused_over_limit == 5
+    terminated = [e for e in server_events if isinstance(e, events.ConnectionTerminated)]
+    assert [e.error_code for e in terminated] == [ErrorCodes.ENHANCE_YOUR_CALM]
+    assert server.closed
