@@ -438,10 +438,10 @@ impl Failure {
                 None => error.to_string(),
             },
             Failure::PeerReset(code) | Failure::PeerStopped(code) => {
-                let kind = if *code == H3_CONNECT_ERROR {
-                    "destination connect error"
-                } else {
-                    "reset"
+                let kind = match self {
+                    _ if *code == H3_CONNECT_ERROR => "destination connect error",
+                    Failure::PeerStopped(_) => "stopped (STOP_SENDING)",
+                    _ => "reset",
                 };
                 format!("stream {stream} {kind} by peer (error code {code:#x})")
             }
@@ -537,6 +537,7 @@ async fn upstream(
         return Err(Failure::Quic("the stream can no longer send".into()));
     };
     let mut discard = false;
+    let mut watching = true;
     let mut buffer = BytesMut::new();
     let mut pending: Vec<Bytes> = queued.drain(..).collect();
     if !prefix.is_empty() {
@@ -559,9 +560,25 @@ async fn upstream(
         }
         pending.clear();
         held.store(0, Ordering::Relaxed);
+        // The peer's STOP_SENDING is heard while the TCP side is quiet too, not only at
+        // the next write: with an error it fails the flow now (both sides reset with the
+        // peer's code, as the Python pump does); with H3_NO_ERROR what comes is dropped.
+        let stopped = send.stopped();
         let frame = tokio::select! {
             frame = read_data_frame(tcp, &mut buffer) => frame.map_err(Failure::Tcp)?,
             error = connection.closed() => return Err(Failure::Quic(error.to_string())),
+            stopped = stopped, if !discard && watching => match stopped {
+                Ok(Some(code)) if code.into_inner() == H3_NO_ERROR => {
+                    discard = true;
+                    continue;
+                }
+                Ok(Some(code)) => return Err(Failure::PeerStopped(code.into_inner())),
+                Ok(None) => {
+                    watching = false; // finished and acknowledged: not before our FIN
+                    continue;
+                }
+                Err(error) => return Err(Failure::Quic(error.to_string())),
+            },
         };
         let Some((read, frame)) = frame else {
             if discard {

@@ -229,6 +229,57 @@ def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
     assert "0x10f" in client_saw  # H3_CONNECT_ERROR, as the Python pump sends
 
 
+def test_a_peer_stop_sending_resets_a_quiet_tcp_side_at_once() -> None:
+    """A peer's STOP_SENDING with an error code fails the flow when it arrives, as the
+    Python pump does, also while the TCP side has nothing to send (the splice heard of
+    it only at its next write before: a TCP peer waiting to be asked waited for ever);
+    with H3_NO_ERROR (``close()`` before the answer) the flow goes on."""
+
+    async def main() -> tuple[str, SpliceOutcome]:
+        results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
+        tcp_ends: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+        async def handler(stream: MeshStream) -> None:
+            sock, reader, writer = await tcp_pair()
+            tcp_ends.put_nowait((reader, writer))
+            results.put_nowait(await stream.splice_socket(sock))
+
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        reader, _ = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+        conn.quic.stop_stream(stream.stream_id, 0x10C)  # the engine's own call
+        conn.transmit()
+        try:
+            await asyncio.wait_for(reader.read(), 10)
+            tcp_saw = "clean end"
+        except ConnectionResetError:
+            tcp_saw = "reset"
+        outcome = await asyncio.wait_for(results.get(), 10)
+        # A polite stop (H3_NO_ERROR, with our FIN) leaves the flow to end as usual.
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"y")
+        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"y"
+        stream.close()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.write(b"dropped")
+        writer.close()
+        polite = await asyncio.wait_for(results.get(), 10)
+        assert polite.error == ""
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        return tcp_saw, outcome
+
+    tcp_saw, outcome = run(main())
+    assert tcp_saw == "reset"
+    assert "STOP_SENDING" in outcome.error and "0x10c" in outcome.error
+    assert outcome.bytes_from_stream == 1
+
+
 def test_other_engines_do_not_splice() -> None:
     payload = hashlib.sha256(b"seed").digest() * 5000
 
