@@ -59,6 +59,25 @@ async def tcp_pair() -> tuple[socket.socket, asyncio.StreamReader, asyncio.Strea
     return sock, reader, writer
 
 
+TcpEnds = asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+
+
+async def splicing_pair() -> tuple[Any, Any, TcpEnds, asyncio.Queue[SpliceOutcome]]:
+    """A native listener whose handler splices each stream to a new loopback TCP
+    connection, and a client connected to it; the TCP ends and the outcomes, in order."""
+    results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
+    tcp_ends: TcpEnds = asyncio.Queue()
+
+    async def handler(stream: MeshStream) -> None:
+        sock, reader, writer = await tcp_pair()
+        tcp_ends.put_nowait((reader, writer))
+        results.put_nowait(await stream.splice_socket(sock))
+
+    listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+    conn = await transport("native", CLIENT).connect(listener.address)
+    return listener, conn, tcp_ends, results
+
+
 def test_bytes_held_in_python_go_first_and_the_flow_ends_cleanly() -> None:
     rng = random.Random(7)
     upload = rng.randbytes(300_000)
@@ -175,16 +194,7 @@ def test_streams_handed_over_while_their_bytes_arrive_lose_and_repeat_none(
 
 def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
     async def main() -> tuple[str, SpliceOutcome, SpliceOutcome, str]:
-        results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
-        tcp_ends: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-        async def handler(stream: MeshStream) -> None:
-            sock, reader, writer = await tcp_pair()
-            tcp_ends.put_nowait((reader, writer))
-            results.put_nowait(await stream.splice_socket(sock))
-
-        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport("native", CLIENT).connect(listener.address)
+        listener, conn, tcp_ends, results = await splicing_pair()
 
         # 1. The client aborts its stream: the TCP peer sees a reset.
         stream = await conn.open_stream(TARGET)
@@ -236,16 +246,7 @@ def test_a_peer_stop_sending_resets_a_quiet_tcp_side_at_once() -> None:
     with H3_NO_ERROR (``close()`` before the answer) the flow goes on."""
 
     async def main() -> tuple[str, SpliceOutcome]:
-        results: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
-        tcp_ends: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-        async def handler(stream: MeshStream) -> None:
-            sock, reader, writer = await tcp_pair()
-            tcp_ends.put_nowait((reader, writer))
-            results.put_nowait(await stream.splice_socket(sock))
-
-        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport("native", CLIENT).connect(listener.address)
+        listener, conn, tcp_ends, results = await splicing_pair()
         stream = await conn.open_stream(TARGET)
         stream.write(b"x")
         reader, _ = await asyncio.wait_for(tcp_ends.get(), 10)
