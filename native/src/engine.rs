@@ -307,6 +307,9 @@ pub enum Event {
         /// Its first read is under way ([`Shared::set_first_read`]): a `Data` event follows
         /// without a read request.
         read_started: bool,
+        /// That read took one of the connection's read permits
+        /// ([`Shared::grant_read_permits`]).
+        permit_used: bool,
     },
     /// Data read on a stream (in answer to a read request); `fin`: the peer finished it.
     Data {
@@ -630,6 +633,10 @@ pub struct Shared {
     pub read_handovers: Mutex<HashMap<(u64, u64), tokio::sync::oneshot::Receiver<RecvHandover>>>,
     /// How much of a stream the peer opened is read at once, before Python asks (0: none).
     first_read: AtomicUsize,
+    /// (server) Connections whose peer's new bidirectional streams are read at once only
+    /// with a permit ([`Shared::grant_read_permits`]), and the permits left; a connection
+    /// not named here has no such limit.
+    read_permits: Mutex<HashMap<u64, usize>>,
     /// Python's commands, when they are deferred to a flush ([`Outbox`]).
     outbox: Arc<Outbox>,
     next_id: AtomicU64,
@@ -655,6 +662,7 @@ impl Shared {
             early: Mutex::new(HashMap::new()),
             read_handovers: Mutex::new(HashMap::new()),
             first_read: AtomicUsize::new(0),
+            read_permits: Mutex::new(HashMap::new()),
             outbox: Arc::default(),
             next_id: AtomicU64::new(1),
         };
@@ -678,6 +686,44 @@ impl Shared {
 
     fn first_read(&self) -> Option<usize> {
         Some(self.first_read.load(Ordering::Relaxed)).filter(|max| *max > 0)
+    }
+
+    /// (server) Give `conn` `count` more permits to read a new bidirectional stream of the
+    /// peer's at once; from the first call on, one without a permit is left unread until
+    /// Python asks. Python's new-stream rate holds a stream beyond the rate in its slot by
+    /// not reading it (quinn frees a stream's slot, and grants the peer a new one, once its
+    /// reset has been read): a first read made regardless found the reset of a churner's
+    /// stream when the engine came to it after the peer's RESET_STREAM (under load), and
+    /// freed the slot before Python could hold it. A permit is a token Python took ahead.
+    pub fn grant_read_permits(&self, conn: u64, count: usize) {
+        let mut permits = lock(&self.read_permits);
+        let left = permits.entry(conn).or_insert(0);
+        *left = left.saturating_add(count);
+    }
+
+    /// (server) Take back the read permits `conn` has left (its peer's rate was lowered:
+    /// tokens taken ahead at the old rate would let that many streams by at once).
+    pub fn revoke_read_permits(&self, conn: u64) -> usize {
+        lock(&self.read_permits)
+            .get_mut(&conn)
+            .map_or(0, std::mem::take)
+    }
+
+    /// The first read of a new bidirectional stream the peer opened on `conn`, if any (the
+    /// endpoint's, where the connection has no permits to count or one is left), and
+    /// whether it took a permit.
+    fn first_read_of_request(&self, conn: u64) -> (Option<usize>, bool) {
+        let Some(first_read) = self.first_read() else {
+            return (None, false);
+        };
+        match lock(&self.read_permits).get_mut(&conn) {
+            None => (Some(first_read), false),
+            Some(0) => (None, false),
+            Some(left) => {
+                *left -= 1;
+                (Some(first_read), true)
+            }
+        }
     }
 
     /// From now on, queue Python's commands until its next [`Shared::flush`]; a task on the
@@ -1036,13 +1082,14 @@ impl Shared {
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         let stream = u64::from(send.id());
-                        let first_read = self.first_read();
+                        let (first_read, permit_used) = self.first_read_of_request(id);
                         self.start_stream(id, stream, Some(send), Some(recv), first_read, false);
                         self.push(Event::StreamAccepted {
                             conn: id,
                             stream,
                             bidirectional: true,
                             read_started: first_read.is_some(),
+                            permit_used,
                         });
                     }
                     Err(_) => break,
@@ -1057,6 +1104,7 @@ impl Shared {
                             stream,
                             bidirectional: false,
                             read_started: first_read.is_some(),
+                            permit_used: false,
                         });
                     }
                     Err(_) => break,
@@ -1069,6 +1117,7 @@ impl Shared {
         lock(&self.stream_ends).remove(&id);
         lock(&self.connections).remove(&id);
         lock(&self.early).remove(&id);
+        lock(&self.read_permits).remove(&id);
         // What the peer sent and quinn received in order is still readable after the close
         // (quinn hands out a closed connection's received stream data until none is left),
         // but the receive tasks read only on request: have each give what it holds before

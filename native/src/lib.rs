@@ -157,7 +157,16 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             stream,
             bidirectional,
             read_started,
-        } => ("stream_accepted", conn, stream, bidirectional, read_started).into_py_any(py),
+            permit_used,
+        } => (
+            "stream_accepted",
+            conn,
+            stream,
+            bidirectional,
+            read_started,
+            permit_used,
+        )
+            .into_py_any(py),
         Event::Data {
             conn,
             stream,
@@ -325,9 +334,12 @@ const INCOMING_BUFFER_BYTES_TOTAL: u64 = 16 << 20;
 #[pyclass(module = "quicmesh._native", frozen)]
 struct Endpoint {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
-    /// The socket quinn uses now (what [`Endpoint::rebind`] moves from).
-    socket: Mutex<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// quinn's endpoint, until [`Endpoint::close`] lets it go: quinn keeps its UDP socket
+    /// (the port stays bound) while any handle to the endpoint lives, and Python may keep
+    /// this object long after it closed it (a reload's replaced listener or cluster).
+    endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The socket quinn uses now (what [`Endpoint::rebind`] moves from), until closed.
+    socket: Mutex<Option<Arc<dyn quinn::AsyncUdpSocket>>>,
     wake: UnixStream,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
@@ -644,8 +656,8 @@ impl Endpoint {
         }
         Ok(Endpoint {
             shared,
-            endpoint,
-            socket: Mutex::new(socket),
+            endpoint: Mutex::new(Some(endpoint)),
+            socket: Mutex::new(Some(socket)),
             wake,
             client_crypto,
             transport,
@@ -679,7 +691,7 @@ impl Endpoint {
         let roots = trust_roots(trust_pem)?;
         let config = tls.build(chain, key, &roots, trust_pem)?;
         let mut current = lock(&tls.current);
-        self.endpoint.set_server_config(Some(config.clone()));
+        self.quinn()?.set_server_config(Some(config.clone()));
         *current = Some(config);
         Ok(())
     }
@@ -709,7 +721,7 @@ impl Endpoint {
     /// The local `(host, port)` the socket is bound to.
     fn local_address(&self) -> PyResult<(String, u16)> {
         let address = self
-            .endpoint
+            .quinn()?
             .local_addr()
             .map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         Ok((address.ip().to_string(), address.port()))
@@ -748,7 +760,7 @@ impl Endpoint {
         // Registered before the first flight leaves: an ICMP error may come back at once.
         lock(&self.shared.connecting).insert(token, (address, None));
         let connecting = self
-            .endpoint
+            .quinn()?
             .connect_with(config, address, server_name)
             .map_err(|e| {
                 lock(&self.shared.connecting).remove(&token);
@@ -940,6 +952,19 @@ impl Endpoint {
     /// take data out of quinn, so only they open the peer's credit.
     fn read(&self, conn: u64, stream: u64, max_bytes: usize) -> PyResult<()> {
         self.recv_command(conn, stream, RecvCmd::Read(max_bytes))
+    }
+
+    /// (server) Give connection `conn` `count` more permits to read a new request stream of
+    /// the peer's at once (the endpoint's first read); once given any, a stream without one
+    /// is left unread until Python asks (`read`), so Python's new-stream rate can hold it in
+    /// its slot. See `engine::Shared::grant_read_permits`.
+    fn grant_read_permits(&self, conn: u64, count: usize) {
+        self.shared.grant_read_permits(conn, count);
+    }
+
+    /// (server) Take back the read permits connection `conn` has left; returns how many.
+    fn revoke_read_permits(&self, conn: u64) -> usize {
+        self.shared.revoke_read_permits(conn)
     }
 
     /// Abort the receiving side with STOP_SENDING(`code`); returns whether it was still open.
@@ -1430,13 +1455,16 @@ impl Endpoint {
         let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared))
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let mut current = lock(&self.socket);
-        let socket = rebind::MigratedSocket::wrap(socket, Arc::clone(&current), grace);
-        self.endpoint
+        let Some(old) = current.as_ref() else {
+            return Err(quicmesh_error("ConnectError", "the endpoint is closed"));
+        };
+        let socket = rebind::MigratedSocket::wrap(socket, Arc::clone(old), grace);
+        self.quinn()?
             .rebind_abstract(Arc::clone(&socket))
             .map_err(|e| {
                 quicmesh_error("ConnectError", format!("cannot move to {address}: {e}"))
             })?;
-        *current = socket;
+        *current = Some(socket);
         drop(current);
         self.local_address()
     }
@@ -1463,14 +1491,30 @@ impl Endpoint {
     /// Close every connection and stop accepting.
     #[pyo3(signature = (code=0, reason=""))]
     fn close(&self, code: u64, reason: &str) -> PyResult<()> {
+        let code = varint("error code", code)?;
         self.shared.run_commands_now();
-        self.endpoint
-            .close(varint("error code", code)?, reason.as_bytes());
+        self.let_go(code, reason.as_bytes());
         Ok(())
     }
 }
 
 impl Endpoint {
+    /// quinn's endpoint, while open.
+    fn quinn(&self) -> PyResult<quinn::Endpoint> {
+        lock(&self.endpoint)
+            .clone()
+            .ok_or_else(|| quicmesh_error("ConnectError", "the endpoint is closed"))
+    }
+
+    /// Close every connection and let go of quinn's endpoint and its socket: once the
+    /// connections have drained, quinn's driver ends and the UDP port is free again.
+    fn let_go(&self, code: VarInt, reason: &[u8]) {
+        if let Some(endpoint) = lock(&self.endpoint).take() {
+            endpoint.close(code, reason);
+        }
+        lock(&self.socket).take();
+    }
+
     fn connection(&self, conn: u64) -> PyResult<quinn::Connection> {
         lock(&self.shared.connections)
             .get(&conn)
@@ -1575,7 +1619,7 @@ impl Drop for Endpoint {
         self.shared.run_commands_now();
         self.shared.close_outbox();
         let _entered = runtime().ok().map(|rt| rt.enter());
-        self.endpoint.close(VarInt::from_u32(0), b"");
+        self.let_go(VarInt::from_u32(0), b"");
     }
 }
 

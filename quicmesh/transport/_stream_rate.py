@@ -27,6 +27,7 @@ other identities keep theirs.
 from __future__ import annotations
 
 import weakref
+from typing import Protocol
 
 DEFAULT_STREAM_RATE = 1000.0
 """New streams per second one peer identity may open, over all its connections."""
@@ -34,6 +35,13 @@ DEFAULT_STREAM_RATE = 1000.0
 
 UNLIMITED = 1e9
 """The rate a bucket gets when its identity is no longer limited."""
+
+
+class TokenHolder(Protocol):
+    """What keeps tokens of a :class:`StreamRate` taken ahead."""
+
+    def drop_tokens_held(self) -> None:
+        """Give up the tokens taken ahead: the rate was lowered."""
 
 
 class StreamRate:
@@ -51,6 +59,12 @@ class StreamRate:
         self.burst = max(1.0, burst)
         self._tokens = self.burst
         self._at = now
+        self._holders: weakref.WeakSet[TokenHolder] = weakref.WeakSet()
+
+    def hold_tokens_for(self, holder: TokenHolder) -> None:
+        """``holder`` keeps tokens taken ahead (the native engine's read permits): it is
+        told to give them up when the rate is lowered, so that it applies at once."""
+        self._holders.add(holder)
 
     def take(self, wanted: int, now: float) -> int:
         """Grant up to ``wanted`` credits now; return how many."""
@@ -72,9 +86,13 @@ class StreamRate:
         if rate <= 0:
             raise ValueError("stream rate must be positive")
         self.take(0, now)
-        if rate < self.rate:
+        lowered = rate < self.rate
+        if lowered:
             self._tokens = min(self._tokens, 1.0)
         self.rate = rate
+        if lowered:
+            for holder in list(self._holders):
+                holder.drop_tokens_held()
 
 
 class StreamRates:

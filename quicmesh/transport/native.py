@@ -305,7 +305,12 @@ class NativeEndpoint:
             connection._open_failed(token, message)
 
     def _on_stream_accepted(
-        self, conn: int, stream: int, bidirectional: bool, read_started: bool = False
+        self,
+        conn: int,
+        stream: int,
+        bidirectional: bool,
+        read_started: bool = False,
+        permit_used: bool = False,
     ) -> None:
         connection = self._connection(conn)
         if connection is not None:

@@ -62,25 +62,30 @@ def test_a_new_streams_request_reaches_python_with_no_read_request(
     assert asked_before_data == {}
 
 
-def test_a_held_streams_first_read_reaches_http3_when_it_is_served(
+def test_held_streams_are_left_unread_and_served_whole_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Streams over the identity's rate wait unserved; the engine read their requests at
-    once all the same, and what that gave was kept. Served later (the rate's timer), each
-    flow is whole: the request, its payload and its FIN, in order."""
+    """Streams over the identity's rate wait unserved and unread: the engine reads a new
+    stream at once only with a read permit (a token taken ahead), so a held stream keeps
+    its slot (a read that met a churner's reset freed it). Served later (the rate's
+    timer), each flow is whole: the request, its payload and its FIN, in order."""
     require_engine("native")
     from quicmesh.transport.quic.native_engine import NativeConnection
 
-    kept: list[int] = []
-    hold_event = NativeConnection._hold_event
+    decisions: list[tuple[bool, bool]] = []
+    admitted = NativeConnection._stream_admitted
 
-    def counting_hold_event(self: NativeConnection, stream_id: int, event: Any) -> None:
-        if stream_id in self._held_events:
-            kept.append(stream_id)
-        hold_event(self, stream_id, event)
+    def recording(
+        self: NativeConnection, stream_id: int, read_started: bool, permit_used: bool
+    ) -> bool:
+        served = admitted(self, stream_id, read_started, permit_used)
+        decisions.append((read_started, served))
+        return served
 
-    monkeypatch.setattr(NativeConnection, "_hold_event", counting_hold_event)
+    monkeypatch.setattr(NativeConnection, "_stream_admitted", recording)
     uploads = [b"%d:" % n + bytes([n]) * 50_000 for n in range(12)]
     server = server_transport(engine="native", max_streams=2, max_stream_rate=20.0)
     assert run(echoed(server, uploads)) == uploads
-    assert kept  # some streams were held, with what their first read gave
+    held = [read for read, served in decisions if not served]
+    assert held  # some streams were held
+    assert not any(held)  # and none of them had been read

@@ -14,10 +14,13 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -849,19 +852,28 @@ def test_the_native_engine_forgets_finished_streams() -> None:
     run(main())
 
 
-@pytest.mark.parametrize("engine", ["aioquic", "native"])
-def test_a_churner_that_stops_its_streams_is_held_to_the_stream_rate(engine: str) -> None:
+@pytest.mark.parametrize(
+    ("engine", "client_engine"),
+    [("aioquic", "aioquic"), ("native", "native"), ("native", "aioquic")],
+)
+def test_a_churner_that_stops_its_streams_is_held_to_the_stream_rate(
+    engine: str, client_engine: str
+) -> None:
     """``max_stream_rate``: a client that opens streams and aborts them at once
     (RESET_STREAM and STOP_SENDING, as a rapid-reset attacker) gets no more new
     streams than ``max_streams`` plus the rate allows. On native a stream held for its
     token was torn down, and its slot freed, by the peer's STOP_SENDING (opened at
-    about 2.6 times the rate before)."""
+    about 2.6 times the rate before); and the engine's first read of a new stream
+    freed it when the reset had come before the engine got to the stream (under load:
+    1.5 to 6 times the rate), which the aioquic client's one datagram of HEADERS and
+    RESET_STREAM makes more likely; now only a stream with a read permit is read at
+    once."""
 
     async def main() -> None:
         rate, seconds = 20.0, 2.0
         server = transport(engine, SERVER, max_streams=8, max_stream_rate=rate)
         listener = await server.listen(("127.0.0.1", 0), echo)
-        conn = await transport(engine).connect(listener.address)
+        conn = await transport(client_engine).connect(listener.address)
         opened = 0
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
@@ -876,7 +888,10 @@ def test_a_churner_that_stops_its_streams_is_held_to_the_stream_rate(engine: str
                 opened += 1
                 stream.write(b"x")
                 stream.abort()
-            assert opened <= 8 + rate * seconds * 1.5, opened
+            # The first 8 are free, the bucket starts full (8), 8 more may wait in their
+            # slots, held, when the time is up; the rest come at the rate (with slack for
+            # a loaded machine's timing: a leak lets through several times the rate).
+            assert opened <= 3 * 8 + rate * seconds * 1.25, opened
             assert opened >= rate * seconds / 2, opened  # held to the rate, not stopped
         finally:
             conn.close()
@@ -928,5 +943,60 @@ def test_the_http3_session_forgets_finished_streams(engine: str) -> None:
             await conn.wait_closed()
             listener.close()
             await listener.wait_closed()
+
+    run(main())
+
+
+def _udp_sockets_of_this_process() -> int:
+    inodes = set()
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        inodes.add(line.split()[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+    return count
+
+
+def _udp_port_free(port: int) -> bool:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_closed_endpoints_give_their_udp_sockets_back_while_still_referenced(
+    engine: str,
+) -> None:
+    """A closed listener frees its port, and a client transport closed with ``aclose``
+    its socket, though the objects live on (a sidecar's reload keeps the replaced
+    listener and cluster around): on the native engine quinn kept the socket while the
+    extension's endpoint object held a handle, so a reload that moved a listener and
+    moved it back was refused ("Address already in use" by the sidecar itself), and each
+    cluster rebuilt leaked a socket."""
+
+    async def main() -> None:
+        before = _udp_sockets_of_this_process()
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        port = listener.address[1]
+        client = transport(engine)
+        conn = await client.connect(listener.address)
+        assert await exchange(conn, b"x") == b"x"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        await client.aclose()
+        await until(lambda: _udp_port_free(port))
+        await until(lambda: _udp_sockets_of_this_process() <= before)
+        assert listener is not None and conn is not None  # still referenced
 
     run(main())

@@ -200,3 +200,25 @@ def test_a_cut_empties_the_bucket_and_later_connections_get_the_cut_rate() -> No
     assert unlimited.for_identity("spiffe://c", 0.0) is None
     unlimited.set_rate("spiffe://b", None, 1.0)
     assert slowed.take(1000, 2.0) == 5 and unlimited.rate_of("spiffe://b") is None
+
+
+def test_holders_of_tokens_taken_ahead_give_them_up_when_the_rate_is_lowered() -> None:
+    """The native engine keeps tokens taken ahead as read permits: a cut (the loop-lag
+    governor, ``denied_stream_rate``) must reach them at once, or that many streams
+    pass at the old rate (17 where 11 may in the governor's test); a raise must not."""
+
+    class Holder:
+        dropped = 0
+
+        def drop_tokens_held(self) -> None:
+            self.dropped += 1
+
+    bucket = StreamRate(1000.0, 8, 0.0)
+    holder = Holder()
+    bucket.hold_tokens_for(holder)
+    bucket.set_rate(2000.0, 0.0)
+    assert holder.dropped == 0
+    bucket.set_rate(1.0, 0.0)
+    assert holder.dropped == 1
+    del holder  # held weakly: a closed connection is not kept
+    bucket.set_rate(0.5, 0.0)

@@ -76,9 +76,10 @@ rather than pretending:
   the sidecar's loop-lag governor): quinn grants MAX_STREAMS itself, so the
   identity's bucket is applied in this driver by holding streams beyond the rate
   in their slot (:meth:`NativeConnection.attach_stream_rate`): the peer then
-  waits for credit, as with aioquic's withheld MAX_STREAMS. What the engine's
-  first read of a held stream gave (at most :data:`READ_CHUNK`) waits here, and
-  reaches HTTP/3 when the stream is served.
+  waits for credit, as with aioquic's withheld MAX_STREAMS. The engine reads a new
+  stream at once only with a read permit (a token taken ahead, at most
+  :data:`READ_PERMITS_AHEAD`): a held stream is never read before it is served, so
+  its slot stays taken even when the peer reset it.
 * **Liveness**: quinn sends the keepalive PINGs (``keep_alive``); the driver's
   liveness rules (``max_probe_timeouts``, ``dead_after``) run on quinn's
   counters, sampled (:meth:`NativeConnection.sample_liveness`,
@@ -213,6 +214,12 @@ NOT_BUILT = (
     "or use engine 'aioquic'"
 )
 """The one-line error for ``engine="native"`` without the extension."""
+
+READ_PERMITS_AHEAD = 16
+"""(server, with a new-stream rate) Tokens taken ahead for the engine to read that many
+new request streams at once (:meth:`NativeConnection.attach_stream_rate`): enough for a
+busy client's streams between two of this side's looks, few enough that an identity's
+idle connections do not sit on much of its bucket."""
 
 MTU_DISCOVERY_MAX = 6550
 """The largest UDP payload quinn's path MTU discovery probes for, and the largest a
@@ -790,14 +797,15 @@ class NativeConnection:
         """(server) The peer identity's new-stream bucket (:meth:`attach_stream_rate`)."""
         self._free_streams = pump.max_streams
         """(server) Peer streams still served without a token (the first ``max_streams``)."""
+        self._read_permits = 0
+        """(server) Read permits the engine holds, as far as this side knows
+        (:meth:`attach_stream_rate`)."""
+        self._free_permits = 0
+        """(server) How many of them are of the first ``max_streams`` (no token)."""
         self._held: deque[int] = deque()
         """(server) Peer bidirectional streams waiting for a token, oldest first."""
         self._held_stops: dict[int, int] = {}
         """(server) STOP_SENDING error codes of held streams, told when they are served."""
-        self._held_events: dict[int, list[tuple[Any, ...]]] = {}
-        """(server) What the first read of each held stream gave (``data``, ``reset_received``):
-        the engine reads a new stream at once (``first_read``), HTTP/3 hears of it when
-        the stream is served."""
         self._release: asyncio.TimerHandle | None = None
         self._wake: Callable[[], None] | None = None
         self._reads_deferred: dict[int, None] | None = None
@@ -935,7 +943,6 @@ class NativeConnection:
         self._closed_reason = message
         self._held.clear()
         self._held_stops.clear()
-        self._held_events.clear()
         if self._release is not None:
             self._release.cancel()
             self._release = None
@@ -958,8 +965,7 @@ class NativeConnection:
             _, _, stream_id, data, fin = event
             state = self._streams.get(stream_id)
             if state is None or state.handed_over:  # forgotten (a read that crossed its
-                self._hold_event(stream_id, event)  # end), or the splice has these bytes;
-                return  # or held
+                return  # end), or the splice has these bytes
             state.reading = False
             state.chunks_given += 1
             if fin:
@@ -973,9 +979,8 @@ class NativeConnection:
         elif kind == "stream_accepted":
             _, _, stream_id, bidirectional, *rest = event
             read_started = bool(rest and rest[0])  # the engine's first read (first_read)
-            if bidirectional and not self._stream_admitted(stream_id):
-                if read_started:
-                    self._held_events[stream_id] = []
+            permit_used = bool(rest[1:] and rest[1])  # with a read permit
+            if bidirectional and not self._stream_admitted(stream_id, read_started, permit_used):
                 return
             state = self._new_stream(stream_id)
             if not bidirectional:
@@ -998,7 +1003,6 @@ class NativeConnection:
             _, _, stream_id, code = event
             state = self._streams.get(stream_id)
             if state is None or state.handed_over:  # forgotten, or the splice has the reset
-                self._hold_event(stream_id, event)  # (or held)
                 return
             state.recv_done = True
             self._events.append(quic_events.StreamReset(error_code=code, stream_id=stream_id))
@@ -1865,28 +1869,69 @@ class NativeConnection:
         slot of ``max_streams``, so a peer with every slot held gets no new credit
         and waits, as with the aioquic engine; nothing is refused. The first
         ``max_streams`` streams of a connection take no token (as aioquic's first
-        credit)."""
-        self._rate = bucket
+        credit).
 
-    def _stream_admitted(self, stream_id: int) -> bool:
+        The engine reads a new stream at once only with a *read permit*: the first
+        ``max_streams``, then tokens taken ahead (:data:`READ_PERMITS_AHEAD` at most);
+        a stream that came without one is left unread for this side to admit or hold.
+        (A first read made regardless found a churner's reset when the engine came to
+        the stream after it, under load, and quinn freed the slot it was to be held
+        in: 1.5 to 6 times the rate got through.)"""
+        self._rate = bucket
+        if not self._is_client and self.conn >= 0:
+            bucket.hold_tokens_for(self)
+            self._free_permits, self._free_streams = self._free_streams, 0
+            self._grant_read_permits(self._free_permits)
+
+    def drop_tokens_held(self) -> None:
+        """(server) The peer identity's rate was lowered: the engine's read permits,
+        tokens taken at the old rate, are taken back, so the new rate applies from the
+        next stream on (those of the first ``max_streams``, which take no token, are
+        given again)."""
+        try:
+            left = self._native.revoke_read_permits(self.conn)
+        except QuicmeshError:
+            return
+        self._read_permits = 0
+        self._grant_read_permits(min(left, self._free_permits))
+
+    def _grant_read_permits(self, count: int) -> None:
+        if count > 0:
+            self._read_permits += count
+            with contextlib.suppress(QuicmeshError):
+                self._native.grant_read_permits(self.conn, count)
+
+    def _top_up_read_permits(self) -> None:
+        """Take tokens ahead for the engine's read permits, while none is waiting."""
+        rate = self._rate
+        if rate is None or self._held or self._read_permits >= READ_PERMITS_AHEAD:
+            return
+        self._grant_read_permits(
+            rate.take(READ_PERMITS_AHEAD - self._read_permits, time.monotonic())
+        )
+
+    def _stream_admitted(self, stream_id: int, read_started: bool, permit_used: bool) -> bool:
         """Whether the peer's new bidirectional stream is served now; if not, it is
-        held until its token comes (:meth:`attach_stream_rate`)."""
+        held until its token comes (:meth:`attach_stream_rate`). One the engine read
+        at once took a read permit (a token taken ahead, or one of the first
+        ``max_streams``), or came before the rate applied (the engine read it before
+        this side attached the rate, just after the handshake): that one takes a token
+        if there is one, and is served in any case (its slot may be gone)."""
         if self._is_client or self._rate is None:
             return True
-        if self._free_streams > 0:
+        if permit_used:  # (counted against the free ones first)
+            self._read_permits = max(0, self._read_permits - 1)
+            self._free_permits = max(0, self._free_permits - 1)
+        elif read_started:
+            self._rate.take(1, time.monotonic())
+        elif self._free_streams > 0:
             self._free_streams -= 1
-            return True
-        if not self._held and self._rate.take(1, time.monotonic()) == 1:
-            return True
-        self._held.append(stream_id)
-        self._arm_release()
-        return False
-
-    def _hold_event(self, stream_id: int, event: tuple[Any, ...]) -> None:
-        """Keep an event of a held stream's first read until the stream is served."""
-        held = self._held_events.get(stream_id)
-        if held is not None:
-            held.append(event)
+        elif self._held or self._rate.take(1, time.monotonic()) == 0:
+            self._held.append(stream_id)
+            self._arm_release()
+            return False
+        self._top_up_read_permits()
+        return True
 
     def _arm_release(self) -> None:
         if self._release is not None or self._rate is None:
@@ -1900,25 +1945,17 @@ class NativeConnection:
         if self._rate is None or self._closed_reason is not None:
             return
         now = time.monotonic()
-        replayed = False
         while self._held and self._rate.take(1, now) == 1:
             stream_id = self._held.popleft()
             state = self._new_stream(stream_id)
-            first_read = self._held_events.pop(stream_id, None)
-            if first_read is None:
-                self._read(stream_id, state)
-            else:  # the engine read it at once: what that gave, as if it came now
-                state.reading = True
-                for event in first_read:
-                    self.on_native_event(event)
-                replayed = replayed or bool(first_read)
+            self._read(stream_id, state)  # (a held stream was never read)
             code = self._held_stops.pop(stream_id, None)
-            if code is not None:  # stopped while held: told now, after its first read
+            if code is not None:  # stopped while held: told now
                 self._stopped(stream_id, state, code)
         if self._held:
             self._arm_release()
-        if replayed:
-            self.woke()
+        else:
+            self._top_up_read_permits()
 
     def stats(self) -> dict[str, Any]:
         """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection."""
