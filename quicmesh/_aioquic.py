@@ -85,7 +85,7 @@ from aioquic.h3.connection import (
 )
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import END_STATES, Limit, QuicConnection, QuicConnectionState
 from aioquic.quic.crypto import (
     INITIAL_CIPHER_SUITE,
     INITIAL_SALT_VERSION_1,
@@ -1004,6 +1004,21 @@ class MeshQuicConnection(QuicConnection):
             from .congestion.adaptor import enable_model_pacing
 
             enable_model_pacing(self)
+        self.closed_by_us = False
+        """Whether this side closed the connection (our verdict on a handshake, our
+        application's close), not the peer (its CONNECTION_CLOSE)."""
+
+    def close(
+        self,
+        error_code: int = QuicErrorCode.NO_ERROR,
+        frame_type: int | None = None,
+        reason_phrase: str = "",
+    ) -> None:
+        # aioquic closes through here on its own errors too (a TLS alert it raised on
+        # the peer's certificate); the peer's CONNECTION_CLOSE takes another way.
+        if self._close_event is None and self._state not in END_STATES:
+            self.closed_by_us = True
+        super().close(error_code=error_code, frame_type=frame_type, reason_phrase=reason_phrase)
 
     # -- attachments -------------------------------------------------------------
 

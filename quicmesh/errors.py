@@ -7,6 +7,8 @@ package, so callers only ever catch this family.
 
 from __future__ import annotations
 
+import os
+
 
 class QuicmeshError(Exception):
     """Root of every error quicmesh raises."""
@@ -83,3 +85,14 @@ class InvalidHeader(InvalidTarget):
     A subclass of :class:`InvalidTarget` because header errors were raised as
     ``InvalidTarget`` before this class existed; catch :class:`TunnelUsageError`
     for both."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """What went wrong, in the system's words: ``strerror``, which an ``OSError`` may lack
+    (uvloop raises bind errors with only ``errno`` set: "None" in messages before), else
+    the text of its ``errno``, else the exception itself."""
+    if exc.strerror:
+        return str(exc.strerror)
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__

@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
-from quicmesh.errors import QuicmeshError
+from quicmesh.errors import QuicmeshError, os_error_text
 
 __all__ = [
     "NETNS_DIR",
@@ -91,7 +91,7 @@ def create_tun(name: str) -> int:
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TUN | _IFF_NO_PI))
     except OSError as exc:
         os.close(fd)
-        raise NetemError(f"cannot create TUN device {name}: {exc.strerror}") from None
+        raise NetemError(f"cannot create TUN device {name}: {os_error_text(exc)}") from None
     return fd
 
 
@@ -121,7 +121,7 @@ def in_namespace(name: str) -> Iterator[None]:
     try:
         target = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise NetemError(f"no network namespace {name}: {exc.strerror}") from None
+        raise NetemError(f"no network namespace {name}: {os_error_text(exc)}") from None
     try:
         original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from ..errors import os_error_text
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster
 from .config import Address, InterceptConfig, format_address
@@ -177,7 +178,11 @@ class _CaptureListener:
                 asyncio.open_connection(*destination), timeout
             )
         except (OSError, TimeoutError) as exc:
-            why = f"timed out after {timeout:g}s" if isinstance(exc, TimeoutError) else exc.strerror
+            why = (
+                f"timed out after {timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else os_error_text(exc)
+            )
             record.outcome = Outcome.UNREACHABLE
             record.reason = f"cannot reach {record.target}: {why or exc}"
             reset_connection(writer)

@@ -63,6 +63,10 @@ SEND_BUDGET = 64 * 1024
 READ_CHUNK = 256 * 1024
 """Largest plaintext read from TLS at once."""
 
+LINGER_TIMEOUT = 2.0
+"""Seconds a finished TLS connection keeps reading (and dropping) what its peer still
+sends before it closes (:meth:`TlsTunnelProtocol._linger`)."""
+
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server waits for a client to finish its TLS handshake."""
 
@@ -174,6 +178,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._read_paused = False
         self._close_notify_sent = False
         self._close_notify_received = False
+        self._linger_timer: asyncio.TimerHandle | None = None
+        """While set, the session is over and ours is sent, and what the peer still
+        sends is read and dropped until its end, or the timer's (:meth:`_linger`)."""
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -191,6 +198,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)
+        if self._linger_timer is not None:
+            return  # dropped: nothing of it is wanted
         self._incoming.write(data)
         if self._handshaking:
             self._handshake()
@@ -198,6 +207,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._read_records()
 
     def eof_received(self) -> bool:
+        if self._linger_timer is not None:
+            self._end_linger()  # the peer's end: close now
+            return False
         if self._close_notify_received:
             # The peer half-closed cleanly; keep the socket open while we still write.
             return self.session is not None and not self.session.finished
@@ -210,6 +222,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_setup_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            exc = None  # (a reset while lingering loses nothing)
         if self.failure is None:
             if self._handshaking or not (self._server_side or self.ready.done()):
                 # Before the client is ready (TLS done, the peer's first message still to
@@ -263,6 +279,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if drained and session.output_ended and not self._close_notify_sent:
             self._send_close_notify()
         if session.finished and self._close_notify_sent:
+            if not self._close_notify_received:
+                self._linger()
+                return
             self._closing = True
             transport.close()
             return
@@ -274,6 +293,27 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 transport.resume_reading()
         connection.transmitted()
         connection.stream_credit_changed()
+
+    def _linger(self) -> None:
+        """The session is over and our last bytes and close_notify (and FIN) are sent,
+        but the peer may still be sending (a flow whose handler answered without
+        reading all of an upload). Closing now, with its bytes unread, would make the
+        kernel answer with a reset, and a reset can reach the peer before it read our
+        answer, which it then loses (as a sidecar's client would lose a destination's
+        early answer). So the connection stays open, and what comes is dropped, until
+        the peer's end or :data:`LINGER_TIMEOUT` (nginx's and Apache's lingering close)."""
+        transport = self._transport
+        if self._linger_timer is not None or transport is None:
+            return
+        self._linger_timer = self._loop.call_later(LINGER_TIMEOUT, self._end_linger)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _end_linger(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.close()
 
     def close(self) -> None:
         """Close gracefully: send what is queued, our close_notify, then close."""
@@ -622,7 +662,7 @@ async def open_connection(
             await asyncio.shield(protocol.ready)
     except TimeoutError:
         if protocol is not None:
-            protocol.abort()
+            _abandon(protocol)
         raise ConnectError(
             f"connecting to {host}:{port} over {transport_name} timed out after {timeout:g}s"
         ) from None
@@ -631,6 +671,14 @@ async def open_connection(
     except asyncio.CancelledError:
         # Abandoned mid-dial (the caller timed out): no half-open connection is kept.
         if protocol is not None:
-            protocol.abort()
+            _abandon(protocol)
         raise
     return protocol
+
+
+def _abandon(protocol: TlsTunnelProtocol) -> None:
+    """Reset a dial its caller gave up on. Its ``ready`` is cancelled first: the error
+    the reset would settle it with is nobody's to read (asyncio logged it as "Future
+    exception was never retrieved", blaming the server's trust in our certificate)."""
+    protocol.ready.cancel()
+    protocol.abort()

@@ -213,10 +213,15 @@ class PeerConnection(ABC):
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:
-        """Counters: ``rtt`` (s), ``bytes_sent``, ``bytes_received``, ``streams_opened``,
-        ``streams_active``, ``packets_sent``, ``packets_lost``, ``cwnd`` (where known),
-        plus the connection's share of its transport's :attr:`Transport.counters`
-        (e.g. QUIC's ``migrations_active``)."""
+        """Counters. Every transport: ``transport``, ``peer_identity``, ``bytes_sent``,
+        ``bytes_received``, ``streams_opened``, ``streams_active``. Where the transport
+        knows them: ``rtt`` (s), ``packets_lost`` and ``cwnd`` (bytes) on QUIC and on h2
+        (the kernel's TCP_INFO of its one connection), ``packets_sent`` and
+        ``packets_received`` on QUIC; TLS-over-TCP, a TCP connection per flow, gives
+        ``connections_opened`` and ``connections_active`` instead. A QUIC connection
+        adds its share of its transport's :attr:`Transport.counters` (e.g.
+        ``migrations_active``) and engine figures (``bytes_in_flight``, None on the
+        native engine, which does not expose it; ``mtu`` there)."""
 
     @abstractmethod
     def close(self) -> None:

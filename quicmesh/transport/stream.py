@@ -219,8 +219,15 @@ class MeshStream:
     # -- reading -------------------------------------------------------------
 
     def at_eof(self) -> bool:
-        """True when the peer half-closed and every byte has been read."""
-        return self._eof_received and not self._buffer
+        """True when the peer half-closed and every byte has been read, or once this
+        side stopped reading (:meth:`close`)."""
+        return self._input_over and not self._buffer
+
+    @property
+    def _input_over(self) -> bool:
+        """Nothing more will be read: the peer's FIN came, or :meth:`close` stopped
+        reading (a read then ends as at EOF, as on a closed asyncio stream)."""
+        return self._eof_received or self._reading_stopped
 
     async def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (at least one unless at EOF); ``n=-1`` reads to EOF."""
@@ -234,7 +241,7 @@ class MeshStream:
                 if not chunk:
                     return b"".join(chunks)
                 chunks.append(chunk)
-        while not self._buffer and not self._eof_received:
+        while not self._buffer and not self._input_over:
             self._raise_error()
             await self._wait_readable()
         self._raise_error()
@@ -247,7 +254,7 @@ class MeshStream:
     async def readexactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` at an early EOF."""
         self.accept()
-        while len(self._buffer) < n and not self._eof_received:
+        while len(self._buffer) < n and not self._input_over:
             self._raise_error()
             await self._wait_readable()
         self._raise_error()
@@ -464,6 +471,7 @@ class MeshStream:
             # Unread bytes are dropped: credit them so the connection window does not shrink.
             self._channel.stream_data_consumed(self, len(self._buffer))
             self._buffer.clear()
+        self._wake_reader()  # a read waiting ends as at EOF
         self._maybe_closed()
 
     def is_closing(self) -> bool:
@@ -548,8 +556,7 @@ class MeshStream:
         self._set_closed()
 
     def _maybe_closed(self) -> None:
-        input_done = self._eof_received or self._reading_stopped
-        if self._eof_sent and input_done:
+        if self._eof_sent and self._input_over:
             self._set_closed()
 
     def _set_closed(self) -> None:

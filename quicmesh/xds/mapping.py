@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from ..errors import QuicmeshError
+from ..errors import QuicmeshError, os_error_text
 from ..sidecar.config import (
     Address,
     CircuitBreakerConfig,
@@ -634,5 +634,7 @@ def data_source_bytes(source: Message, where: str) -> bytes:
             with open(source.filename, "rb") as handle:
                 return handle.read()
         except OSError as exc:
-            raise MappingError(f"{where}: cannot read {source.filename}: {exc.strerror}") from None
+            raise MappingError(
+                f"{where}: cannot read {source.filename}: {os_error_text(exc)}"
+            ) from None
     raise MappingError(f"{where}: empty data source")

@@ -1,5 +1,6 @@
-"""A failed QUIC connect (timeout, refused handshake) or health check leaves nothing behind
-for asyncio to complain about: no "Future exception was never retrieved"."""
+"""A failed connect (a QUIC timeout or refused handshake, an abandoned TLS dial) or
+health check leaves nothing behind for asyncio to complain about: no "Future
+exception was never retrieved"."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from quicmesh import ConnectError, DevCA, QuicmeshError, QuicTransport
+from quicmesh import TRANSPORTS, ConnectError, DevCA, QuicmeshError, QuicTransport
 
 CA = DevCA()
 OTHER_CA = DevCA()
@@ -77,4 +78,29 @@ def test_refused_handshakes_leave_no_unretrieved_future() -> None:
             await listener.wait_closed()
 
     errors = _run_collecting_loop_errors(main)
+    assert [e.get("message") for e in errors] == []
+
+
+@pytest.mark.parametrize("name", ["h2", "tcp"])
+def test_abandoned_tls_dials_leave_no_unretrieved_future(name: str) -> None:
+    """A TLS dial given up on (its timeout, or the caller's cancellation, as
+    ``AutoTransport`` cancels the loser of its race) to a server that accepts the TCP
+    connection and never answers: the reset settled the dial's ``ready`` with an error
+    nobody read, logged by asyncio (blaming the server's trust in our certificate)."""
+    client = TRANSPORTS[name](
+        identity=CA.issue("spiffe://mesh.local/ns/a/sa/a"), trust=CA.trust_bundle
+    )
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the TCP handshake; nobody reads the ClientHello
+
+    async def main() -> None:
+        address = silent.getsockname()
+        with pytest.raises(ConnectError, match=r"timed out after 0\.3s"):
+            await client.connect(address, timeout=0.3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.connect(address, timeout=5), 0.3)
+
+    with silent:
+        errors = _run_collecting_loop_errors(main)
     assert [e.get("message") for e in errors] == []

@@ -402,3 +402,59 @@ def test_server_from_another_ca_is_refused(name: str) -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_closing_a_stream_ends_its_reads_as_at_eof(name: str) -> None:
+    """``close()`` stops reading: a read already waiting, and any read after it, end as
+    at EOF (as on a closed asyncio stream), rather than waiting for ever for bytes that
+    are discarded (they hung before on every transport)."""
+    peer_wrote = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        await stream.read(1)
+        peer_wrote.set()
+        await stream.read()  # until our peer goes
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        waiting = asyncio.create_task(stream.read(100))
+        await peer_wrote.wait()
+        assert not waiting.done()
+        stream.close()
+        assert await asyncio.wait_for(waiting, 10) == b""
+        assert await stream.read() == b""
+        with pytest.raises(asyncio.IncompleteReadError):
+            await stream.readexactly(1)
+        assert stream.at_eof()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_an_answer_given_without_reading_the_upload_reaches_the_client(name: str) -> None:
+    """A handler that answers and returns while the client is still uploading (an
+    early answer, as a server's 413): the client gets the whole answer and its end,
+    and its upload is dropped, not failed. On TLS-over-TCP the connection closed with
+    the upload unread, and the kernel's reset reached the client before it read the
+    answer (lost, with a StreamReset on the client's drain); it now lingers."""
+
+    async def handler(stream: MeshStream) -> None:
+        await stream.read(1)
+        stream.write(b"answered early")
+        stream.write_eof()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x" * (4 << 20))
+        await stream.drain()
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(), 10) == b"answered early"
+        assert stream.at_eof()
+        await shutdown(listener, conn)
+
+    run(main())

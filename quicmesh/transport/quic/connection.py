@@ -55,6 +55,7 @@ from ...errors import (
     QuicmeshError,
     TunnelError,
     TunnelUsageError,
+    os_error_text,
 )
 from ...tls import spiffe_id_of, verify_peer
 from ...tls.check import handshake_failure_reason
@@ -863,7 +864,8 @@ class QuicPeerConnection(SessionConnection):
             )
         except OSError as exc:
             raise ConnectError(
-                f"cannot open a UDP socket on {local_address[0]}:{local_address[1]}: {exc.strerror}"
+                f"cannot open a UDP socket on {local_address[0]}:{local_address[1]}: "
+                f"{os_error_text(exc)}"
             ) from None
         tune_udp_socket(udp)
         old, self._transport = self._transport, udp
@@ -1060,7 +1062,7 @@ class QuicPeerConnection(SessionConnection):
                 # going): a flow that ended before it began, not a destination's fault.
                 with contextlib.suppress(QuicmeshError):
                     quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
-                plan.ended(SpliceOutcome(error=str(exc.strerror), connected=False))
+                plan.ended(SpliceOutcome(error=os_error_text(exc), connected=False))
             else:  # no socket to be had, or the connection is gone: nothing was answered
                 plan.ended(exc)
         return True
@@ -1198,7 +1200,13 @@ class QuicPeerConnection(SessionConnection):
                 event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
                 or 0x100 <= event.error_code < 0x200
             ):
-                self.failure = PeerVerificationError(f"handshake refused: {reason}")
+                if getattr(self.quic, "closed_by_us", False):  # aioquic's own verdict
+                    whose = "server" if self.is_client else "client"
+                    self.failure = PeerVerificationError(
+                        f"{whose} certificate not trusted: {reason}"
+                    )
+                else:
+                    self.failure = PeerVerificationError(f"handshake refused: {reason}")
             else:
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
         if self._close_socket:

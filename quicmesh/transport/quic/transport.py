@@ -53,7 +53,7 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..._aioquic import MeshQuicConnection
-from ...errors import ConfigError, ConnectError, PeerVerificationError
+from ...errors import ConfigError, ConnectError, PeerVerificationError, os_error_text
 from ...tls import Identity, TrustBundle
 from ...tls.check import handshake_failure_reason
 from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
@@ -431,7 +431,7 @@ class QuicTransport(Transport):
             )
         except OSError as exc:
             raise ConnectError(
-                f"cannot listen on UDP {address[0]}:{address[1]}: {exc.strerror}"
+                f"cannot listen on UDP {address[0]}:{address[1]}: {os_error_text(exc)}"
             ) from None
         assert server._transport is not None
         tune_udp_socket(server._transport)
@@ -623,9 +623,11 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
             with os.fdopen(fd, "wb") as created:
                 created.write(key)
         except OSError as exc:
-            raise ConfigError(f"cannot create stateless reset key {path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot create stateless reset key {path}: {os_error_text(exc)}"
+            ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read stateless reset key {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read stateless reset key {path}: {os_error_text(exc)}") from None
     if len(key) < 16:
         raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
     return key
