@@ -523,10 +523,18 @@ def print_summary(
         print(f"  error: {error}")
 
 
+MAX_DURATION = 86400.0
+"""The longest ``--duration`` (NaN and infinity are not durations either)."""
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 only if every flow and request came back intact."""
-    if args.flows < 1 or args.duration <= 0 or args.size < 1:
-        print("quicmesh demo: --flows, --duration and --size must be positive", file=sys.stderr)
+    if args.flows < 1 or not 0 < args.duration <= MAX_DURATION or args.size < 1:
+        print(
+            "quicmesh demo: --flows and --size must be positive, --duration seconds"
+            f" within 0-{MAX_DURATION:g}",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
         try:

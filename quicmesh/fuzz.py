@@ -349,7 +349,9 @@ def _worker(target: str, seconds: str, corpus: str, crashes: str) -> int:
 
 def main(argv: list[str]) -> int:
     """``quicmesh fuzz``: run the targets, one process each; exit 1 if one crashed."""
-    parser = argparse.ArgumentParser(prog="quicmesh fuzz", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="quicmesh fuzz", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     parser.add_argument("--seconds", type=int, default=60, help="per target (default 60)")
     parser.add_argument(
         "--target", choices=sorted(TARGETS), action="append", help="(repeatable) default all"

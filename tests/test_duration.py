@@ -78,4 +78,6 @@ def test_nonsense_is_refused(text: str) -> None:
 def test_the_configs_keep_their_own_ranges() -> None:
     with pytest.raises(ValueError, match="outside 0-86400 seconds"):
         sidecar_duration("1441m")
+    with pytest.raises(ValueError, match="outside 0-86400 seconds"):
+        sidecar_duration(10**400)  # too large for a float: OverflowError before
     assert netem_duration("1m") == 60.0  # netem's DirectionConfig bounds delays to 1 hour

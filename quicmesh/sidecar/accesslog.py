@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from ..errors import ConfigError
+
 logger = logging.getLogger("quicmesh.sidecar.accesslog")
 
 
@@ -275,7 +277,12 @@ class AccessLog:
         if path == "-":
             self._file = sys.stdout
         elif path is not None:
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            try:
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            except OSError as exc:
+                raise ConfigError(
+                    f"access_log.path {path}: cannot open for appending: {exc.strerror or exc}"
+                ) from None
 
     def format(self, record: FlowRecord) -> str:
         """One line (no newline) in this log's format."""

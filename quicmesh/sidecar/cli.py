@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        config = _load(args.config)
+        config = _load(args.config, args.xds)
         if args.xds is not None:
             config = _with_xds(config, args.xds)
     except ConfigError as exc:
@@ -122,11 +122,19 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
     return uvloop.new_event_loop
 
 
-def _load(path: str) -> object:
-    """quicmesh YAML, or an Envoy bootstrap (``static_resources``/``dynamic_resources``)."""
+def _load(path: str, xds: str | None) -> object:
+    """quicmesh YAML, or an Envoy bootstrap (``static_resources``/``dynamic_resources``);
+    ``--xds`` counts as the file's ``xds.address`` while it is validated (a file for
+    xDS needs no listeners)."""
     from ..xds.bootstrap import load_any_config
+    from .config import parse_address
 
-    return load_any_config(path)
+    if xds is not None:
+        try:
+            parse_address(xds)
+        except ValueError as exc:
+            raise ConfigError(f"--xds: {exc}") from None
+    return load_any_config(path, xds_address=xds)
 
 
 def _with_xds(config: object, address: str) -> object:
@@ -147,11 +155,12 @@ def _check_certificate(config: object) -> None:
     """Load the identity and check it as ``/ready`` would; ConfigError says what is wrong."""
     from ..tls.check import check_own_certificate
     from .certs import load_identity
-    from .config import SidecarConfig
+    from .config import SidecarConfig, check_files
 
     assert isinstance(config, SidecarConfig)
     identity, trust = load_identity(config)
     check_own_certificate(identity, trust, config.source)
+    check_files(config)
 
 
 def _configure_logging(level: str) -> None:

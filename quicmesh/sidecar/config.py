@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -225,6 +226,22 @@ class InboundListenerConfig:
     """(QUIC, native engine) Let the engine copy each accepted flow between its
     stream and the destination's TCP connection itself, after the CONNECT exchange
     (False: the sidecar copies in Python)."""
+
+    def same_listener(self, other: InboundListenerConfig) -> bool:
+        """True when ``other`` differs only in what a running listener takes from a new
+        configuration (:data:`INBOUND_LIVE_KEYS`): a reload updates it in place.
+        Anything else (transports, engine, limits, admission, overload) is set when
+        the listener starts, so a reload that changes it starts a new listener."""
+        live = {key: getattr(other, key) for key in INBOUND_LIVE_KEYS}
+        return replace(self, **live) == other
+
+    def changed_keys(self, other: InboundListenerConfig) -> list[str]:
+        """The keys whose values differ in ``other``, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+INBOUND_LIVE_KEYS = ("destinations", "policies", "connect_timeout", "splice", "denied_stream_rate")
+"""Inbound listener keys a running listener applies on reload (each flow reads them)."""
 
 
 INBOUND_LIMIT_KEYS = (
@@ -448,9 +465,11 @@ def _plain(value: Any) -> Any:
 # -- loading -------------------------------------------------------------------
 
 
-def load_config(path: str | Path) -> SidecarConfig:
+def load_config(path: str | Path, *, xds_address: str | None = None) -> SidecarConfig:
     """Read and validate the sidecar configuration at ``path``.
 
+    :param xds_address: ``xds.address``, from the command line (``--xds``): set before
+        the file is validated, so a file with no listeners (xDS sends them) is valid.
     :raises ConfigError: one line, ``<file>: <field>: <problem>``.
     """
     path = Path(path)
@@ -460,12 +479,21 @@ def load_config(path: str | Path) -> SidecarConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, source=str(path), base_dir=path.parent)
+    return parse_config(text, source=str(path), base_dir=path.parent, xds_address=xds_address)
 
 
-def parse_config(text: str, *, source: str, base_dir: Path | None = None) -> SidecarConfig:
-    """Validate a YAML document; ``source`` names it in errors, relative paths use ``base_dir``."""
+def parse_config(
+    text: str, *, source: str, base_dir: Path | None = None, xds_address: str | None = None
+) -> SidecarConfig:
+    """Validate a YAML document; ``source`` names it in errors, relative paths use
+    ``base_dir``; ``xds_address`` sets ``xds.address`` (see :func:`load_config`)."""
     document = _parse_yaml(text, source)
+    if xds_address is not None and isinstance(document, dict):
+        xds = document.get("xds")
+        if xds is None:
+            document["xds"] = {"address": xds_address}
+        elif isinstance(xds, dict):
+            xds["address"] = xds_address
     base = base_dir if base_dir is not None else Path(".")
     return _Loader(source, base).sidecar(_Field(source, "", document))
 
@@ -503,9 +531,41 @@ def load_endpoints_document(path: str | Path) -> EndpointsDocument:
     return EndpointsDocument(endpoints, services)
 
 
+class StrictYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error:
+    PyYAML keeps the last one, so a second ``admin:`` block or a repeated option
+    silently replaced the first (keys a merge (``<<``) brings in may still be
+    overridden, as YAML means them to be)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the constructor says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"the key {key!r} is given twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document, with :class:`StrictYamlLoader` (yaml.YAMLError if invalid)."""
+    return yaml.load(text, Loader=StrictYamlLoader)  # a SafeLoader
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
@@ -583,7 +643,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 5s or 500ms")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ValueError("duration is outside 0-86400 seconds") from None
     elif isinstance(value, str):
         seconds = duration.parse_duration(value)
     else:
@@ -591,6 +654,41 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds < 0 or seconds > 86400:
         raise ValueError(f"duration {value!r} is outside 0-86400 seconds")
     return seconds
+
+
+def check_files(config: SidecarConfig) -> None:
+    """The files the sidecar writes: ``access_log.path`` and ``tls.ticket_cache`` must be
+    files (made if missing) in a directory that exists, and writable; a listener's
+    ``stateless_reset_key`` a readable file, or one that can be made. Checked by
+    ``--check`` and at start, so that neither the start (a traceback, or exit 1, before)
+    nor the first write long after it (a ticket cache that was a directory failed every
+    save) finds the problem.
+
+    :raises ConfigError: ``<file>: <key>: <problem>``.
+    """
+    written: list[tuple[str, str | None, int]] = [
+        ("access_log.path", config.access_log.path, os.W_OK),
+        ("tls.ticket_cache", config.tls.ticket_cache, os.W_OK),
+    ]
+    written += [
+        (f"listeners.inbound[{i}].stateless_reset_key", listener.stateless_reset_key, os.R_OK)
+        for i, listener in enumerate(config.inbound)
+    ]
+    for key, path, access in written:
+        if path is None or path == "-":
+            continue
+        target = Path(path)
+        if target.is_dir():
+            problem = f"{path} is a directory"
+        elif not target.parent.is_dir():
+            problem = f"no directory {target.parent} for {target.name}"
+        elif target.exists() and not os.access(target, access):
+            problem = f"{path} is not {'writable' if access == os.W_OK else 'readable'}"
+        elif not target.exists() and not os.access(target.parent, os.W_OK):
+            problem = f"{target.parent} is not writable (to make {target.name})"
+        else:
+            continue
+        raise ConfigError(f"{config.source}: {key}: {problem}")
 
 
 T = TypeVar("T")
@@ -935,8 +1033,9 @@ class _Loader:
         if path.value is None:
             disabled = "path" in node.mapping()  # path: null
             return AccessLogConfig(path=None if disabled else "-", format=log_format)
-        text = path.string()
-        return AccessLogConfig(path="-" if text == "-" else self.path(path), format=log_format)
+        if path.string() == "-":
+            return AccessLogConfig(path="-", format=log_format)
+        return AccessLogConfig(path=self.path(path), format=log_format)
 
     def drain(self, node: _Field) -> DrainConfig:
         if node.value is None:

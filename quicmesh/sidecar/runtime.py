@@ -40,9 +40,11 @@ from .capture import (
 from .certs import CertificateSource, load_identity
 from .cluster import Cluster
 from .config import (
+    INBOUND_LIVE_KEYS,
     Address,
     ClusterConfig,
     SidecarConfig,
+    check_files,
     format_address,
     load_endpoints_document,
     merge_services,
@@ -108,6 +110,7 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        check_files(config)
         self.identity, self.trust = load_identity(config)
         self.certs = CertificateSource(config, self.identity, self.trust)
         self.transports = transport_registry(ticket_cache=config.tls.ticket_cache)
@@ -377,11 +380,20 @@ class Sidecar:
             for inb in new.inbound:
                 previous_in = old_in.get(inb.name)
                 if (
-                    previous_in is None
-                    or previous_in.address != inb.address
-                    or previous_in.transports != inb.transports
-                    or previous_in.early_data != inb.early_data
+                    previous_in is not None
+                    and previous_in.address == inb.address
+                    and not previous_in.same_listener(inb)
                 ):
+                    # Its sockets are bound to that address and made with these settings;
+                    # a second listener cannot bind it while the first drains.
+                    raise ConfigError(
+                        f"listeners.inbound {inb.name}: "
+                        f"{', '.join(previous_in.changed_keys(inb))} cannot change on a running"
+                        f" listener at the same address ({format_address(inb.address)}): restart"
+                        " the sidecar, or give the listener a new address; live on reload:"
+                        f" {', '.join(INBOUND_LIVE_KEYS)}"
+                    )
+                if previous_in is None or not previous_in.same_listener(inb):
                     in_listener = InboundListener(
                         inb,
                         self.identity,

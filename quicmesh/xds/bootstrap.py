@@ -33,6 +33,7 @@ from ..sidecar.config import (
     TlsConfig,
     XdsConfig,
     load_config,
+    load_yaml,
 )
 
 ENVOY_KEYS = {"static_resources", "dynamic_resources"}
@@ -44,8 +45,10 @@ def is_envoy_bootstrap(document: object) -> bool:
     return isinstance(document, dict) and bool(ENVOY_KEYS & set(document))
 
 
-def load_any_config(path: str | Path) -> SidecarConfig:
-    """quicmesh YAML or an Envoy bootstrap, whichever ``path`` holds.
+def load_any_config(path: str | Path, *, xds_address: str | None = None) -> SidecarConfig:
+    """quicmesh YAML or an Envoy bootstrap, whichever ``path`` holds (``xds_address``:
+    the quicmesh file's ``xds.address``, set before it is validated; a bootstrap names
+    its own control plane).
 
     :raises ConfigError: one line naming the file and the problem.
     """
@@ -55,11 +58,11 @@ def load_any_config(path: str | Path) -> SidecarConfig:
     except (OSError, UnicodeDecodeError):
         return load_config(path)  # says what is wrong in its usual words
     try:
-        document = yaml.safe_load(text)
+        document = load_yaml(text)
     except (yaml.YAMLError, ValueError, RecursionError):
-        return load_config(path)
+        return load_config(path)  # says what is wrong in its usual words
     if not is_envoy_bootstrap(document):
-        return load_config(path)
+        return load_config(path, xds_address=xds_address)
     return parse_bootstrap(document, source=str(path), base_dir=path.parent)
 
 

@@ -203,6 +203,34 @@ def test_bad_xds_address_is_one_line() -> None:
     assert len(lines) == 1 and lines[0].startswith("quicmesh sidecar: --xds: ")
 
 
+def test_a_node_file_with_no_listeners_is_valid_with_the_xds_flag(tmp_path: Path) -> None:
+    """docs/xds.md's ``quicmesh sidecar -c node.yaml --xds HOST:PORT``: with xDS the
+    file needs no listeners. The flag was applied after the file was validated, so the
+    documented command was refused ("at least one outbound or inbound listener")."""
+    import subprocess
+    import sys
+
+    from quicmesh.tls import DevCA
+
+    DevCA().save(tmp_path / "ca")
+    node = tmp_path / "node.yaml"
+    node.write_text(
+        "node: {name: productpage-1, identity: 'spiffe://mesh.local/ns/default/sa/productpage'}\n"
+        f"tls: {{ca_dir: {tmp_path}/ca}}\n"
+        "admin: {address: '127.0.0.1:1'}\n"
+    )
+
+    def check(*extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(node), "--check"]
+        return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60)
+
+    refused = check()
+    assert refused.returncode == 2 and "at least one outbound or inbound" in refused.stderr
+    accepted = check("--xds", "127.0.0.1:18000")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.strip() == f"{node}: ok"
+
+
 def test_two_sidecars_from_envoy_bootstrap_files_carry_traffic(
     tmp_path: object, echo_port: int
 ) -> None:

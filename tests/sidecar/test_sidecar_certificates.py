@@ -195,6 +195,47 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
     assert check.stdout.strip().endswith(": ok")
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "expected"),
+    [
+        (("access_log", "path"), "missing-dir/access.log", "access_log.path: no directory"),
+        (("access_log", "path"), ".", "access_log.path: "),
+        (("tls", "ticket_cache"), ".", "tls.ticket_cache: "),
+        (
+            ("listeners", "inbound", 0, "stateless_reset_key"),
+            "missing-dir/reset.key",
+            "listeners.inbound[0].stateless_reset_key: no directory",
+        ),
+    ],
+)
+def test_files_the_sidecar_cannot_write_fail_check_and_start_in_one_line(
+    tmp_path: Path, where: tuple[Any, ...], value: str, expected: str
+) -> None:
+    """``--check`` said ok for an access log in a missing directory (then the start
+    was a traceback), a ticket cache that is a directory (then every save failed in
+    traffic) and a reset key in a missing directory (then the start exited 1)."""
+    ca = DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    node: Any = config
+    for key in where[:-1]:
+        node = node[key] if isinstance(key, int) else node.setdefault(key, {})
+    node[where[-1]] = value
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.write_config()
+    for extra in (["--check"], []):
+        run = subprocess.run(
+            [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = [line for line in run.stderr.splitlines() if "event loop:" not in line]
+        assert run.returncode == 2, run.stderr
+        assert len(lines) == 1 and expected in lines[0], run.stderr
+
+
 def _mesh_pair(
     tmp_path: Path, echo_port: int, transport: str, lifetime: str, a_lifetime: str = ""
 ) -> tuple[SidecarProcess, SidecarProcess, int]:

@@ -257,6 +257,28 @@ def test_invalid_yaml_names_the_line() -> None:
         parse_config("node:\n  name: [a\n  b: c\n", source=SOURCE)
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("admin: {address: '127.0.0.1:1'}\nadmin: {address: '127.0.0.1:2'}\n", 2),
+        ("clusters:\n  - name: a\n    early_data: true\n    early_data: false\n", 4),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_line(text: str, line: int) -> None:
+    """PyYAML keeps the last of two equal keys: a second block or option replaced the
+    first without a word ("a typo never silently becomes a default")."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source="sidecar.yaml")
+    assert str(error.value).startswith(f"sidecar.yaml: line {line} column ")
+    assert "is given twice" in str(error.value)
+
+
+def test_a_merged_key_may_still_be_overridden() -> None:
+    from quicmesh.sidecar.config import load_yaml
+
+    assert load_yaml("b: &b {x: 1, y: 1}\nc:\n  <<: *b\n  x: 2\n")["c"] == {"x": 2, "y": 1}
+
+
 def test_empty_file() -> None:
     with pytest.raises(ConfigError, match="the file is empty"):
         parse_config("", source=SOURCE)

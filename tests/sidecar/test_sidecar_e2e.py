@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from quicmesh.sidecar.launch import SidecarProcess, metric
+from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
 
-from .conftest import HeldFlow, Mesh, addr, dead_port, echo_flow, refused, wait_until
+from .conftest import HeldFlow, Mesh, addr, b_config, dead_port, echo_flow, refused, wait_until
 
 TRANSPORTS = ["quic", "h2", "tcp"]
 
@@ -365,3 +365,46 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
         assert "port 99999 is outside 1-65535" in a.stderr()
     finally:
         assert a.stop() == 0
+
+
+def test_a_reload_changing_what_a_running_inbound_listener_cannot_apply_is_refused(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """An inbound listener applies its destinations, policies, connect_timeout, splice
+    and denied_stream_rate on reload; its transports, engine and limits are made when it
+    starts. A reload that changed those at the same address was counted as applied and
+    shown in /config_dump, while the listener kept its old settings (or, for transports,
+    failed to bind its own port). It is refused now, naming the keys; a live change
+    applies; the same change with a new address starts a new listener there."""
+    ports = {k: free_port() for k in ("admin", "mesh", "mesh_tcp", "strict")}
+    config = b_config(mesh.workdir, mesh.echo_port, **ports)
+    b = SidecarProcess("b-reload", config, tmp_path)
+    b.start()
+    try:
+        b.wait_ready()
+
+        def reloads(result: str) -> int:
+            return int(b.stats()["reloads"][result])
+
+        def reload_with(**changes: Any) -> None:
+            new = yaml.safe_load(yaml.safe_dump(config))
+            new["listeners"]["inbound"][0].update(changes)
+            b.write_config(new)
+            b.signal(signal.SIGHUP)
+
+        reload_with(max_streams=2, engine="aioquic")
+        wait_until(lambda: reloads("rejected") == 1, what="rejected reload")
+        assert (
+            "listeners.inbound mesh: max_streams, engine cannot change on a running listener"
+            in b.stderr()
+        )
+        reload_with(connect_timeout="2s")
+        wait_until(lambda: reloads("ok") == 1, what="live reload")
+        moved = free_port()
+        reload_with(address=addr(moved), max_streams=2, engine="aioquic")
+        wait_until(lambda: reloads("ok") == 2, what="reload to a new address")
+        _, body = b.request("GET", "/config_dump")
+        mesh_listener = yaml.safe_load(body)["inbound"][0]
+        assert (mesh_listener["address"], mesh_listener["max_streams"]) == (addr(moved), 2)
+    finally:
+        assert b.stop() == 0
