@@ -25,7 +25,7 @@ from quic_helpers import (
     zero_rtt_bytes,
 )
 
-from quicmesh import QuicTransport, TunnelError
+from quicmesh import ConfigError, QuicTransport, TunnelError
 from quicmesh.bench.relay import UdpRelay
 from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
 from quicmesh.transport.tickets import IssuedTicket, TicketCache, TicketStore
@@ -398,8 +398,21 @@ def test_ticket_cache_persists_to_a_file(tmp_path: Path) -> None:
     assert taken.ticket.ticket == b"one" and taken.identity == "spiffe://x/server"
     assert taken.ticket.other_extensions == [(0x39, b"\x01\x02")]
     assert TicketCache(path).count(("10.0.0.1", 443)) == 0
-    path.write_text("{not json")
+    path.write_text('{"10.0.0.1:443": [{"format": "of another version"}]}')
+    assert TicketCache(path).count(("10.0.0.1", 443)) == 0  # only costs a full handshake
+    path.write_text("")
     assert TicketCache(path).count(("10.0.0.1", 443)) == 0
+
+
+def test_a_file_that_is_not_a_ticket_cache_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """The cache rewrites its file whole; it took any file it could not read for a
+    damaged cache and replaced it at its first ticket (a wrong ``ticket_cache`` path, as
+    root, could have replaced any file)."""
+    path = tmp_path / "notes.txt"
+    path.write_text("someone's notes, not JSON")
+    with pytest.raises(ConfigError, match=r"notes\.txt: not a ticket cache .*not overwritten"):
+        TicketCache(path)
+    assert path.read_text() == "someone's notes, not JSON"
 
 
 def test_restarted_client_resumes_from_its_ticket_file(tmp_path: Path) -> None:

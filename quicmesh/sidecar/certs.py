@@ -27,11 +27,14 @@ import datetime
 import logging
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import DevCA, Identity, TrustBundle
 from ..tls.check import RENEW_FRACTION, own_certificate_problem, renewal_time
 from .config import SidecarConfig
+
+T = TypeVar("T")
 
 logger = logging.getLogger("quicmesh.sidecar.certs")
 
@@ -49,21 +52,30 @@ def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
     tls = config.tls
     source = config.source
     if tls.ca_dir is not None:
-        ca = DevCA.load(tls.ca_dir)
+        ca = _named(source, "tls.ca_dir", DevCA.load, tls.ca_dir)
         try:
             identity = ca.issue(config.node.identity, _lifetime(config), not_before=_start())
         except ValueError as exc:
             raise ConfigError(f"{source}: node.identity: {exc}") from None
         return identity, ca.trust_bundle
     assert tls.cert is not None and tls.key is not None and tls.trust_bundle is not None
-    identity = Identity.from_files(tls.cert, tls.key)
-    trust = TrustBundle.from_file(tls.trust_bundle)
+    identity = _named(source, "tls.cert, tls.key", Identity.from_files, tls.cert, tls.key)
+    trust = _named(source, "tls.trust_bundle", TrustBundle.from_file, tls.trust_bundle)
     if identity.spiffe_id != config.node.identity:
         raise ConfigError(
             f"{source}: node.identity: {config.node.identity} does not match the certificate "
             f"{tls.cert} ({identity.spiffe_id})"
         )
     return identity, trust
+
+
+def _named(source: str, keys: str, load: Callable[..., T], *paths: str) -> T:
+    """``load(*paths)``, with a ConfigError (which names the file) prefixed by the
+    configuration file and its keys, as every other configuration error is."""
+    try:
+        return load(*paths)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {keys}: {exc}") from None
 
 
 def _lifetime(config: SidecarConfig) -> datetime.timedelta:

@@ -35,6 +35,7 @@ from ..transport.base import (
     QUIC_ENGINE_NAMES,
     default_quic_engine,
     quic_engine_problem,
+    ticket_cache_problem,
 )
 from ..tunnel.connect import Target, parse_authority, parse_host_name, parse_port, parse_target
 from .accesslog import parse_log_format
@@ -686,6 +687,8 @@ def check_files(config: SidecarConfig) -> None:
             problem = f"{path} is not {'writable' if access == os.W_OK else 'readable'}"
         elif not target.exists() and not os.access(target.parent, os.W_OK):
             problem = f"{target.parent} is not writable (to make {target.name})"
+        elif key == "tls.ticket_cache" and (foreign := ticket_cache_problem(target)):
+            problem = f"{path}: {foreign}"
         else:
             continue
         raise ConfigError(f"{config.source}: {key}: {problem}")

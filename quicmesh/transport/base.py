@@ -16,6 +16,7 @@ from its per-transport options (:mod:`quicmesh.transport.registry`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
@@ -471,3 +473,26 @@ def transport_registry(*, ticket_cache: str | None = None) -> TransportRegistry:
     from .registry import TransportRegistry  # the implementations import this module
 
     return TransportRegistry(ticket_cache=ticket_cache)
+
+
+def ticket_cache_problem(path: Path) -> str | None:
+    """Why the file at ``path`` must not be used as a ticket cache, or None. The cache
+    rewrites its file whole: a file there that is not one (not empty, not a JSON
+    object) is another file named by mistake, and is refused rather than overwritten
+    (a cache once took it for a damaged cache, and replaced it at its first ticket)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        return f"cannot read it ({reason}): not overwritten"
+    if not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return "not a ticket cache (a JSON object): not overwritten; remove it or name another file"
+    return None

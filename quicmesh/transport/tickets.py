@@ -34,6 +34,9 @@ from pathlib import Path
 
 from aioquic.tls import CipherSuite, SessionTicket
 
+from ..errors import ConfigError
+from .base import ticket_cache_problem
+
 DEFAULT_TICKET_LIFETIME = 3600.0
 """Seconds a server accepts a ticket after issuing it (aioquic announces 24 h; we redeem less)."""
 
@@ -110,6 +113,8 @@ class TicketCache:
     :param path: a JSON file to load at start and rewrite on every change, or None
         for memory only. The file holds resumption secrets: it is written with
         mode 0600.
+    :raises ConfigError: ``path`` holds something else (:func:`.base.ticket_cache_problem`):
+        it is refused rather than overwritten.
     :param per_peer: tickets kept per peer (newest first).
     :param clock: ``time.time``-like function; expired tickets are never handed out.
     """
@@ -186,14 +191,17 @@ class TicketCache:
             raise
 
     def _load(self, path: Path) -> None:
+        problem = ticket_cache_problem(path)
+        if problem is not None:
+            raise ConfigError(f"ticket cache {path}: {problem}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text() or "{}")
             self._tickets = {
                 key: [_ticket_from_json(entry) for entry in entries]
                 for key, entries in data.items()
             }
-        except (OSError, ValueError, KeyError, TypeError):
-            # A damaged cache only costs a full handshake.
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # Entries this version cannot read only cost a full handshake.
             self._tickets = {}
 
 

@@ -201,22 +201,28 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
         (("access_log", "path"), "missing-dir/access.log", "access_log.path: no directory"),
         (("access_log", "path"), ".", "access_log.path: "),
         (("tls", "ticket_cache"), ".", "tls.ticket_cache: "),
+        (("tls", "ticket_cache"), "notes.txt", "tls.ticket_cache: "),
         (
             ("listeners", "inbound", 0, "stateless_reset_key"),
             "missing-dir/reset.key",
             "listeners.inbound[0].stateless_reset_key: no directory",
         ),
+        (("tls", "trust_bundle"), "missing.pem", ".yaml: tls.trust_bundle: "),
+        (("tls", "key"), "missing.key", ".yaml: tls.cert, tls.key: "),
     ],
 )
-def test_files_the_sidecar_cannot_write_fail_check_and_start_in_one_line(
+def test_bad_files_fail_check_and_start_in_one_line_naming_the_key(
     tmp_path: Path, where: tuple[Any, ...], value: str, expected: str
 ) -> None:
     """``--check`` said ok for an access log in a missing directory (then the start
     was a traceback), a ticket cache that is a directory (then every save failed in
-    traffic) and a reset key in a missing directory (then the start exited 1)."""
+    traffic), a ticket cache that is another file (replaced at the first ticket) and a
+    reset key in a missing directory (then the start exited 1); errors
+    in the certificate files named the file but not the configuration or its key."""
     ca = DevCA()
     _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
     (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    (tmp_path / "notes.txt").write_text("not a ticket cache: never to be overwritten")
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
     node: Any = config
     for key in where[:-1]:
@@ -234,6 +240,7 @@ def test_files_the_sidecar_cannot_write_fail_check_and_start_in_one_line(
         lines = [line for line in run.stderr.splitlines() if "event loop:" not in line]
         assert run.returncode == 2, run.stderr
         assert len(lines) == 1 and expected in lines[0], run.stderr
+        assert Path(value).name in lines[0], run.stderr  # the file too
 
 
 def _mesh_pair(
