@@ -467,10 +467,14 @@ pub fn closed_gracefully(error: &ConnectionError) -> bool {
     }
 }
 
-fn write_failure(error: WriteError) -> Failure {
-    match error {
-        WriteError::Stopped(code) => Failure::PeerStopped(code.into_inner()),
-        other => Failure::Quic(other.to_string()),
+/// What the peer's STOP_SENDING with `code` means for the TCP -> QUIC direction, heard at
+/// a write or while the TCP side was quiet: with H3_NO_ERROR the peer needs no more bytes
+/// (RFC 9114 4.1.1) and what comes is dropped until the local side closes, as the Python
+/// pump does (Ok); with an error the flow fails, both sides reset with the peer's code.
+fn peer_stopped(code: VarInt) -> Result<(), Failure> {
+    match code.into_inner() {
+        H3_NO_ERROR => Ok(()),
+        code => Err(Failure::PeerStopped(code)),
     }
 }
 
@@ -550,29 +554,27 @@ async fn upstream(
         if !pending.is_empty() && !discard {
             match send.write_all_chunks(&mut pending[..]).await {
                 Ok(()) => {}
-                Err(WriteError::Stopped(code)) if code.into_inner() == H3_NO_ERROR => {
-                    // The peer needs no more bytes (RFC 9114 4.1.1): drop what comes, as the
-                    // Python pump does, until the local side closes.
+                Err(WriteError::Stopped(code)) => {
+                    peer_stopped(code)?;
                     discard = true;
                 }
-                Err(error) => return Err(write_failure(error)),
+                Err(error) => return Err(Failure::Quic(error.to_string())),
             }
         }
         pending.clear();
         held.store(0, Ordering::Relaxed);
         // The peer's STOP_SENDING is heard while the TCP side is quiet too, not only at
-        // the next write: with an error it fails the flow now (both sides reset with the
-        // peer's code, as the Python pump does); with H3_NO_ERROR what comes is dropped.
+        // the next write.
         let stopped = send.stopped();
         let frame = tokio::select! {
             frame = read_data_frame(tcp, &mut buffer) => frame.map_err(Failure::Tcp)?,
             error = connection.closed() => return Err(Failure::Quic(error.to_string())),
             stopped = stopped, if !discard && watching => match stopped {
-                Ok(Some(code)) if code.into_inner() == H3_NO_ERROR => {
+                Ok(Some(code)) => {
+                    peer_stopped(code)?;
                     discard = true;
                     continue;
                 }
-                Ok(Some(code)) => return Err(Failure::PeerStopped(code.into_inner())),
                 Ok(None) => {
                     watching = false; // finished and acknowledged: not before our FIN
                     continue;

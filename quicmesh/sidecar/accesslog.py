@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ..errors import ConfigError
+from ..errors import ConfigError, os_error_text
 
 logger = logging.getLogger("quicmesh.sidecar.accesslog")
 
@@ -281,7 +281,7 @@ class AccessLog:
                 self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
             except OSError as exc:
                 raise ConfigError(
-                    f"access_log.path {path}: cannot open for appending: {exc.strerror or exc}"
+                    f"access_log.path {path}: cannot open for appending: {os_error_text(exc)}"
                 ) from None
 
     def format(self, record: FlowRecord) -> str:

@@ -69,8 +69,6 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         config = _load(args.config, args.xds)
-        if args.xds is not None:
-            config = _with_xds(config, args.xds)
     except ConfigError as exc:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
@@ -123,32 +121,24 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def _load(path: str, xds: str | None) -> object:
-    """quicmesh YAML, or an Envoy bootstrap (``static_resources``/``dynamic_resources``);
-    ``--xds`` counts as the file's ``xds.address`` while it is validated (a file for
-    xDS needs no listeners)."""
-    from ..xds.bootstrap import load_any_config
-    from .config import parse_address
-
-    if xds is not None:
-        try:
-            parse_address(xds)
-        except ValueError as exc:
-            raise ConfigError(f"--xds: {exc}") from None
-    return load_any_config(path, xds_address=xds)
-
-
-def _with_xds(config: object, address: str) -> object:
+    """quicmesh YAML, or an Envoy bootstrap (``static_resources``/``dynamic_resources``),
+    with ``--xds`` as its ``xds.address``: a quicmesh file gets it before it is
+    validated (a file for xDS needs no listeners)."""
     from dataclasses import replace
 
+    from ..xds.bootstrap import load_any_config
     from .config import SidecarConfig, XdsConfig, parse_address
 
-    assert isinstance(config, SidecarConfig)
+    if xds is None:
+        return load_any_config(path)
     try:
-        parsed = parse_address(address)
+        address = parse_address(xds)
     except ValueError as exc:
         raise ConfigError(f"--xds: {exc}") from None
-    xds = config.xds or XdsConfig(address=parsed)
-    return replace(config, xds=replace(xds, address=parsed))
+    config = load_any_config(path, xds_address=xds)
+    assert isinstance(config, SidecarConfig)
+    current = config.xds or XdsConfig(address=address)
+    return replace(config, xds=replace(current, address=address))
 
 
 def _check_certificate(config: object) -> None:

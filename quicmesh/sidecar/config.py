@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -228,17 +228,17 @@ class InboundListenerConfig:
     stream and the destination's TCP connection itself, after the CONNECT exchange
     (False: the sidecar copies in Python)."""
 
-    def same_listener(self, other: InboundListenerConfig) -> bool:
-        """True when ``other`` differs only in what a running listener takes from a new
-        configuration (:data:`INBOUND_LIVE_KEYS`): a reload updates it in place.
-        Anything else (transports, engine, limits, admission, overload) is set when
-        the listener starts, so a reload that changes it starts a new listener."""
-        live = {key: getattr(other, key) for key in INBOUND_LIVE_KEYS}
-        return replace(self, **live) == other
-
-    def changed_keys(self, other: InboundListenerConfig) -> list[str]:
-        """The keys whose values differ in ``other``, in declaration order."""
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+    def start_keys_changed(self, other: InboundListenerConfig) -> list[str]:
+        """The keys ``other`` changes that a running listener does not take from a new
+        configuration (all but :data:`INBOUND_LIVE_KEYS`), in declaration order: the
+        transports, engine, limits, admission and overload are set when the listener
+        starts, so a reload that changes one needs a new listener; none, and the
+        reload updates it in place."""
+        return [
+            f.name
+            for f in fields(self)
+            if f.name not in INBOUND_LIVE_KEYS and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 INBOUND_LIVE_KEYS = ("destinations", "policies", "connect_timeout", "splice", "denied_stream_rate")

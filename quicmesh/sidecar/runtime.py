@@ -379,21 +379,17 @@ class Sidecar:
                     started_out.append(listener)
             for inb in new.inbound:
                 previous_in = old_in.get(inb.name)
-                if (
-                    previous_in is not None
-                    and previous_in.address == inb.address
-                    and not previous_in.same_listener(inb)
-                ):
+                changed = [] if previous_in is None else previous_in.start_keys_changed(inb)
+                if changed and "address" not in changed:
                     # Its sockets are bound to that address and made with these settings;
                     # a second listener cannot bind it while the first drains.
                     raise ConfigError(
-                        f"listeners.inbound {inb.name}: "
-                        f"{', '.join(previous_in.changed_keys(inb))} cannot change on a running"
-                        f" listener at the same address ({format_address(inb.address)}): restart"
-                        " the sidecar, or give the listener a new address; live on reload:"
-                        f" {', '.join(INBOUND_LIVE_KEYS)}"
+                        f"listeners.inbound {inb.name}: {', '.join(changed)} cannot change on"
+                        f" a running listener at the same address ({format_address(inb.address)}):"
+                        " restart the sidecar, or give the listener a new address; live on"
+                        f" reload: {', '.join(INBOUND_LIVE_KEYS)}"
                     )
-                if previous_in is None or not previous_in.same_listener(inb):
+                if previous_in is None or changed:
                     in_listener = InboundListener(
                         inb,
                         self.identity,

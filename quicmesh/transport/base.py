@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, os_error_text
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream, SpliceOutcome
 
@@ -484,9 +484,10 @@ def ticket_cache_problem(path: Path) -> str | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-        return f"cannot read it ({reason}): not overwritten"
+    except OSError as exc:
+        return f"cannot read it ({os_error_text(exc)}): not overwritten"
+    except UnicodeDecodeError:
+        return "cannot read it (not UTF-8 text): not overwritten"
     if not text.strip():
         return None
     try:

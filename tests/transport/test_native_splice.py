@@ -78,6 +78,27 @@ async def splicing_pair() -> tuple[Any, Any, TcpEnds, asyncio.Queue[SpliceOutcom
     return listener, conn, tcp_ends, results
 
 
+async def spliced_flow(
+    conn: Any, tcp_ends: TcpEnds, first: bytes
+) -> tuple[MeshStream, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new flow through a :func:`splicing_pair` listener: ``first`` written on the
+    stream and seen at its TCP end."""
+    stream = await conn.open_stream(TARGET)
+    stream.write(first)
+    reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
+    assert await asyncio.wait_for(reader.readexactly(len(first)), 10) == first
+    return stream, reader, writer
+
+
+async def how_tcp_ends(reader: asyncio.StreamReader) -> str:
+    """``"reset"`` or ``"clean end"``: how the TCP end of a flow saw it end."""
+    try:
+        await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:
+        return "reset"
+    return "clean end"
+
+
 def test_bytes_held_in_python_go_first_and_the_flow_ends_cleanly() -> None:
     rng = random.Random(7)
     upload = rng.randbytes(300_000)
@@ -197,23 +218,13 @@ def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
         listener, conn, tcp_ends, results = await splicing_pair()
 
         # 1. The client aborts its stream: the TCP peer sees a reset.
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"x")
-        reader, _ = await asyncio.wait_for(tcp_ends.get(), 10)
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+        stream, reader, _ = await spliced_flow(conn, tcp_ends, b"x")
         stream.abort()
-        try:
-            await asyncio.wait_for(reader.read(), 10)
-            tcp_saw = "clean end"
-        except ConnectionResetError:
-            tcp_saw = "reset"
+        tcp_saw = await how_tcp_ends(reader)
         first = await asyncio.wait_for(results.get(), 10)
 
         # 2. The TCP peer resets: the client's stream fails with H3_CONNECT_ERROR.
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"y")
-        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"y"
+        stream, reader, writer = await spliced_flow(conn, tcp_ends, b"y")
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         writer.transport.abort()
@@ -221,10 +232,7 @@ def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
             await asyncio.wait_for(stream.read(), 10)
         second = await asyncio.wait_for(results.get(), 10)
         # The connection carries on.
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"z")
-        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"z"
+        stream, reader, writer = await spliced_flow(conn, tcp_ends, b"z")
         conn.close()
         await conn.wait_closed()
         listener.close()
@@ -247,23 +255,13 @@ def test_a_peer_stop_sending_resets_a_quiet_tcp_side_at_once() -> None:
 
     async def main() -> tuple[str, SpliceOutcome]:
         listener, conn, tcp_ends, results = await splicing_pair()
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"x")
-        reader, _ = await asyncio.wait_for(tcp_ends.get(), 10)
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+        stream, reader, _ = await spliced_flow(conn, tcp_ends, b"x")
         conn.quic.stop_stream(stream.stream_id, 0x10C)  # the engine's own call
         conn.transmit()
-        try:
-            await asyncio.wait_for(reader.read(), 10)
-            tcp_saw = "clean end"
-        except ConnectionResetError:
-            tcp_saw = "reset"
+        tcp_saw = await how_tcp_ends(reader)
         outcome = await asyncio.wait_for(results.get(), 10)
         # A polite stop (H3_NO_ERROR, with our FIN) leaves the flow to end as usual.
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"y")
-        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"y"
+        stream, reader, writer = await spliced_flow(conn, tcp_ends, b"y")
         stream.close()
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.write(b"dropped")

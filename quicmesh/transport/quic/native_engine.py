@@ -1878,7 +1878,9 @@ class NativeConnection:
         the stream after it, under load, and quinn freed the slot it was to be held
         in: 1.5 to 6 times the rate got through.)"""
         self._rate = bucket
-        if not self._is_client and self.conn >= 0:
+        # (An extension built before read permits reads every stream at once, or none:
+        # the first ``max_streams`` are then counted here, as before.)
+        if not self._is_client and hasattr(self._native, "grant_read_permits"):
             bucket.hold_tokens_for(self)
             self._free_permits, self._free_streams = self._free_streams, 0
             self._grant_read_permits(self._free_permits)
