@@ -104,6 +104,7 @@ from .tunnel.connect import (
     HEADER_NAME_PATTERN,
     HEADER_VALUE_PATTERN,
     MAX_FIELD_SECTION_SIZE,
+    read_connect_response,
     response_fields,
 )
 from .tunnel.qpack import FieldSectionBound, QpackFormatError
@@ -168,6 +169,10 @@ class MeshH3Connection(H3Connection):
     With SETTINGS_QPACK_BLOCKED_STREAMS = 0 the peer's encoder only references
     dynamic-table entries we have acknowledged, so a HEADERS frame never waits
     on the encoder stream and streams never wait on each other (RFC 9204 2.1.2).
+    A client also announces no dynamic table (SETTINGS_QPACK_MAX_TABLE_CAPACITY = 0):
+    the answers to its CONNECTs are a status and at most a reason, and with no table
+    every answer refers to the static table only, so one read outside the connection's
+    decoder reads it whole (:func:`read_static_response`: an engine flow's refusal).
 
     aioquic announces no SETTINGS_MAX_FIELD_SECTION_SIZE and pylsqpack decodes a
     header block whatever it expands to. We announce ``max_field_section_size``
@@ -187,6 +192,8 @@ class MeshH3Connection(H3Connection):
 
     def _init_connection(self) -> None:
         self._blocked_streams = 0
+        if self._is_client:
+            self._max_table_capacity = 0
         self._decoder = _BoundedDecoder(  # type: ignore[assignment]
             pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams),
             self._max_table_capacity,
@@ -300,6 +307,24 @@ def read_static_request(
     decoded bytes, malformed or invalid): the connection's HTTP/3 layer then reads the
     stream as usual. Decoding such a section needs no per-connection state, and no
     Section Acknowledgment follows one (RFC 9204 4.4.1)."""
+    section = _static_headers_frame(data)
+    if section is None:
+        return None
+    start, end = section
+    try:
+        fields = _decode_static_section(data[start:end], limit)
+        if fields is None:
+            return None
+        if not _is_plain_connect(fields):
+            validate_request_headers(fields)
+    except Exception:  # pylsqpack's and aioquic's refusals: the usual path says why
+        return None
+    return fields, data[end:]
+
+
+def _static_headers_frame(data: bytes) -> tuple[int, int] | None:
+    """Where the field section of the whole HEADERS frame ``data`` begins with starts and
+    ends, when its Required Insert Count is 0 (static table only); else None."""
     buffer = Buffer(data=data)
     try:
         frame_type = buffer.pull_uint_var()
@@ -310,19 +335,39 @@ def read_static_request(
     end = start + length
     if frame_type != FrameType.HEADERS or end > len(data) or length < 2 or data[start] != 0:
         return None
-    block = data[start:end]
-    try:
-        # (A section too short to decode past the limit needs no walk.)
-        if _STATIC_BOUND.length_bound(length) > limit and (
-            _STATIC_BOUND.section_size(block, stop_above=limit) > limit
-        ):
-            return None
-        _, fields = _STATIC_DECODER.feed_header(0, block)
-        if not _is_plain_connect(fields):
-            validate_request_headers(fields)
-    except Exception:  # pylsqpack's and aioquic's refusals: the usual path says why
+    return start, end
+
+
+def _decode_static_section(block: bytes, limit: int) -> list[tuple[bytes, bytes]] | None:
+    """A field section that refers to the static table only, decoded; None past ``limit``
+    decoded bytes. pylsqpack raises on anything else (dynamic-table references, malformed)."""
+    # (A section too short to decode past the limit needs no walk.)
+    if _STATIC_BOUND.length_bound(len(block)) > limit and (
+        _STATIC_BOUND.section_size(block, stop_above=limit) > limit
+    ):
         return None
-    return fields, data[end:]
+    return _STATIC_DECODER.feed_header(0, block)[1]
+
+
+def read_static_response(
+    frame: bytes, limit: int = MAX_FIELD_SECTION_SIZE
+) -> tuple[int, str] | None:
+    """A CONNECT's answer, given as its whole HEADERS frame (what the native engine hands
+    back from an engine flow that was not answered with the plain 200), when its field
+    section refers to the static QPACK table only, as every answer to a quicmesh client
+    does (:class:`MeshH3Connection`): its status and reason
+    (:func:`~quicmesh.tunnel.connect.read_connect_response`). None for anything else (not
+    one whole HEADERS frame, dynamic-table references, more than ``limit`` decoded bytes,
+    malformed, an interim answer): the caller asks again its usual way. No Section
+    Acknowledgment follows such a section (RFC 9204 4.4.1)."""
+    section = _static_headers_frame(frame)
+    if section is None or section[1] != len(frame):
+        return None
+    try:
+        fields = _decode_static_section(frame[section[0] :], limit)
+    except Exception:  # pylsqpack's refusals
+        return None
+    return None if fields is None else read_connect_response(fields)
 
 
 # -- TLS -----------------------------------------------------------------------

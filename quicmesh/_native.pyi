@@ -28,8 +28,9 @@ Events from :meth:`Endpoint.drain` are tuples whose first item names them:
 Events from :meth:`FlowAcceptor.drain` (engine flows, ``Endpoint.start_flow``):
 
 * ``("flow_accepted", flow, host, port)``: a connection accepted and parked
-* ``("flow_unanswered", flow, stream, kind, reason)``: an engine flow got no plain 200
-  (``kind``: ``answered``, ``reset``, ``timeout``, ``lost``); its connection is parked
+* ``("flow_unanswered", flow, stream, kind, reason, answer)``: an engine flow got no plain
+  200 (``kind``: ``answered``, ``reset``, ``timeout``, ``lost``); its connection is parked;
+  ``answer``: another answer's first frame, whole (else ``b""``)
 * ``("spliced", conn, flow, stream, sent, received, error, code, connected)``: an engine
   flow ended, as a splice
 

@@ -386,11 +386,13 @@ pub enum Event {
     FlowAccepted { flow: u64, peer: SocketAddr },
     /// (outbound flows) An engine flow's CONNECT on `stream` did not get the expected answer
     /// (`reason`): the stream was cancelled, the connection is parked again, untouched.
+    /// `answer`: another answer's first frame, whole (else empty).
     FlowUnanswered {
         flow: u64,
         stream: u64,
         kind: crate::outbound::Unanswered,
         reason: String,
+        answer: bytes::Bytes,
     },
     /// A connection ended; its streams are gone.
     Closed {

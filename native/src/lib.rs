@@ -248,7 +248,16 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             stream,
             kind,
             reason,
-        } => ("flow_unanswered", flow, stream, kind.name(), reason).into_py_any(py),
+            answer,
+        } => (
+            "flow_unanswered",
+            flow,
+            stream,
+            kind.name(),
+            reason,
+            PyBytes::new(py, &answer),
+        )
+            .into_py_any(py),
     }
 }
 

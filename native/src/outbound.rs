@@ -13,9 +13,12 @@
 //! Anything else sends the flow back to Python unharmed (`flow_unanswered`, the socket
 //! parked again, nothing read from it): an answer that is not that 200 (a refusal, or a 200
 //! with other fields), a reset, a lost connection, or no answer within the timeout. The
-//! stream is cancelled both ways (H3_REQUEST_CANCELLED) and Python opens the flow again its
-//! own way, which decodes the answer and applies the cluster's retries. No HTTP/3 is parsed
-//! here: the answer is compared with bytes Python encoded.
+//! stream is cancelled both ways (H3_REQUEST_CANCELLED). An answer comes with its first
+//! frame as read (`answer`: whole, if it came within [`MAX_ANSWER_FRAME`] bytes), for Python
+//! to decode: a refusal it can read is the flow's answer (one CONNECT per flow, as the usual
+//! way); else Python opens the flow again its own way, which decodes the answer and applies
+//! the cluster's retries. No HTTP/3 is parsed here beyond a frame's length: the answer is
+//! compared with bytes Python encoded.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -37,6 +40,10 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The largest answer read before it is judged (more than any plain 200 takes).
 const MAX_ANSWER: usize = 1024;
+
+/// The largest first frame of an answer that is not the plain 200 handed to Python whole (a
+/// refusal's HEADERS frame, its reason at most 512 bytes, takes well under this).
+pub const MAX_ANSWER_FRAME: usize = 4096;
 
 /// The engine's side of one listening socket: its accept loop, the accepted connections not
 /// started yet, and the events of its flows.
@@ -230,7 +237,7 @@ pub async fn run(
     let exchanged = tokio::select! {
         outcome = tokio::time::timeout(timeout, exchange(&mut send, &mut recv, request, &answer)) => {
             Ok(outcome.unwrap_or_else(|_| {
-                Err((Unanswered::Timeout, format!("no answer within {}s", timeout.as_secs_f64())))
+                Err(NoAnswer::new(Unanswered::Timeout, format!("no answer within {}s", timeout.as_secs_f64())))
             }))
         }
         code = aborted => Err(code),
@@ -247,7 +254,11 @@ pub async fn run(
         // Python gave the flow up: both sides are reset, as an aborted splice's.
         Err(code) => (Halves::aborted(send, recv, code), oneshot::channel().1),
         Ok(Ok(rest)) => (Halves::opened(send, recv, rest), abort),
-        Ok(Err((kind, reason))) => {
+        Ok(Err(NoAnswer {
+            kind,
+            reason,
+            answer,
+        })) => {
             let cancelled = VarInt::from_u64(H3_REQUEST_CANCELLED).unwrap_or(VarInt::from_u32(0));
             let _ = send.reset(cancelled);
             let _ = recv.stop(cancelled);
@@ -257,6 +268,7 @@ pub async fn run(
                 stream,
                 kind,
                 reason,
+                answer,
             });
             return;
         }
@@ -302,33 +314,79 @@ impl Unanswered {
     }
 }
 
+/// Why an engine flow's exchange did not end in the plain 200, and the answer's first frame
+/// when it was another answer (else empty).
+#[derive(Debug)]
+struct NoAnswer {
+    kind: Unanswered,
+    reason: String,
+    answer: Bytes,
+}
+
+impl NoAnswer {
+    fn new(kind: Unanswered, reason: impl Into<String>) -> Self {
+        NoAnswer {
+            kind,
+            reason: reason.into(),
+            answer: Bytes::new(),
+        }
+    }
+}
+
+/// The length of the frame `bytes` begin with (its type, length and payload), once its
+/// header is in.
+fn frame_length(bytes: &[u8]) -> Option<usize> {
+    let (_, type_len) = splice::decode_varint(bytes)?;
+    let (payload, length_len) = splice::decode_varint(&bytes[type_len..])?;
+    usize::try_from(payload)
+        .ok()?
+        .checked_add(type_len + length_len)
+}
+
 /// Send `request` and read until the stream's first bytes are `answer` (then return what
-/// followed them) or cannot be (why not).
+/// followed them) or cannot be (why not; for another answer, its first frame as far as it
+/// came: whole unless the stream ended, failed or passed [`MAX_ANSWER_FRAME`] first).
 async fn exchange(
     send: &mut SendStream,
     recv: &mut RecvStream,
     request: Bytes,
     answer: &[u8],
-) -> Result<Bytes, (Unanswered, String)> {
+) -> Result<Bytes, NoAnswer> {
     send.write_chunk(request).await.map_err(|error| {
         let kind = match error {
             WriteError::Stopped(_) => Unanswered::Reset,
             _ => Unanswered::Lost,
         };
-        (kind, format!("the CONNECT could not be sent: {error}"))
+        NoAnswer::new(kind, format!("the CONNECT could not be sent: {error}"))
     })?;
     let mut got = BytesMut::new();
-    while got.len() < answer.len() {
+    let mut other = false;
+    loop {
+        if other {
+            match frame_length(&got) {
+                Some(whole) if got.len() >= whole => {
+                    got.truncate(whole);
+                    return Err(other_answer(got.freeze()));
+                }
+                Some(whole) if whole > MAX_ANSWER_FRAME => return Err(other_answer(Bytes::new())),
+                _ if got.len() >= MAX_ANSWER_FRAME => return Err(other_answer(Bytes::new())),
+                _ => {}
+            }
+        } else if got.len() >= answer.len() {
+            return Ok(got.split_off(answer.len()).freeze());
+        }
         match recv.read_chunk(MAX_ANSWER, true).await {
             Ok(Some(chunk)) => got.extend_from_slice(&chunk.bytes),
+            // Another answer cut short: it is Python's to read again.
+            Ok(None) | Err(_) if other => return Err(other_answer(Bytes::new())),
             Ok(None) => {
-                return Err((
+                return Err(NoAnswer::new(
                     Unanswered::Reset,
-                    "the stream ended before its answer".into(),
+                    "the stream ended before its answer",
                 ))
             }
             Err(ReadError::Reset(code)) => {
-                return Err((
+                return Err(NoAnswer::new(
                     Unanswered::Reset,
                     format!(
                         "stream {} reset by peer (error code {:#x}) before its answer",
@@ -337,15 +395,42 @@ async fn exchange(
                     ),
                 ))
             }
-            Err(error) => return Err((Unanswered::Lost, format!("no answer: {error}"))),
+            Err(error) => {
+                return Err(NoAnswer::new(
+                    Unanswered::Lost,
+                    format!("no answer: {error}"),
+                ))
+            }
         }
         let compared = got.len().min(answer.len());
-        if got[..compared] != answer[..compared] {
-            return Err((
-                Unanswered::Answered,
-                "the answer is not the plain 200 expected".into(),
-            ));
-        }
+        other = other || got[..compared] != answer[..compared];
     }
-    Ok(got.split_off(answer.len()).freeze())
+}
+
+fn other_answer(frame: Bytes) -> NoAnswer {
+    NoAnswer {
+        kind: Unanswered::Answered,
+        reason: "the answer is not the plain 200 expected".into(),
+        answer: frame,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_length;
+    use crate::splice::encode_varint;
+
+    #[test]
+    fn a_frames_length_is_known_once_its_header_is_in() {
+        let mut frame = Vec::new();
+        encode_varint(0x01, &mut frame);
+        encode_varint(300, &mut frame);
+        let header = frame.len();
+        assert_eq!(header, 3);
+        frame.extend(std::iter::repeat_n(0u8, 300));
+        assert_eq!(frame_length(&frame), Some(303));
+        assert_eq!(frame_length(&frame[..header]), Some(303));
+        assert_eq!(frame_length(&frame[..header - 1]), None);
+        assert_eq!(frame_length(&[]), None);
+    }
 }

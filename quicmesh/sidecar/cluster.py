@@ -81,11 +81,19 @@ class Endpoint:
 @dataclass(frozen=True)
 class FailedOpen:
     """A flow's first attempt, made outside :meth:`Cluster.open_flow` (an engine flow
-    that got no answer in time), which failed on ``endpoint`` with ``reason``: it counts
-    as that attempt (:meth:`Cluster.open_flow` ``failed``)."""
+    that got no answer in time, or a refusal), which failed on ``endpoint`` as
+    ``refused`` says: it counts as that attempt (:meth:`Cluster.open_flow` ``failed``)."""
 
     endpoint: Endpoint
-    reason: str
+    refused: FlowRefused
+
+
+def _refused_by(endpoint: Endpoint, refusal: StreamRefused) -> FlowRefused:
+    """What the peer's refusal of a stream on ``endpoint`` makes of the flow: a draining
+    peer's 503 lets another endpoint take it (a failed attempt), any other refuses it."""
+    if refusal.status == 503:
+        return FlowRefused(Outcome.CONNECT_FAILED, str(refusal), endpoint.name)
+    return FlowRefused(Outcome.REFUSED, str(refusal), endpoint.name)
 
 
 @dataclass
@@ -214,14 +222,17 @@ class Cluster:
         :param chosen: the endpoint the load balancer already chose for this flow (the
             first attempt goes there if it is still available; retries choose again).
         :param failed: the flow's first attempt, made already, failed (an engine flow's
-            CONNECT got no answer in time): what is left are the retries
+            CONNECT got no answer in time, or a refusal): what is left are the retries
             (``connect_retries``), on other endpoints, as after a failed first attempt
             here; with none left, or no other endpoint, the flow is refused with its
-            reason.
+            reason. A refusal that is not retried here (all but a draining peer's 503)
+            is raised at once.
 
         :raises FlowRefused: over a circuit-breaker limit, no available endpoint,
             every attempt failed, or the peer refused the stream.
         """
+        if failed is not None and failed.refused.outcome is not Outcome.CONNECT_FAILED:
+            raise failed.refused
         if not self.breaker.try_open_stream():
             self.stats.overflows["max_concurrent_streams"] += 1
             raise FlowRefused(
@@ -255,9 +266,8 @@ class Cluster:
         last: FlowRefused | None = None
         first = 0
         if failed is not None:
-            name = failed.endpoint.name
             tried.add(failed.endpoint.address)
-            last = FlowRefused(Outcome.CONNECT_FAILED, f"{name}: {failed.reason}", name)
+            last = failed.refused
             first = 1
         for attempt in range(first, self.config.connect_retries + 1):
             now = self._loop.time()
@@ -312,10 +322,7 @@ class Cluster:
                 Outcome.OVERFLOW, f"cluster {self.config.name}: {exc}", endpoint.name
             ) from None
         except StreamRefused as exc:
-            if exc.status == 503:
-                # The peer is draining: another endpoint may take the flow.
-                raise FlowRefused(Outcome.CONNECT_FAILED, str(exc), endpoint.name) from None
-            raise FlowRefused(Outcome.REFUSED, str(exc), endpoint.name) from None
+            raise _refused_by(endpoint, exc) from None
         except TunnelUsageError as exc:
             # Our request is at fault, not the endpoint: no outlier ejection, no retry.
             raise FlowRefused(
@@ -394,19 +401,27 @@ class Cluster:
         self.stats.endpoint(endpoint.name).streams_active += 1
         return started
 
-    def engine_flow_unanswered(self, flow: EngineFlow, failure: str | None) -> FailedOpen | None:
+    def engine_flow_unanswered(
+        self, flow: EngineFlow, failure: str | None, refusal: StreamRefused | None = None
+    ) -> FailedOpen | None:
         """An engine flow did not get its 200 and goes back to :meth:`open_flow`: undo
-        what :meth:`start_engine_flow` counted. ``failure`` (no answer in time) counts
-        against the endpoint, as a failed open does, and the engine's attempt was the
-        flow's first: returned for :meth:`open_flow`'s ``failed``."""
+        what :meth:`start_engine_flow` counted. The engine's attempt was the flow's
+        first, returned for :meth:`open_flow`'s ``failed``, when it was refused
+        (``refusal``: the peer's answer, as :meth:`open_flow` would have read it) or got
+        no answer in time (``failure``; it counts against the endpoint, as a failed open
+        does); None when the usual way has to ask again."""
         self.breaker.release_stream()
         self.stats.streams_active -= 1
         self.stats.endpoint(flow.endpoint.name).streams_active -= 1
         flow.connection.engine_flow_ended()
+        name = flow.endpoint.name
+        if refusal is not None:
+            return FailedOpen(flow.endpoint, _refused_by(flow.endpoint, refusal))
         if failure is None:
             return None
         self._record_connect_failure(flow.endpoint, ConnectionLost(failure))
-        return FailedOpen(flow.endpoint, self._timed_out())
+        refused = FlowRefused(Outcome.CONNECT_FAILED, f"{name}: {self._timed_out()}", name)
+        return FailedOpen(flow.endpoint, refused)
 
     def _timed_out(self) -> str:
         """The reason of an open that got no answer within ``connect_timeout``."""

@@ -334,7 +334,9 @@ class _EngineFlows:
         listener.stats.streams_active += 1  # (in streams_total once it got its 200: at its end)
         self.running[flow] = running
 
-    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
+    def flow_unanswered(
+        self, flow: int, kind: str, reason: str, refusal: StreamRefused | None = None
+    ) -> None:
         running = self.running.pop(flow, None)
         if running is None:
             return
@@ -344,14 +346,18 @@ class _EngineFlows:
         stats.engine_flows_returned += 1
         engine_flow, running.flow = running.flow, None
         assert engine_flow is not None
-        # A timeout counts against the endpoint, as a failed open does; a connection lost
-        # does not (the usual way opens again, once, on another connection without
-        # counting it). A refusal or a reset is the endpoint's answer: ask it again (the
-        # usual way reads the answer); after a timeout or a loss the balancer chooses.
-        # The timed-out attempt was the flow's first: the usual way makes its retries.
+        # A refusal the engine read is the flow's answer (the peer is asked once); a
+        # draining peer's 503 and a timeout were the flow's first attempt, and the usual
+        # way makes the retries. A timeout counts against the endpoint, as a failed open
+        # does; a connection lost does not (the usual way opens again, once, on another
+        # connection without counting it). Another answer or a reset is the endpoint's
+        # answer: ask it again (the usual way reads it); after a timeout or a loss the
+        # balancer chooses.
         timeout = kind == "timeout"
-        failed = running.cluster.engine_flow_unanswered(engine_flow, reason if timeout else None)
-        again = None if kind in ("timeout", "lost") else engine_flow.endpoint
+        failed = running.cluster.engine_flow_unanswered(
+            engine_flow, reason if timeout else None, refusal
+        )
+        again = None if kind in ("timeout", "lost") or failed else engine_flow.endpoint
         self._listener._in_python(self, flow, running, again, failed)
         self._close_when_idle()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, os_error_text
+from ..errors import ConfigError, StreamRefused, os_error_text
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream, SpliceOutcome
 
@@ -60,12 +60,16 @@ class FlowEvents(Protocol):
         """A connection from ``peer`` was accepted as ``flow``: start it
         (:meth:`PeerConnection.start_engine_flow`) or take it (:meth:`EngineAcceptor.release`)."""
 
-    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
+    def flow_unanswered(
+        self, flow: int, kind: str, reason: str, refusal: StreamRefused | None
+    ) -> None:
         """An engine flow got no plain 200: nothing was read from its socket, which
         waits for :meth:`EngineAcceptor.release`. ``kind``: ``answered`` (something else,
         e.g. a refusal), ``reset`` (the peer reset or ended the stream first),
         ``timeout`` (no answer in time) or ``lost`` (the connection failed); ``reason``
-        says more."""
+        says more. ``refusal``: the peer's refusal (status and reason), when it
+        answered with one the engine could read; then that is the flow's answer (else
+        asking again is the way to read it)."""
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         """An engine flow ended: payload bytes each way, and why it failed ("" if not)."""

@@ -270,6 +270,24 @@ def connect_request_fields(target: Target, headers: dict[str, str]) -> list[tupl
     return fields
 
 
+def read_connect_response(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """The status and reason (from ``proxy-status``) of a CONNECT's answer, from its header
+    list in HTTP/2 and HTTP/3 form; None for an interim (1xx) answer. A status that is not
+    a number reads as 502."""
+    status_text = ""
+    proxy_status = None
+    for raw_name, raw_value in fields:
+        name = bytes(raw_name)
+        if name == b":status":
+            status_text = bytes(raw_value).decode("ascii", "replace")
+        elif name == b"proxy-status":
+            proxy_status = bytes(raw_value).decode("utf-8", "replace")
+    if status_text.startswith("1"):
+        return None
+    status = int(status_text) if status_text.isdigit() else 502
+    return status, decode_proxy_status(proxy_status)
+
+
 def response_fields(status: int, reason: str = "") -> list[tuple[bytes, bytes]]:
     """The HTTP/2 and HTTP/3 header list answering a CONNECT; a refusal's reason
     goes in ``proxy-status``."""

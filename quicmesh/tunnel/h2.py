@@ -50,8 +50,8 @@ from .connect import (
     MAX_FIELD_SECTION_SIZE,
     Target,
     connect_request_fields,
-    decode_proxy_status,
     parse_connect_request,
+    read_connect_response,
     response_fields,
 )
 from .session import ResetReason, TunnelSession
@@ -458,22 +458,15 @@ class H2TunnelSession(TunnelSession):
     def _on_response(self, event: h2.events.ResponseReceived) -> list[events.TunnelEvent]:
         stream_id = event.stream_id
         assert stream_id is not None
-        status_text = ""
-        proxy_status = None
-        for raw_name, raw_value in event.headers or []:
-            name = bytes(raw_name)
-            if name == b":status":
-                status_text = bytes(raw_value).decode("ascii", "replace")
-            elif name == b"proxy-status":
-                proxy_status = bytes(raw_value).decode("utf-8", "replace")
-        status = int(status_text) if status_text.isdigit() else 502
+        # (h2 reports an interim answer as InformationalResponseReceived, not here.)
+        status, reason = read_connect_response(event.headers or []) or (502, "")
         if status == 200:
             self._stream(stream_id).open = True
         else:
             # Refused: release the stream here too, in case the server does not.
             self._forget(stream_id)
             self._send_reset(stream_id, ErrorCodes.CANCEL)
-        return [events.ResponseReceived(stream_id, status, decode_proxy_status(proxy_status))]
+        return [events.ResponseReceived(stream_id, status, reason)]
 
     def _on_reset(self, event: h2.events.StreamReset) -> list[events.TunnelEvent]:
         stream_id = event.stream_id

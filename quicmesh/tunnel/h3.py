@@ -28,8 +28,8 @@ from .connect import (
     MAX_FIELD_SECTION_SIZE,
     Target,
     connect_request_fields,
-    decode_proxy_status,
     parse_connect_request,
+    read_connect_response,
     response_fields,
 )
 from .session import ResetReason, TunnelSession
@@ -306,17 +306,11 @@ class H3TunnelSession(TunnelSession):
                 events.StreamRequested(stream_id, request.target, request.headers)
             ]
         else:
-            fields = {name: value for name, value in ev.headers}
-            status_text = fields.get(b":status", b"").decode("ascii", "replace")
-            if status_text.startswith("1"):
+            answer = read_connect_response(ev.headers)
+            if answer is None:
                 return []
             record.headers_done = True
-            status = int(status_text) if status_text.isdigit() else 502
-            proxy_status = fields.get(b"proxy-status")
-            reason = decode_proxy_status(
-                proxy_status.decode("utf-8", "replace") if proxy_status is not None else None
-            )
-            result = [events.ResponseReceived(stream_id, status, reason)]
+            result = [events.ResponseReceived(stream_id, *answer)]
         if ev.stream_ended:
             result.append(events.DataReceived(stream_id, b"", True))
         return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -18,8 +20,8 @@ from quicmesh.errors import (
     StreamReset,
 )
 from quicmesh.sidecar.accesslog import Outcome
-from quicmesh.sidecar.cluster import Cluster, FlowRefused, is_connection_failure
-from quicmesh.sidecar.config import format_address, parse_config
+from quicmesh.sidecar.cluster import Cluster, FailedOpen, FlowRefused, is_connection_failure
+from quicmesh.sidecar.config import Address, format_address, parse_config
 from quicmesh.sidecar.health import HealthState
 from quicmesh.sidecar.stats import ClusterStats
 
@@ -32,6 +34,22 @@ async def _echo(stream: MeshStream) -> None:
     stream.write_eof()
 
 
+def _h2_cluster(ca: DevCA, endpoints: list[Address], **keys: Any) -> Cluster:
+    """A started HTTP/2 cluster (the configuration's first, with ``keys``) to ``endpoints``."""
+    document = copy.deepcopy(VALID)
+    cluster_doc = document["clusters"][0]
+    cluster_doc.update(transport="h2", endpoints=[format_address(a) for a in endpoints], **keys)
+    for key in ("congestion_control", "max_datagram_size", "early_data", "health_check"):
+        cluster_doc.pop(key, None)
+    config = parse_config(yaml.safe_dump(document), source="s.yaml").clusters[0]
+    client = H2Transport(
+        identity=ca.issue("spiffe://mesh.local/ns/default/sa/a"), trust=ca.trust_bundle
+    )
+    cluster = Cluster(config, client, ClusterStats(config.name))
+    cluster.start()
+    return cluster
+
+
 def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
     async def main() -> None:
         ca = DevCA()
@@ -39,17 +57,8 @@ def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
             identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
         )
         listener = await server.listen(("127.0.0.1", 0), _echo)
-        document = copy.deepcopy(VALID)
-        cluster_doc = document["clusters"][0]
-        cluster_doc.update(transport="h2", endpoints=[format_address(listener.address)])
-        for key in ("congestion_control", "max_datagram_size", "early_data", "health_check"):
-            cluster_doc.pop(key, None)
-        config = parse_config(yaml.safe_dump(document), source="s.yaml").clusters[0]
-        client = H2Transport(
-            identity=ca.issue("spiffe://mesh.local/ns/default/sa/a"), trust=ca.trust_bundle
-        )
-        cluster = Cluster(config, client, ClusterStats(config.name))
-        cluster.start()
+        cluster = _h2_cluster(ca, [listener.address])
+        config = cluster.config
         try:
             threshold = config.outlier_detection.consecutive_connect_failures
             for _ in range(threshold + 2):
@@ -104,3 +113,52 @@ def test_outlier_detection_counts_only_connection_failures_and_timeouts(
     error: BaseException, counted: bool
 ) -> None:
     assert is_connection_failure(error) is counted
+
+
+def test_a_first_attempt_made_outside_is_the_flows_answer_or_retried_elsewhere() -> None:
+    """``open_flow(failed=...)``: an engine flow's refusal read by the engine is the flow's
+    answer (raised at once, nothing opened, no retry); a draining peer's 503 (or no answer
+    in time) was the first attempt, and the retry goes to another endpoint."""
+
+    async def main() -> None:
+        ca = DevCA()
+        server = H2Transport(
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+        )
+        opened: list[int] = []
+
+        def serving(index: int) -> Callable[[MeshStream], Awaitable[None]]:
+            async def handler(stream: MeshStream) -> None:
+                opened.append(index)
+                await _echo(stream)
+
+            return handler
+
+        listeners = [await server.listen(("127.0.0.1", 0), serving(i)) for i in range(2)]
+        cluster = _h2_cluster(ca, [listener.address for listener in listeners], connect_retries=1)
+        first = cluster.endpoints[listeners[0].address]
+        try:
+            refusal = StreamRefused(403, "not allowed")
+            refused = FlowRefused(Outcome.REFUSED, str(refusal), first.name)
+            with pytest.raises(FlowRefused) as caught:
+                await cluster.open_flow(failed=FailedOpen(first, refused))
+            assert caught.value is refused
+            assert opened == [] and cluster.stats.retries == 0
+            assert cluster.stats.streams_total == 0
+
+            draining = FlowRefused(Outcome.CONNECT_FAILED, "peer refused ... 503", first.name)
+            flow = await cluster.open_flow(failed=FailedOpen(first, draining))
+            assert flow.endpoint.address == listeners[1].address  # not the one that refused
+            assert cluster.stats.retries == 1
+            flow.stream.write(b"ping")
+            flow.stream.write_eof()
+            assert await flow.stream.read() == b"ping"
+            assert opened == [1]
+            cluster.flow_finished(flow, 4, 4)
+        finally:
+            await cluster.close()
+            for listener in listeners:
+                listener.close()
+                await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -15,11 +15,19 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pylsqpack
 import pytest
+from aioquic.h3.connection import Setting, encode_frame
+from aioquic.quic.connection import QuicConnection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from quic_helpers import client_transport, require_engine, run, server_transport, until
 
+from quicmesh import _aioquic
+from quicmesh.errors import StreamRefused
 from quicmesh.transport.base import EngineAcceptor
 from quicmesh.transport.stream import MeshStream
+from quicmesh.tunnel.connect import decode_proxy_status, encode_proxy_status
 
 H3_REQUEST_CANCELLED = 0x10C
 
@@ -29,14 +37,16 @@ class Events:
 
     def __init__(self) -> None:
         self.accepted: asyncio.Queue[tuple[int, tuple[str, int]]] = asyncio.Queue()
-        self.unanswered: dict[int, tuple[str, str]] = {}
+        self.unanswered: dict[int, tuple[str, str, StreamRefused | None]] = {}
         self.ended: dict[int, tuple[int, int, str]] = {}
 
     def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
         self.accepted.put_nowait((flow, peer))
 
-    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
-        self.unanswered[flow] = (kind, reason)
+    def flow_unanswered(
+        self, flow: int, kind: str, reason: str, refusal: StreamRefused | None
+    ) -> None:
+        self.unanswered[flow] = (kind, reason, refusal)
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         self.ended[flow] = (sent, received, error)
@@ -119,17 +129,18 @@ def test_a_flow_runs_in_the_engine_from_accept_to_end() -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "timeout", "kind", "why"),
+    ("target", "timeout", "kind", "why", "refusal"),
     [
-        ("refuse:1", 5.0, "answered", "not the plain 200"),
-        ("silent:1", 0.3, "timeout", "no answer within 0.3s"),
+        ("refuse:1", 5.0, "answered", "not the plain 200", (403, "not for you")),
+        ("silent:1", 0.3, "timeout", "no answer within 0.3s", None),
     ],
 )
 def test_a_flow_without_its_200_comes_back_untouched(
-    target: str, timeout: float, kind: str, why: str
+    target: str, timeout: float, kind: str, why: str, refusal: tuple[int, str] | None
 ) -> None:
     """A refusal or no answer in time: the stream is cancelled and the socket is given
-    back with the client's bytes still unread in it."""
+    back with the client's bytes still unread in it; a refusal comes with its status and
+    reason, read from the answer's frame (so the peer need not be asked again)."""
 
     async def test(connection: Any, acceptor: EngineAcceptor, events: Events, port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -140,6 +151,8 @@ def test_a_flow_without_its_200_comes_back_untouched(
         await until(lambda: flow in events.unanswered, 10)
         assert events.unanswered[flow][0] == kind
         assert why in events.unanswered[flow][1]
+        refused = events.unanswered[flow][2]
+        assert (refused and (refused.status, refused.reason)) == refusal
         assert flow not in events.ended
         sock = acceptor.release(flow)
         assert sock is not None
@@ -253,3 +266,60 @@ def test_a_stream_python_opened_ahead_goes_first() -> None:
             writer.close()
 
     run(with_flows(test, max_streams=2))
+
+
+# -- reading an answer that is not the plain 200 ---------------------------------------
+
+
+def _frame(frame_type: int, payload: bytes) -> bytes:
+    return bytes(encode_frame(frame_type, payload))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=200, max_value=599), st.text(max_size=600))
+def test_an_answer_encoded_with_the_static_table_reads_back(status: int, reason: str) -> None:
+    """What the engine hands back (an answer's whole HEADERS frame) reads as the usual
+    way reads it: the status, and the reason carried in ``proxy-status``."""
+    answer = _aioquic.connect_response_frame(status, reason)
+    expected = decode_proxy_status(encode_proxy_status(reason)) if status != 200 else ""
+    assert _aioquic.read_static_response(answer) == (status, expected)
+
+
+def test_only_one_whole_static_table_answer_is_read() -> None:
+    answer = _aioquic.connect_response_frame(403, "not allowed")
+    assert _aioquic.read_static_response(answer) == (403, "not allowed")
+    assert _aioquic.read_static_response(answer[:-1]) is None  # cut short
+    assert _aioquic.read_static_response(answer + b"\x00") is None  # more than the frame
+    assert _aioquic.read_static_response(_frame(0x00, answer[2:])) is None  # DATA, not HEADERS
+    interim = pylsqpack.Encoder().encode(0, [(b":status", b"103")])[1]
+    assert _aioquic.read_static_response(_frame(0x01, interim)) is None
+    encoder = pylsqpack.Encoder()
+    encoder.apply_settings(4096, 16)
+    fields = [(b":status", b"403"), (b"proxy-status", b'quicmesh; details="no"')]
+    encoder.encode(0, fields)
+    _, dynamic = encoder.encode(4, fields)  # refers to what the first one inserted
+    assert dynamic[0] != 0  # Required Insert Count
+    assert _aioquic.read_static_response(_frame(0x01, dynamic)) is None
+    assert _aioquic.read_static_response(answer, limit=10) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_read_as_an_answer_or_none(data: bytes) -> None:
+    read = _aioquic.read_static_response(data)
+    assert read is None or (isinstance(read[0], int) and isinstance(read[1], str))
+
+
+def test_a_client_announces_no_dynamic_table_so_every_answer_is_static() -> None:
+    """A quicmesh client's HTTP/3 SETTINGS allow the server no dynamic table, so the
+    server encodes each answer with the static table only (what the engine hands back
+    is always readable); a server keeps its table for the requests it decodes."""
+    client = QuicConnection(configuration=client_transport().configuration(is_client=True))
+    server = QuicConnection(
+        configuration=server_transport().configuration(is_client=False),
+        original_destination_connection_id=client.original_destination_connection_id,
+    )
+    for quic, capacity in ((client, 0), (server, 4096)):
+        settings_sent = _aioquic.MeshH3Connection(quic)._get_local_settings()
+        assert settings_sent[Setting.QPACK_MAX_TABLE_CAPACITY] == capacity
+        assert settings_sent[Setting.QPACK_BLOCKED_STREAMS] == 0

@@ -16,9 +16,12 @@ counts.
 A flow that cannot go that way goes back to Python untouched: no connection ready
 at once (Python starts nothing and :meth:`FlowAcceptor.release` gives it the
 socket), or an answer that is not the plain 200, a reset, a lost connection or no
-answer in time (``on_unanswered``: the stream was cancelled, nothing was read from
-the socket, and Python opens the flow again its own way, which decodes the answer
-and applies the cluster's retries).
+answer in time (``flow_unanswered``: the stream was cancelled, nothing was read from
+the socket). A refusal comes with its HEADERS frame, decoded here (static table
+only, as every answer to a quicmesh client is: :func:`read_static_response`) into
+the :class:`~quicmesh.errors.StreamRefused` the usual way would have raised, so that
+the peer is asked once per flow; for anything else Python opens the flow again its
+own way, which decodes the answer and applies the cluster's retries.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import logging
 import socket
 from typing import Any
 
-from ...errors import QuicmeshError
+from ..._aioquic import read_static_response
+from ...errors import QuicmeshError, StreamRefused
 from ..base import EngineAcceptor, FlowEvents
 from .native_engine import _extension, _hand_socket, _remove_reader, native_available
 
@@ -41,6 +45,15 @@ def engine_flows_available() -> bool:
     if not native_available():
         return False
     return hasattr(_extension(), "FlowAcceptor")
+
+
+def _refusal(answer: bytes) -> StreamRefused | None:
+    """The refusal an engine flow's answer (its first frame, or b"") carries, if it can be
+    read here (a 200 with other fields is no refusal: the usual way reads it again)."""
+    read = read_static_response(answer) if answer else None
+    if read is None or read[0] == 200:
+        return None
+    return StreamRefused(*read)
 
 
 class FlowAcceptor(EngineAcceptor):
@@ -70,7 +83,8 @@ class FlowAcceptor(EngineAcceptor):
         if kind == "flow_accepted":
             self._events.flow_accepted(event[1], (event[2], event[3]))
         elif kind == "flow_unanswered":
-            self._events.flow_unanswered(event[1], event[3], event[4])
+            _, flow, _, why, reason, answer = event
+            self._events.flow_unanswered(flow, why, reason, _refusal(answer))
         elif kind == "spliced":
             _, _, flow, _, sent, received, error, _, _ = event
             self._events.flow_ended(flow, sent, received, error)
