@@ -117,7 +117,7 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     cert = _filename(certificate.tls_certificate.certificate_chain, certificate.name, base_dir)
     key = _filename(certificate.tls_certificate.private_key, certificate.name, base_dir)
     bundle = _filename(validation.validation_context.trusted_ca, validation.name, base_dir)
-    identity = _identity_of(cert)
+    identity = _identity_of(cert, f"Secret {certificate.name!r}.tls_certificate.certificate_chain")
     mapped = map_resources(resources)
     if mapped.warming and xds is None:
         raise MappingError(
@@ -153,7 +153,7 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
 
 
 def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
-    from .mapping import MappingError, _only, map_endpoints
+    from .mapping import MappingError, _duration, _only, map_endpoints
 
     if not bootstrap.HasField("dynamic_resources"):
         return None
@@ -176,9 +176,7 @@ def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
     endpoints = map_endpoints(cluster.load_assignment, f"Cluster {cluster_name!r}")
     if len(endpoints) != 1:
         raise MappingError(f"Cluster {cluster_name!r}: the ADS cluster needs exactly one endpoint")
-    timeout = 15.0
-    if dynamic.cds_config.HasField("initial_fetch_timeout"):
-        timeout = dynamic.cds_config.initial_fetch_timeout.ToTimedelta().total_seconds()
+    timeout = _duration(dynamic.cds_config, "initial_fetch_timeout", 15.0, f"{where}.cds_config")
     return XdsConfig(address=endpoints[0], initial_fetch_timeout=timeout)
 
 
@@ -193,13 +191,20 @@ def _filename(source: Any, secret: str, base_dir: Path) -> str:
     return str(base_dir / str(source.filename))
 
 
-def _identity_of(cert_path: str) -> str:
+def _identity_of(cert_path: str, where: str) -> str:
+    """The SPIFFE ID of the certificate file the Secret ``where`` names.
+
+    :raises MappingError: naming the Secret's field, the file and what is wrong with it.
+    """
     from ..tls._pem import parse_certificates, read_file
     from ..tls.spiffe import spiffe_id_of
     from .mapping import MappingError
 
-    certificate = parse_certificates(read_file(cert_path), cert_path)[0]
+    try:
+        certificate = parse_certificates(read_file(cert_path), cert_path)[0]
+    except ConfigError as exc:  # (the message names the file)
+        raise MappingError(f"{where}: {exc}") from None
     spiffe_id = spiffe_id_of(certificate)
     if spiffe_id is None:
-        raise MappingError(f"{cert_path}: the certificate carries no SPIFFE ID (URI SAN)")
+        raise MappingError(f"{where}: {cert_path}: the certificate carries no SPIFFE ID (URI SAN)")
     return spiffe_id

@@ -32,7 +32,15 @@ from ..errors import QuicmeshError
 from ..sidecar.config import XdsConfig, format_address
 from ..tls import Identity, TrustBundle
 from ..tls.check import own_certificate_problem
-from .mapping import MappingError, check_ports, data_source_bytes, map_resources, secrets_by_kind
+from .mapping import (
+    MappedConfig,
+    MappingError,
+    check_ports,
+    data_source_bytes,
+    map_resources,
+    secrets_by_kind,
+    with_static,
+)
 from .resources import SECRET_TYPE, SHORT_NAMES
 from .state import AdsState, ProtocolError, Update, make_node
 
@@ -62,6 +70,10 @@ class AdsClient:
     ) -> None:
         self.sidecar = sidecar
         self.config = config
+        base = sidecar.config
+        self.static = MappedConfig(base.outbound, base.inbound, base.clusters)
+        """The listeners and clusters of the file (a bootstrap's ``static_resources``):
+        they stay, as Envoy's static resources, beside what LDS and CDS give."""
         self.state = AdsState(
             make_node(
                 sidecar.config.node.name,
@@ -126,6 +138,9 @@ class AdsClient:
                 reason = f"{exc.code().name}: {exc.details()}"
             except (OSError, QuicmeshError) as exc:
                 reason = str(exc)
+            except Exception as exc:  # a bug here must not end the stream for good
+                logger.exception("ADS stream to %s failed", target)
+                reason = f"{type(exc).__name__}: {exc}"
             self.connected = False
             self.counters["stream_failures"] += 1
             if time.monotonic() - started > 30:
@@ -146,27 +161,40 @@ class AdsClient:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         call = stub.StreamAggregatedResources()
         self.counters["streams"] += 1
+        await call.wait_for_connection()  # (raises AioRpcError when it cannot)
+        self.connected = True
+        logger.info("ADS stream to %s open", format_address(self.config.address))
         for request in self.state.requests_for_new_stream():
             await call.write(request)
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
-            if not self.connected:
-                self.connected = True
-                logger.info("ADS stream to %s open", format_address(self.config.address))
             for request in await self._handle(response):
                 await call.write(request)
 
     async def _handle(self, response: Any) -> list[Any]:
         kind = SHORT_NAMES.get(response.type_url, response.type_url)
+        if not self.state.subscribed(response.type_url):
+            # As Envoy: a type nobody subscribed to is ignored, not NACKed.
+            logger.warning(
+                "ignored a response of type %s (version %s): not subscribed to",
+                kind,
+                response.version_info,
+            )
+            return []
         try:
             update = self.state.on_response(response)
         except ProtocolError as exc:
             return self._nack_response(response, kind, str(exc))
         try:
             await self._apply(update)
-        except (MappingError, QuicmeshError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (MappingError, QuicmeshError)):
+                # A bug of ours, not the resource's: NACKed all the same, so that the
+                # stream and the running configuration carry on.
+                logger.exception("applying %s version %s failed", kind, update.version)
+                exc = MappingError(f"cannot apply it here ({type(exc).__name__}: {exc})")
             self.counters["nacks"] += 1
             self.last_error = f"{kind} version {update.version}: {exc}"
             logger.error("NACK %s version %s: %s", kind, update.version, exc)
@@ -194,7 +222,7 @@ class AdsClient:
         if update.type_url == SECRET_TYPE:
             self._apply_secrets(update)
             return
-        mapped = map_resources(update.resources)
+        mapped = with_static(self.static, map_resources(update.resources))
         base = self.sidecar.config
         check_ports(mapped, base.admin.address[1])
         new = replace(

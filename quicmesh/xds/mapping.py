@@ -116,6 +116,35 @@ def _seconds(duration: Message) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
+MAX_DURATION = 86400.0
+"""The longest duration a resource may give (a day, as the YAML configuration's)."""
+
+
+def _duration(parent: Message, name: str, default: float, where: str) -> float:
+    """The ``Duration`` field ``name`` of ``parent`` in seconds (``default`` if unset), more
+    than zero and at most :data:`MAX_DURATION`, as the YAML configuration's durations.
+
+    :raises MappingError: naming the field and its value.
+    """
+    if not parent.HasField(name):
+        return default
+    seconds = _seconds(getattr(parent, name))
+    if not 0 < seconds <= MAX_DURATION:
+        raise MappingError(
+            f"{where}.{name}: {seconds:g}s is outside (0, {MAX_DURATION:g}s]: "
+            "a duration must be more than zero and at most a day"
+        )
+    return seconds
+
+
+def _enum_name(message: Message, name: str) -> str:
+    """The name of the value of ``message``'s enum field ``name``, or its number where this
+    version of the API does not know it (protobuf keeps unknown enum values)."""
+    value = getattr(message, name)
+    known = message.DESCRIPTOR.fields_by_name[name].enum_type.values_by_number.get(value)
+    return known.name if known is not None else f"{value} (unknown)"
+
+
 def _socket_address(address: Message, where: str) -> tuple[Address, str]:
     """``(host, port)`` and ``"TCP"``/``"UDP"`` from an ``envoy.config.core.v3.Address``."""
     _only(address, {"socket_address"}, where)
@@ -239,7 +268,7 @@ def _map_connect_terminator(
         },
         where,
     )
-    codec = HttpConnectionManager.CodecType.Name(manager.codec_type)
+    codec = _enum_name(manager, "codec_type")
     if protocol == "UDP":
         if codec != "HTTP3":
             raise MappingError(f"{where}: a UDP listener needs codec_type HTTP3, not {codec}")
@@ -347,7 +376,7 @@ def map_cluster(
     where = f"Cluster {cluster.name!r}"
     _only(cluster, _CLUSTER_FIELDS, where)
     name = _name(cluster.name, f"{where}: name")
-    kind = Cluster.DiscoveryType.Name(cluster.type)
+    kind = _enum_name(cluster, "type")
     if kind == "EDS":
         _only(
             cluster.eds_cluster_config,
@@ -375,14 +404,10 @@ def map_cluster(
             )
     if cluster.lb_policy not in LB_POLICIES:
         raise MappingError(
-            f"{where}: lb_policy {Cluster.LbPolicy.Name(cluster.lb_policy)} is not supported "
+            f"{where}: lb_policy {_enum_name(cluster, 'lb_policy')} is not supported "
             "(ROUND_ROBIN, LEAST_REQUEST, RANDOM)"
         )
-    connect_timeout = 5.0
-    if cluster.HasField("connect_timeout"):
-        connect_timeout = _seconds(cluster.connect_timeout)
-        if not 0 < connect_timeout <= 86400:
-            raise MappingError(f"{where}: connect_timeout {connect_timeout}s is outside (0, 86400]")
+    connect_timeout = _duration(cluster, "connect_timeout", 5.0, where)
     return ClusterConfig(
         name=name,
         transport=cluster_transport(cluster),
@@ -450,8 +475,8 @@ def _health_check(cluster: Cluster, where: str) -> HealthCheckConfig | None:
         )
     _only(check.tcp_health_check, set(), f"{hc_where}.tcp_health_check")
     return HealthCheckConfig(
-        interval=_seconds(check.interval) if check.HasField("interval") else 5.0,
-        timeout=_seconds(check.timeout) if check.HasField("timeout") else 2.0,
+        interval=_duration(check, "interval", 5.0, hc_where),
+        timeout=_duration(check, "timeout", 2.0, hc_where),
         unhealthy_threshold=_bounded(check, "unhealthy_threshold", 2, 1, 100, hc_where),
         healthy_threshold=_bounded(check, "healthy_threshold", 1, 1, 100, hc_where),
     )
@@ -476,11 +501,7 @@ def _outlier(cluster: Cluster, where: str) -> OutlierDetectionConfig:
         consecutive_connect_failures=_bounded(
             detection, "consecutive_local_origin_failure", 5, 1, 1000, od_where
         ),
-        base_ejection_time=(
-            _seconds(detection.base_ejection_time)
-            if detection.HasField("base_ejection_time")
-            else 30.0
-        ),
+        base_ejection_time=_duration(detection, "base_ejection_time", 30.0, od_where),
         max_ejection_percent=_bounded(detection, "max_ejection_percent", 100, 0, 100, od_where),
     )
 
@@ -499,7 +520,8 @@ def _breakers(cluster: Cluster, where: str) -> CircuitBreakerConfig:
     t_where = f"{cb_where}.thresholds[0]"
     _only(limits, {"priority", "max_connections", "max_pending_requests", "max_requests"}, t_where)
     if limits.priority != 0:
-        raise MappingError(f"{t_where}: priority HIGH is not supported (DEFAULT only)")
+        priority = _enum_name(limits, "priority")
+        raise MappingError(f"{t_where}: priority {priority} is not supported (DEFAULT only)")
     return CircuitBreakerConfig(
         max_connections=_bounded(limits, "max_connections", 64, 1, 100000, t_where),
         max_concurrent_streams=_bounded(limits, "max_requests", 1024, 1, 1000000, t_where),
@@ -557,11 +579,43 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
         else:
             clusters[mapped_cluster.name] = mapped_cluster
     ready_outbound = tuple(o.config for o in outbound if o.config.cluster in clusters)
+    # A listener whose cluster CDS has not given waits for it, as for a warming one.
+    warming += {
+        f"{o.config.cluster} (missing)"
+        for o in outbound
+        if o.config.cluster not in clusters and o.config.cluster not in warming
+    }
     return MappedConfig(
         outbound=ready_outbound,
         inbound=tuple(inbound),
         clusters=tuple(clusters.values()),
         warming=tuple(sorted(warming)),
+    )
+
+
+def with_static(static: MappedConfig, dynamic: MappedConfig) -> MappedConfig:
+    """The static listeners and clusters (a bootstrap's ``static_resources``, a
+    configuration file's) with those LDS and CDS gave, as Envoy keeps both.
+
+    :raises MappingError: a dynamic resource has the name of a static one (Envoy
+        refuses to replace a static resource over xDS).
+    """
+    for kind, mine, theirs in (
+        ("Listener", static.outbound + static.inbound, dynamic.outbound + dynamic.inbound),
+        ("Cluster", static.clusters, dynamic.clusters),
+    ):
+        names = {item.name for item in mine}
+        for item in theirs:
+            if item.name in names:
+                raise MappingError(
+                    f"{kind} {item.name!r}: a static {kind.lower()} of the configuration "
+                    "has that name (static resources are not replaced over xDS)"
+                )
+    return MappedConfig(
+        outbound=static.outbound + dynamic.outbound,
+        inbound=static.inbound + dynamic.inbound,
+        clusters=static.clusters + dynamic.clusters,
+        warming=dynamic.warming,
     )
 
 

@@ -106,6 +106,10 @@ class AdsState:
 
     # -- views ------------------------------------------------------------------
 
+    def subscribed(self, type_url: str) -> bool:
+        """Whether the stream subscribes to resources of this type."""
+        return type_url in self._types
+
     def version(self, type_url: str) -> str:
         """The last accepted version of a type ("" before the first)."""
         return self._types[type_url].version
@@ -203,9 +207,8 @@ class AdsState:
         return [self._request(update.type_url, error)]
 
     def reject_response(self, response: Any, error: str) -> list[Any]:
-        """A response that did not even make an :class:`Update`: NACK it."""
-        if response.type_url not in self._types:
-            return []
+        """A response of a subscribed type that did not even make an :class:`Update`:
+        NACK it."""
         self._types[response.type_url].nonce = response.nonce
         return [self._request(response.type_url, error)]
 

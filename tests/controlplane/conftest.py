@@ -101,6 +101,26 @@ def push_outbound(
     )
 
 
+def push_echo(
+    server: AdsServer,
+    version: str,
+    ports: dict[str, int],
+    echo_port: int,
+    transport: str = "quic",
+    node: str = "a",
+) -> None:
+    """:func:`push_outbound` of one listener ``out`` through cluster ``echo`` (on
+    ``transport``) to B's tunnel port, tunnelling to the echo server."""
+    push_outbound(
+        server,
+        version,
+        node=node,
+        listeners=[("out", ports["out"], "echo", addr(echo_port))],
+        clusters=[("echo", transport)],
+        endpoints={"echo": [ports["b"]]},
+    )
+
+
 @pytest.fixture
 def pair(
     ads: AdsServer, ca_dir: Path, tmp_path: Path, echo_port: int

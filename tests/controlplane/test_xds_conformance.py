@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 from sidecar.conftest import echo_flow, refused, wait_until  # tests/sidecar/conftest.py
 
@@ -20,7 +21,7 @@ from quicmesh.xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, S
 from quicmesh.xds.testing import AdsServer
 from quicmesh.xds.testing import documents as docs
 
-from .conftest import IDENTITY_A, addr, push_outbound, xds_sidecar
+from .conftest import IDENTITY_A, addr, push_echo, push_outbound, xds_sidecar
 
 
 def _flow_ok(port: int) -> bool:
@@ -261,3 +262,120 @@ def test_reconnect_with_last_good_config_while_away(
     wait_until(lambda: a.stats()["xds"]["connected"], timeout=20, what="A reconnected")
     assert a.stats()["xds"]["streams"] >= 2
     assert _flow_ok(ports["out"])
+
+
+def test_an_unknown_enum_value_is_nacked_and_the_stream_carries_on(
+    ads: AdsServer, pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]], echo_port: int
+) -> None:
+    """A value a newer API adds (protobuf keeps it) is NACKed by number; the stream, the
+    running configuration and a clean stop are unaffected (it ended the stream's task, and
+    the sidecar then hung on SIGTERM: the pair's stops assert exit code 0)."""
+    a, b, ports = pair
+    push_echo(ads, "1", ports, echo_port, "h2")
+    b.wait_ready()
+    a.wait_ready()
+    bad = docs.cluster(docs.cluster_doc("echo", "quic"))
+    bad.lb_policy = 42
+    ads.set_resources(CLUSTER_TYPE, [bad], "2", node="a")
+    streams = _streams(ads, "a")
+    requests = ads.wait_for(
+        lambda rs: any(r.is_nack and r.type_url == CLUSTER_TYPE for r in rs), timeout=20
+    )
+    nack = next(r for r in requests if r.is_nack and r.stream in streams)
+    assert "Cluster 'echo': lb_policy 42 (unknown) is not supported" in nack.error_detail
+    assert _flow_ok(ports["out"])
+    # The same stream takes the next version.
+    push_echo(ads, "3", ports, echo_port)
+    wait_until(lambda: a.stats()["xds"]["versions"]["CDS"] == "3", what="CDS 3 applied")
+    assert a.stats()["clusters"]["echo"]["transport"] == "quic"
+    assert _streams(ads, "a") == streams
+    assert _flow_ok(ports["out"])
+
+
+def test_connected_once_the_stream_is_open_before_any_response(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path
+) -> None:
+    """``xds.connected`` says the stream is open, also while the control plane has sent
+    nothing for this node (it said so only from the first response)."""
+    a = xds_sidecar("lonely", IDENTITY_A, ca_dir, tmp_path, ads)
+    a.start()
+    try:
+        ads.wait_for(lambda rs: any(r.node_id == "lonely" for r in rs), timeout=20)
+        wait_until(lambda: _xds(a).get("connected") is True, what="connected")
+        assert _xds(a)["versions"]["LDS"] == "" and not _xds(a)["synced"]
+    finally:
+        assert a.stop() == 0
+
+
+def _xds(sidecar: SidecarProcess) -> dict[str, Any]:
+    try:
+        return dict(sidecar.stats()["xds"])
+    except OSError:  # the admin listener is not up yet
+        return {}
+
+
+def test_a_listener_whose_cluster_is_missing_is_listed_as_warming(
+    ads: AdsServer, pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]], echo_port: int
+) -> None:
+    a, _, ports = pair
+    ads.set_resources(CLUSTER_TYPE, [], "1", node="a")
+    ads.set_resources(
+        LISTENER_TYPE,
+        [docs.listener(docs.outbound_listener_doc("out", ports["out"], "ghost", addr(echo_port)))],
+        "1",
+        node="a",
+    )
+    wait_until(lambda: _warming(a) == ["ghost (missing)"], what="ghost listed as warming")
+    assert "out" not in a.stats()["listeners"]
+    assert asyncio.run(refused(ports["out"]))
+
+
+def test_the_files_own_listeners_and_clusters_stay_beside_the_control_planes(
+    ads: AdsServer,
+    pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]],
+    ca_dir: Path,
+    tmp_path: Path,
+    echo_port: int,
+) -> None:
+    """As Envoy's static resources: a listener and cluster of the file stay when LDS
+    and CDS arrive (they were dropped), and xDS cannot replace them by name."""
+    _, b, ports = pair
+    static_port = free_port()
+    sidecar = xds_sidecar("c", IDENTITY_A, ca_dir, tmp_path, ads)
+    sidecar.config["listeners"] = {
+        "outbound": [{"name": "fixed", "address": addr(static_port), "cluster": "fixed-echo"}]
+    }
+    sidecar.config["clusters"] = [
+        {
+            "name": "fixed-echo",
+            "transport": "h2",
+            "target": addr(echo_port),
+            "endpoints": [addr(ports["b"])],
+        }
+    ]
+    sidecar.start()
+    try:
+        b.wait_ready()
+        push_echo(ads, "1", ports, echo_port, node="c")
+        sidecar.wait_ready()
+        assert _flow_ok(ports["out"]) and _flow_ok(static_port)
+        assert {"fixed", "out"} <= set(sidecar.stats()["listeners"])
+        # A cluster named as the file's is refused, the file's kept.
+        push_outbound(
+            ads,
+            "2",
+            node="c",
+            listeners=[("out", ports["out"], "echo", addr(echo_port))],
+            clusters=[("echo", "quic"), ("fixed-echo", "quic")],
+            endpoints={"echo": [ports["b"]], "fixed-echo": [ports["b"]]},
+        )
+        streams = _streams(ads, "c")
+        requests = ads.wait_for(
+            lambda rs: any(r.is_nack and r.stream in streams for r in rs), timeout=20
+        )
+        nacks = [r.error_detail for r in requests if r.is_nack and r.stream in streams]
+        assert any("Cluster 'fixed-echo': a static cluster" in n for n in nacks), nacks
+        assert sidecar.stats()["clusters"]["fixed-echo"]["transport"] == "h2"
+        assert _flow_ok(static_port)
+    finally:
+        assert sidecar.stop() == 0

@@ -36,6 +36,9 @@ from quicmesh.xds.testing.documents import (
 IDENTITY = "spiffe://mesh.local/ns/default/sa/productpage"
 
 
+_HC = {"timeout": "1s", "interval": "1s", "tcp_health_check": {}}
+
+
 def _cluster(doc: dict[str, Any]) -> Cluster:
     return parse_message(doc, Cluster, "test")
 
@@ -135,6 +138,55 @@ def test_unsupported_cluster_fields_are_named(change: dict[str, Any], message: s
     assert message in str(info.value)
     assert str(info.value).startswith("Cluster 'c'")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"health_checks": [_HC | {"interval": "-5s"}]}, "health_checks[0].interval: -5s"),
+        ({"health_checks": [_HC | {"interval": "0s"}]}, "health_checks[0].interval: 0s"),
+        ({"health_checks": [_HC | {"timeout": "90000s"}]}, "health_checks[0].timeout: 90000s"),
+        (
+            {"outlier_detection": {"base_ejection_time": "-1s"}},
+            "outlier_detection.base_ejection_time: -1s",
+        ),
+        ({"connect_timeout": "0s"}, "connect_timeout: 0s is outside (0, 86400s]"),
+    ],
+)
+def test_a_duration_out_of_range_is_refused_as_the_yaml_configuration_does(
+    change: dict[str, Any], message: str
+) -> None:
+    doc = cluster_doc("c", "quic")
+    doc.update(change)
+    with pytest.raises(MappingError) as info:
+        map_cluster(_cluster(doc), "h:1", _cla(cla_doc("c", [])))
+    assert message in str(info.value), info.value
+    assert str(info.value).startswith("Cluster 'c'")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("type", 99, "type 99 (unknown) is not supported"),
+        ("lb_policy", 42, "lb_policy 42 (unknown) is not supported"),
+    ],
+)
+def test_an_enum_value_this_api_does_not_know_is_refused_by_number(
+    field: str, value: int, message: str
+) -> None:
+    """protobuf keeps an enum value it does not know; the mapping names it by number (it
+    raised ValueError from ``Name()``, which ended the ADS stream's task)."""
+    cluster = _cluster(cluster_doc("c", "quic"))
+    setattr(cluster, field, value)
+    with pytest.raises(MappingError) as info:
+        map_cluster(cluster, "h:1", _cla(cla_doc("c", [])))
+    assert message in str(info.value)
+    doc = cluster_doc("c", "quic")
+    doc["circuit_breakers"] = {"thresholds": [{"max_connections": 3}]}
+    cluster = _cluster(doc)
+    cluster.circuit_breakers.thresholds[0].priority = 9
+    with pytest.raises(MappingError, match=r"priority 9 \(unknown\) is not supported"):
+        map_cluster(cluster, "h:1", _cla(cla_doc("c", [])))
 
 
 def test_unequal_weights_and_unhealthy_endpoints() -> None:
@@ -366,6 +418,38 @@ def test_envoy_bootstrap_with_unsupported_field_fails_in_one_line(tmp_path: Path
     assert len(lines) == 1
     assert "Cluster 'reviews': field 'respect_dns_ttl' is not supported" in lines[0]
     assert str(path) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lb_policy": 42}, "Cluster 'reviews': lb_policy 42 (unknown) is not supported"),
+        (
+            {"health_checks": [_HC | {"interval": "-5s"}]},
+            "Cluster 'reviews'.health_checks[0].interval: -5s is outside",
+        ),
+    ],
+)
+def test_a_bootstrap_value_out_of_range_fails_check_in_one_line(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    """(An unknown enum value was a traceback; a negative interval passed --check.)"""
+    cluster = {**static_cluster_doc("reviews", "quic", [("127.0.0.1", 15008)]), **change}
+    result = _check(write_bootstrap(tmp_path, clusters=[cluster]))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_missing_certificate_file_names_the_secret(tmp_path: Path) -> None:
+    path = write_bootstrap(tmp_path)
+    (tmp_path / "cert.pem").unlink()
+    result = _check(path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"{path}: Secret 'default'.tls_certificate.certificate_chain: " in lines[0]
+    assert "cert.pem" in lines[0]
 
 
 def test_envoy_bootstrap_with_expired_certificate_fails_check(tmp_path: Path) -> None:
