@@ -299,15 +299,22 @@ class Sidecar:
         """
         if self.config_path is None or self.draining:
             return False
+        if self.config.xds is not None:
+            # Not a rejected file: there is nothing a reload may apply (docs/xds.md).
+            logger.warning(
+                "%s: listeners and clusters come from xDS: a reload applies nothing "
+                "(restart to change the file)",
+                self.config_path,
+            )
+            return False
         async with self._reload_lock:
             try:
                 from ..xds.bootstrap import load_any_config
 
                 new = load_any_config(self.config_path)
-                if new.xds is not None or self.config.xds is not None:
+                if new.xds is not None:
                     raise ConfigError(
-                        f"{self.config_path}: listeners and clusters come from xDS: "
-                        "a reload applies nothing (restart to change the xds section)"
+                        f"{self.config_path}: an xds section cannot be added on reload: restart"
                     )
                 if new.node != self.config.node or new.tls != self.config.tls:
                     raise ConfigError(

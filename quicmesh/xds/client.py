@@ -22,6 +22,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,16 @@ BACKOFF_INITIAL = 0.25
 
 BACKOFF_MAX = 10.0
 """Longest wait between reconnect attempts."""
+
+
+@contextlib.contextmanager
+def _named(where: str) -> Iterator[None]:
+    """Turn a certificate or key's error into a :class:`MappingError` naming ``where``
+    (the Secret and its field)."""
+    try:
+        yield
+    except QuicmeshError as exc:
+        raise MappingError(f"{where}: {exc}") from None
 
 
 class AdsClient:
@@ -267,19 +278,18 @@ class AdsClient:
         source = self.sidecar.certs
         identity, trust = source.identity, source.trust
         if validation is not None:
-            pem = data_source_bytes(
-                validation.validation_context.trusted_ca,
-                f"Secret {validation.name!r}: validation_context.trusted_ca",
-            )
-            trust = TrustBundle.from_pem(pem)
+            where = f"Secret {validation.name!r}: validation_context.trusted_ca"
+            pem = data_source_bytes(validation.validation_context.trusted_ca, where)
+            with _named(where):
+                trust = TrustBundle.from_pem(pem)
         if certificate is not None:
             where = f"Secret {certificate.name!r}: tls_certificate"
-            identity = Identity.from_pem(
-                data_source_bytes(
-                    certificate.tls_certificate.certificate_chain, f"{where}.certificate_chain"
-                ),
-                data_source_bytes(certificate.tls_certificate.private_key, f"{where}.private_key"),
+            chain = data_source_bytes(
+                certificate.tls_certificate.certificate_chain, f"{where}.certificate_chain"
             )
+            key = data_source_bytes(certificate.tls_certificate.private_key, f"{where}.private_key")
+            with _named(where):
+                identity = Identity.from_pem(chain, key)
         if (
             identity.cert_chain_pem() == source.identity.cert_chain_pem()
             and trust.pem == source.trust.pem

@@ -563,8 +563,9 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
         previous = targets.setdefault(out.config.cluster, out.target)
         if previous != out.target:
             raise MappingError(
-                f"Listener {out.config.name!r}: tunneling_config.hostname {out.target!r} differs "
-                f"from {previous!r} of another listener on cluster {out.config.cluster!r}: "
+                f"Listener {out.config.name!r}: tunneling_config.hostname "
+                f"{out.target.authority!r} differs from {previous.authority!r} of another "
+                f"listener on cluster {out.config.cluster!r}: "
                 "quicmesh keeps one CONNECT target per cluster"
             )
     clusters: dict[str, ClusterConfig] = {}

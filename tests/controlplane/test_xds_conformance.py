@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +380,28 @@ def test_the_files_own_listeners_and_clusters_stay_beside_the_control_planes(
         assert _flow_ok(static_port)
     finally:
         assert sidecar.stop() == 0
+
+
+def test_a_sighup_on_an_xds_driven_sidecar_applies_nothing_and_rejects_nothing(
+    ads: AdsServer, pair: tuple[SidecarProcess, SidecarProcess, dict[str, int]], echo_port: int
+) -> None:
+    a, b, ports = pair
+    push_echo(ads, "1", ports, echo_port)
+    b.wait_ready()
+    a.wait_ready()
+
+    def reloads() -> dict[str, float]:
+        samples = a.metrics()
+        return {
+            result: samples.get(
+                ("quicmesh_config_reloads_total", frozenset({("result", result)})), 0.0
+            )
+            for result in ("ok", "rejected")
+        }
+
+    before = reloads()
+    a.signal(signal.SIGHUP)
+    wait_until(lambda: "a reload applies nothing" in a.stderr(), what="the reload's warning")
+    assert reloads() == before and before["rejected"] == 0
+    assert "ERROR" not in a.stderr()
+    assert _flow_ok(ports["out"])

@@ -509,3 +509,15 @@ def test_envoy_bootstrap_ads_keeps_the_cds_initial_fetch_timeout(tmp_path: Path)
     del document["dynamic_resources"]["cds_config"]["initial_fetch_timeout"]
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     assert load_any_config(path).xds.initial_fetch_timeout == 15.0  # type: ignore[union-attr]
+
+
+def test_two_listeners_of_one_cluster_disagreeing_on_the_target_are_named_plainly() -> None:
+    listeners = {
+        name: parse_message(outbound_listener_doc(name, port, "reviews", target), Listener, "t")
+        for name, port, target in (("a", 15001, "10.0.0.9:9080"), ("b", 15002, "10.0.0.8:80"))
+    }
+    with pytest.raises(MappingError) as info:
+        map_resources(EnvoyResources(listeners=listeners))
+    message = str(info.value)
+    assert "'10.0.0.8:80' differs from '10.0.0.9:9080'" in message, message
+    assert "Target(" not in message
