@@ -53,6 +53,17 @@ def _port(text: str) -> int:
     return ranges[0][0]
 
 
+def _netns_name(text: str) -> str:
+    """A name ``ip netns`` takes: not empty (an unset shell variable would otherwise
+    install the rules in the current namespace, the host's), no ``/``, not ``.`` or ``..``,
+    no white space."""
+    if not text:
+        raise ValueError("the namespace name is empty (leave --netns out for the current one)")
+    if "/" in text or text in (".", "..") or any(c.isspace() or c == "\0" for c in text):
+        raise ValueError(f"{text!r} is not a network namespace name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh intercept`` argument parser."""
     parser = _Parser(
@@ -70,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--dry-run", action="store_true", help="print the nft script instead of running it"
         )
         command.add_argument(
-            "--netns", metavar="NAME", help="a named network namespace (default: the current one)"
+            "--netns",
+            metavar="NAME",
+            type=_typed(_netns_name),
+            help="a named network namespace (default: the current one)",
         )
     install.add_argument(
         "--outbound-port",

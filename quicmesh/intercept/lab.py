@@ -217,19 +217,28 @@ class InterceptLab:
             yield
 
     def close(self) -> None:
-        """Stop the sidecars and backends, delete the namespaces (and the rules with them)."""
-        for sidecar in self.sidecars:
-            with contextlib.suppress(Exception):
-                sidecar.stop(timeout=5.0)
-        self.sidecars.clear()
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        self._servers.clear()
-        for name in reversed(self._namespaces):
-            with contextlib.suppress(NetemError):
-                system.delete_namespace(name)
-        self._namespaces.clear()
+        """Stop the sidecars and backends, delete the namespaces (and the rules with them).
+
+        Interrupted (Ctrl-C while a sidecar drains), it still kills what runs and deletes
+        the namespaces before the interrupt goes on: none is left behind."""
+        try:
+            for sidecar in self.sidecars:
+                with contextlib.suppress(Exception):
+                    sidecar.stop(timeout=5.0)
+            for server in self._servers:
+                server.shutdown()
+                server.server_close()
+        finally:
+            for sidecar in self.sidecars:
+                if sidecar.process is not None and sidecar.process.poll() is None:
+                    sidecar.process.kill()
+                    sidecar.process.wait()
+            self.sidecars.clear()
+            self._servers.clear()
+            for name in reversed(self._namespaces):
+                with contextlib.suppress(NetemError):
+                    system.delete_namespace(name)
+            self._namespaces.clear()
 
 
 def cleanup_stale_namespaces() -> list[str]:

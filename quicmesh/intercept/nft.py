@@ -42,7 +42,7 @@ def _has_capability(bit: int) -> bool:
 
 
 def _argv(netns: str | None, *args: str) -> list[str]:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
+    prefix = ["ip", "netns", "exec", netns] if netns is not None else []
     return [*prefix, "nft", *args]
 
 

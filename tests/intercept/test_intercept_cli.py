@@ -151,3 +151,14 @@ def test_install_and_remove_in_a_named_namespace() -> None:
     missing = run("install", "--netns", name)
     assert missing.returncode == 1
     assert f"nft in network namespace {name}: Cannot open network namespace" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", "two words"])
+def test_a_bad_namespace_name_is_a_usage_error_not_the_current_namespace(name: str) -> None:
+    """``--netns ""`` (an unset shell variable) installed the rules in the current
+    namespace, the host's; it is a usage error, as any name ``ip netns`` cannot take."""
+    done = run("install", "--netns", name, "--dry-run")
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--netns" in lines[0], lines
+    assert done.stdout == ""
