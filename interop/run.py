@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quicmesh.outputs import output_dir, output_file
+
 from .certs import make_certificates
 from .peers import ENGINES, PEERS, REPO, TESTCASES, Command, Invocation, Peer
 from .relay import TO_CLIENT, Relay, read_trace
@@ -476,10 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tests", default=",".join(TESTCASES), help="comma-separated test cases")
     parser.add_argument(
-        "--logs", type=Path, default=Path(tempfile.gettempdir()) / "quicmesh-interop"
+        "--logs",
+        type=output_dir,
+        default=Path(tempfile.gettempdir()) / "quicmesh-interop",
+        help="where each case's logs go (default: quicmesh-interop in the temporary directory)",
     )
-    parser.add_argument("--output", type=Path, default=REPO / "docs" / "interop.md")
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/interop.md")
+    parser.add_argument(
+        "--output",
+        type=output_file,
+        help="write the matrix there (default: docs/interop.md for a run of every engine,"
+        " peer and test case; a run of fewer prints it only, so as not to replace the"
+        " whole matrix with part of it)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write the matrix")
     parser.add_argument("--no-install", action="store_true", help="do not install missing peers")
     parser.add_argument(
         "--keep-traces", action="store_true", help="keep the relay trace of passed cases too"
@@ -487,15 +498,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of file contents and loss")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.peers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FOREIGN]
     engine_names = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown += [e for e in engine_names if e not in ENGINES]
+    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
     if not engine_names:
         parser.error("--engines names no engine")
-    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
-    unknown += [t for t in tests if t not in CASES]
-    if unknown:
-        parser.error(f"unknown peer or test case: {', '.join(unknown)}")
+    for option, given, known in (
+        ("--engines", engine_names, ENGINES),
+        ("--peers", names, FOREIGN),
+        ("--tests", tests, CASES),
+    ):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    everything = (
+        set(engine_names) == set(ENGINES)
+        and set(names) == set(FOREIGN)
+        and set(tests) == set(CASES)
+    )
+    output = args.output or (REPO / "docs" / "interop.md" if everything else None)
     peers = [PEERS[n] for n in names]
     engines = [ENGINES[e] for e in engine_names]
     absent = ensure_installed([*engines, *peers], install=not args.no_install)
@@ -519,9 +539,12 @@ def main(argv: list[str] | None = None) -> int:
             engines=engines,
         )
     )
-    if not args.no_write:
-        stacks = [*engines, *(p for p in present if not p.is_quicmesh)]
-        write_matrix(args.output, render_matrix(results, stacks, args.quick, absent, load))
+    stacks = [*engines, *(p for p in present if not p.is_quicmesh)]
+    matrix = render_matrix(results, stacks, args.quick, absent, load)
+    if args.no_write or output is None:
+        print(matrix)
+    else:
+        write_matrix(output, matrix)
     failed = sum(r.status == FAIL for r in results)
     print(
         f"{sum(r.status == PASS for r in results)} passed, {failed} failed,"

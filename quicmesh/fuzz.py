@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, QuicmeshError
+from .outputs import output_dir
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "tests" / "fuzz_regressions"
 """Where crashing inputs are kept, one directory per target (in a source checkout)."""
@@ -356,9 +357,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--target", choices=sorted(TARGETS), action="append", help="(repeatable) default all"
     )
-    parser.add_argument("--corpus", type=Path, help="corpus directory (default: a temporary one)")
     parser.add_argument(
-        "--crashes", type=Path, default=REGRESSIONS, help="where crashing inputs are written"
+        "--corpus", type=output_dir, help="corpus directory (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--crashes", type=output_dir, default=REGRESSIONS, help="where crashing inputs are written"
     )
     args = parser.parse_args(argv)
     if args.seconds < 1:

@@ -8,10 +8,12 @@ naming the program and what is missing) on text it does not recognise.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,60 +210,47 @@ def process_tree(root: int, proc: Path = Path("/proc")) -> list[int]:
     return tree
 
 
-def parse_schedstat(text: str) -> int:
-    """The run time in nanoseconds from one ``/proc/<pid>/task/<tid>/schedstat`` line."""
-    fields = text.split()
-    if len(fields) != 3 or not (fields[0].isascii() and fields[0].isdigit()):
-        raise MeasureError("schedstat: not 'run_ns wait_ns slices'")
-    return int(fields[0])
-
-
 @dataclass(frozen=True)
 class CpuReading:
-    """The CPU time of some processes at one moment, from two counters.
+    """The CPU time of some processes at one moment: subtract two for the seconds used in
+    between.
 
-    ``/proc/<pid>/stat`` counts every thread, gone ones too, in clock ticks (10 ms):
-    too coarse for a native proxy that moves a test's bulk in a few ms. The live
-    threads' ``schedstat`` counts in ns but forgets threads that have exited. The
-    time between two readings is the schedstat difference, or the ticks' when a
-    thread exited in between (schedstat then went back)."""
+    Each process's CPU-time clock (``clock_gettime`` on the clock Linux names
+    ``MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)``) counts every thread, those that have
+    exited too, in nanoseconds. ``/proc/<pid>/stat`` counts them too, but in 10 ms
+    ticks: too coarse for a native proxy that moves a test's bulk in a few ms; and the
+    live threads' ``schedstat`` forgets a thread that exited, such as the thread per
+    connection of stunnel4, which started and ended between two readings (its bulk was
+    read as 0.13 ms of CPU). The ticks remain where the clock cannot be read."""
 
-    ticked: float
-    """utime + stime, seconds."""
-    live: float
-    """The live threads' run time, seconds (0 where schedstat is missing)."""
+    seconds: float
 
     def __sub__(self, earlier: CpuReading) -> float:
-        ticked, live = self.ticked - earlier.ticked, self.live - earlier.live
-        if live <= 0 or ticked > live * 1.05 + 2 / CLOCK_TICKS:
-            return ticked  # a thread left (or schedstat is missing): trust the ticks
-        return live
+        return self.seconds - earlier.seconds
 
 
-def cpu_reading(pids: Iterable[int], proc: Path = Path("/proc")) -> CpuReading:
-    """The CPU time of the processes ``pids`` (all their threads) now; a process that
-    has gone counts zero. Subtract two readings for seconds used in between."""
-    ticks = 0
-    nanoseconds = 0
-    for pid in pids:
-        try:
-            _, utime, stime = parse_proc_stat((proc / str(pid) / "stat").read_text())
-        except OSError:
-            continue
-        ticks += utime + stime
-        for task in _tasks(proc / str(pid) / "task"):
-            try:
-                nanoseconds += parse_schedstat((task / "schedstat").read_text())
-            except (OSError, MeasureError):  # the thread has gone; no schedstat
-                continue
-    return CpuReading(ticks / CLOCK_TICKS, nanoseconds / 1e9)
-
-
-def _tasks(directory: Path) -> list[Path]:
+def process_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """The CPU seconds process ``pid`` used so far, all its threads (exited ones too);
+    None when it has gone."""
     try:
-        return list(directory.iterdir())
+        return time.clock_gettime(((~pid) << 3) | _CPUCLOCK_SCHED)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.EINVAL):
+            return None  # gone (an invalid clock is a process that is not there)
+    try:  # the clock cannot be read here: the ticks
+        _, utime, stime = parse_proc_stat((proc / str(pid) / "stat").read_text())
     except OSError:
-        return []
+        return None
+    return (utime + stime) / CLOCK_TICKS
+
+
+_CPUCLOCK_SCHED = 2
+"""The clock type of a process's total run time, in Linux's CPU-clock IDs."""
+
+
+def cpu_reading(pids: Iterable[int]) -> CpuReading:
+    """The CPU time of the processes ``pids`` now; a process that has gone counts zero."""
+    return CpuReading(sum(filter(None, (process_cpu_seconds(pid) for pid in pids))))
 
 
 def udp_datagrams_sent(proc: Path = Path("/proc")) -> int:

@@ -547,7 +547,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--probe", choices=PROBES, action="append", help="(repeatable) default all")
     parser.add_argument("--phase", type=float, default=5.0, help="seconds before and after")
     parser.add_argument("--attack", type=float, default=10.0, help="seconds of attack")
-    parser.add_argument("--initials", type=int, default=10000)
+    parser.add_argument(
+        "--initials",
+        type=int,
+        default=10000,
+        help="Initial packets the flood sends (default 10000)",
+    )
     parser.add_argument(
         "--churn-rate", type=float, default=9000.0, help="streams/s one identity offers in all"
     )

@@ -54,6 +54,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import statistics
 import struct
@@ -69,6 +70,7 @@ from .. import DevCA, Identity, QuicTransport, TrustBundle
 from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
+from ..outputs import output_dir
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
 from . import OneLineParser, source_state
@@ -205,7 +207,10 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
             counters.end(label)
             stream.close()
 
+    tcp_flows: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+
     async def on_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tcp_flows[writer] = asyncio.current_task()  # type: ignore[assignment]
         label = (await reader.readline()).decode().strip()
         counters.begin(label)
         try:
@@ -216,6 +221,7 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
         finally:
             counters.end(label)
             writer.close()
+            tcp_flows.pop(writer, None)
 
     quic = QuicTransport(
         identity=identity, trust=trust, congestion_control="cubic", engine=setup.engine
@@ -243,12 +249,22 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
     sampler.cancel()
     listener.close()
     tcp_server.close()
+    # Flows still running (an interrupted run) end by their connection's abort, not by
+    # the loop's cancelling them at its end: asyncio 3.11 logs a cancelled connection
+    # handler as an "Exception in callback".
+    running = list(tcp_flows.values())
+    for writer in list(tcp_flows):
+        writer.transport.abort()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 2.0)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(listener.wait_closed(), 2.0)
 
 
 def _receiver_main(setup: ReceiverSetup, control: Connection) -> None:
-    """Entry point of the receiver process."""
+    """Entry point of the receiver process. Ctrl-C reaches the whole process group: the
+    parent stops this process (``Receiver.stop``), which ignores the interrupt itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_receive(setup, control))
 
 
@@ -1202,7 +1218,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bulk goodput and queueing delay per congestion controller on an "
         "emulated link (needs root).",
     )
-    parser.add_argument("--out", type=Path, default=Path("congestion-results"))
+    parser.add_argument(
+        "--out",
+        type=output_dir,
+        default=Path("congestion-results"),
+        help="output folder (default: congestion-results)",
+    )
     parser.add_argument("--quick", action="store_true", help="loss 0 and 2 %%, short flows")
     parser.add_argument("--losses", type=_percent_list, help="e.g. 0,0.5,1,2,5 (percent)")
     parser.add_argument("--flows", type=_flow_list, help=f"default {','.join(FLOWS)}")
@@ -1213,16 +1234,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fairness-loss", type=float, help="also run fairness at this loss %%")
     parser.add_argument("--duration", type=_positive, help=f"seconds per flow ({DURATION:g})")
-    parser.add_argument("--fairness-duration", type=_positive)
+    parser.add_argument(
+        "--fairness-duration",
+        type=_positive,
+        help=f"seconds of each fairness run ({FAIRNESS_DURATION:g}; "
+        f"--quick {QUICK_FAIRNESS_DURATION:g})",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per (flow, loss); median")
-    parser.add_argument("--rate", type=_positive, default=RATE_BPS, help="bit/s")
-    parser.add_argument("--rtt", type=_positive, default=RTT, help="seconds")
-    parser.add_argument("--queue", type=_positive, default=QUEUE_DELAY, help="seconds")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rate", type=_positive, default=RATE_BPS, help=f"link rate, bit/s (default {RATE_BPS:g})"
+    )
+    parser.add_argument(
+        "--rtt", type=_positive, default=RTT, help=f"round-trip time, seconds (default {RTT:g})"
+    )
+    parser.add_argument(
+        "--queue",
+        type=_positive,
+        default=QUEUE_DELAY,
+        help=f"bottleneck queue, seconds at the link rate (default {QUEUE_DELAY:g})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the link's loss and the payloads (default 1)"
+    )
     parser.add_argument(
         "--datagram-size",
         type=int,
-        help="QUIC max_datagram_size (default: QuicTransport's, aioquic's 1200)",
+        help="QUIC max_datagram_size, 1200-1452 (default: QuicTransport's, 1200)",
     )
     add_engine_argument(parser)
     return parser
@@ -1235,9 +1272,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.repeat < 1 or (args.datagram_size is not None and args.datagram_size < 1200):
+    if args.repeat < 1 or (
+        args.datagram_size is not None and not 1200 <= args.datagram_size <= 1452
+    ):
         print(
-            "quicmesh bench congestion: --repeat must be at least 1, --datagram-size at least 1200",
+            "quicmesh bench congestion: --repeat must be at least 1, --datagram-size within "
+            "1200-1452 (QuicTransport's max_datagram_size)",
             file=sys.stderr,
         )
         return 2

@@ -65,6 +65,7 @@ from ..netem import (
     parse_rate,
 )
 from ..netem.system import NetemError, missing_privileges, write_sysctl
+from ..outputs import output_dir
 from ..tls import DevCA
 from ..transport.base import default_quic_engine
 from . import OneLineParser, source_state
@@ -602,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
         "peer connection, per transport and congestion control, on an emulated lossy link.",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("hol-results"), help="output folder (default: hol-results)"
+        "--out",
+        type=output_dir,
+        default=Path("hol-results"),
+        help="output folder (default: hol-results)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="reduced plan for checks (under 2 minutes)"
@@ -662,8 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.020,
         help="time between requests per flow (default 20ms)",
     )
-    parser.add_argument("--request-size", type=int, default=1024)
-    parser.add_argument("--response-size", type=int, default=8192)
+    parser.add_argument(
+        "--request-size", type=int, default=1024, help="bytes of each request (default 1024)"
+    )
+    parser.add_argument(
+        "--response-size", type=int, default=8192, help="bytes of each response (default 8192)"
+    )
     parser.add_argument(
         "--warmup", type=_seconds, default=None, help="seconds before measuring (default 2s)"
     )
@@ -777,6 +785,7 @@ def main(argv: list[str]) -> int:
     progress = Progress(len(plan), estimate_seconds(plan, settings))
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    interrupted = False
     source = source_state()
     with tempfile.TemporaryDirectory(prefix="quicmesh-hol-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -807,6 +816,7 @@ def main(argv: list[str]) -> int:
                 )
             progress.update(len(plan), "done")
         except KeyboardInterrupt:
+            interrupted = True
             progress.finish()
             print("interrupted; writing what was measured", file=sys.stderr)
         progress.finish()
@@ -824,6 +834,8 @@ def main(argv: list[str]) -> int:
                 f"WARNING {run['link']} {run['variant']} seed {run['seed']}: {problem}",
                 file=sys.stderr,
             )
+    if interrupted:
+        return 130  # (as every other command: a partial run is not a complete one)
     return 1 if failures or not runs else 0
 
 

@@ -61,6 +61,7 @@ from ..errors import QuicmeshError
 from ..intercept import lab as L
 from ..intercept.lab import InterceptLab, NamespacedSidecar
 from ..netem import system
+from ..outputs import output_file
 from ..tls import DevCA
 from ._measure import CpuReading, cpu_reading
 
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5)")
     parser.add_argument("--window", type=float, default=None, help="seconds per lookup case (0.5)")
     parser.add_argument("--quick", action="store_true", help="30 connections, 2 rounds, 0.1 s")
-    parser.add_argument("--json", help="write every sample to this file")
+    parser.add_argument("--json", type=output_file, help="write every sample to this file")
     parser.add_argument("--plot", help="write a PNG plot to this file (needs matplotlib)")
     try:
         args = parser.parse_args(argv)

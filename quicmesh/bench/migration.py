@@ -52,6 +52,7 @@ from typing import Any
 
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
 from ..errors import QuicmeshError
+from ..outputs import output_file
 from . import OneLineParser
 from ._engine import add_engine_argument, engine_problem
 from .relay import TcpRelay, UdpRelay
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         " paced, the stall is not hidden by a window-limited flow's per-RTT bursts)",
     )
     parser.add_argument("--quick", action="store_true", help="1.5 s per case")
-    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--json", type=output_file, help="write the rows to this file")
     add_engine_argument(parser)
     try:
         args = parser.parse_args(argv)

@@ -70,6 +70,7 @@ from typing import Any
 
 from .._child import child_environment, python_command
 from ..errors import QuicmeshError
+from ..outputs import output_file
 from . import OneLineParser, source_state
 from ._measure import (
     MeasureError,
@@ -1011,7 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="rates 100,1000, 1 s loads, 8 MB, 1 round"
     )
-    parser.add_argument("--json", help="write the rows, ratios and settings to this file")
+    parser.add_argument(
+        "--json", type=output_file, help="write the rows, ratios and settings to this file"
+    )
     parser.add_argument(
         "--no-namespace",
         action="store_true",

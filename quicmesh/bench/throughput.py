@@ -59,6 +59,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 from .. import TRANSPORTS, DevCA, Identity, MeshStream, PeerConnection, TrustBundle
 from ..errors import QuicmeshError
+from ..outputs import output_dir, output_file
 from ..transport.quic import UDP_SOCKET_BUFFER
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from . import OneLineParser
@@ -692,11 +693,15 @@ def build_parser() -> argparse.ArgumentParser:
         "raw aioquic always runs as the reference",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median is shown")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH", type=output_file, help="also write the results as JSON"
+    )
     parser.add_argument(
         "--quick", action="store_true", help=f"CI size: {format_size(QUICK_SIZE)} per case"
     )
-    parser.add_argument("--profile", metavar="DIR", help="write a cProfile of every timed case")
+    parser.add_argument(
+        "--profile", metavar="DIR", type=output_dir, help="write a cProfile of every timed case"
+    )
     return parser
 
 

@@ -51,6 +51,7 @@ from typing import Any, cast
 
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
+from ..outputs import output_file
 from . import OneLineParser
 from ._engine import add_engine_argument, engine_problem
 
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "--udp-blocked", action="store_true", help=f"run {','.join(UDP_BLOCKED_CASES)}"
     )
     parser.add_argument("--quick", action="store_true", help="20 ms RTT, 3 trials")
-    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--json", type=output_file, help="write the rows to this file")
     add_engine_argument(parser)
     try:
         args = parser.parse_args(argv)

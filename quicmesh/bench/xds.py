@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..outputs import output_file
 from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port
 from ..tls import DevCA
 from ..xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
@@ -148,14 +149,26 @@ def measure(clusters: int, endpoints: int, workdir: Path) -> Run:
 def main(argv: list[str]) -> int:
     """Run the benchmark; print the table (and ``--json``)."""
     parser = argparse.ArgumentParser(prog="quicmesh bench xds", description=__doc__.split("\n")[0])
-    parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--endpoints", type=int, default=10000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="100 clusters, 1,000 endpoints, once")
-    parser.add_argument("--json", help="write the runs to this file")
+    parser.add_argument(
+        "--clusters", type=int, help="clusters of the larger case (default 1000; --quick 100)"
+    )
+    parser.add_argument(
+        "--endpoints", type=int, help="endpoints of the larger case (default 10000; --quick 1000)"
+    )
+    parser.add_argument("--repeat", type=int, help="runs of both cases (default 3; --quick 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="100 clusters, 1,000 endpoints, once (unless given)"
+    )
+    parser.add_argument("--json", type=output_file, help="write the runs to this file")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.clusters, args.endpoints, args.repeat = 100, 1000, 1
+    # --quick gives defaults; a value given explicitly stays.
+    for option, default, quick_default in (
+        ("clusters", 1000, 100),
+        ("endpoints", 10000, 1000),
+        ("repeat", 3, 1),
+    ):
+        if getattr(args, option) is None:
+            setattr(args, option, quick_default if args.quick else default)
     if args.clusters < 10 or args.endpoints < args.clusters or args.repeat < 1:
         print(
             "quicmesh bench xds: need --clusters >= 10, --endpoints >= --clusters, --repeat >= 1",

@@ -39,8 +39,29 @@ def test_help_names_the_engines_option() -> None:
 def test_an_unknown_engine_is_a_one_line_error() -> None:
     result = _run("--engines", "picoquic", "--no-install", "--no-write")
     assert result.returncode == 2
-    assert "unknown peer or test case: picoquic" in result.stderr
+    assert "--engines: unknown picoquic (known: aioquic, native)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--logs", "--output"])
+def test_a_path_that_cannot_be_written_is_a_usage_error_before_the_run(option: str) -> None:
+    result = _run("--engines", "native", "--no-install", option, "/proc/nope/x")
+    assert result.returncode == 2, result.stdout
+    assert f"argument {option}: /proc/nope/x cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_partial_run_prints_its_matrix_and_leaves_the_committed_one(tmp_path: Path) -> None:
+    """Without ``--output`` only a run of everything writes docs/interop.md: the documented
+    one-peer example replaced the whole committed matrix with its 2x2 table."""
+    committed = (REPO / "docs" / "interop.md").read_text()
+    result = _run(
+        "--engines", "aioquic", "--peers", "quicmesh", "--tests", "handshake", "--quick",
+        "--no-install", "--logs", str(tmp_path / "logs"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert MATRIX_START in result.stdout and "| quicmesh → quicmesh |" in result.stdout
+    assert (REPO / "docs" / "interop.md").read_text() == committed
 
 
 def test_a_native_matrix_against_ngtcp2_is_written(tmp_path: Path) -> None:
