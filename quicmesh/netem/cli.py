@@ -64,11 +64,24 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{port} is not a port number (1-65535)")
+    return port
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
         description="Run COMMAND in a client network namespace joined to a server namespace "
         "by an emulated link (delay, jitter, loss, rate, queue). Needs root.",
+        epilog="Both commands get the addresses in their environment: QUICMESH_NETEM_SERVER "
+        "(the server's address, to connect to), QUICMESH_NETEM_CLIENT, and the namespaces' "
+        "names in QUICMESH_NETEM_SERVER_NS and QUICMESH_NETEM_CLIENT_NS.",
     )
     add = parser.add_argument
     add("--delay", type=_typed(parse_duration), default=0.0, help="one-way delay, e.g. 20ms")
@@ -84,7 +97,7 @@ def _build_parser() -> _Parser:
     add("--server-command", metavar="CMD", help="command to run in the server namespace")
     add(
         "--wait-port",
-        type=int,
+        type=_typed(_port),
         metavar="PORT",
         help="wait until the server accepts a (probe) connection on PORT",
     )
@@ -196,8 +209,9 @@ def main(argv: list[str]) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+            server = None
             if server_argv:
-                link.popen("server", server_argv, env=env)
+                server = link.popen("server", server_argv, env=env)
                 if args.wait_port is not None:
                     _wait_for_port(link, args.wait_port)
             process = link.popen("client", command, env=env, start_new_session=False)
@@ -205,6 +219,10 @@ def main(argv: list[str]) -> int:
                 status = process.wait()
             except KeyboardInterrupt:
                 status = 130
+            # A server that ended on its own with an error (one that could not start, say)
+            # fails the run, whatever the client made of it; one still running is stopped
+            # at tear-down as usual.
+            server_status = server.poll() if server is not None else None
             stats: LinkStats = link.stats()
         if not args.quiet:
             print(
@@ -218,4 +236,11 @@ def main(argv: list[str]) -> int:
     except QuicmeshError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    if server_status:
+        print(
+            f"{PROG}: --server-command exited with status {server_status} "
+            "(it ended on its own, with an error)",
+            file=sys.stderr,
+        )
+        return status or 1
     return status if status >= 0 else 128 - status
