@@ -28,6 +28,7 @@ from quic_helpers import (
 from quicmesh import ConfigError, QuicTransport, TunnelError
 from quicmesh.bench.relay import UdpRelay
 from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
+from quicmesh.transport.stream import MeshStream
 from quicmesh.transport.tickets import IssuedTicket, TicketCache, TicketStore
 
 RNG = random.Random(6)
@@ -256,6 +257,41 @@ def test_unknown_ticket_falls_back_to_a_full_handshake() -> None:
     run(main())
 
 
+def test_a_ticket_resumes_only_the_client_identity_it_was_issued_to(tmp_path: Path) -> None:
+    """Another client identity loading the same ticket file (a sidecar restarted under a
+    new node.identity) makes a full handshake: the server sees its own certificate, not
+    the identity the ticket recorded (it saw that one, and authorized as it)."""
+    seen: list[str] = []
+
+    async def handler(stream: MeshStream) -> None:
+        seen.append(stream.peer_identity)
+        stream.write(await stream.read())
+        stream.write_eof()
+
+    async def main() -> None:
+        listener = await server_transport().listen(("127.0.0.1", 0), handler)
+        path = tmp_path / "tickets.json"
+        first = client_transport(ticket_cache=TicketCache(path))
+        await prime(first, listener.address)
+        guest = CA.issue("spiffe://mesh.local/ns/default/sa/guest")
+        second = QuicTransport(
+            identity=guest, trust=CA.trust_bundle, ticket_cache=TicketCache(path), engine="aioquic"
+        )
+        assert second.ticket_cache.count(listener.address, guest.spiffe_id) == 0
+        conn = await second.connect(listener.address, early_data=True)
+        stream = await conn.open_stream("a.svc:1")
+        stream.write(b"x")
+        stream.write_eof()
+        assert await stream.read() == b"x"
+        assert conn.early_data == "none"  # (no ticket of its own: a full handshake)
+        await conn.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+    assert seen[-1] == "spiffe://mesh.local/ns/default/sa/guest"
+
+
 def test_a_different_server_behind_the_address_fails_the_streams() -> None:
     other = CA.issue("spiffe://mesh.local/ns/default/sa/other")
     recorder = Recorder()
@@ -267,9 +303,10 @@ def test_a_different_server_behind_the_address_fails_the_streams() -> None:
         impostor_listener = await impostor.listen(("127.0.0.1", 0), recorder)
         client = client_transport()
         await prime(client, listener.address)
-        cached = client.ticket_cache.take(listener.address)
+        own = client.identity.spiffe_id
+        cached = client.ticket_cache.take(listener.address, own)
         assert cached is not None
-        client.ticket_cache.store(impostor_listener.address, cached.ticket, cached.identity)
+        client.ticket_cache.store(impostor_listener.address, cached.ticket, cached.identity, own)
         conn = await client.connect(impostor_listener.address, early_data=True)
         stream = await conn.open_stream("a.svc:1", wait_response=False)
         stream.write(b"secret")

@@ -14,6 +14,7 @@ import datetime
 import ssl
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from quicmesh.errors import PeerVerificationError
@@ -89,6 +90,27 @@ def check_trust_domain(spiffe_id: str, top: x509.Certificate, trust: TrustBundle
         )
 
 
+def check_server_certificate(
+    certificate: x509.Certificate, chain: list[x509.Certificate], trust: TrustBundle
+) -> str:
+    """The rules of a server certificate whose chain a TLS library verified already (for
+    a client that cannot hand the whole check to :func:`verify_peer`): an extended key
+    usage, where there is one, that allows serverAuth, exactly one URI SAN, a valid SPIFFE
+    ID, and the trust domain of the root that vouched for it. Returns the SPIFFE ID.
+
+    :raises PeerVerificationError: with a one-line reason.
+    """
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+        raise PeerVerificationError("peer certificate is not for servers (no serverAuth usage)")
+    spiffe_id = _spiffe_id_of_verified(certificate)
+    check_trust_domain(spiffe_id, chain[-1] if chain else certificate, trust)
+    return spiffe_id
+
+
 def _spiffe_id_of_verified(certificate: x509.Certificate) -> str:
     """Return the single, valid SPIFFE ID of a peer leaf; PeerVerificationError otherwise."""
     spiffe_id = spiffe_id_of(certificate)
@@ -128,5 +150,48 @@ def peer_identity_from_ssl(
         if roots:
             trust = TrustBundle(x509.load_der_x509_certificate(root) for root in roots)
     if trust is not None:
-        check_trust_domain(spiffe_id, certificate, trust)
+        check_trust_domain(spiffe_id, _top_of_verified_chain(ssl_object, certificate), trust)
     return spiffe_id
+
+
+def _top_of_verified_chain(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, leaf: x509.Certificate
+) -> x509.Certificate:
+    """The certificate of the chain ``ssl`` verified that a root of the bundle signed:
+    the leaf, or the last intermediate. With an intermediate, the leaf's own issuer is
+    no root, and :meth:`TrustBundle.trust_domains_for` would have to vouch with every
+    root's domain (an intermediate under one trust domain's root could issue an ID of
+    another's). The verified chain (OpenSSL's, root last) says which root it was.
+
+    :raises PeerVerificationError: the chain cannot be read (then the check cannot be
+        made, and a peer with intermediates is refused rather than let through).
+    """
+    chain = _verified_chain(ssl_object)
+    if chain is None:
+        raise PeerVerificationError(
+            "the verified certificate chain cannot be read here: cannot check the trust "
+            "domain of a peer certificate issued by an intermediate"
+        )
+    if len(chain) < 2:
+        return leaf
+    return chain[-2]
+
+
+def _verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate] | None:
+    """The chain ``ssl`` verified, leaf first and root last (Python 3.13's
+    ``get_verified_chain``, or the ``_ssl`` method under it since 3.10); None if neither
+    is there."""
+    method = getattr(ssl_object, "get_verified_chain", None)
+    if method is None:
+        method = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if method is None:
+        return None
+    chain = []
+    for item in method() or ():
+        der = item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER)
+        chain.append(x509.load_der_x509_certificate(der))
+    return chain
+
+
+_ENCODING_DER = 2
+"""``_ssl.ENCODING_DER``: what ``_ssl.Certificate.public_bytes`` takes for DER."""

@@ -108,7 +108,13 @@ class CachedTicket:
 
 
 class TicketCache:
-    """Client side: session tickets per peer address, optionally persisted to a file.
+    """Client side: session tickets per peer address and client identity, optionally
+    persisted to a file.
+
+    A ticket resumes a session as the client identity it was issued to (the server
+    recorded it, and a resumed handshake presents no certificate): it is kept under the
+    SPIFFE ID of the client that received it and handed only to that one, so that a
+    client with another certificate, loading the same file, makes a full handshake.
 
     :param path: a JSON file to load at start and rewrite on every change, or None
         for memory only. The file holds resumption secrets: it is written with
@@ -134,24 +140,36 @@ class TicketCache:
             self._load(self.path)
 
     @staticmethod
-    def key(address: tuple[str, int]) -> str:
-        """The cache key of a peer address."""
-        return f"{address[0]}:{address[1]}"
+    def key(address: tuple[str, int], client: str = "") -> str:
+        """The cache key of a peer address, for the client identity ``client``."""
+        peer = f"{address[0]}:{address[1]}"
+        return f"{client} {peer}" if client else peer
 
-    def count(self, address: tuple[str, int]) -> int:
-        """Tickets held for ``address``."""
-        return len(self._tickets.get(self.key(address), []))
+    def count(self, address: tuple[str, int], client: str | None = None) -> int:
+        """Tickets held for ``address`` (for the client identity ``client``; any if None)."""
+        if client is not None:
+            return len(self._tickets.get(self.key(address, client), []))
+        peer = self.key(address)
+        return sum(
+            len(tickets)
+            for key, tickets in self._tickets.items()
+            if key == peer or key.endswith(f" {peer}")
+        )
 
-    def store(self, address: tuple[str, int], ticket: SessionTicket, identity: str) -> None:
-        """Keep a ticket received from the peer at ``address`` whose identity is ``identity``."""
-        tickets = self._tickets.setdefault(self.key(address), [])
+    def store(
+        self, address: tuple[str, int], ticket: SessionTicket, identity: str, client: str = ""
+    ) -> None:
+        """Keep a ticket the client identity ``client`` received from the peer at
+        ``address``, whose identity is ``identity``."""
+        tickets = self._tickets.setdefault(self.key(address, client), [])
         tickets.insert(0, CachedTicket(ticket, identity))
         del tickets[self.per_peer :]
         self._save()
 
-    def take(self, address: tuple[str, int]) -> CachedTicket | None:
-        """Remove and return the newest valid ticket for ``address`` (None if there is none)."""
-        key = self.key(address)
+    def take(self, address: tuple[str, int], client: str = "") -> CachedTicket | None:
+        """Remove and return the newest valid ticket the client identity ``client`` holds
+        for ``address`` (None if there is none)."""
+        key = self.key(address, client)
         tickets = self._tickets.get(key, [])
         now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
         result = None

@@ -57,9 +57,9 @@ from ...errors import (
     TunnelUsageError,
     os_error_text,
 )
-from ...tls import spiffe_id_of, verify_peer
+from ...tls import verify_peer
 from ...tls.check import handshake_failure_reason
-from ...tls.verify import check_trust_domain
+from ...tls.verify import check_server_certificate
 from ...tunnel.connect import (
     connect_request_fields,
     parse_connect_request,
@@ -929,7 +929,9 @@ class QuicPeerConnection(SessionConnection):
         for ticket in tickets:
             if self.is_client:
                 assert self._peer_address is not None
-                self.options.ticket_cache.store(self._peer_address, ticket, identity)
+                self.options.ticket_cache.store(
+                    self._peer_address, ticket, identity, self.options.own_identity
+                )
                 self._count("tickets_received")
             else:
                 self.options.ticket_store.add(ticket, identity)
@@ -1165,11 +1167,7 @@ class QuicPeerConnection(SessionConnection):
         trust = self.options.trust
         if self.is_client:
             # The engine verified the chain against our trust bundle already.
-            identity = spiffe_id_of(certificate)
-            if identity is None:
-                raise PeerVerificationError("peer certificate carries no SPIFFE ID")
-            check_trust_domain(identity, chain[-1] if chain else certificate, trust)
-            return identity
+            return check_server_certificate(certificate, chain, trust)
         return verify_peer(certificate, chain, trust)
 
     def handshake_timed_out(self, timeout: float) -> None:

@@ -69,6 +69,8 @@ class QuicOptions:
     :param receive_batch: datagrams read per readiness event (new sockets).
     :param liveness: keepalive and dead-peer bounds.
     :param ticket_cache: (client) where received tickets go.
+    :param own_identity: the SPIFFE ID this side presents: a ticket it receives is kept
+        for it only (a ticket resumes as the client identity it was issued to).
     :param ticket_store: (server) where issued tickets go, and are redeemed from.
     :param stream_rates: (server) one new-stream token bucket per peer identity,
         shared by the transport's connections (:mod:`quicmesh.transport._stream_rate`).
@@ -85,3 +87,4 @@ class QuicOptions:
     ticket_cache: TicketCache
     ticket_store: TicketStore
     stream_rates: StreamRates
+    own_identity: str = ""

@@ -354,6 +354,7 @@ class QuicTransport(Transport):
             ticket_cache=self.ticket_cache,
             ticket_store=self.ticket_store,
             stream_rates=self.stream_rates,
+            own_identity=self.identity.spiffe_id,
         )
 
     def configuration(self, *, is_client: bool) -> QuicConfiguration:
@@ -455,7 +456,7 @@ class QuicTransport(Transport):
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
         config = self.configuration(is_client=True)
-        cached = self.ticket_cache.take(address) if early_data else None
+        cached = self.ticket_cache.take(address, self.identity.spiffe_id) if early_data else None
         if cached is not None:
             config.session_ticket = cached.ticket
         quic = cast(aioquic_engine.AioquicEngine, self.engine).connect(
