@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..errors import QuicmeshError, TunnelError
@@ -35,7 +35,7 @@ from ..transport.base import (
 from ..transport.stream import EngineSocket, MeshStream, SpliceOutcome
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
-from .config import InboundListenerConfig, format_address, ip_address_of
+from .config import Address, InboundListenerConfig, format_address, ip_address_of
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .overload import (
     LOOP_LAG_TICK,
@@ -138,8 +138,11 @@ class InboundListener:
         stats: ListenerStats,
         flows: FlowTracker,
         log: Callable[[FlowRecord], None],
+        own_addresses: Callable[[], Collection[Address]] = tuple,
     ) -> None:
         self._config = config
+        self._own_addresses = own_addresses
+        """The sidecar's own listening addresses, never a destination (policy.refusal_reason)."""
         self._refusals: dict[tuple[str, str], str | None] = {}
         self.identity = identity
         self.trust = trust
@@ -192,14 +195,14 @@ class InboundListener:
         """:func:`.policy.refusal_reason`, remembered for the current configuration
         (flows repeat their identity and destination; a reload forgets)."""
         if config is not self._config:
-            return refusal_reason(config, identity, target)
+            return refusal_reason(config, identity, target, self._own_addresses())
         refusals = self._refusals
         key = (identity, target)
         if key in refusals:
             return refusals[key]
         if len(refusals) >= MAX_REMEMBERED_REFUSALS:
             refusals.clear()
-        reason = refusals[key] = refusal_reason(config, identity, target)
+        reason = refusals[key] = refusal_reason(config, identity, target, self._own_addresses())
         return reason
 
     def _set_stream_rates(self, changes: dict[str, float | None]) -> list[str]:

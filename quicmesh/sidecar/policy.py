@@ -9,6 +9,9 @@ the 403 response and into the access log.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Collection
+
 from ..tunnel.connect import Target
 from .config import (
     InboundListenerConfig,
@@ -32,12 +35,24 @@ def split_target(target: str) -> tuple[str, int] | None:
         return None
 
 
-def refusal_reason(config: InboundListenerConfig, identity: str, target: str) -> str | None:
-    """Why ``identity`` may not reach ``target`` through this listener, or None if it may."""
+def refusal_reason(
+    config: InboundListenerConfig,
+    identity: str,
+    target: str,
+    own: Collection[tuple[str, int]] = (),
+) -> str | None:
+    """Why ``identity`` may not reach ``target`` through this listener, or None if it may.
+
+    :param own: the sidecar's own listening addresses (its admin endpoint, its
+        listeners): never a destination, whatever the allow-lists say (a peer could
+        otherwise drain the sidecar through its admin endpoint on loopback).
+    """
     parsed = split_target(target)
     if parsed is None:
         return f"malformed destination {target!r}"
     host, port = parsed
+    if is_own_address(host, port, own):
+        return f"destination {target} is this sidecar's own listening address"
     if not any(destination_matches(rule, host, port) for rule in config.destinations):
         return f"destination {target} is not allowed by listener {config.name}"
     if not config.policies:
@@ -61,3 +76,36 @@ def allowed_nowhere(config: InboundListenerConfig, identity: str) -> bool:
         for policy in config.policies
         if identity_matches(policy.identity, identity)
     )
+
+
+def is_own_address(host: str, port: int, own: Collection[tuple[str, int]]) -> bool:
+    """Whether ``host:port`` reaches one of the listening addresses ``own`` from this
+    machine: the same port, and the same address, a loopback one (``localhost`` too), or
+    any address when that listener is bound to all (``0.0.0.0``, ``::``). A host name
+    other than ``localhost`` is not resolved here."""
+    if not any(own_port == port for _, own_port in own):
+        return False
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None
+    if address is None:
+        loopback = host.lower().rstrip(".") == "localhost"
+    else:
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        loopback = (
+            address.is_loopback or address.is_unspecified or bool(mapped and mapped.is_loopback)
+        )
+    for own_host, own_port in own:
+        if own_port != port:
+            continue
+        if loopback or own_host.strip("[]").lower() == host.strip("[]").lower():
+            return True
+        try:
+            bound = ipaddress.ip_address(own_host.strip("[]"))
+        except ValueError:
+            continue
+        if bound.is_unspecified or (address is not None and address == bound):
+            return True
+    return False

@@ -223,6 +223,19 @@ class Sidecar:
         await self._bind(listener.start, f"listener {config.name}", config.address)
         self.outbound[config.name] = listener
 
+    def own_addresses(self) -> list[Address]:
+        """The addresses this sidecar listens on (admin, listeners, capture ports): never a
+        destination of an inbound flow (:func:`.policy.refusal_reason`)."""
+        config = self.config
+        own = [config.admin.address]
+        own += [listener.address for listener in config.outbound]
+        own += [listener.address for listener in config.inbound]
+        if config.intercept is not None:
+            own += [("127.0.0.1", config.intercept.outbound_port)]
+            if config.intercept.inbound_port is not None:
+                own += [("127.0.0.1", config.intercept.inbound_port)]
+        return own
+
     async def _start_inbound(self, config: Any) -> None:
         listener = InboundListener(
             config,
@@ -231,6 +244,7 @@ class Sidecar:
             self._listener_stats(config.name, "inbound"),
             self.flows,
             self._log_flow,
+            self.own_addresses,
         )
         try:
             await listener.start()
@@ -404,6 +418,7 @@ class Sidecar:
                         self._listener_stats(inb.name, "inbound"),
                         self.flows,
                         self._log_flow,
+                        self.own_addresses,
                     )
                     await in_listener.start()
                     started_in.append(in_listener)
