@@ -36,11 +36,13 @@ class StreamRefused(TunnelError):
     :param status: the HTTP status the peer returned (400 malformed, 403 not allowed,
         502/503 the destination could not be reached).
     :param reason: the reason the peer gave, if any.
+    :param peer_identity: the refusing peer's SPIFFE ID, where known.
     """
 
-    def __init__(self, status: int, reason: str = "") -> None:
+    def __init__(self, status: int, reason: str = "", *, peer_identity: str = "") -> None:
         self.status = status
         self.reason = reason
+        self.peer_identity = peer_identity
         text = f"peer refused the stream with status {status}"
         super().__init__(f"{text}: {reason}" if reason else text)
 

@@ -51,13 +51,36 @@ SWEEP_INTERVAL = 1.0
 
 
 class FlowRefused(QuicmeshError):
-    """A cluster could not open a flow; :attr:`outcome` says why, for the access log."""
+    """A cluster could not open a flow; :attr:`outcome` says why, for the access log.
 
-    def __init__(self, outcome: Outcome, reason: str, endpoint: str = "") -> None:
+    :param peer_identity: the peer sidecar that refused it, where one did.
+    :param final: the outcome when no other endpoint takes the flow after this attempt,
+        if not ``outcome`` (a draining or full peer's 503 is a failed attempt, so that
+        another endpoint may take the flow, but the flow was *refused* if none does:
+        the peer's own record says so).
+    """
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        reason: str,
+        endpoint: str = "",
+        *,
+        peer_identity: str = "",
+        final: Outcome | None = None,
+    ) -> None:
         self.outcome = outcome
         self.reason = reason
         self.endpoint = endpoint
+        self.peer_identity = peer_identity
+        self.final = final
         super().__init__(reason)
+
+    def as_final(self) -> FlowRefused:
+        """This refusal as the flow's last word (its :attr:`final` outcome)."""
+        if self.final is None or self.final is self.outcome:
+            return self
+        return FlowRefused(self.final, self.reason, self.endpoint, peer_identity=self.peer_identity)
 
 
 @dataclass
@@ -91,9 +114,16 @@ class FailedOpen:
 def _refused_by(endpoint: Endpoint, refusal: StreamRefused) -> FlowRefused:
     """What the peer's refusal of a stream on ``endpoint`` makes of the flow: a draining
     peer's 503 lets another endpoint take it (a failed attempt), any other refuses it."""
+    identity = refusal.peer_identity
     if refusal.status == 503:
-        return FlowRefused(Outcome.CONNECT_FAILED, str(refusal), endpoint.name)
-    return FlowRefused(Outcome.REFUSED, str(refusal), endpoint.name)
+        return FlowRefused(
+            Outcome.CONNECT_FAILED,
+            str(refusal),
+            endpoint.name,
+            peer_identity=identity,
+            final=Outcome.REFUSED,
+        )
+    return FlowRefused(Outcome.REFUSED, str(refusal), endpoint.name, peer_identity=identity)
 
 
 @dataclass
@@ -280,7 +310,7 @@ class Cluster:
             ]
             if not candidates:
                 if last is not None:
-                    raise last
+                    raise last.as_final()
                 raise FlowRefused(
                     Outcome.NO_HEALTHY_ENDPOINT,
                     f"cluster {self.config.name}: no healthy endpoint "
@@ -300,7 +330,7 @@ class Cluster:
                     raise
                 last = exc
         assert last is not None
-        raise last
+        raise last.as_final()
 
     async def _open_on(
         self, endpoint: Endpoint, target: str, headers: dict[str, str]

@@ -430,6 +430,7 @@ async def proxy_to_cluster(
         )
     except FlowRefused as exc:
         record.outcome, record.reason, record.endpoint = exc.outcome, exc.reason, exc.endpoint
+        record.peer_identity = exc.peer_identity or record.peer_identity
         if isinstance(reader, socket.socket):
             reset_socket(reader)
         else:

@@ -497,7 +497,7 @@ class MeshStream:
             self._set_responded()
         else:
             self._response = _Response.REFUSED
-            self._fail(StreamRefused(status, reason))
+            self._fail(StreamRefused(status, reason, peer_identity=self.peer_identity))
 
     def _on_data(self, data: bytes) -> None:
         self.bytes_received += len(data)

@@ -162,3 +162,34 @@ def test_a_first_attempt_made_outside_is_the_flows_answer_or_retried_elsewhere()
                 await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_503_that_no_other_endpoint_takes_is_the_flows_refusal_by_that_peer() -> None:
+    """A full or draining peer's 503 is a failed attempt (another endpoint may take the
+    flow), but with none left the flow was refused, as the peer's own record says (it
+    was logged connect_failed), and by whom (the peer identity was empty)."""
+    server_id = "spiffe://mesh.local/ns/default/sa/b"
+
+    async def full(stream: MeshStream) -> None:
+        stream.refuse(503, "max_streams_per_identity (2) reached")
+
+    async def main() -> None:
+        ca = DevCA()
+        server = H2Transport(identity=ca.issue(server_id), trust=ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), full)
+        cluster = _h2_cluster(ca, [listener.address])
+        try:
+            with pytest.raises(FlowRefused) as caught:
+                await cluster.open_flow()
+            assert caught.value.outcome is Outcome.REFUSED
+            assert (
+                "503" in caught.value.reason and "max_streams_per_identity" in caught.value.reason
+            )
+            assert caught.value.peer_identity == server_id
+            assert cluster.stats.connect_failures == 0
+        finally:
+            await cluster.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

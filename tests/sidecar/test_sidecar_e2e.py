@@ -22,7 +22,17 @@ import yaml
 
 from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
 
-from .conftest import HeldFlow, Mesh, addr, b_config, dead_port, echo_flow, refused, wait_until
+from .conftest import (
+    IDENTITY_B,
+    HeldFlow,
+    Mesh,
+    addr,
+    b_config,
+    dead_port,
+    echo_flow,
+    refused,
+    wait_until,
+)
 
 TRANSPORTS = ["quic", "h2", "tcp"]
 
@@ -211,6 +221,7 @@ def test_refused_destination_or_identity_is_reset_with_a_reason(
     )[0]
     assert a_line["outcome"] == "refused"
     assert "403" in a_line["reason"] and reason in a_line["reason"]
+    assert a_line["peer_identity"] == IDENTITY_B  # (the refusing peer: it was sometimes empty)
     b_line = wait_until(
         lambda: [
             r
