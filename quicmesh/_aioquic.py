@@ -77,12 +77,15 @@ from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
 from aioquic.h3.connection import (
     CONNECTION_SPECIFIC_HEADERS,
+    ErrorCode,
     FrameType,
     H3Connection,
+    MessageError,
     Setting,
     encode_frame,
     validate_request_headers,
 )
+from aioquic.h3.events import H3Event
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import END_STATES, Limit, QuicConnection, QuicConnectionState
@@ -191,6 +194,8 @@ class MeshH3Connection(H3Connection):
         super().__init__(quic)
 
     def _init_connection(self) -> None:
+        self._malformed: set[int] = set()
+        """Request streams reset for a malformed message: their later data is dropped."""
         self._blocked_streams = 0
         if self._is_client:
             self._max_table_capacity = 0
@@ -206,6 +211,26 @@ class MeshH3Connection(H3Connection):
         settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section_size
         return settings
 
+    def _receive_request_or_push_data(
+        self, stream: Any, data: bytes, stream_ended: bool
+    ) -> list[H3Event]:
+        """aioquic's, where a malformed message (``MessageError``: a pseudo-header given
+        twice or after a regular one, a missing ``:authority``, a name or value HTTP does
+        not allow...) is a stream error, as RFC 9114 4.1.2 has it: that stream is reset
+        both ways with H3_MESSAGE_ERROR and what else arrives on it is dropped. aioquic
+        made it a connection error: every other flow of the connection died with it."""
+        if stream.stream_id in self._malformed:
+            return []
+        try:
+            return super()._receive_request_or_push_data(stream, data, stream_ended)
+        except MessageError:
+            self._malformed.add(stream.stream_id)
+            stream.buffer = b""
+            stream.frame_type = stream.frame_size = None
+            self._quic.reset_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
+            self._quic.stop_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
+            return []
+
     def hand_over_stream(self, stream_id: int) -> tuple[int | None, int, bytes]:
         """Forget a request stream whose input another parser takes over (splicing) and
         return where aioquic's parser stood: the type of the frame it is inside (``None``
@@ -220,6 +245,7 @@ class MeshH3Connection(H3Connection):
         """The QUIC layer dropped the finished request stream: drop its parser state
         (aioquic keeps a reset stream's for the connection's lifetime)."""
         self._stream.pop(stream_id, None)
+        self._malformed.discard(stream_id)
 
     def abandon_stream(self, stream_id: int) -> None:
         """Forget a request stream refused mid-frame; tell the peer's encoder that its

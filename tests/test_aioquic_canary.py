@@ -49,6 +49,7 @@ METHODS: list[tuple[Any, str, list[str]]] = [
     (QuicPacketRecovery, "on_packet_sent", ["packet", "space"]),
     (H3Connection, "_init_connection", []),
     (H3Connection, "_get_local_settings", []),
+    (H3Connection, "_receive_request_or_push_data", ["stream", "data", "stream_ended"]),
     (asyncio_server, "_encode_invalid_token_close", ["version", "source_cid", "destination_cid"]),
     (asyncio_server.QuicServer, "_connection_id_issued", ["cid", "protocol"]),
     (asyncio_server.QuicServer, "_connection_id_retired", ["cid", "protocol"]),

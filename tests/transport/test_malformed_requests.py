@@ -1,0 +1,74 @@
+"""A malformed HTTP/3 request (RFC 9114 4.1.2: a pseudo-header twice or after a regular
+one, no ``:authority``, an upper-case name, CR/LF in a value) is a stream error: that
+stream is reset with H3_MESSAGE_ERROR and the connection's other flows carry on. aioquic
+made it a connection error (found by a security review: one bad CONNECT closed every flow
+of the connection)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from quic_helpers import client_transport, require_engine, run, server_transport
+
+import quicmesh.tunnel.h3 as h3_session
+from quicmesh.errors import StreamReset
+from quicmesh.transport.stream import MeshStream
+
+H3_MESSAGE_ERROR = 0x10E
+GOOD = [(b":method", b"CONNECT"), (b":authority", b"x.svc:80")]
+MALFORMED = {
+    "a pseudo-header twice": [*GOOD, (b":authority", b"y.svc:80")],
+    "a pseudo-header after a regular one": [
+        (b":method", b"CONNECT"), (b"x-a", b"1"), (b":authority", b"x.svc:80"),
+    ],
+    "no :authority": [(b":method", b"CONNECT")],
+    "an upper-case name": [*GOOD, (b"X-Up", b"1")],
+    "CR LF in a value": [*GOOD, (b"x-a", b"1\r\nx-b: 2")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_request_resets_its_stream_only(
+    engine: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_engine(engine)
+    crafted: list[list[tuple[bytes, bytes]]] = []
+    original = h3_session.connect_request_fields
+
+    def fields(target: object, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        return crafted.pop() if crafted else original(target, headers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(h3_session, "connect_request_fields", fields)
+
+    async def echo(stream: MeshStream) -> None:
+        while data := await stream.read(65536):
+            stream.write(data)
+        stream.write_eof()
+
+    async def main() -> None:
+        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), echo)
+        connection = await client_transport(engine="aioquic").connect(listener.address)
+        held = await connection.open_stream("x.svc:80")
+        held.write(b"before")
+        assert await asyncio.wait_for(held.read(6), 5) == b"before"
+        crafted.append(MALFORMED[case])
+        with pytest.raises(StreamReset) as caught:
+            bad = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
+            await asyncio.wait_for(bad.read(), 5)
+        assert caught.value.error_code == H3_MESSAGE_ERROR
+        # The connection and its other flows carry on.
+        held.write(b"after")
+        held.write_eof()
+        assert await asyncio.wait_for(held.read(), 5) == b"after"
+        fresh = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
+        fresh.write(b"new")
+        fresh.write_eof()
+        assert await asyncio.wait_for(fresh.read(), 5) == b"new"
+        assert not connection.is_closed
+        await connection.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
