@@ -439,6 +439,8 @@ async def proxy_to_cluster(
         return
     record.endpoint = flow.endpoint.name
     record.peer_identity = flow.connection.peer_identity
+    # (An `auto` cluster's flow goes over QUIC or, while UDP is broken, h2: say which.)
+    record.transport = flow.stream.transport
     stats.streams_total += 1
     stats.streams_active += 1
     try:

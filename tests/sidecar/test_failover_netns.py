@@ -348,6 +348,12 @@ def test_a_stopped_peer_is_declared_dead_and_replaced(mesh: Mesh) -> None:
     run(main())
 
 
+def completed(sidecar: SidecarProcess | None) -> list[dict[str, Any]]:
+    """The access-log records of the flows ``sidecar`` completed."""
+    assert sidecar is not None
+    return [r for r in sidecar.access_log() if r["outcome"] == "completed"]
+
+
 def test_blocked_udp_falls_back_to_h2_and_back_to_quic(mesh: Mesh) -> None:
     mesh.start_peer(PEER_PORTS[0])
     mesh.start_a(
@@ -376,6 +382,9 @@ def test_blocked_udp_falls_back_to_h2_and_back_to_quic(mesh: Mesh) -> None:
         assert metric(samples, "quicmesh_cluster_quic_marked_broken_total", cluster="b") == 1
         assert metric(samples, "quicmesh_cluster_connections_by_transport_total", via="h2") >= 1
         assert metric(samples, "quicmesh_cluster_fallbacks_total", cluster="b") >= 1
+        # The access log says which transport carried each flow (it said "auto").
+        poll(lambda: len(completed(mesh.a)) >= 3, 10, "three flows logged")
+        assert {r["transport"] for r in completed(mesh.a)} == {"h2"}
         # 2. UDP restored: once the backoff expires, new connections are QUIC again.
         mesh.unblock_udp()
         deadline = time.monotonic() + 20
@@ -395,6 +404,11 @@ def test_blocked_udp_falls_back_to_h2_and_back_to_quic(mesh: Mesh) -> None:
             assert intact and first_byte < 1.0, first_byte
         assert by_transport().get("h2", 0) == h2_before + 1
         assert mesh.stats()["fallback"]["quic_marked_broken"] >= 2, mesh.stats()
+        poll(
+            lambda: {r["transport"] for r in completed(mesh.a)} == {"h2", "quic"},
+            10,
+            "flows over both transports logged",
+        )
         mesh.unblock_udp()
 
     run(main())
