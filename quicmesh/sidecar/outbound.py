@@ -334,6 +334,9 @@ class _EngineFlows:
         listener.stats.streams_active += 1  # (in streams_total once it got its 200: at its end)
         self.running[flow] = running
 
+    def flow_refused(self, flow: int, refusal: StreamRefused) -> None:
+        self.flow_unanswered(flow, "answered", str(refusal), refusal)
+
     def flow_unanswered(
         self, flow: int, kind: str, reason: str, refusal: StreamRefused | None = None
     ) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, StreamRefused, os_error_text
+from ..errors import ConfigError, os_error_text
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream, SpliceOutcome
 
@@ -60,16 +60,18 @@ class FlowEvents(Protocol):
         """A connection from ``peer`` was accepted as ``flow``: start it
         (:meth:`PeerConnection.start_engine_flow`) or take it (:meth:`EngineAcceptor.release`)."""
 
-    def flow_unanswered(
-        self, flow: int, kind: str, reason: str, refusal: StreamRefused | None
-    ) -> None:
+    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
         """An engine flow got no plain 200: nothing was read from its socket, which
         waits for :meth:`EngineAcceptor.release`. ``kind``: ``answered`` (something else,
         e.g. a refusal), ``reset`` (the peer reset or ended the stream first),
         ``timeout`` (no answer in time) or ``lost`` (the connection failed); ``reason``
-        says more. ``refusal``: the peer's refusal (status and reason), when it
-        answered with one the engine could read; then that is the flow's answer (else
-        asking again is the way to read it)."""
+        says more.
+
+        An object that also has ``flow_refused(flow, refusal)`` hears of a refusal the
+        engine could read there instead (``refusal``: the peer's
+        :class:`~quicmesh.errors.StreamRefused`, status and reason, what
+        :meth:`PeerConnection.open_stream` would have raised; the socket waits as
+        here): then that is the flow's answer, and asking again is not needed."""
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         """An engine flow ended: payload bytes each way, and why it failed ("" if not)."""

@@ -43,10 +43,11 @@ class Events:
     def flow_accepted(self, flow: int, peer: tuple[str, int]) -> None:
         self.accepted.put_nowait((flow, peer))
 
-    def flow_unanswered(
-        self, flow: int, kind: str, reason: str, refusal: StreamRefused | None
-    ) -> None:
-        self.unanswered[flow] = (kind, reason, refusal)
+    def flow_unanswered(self, flow: int, kind: str, reason: str) -> None:
+        self.unanswered[flow] = (kind, reason, None)
+
+    def flow_refused(self, flow: int, refusal: StreamRefused) -> None:
+        self.unanswered[flow] = ("answered", "not the plain 200: a refusal", refusal)
 
     def flow_ended(self, flow: int, sent: int, received: int, error: str) -> None:
         self.ended[flow] = (sent, received, error)

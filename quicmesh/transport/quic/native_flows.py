@@ -84,7 +84,12 @@ class FlowAcceptor(EngineAcceptor):
             self._events.flow_accepted(event[1], (event[2], event[3]))
         elif kind == "flow_unanswered":
             _, flow, _, why, reason, answer = event
-            self._events.flow_unanswered(flow, why, reason, _refusal(answer))
+            refusal = _refusal(answer)
+            refused = getattr(self._events, "flow_refused", None)
+            if refusal is not None and refused is not None:
+                refused(flow, refusal)
+            else:
+                self._events.flow_unanswered(flow, why, reason)
         elif kind == "spliced":
             _, _, flow, _, sent, received, error, _, _ = event
             self._events.flow_ended(flow, sent, received, error)
