@@ -482,3 +482,28 @@ def test_without_a_ticket_early_data_is_an_ordinary_connect() -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+def test_the_ticket_cache_keys_tickets_by_client_identity(tmp_path: Path) -> None:
+    """Stored under one client identity, a ticket is handed to that identity only (or to a
+    caller that asks for any); the file keeps the binding across a restart."""
+    path = tmp_path / "tickets.json"
+    cache = TicketCache(path)
+    ticket = SessionTicket(
+        age_add=1,
+        cipher_suite=CipherSuite.AES_128_GCM_SHA256,
+        not_valid_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+        not_valid_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1),
+        resumption_secret=b"s" * 32,
+        server_name="127.0.0.1",
+        ticket=b"t" * 16,
+    )
+    server, admin, guest = ("127.0.0.1", 4433), "spiffe://a/sa/admin", "spiffe://a/sa/guest"
+    cache.store(server, ticket, "spiffe://a/sa/server", admin)
+    again = TicketCache(path)
+    assert again.count(server) == 1 and again.count(server, admin) == 1
+    assert again.count(server, guest) == 0
+    assert again.take(server, guest) is None
+    taken = again.take(server, admin)
+    assert taken is not None and taken.identity == "spiffe://a/sa/server"
+    assert again.count(server) == 0

@@ -166,10 +166,17 @@ class TicketCache:
         del tickets[self.per_peer :]
         self._save()
 
-    def take(self, address: tuple[str, int], client: str = "") -> CachedTicket | None:
+    def take(self, address: tuple[str, int], client: str | None = None) -> CachedTicket | None:
         """Remove and return the newest valid ticket the client identity ``client`` holds
-        for ``address`` (None if there is none)."""
-        key = self.key(address, client)
+        for ``address`` (None if there is none); with ``client`` None, one of any client
+        identity's (the transport always names its own)."""
+        if client is None:
+            peer = self.key(address)
+            keys = [k for k in self._tickets if k == peer or k.endswith(f" {peer}")]
+            return self._take(keys[0]) if keys else None
+        return self._take(self.key(address, client))
+
+    def _take(self, key: str) -> CachedTicket | None:
         tickets = self._tickets.get(key, [])
         now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
         result = None
