@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
@@ -283,12 +284,22 @@ def test_malformed_connect_gets_400(headers: list[tuple[bytes, bytes]]) -> None:
     [
         [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b":path", b"/")],
         [(b":method", b"CONNECT")],
-        [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x", b"y" * 70_000)],
     ],
 )
-def test_header_blocks_breaking_http2_rules_close_the_connection(
-    headers: list[tuple[bytes, bytes]],
-) -> None:
+def test_a_malformed_request_resets_its_stream(headers: list[tuple[bytes, bytes]]) -> None:
+    """A field section HTTP/2 calls malformed (RFC 9113 8.1.1) is a stream error: reset
+    with PROTOCOL_ERROR, the connection kept (h2 closed it until 2026-12-06)."""
+    server_events, raw_events = send_raw_request(headers)
+    assert not any(isinstance(e, events.ConnectionTerminated) for e in server_events)
+    resets = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
+    assert [r.error_code for r in resets] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in raw_events)
+
+
+def test_a_header_list_over_the_limit_closes_the_connection() -> None:
+    """One the decoder cannot take (over SETTINGS_MAX_HEADER_LIST_SIZE) is a connection
+    error: HPACK state is the connection's."""
+    headers = [(b":method", b"CONNECT"), (b":authority", b"a:1"), (b"x", b"y" * 70_000)]
     server_events, raw_events = send_raw_request(headers)
     assert len(server_events) == 1
     assert isinstance(server_events[0], events.ConnectionTerminated)

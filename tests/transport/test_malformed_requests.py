@@ -7,11 +7,19 @@ of the connection)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
+from typing import Any
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 from quic_helpers import client_transport, require_engine, run, server_transport
 
 import quicmesh.tunnel.h3 as h3_session
+from quicmesh import DevCA, H2Transport
 from quicmesh.errors import StreamReset
 from quicmesh.transport.stream import MeshStream
 
@@ -72,3 +80,59 @@ def test_a_malformed_request_resets_its_stream_only(
         await listener.wait_closed()
 
     run(main())
+
+
+def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
+    """The same on HTTP/2 (RFC 9113 8.1.1): h2 made it a connection error (GOAWAY)."""
+    ca = DevCA()
+    server = H2Transport(
+        identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+    )
+    ca.issue("spiffe://mesh.local/ns/default/sa/a").save(tmp_path / "c.pem", tmp_path / "k.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(tmp_path / "ca.pem")
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    context.set_alpn_protocols(["h2"])
+
+    async def echo(stream: MeshStream) -> None:
+        while data := await stream.read(65536):
+            stream.write(data)
+        stream.write_eof()
+
+    async def main() -> list[Any]:
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        reader, writer = await asyncio.open_connection(*listener.address, ssl=context)
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=True, header_encoding=None, validate_outbound_headers=False
+            )
+        )
+        client.initiate_connection()
+        client.send_headers(1, GOOD)
+        client.send_headers(3, MALFORMED["a pseudo-header twice"])
+        client.send_data(1, b"after", end_stream=True)
+        writer.write(client.data_to_send())
+        seen: list[Any] = []
+        while not any(isinstance(e, h2.events.StreamEnded) for e in seen):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, seen
+            for event in client.receive_data(data):
+                seen.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    client.acknowledge_received_data(len(event.data), event.stream_id)
+            writer.write(client.data_to_send())
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+        return seen
+
+    seen = run(main())
+    resets = [e for e in seen if isinstance(e, h2.events.StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in resets] == [
+        (3, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    ]
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
+    echoed = b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived))
+    assert echoed == b"after"
