@@ -83,13 +83,11 @@ def is_own_address(host: str, port: int, own: Collection[tuple[str, int]]) -> bo
     machine: the same port, and the same address, a loopback one (``localhost`` too), or
     any address when that listener is bound to all (``0.0.0.0``, ``::``). A host name
     other than ``localhost`` is not resolved here."""
-    if not any(own_port == port for _, own_port in own):
+    hosts = [own_host.strip("[]") for own_host, own_port in own if own_port == port]
+    if not hosts:
         return False
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        address = None
+    host = host.strip("[]")
+    address = _ip_address(host)
     if address is None:
         loopback = host.lower().rstrip(".") == "localhost"
     else:
@@ -97,15 +95,21 @@ def is_own_address(host: str, port: int, own: Collection[tuple[str, int]]) -> bo
         loopback = (
             address.is_loopback or address.is_unspecified or bool(mapped and mapped.is_loopback)
         )
-    for own_host, own_port in own:
-        if own_port != port:
-            continue
-        if loopback or own_host.strip("[]").lower() == host.strip("[]").lower():
-            return True
-        try:
-            bound = ipaddress.ip_address(own_host.strip("[]"))
-        except ValueError:
-            continue
-        if bound.is_unspecified or (address is not None and address == bound):
+    if loopback:
+        return True
+    for own_host in hosts:
+        bound = _ip_address(own_host)
+        if own_host.lower() == host.lower() or (
+            bound is not None and (bound.is_unspecified or bound == address)
+        ):
             return True
     return False
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, an IPv6 zone kept (``::1%lo`` is loopback too); None for
+    a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

@@ -145,16 +145,17 @@ class TicketCache:
         peer = f"{address[0]}:{address[1]}"
         return f"{client} {peer}" if client else peer
 
+    def _keys(self, address: tuple[str, int], client: str | None) -> list[str]:
+        """The keys holding tickets for ``address``: the client identity ``client``'s, or
+        every client identity's if None."""
+        if client is not None:
+            return [self.key(address, client)]
+        peer = self.key(address)
+        return [key for key in self._tickets if key == peer or key.endswith(f" {peer}")]
+
     def count(self, address: tuple[str, int], client: str | None = None) -> int:
         """Tickets held for ``address`` (for the client identity ``client``; any if None)."""
-        if client is not None:
-            return len(self._tickets.get(self.key(address, client), []))
-        peer = self.key(address)
-        return sum(
-            len(tickets)
-            for key, tickets in self._tickets.items()
-            if key == peer or key.endswith(f" {peer}")
-        )
+        return sum(len(self._tickets.get(key, [])) for key in self._keys(address, client))
 
     def store(
         self, address: tuple[str, int], ticket: SessionTicket, identity: str, client: str = ""
@@ -170,11 +171,8 @@ class TicketCache:
         """Remove and return the newest valid ticket the client identity ``client`` holds
         for ``address`` (None if there is none); with ``client`` None, one of any client
         identity's (the transport always names its own)."""
-        if client is None:
-            peer = self.key(address)
-            keys = [k for k in self._tickets if k == peer or k.endswith(f" {peer}")]
-            return self._take(keys[0]) if keys else None
-        return self._take(self.key(address, client))
+        keys = self._keys(address, client)
+        return self._take(keys[0]) if keys else None
 
     def _take(self, key: str) -> CachedTicket | None:
         tickets = self._tickets.get(key, [])

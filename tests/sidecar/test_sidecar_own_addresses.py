@@ -27,6 +27,7 @@ OWN = [("127.0.0.1", 15000), ("0.0.0.0", 15008), ("10.1.2.3", 15090)]
         ("LOCALHOST.", 15000, True),
         ("::1", 15000, True),
         ("::ffff:127.0.0.1", 15000, True),
+        ("::1%lo", 15000, True),  # a zone does not hide loopback
         ("0.0.0.0", 15000, True),
         ("10.9.9.9", 15008, True),  # a listener bound to every address
         ("10.1.2.3", 15090, True),

@@ -84,8 +84,8 @@ class FlowAcceptor(EngineAcceptor):
             self._events.flow_accepted(event[1], (event[2], event[3]))
         elif kind == "flow_unanswered":
             _, flow, _, why, reason, answer = event
-            refusal = _refusal(answer)
             refused = getattr(self._events, "flow_refused", None)
+            refusal = _refusal(answer) if refused is not None else None
             if refusal is not None and refused is not None:
                 refused(flow, refusal)
             else:
