@@ -177,9 +177,15 @@ class _H2Connection(h2.connection.H2Connection):
             # an upper-case name...): h2 raises it from the stream's validation, after
             # the block was decoded and the stream opened; RFC 9113 8.1.1 makes it a
             # stream error. h2 made it a connection error: every other flow of the
-            # connection died with it. A block that did not decode (no stream was
-            # opened for it) stays a connection error: HPACK state is the connection's.
-            if type(exc) is not h2.exceptions.ProtocolError or frame.stream_id not in self.streams:
+            # connection died with it. A block that did not decode (h2 chains the HPACK
+            # error as the cause; on a new stream no stream was opened for it) stays a
+            # connection error, also on a stream already open (trailers): HPACK state is
+            # the connection's.
+            if (
+                type(exc) is not h2.exceptions.ProtocolError
+                or exc.__cause__ is not None
+                or frame.stream_id not in self.streams
+            ):
                 raise
             self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return [], []

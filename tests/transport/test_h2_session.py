@@ -6,14 +6,16 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import Target, parse_target
-from quicmesh.tunnel.h2 import DEFAULT_STREAM_WINDOW, SEND_QUANTUM, H2TunnelSession
+from quicmesh.tunnel.h2 import DEFAULT_STREAM_WINDOW, SEND_QUANTUM, H2TunnelSession, _H2Connection
 from quicmesh.tunnel.session import ResetReason
 
 TARGET = Target("reviews.default.svc", 9080)
@@ -294,6 +296,25 @@ def test_a_malformed_request_resets_its_stream(headers: list[tuple[bytes, bytes]
     resets = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
     assert [r.error_code for r in resets] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
     assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in raw_events)
+
+
+def test_a_block_that_does_not_decode_on_an_open_stream_closes_the_connection() -> None:
+    """Trailers whose HPACK block does not decode: the connection's decoder state is
+    lost, so it is a connection error (not the malformed request's stream reset)."""
+    server = _H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"a:1")])
+    server.receive_data(client.data_to_send())
+    garbage = HeadersFrame(1)
+    garbage.data = b"\xff" * 5
+    garbage.flags.add("END_HEADERS")
+    with pytest.raises(h2.exceptions.ProtocolError):
+        server.receive_data(garbage.serialize())
+    assert server.state_machine.state is h2.connection.ConnectionState.CLOSED
 
 
 def test_a_header_list_over_the_limit_closes_the_connection() -> None:
