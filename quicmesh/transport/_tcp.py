@@ -211,8 +211,11 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._end_linger()  # the peer's end: close now
             return False
         if self._close_notify_received:
-            # The peer half-closed cleanly; keep the socket open while we still write.
-            return self.session is not None and not self.session.finished
+            # The peer half-closed cleanly: keep the socket open until ours is sent
+            # too. Our last bytes may have been handed out and still wait for the
+            # socket to drain (writing paused), with our close_notify to follow from
+            # flush(), which then closes; closing here would end the flow without it.
+            return not self._close_notify_sent
         if self._handshaking:
             self._fail(self._early_close_error())
         else:

@@ -412,3 +412,93 @@ def test_a_tcp_connection_that_sends_no_request_is_closed() -> None:
             await listener.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_half_close_arriving_while_our_last_bytes_wait_still_gets_our_close_notify() -> None:
+    """The peer's close_notify and TCP FIN came in after our session had handed out its
+    last bytes but while the socket was still paused above its high-water mark (a slow
+    reader): the FIN closed the connection at once, our close_notify was never sent, and
+    the peer lost the flow ("peer closed the TCP connection without TLS close_notify";
+    it failed the throughput benchmark once in CI). The reader here is a raw TLS client
+    whose small socket buffers keep the server's write buffer full, and which sends its
+    FIN only once the server has handed out everything."""
+    import socket
+    import ssl
+
+    from quicmesh.tls.context import client_ssl_context
+
+    size = 120 * 1024  # two hand-outs of at most 64 KiB: the second pauses the writer
+    everything_handed_out: asyncio.Future[None] | None = None
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"x" * size)
+        stream.write_eof()
+        await stream.wait_sent()
+        assert everything_handed_out is not None
+        everything_handed_out.set_result(None)
+        assert await stream.read(-1) == b""
+
+    async def main() -> None:
+        nonlocal everything_handed_out
+        loop = asyncio.get_running_loop()
+        everything_handed_out = loop.create_future()
+        server = TcpTransport(identity=mesh().server, trust=mesh().ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        # Small, fixed socket buffers (the accepted socket inherits the listener's).
+        for listening in listener._server.sockets:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = client_ssl_context(mesh().client, mesh().ca.trust_bundle, ["http/1.1"])
+        tls = context.wrap_bio(incoming, outgoing)
+
+        async def send_pending() -> None:
+            if data := outgoing.read():
+                await loop.sock_sendall(sock, data)
+
+        async def receive() -> bool:
+            data = await loop.sock_recv(sock, 65536)
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()
+            return bool(data)
+
+        try:
+            await loop.sock_connect(sock, listener.address)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await send_pending()
+                    assert await receive(), "the server closed during the handshake"
+            tls.write(b"CONNECT a.svc:80 HTTP/1.1\r\nHost: a.svc:80\r\n\r\n")
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.unwrap()  # our close_notify, right after the request
+            await send_pending()
+            await everything_handed_out
+            sock.shutdown(socket.SHUT_WR)  # the FIN, once the server's writer is paused
+            received = bytearray()
+            while True:
+                try:
+                    received += tls.read(65536)
+                    continue
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    break  # the server's close_notify: a clean end
+                assert await receive(), (
+                    f"the server closed without close_notify after {len(received)} bytes"
+                )
+            head, _, body = bytes(received).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert len(body) == size
+        finally:
+            sock.close()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
