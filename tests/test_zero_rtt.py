@@ -6,6 +6,7 @@ test needs to see or replay what went over the wire.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import random
 from pathlib import Path
@@ -109,6 +110,69 @@ def test_accepted_0rtt_carries_the_data_in_0rtt_packets() -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_connect_sent_while_the_servers_answer_already_waits_still_goes_as_0rtt(
+    loop: str,
+) -> None:
+    """A client paused between its ClientHello and its first stream (a busy machine
+    preempting it) finds the server's answer waiting when it opens the stream. The
+    CONNECT used to be sent at the loop's next turn, and uvloop runs the callbacks of
+    waiting I/O first: the answer finished the handshake and the CONNECT left in 1-RTT
+    packets (a sidecar's 0-RTT test failed so under load). A stream opened with
+    ``wait_response=False`` is sent at once. The server runs in a thread of its own so
+    that it answers while the client waits, in ``select``, for the answer to arrive."""
+    import select
+    import threading
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is an optional extra")
+        loop_factory = uvloop.new_event_loop
+    else:
+        loop_factory = asyncio.new_event_loop
+    server_ready = threading.Event()
+    server_state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        stop = asyncio.get_running_loop().create_future()
+        server_state.update(address=listener.address, stop=stop, loop=asyncio.get_running_loop())
+        server_ready.set()
+        await stop
+        listener.close()
+        await listener.wait_closed()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+
+    async def main() -> None:
+        address = server_state["address"]
+        client = client_transport()
+        await prime(client, address)
+        conn = await client.connect(address, early_data=True)
+        assert conn.early_data == "attempted"
+        sock = conn.connected_socket.get_extra_info("socket")
+        readable, _, _ = select.select([sock.fileno()], [], [], 10)
+        assert readable, "no answer from the server"
+        stream = await conn.open_stream("reviews.default.svc:9080", wait_response=False)
+        stream.write(b"early")
+        stream.write_eof()
+        assert await stream.read() == b"early"
+        assert conn.early_data == "accepted"
+        assert conn.stats()["zero_rtt_packets_sent"] > 0
+        conn.close()
+        await conn.wait_closed()
+
+    try:
+        assert server_ready.wait(10)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(asyncio.wait_for(main(), 30))
+    finally:
+        if "stop" in server_state:
+            server_state["loop"].call_soon_threadsafe(server_state["stop"].set_result, None)
+        thread.join(10)
 
 
 def test_server_sees_the_client_identity_from_the_ticket() -> None:

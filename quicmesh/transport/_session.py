@@ -135,7 +135,14 @@ class SessionConnection(PeerConnection):
         )
         self._streams[stream_id] = stream
         self.streams_opened += 1
-        self._schedule_transmit()
+        if wait_response:
+            self._schedule_transmit()
+        else:
+            # Sent now, not at the loop's next turn: on a connection still in its
+            # handshake the CONNECT goes as 0-RTT only if it leaves before the server's
+            # answer is read, and uvloop runs the callbacks of waiting I/O before those
+            # scheduled meanwhile (an answer that came while we were preempted).
+            self._transmit()
         if wait_response:
             try:
                 await stream.wait_accepted()
