@@ -170,7 +170,9 @@ class InboundListenerConfig:
     address: Address
     transports: tuple[str, ...]
     destinations: tuple[DestinationRule, ...]
-    policies: tuple[IdentityPolicy, ...] = ()
+    policies: tuple[IdentityPolicy, ...] | None = None
+    """None: no ``policies`` key, any verified peer may reach any allowed destination;
+    a tuple (an empty one too, which allows nobody): only what a matching policy lists."""
     connect_timeout: float = 5.0
     max_streams: int = 128
     """Concurrent streams one peer connection may open (QUIC and H2)."""
@@ -1089,7 +1091,14 @@ class _Loader:
             raise transports_field.error(
                 "h2 and tcp both listen on TCP: give them separate inbound listeners"
             )
-        policies = tuple(self.policy(p) for p in node.child("policies").items(allow_empty=True))
+        # Given, even empty, the policies decide (an empty list allows nobody, as an
+        # Istio ALLOW policy without rules); absent, any verified peer may reach any
+        # allowed destination.
+        policies = (
+            tuple(self.policy(p) for p in node.child("policies").items(allow_empty=True))
+            if node.has("policies")
+            else None
+        )
         timeout = node.child("connect_timeout")
         streams = node.child("max_streams")
         early = node.child("early_data")

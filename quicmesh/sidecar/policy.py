@@ -55,7 +55,7 @@ def refusal_reason(
         return f"destination {target} is this sidecar's own listening address"
     if not any(destination_matches(rule, host, port) for rule in config.destinations):
         return f"destination {target} is not allowed by listener {config.name}"
-    if not config.policies:
+    if config.policies is None:
         return None
     matching = [p for p in config.policies if identity_matches(p.identity, identity)]
     if not matching:
@@ -69,7 +69,7 @@ def refusal_reason(
 def allowed_nowhere(config: InboundListenerConfig, identity: str) -> bool:
     """Whether every stream ``identity`` can open on this listener will be refused:
     the listener has policies and none that matches it lists a destination."""
-    if not config.policies:
+    if config.policies is None:
         return False
     return not any(
         policy.destinations

@@ -264,6 +264,38 @@ def test_identity_policies() -> None:
     assert reason is not None and "may not reach" in reason
 
 
+@pytest.mark.parametrize(
+    ("policies", "allowed"),
+    [
+        ("", True),  # no policies key: the destinations alone decide
+        ("policies: []", False),  # given and empty: nobody (an Istio ALLOW without rules)
+        (f"policies: [{{identity: '{A}', destinations: ['127.0.0.1:8080']}}]", True),
+        (f"policies: [{{identity: '{B}', destinations: ['127.0.0.1:8080']}}]", False),
+    ],
+)
+def test_an_empty_policies_list_allows_nobody(policies: str, allowed: bool) -> None:
+    """``policies: []`` was read as no policies at all: every verified peer could reach
+    every allowed destination."""
+    from quicmesh.sidecar.config import parse_config
+    from quicmesh.sidecar.policy import allowed_nowhere
+
+    text = f"""
+node: {{name: b, identity: "{B}"}}
+tls: {{ca_dir: ca}}
+admin: {{address: "127.0.0.1:15000"}}
+listeners:
+  inbound:
+    - name: mesh
+      address: 127.0.0.1:15008
+      transports: [quic]
+      destinations: ["127.0.0.1:8080"]
+      {policies}
+"""
+    [listener] = parse_config(text, source="b.yaml").inbound
+    assert (refusal_reason(listener, A, "127.0.0.1:8080") is None) is allowed
+    assert allowed_nowhere(listener, A) is not allowed
+
+
 # -- admin, access log, metrics ----------------------------------------------------------
 
 
