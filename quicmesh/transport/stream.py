@@ -163,6 +163,8 @@ class MeshStream:
         self._high_water = high_water
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
+        self._credited_ahead = 0
+        """Bytes at the front of the buffer whose credit the peer already has."""
         self._eof_received = False
         self._eof_sent = False
         self._peer_stopped_reading = False
@@ -172,6 +174,7 @@ class MeshStream:
         self._responded = self._loop.create_future()
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters = 0
         self._closed = self._loop.create_future()
         self._spliced = False
 
@@ -248,32 +251,58 @@ class MeshStream:
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         if data:
-            self._channel.stream_data_consumed(self, len(data))
+            self._consumed(len(data))
         return data
 
     async def readexactly(self, n: int) -> bytes:
-        """Read exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` at an early EOF."""
+        """Read exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` at an early EOF.
+
+        Bytes are taken, and their credit given back to the peer, as they arrive, so
+        ``n`` may exceed the receive window. Interrupted (cancelled, or the stream
+        failed), the call leaves what it took in the stream for the next read.
+        """
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
         self.accept()
-        while len(self._buffer) < n and not self._input_over:
-            self._raise_error()
-            await self._wait_readable()
-        self._raise_error()
-        if len(self._buffer) < n:
-            partial = bytes(self._buffer)
-            self._buffer.clear()
-            self._channel.stream_data_consumed(self, len(partial))
-            raise asyncio.IncompleteReadError(partial, n)
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        self._channel.stream_data_consumed(self, n)
-        return data
+        collected = bytearray()
+        try:
+            while len(collected) < n:
+                self._raise_error()
+                if self._buffer:
+                    taken = self._buffer[: n - len(collected)]
+                    del self._buffer[: len(taken)]
+                    self._consumed(len(taken))
+                    collected += taken
+                elif self._input_over:
+                    raise asyncio.IncompleteReadError(bytes(collected), n)
+                else:
+                    await self._wait_readable()
+        except asyncio.IncompleteReadError:
+            raise
+        except BaseException:
+            self._buffer[:0] = collected
+            self._credited_ahead += len(collected)
+            raise
+        return bytes(collected)
+
+    def _consumed(self, amount: int) -> None:
+        """Give the peer credit for ``amount`` bytes taken from the buffer, less those
+        an interrupted :meth:`readexactly` put back (credited when it took them)."""
+        ahead = min(amount, self._credited_ahead)
+        self._credited_ahead -= ahead
+        if amount > ahead:
+            self._channel.stream_data_consumed(self, amount - ahead)
 
     async def _wait_readable(self) -> None:
-        self._read_waiter = self._loop.create_future()
+        if self._read_waiter is not None:
+            # As asyncio's StreamReader: which of two readers would get the bytes?
+            raise RuntimeError("a read called while another task is already reading this stream")
+        waiter = self._read_waiter = self._loop.create_future()
         try:
-            await self._read_waiter
+            await waiter
         finally:
-            self._read_waiter = None
+            if self._read_waiter is waiter:
+                self._read_waiter = None
 
     # -- writing -------------------------------------------------------------
 
@@ -339,12 +368,19 @@ class MeshStream:
             await asyncio.sleep(0)
             return
         while not self._peer_stopped_reading and self._channel.stream_unsent_bytes(self) > limit:
-            self._drain_waiter = self._loop.create_future()
-            self._channel.stream_waits_for_drain(self)
+            # One future for every task waiting here (drain() and wait_sent() from
+            # several tasks, as asyncio's StreamWriter.drain allows).
+            waiter = self._drain_waiter
+            if waiter is None or waiter.done():
+                waiter = self._drain_waiter = self._loop.create_future()
+                self._channel.stream_waits_for_drain(self)
+            self._drain_waiters += 1
             try:
-                await self._drain_waiter
+                await asyncio.shield(waiter)
             finally:
-                self._drain_waiter = None
+                self._drain_waiters -= 1
+                if not self._drain_waiters:
+                    self._drain_waiter = None
             self._raise_error()
 
     # -- splicing ------------------------------------------------------------
@@ -469,7 +505,7 @@ class MeshStream:
             self._channel.stop_stream_reading(self)
         if self._buffer:
             # Unread bytes are dropped: credit them so the connection window does not shrink.
-            self._channel.stream_data_consumed(self, len(self._buffer))
+            self._consumed(len(self._buffer))
             self._buffer.clear()
         self._wake_reader()  # a read waiting ends as at EOF
         self._maybe_closed()
@@ -543,8 +579,9 @@ class MeshStream:
             self._responded.set_result(None)
 
     def _wake_reader(self) -> None:
-        if self._read_waiter is not None and not self._read_waiter.done():
-            self._read_waiter.set_result(None)
+        waiter, self._read_waiter = self._read_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _fail(self, error: TunnelError) -> None:
         if self._error is None and not self._closed.done():

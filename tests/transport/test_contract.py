@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from quic_helpers import require_engine
+from quic_helpers import require_engine, until
 
 import quicmesh
 from quicmesh import DevCA, MeshStream, ResetReason
@@ -455,6 +455,82 @@ def test_an_answer_given_without_reading_the_upload_reaches_the_client(name: str
         stream.write_eof()
         assert await asyncio.wait_for(stream.read(), 10) == b"answered early"
         assert stream.at_eof()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_readexactly_takes_more_than_the_receive_window(name: str) -> None:
+    """``readexactly(n)`` works for any ``n``, as asyncio's does: it waited for all of
+    ``n`` in the stream's buffer, whose credit the peer only gets as bytes are read, so
+    anything above the receive window (1 MiB) hung for ever. A cancelled call leaves
+    what it took for the next read."""
+    size = 3 * 1024 * 1024 + 17
+    payload = random.Random(3).randbytes(size)
+
+    half = 2 * 1024 * 1024
+    release = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(payload[:half])
+        await release.wait()
+        stream.write(payload[half:])
+        stream.write_eof()
+        await stream.read()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        head = await stream.readexactly(10)
+        waiting = asyncio.create_task(stream.readexactly(size))  # more than there is
+        await until(lambda: stream.bytes_received == half)  # it took the first part
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        body = await stream.readexactly(size - 10 - 7)
+        with pytest.raises(asyncio.IncompleteReadError) as raised:
+            await stream.readexactly(8)
+        assert head + body + raised.value.partial == payload
+        stream.write_eof()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_second_reader_is_an_error_and_every_drain_is_woken(name: str) -> None:
+    """Two tasks waiting on one stream: the second reader replaced the first one's
+    waiter, which then hung for ever (so did the first of two drains). A second
+    concurrent read raises RuntimeError, as on asyncio's StreamReader; any number of
+    tasks may wait in drain() or wait_sent()."""
+    release = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        await release.wait()
+        stream.write(b"hello")
+        while await stream.read(65536):  # read what the client sent, to its end
+            pass
+        stream.write_eof()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        first = asyncio.create_task(stream.read(100))
+        await asyncio.sleep(0)  # the first reader is waiting
+        with pytest.raises(RuntimeError):
+            await stream.read(100)
+        release.set()
+        assert await asyncio.wait_for(first, 10) == b"hello"
+        stream.write(b"x" * (4 * 1024 * 1024))  # far above the high-water mark
+        drains = [asyncio.create_task(stream.drain()) for _ in range(2)]
+        drains.append(asyncio.create_task(stream.wait_sent()))
+        await asyncio.wait_for(asyncio.gather(*drains), 30)
+        stream.write_eof()
+        assert await stream.read() == b""
         await shutdown(listener, conn)
 
     run(main())
