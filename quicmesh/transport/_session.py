@@ -155,6 +155,9 @@ class SessionConnection(PeerConnection):
         return stream
 
     def close(self) -> None:
+        # No new stream from now on, even before the close takes effect (on QUIC, at the
+        # loop's next turn): open_stream raises ConnectionLost.
+        self._closing = True
         if self._lost is None:
             self.session.close()
             self._transmit()
@@ -393,11 +396,32 @@ class SessionConnection(PeerConnection):
             stream._on_eof()
         self._forget_if_closed(stream)
 
+    def _authorized(self, target: str) -> bool:
+        """The ``authorize`` callback's answer for our peer and ``target``. One that
+        raises refuses the stream (logged with its traceback), as a handler that raises
+        fails only its stream: it closed the whole connection, or left the stream
+        unanswered."""
+        if self._authorize is None:
+            return True
+        try:
+            return bool(self._authorize(self.peer_identity, target))
+        except Exception:
+            REFUSAL_LOG.log(
+                logging.ERROR,
+                "authorize_failed",
+                "[%s] authorize failed for %s to %s: refused",
+                self._log_id,
+                self.peer_identity,
+                target,
+                exc_info=True,
+            )
+            return False
+
     def _on_stream_requested(self, event: events.StreamRequested) -> None:
         if self._handler is None:
             self.session.respond(event.stream_id, 403, "this peer accepts no streams")
             return
-        if self._authorize is not None and not self._authorize(self.peer_identity, event.target):
+        if not self._authorized(event.target):
             REFUSAL_LOG.log(
                 logging.WARNING,
                 "unauthorized",

@@ -491,7 +491,13 @@ class MeshStream:
     # -- closing -------------------------------------------------------------
 
     def abort(self, reason: ResetReason = ResetReason.CANCELLED) -> None:
-        """Reset the stream in both directions; the peer sees an error on read."""
+        """Reset the stream in both directions; the peer sees an error on read.
+
+        :raises TypeError: ``reason`` is not a :class:`~quicmesh.ResetReason` (checked
+            before anything is reset).
+        """
+        if not isinstance(reason, ResetReason):
+            raise TypeError(f"abort() takes a ResetReason, not {type(reason).__name__}")
         if self._closed.done():
             return
         self._channel.reset_stream(self, reason)

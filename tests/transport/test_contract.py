@@ -534,3 +534,70 @@ def test_a_second_reader_is_an_error_and_every_drain_is_woken(name: str) -> None
         await shutdown(listener, conn)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_an_authorize_callback_that_raises_refuses_only_that_stream(name: str) -> None:
+    """An ``authorize`` that raises refuses the stream it was asked about (403, logged
+    with its traceback, rate-limited); the connection and its other flows carry on. It closed the
+    whole connection (native QUIC, h2) or left the stream unanswered (aioquic)."""
+
+    def authorize(identity: str, target: str) -> bool:
+        if target.startswith("bad."):
+            raise ValueError("the authorizer's bug")
+        return True
+
+    async def main() -> None:
+        listener, conn = await pair(name, echo, authorize=authorize)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"before")
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await asyncio.wait_for(conn.open_stream("bad.svc:1"), 10)
+        assert refused.value.status == 403
+        stream.write(b" and after")
+        stream.write_eof()
+        assert await stream.read() == b"before and after"
+        other = await conn.open_stream(TARGET)
+        other.write_eof()
+        assert await other.read() == b""
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_no_stream_opens_on_a_connection_closed_a_moment_ago(name: str) -> None:
+    """Right after ``close()`` a QUIC connection still took a new stream (its close
+    takes effect at the loop's next turn), which then failed with StreamReset: it is
+    ConnectionLost at once, as on the TCP-based transports."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        conn.close()
+        assert not conn.can_open_stream
+        with pytest.raises(quicmesh.ConnectionLost):
+            await conn.open_stream(TARGET)
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_abort_with_something_else_than_a_reset_reason_changes_nothing(name: str) -> None:
+    """``abort("oops")`` raised KeyError or AttributeError after taking the stream off
+    its connection, leaving it neither open nor failed (a read hung for ever): it is a
+    TypeError now, before anything is reset, and the stream works on."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        stream = await conn.open_stream(TARGET)
+        with pytest.raises(TypeError):
+            stream.abort("oops")  # type: ignore[arg-type]
+        stream.write(b"still open")
+        stream.write_eof()
+        assert await stream.read() == b"still open"
+        await shutdown(listener, conn)
+
+    run(main())

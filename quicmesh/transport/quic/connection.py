@@ -1019,7 +1019,7 @@ class QuicPeerConnection(SessionConnection):
             request = parse_connect_request(fields)
         except TunnelUsageError:
             return False  # the HTTP/3 layer answers 400, with the reason
-        if self._authorize is not None and not self._authorize(self.peer_identity, request.target):
+        if not self._authorized(request.target):
             return False  # refused (and logged) the usual way
         flow = _EngineInboundFlow(self, stream_id, request.target, request.headers)
         try:
