@@ -167,35 +167,48 @@ async def _run(config: object, path: str) -> int:
     assert isinstance(config, SidecarConfig)
     sidecar = Sidecar(config, config_path=path)
     loop = asyncio.get_running_loop()
-    # A SIGTERM during start-up (the admin answers "starting" meanwhile) drains once
-    # started, instead of killing the process with listeners half open.
-    stop_requested = False
+    # Every signal the sidecar takes is handled from before start-up (the admin answers
+    # "starting" meanwhile), so none kills the process with listeners half open: a
+    # SIGTERM drains once started, a SIGHUP reloads then, a SIGUSR1 reopens the logs then.
+    started = False
+    pending: set[str] = set()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def stop() -> None:
-        nonlocal stop_requested
-        stop_requested = True
+        pending.add("stop")
         if started:
             sidecar.begin_drain()
 
-    started = False
+    def reload() -> None:
+        if not started:
+            pending.add("reload")
+            return
+        task = loop.create_task(sidecar.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    def reopen_logs() -> None:
+        if not started:
+            pending.add("reopen")
+            return
+        sidecar.reopen_logs()
+
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
     await sidecar.start()
     started = True
     if config.xds is not None:
         from ..xds.client import AdsClient
 
         sidecar.attach_xds(AdsClient(sidecar, config.xds))
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(sidecar.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGUSR1, sidecar.reopen_logs)
-    if stop_requested:
+    if "stop" in pending:
         sidecar.begin_drain()
+    else:
+        if "reopen" in pending:
+            sidecar.reopen_logs()
+        if "reload" in pending:
+            reload()
     await sidecar.wait_drained()
     return 0
