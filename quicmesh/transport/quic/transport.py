@@ -42,6 +42,7 @@ transport (:attr:`QuicTransport.counters`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import time
@@ -379,6 +380,7 @@ class QuicTransport(Transport):
             still resumes sessions (no certificates) but rejects their 0-RTT, which
             the clients then send again in 1-RTT.
         """
+        address = await _numeric(address, listening=True)
         if self.engine.io == "socket":
             return self._listen_socket(address, handler, authorize, early_data=early_data)
         config = self.configuration(is_client=False)
@@ -452,6 +454,7 @@ class QuicTransport(Transport):
             an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
             A handshake failure then surfaces on the streams, not here.
         """
+        address = await _numeric(address, listening=False)
         if self.engine.io == "socket":
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
@@ -487,9 +490,12 @@ class QuicTransport(Transport):
         connection.connection_made(udp)
         tune_udp_socket(udp)
         connection.close_socket_when_done()
+        # The peer's address as the socket reports it on each datagram (IPv6: a
+        # 4-tuple), which aioquic matches against the path it connected on.
+        peer = udp.get_extra_info("peername") or address
         if cached is not None and cached.ticket.max_early_data_size is not None:
             try:
-                connection.connect(address)
+                connection.connect(peer)
             except OSError as exc:
                 connection.close_socket()
                 raise ConnectError(
@@ -499,7 +505,7 @@ class QuicTransport(Transport):
             loop.call_later(timeout, connection.handshake_timed_out, timeout)
             return connection
         try:
-            connection.connect(address)
+            connection.connect(peer)
             await asyncio.wait_for(asyncio.shield(connection.handshake_finished), timeout)
         except (TimeoutError, ConnectionError, OSError) as exc:
             connection.abandon()
@@ -632,3 +638,27 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
     if len(key) < 16:
         raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
     return key
+
+
+async def _numeric(address: Address, *, listening: bool) -> Address:
+    """``address`` with a host name resolved to its first IP address (an IP address is
+    kept as it is): the native engine binds and connects IP addresses only, and aioquic
+    matches a peer's datagrams against the address it connected to.
+
+    :raises ConnectError: the name does not resolve.
+    """
+    host, port = address[0], address[1]
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return address
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE if listening else 0
+        )
+    except (OSError, UnicodeError) as exc:
+        what = "listen on" if listening else "connect to"
+        raise ConnectError(f"cannot {what} {host}:{port}: cannot resolve {host!r}: {exc}") from None
+    ip, resolved_port = infos[0][4][:2]
+    return (str(ip), int(resolved_port))
