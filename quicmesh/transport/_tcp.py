@@ -649,7 +649,10 @@ async def open_connection(
     protocol: TlsTunnelProtocol | None = None
 
     def create_protocol() -> TlsTunnelProtocol:
-        return TlsTunnelProtocol(
+        nonlocal protocol
+        # Kept as soon as made: a dial given up inside create_connection() (after the
+        # TCP connect, before it returns) is abandoned too.
+        protocol = TlsTunnelProtocol(
             context=context,
             server_side=False,
             alpn=alpn,
@@ -658,10 +661,12 @@ async def open_connection(
             high_water=high_water,
             wait_for_ticket=wait_for_ticket,
         )
+        return protocol
 
     try:
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(create_protocol, host, port)
+            await loop.create_connection(create_protocol, host, port)
+            assert protocol is not None
             await asyncio.shield(protocol.ready)
     except TimeoutError:
         if protocol is not None:

@@ -8,6 +8,7 @@ functions). Synchronisation is by events and futures only, never by sleeping.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -502,3 +503,39 @@ def test_a_half_close_arriving_while_our_last_bytes_wait_still_gets_our_close_no
             await listener.wait_closed()
 
     run(main())
+
+
+def test_a_dial_cancelled_at_any_point_leaves_no_unretrieved_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flow's dial cancelled inside ``create_connection`` (after the TCP connect,
+    before it returned) was not abandoned: its reset later settled the dial's readiness
+    with an error nobody read, which asyncio logged as "Future exception was never
+    retrieved ... (it may not trust our certificate)"."""
+    import gc
+
+    async def handler(stream: MeshStream) -> None:
+        await stream.read()
+
+    async def main() -> None:
+        server = TcpTransport(identity=mesh().server, trust=mesh().ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        client = TcpTransport(identity=mesh().client, trust=mesh().ca.trust_bundle)
+        conn = await client.connect(listener.address)
+        first = await conn.open_stream("a.svc:80")  # takes the connection dialled first
+        for turns in range(40):
+            dial = asyncio.ensure_future(conn.open_stream("a.svc:80"))
+            for _ in range(turns % 10):
+                await asyncio.sleep(0)  # cancelled after a different number of steps
+            dial.cancel()
+            await asyncio.gather(dial, return_exceptions=True)
+        first.abort()
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run(main())
+        gc.collect()
+    assert "never retrieved" not in caplog.text
