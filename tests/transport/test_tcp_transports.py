@@ -8,8 +8,8 @@ functions). Synchronisation is by events and futures only, never by sleeping.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
