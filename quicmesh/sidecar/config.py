@@ -691,9 +691,21 @@ def check_files(config: SidecarConfig) -> None:
             problem = f"{target.parent} is not writable (to make {target.name})"
         elif key == "tls.ticket_cache" and (foreign := ticket_cache_problem(target)):
             problem = f"{path}: {foreign}"
+        elif key.endswith("stateless_reset_key") and (short := _short_key(target)):
+            problem = short
         else:
             continue
         raise ConfigError(f"{config.source}: {key}: {problem}")
+
+
+def _short_key(path: Path) -> str:
+    """Why the stateless reset key in ``path`` cannot be used (it is made if missing),
+    or ``""``; the transport needs at least 16 bytes."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return ""  # missing (made at start) or unreadable (said above)
+    return f"{path} is shorter than 16 bytes ({size})" if size < 16 else ""
 
 
 T = TypeVar("T")

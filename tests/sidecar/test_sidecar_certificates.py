@@ -207,6 +207,11 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
             "missing-dir/reset.key",
             "listeners.inbound[0].stateless_reset_key: no directory",
         ),
+        (
+            ("listeners", "inbound", 0, "stateless_reset_key"),
+            "short.key",
+            "short.key is shorter than 16 bytes (5)",
+        ),
         (("tls", "trust_bundle"), "missing.pem", ".yaml: tls.trust_bundle: "),
         (("tls", "key"), "missing.key", ".yaml: tls.cert, tls.key: "),
     ],
@@ -223,6 +228,7 @@ def test_bad_files_fail_check_and_start_in_one_line_naming_the_key(
     _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
     (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
     (tmp_path / "notes.txt").write_text("not a ticket cache: never to be overwritten")
+    (tmp_path / "short.key").write_bytes(b"short")  # --check said ok, the start exited 1
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
     node: Any = config
     for key in where[:-1]:
