@@ -61,10 +61,14 @@ def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
     assert tls.cert is not None and tls.key is not None and tls.trust_bundle is not None
     identity = _named(source, "tls.cert, tls.key", Identity.from_files, tls.cert, tls.key)
     trust = _named(source, "tls.trust_bundle", TrustBundle.from_file, tls.trust_bundle)
-    if identity.spiffe_id != config.node.identity:
+    try:
+        spiffe_id = identity.spiffe_id
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: tls.cert: {tls.cert}: {exc}") from None
+    if spiffe_id != config.node.identity:
         raise ConfigError(
             f"{source}: node.identity: {config.node.identity} does not match the certificate "
-            f"{tls.cert} ({identity.spiffe_id})"
+            f"{tls.cert} ({spiffe_id})"
         )
     return identity, trust
 

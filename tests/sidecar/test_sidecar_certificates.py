@@ -441,3 +441,47 @@ def test_refused_certificates_are_counted_with_the_side_at_fault(
     finally:
         codes = (a.stop(), b.stop())
     assert codes == (0, 0)
+
+
+def test_a_certificate_without_a_spiffe_id_is_named_with_its_file_and_key(tmp_path: Path) -> None:
+    """The one certificate error that named neither the configuration, nor its key, nor
+    the file: a certificate carrying no ``spiffe://`` URI SAN."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = DevCA()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-spiffe")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(minutes=5))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .sign(ca.private_key, hashes.SHA256())
+    )
+    (tmp_path / "b.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "b.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.write_config()
+    run = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    [line] = [line for line in run.stderr.splitlines() if "event loop:" not in line]
+    assert "b.yaml: tls.cert: " in line and "b.crt" in line and "no SPIFFE ID" in line, line
