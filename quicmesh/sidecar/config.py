@@ -1224,8 +1224,12 @@ class _Loader:
         if node.has("endpoints") and node.has("endpoints_file"):
             raise node.child("endpoints_file").error("give either endpoints or endpoints_file")
         if node.has("endpoints_file"):
-            endpoints_file = self.path(node.child("endpoints_file"))
-            document = load_endpoints_document(endpoints_file)
+            field = node.child("endpoints_file")
+            endpoints_file = self.path(field)
+            try:
+                document = load_endpoints_document(endpoints_file)
+            except ConfigError as exc:  # (it names the endpoints file; add where it is given)
+                raise field.error(str(exc)) from None
             endpoints, file_services = document.endpoints, document.services
         elif node.has("endpoints"):
             endpoints = tuple(e.address() for e in node.child("endpoints").items())

@@ -294,6 +294,14 @@ def test_endpoints_file(tmp_path: Path) -> None:
     (tmp_path / "eps.yaml").write_text("endpoints: [127.0.0.1:0]\n")
     with pytest.raises(ConfigError, match=r"eps.yaml: endpoints\[0\]: port 0 is outside"):
         load_endpoints_file(tmp_path / "eps.yaml")
+    # Loaded with the configuration, the error names it and the key too (it did not).
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "s.yaml")
+    assert str(raised.value).startswith(f"{tmp_path / 's.yaml'}: clusters[0].endpoints_file: ")
+    assert "eps.yaml: endpoints[0]: port 0 is outside" in str(raised.value)
+    (tmp_path / "eps.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"s.yaml: clusters\[0\].endpoints_file: .*eps.yaml"):
+        load_config(tmp_path / "s.yaml")
 
 
 def test_missing_file() -> None:
