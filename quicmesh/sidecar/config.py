@@ -708,6 +708,16 @@ def _short_key(path: Path) -> str:
     return f"{path} is shorter than 16 bytes ({size})" if size < 16 else ""
 
 
+def _distinct_addresses(host: str, other: str) -> bool:
+    """Whether two listeners on one port bind apart: two different IP addresses, neither
+    of them every address (``0.0.0.0``, ``::``). A host name may be either of them."""
+    try:
+        one, two = ipaddress.ip_address(host), ipaddress.ip_address(other)
+    except ValueError:
+        return False
+    return one != two and not one.is_unspecified and not two.is_unspecified
+
+
 T = TypeVar("T")
 
 
@@ -969,34 +979,41 @@ class _Loader:
         inbound: tuple[InboundListenerConfig, ...],
         intercept: InterceptConfig | None = None,
     ) -> None:
-        tcp_ports: dict[int, str] = {admin.address[1]: "admin.address"}
-        udp_ports: dict[int, str] = {}
+        ANY = ""  # the intercept's ports: every address
+        tcp_ports: dict[int, list[tuple[str, str]]] = {
+            admin.address[1]: [(admin.address[0], "admin.address")]
+        }
+        udp_ports: dict[int, list[tuple[str, str]]] = {}
         names: set[str] = set()
 
-        def claim(table: dict[int, str], port: int, owner: str, kind: str) -> None:
-            if port in table:
-                raise listeners.error(f"{owner}: {kind} port {port} is also used by {table[port]}")
-            table[port] = owner
+        def claim(
+            table: dict[int, list[tuple[str, str]]], address: tuple[str, int], owner: str, kind: str
+        ) -> None:
+            host, port = address
+            for other_host, other in table.get(port, []):
+                if not _distinct_addresses(host, other_host):
+                    raise listeners.error(f"{owner}: {kind} port {port} is also used by {other}")
+            table.setdefault(port, []).append((host, owner))
 
         for index, out in enumerate(outbound):
             owner = f"outbound[{index}]"
             if out.name in names:
                 raise listeners.error(f"{owner}.name: duplicate listener {out.name!r}")
             names.add(out.name)
-            claim(tcp_ports, out.address[1], owner, "TCP")
+            claim(tcp_ports, out.address, owner, "TCP")
         for index, inb in enumerate(inbound):
             owner = f"inbound[{index}]"
             if inb.name in names:
                 raise listeners.error(f"{owner}.name: duplicate listener {inb.name!r}")
             names.add(inb.name)
             if "quic" in inb.transports:
-                claim(udp_ports, inb.address[1], owner, "UDP")
+                claim(udp_ports, inb.address, owner, "UDP")
             if "h2" in inb.transports or "tcp" in inb.transports:
-                claim(tcp_ports, inb.address[1], owner, "TCP")
+                claim(tcp_ports, inb.address, owner, "TCP")
         if intercept is not None:
-            claim(tcp_ports, intercept.outbound_port, "intercept.outbound_port", "TCP")
+            claim(tcp_ports, (ANY, intercept.outbound_port), "intercept.outbound_port", "TCP")
             if intercept.inbound_port is not None:
-                claim(tcp_ports, intercept.inbound_port, "intercept.inbound_port", "TCP")
+                claim(tcp_ports, (ANY, intercept.inbound_port), "intercept.inbound_port", "TCP")
 
     def node(self, node: _Field) -> NodeConfig:
         node.only_keys({"name", "identity"})

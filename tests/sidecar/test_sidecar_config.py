@@ -571,3 +571,30 @@ def test_native_engine_loads_where_built_and_is_one_line_error_where_not(
     h2["clusters"][0]["engine"] = "native"
     del h2["listeners"]["inbound"][0]["engine"]
     assert load(h2).cluster("reviews").engine == "native"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "clash"),
+    [
+        ("127.0.0.2:25301", "127.0.0.3:25301", False),  # two addresses: both bind
+        ("127.0.0.2:25301", "[::1]:25301", False),
+        ("127.0.0.2:25301", "127.0.0.2:25301", True),
+        ("0.0.0.0:25301", "127.0.0.3:25301", True),  # every address takes it
+        ("localhost:25301", "127.0.0.3:25301", True),  # a name: maybe the same
+        ("127.0.0.2:25301", "127.0.0.2:25302", False),
+    ],
+)
+def test_listeners_share_a_port_only_on_distinct_addresses(
+    first: str, second: str, clash: bool
+) -> None:
+    """Two listeners on one port were refused whatever their addresses, though two IP
+    addresses bind apart (as Envoy allows)."""
+    document = copy.deepcopy(VALID)
+    document["listeners"]["outbound"] = [
+        {"name": "one", "address": first, "cluster": "reviews"},
+        {"name": "two", "address": second, "cluster": "reviews"},
+    ]
+    if clash:
+        assert "outbound[1]: TCP port 25301 is also used by outbound[0]" in error_of(document)
+    else:
+        assert [out.name for out in load(document).outbound] == ["one", "two"]
