@@ -598,3 +598,26 @@ def test_listeners_share_a_port_only_on_distinct_addresses(
         assert "outbound[1]: TCP port 25301 is also used by outbound[0]" in error_of(document)
     else:
         assert [out.name for out in load(document).outbound] == ["one", "two"]
+
+
+def test_the_complete_example_of_the_docs_checks_without_a_warning(tmp_path: Path) -> None:
+    """docs/config.md's "A complete example", copied as it is, passes ``--check`` with
+    nothing to warn about (it named a ticket cache, which its native cluster ignores)."""
+    import subprocess
+    import sys
+
+    from quicmesh.tls import DevCA
+
+    docs = (Path(__file__).parents[2] / "docs" / "config.md").read_text()
+    example = docs.split("## A complete example", 1)[1].split("```yaml\n", 1)[1].split("```")[0]
+    (tmp_path / "sidecar.yaml").write_text(example)
+    DevCA().save(tmp_path / "ca")
+    run = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", "sidecar.yaml", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr.lower(), run.stderr
