@@ -634,3 +634,28 @@ def test_listen_and_connect_by_host_name_and_over_ipv6(name: str, host: str) -> 
         await shutdown(listener, conn)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_transports_aclose_leaves_its_open_connections_to_their_owner(name: str) -> None:
+    """``Transport.aclose()`` stops the transport's own work; connections are closed
+    through their own objects. On the native engine it closed the client endpoint at
+    once, resetting every flow of every connection still open on it."""
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = MESH.transport(name)
+        conn = await client.connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"before")
+        await client.aclose()
+        stream.write(b" and after")
+        stream.write_eof()
+        assert await stream.read() == b"before and after"
+        other = await conn.open_stream(TARGET)
+        other.write_eof()
+        assert await other.read() == b""
+        await shutdown(listener, conn)
+
+    run(main())

@@ -2195,7 +2195,10 @@ class NativeEngine:
         return connection
 
     def close(self) -> None:
-        """Close the client endpoints (their UDP sockets and any connection left on them)."""
+        """Let go of the client endpoints: each closes (with its UDP socket) now if it
+        carries no connection, else once its last connection ends, so that connections
+        still open are closed through their own objects, as on every transport (closing
+        the endpoint at once reset them)."""
         pumps, self._clients = [*self._clients.values(), *self._retiring], {}
         self._retiring = weakref.WeakSet()
         for pump in pumps:
@@ -2205,7 +2208,8 @@ class NativeEngine:
                 pump.endpoint.close()
                 pump.closed = True
             else:
-                pump.close()
+                self._retiring.add(pump)
+                pump.retire()
 
     def accept(self, *args: Any, **kwargs: Any) -> Any:
         """Not for a socket engine: quinn accepts connections itself (:meth:`listen`)."""

@@ -290,8 +290,9 @@ class QuicTransport(Transport):
         self._socket_listeners: weakref.WeakSet[EngineListener] = weakref.WeakSet()
 
     async def aclose(self) -> None:
-        """Release the engine's own sockets (the native engine's client endpoint);
-        close the connections first."""
+        """Release the engine's own sockets (the native engine's client endpoint: now
+        if no connection is open on it, else once the last one ends; connections are
+        closed through their own objects)."""
         self.engine.close()
 
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
