@@ -239,6 +239,7 @@ class AutoTransport(Transport):
         if self.memory.is_broken(address, loop.time()):
             connection = await self.h2.connect(address, timeout=timeout)
             return self._h2_used(address, connection)
+        deadline = loop.time() + timeout  # the whole race's, as on every transport
         quic = loop.create_task(self.quic.connect(address, timeout=timeout))
         h2: asyncio.Task[PeerConnection] | None = None
         winner: PeerConnection | None = None
@@ -248,7 +249,8 @@ class AutoTransport(Transport):
             if quic.done() and quic.exception() is None:
                 winner = quic.result()
                 return self._quic_used(address, winner)
-            h2 = loop.create_task(self.h2.connect(address, timeout=timeout))
+            remaining = max(deadline - loop.time(), 0.001)
+            h2 = loop.create_task(self.h2.connect(address, timeout=remaining))
             pending: set[asyncio.Task[Any]] = {quic, h2}
             while pending:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -32,7 +32,7 @@ from ._tcp import (
     open_connection,
     start_server,
 )
-from .base import Address, Authorizer, PeerConnection, StreamHandler, Transport
+from .base import Address, Authorizer, PeerConnection, StreamHandler, Transport, host_port
 from .stream import DEFAULT_HIGH_WATER, MeshStream
 
 ALPN = "http/1.1"
@@ -67,6 +67,17 @@ class TcpPeerConnection(PeerConnection):
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    @property
+    def peer_address(self) -> str:
+        """The peer sidecar's address (every flow's connection dials it)."""
+        return host_port(self._address)
+
+    @property
+    def lost_error(self) -> TunnelError | None:
+        """None: there is no one connection to lose (a flow's own connection failing
+        fails that flow alone)."""
+        return None
 
     @property
     def active_streams(self) -> int:

@@ -244,3 +244,32 @@ def test_listen_serves_quic_and_h2_on_one_port_number() -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+def test_a_silent_peer_fails_the_race_within_the_timeout_given() -> None:
+    """``connect(timeout=...)`` bounds the whole race, as on every transport: the HTTP/2
+    attempt, started after ``fallback_delay``, had a full timeout of its own, so a peer
+    that answered neither way failed only after the timeout plus the delay."""
+    import re
+    import socket
+
+    async def main() -> None:
+        silent_tcp = socket.socket()
+        silent_tcp.bind(("127.0.0.1", 0))
+        silent_tcp.listen()  # the kernel completes TCP handshakes; nobody speaks TLS
+        port = silent_tcp.getsockname()[1]
+        silent_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent_udp.bind(("127.0.0.1", port))  # QUIC's datagrams go unanswered
+        try:
+            client = auto(fallback_delay=0.3)
+            with pytest.raises(ConnectError) as failed:
+                await client.connect(("127.0.0.1", port), timeout=1.0)
+            h2_timeout = re.search(r"HTTP/2: .* timed out after ([0-9.]+)s", str(failed.value))
+            assert h2_timeout is not None, failed.value
+            assert float(h2_timeout.group(1)) <= 0.75, failed.value  # what the race left it
+            await client.aclose()
+        finally:
+            silent_tcp.close()
+            silent_udp.close()
+
+    run(main())

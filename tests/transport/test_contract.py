@@ -659,3 +659,17 @@ def test_a_transports_aclose_leaves_its_open_connections_to_their_owner(name: st
         await shutdown(listener, conn)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_every_connection_names_its_peer_and_has_no_loss_while_open(name: str) -> None:
+    """``peer_address`` and ``lost_error`` on every transport (the tcp transport's
+    connection had an empty address and no ``lost_error``)."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        assert conn.peer_address == f"127.0.0.1:{listener.address[1]}"
+        assert conn.lost_error is None  # type: ignore[attr-defined]
+        await shutdown(listener, conn)
+
+    run(main())
