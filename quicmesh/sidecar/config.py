@@ -677,10 +677,14 @@ def check_files(config: SidecarConfig) -> None:
         (f"listeners.inbound[{i}].stateless_reset_key", listener.stateless_reset_key, os.R_OK)
         for i, listener in enumerate(config.inbound)
     ]
+    claimed: dict[Path, str] = {Path(config.source).resolve(): "the configuration itself"}
     for key, path, access in written:
         if path is None or path == "-":
             continue
         target = Path(path)
+        other = claimed.setdefault(target.resolve(), key)
+        if other != key:
+            raise ConfigError(f"{config.source}: {key}: {path} is also {other}")
         if target.is_dir():
             problem = f"{path} is a directory"
         elif not target.parent.is_dir():
@@ -773,8 +777,10 @@ class _Field:
         return self
 
     def string(self) -> str:
-        if not isinstance(self.value, str) or not self.value.strip():
+        if not isinstance(self.value, str):
             raise self.error(f"expected a non-empty string, got {_kind(self.value)}")
+        if not self.value.strip():
+            raise self.error("is empty: give a value or leave the key out")
         return self.value.strip()
 
     def name(self) -> str:

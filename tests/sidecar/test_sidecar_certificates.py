@@ -201,6 +201,8 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
         (("access_log", "path"), "missing-dir/access.log", "access_log.path: no directory"),
         (("access_log", "path"), ".", "access_log.path: "),
         (("tls", "ticket_cache"), ".", "tls.ticket_cache: "),
+        (("access_log", "path"), "b.yaml", "access_log.path: "),  # the configuration
+        (("access_log", "path"), "", "access_log.path: is empty"),
         (("tls", "ticket_cache"), "notes.txt", "tls.ticket_cache: "),
         (
             ("listeners", "inbound", 0, "stateless_reset_key"),
