@@ -29,7 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, ConnectError, PeerUnresponsive, QuicmeshError, TunnelError
+from ..errors import (
+    ConfigError,
+    ConnectError,
+    PeerUnresponsive,
+    PeerVerificationError,
+    QuicmeshError,
+    TunnelError,
+)
 from ..tls import Identity, TrustBundle
 from .base import Address, Authorizer, Listener, PeerConnection, StreamHandler, Transport
 from .h2 import H2Transport
@@ -265,8 +272,15 @@ class AutoTransport(Transport):
                         watching_quic = True
                         self._watch_late_quic(address, quic)
                     return self._h2_used(address, winner)
-            raise ConnectError(
-                f"{address[0]}:{address[1]}: QUIC: {quic.exception()}; HTTP/2: {h2.exception()}"
+            failures = (quic.exception(), h2.exception())
+            # A certificate refused either way is said as such (the same check runs on both).
+            error = (
+                PeerVerificationError
+                if any(isinstance(f, PeerVerificationError) for f in failures)
+                else ConnectError
+            )
+            raise error(
+                f"{address[0]}:{address[1]}: QUIC: {failures[0]}; HTTP/2: {failures[1]}"
             ) from None
         finally:
             if not watching_quic:

@@ -273,3 +273,23 @@ def test_a_silent_peer_fails_the_race_within_the_timeout_given() -> None:
             silent_udp.close()
 
     run(main())
+
+
+def test_a_server_certificate_refused_both_ways_is_a_peer_verification_error() -> None:
+    """When both attempts failed on the server's certificate, the race's error was a
+    plain ConnectError: a caller telling an untrusted peer from an unreachable one (as
+    on every other transport) could not."""
+    from quicmesh import DevCA, PeerVerificationError, QuicTransport
+
+    async def main() -> None:
+        peer = Peer()
+        address = await peer.start()
+        stranger = DevCA().trust_bundle  # trusts no certificate of the peer's CA
+        quic = QuicTransport(identity=CLIENT, trust=stranger, engine="aioquic")
+        client = AutoTransport(identity=CLIENT, trust=stranger, quic=quic, fallback_delay=0.1)
+        with pytest.raises(PeerVerificationError):
+            await client.connect(address, timeout=5)
+        await client.aclose()
+        await peer.close()
+
+    run(main())
