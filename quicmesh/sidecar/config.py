@@ -33,6 +33,7 @@ from ..transport.base import (
     ACK_ELICITING_THRESHOLD_MAX,
     DEFAULT_ACK_ELICITING_THRESHOLD,
     QUIC_ENGINE_NAMES,
+    STATELESS_RESET_KEY_MIN_BYTES,
     default_quic_engine,
     quic_engine_problem,
     ticket_cache_problem,
@@ -704,20 +705,22 @@ def check_files(config: SidecarConfig) -> None:
 
 def _short_key(path: Path) -> str:
     """Why the stateless reset key in ``path`` cannot be used (it is made if missing),
-    or ``""``; the transport needs at least 16 bytes."""
+    or ``""``: the length :func:`~quicmesh.transport.quic.load_stateless_reset_key`
+    checks at start."""
     try:
         size = path.stat().st_size
     except OSError:
         return ""  # missing (made at start) or unreadable (said above)
-    return f"{path} is shorter than 16 bytes ({size})" if size < 16 else ""
+    if size >= STATELESS_RESET_KEY_MIN_BYTES:
+        return ""
+    return f"{path} is shorter than {STATELESS_RESET_KEY_MIN_BYTES} bytes ({size})"
 
 
 def _distinct_addresses(host: str, other: str) -> bool:
     """Whether two listeners on one port bind apart: two different IP addresses, neither
     of them every address (``0.0.0.0``, ``::``). A host name may be either of them."""
-    try:
-        one, two = ipaddress.ip_address(host), ipaddress.ip_address(other)
-    except ValueError:
+    one, two = _ip_address(host), _ip_address(other)
+    if one is None or two is None:
         return False
     return one != two and not one.is_unspecified and not two.is_unspecified
 

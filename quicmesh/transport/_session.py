@@ -135,23 +135,22 @@ class SessionConnection(PeerConnection):
         )
         self._streams[stream_id] = stream
         self.streams_opened += 1
-        if wait_response:
-            self._schedule_transmit()
-        else:
+        if not wait_response:
             # Sent now, not at the loop's next turn: on a connection still in its
             # handshake the CONNECT goes as 0-RTT only if it leaves before the server's
             # answer is read, and uvloop runs the callbacks of waiting I/O before those
             # scheduled meanwhile (an answer that came while we were preempted).
             self._transmit()
-        if wait_response:
-            try:
-                await stream.wait_accepted()
-            except BaseException:
-                # Refused, lost, or abandoned by the caller (a timeout cancels us): a
-                # stream nobody will read must not hold its slot or its peer's
-                # destination connection, so reset it both ways (no-op once closed).
-                stream.abort()
-                raise
+            return stream
+        self._schedule_transmit()
+        try:
+            await stream.wait_accepted()
+        except BaseException:
+            # Refused, lost, or abandoned by the caller (a timeout cancels us): a
+            # stream nobody will read must not hold its slot or its peer's
+            # destination connection, so reset it both ways (no-op once closed).
+            stream.abort()
+            raise
         return stream
 
     def close(self) -> None:

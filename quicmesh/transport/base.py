@@ -414,6 +414,9 @@ but raised added latency and lowered bulk throughput in the same run
 ACK_ELICITING_THRESHOLD_MAX = 1 << 20
 """The largest ``ack_eliciting_threshold`` accepted."""
 
+STATELESS_RESET_KEY_MIN_BYTES = 16
+"""The shortest stateless reset key file a QUIC listener takes."""
+
 QUIC_ENGINE_NAMES = ("aioquic", "native")
 """The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
 

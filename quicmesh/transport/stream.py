@@ -274,15 +274,15 @@ class MeshStream:
                     self._consumed(len(taken))
                     collected += taken
                 elif self._input_over:
-                    raise asyncio.IncompleteReadError(bytes(collected), n)
+                    break
                 else:
                     await self._wait_readable()
-        except asyncio.IncompleteReadError:
-            raise
         except BaseException:
             self._buffer[:0] = collected
             self._credited_ahead += len(collected)
             raise
+        if len(collected) < n:
+            raise asyncio.IncompleteReadError(bytes(collected), n)
         return bytes(collected)
 
     def _consumed(self, amount: int) -> None:

@@ -106,6 +106,16 @@ def _pem_config(directory: Path, name: str, identity: str, **ports: int) -> dict
     }
 
 
+def _run(sidecar: SidecarProcess, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``quicmesh sidecar -c <its configuration> *extra`` as a user runs it, to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def _write_identity(directory: Path, name: str, identity: Any) -> None:
     tmp_cert, tmp_key = directory / f".{name}.crt", directory / f".{name}.key"
     identity.save(tmp_cert, tmp_key)
@@ -135,12 +145,7 @@ def test_unusable_own_certificate_refuses_ready_and_check(tmp_path: Path, case: 
     config = _pem_config(tmp_path, "b", IDENTITY_B, **ports)
     sidecar = SidecarProcess("b", config, tmp_path)
     sidecar.write_config()
-    check = subprocess.run(
-        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = _run(sidecar, "--check")
     assert check.returncode == 2
     lines = check.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "our certificate" in lines[0]
@@ -185,12 +190,7 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
     sidecar = SidecarProcess("b", config, tmp_path)
     sidecar.write_config()
-    check = subprocess.run(
-        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = _run(sidecar, "--check")
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().endswith(": ok")
 
@@ -239,12 +239,7 @@ def test_bad_files_fail_check_and_start_in_one_line_naming_the_key(
     sidecar = SidecarProcess("b", config, tmp_path)
     sidecar.write_config()
     for extra in (["--check"], []):
-        run = subprocess.run(
-            [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        run = _run(sidecar, *extra)
         lines = [line for line in run.stderr.splitlines() if "event loop:" not in line]
         assert run.returncode == 2, run.stderr
         assert len(lines) == 1 and expected in lines[0], run.stderr
@@ -478,12 +473,7 @@ def test_a_certificate_without_a_spiffe_id_is_named_with_its_file_and_key(tmp_pa
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
     sidecar = SidecarProcess("b", config, tmp_path)
     sidecar.write_config()
-    run = subprocess.run(
-        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(sidecar.config_path), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _run(sidecar, "--check")
     assert run.returncode == 2, run.stderr
     [line] = [line for line in run.stderr.splitlines() if "event loop:" not in line]
     assert "b.yaml: tls.cert: " in line and "b.crt" in line and "no SPIFFE ID" in line, line

@@ -71,6 +71,17 @@ async def pair(
     return listener, conn
 
 
+async def carries_on(conn: quicmesh.PeerConnection, stream: MeshStream) -> None:
+    """``stream``, to an echo, which wrote ``b"before"`` before some event, still carries
+    its bytes after it, and ``conn`` still opens new streams."""
+    stream.write(b" and after")
+    stream.write_eof()
+    assert await stream.read() == b"before and after"
+    other = await conn.open_stream(TARGET)
+    other.write_eof()
+    assert await other.read() == b""
+
+
 async def shutdown(listener: quicmesh.Listener, conn: quicmesh.PeerConnection) -> None:
     conn.close()
     await conn.wait_closed()
@@ -554,12 +565,7 @@ def test_an_authorize_callback_that_raises_refuses_only_that_stream(name: str) -
         with pytest.raises(quicmesh.StreamRefused) as refused:
             await asyncio.wait_for(conn.open_stream("bad.svc:1"), 10)
         assert refused.value.status == 403
-        stream.write(b" and after")
-        stream.write_eof()
-        assert await stream.read() == b"before and after"
-        other = await conn.open_stream(TARGET)
-        other.write_eof()
-        assert await other.read() == b""
+        await carries_on(conn, stream)
         await shutdown(listener, conn)
 
     run(main())
@@ -650,12 +656,7 @@ def test_a_transports_aclose_leaves_its_open_connections_to_their_owner(name: st
         stream = await conn.open_stream(TARGET)
         stream.write(b"before")
         await client.aclose()
-        stream.write(b" and after")
-        stream.write_eof()
-        assert await stream.read() == b"before and after"
-        other = await conn.open_stream(TARGET)
-        other.write_eof()
-        assert await other.read() == b""
+        await carries_on(conn, stream)
         await shutdown(listener, conn)
 
     run(main())

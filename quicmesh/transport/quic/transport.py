@@ -42,7 +42,6 @@ transport (:attr:`QuicTransport.counters`).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
 import time
@@ -62,6 +61,7 @@ from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
 from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
 from ..base import (
+    STATELESS_RESET_KEY_MIN_BYTES,
     Address,
     Authorizer,
     EngineAcceptor,
@@ -74,7 +74,7 @@ from ..base import (
 from ..liveness import LivenessConfig
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
-from .connection import QuicPeerConnection, SocketReceiver, tune_udp_socket
+from .connection import QuicPeerConnection, SocketReceiver, _is_ip_address, tune_udp_socket
 from .engine import (
     EngineError,
     EngineLimits,
@@ -636,8 +636,10 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
             ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read stateless reset key {path}: {os_error_text(exc)}") from None
-    if len(key) < 16:
-        raise ConfigError(f"stateless reset key {path} is shorter than 16 bytes")
+    if len(key) < STATELESS_RESET_KEY_MIN_BYTES:
+        raise ConfigError(
+            f"stateless reset key {path} is shorter than {STATELESS_RESET_KEY_MIN_BYTES} bytes"
+        )
     return key
 
 
@@ -649,11 +651,8 @@ async def _numeric(address: Address, *, listening: bool) -> Address:
     :raises ConnectError: the name does not resolve.
     """
     host, port = address[0], address[1]
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+    if _is_ip_address(host.split("%", 1)[0]):  # (an IPv6 zone kept as it is)
         return address
-    except ValueError:
-        pass
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE if listening else 0
