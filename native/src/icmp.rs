@@ -36,6 +36,8 @@ use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use crate::release::SocketHold;
+
 /// The errnos of an ICMP destination unreachable (port, host, network), as the aioquic engine's
 /// driver counts them (`quicmesh.transport.quic.connection.UNREACHABLE_ERRNOS`).
 pub const UNREACHABLE_ERRNOS: [i32; 4] = [
@@ -230,6 +232,7 @@ struct ErrorQueue {
     /// Wakes the watcher when a receive met a queued error (in case its wake-up was missed).
     poke: Notify,
     sink: Sink,
+    _open: SocketHold,
 }
 
 impl ErrorQueue {
@@ -263,38 +266,69 @@ impl ErrorQueue {
 /// reported (see the module documentation). Sending and receiving are quinn's own.
 pub struct ErrorQueueSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    queue: Arc<ErrorQueue>,
-    watcher: tokio::task::AbortHandle,
+    /// The error queue and its watcher, where the option could be set.
+    queue: Option<(Arc<ErrorQueue>, tokio::task::AbortHandle)>,
+    /// Counts the socket open (its descriptor and the queue's duplicate) until both are closed.
+    _open: SocketHold,
 }
 
 impl ErrorQueueSocket {
-    /// Wrap `socket` (bound) for quinn, reporting its unreachable errors to `sink`. Must run in
-    /// the tokio runtime's context. Where the option cannot be set, the socket works as before
-    /// and reports nothing.
-    pub fn wrap(socket: std::net::UdpSocket, sink: Sink) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+    /// Wrap `socket` (bound) for quinn, reporting its unreachable errors to `sink` and counted
+    /// open by `open` until closed. Must run in the tokio runtime's context. Where the option
+    /// cannot be set, the socket works as before and reports nothing.
+    pub fn wrap(
+        socket: std::net::UdpSocket,
+        sink: Sink,
+        open: SocketHold,
+    ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         let enabled = enable(&socket).is_ok();
         let duplicate = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
-        if !enabled {
-            return Ok(inner);
-        }
-        let queue = Arc::new(ErrorQueue {
-            socket: tokio::net::UdpSocket::from_std(duplicate)?,
-            poke: Notify::new(),
-            sink,
-        });
-        let watcher = tokio::spawn(Arc::clone(&queue).watch()).abort_handle();
+        let queue = if enabled {
+            let queue = Arc::new(ErrorQueue {
+                socket: tokio::net::UdpSocket::from_std(duplicate)?,
+                poke: Notify::new(),
+                sink,
+                _open: open.clone(),
+            });
+            let watcher = tokio::spawn(Arc::clone(&queue).watch()).abort_handle();
+            Some((queue, watcher))
+        } else {
+            None
+        };
         Ok(Arc::new(ErrorQueueSocket {
             inner,
             queue,
-            watcher,
+            _open: open,
         }))
+    }
+
+    fn poke(&self) {
+        if let Some((queue, _)) = &self.queue {
+            queue.poke.notify_one();
+        }
     }
 }
 
 impl Drop for ErrorQueueSocket {
     fn drop(&mut self) {
-        self.watcher.abort();
+        if let Some((_, watcher)) = &self.queue {
+            watcher.abort();
+        }
+    }
+}
+
+/// quinn's poller of the wrapped socket, holding the wrapper: the socket (which the poller
+/// holds too) is counted open for as long as quinn keeps the poller.
+#[derive(Debug)]
+struct Poller {
+    inner: Pin<Box<dyn UdpPoller>>,
+    _socket: Arc<ErrorQueueSocket>,
+}
+
+impl UdpPoller for Poller {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.get_mut().inner.as_mut().poll_writable(cx)
     }
 }
 
@@ -308,7 +342,10 @@ impl fmt::Debug for ErrorQueueSocket {
 
 impl AsyncUdpSocket for ErrorQueueSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Arc::clone(&self.inner).create_io_poller()
+        Box::pin(Poller {
+            inner: Arc::clone(&self.inner).create_io_poller(),
+            _socket: self,
+        })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
@@ -320,9 +357,11 @@ impl AsyncUdpSocket for ErrorQueueSocket {
         // with the new path's anti-amplification budget spent on the lost packet the path never
         // validated while the peer, hearing nothing, sent too little to refill it. Reading
         // SO_ERROR clears the pending error; the entry stays in the error queue for the watcher.
-        if let Ok(errno) = socket::getsockopt(&self.queue.socket, sockopt::SocketError) {
-            if errno != 0 {
-                self.queue.poke.notify_one();
+        if let Some((queue, _)) = &self.queue {
+            if let Ok(errno) = socket::getsockopt(&queue.socket, sockopt::SocketError) {
+                if errno != 0 {
+                    queue.poke.notify_one();
+                }
             }
         }
         self.inner.try_send(transmit)
@@ -339,7 +378,7 @@ impl AsyncUdpSocket for ErrorQueueSocket {
                 Poll::Ready(Err(error)) if queued_socket_error(&error) => {
                     // The entry itself waits in the error queue: the watcher reports it. Not
                     // here: quinn's endpoint state is locked while it receives.
-                    self.queue.poke.notify_one();
+                    self.poke();
                 }
                 other => return other,
             }
@@ -368,6 +407,7 @@ impl AsyncUdpSocket for ErrorQueueSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::release::OpenSockets;
     use std::net::UdpSocket;
     use std::time::{Duration, Instant};
 
@@ -470,7 +510,7 @@ mod tests {
             let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             let local = socket.local_addr().unwrap();
             let sender_socket = socket.try_clone().unwrap();
-            let wrapped = ErrorQueueSocket::wrap(socket, sink).unwrap();
+            let wrapped = ErrorQueueSocket::wrap(socket, sink, OpenSockets::new().hold()).unwrap();
             let target = closed_port();
             sender_socket.send_to(b"hello", target).unwrap();
             let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
@@ -517,7 +557,8 @@ mod tests {
         let _entered = rt.enter();
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let probe = socket.try_clone().unwrap();
-        let wrapped = ErrorQueueSocket::wrap(socket, Arc::new(|_| {})).unwrap();
+        let wrapped =
+            ErrorQueueSocket::wrap(socket, Arc::new(|_| {}), OpenSockets::new().hold()).unwrap();
         // Learn that the socket is writable once; the sends below then never wait.
         let mut poller = Arc::clone(&wrapped).create_io_poller();
         rt.block_on(std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)))

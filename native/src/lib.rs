@@ -17,6 +17,7 @@ pub mod engine;
 pub mod icmp;
 pub mod outbound;
 pub mod rebind;
+pub mod release;
 pub mod splice;
 pub mod verify;
 
@@ -42,6 +43,7 @@ use admission::{Admission, AdmissionConfig, RetryMode};
 use engine::{
     lock, runtime, Event, RecvCmd, RecvHandover, SendCmd, Shared, TcpSlot, TransportOptions,
 };
+use release::OpenSockets;
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
 /// quinn's default max_udp_payload_size: a 1500-byte Ethernet MTU less the IPv4 and UDP
@@ -349,6 +351,8 @@ struct Endpoint {
     endpoint: Mutex<Option<quinn::Endpoint>>,
     /// The socket quinn uses now (what [`Endpoint::rebind`] moves from), until closed.
     socket: Mutex<Option<Arc<dyn quinn::AsyncUdpSocket>>>,
+    /// Every socket the endpoint bound, counted until closed (`wait_released`).
+    sockets: Arc<OpenSockets>,
     wake: UnixStream,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
@@ -630,7 +634,8 @@ impl Endpoint {
             Shared::new().map_err(|e| quicmesh_error("QuicmeshError", e.to_string()))?;
         shared.set_max_bidi_streams(options.max_bidi_streams);
         shared.set_first_read(first_read);
-        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared))
+        let sockets = OpenSockets::new();
+        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared), sockets.hold())
             .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
@@ -667,6 +672,7 @@ impl Endpoint {
             shared,
             endpoint: Mutex::new(Some(endpoint)),
             socket: Mutex::new(Some(socket)),
+            sockets,
             wake,
             client_crypto,
             transport,
@@ -1461,8 +1467,9 @@ impl Endpoint {
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
-        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared))
-            .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
+        let socket =
+            icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared), self.sockets.hold())
+                .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let mut current = lock(&self.socket);
         let Some(old) = current.as_ref() else {
             return Err(quicmesh_error("ConnectError", "the endpoint is closed"));
@@ -1504,6 +1511,16 @@ impl Endpoint {
         self.shared.run_commands_now();
         self.let_go(code, reason.as_bytes());
         Ok(())
+    }
+
+    /// (after `close`) Wait, without the GIL, until every UDP socket the endpoint bound is
+    /// closed (its connections drained, [`release`]), at most `timeout` seconds: whether they
+    /// are, so the port can be bound again.
+    fn wait_released(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| config_error(format!("timeout must be seconds >= 0, not {timeout}")))?;
+        let sockets = Arc::clone(&self.sockets);
+        Ok(py.allow_threads(move || sockets.wait_closed(timeout)))
     }
 }
 

@@ -674,3 +674,34 @@ def test_every_connection_names_its_peer_and_has_no_loss_while_open(name: str) -
         await shutdown(listener, conn)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_closed_listener_s_port_is_free_once_wait_closed_returns(name: str) -> None:
+    """``wait_closed()`` returns once the listener let go of its socket, the connections
+    it closed included (QUIC: quinn and aioquic keep the socket while they drain): a
+    listener on the same port starts at once, and takes new connections."""
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=MESH.server)
+        listener, conn = await pair(name)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"before")
+        stream.write_eof()
+        assert await stream.read() == b"before"
+        listener.close()
+        await listener.wait_closed()
+        again = await server.listen(listener.address, echo)
+        assert again.address == listener.address
+        other = await MESH.transport(name).connect(again.address)
+        stream = await other.open_stream(TARGET)
+        stream.write(b"again")
+        stream.write_eof()
+        assert await stream.read() == b"again"
+        for each in (conn, other):
+            each.close()
+            await each.wait_closed()
+        again.close()
+        await again.wait_closed()
+
+    run(main())

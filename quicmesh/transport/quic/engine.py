@@ -503,6 +503,10 @@ class EngineListener(Protocol):
     def close(self) -> None:
         """Stop accepting; close the socket (connections close through their driver)."""
 
+    async def wait_released(self) -> None:
+        """(after :meth:`close`) Return once the socket is closed and its port free
+        (the engine may keep it while closed connections drain)."""
+
 
 class QuicEngine(Protocol):
     """A QUIC implementation quicmesh can run on (see the module docstring)."""

@@ -16,7 +16,6 @@ from collections import Counter
 from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
 
 from ... import _aioquic
 from ...logs import RateLimitedLog
@@ -60,6 +59,8 @@ class BatchingQuicServer(MeshQuicServer):
         self._counters = counters
         self._refusals = RateLimitedLog(logger)
         self.reader: _udp.BatchReader | None = None
+        self.socket_closed = asyncio.Event()
+        """Set once the UDP socket is closed (its port free again)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -163,6 +164,7 @@ class BatchingQuicServer(MeshQuicServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.reader is not None:
             self.reader.close()
+        self.socket_closed.set()
 
     def close(self) -> None:
         """Close every connection at once (CONNECTION_CLOSE with NO_ERROR, as aioquic's
@@ -194,6 +196,7 @@ class SocketEngineListener(Listener):
         """(shared with the transport, which gives it to each connection accepted)"""
         self.address = listener.address
         self._closed = asyncio.get_running_loop().create_future()
+        self._released: asyncio.Future[None] | None = None
 
     def set_engine_flows(self, decide: InboundDecider | None) -> bool:
         """Offer new CONNECTs to ``decide`` first, on every connection (engines that can
@@ -215,7 +218,12 @@ class SocketEngineListener(Listener):
         self._closed.set_result(None)
 
     async def wait_closed(self) -> None:
+        """Once closed: return when the port is free again (the engine may keep the
+        socket while the closed connections drain), as a TCP listener's."""
         await asyncio.shield(self._closed)
+        if self._released is None:
+            self._released = asyncio.ensure_future(self._listener.wait_released())
+        await asyncio.shield(self._released)
 
     @property
     def connections(self) -> list[QuicPeerConnection]:
@@ -227,7 +235,9 @@ class QuicListener(Listener):
     """A UDP socket accepting QUIC connections from peer sidecars."""
 
     def __init__(
-        self, server: QuicServer, protocols: weakref.WeakSet[QuicPeerConnection] | None = None
+        self,
+        server: BatchingQuicServer,
+        protocols: weakref.WeakSet[QuicPeerConnection] | None = None,
     ) -> None:
         self._server = server
         self._protocols: weakref.WeakSet[QuicPeerConnection] = (
@@ -244,7 +254,10 @@ class QuicListener(Listener):
             self._closed.set_result(None)
 
     async def wait_closed(self) -> None:
+        """Once closed: return when the socket is closed, its port free again, as a TCP
+        listener's (asyncio closes a datagram socket on its next turn)."""
         await asyncio.shield(self._closed)
+        await self._server.socket_closed.wait()
 
     @property
     def connections(self) -> list[QuicPeerConnection]:

@@ -235,6 +235,12 @@ as congestion) and the size settles near 1472 (IPv4) or 1452 (IPv6); on loopback
 to the interface MTU. The size falls back to 1200 when probes of a size stop
 arriving (quinn's black-hole detection)."""
 
+RELEASE_TIMEOUT = 10.0
+"""The longest a closed listener's ``wait_closed()`` waits for quinn to let go of its
+socket: its closed connections drain for three probe timeouts, about 1 s at most for
+one whose handshake never completed (an RTT of 333 ms assumed), well under 0.1 s on a
+LAN; far longer means something still holds the socket (logged)."""
+
 CONGESTION_NAMES = {"reno": "newreno", "newreno": "newreno", "cubic": "cubic", "bbr": "bbr"}
 """quicmesh's congestion-control names and quinn's."""
 
@@ -2025,6 +2031,7 @@ class NativeListener:
         self._counted: Counter[str] = Counter()
         self._refusals = RateLimitedLog(logger)
         self._wake = wake
+        self._closed_address: Address = ("", 0)
         pump.on_accepted = self._on_accepted
         pump.on_accept_failed = self._on_accept_failed
         pump.on_admission = self._on_admission
@@ -2104,7 +2111,24 @@ class NativeListener:
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE) and the socket."""
+        if not self._pump.closed:
+            self._closed_address = self.address
         self._pump.close()
+
+    async def wait_released(self) -> None:
+        """(after :meth:`close`) Return once quinn let go of the socket: its closed
+        connections drain first (three probe timeouts, RFC 9000 section 10.2), at most
+        :data:`RELEASE_TIMEOUT` seconds."""
+        loop = asyncio.get_running_loop()
+        released = await loop.run_in_executor(
+            None, self._pump.endpoint.wait_released, RELEASE_TIMEOUT
+        )
+        if not released:
+            logger.warning(
+                "the QUIC socket on %s:%d was still held %.0f s after it was closed",
+                *self._closed_address,
+                RELEASE_TIMEOUT,
+            )
 
 
 class NativeEngine:
