@@ -470,10 +470,16 @@ class SessionConnection(PeerConnection):
                 stream.target,
                 exc_info=True,
             )
-            if not stream.closed:
+            if stream.closed:
+                pass
+            elif stream.is_closing():
+                # Its answer was whole (half-closed) before it failed: the peer gets it;
+                # only the reading stops.
+                stream.close()
+            else:
                 try:
                     stream.refuse(500, "handler failed")
-                except TunnelError:
+                except TunnelError:  # a part of an answer went: the peer must know
                     stream.abort()
         else:
             if not stream.closed:

@@ -367,6 +367,44 @@ def test_handler_refusal_carries_status_and_reason(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_handler_that_fails_refuses_or_resets_its_stream_unless_it_had_answered(
+    name: str,
+) -> None:
+    """A handler that raises before answering: 500; after writing part of an answer: the
+    stream is reset (the peer must not take a part for the whole); after half-closing its
+    complete answer: the peer gets every byte and EOF. Other streams carry on."""
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.target.startswith("early."):
+            raise RuntimeError("before the answer")
+        stream.write(b"part")
+        await stream.drain()
+        if stream.target.startswith("whole."):
+            stream.write(b" and the rest")
+            stream.write_eof()
+            await stream.drain()
+        else:
+            await asyncio.sleep(0)  # the part is on its way
+        raise RuntimeError("after the answer")
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await conn.open_stream("early.svc:80")
+        assert refused.value.status == 500
+        stream = await conn.open_stream("whole.svc:80")
+        stream.write_eof()
+        assert await stream.read() == b"part and the rest"
+        await stream.wait_closed()
+        stream = await conn.open_stream("part.svc:80")
+        with pytest.raises(quicmesh.StreamReset):
+            await stream.read()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 @pytest.mark.parametrize("target", ["no-port", "host:0", "host:99999", "bad host:80", ""])
 def test_invalid_target_is_refused_locally(name: str, target: str) -> None:
     async def main() -> None:
