@@ -83,6 +83,7 @@ def parse_bootstrap(document: Any, *, source: str, base_dir: Path | None = None)
 
 def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig:
     from .mapping import (
+        MISSING,
         EnvoyResources,
         MappingError,
         _only,
@@ -120,9 +121,13 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     identity = _identity_of(cert, f"Secret {certificate.name!r}.tls_certificate.certificate_chain")
     mapped = map_resources(resources)
     if mapped.warming and xds is None:
-        raise MappingError(
-            f"Cluster {mapped.warming[0]!r}: an EDS cluster needs dynamic_resources (ADS)"
-        )
+        name = mapped.warming[0]
+        if name.endswith(MISSING):
+            raise MappingError(
+                f"tcp_proxy cluster {name.removesuffix(MISSING)!r}: no such cluster in "
+                "bootstrap.static_resources.clusters (and no dynamic_resources to give it)"
+            )
+        raise MappingError(f"Cluster {name!r}: an EDS cluster needs dynamic_resources (ADS)")
     check_ports(mapped, admin_address[1])
     if not mapped.outbound and not mapped.inbound and xds is None:
         raise MappingError("bootstrap.static_resources: at least one supported listener needed")

@@ -87,6 +87,11 @@ class EnvoyResources:
     secrets: dict[str, Secret] = field(default_factory=dict)
 
 
+MISSING = " (missing)"
+"""Marks, in :attr:`MappedConfig.warming`, a cluster a listener names that is not
+defined at all (CDS has not given it)."""
+
+
 @dataclass(frozen=True)
 class MappedConfig:
     """What :func:`map_resources` makes of a set of resources."""
@@ -582,7 +587,7 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
     ready_outbound = tuple(o.config for o in outbound if o.config.cluster in clusters)
     # A listener whose cluster CDS has not given waits for it, as for a warming one.
     warming += {
-        f"{o.config.cluster} (missing)"
+        f"{o.config.cluster}{MISSING}"
         for o in outbound
         if o.config.cluster not in clusters and o.config.cluster not in warming
     }

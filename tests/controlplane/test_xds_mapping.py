@@ -420,6 +420,16 @@ def test_envoy_bootstrap_with_unsupported_field_fails_in_one_line(tmp_path: Path
     assert str(path) in lines[0]
 
 
+def test_a_bootstrap_tcp_proxy_to_an_undefined_cluster_names_it(tmp_path: Path) -> None:
+    listener = outbound_listener_doc("out", 15001, "ghost", "127.0.0.1:9080")
+    path = write_bootstrap(tmp_path, listeners=[listener])
+    result = _check(path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "tcp_proxy cluster 'ghost': no such cluster in" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
