@@ -995,25 +995,28 @@ class _Loader:
         udp_ports: dict[int, list[tuple[str, str]]] = {}
         names: set[str] = set()
 
+        # Owners are named by their whole path: a clash may be between two sections.
+        document = _Field(listeners.source, "", None)
+
         def claim(
             table: dict[int, list[tuple[str, str]]], address: tuple[str, int], owner: str, kind: str
         ) -> None:
             host, port = address
             for other_host, other in table.get(port, []):
                 if not _distinct_addresses(host, other_host):
-                    raise listeners.error(f"{owner}: {kind} port {port} is also used by {other}")
+                    raise document.error(f"{owner}: {kind} port {port} is also used by {other}")
             table.setdefault(port, []).append((host, owner))
 
         for index, out in enumerate(outbound):
-            owner = f"outbound[{index}]"
+            owner = f"{listeners.path}.outbound[{index}]"
             if out.name in names:
-                raise listeners.error(f"{owner}.name: duplicate listener {out.name!r}")
+                raise document.error(f"{owner}.name: duplicate listener {out.name!r}")
             names.add(out.name)
             claim(tcp_ports, out.address, owner, "TCP")
         for index, inb in enumerate(inbound):
-            owner = f"inbound[{index}]"
+            owner = f"{listeners.path}.inbound[{index}]"
             if inb.name in names:
-                raise listeners.error(f"{owner}.name: duplicate listener {inb.name!r}")
+                raise document.error(f"{owner}.name: duplicate listener {inb.name!r}")
             names.add(inb.name)
             if "quic" in inb.transports:
                 claim(udp_ports, inb.address, owner, "UDP")

@@ -200,7 +200,7 @@ DELETE = object()
         (
             ["listeners", "outbound", 0, "address"],
             "127.0.0.1:15008",
-            "sidecar.yaml: listeners: inbound[0]: TCP port 15008 is also used by outbound[0]",
+            "sidecar.yaml: listeners.inbound[0]: TCP port 15008 is also used by listeners.outbound[0]",
         ),
         (
             ["clusters", 0, "circuit_breakers", "max_connections"],
@@ -595,7 +595,10 @@ def test_listeners_share_a_port_only_on_distinct_addresses(
         {"name": "two", "address": second, "cluster": "reviews"},
     ]
     if clash:
-        assert "outbound[1]: TCP port 25301 is also used by outbound[0]" in error_of(document)
+        assert (
+            "listeners.outbound[1]: TCP port 25301 is also used by listeners.outbound[0]"
+            in error_of(document)
+        )
     else:
         assert [out.name for out in load(document).outbound] == ["one", "two"]
 
@@ -621,3 +624,12 @@ def test_the_complete_example_of_the_docs_checks_without_a_warning(tmp_path: Pat
     )
     assert run.returncode == 0, run.stderr
     assert "warning" not in run.stderr.lower(), run.stderr
+
+
+def test_a_port_clash_between_sections_names_both_by_their_whole_path() -> None:
+    document = copy.deepcopy(VALID)
+    document["intercept"] = {"outbound_port": 15001}
+    assert error_of(document) == (
+        "sidecar.yaml: intercept.outbound_port: TCP port 15001 is also used by "
+        "listeners.outbound[0]"
+    )
