@@ -200,7 +200,8 @@ DELETE = object()
         (
             ["listeners", "outbound", 0, "address"],
             "127.0.0.1:15008",
-            "sidecar.yaml: listeners.inbound[0]: TCP port 15008 is also used by listeners.outbound[0]",
+            "sidecar.yaml: listeners.inbound[0]: TCP port 15008 is also used by "
+            "listeners.outbound[0]",
         ),
         (
             ["clusters", 0, "circuit_breakers", "max_connections"],
