@@ -16,11 +16,13 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
-from quic_helpers import client_transport, require_engine, run, server_transport
+from quic_helpers import CLIENT, client_transport, require_engine, run, server_transport
 
+import quicmesh.transport.quic.connection as quic_connection
 import quicmesh.tunnel.h3 as h3_session
 from quicmesh import DevCA, H2Transport
 from quicmesh.errors import StreamReset
+from quicmesh.logs import RateLimitedLog
 from quicmesh.transport.stream import MeshStream
 
 H3_MESSAGE_ERROR = 0x10E
@@ -136,3 +138,53 @@ def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
     assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
     echoed = b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived))
     assert echoed == b"after"
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_peer_that_breaks_http3_is_named_in_one_warning(
+    engine: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DATA before HEADERS on a request stream is a connection error (RFC 9114 4.1,
+    H3_FRAME_UNEXPECTED): the server closes the connection and says so once, naming the
+    peer, its address and what it did; its flows end with that reason (the native engine
+    said only "closed")."""
+    require_engine(engine)
+    monkeypatch.setattr(
+        quic_connection, "PEER_VIOLATION_LOG", RateLimitedLog(quic_connection.logger)
+    )
+    ended: list[BaseException] = []
+
+    async def echo(stream: MeshStream) -> None:
+        try:
+            while data := await stream.read(65536):
+                stream.write(data)
+        except StreamReset as exc:
+            ended.append(exc)
+            raise
+
+    async def main() -> None:
+        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), echo)
+        connection = await client_transport(engine="aioquic").connect(listener.address)
+        held = await connection.open_stream("x.svc:80")
+        held.write(b"before")
+        assert await asyncio.wait_for(held.read(6), 5) == b"before"
+        (accepted,) = listener.connections  # type: ignore[attr-defined]
+        quic: Any = connection.quic  # type: ignore[attr-defined]
+        quic.send_stream_data(quic.get_next_available_stream_id(), b"\x00\x03abc")
+        connection.transmit()  # type: ignore[attr-defined]
+        with pytest.raises(StreamReset, match="DATA frame is not allowed"):
+            await asyncio.wait_for(held.read(), 5)
+        await connection.wait_closed()
+        await accepted.wait_closed()  # (aioquic: once its closing period is over)
+        listener.close()
+        await listener.wait_closed()
+
+    with caplog.at_level("INFO"):
+        run(main())
+    warnings = [r.getMessage() for r in caplog.records if "broke HTTP/3" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert CLIENT.spiffe_id in warnings[0] and " at 127.0.0.1:" in warnings[0], warnings[0]
+    assert (
+        "DATA frame is not allowed" in warnings[0] and "(H3_FRAME_UNEXPECTED, 0x105)" in warnings[0]
+    )
+    assert len(ended) == 1 and "DATA frame is not allowed" in str(ended[0]), ended

@@ -57,6 +57,7 @@ from ...errors import (
     TunnelUsageError,
     os_error_text,
 )
+from ...logs import RateLimitedLog
 from ...tls import verify_peer
 from ...tls.check import handshake_failure_reason
 from ...tls.verify import check_server_certificate
@@ -1185,6 +1186,8 @@ class QuicPeerConnection(SessionConnection):
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
         reason = event.reason_phrase or f"error code {event.error_code:#x}"
+        if self._handshake_done and getattr(self.quic, "closed_by_us", False):
+            self._log_peer_violation(event.error_code, reason)
         if self._established:
             if self._handshake_done:
                 # (A socket engine reports the peer's close only here.)
@@ -1209,6 +1212,41 @@ class QuicPeerConnection(SessionConnection):
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
         if self._close_socket:
             self.close_socket()
+
+    def _log_peer_violation(self, code: int, reason: str) -> None:
+        """This side closed the connection with an HTTP/3 or QPACK error code: the
+        peer's traffic broke the protocol (RFC 9114 section 8, RFC 9204 section 6), and
+        its every stream was lost with it. One line, naming the peer and what it did."""
+        if code not in _PEER_VIOLATIONS:
+            return
+        try:
+            address = self.peer_address
+        except Exception:  # (the engine no longer knows its path)
+            address = ""
+        where = f" at {address}" if address else ""
+        PEER_VIOLATION_LOG.log(
+            logging.WARNING,
+            "peer_violation",
+            "[%s] closed the connection with %s%s: the peer broke HTTP/3: %s (%s)",
+            self.log_id,
+            self.peer_identity or "the peer",
+            where,
+            reason,
+            _PEER_VIOLATIONS[code],
+        )
+
+
+_PEER_VIOLATIONS = {
+    int(code): f"{code.name}, {int(code):#x}"
+    for code in ErrorCode
+    if code
+    not in (ErrorCode.H3_NO_ERROR, ErrorCode.H3_REQUEST_CANCELLED, ErrorCode.H3_INTERNAL_ERROR)
+}
+"""The HTTP/3 and QPACK error codes this side closes a connection with when the peer
+broke the protocol, and their names."""
+
+PEER_VIOLATION_LOG = RateLimitedLog(logger)
+"""A peer can break the protocol once per connection: logged at most once an interval."""
 
 
 class SocketReceiver(asyncio.DatagramProtocol):

@@ -818,6 +818,8 @@ class NativeConnection:
         """While the session takes in a batch of the engine's events: the streams whose
         read request for their second chunk waits two turns of the loop (:meth:`woke`)."""
         self._closed_reason: str | None = None
+        self._local_close: tuple[int, str] | None = None
+        """The code and reason of this side's :meth:`close`, if it closed first."""
         self._early = False
         self._early_log: dict[int, list[tuple[bytes, bool]]] | None = None
         """(client, 0-RTT) What each stream opened before the server answered was
@@ -929,6 +931,7 @@ class NativeConnection:
             # once): its close event follows. Reporting the handshake now would
             # show it without the peer's chain, as if resumed with no identity.
             return
+        self.active_path()  # remembered: the peer's address is still told once closed
         certificate, _ = self.peer_certificate()
         if certificate is not None and self.on_verified is not None:
             identity = spiffe_id_of(certificate)
@@ -958,6 +961,10 @@ class NativeConnection:
         if kind == "verification":
             self._events.append(PeerCertificateRefused(message))
         code = CRYPTO_ERROR_BAD_CERTIFICATE if kind in ("verification", "peer_refused") else 0
+        if kind == "locally_closed" and self._local_close is not None:
+            # quinn says only "closed": our close's code and reason are what happened.
+            code, reason = self._local_close
+            message = reason or message
         self._events.append(
             quic_events.ConnectionTerminated(
                 error_code=code, frame_type=None, reason_phrase=message
@@ -1699,8 +1706,16 @@ class NativeConnection:
             return
         if self._closed_reason is not None:
             return
+        if self._local_close is None:
+            self._local_close = (error_code, reason_phrase)
         with contextlib.suppress(QuicmeshError):
             self._native.close_connection(self.conn, error_code, reason_phrase)
+
+    @property
+    def closed_by_us(self) -> bool:
+        """Whether this side closed the connection (:meth:`close`), not the peer or quinn
+        (as the aioquic engine's connection says)."""
+        return self._local_close is not None
 
     def send_ping(self, uid: int) -> None:
         """Have quinn send an ack-eliciting packet now (the driver's probe after an
@@ -1846,11 +1861,14 @@ class NativeConnection:
 
     def active_path(self) -> tuple[Any, bool] | None:
         """The peer's address (quinn validates paths before using them); a server's as of
-        the last path sample (``PathWatch``, every 50 ms: it moves with the path events)."""
-        if self.conn < 0 or self._closed_reason is not None:
+        the last path sample (``PathWatch``, every 50 ms: it moves with the path events);
+        once closed, the last one known (as aioquic's)."""
+        if self.conn < 0:
             return None
         if self._remote is not None:
             return self._remote, True
+        if self._closed_reason is not None:
+            return None
         try:
             host, port = self._native.remote_address(self.conn)
         except QuicmeshError:  # gone
