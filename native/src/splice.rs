@@ -912,17 +912,25 @@ pub async fn connect_and_run(
         timeout,
         answer,
     } = destination;
+    // The receiving half first: while the engine connects, the peer resetting the stream (it
+    // gave the flow up) ends the connect at once, as on the Python path (`h3.py` `_on_reset`),
+    // rather than holding the destination's slot and answering a stream nobody waits on.
+    let mut given = match recv {
+        Some(handover) => handover.await.ok(),
+        None => None,
+    };
     let connecting = tokio::time::timeout(timeout, socket.connect(address));
     let outcome = tokio::select! {
         connected = connecting => Ok(connected),
-        code = &mut abort => Err(code.unwrap_or(H3_REQUEST_CANCELLED)),
+        code = &mut abort => Err(Failure::Aborted(code.unwrap_or(H3_REQUEST_CANCELLED))),
+        code = peer_reset(&mut given) => Err(Failure::PeerReset(code)),
     };
     let (id, conn, stream) = (spec.id, spec.conn, spec.stream);
     // An abort that came with the connect's failure (in the same poll) is still an abort
     // (only then: a receiver that gave its value is not asked again).
     let outcome = match outcome {
-        Ok(failed @ (Ok(Err(_)) | Err(_))) => match abort.try_recv() {
-            Ok(code) => Err(code),
+        Ok(failed @ Ok(Err(_))) | Ok(failed @ Err(_)) => match abort.try_recv() {
+            Ok(code) => Err(Failure::Aborted(code)),
             Err(_) => Ok(failed),
         },
         other => other,
@@ -936,6 +944,11 @@ pub async fn connect_and_run(
             let send = (shared.command_send(conn, stream, SendCmd::Write(answer))
                 && shared.command_send(conn, stream, SendCmd::Handover(send_to)))
             .then_some(send_from);
+            let recv = given.map(|given| {
+                let (recv_to, recv_from) = oneshot::channel();
+                let _ = recv_to.send(given);
+                recv_from
+            });
             run(shared, spec, held, tcp, connection, send, recv, abort).await;
             return;
         }
@@ -949,15 +962,21 @@ pub async fn connect_and_run(
             rustix::io::Errno::TIMEDOUT.raw_os_error(),
             "timed out".to_owned(),
         )),
-        Err(code) => Err(code),
+        Err(failure) => Err(failure),
     };
-    let stop = match unconnected {
+    let stop = match &unconnected {
         Ok(_) => H3_NO_ERROR,
-        Err(code) => code,
+        // The peer's reset is answered with a cancel (RFC 9114 section 4.1.1).
+        Err(Failure::PeerReset(_)) => H3_REQUEST_CANCELLED,
+        Err(failure) => failure.code(),
     };
     let stop = VarInt::from_u64(stop).unwrap_or(VarInt::from_u32(0x10c));
-    if let Some(handover) = recv {
-        stop_when_given(handover, stop).await;
+    if let Some(RecvHandover {
+        recv: Some(mut recv),
+        ..
+    }) = given
+    {
+        let _ = recv.stop(stop);
     }
     lock(&shared.splices).remove(&id);
     match unconnected {
@@ -968,7 +987,7 @@ pub async fn connect_and_run(
             errno,
             message,
         }),
-        Err(code) => {
+        Err(failure) => {
             shared.command_send(conn, stream, SendCmd::Reset(stop));
             shared.push(Event::Spliced {
                 id,
@@ -976,11 +995,30 @@ pub async fn connect_and_run(
                 stream,
                 sent: 0,
                 received: 0,
-                error: Failure::Aborted(code).describe(stream),
-                code,
+                error: failure.describe(stream),
+                code: failure.code(),
                 connected: false,
             });
         }
+    }
+}
+
+/// (splicing, while connecting) The code of the peer's reset of the stream's receiving half,
+/// once it comes (already, if it came before the half was handed over); never without the
+/// half, or once the half can no longer be reset (finished and read, stopped).
+async fn peer_reset(given: &mut Option<RecvHandover>) -> u64 {
+    match given {
+        Some(RecvHandover {
+            end: Some(RecvEnd::Reset(code)),
+            ..
+        }) => *code,
+        Some(RecvHandover {
+            recv: Some(recv), ..
+        }) => match recv.received_reset().await {
+            Ok(Some(code)) => code.into_inner(),
+            _ => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
     }
 }
 

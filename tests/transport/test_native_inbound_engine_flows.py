@@ -10,6 +10,7 @@ sees that status and reason; an abort resets both sides.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -169,6 +170,37 @@ def test_an_aborted_flow_is_reset_on_both_sides() -> None:
         assert isinstance(outcome, SpliceOutcome) and "aborted" in outcome.error
 
     run(to_echo(test))
+
+
+def test_a_peer_reset_while_the_engine_connects_ends_the_flow_at_once() -> None:
+    """The peer gives a flow up (RESET_STREAM) while the engine is still connecting to
+    the destination (here one whose accept queue is full: the connect hangs): the flow
+    ends as reset by the peer, unanswered, instead of holding the destination's slot
+    until the connect timed out and answering a stream nobody waits on (502)."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = socket.create_connection(full.getsockname())  # fills the accept queue
+        decider = Decider(full.getsockname()[1])
+
+        async def test(connection: Any, handled: list[MeshStream]) -> None:
+            stream = await connection.open_stream("10.1.2.3:80", wait_response=False)
+            await until(lambda: len(decider.flows) == 1, 10)
+            quic: Any = connection.quic
+            quic.reset_stream(stream.stream_id, 0x10C)
+            connection.h3_session.scheduler.activate(stream.stream_id)  # RESET_STREAM alone
+            connection.transmit()
+            await until(lambda: len(decider.ended) == 1, 10)
+            (outcome,) = decider.ended
+            assert isinstance(outcome, SpliceOutcome), outcome
+            assert not outcome.connected
+            assert "reset by peer (error code 0x10c)" in outcome.error
+            assert not handled
+
+        try:
+            run(with_decider(decider, test, client_engine="aioquic"))
+        finally:
+            queued.close()
 
 
 CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.1.2.3:80"), (b"x-a", b"b")]
