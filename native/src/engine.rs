@@ -68,9 +68,11 @@ thread_local! {
 }
 
 /// Write the wake-up byte Python's event loop watches for.
-fn wake_reader(wake: &UnixStream) {
+fn wake_reader(wake: &Mutex<Option<UnixStream>>) {
     // A full socket buffer means a wake-up byte is already pending: nothing is lost.
-    let _ = (&*wake).write(&[1]);
+    if let Some(wake) = lock(wake).as_ref() {
+        let _ = (&*wake).write(&[1]);
+    }
 }
 
 /// Lock a mutex, also when a panicking task poisoned it (the data stays consistent: every
@@ -622,7 +624,7 @@ pub enum TcpSlot {
 #[derive(Debug)]
 pub struct Shared {
     events: Arc<Mutex<Vec<Event>>>,
-    wake: Arc<UnixStream>,
+    wake: Arc<Mutex<Option<UnixStream>>>,
     pub connections: Mutex<HashMap<u64, Connection>>,
     pub streams: Mutex<HashMap<(u64, u64), StreamHandles>>,
     /// Spliced flows by splice ID: where an abort from Python goes, and what each holds
@@ -666,7 +668,7 @@ impl Shared {
         writer.set_nonblocking(true)?;
         let shared = Shared {
             events: Arc::default(),
-            wake: Arc::new(writer),
+            wake: Arc::new(Mutex::new(Some(writer))),
             connections: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             splices: Mutex::new(HashMap::new()),
@@ -683,6 +685,12 @@ impl Shared {
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
+    }
+
+    /// Close the writing end of the wake-up socket pair (the endpoint is closed: Python no
+    /// longer watches it); events are still queued for `drain`.
+    pub fn close_wake(&self) {
+        lock(&self.wake).take();
     }
 
     /// Give a command to a stream's sending task; false when that half is gone (finished,

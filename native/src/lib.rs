@@ -353,7 +353,8 @@ struct Endpoint {
     socket: Mutex<Option<Arc<dyn quinn::AsyncUdpSocket>>>,
     /// Every socket the endpoint bound, counted until closed (`wait_released`).
     sockets: Arc<OpenSockets>,
-    wake: UnixStream,
+    /// The reading end of the wake-up socket pair, until closed.
+    wake: Mutex<Option<UnixStream>>,
     client_crypto: Arc<ClientCrypto>,
     transport: Arc<quinn::TransportConfig>,
     options: TransportOptions,
@@ -673,7 +674,7 @@ impl Endpoint {
             endpoint: Mutex::new(Some(endpoint)),
             socket: Mutex::new(Some(socket)),
             sockets,
-            wake,
+            wake: Mutex::new(Some(wake)),
             client_crypto,
             transport,
             options,
@@ -716,15 +717,20 @@ impl Endpoint {
         self.admission.as_ref().map_or(0, |a| a.half_open())
     }
 
-    /// The file descriptor that turns readable when events are waiting (for `add_reader`).
+    /// The file descriptor that turns readable when events are waiting (for `add_reader`);
+    /// -1 once the endpoint is closed.
     fn fileno(&self) -> i32 {
-        self.wake.as_raw_fd()
+        lock(&self.wake)
+            .as_ref()
+            .map_or(-1, |wake| wake.as_raw_fd())
     }
 
     /// Take every waiting event, as tuples whose first item names the event.
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let mut sink = [0u8; 256];
-        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        if let Some(wake) = lock(&self.wake).as_ref() {
+            let mut sink = [0u8; 256];
+            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+        }
         let events = self.shared.take_events();
         let items = events
             .into_iter()
@@ -1539,6 +1545,10 @@ impl Endpoint {
             endpoint.close(code, reason);
         }
         lock(&self.socket).take();
+        // The wake-up pair too (Python stopped watching it first): a closed endpoint, kept
+        // by a caller long after, holds no descriptor.
+        lock(&self.wake).take();
+        self.shared.close_wake();
     }
 
     fn connection(&self, conn: u64) -> PyResult<quinn::Connection> {

@@ -222,8 +222,8 @@ class NativeEndpoint:
         if self._closed:
             return
         self._closed = True
+        self._loop.remove_reader(self._fd)  # before the endpoint closes the descriptor
         self._endpoint.close()
-        self._loop.remove_reader(self._fd)
         self._on_events()  # what is already queued (closes) still reaches its owners
         for connection in list(self._connections.values()):
             connection._lost(ConnectionLost("the endpoint was closed"))

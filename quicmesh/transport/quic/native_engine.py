@@ -488,7 +488,9 @@ class _Pump:
         """(client) The identity and trust its key names by ``id()``, kept alive so that
         no later object can take those ids while the endpoint is in use."""
         loop.add_reader(self._fd, self.pump)
-        weakref.finalize(self, _remove_reader, loop, self._fd)
+        self._unwatch = weakref.finalize(self, _remove_reader, loop, self._fd)
+        """Stops watching the endpoint's descriptor (once: at :meth:`close`, which closes
+        it, else when the pump is collected)."""
 
     @property
     def commands(self) -> Any:
@@ -643,6 +645,7 @@ class _Pump:
         for splice_id in list(self.splices):
             with contextlib.suppress(QuicmeshError):
                 self.endpoint.splice_abort(splice_id, H3_REQUEST_CANCELLED_CODE)
+        self._unwatch()  # before the endpoint closes the descriptor (its number is reused)
         self.endpoint.close()
         self.pump()  # the closes already queued reach their connections
         for waiter in self.splices.values():
@@ -654,7 +657,6 @@ class _Pump:
             if not connecting.done():
                 connecting.set_result((errno.ECONNABORTED, "the endpoint was closed"))
         self.tcp_connects.clear()
-        _remove_reader(self.loop, self._fd)
         left = [*self.connections.values(), *self.connecting.values()]
         self.connections.clear()
         self.connecting.clear()
