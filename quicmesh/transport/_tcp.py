@@ -486,8 +486,14 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if error is not None:
             self.ready.set_exception(error)
         elif self.session is not None and self.session.ready:
+            if not self._wait_for_ticket:
+                self.ready.set_result(None)
+                return
+            # Read only when a ticket is awaited (a peer connection's first dial): on
+            # CPython before 3.12.7 each read of SSLObject.session leaks a copy of the
+            # session (python/cpython#116810), about 6 KB, once per flow before this check.
             ssl_session = self._ssl.session
-            if not self._wait_for_ticket or (ssl_session is not None and ssl_session.has_ticket):
+            if ssl_session is not None and ssl_session.has_ticket:
                 self.ready.set_result(None)
 
     def _tls_error(self, exc: ssl.SSLError) -> TunnelError:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -539,3 +540,52 @@ def test_a_dial_cancelled_at_any_point_leaves_no_unretrieved_error(
         run(main())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("make", [TcpTransport, H2Transport], ids=["tcp", "h2"])
+def test_a_new_flow_reads_no_tls_session(make: TransportFactory, monkeypatch: Any) -> None:
+    """Reading ``SSLObject.session`` leaks a copy of the session on CPython before 3.12.7
+    (python/cpython#116810, about 6 KB): read once per flow, memory grew without bound.
+    Only a TCP peer connection's first dial, which waits for its session ticket, reads it;
+    not the dial of each flow, nor an HTTP/2 connection's."""
+    reads: list[ssl.SSLObject] = []
+    session = ssl.SSLObject.session
+
+    def counted(self: ssl.SSLObject) -> Any:
+        reads.append(self)
+        return session.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(ssl.SSLObject, "session", property(counted, session.fset))
+
+    async def echo(stream: MeshStream) -> None:
+        stream.write(await stream.read())
+        stream.write_eof()
+
+    async def flow(conn: PeerConnection) -> None:
+        stream = await conn.open_stream("x.svc:80")
+        stream.write(b"ping")
+        stream.write_eof()
+        assert await stream.read() == b"ping"
+
+    async def main() -> None:
+        m = mesh()
+        server = make(identity=m.server, trust=m.ca.trust_bundle)
+        client = make(identity=m.client, trust=m.ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        conn = await client.connect(listener.address)
+        first_dial = len(reads)
+        for _ in range(10):
+            await flow(conn)  # tcp: a connection of its own each
+        for _ in range(10):
+            other = await client.connect(listener.address)
+            await flow(other)
+            other.close()
+            await other.wait_closed()
+        per_connect = (len(reads) - first_dial) / 10
+        assert per_connect == (first_dial if make is TcpTransport else 0)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
