@@ -26,6 +26,7 @@ from test_aioquic_layer import Clock, _raw_h3_client, _request, _status, settle
 from quicmesh import _aioquic
 from quicmesh.bench.attack import QPACK_TABLE_CAPACITY, qpack_bomb, qpack_bomb_block
 from quicmesh.tunnel import events
+from quicmesh.tunnel import h3 as h3_session
 from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE
 from quicmesh.tunnel.qpack import FieldSectionBound
 
@@ -120,6 +121,34 @@ def test_bound_of_the_bomb_is_its_decoded_size() -> None:
     # No Huffman coding: only the two static-table fields are counted pessimistically.
     assert exact <= bound.section_size(small_block) <= exact + 256
     assert bound.section_size(block) > 60000 * (6 + 3900 + 32) > 3000 * MAX_FIELD_SECTION_SIZE
+
+
+def test_unfinished_headers_of_many_streams_are_bounded_per_connection() -> None:
+    """A peer that starts a large HEADERS frame on many streams and never finishes them
+    held up to 64 KiB on each (8 MiB a connection), counted by no limit: past 256 KiB
+    on the connection, the stream that would add more is refused (431), and the
+    connection carries on."""
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    assert server.session is not None
+    announced = b"\x01" + (0x80000000 | 61_000).to_bytes(4, "big")  # HEADERS, 61,000 bytes
+    started = []
+    for _ in range(40):
+        stream_id = client.quic.get_next_available_stream_id()
+        client.quic.send_stream_data(stream_id, announced + b"\x00" * 8_000)
+        started.append(stream_id)
+    settle(client, server, clock)
+    rejected = {e.stream_id: e for e in server.of(events.RequestRejected)}
+    assert rejected and set(rejected) < set(started)
+    assert all(e.status == 431 for e in rejected.values())
+    assert all("unfinished request headers" in e.reason for e in rejected.values())
+    held = sum(server.session.flow_control.delivered_bytes(s) for s in started if s not in rejected)
+    assert held <= h3_session.MAX_HEADER_CONNECTION_BYTES
+    assert held > h3_session.MAX_HEADER_CONNECTION_BYTES - 2 * 8_005  # (not refused early)
+    after = _request(client, [(b":method", b"CONNECT"), (b":authority", b"db.svc:5432")])
+    settle(client, server, clock)
+    assert _status(client, after) == "200"
+    assert not server.of(quic_events.ConnectionTerminated)
 
 
 def test_bombs_over_a_real_connection_do_not_stall_other_flows() -> None:

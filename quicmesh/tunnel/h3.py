@@ -40,6 +40,15 @@ if TYPE_CHECKING:
 MAX_HEADER_STREAM_BYTES = 64 * 1024
 """Bytes a request stream may carry before its HEADERS frame is complete."""
 
+MAX_HEADER_CONNECTION_BYTES = 256 * 1024
+"""Bytes all of a connection's request streams may hold together before their HEADERS
+frames are complete: without it a peer pins ``MAX_HEADER_STREAM_BYTES`` on each of its
+streams (8 MiB a connection at 128 streams), counted by no buffer limit."""
+
+_HEADER_BYTES_UNCHECKED = 4096
+"""A stream's unfinished header bytes up to which the connection's total is not summed
+(a CONNECT as quicmesh sends one is a few hundred bytes)."""
+
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 
@@ -223,6 +232,14 @@ class H3TunnelSession(TunnelSession):
             pending = self.flow_control.delivered_bytes(stream_id) + len(event.data)
             if pending > MAX_HEADER_STREAM_BYTES:
                 return self._reject_oversized(stream_id)
+            if pending > _HEADER_BYTES_UNCHECKED:
+                held = pending + self._unfinished_header_bytes(but=stream_id)
+                if held > MAX_HEADER_CONNECTION_BYTES:
+                    return self._reject_oversized(
+                        stream_id,
+                        f"unfinished request headers hold {held} bytes on the connection "
+                        f"(at most {MAX_HEADER_CONNECTION_BYTES})",
+                    )
         try:
             h3_events_ = self.h3.handle_event(event)
         except _aioquic.FieldSectionTooLarge as exc:
@@ -235,6 +252,16 @@ class H3TunnelSession(TunnelSession):
         payload = sum(len(e.data) for e in result if isinstance(e, events.DataReceived))
         self.flow_control.delivered(stream_id, len(event.data), payload)
         return result
+
+    def _unfinished_header_bytes(self, *, but: int) -> int:
+        """Bytes the connection's other request streams delivered before their HEADERS
+        frames were complete (all of them header bytes, held by the HTTP/3 layer)."""
+        delivered = self.flow_control.delivered_bytes
+        return sum(
+            delivered(other)
+            for other, record in self._streams.items()
+            if other != but and not (record.headers_done or record.aborted or record.refused)
+        )
 
     def _reject_oversized(
         self, stream_id: int, why: str = "request header section too large"
