@@ -77,11 +77,14 @@ from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
 from aioquic.h3.connection import (
     CONNECTION_SPECIFIC_HEADERS,
+    ClosedCriticalStream,
     ErrorCode,
     FrameType,
     H3Connection,
+    H3Stream,
     MessageError,
     Setting,
+    StreamType,
     encode_frame,
     validate_request_headers,
 )
@@ -165,6 +168,9 @@ class _BoundedDecoder:
         return self._decoder.cancel_stream(stream_id)
 
 
+_QPACK_STREAM_TYPES = (StreamType.QPACK_ENCODER, StreamType.QPACK_DECODER)
+
+
 class MeshH3Connection(H3Connection):
     """aioquic's HTTP/3 connection announcing no QPACK blocked streams, with a limit
     on decoded header sections.
@@ -206,9 +212,23 @@ class MeshH3Connection(H3Connection):
         )
         super()._init_connection()
 
+    def _receive_stream_data_uni(
+        self, stream: H3Stream, data: bytes, stream_ended: bool
+    ) -> list[H3Event]:
+        """aioquic's, and a QPACK encoder or decoder stream the peer closes is a
+        connection error, as its control stream is (RFC 9204 4.2: H3_CLOSED_CRITICAL_STREAM;
+        aioquic let the stream end)."""
+        result = super()._receive_stream_data_uni(stream, data, stream_ended)
+        if stream_ended and stream.stream_type in _QPACK_STREAM_TYPES:
+            raise ClosedCriticalStream("Closing a QPACK encoder or decoder stream is not allowed")
+        return result
+
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
         settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section_size
+        # aioquic announces extended CONNECT (RFC 9220), which quicmesh refuses (400):
+        # not announced, so that no peer takes it as offered.
+        settings.pop(Setting.ENABLE_CONNECT_PROTOCOL, None)
         return settings
 
     def _receive_request_or_push_data(

@@ -50,6 +50,7 @@ METHODS: list[tuple[Any, str, list[str]]] = [
     (H3Connection, "_init_connection", []),
     (H3Connection, "_get_local_settings", []),
     (H3Connection, "_receive_request_or_push_data", ["stream", "data", "stream_ended"]),
+    (H3Connection, "_receive_stream_data_uni", ["stream", "data", "stream_ended"]),
     (asyncio_server, "_encode_invalid_token_close", ["version", "source_cid", "destination_cid"]),
     (asyncio_server.QuicServer, "_connection_id_issued", ["cid", "protocol"]),
     (asyncio_server.QuicServer, "_connection_id_retired", ["cid", "protocol"]),
@@ -90,7 +91,7 @@ STREAM_ATTRIBUTES = {
                "max_stream_data_local_sent"],
 }  # fmt: skip
 
-H3_STREAM_ATTRIBUTES = ["buffer", "frame_type", "frame_size"]
+H3_STREAM_ATTRIBUTES = ["buffer", "frame_type", "frame_size", "stream_type"]
 """An H3Stream's parser state, read when a stream is handed to the native engine's splice."""
 
 MODULE_ATTRIBUTES = [(congestion_base, "_factories"), (H3Connection, "_init_connection")]

@@ -37,6 +37,8 @@ def test_bomb_is_refused_undecoded_and_the_connection_carries_on() -> None:
     assert client.h3 is not None
     settings_sent = client.h3._received_settings or {}
     assert settings_sent.get(Setting.MAX_FIELD_SECTION_SIZE) == MAX_FIELD_SECTION_SIZE
+    # Extended CONNECT (RFC 9220) is refused, so not announced (aioquic announced it).
+    assert settings_sent.get(Setting.ENABLE_CONNECT_PROTOCOL) is None
     insert, frame = qpack_bomb()
     client.quic.send_stream_data(client.h3._local_encoder_stream_id, insert)
     bombs = []
@@ -221,3 +223,22 @@ def test_a_bomb_is_refused_however_its_prefix_is_padded(pad: int) -> None:
     # A short block the bound cannot read goes to pylsqpack, the judge of what is malformed.
     with pytest.raises(pylsqpack.DecompressionFailed):
         decoder.feed_header(4, _padded(b"\x00", 10) + bytes([0xC0 | 58]))
+
+
+@pytest.mark.parametrize("which", ["encoder", "decoder", "control"])
+def test_a_peer_closing_a_critical_stream_closes_the_connection(which: str) -> None:
+    """RFC 9114 6.2.1 and RFC 9204 4.2: the peer ending its control, QPACK encoder or
+    QPACK decoder stream is a connection error H3_CLOSED_CRITICAL_STREAM (aioquic let a
+    QPACK stream end)."""
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    assert client.h3 is not None
+    stream_id = {
+        "encoder": client.h3._local_encoder_stream_id,
+        "decoder": client.h3._local_decoder_stream_id,
+        "control": client.h3._local_control_stream_id,
+    }[which]
+    client.quic.send_stream_data(stream_id, b"", end_stream=True)
+    settle(client, server, clock)
+    closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
+    assert closed is not None and closed.error_code == H3ErrorCode.H3_CLOSED_CRITICAL_STREAM

@@ -150,7 +150,8 @@ class H3TunnelSession(TunnelSession):
         self.quic: Any = quic
         self.max_field_section_size = max_field_section_size
         self.sections_refused = 0
-        """Header sections refused, undecoded, for their decoded size."""
+        """Header sections refused, undecoded: for their decoded size, or for the bytes
+        the connection's unfinished ones would hold."""
         self._aioquic = isinstance(quic, QuicConnection)
         self.flow_control: _aioquic.ReadDrivenFlowControl | EngineFlowControl
         self.scheduler: _aioquic.ActiveStreamScheduler | _EngineScheduler
@@ -235,6 +236,7 @@ class H3TunnelSession(TunnelSession):
             if pending > _HEADER_BYTES_UNCHECKED:
                 held = pending + self._unfinished_header_bytes(but=stream_id)
                 if held > MAX_HEADER_CONNECTION_BYTES:
+                    self.sections_refused += 1
                     return self._reject_oversized(
                         stream_id,
                         f"unfinished request headers hold {held} bytes on the connection "
