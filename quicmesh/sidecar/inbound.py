@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
 from ..errors import QuicmeshError, TunnelError
 from ..logs import RateLimitedLog
@@ -57,6 +57,8 @@ MAX_REMEMBERED_REFUSALS = 4096
 
 OVERLOAD_SAMPLE_INTERVAL = 1.0
 """Seconds between two samples of memory and descriptors (:mod:`.overload`)."""
+
+_Made = TypeVar("_Made")
 
 REFUSAL_LOG = RateLimitedLog(logger)
 """Streams refused by policy: a peer can send them at will, so one line per 10 s
@@ -633,13 +635,20 @@ class InboundListener:
                 # woken between the connect and the splice); else it connects for the splice.
                 result = await self._connect_and_splice(stream, host, port, config)
                 if result is None:
-                    engine_socket = await stream.connect_for_splice(
-                        host, port, config.connect_timeout
+                    engine_socket = await _unless_given_up(
+                        stream,
+                        stream.connect_for_splice(host, port, config.connect_timeout),
+                        lambda made: made.close() if made is not None else None,
                     )
             if result is None and engine_socket is None:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), config.connect_timeout
+                reader, writer = await _unless_given_up(
+                    stream,
+                    asyncio.wait_for(asyncio.open_connection(host, port), config.connect_timeout),
+                    lambda made: made[1].close(),
                 )
+        except _GivenUp as given_up:
+            record.outcome, record.reason = Outcome.RESET, str(given_up.error)
+            return
         except (OSError, TimeoutError) as exc:
             record.outcome = Outcome.UNREACHABLE
             record.reason = _unreachable(stream.target, exc, config.connect_timeout)
@@ -697,6 +706,47 @@ class InboundListener:
 async def _aclose(connection: PeerConnection, timeout: float) -> None:
     with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
         await asyncio.wait_for(connection.aclose(timeout), timeout + ACK_TIMEOUT)
+
+
+class _GivenUp(Exception):
+    """The flow failed (the peer reset it, its connection went) while its destination
+    was being connected."""
+
+    def __init__(self, error: TunnelError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _unless_given_up(
+    stream: MeshStream, connect: Awaitable[_Made], discard: Callable[[_Made], None]
+) -> _Made:
+    """``connect`` (to the flow's destination), abandoned if the flow fails first, as
+    the native engine's own connects are: the destination's connection is not held, nor
+    the flow answered 502, for a flow nobody waits on. A connection made as the flow
+    failed goes to ``discard``.
+
+    :raises _GivenUp: the flow failed first (its error).
+    """
+    connecting = asyncio.ensure_future(connect)
+    failed = asyncio.ensure_future(stream.wait_closed())
+    try:
+        await asyncio.wait((connecting, failed), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # (cancelled: the listener is closing)
+        connecting.cancel()
+        raise
+    finally:
+        failed.cancel()
+    error = stream.exception()
+    if connecting.done() or error is None:
+        return await connecting
+
+    def abandoned(task: asyncio.Future[_Made]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            discard(task.result())
+
+    connecting.cancel()
+    connecting.add_done_callback(abandoned)
+    raise _GivenUp(error)
 
 
 def _unreachable(target: str, error: OSError, timeout: float) -> str:

@@ -516,6 +516,11 @@ class MeshStream:
         self._wake_reader()  # a read waiting ends as at EOF
         self._maybe_closed()
 
+    def exception(self) -> TunnelError | None:
+        """Why the stream failed (reset by either side, refused, its connection lost), as
+        :meth:`asyncio.StreamReader.exception`; None while it has not."""
+        return self._error
+
     def is_closing(self) -> bool:
         """True once our side is half-closed, closed or aborted."""
         return self._eof_sent or self._error is not None

@@ -343,3 +343,52 @@ def test_policy_answers_are_remembered_within_a_bound_until_a_reload() -> None:
     # An answer asked with a configuration that was replaced is not remembered.
     assert listener._refusal(config, client, "127.0.0.1:81") is None
     assert listener._refusal(listener.config, client, "127.0.0.1:81")
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["engine-connects", "python-connects"])
+def test_a_flow_the_peer_resets_while_its_destination_connects_ends_at_once(
+    splice: bool,
+) -> None:
+    """A peer's RESET_STREAM while the sidecar is still connecting to the destination
+    (one whose accept queue is full: the connect hangs) ends the flow then, logged as
+    reset by the peer; it neither holds the destination's slot until
+    ``connect_timeout`` nor is answered 502 and blamed on the destination."""
+    require_engine("native")
+    records: list[Any] = []
+
+    async def main() -> None:
+        with socket.socket() as full:
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            queued = socket.create_connection(full.getsockname())  # fills the accept queue
+            listener = InboundListener(
+                _config(splice=splice, connect_timeout="60s"),
+                SERVER,
+                CA.trust_bundle,
+                ListenerStats(name="mesh", kind="inbound"),
+                FlowTracker(),
+                records.append,
+            )
+            await listener.start()
+            address = listener._listeners[0].address
+            client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle, engine="aioquic")
+            conn: Any = await client.connect(address)
+            target = f"127.0.0.1:{full.getsockname()[1]}"
+            stream = await conn.open_stream(target, wait_response=False)
+            while listener.stats.streams_active == 0:
+                await asyncio.sleep(0.01)
+            conn.quic.reset_stream(stream.stream_id, 0x10C)  # RESET_STREAM alone
+            conn.h3_session.scheduler.activate(stream.stream_id)
+            conn.transmit()
+            while listener.stats.streams_active:  # (60 s before: the connect's timeout)
+                await asyncio.sleep(0.01)
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+            queued.close()
+
+    run(main(), timeout=30)
+    (record,) = records
+    assert record.outcome.value == "reset", record
+    assert "reset by peer (error code 0x10c)" in record.reason, record.reason

@@ -789,3 +789,37 @@ def test_closed_listeners_connections_and_streams_hold_no_socket(name: str) -> N
         await until(lambda: _sockets_open() <= before, 10)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_stream_tells_why_it_failed(name: str) -> None:
+    """``exception()``, as asyncio's ``StreamReader.exception()``: None while the stream
+    has not failed (a clean end included), the error once the peer reset it."""
+    aborted: list[MeshStream] = []
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.target.startswith("abort."):
+            stream.accept()
+            await stream.read(1)
+            aborted.append(stream)
+            stream.abort()
+            return
+        await echo(stream)
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        stream.write_eof()
+        assert await stream.read() == b"x"
+        await stream.wait_closed()
+        assert stream.exception() is None
+        reset = await conn.open_stream("abort.svc:80")
+        assert reset.exception() is None
+        reset.write(b"go")
+        await reset.wait_closed()
+        assert isinstance(reset.exception(), quicmesh.StreamReset)
+        assert isinstance(aborted[0].exception(), quicmesh.StreamReset)
+        await shutdown(listener, conn)
+
+    run(main())
