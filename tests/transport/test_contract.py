@@ -84,6 +84,15 @@ async def carries_on(conn: quicmesh.PeerConnection, stream: MeshStream) -> None:
     assert await other.read() == b""
 
 
+async def echoed(conn: quicmesh.PeerConnection, payload: bytes) -> MeshStream:
+    """A new stream to an echo: ``payload`` sent, half-closed and read back whole."""
+    stream = await conn.open_stream(TARGET)
+    stream.write(payload)
+    stream.write_eof()
+    assert await stream.read() == payload
+    return stream
+
+
 async def shutdown(listener: quicmesh.Listener, conn: quicmesh.PeerConnection) -> None:
     conn.close()
     await conn.wait_closed()
@@ -725,19 +734,13 @@ def test_a_closed_listener_s_port_is_free_once_wait_closed_returns(name: str) ->
     async def main() -> None:
         server = MESH.transport(name, identity=MESH.server)
         listener, conn = await pair(name)
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"before")
-        stream.write_eof()
-        assert await stream.read() == b"before"
+        await echoed(conn, b"before")
         listener.close()
         await listener.wait_closed()
         again = await server.listen(listener.address, echo)
         assert again.address == listener.address
         other = await MESH.transport(name).connect(again.address)
-        stream = await other.open_stream(TARGET)
-        stream.write(b"again")
-        stream.write_eof()
-        assert await stream.read() == b"again"
+        await echoed(other, b"again")
         for each in (conn, other):
             each.close()
             await each.wait_closed()
@@ -767,10 +770,7 @@ def test_closed_listeners_connections_and_streams_hold_no_socket(name: str) -> N
         client = MESH.transport(name)
         listener = await server.listen(("127.0.0.1", 0), echo)
         conn = await client.connect(listener.address)
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"ping")
-        stream.write_eof()
-        assert await stream.read() == b"ping"
+        stream = await echoed(conn, b"ping")
         conn.close()
         await conn.wait_closed()
         listener.close()
@@ -808,10 +808,7 @@ def test_a_stream_tells_why_it_failed(name: str) -> None:
 
     async def main() -> None:
         listener, conn = await pair(name, handler)
-        stream = await conn.open_stream(TARGET)
-        stream.write(b"x")
-        stream.write_eof()
-        assert await stream.read() == b"x"
+        stream = await echoed(conn, b"x")
         await stream.wait_closed()
         assert stream.exception() is None
         reset = await conn.open_stream("abort.svc:80")

@@ -38,6 +38,18 @@ MALFORMED = {
 }  # fmt: skip
 
 
+async def _a_held_flow(engine: str, handler: Any) -> tuple[Any, Any, MeshStream]:
+    """A listener on ``engine`` serving ``handler`` (an echo), an aioquic client's
+    connection to it, and a flow on that connection that echoed ``before`` and is held
+    open."""
+    listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), handler)
+    connection = await client_transport(engine="aioquic").connect(listener.address)
+    held = await connection.open_stream("x.svc:80")
+    held.write(b"before")
+    assert await asyncio.wait_for(held.read(6), 5) == b"before"
+    return listener, connection, held
+
+
 @pytest.mark.parametrize("engine", ["native", "aioquic"])
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_request_resets_its_stream_only(
@@ -58,11 +70,7 @@ def test_a_malformed_request_resets_its_stream_only(
         stream.write_eof()
 
     async def main() -> None:
-        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), echo)
-        connection = await client_transport(engine="aioquic").connect(listener.address)
-        held = await connection.open_stream("x.svc:80")
-        held.write(b"before")
-        assert await asyncio.wait_for(held.read(6), 5) == b"before"
+        listener, connection, held = await _a_held_flow(engine, echo)
         crafted.append(MALFORMED[case])
         with pytest.raises(StreamReset) as caught:
             bad = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
@@ -163,11 +171,7 @@ def test_a_peer_that_breaks_http3_is_named_in_one_warning(
             raise
 
     async def main() -> None:
-        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), echo)
-        connection = await client_transport(engine="aioquic").connect(listener.address)
-        held = await connection.open_stream("x.svc:80")
-        held.write(b"before")
-        assert await asyncio.wait_for(held.read(6), 5) == b"before"
+        listener, connection, held = await _a_held_flow(engine, echo)
         (accepted,) = listener.connections  # type: ignore[attr-defined]
         quic: Any = connection.quic  # type: ignore[attr-defined]
         quic.send_stream_data(quic.get_next_available_stream_id(), b"\x00\x03abc")
