@@ -168,6 +168,15 @@ class _BoundedDecoder:
         return self._decoder.cancel_stream(stream_id)
 
 
+@dataclass
+class MessageRejected(H3Event):
+    """(quicmesh's) A request or response stream this side reset both ways with
+    H3_MESSAGE_ERROR for a malformed message (RFC 9114 4.1.2): ``reason`` says what."""
+
+    stream_id: int
+    reason: str
+
+
 _QPACK_STREAM_TYPES = (StreamType.QPACK_ENCODER, StreamType.QPACK_DECODER)
 
 
@@ -237,19 +246,20 @@ class MeshH3Connection(H3Connection):
         """aioquic's, where a malformed message (``MessageError``: a pseudo-header given
         twice or after a regular one, a missing ``:authority``, a name or value HTTP does
         not allow...) is a stream error, as RFC 9114 4.1.2 has it: that stream is reset
-        both ways with H3_MESSAGE_ERROR and what else arrives on it is dropped. aioquic
-        made it a connection error: every other flow of the connection died with it."""
+        both ways with H3_MESSAGE_ERROR (reported as :class:`MessageRejected`) and what
+        else arrives on it is dropped. aioquic made it a connection error: every other
+        flow of the connection died with it."""
         if stream.stream_id in self._malformed:
             return []
         try:
             return super()._receive_request_or_push_data(stream, data, stream_ended)
-        except MessageError:
+        except MessageError as exc:
             self._malformed.add(stream.stream_id)
             stream.buffer = b""
             stream.frame_type = stream.frame_size = None
             self._quic.reset_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
             self._quic.stop_stream(stream.stream_id, ErrorCode.H3_MESSAGE_ERROR)
-            return []
+            return [MessageRejected(stream.stream_id, exc.reason_phrase)]
 
     def hand_over_stream(self, stream_id: int) -> tuple[int | None, int, bytes]:
         """Forget a request stream whose input another parser takes over (splicing) and

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pylsqpack
 import pytest
@@ -21,13 +22,22 @@ from aioquic.quic import events as quic_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from quic_helpers import Recorder, client_transport, exchange, run, server_transport, until
-from test_aioquic_layer import Clock, _raw_h3_client, _request, _status, settle
+from test_aioquic_layer import (
+    SERVER_ADDR,
+    Clock,
+    _raw_h3_client,
+    _request,
+    _status,
+    make_pair,
+    settle,
+)
 
 from quicmesh import _aioquic
 from quicmesh.bench.attack import QPACK_TABLE_CAPACITY, qpack_bomb, qpack_bomb_block
 from quicmesh.tunnel import events
 from quicmesh.tunnel import h3 as h3_session
-from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE
+from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE, parse_target
+from quicmesh.tunnel.h3 import H3TunnelSession
 from quicmesh.tunnel.qpack import FieldSectionBound
 
 
@@ -242,3 +252,50 @@ def test_a_peer_closing_a_critical_stream_closes_the_connection(which: str) -> N
     settle(client, server, clock)
     closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
     assert closed is not None and closed.error_code == H3ErrorCode.H3_CLOSED_CRITICAL_STREAM
+
+
+def _raw_h3_server(clock: Clock) -> tuple[Any, Any]:
+    """quicmesh's client session against a plain aioquic H3Connection server (no
+    quicmesh): the server's answers are the test's to make, however bad."""
+    client, server = make_pair(clock, handshake=False)
+    client.session = H3TunnelSession(client.quic)
+    server.raw_h3 = True
+    client.quic.connect(SERVER_ADDR, now=clock.now)
+    settle(client, server, clock)
+    assert server.h3 is not None
+    return client, server
+
+
+BAD_ANSWERS: dict[str, Any] = {
+    "no :status": lambda h3, s: h3.send_headers(s, [(b"x-a", b"1")]),
+    "a :status that is not a number": lambda h3, s: h3.send_headers(s, [(b":status", b"abc")]),
+    "a FIN before any answer": lambda h3, s: h3._quic.send_stream_data(s, b"", end_stream=True),
+    "an answer too large": lambda h3, s: h3.send_headers(
+        s, [(b":status", b"200"), *[(b"x-big-%d" % n, b"v" * 2_000) for n in range(40)]]
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(BAD_ANSWERS))
+def test_an_unusable_answer_fails_its_open_at_once_and_says_why(answer: str) -> None:
+    """A peer's answer that cannot be used (malformed, RFC 9114 4.1.2; the stream ended
+    without one; over the header-section limit) fails that stream at once, both ways,
+    with our reason (an open waited forever on the first two; the third read as the
+    peer's reset); the connection's other streams carry on."""
+    clock = Clock()
+    client, server = _raw_h3_server(clock)
+    session = client.session
+    bad = session.open_stream(parse_target("x.svc:80"), {})
+    good = session.open_stream(parse_target("y.svc:80"), {})
+    settle(client, server, clock)
+    BAD_ANSWERS[answer](server.h3, bad)
+    server.h3.send_headers(good, [(b":status", b"200")])
+    settle(client, server, clock)
+    (reset,) = [e for e in client.of(events.StreamReset) if e.stream_id == bad]
+    assert reset.reason, reset  # ours, for what the peer sent: not "reset by peer"
+    assert reset.error_code in (H3ErrorCode.H3_MESSAGE_ERROR, H3ErrorCode.H3_EXCESSIVE_LOAD)
+    stopped = [e for e in server.quic_events if isinstance(e, quic_events.StopSendingReceived)]
+    assert [e.stream_id for e in stopped] == [bad]  # told to stop: the stream is over
+    (ok,) = [e for e in client.of(events.ResponseReceived) if e.stream_id == good]
+    assert ok.status == 200
+    assert client.quic._close_event is None

@@ -212,15 +212,25 @@ class SessionConnection(PeerConnection):
                 self._on_stream_requested(event)
             elif isinstance(event, events.StreamReset):
                 stream = self._streams.pop(event.stream_id, None)
-                if stream is not None:
-                    kind = "destination connect error" if event.connect_error else "reset"
-                    stream._on_reset(
-                        StreamReset(
-                            f"stream {event.stream_id} {kind} by peer "
-                            f"(error code {event.error_code:#x})",
-                            event.error_code,
-                        )
+                if event.reason:  # our reset, for what the peer sent
+                    REFUSAL_LOG.log(
+                        logging.WARNING,
+                        "bad_answer",
+                        "[%s] stream %d to %s: %s",
+                        self._log_id,
+                        event.stream_id,
+                        self.peer_identity,
+                        event.reason,
                     )
+                    message = f"stream {event.stream_id}: {event.reason}"
+                else:
+                    kind = "destination connect error" if event.connect_error else "reset"
+                    message = (
+                        f"stream {event.stream_id} {kind} by peer "
+                        f"(error code {event.error_code:#x})"
+                    )
+                if stream is not None:
+                    stream._on_reset(StreamReset(message, event.error_code))
             elif isinstance(event, events.PeerStoppedReading):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:

@@ -62,6 +62,9 @@ class StreamReset(TunnelEvent):
     error_code: int
     connect_error: bool = False
     """True when the peer reset because its destination connection failed."""
+    reason: str = ""
+    """Set when this side reset the stream for what the peer sent (its answer was
+    malformed, too large, or never came): why, naming the peer's fault."""
 
 
 @dataclass

@@ -265,9 +265,7 @@ class H3TunnelSession(TunnelSession):
             if other != but and not (record.headers_done or record.aborted or record.refused)
         )
 
-    def _reject_oversized(
-        self, stream_id: int, why: str = "request header section too large"
-    ) -> list[events.TunnelEvent]:
+    def _reject_oversized(self, stream_id: int, why: str = "") -> list[events.TunnelEvent]:
         self.flow_control.forget(stream_id)
         self._stream(stream_id).aborted = True
         code = (
@@ -275,8 +273,9 @@ class H3TunnelSession(TunnelSession):
         )
         self._abort_stream(stream_id, code)
         if self.is_client:
-            return [events.StreamReset(stream_id, code)]
-        return [events.RequestRejected(stream_id, 431, why)]
+            reason = f"refused the peer's answer: {why or 'header section too large'}"
+            return [events.StreamReset(stream_id, code, reason=reason)]
+        return [events.RequestRejected(stream_id, 431, why or "request header section too large")]
 
     def _on_reset(
         self, event: quic_events.StreamReset | quic_events.StopSendingReceived
@@ -315,9 +314,42 @@ class H3TunnelSession(TunnelSession):
         for ev in h3_evs:
             if isinstance(ev, h3_events.HeadersReceived):
                 result.extend(self._on_headers(ev))
-            elif isinstance(ev, h3_events.DataReceived) and self._delivers(ev.stream_id):
-                result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
+            elif isinstance(ev, h3_events.DataReceived):
+                if self._delivers(ev.stream_id):
+                    result.append(events.DataReceived(ev.stream_id, ev.data, ev.stream_ended))
+                elif ev.stream_ended and self.is_client:
+                    result.extend(
+                        self._answer_failed(
+                            ev.stream_id, "the peer ended the stream before its answer"
+                        )
+                    )
+            elif isinstance(ev, _aioquic.MessageRejected):
+                # (The HTTP/3 layer reset it both ways already.)
+                result.extend(
+                    self._answer_failed(
+                        ev.stream_id, f"the peer's answer is malformed: {ev.reason}", reset=False
+                    )
+                )
         return result
+
+    def _answer_failed(
+        self, stream_id: int, reason: str, *, reset: bool = True
+    ) -> list[events.TunnelEvent]:
+        """(client) The peer's answer on ``stream_id`` is unusable: the stream is reset
+        both ways with H3_MESSAGE_ERROR (RFC 9114 4.1.2) and its opener told ``reason``.
+        (A server's malformed request was reset by the HTTP/3 layer: nothing to tell.)"""
+        record = self._streams.get(stream_id)
+        if record is None or record.headers_done or record.aborted:
+            return []
+        record.aborted = True
+        self.flow_control.forget(stream_id)
+        if reset:
+            self._abort_stream(stream_id, H3ErrorCode.H3_MESSAGE_ERROR)
+        else:
+            self.scheduler.activate(stream_id)  # the reset and STOP_SENDING go out now
+        if not self.is_client:
+            return []
+        return [events.StreamReset(stream_id, H3ErrorCode.H3_MESSAGE_ERROR, reason=reason)]
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
         stream_id = ev.stream_id
