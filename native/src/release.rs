@@ -8,6 +8,8 @@
 //! endpoint's [`OpenSockets`], given back when the socket's last holder lets it go.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use crate::engine::lock;
 use std::time::{Duration, Instant};
 
 /// How many of one endpoint's UDP sockets are still open.
@@ -24,14 +26,14 @@ impl OpenSockets {
 
     /// Count a socket open until the returned hold (and every clone of it) is dropped.
     pub fn hold(self: &Arc<Self>) -> SocketHold {
-        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        *lock(&self.count) += 1;
         SocketHold(Arc::new(Hold(Arc::clone(self))))
     }
 
     /// Block until no socket is open, or `timeout` has passed: whether none is.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut count = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut count = lock(&self.count);
         while *count > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -56,7 +58,7 @@ struct Hold(Arc<OpenSockets>);
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut count = self.0.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut count = lock(&self.0.count);
         *count = count.saturating_sub(1);
         self.0.changed.notify_all();
     }
