@@ -17,7 +17,10 @@ loopback (a 1 KB body and a large file):
   sidecars (the sidecar copies every byte in Python), for the comparison;
 * ``stunnel``: a stunnel4 pair, mutual TLS, one TLS connection per flow;
 * ``nghttpx``: an nghttpx pair, HTTP/1 in, one mutual-TLS HTTP/2 connection
-  between the two, HTTP/1 to nginx.
+  between the two, HTTP/1 to nginx;
+* ``haproxy``: an haproxy pair in TCP mode with a plaintext hop, one TCP
+  connection per flow on each leg: a floor, not a mesh (no encryption, no
+  identity), for what any L4 relay pair that opens a connection per flow costs.
 
 A quicmesh path may name the sidecars' event loop: ``h2/asyncio``,
 ``h2/uvloop`` (``quicmesh sidecar --event-loop``); plain ``h2`` is the
@@ -46,7 +49,8 @@ datagrams are the host's UDP OutDatagrams (/proc/net/snmp), marked so.
 
 Paths run one after the other in each round, in a rotated order, each started
 afresh; ``--rounds`` (3) repeats them; the table shows medians over rounds and
-ratios against the ``h2`` path and the ``nghttpx`` pair of the same run.
+ratios against the ``h2`` path and the ``nghttpx`` pair of the same run (and the
+``haproxy`` pair when it ran).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ PATHS = (
     "tcp",
     "stunnel",
     "nghttpx",
+    "haproxy",
 )
 """Every path, in the default order."""
 SIDECAR_PATHS = {
@@ -137,6 +142,7 @@ TOOLS = {
     "nginx": "nginx-light",
     "stunnel4": "stunnel4",
     "nghttpx": "nghttp2-proxy",
+    "haproxy": "haproxy",
 }
 """Programs the benchmark runs, and the Debian package of each."""
 
@@ -395,6 +401,8 @@ class Lab:
             return self._sidecars(spec)
         if spec.base == "stunnel":
             return self._stunnel()
+        if spec.base == "haproxy":
+            return self._haproxy()
         return self._nghttpx()
 
     def _sidecars(self, spec: PathSpec) -> Proxies:
@@ -486,6 +494,31 @@ class Lab:
             f"--client-cert-file={self.workdir / 'client.pem'}",
         ]  # fmt: skip
         commands = [("nghttpx server", server, tunnel), ("nghttpx client", client, front)]
+        return Proxies(front, _start_pair(commands), tunnel)
+
+    def _haproxy(self) -> Proxies:
+        binary = which("haproxy")
+        if binary is None:
+            raise Unavailable("not installed: apt-get install haproxy")
+        front, tunnel = free_port(), free_port()
+        # One thread each, as nginx and nghttpx run; maxconn bounds the descriptors haproxy
+        # asks for (it refuses to start where it cannot raise the limit to match).
+        common = (
+            "global\n  nbthread 1\n  maxconn 4096\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n"
+            "  timeout client 60s\n  timeout server 60s\n"
+        )
+        commands = []
+        for name, listen, upstream in (
+            ("server", tunnel, self.backend.port),
+            ("client", front, tunnel),
+        ):
+            conf = self.workdir / f"haproxy-{name}.cfg"
+            conf.write_text(
+                f"{common}listen relay\n  bind {LOOPBACK}:{listen}\n"
+                f"  server upstream {LOOPBACK}:{upstream}\n"
+            )
+            commands.append((f"haproxy {name}", [binary, "-f", str(conf)], listen))
         return Proxies(front, _start_pair(commands), tunnel)
 
 
@@ -864,6 +897,9 @@ RATIO_COLUMNS = (
     ("s/GB", "cpu_s_per_gb", "lower"),
 )
 """Columns of the ratio tables: label, value key, which way is better."""
+BASELINES = ("h2", "nghttpx", "haproxy")
+"""Rows the others are divided by: issue 16's two (always shown), and the L4 floor
+(shown when it ran)."""
 
 
 def ratios(rows: list[Row], baseline: str, top: int) -> dict[str, dict[str, float]]:
@@ -936,8 +972,10 @@ def render(rows: list[Row], plan: Plan, namespace: bool) -> str:
         if row.status != "ok":
             cells[0] += f" ({row.status})"
         lines.append("| " + " | ".join(cells) + " |")
-    for baseline in ("h2", "nghttpx"):
+    for baseline in BASELINES:
         table = ratios(rows, baseline, top)
+        if not table and baseline == "haproxy":
+            continue
         if not table:
             lines.append(f"\n(no ratios against {baseline}: it did not run)")
             continue
@@ -1150,7 +1188,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
         "plan": asdict(plan),
         "rows": [asdict(r) for r in rows],
         "samples": {name: [asdict(s) for s in runs] for name, runs in samples.items()},
-        "ratios": {b: ratios(rows, b, top) for b in ("h2", "nghttpx")},
+        "ratios": {b: ratios(rows, b, top) for b in BASELINES},
         "table": render(rows, plan, namespace),
     }
 

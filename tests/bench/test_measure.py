@@ -342,6 +342,17 @@ def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> N
     table = render(rows, plan, namespace=True)
     assert "| stunnel | not installed: apt-get install stunnel4 |" in table
     assert "Ratios against h2 (same run" in table and "Ratios against nghttpx" in table
+    # The L4 floor's table only when that pair ran; h2's and nghttpx's always.
+    assert "haproxy" not in table
+    with_floor = summarise(
+        [*specs, PathSpec.parse("haproxy")],
+        {**samples, "haproxy": [_sample(1.2, 0.05, 6000), _sample(3.2, 0.05, 6000)]},
+        plan,
+        {},
+    )
+    floor_table = render(with_floor, plan, namespace=True)
+    assert "Ratios against haproxy (same run" in floor_table
+    assert ratios(with_floor, "haproxy", 1000)["nghttpx"]["cpr"] == 8000 / 6000
     # Without the direct path there is no added latency: shown as "-", never a crash.
     no_direct = summarise(specs[1:4], {k: v for k, v in samples.items() if k != "direct"}, plan, {})
     assert "| h2 | - / - / - |" in render(no_direct, plan, namespace=False)

@@ -1,8 +1,8 @@
 """``quicmesh bench overhead`` as a user runs it: --help, bad options, a missing tool,
 and one short run over a subset of the paths, checked for its table's structure.
 
-The run needs h2load (nghttp2-client), ab (apache2-utils), nginx (nginx-light) and
-nghttpx (nghttp2-proxy): skipped when one is missing, unless
+The run needs h2load (nghttp2-client), ab (apache2-utils), nginx (nginx-light),
+nghttpx (nghttp2-proxy) and haproxy: skipped when one is missing, unless
 ``QUICMESH_REQUIRE_INTEROP`` is set (CI sets it), in which case it fails.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from quicmesh.bench.overhead import TOOLS, which
 
-NEEDED = ("h2load", "ab", "nginx", "nghttpx")
+NEEDED = ("h2load", "ab", "nginx", "nghttpx", "haproxy")
 MISSING = [name for name in NEEDED if which(name) is None]
 
 
@@ -42,7 +42,8 @@ def test_help_names_the_paths_and_options() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: quicmesh bench overhead")
-    for word in ("--quick", "--rounds", "--paths", "--engines", "--json", "nghttpx", "stunnel"):
+    words = ("--quick", "--rounds", "--paths", "--engines", "--json", "nghttpx", "stunnel")
+    for word in (*words, "haproxy"):
         assert word in result.stdout
 
 
@@ -95,7 +96,7 @@ def test_a_quick_run_prints_every_row_and_both_ratio_tables(tmp_path: Path) -> N
         # 16 MB: CPU comes from /proc in 10 ms ticks, and nghttpx moved 4 MB in under one
         # tick in a CI run (CPU s/GB read 0.0).
         "--quick", "--rounds", "1", "--rates", "200", "--bulk", "16",
-        "--paths", "direct,quic-aioquic,quic-native,h2,nghttpx", "--json", str(report),
+        "--paths", "direct,quic-aioquic,quic-native,h2,nghttpx,haproxy", "--json", str(report),
         timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -103,13 +104,14 @@ def test_a_quick_run_prints_every_row_and_both_ratio_tables(tmp_path: Path) -> N
     out = result.stdout
     assert out.startswith("quicmesh bench overhead: ")
     assert "load average before" in out
-    for path in ("direct", "quic-aioquic", "quic-native", "h2", "nghttpx"):
+    for path in ("direct", "quic-aioquic", "quic-native", "h2", "nghttpx", "haproxy"):
         assert f"\n| {path} |" in out
     assert "Ratios against h2 (same run" in out
     assert "Ratios against nghttpx (same run" in out
+    assert "Ratios against haproxy (same run" in out
     document = json.loads(report.read_text())
     rows = {row["path"]: row for row in document["rows"]}
-    assert set(rows) == {"direct", "quic-aioquic", "quic-native", "h2", "nghttpx"}
+    assert set(rows) == {"direct", "quic-aioquic", "quic-native", "h2", "nghttpx", "haproxy"}
     native = rows.pop("quic-native")
     if native["status"] != "ok":
         # Only where the extension is not built (CI requires it): the row says why.
@@ -130,6 +132,7 @@ def test_a_quick_run_prints_every_row_and_both_ratio_tables(tmp_path: Path) -> N
     ratios = document["ratios"]
     assert ratios["h2"]["h2"]["max"] == 1.0
     assert ratios["nghttpx"]["nghttpx"]["s/GB"] == 1.0
+    assert ratios["haproxy"]["haproxy"]["cpr"] == 1.0
     assert math.isfinite(ratios["nghttpx"]["h2"]["vCPU"])
     if document["network_namespace"]:
         # Exact hop counts: QUIC datagrams only on the QUIC hop, TCP segments on the others.
@@ -138,6 +141,10 @@ def test_a_quick_run_prints_every_row_and_both_ratio_tables(tmp_path: Path) -> N
         assert quic["hop_packets_per_request"] == quic["quic_datagrams_per_request"]
         assert h2["hop_packets_per_request"] > 0
         assert h2["quic_datagrams_per_new_flow"] == 0
+        # The L4 floor opens a TCP connection on the hop per flow (a handshake and two
+        # FINs at least); nghttpx's flows share one.
+        floor, nghttpx = rows["haproxy"]["values"], rows["nghttpx"]["values"]
+        assert floor["hop_packets_per_new_flow"] >= 6 > nghttpx["hop_packets_per_new_flow"]
     elif os.geteuid() == 0 and os.environ.get("QUICMESH_REQUIRE_NETNS") == "1":
         pytest.fail("root with QUICMESH_REQUIRE_NETNS=1, but the run was not in a namespace")
 
