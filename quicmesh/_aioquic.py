@@ -72,16 +72,19 @@ from typing import Any, cast
 
 import pylsqpack
 from aioquic import tls
-from aioquic._buffer import Buffer
+from aioquic._buffer import Buffer, BufferReadError
 from aioquic._crypto import CryptoError
 from aioquic.asyncio.server import _encode_invalid_token_close
+from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import (
     CONNECTION_SPECIFIC_HEADERS,
     ClosedCriticalStream,
     ErrorCode,
+    FrameError,
     FrameType,
     H3Connection,
     H3Stream,
+    IdError,
     MessageError,
     Setting,
     StreamType,
@@ -177,6 +180,63 @@ class MessageRejected(H3Event):
     reason: str
 
 
+@dataclass
+class GoawayReceived(H3Event):
+    """(quicmesh's) The peer sent GOAWAY (RFC 9114 5.2). From a server: it processes no
+    request on a stream whose ID is ``stream_id`` or above, so new requests go on another
+    connection. From a client, ``stream_id`` is a push ID (quicmesh does not push)."""
+
+    stream_id: int
+
+
+class _GoawayReader:
+    """Reads the GOAWAY frames of the peer's control stream, which aioquic parses and
+    skips (it validates the stream and its frames and applies SETTINGS itself): the frame
+    headers are read alongside it and every other payload skipped by its length, so
+    nothing is held but a frame header in pieces or a GOAWAY's payload (one variable-length
+    integer, at most 8 bytes)."""
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._skip = 0
+
+    def feed(self, data: bytes) -> list[int]:
+        """The IDs of the GOAWAY frames completed by ``data``, in order.
+
+        :raises FrameError: a GOAWAY frame whose payload is not one integer."""
+        data, position, ids = self._held + data, 0, []
+        while position < len(data):
+            if self._skip:
+                taken = min(self._skip, len(data) - position)
+                position += taken
+                self._skip -= taken
+                continue
+            header = Buffer(data=data[position : position + 16])  # two integers at most
+            try:
+                frame_type, length = header.pull_uint_var(), header.pull_uint_var()
+            except BufferReadError:
+                break
+            if frame_type != FrameType.GOAWAY:
+                position += header.tell()
+                self._skip = length
+                continue
+            if length > 8:
+                raise FrameError(f"GOAWAY frame of {length} bytes (one integer is at most 8)")
+            start = position + header.tell()
+            if len(data) - start < length:
+                break
+            payload = Buffer(data=data[start : start + length])
+            try:
+                ids.append(payload.pull_uint_var())
+            except BufferReadError:
+                raise FrameError("GOAWAY frame shorter than its integer") from None
+            if payload.tell() != length:
+                raise FrameError("GOAWAY frame longer than its integer")
+            position = start + length
+        self._held = data[position:]
+        return ids
+
+
 _QPACK_STREAM_TYPES = (StreamType.QPACK_ENCODER, StreamType.QPACK_DECODER)
 
 
@@ -211,6 +271,9 @@ class MeshH3Connection(H3Connection):
     def _init_connection(self) -> None:
         self._malformed: set[int] = set()
         """Request streams reset for a malformed message: their later data is dropped."""
+        self.goaway_received: int | None = None
+        """The ID of the peer's last GOAWAY frame, or None."""
+        self._goaway_reader = _GoawayReader()
         self._blocked_streams = 0
         if self._is_client:
             self._max_table_capacity = 0
@@ -227,10 +290,40 @@ class MeshH3Connection(H3Connection):
         """aioquic's, and a QPACK encoder or decoder stream the peer closes is a
         connection error, as its control stream is (RFC 9204 4.2: H3_CLOSED_CRITICAL_STREAM;
         aioquic let the stream end)."""
+        typed = stream.stream_type is not None
+        unread = bytes(stream.buffer)  # before its type: aioquic has not consumed them
         result = super()._receive_stream_data_uni(stream, data, stream_ended)
         if stream_ended and stream.stream_type in _QPACK_STREAM_TYPES:
             raise ClosedCriticalStream("Closing a QPACK encoder or decoder stream is not allowed")
+        if stream.stream_type == StreamType.CONTROL:
+            if not typed:
+                buffer = Buffer(data=unread + data)
+                buffer.pull_uint_var()  # the stream type, read by aioquic
+                data = (unread + data)[buffer.tell() :]
+            for stream_id in self._goaway_reader.feed(data):
+                result.append(self._on_goaway(stream_id))
         return result
+
+    def send_goaway(self, stream_id: int) -> None:
+        """Send a GOAWAY frame naming ``stream_id`` on our control stream (RFC 9114 5.2;
+        aioquic has no call for it)."""
+        control = self._local_control_stream_id
+        assert control is not None  # opened with the connection
+        self._quic.send_stream_data(
+            control, encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id))
+        )
+
+    def _on_goaway(self, stream_id: int) -> GoawayReceived:
+        """RFC 9114 5.2: a server's GOAWAY names a client-initiated bidirectional stream,
+        and no GOAWAY may name a higher ID than an earlier one (H3_ID_ERROR otherwise)."""
+        if self._is_client and stream_id % 4 != 0:
+            raise IdError(
+                f"GOAWAY names stream {stream_id}, not a client-initiated bidirectional one"
+            )
+        if self.goaway_received is not None and stream_id > self.goaway_received:
+            raise IdError(f"GOAWAY raised its ID from {self.goaway_received} to {stream_id}")
+        self.goaway_received = stream_id
+        return GoawayReceived(stream_id)
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()

@@ -436,24 +436,36 @@ class InboundListener:
     async def drain_and_close(self, grace: float) -> None:
         """Refuse new streams, wait up to ``grace`` seconds for live ones, then close.
 
-        Peer connections are then closed gracefully
-        (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes of finished flows
-        get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
+        Peers are told first, where the protocol can say it (an HTTP/3 GOAWAY on each
+        QUIC connection, :meth:`~quicmesh.PeerConnection.go_away`), so that they open
+        new flows elsewhere rather than have them refused (503). Peer connections are
+        then closed gracefully (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes
+        of finished flows get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
         """
         self.draining = True
+        told = sum(connection.go_away() for connection in self._accepted_connections())
+        if told:
+            logger.info(
+                "inbound listener %s: told %d peer connection(s) to go away (HTTP/3 GOAWAY)",
+                self.config.name,
+                told,
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._local_flows.wait_idle(), grace)
-        connections: list[PeerConnection] = [
-            connection
-            for listener in self._listeners
-            # QuicListener and the TLS listeners expose the connections they accepted.
-            for connection in getattr(listener, "connections", ())
-        ]
+        connections = self._accepted_connections()
         await asyncio.gather(
             *(_aclose(connection, ACK_TIMEOUT) for connection in connections),
         )
         self.close()
         await self.wait_closed()
+
+    def _accepted_connections(self) -> list[PeerConnection]:
+        return [
+            connection
+            for listener in self._listeners
+            # QuicListener and the TLS listeners expose the connections they accepted.
+            for connection in getattr(listener, "connections", ())
+        ]
 
     async def _handle(self, stream: MeshStream) -> None:
         with self._flows.track(), self._local_flows.track():

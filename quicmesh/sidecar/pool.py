@@ -186,7 +186,7 @@ class EndpointPool:
                 except StreamRefused:
                     raise
                 except TunnelError as exc:
-                    if lost_once or not connection.is_closed:
+                    if lost_once or not (connection.is_closed or connection.going_away):
                         raise
                     lost_once = True
                     logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)
@@ -213,6 +213,7 @@ class EndpointPool:
             for p in self.connections
             if p.retired is None
             and not p.connection.is_closed
+            and not p.connection.going_away
             and p.connection.can_start_engine_flow()
             and not self.is_stale(p)
         ]
@@ -259,9 +260,20 @@ class EndpointPool:
                 pooled.idle_since = None
 
     def sweep_closed(self) -> None:
-        """Forget connections that closed, giving back their circuit-breaker slots."""
+        """Forget connections that closed, giving back their circuit-breaker slots, and
+        retire those whose peer is going away (they close once their last flow ends)."""
         for pooled in [p for p in self.connections if p.connection.is_closed]:
             self._forget(pooled)
+        for pooled in self.connections:
+            if pooled.retired is None and pooled.connection.going_away:
+                pooled.retired = "the peer is going away (GOAWAY)"
+                logger.info(
+                    "connection %s to %s:%d: the peer is going away (GOAWAY): "
+                    "no new flow on it, %d open carry on",
+                    pooled.label,
+                    *self.address,
+                    pooled.connection.active_streams,
+                )
 
     def _forget(self, pooled: PooledConnection) -> None:
         if pooled in self.connections:

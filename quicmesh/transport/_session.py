@@ -69,6 +69,8 @@ class SessionConnection(PeerConnection):
         self._credit: asyncio.Future[None] | None = None
         self._transmit_scheduled = False
         self._lost: TunnelError | None = None
+        self._going_away: str | None = None
+        """Why the peer takes no new stream here (its GOAWAY), or None."""
         self._closed = self._loop.create_future()
         self.log = logging.LoggerAdapter(logger, {"connection": log_id})
         self._log_id = log_id
@@ -85,7 +87,16 @@ class SessionConnection(PeerConnection):
 
     @property
     def can_open_stream(self) -> bool:
-        return self._lost is None and not self._closing and self.session.can_open_stream()
+        return (
+            self._lost is None
+            and not self._closing
+            and self._going_away is None
+            and self.session.can_open_stream()
+        )
+
+    @property
+    def going_away(self) -> bool:
+        return self._going_away is not None
 
     @property
     def lost_error(self) -> TunnelError | None:
@@ -115,14 +126,13 @@ class SessionConnection(PeerConnection):
         """
         parsed = parse_target(target)
         checked = validate_headers(headers)
-        if self._closing:
-            raise ConnectionLost("the connection is closing: open the stream on another one")
+        self._raise_if_closing()
         while not self.session.can_open_stream():
-            self._raise_if_lost()
+            self._raise_if_closing()
             if self._credit is None:
                 self._credit = self._loop.create_future()
             await asyncio.shield(self._credit)
-        self._raise_if_lost()
+        self._raise_if_closing()
         stream_id = self.session.open_stream(parsed, checked)
         stream = MeshStream(
             self,
@@ -248,6 +258,8 @@ class SessionConnection(PeerConnection):
                     event.status,
                     event.reason,
                 )
+            elif isinstance(event, events.PeerGoingAway):
+                self._on_peer_going_away(event.stream_id)
             elif isinstance(event, events.ConnectionTerminated):
                 reason = event.reason or f"error code {event.error_code:#x}"
                 self.on_connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
@@ -255,6 +267,21 @@ class SessionConnection(PeerConnection):
         # No transmit here: both adaptors send right after feeding input to the session.
         if self._idle_waiter is not None:
             self._wake_if_idle()
+
+    def _on_peer_going_away(self, stream_id: int) -> None:
+        """The peer's GOAWAY: no new stream here (waiting opens fail, to go elsewhere);
+        the open ones carry on (the peer resets any it will not process)."""
+        if self._going_away is None:
+            self.log.info(
+                "[%s] %s is going away (GOAWAY, stream %d): no new flow on this connection, "
+                "%d open carry on",
+                self._log_id,
+                self.peer_identity,
+                stream_id,
+                len(self._streams),
+            )
+        self._going_away = f"the peer is going away (GOAWAY, stream {stream_id})"
+        self._wake_credit()
 
     def _is_idle(self) -> bool:
         return not self._streams and self.session.is_idle()
@@ -373,6 +400,14 @@ class SessionConnection(PeerConnection):
     def _raise_if_lost(self) -> None:
         if self._lost is not None:
             raise ConnectionLost(str(self._lost))
+
+    def _raise_if_closing(self) -> None:
+        """No new stream here: the connection is lost, closing, or its peer going away."""
+        self._raise_if_lost()
+        if self._closing:
+            raise ConnectionLost("the connection is closing: open the stream on another one")
+        if self._going_away is not None:
+            raise ConnectionLost(f"{self._going_away}: open the stream on another connection")
 
     def _wake_credit(self) -> None:
         if self._credit is not None and not self._credit.done():

@@ -219,6 +219,23 @@ class PeerConnection(ABC):
     def can_open_stream(self) -> bool:
         """Whether a stream can be opened now without waiting for the peer's credit."""
 
+    @property
+    def going_away(self) -> bool:
+        """True once the peer announced that it takes no new stream on this connection
+        (an HTTP/3 GOAWAY, RFC 9114 5.2: it is shutting down): :meth:`open_stream` then
+        raises :class:`~quicmesh.errors.ConnectionLost`, so open new flows on another
+        connection; the open ones carry on. (An HTTP/2 GOAWAY ends the connection.)"""
+        return False
+
+    def go_away(self) -> bool:
+        """(accepting side) Tell the peer to open no new stream on this connection, as a
+        draining server does (an HTTP/3 GOAWAY naming the first request stream not yet
+        seen, RFC 9114 5.2): streams already open carry on, and requests on later streams
+        are refused with H3_REQUEST_REJECTED, which tells the peer that they were not
+        processed. True when this call sent it: once a connection, after its handshake;
+        never on other transports (they end their connections on close)."""
+        return False
+
     @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Counters. Every transport: ``transport``, ``peer_identity``, ``bytes_sent``,

@@ -75,6 +75,14 @@ class PeerStoppedReading(TunnelEvent):
 
 
 @dataclass
+class PeerGoingAway(TunnelEvent):
+    """(client) The peer takes no new stream on this connection (HTTP/3 GOAWAY): new
+    flows go on another one; streams below ``stream_id`` carry on."""
+
+    stream_id: int
+
+
+@dataclass
 class ConnectionTerminated(TunnelEvent):
     """The connection is closed; every stream on it is gone."""
 

@@ -323,6 +323,9 @@ class H3TunnelSession(TunnelSession):
                             ev.stream_id, "the peer ended the stream before its answer"
                         )
                     )
+            elif isinstance(ev, _aioquic.GoawayReceived):
+                if self.is_client:
+                    result.append(events.PeerGoingAway(ev.stream_id))
             elif isinstance(ev, _aioquic.MessageRejected):
                 # (The HTTP/3 layer reset it both ways already.)
                 result.extend(
@@ -387,6 +390,8 @@ class H3TunnelSession(TunnelSession):
     # -- TunnelSession ---------------------------------------------------------
 
     def can_open_stream(self) -> bool:
+        if self._h3 is not None and self._h3.goaway_received is not None:
+            return False  # the peer processes no new request (RFC 9114 5.2)
         if not self._aioquic:
             return bool(self.quic.can_open_bidi_stream())
         return _aioquic.can_open_bidi_stream(self.quic)
@@ -472,6 +477,23 @@ class H3TunnelSession(TunnelSession):
 
     def close(self, reason: str = "") -> None:
         self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=reason)
+
+    def go_away(self, first_unprocessed: int) -> None:
+        """(server) Send GOAWAY naming ``first_unprocessed``, the first request stream the
+        peer has not used (RFC 9114 5.2); the caller refuses the later ones
+        (:meth:`refuse_unprocessed`)."""
+        self.h3.send_goaway(first_unprocessed)
+
+    def refuse_unprocessed(self, stream_id: int) -> None:
+        """(server) Refuse a request stream at or above our GOAWAY's ID, unread, with
+        H3_REQUEST_REJECTED both ways (RFC 9114 4.1.1: safe for the peer to retry
+        elsewhere). Once per stream; its later input is dropped."""
+        record = self._stream(stream_id)
+        if record.aborted:
+            return
+        record.aborted = True
+        self.flow_control.forget(stream_id)
+        self._abort_stream(stream_id, H3ErrorCode.H3_REQUEST_REJECTED)
 
     def _abort_stream(self, stream_id: int, code: int) -> None:
         if not self._stream_is_open(stream_id):

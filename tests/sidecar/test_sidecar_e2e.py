@@ -307,6 +307,8 @@ def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int) -> None:
         completed = [r for r in a.access_log() if r["outcome"] == "completed"]
         assert len(completed) == len(payloads)
         assert "drained in" in a.stderr()
+        # B told A first (HTTP/3 GOAWAY), so that A opens new flows elsewhere.
+        assert "told 1 peer connection(s) to go away (HTTP/3 GOAWAY)" in mesh.b.stderr()
     finally:
         a.stop()
         mesh.b.stop()

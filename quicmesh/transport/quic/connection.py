@@ -281,6 +281,10 @@ class QuicPeerConnection(SessionConnection):
         :meth:`_serve_in_engine`)."""
         self.inbound_decider: InboundDecider | None = None
         """(server) Offered each new CONNECT first (inbound engine flows)."""
+        self._next_request_stream = 0
+        """(server) The lowest request stream ID the peer has not used yet."""
+        self._goaway_sent: int | None = None
+        """(server) The ID our GOAWAY named: requests on streams from it on are refused."""
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_sent = self.datagrams_received = 0
         self.lost_before = 0
@@ -422,6 +426,7 @@ class QuicPeerConnection(SessionConnection):
         return (
             self._lost is None
             and not self._closing
+            and self._going_away is None
             and self._established
             and self._early_data != "attempted"
             and hasattr(quic, "start_flow")
@@ -938,9 +943,33 @@ class QuicPeerConnection(SessionConnection):
                 self.options.ticket_store.add(ticket, identity)
                 self._count("tickets_issued")
 
+    def go_away(self) -> bool:
+        if self.is_client or self._lost is not None or self._closing:
+            return False
+        if self._goaway_sent is not None or not self._handshake_done:
+            return False
+        self._goaway_sent = self._next_request_stream
+        self.h3_session.go_away(self._goaway_sent)
+        self._schedule_transmit()
+        logger.info(
+            "[%s] GOAWAY to %s: requests on streams from %d on are refused, %d open carry on",
+            self.log_id,
+            self.peer_identity,
+            self._goaway_sent,
+            self.active_streams,
+        )
+        return True
+
     # -- events ----------------------------------------------------------------------------
 
     def _on_quic_event(self, event: quic_events.QuicEvent) -> None:
+        stream_id = getattr(event, "stream_id", None)
+        if stream_id is not None and not stream_id & 3 and not self.is_client:
+            if self._goaway_sent is not None and stream_id >= self._goaway_sent:
+                self.h3_session.refuse_unprocessed(stream_id)
+                self._schedule_transmit()
+                return
+            self._next_request_stream = max(self._next_request_stream, stream_id + 4)
         if isinstance(event, engine.PathValidated):
             self._count("path_validations_ok")
             return
