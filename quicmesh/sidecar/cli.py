@@ -154,8 +154,9 @@ def _check_certificate(config: object) -> None:
 
 
 def _configure_logging(level: str) -> None:
-    sidecar_logger = logging.getLogger("quicmesh.sidecar")
-    sidecar_logger.setLevel(level.upper())
+    # The sidecar's own loggers, and the xDS client's (it is part of the sidecar).
+    for name in ("quicmesh.sidecar", "quicmesh.xds"):
+        logging.getLogger(name).setLevel(level.upper())
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

@@ -104,9 +104,9 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     static = bootstrap.static_resources
     _only(static, {"listeners", "clusters", "secrets"}, "bootstrap.static_resources")
     resources = EnvoyResources(
-        listeners={listener.name: listener for listener in static.listeners},
-        clusters={cluster.name: cluster for cluster in static.clusters},
-        secrets={secret.name: secret for secret in static.secrets},
+        listeners=_by_name(static.listeners, "bootstrap.static_resources.listeners"),
+        clusters=_by_name(static.clusters, "bootstrap.static_resources.clusters"),
+        secrets=_by_name(static.secrets, "bootstrap.static_resources.secrets"),
     )
     xds = _ads(bootstrap, resources)
     certificate, validation = secrets_by_kind(resources.secrets)
@@ -155,6 +155,19 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
             xds=replace(xds, cluster=bootstrap.node.cluster or "quicmesh", metadata=metadata),
         )
     return config
+
+
+def _by_name(resources: Any, where: str) -> dict[str, Any]:
+    """Static resources by name; a name given twice is refused, as Envoy refuses it
+    (and as a discovery response naming one twice is NACKed)."""
+    from .mapping import MappingError
+
+    named: dict[str, Any] = {}
+    for index, resource in enumerate(resources):
+        if resource.name in named:
+            raise MappingError(f"{where}[{index}]: name {resource.name!r} appears twice")
+        named[resource.name] = resource
+    return named
 
 
 def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:

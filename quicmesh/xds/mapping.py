@@ -34,8 +34,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from ..errors import QuicmeshError, os_error_text
 from ..sidecar.config import (
@@ -225,17 +226,35 @@ def map_listener(listener: Listener) -> _Outbound | InboundListenerConfig:
             raise MappingError(f"{where}: a tcp_proxy listener listens on TCP, not UDP")
         if listener.HasField("udp_listener_config"):
             raise MappingError(f"{where}: udp_listener_config applies to UDP listeners only")
-        proxy = TcpProxy()
-        network_filter.typed_config.Unpack(proxy)
+        proxy = _unpack(network_filter.typed_config, TcpProxy(), f"{where}: {TCP_PROXY}")
         return _map_tcp_proxy(name, address, proxy, where)
     if type_name == HttpConnectionManager.DESCRIPTOR.full_name:
-        manager = HttpConnectionManager()
-        network_filter.typed_config.Unpack(manager)
+        manager = _unpack(
+            network_filter.typed_config,
+            HttpConnectionManager(),
+            f"{where}: {HTTP_CONNECTION_MANAGER}",
+        )
         return _map_connect_terminator(name, address, protocol, manager, where)
     raise MappingError(
         f"{where}: filter {network_filter.name!r} ({type_name or 'no typed_config'}) is not "
         f"supported: use {TCP_PROXY} (outbound) or {HTTP_CONNECTION_MANAGER} with CONNECT (inbound)"
     )
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _unpack(packed: Any, message: M, where: str) -> M:
+    """``packed`` (an ``Any``) unpacked into ``message``.
+
+    :raises MappingError: it holds another message type, or its bytes do not decode."""
+    try:
+        unpacked = packed.Unpack(message)
+    except DecodeError as exc:
+        raise MappingError(f"{where}: typed_config does not decode: {exc}") from None
+    if not unpacked:
+        raise MappingError(f"{where}: typed_config holds {packed.TypeName()!r}")
+    return message
 
 
 def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> _Outbound:
@@ -344,10 +363,8 @@ def cluster_transport(cluster: Cluster) -> str:
             raise MappingError(f"{where}: {key!r} is not supported (only {HTTP_PROTOCOL_OPTIONS})")
     if not options:
         return "h2"
-    parsed = HttpProtocolOptions()
-    if not options[HTTP_PROTOCOL_OPTIONS].Unpack(parsed):
-        raise MappingError(f"{where}: {HTTP_PROTOCOL_OPTIONS} holds another message type")
     where = f"{where}[{HTTP_PROTOCOL_OPTIONS}]"
+    parsed = _unpack(options[HTTP_PROTOCOL_OPTIONS], HttpProtocolOptions(), where)
     _only(parsed, {"explicit_http_config"}, where)
     which = parsed.explicit_http_config.WhichOneof("protocol_config")
     if which is None:

@@ -18,7 +18,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.transport_sockets.quic.v3 import quic_transport_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -32,6 +33,9 @@ TcpProxy = tcp_proxy_pb2.TcpProxy
 HttpConnectionManager = http_connection_manager_pb2.HttpConnectionManager
 HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 Router = router_pb2.Router
+TRANSPORT_SOCKETS = (tls_pb2.UpstreamTlsContext, quic_transport_pb2.QuicUpstreamTransport)
+"""The transport sockets a cluster may name (docs/xds.md), imported so that their
+``typed_config`` parses: quicmesh uses its own mutual TLS in their place."""
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

@@ -29,6 +29,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from .mapping import EnvoyResources
@@ -107,8 +108,10 @@ class AdsState:
     # -- views ------------------------------------------------------------------
 
     def subscribed(self, type_url: str) -> bool:
-        """Whether the stream subscribes to resources of this type."""
-        return type_url in self._types
+        """Whether the stream subscribes to resources of this type (EDS: once a cluster
+        needs endpoints)."""
+        state = self._types.get(type_url)
+        return state is not None and state.subscribed
 
     def version(self, type_url: str) -> str:
         """The last accepted version of a type ("" before the first)."""
@@ -159,7 +162,11 @@ class AdsState:
         received: dict[str, Any] = {}
         for index, packed in enumerate(response.resources):
             message = message_type()
-            if packed.type_url != type_url or not packed.Unpack(message):
+            try:
+                unpacked = packed.type_url == type_url and packed.Unpack(message)
+            except DecodeError as exc:
+                raise ProtocolError(f"resources[{index}] does not decode: {exc}") from None
+            if not unpacked:
                 raise ProtocolError(
                     f"resources[{index}] is {packed.type_url!r}, expected {type_url!r}"
                 )
@@ -196,9 +203,12 @@ class AdsState:
         if update.type_url == CLUSTER_TYPE:
             names = tuple(sorted(_eds_services(self.resources.clusters)))
             eds = self._types[ENDPOINT_TYPE]
-            if names != eds.names or not eds.subscribed:
+            if names != eds.names and (names or eds.subscribed):
+                # No names and none before: no request (an empty list would be a
+                # wildcard subscription to every assignment). Names going to none: the
+                # empty list unsubscribes (after named ones it is no wildcard).
                 eds.names = names
-                eds.subscribed = True
+                eds.subscribed = bool(names)
                 requests.append(self._request(ENDPOINT_TYPE))
         return requests
 

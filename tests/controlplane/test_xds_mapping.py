@@ -531,3 +531,39 @@ def test_two_listeners_of_one_cluster_disagreeing_on_the_target_are_named_plainl
     message = str(info.value)
     assert "'10.0.0.8:80' differs from '10.0.0.9:9080'" in message, message
     assert "Target(" not in message
+
+
+def test_a_typed_config_whose_bytes_do_not_decode_is_named() -> None:
+    """A listener's filter whose typed_config does not decode: a MappingError naming the
+    listener and the filter (it escaped as protobuf's DecodeError, NACKed as our bug)."""
+    listener = parse_message(
+        outbound_listener_doc("out", 15001, "reviews", "127.0.0.1:9080"), Listener, "test"
+    )
+    listener.filter_chains[0].filters[0].typed_config.value = b"\xff\xff\xff\xff"
+    clusters = {"reviews": _cluster(static_cluster_doc("reviews", "quic", [("127.0.0.1", 1)]))}
+    with pytest.raises(MappingError, match=r"Listener 'out'.*typed_config does not decode"):
+        map_resources(EnvoyResources(listeners={"out": listener}, clusters=clusters))
+
+
+def test_static_resources_named_twice_are_refused(tmp_path: Path) -> None:
+    listeners = [outbound_listener_doc("out", port, "reviews", "127.0.0.1:9080") for port in (1, 2)]
+    result = _check(write_bootstrap(tmp_path, listeners=listeners))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "bootstrap.static_resources.listeners[1]: name 'out' appears twice" in line
+
+
+def test_a_bootstrap_cluster_with_a_tls_transport_socket_parses(tmp_path: Path) -> None:
+    """docs/xds.md accepts the tls transport socket (quicmesh uses its own mutual TLS):
+    its typed_config must parse (its message type was not loaded)."""
+    cluster = static_cluster_doc("reviews", "quic", [("127.0.0.1", 15008)])
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "reviews",
+        },
+    }
+    result = _check(write_bootstrap(tmp_path, clusters=[cluster]))
+    assert result.returncode == 0, result.stderr

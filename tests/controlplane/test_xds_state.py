@@ -132,3 +132,44 @@ def test_accepted_state_follows_only_accepted_responses(steps: list[tuple[set[st
         assert state.names(ENDPOINT_TYPE) == tuple(sorted(accepted)) or not any(
             s[1] for s in steps[: index + 1]
         )
+
+
+def test_a_resource_whose_bytes_do_not_decode_is_nacked_not_raised() -> None:
+    """A packed resource of the right type whose bytes are not that message: a NACK
+    naming it (it escaped as protobuf's DecodeError and tore the stream down)."""
+    state = _state()
+    state.requests_for_new_stream()
+    broken = any_pb2.Any(type_url=CLUSTER_TYPE, value=b"\xff\xff\xff\xff")
+    response = discovery_pb2.DiscoveryResponse(
+        version_info="v1", nonce="n1", type_url=CLUSTER_TYPE, resources=[broken]
+    )
+    with pytest.raises(ProtocolError, match=r"resources\[0\] does not decode"):
+        state.on_response(response)
+    (nack,) = state.reject_response(response, "resources[0] does not decode")
+    assert (nack.version_info, nack.response_nonce) == ("", "n1")
+
+
+def test_eds_is_asked_for_only_while_a_cluster_needs_endpoints() -> None:
+    """An empty EDS subscription would be a wildcard (every assignment the server has):
+    no EDS request until a cluster uses EDS, an explicit empty list once none does, and
+    no EDS on a new stream then; an EDS response meanwhile is not subscribed to."""
+    state = _state()
+    state.requests_for_new_stream()
+    static = [docs.static_cluster_doc("s", "quic", [("127.0.0.1", 1)])]
+    (ack,) = _accept(state, "1", static)
+    assert ack.type_url == CLUSTER_TYPE and not state.subscribed(ENDPOINT_TYPE)
+    assert ENDPOINT_TYPE not in [r.type_url for r in state.requests_for_new_stream()]
+    eds = [docs.cluster_doc("a", "quic")]
+    _, subscribe = _accept(state, "2", eds)
+    assert list(subscribe.resource_names) == ["a"] and state.subscribed(ENDPOINT_TYPE)
+    assert ENDPOINT_TYPE in [r.type_url for r in state.requests_for_new_stream()]
+    _, unsubscribe = _accept(state, "3", static)
+    assert unsubscribe.type_url == ENDPOINT_TYPE and list(unsubscribe.resource_names) == []
+    assert not state.subscribed(ENDPOINT_TYPE)
+    assert ENDPOINT_TYPE not in [r.type_url for r in state.requests_for_new_stream()]
+
+
+def _accept(state: AdsState, version: str, documents: list[dict[str, Any]]) -> list[Any]:
+    """Accept a CDS response of these clusters; the requests that answer it."""
+    clusters = [docs.cluster(document) for document in documents]
+    return state.accept(state.on_response(_response(CLUSTER_TYPE, version, version, clusters)))
