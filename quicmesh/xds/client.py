@@ -233,8 +233,9 @@ class AdsClient:
         if update.type_url == SECRET_TYPE:
             self._apply_secrets(update)
             return
-        mapped = with_static(self.static, map_resources(update.resources))
         base = self.sidecar.config
+        serving = {cluster.name: cluster for cluster in base.clusters}
+        mapped = with_static(self.static, map_resources(update.resources, serving))
         check_ports(mapped, base.admin.address[1])
         new = replace(
             base, outbound=mapped.outbound, inbound=mapped.inbound, clusters=mapped.clusters

@@ -564,11 +564,16 @@ def _bounded(parent: Message, name: str, default: int, low: int, high: int, wher
 # -- everything ------------------------------------------------------------------
 
 
-def map_resources(resources: EnvoyResources) -> MappedConfig:
+def map_resources(
+    resources: EnvoyResources, serving: Mapping[str, ClusterConfig] | None = None
+) -> MappedConfig:
     """Map a whole set of resources; clusters without endpoints yet are held back.
 
     A listener whose cluster is warming (or absent) is held back with it, as
-    Envoy does not activate a listener before its clusters are ready.
+    Envoy does not activate a listener before its clusters are ready. A cluster in
+    ``serving`` (the clusters the sidecar runs now, by name) whose new version warms
+    keeps its serving version, with its listeners, until the new one is warm, as
+    Envoy keeps an active cluster while its update warms.
 
     :raises MappingError: the first unsupported field or inconsistency found.
     """
@@ -599,6 +604,8 @@ def map_resources(resources: EnvoyResources) -> MappedConfig:
         )
         if mapped_cluster is None:
             warming.append(cluster.name)
+            if serving is not None and cluster.name in serving:
+                clusters[cluster.name] = serving[cluster.name]
         else:
             clusters[mapped_cluster.name] = mapped_cluster
     ready_outbound = tuple(o.config for o in outbound if o.config.cluster in clusters)

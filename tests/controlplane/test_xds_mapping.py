@@ -567,3 +567,29 @@ def test_a_bootstrap_cluster_with_a_tls_transport_socket_parses(tmp_path: Path) 
     }
     result = _check(write_bootstrap(tmp_path, clusters=[cluster]))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_serving_cluster_keeps_serving_while_its_update_warms() -> None:
+    """A CDS update that has to warm again (another EDS service, whose endpoints are not
+    here yet) keeps the version serving now, and its listener, until the new one is warm
+    (as Envoy does); it dropped both, and the listener's port refused connections."""
+    listener = parse_message(outbound_listener_doc("out", 15001, "c", "h:1"), Listener, "t")
+    resources = EnvoyResources(
+        listeners={"out": listener},
+        clusters={"c": _cluster(cluster_doc("c", "h2"))},
+        assignments={"c": _cla(cla_doc("c", [("127.0.0.1", 1, "HEALTHY", None)]))},
+    )
+    serving = {c.name: c for c in map_resources(resources).clusters}
+    changed = cluster_doc("c", "quic")
+    changed["eds_cluster_config"]["service_name"] = "c2"
+    resources.clusters["c"] = _cluster(changed)
+    mapped = map_resources(resources, serving)
+    assert mapped.warming == ("c",)
+    assert mapped.clusters == (serving["c"],) and [o.name for o in mapped.outbound] == ["out"]
+    assert mapped.clusters[0].transport == "h2"  # the serving version
+    # Without a serving version (first sync) it is held back as before.
+    assert map_resources(resources).clusters == ()
+    # Warm: the new version replaces it.
+    resources.assignments["c2"] = _cla(cla_doc("c2", [("127.0.0.1", 2, "HEALTHY", None)]))
+    warm = map_resources(resources, serving)
+    assert warm.warming == () and warm.clusters[0].transport == "quic"
