@@ -155,3 +155,52 @@ def test_a_replayed_0rtt_flight_is_delivered_once() -> None:
                 replay_transport.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_rejected_flight_is_not_resent_to_another_server_behind_the_address(
+    attempt: int,
+) -> None:
+    """A client resumes (0-RTT) to an address where another mesh identity now listens: its
+    flight is rejected and the full handshake shows that server's certificate. The engine
+    wrote the rejected flight again at once, before the identity was checked, so the
+    other server's handler could get it (3 of 12 runs, a review found); it is written
+    again only to the server its ticket came from. (The check itself fails the streams
+    and refuses the connection, as on aioquic.) The race it closed is timing-bound: three
+    attempts, each a fresh pair."""
+    from quicmesh.errors import TunnelError
+    from tests.quic_helpers import CA, Recorder, client_transport, server_transport
+
+    impostor_saw = Recorder()
+
+    async def main() -> None:
+        client = client_transport(engine="native")
+        listener = await server_transport(engine="native").listen(("127.0.0.1", 0), Recorder())
+        address = listener.address
+        conn = await client.connect(address)
+        stream = await conn.open_stream("a.svc:1")
+        stream.write_eof()
+        await stream.read()
+        await asyncio.sleep(0.05)  # the ticket arrives after the first answer
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        impostor = server_transport(
+            CA.issue("spiffe://mesh.local/ns/default/sa/other"), engine="native"
+        )
+        impostor_listener = await impostor.listen(address, impostor_saw)
+        conn = await client.connect(address, early_data=True)
+        assert conn.early_data == "attempted"
+        stream = await conn.open_stream("a.svc:1", wait_response=False)
+        stream.write(b"secret")
+        stream.write_eof()
+        with pytest.raises(TunnelError, match="ticket was issued by"):
+            await asyncio.wait_for(stream.read(), 10)
+        assert conn.is_closed
+        assert conn.quic.resend_early_data(0) == 0  # the flight was not written again
+        await conn.wait_closed()
+        impostor_listener.close()
+        await impostor_listener.wait_closed()
+
+    run(main())

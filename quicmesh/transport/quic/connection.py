@@ -248,6 +248,8 @@ class QuicPeerConnection(SessionConnection):
         self._resumed_identity = ticket_identity
         """The identity the session ticket recorded (client: the one offered;
         server: the one redeemed)."""
+        if self.is_client and hasattr(quic, "resend_allowed"):
+            quic.resend_allowed = self._same_peer_as_ticket
         self._issued_tickets: list[SessionTicket] = []
         self._handshake_done = False
         self._established = False
@@ -1183,6 +1185,14 @@ class QuicPeerConnection(SessionConnection):
         self.quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
         if self._established:
             self.on_connection_lost(exc)
+
+    def _same_peer_as_ticket(self) -> bool:
+        """(client, 0-RTT rejected) Whether the server of the full handshake is the one
+        whose ticket the flight went under: only then is the flight written again."""
+        try:
+            return self._verify_peer(False) == self.peer_identity
+        except PeerVerificationError:
+            return False
 
     def _verify_peer(self, resumed: bool) -> str:
         if resumed:

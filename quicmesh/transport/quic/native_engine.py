@@ -828,6 +828,11 @@ class NativeConnection:
         given, in order (resent on the re-opened streams if 0-RTT is rejected)."""
         self._early_resets: dict[int, int] = {}
         self._resent = 0
+        self.resend_allowed: Callable[[], bool] | None = None
+        """(client, 0-RTT) Asked before a rejected flight is written again, with the
+        server's certificate of the full handshake loaded: False when that server is not
+        the one whose ticket the flight went under, so that none of its bytes reach it
+        (the connection is refused next). Set by the connection that checks identities."""
         self._certificates: tuple[x509.Certificate | None, list[x509.Certificate]] | None = None
         self._liveness = _LivenessSample()
         self._remote: Address | None = None
@@ -1046,7 +1051,7 @@ class NativeConnection:
                 query = getattr(self._native, "early_kept", None)
                 kept = set(query(self.conn)) if query is not None else set()
                 lost = {sid: given for sid, given in log.items() if sid not in kept}
-                self._resent = self._resend(lost) if lost else 0
+                self._resent = self._resend(lost) if lost and self._may_resend() else 0
             self._handshake_completed(early_data_accepted=accepted)
         elif kind == "handshake_done":
             self._check_early_data(received=event[2])
@@ -1153,8 +1158,15 @@ class NativeConnection:
         if log is None or stream_id not in log:
             return False
         self._early_log = None
-        self._resent = self._resend(log, reopened=stream_id)
+        self._resent = self._resend(log, reopened=stream_id) if self._may_resend() else 0
         return True
+
+    def _may_resend(self) -> bool:
+        """Whether a rejected 0-RTT flight may be written again (:attr:`resend_allowed`)."""
+        if self.resend_allowed is None:
+            return True
+        self._certificates = None  # the full handshake's, not the ticket's
+        return self._load_certificates() and self.resend_allowed()
 
     def _resend(self, log: dict[int, list[tuple[bytes, bool]]], reopened: int | None = None) -> int:
         """0-RTT was rejected: quinn forgot the streams opened in it and gives the same
