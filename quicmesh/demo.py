@@ -525,16 +525,27 @@ def print_summary(
 
 MAX_DURATION = 86400.0
 """The longest ``--duration`` (NaN and infinity are not durations either)."""
+MAX_FLOWS = 10_000
+"""The most ``--flows`` (each is a task and two connections on one machine)."""
+MAX_SIZE = 64 * 2**20
+"""The largest ``--size`` (each flow holds its payload in memory)."""
+
+
+def load_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's ``--flows``, ``--duration`` and ``--size``, if
+    anything: the one line to print."""
+    if not 1 <= args.flows <= MAX_FLOWS or not 1 <= args.size <= MAX_SIZE:
+        return f"quicmesh demo: --flows must be 1-{MAX_FLOWS}, --size 1-{MAX_SIZE} bytes"
+    if not 0 < args.duration <= MAX_DURATION:
+        return f"quicmesh demo: --duration must be seconds within 0-{MAX_DURATION:g}"
+    return None
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; 0 only if every flow and request came back intact."""
-    if args.flows < 1 or not 0 < args.duration <= MAX_DURATION or args.size < 1:
-        print(
-            "quicmesh demo: --flows and --size must be positive, --duration seconds"
-            f" within 0-{MAX_DURATION:g}",
-            file=sys.stderr,
-        )
+    problem = load_problem(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
         try:

@@ -477,13 +477,32 @@ def load_config(path: str | Path, *, xds_address: str | None = None) -> SidecarC
     :raises ConfigError: one line, ``<file>: <field>: <problem>``.
     """
     path = Path(path)
+    text = read_config_text(path, "cannot read")
+    return parse_config(text, source=str(path), base_dir=path.parent, xds_address=xds_address)
+
+
+MAX_CONFIG_BYTES = 16 * 2**20
+"""The largest configuration or endpoints file read (``/dev/zero`` is not one)."""
+
+
+def read_config_text(path: Path, cannot: str) -> str:
+    """The UTF-8 text of a configuration file, at most :data:`MAX_CONFIG_BYTES`.
+
+    :raises ConfigError: ``<file>: <cannot>: <why>``, too large, or not UTF-8.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: {cannot}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a configuration"
+        )
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, source=str(path), base_dir=path.parent, xds_address=xds_address)
 
 
 def parse_config(
@@ -516,12 +535,7 @@ def load_endpoints_document(path: str | Path) -> EndpointsDocument:
     :raises ConfigError: naming the endpoints file, the entry and the problem.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read endpoints file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    text = read_config_text(path, "cannot read endpoints file")
     document = _parse_yaml(text, str(path))
     node = _Field(str(path), "", document)
     services: tuple[Address, ...] = ()

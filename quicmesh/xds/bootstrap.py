@@ -34,6 +34,7 @@ from ..sidecar.config import (
     XdsConfig,
     load_config,
     load_yaml,
+    read_config_text,
 )
 
 ENVOY_KEYS = {"static_resources", "dynamic_resources"}
@@ -54,8 +55,8 @@ def load_any_config(path: str | Path, *, xds_address: str | None = None) -> Side
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_config_text(path, "cannot read")
+    except ConfigError:
         return load_config(path)  # says what is wrong in its usual words
     try:
         document = load_yaml(text)

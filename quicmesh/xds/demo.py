@@ -177,8 +177,11 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
 
 def run_xds_demo(args: argparse.Namespace) -> int:
     """Run the xDS demo; 0 only if every flow came back intact and both sidecars drained."""
-    if args.flows < 1 or args.duration <= 0 or args.size < 1:
-        print("quicmesh demo: --flows, --duration and --size must be positive", file=sys.stderr)
+    from ..demo import load_problem
+
+    problem = load_problem(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="quicmesh-xds-demo-") as workdir:
         try:
