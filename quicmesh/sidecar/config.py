@@ -803,7 +803,11 @@ class _Field:
     def name(self) -> str:
         text = self.string()
         if not is_name(text):
-            raise self.error(f"{text!r:.60} is not a name (letters, digits, '_', '.', '-')")
+            shown = repr(text) if len(text) <= 60 else repr(text[:57] + "...")
+            raise self.error(
+                f"{shown} is not a name (1-63 letters, digits, '_', '.', '-', "
+                "starting with a letter or digit)"
+            )
         return text
 
     def integer(self, low: int, high: int) -> int:

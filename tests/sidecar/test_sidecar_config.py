@@ -223,6 +223,11 @@ DELETE = object()
             7,
             "sidecar.yaml: tls.ticket_cache: expected a non-empty string",
         ),
+        (
+            ["clusters", 0, "name"],
+            "c" * 64,
+            "sidecar.yaml: clusters[0].name: '" + "c" * 57 + "...' is not a name (1-63 letters",
+        ),
     ],
 )
 def test_errors_name_file_field_and_problem(path: list[Any], value: Any, message: str) -> None:
