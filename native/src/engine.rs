@@ -138,9 +138,25 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
              (restarted or dropped it)"
                 .to_owned()
         }
-        _ => error.to_string(),
+        _ => readable(error.to_string()),
     };
     (kind, message)
+}
+
+/// rustls shows a verifier's own error in its Debug form,
+/// `Other(OtherError(VerifyError("...")))`: the text inside, in its place.
+pub fn readable(message: String) -> String {
+    const OPEN: &str = "Other(OtherError(VerifyError(\"";
+    const CLOSE: &str = "\")))";
+    match (message.find(OPEN), message.rfind(CLOSE)) {
+        (Some(start), Some(end)) if end > start => format!(
+            "{}{}{}",
+            &message[..start],
+            message[start + OPEN.len()..end].replace("\\\"", "\""),
+            &message[end + CLOSE.len()..]
+        ),
+        _ => message,
+    }
 }
 
 /// What a server connection's path did (RFC 9000 section 9), as [`PathWatch`] saw it.
@@ -1858,6 +1874,18 @@ impl TransportOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verifier_error_reads_as_its_text() {
+        let shown = "the cryptographic handshake failed: error 42: invalid peer certificate: \
+                     Other(OtherError(VerifyError(\"peer identity spiffe://m/x is not \\\"allowed\\\"\")))";
+        assert_eq!(
+            readable(shown.to_owned()),
+            "the cryptographic handshake failed: error 42: invalid peer certificate: \
+             peer identity spiffe://m/x is not \"allowed\""
+        );
+        assert_eq!(readable("timed out".to_owned()), "timed out");
+    }
 
     #[test]
     fn deferred_commands_wait_for_the_flush_then_run_in_order_on_the_engine_thread() {

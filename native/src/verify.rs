@@ -167,7 +167,7 @@ impl SpiffeVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        usage: KeyUsage,
+        usage: Usage,
     ) -> Result<String, VerifyError> {
         let certificate = EndEntityCert::try_from(end_entity)
             .map_err(|e| VerifyError(format!("peer certificate cannot be parsed: {e}")))?;
@@ -177,13 +177,11 @@ impl SpiffeVerifier {
                 &self.anchors,
                 intermediates,
                 now,
-                usage,
+                usage.key_usage(),
                 None,
                 None,
             )
-            .map_err(|e| {
-                VerifyError(format!("peer certificate not signed by a trusted CA: {e}"))
-            })?;
+            .map_err(|e| VerifyError(chain_problem(&e, usage)))?;
         let anchor = path.anchor();
         let domain = self
             .anchors
@@ -246,7 +244,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // SPIFFE names workloads by URI SAN, not by DNS name: the server name is not checked.
-        self.verify(end_entity, intermediates, now, KeyUsage::server_auth())
+        self.verify(end_entity, intermediates, now, Usage::Server)
             .map(|_| ServerCertVerified::assertion())
             .map_err(Self::to_tls_error)
     }
@@ -289,7 +287,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify(end_entity, intermediates, now, KeyUsage::client_auth())
+        self.verify(end_entity, intermediates, now, Usage::Client)
             .map(|_| ClientCertVerified::assertion())
             .map_err(Self::to_tls_error)
     }
@@ -317,9 +315,73 @@ impl ClientCertVerifier for SpiffeVerifier {
     }
 }
 
+/// Which side's certificate is verified: the extended key usage it needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Usage {
+    Server,
+    Client,
+}
+
+impl Usage {
+    fn key_usage(self) -> KeyUsage {
+        match self {
+            Usage::Server => KeyUsage::server_auth(),
+            Usage::Client => KeyUsage::client_auth(),
+        }
+    }
+}
+
+/// What webpki found wrong with a peer's chain, in words (webpki shows its errors as
+/// their Debug form: `CertExpired { time: UnixTime(..), .. }`).
+fn chain_problem(error: &webpki::Error, usage: Usage) -> String {
+    use webpki::Error;
+    let wanted = match usage {
+        Usage::Server => "serverAuth",
+        Usage::Client => "clientAuth",
+    };
+    match error {
+        Error::CertExpired { .. } => "peer certificate has expired".to_owned(),
+        Error::CertNotValidYet { .. } => "peer certificate is not valid yet".to_owned(),
+        // (webpki 0.103 gives the context variant; the plain one is kept for older ones)
+        #[allow(deprecated)]
+        Error::RequiredEkuNotFound | Error::RequiredEkuNotFoundContext(_) => {
+            format!("peer certificate is not for this use (no {wanted} extended key usage)")
+        }
+        Error::UnknownIssuer => "peer certificate not signed by a trusted CA".to_owned(),
+        Error::InvalidSignatureForPublicKey => {
+            "peer certificate not signed by a trusted CA (its signature does not verify)".to_owned()
+        }
+        Error::CertRevoked => "peer certificate is revoked".to_owned(),
+        other => format!("peer certificate chain refused: {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_problems_are_words() {
+        let (server, client) = (Usage::Server, Usage::Client);
+        assert_eq!(
+            chain_problem(&webpki::Error::UnknownIssuer, server),
+            "peer certificate not signed by a trusted CA"
+        );
+        #[allow(deprecated)]
+        let no_usage = webpki::Error::RequiredEkuNotFound;
+        assert_eq!(
+            chain_problem(&no_usage, client),
+            "peer certificate is not for this use (no clientAuth extended key usage)"
+        );
+        let expired = webpki::Error::CertExpired {
+            time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(2)),
+            not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(1)),
+        };
+        assert_eq!(
+            chain_problem(&expired, server),
+            "peer certificate has expired"
+        );
+    }
 
     #[test]
     fn valid_ids() {

@@ -90,6 +90,17 @@ def _done(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+def accept_failure_line(kind: str, message: str) -> str:
+    """The log line of a client's handshake that failed, naming which side refused:
+    ``verification`` (we refused its certificate), ``peer_refused`` (it refused ours,
+    with a TLS alert), or another ``kind`` (the handshake broke off)."""
+    if kind == "verification":
+        return f"refused a client: {message}"
+    if kind == "peer_refused":
+        return f"a client refused our certificate: {message}"
+    return f"handshake with a client failed ({kind}): {message}"
+
+
 class NativeEndpoint:
     """One UDP socket run by the native engine: connects out and, as a server, accepts.
 
@@ -289,7 +300,7 @@ class NativeEndpoint:
 
     def _on_accept_failed(self, kind: str, message: str) -> None:
         self.handshake_failures[kind] += 1
-        logger.warning("native engine: refused client: %s", message)
+        logger.warning("native engine: %s", accept_failure_line(kind, message))
 
     def _connection(self, conn: int) -> NativeConnection | None:
         return self._connections.get(conn)

@@ -8,6 +8,7 @@ credit (a stalled reader stops its sender), and resets and STOP_SENDING seen on 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -145,6 +146,41 @@ def test_a_server_of_an_untrusted_ca_is_refused() -> None:
                 await client.connect(*impostor.address)
 
     run(main())
+
+
+def test_refusals_are_told_in_words_and_each_side_names_who_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """rustls showed our verifier's error in its Debug form (``Other(OtherError(
+    VerifyError("...")))``), and the server logged "refused client" when it was the
+    client that refused the server's certificate."""
+
+    async def main() -> None:
+        impostor = await NativeEndpoint.bind(
+            "127.0.0.1", 0, STRANGER, OTHER_CA.trust_bundle, server=True
+        )
+        async with impostor, await client_endpoint() as client:
+            with pytest.raises(PeerVerificationError) as refused:
+                await client.connect(*impostor.address)
+            await wait_for(lambda: impostor.handshake_failures["peer_refused"], "the alert")
+        message = str(refused.value)
+        assert "invalid peer certificate: peer certificate not signed by a trusted CA" in message
+        assert "Error(" not in message, message
+        async with await server_endpoint() as server:
+            stranger = await NativeEndpoint.bind("127.0.0.1", 0, STRANGER, CA.trust_bundle)
+            async with stranger:
+                with pytest.raises(PeerVerificationError):
+                    await stranger.connect(*server.address)
+            await wait_for(lambda: server.handshake_failures["verification"], "the refusal")
+
+    with caplog.at_level(logging.WARNING, logger="quicmesh.transport.native"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "quicmesh.transport.native"]
+    assert any(
+        line.startswith("native engine: a client refused our certificate: ") for line in lines
+    )
+    assert any(line.startswith("native engine: refused a client: ") for line in lines), lines
+    assert not any("Error(" in line for line in lines), lines
 
 
 def test_a_server_with_an_unexpected_identity_is_refused() -> None:

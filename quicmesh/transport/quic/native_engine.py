@@ -172,7 +172,7 @@ from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
-from ..native import native_module
+from ..native import accept_failure_line, native_module
 from .engine import (
     Address,
     EngineError,
@@ -2073,7 +2073,7 @@ class NativeListener:
         self._wake()
 
     def _on_accept_failed(self, kind: str, message: str) -> None:
-        logger.warning("refused client: %s", message)
+        logger.warning("%s", accept_failure_line(kind, message))
         if kind == "verification":  # we refused the client's certificate
             self._refused.append(message)
         elif kind == "peer_refused":  # the client refused ours (its TLS alert)
