@@ -199,3 +199,45 @@ def test_native_send_window_carries_a_bulk() -> None:
         assert client_stats["bytes_sent"] > 64 * 65536
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_listening_with_a_certificate_without_spiffe_id_is_a_config_error(engine: str) -> None:
+    """As connect() refuses it: an aioquic listener took it, then raised ConfigError
+    from every datagram it received (loop noise) while clients waited out their timeout."""
+    import asyncio
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from quicmesh import ConfigError, DevCA, Identity, QuicTransport
+
+    if engine == "native":
+        pytest.importorskip("quicmesh._native")
+    ca = DevCA()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("O=quicmesh,CN=no-san"))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("x.svc")]), critical=False)
+        .sign(ca.private_key, hashes.SHA256())
+    )
+    transport = QuicTransport(identity=Identity(leaf, key), trust=ca.trust_bundle, engine=engine)
+
+    async def main() -> None:
+        async def handler(stream: object) -> None:
+            raise AssertionError("never called")
+
+        with pytest.raises(ConfigError, match="carries no SPIFFE ID"):
+            await transport.listen(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+        await transport.aclose()
+
+    asyncio.run(main())

@@ -380,7 +380,10 @@ class QuicTransport(Transport):
         :param early_data: accept 0-RTT from clients resuming with a ticket. False
             still resumes sessions (no certificates) but rejects their 0-RTT, which
             the clients then send again in 1-RTT.
+        :raises ConfigError: our certificate carries no SPIFFE ID (no client could
+            verify it), as :meth:`connect` raises.
         """
+        self.identity.spiffe_id  # noqa: B018 - raises ConfigError naming the certificate
         address = await _numeric(address, listening=True)
         if self.engine.io == "socket":
             return self._listen_socket(address, handler, authorize, early_data=early_data)
