@@ -241,3 +241,36 @@ def test_listening_with_a_certificate_without_spiffe_id_is_a_config_error(engine
         await transport.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_migrating_to_another_address_family_is_refused_before_anything_moves(
+    engine: str,
+) -> None:
+    """migrate(("::1", 0)) on a connection to an IPv4 peer returned, and the connection
+    died some seconds later (no packet could reach the peer): ConnectError now, and the
+    connection carries on."""
+    import asyncio
+
+    from quic_helpers import TARGET, Recorder, client_transport, server_transport
+
+    from quicmesh import ConnectError
+
+    if engine == "native":
+        pytest.importorskip("quicmesh._native")
+
+    async def main() -> None:
+        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), Recorder())
+        conn = await client_transport(engine=engine).connect(listener.address)
+        with pytest.raises(ConnectError, match=r"cannot migrate to ::1: an IPv6 address"):
+            await conn.migrate(("::1", 0))
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"still here")
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(), 10) == b"still here"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(main())

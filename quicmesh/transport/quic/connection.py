@@ -547,7 +547,27 @@ class QuicPeerConnection(SessionConnection):
             :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
         """
         self._raise_if_lost()
+        if local_address is not None:
+            self._check_family(local_address[0])
         await self._migrate(local_address, cause="active")
+
+    def _check_family(self, host: str) -> None:
+        """A new local address must be of the peer's address family (an IPv6 socket
+        cannot reach an IPv4 peer): ConnectError before anything moves."""
+        try:
+            local = ipaddress.ip_address(host)
+            peer = ipaddress.ip_address(self._peer_address[0]) if self._peer_address else None
+        except ValueError:
+            return  # not an address: binding says what is wrong
+        if peer is None:
+            return
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        if local.version != peer.version:
+            raise ConnectError(
+                f"cannot migrate to {host}: an IPv{local.version} address, and the peer "
+                f"({peer}) is reached over IPv{peer.version}"
+            )
 
     # -- 0-RTT budget ----------------------------------------------------------------
 
