@@ -274,3 +274,30 @@ def test_migrating_to_another_address_family_is_refused_before_anything_moves(
         await listener.wait_closed()
 
     asyncio.run(main())
+
+
+def test_native_client_connections_log_under_their_own_ids() -> None:
+    """Every native client connection logged as ``[native--1]`` (its number taken before
+    the engine gave one), and endpoints number their connections alike."""
+    import asyncio
+
+    from quic_helpers import Recorder, client_transport, server_transport
+
+    pytest.importorskip("quicmesh._native")
+
+    async def main() -> list[str]:
+        listener = await server_transport(engine="native").listen(("127.0.0.1", 0), Recorder())
+        connections = [
+            await client_transport(engine="native").connect(listener.address) for _ in range(2)
+        ]
+        connections.append(await client_transport(engine="native").connect(listener.address))
+        ids = [conn.log_id for conn in connections]
+        for conn in connections:
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        return ids
+
+    ids = asyncio.run(main())
+    assert len(set(ids)) == 3 and all(i.startswith("native-") and "--" not in i for i in ids), ids

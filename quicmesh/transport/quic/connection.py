@@ -1149,6 +1149,9 @@ class QuicPeerConnection(SessionConnection):
         self.counters["zero_rtt_attempted"] += 1
 
     def _establish(self, identity: str, early_data: str = "none") -> None:
+        # The native engine numbers a client connection once it is connected.
+        self._log_id = self.quic.log_id
+        self.log.extra = {"connection": self._log_id}
         self.peer_identity = identity
         self._early_data = early_data
         if early_data == "attempted":

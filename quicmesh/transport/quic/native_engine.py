@@ -449,6 +449,9 @@ class _FlushedAtOnce:
         return flushed
 
 
+_ENDPOINT_NUMBERS = itertools.count(1)
+
+
 class _Pump:
     """Watches one endpoint's wake-up descriptor and routes its events to connections.
 
@@ -460,6 +463,9 @@ class _Pump:
         self, endpoint: Any, loop: asyncio.AbstractEventLoop, limits: EngineLimits
     ) -> None:
         self.endpoint = endpoint
+        self.number = next(_ENDPOINT_NUMBERS)
+        """This endpoint's number in the process (for logs: each endpoint numbers its
+        connections from 1)."""
         self.loop = loop
         self.stream_window = limits.stream_window
         self.congestion = limits.congestion_control
@@ -548,7 +554,7 @@ class _Pump:
         try:
             step()
         except Exception:  # one connection's bug must not stall the others
-            logger.exception("[native-%d] closing the connection: internal error", connection.conn)
+            logger.exception("[%s] closing the connection: internal error", connection.log_id)
             connection.close(H3_INTERNAL_ERROR, reason_phrase="internal error")
 
     @property
@@ -854,8 +860,9 @@ class NativeConnection:
 
     @property
     def log_id(self) -> str:
-        """The engine's connection number, for logs (quinn's IDs stay inside)."""
-        return f"native-{self.conn}"
+        """The endpoint's and the engine's connection numbers, for logs (quinn's IDs
+        stay inside): ``native-E.C``."""
+        return f"native-{self._pump.number}.{self.conn}"
 
     @property
     def _remote_max_datagram_frame_size(self) -> int | None:
