@@ -94,7 +94,9 @@ rather than pretending:
   the driver applies the aioquic engine's rule: a connect in its handshake
   fails at once, an established connection is probed (:meth:`NativeConnection.send_ping`:
   quinn has no PING command, the extension makes it send MAX_DATA) and fails
-  on the second error in a row. Server connections get them too.
+  on the second error in a row. A server connection ignores them, as an aioquic
+  listener does (:meth:`NativeConnection.unreachable`): a dead client is found by
+  the liveness rules, in a few probe timeouts.
 * **Paths**: migration is :meth:`NativeConnection.migrate` (``rebind``: the
   client endpoint's socket moves, with every connection on it; quinn sends a PING
   on the new path at once, and the old socket is read for ``OLD_SOCKET_GRACE``
