@@ -39,7 +39,6 @@ suite replays every file (``tests/test_fuzz_targets.py``). Needs ``atheris``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -49,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .bench import OneLineParser
 from .errors import ConfigError, QuicmeshError
 from .outputs import output_dir
 
@@ -350,7 +350,7 @@ def _worker(target: str, seconds: str, corpus: str, crashes: str) -> int:
 
 def main(argv: list[str]) -> int:
     """``quicmesh fuzz``: run the targets, one process each; exit 1 if one crashed."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quicmesh fuzz", description=" ".join(__doc__.split("\n\n")[0].split())
     )
     parser.add_argument("--seconds", type=int, default=60, help="per target (default 60)")

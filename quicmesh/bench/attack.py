@@ -52,6 +52,7 @@ from ..errors import QuicmeshError
 from ..transport._stream_rate import DEFAULT_STREAM_RATE
 from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine
 from ..tunnel.h3 import H3TunnelSession
+from . import OneLineParser
 from ._engine import engine_problem
 
 TARGET = "echo.bench:1"
@@ -540,9 +541,7 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
 
 def main(argv: list[str]) -> int:
     """Run the probes (or one side of them, with ``--role``)."""
-    parser = argparse.ArgumentParser(
-        prog="quicmesh bench attack", description=__doc__.split("\n")[0]
-    )
+    parser = OneLineParser(prog="quicmesh bench attack", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s phases, 2,000 Initials")
     parser.add_argument("--probe", choices=PROBES, action="append", help="(repeatable) default all")
     parser.add_argument("--phase", type=float, default=5.0, help="seconds before and after")

@@ -560,7 +560,12 @@ def _percent_list(text: str) -> tuple[float, ...]:
     for part in text.split(","):
         part = part.strip().rstrip("%")
         if part:
-            value = float(part) / 100
+            try:
+                value = float(part) / 100
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"loss must be percentages, not {part!r}"
+                ) from None
             if not 0 <= value < 1:
                 raise argparse.ArgumentTypeError(f"loss must be in [0, 100) %, not {part}")
             values.append(value)

@@ -43,7 +43,6 @@ matplotlib).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -63,6 +62,7 @@ from ..intercept.lab import InterceptLab, NamespacedSidecar
 from ..netem import system
 from ..outputs import output_file
 from ..tls import DevCA
+from . import OneLineParser
 from ._measure import CpuReading, cpu_reading
 
 CONNECTION_CASES = ("direct", "explicit", "intercepted")
@@ -411,7 +411,7 @@ def plot(connections: list[ConnectionRow], lookups: list[LookupRow], path: str) 
 
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench intercept [--quick] [--connections N] [--rounds N] [--window S]``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quicmesh bench intercept", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--connections", type=int, default=None, help="per case per round (200)")

@@ -18,7 +18,6 @@ the table prints medians and the full/tenth ratios (linear scaling gives 10).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ from ..tls import DevCA
 from ..xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
 from ..xds.testing import AdsServer
 from ..xds.testing import documents as docs
+from . import OneLineParser
 
 
 @dataclass
@@ -148,7 +148,7 @@ def measure(clusters: int, endpoints: int, workdir: Path) -> Run:
 
 def main(argv: list[str]) -> int:
     """Run the benchmark; print the table (and ``--json``)."""
-    parser = argparse.ArgumentParser(prog="quicmesh bench xds", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="quicmesh bench xds", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--clusters", type=int, help="clusters of the larger case (default 1000; --quick 100)"
     )
