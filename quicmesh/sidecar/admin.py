@@ -57,6 +57,8 @@ class Response:
     status: int
     content_type: str
     body: bytes
+    allow: str = ""
+    """The methods the path takes (the ``allow`` header of a 405)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,10 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return _text(404, f"no admin path {path}; try {', '.join(ROUTES)}")
     allowed = {expected, "HEAD"} if expected == "GET" else {expected}
     if method not in allowed:
-        return _text(405, f"{path} takes {expected}")
+        refused = _text(405, f"{path} takes {expected}")
+        return Response(
+            refused.status, refused.content_type, refused.body, ", ".join(sorted(allowed))
+        )
     if path == "/metrics":
         return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
     if path == "/stats":
@@ -155,16 +160,33 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         request: h11.Request | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
+        received = 0
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    received += len(data)
+                    if received > MAX_REQUEST_BYTES:
+                        raise h11.RemoteProtocolError("request too large", 431)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+        except h11.RemoteProtocolError as exc:
+            # The client's fault: said in one answer (h11 cannot frame one any more).
+            status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+            body = f"bad request: {exc}\n".encode()
+            reason = "Bad Request" if status == 400 else "Request Header Fields Too Large"
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            return
         if request is None:
             return
         method = request.method.decode("ascii", "replace")
@@ -181,6 +203,8 @@ class AdminServer:
             ("content-length", str(len(response.body))),
             ("connection", "close"),
         ]
+        if response.allow:
+            headers.append(("allow", response.allow))
         writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
         if method != "HEAD":
             writer.write(conn.send(h11.Data(data=response.body)) or b"")

@@ -345,6 +345,40 @@ def test_admin_routes() -> None:
     assert response.status == 200 and json.loads(response.body)["migrated"] == 1
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /stats HTTP/1.1\r\n\r\n", b"400"),  # no Host
+        (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
+        (b"GET /stats HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 100_000 + b"\r\n\r\n", b"431"),
+        (b"POST /stats HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", b"405"),
+    ],
+    ids=["no-host", "not-http", "too-large", "wrong-method"],
+)
+def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: bytes) -> None:
+    """A malformed or oversized request is answered (400, 431), not dropped; a 405 says
+    which methods the path takes (``allow``)."""
+    from quicmesh.sidecar.admin import AdminServer
+
+    async def main() -> bytes:
+        server = AdminServer(FakeView(), ("127.0.0.1", 0))
+        await server.start()
+        assert server._server is not None
+        port = server._server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_bytes)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await server.close()
+        return answer
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    if status == b"405":
+        assert b"\r\nallow: GET, HEAD\r\n" in answer
+
+
 def test_access_log_line_is_one_json_object() -> None:
     record = FlowRecord(
         start=0.0,
