@@ -330,13 +330,12 @@ class Sidecar:
                     raise ConfigError(
                         f"{self.config_path}: an xds section cannot be added on reload: restart"
                     )
-                if new.node != self.config.node or new.tls != self.config.tls:
+                fixed = ("node", "tls", "admin", "access_log")
+                changed = [key for key in fixed if getattr(new, key) != getattr(self.config, key)]
+                if changed:
                     raise ConfigError(
-                        f"{self.config_path}: node and tls cannot change on reload: restart"
-                    )
-                if new.admin != self.config.admin or new.access_log != self.config.access_log:
-                    raise ConfigError(
-                        f"{self.config_path}: admin and access_log cannot change on reload: restart"
+                        f"{self.config_path}: {' and '.join(changed)} changed, but "
+                        f"{', '.join(fixed)} cannot change on reload: restart"
                     )
                 if _capture_ports(new) != _capture_ports(self.config):
                     raise ConfigError(
@@ -405,7 +404,8 @@ class Sidecar:
                     # Its sockets are bound to that address and made with these settings;
                     # a second listener cannot bind it while the first drains.
                     raise ConfigError(
-                        f"listeners.inbound {inb.name}: {', '.join(changed)} cannot change on"
+                        f"{self.config_path or 'the new configuration'}: listeners.inbound "
+                        f"{inb.name}: {', '.join(changed)} cannot change on"
                         f" a running listener at the same address ({format_address(inb.address)}):"
                         " restart the sidecar, or give the listener a new address; live on"
                         f" reload: {', '.join(INBOUND_LIVE_KEYS)}"

@@ -362,6 +362,15 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
         assert "reload rejected" in a.stderr() and "invalid YAML" in a.stderr()
         payload = os.urandom(10_000)
         assert asyncio.run(echo_flow(ports["echo"], payload)) == payload
+        # What cannot change on reload is refused, naming what changed.
+        renamed = yaml.safe_load(yaml.safe_dump(config))
+        renamed["node"]["name"] = "renamed"
+        a.write_config(renamed)
+        a.signal(signal.SIGHUP)
+        wait_until(lambda: reloads("rejected") == 2, what="node change refused")
+        assert "node changed, but node, tls, admin, access_log cannot change on reload" in (
+            a.stderr()
+        )
 
         # A watched endpoints file: a change applies, an invalid one is refused.
         def endpoints() -> list[str]:
@@ -373,7 +382,7 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
         endpoints_file.write_text(yaml.safe_dump(both))
         wait_until(lambda: endpoints() == both, what="endpoints file applied")
         endpoints_file.write_text("- 127.0.0.1:99999\n")
-        wait_until(lambda: reloads("rejected") == 2, what="bad endpoints file refused")
+        wait_until(lambda: reloads("rejected") == 3, what="bad endpoints file refused")
         assert endpoints() == both
         assert "port 99999 is outside 1-65535" in a.stderr()
     finally:
@@ -408,7 +417,7 @@ def test_a_reload_changing_what_a_running_inbound_listener_cannot_apply_is_refus
         reload_with(max_streams=2, engine="aioquic")
         wait_until(lambda: reloads("rejected") == 1, what="rejected reload")
         assert (
-            "listeners.inbound mesh: max_streams, engine cannot change on a running listener"
+            ": listeners.inbound mesh: max_streams, engine cannot change on a running listener"
             in b.stderr()
         )
         reload_with(connect_timeout="2s")
