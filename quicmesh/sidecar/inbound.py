@@ -442,14 +442,7 @@ class InboundListener:
         then closed gracefully (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes
         of finished flows get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
         """
-        self.draining = True
-        told = sum(connection.go_away() for connection in self._accepted_connections())
-        if told:
-            logger.info(
-                "inbound listener %s: told %d peer connection(s) to go away (HTTP/3 GOAWAY)",
-                self.config.name,
-                told,
-            )
+        self.begin_drain()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._local_flows.wait_idle(), grace)
         connections = self._accepted_connections()
@@ -458,6 +451,21 @@ class InboundListener:
         )
         self.close()
         await self.wait_closed()
+
+    def begin_drain(self) -> None:
+        """Refuse new streams from now on (503), and tell the QUIC peers first (an HTTP/3
+        GOAWAY on each connection, :meth:`~quicmesh.PeerConnection.go_away`) so that they
+        open new flows elsewhere; the flows under way carry on."""
+        if self.draining:
+            return
+        self.draining = True
+        told = sum(connection.go_away() for connection in self._accepted_connections())
+        if told:
+            logger.info(
+                "inbound listener %s: told %d peer connection(s) to go away (HTTP/3 GOAWAY)",
+                self.config.name,
+                told,
+            )
 
     def _accepted_connections(self) -> list[PeerConnection]:
         return [

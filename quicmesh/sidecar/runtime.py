@@ -573,7 +573,7 @@ class Sidecar:
         for capture in self.capture:
             capture.close()
         for inb in self.inbound.values():
-            inb.draining = True
+            inb.begin_drain()
         started = time.monotonic()
         try:
             await asyncio.wait_for(self.flows.wait_idle(), grace)
