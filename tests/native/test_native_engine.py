@@ -124,14 +124,19 @@ def test_many_concurrent_streams() -> None:
     run(main())
 
 
+async def _a_stranger_is_refused_by(server: NativeEndpoint) -> None:
+    """A client of a CA ``server`` does not trust connects: refused, and counted."""
+    stranger = await NativeEndpoint.bind("127.0.0.1", 0, STRANGER, CA.trust_bundle)
+    async with stranger:
+        with pytest.raises(PeerVerificationError):
+            await stranger.connect(*server.address)
+    await wait_for(lambda: server.handshake_failures["verification"], "the refusal")
+
+
 def test_a_client_of_an_untrusted_ca_is_refused() -> None:
     async def main() -> None:
         async with await server_endpoint() as server:
-            stranger = await NativeEndpoint.bind("127.0.0.1", 0, STRANGER, CA.trust_bundle)
-            async with stranger:
-                with pytest.raises(PeerVerificationError):
-                    await stranger.connect(*server.address)
-            await wait_for(lambda: server.handshake_failures["verification"], "the refusal")
+            await _a_stranger_is_refused_by(server)
 
     run(main())
 
@@ -167,11 +172,7 @@ def test_refusals_are_told_in_words_and_each_side_names_who_refused(
         assert "invalid peer certificate: peer certificate not signed by a trusted CA" in message
         assert "Error(" not in message, message
         async with await server_endpoint() as server:
-            stranger = await NativeEndpoint.bind("127.0.0.1", 0, STRANGER, CA.trust_bundle)
-            async with stranger:
-                with pytest.raises(PeerVerificationError):
-                    await stranger.connect(*server.address)
-            await wait_for(lambda: server.handshake_failures["verification"], "the refusal")
+            await _a_stranger_is_refused_by(server)
 
     with caplog.at_level(logging.WARNING, logger="quicmesh.transport.native"):
         run(main())
