@@ -174,10 +174,12 @@ class Sidecar:
         self.ready = True
         for warning in self.config.warnings:
             logger.warning("%s", warning)
+        waiting = self.not_ready_reason()
         logger.info(
-            "sidecar %s (%s) ready: admin %s, outbound %s, inbound %s",
+            "sidecar %s (%s) %s: admin %s, outbound %s, inbound %s",
             self.config.node.name,
             self.identity.spiffe_id,
+            f"started, not ready ({waiting})" if waiting else "ready",
             format_address(self.config.admin.address),
             ", ".join(f"{o.name}={format_address(o.address)}" for o in self.config.outbound) or "-",
             ", ".join(
@@ -644,8 +646,14 @@ class Sidecar:
             self.ready
             and not self.draining
             and self.certs.problem() is None
-            and (self.xds is None or self.xds.synced.is_set())
+            and not self._waits_for_control_plane()
         )
+
+    def _waits_for_control_plane(self) -> bool:
+        """Configured for xDS and not synced yet (also before its client started)."""
+        if self.xds is None:
+            return self.config.xds is not None
+        return not self.xds.synced.is_set()
 
     def not_ready_reason(self) -> str:
         """Why :meth:`is_ready` is False, in one line ("" when ready)."""
@@ -653,8 +661,8 @@ class Sidecar:
             return "draining"
         if not self.ready:
             return "starting"
-        if self.xds is not None and not self.xds.synced.is_set():
-            if self.xds.warming:
+        if self._waits_for_control_plane():
+            if self.xds is not None and self.xds.warming:
                 return f"waiting for the control plane (endpoints of {', '.join(self.xds.warming)})"
             return "waiting for the control plane (LDS and CDS)"
         return self.certs.problem() or ""

@@ -346,3 +346,44 @@ def test_a_bad_initial_fetch_timeout_is_one_line_naming_the_key(tmp_path: Path) 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "xds.initial_fetch_timeout" in lines[0], lines
+
+
+def test_a_sidecar_waiting_for_its_control_plane_does_not_log_ready(tmp_path: Path) -> None:
+    """The start line said "ready" while /ready answered 503 (no control plane yet)."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+
+    from quicmesh.tls import DevCA
+
+    def free() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+    DevCA().save(tmp_path / "ca")
+    admin, nobody = free(), free()
+    node = tmp_path / "node.yaml"
+    node.write_text(
+        "node: {name: productpage-1, identity: 'spiffe://mesh.local/ns/default/sa/productpage'}\n"
+        f"tls: {{ca_dir: {tmp_path}/ca}}\n"
+        f"admin: {{address: '127.0.0.1:{admin}'}}\n"
+    )
+    command = [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(node)]
+    process = subprocess.Popen(
+        [*command, "--xds", f"127.0.0.1:{nobody}"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "productpage-1 (" in line:
+                break
+        assert "started, not ready (waiting for the control plane (LDS and CDS))" in line, line
+        connection = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        connection.request("GET", "/ready")
+        assert connection.getresponse().status == 503
+        connection.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
