@@ -144,6 +144,8 @@ def _parse_authority(value: str) -> tuple[str, int]:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host:
             raise InvalidTarget(f"{value!r} is not host:port")
+        if "://" in host:
+            raise InvalidTarget(f"{value!r} is a URL: give host:port")
         if ":" in host:
             raise InvalidTarget(f"{value!r}: write IPv6 addresses as [address]:port")
         if not host.isascii():  # (before lower(): the Kelvin sign lower-cases to "k")

@@ -103,6 +103,12 @@ def test_bad_targets_are_refused(value: str) -> None:
         parse_target(value)
 
 
+def test_a_url_given_as_a_target_is_named_a_url() -> None:
+    """It was told to write IPv6 addresses in brackets."""
+    with pytest.raises(InvalidTarget, match=r"'http://x:80' is a URL: give host:port$"):
+        parse_target("http://x:80")
+
+
 header_names = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,30}\Z").filter(
     lambda name: name not in RESERVED_HEADERS
 )
