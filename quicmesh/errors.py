@@ -92,9 +92,14 @@ class InvalidHeader(InvalidTarget):
 def os_error_text(exc: OSError) -> str:
     """What went wrong, in the system's words: ``strerror``, which an ``OSError`` may lack
     (uvloop raises bind errors with only ``errno`` set: "None" in messages before), else
-    the text of its ``errno``, else the exception itself."""
+    the text of its ``errno``, else the exception itself with its cause's reason (uvloop's
+    datagram bind error has neither, and the reason as its cause)."""
     if exc.strerror:
         return str(exc.strerror)
     if exc.errno:
         return os.strerror(exc.errno)
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and (cause.strerror or cause.errno):
+        # uvloop's "could not bind to local_addr (...)" carries the reason as its cause
+        return f"{exc}: {os_error_text(cause)}"
     return str(exc) or type(exc).__name__

@@ -18,3 +18,26 @@ def test_an_os_error_is_told_in_the_systems_words_whatever_it_carries() -> None:
     assert os_error_text(only_errno) == "Address already in use"
     assert os_error_text(OSError("something odd")) == "something odd"
     assert os_error_text(OSError()) == "OSError"
+
+
+def test_a_datagram_bind_error_of_uvloop_says_its_reason() -> None:
+    """uvloop's ``create_datagram_endpoint`` raises "could not bind to local_addr (...)"
+    with neither ``errno`` nor ``strerror``, the reason in its cause: it was left out."""
+    import asyncio
+    import socket
+
+    import pytest
+
+    uvloop = pytest.importorskip("uvloop")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        address = taken.getsockname()
+
+        async def bind() -> OSError:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(OSError) as refused:
+                await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=address)
+            return refused.value
+
+        error = uvloop.run(bind())
+    assert os_error_text(error).endswith(": Address already in use"), os_error_text(error)
