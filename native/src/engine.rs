@@ -1079,7 +1079,6 @@ impl Shared {
         token: u64,
         conn: Connection,
         accepted: quinn::ZeroRttAccepted,
-        settled: Box<dyn FnOnce() + Send>,
     ) {
         let id = self.adopt(conn);
         lock(&self.early).insert(id, EarlyState::default());
@@ -1091,7 +1090,6 @@ impl Shared {
         let shared = Arc::clone(self);
         tokio::spawn(async move {
             let accepted = accepted.await;
-            settled();
             if accepted {
                 lock(&shared.early).remove(&id);
             } else {

@@ -44,7 +44,7 @@ use engine::{
     lock, runtime, Event, RecvCmd, RecvHandover, SendCmd, Shared, TcpSlot, TransportOptions,
 };
 use release::OpenSockets;
-use verify::{server_name_key, SpiffeVerifier, TicketIdentities, TrustRoot, SPIFFE_SCHEME_PREFIX};
+use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
 /// quinn's default max_udp_payload_size: a 1500-byte Ethernet MTU less the IPv4 and UDP
 /// headers.
@@ -329,63 +329,6 @@ impl rustls::client::ClientSessionStore for KeepTickets {
     }
 }
 
-/// The client's ticket store, telling [`TicketIdentities`] which identity each stored
-/// ticket came from and which ticket a resumption takes.
-#[derive(Debug)]
-pub struct IdentityTickets {
-    inner: rustls::client::ClientSessionMemoryCache,
-    identities: Arc<Mutex<TicketIdentities>>,
-}
-
-impl rustls::client::ClientSessionStore for IdentityTickets {
-    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
-        self.inner.set_kx_hint(server_name, group);
-    }
-
-    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.inner.kx_hint(server_name)
-    }
-
-    fn set_tls12_session(
-        &self,
-        server_name: ServerName<'static>,
-        value: rustls::client::Tls12ClientSessionValue,
-    ) {
-        self.inner.set_tls12_session(server_name, value);
-    }
-
-    fn tls12_session(
-        &self,
-        server_name: &ServerName<'_>,
-    ) -> Option<rustls::client::Tls12ClientSessionValue> {
-        self.inner.tls12_session(server_name)
-    }
-
-    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        self.inner.remove_tls12_session(server_name);
-    }
-
-    fn insert_tls13_ticket(
-        &self,
-        server_name: ServerName<'static>,
-        value: rustls::client::Tls13ClientSessionValue,
-    ) {
-        lock(&self.identities).ticket_stored(&server_name_key(&server_name));
-        self.inner.insert_tls13_ticket(server_name, value);
-    }
-
-    fn take_tls13_ticket(
-        &self,
-        server_name: &ServerName<'static>,
-    ) -> Option<rustls::client::Tls13ClientSessionValue> {
-        let ticket = self.inner.take_tls13_ticket(server_name);
-        if ticket.is_some() {
-            lock(&self.identities).ticket_taken(&server_name_key(server_name));
-        }
-        ticket
-    }
-}
-
 /// The most client TLS configurations (one per list of allowed server identities) kept.
 const CLIENT_CONFIGS: usize = 64;
 
@@ -413,8 +356,6 @@ struct Endpoint {
     /// The reading end of the wake-up socket pair, until closed.
     wake: Mutex<Option<UnixStream>>,
     client_crypto: Arc<ClientCrypto>,
-    /// (client) Which identity each server name's tickets came from.
-    ticket_identities: Arc<Mutex<TicketIdentities>>,
     transport: Arc<quinn::TransportConfig>,
     options: TransportOptions,
     early_data: bool,
@@ -602,12 +543,8 @@ impl Endpoint {
         let client_provider = Arc::clone(&provider);
         let client_alpn = alpn;
         // One ticket store per endpoint (one identity): tickets are bound to this client.
-        let ticket_identities = Arc::new(Mutex::new(TicketIdentities::default()));
-        let tickets: Arc<dyn rustls::client::ClientSessionStore> = Arc::new(IdentityTickets {
-            inner: rustls::client::ClientSessionMemoryCache::new(256),
-            identities: Arc::clone(&ticket_identities),
-        });
-        let verifier_tickets = Arc::clone(&ticket_identities);
+        let tickets: Arc<dyn rustls::client::ClientSessionStore> =
+            Arc::new(rustls::client::ClientSessionMemoryCache::new(256));
         // One TLS configuration per list of allowed server identities, kept: rustls resumes
         // a session only with the verifier and client credentials that made it. Each comes in
         // two: one that resumes and one that does a full handshake (a copy sharing the
@@ -624,9 +561,8 @@ impl Endpoint {
             if configs.len() >= CLIENT_CONFIGS {
                 configs.clear();
             }
-            let verifier = SpiffeVerifier::new(&roots, allowed.clone())
-                .map_err(|e| e.to_string())?
-                .with_ticket_identities(Arc::clone(&verifier_tickets));
+            let verifier =
+                SpiffeVerifier::new(&roots, allowed.clone()).map_err(|e| e.to_string())?;
             let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&client_provider))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(|e| format!("TLS: {e}"))?
@@ -740,7 +676,6 @@ impl Endpoint {
             sockets,
             wake: Mutex::new(Some(wake)),
             client_crypto,
-            ticket_identities,
             transport,
             options,
             early_data,
@@ -853,18 +788,11 @@ impl Endpoint {
                 quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
             })?;
         let shared = Arc::clone(&self.shared);
-        // Once the handshake is over, a resumption's expected identity is dropped (an
-        // accepted one shows no certificate to check it against).
-        let ticket_key = ServerName::try_from(server_name)
-            .map(|name| server_name_key(&name))
-            .unwrap_or_else(|_| server_name.to_owned());
-        let identities = Arc::clone(&self.ticket_identities);
-        let settle = move || lock(&identities).settle(&ticket_key);
         let connecting = if self.early_data {
             match connecting.into_0rtt() {
                 Ok((conn, accepted)) => {
                     lock(&shared.connecting).remove(&token);
-                    shared.adopt_early_client(token, conn, accepted, Box::new(settle));
+                    shared.adopt_early_client(token, conn, accepted);
                     return Ok(token);
                 }
                 Err(connecting) => connecting,
@@ -874,9 +802,7 @@ impl Endpoint {
         };
         let mut handshakes = lock(&self.shared.connecting);
         let task = rt.spawn(async move {
-            let connected = connecting.await;
-            settle();
-            match connected {
+            match connecting.await {
                 Ok(conn) => match engine::confirmed(&conn).await {
                     Ok(()) => {
                         let id = shared.adopt(conn);

@@ -6,9 +6,8 @@
 //! `quicmesh/tls/spiffe.py` (`validate_spiffe_id`); `tests/native/test_native_spiffe.py`
 //! checks with hypothesis that both give the same verdict on the same IDs.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
@@ -131,87 +130,6 @@ pub struct SpiffeVerifier {
     hints: Vec<DistinguishedName>,
     allowed: Option<Vec<String>>,
     algorithms: WebPkiSupportedAlgorithms,
-    tickets: Option<Arc<Mutex<TicketIdentities>>>,
-}
-
-/// The most server names [`TicketIdentities`] keeps (the client's ticket store holds 256).
-const TICKET_NAMES: usize = 1024;
-
-/// (client) Which server identity the session tickets of each server name came from, so
-/// that a resumption whose server turns out to be another identity fails in its handshake.
-///
-/// A client resuming with 0-RTT sends its first bytes under the ticket; if the server
-/// rejects the 0-RTT, the handshake goes on as a full one and the client's streams are sent
-/// again in 1-RTT. Another identity now behind the address (a reused pod IP, say) would then
-/// read them, and act on them, before quicmesh's own check after the handshake: so the
-/// verifier refuses the full handshake's certificate unless it carries the identity the
-/// ticket came from. Kept per server name (quicmesh gives rustls the server's address as
-/// its name): [`Self::verified`] when a certificate is verified, [`Self::ticket_stored`] and
-/// [`Self::ticket_taken`] from the ticket store ([`crate::IdentityTickets`]), and
-/// [`Self::settle`] once a connection's handshake is over (an accepted resumption shows no
-/// certificate, so its expectation is dropped there). Two resumptions to one name at once
-/// share one expectation.
-#[derive(Debug, Default)]
-pub struct TicketIdentities {
-    verified: HashMap<String, String>,
-    issuers: HashMap<String, String>,
-    expected: HashMap<String, String>,
-}
-
-impl TicketIdentities {
-    fn bounded(map: &mut HashMap<String, String>) -> &mut HashMap<String, String> {
-        if map.len() >= TICKET_NAMES {
-            map.clear();
-        }
-        map
-    }
-
-    /// A full handshake with `name` verified `identity`.
-    pub fn verified(&mut self, name: &str, identity: &str) {
-        Self::bounded(&mut self.verified).insert(name.to_owned(), identity.to_owned());
-    }
-
-    /// A ticket from `name` was stored: it came from the identity last verified there.
-    pub fn ticket_stored(&mut self, name: &str) {
-        if let Some(identity) = self.verified.get(name).cloned() {
-            Self::bounded(&mut self.issuers).insert(name.to_owned(), identity);
-        }
-    }
-
-    /// A ticket for `name` was taken for a resumption: its handshake, if it turns into a
-    /// full one, must show the ticket's identity.
-    pub fn ticket_taken(&mut self, name: &str) {
-        if let Some(identity) = self.issuers.get(name).cloned() {
-            Self::bounded(&mut self.expected).insert(name.to_owned(), identity);
-        }
-    }
-
-    /// A handshake with `name` is over: no expectation is left for it.
-    pub fn settle(&mut self, name: &str) {
-        self.expected.remove(name);
-    }
-
-    /// Check a full handshake's `identity` for `name` against a resumption's expectation.
-    fn check(&mut self, name: &str, identity: &str) -> Result<(), VerifyError> {
-        if let Some(expected) = self.expected.remove(name) {
-            if expected != identity {
-                return Err(VerifyError(format!(
-                    "peer is {identity}, but the session ticket was issued by {expected}"
-                )));
-            }
-        }
-        self.verified(name, identity);
-        Ok(())
-    }
-}
-
-/// The key [`TicketIdentities`] keeps a server name under.
-pub fn server_name_key(name: &ServerName<'_>) -> String {
-    match name {
-        ServerName::DnsName(dns) => dns.as_ref().to_owned(),
-        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
-        _ => format!("{name:?}"),
-    }
 }
 
 impl SpiffeVerifier {
@@ -240,15 +158,7 @@ impl SpiffeVerifier {
             hints,
             allowed,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-            tickets: None,
         })
-    }
-
-    /// (client) Check resumptions' full handshakes against the identities their tickets
-    /// came from ([`TicketIdentities`]).
-    pub fn with_ticket_identities(mut self, tickets: Arc<Mutex<TicketIdentities>>) -> Self {
-        self.tickets = Some(tickets);
-        self
     }
 
     /// Verify `end_entity` (with the peer's `intermediates`) for `usage`; return its SPIFFE ID.
@@ -329,21 +239,14 @@ impl ServerCertVerifier for SpiffeVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
+        _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // SPIFFE names workloads by URI SAN, not by DNS name: the server name is not checked
-        // against the certificate (it keys the ticket identities).
-        let identity = self
-            .verify(end_entity, intermediates, now, Usage::Server)
-            .map_err(Self::to_tls_error)?;
-        if let Some(tickets) = &self.tickets {
-            crate::engine::lock(tickets)
-                .check(&server_name_key(server_name), &identity)
-                .map_err(Self::to_tls_error)?;
-        }
-        Ok(ServerCertVerified::assertion())
+        // SPIFFE names workloads by URI SAN, not by DNS name: the server name is not checked.
+        self.verify(end_entity, intermediates, now, Usage::Server)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(Self::to_tls_error)
     }
 
     fn verify_tls12_signature(
@@ -456,28 +359,6 @@ fn chain_problem(error: &webpki::Error, usage: Usage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_resumption_must_show_the_identity_its_ticket_came_from() {
-        let mut tickets = TicketIdentities::default();
-        tickets.verified("10.0.0.1", "spiffe://m/reviews");
-        tickets.ticket_stored("10.0.0.1");
-        // A full handshake with no ticket taken: any identity (the caller checks it).
-        assert!(tickets.check("10.0.0.1", "spiffe://m/other").is_ok());
-        tickets.verified("10.0.0.1", "spiffe://m/reviews");
-        tickets.ticket_taken("10.0.0.1");
-        let refused = tickets.check("10.0.0.1", "spiffe://m/other").unwrap_err();
-        assert_eq!(
-            refused.0,
-            "peer is spiffe://m/other, but the session ticket was issued by spiffe://m/reviews"
-        );
-        tickets.ticket_taken("10.0.0.1");
-        assert!(tickets.check("10.0.0.1", "spiffe://m/reviews").is_ok());
-        // An accepted resumption shows no certificate: settled, nothing is left expected.
-        tickets.ticket_taken("10.0.0.1");
-        tickets.settle("10.0.0.1");
-        assert!(tickets.check("10.0.0.1", "spiffe://m/other").is_ok());
-    }
 
     #[test]
     fn chain_problems_are_words() {
