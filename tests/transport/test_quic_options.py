@@ -244,12 +244,20 @@ def test_listening_with_a_certificate_without_spiffe_id_is_a_config_error(engine
 
 
 @pytest.mark.parametrize("engine", ["aioquic", "native"])
+@pytest.mark.parametrize(
+    ("listen", "peer", "wrong", "right"),
+    [
+        ("127.0.0.1", "127.0.0.1", "::1", "127.0.0.1"),
+        ("::", "::ffff:127.0.0.1", "0.0.0.0", "::"),  # an IPv4-mapped peer: over IPv6
+    ],
+    ids=["ipv4", "ipv4-mapped"],
+)
 def test_migrating_to_another_address_family_is_refused_before_anything_moves(
-    engine: str,
+    engine: str, listen: str, peer: str, wrong: str, right: str
 ) -> None:
     """migrate(("::1", 0)) on a connection to an IPv4 peer returned, and the connection
     died some seconds later (no packet could reach the peer): ConnectError now, and the
-    connection carries on."""
+    connection carries on (and moves to an address of the right family)."""
     import asyncio
 
     from quic_helpers import TARGET, Recorder, client_transport, server_transport
@@ -260,10 +268,11 @@ def test_migrating_to_another_address_family_is_refused_before_anything_moves(
         pytest.importorskip("quicmesh._native")
 
     async def main() -> None:
-        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), Recorder())
-        conn = await client_transport(engine=engine).connect(listener.address)
-        with pytest.raises(ConnectError, match=r"cannot migrate to ::1: an IPv6 address"):
-            await conn.migrate(("::1", 0))
+        listener = await server_transport(engine=engine).listen((listen, 0), Recorder())
+        conn = await client_transport(engine=engine).connect((peer, listener.address[1]))
+        with pytest.raises(ConnectError, match=rf"cannot migrate to {wrong}: an IPv"):
+            await conn.migrate((wrong, 0))
+        await conn.migrate((right, 0))
         stream = await conn.open_stream(TARGET)
         stream.write(b"still here")
         stream.write_eof()

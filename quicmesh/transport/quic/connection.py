@@ -552,8 +552,9 @@ class QuicPeerConnection(SessionConnection):
         await self._migrate(local_address, cause="active")
 
     def _check_family(self, host: str) -> None:
-        """A new local address must be of the peer's address family (an IPv6 socket
-        cannot reach an IPv4 peer): ConnectError before anything moves."""
+        """A new local address must be of the family of the peer's address as connected
+        (an IPv6 socket cannot reach an IPv4 address, nor an IPv4 socket an IPv6 one, an
+        IPv4-mapped one included): ConnectError before anything moves."""
         try:
             local = ipaddress.ip_address(host)
             peer = ipaddress.ip_address(self._peer_address[0]) if self._peer_address else None
@@ -561,8 +562,7 @@ class QuicPeerConnection(SessionConnection):
             return  # not an address: binding says what is wrong
         if peer is None:
             return
-        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-            peer = peer.ipv4_mapped
+        # By the socket's family: a peer given as ::ffff:a.b.c.d is reached over IPv6.
         if local.version != peer.version:
             raise ConnectError(
                 f"cannot migrate to {host}: an IPv{local.version} address, and the peer "
