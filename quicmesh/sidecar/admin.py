@@ -27,6 +27,9 @@ logger = logging.getLogger("quicmesh.sidecar.admin")
 MAX_REQUEST_BYTES = 64 * 1024
 """Largest admin request (headers and body) read."""
 
+_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
+"""The client errors the admin server answers by itself."""
+
 
 class AdminView(Protocol):
     """What the admin endpoint asks of the runtime."""
@@ -168,7 +171,9 @@ class AdminServer:
                     data = await reader.read(65536)
                     received += len(data)
                     if received > MAX_REQUEST_BYTES:
-                        raise h11.RemoteProtocolError("request too large", 431)
+                        # Its head (431), or a body after a head that fit (413).
+                        status = 431 if request is None else 413
+                        raise h11.RemoteProtocolError("request too large", status)
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
@@ -177,9 +182,9 @@ class AdminServer:
                     break
         except h11.RemoteProtocolError as exc:
             # The client's fault: said in one answer (h11 cannot frame one any more).
-            status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+            status = exc.error_status_hint if exc.error_status_hint in _REASONS else 400
             body = f"bad request: {exc}\n".encode()
-            reason = "Bad Request" if status == 400 else "Request Header Fields Too Large"
+            reason = _REASONS[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()

@@ -436,10 +436,8 @@ class InboundListener:
     async def drain_and_close(self, grace: float) -> None:
         """Refuse new streams, wait up to ``grace`` seconds for live ones, then close.
 
-        Peers are told first, where the protocol can say it (an HTTP/3 GOAWAY on each
-        QUIC connection, :meth:`~quicmesh.PeerConnection.go_away`), so that they open
-        new flows elsewhere rather than have them refused (503). Peer connections are
-        then closed gracefully (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes
+        Peers are told first, where the protocol can say it (:meth:`begin_drain`).
+        Peer connections are then closed gracefully (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes
         of finished flows get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
         """
         self.begin_drain()
@@ -455,7 +453,9 @@ class InboundListener:
     def begin_drain(self) -> None:
         """Refuse new streams from now on (503), and tell the QUIC peers first (an HTTP/3
         GOAWAY on each connection, :meth:`~quicmesh.PeerConnection.go_away`) so that they
-        open new flows elsewhere; the flows under way carry on."""
+        open no new flow on it; the flows under way carry on. (A quicmesh peer's pool
+        dials this endpoint again for its next flow, as Envoy's does: those flows are
+        refused with 503 and retried on other endpoints.)"""
         if self.draining:
             return
         self.draining = True

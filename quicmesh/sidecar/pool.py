@@ -189,7 +189,16 @@ class EndpointPool:
                     if lost_once or not (connection.is_closed or connection.going_away):
                         raise
                     lost_once = True
-                    logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)
+                    if connection.going_away:
+                        logger.info(
+                            "flow to %s:%d not taken (the peer is going away, GOAWAY): "
+                            "opening it again",
+                            *self.address,
+                        )
+                    else:
+                        logger.info(
+                            "pooled connection to %s:%d was closed: %s", *self.address, exc
+                        )
                     continue
                 return stream, connection, False
             if plan.action is Action.WAIT_FOR_CONNECT:

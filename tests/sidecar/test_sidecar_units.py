@@ -352,8 +352,13 @@ def test_admin_routes() -> None:
         (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
         (b"GET /stats HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 100_000 + b"\r\n\r\n", b"431"),
         (b"POST /stats HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (
+            b"POST /drain HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+            + b"x" * 100_000,
+            b"413",
+        ),
     ],
-    ids=["no-host", "not-http", "too-large", "wrong-method"],
+    ids=["no-host", "not-http", "too-large", "wrong-method", "body-too-large"],
 )
 def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: bytes) -> None:
     """A malformed or oversized request is answered (400, 431), not dropped; a 405 says
