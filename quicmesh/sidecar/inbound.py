@@ -437,8 +437,9 @@ class InboundListener:
         """Refuse new streams, wait up to ``grace`` seconds for live ones, then close.
 
         Peers are told first, where the protocol can say it (:meth:`begin_drain`).
-        Peer connections are then closed gracefully (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes
-        of finished flows get :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
+        Peer connections are then closed gracefully
+        (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes of finished flows get
+        :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
         """
         self.begin_drain()
         with contextlib.suppress(TimeoutError):

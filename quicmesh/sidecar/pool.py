@@ -196,9 +196,7 @@ class EndpointPool:
                             *self.address,
                         )
                     else:
-                        logger.info(
-                            "pooled connection to %s:%d was closed: %s", *self.address, exc
-                        )
+                        logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)
                     continue
                 return stream, connection, False
             if plan.action is Action.WAIT_FOR_CONNECT:

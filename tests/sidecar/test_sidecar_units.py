@@ -353,8 +353,7 @@ def test_admin_routes() -> None:
         (b"GET /stats HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 100_000 + b"\r\n\r\n", b"431"),
         (b"POST /stats HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", b"405"),
         (
-            b"POST /drain HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
-            + b"x" * 100_000,
+            b"POST /drain HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000,
             b"413",
         ),
     ],
