@@ -392,3 +392,40 @@ def test_a_flow_the_peer_resets_while_its_destination_connects_ends_at_once(
     (record,) = records
     assert record.outcome.value == "reset", record
     assert "reset by peer (error code 0x10c)" in record.reason, record.reason
+
+
+def test_a_draining_listener_tells_every_connection_to_go_away() -> None:
+    """Connections open when the drain begins hear a GOAWAY at once; one made after it
+    hears it with the refusal of its first stream (it heard none: a pool kept sending
+    each new flow there, to be refused, about 1,500 in 3 s in a review's run)."""
+
+    async def main() -> None:
+        app = await _echo_server()
+        target = f"127.0.0.1:{app.sockets[0].getsockname()[1]}"
+        listener, address = await _inbound()
+        client = QuicTransport(identity=CLIENT, trust=CA.trust_bundle)
+        before = await client.connect(address)
+        held = await before.open_stream(target)
+        listener.begin_drain()
+        await asyncio.wait_for(_until(lambda: before.going_away), 10)
+        after = await client.connect(address)
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await after.open_stream(target)
+        assert refused.value.status == 503
+        await asyncio.wait_for(_until(lambda: after.going_away), 10)
+        held.write(b"still")
+        held.write_eof()
+        assert await held.read() == b"still"
+        for conn in (before, after):
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        app.close()
+
+    run(main())
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
