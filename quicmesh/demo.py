@@ -534,10 +534,15 @@ MAX_SIZE = 64 * 2**20
 def load_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the demo's ``--flows``, ``--duration`` and ``--size``, if
     anything: the one line to print."""
-    if not 1 <= args.flows <= MAX_FLOWS or not 1 <= args.size <= MAX_SIZE:
-        return f"quicmesh demo: --flows must be 1-{MAX_FLOWS}, --size 1-{MAX_SIZE} bytes"
-    if not 0 < args.duration <= MAX_DURATION:
-        return f"quicmesh demo: --duration must be seconds within 0-{MAX_DURATION:g}"
+    if (
+        not 1 <= args.flows <= MAX_FLOWS
+        or not 1 <= args.size <= MAX_SIZE
+        or not 0 < args.duration <= MAX_DURATION
+    ):
+        return (
+            "quicmesh demo: --flows and --size must be positive, --duration seconds within "
+            f"0-{MAX_DURATION:g} (at most {MAX_FLOWS} flows of {MAX_SIZE} bytes)"
+        )
     return None
 
 

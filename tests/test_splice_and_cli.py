@@ -123,7 +123,7 @@ def test_app_reset_resets_the_client_flow(name: str) -> None:
     "argv, message",
     [
         (["bench", "nonsense"], "unknown benchmark 'nonsense'"),
-        (["demo", "--flows", "0"], "--flows must be 1-10000"),
+        (["demo", "--flows", "0"], "--flows and --size must be positive"),
         (["demo", "--transport", "carrier-pigeon"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
     ],

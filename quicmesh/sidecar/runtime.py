@@ -332,13 +332,13 @@ class Sidecar:
                     raise ConfigError(
                         f"{self.config_path}: an xds section cannot be added on reload: restart"
                     )
-                fixed = ("node", "tls", "admin", "access_log")
-                changed = [key for key in fixed if getattr(new, key) != getattr(self.config, key)]
-                if changed:
-                    raise ConfigError(
-                        f"{self.config_path}: {' and '.join(changed)} changed, but "
-                        f"{', '.join(fixed)} cannot change on reload: restart"
-                    )
+                for fixed in (("node", "tls"), ("admin", "access_log")):
+                    changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+                    if changed:
+                        raise ConfigError(
+                            f"{self.config_path}: {' and '.join(changed)} changed: "
+                            f"{' and '.join(fixed)} cannot change on reload: restart"
+                        )
                 if _capture_ports(new) != _capture_ports(self.config):
                     raise ConfigError(
                         f"{self.config_path}: intercept ports cannot change on reload: restart"
