@@ -985,13 +985,16 @@ class QuicPeerConnection(SessionConnection):
     # -- events ----------------------------------------------------------------------------
 
     def _on_quic_event(self, event: quic_events.QuicEvent) -> None:
-        stream_id = getattr(event, "stream_id", None)
-        if stream_id is not None and not stream_id & 3 and not self.is_client:
-            if self._goaway_sent is not None and stream_id >= self._goaway_sent:
-                self.h3_session.refuse_unprocessed(stream_id)
-                self._schedule_transmit()
-                return
-            self._next_request_stream = max(self._next_request_stream, stream_id + 4)
+        if not self.is_client:
+            # (server) The request streams seen, for a GOAWAY; those past one are refused.
+            stream_id = getattr(event, "stream_id", None)
+            if stream_id is not None and not stream_id & 3:
+                if self._goaway_sent is not None and stream_id >= self._goaway_sent:
+                    self.h3_session.refuse_unprocessed(stream_id)
+                    self._schedule_transmit()
+                    return
+                if stream_id >= self._next_request_stream:
+                    self._next_request_stream = stream_id + 4
         if isinstance(event, engine.PathValidated):
             self._count("path_validations_ok")
             return
