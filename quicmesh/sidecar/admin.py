@@ -164,15 +164,18 @@ class AdminServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         request: h11.Request | None = None
         received = 0
+        head = b""  # the request's bytes up to the end of its head (bounded)
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     data = await reader.read(65536)
                     received += len(data)
+                    if b"\r\n\r\n" not in head:
+                        head = (head + data)[: MAX_REQUEST_BYTES + 4]
                     if received > MAX_REQUEST_BYTES:
                         # Its head (431), or a body after a head that fit (413).
-                        status = 431 if request is None else 413
+                        status = 413 if b"\r\n\r\n" in head else 431
                         raise h11.RemoteProtocolError("request too large", status)
                     conn.receive_data(data)
                     continue

@@ -191,9 +191,10 @@ class EndpointPool:
                     lost_once = True
                     if connection.going_away:
                         logger.info(
-                            "flow to %s:%d not taken (the peer is going away, GOAWAY): "
+                            "flow to %s:%d not taken (the peer is going away, GOAWAY: %s): "
                             "opening it again",
                             *self.address,
+                            exc,
                         )
                     else:
                         logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)

@@ -132,6 +132,8 @@ def _parse_authority(value: str) -> tuple[str, int]:
     """:func:`parse_authority` of a string of at most 300 characters; a peer's flows
     name the same few targets again and again, so the answers are kept (bounded;
     refusals are not kept)."""
+    if "://" in value:
+        raise InvalidTarget(f"{value!r} is a URL: give host:port")
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:
@@ -144,8 +146,6 @@ def _parse_authority(value: str) -> tuple[str, int]:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host:
             raise InvalidTarget(f"{value!r} is not host:port")
-        if "://" in host:
-            raise InvalidTarget(f"{value!r} is a URL: give host:port")
         if ":" in host:
             raise InvalidTarget(f"{value!r}: write IPv6 addresses as [address]:port")
         if not host.isascii():  # (before lower(): the Kelvin sign lower-cases to "k")

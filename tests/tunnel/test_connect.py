@@ -103,10 +103,11 @@ def test_bad_targets_are_refused(value: str) -> None:
         parse_target(value)
 
 
-def test_a_url_given_as_a_target_is_named_a_url() -> None:
-    """It was told to write IPv6 addresses in brackets."""
-    with pytest.raises(InvalidTarget, match=r"'http://x:80' is a URL: give host:port$"):
-        parse_target("http://x:80")
+@pytest.mark.parametrize("url", ["http://x:80", "http://x", "https://reviews.default.svc"])
+def test_a_url_given_as_a_target_is_named_a_url(url: str) -> None:
+    """It was told to write IPv6 addresses in brackets, or that '//x' is no port."""
+    with pytest.raises(InvalidTarget, match=rf"'{url}' is a URL: give host:port$"):
+        parse_target(url)
 
 
 header_names = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,30}\Z").filter(

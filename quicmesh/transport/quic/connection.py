@@ -555,18 +555,18 @@ class QuicPeerConnection(SessionConnection):
         """A new local address must be of the family of the peer's address as connected
         (an IPv6 socket cannot reach an IPv4 address, nor an IPv4 socket an IPv6 one, an
         IPv4-mapped one included): ConnectError before anything moves."""
+        if self._peer_address is None:
+            return
+        peer_host = self._peer_address[0]
         try:
-            local = ipaddress.ip_address(host)
-            peer = ipaddress.ip_address(self._peer_address[0]) if self._peer_address else None
+            local, peer = ipaddress.ip_address(host), ipaddress.ip_address(peer_host)
         except ValueError:
             return  # not an address: binding says what is wrong
-        if peer is None:
-            return
         # By the socket's family: a peer given as ::ffff:a.b.c.d is reached over IPv6.
         if local.version != peer.version:
             raise ConnectError(
                 f"cannot migrate to {host}: an IPv{local.version} address, and the peer "
-                f"({peer}) is reached over IPv{peer.version}"
+                f"({peer_host}) is reached over IPv{peer.version}"
             )
 
     # -- 0-RTT budget ----------------------------------------------------------------
