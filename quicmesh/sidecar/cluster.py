@@ -145,6 +145,13 @@ class EngineFlow:
     connection: PeerConnection
 
 
+def _staying(candidates: list[Endpoint], now: float) -> list[Endpoint]:
+    """The candidates whose peer is not going away (HTTP/3 GOAWAY: draining), if any;
+    else all of them (a draining endpoint still answers, with a refusal to retry)."""
+    staying = [e for e in candidates if not e.pool.going_away(now)]
+    return staying or candidates
+
+
 def is_connection_failure(error: BaseException) -> bool:
     """Whether a failed stream open counts against its endpoint (outlier detection).
 
@@ -301,13 +308,16 @@ class Cluster:
             first = 1
         for attempt in range(first, self.config.connect_retries + 1):
             now = self._loop.time()
-            candidates = [
-                e
-                for e in self.endpoints.values()
-                if e.address not in tried
-                and self.health[e.address].is_available(now)
-                and (pinned is None or e.address == pinned)
-            ]
+            candidates = _staying(
+                [
+                    e
+                    for e in self.endpoints.values()
+                    if e.address not in tried
+                    and self.health[e.address].is_available(now)
+                    and (pinned is None or e.address == pinned)
+                ],
+                now,
+            )
             if not candidates:
                 if last is not None:
                     raise last.as_final()
@@ -410,9 +420,10 @@ class Cluster:
         endpoint: Endpoint | None = None
         try:
             now = self._loop.time()
-            candidates = [
-                e for e in self.endpoints.values() if self.health[e.address].is_available(now)
-            ]
+            candidates = _staying(
+                [e for e in self.endpoints.values() if self.health[e.address].is_available(now)],
+                now,
+            )
             if not candidates:
                 return None
             endpoint = self.balancer.choose(candidates)

@@ -454,11 +454,9 @@ class InboundListener:
     def begin_drain(self) -> None:
         """Refuse new streams from now on (503), and tell the QUIC peers first (an HTTP/3
         GOAWAY on each connection, :meth:`~quicmesh.PeerConnection.go_away`) so that they
-        open no new flow on it; the flows under way carry on. (A quicmesh peer's pool
-        dials this endpoint again for its next flow, as Envoy's does: such flows are
-        refused with 503 and retried on other endpoints. Sending a GOAWAY on those new
-        connections too was tried: it halved the refusals but cost a handshake per
-        refusal, and 10-15 % of the flows during the drain.)"""
+        open no new flow on it; the flows under way carry on. (A quicmesh peer's cluster
+        then sends new flows to its other endpoints, :data:`~.pool.GOING_AWAY_SECONDS`;
+        with none, it dials this one again and such flows are refused with 503.)"""
         if self.draining:
             return
         self.draining = True

@@ -90,6 +90,10 @@ def plan_open(connections: Sequence[Poolable], *, connecting: bool, may_connect:
     return Plan(Action.OVERFLOW)
 
 
+GOING_AWAY_SECONDS = 10.0
+"""How long an endpoint whose peer sent a GOAWAY (it is draining) is passed over for new
+flows where the cluster has another one (the default drain grace period)."""
+
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing connection gets, beyond its grace, to say goodbye."""
 
@@ -143,6 +147,8 @@ class EndpointPool:
         self._on_closed = on_closed
         self._closing: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self._gone_away_at: float | None = None
+        """When a connection of this pool last heard its peer go away (GOAWAY)."""
 
     async def open_stream(
         self, target: str, headers: dict[str, str]
@@ -210,6 +216,15 @@ class EndpointPool:
                 )
             await self._connect()
 
+    def going_away(self, now: float) -> bool:
+        """Whether the peer said it is going away (a GOAWAY on a connection of this pool
+        now, or in the last :data:`GOING_AWAY_SECONDS`): its cluster sends new flows to
+        another endpoint where it has one, rather than dial one that refuses them."""
+        if any(p.connection.going_away for p in self.connections if not p.connection.is_closed):
+            self._gone_away_at = now
+            return True
+        return self._gone_away_at is not None and now - self._gone_away_at < GOING_AWAY_SECONDS
+
     def engine_flow_connection(self) -> PeerConnection | None:
         """The connection an engine flow may start on now (one that is current, not
         retired, and takes engine flows: fewest streams first), marked busy; None when
@@ -275,6 +290,7 @@ class EndpointPool:
         for pooled in self.connections:
             if pooled.retired is None and pooled.connection.going_away:
                 pooled.retired = "the peer is going away (GOAWAY)"
+                self._gone_away_at = self._loop.time()
                 logger.info(
                     "connection %s to %s:%d: the peer is going away (GOAWAY): "
                     "no new flow on it, %d open carry on",
