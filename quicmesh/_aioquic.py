@@ -287,9 +287,10 @@ class MeshH3Connection(H3Connection):
     def _receive_stream_data_uni(
         self, stream: H3Stream, data: bytes, stream_ended: bool
     ) -> list[H3Event]:
-        """aioquic's, and a QPACK encoder or decoder stream the peer closes is a
+        """aioquic's, where a QPACK encoder or decoder stream the peer closes is a
         connection error, as its control stream is (RFC 9204 4.2: H3_CLOSED_CRITICAL_STREAM;
-        aioquic let the stream end)."""
+        aioquic let the stream end), and the control stream's GOAWAY frames, which aioquic
+        skips, are read (:class:`_GoawayReader`, :meth:`_on_goaway`)."""
         typed = stream.stream_type is not None
         unread = bytes(stream.buffer)  # before its type: aioquic has not consumed them
         result = super()._receive_stream_data_uni(stream, data, stream_ended)
@@ -297,9 +298,10 @@ class MeshH3Connection(H3Connection):
             raise ClosedCriticalStream("Closing a QPACK encoder or decoder stream is not allowed")
         if stream.stream_type == StreamType.CONTROL:
             if not typed:
-                buffer = Buffer(data=unread + data)
+                data = unread + data
+                buffer = Buffer(data=data)
                 buffer.pull_uint_var()  # the stream type, read by aioquic
-                data = (unread + data)[buffer.tell() :]
+                data = data[buffer.tell() :]
             for stream_id in self._goaway_reader.feed(data):
                 result.append(self._on_goaway(stream_id))
         return result

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import h11
@@ -101,10 +101,7 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return _text(404, f"no admin path {path}; try {', '.join(ROUTES)}")
     allowed = {expected, "HEAD"} if expected == "GET" else {expected}
     if method not in allowed:
-        refused = _text(405, f"{path} takes {expected}")
-        return Response(
-            refused.status, refused.content_type, refused.body, ", ".join(sorted(allowed))
-        )
+        return replace(_text(405, f"{path} takes {expected}"), allow=", ".join(sorted(allowed)))
     if path == "/metrics":
         return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
     if path == "/stats":

@@ -236,8 +236,7 @@ class EndpointPool:
             for p in self.connections
             if p.retired is None
             and not p.connection.is_closed
-            and not p.connection.going_away
-            and p.connection.can_start_engine_flow()
+            and p.connection.can_start_engine_flow()  # (False once the peer goes away)
             and not self.is_stale(p)
         ]
         if not candidates:
