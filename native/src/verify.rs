@@ -329,22 +329,27 @@ impl Usage {
             Usage::Client => KeyUsage::client_auth(),
         }
     }
+
+    /// The extended key usage's name, for messages.
+    fn name(self) -> &'static str {
+        match self {
+            Usage::Server => "serverAuth",
+            Usage::Client => "clientAuth",
+        }
+    }
 }
 
 /// What webpki found wrong with a peer's chain, in words (webpki shows its errors as
 /// their Debug form: `CertExpired { time: UnixTime(..), .. }`).
 fn chain_problem(error: &webpki::Error, usage: Usage) -> String {
     use webpki::Error;
-    let wanted = match usage {
-        Usage::Server => "serverAuth",
-        Usage::Client => "clientAuth",
-    };
     match error {
         Error::CertExpired { .. } => "peer certificate has expired".to_owned(),
         Error::CertNotValidYet { .. } => "peer certificate is not valid yet".to_owned(),
         // (webpki 0.103 gives the context variant; the plain one is kept for older ones)
         #[allow(deprecated)]
         Error::RequiredEkuNotFound | Error::RequiredEkuNotFoundContext(_) => {
+            let wanted = usage.name();
             format!("peer certificate is not for this use (no {wanted} extended key usage)")
         }
         Error::UnknownIssuer => "peer certificate not signed by a trusted CA".to_owned(),
