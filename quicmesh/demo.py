@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import QuicmeshError
-from .sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
+from .sidecar.launch import LOOPBACK, SidecarProcess, free_ports, metric
 from .tls import DevCA
 
 IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
@@ -122,11 +122,15 @@ class Ports:
 
     echo_app: int
     http_app: int
-    admin_a: int = field(default_factory=free_port)
-    admin_b: int = field(default_factory=free_port)
-    tunnel_b: int = field(default_factory=free_port)
-    echo_a: int = field(default_factory=free_port)
-    http_a: int = field(default_factory=free_port)
+    admin_a: int = 0
+    admin_b: int = 0
+    tunnel_b: int = 0
+    echo_a: int = 0
+    http_a: int = 0
+
+    def __post_init__(self) -> None:
+        # Chosen together: one at a time, two of them could be the same number.
+        self.admin_a, self.admin_b, self.tunnel_b, self.echo_a, self.http_a = free_ports(5)
 
 
 def sidecar_configs(

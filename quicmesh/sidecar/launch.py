@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,13 +31,41 @@ from ..errors import QuicmeshError
 LOOPBACK = "127.0.0.1"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (``bind`` to 0, ``connect``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_ports() -> Iterator[int]:
+    """Port numbers to try, below the kernel's ephemeral range where there is room:
+    a port chosen there cannot be taken, between being chosen and being bound, by
+    a connection the kernel gives a local port of its own (CI's demo lost a port
+    that way). Random, so that processes choosing at once rarely meet; then 0
+    (the kernel's choice) if none of those is free."""
+    low, _ = _ephemeral_range()
+    floor = 10000
+    if low - floor >= 1000:
+        generator = random.SystemRandom()
+        for _ in range(64):
+            yield generator.randrange(floor, low)
+    for _ in range(64):
+        yield 0
+
+
 @contextlib.contextmanager
 def held_port(host: str = LOOPBACK) -> Iterator[tuple[socket.socket, socket.socket]]:
     """A port number bound on ``host`` for both TCP and UDP for the block: the two
     sockets (neither listening nor connected), closed at its end."""
-    for _ in range(100):
+    for candidate in _candidate_ports():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
+            try:
+                tcp.bind((host, candidate))
+            except OSError:
+                continue
             port = int(tcp.getsockname()[1])
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -518,3 +519,18 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     assert metric(samples, "quicmesh_peer_connection_cwnd_bytes") == 13000
     assert metric(samples, "quicmesh_peer_connection_packets_lost_total") == 7
     assert metric(samples, "quicmesh_config_reloads_total", result="rejected") == 2
+
+
+def test_chosen_ports_lie_below_the_kernels_ephemeral_range_and_differ() -> None:
+    """A port chosen for a sidecar to bind later is not one the kernel hands to a
+    connection (``connect`` takes local ports from the ephemeral range), and ports
+    chosen together are different."""
+    from quicmesh.sidecar.launch import _ephemeral_range, free_port, free_ports
+
+    low, _ = _ephemeral_range()
+    chosen = [free_port() for _ in range(20)] + free_ports(8)
+    assert all(10000 <= port < low for port in chosen), (low, chosen)
+    assert len(set(chosen[-8:])) == 8
+    for port in chosen:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", port))
