@@ -21,9 +21,10 @@ from quic_helpers import TARGET, Recorder, client_transport, run, server_transpo
 from test_aioquic_layer import Clock, settle
 from test_header_limits import _raw_h3_server
 
-from quicmesh import ConnectionLost
+from quicmesh import ConnectionLost, StreamRefused
 from quicmesh._aioquic import _GoawayReader
 from quicmesh.sidecar.circuit import CircuitBreaker
+from quicmesh.sidecar.cluster import is_connection_failure
 from quicmesh.sidecar.config import CircuitBreakerConfig
 from quicmesh.sidecar.pool import EndpointPool
 from quicmesh.tunnel import events
@@ -213,6 +214,90 @@ def test_the_pool_moves_new_flows_off_a_connection_going_away(engine: str) -> No
         assert [p.connection for p in pool.connections] == [second]
         other.write_eof()
         await other.read()
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def _pool_to(listener: object, engine: str) -> EndpointPool:
+    breaker = CircuitBreaker(CircuitBreakerConfig())
+    return EndpointPool(
+        listener.address,  # type: ignore[attr-defined]
+        client_transport(engine=engine),
+        breaker,
+        connect_timeout=5,
+    )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_flow_refused_unprocessed_before_the_goaway_came_is_opened_on_a_new_connection(
+    engine: str,
+) -> None:
+    """The server's H3_REQUEST_REJECTED can reach the client before its GOAWAY (here the
+    GOAWAY is never sent): the pool opens the flow again, on a new connection, and the
+    refusing one takes no new flow."""
+
+    async def main() -> None:
+        recorder = Recorder()
+        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), recorder)
+        pool = _pool_to(listener, engine)
+        busy, first, _ = await pool.open_stream(TARGET, {"x-request-id": "first"})
+        (accepted,) = listener.connections
+        # Requests from the next stream on are refused as after a GOAWAY, whose frame
+        # has not reached the client.
+        accepted._goaway_sent = accepted._next_request_stream
+        again, second, _ = await pool.open_stream(TARGET, {"x-request-id": "again"})
+        assert second is not first and pool.connections_opened == 2
+        assert not first.going_away
+        (retired,) = [p for p in pool.connections if p.connection is first]
+        assert retired.retired == "the peer refused a request unprocessed"
+        again.write(b"hi")
+        again.write_eof()
+        assert await asyncio.wait_for(again.read(), 10) == b"hi"
+        busy.write_eof()
+        assert await asyncio.wait_for(busy.read(), 10) == b""
+        assert len(recorder.received["again"]) == 1
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_flow_turned_away_twice_by_goaway_is_a_refusal_not_a_connection_failure(
+    engine: str,
+) -> None:
+    """Opened again once after a GOAWAY, and turned away again (the new connection's
+    peer is going away too): the flow is refused as a draining peer's 503 is, which a
+    cluster does not count against the endpoint, not lost with its connection."""
+
+    async def main() -> None:
+        listener = await server_transport(engine=engine).listen(("127.0.0.1", 0), Recorder())
+        pool = _pool_to(listener, engine)
+        busy, first, _ = await pool.open_stream(TARGET, {})
+        (accepted,) = listener.connections
+        accepted.go_away()
+        await until(lambda: first.going_away)
+        # Every connection the pool has or dials says it is going away at once.
+        transport = pool.transport
+        original = transport.connect
+
+        async def connect_going_away(*args: object, **kwargs: object) -> object:
+            connection = await original(*args, **kwargs)
+            await until(lambda: any(c.go_away() for c in listener.connections))
+            await until(lambda: connection.going_away)
+            return connection
+
+        transport.connect = connect_going_away
+        with pytest.raises(StreamRefused) as refused:
+            await pool.open_stream(TARGET, {})
+        assert refused.value.status == 503 and "going away" in str(refused.value)
+        assert not is_connection_failure(refused.value)
+        busy.write_eof()
+        await asyncio.wait_for(busy.read(), 10)
         await pool.close()
         listener.close()
         await listener.wait_closed()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ConnectError, QuicmeshError, StreamRefused, TunnelError
+from ..errors import ConnectError, QuicmeshError, StreamRefused, StreamReset, TunnelError
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
@@ -96,6 +96,15 @@ flows where the cluster has another one (the default drain grace period)."""
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing connection gets, beyond its grace, to say goodbye."""
+
+
+H3_REQUEST_REJECTED = 0x10B
+"""HTTP/3's "not processed, safe to retry" (RFC 9114 8.1)."""
+
+
+def _rejected_unprocessed(error: TunnelError) -> bool:
+    """Whether the peer reset the stream saying it processed none of it."""
+    return isinstance(error, StreamReset) and error.error_code == H3_REQUEST_REJECTED
 
 
 class PoolOverflow(QuicmeshError):
@@ -192,14 +201,35 @@ class EndpointPool:
                 except StreamRefused:
                     raise
                 except TunnelError as exc:
-                    if lost_once or not (connection.is_closed or connection.going_away):
+                    # The peer took no part of the request: its connection was closed,
+                    # it is going away (GOAWAY), or it reset the stream unprocessed (its
+                    # H3_REQUEST_REJECTED can overtake its GOAWAY; RFC 9114 4.1.1).
+                    rejected = _rejected_unprocessed(exc)
+                    turned_away = connection.going_away or rejected
+                    if not (connection.is_closed or turned_away):
+                        raise
+                    if lost_once:
+                        if connection.going_away:
+                            # A refusal, as a draining peer's 503: not a failure to
+                            # reach the endpoint (no outlier ejection), another may
+                            # take the flow.
+                            raise StreamRefused(
+                                503,
+                                f"the peer is going away (GOAWAY): {exc}",
+                                peer_identity=connection.peer_identity,
+                            ) from None
                         raise
                     lost_once = True
-                    if connection.going_away:
+                    if rejected and not connection.going_away:
+                        # Most likely a GOAWAY still on its way: a new connection takes it.
+                        self._retire(connection, "the peer refused a request unprocessed")
+                    if turned_away:
                         logger.info(
-                            "flow to %s:%d not taken (the peer is going away, GOAWAY: %s): "
-                            "opening it again",
+                            "flow to %s:%d not taken (%s: %s): opening it again",
                             *self.address,
+                            "the peer is going away, GOAWAY"
+                            if connection.going_away
+                            else "refused unprocessed",
                             exc,
                         )
                     else:
@@ -275,6 +305,11 @@ class EndpointPool:
         finally:
             self._connecting = None
             done.set_result(None)
+
+    def _retire(self, connection: PeerConnection, reason: str) -> None:
+        for pooled in self.connections:
+            if pooled.connection is connection and pooled.retired is None:
+                pooled.retired = reason
 
     def _mark_busy(self, connection: PeerConnection) -> None:
         for pooled in self.connections:
