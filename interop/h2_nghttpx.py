@@ -33,6 +33,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -241,7 +242,6 @@ def start_nghttpx(binary: str, backend_port: int, workdir: Path) -> Nghttpx:
         "--verify-client",
         f"--verify-client-cacert={workdir / 'ca' / 'ca.pem'}",
         "--no-ocsp",
-        "--single-process",
         "--workers=1",
         "--log-level=INFO",
         f"--errorlog-file={log}",
@@ -437,6 +437,44 @@ class Checks:
         await self.proxy.wait_log("GOAWAY received", before + 1)
         return "aclose(): nghttpx logged our GOAWAY; connection closed"
 
+    async def server_goes_away(self) -> str:
+        """nghttpx's graceful shutdown (SIGQUIT) sends GOAWAY while a stream is open:
+        the stream finishes, the connection takes no new one. Last: nghttpx exits."""
+        conn = await self._connect()
+        try:
+            stream = await conn.open_stream(self.echo)
+            payload = os.urandom(200_000)
+            reply = asyncio.ensure_future(stream.read())
+            stream.write(len(payload).to_bytes(8, "big") + payload[:1000])
+            await stream.drain()
+            self.proxy.process.send_signal(signal.SIGQUIT)
+            deadline = time.monotonic() + 5
+            stream.write(payload[1000:2000])  # (nghttpx notices on its next read)
+            while not conn.going_away:
+                if conn.is_closed or time.monotonic() > deadline:
+                    reply.cancel()
+                    raise AssertionError(
+                        f"no GOAWAY seen (connection closed: {conn.is_closed}, {conn.lost_error})"
+                    )
+                await asyncio.sleep(0.02)  # poll interval only
+            stream.write(payload[2000:])
+            stream.write_eof()
+            data = await asyncio.wait_for(reply, 10)
+            if data != payload:
+                raise AssertionError(f"the open stream got {len(data)} of {len(payload)} bytes")
+            try:
+                await conn.open_stream(self.echo)
+            except quicmesh.ConnectionLost as exc:
+                refused = str(exc)
+            else:
+                raise AssertionError("a new stream opened after the GOAWAY")
+            return (
+                f"SIGQUIT: GOAWAY; the open stream finished ({len(payload)} bytes echoed), "
+                f"a new one refused ({refused})"
+            )
+        finally:
+            self._close(conn)
+
     def all(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
         return [
             ("handshake", self.handshake),
@@ -447,6 +485,7 @@ class Checks:
             ("refused-by-nghttpx", self.refused_by_nghttpx),
             ("mtls-enforced", self.mtls_enforced),
             ("graceful-close", self.graceful_close),
+            ("server-goes-away", self.server_goes_away),  # last: nghttpx exits
         ]
 
 

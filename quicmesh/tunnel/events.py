@@ -76,8 +76,9 @@ class PeerStoppedReading(TunnelEvent):
 
 @dataclass
 class PeerGoingAway(TunnelEvent):
-    """(client) The peer takes no new stream on this connection (HTTP/3 GOAWAY): new
-    flows go on another one; streams below ``stream_id`` carry on."""
+    """(client) The peer takes no new stream on this connection (an HTTP/3 GOAWAY, or
+    an HTTP/2 one with NO_ERROR): new flows go on another one; streams below
+    ``stream_id`` carry on."""
 
     stream_id: int
 

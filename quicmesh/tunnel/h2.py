@@ -21,6 +21,14 @@ Two things h2 leaves to its user are done here:
   :data:`SEND_QUANTUM` bytes per stream per turn and within h2's flow-control
   windows, so a stream with a few bytes never waits behind another's megabytes.
 
+- **Graceful GOAWAY** (client): h2 takes any GOAWAY it reads for the connection's
+  end and refuses to send anything after it, so the streams a server's graceful
+  GOAWAY lets finish (RFC 9113 6.8) died with their connection. The peer's GOAWAY
+  frames with NO_ERROR are taken out before h2 reads them (:class:`_GracefulGoaways`,
+  frame headers only): the connection takes no new stream
+  (:class:`~quicmesh.tunnel.events.PeerGoingAway`), streams up to the GOAWAY's last
+  stream ID carry on, later ones are reset as not processed (REFUSED_STREAM).
+
 Header blocks are validated by h2 (RFC 9113 rules: pseudo-header order and set,
 lower-case names, no connection-specific fields); a block that breaks them is a
 protocol error that closes the connection, as h2 does. A well-formed request
@@ -93,6 +101,88 @@ _RESET_CODES = {
     ResetReason.CANCELLED: ErrorCodes.CANCEL,
     ResetReason.CONNECT_ERROR: ErrorCodes.CONNECT_ERROR,
 }
+
+
+_PREFACE_SIZE = 24
+"""A client's connection preface, ``PRI * HTTP/2.0...`` (RFC 9113 3.4)."""
+_FRAME_HEADER_SIZE = 9
+_GOAWAY = 0x7
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_END_HEADERS = 0x4
+
+
+class _GracefulGoaways:
+    """Takes the peer's graceful GOAWAY frames out of the bytes h2 reads.
+
+    Only frame headers are read (RFC 9113 4.1): every other frame passes through
+    unchanged as its bytes arrive. A GOAWAY on stream 0, outside a header block, of 8
+    bytes or more and at most ``max_frame_size``, is held whole (at most that many
+    bytes); with NO_ERROR it is kept back and reported, with any other code passed on
+    as it came (h2 ends the connection). A malformed one goes to h2 as it is, which
+    refuses it as before.
+    """
+
+    def __init__(self, *, max_frame_size: int, preface: bool = False) -> None:
+        self._max_frame_size = max_frame_size
+        self._skip = _PREFACE_SIZE if preface else 0
+        """Bytes to pass through before the next frame header."""
+        self._header = bytearray()
+        self._held: bytearray | None = None
+        """A GOAWAY being read: its header, then its payload."""
+        self._held_left = 0
+        self._in_header_block = False
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+        """The bytes for h2, and the last stream ID and debug data of each graceful
+        GOAWAY taken out, in order."""
+        passed = bytearray()
+        found: list[tuple[int, bytes]] = []
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                taken = min(self._skip, len(view))
+                passed += view[:taken]
+                view = view[taken:]
+                self._skip -= taken
+            elif self._held is not None:
+                taken = min(self._held_left, len(view))
+                self._held += view[:taken]
+                view = view[taken:]
+                self._held_left -= taken
+                if not self._held_left:
+                    frame, self._held = bytes(self._held), None
+                    payload = frame[_FRAME_HEADER_SIZE:]
+                    if int.from_bytes(payload[4:8], "big") == ErrorCodes.NO_ERROR:
+                        last = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
+                        found.append((last, payload[8:]))
+                    else:
+                        passed += frame
+            else:
+                taken = _FRAME_HEADER_SIZE - len(self._header)
+                self._header += view[:taken]
+                view = view[taken:]
+                if len(self._header) == _FRAME_HEADER_SIZE:
+                    self._on_header(bytes(self._header), passed)
+                    self._header.clear()
+        return bytes(passed), found
+
+    def _on_header(self, header: bytes, passed: bytearray) -> None:
+        length = int.from_bytes(header[:3], "big")
+        kind, flags = header[3], header[4]
+        stream_id = int.from_bytes(header[5:9], "big") & 0x7FFF_FFFF
+        if (
+            kind == _GOAWAY
+            and stream_id == 0
+            and not self._in_header_block
+            and 8 <= length <= self._max_frame_size
+        ):
+            self._held = bytearray(header)
+            self._held_left = length
+            return
+        if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+            self._in_header_block = not flags & _END_HEADERS
+        passed += header
+        self._skip = length
 
 
 class _Stream:
@@ -263,6 +353,15 @@ class H2TunnelSession(TunnelSession):
         """True once the peer's SETTINGS arrived: its preface is in and it accepted us."""
         self.closed = False
         """True once the connection is closed (GOAWAY sent or received, or a protocol error)."""
+        self._goaways = (
+            _GracefulGoaways(max_frame_size=self.h2.local_settings.max_frame_size)
+            if is_client
+            else None
+        )
+        self.peer_last_stream: int | None = None
+        """(client) The last stream ID of the peer's graceful GOAWAY: streams up to it
+        carry on, no new one opens; None until one came."""
+        self._peer_goaway_reason = ""
         self._streams: dict[int, _Stream] = {}
         self._ready: deque[int] = deque()
         """Streams with something to frame, in round-robin order."""
@@ -308,8 +407,11 @@ class H2TunnelSession(TunnelSession):
         """
         if self.closed:
             return []
+        goaways: list[tuple[int, bytes]] = []
+        if self._goaways is not None:
+            data, goaways = self._goaways.feed(data)
         try:
-            h2_events = self.h2.receive_data(data)
+            h2_events = self.h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError as exc:
             self._close_all()
             code = int(exc.error_code)
@@ -319,6 +421,39 @@ class H2TunnelSession(TunnelSession):
             if self.closed:
                 break
             result.extend(self._on_event(event))
+        for last, debug in goaways:
+            if self.closed:
+                break
+            result.extend(self._on_graceful_goaway(last, debug))
+        return result
+
+    def _on_graceful_goaway(self, last: int, debug: bytes) -> list[events.TunnelEvent]:
+        """The peer's GOAWAY with NO_ERROR: no new stream; ours past ``last`` were not
+        processed (RFC 9113 6.8), the others carry on. Its last stream ID may only fall."""
+        if self.peer_last_stream is not None and last > self.peer_last_stream:
+            reason = (
+                f"HTTP/2 protocol error: the peer's GOAWAY raised its last stream ID "
+                f"from {self.peer_last_stream} to {last}"
+            )
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR, reason.encode()[:256])
+            self._close_all()
+            return [events.ConnectionTerminated(int(ErrorCodes.PROTOCOL_ERROR), reason)]
+        self.peer_last_stream = last
+        said = debug.decode("utf-8", "replace")[:256]
+        self._peer_goaway_reason = said or self._peer_goaway_reason
+        why = f"not processed: the peer is going away (GOAWAY, last stream {last}" + (
+            f": {said})" if said else ")"
+        )
+        result: list[events.TunnelEvent] = [events.PeerGoingAway(last + 1)]
+        for stream_id in sorted(self._streams):
+            if stream_id > last and stream_id % 2 == 1:  # ours: a client's are odd
+                self._forget(stream_id)
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+                result.append(
+                    events.StreamReset(stream_id, int(ErrorCodes.REFUSED_STREAM), reason=why)
+                )
         return result
 
     def receive_eof(self) -> list[events.TunnelEvent]:
@@ -326,6 +461,9 @@ class H2TunnelSession(TunnelSession):
         if self.closed:
             return []
         self._close_all()
+        if self.peer_last_stream is not None:
+            reason = self._peer_goaway_reason or "peer closed the connection after its GOAWAY"
+            return [events.ConnectionTerminated(0, reason)]
         return [events.ConnectionTerminated(0, "peer closed the connection without GOAWAY")]
 
     def pending_events(self) -> list[events.TunnelEvent]:
@@ -513,7 +651,7 @@ class H2TunnelSession(TunnelSession):
     # -- TunnelSession -------------------------------------------------------------
 
     def can_open_stream(self) -> bool:
-        if self.closed:
+        if self.closed or self.peer_last_stream is not None:
             return False
         limit = self.h2.remote_settings.max_concurrent_streams
         return bool(self.h2.open_outbound_streams < limit)

@@ -29,5 +29,5 @@ def test_h2_connect_through_nghttpx(tmp_path: Path) -> None:
     assert NGHTTPX is not None, f"QUICMESH_REQUIRE_INTEROP is set but {APT_PACKAGE} is missing"
     results, _notes = asyncio.run(run_checks(NGHTTPX, tmp_path))
     failed = [f"{r.name}: {r.detail}" for r in results if not r.ok]
-    assert len(results) == 8
+    assert len(results) == 9
     assert not failed, f"{failed} (nghttpx log: {tmp_path / 'nghttpx.log'})"

@@ -9,13 +9,19 @@ import h2.events
 import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import GoAwayFrame, HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import Target, parse_target
-from quicmesh.tunnel.h2 import DEFAULT_STREAM_WINDOW, SEND_QUANTUM, H2TunnelSession, _H2Connection
+from quicmesh.tunnel.h2 import (
+    DEFAULT_STREAM_WINDOW,
+    SEND_QUANTUM,
+    H2TunnelSession,
+    _GracefulGoaways,
+    _H2Connection,
+)
 from quicmesh.tunnel.session import ResetReason
 
 TARGET = Target("reviews.default.svc", 9080)
@@ -543,3 +549,117 @@ def test_a_peer_that_keeps_opening_past_the_limit_loses_its_connection() -> None
     terminated = [e for e in server_events if isinstance(e, events.ConnectionTerminated)]
     assert [e.error_code for e in terminated] == [ErrorCodes.ENHANCE_YOUR_CALM]
     assert server.closed
+
+
+# -- a server's graceful GOAWAY (RFC 9113 6.8) ------------------------------------------
+
+
+def _goaway(last_stream_id: int, code: int = 0, debug: bytes = b"") -> bytes:
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    frame.error_code = code
+    frame.additional_data = debug
+    return bytes(frame.serialize())
+
+
+def test_a_graceful_goaway_lets_the_streams_it_covers_finish_and_refuses_the_others() -> None:
+    client, server = connected_pair()
+    kept = open_tunnel(client, server)
+    late = open_tunnel(client, server)
+    got = client.receive_data(_goaway(kept, debug=b"draining"))
+    assert got == [
+        events.PeerGoingAway(kept + 1),
+        events.StreamReset(
+            late,
+            int(ErrorCodes.REFUSED_STREAM),
+            reason=f"not processed: the peer is going away (GOAWAY, last stream {kept}: draining)",
+        ),
+    ]
+    assert not client.can_open_stream() and not client.closed
+    # h2 itself never saw the GOAWAY: the covered stream still carries bytes both ways.
+    client.send_data(kept, b"ping", end_stream=True)
+    _, server_events = exchange(client, server)
+    assert payload_of(server_events, kept) == b"ping" and ended(server_events, kept)
+    server.send_data(kept, b"pong", end_stream=True)
+    client_events, _ = exchange(client, server)
+    assert payload_of(client_events, kept) == b"pong" and ended(client_events, kept)
+    # The peer's final GOAWAY may lower the ID; then it closes.
+    assert client.receive_data(_goaway(kept)) == [events.PeerGoingAway(kept + 1)]
+    assert client.receive_eof() == [events.ConnectionTerminated(0, "draining")]
+
+
+def test_a_goaway_that_raises_its_last_stream_id_closes_the_connection() -> None:
+    client, server = connected_pair()
+    open_tunnel(client, server)
+    client.receive_data(_goaway(1))
+    (terminated,) = client.receive_data(_goaway(3))
+    assert isinstance(terminated, events.ConnectionTerminated)
+    assert terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert "raised its last stream ID from 1 to 3" in terminated.reason
+    assert client.closed
+
+
+def test_a_goaway_with_an_error_ends_the_connection_at_once() -> None:
+    client, server = connected_pair()
+    open_tunnel(client, server)
+    got = client.receive_data(_goaway(1, int(ErrorCodes.ENHANCE_YOUR_CALM), b"calm down"))
+    assert got == [events.ConnectionTerminated(int(ErrorCodes.ENHANCE_YOUR_CALM), "calm down")]
+    assert client.closed
+
+
+_FRAMES = st.one_of(
+    st.tuples(
+        st.sampled_from([0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9, 0x5, 0xEE]),
+        st.integers(0, 0xFF),
+        st.integers(0, 9),
+        st.binary(max_size=40),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(_FRAMES, max_size=12),
+    cuts=st.lists(st.integers(1, 60), max_size=20),
+)
+def test_the_goaway_filter_takes_out_exactly_the_graceful_goaways(
+    frames: list[tuple[int, int, int, bytes]], cuts: list[int]
+) -> None:
+    """Whatever the frames and however the bytes are cut, h2 is given every byte but
+    those of the graceful GOAWAYs (stream 0, outside a header block, 8 bytes or more,
+    NO_ERROR), in order, and those are reported."""
+    wire = bytearray()
+    expected_passed = bytearray()
+    expected_found: list[tuple[int, bytes]] = []
+    in_block = False
+    for kind, flags, stream_id, payload in frames:
+        frame = len(payload).to_bytes(3, "big") + bytes([kind, flags])
+        frame += stream_id.to_bytes(4, "big") + payload
+        wire += frame
+        graceful = (
+            kind == 0x7
+            and stream_id == 0
+            and not in_block
+            and len(payload) >= 8
+            and payload[4:8] == b"\0\0\0\0"
+        )
+        if graceful:
+            expected_found.append((int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, payload[8:]))
+        else:
+            expected_passed += frame
+        if kind in (0x1, 0x5, 0x9):
+            in_block = not flags & 0x4
+    filter_ = _GracefulGoaways(max_frame_size=16384)
+    passed = bytearray()
+    found: list[tuple[int, bytes]] = []
+    rest = bytes(wire)
+    for cut in [*cuts, len(rest)]:
+        piece, rest = rest[:cut], rest[cut:]
+        out, more = filter_.feed(piece)
+        passed += out
+        found += more
+    out, more = filter_.feed(rest)
+    passed += out
+    found += more
+    assert bytes(passed) == bytes(expected_passed)
+    assert found == expected_found
