@@ -17,11 +17,21 @@ from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import FrameType, encode_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quic_helpers import TARGET, Recorder, client_transport, run, server_transport, until
+from quic_helpers import (
+    CA,
+    CLIENT,
+    SERVER,
+    TARGET,
+    Recorder,
+    client_transport,
+    run,
+    server_transport,
+    until,
+)
 from test_aioquic_layer import Clock, settle
 from test_header_limits import _raw_h3_server
 
-from quicmesh import ConnectionLost, StreamRefused
+from quicmesh import ConnectionLost, H2Transport, StreamRefused
 from quicmesh._aioquic import _GoawayReader
 from quicmesh.sidecar.circuit import CircuitBreaker
 from quicmesh.sidecar.cluster import is_connection_failure
@@ -303,3 +313,58 @@ def test_a_flow_turned_away_twice_by_goaway_is_a_refusal_not_a_connection_failur
         await listener.wait_closed()
 
     run(main())
+
+
+def test_an_h2_server_going_away_lets_open_streams_finish_and_the_pool_moves() -> None:
+    """HTTP/2 (the fallback when UDP is blocked): ``go_away()`` sends a GOAWAY with
+    NO_ERROR naming the last stream seen; the client's open stream finishes, the
+    connection takes no new one, and the pool dials a new connection for the next flow."""
+
+    async def main() -> None:
+        recorder = Recorder()
+        server = H2Transport(identity=SERVER, trust=CA.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), recorder)
+        breaker = CircuitBreaker(CircuitBreakerConfig())
+        pool = EndpointPool(
+            listener.address,
+            H2Transport(identity=CLIENT, trust=CA.trust_bundle),
+            breaker,
+            connect_timeout=5,
+        )
+        busy, first, _ = await pool.open_stream(TARGET, {"x-request-id": "busy"})
+        (accepted,) = listener.connections
+        assert accepted.go_away() and not accepted.go_away()  # once
+        await until(lambda: first.going_away)
+        with pytest.raises(ConnectionLost, match="going away"):
+            await first.open_stream(TARGET)
+        other, second, _ = await pool.open_stream(TARGET, {"x-request-id": "other"})
+        assert second is not first and pool.connections_opened == 2
+        for stream, data in ((busy, b"still here"), (other, b"elsewhere")):
+            stream.write(data)
+            stream.write_eof()
+            assert await asyncio.wait_for(stream.read(), 10) == data
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_an_h2_request_that_crossed_the_goaway_is_refused_unprocessed() -> None:
+    """A stream the client opened before our GOAWAY reached it is refused with
+    REFUSED_STREAM, its handler never called."""
+    from quicmesh.tunnel.h2 import H2TunnelSession
+
+    client, server = H2TunnelSession(is_client=True), H2TunnelSession(is_client=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    kept = client.open_stream(parse_target(TARGET), {})
+    assert [type(e) for e in server.receive_data(client.data_to_send())] == [events.StreamRequested]
+    assert server.go_away()
+    crossed = client.open_stream(parse_target(TARGET), {})
+    assert server.receive_data(client.data_to_send()) == []  # no StreamRequested
+    got = client.receive_data(server.data_to_send())
+    assert events.PeerGoingAway(kept + 1) in got
+    assert any(isinstance(e, events.StreamReset) and e.stream_id == crossed for e in got)
+    assert kept in server._streams and crossed not in server._streams

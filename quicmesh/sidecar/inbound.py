@@ -452,9 +452,9 @@ class InboundListener:
         await self.wait_closed()
 
     def begin_drain(self) -> None:
-        """Refuse new streams from now on (503), and tell the QUIC peers first (an HTTP/3
-        GOAWAY on each connection, :meth:`~quicmesh.PeerConnection.go_away`) so that they
-        open no new flow on it; the flows under way carry on. (A quicmesh peer's cluster
+        """Refuse new streams from now on (503), and tell the peers first (a GOAWAY on
+        each QUIC or HTTP/2 connection, :meth:`~quicmesh.PeerConnection.go_away`) so that
+        they open no new flow on it; the flows under way carry on. (A quicmesh peer's cluster
         then sends new flows to its other endpoints, :data:`~.pool.GOING_AWAY_SECONDS`;
         with none, it dials this one again and such flows are refused with 503.)"""
         if self.draining:
@@ -463,7 +463,7 @@ class InboundListener:
         told = sum(connection.go_away() for connection in self._accepted_connections())
         if told:
             logger.info(
-                "inbound listener %s: told %d peer connection(s) to go away (HTTP/3 GOAWAY)",
+                "inbound listener %s: told %d peer connection(s) to go away (GOAWAY)",
                 self.config.name,
                 told,
             )

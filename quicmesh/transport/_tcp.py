@@ -91,6 +91,23 @@ class TlsPeerConnection(SessionConnection):
     def _transmit(self) -> None:
         self.protocol.flush()
 
+    def go_away(self) -> bool:
+        """(accepting side, HTTP/2) A graceful GOAWAY (:meth:`H2TunnelSession.go_away`)."""
+        session = self.session
+        if self.is_closed or self._closing or not isinstance(session, H2TunnelSession):
+            return False
+        if not session.go_away():
+            return False
+        self._schedule_transmit()
+        self.log.info(
+            "[%s] GOAWAY to %s: requests on streams after %d are refused, %d open carry on",
+            self._log_id,
+            self.peer_identity,
+            session.goaway_last_stream,
+            self.active_streams,
+        )
+        return True
+
     def _close_transport(self) -> None:
         self.protocol.close()
 

@@ -232,8 +232,10 @@ class PeerConnection(ABC):
         draining server does (an HTTP/3 GOAWAY naming the first request stream not yet
         seen, RFC 9114 5.2): streams already open carry on, and requests on later streams
         are refused with H3_REQUEST_REJECTED, which tells the peer that they were not
-        processed. True when this call sent it: once a connection, after its handshake;
-        never on other transports (they end their connections on close)."""
+        processed. HTTP/2 (the h2 transport, and h2 under ``auto``): a GOAWAY with
+        NO_ERROR naming the last stream the peer opened; later requests are refused with
+        REFUSED_STREAM. True when this call sent it: once a connection, after its
+        handshake; never on TLS-over-TCP (one flow a connection)."""
         return False
 
     @abstractmethod

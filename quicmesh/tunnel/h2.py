@@ -27,7 +27,8 @@ Two things h2 leaves to its user are done here:
   frames with NO_ERROR are taken out before h2 reads them (:class:`_GracefulGoaways`,
   frame headers only): the connection takes no new stream
   (:class:`~quicmesh.tunnel.events.PeerGoingAway`), streams up to the GOAWAY's last
-  stream ID carry on, later ones are reset as not processed (REFUSED_STREAM).
+  stream ID carry on, later ones are reset as not processed (REFUSED_STREAM). A
+  server sends one the same way, past h2 (:meth:`H2TunnelSession.go_away`).
 
 Header blocks are validated by h2 (RFC 9113 rules: pseudo-header order and set,
 lower-case names, no connection-specific fields); a block that breaks them is a
@@ -50,6 +51,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 from ..errors import TunnelUsageError
 from ..transport._stream_rate import StreamRate
@@ -362,6 +364,12 @@ class H2TunnelSession(TunnelSession):
         """(client) The last stream ID of the peer's graceful GOAWAY: streams up to it
         carry on, no new one opens; None until one came."""
         self._peer_goaway_reason = ""
+        self.goaway_last_stream: int | None = None
+        """(server) The last stream ID our graceful GOAWAY named: later requests are
+        refused unprocessed; None until :meth:`go_away`."""
+        self._extra_output = b""
+        """Bytes to send before h2's next ones: our graceful GOAWAY, written past h2,
+        after what h2 had queued before it."""
         self._streams: dict[int, _Stream] = {}
         self._ready: deque[int] = deque()
         """Streams with something to frame, in round-robin order."""
@@ -517,7 +525,28 @@ class H2TunnelSession(TunnelSession):
                 self._ready.append(stream_id)
             else:
                 stream.queued = False
-        return self.h2.data_to_send()
+        output = self.h2.data_to_send()
+        if self._extra_output:
+            output, self._extra_output = self._extra_output + output, b""
+        return output
+
+    def go_away(self) -> bool:
+        """(server) Send a graceful GOAWAY (NO_ERROR) naming the last stream the peer
+        opened (RFC 9113 6.8): its open streams carry on, a request on a later one (it
+        crossed the GOAWAY) is refused unprocessed, REFUSED_STREAM. Written past h2,
+        which would take its own GOAWAY for the connection's end and send nothing more
+        (the module's docstring). True when sent: once, on an open server connection."""
+        if self.is_client or self.closed or self.goaway_last_stream is not None:
+            return False
+        last = self.h2.highest_inbound_stream_id
+        self.goaway_last_stream = last
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = int(ErrorCodes.NO_ERROR)
+        frame.additional_data = b"draining"
+        # After what h2 queued before it, ahead of what it queues next.
+        self._extra_output += self.h2.data_to_send() + bytes(frame.serialize())
+        return True
 
     # -- input -------------------------------------------------------------------
 
@@ -600,6 +629,11 @@ class H2TunnelSession(TunnelSession):
             self.h2.past_limit.discard(stream_id)
             self.streams_refused_over_limit += 1
             return self._refuse_unprocessed(stream_id)
+        if self.goaway_last_stream is not None and stream_id > self.goaway_last_stream:
+            # Crossed our GOAWAY: not processed, the peer may open it elsewhere.
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return []
         if self._stream_rate is not None and not self._stream_rate.take(1, self._clock()):
             self.streams_refused_for_rate += 1
             return self._refuse_unprocessed(stream_id)
