@@ -129,8 +129,14 @@ class Ports:
     http_a: int = 0
 
     def __post_init__(self) -> None:
-        # Chosen together: one at a time, two of them could be the same number.
-        self.admin_a, self.admin_b, self.tunnel_b, self.echo_a, self.http_a = free_ports(5)
+        # Those not given (0), chosen together: one at a time, two could be the same.
+        names = [
+            n
+            for n in ("admin_a", "admin_b", "tunnel_b", "echo_a", "http_a")
+            if not getattr(self, n)
+        ]
+        for name, port in zip(names, free_ports(len(names)), strict=True):
+            setattr(self, name, port)
 
 
 def sidecar_configs(

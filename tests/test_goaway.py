@@ -36,7 +36,7 @@ from quicmesh._aioquic import _GoawayReader
 from quicmesh.sidecar.circuit import CircuitBreaker
 from quicmesh.sidecar.cluster import is_connection_failure
 from quicmesh.sidecar.config import CircuitBreakerConfig
-from quicmesh.sidecar.pool import EndpointPool
+from quicmesh.sidecar.pool import GOING_AWAY, MAX_DIALS_PER_FLOW, EndpointPool
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import parse_target
 
@@ -213,7 +213,7 @@ def test_the_pool_moves_new_flows_off_a_connection_going_away(engine: str) -> No
         other, second, _ = await pool.open_stream(TARGET, {})
         assert second is not first and pool.connections_opened == 2
         (retired,) = [p for p in pool.connections if p.connection is first]
-        assert retired.retired == "the peer is going away (GOAWAY)"
+        assert retired.retired == GOING_AWAY
         # The old connection closes once its last flow has ended.
         busy.write(b"bye")
         busy.write_eof()
@@ -269,6 +269,13 @@ def test_a_flow_refused_unprocessed_before_the_goaway_came_is_opened_on_a_new_co
         busy.write_eof()
         assert await asyncio.wait_for(busy.read(), 10) == b""
         assert len(recorder.received["again"]) == 1
+        # Its GOAWAY, arriving after the refusal, still counts for the endpoint.
+        accepted._goaway_sent = None  # (the frame itself was never sent)
+        assert accepted.go_away()
+        await until(lambda: first.going_away)
+        pool.sweep_closed()
+        assert retired.retired == GOING_AWAY
+        assert pool.going_away(asyncio.get_running_loop().time())
         await pool.close()
         listener.close()
         await listener.wait_closed()
@@ -306,6 +313,8 @@ def test_a_flow_turned_away_twice_by_goaway_is_a_refusal_not_a_connection_failur
             await pool.open_stream(TARGET, {})
         assert refused.value.status == 503 and "going away" in str(refused.value)
         assert not is_connection_failure(refused.value)
+        # Not a dial for each slot of the circuit breaker (64): at most two for the flow.
+        assert pool.connections_opened <= 1 + MAX_DIALS_PER_FLOW
         busy.write_eof()
         await asyncio.wait_for(busy.read(), 10)
         await pool.close()

@@ -10,6 +10,7 @@ and UDP, since an inbound listener binds the same number on both.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -45,7 +46,8 @@ def _candidate_ports() -> Iterator[int]:
     a port chosen there cannot be taken, between being chosen and being bound, by
     a connection the kernel gives a local port of its own (CI's demo lost a port
     that way). Random, so that processes choosing at once rarely meet; then 0
-    (the kernel's choice) if none of those is free."""
+    (the kernel's choice) if none of those is free, or if the range leaves less
+    than 1000 ports below it (then that race is possible again)."""
     low, _ = _ephemeral_range()
     floor = 10000
     if low - floor >= 1000:
@@ -64,8 +66,10 @@ def held_port(host: str = LOOPBACK) -> Iterator[tuple[socket.socket, socket.sock
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             try:
                 tcp.bind((host, candidate))
-            except OSError:
-                continue
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise  # not a port taken: the host (its family, a name that does not resolve)
             port = int(tcp.getsockname()[1])
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ConnectError, QuicmeshError, StreamRefused, StreamReset, TunnelError
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    QuicmeshError,
+    StreamRefused,
+    StreamReset,
+    TunnelError,
+)
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
@@ -97,6 +104,14 @@ flows where the cluster has another one (the default drain grace period)."""
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing connection gets, beyond its grace, to say goodbye."""
 
+
+GOING_AWAY = "the peer is going away (GOAWAY)"
+"""Why a connection whose peer sent a GOAWAY takes no new flow."""
+
+MAX_DIALS_PER_FLOW = 2
+"""New connections one flow may dial: a peer whose every new connection is going away
+before it takes a flow (draining) would otherwise have a flow dial until the circuit
+breaker's ``max_connections``."""
 
 H3_REQUEST_REJECTED = 0x10B
 """HTTP/3's "not processed, safe to retry" (RFC 9114 8.1)."""
@@ -177,6 +192,7 @@ class EndpointPool:
         :raises TunnelError: the stream could not be opened (refused, connection lost).
         """
         lost_once = False
+        dialled = 0
         while True:
             self.sweep_closed()
             may_connect = self.breaker.connections < self.breaker.limits.max_connections
@@ -202,40 +218,39 @@ class EndpointPool:
                     raise
                 except TunnelError as exc:
                     # The peer took no part of the request: its connection was closed,
-                    # it is going away (GOAWAY), or it reset the stream unprocessed (its
-                    # H3_REQUEST_REJECTED can overtake its GOAWAY; RFC 9114 4.1.1).
+                    # it is going away (GOAWAY), or it reset the stream unprocessed (an
+                    # H3_REQUEST_REJECTED: its GOAWAY may be on the way, or the
+                    # connection is at a limit of its own; RFC 9114 4.1.1).
                     rejected = _rejected_unprocessed(exc)
+                    if rejected and not connection.going_away:
+                        self._retire(connection, "the peer refused a request unprocessed")
                     turned_away = connection.going_away or rejected
                     if not (connection.is_closed or turned_away):
                         raise
                     if lost_once:
-                        if connection.going_away:
-                            # A refusal, as a draining peer's 503: not a failure to
-                            # reach the endpoint (no outlier ejection), another may
-                            # take the flow.
-                            raise StreamRefused(
-                                503,
-                                f"the peer is going away (GOAWAY): {exc}",
-                                peer_identity=connection.peer_identity,
-                            ) from None
+                        if turned_away:
+                            raise self._turned_away(connection, exc) from None
                         raise
                     lost_once = True
-                    if rejected and not connection.going_away:
-                        # Most likely a GOAWAY still on its way: a new connection takes it.
-                        self._retire(connection, "the peer refused a request unprocessed")
-                    if turned_away:
-                        logger.info(
-                            "flow to %s:%d not taken (%s: %s): opening it again",
-                            *self.address,
-                            "the peer is going away, GOAWAY"
-                            if connection.going_away
-                            else "refused unprocessed",
-                            exc,
-                        )
-                    else:
-                        logger.info("pooled connection to %s:%d was closed: %s", *self.address, exc)
+                    logger.info(
+                        "flow to %s:%d not taken (%s): opening it again",
+                        *self.address,
+                        exc,
+                    )
                     continue
                 return stream, connection, False
+            if plan.action is Action.CONNECT and dialled == MAX_DIALS_PER_FLOW:
+                # Each connection dialled for this flow was going away before it could
+                # take it (a draining peer): the flow goes elsewhere.
+                if self.going_away(self._loop.time()):
+                    raise StreamRefused(
+                        503,
+                        f"not taken: {self._label()} is going away (GOAWAY) on every "
+                        "new connection",
+                    )
+                raise ConnectionLost(f"{self._label()}: the new connections closed at once")
+            if plan.action is Action.CONNECT:
+                dialled += 1
             if plan.action is Action.WAIT_FOR_CONNECT:
                 assert self._connecting is not None
                 await asyncio.shield(self._connecting)
@@ -309,7 +324,27 @@ class EndpointPool:
     def _retire(self, connection: PeerConnection, reason: str) -> None:
         for pooled in self.connections:
             if pooled.connection is connection and pooled.retired is None:
+                logger.info(
+                    "connection %s to %s:%d: %s: no new flow on it, %d open carry on",
+                    pooled.label,
+                    *self.address,
+                    reason,
+                    connection.active_streams,
+                )
                 pooled.retired = reason
+
+    def _label(self) -> str:
+        host, port = self.address[:2]
+        return f"{host}:{port}"
+
+    def _turned_away(self, connection: PeerConnection, error: TunnelError) -> StreamRefused:
+        """A flow turned away a second time: a refusal, as a draining peer's 503 is
+        (not a failure to reach the endpoint, so no outlier ejection; another endpoint
+        may take it)."""
+        why = GOING_AWAY if connection.going_away else "the peer refused it unprocessed twice"
+        return StreamRefused(
+            503, f"not taken: {why}: {error}", peer_identity=connection.peer_identity
+        )
 
     def _mark_busy(self, connection: PeerConnection) -> None:
         for pooled in self.connections:
@@ -322,8 +357,9 @@ class EndpointPool:
         for pooled in [p for p in self.connections if p.connection.is_closed]:
             self._forget(pooled)
         for pooled in self.connections:
-            if pooled.retired is None and pooled.connection.going_away:
-                pooled.retired = "the peer is going away (GOAWAY)"
+            if pooled.connection.going_away and pooled.retired != GOING_AWAY:
+                # (Also one retired for a refusal that overtook its GOAWAY.)
+                pooled.retired = GOING_AWAY
                 self._gone_away_at = self._loop.time()
                 logger.info(
                     "connection %s to %s:%d: the peer is going away (GOAWAY): "
