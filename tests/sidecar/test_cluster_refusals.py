@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from quicmesh import DevCA, H2Transport, MeshStream
+from quicmesh import DevCA, H2Transport, MeshStream, TrustBundle
 from quicmesh.errors import (
     ConnectError,
     ConnectionLost,
@@ -247,5 +247,48 @@ def test_new_flows_pass_over_an_endpoint_that_is_going_away(engine: str) -> None
             for listener in (first, second):
                 listener.close()
                 await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_peer_refusing_our_certificate_is_not_ejected() -> None:
+    """Our certificate refused (the peer does not trust our CA): every endpoint would
+    refuse it and none is at fault, so none is ejected (they would stay ejected after
+    ours is fixed); the failures are counted, on our side."""
+
+    async def main() -> None:
+        ours, theirs = DevCA(), DevCA()
+        server = H2Transport(
+            identity=theirs.issue("spiffe://mesh.local/ns/default/sa/b"),
+            trust=theirs.trust_bundle,  # not ours
+        )
+        listener = await server.listen(("127.0.0.1", 0), _echo)
+        outlier = {"consecutive_connect_failures": 3, "max_ejection_percent": 100}
+        cluster = _h2_cluster(ours, [listener.address], outlier_detection=outlier)
+        # We trust them; they do not trust us.
+        cluster.transport = H2Transport(
+            identity=ours.issue("spiffe://mesh.local/ns/default/sa/a"),
+            trust=TrustBundle(ours.trust_bundle.certificates + theirs.trust_bundle.certificates),
+        )
+        for pool in (e.pool for e in cluster.endpoints.values()):
+            pool.transport = cluster.transport
+        try:
+            threshold = cluster.config.outlier_detection.consecutive_connect_failures
+            for _ in range(threshold + 2):
+                try:
+                    await cluster.open_flow()
+                except FlowRefused as refused:
+                    assert refused.outcome is Outcome.CONNECT_FAILED
+                else:
+                    raise AssertionError("a refused certificate opened a flow")
+            (endpoint,) = cluster.endpoints.values()
+            stats = cluster.stats.endpoint(endpoint.name)
+            assert stats.connect_failures >= threshold + 2
+            assert stats.ejections == 0
+            assert cluster.stats.handshake_failures == {"our_certificate_refused": threshold + 2}
+        finally:
+            await cluster.close()
+            listener.close()
+            await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 60))
