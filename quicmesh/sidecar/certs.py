@@ -9,7 +9,9 @@ presents and verifies with, and where they come from:
 - ``tls.cert``/``key``/``trust_bundle`` (PEM files, kept up to date by an agent
   as Envoy's ``watched_directory`` expects): the files are polled and read again
   when any of them changes; a half-written or mismatched set is logged and
-  ignored until the next change;
+  ignored until the next change; a set that loads but cannot be used (expired,
+  not yet valid, not trusted by its own bundle) is logged and waits while the
+  current certificate can be used;
 - :meth:`CertificateSource.replace` (SDS): a control plane pushes a new one.
 
 Each change calls ``on_rotated(identity, trust)``; the runtime hands the new
@@ -113,6 +115,10 @@ class CertificateSource:
         self._on_rotated: Rotated | None = None
         self._task: asyncio.Task[None] | None = None
         self._versions = self._file_versions()
+        self._waiting: tuple[Identity, TrustBundle] | None = None
+        """Files that loaded but cannot be used yet (expired, not yet valid, not trusted
+        by their own bundle) while the current certificate can: taken once they can be,
+        or once the current one cannot."""
 
     # -- state -----------------------------------------------------------------
 
@@ -230,8 +236,11 @@ class CertificateSource:
     def _reload_files_if_changed(self) -> None:
         versions = self._file_versions()
         if versions == self._versions:
+            if self._waiting is not None:
+                self._take_when_usable(*self._waiting)
             return
         self._versions = versions
+        self._waiting = None
         try:
             identity, trust = load_identity(self.config)
         except ConfigError as exc:
@@ -244,7 +253,26 @@ class CertificateSource:
             and trust.pem == self.trust.pem
         ):
             return
+        problem = own_certificate_problem(identity, trust)
+        if problem is not None and self.problem() is None:
+            # Swapping a working certificate for one known not to work would refuse
+            # every new handshake: keep it while it lasts (a CA rolled out in the
+            # wrong order, a stale file, a certificate issued a little ahead).
+            self.failures += 1
+            self._waiting = (identity, trust)
+            logger.error(
+                "certificate files changed but not taken: %s; the current certificate "
+                "(valid until %s) is kept until they can be used or it cannot",
+                problem,
+                self.identity.certificate.not_valid_after_utc,
+            )
+            return
         self.replace(identity, trust)
+
+    def _take_when_usable(self, identity: Identity, trust: TrustBundle) -> None:
+        if own_certificate_problem(identity, trust) is None or self.problem() is not None:
+            self._waiting = None
+            self.replace(identity, trust)
 
 
 def _version(path: str) -> tuple[int, int, int] | None:

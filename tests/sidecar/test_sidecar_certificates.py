@@ -477,3 +477,56 @@ def test_a_certificate_without_a_spiffe_id_is_named_with_its_file_and_key(tmp_pa
     assert run.returncode == 2, run.stderr
     [line] = [line for line in run.stderr.splitlines() if "event loop:" not in line]
     assert "b.yaml: tls.cert: " in line and "b.crt" in line and "no SPIFFE ID" in line, line
+
+
+@pytest.mark.parametrize("case", ["expired", "untrusted", "not_yet_valid"])
+def test_a_working_certificate_is_not_swapped_for_one_that_cannot_be_used(
+    tmp_path: Path, case: str
+) -> None:
+    """An agent writes a certificate that cannot be used (expired; from a CA the bundle
+    does not hold, a CA rolled out in the wrong order) over a working one: the working
+    one stays, one ERROR line says why, and the files are taken once they can be."""
+    ca, other = DevCA(), DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        serial = sidecar.stats()["certificate"]["serial"]
+        if case == "expired":
+            bad = ca.issue(
+                IDENTITY_B,
+                not_before=NOW - datetime.timedelta(days=2),
+                not_after=NOW - datetime.timedelta(days=1),
+            )
+            expected = "expired at"
+        elif case == "untrusted":
+            bad = other.issue(IDENTITY_B)
+            expected = "not trusted by our own trust bundle"
+        else:  # issued a little ahead of now
+            start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=3)
+            bad = ca.issue(IDENTITY_B, not_before=start)
+            expected = "is not valid before"
+        _write_identity(tmp_path, "b", bad)
+        wait_until(
+            lambda: "certificate files changed but not taken" in sidecar.stderr(),
+            what="the refusal logged",
+        )
+        assert expected in sidecar.stderr()
+        assert sidecar.request("GET", "/ready") == (200, b"ready\n")
+        assert sidecar.stats()["certificate"]["serial"] == serial
+        if case == "untrusted":
+            # The bundle catches up: the certificate is taken with it.
+            (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem + other.trust_bundle.pem)
+        elif case == "expired":
+            _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+        # (not_yet_valid: taken once valid, with no new write)
+        wait_until(
+            lambda: sidecar.stats()["certificate"]["serial"] != serial,
+            what="the usable certificate taken",
+        )
+        assert sidecar.request("GET", "/ready") == (200, b"ready\n")
+    finally:
+        assert sidecar.stop() == 0
