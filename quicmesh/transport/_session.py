@@ -222,7 +222,9 @@ class SessionConnection(PeerConnection):
                 self._on_stream_requested(event)
             elif isinstance(event, events.StreamReset):
                 stream = self._streams.pop(event.stream_id, None)
-                if event.reason:  # our reset, for what the peer sent
+                if event.not_processed:  # the peer's GOAWAY left it out (logged once)
+                    message = f"stream {event.stream_id} {event.reason}"
+                elif event.reason:  # our reset, for what the peer sent
                     REFUSAL_LOG.log(
                         logging.WARNING,
                         "bad_answer",

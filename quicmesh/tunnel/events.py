@@ -65,6 +65,9 @@ class StreamReset(TunnelEvent):
     reason: str = ""
     """Set when this side reset the stream for what the peer sent (its answer was
     malformed, too large, or never came): why, naming the peer's fault."""
+    not_processed: bool = False
+    """This side reset it because the peer's GOAWAY left it out: the peer did not
+    process it (no fault, safe to open again elsewhere); ``reason`` says so."""
 
 
 @dataclass

@@ -328,6 +328,8 @@ class H2TunnelSession(TunnelSession):
         """New streams refused (REFUSED_STREAM) because the peer was above the rate."""
         self.streams_refused_over_limit = 0
         """New streams refused (REFUSED_STREAM) because ``max_streams`` were open."""
+        self.streams_refused_after_goaway = 0
+        """New streams refused (REFUSED_STREAM) because they came after our GOAWAY."""
         config = h2.config.H2Configuration(
             client_side=is_client,
             header_encoding=None,
@@ -448,19 +450,26 @@ class H2TunnelSession(TunnelSession):
             self._close_all()
             return [events.ConnectionTerminated(int(ErrorCodes.PROTOCOL_ERROR), reason)]
         self.peer_last_stream = last
-        said = debug.decode("utf-8", "replace")[:256]
+        # The peer's words go into our logs: printable characters only.
+        said = "".join(c if c.isprintable() else "?" for c in debug.decode("utf-8", "replace"))
+        said = said[:256]
         self._peer_goaway_reason = said or self._peer_goaway_reason
         why = f"not processed: the peer is going away (GOAWAY, last stream {last}" + (
             f": {said})" if said else ")"
         )
         result: list[events.TunnelEvent] = [events.PeerGoingAway(last + 1)]
-        for stream_id in sorted(self._streams):
-            if stream_id > last and stream_id % 2 == 1:  # ours: a client's are odd
+        # Ours (a client's are odd) past its last: also those we half-closed before
+        # their answer, whose record we dropped while h2 keeps them open.
+        open_in_h2 = (i for i, stream in self.h2.streams.items() if not stream.closed)
+        for stream_id in sorted({*self._streams, *open_in_h2}):
+            if stream_id > last and stream_id % 2 == 1:
                 self._forget(stream_id)
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                 result.append(
-                    events.StreamReset(stream_id, int(ErrorCodes.REFUSED_STREAM), reason=why)
+                    events.StreamReset(
+                        stream_id, int(ErrorCodes.REFUSED_STREAM), reason=why, not_processed=True
+                    )
                 )
         return result
 
@@ -587,7 +596,9 @@ class H2TunnelSession(TunnelSession):
             reason = "too many new streams refused (max_stream_rate, max_streams)"
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.h2.close_connection(
-                    error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
+                    error_code=ErrorCodes.ENHANCE_YOUR_CALM,
+                    additional_data=reason.encode(),
+                    last_stream_id=self.goaway_last_stream,  # never above our graceful one
                 )
             self._close_all()
             return [events.ConnectionTerminated(int(ErrorCodes.ENHANCE_YOUR_CALM), reason)]
@@ -630,10 +641,10 @@ class H2TunnelSession(TunnelSession):
             self.streams_refused_over_limit += 1
             return self._refuse_unprocessed(stream_id)
         if self.goaway_last_stream is not None and stream_id > self.goaway_last_stream:
-            # Crossed our GOAWAY: not processed, the peer may open it elsewhere.
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            return []
+            # Crossed our GOAWAY: not processed, the peer may open it elsewhere. Within
+            # the refusal budget: a peer that goes on opening streams is cut off.
+            self.streams_refused_after_goaway += 1
+            return self._refuse_unprocessed(stream_id)
         if self._stream_rate is not None and not self._stream_rate.take(1, self._clock()):
             self.streams_refused_for_rate += 1
             return self._refuse_unprocessed(stream_id)
@@ -757,7 +768,13 @@ class H2TunnelSession(TunnelSession):
         if self.closed:
             return
         with contextlib.suppress(h2.exceptions.H2Error):
-            self.h2.close_connection(ErrorCodes.NO_ERROR, reason.encode("utf-8", "replace")[:256])
+            self.h2.close_connection(
+                ErrorCodes.NO_ERROR,
+                reason.encode("utf-8", "replace")[:256],
+                # After our graceful GOAWAY the last stream ID may not rise (RFC 9113
+                # 6.8): the streams refused since are not counted in.
+                last_stream_id=self.goaway_last_stream,
+            )
         self._close_all()
 
     # -- internals -----------------------------------------------------------------

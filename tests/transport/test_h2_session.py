@@ -573,6 +573,7 @@ def test_a_graceful_goaway_lets_the_streams_it_covers_finish_and_refuses_the_oth
             late,
             int(ErrorCodes.REFUSED_STREAM),
             reason=f"not processed: the peer is going away (GOAWAY, last stream {kept}: draining)",
+            not_processed=True,
         ),
     ]
     assert not client.can_open_stream() and not client.closed
@@ -663,3 +664,50 @@ def test_the_goaway_filter_takes_out_exactly_the_graceful_goaways(
     found += more
     assert bytes(passed) == bytes(expected_passed)
     assert found == expected_found
+
+
+def test_after_our_graceful_goaway_the_closing_one_names_the_same_last_stream() -> None:
+    """A request that crossed our GOAWAY raises h2's highest stream ID; the GOAWAY
+    that closes the connection must still name the graceful one's (RFC 9113 6.8: it
+    may not rise), or the client takes the clean end for a protocol error."""
+    client, server = connected_pair()
+    kept = open_tunnel(client, server)
+    assert server.go_away()
+    client.open_stream(TARGET, {})  # crosses the GOAWAY
+    exchange(client, server)
+    server.close("drained")
+    client_events, _ = exchange(client, server)
+    assert not any(
+        isinstance(e, events.ConnectionTerminated) and e.error_code for e in client_events
+    ), client_events
+    assert client.peer_last_stream == kept
+
+
+def test_a_peer_that_keeps_opening_streams_after_our_goaway_loses_its_connection() -> None:
+    clock = _Clock()
+    raw, server = _rate_limited_pair(clock)
+    _open_and_reset(raw, 1, reset=False)
+    server.receive_data(raw.data_to_send())
+    assert server.go_away()
+    closed = None
+    for _ in range(5000):
+        _open_and_reset(raw, 1)
+        got = server.receive_data(raw.data_to_send())
+        closed = next((e for e in got if isinstance(e, events.ConnectionTerminated)), None)
+        if closed is not None:
+            break
+    assert closed is not None and closed.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert server.streams_refused_after_goaway > 0
+
+
+def test_a_stream_half_closed_before_its_answer_is_refused_by_a_goaway_that_leaves_it_out() -> None:
+    client, server = connected_pair()
+    kept = open_tunnel(client, server)
+    late = client.open_stream(TARGET, {})
+    client.send_data(late, b"", end_stream=True)  # no answer yet
+    client.data_to_send()  # (the server never sees it: as if it crossed the GOAWAY)
+    got = client.receive_data(_goaway(kept))
+    assert any(
+        isinstance(e, events.StreamReset) and e.stream_id == late and e.not_processed for e in got
+    ), got
+    assert late not in client.h2.streams or client.h2.streams[late].closed
