@@ -14,7 +14,10 @@ straight to HTTP/2 while the mark lasts, ``broken_backoff`` seconds the first
 time, doubling each time QUIC fails again, up to ``max_broken_backoff``. When a
 mark expires while HTTP/2 fallback connections are open, one QUIC handshake is
 tried; if it completes the fallback connections are retired (no new streams;
-each closes once its streams end), so the next connections are QUIC again.
+each closes once its streams end), so the next connections are QUIC again (the
+first one is that handshake's). The same when QUIC loses the race by a little:
+its handshake goes on, and once it completes the HTTP/2 connection that won is
+retired and the QUIC one taken by the next connect.
 Envoy's alternate-protocols cache and cloudflared's QUIC-to-HTTP/2 fallback do
 the same.
 """
@@ -197,6 +200,9 @@ class AutoTransport(Transport):
         self._background: set[asyncio.Task[Any]] = set()
         self._retiring: set[asyncio.Task[Any]] = set()
         self._late: set[asyncio.Task[Any]] = set()
+        self._spares: dict[Address, PeerConnection] = {}
+        """A QUIC connection per address that completed after HTTP/2 won (or a retry's
+        probe), for the next :meth:`connect` to that address."""
 
     # -- listening -------------------------------------------------------------------
 
@@ -243,6 +249,11 @@ class AutoTransport(Transport):
         would win the race with HTTP/2 whether or not QUIC gets through.
         """
         loop = asyncio.get_running_loop()
+        spare = self._spares.pop(address, None)
+        if spare is not None:
+            if not (spare.is_closed or spare.going_away):
+                return self._quic_used(address, spare)
+            self._close(spare)
         if self.memory.is_broken(address, loop.time()):
             connection = await self.h2.connect(address, timeout=timeout)
             return self._h2_used(address, connection)
@@ -327,7 +338,7 @@ class AutoTransport(Transport):
                 self._quic_failed(address, error)
                 return
             self.memory.worked(address)
-            self._close(task.result())
+            self._quic_works(address, task.result())
 
         task.add_done_callback(finished)
 
@@ -397,21 +408,36 @@ class AutoTransport(Transport):
             return
         self.fallback_counters["quic_retries_ok"] += 1
         self.memory.worked(address)
-        self._close(probe)
-        retired = self._fallbacks.pop(address, [])
+        self._quic_works(address, probe)
+
+    def _quic_works(self, address: Address, connection: PeerConnection) -> None:
+        """A QUIC connection to ``address`` completed while HTTP/2 fallback connections
+        carry its flows (QUIC lost the race by a little, or a retry after a mark worked):
+        the fallback connections are retired (no new streams; each closes once its
+        streams end), so that their owner connects again, and this connection is kept
+        for that connect (:meth:`connect` takes it). Closed if there is none to retire.
+        Without it, HTTP/2 kept every flow of an endpoint whose QUIC handshake once
+        took longer than ``fallback_delay``, for as long as its pooled connection lived."""
+        retired = [c for c in self._fallbacks.pop(address, []) if not c.is_closed]
+        if not retired:
+            self._close(connection)
+            return
+        previous = self._spares.pop(address, None)
+        if previous is not None:
+            self._close(previous)
+        self._spares[address] = connection
         logger.info(
-            "QUIC to %s:%d works again: retiring %d HTTP/2 fallback connections",
+            "QUIC to %s:%d works: retiring %d HTTP/2 fallback connections",
             address[0],
             address[1],
             len(retired),
         )
         loop = asyncio.get_running_loop()
-        for connection in retired:
-            if not connection.is_closed:
-                # No new streams from now on; closed when its last stream ends.
-                task = loop.create_task(connection.aclose(RETIRE_TIMEOUT))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+        for fallback in retired:
+            # No new streams from now on; closed when its last stream ends.
+            task = loop.create_task(fallback.aclose(RETIRE_TIMEOUT))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     # -- views -------------------------------------------------------------------------
 
@@ -427,6 +453,9 @@ class AutoTransport(Transport):
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()
+        for spare in self._spares.values():
+            self._close(spare)
+        self._spares.clear()
         for task in list(self._retiring):
             task.cancel()  # the connections stay retired; their owner closes them
         for task in list(self._late):

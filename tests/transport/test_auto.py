@@ -293,3 +293,38 @@ def test_a_server_certificate_refused_both_ways_is_a_peer_verification_error() -
         await peer.close()
 
     run(main())
+
+
+def test_quic_that_loses_the_race_by_a_little_takes_the_next_connection() -> None:
+    """QUIC's handshake outlasts ``fallback_delay`` (its first flight lost) and HTTP/2
+    wins; the QUIC handshake goes on and completes: the HTTP/2 connection is retired
+    (its flows finish) and the next connect gets that QUIC connection, with no new
+    handshake. Before, the HTTP/2 connection kept every flow for as long as it lived."""
+
+    async def main() -> None:
+        peer = Peer()
+        address = await peer.start()
+        assert peer.relay is not None
+        peer.relay.blackhole = True  # QUIC's first flight is lost
+        client = auto(fallback_delay=0.1)
+        first = await client.connect(address, timeout=5)
+        assert first.transport_name == "h2"
+        busy = await first.open_stream(TARGET)
+        peer.relay.blackhole = False  # QUIC's next flight gets through
+        await until(lambda: not first.can_open_stream, timeout=10)
+        quic_listener = peer.listeners[0]
+        handshakes = len(quic_listener.connections)
+        second = await client.connect(address, timeout=5)
+        assert second.transport_name == "quic"
+        assert len(quic_listener.connections) == handshakes  # the late one, kept
+        assert await echo(second, b"q" * 10_000) == b"q" * 10_000
+        busy.write(b"still")
+        busy.write_eof()
+        assert await busy.read() == b"still"  # the retired connection's flow finished
+        assert client.stats()["endpoints_quic_broken"] == 0
+        for connection in (first, second):
+            await connection.aclose()
+        await client.aclose()
+        await peer.close()
+
+    run(main())
