@@ -191,6 +191,15 @@ def free_port() -> int:
     return both(LOOPBACK)
 
 
+def free_port_pair() -> tuple[int, int]:
+    """Two different port numbers, each free right now on loopback for TCP and UDP
+    (chosen together: :func:`free_port` twice may give the same one)."""
+    from ..sidecar.launch import free_ports
+
+    first, second = free_ports(2, LOOPBACK)
+    return first, second
+
+
 def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
     """Bounded poll until ``port`` accepts TCP; BenchError if the process exits first."""
     deadline = time.monotonic() + timeout
@@ -414,7 +423,7 @@ class Lab:
             except ImportError:
                 raise Unavailable("uvloop is not installed: pip install uvloop") from None
         extra = ("--event-loop", spec.loop) if spec.loop else ()
-        port_a, tunnel = free_port(), free_port()
+        port_a, tunnel = free_port_pair()
         engine = "native" if spec.base.startswith("quic-native") else None
         config_a, config_b = sidecar_configs(
             SIDECAR_PATHS[spec.base],
@@ -448,7 +457,7 @@ class Lab:
         binary = which("stunnel4") or which("stunnel")
         if binary is None:
             raise Unavailable("not installed: apt-get install stunnel4")
-        front, tunnel = free_port(), free_port()
+        front, tunnel = free_port_pair()
         common = f"foreground = yes\npid =\ndebug = 3\noutput = {self.workdir / 'stunnel.log'}\n"
         verify = f"CAfile = {self.ca_pem}\nverifyChain = yes\n"
         server = (
@@ -474,7 +483,7 @@ class Lab:
         binary = which("nghttpx")
         if binary is None:
             raise Unavailable("not installed: apt-get install nghttp2-proxy")
-        front, tunnel = free_port(), free_port()
+        front, tunnel = free_port_pair()
         common = [
             "--conf=/dev/null", "--single-process", "--workers=1", "--no-ocsp",
             "--accesslog-file=/dev/null", f"--errorlog-file={self.workdir / 'nghttpx.log'}",
@@ -500,7 +509,7 @@ class Lab:
         binary = which("haproxy")
         if binary is None:
             raise Unavailable("not installed: apt-get install haproxy")
-        front, tunnel = free_port(), free_port()
+        front, tunnel = free_port_pair()
         # One thread each, as nginx and nghttpx run; maxconn bounds the descriptors haproxy
         # asks for (it refuses to start where it cannot raise the limit to match).
         common = (

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuicmeshError
-from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port
+from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port, free_ports
 from ..tls import DevCA
 from .resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE
 from .testing import AdsServer
@@ -120,7 +120,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
     echo = int(echo_server.sockets[0].getsockname()[1])
     server = AdsServer()
     server.start()
-    ports = {"b1": free_port(), "b2": free_port(), "out": free_port()}
+    ports = dict(zip(("b1", "b2", "out"), free_ports(3), strict=True))
     inbound = []
     for prefix, port in (("in1", ports["b1"]), ("in2", ports["b2"])):
         inbound += [
