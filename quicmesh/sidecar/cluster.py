@@ -503,12 +503,8 @@ class Cluster:
             )
         ep_stats = self.stats.endpoint(endpoint.name)
         ep_stats.connect_failures += 1
-        if side == "ours":
-            # The peer refused our certificate: every endpoint would, and none is at
-            # fault. Ejecting them would keep the cluster down after ours is fixed.
-            return
         if endpoint.address in self.endpoints and self.health.connect_failed(
-            endpoint.address, self._loop.time()
+            endpoint.address, self._loop.time(), our_certificate_refused=side == "ours"
         ):
             ep_stats.ejections += 1
             endpoint.pool.retire_connections("ejected")
@@ -519,6 +515,18 @@ class Cluster:
                 endpoint.name,
                 self.config.outlier_detection.consecutive_connect_failures,
                 (health.ejected_until or 0) - self._loop.time(),
+            )
+
+    def our_identity_changed(self) -> None:
+        """Our certificate changed (rotated): endpoints ejected because their peers
+        refused the previous one take flows again at once."""
+        ended = self.health.our_identity_changed(self._loop.time())
+        if ended:
+            logger.info(
+                "cluster %s: our certificate changed: %d endpoint(s) ejected for refusing "
+                "the previous one take flows again",
+                self.config.name,
+                ended,
             )
 
     def _connected(self, pool: EndpointPool, pooled: PooledConnection) -> None:

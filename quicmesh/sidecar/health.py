@@ -44,6 +44,9 @@ class EndpointHealth:
     connect_failures: int = 0
     ejections: int = 0
     ejected_until: float | None = None
+    our_certificate_refused: bool = False
+    """The last connect failure was the peer refusing our certificate: an ejection it
+    caused ends when our certificate changes (:meth:`HealthTracker.our_identity_changed`)."""
 
     def state(self, now: float) -> HealthState:
         """The state at time ``now`` (an ejection ends by itself)."""
@@ -114,6 +117,19 @@ class HealthTracker:
             key: self.endpoints.get(key) or EndpointHealth(self.outlier, self.check) for key in keys
         }
 
+    def our_identity_changed(self, now: float) -> int:
+        """Our certificate changed: end the ejections our previous one caused (their
+        peers refused it; every endpoint would have, and they stayed ejected after it
+        was fixed). Returns how many ended."""
+        ended = 0
+        for health in self.endpoints.values():
+            if health.our_certificate_refused and health.state(now) is HealthState.EJECTED:
+                health.ejected_until = None
+                health.connect_failures = 0
+                ended += 1
+            health.our_certificate_refused = False
+        return ended
+
     def __getitem__(self, key: object) -> EndpointHealth:
         return self.endpoints[key]
 
@@ -121,11 +137,17 @@ class HealthTracker:
         """Endpoints that may take flows now, in endpoint order."""
         return [key for key, health in self.endpoints.items() if health.is_available(now)]
 
-    def connect_failed(self, key: object, now: float) -> bool:
-        """Record a connect failure; eject unless that would pass ``max_ejection_percent``."""
+    def connect_failed(
+        self, key: object, now: float, *, our_certificate_refused: bool = False
+    ) -> bool:
+        """Record a connect failure; eject unless that would pass ``max_ejection_percent``.
+
+        :param our_certificate_refused: the peer refused our certificate (as far as its
+            words say: a peer may claim it, which only ends its ejection early)."""
         health = self.endpoints.get(key)
         if health is None:
             return False
+        health.our_certificate_refused = our_certificate_refused
         ejected = sum(1 for h in self.endpoints.values() if h.state(now) is HealthState.EJECTED)
         limit = len(self.endpoints) * self.outlier.max_ejection_percent / 100
         return health.connect_failed(now, may_eject=ejected + 1 <= limit)

@@ -171,6 +171,7 @@ class EndpointPool:
         self._on_closed = on_closed
         self._closing: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self._last_dialled: PeerConnection | None = None
         self._gone_away_at: float | None = None
         """When a connection of this pool last heard its peer go away (GOAWAY)."""
 
@@ -248,6 +249,12 @@ class EndpointPool:
                         f"not taken: {self._label()} is going away (GOAWAY) on every "
                         "new connection",
                     )
+                # Closed as soon as made (a peer refusing our certificate after a TLS
+                # 1.3 handshake that looked done): why, as the connection heard it.
+                last = self._last_dialled
+                error = last.lost_error if last is not None else None
+                if error is not None:
+                    raise error
                 raise ConnectionLost(f"{self._label()}: the new connections closed at once")
             if plan.action is Action.CONNECT:
                 dialled += 1
@@ -306,6 +313,7 @@ class EndpointPool:
                 self.breaker.release_connection()
                 raise
             self.connections_opened += 1
+            self._last_dialled = connection
             label = f"{self.connections_opened}"
             pooled = PooledConnection(
                 connection,

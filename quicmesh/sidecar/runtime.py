@@ -481,6 +481,7 @@ class Sidecar:
         self.identity, self.trust = identity, trust
         for cluster in list(self.clusters.values()) + self.retired_clusters:
             cluster.transport.set_identity(identity, trust)
+            cluster.our_identity_changed()
         for inbound in self.inbound.values():
             inbound.set_identity(identity, trust)
 

@@ -56,6 +56,10 @@ DEFAULT_BROKEN_BACKOFF = 300.0
 DEFAULT_MAX_BROKEN_BACKOFF = 3600.0
 """The longest QUIC stays marked broken (the backoff doubles up to this)."""
 
+SPARE_SECONDS = 30.0
+"""How long a QUIC connection that completed after HTTP/2 won waits for the next
+connect to its address before it is closed."""
+
 RETIRE_TIMEOUT = 3600.0
 """Seconds a retired HTTP/2 fallback connection's streams get to finish."""
 
@@ -200,9 +204,22 @@ class AutoTransport(Transport):
         self._background: set[asyncio.Task[Any]] = set()
         self._retiring: set[asyncio.Task[Any]] = set()
         self._late: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self._spares: dict[Address, PeerConnection] = {}
         """A QUIC connection per address that completed after HTTP/2 won (or a retry's
         probe), for the next :meth:`connect` to that address."""
+
+    def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
+        """Present ``identity`` from the next handshake on, over QUIC and HTTP/2 (until
+        2026-12-06 only this object's attribute changed: a rotated sidecar's ``auto``
+        clusters kept presenting the old certificate). A spare QUIC connection, made
+        with the old one, is closed."""
+        super().set_identity(identity, trust)
+        self.quic.set_identity(identity, trust)
+        self.h2.set_identity(identity, trust)
+        for spare in self._spares.values():
+            self._close(spare)
+        self._spares.clear()
 
     # -- listening -------------------------------------------------------------------
 
@@ -257,6 +274,7 @@ class AutoTransport(Transport):
         if self.memory.is_broken(address, loop.time()):
             connection = await self.h2.connect(address, timeout=timeout)
             return self._h2_used(address, connection)
+        identity = self.identity  # (a late QUIC connection is kept only if it is current)
         deadline = loop.time() + timeout  # the whole race's, as on every transport
         quic = loop.create_task(self.quic.connect(address, timeout=timeout))
         h2: asyncio.Task[PeerConnection] | None = None
@@ -281,7 +299,7 @@ class AutoTransport(Transport):
                         self._quic_failed(address, quic.exception())
                     else:
                         watching_quic = True
-                        self._watch_late_quic(address, quic)
+                        self._watch_late_quic(address, quic, identity)
                     return self._h2_used(address, winner)
             failures = (quic.exception(), h2.exception())
             # A certificate refused either way is said as such (the same check runs on both).
@@ -325,7 +343,9 @@ class AutoTransport(Transport):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _watch_late_quic(self, address: Address, task: asyncio.Task[Any]) -> None:
+    def _watch_late_quic(
+        self, address: Address, task: asyncio.Task[Any], identity: Identity
+    ) -> None:
         """HTTP/2 won the race: the QUIC handshake goes on, to learn whether QUIC works."""
         self._late.add(task)
         task.add_done_callback(self._late.discard)
@@ -338,7 +358,7 @@ class AutoTransport(Transport):
                 self._quic_failed(address, error)
                 return
             self.memory.worked(address)
-            self._quic_works(address, task.result())
+            self._quic_works(address, task.result(), identity)
 
         task.add_done_callback(finished)
 
@@ -401,6 +421,7 @@ class AutoTransport(Transport):
         """The mark expired with HTTP/2 fallback connections open: try QUIC once; if
         it works, retire them so that the next connections are QUIC."""
         self.fallback_counters["quic_retries"] += 1
+        identity = self.identity
         try:
             probe = await self.quic.connect(address, timeout=max(1.0, 10 * self.fallback_delay))
         except (QuicmeshError, OSError) as exc:
@@ -408,9 +429,9 @@ class AutoTransport(Transport):
             return
         self.fallback_counters["quic_retries_ok"] += 1
         self.memory.worked(address)
-        self._quic_works(address, probe)
+        self._quic_works(address, probe, identity)
 
-    def _quic_works(self, address: Address, connection: PeerConnection) -> None:
+    def _quic_works(self, address: Address, connection: PeerConnection, identity: Identity) -> None:
         """A QUIC connection to ``address`` completed while HTTP/2 fallback connections
         carry its flows (QUIC lost the race by a little, or a retry after a mark worked):
         the fallback connections are retired (no new streams; each closes once its
@@ -419,13 +440,22 @@ class AutoTransport(Transport):
         Without it, HTTP/2 kept every flow of an endpoint whose QUIC handshake once
         took longer than ``fallback_delay``, for as long as its pooled connection lived."""
         retired = [c for c in self._fallbacks.pop(address, []) if not c.is_closed]
-        if not retired:
+        if not retired or self._closing or identity is not self.identity:
+            # Nothing to take over, the transport is closing, or it was made with a
+            # certificate rotated out since.
             self._close(connection)
+            if retired:
+                self._fallbacks[address] = retired
             return
         previous = self._spares.pop(address, None)
         if previous is not None:
             self._close(previous)
         self._spares[address] = connection
+        # Not taken in SPARE_SECONDS (no new flow came): closed, not kept alive by its
+        # keepalives for as long as the transport lives.
+        asyncio.get_running_loop().call_later(
+            SPARE_SECONDS, self._expire_spare, address, connection
+        )
         logger.info(
             "QUIC to %s:%d works: retiring %d HTTP/2 fallback connections",
             address[0],
@@ -439,6 +469,11 @@ class AutoTransport(Transport):
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
+    def _expire_spare(self, address: Address, connection: PeerConnection) -> None:
+        if self._spares.get(address) is connection:
+            del self._spares[address]
+            self._close(connection)
+
     # -- views -------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -450,6 +485,7 @@ class AutoTransport(Transport):
     async def aclose(self) -> None:
         """Stop the background work (retry timers, QUIC retries) and wait until the
         connections it closed (race losers, probes) are closed."""
+        self._closing = True
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()

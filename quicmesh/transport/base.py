@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, os_error_text
+from ..errors import ConfigError, TunnelError, os_error_text
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream, SpliceOutcome
 
@@ -218,6 +218,11 @@ class PeerConnection(ABC):
     @abstractmethod
     def can_open_stream(self) -> bool:
         """Whether a stream can be opened now without waiting for the peer's credit."""
+
+    @property
+    def lost_error(self) -> TunnelError | None:
+        """Why the connection ended (None while it is open, or where not known)."""
+        return None
 
     @property
     def going_away(self) -> bool:

@@ -251,10 +251,10 @@ def test_new_flows_pass_over_an_endpoint_that_is_going_away(engine: str) -> None
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_a_peer_refusing_our_certificate_is_not_ejected() -> None:
-    """Our certificate refused (the peer does not trust our CA): every endpoint would
-    refuse it and none is at fault, so none is ejected (they would stay ejected after
-    ours is fixed); the failures are counted, on our side."""
+def test_an_endpoint_ejected_for_refusing_our_certificate_returns_when_ours_changes() -> None:
+    """Our certificate refused (the peer does not trust our CA): the endpoint is ejected
+    as for any failed handshake, and takes flows again as soon as our certificate
+    changes; before, it stayed ejected after ours was fixed."""
 
     async def main() -> None:
         ours, theirs = DevCA(), DevCA()
@@ -266,26 +266,28 @@ def test_a_peer_refusing_our_certificate_is_not_ejected() -> None:
         outlier = {"consecutive_connect_failures": 3, "max_ejection_percent": 100}
         cluster = _h2_cluster(ours, [listener.address], outlier_detection=outlier)
         # We trust them; they do not trust us.
-        cluster.transport = H2Transport(
-            identity=ours.issue("spiffe://mesh.local/ns/default/sa/a"),
-            trust=TrustBundle(ours.trust_bundle.certificates + theirs.trust_bundle.certificates),
-        )
-        for pool in (e.pool for e in cluster.endpoints.values()):
-            pool.transport = cluster.transport
+        both = TrustBundle(ours.trust_bundle.certificates + theirs.trust_bundle.certificates)
+        cluster.transport.set_identity(ours.issue("spiffe://mesh.local/ns/default/sa/a"), both)
         try:
-            threshold = cluster.config.outlier_detection.consecutive_connect_failures
-            for _ in range(threshold + 2):
+            outcomes = []
+            for _ in range(4):
                 try:
                     await cluster.open_flow()
                 except FlowRefused as refused:
-                    assert refused.outcome is Outcome.CONNECT_FAILED
+                    outcomes.append(refused.outcome)
                 else:
                     raise AssertionError("a refused certificate opened a flow")
-            (endpoint,) = cluster.endpoints.values()
-            stats = cluster.stats.endpoint(endpoint.name)
-            assert stats.connect_failures >= threshold + 2
-            assert stats.ejections == 0
-            assert cluster.stats.handshake_failures == {"our_certificate_refused": threshold + 2}
+            assert outcomes[-1] is Outcome.NO_HEALTHY_ENDPOINT, outcomes
+            assert cluster.stats.handshake_failures["our_certificate_refused"] >= 3
+            # Our certificate is fixed (one they trust): the endpoint is back at once.
+            cluster.transport.set_identity(
+                theirs.issue("spiffe://mesh.local/ns/default/sa/a"), both
+            )
+            cluster.our_identity_changed()
+            flow = await cluster.open_flow()
+            flow.stream.write(b"back")
+            flow.stream.write_eof()
+            assert await asyncio.wait_for(flow.stream.read(), 10) == b"back"
         finally:
             await cluster.close()
             listener.close()

@@ -328,3 +328,34 @@ def test_quic_that_loses_the_race_by_a_little_takes_the_next_connection() -> Non
         await peer.close()
 
     run(main())
+
+
+def test_a_new_identity_reaches_quic_and_h2_and_drops_the_spare() -> None:
+    """``set_identity`` (a sidecar's certificate rotation) reaches both inner transports,
+    and a spare QUIC connection made with the old certificate is not handed out."""
+
+    async def main() -> None:
+        peer = Peer()
+        address = await peer.start()
+        assert peer.relay is not None
+        peer.relay.blackhole = True
+        client = auto(fallback_delay=0.1)
+        first = await client.connect(address, timeout=5)
+        assert first.transport_name == "h2"
+        peer.relay.blackhole = False
+        await until(lambda: not first.can_open_stream, timeout=10)  # a spare is kept
+        rotated = CA.issue("spiffe://mesh.local/ns/default/sa/client")
+        client.set_identity(rotated, CA.trust_bundle)
+        assert client.quic.identity is rotated and client.h2.identity is rotated
+        quic_listener = peer.listeners[0]
+        client.fallback_delay = 3.0  # (QUIC is not to lose this race to a slow machine)
+        second = await client.connect(address, timeout=5)
+        assert second.transport_name == "quic"
+        newest = quic_listener.connections[-1]  # a new handshake, with the new certificate
+        assert newest.peer_certificate.serial_number == rotated.certificate.serial_number
+        for connection in (first, second):
+            await connection.aclose()
+        await client.aclose()
+        await peer.close()
+
+    run(main())
