@@ -43,6 +43,9 @@ logger = logging.getLogger("quicmesh.sidecar.certs")
 POLL_INTERVAL = 0.25
 """Seconds between checks of watched certificate files."""
 
+WAITING_CHECK = datetime.timedelta(seconds=1)
+"""How often certificate files waiting to be usable are checked again."""
+
 Rotated = Callable[[Identity, TrustBundle], None]
 
 
@@ -118,7 +121,8 @@ class CertificateSource:
         self._waiting: tuple[Identity, TrustBundle] | None = None
         """Files that loaded but cannot be used yet (expired, not yet valid, not trusted
         by their own bundle) while the current certificate can: taken once they can be,
-        or once the current one cannot."""
+        or once the current one cannot (checked every :data:`WAITING_CHECK`)."""
+        self._waiting_checked: datetime.datetime | None = None
 
     # -- state -----------------------------------------------------------------
 
@@ -169,6 +173,7 @@ class CertificateSource:
                 f"new certificate is for {identity.spiffe_id}, not node.identity "
                 f"{self.config.node.identity}"
             )
+        self._waiting = None  # (files waiting to be usable lose to a newer certificate)
         self.identity = identity
         if trust is not None:
             self.trust = trust
@@ -254,7 +259,9 @@ class CertificateSource:
         ):
             return
         problem = own_certificate_problem(identity, trust)
-        if problem is not None and self.problem() is None:
+        # Only a certificate waits: a new trust bundle is taken at once (a CA taken
+        # out of it, after a compromise, must stop being trusted now).
+        if problem is not None and trust.pem == self.trust.pem and self.problem() is None:
             # Swapping a working certificate for one known not to work would refuse
             # every new handshake: keep it while it lasts (a CA rolled out in the
             # wrong order, a stale file, a certificate issued a little ahead).
@@ -270,7 +277,11 @@ class CertificateSource:
         self.replace(identity, trust)
 
     def _take_when_usable(self, identity: Identity, trust: TrustBundle) -> None:
-        if own_certificate_problem(identity, trust) is None or self.problem() is not None:
+        now = datetime.datetime.now(datetime.UTC)
+        if self._waiting_checked is not None and now - self._waiting_checked < WAITING_CHECK:
+            return
+        self._waiting_checked = now
+        if own_certificate_problem(identity, trust, now) is None or self.problem(now) is not None:
             self._waiting = None
             self.replace(identity, trust)
 

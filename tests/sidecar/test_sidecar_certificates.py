@@ -530,3 +530,29 @@ def test_a_working_certificate_is_not_swapped_for_one_that_cannot_be_used(
         assert sidecar.request("GET", "/ready") == (200, b"ready\n")
     finally:
         assert sidecar.stop() == 0
+
+
+def test_a_ca_taken_out_of_the_trust_bundle_stops_being_trusted_at_once(tmp_path: Path) -> None:
+    """A new bundle is never held back, even one that no longer holds our own CA (a
+    CA removed after a compromise): it is in force at once, and the sidecar says its
+    own certificate is now a problem (not ready)."""
+    ca, other = DevCA(), DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem + other.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        (tmp_path / "bundle.pem").write_bytes(other.trust_bundle.pem)  # ours taken out
+        status, body = wait_until(
+            lambda: _past_ready(_try_request(sidecar, "/ready")), what="the bundle taken"
+        )
+        assert status == 503 and b"not trusted by our own trust bundle" in body
+        assert "not taken" not in sidecar.stderr()
+    finally:
+        assert sidecar.stop() == 0
+
+
+def _past_ready(answer: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
+    return None if answer is None or answer[0] == 200 else answer

@@ -711,3 +711,15 @@ def test_a_stream_half_closed_before_its_answer_is_refused_by_a_goaway_that_leav
         isinstance(e, events.StreamReset) and e.stream_id == late and e.not_processed for e in got
     ), got
     assert late not in client.h2.streams or client.h2.streams[late].closed
+
+
+@pytest.mark.parametrize("code", [0, int(ErrorCodes.PROTOCOL_ERROR)])
+def test_a_goaways_text_reaches_us_printable_and_bounded(code: int) -> None:
+    client, _server = connected_pair()
+    forged = b"bye\nERROR quicmesh.sidecar: forged line \x1b[31mred" + b"x" * 1000
+    got = client.receive_data(_goaway(0, code, forged))
+    if code == 0:
+        got = client.receive_eof()
+    (terminated,) = [e for e in got if isinstance(e, events.ConnectionTerminated)]
+    assert terminated.reason.startswith("bye?ERROR quicmesh.sidecar: forged line ?[31mred")
+    assert len(terminated.reason) <= 256 and terminated.reason.isprintable()
