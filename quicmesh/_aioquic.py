@@ -107,6 +107,7 @@ from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
 from cryptography import x509
 
+from .errors import peer_text
 from .transport._stream_rate import StreamRate
 from .transport.quic import engine as engine_events
 from .tunnel.connect import (
@@ -802,7 +803,7 @@ def closing_reason(quic: QuicConnection) -> str | None:
     event = quic._close_event
     if event is None:
         return None
-    return event.reason_phrase or f"error code {event.error_code:#x}"
+    return peer_text(event.reason_phrase) or f"error code {event.error_code:#x}"
 
 
 def is_draining(quic: QuicConnection) -> bool:

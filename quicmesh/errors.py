@@ -103,3 +103,12 @@ def os_error_text(exc: OSError) -> str:
         # uvloop's "could not bind to local_addr (...)" carries the reason as its cause
         return f"{exc}: {os_error_text(cause)}"
     return str(exc) or type(exc).__name__
+
+
+def peer_text(text: str | bytes, limit: int = 256) -> str:
+    """Words a peer sent (a close reason, a GOAWAY's debug data), made fit for our logs
+    and errors: at most ``limit`` characters, printable ones only (a peer's newline or
+    escape sequence would forge a log line of its own or colour the terminal)."""
+    if isinstance(text, bytes):
+        text = text[: 4 * limit].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text[: 4 * limit])[:limit]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from quicmesh.errors import os_error_text
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quicmesh.errors import os_error_text, peer_text
 
 
 def test_an_os_error_is_told_in_the_systems_words_whatever_it_carries() -> None:
@@ -47,3 +50,14 @@ def test_a_datagram_bind_error_of_uvloop_says_its_reason() -> None:
             error = uvloop.run(bind())
             gc.collect()
     assert os_error_text(error).endswith(": Address already in use"), os_error_text(error)
+
+
+@given(st.one_of(st.binary(max_size=3000), st.text(max_size=3000)), st.integers(1, 400))
+def test_a_peers_words_come_out_printable_and_bounded(text: str | bytes, limit: int) -> None:
+    out = peer_text(text, limit)
+    assert len(out) <= limit and out.isprintable()
+
+
+def test_a_peers_plain_words_are_kept_and_a_forged_log_line_is_not() -> None:
+    assert peer_text(b"peer certificate expired") == "peer certificate expired"
+    assert peer_text("bye\nERROR forged\x1b[31m") == "bye?ERROR forged?[31m"

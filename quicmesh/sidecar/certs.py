@@ -173,7 +173,8 @@ class CertificateSource:
                 f"new certificate is for {identity.spiffe_id}, not node.identity "
                 f"{self.config.node.identity}"
             )
-        self._waiting = None  # (files waiting to be usable lose to a newer certificate)
+        if identity is not self.identity:
+            self._waiting = None  # (files waiting to be usable lose to a newer certificate)
         self.identity = identity
         if trust is not None:
             self.trust = trust
@@ -259,13 +260,15 @@ class CertificateSource:
         ):
             return
         problem = own_certificate_problem(identity, trust)
-        # Only a certificate waits: a new trust bundle is taken at once (a CA taken
-        # out of it, after a compromise, must stop being trusted now).
-        if problem is not None and trust.pem == self.trust.pem and self.problem() is None:
+        if problem is not None and own_certificate_problem(self.identity, trust) is None:
             # Swapping a working certificate for one known not to work would refuse
             # every new handshake: keep it while it lasts (a CA rolled out in the
-            # wrong order, a stale file, a certificate issued a little ahead).
+            # wrong order, a stale file, a certificate issued a little ahead). Only
+            # the certificate waits: a new trust bundle is taken at once (a CA taken
+            # out of it, after a compromise, must stop being trusted now).
             self.failures += 1
+            if trust.pem != self.trust.pem:
+                self.replace(self.identity, trust)
             self._waiting = (identity, trust)
             logger.error(
                 "certificate files changed but not taken: %s; the current certificate "

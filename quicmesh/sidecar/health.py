@@ -123,10 +123,13 @@ class HealthTracker:
         was fixed). Returns how many ended."""
         ended = 0
         for health in self.endpoints.values():
-            if health.our_certificate_refused and health.state(now) is HealthState.EJECTED:
-                health.ejected_until = None
+            if health.our_certificate_refused:
+                # Its failures were about the certificate we no longer present.
                 health.connect_failures = 0
-                ended += 1
+                if health.state(now) is HealthState.EJECTED:
+                    health.ejected_until = None
+                    health.ejections = max(0, health.ejections - 1)
+                    ended += 1
             health.our_certificate_refused = False
         return ended
 

@@ -171,7 +171,6 @@ class EndpointPool:
         self._on_closed = on_closed
         self._closing: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
-        self._last_dialled: PeerConnection | None = None
         self._gone_away_at: float | None = None
         """When a connection of this pool last heard its peer go away (GOAWAY)."""
 
@@ -194,6 +193,7 @@ class EndpointPool:
         """
         lost_once = False
         dialled = 0
+        mine: PeerConnection | None = None  # the connection this flow dialled last
         while True:
             self.sweep_closed()
             may_connect = self.breaker.connections < self.breaker.limits.max_connections
@@ -250,11 +250,11 @@ class EndpointPool:
                         "new connection",
                     )
                 # Closed as soon as made (a peer refusing our certificate after a TLS
-                # 1.3 handshake that looked done): why, as the connection heard it.
-                last = self._last_dialled
-                error = last.lost_error if last is not None else None
+                # 1.3 handshake that looked done): why, as the connection heard it
+                # (a new exception of its kind: the connection keeps its own).
+                error = mine.lost_error if mine is not None else None
                 if error is not None:
-                    raise error
+                    raise type(error)(str(error))
                 raise ConnectionLost(f"{self._label()}: the new connections closed at once")
             if plan.action is Action.CONNECT:
                 dialled += 1
@@ -266,7 +266,7 @@ class EndpointPool:
                 raise PoolOverflow(
                     f"max_connections ({self.breaker.limits.max_connections}) reached"
                 )
-            await self._connect()
+            mine = await self._connect()
 
     def going_away(self, now: float) -> bool:
         """Whether the peer said it is going away (a GOAWAY on a connection of this pool
@@ -297,7 +297,7 @@ class EndpointPool:
         self._mark_busy(connection)
         return connection
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> PeerConnection:
         done: asyncio.Future[None] = self._loop.create_future()
         self._connecting = done
         try:
@@ -313,7 +313,6 @@ class EndpointPool:
                 self.breaker.release_connection()
                 raise
             self.connections_opened += 1
-            self._last_dialled = connection
             label = f"{self.connections_opened}"
             pooled = PooledConnection(
                 connection,
@@ -325,6 +324,7 @@ class EndpointPool:
             self.connections.append(pooled)
             if self._on_connected is not None:
                 self._on_connected(self, pooled)
+            return connection
         finally:
             self._connecting = None
             done.set_result(None)

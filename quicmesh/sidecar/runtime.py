@@ -478,10 +478,12 @@ class Sidecar:
         Pools then dial new connections for new flows and close the old ones as
         their last flow ends (:meth:`.pool.EndpointPool.is_stale`).
         """
+        ours_changed = identity is not self.identity  # (not on a new trust bundle alone)
         self.identity, self.trust = identity, trust
         for cluster in list(self.clusters.values()) + self.retired_clusters:
             cluster.transport.set_identity(identity, trust)
-            cluster.our_identity_changed()
+            if ours_changed:
+                cluster.our_identity_changed()
         for inbound in self.inbound.values():
             inbound.set_identity(identity, trust)
 

@@ -205,6 +205,7 @@ class AutoTransport(Transport):
         self._retiring: set[asyncio.Task[Any]] = set()
         self._late: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._spare_timers: dict[Address, asyncio.TimerHandle] = {}
         self._spares: dict[Address, PeerConnection] = {}
         """A QUIC connection per address that completed after HTTP/2 won (or a retry's
         probe), for the next :meth:`connect` to that address."""
@@ -217,9 +218,13 @@ class AutoTransport(Transport):
         super().set_identity(identity, trust)
         self.quic.set_identity(identity, trust)
         self.h2.set_identity(identity, trust)
-        for spare in self._spares.values():
-            self._close(spare)
-        self._spares.clear()
+        self._close_spares()
+
+    def _close_spares(self) -> None:
+        for address in list(self._spares):
+            spare = self._take_spare(address)
+            if spare is not None:
+                self._close(spare)
 
     # -- listening -------------------------------------------------------------------
 
@@ -266,7 +271,7 @@ class AutoTransport(Transport):
         would win the race with HTTP/2 whether or not QUIC gets through.
         """
         loop = asyncio.get_running_loop()
-        spare = self._spares.pop(address, None)
+        spare = self._take_spare(address)
         if spare is not None:
             if not (spare.is_closed or spare.going_away):
                 return self._quic_used(address, spare)
@@ -447,13 +452,13 @@ class AutoTransport(Transport):
             if retired:
                 self._fallbacks[address] = retired
             return
-        previous = self._spares.pop(address, None)
+        previous = self._take_spare(address)
         if previous is not None:
             self._close(previous)
         self._spares[address] = connection
         # Not taken in SPARE_SECONDS (no new flow came): closed, not kept alive by its
         # keepalives for as long as the transport lives.
-        asyncio.get_running_loop().call_later(
+        self._spare_timers[address] = asyncio.get_running_loop().call_later(
             SPARE_SECONDS, self._expire_spare, address, connection
         )
         logger.info(
@@ -470,9 +475,16 @@ class AutoTransport(Transport):
             task.add_done_callback(self._retiring.discard)
 
     def _expire_spare(self, address: Address, connection: PeerConnection) -> None:
+        self._spare_timers.pop(address, None)
         if self._spares.get(address) is connection:
             del self._spares[address]
             self._close(connection)
+
+    def _take_spare(self, address: Address) -> PeerConnection | None:
+        timer = self._spare_timers.pop(address, None)
+        if timer is not None:
+            timer.cancel()
+        return self._spares.pop(address, None)
 
     # -- views -------------------------------------------------------------------------
 
@@ -489,9 +501,7 @@ class AutoTransport(Transport):
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()
-        for spare in self._spares.values():
-            self._close(spare)
-        self._spares.clear()
+        self._close_spares()
         for task in list(self._retiring):
             task.cancel()  # the connections stay retired; their owner closes them
         for task in list(self._late):

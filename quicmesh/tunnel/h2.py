@@ -53,7 +53,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from ..errors import TunnelUsageError
+from ..errors import TunnelUsageError, peer_text
 from ..transport._stream_rate import StreamRate
 from . import events
 from .connect import (
@@ -111,13 +111,6 @@ _FRAME_HEADER_SIZE = 9
 _GOAWAY = 0x7
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
 _END_HEADERS = 0x4
-
-
-def _peer_text(data: bytes) -> str:
-    """A GOAWAY's debug data for our logs and errors: at most 256 characters, printable
-    ones only (a peer's newline would forge a log line of its own)."""
-    text = data[:1024].decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else "?" for c in text)[:256]
 
 
 class _GracefulGoaways:
@@ -457,7 +450,7 @@ class H2TunnelSession(TunnelSession):
             self._close_all()
             return [events.ConnectionTerminated(int(ErrorCodes.PROTOCOL_ERROR), reason)]
         self.peer_last_stream = last
-        said = _peer_text(debug)
+        said = peer_text(debug)
         self._peer_goaway_reason = said or self._peer_goaway_reason
         why = f"not processed: the peer is going away (GOAWAY, last stream {last}" + (
             f": {said})" if said else ")"
@@ -584,7 +577,7 @@ class H2TunnelSession(TunnelSession):
                     self._on_window_updated(stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close_all()
-            reason = _peer_text(event.additional_data or b"")
+            reason = peer_text(event.additional_data or b"")
             code = int(event.error_code) if event.error_code is not None else 0
             return [events.ConnectionTerminated(code, reason or f"GOAWAY (error code {code:#x})")]
         return []

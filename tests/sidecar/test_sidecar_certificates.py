@@ -556,3 +556,29 @@ def test_a_ca_taken_out_of_the_trust_bundle_stops_being_trusted_at_once(tmp_path
 
 def _past_ready(answer: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
     return None if answer is None or answer[0] == 200 else answer
+
+
+def test_a_new_bundle_is_taken_while_a_certificate_issued_ahead_waits(tmp_path: Path) -> None:
+    """A certificate issued ahead waits; a trust bundle written meanwhile (a CA added)
+    is taken at once, without the waiting certificate."""
+    ca, other = DevCA(), DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        serial = sidecar.stats()["certificate"]["serial"]
+        ahead = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+        _write_identity(tmp_path, "b", ca.issue(IDENTITY_B, not_before=ahead))
+        wait_until(lambda: "not taken" in sidecar.stderr(), what="the certificate waits")
+        (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem + other.trust_bundle.pem)
+        wait_until(
+            lambda: metric(sidecar.metrics(), "quicmesh_certificate_rotations_total") >= 1,
+            what="the bundle taken",
+        )
+        assert sidecar.stats()["certificate"]["serial"] == serial
+        assert sidecar.request("GET", "/ready") == (200, b"ready\n")
+    finally:
+        assert sidecar.stop() == 0

@@ -317,6 +317,7 @@ def test_quic_that_loses_the_race_by_a_little_takes_the_next_connection() -> Non
         second = await client.connect(address, timeout=5)
         assert second.transport_name == "quic"
         assert len(quic_listener.connections) == handshakes  # the late one, kept
+        assert not client._spares and not client._spare_timers  # taken, its timer with it
         assert await echo(second, b"q" * 10_000) == b"q" * 10_000
         busy.write(b"still")
         busy.write_eof()

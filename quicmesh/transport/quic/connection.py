@@ -56,6 +56,7 @@ from ...errors import (
     TunnelError,
     TunnelUsageError,
     os_error_text,
+    peer_text,
 )
 from ...logs import RateLimitedLog
 from ...tls import verify_peer
@@ -1250,7 +1251,7 @@ class QuicPeerConnection(SessionConnection):
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
-        reason = event.reason_phrase or f"error code {event.error_code:#x}"
+        reason = peer_text(event.reason_phrase) or f"error code {event.error_code:#x}"
         if self._handshake_done and getattr(self.quic, "closed_by_us", False):
             self._log_peer_violation(event.error_code, reason)
         if self._established:
