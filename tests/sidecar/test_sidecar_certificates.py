@@ -479,6 +479,16 @@ def test_a_certificate_without_a_spiffe_id_is_named_with_its_file_and_key(tmp_pa
     assert "b.yaml: tls.cert: " in line and "b.crt" in line and "no SPIFFE ID" in line, line
 
 
+def _started_on_files(tmp_path: Path, ca: DevCA, bundle: bytes) -> SidecarProcess:
+    """Sidecar B started on PEM files: a certificate from ``ca``, ``bundle``."""
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(bundle)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    return sidecar
+
+
 @pytest.mark.parametrize("case", ["expired", "untrusted", "not_yet_valid"])
 def test_a_working_certificate_is_not_swapped_for_one_that_cannot_be_used(
     tmp_path: Path, case: str
@@ -487,11 +497,7 @@ def test_a_working_certificate_is_not_swapped_for_one_that_cannot_be_used(
     does not hold, a CA rolled out in the wrong order) over a working one: the working
     one stays, one ERROR line says why, and the files are taken once they can be."""
     ca, other = DevCA(), DevCA()
-    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
-    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
-    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
-    sidecar = SidecarProcess("b", config, tmp_path)
-    sidecar.start()
+    sidecar = _started_on_files(tmp_path, ca, ca.trust_bundle.pem)
     try:
         sidecar.wait_ready()
         serial = sidecar.stats()["certificate"]["serial"]
@@ -537,11 +543,7 @@ def test_a_ca_taken_out_of_the_trust_bundle_stops_being_trusted_at_once(tmp_path
     CA removed after a compromise): it is in force at once, and the sidecar says its
     own certificate is now a problem (not ready)."""
     ca, other = DevCA(), DevCA()
-    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
-    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem + other.trust_bundle.pem)
-    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
-    sidecar = SidecarProcess("b", config, tmp_path)
-    sidecar.start()
+    sidecar = _started_on_files(tmp_path, ca, ca.trust_bundle.pem + other.trust_bundle.pem)
     try:
         sidecar.wait_ready()
         (tmp_path / "bundle.pem").write_bytes(other.trust_bundle.pem)  # ours taken out
@@ -562,11 +564,7 @@ def test_a_new_bundle_is_taken_while_a_certificate_issued_ahead_waits(tmp_path: 
     """A certificate issued ahead waits; a trust bundle written meanwhile (a CA added)
     is taken at once, without the waiting certificate."""
     ca, other = DevCA(), DevCA()
-    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
-    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
-    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
-    sidecar = SidecarProcess("b", config, tmp_path)
-    sidecar.start()
+    sidecar = _started_on_files(tmp_path, ca, ca.trust_bundle.pem)
     try:
         sidecar.wait_ready()
         serial = sidecar.stats()["certificate"]["serial"]
