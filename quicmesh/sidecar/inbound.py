@@ -114,6 +114,24 @@ def receive_windows(max_buffered: int) -> tuple[int, int]:
     return min(DEFAULT_STREAM_WINDOW, connection), connection
 
 
+class _Handler:
+    """An inbound listener's stream handler, with the hook a transport calls for a
+    stream it refused before the handler saw it (:meth:`~quicmesh.Transport.listen`)."""
+
+    __slots__ = ("handle", "rejected")
+
+    def __init__(
+        self,
+        handle: Callable[[MeshStream], Awaitable[None]],
+        rejected: Callable[[PeerConnection, int, str], None],
+    ) -> None:
+        self.handle = handle
+        self.rejected = rejected
+
+    def __call__(self, stream: MeshStream) -> Awaitable[None]:
+        return self.handle(stream)
+
+
 async def listen(
     transport: Transport, config: InboundListenerConfig, handler: StreamHandler
 ) -> Listener:
@@ -229,7 +247,9 @@ class InboundListener:
                 if transport.counters:
                     self.stats.quic_counters.append(transport.counters)
                 self._transports.append(transport)
-                listener = await listen(transport, self.config, self._handle)
+                listener = await listen(
+                    transport, self.config, _Handler(self._handle, self._rejected)
+                )
                 self._listeners.append(listener)
                 listener.set_engine_flows(self._decide_now)
         except (QuicmeshError, OSError):
@@ -502,6 +522,32 @@ class InboundListener:
             bytes_received=0,
             outcome=Outcome.COMPLETED,
             flow_id=continue_or_start(stream.headers).trace_id,
+        )
+
+    def _rejected(self, connection: PeerConnection, status: int, reason: str) -> None:
+        """The transport refused a stream of ``connection`` before it reached us (its
+        request was malformed: 400; its header section too large: 431): counted and
+        logged as a refused flow, as Envoy logs a downstream protocol error."""
+        stats = self.stats
+        stats.streams_total += 1
+        stats.flow_ended(Outcome.REFUSED, 0, 0)
+        self._log(
+            FlowRecord(
+                start=time.time(),
+                duration=0.0,
+                listener=self.config.name,
+                direction="inbound",
+                downstream=connection.peer_address,
+                target="",
+                transport=connection.transport_name,
+                peer_identity=connection.peer_identity,
+                endpoint="",
+                bytes_sent=0,
+                bytes_received=0,
+                outcome=Outcome.REFUSED,
+                reason=f"{status} {reason}",
+                flow_id=continue_or_start({}).trace_id,
+            )
         )
 
     def _decide_now(self, flow: InboundEngineFlow) -> EngineFlowPlan | None:

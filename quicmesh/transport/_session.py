@@ -58,6 +58,11 @@ class SessionConnection(PeerConnection):
         self.peer_identity = peer_identity
         self.streams_opened = 0
         self._handler = handler
+        self._rejected_hook: Callable[[Any, int, str], None] | None = getattr(
+            handler, "rejected", None
+        )
+        """The handler's ``rejected(connection, status, reason)``, if it has one
+        (:meth:`~quicmesh.Transport.listen`)."""
         self._authorize = authorize
         self._high_water = high_water
         self._loop = asyncio.get_running_loop()
@@ -260,6 +265,8 @@ class SessionConnection(PeerConnection):
                     event.status,
                     event.reason,
                 )
+                if self._rejected_hook is not None:
+                    self._rejected_hook(self, event.status, event.reason)
             elif isinstance(event, events.PeerGoingAway):
                 self._on_peer_going_away(event.stream_id)
             elif isinstance(event, events.ConnectionTerminated):

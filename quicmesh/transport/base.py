@@ -371,7 +371,10 @@ class Transport(ABC):
         """Accept peer connections on ``address``.
 
         Each stream whose CONNECT is well formed and allowed by ``authorize`` is
-        passed to ``handler``; others are answered 400 or 403 and logged.
+        passed to ``handler``; others are answered 400 or 403 and logged. A handler
+        object with a ``rejected(connection, status, reason)`` method also hears of
+        each stream refused for its request (400 malformed, 431 header section too
+        large), after the answer went out: a sidecar logs those as refused flows.
 
         :param early_data: accept 0-RTT from clients resuming a session (QUIC);
             ignored by transports without 0-RTT.

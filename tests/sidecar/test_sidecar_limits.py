@@ -26,6 +26,7 @@ from quic_helpers import CA, CLIENT, SERVER, require_engine, run
 import quicmesh
 from quicmesh import QuicTransport
 from quicmesh.sidecar import inbound
+from quicmesh.sidecar.accesslog import FlowRecord, Outcome
 from quicmesh.sidecar.config import parse_config
 from quicmesh.sidecar.flows import FlowTracker
 from quicmesh.sidecar.inbound import InboundListener, inbound_transport, receive_windows
@@ -420,5 +421,45 @@ def test_a_draining_listener_tells_its_connections_to_go_away() -> None:
         listener.close()
         await listener.wait_closed()
         app.close()
+
+    run(main())
+
+
+def test_a_request_refused_before_the_listener_saw_it_is_an_access_log_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer's malformed CONNECT (a target without a port: 400 from the transport) is
+    counted and logged as a refused flow, naming the peer and the status."""
+    import quicmesh.tunnel.h3 as h3_session
+
+    monkeypatch.setattr(
+        h3_session,
+        "connect_request_fields",
+        lambda target, headers: [(b":method", b"CONNECT"), (b":authority", b"x.svc")],
+    )
+    records: list[FlowRecord] = []
+
+    async def main() -> None:
+        listener = InboundListener(
+            _config(),
+            SERVER,
+            CA.trust_bundle,
+            ListenerStats(name="mesh", kind="inbound"),
+            FlowTracker(),
+            records.append,
+        )
+        await listener.start()
+        address = listener._listeners[0].address
+        conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
+        with pytest.raises(quicmesh.StreamRefused):
+            await conn.open_stream("x.svc:80")
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        (record,) = records
+        assert record.outcome is Outcome.REFUSED and record.reason.startswith("400 ")
+        assert record.peer_identity == CLIENT.spiffe_id and record.direction == "inbound"
+        assert listener.stats.outcomes["refused"] == 1
 
     run(main())

@@ -18,6 +18,7 @@ import h2.events
 import pytest
 from quic_helpers import CLIENT, client_transport, require_engine, run, server_transport
 
+import quicmesh
 import quicmesh.transport.quic.connection as quic_connection
 import quicmesh.tunnel.h3 as h3_session
 from quicmesh import DevCA, H2Transport
@@ -192,3 +193,47 @@ def test_a_peer_that_breaks_http3_is_named_in_one_warning(
         "DATA frame is not allowed" in warnings[0] and "(H3_FRAME_UNEXPECTED, 0x105)" in warnings[0]
     )
     assert len(ended) == 1 and "DATA frame is not allowed" in str(ended[0]), ended
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request refused before the handler (its target has no port: 400) is told to the
+    handler's ``rejected`` hook, with its connection: a sidecar logs it as a flow."""
+    require_engine(engine)
+    crafted: list[list[tuple[bytes, bytes]]] = []
+    original = h3_session.connect_request_fields
+
+    def fields(target: object, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        return crafted.pop() if crafted else original(target, headers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(h3_session, "connect_request_fields", fields)
+    heard: list[tuple[object, int, str]] = []
+
+    class Echo:
+        async def __call__(self, stream: MeshStream) -> None:
+            while data := await stream.read(65536):
+                stream.write(data)
+            stream.write_eof()
+
+        def rejected(self, connection: object, status: int, reason: str) -> None:
+            heard.append((connection, status, reason))
+
+    async def main() -> None:
+        listener, connection, held = await _a_held_flow(engine, Echo())
+        crafted.append([(b":method", b"CONNECT"), (b":authority", b"x.svc")])
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
+        assert refused.value.status == 400
+        (accepted,) = listener.connections
+        assert [(c, s) for c, s, _ in heard] == [(accepted, 400)]
+        assert "x.svc" in heard[0][2]
+        held.write_eof()
+        assert await asyncio.wait_for(held.read(), 5) == b""
+        connection.close()
+        await connection.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
