@@ -185,7 +185,10 @@ class EndpointPool:
 
         A stream lost because its pooled connection turned out to be closed (the
         peer closed it, and a QUIC client learns that only when its draining
-        period ends) is opened again, once, on another or a new connection.
+        period ends), or turned away unprocessed (the peer is going away, or reset it
+        with H3_REQUEST_REJECTED), is opened again, once, on another or a new
+        connection; turned away twice, it is refused (503). One flow dials at most
+        :data:`MAX_DIALS_PER_FLOW` connections.
 
         :raises ConnectError: the endpoint could not be reached.
         :raises PoolOverflow: no connection may be opened and none exists.
@@ -241,21 +244,7 @@ class EndpointPool:
                     continue
                 return stream, connection, False
             if plan.action is Action.CONNECT and dialled == MAX_DIALS_PER_FLOW:
-                # Each connection dialled for this flow was going away before it could
-                # take it (a draining peer): the flow goes elsewhere.
-                if self.going_away(self._loop.time()):
-                    raise StreamRefused(
-                        503,
-                        f"not taken: {self._label()} is going away (GOAWAY) on every "
-                        "new connection",
-                    )
-                # Closed as soon as made (a peer refusing our certificate after a TLS
-                # 1.3 handshake that looked done): why, as the connection heard it
-                # (a new exception of its kind: the connection keeps its own).
-                error = mine.lost_error if mine is not None else None
-                if error is not None:
-                    raise type(error)(str(error))
-                raise ConnectionLost(f"{self._label()}: the new connections closed at once")
+                raise self._dials_spent(mine)
             if plan.action is Action.CONNECT:
                 dialled += 1
             if plan.action is Action.WAIT_FOR_CONNECT:
@@ -344,6 +333,21 @@ class EndpointPool:
     def _label(self) -> str:
         host, port = self.address[:2]
         return f"{host}:{port}"
+
+    def _dials_spent(self, last: PeerConnection | None) -> TunnelError:
+        """Why a flow that dialled :data:`MAX_DIALS_PER_FLOW` connections, none of which
+        took it, fails: the peer is going away on each (a 503, as a draining peer's, for
+        another endpoint to take), or why the last one closed as soon as it was made (a
+        peer refusing our certificate after a TLS 1.3 handshake that looked done), in a
+        new exception of its kind (the connection keeps its own)."""
+        if self.going_away(self._loop.time()):
+            return StreamRefused(
+                503, f"not taken: {self._label()} is going away (GOAWAY) on every new connection"
+            )
+        error = last.lost_error if last is not None else None
+        if error is not None:
+            return type(error)(str(error))
+        return ConnectionLost(f"{self._label()}: the new connections closed at once")
 
     def _turned_away(self, connection: PeerConnection, error: TunnelError) -> StreamRefused:
         """A flow turned away a second time: a refusal, as a draining peer's 503 is
