@@ -173,7 +173,7 @@ class CertificateSource:
                 f"new certificate is for {identity.spiffe_id}, not node.identity "
                 f"{self.config.node.identity}"
             )
-        if identity is not self.identity:
+        if identity.cert_chain_pem() != self.identity.cert_chain_pem():
             self._waiting = None  # (files waiting to be usable lose to a newer certificate)
         self.identity = identity
         if trust is not None:

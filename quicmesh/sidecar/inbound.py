@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from ..errors import QuicmeshError, TunnelError
+from ..errors import QuicmeshError, TunnelError, peer_text
 from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
@@ -545,7 +545,7 @@ class InboundListener:
                 bytes_sent=0,
                 bytes_received=0,
                 outcome=Outcome.REFUSED,
-                reason=f"{status} {reason}",
+                reason=f"{status} {peer_text(reason)}",  # (it may repeat the peer's words)
                 flow_id=continue_or_start({}).trace_id,
             )
         )

@@ -478,7 +478,8 @@ class Sidecar:
         Pools then dial new connections for new flows and close the old ones as
         their last flow ends (:meth:`.pool.EndpointPool.is_stale`).
         """
-        ours_changed = identity is not self.identity  # (not on a new trust bundle alone)
+        # (Not on a new trust bundle alone, which comes with the same certificate.)
+        ours_changed = identity.cert_chain_pem() != self.identity.cert_chain_pem()
         self.identity, self.trust = identity, trust
         for cluster in list(self.clusters.values()) + self.retired_clusters:
             cluster.transport.set_identity(identity, trust)

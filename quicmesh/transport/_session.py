@@ -266,7 +266,7 @@ class SessionConnection(PeerConnection):
                     event.reason,
                 )
                 if self._rejected_hook is not None:
-                    self._rejected_hook(self, event.status, event.reason)
+                    self._tell_rejected(self._rejected_hook, event.status, event.reason)
             elif isinstance(event, events.PeerGoingAway):
                 self._on_peer_going_away(event.stream_id)
             elif isinstance(event, events.ConnectionTerminated):
@@ -276,6 +276,21 @@ class SessionConnection(PeerConnection):
         # No transmit here: both adaptors send right after feeding input to the session.
         if self._idle_waiter is not None:
             self._wake_if_idle()
+
+    def _tell_rejected(
+        self, hook: Callable[[Any, int, str], None], status: int, reason: str
+    ) -> None:
+        try:
+            hook(self, status, reason)
+        except Exception:
+            # The handler's bug, not the connection's: its other flows carry on.
+            REFUSAL_LOG.log(
+                logging.ERROR,
+                "rejected_hook",
+                "[%s] the handler's rejected hook failed",
+                self._log_id,
+                exc_info=True,
+            )
 
     def _on_peer_going_away(self, stream_id: int) -> None:
         """The peer's GOAWAY: no new stream here (waiting opens fail, to go elsewhere);

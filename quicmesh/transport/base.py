@@ -227,9 +227,11 @@ class PeerConnection(ABC):
     @property
     def going_away(self) -> bool:
         """True once the peer announced that it takes no new stream on this connection
-        (an HTTP/3 GOAWAY, RFC 9114 5.2: it is shutting down): :meth:`open_stream` then
-        raises :class:`~quicmesh.errors.ConnectionLost`, so open new flows on another
-        connection; the open ones carry on. (An HTTP/2 GOAWAY ends the connection.)"""
+        (an HTTP/3 GOAWAY, RFC 9114 5.2, or an HTTP/2 one with NO_ERROR, RFC 9113 6.8: it
+        is shutting down): :meth:`open_stream` then raises
+        :class:`~quicmesh.errors.ConnectionLost`, so open new flows on another
+        connection; the open ones carry on. (An HTTP/2 GOAWAY with an error code ends
+        the connection.)"""
         return False
 
     def go_away(self) -> bool:
@@ -371,10 +373,13 @@ class Transport(ABC):
         """Accept peer connections on ``address``.
 
         Each stream whose CONNECT is well formed and allowed by ``authorize`` is
-        passed to ``handler``; others are answered 400 or 403 and logged. A handler
-        object with a ``rejected(connection, status, reason)`` method also hears of
-        each stream refused for its request (400 malformed, 431 header section too
-        large), after the answer went out: a sidecar logs those as refused flows.
+        passed to ``handler``; the others are refused and logged: a request that is not
+        a plain CONNECT or names a bad target is answered 400, one ``authorize`` refuses
+        403, an HTTP/3 header section over the limit is reset (431 in the log), and a
+        field section that breaks HTTP's rules resets the stream. A handler object with a
+        ``rejected(connection, status, reason)`` method also hears of those answered 400
+        and the 431s (a sidecar logs them as refused flows); one that raises is logged,
+        and the connection carries on.
 
         :param early_data: accept 0-RTT from clients resuming a session (QUIC);
             ignored by transports without 0-RTT.

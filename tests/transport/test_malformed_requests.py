@@ -195,12 +195,14 @@ def test_a_peer_that_breaks_http3_is_named_in_one_warning(
     assert len(ended) == 1 and "DATA frame is not allowed" in str(ended[0]), ended
 
 
+@pytest.mark.parametrize("hook_fails", [False, True])
 @pytest.mark.parametrize("engine", ["native", "aioquic"])
 def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
-    engine: str, monkeypatch: pytest.MonkeyPatch
+    engine: str, hook_fails: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request refused before the handler (its target has no port: 400) is told to the
-    handler's ``rejected`` hook, with its connection: a sidecar logs it as a flow."""
+    handler's ``rejected`` hook, with its connection: a sidecar logs it as a flow. A hook
+    that raises is the handler's bug: the connection's other flows carry on."""
     require_engine(engine)
     crafted: list[list[tuple[bytes, bytes]]] = []
     original = h3_session.connect_request_fields
@@ -219,6 +221,8 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
 
         def rejected(self, connection: object, status: int, reason: str) -> None:
             heard.append((connection, status, reason))
+            if hook_fails:
+                raise RuntimeError("a bug in the hook")
 
     async def main() -> None:
         listener, connection, held = await _a_held_flow(engine, Echo())
@@ -229,8 +233,9 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
         (accepted,) = listener.connections
         assert [(c, s) for c, s, _ in heard] == [(accepted, 400)]
         assert "x.svc" in heard[0][2]
+        held.write(b"after")
         held.write_eof()
-        assert await asyncio.wait_for(held.read(), 5) == b""
+        assert await asyncio.wait_for(held.read(), 5) == b"after"
         connection.close()
         await connection.wait_closed()
         listener.close()
