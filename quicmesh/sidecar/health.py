@@ -45,8 +45,9 @@ class EndpointHealth:
     ejections: int = 0
     ejected_until: float | None = None
     our_certificate_refused: bool = False
-    """The last connect failure was the peer refusing our certificate: an ejection it
-    caused ends when our certificate changes (:meth:`HealthTracker.our_identity_changed`)."""
+    """Every connect failure of the current run was the peer refusing our certificate:
+    an ejection they caused ends when our certificate changes
+    (:meth:`HealthTracker.our_identity_changed`)."""
 
     def state(self, now: float) -> HealthState:
         """The state at time ``now`` (an ejection ends by itself)."""
@@ -150,7 +151,12 @@ class HealthTracker:
         health = self.endpoints.get(key)
         if health is None:
             return False
-        health.our_certificate_refused = our_certificate_refused
+        # Marked only while every failure of the run was one: a timeout among them is
+        # the endpoint's own.
+        first_of_run = health.connect_failures == 0
+        health.our_certificate_refused = our_certificate_refused and (
+            first_of_run or health.our_certificate_refused
+        )
         ejected = sum(1 for h in self.endpoints.values() if h.state(now) is HealthState.EJECTED)
         limit = len(self.endpoints) * self.outlier.max_ejection_percent / 100
         return health.connect_failed(now, may_eject=ejected + 1 <= limit)

@@ -159,10 +159,14 @@ def test_a_new_certificate_of_ours_forgives_only_what_our_old_one_caused() -> No
     """Ejections and failures caused by peers refusing our certificate end when ours
     changes (and do not lengthen a later ejection); other failures stay."""
     tracker = HealthTracker(OUTLIER)  # 3 failures eject, for 10 s
-    tracker.set_endpoints(["ours", "counting", "dead"])
+    tracker.set_endpoints(["ours", "counting", "dead", "mixed"])
     for _ in range(3):
         tracker.connect_failed("ours", 0.0, our_certificate_refused=True)
         tracker.connect_failed("dead", 0.0)
+    # Timeouts, then one late refusal of our certificate: the endpoint's own failure.
+    tracker.connect_failed("mixed", 0.0)
+    tracker.connect_failed("mixed", 0.0)
+    tracker.connect_failed("mixed", 0.0, our_certificate_refused=True)
     for _ in range(2):
         tracker.connect_failed("counting", 0.0, our_certificate_refused=True)
     assert tracker.available(1.0) == ["counting"]
@@ -170,6 +174,7 @@ def test_a_new_certificate_of_ours_forgives_only_what_our_old_one_caused() -> No
     assert tracker.available(1.0) == ["ours", "counting"]
     assert tracker["ours"].ejections == 0 and tracker["counting"].connect_failures == 0
     assert tracker["dead"].state(1.0) is HealthState.EJECTED
+    assert tracker["mixed"].state(1.0) is HealthState.EJECTED
     # Once forgiven, a later refusal of the new certificate counts afresh.
     assert tracker.our_identity_changed(2.0) == 0
 
