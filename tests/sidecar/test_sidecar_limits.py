@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,16 @@ async def _echo_server() -> asyncio.Server:
     return await asyncio.start_server(echo, "127.0.0.1", 0)
 
 
-async def _inbound(**limits: Any) -> tuple[InboundListener, Any]:
+async def _inbound(
+    log: Callable[[FlowRecord], None] = lambda record: None, **limits: Any
+) -> tuple[InboundListener, Any]:
     listener = InboundListener(
         _config(**limits),
         SERVER,
         CA.trust_bundle,
         ListenerStats(name="mesh", kind="inbound"),
         FlowTracker(),
-        lambda record: None,
+        log,
     )
     await listener.start()
     address = listener._listeners[0].address
@@ -440,16 +443,7 @@ def test_a_request_refused_before_the_listener_saw_it_is_an_access_log_record(
     records: list[FlowRecord] = []
 
     async def main() -> None:
-        listener = InboundListener(
-            _config(),
-            SERVER,
-            CA.trust_bundle,
-            ListenerStats(name="mesh", kind="inbound"),
-            FlowTracker(),
-            records.append,
-        )
-        await listener.start()
-        address = listener._listeners[0].address
+        listener, address = await _inbound(records.append)
         conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
         with pytest.raises(quicmesh.StreamRefused):
             await conn.open_stream("x.svc:80")

@@ -51,12 +51,8 @@ async def _a_held_flow(engine: str, handler: Any) -> tuple[Any, Any, MeshStream]
     return listener, connection, held
 
 
-@pytest.mark.parametrize("engine", ["native", "aioquic"])
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_a_malformed_request_resets_its_stream_only(
-    engine: str, case: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    require_engine(engine)
+def _crafted_requests(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[bytes, bytes]]]:
+    """A list whose field sections the next requests send instead of quicmesh's own."""
     crafted: list[list[tuple[bytes, bytes]]] = []
     original = h3_session.connect_request_fields
 
@@ -64,6 +60,16 @@ def test_a_malformed_request_resets_its_stream_only(
         return crafted.pop() if crafted else original(target, headers)  # type: ignore[arg-type]
 
     monkeypatch.setattr(h3_session, "connect_request_fields", fields)
+    return crafted
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_request_resets_its_stream_only(
+    engine: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_engine(engine)
+    crafted = _crafted_requests(monkeypatch)
 
     async def echo(stream: MeshStream) -> None:
         while data := await stream.read(65536):
@@ -204,13 +210,7 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
     handler's ``rejected`` hook, with its connection: a sidecar logs it as a flow. A hook
     that raises is the handler's bug: the connection's other flows carry on."""
     require_engine(engine)
-    crafted: list[list[tuple[bytes, bytes]]] = []
-    original = h3_session.connect_request_fields
-
-    def fields(target: object, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-        return crafted.pop() if crafted else original(target, headers)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(h3_session, "connect_request_fields", fields)
+    crafted = _crafted_requests(monkeypatch)
     heard: list[tuple[object, int, str]] = []
 
     class Echo:
