@@ -441,14 +441,11 @@ class H2TunnelSession(TunnelSession):
         """The peer's GOAWAY with NO_ERROR: no new stream; ours past ``last`` were not
         processed (RFC 9113 6.8), the others carry on. Its last stream ID may only fall."""
         if self.peer_last_stream is not None and last > self.peer_last_stream:
-            reason = (
+            return self._close_with(
+                ErrorCodes.PROTOCOL_ERROR,
                 f"HTTP/2 protocol error: the peer's GOAWAY raised its last stream ID "
-                f"from {self.peer_last_stream} to {last}"
+                f"from {self.peer_last_stream} to {last}",
             )
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR, reason.encode()[:256])
-            self._close_all()
-            return [events.ConnectionTerminated(int(ErrorCodes.PROTOCOL_ERROR), reason)]
         self.peer_last_stream = last
         said = peer_text(debug)
         self._peer_goaway_reason = said or self._peer_goaway_reason
@@ -591,15 +588,10 @@ class H2TunnelSession(TunnelSession):
         loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does for the same
         attack."""
         if self._refusal_budget is not None and not self._refusal_budget.take(1, self._clock()):
-            reason = "too many new streams refused (max_stream_rate, max_streams)"
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.h2.close_connection(
-                    error_code=ErrorCodes.ENHANCE_YOUR_CALM,
-                    additional_data=reason.encode(),
-                    last_stream_id=self.goaway_last_stream,  # never above our graceful one
-                )
-            self._close_all()
-            return [events.ConnectionTerminated(int(ErrorCodes.ENHANCE_YOUR_CALM), reason)]
+            return self._close_with(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                "too many new streams refused (max_stream_rate, max_streams)",
+            )
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
         return []
@@ -763,17 +755,8 @@ class H2TunnelSession(TunnelSession):
         )
 
     def close(self, reason: str = "") -> None:
-        if self.closed:
-            return
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self.h2.close_connection(
-                ErrorCodes.NO_ERROR,
-                reason.encode("utf-8", "replace")[:256],
-                # After our graceful GOAWAY the last stream ID may not rise (RFC 9113
-                # 6.8): the streams refused since are not counted in.
-                last_stream_id=self.goaway_last_stream,
-            )
-        self._close_all()
+        if not self.closed:
+            self._close_with(ErrorCodes.NO_ERROR, reason)
 
     # -- internals -----------------------------------------------------------------
 
@@ -843,6 +826,19 @@ class H2TunnelSession(TunnelSession):
             return
         with contextlib.suppress(h2.exceptions.H2Error, ValueError):
             self.h2.acknowledge_received_data(amount, stream_id)
+
+    def _close_with(self, code: ErrorCodes, reason: str) -> list[events.TunnelEvent]:
+        """Close the connection with a GOAWAY of ``code`` and ``reason`` (its first 256
+        bytes). After our graceful GOAWAY its last stream ID may not rise (RFC 9113 6.8):
+        the streams refused since are not counted in."""
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.close_connection(
+                code,
+                reason.encode("utf-8", "replace")[:256],
+                last_stream_id=self.goaway_last_stream,
+            )
+        self._close_all()
+        return [events.ConnectionTerminated(int(code), reason)]
 
     def _close_all(self) -> None:
         self.closed = True
