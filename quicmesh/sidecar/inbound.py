@@ -114,6 +114,33 @@ def receive_windows(max_buffered: int) -> tuple[int, int]:
     return min(DEFAULT_STREAM_WINDOW, connection), connection
 
 
+def _inbound_record(
+    config: InboundListenerConfig,
+    downstream: str,
+    target: str,
+    transport: str,
+    peer_identity: str,
+    flow_id: str,
+    start: float | None = None,
+) -> FlowRecord:
+    """The access-log record of a flow from a peer, before it has carried anything."""
+    return FlowRecord(
+        start=time.time() if start is None else start,
+        duration=0.0,
+        listener=config.name,
+        direction="inbound",
+        downstream=downstream,
+        target=target,
+        transport=transport,
+        peer_identity=peer_identity,
+        endpoint="",
+        bytes_sent=0,
+        bytes_received=0,
+        outcome=Outcome.COMPLETED,
+        flow_id=flow_id,
+    )
+
+
 class _Handler:
     """An inbound listener's stream handler, with the hook a transport calls for a
     stream it refused before the handler saw it (:meth:`~quicmesh.Transport.listen`)."""
@@ -508,20 +535,14 @@ class InboundListener:
     ) -> FlowRecord:
         """A new flow's access-log record; its ``flow_id`` is the trace id of its
         ``traceparent``, or a new one."""
-        return FlowRecord(
-            start=time.time() if start is None else start,
-            duration=0.0,
-            listener=config.name,
-            direction="inbound",
-            downstream=stream.peer_address,
-            target=stream.target,
-            transport=stream.transport,
-            peer_identity=stream.peer_identity,
-            endpoint="",
-            bytes_sent=0,
-            bytes_received=0,
-            outcome=Outcome.COMPLETED,
-            flow_id=continue_or_start(stream.headers).trace_id,
+        return _inbound_record(
+            config,
+            stream.peer_address,
+            stream.target,
+            stream.transport,
+            stream.peer_identity,
+            continue_or_start(stream.headers).trace_id,
+            start,
         )
 
     def _rejected(self, connection: PeerConnection, status: int, reason: str) -> None:
@@ -531,24 +552,17 @@ class InboundListener:
         stats = self.stats
         stats.streams_total += 1
         stats.flow_ended(Outcome.REFUSED, 0, 0)
-        self._log(
-            FlowRecord(
-                start=time.time(),
-                duration=0.0,
-                listener=self.config.name,
-                direction="inbound",
-                downstream=connection.peer_address,
-                target="",
-                transport=connection.transport_name,
-                peer_identity=connection.peer_identity,
-                endpoint="",
-                bytes_sent=0,
-                bytes_received=0,
-                outcome=Outcome.REFUSED,
-                reason=f"{status} {peer_text(reason)}",  # (it may repeat the peer's words)
-                flow_id=continue_or_start({}).trace_id,
-            )
+        record = _inbound_record(
+            self.config,
+            connection.peer_address,
+            "",
+            connection.transport_name,
+            connection.peer_identity,
+            continue_or_start({}).trace_id,
         )
+        record.outcome = Outcome.REFUSED
+        record.reason = f"{status} {peer_text(reason)}"  # (it may repeat the peer's words)
+        self._log(record)
 
     def _decide_now(self, flow: InboundEngineFlow) -> EngineFlowPlan | None:
         """Take a peer's CONNECT at once, for the engine to connect, answer and splice
