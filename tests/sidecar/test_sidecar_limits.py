@@ -114,13 +114,19 @@ def test_one_identity_cannot_hold_more_than_its_streams() -> None:
         assert await again.read() == b"again"
         for stream in held[1:]:
             stream.abort()
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, conn)
         app.close()
 
     run(main())
+
+
+async def _close(listener: InboundListener, *conns: Any) -> None:
+    """Close the client connections, then the listener, waiting for each."""
+    for conn in conns:
+        conn.close()
+        await conn.wait_closed()
+    listener.close()
+    await listener.wait_closed()
 
 
 async def _until_streams(listener: InboundListener, count: int) -> None:
@@ -140,10 +146,7 @@ def test_overloaded_listener_refuses_new_streams_with_503() -> None:
             await conn.open_stream(target)
         assert refused.value.status == 503 and "overloaded" in str(refused.value)
         assert listener.stats.to_dict()["overload"]["refusals"] == {"overloaded": 1}  # type: ignore[index]
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, conn)
         app.close()
 
     run(main())
@@ -208,11 +211,7 @@ def test_one_identity_cannot_hold_more_than_its_connections(engine: str) -> None
             assert not conn.is_closed
             await _roundtrip(conn, target)
         assert listener.overload.refusals["connections_per_identity"] == 3
-        for conn in conns:
-            conn.close()
-            await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, *conns)
         app.close()
 
     run(main())
@@ -314,10 +313,7 @@ def test_a_peer_that_stops_reading_gets_its_fullest_flows_reset() -> None:
         assert metrics["buffer_resets"] >= 1  # type: ignore[index]
         for stream in streams:
             stream.abort()
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, conn)
         app.close()
 
     run(main())
@@ -386,10 +382,7 @@ def test_a_flow_the_peer_resets_while_its_destination_connects_ends_at_once(
             conn.transmit()
             while listener.stats.streams_active:  # (60 s before: the connect's timeout)
                 await asyncio.sleep(0.01)
-            conn.close()
-            await conn.wait_closed()
-            listener.close()
-            await listener.wait_closed()
+            await _close(listener, conn)
             queued.close()
 
     run(main(), timeout=30)
@@ -418,11 +411,7 @@ def test_a_draining_listener_tells_its_connections_to_go_away() -> None:
         held.write(b"still")
         held.write_eof()
         assert await held.read() == b"still"
-        for conn in (before, after):
-            conn.close()
-            await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, before, after)
         app.close()
 
     run(main())
@@ -447,10 +436,7 @@ def test_a_request_refused_before_the_listener_saw_it_is_an_access_log_record(
         conn = await QuicTransport(identity=CLIENT, trust=CA.trust_bundle).connect(address)
         with pytest.raises(quicmesh.StreamRefused):
             await conn.open_stream("x.svc:80")
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        await _close(listener, conn)
         (record,) = records
         assert record.outcome is Outcome.REFUSED and record.reason.startswith("400 ")
         assert record.peer_identity == CLIENT.spiffe_id and record.direction == "inbound"
