@@ -647,6 +647,10 @@ class InboundListener:
         if self.draining:
             record.outcome, record.reason = Outcome.DRAINING, "sidecar is draining"
             _refuse(stream, 503, record.reason)
+            # A connection made (or finishing its handshake) after the drain began: told
+            # now, so that its peer opens no more flows on it (begin_drain told the rest).
+            if isinstance(stream.channel, PeerConnection):
+                stream.channel.go_away()
             return
         # Limits and overload first: a refused stream costs no destination connection.
         connection_refusal = self._admit_connection(stream)

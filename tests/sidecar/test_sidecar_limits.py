@@ -393,7 +393,8 @@ def test_a_flow_the_peer_resets_while_its_destination_connects_ends_at_once(
 
 def test_a_draining_listener_tells_its_connections_to_go_away() -> None:
     """Connections open when the drain begins hear a GOAWAY at once and their flows carry
-    on; one made after it has its streams refused (503)."""
+    on; one made after it has its streams refused (503) and hears a GOAWAY with the
+    first refusal, so that its peer opens no more flows on it."""
 
     async def main() -> None:
         app = await _echo_server()
@@ -408,6 +409,7 @@ def test_a_draining_listener_tells_its_connections_to_go_away() -> None:
         with pytest.raises(quicmesh.StreamRefused) as refused:
             await after.open_stream(target)
         assert refused.value.status == 503
+        await _until(lambda: after.going_away)
         held.write(b"still")
         held.write_eof()
         assert await held.read() == b"still"
