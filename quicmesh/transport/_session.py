@@ -268,7 +268,7 @@ class SessionConnection(PeerConnection):
                 if self._rejected_hook is not None:
                     self._tell_rejected(self._rejected_hook, event.status, event.reason)
             elif isinstance(event, events.PeerGoingAway):
-                self._on_peer_going_away(event.stream_id)
+                self._on_peer_going_away(event.stream_id, event.notice)
             elif isinstance(event, events.ConnectionTerminated):
                 reason = event.reason or f"error code {event.error_code:#x}"
                 self.on_connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
@@ -292,19 +292,19 @@ class SessionConnection(PeerConnection):
                 exc_info=True,
             )
 
-    def _on_peer_going_away(self, stream_id: int) -> None:
+    def _on_peer_going_away(self, stream_id: int, notice: bool = False) -> None:
         """The peer's GOAWAY: no new stream here (waiting opens fail, to go elsewhere);
         the open ones carry on (the peer resets any it will not process)."""
+        goaway = "a GOAWAY notice" if notice else f"GOAWAY, stream {stream_id}"
         if self._going_away is None:
             self.log.info(
-                "[%s] %s is going away (GOAWAY, stream %d): no new flow on this connection, "
-                "%d open carry on",
+                "[%s] %s is going away (%s): no new flow on this connection, %d open carry on",
                 self._log_id,
                 self.peer_identity,
-                stream_id,
+                goaway,
                 len(self._streams),
             )
-        self._going_away = f"the peer is going away (GOAWAY, stream {stream_id})"
+        self._going_away = f"the peer is going away ({goaway})"
         self._wake_credit()
 
     def _is_idle(self) -> bool:

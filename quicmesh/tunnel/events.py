@@ -81,9 +81,12 @@ class PeerStoppedReading(TunnelEvent):
 class PeerGoingAway(TunnelEvent):
     """(client) The peer takes no new stream on this connection (an HTTP/3 GOAWAY, or
     an HTTP/2 one with NO_ERROR): new flows go on another one; streams below
-    ``stream_id`` carry on."""
+    ``stream_id`` carry on. A ``notice`` names the largest stream ID there can be (a
+    server's first GOAWAY of two, RFC 9113 6.8, RFC 9114 5.2): none of ours is refused
+    by it."""
 
     stream_id: int
+    notice: bool = False
 
 
 @dataclass

@@ -66,6 +66,9 @@ from .connect import (
 )
 from .session import ResetReason, TunnelSession
 
+MAX_STREAM_ID = 2**31 - 1
+"""The largest HTTP/2 stream ID: a GOAWAY naming it is a shutdown notice (RFC 9113 6.8)."""
+
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 """Receive window per stream (SETTINGS_INITIAL_WINDOW_SIZE)."""
 
@@ -452,7 +455,9 @@ class H2TunnelSession(TunnelSession):
         why = f"not processed: the peer is going away (GOAWAY, last stream {last}" + (
             f": {said})" if said else ")"
         )
-        result: list[events.TunnelEvent] = [events.PeerGoingAway(last + 1)]
+        result: list[events.TunnelEvent] = [
+            events.PeerGoingAway(last + 1, notice=last == MAX_STREAM_ID)
+        ]
         # Ours (a client's are odd) past its last: also those we half-closed before
         # their answer, whose record we dropped while h2 keeps them open.
         open_in_h2 = (i for i, stream in self.h2.streams.items() if not stream.closed)

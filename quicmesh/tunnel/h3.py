@@ -49,6 +49,10 @@ _HEADER_BYTES_UNCHECKED = 4096
 """A stream's unfinished header bytes up to which the connection's total is not summed
 (a CONNECT as quicmesh sends one is a few hundred bytes)."""
 
+MAX_CLIENT_STREAM_ID = 2**62 - 4
+"""The largest client request stream ID: a server's GOAWAY naming it is a shutdown
+notice (RFC 9114 5.2)."""
+
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 
@@ -325,7 +329,8 @@ class H3TunnelSession(TunnelSession):
                     )
             elif isinstance(ev, _aioquic.GoawayReceived):
                 if self.is_client:
-                    result.append(events.PeerGoingAway(ev.stream_id))
+                    notice = ev.stream_id >= MAX_CLIENT_STREAM_ID
+                    result.append(events.PeerGoingAway(ev.stream_id, notice=notice))
             elif isinstance(ev, _aioquic.MessageRejected):
                 # (The HTTP/3 layer reset it both ways already.)
                 result.extend(

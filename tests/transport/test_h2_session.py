@@ -589,6 +589,16 @@ def test_a_graceful_goaway_lets_the_streams_it_covers_finish_and_refuses_the_oth
     assert client.receive_eof() == [events.ConnectionTerminated(0, "draining")]
 
 
+def test_a_goaway_naming_the_largest_stream_id_is_a_notice_that_refuses_nothing() -> None:
+    """A server's first GOAWAY of two (RFC 9113 6.8: the largest stream ID) stops new
+    streams and refuses none (the connection then logs "a GOAWAY notice")."""
+    client, server = connected_pair()
+    kept = open_tunnel(client, server)
+    got = client.receive_data(_goaway(2**31 - 1))
+    assert got == [events.PeerGoingAway(2**31, notice=True)]
+    assert client.receive_data(_goaway(kept)) == [events.PeerGoingAway(kept + 1)]
+
+
 def test_a_goaway_that_raises_its_last_stream_id_closes_the_connection() -> None:
     client, server = connected_pair()
     open_tunnel(client, server)
