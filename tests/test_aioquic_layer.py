@@ -777,15 +777,16 @@ def test_malformed_connect_gets_400_and_other_streams_carry_on() -> None:
     assert not server.of(quic_events.ConnectionTerminated)
 
 
-def test_oversized_header_section_resets_only_its_stream() -> None:
+def test_oversized_header_section_is_answered_431_and_only_its_stream_ends() -> None:
     clock = Clock()
     client, server = _raw_h3_client(clock)
     padding = [(f"x-pad-{i}".encode(), b"p" * 2000) for i in range(60)]
     huge = _request(client, [(b":method", b"CONNECT"), (b":authority", b"db.svc:5432"), *padding])
     assert client.quic._streams[huge].sender._buffer_stop > MAX_HEADER_STREAM_BYTES
     settle(client, server, clock)
-    [reset] = [e for e in client.of(quic_events.StreamReset) if e.stream_id == huge]
-    assert reset.error_code == H3ErrorCode.H3_REQUEST_REJECTED
+    assert _status(client, huge) == "431"
+    [stopped] = [e for e in client.of(quic_events.StopSendingReceived) if e.stream_id == huge]
+    assert stopped.error_code == H3ErrorCode.H3_NO_ERROR
     assert {(e.stream_id, e.status) for e in server.of(events.RequestRejected)} == {(huge, 431)}
     assert not server.of(events.StreamRequested)
 

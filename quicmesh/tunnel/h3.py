@@ -270,16 +270,27 @@ class H3TunnelSession(TunnelSession):
         )
 
     def _reject_oversized(self, stream_id: int, why: str = "") -> list[events.TunnelEvent]:
+        """Refuse a header section over the limits, undecoded. A request is answered 431
+        (then STOP_SENDING with H3_NO_ERROR: the rest of it is not wanted, RFC 9114 4.1.1),
+        not reset with H3_REQUEST_REJECTED, which tells the peer it may send the same
+        request again elsewhere; a response is reset."""
         self.flow_control.forget(stream_id)
         self._stream(stream_id).aborted = True
-        code = (
-            H3ErrorCode.H3_REQUEST_REJECTED if not self.is_client else H3ErrorCode.H3_EXCESSIVE_LOAD
-        )
-        self._abort_stream(stream_id, code)
         if self.is_client:
+            code = H3ErrorCode.H3_EXCESSIVE_LOAD
+            self._abort_stream(stream_id, code)
             reason = f"refused the peer's answer: {why or 'header section too large'}"
             return [events.StreamReset(stream_id, code, reason=reason)]
-        return [events.RequestRejected(stream_id, 431, why or "request header section too large")]
+        reason = why or "request header section too large"
+        if self._stream_is_open(stream_id):
+            # Static table only: valid whatever the peer's request left undecoded.
+            with contextlib.suppress(ValueError):
+                self.quic.send_stream_data(
+                    stream_id, _aioquic.connect_response_frame(431, reason), end_stream=True
+                )
+                self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
+            self.scheduler.activate(stream_id)
+        return [events.RequestRejected(stream_id, 431, reason)]
 
     def _on_reset(
         self, event: quic_events.StreamReset | quic_events.StopSendingReceived
