@@ -140,7 +140,7 @@ class H3TunnelSession(TunnelSession):
     :param connection_window: receive window of the whole connection.
     :param max_field_section_size: decoded size of a header section (names, values
         and 32 bytes per field) above which a stream is refused before its header
-        block is decoded: 431 to a request (then reset), a reset of a response.
+        block is decoded: a 431 answer to a request, a reset of a response.
     """
 
     def __init__(
