@@ -283,9 +283,19 @@ class _H2Connection(h2.connection.H2Connection):
             ):
                 raise
             self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return [], []
+            return [], [_MalformedFieldSection(frame.stream_id, str(exc))]
         finally:
             self._receiving_headers = False
+
+
+class _MalformedFieldSection(h2.events.Event):
+    """(quicmesh's) A request's or response's field section broke RFC 9113 8.2-8.3; the
+    stream was reset with PROTOCOL_ERROR (:class:`_H2Connection`). h2 knows no such
+    event: the session tells the stream's opener (client) or the handler's hook (server)."""
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
 
 
 class H2TunnelSession(TunnelSession):
@@ -570,6 +580,8 @@ class H2TunnelSession(TunnelSession):
             return self._on_response(event)
         if isinstance(event, h2.events.StreamReset):
             return self._on_reset(event)
+        if isinstance(event, _MalformedFieldSection):
+            return self._on_malformed(event)
         if isinstance(event, h2.events.WindowUpdated):
             self._on_window_updated(event.stream_id)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
@@ -677,6 +689,20 @@ class H2TunnelSession(TunnelSession):
             return [events.PeerStoppedReading(stream_id)]
         self._forget(stream_id)
         return [events.StreamReset(stream_id, code, connect_error=code == ErrorCodes.CONNECT_ERROR)]
+
+    def _on_malformed(self, event: _MalformedFieldSection) -> list[events.TunnelEvent]:
+        """A malformed request is a refused one (400, for the handler's hook and the
+        access log; the stream was reset); a malformed answer ends our stream with that
+        reason, so that its opener does not wait for another."""
+        stream_id = event.stream_id
+        why = peer_text(event.reason)
+        if not self.is_client:
+            return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {why}")]
+        if stream_id not in self._streams:
+            return []
+        self._forget(stream_id)
+        reason = f"the peer's answer is malformed: {why}"
+        return [events.StreamReset(stream_id, int(ErrorCodes.PROTOCOL_ERROR), reason=reason)]
 
     def _on_window_updated(self, stream_id: int | None) -> None:
         stream = self._streams.get(stream_id) if stream_id is not None else None

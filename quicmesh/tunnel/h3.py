@@ -22,7 +22,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
 
 from .. import _aioquic
-from ..errors import TunnelUsageError
+from ..errors import TunnelUsageError, peer_text
 from . import events
 from .connect import (
     MAX_FIELD_SECTION_SIZE,
@@ -344,19 +344,17 @@ class H3TunnelSession(TunnelSession):
                     result.append(events.PeerGoingAway(ev.stream_id, notice=notice))
             elif isinstance(ev, _aioquic.MessageRejected):
                 # (The HTTP/3 layer reset it both ways already.)
-                result.extend(
-                    self._answer_failed(
-                        ev.stream_id, f"the peer's answer is malformed: {ev.reason}", reset=False
-                    )
-                )
+                said = peer_text(ev.reason)
+                reason = f"the peer's answer is malformed: {said}" if self.is_client else said
+                result.extend(self._answer_failed(ev.stream_id, reason, reset=False))
         return result
 
     def _answer_failed(
         self, stream_id: int, reason: str, *, reset: bool = True
     ) -> list[events.TunnelEvent]:
-        """(client) The peer's answer on ``stream_id`` is unusable: the stream is reset
-        both ways with H3_MESSAGE_ERROR (RFC 9114 4.1.2) and its opener told ``reason``.
-        (A server's malformed request was reset by the HTTP/3 layer: nothing to tell.)"""
+        """The peer's answer (client) or request (server) on ``stream_id`` is unusable:
+        the stream is reset both ways with H3_MESSAGE_ERROR (RFC 9114 4.1.2), and its
+        opener told ``reason`` (client), or the handler's hook (server: a 400 refusal)."""
         record = self._streams.get(stream_id)
         if record is None or record.headers_done or record.aborted:
             return []
@@ -367,7 +365,8 @@ class H3TunnelSession(TunnelSession):
         else:
             self.scheduler.activate(stream_id)  # the reset and STOP_SENDING go out now
         if not self.is_client:
-            return []
+            # A refused request, for the handler's hook and the access log.
+            return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {reason}")]
         return [events.StreamReset(stream_id, H3ErrorCode.H3_MESSAGE_ERROR, reason=reason)]
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:

@@ -589,6 +589,24 @@ def test_a_graceful_goaway_lets_the_streams_it_covers_finish_and_refuses_the_oth
     assert client.receive_eof() == [events.ConnectionTerminated(0, "draining")]
 
 
+def test_a_malformed_answer_ends_its_stream_with_the_reason() -> None:
+    """A response field section that breaks RFC 9113 8.3 (``:status`` twice) resets its
+    stream (PROTOCOL_ERROR) and tells its opener why; h2 alone dropped it silently, and
+    the opener waited for an answer that could not come."""
+    client, server = connected_pair()
+    stream_id = client.open_stream(TARGET, {})
+    exchange(client, server)
+    server.h2.config.validate_outbound_headers = False
+    server.h2.send_headers(stream_id, [(b":status", b"200"), (b":status", b"200")])
+    client_events, _ = exchange(client, server)
+    ((reset),) = client_events
+    assert isinstance(reset, events.StreamReset) and reset.stream_id == stream_id
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert "the peer's answer is malformed" in reset.reason and ":status" in reset.reason
+    # Another stream of the connection is unaffected.
+    open_tunnel(client, server)
+
+
 def test_a_goaway_naming_the_largest_stream_id_is_a_notice_that_refuses_nothing() -> None:
     """A server's first GOAWAY of two (RFC 9113 6.8: the largest stream ID) stops new
     streams and refuses none (the connection then logs "a GOAWAY notice")."""

@@ -51,6 +51,22 @@ async def _a_held_flow(engine: str, handler: Any) -> tuple[Any, Any, MeshStream]
     return listener, connection, held
 
 
+class _Echo:
+    """An echo handler, with the hook a transport calls for a request it refused itself
+    (``Transport.listen``); ``refused`` holds their (status, reason)."""
+
+    def __init__(self) -> None:
+        self.refused: list[tuple[int, str]] = []
+
+    async def __call__(self, stream: MeshStream) -> None:
+        while data := await stream.read(65536):
+            stream.write(data)
+        stream.write_eof()
+
+    def rejected(self, connection: Any, status: int, reason: str) -> None:
+        self.refused.append((status, reason))
+
+
 def _crafted_requests(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[bytes, bytes]]]:
     """A list whose field sections the next requests send instead of quicmesh's own."""
     crafted: list[list[tuple[bytes, bytes]]] = []
@@ -71,10 +87,7 @@ def test_a_malformed_request_resets_its_stream_only(
     require_engine(engine)
     crafted = _crafted_requests(monkeypatch)
 
-    async def echo(stream: MeshStream) -> None:
-        while data := await stream.read(65536):
-            stream.write(data)
-        stream.write_eof()
+    echo = _Echo()
 
     async def main() -> None:
         listener, connection, held = await _a_held_flow(engine, echo)
@@ -83,6 +96,9 @@ def test_a_malformed_request_resets_its_stream_only(
             bad = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
             await asyncio.wait_for(bad.read(), 5)
         assert caught.value.error_code == H3_MESSAGE_ERROR
+        # The handler's hook heard of it (the sidecar's access log: a refused flow).
+        ((status, reason),) = echo.refused
+        assert status == 400 and reason.startswith("malformed request (reset): "), reason
         # The connection and its other flows carry on.
         held.write(b"after")
         held.write_eof()
@@ -100,7 +116,8 @@ def test_a_malformed_request_resets_its_stream_only(
 
 
 def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
-    """The same on HTTP/2 (RFC 9113 8.1.1): h2 made it a connection error (GOAWAY)."""
+    """The same on HTTP/2 (RFC 9113 8.1.1): h2 made it a connection error (GOAWAY).
+    The handler's hook hears of it, as on HTTP/3."""
     ca = DevCA()
     server = H2Transport(
         identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
@@ -113,10 +130,7 @@ def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     context.set_alpn_protocols(["h2"])
 
-    async def echo(stream: MeshStream) -> None:
-        while data := await stream.read(65536):
-            stream.write(data)
-        stream.write_eof()
+    echo = _Echo()
 
     async def main() -> list[Any]:
         listener = await server.listen(("127.0.0.1", 0), echo)
@@ -153,6 +167,8 @@ def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
     assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
     echoed = b"".join(e.data for e in seen if isinstance(e, h2.events.DataReceived))
     assert echoed == b"after"
+    ((status, reason),) = echo.refused  # (the sidecar's access log: a refused flow)
+    assert status == 400 and "duplicate pseudo-header" in reason, reason
 
 
 @pytest.mark.parametrize("engine", ["native", "aioquic"])
