@@ -235,7 +235,8 @@ class AdsClient:
             return
         base = self.sidecar.config
         serving = {cluster.name: cluster for cluster in base.clusters}
-        mapped = with_static(self.static, map_resources(update.resources, serving))
+        dynamic = map_resources(update.resources, serving, self.static.clusters)
+        mapped = with_static(self.static, dynamic)
         check_ports(mapped, base.admin.address[1])
         new = replace(
             base, outbound=mapped.outbound, inbound=mapped.inbound, clusters=mapped.clusters

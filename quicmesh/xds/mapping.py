@@ -565,7 +565,9 @@ def _bounded(parent: Message, name: str, default: int, low: int, high: int, wher
 
 
 def map_resources(
-    resources: EnvoyResources, serving: Mapping[str, ClusterConfig] | None = None
+    resources: EnvoyResources,
+    serving: Mapping[str, ClusterConfig] | None = None,
+    static_clusters: Iterable[ClusterConfig] = (),
 ) -> MappedConfig:
     """Map a whole set of resources; clusters without endpoints yet are held back.
 
@@ -573,10 +575,13 @@ def map_resources(
     Envoy does not activate a listener before its clusters are ready. A cluster in
     ``serving`` (the clusters the sidecar runs now, by name) whose new version warms
     keeps its serving version, with its listeners, until the new one is warm, as
-    Envoy keeps an active cluster while its update warms.
+    Envoy keeps an active cluster while its update warms. A listener may name one of
+    ``static_clusters`` (a bootstrap's or file's, kept beside xDS: :func:`with_static`),
+    as in Envoy, if it tunnels to that cluster's CONNECT target.
 
     :raises MappingError: the first unsupported field or inconsistency found.
     """
+    static = {cluster.name: cluster for cluster in static_clusters}
     outbound: list[_Outbound] = []
     inbound: list[InboundListenerConfig] = []
     for listener in resources.listeners.values():
@@ -587,6 +592,9 @@ def map_resources(
             inbound.append(mapped)
     targets: dict[str, Target] = {}
     for out in outbound:
+        if out.config.cluster in static:
+            _check_static_target(out, static[out.config.cluster])
+            continue
         previous = targets.setdefault(out.config.cluster, out.target)
         if previous != out.target:
             raise MappingError(
@@ -608,12 +616,13 @@ def map_resources(
                 clusters[cluster.name] = serving[cluster.name]
         else:
             clusters[mapped_cluster.name] = mapped_cluster
-    ready_outbound = tuple(o.config for o in outbound if o.config.cluster in clusters)
+    usable = clusters.keys() | static.keys()
+    ready_outbound = tuple(o.config for o in outbound if o.config.cluster in usable)
     # A listener whose cluster CDS has not given waits for it, as for a warming one.
     warming += {
         f"{o.config.cluster}{MISSING}"
         for o in outbound
-        if o.config.cluster not in clusters and o.config.cluster not in warming
+        if o.config.cluster not in usable and o.config.cluster not in warming
     }
     return MappedConfig(
         outbound=ready_outbound,
@@ -621,6 +630,18 @@ def map_resources(
         clusters=tuple(clusters.values()),
         warming=tuple(sorted(warming)),
     )
+
+
+def _check_static_target(out: _Outbound, cluster: ClusterConfig) -> None:
+    """A dynamic listener on a static cluster tunnels to that cluster's CONNECT target
+    (quicmesh keeps one a cluster; a static one is not changed over xDS)."""
+    if cluster.target != out.target:
+        have = cluster.target.authority if cluster.target is not None else "none"
+        raise MappingError(
+            f"Listener {out.config.name!r}: tunneling_config.hostname "
+            f"{out.target.authority!r} differs from the CONNECT target ({have}) of static "
+            f"cluster {cluster.name!r}: quicmesh keeps one CONNECT target per cluster"
+        )
 
 
 def with_static(static: MappedConfig, dynamic: MappedConfig) -> MappedConfig:

@@ -343,7 +343,8 @@ def test_the_files_own_listeners_and_clusters_stay_beside_the_control_planes(
     echo_port: int,
 ) -> None:
     """As Envoy's static resources: a listener and cluster of the file stay when LDS
-    and CDS arrive (they were dropped), and xDS cannot replace them by name."""
+    and CDS arrive (they were dropped), xDS cannot replace them by name, and an LDS
+    listener may use the file's cluster (it waited forever for CDS to give it)."""
     _, b, ports = pair
     static_port = free_port()
     sidecar = xds_sidecar("c", IDENTITY_A, ca_dir, tmp_path, ads)
@@ -382,6 +383,21 @@ def test_the_files_own_listeners_and_clusters_stay_beside_the_control_planes(
         assert any("Cluster 'fixed-echo': a static cluster" in n for n in nacks), nacks
         assert sidecar.stats()["clusters"]["fixed-echo"]["transport"] == "h2"
         assert _flow_ok(static_port)
+        # An LDS listener on the file's cluster (its CONNECT target) takes flows.
+        on_static = free_port()
+        push_outbound(
+            ads,
+            "3",
+            node="c",
+            listeners=[
+                ("out", ports["out"], "echo", addr(echo_port)),
+                ("on-static", on_static, "fixed-echo", addr(echo_port)),
+            ],
+            clusters=[("echo", "quic")],
+            endpoints={"echo": [ports["b"]]},
+        )
+        wait_until(lambda: "on-static" in sidecar.stats()["listeners"], what="on-static bound")
+        assert _flow_ok(on_static) and _flow_ok(static_port)
     finally:
         assert sidecar.stop() == 0
 

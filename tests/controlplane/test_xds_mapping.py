@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from quicmesh.errors import ConfigError
 from quicmesh.sidecar.config import ClusterConfig
 from quicmesh.tls import DevCA
+from quicmesh.tunnel.connect import parse_target
 from quicmesh.xds.bootstrap import parse_bootstrap
 from quicmesh.xds.mapping import (
     EnvoyResources,
@@ -75,6 +76,25 @@ def test_a_listener_name_that_is_not_a_quicmesh_name_is_refused(name: str) -> No
     )
     with pytest.raises(MappingError, match="is not a quicmesh name"):
         map_listener(listener)
+
+
+def test_a_listener_may_use_a_static_cluster_with_its_connect_target() -> None:
+    """As in Envoy, an LDS listener may name a bootstrap's (or file's) static cluster;
+    quicmesh keeps one CONNECT target a cluster, so it must be that cluster's."""
+    static = ClusterConfig(
+        name="fixed", transport="h2", target=parse_target("10.0.0.9:9080"), endpoints=()
+    )
+    listener = parse_message(
+        outbound_listener_doc("out", 15001, "fixed", "10.0.0.9:9080"), Listener, "t"
+    )
+    resources = EnvoyResources(listeners={"out": listener})
+    assert map_resources(resources).outbound == ()  # (no such cluster: it waits)
+    mapped = map_resources(resources, static_clusters=[static])
+    assert [o.cluster for o in mapped.outbound] == ["fixed"] and mapped.warming == ()
+    assert mapped.clusters == ()  # (the static one is the file's to give: with_static)
+    other = parse_message(outbound_listener_doc("out", 15001, "fixed", "h:1"), Listener, "t")
+    with pytest.raises(MappingError, match=r"differs from the CONNECT target .* 'fixed'"):
+        map_resources(EnvoyResources(listeners={"out": other}), static_clusters=[static])
 
 
 def test_eds_cluster_warms_until_its_endpoints_arrive() -> None:
