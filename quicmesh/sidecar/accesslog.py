@@ -12,6 +12,7 @@ and reopens its file on request (SIGUSR1, after logrotate moved it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import json
@@ -313,11 +314,23 @@ class AccessLog:
             logger.warning("cannot reopen the access log %s: %s", self.path, exc.strerror or exc)
             return
         old, self._file = self._file, new
-        old.close()
+        _close_file(old)
         logger.info("reopened the access log %s", self.path)
 
     def close(self) -> None:
-        """Close the file (stdout stays open)."""
+        """Close the file (stdout stays open). A line that could not be written (a full
+        disk) stays in the file's buffer, and the flush at close fails again: it is
+        dropped with a warning, so that a drain still ends."""
         if self._file is not None and self._file is not sys.stdout:
-            self._file.close()
+            _close_file(self._file)
         self._file = None
+
+
+def _close_file(file: TextIO) -> None:
+    """Close an access-log file; what its buffer still holds is lost if that fails."""
+    try:
+        file.close()
+    except OSError as exc:
+        logger.warning("cannot write the access log (lines lost at close): %s", exc)
+        with contextlib.suppress(OSError):
+            file.close()  # (the descriptor: a second close does not flush again)

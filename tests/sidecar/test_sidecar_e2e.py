@@ -316,6 +316,33 @@ def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int, transport
         mesh.b.stop()
 
 
+def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_port: int) -> None:
+    """A full disk under the access log (``/dev/full``): the flow is carried, the lines
+    are lost with a warning, and SIGTERM still drains and exits 0 (the line left in the
+    file's buffer failed again at close, and the drain never ended)."""
+    mesh = Mesh(workdir, echo_port, name="b-full-log")
+    mesh.b.start()
+    config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
+    config["access_log"] = {"path": "/dev/full"}
+    a = SidecarProcess("a-full-log", config, workdir)
+    a.start()
+    try:
+        mesh.b.wait_ready()
+        a.wait_ready()
+
+        async def flow() -> bool:
+            return await (await HeldFlow.open(ports["echo"])).finish(b"on a full disk")
+
+        assert asyncio.run(flow())
+        a.signal(signal.SIGTERM)
+        assert a.process is not None and a.process.wait(15) == 0
+        assert "cannot write the access log" in a.stderr()
+        assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
+    finally:
+        a.stop()
+        mesh.b.stop()
+
+
 def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: Path) -> None:
     endpoints_file = tmp_path / "endpoints.yaml"
     endpoints_file.write_text(yaml.safe_dump([mesh.endpoint("quic")]))
