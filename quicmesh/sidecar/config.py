@@ -1152,7 +1152,13 @@ class _Loader:
             )
         # Given, even empty, the policies decide (an empty list allows nobody, as an
         # Istio ALLOW policy without rules); absent, any verified peer may reach any
-        # allowed destination.
+        # allowed destination. The key with no value (every entry commented out) is
+        # neither: refused, not read as absent (which would let every peer in).
+        if "policies" in node.mapping() and node.child("policies").value is None:
+            raise node.child("policies").error(
+                "has no value: give a list of policies ([] allows no peer), or leave the "
+                "key out to let every verified peer reach the listener's destinations"
+            )
         policies = (
             tuple(self.policy(p) for p in node.child("policies").items(allow_empty=True))
             if node.has("policies")

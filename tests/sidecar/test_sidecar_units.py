@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from quicmesh.errors import ConfigError
 from quicmesh.sidecar.accesslog import FlowRecord, Outcome
 from quicmesh.sidecar.admin import Deferred, Response, route
 from quicmesh.sidecar.circuit import CircuitBreaker
@@ -320,6 +321,32 @@ listeners:
     [listener] = parse_config(text, source="b.yaml").inbound
     assert (refusal_reason(listener, A, "127.0.0.1:8080") is None) is allowed
     assert allowed_nowhere(listener, A) is not allowed
+
+
+def test_a_policies_key_with_no_value_is_refused() -> None:
+    """``policies:`` whose entries are all commented out is YAML null: it was read as no
+    key at all, so every verified peer got in (a policy failing open)."""
+    from quicmesh.sidecar.config import parse_config
+
+    text = f"""
+node: {{name: b, identity: "{B}"}}
+tls: {{ca_dir: ca}}
+admin: {{address: "127.0.0.1:15000"}}
+listeners:
+  inbound:
+    - name: mesh
+      address: 127.0.0.1:15008
+      transports: [quic]
+      destinations: ["127.0.0.1:8080"]
+      policies:
+      # - identity: "{A}"
+      #   destinations: ["127.0.0.1:8080"]
+"""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text, source="b.yaml")
+    message = str(refused.value)
+    assert message.startswith("b.yaml: listeners.inbound[0].policies: has no value"), message
+    assert "\n" not in message
 
 
 # -- admin, access log, metrics ----------------------------------------------------------
