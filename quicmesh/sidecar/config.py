@@ -537,6 +537,12 @@ def load_endpoints_document(path: str | Path) -> EndpointsDocument:
     path = Path(path)
     text = read_config_text(path, "cannot read endpoints file")
     document = _parse_yaml(text, str(path))
+    if document is None:
+        # An empty file is what a rewrite in place looks like halfway (or a truncation):
+        # read as no endpoints, it dropped every one of a running cluster's.
+        raise ConfigError(
+            f"{path}: the endpoints file is empty: write [] for a cluster with no endpoints"
+        )
     node = _Field(str(path), "", document)
     services: tuple[Address, ...] = ()
     if isinstance(document, Mapping):

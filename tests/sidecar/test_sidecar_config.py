@@ -305,6 +305,14 @@ def test_endpoints_file(tmp_path: Path) -> None:
         load_config(tmp_path / "s.yaml")
     assert str(raised.value).startswith(f"{tmp_path / 's.yaml'}: clusters[0].endpoints_file: ")
     assert "eps.yaml: endpoints[0]: port 0 is outside" in str(raised.value)
+    # An empty file (a rewrite in place seen halfway) is refused, not read as no
+    # endpoints (a running cluster lost all of them); [] says none.
+    for empty in ("", "# being rewritten\n"):
+        (tmp_path / "eps.yaml").write_text(empty)
+        with pytest.raises(ConfigError, match=r"eps.yaml: the endpoints file is empty: write \[\]"):
+            load_endpoints_file(tmp_path / "eps.yaml")
+    (tmp_path / "eps.yaml").write_text("[]\n")
+    assert load_endpoints_file(tmp_path / "eps.yaml") == ()
     (tmp_path / "eps.yaml").unlink()
     with pytest.raises(ConfigError, match=r"s.yaml: clusters\[0\].endpoints_file: .*eps.yaml"):
         load_config(tmp_path / "s.yaml")
