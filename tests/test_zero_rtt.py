@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from quic_helpers import (
 
 from quicmesh import ConfigError, QuicTransport, TunnelError
 from quicmesh.bench.relay import UdpRelay
+from quicmesh.transport import tickets
 from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
 from quicmesh.transport.stream import MeshStream
 from quicmesh.transport.tickets import IssuedTicket, TicketCache, TicketStore
@@ -503,6 +505,23 @@ def test_ticket_cache_persists_to_a_file(tmp_path: Path) -> None:
     assert TicketCache(path).count(("10.0.0.1", 443)) == 0  # only costs a full handshake
     path.write_text("")
     assert TicketCache(path).count(("10.0.0.1", 443)) == 0
+    # Entries a hand (or another version) wrote wrong are dropped the same way, not
+    # raised at start (an AssertionError) or at the first flow (a time without offset).
+    good = tickets._ticket_to_json(tickets.CachedTicket(_ticket(b"one"), "spiffe://x/server"))
+    path.write_text(json.dumps({"10.0.0.1:443": [good]}))
+    assert TicketCache(path).count(("10.0.0.1", 443)) == 1
+    saved = {"10.0.0.1:443": [good]}
+    for key, wrong in [
+        ("other_extensions", "x"),
+        ("not_valid_after", "2030-01-01T00:00:00"),
+        ("server_name", 7),
+        ("max_early_data_size", "lots"),
+    ]:
+        entry = {**saved["10.0.0.1:443"][0], key: wrong}
+        path.write_text(json.dumps({"10.0.0.1:443": [entry]}))
+        cache = TicketCache(path)
+        assert cache.count(("10.0.0.1", 443)) == 0, key
+        assert cache.take(("10.0.0.1", 443)) is None
 
 
 def test_a_file_that_is_not_a_ticket_cache_is_refused_not_overwritten(tmp_path: Path) -> None:

@@ -245,17 +245,35 @@ def _ticket_to_json(entry: CachedTicket) -> dict[str, object]:
 
 
 def _ticket_from_json(data: dict[str, object]) -> CachedTicket:
+    """One saved ticket; ValueError (or KeyError, TypeError) for an entry this version
+    cannot read: :meth:`TicketCache._load` then drops them all (a full handshake)."""
     extensions = data["other_extensions"]
-    assert isinstance(extensions, list)
+    if not isinstance(extensions, list):
+        raise ValueError("other_extensions is not a list")
+    server_name = data["server_name"]
+    early = data["max_early_data_size"]
+    if server_name is not None and not isinstance(server_name, str):
+        raise ValueError("server_name is not a string")
+    if early is not None and (not isinstance(early, int) or isinstance(early, bool)):
+        raise ValueError("max_early_data_size is not an integer")
     ticket = SessionTicket(
         age_add=int(str(data["age_add"])),
         cipher_suite=CipherSuite(int(str(data["cipher_suite"]))),
-        not_valid_after=datetime.datetime.fromisoformat(str(data["not_valid_after"])),
-        not_valid_before=datetime.datetime.fromisoformat(str(data["not_valid_before"])),
+        not_valid_after=_aware_time(data["not_valid_after"]),
+        not_valid_before=_aware_time(data["not_valid_before"]),
         resumption_secret=bytes.fromhex(str(data["resumption_secret"])),
-        server_name=data["server_name"],  # type: ignore[arg-type]
+        server_name=server_name,  # type: ignore[arg-type]  # (None: no SNI was sent)
         ticket=bytes.fromhex(str(data["ticket"])),
-        max_early_data_size=data["max_early_data_size"],  # type: ignore[arg-type]
+        max_early_data_size=early,
         other_extensions=[(int(kind), bytes.fromhex(value)) for kind, value in extensions],
     )
     return CachedTicket(ticket, str(data["identity"]))
+
+
+def _aware_time(value: object) -> datetime.datetime:
+    """An ISO 8601 time with its UTC offset, as :func:`_ticket_to_json` writes it (one
+    without could not be compared with the clock: the first flow failed)."""
+    moment = datetime.datetime.fromisoformat(str(value))
+    if moment.tzinfo is None:
+        raise ValueError(f"{value!r} has no UTC offset")
+    return moment
