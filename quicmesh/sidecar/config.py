@@ -29,6 +29,7 @@ import yaml
 from .. import duration
 from ..congestion.host import default_congestion_control
 from ..errors import ConfigError, InvalidTarget
+from ..tls.ca import CA_CERT_FILE, CA_KEY_FILE
 from ..transport.base import (
     ACK_ELICITING_THRESHOLD_MAX,
     DEFAULT_ACK_ELICITING_THRESHOLD,
@@ -699,6 +700,22 @@ def check_files(config: SidecarConfig) -> None:
         for i, listener in enumerate(config.inbound)
     ]
     claimed: dict[Path, str] = {Path(config.source).resolve(): "the configuration itself"}
+    # Files the sidecar reads its identity from: never written to (an access log on the
+    # private key appended flow records to it) nor taken as a reset key.
+    tls = config.tls
+    read: list[tuple[str, str | None]] = [
+        ("tls.cert", tls.cert),
+        ("tls.key", tls.key),
+        ("tls.trust_bundle", tls.trust_bundle),
+    ]
+    if tls.ca_dir is not None:
+        read += [
+            (f"tls.ca_dir's {name}", str(Path(tls.ca_dir) / name))
+            for name in (CA_CERT_FILE, CA_KEY_FILE)
+        ]
+    for key, path in read:
+        if path is not None:
+            claimed.setdefault(Path(path).resolve(), key)
     for key, path, access in written:
         if path is None or path == "-":
             continue

@@ -216,6 +216,19 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
         ),
         (("tls", "trust_bundle"), "missing.pem", ".yaml: tls.trust_bundle: "),
         (("tls", "key"), "missing.key", ".yaml: tls.cert, tls.key: "),
+        # The identity's files are never written nor taken as a reset key (flow records
+        # were appended to the private key).
+        (("access_log", "path"), "b.key", "b.key is also tls.key"),
+        (
+            ("tls", "ticket_cache"),
+            "bundle.pem",
+            "bundle.pem is also tls.trust_bundle",
+        ),
+        (
+            ("listeners", "inbound", 0, "stateless_reset_key"),
+            "b.crt",
+            "b.crt is also tls.cert",
+        ),
     ],
 )
 def test_bad_files_fail_check_and_start_in_one_line_naming_the_key(
