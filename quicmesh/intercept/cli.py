@@ -46,6 +46,21 @@ def _typed(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
+def _some(parse: Callable[[str], tuple[T, ...]]) -> Callable[[str], tuple[T, ...]]:
+    """An ``--include-*`` list that may not be empty: left out it means "all", and an
+    empty value (an unset shell variable) would mean the same, the opposite of what a
+    list of nothing says (Istio's istio-iptables captures nothing then)."""
+
+    def parse_some(text: str) -> tuple[T, ...]:
+        items = parse(text)
+        if not items:
+            raise ValueError("lists nothing: leave the option out to capture all")
+        return items
+
+    parse_some.__name__ = parse.__name__
+    return parse_some
+
+
 def _port(text: str) -> int:
     ranges = parse_port_ranges(text)
     if len(ranges) != 1 or ranges[0][0] != ranges[0][1]:
@@ -118,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument(
         "--include-cidrs",
-        type=_typed(parse_cidrs),
+        type=_typed(_some(parse_cidrs)),
         default=(),
         metavar="CIDRS",
         help="capture outbound traffic only to these destinations (default: all)",
@@ -132,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument(
         "--include-ports",
-        type=_typed(parse_port_ranges),
+        type=_typed(_some(parse_port_ranges)),
         default=(),
         metavar="PORTS",
         help="capture outbound traffic only to these destination ports (default: all)",
@@ -146,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument(
         "--inbound-ports",
-        type=_typed(parse_port_ranges),
+        type=_typed(_some(parse_port_ranges)),
         default=(),
         metavar="PORTS",
         help="capture inbound traffic only to these local ports (default: all)",

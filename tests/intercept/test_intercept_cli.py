@@ -85,6 +85,10 @@ def test_dry_run_prints_the_script_without_privileges() -> None:
         (["install", "--include-cidrs", "nope"], "'nope' is not an IP address or CIDR block"),
         (["install", "--outbound-port", "15006"], "must differ"),
         (["install", "--proxy-uid", "", "--proxy-gid", ""], "would loop"),
+        # An empty include list (an unset shell variable) captured everything.
+        (["install", "--include-cidrs", ""], "--include-cidrs: lists nothing"),
+        (["install", "--include-ports", ",,"], "--include-ports: lists nothing"),
+        (["install", "--inbound-ports", ""], "--inbound-ports: lists nothing"),
         (["frobnicate"], "invalid choice"),
     ],
 )
