@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -59,7 +60,7 @@ def load_identity(config: SidecarConfig) -> tuple[Identity, TrustBundle]:
     if tls.ca_dir is not None:
         ca = _named(source, "tls.ca_dir", DevCA.load, tls.ca_dir)
         try:
-            identity = ca.issue(config.node.identity, _lifetime(config), not_before=_start())
+            identity = _issue(ca, config)
         except ValueError as exc:
             raise ConfigError(f"{source}: node.identity: {exc}") from None
         return identity, ca.trust_bundle
@@ -92,11 +93,20 @@ def _lifetime(config: SidecarConfig) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def _start() -> datetime.datetime:
-    # A second before now (X.509 keeps whole seconds), for peers whose clock is a
-    # little behind, but no more: a short-lived certificate must not be mostly past.
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    return now - datetime.timedelta(seconds=1)
+def _issue(ca: DevCA, config: SidecarConfig) -> Identity:
+    """Our certificate from the dev CA: valid from a second before now, for peers whose
+    clock is a little behind, but no more (a short-lived certificate must not be mostly
+    past), until at least ``certificate_lifetime`` from now. X.509 keeps whole seconds:
+    the end is rounded up, not down (a 1 s certificate was valid for anything between
+    0 and 1 s, and renewed two thirds into that: 31 rotations in 5 s)."""
+    now = datetime.datetime.now(datetime.UTC)
+    start = now.replace(microsecond=0) - datetime.timedelta(seconds=1)
+    end = math.ceil(now.timestamp() + config.tls.certificate_lifetime)
+    return ca.issue(
+        config.node.identity,
+        not_before=start,
+        not_after=datetime.datetime.fromtimestamp(end, datetime.UTC),
+    )
 
 
 class CertificateSource:
@@ -222,9 +232,7 @@ class CertificateSource:
         assert tls.ca_dir is not None
         try:
             ca = DevCA.load(tls.ca_dir)
-            identity = ca.issue(
-                self.config.node.identity, _lifetime(self.config), not_before=_start()
-            )
+            identity = _issue(ca, self.config)
         except (QuicmeshError, ValueError) as exc:
             self.failures += 1
             logger.error("cannot renew the certificate from %s: %s", tls.ca_dir, exc)

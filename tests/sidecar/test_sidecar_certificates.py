@@ -56,6 +56,37 @@ def test_renewal_is_two_thirds_into_the_lifetime() -> None:
     assert renewal_time(identity) == start + datetime.timedelta(hours=2)
 
 
+def test_a_short_lifetime_is_counted_from_now_and_renewed_two_thirds_into_it(
+    tmp_path: Path,
+) -> None:
+    """X.509 keeps whole seconds: a certificate for ``certificate_lifetime: 1s`` ended
+    anywhere from 0 to 1 s after it was issued (the end rounded down), and two thirds
+    into that it was renewed: 31 rotations in 5 s. It is valid for the whole lifetime."""
+    from quicmesh.sidecar.certs import CertificateSource, load_identity
+    from quicmesh.sidecar.config import parse_config
+
+    DevCA().save(tmp_path / "ca")
+    for lifetime in (1.0, 1.5, 2.0):
+        config = parse_config(
+            f"node: {{name: a, identity: '{IDENTITY_A}'}}\n"
+            f"tls: {{ca_dir: ca, certificate_lifetime: {lifetime}s}}\n"
+            "admin: {address: '127.0.0.1:15000'}\n"
+            "listeners: {inbound: [{name: m, address: '127.0.0.1:15008', transports: [quic],"
+            " destinations: ['127.0.0.1:80']}]}\n",
+            source="a.yaml",
+            base_dir=tmp_path,
+        )
+        before = datetime.datetime.now(datetime.UTC)
+        identity, trust = load_identity(config)
+        after = datetime.datetime.now(datetime.UTC)
+        not_after = identity.certificate.not_valid_after_utc
+        assert before + datetime.timedelta(seconds=lifetime) <= not_after
+        assert not_after <= after + datetime.timedelta(seconds=lifetime + 1)
+        renewal = CertificateSource(config, identity, trust).next_renewal()
+        assert renewal is not None
+        assert renewal >= before + datetime.timedelta(seconds=lifetime * 2 / 3)
+
+
 def test_handshake_failure_reasons_name_the_side() -> None:
     from quicmesh.errors import ConnectError, PeerVerificationError
 
