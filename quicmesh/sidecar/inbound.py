@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from ..errors import QuicmeshError, TunnelError, peer_text
+from ..errors import ConfigError, QuicmeshError, TunnelError, peer_text
 from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
@@ -39,6 +39,7 @@ from .config import Address, InboundListenerConfig, format_address, ip_address_o
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .overload import (
     LOOP_LAG_TICK,
+    STOP_ACCEPTING,
     OverloadManager,
     StreamRateGovernor,
     default_max_descriptors,
@@ -264,8 +265,11 @@ class InboundListener:
     async def start(self) -> None:
         """Listen on the address with every transport.
 
-        :raises QuicmeshError: an address cannot be bound (listeners already open are closed).
+        :raises QuicmeshError: an address cannot be bound (listeners already open are
+            closed); :class:`~quicmesh.errors.ConfigError`: the sidecar is over an
+            overload limit already.
         """
+        self._check_overload_limits()
         try:
             for name in self.config.transports:
                 transport = inbound_transport(
@@ -288,6 +292,23 @@ class InboundListener:
         self._sampler = loop.create_task(self._sample_every_second())
         if self.governor.max_lag > 0:
             self._schedule_lag_probe(loop, loop.time())
+
+    def _check_overload_limits(self) -> None:
+        """Refuse a memory or descriptor limit the sidecar is over already: every stream
+        would be refused (``overload_max_rss: 1`` passed ``--check`` and ran so)."""
+        rss, descriptors = measure()
+        overload = self.overload
+        over = None
+        if overload.max_rss and rss >= overload.max_rss * STOP_ACCEPTING:
+            over = f"overload_max_rss ({overload.max_rss // MIB} MiB)", f"{rss / MIB:.0f} MiB"
+        elif descriptors >= overload.max_descriptors * STOP_ACCEPTING:
+            limit = f"overload_max_descriptors ({overload.max_descriptors})"
+            over = limit, f"{descriptors} descriptors"
+        if over is not None:
+            raise ConfigError(
+                f"{over[0]} is below what the sidecar uses already ({over[1]}; streams are "
+                f"refused from {STOP_ACCEPTING:.0%} of it)"
+            )
 
     def _schedule_lag_probe(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         # The time it is due is kept here: uvloop's call_at() of a time already

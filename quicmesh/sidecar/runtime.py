@@ -422,7 +422,10 @@ class Sidecar:
                         self._log_flow,
                         self.own_addresses,
                     )
-                    await in_listener.start()
+                    try:
+                        await in_listener.start()
+                    except QuicmeshError as exc:
+                        raise QuicmeshError(f"listener {inb.name}: {exc}") from None
                     started_in.append(in_listener)
         except BaseException:
             for listener in started_out:

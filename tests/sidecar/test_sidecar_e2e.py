@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
+from quicmesh.tls import DevCA
 
 from .conftest import (
     IDENTITY_B,
@@ -272,6 +273,49 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
         f"quicmesh sidecar: {path}: clusters[0].endpoints[1]: port 70000 is outside 1-65535"
     )
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("limit", "said"),
+    [
+        ({"overload_max_rss": 1}, "overload_max_rss (1 MiB) is below what the sidecar uses"),
+        ({"overload_max_descriptors": 3}, "overload_max_descriptors (3) is below what the"),
+    ],
+)
+def test_an_overload_limit_the_sidecar_is_over_already_is_refused_at_start(
+    tmp_path: Path, limit: dict[str, int], said: str
+) -> None:
+    """A limit below what the sidecar uses at start refused every stream while /ready
+    said ready; the start now fails in one line naming the listener and the key."""
+    DevCA().save(tmp_path / "ca")
+    path = tmp_path / "sidecar.yaml"
+    inbound = {
+        "name": "mesh",
+        "address": f"127.0.0.1:{free_port()}",
+        "transports": ["quic"],
+        "destinations": ["127.0.0.1:9"],
+        **limit,
+    }
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"name": "b", "identity": "spiffe://mesh.local/b"},
+                "tls": {"ca_dir": str(tmp_path / "ca")},
+                "admin": {"address": f"127.0.0.1:{free_port()}"},
+                "listeners": {"inbound": [inbound]},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("quicmesh sidecar:")]
+    assert line.startswith("quicmesh sidecar: listener mesh: ") and said in line, line
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("transport", ["quic", "h2"])
