@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -210,8 +211,19 @@ class AdminServer:
         ]
         if response.allow:
             headers.append(("allow", response.allow))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+        answer = h11.Response(
+            status_code=response.status, headers=headers, reason=_reason(response.status)
+        )
+        writer.write(conn.send(answer) or b"")
         if method != "HEAD":
             writer.write(conn.send(h11.Data(data=response.body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
+
+
+def _reason(status: int) -> bytes:
+    """The status line's reason phrase (h11 sends none unless given one)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

@@ -432,6 +432,8 @@ def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: by
 
     answer = asyncio.run(main())
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert status_line.split(b" ", 2)[2].strip(), status_line  # a reason phrase (h11: none)
     if status == b"405":
         assert b"\r\nallow: GET, HEAD\r\n" in answer
 
