@@ -29,11 +29,14 @@ def validate_spiffe_id(value: str) -> str:
 
     :param value: the candidate, e.g. ``"spiffe://mesh.local/ns/default/sa/reviews"``.
     :returns: ``value``, known to be a valid SPIFFE ID.
-    :raises ValueError: ``invalid SPIFFE ID '<value>': <why>``.
+    :raises ValueError: ``invalid SPIFFE ID '<value>': <why>`` (the value cut at 100
+        characters).
     """
     reason = _spiffe_id_problem(value)
     if reason is not None:
-        raise ValueError(f"invalid SPIFFE ID {value!r}: {reason}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 100 else f"{shown[:100]}..."
+        raise ValueError(f"invalid SPIFFE ID {shown}: {reason}")
     return value
 
 
