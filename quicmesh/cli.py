@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--xds",
         action="store_true",
-        help="drive both sidecars from an ADS server and change clusters, endpoints and "
+        help="drive both sidecars from an ADS server and change clusters (quic and h2), "
+        "endpoints and "
         "certificates under load",
     )
     # The passthrough subcommands: main() hands their arguments to their own parsers.
@@ -125,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.command == "demo" and args.xds:
+        # The xDS demo switches its cluster between quic and h2 and keeps the
+        # congestion control of its control plane's clusters: say so, not ignore them.
+        if args.transport == "tcp":
+            return _fail("quicmesh demo: --xds switches between quic and h2: not --transport tcp")
+        if args.congestion_control is not None:
+            return _fail("quicmesh demo: --congestion-control does not apply to --xds")
     if passthrough is not None:
         args.args = passthrough
     level = logging.WARNING - 10 * args.verbose

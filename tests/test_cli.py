@@ -110,6 +110,9 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["demo", "--xds", "--duration", "nan"], "--duration seconds within 0-86400"),
         (["demo", "--duration", "inf"], "--duration seconds within 0-86400"),
         (["demo", "--congestion-control", "vegas"], "invalid choice"),
+        # The xDS demo ran h2 for tcp and ignored the congestion control, silently.
+        (["demo", "--xds", "--transport", "tcp"], "--xds switches between quic and h2"),
+        (["demo", "--xds", "--congestion-control", "reno"], "does not apply to --xds"),
         (["sidecar"], "-c/--config"),
         (["fuzz", "--seconds", "-1"], "quicmesh fuzz: --seconds must be at least 1, not -1"),
         (["fuzz", "--target", "nope"], "quicmesh fuzz: argument --target: invalid choice"),

@@ -129,7 +129,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
         ]
     server.set_resources(LISTENER_TYPE, inbound, "1", node="b")
     server.set_resources(CLUSTER_TYPE, [], "1", node="b")
-    first = args.transport if args.transport != "tcp" else "h2"
+    first = args.transport  # quic or h2 (the command line refuses tcp with --xds)
     other = "quic" if first == "h2" else "h2"
     _push_a(server, "1", first, ports["out"], ports["b1"], echo)
     a = _sidecar("a", IDENTITY_A, workdir / "ca", workdir, server)
