@@ -76,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--xds",
         action="store_true",
         help="drive both sidecars from an ADS server and change clusters (quic and h2), "
-        "endpoints and "
-        "certificates under load",
+        "endpoints and certificates under load",
     )
     # The passthrough subcommands: main() hands their arguments to their own parsers.
     sub.add_parser(
