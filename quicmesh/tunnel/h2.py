@@ -21,13 +21,15 @@ Two things h2 leaves to its user are done here:
   :data:`SEND_QUANTUM` bytes per stream per turn and within h2's flow-control
   windows, so a stream with a few bytes never waits behind another's megabytes.
 
-- **Graceful GOAWAY** (client): h2 takes any GOAWAY it reads for the connection's
-  end and refuses to send anything after it, so the streams a server's graceful
-  GOAWAY lets finish (RFC 9113 6.8) died with their connection. The peer's GOAWAY
-  frames with NO_ERROR are taken out before h2 reads them (:class:`_GracefulGoaways`,
-  frame headers only): the connection takes no new stream
+- **Graceful GOAWAY**: h2 takes any GOAWAY it reads for the connection's end and
+  refuses to send anything after it, so the streams a graceful GOAWAY lets finish
+  (RFC 9113 6.8) died with their connection. The peer's GOAWAY frames with NO_ERROR
+  are taken out before h2 reads them (:class:`_GracefulGoaways`, frame headers
+  only). A client then takes no new stream on the connection
   (:class:`~quicmesh.tunnel.events.PeerGoingAway`), streams up to the GOAWAY's last
   stream ID carry on, later ones are reset as not processed (REFUSED_STREAM). A
+  server reads nothing more in a client's (it names server-initiated streams, which
+  we never open): the client's streams carry on until it closes the connection. A
   server sends one the same way, past h2 (:meth:`H2TunnelSession.go_away`).
 
 Header blocks are validated by h2 (RFC 9113 rules: pseudo-header order and set,
@@ -370,15 +372,17 @@ class H2TunnelSession(TunnelSession):
         """True once the peer's SETTINGS arrived: its preface is in and it accepted us."""
         self.closed = False
         """True once the connection is closed (GOAWAY sent or received, or a protocol error)."""
-        self._goaways = (
-            _GracefulGoaways(max_frame_size=self.h2.local_settings.max_frame_size)
-            if is_client
-            else None
+        # Both sides: a client's graceful GOAWAY names the last stream *we* may open
+        # (a push; we never push), so its own streams carry on, which h2 did not let them.
+        self._goaways = _GracefulGoaways(
+            max_frame_size=self.h2.local_settings.max_frame_size, preface=not is_client
         )
         self.peer_last_stream: int | None = None
         """(client) The last stream ID of the peer's graceful GOAWAY: streams up to it
         carry on, no new one opens; None until one came."""
         self._peer_goaway_reason = ""
+        self._peer_sent_goaway = False
+        """A graceful GOAWAY came (its debug data in ``_peer_goaway_reason``)."""
         self.goaway_last_stream: int | None = None
         """(server) The last stream ID our graceful GOAWAY named: later requests are
         refused unprocessed; None until :meth:`go_away`."""
@@ -430,9 +434,7 @@ class H2TunnelSession(TunnelSession):
         """
         if self.closed:
             return []
-        goaways: list[tuple[int, bytes]] = []
-        if self._goaways is not None:
-            data, goaways = self._goaways.feed(data)
+        data, goaways = self._goaways.feed(data)
         try:
             h2_events = self.h2.receive_data(data) if data else []
         except h2.exceptions.ProtocolError as exc:
@@ -452,7 +454,13 @@ class H2TunnelSession(TunnelSession):
 
     def _on_graceful_goaway(self, last: int, debug: bytes) -> list[events.TunnelEvent]:
         """The peer's GOAWAY with NO_ERROR: no new stream; ours past ``last`` were not
-        processed (RFC 9113 6.8), the others carry on. Its last stream ID may only fall."""
+        processed (RFC 9113 6.8), the others carry on. Its last stream ID may only fall.
+        A client's names server-initiated streams, which we never open: its own streams
+        carry on (it closes the connection once they are done), nothing to report."""
+        if not self.is_client:
+            self._peer_goaway_reason = peer_text(debug) or self._peer_goaway_reason
+            self._peer_sent_goaway = True
+            return []
         if self.peer_last_stream is not None and last > self.peer_last_stream:
             return self._close_with(
                 ErrorCodes.PROTOCOL_ERROR,
@@ -460,6 +468,7 @@ class H2TunnelSession(TunnelSession):
                 f"from {self.peer_last_stream} to {last}",
             )
         self.peer_last_stream = last
+        self._peer_sent_goaway = True
         said = peer_text(debug)
         self._peer_goaway_reason = said or self._peer_goaway_reason
         why = f"not processed: the peer is going away (GOAWAY, last stream {last}" + (
@@ -488,7 +497,7 @@ class H2TunnelSession(TunnelSession):
         if self.closed:
             return []
         self._close_all()
-        if self.peer_last_stream is not None:
+        if self._peer_sent_goaway:
             reason = self._peer_goaway_reason or "peer closed the connection after its GOAWAY"
             return [events.ConnectionTerminated(0, reason)]
         return [events.ConnectionTerminated(0, "peer closed the connection without GOAWAY")]

@@ -229,7 +229,9 @@ def test_close_sends_goaway() -> None:
     client, server = connected_pair()
     client.close("bye")
     _, server_events = exchange(client, server)
-    assert server_events == [events.ConnectionTerminated(0, "bye")]
+    # A client's graceful GOAWAY leaves its streams to finish: the end is its close.
+    assert server_events == []
+    assert server.receive_eof() == [events.ConnectionTerminated(0, "bye")]
     assert client.finished and server.finished
 
 
@@ -615,6 +617,25 @@ def test_a_goaway_naming_the_largest_stream_id_is_a_notice_that_refuses_nothing(
     got = client.receive_data(_goaway(2**31 - 1))
     assert got == [events.PeerGoingAway(2**31, notice=True)]
     assert client.receive_data(_goaway(kept)) == [events.PeerGoingAway(kept + 1)]
+
+
+def test_a_clients_graceful_goaway_lets_its_streams_carry_on() -> None:
+    """A client's GOAWAY names the last stream the server may open (pushes, which we
+    never open): its own streams carry on (RFC 9113 6.8). h2 took it for the end of
+    the connection and the server's streams died with it."""
+    client, server = connected_pair()
+    kept = open_tunnel(client, server)
+    assert server.receive_data(_goaway(0)) == []
+    assert not server.closed
+    client.send_data(kept, b"ping", end_stream=True)
+    _, server_events = exchange(client, server)
+    assert payload_of(server_events, kept) == b"ping" and ended(server_events, kept)
+    server.send_data(kept, b"pong", end_stream=True)
+    client_events, _ = exchange(client, server)
+    assert payload_of(client_events, kept) == b"pong" and ended(client_events, kept)
+    # An error GOAWAY still ends the connection, as before.
+    (terminated,) = server.receive_data(_goaway(0, code=ErrorCodes.INTERNAL_ERROR))
+    assert isinstance(terminated, events.ConnectionTerminated) and server.closed
 
 
 def test_a_goaway_that_raises_its_last_stream_id_closes_the_connection() -> None:
