@@ -120,6 +120,7 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     key = _filename(certificate.tls_certificate.private_key, certificate.name, base_dir)
     bundle = _filename(validation.validation_context.trusted_ca, validation.name, base_dir)
     identity = _identity_of(cert, f"Secret {certificate.name!r}.tls_certificate.certificate_chain")
+    _check_secret_files(certificate.name, cert, key, validation.name, bundle)
     mapped = map_resources(resources)
     if mapped.warming and xds is None:
         name = mapped.warming[0]
@@ -208,6 +209,29 @@ def _filename(source: Any, secret: str, base_dir: Path) -> str:
             f"{where}: give certificates as filename data sources (they are watched for changes)"
         )
     return str(base_dir / str(source.filename))
+
+
+def _check_secret_files(
+    certificate: str, cert_path: str, key_path: str, validation: str, bundle_path: str
+) -> None:
+    """Load the key with its certificate, and the trust bundle, as the sidecar will
+    (:func:`~quicmesh.sidecar.certs.load_identity`), so that what is wrong with them is
+    named by the bootstrap's fields, not by quicmesh's YAML keys (``tls.key``).
+
+    :raises MappingError: naming the Secret's field, the file and the problem.
+    """
+    from ..tls import Identity, TrustBundle
+    from .mapping import MappingError
+
+    where = f"Secret {certificate!r}.tls_certificate.certificate_chain, .private_key"
+    try:
+        Identity.from_files(cert_path, key_path)
+    except ConfigError as exc:  # (the message names the file)
+        raise MappingError(f"{where}: {exc}") from None
+    try:
+        TrustBundle.from_file(bundle_path)
+    except ConfigError as exc:
+        raise MappingError(f"Secret {validation!r}.validation_context.trusted_ca: {exc}") from None
 
 
 def _identity_of(cert_path: str, where: str) -> str:

@@ -482,6 +482,24 @@ def test_a_missing_certificate_file_names_the_secret(tmp_path: Path) -> None:
     assert "cert.pem" in lines[0]
 
 
+@pytest.mark.parametrize("broken", ["key", "bundle"])
+def test_a_bad_key_or_trust_bundle_names_the_secrets_field(tmp_path: Path, broken: str) -> None:
+    """A private key that does not match, or a missing trusted CA file, was named by
+    quicmesh's YAML keys (``tls.cert, tls.key``, ``tls.trust_bundle``), not in the file."""
+    path = write_bootstrap(tmp_path)
+    if broken == "key":
+        DevCA().issue(IDENTITY).save(tmp_path / "other.pem", tmp_path / "key.pem")
+        field = "Secret 'default'.tls_certificate.certificate_chain, .private_key: "
+    else:
+        (tmp_path / "ca.pem").unlink()
+        field = "Secret 'ROOTCA'.validation_context.trusted_ca: "
+    result = _check(path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{path}: {field}" in line, line
+    assert "tls." not in line, line
+
+
 def test_envoy_bootstrap_with_expired_certificate_fails_check(tmp_path: Path) -> None:
     path = write_bootstrap(tmp_path)
     ca = DevCA()
