@@ -114,6 +114,7 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["demo", "--xds", "--transport", "tcp"], "--xds switches between quic and h2"),
         (["demo", "--xds", "--congestion-control", "reno"], "does not apply to --xds"),
         (["sidecar"], "-c/--config"),
+        (["sidecar", "-c", ""], "argument -c/--config: the path is empty"),
         (["fuzz", "--seconds", "-1"], "quicmesh fuzz: --seconds must be at least 1, not -1"),
         (["fuzz", "--target", "nope"], "quicmesh fuzz: argument --target: invalid choice"),
         (["bench", "attack", "--probe", "nope"], "argument --probe: invalid choice"),

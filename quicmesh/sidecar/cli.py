@@ -26,6 +26,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _config_path(text: str) -> str:
+    """``-c``'s value: not empty (an unset shell variable; it was read as ``.``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh sidecar`` argument parser."""
     parser = _Parser(prog="quicmesh sidecar", description="Run a quicmesh sidecar proxy.")
@@ -33,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         required=True,
+        type=_config_path,
         help="the sidecar's YAML configuration, or an Envoy bootstrap (static_resources)",
     )
     parser.add_argument(
