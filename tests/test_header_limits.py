@@ -81,6 +81,34 @@ def test_bomb_is_refused_undecoded_and_the_connection_carries_on() -> None:
     assert not server.of(quic_events.ConnectionTerminated)
 
 
+def test_an_oversized_request_whose_peer_stopped_our_side_is_refused_quietly() -> None:
+    """A peer's STOP_SENDING before its request's header section grew too large ended
+    our side of the stream: the 431 answer cannot go out (aioquic raised RuntimeError
+    out of the session, and STOP_SENDING was never sent); the request is still refused
+    and the connection carries on."""
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    padding = [(f"x-pad-{i}".encode(), b"p" * 2000) for i in range(31)]
+    fields = [(b":method", b"CONNECT"), (b":authority", b"x.svc:80"), *padding]
+    _, block = pylsqpack.Encoder().encode(0, fields)
+    frame = b"\x01" + _varint(len(block)) + block
+    stream_id = client.quic.get_next_available_stream_id()
+    client.quic.send_stream_data(stream_id, frame[:1000])
+    client.quic.stop_stream(stream_id, 0x100)
+    client.quic.send_stream_data(stream_id, frame[1000:])
+    settle(client, server, clock)
+    rejected = [(e.stream_id, e.status) for e in server.of(events.RequestRejected)]
+    assert rejected == [(stream_id, 431)]
+    after = _request(client, [(b":method", b"CONNECT"), (b":authority", b"db.svc:5432")])
+    settle(client, server, clock)
+    assert _status(client, after) == "200"
+    assert not server.of(quic_events.ConnectionTerminated)
+
+
+def _varint(value: int) -> bytes:
+    return (0x80000000 | value).to_bytes(4, "big")
+
+
 def test_a_field_given_twice_is_refused_on_http3() -> None:
     clock = Clock()
     client, server = _raw_h3_client(clock)

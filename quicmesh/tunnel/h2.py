@@ -701,17 +701,24 @@ class H2TunnelSession(TunnelSession):
 
     def _on_malformed(self, event: _MalformedFieldSection) -> list[events.TunnelEvent]:
         """A malformed request is a refused one (400, for the handler's hook and the
-        access log; the stream was reset); a malformed answer ends our stream with that
-        reason, so that its opener does not wait for another."""
+        access log; the stream was reset); a malformed answer, or malformed trailers of
+        a flow under way, end the stream with that reason, so that its opener or its
+        handler does not wait for more."""
         stream_id = event.stream_id
         why = peer_text(event.reason)
+        self.h2.past_limit.discard(stream_id)  # (a request h2 never hands us)
+        code = int(ErrorCodes.PROTOCOL_ERROR)
+        if stream_id in self._streams:
+            # A flow under way (its trailers are malformed) or a client's stream waiting
+            # for its answer: it ends, with the reason.
+            answered = self._streams[stream_id].open  # (a server's: its request taken)
+            self._forget(stream_id)
+            side = "trailers are" if answered else "answer is"
+            reason = f"the peer's {side} malformed: {why}"
+            return [events.StreamReset(stream_id, code, reason=reason)]
         if not self.is_client:
             return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {why}")]
-        if stream_id not in self._streams:
-            return []
-        self._forget(stream_id)
-        reason = f"the peer's answer is malformed: {why}"
-        return [events.StreamReset(stream_id, int(ErrorCodes.PROTOCOL_ERROR), reason=reason)]
+        return []
 
     def _on_window_updated(self, stream_id: int | None) -> None:
         stream = self._streams.get(stream_id) if stream_id is not None else None

@@ -283,11 +283,13 @@ class H3TunnelSession(TunnelSession):
             return [events.StreamReset(stream_id, code, reason=reason)]
         reason = why or "request header section too large"
         if self._stream_is_open(stream_id):
-            # Static table only: valid whatever the peer's request left undecoded.
-            with contextlib.suppress(ValueError):
+            # Static table only: valid whatever the peer's request left undecoded. (Each
+            # may be refused: the peer's STOP_SENDING may have ended our side already.)
+            with contextlib.suppress(ValueError, RuntimeError, AssertionError):
                 self.quic.send_stream_data(
                     stream_id, _aioquic.connect_response_frame(431, reason), end_stream=True
                 )
+            with contextlib.suppress(ValueError, RuntimeError, AssertionError):
                 self.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
             self.scheduler.activate(stream_id)
         return [events.RequestRejected(stream_id, 431, reason)]
@@ -345,6 +347,10 @@ class H3TunnelSession(TunnelSession):
             elif isinstance(ev, _aioquic.MessageRejected):
                 # (The HTTP/3 layer reset it both ways already.)
                 said = peer_text(ev.reason)
+                record = self._streams.get(ev.stream_id)
+                if record is not None and record.headers_done and not record.aborted:
+                    result.extend(self._trailers_failed(ev.stream_id, said))
+                    continue
                 reason = f"the peer's answer is malformed: {said}" if self.is_client else said
                 result.extend(self._answer_failed(ev.stream_id, reason, reset=False))
         return result
@@ -367,6 +373,15 @@ class H3TunnelSession(TunnelSession):
         if not self.is_client:
             # A refused request, for the handler's hook and the access log.
             return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {reason}")]
+        return [events.StreamReset(stream_id, H3ErrorCode.H3_MESSAGE_ERROR, reason=reason)]
+
+    def _trailers_failed(self, stream_id: int, said: str) -> list[events.TunnelEvent]:
+        """Malformed trailers on a flow under way (its request or answer was taken): the
+        HTTP/3 layer reset the stream both ways; the flow ends with that reason."""
+        self._streams[stream_id].aborted = True
+        self.flow_control.forget(stream_id)
+        self.scheduler.activate(stream_id)  # the reset and STOP_SENDING go out now
+        reason = f"the peer's trailers are malformed: {said}"
         return [events.StreamReset(stream_id, H3ErrorCode.H3_MESSAGE_ERROR, reason=reason)]
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
@@ -430,8 +445,8 @@ class H3TunnelSession(TunnelSession):
             self.h3.send_headers(
                 stream_id, response_fields(status, reason), end_stream=status != 200
             )
-        except (H3Error, ValueError, AssertionError):
-            return
+        except (H3Error, ValueError, RuntimeError, AssertionError):
+            return  # (RuntimeError: aioquic's, for a side the peer's STOP_SENDING ended)
         self.scheduler.activate(stream_id)
         if status != 200:
             self.stop_reading(stream_id)

@@ -619,6 +619,25 @@ def test_a_goaway_naming_the_largest_stream_id_is_a_notice_that_refuses_nothing(
     assert client.receive_data(_goaway(kept)) == [events.PeerGoingAway(kept + 1)]
 
 
+def test_malformed_trailers_end_the_flow_they_belong_to() -> None:
+    """Trailers that break RFC 9113 8.1 (a pseudo-header) on a flow under way reset it,
+    and its handler hears why; it is no refused request (a 400 was logged for a flow
+    that had been accepted, and the handler waited for bytes that could not come)."""
+    raw, server = raw_client()
+    raw.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"x.svc:80")])
+    raw.send_data(1, b"hi")
+    got = server.receive_data(raw.data_to_send())
+    assert isinstance(got[0], events.StreamRequested) and payload_of(got, 1) == b"hi"
+    server.respond(1, 200)
+    raw.receive_data(server.data_to_send())
+    raw.send_headers(1, [(b":authority", b"y")], end_stream=True)
+    (reset,) = server.receive_data(raw.data_to_send())
+    assert isinstance(reset, events.StreamReset) and reset.stream_id == 1
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert reset.reason.startswith("the peer's trailers are malformed: "), reset.reason
+    assert not server._streams
+
+
 def test_a_clients_graceful_goaway_lets_its_streams_carry_on() -> None:
     """A client's GOAWAY names the last stream the server may open (pushes, which we
     never open): its own streams carry on (RFC 9113 6.8). h2 took it for the end of

@@ -57,10 +57,16 @@ class _Echo:
 
     def __init__(self) -> None:
         self.refused: list[tuple[int, str]] = []
+        self.reset: list[str] = []
+        """Why the flows the peer reset ended."""
 
     async def __call__(self, stream: MeshStream) -> None:
-        while data := await stream.read(65536):
-            stream.write(data)
+        try:
+            while data := await stream.read(65536):
+                stream.write(data)
+        except StreamReset as exc:
+            self.reset.append(str(exc))
+            return
         stream.write_eof()
 
     def rejected(self, connection: Any, status: int, reason: str) -> None:
@@ -113,6 +119,40 @@ def test_a_malformed_request_resets_its_stream_only(
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_malformed_trailers_end_their_flow_with_the_reason(engine: str) -> None:
+    """Trailers with a pseudo-header on a flow under way: the flow is reset and its
+    handler hears why (it heard nothing and the stream stayed, its slots held); no
+    refused request is reported for it."""
+    require_engine(engine)
+    echo = _Echo()
+
+    async def main() -> None:
+        listener, connection, held = await _a_held_flow(engine, echo)
+        session: Any = connection.session  # type: ignore[attr-defined]
+        stream_id = held.stream_id  # type: ignore[attr-defined]
+        session.h3.send_headers(stream_id, [(b":authority", b"y")], end_stream=True)
+        session.scheduler.activate(stream_id)
+        connection.transmit()  # type: ignore[attr-defined]
+        while not echo.reset:
+            await asyncio.sleep(0.01)
+        (accepted,) = listener.connections  # type: ignore[attr-defined]
+        while accepted._streams:
+            await asyncio.sleep(0.01)
+        fresh = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
+        fresh.write(b"new")
+        fresh.write_eof()
+        assert await asyncio.wait_for(fresh.read(), 5) == b"new"
+        await connection.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main(), timeout=20)
+    (reason,) = echo.reset
+    assert "the peer's trailers are malformed" in reason, reason
+    assert echo.refused == []
 
 
 def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
