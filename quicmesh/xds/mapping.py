@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -102,6 +102,9 @@ class MappedConfig:
     clusters: tuple[ClusterConfig, ...]
     warming: tuple[str, ...] = ()
     """Clusters (and the listeners using them) held back: no endpoints arrived yet."""
+    static_targets: Mapping[str, Target] = field(default_factory=dict)
+    """The CONNECT target listeners give a static cluster that had none (one no static
+    listener uses): :func:`with_static` gives it to that cluster."""
 
 
 # -- field checks ---------------------------------------------------------------
@@ -592,8 +595,9 @@ def map_resources(
             inbound.append(mapped)
     targets: dict[str, Target] = {}
     for out in outbound:
-        if out.config.cluster in static:
-            _check_static_target(out, static[out.config.cluster])
+        cluster_of = static.get(out.config.cluster)
+        if cluster_of is not None and cluster_of.target is not None:
+            _check_static_target(out, cluster_of)
             continue
         previous = targets.setdefault(out.config.cluster, out.target)
         if previous != out.target:
@@ -629,18 +633,19 @@ def map_resources(
         inbound=tuple(inbound),
         clusters=tuple(clusters.values()),
         warming=tuple(sorted(warming)),
+        static_targets={name: target for name, target in targets.items() if name in static},
     )
 
 
 def _check_static_target(out: _Outbound, cluster: ClusterConfig) -> None:
-    """A dynamic listener on a static cluster tunnels to that cluster's CONNECT target
-    (quicmesh keeps one a cluster; a static one is not changed over xDS)."""
+    """A dynamic listener on a static cluster with a CONNECT target (a static listener's)
+    tunnels to that target (quicmesh keeps one a cluster)."""
+    assert cluster.target is not None
     if cluster.target != out.target:
-        have = cluster.target.authority if cluster.target is not None else "none"
         raise MappingError(
             f"Listener {out.config.name!r}: tunneling_config.hostname "
-            f"{out.target.authority!r} differs from the CONNECT target ({have}) of static "
-            f"cluster {cluster.name!r}: quicmesh keeps one CONNECT target per cluster"
+            f"{out.target.authority!r} differs from {cluster.target.authority!r}, the CONNECT "
+            f"target of static cluster {cluster.name!r}: quicmesh keeps one per cluster"
         )
 
 
@@ -662,10 +667,16 @@ def with_static(static: MappedConfig, dynamic: MappedConfig) -> MappedConfig:
                     f"{kind} {item.name!r}: a static {kind.lower()} of the configuration "
                     "has that name (static resources are not replaced over xDS)"
                 )
+    clusters = tuple(
+        replace(cluster, target=dynamic.static_targets[cluster.name])
+        if cluster.target is None and cluster.name in dynamic.static_targets
+        else cluster
+        for cluster in static.clusters
+    )
     return MappedConfig(
         outbound=static.outbound + dynamic.outbound,
         inbound=static.inbound + dynamic.inbound,
-        clusters=static.clusters + dynamic.clusters,
+        clusters=clusters + dynamic.clusters,
         warming=dynamic.warming,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from quicmesh.tunnel.connect import parse_target
 from quicmesh.xds.bootstrap import parse_bootstrap
 from quicmesh.xds.mapping import (
     EnvoyResources,
+    MappedConfig,
     MappingError,
     map_cluster,
     map_listener,
     map_resources,
+    with_static,
 )
 from quicmesh.xds.resources import Cluster, ClusterLoadAssignment, Listener, parse_message
 from quicmesh.xds.testing.documents import (
@@ -93,8 +96,15 @@ def test_a_listener_may_use_a_static_cluster_with_its_connect_target() -> None:
     assert [o.cluster for o in mapped.outbound] == ["fixed"] and mapped.warming == ()
     assert mapped.clusters == ()  # (the static one is the file's to give: with_static)
     other = parse_message(outbound_listener_doc("out", 15001, "fixed", "h:1"), Listener, "t")
-    with pytest.raises(MappingError, match=r"differs from the CONNECT target .* 'fixed'"):
+    with pytest.raises(MappingError, match=r"CONNECT target of static cluster 'fixed'"):
         map_resources(EnvoyResources(listeners={"out": other}), static_clusters=[static])
+    # A static cluster no static listener uses has no target: the listeners give it one
+    # (Envoy's usual shape: static clusters, listeners from LDS).
+    bare = replace(static, target=None)
+    mapped = map_resources(EnvoyResources(listeners={"out": other}), static_clusters=[bare])
+    assert mapped.warming == () and [o.cluster for o in mapped.outbound] == ["fixed"]
+    merged = with_static(MappedConfig((), (), (bare,)), mapped)
+    assert [(c.name, c.target) for c in merged.clusters] == [("fixed", parse_target("h:1"))]
 
 
 def test_eds_cluster_warms_until_its_endpoints_arrive() -> None:
