@@ -265,11 +265,8 @@ class InboundListener:
     async def start(self) -> None:
         """Listen on the address with every transport.
 
-        :raises QuicmeshError: an address cannot be bound (listeners already open are
-            closed); :class:`~quicmesh.errors.ConfigError`: the sidecar is over an
-            overload limit already.
+        :raises QuicmeshError: an address cannot be bound (listeners already open are closed).
         """
-        self._check_overload_limits()
         try:
             for name in self.config.transports:
                 transport = inbound_transport(
@@ -293,15 +290,23 @@ class InboundListener:
         if self.governor.max_lag > 0:
             self._schedule_lag_probe(loop, loop.time())
 
-    def _check_overload_limits(self) -> None:
-        """Refuse a memory or descriptor limit the sidecar is over already: every stream
-        would be refused (``overload_max_rss: 1`` passed ``--check`` and ran so)."""
+    def check_overload_limits(self) -> None:
+        """(At the sidecar's start) Refuse a configured memory or descriptor limit the
+        sidecar is over already: every stream would be refused (``overload_max_rss: 1``
+        passed ``--check`` and ran so). Not on a reload: a busy sidecar may be over a
+        limit for a while, as the limit is meant to make it.
+
+        :raises ConfigError: naming the key, the limit and the use.
+        """
         rss, descriptors = measure()
-        overload = self.overload
+        config, overload = self.config, self.overload
         over = None
-        if overload.max_rss and rss >= overload.max_rss * STOP_ACCEPTING:
-            over = f"overload_max_rss ({overload.max_rss // MIB} MiB)", f"{rss / MIB:.0f} MiB"
-        elif descriptors >= overload.max_descriptors * STOP_ACCEPTING:
+        if config.overload_max_rss and rss >= overload.max_rss * STOP_ACCEPTING:  # type: ignore[operator]
+            over = f"overload_max_rss ({config.overload_max_rss} MiB)", f"{rss / MIB:.0f} MiB"
+        elif (
+            config.overload_max_descriptors
+            and descriptors >= overload.max_descriptors * STOP_ACCEPTING
+        ):
             limit = f"overload_max_descriptors ({overload.max_descriptors})"
             over = limit, f"{descriptors} descriptors"
         if over is not None:

@@ -249,6 +249,10 @@ class Sidecar:
             self.own_addresses,
         )
         try:
+            listener.check_overload_limits()
+        except ConfigError as exc:
+            raise ConfigError(f"listener {config.name}: {exc}") from None
+        try:
             await listener.start()
         except QuicmeshError as exc:
             raise QuicmeshError(f"listener {config.name}: {exc}") from None
@@ -422,10 +426,7 @@ class Sidecar:
                         self._log_flow,
                         self.own_addresses,
                     )
-                    try:
-                        await in_listener.start()
-                    except QuicmeshError as exc:
-                        raise QuicmeshError(f"listener {inb.name}: {exc}") from None
+                    await in_listener.start()
                     started_in.append(in_listener)
         except BaseException:
             for listener in started_out:
