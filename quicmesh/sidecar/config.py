@@ -530,17 +530,19 @@ def load_endpoints_file(path: str | Path) -> tuple[Address, ...]:
     return load_endpoints_document(path).endpoints
 
 
-def load_endpoints_document(path: str | Path) -> EndpointsDocument:
+def load_endpoints_document(path: str | Path, *, empty_ok: bool = False) -> EndpointsDocument:
     """Read an endpoints file, with the ``services`` (``ip:port``) of ``{endpoints, services}``.
 
+    :param empty_ok: an empty file (or only comments) is no endpoints, as when the
+        configuration is loaded (a file an agent has yet to fill); otherwise (a change
+        the watcher saw) it is refused: a rewrite in place looks so halfway, and it
+        dropped every endpoint of a running cluster.
     :raises ConfigError: naming the endpoints file, the entry and the problem.
     """
     path = Path(path)
     text = read_config_text(path, "cannot read endpoints file")
     document = _parse_yaml(text, str(path))
-    if document is None:
-        # An empty file is what a rewrite in place looks like halfway (or a truncation):
-        # read as no endpoints, it dropped every one of a running cluster's.
+    if document is None and not empty_ok:
         raise ConfigError(
             f"{path}: the endpoints file is empty: write [] for a cluster with no endpoints"
         )
@@ -699,7 +701,7 @@ def check_files(config: SidecarConfig) -> None:
         (f"listeners.inbound[{i}].stateless_reset_key", listener.stateless_reset_key, os.R_OK)
         for i, listener in enumerate(config.inbound)
     ]
-    claimed: dict[Path, str] = {Path(config.source).resolve(): "the configuration itself"}
+    claimed: dict[object, str] = {_file_key(Path(config.source)): "the configuration itself"}
     # Files the sidecar reads its identity from: never written to (an access log on the
     # private key appended flow records to it) nor taken as a reset key.
     tls = config.tls
@@ -715,12 +717,12 @@ def check_files(config: SidecarConfig) -> None:
         ]
     for key, path in read:
         if path is not None:
-            claimed.setdefault(Path(path).resolve(), key)
+            claimed.setdefault(_file_key(Path(path)), key)
     for key, path, access in written:
         if path is None or path == "-":
             continue
         target = Path(path)
-        other = claimed.setdefault(target.resolve(), key)
+        other = claimed.setdefault(_file_key(target), key)
         if other != key:
             raise ConfigError(f"{config.source}: {key}: {path} is also {other}")
         if target.is_dir():
@@ -738,6 +740,16 @@ def check_files(config: SidecarConfig) -> None:
         else:
             continue
         raise ConfigError(f"{config.source}: {key}: {problem}")
+
+
+def _file_key(path: Path) -> object:
+    """What tells two names of one file apart from two files: its device and inode where
+    it exists (a hard link, a symbolic one), else its resolved path."""
+    try:
+        status = path.stat()
+    except OSError:
+        return path.resolve()
+    return (status.st_dev, status.st_ino)
 
 
 def _short_key(path: Path) -> str:
@@ -1303,7 +1315,7 @@ class _Loader:
             field = node.child("endpoints_file")
             endpoints_file = self.path(field)
             try:
-                document = load_endpoints_document(endpoints_file)
+                document = load_endpoints_document(endpoints_file, empty_ok=True)
             except ConfigError as exc:  # (it names the endpoints file; add where it is given)
                 raise field.error(str(exc)) from None
             endpoints, file_services = document.endpoints, document.services

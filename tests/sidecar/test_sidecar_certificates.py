@@ -250,6 +250,7 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
         # The identity's files are never written nor taken as a reset key (flow records
         # were appended to the private key).
         (("access_log", "path"), "b.key", "b.key is also tls.key"),
+        (("access_log", "path"), "hard.key", "hard.key is also tls.key"),  # a hard link
         (
             ("tls", "ticket_cache"),
             "bundle.pem",
@@ -275,6 +276,7 @@ def test_bad_files_fail_check_and_start_in_one_line_naming_the_key(
     (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
     (tmp_path / "notes.txt").write_text("not a ticket cache: never to be overwritten")
     (tmp_path / "short.key").write_bytes(b"short")  # --check said ok, the start exited 1
+    os.link(tmp_path / "b.key", tmp_path / "hard.key")
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
     node: Any = config
     for key in where[:-1]:

@@ -311,6 +311,8 @@ def test_endpoints_file(tmp_path: Path) -> None:
         (tmp_path / "eps.yaml").write_text(empty)
         with pytest.raises(ConfigError, match=r"eps.yaml: the endpoints file is empty: write \[\]"):
             load_endpoints_file(tmp_path / "eps.yaml")
+    # Loaded with the configuration (a file an agent has yet to fill), empty is none.
+    assert load_config(tmp_path / "s.yaml").cluster("reviews").endpoints == ()
     (tmp_path / "eps.yaml").write_text("[]\n")
     assert load_endpoints_file(tmp_path / "eps.yaml") == ()
     (tmp_path / "eps.yaml").unlink()
