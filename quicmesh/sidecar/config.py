@@ -550,12 +550,24 @@ def load_endpoints_document(path: str | Path, *, empty_ok: bool = False) -> Endp
     services: tuple[Address, ...] = ()
     if isinstance(document, Mapping):
         node.only_keys({"endpoints", "services"})
-        services = tuple(
-            item.convert(parse_service) for item in node.child("services").items(allow_empty=True)
+        services = _given_once(
+            node.child("services").items(allow_empty=True), lambda i: i.convert(parse_service)
         )
         node = node.child("endpoints")
-    endpoints = tuple(item.address() for item in node.items(allow_empty=True))
+    endpoints = _given_once(node.items(allow_empty=True), lambda item: item.address())
     return EndpointsDocument(endpoints, services)
+
+
+def _given_once(items: list[_Field], read: Callable[[_Field], Address]) -> tuple[Address, ...]:
+    """The addresses of a list, each given once (a second was silently dropped: most
+    likely a typo for another endpoint or service)."""
+    addresses: list[Address] = []
+    for item in items:
+        address = read(item)
+        if address in addresses:
+            raise item.error(f"{format_address(address)} is given twice")
+        addresses.append(address)
+    return tuple(addresses)
 
 
 class StrictYamlLoader(yaml.SafeLoader):
@@ -1303,8 +1315,8 @@ class _Loader:
             }
         )
         transport = node.child("transport").required().choice(CLUSTER_TRANSPORT_NAMES)
-        services = tuple(
-            item.convert(parse_service) for item in node.child("services").items(allow_empty=True)
+        services = _given_once(
+            node.child("services").items(allow_empty=True), lambda i: i.convert(parse_service)
         )
         file_services: tuple[Address, ...] = ()
         endpoints: tuple[Address, ...] = ()
@@ -1320,7 +1332,7 @@ class _Loader:
                 raise field.error(str(exc)) from None
             endpoints, file_services = document.endpoints, document.services
         elif node.has("endpoints"):
-            endpoints = tuple(e.address() for e in node.child("endpoints").items())
+            endpoints = _given_once(node.child("endpoints").items(), lambda e: e.address())
         else:
             raise node.child("endpoints").error("is required (or endpoints_file)")
         # The tunnel's own grammar, the one every flow's CONNECT is checked against: a

@@ -169,6 +169,16 @@ DELETE = object()
             "udp",
             "sidecar.yaml: clusters[0].transport: 'udp' is not one of quic, h2, tcp, auto",
         ),
+        (  # (silently dropped, before: most likely a typo for another one)
+            ["clusters", 0, "endpoints"],
+            ["127.0.0.1:15008", "127.0.0.1:15009", "127.0.0.1:15008"],
+            "sidecar.yaml: clusters[0].endpoints[2]: 127.0.0.1:15008 is given twice",
+        ),
+        (
+            ["clusters", 0, "services"],
+            ["10.96.0.9:80", "10.96.0.9:80"],
+            "sidecar.yaml: clusters[0].services[1]: 10.96.0.9:80 is given twice",
+        ),
         (["node", "identity"], "http://x", "sidecar.yaml: node.identity: invalid SPIFFE ID"),
         (["node"], DELETE, "sidecar.yaml: node: is required"),
         (["clusters", 0, "colour"], "red", "sidecar.yaml: clusters[0].colour: unknown field"),
