@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import h11
 
+from .config import format_address
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("quicmesh.sidecar.admin")
@@ -140,6 +142,13 @@ class AdminServer:
         self._server = await asyncio.start_server(
             self._handle, self.address[0], self.address[1], reuse_address=True
         )
+        if not _is_loopback(self.address[0]):
+            # As Envoy's admin: no authentication, so say where it can be reached from.
+            logger.warning(
+                "admin on %s is reachable from other hosts, and POST /drain and /migrate "
+                "need no authentication (Istio keeps it on 127.0.0.1)",
+                format_address(self.address),
+            )
 
     async def close(self) -> None:
         """Stop serving."""
@@ -227,3 +236,13 @@ def _reason(status: int) -> bytes:
         return http.HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name) is this host's loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -438,6 +438,25 @@ def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: by
         assert b"\r\nallow: GET, HEAD\r\n" in answer
 
 
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_an_admin_reachable_from_other_hosts_is_named_in_a_warning(
+    host: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As Envoy's, the admin endpoint has no authentication (POST /drain): one bound
+    beyond loopback is said so at start (it was silent)."""
+    from quicmesh.sidecar.admin import AdminServer
+
+    async def main() -> None:
+        server = AdminServer(FakeView(), (host, 0))
+        await server.start()
+        await server.close()
+
+    with caplog.at_level("WARNING", logger="quicmesh.sidecar.admin"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "need no authentication" in r.getMessage()]
+    assert bool(said) is warned, said
+
+
 def test_access_log_line_is_one_json_object() -> None:
     record = FlowRecord(
         start=0.0,
