@@ -811,6 +811,26 @@ def test_stop_sending_with_no_error_keeps_the_response() -> None:
     assert received_payload(client, stream_id) == b"response" * 1000
 
 
+@pytest.mark.parametrize("status", [403, 200])
+def test_an_answer_after_the_peers_stop_sending_is_dropped_quietly(status: int) -> None:
+    """A peer's STOP_SENDING (H3_NO_ERROR) before its CONNECT is answered ends our side
+    (aioquic resets it): the answer and later writes are dropped, not raised (aioquic's
+    RuntimeError reached the handler), and a refusal still stops reading the request."""
+    clock = Clock()
+    client, server = _raw_h3_client(clock)
+    stream_id = _request(client, [(b":method", b"CONNECT"), (b":authority", b"x.svc:80")])
+    client.quic.stop_stream(stream_id, H3ErrorCode.H3_NO_ERROR)
+    settle(client, server, clock)
+    assert server.session is not None
+    server.session.respond(stream_id, status, "refused" if status != 200 else "")
+    if status == 200:
+        server.session.send_data(stream_id, b"after", end_stream=True)
+    settle(client, server, clock)
+    stopped = [e.stream_id for e in client.of(quic_events.StopSendingReceived)]
+    assert stopped == ([stream_id] if status != 200 else [])
+    assert not server.of(quic_events.ConnectionTerminated)
+
+
 def test_finished_streams_leave_no_session_state() -> None:
     clock = Clock()
     client, server = make_pair(clock, sessions=True)

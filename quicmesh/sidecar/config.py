@@ -530,19 +530,19 @@ def load_endpoints_file(path: str | Path) -> tuple[Address, ...]:
     return load_endpoints_document(path).endpoints
 
 
-def load_endpoints_document(path: str | Path, *, empty_ok: bool = False) -> EndpointsDocument:
+def load_endpoints_document(path: str | Path) -> EndpointsDocument:
     """Read an endpoints file, with the ``services`` (``ip:port``) of ``{endpoints, services}``.
 
-    :param empty_ok: an empty file (or only comments) is no endpoints, as when the
-        configuration is loaded (a file an agent has yet to fill); otherwise (a change
-        the watcher saw) it is refused: a rewrite in place looks so halfway, and it
-        dropped every endpoint of a running cluster.
+    An empty file (or only comments) is refused, at start, on reload and when the
+    watcher sees it change: a rewrite in place looks so halfway, and read as no
+    endpoints it dropped every endpoint of a running cluster (``[]`` says none).
+
     :raises ConfigError: naming the endpoints file, the entry and the problem.
     """
     path = Path(path)
     text = read_config_text(path, "cannot read endpoints file")
     document = _parse_yaml(text, str(path))
-    if document is None and not empty_ok:
+    if document is None:
         raise ConfigError(
             f"{path}: the endpoints file is empty: write [] for a cluster with no endpoints"
         )
@@ -1327,7 +1327,7 @@ class _Loader:
             field = node.child("endpoints_file")
             endpoints_file = self.path(field)
             try:
-                document = load_endpoints_document(endpoints_file, empty_ok=True)
+                document = load_endpoints_document(endpoints_file)
             except ConfigError as exc:  # (it names the endpoints file; add where it is given)
                 raise field.error(str(exc)) from None
             endpoints, file_services = document.endpoints, document.services

@@ -716,9 +716,13 @@ class H2TunnelSession(TunnelSession):
             side = "trailers are" if answered else "answer is"
             reason = f"the peer's {side} malformed: {why}"
             return [events.StreamReset(stream_id, code, reason=reason)]
-        if not self.is_client:
-            return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {why}")]
-        return []
+        if self.is_client:
+            # Ours, half-closed before its answer (its record dropped): its opener waits.
+            reason = f"the peer's answer is malformed: {why}"
+            return [events.StreamReset(stream_id, code, reason=reason)]
+        if self._refusal_budget is not None and not self._refusal_budget.take(1, self._clock()):
+            return self._close_with(ErrorCodes.ENHANCE_YOUR_CALM, "too many malformed requests")
+        return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {why}")]
 
     def _on_window_updated(self, stream_id: int | None) -> None:
         stream = self._streams.get(stream_id) if stream_id is not None else None

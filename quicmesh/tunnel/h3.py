@@ -73,7 +73,7 @@ class _Stream:
     (:meth:`H3TunnelSession._on_discarded`) or the connection ends.
     """
 
-    __slots__ = ("aborted", "headers_done", "refused", "stopped_reading")
+    __slots__ = ("aborted", "headers_done", "refused", "sending_ended", "stopped_reading")
 
     def __init__(self) -> None:
         self.headers_done = False
@@ -84,6 +84,9 @@ class _Stream:
         """Refused undecoded (header section too large): whatever still comes is dropped."""
         self.aborted = False
         """Reset, by us or the peer, and reported: nothing more is reported for it."""
+        self.sending_ended = False
+        """(server) The peer's STOP_SENDING ended our side before our answer went out:
+        whatever is written is dropped (as after the peer stops reading)."""
 
 
 class EngineFlowControl:
@@ -445,8 +448,15 @@ class H3TunnelSession(TunnelSession):
             self.h3.send_headers(
                 stream_id, response_fields(status, reason), end_stream=status != 200
             )
-        except (H3Error, ValueError, RuntimeError, AssertionError):
-            return  # (RuntimeError: aioquic's, for a side the peer's STOP_SENDING ended)
+        except (H3Error, ValueError, AssertionError):
+            return
+        except RuntimeError:
+            # aioquic's, for a side the peer's STOP_SENDING ended before the answer: it
+            # cannot go out (nor can what is written after it), but a refusal still
+            # stops reading the peer's request.
+            self._stream(stream_id).sending_ended = True
+            if status == 200:
+                return
         self.scheduler.activate(stream_id)
         if status != 200:
             self.stop_reading(stream_id)
@@ -454,9 +464,14 @@ class H3TunnelSession(TunnelSession):
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         record = self._streams.get(stream_id)
-        if (record is not None and record.aborted) or not self._stream_is_open(stream_id):
+        if (record is not None and (record.aborted or record.sending_ended)) or (
+            not self._stream_is_open(stream_id)
+        ):
             return  # reset (or reset and gone): nothing more goes out, as over HTTP/2 and 1.1
-        self.h3.send_data(stream_id, data, end_stream)
+        try:
+            self.h3.send_data(stream_id, data, end_stream)
+        except RuntimeError:
+            return  # (aioquic: our side ended by the peer's STOP_SENDING: dropped, as above)
         self.scheduler.activate(stream_id)
 
     def reset_stream(self, stream_id: int, reason: ResetReason) -> None:

@@ -321,8 +321,12 @@ def test_endpoints_file(tmp_path: Path) -> None:
         (tmp_path / "eps.yaml").write_text(empty)
         with pytest.raises(ConfigError, match=r"eps.yaml: the endpoints file is empty: write \[\]"):
             load_endpoints_file(tmp_path / "eps.yaml")
-    # Loaded with the configuration (a file an agent has yet to fill), empty is none.
-    assert load_config(tmp_path / "s.yaml").cluster("reviews").endpoints == ()
+    # With the configuration too (at start, and on a reload, which would otherwise
+    # drop a running cluster's endpoints as the watcher did).
+    with pytest.raises(
+        ConfigError, match=r"clusters\[0\].endpoints_file: .*the endpoints file is empty"
+    ):
+        load_config(tmp_path / "s.yaml")
     (tmp_path / "eps.yaml").write_text("[]\n")
     assert load_endpoints_file(tmp_path / "eps.yaml") == ()
     (tmp_path / "eps.yaml").unlink()

@@ -638,6 +638,44 @@ def test_malformed_trailers_end_the_flow_they_belong_to() -> None:
     assert not server._streams
 
 
+def test_a_malformed_answer_to_a_half_closed_stream_still_ends_it() -> None:
+    """A stream we half-closed before its answer had its record dropped: a malformed
+    answer then produced no event, and its opener waited for ever."""
+    client, server = connected_pair()
+    stream_id = client.open_stream(TARGET, {})
+    client.send_data(stream_id, b"hello", end_stream=True)
+    exchange(client, server)
+    server.h2.config.validate_outbound_headers = False
+    server.h2.send_headers(stream_id, [(b":status", b"200"), (b":status", b"200")])
+    client_events, _ = exchange(client, server)
+    assert [(type(e), e.stream_id) for e in client_events] == [(events.StreamReset, stream_id)]
+
+
+def test_malformed_requests_spend_the_refusal_budget() -> None:
+    """Malformed requests were refused (400) without limit, where refused well-formed
+    ones past the stream rate end the connection (ENHANCE_YOUR_CALM)."""
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False
+        )
+    )
+    raw.initiate_connection()
+    server = H2TunnelSession(is_client=False, max_stream_rate=10, clock=lambda: 0.0)
+    server.receive_data(raw.data_to_send())
+    got: list[events.TunnelEvent] = []
+    malformed = [(b":method", b"CONNECT"), (b":method", b"CONNECT"), (b":authority", b"x:1")]
+    for stream_id in range(1, 2001, 2):
+        raw.send_headers(stream_id, malformed, end_stream=True)
+        got += server.receive_data(raw.data_to_send())
+        if server.closed:
+            break
+    assert server.closed, len(got)
+    assert got[-1] == events.ConnectionTerminated(
+        ErrorCodes.ENHANCE_YOUR_CALM, "too many malformed requests"
+    ), got[-1]
+    assert 0 < sum(isinstance(e, events.RequestRejected) for e in got) < 1000
+
+
 def test_a_clients_graceful_goaway_lets_its_streams_carry_on() -> None:
     """A client's GOAWAY names the last stream the server may open (pushes, which we
     never open): its own streams carry on (RFC 9113 6.8). h2 took it for the end of
