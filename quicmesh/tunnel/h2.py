@@ -460,6 +460,12 @@ class H2TunnelSession(TunnelSession):
         if not self.is_client:
             self._peer_goaway_reason = peer_text(debug) or self._peer_goaway_reason
             self._peer_sent_goaway = True
+            if self.is_idle() and not self._streams:
+                # Done with the connection and nothing under way: ours to close too, as
+                # nghttp2 does (a client may wait for it). With streams open, the
+                # client's close ends it once they are done.
+                said = self._peer_goaway_reason
+                return self._close_with(ErrorCodes.NO_ERROR, said or "the peer went away")
             return []
         if self.peer_last_stream is not None and last > self.peer_last_stream:
             return self._close_with(
