@@ -291,6 +291,22 @@ def test_identity_policies() -> None:
     assert reason is not None and "may not reach" in reason
 
 
+def _inbound_config(policies: str) -> str:
+    """Sidecar B's configuration: one inbound listener, ``policies`` its last lines."""
+    return f"""
+node: {{name: b, identity: "{B}"}}
+tls: {{ca_dir: ca}}
+admin: {{address: "127.0.0.1:15000"}}
+listeners:
+  inbound:
+    - name: mesh
+      address: 127.0.0.1:15008
+      transports: [quic]
+      destinations: ["127.0.0.1:8080"]
+      {policies}
+"""
+
+
 @pytest.mark.parametrize(
     ("policies", "allowed"),
     [
@@ -306,19 +322,7 @@ def test_an_empty_policies_list_allows_nobody(policies: str, allowed: bool) -> N
     from quicmesh.sidecar.config import parse_config
     from quicmesh.sidecar.policy import allowed_nowhere
 
-    text = f"""
-node: {{name: b, identity: "{B}"}}
-tls: {{ca_dir: ca}}
-admin: {{address: "127.0.0.1:15000"}}
-listeners:
-  inbound:
-    - name: mesh
-      address: 127.0.0.1:15008
-      transports: [quic]
-      destinations: ["127.0.0.1:8080"]
-      {policies}
-"""
-    [listener] = parse_config(text, source="b.yaml").inbound
+    [listener] = parse_config(_inbound_config(policies), source="b.yaml").inbound
     assert (refusal_reason(listener, A, "127.0.0.1:8080") is None) is allowed
     assert allowed_nowhere(listener, A) is not allowed
 
@@ -328,22 +332,11 @@ def test_a_policies_key_with_no_value_is_refused() -> None:
     key at all, so every verified peer got in (a policy failing open)."""
     from quicmesh.sidecar.config import parse_config
 
-    text = f"""
-node: {{name: b, identity: "{B}"}}
-tls: {{ca_dir: ca}}
-admin: {{address: "127.0.0.1:15000"}}
-listeners:
-  inbound:
-    - name: mesh
-      address: 127.0.0.1:15008
-      transports: [quic]
-      destinations: ["127.0.0.1:8080"]
-      policies:
+    commented_out = f"""policies:
       # - identity: "{A}"
-      #   destinations: ["127.0.0.1:8080"]
-"""
+      #   destinations: ["127.0.0.1:8080"]"""
     with pytest.raises(ConfigError) as refused:
-        parse_config(text, source="b.yaml")
+        parse_config(_inbound_config(commented_out), source="b.yaml")
     message = str(refused.value)
     assert message.startswith("b.yaml: listeners.inbound[0].policies: has no value"), message
     assert "\n" not in message

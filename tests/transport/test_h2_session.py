@@ -580,15 +580,20 @@ def test_a_graceful_goaway_lets_the_streams_it_covers_finish_and_refuses_the_oth
     ]
     assert not client.can_open_stream() and not client.closed
     # h2 itself never saw the GOAWAY: the covered stream still carries bytes both ways.
-    client.send_data(kept, b"ping", end_stream=True)
-    _, server_events = exchange(client, server)
-    assert payload_of(server_events, kept) == b"ping" and ended(server_events, kept)
-    server.send_data(kept, b"pong", end_stream=True)
-    client_events, _ = exchange(client, server)
-    assert payload_of(client_events, kept) == b"pong" and ended(client_events, kept)
+    _ping_pong(client, server, kept)
     # The peer's final GOAWAY may lower the ID; then it closes.
     assert client.receive_data(_goaway(kept)) == [events.PeerGoingAway(kept + 1)]
     assert client.receive_eof() == [events.ConnectionTerminated(0, "draining")]
+
+
+def _ping_pong(client: H2TunnelSession, server: H2TunnelSession, stream_id: int) -> None:
+    """The stream carries bytes, and its end, both ways."""
+    client.send_data(stream_id, b"ping", end_stream=True)
+    _, server_events = exchange(client, server)
+    assert payload_of(server_events, stream_id) == b"ping" and ended(server_events, stream_id)
+    server.send_data(stream_id, b"pong", end_stream=True)
+    client_events, _ = exchange(client, server)
+    assert payload_of(client_events, stream_id) == b"pong" and ended(client_events, stream_id)
 
 
 def test_a_malformed_answer_ends_its_stream_with_the_reason() -> None:
@@ -684,12 +689,7 @@ def test_a_clients_graceful_goaway_lets_its_streams_carry_on() -> None:
     kept = open_tunnel(client, server)
     assert server.receive_data(_goaway(0)) == []
     assert not server.closed
-    client.send_data(kept, b"ping", end_stream=True)
-    _, server_events = exchange(client, server)
-    assert payload_of(server_events, kept) == b"ping" and ended(server_events, kept)
-    server.send_data(kept, b"pong", end_stream=True)
-    client_events, _ = exchange(client, server)
-    assert payload_of(client_events, kept) == b"pong" and ended(client_events, kept)
+    _ping_pong(client, server, kept)
     # An error GOAWAY still ends the connection, as before.
     (terminated,) = server.receive_data(_goaway(0, code=ErrorCodes.INTERNAL_ERROR))
     assert isinstance(terminated, events.ConnectionTerminated) and server.closed
