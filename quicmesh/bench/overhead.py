@@ -424,7 +424,7 @@ class Lab:
                 raise Unavailable("uvloop is not installed: pip install uvloop") from None
         extra = ("--event-loop", spec.loop) if spec.loop else ()
         port_a, tunnel = free_port_pair()
-        engine = "native" if spec.base.startswith("quic-native") else None
+        engine = engine_of(spec.base)
         config_a, config_b = sidecar_configs(
             SIDECAR_PATHS[spec.base],
             engine,
@@ -549,6 +549,14 @@ def _start_pair(commands: list[tuple[str, list[str], int]]) -> list[subprocess.P
             stop(process)
         raise
     return processes[::-1]
+
+
+def engine_of(path: str) -> str | None:
+    """The QUIC engine a path's sidecars run, named in their configuration: the default
+    (native where it is built) is not ``quic-aioquic``'s. None for the other transports."""
+    if path.startswith("quic-native"):
+        return "native"
+    return "aioquic" if path == "quic-aioquic" else None
 
 
 def sidecar_configs(
@@ -946,10 +954,11 @@ def render(rows: list[Row], plan: Plan, namespace: bool) -> str:
         f"| path | {rate_heads} | vCPU/1000 rps (2 proxies) | max rps | conn-per-request rps "
         "| bulk MB/s | CPU s/GB (2 proxies) | QUIC dgrams/req | hop pkts/req | hop pkts/new flow |"
     )
-    lines.append("|" + "---|" * (10 + len(plan.rates)))
+    columns = 9 + len(plan.rates)
+    lines.append("|" + "---|" * columns)
     for row in rows:
         if not row.values:
-            lines.append(f"| {row.path} | {row.status} |" + " |" * (9 + len(plan.rates)))
+            lines.append(f"| {row.path} | {row.status} |" + " |" * (columns - 2))
             continue
         v = row.values
         cells = [row.path]

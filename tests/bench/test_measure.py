@@ -29,7 +29,16 @@ from quicmesh.bench._measure import (
     process_cpu_seconds,
     process_tree,
 )
-from quicmesh.bench.overhead import PathSpec, Plan, Sample, ratios, render, summarise
+from quicmesh.bench.overhead import (
+    PathSpec,
+    Plan,
+    Sample,
+    engine_of,
+    ratios,
+    render,
+    sidecar_configs,
+    summarise,
+)
 
 H2LOAD_SAMPLE = """starting benchmark...
 spawning thread #0: 16 total client(s). Timing-based test with 0s of warm-up time and 2s of main duration for measurements.
@@ -341,6 +350,11 @@ def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> N
     assert "direct" not in against_h2
     table = render(rows, plan, namespace=True)
     assert "| stunnel | not installed: apt-get install stunnel4 |" in table
+    # Every line of each table has its header's cells (the rule line had one more, and
+    # a Markdown viewer showed no table).
+    for block in table.split("\n\n"):
+        widths = {line.count("|") for line in block.splitlines() if line.startswith("|")}
+        assert len(widths) <= 1, block
     assert "Ratios against h2 (same run" in table and "Ratios against nghttpx" in table
     # The L4 floor's table only when that pair ran; h2's and nghttpx's always.
     assert "haproxy" not in table
@@ -357,3 +371,14 @@ def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> N
     no_direct = summarise(specs[1:4], {k: v for k, v in samples.items() if k != "direct"}, plan, {})
     assert "| h2 | - / - / - |" in render(no_direct, plan, namespace=False)
     assert math.isnan(ratios(no_direct, "h2", 1000)["h2"]["p90"])
+
+
+def test_each_quic_path_names_its_engine() -> None:
+    """``quic-aioquic`` ran on the sidecars' default engine (native, where built): its
+    row measured the native engine."""
+    assert engine_of("quic-aioquic") == "aioquic"
+    assert engine_of("quic-native") == engine_of("quic-native-pump") == "native"
+    assert engine_of("h2") is None and engine_of("tcp") is None
+    a, b = sidecar_configs("quic", engine_of("quic-aioquic"), "ca", 1, 2, 3)
+    assert a["clusters"][0]["engine"] == "aioquic"
+    assert b["listeners"]["inbound"][0]["engine"] == "aioquic"
