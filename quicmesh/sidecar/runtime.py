@@ -328,6 +328,8 @@ class Sidecar:
             )
             return False
         async with self._reload_lock:
+            # The versions of the files as the load reads them, or older (read again).
+            read = {path: _file_version(path) for path in self._watched}
             try:
                 from ..xds.bootstrap import load_any_config
 
@@ -348,6 +350,7 @@ class Sidecar:
                         f"{self.config_path}: intercept ports cannot change on reload: restart"
                     )
                 await self._apply(new)
+                self._remember_watched(read)
                 for warning in new.warnings:
                     logger.warning("%s", warning)
             except QuicmeshError as exc:
@@ -514,9 +517,14 @@ class Sidecar:
 
     # -- endpoints files -------------------------------------------------------
 
-    def _remember_watched(self) -> None:
+    def _remember_watched(self, read: dict[str, Any] | None = None) -> None:
+        """Note the version of each endpoints file the configuration uses, as of when it
+        was read where ``read`` knows it (taken before a reload read the files): a file
+        rewritten while the reload was under way is read again by the watcher, where
+        its version taken after the reload hid the change until the next one."""
+        read = read or {}
         self._watched = {
-            c.endpoints_file: _file_version(c.endpoints_file)
+            c.endpoints_file: read.get(c.endpoints_file) or _file_version(c.endpoints_file)
             for c in self.config.clusters
             if c.endpoints_file is not None
         }
