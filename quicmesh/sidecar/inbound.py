@@ -299,16 +299,13 @@ class InboundListener:
         :raises ConfigError: naming the key, the limit and the use.
         """
         rss, descriptors = measure()
-        config, overload = self.config, self.overload
+        config = self.config
+        max_rss, max_descriptors = config.overload_max_rss, config.overload_max_descriptors
         over = None
-        if config.overload_max_rss and rss >= overload.max_rss * STOP_ACCEPTING:  # type: ignore[operator]
-            over = f"overload_max_rss ({config.overload_max_rss} MiB)", f"{rss / MIB:.0f} MiB"
-        elif (
-            config.overload_max_descriptors
-            and descriptors >= overload.max_descriptors * STOP_ACCEPTING
-        ):
-            limit = f"overload_max_descriptors ({overload.max_descriptors})"
-            over = limit, f"{descriptors} descriptors"
+        if max_rss and rss >= max_rss * MIB * STOP_ACCEPTING:
+            over = f"overload_max_rss ({max_rss} MiB)", f"{rss / MIB:.0f} MiB"
+        elif max_descriptors and descriptors >= max_descriptors * STOP_ACCEPTING:
+            over = f"overload_max_descriptors ({max_descriptors})", f"{descriptors} descriptors"
         if over is not None:
             raise ConfigError(
                 f"{over[0]} is below what the sidecar uses already ({over[1]}; streams are "

@@ -349,8 +349,7 @@ class Sidecar:
                     raise ConfigError(
                         f"{self.config_path}: intercept ports cannot change on reload: restart"
                     )
-                await self._apply(new)
-                self._remember_watched(read)
+                await self._apply(new, read)
                 for warning in new.warnings:
                     logger.warning("%s", warning)
             except QuicmeshError as exc:
@@ -382,7 +381,8 @@ class Sidecar:
         self.xds = client
         client.start()
 
-    async def _apply(self, new: SidecarConfig) -> None:
+    async def _apply(self, new: SidecarConfig, read: dict[str, Any] | None = None) -> None:
+        # ``read``: the endpoints files' versions before they were read (_remember_watched).
         # New listeners are bound first, so a port that cannot be bound leaves everything as is.
         started_out: list[OutboundListener] = []
         started_in: list[InboundListener] = []
@@ -477,7 +477,7 @@ class Sidecar:
         if new.intercept is not None:
             for capture in self.capture:
                 capture.config = new.intercept
-        self._remember_watched()
+        self._remember_watched(read)
 
     def _rotate_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """A new certificate: every transport presents it from the next handshake on.

@@ -619,7 +619,7 @@ class H2TunnelSession(TunnelSession):
         limit, or a burst, only sees refusals; a peer far above them (rapid reset)
         loses its connection (GOAWAY ENHANCE_YOUR_CALM), as nghttp2 does for the same
         attack."""
-        if self._refusal_budget is not None and not self._refusal_budget.take(1, self._clock()):
+        if self._refusal_budget_spent():
             return self._close_with(
                 ErrorCodes.ENHANCE_YOUR_CALM,
                 "too many new streams refused (max_stream_rate, max_streams)",
@@ -726,7 +726,7 @@ class H2TunnelSession(TunnelSession):
             # Ours, half-closed before its answer (its record dropped): its opener waits.
             reason = f"the peer's answer is malformed: {why}"
             return [events.StreamReset(stream_id, code, reason=reason)]
-        if self._refusal_budget is not None and not self._refusal_budget.take(1, self._clock()):
+        if self._refusal_budget_spent():
             return self._close_with(ErrorCodes.ENHANCE_YOUR_CALM, "too many malformed requests")
         return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {why}")]
 
@@ -883,6 +883,12 @@ class H2TunnelSession(TunnelSession):
             return
         with contextlib.suppress(h2.exceptions.H2Error, ValueError):
             self.h2.acknowledge_received_data(amount, stream_id)
+
+    def _refusal_budget_spent(self) -> bool:
+        """Count one more refusal (server sessions with a stream rate); True once the
+        budget is spent: the peer is then cut off (ENHANCE_YOUR_CALM)."""
+        budget = self._refusal_budget
+        return budget is not None and not budget.take(1, self._clock())
 
     def _close_with(self, code: ErrorCodes, reason: str) -> list[events.TunnelEvent]:
         """Close the connection with a GOAWAY of ``code`` and ``reason`` (its first 256

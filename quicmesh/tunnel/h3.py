@@ -367,12 +367,7 @@ class H3TunnelSession(TunnelSession):
         record = self._streams.get(stream_id)
         if record is None or record.headers_done or record.aborted:
             return []
-        record.aborted = True
-        self.flow_control.forget(stream_id)
-        if reset:
-            self._abort_stream(stream_id, H3ErrorCode.H3_MESSAGE_ERROR)
-        else:
-            self.scheduler.activate(stream_id)  # the reset and STOP_SENDING go out now
+        self._end_malformed(stream_id, record, reset)
         if not self.is_client:
             # A refused request, for the handler's hook and the access log.
             return [events.RequestRejected(stream_id, 400, f"malformed request (reset): {reason}")]
@@ -381,11 +376,20 @@ class H3TunnelSession(TunnelSession):
     def _trailers_failed(self, stream_id: int, said: str) -> list[events.TunnelEvent]:
         """Malformed trailers on a flow under way (its request or answer was taken): the
         HTTP/3 layer reset the stream both ways; the flow ends with that reason."""
-        self._streams[stream_id].aborted = True
-        self.flow_control.forget(stream_id)
-        self.scheduler.activate(stream_id)  # the reset and STOP_SENDING go out now
+        self._end_malformed(stream_id, self._streams[stream_id], reset=False)
         reason = f"the peer's trailers are malformed: {said}"
         return [events.StreamReset(stream_id, H3ErrorCode.H3_MESSAGE_ERROR, reason=reason)]
+
+    def _end_malformed(self, stream_id: int, record: _Stream, reset: bool) -> None:
+        """A stream ends for a malformed message: reported once, its credit released,
+        reset both ways with H3_MESSAGE_ERROR here (``reset``) or by the HTTP/3 layer
+        already (its reset and STOP_SENDING go out now)."""
+        record.aborted = True
+        self.flow_control.forget(stream_id)
+        if reset:
+            self._abort_stream(stream_id, H3ErrorCode.H3_MESSAGE_ERROR)
+        else:
+            self.scheduler.activate(stream_id)
 
     def _on_headers(self, ev: h3_events.HeadersReceived) -> list[events.TunnelEvent]:
         stream_id = ev.stream_id
