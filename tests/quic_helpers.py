@@ -102,6 +102,23 @@ async def exchange(conn: Any, payload: bytes, request_id: str = "x", **kwargs: A
     return data
 
 
+async def round_trip(stream: Any, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``payload`` on an open stream (an echo's), half-close it, return what came
+    back."""
+    stream.write(payload)
+    stream.write_eof()
+    data: bytes = await asyncio.wait_for(stream.read(), timeout)
+    return data
+
+
+async def close_both(connection: Any, listener: Any) -> None:
+    """Close a test's connection, then its listener, waiting for each to be closed."""
+    connection.close()
+    await connection.wait_closed()
+    listener.close()
+    await listener.wait_closed()
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     length = 1 << (data[pos] >> 6)
     value = data[pos] & 0x3F

@@ -16,7 +16,15 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
-from quic_helpers import CLIENT, client_transport, require_engine, run, server_transport
+from quic_helpers import (
+    CLIENT,
+    client_transport,
+    close_both,
+    require_engine,
+    round_trip,
+    run,
+    server_transport,
+)
 
 import quicmesh
 import quicmesh.transport.quic.connection as quic_connection
@@ -106,13 +114,9 @@ def test_a_malformed_request_resets_its_stream_only(
         ((status, reason),) = echo.refused
         assert status == 400 and reason.startswith("malformed request (reset): "), reason
         # The connection and its other flows carry on.
-        held.write(b"after")
-        held.write_eof()
-        assert await asyncio.wait_for(held.read(), 5) == b"after"
+        assert await round_trip(held, b"after", 5) == b"after"
         fresh = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
-        fresh.write(b"new")
-        fresh.write_eof()
-        assert await asyncio.wait_for(fresh.read(), 5) == b"new"
+        assert await round_trip(fresh, b"new", 5) == b"new"
         assert not connection.is_closed
         await connection.aclose()
         listener.close()
@@ -142,9 +146,7 @@ def test_malformed_trailers_end_their_flow_with_the_reason(engine: str) -> None:
         while accepted._streams:
             await asyncio.sleep(0.01)
         fresh = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
-        fresh.write(b"new")
-        fresh.write_eof()
-        assert await asyncio.wait_for(fresh.read(), 5) == b"new"
+        assert await round_trip(fresh, b"new", 5) == b"new"
         await connection.aclose()
         listener.close()
         await listener.wait_closed()
@@ -289,12 +291,7 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
         (accepted,) = listener.connections
         assert [(c, s) for c, s, _ in heard] == [(accepted, 400)]
         assert "x.svc" in heard[0][2]
-        held.write(b"after")
-        held.write_eof()
-        assert await asyncio.wait_for(held.read(), 5) == b"after"
-        connection.close()
-        await connection.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        assert await round_trip(held, b"after", 5) == b"after"
+        await close_both(connection, listener)
 
     run(main())

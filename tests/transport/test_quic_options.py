@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from quic_helpers import require_engine
+from quic_helpers import close_both, require_engine, round_trip
 from test_contract import MESH, TARGET
 
 import quicmesh
@@ -274,13 +274,8 @@ def test_migrating_to_another_address_family_is_refused_before_anything_moves(
             await conn.migrate((wrong, 0))
         await conn.migrate((right, 0))
         stream = await conn.open_stream(TARGET)
-        stream.write(b"still here")
-        stream.write_eof()
-        assert await asyncio.wait_for(stream.read(), 10) == b"still here"
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
+        assert await round_trip(stream, b"still here") == b"still here"
+        await close_both(conn, listener)
 
     asyncio.run(main())
 
