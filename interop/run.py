@@ -351,9 +351,11 @@ def render_matrix(
     quick: bool,
     absent: dict[str, str],
     load: tuple[float, float, float] | None = None,
+    options: str = "",
 ) -> str:
     """The Markdown for the generated section of docs/interop.md (``load``: the load
-    average when the run started)."""
+    average when the run started; ``options``: the run's options other than ``--quick``,
+    shown in its command)."""
     tests = [t for t in TESTCASES if any(r.testcase == t for r in results)]
     loaded = (
         f", load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start" if load else ""
@@ -361,7 +363,7 @@ def render_matrix(
     lines = [
         MATRIX_START,
         "",
-        f"Run: `python -m interop.run{' --quick' if quick else ''}`"
+        f"Run: `python -m interop.run{' --quick' if quick else ''}{options}`"
         f" on {time.strftime('%Y-%m-%d')}, Python {sys.version.split()[0]}{loaded}."
         " ✓ pass, ✗ fail, · unsupported by a side (reason below).",
         "",
@@ -458,6 +460,20 @@ async def run_all(
     return results
 
 
+def _partial_options(args: argparse.Namespace, everything: bool) -> str:
+    """The options that chose a subset of the matrix, as given (empty for all of it)."""
+    if everything:
+        return ""
+    return "".join(
+        f" {option} {value}"
+        for option, value in (
+            ("--engines", args.engines),
+            ("--peers", args.peers),
+            ("--tests", args.tests),
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -500,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.peers.split(",") if n.strip()]
     engine_names = [e.strip() for e in args.engines.split(",") if e.strip()]
     tests = [t.strip() for t in args.tests.split(",") if t.strip()]
-    if not engine_names:
-        parser.error("--engines names no engine")
+    for option, given in (("--engines", engine_names), ("--peers", names), ("--tests", tests)):
+        if not given:
+            parser.error(f"{option} names nothing")
     for option, given, known in (
         ("--engines", engine_names, ENGINES),
         ("--peers", names, FOREIGN),
@@ -526,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     if not engines:
         print("no quicmesh engine can run", file=sys.stderr)
         return 1
+    if not present:
+        print("no peer stack can run: nothing to test", file=sys.stderr)
+        return 1
     args.logs.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     results = asyncio.run(
@@ -540,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     stacks = [*engines, *(p for p in present if not p.is_quicmesh)]
-    matrix = render_matrix(results, stacks, args.quick, absent, load)
+    matrix = render_matrix(
+        results, stacks, args.quick, absent, load, _partial_options(args, everything)
+    )
     if args.no_write or output is None:
         print(matrix)
     else:

@@ -43,6 +43,27 @@ def test_an_unknown_engine_is_a_one_line_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--engines", "--peers", "--tests"])
+def test_an_option_naming_nothing_is_a_usage_error(option: str) -> None:
+    result = _run(option, " , ", "--no-install", "--no-write")
+    assert result.returncode == 2
+    assert f"{option} names nothing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_whose_peers_are_all_missing_says_so_and_fails(tmp_path: Path) -> None:
+    """It printed an empty matrix and "0 passed, 0 failed" with status 0."""
+    if PEERS["qh3"].available():
+        pytest.skip("qh3 is installed here")
+    result = _run(
+        "--peers", "qh3", "--engines", "aioquic", "--no-install", "--logs", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "skipping qh3: not installed" in result.stderr
+    assert "no peer stack can run: nothing to test" in result.stderr
+    assert MATRIX_START not in result.stdout
+
+
 @pytest.mark.parametrize("option", ["--logs", "--output"])
 def test_a_path_that_cannot_be_written_is_a_usage_error_before_the_run(option: str) -> None:
     result = _run("--engines", "native", "--no-install", option, "/proc/nope/x")
@@ -61,6 +82,11 @@ def test_a_partial_run_prints_its_matrix_and_leaves_the_committed_one(tmp_path: 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert MATRIX_START in result.stdout and "| quicmesh → quicmesh |" in result.stdout
+    # The matrix names the command that made it, with the options that chose the subset.
+    assert (
+        "Run: `python -m interop.run --quick --engines aioquic --peers quicmesh --tests handshake`"
+        in result.stdout
+    )
     assert (REPO / "docs" / "interop.md").read_text() == committed
 
 
