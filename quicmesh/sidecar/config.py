@@ -1211,6 +1211,9 @@ class _Loader:
             if node.has("policies")
             else None
         )
+        destinations = self.destinations(node.child("destinations").required())
+        if policies is not None:
+            self._warn_unreachable_policy_rules(node.child("policies"), policies, destinations)
         timeout = node.child("connect_timeout")
         streams = node.child("max_streams")
         early = node.child("early_data")
@@ -1234,7 +1237,7 @@ class _Loader:
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),
             transports=transports,
-            destinations=self.destinations(node.child("destinations").required()),
+            destinations=destinations,
             policies=policies,
             connect_timeout=timeout.duration() if timeout.value is not None else 5.0,
             max_streams=streams.integer(1, 65536) if streams.value is not None else 128,
@@ -1280,6 +1283,27 @@ class _Loader:
 
     def destinations(self, node: _Field) -> tuple[DestinationRule, ...]:
         return tuple(item.convert(parse_destination) for item in node.items())
+
+    def _warn_unreachable_policy_rules(
+        self,
+        node: _Field,
+        policies: tuple[IdentityPolicy, ...],
+        destinations: tuple[DestinationRule, ...],
+    ) -> None:
+        """A policy destination no listener destination overlaps allows nothing (the
+        listener's allow-list is checked first): warned, as a likely mistake."""
+        for policy_node, policy in zip(node.items(allow_empty=True), policies, strict=True):
+            rules = policy_node.child("destinations").items()
+            for rule_node, rule in zip(rules, policy.destinations, strict=True):
+                if not any(rules_overlap(rule, allowed) for allowed in destinations):
+                    self.warnings.append(
+                        str(
+                            rule_node.error(
+                                f"{rule.text} is outside the listener's destinations:"
+                                " no flow can reach it"
+                            )
+                        )
+                    )
 
     def policy(self, node: _Field) -> IdentityPolicy:
         node.only_keys({"identity", "destinations"})
@@ -1511,6 +1535,18 @@ def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
         address = _ip_address(host)
         return address is not None and address in rule.network
     return rule.host == host.lower().rstrip(".")
+
+
+def rules_overlap(first: DestinationRule, second: DestinationRule) -> bool:
+    """Whether some CONNECT target falls under both rules (a host name rule matches
+    names only, a network rule IP addresses only)."""
+    if first.port is not None and second.port is not None and first.port != second.port:
+        return False
+    if first.network is not None and second.network is not None:
+        return first.network.version == second.network.version and first.network.overlaps(
+            second.network
+        )
+    return first.host is not None and first.host == second.host
 
 
 def ip_address_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -26,6 +26,7 @@ from quicmesh.sidecar.config import (
     parse_config,
     parse_destination,
     parse_duration,
+    rules_overlap,
 )
 from quicmesh.transport.base import default_quic_engine
 from quicmesh.tunnel.connect import parse_target
@@ -244,6 +245,53 @@ def test_errors_name_file_field_and_problem(path: list[Any], value: Any, message
     error = error_of(mutate(path, value))
     assert error.startswith(message), error
     assert "\n" not in error
+
+
+@pytest.mark.parametrize(
+    ("rule", "unreachable"),
+    [
+        ("127.0.0.1:9080", False),
+        ("10.1.2.3:443", False),  # inside 10.0.0.0/8:*
+        ("10.0.0.0/7:*", False),  # overlaps it
+        ("127.0.0.1:9081", True),  # another port
+        ("192.168.0.0/16:*", True),
+        ("reviews.local:9080", True),  # names match names only
+        ("[::1]:9080", True),
+    ],
+)
+def test_a_policy_destination_outside_the_listeners_is_warned(rule: str, unreachable: bool) -> None:
+    """The listener's allow-list is checked first, so such a rule allows nothing (it was
+    loaded silently)."""
+    document = mutate(["listeners", "inbound", 0, "policies", 0, "destinations"], [rule])
+    expected = (
+        (
+            "sidecar.yaml: listeners.inbound[0].policies[0].destinations[0]: "
+            f"{rule} is outside the listener's destinations: no flow can reach it",
+        )
+        if unreachable
+        else ()
+    )
+    assert load(document).warnings == expected
+
+
+@given(
+    first=st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3", "192.168.1.0/24", "::1"]),
+    second=st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3", "192.168.1.0/24", "::1"]),
+    first_port=st.sampled_from(["80", "443", "*"]),
+    second_port=st.sampled_from(["80", "443", "*"]),
+    host=st.sampled_from(["10.1.2.3", "10.200.0.1", "192.168.1.9", "::1", "127.0.0.1"]),
+    port=st.sampled_from([80, 443]),
+)
+def test_rules_overlap_when_some_target_matches_both(
+    first: str, second: str, first_port: str, second_port: str, host: str, port: int
+) -> None:
+    """A target matching both rules implies rules_overlap (so no reachable rule is warned)."""
+    wrap = lambda h, p: f"[{h}]:{p}" if ":" in h else f"{h}:{p}"  # noqa: E731
+    a = parse_destination(wrap(first, first_port))
+    b = parse_destination(wrap(second, second_port))
+    if destination_matches(a, host, port) and destination_matches(b, host, port):
+        assert rules_overlap(a, b) and rules_overlap(b, a)
+    assert rules_overlap(a, b) == rules_overlap(b, a)
 
 
 @pytest.mark.parametrize("transport", ["h2", "tcp"])
