@@ -46,20 +46,61 @@ def client_ssl_context(
     return _mutual_tls_context(ssl.PROTOCOL_TLS_CLIENT, identity, trust, alpn_protocols)
 
 
-def update_ssl_context(context: ssl.SSLContext, identity: Identity, trust: TrustBundle) -> None:
-    """Make a context from this module present ``identity`` from the next handshake on.
+class MutualTlsContexts:
+    """A transport's two mutual-TLS contexts, made again when its identity or trust changes.
 
-    The roots of ``trust`` are added to those the context verifies with (``ssl``
-    cannot remove roots from a context; a CA that must be distrusted needs a new
-    context, i.e. a restart).
+    ``ssl`` cannot take a root out of a context, and a listener is handed its server
+    context once (asyncio keeps it for the server's life), so a rotation makes new
+    contexts, and every server context made here moves each new handshake to the newest
+    one (its ``sni_callback``, which OpenSSL calls for every ClientHello, SNI or not):
+    the new certificate is presented, and a root taken out of the trust bundle refused,
+    from the next handshake on, on listeners started before the change too. Connections
+    already established keep the certificates they were made with.
 
-    :raises ConfigError: if ``ssl`` rejects the identity or trust bundle.
+    :param alpn_protocols: ALPN protocol names offered, most preferred first.
+    :param session_tickets: TLS 1.3 session tickets a server context sends (None: ``ssl``'s
+        default).
     """
-    try:
-        context.load_verify_locations(cadata=trust.pem.decode("ascii"))
-        _load_identity(context, identity)
-    except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"cannot update TLS context: {exc}") from exc
+
+    def __init__(self, alpn_protocols: list[str], *, session_tickets: int | None = None) -> None:
+        self._alpn = alpn_protocols
+        self._session_tickets = session_tickets
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def get(self, identity: Identity, trust: TrustBundle, *, server_side: bool) -> ssl.SSLContext:
+        """The current context for one side (made on first use from ``identity`` and
+        ``trust``, which must be those of the last :meth:`update`).
+
+        :raises ConfigError: if ``ssl`` rejects the identity or trust bundle.
+        """
+        if server_side not in self._contexts:
+            self._contexts[server_side] = self._make(identity, trust, server_side)
+        return self._contexts[server_side]
+
+    def update(self, identity: Identity, trust: TrustBundle) -> None:
+        """Make the contexts used so far again from ``identity`` and ``trust``; on an
+        error, the current ones stay.
+
+        :raises ConfigError: if ``ssl`` rejects the identity or trust bundle.
+        """
+        made = {side: self._make(identity, trust, side) for side in self._contexts}
+        self._contexts.update(made)
+
+    def _make(self, identity: Identity, trust: TrustBundle, server_side: bool) -> ssl.SSLContext:
+        if not server_side:
+            return client_ssl_context(identity, trust, self._alpn)
+        context = server_ssl_context(identity, trust, self._alpn)
+        if self._session_tickets is not None:
+            context.num_tickets = self._session_tickets
+        context.sni_callback = self._to_newest
+        return context
+
+    def _to_newest(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        newest = self._contexts[True]
+        if connection.context is not newest:
+            connection.context = newest
 
 
 def _mutual_tls_context(

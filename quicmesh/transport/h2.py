@@ -19,8 +19,8 @@ from __future__ import annotations
 import ssl
 
 from ..errors import ConfigError
-from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
-from ..tls.context import update_ssl_context
+from ..tls import Identity, TrustBundle
+from ..tls.context import MutualTlsContexts
 from ..tunnel.h2 import (
     DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_STREAMS,
@@ -87,20 +87,16 @@ class H2Transport(Transport):
         self.high_water = high_water
         self.max_streams = max_streams
         self.handshake_timeout = handshake_timeout
-        self._contexts: dict[bool, ssl.SSLContext] = {}
+        self._tls = MutualTlsContexts([ALPN])
 
     def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
-        """The mutual-TLS context for one side (built once)."""
-        if server_side not in self._contexts:
-            factory = server_ssl_context if server_side else client_ssl_context
-            self._contexts[server_side] = factory(self.identity, self.trust, [ALPN])
-        return self._contexts[server_side]
+        """The current mutual-TLS context for one side (:class:`MutualTlsContexts`)."""
+        return self._tls.get(self.identity, self.trust, server_side=server_side)
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        self._tls.update(identity, trust)
         super().set_identity(identity, trust)
-        for context in self._contexts.values():
-            update_ssl_context(context, identity, trust)
 
     def session(self, *, is_client: bool) -> H2TunnelSession:
         """A new sans-IO session for one connection."""

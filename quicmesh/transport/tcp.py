@@ -21,8 +21,8 @@ import ssl
 from typing import Any
 
 from ..errors import ConnectionLost, PeerVerificationError, TunnelError
-from ..tls import Identity, TrustBundle, client_ssl_context, server_ssl_context
-from ..tls.context import update_ssl_context
+from ..tls import Identity, TrustBundle
+from ..tls.context import MutualTlsContexts
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
 from ._tcp import (
@@ -201,28 +201,20 @@ class TcpTransport(Transport):
         self.receive_window = receive_window
         self.high_water = high_water
         self.handshake_timeout = handshake_timeout
-        self._contexts: dict[bool, ssl.SSLContext] = {}
+        self._tls = MutualTlsContexts([ALPN], session_tickets=1)
 
     def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
-        """The mutual-TLS context for one side (built once).
+        """The current mutual-TLS context for one side (:class:`MutualTlsContexts`).
 
         The server sends one TLS session ticket, which is also how
         :meth:`connect` learns that the server accepted our certificate.
         """
-        if server_side not in self._contexts:
-            if server_side:
-                context = server_ssl_context(self.identity, self.trust, [ALPN])
-                context.num_tickets = 1
-            else:
-                context = client_ssl_context(self.identity, self.trust, [ALPN])
-            self._contexts[server_side] = context
-        return self._contexts[server_side]
+        return self._tls.get(self.identity, self.trust, server_side=server_side)
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        self._tls.update(identity, trust)
         super().set_identity(identity, trust)
-        for context in self._contexts.values():
-            update_ssl_context(context, identity, trust)
 
     def session(self, *, is_client: bool) -> Http1TunnelSession:
         """A new sans-IO session for one flow's connection."""

@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from quicmesh.errors import (
     ConnectError,
@@ -25,7 +29,7 @@ from quicmesh.errors import (
     StreamReset,
     TunnelError,
 )
-from quicmesh.tls import DevCA, Identity
+from quicmesh.tls import DevCA, Identity, TrustBundle
 from quicmesh.transport.base import Authorizer, PeerConnection, StreamHandler, Transport
 from quicmesh.transport.h2 import H2Transport
 from quicmesh.transport.stream import MeshStream
@@ -589,3 +593,68 @@ def test_a_new_flow_reads_no_tls_session(make: TransportFactory, monkeypatch: An
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("make", [TcpTransport, H2Transport], ids=["tcp", "h2"])
+def test_a_running_listener_takes_a_rotation_at_its_next_handshake(make: TransportFactory) -> None:
+    """A rotated certificate is presented, and a CA taken out of the trust bundle refused,
+    by a listener started before the change (its TLS context only gained roots before:
+    a removed CA stayed trusted until a restart)."""
+    m = mesh()
+    other = m.stranger_ca
+    both = TrustBundle([*m.ca.trust_bundle.certificates, *other.trust_bundle.certificates])
+    renewed = m.ca.issue(SERVER_ID)
+    presented: list[int] = []
+
+    async def main() -> None:
+        server = make(identity=m.server, trust=both)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+
+        async def dial(identity: Identity) -> PeerConnection:
+            return await make(identity=identity, trust=m.ca.trust_bundle).connect(
+                listener.address, timeout=5
+            )
+
+        async def flow(conn: PeerConnection, payload: bytes) -> None:
+            stream = await conn.open_stream("127.0.0.1:1")
+            assert await send_and_receive(stream, payload) == payload
+
+        def server_serial() -> int:
+            # What the listener presents now, read by a client that trusts its CA.
+            context = ssl.create_default_context(cadata=m.ca.trust_bundle.pem.decode())
+            context.check_hostname = False
+            context.load_cert_chain(*certificate_files)
+            with (
+                socket.create_connection(listener.address) as raw,
+                context.wrap_socket(raw) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+            return x509.load_der_x509_certificate(der).serial_number
+
+        stranger = await dial(other.issue(CLIENT_ID))  # trusted while the bundle has its CA
+        await flow(stranger, b"before")
+        presented.append(await asyncio.to_thread(server_serial))
+        server.set_identity(renewed, m.ca.trust_bundle)
+        with pytest.raises(PeerVerificationError):
+            await dial(other.issue(CLIENT_ID))
+        member = await dial(m.client)
+        await flow(member, b"after")
+        presented.append(await asyncio.to_thread(server_serial))
+        if make is H2Transport:
+            await flow(stranger, b"still")  # made before: carries on with its certificates
+        else:
+            # Every TCP flow is a connection of its own: a new handshake, refused now.
+            with pytest.raises(TunnelError):
+                await flow(stranger, b"refused")
+        for conn in (stranger, member):
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    with tempfile.TemporaryDirectory() as directory:
+        certificate_files = (Path(directory) / "cert.pem", Path(directory) / "key.pem")
+        certificate_files[0].write_bytes(m.client.cert_chain_pem())
+        certificate_files[1].write_bytes(m.client.private_key_pem())
+        run(main())
+    assert presented == [m.server.certificate.serial_number, renewed.certificate.serial_number]
