@@ -176,6 +176,15 @@ class SessionConnection(PeerConnection):
             self.session.close()
             self._transmit()
             self._close_transport()
+            # Its streams end now, not when the transport reports the close (a loop
+            # turn or more later): a ``write(); await drain()`` loop on one fails at
+            # once instead of writing into a session that drops what it is given.
+            streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream._on_reset(
+                    StreamReset(f"stream {stream.stream_id} reset: the connection was closed")
+                )
+            self._wake_credit()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         self._closing = True

@@ -107,6 +107,9 @@ class TcpPeerConnection(PeerConnection):
         if protocol is None or protocol.closed.done():
             protocol = await self._transport._dial(self._address, self._timeout)
             self.connections_opened += 1
+            if self._closed:  # closed while the flow's connection was dialled
+                protocol.close()
+                raise ConnectionLost("connection to the peer is closed")
             self._flows.add(protocol)
             protocol.closed.add_done_callback(lambda _: self._flow_closed(protocol))
         connection = protocol.connection

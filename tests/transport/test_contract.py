@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -635,6 +636,109 @@ def test_no_stream_opens_on_a_connection_closed_a_moment_ago(name: str) -> None:
         await conn.wait_closed()
         listener.close()
         await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_close_ends_a_writing_stream_at_once(name: str) -> None:
+    """After ``conn.close()`` a ``write(); await drain()`` loop on one of its streams
+    went on: on h2 and tcp for ever without yielding (the session dropped the bytes, so
+    ``drain`` never waited), freezing the event loop; on aioquic for some 90 ms. Its
+    streams are reset by ``close()`` itself now."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        await stream.drain()
+        conn.close()
+        assert stream.is_closing()
+        assert isinstance(stream.exception(), quicmesh.StreamReset)
+        rounds = 0
+        with pytest.raises(quicmesh.StreamReset, match="the connection was closed"):
+            while rounds < 100_000:
+                stream.write(b"y" * 65536)
+                await stream.drain()
+                rounds += 1
+        assert rounds == 0
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_connection_closed_while_a_stream_dials_opens_none(name: str) -> None:
+    """On tcp, where each flow dials a connection of its own, a stream whose dial was
+    under way at ``close()`` opened anyway, and ``wait_closed()`` waited for it."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        first = await conn.open_stream(TARGET)  # tcp: takes the connection of connect()
+        opening = asyncio.ensure_future(conn.open_stream(TARGET))
+        await asyncio.sleep(0)  # under way
+        conn.close()
+        with pytest.raises((quicmesh.ConnectionLost, quicmesh.StreamReset)):
+            await opening
+        assert first.is_closing()
+        await asyncio.wait_for(conn.wait_closed(), 10)
+        assert conn.active_streams == 0
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("127.0.0.1:4433", "expected a (host, port) pair, got '127.0.0.1:4433'"),
+        (("127.0.0.1", 70000), "the port must be an integer 0-65535, got 70000"),
+        (("127.0.0.1", -1), "the port must be an integer 0-65535, got -1"),
+        (("127.0.0.1", "443"), "the port must be an integer 0-65535, got '443'"),
+        (("", 443), "the host must be a non-empty string"),
+    ],
+)
+def test_a_malformed_address_is_a_config_error_naming_it(
+    name: str, address: Any, problem: str
+) -> None:
+    """A ``"host:port"`` string was indexed as a pair (host ``"1"``, port ``"2"``: a
+    connection to 0.0.0.1 port 2, or on h2 and tcp a TLS handshake with whatever answered
+    there), a port out of range an OverflowError, a port string a TypeError on native
+    only."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        client = MESH.transport(name)
+        with pytest.raises(quicmesh.ConfigError, match=f"^connect address: {problem}"):
+            await client.connect(address)
+        with pytest.raises(quicmesh.ConfigError, match=f"^listen address: {problem}"):
+            await client.listen(address, echo)
+        if conn.supports_migration:
+            with pytest.raises(quicmesh.ConfigError, match=f"^migrate address: {problem}"):
+                await conn.migrate(address)
+        await client.aclose()
+        await shutdown(listener, conn)
+
+    problem = re.escape(problem)
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_open_stream_arguments_of_the_wrong_type_are_named(name: str) -> None:
+    """A list of header pairs was an AttributeError; a bytes target "target is empty"."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        with pytest.raises(quicmesh.InvalidHeader, match=r"must be a mapping.*got list"):
+            await conn.open_stream(TARGET, [("x-a", "b")])  # type: ignore[arg-type]
+        with pytest.raises(quicmesh.InvalidTarget, match="must be a host:port string, got bytes"):
+            await conn.open_stream(b"h:1")  # type: ignore[arg-type]
+        await echoed(conn, b"still fine")
+        await shutdown(listener, conn)
 
     run(main())
 

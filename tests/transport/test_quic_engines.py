@@ -1008,3 +1008,24 @@ def test_closed_endpoints_give_their_udp_sockets_back_while_still_referenced(
         assert listener is not None and conn is not None  # still referenced
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_a_closing_connection_does_not_migrate(engine: str) -> None:
+    """``migrate()`` between ``close()`` and the close taking effect opened a socket (a
+    native client moved its whole endpoint) and counted a migration."""
+
+    async def main() -> None:
+        server = transport(engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = transport(engine)
+        conn = await client.connect(listener.address)
+        conn.close()
+        with pytest.raises(QuicmeshError, match="closing: it cannot migrate"):
+            await conn.migrate()
+        assert conn.stats()["migrations_active"] == 0
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())

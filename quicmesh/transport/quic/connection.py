@@ -79,6 +79,7 @@ from ..base import (
     InboundDecider,
     InboundEngineFlow,
     StreamHandler,
+    checked_address,
     host_port,
 )
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
@@ -548,7 +549,10 @@ class QuicPeerConnection(SessionConnection):
             :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
         """
         self._raise_if_lost()
+        if self._closing:
+            raise ConnectionLost("the connection is closing: it cannot migrate")
         if local_address is not None:
+            local_address = checked_address(local_address, "migrate address")
             self._check_family(local_address[0])
         await self._migrate(local_address, cause="active")
 
