@@ -41,7 +41,7 @@ from ..tls.check import handshake_failure_reason
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
 from ._session import SessionConnection
-from .base import Address, Authorizer, Listener, StreamHandler, host_port
+from .base import Address, Authorizer, Listener, StreamHandler, checked_address, host_port
 
 logger = logging.getLogger("quicmesh.transport.tls")
 
@@ -619,6 +619,7 @@ async def start_server(
     :param handshake_failures: counts, by reason, the connections that ended before
         their handshake (and the check of the client's certificate) completed.
     """
+    address = checked_address(address, "listen address")
     loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
 
@@ -668,7 +669,7 @@ async def open_connection(
     :raises ConnectError: (or :class:`PeerVerificationError`) naming why.
     """
     loop = asyncio.get_running_loop()
-    host, port = address[0], address[1]
+    host, port = checked_address(address, "connect address")
     protocol: TlsTunnelProtocol | None = None
 
     def create_protocol() -> TlsTunnelProtocol:

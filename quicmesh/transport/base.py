@@ -37,6 +37,26 @@ if TYPE_CHECKING:
     from .registry import TransportRegistry as TransportRegistry
 
 Address = tuple[str, int]
+
+
+def checked_address(address: object, what: str) -> Address:
+    """``address`` if it is a ``(host, port)`` pair (a host name or IP address, a port
+    0-65535), for the public API's ``connect``, ``listen`` and ``migrate``.
+
+    :raises ConfigError: naming ``what`` and the value (a ``"host:port"`` string was
+        indexed as a pair before: ``("1", "2")``, a connection to 0.0.0.1 port 2).
+    """
+    pair = tuple(address) if isinstance(address, (tuple, list)) else None
+    if pair is None or len(pair) != 2:
+        raise ConfigError(f"{what}: expected a (host, port) pair, got {address!r}")
+    host, port = pair
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{what}: the host must be a non-empty string, got {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: the port must be an integer 0-65535, got {port!r}")
+    return (host, port)
+
+
 StreamHandler = Callable[[MeshStream], Awaitable[None]]
 """Called once per accepted stream, in its own task."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import InvalidHeader, InvalidTarget, TunnelUsageError
@@ -98,7 +98,11 @@ def parse_target(value: str) -> Target:
     """
     if isinstance(value, Target):
         return value
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
+        raise InvalidTarget(
+            f"target must be a host:port string, got {type(value).__name__} {value!r:.60}"
+        )
+    if not value:
         raise InvalidTarget("target is empty: expected host:port")
     if len(value) > 300:
         raise InvalidTarget("target is longer than 300 characters")
@@ -198,6 +202,10 @@ def validate_headers(headers: dict[str, str] | None) -> dict[str, str]:
     """
     if not headers:
         return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidHeader(
+            f"headers must be a mapping of names to values, got {type(headers).__name__}"
+        )
     if len(headers) > MAX_HEADER_COUNT:
         raise InvalidHeader(f"{len(headers)} headers: at most {MAX_HEADER_COUNT} are allowed")
     result: dict[str, str] = {}

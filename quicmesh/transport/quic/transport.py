@@ -69,6 +69,7 @@ from ..base import (
     InboundDecider,
     StreamHandler,
     Transport,
+    checked_address,
     default_quic_engine,
 )
 from ..liveness import LivenessConfig
@@ -377,14 +378,15 @@ class QuicTransport(Transport):
     ) -> QuicListener | SocketEngineListener:
         """Accept peer connections (see :meth:`Transport.listen`).
 
-        :param early_data: accept 0-RTT from clients resuming with a ticket. False
-            still resumes sessions (no certificates) but rejects their 0-RTT, which
-            the clients then send again in 1-RTT.
+        :param early_data: accept 0-RTT from clients resuming with a ticket. False:
+            no 0-RTT is taken; on aioquic sessions still resume (no certificates) and
+            their 0-RTT is rejected, which the clients then send again in 1-RTT; the
+            native engine issues no tickets then, so every handshake is a full one.
         :raises ConfigError: our certificate carries no SPIFFE ID (no client could
             verify it), as :meth:`connect` raises.
         """
         self.identity.spiffe_id  # noqa: B018 - raises ConfigError naming the certificate
-        address = await _numeric(address, listening=True)
+        address = await _numeric(checked_address(address, "listen address"), listening=True)
         if self.engine.io == "socket":
             return self._listen_socket(address, handler, authorize, early_data=early_data)
         config = self.configuration(is_client=False)
@@ -458,7 +460,7 @@ class QuicTransport(Transport):
             an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
             A handshake failure then surfaces on the streams, not here.
         """
-        address = await _numeric(address, listening=False)
+        address = await _numeric(checked_address(address, "connect address"), listening=False)
         if self.engine.io == "socket":
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
