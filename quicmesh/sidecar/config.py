@@ -642,6 +642,14 @@ def parse_service(text: object) -> Address:
     return host, port
 
 
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A service's IP address (:func:`parse_service` checked it), IPv4-mapped unmapped."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def format_address(address: Address) -> str:
     """``host:port``, with IPv6 literals in brackets."""
     host, port = address
@@ -1035,15 +1043,19 @@ class _Loader:
         return config
 
     def check_services(self, node: _Field, clusters: tuple[ClusterConfig, ...]) -> None:
-        owners: dict[Address, str] = {}
+        # Compared as the destination table compares them: an IPv4-mapped IPv6 address
+        # is its IPv4 address (two spellings of one service passed here before, and the
+        # table refused them at start, with a traceback).
+        owners: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
         for index, cluster in enumerate(clusters):
             for service in cluster.all_services:
-                if service in owners and owners[service] != cluster.name:
+                key = (_unmapped(service[0]), service[1])
+                if key in owners and owners[key] != cluster.name:
                     raise node.error(
                         f"[{index}].services: {format_address(service)} is also a service "
-                        f"of cluster {owners[service]!r}"
+                        f"of cluster {owners[key]!r}"
                     )
-                owners[service] = cluster.name
+                owners[key] = cluster.name
 
     def check_ports(
         self,

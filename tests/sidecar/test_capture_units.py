@@ -207,6 +207,23 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
             },
             "clusters: [1].services: 10.96.0.1:80 is also a service of cluster 'reviews'",
         ),
+        (
+            # The same service spelt as an IPv4-mapped IPv6 address: the destination
+            # table refused it at start, with a traceback (--check said ok).
+            {
+                "intercept": {},
+                "clusters": [
+                    {**CLUSTER, "endpoints": ["b:1"], "services": ["10.96.0.10:80"]},
+                    {
+                        **CLUSTER,
+                        "name": "y",
+                        "endpoints": ["b:1"],
+                        "services": ["[::ffff:10.96.0.10]:80"],
+                    },
+                ],
+            },
+            "clusters: [1].services: [::ffff:a60:a]:80 is also a service of cluster 'reviews'",
+        ),
     ],
 )
 def test_bad_intercept_config_is_one_line(extra: dict[str, object], message: str) -> None:
