@@ -68,8 +68,13 @@ class EndpointHealth:
         threshold = self.check.healthy_threshold if self.check is not None else 1
         if self.active_unhealthy and self.passing_checks >= threshold:
             self.active_unhealthy = False
-        if self.ejected_until is not None and not self.active_unhealthy:
-            # A passing active check readmits an ejected endpoint early, like Envoy.
+        if (
+            self.ejected_until is not None
+            and not self.active_unhealthy
+            and self.passing_checks >= threshold
+        ):
+            # ``healthy_threshold`` checks passed in a row since the ejection began end
+            # it early (docs/config.md; one passing check did before).
             self.ejected_until = None
             self.connect_failures = 0
 
@@ -97,6 +102,7 @@ class EndpointHealth:
             multiplier = min(self.ejections, MAX_EJECTION_MULTIPLIER)
             self.ejected_until = now + self.outlier.base_ejection_time * multiplier
             self.connect_failures = 0
+            self.passing_checks = 0  # the checks that end it early count from now
             return True
         return False
 

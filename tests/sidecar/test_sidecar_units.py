@@ -128,12 +128,30 @@ def test_active_checks_mark_unhealthy_and_back() -> None:
 
 
 def test_a_passing_check_readmits_an_ejected_endpoint() -> None:
-    health = EndpointHealth(OUTLIER, HealthCheckConfig())
+    health = EndpointHealth(OUTLIER, HealthCheckConfig(healthy_threshold=1))
     for _ in range(3):
         health.connect_failed(0.0)
     assert health.state(1.0) is HealthState.EJECTED
     health.check_passed(1.0)
     assert health.state(1.0) is HealthState.HEALTHY
+
+
+def test_healthy_threshold_checks_in_a_row_end_an_ejection_early() -> None:
+    """One passing check ended an ejection whatever ``healthy_threshold`` said."""
+    health = EndpointHealth(OUTLIER, HealthCheckConfig(healthy_threshold=3))
+    health.check_passed(0.0)
+    health.check_passed(0.5)  # passed before the ejection: they do not count
+    for _ in range(3):
+        health.connect_failed(1.0)
+    health.check_passed(2.0)
+    health.check_passed(3.0)
+    assert health.state(3.0) is HealthState.EJECTED
+    health.check_failed(4.0)  # not in a row any more
+    health.check_passed(5.0)
+    health.check_passed(6.0)
+    assert health.state(6.0) is HealthState.EJECTED
+    health.check_passed(7.0)
+    assert health.state(7.0) is HealthState.HEALTHY
 
 
 def test_max_ejection_percent_keeps_some_endpoints() -> None:
