@@ -345,7 +345,11 @@ class Cluster:
     async def _open_on(
         self, endpoint: Endpoint, target: str, headers: dict[str, str]
     ) -> OpenedFlow:
-        if not self.breaker.try_begin_pending():
+        # Pending: waiting for a connection or stream credit (Envoy's pending requests),
+        # not the CONNECT's round trip on a connection ready now (every flow counted
+        # here until 2026-12-06, so max_pending_opens also capped flows in flight).
+        pending = not endpoint.pool.has_ready_connection()
+        if pending and not self.breaker.try_begin_pending():
             self.stats.overflows["max_pending_opens"] += 1
             raise FlowRefused(
                 Outcome.OVERFLOW,
@@ -381,7 +385,8 @@ class Cluster:
                 Outcome.CONNECT_FAILED, f"{endpoint.name}: {reason}", endpoint.name
             ) from None
         finally:
-            self.breaker.end_pending()
+            if pending:
+                self.breaker.end_pending()
         if endpoint.address in self.endpoints:
             # (An endpoint removed while the flow was opening has no health record
             # any more; the flow still runs on it to its end.)

@@ -1492,7 +1492,7 @@ class _Loader:
         return CircuitBreakerConfig(
             max_connections=_int_or(node.child("max_connections"), 64, 1, 100000),
             max_concurrent_streams=_int_or(node.child("max_concurrent_streams"), 1024, 1, 1000000),
-            max_pending_opens=_int_or(node.child("max_pending_opens"), 256, 0, 1000000),
+            max_pending_opens=_int_or(node.child("max_pending_opens"), 256, 1, 1000000),
         )
 
 

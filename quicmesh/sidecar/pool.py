@@ -257,6 +257,18 @@ class EndpointPool:
                 )
             mine = await self._connect()
 
+    def has_ready_connection(self) -> bool:
+        """Whether :meth:`open_stream` would open a stream at once, on a current
+        connection with stream credit (no dial, no wait for credit): such an open is
+        not a pending one (``max_pending_opens``)."""
+        return any(
+            p.retired is None
+            and not self.is_stale(p)
+            and not p.connection.is_closed
+            and p.connection.can_open_stream
+            for p in self.connections
+        )
+
     def going_away(self, now: float) -> bool:
         """Whether the peer said it is going away (a GOAWAY on a connection of this pool
         now, or in the last :data:`GOING_AWAY_SECONDS`): its cluster sends new flows to

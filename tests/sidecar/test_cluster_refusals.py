@@ -294,3 +294,54 @@ def test_an_endpoint_ejected_for_refusing_our_certificate_returns_when_ours_chan
             await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_flows_on_a_ready_connection_are_not_pending_opens() -> None:
+    """``max_pending_opens`` counts flows waiting for a connection or stream credit: it
+    counted every flow until its CONNECT was answered, so with 1, nine of ten concurrent
+    flows on a warm connection with credit to spare were refused (engine flows were not,
+    so the limit depended on the engine)."""
+
+    async def main() -> None:
+        ca = DevCA()
+        answer = asyncio.Event()
+
+        async def slow_answer(stream: MeshStream) -> None:
+            await answer.wait()  # every CONNECT is in flight at once
+            await _echo(stream)
+
+        server = H2Transport(
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+        )
+        listener = await server.listen(("127.0.0.1", 0), slow_answer)
+        cluster = _h2_cluster(
+            ca,
+            [listener.address],
+            circuit_breakers={
+                "max_connections": 1,
+                "max_concurrent_streams": 100,
+                "max_pending_opens": 1,
+            },
+        )
+        try:
+            answer.set()
+            warm = await cluster.open_flow()  # dials: the one pending open
+            cluster.flow_finished(warm, 0, 0)
+            warm.stream.abort()
+            answer.clear()
+            opening = [asyncio.ensure_future(cluster.open_flow()) for _ in range(10)]
+            await asyncio.sleep(0)
+            answer.set()
+            flows = await asyncio.gather(*opening)
+            assert cluster.stats.overflows["max_pending_opens"] == 0
+            for flow in flows:
+                flow.stream.write(b"x")
+                flow.stream.write_eof()
+                assert await flow.stream.read() == b"x"
+                cluster.flow_finished(flow, 1, 1)
+        finally:
+            await cluster.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -220,6 +220,11 @@ DELETE = object()
             "sidecar.yaml: clusters[0].circuit_breakers.max_connections: 0 is outside 1-100000",
         ),
         (
+            ["clusters", 0, "circuit_breakers", "max_pending_opens"],
+            0,
+            "sidecar.yaml: clusters[0].circuit_breakers.max_pending_opens: 0 is outside 1-1000000",
+        ),
+        (
             ["clusters", 0, "early_data"],
             "yes",
             "sidecar.yaml: clusters[0].early_data: expected true or false",
