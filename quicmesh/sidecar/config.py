@@ -373,7 +373,10 @@ class ClusterConfig:
     the sidecar copies in Python)."""
 
     def same_except_endpoints(self, other: ClusterConfig) -> bool:
-        """True when only the endpoint list differs (a reload can update in place)."""
+        """True when only the endpoint list (and what the endpoints file says) differs:
+        a reload can update the cluster in place. Its ``services`` count: a cluster kept
+        on a reload that changed them went on with the old ones, which the next change
+        of its endpoints file put back into the destination table."""
         return _replace_endpoints(self, ()) == _replace_endpoints(other, ())
 
 
@@ -450,7 +453,7 @@ class SidecarConfig:
 def _replace_endpoints(cluster: ClusterConfig, endpoints: tuple[Address, ...]) -> ClusterConfig:
     from dataclasses import replace
 
-    return replace(cluster, endpoints=endpoints, services=(), file_services=())
+    return replace(cluster, endpoints=endpoints, file_services=())
 
 
 def _plain(value: Any) -> Any:

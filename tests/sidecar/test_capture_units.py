@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -251,6 +252,28 @@ def test_endpoints_file_may_list_services(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"endpoints": [], "services": ["vip:80"]}))
     with pytest.raises(ConfigError, match=r"ep.yaml: services\[0\]: 'vip' is not an IP address"):
         load_endpoints_document(path)
+
+
+def test_a_reload_that_changes_services_does_not_keep_the_cluster(tmp_path: Path) -> None:
+    """A cluster kept on reload (only its endpoints differ) keeps its configuration: one
+    whose ``services`` changed was kept too, and the next change of its endpoints file
+    rebuilt the destination table from the old services."""
+    path = tmp_path / "ep.yaml"
+    path.write_text(yaml.safe_dump({"endpoints": ["10.0.0.2:15008"], "services": []}))
+
+    def cluster(services: list[str], endpoints: list[str]) -> Any:
+        path.write_text(yaml.safe_dump({"endpoints": endpoints, "services": ["10.96.0.20:80"]}))
+        document = config(
+            intercept={},
+            clusters=[{**CLUSTER, "endpoints_file": str(path), "services": services}],
+        )
+        return parse_config(document, source="s.yaml").clusters[0]
+
+    running = cluster(["10.96.0.10:80"], ["10.0.0.2:15008"])
+    assert running.same_except_endpoints(cluster(["10.96.0.10:80"], ["10.0.0.3:15008"]))
+    assert not running.same_except_endpoints(
+        cluster(["10.96.0.10:80", "10.96.0.11:80"], ["10.0.0.2:15008"])
+    )
 
 
 @given(st.text(max_size=30))
