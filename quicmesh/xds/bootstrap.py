@@ -122,14 +122,21 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
     identity = _identity_of(cert, f"Secret {certificate.name!r}.tls_certificate.certificate_chain")
     _check_secret_files(certificate.name, cert, key, validation.name, bundle)
     mapped = map_resources(resources)
-    if mapped.warming and xds is None:
+    if mapped.warming:
+        # Static resources are fixed at load, beside what xDS gives: a static EDS
+        # cluster or a static listener on a CDS cluster was dropped silently before
+        # (its listener never bound); refused, naming it.
         name = mapped.warming[0]
         if name.endswith(MISSING):
             raise MappingError(
                 f"tcp_proxy cluster {name.removesuffix(MISSING)!r}: no such cluster in "
-                "bootstrap.static_resources.clusters (and no dynamic_resources to give it)"
+                "bootstrap.static_resources.clusters: a static listener tunnels to a static "
+                "cluster only (send the listener over LDS to use a cluster CDS gives)"
             )
-        raise MappingError(f"Cluster {name!r}: an EDS cluster needs dynamic_resources (ADS)")
+        raise MappingError(
+            f"Cluster {name!r}: a static cluster needs its endpoints inline "
+            "(load_assignment), not EDS (send the cluster over CDS for EDS)"
+        )
     check_ports(mapped, admin_address[1])
     if not mapped.outbound and not mapped.inbound and xds is None:
         raise MappingError("bootstrap.static_resources: at least one supported listener needed")

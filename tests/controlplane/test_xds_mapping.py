@@ -641,3 +641,41 @@ def test_a_serving_cluster_keeps_serving_while_its_update_warms() -> None:
     resources.assignments["c2"] = _cla(cla_doc("c2", [("127.0.0.1", 2, "HEALTHY", None)]))
     warm = map_resources(resources, serving)
     assert warm.warming == () and warm.clusters[0].transport == "quic"
+
+
+def _with_ads(path: Path) -> None:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["static_resources"]["clusters"].append(
+        static_cluster_doc("xds", "h2", [("127.0.0.1", 18000)])
+    )
+    document["dynamic_resources"] = {
+        "ads_config": {"grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+        "cds_config": {"ads": {}},
+        "lds_config": {"ads": {}},
+    }
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("clusters", "message"),
+    [
+        # A static EDS cluster fed over ADS: dropped with its listener (never bound).
+        (
+            [cluster_doc("reviews", "quic")],
+            "Cluster 'reviews': a static cluster needs its endpoints inline (load_assignment)",
+        ),
+        # A static listener on a cluster CDS would give: dropped, never bound.
+        ([], "tcp_proxy cluster 'reviews': no such cluster in bootstrap.static_resources"),
+    ],
+)
+def test_a_static_listener_whose_cluster_is_not_static_is_refused_with_ads(
+    tmp_path: Path, clusters: list[Any], message: str
+) -> None:
+    """With dynamic_resources these passed --check and the sidecar started without the
+    listener (connections to its port refused), logging nothing."""
+    path = write_bootstrap(tmp_path, clusters=clusters)
+    _with_ads(path)
+    result = _check(path)
+    assert result.returncode == 2, result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
