@@ -8,17 +8,25 @@ presents and verifies with, and where they come from:
   two thirds into that lifetime;
 - ``tls.cert``/``key``/``trust_bundle`` (PEM files, kept up to date by an agent
   as Envoy's ``watched_directory`` expects): the files are polled and read again
-  when any of them changes; a half-written or mismatched set is logged and
-  ignored until the next change; a set that loads but cannot be used (expired,
+  when any of them changes; a half-written or mismatched set, or one a transport
+  in use cannot load (a key type the native QUIC engine does not know), is logged
+  and ignored until the next change; a set that loads but cannot be used (expired,
   not yet valid, not trusted by its own bundle) is logged and waits while the
   current certificate can be used;
-- :meth:`CertificateSource.replace` (SDS): a control plane pushes a new one.
+- :meth:`CertificateSource.deliver` (SDS): a control plane pushes a new identity,
+  trust bundle or both. What it delivered is the control plane's from then on:
+  the dev CA issues no more certificates once SDS delivered the identity, and a
+  certificate it issues keeps the trust bundle SDS delivered.
 
-Each change calls ``on_rotated(identity, trust)``; the runtime hands the new
-identity to every transport (new handshakes use it at once) and pools replace
-connections made with the old one. :meth:`CertificateSource.problem` says in
-one line why the current certificate cannot be used (expired, not yet valid,
-not trusted by our own bundle); the sidecar is then not ready.
+Each change calls ``on_rotated(identity, trust)`` before it is taken; the runtime
+hands the new identity to every transport (new handshakes use it at once) and
+pools replace connections made with the old one. A change is all or nothing: if
+``on_rotated`` raises (a QUIC engine cannot load the key, say), the identity and
+trust bundle in use stay, and the change is refused (SDS: NACKed; files: logged
+until they change again; dev CA: tried again later).
+:meth:`CertificateSource.problem` says in one line why the current certificate
+cannot be used (expired, not yet valid, not trusted by our own bundle); the
+sidecar is then not ready.
 """
 
 from __future__ import annotations
@@ -133,6 +141,8 @@ class CertificateSource:
         by their own bundle) while the current certificate can: taken once they can be,
         or once the current one cannot (checked every :data:`WAITING_CHECK`)."""
         self._waiting_checked: datetime.datetime | None = None
+        self.delivered: frozenset[str] = frozenset()
+        """What SDS delivered (``identity``, ``trust``): the dev CA no longer replaces it."""
 
     # -- state -----------------------------------------------------------------
 
@@ -141,8 +151,9 @@ class CertificateSource:
         return own_certificate_problem(self.identity, self.trust, now)
 
     def next_renewal(self) -> datetime.datetime | None:
-        """When the dev CA will issue the next certificate (None: not from ``ca_dir``)."""
-        if self.config.tls.ca_dir is None:
+        """When the dev CA will issue the next certificate (None: not from ``ca_dir``, or
+        SDS delivered the identity)."""
+        if self.config.tls.ca_dir is None or "identity" in self.delivered:
             return None
         if self._retry_at is not None:
             return self._retry_at
@@ -174,20 +185,27 @@ class CertificateSource:
     # -- changes ---------------------------------------------------------------
 
     def replace(self, identity: Identity, trust: TrustBundle | None = None) -> None:
-        """Use a new identity (and trust bundle) from now on; tell the runtime.
+        """Use a new identity (and trust bundle) from now on, everywhere or nowhere.
+
+        ``on_rotated`` hears of it first; only once it returned are the new identity and
+        trust bundle this source's (and counted as a rotation).
 
         :raises ConfigError: the certificate is for another SPIFFE ID than ``node.identity``.
+        :raises QuicmeshError: ``on_rotated`` refused it (the runtime: a transport cannot
+            use it); nothing changed.
         """
         if identity.spiffe_id != self.config.node.identity:
             raise ConfigError(
                 f"new certificate is for {identity.spiffe_id}, not node.identity "
                 f"{self.config.node.identity}"
             )
+        trust = trust if trust is not None else self.trust
+        if self._on_rotated is not None:
+            self._on_rotated(identity, trust)
         if identity.cert_chain_pem() != self.identity.cert_chain_pem():
             self._waiting = None  # (files waiting to be usable lose to a newer certificate)
         self.identity = identity
-        if trust is not None:
-            self.trust = trust
+        self.trust = trust
         self.rotations += 1
         certificate = identity.certificate
         logger.info(
@@ -199,8 +217,25 @@ class CertificateSource:
         problem = self.problem()
         if problem is not None:
             logger.error("%s", problem)
-        if self._on_rotated is not None:
-            self._on_rotated(self.identity, self.trust)
+
+    def deliver(self, identity: Identity | None, trust: TrustBundle | None) -> None:
+        """A control plane's (SDS) identity, trust bundle, or both: used as :meth:`replace`
+        does (not at all if the same as in use), and the control plane's from then on.
+
+        :raises QuicmeshError: as :meth:`replace`; nothing changed, nothing is the
+            control plane's yet.
+        """
+        new_identity = identity if identity is not None else self.identity
+        new_trust = trust if trust is not None else self.trust
+        if (
+            new_identity.cert_chain_pem() != self.identity.cert_chain_pem()
+            or new_trust.pem != self.trust.pem
+        ):
+            self.replace(new_identity, new_trust)
+        if identity is not None:
+            self.delivered |= {"identity"}
+        if trust is not None:
+            self.delivered |= {"trust"}
 
     def start(self, on_rotated: Rotated) -> None:
         """Start renewing (``ca_dir``) or watching the files; ``on_rotated`` hears of changes."""
@@ -218,8 +253,10 @@ class CertificateSource:
 
     async def _run(self) -> None:
         while True:
-            renewal = self.next_renewal()
-            if renewal is not None:
+            if self.config.tls.ca_dir is not None:
+                renewal = self.next_renewal()
+                if renewal is None:
+                    return  # SDS delivered the identity: the dev CA's part is over
                 delay = (renewal - datetime.datetime.now(datetime.UTC)).total_seconds()
                 await asyncio.sleep(max(0.0, delay))
                 self._renew_from_ca()
@@ -230,9 +267,18 @@ class CertificateSource:
     def _renew_from_ca(self) -> None:
         tls = self.config.tls
         assert tls.ca_dir is not None
+        if "identity" in self.delivered:
+            # (Delivered while this renewal was waiting.)
+            logger.info(
+                "not renewing the certificate from %s: the identity comes from SDS now",
+                tls.ca_dir,
+            )
+            return
         try:
             ca = DevCA.load(tls.ca_dir)
             identity = _issue(ca, self.config)
+            # A trust bundle SDS delivered stays (ours must then chain to it).
+            self.replace(identity, None if "trust" in self.delivered else ca.trust_bundle)
         except (QuicmeshError, ValueError) as exc:
             self.failures += 1
             logger.error("cannot renew the certificate from %s: %s", tls.ca_dir, exc)
@@ -241,7 +287,6 @@ class CertificateSource:
             return
         self._retry_at = None
         self._issued_at = datetime.datetime.now(datetime.UTC)
-        self.replace(identity, ca.trust_bundle)
 
     def _file_versions(self) -> tuple[tuple[int, int, int] | None, ...]:
         tls = self.config.tls
@@ -275,8 +320,8 @@ class CertificateSource:
             # the certificate waits: a new trust bundle is taken at once (a CA taken
             # out of it, after a compromise, must stop being trusted now).
             self.failures += 1
-            if trust.pem != self.trust.pem:
-                self.replace(self.identity, trust)
+            if trust.pem != self.trust.pem and not self._replace_from_files(self.identity, trust):
+                return
             self._waiting = (identity, trust)
             logger.error(
                 "certificate files changed but not taken: %s; the current certificate "
@@ -285,7 +330,7 @@ class CertificateSource:
                 self.identity.certificate.not_valid_after_utc,
             )
             return
-        self.replace(identity, trust)
+        self._replace_from_files(identity, trust)
 
     def _take_when_usable(self, identity: Identity, trust: TrustBundle) -> None:
         now = datetime.datetime.now(datetime.UTC)
@@ -294,7 +339,23 @@ class CertificateSource:
         self._waiting_checked = now
         if own_certificate_problem(identity, trust, now) is None or self.problem(now) is not None:
             self._waiting = None
+            self._replace_from_files(identity, trust)
+
+    def _replace_from_files(self, identity: Identity, trust: TrustBundle) -> bool:
+        """:meth:`replace` with what the files hold; False (logged, the running identity
+        kept until the files change again) if it cannot be used here."""
+        try:
             self.replace(identity, trust)
+        except QuicmeshError as exc:
+            self.failures += 1
+            logger.error(
+                "certificate files changed but cannot be used: %s; keeping the running "
+                "certificate (valid until %s) until they change again",
+                exc,
+                self.identity.certificate.not_valid_after_utc,
+            )
+            return False
+        return True
 
 
 def _version(path: str) -> tuple[int, int, int] | None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import Identity, TrustBundle
+from ..tls.context import client_ssl_context, server_ssl_context
 from ..transport.base import Transport, transport_registry
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
@@ -480,20 +481,101 @@ class Sidecar:
         self._remember_watched(read)
 
     def _rotate_identity(self, identity: Identity, trust: TrustBundle) -> None:
-        """A new certificate: every transport presents it from the next handshake on.
+        """A new certificate: every transport presents it from the next handshake on, or
+        none does.
 
-        Pools then dial new connections for new flows and close the old ones as
-        their last flow ends (:meth:`.pool.EndpointPool.is_stale`).
+        Each QUIC engine and TLS library in use must load it first
+        (:meth:`_identity_problem`: a client endpoint of the native engine reads the key
+        only when it dials); a transport that still refuses it puts every transport
+        switched so far back on the identity in use. Pools then dial new connections for
+        new flows and close the old ones as their last flow ends
+        (:meth:`.pool.EndpointPool.is_stale`).
+
+        :raises ConfigError: it cannot be used here (the line says where and why);
+            nothing changed.
         """
+        problem = self._identity_problem(identity, trust)
+        if problem is not None:
+            raise ConfigError(problem)
+        clusters = list(self.clusters.values()) + self.retired_clusters
+        holders: list[Transport | InboundListener] = [c.transport for c in clusters]
+        holders += self.inbound.values()
+        switched: list[Transport | InboundListener] = []
+        try:
+            for holder in holders:
+                switched.append(holder)  # (one that fails may have switched in part)
+                holder.set_identity(identity, trust)
+        except Exception as exc:
+            self._restore_identity(switched)
+            raise ConfigError(f"the new certificate cannot be used here: {exc}") from None
         # (Not on a new trust bundle alone, which comes with the same certificate.)
         ours_changed = identity.cert_chain_pem() != self.identity.cert_chain_pem()
         self.identity, self.trust = identity, trust
-        for cluster in list(self.clusters.values()) + self.retired_clusters:
-            cluster.transport.set_identity(identity, trust)
-            if ours_changed:
+        if ours_changed:
+            for cluster in clusters:
                 cluster.our_identity_changed()
-        for inbound in self.inbound.values():
-            inbound.set_identity(identity, trust)
+
+    def _restore_identity(self, switched: list[Transport | InboundListener]) -> None:
+        """Put ``switched`` back on the identity and trust bundle in use (they loaded it
+        before)."""
+        for holder in switched:
+            try:
+                holder.set_identity(self.identity, self.trust)
+            except Exception:
+                logger.exception("cannot put %r back on the running certificate", holder)
+
+    def _identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why a QUIC engine or the TLS library of a transport in use cannot load
+        ``identity`` and ``trust``, in one line, or None."""
+        clusters = [c.config for c in [*self.clusters.values(), *self.retired_clusters]]
+        listeners = [listener.config for listener in self.inbound.values()]
+        engines = {c.engine for c in clusters if c.transport in ("quic", "auto")}
+        engines |= {i.engine for i in listeners if "quic" in i.transports}
+        for engine in sorted(engines):
+            problem = self._engine_identity_problem(engine, identity, trust)
+            if problem is not None:
+                return problem
+        if any(c.transport in ("h2", "tcp", "auto") for c in clusters) or any(
+            {"h2", "tcp"} & set(i.transports) for i in listeners
+        ):
+            try:
+                client_ssl_context(identity, trust, ["h2"])
+                server_ssl_context(identity, trust, ["h2"])
+            except ConfigError as exc:
+                return f"the new certificate cannot be used over h2 or tcp: {exc}"
+        return None
+
+    @staticmethod
+    def _engine_identity_problem(name: str, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why the QUIC engine ``name`` cannot load ``identity`` and ``trust``, or None.
+
+        A socket engine (native: rustls) loads them into a listener on a loopback port,
+        closed at once; a datagram engine (aioquic) signs with the key as
+        ``cryptography`` loaded it: whatever :class:`~quicmesh.tls.Identity` holds, it
+        can use.
+        """
+        from ..transport.quic.engine import EngineError, EngineLimits, EngineTls, get_engine
+
+        try:
+            engine = get_engine(name)
+        except (ValueError, QuicmeshError):
+            return None  # (not running here: the configuration said why at load)
+        if engine.io != "socket":
+            return None
+        limits = EngineLimits(
+            idle_timeout=1.0,
+            stream_window=65536,
+            connection_window=65536,
+            max_streams=1,
+            congestion_control=engine.congestion_controls()[0],
+        )
+        tls = EngineTls(identity=identity, trust=trust)
+        try:
+            probe = engine.listen(limits, tls, ("127.0.0.1", 0), wake=lambda: None)
+        except (EngineError, QuicmeshError) as exc:
+            return f"the {name} QUIC engine cannot use the new certificate: {exc}"
+        probe.close()
+        return None
 
     def _retire_cluster(self, cluster: Cluster) -> None:
         """Keep an old cluster until its live flows end, then close its connections."""

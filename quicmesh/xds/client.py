@@ -8,7 +8,9 @@ sidecar's own reload path (:meth:`~quicmesh.sidecar.runtime.Sidecar.apply_config
 live flows finish on the clusters they started on), then ACKs; a mapping error
 or an apply that fails is NACKed with the one-line reason as ``error_detail``,
 and the running configuration stays. SDS secrets go to the sidecar's
-:class:`~quicmesh.sidecar.certs.CertificateSource`.
+certificates (:meth:`~quicmesh.sidecar.certs.CertificateSource.deliver`): an
+identity is taken by every transport or by none (NACKed, the one in use kept),
+and once delivered it is the control plane's (the dev CA no longer renews it).
 
 When the stream breaks the client reconnects with exponential backoff
 (:data:`BACKOFF_INITIAL` doubling to :data:`BACKOFF_MAX`, with jitter); the
@@ -274,11 +276,16 @@ class AdsClient:
             self.synced.set()
 
     def _apply_secrets(self, update: Update) -> None:
+        """Check the secrets and hand them to the sidecar's certificates, all or nothing:
+        an identity that a transport in use cannot load raises (a NACK) with the one in
+        use kept, so the same secret pushed again is refused again, never taken as
+        already applied."""
         certificate, validation = secrets_by_kind(update.resources.secrets)
         if certificate is None and validation is None:
             return
         source = self.sidecar.certs
-        identity, trust = source.identity, source.trust
+        identity: Identity | None = None
+        trust: TrustBundle | None = None
         if validation is not None:
             where = f"Secret {validation.name!r}: validation_context.trusted_ca"
             pem = data_source_bytes(validation.validation_context.trusted_ca, where)
@@ -292,17 +299,22 @@ class AdsClient:
             key = data_source_bytes(certificate.tls_certificate.private_key, f"{where}.private_key")
             with _named(where):
                 identity = Identity.from_pem(chain, key)
+        new_identity = identity if identity is not None else source.identity
+        new_trust = trust if trust is not None else source.trust
         if (
-            identity.cert_chain_pem() == source.identity.cert_chain_pem()
-            and trust.pem == source.trust.pem
+            new_identity.cert_chain_pem() != source.identity.cert_chain_pem()
+            or new_trust.pem != source.trust.pem
         ):
-            return
-        problem = own_certificate_problem(identity, trust)
-        if problem is not None:
-            raise MappingError(f"SDS: {problem}")
-        if identity.spiffe_id != self.sidecar.config.node.identity:
-            raise MappingError(
-                f"SDS: the certificate is for {identity.spiffe_id}, "
-                f"not this node's {self.sidecar.config.node.identity}"
-            )
-        source.replace(identity, trust)
+            problem = own_certificate_problem(new_identity, new_trust)
+            if problem is not None:
+                raise MappingError(f"SDS: {problem}")
+            if new_identity.spiffe_id != self.sidecar.config.node.identity:
+                raise MappingError(
+                    f"SDS: the certificate is for {new_identity.spiffe_id}, "
+                    f"not this node's {self.sidecar.config.node.identity}"
+                )
+        try:
+            # (The same as in use: nothing rotates, but it is the control plane's now.)
+            source.deliver(identity, trust)
+        except QuicmeshError as exc:
+            raise MappingError(f"SDS: {exc}") from None

@@ -626,3 +626,182 @@ def test_a_new_bundle_is_taken_while_a_certificate_issued_ahead_waits(tmp_path: 
         assert sidecar.request("GET", "/ready") == (200, b"ready\n")
     finally:
         assert sidecar.stop() == 0
+
+
+# -- a new identity is taken by every transport or by none --------------------------------
+
+
+def ed448_identity(ca: DevCA, spiffe_id: str) -> Any:
+    """An identity Python loads but the native QUIC engine cannot (rustls has no Ed448
+    keys), issued by ``ca`` as :meth:`DevCA.issue` issues: usable in every other respect."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed448
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from quicmesh.tls import Identity
+
+    key = ed448.Ed448PrivateKey.generate()
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_key_id = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "quicmesh")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_key_id.value),
+            critical=False,
+        )
+        .sign(ca.private_key, hashes.SHA256())
+    )
+    return Identity(certificate, key)
+
+
+def test_certificate_files_the_quic_engine_cannot_load_are_refused_and_the_running_ones_kept(
+    tmp_path: Path,
+) -> None:
+    """Files that load in Python but not in the native engine (an Ed448 key) were taken
+    half way: the sidecar's identity was swapped before the QUIC listener refused it (the
+    watcher task then died on the error, so no later file was ever read). They are logged
+    and left, the running certificate stays in use, and the next good set is taken."""
+    require_engine("native")
+    ca = DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    config["listeners"]["inbound"][0]["engine"] = "native"
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        serial = sidecar.stats()["certificate"]["serial"]
+        _write_identity(tmp_path, "b", ed448_identity(ca, IDENTITY_B))
+        wait_until(
+            lambda: "certificate files changed but cannot be used" in sidecar.stderr(),
+            what="the refusal logged",
+        )
+        assert "the native QUIC engine cannot use the new certificate" in sidecar.stderr()
+        certificate = sidecar.stats()["certificate"]
+        assert (certificate["serial"], certificate["rotations"]) == (serial, 0)
+        assert sidecar.request("GET", "/ready") == (200, b"ready\n")
+        good = ca.issue(IDENTITY_B)
+        _write_identity(tmp_path, "b", good)
+        wait_until(
+            lambda: (
+                sidecar.stats()["certificate"]["serial"]
+                == format(good.certificate.serial_number, "x")
+            ),
+            what="the next good set taken",
+        )
+        assert sidecar.stats()["certificate"]["rotations"] == 1
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_a_transport_refusing_a_new_certificate_puts_back_those_that_took_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime switched the clusters' transports, then a listener refused: the
+    clusters kept the new certificate (every handshake they made presented it), and the
+    sidecar's own record said rotated. Now every transport is put back on the running
+    certificate, the rotation is refused, and a handshake still gets the running one."""
+    import ssl
+
+    import yaml
+    from cryptography import x509
+
+    from quicmesh.errors import ConfigError, QuicmeshError
+    from quicmesh.sidecar.runtime import Sidecar
+    from quicmesh.tls.context import client_ssl_context
+    from quicmesh.xds.bootstrap import load_any_config
+
+    ca = DevCA()
+    ca.save(tmp_path / "ca")
+    mesh = free_port()
+    path = tmp_path / "a.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"name": "a", "identity": IDENTITY_A},
+                "tls": {"ca_dir": str(tmp_path / "ca")},
+                "admin": {"address": addr(free_port())},
+                "listeners": {
+                    "outbound": [{"name": "out", "address": addr(free_port()), "cluster": "c"}],
+                    "inbound": [
+                        {
+                            "name": "mesh",
+                            "address": addr(mesh),
+                            "transports": ["h2"],
+                            "destinations": ["127.0.0.1:*"],
+                        }
+                    ],
+                },
+                "clusters": [
+                    {
+                        "name": "c",
+                        "transport": "h2",
+                        "target": "127.0.0.1:9",
+                        "endpoints": [addr(mesh)],
+                    }
+                ],
+            }
+        )
+    )
+
+    async def presented() -> x509.Certificate:
+        context = client_ssl_context(ca.issue(IDENTITY_B), ca.trust_bundle, ["h2"])
+        _, writer = await asyncio.open_connection("127.0.0.1", mesh, ssl=context)
+        try:
+            ssl_object = writer.get_extra_info("ssl_object")
+            assert isinstance(ssl_object, ssl.SSLObject)
+            der = ssl_object.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der)
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        sidecar = Sidecar(load_any_config(str(path)), str(path))
+        await sidecar.start()
+        try:
+            running = sidecar.certs.identity
+            listener = sidecar.inbound["mesh"]
+            take = listener.set_identity
+
+            def take_then_refuse(identity: Any, trust: Any) -> None:
+                take(identity, trust)  # switched, then fails
+                if identity is not running:
+                    raise ConfigError("refused for the test")
+
+            monkeypatch.setattr(listener, "set_identity", take_then_refuse)
+            with pytest.raises(QuicmeshError, match="refused for the test"):
+                sidecar.certs.replace(ca.issue(IDENTITY_A))
+            assert sidecar.certs.identity is running and sidecar.certs.rotations == 0
+            assert sidecar.identity is running
+            assert sidecar.clusters["c"].transport.identity is running
+            assert listener.identity is running
+            assert (await presented()).serial_number == running.certificate.serial_number
+        finally:
+            await sidecar._close_everything()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
