@@ -765,6 +765,27 @@ class Sidecar:
             return "waiting for the control plane (LDS and CDS)"
         return self.certs.problem() or ""
 
+    def _clusters_snapshot(self) -> dict[str, Any]:
+        """Each cluster's view, with the connections of its retired versions (a reload
+        that made it again: their flows run on to their end) counted in: they left the
+        metrics while they still carried flows. A removed cluster is shown while it
+        has connections open."""
+        views = {name: c.snapshot() for name, c in self.clusters.items()}
+        for retired in self.retired_clusters:
+            view = retired.snapshot()
+            current = views.get(retired.config.name)
+            if current is None:
+                if view["connections_active"]:
+                    views[retired.config.name] = view
+                continue
+            current["connections_active"] += view["connections_active"]
+            for name, endpoint in view["endpoints"].items():
+                if not endpoint["connections"]:
+                    continue
+                kept = current["endpoints"].setdefault(name, {**endpoint, "connections": []})
+                kept["connections"] = [*kept["connections"], *endpoint["connections"]]
+        return views
+
     def snapshot(self) -> dict[str, Any]:
         """Counters and live state: ``/stats``, and the source of ``/metrics``."""
         listeners: dict[str, Any] = {}
@@ -805,7 +826,7 @@ class Sidecar:
             "handshake_failures": self._handshake_failures(),
             **({"xds": self.xds.snapshot()} if self.xds is not None else {}),
             "listeners": listeners,
-            "clusters": {name: c.snapshot() for name, c in self.clusters.items()},
+            "clusters": self._clusters_snapshot(),
             "intercept": intercept,
         }
 

@@ -413,6 +413,12 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
             a.write_config(new)
             a.signal(signal.SIGHUP)
             await asyncio.to_thread(wait_until, lambda: reloads("ok") == 1, 10.0, "reload")
+            # The retired cluster's connection still carries the held flows: it stays in
+            # the cluster's view (it left /stats and /metrics with the reload).
+            view = (await asyncio.to_thread(a.stats))["clusters"]["echo"]
+            assert view["connections_active"] >= 1
+            carried = [c for ep in view["endpoints"].values() for c in ep["connections"]]
+            assert sum(c["streams_active"] for c in carried) == 8
             fresh = os.urandom(50_000)
             assert await echo_flow(ports["echo"], fresh) == fresh
             return [await f.finish(os.urandom(100_000)) for f in held]
