@@ -377,6 +377,21 @@ class Sidecar:
                 raise
         self.reloads["ok"] += 1
 
+    async def _reopen_outbound(self, names: list[str]) -> None:
+        """Listen again on the outbound listeners ``names``, closed for a reload that
+        failed (best effort: one whose address was taken meanwhile is logged)."""
+        for name in names:
+            running = self.outbound[name]
+            listener = OutboundListener(
+                running.config, self.clusters.__getitem__, running.stats, self.flows, self._log_flow
+            )
+            try:
+                await self._bind(listener.start, f"listener {name}", running.config.address)
+            except QuicmeshError as exc:
+                logger.error("cannot listen again after the failed reload: %s", exc)
+                continue
+            self.outbound[name] = listener
+
     def attach_xds(self, client: Any) -> None:
         """Let an ADS client drive this sidecar; not ready until it has synced."""
         self.xds = client
@@ -390,6 +405,22 @@ class Sidecar:
         old_out = {o.name: o for o in self.config.outbound}
         old_in = {i.name: i for i in self.config.inbound}
         new_clusters: dict[str, Cluster] = {}
+        # An outbound listener renamed at its address (LDS often does that): the removed
+        # one lets go of the address before the new one binds it, as Envoy removes
+        # listeners before it adds; its flows carry on. Put back if the reload fails.
+        kept_names = {o.name for o in new.outbound}
+        moving_in = {
+            o.address
+            for o in new.outbound
+            if o.name not in old_out or old_out[o.name].address != o.address
+        }
+        handed_over = [
+            name
+            for name, old in old_out.items()
+            if name not in kept_names and old.address in moving_in and name in self.outbound
+        ]
+        for name in handed_over:
+            self.outbound[name].close()
         try:
             for cluster_config in new.clusters:
                 current = self.clusters.get(cluster_config.name)
@@ -430,7 +461,10 @@ class Sidecar:
                         self._log_flow,
                         self.own_addresses,
                     )
-                    await in_listener.start()
+                    try:
+                        await in_listener.start()
+                    except QuicmeshError as exc:
+                        raise QuicmeshError(f"listener {inb.name}: {exc}") from None
                     started_in.append(in_listener)
         except BaseException:
             for listener in started_out:
@@ -439,6 +473,7 @@ class Sidecar:
                 in_listener.close()
             for cluster in new_clusters.values():
                 await cluster.close()
+            await self._reopen_outbound(handed_over)
             raise
         # Commit: swap clusters, then listeners. Live flows keep their own objects.
         for cluster_config in new.clusters:

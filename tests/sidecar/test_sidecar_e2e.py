@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -462,6 +463,58 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
         wait_until(lambda: reloads("rejected") == 3, what="bad endpoints file refused")
         assert endpoints() == both
         assert "port 99999 is outside 1-65535" in a.stderr()
+    finally:
+        assert a.stop() == 0
+
+
+@pytest.mark.parametrize("transport", ["quic", "h2"])
+def test_a_reload_renaming_an_outbound_listener_at_its_address_applies(
+    mesh: Mesh, transport: str
+) -> None:
+    """LDS renames listeners at the same port: the new one could not bind the address
+    the removed one still held (the reload was refused, "address already in use").
+    The removed one lets go first; a flow it accepted carries on."""
+    config, ports = mesh.a_config([mesh.cluster("echo", transport)])
+    a = SidecarProcess(f"a-rename-{transport}", config, mesh.workdir)
+    a.start()
+    try:
+        a.wait_ready()
+
+        async def main() -> bool:
+            held = await HeldFlow.open(ports["echo"])
+            renamed = yaml.safe_load(yaml.safe_dump(config))
+            renamed["listeners"]["outbound"][0]["name"] = "echo-v2"
+            a.write_config(renamed)
+            a.signal(signal.SIGHUP)
+            await asyncio.to_thread(
+                wait_until, lambda: a.stats()["reloads"]["ok"] == 1, 10.0, "renaming reload"
+            )
+            payload = os.urandom(20_000)
+            assert await echo_flow(ports["echo"], payload) == payload
+            return await held.finish(os.urandom(10_000))
+
+        assert asyncio.run(main())
+        assert set(a.stats()["listeners"]) >= {"echo-v2"}
+        assert "echo" not in a.stats()["listeners"]
+        records = wait_until(lambda: len(a.access_log()) >= 2 and a.access_log(), what="logs")
+        assert sorted(r["listener"] for r in records) == ["echo", "echo-v2"]
+
+        # A reload that renames it again but fails (another listener's port is taken)
+        # changes nothing: the listener it had closed listens again.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            failing = yaml.safe_load(yaml.safe_dump(config))
+            failing["listeners"]["outbound"][0]["name"] = "echo-v3"
+            failing["listeners"]["outbound"].append(
+                {"name": "other", "address": addr(taken.getsockname()[1]), "cluster": "echo"}
+            )
+            a.write_config(failing)
+            a.signal(signal.SIGHUP)
+            wait_until(lambda: a.stats()["reloads"]["rejected"] == 1, what="failed reload")
+        payload = os.urandom(5_000)
+        assert asyncio.run(echo_flow(ports["echo"], payload)) == payload
+        assert "echo-v2" in a.stats()["listeners"] and "echo-v3" not in a.stats()["listeners"]
     finally:
         assert a.stop() == 0
 
