@@ -66,12 +66,47 @@ def parse_message(document: Any, message_type: type[M], where: str) -> M:
     :raises ParseError: ``<where>: <what protobuf said>``, one line.
     """
     message: M = message_type()
+    _check_shapes(document, message_type.DESCRIPTOR, where)
     try:
         json_format.ParseDict(document, message)
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ParseError(f"{where}: {first}") from None
     return message
+
+
+def _check_shapes(document: Any, descriptor: Any, where: str) -> None:
+    """A message field given a list or a scalar, or a list field given something else,
+    named (protobuf's ``ParseDict`` iterates whatever it is given: ``static_resources:
+    []`` was an empty message, reported later as missing secrets). Well-known types
+    (``google.protobuf.*``: durations as strings, wrappers as scalars, ``Struct``,
+    ``Any``) are left to ``ParseDict``."""
+    if not isinstance(document, dict):
+        return
+    for key, value in document.items():
+        field = descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None or field.message_type is None or value is None:
+            continue
+        kind = field.message_type
+        if kind.full_name.startswith("google.protobuf."):
+            continue
+        path = f"{where}.{key}"
+        if kind.GetOptions().map_entry:
+            if not isinstance(value, dict):
+                raise ParseError(f"{path}: expected a mapping, got {type(value).__name__}")
+        elif field.is_repeated:
+            if not isinstance(value, list):
+                raise ParseError(f"{path}: expected a list, got {type(value).__name__}")
+            for index, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ParseError(
+                        f"{path}[{index}]: expected a mapping, got {type(item).__name__}"
+                    )
+                _check_shapes(item, kind, f"{path}[{index}]")
+        elif not isinstance(value, dict):
+            raise ParseError(f"{path}: expected a mapping, got {type(value).__name__}")
+        else:
+            _check_shapes(value, kind, path)
 
 
 def resource_name(message: Message) -> str:

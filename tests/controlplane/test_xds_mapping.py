@@ -679,3 +679,28 @@ def test_a_static_listener_whose_cluster_is_not_static_is_refused_with_ads(
     assert result.returncode == 2, result.stdout
     (line,) = result.stderr.strip().splitlines()
     assert message in line, line
+
+
+@pytest.mark.parametrize(
+    ("static", "message"),
+    [
+        ([], "bootstrap.static_resources: expected a mapping, got list"),
+        ({"listeners": {}}, "bootstrap.static_resources.listeners: expected a list, got dict"),
+        (
+            {"clusters": ["a"]},
+            "bootstrap.static_resources.clusters[0]: expected a mapping, got str",
+        ),
+    ],
+)
+def test_a_bootstrap_section_of_the_wrong_shape_is_named(
+    tmp_path: Path, static: Any, message: str
+) -> None:
+    """``static_resources: []`` parsed as an empty section, reported as missing secrets."""
+    path = write_bootstrap(tmp_path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["static_resources"] = static
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    result = _check(path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
