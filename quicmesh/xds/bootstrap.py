@@ -187,9 +187,17 @@ def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
     dynamic = bootstrap.dynamic_resources
     where = "bootstrap.dynamic_resources"
     _only(dynamic, {"ads_config", "lds_config", "cds_config"}, where)
-    for name in ("lds_config", "cds_config"):
-        if dynamic.HasField(name) and not getattr(dynamic, name).HasField("ads"):
+    for name, read in (("lds_config", set()), ("cds_config", {"initial_fetch_timeout"})):
+        if not dynamic.HasField(name):
+            continue
+        source = getattr(dynamic, name)
+        if not source.HasField("ads"):
             raise MappingError(f"{where}.{name}: only ads is supported (one ADS stream)")
+        # Every other field is refused by name, as elsewhere (an lds_config
+        # initial_fetch_timeout passed and was not read).
+        _only(source, {"ads", "resource_api_version", *read}, f"{where}.{name}")
+        if source.resource_api_version not in (0, 2):  # AUTO, V3
+            raise MappingError(f"{where}.{name}.resource_api_version: only V3 is supported")
     ads = dynamic.ads_config
     _only(ads, {"api_type", "transport_api_version", "grpc_services"}, f"{where}.ads_config")
     if len(ads.grpc_services) != 1 or not ads.grpc_services[0].HasField("envoy_grpc"):

@@ -704,3 +704,45 @@ def test_a_bootstrap_section_of_the_wrong_shape_is_named(
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert message in line, line
+
+
+@pytest.mark.parametrize(
+    ("source", "fields", "message"),
+    [
+        ("lds_config", {"resource_api_version": "V3"}, None),
+        ("cds_config", {"resource_api_version": "V3", "initial_fetch_timeout": "3s"}, None),
+        (
+            "lds_config",
+            {"initial_fetch_timeout": "3s"},
+            "bootstrap.dynamic_resources.lds_config: field 'initial_fetch_timeout' is not "
+            "supported",
+        ),
+        (
+            "cds_config",
+            {"resource_api_version": "V2"},
+            "bootstrap.dynamic_resources.cds_config.resource_api_version: only V3",
+        ),
+        (
+            "cds_config",
+            {"authorities": [{"name": "xds.example"}]},
+            "field 'authorities' is not supported",
+        ),
+    ],
+)
+def test_config_source_fields_are_read_or_refused(
+    tmp_path: Path, source: str, fields: dict[str, Any], message: str | None
+) -> None:
+    """An lds_config initial_fetch_timeout and other config-source fields passed --check
+    and were not read."""
+    path = write_bootstrap(tmp_path)
+    _with_ads(path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["dynamic_resources"][source].update(fields)
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    result = _check(path)
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
