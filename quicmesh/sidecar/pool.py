@@ -259,13 +259,15 @@ class EndpointPool:
 
     def has_ready_connection(self) -> bool:
         """Whether :meth:`open_stream` would open a stream at once, on a current
-        connection with stream credit (no dial, no wait for credit): such an open is
-        not a pending one (``max_pending_opens``)."""
+        connection with stream credit (no dial, no wait for credit; on tcp, whose every
+        flow dials a connection of its own, only the first flow of a connection):
+        such an open is not a pending one (``max_pending_opens``)."""
         return any(
             p.retired is None
             and not self.is_stale(p)
             and not p.connection.is_closed
             and p.connection.can_open_stream
+            and not p.connection.stream_needs_dial
             for p in self.connections
         )
 

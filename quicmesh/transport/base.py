@@ -240,6 +240,12 @@ class PeerConnection(ABC):
         """Whether a stream can be opened now without waiting for the peer's credit."""
 
     @property
+    def stream_needs_dial(self) -> bool:
+        """Whether a stream opened now would first dial a connection of its own (TCP:
+        each flow is a TLS connection); False by default."""
+        return False
+
+    @property
     def lost_error(self) -> TunnelError | None:
         """Why the connection ended (None while it is open, or where not known)."""
         return None

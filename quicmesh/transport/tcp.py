@@ -87,6 +87,11 @@ class TcpPeerConnection(PeerConnection):
     def can_open_stream(self) -> bool:
         return not self._closed
 
+    @property
+    def stream_needs_dial(self) -> bool:
+        """True unless the connection of :meth:`TcpTransport.connect` is still unused."""
+        return self._spare is None or self._spare.closed.done()
+
     async def open_stream(
         self,
         target: str,

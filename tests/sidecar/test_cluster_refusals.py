@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from quicmesh import DevCA, H2Transport, MeshStream, TrustBundle
+from quicmesh import TRANSPORTS, DevCA, H2Transport, MeshStream, TrustBundle
 from quicmesh.errors import (
     ConnectError,
     ConnectionLost,
@@ -34,15 +34,18 @@ async def _echo(stream: MeshStream) -> None:
     stream.write_eof()
 
 
-def _h2_cluster(ca: DevCA, endpoints: list[Address], **keys: Any) -> Cluster:
-    """A started HTTP/2 cluster (the configuration's first, with ``keys``) to ``endpoints``."""
+def _h2_cluster(ca: DevCA, endpoints: list[Address], transport: str = "h2", **keys: Any) -> Cluster:
+    """A started HTTP/2 (or ``transport``) cluster (the configuration's first, with
+    ``keys``) to ``endpoints``."""
     document = copy.deepcopy(VALID)
     cluster_doc = document["clusters"][0]
-    cluster_doc.update(transport="h2", endpoints=[format_address(a) for a in endpoints], **keys)
+    cluster_doc.update(
+        transport=transport, endpoints=[format_address(a) for a in endpoints], **keys
+    )
     for key in ("congestion_control", "max_datagram_size", "early_data", "health_check"):
         cluster_doc.pop(key, None)
     config = parse_config(yaml.safe_dump(document), source="s.yaml").clusters[0]
-    client = H2Transport(
+    client = TRANSPORTS[transport](
         identity=ca.issue("spiffe://mesh.local/ns/default/sa/a"), trust=ca.trust_bundle
     )
     cluster = Cluster(config, client, ClusterStats(config.name))
@@ -296,11 +299,13 @@ def test_an_endpoint_ejected_for_refusing_our_certificate_returns_when_ours_chan
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_flows_on_a_ready_connection_are_not_pending_opens() -> None:
+@pytest.mark.parametrize("transport", ["h2", "tcp"])
+def test_flows_on_a_ready_connection_are_not_pending_opens(transport: str) -> None:
     """``max_pending_opens`` counts flows waiting for a connection or stream credit: it
     counted every flow until its CONNECT was answered, so with 1, nine of ten concurrent
     flows on a warm connection with credit to spare were refused (engine flows were not,
-    so the limit depended on the engine)."""
+    so the limit depended on the engine). On tcp every flow dials a connection of its
+    own: those still wait, and nine of ten overflow."""
 
     async def main() -> None:
         ca = DevCA()
@@ -310,13 +315,14 @@ def test_flows_on_a_ready_connection_are_not_pending_opens() -> None:
             await answer.wait()  # every CONNECT is in flight at once
             await _echo(stream)
 
-        server = H2Transport(
+        server = TRANSPORTS[transport](
             identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
         )
         listener = await server.listen(("127.0.0.1", 0), slow_answer)
         cluster = _h2_cluster(
             ca,
             [listener.address],
+            transport,
             circuit_breakers={
                 "max_connections": 1,
                 "max_concurrent_streams": 100,
@@ -332,8 +338,13 @@ def test_flows_on_a_ready_connection_are_not_pending_opens() -> None:
             opening = [asyncio.ensure_future(cluster.open_flow()) for _ in range(10)]
             await asyncio.sleep(0)
             answer.set()
-            flows = await asyncio.gather(*opening)
-            assert cluster.stats.overflows["max_pending_opens"] == 0
+            results = await asyncio.gather(*opening, return_exceptions=True)
+            flows = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, FlowRefused)]
+            expected = 9 if transport == "tcp" else 0
+            assert cluster.stats.overflows["max_pending_opens"] == expected
+            assert len(refused) == expected and len(flows) == 10 - expected
+            assert all(r.outcome is Outcome.OVERFLOW for r in refused)
             for flow in flows:
                 flow.stream.write(b"x")
                 flow.stream.write_eof()
