@@ -485,7 +485,8 @@ def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:
                 family.add_metric([cluster, endpoint], ep[key])
             streams_active.add_metric([cluster, endpoint], ep["streams_active"])
             for conn in ep["connections"]:
-                values = [cluster, endpoint, str(conn["id"]), data["transport"]]
+                transport = conn.get("cluster_transport", data["transport"])
+                values = [cluster, endpoint, str(conn["id"]), transport]
                 for key, gauge in conn_gauges.items():
                     if isinstance(conn.get(key), int | float):
                         gauge.add_metric(values, float(conn[key]))

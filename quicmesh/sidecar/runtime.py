@@ -608,6 +608,15 @@ class Sidecar:
         try:
             probe = engine.listen(limits, tls, ("127.0.0.1", 0), wake=lambda: None)
         except (EngineError, QuicmeshError) as exc:
+            if str(exc).startswith("cannot bind") or "(os error" in str(exc):
+                # The probe's socket, not the certificate (out of descriptors, say):
+                # not a reason to keep a certificate that may be about to expire.
+                logger.warning(
+                    "could not check the new certificate on the %s QUIC engine (%s): taking it",
+                    name,
+                    exc,
+                )
+                return None
             return f"the {name} QUIC engine cannot use the new certificate: {exc}"
         probe.close()
         return None
@@ -806,8 +815,19 @@ class Sidecar:
         metrics while they still carried flows. A removed cluster is shown while it
         has connections open."""
         views = {name: c.snapshot() for name, c in self.clusters.items()}
-        for retired in self.retired_clusters:
+        for number, retired in enumerate(self.retired_clusters, 1):
             view = retired.snapshot()
+            for endpoint in view["endpoints"].values():
+                # Its pools numbered their connections from 1 too, and its transport
+                # may not be the current version's: named apart in the metrics.
+                endpoint["connections"] = [
+                    {
+                        **conn,
+                        "id": f"{conn['id']}-retired{number}",
+                        "cluster_transport": retired.config.transport,
+                    }
+                    for conn in endpoint["connections"]
+                ]
             current = views.get(retired.config.name)
             if current is None:
                 if view["connections_active"]:

@@ -12,6 +12,7 @@ import datetime
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -805,3 +806,34 @@ def test_a_transport_refusing_a_new_certificate_puts_back_those_that_took_it(
             await sidecar._close_everything()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_probe_that_cannot_open_its_socket_does_not_refuse_the_certificate() -> None:
+    """The native engine's identity check binds a throwaway listener: out of descriptors,
+    its failure refused a good certificate as one the engine "cannot use" (and watched
+    files were not read again until they changed)."""
+    require_engine("native")
+    script = textwrap.dedent(
+        """
+        import resource, socket
+        from quicmesh import DevCA
+        from quicmesh.sidecar.runtime import Sidecar
+        ca = DevCA()
+        identity = ca.issue("spiffe://mesh.local/ns/default/sa/a")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        held = []
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        print("problem:", Sidecar._engine_identity_problem("native", identity, ca.trust_bundle))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "problem: None" in result.stdout
+    assert "could not check the new certificate on the native QUIC engine" in result.stderr

@@ -420,6 +420,8 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
             assert view["connections_active"] >= 1
             carried = [c for ep in view["endpoints"].values() for c in ep["connections"]]
             assert sum(c["streams_active"] for c in carried) == 8
+            assert len({c["id"] for c in carried}) == len(carried)  # no id twice
+            assert {c.get("cluster_transport") for c in carried if c["streams_active"]} == {"quic"}
             fresh = os.urandom(50_000)
             assert await echo_flow(ports["echo"], fresh) == fresh
             return [await f.finish(os.urandom(100_000)) for f in held]
