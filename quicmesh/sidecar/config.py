@@ -647,7 +647,7 @@ def parse_service(text: object) -> Address:
 
 def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """A service's IP address (:func:`parse_service` checked it), IPv4-mapped unmapped."""
-    address = ipaddress.ip_address(host)
+    address = ipaddress.ip_address(host.split("%", 1)[0])  # (a zone, as the table drops it)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

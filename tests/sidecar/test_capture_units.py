@@ -225,6 +225,17 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
             },
             "clusters: [1].services: [::ffff:a60:a]:80 is also a service of cluster 'reviews'",
         ),
+        (
+            # A scoped IPv6 literal: the table drops the zone (so did --check pass it).
+            {
+                "intercept": {},
+                "clusters": [
+                    {**CLUSTER, "endpoints": ["b:1"], "services": ["[fe80::1%eth0]:80"]},
+                    {**CLUSTER, "name": "y", "endpoints": ["b:1"], "services": ["[fe80::1]:80"]},
+                ],
+            },
+            "clusters: [1].services: [fe80::1]:80 is also a service of cluster 'reviews'",
+        ),
     ],
 )
 def test_bad_intercept_config_is_one_line(extra: dict[str, object], message: str) -> None:
