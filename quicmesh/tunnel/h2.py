@@ -21,10 +21,16 @@ Two things h2 leaves to its user are done here:
   :data:`SEND_QUANTUM` bytes per stream per turn and within h2's flow-control
   windows, so a stream with a few bytes never waits behind another's megabytes.
 
+- **Frames refused at their header**: a frame longer than SETTINGS_MAX_FRAME_SIZE
+  closes the connection with FRAME_SIZE_ERROR as soon as its 9-byte header is in (h2
+  checks the length only once it buffered the whole frame), and PING, SETTINGS,
+  PRIORITY and empty DATA frames over :data:`IDLE_FRAME_RATE` close it with
+  ENHANCE_YOUR_CALM (:class:`_FrameHeaders`).
+
 - **Graceful GOAWAY**: h2 takes any GOAWAY it reads for the connection's end and
   refuses to send anything after it, so the streams a graceful GOAWAY lets finish
   (RFC 9113 6.8) died with their connection. The peer's GOAWAY frames with NO_ERROR
-  are taken out before h2 reads them (:class:`_GracefulGoaways`, frame headers
+  are taken out before h2 reads them (:class:`_FrameHeaders`, frame headers
   only). A client then takes no new stream on the connection
   (:class:`~quicmesh.tunnel.events.PeerGoingAway`), streams up to the GOAWAY's last
   stream ID carry on, later ones are reset as not processed (REFUSED_STREAM). A
@@ -110,27 +116,55 @@ _RESET_CODES = {
 }
 
 
+IDLE_FRAME_RATE = 1000.0
+"""Frames a second that carry nothing forward (PING, SETTINGS and PRIORITY frames, DATA
+frames without payload or END_STREAM) a peer may send on one connection, after a burst
+of :data:`IDLE_FRAME_BURST`: far above what a client sends (a PING a second to keep the
+connection alive), far below a flood, which costs the loop a frame's parsing each (CPU
+exhaustion: CVE-2019-9512, -9513, -9518). Over it the connection is closed with
+ENHANCE_YOUR_CALM, as nghttp2 and Envoy close such floods."""
+
+IDLE_FRAME_BURST = 2000
+
 _PREFACE_SIZE = 24
 """A client's connection preface, ``PRI * HTTP/2.0...`` (RFC 9113 3.4)."""
 _FRAME_HEADER_SIZE = 9
-_GOAWAY = 0x7
+_DATA, _PRIORITY, _SETTINGS, _PING, _GOAWAY = 0x0, 0x2, 0x4, 0x6, 0x7
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
 _END_HEADERS = 0x4
+_END_STREAM = _ACK = 0x1
 
 
-class _GracefulGoaways:
-    """Takes the peer's graceful GOAWAY frames out of the bytes h2 reads.
+class _FrameHeaders:
+    """Reads the frame headers of the bytes h2 reads (RFC 9113 4.1): takes the peer's
+    graceful GOAWAY frames out, and stops at a frame h2 would buffer whole before
+    refusing it, or at a flood of frames that carry nothing forward.
 
-    Only frame headers are read (RFC 9113 4.1): every other frame passes through
-    unchanged as its bytes arrive. A GOAWAY on stream 0, outside a header block, of 8
-    bytes or more and at most ``max_frame_size``, is held whole (at most that many
-    bytes); with NO_ERROR it is kept back and reported, with any other code passed on
-    as it came (h2 ends the connection). A malformed one goes to h2 as it is, which
-    refuses it as before.
+    Every other frame passes through unchanged as its bytes arrive. A GOAWAY on stream
+    0, outside a header block, of 8 bytes or more and at most ``max_frame_size``, is
+    held whole (at most that many bytes); with NO_ERROR it is kept back and reported,
+    with any other code passed on as it came (h2 ends the connection). A malformed one
+    goes to h2 as it is, which refuses it as before.
+
+    :attr:`violation` (an error code and a reason, then nothing more is passed): a frame
+    longer than ``max_frame_size`` (FRAME_SIZE_ERROR, RFC 9113 4.2: h2 checks the length
+    only once the whole frame is in, so a peer announcing 16 MiB frames made it hold
+    16 MiB a connection), or idle frames over ``idle_frames`` (ENHANCE_YOUR_CALM, see
+    :data:`IDLE_FRAME_RATE`).
     """
 
-    def __init__(self, *, max_frame_size: int, preface: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_size: int,
+        preface: bool = False,
+        idle_frames: StreamRate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max_frame_size = max_frame_size
+        self._idle_frames = idle_frames
+        self._clock = clock
+        self.violation: tuple[ErrorCodes, str] | None = None
         self._skip = _PREFACE_SIZE if preface else 0
         """Bytes to pass through before the next frame header."""
         self._header = bytearray()
@@ -145,7 +179,7 @@ class _GracefulGoaways:
         passed = bytearray()
         found: list[tuple[int, bytes]] = []
         view = memoryview(data)
-        while view:
+        while view and self.violation is None:
             if self._skip:
                 taken = min(self._skip, len(view))
                 passed += view[:taken]
@@ -177,6 +211,23 @@ class _GracefulGoaways:
         length = int.from_bytes(header[:3], "big")
         kind, flags = header[3], header[4]
         stream_id = int.from_bytes(header[5:9], "big") & 0x7FFF_FFFF
+        if length > self._max_frame_size:
+            self.violation = (
+                ErrorCodes.FRAME_SIZE_ERROR,
+                f"a frame of {length} bytes, over SETTINGS_MAX_FRAME_SIZE {self._max_frame_size}",
+            )
+            return
+        if (
+            self._idle_frames is not None
+            and _is_idle_frame(kind, flags, length)
+            and not self._idle_frames.take(1, self._clock())
+        ):
+            self.violation = (
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"more than {IDLE_FRAME_RATE:.0f} PING, SETTINGS, PRIORITY or empty "
+                "DATA frames a second",
+            )
+            return
         if (
             kind == _GOAWAY
             and stream_id == 0
@@ -190,6 +241,16 @@ class _GracefulGoaways:
             self._in_header_block = not flags & _END_HEADERS
         passed += header
         self._skip = length
+
+
+def _is_idle_frame(kind: int, flags: int, length: int) -> bool:
+    """A frame that carries nothing forward: a PING or SETTINGS (not an acknowledgment),
+    a PRIORITY, a DATA frame with no payload that does not end its stream."""
+    if kind in (_PING, _SETTINGS):
+        return not flags & _ACK
+    if kind == _DATA:
+        return length == 0 and not flags & _END_STREAM
+    return kind == _PRIORITY
 
 
 class _Stream:
@@ -374,8 +435,11 @@ class H2TunnelSession(TunnelSession):
         """True once the connection is closed (GOAWAY sent or received, or a protocol error)."""
         # Both sides: a client's graceful GOAWAY names the last stream *we* may open
         # (a push; we never push), so its own streams carry on, which h2 did not let them.
-        self._goaways = _GracefulGoaways(
-            max_frame_size=self.h2.local_settings.max_frame_size, preface=not is_client
+        self._goaways = _FrameHeaders(
+            max_frame_size=self.h2.local_settings.max_frame_size,
+            preface=not is_client,
+            idle_frames=StreamRate(IDLE_FRAME_RATE, IDLE_FRAME_BURST, clock()),
+            clock=clock,
         )
         self.peer_last_stream: int | None = None
         """(client) The last stream ID of the peer's graceful GOAWAY: streams up to it
@@ -450,6 +514,10 @@ class H2TunnelSession(TunnelSession):
             if self.closed:
                 break
             result.extend(self._on_graceful_goaway(last, debug))
+        violation = self._goaways.violation
+        if violation is not None and not self.closed:
+            code, reason = violation
+            result.extend(self._close_with(code, f"HTTP/2 protocol error: {reason}"))
         return result
 
     def _on_graceful_goaway(self, last: int, debug: bytes) -> list[events.TunnelEvent]:

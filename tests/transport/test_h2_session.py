@@ -17,9 +17,11 @@ from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import Target, parse_target
 from quicmesh.tunnel.h2 import (
     DEFAULT_STREAM_WINDOW,
+    IDLE_FRAME_BURST,
+    IDLE_FRAME_RATE,
     SEND_QUANTUM,
     H2TunnelSession,
-    _GracefulGoaways,
+    _FrameHeaders,
     _H2Connection,
 )
 from quicmesh.tunnel.session import ResetReason
@@ -756,7 +758,7 @@ def test_the_goaway_filter_takes_out_exactly_the_graceful_goaways(
             expected_passed += frame
         if kind in (0x1, 0x5, 0x9):
             in_block = not flags & 0x4
-    filter_ = _GracefulGoaways(max_frame_size=16384)
+    filter_ = _FrameHeaders(max_frame_size=16384)
     passed = bytearray()
     found: list[tuple[int, bytes]] = []
     rest = bytes(wire)
@@ -829,3 +831,70 @@ def test_a_goaways_text_reaches_us_printable_and_bounded(code: int) -> None:
     (terminated,) = [e for e in got if isinstance(e, events.ConnectionTerminated)]
     assert terminated.reason.startswith("bye?ERROR quicmesh.sidecar: forged line ?[31mred")
     assert len(terminated.reason) <= 256 and terminated.reason.isprintable()
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"", length: int = -1) -> bytes:
+    size = len(payload) if length < 0 else length
+    return size.to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def _terminated(evs: list[events.TunnelEvent]) -> events.ConnectionTerminated:
+    (end,) = [e for e in evs if isinstance(e, events.ConnectionTerminated)]
+    return end
+
+
+def test_a_frame_over_the_max_frame_size_closes_the_connection_at_its_header() -> None:
+    """h2 checks a frame's length only once the whole frame is in: a peer announcing
+    16 MiB DATA frames made the server hold 16 MiB a connection before refusing it."""
+    client, server = connected_pair()
+    stream_id = open_tunnel(client, server)
+    evs = server.receive_data(_frame(0x0, 0, stream_id, length=0xFFFFFF))  # header only
+    end = _terminated(evs)
+    assert end.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert "a frame of 16777215 bytes, over SETTINGS_MAX_FRAME_SIZE 16384" in end.reason
+    assert server.closed
+    # The GOAWAY says so, and what follows is not read.
+    client_events = client.receive_data(server.data_to_send())
+    assert _terminated(client_events).error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert server.receive_data(b"\0" * 100_000) == []
+
+
+@pytest.mark.parametrize(
+    ("frame", "what"),
+    [
+        (_frame(0x6, 0, 0, b"12345678"), "PING"),
+        (_frame(0x4, 0, 0), "SETTINGS"),
+        (_frame(0x2, 0, 1, b"\0\0\0\0\x10"), "PRIORITY"),
+        (None, "empty DATA"),
+    ],
+)
+def test_a_flood_of_frames_that_carry_nothing_closes_the_connection(
+    frame: bytes | None, what: str
+) -> None:
+    """Empty DATA, PING, SETTINGS and PRIORITY frames were taken without bound from a
+    peer that reads what we send: 200,000 a second held a core. Within the rate they
+    are fine; over it, ENHANCE_YOUR_CALM."""
+    now = [0.0]
+    client = H2TunnelSession(is_client=True)
+    server = H2TunnelSession(is_client=False, clock=lambda: now[0])
+    exchange(client, server)
+    stream_id = open_tunnel(client, server)
+    if frame is None:
+        frame = _frame(0x0, 0, stream_id)
+    # At the rate, for ten seconds: no complaint.
+    for _ in range(10):
+        now[0] += 1.0
+        for _ in range(int(IDLE_FRAME_RATE)):
+            assert not any(
+                isinstance(e, events.ConnectionTerminated) for e in server.receive_data(frame)
+            )
+        server.data_to_send()
+    # A burst over it: closed, naming the frames.
+    evs: list[events.TunnelEvent] = []
+    for _ in range(IDLE_FRAME_BURST + 1):
+        evs += server.receive_data(frame)
+        if server.closed:
+            break
+    end = _terminated(evs)
+    assert end.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert "PING, SETTINGS, PRIORITY or empty DATA frames a second" in end.reason
