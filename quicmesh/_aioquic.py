@@ -86,6 +86,7 @@ from aioquic.h3.connection import (
     H3Stream,
     IdError,
     MessageError,
+    ProtocolError,
     Setting,
     StreamType,
     encode_frame,
@@ -240,6 +241,18 @@ class _GoawayReader:
 
 _QPACK_STREAM_TYPES = (StreamType.QPACK_ENCODER, StreamType.QPACK_DECODER)
 
+MAX_CONTROL_FRAME = 16 * 1024
+"""Bytes of one frame aioquic may hold on the peer's control stream while it waits for
+the rest (a SETTINGS or MAX_PUSH_ID frame is read whole; a SETTINGS frame is tens of
+bytes). aioquic copies and parses what it holds again for every packet, with no bound:
+a frame announcing 2^40 bytes held a core (RFC 9114 10.5: H3_EXCESSIVE_LOAD)."""
+
+
+class ExcessiveLoad(ProtocolError):
+    """The peer's control stream holds a frame past :data:`MAX_CONTROL_FRAME`."""
+
+    error_code = ErrorCode.H3_EXCESSIVE_LOAD
+
 
 class MeshH3Connection(H3Connection):
     """aioquic's HTTP/3 connection announcing no QPACK blocked streams, with a limit
@@ -290,14 +303,19 @@ class MeshH3Connection(H3Connection):
     ) -> list[H3Event]:
         """aioquic's, where a QPACK encoder or decoder stream the peer closes is a
         connection error, as its control stream is (RFC 9204 4.2: H3_CLOSED_CRITICAL_STREAM;
-        aioquic let the stream end), and the control stream's GOAWAY frames, which aioquic
-        skips, are read (:class:`_GoawayReader`, :meth:`_on_goaway`)."""
+        aioquic let the stream end), the control stream's GOAWAY frames, which aioquic
+        skips, are read (:class:`_GoawayReader`, :meth:`_on_goaway`), and a control frame
+        aioquic holds past :data:`MAX_CONTROL_FRAME` ends the connection."""
         typed = stream.stream_type is not None
         unread = bytes(stream.buffer)  # before its type: aioquic has not consumed them
         result = super()._receive_stream_data_uni(stream, data, stream_ended)
         if stream_ended and stream.stream_type in _QPACK_STREAM_TYPES:
             raise ClosedCriticalStream("Closing a QPACK encoder or decoder stream is not allowed")
         if stream.stream_type == StreamType.CONTROL:
+            if len(stream.buffer) > MAX_CONTROL_FRAME:
+                raise ExcessiveLoad(
+                    f"a control-stream frame of more than {MAX_CONTROL_FRAME} bytes"
+                )
             if not typed:
                 data = unread + data
                 buffer = Buffer(data=data)

@@ -15,16 +15,17 @@ from typing import Any
 
 import pylsqpack
 import pytest
+from aioquic.buffer import encode_uint_var
 from aioquic.h3 import events as h3_events
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
-from aioquic.h3.connection import H3Connection, Setting
+from aioquic.h3.connection import FrameType, H3Connection, Setting, StreamType, encode_frame
 from aioquic.quic import events as quic_events
 from aioquic.quic.connection import QuicConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh import _aioquic
-from quicmesh._aioquic import MeshQuicConnection
+from quicmesh._aioquic import MAX_CONTROL_FRAME, MeshQuicConnection
 from quicmesh.errors import ConnectError, PeerVerificationError, StreamReset, TunnelError
 from quicmesh.tls import DevCA, verify_peer
 from quicmesh.transport.quic import QuicTransport
@@ -710,6 +711,36 @@ def _raw_h3_client(clock: Clock) -> tuple[Side, Side]:
     settle(client, server, clock)
     assert client.h3 is not None
     return client, server
+
+
+@pytest.mark.parametrize("first", ["settings", "max_push_id"])
+def test_a_control_frame_that_never_ends_closes_the_connection(first: str) -> None:
+    """aioquic holds a SETTINGS or MAX_PUSH_ID frame until it is whole and parses all it
+    holds again for every packet: a client announcing a 2^40-byte frame and feeding it
+    slowly held a core on both engines. Past MAX_CONTROL_FRAME bytes: H3_EXCESSIVE_LOAD."""
+    clock = Clock()
+    client, server = make_pair(clock, handshake=False)
+    server.session = H3TunnelSession(server.quic)
+    server.on_tunnel_event = accept_all
+    client.quic.connect(SERVER_ADDR, now=clock.now)
+    settle(client, server, clock)
+    control = client.quic.get_next_available_stream_id(is_unidirectional=True)
+    stream = encode_uint_var(StreamType.CONTROL)
+    if first == "max_push_id":  # after a proper SETTINGS
+        stream += encode_frame(FrameType.SETTINGS, b"")
+        stream += encode_uint_var(FrameType.MAX_PUSH_ID)
+    else:
+        stream += encode_uint_var(FrameType.SETTINGS)
+    client.quic.send_stream_data(control, bytes(stream + encode_uint_var(2**40)))
+    settle(client, server, clock)
+    sent = 0
+    while sent <= MAX_CONTROL_FRAME and client.quic._close_event is None:
+        client.quic.send_stream_data(control, b"\0" * 1000)
+        sent += 1000
+        settle(client, server, clock)
+    closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
+    assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
+    assert sent > MAX_CONTROL_FRAME - 1000  # a frame in progress was taken until then
 
 
 def _request(client: Side, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> int:
