@@ -38,7 +38,7 @@ from quicmesh.tunnel import events
 from quicmesh.tunnel import h3 as h3_session
 from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE, parse_target
 from quicmesh.tunnel.h3 import H3TunnelSession
-from quicmesh.tunnel.qpack import FieldSectionBound
+from quicmesh.tunnel.qpack import FOLLOWED_ENCODER_BYTES, FieldSectionBound
 
 
 def test_bomb_is_refused_undecoded_and_the_connection_carries_on() -> None:
@@ -153,6 +153,32 @@ def test_bound_is_never_below_the_decoded_size(
         encoder.feed_decoder(control)
         size = sum(len(name) + len(value) + 32 for name, value in decoded)
         assert size <= bound.section_size(block)
+
+
+def test_a_flood_of_encoder_instructions_is_not_followed_and_the_bound_holds() -> None:
+    """One-byte Duplicate instructions cost the bound a Python step each: a peer sending
+    a megabyte a second of them held a core. Past FOLLOWED_ENCODER_BYTES (and a share
+    per section) the bound stops following the stream and counts every dynamic entry as
+    large as the table, still never below what pylsqpack decodes."""
+    decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
+    bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
+    insert, _ = qpack_bomb_block(entry=50, references=1)  # table capacity, one entry
+    duplicates = b"\x00" * 1024  # Duplicate of the newest entry, one byte each
+    floods = FOLLOWED_ENCODER_BYTES // len(duplicates) + 2
+    for feed in (insert, *[duplicates] * floods):
+        decoder.feed_encoder(feed)  # valid QPACK: pylsqpack takes all of it
+        bound.feed_encoder(feed)
+    assert bound.broken
+    # A section referring to the newest entry 20 times (Required Insert Count = every
+    # entry inserted, base the same; RFC 9204 4.5.1.1).
+    inserted = 1 + floods * len(duplicates)
+    encoded = inserted % (2 * (QPACK_TABLE_CAPACITY // 32)) + 1
+    assert encoded < 0xFF  # one byte
+    block = bytes([encoded, 0x00, 0xC0 | 15]) + b"\x80" * 20
+    _, decoded = decoder.feed_header(0, block)
+    size = sum(len(name) + len(value) + 32 for name, value in decoded)
+    assert size == 20 * (6 + 50 + 32) + len(b":methodCONNECT") + 32
+    assert size <= bound.section_size(block)
 
 
 def test_bound_of_the_bomb_is_its_decoded_size() -> None:

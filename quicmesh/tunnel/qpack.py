@@ -32,6 +32,18 @@ MAX_STATIC_NAME = 64
 MAX_STATIC_FIELD = 128
 """Longer than any name plus value in the QPACK static table."""
 
+FOLLOWED_ENCODER_BYTES = 64 * 1024
+"""Encoder-stream bytes a bound follows instruction by instruction, plus
+:data:`FOLLOWED_ENCODER_BYTES_PER_SECTION` for each header section it bounded: past
+them it stops following (every dynamic entry counts as large as the table then, as for
+an encoder stream it cannot parse). Following costs a Python step per instruction, and
+an instruction can be one byte (Duplicate): a peer sending a megabyte of them a second
+held a core (pylsqpack itself, in C, takes 2 % of that time). A legitimate encoder
+inserts at most a header section's worth of entries for each section, a few hundred
+bytes for a CONNECT."""
+
+FOLLOWED_ENCODER_BYTES_PER_SECTION = 1024
+
 
 class QpackFormatError(ValueError):
     """The bytes are not a well-formed QPACK instruction or field line."""
@@ -94,13 +106,24 @@ class FieldSectionBound:
         """Entries inserted since the start (the absolute index of the next one)."""
         self._pending = bytearray()
         self.broken = False
-        """The encoder stream could not be parsed: every entry counts as the capacity."""
+        """The encoder stream could not be parsed, or is no longer followed (past
+        :data:`FOLLOWED_ENCODER_BYTES`): every entry counts as the capacity."""
+        self._followed = 0
+        """Encoder-stream bytes fed so far."""
+        self._sections = 0
+        """Header sections bounded so far."""
 
     # -- encoder stream ------------------------------------------------------------
 
     def feed_encoder(self, data: bytes) -> None:
         """Follow encoder instructions (RFC 9204 section 4.3); a partial one waits."""
         if self.broken:
+            return
+        self._followed += len(data)
+        if self._followed > (
+            FOLLOWED_ENCODER_BYTES + FOLLOWED_ENCODER_BYTES_PER_SECTION * self._sections
+        ):
+            self._give_up()
             return
         self._pending += data
         buf = self._pending
@@ -112,11 +135,15 @@ class FieldSectionBound:
             pass  # the rest of the instruction has not arrived yet
         except QpackFormatError:
             # pylsqpack will refuse the stream too; from now on assume the worst.
-            self.broken = True
-            self._entries.clear()
-            self._pending.clear()
+            self._give_up()
             return
         del buf[:pos]
+
+    def _give_up(self) -> None:
+        """Stop following the encoder stream: from now on assume the worst."""
+        self.broken = True
+        self._entries.clear()
+        self._pending.clear()
 
     def _instruction(self, buf: bytearray, pos: int) -> int:
         first = buf[pos]
@@ -195,6 +222,7 @@ class FieldSectionBound:
 
         Raises :class:`QpackFormatError` if the block cannot be parsed.
         """
+        self._sections += 1
         try:
             return self._section_size(block, stop_above)
         except IndexError:
