@@ -152,6 +152,9 @@ class _BoundedDecoder:
     def feed_encoder(self, data: bytes) -> list[int]:
         result: list[int] = self._decoder.feed_encoder(data)
         self.bound.feed_encoder(data)
+        allowed = self.bound.encoder_allowance(ENCODER_STREAM_EXCESS)
+        if self.bound.encoder_bytes > allowed:
+            raise ExcessiveLoad(f"a QPACK encoder stream of more than {allowed} bytes")
         return result
 
     def feed_header(self, stream_id: int, data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -248,8 +251,17 @@ bytes). aioquic copies and parses what it holds again for every packet, with no 
 a frame announcing 2^40 bytes held a core (RFC 9114 10.5: H3_EXCESSIVE_LOAD)."""
 
 
+ENCODER_STREAM_EXCESS = 16
+"""An encoder stream this many times the bytes the field-section bound follows
+(:meth:`~quicmesh.tunnel.qpack.FieldSectionBound.encoder_allowance`: 1 MiB, and 16 KiB a
+header section) ends the connection: a legitimate encoder sends a few hundred bytes a
+section, and an encoder stream has no flow control that reading holds back (its bytes
+are consumed as they come), so a flood of instructions costs the loop their packets."""
+
+
 class ExcessiveLoad(ProtocolError):
-    """The peer's control stream holds a frame past :data:`MAX_CONTROL_FRAME`."""
+    """The peer's control stream holds a frame past :data:`MAX_CONTROL_FRAME`, or its
+    QPACK encoder stream runs past :data:`ENCODER_STREAM_EXCESS` times what is followed."""
 
     error_code = ErrorCode.H3_EXCESSIVE_LOAD
 

@@ -25,13 +25,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh import _aioquic
-from quicmesh._aioquic import MAX_CONTROL_FRAME, MeshQuicConnection
+from quicmesh._aioquic import ENCODER_STREAM_EXCESS, MAX_CONTROL_FRAME, MeshQuicConnection
+from quicmesh.bench.attack import qpack_bomb_block
 from quicmesh.errors import ConnectError, PeerVerificationError, StreamReset, TunnelError
 from quicmesh.tls import DevCA, verify_peer
 from quicmesh.transport.quic import QuicTransport
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import parse_target
 from quicmesh.tunnel.h3 import MAX_HEADER_STREAM_BYTES, H3TunnelSession
+from quicmesh.tunnel.qpack import FOLLOWED_ENCODER_BYTES
 from quicmesh.tunnel.session import ResetReason
 
 CLIENT_ADDR = ("10.0.0.1", 1234)
@@ -741,6 +743,33 @@ def test_a_control_frame_that_never_ends_closes_the_connection(first: str) -> No
     closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
     assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
     assert sent > MAX_CONTROL_FRAME - 1000  # a frame in progress was taken until then
+
+
+def test_an_encoder_stream_flood_closes_the_connection() -> None:
+    """An encoder stream has no flow control that reading holds back: a client sending
+    megabytes of one-byte Duplicate instructions cost the loop their packets for as long
+    as it went on. Past ENCODER_STREAM_EXCESS times what the bound follows (1 MiB with no
+    header section yet): H3_EXCESSIVE_LOAD."""
+    clock = Clock()
+    client, server = make_pair(clock, handshake=False)
+    server.session = H3TunnelSession(server.quic)
+    server.on_tunnel_event = accept_all
+    client.quic.connect(SERVER_ADDR, now=clock.now)
+    settle(client, server, clock)
+    encoder = client.quic.get_next_available_stream_id(is_unidirectional=True)
+    insert, _ = qpack_bomb_block(entry=50, references=1)
+    client.quic.send_stream_data(encoder, bytes(encode_uint_var(StreamType.QPACK_ENCODER)) + insert)
+    settle(client, server, clock)
+    sent = 0
+    limit = ENCODER_STREAM_EXCESS * FOLLOWED_ENCODER_BYTES
+    while sent <= limit and client.quic._close_event is None:
+        client.quic.send_stream_data(encoder, b"\x00" * 65536)
+        sent += 65536
+        settle(client, server, clock)
+    closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
+    assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
+    assert "QPACK encoder stream of more than" in closed.reason_phrase
+    assert sent > limit - 65536 * 2  # valid instructions were taken until then
 
 
 def _request(client: Side, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> int:

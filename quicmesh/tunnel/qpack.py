@@ -117,12 +117,10 @@ class FieldSectionBound:
 
     def feed_encoder(self, data: bytes) -> None:
         """Follow encoder instructions (RFC 9204 section 4.3); a partial one waits."""
+        self._followed += len(data)
         if self.broken:
             return
-        self._followed += len(data)
-        if self._followed > (
-            FOLLOWED_ENCODER_BYTES + FOLLOWED_ENCODER_BYTES_PER_SECTION * self._sections
-        ):
+        if self._followed > self.encoder_allowance(1):
             self._give_up()
             return
         self._pending += data
@@ -138,6 +136,18 @@ class FieldSectionBound:
             self._give_up()
             return
         del buf[:pos]
+
+    @property
+    def encoder_bytes(self) -> int:
+        """Encoder-stream bytes fed so far."""
+        return self._followed
+
+    def encoder_allowance(self, times: int) -> int:
+        """``times`` the encoder-stream bytes followed for the sections bounded so far
+        (:data:`FOLLOWED_ENCODER_BYTES`)."""
+        return times * (
+            FOLLOWED_ENCODER_BYTES + FOLLOWED_ENCODER_BYTES_PER_SECTION * self._sections
+        )
 
     def _give_up(self) -> None:
         """Stop following the encoder stream: from now on assume the worst."""
