@@ -70,6 +70,47 @@ sends before it closes (:meth:`TlsTunnelProtocol._linger`)."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server waits for a client to finish its TLS handshake."""
 
+MAX_HALF_OPEN = 1024
+"""TLS handshakes a listener runs at once (the QUIC listener's ``max_half_open``
+default): a connection accepted beyond is closed at once, before any TLS. Without a
+bound, 1,200 connections that each sent five bytes held a descriptor apiece for the
+whole ``handshake_timeout`` and the listener ran out of them (no certificate needed)."""
+
+MAX_HALF_OPEN_PER_SOURCE = 128
+"""The same, per source IP address (the QUIC listener's ``max_half_open_per_source``
+default), so one source cannot take them all."""
+
+
+class HalfOpen:
+    """The TLS handshakes under way on one listener, in all and per source address."""
+
+    def __init__(
+        self, limit: int = MAX_HALF_OPEN, per_source: int = MAX_HALF_OPEN_PER_SOURCE
+    ) -> None:
+        self.limit = limit
+        self.per_source = per_source
+        self.total = 0
+        self._by_source: Counter[str] = Counter()
+        self.refused = 0
+        """Connections closed because the limits were reached."""
+
+    def admit(self, source: str) -> bool:
+        """Count a new handshake from ``source``; False (not counted) over a limit."""
+        if self.total >= self.limit or self._by_source[source] >= self.per_source:
+            self.refused += 1
+            return False
+        self.total += 1
+        self._by_source[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        """A handshake :meth:`admit` counted is over (done, failed or given up)."""
+        self.total -= 1
+        self._by_source[source] -= 1
+        if not self._by_source[source]:
+            del self._by_source[source]
+
+
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
 _connection_ids = itertools.count(1)
@@ -162,8 +203,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
         wait_for_ticket: bool = False,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_closed: Callable[[TlsTunnelProtocol], None] | None = None,
+        half_open: HalfOpen | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._half_open = half_open
+        self._half_open_source: str | None = None
+        """(server) The source counted in ``half_open`` while the handshake runs."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
@@ -208,6 +253,20 @@ class TlsTunnelProtocol(asyncio.Protocol):
         _tune_socket(transport)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         if self._server_side:
+            if self._half_open is not None:
+                peer = transport.get_extra_info("peername")
+                source = str(peer[0]) if peer else ""
+                if not self._half_open.admit(source):
+                    self.failure = ConnectionLost(
+                        f"refused before TLS: {self._half_open.total} handshakes under way "
+                        f"(at most {self._half_open.limit}, {self._half_open.per_source} "
+                        "a source)"
+                    )
+                    logger.debug("[%s] %s", self.log_id, self.failure)
+                    self._closing = True
+                    transport.abort()
+                    return
+                self._half_open_source = source
             self._setup_timer = self._loop.call_later(
                 self._handshake_timeout, self._on_handshake_timeout
             )
@@ -241,6 +300,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._end_half_open()
         self._cancel_setup_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -389,6 +449,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
             return
         self._send_tls()
         self._handshaking = False
+        self._end_half_open()
         self._cancel_setup_timer()
         try:
             identity = self._verify_peer()
@@ -546,6 +607,11 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if self.session is not None and self.session.awaiting_request and not self._closing:
             self._fail(ConnectError(f"no CONNECT request in {self._handshake_timeout:g}s"))
 
+    def _end_half_open(self) -> None:
+        if self._half_open is not None and self._half_open_source is not None:
+            self._half_open.release(self._half_open_source)
+            self._half_open_source = None
+
     def _cancel_setup_timer(self) -> None:
         if self._setup_timer is not None:
             self._setup_timer.cancel()
@@ -622,6 +688,7 @@ async def start_server(
     address = checked_address(address, "listen address")
     loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
+    half_open = HalfOpen()
 
     def closed(protocol: TlsTunnelProtocol) -> None:
         protocols.discard(protocol)
@@ -640,6 +707,7 @@ async def start_server(
             high_water=high_water,
             handshake_timeout=handshake_timeout,
             on_closed=closed,
+            half_open=half_open,
         )
         protocols.add(protocol)
         return protocol

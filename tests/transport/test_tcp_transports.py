@@ -30,6 +30,7 @@ from quicmesh.errors import (
     TunnelError,
 )
 from quicmesh.tls import DevCA, Identity, TrustBundle
+from quicmesh.transport._tcp import MAX_HALF_OPEN_PER_SOURCE
 from quicmesh.transport.base import Authorizer, PeerConnection, StreamHandler, Transport
 from quicmesh.transport.h2 import H2Transport
 from quicmesh.transport.stream import MeshStream
@@ -658,3 +659,75 @@ def test_a_running_listener_takes_a_rotation_at_its_next_handshake(make: Transpo
         certificate_files[1].write_bytes(m.client.private_key_pem())
         run(main())
     assert presented == [m.server.certificate.serial_number, renewed.certificate.serial_number]
+
+
+@pytest.mark.parametrize("make", [TcpTransport, H2Transport], ids=["tcp", "h2"])
+def test_handshakes_under_way_are_bounded_per_source(make: TransportFactory) -> None:
+    """Connections that never finish their TLS handshake held a descriptor each for the
+    whole handshake timeout, without bound and without a certificate: the listener ran
+    out of descriptors. At MAX_HALF_OPEN_PER_SOURCE under way from one address, the next
+    connection from it is closed at once; other sources, and later connections once those
+    end, are served."""
+    m = mesh()
+
+    async def main() -> None:
+        server = make(identity=m.server, trust=m.ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        loop = asyncio.get_running_loop()
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(MAX_HALF_OPEN_PER_SOURCE):
+                sock = socket.socket()
+                sock.setblocking(False)
+                await loop.sock_connect(sock, listener.address)
+                idle.append(sock)
+            extra = socket.socket()
+            extra.setblocking(False)
+            await loop.sock_connect(extra, listener.address)
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(loop.sock_recv(extra, 100), 5) == b""
+            extra.close()
+            # Another source address is served meanwhile.
+            other = await asyncio.to_thread(_tls_handshake_from, "127.0.0.2", listener.address)
+            assert other == m.server.certificate.serial_number
+        finally:
+            for sock in idle:
+                sock.close()
+        # Once those connections ended, this source is served again.
+        deadline = loop.time() + 10
+        while True:
+            try:
+                conn = await make(identity=m.client, trust=m.ca.trust_bundle).connect(
+                    listener.address, timeout=5
+                )
+                break
+            except TunnelError:
+                if loop.time() > deadline:
+                    raise
+        stream = await conn.open_stream("127.0.0.1:1")
+        assert await send_and_receive(stream, b"after") == b"after"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def _tls_handshake_from(source: str, address: tuple[str, int]) -> int:
+    """A mutual-TLS handshake from ``source``; the serial of the server's certificate."""
+    m = mesh()
+    context = ssl.create_default_context(cadata=m.ca.trust_bundle.pem.decode())
+    context.check_hostname = False
+    with tempfile.TemporaryDirectory() as directory:
+        cert, key = Path(directory) / "c.pem", Path(directory) / "k.pem"
+        cert.write_bytes(m.client.cert_chain_pem())
+        key.write_bytes(m.client.private_key_pem())
+        context.load_cert_chain(cert, key)
+    with (
+        socket.create_connection(address, timeout=5, source_address=(source, 0)) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
