@@ -243,6 +243,7 @@ class _GoawayReader:
 
 
 _QPACK_STREAM_TYPES = (StreamType.QPACK_ENCODER, StreamType.QPACK_DECODER)
+_KNOWN_UNI_TYPES = (StreamType.CONTROL, *_QPACK_STREAM_TYPES)
 
 MAX_CONTROL_FRAME = 16 * 1024
 """Bytes of one frame aioquic may hold on the peer's control stream while it waits for
@@ -257,6 +258,14 @@ ENCODER_STREAM_EXCESS = 16
 header section) ends the connection: a legitimate encoder sends a few hundred bytes a
 section, and an encoder stream has no flow control that reading holds back (its bytes
 are consumed as they come), so a flood of instructions costs the loop their packets."""
+
+
+MAX_OTHER_UNI_STREAMS = 1000
+"""Unidirectional streams of a type other than control and QPACK (reserved types for
+greasing, types not negotiated) a peer may open on one connection: their bytes are
+dropped (RFC 9114 6.2), but their credit comes back as each ends, so a peer opening
+one-byte streams with FIN as fast as it could held most of a core (15,000-27,000 a
+second). A legitimate peer opens a few (greasing). Past it: H3_EXCESSIVE_LOAD."""
 
 
 class ExcessiveLoad(ProtocolError):
@@ -300,6 +309,8 @@ class MeshH3Connection(H3Connection):
         self.goaway_received: int | None = None
         """The ID of the peer's last GOAWAY frame, or None."""
         self._goaway_reader = _GoawayReader()
+        self._other_uni_streams = 0
+        """Peer unidirectional streams of other types than control and QPACK."""
         self._blocked_streams = 0
         if self._is_client:
             self._max_table_capacity = 0
@@ -321,6 +332,13 @@ class MeshH3Connection(H3Connection):
         typed = stream.stream_type is not None
         unread = bytes(stream.buffer)  # before its type: aioquic has not consumed them
         result = super()._receive_stream_data_uni(stream, data, stream_ended)
+        if not typed and stream.stream_type not in (None, *_KNOWN_UNI_TYPES):
+            self._other_uni_streams += 1
+            if self._other_uni_streams > MAX_OTHER_UNI_STREAMS:
+                raise ExcessiveLoad(
+                    f"more than {MAX_OTHER_UNI_STREAMS} unidirectional streams of "
+                    "unknown or reserved types"
+                )
         if stream_ended and stream.stream_type in _QPACK_STREAM_TYPES:
             raise ClosedCriticalStream("Closing a QPACK encoder or decoder stream is not allowed")
         if stream.stream_type == StreamType.CONTROL:

@@ -25,7 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh import _aioquic
-from quicmesh._aioquic import ENCODER_STREAM_EXCESS, MAX_CONTROL_FRAME, MeshQuicConnection
+from quicmesh._aioquic import (
+    ENCODER_STREAM_EXCESS,
+    MAX_CONTROL_FRAME,
+    MAX_OTHER_UNI_STREAMS,
+    MeshQuicConnection,
+)
 from quicmesh.bench.attack import qpack_bomb_block
 from quicmesh.errors import ConnectError, PeerVerificationError, StreamReset, TunnelError
 from quicmesh.tls import DevCA, verify_peer
@@ -770,6 +775,29 @@ def test_an_encoder_stream_flood_closes_the_connection() -> None:
     assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
     assert "QPACK encoder stream of more than" in closed.reason_phrase
     assert sent > limit - 65536 * 2  # valid instructions were taken until then
+
+
+def test_unidirectional_stream_churn_closes_the_connection() -> None:
+    """Uni streams of a reserved type are dropped unread, and their credit comes back as
+    each ends: a peer opening one-byte streams with FIN as fast as credit came back held
+    most of a core. Past MAX_OTHER_UNI_STREAMS on a connection: H3_EXCESSIVE_LOAD."""
+    clock = Clock()
+    client, server = make_pair(clock, handshake=False)
+    server.session = H3TunnelSession(server.quic)
+    server.on_tunnel_event = accept_all
+    client.quic.connect(SERVER_ADDR, now=clock.now)
+    settle(client, server, clock)
+    reserved = bytes(encode_uint_var(0x21)) + b"x"
+    opened = 0
+    while opened <= MAX_OTHER_UNI_STREAMS and client.quic._close_event is None:
+        for _ in range(50):
+            stream_id = client.quic.get_next_available_stream_id(is_unidirectional=True)
+            client.quic.send_stream_data(stream_id, reserved, end_stream=True)
+            opened += 1
+        settle(client, server, clock)
+    closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
+    assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
+    assert opened > MAX_OTHER_UNI_STREAMS  # the first thousand were dropped quietly
 
 
 def _request(client: Side, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> int:
