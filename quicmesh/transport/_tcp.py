@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import resource
 import socket
 import ssl
 import struct
@@ -72,9 +73,19 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 MAX_HALF_OPEN = 1024
 """TLS handshakes a listener runs at once (the QUIC listener's ``max_half_open``
-default): a connection accepted beyond is closed at once, before any TLS. Without a
-bound, 1,200 connections that each sent five bytes held a descriptor apiece for the
-whole ``handshake_timeout`` and the listener ran out of them (no certificate needed)."""
+default), and at most a quarter of the process's descriptors (``RLIMIT_NOFILE``): a
+connection accepted beyond is closed at once, before any TLS. Without a bound, 1,200
+connections that each sent five bytes held a descriptor apiece for the whole
+``handshake_timeout`` and the listener ran out of them (no certificate needed)."""
+
+
+def _half_open_limit() -> int:
+    """:data:`MAX_HALF_OPEN`, or a quarter of the soft descriptor limit if lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_HALF_OPEN
+    return max(16, min(MAX_HALF_OPEN, soft // 4))
+
 
 MAX_HALF_OPEN_PER_SOURCE = 128
 """The same, per source IP address (the QUIC listener's ``max_half_open_per_source``
@@ -688,7 +699,7 @@ async def start_server(
     address = checked_address(address, "listen address")
     loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
-    half_open = HalfOpen()
+    half_open = HalfOpen(limit=_half_open_limit())
 
     def closed(protocol: TlsTunnelProtocol) -> None:
         protocols.discard(protocol)
