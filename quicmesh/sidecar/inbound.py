@@ -472,6 +472,14 @@ class InboundListener:
             "denied": dict(self.governor.denied),
         }
 
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why one of this listener's transports cannot take ``identity`` and ``trust``."""
+        for transport in self._transports:
+            problem = transport.identity_problem(identity, trust)
+            if problem is not None:
+                return problem
+        return None
+
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` to peers from their next handshake on."""
         self.identity, self.trust = identity, trust

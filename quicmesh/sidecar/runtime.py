@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import Identity, TrustBundle
-from ..tls.context import client_ssl_context, server_ssl_context
 from ..transport.base import Transport, transport_registry
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
@@ -560,65 +559,16 @@ class Sidecar:
                 logger.exception("cannot put %r back on the running certificate", holder)
 
     def _identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
-        """Why a QUIC engine or the TLS library of a transport in use cannot load
-        ``identity`` and ``trust``, in one line, or None."""
-        clusters = [c.config for c in [*self.clusters.values(), *self.retired_clusters]]
-        listeners = [listener.config for listener in self.inbound.values()]
-        engines = {c.engine for c in clusters if c.transport in ("quic", "auto")}
-        engines |= {i.engine for i in listeners if "quic" in i.transports}
-        for engine in sorted(engines):
-            problem = self._engine_identity_problem(engine, identity, trust)
+        """Why a transport in use (a cluster's, a listener's) cannot take ``identity``
+        and ``trust``, in one line, or None (:meth:`Transport.identity_problem`)."""
+        holders: list[Transport | InboundListener] = [
+            c.transport for c in [*self.clusters.values(), *self.retired_clusters]
+        ]
+        holders += self.inbound.values()
+        for holder in holders:
+            problem = holder.identity_problem(identity, trust)
             if problem is not None:
                 return problem
-        if any(c.transport in ("h2", "tcp", "auto") for c in clusters) or any(
-            {"h2", "tcp"} & set(i.transports) for i in listeners
-        ):
-            try:
-                client_ssl_context(identity, trust, ["h2"])
-                server_ssl_context(identity, trust, ["h2"])
-            except ConfigError as exc:
-                return f"the new certificate cannot be used over h2 or tcp: {exc}"
-        return None
-
-    @staticmethod
-    def _engine_identity_problem(name: str, identity: Identity, trust: TrustBundle) -> str | None:
-        """Why the QUIC engine ``name`` cannot load ``identity`` and ``trust``, or None.
-
-        A socket engine (native: rustls) loads them into a listener on a loopback port,
-        closed at once; a datagram engine (aioquic) signs with the key as
-        ``cryptography`` loaded it: whatever :class:`~quicmesh.tls.Identity` holds, it
-        can use.
-        """
-        from ..transport.quic.engine import EngineError, EngineLimits, EngineTls, get_engine
-
-        try:
-            engine = get_engine(name)
-        except (ValueError, QuicmeshError):
-            return None  # (not running here: the configuration said why at load)
-        if engine.io != "socket":
-            return None
-        limits = EngineLimits(
-            idle_timeout=1.0,
-            stream_window=65536,
-            connection_window=65536,
-            max_streams=1,
-            congestion_control=engine.congestion_controls()[0],
-        )
-        tls = EngineTls(identity=identity, trust=trust)
-        try:
-            probe = engine.listen(limits, tls, ("127.0.0.1", 0), wake=lambda: None)
-        except (EngineError, QuicmeshError) as exc:
-            if str(exc).startswith("cannot bind") or "(os error" in str(exc):
-                # The probe's socket, not the certificate (out of descriptors, say):
-                # not a reason to keep a certificate that may be about to expire.
-                logger.warning(
-                    "could not check the new certificate on the %s QUIC engine (%s): taking it",
-                    name,
-                    exc,
-                )
-                return None
-            return f"the {name} QUIC engine cannot use the new certificate: {exc}"
-        probe.close()
         return None
 
     def _retire_cluster(self, cluster: Cluster) -> None:

@@ -77,6 +77,15 @@ class MutualTlsContexts:
             self._contexts[server_side] = self._make(identity, trust, server_side)
         return self._contexts[server_side]
 
+    def problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why ``ssl`` cannot make contexts from ``identity`` and ``trust``, or None."""
+        try:
+            for side in (False, True):
+                self._make(identity, trust, side)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def update(self, identity: Identity, trust: TrustBundle) -> None:
         """Make the contexts used so far again from ``identity`` and ``trust``; on an
         error, the current ones stay.

@@ -210,6 +210,12 @@ class AutoTransport(Transport):
         """A QUIC connection per address that completed after HTTP/2 won (or a retry's
         probe), for the next :meth:`connect` to that address."""
 
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why QUIC's engine or HTTP/2's OpenSSL cannot take them (see :class:`Transport`)."""
+        return self.quic.identity_problem(identity, trust) or self.h2.identity_problem(
+            identity, trust
+        )
+
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on, over QUIC and HTTP/2 (until
         2026-12-06 only this object's attribute changed: a rotated sidecar's ``auto``

@@ -379,6 +379,13 @@ class Transport(ABC):
         validations and admission events (:data:`quicmesh.transport.quic.COUNTERS`).
         Empty for a transport that counts nothing of the kind (H2, TCP)."""
 
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why :meth:`set_identity` could not take ``identity`` and ``trust`` here (the
+        TLS library or QUIC engine under this transport cannot load them), in one line;
+        None if it can. Asked before a rotation, so that one every transport cannot
+        take changes nothing."""
+        return None
+
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` and verify with ``trust`` in every handshake from now on.
 

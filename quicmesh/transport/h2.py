@@ -93,6 +93,11 @@ class H2Transport(Transport):
         """The current mutual-TLS context for one side (:class:`MutualTlsContexts`)."""
         return self._tls.get(self.identity, self.trust, server_side=server_side)
 
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why OpenSSL cannot take ``identity`` and ``trust`` (see :class:`Transport`)."""
+        problem = self._tls.problem(identity, trust)
+        return None if problem is None else f"h2: {problem}"
+
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
         self._tls.update(identity, trust)

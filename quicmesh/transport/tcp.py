@@ -219,6 +219,11 @@ class TcpTransport(Transport):
         """
         return self._tls.get(self.identity, self.trust, server_side=server_side)
 
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why OpenSSL cannot take ``identity`` and ``trust`` (see :class:`Transport`)."""
+        problem = self._tls.problem(identity, trust)
+        return None if problem is None else f"tcp: {problem}"
+
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
         self._tls.update(identity, trust)

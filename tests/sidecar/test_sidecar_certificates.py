@@ -817,9 +817,10 @@ def test_a_probe_that_cannot_open_its_socket_does_not_refuse_the_certificate() -
         """
         import resource, socket
         from quicmesh import DevCA
-        from quicmesh.sidecar.runtime import Sidecar
+        from quicmesh import QuicTransport
         ca = DevCA()
         identity = ca.issue("spiffe://mesh.local/ns/default/sa/a")
+        transport = QuicTransport(identity=identity, trust=ca.trust_bundle, engine="native")
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
         held = []
@@ -828,7 +829,7 @@ def test_a_probe_that_cannot_open_its_socket_does_not_refuse_the_certificate() -
                 held.append(socket.socket())
         except OSError:
             pass
-        print("problem:", Sidecar._engine_identity_problem("native", identity, ca.trust_bundle))
+        print("problem:", transport.identity_problem(identity, ca.trust_bundle))
         """
     )
     result = subprocess.run(

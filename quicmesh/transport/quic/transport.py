@@ -42,6 +42,7 @@ transport (:attr:`QuicTransport.counters`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -53,7 +54,13 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..._aioquic import MeshQuicConnection
-from ...errors import ConfigError, ConnectError, PeerVerificationError, os_error_text
+from ...errors import (
+    ConfigError,
+    ConnectError,
+    PeerVerificationError,
+    QuicmeshError,
+    os_error_text,
+)
 from ...tls import Identity, TrustBundle
 from ...tls.check import handshake_failure_reason
 from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
@@ -94,6 +101,8 @@ from .options import (
     DEFAULT_MAX_EARLY_DATA,
     QuicOptions,
 )
+
+logger = logging.getLogger("quicmesh.transport.quic")
 
 RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
 """Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
@@ -299,6 +308,33 @@ class QuicTransport(Transport):
     def set_stream_rate(self, identity: str, rate: float | None) -> bool:
         self.stream_rates.set_rate(identity, rate, time.monotonic())
         return True
+
+    def identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
+        """Why this transport's QUIC engine cannot take ``identity`` and ``trust`` (see
+        :class:`Transport`). A socket engine (native: rustls, which knows RSA, ECDSA
+        P-256/P-384 and Ed25519 keys, not the P-521 or Ed448 keys Python accepts) loads
+        them into a listener on a loopback port, closed at once (about 1 ms); aioquic
+        signs with the key as ``cryptography`` loaded it, so whatever an
+        :class:`Identity` holds, it can use. A probe that cannot open its socket (out of
+        descriptors, say) says nothing against the certificate: logged, None."""
+        if self.engine.io != "socket":
+            return None
+        tls = EngineTls(identity=identity, trust=trust)
+        try:
+            probe = self.engine.listen(
+                self.engine_limits(), tls, ("127.0.0.1", 0), wake=lambda: None
+            )
+        except (EngineError, QuicmeshError) as exc:
+            if str(exc).startswith("cannot bind") or "(os error" in str(exc):
+                logger.warning(
+                    "could not check the new certificate on the %s QUIC engine (%s): taking it",
+                    self.engine.name,
+                    exc,
+                )
+                return None
+            return f"the {self.engine.name} QUIC engine cannot use the new certificate: {exc}"
+        probe.close()
+        return None
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on, on listeners too."""
