@@ -720,17 +720,24 @@ def _raw_h3_client(clock: Clock) -> tuple[Side, Side]:
     return client, server
 
 
+def _bare_quic_client(clock: Clock) -> tuple[Side, Side]:
+    """A bare aioquic QUIC client, whose streams the test writes byte by byte, against
+    an H3TunnelSession server."""
+    client, server = make_pair(clock, handshake=False)
+    server.session = H3TunnelSession(server.quic)
+    server.on_tunnel_event = accept_all
+    client.quic.connect(SERVER_ADDR, now=clock.now)
+    settle(client, server, clock)
+    return client, server
+
+
 @pytest.mark.parametrize("first", ["settings", "max_push_id"])
 def test_a_control_frame_that_never_ends_closes_the_connection(first: str) -> None:
     """aioquic holds a SETTINGS or MAX_PUSH_ID frame until it is whole and parses all it
     holds again for every packet: a client announcing a 2^40-byte frame and feeding it
     slowly held a core on both engines. Past MAX_CONTROL_FRAME bytes: H3_EXCESSIVE_LOAD."""
     clock = Clock()
-    client, server = make_pair(clock, handshake=False)
-    server.session = H3TunnelSession(server.quic)
-    server.on_tunnel_event = accept_all
-    client.quic.connect(SERVER_ADDR, now=clock.now)
-    settle(client, server, clock)
+    client, server = _bare_quic_client(clock)
     control = client.quic.get_next_available_stream_id(is_unidirectional=True)
     stream = encode_uint_var(StreamType.CONTROL)
     if first == "max_push_id":  # after a proper SETTINGS
@@ -756,11 +763,7 @@ def test_an_encoder_stream_flood_closes_the_connection() -> None:
     as it went on. Past ENCODER_STREAM_EXCESS times what the bound follows (1 MiB with no
     header section yet): H3_EXCESSIVE_LOAD."""
     clock = Clock()
-    client, server = make_pair(clock, handshake=False)
-    server.session = H3TunnelSession(server.quic)
-    server.on_tunnel_event = accept_all
-    client.quic.connect(SERVER_ADDR, now=clock.now)
-    settle(client, server, clock)
+    client, server = _bare_quic_client(clock)
     encoder = client.quic.get_next_available_stream_id(is_unidirectional=True)
     insert, _ = qpack_bomb_block(entry=50, references=1)
     client.quic.send_stream_data(encoder, bytes(encode_uint_var(StreamType.QPACK_ENCODER)) + insert)
@@ -782,11 +785,7 @@ def test_unidirectional_stream_churn_closes_the_connection() -> None:
     each ends: a peer opening one-byte streams with FIN as fast as credit came back held
     most of a core. Past MAX_OTHER_UNI_STREAMS on a connection: H3_EXCESSIVE_LOAD."""
     clock = Clock()
-    client, server = make_pair(clock, handshake=False)
-    server.session = H3TunnelSession(server.quic)
-    server.on_tunnel_event = accept_all
-    client.quic.connect(SERVER_ADDR, now=clock.now)
-    settle(client, server, clock)
+    client, server = _bare_quic_client(clock)
     reserved = bytes(encode_uint_var(0x21)) + b"x"
     opened = 0
     while opened <= MAX_OTHER_UNI_STREAMS and client.quic._close_event is None:
