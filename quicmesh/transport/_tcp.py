@@ -30,6 +30,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
@@ -125,6 +126,39 @@ class HalfOpen:
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
 _connection_ids = itertools.count(1)
+
+HANDSHAKE_LOG_RATE = 10.0
+"""Lines a second logging failed incoming TLS handshakes (after a burst of
+:data:`HANDSHAKE_LOG_BURST`), over every listener of the process; the others are counted
+and said in the next line logged. A client that opens connections and gives up (or
+presents a certificate we refuse) wrote one line each: a megabyte of log in ten seconds.
+``quicmesh_handshake_failures_total`` counts every one."""
+
+HANDSHAKE_LOG_BURST = 20
+
+
+class _LogBudget:
+    """A token bucket for log lines, and the lines it held back since the last one."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+        self.held_back = 0
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            self.held_back += 1
+            return False
+        self._tokens -= 1
+        return True
+
+
+_handshake_log = _LogBudget(HANDSHAKE_LOG_RATE, HANDSHAKE_LOG_BURST)
 
 
 class TlsPeerConnection(SessionConnection):
@@ -559,15 +593,28 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def _fail(self, error: TunnelError) -> None:
         if self.failure is None:
             self.failure = error
-            side = "client" if self._server_side else "server"
-            level = logging.WARNING if isinstance(error, PeerVerificationError) else logging.INFO
-            logger.log(level, "[%s] connection with %s failed: %s", self.log_id, side, error)
+            self._log_failure(error)
         self._settle_ready(error)
         if self.connection is not None:
             self.connection.on_connection_lost(error)
         if self._transport is not None and not self._closing:
             self._closing = True
             self._transport.close()
+
+    def _log_failure(self, error: TunnelError) -> None:
+        side = "client" if self._server_side else "server"
+        level = logging.WARNING if isinstance(error, PeerVerificationError) else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+        if self._server_side and self.connection is None:
+            # An incoming connection that never became a tunnel: within the budget.
+            held_back = _handshake_log.held_back
+            if not _handshake_log.take(time.monotonic()):
+                return
+            if held_back:
+                _handshake_log.held_back = 0
+                logger.log(level, "(%d failed incoming TLS handshakes not logged)", held_back)
+        logger.log(level, "[%s] connection with %s failed: %s", self.log_id, side, error)
 
     def _settle_ready(self, error: TunnelError | None = None) -> None:
         if self.ready.done() or self._server_side:

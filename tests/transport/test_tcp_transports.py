@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from quic_helpers import until
 
 from quicmesh.errors import (
     ConnectError,
@@ -30,6 +31,7 @@ from quicmesh.errors import (
     TunnelError,
 )
 from quicmesh.tls import DevCA, Identity, TrustBundle
+from quicmesh.transport import _tcp
 from quicmesh.transport._tcp import MAX_HALF_OPEN_PER_SOURCE
 from quicmesh.transport.base import Authorizer, PeerConnection, StreamHandler, Transport
 from quicmesh.transport.h2 import H2Transport
@@ -731,3 +733,41 @@ def _tls_handshake_from(source: str, address: tuple[str, int]) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_failed_incoming_handshakes_are_logged_within_a_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failed incoming handshake wrote a line: a client opening connections and
+    closing them at once wrote a megabyte of log in ten seconds. Past the burst they are
+    counted, and the next line logged says how many were held back."""
+    m = mesh()
+    budget = _tcp._LogBudget(_tcp.HANDSHAKE_LOG_RATE, _tcp.HANDSHAKE_LOG_BURST)
+
+    async def main() -> None:
+        server = H2Transport(identity=m.server, trust=m.ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        loop = asyncio.get_running_loop()
+        for _ in range(3 * _tcp.HANDSHAKE_LOG_BURST):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, listener.address)
+            await loop.sock_sendall(sock, b"\x16\x03\x01\x00\x05hello")  # not a ClientHello
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(sock, 100), 5)
+            sock.close()
+        await until(lambda: len(listener._protocols) == 0)  # type: ignore[attr-defined]
+        listener.close()
+        await listener.wait_closed()
+
+    original = _tcp._handshake_log
+    _tcp._handshake_log = budget
+    try:
+        with caplog.at_level(logging.INFO, logger="quicmesh.transport.tls"):
+            run(main())
+    finally:
+        _tcp._handshake_log = original
+    lines = [r.getMessage() for r in caplog.records if r.name == "quicmesh.transport.tls"]
+    failed = [line for line in lines if "connection with client failed" in line]
+    assert _tcp.HANDSHAKE_LOG_BURST <= len(failed) < 2 * _tcp.HANDSHAKE_LOG_BURST
+    assert budget.held_back > 0 or any("not logged" in line for line in lines)
