@@ -181,6 +181,27 @@ def test_a_flood_of_encoder_instructions_is_not_followed_and_the_bound_holds() -
     assert size <= bound.section_size(block)
 
 
+def test_a_bound_that_stopped_following_still_reads_later_blocks() -> None:
+    """Once the bound stops following the encoder stream it counts no more inserts:
+    checking a later block's Required Insert Count against its stale count refused a
+    valid block, which its length alone then bounded (far above the limit)."""
+    decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
+    bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
+    insert, _ = qpack_bomb_block(entry=50, references=1)
+    set_capacity = insert[:3]  # Set Dynamic Table Capacity, as qpack_bomb_block writes it
+    assert set_capacity[0] & 0xE0 == 0x20
+    flood = set_capacity * (FOLLOWED_ENCODER_BYTES // len(set_capacity) + 1)
+    for feed in (insert, flood, b"\x00" * 200):  # gives up, then 200 more inserts
+        decoder.feed_encoder(feed)
+        bound.feed_encoder(feed)
+    assert bound.broken
+    encoded = 201 % (2 * (QPACK_TABLE_CAPACITY // 32)) + 1
+    block = bytes([encoded, 0x00, 0xC0 | 15, 0x80])
+    _, decoded = decoder.feed_header(0, block)
+    size = sum(len(name) + len(value) + 32 for name, value in decoded)
+    assert size <= bound.section_size(block) <= MAX_FIELD_SECTION_SIZE
+
+
 def test_bound_of_the_bomb_is_its_decoded_size() -> None:
     insert, block = qpack_bomb_block(entry=3900, references=60000)
     bound = FieldSectionBound(QPACK_TABLE_CAPACITY)

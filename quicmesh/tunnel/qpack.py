@@ -278,6 +278,11 @@ class FieldSectionBound:
         """RFC 9204 section 4.5.1.1."""
         if encoded == 0:
             return 0
+        if self.broken:
+            # Inserts are no longer counted, so the count cannot be checked (a valid
+            # block failed it, and its length alone then bounded it); every dynamic
+            # reference counts as the whole table anyway.
+            return encoded
         max_entries = self.max_table_capacity // 32
         full_range = 2 * max_entries
         if full_range == 0 or encoded > full_range:
