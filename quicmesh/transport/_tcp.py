@@ -42,7 +42,9 @@ from ..tls import peer_identity_from_ssl
 from ..tls.check import handshake_failure_reason
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
+from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
+from ._stream_rate import StreamRate
 from .base import Address, Authorizer, Listener, StreamHandler, checked_address, host_port
 
 logger = logging.getLogger("quicmesh.transport.tls")
@@ -72,55 +74,27 @@ sends before it closes (:meth:`TlsTunnelProtocol._linger`)."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server waits for a client to finish its TLS handshake."""
 
-MAX_HALF_OPEN = 1024
+MAX_HALF_OPEN = AdmissionConfig.max_half_open
 """TLS handshakes a listener runs at once (the QUIC listener's ``max_half_open``
 default), and at most a quarter of the process's descriptors (``RLIMIT_NOFILE``): a
 connection accepted beyond is closed at once, before any TLS. Without a bound, 1,200
 connections that each sent five bytes held a descriptor apiece for the whole
 ``handshake_timeout`` and the listener ran out of them (no certificate needed)."""
 
-
-def _half_open_limit() -> int:
-    """:data:`MAX_HALF_OPEN`, or a quarter of the soft descriptor limit if lower."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_HALF_OPEN
-    return max(16, min(MAX_HALF_OPEN, soft // 4))
-
-
-MAX_HALF_OPEN_PER_SOURCE = 128
+MAX_HALF_OPEN_PER_SOURCE = AdmissionConfig.max_half_open_per_source
 """The same, per source IP address (the QUIC listener's ``max_half_open_per_source``
 default), so one source cannot take them all."""
 
 
-class HalfOpen:
-    """The TLS handshakes under way on one listener, in all and per source address."""
-
-    def __init__(
-        self, limit: int = MAX_HALF_OPEN, per_source: int = MAX_HALF_OPEN_PER_SOURCE
-    ) -> None:
-        self.limit = limit
-        self.per_source = per_source
-        self.total = 0
-        self._by_source: Counter[str] = Counter()
-        self.refused = 0
-        """Connections closed because the limits were reached."""
-
-    def admit(self, source: str) -> bool:
-        """Count a new handshake from ``source``; False (not counted) over a limit."""
-        if self.total >= self.limit or self._by_source[source] >= self.per_source:
-            self.refused += 1
-            return False
-        self.total += 1
-        self._by_source[source] += 1
-        return True
-
-    def release(self, source: str) -> None:
-        """A handshake :meth:`admit` counted is over (done, failed or given up)."""
-        self.total -= 1
-        self._by_source[source] -= 1
-        if not self._by_source[source]:
-            del self._by_source[source]
+def _handshake_admission() -> Admission:
+    """The half-open caps of QUIC's listeners (:class:`Admission`, without Retry) for a
+    TLS listener's handshakes, the total held to a quarter of the soft descriptor
+    limit where that is lower than :data:`MAX_HALF_OPEN`."""
+    limit = MAX_HALF_OPEN
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        limit = max(16, min(limit, soft // 4))
+    return Admission(AdmissionConfig(retry="never", max_half_open=limit))
 
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -138,24 +112,18 @@ HANDSHAKE_LOG_BURST = 20
 
 
 class _LogBudget:
-    """A token bucket for log lines, and the lines it held back since the last one."""
+    """A token bucket (:class:`StreamRate`) for log lines, and the lines it held back
+    since the last one."""
 
     def __init__(self, rate: float, burst: float) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._at: float | None = None
+        self._bucket = StreamRate(rate, burst, time.monotonic())
         self.held_back = 0
 
     def take(self, now: float) -> bool:
-        if self._at is not None:
-            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens < 1:
-            self.held_back += 1
-            return False
-        self._tokens -= 1
-        return True
+        if self._bucket.take(1, now):
+            return True
+        self.held_back += 1
+        return False
 
 
 _handshake_log = _LogBudget(HANDSHAKE_LOG_RATE, HANDSHAKE_LOG_BURST)
@@ -248,12 +216,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
         wait_for_ticket: bool = False,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_closed: Callable[[TlsTunnelProtocol], None] | None = None,
-        half_open: HalfOpen | None = None,
+        half_open: Admission | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._half_open = half_open
-        self._half_open_source: str | None = None
-        """(server) The source counted in ``half_open`` while the handshake runs."""
+        """(server) The listener's handshakes under way, this one among them until its
+        handshake is over."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
@@ -301,17 +269,18 @@ class TlsTunnelProtocol(asyncio.Protocol):
             if self._half_open is not None:
                 peer = transport.get_extra_info("peername")
                 source = str(peer[0]) if peer else ""
-                if not self._half_open.admit(source):
+                if self._half_open.decide(source, has_token=True) is Decision.REFUSE:
+                    limits = self._half_open.config
                     self.failure = ConnectionLost(
-                        f"refused before TLS: {self._half_open.total} handshakes under way "
-                        f"(at most {self._half_open.limit}, {self._half_open.per_source} "
-                        "a source)"
+                        f"refused before TLS: {self._half_open.half_open} handshakes under "
+                        f"way (at most {limits.max_half_open}, "
+                        f"{limits.max_half_open_per_source} a source)"
                     )
                     logger.debug("[%s] %s", self.log_id, self.failure)
                     self._closing = True
                     transport.abort()
                     return
-                self._half_open_source = source
+                self._half_open.opened(self, source)
             self._setup_timer = self._loop.call_later(
                 self._handshake_timeout, self._on_handshake_timeout
             )
@@ -666,9 +635,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._fail(ConnectError(f"no CONNECT request in {self._handshake_timeout:g}s"))
 
     def _end_half_open(self) -> None:
-        if self._half_open is not None and self._half_open_source is not None:
-            self._half_open.release(self._half_open_source)
-            self._half_open_source = None
+        if self._half_open is not None:
+            self._half_open.closed(self)  # (once: a second call finds it gone)
 
     def _cancel_setup_timer(self) -> None:
         if self._setup_timer is not None:
@@ -746,7 +714,7 @@ async def start_server(
     address = checked_address(address, "listen address")
     loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
-    half_open = HalfOpen(limit=_half_open_limit())
+    half_open = _handshake_admission()
 
     def closed(protocol: TlsTunnelProtocol) -> None:
         protocols.discard(protocol)
