@@ -220,10 +220,12 @@ class CertificateSource:
 
     def deliver(self, identity: Identity | None, trust: TrustBundle | None) -> None:
         """A control plane's (SDS) identity, trust bundle, or both: used as :meth:`replace`
-        does (not at all if the same as in use), and the control plane's from then on.
+        does (not at all if the same as in use), once it can be (not expired, not yet
+        valid, or untrusted by the bundle it comes with: :func:`own_certificate_problem`),
+        and the control plane's from then on.
 
-        :raises QuicmeshError: as :meth:`replace`; nothing changed, nothing is the
-            control plane's yet.
+        :raises QuicmeshError: it cannot be used, or as :meth:`replace`; nothing changed,
+            nothing is the control plane's yet.
         """
         new_identity = identity if identity is not None else self.identity
         new_trust = trust if trust is not None else self.trust
@@ -231,6 +233,9 @@ class CertificateSource:
             new_identity.cert_chain_pem() != self.identity.cert_chain_pem()
             or new_trust.pem != self.trust.pem
         ):
+            problem = own_certificate_problem(new_identity, new_trust)
+            if problem is not None:
+                raise ConfigError(problem)
             self.replace(new_identity, new_trust)
         if identity is not None:
             self.delivered |= {"identity"}

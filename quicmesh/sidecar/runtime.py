@@ -519,7 +519,7 @@ class Sidecar:
         none does.
 
         Each QUIC engine and TLS library in use must load it first
-        (:meth:`_identity_problem`: a client endpoint of the native engine reads the key
+        (:meth:`Transport.identity_problem`: a client endpoint of the native engine reads the key
         only when it dials); a transport that still refuses it puts every transport
         switched so far back on the identity in use. Pools then dial new connections for
         new flows and close the old ones as their last flow ends
@@ -528,12 +528,11 @@ class Sidecar:
         :raises ConfigError: it cannot be used here (the line says where and why);
             nothing changed.
         """
-        problem = self._identity_problem(identity, trust)
-        if problem is not None:
-            raise ConfigError(problem)
-        clusters = list(self.clusters.values()) + self.retired_clusters
-        holders: list[Transport | InboundListener] = [c.transport for c in clusters]
-        holders += self.inbound.values()
+        holders = self._identity_holders()
+        for holder in holders:
+            problem = holder.identity_problem(identity, trust)
+            if problem is not None:
+                raise ConfigError(problem)
         switched: list[Transport | InboundListener] = []
         try:
             for holder in holders:
@@ -546,7 +545,7 @@ class Sidecar:
         ours_changed = identity.cert_chain_pem() != self.identity.cert_chain_pem()
         self.identity, self.trust = identity, trust
         if ours_changed:
-            for cluster in clusters:
+            for cluster in [*self.clusters.values(), *self.retired_clusters]:
                 cluster.our_identity_changed()
 
     def _restore_identity(self, switched: list[Transport | InboundListener]) -> None:
@@ -558,18 +557,14 @@ class Sidecar:
             except Exception:
                 logger.exception("cannot put %r back on the running certificate", holder)
 
-    def _identity_problem(self, identity: Identity, trust: TrustBundle) -> str | None:
-        """Why a transport in use (a cluster's, a listener's) cannot take ``identity``
-        and ``trust``, in one line, or None (:meth:`Transport.identity_problem`)."""
+    def _identity_holders(self) -> list[Transport | InboundListener]:
+        """What presents our certificate: the clusters' transports (retired ones too)
+        and the inbound listeners."""
         holders: list[Transport | InboundListener] = [
             c.transport for c in [*self.clusters.values(), *self.retired_clusters]
         ]
         holders += self.inbound.values()
-        for holder in holders:
-            problem = holder.identity_problem(identity, trust)
-            if problem is not None:
-                return problem
-        return None
+        return holders
 
     def _retire_cluster(self, cluster: Cluster) -> None:
         """Keep an old cluster until its live flows end, then close its connections."""

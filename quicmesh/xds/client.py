@@ -34,7 +34,6 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from ..errors import QuicmeshError
 from ..sidecar.config import XdsConfig, format_address
 from ..tls import Identity, TrustBundle
-from ..tls.check import own_certificate_problem
 from .mapping import (
     MappedConfig,
     MappingError,
@@ -299,20 +298,6 @@ class AdsClient:
             key = data_source_bytes(certificate.tls_certificate.private_key, f"{where}.private_key")
             with _named(where):
                 identity = Identity.from_pem(chain, key)
-        new_identity = identity if identity is not None else source.identity
-        new_trust = trust if trust is not None else source.trust
-        if (
-            new_identity.cert_chain_pem() != source.identity.cert_chain_pem()
-            or new_trust.pem != source.trust.pem
-        ):
-            problem = own_certificate_problem(new_identity, new_trust)
-            if problem is not None:
-                raise MappingError(f"SDS: {problem}")
-            if new_identity.spiffe_id != self.sidecar.config.node.identity:
-                raise MappingError(
-                    f"SDS: the certificate is for {new_identity.spiffe_id}, "
-                    f"not this node's {self.sidecar.config.node.identity}"
-                )
         try:
             # (The same as in use: nothing rotates, but it is the control plane's now.)
             source.deliver(identity, trust)
