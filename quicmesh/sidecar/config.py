@@ -645,9 +645,13 @@ def parse_service(text: object) -> Address:
     return host, port
 
 
-def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """A service's IP address (:func:`parse_service` checked it), IPv4-mapped unmapped."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])  # (a zone, as the table drops it)
+def normalise_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (IPv4-mapped IPv6 unmapped, a zone dropped), or None
+    if it is a name: how services and dialled addresses are compared."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -1049,10 +1053,10 @@ class _Loader:
         # Compared as the destination table compares them: an IPv4-mapped IPv6 address
         # is its IPv4 address (two spellings of one service passed here before, and the
         # table refused them at start, with a traceback).
-        owners: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
+        owners: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int], str] = {}
         for index, cluster in enumerate(clusters):
             for service in cluster.all_services:
-                key = (_unmapped(service[0]), service[1])
+                key = (normalise_ip(service[0]), service[1])
                 if key in owners and owners[key] != cluster.name:
                     raise node.error(
                         f"[{index}].services: {format_address(service)} is also a service "

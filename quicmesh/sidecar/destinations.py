@@ -24,7 +24,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .config import Address, format_address
+from .config import Address, format_address, normalise_ip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -65,17 +65,6 @@ class ClusterDestinations:
 
 class DuplicateService(ValueError):
     """Two clusters list the same service address."""
-
-
-def normalise_ip(host: str) -> IPAddress | None:
-    """``host`` as an IP address (IPv4-mapped IPv6 unmapped), or None if it is a name."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 class DestinationTable:
