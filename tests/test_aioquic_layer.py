@@ -731,6 +731,19 @@ def _bare_quic_client(clock: Clock) -> tuple[Side, Side]:
     return client, server
 
 
+def _write_until_closed(
+    client: Side, server: Side, clock: Clock, stream_id: int, chunk: bytes, limit: int
+) -> int:
+    """Write ``chunk`` on the client's ``stream_id`` until more than ``limit`` bytes went
+    or the server closed the connection; the bytes written."""
+    sent = 0
+    while sent <= limit and client.quic._close_event is None:
+        client.quic.send_stream_data(stream_id, chunk)
+        sent += len(chunk)
+        settle(client, server, clock)
+    return sent
+
+
 @pytest.mark.parametrize("first", ["settings", "max_push_id"])
 def test_a_control_frame_that_never_ends_closes_the_connection(first: str) -> None:
     """aioquic holds a SETTINGS or MAX_PUSH_ID frame until it is whole and parses all it
@@ -747,11 +760,7 @@ def test_a_control_frame_that_never_ends_closes_the_connection(first: str) -> No
         stream += encode_uint_var(FrameType.SETTINGS)
     client.quic.send_stream_data(control, bytes(stream + encode_uint_var(2**40)))
     settle(client, server, clock)
-    sent = 0
-    while sent <= MAX_CONTROL_FRAME and client.quic._close_event is None:
-        client.quic.send_stream_data(control, b"\0" * 1000)
-        sent += 1000
-        settle(client, server, clock)
+    sent = _write_until_closed(client, server, clock, control, b"\0" * 1000, MAX_CONTROL_FRAME)
     closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
     assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
     assert sent > MAX_CONTROL_FRAME - 1000  # a frame in progress was taken until then
@@ -768,12 +777,8 @@ def test_an_encoder_stream_flood_closes_the_connection() -> None:
     insert, _ = qpack_bomb_block(entry=50, references=1)
     client.quic.send_stream_data(encoder, bytes(encode_uint_var(StreamType.QPACK_ENCODER)) + insert)
     settle(client, server, clock)
-    sent = 0
     limit = ENCODER_STREAM_EXCESS * FOLLOWED_ENCODER_BYTES
-    while sent <= limit and client.quic._close_event is None:
-        client.quic.send_stream_data(encoder, b"\x00" * 65536)
-        sent += 65536
-        settle(client, server, clock)
+    sent = _write_until_closed(client, server, clock, encoder, b"\x00" * 65536, limit)
     closed = client.quic._close_event  # the server's CONNECTION_CLOSE, received
     assert closed is not None and closed.error_code == H3ErrorCode.H3_EXCESSIVE_LOAD, closed
     assert "QPACK encoder stream of more than" in closed.reason_phrase
