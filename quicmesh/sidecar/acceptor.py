@@ -36,6 +36,22 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 Handler = Callable[[socket.socket, Any], Coroutine[Any, Any, None]]
 
 
+def report_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The sidecar's event-loop exception handler: asyncio's own, except that a
+    server it runs (the h2 and tcp listeners, the admin) running out of descriptors
+    or memory is one line, as :class:`SocketServer` logs it, not a traceback
+    (asyncio pauses that server's accepting for a second and carries on)."""
+    exc = context.get("exception")
+    if (
+        isinstance(exc, OSError)
+        and exc.errno in _RESOURCE_ERRORS
+        and "accept" in str(context.get("message", ""))
+    ):
+        logger.error("accepting paused for %gs: %s", ACCEPT_RETRY_DELAY, exc)
+        return
+    loop.default_exception_handler(context)
+
+
 class SocketServer:
     """Listening sockets whose connections go to ``handle(sock, peername)`` as
     non-blocking sockets with ``TCP_NODELAY`` (as asyncio's transports set it), each in

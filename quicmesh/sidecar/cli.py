@@ -170,12 +170,14 @@ def _configure_logging(level: str) -> None:
 
 
 async def _run(config: object, path: str) -> int:
+    from .acceptor import report_loop_exception
     from .config import SidecarConfig
     from .runtime import Sidecar
 
     assert isinstance(config, SidecarConfig)
     sidecar = Sidecar(config, config_path=path)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(report_loop_exception)
     # Every signal the sidecar takes is handled from before start-up (the admin answers
     # "starting" meanwhile), so none kills the process with listeners half open: a
     # SIGTERM drains once started, a SIGHUP reloads then, a SIGUSR1 reopens the logs then.
