@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import stat
@@ -68,12 +69,19 @@ def _start(
     return child, int(line)
 
 
-def test_key_file_is_created_private_and_kept(tmp_path: Path) -> None:
+def test_key_file_is_created_private_and_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "reset.key"
     key = load_stateless_reset_key(path)
     assert len(key) == 32
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert load_stateless_reset_key(path) == key
+    assert "readable by others" not in caplog.text
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="quicmesh.transport.quic"):
+        assert load_stateless_reset_key(path) == key
+    assert "is readable by others (mode 644)" in caplog.text
     (tmp_path / "short.key").write_bytes(b"x")
     with pytest.raises(quicmesh.ConfigError, match="shorter than 16 bytes"):
         load_stateless_reset_key(tmp_path / "short.key")

@@ -660,11 +660,23 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
     """The stateless reset key kept in ``path``, created (32 random bytes, mode 0600)
     if missing, so that it survives restarts.
 
+    A file that others may read or write is used, with a warning.
+
     :raises ConfigError: the file cannot be read or created, or is too short.
     """
     try:
         with open(path, "rb") as existing:
             key = existing.read()
+            mode = os.fstat(existing.fileno()).st_mode
+        if mode & 0o077:
+            # OpenSSH refuses such a private key; a reset key is less precious (it
+            # lets its reader end this server's connections, not read them): warned.
+            logger.warning(
+                "stateless reset key %s is readable by others (mode %03o): whoever "
+                "reads it can reset this server's connections; chmod 600 it",
+                path,
+                mode & 0o777,
+            )
     except FileNotFoundError:
         key = os.urandom(32)
         try:
