@@ -848,12 +848,19 @@ class Sidecar:
         return self.metrics.exposition()
 
     def config_dump(self) -> dict[str, Any]:
-        """The running configuration, with the live endpoint lists."""
+        """The running configuration, with the live endpoint lists and the services the
+        endpoints files list now."""
         dump = self.config.to_dict()
         for cluster in dump["clusters"]:
             live = self.clusters.get(cluster["name"])
             if live is not None:
                 cluster["endpoints"] = [format_address(e) for e in live.endpoints]
+                own = set(live.config.services)
+                cluster["file_services"] = [
+                    format_address(s)
+                    for s in self.services.get(live.config.name, ())
+                    if s not in own
+                ]
         return dump
 
 

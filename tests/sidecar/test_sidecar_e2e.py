@@ -453,14 +453,18 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
         assert "node changed: node and tls cannot change on reload: restart" in a.stderr()
 
         # A watched endpoints file: a change applies, an invalid one is refused.
-        def endpoints() -> list[str]:
+        def watched(key: str = "endpoints") -> list[str]:
             _, body = a.request("GET", "/config_dump")
             dump: dict[str, Any] = yaml.safe_load(body)
-            return list(next(c for c in dump["clusters"] if c["name"] == "watched")["endpoints"])
+            return list(next(c for c in dump["clusters"] if c["name"] == "watched")[key])
+
+        def endpoints() -> list[str]:
+            return watched()
 
         both = [mesh.endpoint("quic"), addr(mesh.ports["strict"])]
-        endpoints_file.write_text(yaml.safe_dump(both))
+        endpoints_file.write_text(yaml.safe_dump({"endpoints": both, "services": ["10.96.0.7:80"]}))
         wait_until(lambda: endpoints() == both, what="endpoints file applied")
+        assert watched("file_services") == ["10.96.0.7:80"]  # the live ones, not the start's
         endpoints_file.write_text("- 127.0.0.1:99999\n")
         wait_until(lambda: reloads("rejected") == 3, what="bad endpoints file refused")
         assert endpoints() == both
