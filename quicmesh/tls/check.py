@@ -82,15 +82,23 @@ def handshake_failure_reason(error: BaseException) -> tuple[str, str]:
     The side is ``"peer"`` (we refused the peer's certificate), ``"ours"`` (the
     peer refused our certificate: its alert, or a quicmesh peer's close reason
     about *its* peer, says so), or ``"unknown"``.
+    A "handshake refused: ..." error is the peer's refusal (the QUIC transports'
+    text for a handshake the peer closed with a TLS alert): whatever its reason
+    says about a certificate, it says of ours.
     """
     text = str(error).lower()
     if isinstance(error, TimeoutError) or "timed out" in text or "not done in" in text:
         return "timeout", "unknown"
+    about_a_certificate = "certificate" in text or "issuer" in text or "signature" in text
     remote = "handshake refused" in text or "connection closed" in text
-    if "our certificate" in text or (remote and "peer certificate" in text):
+    if (
+        "our certificate" in text
+        or (remote and "peer certificate" in text)
+        or ("handshake refused" in text and about_a_certificate)
+    ):
         # A quicmesh peer closes with "peer certificate ...": we are its peer.
         return "our_certificate_refused", "ours"
-    if "certificate" not in text and "issuer" not in text and "signature" not in text:
+    if not about_a_certificate:
         return "other", "unknown"
     if "expired" in text:
         return "peer_certificate_expired", "peer"

@@ -98,8 +98,15 @@ def test_handshake_failure_reasons_name_the_side() -> None:
     assert handshake_failure_reason(
         PeerVerificationError("handshake refused: peer certificate not signed by a trusted CA")
     ) == ("our_certificate_refused", "ours")
+    # The peer's alert, whatever its reason: about our certificate (it was counted as
+    # the peer's untrusted certificate).
     assert handshake_failure_reason(
-        PeerVerificationError("handshake refused: unable to get local issuer certificate")
+        PeerVerificationError("handshake refused: error 42: unable to get local issuer certificate")
+    ) == ("our_certificate_refused", "ours")
+    assert handshake_failure_reason(
+        PeerVerificationError(
+            "server certificate not trusted: unable to get local issuer certificate"
+        )
     ) == ("peer_certificate_untrusted", "peer")
     assert handshake_failure_reason(
         PeerVerificationError("server certificate not trusted: certificate has expired")
@@ -468,6 +475,14 @@ def test_refused_certificates_are_counted_with_the_side_at_fault(
         if who_refuses == "client":
             assert set(failures) == {"peer_certificate_untrusted"}, failures
             assert "(the peer's certificate at fault)" in a.stderr()
+            # B hears A's alert: its certificate refused (the native listener counted it
+            # as the client's untrusted certificate, the aioquic one not at all).
+            wait_until(
+                lambda: b.stats()["handshake_failures"]["server"] != {},
+                what="B counts the refusal of its certificate",
+            )
+            server = b.stats()["handshake_failures"]["server"]
+            assert set(server) == {"our_certificate_refused"}, server
         else:
             assert set(failures) == {"our_certificate_refused"}, failures
             assert "(our certificate at fault)" in a.stderr()

@@ -1278,6 +1278,11 @@ class QuicPeerConnection(SessionConnection):
                     )
                 else:
                     self.failure = PeerVerificationError(f"handshake refused: {reason}")
+                    if not self.is_client:  # a client refused our certificate (its alert)
+                        logger.warning(
+                            "[%s] a client refused our certificate: %s", self.log_id, reason
+                        )
+                        self._handshake_failures[handshake_failure_reason(self.failure)[0]] += 1
             else:
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
         if self._close_socket:
