@@ -493,7 +493,13 @@ class TlsTunnelProtocol(asyncio.Protocol):
         alpn = self._ssl.selected_alpn_protocol()
         if alpn != self._alpn:
             raise ConnectError(f"peer does not speak {self._alpn} (ALPN {alpn!r})")
-        return peer_identity_from_ssl(self._ssl)
+        try:
+            return peer_identity_from_ssl(self._ssl)
+        except PeerVerificationError as exc:
+            # The SPIFFE checks, after OpenSSL's: named as the certificate's refusal,
+            # as the QUIC engines name it (counted as peer_certificate_invalid).
+            whose = "client" if self._server_side else "server"
+            raise PeerVerificationError(f"{whose} certificate refused: {exc}") from None
 
     def _read_records(self) -> None:
         session, connection = self.session, self.connection

@@ -77,8 +77,13 @@ def test_client_of_another_trust_domain_is_refused_without_policy(name: str) -> 
             # TLS 1.3: the client may finish its handshake before the server refuses.
             stream = await conn.open_stream(TARGET)
             await stream.read()
-        if name == "quic":
-            assert sum(server.handshake_failures.values()) >= 1
+        # Counted as the client's invalid certificate on every transport (h2 and tcp
+        # counted "other": their SPIFFE checks' text named no certificate).
+        for _ in range(500):  # (h2, tcp: counted when the server's side has closed)
+            if server.handshake_failures:
+                break
+            await asyncio.sleep(0.01)
+        assert set(server.handshake_failures) == {"peer_certificate_invalid"}
         # A client of our own domain still gets through.
         good = quicmesh.TRANSPORTS[name](identity=CLIENT, trust=CA.trust_bundle)
         conn = await good.connect(listener.address, timeout=5)
