@@ -28,7 +28,7 @@ import yaml
 
 from .. import duration
 from ..congestion.host import default_congestion_control
-from ..errors import ConfigError, InvalidTarget
+from ..errors import ConfigError, InvalidTarget, os_error_text
 from ..tls.ca import CA_CERT_FILE, CA_KEY_FILE
 from ..transport.base import (
     ACK_ELICITING_THRESHOLD_MAX,
@@ -752,21 +752,33 @@ def check_files(config: SidecarConfig) -> None:
         other = claimed.setdefault(_file_key(target), key)
         if other != key:
             raise ConfigError(f"{config.source}: {key}: {path} is also {other}")
-        if target.is_dir():
-            problem = f"{path} is a directory"
-        elif not target.parent.is_dir():
-            problem = f"no directory {target.parent} for {target.name}"
-        elif target.exists() and not os.access(target, access):
-            problem = f"{path} is not {'writable' if access == os.W_OK else 'readable'}"
-        elif not target.exists() and not os.access(target.parent, os.W_OK):
-            problem = f"{target.parent} is not writable (to make {target.name})"
-        elif key == "tls.ticket_cache" and (foreign := ticket_cache_problem(target)):
-            problem = f"{path}: {foreign}"
-        elif key.endswith("stateless_reset_key") and (short := _short_key(target)):
-            problem = short
-        else:
-            continue
-        raise ConfigError(f"{config.source}: {key}: {problem}")
+        try:
+            problem = _file_problem(target, key, access)
+        except OSError as exc:  # a directory on the way we may not search, a long name
+            problem = f"{path} cannot be checked: {os_error_text(exc)}"
+        if problem:
+            raise ConfigError(f"{config.source}: {key}: {problem}")
+
+
+def _file_problem(target: Path, key: str, access: int) -> str:
+    """Why the sidecar cannot write (``os.W_OK``) or read ``target`` for ``key``, or "".
+
+    :raises OSError: ``target`` cannot be looked at.
+    """
+    path = str(target)
+    if target.is_dir():
+        return f"{path} is a directory"
+    if not target.parent.is_dir():
+        return f"no directory {target.parent} for {target.name}"
+    if target.exists() and not os.access(target, access):
+        return f"{path} is not {'writable' if access == os.W_OK else 'readable'}"
+    if not target.exists() and not os.access(target.parent, os.W_OK):
+        return f"{target.parent} is not writable (to make {target.name})"
+    if key == "tls.ticket_cache" and (foreign := ticket_cache_problem(target)):
+        return f"{path}: {foreign}"
+    if key.endswith("stateless_reset_key"):
+        return _short_key(target)
+    return ""
 
 
 def _file_key(path: Path) -> object:
@@ -775,7 +787,10 @@ def _file_key(path: Path) -> object:
     try:
         status = path.stat()
     except OSError:
-        return path.resolve()
+        try:
+            return path.resolve()
+        except (OSError, RuntimeError):  # a name too long, a loop of links
+            return path.absolute()
     return (status.st_dev, status.st_ino)
 
 

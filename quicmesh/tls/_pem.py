@@ -7,7 +7,6 @@ message starting with the file (or other source) it is about.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -32,12 +31,21 @@ _TLS_PRIVATE_KEY_CLASSES = (
 )
 
 
-def read_file(path: str | os.PathLike[str]) -> bytes:
-    """Return the contents of ``path``; ConfigError naming it if it cannot be read."""
+MAX_FILE_BYTES = 16 * 2**20
+"""The largest certificate, key or trust bundle file read (``/dev/zero`` is not one)."""
+
+
+def read_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
+    """Return the contents of ``path``, at most ``limit`` bytes; ConfigError naming it if
+    it cannot be read or is larger."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"{os.fspath(path)}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise ConfigError(f"{os.fspath(path)}: cannot read: larger than {limit:,} bytes")
+    return data
 
 
 def write_file(path: str | os.PathLike[str], data: bytes, *, private: bool) -> None:

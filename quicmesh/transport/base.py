@@ -482,6 +482,9 @@ ACK_ELICITING_THRESHOLD_MAX = 1 << 20
 STATELESS_RESET_KEY_MIN_BYTES = 16
 """The shortest stateless reset key file a QUIC listener takes."""
 
+STATELESS_RESET_KEY_MAX_BYTES = 4096
+"""The longest stateless reset key file a QUIC listener takes (``/dev/zero`` is none)."""
+
 QUIC_ENGINE_NAMES = ("aioquic", "native")
 """The QUIC engines ``QuicTransport(engine=...)`` knows (:mod:`quicmesh.transport.quic.engine`)."""
 

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from ..errors import QuicmeshError, os_error_text
+from ..errors import ConfigError, QuicmeshError
 from ..sidecar.config import (
     Address,
     CircuitBreakerConfig,
@@ -50,6 +50,7 @@ from ..sidecar.config import (
     OutlierDetectionConfig,
     parse_destination,
 )
+from ..tls._pem import read_file
 from ..tunnel.connect import Target, parse_target
 from .resources import (
     Cluster,
@@ -747,10 +748,7 @@ def data_source_bytes(source: Message, where: str) -> bytes:
         return str(source.inline_string).encode()
     if kind == "filename":
         try:
-            with open(source.filename, "rb") as handle:
-                return handle.read()
-        except OSError as exc:
-            raise MappingError(
-                f"{where}: cannot read {source.filename}: {os_error_text(exc)}"
-            ) from None
+            return read_file(source.filename)
+        except ConfigError as exc:
+            raise MappingError(f"{where}: {exc}") from None
     raise MappingError(f"{where}: empty data source")

@@ -238,6 +238,8 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
     ("where", "value", "expected"),
     [
         (("access_log", "path"), "missing-dir/access.log", "access_log.path: no directory"),
+        # (A traceback: a name the system refuses, as a directory it may not search.)
+        (("access_log", "path"), "x" * 300, "cannot be checked: File name too long"),
         (("access_log", "path"), ".", "access_log.path: "),
         (("tls", "ticket_cache"), ".", "tls.ticket_cache: "),
         (("access_log", "path"), "b.yaml", "access_log.path: "),  # the configuration
@@ -255,6 +257,13 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
         ),
         (("tls", "trust_bundle"), "missing.pem", ".yaml: tls.trust_bundle: "),
         (("tls", "key"), "missing.key", ".yaml: tls.cert, tls.key: "),
+        # (Read until memory ran out: files are read up to 16 MiB.)
+        (("tls", "trust_bundle"), "/dev/zero", "/dev/zero: cannot read: larger than 16,777,216"),
+        (
+            ("listeners", "inbound", 0, "stateless_reset_key"),
+            "/dev/zero",
+            "stateless_reset_key: /dev/zero is shorter than 16 bytes (0)",
+        ),
         # The identity's files are never written nor taken as a reset key (flow records
         # were appended to the private key).
         (("access_log", "path"), "b.key", "b.key is also tls.key"),

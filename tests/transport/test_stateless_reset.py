@@ -85,6 +85,8 @@ def test_key_file_is_created_private_and_kept(
     (tmp_path / "short.key").write_bytes(b"x")
     with pytest.raises(quicmesh.ConfigError, match="shorter than 16 bytes"):
         load_stateless_reset_key(tmp_path / "short.key")
+    with pytest.raises(quicmesh.ConfigError, match="longer than 4096 bytes"):
+        load_stateless_reset_key("/dev/zero")  # (read until memory ran out)
 
 
 @pytest.mark.parametrize("engine", QUIC_ENGINES)

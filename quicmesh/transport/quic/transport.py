@@ -68,6 +68,7 @@ from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
 from .._stream_rate import DEFAULT_STREAM_RATE, StreamRates
 from ..base import (
+    STATELESS_RESET_KEY_MAX_BYTES,
     STATELESS_RESET_KEY_MIN_BYTES,
     Address,
     Authorizer,
@@ -666,7 +667,7 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
     """
     try:
         with open(path, "rb") as existing:
-            key = existing.read()
+            key = existing.read(STATELESS_RESET_KEY_MAX_BYTES + 1)
             mode = os.fstat(existing.fileno()).st_mode
         if mode & 0o077:
             # OpenSSH refuses such a private key; a reset key is less precious (it
@@ -689,6 +690,10 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
             ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read stateless reset key {path}: {os_error_text(exc)}") from None
+    if len(key) > STATELESS_RESET_KEY_MAX_BYTES:
+        raise ConfigError(
+            f"stateless reset key {path} is longer than {STATELESS_RESET_KEY_MAX_BYTES} bytes"
+        )
     if len(key) < STATELESS_RESET_KEY_MIN_BYTES:
         raise ConfigError(
             f"stateless reset key {path} is shorter than {STATELESS_RESET_KEY_MIN_BYTES} bytes"
