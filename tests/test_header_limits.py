@@ -202,6 +202,51 @@ def test_a_bound_that_stopped_following_still_reads_later_blocks() -> None:
     assert size <= bound.section_size(block) <= MAX_FIELD_SECTION_SIZE
 
 
+def _prefixed(value: int, prefix: int, first: int) -> bytes:
+    """An RFC 9204 4.1.1 prefixed integer."""
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes([first | value])
+    out = [first | mask]
+    value -= mask
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    flood_capacity=st.integers(0, QPACK_TABLE_CAPACITY),
+    entry=st.integers(1, QPACK_TABLE_CAPACITY - 40),
+    references=st.integers(1, 20),
+)
+def test_a_bound_that_stopped_following_counts_entries_at_the_announced_capacity(
+    flood_capacity: int, entry: int, references: int
+) -> None:
+    """Found by a review: past FOLLOWED_ENCODER_BYTES the bound counted every entry as
+    the capacity it saw last; a flood setting it to 0, then a capacity of 4096 and one
+    4 KB entry, let 1.9 KB blocks through that decoded to 7.7 MB each."""
+    decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
+    bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
+    flood = _prefixed(flood_capacity, 5, 0x20) * (FOLLOWED_ENCODER_BYTES + 1)
+    stream = (
+        flood
+        + _prefixed(QPACK_TABLE_CAPACITY, 5, 0x20)
+        + b"\x41x"  # Insert with Literal Name "x"
+        + _prefixed(entry, 7, 0x00)
+        + b"a" * entry
+    )
+    decoder.feed_encoder(stream)
+    bound.feed_encoder(stream)
+    assert bound.broken
+    block = b"\x02\x00" + b"\x80" * references  # the entry, `references` times
+    _, decoded = decoder.feed_header(0, block)
+    size = sum(len(name) + len(value) + 32 for name, value in decoded)
+    assert size == references * (1 + entry + 32)
+    assert size <= bound.section_size(block)
+
+
 def test_bound_of_the_bomb_is_its_decoded_size() -> None:
     insert, block = qpack_bomb_block(entry=3900, references=60000)
     bound = FieldSectionBound(QPACK_TABLE_CAPACITY)

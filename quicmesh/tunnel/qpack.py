@@ -186,9 +186,15 @@ class FieldSectionBound:
         first = self._inserted - len(self._entries)
         if first <= index < self._inserted and not self.broken:
             return self._entries[index - first]
-        # Evicted by our (pessimistic) sizes but maybe not by the real table, or
-        # not inserted yet: no entry is larger than the capacity.
-        bound = max(self.capacity, 0)
+        # Evicted by our (pessimistic) sizes but maybe not by the real table: no
+        # entry is larger than the capacity now. Not inserted yet, or no longer
+        # followed: the encoder may raise the capacity to the announced maximum
+        # first (a bound of the capacity last seen, 0, let a table of 4 KiB entries
+        # through once the stream was no longer followed).
+        if self.broken or index >= self._inserted:
+            bound = self.max_table_capacity
+        else:
+            bound = max(self.capacity, 0)
         return bound, bound
 
     def _insert(self, name: int, value: int) -> None:
