@@ -33,7 +33,12 @@ from test_aioquic_layer import (
 )
 
 from quicmesh import _aioquic
-from quicmesh.bench.attack import QPACK_TABLE_CAPACITY, qpack_bomb, qpack_bomb_block
+from quicmesh.bench.attack import (
+    QPACK_TABLE_CAPACITY,
+    _prefix_int,
+    qpack_bomb,
+    qpack_bomb_block,
+)
 from quicmesh.tunnel import events
 from quicmesh.tunnel import h3 as h3_session
 from quicmesh.tunnel.connect import MAX_FIELD_SECTION_SIZE, parse_target
@@ -202,19 +207,6 @@ def test_a_bound_that_stopped_following_still_reads_later_blocks() -> None:
     assert size <= bound.section_size(block) <= MAX_FIELD_SECTION_SIZE
 
 
-def _prefixed(value: int, prefix: int, first: int) -> bytes:
-    """An RFC 9204 4.1.1 prefixed integer."""
-    mask = (1 << prefix) - 1
-    if value < mask:
-        return bytes([first | value])
-    out = [first | mask]
-    value -= mask
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    return bytes([*out, value])
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     flood_capacity=st.integers(0, QPACK_TABLE_CAPACITY),
@@ -229,12 +221,12 @@ def test_a_bound_that_stopped_following_counts_entries_at_the_announced_capacity
     4 KB entry, let 1.9 KB blocks through that decoded to 7.7 MB each."""
     decoder = pylsqpack.Decoder(QPACK_TABLE_CAPACITY, 16)
     bound = FieldSectionBound(QPACK_TABLE_CAPACITY)
-    flood = _prefixed(flood_capacity, 5, 0x20) * (FOLLOWED_ENCODER_BYTES + 1)
+    flood = _prefix_int(flood_capacity, 5, 0x20) * (FOLLOWED_ENCODER_BYTES + 1)
     stream = (
         flood
-        + _prefixed(QPACK_TABLE_CAPACITY, 5, 0x20)
+        + _prefix_int(QPACK_TABLE_CAPACITY, 5, 0x20)
         + b"\x41x"  # Insert with Literal Name "x"
-        + _prefixed(entry, 7, 0x00)
+        + _prefix_int(entry, 7, 0x00)
         + b"a" * entry
     )
     decoder.feed_encoder(stream)
