@@ -283,7 +283,7 @@ def connect_request_fields(target: Target, headers: dict[str, str]) -> list[tupl
 def read_connect_response(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, str] | None:
     """The status and reason (from ``proxy-status``) of a CONNECT's answer, from its header
     list in HTTP/2 and HTTP/3 form; None for an interim (1xx) answer. A status that is not
-    a number reads as 502."""
+    three digits (RFC 9110 15) reads as 502."""
     status_text = ""
     proxy_status = None
     for raw_name, raw_value in fields:
@@ -292,10 +292,11 @@ def read_connect_response(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, s
             status_text = bytes(raw_value).decode("ascii", "replace")
         elif name == b"proxy-status":
             proxy_status = bytes(raw_value).decode("utf-8", "replace")
+    if len(status_text) != 3 or not status_text.isdigit():  # (a 4,301-digit one raised)
+        return 502, decode_proxy_status(proxy_status)
     if status_text.startswith("1"):
         return None
-    status = int(status_text) if status_text.isdigit() else 502
-    return status, decode_proxy_status(proxy_status)
+    return int(status_text), decode_proxy_status(proxy_status)
 
 
 def response_fields(status: int, reason: str = "") -> list[tuple[bytes, bytes]]:

@@ -21,6 +21,8 @@ from quicmesh.tunnel.connect import (
     encode_proxy_status,
     parse_connect_request,
     parse_target,
+    read_connect_response,
+    response_fields,
     validate_headers,
 )
 
@@ -252,3 +254,28 @@ def test_a_bad_connect_request_is_refused_with_its_reason(
     with pytest.raises(TunnelUsageError) as refused:
         parse_connect_request(fields)
     assert str(refused.value).startswith(reason)
+
+
+@given(st.integers(100, 599), st.text(max_size=100))
+def test_a_connect_answer_reads_back_as_written(status: int, reason: str) -> None:
+    read = read_connect_response(response_fields(status, reason))
+    if status < 200:
+        assert read is None  # interim
+    else:
+        assert read is not None and read[0] == status
+
+
+@given(st.binary(max_size=5000))
+def test_any_status_reads_as_three_digits_or_502(value: bytes) -> None:
+    # Found by a review: 4,301 digits raised ValueError (int()'s digit limit) out of the
+    # h2 client session and the native engine's refusal reading; "0200" read as 200.
+    read = read_connect_response([(b":status", value), (b"proxy-status", b'x; details="r"')])
+    if len(value) == 3 and value.isdigit():
+        assert read == (None if value.startswith(b"1") else (int(value), "r"))
+    else:
+        assert read == (502, "r")
+
+
+def test_long_and_padded_statuses_are_malformed() -> None:
+    for value in (b"9" * 4301, b"0200", b"20000", b"1", b"1abc", b"\xd9\xa2\xd9\xa0\xd9\xa0"):
+        assert read_connect_response([(b":status", value)]) == (502, "")
