@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from . import __version__
@@ -117,9 +119,25 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""The exit code when standard output was closed under us (``| head``): what a shell
+reports for ``cat`` or ``git`` ended by SIGPIPE, without their message."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The reader went away (``quicmesh demo | head -2``): stop quietly, as ``cat``
+        # does; standard output goes nowhere now, so that its flush at exit is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
     argv, passthrough = _split_passthrough(argv)
     try:
         args = build_parser().parse_args(argv)

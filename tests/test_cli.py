@@ -3,6 +3,7 @@ in a subprocess, never ``main()`` in-process (which would miss the top-level par
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 import quicmesh
 from quicmesh.bench import migration, ttfb
-from quicmesh.cli import BENCHMARKS
+from quicmesh.cli import BENCHMARKS, EXIT_BROKEN_PIPE
 
 SCRIPT = shutil.which("quicmesh")
 
@@ -183,3 +184,26 @@ def test_benchmark_tables_explain_their_columns() -> None:
     table = ttfb.format_table(ttfb_rows)
     for column in ("median / min / max ms:", "RTTs:", "expected:"):
         assert column in table
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--help"],
+        ["intercept", "install", "--dry-run"],
+        ["demo", "--flows", "2", "--duration", "1"],
+    ],
+)
+def test_a_closed_standard_output_ends_the_command_quietly(argv: list[str]) -> None:
+    # As `quicmesh demo | head -2` does: a BrokenPipeError traceback before.
+    assert SCRIPT is not None, "the quicmesh console script is not on PATH: pip install -e ."
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [SCRIPT, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == EXIT_BROKEN_PIPE, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
