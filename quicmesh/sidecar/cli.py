@@ -69,12 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIGNALS_TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""What the sidecar does on a signal: drain (SIGTERM, SIGINT), reload (SIGHUP), reopen
+the access log (SIGUSR1)."""
+
+
+class _EarlySignals:
+    """Signals that arrive while the sidecar loads its configuration and builds its
+    event loop, kept for the loop's handlers to act on once they are in place: until
+    then a SIGHUP or SIGUSR1 (a config tool's, logrotate's) would kill the process."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        for signum in SIGNALS_TAKEN:
+            signal.signal(signum, self._keep)
+
+    def _keep(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+
 def main(argv: list[str]) -> int:
     """Run the sidecar; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    early = None if args.check else _EarlySignals()
     try:
         config = _load(args.config, args.xds)
     except ConfigError as exc:
@@ -98,7 +118,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_run(config, args.config))
+            return runner.run(_run(config, args.config, early))
     except ConfigError as exc:
         print(f"quicmesh sidecar: {exc}", file=sys.stderr)
         return 2
@@ -169,7 +189,7 @@ def _configure_logging(level: str) -> None:
         logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-async def _run(config: object, path: str) -> int:
+async def _run(config: object, path: str, early: _EarlySignals | None = None) -> int:
     from .acceptor import report_loop_exception
     from .config import SidecarConfig
     from .runtime import Sidecar
@@ -204,10 +224,12 @@ async def _run(config: object, path: str) -> int:
             return
         sidecar.reopen_logs()
 
-    loop.add_signal_handler(signal.SIGTERM, stop)
-    loop.add_signal_handler(signal.SIGINT, stop)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
+    handlers[signal.SIGUSR1] = reopen_logs
+    for signum in SIGNALS_TAKEN:
+        loop.add_signal_handler(signum, handlers[signum])
+    for received in early.received if early is not None else ():
+        handlers[signal.Signals(received)]()
     await sidecar.start()
     started = True
     if config.xds is not None:

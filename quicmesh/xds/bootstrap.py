@@ -19,6 +19,7 @@ or ``dynamic_resources``). The bootstrap is parsed into Envoy's own
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from ..sidecar.config import (
     SidecarConfig,
     TlsConfig,
     XdsConfig,
-    load_config,
     load_yaml,
+    parse_config,
     read_config_text,
 )
 
@@ -54,16 +55,15 @@ def load_any_config(path: str | Path, *, xds_address: str | None = None) -> Side
     :raises ConfigError: one line naming the file and the problem.
     """
     path = Path(path)
-    try:
-        text = read_config_text(path, "cannot read")
-    except ConfigError:
-        return load_config(path)  # says what is wrong in its usual words
+    text = read_config_text(path, "cannot read")
+    # The text is read once (a FIFO gives it once) and parsed by the loader it is for.
+    parse = functools.partial(parse_config, text, source=str(path), base_dir=path.parent)
     try:
         document = load_yaml(text)
     except (yaml.YAMLError, ValueError, RecursionError):
-        return load_config(path)  # says what is wrong in its usual words
+        return parse()  # says what is wrong in its usual words
     if not is_envoy_bootstrap(document):
-        return load_config(path, xds_address=xds_address)
+        return parse(xds_address=xds_address)
     return parse_bootstrap(document, source=str(path), base_dir=path.parent)
 
 
