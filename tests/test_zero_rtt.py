@@ -533,6 +533,13 @@ def test_a_file_that_is_not_a_ticket_cache_is_refused_not_overwritten(tmp_path: 
     with pytest.raises(ConfigError, match=r"notes\.txt: not a ticket cache .*not overwritten"):
         TicketCache(path)
     assert path.read_text() == "someone's notes, not JSON"
+    # Found by a review: nested too deep for json (RecursionError, a traceback), and a
+    # file without end (read until memory ran out).
+    path.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match=r"not a ticket cache .*not overwritten"):
+        TicketCache(path)
+    with pytest.raises(ConfigError, match=r"/dev/zero: larger than 16 MiB: not overwritten"):
+        TicketCache(Path("/dev/zero"))
 
 
 def test_restarted_client_resumes_from_its_ticket_file(tmp_path: Path) -> None:

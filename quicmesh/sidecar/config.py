@@ -573,11 +573,41 @@ def _given_once(items: list[_Field], read: Callable[[_Field], Address]) -> tuple
     return tuple(addresses)
 
 
+MAX_ALIAS_EXPANSION = 100_000
+"""The most nodes YAML aliases may add to a document once expanded (a document of
+nested aliases, a "billion laughs", grows as the product of its levels)."""
+
+
 class StrictYamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error:
     PyYAML keeps the last one, so a second ``admin:`` block or a repeated option
     silently replaced the first (keys a merge (``<<``) brings in may still be
-    overridden, as YAML means them to be)."""
+    overridden, as YAML means them to be). Aliases may add at most
+    :data:`MAX_ALIAS_EXPANSION` nodes, refer to no node that holds them, and a string
+    must be Unicode that can be written (no lone surrogate, as ``"\\uD800"`` gives)."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+            expanded = _expanded_size(node, sizes, set())
+            if expanded - len(sizes) > MAX_ALIAS_EXPANSION:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"aliases expand the document to {expanded:,} nodes "
+                    f"(at most {MAX_ALIAS_EXPANSION:,} more than it has)",
+                    None,
+                )
+        return node
+
+    def construct_scalar(self, node: yaml.ScalarNode | yaml.MappingNode) -> Any:
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a string that is not Unicode text (a lone surrogate)", node.start_mark
+            )
+        return value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -598,6 +628,32 @@ class StrictYamlLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], holding: set[int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded; ``sizes`` memoises
+    each distinct node's (their number is the document's own size)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    if id(node) in holding:
+        raise yaml.composer.ComposerError(
+            None, None, "an alias refers to a node that holds it", node.start_mark
+        )
+    holding.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, holding) for child in children)
+    holding.discard(id(node))
+    sizes[id(node)] = size
+    return size
 
 
 def load_yaml(text: str) -> Any:

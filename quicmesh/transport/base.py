@@ -552,24 +552,33 @@ def transport_registry(*, ticket_cache: str | None = None) -> TransportRegistry:
     return TransportRegistry(ticket_cache=ticket_cache)
 
 
+MAX_TICKET_CACHE_BYTES = 16 * 2**20
+"""The largest ticket cache file read (``/dev/zero`` is not one)."""
+
+
 def ticket_cache_problem(path: Path) -> str | None:
     """Why the file at ``path`` must not be used as a ticket cache, or None. The cache
     rewrites its file whole: a file there that is not one (not empty, not a JSON
     object) is another file named by mistake, and is refused rather than overwritten
     (a cache once took it for a damaged cache, and replaced it at its first ticket)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_TICKET_CACHE_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
         return f"cannot read it ({os_error_text(exc)}): not overwritten"
+    if len(raw) > MAX_TICKET_CACHE_BYTES:
+        return f"larger than {MAX_TICKET_CACHE_BYTES // 2**20} MiB: not overwritten"
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return "cannot read it (not UTF-8 text): not overwritten"
     if not text.strip():
         return None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
         return "not a ticket cache (a JSON object): not overwritten; remove it or name another file"

@@ -223,7 +223,7 @@ class TicketCache:
                 key: [_ticket_from_json(entry) for entry in entries]
                 for key, entries in data.items()
             }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             # Entries this version cannot read only cost a full handshake.
             self._tickets = {}
 

@@ -69,7 +69,14 @@ def parse_message(document: Any, message_type: type[M], where: str) -> M:
     _check_shapes(document, message_type.DESCRIPTOR, where)
     try:
         json_format.ParseDict(document, message)
-    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
+    except (
+        json_format.ParseError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        OverflowError,  # an enum given .inf
+        RecursionError,
+    ) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ParseError(f"{where}: {first}") from None
     return message

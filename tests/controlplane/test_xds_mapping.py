@@ -359,7 +359,7 @@ def bootstrap_values(depth: int) -> st.SearchStrategy[Any]:
     """Values nested up to ``depth`` lists or mappings deep, built level by level (not
     with ``st.recursive``, whose check of its ``extend`` function reads the source file
     again and warns when the file was edited during the run)."""
-    leaves = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
     values: st.SearchStrategy[Any] = leaves
     for _ in range(depth):
         values = (
@@ -381,6 +381,14 @@ def test_any_bootstrap_document_is_a_config_or_one_line_error(document: Any) -> 
     except ConfigError as exc:
         assert str(exc).startswith("envoy.yaml: ")
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e300])
+def test_an_enum_given_a_float_out_of_range_is_a_one_line_error(value: float) -> None:
+    # Found by a review: OverflowError out of protobuf's ParseDict (a traceback).
+    document = {"static_resources": {"clusters": [{"name": "c", "lb_policy": value}]}}
+    with pytest.raises(ConfigError, match=r"^envoy.yaml: "):
+        parse_bootstrap(document, source="envoy.yaml")
 
 
 # -- bootstrap files through the CLI ------------------------------------------------

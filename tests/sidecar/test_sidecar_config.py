@@ -342,6 +342,40 @@ def test_a_key_given_twice_is_refused_with_its_line(text: str, line: int) -> Non
     assert "is given twice" in str(error.value)
 
 
+def _nested_aliases(width: int, depth: int) -> str:
+    """A "billion laughs": each level a list of ``width`` aliases of the level below."""
+    lines = ["l0: &l0 [x]"]
+    for level in range(1, depth + 1):
+        aliases = ", ".join([f"*l{level - 1}"] * width)
+        lines.append(f"l{level}: &l{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # Found by a review: 1,175 bytes took 11 s and 181 MiB to refuse, growing as N**3.
+        (_nested_aliases(80, 3), "aliases expand the document to "),
+        (_nested_aliases(2, 20), "aliases expand the document to "),
+        ("a: &x [*x]\n", "an alias refers to a node that holds it"),
+        # A lone surrogate escaped into a string: a traceback when written or encoded.
+        ('node: {name: "\\uD800"}\n', "not Unicode text (a lone surrogate)"),
+        ('"\\uDC80": 1\n', "not Unicode text (a lone surrogate)"),
+    ],
+)
+def test_yaml_that_no_configuration_needs_is_refused_in_one_line(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(text, source=SOURCE)
+    assert str(error.value).startswith(f"{SOURCE}: ") and problem in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_shared_blocks_by_alias_are_still_taken() -> None:
+    from quicmesh.sidecar.config import load_yaml
+
+    assert load_yaml(_nested_aliases(10, 3))["l3"][9][9] == [["x"]] * 10
+
+
 def test_a_merged_key_may_still_be_overridden() -> None:
     from quicmesh.sidecar.config import load_yaml
 
