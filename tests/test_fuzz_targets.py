@@ -66,3 +66,22 @@ def test_a_short_run_of_every_target_finds_no_crash(tmp_path: Path) -> None:
     for target in TARGETS:
         assert f"{target}: ok (Done " in result.stdout, result.stdout
     assert not any(path.is_file() for path in tmp_path.rglob("*"))
+
+
+def test_the_h3_targets_requests_reach_the_server_session() -> None:
+    # Found by a review: the pair's clock stood still, aioquic's pacer sent nothing
+    # after the handshake, and the target's requests never reached the server.
+    import pylsqpack
+
+    from quicmesh.fuzz import _H3Pair
+    from quicmesh.tunnel import events
+
+    pair = _H3Pair()
+    for index in range(3):
+        _, block = pylsqpack.Encoder().encode(
+            0, [(b":method", b"CONNECT"), (b":authority", f"a{index}.svc:80".encode())]
+        )
+        frame = b"\x01" + bytes([len(block)]) + block
+        pair.client.send_stream_data(pair.client.get_next_available_stream_id(), frame)
+        produced = pair.exchange()
+        assert [type(event) for event in produced] == [events.StreamRequested]
