@@ -277,7 +277,10 @@ def _split(text: str, what: str) -> tuple[float, str]:
     match = re.fullmatch(_NUMBER + r"\s*([a-zµ%]*)", text.strip().lower())
     if match is None:
         raise ConfigError(f"cannot read {what} {text!r}")
-    return float(match.group(1)), match.group(2)
+    number = float(match.group(1))
+    if not math.isfinite(number):  # 1e999 (an OverflowError out of int() before)
+        raise ConfigError(f"cannot read {what} {text!r}: the number is too large")
+    return number, match.group(2)
 
 
 def parse_duration(text: str) -> float:

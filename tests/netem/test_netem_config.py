@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quicmesh.errors import ConfigError
 from quicmesh.netem import (
@@ -55,6 +57,11 @@ def test_parse_queue() -> None:
         (parse_rate, "0mbit"),
         (parse_queue, "2.5pkt"),
         (parse_queue, "lots"),
+        # (An OverflowError, and an infinite rate taken.)
+        (parse_queue, "1e999pkt"),
+        (parse_queue, "1e999b"),
+        (parse_rate, "1e999mbit"),
+        (parse_percent, "1e999"),
     ],
 )
 def test_parsers_reject_nonsense(parse: object, text: str) -> None:
@@ -141,3 +148,12 @@ def test_cli_without_root_says_so_in_one_line(
     assert capsys.readouterr().err == (
         "quicmesh netem: needs root (network namespaces and TUN devices)\n"
     )
+
+
+@given(st.text(max_size=20))
+def test_each_parser_reads_a_value_or_says_why(text: str) -> None:
+    for parse in (parse_duration, parse_percent, parse_rate, parse_queue):
+        try:
+            parse(text)  # type: ignore[operator]
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
