@@ -143,20 +143,23 @@ def _describe(name: str, stats: DirectionStats) -> str:
 
 @contextmanager
 def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so the link is torn down."""
+    """Turn SIGTERM and SIGHUP (the terminal hung up) into SystemExit so the link is
+    torn down (SIGINT is KeyboardInterrupt already)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
+    taken = (signal.SIGTERM, signal.SIGHUP)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in taken}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def _wait_for_port(link: Link, port: int) -> None:

@@ -186,8 +186,9 @@ class Link:
             ("server", self.server_ns, SERVER_ADDRESS),
         )
         for _side, namespace, _address in sides:
-            system.ip("netns", "add", namespace)
+            # Kept first: a signal while `ip` makes it (SystemExit) must not leave it behind.
             self._namespaces.append(namespace)
+            system.ip("netns", "add", namespace)
             for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
                 with contextlib.suppress(FileNotFoundError):
                     system.write_sysctl(namespace, key, "1")

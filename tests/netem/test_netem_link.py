@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -377,3 +378,27 @@ def test_namespaces_of_dead_processes_are_cleaned_up_by_the_next_link() -> None:
     finally:
         if stale in list_namespaces():
             subprocess.run(["ip", "netns", "delete", stale], check=False)
+
+
+SLEEP = ("sleep", "60")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_the_command_line_tears_its_link_down_on_termination(signum: int) -> None:
+    # Found by a review: a hung-up terminal (SIGHUP) left both namespaces behind.
+    netem = subprocess.Popen(
+        [sys.executable, "-m", "quicmesh", "netem", "--quiet", "--delay", "5ms", "--", *SLEEP],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        prefix = f"qmnetem-{netem.pid}-"
+        wait_for(lambda: any(n.startswith(prefix) for n in list_namespaces()), what="the link")
+        netem.send_signal(signum)
+        _, err = netem.communicate(timeout=30)
+        assert netem.returncode == 128 + signum, err
+        assert not [n for n in list_namespaces() if n.startswith(prefix)]
+    finally:
+        if netem.poll() is None:
+            netem.kill()
+            netem.wait()
