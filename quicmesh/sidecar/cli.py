@@ -3,7 +3,8 @@
 Exit codes: 0 after a clean drain, 2 for an invalid configuration (one line on
 stderr naming the file, field and problem), 1 when the sidecar cannot start
 (an address in use). SIGHUP reloads the configuration file; SIGTERM and SIGINT
-drain; SIGUSR1 reopens the access log file (for logrotate, as Envoy does).
+drain (a second one ends the grace period at once, closing the flows still live);
+SIGUSR1 reopens the access log file (for logrotate, as Envoy does).
 """
 
 from __future__ import annotations
@@ -207,8 +208,8 @@ async def _run(config: object, path: str, early: _EarlySignals | None = None) ->
 
     def stop() -> None:
         pending.add("stop")
-        if started:
-            sidecar.begin_drain()
+        if started and not sidecar.begin_drain():
+            sidecar.end_grace_period()  # a second SIGTERM or SIGINT
 
     def reload() -> None:
         if not started:

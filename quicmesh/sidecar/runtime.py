@@ -137,6 +137,7 @@ class Sidecar:
         self.draining = False
         self.started_at = time.time()
         self._drained = asyncio.Event()
+        self._grace_ended = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._watched: dict[str, tuple[int, int, int] | None] = {}
@@ -664,10 +665,14 @@ class Sidecar:
         for inb in self.inbound.values():
             inb.begin_drain()
         started = time.monotonic()
-        try:
-            await asyncio.wait_for(self.flows.wait_idle(), grace)
-        except TimeoutError:
-            logger.warning("grace period over: closing %d live flows", self.flows.active)
+        idle = asyncio.ensure_future(self.flows.wait_idle())
+        ended = asyncio.ensure_future(self._grace_ended.wait())
+        await asyncio.wait((idle, ended), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        ended.cancel()
+        if self.flows.active:
+            why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
+            logger.warning("%s: closing %d live flows", why, self.flows.active)
         # Flows are done (or out of time): close every peer connection gracefully, so
         # the last bytes of finished flows are acknowledged before CONNECTION_CLOSE.
         await asyncio.gather(
@@ -681,6 +686,13 @@ class Sidecar:
         await self._close_everything()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
+
+    def end_grace_period(self) -> None:
+        """(draining) Close the live flows now rather than at the grace period's end (a
+        second SIGTERM or SIGINT: an operator's way out of a long grace period)."""
+        if self.draining and not self._grace_ended.is_set():
+            logger.warning("asked again to stop: ending the grace period now")
+            self._grace_ended.set()
 
     async def wait_drained(self) -> None:
         """Wait until a drain has finished."""

@@ -361,6 +361,39 @@ def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int, transport
         mesh.b.stop()
 
 
+def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port: int) -> None:
+    """Found by a review: with a long grace period (up to a day) and a flow that does
+    not end, further signals did nothing; an operator's way out was kill -9."""
+    mesh = Mesh(workdir, echo_port, name="b-second-sigterm")
+    mesh.b.start()
+    config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
+    config["drain"] = {"grace_period": "3600s"}
+    a = SidecarProcess("a-second-sigterm", config, workdir)
+    a.start()
+    try:
+        mesh.b.wait_ready()
+        a.wait_ready()
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])  # never finished
+            a.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until, lambda: "draining: 1 live flows" in a.stderr(), 10.0, "A draining"
+            )
+            a.signal(signal.SIGINT)
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+            held.writer.close()
+
+        asyncio.run(main())
+        assert "asked again to stop: ending the grace period now" in a.stderr()
+        assert "grace period ended early: closing 1 live flows" in a.stderr()
+        assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
+    finally:
+        a.stop()
+        mesh.b.stop()
+
+
 def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_port: int) -> None:
     """A full disk under the access log (``/dev/full``): the flow is carried, the lines
     are lost with a warning, and SIGTERM still drains and exits 0 (the line left in the
