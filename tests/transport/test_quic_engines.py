@@ -695,6 +695,35 @@ def test_native_transport_aclose_releases_its_client_endpoint() -> None:
     run(main())
 
 
+def test_a_native_transport_dropped_without_aclose_lets_go_of_its_sockets() -> None:
+    """Found by a review: each client transport dropped without ``aclose()`` kept its
+    endpoint's 4 descriptors (and its thread) until the event loop closed."""
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def one(address: tuple[str, int]) -> None:
+        client = transport("native")
+        conn = await client.connect(address)
+        assert await exchange(conn, b"x") == b"x"
+        conn.close()
+        await conn.wait_closed()
+
+    async def main() -> None:
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), echo)
+        await one(listener.address)
+        gc.collect()
+        before = descriptors()
+        for _ in range(20):
+            await one(listener.address)
+        gc.collect()
+        await until(lambda: descriptors() <= before + 4)
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
 @pytest.mark.parametrize("controller", ["bbr", "cubic", "reno", None])
 def test_native_congestion_controls_carry_a_bulk_and_report_their_stats(
     controller: str | None,

@@ -242,6 +242,11 @@ class QuicTransport(Transport):
             )
         self.engine: QuicEngine = found
         """The QUIC engine connections are built with (:mod:`.engine`)."""
+        if found.io == "socket":
+            # A transport dropped without aclose() lets go of the engine's client
+            # endpoint as aclose() does (the event loop's watch of its descriptor kept
+            # it, and its sockets, until the loop closed: 4 descriptors a transport).
+            weakref.finalize(self, found.close).atexit = False
         if congestion_control is None:
             from ...congestion.host import default_congestion_control
 
