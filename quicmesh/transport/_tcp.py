@@ -625,9 +625,14 @@ class TlsTunnelProtocol(asyncio.Protocol):
         detail = f": {exc}" if exc is not None else ""
         if self._server_side:
             return ConnectError(f"client closed the connection during the TLS handshake{detail}")
+        if exc is not None:
+            # A reset (a crashed or killed peer): no verdict on a certificate. (Counted
+            # as our certificate refused, it marked the endpoint so.)
+            return ConnectError(f"server reset the connection before it was ready{detail}")
+        # A close without a word: how a quicmesh h2 or tcp server refuses a certificate
+        # its SPIFFE checks refuse (Python's ssl sends no alert of its own).
         return ConnectError(
-            "server closed the connection before it was ready "
-            f"(it may not trust our certificate){detail}"
+            "server closed the connection before it was ready (it may not trust our certificate)"
         )
 
     def _on_handshake_timeout(self) -> None:

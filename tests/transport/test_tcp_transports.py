@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -771,3 +772,34 @@ def test_failed_incoming_handshakes_are_logged_within_a_budget(
     failed = [line for line in lines if "connection with client failed" in line]
     assert _tcp.HANDSHAKE_LOG_BURST <= len(failed) < 2 * _tcp.HANDSHAKE_LOG_BURST
     assert budget.held_back > 0 or any("not logged" in line for line in lines)
+
+
+@pytest.mark.parametrize("transport_class", [H2Transport, TcpTransport])
+def test_a_server_that_resets_during_the_handshake_is_not_blamed_on_our_certificate(
+    transport_class: type[Transport],
+) -> None:
+    """Found by a review: a crashed peer (a reset mid-handshake) was counted as our
+    certificate refused, and the endpoint marked so; a close without a word (how a
+    quicmesh server refuses a certificate its SPIFFE checks refuse) still is."""
+    from quicmesh.tls.check import handshake_failure_reason
+
+    async def main(reset: bool) -> BaseException:
+        async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)  # the ClientHello began
+            sock = writer.get_extra_info("socket")
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+
+        listening = await asyncio.start_server(server, "127.0.0.1", 0)
+        client = transport_class(identity=mesh().client, trust=mesh().ca.trust_bundle)
+        with pytest.raises(ConnectError) as failed:
+            await client.connect(listening.sockets[0].getsockname()[:2], timeout=5)
+        listening.close()
+        await listening.wait_closed()
+        return failed.value
+
+    reset = asyncio.run(main(reset=True))
+    assert "reset" in str(reset) and handshake_failure_reason(reset) == ("other", "unknown")
+    closed = asyncio.run(main(reset=False))
+    assert handshake_failure_reason(closed) == ("our_certificate_refused", "ours")
