@@ -724,6 +724,26 @@ def test_a_native_transport_dropped_without_aclose_lets_go_of_its_sockets() -> N
     run(main())
 
 
+@pytest.mark.parametrize("engine", ["aioquic", "native"])
+def test_stats_keep_their_last_figures_once_the_connection_ended(engine: str) -> None:
+    # Found by a review: the native engine's went back to 0 (and None) after the close.
+    async def main() -> None:
+        listener = await transport(engine, SERVER).listen(("127.0.0.1", 0), echo)
+        conn = await transport(engine).connect(listener.address)
+        assert await exchange(conn, b"x" * 100_000) == b"x" * 100_000
+        during = conn.stats()
+        conn.close()
+        await conn.wait_closed()
+        after = conn.stats()
+        for key in ("bytes_sent", "bytes_received", "packets_sent", "packets_received"):
+            assert after[key] >= during[key] > 0, key
+        assert after["rtt"] is not None
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
 @pytest.mark.parametrize("controller", ["bbr", "cubic", "reno", None])
 def test_native_congestion_controls_carry_a_bulk_and_report_their_stats(
     controller: str | None,

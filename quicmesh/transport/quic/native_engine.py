@@ -828,6 +828,9 @@ class NativeConnection:
         """While the session takes in a batch of the engine's events: the streams whose
         read request for their second chunk waits two turns of the loop (:meth:`woke`)."""
         self._closed_reason: str | None = None
+        self._last_stats: dict[str, Any] = {}
+        """The engine's figures as last read: what :meth:`stats` says once it forgot the
+        connection (they were all 0 then, counters going backwards)."""
         self._local_close: tuple[int, str] | None = None
         """The code and reason of this side's :meth:`close`, if it closed first."""
         self._early = False
@@ -965,6 +968,7 @@ class NativeConnection:
         """The connection ended (or never came up): ``ConnectionTerminated``."""
         if self._closed_reason is not None:
             return
+        self._read_stats()  # (the last chance: the engine forgets the connection soon)
         self._closed_reason = message
         self._held.clear()
         self._held_stops.clear()
@@ -2006,12 +2010,16 @@ class NativeConnection:
         else:
             self._top_up_read_permits()
 
+    def _read_stats(self) -> dict[str, Any]:
+        if self.conn >= 0 and self._closed_reason is None:
+            with contextlib.suppress(QuicmeshError):  # gone: the last figures stay
+                self._last_stats = dict(self._native.stats(self.conn))
+        return self._last_stats
+
     def stats(self) -> dict[str, Any]:
-        """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection."""
-        try:
-            native = dict(self._native.stats(self.conn)) if self.conn >= 0 else {}
-        except QuicmeshError:  # gone: the last figures are lost
-            native = {}
+        """:data:`~.engine.ENGINE_STATS` and the UDP counters of the connection (once it
+        ended, the last figures read)."""
+        native = self._read_stats()
         return {
             "rtt": native.get("rtt"),
             "rtt_min": native.get("min_rtt"),
