@@ -348,7 +348,8 @@ class Listener(ABC):
 
     @abstractmethod
     async def wait_closed(self) -> None:
-        """Wait until the listener and its connections are closed."""
+        """Wait until the listener and its connections are closed (stream handlers still
+        running carry on: :meth:`PeerConnection.wait_closed` waits for its own)."""
 
     def set_engine_flows(self, decide: InboundDecider | None) -> bool:
         """Offer each peer CONNECT the engine could carry itself to ``decide`` first
