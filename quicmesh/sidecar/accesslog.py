@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..errors import ConfigError, os_error_text
+from ..logs import RateLimitedLog
 
 logger = logging.getLogger("quicmesh.sidecar.accesslog")
 
@@ -273,6 +274,9 @@ class AccessLog:
         self.path = path
         self.log_format = log_format
         self.refusals = RefusalLogLimit()
+        self._write_failures = RateLimitedLog(logger)
+        """A log that cannot be written (a full disk, a closed pipe) says so once every
+        10 s, not once a flow."""
         """The limit on refused flows' lines, and its count of lines left out."""
         self._file: TextIO | None = None
         if path == "-":
@@ -299,7 +303,9 @@ class AccessLog:
             self._file.write(self.format(record) + "\n")
             self._file.flush()
         except (OSError, ValueError) as exc:
-            logger.warning("cannot write the access log: %s", exc)
+            self._write_failures.log(
+                logging.WARNING, "write", "cannot write the access log: %s", exc
+            )
 
     def reopen(self) -> None:
         """Open the file again by its path (after logrotate moved it); stdout stays.

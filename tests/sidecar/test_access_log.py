@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,20 @@ def test_reopen_follows_the_path_after_a_rotation(tmp_path: Path) -> None:
     old = [json.loads(x)["flow_id"][0] for x in (tmp_path / "access.log.1").read_text().split()]
     new = [json.loads(x)["flow_id"][0] for x in path.read_text().split()]
     assert (old, new) == (["a", "b"], ["c"])
+
+
+def test_a_log_that_cannot_be_written_says_so_once_not_once_a_flow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by a review: an access log on a closed pipe (or a full disk) logged one
+    # warning a flow.
+    log = AccessLog("/dev/full")
+    with caplog.at_level(logging.WARNING, logger="quicmesh.sidecar.accesslog"):
+        for _ in range(50):
+            log.write(record())
+    lines = [r for r in caplog.records if "cannot write the access log" in r.getMessage()]
+    assert len(lines) == 1 and "No space left on device" in lines[0].getMessage()
+    log.close()
 
 
 def test_reopen_keeps_the_old_file_when_the_path_cannot_be_opened(tmp_path: Path) -> None:
