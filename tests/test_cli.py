@@ -124,6 +124,14 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["bench", "intercept", "--frob"], "unrecognized arguments: --frob"),
         (["sidecar", "-c", "/dev/zero", "--check"], "/dev/zero: larger than 16 MiB"),
         (["frobnicate"], "invalid choice"),
+        # NaN ran a benchmark for ever or printed nan figures (review).
+        (["bench", "migration", "--duration", "nan"], "--duration: must be a finite number"),
+        (["bench", "migration", "--rtt", "nan"], "--rtt: must be a finite number above 0"),
+        (["bench", "overhead", "--seconds", "nan"], "--seconds: must be a finite number"),
+        (["bench", "attack", "--phase", "-1"], "--phase: must be a finite number above 0"),
+        (["bench", "attack", "--attackers", "0"], "--attackers: must be at least 1, not '0'"),
+        (["bench", "ttfb", "--rtt", "nan"], "--rtt: must be a finite number above 0"),
+        (["bench", "congestion", "--rate", "inf"], "--rate: must be a finite number above 0"),
     ],
 )
 def test_bad_arguments_are_one_line(argv: list[str], message: str) -> None:

@@ -52,7 +52,7 @@ from ..errors import QuicmeshError
 from ..transport._stream_rate import DEFAULT_STREAM_RATE
 from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine
 from ..tunnel.h3 import H3TunnelSession
-from . import OneLineParser
+from . import OneLineParser, positive_integer, positive_number
 from ._engine import engine_problem
 
 TARGET = "echo.bench:1"
@@ -544,8 +544,10 @@ def main(argv: list[str]) -> int:
     parser = OneLineParser(prog="quicmesh bench attack", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s phases, 2,000 Initials")
     parser.add_argument("--probe", choices=PROBES, action="append", help="(repeatable) default all")
-    parser.add_argument("--phase", type=float, default=5.0, help="seconds before and after")
-    parser.add_argument("--attack", type=float, default=10.0, help="seconds of attack")
+    parser.add_argument(
+        "--phase", type=positive_number, default=5.0, help="seconds before and after"
+    )
+    parser.add_argument("--attack", type=positive_number, default=10.0, help="seconds of attack")
     parser.add_argument(
         "--initials",
         type=int,
@@ -555,7 +557,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--churn-rate", type=float, default=9000.0, help="streams/s one identity offers in all"
     )
-    parser.add_argument("--attackers", type=int, default=1, help="churn attacker processes")
+    parser.add_argument(
+        "--attackers", type=positive_integer, default=1, help="churn attacker processes"
+    )
     parser.add_argument(
         "--churn-allowed",
         action="store_true",

@@ -73,7 +73,7 @@ from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
 from ..outputs import output_dir
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
-from . import OneLineParser, source_state
+from . import OneLineParser, positive_number, source_state
 from ._engine import add_engine_argument, engine_problem
 
 RATE_BPS = 20e6
@@ -1204,13 +1204,6 @@ def _flow_list(text: str) -> list[FlowKind]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``quicmesh bench congestion`` options."""
     parser = OneLineParser(
@@ -1233,23 +1226,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"opponents of {FAIRNESS_FLOW} (default {','.join(FAIRNESS_OPPONENTS)}; none)",
     )
     parser.add_argument("--fairness-loss", type=float, help="also run fairness at this loss %%")
-    parser.add_argument("--duration", type=_positive, help=f"seconds per flow ({DURATION:g})")
+    parser.add_argument("--duration", type=positive_number, help=f"seconds per flow ({DURATION:g})")
     parser.add_argument(
         "--fairness-duration",
-        type=_positive,
+        type=positive_number,
         help=f"seconds of each fairness run ({FAIRNESS_DURATION:g}; "
         f"--quick {QUICK_FAIRNESS_DURATION:g})",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per (flow, loss); median")
     parser.add_argument(
-        "--rate", type=_positive, default=RATE_BPS, help=f"link rate, bit/s (default {RATE_BPS:g})"
+        "--rate",
+        type=positive_number,
+        default=RATE_BPS,
+        help=f"link rate, bit/s (default {RATE_BPS:g})",
     )
     parser.add_argument(
-        "--rtt", type=_positive, default=RTT, help=f"round-trip time, seconds (default {RTT:g})"
+        "--rtt",
+        type=positive_number,
+        default=RTT,
+        help=f"round-trip time, seconds (default {RTT:g})",
     )
     parser.add_argument(
         "--queue",
-        type=_positive,
+        type=positive_number,
         default=QUEUE_DELAY,
         help=f"bottleneck queue, seconds at the link rate (default {QUEUE_DELAY:g})",
     )

@@ -937,7 +937,17 @@ def replot(out: Path) -> int:
     except (OSError, ValueError) as exc:
         print(f"quicmesh bench hol: cannot read the results in {out}: {exc}", file=sys.stderr)
         return 1
-    (out / "hol.md").write_text(report.markdown(result))
+    try:
+        markdown = report.markdown(result)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # Not what `bench hol` writes (another file, one from an older version).
+        print(
+            f"quicmesh bench hol: {out / 'hol.json'} is not a result of this benchmark: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    (out / "hol.md").write_text(markdown)
     try:
         written = report.plot(result, latencies, out)
     except ImportError:

@@ -53,7 +53,7 @@ from typing import Any
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser
+from . import OneLineParser, positive_number
 from ._engine import add_engine_argument, engine_problem
 from .relay import TcpRelay, UdpRelay
 
@@ -285,9 +285,13 @@ reset ms: (death, hang) from the event until the client saw the last flow fail
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench migration [--rtt MS] [--flows N] [--duration S] [--quick] [--json F]``."""
     parser = OneLineParser(prog="quicmesh bench migration", description=__doc__.split("\n")[0])
-    parser.add_argument("--rtt", type=float, default=40.0, help="round-trip time, ms (40)")
+    parser.add_argument(
+        "--rtt", type=positive_number, default=40.0, help="round-trip time, ms (40)"
+    )
     parser.add_argument("--flows", type=int, default=4, help="flows on the connection (4)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per case (4)")
+    parser.add_argument(
+        "--duration", type=positive_number, default=None, help="seconds per case (4)"
+    )
     parser.add_argument(
         "--cases",
         default=None,

@@ -75,7 +75,7 @@ from typing import Any
 from .._child import child_environment, python_command
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser, source_state
+from . import OneLineParser, positive_number, source_state
 from ._measure import (
     MeasureError,
     cpu_reading,
@@ -1061,7 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rates", default=None, help="fixed keep-alive rates, rps (default 100,500,1000)"
     )
-    parser.add_argument("--seconds", type=float, default=None, help="seconds per fixed rate (6)")
+    parser.add_argument(
+        "--seconds", type=positive_number, default=None, help="seconds per fixed rate (6)"
+    )
     parser.add_argument(
         "--bulk", type=int, default=None, help="bulk download MB (default 256; --quick 8)"
     )

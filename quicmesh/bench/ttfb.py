@@ -52,7 +52,7 @@ from typing import Any, cast
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser
+from . import OneLineParser, positive_number
 from ._engine import add_engine_argument, engine_problem
 
 REQUEST = b"G" * 64
@@ -413,7 +413,9 @@ expected: the round trips the protocol needs (h2: TCP + TLS + request = 3, quic-
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench ttfb [--rtt MS] [--trials N] [--cases ...] [--quick] [--json FILE]``."""
     parser = OneLineParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
-    parser.add_argument("--rtt", type=float, default=None, help="round-trip time, ms (50)")
+    parser.add_argument(
+        "--rtt", type=positive_number, default=None, help="round-trip time, ms (50)"
+    )
     parser.add_argument("--trials", type=int, default=None, help="connections per case (10)")
     parser.add_argument(
         "--cases",
