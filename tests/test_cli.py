@@ -132,6 +132,8 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["bench", "attack", "--attackers", "0"], "--attackers: must be at least 1, not '0'"),
         (["bench", "ttfb", "--rtt", "nan"], "--rtt: must be a finite number above 0"),
         (["bench", "congestion", "--rate", "inf"], "--rate: must be a finite number above 0"),
+        # Found after the run (a traceback, the report printed before it).
+        (["bench", "intercept", "--plot", "/nonexistent/i.png"], "--plot: /nonexistent/i.png"),
     ],
 )
 def test_bad_arguments_are_one_line(argv: list[str], message: str) -> None:

@@ -419,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=None, help="seconds per lookup case (0.5)")
     parser.add_argument("--quick", action="store_true", help="30 connections, 2 rounds, 0.1 s")
     parser.add_argument("--json", type=output_file, help="write every sample to this file")
-    parser.add_argument("--plot", help="write a PNG plot to this file (needs matplotlib)")
+    parser.add_argument(
+        "--plot", type=output_file, help="write a PNG plot to this file (needs matplotlib)"
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -455,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
     if args.plot:
-        plot(connection_rows, lookup_rows, args.plot)
-        print(f"plot: {args.plot}")
+        try:
+            plot(connection_rows, lookup_rows, str(args.plot))
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install 'quicmesh[plots]')")
+        else:
+            print(f"plot: {args.plot}")
     return 0
