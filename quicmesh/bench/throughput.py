@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -394,7 +395,10 @@ async def _serve(setup: ServerSetup, control: Connection) -> None:
 
 
 def _server_main(setup: ServerSetup, control: Connection) -> None:
-    """Entry point of the server process."""
+    """Entry point of the server process. A Ctrl-C reaches it too (the terminal signals
+    the whole process group): it is left to the parent, which stops it (a traceback of
+    the child's KeyboardInterrupt before)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_serve(setup, control))
 
 
@@ -501,7 +505,18 @@ async def _close_tunnel(connection: PeerConnection, label: str) -> None:
 
 
 async def _watch(task: asyncio.Task[None], progress: Progress, total: int) -> None:
-    """Print progress while ``task`` runs; cancel it if no byte arrives for STALL_TIMEOUT."""
+    """Print progress while ``task`` runs; cancel it if no byte arrives for STALL_TIMEOUT,
+    or if the watch itself is cancelled (Ctrl-C: its failure, once the connections
+    closed under it, was an error nobody retrieved)."""
+    try:
+        await _watch_until_done(task, progress, total)
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+async def _watch_until_done(task: asyncio.Task[None], progress: Progress, total: int) -> None:
     last_count, last_change, last_print = 0, time.perf_counter(), time.perf_counter()
     while not task.done():
         await asyncio.wait({task}, timeout=1.0)
