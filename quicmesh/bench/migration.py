@@ -213,7 +213,11 @@ async def run_case(
                 task.cancel()
             results = [t.result() if t in done else False for t in tasks]
         else:
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            gathered = asyncio.gather(*tasks)
+            # (Ctrl-C cancels the flows before this wait: their gathering's CancelledError
+            # was an error nobody retrieved.)
+            gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
+            results = await asyncio.wait_for(gathered, 30)
     finally:
         conn.close()
         await conn.wait_closed()
