@@ -475,17 +475,25 @@ async def _probe_phases(
             # A remote attacker spends none of the node's CPU: here it shares the
             # machine, so it yields to the processes under test (--attacker-nice).
             preexec_fn=lambda: os.nice(args.attacker_nice),
+            # Stopped by this process, not by a Ctrl-C meant for it (a child in its
+            # start-up printed "Fatal Python error"; one signalled alone ran on).
+            start_new_session=True,
         )
         for _ in range(processes)
     ]
-    await good(phases[1], args.attack)
     opened = 0
-    for attacker in attackers:
-        output, _ = await attacker.communicate()
-        line = " ".join(output.decode().split("\n")).strip()
-        print(f"  attacker: {line}, nice {args.attacker_nice}")
-        if match := re.search(r"opened (\d+) streams", line):
-            opened += int(match.group(1))
+    try:
+        await good(phases[1], args.attack)
+        for attacker in attackers:
+            output, _ = await attacker.communicate()
+            line = " ".join(output.decode().split("\n")).strip()
+            print(f"  attacker: {line}, nice {args.attacker_nice}")
+            if match := re.search(r"opened (\d+) streams", line):
+                opened += int(match.group(1))
+    finally:
+        for attacker in attackers:
+            if attacker.returncode is None:
+                attacker.kill()
     if probe == "churn":
         print(
             f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
@@ -518,6 +526,7 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,  # (stopped by this process, as the attackers)
     )
     try:
         assert server.stdout is not None
