@@ -28,7 +28,6 @@ is checked as well.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import quicmesh
+from quicmesh.bench import OneLineParser
+from quicmesh.outputs import output_dir
 
 APT_PACKAGE = "nghttp2-proxy"
 """The Debian package that provides nghttpx."""
@@ -520,8 +521,10 @@ async def run_checks(binary: str, workdir: Path) -> tuple[list[Result], list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--logs", type=Path, default=Path("/tmp/quicmesh-interop/h2_nghttpx"))
+    parser = OneLineParser(
+        prog="python -m interop.h2_nghttpx", description=__doc__.split("\n", 1)[0]
+    )
+    parser.add_argument("--logs", type=output_dir, default=Path("/tmp/quicmesh-interop/h2_nghttpx"))
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install")
     args = parser.parse_args(argv)
     binary = nghttpx_path()

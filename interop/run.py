@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quicmesh.bench import OneLineParser
 from quicmesh.outputs import output_dir, output_file
 
 from .certs import make_certificates
@@ -476,9 +477,7 @@ def _partial_options(args: argparse.Namespace, everything: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m interop.run", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = OneLineParser(prog="python -m interop.run", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller files, fewer connections")
     parser.add_argument(
         "--engines",

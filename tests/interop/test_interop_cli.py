@@ -123,3 +123,19 @@ def test_a_native_matrix_against_ngtcp2_is_written(tmp_path: Path) -> None:
     assert "| ngtcp2 → quicmesh-native | ✓ |" in text
     assert "load average" in text
     assert (tmp_path / "logs" / "ngtcp2_quicmesh-native" / "handshake" / "result.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "interop.run", "--seed", "x"], "argument --seed: invalid int value"),
+        (["-m", "interop.h2_nghttpx", "--logs", "/etc/passwd"], "/etc/passwd is a file"),
+    ],
+)
+def test_interop_usage_errors_are_one_line(argv: list[str], message: str) -> None:
+    # Found by a review: argparse's usage block, and a FileExistsError traceback.
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
