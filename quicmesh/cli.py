@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -139,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     argv, passthrough = _split_passthrough(argv)
+    for arg in itertools.takewhile(lambda a: a.startswith("-"), argv):
+        # argparse names the missing command before an unknown option before it.
+        if not re.fullmatch(r"-h|--help|--version|-v+|--verbose", arg):
+            return _fail(f"quicmesh: unrecognized arguments: {arg}")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:

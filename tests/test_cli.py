@@ -124,6 +124,8 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["bench", "intercept", "--frob"], "unrecognized arguments: --frob"),
         (["sidecar", "-c", "/dev/zero", "--check"], "/dev/zero: larger than 16 MiB"),
         (["frobnicate"], "invalid choice"),
+        (["--bogus"], "quicmesh: unrecognized arguments: --bogus"),  # said "required: command"
+        (["bench", "throughput", "--streams", "a"], "--streams needs positive integers"),
         # NaN ran a benchmark for ever or printed nan figures (review).
         (["bench", "migration", "--duration", "nan"], "--duration: must be a finite number"),
         (["bench", "migration", "--rtt", "nan"], "--rtt: must be a finite number above 0"),

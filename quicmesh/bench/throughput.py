@@ -739,7 +739,10 @@ class Plan:
 
 def _plan(args: argparse.Namespace) -> Plan:
     size = parse_size(args.size) if args.size else QUICK_SIZE if args.quick else DEFAULT_SIZE
-    streams = _parse_list(args.streams, int)
+    try:
+        streams = _parse_list(args.streams, int)
+    except ValueError:
+        streams = []  # (int()'s message named no option)
     if not streams or min(streams) < 1:
         raise ValueError("--streams needs positive integers, e.g. 1,16")
     if max(streams) > size:
