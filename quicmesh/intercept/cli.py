@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(parse_cidrs),
         default=parse_cidrs(",".join(DEFAULT_EXCLUDE_CIDRS)),
         metavar="CIDRS",
-        help=f"never capture outbound traffic to these (default {','.join(DEFAULT_EXCLUDE_CIDRS)})",
+        help="never capture outbound traffic to these (default "
+        f"{','.join(DEFAULT_EXCLUDE_CIDRS)}; a list given replaces it: name loopback in it"
+        " to keep it out)",
     )
     install.add_argument(
         "--include-ports",
