@@ -219,3 +219,20 @@ def test_a_closed_standard_output_ends_the_command_quietly(argv: list[str]) -> N
         os.close(write_end)
     assert done.returncode == EXIT_BROKEN_PIPE, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_netem_as_root_without_cap_sys_admin_says_so_in_one_line() -> None:
+    # Found by a review: only the user ID was checked, and root in a default container
+    # ran every case into `mount --make-shared` failures.
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed"
+    drop = [setpriv, "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    done = subprocess.run(
+        [*drop, sys.executable, "-m", "quicmesh", "netem", "--delay", "5ms", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    expected = "needs CAP_SYS_ADMIN" if os.geteuid() == 0 else "needs root"
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -42,10 +42,31 @@ class NetemError(QuicmeshError):
     """The link emulator could not set up, run or tear down a link."""
 
 
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+
+
+def _has_capability(number: int) -> bool:
+    """Whether this process's effective capabilities hold ``number`` (True where
+    ``/proc`` cannot say)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> number & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def missing_privileges() -> str | None:
     """Why this process cannot build links (one line), or ``None`` if it can."""
     if os.geteuid() != 0:
         return "needs root (network namespaces and TUN devices)"
+    for capability, name in ((_CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (_CAP_NET_ADMIN, "CAP_NET_ADMIN")):
+        if not _has_capability(capability):
+            # Root in a default container: every case failed at `mount --make-shared`.
+            return f"needs {name} (network namespaces), which this root lacks"
     if not os.path.exists("/dev/net/tun"):
         return "needs /dev/net/tun (TUN devices), which this system lacks"
     if shutil.which("ip") is None:
