@@ -103,11 +103,11 @@ def main(argv: list[str]) -> int:
         return 2
     if args.check:
         try:
-            _check_certificate(config)
+            file_warnings = _check_certificate(config)
         except ConfigError as exc:
             print(f"quicmesh sidecar: {exc}", file=sys.stderr)
             return 2
-        for warning in getattr(config, "warnings", ()):
+        for warning in [*getattr(config, "warnings", ()), *file_warnings]:
             print(f"quicmesh sidecar: warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
@@ -170,8 +170,9 @@ def _load(path: str, xds: str | None) -> object:
     return replace(config, xds=replace(current, address=address))
 
 
-def _check_certificate(config: object) -> None:
-    """Load the identity and check it as ``/ready`` would; ConfigError says what is wrong."""
+def _check_certificate(config: object) -> list[str]:
+    """Load the identity and check it as ``/ready`` would, and the files the sidecar
+    writes; ConfigError says what is wrong; returns warnings."""
     from ..tls.check import check_own_certificate
     from .certs import load_identity
     from .config import SidecarConfig, check_files
@@ -179,7 +180,7 @@ def _check_certificate(config: object) -> None:
     assert isinstance(config, SidecarConfig)
     identity, trust = load_identity(config)
     check_own_certificate(identity, trust, config.source)
-    check_files(config)
+    return check_files(config)
 
 
 def _configure_logging(level: str) -> None:

@@ -766,7 +766,7 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def check_files(config: SidecarConfig) -> None:
+def check_files(config: SidecarConfig) -> list[str]:
     """The files the sidecar writes: ``access_log.path`` and ``tls.ticket_cache`` must be
     files (made if missing) in a directory that exists, and writable; a listener's
     ``stateless_reset_key`` a readable file, or one that can be made. Checked by
@@ -774,8 +774,11 @@ def check_files(config: SidecarConfig) -> None:
     nor the first write long after it (a ticket cache that was a directory failed every
     save) finds the problem.
 
+    :returns: warnings, one line each (a reset key that others may read: used, with the
+        warning the start logs too).
     :raises ConfigError: ``<file>: <key>: <problem>``.
     """
+    warnings: list[str] = []
     written: list[tuple[str, str | None, int]] = [
         ("access_log.path", config.access_log.path, os.W_OK),
         ("tls.ticket_cache", config.tls.ticket_cache, os.W_OK),
@@ -814,6 +817,20 @@ def check_files(config: SidecarConfig) -> None:
             problem = f"{path} cannot be checked: {os_error_text(exc)}"
         if problem:
             raise ConfigError(f"{config.source}: {key}: {problem}")
+        if key.endswith("stateless_reset_key") and (exposed := _readable_by_others(target)):
+            warnings.append(f"{config.source}: {key}: {exposed}")
+    return warnings
+
+
+def _readable_by_others(path: Path) -> str:
+    """Why a secret file at ``path`` is exposed (others may read or write it), or ""."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return ""  # missing: made 0600
+    if not mode & 0o077:
+        return ""
+    return f"{path} is readable by others (mode {mode:03o}): chmod 600 it"
 
 
 def _file_problem(target: Path, key: str, access: int) -> str:

@@ -234,6 +234,27 @@ def test_good_certificate_passes_check(tmp_path: Path) -> None:
     assert check.stdout.strip().endswith(": ok")
 
 
+def test_check_warns_of_a_reset_key_others_may_read(tmp_path: Path) -> None:
+    # The start warned of it; --check said only "ok" (review).
+    ca = DevCA()
+    _write_identity(tmp_path, "b", ca.issue(IDENTITY_B))
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    key = tmp_path / "reset.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    config["listeners"]["inbound"][0]["stateless_reset_key"] = str(key)
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.write_config()
+    check = _run(sidecar, "--check")
+    assert check.returncode == 0, check.stderr
+    assert "warning: " in check.stderr and "reset.key is readable by others (mode 644)" in (
+        check.stderr
+    )
+    key.chmod(0o600)
+    assert "warning" not in _run(sidecar, "--check").stderr
+
+
 @pytest.mark.parametrize(
     ("where", "value", "expected"),
     [
