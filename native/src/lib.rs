@@ -267,9 +267,19 @@ fn varint(name: &str, value: u64) -> PyResult<VarInt> {
     VarInt::from_u64(value).map_err(|_| config_error(format!("{name} {value} exceeds 2^62-1")))
 }
 
+/// The longest duration the engine takes (about 31 years): a timer set that far ahead
+/// overflows no clock (quinn adds a keep-alive interval of 1e19 s to `Instant::now()` and
+/// panicked on the engine thread, which aborted the process).
+const MAX_SECONDS: f64 = 1e9;
+
 fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
     value
         .map(|s| {
+            if s > MAX_SECONDS {
+                return Err(config_error(format!(
+                    "{name} must be at most {MAX_SECONDS:e} seconds"
+                )));
+            }
             Duration::try_from_secs_f64(s).map_err(|_| {
                 config_error(format!("{name} must be a non-negative number of seconds"))
             })

@@ -32,7 +32,8 @@ impl OpenSockets {
 
     /// Block until no socket is open, or `timeout` has passed: whether none is.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // (Clamped: an `Instant` that far ahead overflows and panicked.)
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(1 << 32));
         let mut count = lock(&self.count);
         while *count > 0 {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -319,30 +319,36 @@ impl FdInbox {
     }
 
     /// Receive the descriptor sent (already, by the caller's thread) with `token`.
+    ///
+    /// Descriptors with another token ahead of it were left by calls that failed before
+    /// they took theirs (their callers were told): they are closed and skipped. (Taken as
+    /// this call's, each made every later splice in the process fail.)
     pub fn take(&self, token: u64) -> Result<OwnedFd, String> {
         let _serial = lock(&self.lock);
-        let mut payload = [0u8; 8];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
-        let received = rustix::net::recvmsg(
-            &self.receiver,
-            &mut [IoSliceMut::new(&mut payload)],
-            &mut control,
-            rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(|e| format!("no socket was handed over: {e}"))?;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        for message in control.drain() {
-            if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = message {
-                fds.extend(rights);
+        loop {
+            let mut payload = [0u8; 8];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let received = rustix::net::recvmsg(
+                &self.receiver,
+                &mut [IoSliceMut::new(&mut payload)],
+                &mut control,
+                rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(|e| format!("no socket was handed over: {e}"))?;
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            for message in control.drain() {
+                if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = message {
+                    fds.extend(rights);
+                }
             }
-        }
-        if received.bytes != 8 || u64::from_le_bytes(payload) != token {
-            return Err("the socket handed over does not carry the splice's token".into());
-        }
-        match fds.len() {
-            1 => Ok(fds.remove(0)),
-            n => Err(format!("{n} descriptors handed over for one splice")),
+            if received.bytes != 8 || u64::from_le_bytes(payload) != token {
+                continue; // a failed call's: its descriptors close here
+            }
+            return match fds.len() {
+                1 => Ok(fds.remove(0)),
+                n => Err(format!("{n} descriptors handed over for one splice")),
+            };
         }
     }
 
@@ -1223,8 +1229,16 @@ mod tests {
         let fd = inbox.take(42).unwrap();
         let again = std::net::TcpListener::from(fd);
         assert_eq!(again.local_addr().unwrap(), address);
+        // One a failed call left (it never took it) is skipped, not taken as the next's.
         inbox.send(1, listener.as_fd()).unwrap();
-        assert!(inbox.take(2).unwrap_err().contains("token"));
-        assert!(inbox.take(3).unwrap_err().contains("no socket"));
+        assert!(inbox.take(2).unwrap_err().contains("no socket"));
+        inbox.send(3, listener.as_fd()).unwrap();
+        inbox.send(4, listener.as_fd()).unwrap();
+        let fd = inbox.take(4).unwrap();
+        assert_eq!(
+            std::net::TcpListener::from(fd).local_addr().unwrap(),
+            address
+        );
+        assert!(inbox.take(5).unwrap_err().contains("no socket"));
     }
 }

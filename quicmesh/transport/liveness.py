@@ -40,6 +40,11 @@ UNRESPONSIVE = "peer unresponsive"
 reason phrase, so the peer knows why (:class:`~quicmesh.errors.PeerUnresponsive`)."""
 
 
+MAX_LIVENESS_SECONDS = 86_400.0
+"""The longest ``keepalive_interval`` and ``dead_after`` (a day, as the sidecar's
+durations): 1e19 s overflowed the native engine's clock and aborted the process."""
+
+
 @dataclass(frozen=True)
 class LivenessConfig:
     """When to probe an idle peer and when to declare it dead (None: never)."""
@@ -58,16 +63,22 @@ class LivenessConfig:
     """Seconds without a packet from the peer that ``max_probe_timeouts`` also needs."""
 
     def __post_init__(self) -> None:
-        if self.keepalive_interval is not None and not self.keepalive_interval > 0:
+        if self.keepalive_interval is not None and not (
+            0 < self.keepalive_interval <= MAX_LIVENESS_SECONDS
+        ):
             raise ConfigError(
-                f"keepalive_interval must be positive seconds, not {self.keepalive_interval}"
+                f"keepalive_interval must be positive seconds up to {MAX_LIVENESS_SECONDS:g},"
+                f" not {self.keepalive_interval}"
             )
         if self.max_probe_timeouts is not None and self.max_probe_timeouts < 1:
             raise ConfigError(
                 f"max_probe_timeouts must be a whole number >= 1, not {self.max_probe_timeouts}"
             )
-        if self.dead_after is not None and not self.dead_after > 0:
-            raise ConfigError(f"dead_after must be positive seconds, not {self.dead_after}")
+        if self.dead_after is not None and not 0 < self.dead_after <= MAX_LIVENESS_SECONDS:
+            raise ConfigError(
+                f"dead_after must be positive seconds up to {MAX_LIVENESS_SECONDS:g},"
+                f" not {self.dead_after}"
+            )
         if not self.min_silence >= 0:
             raise ConfigError(f"min_silence must be >= 0 seconds, not {self.min_silence}")
         if self.unreachable_limit < 1:

@@ -80,7 +80,7 @@ from ..base import (
     checked_address,
     default_quic_engine,
 )
-from ..liveness import LivenessConfig
+from ..liveness import MAX_LIVENESS_SECONDS, LivenessConfig
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
 from .connection import QuicPeerConnection, SocketReceiver, _is_ip_address, tune_udp_socket
@@ -256,6 +256,12 @@ class QuicTransport(Transport):
 
             congestion.ensure_registered()
         self.congestion_control = congestion_control
+        # (On the native engine a float, a negative or a 2**64 was a bare TypeError or
+        # OverflowError, or a stale-build warning; aioquic took them.)
+        _check_whole("stream_window", stream_window, 1024, 1 << 40)
+        _check_whole("connection_window", connection_window, 1024, 1 << 40)
+        _check_whole("high_water", high_water, 1, 1 << 40)
+        _check_whole("max_streams", max_streams, 1, 1 << 30)
         self.idle_timeout = idle_timeout
         self.stream_window = stream_window
         self.connection_window = connection_window
@@ -289,8 +295,11 @@ class QuicTransport(Transport):
         if send_window is not None and not 16 * 1024 <= send_window <= 1 << 40:
             raise ConfigError(f"send_window must be 16 KiB to 1 TiB, not {send_window}")
         self.send_window = send_window
-        if not idle_timeout > 0:
-            raise ConfigError(f"idle_timeout must be positive seconds, not {idle_timeout}")
+        if not 0 < idle_timeout <= MAX_LIVENESS_SECONDS:
+            raise ConfigError(
+                f"idle_timeout must be positive seconds up to {MAX_LIVENESS_SECONDS:g},"
+                f" not {idle_timeout}"
+            )
         self.liveness = LivenessConfig(
             keepalive_interval=keepalive_interval,
             max_probe_timeouts=max_probe_timeouts,
@@ -660,6 +669,12 @@ class QuicTransport(Transport):
         if not connection.established:
             raise connection.failure or ConnectError("QUIC handshake failed")
         return connection
+
+
+def _check_whole(name: str, value: object, low: int, high: int) -> None:
+    """:raises ConfigError: ``value`` is not a whole number from ``low`` to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
 
 
 def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
