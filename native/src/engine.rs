@@ -1155,14 +1155,17 @@ impl Shared {
                 },
                 accepted = conn.accept_uni() => match accepted {
                     Ok(recv) => {
+                        // Read once Python asks (it does as it takes the event): a first
+                        // read here let a peer's empty streams end at once, each giving
+                        // back its credit, so a peer opened them without limit while
+                        // Python was busy, every one an event held for it (8 MB/s).
                         let stream = u64::from(recv.id());
-                        let first_read = self.first_read();
-                        self.start_stream(id, stream, None, Some(recv), first_read, false);
+                        self.start_stream(id, stream, None, Some(recv), None, false);
                         self.push(Event::StreamAccepted {
                             conn: id,
                             stream,
                             bidirectional: false,
-                            read_started: first_read.is_some(),
+                            read_started: false,
                             permit_used: false,
                         });
                     }
