@@ -38,6 +38,12 @@ use crate::splice::{self, Deframer, Halves, Held, SpliceHandle, H3_REQUEST_CANCE
 /// connection stays in the backlog meanwhile).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// The most accepted TCP connections the engine holds for Python to take (its sockets for
+/// splices and engine flows included): past it the accept loop rests, and connections
+/// wait in the listen backlog as under asyncio's server while its loop is busy. (Without
+/// it a busy Python let a local client fill the process's descriptors.)
+const MAX_WAITING_FOR_PYTHON: usize = 256;
+
 /// The largest answer read before it is judged (more than any plain 200 takes).
 const MAX_ANSWER: usize = 1024;
 
@@ -148,6 +154,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, stopping: Arc<S
 
 async fn serve_accepts(shared: &Shared, listener: &TcpListener, stopping: &Stopping) {
     loop {
+        if lock(&shared.tcp).len() >= MAX_WAITING_FOR_PYTHON {
+            tokio::select! {
+                biased;
+                () = stopping.asked.notified() => return,
+                () = tokio::time::sleep(ACCEPT_PAUSE / 10) => continue,
+            }
+        }
         let accepted = tokio::select! {
             biased;
             () = stopping.asked.notified() => return,
