@@ -89,10 +89,18 @@ async def splice(
             writer.write(data)
             await writer.drain()
 
-    tasks = [asyncio.ensure_future(tcp_to_stream()), asyncio.ensure_future(stream_to_tcp())]
+    async def stream_failure() -> None:
+        # A stream that fails while neither copy waits on it (its input over, the TCP
+        # side idle or not reading) wakes none of them: the flow was held for ever.
+        await stream.wait_closed()
+        if (error := stream.exception()) is not None:
+            raise error
+
+    copies = [asyncio.ensure_future(tcp_to_stream()), asyncio.ensure_future(stream_to_tcp())]
+    tasks = [*copies, asyncio.ensure_future(stream_failure())]
     try:
         pending: set[asyncio.Future[None]] = set(tasks)
-        while pending:
+        while not all(copy.done() for copy in copies):
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 exc = task.exception()
