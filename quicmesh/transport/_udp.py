@@ -85,8 +85,15 @@ class BatchReader:
         if self._max_datagrams > 1:
             shared = transport.get_extra_info("socket")
             if shared is not None:
-                self._socket = shared.dup()
-                self._socket.setblocking(False)
+                try:
+                    self._socket = shared.dup()
+                except OSError:
+                    # Out of descriptors: one datagram a readiness event, as asyncio
+                    # reads (it raised out of connection_made, and a connection that
+                    # migrated onto this socket then heard nothing and died).
+                    self._socket = None
+                else:
+                    self._socket.setblocking(False)
         self.batches = 0
         """Readiness events handled (each one batch)."""
         self.datagrams = 0

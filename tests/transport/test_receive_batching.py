@@ -96,6 +96,38 @@ def test_batch_of_one_reads_as_asyncio_does() -> None:
     assert recorder.transmits == list(range(1, 11))
 
 
+def test_a_socket_made_out_of_descriptors_reads_one_datagram_at_a_time() -> None:
+    # Found by a review: the batch reader's dup() raised EMFILE out of connection_made,
+    # and an aioquic connection that migrated onto that socket heard nothing and died.
+    import resource
+
+    async def main() -> _Recorder:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for the transport's socket, none for the reader's copy of it.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe.fileno() + 1, hard))
+        probe.close()
+        try:
+            transport, recorder = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _Recorder(64), local_addr=("127.0.0.1", 0)
+            )
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        address = transport.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for index in range(5):
+                sender.sendto(index.to_bytes(4, "big"), address)
+            while len(recorder.received) < 5:
+                await asyncio.sleep(0.01)
+        transport.close()
+        await asyncio.sleep(0)
+        return recorder
+
+    recorder = run(main())
+    assert [int.from_bytes(d, "big") for d in recorder.received] == list(range(5))
+    assert recorder.transmits == [1, 2, 3, 4, 5]  # a batch of one each
+
+
 def test_defer_transmit_outside_a_batch_is_refused() -> None:
     assert not _udp.defer_transmit(lambda: None)
 
