@@ -416,6 +416,9 @@ pub enum Event {
     /// (outbound flows) The acceptor accepted a connection from `peer`, parked as `flow`
     /// until Python starts it or takes it back (`outbound.rs`).
     FlowAccepted { flow: u64, peer: SocketAddr },
+    /// (outbound flows) The acceptor rests: accepting failed for want of descriptors or
+    /// memory (`message`); connections wait in the backlog meanwhile.
+    AcceptPaused { message: String },
     /// (outbound flows) An engine flow's CONNECT on `stream` did not get the expected answer
     /// (`reason`): the stream was cancelled, the connection is parked again, untouched.
     /// `answer`: another answer's first frame, whole (else empty).

@@ -245,6 +245,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
         Event::FlowAccepted { flow, peer } => {
             ("flow_accepted", flow, peer.ip().to_string(), peer.port()).into_py_any(py)
         }
+        Event::AcceptPaused { message } => ("accept_paused", message).into_py_any(py),
         Event::FlowUnanswered {
             flow,
             stream,

@@ -187,6 +187,10 @@ async fn serve_accepts(shared: &Shared, listener: &TcpListener, stopping: &Stopp
                     .iter()
                     .any(|errno| error.raw_os_error() == Some(errno.raw_os_error()))
                 {
+                    // Said to Python, which logs it (it was silent).
+                    shared.push(Event::AcceptPaused {
+                        message: error.to_string(),
+                    });
                     tokio::time::sleep(ACCEPT_PAUSE).await;
                 }
             }

@@ -357,3 +357,51 @@ def test_the_engine_holds_a_bounded_number_of_accepted_flows_for_python() -> Non
         acceptor.stop()
         for client in clients:
             client.close()
+
+
+ACCEPTOR_OUT_OF_DESCRIPTORS = """
+import resource, socket, sys, time
+from quicmesh import _native
+from quicmesh.transport.quic.native_engine import _hand_socket
+
+listening = socket.socket()
+listening.bind(("127.0.0.1", 0))
+listening.listen(64)
+port = listening.getsockname()[1]
+acceptor = _native.FlowAcceptor(_hand_socket(listening))
+probe = socket.socket()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (probe.fileno() + 3, hard))  # room for 3
+probe.close()
+print(port, flush=True)
+kinds = []
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and "accept_paused" not in kinds:
+    kinds += [event[0] for event in acceptor.drain()]
+    time.sleep(0.02)
+print(" ".join(sorted(set(kinds))), flush=True)
+"""
+
+
+def test_the_engines_accept_loop_says_when_it_runs_out_of_descriptors() -> None:
+    # Found by a review: it rested without a word (asyncio's servers log it).
+    import subprocess
+    import sys
+
+    require_engine("native")
+    child = subprocess.Popen(
+        [sys.executable, "-c", ACCEPTOR_OUT_OF_DESCRIPTORS], stdout=subprocess.PIPE, text=True
+    )
+    clients = []
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        out, _ = child.communicate(timeout=30)
+        assert "accept_paused" in out.split() and "flow_accepted" in out.split(), out
+    finally:
+        for client in clients:
+            client.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()

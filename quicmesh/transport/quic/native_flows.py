@@ -34,10 +34,14 @@ from typing import Any
 
 from ..._aioquic import read_static_response
 from ...errors import QuicmeshError, StreamRefused
+from ...logs import RateLimitedLog
 from ..base import EngineAcceptor, FlowEvents
 from .native_engine import _extension, _hand_socket, _remove_reader, native_available
 
 logger = logging.getLogger(__name__)
+
+_ACCEPT_PAUSES = RateLimitedLog(logger, interval=1.0)
+"""The engine's accept loop out of descriptors (it rests 0.1 s at a time): a line a second."""
 
 
 def engine_flows_available() -> bool:
@@ -93,6 +97,8 @@ class FlowAcceptor(EngineAcceptor):
         elif kind == "spliced":
             _, _, flow, _, sent, received, error, _, _ = event
             self._events.flow_ended(flow, sent, received, error)
+        elif kind == "accept_paused":  # out of descriptors or memory, as SocketServer says
+            _ACCEPT_PAUSES.log(logging.ERROR, "paused", "accepting paused: %s", event[1])
 
     def release(self, flow: int) -> socket.socket | None:
         """The accepted connection ``flow`` as a non-blocking socket the caller owns, or
