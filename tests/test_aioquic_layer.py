@@ -659,7 +659,7 @@ async def _abort_both_ways() -> None:
     server_saw: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     async def handler(stream: Any) -> None:
-        if stream.target == "client-aborts.svc:80":
+        if stream.target in ("client-aborts.svc:80", "client-tcp-reset.svc:80"):
             try:
                 await stream.read(-1)
             except BaseException as exc:
@@ -694,6 +694,16 @@ async def _abort_both_ways() -> None:
             await asyncio.wait_for(failing.read(-1), 5)
         assert caught.value.error_code == H3ErrorCode.H3_CONNECT_ERROR
         assert caught.value.error_code == 0x10F
+
+        # The client's TCP side failed (a sidecar's client reset its connection): the
+        # server reads it as that, not as its destination's error (review).
+        server_saw = asyncio.get_running_loop().create_future()
+        reset = await connection.open_stream("client-tcp-reset.svc:80")
+        reset.write(b"x")
+        await reset.drain()
+        reset.abort(ResetReason.CONNECT_ERROR)
+        error = await asyncio.wait_for(server_saw, 5)
+        assert isinstance(error, StreamReset) and "client TCP reset by peer" in str(error)
     finally:
         connection.close()
         await connection.wait_closed()
