@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import h11
 
+from ..errors import QuicmeshError
 from .config import format_address
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -53,7 +54,10 @@ class AdminView(Protocol):
         """Start draining; False if a drain was already under way."""
 
     async def migrate(self) -> dict[str, Any]:
-        """Move every QUIC peer connection to a new local port; what moved, as JSON."""
+        """Move every QUIC peer connection to a new local port; what moved, as JSON.
+
+        :raises QuicmeshError: not now (too soon after the last one): answered 429.
+        """
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,10 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
 
 
 async def _migrated(view: AdminView) -> Response:
-    return _json(200, await view.migrate())
+    try:
+        return _json(200, await view.migrate())
+    except QuicmeshError as exc:  # MigrationRefused: too soon after the last one
+        return _text(429, str(exc))
 
 
 class AdminServer:

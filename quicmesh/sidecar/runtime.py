@@ -100,6 +100,14 @@ def cluster_transport(
     return registry.build(config.transport, identity=identity, trust=trust, options=options)
 
 
+MIGRATE_INTERVAL = 1.0
+"""The least time between two migrations asked for (``POST /migrate``)."""
+
+
+class MigrationRefused(QuicmeshError):
+    """``POST /migrate`` came too soon after the last one (429)."""
+
+
 class Sidecar:
     """One sidecar process's state.
 
@@ -138,6 +146,7 @@ class Sidecar:
         self.started_at = time.time()
         self._drained = asyncio.Event()
         self._grace_ended = asyncio.Event()
+        self._last_migration = float("-inf")
         self._drain_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._watched: dict[str, tuple[int, int, int] | None] = {}
@@ -725,7 +734,17 @@ class Sidecar:
 
         Returns ``{"migrated": n, "failed": n, "connections": [...]}``, one entry
         per connection (see :meth:`Cluster.migrate`).
+
+        :raises MigrationRefused: one ran less than :data:`MIGRATE_INTERVAL` ago (each
+            keeps its old sockets for a while: a loop of them filled the descriptors).
         """
+        now = time.monotonic()
+        if now - self._last_migration < MIGRATE_INTERVAL:
+            raise MigrationRefused(
+                f"a migration ran {now - self._last_migration:.2f}s ago: at most one every "
+                f"{MIGRATE_INTERVAL:g}s"
+            )
+        self._last_migration = now
         clusters = list(self.clusters.values()) + self.retired_clusters
         reports = await asyncio.gather(*(cluster.migrate() for cluster in clusters))
         connections = [entry for report in reports for entry in report]
