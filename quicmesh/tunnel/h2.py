@@ -308,14 +308,7 @@ class _H2Connection(h2.connection.H2Connection):
     the connection: a block left undecoded would garble every later one); such streams
     are noted in :attr:`past_limit`, for :meth:`H2TunnelSession._on_request` to refuse
     as it takes their request.
-
-    h2 remembers how its last 65,536 closed streams ended (to tell a frame that crossed
-    our RST_STREAM, ignored, from a peer's error): about 10 MB a connection side once a
-    connection carried that many flows. :attr:`MAX_CLOSED_STREAMS` keeps the last 4,096,
-    what a flow rate of 40,000 a second closes within a 100 ms round trip.
     """
-
-    MAX_CLOSED_STREAMS = 4096
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
