@@ -76,13 +76,15 @@ the access log (SIGUSR1)."""
 
 
 class _EarlySignals:
-    """Signals that arrive while the sidecar loads its configuration and builds its
-    event loop, kept for the loop's handlers to act on once they are in place: until
-    then a SIGHUP or SIGUSR1 (a config tool's, logrotate's) would kill the process."""
+    """SIGHUP and SIGUSR1 that arrive while the sidecar loads its configuration and
+    builds its event loop, kept for the loop's handlers to act on once they are in
+    place: until then one (a config tool's, logrotate's) killed the process. SIGTERM and
+    SIGINT keep their default until then: they stop a sidecar stuck reading its
+    configuration (a FIFO, a hung mount)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
-        for signum in SIGNALS_TAKEN:
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, self._keep)
 
     def _keep(self, signum: int, frame: object) -> None:
@@ -206,11 +208,17 @@ async def _run(config: object, path: str, early: _EarlySignals | None = None) ->
     started = False
     pending: set[str] = set()
     reloads: set[asyncio.Task[bool]] = set()
+    stop_signals = 0
 
     def stop() -> None:
+        nonlocal stop_signals
+        stop_signals += 1
         pending.add("stop")
-        if started and not sidecar.begin_drain():
-            sidecar.end_grace_period()  # a second SIGTERM or SIGINT
+        if started:
+            if stop_signals > 1:  # a second SIGTERM or SIGINT: the operator insists
+                sidecar.end_grace_period()
+            elif not sidecar.begin_drain():  # POST /drain began one (a preStop hook)
+                logger.info("draining already: a second SIGTERM or SIGINT ends the grace period")
 
     def reload() -> None:
         if not started:

@@ -377,10 +377,18 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
 
         async def main() -> None:
             held = await HeldFlow.open(ports["echo"])  # never finished
-            a.signal(signal.SIGTERM)
+            # A drain the admin began (a preStop hook), then the kubelet's SIGTERM: the
+            # first signal does not cut the grace period (review of the first version).
+            assert a.request("POST", "/drain")[0] == 202
             await asyncio.to_thread(
                 wait_until, lambda: "draining: 1 live flows" in a.stderr(), 10.0, "A draining"
             )
+            a.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until, lambda: "draining already" in a.stderr(), 10.0, "the SIGTERM"
+            )
+            held.writer.write(b"still carried")
+            assert await asyncio.wait_for(held.reader.readexactly(13), 10) == b"still carried"
             a.signal(signal.SIGINT)
             assert a.process is not None
             assert await asyncio.to_thread(a.process.wait, 15) == 0

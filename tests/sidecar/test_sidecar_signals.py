@@ -95,3 +95,27 @@ def test_signals_while_the_configuration_is_read_wait_for_the_start(
         assert sidecar.process.poll() is None
     finally:
         assert sidecar.stop() == 0, sidecar.stderr()
+
+
+def test_sigterm_while_the_configuration_is_read_stops_the_sidecar(tmp_path: Path) -> None:
+    """A sidecar stuck reading its configuration (a FIFO without a writer, a hung
+    mount) stops on SIGTERM, as before the early handlers: only SIGHUP and SIGUSR1 are
+    kept for later (review of their first version, which kept SIGTERM too)."""
+    fifo = tmp_path / "stuck.fifo"
+    os.mkfifo(fifo)
+    sidecar = subprocess.Popen(
+        python_command("-m", "quicmesh", "sidecar", "-c", str(fifo)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=child_environment(),
+    )
+    try:
+        wait_until(lambda: _catches(sidecar.pid, signal.SIGHUP), what="the early handlers")
+        sidecar.send_signal(signal.SIGTERM)
+        _, err = sidecar.communicate(timeout=10)
+        assert sidecar.returncode == -signal.SIGTERM, err
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait()
