@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
+        else:
+            raise  # not standard output's: a socket's, say
         # The reader went away (``quicmesh demo | head -2``): stop quietly, as ``cat``
         # does; standard output goes nowhere now, so that its flush at exit is silent.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -142,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     argv, passthrough = _split_passthrough(argv)
     for arg in itertools.takewhile(lambda a: a.startswith("-"), argv):
-        # argparse names the missing command before an unknown option before it.
-        if not re.fullmatch(r"-h|--help|--version|-v+|--verbose", arg):
+        # argparse names the missing command before an unknown option before it (it
+        # takes combined short flags and prefixes of long ones: so does this).
+        known = re.fullmatch(r"-[vh]+", arg) or (
+            arg.startswith("--")
+            and len(arg) > 2
+            and any(name.startswith(arg) for name in ("--help", "--version", "--verbose"))
+        )
+        if not known:
             return _fail(f"quicmesh: unrecognized arguments: {arg}")
     try:
         args = build_parser().parse_args(argv)

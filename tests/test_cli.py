@@ -39,6 +39,14 @@ def test_version(script: bool) -> None:
     assert result.stdout.strip() == f"quicmesh {quicmesh.__version__}"
 
 
+@pytest.mark.parametrize("argv", [["--vers"], ["--verb", "--version"], ["-vv", "--version"]])
+def test_options_argparse_takes_before_the_command_still_work(argv: list[str]) -> None:
+    # The check naming an unknown leading option refused argparse's prefixes (review).
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"quicmesh {quicmesh.__version__}"
+
+
 @BOTH
 def test_top_level_help_lists_every_subcommand(script: bool) -> None:
     result = run("--help", script=script)
