@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import signal
 import sys
 
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            pass
-        else:
+        if not _standard_output_gone():
             raise  # not standard output's: a socket's, say
         # The reader went away (``quicmesh demo | head -2``): stop quietly, as ``cat``
         # does; standard output goes nowhere now, so that its flush at exit is silent.
@@ -143,6 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
+
+
+def _standard_output_gone() -> bool:
+    """Whether nobody reads standard output any more (a pipe whose reader closed: the
+    kernel reports an error condition on its write end)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _main(argv: list[str]) -> int:

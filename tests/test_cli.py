@@ -244,3 +244,27 @@ def test_netem_as_root_without_cap_sys_admin_says_so_in_one_line() -> None:
     expected = "needs CAP_SYS_ADMIN" if os.geteuid() == 0 else "needs root"
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_broken_pipe_that_is_not_standard_outputs_is_not_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A socket's EPIPE escaping a command was taken for a closed standard output: exit
+    # 141 without a word, and standard output sent to /dev/null for the process (review).
+    import socket
+
+    from quicmesh import cli
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+
+    def command(argv: list[str]) -> int:
+        while True:
+            ours.send(b"x" * 65536)
+
+    monkeypatch.setattr(cli, "_main", command)
+    try:
+        with pytest.raises(BrokenPipeError):
+            cli.main([])
+    finally:
+        ours.close()
