@@ -374,6 +374,12 @@ def test_shared_blocks_by_alias_are_still_taken() -> None:
     from quicmesh.sidecar.config import load_yaml
 
     assert load_yaml(_nested_aliases(10, 3))["l3"][9][9] == [["x"]] * 10
+    # Defaults merged into thousands of entries grow linearly: taken (the first version
+    # of the limit refused this, 260,065 nodes expanded; review).
+    defaults = "defaults: &d {" + ", ".join(f"k{i}: {i}" for i in range(30)) + "}\n"
+    items = "".join(f"  - {{<<: *d, name: n{i}}}\n" for i in range(4000))
+    merged = load_yaml(defaults + "items:\n" + items)["items"]
+    assert len(merged) == 4000 and merged[-1]["k29"] == 29
 
 
 def test_a_merged_key_may_still_be_overridden() -> None:
