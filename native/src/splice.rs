@@ -321,8 +321,10 @@ impl FdInbox {
     /// Receive the descriptor sent (already, by the caller's thread) with `token`.
     ///
     /// Descriptors with another token ahead of it were left by calls that failed before
-    /// they took theirs (their callers were told): they are closed and skipped. (Taken as
-    /// this call's, each made every later splice in the process fail.)
+    /// they took theirs (their callers were told), or, with event loops in two threads,
+    /// sent by the other thread between this one's send and take (that caller then fails
+    /// as before): they are closed and skipped. (Taken as this call's, each left behind
+    /// made every later splice in the process fail.)
     pub fn take(&self, token: u64) -> Result<OwnedFd, String> {
         let _serial = lock(&self.lock);
         loop {

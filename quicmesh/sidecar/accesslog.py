@@ -274,10 +274,10 @@ class AccessLog:
         self.path = path
         self.log_format = log_format
         self.refusals = RefusalLogLimit()
+        """The limit on refused flows' lines, and its count of lines left out."""
         self._write_failures = RateLimitedLog(logger)
         """A log that cannot be written (a full disk, a closed pipe) says so once every
         10 s, not once a flow."""
-        """The limit on refused flows' lines, and its count of lines left out."""
         self._file: TextIO | None = None
         if path == "-":
             self._file = sys.stdout
