@@ -38,10 +38,10 @@ use crate::splice::{self, Deframer, Halves, Held, SpliceHandle, H3_REQUEST_CANCE
 /// connection stays in the backlog meanwhile).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// The most accepted TCP connections an acceptor holds that Python has not taken yet:
-/// past it the accept loop rests, and connections
-/// wait in the listen backlog as under asyncio's server while its loop is busy. (Without
-/// it a busy Python let a local client fill the process's descriptors.)
+/// The most accepted TCP connections an acceptor holds that Python has not taken yet: past
+/// it the accept loop rests, and connections wait in the listen backlog as under asyncio's
+/// server while its loop is busy. (Without it a busy Python let a local client fill the
+/// process's descriptors.)
 const MAX_WAITING_FOR_PYTHON: usize = 256;
 
 /// The largest answer read before it is judged (more than any plain 200 takes).
