@@ -739,6 +739,9 @@ impl Shared {
     /// stream when the engine came to it after the peer's RESET_STREAM (under load), and
     /// freed the slot before Python could hold it. A permit is a token Python took ahead.
     pub fn grant_read_permits(&self, conn: u64, count: usize) {
+        if !lock(&self.connections).contains_key(&conn) {
+            return; // gone (its entry would never be removed)
+        }
         let mut permits = lock(&self.read_permits);
         let left = permits.entry(conn).or_insert(0);
         *left = left.saturating_add(count);

@@ -1262,6 +1262,7 @@ impl Endpoint {
     /// crosses to Python and back.
     #[pyo3(signature = (host, port, *, timeout))]
     fn tcp_connect(&self, host: &str, port: u16, timeout: f64) -> PyResult<u64> {
+        self.quinn()?; // closed: no new socket (one made then was held until the object went)
         let address = engine::socket_addr(host, port).map_err(config_error)?;
         let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
         runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;

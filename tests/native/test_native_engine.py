@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -452,3 +453,24 @@ def test_a_peers_empty_uni_streams_wait_for_python_rather_than_pile_up() -> None
     finally:
         client.close()
         server.close()
+
+
+def test_a_closed_endpoint_makes_no_tcp_connection() -> None:
+    # Found by a review: tcp_connect after close() still connected, and its socket was
+    # held until the object went.
+    from quicmesh import _native
+    from quicmesh.errors import ConnectError
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    endpoint = _native.Endpoint(
+        "127.0.0.1", 0, cert_chain_pem=CLIENT.cert_chain_pem(),
+        key_pem=CLIENT.private_key_pem(), trust_pem=CA.trust_bundle.pem, alpn=[b"quicmesh"],
+    )  # fmt: skip
+    endpoint.close()
+    try:
+        with pytest.raises(ConnectError, match="the endpoint is closed"):
+            endpoint.tcp_connect(*listening.getsockname(), timeout=5.0)
+    finally:
+        listening.close()
