@@ -70,11 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SIGNALS_TAKEN = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-"""What the sidecar does on a signal: drain (SIGTERM, SIGINT), reload (SIGHUP), reopen
-the access log (SIGUSR1)."""
-
-
 class _EarlySignals:
     """SIGHUP and SIGUSR1 that arrive while the sidecar loads its configuration and
     builds its event loop, kept for the loop's handlers to act on once they are in
@@ -234,10 +229,15 @@ async def _run(config: object, path: str, early: _EarlySignals | None = None) ->
             return
         sidecar.reopen_logs()
 
-    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
-    handlers[signal.SIGUSR1] = reopen_logs
-    for signum in SIGNALS_TAKEN:
-        loop.add_signal_handler(signum, handlers[signum])
+    # Drain (SIGTERM, SIGINT), reload (SIGHUP), reopen the access log (SIGUSR1).
+    handlers = {
+        signal.SIGTERM: stop,
+        signal.SIGINT: stop,
+        signal.SIGHUP: reload,
+        signal.SIGUSR1: reopen_logs,
+    }
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
     for received in early.received if early is not None else ():
         handlers[signal.Signals(received)]()
     await sidecar.start()

@@ -36,6 +36,7 @@ from ..transport.base import (
     QUIC_ENGINE_NAMES,
     STATELESS_RESET_KEY_MIN_BYTES,
     default_quic_engine,
+    exposed_secret,
     quic_engine_problem,
     ticket_cache_problem,
 )
@@ -828,14 +829,11 @@ def check_files(config: SidecarConfig) -> list[str]:
 
 
 def _readable_by_others(path: Path) -> str:
-    """Why a secret file at ``path`` is exposed (others may read or write it), or ""."""
+    """Why a secret file at ``path`` is exposed (:func:`exposed_secret`), or ""."""
     try:
-        mode = path.stat().st_mode & 0o777
+        return exposed_secret(path, path.stat().st_mode)
     except OSError:
         return ""  # missing: made 0600
-    if not mode & 0o077:
-        return ""
-    return f"{path} is readable by others (mode {mode:03o}): chmod 600 it"
 
 
 def _file_problem(target: Path, key: str, access: int) -> str:

@@ -483,6 +483,16 @@ ACK_ELICITING_THRESHOLD_MAX = 1 << 20
 STATELESS_RESET_KEY_MIN_BYTES = 16
 """The shortest stateless reset key file a QUIC listener takes."""
 
+
+def exposed_secret(path: object, mode: int) -> str:
+    """Why a secret file at ``path`` with permission bits ``mode`` is exposed (others
+    may read or write it), or ""."""
+    mode &= 0o777
+    if not mode & 0o077:
+        return ""
+    return f"{path} is readable by others (mode {mode:03o}): chmod 600 it"
+
+
 STATELESS_RESET_KEY_MAX_BYTES = 4096
 """The longest stateless reset key file a QUIC listener takes (``/dev/zero`` is none)."""
 

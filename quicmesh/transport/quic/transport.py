@@ -79,6 +79,7 @@ from ..base import (
     Transport,
     checked_address,
     default_quic_engine,
+    exposed_secret,
 )
 from ..liveness import MAX_LIVENESS_SECONDS, LivenessConfig
 from ..tickets import TicketCache, TicketStore
@@ -689,14 +690,12 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
         with open(path, "rb") as existing:
             key = existing.read(STATELESS_RESET_KEY_MAX_BYTES + 1)
             mode = os.fstat(existing.fileno()).st_mode
-        if mode & 0o077:
+        if exposed := exposed_secret(path, mode):
             # OpenSSH refuses such a private key; a reset key is less precious (it
             # lets its reader end this server's connections, not read them): warned.
             logger.warning(
-                "stateless reset key %s is readable by others (mode %03o): whoever "
-                "reads it can reset this server's connections; chmod 600 it",
-                path,
-                mode & 0o777,
+                "stateless reset key %s (whoever reads it can reset this server's connections)",
+                exposed,
             )
     except FileNotFoundError:
         key = os.urandom(32)
