@@ -9,6 +9,7 @@ polling ``/ready``, ``/stats`` and the access log with a deadline, never by slee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -362,18 +363,34 @@ def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int, transport
         mesh.b.stop()
 
 
-def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port: int) -> None:
-    """Found by a review: with a long grace period (up to a day) and a flow that does
-    not end, further signals did nothing; an operator's way out was kill -9."""
-    mesh = Mesh(workdir, echo_port, name="b-second-sigterm")
+@contextlib.contextmanager
+def _quic_pair(
+    workdir: Path, echo_port: int, name: str, **a_settings: Any
+) -> Iterator[tuple[SidecarProcess, dict[str, int]]]:
+    """Sidecars ``a-NAME`` and ``b-NAME`` up, A's cluster ``echo`` on QUIC to B, with
+    ``a_settings`` in A's configuration; both stopped after."""
+    mesh = Mesh(workdir, echo_port, name=f"b-{name}")
     mesh.b.start()
     config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
-    config["drain"] = {"grace_period": "3600s"}
-    a = SidecarProcess("a-second-sigterm", config, workdir)
+    config.update(a_settings)
+    a = SidecarProcess(f"a-{name}", config, workdir)
     a.start()
     try:
         mesh.b.wait_ready()
         a.wait_ready()
+        yield a, ports
+    finally:
+        a.stop()
+        mesh.b.stop()
+
+
+def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port: int) -> None:
+    """Found by a review: with a long grace period (up to a day) and a flow that does
+    not end, further signals did nothing; an operator's way out was kill -9."""
+    with _quic_pair(workdir, echo_port, "second-sigterm", drain={"grace_period": "3600s"}) as (
+        a,
+        ports,
+    ):
 
         async def main() -> None:
             held = await HeldFlow.open(ports["echo"])  # never finished
@@ -398,24 +415,16 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
         assert "asked again to stop: ending the grace period now" in a.stderr()
         assert "grace period ended early: closing 1 live flows" in a.stderr()
         assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
-    finally:
-        a.stop()
-        mesh.b.stop()
 
 
 def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_port: int) -> None:
     """A full disk under the access log (``/dev/full``): the flow is carried, the lines
     are lost with a warning, and SIGTERM still drains and exits 0 (the line left in the
     file's buffer failed again at close, and the drain never ended)."""
-    mesh = Mesh(workdir, echo_port, name="b-full-log")
-    mesh.b.start()
-    config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
-    config["access_log"] = {"path": "/dev/full"}
-    a = SidecarProcess("a-full-log", config, workdir)
-    a.start()
-    try:
-        mesh.b.wait_ready()
-        a.wait_ready()
+    with _quic_pair(workdir, echo_port, "full-log", access_log={"path": "/dev/full"}) as (
+        a,
+        ports,
+    ):
 
         async def flow() -> bool:
             return await (await HeldFlow.open(ports["echo"])).finish(b"on a full disk")
@@ -425,9 +434,6 @@ def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_
         assert a.process is not None and a.process.wait(15) == 0
         assert "cannot write the access log" in a.stderr()
         assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
-    finally:
-        a.stop()
-        mesh.b.stop()
 
 
 def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: Path) -> None:
