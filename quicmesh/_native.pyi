@@ -118,6 +118,7 @@ class Endpoint:
         recv_fin: bool = False,
         engine_socket: bool = False,
         received: int | None = None,
+        idle_timeout: float | None = None,
     ) -> int: ...
     def connect_splice(
         self,
@@ -134,6 +135,7 @@ class Endpoint:
         frame_remaining: int = 0,
         recv_fin: bool = False,
         received: int | None = None,
+        idle_timeout: float | None = None,
     ) -> int: ...
     def hand_over_read(self, conn: int, stream: int) -> bool: ...
     def tcp_connect(self, host: str, port: int, *, timeout: float) -> int: ...
@@ -149,6 +151,7 @@ class Endpoint:
         request: bytes,
         answer: bytes,
         timeout: float,
+        idle_timeout: float | None = None,
     ) -> bool: ...
     def close(self, code: int = 0, reason: str = "") -> None: ...
     def wait_released(self, timeout: float) -> bool: ...

@@ -23,10 +23,38 @@ from dataclasses import dataclass
 from typing import cast
 
 from .errors import QuicmeshError, TunnelError
-from .transport.stream import EngineSocket, MeshStream
+from .transport.stream import EngineSocket, MeshStream, check_idle_timeout
 from .tunnel.session import ResetReason
 
 CHUNK = 64 * 1024
+
+
+class FlowIdle(Exception):
+    """No byte moved either way for the flow's idle timeout."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        super().__init__(f"idle timeout: no bytes either way for {idle_timeout:g}s")
+
+
+class IdleClock:
+    """When a flow's bytes last moved, and the wait that fails it once they have not for
+    its idle timeout (Envoy's ``tcp_proxy`` ``idle_timeout``)."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        check_idle_timeout(idle_timeout)
+        self.idle_timeout = idle_timeout
+        self._loop = asyncio.get_running_loop()
+        self._last_moved = self._loop.time()
+
+    def moved(self) -> None:
+        """Bytes were read or written, either way."""
+        self._last_moved = self._loop.time()
+
+    async def expired(self) -> None:
+        """Raises :class:`FlowIdle` once no byte moved for the idle timeout."""
+        while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
+            await asyncio.sleep(left)
+        raise FlowIdle(self.idle_timeout)
 
 
 @dataclass
@@ -52,6 +80,7 @@ async def splice(
     writer: asyncio.StreamWriter,
     *,
     offload: bool = True,
+    idle_timeout: float | None = None,
 ) -> SpliceResult:
     """Copy bytes both ways between ``stream`` and a TCP connection until both ends close.
 
@@ -61,12 +90,18 @@ async def splice(
 
     :param offload: let the stream's transport copy the flow itself when it can
         (:meth:`MeshStream.can_splice`); False always copies here.
+    :param idle_timeout: seconds with no byte read or written either way after which
+        the flow fails as above (Envoy's ``tcp_proxy`` ``idle_timeout``); None: never.
+    :raises TunnelUsageError: ``idle_timeout`` is out of range (nothing was done).
     """
+    check_idle_timeout(idle_timeout)
     if offload and stream.can_splice():
-        offloaded = await _offload(stream, reader, writer)
+        offloaded = await _offload(stream, reader, writer, idle_timeout)
         if offloaded is not None:
             return offloaded
     result = SpliceResult()
+    clock = IdleClock(idle_timeout) if idle_timeout is not None else None
+    moved = clock.moved if clock is not None else _nothing
 
     async def tcp_to_stream() -> None:
         while True:
@@ -74,9 +109,11 @@ async def splice(
             if not data:
                 stream.write_eof()
                 return
+            moved()
             result.bytes_to_stream += len(data)
             stream.write(data)
             await stream.drain()
+            moved()
 
     async def stream_to_tcp() -> None:
         while True:
@@ -85,9 +122,11 @@ async def splice(
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
+            moved()
             result.bytes_from_stream += len(data)
             writer.write(data)
             await writer.drain()
+            moved()
 
     async def stream_failure() -> None:
         # A stream that fails while neither copy waits on it (its input over, the TCP
@@ -97,16 +136,17 @@ async def splice(
             raise error
 
     copies = [asyncio.ensure_future(tcp_to_stream()), asyncio.ensure_future(stream_to_tcp())]
-    tasks = [*copies, asyncio.ensure_future(stream_failure())]
+    watchers = [stream_failure(), *([clock.expired()] if clock is not None else [])]
+    tasks = [*copies, *map(asyncio.ensure_future, watchers)]
     try:
         pending: set[asyncio.Future[None]] = set(tasks)
         while not all(copy.done() for copy in copies):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
                 if exc is not None:
                     raise exc
-    except (TunnelError, OSError, asyncio.IncompleteReadError) as exc:
+    except (TunnelError, OSError, asyncio.IncompleteReadError, FlowIdle) as exc:
         result.error = str(exc) or type(exc).__name__
         is_tcp_error = isinstance(exc, OSError)
         stream.abort(ResetReason.CONNECT_ERROR if is_tcp_error else ResetReason.CANCELLED)
@@ -131,33 +171,46 @@ async def splice(
 
 
 async def splice_accepted(
-    stream: MeshStream, sock: socket.socket, *, offload: bool = True
+    stream: MeshStream,
+    sock: socket.socket,
+    *,
+    offload: bool = True,
+    idle_timeout: float | None = None,
 ) -> SpliceResult:
     """:func:`splice` for an accepted socket that asyncio has no transport for yet
     (:class:`~quicmesh.sidecar.acceptor.SocketServer`): handed to the stream's
     transport as it is where that can splice it (nothing was read from it), else
     wrapped in asyncio streams and copied here."""
+    check_idle_timeout(idle_timeout)
     if offload and stream.can_splice():
-        return await _hand_over(stream, sock, b"", lambda: reset_socket(sock))
-    return await _copy_socket(stream, sock)
+        return await _hand_over(stream, sock, b"", lambda: reset_socket(sock), idle_timeout)
+    return await _copy_socket(stream, sock, idle_timeout)
 
 
-async def splice_engine_socket(stream: MeshStream, sock: EngineSocket) -> SpliceResult:
+async def splice_engine_socket(
+    stream: MeshStream, sock: EngineSocket, *, idle_timeout: float | None = None
+) -> SpliceResult:
     """:func:`splice` for a TCP connection the stream's transport made itself
     (:meth:`MeshStream.connect_for_splice`): the transport splices it; if the stream can
     no longer be spliced (it failed meanwhile), the connection comes out to Python and is
     copied here, with the same outcome as :func:`splice`."""
+    check_idle_timeout(idle_timeout)
     if stream.can_splice():
-        return await _hand_over(stream, sock, b"", sock.close)
+        return await _hand_over(stream, sock, b"", sock.close, idle_timeout)
     detached = sock.detach()
     if detached is None:
         stream.abort()
         return SpliceResult(error="the TCP connection was lost before the splice")
-    return await _copy_socket(stream, detached)
+    return await _copy_socket(stream, detached, idle_timeout)
 
 
 async def connect_and_splice(
-    stream: MeshStream, host: str, port: int, timeout: float
+    stream: MeshStream,
+    host: str,
+    port: int,
+    timeout: float,
+    *,
+    idle_timeout: float | None = None,
 ) -> SpliceResult | None:
     """(server) Connect to ``host:port`` from the stream's transport, accept the CONNECT
     and splice, in one step of the transport's engine (:meth:`MeshStream.
@@ -166,8 +219,9 @@ async def connect_and_splice(
 
     :raises OSError: the connect failed; the CONNECT is unanswered (refuse it).
     """
+    check_idle_timeout(idle_timeout)
     try:
-        outcome = await stream.connect_and_splice(host, port, timeout)
+        outcome = await stream.connect_and_splice(host, port, timeout, idle_timeout=idle_timeout)
     except (TunnelError, QuicmeshError) as exc:
         stream.abort()  # it failed before the engine took it
         return SpliceResult(0, 0, str(exc) or type(exc).__name__, connected=False)
@@ -185,7 +239,9 @@ async def connect_and_splice(
     )
 
 
-async def _copy_socket(stream: MeshStream, sock: socket.socket) -> SpliceResult:
+async def _copy_socket(
+    stream: MeshStream, sock: socket.socket, idle_timeout: float | None
+) -> SpliceResult:
     """:func:`splice` in Python over asyncio streams made for ``sock``."""
     try:
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -193,11 +249,14 @@ async def _copy_socket(stream: MeshStream, sock: socket.socket) -> SpliceResult:
         stream.abort(ResetReason.CONNECT_ERROR)
         reset_socket(sock)
         return SpliceResult(error=str(exc) or type(exc).__name__)
-    return await splice(stream, reader, writer, offload=False)
+    return await splice(stream, reader, writer, offload=False, idle_timeout=idle_timeout)
 
 
 async def _offload(
-    stream: MeshStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    stream: MeshStream,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    idle_timeout: float | None,
 ) -> SpliceResult | None:
     """Hand the TCP connection to the stream's transport; None if it cannot be taken
     from asyncio as it is (the caller copies in Python then)."""
@@ -217,7 +276,7 @@ async def _offload(
     pending = await reader.read()
     detached = socket.socket(fileno=os.dup(sock.fileno()))
     transport.abort()  # closes asyncio's descriptor; the connection lives on in ours
-    return await _hand_over(stream, detached, pending, lambda: reset_socket(detached))
+    return await _hand_over(stream, detached, pending, lambda: reset_socket(detached), idle_timeout)
 
 
 async def _hand_over(
@@ -225,11 +284,12 @@ async def _hand_over(
     sock: socket.socket | EngineSocket,
     pending: bytes,
     reset: Callable[[], None],
+    idle_timeout: float | None,
 ) -> SpliceResult:
     """Let the stream's transport splice ``sock`` (``pending`` read from it already);
     ``reset`` resets the socket if the transport did not take it."""
     try:
-        outcome = await stream.splice_socket(sock, pending)
+        outcome = await stream.splice_socket(sock, pending, idle_timeout=idle_timeout)
     except (TunnelError, QuicmeshError, OSError) as exc:
         # The stream failed before the transport took the socket: reset both.
         stream.abort()
@@ -242,6 +302,10 @@ async def _hand_over(
     return SpliceResult(
         outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error, offloaded=True
     )
+
+
+def _nothing() -> None:
+    pass
 
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"

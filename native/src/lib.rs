@@ -1040,9 +1040,11 @@ impl Endpoint {
     /// With `engine_socket`, `token` is a socket this engine connected (`tcp_connect`)
     /// instead. `received`: the stream bytes Python saw, when its receiving half was handed
     /// over with `hand_over_read` (the rest of what the half gave goes to the deframer).
+    /// `idle_timeout`: seconds with no byte moving either way after which the flow is reset
+    /// both ways (Envoy's `tcp_proxy` `idle_timeout`; None: never).
     #[pyo3(signature = (
         conn, stream, token, *, to_tcp, to_quic, unparsed, frame_type=None, frame_remaining=0,
-        recv_fin=false, engine_socket=false, received=None
+        recv_fin=false, engine_socket=false, received=None, idle_timeout=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn splice(
@@ -1058,7 +1060,9 @@ impl Endpoint {
         recv_fin: bool,
         engine_socket: bool,
         received: Option<u64>,
+        idle_timeout: Option<f64>,
     ) -> PyResult<u64> {
+        let idle_timeout = seconds(idle_timeout, "idle_timeout")?;
         let deframer = splice::Deframer::resume(frame_type, frame_remaining)
             .map_err(|e| quicmesh_error("TunnelError", e.message))?;
         let connection = self.connection(conn)?;
@@ -1105,7 +1109,15 @@ impl Endpoint {
             .map(|()| send_from);
         let recv = self.take_reading(conn, stream, recv_fin);
         let (spec, held, abort_from) = self.register_splice(
-            conn, stream, to_tcp, to_quic, unparsed, deframer, recv_fin, received,
+            conn,
+            stream,
+            to_tcp,
+            to_quic,
+            unparsed,
+            deframer,
+            recv_fin,
+            received,
+            idle_timeout,
         );
         let id = spec.id;
         let splicing = splice::run(
@@ -1129,10 +1141,10 @@ impl Endpoint {
     /// stream's state when Python let it go). A `spliced` event ends it; if the connect
     /// fails, a `splice_unconnected` event says why instead, nothing was sent on the stream
     /// and Python answers it (its receiving half is stopped). Returns the splice's ID
-    /// (`splice_abort` works from the start).
+    /// (`splice_abort` works from the start). `idle_timeout` as `splice`'s.
     #[pyo3(signature = (
         conn, stream, host, port, *, timeout, answer, to_tcp, unparsed, frame_type=None,
-        frame_remaining=0, recv_fin=false, received=None
+        frame_remaining=0, recv_fin=false, received=None, idle_timeout=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn connect_splice(
@@ -1149,6 +1161,7 @@ impl Endpoint {
         frame_remaining: u64,
         recv_fin: bool,
         received: Option<u64>,
+        idle_timeout: Option<f64>,
     ) -> PyResult<u64> {
         // Taken first: a receiving half handed over (`hand_over_read`) is stopped if the
         // command fails, not left parked until the connection ends.
@@ -1156,14 +1169,16 @@ impl Endpoint {
         let prepared = (|| {
             let address = engine::socket_addr(host, port).map_err(config_error)?;
             let timeout = seconds(Some(timeout), "connect_timeout")?.unwrap_or_default();
+            let idle_timeout = seconds(idle_timeout, "idle_timeout")?;
             let deframer = splice::Deframer::resume(frame_type, frame_remaining)
                 .map_err(|e| quicmesh_error("TunnelError", e.message))?;
             let connection = self.connection(conn)?;
             // The splice's task needs the engine's runtime (its command spawns it there).
             runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
-            Ok((address, timeout, deframer, connection, tcp_socket(address)?))
+            let socket = tcp_socket(address)?;
+            Ok((address, timeout, idle_timeout, deframer, connection, socket))
         })();
-        let (address, timeout, deframer, connection, socket) = match prepared {
+        let (address, timeout, idle_timeout, deframer, connection, socket) = match prepared {
             Ok(prepared) => prepared,
             Err(error) => {
                 splice::stop_handed_over(recv, VarInt::from_u32(splice::H3_NO_ERROR as u32));
@@ -1171,7 +1186,15 @@ impl Endpoint {
             }
         };
         let (spec, held, abort_from) = self.register_splice(
-            conn, stream, to_tcp, b"", unparsed, deframer, recv_fin, received,
+            conn,
+            stream,
+            to_tcp,
+            b"",
+            unparsed,
+            deframer,
+            recv_fin,
+            received,
+            idle_timeout,
         );
         let id = spec.id;
         let destination = splice::Destination {
@@ -1200,7 +1223,9 @@ impl Endpoint {
     /// splices the connection onto it; a `spliced` event (the flow's ID as the splice's) ends
     /// it, or a `flow_unanswered` event gives it back parked (`outbound.rs`). False, with
     /// the connection parked again, when the peer's stream limit allows no stream now.
-    #[pyo3(signature = (acceptor, flow, conn, *, request, answer, timeout))]
+    /// `idle_timeout` as `splice`'s.
+    #[pyo3(signature = (acceptor, flow, conn, *, request, answer, timeout, idle_timeout=None))]
+    #[allow(clippy::too_many_arguments)]
     fn start_flow(
         &self,
         acceptor: &FlowAcceptor,
@@ -1209,9 +1234,11 @@ impl Endpoint {
         request: &[u8],
         answer: &[u8],
         timeout: f64,
+        idle_timeout: Option<f64>,
     ) -> PyResult<bool> {
         let connection = self.connection(conn)?;
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or_default();
+        let idle_timeout = seconds(idle_timeout, "idle_timeout")?;
         let acceptor = &acceptor.inner;
         let Some(tcp) = acceptor.take(flow) else {
             return Err(quicmesh_error(
@@ -1238,7 +1265,7 @@ impl Endpoint {
             }
         };
         let shared = Arc::clone(&acceptor.shared);
-        let (held, abort) = outbound::register(&shared, flow);
+        let (held, abort) = outbound::register(&shared, flow, idle_timeout);
         let start = outbound::FlowStart {
             flow,
             conn,
@@ -1601,6 +1628,7 @@ impl Endpoint {
         deframer: splice::Deframer,
         recv_fin: bool,
         received: Option<u64>,
+        idle_timeout: Option<Duration>,
     ) -> (
         splice::SpliceSpec,
         Arc<splice::Held>,
@@ -1608,7 +1636,7 @@ impl Endpoint {
     ) {
         let id = self.shared.next_id();
         let (abort_to, abort_from) = tokio::sync::oneshot::channel();
-        let held = Arc::new(splice::Held::default());
+        let held = Arc::new(splice::Held::new(idle_timeout));
         lock(&self.shared.splices).insert(
             id,
             splice::SpliceHandle {

@@ -214,9 +214,13 @@ pub struct FlowStart {
 }
 
 /// Register a flow about to start (where an abort goes, what it holds).
-pub fn register(shared: &Shared, flow: u64) -> (Arc<Held>, oneshot::Receiver<u64>) {
+pub fn register(
+    shared: &Shared,
+    flow: u64,
+    idle_timeout: Option<Duration>,
+) -> (Arc<Held>, oneshot::Receiver<u64>) {
     let (abort_to, abort_from) = oneshot::channel();
-    let held = Arc::new(Held::default());
+    let held = Arc::new(Held::new(idle_timeout));
     lock(&shared.splices).insert(
         flow,
         SpliceHandle {

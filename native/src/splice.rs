@@ -47,7 +47,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn::{
@@ -398,18 +398,55 @@ pub struct SpliceHandle {
 }
 
 /// The bytes a splice holds in memory, each way (at most a chunk or two each: a direction
-/// reads its source only after its sink took the previous chunk).
-#[derive(Debug, Default)]
+/// reads its source only after its sink took the previous chunk), and when bytes last moved.
+#[derive(Debug)]
 pub struct Held {
     /// Read from TCP (or handed over by Python) and not yet taken by quinn.
     to_quic: AtomicU64,
     /// Received from quinn (or handed over by Python) and not yet written to TCP.
     to_tcp: AtomicU64,
+    /// The flow's idle timeout (Envoy's `tcp_proxy` `idle_timeout`): reset both ways once no
+    /// byte moved either way for this long. None: never.
+    idle_timeout: Option<Duration>,
+    started: Instant,
+    /// Milliseconds from `started` to the last time a byte was read or written either way.
+    last_moved: AtomicU64,
 }
 
 impl Held {
+    pub fn new(idle_timeout: Option<Duration>) -> Self {
+        Held {
+            to_quic: AtomicU64::new(0),
+            to_tcp: AtomicU64::new(0),
+            idle_timeout,
+            started: Instant::now(),
+            last_moved: AtomicU64::new(0),
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.to_quic.load(Ordering::Relaxed) + self.to_tcp.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved (read or written, either way): the idle timeout starts again.
+    fn moved(&self) {
+        let since = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_moved.store(since, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte moved for the idle timeout (never without one).
+    async fn idle(&self) -> Failure {
+        let Some(limit) = self.idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = Duration::from_millis(self.last_moved.load(Ordering::Relaxed));
+            let deadline = self.started + last + limit;
+            if Instant::now() >= deadline {
+                return Failure::Idle(limit);
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
     }
 }
 
@@ -429,6 +466,8 @@ enum Failure {
     Frame(FrameError),
     Quic(String),
     Aborted(u64),
+    /// No byte moved either way for the flow's idle timeout.
+    Idle(Duration),
 }
 
 impl Failure {
@@ -438,7 +477,7 @@ impl Failure {
             Failure::Tcp(_) => H3_CONNECT_ERROR,
             Failure::PeerReset(code) | Failure::PeerStopped(code) | Failure::Aborted(code) => *code,
             Failure::Frame(error) => error.code,
-            Failure::Quic(_) => H3_REQUEST_CANCELLED,
+            Failure::Quic(_) | Failure::Idle(_) => H3_REQUEST_CANCELLED,
         }
     }
 
@@ -462,6 +501,10 @@ impl Failure {
             Failure::Frame(error) => format!("stream {stream}: {}", error.message),
             Failure::Quic(message) => format!("connection lost: {message}"),
             Failure::Aborted(code) => format!("stream {stream} aborted locally ({code:#x})"),
+            Failure::Idle(limit) => format!(
+                "idle timeout: no bytes either way for {}s",
+                limit.as_secs_f64()
+            ),
         }
     }
 }
@@ -553,7 +596,7 @@ async fn upstream(
     send: Option<&mut SendHandover>,
     prefix: Bytes,
     counted: &mut u64,
-    held: &AtomicU64,
+    held: &Held,
 ) -> Result<(), Failure> {
     let Some((send, queued)) = send else {
         return Err(Failure::Quic("the stream can no longer send".into()));
@@ -568,10 +611,10 @@ async fn upstream(
         pending.push(prefix);
     }
     loop {
-        held.store(total_len(&pending), Ordering::Relaxed);
+        held.to_quic.store(total_len(&pending), Ordering::Relaxed);
         if !pending.is_empty() && !discard {
             match send.write_all_chunks(&mut pending[..]).await {
-                Ok(()) => {}
+                Ok(()) => held.moved(),
                 Err(WriteError::Stopped(code)) => {
                     peer_stopped(code)?;
                     discard = true;
@@ -580,7 +623,7 @@ async fn upstream(
             }
         }
         pending.clear();
-        held.store(0, Ordering::Relaxed);
+        held.to_quic.store(0, Ordering::Relaxed);
         // The peer's STOP_SENDING is heard while the TCP side is quiet too, not only at
         // the next write.
         let stopped = send.stopped();
@@ -625,6 +668,7 @@ async fn upstream(
             return Ok(());
         };
         *counted += read as u64;
+        held.moved();
         pending.push(frame);
     }
 }
@@ -645,7 +689,7 @@ async fn downstream(
     deframer: &mut Deframer,
     recv_fin: bool,
     counted: &mut u64,
-    held: &AtomicU64,
+    held: &Held,
 ) -> Result<(), Failure> {
     let mut payload = vec![prefix];
     for bytes in unparsed {
@@ -654,12 +698,13 @@ async fn downstream(
     let mut fin = recv_fin;
     let mut recv = recv;
     loop {
-        held.store(total_len(&payload), Ordering::Relaxed);
+        held.to_tcp.store(total_len(&payload), Ordering::Relaxed);
         for chunk in payload.drain(..) {
             if !chunk.is_empty() {
                 write_tcp(tcp, &chunk).await.map_err(Failure::Tcp)?;
                 *counted += chunk.len() as u64;
-                held.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+                held.to_tcp.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+                held.moved();
             }
         }
         if fin {
@@ -673,9 +718,12 @@ async fn downstream(
             return Err(Failure::Quic("the stream can no longer be read".into()));
         };
         match stream.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => deframer
-                .feed(chunk.bytes, &mut payload)
-                .map_err(Failure::Frame)?,
+            Ok(Some(chunk)) => {
+                held.moved();
+                deframer
+                    .feed(chunk.bytes, &mut payload)
+                    .map_err(Failure::Frame)?
+            }
             Ok(None) => fin = true,
             Err(ReadError::Reset(code)) => return Err(Failure::PeerReset(code.into_inner())),
             Err(error) => return Err(Failure::Quic(error.to_string())),
@@ -815,14 +863,7 @@ pub async fn carry(
         }
     };
     let result = {
-        let up = upstream(
-            &tcp,
-            &connection,
-            send.as_mut(),
-            to_quic,
-            &mut sent,
-            &held.to_quic,
-        );
+        let up = upstream(&tcp, &connection, send.as_mut(), to_quic, &mut sent, &held);
         let down = downstream(
             &tcp,
             recv.as_mut(),
@@ -831,7 +872,7 @@ pub async fn carry(
             &mut deframer,
             recv_fin,
             &mut received,
-            &held.to_tcp,
+            &held,
         );
         let both = async { tokio::try_join!(up, down).map(|_| ()) };
         // The connection's close is each direction's business (above): what quinn still
@@ -842,6 +883,7 @@ pub async fn carry(
             None => tokio::select! {
                 result = both => result,
                 code = aborted => Err(Failure::Aborted(code)),
+                failure = held.idle() => Err(failure),
             },
         }
     };
@@ -1242,5 +1284,40 @@ mod tests {
             address
         );
         assert!(inbox.take(5).unwrap_err().contains("no socket"));
+    }
+
+    #[test]
+    fn the_idle_timer_runs_from_the_last_bytes_moved() {
+        let rt = crate::engine::runtime().unwrap();
+        rt.block_on(async {
+            let limit = Duration::from_millis(400);
+            let held = Held::new(Some(limit));
+            let started = Instant::now();
+            // Bytes move every 40 ms for 1.2 s: the timer never runs out meanwhile.
+            let idle = held.idle();
+            tokio::pin!(idle);
+            while started.elapsed() < Duration::from_millis(1200) {
+                tokio::select! {
+                    _ = &mut idle => panic!("timed out while bytes moved"),
+                    _ = tokio::time::sleep(Duration::from_millis(40)) => held.moved(),
+                }
+            }
+            let quiet = Instant::now();
+            match idle.await {
+                Failure::Idle(after) => assert_eq!(after, limit),
+                other => panic!("{other:?}"),
+            }
+            assert!(quiet.elapsed() >= limit - Duration::from_millis(60));
+            // None: it never resolves.
+            let never = Held::new(None);
+            tokio::select! {
+                _ = never.idle() => panic!("an idle timeout without a limit"),
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        });
+        assert_eq!(
+            Failure::Idle(Duration::from_millis(700)).describe(4),
+            "idle timeout: no bytes either way for 0.7s"
+        );
     }
 }

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..errors import os_error_text
+from ..splice import FlowIdle, IdleClock
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster
 from .config import Address, InterceptConfig, format_address
@@ -190,7 +191,9 @@ class _CaptureListener:
         self.stats.streams_total += 1
         self.stats.streams_active += 1
         try:
-            sent, received, error = await pipe(reader, writer, up_reader, up_writer)
+            sent, received, error = await pipe(
+                reader, writer, up_reader, up_writer, idle_timeout=self.config.flow_idle_timeout
+            )
         finally:
             self.stats.streams_active -= 1
         record.bytes_sent, record.bytes_received = sent, received
@@ -250,6 +253,7 @@ class CaptureOutboundListener(_CaptureListener):
                     self.stats,
                     target=route.target,
                     endpoint=route.endpoint,
+                    idle_timeout=self.config.flow_idle_timeout,
                 )
             finally:
                 cluster.stats.outcomes[record.outcome.value] += 1
@@ -293,31 +297,44 @@ async def pipe(
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
+    *,
+    idle_timeout: float | None = None,
 ) -> tuple[int, int, str]:
     """Copy bytes both ways between two TCP connections, with half-close.
 
     Returns (bytes downstream to upstream, bytes upstream to downstream, error).
-    On an error both connections are reset.
+    On an error, or once no byte moved either way for ``idle_timeout`` seconds (None:
+    never), both connections are reset.
     """
     counts = [0, 0]
+    clock = IdleClock(idle_timeout) if idle_timeout is not None else None
 
     async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, index: int) -> None:
         while data := await source.read(_CHUNK):
+            if clock is not None:
+                clock.moved()
             counts[index] += len(data)
             sink.write(data)
             await sink.drain()
+            if clock is not None:
+                clock.moved()
         if sink.can_write_eof():
             sink.write_eof()
 
     error = ""
-    tasks = [
+    copies = [
         asyncio.ensure_future(copy(reader, up_writer, 0)),
         asyncio.ensure_future(copy(up_reader, writer, 1)),
     ]
+    tasks = [*copies, *([asyncio.ensure_future(clock.expired())] if clock is not None else [])]
     try:
-        for task in asyncio.as_completed(tasks):
-            await task
-    except (OSError, ConnectionError) as exc:
+        pending: set[asyncio.Future[None]] = set(tasks)
+        while not all(task.done() for task in copies):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if (exc := task.exception()) is not None:
+                    raise exc
+    except (OSError, ConnectionError, FlowIdle) as exc:
         error = str(exc) or type(exc).__name__
     finally:
         for task in tasks:

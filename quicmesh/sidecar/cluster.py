@@ -406,7 +406,11 @@ class Cluster:
         return self.config.splice and self.transport.runs_engine_flows
 
     def start_engine_flow(
-        self, acceptor: EngineAcceptor, flow: int, headers: dict[str, str]
+        self,
+        acceptor: EngineAcceptor,
+        flow: int,
+        headers: dict[str, str],
+        idle_timeout: float | None = None,
     ) -> EngineFlow | Endpoint | None:
         """Start the connection ``acceptor`` accepted as ``flow`` as an engine flow
         (:meth:`~quicmesh.transport.base.PeerConnection.start_engine_flow`) if it can go
@@ -434,7 +438,12 @@ class Cluster:
             endpoint = self.balancer.choose(candidates)
             connection = endpoint.pool.engine_flow_connection()
             if connection is None or not connection.start_engine_flow(
-                acceptor, flow, target, {**self.headers, **headers}, self.config.connect_timeout
+                acceptor,
+                flow,
+                target,
+                {**self.headers, **headers},
+                self.config.connect_timeout,
+                idle_timeout,
             ):
                 return endpoint
             started = EngineFlow(endpoint, connection)

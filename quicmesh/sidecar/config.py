@@ -75,6 +75,11 @@ _FIELD_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 # -- the configuration --------------------------------------------------------
 
 
+DEFAULT_FLOW_IDLE_TIMEOUT = 3600.0
+"""Seconds a proxied flow may stay idle (no byte either way) before it is reset: Envoy's
+``tcp_proxy`` default."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Who this sidecar is."""
@@ -136,6 +141,9 @@ class OutboundListenerConfig:
     name: str
     address: Address
     cluster: str
+    flow_idle_timeout: float | None = DEFAULT_FLOW_IDLE_TIMEOUT
+    """Seconds a flow may move no byte either way before it is reset on both sides
+    (Envoy's ``tcp_proxy`` ``idle_timeout``, with its default of an hour); None: never."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,8 @@ class InboundListenerConfig:
     """(QUIC, native engine) Let the engine copy each accepted flow between its
     stream and the destination's TCP connection itself, after the CONNECT exchange
     (False: the sidecar copies in Python)."""
+    flow_idle_timeout: float | None = DEFAULT_FLOW_IDLE_TIMEOUT
+    """As :attr:`OutboundListenerConfig.flow_idle_timeout`, for each accepted flow."""
 
     def start_keys_changed(self, other: InboundListenerConfig) -> list[str]:
         """The keys ``other`` changes that a running listener does not take from a new
@@ -246,7 +256,14 @@ class InboundListenerConfig:
         ]
 
 
-INBOUND_LIVE_KEYS = ("destinations", "policies", "connect_timeout", "splice", "denied_stream_rate")
+INBOUND_LIVE_KEYS = (
+    "destinations",
+    "policies",
+    "connect_timeout",
+    "splice",
+    "denied_stream_rate",
+    "flow_idle_timeout",
+)
 """Inbound listener keys a running listener applies on reload (each flow reads them)."""
 
 
@@ -409,6 +426,8 @@ class InterceptConfig:
     (refused with a reset, counted) or ``passthrough`` (connected directly)."""
     connect_timeout: float = 5.0
     """Seconds to connect to a passthrough or inbound original destination."""
+    flow_idle_timeout: float | None = DEFAULT_FLOW_IDLE_TIMEOUT
+    """As :attr:`OutboundListenerConfig.flow_idle_timeout`, for captured flows both ways."""
 
 
 @dataclass(frozen=True)
@@ -1125,7 +1144,15 @@ class _Loader:
     def intercept(self, node: _Field) -> InterceptConfig | None:
         if node.value is None:
             return None
-        node.only_keys({"outbound_port", "inbound_port", "outbound_policy", "connect_timeout"})
+        node.only_keys(
+            {
+                "outbound_port",
+                "inbound_port",
+                "outbound_policy",
+                "connect_timeout",
+                "flow_idle_timeout",
+            }
+        )
         inbound = node.child("inbound_port")
         inbound_explicit_none = "inbound_port" in node.mapping() and inbound.value is None
         config = InterceptConfig(
@@ -1135,6 +1162,7 @@ class _Loader:
                 node.child("outbound_policy"), "registry_only", OUTBOUND_POLICIES
             ),
             connect_timeout=_duration_or(node.child("connect_timeout"), 5.0),
+            flow_idle_timeout=_flow_idle_timeout(node.child("flow_idle_timeout")),
         )
         if config.inbound_port == config.outbound_port:
             raise inbound.error(f"port {config.inbound_port} is also the outbound_port")
@@ -1268,7 +1296,7 @@ class _Loader:
         return DrainConfig(grace_period=grace.duration(positive=False))
 
     def outbound(self, node: _Field, clusters: set[str]) -> OutboundListenerConfig:
-        node.only_keys({"name", "address", "cluster"})
+        node.only_keys({"name", "address", "cluster", "flow_idle_timeout"})
         cluster_field = node.child("cluster").required()
         cluster = cluster_field.name()
         if cluster not in clusters:
@@ -1277,6 +1305,7 @@ class _Loader:
             name=node.child("name").required().name(),
             address=node.child("address").required().address(),
             cluster=cluster,
+            flow_idle_timeout=_flow_idle_timeout(node.child("flow_idle_timeout")),
         )
 
     def inbound(self, node: _Field) -> InboundListenerConfig:
@@ -1297,6 +1326,7 @@ class _Loader:
                 *QUIC_ADMISSION_KEYS,
                 *INBOUND_LIMIT_KEYS,
                 "overload_max_loop_lag",
+                "flow_idle_timeout",
             }
         )
         transports_field = node.child("transports").required()
@@ -1358,6 +1388,7 @@ class _Loader:
             ack_eliciting_threshold=_int_or(
                 ack_threshold, DEFAULT_ACK_ELICITING_THRESHOLD, 0, ACK_ELICITING_THRESHOLD_MAX
             ),
+            flow_idle_timeout=_flow_idle_timeout(node.child("flow_idle_timeout")),
             **admission,
         )
 
@@ -1605,6 +1636,16 @@ def _or_default(node: _Field, default: str, choices: tuple[str, ...]) -> str:
 
 def _duration_or(node: _Field, default: float) -> float:
     return default if node.value is None else node.duration()
+
+
+def _flow_idle_timeout(node: _Field) -> float | None:
+    """``flow_idle_timeout``: a duration, or ``off`` (or 0, as Envoy's) for none."""
+    if node.value is None:
+        return DEFAULT_FLOW_IDLE_TIMEOUT
+    if node.value == "off" or node.value is False:
+        return None
+    seconds = node.duration(positive=False)  # (at most a day, as every duration here)
+    return seconds or None
 
 
 def _int_or(node: _Field, default: int, low: int, high: int) -> int:

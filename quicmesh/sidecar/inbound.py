@@ -654,7 +654,9 @@ class InboundListener:
             self._local_flows.end()
             self._flows.end()
 
-        return EngineFlowPlan(parsed[0], parsed[1], config.connect_timeout, ended)
+        return EngineFlowPlan(
+            parsed[0], parsed[1], config.connect_timeout, ended, config.flow_idle_timeout
+        )
 
     async def _serve(self, stream: MeshStream) -> None:
         start, started = time.time(), time.monotonic()
@@ -775,9 +777,17 @@ class InboundListener:
             self.stats.connections_active += 1
             try:
                 if engine_socket is not None:
-                    result = await splice_engine_socket(stream, engine_socket)
+                    result = await splice_engine_socket(
+                        stream, engine_socket, idle_timeout=config.flow_idle_timeout
+                    )
                 else:
-                    result = await splice(stream, reader, writer, offload=config.splice)
+                    result = await splice(
+                        stream,
+                        reader,
+                        writer,
+                        offload=config.splice,
+                        idle_timeout=config.flow_idle_timeout,
+                    )
             finally:
                 self.stats.connections_active -= 1
         if not result.error and not result.offloaded:
@@ -798,7 +808,9 @@ class InboundListener:
         stats = self.stats
         stats.connections_active += 1
         try:
-            result = await connect_and_splice(stream, host, port, config.connect_timeout)
+            result = await connect_and_splice(
+                stream, host, port, config.connect_timeout, idle_timeout=config.flow_idle_timeout
+            )
         finally:
             stats.connections_active -= 1
         if result is not None and result.connected:

@@ -201,7 +201,15 @@ class OutboundListener:
             cluster, record, started = counted
         try:
             await proxy_to_cluster(
-                cluster, sock, None, record, self.stats, trace=trace, chosen=chosen, failed=failed
+                cluster,
+                sock,
+                None,
+                record,
+                self.stats,
+                trace=trace,
+                chosen=chosen,
+                failed=failed,
+                idle_timeout=self.config.flow_idle_timeout,
             )
         finally:
             self._end(record, started, cluster)
@@ -319,7 +327,10 @@ class _EngineFlows:
         if not self.stopped and cluster.takes_engine_flows:
             try:
                 opened = cluster.start_engine_flow(
-                    self.acceptor, flow, {TRACE_HEADER: trace.header()}
+                    self.acceptor,
+                    flow,
+                    {TRACE_HEADER: trace.header()},
+                    listener.config.flow_idle_timeout,
                 )
             except Exception:  # the flow still gets the usual way
                 logger.exception(
@@ -406,6 +417,7 @@ async def proxy_to_cluster(
     trace: TraceContext | None = None,
     chosen: Endpoint | None = None,
     failed: FailedOpen | None = None,
+    idle_timeout: float | None = None,
 ) -> None:
     """Carry one local TCP connection through ``cluster``, filling in ``record``.
 
@@ -418,7 +430,8 @@ async def proxy_to_cluster(
     (see :meth:`Cluster.open_flow`), as ``chosen`` passes on the load balancer's
     choice for the flow's first attempt and ``failed`` a first attempt made already.
     The flow starts a trace (``trace``, or a new one): its CONNECT carries a
-    ``traceparent`` whose trace id is ``record.flow_id``.
+    ``traceparent`` whose trace id is ``record.flow_id``. A flow that moves no byte
+    either way for ``idle_timeout`` seconds is reset on both sides (None: never).
     """
     if trace is None:
         trace = TraceContext.new()
@@ -448,10 +461,18 @@ async def proxy_to_cluster(
     stats.streams_active += 1
     try:
         if isinstance(reader, socket.socket):
-            result = await splice_accepted(flow.stream, reader, offload=cluster.config.splice)
+            result = await splice_accepted(
+                flow.stream, reader, offload=cluster.config.splice, idle_timeout=idle_timeout
+            )
         else:
             assert writer is not None
-            result = await splice(flow.stream, reader, writer, offload=cluster.config.splice)
+            result = await splice(
+                flow.stream,
+                reader,
+                writer,
+                offload=cluster.config.splice,
+                idle_timeout=idle_timeout,
+            )
         if not result.error and not result.offloaded:
             # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(flow.stream, FLUSH_TIMEOUT)

@@ -413,7 +413,11 @@ class SessionConnection(PeerConnection):
         return False
 
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
+        self,
+        stream: MeshStream,
+        sock: socket.socket | EngineSocket,
+        pending: bytes,
+        idle_timeout: float | None,
     ) -> SpliceOutcome:
         raise TunnelError(f"a {self.transport_name} connection cannot splice streams")
 
@@ -424,7 +428,12 @@ class SessionConnection(PeerConnection):
         return None
 
     async def connect_and_splice_stream(
-        self, stream: MeshStream, host: str, port: int, timeout: float
+        self,
+        stream: MeshStream,
+        host: str,
+        port: int,
+        timeout: float,
+        idle_timeout: float | None,
     ) -> SpliceOutcome | None:
         """None: only an engine that splices can connect, answer and splice itself."""
         return None

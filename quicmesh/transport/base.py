@@ -163,6 +163,9 @@ class EngineFlowPlan:
     ended: Callable[[SpliceOutcome | OSError], None]
     """Called once, with the flow's outcome, or the OSError its connect failed with
     (nothing was answered then: the callee refuses the flow)."""
+    idle_timeout: float | None = None
+    """Seconds with no byte moving either way after which the flow is reset both ways
+    (None: never)."""
 
 
 InboundDecider = Callable[[InboundEngineFlow], EngineFlowPlan | None]
@@ -316,13 +319,15 @@ class PeerConnection(ABC):
         target: str,
         headers: dict[str, str],
         timeout: float,
+        idle_timeout: float | None = None,
     ) -> bool:
         """Have the engine carry the connection ``acceptor`` accepted as ``flow`` on this
         connection: a CONNECT for ``target`` with ``headers``, then (once the peer
         answered 200 within ``timeout`` seconds) the flow's bytes, with no Python on
-        the way; counted in :attr:`active_streams` until :meth:`engine_flow_ended`.
-        False when nothing was started (the default: this connection cannot; or it
-        cannot now), the socket still waiting in ``acceptor``."""
+        the way (reset both ways once no byte moved for ``idle_timeout`` seconds);
+        counted in :attr:`active_streams` until :meth:`engine_flow_ended`. False when
+        nothing was started (the default: this connection cannot; or it cannot now),
+        the socket still waiting in ``acceptor``."""
         return False
 
     def engine_flow_ended(self) -> None:

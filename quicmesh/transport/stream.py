@@ -26,9 +26,29 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import StreamRefused, StreamReset, TunnelError
+from ..errors import StreamRefused, StreamReset, TunnelError, TunnelUsageError
 from ..tunnel.connect import Target
 from ..tunnel.session import ResetReason
+
+MAX_IDLE_TIMEOUT = 86_400.0
+"""The longest idle timeout a spliced flow takes (a day; None is no timeout at all)."""
+
+
+def check_idle_timeout(idle_timeout: float | None) -> None:
+    """:raises TunnelUsageError: ``idle_timeout`` is neither None nor positive seconds up
+    to :data:`MAX_IDLE_TIMEOUT`."""
+    if idle_timeout is None:
+        return
+    if (
+        isinstance(idle_timeout, bool)
+        or not isinstance(idle_timeout, int | float)
+        or not 0 < idle_timeout <= MAX_IDLE_TIMEOUT
+    ):
+        raise TunnelUsageError(
+            f"idle_timeout must be positive seconds up to {MAX_IDLE_TIMEOUT:g}, or None"
+            f" (no timeout), not {idle_timeout!r}"
+        )
+
 
 DEFAULT_HIGH_WATER = 64 * 1024
 """Unsent bytes above which :meth:`MeshStream.drain` waits."""
@@ -100,9 +120,14 @@ class StreamChannel(Protocol):
         """Whether the connection can splice the stream onto a socket now."""
 
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
+        self,
+        stream: MeshStream,
+        sock: socket.socket | EngineSocket,
+        pending: bytes,
+        idle_timeout: float | None,
     ) -> SpliceOutcome:
-        """Copy between the stream and ``sock`` (taken over) until both directions end;
+        """Copy between the stream and ``sock`` (taken over) until both directions end
+        (or no byte moved for ``idle_timeout`` seconds: a failure);
         ``pending`` was read from ``sock`` and goes first. Collects what the stream
         buffered with :meth:`MeshStream._hand_over` once nothing more arrives for it."""
 
@@ -115,7 +140,12 @@ class StreamChannel(Protocol):
         :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``)."""
 
     async def connect_and_splice_stream(
-        self, stream: MeshStream, host: str, port: int, timeout: float
+        self,
+        stream: MeshStream,
+        host: str,
+        port: int,
+        timeout: float,
+        idle_timeout: float | None,
     ) -> SpliceOutcome | None:
         """(server) Connect to ``host:port``, accept the stream's CONNECT once connected
         and splice it onto the connection, all in the engine; None where it cannot (the
@@ -415,7 +445,7 @@ class MeshStream:
         return await self._channel.connect_for_splice(self, host, port, timeout)
 
     async def connect_and_splice(
-        self, host: str, port: int, timeout: float
+        self, host: str, port: int, timeout: float, *, idle_timeout: float | None = None
     ) -> SpliceOutcome | None:
         """(server) Connect to ``host:port`` (an IP address) from the transport's own
         engine, accept the CONNECT once connected and splice the flow onto the
@@ -423,17 +453,20 @@ class MeshStream:
         in one step that the engine runs without returning to Python in between. None
         where the transport cannot (as :meth:`connect_for_splice`), on the opening side,
         or once the CONNECT was answered: nothing was done then.
-        Returns as :meth:`splice_socket`.
+        Returns as :meth:`splice_socket` (``idle_timeout`` as there).
 
         :raises OSError: the connect failed (:class:`TimeoutError` after ``timeout``
             seconds): the CONNECT is unanswered, for the caller to :meth:`refuse`.
         :raises TunnelError: the stream failed before the engine took it.
         """
+        check_idle_timeout(idle_timeout)
         if self.is_client or not self.can_splice() or self._response is not _Response.PENDING:
             return None
         self._spliced = True
         try:
-            outcome = await self._channel.connect_and_splice_stream(self, host, port, timeout)
+            outcome = await self._channel.connect_and_splice_stream(
+                self, host, port, timeout, idle_timeout
+            )
         except OSError:
             self._spliced = False
             raise
@@ -446,7 +479,11 @@ class MeshStream:
         return self._spliced_outcome(outcome)
 
     async def splice_socket(
-        self, sock: socket.socket | EngineSocket, pending: bytes = b""
+        self,
+        sock: socket.socket | EngineSocket,
+        pending: bytes = b"",
+        *,
+        idle_timeout: float | None = None,
     ) -> SpliceOutcome:
         """Let the transport copy this flow to and from a connected TCP socket itself.
 
@@ -457,16 +494,22 @@ class MeshStream:
         bytes already read from ``sock``: they are sent first. Bytes this stream
         received and nobody read yet are written to ``sock`` first. Returns once both
         directions ended; the stream is then closed (or failed, with the outcome's
-        error). :meth:`abort` fails a spliced flow too.
+        error). :meth:`abort` fails a spliced flow too, and so does ``idle_timeout``
+        seconds with no byte moving either way (None: never).
+
+        :raises TunnelUsageError: ``idle_timeout`` is out of range (nothing was done).
 
         :raises TunnelError: the stream cannot be spliced (:meth:`can_splice`), or it
             failed before the transport took it (``sock`` is then still open).
         """
+        check_idle_timeout(idle_timeout)
         if not self.can_splice():
             raise TunnelError(f"stream {self.stream_id} cannot be spliced now")
         self.accept()  # (server) the 200 goes out before the engine takes the stream
         self._spliced = True
-        return self._spliced_outcome(await self._channel.splice_stream(self, sock, pending))
+        return self._spliced_outcome(
+            await self._channel.splice_stream(self, sock, pending, idle_timeout)
+        )
 
     def _spliced_outcome(self, outcome: SpliceOutcome) -> SpliceOutcome:
         """Count a splice's bytes and end the stream as its outcome says."""

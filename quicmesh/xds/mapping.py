@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ..errors import ConfigError, QuicmeshError
 from ..sidecar.config import (
+    DEFAULT_FLOW_IDLE_TIMEOUT,
     Address,
     CircuitBreakerConfig,
     ClusterConfig,
@@ -263,7 +264,7 @@ def _unpack(packed: Any, message: M, where: str) -> M:
 
 def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> _Outbound:
     where = f"{where}: tcp_proxy"
-    _only(proxy, {"stat_prefix", "cluster", "tunneling_config"}, where)
+    _only(proxy, {"stat_prefix", "cluster", "tunneling_config", "idle_timeout"}, where)
     if not proxy.cluster:
         raise MappingError(f"{where}: cluster is required (weighted_clusters is not supported)")
     if not proxy.HasField("tunneling_config"):
@@ -276,7 +277,14 @@ def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> 
     except ValueError as exc:
         raise MappingError(f"{where}.tunneling_config.hostname: {exc}") from None
     cluster = _name(proxy.cluster, f"{where}.cluster")
-    return _Outbound(OutboundListenerConfig(name=name, address=address, cluster=cluster), target)
+    # Envoy's default is an hour and 0s turns it off, as the YAML configuration's.
+    idle: float | None = None
+    if not proxy.HasField("idle_timeout") or _seconds(proxy.idle_timeout) != 0:
+        idle = _duration(proxy, "idle_timeout", DEFAULT_FLOW_IDLE_TIMEOUT, where)
+    config = OutboundListenerConfig(
+        name=name, address=address, cluster=cluster, flow_idle_timeout=idle
+    )
+    return _Outbound(config, target)
 
 
 def _map_connect_terminator(

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quicmesh.errors import ConfigError
-from quicmesh.sidecar.config import ClusterConfig
+from quicmesh.sidecar.config import ClusterConfig, InboundListenerConfig
 from quicmesh.tls import DevCA
 from quicmesh.tunnel.connect import parse_target
 from quicmesh.xds.bootstrap import parse_bootstrap
@@ -69,6 +69,31 @@ def test_outbound_listener_and_quic_cluster() -> None:
     assert cluster.target == "10.0.0.9:9080"
     assert cluster.endpoints == (("127.0.0.1", 4001),)
     assert cluster.load_balancing == "least_request"
+
+
+@pytest.mark.parametrize(
+    ("idle_timeout", "expected"), [(None, 3600.0), ("30s", 30.0), ("0.5s", 0.5), ("0s", None)]
+)
+def test_a_tcp_proxy_idle_timeout_is_the_listeners_flow_idle_timeout(
+    idle_timeout: str | None, expected: float | None
+) -> None:
+    doc = outbound_listener_doc("out", 15001, "reviews", "10.0.0.9:9080")
+    if idle_timeout is not None:
+        doc["filter_chains"][0]["filters"][0]["typed_config"]["idle_timeout"] = idle_timeout
+    mapped = map_listener(parse_message(doc, Listener, "t"))
+    assert not isinstance(mapped, InboundListenerConfig)
+    assert mapped.config.flow_idle_timeout == expected
+
+
+@pytest.mark.parametrize("idle_timeout", ["-1s", "86401s"])
+def test_a_tcp_proxy_idle_timeout_out_of_range_is_refused(idle_timeout: str) -> None:
+    doc = outbound_listener_doc("out", 15001, "reviews", "10.0.0.9:9080")
+    doc["filter_chains"][0]["filters"][0]["typed_config"]["idle_timeout"] = idle_timeout
+    with pytest.raises(MappingError) as info:
+        map_listener(parse_message(doc, Listener, "t"))
+    assert f"tcp_proxy.idle_timeout: {idle_timeout.removesuffix('s')}s is outside" in str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize("name", ["a b", "x\nevil", "a;rm", "a" * 64, "-bad", ""])

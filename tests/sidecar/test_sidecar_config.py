@@ -142,6 +142,63 @@ def test_defaults() -> None:
     assert config.inbound[0].early_data is True
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, 3600.0),
+        ("30s", 30.0),
+        ("500ms", 0.5),
+        (90, 90.0),
+        ("1m", 60.0),
+        ("off", None),
+        (False, None),
+        (0, None),
+        ("0s", None),
+        (86400, 86400.0),
+    ],
+)
+def test_flow_idle_timeout_on_every_listener_kind(value: object, seconds: float | None) -> None:
+    """Envoy's ``tcp_proxy`` ``idle_timeout``: an hour unless given, ``off`` or 0 for none."""
+    document = copy.deepcopy(VALID)
+    document["intercept"] = {"outbound_port": 16001, "inbound_port": 16006}
+    if value is not None:
+        document["listeners"]["outbound"][0]["flow_idle_timeout"] = value
+        document["listeners"]["inbound"][0]["flow_idle_timeout"] = value
+        document["intercept"]["flow_idle_timeout"] = value
+    config = load(document)
+    assert config.intercept is not None
+    assert config.outbound[0].flow_idle_timeout == seconds
+    assert config.inbound[0].flow_idle_timeout == seconds
+    assert config.intercept.flow_idle_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (-1, "duration -1 is outside 0-86400 seconds"),
+        ("86401s", "duration '86401s' is outside 0-86400 seconds"),
+        ("never", "'never' is not a duration"),
+        (True, "expected a duration"),
+        ("1h", "unknown unit 'h'"),
+    ],
+)
+def test_a_flow_idle_timeout_out_of_range_is_one_line(value: object, problem: str) -> None:
+    document = copy.deepcopy(VALID)
+    document["listeners"]["outbound"][0]["flow_idle_timeout"] = value
+    message = error_of(document)
+    assert message.startswith("sidecar.yaml: listeners.outbound[0].flow_idle_timeout: ")
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_a_reload_applies_an_inbound_flow_idle_timeout_in_place() -> None:
+    """Each flow reads it when it starts: a running listener takes a new value."""
+    old = load(VALID).inbound[0]
+    document = copy.deepcopy(VALID)
+    document["listeners"]["inbound"][0]["flow_idle_timeout"] = "5m"
+    assert old.start_keys_changed(load(document).inbound[0]) == []
+
+
 def mutate(path: list[Any], value: Any) -> dict[str, Any]:
     document = copy.deepcopy(VALID)
     node: Any = document

@@ -383,7 +383,11 @@ class QuicPeerConnection(SessionConnection):
         return sock
 
     async def splice_stream(
-        self, stream: MeshStream, sock: socket.socket | EngineSocket, pending: bytes
+        self,
+        stream: MeshStream,
+        sock: socket.socket | EngineSocket,
+        pending: bytes,
+        idle_timeout: float | None,
     ) -> SpliceOutcome:
         """Hand the stream and ``sock`` to the engine (see :meth:`MeshStream.splice_socket`):
         the engine stops reading the stream (at once where it can hand the reading over,
@@ -391,12 +395,21 @@ class QuicPeerConnection(SessionConnection):
         go with it, then the engine copies until both ends close."""
         quic: Any = self.quic
         sent, received, error = await quic.splice_stream(
-            stream.stream_id, sock, to_quic=pending, **await self._let_go(stream)
+            stream.stream_id,
+            sock,
+            to_quic=pending,
+            idle_timeout=idle_timeout,
+            **await self._let_go(stream),
         )
         return SpliceOutcome(sent, received, error)
 
     async def connect_and_splice_stream(
-        self, stream: MeshStream, host: str, port: int, timeout: float
+        self,
+        stream: MeshStream,
+        host: str,
+        port: int,
+        timeout: float,
+        idle_timeout: float | None,
     ) -> SpliceOutcome | None:
         """(server) Have the engine connect ``host:port``, answer the CONNECT with 200 once
         connected and splice the stream onto the connection, in one command (the native
@@ -417,6 +430,7 @@ class QuicPeerConnection(SessionConnection):
             port,
             timeout,
             answer=_aioquic.connect_accepted_frame(),
+            idle_timeout=idle_timeout,
             **await self._let_go(stream),
         )
         return SpliceOutcome(sent, received, error, connected=connected)
@@ -446,10 +460,12 @@ class QuicPeerConnection(SessionConnection):
         target: str,
         headers: dict[str, str],
         timeout: float,
+        idle_timeout: float | None = None,
     ) -> bool:
         """Start the connection ``acceptor`` accepted as ``flow`` as an engine flow on this
         connection (:mod:`.native_flows`): the engine sends the CONNECT for ``target`` with
-        ``headers``, waits at most ``timeout`` seconds for the plain 200, and splices.
+        ``headers``, waits at most ``timeout`` seconds for the plain 200, and splices
+        (reset once no byte moved for ``idle_timeout`` seconds; None: never).
         Counted in :attr:`active_streams` until :meth:`engine_flow_ended`. False when
         nothing was started (no stream credit now, or the connection is going): the
         socket is still parked."""
@@ -463,6 +479,7 @@ class QuicPeerConnection(SessionConnection):
             request=_aioquic.connect_request_frame(fields),
             answer=_aioquic.connect_accepted_frame(),
             timeout=timeout,
+            idle_timeout=idle_timeout,
         )
         if started:
             self.engine_flows += 1
@@ -1114,6 +1131,7 @@ class QuicPeerConnection(SessionConnection):
                 unparsed=rest,
                 recv_fin=event.end_stream,
                 done=done,
+                idle_timeout=plan.idle_timeout,
             )
         except Exception as exc:  # (anything else: as a connection gone, nothing answered)
             self.engine_flow_ended()

@@ -1480,10 +1480,12 @@ class NativeConnection:
         frame_remaining: int,
         unparsed: bytes,
         recv_fin: bool,
+        idle_timeout: float | None = None,
     ) -> tuple[int, int, str]:
         """Let the engine copy between the (paused) stream and ``sock`` (taken over)
-        until both end: returns the payload bytes sent and received, and the failure
-        that reset both sides ("" if none)."""
+        until both end (or no byte moved for ``idle_timeout`` seconds: a failure):
+        returns the payload bytes sent and received, and the failure that reset both
+        sides ("" if none)."""
         state = self._stream(stream_id)
         if self._closed_reason is not None:
             sock.close()
@@ -1503,6 +1505,7 @@ class NativeConnection:
             frame_type=frame_type,
             frame_remaining=frame_remaining,
             recv_fin=recv_fin,
+            idle_timeout=idle_timeout,
             **({"received": state.received} if state.handed_over else {}),
         )
         sent, received, error, _ = await self._spliced(stream_id, state, splice_id)
@@ -1526,6 +1529,7 @@ class NativeConnection:
         frame_remaining: int,
         unparsed: bytes,
         recv_fin: bool,
+        idle_timeout: float | None = None,
     ) -> tuple[int, int, str, bool]:
         """(server) Have the engine connect ``host:port`` (an IP address), send ``answer``
         (the CONNECT's 200 HEADERS frame) once connected and splice the (handed over)
@@ -1553,6 +1557,7 @@ class NativeConnection:
             frame_type=frame_type,
             frame_remaining=frame_remaining,
             recv_fin=recv_fin,
+            idle_timeout=idle_timeout,
         )
         return await self._spliced(stream_id, state, splice_id)
 
@@ -1570,6 +1575,7 @@ class NativeConnection:
         frame_type: int | None,
         frame_remaining: int,
         recv_fin: bool,
+        idle_timeout: float | None,
     ) -> int:
         """The engine's ``connect_splice`` command for the (handed over) stream: the
         splice's ID.
@@ -1589,6 +1595,7 @@ class NativeConnection:
                 frame_type=frame_type,
                 frame_remaining=frame_remaining,
                 recv_fin=recv_fin,
+                idle_timeout=idle_timeout,
                 **({"received": state.received} if state.handed_over else {}),
             )
         except ConnectError as exc:  # no socket to be had (out of descriptors)
@@ -1601,7 +1608,14 @@ class NativeConnection:
         return bool(self._spare.get(False))
 
     def start_flow(
-        self, acceptor: Any, flow: int, *, request: bytes, answer: bytes, timeout: float
+        self,
+        acceptor: Any,
+        flow: int,
+        *,
+        request: bytes,
+        answer: bytes,
+        timeout: float,
+        idle_timeout: float | None = None,
     ) -> bool:
         """Start the connection ``acceptor`` (a ``_native.FlowAcceptor``) accepted as
         ``flow`` as an engine flow on this connection (:mod:`.native_flows`): False when
@@ -1612,7 +1626,13 @@ class NativeConnection:
         try:
             return bool(
                 self._native.start_flow(
-                    acceptor, flow, self.conn, request=request, answer=answer, timeout=timeout
+                    acceptor,
+                    flow,
+                    self.conn,
+                    request=request,
+                    answer=answer,
+                    timeout=timeout,
+                    idle_timeout=idle_timeout,
                 )
             )
         except ConnectionLost:
@@ -1629,6 +1649,7 @@ class NativeConnection:
         unparsed: bytes,
         recv_fin: bool,
         done: Callable[[tuple[int, int, str, bool] | OSError], None],
+        idle_timeout: float | None = None,
     ) -> int:
         """(server) :meth:`connect_splice` of a stream the session never saw, without a
         task: ``unparsed`` is what followed the request's HEADERS frame in the data
@@ -1654,6 +1675,7 @@ class NativeConnection:
                 frame_type=None,
                 frame_remaining=0,
                 recv_fin=recv_fin,
+                idle_timeout=idle_timeout,
             )
         except QuicmeshError as exc:  # the connection went (its close event follows)
             state.recv_done = True
