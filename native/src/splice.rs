@@ -856,6 +856,9 @@ pub async fn carry(
         failed,
     } = halves;
     let (mut sent, mut received) = (0u64, 0u64);
+    // The idle timeout runs from the splice's start (not from the connect or the CONNECT
+    // exchange before it, which have their own timeout).
+    held.moved();
     let aborted = async {
         match abort.await {
             Ok(code) => code,

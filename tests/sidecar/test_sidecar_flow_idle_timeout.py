@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from quic_helpers import require_engine
 
-from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port
+from quicmesh import DevCA, MeshStream, QuicTransport
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, metric
 
 from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
 
@@ -172,3 +173,89 @@ def test_an_idle_flow_is_reset_end_to_end(
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_timeout_runs_from_the_splice_not_from_a_slow_answer(workdir: Path) -> None:
+    """An engine flow whose peer takes longer than the idle timeout to answer its CONNECT
+    (here 1.5 s against 0.7 s) is not idle while it waits (the connect timeout bounds
+    that): the answer's bytes arrive, and only then does the flow go idle and get reset."""
+    require_engine("native")
+    ca = DevCA.load(workdir / "ca")
+    peer_port, listen = free_port(), free_port()
+    a = SidecarProcess(
+        "idle-a-slow-answer",
+        {
+            "node": {"name": "a", "identity": IDENTITY_A},
+            "tls": {"ca_dir": str(workdir / "ca")},
+            "admin": {"address": addr(free_port())},
+            "listeners": {
+                "outbound": [
+                    {
+                        "name": "app",
+                        "address": addr(listen),
+                        "cluster": "app",
+                        "flow_idle_timeout": IDLE,
+                    }
+                ]
+            },
+            "clusters": [
+                {
+                    "name": "app",
+                    "transport": "quic",
+                    "engine": "native",
+                    "target": "app.local:80",
+                    "endpoints": [addr(peer_port)],
+                }
+            ],
+        },
+        workdir,
+    )
+
+    async def slow_peer(stream: MeshStream) -> None:
+        await asyncio.sleep(1.5)
+        stream.accept()
+        await asyncio.sleep(0.3)
+        stream.write(b"+OK\n")
+        await stream.drain()
+        try:
+            while await stream.read(65536):
+                pass
+        except Exception:  # the reset this test expects
+            pass
+
+    async def flow() -> tuple[bytes, str]:
+        reader, writer = await asyncio.open_connection(LOOPBACK, listen)
+        writer.write(b"hello\n")
+        got = b""
+        try:
+            while chunk := await asyncio.wait_for(reader.read(100), 20):
+                got += chunk
+            ending = "clean end"
+        except ConnectionResetError:
+            ending = "reset"
+        writer.close()
+        return got, ending
+
+    async def main() -> list[tuple[bytes, str]]:
+        server = QuicTransport(identity=ca.issue(IDENTITY_B), trust=ca.trust_bundle)
+        listener = await server.listen((LOOPBACK, peer_port), slow_peer)
+        a.start()
+        try:
+            await asyncio.to_thread(a.wait_ready)
+            # The first flow dials the connection (Python carries it until its 200); the
+            # second finds it pooled and runs as an engine flow.
+            return [await flow(), await flow()]
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    try:
+        assert asyncio.run(main()) == [(b"+OK\n", "reset")] * 2
+        lines = wait_until(lambda: a.access_log()[1:] and a.access_log(), 20.0, "logged")
+        for line in lines:
+            assert (line["outcome"], line["reason"]) == ("reset", REASON)
+            assert line["bytes_received"] == len(b"+OK\n")
+        engine_flows = metric(a.metrics(), "quicmesh_listener_engine_flows_total", listener="app")
+        assert engine_flows == 1
+    finally:
+        a.stop()
