@@ -76,6 +76,26 @@ def app() -> Iterator[SilentApp]:
         yield server
 
 
+def sidecar_a(
+    name: str, workdir: Path, listen: int, cluster: dict[str, Any], idle: dict[str, Any]
+) -> SidecarProcess:
+    """Sidecar A: outbound listener ``app`` on ``listen`` (with ``idle``) to the QUIC
+    cluster ``app`` (``cluster``: its engine, target and endpoints)."""
+    return SidecarProcess(
+        name,
+        {
+            "node": {"name": "a", "identity": IDENTITY_A},
+            "tls": {"ca_dir": str(workdir / "ca")},
+            "admin": {"address": addr(free_port())},
+            "listeners": {
+                "outbound": [{"name": "app", "address": addr(listen), "cluster": "app", **idle}]
+            },
+            "clusters": [{"name": "app", "transport": "quic", **cluster}],
+        },
+        workdir,
+    )
+
+
 def sidecars(
     workdir: Path, app_port: int, engine: str, side: str
 ) -> tuple[SidecarProcess, SidecarProcess, int]:
@@ -102,33 +122,12 @@ def sidecars(
         },
         workdir,
     )
-    a = SidecarProcess(
+    a = sidecar_a(
         f"idle-a-{engine}-{side}",
-        {
-            "node": {"name": "a", "identity": IDENTITY_A},
-            "tls": {"ca_dir": str(workdir / "ca")},
-            "admin": {"address": addr(free_port())},
-            "listeners": {
-                "outbound": [
-                    {
-                        "name": "app",
-                        "address": addr(listen),
-                        "cluster": "app",
-                        **(idle if side == "a" else {}),
-                    }
-                ]
-            },
-            "clusters": [
-                {
-                    "name": "app",
-                    "transport": "quic",
-                    "engine": engine,
-                    "target": addr(app_port),
-                    "endpoints": [addr(mesh)],
-                }
-            ],
-        },
         workdir,
+        listen,
+        {"engine": engine, "target": addr(app_port), "endpoints": [addr(mesh)]},
+        idle if side == "a" else {},
     )
     return a, b, listen
 
@@ -182,33 +181,12 @@ def test_the_timeout_runs_from_the_splice_not_from_a_slow_answer(workdir: Path) 
     require_engine("native")
     ca = DevCA.load(workdir / "ca")
     peer_port, listen = free_port(), free_port()
-    a = SidecarProcess(
+    a = sidecar_a(
         "idle-a-slow-answer",
-        {
-            "node": {"name": "a", "identity": IDENTITY_A},
-            "tls": {"ca_dir": str(workdir / "ca")},
-            "admin": {"address": addr(free_port())},
-            "listeners": {
-                "outbound": [
-                    {
-                        "name": "app",
-                        "address": addr(listen),
-                        "cluster": "app",
-                        "flow_idle_timeout": IDLE,
-                    }
-                ]
-            },
-            "clusters": [
-                {
-                    "name": "app",
-                    "transport": "quic",
-                    "engine": "native",
-                    "target": "app.local:80",
-                    "endpoints": [addr(peer_port)],
-                }
-            ],
-        },
         workdir,
+        listen,
+        {"engine": "native", "target": "app.local:80", "endpoints": [addr(peer_port)]},
+        {"flow_idle_timeout": IDLE},
     )
 
     async def slow_peer(stream: MeshStream) -> None:
