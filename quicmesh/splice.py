@@ -29,11 +29,15 @@ from .tunnel.session import ResetReason
 CHUNK = 64 * 1024
 
 
+IDLE_TIMEOUT_REASON = "idle timeout: "
+"""How the error of a flow reset for its idle timeout begins (the native engine's too)."""
+
+
 class FlowIdle(Exception):
     """No byte moved either way for the flow's idle timeout."""
 
     def __init__(self, idle_timeout: float) -> None:
-        super().__init__(f"idle timeout: no bytes either way for {idle_timeout:g}s")
+        super().__init__(f"{IDLE_TIMEOUT_REASON}no bytes either way for {idle_timeout:g}s")
 
 
 class IdleClock:

@@ -146,7 +146,9 @@ class _CaptureListener:
             finally:
                 self.stats.connections_active -= 1
                 record.duration = time.monotonic() - started
-                self.stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+                self.stats.flow_ended(
+                    record.outcome, record.bytes_sent, record.bytes_received, record.reason
+                )
                 self.counts.count(self.direction, record.original_destination or "none", route)
                 self._log(record)
 

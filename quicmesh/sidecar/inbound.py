@@ -649,7 +649,9 @@ class InboundListener:
                     record.outcome, record.reason = Outcome.RESET, outcome.error
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
-            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+            stats.flow_ended(
+                record.outcome, record.bytes_sent, record.bytes_received, record.reason
+            )
             self._log(record)
             self._local_flows.end()
             self._flows.end()
@@ -671,7 +673,9 @@ class InboundListener:
         finally:
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
-            stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+            stats.flow_ended(
+                record.outcome, record.bytes_sent, record.bytes_received, record.reason
+            )
             self._log(record)
 
     async def _forward(

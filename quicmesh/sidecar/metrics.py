@@ -47,6 +47,11 @@ _LISTENER_COUNTERS = (
         "engine_flows_returned",
         "Outbound engine flows given back to the sidecar without a plain 200.",
     ),
+    (
+        "idle_timeouts",
+        "idle_timeouts",
+        "Flows reset because no byte moved either way for flow_idle_timeout.",
+    ),
 )
 _LISTENER_GAUGES = (
     ("connections_active", "connections_active", "Connections open now."),

@@ -175,7 +175,7 @@ class OutboundListener:
         stats = self.stats
         stats.connections_active -= 1
         record.duration = time.monotonic() - started
-        stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received)
+        stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received, record.reason)
         cluster.stats.outcomes[record.outcome.value] += 1
         self._log(record)
         self._flows.end()

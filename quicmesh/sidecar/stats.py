@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..splice import IDLE_TIMEOUT_REASON
 from .accesslog import Outcome
 
 
@@ -54,6 +55,9 @@ class ListenerStats:
     engine_flows_returned: int = 0
     """(outbound) Flows the engine started that came back to the sidecar without their
     plain 200 (a refusal, a reset, no answer in time), which then opened them again."""
+    idle_timeouts: int = 0
+    """Flows this listener reset for its ``flow_idle_timeout`` (Envoy's tcp_proxy
+    ``idle_timeout`` counter)."""
     outcomes: Counter[str] = field(default_factory=Counter)
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """(inbound) The :attr:`~quicmesh.transport.base.Transport.counters` of every
@@ -62,9 +66,13 @@ class ListenerStats:
     overload: Callable[[], dict[str, object]] | None = None
     """(inbound) A view of the listener's limits and overload state (:mod:`.overload`)."""
 
-    def flow_ended(self, outcome: Outcome, bytes_received: int, bytes_sent: int) -> None:
-        """Count a finished flow."""
+    def flow_ended(
+        self, outcome: Outcome, bytes_received: int, bytes_sent: int, reason: str = ""
+    ) -> None:
+        """Count a finished flow (``reason``: why it did not complete, if it did not)."""
         self.outcomes[outcome.value] += 1
+        if outcome is Outcome.RESET and reason.startswith(IDLE_TIMEOUT_REASON):
+            self.idle_timeouts += 1
         self.bytes_received += bytes_received
         self.bytes_sent += bytes_sent
 
@@ -81,6 +89,7 @@ class ListenerStats:
             "streams_spliced": self.streams_spliced,
             "engine_flows": self.engine_flows,
             "engine_flows_returned": self.engine_flows_returned,
+            "idle_timeouts": self.idle_timeouts,
             "outcomes": dict(self.outcomes),
         }
         if self.quic_counters:

@@ -169,6 +169,12 @@ def test_an_idle_flow_is_reset_end_to_end(
         assert (a_line["outcome"], b_line["outcome"]) == ("reset", "reset")
         timed_out = a_line if side == "a" else b_line
         assert timed_out["reason"] == REASON
+        # Counted by the listener that timed the flow out, not by the other side's.
+        for sidecar, listener, counted in ((a, "app", side == "a"), (b, "mesh", side == "b")):
+            samples = sidecar.metrics()
+            assert metric(samples, "quicmesh_listener_idle_timeouts_total", listener=listener) == (
+                1 if counted else 0
+            )
     finally:
         a.stop()
         b.stop()

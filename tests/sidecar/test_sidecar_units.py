@@ -510,6 +510,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "streams_spliced": 2,
                 "engine_flows": 1,
                 "engine_flows_returned": 1,
+                "idle_timeouts": 0,
                 "outcomes": {"completed": 2},
             },
             "mesh": {
@@ -523,6 +524,7 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "streams_spliced": 0,
                 "engine_flows": 0,
                 "engine_flows_returned": 0,
+                "idle_timeouts": 0,
                 "outcomes": {},
                 "quic": {
                     **dict.fromkeys(QUIC_COUNTERS, 0),
