@@ -43,7 +43,7 @@ from .mapping import (
     secrets_by_kind,
     with_static,
 )
-from .resources import SECRET_TYPE, SHORT_NAMES
+from .resources import CLUSTER_TYPE, LISTENER_TYPE, SECRET_TYPE, SHORT_NAMES
 from .state import AdsState, ProtocolError, Update, make_node
 
 if TYPE_CHECKING:
@@ -102,19 +102,28 @@ class AdsClient:
         self.connected = False
         self.last_error = ""
         self.warming: tuple[str, ...] = ()
-        self._applied_types: set[str] = set()
+        self._reconnect_attempts = (0, 0.0)
+        """Failed attempts before the stream now opening, and over how many seconds."""
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._initial_fetch_timer: asyncio.TimerHandle | None = None
+        self._first_fetch_timer: asyncio.TimerHandle | None = None
+        self._fetched_types: set[str] = set()
+        """LDS and CDS types answered at least once (applied or NACKed: as Envoy's
+        initialization, a rejected first update still counts as fetched)."""
+        self._answered = False
+        """The current stream delivered a response (the backoff starts again)."""
 
     def start(self) -> None:
         """Start the stream (and its reconnects) in the background."""
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._arm_first_fetch_timer()
 
     async def close(self) -> None:
         """Close the stream; the sidecar keeps its configuration."""
-        if self._initial_fetch_timer is not None:
-            self._initial_fetch_timer.cancel()
+        for timer in (self._initial_fetch_timer, self._first_fetch_timer):
+            if timer is not None:
+                timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -140,14 +149,23 @@ class AdsClient:
     async def _run(self) -> None:
         backoff = BACKOFF_INITIAL
         target = format_address(self.config.address)
+        failing_since: float | None = None  # (attempts that failed in a row, and why)
+        attempts, last_reason = 0, ""
         while True:
             started = time.monotonic()
+            self._answered = False
             try:
                 async with grpc.aio.insecure_channel(target) as channel:
                     await self._stream(channel)
                 reason = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+                if exc.code() is grpc.StatusCode.INTERNAL and "SendMessage" in (
+                    exc.debug_error_string() or ""
+                ):
+                    # grpc's own status for a message written to a call the server had
+                    # just finished (its status, OK or not, is lost): our ACK came late.
+                    reason = "the control plane closed the stream before our ACK"
             except (OSError, QuicmeshError) as exc:
                 reason = str(exc)
             except Exception as exc:  # a bug here must not end the stream for good
@@ -155,19 +173,30 @@ class AdsClient:
                 reason = f"{type(exc).__name__}: {exc}"
             self.connected = False
             self.counters["stream_failures"] += 1
-            if time.monotonic() - started > 30:
+            if self._answered or time.monotonic() - started > 30:
+                # As Envoy: a stream that carried a response was a working one.
                 backoff = BACKOFF_INITIAL
+                failing_since, attempts, last_reason = None, 0, ""
             delay = backoff * (0.5 + self._rng.random())
-            logger.warning(
+            attempts += 1
+            # One warning when the stream ends or its failure changes, not one for every
+            # attempt while the control plane is away (one a few seconds, for hours).
+            level = logging.WARNING if reason != last_reason else logging.DEBUG
+            logger.log(
+                level,
                 "ADS stream to %s ended (%s): keeping the running configuration, "
                 "reconnecting in %.2fs",
                 target,
                 reason,
                 delay,
             )
+            if failing_since is None:
+                failing_since = started
+            last_reason = reason
             self.last_error = reason
             await asyncio.sleep(delay)
             backoff = min(BACKOFF_MAX, backoff * 2)
+            self._reconnect_attempts = (attempts, time.monotonic() - failing_since)
 
     async def _stream(self, channel: grpc.aio.Channel) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
@@ -175,15 +204,35 @@ class AdsClient:
         self.counters["streams"] += 1
         await call.wait_for_connection()  # (raises AioRpcError when it cannot)
         self.connected = True
-        logger.info("ADS stream to %s open", format_address(self.config.address))
+        attempts, down_for = self._reconnect_attempts
+        self._reconnect_attempts = (0, 0.0)
+        logger.info(
+            "ADS stream to %s open%s",
+            format_address(self.config.address),
+            f" again after {attempts} attempts in {down_for:.0f}s" if attempts > 1 else "",
+        )
+        writable = True
+
+        async def send(request: Any) -> None:
+            # A server that finished the call right after its last responses refuses our
+            # requests (ACKs): what it sent before is still read and applied, and the
+            # next stream states the versions accepted.
+            nonlocal writable
+            if writable:
+                try:
+                    await call.write(request)
+                except asyncio.InvalidStateError:
+                    writable = False
+
         for request in self.state.requests_for_new_stream():
-            await call.write(request)
+            await send(request)
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
+            self._answered = True
             for request in await self._handle(response):
-                await call.write(request)
+                await send(request)
 
     async def _handle(self, response: Any) -> list[Any]:
         kind = SHORT_NAMES.get(response.type_url, response.type_url)
@@ -198,6 +247,7 @@ class AdsClient:
         try:
             update = self.state.on_response(response)
         except ProtocolError as exc:
+            self._fetched(response.type_url)
             return self._nack_response(response, kind, str(exc))
         try:
             await self._apply(update)
@@ -210,6 +260,7 @@ class AdsClient:
             self.counters["nacks"] += 1
             self.last_error = f"{kind} version {update.version}: {exc}"
             logger.error("NACK %s version %s: %s", kind, update.version, exc)
+            self._fetched(update.type_url)
             return self.state.reject(update, str(exc))
         self.counters["acks"] += 1
         logger.info(
@@ -244,11 +295,37 @@ class AdsClient:
         )
         await self.sidecar.apply_config(new)
         self.warming = mapped.warming
-        self._applied_types.add(update.type_url)
-        if {"type.googleapis.com/envoy.config.listener.v3.Listener"} <= self._applied_types and (
-            "type.googleapis.com/envoy.config.cluster.v3.Cluster" in self._applied_types
-        ):
+        self._fetched(update.type_url)
+
+    def _fetched(self, type_url: str) -> None:
+        """A response of ``type_url`` was applied or NACKed: once LDS and CDS both were,
+        the first sync is over (the warming clusters' endpoints aside)."""
+        self._fetched_types.add(type_url)
+        if {LISTENER_TYPE, CLUSTER_TYPE} <= self._fetched_types:
             self._note_initial_sync()
+
+    def _arm_first_fetch_timer(self) -> None:
+        """As Envoy's ``initial_fetch_timeout`` for LDS and CDS: a control plane that
+        answers neither within it (from the client's start, reachable or not) leaves the
+        sidecar ready with what it has (its static resources), not unready for ever."""
+        if self.synced.is_set() or self._first_fetch_timer is not None:
+            return
+
+        def timed_out() -> None:
+            missing = {LISTENER_TYPE, CLUSTER_TYPE} - self._fetched_types
+            if self.synced.is_set() or not missing:
+                return
+            logger.warning(
+                "no %s from the control plane after %.0f s: ready without them",
+                " and ".join(SHORT_NAMES[t] for t in sorted(missing)),
+                self.config.initial_fetch_timeout,
+            )
+            self._fetched_types |= missing
+            self._note_initial_sync()
+
+        self._first_fetch_timer = asyncio.get_running_loop().call_later(
+            self.config.initial_fetch_timeout, timed_out
+        )
 
     def _note_initial_sync(self) -> None:
         # As Envoy's init manager: not ready while a cluster of the first sync still
@@ -257,8 +334,9 @@ class AdsClient:
         if self.synced.is_set():
             return
         if not self.warming:
-            if self._initial_fetch_timer is not None:
-                self._initial_fetch_timer.cancel()
+            for timer in (self._initial_fetch_timer, self._first_fetch_timer):
+                if timer is not None:
+                    timer.cancel()
             self.synced.set()
         elif self._initial_fetch_timer is None:
             self._initial_fetch_timer = asyncio.get_running_loop().call_later(

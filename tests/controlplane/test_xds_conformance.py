@@ -10,8 +10,10 @@ endpoint, with deadlines; never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +427,85 @@ def test_a_sighup_on_an_xds_driven_sidecar_applies_nothing_and_rejects_nothing(
     assert reloads() == before and before["rejected"] == 0
     assert "ERROR" not in a.stderr()
     assert _flow_ok(ports["out"])
+
+
+def test_a_rejected_first_listener_update_still_ends_the_wait_for_ready(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path, echo_port: int
+) -> None:
+    """As Envoy's initialization: a first LDS the sidecar NACKs counts as fetched (it was
+    unready for ever, whatever initial_fetch_timeout said)."""
+    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads)
+    bad = docs.outbound_listener_doc("out", free_port(), "echo", addr(echo_port))
+    bad["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector"}]
+    ads.set_resources(CLUSTER_TYPE, [], "1", node="a")
+    ads.set_resources(LISTENER_TYPE, [docs.listener(bad)], "1", node="a")
+    a.start()
+    try:
+        a.wait_ready()
+        xds = a.stats()["xds"]
+        assert xds["nacks"] == 1 and xds["versions"]["LDS"] == ""
+        assert "listener_filters" in xds["last_error"]
+    finally:
+        assert a.stop() == 0
+
+
+def test_an_unreachable_control_plane_leaves_the_sidecar_ready_after_the_timeout(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    """No LDS or CDS within initial_fetch_timeout (the control plane down): ready with the
+    static resources, as Envoy; and one warning for the outage, not one an attempt."""
+    with contextlib.closing(socket.socket()) as nobody:
+        nobody.bind((LOOPBACK, 0))  # bound, not listening: every connect is refused
+        down = addr(nobody.getsockname()[1])
+        a = SidecarProcess(
+            "a-no-control-plane",
+            {
+                "node": {"name": "a", "identity": IDENTITY_A},
+                "tls": {"ca_dir": str(ca_dir)},
+                "admin": {"address": addr(free_port())},
+                "xds": {"address": down, "initial_fetch_timeout": "1s"},
+            },
+            tmp_path,
+        )
+        a.start()
+        try:
+            a.wait_ready()
+            wait_until(
+                lambda: a.stats()["xds"]["stream_failures"] >= 4, 30.0, "four failed attempts"
+            )
+            stderr = a.stderr()
+            assert "no CDS and LDS from the control plane after 1 s: ready without them" in stderr
+            ended = [line for line in stderr.splitlines() if "ADS stream to" in line]
+            assert len(ended) == 1, ended
+            assert a.stats()["xds"]["connected"] is False
+        finally:
+            assert a.stop() == 0
+
+
+def test_the_backoff_starts_again_once_a_stream_carried_a_response(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path
+) -> None:
+    """As Envoy: a stream that delivered responses was a working one, so the reconnect
+    after it waits the first delay (0.25 s with jitter), not what an earlier outage grew
+    (before, only a stream that lived 30 s reset it)."""
+    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads)
+    ads.set_resources(CLUSTER_TYPE, [], "1", node="a")
+    ads.set_resources(LISTENER_TYPE, [], "1", node="a")
+    a.start()
+    try:
+        a.wait_ready()
+        ads.stop(0)
+        wait_until(lambda: a.stats()["xds"]["stream_failures"] >= 5, 30.0, "an outage")
+        ads.start()  # the same port: the sidecar comes back within its grown delay
+        wait_until(lambda: a.stats()["xds"]["acks"] >= 4, 30.0, "the stream answered again")
+        before = a.stats()["xds"]["stream_failures"]
+        ads.stop(0)
+        wait_until(lambda: a.stats()["xds"]["stream_failures"] > before, 30.0, "the stream end")
+        delays = [
+            float(line.rsplit("reconnecting in ", 1)[1].rstrip("s"))
+            for line in a.stderr().splitlines()
+            if "ADS stream to" in line and "reconnecting in" in line
+        ]
+        assert delays[-1] <= 0.375, delays
+    finally:
+        assert a.stop() == 0
