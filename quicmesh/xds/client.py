@@ -104,6 +104,8 @@ class AdsClient:
         self.warming: tuple[str, ...] = ()
         self._reconnect_attempts = (0, 0.0)
         """Failed attempts before the stream now opening, and over how many seconds."""
+        self._refused_secrets: dict[str, Any] = {}
+        """SDS secrets (by name) of refused responses, tried again with later ones."""
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
         self._initial_fetch_timer: asyncio.TimerHandle | None = None
@@ -356,8 +358,46 @@ class AdsClient:
         """Check the secrets and hand them to the sidecar's certificates, all or nothing:
         an identity that a transport in use cannot load raises (a NACK) with the one in
         use kept, so the same secret pushed again is refused again, never taken as
-        already applied."""
-        certificate, validation = secrets_by_kind(update.resources.secrets)
+        already applied.
+
+        A secret refused only for want of its partner (a CA change sent as two responses,
+        the new ``ROOTCA`` first, which the certificate in use fails, then the new
+        ``default``, which the bundle in use fails) is kept aside: a later response is
+        tried with it too, and applied with it if the two agree (state-of-the-world SDS
+        may send only the secret that changed)."""
+        secrets = update.resources.secrets
+        accepted = self.state.resources.secrets
+        received = {name for name, secret in secrets.items() if accepted.get(name) is not secret}
+        try:
+            self._deliver_secrets(secrets)
+        except MappingError:
+            partners = {n: m for n, m in self._refused_secrets.items() if n not in received}
+            self._refused_secrets.update({name: secrets[name] for name in received})
+            if not partners:
+                raise
+            try:
+                self._deliver_secrets({**secrets, **partners})
+            except MappingError:
+                pass
+            else:
+                logger.info(
+                    "SDS: %s applied with %s of a response refused before",
+                    ", ".join(sorted(received)),
+                    ", ".join(sorted(partners)),
+                )
+                secrets.update(partners)  # accepted with this version
+                self._refused_secrets.clear()
+                return
+            raise
+        for name in received:
+            self._refused_secrets.pop(name, None)
+
+    def _deliver_secrets(self, secrets: dict[str, Any]) -> None:
+        """:meth:`_apply_secrets`'s check and hand-over of one set of secrets.
+
+        :raises MappingError: they cannot be used (nothing changed).
+        """
+        certificate, validation = secrets_by_kind(secrets)
         if certificate is None and validation is None:
             return
         source = self.sidecar.certs

@@ -269,3 +269,38 @@ def test_the_dev_ca_renews_the_identity_but_keeps_the_trust_bundle_sds_delivered
     assert a.stats()["xds"]["versions"]["SDS"] == "s1"
     assert a.request("GET", "/ready") == (200, b"ready\n")
     assert "not renewing" not in a.stderr()
+
+
+@pytest.mark.parametrize("first", ["ROOTCA", "default"])
+def test_a_ca_change_sent_as_two_responses_is_applied_with_the_second(
+    ads: AdsServer, ca_dir: Path, tmp_path: Path, first: str
+) -> None:
+    """State-of-the-world SDS may send only the secret that changed. A new CA's bundle
+    alone fails the certificate in use, and the new certificate alone fails the bundle
+    in use: the first is NACKed, and the second is applied with it (both were NACKed,
+    and the sidecar could never take the new CA)."""
+    a = xds_sidecar("a", IDENTITY_A, ca_dir, tmp_path, ads)
+    ads.set_resources(CLUSTER_TYPE, [], "1", node="a")
+    ads.set_resources(LISTENER_TYPE, [], "1", node="a")
+    old, new = DevCA(), DevCA()
+    a.start()
+    try:
+        a.wait_ready()
+        seen = len(ads.requests_of(SECRET_TYPE))
+        _push_secrets(ads, "s1", old.issue(IDENTITY_A), old.trust_bundle)
+        assert not _answer(ads, "s1", seen).is_nack
+        identity = new.issue(IDENTITY_A)
+        halves = {"default": (identity, None), "ROOTCA": (None, new.trust_bundle)}
+        second = "default" if first == "ROOTCA" else "ROOTCA"
+        seen = len(ads.requests_of(SECRET_TYPE))
+        _push_secrets(ads, "s2", *halves[first])
+        refused = _answer(ads, "s2", seen)
+        assert refused.is_nack and refused.version_info == "s1"
+        seen = len(ads.requests_of(SECRET_TYPE))
+        _push_secrets(ads, "s3", *halves[second])
+        assert not _answer(ads, "s3", seen).is_nack
+        assert a.stats()["certificate"]["serial"] == _serial(identity)
+        assert a.stats()["xds"]["versions"]["SDS"] == "s3"
+        assert a.request("GET", "/ready") == (200, b"ready\n")
+    finally:
+        assert a.stop() == 0
