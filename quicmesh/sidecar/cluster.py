@@ -607,6 +607,10 @@ class Cluster:
                 endpoint.pool.close_idle(now, 0.0)
                 if not endpoint.pool.connections:
                     self.retired.remove(endpoint)
+                    # Its counters go with it (EDS churn kept one for every address ever
+                    # seen), unless the address is an endpoint again.
+                    if endpoint.address not in self.endpoints:
+                        self.stats.endpoints.pop(endpoint.name, None)
 
     async def _health_loop(self) -> None:
         check = self.config.health_check

@@ -46,7 +46,7 @@ from .overload import (
     measure,
 )
 from .policy import allowed_nowhere, refusal_reason, split_target
-from .stats import ListenerStats
+from .stats import ListenerStats, retire_counters
 from .tracing import continue_or_start
 
 logger = logging.getLogger("quicmesh.sidecar.inbound")
@@ -528,6 +528,8 @@ class InboundListener:
         )
         self.close()
         await self.wait_closed()
+        for transport in self._transports:  # (a listener of its name may go on counting)
+            retire_counters(self.stats.quic_counters, transport.counters)
 
     def begin_drain(self) -> None:
         """Refuse new streams from now on (503), and tell the peers first (a GOAWAY on

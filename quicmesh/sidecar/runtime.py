@@ -54,7 +54,7 @@ from .flows import ACK_TIMEOUT, FlowTracker
 from .inbound import InboundListener
 from .metrics import Metrics
 from .outbound import OutboundListener
-from .stats import ClusterStats, ListenerStats
+from .stats import ClusterStats, ListenerStats, retire_counters
 
 if TYPE_CHECKING:
     from ..transport.base import TransportRegistry
@@ -140,6 +140,8 @@ class Sidecar:
         }
         self.destinations = DestinationTable((), "registry_only")
         self.retired_clusters: list[Cluster] = []
+        self._preparing: dict[str, Cluster] = {}
+        """Clusters a reload under way made and has not put in place yet."""
         self.reloads = {"ok": 0, "rejected": 0}
         self.ready = False
         self.draining = False
@@ -414,6 +416,7 @@ class Sidecar:
         old_out = {o.name: o for o in self.config.outbound}
         old_in = {i.name: i for i in self.config.inbound}
         new_clusters: dict[str, Cluster] = {}
+        self._preparing = new_clusters  # (they share their name's counters already)
         # An outbound listener renamed at its address (LDS often does that): the removed
         # one lets go of the address before the new one binds it, as Envoy removes
         # listeners before it adds; its flows carry on. Put back if the reload fails.
@@ -482,8 +485,11 @@ class Sidecar:
                 in_listener.close()
             for cluster in new_clusters.values():
                 await cluster.close()
+                retire_counters(cluster.stats.quic_counters, cluster.transport.counters)
+            self._preparing = {}
             await self._reopen_outbound(handed_over)
             raise
+        self._preparing = {}
         # Commit: swap clusters, then listeners. Live flows keep their own objects.
         for cluster_config in new.clusters:
             if cluster_config.name in new_clusters:
@@ -505,6 +511,7 @@ class Sidecar:
             self.outbound[out.name].config = out
         for name in set(self.outbound) - {o.name for o in new.outbound}:
             self.outbound.pop(name).close()
+            self.listener_stats.pop(name, None)
         started_in_by_name = {listener.config.name: listener for listener in started_in}
         grace = new.drain.grace_period
         for inb in new.inbound:
@@ -515,7 +522,7 @@ class Sidecar:
             else:
                 self.inbound[inb.name].config = inb
         for name in set(self.inbound) - {i.name for i in new.inbound}:
-            self._background(self.inbound.pop(name).drain_and_close(grace))
+            self._background(self._drain_removed(self.inbound.pop(name), grace))
         self.config = new
         self.services = {c.name: c.all_services for c in new.clusters}
         self.destinations = self._destination_table(new, self.services)
@@ -588,8 +595,30 @@ class Sidecar:
             await cluster.close(ACK_TIMEOUT)
             with contextlib.suppress(ValueError):
                 self.retired_clusters.remove(cluster)
+            # Its transport's counts stay in the cluster's totals, folded; a cluster gone
+            # for good (no live one of its name) takes its counters with it.
+            retire_counters(cluster.stats.quic_counters, cluster.transport.counters)
+            name = cluster.config.name
+            alive = [*self.clusters.values(), *self.retired_clusters, *self._preparing.values()]
+            sharing = [c for c in alive if c.stats is cluster.stats]
+            if not sharing and self.cluster_stats.get(name) is cluster.stats:
+                del self.cluster_stats[name]
+                return
+            # The endpoints only it had go from the counters the clusters of its name share.
+            kept = {e.name for c in sharing for e in [*c.endpoints.values(), *c.retired]}
+            for endpoint in [*cluster.endpoints.values(), *cluster.retired]:
+                if endpoint.name not in kept:
+                    cluster.stats.endpoints.pop(endpoint.name, None)
 
         self._background(close_when_idle())
+
+    async def _drain_removed(self, listener: InboundListener, grace: float) -> None:
+        """Drain an inbound listener a reload removed; then its counters go (unless a
+        listener of its name came back meanwhile)."""
+        await listener.drain_and_close(grace)
+        name = listener.config.name
+        if name not in self.inbound and self.listener_stats.get(name) is listener.stats:
+            del self.listener_stats[name]
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -16,6 +16,27 @@ from ..splice import IDLE_TIMEOUT_REASON
 from .accesslog import Outcome
 
 
+class ClosedCounters(Counter[str]):
+    """The counts of transports that closed, folded into one (:func:`retire_counters`)."""
+
+
+def retire_counters(sources: list[Counter[str]], counters: Counter[str]) -> None:
+    """A transport whose :attr:`~quicmesh.transport.base.Transport.counters` are among
+    ``sources`` closed: its counts join one :class:`ClosedCounters` total at the front, so
+    the sums stay and the list does not grow with every reload (it kept every transport
+    a cluster or listener was ever rebuilt with)."""
+    for index, source in enumerate(sources):
+        if source is counters:
+            del sources[index]
+            break
+    else:
+        return
+    if sources and isinstance(sources[0], ClosedCounters):
+        sources[0].update(counters)
+    else:
+        sources.insert(0, ClosedCounters(counters))
+
+
 def sum_counters(sources: Iterable[Counter[str]]) -> dict[str, int]:
     """Transports' :attr:`~quicmesh.transport.base.Transport.counters` added up, key
     by key (every key any of them reports, in the order first seen)."""

@@ -1,0 +1,85 @@
+"""Reloads that churn clusters, endpoints and listeners (an xDS control plane does it all
+day) keep no counters of what is gone: the per-name and per-endpoint stats and the
+transports' counters grew by one entry for every cluster, endpoint address and rebuild
+ever seen (about 5.7 KiB a push of five new names), while /stats showed only the live
+ones. Totals of what is still there are kept (a counter never goes back)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from quicmesh.sidecar.config import ClusterConfig, parse_config
+from quicmesh.sidecar.launch import LOOPBACK, free_port
+from quicmesh.sidecar.runtime import Sidecar
+from quicmesh.sidecar.stats import ClosedCounters, retire_counters, sum_counters
+
+from .conftest import IDENTITY_A
+
+
+def test_retired_counters_fold_into_one_total() -> None:
+    live, first, second = Counter(a=1), Counter(a=2, b=1), Counter(b=5)
+    sources: list[Counter[str]] = [first, live, second]
+    retire_counters(sources, first)
+    retire_counters(sources, second)
+    retire_counters(sources, Counter(a=100))  # (not among them: nothing changes)
+    assert len(sources) == 2 and isinstance(sources[0], ClosedCounters)
+    assert sources[1] is live
+    assert sum_counters(sources) == {"a": 3, "b": 6}
+
+
+def _cluster(name: str, endpoint_port: int, connect_timeout: float) -> ClusterConfig:
+    return ClusterConfig(
+        name=name,
+        transport="quic",
+        target="app.local:80",
+        endpoints=((LOOPBACK, endpoint_port),),
+        connect_timeout=connect_timeout,
+    )
+
+
+def test_reloads_keep_no_counters_of_clusters_endpoints_and_listeners_gone(
+    workdir: Path,
+) -> None:
+    async def main() -> None:
+        text = (
+            f"node: {{name: a, identity: '{IDENTITY_A}'}}\n"
+            f"tls: {{ca_dir: '{workdir / 'ca'}'}}\n"
+            f"admin: {{address: '{LOOPBACK}:{free_port()}'}}\n"
+            "listeners: {inbound: [{name: in-base, address: "
+            f"'{LOOPBACK}:{free_port()}', transports: [h2], destinations: ['{LOOPBACK}:9']}}]}}\n"
+        )
+        base = parse_config(text, source="churn.yaml")
+        sidecar = Sidecar(base, None)
+        await sidecar.start()
+        for push in range(30):
+            # "stable" is rebuilt each time (its connect_timeout changes) on a new endpoint
+            # address; "gone-N" and the inbound listener "in-N" live for one push only.
+            clusters = (
+                _cluster("stable", 20000 + push, 1.0 + push),
+                _cluster(f"gone-{push}", 21000 + push, 5.0),
+            )
+            inbound = replace(
+                base.inbound[0],
+                name=f"in-{push}",
+                address=(LOOPBACK, free_port()),
+            )
+            await sidecar.apply_config(replace(base, clusters=clusters, inbound=(inbound,)))
+        deadline = asyncio.get_running_loop().time() + 30
+        # (The retired clusters close, and the removed listeners drain, in the background.)
+        while sidecar.retired_clusters or sidecar._background_tasks:
+            assert asyncio.get_running_loop().time() < deadline, "retired things never closed"
+            await asyncio.sleep(0.05)
+        try:
+            assert set(sidecar.cluster_stats) == {"stable", "gone-29"}
+            stable = sidecar.cluster_stats["stable"]
+            assert list(stable.endpoints) == [f"{LOOPBACK}:20029"]
+            assert len(stable.quic_counters) <= 2  # the live transport's, one folded total
+            assert set(sidecar.listener_stats) == {"in-29"}
+        finally:
+            sidecar.begin_drain()
+            await sidecar.wait_drained()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
