@@ -42,13 +42,20 @@ class FlowIdle(Exception):
 
 class IdleClock:
     """When a flow's bytes last moved, and the wait that fails it once they have not for
-    its idle timeout (Envoy's ``tcp_proxy`` ``idle_timeout``)."""
+    its idle timeout (Envoy's ``tcp_proxy`` ``idle_timeout``).
 
-    def __init__(self, idle_timeout: float) -> None:
+    :param handed_off: the bytes the flow's writers have handed on so far (written and
+        no longer buffered): looked at when the time runs out, so that a slow reader
+        taking a little at a time while a write waits keeps the flow alive.
+    """
+
+    def __init__(self, idle_timeout: float, handed_off: Callable[[], int]) -> None:
         check_idle_timeout(idle_timeout)
         self.idle_timeout = idle_timeout
+        self._handed_off = handed_off
         self._loop = asyncio.get_running_loop()
         self._last_moved = self._loop.time()
+        self._last_handed_off = handed_off()
 
     def moved(self) -> None:
         """Bytes were read or written, either way."""
@@ -56,9 +63,14 @@ class IdleClock:
 
     async def expired(self) -> None:
         """Raises :class:`FlowIdle` once no byte moved for the idle timeout."""
-        while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
-            await asyncio.sleep(left)
-        raise FlowIdle(self.idle_timeout)
+        while True:
+            while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
+                await asyncio.sleep(left)
+            handed_off = self._handed_off()
+            if handed_off == self._last_handed_off:
+                raise FlowIdle(self.idle_timeout)
+            self._last_handed_off = handed_off
+            self.moved()
 
 
 @dataclass
@@ -104,7 +116,12 @@ async def splice(
         if offloaded is not None:
             return offloaded
     result = SpliceResult()
-    clock = IdleClock(idle_timeout) if idle_timeout is not None else None
+
+    def handed_off() -> int:
+        unsent = stream.channel.stream_unsent_bytes(stream)
+        return result.bytes_to_stream - unsent + result.bytes_from_stream - unwritten_bytes(writer)
+
+    clock = IdleClock(idle_timeout, handed_off) if idle_timeout is not None else None
     moved = clock.moved if clock is not None else _nothing
 
     async def tcp_to_stream() -> None:
@@ -310,6 +327,11 @@ async def _hand_over(
 
 def _nothing() -> None:
     pass
+
+
+def unwritten_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes written to ``writer`` that its transport still holds."""
+    return 0 if writer.transport.is_closing() else writer.transport.get_write_buffer_size()
 
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"

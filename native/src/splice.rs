@@ -571,13 +571,35 @@ async fn read_data_frame(
     Ok(Some((read, buffer.split().freeze().slice(start..))))
 }
 
-async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+/// Write all of `data`; `held` hears of each part the socket took (a slow reader that
+/// takes a little at a time keeps the flow from being idle).
+async fn write_tcp(tcp: &TcpStream, mut data: &[u8], held: &Held) -> std::io::Result<()> {
     while !data.is_empty() {
         tcp.writable().await?;
         match tcp.try_write(data) {
-            Ok(written) => data = &data[written..],
+            Ok(written) => {
+                data = &data[written..];
+                held.moved();
+            }
             Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// quinn's `write_all_chunks`, telling `held` of each part the stream took (a peer that
+/// gives credit a little at a time keeps the flow from being idle).
+async fn write_all_chunks(
+    send: &mut SendStream,
+    mut chunks: &mut [Bytes],
+    held: &Held,
+) -> Result<(), WriteError> {
+    while !chunks.is_empty() {
+        let written = send.write_chunks(chunks).await?;
+        chunks = &mut chunks[written.chunks..];
+        if written.bytes > 0 {
+            held.moved();
         }
     }
     Ok(())
@@ -613,8 +635,8 @@ async fn upstream(
     loop {
         held.to_quic.store(total_len(&pending), Ordering::Relaxed);
         if !pending.is_empty() && !discard {
-            match send.write_all_chunks(&mut pending[..]).await {
-                Ok(()) => held.moved(),
+            match write_all_chunks(send, &mut pending[..], held).await {
+                Ok(()) => {}
                 Err(WriteError::Stopped(code)) => {
                     peer_stopped(code)?;
                     discard = true;
@@ -701,10 +723,9 @@ async fn downstream(
         held.to_tcp.store(total_len(&payload), Ordering::Relaxed);
         for chunk in payload.drain(..) {
             if !chunk.is_empty() {
-                write_tcp(tcp, &chunk).await.map_err(Failure::Tcp)?;
+                write_tcp(tcp, &chunk, held).await.map_err(Failure::Tcp)?;
                 *counted += chunk.len() as u64;
                 held.to_tcp.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
-                held.moved();
             }
         }
         if fin {
@@ -1119,7 +1140,7 @@ mod tests {
             let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
             let sent = data.clone();
             let writer = tokio::spawn(async move {
-                write_tcp(&client, &sent).await.unwrap();
+                write_tcp(&client, &sent, &Held::new(None)).await.unwrap();
             });
             let (mut frames, mut buffer, mut limit) = (Vec::new(), BytesMut::new(), FIRST_READ);
             while let Some((read, frame)) = read_data_frame(&server, &mut buffer, &mut limit)
@@ -1322,5 +1343,47 @@ mod tests {
             Failure::Idle(Duration::from_millis(700)).describe(4),
             "idle timeout: no bytes either way for 0.7s"
         );
+    }
+
+    #[test]
+    fn a_slow_reader_taking_part_of_a_write_keeps_the_flow_alive() {
+        let rt = crate::engine::runtime().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let writer = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (reader, _) = listener.accept().await.unwrap();
+            // Small buffers both ways: the 4 MiB write goes out some KiB at a time.
+            socket2::SockRef::from(&writer)
+                .set_send_buffer_size(65536)
+                .unwrap();
+            socket2::SockRef::from(&reader)
+                .set_recv_buffer_size(65536)
+                .unwrap();
+            let held = Held::new(Some(Duration::from_millis(400)));
+            let data = vec![7u8; 4 << 20];
+            let reading = async {
+                let mut buffer = vec![0u8; 16384];
+                let mut total = 0;
+                while total < data.len() {
+                    reader.readable().await.unwrap();
+                    match reader.try_read(&mut buffer) {
+                        Ok(read) => total += read,
+                        Err(error) if error.kind() == ErrorKind::WouldBlock => continue,
+                        Err(error) => panic!("{error}"),
+                    }
+                    // About 1.6 MB/s: the whole write takes about 2.6 s, past the timeout.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let writing = async {
+                tokio::select! {
+                    written = write_tcp(&writer, &data, &held) => written.unwrap(),
+                    failure = held.idle() => panic!("{failure:?} while the reader read"),
+                }
+            };
+            tokio::join!(reading, writing);
+        });
     }
 }

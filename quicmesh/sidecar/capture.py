@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..errors import os_error_text
-from ..splice import FlowIdle, IdleClock
+from ..splice import FlowIdle, IdleClock, unwritten_bytes
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster
 from .config import Address, InterceptConfig, format_address
@@ -309,7 +309,11 @@ async def pipe(
     never), both connections are reset.
     """
     counts = [0, 0]
-    clock = IdleClock(idle_timeout) if idle_timeout is not None else None
+
+    def handed_off() -> int:
+        return sum(counts) - unwritten_bytes(up_writer) - unwritten_bytes(writer)
+
+    clock = IdleClock(idle_timeout, handed_off) if idle_timeout is not None else None
 
     async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, index: int) -> None:
         while data := await source.read(_CHUNK):

@@ -22,7 +22,13 @@ import quicmesh
 from quicmesh import MeshStream, QuicTransport, splice
 from quicmesh.errors import StreamReset, TunnelUsageError
 from quicmesh.sidecar.capture import pipe
-from quicmesh.splice import SpliceResult, connect_and_splice, splice_accepted
+from quicmesh.splice import (
+    FlowIdle,
+    IdleClock,
+    SpliceResult,
+    connect_and_splice,
+    splice_accepted,
+)
 
 IDLE = 0.5
 PATHS = ["quic-native", "quic-aioquic", "h2", "tcp"]
@@ -263,3 +269,28 @@ def test_an_idle_timeout_out_of_range_is_refused_before_anything_is_done(
         app_server.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_bytes_handed_on_while_a_write_waits_count_as_moving() -> None:
+    """The Python copy marks a flow moving when it reads and when a write completes; a
+    write waiting on a slow reader completes late, so when the time runs out the clock
+    also asks what the writers handed on meanwhile (as Envoy's bytes-sent callbacks)."""
+
+    async def main() -> None:
+        handed_off = [0]
+        loop = asyncio.get_running_loop()
+        clock = IdleClock(0.3, lambda: handed_off[0])
+        started = loop.time()
+
+        async def trickle() -> None:
+            while loop.time() - started < 1.0:
+                await asyncio.sleep(0.05)
+                handed_off[0] += 1024
+
+        expired = asyncio.ensure_future(clock.expired())
+        await trickle()
+        assert not expired.done()  # a second with bytes handed on and no read or write
+        with pytest.raises(FlowIdle):
+            await asyncio.wait_for(expired, 5)  # then nothing: idle
+
+    asyncio.run(main())
