@@ -60,17 +60,16 @@ class IdleClock:
     def moved(self) -> None:
         """Bytes were read or written, either way."""
         self._last_moved = self._loop.time()
+        self._last_handed_off = self._handed_off()
 
     async def expired(self) -> None:
         """Raises :class:`FlowIdle` once no byte moved for the idle timeout."""
         while True:
             while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
                 await asyncio.sleep(left)
-            handed_off = self._handed_off()
-            if handed_off == self._last_handed_off:
+            if self._handed_off() == self._last_handed_off:
                 raise FlowIdle(self.idle_timeout)
-            self._last_handed_off = handed_off
-            self.moved()
+            self.moved()  # handed on since: a slow reader took some
 
 
 @dataclass

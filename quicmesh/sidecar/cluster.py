@@ -608,9 +608,15 @@ class Cluster:
                 if not endpoint.pool.connections:
                     self.retired.remove(endpoint)
                     # Its counters go with it (EDS churn kept one for every address ever
-                    # seen), unless the address is an endpoint again.
-                    if endpoint.address not in self.endpoints:
-                        self.stats.endpoints.pop(endpoint.name, None)
+                    # seen), unless the address is an endpoint again or an older version
+                    # of the cluster (they share the counters) still carries flows there.
+                    counters = self.stats.endpoints.get(endpoint.name)
+                    if (
+                        endpoint.address not in self.endpoints
+                        and counters is not None
+                        and counters.streams_active == 0
+                    ):
+                        del self.stats.endpoints[endpoint.name]
 
     async def _health_loop(self) -> None:
         check = self.config.health_check

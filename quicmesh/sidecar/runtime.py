@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +143,8 @@ class Sidecar:
         self.retired_clusters: list[Cluster] = []
         self._preparing: dict[str, Cluster] = {}
         """Clusters a reload under way made and has not put in place yet."""
+        self._removed_handshake_failures: Counter[str] = Counter()
+        """(client) Handshake failures counted by clusters since removed."""
         self.reloads = {"ok": 0, "rejected": 0}
         self.ready = False
         self.draining = False
@@ -510,8 +513,10 @@ class Sidecar:
             # (Also for one started above: it chose how to accept by the clusters of then.)
             self.outbound[out.name].config = out
         for name in set(self.outbound) - {o.name for o in new.outbound}:
-            self.outbound.pop(name).close()
-            self.listener_stats.pop(name, None)
+            removed = self.outbound.pop(name)
+            removed.close()
+            if self.listener_stats.get(name) is removed.stats:  # (not an inbound one's now)
+                del self.listener_stats[name]
         started_in_by_name = {listener.config.name: listener for listener in started_in}
         grace = new.drain.grace_period
         for inb in new.inbound:
@@ -602,6 +607,8 @@ class Sidecar:
             alive = [*self.clusters.values(), *self.retired_clusters, *self._preparing.values()]
             sharing = [c for c in alive if c.stats is cluster.stats]
             if not sharing and self.cluster_stats.get(name) is cluster.stats:
+                # The sidecar's handshake-failure counters keep what it counted.
+                self._removed_handshake_failures.update(cluster.stats.handshake_failures)
                 del self.cluster_stats[name]
                 return
             # The endpoints only it had go from the counters the clusters of its name share.
@@ -893,7 +900,7 @@ class Sidecar:
     def _handshake_failures(self) -> dict[str, dict[str, int]]:
         """TLS handshakes that failed, by our role (client: dialling a cluster;
         server: a peer dialling an inbound listener) and reason."""
-        client: dict[str, int] = {}
+        client: dict[str, int] = dict(self._removed_handshake_failures)
         for cluster_stats in self.cluster_stats.values():
             for reason, count in cluster_stats.handshake_failures.items():
                 client[reason] = client.get(reason, 0) + count

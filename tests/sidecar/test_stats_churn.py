@@ -11,10 +11,18 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from quicmesh.sidecar.config import ClusterConfig, parse_config
+import pytest
+
+from quicmesh.sidecar.config import (
+    ClusterConfig,
+    InboundListenerConfig,
+    parse_config,
+    parse_destination,
+)
 from quicmesh.sidecar.launch import LOOPBACK, free_port
 from quicmesh.sidecar.runtime import Sidecar
 from quicmesh.sidecar.stats import ClosedCounters, retire_counters, sum_counters
+from quicmesh.splice import FlowIdle, IdleClock
 
 from .conftest import IDENTITY_A
 
@@ -83,3 +91,93 @@ def test_reloads_keep_no_counters_of_clusters_endpoints_and_listeners_gone(
             await sidecar.wait_drained()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _sidecar_text(workdir: Path) -> str:
+    return (
+        f"node: {{name: a, identity: '{IDENTITY_A}'}}\n"
+        f"tls: {{ca_dir: '{workdir / 'ca'}'}}\n"
+        f"admin: {{address: '{LOOPBACK}:{free_port()}'}}\n"
+        "listeners: {outbound: [{name: foo, address: "
+        f"'{LOOPBACK}:{free_port()}', cluster: bad}}]}}\n"
+        f"clusters: [{{name: bad, transport: h2, target: 'app:80', endpoints: ['{LOOPBACK}:9']}}]\n"
+    )
+
+
+def test_a_removed_cluster_leaves_its_handshake_failures_in_the_sidecars_counter(
+    workdir: Path,
+) -> None:
+    """quicmesh_handshake_failures_total{role="client"} is the sidecar's: a cluster that
+    goes takes its own counters, not what the sidecar counted (the counter went back)."""
+
+    async def main() -> None:
+        base = parse_config(_sidecar_text(workdir), source="a.yaml")
+        sidecar = Sidecar(base, None)
+        await sidecar.start()
+        try:
+            sidecar.cluster_stats["bad"].handshake_failures["peer_certificate_untrusted"] += 3
+            await sidecar.apply_config(replace(base, outbound=(), clusters=()))
+            while sidecar.retired_clusters or sidecar._background_tasks:
+                await asyncio.sleep(0.05)
+            assert "bad" not in sidecar.cluster_stats
+            client = sidecar.snapshot()["handshake_failures"]["client"]
+            assert client == {"peer_certificate_untrusted": 3}
+        finally:
+            sidecar.begin_drain()
+            await sidecar.wait_drained()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_listener_name_moving_from_outbound_to_inbound_keeps_its_new_counters(
+    workdir: Path,
+) -> None:
+    """An LDS listener whose filter changes keeps its name: the removed outbound one must
+    not take the new inbound one's counters with it."""
+
+    async def main() -> None:
+        base = parse_config(_sidecar_text(workdir), source="a.yaml")
+        sidecar = Sidecar(base, None)
+        await sidecar.start()
+        try:
+            swapped = replace(
+                base,
+                outbound=(),
+                clusters=(),
+                inbound=(_inbound_listener("foo"),),
+            )
+            await sidecar.apply_config(swapped)
+            assert sidecar.listener_stats["foo"] is sidecar.inbound["foo"].stats
+            assert sidecar.listener_stats["foo"].kind == "inbound"
+        finally:
+            sidecar.begin_drain()
+            await sidecar.wait_drained()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _inbound_listener(name: str) -> InboundListenerConfig:
+    return InboundListenerConfig(
+        name=name,
+        address=(LOOPBACK, free_port()),
+        transports=("h2",),
+        destinations=(parse_destination(f"{LOOPBACK}:9"),),
+    )
+
+
+def test_the_idle_clock_expires_one_timeout_after_the_last_bytes() -> None:
+    """Bytes handed on with the last move are no progress at the deadline: one timeout
+    after them, not two (the Python copy waited twice as long as the native engine)."""
+
+    async def main() -> float:
+        handed_off = [0]
+        clock = IdleClock(1.0, lambda: handed_off[0])
+        loop = asyncio.get_running_loop()
+        handed_off[0] += 4  # a write handed on ...
+        clock.moved()  # ... and marked at once
+        last = loop.time()
+        with pytest.raises(FlowIdle):
+            await clock.expired()
+        return loop.time() - last
+
+    assert asyncio.run(main()) < 1.8
