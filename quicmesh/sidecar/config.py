@@ -409,9 +409,10 @@ class XdsConfig:
     """The ``node.cluster`` the sidecar reports."""
     metadata: tuple[tuple[str, str], ...] = ()
     """The ``node.metadata`` the sidecar reports (string values)."""
-    initial_fetch_timeout: float = 15.0
-    """Seconds the first sync waits for the endpoints of warming clusters before
-    the sidecar becomes ready without them (Envoy's ``initial_fetch_timeout``)."""
+    initial_fetch_timeout: float | None = 15.0
+    """Seconds the first sync waits for LDS and CDS (from the client's start), and then
+    for the endpoints of warming clusters, before the sidecar becomes ready without them
+    (Envoy's ``initial_fetch_timeout``); None (``0s``, as in Envoy): for ever."""
 
 
 @dataclass(frozen=True)
@@ -1138,7 +1139,7 @@ class _Loader:
             address=node.child("address").required().address(),
             cluster=cluster.name() if cluster.value is not None else "quicmesh",
             metadata=tuple(pairs),
-            initial_fetch_timeout=_duration_or(node.child("initial_fetch_timeout"), 15.0),
+            initial_fetch_timeout=_fetch_timeout(node.child("initial_fetch_timeout")),
         )
 
     def intercept(self, node: _Field) -> InterceptConfig | None:
@@ -1636,6 +1637,13 @@ def _or_default(node: _Field, default: str, choices: tuple[str, ...]) -> str:
 
 def _duration_or(node: _Field, default: float) -> float:
     return default if node.value is None else node.duration()
+
+
+def _fetch_timeout(node: _Field) -> float | None:
+    """``xds.initial_fetch_timeout``: a duration; 0 waits for ever, as Envoy's."""
+    if node.value is None:
+        return 15.0
+    return node.duration(positive=False) or None
 
 
 def _flow_idle_timeout(node: _Field) -> float | None:

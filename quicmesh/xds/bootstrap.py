@@ -180,22 +180,21 @@ def _by_name(resources: Any, where: str) -> dict[str, Any]:
 
 
 def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
-    from .mapping import MappingError, _duration, _only, map_endpoints
+    from .mapping import MappingError, _only, map_endpoints
 
     if not bootstrap.HasField("dynamic_resources"):
         return None
     dynamic = bootstrap.dynamic_resources
     where = "bootstrap.dynamic_resources"
     _only(dynamic, {"ads_config", "lds_config", "cds_config"}, where)
-    for name, read in (("lds_config", set()), ("cds_config", {"initial_fetch_timeout"})):
+    for name in ("lds_config", "cds_config"):
         if not dynamic.HasField(name):
             continue
         source = getattr(dynamic, name)
         if not source.HasField("ads"):
             raise MappingError(f"{where}.{name}: only ads is supported (one ADS stream)")
-        # Every other field is refused by name, as elsewhere (an lds_config
-        # initial_fetch_timeout passed and was not read).
-        _only(source, {"ads", "resource_api_version", *read}, f"{where}.{name}")
+        # Every other field is refused by name, as elsewhere.
+        _only(source, {"ads", "resource_api_version", "initial_fetch_timeout"}, f"{where}.{name}")
         if source.resource_api_version not in (0, 2):  # AUTO, V3
             raise MappingError(f"{where}.{name}.resource_api_version: only V3 is supported")
     ads = dynamic.ads_config
@@ -211,8 +210,25 @@ def _ads(bootstrap: Any, resources: Any) -> XdsConfig | None:
     endpoints = map_endpoints(cluster.load_assignment, f"Cluster {cluster_name!r}")
     if len(endpoints) != 1:
         raise MappingError(f"Cluster {cluster_name!r}: the ADS cluster needs exactly one endpoint")
-    timeout = _duration(dynamic.cds_config, "initial_fetch_timeout", 15.0, f"{where}.cds_config")
-    return XdsConfig(address=endpoints[0], initial_fetch_timeout=timeout)
+    return XdsConfig(address=endpoints[0], initial_fetch_timeout=_fetch_timeout(dynamic, where))
+
+
+def _fetch_timeout(dynamic: Any, where: str) -> float | None:
+    """The first sync's wait, from ``lds_config`` and ``cds_config``'s
+    ``initial_fetch_timeout`` (quicmesh has one for both): ``0s`` in either waits for ever
+    (Envoy's meaning, as Istio's bootstraps give it), else the longer of those given, 15 s
+    by default."""
+    from .mapping import _duration, _seconds
+
+    given: list[float] = []
+    for name in ("lds_config", "cds_config"):
+        source = getattr(dynamic, name)
+        if not source.HasField("initial_fetch_timeout"):
+            continue
+        if _seconds(source.initial_fetch_timeout) == 0:
+            return None
+        given.append(_duration(source, "initial_fetch_timeout", 15.0, f"{where}.{name}"))
+    return max(given, default=15.0)
 
 
 def _filename(source: Any, secret: str, base_dir: Path) -> str:

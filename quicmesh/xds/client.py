@@ -310,7 +310,8 @@ class AdsClient:
         """As Envoy's ``initial_fetch_timeout`` for LDS and CDS: a control plane that
         answers neither within it (from the client's start, reachable or not) leaves the
         sidecar ready with what it has (its static resources), not unready for ever."""
-        if self.synced.is_set() or self._first_fetch_timer is not None:
+        timeout = self.config.initial_fetch_timeout
+        if self.synced.is_set() or self._first_fetch_timer is not None or timeout is None:
             return
 
         def timed_out() -> None:
@@ -320,14 +321,12 @@ class AdsClient:
             logger.warning(
                 "no %s from the control plane after %.0f s: ready without them",
                 " and ".join(SHORT_NAMES[t] for t in sorted(missing)),
-                self.config.initial_fetch_timeout,
+                timeout,
             )
             self._fetched_types |= missing
             self._note_initial_sync()
 
-        self._first_fetch_timer = asyncio.get_running_loop().call_later(
-            self.config.initial_fetch_timeout, timed_out
-        )
+        self._first_fetch_timer = asyncio.get_running_loop().call_later(timeout, timed_out)
 
     def _note_initial_sync(self) -> None:
         # As Envoy's init manager: not ready while a cluster of the first sync still
@@ -340,7 +339,7 @@ class AdsClient:
                 if timer is not None:
                     timer.cancel()
             self.synced.set()
-        elif self._initial_fetch_timer is None:
+        elif self._initial_fetch_timer is None and self.config.initial_fetch_timeout is not None:
             self._initial_fetch_timer = asyncio.get_running_loop().call_later(
                 self.config.initial_fetch_timeout, self._initial_fetch_timed_out
             )
@@ -350,7 +349,7 @@ class AdsClient:
             logger.warning(
                 "no endpoints for %s after %.0f s: ready without them",
                 ", ".join(self.warming),
-                self.config.initial_fetch_timeout,
+                self.config.initial_fetch_timeout or 0,
             )
             self.synced.set()
 

@@ -262,6 +262,14 @@ def _unpack(packed: Any, message: M, where: str) -> M:
     return message
 
 
+def _idle_timeout(parent: Message, name: str, where: str) -> float | None:
+    """A flow idle timeout from the ``Duration`` field ``name``: unset is quicmesh's (and
+    tcp_proxy's) hour, ``0s`` none, else more than zero and at most a day."""
+    if parent.HasField(name) and _seconds(getattr(parent, name)) == 0:
+        return None
+    return _duration(parent, name, DEFAULT_FLOW_IDLE_TIMEOUT, where)
+
+
 def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> _Outbound:
     where = f"{where}: tcp_proxy"
     _only(proxy, {"stat_prefix", "cluster", "tunneling_config", "idle_timeout"}, where)
@@ -278,11 +286,11 @@ def _map_tcp_proxy(name: str, address: Address, proxy: TcpProxy, where: str) -> 
         raise MappingError(f"{where}.tunneling_config.hostname: {exc}") from None
     cluster = _name(proxy.cluster, f"{where}.cluster")
     # Envoy's default is an hour and 0s turns it off, as the YAML configuration's.
-    idle: float | None = None
-    if not proxy.HasField("idle_timeout") or _seconds(proxy.idle_timeout) != 0:
-        idle = _duration(proxy, "idle_timeout", DEFAULT_FLOW_IDLE_TIMEOUT, where)
     config = OutboundListenerConfig(
-        name=name, address=address, cluster=cluster, flow_idle_timeout=idle
+        name=name,
+        address=address,
+        cluster=cluster,
+        flow_idle_timeout=_idle_timeout(proxy, "idle_timeout", where),
     )
     return _Outbound(config, target)
 
@@ -301,6 +309,7 @@ def _map_connect_terminator(
             "http_filters",
             "http2_protocol_options",
             "http3_protocol_options",
+            "stream_idle_timeout",
         },
         where,
     )
@@ -342,7 +351,11 @@ def _map_connect_terminator(
             f"{where}.route_config: no virtual host domains: they are the allowed destinations"
         )
     return InboundListenerConfig(
-        name=name, address=address, transports=(transport,), destinations=tuple(destinations)
+        name=name,
+        address=address,
+        transports=(transport,),
+        destinations=tuple(destinations),
+        flow_idle_timeout=_idle_timeout(manager, "stream_idle_timeout", where),
     )
 
 

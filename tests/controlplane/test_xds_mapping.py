@@ -85,6 +85,23 @@ def test_a_tcp_proxy_idle_timeout_is_the_listeners_flow_idle_timeout(
     assert mapped.config.flow_idle_timeout == expected
 
 
+@pytest.mark.parametrize(
+    ("idle_timeout", "expected"), [(None, 3600.0), ("90s", 90.0), ("0s", None)]
+)
+def test_a_connect_terminators_stream_idle_timeout_is_the_inbound_flow_idle_timeout(
+    idle_timeout: str | None, expected: float | None
+) -> None:
+    """Every flow crosses the peer's inbound listener too: without a mapping there, an
+    outbound ``idle_timeout: 0s`` still met the inbound side's hour."""
+    doc = inbound_listener_doc("in", 15008, "UDP", ["127.0.0.1:9080"])
+    manager = doc["filter_chains"][0]["filters"][0]["typed_config"]
+    if idle_timeout is not None:
+        manager["stream_idle_timeout"] = idle_timeout
+    mapped = map_listener(parse_message(doc, Listener, "t"))
+    assert isinstance(mapped, InboundListenerConfig)
+    assert mapped.flow_idle_timeout == expected
+
+
 @pytest.mark.parametrize("idle_timeout", ["-1s", "86401s"])
 def test_a_tcp_proxy_idle_timeout_out_of_range_is_refused(idle_timeout: str) -> None:
     doc = outbound_listener_doc("out", 15001, "reviews", "10.0.0.9:9080")
@@ -578,6 +595,35 @@ def test_the_bootstrap_example_in_docs_runs_check(tmp_path: Path) -> None:
     assert config.outbound[0].address == ("127.0.0.1", 15001)
 
 
+@pytest.mark.parametrize(
+    ("lds", "cds", "expected"),
+    [
+        (None, None, 15.0),
+        ("4s", None, 4.0),
+        ("4s", "2.5s", 4.0),
+        ("0s", "2.5s", None),
+        (None, "0s", None),
+    ],
+)
+def test_a_bootstrap_initial_fetch_timeout_of_0s_waits_for_ever(
+    tmp_path: Path, lds: str | None, cds: str | None, expected: float | None
+) -> None:
+    """As Envoy (Istio's bootstraps set 0s on both): 0s in either config source waits for
+    ever; otherwise the longer of those given (quicmesh has one wait for both)."""
+    from quicmesh.xds.bootstrap import load_any_config
+
+    path = write_bootstrap(tmp_path)
+    _with_ads(path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for source, value in (("lds_config", lds), ("cds_config", cds)):
+        document["dynamic_resources"][source].pop("initial_fetch_timeout", None)
+        if value is not None:
+            document["dynamic_resources"][source]["initial_fetch_timeout"] = value
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    config = load_any_config(path)
+    assert config.xds is not None and config.xds.initial_fetch_timeout == expected
+
+
 def test_envoy_bootstrap_ads_keeps_the_cds_initial_fetch_timeout(tmp_path: Path) -> None:
     from quicmesh.xds.bootstrap import load_any_config
 
@@ -744,11 +790,11 @@ def test_a_bootstrap_section_of_the_wrong_shape_is_named(
     [
         ("lds_config", {"resource_api_version": "V3"}, None),
         ("cds_config", {"resource_api_version": "V3", "initial_fetch_timeout": "3s"}, None),
+        ("lds_config", {"initial_fetch_timeout": "3s"}, None),
         (
             "lds_config",
-            {"initial_fetch_timeout": "3s"},
-            "bootstrap.dynamic_resources.lds_config: field 'initial_fetch_timeout' is not "
-            "supported",
+            {"initial_fetch_timeout": "-1s"},
+            "bootstrap.dynamic_resources.lds_config.initial_fetch_timeout: -1s is outside",
         ),
         (
             "cds_config",
@@ -765,8 +811,8 @@ def test_a_bootstrap_section_of_the_wrong_shape_is_named(
 def test_config_source_fields_are_read_or_refused(
     tmp_path: Path, source: str, fields: dict[str, Any], message: str | None
 ) -> None:
-    """An lds_config initial_fetch_timeout and other config-source fields passed --check
-    and were not read."""
+    """Config-source fields other than ads, resource_api_version and
+    initial_fetch_timeout are refused by name (they passed --check and were not read)."""
     path = write_bootstrap(tmp_path)
     _with_ads(path)
     document = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -813,3 +813,20 @@ def test_a_port_clash_between_sections_names_both_by_their_whole_path() -> None:
         "sidecar.yaml: intercept.outbound_port: TCP port 15001 is also used by "
         "listeners.outbound[0]"
     )
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 15.0), ("0s", None), (0, None), ("2s", 2.0)])
+def test_xds_initial_fetch_timeout_of_0s_waits_for_ever(
+    value: object, seconds: float | None
+) -> None:
+    """As Envoy's (Istio's bootstraps set 0s): no wait limit at all."""
+    document: dict[str, Any] = {
+        "node": VALID["node"],
+        "tls": {"ca_dir": "ca"},
+        "admin": VALID["admin"],
+        "xds": {"address": "127.0.0.1:18000"},
+    }
+    if value is not None:
+        document["xds"]["initial_fetch_timeout"] = value
+    config = load(document)
+    assert config.xds is not None and config.xds.initial_fetch_timeout == seconds
