@@ -45,8 +45,10 @@ class IdleClock:
     its idle timeout (Envoy's ``tcp_proxy`` ``idle_timeout``).
 
     :param handed_off: the bytes the flow's writers have handed on so far (written and
-        no longer buffered): looked at when the time runs out, so that a slow reader
-        taking a little at a time while a write waits keeps the flow alive.
+        no longer buffered): looked at every quarter of the timeout, so that a slow
+        reader taking a little at a time while a write waits keeps the flow alive (and
+        bytes a writer sends after its write returned count when they leave). A flow is
+        failed between one and one and a quarter timeouts after its last bytes.
     """
 
     def __init__(self, idle_timeout: float, handed_off: Callable[[], int]) -> None:
@@ -55,21 +57,20 @@ class IdleClock:
         self._handed_off = handed_off
         self._loop = asyncio.get_running_loop()
         self._last_moved = self._loop.time()
-        self._last_handed_off = handed_off()
 
     def moved(self) -> None:
         """Bytes were read or written, either way."""
         self._last_moved = self._loop.time()
-        self._last_handed_off = self._handed_off()
 
     async def expired(self) -> None:
         """Raises :class:`FlowIdle` once no byte moved for the idle timeout."""
-        while True:
-            while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
-                await asyncio.sleep(left)
-            if self._handed_off() == self._last_handed_off:
-                raise FlowIdle(self.idle_timeout)
-            self.moved()  # handed on since: a slow reader took some
+        handed_off = self._handed_off()
+        while (left := self._last_moved + self.idle_timeout - self._loop.time()) > 0:
+            await asyncio.sleep(min(left, self.idle_timeout / 4))
+            if (now := self._handed_off()) != handed_off:
+                handed_off = now
+                self.moved()  # handed on since the last look: no later than now
+        raise FlowIdle(self.idle_timeout)
 
 
 @dataclass

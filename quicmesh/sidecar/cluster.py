@@ -605,18 +605,18 @@ class Cluster:
                 endpoint.pool.close_idle(now, self.config.idle_timeout)
             for endpoint in list(self.retired):
                 endpoint.pool.close_idle(now, 0.0)
-                if not endpoint.pool.connections:
+                if endpoint.pool.connections:
+                    continue
+                # Its counters go with it (EDS churn kept one for every address ever
+                # seen), unless the address is an endpoint again; while a flow there is
+                # still counted (its end not reported yet, or an older version of the
+                # cluster, which shares the counters, carrying it), it waits a sweep more.
+                counters = self.stats.endpoints.get(endpoint.name)
+                if endpoint.address in self.endpoints or counters is None:
                     self.retired.remove(endpoint)
-                    # Its counters go with it (EDS churn kept one for every address ever
-                    # seen), unless the address is an endpoint again or an older version
-                    # of the cluster (they share the counters) still carries flows there.
-                    counters = self.stats.endpoints.get(endpoint.name)
-                    if (
-                        endpoint.address not in self.endpoints
-                        and counters is not None
-                        and counters.streams_active == 0
-                    ):
-                        del self.stats.endpoints[endpoint.name]
+                elif counters.streams_active == 0:
+                    del self.stats.endpoints[endpoint.name]
+                    self.retired.remove(endpoint)
 
     async def _health_loop(self) -> None:
         check = self.config.health_check

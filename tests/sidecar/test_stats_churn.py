@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from quicmesh.sidecar.cluster import SWEEP_INTERVAL
 from quicmesh.sidecar.config import (
     ClusterConfig,
     InboundListenerConfig,
@@ -181,3 +182,37 @@ def test_the_idle_clock_expires_one_timeout_after_the_last_bytes() -> None:
         return loop.time() - last
 
     assert asyncio.run(main()) < 1.8
+
+
+def test_an_endpoint_gone_keeps_its_counters_while_a_flow_there_is_counted(
+    workdir: Path,
+) -> None:
+    """The sweep drops a removed endpoint's counters once its pool is empty, but not while a
+    flow there is still counted (its end reported later): they went then, and the flow's
+    end made them again at streams_active -1; and it looks again until they can go."""
+
+    async def main() -> None:
+        text = _sidecar_text(workdir).replace(
+            "endpoints: ['127.0.0.1:9']", "endpoints: ['127.0.0.1:9', '127.0.0.1:10']"
+        )
+        sidecar = Sidecar(parse_config(text, source="a.yaml"), None)
+        await sidecar.start()
+        try:
+            cluster = sidecar.clusters["bad"]
+            gone = cluster.endpoints[(LOOPBACK, 9)]
+            cluster.stats.endpoint(gone.name).streams_active += 1  # a flow there, counted
+            cluster.set_endpoints(((LOOPBACK, 10),))
+            await asyncio.sleep(2.5 * SWEEP_INTERVAL)  # two sweeps, that must keep them
+            assert gone in cluster.retired
+            assert cluster.stats.endpoints[gone.name].streams_active == 1
+            cluster.stats.endpoint(gone.name).streams_active -= 1  # its end
+            deadline = asyncio.get_running_loop().time() + 10
+            while gone.name in cluster.stats.endpoints:
+                assert asyncio.get_running_loop().time() < deadline, "counters kept for ever"
+                await asyncio.sleep(0.1)
+            assert gone not in cluster.retired
+        finally:
+            sidecar.begin_drain()
+            await sidecar.wait_drained()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

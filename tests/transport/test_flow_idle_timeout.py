@@ -294,3 +294,30 @@ def test_bytes_handed_on_while_a_write_waits_count_as_moving() -> None:
             await asyncio.wait_for(expired, 5)  # then nothing: idle
 
     asyncio.run(main())
+
+
+def test_bytes_that_only_went_into_the_tunnel_time_out_once() -> None:
+    """A one-way write's bytes leave after the copy marked them (the session sends on its
+    next turn): the clock must not take that for a slow reader at the deadline and wait a
+    second timeout (it reset such flows after about two)."""
+
+    async def main() -> float:
+        app = App()
+        app_server = await asyncio.start_server(app.serve, "127.0.0.1", 0)
+        pair = Pair()
+        port = await pair.start("h2", app_server.sockets[0].getsockname()[1], {"a": 1.0})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"silent\n")
+        assert await reader.readline() == b"+OK\n"
+        loop = asyncio.get_running_loop()
+        writer.write(b"x" * 100)  # one way, the app never answers
+        await writer.drain()
+        last = loop.time()
+        assert await client_ends(reader) == "reset"
+        elapsed = loop.time() - last
+        writer.close()
+        await pair.close()
+        app_server.close()
+        return elapsed
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) < 1.75  # at most 1.25 timeouts
