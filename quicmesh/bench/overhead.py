@@ -670,6 +670,8 @@ class Sample:
     bulk_mbps: float = math.nan
     cpu_seconds_per_gb: float = math.nan
     failures: int = 0
+    round: int = 0
+    """Which round it was (added latency is against that round's direct path)."""
 
 
 NFT_TABLE = "quicmesh_bench_overhead"
@@ -885,9 +887,13 @@ def summarise(
             for index, q in enumerate(("p50", "p90", "p99")):
                 v[f"{q}_ms@{rate}"] = median([s.latency_ms[rate][index] for s in runs])
                 if direct and spec.name != "direct":
+                    # Paired by round: a round a path failed leaves its other rounds
+                    # against their own (in order they shifted onto the next round's).
+                    by_round = {d.round: d for d in direct}
                     added = [
-                        s.latency_ms[rate][index] - d.latency_ms[rate][index]
-                        for s, d in zip(runs, direct, strict=False)
+                        s.latency_ms[rate][index] - by_round[s.round].latency_ms[rate][index]
+                        for s in runs
+                        if s.round in by_round
                     ]
                     v[f"added_{q}_ms@{rate}"] = median(added)
             v[f"rps@{rate}"] = median([s.achieved_rps[rate] for s in runs])
@@ -1183,6 +1189,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
                         continue
                     finally:
                         proxies.stop()
+                    sample.round = number
                     samples.setdefault(spec.name, []).append(sample)
                     top = max(plan.rates)
                     report(

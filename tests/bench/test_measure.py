@@ -313,8 +313,9 @@ def test_percentile_of_nothing_is_nan() -> None:
     assert math.isnan(percentile([], 0.5))
 
 
-def _sample(p90: float, cpu: float, max_rps: float) -> Sample:
+def _sample(p90: float, cpu: float, max_rps: float, number: int = 0) -> Sample:
     sample = Sample(
+        round=number,
         vcpu_per_krps=cpu,
         max_rps=max_rps,
         conn_per_request_rps=max_rps / 10,
@@ -332,10 +333,10 @@ def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> N
     plan = Plan((1000,), 1.0, 0.5, 1.0, 1.0, 10**6, 2)
     specs = [PathSpec.parse(p) for p in ("direct", "h2", "h2/asyncio", "nghttpx", "stunnel")]
     samples = {
-        "direct": [_sample(1.0, 0.0, 20000), _sample(3.0, 0.0, 20000)],
-        "h2": [_sample(2.0, 0.3, 2000), _sample(5.0, 0.3, 2000)],  # added p90 1 and 2
-        "h2/asyncio": [_sample(3.0, 0.4, 1000), _sample(6.0, 0.4, 1000)],  # added 2 and 3
-        "nghttpx": [_sample(1.5, 0.1, 8000), _sample(3.5, 0.1, 8000)],  # added 0.5 twice
+        "direct": [_sample(1.0, 0.0, 20000, 1), _sample(3.0, 0.0, 20000, 2)],
+        "h2": [_sample(2.0, 0.3, 2000, 1), _sample(5.0, 0.3, 2000, 2)],  # added p90 1 and 2
+        "h2/asyncio": [_sample(3.0, 0.4, 1000, 1), _sample(6.0, 0.4, 1000, 2)],  # 2 and 3
+        "nghttpx": [_sample(1.5, 0.1, 8000, 1), _sample(3.5, 0.1, 8000, 2)],  # 0.5 twice
     }
     rows = summarise(specs, samples, plan, {"stunnel": "not installed: apt-get install stunnel4"})
     by_path = {row.path: row for row in rows}
@@ -367,6 +368,10 @@ def test_summary_takes_added_latency_per_round_and_ratios_in_the_same_run() -> N
     floor_table = render(with_floor, plan, namespace=True)
     assert "Ratios against haproxy (same run" in floor_table
     assert ratios(with_floor, "haproxy", 1000)["nghttpx"]["cpr"] == 8000 / 6000
+    # A round a path failed: its others are paired with their own round's direct path
+    # (zipped in order, round 2's sample met round 1's direct: added 4.0, not 2.0).
+    gap = summarise(specs[:2], {**samples, "h2": [_sample(5.0, 0.3, 2000, 2)]}, plan, {})
+    assert {row.path: row for row in gap}["h2"].values["added_p90_ms@1000"] == 2.0
     # Without the direct path there is no added latency: shown as "-", never a crash.
     no_direct = summarise(specs[1:4], {k: v for k, v in samples.items() if k != "direct"}, plan, {})
     assert "| h2 | - / - / - |" in render(no_direct, plan, namespace=False)
