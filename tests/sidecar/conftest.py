@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_port, held_port
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_ports, held_port
 from quicmesh.tls import DevCA
 
 IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
@@ -97,7 +97,10 @@ class Mesh:
     def __init__(self, workdir: Path, echo_port: int, name: str = "b") -> None:
         self.workdir = workdir
         self.echo_port = echo_port
-        self.ports = {k: free_port() for k in ("admin", "mesh", "mesh_tcp", "strict")}
+        # Chosen together: free_port() twice may give the same number (a sidecar B that
+        # then refused its own configuration failed every test of the module, once).
+        names = ("admin", "mesh", "mesh_tcp", "strict")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.b = SidecarProcess(name, b_config(workdir, echo_port, **self.ports), workdir)
 
     def endpoint(self, transport: str) -> str:
@@ -111,11 +114,12 @@ class Mesh:
         **extra: Any,
     ) -> tuple[dict[str, Any], dict[str, int]]:
         """A sidecar A with one outbound listener per cluster; returns config and ports."""
-        ports = {c["name"]: free_port() for c in clusters}
+        *listening, admin = free_ports(len(clusters) + 1)
+        ports = {c["name"]: port for c, port in zip(clusters, listening, strict=True)}
         config = {
             "node": {"name": "a", "identity": IDENTITY_A},
             "tls": {"ca_dir": str(self.workdir / "ca")},
-            "admin": {"address": addr(free_port())},
+            "admin": {"address": addr(admin)},
             "drain": {"grace_period": "10s"},
             "listeners": {
                 "outbound": [
