@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import cast
 
@@ -73,6 +73,40 @@ class IdleClock:
         raise FlowIdle(self.idle_timeout)
 
 
+def idle_watch(
+    idle_timeout: float | None, handed_off: Callable[[], int]
+) -> tuple[Callable[[], None], list[Coroutine[None, None, None]]]:
+    """A flow copy's hook for bytes moving and the watchers that fail it once idle
+    (:class:`IdleClock`; with no timeout, a hook that does nothing and no watcher)."""
+    if idle_timeout is None:
+        return _nothing, []
+    clock = IdleClock(idle_timeout, handed_off)
+    return clock.moved, [clock.expired()]
+
+
+async def run_copies(
+    copies: list[Coroutine[None, None, None]], watchers: list[Coroutine[None, None, None]]
+) -> None:
+    """Run a flow's copies until each ended, and ``watchers`` (which only end by raising)
+    beside them: the first exception of any raises here. Every task is cancelled and
+    awaited on the way out."""
+    copy_tasks = [asyncio.ensure_future(copy) for copy in copies]
+    tasks = [*copy_tasks, *map(asyncio.ensure_future, watchers)]
+    try:
+        pending: set[asyncio.Future[None]] = set(tasks)
+        while not all(task.done() for task in copy_tasks):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if (exc := task.exception()) is not None:
+                    raise exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
 @dataclass
 class SpliceResult:
     """What one spliced flow carried."""
@@ -121,8 +155,7 @@ async def splice(
         unsent = stream.channel.stream_unsent_bytes(stream)
         return result.bytes_to_stream - unsent + result.bytes_from_stream - unwritten_bytes(writer)
 
-    clock = IdleClock(idle_timeout, handed_off) if idle_timeout is not None else None
-    moved = clock.moved if clock is not None else _nothing
+    moved, idle_watchers = idle_watch(idle_timeout, handed_off)
 
     async def tcp_to_stream() -> None:
         while True:
@@ -156,17 +189,8 @@ async def splice(
         if (error := stream.exception()) is not None:
             raise error
 
-    copies = [asyncio.ensure_future(tcp_to_stream()), asyncio.ensure_future(stream_to_tcp())]
-    watchers = [stream_failure(), *([clock.expired()] if clock is not None else [])]
-    tasks = [*copies, *map(asyncio.ensure_future, watchers)]
     try:
-        pending: set[asyncio.Future[None]] = set(tasks)
-        while not all(copy.done() for copy in copies):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
+        await run_copies([tcp_to_stream(), stream_to_tcp()], [stream_failure(), *idle_watchers])
     except (TunnelError, OSError, asyncio.IncompleteReadError, FlowIdle) as exc:
         result.error = str(exc) or type(exc).__name__
         is_tcp_error = isinstance(exc, OSError)
@@ -177,12 +201,6 @@ async def splice(
         stream.abort()
         _reset_tcp(writer)
         raise
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
     if not result.error:
         writer.close()
         with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..errors import os_error_text
-from ..splice import FlowIdle, IdleClock, unwritten_bytes
+from ..splice import FlowIdle, idle_watch, run_copies, unwritten_bytes
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster
 from .config import Address, InterceptConfig, format_address
@@ -313,39 +313,23 @@ async def pipe(
     def handed_off() -> int:
         return sum(counts) - unwritten_bytes(up_writer) - unwritten_bytes(writer)
 
-    clock = IdleClock(idle_timeout, handed_off) if idle_timeout is not None else None
+    moved, idle_watchers = idle_watch(idle_timeout, handed_off)
 
     async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, index: int) -> None:
         while data := await source.read(_CHUNK):
-            if clock is not None:
-                clock.moved()
+            moved()
             counts[index] += len(data)
             sink.write(data)
             await sink.drain()
-            if clock is not None:
-                clock.moved()
+            moved()
         if sink.can_write_eof():
             sink.write_eof()
 
     error = ""
-    copies = [
-        asyncio.ensure_future(copy(reader, up_writer, 0)),
-        asyncio.ensure_future(copy(up_reader, writer, 1)),
-    ]
-    tasks = [*copies, *([asyncio.ensure_future(clock.expired())] if clock is not None else [])]
     try:
-        pending: set[asyncio.Future[None]] = set(tasks)
-        while not all(task.done() for task in copies):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if (exc := task.exception()) is not None:
-                    raise exc
+        await run_copies([copy(reader, up_writer, 0), copy(up_reader, writer, 1)], idle_watchers)
     except (OSError, ConnectionError, FlowIdle) as exc:
         error = str(exc) or type(exc).__name__
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     if error:
         reset_connection(writer)
         reset_connection(up_writer)

@@ -55,7 +55,7 @@ from .flows import ACK_TIMEOUT, FlowTracker
 from .inbound import InboundListener
 from .metrics import Metrics
 from .outbound import OutboundListener
-from .stats import ClusterStats, ListenerStats, retire_counters
+from .stats import ClusterStats, ListenerStats, retire_counters, sum_counters
 
 if TYPE_CHECKING:
     from ..transport.base import TransportRegistry
@@ -600,24 +600,27 @@ class Sidecar:
             await cluster.close(ACK_TIMEOUT)
             with contextlib.suppress(ValueError):
                 self.retired_clusters.remove(cluster)
-            # Its transport's counts stay in the cluster's totals, folded; a cluster gone
-            # for good (no live one of its name) takes its counters with it.
-            retire_counters(cluster.stats.quic_counters, cluster.transport.counters)
-            name = cluster.config.name
-            alive = [*self.clusters.values(), *self.retired_clusters, *self._preparing.values()]
-            sharing = [c for c in alive if c.stats is cluster.stats]
-            if not sharing and self.cluster_stats.get(name) is cluster.stats:
-                # The sidecar's handshake-failure counters keep what it counted.
-                self._removed_handshake_failures.update(cluster.stats.handshake_failures)
-                del self.cluster_stats[name]
-                return
-            # The endpoints only it had go from the counters the clusters of its name share.
-            kept = {e.name for c in sharing for e in [*c.endpoints.values(), *c.retired]}
-            for endpoint in [*cluster.endpoints.values(), *cluster.retired]:
-                if endpoint.name not in kept:
-                    cluster.stats.endpoints.pop(endpoint.name, None)
+            self._forget_counters(cluster)
 
         self._background(close_when_idle())
+
+    def _forget_counters(self, cluster: Cluster) -> None:
+        """A retired cluster closed: its transport's counts stay in the cluster's totals,
+        folded; a cluster gone for good (no live one of its name) takes its counters with
+        it, and otherwise the endpoints only it had go from the counters its name shares."""
+        retire_counters(cluster.stats.quic_counters, cluster.transport.counters)
+        name = cluster.config.name
+        alive = [*self.clusters.values(), *self.retired_clusters, *self._preparing.values()]
+        sharing = [c for c in alive if c.stats is cluster.stats]
+        if not sharing and self.cluster_stats.get(name) is cluster.stats:
+            # The sidecar's handshake-failure counters keep what it counted.
+            self._removed_handshake_failures.update(cluster.stats.handshake_failures)
+            del self.cluster_stats[name]
+            return
+        kept = {e.name for c in sharing for e in [*c.endpoints.values(), *c.retired]}
+        for endpoint in [*cluster.endpoints.values(), *cluster.retired]:
+            if endpoint.name not in kept:
+                cluster.stats.endpoints.pop(endpoint.name, None)
 
     async def _drain_removed(self, listener: InboundListener, grace: float) -> None:
         """Drain an inbound listener a reload removed; then its counters go (unless a
@@ -900,14 +903,11 @@ class Sidecar:
     def _handshake_failures(self) -> dict[str, dict[str, int]]:
         """TLS handshakes that failed, by our role (client: dialling a cluster;
         server: a peer dialling an inbound listener) and reason."""
-        client: dict[str, int] = dict(self._removed_handshake_failures)
-        for cluster_stats in self.cluster_stats.values():
-            for reason, count in cluster_stats.handshake_failures.items():
-                client[reason] = client.get(reason, 0) + count
-        server: dict[str, int] = {}
-        for inbound in self.inbound.values():
-            for reason, count in inbound.handshake_failures().items():
-                server[reason] = server.get(reason, 0) + count
+        client = sum_counters(
+            [self._removed_handshake_failures]
+            + [stats.handshake_failures for stats in self.cluster_stats.values()]
+        )
+        server = sum_counters(inbound.handshake_failures() for inbound in self.inbound.values())
         return {"client": client, "server": server}
 
     def metrics_text(self) -> bytes:

@@ -9,7 +9,7 @@ source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..splice import IDLE_TIMEOUT_REASON
@@ -37,7 +37,7 @@ def retire_counters(sources: list[Counter[str]], counters: Counter[str]) -> None
         sources.insert(0, ClosedCounters(counters))
 
 
-def sum_counters(sources: Iterable[Counter[str]]) -> dict[str, int]:
+def sum_counters(sources: Iterable[Mapping[str, int]]) -> dict[str, int]:
     """Transports' :attr:`~quicmesh.transport.base.Transport.counters` added up, key
     by key (every key any of them reports, in the order first seen)."""
     total: dict[str, int] = {}

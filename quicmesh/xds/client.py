@@ -102,8 +102,6 @@ class AdsClient:
         self.connected = False
         self.last_error = ""
         self.warming: tuple[str, ...] = ()
-        self._reconnect_attempts = (0, 0.0)
-        """Failed attempts before the stream now opening, and over how many seconds."""
         self._refused_secrets: dict[str, Any] = {}
         """SDS secrets (by name) of refused responses, tried again with later ones."""
         self._rng = rng or random.Random()
@@ -123,9 +121,7 @@ class AdsClient:
 
     async def close(self) -> None:
         """Close the stream; the sidecar keeps its configuration."""
-        for timer in (self._initial_fetch_timer, self._first_fetch_timer):
-            if timer is not None:
-                timer.cancel()
+        self._cancel_fetch_timers()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,7 +154,7 @@ class AdsClient:
             self._answered = False
             try:
                 async with grpc.aio.insecure_channel(target) as channel:
-                    await self._stream(channel)
+                    await self._stream(channel, attempts, failing_since)
                 reason = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
@@ -198,21 +194,21 @@ class AdsClient:
             self.last_error = reason
             await asyncio.sleep(delay)
             backoff = min(BACKOFF_MAX, backoff * 2)
-            self._reconnect_attempts = (attempts, time.monotonic() - failing_since)
 
-    async def _stream(self, channel: grpc.aio.Channel) -> None:
+    async def _stream(
+        self, channel: grpc.aio.Channel, failed: int, failing_since: float | None
+    ) -> None:
+        """One ADS stream, until it ends; ``failed``: the attempts that failed in a row
+        before it, since ``failing_since`` (said when it opens)."""
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         call = stub.StreamAggregatedResources()
         self.counters["streams"] += 1
         await call.wait_for_connection()  # (raises AioRpcError when it cannot)
         self.connected = True
-        attempts, down_for = self._reconnect_attempts
-        self._reconnect_attempts = (0, 0.0)
-        logger.info(
-            "ADS stream to %s open%s",
-            format_address(self.config.address),
-            f" again after {attempts} attempts in {down_for:.0f}s" if attempts > 1 else "",
-        )
+        again = ""
+        if failed > 1 and failing_since is not None:
+            again = f" again after {failed} attempts in {time.monotonic() - failing_since:.0f}s"
+        logger.info("ADS stream to %s open%s", format_address(self.config.address), again)
         writable = True
 
         async def send(request: Any) -> None:
@@ -335,14 +331,17 @@ class AdsClient:
         if self.synced.is_set():
             return
         if not self.warming:
-            for timer in (self._initial_fetch_timer, self._first_fetch_timer):
-                if timer is not None:
-                    timer.cancel()
+            self._cancel_fetch_timers()
             self.synced.set()
         elif self._initial_fetch_timer is None and self.config.initial_fetch_timeout is not None:
             self._initial_fetch_timer = asyncio.get_running_loop().call_later(
                 self.config.initial_fetch_timeout, self._initial_fetch_timed_out
             )
+
+    def _cancel_fetch_timers(self) -> None:
+        for timer in (self._initial_fetch_timer, self._first_fetch_timer):
+            if timer is not None:
+                timer.cancel()
 
     def _initial_fetch_timed_out(self) -> None:
         if not self.synced.is_set():
