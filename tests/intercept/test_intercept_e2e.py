@@ -8,6 +8,7 @@ pair. The client programs (curl, a raw socket) know nothing of the mesh.
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import socket
@@ -143,6 +144,11 @@ def refused(world: World, address: tuple[str, int]) -> bool:
         return exchange(world, address, b"anyone there?") == b""
     except (ConnectionResetError, BrokenPipeError):
         return True  # the reset may arrive during the connect, the send or the read
+    except OSError as exc:
+        # ... or before the half-close: a reset socket is no longer connected.
+        if exc.errno == errno.ENOTCONN:
+            return True
+        raise
 
 
 def log_lines(sidecar: NamespacedSidecar, **fields: str) -> list[dict[str, Any]]:
