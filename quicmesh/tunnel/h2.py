@@ -293,6 +293,11 @@ class _Stream:
         """The peer's END_STREAM arrived."""
 
 
+CLOSED_STREAMS_KEPT = 4096
+"""How many closed streams an HTTP/2 connection remembers the end of (h2 keeps 65,536):
+at 10,000 new flows a second, the last 0.4 s of them, longer than a late frame takes."""
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection, with a new stream past our SETTINGS_MAX_CONCURRENT_STREAMS
     left for the session to refuse.
@@ -308,7 +313,16 @@ class _H2Connection(h2.connection.H2Connection):
     the connection: a block left undecoded would garble every later one); such streams
     are noted in :attr:`past_limit`, for :meth:`H2TunnelSession._on_request` to refuse
     as it takes their request.
+
+    h2 remembers how each closed stream ended (to ignore frames the peer sent before it
+    saw our RST_STREAM) for the last 65,536 streams: about 8 MB a connection, on each
+    side, once that many flows have passed, for ever on a pooled connection. quicmesh
+    keeps the last :data:`CLOSED_STREAMS_KEPT`; a frame on a stream closed before them
+    is answered with RST_STREAM (STREAM_CLOSED) instead of being ignored, which ends
+    nothing else (h2 credits the connection window for its DATA either way).
     """
+
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)

@@ -9,13 +9,14 @@ import h2.events
 import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame, HeadersFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quicmesh.tunnel import events
 from quicmesh.tunnel.connect import Target, parse_target
 from quicmesh.tunnel.h2 import (
+    CLOSED_STREAMS_KEPT,
     DEFAULT_STREAM_WINDOW,
     IDLE_FRAME_BURST,
     IDLE_FRAME_RATE,
@@ -898,3 +899,39 @@ def test_a_flood_of_frames_that_carry_nothing_closes_the_connection(
     end = _terminated(evs)
     assert end.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert "PING, SETTINGS, PRIORITY or empty DATA frames a second" in end.reason
+
+
+def test_a_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    # h2 keeps 65,536 (about 8 MB a connection side on a pool that carried that many
+    # flows); a frame on a stream closed before the last CLOSED_STREAMS_KEPT is answered
+    # with RST_STREAM (STREAM_CLOSED) and the connection carries on.
+    client, server = connected_pair()
+    first = None
+    for _ in range(CLOSED_STREAMS_KEPT + 100):
+        stream_id = open_tunnel(client, server)
+        first = first or stream_id
+        client.send_data(stream_id, b"x", end_stream=True)
+        server.send_data(stream_id, b"y", end_stream=True)
+        exchange(client, server)
+        client.data_consumed(stream_id, 1)
+        server.data_consumed(stream_id, 1)
+    for session in (client, server):
+        assert len(session.h2._closed_streams) == CLOSED_STREAMS_KEPT
+    assert first is not None
+    late = DataFrame(first)  # the peer's DATA on the first stream, long closed
+    late.data = b"late"
+    assert server.receive_data(late.serialize()) == []
+    sent = server.data_to_send()
+    frames, at = [], 0
+    while at < len(sent):
+        frame, length = Frame.parse_frame_header(memoryview(sent[at : at + 9]))
+        frame.parse_body(memoryview(sent[at + 9 : at + 9 + length]))
+        frames.append(frame)
+        at += 9 + length
+    [reset] = [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert (reset.stream_id, reset.error_code) == (first, ErrorCodes.STREAM_CLOSED)
+    client.receive_data(sent)
+    stream_id = open_tunnel(client, server)  # the connection carries on
+    client.send_data(stream_id, b"still here", end_stream=True)
+    _, server_events = exchange(client, server)
+    assert payload_of(server_events, stream_id) == b"still here"
