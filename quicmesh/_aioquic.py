@@ -95,7 +95,14 @@ from aioquic.h3.connection import (
 from aioquic.h3.events import H3Event
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import END_STATES, Limit, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import (
+    END_STATES,
+    Limit,
+    QuicConnection,
+    QuicConnectionAdapter,
+    QuicConnectionError,
+    QuicConnectionState,
+)
 from aioquic.quic.crypto import (
     INITIAL_CIPHER_SUITE,
     INITIAL_SALT_VERSION_1,
@@ -1145,6 +1152,21 @@ class RateLimitedStreamCredit(Limit):
         return max(now + 0.002, now + (batch - bucket.tokens) / bucket.rate)
 
 
+class _QuietProtocolErrors(QuicConnectionAdapter):
+    """aioquic's connection logger, with the protocol errors it closes a connection for
+    (``QuicConnectionError``) at DEBUG instead of WARNING: aioquic logs one for every
+    datagram that still carries the fault (41 lines for one peer's flow-control
+    violation), naming neither the peer's identity nor its address, and anyone can cause
+    them at will. quicmesh logs its own line for each (``QuicPeerConnection``: a peer
+    violation after the handshake, a client's failed handshake before it), rate-limited."""
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, QuicConnectionError):
+            self.debug(msg, *args, **kwargs)
+        else:
+            super().warning(msg, *args, **kwargs)
+
+
 class MeshQuicConnection(QuicConnection):
     """aioquic's ``QuicConnection`` with every quicmesh deviation, in one class.
 
@@ -1252,6 +1274,7 @@ class MeshQuicConnection(QuicConnection):
         self.closed_by_us = False
         """Whether this side closed the connection (our verdict on a handshake, our
         application's close), not the peer (its CONNECTION_CLOSE)."""
+        self._logger = _QuietProtocolErrors(self._logger.logger, self._logger.extra)
 
     def close(
         self,

@@ -18,6 +18,17 @@ import pytest
 
 from quicmesh.netem.system import missing_privileges
 from quicmesh.sidecar.launch import LOOPBACK
+from quicmesh.transport.native import HANDSHAKE_FAILURE_LOG as NATIVE_HANDSHAKE_FAILURE_LOG
+from quicmesh.transport.quic.connection import HANDSHAKE_FAILURE_LOG, PEER_VIOLATION_LOG
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limited_logs() -> None:
+    """Each test sees the first line of each kind of the process-wide rate-limited logs
+    (a test that looks for one is not silenced by another test's line before it)."""
+    for log in (NATIVE_HANDSHAKE_FAILURE_LOG, HANDSHAKE_FAILURE_LOG, PEER_VIOLATION_LOG):
+        log._next.clear()
+        log._suppressed.clear()
 
 
 @pytest.fixture(autouse=True)

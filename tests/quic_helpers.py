@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -196,3 +197,20 @@ def require_engine(engine: str) -> None:
     if os.environ.get("QUICMESH_REQUIRE_NATIVE") == "1":
         pytest.fail(f"{NATIVE_MISSING}; QUICMESH_REQUIRE_NATIVE=1 requires it")
     pytest.skip(NATIVE_MISSING)
+
+
+async def tcp_pair() -> tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connected loopback TCP pair: a plain socket (to hand over) and a stream end."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result((reader, writer))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.create_connection(("127.0.0.1", port))
+    reader, writer = await accepted
+    server.close()
+    return sock, reader, writer

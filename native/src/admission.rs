@@ -220,7 +220,11 @@ pub async fn serve(
                     }
                     Err(error) => {
                         let (kind, message) = classify(&error);
-                        shared.push(Event::AcceptFailed { kind, message });
+                        shared.push(Event::AcceptFailed {
+                            kind,
+                            message,
+                            source,
+                        });
                     }
                 }
             }

@@ -96,7 +96,10 @@ pub enum CloseKind {
     LocallyClosed,
     /// The idle timeout expired (the peer is unreachable or silent).
     TimedOut,
-    /// Anything else: version mismatch, stateless reset, protocol violation.
+    /// The peer broke QUIC (quinn closed the connection with a transport error), or, after
+    /// the handshake, HTTP/3 on a spliced stream ([`Shared::close_for_violation`]).
+    Violation,
+    /// Anything else: version mismatch, stateless reset.
     Failed,
 }
 
@@ -108,6 +111,7 @@ impl CloseKind {
             CloseKind::PeerClosed => "peer_closed",
             CloseKind::LocallyClosed => "locally_closed",
             CloseKind::TimedOut => "timed_out",
+            CloseKind::Violation => "violation",
             CloseKind::Failed => "failed",
         }
     }
@@ -130,6 +134,7 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
         }
         ConnectionError::LocallyClosed => CloseKind::LocallyClosed,
         ConnectionError::TimedOut => CloseKind::TimedOut,
+        ConnectionError::TransportError(_) => CloseKind::Violation,
         _ => CloseKind::Failed,
     };
     let message = match error {
@@ -321,8 +326,13 @@ pub enum Event {
     EarlyData { conn: u64, accepted: bool },
     /// A stream opened in 0-RTT was lost to the server's rejection of it.
     EarlyDataRejected { conn: u64, stream: u64 },
-    /// An incoming connection failed its handshake (e.g. its certificate was refused).
-    AcceptFailed { kind: CloseKind, message: String },
+    /// An incoming connection from `source` failed its handshake (e.g. its certificate was
+    /// refused).
+    AcceptFailed {
+        kind: CloseKind,
+        message: String,
+        source: SocketAddr,
+    },
     /// A stream this side asked to open is open.
     StreamOpened { token: u64, conn: u64, stream: u64 },
     /// A stream could not be opened (the connection is gone).
@@ -429,11 +439,14 @@ pub enum Event {
         reason: String,
         answer: bytes::Bytes,
     },
-    /// A connection ended; its streams are gone.
+    /// A connection ended; its streams are gone. `code` is the error code this side closed
+    /// it with for a [`CloseKind::Violation`] (a QUIC transport error code, or an HTTP/3
+    /// one), else 0.
     Closed {
         conn: u64,
         kind: CloseKind,
         message: String,
+        code: u64,
     },
 }
 
@@ -676,6 +689,9 @@ pub struct Shared {
     read_permits: Mutex<HashMap<u64, usize>>,
     /// Python's commands, when they are deferred to a flush ([`Outbox`]).
     outbox: Arc<Outbox>,
+    /// Connections this side closed because the peer broke HTTP/3 on a spliced stream:
+    /// the code and reason, for the close's event ([`Shared::close_for_violation`]).
+    violations: Mutex<HashMap<u64, (u64, String)>>,
     next_id: AtomicU64,
 }
 
@@ -701,6 +717,7 @@ impl Shared {
             first_read: AtomicUsize::new(0),
             read_permits: Mutex::new(HashMap::new()),
             outbox: Arc::default(),
+            violations: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         };
         Ok((Arc::new(shared), reader))
@@ -942,6 +959,29 @@ impl Shared {
     /// A stream ended on our side (both halves done, or its splice): on a server
     /// connection, one the client opened, its credit is re-announced for a while
     /// ([`Shared::announce_credit`]).
+    /// Close connection `conn` because its peer broke HTTP/3 on a stream the engine carries
+    /// (RFC 9114 8.1: a connection error, as the Python session makes it): the close's event
+    /// says [`CloseKind::Violation`] with `code` and `message`, for Python's log line naming
+    /// the peer. The first violation of a connection is the one reported.
+    pub fn close_for_violation(
+        &self,
+        conn: u64,
+        connection: &Connection,
+        code: u64,
+        message: &str,
+    ) {
+        {
+            let mut violations = lock(&self.violations);
+            if lock(&self.connections).contains_key(&conn) {
+                violations
+                    .entry(conn)
+                    .or_insert_with(|| (code, message.to_owned()));
+            }
+        }
+        let code = VarInt::from_u64(code).unwrap_or(VarInt::from_u32(0x101)); // H3_GENERAL_PROTOCOL_ERROR
+        connection.close(code, message.as_bytes());
+    }
+
     pub fn stream_ended(&self, conn: u64, stream: u64) {
         let client_initiated = stream & 1 == 0;
         if client_initiated && lock(&self.paths).contains_key(&conn) {
@@ -1070,7 +1110,11 @@ impl Shared {
             }
             Ok(Err(error)) => {
                 let (kind, message) = classify(&error);
-                self.push(Event::AcceptFailed { kind, message });
+                self.push(Event::AcceptFailed {
+                    kind,
+                    message,
+                    source,
+                });
             }
             Err(_) => admission::count(&self, "handshakes_timed_out", source),
         }
@@ -1179,11 +1223,25 @@ impl Shared {
                 },
             }
         }
-        let (kind, message) = classify(&conn.closed().await);
+        let closed = conn.closed().await;
+        let (mut kind, mut message) = classify(&closed);
+        let mut code = match &closed {
+            ConnectionError::TransportError(error) if kind == CloseKind::Violation => {
+                u64::from(error.code)
+            }
+            _ => 0,
+        };
         self.sample_paths(id, &conn);
         lock(&self.paths).remove(&id);
         lock(&self.stream_ends).remove(&id);
         lock(&self.connections).remove(&id);
+        // (Taken after the connection left `connections`: `close_for_violation` records
+        // one only while it is there, so none is left behind.)
+        if let Some((violation_code, violation)) = lock(&self.violations).remove(&id) {
+            if kind == CloseKind::LocallyClosed {
+                (kind, message, code) = (CloseKind::Violation, violation, violation_code);
+            }
+        }
         lock(&self.early).remove(&id);
         lock(&self.read_permits).remove(&id);
         // What the peer sent and quinn received in order is still readable after the close
@@ -1210,6 +1268,7 @@ impl Shared {
             conn: id,
             kind,
             message,
+            code,
         });
     }
 

@@ -141,9 +141,11 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
         Event::EarlyDataRejected { conn, stream } => {
             ("early_data_rejected", conn, stream).into_py_any(py)
         }
-        Event::AcceptFailed { kind, message } => {
-            ("accept_failed", kind.name(), message).into_py_any(py)
-        }
+        Event::AcceptFailed {
+            kind,
+            message,
+            source,
+        } => ("accept_failed", kind.name(), message, source.to_string()).into_py_any(py),
         Event::StreamOpened {
             token,
             conn,
@@ -241,7 +243,8 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             conn,
             kind,
             message,
-        } => ("closed", conn, kind.name(), message).into_py_any(py),
+            code,
+        } => ("closed", conn, kind.name(), message, code).into_py_any(py),
         Event::FlowAccepted { flow, peer } => {
             ("flow_accepted", flow, peer.ip().to_string(), peer.port()).into_py_any(py)
         }

@@ -13,7 +13,9 @@
 //!   the body; a frame type not allowed on a request stream (CANCEL_PUSH, SETTINGS,
 //!   PUSH_PROMISE, GOAWAY, MAX_PUSH_ID, HTTP/2's reserved types) or DATA after the trailers is
 //!   H3_FRAME_UNEXPECTED; a frame cut by the end of the stream is H3_FRAME_ERROR. Python's
-//!   session (aioquic's H3 layer) applies the same rules; here a violation fails the one flow.
+//!   session (aioquic's H3 layer) applies the same rules; either is a connection error (RFC
+//!   9114 8.1): the splice fails and the connection is closed with the code
+//!   ([`Shared::close_for_violation`]).
 //! * [`FdInbox`]: how a TCP socket crosses from Python without `unsafe`: Python sends its
 //!   descriptor over a Unix socket pair (SCM_RIGHTS), rustix's safe `recvmsg` hands it back as
 //!   an `OwnedFd`.
@@ -639,6 +641,7 @@ async fn upstream(
                 Ok(()) => {}
                 Err(WriteError::Stopped(code)) => {
                     peer_stopped(code)?;
+                    let _ = send.reset(code); // RFC 9000 3.5: RESET_STREAM answers it
                     discard = true;
                 }
                 Err(error) => return Err(Failure::Quic(error.to_string())),
@@ -655,6 +658,7 @@ async fn upstream(
             stopped = stopped, if !discard && watching => match stopped {
                 Ok(Some(code)) => {
                     peer_stopped(code)?;
+                    let _ = send.reset(code); // RFC 9000 3.5: RESET_STREAM answers it
                     discard = true;
                     continue;
                 }
@@ -924,6 +928,12 @@ pub async fn carry(
             }
             // RST, so the local peer sees the failure rather than a clean end.
             let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            if let Failure::Frame(error) = failure {
+                // RFC 9114 8.1: a frame the request stream may not carry, or one cut short,
+                // is a connection error, as Python's session makes it.
+                let reason = failure.describe(stream);
+                shared.close_for_violation(conn, &connection, error.code, &reason);
+            }
             (failure.describe(stream), code)
         }
     };

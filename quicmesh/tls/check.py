@@ -76,6 +76,15 @@ def renewal_time(identity: Identity) -> datetime.datetime:
     return start + (end - start) * RENEW_FRACTION
 
 
+def refused_by_peer(whose: str, reason: str) -> str:
+    """The text of a handshake the peer (``"server"`` or ``"client"``) closed with a TLS
+    alert giving ``reason``: when it is about a certificate, ours (the peer's reason says
+    "peer certificate" of us), which the text says, not to be read as the peer's."""
+    if "certificate" in reason.lower():
+        return f"handshake refused: the {whose} refused our certificate: {reason}"
+    return f"handshake refused by the {whose}: {reason}"
+
+
 def handshake_failure_reason(error: BaseException) -> tuple[str, str]:
     """A reason label (one of :data:`HANDSHAKE_FAILURE_REASONS`) and the side at fault.
 

@@ -41,6 +41,8 @@ from quicmesh.errors import (
     PeerVerificationError,
     StreamReset,
 )
+from quicmesh.logs import RateLimitedLog
+from quicmesh.tls.check import refused_by_peer
 from quicmesh.tls.identity import Identity, TrustBundle
 from quicmesh.tls.spiffe import spiffe_id_of
 
@@ -90,15 +92,22 @@ def _done(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
-def accept_failure_line(kind: str, message: str) -> str:
+def accept_failure_line(kind: str, message: str, source: str = "") -> str:
     """The log line of a client's handshake that failed, naming which side refused:
     ``verification`` (we refused its certificate), ``peer_refused`` (it refused ours,
-    with a TLS alert), or another ``kind`` (the handshake broke off)."""
+    with a TLS alert), or another ``kind`` (the handshake broke off); and the client's
+    address, ``source``, when known."""
+    client = f"a client at {source}" if source else "a client"
     if kind == "verification":
-        return f"refused a client: {message}"
+        return f"refused {client}: {message}"
     if kind == "peer_refused":
-        return f"a client refused our certificate: {message}"
-    return f"handshake with a client failed ({kind}): {message}"
+        return f"{client} refused our certificate: {message}"
+    return f"handshake with {client} failed ({kind}): {message}"
+
+
+HANDSHAKE_FAILURE_LOG = RateLimitedLog(logger)
+"""Clients' failed handshakes, one line per kind at most every 10 s (with a count of the
+others): anyone who can send a datagram can fail a handshake at will."""
 
 
 class NativeEndpoint:
@@ -275,7 +284,7 @@ class NativeEndpoint:
         if kind == "verification":  # we refused the server's certificate
             future.set_exception(PeerVerificationError(message))
         elif kind == "peer_refused":  # the server refused ours
-            future.set_exception(PeerVerificationError(f"handshake refused: {message}"))
+            future.set_exception(PeerVerificationError(refused_by_peer("server", message)))
         else:
             future.set_exception(ConnectError(f"QUIC handshake failed: {message}"))
 
@@ -298,9 +307,14 @@ class NativeEndpoint:
                 StreamReset(f"stream {stream} was sent as 0-RTT and the server rejected it")
             )
 
-    def _on_accept_failed(self, kind: str, message: str) -> None:
+    def _on_accept_failed(self, kind: str, message: str, source: str = "") -> None:
         self.handshake_failures[kind] += 1
-        logger.warning("native engine: %s", accept_failure_line(kind, message))
+        HANDSHAKE_FAILURE_LOG.log(
+            logging.WARNING,
+            f"accept-{kind}",
+            "native engine: %s",
+            accept_failure_line(kind, message, source),
+        )
 
     def _connection(self, conn: int) -> NativeConnection | None:
         return self._connections.get(conn)
@@ -351,7 +365,7 @@ class NativeEndpoint:
         if target is not None:
             target._stop_sending_received(code)
 
-    def _on_closed(self, conn: int, kind: str, message: str) -> None:
+    def _on_closed(self, conn: int, kind: str, message: str, code: int = 0) -> None:
         connection = self._connections.pop(conn, None)
         if connection is not None:
             connection._lost(ConnectionLost(f"QUIC connection closed: {message}"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from quicmesh import ConfigError, DevCA, MeshStream, StreamRefused
+from quicmesh import ConfigError, ConnectError, DevCA, MeshStream, StreamRefused
 from quicmesh.transport._admission import ADMISSION_COUNTERS, AdmissionConfig
 from quicmesh.transport.base import Transport, transport_registry
 from quicmesh.transport.quic import COUNTERS, QuicTransport
@@ -97,6 +97,64 @@ def test_counters_are_declared_by_the_transport() -> None:
     assert not any(quic.counters.values())
     assert auto.counters is auto.quic.counters  # type: ignore[attr-defined]
     assert build("h2").counters == {} and build("tcp").counters == {}
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_migrate_on_an_accepted_connection_is_refused_and_moves_nothing(engine: str) -> None:
+    """An accepted connection follows its client (``supports_migration`` is False):
+    ``migrate()`` raises NotImplementedError, as the interface says. Before, the native
+    engine moved the listener's one UDP socket, and with it every client's connection
+    (lost after a few probe timeouts; new clients could not reach the listener), and
+    aioquic's raised a bare AssertionError."""
+    if engine == "native":
+        pytest.importorskip("quicmesh._native")
+
+    async def main() -> None:
+        listener = await build("quic", SERVER, engine=engine).listen(("127.0.0.1", 0), echo)
+        bystander = await build("quic", engine=engine).connect(listener.address)
+        stream = await bystander.open_stream(TARGET)
+        stream.write(b"1")
+        assert await stream.read(1) == b"1"
+        (accepted,) = listener.connections
+        with pytest.raises(NotImplementedError, match="only a client connection can migrate"):
+            await accepted.migrate()
+        stream.write(b"2")
+        assert await asyncio.wait_for(stream.read(1), 5) == b"2"
+        other = await build("quic", engine=engine).connect(listener.address, timeout=5)
+        for conn in (other, bystander):
+            conn.close()
+            await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_client_migrates_to_a_host_name(engine: str) -> None:
+    """``migrate(("localhost", 0))``: a host name is resolved first (to the family the
+    peer is reached over) on every engine; the native engine took IP addresses only."""
+    if engine == "native":
+        pytest.importorskip("quicmesh._native")
+
+    async def main() -> None:
+        listener = await build("quic", SERVER, engine=engine).listen(("127.0.0.1", 0), echo)
+        conn = await build("quic", engine=engine).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"1")
+        assert await stream.read(1) == b"1"
+        await conn.migrate(("localhost", 0))
+        assert conn.stats()["migrations_active"] == 1
+        stream.write(b"2")
+        assert await asyncio.wait_for(stream.read(1), 5) == b"2"
+        with pytest.raises(ConnectError, match=r"cannot migrate to no-such-host\.invalid"):
+            await conn.migrate(("no-such-host.invalid", 0))
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
 
 
 def test_a_server_connection_does_not_migrate() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, until
+from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, tcp_pair, until
 
 from quicmesh import QuicTransport
 from quicmesh.errors import StreamReset, TunnelError
@@ -40,23 +40,6 @@ def transport(engine: str, identity: object, **kwargs: Any) -> QuicTransport:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def tcp_pair() -> tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connected loopback TCP pair: a plain socket (to hand over) and a stream end."""
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        asyncio.get_running_loop().create_future()
-    )
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set_result((reader, writer))
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sock = socket.create_connection(("127.0.0.1", port))
-    reader, writer = await accepted
-    server.close()
-    return sock, reader, writer
 
 
 TcpEnds = asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]

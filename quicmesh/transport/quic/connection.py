@@ -60,7 +60,7 @@ from ...errors import (
 )
 from ...logs import RateLimitedLog
 from ...tls import verify_peer
-from ...tls.check import handshake_failure_reason
+from ...tls.check import handshake_failure_reason, refused_by_peer
 from ...tls.verify import check_server_certificate
 from ...tunnel.connect import (
     connect_request_fields,
@@ -565,13 +565,42 @@ class QuicPeerConnection(SessionConnection):
             packets lost on the way are retransmitted. Raises
             :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
         """
+        if not self.supports_migration:
+            # (On the native engine an accepted connection shares the listener's socket:
+            # moving it moved every client's connection.)
+            raise NotImplementedError(
+                "only a client connection can migrate: a server's follows its client"
+            )
         self._raise_if_lost()
         if self._closing:
             raise ConnectionLost("the connection is closing: it cannot migrate")
         if local_address is not None:
-            local_address = checked_address(local_address, "migrate address")
+            local_address = await self._resolved(checked_address(local_address, "migrate address"))
             self._check_family(local_address[0])
         await self._migrate(local_address, cause="active")
+
+    async def _resolved(self, address: Address) -> Address:
+        """``address`` with its host name resolved (to the family the peer is reached
+        over), as every engine binds: the native one takes IP addresses only.
+
+        :raises ConnectError: the name does not resolve.
+        """
+        host, port = address
+        try:
+            ipaddress.ip_address(host)
+            return address
+        except ValueError:
+            pass
+        family = socket.AF_UNSPEC
+        if self._peer_address is not None:
+            with contextlib.suppress(ValueError):
+                version = ipaddress.ip_address(self._peer_address[0]).version
+                family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        try:
+            found = await self._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConnectError(f"cannot migrate to {host}: {os_error_text(exc)}") from None
+        return str(found[0][4][0]), port
 
     def _check_family(self, host: str) -> None:
         """A new local address must be of the family of the peer's address as connected
@@ -1227,10 +1256,10 @@ class QuicPeerConnection(SessionConnection):
         self.failure = exc
         self._pending.clear()
         self._issued_tickets.clear()
-        side = "server" if self.is_client else "client"
-        logger.warning("[%s] refused %s: %s", self.log_id, side, exc)
-        if not self.is_client:
-            self._handshake_failures[handshake_failure_reason(exc)[0]] += 1
+        if self.is_client:
+            logger.warning("[%s] refused server: %s", self.log_id, exc)
+        else:
+            self._count_handshake_failure("we refused a client", exc)
         self.quic.close(error_code=CRYPTO_ERROR_BAD_CERTIFICATE, reason_phrase=str(exc))
         if self._established:
             self.on_connection_lost(exc)
@@ -1289,22 +1318,50 @@ class QuicPeerConnection(SessionConnection):
                 event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
                 or 0x100 <= event.error_code < 0x200
             ):
+                whose = "server" if self.is_client else "client"
                 if getattr(self.quic, "closed_by_us", False):  # aioquic's own verdict
-                    whose = "server" if self.is_client else "client"
-                    self.failure = PeerVerificationError(
-                        f"{whose} certificate not trusted: {reason}"
-                    )
-                else:
-                    self.failure = PeerVerificationError(f"handshake refused: {reason}")
-                    if not self.is_client:  # a client refused our certificate (its alert)
-                        logger.warning(
-                            "[%s] a client refused our certificate: %s", self.log_id, reason
+                    if (
+                        event.error_code == CRYPTO_ERROR_BAD_CERTIFICATE
+                        or "certificate" in reason.lower()
+                    ):
+                        self.failure = PeerVerificationError(
+                            f"{whose} certificate not trusted: {reason}"
                         )
-                        self._handshake_failures[handshake_failure_reason(self.failure)[0]] += 1
+                    else:  # another alert of ours: no common ALPN protocol, a bad message
+                        self.failure = ConnectError(f"QUIC handshake failed: {reason}")
+                    if not self.is_client:
+                        self._count_handshake_failure("we refused a client", self.failure)
+                else:
+                    self.failure = PeerVerificationError(refused_by_peer(whose, reason))
+                    if not self.is_client:  # a client refused our certificate (its alert)
+                        self._count_handshake_failure("a client refused us", self.failure)
             else:
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
         if self._close_socket:
             self.close_socket()
+
+    def _count_handshake_failure(self, what: str, failure: Exception) -> None:
+        """(server) A client's handshake failed: counted by reason, and logged at most once
+        an interval per kind (anyone who can send a datagram can fail one at will)."""
+        label = handshake_failure_reason(failure)[0]
+        self._handshake_failures[label] += 1
+        HANDSHAKE_FAILURE_LOG.log(
+            logging.WARNING,
+            f"{what}: {label}",
+            "[%s] %s%s: %s",
+            self.log_id,
+            what,
+            self._where(),
+            failure,
+        )
+
+    def _where(self) -> str:
+        """`` at host:port`` of the peer, or nothing when the engine no longer knows it."""
+        try:
+            address = self.peer_address
+        except Exception:  # (the engine no longer knows its path)
+            address = ""
+        return f" at {address}" if address else ""
 
     def _log_peer_violation(self, code: int, reason: str) -> None:
         """This side closed the connection with an HTTP/3 or QPACK error code: the
@@ -1312,34 +1369,46 @@ class QuicPeerConnection(SessionConnection):
         its every stream was lost with it. One line, naming the peer and what it did."""
         if code not in _PEER_VIOLATIONS:
             return
-        try:
-            address = self.peer_address
-        except Exception:  # (the engine no longer knows its path)
-            address = ""
-        where = f" at {address}" if address else ""
+        protocol, name = _PEER_VIOLATIONS[code]
         PEER_VIOLATION_LOG.log(
             logging.WARNING,
             "peer_violation",
-            "[%s] closed the connection with %s%s: the peer broke HTTP/3: %s (%s)",
+            "[%s] closed the connection with %s%s: the peer broke %s: %s (%s)",
             self.log_id,
             self.peer_identity or "the peer",
-            where,
+            self._where(),
+            protocol,
             reason,
-            _PEER_VIOLATIONS[code],
+            name,
         )
 
 
 _PEER_VIOLATIONS = {
-    int(code): f"{code.name}, {int(code):#x}"
+    int(code): ("HTTP/3", f"{code.name}, {int(code):#x}")
     for code in ErrorCode
     if code
     not in (ErrorCode.H3_NO_ERROR, ErrorCode.H3_REQUEST_CANCELLED, ErrorCode.H3_INTERNAL_ERROR)
 }
-"""The HTTP/3 and QPACK error codes this side closes a connection with when the peer
-broke the protocol, and their names."""
+_PEER_VIOLATIONS.update(
+    (int(code), ("QUIC", f"{code.name}, {int(code):#x}"))
+    for code in QuicErrorCode
+    if 0 < code < 0x100
+    and code
+    not in (
+        QuicErrorCode.INTERNAL_ERROR,
+        QuicErrorCode.CONNECTION_REFUSED,
+        QuicErrorCode.APPLICATION_ERROR,
+    )
+)
+"""The error codes this side closes a connection with when the peer broke the protocol
+(QUIC's transport errors, HTTP/3's and QPACK's), and their names: the QUIC ones as the
+engine closes for them (aioquic's ``QuicConnectionError``, quinn's ``TransportError``)."""
 
 PEER_VIOLATION_LOG = RateLimitedLog(logger)
 """A peer can break the protocol once per connection: logged at most once an interval."""
+
+HANDSHAKE_FAILURE_LOG = RateLimitedLog(logger)
+"""(server) Clients' failed handshakes: logged at most once an interval per kind."""
 
 
 class SocketReceiver(asyncio.DatagramProtocol):

@@ -145,6 +145,14 @@ rather than pretending:
 * **Buffered bytes** of a spliced stream (:meth:`NativeConnection.stream_unsent_bytes`,
   which ``max_buffered_per_connection`` adds up) are what its splice holds in
   Rust each way (``splice_buffered``), at most a chunk or two.
+* **Connection window**: quinn's connection credit (``connection_window``) reopens
+  as the engine reads, and the engine reads for Python; so the engine stops reading
+  the streams Python has not drained once their unread payload adds up to
+  ``connection_window`` (each still within ``stream_window``), and reads on as Python
+  reads: as aioquic's and h2's connection credit bounds a connection's stalled
+  streams. A read asked for just before may add a chunk (64 KiB) a stream. Spliced
+  streams are bounded by their sockets instead. (Until 2026-12-07 only each stream
+  was bounded: 128 stalled streams could hold 128 stream windows.)
 """
 
 from __future__ import annotations
@@ -174,7 +182,7 @@ from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
-from ..native import accept_failure_line, native_module
+from ..native import HANDSHAKE_FAILURE_LOG, accept_failure_line, native_module
 from .engine import (
     Address,
     EngineError,
@@ -470,11 +478,12 @@ class _Pump:
         connections from 1)."""
         self.loop = loop
         self.stream_window = limits.stream_window
+        self.connection_window = limits.connection_window
         self.congestion = limits.congestion_control
         self.connections: dict[int, NativeConnection] = {}
         self.connecting: dict[int, NativeConnection] = {}
         self.on_accepted: Callable[[NativeConnection], None] | None = None
-        self.on_accept_failed: Callable[[str, str], None] | None = None
+        self.on_accept_failed: Callable[[str, str, str], None] | None = None
         self.on_admission: Callable[[str, str], None] | None = None
         self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
         self.max_streams = limits.max_streams
@@ -605,7 +614,8 @@ class _Pump:
             return connection
         if kind == "accept_failed":
             if self.on_accept_failed is not None:
-                self.on_accept_failed(event[1], event[2])
+                source = event[3] if len(event) > 3 else ""  # (not from an older extension)
+                self.on_accept_failed(event[1], event[2], source)
             return None
         if kind == "admission":
             if self.on_admission is not None:
@@ -809,6 +819,14 @@ class NativeConnection:
         """Stream IDs handed out after the connection was gone (see
         :meth:`get_next_available_stream_id`)."""
         self._window = pump.stream_window
+        self._connection_window = pump.connection_window
+        self._buffered_total = 0
+        """Payload delivered to the application and not read yet, over every stream:
+        reads stop at ``connection_window`` (as aioquic's and h2's connection credit;
+        quinn's reopens as the engine reads, and its reads are made for Python)."""
+        self._starved: dict[int, None] = {}
+        """Tracked streams whose read waits for room in the connection's window, in
+        order."""
         self._rate: StreamRate | None = None
         """(server) The peer identity's new-stream bucket (:meth:`attach_stream_rate`)."""
         self._free_streams = pump.max_streams
@@ -964,8 +982,11 @@ class NativeConnection:
             )
         )
 
-    def terminated(self, kind: str, message: str) -> None:
-        """The connection ended (or never came up): ``ConnectionTerminated``."""
+    def terminated(self, kind: str, message: str, code: int = 0) -> None:
+        """The connection ended (or never came up): ``ConnectionTerminated``. A
+        ``violation`` is the engine closing it because the peer broke QUIC or HTTP/3
+        (``code`` is the error code it closed with): this side's close, as aioquic's
+        connection reports one."""
         if self._closed_reason is not None:
             return
         self._read_stats()  # (the last chance: the engine forgets the connection soon)
@@ -980,7 +1001,11 @@ class NativeConnection:
                 state.paused.set_result(None)
         if kind == "verification":
             self._events.append(PeerCertificateRefused(message))
-        code = CRYPTO_ERROR_BAD_CERTIFICATE if kind in ("verification", "peer_refused") else 0
+        if kind == "violation":
+            if self._local_close is None:
+                self._local_close = (code, message)
+        else:
+            code = CRYPTO_ERROR_BAD_CERTIFICATE if kind in ("verification", "peer_refused") else 0
         if kind == "locally_closed" and self._local_close is not None:
             # quinn says only "closed": our close's code and reason are what happened.
             code, reason = self._local_close
@@ -1090,8 +1115,8 @@ class NativeConnection:
         elif kind == "unreachable":
             self.unreachable(event[2], event[3])
         elif kind == "closed":
-            _, _, failure, message = event
-            self.terminated(failure, message)
+            _, _, failure, message, *code = event  # (an older extension gives no code)
+            self.terminated(failure, message, code[0] if code else 0)
 
     def unreachable(self, errno: int, detail: str) -> None:
         """An ICMP destination unreachable came back for the peer's address (the
@@ -1234,7 +1259,11 @@ class NativeConnection:
             room = self._window - state.buffered
             if room <= 0:
                 return False
-            size = min(size, room)
+            shared = self._connection_window - self._buffered_total
+            if shared <= 0:
+                self._starved[stream_id] = None
+                return False
+            size = min(size, room, shared)
         try:
             self._native.read(self.conn, stream_id, size)
         except QuicmeshError:  # the connection is gone: its close event follows
@@ -1706,7 +1735,7 @@ class NativeConnection:
         state.splice_id = None
         state.recv_done = True
         state.tracked = False
-        state.buffered = 0
+        self._set_buffered(state, 0)
         if not unconnected:
             state.send_done = True
             state.unsent = 0
@@ -1784,12 +1813,24 @@ class NativeConnection:
         state.tracked = True
         self._read(stream_id, state)
 
+    def _set_buffered(self, state: _Stream, buffered: int) -> None:
+        """The stream's unread payload is now ``buffered``; streams waiting for room in the
+        connection's window read again once there is some."""
+        self._buffered_total += buffered - state.buffered
+        state.buffered = buffered
+        while self._starved and self._buffered_total < self._connection_window:
+            stream_id = next(iter(self._starved))
+            del self._starved[stream_id]
+            waiting = self._streams.get(stream_id)
+            if waiting is not None:
+                self._read(stream_id, waiting)
+
     def stream_delivered(self, stream_id: int, stream_bytes: int, payload_bytes: int) -> None:
         """Count the payload now waiting for the application; read on if there is room."""
         state = self._streams.get(stream_id)
         if state is None or not state.tracked:
             return
-        state.buffered += payload_bytes
+        self._set_buffered(state, state.buffered + payload_bytes)
         self._read(stream_id, state)
 
     def stream_consumed(self, stream_id: int, payload_bytes: int) -> bool:
@@ -1797,7 +1838,7 @@ class NativeConnection:
         state = self._streams.get(stream_id)
         if state is None or not state.tracked:
             return False
-        state.buffered = max(0, state.buffered - payload_bytes)
+        self._set_buffered(state, max(0, state.buffered - payload_bytes))
         return self._read(stream_id, state)
 
     def forget_stream(self, stream_id: int) -> None:
@@ -1805,7 +1846,7 @@ class NativeConnection:
         state = self._streams.get(stream_id)
         if state is not None:
             state.tracked = False
-            state.buffered = 0
+            self._set_buffered(state, 0)
             self._read(stream_id, state)
 
     def stream_unsent_bytes(self, stream_id: int) -> int:
@@ -2111,8 +2152,11 @@ class NativeListener:
         self._accepted.append(connection)
         self._wake()
 
-    def _on_accept_failed(self, kind: str, message: str) -> None:
-        logger.warning("%s", accept_failure_line(kind, message))
+    def _on_accept_failed(self, kind: str, message: str, source: str = "") -> None:
+        # Rate-limited: anyone who can send a datagram can fail a handshake at will.
+        HANDSHAKE_FAILURE_LOG.log(
+            logging.WARNING, f"accept-{kind}", "%s", accept_failure_line(kind, message, source)
+        )
         if kind == "verification":  # we refused the client's certificate
             self._refused.append(message)
         elif kind == "peer_refused":  # the client refused ours (its TLS alert)

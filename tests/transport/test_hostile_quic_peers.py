@@ -1,0 +1,285 @@
+"""What a QUIC listener does with peers that break the protocol or fail handshakes at will.
+
+Each failure is the peer's: its connection (or flow) ends as the RFCs say, the listener
+logs one line naming the peer and what it did, rate-limited (anyone who can send a
+datagram can fail a handshake; a peer can break the protocol once per connection), and
+other flows carry on. The hostile client is quicmesh's own client with its QUIC state
+pushed past what the protocol allows (the aioquic engine's connection, or raw frames on
+the native one's stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import re
+from typing import Any
+
+import pytest
+from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, run, tcp_pair, until
+
+from quicmesh import QuicTransport
+from quicmesh.errors import PeerVerificationError, QuicmeshError, StreamReset
+from quicmesh.tls import DevCA
+from quicmesh.transport.stream import MeshStream, SpliceOutcome
+
+H3_NO_ERROR = 0x100
+QUIC_LOGGERS = ("quicmesh.transport.quic", "quicmesh.transport.native")
+
+
+def transport(engine: str, identity: object, **kwargs: Any) -> QuicTransport:
+    require_engine(engine)
+    return QuicTransport(
+        identity=identity,  # type: ignore[arg-type]
+        trust=kwargs.pop("trust", CA.trust_bundle),
+        engine=engine,
+        congestion_control="cubic",
+        **kwargs,
+    )
+
+
+async def echo(stream: MeshStream) -> None:
+    stream.accept()
+    while data := await stream.read(65536):
+        stream.write(data)
+        await stream.drain()
+    stream.write_eof()
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name in (*QUIC_LOGGERS, "quic")
+    ]
+
+
+@pytest.mark.parametrize("server_engine", ["native", "aioquic"])
+def test_failed_handshakes_are_counted_each_and_logged_once_an_interval_with_the_address(
+    server_engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, every failed handshake was one WARNING (the aioquic engine: aioquic's own
+    line too), without the client's address: a log anyone could flood."""
+    stranger = DevCA().issue("spiffe://mesh.local/ns/default/sa/intruder")  # another CA
+
+    async def main() -> int:
+        server = transport(server_engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        for _ in range(5):
+            with pytest.raises(QuicmeshError):
+                conn = await transport("aioquic", stranger).connect(listener.address)
+                try:
+                    # (TLS 1.3: the aioquic client hears of the refusal at its first stream)
+                    stream = await conn.open_stream(TARGET)
+                    await stream.read()
+                finally:
+                    conn.close()
+                    await conn.wait_closed()
+        await until(lambda: sum(server.handshake_failures.values()) >= 5)
+        refused = sum(server.handshake_failures.values())
+        # The listener still serves its own mesh.
+        conn = await transport("aioquic", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"still here")
+        stream.write_eof()
+        assert await stream.read() == b"still here"
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        return refused
+
+    with caplog.at_level(logging.DEBUG):
+        refused = run(main())
+    assert refused == 5
+    lines = [line for line in warnings(caplog) if "client" in line]
+    assert len(lines) == 1, lines
+    assert re.search(r"client at 127\.0\.0\.1:\d+", lines[0]), lines
+
+
+@pytest.mark.parametrize("server_engine", ["native", "aioquic"])
+def test_a_peer_over_the_stream_limit_is_named_in_one_line(
+    server_engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that opens streams past MAX_STREAMS breaks QUIC (STREAM_LIMIT_ERROR): its
+    connection is closed and the listener says who it was. Before, the native engine said
+    nothing and aioquic logged a line per datagram, naming no one."""
+
+    async def main() -> str:
+        listener = await transport(server_engine, SERVER, max_streams=4).listen(
+            ("127.0.0.1", 0), echo
+        )
+        conn = await transport("aioquic", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)  # (the server's handshake is done then)
+        stream.write(b"x")
+        assert await stream.read(1) == b"x"
+        quic = conn.quic
+        quic._remote_max_streams_bidi = 1000  # the hostile part: ignore the peer's limit
+        for _ in range(20):
+            stream_id = quic.get_next_available_stream_id()
+            quic.send_stream_data(stream_id, b"\x00\x01x")  # a DATA frame first: bad anyway
+        conn.transmit()
+        await until(lambda: conn.lost_error is not None)
+        await until(lambda: any("broke" in line for line in warnings(caplog)))
+        lost = str(conn.lost_error)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        return lost
+
+    with caplog.at_level(logging.DEBUG):
+        lost = run(main())
+    lines = warnings(caplog)
+    [line] = [line for line in lines if "broke" in line]
+    assert CLIENT.spiffe_id in line and re.search(r" at 127\.0\.0\.1:\d+", line), line
+    assert "the peer broke QUIC" in line and "(STREAM_LIMIT_ERROR, 0x4)" in line, line
+    assert not [line for line in lines if line.startswith("Error")], lines  # aioquic's own
+    assert any(words in lost.lower() for words in ("0x4", "too many streams")), lost
+
+
+async def splicing_listener() -> tuple[Any, asyncio.Queue[Any], asyncio.Queue[SpliceOutcome]]:
+    """A native listener splicing each stream to a new loopback TCP connection."""
+    ends: asyncio.Queue[Any] = asyncio.Queue()
+    outcomes: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
+
+    async def handler(stream: MeshStream) -> None:
+        sock, reader, writer = await tcp_pair()
+        ends.put_nowait((reader, writer))
+        outcomes.put_nowait(await stream.splice_socket(sock))
+
+    listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+    return listener, ends, outcomes
+
+
+def test_a_stop_sending_without_error_is_answered_with_reset_stream_at_once() -> None:
+    """RFC 9000 3.5: a STOP_SENDING is answered with RESET_STREAM. The engine's splice
+    dropped what the destination sent after a STOP_SENDING with H3_NO_ERROR, but reset
+    the stream only once the destination's side ended: the peer's stream stayed open
+    (and held its stream slot) meanwhile."""
+
+    async def main() -> None:
+        listener, ends, outcomes = await splicing_listener()
+        # (aioquic's client: quinn's drops a RESET_STREAM for a half it stopped itself)
+        conn = await transport("aioquic", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        reader, writer = await asyncio.wait_for(ends.get(), 10)
+        assert await reader.readexactly(1) == b"x"
+        conn.quic.stop_stream(stream.stream_id, H3_NO_ERROR)
+        conn.transmit()
+        writer.write(b"not wanted")  # the destination still has something to say
+        # The peer hears RESET_STREAM while the destination's side is still open.
+        with pytest.raises(StreamReset, match="0x100"):
+            await asyncio.wait_for(stream.read(), 5)  # (before: not until writer.close())
+        writer.close()
+        conn.close()
+        await asyncio.wait_for(outcomes.get(), 10)
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_frame_a_request_stream_may_not_carry_closes_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 9114 7.2.4 and 8.1: a SETTINGS frame on a request stream is a connection error
+    (H3_FRAME_UNEXPECTED), as the Python session makes it; the engine's splice reset only
+    the stream, and nothing but the access log said which peer did it."""
+
+    async def main() -> str:
+        listener, ends, outcomes = await splicing_listener()
+        conn = await transport("native", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        reader, writer = await asyncio.wait_for(ends.get(), 10)
+        assert await reader.readexactly(1) == b"x"
+        conn.quic.send_stream_data(stream.stream_id, b"\x04\x00")  # SETTINGS, empty
+        conn.transmit()
+        await until(lambda: conn.lost_error is not None)
+        await until(lambda: any("broke" in line for line in warnings(caplog)))
+        outcome = await asyncio.wait_for(outcomes.get(), 10)
+        assert "frame type 0x4 is not allowed on a request stream" in outcome.error
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+        return str(conn.lost_error)
+
+    with caplog.at_level(logging.WARNING):
+        lost = run(main())
+    assert "frame type 0x4" in lost, lost
+    [line] = [line for line in warnings(caplog) if "broke" in line]
+    assert CLIENT.spiffe_id in line and "the peer broke HTTP/3" in line, line
+    assert "(H3_FRAME_UNEXPECTED, 0x105)" in line, line
+
+
+def test_a_client_refused_for_its_certificate_is_told_it_was_its_own() -> None:
+    """The native client's error read "handshake refused: ... invalid peer certificate:
+    peer certificate has expired", as if the server's certificate had expired: the
+    server's reason speaks of its peer, which is us."""
+    now = datetime.datetime.now(datetime.UTC)
+    expired = CA.issue(
+        "spiffe://mesh.local/ns/default/sa/client",
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+
+    async def main() -> str:
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), echo)
+        try:
+            with pytest.raises(PeerVerificationError) as refused:
+                await transport("native", expired).connect(listener.address)
+        finally:
+            listener.close()
+            await listener.wait_closed()
+        return str(refused.value)
+
+    message = run(main())
+    assert message.startswith("handshake refused: the server refused our certificate: "), message
+    assert "expired" in message, message
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_stalled_streams_hold_at_most_the_connection_window(engine: str) -> None:
+    """``connection_window`` bounds what all of a connection's unread streams hold at the
+    receiver, as each stream's window bounds one. The native engine bounded only each
+    stream: twelve stalled streams held twelve stream windows (quinn's connection credit
+    reopens as the engine reads, and it read for each stream up to its window)."""
+    window, stream_window, count = 1 << 20, 256 << 10, 12
+    held: list[MeshStream] = []
+
+    async def stall(stream: MeshStream) -> None:
+        held.append(stream)
+        stream.accept()
+        await asyncio.Event().wait()  # never reads
+
+    async def main() -> int:
+        options = {"connection_window": window, "stream_window": stream_window}
+        listener = await transport(engine, SERVER, **options).listen(("127.0.0.1", 0), stall)
+        conn = await transport(engine, CLIENT).connect(listener.address)
+        streams = [await conn.open_stream(TARGET) for _ in range(count)]
+
+        async def write(stream: MeshStream) -> None:
+            while True:
+                stream.write(b"w" * 65536)
+                await stream.drain()
+
+        writers = [asyncio.ensure_future(write(stream)) for stream in streams]
+        await until(lambda: sum(s.buffered_bytes for s in held) >= window * 3 // 4)
+        most = 0
+        for _ in range(100):  # the bound holds while the writers keep on (2 s)
+            most = max(most, sum(s.buffered_bytes for s in held))
+            await asyncio.sleep(0.02)
+        for writer in writers:
+            writer.cancel()
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        return most
+
+    most = run(main())
+    # (reads asked for before the window filled may each add one 64 KiB chunk)
+    assert most <= window + count * 65536, most
