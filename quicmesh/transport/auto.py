@@ -44,6 +44,7 @@ from ..tls import Identity, TrustBundle
 from .base import Address, Authorizer, Listener, PeerConnection, StreamHandler, Transport
 from .h2 import H2Transport
 from .quic import QuicTransport
+from .stream import check_seconds
 
 logger = logging.getLogger("quicmesh.transport.auto")
 
@@ -93,8 +94,8 @@ class BrokenQuicMemory:
         backoff: float = DEFAULT_BROKEN_BACKOFF,
         max_backoff: float = DEFAULT_MAX_BROKEN_BACKOFF,
     ) -> None:
-        if not backoff > 0:
-            raise ConfigError(f"broken_backoff must be positive seconds, not {backoff}")
+        check_seconds("broken_backoff", backoff, high=None)
+        check_seconds("max_broken_backoff", max_backoff, high=None)
         if not max_backoff >= backoff:
             raise ConfigError(
                 f"max_broken_backoff ({max_backoff}) must be at least broken_backoff ({backoff})"
@@ -190,12 +191,14 @@ class AutoTransport(Transport):
         max_broken_backoff: float = DEFAULT_MAX_BROKEN_BACKOFF,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
-        if not fallback_delay >= 0:
-            raise ConfigError(f"fallback_delay must be >= 0 seconds, not {fallback_delay}")
+        check_seconds("fallback_delay", fallback_delay, high=None, zero=True)
+        for name, given, kind in (("quic", quic, QuicTransport), ("h2", h2, H2Transport)):
+            if given is not None and not isinstance(given, kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, not {given!r}")
+        self.memory = BrokenQuicMemory(broken_backoff, max_broken_backoff)
         self.quic = quic if quic is not None else QuicTransport(identity=identity, trust=trust)
         self.h2 = h2 if h2 is not None else H2Transport(identity=identity, trust=trust)
         self.fallback_delay = fallback_delay
-        self.memory = BrokenQuicMemory(broken_backoff, max_broken_backoff)
         self.fallback_counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.counters = self.quic.counters
         """The QUIC transport's counters (0-RTT, tickets, migrations)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ssl
 
-from ..errors import ConfigError
 from ..tls import Identity, TrustBundle
 from ..tls.context import MutualTlsContexts
 from ..tunnel.h2 import (
@@ -36,9 +35,12 @@ from ._tcp import (
     start_server,
 )
 from .base import Address, Authorizer, StreamHandler, Transport
-from .stream import DEFAULT_HIGH_WATER
+from .stream import DEFAULT_HIGH_WATER, check_positive, check_seconds, check_whole
 
 ALPN = "h2"
+
+MAX_WINDOW = 2**31 - 1
+"""The largest flow-control window HTTP/2 has (RFC 9113 6.9.1)."""
 
 H2PeerConnection = TlsPeerConnection
 """A peer connection of :class:`H2Transport`: many CONNECT streams on one HTTP/2 connection."""
@@ -62,6 +64,10 @@ class H2Transport(Transport):
         (after a first burst of 1,000; default ``H2_MAX_STREAM_RATE``, 10,000): those
         above are refused unprocessed (REFUSED_STREAM), and a peer far above it (rapid
         reset) loses the connection. None: no limit.
+
+    A value out of range (windows 1 KiB to :data:`MAX_WINDOW`, ``max_streams`` at
+    least 1, positive seconds and bytes) is a :class:`~quicmesh.errors.ConfigError`
+    naming the option, raised here.
     """
 
     name = "h2"
@@ -79,8 +85,15 @@ class H2Transport(Transport):
         max_stream_rate: float | None = H2_MAX_STREAM_RATE,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
-        if max_stream_rate is not None and max_stream_rate <= 0:
-            raise ConfigError(f"max_stream_rate must be positive, got {max_stream_rate!r}")
+        # (Until 2026-12-07 unchecked: max_streams=0 or stream_window=0 hung the first
+        # stream, high_water="big" raised TypeError from the first write.)
+        check_whole("stream_window", stream_window, 1024, MAX_WINDOW)
+        check_whole("connection_window", connection_window, 1024, MAX_WINDOW)
+        check_whole("high_water", high_water, 1, 1 << 40)
+        check_whole("max_streams", max_streams, 1, 1 << 30)
+        check_seconds("handshake_timeout", handshake_timeout)
+        if max_stream_rate is not None:
+            check_positive("max_stream_rate", max_stream_rate)
         self.max_stream_rate = max_stream_rate
         self.stream_window = stream_window
         self.connection_window = connection_window

@@ -7,7 +7,8 @@ module through :func:`quicmesh.transport.base.transport_registry` and never impo
 an implementation. Options that name things rather than hold them are resolved
 here:
 
-* ``quic``: ``admission`` may be a mapping of
+* ``quic``: an unknown ``engine`` is a :class:`ConfigError` (``QuicTransport``'s
+  own is a ``ValueError``); ``admission`` may be a mapping of
   :class:`~quicmesh.transport._admission.AdmissionConfig` fields;
   ``stateless_reset_key_file`` is a path read (or created, mode 0600) with
   :func:`~quicmesh.transport.quic.load_stateless_reset_key`; ``ticket_cache``
@@ -72,8 +73,14 @@ class TransportRegistry:
 
     def _quic(self, identity: Identity, trust: TrustBundle, options: dict[str, Any]) -> Transport:
         from ._admission import AdmissionConfig
+        from .base import quic_engine_problem
         from .quic import QuicTransport, load_stateless_reset_key
 
+        engine = options.get("engine")
+        if isinstance(engine, str) and (problem := quic_engine_problem(engine)) is not None:
+            # (QuicTransport raises ValueError for an unknown name, as documented; an
+            # option here is configuration.)
+            raise ConfigError(f"quic transport: engine: {problem}")
         admission = options.get("admission")
         if isinstance(admission, Mapping):
             options["admission"] = _construct("quic admission", AdmissionConfig, admission)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import StreamRefused, StreamReset, TunnelError, TunnelUsageError
+from ..errors import ConfigError, StreamRefused, StreamReset, TunnelError, TunnelUsageError
 from ..tunnel.connect import Target
 from ..tunnel.session import ResetReason
 
@@ -52,6 +53,51 @@ def check_idle_timeout(idle_timeout: float | None) -> None:
 
 DEFAULT_HIGH_WATER = 64 * 1024
 """Unsent bytes above which :meth:`MeshStream.drain` waits."""
+
+MAX_SETTING_SECONDS = 86_400.0
+"""The longest time in seconds a transport option takes (:func:`check_seconds`: a day)."""
+
+
+# -- transport options -------------------------------------------------------------------
+# Every transport checks its options when it is built, with these, so that a bad value
+# is a ConfigError naming the option (not a TypeError, a hang or an engine's exception
+# at the first connection).
+
+
+def check_whole(name: str, value: object, low: int, high: int, *, span: str = "") -> None:
+    """:raises ConfigError: ``value`` is not a whole number from ``low`` to ``high`` (the
+    message says so, or ``{name} must be {span}`` when ``span`` is given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        span = span or f"a whole number from {low} to {high}"
+        raise ConfigError(f"{name} must be {span}, not {value!r}")
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a number (an int or a float, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def check_seconds(
+    name: str, value: object, *, high: float | None = MAX_SETTING_SECONDS, zero: bool = False
+) -> None:
+    """:raises ConfigError: ``value`` is not a number of seconds above 0 (from 0 with
+    ``zero``) up to ``high`` (None: any finite number)."""
+    number = _number(value)
+    limit = sys.float_info.max if high is None else high  # (inf and nan are refused)
+    if number is None or not (number >= 0 if zero else number > 0) or not number <= limit:
+        what = "0 or more seconds" if zero else "positive seconds"
+        if high is not None:
+            what = f"0 to {high:g} seconds" if zero else f"positive seconds up to {high:g}"
+        raise ConfigError(f"{name} must be {what}, not {value!r}")
+
+
+def check_positive(name: str, value: object) -> None:
+    """:raises ConfigError: ``value`` is not a finite number above 0 (a rate)."""
+    number = _number(value)
+    if number is None or not 0 < number < float("inf"):
+        raise ConfigError(f"{name} must be a positive number, not {value!r}")
 
 
 @dataclass
@@ -336,8 +382,19 @@ class MeshStream:
 
     # -- writing -------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` for the peer; call :meth:`drain` to respect backpressure."""
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` for the peer; call :meth:`drain` to respect backpressure.
+
+        :raises TypeError: ``data`` is not bytes-like (a ``str``, say), before anything
+            is accepted, counted or sent, as :meth:`asyncio.StreamWriter.write` does.
+        """
+        if not isinstance(data, bytes):
+            try:
+                data = memoryview(data).tobytes()  # counted in bytes, whatever its format
+            except TypeError:
+                raise TypeError(
+                    f"data must be a bytes-like object, not {type(data).__name__!r}"
+                ) from None
         self._raise_error()
         if self._peer_stopped_reading:
             return  # the peer asked for no more bytes: discard, as HTTP/3 allows
@@ -347,7 +404,7 @@ class MeshStream:
             return
         self.accept()
         self.bytes_sent += len(data)
-        self._channel.send_stream_data(self, bytes(data), False)
+        self._channel.send_stream_data(self, data, False)
 
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after the bytes already written."""

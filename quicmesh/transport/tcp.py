@@ -33,7 +33,7 @@ from ._tcp import (
     start_server,
 )
 from .base import Address, Authorizer, PeerConnection, StreamHandler, Transport, host_port
-from .stream import DEFAULT_HIGH_WATER, MeshStream
+from .stream import DEFAULT_HIGH_WATER, MeshStream, check_seconds, check_whole
 
 ALPN = "http/1.1"
 
@@ -52,7 +52,6 @@ class TcpPeerConnection(PeerConnection):
     ) -> None:
         assert first.connection is not None
         self.peer_identity = first.connection.peer_identity
-        self.streams_opened = 0
         self.connections_opened = 1
         self._transport = transport
         self._address = address
@@ -62,6 +61,8 @@ class TcpPeerConnection(PeerConnection):
         self._closed = False
         self._bytes_sent = 0
         self._bytes_received = 0
+        self._streams_opened = 0
+        """CONNECTs sent on the flows' connections that closed (the open ones count theirs)."""
         first.closed.add_done_callback(lambda _: self._flow_closed(first))
 
     @property
@@ -78,6 +79,15 @@ class TcpPeerConnection(PeerConnection):
         """None: there is no one connection to lose (a flow's own connection failing
         fails that flow alone)."""
         return None
+
+    @property
+    def streams_opened(self) -> int:
+        """CONNECT requests sent, as QUIC and h2 count them: a stream refused by the
+        peer or reset before :meth:`open_stream` returned counts too (until 2026-12-07
+        only those it returned did); a dial that failed sent none."""
+        return self._streams_opened + sum(
+            p.connection.streams_opened for p in self._flows if p.connection is not None
+        )
 
     @property
     def active_streams(self) -> int:
@@ -130,7 +140,6 @@ class TcpPeerConnection(PeerConnection):
             if protocol.failure is not None and not isinstance(protocol.failure, ConnectionLost):
                 raise protocol.failure from None
             raise
-        self.streams_opened += 1
         return stream
 
     def stats(self) -> dict[str, Any]:
@@ -181,6 +190,8 @@ class TcpPeerConnection(PeerConnection):
             self._flows.discard(protocol)
             self._bytes_sent += protocol.bytes_sent
             self._bytes_received += protocol.bytes_received
+            if protocol.connection is not None:
+                self._streams_opened += protocol.connection.streams_opened
 
 
 class TcpTransport(Transport):
@@ -191,6 +202,9 @@ class TcpTransport(Transport):
     :param receive_window: unread bytes per flow above which the socket is not read.
     :param high_water: unsent bytes per stream above which ``drain()`` waits.
     :param handshake_timeout: seconds a server allows a client for its TLS handshake.
+
+    A value out of range (``receive_window`` at least 1 KiB, positive seconds and
+    bytes) is a :class:`~quicmesh.errors.ConfigError` naming the option, raised here.
     """
 
     name = "tcp"
@@ -206,6 +220,11 @@ class TcpTransport(Transport):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
+        # (Until 2026-12-07 unchecked: receive_window=0 or handshake_timeout=0 hung or
+        # failed every flow, high_water="big" raised TypeError from the first write.)
+        check_whole("receive_window", receive_window, 1024, 1 << 40)
+        check_whole("high_water", high_water, 1, 1 << 40)
+        check_seconds("handshake_timeout", handshake_timeout)
         self.receive_window = receive_window
         self.high_water = high_water
         self.handshake_timeout = handshake_timeout

@@ -82,6 +82,7 @@ from ..base import (
     exposed_secret,
 )
 from ..liveness import MAX_LIVENESS_SECONDS, LivenessConfig
+from ..stream import check_positive, check_seconds, check_whole
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
 from .connection import QuicPeerConnection, SocketReceiver, _is_ip_address, tune_udp_socket
@@ -115,8 +116,9 @@ class QuicTransport(Transport):
 
     :param identity: this sidecar's certificate and key.
     :param trust: the CAs peers' certificates must chain to.
-    :param congestion_control: ``"reno"``, ``"cubic"`` (aioquic's) or ``"bbr"``; by
-        default the host's TCP algorithm
+    :param congestion_control: ``"reno"``, ``"cubic"`` (aioquic's) or ``"bbr"`` (the
+        names the engine lists, :meth:`.engine.QuicEngine.congestion_controls`; another
+        is a :class:`ConfigError`); by default the host's TCP algorithm
         (:func:`~quicmesh.congestion.default_congestion_control`).
     :param idle_timeout: seconds of silence before a connection is dropped.
     :param stream_window: receive window per stream, in bytes.
@@ -190,6 +192,9 @@ class QuicTransport(Transport):
         differently (tickets, liveness, the settings it ignores) is in
         :mod:`quicmesh.transport.quic.native_engine`.
 
+    Any other option of the wrong type or out of range is a :class:`ConfigError`
+    naming it, raised here, before anything runs.
+
     The kernel reports ICMP port and host unreachable (aioquic: a client's UDP
     socket is connected to its peer; native: the endpoint socket reads its error
     queue): :meth:`connect` then fails at once with
@@ -236,6 +241,8 @@ class QuicTransport(Transport):
         super().__init__(identity=identity, trust=trust)
         if engine is None:
             engine = default_quic_engine()
+        elif not isinstance(engine, str):
+            raise ConfigError(f"engine must be a QUIC engine's name, not {engine!r}")
         found = get_engine(engine)
         if found.io == "datagrams" and not isinstance(found, aioquic_engine.AioquicEngine):
             raise ConfigError(
@@ -252,24 +259,66 @@ class QuicTransport(Transport):
             from ...congestion.host import default_congestion_control
 
             congestion_control = default_congestion_control()
-        if congestion_control == "bbr":
-            from ... import congestion
-
-            congestion.ensure_registered()
+        # Each engine's own names (aioquic's registered controllers, BBR included; the
+        # native engine's quinn ones): any other was aioquic's bare Exception at the
+        # first handshake (a listener logged one per Initial), the native engine's
+        # ConnectError at connect.
+        controls = found.congestion_controls()
+        if congestion_control not in controls:
+            raise ConfigError(
+                f"congestion_control must be one of {', '.join(controls)} on the "
+                f"{found.name} QUIC engine, not {congestion_control!r}"
+            )
         self.congestion_control = congestion_control
         # (On the native engine a float, a negative or a 2**64 was a bare TypeError or
-        # OverflowError, or a stale-build warning; aioquic took them.)
-        _check_whole("stream_window", stream_window, 1024, 1 << 40)
-        _check_whole("connection_window", connection_window, 1024, 1 << 40)
-        _check_whole("high_water", high_water, 1, 1 << 40)
-        _check_whole("max_streams", max_streams, 1, 1 << 30)
+        # OverflowError, or a stale-build warning; aioquic took them. A string was a
+        # TypeError on both.)
+        check_whole("stream_window", stream_window, 1024, 1 << 40)
+        check_whole("connection_window", connection_window, 1024, 1 << 40)
+        check_whole("high_water", high_water, 1, 1 << 40)
+        check_whole("max_streams", max_streams, 1, 1 << 30)
+        check_seconds("idle_timeout", idle_timeout, high=MAX_LIVENESS_SECONDS)
+        check_whole("max_early_data", max_early_data, 0, 1 << 32)
+        if rebind_after_ptos is not None:
+            check_whole("rebind_after_ptos", rebind_after_ptos, 1, 1 << 30)
+        check_whole("max_datagram_size", max_datagram_size, 1200, 1452, span="1200 to 1452")
+        if not isinstance(mtu_discovery, bool):
+            raise ConfigError(f"mtu_discovery must be True or False, not {mtu_discovery!r}")
+        check_whole(
+            "ack_eliciting_threshold",
+            ack_eliciting_threshold,
+            0,
+            ACK_ELICITING_THRESHOLD_MAX,
+            span=f"0 to {ACK_ELICITING_THRESHOLD_MAX}",
+        )
+        if send_window is not None:
+            check_whole("send_window", send_window, 16 * 1024, 1 << 40, span="16 KiB to 1 TiB")
+        if keepalive_interval is not None:
+            check_seconds("keepalive_interval", keepalive_interval, high=MAX_LIVENESS_SECONDS)
+        if max_probe_timeouts is not None:
+            check_whole("max_probe_timeouts", max_probe_timeouts, 1, 1 << 30)
+        if dead_after is not None:
+            check_seconds("dead_after", dead_after, high=MAX_LIVENESS_SECONDS)
+        if max_stream_rate is not None:
+            check_positive("max_stream_rate", max_stream_rate)
+        if qlog_dir is not None and not isinstance(qlog_dir, str | os.PathLike):
+            raise ConfigError(f"qlog_dir must be a directory's path, not {qlog_dir!r}")
+        for name, value, kind in (
+            ("ticket_cache", ticket_cache, TicketCache),
+            ("ticket_store", ticket_store, TicketStore),
+            ("admission", admission, AdmissionConfig),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, not {value!r}")
+        if stateless_reset_key is not None and not isinstance(stateless_reset_key, bytes):
+            raise ConfigError(
+                f"stateless_reset_key must be bytes, not {type(stateless_reset_key).__name__}"
+            )
         self.idle_timeout = idle_timeout
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.high_water = high_water
         self.max_streams = max_streams
-        if max_stream_rate is not None and not max_stream_rate > 0:
-            raise ConfigError(f"max_stream_rate must be positive, not {max_stream_rate}")
         self.stream_rates = StreamRates(max_stream_rate, burst=max_streams)
         """(server) One new-stream token bucket per peer identity (:mod:`.._stream_rate`)."""
         self.qlog_dir = qlog_dir
@@ -280,27 +329,12 @@ class QuicTransport(Transport):
         if receive_batch is None:
             setting = os.environ.get("QUICMESH_RECEIVE_BATCH", str(RECEIVE_BATCH))
             receive_batch = int(setting) if setting.isdigit() else 0
-        if receive_batch < 1:
-            raise ConfigError(f"receive_batch must be a whole number >= 1, not {receive_batch}")
+        check_whole("receive_batch", receive_batch, 1, 1 << 16)
         self.receive_batch = receive_batch
-        if not 1200 <= max_datagram_size <= 1452:
-            raise ConfigError(f"max_datagram_size must be 1200 to 1452, not {max_datagram_size}")
         self.max_datagram_size = max_datagram_size
         self.mtu_discovery = mtu_discovery
-        if not 0 <= ack_eliciting_threshold <= ACK_ELICITING_THRESHOLD_MAX:
-            raise ConfigError(
-                f"ack_eliciting_threshold must be 0 to {ACK_ELICITING_THRESHOLD_MAX}, "
-                f"not {ack_eliciting_threshold}"
-            )
         self.ack_eliciting_threshold = ack_eliciting_threshold
-        if send_window is not None and not 16 * 1024 <= send_window <= 1 << 40:
-            raise ConfigError(f"send_window must be 16 KiB to 1 TiB, not {send_window}")
         self.send_window = send_window
-        if not 0 < idle_timeout <= MAX_LIVENESS_SECONDS:
-            raise ConfigError(
-                f"idle_timeout must be positive seconds up to {MAX_LIVENESS_SECONDS:g},"
-                f" not {idle_timeout}"
-            )
         self.liveness = LivenessConfig(
             keepalive_interval=keepalive_interval,
             max_probe_timeouts=max_probe_timeouts,
@@ -670,12 +704,6 @@ class QuicTransport(Transport):
         if not connection.established:
             raise connection.failure or ConnectError("QUIC handshake failed")
         return connection
-
-
-def _check_whole(name: str, value: object, low: int, high: int) -> None:
-    """:raises ConfigError: ``value`` is not a whole number from ``low`` to ``high``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
 
 
 def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
