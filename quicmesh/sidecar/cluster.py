@@ -38,7 +38,7 @@ from ..transport.base import Address, EngineAcceptor, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .accesslog import Outcome
 from .circuit import CircuitBreaker
-from .config import ClusterConfig, format_address
+from .config import MIN_HEALTH_CHECK_INTERVAL, MIN_IDLE_TIMEOUT, ClusterConfig, format_address
 from .health import HealthState, HealthTracker
 from .lb import make_balancer
 from .pool import EndpointPool, PooledConnection, PoolOverflow
@@ -48,6 +48,14 @@ logger = logging.getLogger("quicmesh.sidecar.cluster")
 
 SWEEP_INTERVAL = 1.0
 """Seconds between idle-connection sweeps."""
+
+
+def sweep_interval(idle_timeout: float) -> float:
+    """Seconds between a cluster's idle-connection sweeps: half its ``idle_timeout``, at
+    most :data:`SWEEP_INTERVAL`, and at least half of :data:`~.config.MIN_IDLE_TIMEOUT`
+    (the loader refuses a shorter idle timeout; a library caller's 1 us one swept
+    without pause, a core busy)."""
+    return max(MIN_IDLE_TIMEOUT / 2, min(SWEEP_INTERVAL, idle_timeout / 2))
 
 
 class FlowRefused(QuicmeshError):
@@ -597,7 +605,7 @@ class Cluster:
     # -- background -----------------------------------------------------------
 
     async def _sweep_loop(self) -> None:
-        interval = min(SWEEP_INTERVAL, self.config.idle_timeout / 2)
+        interval = sweep_interval(self.config.idle_timeout)
         while True:
             await asyncio.sleep(interval)
             now = self._loop.time()
@@ -624,7 +632,8 @@ class Cluster:
         while True:
             endpoints = list(self.endpoints.values())
             await asyncio.gather(*(self._check(e, check.timeout) for e in endpoints))
-            await asyncio.sleep(check.interval)
+            # (The loader refuses a shorter interval; a library caller's is held to it.)
+            await asyncio.sleep(max(check.interval, MIN_HEALTH_CHECK_INTERVAL))
 
     async def _check(self, endpoint: Endpoint, timeout: float) -> None:
         try:

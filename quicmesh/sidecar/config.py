@@ -60,6 +60,18 @@ CONGESTION_CONTROLS = ("reno", "cubic", "bbr")
 OUTBOUND_POLICIES = ("registry_only", "passthrough")
 """Values of ``intercept.outbound_policy``: what captured traffic to unknown destinations gets."""
 
+MIN_IDLE_TIMEOUT = 0.1
+"""The shortest ``clusters[].idle_timeout``: the pool sweeps idle connections every
+half of it (a 1 ms one kept a core busy sweeping)."""
+
+MIN_HEALTH_CHECK_INTERVAL = 0.1
+"""The shortest ``clusters[].health_check.interval`` (and xDS health check ``interval``):
+each round makes a handshake to every endpoint."""
+
+MIN_KEEPALIVE_INTERVAL = 0.01
+"""The shortest ``clusters[].liveness.keepalive_interval``: an idle connection PINGs
+its peer this often (1 us kept both sidecars' cores busy)."""
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -1009,10 +1021,14 @@ class _Field:
     def address(self) -> Address:
         return self.convert(parse_address)
 
-    def duration(self, *, positive: bool = True) -> float:
+    def duration(self, *, positive: bool = True, minimum: float = 0.0) -> float:
+        """Seconds, more than zero (``positive``) and at least ``minimum``."""
         seconds = self.convert(parse_duration)
         if positive and seconds <= 0:
             raise self.error("must be greater than zero")
+        if seconds < minimum:
+            given = self.value if isinstance(self.value, str) else f"{seconds:g}s"
+            raise self.error(f"{given!s:.40} is below the minimum of {format_seconds(minimum)}")
         return seconds
 
 
@@ -1373,6 +1389,10 @@ class _Loader:
                 admission[key] = node.child(key).integer(1, 1 << 40)
         loop_lag = node.child("overload_max_loop_lag")
         if loop_lag.value is not None:
+            # Its action is a cut of QUIC stream credit: H2 and TCP have none to withhold
+            # (it was accepted on them without effect).
+            if "quic" not in transports:
+                raise loop_lag.error("applies to listeners serving quic only")
             admission["overload_max_loop_lag"] = loop_lag.duration(positive=False)
         return InboundListenerConfig(
             name=node.child("name").required().name(),
@@ -1549,7 +1569,7 @@ class _Loader:
             outlier_detection=self.outlier(node.child("outlier_detection")),
             circuit_breakers=self.circuit_breakers(node.child("circuit_breakers")),
             connect_timeout=_duration_or(node.child("connect_timeout"), 5.0),
-            idle_timeout=_duration_or(node.child("idle_timeout"), 60.0),
+            idle_timeout=_duration_or(node.child("idle_timeout"), 60.0, MIN_IDLE_TIMEOUT),
             connect_retries=_int_or(node.child("connect_retries"), 1, 0, 10),
             services=services,
             file_services=file_services,
@@ -1572,7 +1592,9 @@ class _Loader:
             return read(child)
 
         return LivenessSettings(
-            keepalive_interval=off_or("keepalive_interval", lambda f: f.duration(), 1.0),
+            keepalive_interval=off_or(
+                "keepalive_interval", lambda f: f.duration(minimum=MIN_KEEPALIVE_INTERVAL), 1.0
+            ),
             max_probe_timeouts=off_or("max_probe_timeouts", lambda f: f.integer(1, 1000), 6),
             dead_after=off_or("dead_after", lambda f: f.duration(), 10.0),
         )
@@ -1595,7 +1617,7 @@ class _Loader:
             return None
         node.only_keys({"interval", "timeout", "unhealthy_threshold", "healthy_threshold"})
         return HealthCheckConfig(
-            interval=_duration_or(node.child("interval"), 5.0),
+            interval=_duration_or(node.child("interval"), 5.0, MIN_HEALTH_CHECK_INTERVAL),
             timeout=_duration_or(node.child("timeout"), 2.0),
             unhealthy_threshold=_int_or(node.child("unhealthy_threshold"), 2, 1, 100),
             healthy_threshold=_int_or(node.child("healthy_threshold"), 1, 1, 100),
@@ -1635,8 +1657,15 @@ def _or_default(node: _Field, default: str, choices: tuple[str, ...]) -> str:
     return default if node.value is None else node.choice(choices)
 
 
-def _duration_or(node: _Field, default: float) -> float:
-    return default if node.value is None else node.duration()
+def _duration_or(node: _Field, default: float, minimum: float = 0.0) -> float:
+    return default if node.value is None else node.duration(minimum=minimum)
+
+
+def format_seconds(seconds: float) -> str:
+    """``100ms``, ``10ms``, ``2s``: a duration as the configuration writes it."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
 
 
 def _fetch_timeout(node: _Field) -> float | None:

@@ -35,7 +35,7 @@ from ..transport.base import (
 from ..transport.stream import EngineSocket, MeshStream, SpliceOutcome
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .accesslog import FlowRecord, Outcome
-from .config import Address, InboundListenerConfig, format_address, ip_address_of
+from .config import Address, InboundListenerConfig, SidecarConfig, format_address, ip_address_of
 from .flows import ACK_TIMEOUT, FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .overload import (
     LOOP_LAG_TICK,
@@ -167,6 +167,36 @@ async def listen(
     return await transport.listen(config.address, handler, early_data=config.early_data)
 
 
+def check_overload_limits(config: SidecarConfig, listener: int | None = None) -> None:
+    """Refuse a configured memory or descriptor limit the sidecar is over already: every
+    stream would be refused (``overload_max_rss: 1`` ran so). At the sidecar's start
+    and with ``--check`` (which passed such limits; it measures its own process, a
+    little smaller than a running sidecar, so a limit just above that passes it and is
+    refused at start). Not on a reload: a busy sidecar may be over a limit for a while,
+    as the limit is meant to make it.
+
+    :param listener: the index of the one inbound listener to check (None: all).
+    :raises ConfigError: ``<file>: listeners.inbound[<i>].<key>: <limit and use>``.
+    """
+    rss, descriptors = measure()
+    indexes = range(len(config.inbound)) if listener is None else (listener,)
+    for index in indexes:
+        inbound = config.inbound[index]
+        max_rss, max_descriptors = inbound.overload_max_rss, inbound.overload_max_descriptors
+        over = None
+        if max_rss and rss >= max_rss * MIB * STOP_ACCEPTING:
+            over = "overload_max_rss", f"{max_rss} MiB", f"{rss / MIB:.0f} MiB"
+        elif max_descriptors and descriptors >= max_descriptors * STOP_ACCEPTING:
+            over = "overload_max_descriptors", f"{max_descriptors}", f"{descriptors} descriptors"
+        if over is not None:
+            key, limit, use = over
+            raise ConfigError(
+                f"{config.source}: listeners.inbound[{index}].{key}: {limit} is below what "
+                f"the sidecar uses already ({use}; streams are refused from "
+                f"{STOP_ACCEPTING:.0%} of it)"
+            )
+
+
 class InboundListener:
     """Accepts tunnel streams on every configured transport of one address.
 
@@ -289,28 +319,6 @@ class InboundListener:
         self._sampler = loop.create_task(self._sample_every_second())
         if self.governor.max_lag > 0:
             self._schedule_lag_probe(loop, loop.time())
-
-    def check_overload_limits(self) -> None:
-        """(At the sidecar's start) Refuse a configured memory or descriptor limit the
-        sidecar is over already: every stream would be refused (``overload_max_rss: 1``
-        passed ``--check`` and ran so). Not on a reload: a busy sidecar may be over a
-        limit for a while, as the limit is meant to make it.
-
-        :raises ConfigError: naming the key, the limit and the use.
-        """
-        rss, descriptors = measure()
-        config = self.config
-        max_rss, max_descriptors = config.overload_max_rss, config.overload_max_descriptors
-        over = None
-        if max_rss and rss >= max_rss * MIB * STOP_ACCEPTING:
-            over = f"overload_max_rss ({max_rss} MiB)", f"{rss / MIB:.0f} MiB"
-        elif max_descriptors and descriptors >= max_descriptors * STOP_ACCEPTING:
-            over = f"overload_max_descriptors ({max_descriptors})", f"{descriptors} descriptors"
-        if over is not None:
-            raise ConfigError(
-                f"{over[0]} is below what the sidecar uses already ({over[1]}; streams are "
-                f"refused from {STOP_ACCEPTING:.0%} of it)"
-            )
 
     def _schedule_lag_probe(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         # The time it is due is kept here: uvloop's call_at() of a time already

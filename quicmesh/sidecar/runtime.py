@@ -52,7 +52,7 @@ from .config import (
 )
 from .destinations import ClusterDestinations, DestinationTable, DuplicateService
 from .flows import ACK_TIMEOUT, FlowTracker
-from .inbound import InboundListener
+from .inbound import InboundListener, check_overload_limits
 from .metrics import Metrics
 from .outbound import OutboundListener
 from .stats import ClusterStats, ListenerStats, retire_counters, sum_counters
@@ -173,7 +173,9 @@ class Sidecar:
                 self.clusters[cluster_config.name] = self._make_cluster(cluster_config)
             for out in self.config.outbound:
                 await self._start_outbound(out)
-            for inb in self.config.inbound:
+            for index, inb in enumerate(self.config.inbound):
+                # At the start only (not on a reload: a busy sidecar may be over a limit).
+                check_overload_limits(self.config, index)
                 await self._start_inbound(inb)
             self.destinations = self._destination_table(self.config, self.services)
             await self._start_capture()
@@ -264,10 +266,6 @@ class Sidecar:
             self.own_addresses,
         )
         try:
-            listener.check_overload_limits()
-        except ConfigError as exc:
-            raise ConfigError(f"listener {config.name}: {exc}") from None
-        try:
             await listener.start()
         except QuicmeshError as exc:
             raise QuicmeshError(f"listener {config.name}: {exc}") from None
@@ -328,11 +326,17 @@ class Sidecar:
     # -- reload ----------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the configuration file and apply it; keep the running one if invalid.
+        """Re-read the configuration file, check it and the files it names (as the start
+        does: :func:`.config.check_files`) and apply it; keep the running one if invalid.
 
         Returns True if the new configuration was applied.
         """
-        if self.config_path is None or self.draining:
+        if self.config_path is None:
+            return False
+        if self.draining:
+            # Said, not silent: an operator's SIGHUP (a config tool's) would otherwise
+            # look applied (reloads_total does not count it).
+            logger.warning("%s: reload ignored: the sidecar is draining", self.config_path)
             return False
         if self.config.xds is not None:
             # Not a rejected file: there is nothing a reload may apply (docs/xds.md).
@@ -364,6 +368,11 @@ class Sidecar:
                     raise ConfigError(
                         f"{self.config_path}: intercept ports cannot change on reload: restart"
                     )
+                # The files the sidecar writes or reads a key from, as at start and with
+                # --check (a stateless_reset_key naming the configuration file itself, or
+                # the CA's private key, was applied on reload). Its warning (a reset key
+                # others may read) is the transport's to log as it loads the key.
+                check_files(new)
                 await self._apply(new, read)
                 for warning in new.warnings:
                     logger.warning("%s", warning)

@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError, Message
 from ..errors import ConfigError, QuicmeshError
 from ..sidecar.config import (
     DEFAULT_FLOW_IDLE_TIMEOUT,
+    MIN_HEALTH_CHECK_INTERVAL,
     Address,
     CircuitBreakerConfig,
     ClusterConfig,
@@ -49,6 +50,7 @@ from ..sidecar.config import (
     InboundListenerConfig,
     OutboundListenerConfig,
     OutlierDetectionConfig,
+    format_seconds,
     parse_destination,
 )
 from ..tls._pem import read_file
@@ -131,9 +133,12 @@ MAX_DURATION = 86400.0
 """The longest duration a resource may give (a day, as the YAML configuration's)."""
 
 
-def _duration(parent: Message, name: str, default: float, where: str) -> float:
+def _duration(
+    parent: Message, name: str, default: float, where: str, minimum: float = 0.0
+) -> float:
     """The ``Duration`` field ``name`` of ``parent`` in seconds (``default`` if unset), more
-    than zero and at most :data:`MAX_DURATION`, as the YAML configuration's durations.
+    than zero (and at least ``minimum``) and at most :data:`MAX_DURATION`, as the YAML
+    configuration's durations.
 
     :raises MappingError: naming the field and its value.
     """
@@ -144,6 +149,10 @@ def _duration(parent: Message, name: str, default: float, where: str) -> float:
         raise MappingError(
             f"{where}.{name}: {seconds:g}s is outside (0, {MAX_DURATION:g}s]: "
             "a duration must be more than zero and at most a day"
+        )
+    if seconds < minimum:
+        raise MappingError(
+            f"{where}.{name}: {seconds:g}s is below the minimum of {format_seconds(minimum)}"
         )
     return seconds
 
@@ -522,7 +531,7 @@ def _health_check(cluster: Cluster, where: str) -> HealthCheckConfig | None:
         )
     _only(check.tcp_health_check, set(), f"{hc_where}.tcp_health_check")
     return HealthCheckConfig(
-        interval=_duration(check, "interval", 5.0, hc_where),
+        interval=_duration(check, "interval", 5.0, hc_where, MIN_HEALTH_CHECK_INTERVAL),
         timeout=_duration(check, "timeout", 2.0, hc_where),
         unhealthy_threshold=_bounded(check, "unhealthy_threshold", 2, 1, 100, hc_where),
         healthy_threshold=_bounded(check, "healthy_threshold", 1, 1, 100, hc_where),
@@ -572,7 +581,9 @@ def _breakers(cluster: Cluster, where: str) -> CircuitBreakerConfig:
     return CircuitBreakerConfig(
         max_connections=_bounded(limits, "max_connections", 64, 1, 100000, t_where),
         max_concurrent_streams=_bounded(limits, "max_requests", 1024, 1, 1000000, t_where),
-        max_pending_opens=_bounded(limits, "max_pending_requests", 256, 0, 1000000, t_where),
+        # At least 1, as the YAML's max_pending_opens: with 0 every flow that had to dial
+        # overflowed, so no connection was ever made.
+        max_pending_opens=_bounded(limits, "max_pending_requests", 256, 1, 1000000, t_where),
     )
 
 

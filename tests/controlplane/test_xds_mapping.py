@@ -518,6 +518,11 @@ def test_a_bootstrap_tcp_proxy_to_an_undefined_cluster_names_it(tmp_path: Path) 
             {"health_checks": [_HC | {"interval": "-5s"}]},
             "Cluster 'reviews'.health_checks[0].interval: -5s is outside",
         ),
+        (  # (passed --check; every flow then overflowed: review 27)
+            {"circuit_breakers": {"thresholds": [{"max_pending_requests": 0}]}},
+            "Cluster 'reviews'.circuit_breakers.thresholds[0].max_pending_requests: 0 is "
+            "outside 1-1000000",
+        ),
     ],
 )
 def test_a_bootstrap_value_out_of_range_fails_check_in_one_line(

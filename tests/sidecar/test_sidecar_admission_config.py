@@ -109,3 +109,22 @@ def test_bad_values_name_the_field(key: str, value: Any, message: str) -> None:
 def test_quic_keys_on_a_tcp_listener_are_refused() -> None:
     with pytest.raises(ConfigError, match="quic only"):
         _load(Path("/etc/q"), transports=["h2"], retry="always")
+
+
+@pytest.mark.parametrize("transports", [["h2"], ["tcp"]])
+@pytest.mark.parametrize("value", ["10ms", "0s"])
+def test_the_loop_lag_threshold_on_a_listener_without_quic_is_refused(
+    transports: list[str], value: str
+) -> None:
+    """Its action cuts QUIC stream credit, which H2 and TCP do not have: it was accepted
+    there without effect, where max_stream_rate and the other QUIC keys are refused."""
+    with pytest.raises(ConfigError) as info:
+        _load(Path("/etc/q"), transports=transports, overload_max_loop_lag=value)
+    assert str(info.value) == (
+        "s.yaml: listeners.inbound[0].overload_max_loop_lag: applies to listeners serving quic only"
+    )
+
+
+def test_the_loop_lag_threshold_on_a_listener_serving_quic_and_h2_is_taken() -> None:
+    config = _load(Path("/etc/q"), transports=["quic", "h2"], overload_max_loop_lag="20ms")
+    assert config.inbound[0].overload_max_loop_lag == 0.02

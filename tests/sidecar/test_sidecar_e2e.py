@@ -281,15 +281,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("limit", "said"),
     [
-        ({"overload_max_rss": 1}, "overload_max_rss (1 MiB) is below what the sidecar uses"),
-        ({"overload_max_descriptors": 3}, "overload_max_descriptors (3) is below what the"),
+        ({"overload_max_rss": 1}, "overload_max_rss: 1 MiB is below what the sidecar uses"),
+        ({"overload_max_descriptors": 3}, "overload_max_descriptors: 3 is below what the"),
     ],
 )
 def test_an_overload_limit_the_sidecar_is_over_already_is_refused_at_start(
     tmp_path: Path, limit: dict[str, int], said: str
 ) -> None:
     """A limit below what the sidecar uses at start refused every stream while /ready
-    said ready; the start now fails in one line naming the listener and the key."""
+    said ready; the start now fails in one line naming the file and the field."""
     DevCA().save(tmp_path / "ca")
     path = tmp_path / "sidecar.yaml"
     inbound = {
@@ -317,7 +317,7 @@ def test_an_overload_limit_the_sidecar_is_over_already_is_refused_at_start(
     )
     assert done.returncode == 2, done.stderr  # (a configuration error)
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("quicmesh sidecar:")]
-    assert line.startswith("quicmesh sidecar: listener mesh: ") and said in line, line
+    assert line.startswith(f"quicmesh sidecar: {path}: listeners.inbound[0].{said}"), line
     assert "Traceback" not in done.stderr
 
 
