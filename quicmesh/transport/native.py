@@ -42,7 +42,7 @@ from quicmesh.errors import (
     StreamReset,
 )
 from quicmesh.logs import RateLimitedLog
-from quicmesh.tls.check import refused_by_peer
+from quicmesh.tls.check import handshake_failure_reason, refused_by_peer
 from quicmesh.tls.identity import Identity, TrustBundle
 from quicmesh.tls.spiffe import spiffe_id_of
 
@@ -106,8 +106,17 @@ def accept_failure_line(kind: str, message: str, source: str = "") -> str:
 
 
 HANDSHAKE_FAILURE_LOG = RateLimitedLog(logger)
-"""Clients' failed handshakes, one line per kind at most every 10 s (with a count of the
+"""Clients' failed handshakes, one line per reason at most every 10 s (with a count of the
 others): anyone who can send a datagram can fail a handshake at will."""
+
+
+def accept_failure_kind(kind: str, message: str) -> str:
+    """The rate-limited log's kind for a client's failed handshake: its reason label
+    (:func:`~quicmesh.tls.check.handshake_failure_reason`), as the aioquic engine keys it,
+    so that a stranger's certificate refused every second does not hide the line of a
+    workload whose own certificate just expired."""
+    text = f"handshake refused: {message}" if kind == "peer_refused" else message
+    return f"accept: {handshake_failure_reason(PeerVerificationError(text))[0]}"
 
 
 class NativeEndpoint:
@@ -311,7 +320,7 @@ class NativeEndpoint:
         self.handshake_failures[kind] += 1
         HANDSHAKE_FAILURE_LOG.log(
             logging.WARNING,
-            f"accept-{kind}",
+            accept_failure_kind(kind, message),
             "native engine: %s",
             accept_failure_line(kind, message, source),
         )

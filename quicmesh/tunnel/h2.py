@@ -58,6 +58,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -318,11 +319,24 @@ class _H2Connection(h2.connection.H2Connection):
     saw our RST_STREAM) for the last 65,536 streams: about 8 MB a connection, on each
     side, once that many flows have passed, for ever on a pooled connection. quicmesh
     keeps the last :data:`CLOSED_STREAMS_KEPT`; a frame on a stream closed before them
-    is answered with RST_STREAM (STREAM_CLOSED) instead of being ignored, which ends
-    nothing else (h2 credits the connection window for its DATA either way).
+    is taken as on a reset stream: answered with RST_STREAM (STREAM_CLOSED) or ignored,
+    which ends nothing else (h2 credits the connection window for its DATA either way).
     """
 
     MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
+
+    def _stream_closed_by(self, stream_id: int) -> Any:
+        # A stream older than the ones remembered is taken as reset: a frame on it is a
+        # stream error (RST_STREAM STREAM_CLOSED), as for a stream remembered as reset.
+        # Else h2 made a late HEADERS on it (our 200 crossing the client's cancel) a
+        # connection error, every flow ending with it. (h2 decodes the field block
+        # before it looks the stream up: HPACK stays in step.)
+        closed_by = super()._stream_closed_by(stream_id)
+        closed = self._closed_streams
+        forgotten = len(closed) >= self.MAX_CLOSED_STREAMS and stream_id < next(iter(closed))
+        if closed_by is None and forgotten:
+            return h2.stream.StreamClosedBy.SEND_RST_STREAM
+        return closed_by
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)

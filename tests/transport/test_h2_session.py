@@ -931,6 +931,13 @@ def test_a_connection_remembers_a_bounded_number_of_closed_streams() -> None:
     [reset] = [f for f in frames if isinstance(f, RstStreamFrame)]
     assert (reset.stream_id, reset.error_code) == (first, ErrorCodes.STREAM_CLOSED)
     client.receive_data(sent)
+    # A late answer (HEADERS) on it, as our 200 crossing the peer's cancel: a stream
+    # error too, not the connection's end (h2 made it a PROTOCOL_ERROR for the connection).
+    answer = HeadersFrame(first, flags=["END_HEADERS"])
+    answer.data = server.h2.encoder.encode([(b":status", b"200")])
+    assert client.receive_data(answer.serialize()) == []
+    assert not client.closed
+    server.receive_data(client.data_to_send())
     stream_id = open_tunnel(client, server)  # the connection carries on
     client.send_data(stream_id, b"still here", end_stream=True)
     _, server_events = exchange(client, server)

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import pytest
+from aioquic.quic.connection import QuicConnection
 from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, run, tcp_pair, until
 
 from quicmesh import QuicTransport
@@ -283,3 +284,119 @@ def test_stalled_streams_hold_at_most_the_connection_window(engine: str) -> None
     most = run(main())
     # (reads asked for before the window filled may each add one 64 KiB chunk)
     assert most <= window + count * 65536, most
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_streams_that_end_unread_give_their_share_of_the_window_back(engine: str) -> None:
+    """A flow the client gives up while the server's application has not read its upload
+    (a slow destination) must not keep its bytes counted against the connection's window:
+    the native engine's count kept them once the stream was forgotten, and after a few
+    such flows every new stream on the connection waited for ever."""
+    window = 1 << 20
+    slow: list[MeshStream] = []
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        if stream.headers.get("x-kind") != "probe":
+            slow.append(stream)
+            await asyncio.Event().wait()  # a destination that reads nothing
+        received = 0
+        while data := await stream.read(65536):
+            received += len(data)
+        stream.write(str(received).encode())
+        stream.write_eof()
+
+    async def main() -> bytes:
+        options = {"connection_window": window, "stream_window": 512 << 10}
+        listener = await transport(engine, SERVER, **options).listen(("127.0.0.1", 0), handler)
+        conn = await transport(engine, CLIENT).connect(listener.address)
+        for flow in range(4):  # 4 x 400 KiB unread: more than the window in all
+            stream = await conn.open_stream(TARGET, {"x-kind": "slow"})
+            stream.write(b"u" * (400 << 10))
+            await until(lambda n=flow: len(slow) > n and slow[n].buffered_bytes >= 400 << 10)
+            stream.abort()
+            await until(lambda n=flow: slow[n].exception() is not None)
+        probe = await conn.open_stream(TARGET, {"x-kind": "probe"})
+        probe.write(b"p" * window)
+        probe.write_eof()
+        answer = await asyncio.wait_for(probe.read(), 10)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        return answer
+
+    assert run(main()) == str(window).encode()
+
+
+@pytest.mark.parametrize("server_engine", ["native", "aioquic"])
+def test_a_client_breaking_quic_in_its_handshake_is_counted_and_named(
+    server_engine: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends a transport parameter only a server may send breaks QUIC
+    during its handshake (TRANSPORT_PARAMETER_ERROR): counted and logged with its address
+    on both engines (the aioquic listener's only line was aioquic's own, now at DEBUG)."""
+    serialize = QuicConnection._serialize_transport_parameters
+
+    def as_a_server(self: QuicConnection) -> bytes:
+        if not self._is_client:
+            return serialize(self)
+        self._is_client = False  # original_destination_connection_id: a server's only
+        try:
+            return serialize(self)
+        finally:
+            self._is_client = True
+
+    async def main() -> int:
+        server = transport(server_engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        with monkeypatch.context() as patched:
+            patched.setattr(QuicConnection, "_serialize_transport_parameters", as_a_server)
+            with pytest.raises(QuicmeshError):
+                await transport("aioquic", CLIENT).connect(listener.address, timeout=5)
+        await until(lambda: sum(server.handshake_failures.values()) > 0)
+        listener.close()
+        await listener.wait_closed()
+        return sum(server.handshake_failures.values())
+
+    with caplog.at_level(logging.WARNING):
+        assert run(main()) == 1
+    [line] = [line for line in warnings(caplog) if "client at 127.0.0.1" in line]
+    assert "not allowed" in line or "transport parameter" in line.lower(), line
+
+
+@pytest.mark.parametrize("server_engine", ["native", "aioquic"])
+def test_one_reason_for_refusing_clients_does_not_hide_another(
+    server_engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handshake failures are rate-limited per reason: a stranger refused every second
+    does not hide the line of a workload whose own certificate just expired."""
+    stranger = DevCA().issue("spiffe://mesh.local/ns/default/sa/intruder")  # another CA
+    now = datetime.datetime.now(datetime.UTC)
+    expired = CA.issue(
+        "spiffe://mesh.local/ns/default/sa/client",
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+
+    async def main() -> None:
+        server = transport(server_engine, SERVER)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        for identity in (stranger, stranger, expired):
+            with pytest.raises(QuicmeshError):
+                conn = await transport("aioquic", identity).connect(listener.address)
+                try:
+                    stream = await conn.open_stream(TARGET)
+                    await stream.read()
+                finally:
+                    conn.close()
+                    await conn.wait_closed()
+        await until(lambda: sum(server.handshake_failures.values()) >= 3)
+        listener.close()
+        await listener.wait_closed()
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    lines = [line for line in warnings(caplog) if "client at 127.0.0.1" in line]
+    assert len(lines) == 2, lines
+    assert "expired" in lines[1], lines

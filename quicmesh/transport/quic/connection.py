@@ -1337,6 +1337,10 @@ class QuicPeerConnection(SessionConnection):
                         self._count_handshake_failure("a client refused us", self.failure)
             else:
                 self.failure = ConnectError(f"QUIC connection closed during handshake: {reason}")
+                if not self.is_client and getattr(self.quic, "closed_by_us", False):
+                    # aioquic ended it for the client's fault (a transport parameter only a
+                    # server may send, a malformed frame): its own line went to DEBUG.
+                    self._count_handshake_failure("we refused a client", self.failure)
         if self._close_socket:
             self.close_socket()
 
@@ -1372,7 +1376,7 @@ class QuicPeerConnection(SessionConnection):
         protocol, name = _PEER_VIOLATIONS[code]
         PEER_VIOLATION_LOG.log(
             logging.WARNING,
-            "peer_violation",
+            f"peer_violation {code:#x}",  # (one peer's repeats hide no other fault)
             "[%s] closed the connection with %s%s: the peer broke %s: %s (%s)",
             self.log_id,
             self.peer_identity or "the peer",

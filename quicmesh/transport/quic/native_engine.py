@@ -182,7 +182,12 @@ from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
-from ..native import HANDSHAKE_FAILURE_LOG, accept_failure_line, native_module
+from ..native import (
+    HANDSHAKE_FAILURE_LOG,
+    accept_failure_kind,
+    accept_failure_line,
+    native_module,
+)
 from .engine import (
     Address,
     EngineError,
@@ -1169,6 +1174,10 @@ class NativeConnection:
             and not (self._early_log is not None and stream_id in self._early_log)
             and not any(stream_id in spares for spares in self._spare.values())
         ):
+            # Its unread payload (the application stopped reading, or has not read the
+            # end yet: a record no longer counts it) leaves the connection's window.
+            self._set_buffered(state, 0)
+            self._starved.pop(stream_id, None)
             forgotten = self._streams.pop(stream_id, None) is not None
             if forgotten and self.on_forget is not None:
                 self._events.append(_Forgotten(stream_id))
@@ -2155,7 +2164,10 @@ class NativeListener:
     def _on_accept_failed(self, kind: str, message: str, source: str = "") -> None:
         # Rate-limited: anyone who can send a datagram can fail a handshake at will.
         HANDSHAKE_FAILURE_LOG.log(
-            logging.WARNING, f"accept-{kind}", "%s", accept_failure_line(kind, message, source)
+            logging.WARNING,
+            accept_failure_kind(kind, message),
+            "%s",
+            accept_failure_line(kind, message, source),
         )
         if kind == "verification":  # we refused the client's certificate
             self._refused.append(message)
