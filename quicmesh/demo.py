@@ -42,7 +42,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import QuicmeshError
-from .sidecar.launch import LOOPBACK, SidecarProcess, free_ports, metric
+from .sidecar.launch import (
+    LOOPBACK,
+    HandlerTasks,
+    SidecarProcess,
+    free_ports,
+    metric,
+    run_async,
+    terminate_as_exit,
+)
 from .tls import DevCA
 
 IDENTITY_A = "spiffe://mesh.local/ns/default/sa/productpage"
@@ -332,7 +340,8 @@ RESUMED_SHARE = 0.3
 async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     ca_dir = workdir / "ca"
     DevCA().save(ca_dir)
-    echo_server = await asyncio.start_server(echo_app, LOOPBACK, 0)
+    echo_handlers = HandlerTasks()  # cancelled and awaited at the end (Ctrl-C: no noise)
+    echo_server = await asyncio.start_server(echo_handlers.wrap(echo_app), LOOPBACK, 0)
     http_server = http.server.ThreadingHTTPServer((LOOPBACK, 0), HttpApp)
     http_server.daemon_threads = True
     threading.Thread(target=http_server.serve_forever, daemon=True).start()
@@ -395,7 +404,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     finally:
         exits.append(await asyncio.to_thread(sidecar_a.stop))
         exit_b = await asyncio.to_thread(sidecar_b.stop)
-        echo_server.close()
+        await echo_handlers.close(echo_server)
         http_server.shutdown()
         http_server.server_close()
     print_summary(args, flows, requests, runs_a, metrics_b, (exits, exit_b))
@@ -562,9 +571,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
+    # ``kill PID`` (SIGTERM) becomes SystemExit: the finally blocks stop both sidecars
+    # and the temporary directory goes (and the sidecars die with this process anyway).
+    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
         try:
-            return int(asyncio.run(_demo(args, Path(workdir))))
+            return int(run_async(_demo(args, Path(workdir))))
         except QuicmeshError as exc:
             print(f"quicmesh demo: {exc}", file=sys.stderr)
             return 1

@@ -364,7 +364,11 @@ def main(argv: list[str]) -> int:
         "--corpus", type=output_dir, help="corpus directory (default: a temporary one)"
     )
     parser.add_argument(
-        "--crashes", type=output_dir, default=REGRESSIONS, help="where crashing inputs are written"
+        "--crashes",
+        type=output_dir,
+        default=REGRESSIONS,
+        help="where crashing inputs are written, one folder per target "
+        "(default: tests/fuzz_regressions/ of this checkout)",
     )
     args = parser.parse_args(argv)
     if args.seconds < 1:

@@ -416,16 +416,17 @@ def plot(
                 (p for p in main_points if p["variant"] == variant), key=lambda p: p["loss"]
             )
             losses = [p["loss"] * 100 for p in points]
+            # A point without a p99 (no answer measured) is a gap in its line.
             left.plot(
                 losses,
-                [p["latency_ms"]["p99"] for p in points],
+                [_or_nan(p["latency_ms"]["p99"]) for p in points],
                 marker="o",
                 label=variant,
                 **_style(variant),
             )
             right.plot(
                 losses,
-                [p["bulk_mbps_mean"] for p in points],
+                [_or_nan(p["bulk_mbps_mean"]) for p in points],
                 marker="o",
                 label=variant,
                 **_style(variant),
@@ -434,6 +435,8 @@ def plot(
                 # The BBR rows are the comparison that means something: their values are
                 # written on the points, so each series can be read off the log axis.
                 for loss, point in zip(losses, points, strict=True):
+                    if point["latency_ms"]["p99"] is None:
+                        continue
                     left.annotate(
                         f"{point['latency_ms']['p99']:.0f}",
                         (loss, point["latency_ms"]["p99"]),
@@ -478,6 +481,11 @@ def describe_link(settings: dict[str, Any]) -> str:
     elif queue.get("queue_bytes"):
         parts.append(f"{queue['queue_bytes'] / 1e3:g} kB drop-tail queue")
     return ", ".join(parts) or "emulated link"
+
+
+def _or_nan(value: float | None) -> float:
+    """``value``, or NaN (a gap in a plotted line) for a point that has none."""
+    return math.nan if value is None else value
 
 
 def _log_axis(axis: Any) -> None:

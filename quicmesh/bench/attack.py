@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -524,13 +525,19 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
             str(args.max_stream_rate),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=open(workdir / "server.stderr.log", "wb"),  # noqa: SIM115 (the child's now)
         text=True,
         start_new_session=True,  # (stopped by this process, as the attackers)
     )
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline())
+        first = server.stdout.readline()
+        if not first.strip().isdigit():
+            code = server.wait()
+            lines = (workdir / "server.stderr.log").read_text(errors="replace").splitlines()
+            last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+            raise QuicmeshError(f"the listener process exited with {code}: {last}")
+        port = int(first)
         ca = DevCA.load(workdir)
         client = QuicTransport(
             identity=ca.issue(f"spiffe://{ca.trust_domain}/ns/bench/sa/good"), trust=ca.trust_bundle
@@ -548,23 +555,51 @@ async def _run_probe(probe: str, args: argparse.Namespace, workdir: Path) -> lis
         server.wait()
 
 
+MAX_STREAM_RATE = 1_000_000.0
+"""The largest ``--max-stream-rate`` (streams/s per identity)."""
+
+
+def _number_in(low: float, high: float, *, integer: bool = False) -> Callable[[str], float]:
+    """An ``argparse`` type: a finite number (a whole one with ``integer``) within
+    ``low``..``high`` (``nan`` and negatives ended in a traceback in the child)."""
+
+    def convert(text: str) -> float:
+        try:
+            value: float = int(text) if integer else float(text)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if math.isnan(value) or not low <= value <= high or math.isinf(value):
+            upper = "" if math.isinf(high) else f" and at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}{upper}, not {text!r}")
+        return value
+
+    return convert
+
+
 def main(argv: list[str]) -> int:
     """Run the probes (or one side of them, with ``--role``)."""
     parser = OneLineParser(prog="quicmesh bench attack", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s phases, 2,000 Initials")
     parser.add_argument("--probe", choices=PROBES, action="append", help="(repeatable) default all")
     parser.add_argument(
-        "--phase", type=positive_number, default=5.0, help="seconds before and after"
+        "--phase",
+        type=positive_number,
+        help="seconds before and after (default 5; --quick 2)",
     )
-    parser.add_argument("--attack", type=positive_number, default=10.0, help="seconds of attack")
+    parser.add_argument(
+        "--attack", type=positive_number, help="seconds of attack (default 10; --quick 2)"
+    )
     parser.add_argument(
         "--initials",
-        type=int,
-        default=10000,
-        help="Initial packets the flood sends (default 10000)",
+        type=_number_in(0, 10**9, integer=True),
+        help="Initial packets the flood sends (default 10000; --quick 2000)",
     )
     parser.add_argument(
-        "--churn-rate", type=float, default=9000.0, help="streams/s one identity offers in all"
+        "--churn-rate",
+        type=positive_number,
+        default=9000.0,
+        help="streams/s one identity offers in all",
     )
     parser.add_argument(
         "--attackers", type=positive_integer, default=1, help="churn attacker processes"
@@ -578,13 +613,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--max-stream-rate",
-        type=float,
+        type=_number_in(0, MAX_STREAM_RATE),
         default=DEFAULT_STREAM_RATE,
         help="the listener's max_stream_rate: new streams/s per identity (0: unlimited)",
     )
     parser.add_argument(
         "--attacker-nice",
-        type=int,
+        type=_number_in(0, 19, integer=True),
         default=19,
         metavar="N",
         help="niceness of the attacker processes (default 19: a remote attacker costs the"
@@ -592,7 +627,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--max-loop-lag",
-        type=float,
+        type=_number_in(0, math.inf),
         metavar="MS",
         help="(--sidecars) sidecar B's overload_max_loop_lag in ms (0: off; default: the"
         " sidecar's, 50 ms)",
@@ -633,8 +668,14 @@ def main(argv: list[str]) -> int:
     if problem is not None:
         print(f"quicmesh bench attack: {problem}", file=sys.stderr)
         return 2
-    if args.quick:
-        args.phase, args.attack, args.initials = 2.0, 2.0, 2000
+    # --quick gives defaults; a value given explicitly stays (as in ``bench xds``).
+    for option, default, quick_default in (
+        ("phase", 5.0, 2.0),
+        ("attack", 10.0, 2.0),
+        ("initials", 10000, 2000),
+    ):
+        if getattr(args, option) is None:
+            setattr(args, option, quick_default if args.quick else default)
     probes = args.probe or list(PROBES)
     who = "sidecar B" if args.sidecars else "listener"
     failed = False
@@ -647,7 +688,11 @@ def main(argv: list[str]) -> int:
         )
         for probe in probes:
             print(f"probe {probe}:")
-            phases = asyncio.run(_run_probe(probe, args, workdir))
+            try:
+                phases = asyncio.run(_run_probe(probe, args, workdir))
+            except QuicmeshError as exc:
+                print(f"quicmesh bench attack: probe {probe}: {exc}", file=sys.stderr)
+                return 1
             for phase in phases:
                 print(
                     f"  {phase.name:<7} flows {len(phase.latencies):4d}  failures {phase.failures}"

@@ -1195,6 +1195,14 @@ def _percent_list(text: str) -> list[float]:
     return values
 
 
+def _percent(text: str) -> float:
+    """One loss percentage in [0, 100), as a fraction."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"one percentage, not a list: {text!r}")
+    (value,) = _percent_list(text)
+    return value
+
+
 def _flow_list(text: str) -> list[FlowKind]:
     if text.strip() in ("", "none"):
         return []
@@ -1225,7 +1233,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_flow_list,
         help=f"opponents of {FAIRNESS_FLOW} (default {','.join(FAIRNESS_OPPONENTS)}; none)",
     )
-    parser.add_argument("--fairness-loss", type=float, help="also run fairness at this loss %%")
+    parser.add_argument(
+        "--fairness-loss",
+        type=_percent,
+        help="also run fairness at this loss %% (in [0, 100); added to --losses if missing)",
+    )
     parser.add_argument("--duration", type=positive_number, help=f"seconds per flow ({DURATION:g})")
     parser.add_argument(
         "--fairness-duration",
@@ -1289,8 +1301,9 @@ def main(argv: list[str] | None = None) -> int:
     args.flows = args.flows if args.flows is not None else [FlowKind.parse(f) for f in FLOWS]
     if args.fairness is None:
         args.fairness = [FlowKind.parse(f) for f in FAIRNESS_OPPONENTS]
-    if args.fairness_loss is not None:
-        args.fairness_loss /= 100
+    if args.fairness_loss is not None and args.fairness_loss not in args.losses:
+        # Fairness runs inside the loop over --losses: without its loss there, it never ran.
+        args.losses = sorted([*args.losses, args.fairness_loss])
     args.duration = args.duration or (QUICK_DURATION if args.quick else DURATION)
     args.fairness_duration = args.fairness_duration or (
         QUICK_FAIRNESS_DURATION if args.quick else FAIRNESS_DURATION

@@ -586,6 +586,31 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_seconds(text: str) -> float:
+    """A duration above 0 (``--duration 0`` ran for 40 s and measured nothing)."""
+    value = _seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text!r}")
+    return value
+
+
+MIN_SEND_WINDOW = 16 * 1024
+MAX_SEND_WINDOW = 1 << 40
+
+
+def _send_window(text: str) -> int:
+    """``--send-window`` bytes, 16 KiB to 1 TiB (0 was taken, and every QUIC case failed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if not MIN_SEND_WINDOW <= value <= MAX_SEND_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_SEND_WINDOW} (16 KiB) to {MAX_SEND_WINDOW} (1 TiB) bytes, not {text!r}"
+        )
+    return value
+
+
 def _rate(text: str) -> float:
     try:
         return parse_rate(text)
@@ -682,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--duration",
-        type=_seconds,
+        type=_positive_seconds,
         default=None,
         help="seconds measured per run (default 8s; quick 10s)",
     )
@@ -711,16 +736,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stall-duration",
-        type=_seconds,
+        type=_positive_seconds,
         default=None,
         help="measured seconds of a stall run (default 10s; quick 6s)",
     )
     add_engine_argument(parser)
     parser.add_argument(
         "--send-window",
-        type=int,
+        type=_send_window,
         default=None,
-        help="native engine: QuicTransport(send_window=BYTES) on both ends (default quinn's)",
+        help="native engine: QuicTransport(send_window=BYTES) on both ends, 16 KiB to 1 TiB "
+        "(default quinn's)",
     )
     return parser
 

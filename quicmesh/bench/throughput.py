@@ -61,6 +61,8 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from .. import TRANSPORTS, DevCA, Identity, MeshStream, PeerConnection, TrustBundle
 from ..errors import QuicmeshError
 from ..outputs import output_dir, output_file
+from ..sidecar.launch import die_with_parent, terminate_as_exit
+from ..transport.base import default_quic_engine
 from ..transport.quic import UDP_SOCKET_BUFFER
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from . import OneLineParser
@@ -371,7 +373,15 @@ async def _serve(setup: ServerSetup, control: Connection) -> None:
 
     def on_command() -> None:
         nonlocal profiler
-        command, label = control.recv()
+        try:
+            command, label = control.recv()
+        except (EOFError, OSError):
+            # The parent is gone (killed): nobody will send "stop". The reader would
+            # fire for ever on the closed pipe (a traceback per loop iteration before).
+            loop.remove_reader(control.fileno())
+            if not stopped.done():
+                stopped.set_result(None)
+            return
         if command == "begin" and setup.profile_dir is not None:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -380,25 +390,30 @@ async def _serve(setup: ServerSetup, control: Connection) -> None:
             assert setup.profile_dir is not None
             profiler.dump_stats(os.path.join(setup.profile_dir, f"{label}-server.prof"))
             profiler = None
-        control.send(time.process_time())
+        try:
+            control.send(time.process_time())
+        except OSError:  # the parent is gone
+            command = "stop"
         if command == "stop" and not stopped.done():
+            loop.remove_reader(control.fileno())
             stopped.set_result(None)
 
     loop.add_reader(control.fileno(), on_command)
     control.send(addresses)
     await stopped
-    loop.remove_reader(control.fileno())
     for listener in listeners:
         listener.close()
         await listener.wait_closed()
     reference.close()
 
 
-def _server_main(setup: ServerSetup, control: Connection) -> None:
+def _server_main(setup: ServerSetup, control: Connection, parent: int) -> None:
     """Entry point of the server process. A Ctrl-C reaches it too (the terminal signals
     the whole process group): it is left to the parent, which stops it (a traceback of
-    the child's KeyboardInterrupt before)."""
+    the child's KeyboardInterrupt before). It dies with the parent ``parent`` (SIGTERM
+    from the kernel, Linux), and stops when the control pipe closes anyway."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
     asyncio.run(_serve(setup, control))
 
 
@@ -409,7 +424,10 @@ class ServerProcess:
         context = multiprocessing.get_context("spawn")
         self._control, child_end = context.Pipe()
         self._process = context.Process(
-            target=_server_main, args=(setup, child_end), name="quicmesh-bench-server", daemon=True
+            target=_server_main,
+            args=(setup, child_end, os.getpid()),
+            name="quicmesh-bench-server",
+            daemon=True,
         )
         self._process.start()
         child_end.close()
@@ -767,9 +785,20 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"quicmesh bench throughput: {exc}", file=sys.stderr)
         return 2
+    if "quic" in plan.transports:
+        try:
+            default_quic_engine()  # the child's QuicTransport() would fail with a traceback
+        except QuicmeshError as exc:
+            print(f"quicmesh bench throughput: {exc}", file=sys.stderr)
+            return 2
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
+    # ``kill PID`` (SIGTERM) becomes SystemExit: the finally below stops the server process.
+    with terminate_as_exit():
+        return _run(args, plan)
 
+
+def _run(args: argparse.Namespace, plan: Plan) -> int:
     ca = DevCA()
     identity = ca.issue("spiffe://mesh.local/ns/bench/sa/throughput")
     setup = ServerSetup(

@@ -39,6 +39,7 @@ with a fixed round-trip time (``--rtt``, default 50 ms, no loss):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -410,11 +411,26 @@ expected: the round trips the protocol needs (h2: TCP + TLS + request = 3, quic-
 """The legend printed under :func:`format_table`."""
 
 
+MAX_RTT_MS = 60_000.0
+"""The longest ``--rtt`` (a minute: ``1e9`` reached the link emulator, which refused it
+naming its own one-way delay)."""
+
+
+def _rtt_ms(text: str) -> float:
+    value = positive_number(text)
+    if value > MAX_RTT_MS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RTT_MS:g} ms, not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench ttfb [--rtt MS] [--trials N] [--cases ...] [--quick] [--json FILE]``."""
     parser = OneLineParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--rtt", type=positive_number, default=None, help="round-trip time, ms (50)"
+        "--rtt",
+        type=_rtt_ms,
+        default=None,
+        help=f"round-trip time, ms (50; above 0, at most {MAX_RTT_MS:g})",
     )
     parser.add_argument("--trials", type=int, default=None, help="connections per case (10)")
     parser.add_argument(

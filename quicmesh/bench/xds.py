@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import QuicmeshError
 from ..outputs import output_file
-from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port
+from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port, terminate_as_exit
 from ..tls import DevCA
 from ..xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
 from ..xds.testing import AdsServer
@@ -78,16 +79,33 @@ def _resources(clusters: int, endpoints: int, shift: int) -> tuple[list[Any], li
     return cluster_messages, assignments
 
 
+class XdsBenchError(QuicmeshError):
+    """The sidecar refused a push or did not answer it: the run has no number."""
+
+
 def _acked(server: AdsServer, type_url: str, version: str, timeout: float) -> None:
+    """Wait until the sidecar ACKs ``version`` of ``type_url``; stop at a NACK of that
+    type (it will not ACK the version it refused: the wait was 600 s before)."""
+
     def done(requests: list[Any]) -> bool:
         return any(
-            r.type_url == type_url and r.version_info == version and not r.is_nack for r in requests
+            r.type_url == type_url and (r.is_nack or r.version_info == version) for r in requests
         )
 
-    server.wait_for(done, timeout)
+    try:
+        server.wait_for(done, timeout)
+    except TimeoutError:
+        raise XdsBenchError(
+            f"the sidecar did not ACK version {version} of {type_url} within {timeout:g} s"
+        ) from None
+    _refused(server)
+
+
+def _refused(server: AdsServer) -> None:
+    """Raise if the sidecar NACKed anything."""
     nacks = [r for r in server.requests if r.is_nack]
     if nacks:
-        raise RuntimeError(f"the sidecar NACKed: {nacks[0].error_detail}")
+        raise XdsBenchError(f"the sidecar NACKed: {nacks[0].error_detail}")
 
 
 def measure(clusters: int, endpoints: int, workdir: Path) -> Run:
@@ -117,10 +135,12 @@ def measure(clusters: int, endpoints: int, workdir: Path) -> Run:
         # The clusters warm: the sidecar asks for their endpoints.
         server.wait_for(
             lambda requests: any(
-                r.type_url == ENDPOINT_TYPE and len(r.resource_names) == clusters for r in requests
+                (r.type_url == ENDPOINT_TYPE and len(r.resource_names) == clusters) or r.is_nack
+                for r in requests
             ),
             600,
         )
+        _refused(server)  # a NACKed CDS push: no EDS request is coming
         server.set_resources(ENDPOINT_TYPE, assignments, "1")
         _acked(server, ENDPOINT_TYPE, "1", 600)
         applied = time.perf_counter() - started
@@ -176,6 +196,19 @@ def main(argv: list[str]) -> int:
         )
         return 2
     cases = [(args.clusters // 10, args.endpoints // 10), (args.clusters, args.endpoints)]
+    try:
+        # ``kill PID`` (SIGTERM) becomes SystemExit: measure() stops its sidecar and
+        # the temporary directory goes (and the sidecar dies with this process anyway).
+        with terminate_as_exit():
+            runs = _measure_all(args, cases)
+    except (QuicmeshError, TimeoutError, RuntimeError) as exc:
+        print(f"quicmesh bench xds: {exc}", file=sys.stderr)
+        return 1
+    _report(args, cases, runs)
+    return 0
+
+
+def _measure_all(args: Any, cases: list[tuple[int, int]]) -> list[Run]:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="quicmesh-bench-xds-") as directory:
         workdir = Path(directory)
@@ -191,6 +224,10 @@ def main(argv: list[str]) -> int:
                     f"{run.rss_after_mib:.1f} MiB",
                     flush=True,
                 )
+    return runs
+
+
+def _report(args: Any, cases: list[tuple[int, int]], runs: list[Run]) -> None:
     print()
     print(
         "| clusters | endpoints | apply (median s) | move endpoints (s) | RSS idle (MiB) "
@@ -221,7 +258,6 @@ def main(argv: list[str]) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -95,32 +95,43 @@ class _Http6(http.server.ThreadingHTTPServer):
 
 
 class NamespacedSidecar(SidecarProcess):
-    """A :class:`SidecarProcess` run inside a namespace with the proxy group ID."""
+    """A :class:`SidecarProcess` run inside a namespace with the proxy group ID (or, with
+    ``proxy_group=False``, as the caller's group: a sidecar the rules do not exempt)."""
 
     def __init__(
-        self, name: str, config: dict[str, Any], workdir: str | Path, namespace: str
+        self,
+        name: str,
+        config: dict[str, Any],
+        workdir: str | Path,
+        namespace: str,
+        *,
+        proxy_group: bool = True,
     ) -> None:
         super().__init__(name, config, workdir)
         self.namespace = namespace
+        self.proxy_group = proxy_group
 
     def start(self, *extra: str) -> None:
         """Start ``quicmesh sidecar`` in the namespace as group :data:`DEFAULT_PROXY_ID`."""
         self.write_config()
         argv = [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(self.config_path), *extra]
+        group: dict[str, Any] = {}
+        if self.proxy_group:
+            group = {"group": DEFAULT_PROXY_ID, "extra_groups": []}
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
                 system.namespace_argv(self.namespace, argv),
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                group=DEFAULT_PROXY_ID,
-                extra_groups=[],
+                **group,
             )
 
-    def request(self, method: str, path: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
-        """One admin request, made from inside the namespace."""
+    def _request(self, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+        """One admin request, made from inside the namespace (``request`` and
+        ``wait_ready`` both come here)."""
         with system.in_namespace(self.namespace):
-            return super().request(method, path, timeout=timeout)
+            return super()._request(method, path, timeout)
 
 
 class InterceptLab:
@@ -191,10 +202,16 @@ class InterceptLab:
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def sidecar(
-        self, name: str, config: dict[str, Any], workdir: Path, namespace: str
+        self,
+        name: str,
+        config: dict[str, Any],
+        workdir: Path,
+        namespace: str,
+        *,
+        proxy_group: bool = True,
     ) -> NamespacedSidecar:
         """Start a sidecar in ``namespace`` and wait until it is ready."""
-        sidecar = NamespacedSidecar(name, config, workdir, namespace)
+        sidecar = NamespacedSidecar(name, config, workdir, namespace, proxy_group=proxy_group)
         self.sidecars.append(sidecar)
         sidecar.start()
         sidecar.wait_ready()

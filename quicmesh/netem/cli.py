@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from quicmesh.errors import ConfigError, QuicmeshError
@@ -41,6 +38,7 @@ from quicmesh.netem.config import (
 from quicmesh.netem.link import Link, LinkStats
 from quicmesh.netem.model import DirectionStats
 from quicmesh.netem.system import missing_privileges
+from quicmesh.sidecar.launch import terminate_as_exit
 
 __all__ = ["main"]
 
@@ -118,6 +116,8 @@ def _config(args: argparse.Namespace) -> LinkConfig:
         if args.rate is None:
             raise ConfigError("--queue needs --rate")
         direction.update(args.queue)
+    if args.wait_port is not None and not args.server_command:
+        raise ConfigError("--wait-port needs --server-command (the server it waits for)")
     if args.max_burst is not None and args.burst is None:
         raise ConfigError("--max-burst needs --burst")
     if args.burst is not None:
@@ -139,27 +139,6 @@ def _describe(name: str, stats: DirectionStats) -> str:
         f"{stats.dropped_by_loss} lost, {stats.dropped_by_queue} dropped by the queue "
         f"(max {stats.max_queue_packets} packets queued)"
     )
-
-
-@contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP (the terminal hung up) into SystemExit so the link is
-    torn down (SIGINT is KeyboardInterrupt already)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    taken = (signal.SIGTERM, signal.SIGHUP)
-    try:
-        previous = {signum: signal.signal(signum, handler) for signum in taken}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
 
 
 def _wait_for_port(link: Link, port: int) -> None:
@@ -199,7 +178,7 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: {reason}", file=sys.stderr)
         return 2
     try:
-        with _terminate_as_exit(), Link(config) as link:
+        with terminate_as_exit(), Link(config) as link:
             env = dict(os.environ)
             env["QUICMESH_NETEM_SERVER"] = link.server_address
             env["QUICMESH_NETEM_CLIENT"] = link.client_address

@@ -5,23 +5,37 @@
 with a bounded deadline, reads ``/metrics`` and the access log, and stops the
 process with a signal. :func:`free_port` finds a port number free on both TCP
 and UDP, since an inbound listener binds the same number on both.
+
+A parent that runs sidecars (the demo, the benchmarks) must leave none behind
+when it is stopped: :func:`terminate_as_exit` turns SIGTERM and SIGHUP into
+:class:`SystemExit` so its ``finally`` blocks stop them and remove its temporary
+directory; and on Linux a sidecar started from the main thread gets SIGTERM from
+the kernel when that thread ends, however it ends, SIGKILL included
+(:func:`die_with_parent`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import http.client
 import json
+import logging
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +44,154 @@ from .._child import child_environment, python_command
 from ..errors import QuicmeshError
 
 LOOPBACK = "127.0.0.1"
+
+T = TypeVar("T")
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def terminate_as_exit(
+    handler: Callable[[int, FrameType | None], None] = _exit_on_signal,
+) -> Iterator[None]:
+    """Turn SIGTERM (``kill PID``) and SIGHUP (the terminal hung up) into
+    ``SystemExit(128 + signal)`` for the block, so that its ``finally`` blocks run:
+    child processes are stopped, temporary directories removed (SIGINT is
+    KeyboardInterrupt already); or call ``handler`` instead. Outside the main thread
+    it does nothing. In asyncio code use :func:`run_async`, which cancels the main
+    task rather than raising in whatever task happens to run."""
+    taken = (signal.SIGTERM, signal.SIGHUP)
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum in taken}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, except that SIGTERM and SIGHUP cancel the main task as
+    asyncio does on SIGINT, so that its ``finally`` blocks run in the loop (stop the
+    sidecars, close the servers), and then raise ``SystemExit(128 + signal)``. A second
+    signal, or one before the loop runs, raises SystemExit at once (:func:`terminate_as_exit`)."""
+    received: list[int] = []
+    main_task: list[asyncio.Task[T]] = []
+
+    async def wrapper() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        main_task.append(task)
+        return await main
+
+    with asyncio.Runner() as runner:
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if received or not main_task or main_task[0].done():
+                raise SystemExit(128 + signum)
+            received.append(signum)
+            main_task[0].cancel()
+            runner.get_loop().call_soon_threadsafe(lambda: None)  # wake the loop up
+
+        with terminate_as_exit(handler):
+            try:
+                result = runner.run(wrapper())
+            except asyncio.CancelledError:
+                if received:
+                    raise SystemExit(128 + received[0]) from None
+                raise
+            if received:
+                raise SystemExit(128 + received[0])
+            return result
+
+
+class HandlerTasks:
+    """The connection handlers of an ``asyncio.start_server`` as tasks of one's own:
+    ``start_server(tasks.wrap(handler), ...)``, then ``await tasks.close()`` in a
+    ``finally``. A handler that asyncio itself ran and that ended cancelled (Ctrl-C:
+    ``asyncio.run`` cancels every task) is logged as an ERROR with a traceback."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def wrap(
+        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
+        """A ``client_connected_cb`` that runs ``handler`` in a task kept here."""
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.ensure_future(handler(reader, writer))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+
+        return connected
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logging.getLogger(__name__).debug("connection handler failed: %r", task.exception())
+
+    async def close(self, server: asyncio.Server | None = None) -> None:
+        """Close ``server`` (no new connections), then cancel and await every handler."""
+        if server is not None:
+            server.close()
+        pending = list(self.tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+    """In a child process (Linux only; elsewhere nothing): ask the kernel for ``signum``
+    when the parent's thread that started this process ends, however it ends, SIGKILL
+    included (``prctl(PR_SET_PDEATHSIG)``); exit at once if ``parent_pid`` is gone
+    already (it died before the request took effect)."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return
+    prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+_PARENT_VARIABLE = "QUICMESH_DIE_WITH_PARENT"
+"""Set (to the parent's pid) in a sidecar's environment by :meth:`SidecarProcess.start`
+from the main thread: :func:`_sidecar_main` then applies :func:`die_with_parent`."""
+
+_SIDECAR_MAIN = (
+    "import sys; from quicmesh.sidecar.launch import _sidecar_main; sys.exit(_sidecar_main())"
+)
+
+
+def _sidecar_main() -> int:
+    """``python -c _SIDECAR_MAIN sidecar ...``: ``python -m quicmesh sidecar ...`` that
+    first asks to die with its parent (not with a ``preexec_fn``: Python code run
+    between fork and exec runs the at-fork handlers of gRPC, which the xDS demo's
+    server has loaded, and the child aborted)."""
+    parent = os.environ.pop(_PARENT_VARIABLE, "")
+    if parent.isdigit():
+        die_with_parent(int(parent))
+    from ..cli import main
+
+    return main(sys.argv[1:])
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -142,16 +304,22 @@ class SidecarProcess:
         """Start the process (does not wait for it to be ready).
 
         The child imports this process's quicmesh whatever the working directory
-        holds (:mod:`quicmesh._child`).
+        holds (:mod:`quicmesh._child`). Started from the main thread on Linux, it gets
+        SIGTERM when this process ends without stopping it (:func:`die_with_parent`).
         """
         self.write_config()
+        env = child_environment()
+        # The kernel's signal comes when the *thread* that started the child ends: only
+        # the main thread lives as long as the process.
+        if threading.current_thread() is threading.main_thread():
+            env[_PARENT_VARIABLE] = str(os.getpid())
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
-                python_command("-m", "quicmesh", "sidecar", "-c", str(self.config_path), *extra),
+                python_command("-c", _SIDECAR_MAIN, "sidecar", "-c", str(self.config_path), *extra),
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                env=child_environment(),
+                env=env,
             )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -164,7 +332,7 @@ class SidecarProcess:
                     f"{self.last_error()}"
                 )
             with contextlib.suppress(OSError, http.client.HTTPException):
-                status, _ = self.request("GET", "/ready", timeout=1.0)
+                status, _ = self._request("GET", "/ready", 1.0)
                 if status == 200:
                     return
             time.sleep(0.05)
@@ -173,7 +341,19 @@ class SidecarProcess:
         )
 
     def request(self, method: str, path: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
-        """One admin request; returns the status and body."""
+        """One admin request; returns the status and body.
+
+        :raises QuicmeshError: the request failed because the process has exited (it
+            names the sidecar, its exit code and the last line it wrote on stderr).
+        :raises OSError: the request failed, the process still runs.
+        """
+        try:
+            return self._request(method, path, timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            self._raise_if_exited(exc)
+            raise
+
+    def _request(self, method: str, path: str, timeout: float) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(*self.admin, timeout=timeout)
         try:
             conn.request(method, path)
@@ -181,6 +361,22 @@ class SidecarProcess:
             return response.status, response.read()
         finally:
             conn.close()
+
+    def _raise_if_exited(self, cause: BaseException) -> None:
+        """Raise a one-line QuicmeshError if the process has exited (or exits within a
+        second: a refused connection may come while it is on its way out)."""
+        if self.process is None:
+            return
+        try:
+            code = self.process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return
+        how = f"{code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how += f" (killed by {signal.Signals(-code).name})"
+        error = self.last_error()
+        raise QuicmeshError(f"sidecar {self.name} exited with {how}: {error}") from cause
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """The parsed ``/metrics``."""

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuicmeshError
-from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port, free_ports
+from ..sidecar.launch import (
+    LOOPBACK,
+    HandlerTasks,
+    SidecarProcess,
+    free_port,
+    free_ports,
+    run_async,
+    terminate_as_exit,
+)
 from ..tls import DevCA
 from .resources import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE
 from .testing import AdsServer
@@ -116,7 +124,8 @@ def _push_secrets(server: AdsServer, ca: DevCA, version: str) -> None:
 async def _run(args: argparse.Namespace, workdir: Path) -> int:
     ca = DevCA()
     ca.save(workdir / "ca")
-    echo_server = await asyncio.start_server(_echo, LOOPBACK, 0)
+    echo_handlers = HandlerTasks()  # cancelled and awaited at the end (Ctrl-C: no noise)
+    echo_server = await asyncio.start_server(echo_handlers.wrap(_echo), LOOPBACK, 0)
     echo = int(echo_server.sockets[0].getsockname()[1])
     server = AdsServer()
     server.start()
@@ -135,6 +144,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
     a = _sidecar("a", IDENTITY_A, workdir / "ca", workdir, server)
     b = _sidecar("b", IDENTITY_B, workdir / "ca", workdir, server)
     tally = {"ok": 0, "failed": 0}
+    clients: list[asyncio.Future[None]] = []
     try:
         b.start()
         a.start()
@@ -143,7 +153,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
         print(f"ADS server on {server.address}; sidecars a and b ready (driven only by it)")
         print(f"v1: cluster echo over {first} to b:{ports['b1']}")
         deadline = time.monotonic() + args.duration
-        clients = [
+        clients += [
             asyncio.ensure_future(_client(ports["out"], args.size, deadline, tally))
             for _ in range(args.flows)
         ]
@@ -167,9 +177,12 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
             f"a's versions: {stats['xds']['versions']}"
         )
     finally:
-        codes = [a.stop(), b.stop()]
+        for client in clients:
+            client.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        codes = await asyncio.to_thread(lambda: [a.stop(), b.stop()])
         server.stop(0)
-        echo_server.close()
+        await echo_handlers.close(echo_server)
     ok = tally["failed"] == 0 and tally["ok"] > 0 and codes == [0, 0]
     print("demo ok" if ok else "demo FAILED", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
@@ -183,9 +196,11 @@ def run_xds_demo(args: argparse.Namespace) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="quicmesh-xds-demo-") as workdir:
+    # ``kill PID`` (SIGTERM) becomes SystemExit and Ctrl-C cancels the run: either way
+    # the finally blocks stop both sidecars and the temporary directory goes.
+    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="quicmesh-xds-demo-") as workdir:
         try:
-            return asyncio.run(_run(args, Path(workdir)))
+            return run_async(_run(args, Path(workdir)))
         except QuicmeshError as exc:
             print(f"quicmesh demo: {exc}", file=sys.stderr)
             return 1

@@ -93,3 +93,19 @@ def test_congestion_plots(tmp_path: Path, saved: list[Figure]) -> None:
         check(figure, "20 Mbit/s", "RTT 40 ms", "queue 60 ms")
     assert "1 % loss" in saved[1].axes[0].get_title()
     assert "2 % loss" in saved[2].axes[0].get_title()
+
+
+def test_hol_plot_tolerates_a_point_without_p99(tmp_path: Path, saved: list[Figure]) -> None:
+    """A run that measured no answer has p99 None (``--duration 0`` crashed the plot)."""
+    points = [
+        {"variant": "quic-bbr", "loss": 0.0, "latency_ms": {"p99": None}, "bulk_mbps_mean": None},
+        {"variant": "quic-bbr", "loss": 0.01, "latency_ms": {"p99": 300.0}, "bulk_mbps_mean": 9.0},
+    ]
+    result = {
+        "settings": {"slow_threshold_ms": {}, "rtt": 0.04, "rate_bps": 20e6,
+                     "queue": {"queue_delay": 0.06}},
+        "points": points,
+    }  # fmt: skip
+    written = _hol_report.plot(result, {}, tmp_path)
+    assert "hol-p99.png" in [p.name for p in written]
+    assert {text.get_text() for text in saved[-1].axes[0].texts} == {"300"}
