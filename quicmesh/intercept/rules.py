@@ -33,7 +33,10 @@ DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_PROXY_ID = 1337
 """User and group ID the sidecar runs with, as in Istio."""
-DEFAULT_EXCLUDE_CIDRS = ("127.0.0.0/8", "::1/128")
+DEFAULT_EXCLUDE_CIDRS = ("127.0.0.0/8", "::1/128", "fe80::/10")
+"""Loopback, and IPv6 link-local: a link-local destination redirected to the capture port
+was dropped (its source stays link-local while its destination becomes ::1), and its scope
+would be lost on the way through the sidecar anyway."""
 DEFAULT_EXCLUDE_INBOUND_PORTS = ((22, 22),)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -121,6 +124,9 @@ def render_install(rules: InterceptRules) -> str:
         "    meta l4proto != tcp return",
         "    meta skuid @proxy_uids return",
         "    meta skgid @proxy_gids return",
+        # An application calling itself on its own address stays local, as with
+        # istio-iptables (its -o lo RETURN): a health check on the pod IP, say.
+        "    fib daddr type local return",
         "    ip daddr != @include_v4 return",
         "    ip6 daddr != @include_v6 return",
         "    ip daddr @exclude_v4 return",
@@ -209,10 +215,25 @@ def parse_cidrs(text: str) -> tuple[Network, ...]:
         if not item:
             continue
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR block") from None
+        networks.append(_unmapped(network))
     return tuple(networks)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(network: Network) -> Network:
+    """An IPv4-mapped IPv6 block (``::ffff:10.0.0.1``) as the IPv4 block it names: the
+    packets it means are IPv4 ones, which an IPv6 set never matches. A wider block
+    (``::/0``) stays IPv6."""
+    if not isinstance(network, ipaddress.IPv6Network) or not network.subnet_of(_MAPPED):
+        return network
+    mapped = network.network_address.ipv4_mapped
+    assert mapped is not None
+    return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
 
 
 def parse_ids(text: str) -> tuple[int, ...]:

@@ -18,12 +18,14 @@ are kept out of the rules by its user or group ID (see docs/interception.md).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from ..errors import os_error_text
+from ..logs import RateLimitedLog
 from ..splice import FlowIdle, idle_watch, run_copies, unwritten_bytes
 from .accesslog import FlowRecord, Outcome
 from .cluster import Cluster
@@ -35,6 +37,22 @@ from .outbound import proxy_to_cluster, reset_connection
 from .stats import ListenerStats
 
 logger = logging.getLogger("quicmesh.sidecar.capture")
+
+_OWN_CONNECTS: dict[int, Address] = {}
+"""The sidecar's own direct connections being made or open: local port -> destination.
+The rules exempt the sidecar's user or group; a sidecar started without it has its own
+connections captured again, each one dialling once more (a passthrough flow opened
+thousands of connections a second until descriptors ran out): such a connection is
+recognised by its source port and destination and refused."""
+
+_CONNECTING: dict[Address, set[int]] = {}
+"""The sidecar's own direct connects under way (their ports not known yet): their numbers,
+by destination."""
+_CONNECT_NUMBERS = itertools.count()
+_SETTLED: list[asyncio.Future[None]] = []
+"""Captured connections waiting for those connects to learn their ports."""
+
+_LOOP_LOG = RateLimitedLog(logger)
 
 OUTBOUND_NAME = "intercept_outbound"
 """The outbound capture listener's name in the access log, ``/stats`` and ``/metrics``."""
@@ -68,6 +86,35 @@ class DestinationCounts:
             {"direction": d, "original_destination": dst, "route": r, "flows": n}
             for (d, dst, r), n in sorted(self.flows.items())
         ]
+
+
+def _is_own_connect(peer: tuple[object, ...], destination: Address) -> bool:
+    """Whether a captured connection from ``peer`` to ``destination`` is one the sidecar
+    made itself (:data:`_OWN_CONNECTS`): from one of its source ports, to the destination
+    that connection dials."""
+    port = peer[1] if len(peer) > 1 else None
+    return isinstance(port, int) and _OWN_CONNECTS.get(port) == normalise(destination)
+
+
+async def _own_connects_settled(destination: Address) -> None:
+    """Wait while one of the sidecar's own connects to ``destination`` has not learnt its
+    source port yet: a captured connection may be that one (the kernel completes the
+    handshake with the capture listener before either side's task runs)."""
+    destination = normalise(destination)
+    pending = set(_CONNECTING.get(destination, ()))  # those under way now, not later ones
+    while pending & _CONNECTING.get(destination, set()):
+        settled = asyncio.get_running_loop().create_future()
+        _SETTLED.append(settled)
+        await settled
+
+
+def _settle() -> None:
+    """An own connect learnt its source port, or failed: the waiters look again."""
+    waiters = list(_SETTLED)
+    _SETTLED.clear()
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 class _CaptureListener:
@@ -132,6 +179,26 @@ class _CaptureListener:
             try:
                 sock = writer.get_extra_info("socket")
                 destination = original_destination(sock) if sock is not None else None
+                if destination is not None and peer:
+                    await _own_connects_settled(destination)
+                if destination is not None and peer and _is_own_connect(peer, destination):
+                    record.original_destination = format_address(destination)
+                    record.outcome = Outcome.REFUSED
+                    record.reason = (
+                        f"the sidecar's own connection to {format_address(destination)} was "
+                        "captured: run it with the user or group the intercept rules exempt"
+                    )
+                    route = "loop"
+                    _LOOP_LOG.log(
+                        logging.WARNING,
+                        "loop",
+                        "%s: %s (quicmesh intercept install --proxy-uid/--proxy-gid, 1337 "
+                        "by default; docs/interception.md)",
+                        self.name,
+                        record.reason,
+                    )
+                    reset_connection(writer)
+                    return
                 if destination is None or self._is_own_port(destination):
                     record.outcome = Outcome.REFUSED
                     record.reason = (
@@ -176,10 +243,16 @@ class _CaptureListener:
         record.target = record.endpoint = format_address(destination)
         record.transport = "direct"
         timeout = self.config.connect_timeout
+        port = None
+        dialled = normalise(destination)
+        number = next(_CONNECT_NUMBERS)
+        _CONNECTING.setdefault(dialled, set()).add(number)
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(*destination), timeout
             )
+            port = up_writer.get_extra_info("sockname")[1]
+            _OWN_CONNECTS[port] = dialled
         except (OSError, TimeoutError) as exc:
             why = (
                 f"timed out after {timeout:g}s"
@@ -190,6 +263,12 @@ class _CaptureListener:
             record.reason = f"cannot reach {record.target}: {why or exc}"
             reset_connection(writer)
             return
+        finally:
+            under_way = _CONNECTING[dialled]
+            under_way.discard(number)
+            if not under_way:
+                del _CONNECTING[dialled]
+            _settle()
         self.stats.streams_total += 1
         self.stats.streams_active += 1
         try:
@@ -198,6 +277,7 @@ class _CaptureListener:
             )
         finally:
             self.stats.streams_active -= 1
+            _OWN_CONNECTS.pop(port, None)
         record.bytes_sent, record.bytes_received = sent, received
         if error:
             record.outcome, record.reason = Outcome.RESET, error

@@ -39,6 +39,7 @@ VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.11"
 NEW_VIP = "10.96.0.12"
 VIP6 = "fd96::10"
+SELF_PORT = 7300
 TUNNEL = f"{L.SERVICE_ADDRESS}:15008"
 B_DESTINATIONS = ["127.0.0.1:9080", "127.0.0.1:7007", f"{L.SERVICE_ADDRESS}:9080"]
 
@@ -333,3 +334,40 @@ def test_install_twice_changes_nothing_and_remove_leaves_nothing(world: World) -
     # Without the rules, the VIP is no longer reachable: nothing captures it.
     done = curl(world, f"http://{VIP}:9080/")
     assert done.returncode != 0
+
+
+def test_an_application_calling_its_own_address_is_not_captured(world: World) -> None:
+    """A pod calling itself on its pod IP (a health check, say) stays local, as with
+    istio-iptables: it was captured, and registry_only refused it."""
+    with world.lab.entered(world.lab.app_ns):
+        world.lab._serve(L._Threading((L.APP_ADDRESS, SELF_PORT), L._Echo))
+    assert exchange(world, (L.APP_ADDRESS, SELF_PORT), b"me") == b"me"
+    assert not log_lines(world.a, original_destination=f"{L.APP_ADDRESS}:{SELF_PORT}")
+
+
+def test_a_sidecar_the_rules_do_not_exempt_refuses_its_own_captured_connections(
+    tmp_path: Path,
+) -> None:
+    """A sidecar started without the exempted group has its own connections captured
+    again: under passthrough each one dialled once more (thousands of connections a
+    second, until descriptors ran out). Now the captured one is refused as a loop, with
+    a line saying what to fix, and the flow ends."""
+    DevCA().save(tmp_path / "ca")
+    write_endpoints(tmp_path, [f"{ECHO_VIP}:7007"])
+    config = a_config(tmp_path, "passthrough")
+    with InterceptLab() as lab:
+        a = lab.sidecar("a", config, tmp_path, lab.app_ns, proxy_group=False)
+        done = lab.intercept(lab.app_ns, "install")
+        assert done.returncode == 0, done.stderr
+        try:
+            got = exchange(World(lab, a, a), (L.OTHER_ADDRESS, L.PLAIN_ECHO_PORT), b"x")
+        except (ConnectionResetError, BrokenPipeError):
+            got = b""
+        assert got == b""
+        [loop] = wait_until(lambda: log_lines(a, listener="intercept_outbound", outcome="refused"))
+        assert "the sidecar's own connection" in loop["reason"], loop
+        assert loop["original_destination"] == f"{L.OTHER_ADDRESS}:{L.PLAIN_ECHO_PORT}"
+        listener = a.stats()["listeners"]["intercept_outbound"]
+        assert int(listener["connections_total"]) == 2  # the flow, and its one loop back
+        stderr = Path(a.stderr_path).read_text()
+        assert "run it with the user or group the intercept rules exempt" in stderr

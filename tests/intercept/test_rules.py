@@ -76,7 +76,13 @@ def test_default_rules_capture_tcp_only_and_skip_the_sidecar() -> None:
     assert "meta skgid @proxy_gids return" in output
     assert output[-1] == "meta l4proto tcp redirect to :15001"
     assert "elements = { 1337 }" in script
-    assert "elements = { 127.0.0.0/8 }" in script and "elements = { ::1/128 }" in script
+    assert "elements = { 127.0.0.0/8 }" in script
+    # IPv6 link-local is left alone: redirected, its SYN was dropped (a link-local source
+    # to ::1), and the sidecar could not dial its scope anyway.
+    assert "elements = { ::1/128, fe80::/10 }" in script
+    # An application calling itself on its own address stays local (istio-iptables'
+    # -o lo RETURN): before the sets, after the sidecar's own exemption.
+    assert output.index("fib daddr type local return") == 4
     inbound = chain(script, "prerouting")
     assert inbound[-1] == "meta l4proto tcp redirect to :15006"
     assert re.search(r"set exclude_inbound_ports \{[^}]*elements = \{ 22, 15001, 15006 \}", script)
@@ -93,7 +99,7 @@ def test_every_option_lands_in_a_set_and_the_chains_stay_flat(rules: InterceptRu
     assert script.count("{") == script.count("}")
     assert script.count(f"table inet {TABLE} {{") == 2
     # One rule per list whatever its length: lookups are set lookups.
-    assert len(chain(script, "output")) == 11
+    assert len(chain(script, "output")) == 12
     for network in (*rules.include_cidrs, *rules.exclude_cidrs):
         assert str(network) in script
     for first, last in (*rules.exclude_ports, *rules.include_ports):
@@ -193,3 +199,13 @@ def test_nft_accepts_every_rendered_ruleset_and_install_is_idempotent(
         assert nft("list", "ruleset").strip() == ""
     finally:
         system.delete_namespace(name)
+
+
+def test_an_ipv4_mapped_exclusion_excludes_the_ipv4_address() -> None:
+    """``--exclude-cidrs ::ffff:192.0.2.1`` went into the IPv6 set, which the IPv4 packets
+    it meant never match: it excluded nothing."""
+    assert parse_cidrs("::ffff:192.0.2.1, ::ffff:10.0.0.0/104, ::/0") == (
+        ipaddress.ip_network("192.0.2.1/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::/0"),  # wider than the mapped range: stays IPv6
+    )
