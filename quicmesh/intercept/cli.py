@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_cidrs(",".join(DEFAULT_EXCLUDE_CIDRS)),
         metavar="CIDRS",
         help="never capture outbound traffic to these (default "
-        f"{','.join(DEFAULT_EXCLUDE_CIDRS)}; a list given replaces it: name loopback in it"
-        " to keep it out)",
+        f"{','.join(DEFAULT_EXCLUDE_CIDRS)}; a list given replaces it: keep fe80::/10 in it;"
+        " loopback and the host's own addresses are never captured)",
     )
     install.add_argument(
         "--include-ports",

@@ -112,7 +112,8 @@ class NamespacedSidecar(SidecarProcess):
         self.proxy_group = proxy_group
 
     def start(self, *extra: str) -> None:
-        """Start ``quicmesh sidecar`` in the namespace as group :data:`DEFAULT_PROXY_ID`."""
+        """Start ``quicmesh sidecar`` in the namespace, as group :data:`DEFAULT_PROXY_ID`
+        unless ``proxy_group`` is False."""
         self.write_config()
         argv = [sys.executable, "-m", "quicmesh", "sidecar", "-c", str(self.config_path), *extra]
         group: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Running sidecar processes on loopback: what ``quicmesh demo`` and the tests share.
 
 :class:`SidecarProcess` writes a configuration (a dict) as YAML, starts
-``python -m quicmesh sidecar -c FILE`` as a child process, waits for ``/ready``
+``quicmesh sidecar -c FILE`` as a child process (``python -c`` with a launcher that
+first asks to die with its parent), waits for ``/ready``
 with a bounded deadline, reads ``/metrics`` and the access log, and stops the
 process with a signal. :func:`free_port` finds a port number free on both TCP
 and UDP, since an inbound listener binds the same number on both.
