@@ -57,7 +57,7 @@ def test_an_unknown_target_is_refused_in_one_line() -> None:
 def test_a_short_run_of_every_target_finds_no_crash(tmp_path: Path) -> None:
     pytest.importorskip("atheris", reason="atheris (the test extra) builds for Python <= 3.11")
     result = subprocess.run(
-        ["quicmesh", "fuzz", "--seconds", "2", "--crashes", str(tmp_path)],
+        ["quicmesh", "fuzz", "--seconds", "1", "--crashes", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

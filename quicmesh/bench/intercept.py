@@ -61,6 +61,7 @@ from ..intercept import lab as L
 from ..intercept.lab import InterceptLab, NamespacedSidecar
 from ..netem import system
 from ..outputs import output_file
+from ..sidecar.launch import terminate_as_exit
 from ..tls import DevCA
 from . import OneLineParser
 from ._measure import CpuReading, cpu_reading
@@ -440,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quicmesh bench intercept: {reason}", file=sys.stderr)
         return 1
     try:
-        connection_rows = measure_connections(connections, rounds)
-        lookup_rows = measure_lookups(QUICK_SIZES if args.quick else SIZES, rounds, window)
+        # kill (SIGTERM) runs the lab's tear-down too: namespaces, sidecars, rules.
+        with terminate_as_exit():
+            connection_rows = measure_connections(connections, rounds)
+            lookup_rows = measure_lookups(QUICK_SIZES if args.quick else SIZES, rounds, window)
     except QuicmeshError as exc:
         print(f"quicmesh bench intercept: {exc}", file=sys.stderr)
         return 1
