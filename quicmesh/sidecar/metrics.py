@@ -128,6 +128,14 @@ _CLUSTER_QUIC = (
         "tickets_{}",
         "QUIC session tickets received from peers (for resumption and 0-RTT).",
     ),
+    (
+        "peer_violations",
+        "protocol",
+        ("quic", "http3"),
+        "peer_violations_{}",
+        "QUIC connections closed because the peer broke QUIC, or HTTP/3 or QPACK (each"
+        " logged, rate-limited, with the peer's identity and address).",
+    ),
 )
 _LISTENER_QUIC = (
     (
@@ -151,6 +159,14 @@ _LISTENER_QUIC = (
         ("ok", "failed"),
         "path_validations_{}",
         "QUIC path validations of peers' new addresses.",
+    ),
+    (
+        "peer_violations",
+        "protocol",
+        ("quic", "http3"),
+        "peer_violations_{}",
+        "QUIC connections closed because the peer broke QUIC, or HTTP/3 or QPACK (each"
+        " logged, rate-limited, with the peer's identity and address).",
     ),
     (
         "quic_admission",

@@ -107,10 +107,10 @@ def test_a_peer_over_the_stream_limit_is_named_in_one_line(
     connection is closed and the listener says who it was. Before, the native engine said
     nothing and aioquic logged a line per datagram, naming no one."""
 
+    server = transport(server_engine, SERVER, max_streams=4)
+
     async def main() -> str:
-        listener = await transport(server_engine, SERVER, max_streams=4).listen(
-            ("127.0.0.1", 0), echo
-        )
+        listener = await server.listen(("127.0.0.1", 0), echo)
         conn = await transport("aioquic", CLIENT).connect(listener.address)
         stream = await conn.open_stream(TARGET)  # (the server's handshake is done then)
         stream.write(b"x")
@@ -136,6 +136,11 @@ def test_a_peer_over_the_stream_limit_is_named_in_one_line(
     [line] = [line for line in lines if "broke" in line]
     assert CLIENT.spiffe_id in line and re.search(r" at 127\.0\.0\.1:\d+", line), line
     assert "the peer broke QUIC" in line and "(STREAM_LIMIT_ERROR, 0x4)" in line, line
+    # ... and counted (quicmesh_listener_peer_violations_total{protocol="quic"})
+    assert (server.counters["peer_violations_quic"], server.counters["peer_violations_http3"]) == (
+        1,
+        0,
+    )
     assert not [line for line in lines if line.startswith("Error")], lines  # aioquic's own
     assert any(words in lost.lower() for words in ("0x4", "too many streams")), lost
 

@@ -1374,6 +1374,7 @@ class QuicPeerConnection(SessionConnection):
         if code not in _PEER_VIOLATIONS:
             return
         protocol, name = _PEER_VIOLATIONS[code]
+        self._count("peer_violations_quic" if protocol == "QUIC" else "peer_violations_http3")
         PEER_VIOLATION_LOG.log(
             logging.WARNING,
             f"peer_violation {code:#x}",  # (one peer's repeats hide no other fault)

@@ -37,6 +37,8 @@ COUNTERS = (
     "migrations_peer_address_change",
     "path_validations_ok",
     "path_validations_failed",
+    "peer_violations_quic",
+    "peer_violations_http3",
 )
 """Keys of :attr:`QuicTransport.counters` (and of the per-connection ``stats()``)."""
 
