@@ -99,6 +99,15 @@ _ADMISSION_EVENTS = (
 )
 """``event`` label of the QUIC admission counters (the transport's
 ``ADMISSION_COUNTERS``, kept equal by a test)."""
+_PEER_VIOLATIONS = (
+    "peer_violations",
+    "protocol",
+    ("quic", "http3"),
+    "peer_violations_{}",
+    "QUIC connections closed because the peer broke QUIC, or HTTP/3 or QPACK (each"
+    " logged, rate-limited, with the peer's identity and address).",
+)
+"""A QUIC family of clusters and inbound listeners alike."""
 _CLUSTER_QUIC = (
     (
         "zero_rtt",
@@ -128,14 +137,7 @@ _CLUSTER_QUIC = (
         "tickets_{}",
         "QUIC session tickets received from peers (for resumption and 0-RTT).",
     ),
-    (
-        "peer_violations",
-        "protocol",
-        ("quic", "http3"),
-        "peer_violations_{}",
-        "QUIC connections closed because the peer broke QUIC, or HTTP/3 or QPACK (each"
-        " logged, rate-limited, with the peer's identity and address).",
-    ),
+    _PEER_VIOLATIONS,
 )
 _LISTENER_QUIC = (
     (
@@ -160,14 +162,7 @@ _LISTENER_QUIC = (
         "path_validations_{}",
         "QUIC path validations of peers' new addresses.",
     ),
-    (
-        "peer_violations",
-        "protocol",
-        ("quic", "http3"),
-        "peer_violations_{}",
-        "QUIC connections closed because the peer broke QUIC, or HTTP/3 or QPACK (each"
-        " logged, rate-limited, with the peer's identity and address).",
-    ),
+    _PEER_VIOLATIONS,
     (
         "quic_admission",
         "event",

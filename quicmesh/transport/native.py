@@ -110,13 +110,30 @@ HANDSHAKE_FAILURE_LOG = RateLimitedLog(logger)
 others): anyone who can send a datagram can fail a handshake at will."""
 
 
-def accept_failure_kind(kind: str, message: str) -> str:
-    """The rate-limited log's kind for a client's failed handshake: its reason label
-    (:func:`~quicmesh.tls.check.handshake_failure_reason`), as the aioquic engine keys it,
-    so that a stranger's certificate refused every second does not hide the line of a
-    workload whose own certificate just expired."""
-    text = f"handshake refused: {message}" if kind == "peer_refused" else message
-    return f"accept: {handshake_failure_reason(PeerVerificationError(text))[0]}"
+def accept_failure_text(kind: str, message: str) -> str:
+    """Why a client's handshake failed, as :func:`~quicmesh.tls.check.handshake_failure_reason`
+    reads it: our refusal of its certificate as it is, its refusal of ours (its TLS
+    alert) as "handshake refused: ...", another ``kind`` named first."""
+    if kind == "verification":
+        return message
+    if kind == "peer_refused":
+        return f"handshake refused: {message}"
+    return f"{kind}: {message}"
+
+
+def log_accept_failure(kind: str, message: str, source: str, *, prefix: str = "") -> None:
+    """Log a client's failed handshake (:func:`accept_failure_line`), at most once every
+    10 s per reason label (:func:`~quicmesh.tls.check.handshake_failure_reason`), as the
+    aioquic engine keys it: a stranger's certificate refused every second does not hide
+    the line of a workload whose own certificate just expired."""
+    label = handshake_failure_reason(PeerVerificationError(accept_failure_text(kind, message)))
+    HANDSHAKE_FAILURE_LOG.log(
+        logging.WARNING,
+        f"accept: {label[0]}",
+        "%s%s",
+        prefix,
+        accept_failure_line(kind, message, source),
+    )
 
 
 class NativeEndpoint:
@@ -318,12 +335,7 @@ class NativeEndpoint:
 
     def _on_accept_failed(self, kind: str, message: str, source: str = "") -> None:
         self.handshake_failures[kind] += 1
-        HANDSHAKE_FAILURE_LOG.log(
-            logging.WARNING,
-            accept_failure_kind(kind, message),
-            "native engine: %s",
-            accept_failure_line(kind, message, source),
-        )
+        log_accept_failure(kind, message, source, prefix="native engine: ")
 
     def _connection(self, conn: int) -> NativeConnection | None:
         return self._connections.get(conn)

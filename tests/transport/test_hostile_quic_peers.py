@@ -56,6 +56,29 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def expired_client() -> Any:
+    """The mesh's client identity, with a certificate that expired yesterday."""
+    now = datetime.datetime.now(datetime.UTC)
+    return CA.issue(
+        CLIENT.spiffe_id,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+
+
+async def refused_handshake(identity: Any, address: Any) -> None:
+    """Connect as ``identity`` from aioquic's client and see the server refuse it (TLS
+    1.3: the client hears of the refusal at its first stream)."""
+    with pytest.raises(QuicmeshError):
+        conn = await transport("aioquic", identity).connect(address)
+        try:
+            stream = await conn.open_stream(TARGET)
+            await stream.read()
+        finally:
+            conn.close()
+            await conn.wait_closed()
+
+
 @pytest.mark.parametrize("server_engine", ["native", "aioquic"])
 def test_failed_handshakes_are_counted_each_and_logged_once_an_interval_with_the_address(
     server_engine: str, caplog: pytest.LogCaptureFixture
@@ -68,15 +91,7 @@ def test_failed_handshakes_are_counted_each_and_logged_once_an_interval_with_the
         server = transport(server_engine, SERVER)
         listener = await server.listen(("127.0.0.1", 0), echo)
         for _ in range(5):
-            with pytest.raises(QuicmeshError):
-                conn = await transport("aioquic", stranger).connect(listener.address)
-                try:
-                    # (TLS 1.3: the aioquic client hears of the refusal at its first stream)
-                    stream = await conn.open_stream(TARGET)
-                    await stream.read()
-                finally:
-                    conn.close()
-                    await conn.wait_closed()
+            await refused_handshake(stranger, listener.address)
         await until(lambda: sum(server.handshake_failures.values()) >= 5)
         refused = sum(server.handshake_failures.values())
         # The listener still serves its own mesh.
@@ -225,12 +240,7 @@ def test_a_client_refused_for_its_certificate_is_told_it_was_its_own() -> None:
     """The native client's error read "handshake refused: ... invalid peer certificate:
     peer certificate has expired", as if the server's certificate had expired: the
     server's reason speaks of its peer, which is us."""
-    now = datetime.datetime.now(datetime.UTC)
-    expired = CA.issue(
-        "spiffe://mesh.local/ns/default/sa/client",
-        not_before=now - datetime.timedelta(days=2),
-        not_after=now - datetime.timedelta(days=1),
-    )
+    expired = expired_client()
 
     async def main() -> str:
         listener = await transport("native", SERVER).listen(("127.0.0.1", 0), echo)
@@ -377,25 +387,13 @@ def test_one_reason_for_refusing_clients_does_not_hide_another(
     """Handshake failures are rate-limited per reason: a stranger refused every second
     does not hide the line of a workload whose own certificate just expired."""
     stranger = DevCA().issue("spiffe://mesh.local/ns/default/sa/intruder")  # another CA
-    now = datetime.datetime.now(datetime.UTC)
-    expired = CA.issue(
-        "spiffe://mesh.local/ns/default/sa/client",
-        not_before=now - datetime.timedelta(days=2),
-        not_after=now - datetime.timedelta(days=1),
-    )
+    expired = expired_client()
 
     async def main() -> None:
         server = transport(server_engine, SERVER)
         listener = await server.listen(("127.0.0.1", 0), echo)
         for identity in (stranger, stranger, expired):
-            with pytest.raises(QuicmeshError):
-                conn = await transport("aioquic", identity).connect(listener.address)
-                try:
-                    stream = await conn.open_stream(TARGET)
-                    await stream.read()
-                finally:
-                    conn.close()
-                    await conn.wait_closed()
+            await refused_handshake(identity, listener.address)
         await until(lambda: sum(server.handshake_failures.values()) >= 3)
         listener.close()
         await listener.wait_closed()

@@ -145,6 +145,33 @@ def _is_ip_address(host: str) -> bool:
     return "%" not in host
 
 
+async def numeric_address(
+    address: Address, action: str, *, family: int = socket.AF_UNSPEC
+) -> Address:
+    """``address`` with a host name resolved to its first IP address (of ``family``; an
+    IP address is kept as it is): the native engine binds and connects IP addresses
+    only, and aioquic matches a peer's datagrams against the address it connected to.
+    ``action`` (``"listen on"``, ``"connect to"``, ``"migrate to"``) names what for in
+    the error; listening resolves as a passive (bind) address.
+
+    :raises ConnectError: the name does not resolve.
+    """
+    host, port = address[0], address[1]
+    if _is_ip_address(host.split("%", 1)[0]):  # (an IPv6 zone kept as it is)
+        return address
+    passive = socket.AI_PASSIVE if action == "listen on" else 0
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, family=family, type=socket.SOCK_DGRAM, flags=passive
+        )
+    except (OSError, UnicodeError) as exc:
+        raise ConnectError(
+            f"cannot {action} {host}:{port}: cannot resolve {host!r}: {exc}"
+        ) from None
+    ip, resolved_port = infos[0][4][:2]
+    return (str(ip), int(resolved_port))
+
+
 class _EngineInboundFlow(InboundEngineFlow):
     """A peer's CONNECT the native engine carries itself
     (:meth:`QuicPeerConnection._serve_in_engine`)."""
@@ -575,32 +602,23 @@ class QuicPeerConnection(SessionConnection):
         if self._closing:
             raise ConnectionLost("the connection is closing: it cannot migrate")
         if local_address is not None:
-            local_address = await self._resolved(checked_address(local_address, "migrate address"))
+            local_address = await numeric_address(
+                checked_address(local_address, "migrate address"),
+                "migrate to",
+                family=self._peer_family(),
+            )
             self._check_family(local_address[0])
         await self._migrate(local_address, cause="active")
 
-    async def _resolved(self, address: Address) -> Address:
-        """``address`` with its host name resolved (to the family the peer is reached
-        over), as every engine binds: the native one takes IP addresses only.
-
-        :raises ConnectError: the name does not resolve.
-        """
-        host, port = address
-        try:
-            ipaddress.ip_address(host)
-            return address
-        except ValueError:
-            pass
-        family = socket.AF_UNSPEC
+    def _peer_family(self) -> int:
+        """The address family the peer is reached over (AF_UNSPEC when unknown): where a
+        migration's host name is resolved."""
         if self._peer_address is not None:
             with contextlib.suppress(ValueError):
-                version = ipaddress.ip_address(self._peer_address[0]).version
-                family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        try:
-            found = await self._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise ConnectError(f"cannot migrate to {host}: {os_error_text(exc)}") from None
-        return str(found[0][4][0]), port
+                if ipaddress.ip_address(self._peer_address[0]).version == 6:
+                    return socket.AF_INET6
+                return socket.AF_INET
+        return socket.AF_UNSPEC
 
     def _check_family(self, host: str) -> None:
         """A new local address must be of the family of the peer's address as connected

@@ -182,12 +182,7 @@ from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
-from ..native import (
-    HANDSHAKE_FAILURE_LOG,
-    accept_failure_kind,
-    accept_failure_line,
-    native_module,
-)
+from ..native import accept_failure_text, log_accept_failure, native_module
 from .engine import (
     Address,
     EngineError,
@@ -2163,18 +2158,8 @@ class NativeListener:
 
     def _on_accept_failed(self, kind: str, message: str, source: str = "") -> None:
         # Rate-limited: anyone who can send a datagram can fail a handshake at will.
-        HANDSHAKE_FAILURE_LOG.log(
-            logging.WARNING,
-            accept_failure_kind(kind, message),
-            "%s",
-            accept_failure_line(kind, message, source),
-        )
-        if kind == "verification":  # we refused the client's certificate
-            self._refused.append(message)
-        elif kind == "peer_refused":  # the client refused ours (its TLS alert)
-            self._refused.append(f"handshake refused: {message}")
-        else:
-            self._refused.append(f"{kind}: {message}")
+        log_accept_failure(kind, message, source)
+        self._refused.append(accept_failure_text(kind, message))
         self._wake()
 
     def _on_admission(self, counter: str, source: str) -> None:

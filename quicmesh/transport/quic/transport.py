@@ -85,7 +85,12 @@ from ..liveness import MAX_LIVENESS_SECONDS, LivenessConfig
 from ..stream import check_positive, check_seconds, check_whole
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
-from .connection import QuicPeerConnection, SocketReceiver, _is_ip_address, tune_udp_socket
+from .connection import (
+    QuicPeerConnection,
+    SocketReceiver,
+    numeric_address,
+    tune_udp_socket,
+)
 from .engine import (
     EngineError,
     EngineLimits,
@@ -472,7 +477,7 @@ class QuicTransport(Transport):
             verify it), as :meth:`connect` raises.
         """
         self.identity.spiffe_id  # noqa: B018 - raises ConfigError naming the certificate
-        address = await _numeric(checked_address(address, "listen address"), listening=True)
+        address = await numeric_address(checked_address(address, "listen address"), "listen on")
         if self.engine.io == "socket":
             return self._listen_socket(address, handler, authorize, early_data=early_data)
         config = self.configuration(is_client=False)
@@ -546,7 +551,7 @@ class QuicTransport(Transport):
             an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
             A handshake failure then surfaces on the streams, not here.
         """
-        address = await _numeric(checked_address(address, "connect address"), listening=False)
+        address = await numeric_address(checked_address(address, "connect address"), "connect to")
         if self.engine.io == "socket":
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
@@ -746,24 +751,3 @@ def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:
             f"stateless reset key {path} is shorter than {STATELESS_RESET_KEY_MIN_BYTES} bytes"
         )
     return key
-
-
-async def _numeric(address: Address, *, listening: bool) -> Address:
-    """``address`` with a host name resolved to its first IP address (an IP address is
-    kept as it is): the native engine binds and connects IP addresses only, and aioquic
-    matches a peer's datagrams against the address it connected to.
-
-    :raises ConnectError: the name does not resolve.
-    """
-    host, port = address[0], address[1]
-    if _is_ip_address(host.split("%", 1)[0]):  # (an IPv6 zone kept as it is)
-        return address
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE if listening else 0
-        )
-    except (OSError, UnicodeError) as exc:
-        what = "listen on" if listening else "connect to"
-        raise ConnectError(f"cannot {what} {host}:{port}: cannot resolve {host!r}: {exc}") from None
-    ip, resolved_port = infos[0][4][:2]
-    return (str(ip), int(resolved_port))
