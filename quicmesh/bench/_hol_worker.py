@@ -43,6 +43,7 @@ from typing import Any, cast
 
 from .. import TRANSPORTS, DevCA, MeshStream, Transport
 from ..errors import QuicmeshError
+from ..sidecar.launch import die_with_parent
 
 REQUEST_HEADER = struct.Struct("<Qdd")
 """Request: sequence number, scheduled send time, actual send time."""
@@ -57,6 +58,10 @@ SAMPLE_INTERVAL = 0.1
 """Seconds between samples of the bulk byte counters."""
 PROBE_INTERVAL = 0.005
 """Seconds between UDP probes."""
+MIN_INTERVAL = 0.001
+"""Shortest ``interval`` between requests: with 0 the sender never yields to the loop."""
+PARENT_VARIABLE = "QUICMESH_HOL_PARENT"
+"""Set (to the parent's pid) in a worker's environment: the worker then dies with it."""
 
 
 @dataclass
@@ -85,6 +90,10 @@ class WorkerConfig:
     """h2/tcp only: shrink the socket write buffer and TCP_NOTSENT_LOWAT (an experiment)."""
     seed: int = 0
     transport_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.interval >= MIN_INTERVAL:
+            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {self.interval}")
 
     def to_json(self) -> str:
         """The command-line form."""
@@ -538,7 +547,12 @@ async def run_client(config: WorkerConfig) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """``server|client CONFIG_JSON [RESULT_FILE]``: run one side; the result goes to
-    RESULT_FILE (client) or stdout after ``ready`` (server)."""
+    RESULT_FILE (client) or stdout after ``ready`` (server). With ``PARENT_VARIABLE`` set
+    it first asks the kernel for SIGTERM when the benchmark ends, however it ends: a
+    client left behind kept sending, and collecting samples, without bound."""
+    parent = os.environ.pop(PARENT_VARIABLE, "")
+    if parent.isdigit():
+        die_with_parent(int(parent))
     role, config = argv[0], WorkerConfig.from_json(argv[1])
     if role == "server":
         result = asyncio.run(run_server(config))

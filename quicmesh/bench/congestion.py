@@ -71,6 +71,7 @@ from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
 from ..outputs import output_dir
+from ..sidecar.launch import die_with_parent, terminate_as_exit
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
 from . import OneLineParser, positive_number, source_state
@@ -93,6 +94,9 @@ FAIRNESS_DURATION = 30.0
 QUICK_FAIRNESS_DURATION = 6.0
 PAUSE = 1.0
 """Seconds between cases, so the queue is empty when the next flow starts."""
+FLOW_END_TIMEOUT = 5.0
+"""Longest a QUIC sender waits, after its deadline, for the receiver to read its stream
+to the end before closing the connection anyway."""
 
 TARGET = "bulk.bench.svc:9000"
 FLOW_HEADER = "x-bench-flow"
@@ -261,10 +265,12 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
         await asyncio.wait_for(listener.wait_closed(), 2.0)
 
 
-def _receiver_main(setup: ReceiverSetup, control: Connection) -> None:
+def _receiver_main(setup: ReceiverSetup, control: Connection, parent: int) -> None:
     """Entry point of the receiver process. Ctrl-C reaches the whole process group: the
-    parent stops this process (``Receiver.stop``), which ignores the interrupt itself."""
+    parent stops this process (``Receiver.stop``), which ignores the interrupt itself.
+    It dies with the parent ``parent`` however that ends (SIGTERM from the kernel, Linux)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
     asyncio.run(_receive(setup, control))
 
 
@@ -275,7 +281,9 @@ class Receiver:
         context = multiprocessing.get_context("spawn")
         self._control, child_end = context.Pipe()
         self._process = context.Process(
-            target=_receiver_main, args=(setup, child_end), name="quicmesh-bench-receiver"
+            target=_receiver_main,
+            args=(setup, child_end, os.getpid()),
+            name="quicmesh-bench-receiver",
         )
         with link.entered("server"):  # the child is created in the server namespace
             self._process.start()
@@ -542,6 +550,13 @@ async def _quic_flow(
             sampler.cancel()
         finished = time.monotonic()
         stats = connection.stats()
+        # End the stream and let the receiver read it to the end before closing: closed
+        # at once, the connection's CONNECTION_CLOSE met the bottleneck queue this flow
+        # had just filled and was dropped there, and the receiver, still waiting for
+        # ACKs, logged "peer unresponsive" 10 s later, into the next flow's run.
+        stream.write_eof()
+        with contextlib.suppress(asyncio.TimeoutError, QuicmeshError):
+            await asyncio.wait_for(stream.read(), FLOW_END_TIMEOUT)
     finally:
         connection.close()
         with contextlib.suppress(asyncio.TimeoutError, QuicmeshError):
@@ -1309,7 +1324,10 @@ def main(argv: list[str] | None = None) -> int:
         QUICK_FAIRNESS_DURATION if args.quick else FAIRNESS_DURATION
     )
     try:
-        document = run(args)
+        # ``kill PID`` and ``timeout`` (SIGTERM) become SystemExit: the receiver is
+        # stopped and the link's namespaces deleted on the way out, as after Ctrl-C.
+        with terminate_as_exit():
+            document = run(args)
     except QuicmeshError as exc:
         print(f"quicmesh bench congestion: {exc}", file=sys.stderr)
         return 1

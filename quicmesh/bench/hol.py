@@ -66,12 +66,13 @@ from ..netem import (
 )
 from ..netem.system import NetemError, missing_privileges, write_sysctl
 from ..outputs import output_dir
+from ..sidecar.launch import terminate_as_exit
 from ..tls import DevCA
 from ..transport.base import default_quic_engine
 from . import OneLineParser, source_state
 from . import _hol_report as report
 from ._engine import add_engine_argument, engine_problem
-from ._hol_worker import WorkerConfig
+from ._hol_worker import MIN_INTERVAL, PARENT_VARIABLE, WorkerConfig
 
 TRANSPORT_VARIANTS = ("quic-bbr", "quic-cubic", "h2-bbr", "h2-cubic", "tcp-bbr", "tcp-cubic")
 """Default transports, each with its congestion control (QUIC's own, or the kernel's)."""
@@ -366,6 +367,11 @@ def _execute(
 ) -> dict[str, Any]:
     argv = python_command("-m", "quicmesh.bench._hol_worker")
     env = child_environment()
+    # The workers ask the kernel to stop them when the thread that starts them ends
+    # (die_with_parent): a bench killed outright (SIGKILL) leaves no client behind,
+    # still sending and collecting samples. Only the main thread lives as long as we do.
+    if threading.current_thread() is threading.main_thread():
+        env[PARENT_VARIABLE] = str(os.getpid())
     kernel_cc = spec.variant.congestion_control
     host_sampler = HostCpuSampler()
     with Link(spec.profile.config(spec.seed)) as link, host_sampler:
@@ -586,6 +592,15 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _interval(text: str) -> float:
+    """``--interval``: at least :data:`MIN_INTERVAL` (with 0 the client sent requests
+    without ever yielding, and its memory grew until it was killed)."""
+    value = _seconds(text)
+    if not value >= MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_INTERVAL * 1e3:g}ms, not {text!r}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     """A duration above 0 (``--duration 0`` ran for 40 s and measured nothing)."""
     value = _seconds(text)
@@ -692,9 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flows", type=int, default=2, help="interactive flows (default 2)")
     parser.add_argument(
         "--interval",
-        type=_seconds,
+        type=_interval,
         default=0.020,
-        help="time between requests per flow (default 20ms)",
+        help="time between requests per flow, at least 1ms (default 20ms)",
     )
     parser.add_argument(
         "--request-size", type=int, default=1024, help="bytes of each request (default 1024)"
@@ -810,13 +825,21 @@ def main(argv: list[str]) -> int:
     if reason is not None:
         print(f"quicmesh bench hol: the link emulator {reason}", file=sys.stderr)
         return 1
+    # ``kill PID`` and ``timeout`` (SIGTERM) become SystemExit: the link's tear-down
+    # stops the workers and deletes the namespaces, and the scratch directory with the
+    # CA's key is removed, as after Ctrl-C.
+    with terminate_as_exit():
+        return _run(args, settings)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     plan = build_plan(args, settings)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(plan), estimate_seconds(plan, settings))
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    interrupted = False
+    interrupted: int | None = None
     source = source_state()
     with tempfile.TemporaryDirectory(prefix="quicmesh-hol-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -846,8 +869,9 @@ def main(argv: list[str]) -> int:
                     }
                 )
             progress.update(len(plan), "done")
-        except KeyboardInterrupt:
-            interrupted = True
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ctrl-C, or SIGTERM/SIGHUP (terminate_as_exit): the link is torn down by now.
+            interrupted = 130 if isinstance(exc, KeyboardInterrupt) else _exit_status(exc)
             progress.finish()
             print("interrupted; writing what was measured", file=sys.stderr)
         progress.finish()
@@ -865,9 +889,14 @@ def main(argv: list[str]) -> int:
                 f"WARNING {run['link']} {run['variant']} seed {run['seed']}: {problem}",
                 file=sys.stderr,
             )
-    if interrupted:
-        return 130  # (as every other command: a partial run is not a complete one)
+    if interrupted is not None:
+        return interrupted  # (as every other command: a partial run is not a complete one)
     return 1 if failures or not runs else 0
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """The status a SystemExit asks for (``128 + signal`` from terminate_as_exit)."""
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 def _spec_dict(spec: RunSpec) -> dict[str, Any]:

@@ -9,9 +9,12 @@
 COMMAND runs in the client namespace; the server side is reachable at the address in
 ``QUICMESH_NETEM_SERVER`` (the client's own address is in ``QUICMESH_NETEM_CLIENT``).
 ``--server-command`` starts a command (split like a shell would) in the server
-namespace first; ``--wait-port`` waits until it accepts TCP connections on that port.
-Impairments apply to both directions. The exit status is COMMAND's; 2 means bad
-arguments or no root, and the message is one line.
+namespace first; ``--wait-port`` waits until it accepts TCP connections on that port,
+and fails at once if it exits first. ``--loss 2`` and ``--loss 2%`` are both 2 %, as
+in the benchmarks (the library's :class:`LinkConfig` takes a fraction). Impairments
+apply to both directions. The exit status is COMMAND's; 2 means bad arguments or no
+root, 127 a command that is not found (COMMAND's or the server's), and the message is
+one line.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +49,10 @@ __all__ = ["main"]
 
 PROG = "quicmesh netem"
 _WAIT_PORT_TIMEOUT = 10.0
+EXIT_NOT_FOUND = 127
+"""A command that is not found, as a shell reports it."""
+EXIT_NOT_EXECUTABLE = 126
+"""A command found but not executable, as a shell reports it."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +69,12 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def _loss(text: str) -> float:
+    """``--loss``: ``2`` and ``2%`` are both 2 %, as the benchmarks' loss options read
+    them (a bare number read as a fraction made ``--loss 0.5`` 50 %)."""
+    return parse_percent(text, bare="percent")
 
 
 def _port(text: str) -> int:
@@ -85,7 +100,13 @@ def _build_parser() -> _Parser:
     add("--delay", type=_typed(parse_duration), default=0.0, help="one-way delay, e.g. 20ms")
     add("--jitter", type=_typed(parse_duration), default=0.0, help="delay +/- this, e.g. 2ms")
     add("--reorder", action="store_true", help="let jitter reorder packets")
-    add("--loss", type=_typed(parse_percent), default=0.0, help="random loss, e.g. 2%%")
+    add(
+        "--loss",
+        type=_typed(_loss),
+        default=0.0,
+        help="random loss in percent: 2 or 2%% (a bare number is a percentage, as in the "
+        "benchmarks)",
+    )
     add("--burst", type=float, metavar="PACKETS", help="make --loss bursty: mean burst length")
     add("--max-burst", type=int, metavar="PACKETS", help="cap on consecutive losses")
     add("--rate", type=_typed(parse_rate), help="bottleneck rate, e.g. 20mbit")
@@ -141,9 +162,45 @@ def _describe(name: str, stats: DirectionStats) -> str:
     )
 
 
-def _wait_for_port(link: Link, port: int) -> None:
+class _NotRunnable(QuicmeshError):
+    """A command that cannot start; ``status`` is the shell's (126 or 127)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _check_runnable(what: str, argv: list[str], path: str | None) -> None:
+    """Raise :class:`_NotRunnable` unless ``argv[0]`` is an executable file (looked up
+    on ``path`` unless it has a slash), as the shell would run it. ``ip netns exec``
+    would report it only from inside the namespace, in its own words, with status 1,
+    and a server that failed so could go unnoticed when the client finished first."""
+    name = argv[0]
+    if shutil.which(name, path=path) is not None:
+        return
+    if "/" in name and os.path.exists(name):
+        raise _NotRunnable(f"{what} {name!r}: not executable", EXIT_NOT_EXECUTABLE)
+    raise _NotRunnable(f"{what} {name!r}: command not found", EXIT_NOT_FOUND)
+
+
+def _ended(status: int) -> str:
+    """``exited with status N`` or ``was killed by signal N`` (a negative returncode)."""
+    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
+def _wait_for_port(
+    link: Link, port: int, server: subprocess.Popen[Any], server_command: str
+) -> None:
+    """Poll until the server accepts a connection on ``port``; fail at once if the
+    server exits first (it will never listen), or after 10 s."""
     deadline = time.monotonic() + _WAIT_PORT_TIMEOUT
     while True:
+        status = server.poll()
+        if status is not None:
+            raise QuicmeshError(
+                f"--server-command {server_command!r} {_ended(status)} "
+                f"before listening on port {port}"
+            )
         with link.entered("client"):
             probe = socket.socket()
         with probe:
@@ -178,6 +235,15 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: {reason}", file=sys.stderr)
         return 2
     try:
+        # Before the link is built: a command that cannot start fails the run at once,
+        # whichever side it is on (deterministically, not by when the other one ends).
+        if server_argv:
+            _check_runnable("--server-command", server_argv, os.environ.get("PATH"))
+        _check_runnable("COMMAND", command, os.environ.get("PATH"))
+    except _NotRunnable as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.status
+    try:
         with terminate_as_exit(), Link(config) as link:
             env = dict(os.environ)
             env["QUICMESH_NETEM_SERVER"] = link.server_address
@@ -195,7 +261,7 @@ def main(argv: list[str]) -> int:
             if server_argv:
                 server = link.popen("server", server_argv, env=env)
                 if args.wait_port is not None:
-                    _wait_for_port(link, args.wait_port)
+                    _wait_for_port(link, args.wait_port, server, args.server_command)
             process = link.popen("client", command, env=env, start_new_session=False)
             try:
                 status = process.wait()
@@ -220,7 +286,7 @@ def main(argv: list[str]) -> int:
         return 1
     if server_status:
         print(
-            f"{PROG}: --server-command exited with status {server_status} "
+            f"{PROG}: --server-command {args.server_command!r} {_ended(server_status)} "
             "(it ended on its own, with an error)",
             file=sys.stderr,
         )

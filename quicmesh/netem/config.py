@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 from quicmesh import duration
 from quicmesh.errors import ConfigError
@@ -141,6 +141,20 @@ class DirectionConfig:
     queue_delay: float | None = None
 
     def __post_init__(self) -> None:
+        # A string such as "20ms" is named here; the checks below would fail on it with
+        # a TypeError that says neither which option nor which unit.
+        for name, kind in (
+            ("delay", "seconds"),
+            ("jitter", "seconds"),
+            ("loss", "a fraction"),
+            ("rate_bps", "bit/s"),
+            ("queue_packets", "packets"),
+            ("queue_bytes", "bytes"),
+            ("queue_delay", "seconds"),
+        ):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ConfigError(f"{name} must be a number ({kind}), not {value!r}")
         _check_seconds("delay", self.delay)
         _check_seconds("jitter", self.jitter)
         _check_probability("loss", self.loss)
@@ -224,10 +238,11 @@ class LinkConfig:
         :param direction: keyword arguments of :class:`DirectionConfig`
             (``delay``, ``loss``, ``rate_bps``, ...).
         """
-        try:
-            config = DirectionConfig(**direction)
-        except TypeError as exc:
-            raise ConfigError(f"unknown link option: {exc}") from None
+        known = {option.name for option in fields(DirectionConfig)}
+        unknown = sorted(set(direction) - known)
+        if unknown:
+            raise ConfigError(f"unknown link option: {', '.join(unknown)}")
+        config = DirectionConfig(**direction)
         return cls(client_to_server=config, server_to_client=config, seed=seed, mtu=mtu)
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +263,11 @@ class LinkConfig:
             seed=int(data["seed"]),
             mtu=int(data["mtu"]),
         )
+
+
+def _is_number(value: object) -> bool:
+    """An int or a float, and not a bool (``True`` is an int to Python, not a delay)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -295,15 +315,20 @@ def parse_duration(text: str) -> float:
         raise ConfigError(f"cannot read duration: {exc}") from None
 
 
-def parse_percent(text: str) -> float:
-    """``"2%"`` -> 0.02; a bare number is a fraction (``"0.02"`` -> 0.02)."""
+def parse_percent(text: str, *, bare: Literal["fraction", "percent"] = "fraction") -> float:
+    """``"2%"`` -> 0.02; a bare number is a fraction (``"0.02"`` -> 0.02), or with
+    ``bare="percent"`` a percentage (``"2"`` -> 0.02, as ``quicmesh netem --loss`` and the
+    benchmarks' loss options read it)."""
+    if bare not in ("fraction", "percent"):
+        raise ValueError(f"bare must be 'fraction' or 'percent', not {bare!r}")
     number, unit = _split(text, "percentage")
     if unit == "%":
         value = number / 100.0
     elif unit == "":
-        value = number
+        value = number if bare == "fraction" else number / 100.0
     else:
-        raise ConfigError(f"cannot read percentage {text!r}: write e.g. 2% or 0.02")
+        example = "2% or 0.02" if bare == "fraction" else "2 or 2%"
+        raise ConfigError(f"cannot read percentage {text!r}: write e.g. {example}")
     if value > 1.0:
         raise ConfigError(f"percentage {text!r} is above 100%")
     return value
