@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import (
     ConnectError,
     ConnectionLost,
+    PeerUnresponsive,
     PeerVerificationError,
     QuicmeshError,
     StreamRefused,
@@ -465,14 +466,21 @@ class Cluster:
         return started
 
     def engine_flow_unanswered(
-        self, flow: EngineFlow, failure: str | None, refusal: StreamRefused | None = None
+        self,
+        flow: EngineFlow,
+        failure: str | None,
+        refusal: StreamRefused | None = None,
+        *,
+        unresponsive: PeerUnresponsive | None = None,
     ) -> FailedOpen | None:
         """An engine flow did not get its 200 and goes back to :meth:`open_flow`: undo
         what :meth:`start_engine_flow` counted. The engine's attempt was the flow's
         first, returned for :meth:`open_flow`'s ``failed``, when it was refused
-        (``refusal``: the peer's answer, as :meth:`open_flow` would have read it) or got
+        (``refusal``: the peer's answer, as :meth:`open_flow` would have read it), got
         no answer in time (``failure``; it counts against the endpoint, as a failed open
-        does); None when the usual way has to ask again."""
+        does) or was lost with a connection its liveness checks failed
+        (``unresponsive``: counted so too, as :class:`~.pool.EndpointPool` does); None
+        when the usual way has to ask again."""
         self.breaker.release_stream()
         self.stats.streams_active -= 1
         self.stats.endpoint(flow.endpoint.name).streams_active -= 1
@@ -480,6 +488,10 @@ class Cluster:
         name = flow.endpoint.name
         if refusal is not None:
             return FailedOpen(flow.endpoint, _refused_by(flow.endpoint, refusal))
+        if unresponsive is not None:
+            self._record_connect_failure(flow.endpoint, unresponsive)
+            refused = FlowRefused(Outcome.CONNECT_FAILED, f"{name}: {unresponsive}", name)
+            return FailedOpen(flow.endpoint, refused)
         if failure is None:
             return None
         self._record_connect_failure(flow.endpoint, ConnectionLost(failure))

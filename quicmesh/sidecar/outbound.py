@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QuicmeshError, StreamRefused, TunnelError
+from ..errors import PeerUnresponsive, QuicmeshError, StreamRefused, TunnelError
 from ..splice import reset_socket, splice, splice_accepted
-from ..transport.base import EngineAcceptor
+from ..transport.base import EngineAcceptor, engine_failure_text
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
@@ -368,8 +368,14 @@ class _EngineFlows:
         # answer: ask it again (the usual way reads it); after a timeout or a loss the
         # balancer chooses.
         timeout = kind == "timeout"
+        lost = engine_flow.connection.lost_error if kind == "lost" else None
         failed = running.cluster.engine_flow_unanswered(
-            engine_flow, reason if timeout else None, refusal
+            engine_flow,
+            reason if timeout else None,
+            refusal,
+            # A connection its liveness checks failed: the endpoint is dead or hung, and
+            # the flow's next attempt goes elsewhere (not a new connection to it).
+            unresponsive=lost if isinstance(lost, PeerUnresponsive) else None,
         )
         again = None if kind in ("timeout", "lost") or failed else engine_flow.endpoint
         self._listener._in_python(self, flow, running, again, failed)
@@ -400,7 +406,8 @@ class _EngineFlows:
         assert running.flow is not None
         running.cluster.engine_flow_finished(running.flow, sent, received)
         if error:
-            record.outcome, record.reason = Outcome.RESET, error
+            lost = running.flow.connection.lost_error
+            record.outcome, record.reason = Outcome.RESET, engine_failure_text(error, lost)
         self._listener._end(record, running.started, running.cluster)
         self._close_when_idle()
 

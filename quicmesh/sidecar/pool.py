@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ..errors import (
     ConnectError,
     ConnectionLost,
+    PeerUnresponsive,
     QuicmeshError,
     StreamRefused,
     StreamReset,
@@ -231,6 +232,11 @@ class EndpointPool:
                     turned_away = connection.going_away or rejected
                     if not (connection.is_closed or turned_away):
                         raise
+                    if isinstance(connection.lost_error, PeerUnresponsive):
+                        # Its liveness checks found the peer dead or hung: a new
+                        # connection to it would wait out the whole connect timeout.
+                        # The flow's retries go to another endpoint instead.
+                        raise connection.lost_error from None
                     if lost_once:
                         if turned_away:
                             raise self._turned_away(connection, exc) from None

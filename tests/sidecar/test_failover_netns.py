@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from quic_helpers import require_engine
 
 from quicmesh import ConnectError, DevCA, QuicTransport
 from quicmesh.netem import Link
@@ -344,6 +345,45 @@ def test_a_stopped_peer_is_declared_dead_and_replaced(mesh: Mesh) -> None:
         _, intact = await transfer(mesh.link, 100_000)
         assert intact
         assert mesh.stats()["endpoints"][name1]["connections_total"] == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_flow_caught_by_a_dead_peer_is_not_dialled_to_it_again(mesh: Mesh, engine: str) -> None:
+    """A review (2026-12-07): a flow whose CONNECT was on its way when the peer hung was
+    opened again on a new connection to the same peer once the liveness checks failed
+    the old one, and waited out the whole connect timeout there (8 s for 5 s on engine
+    flows). The endpoint is now taken as failed: the flow ends with the reason (the
+    one endpoint here: no other to retry on) well within the connect timeout."""
+    require_engine(engine)
+    b1 = mesh.start_peer(PEER_PORTS[0])
+    mesh.start_a("quic", PEER_PORTS[:1], engine=engine, connect_timeout="60s")
+
+    async def main() -> None:
+        warm = await Flow.open(mesh.link)  # the pooled connection is up
+        warm.close()
+        b1.signal(signal.SIGSTOP)
+        try:
+            with mesh.link.entered("client"):
+                reader, writer = await asyncio.open_connection(
+                    mesh.link.client_address, OUTBOUND_PORT
+                )
+            writer.write(b"hello")
+            # The connect timeout is 60 s: only a flow failed with its connection ends
+            # within the wait.
+            await Flow(reader, writer).wait_reset(30.0)
+            writer.close()
+        finally:
+            b1.signal(signal.SIGCONT)
+        a = mesh.a
+        assert a is not None
+        record = poll(
+            lambda: [r for r in a.access_log() if r["outcome"] == "connect_failed"],
+            10.0,
+            "the failed flow's access-log record",
+        )[-1]
+        assert "peer unresponsive" in record["reason"], record
 
     run(main())
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import quicmesh
 from quicmesh import ConnectError, ConnectionLost, StreamReset
 from quicmesh.errors import ConfigError, PeerUnresponsive
 from quicmesh.transport.liveness import Liveness, LivenessConfig, Verdict
@@ -420,5 +421,39 @@ def test_a_native_server_connection_ignores_icmp_errors() -> None:
         listener.close()
         await client.aclose()
         await server.aclose()
+
+    run(main())
+
+
+def test_a_native_splice_lost_with_an_unresponsive_peer_says_so() -> None:
+    """A review (2026-12-07): an offloaded splice (and the sidecar's engine flows)
+    ended with quinn's words only, "connection lost: closed", while the connection's
+    ``lost_error`` said why (the peer unresponsive), as the aioquic engine's splice
+    does."""
+    require_engine("native")
+
+    async def main() -> None:
+        listener, relay, connection, stream = await _echo_setup(
+            engine="native", keepalive_interval=0.2, max_probe_timeouts=4, dead_after=None
+        )
+        accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        accepted = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(
+            lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0
+        )
+        app_reader, app_writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        reader, writer = await accepted
+        spliced = asyncio.ensure_future(quicmesh.splice(stream, reader, writer))
+        app_writer.write(b"hello")
+        assert await app_reader.readexactly(5) == b"hello"  # flowing, through the engine
+        relay.blackhole = True
+        result = await asyncio.wait_for(spliced, 30.0)
+        assert result.offloaded
+        assert isinstance(connection.lost_error, PeerUnresponsive)
+        assert result.error == f"connection lost: {connection.lost_error}", result
+        app_writer.close()
+        server.close()
+        relay.close()
+        listener.close()
 
     run(main())

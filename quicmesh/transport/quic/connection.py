@@ -80,6 +80,7 @@ from ..base import (
     InboundEngineFlow,
     StreamHandler,
     checked_address,
+    engine_failure_text,
     host_port,
 )
 from ..liveness import UNRESPONSIVE, Liveness, Verdict
@@ -428,7 +429,7 @@ class QuicPeerConnection(SessionConnection):
             idle_timeout=idle_timeout,
             **await self._let_go(stream),
         )
-        return SpliceOutcome(sent, received, error)
+        return SpliceOutcome(sent, received, engine_failure_text(error, self._lost))
 
     async def connect_and_splice_stream(
         self,
@@ -460,6 +461,7 @@ class QuicPeerConnection(SessionConnection):
             idle_timeout=idle_timeout,
             **await self._let_go(stream),
         )
+        error = engine_failure_text(error, self._lost)
         return SpliceOutcome(sent, received, error, connected=connected)
 
     # -- engine flows (the native engine's outbound flows, .native_flows) -------------
@@ -1164,6 +1166,7 @@ class QuicPeerConnection(SessionConnection):
                 plan.ended(outcome)
             else:
                 sent, received, error, connected = outcome
+                error = engine_failure_text(error, self._lost)
                 plan.ended(SpliceOutcome(sent, received, error, connected=connected))
 
         self.engine_flows += 1

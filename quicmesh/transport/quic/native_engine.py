@@ -683,6 +683,29 @@ class _Pump:
             connection.woke()
 
 
+def _check_route(address: Address) -> None:
+    """Fail at once where this host has no route to ``address`` (no route at all, an
+    ``unreachable`` or ``prohibit`` route, the interface down), as the aioquic engine
+    does, whose client socket is connected to its peer.
+
+    The endpoint's socket is not connected (one socket, many peers), and quinn-udp
+    drops a datagram its ``sendmsg`` could not send with a log line: the handshake
+    would wait out its whole timeout. Connecting a throwaway UDP socket asks the
+    kernel's routing table the same question (three system calls a connection, not a
+    flow); a route that goes away later is the liveness checks' to notice.
+
+    :raises EngineError: the kernel refused, with its reason.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+    except OSError as exc:
+        raise EngineError(
+            f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"
+        ) from None
+
+
 def _remove_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     if not loop.is_closed():
         loop.remove_reader(fd)
@@ -2304,8 +2327,10 @@ class NativeEngine:
             again) even with a ticket; the tickets the server sends are kept.
 
         :raises ConfigError: bad identity or settings.
-        :raises EngineError: the connection cannot be started.
+        :raises EngineError: the connection cannot be started, or this host has no route
+            to ``address``.
         """
+        _check_route(address)
         pump = self._client_pump(limits, tls, address)
         connection = NativeConnection(pump, is_client=True)
         if wake is not None:
