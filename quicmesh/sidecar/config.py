@@ -410,6 +410,11 @@ class ClusterConfig:
         return _replace_endpoints(self, ()) == _replace_endpoints(other, ())
 
 
+XDS_IDENTITY_KEY = "quicmesh.identity"
+"""The ``node.metadata`` key under which a sidecar reports its ``node.identity`` to its
+control plane (reserved: ``xds.metadata`` may not set it)."""
+
+
 @dataclass(frozen=True)
 class XdsConfig:
     """Where listeners, clusters, endpoints and secrets come from: an ADS server."""
@@ -1149,6 +1154,10 @@ class _Loader:
             for key, value in metadata.mapping().items():
                 if not isinstance(value, str):
                     raise metadata.child(key).error(f"expected a string, got {_kind(value)}")
+                if key == XDS_IDENTITY_KEY:
+                    raise metadata.child(key).error(
+                        "is reserved: the sidecar reports node.identity under it"
+                    )
                 pairs.append((key, value))
         cluster = node.child("cluster")
         return XdsConfig(

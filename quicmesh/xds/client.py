@@ -14,7 +14,11 @@ and once delivered it is the control plane's (the dev CA no longer renews it).
 
 When the stream breaks the client reconnects with exponential backoff
 (:data:`BACKOFF_INITIAL` doubling to :data:`BACKOFF_MAX`, with jitter); the
-last good configuration keeps serving meanwhile.
+last good configuration keeps serving meanwhile. HTTP/2 keepalive pings
+(:data:`KEEPALIVE_TIME`, :data:`KEEPALIVE_TIMEOUT`) notice a control plane that went
+silent without closing the connection (a partition, a hung host), as Envoy's
+``connection_keepalive`` on the xDS cluster does: an idle ADS stream otherwise
+waits on a dead connection for ever.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from ..errors import QuicmeshError
+from ..errors import ConfigError, QuicmeshError
 from ..sidecar.config import XdsConfig, format_address
 from ..tls import Identity, TrustBundle
 from .mapping import (
@@ -44,7 +48,7 @@ from .mapping import (
     with_static,
 )
 from .resources import CLUSTER_TYPE, LISTENER_TYPE, SECRET_TYPE, SHORT_NAMES
-from .state import AdsState, ProtocolError, Update, make_node
+from .state import SECRET_NAMES, AdsState, ProtocolError, Update, make_node
 
 if TYPE_CHECKING:
     from ..sidecar.runtime import Sidecar
@@ -56,6 +60,21 @@ BACKOFF_INITIAL = 0.25
 
 BACKOFF_MAX = 10.0
 """Longest wait between reconnect attempts."""
+
+KEEPALIVE_TIME = 30.0
+"""Seconds between HTTP/2 pings on the ADS connection (Istio's xDS cluster: 30 s). A
+control plane must accept pings this often on an idle stream (istiod allows one every
+15 s; a gRPC server that refuses them answers GOAWAY ``too_many_pings``, after which
+gRPC pings half as often)."""
+
+KEEPALIVE_TIMEOUT = 10.0
+"""Seconds a ping may go unanswered before the connection counts as dead (and the
+client reconnects)."""
+
+MAX_RECEIVE_MESSAGE_LENGTH = -1
+"""No limit on a response's size (gRPC's default is 4 MiB), as Envoy has none on its
+xDS stream: a response over a limit is never applied, and the sidecar would reconnect
+for ever to be sent it again. A control plane is trusted as much as the config file."""
 
 
 @contextlib.contextmanager
@@ -75,13 +94,39 @@ class AdsClient:
         what the control plane sends.
     :param config: the server address and what to report as ``node``.
     :param rng: randomness for the backoff jitter.
+    :param keepalive_time: seconds between HTTP/2 pings (:data:`KEEPALIVE_TIME`).
+    :param keepalive_timeout: seconds a ping may go unanswered (:data:`KEEPALIVE_TIMEOUT`).
     """
 
     def __init__(
-        self, sidecar: Sidecar, config: XdsConfig, *, rng: random.Random | None = None
+        self,
+        sidecar: Sidecar,
+        config: XdsConfig,
+        *,
+        rng: random.Random | None = None,
+        keepalive_time: float = KEEPALIVE_TIME,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
     ) -> None:
+        if keepalive_time <= 0 or keepalive_timeout <= 0:
+            raise ConfigError(
+                f"ADS keepalive: keepalive_time {keepalive_time:g}s and keepalive_timeout "
+                f"{keepalive_timeout:g}s must both be more than zero"
+            )
         self.sidecar = sidecar
         self.config = config
+        self._channel_options = (
+            ("grpc.keepalive_time_ms", round(keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(keepalive_timeout * 1000)),
+            # (grpc 1.85's client waits for a ping's ack this long, not keepalive_timeout:
+            # without it a silent connection is noticed a minute after a ping.)
+            ("grpc.http2.ping_timeout_ms", round(keepalive_timeout * 1000)),
+            # An ADS stream is idle between updates: ping on it all the same, and with
+            # no call (between reconnects) too.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_LENGTH),
+        )
+        """gRPC channel options: keepalive, and no limit on a response's size."""
         base = sidecar.config
         self.static = MappedConfig(base.outbound, base.inbound, base.clusters)
         """The listeners and clusters of the file (a bootstrap's ``static_resources``):
@@ -153,7 +198,9 @@ class AdsClient:
             started = time.monotonic()
             self._answered = False
             try:
-                async with grpc.aio.insecure_channel(target) as channel:
+                async with grpc.aio.insecure_channel(
+                    target, options=self._channel_options
+                ) as channel:
                     await self._stream(channel, attempts, failing_since)
                 reason = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
@@ -395,7 +442,7 @@ class AdsClient:
 
         :raises MappingError: they cannot be used (nothing changed).
         """
-        certificate, validation = secrets_by_kind(secrets)
+        certificate, validation = secrets_by_kind(secrets, SECRET_NAMES)
         if certificate is None and validation is None:
             return
         source = self.sidecar.certs

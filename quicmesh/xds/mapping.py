@@ -180,7 +180,11 @@ def _socket_address(address: Message, where: str) -> tuple[Address, str]:
     port = int(socket.port_value)
     if not 1 <= port <= 65535:
         raise MappingError(f"{where}.socket_address.port_value: {port} is outside 1-65535")
-    return (host, port), "UDP" if socket.protocol == 1 else "TCP"
+    protocol = _enum_name(socket, "protocol")
+    if protocol not in ("TCP", "UDP"):
+        # (Not taken as TCP: a protocol this API version does not know is not TCP.)
+        raise MappingError(f"{where}.socket_address: protocol {protocol} is not supported")
+    return (host, port), protocol
 
 
 def _name(value: str, where: str) -> str:
@@ -500,6 +504,11 @@ def map_endpoints(assignment: ClusterLoadAssignment, where: str) -> tuple[Addres
                 weights.add(lb_endpoint.load_balancing_weight.value)
             else:
                 weights.add(1)
+            health = _enum_name(lb_endpoint, "health_status")
+            if health.endswith("(unknown)"):
+                # Neither taken as healthy nor left out: the control plane meant something
+                # this API version cannot say.
+                raise MappingError(f"{ep_where}: health_status {health} is not supported")
             if lb_endpoint.health_status in EXCLUDED_HEALTH:
                 continue
             addresses.append(address)
@@ -735,17 +744,31 @@ def _claim(table: dict[int, str], port: int, owner: str, kind: str) -> None:
 
 
 def secrets_by_kind(
-    secrets: Mapping[str, Secret],
+    secrets: Mapping[str, Secret], names: tuple[str, str] | None = None
 ) -> tuple[Secret | None, Secret | None]:
     """The Secret with a ``tls_certificate`` and the one with a ``validation_context``.
 
-    :raises MappingError: more than one of a kind, or an unsupported field.
+    :param names: the names the two must have (SDS: ``default`` for the identity,
+        ``ROOTCA`` for the trust bundle, as Istio names them), so that a control plane
+        that swapped them is told, not taken at its word; ``None``: any (a bootstrap's
+        static secrets, which Envoy's transport sockets name freely).
+    :raises MappingError: more than one of a kind, a kind under the other's name, or an
+        unsupported field.
     """
     certificate: Secret | None = None
     validation: Secret | None = None
     for secret in secrets.values():
         where = f"Secret {secret.name!r}"
         _only(secret, {"name", "tls_certificate", "validation_context"}, where)
+        if names is not None:
+            for kind, name, what in (
+                ("tls_certificate", names[0], "identity"),
+                ("validation_context", names[1], "trust bundle"),
+            ):
+                if secret.HasField(kind) and secret.name != name:
+                    raise MappingError(
+                        f"{where}: has a {kind}, which only the {what}'s Secret {name!r} may carry"
+                    )
         if secret.HasField("tls_certificate"):
             if certificate is not None:
                 raise MappingError(

@@ -23,6 +23,7 @@ Nothing here does I/O: messages in, messages out.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
+from ..sidecar.config import XDS_IDENTITY_KEY
 from .mapping import EnvoyResources
 from .resources import (
     CLUSTER_TYPE,
@@ -41,6 +43,8 @@ from .resources import (
     SECRET_TYPE,
     resource_name,
 )
+
+logger = logging.getLogger("quicmesh.xds")
 
 DiscoveryRequest = discovery_pb2.DiscoveryRequest
 DiscoveryResponse = discovery_pb2.DiscoveryResponse
@@ -231,12 +235,26 @@ def _eds_services(clusters: dict[str, Any]) -> set[str]:
     }
 
 
+IDENTITY_KEY = XDS_IDENTITY_KEY
+"""The ``node.metadata`` key that reports the sidecar's ``node.identity``."""
+
+
 def make_node(
     node_id: str, cluster: str, metadata: tuple[tuple[str, str], ...], identity: str
 ) -> Any:
-    """The ``envoy.config.core.v3.Node`` a sidecar reports."""
+    """The ``envoy.config.core.v3.Node`` a sidecar reports: :data:`IDENTITY_KEY` is always
+    ``identity``, whatever ``metadata`` says (a control plane may trust it to pick the
+    node's secrets: a configured value must not make the node report another identity)."""
     fields = {key: struct_pb2.Value(string_value=value) for key, value in metadata}
-    fields.setdefault("quicmesh.identity", struct_pb2.Value(string_value=identity))
+    given = fields.get(IDENTITY_KEY)
+    if given is not None and given.string_value != identity:
+        logger.warning(
+            "node.metadata %s %r ignored: the sidecar reports its node.identity %r",
+            IDENTITY_KEY,
+            given.string_value,
+            identity,
+        )
+    fields[IDENTITY_KEY] = struct_pb2.Value(string_value=identity)
     return base_pb2.Node(
         id=node_id,
         cluster=cluster,

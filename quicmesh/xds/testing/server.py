@@ -22,12 +22,22 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
+from ...sidecar.config import format_address
 from ..resources import CLUSTER_TYPE, LISTENER_TYPE, resource_name
 
 logger = logging.getLogger("quicmesh.xds.testing")
 
 WILDCARD_TYPES = (LISTENER_TYPE, CLUSTER_TYPE)
 """Types whose responses hold every resource (and whose empty name list means all)."""
+
+SERVER_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 100),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+"""Accept a client's keepalive pings however often they come, on an idle stream too
+(gRPC's default answers pings more often than every 5 minutes with GOAWAY
+``too_many_pings``): tests give the client keepalive times of a second."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class _Stream:
 class AdsServer:
     """An ADS server on ``host:port`` (port 0: any free port, see :attr:`port`).
 
-    :param host: the address to listen on.
+    :param host: the address to listen on (an IPv6 literal without brackets).
     :param port: the port (0 picks one).
     """
 
@@ -84,11 +94,13 @@ class AdsServer:
 
     def start(self) -> None:
         """Listen and serve (in gRPC's threads)."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        self.port = server.add_insecure_port(f"{self.host}:{self._requested_port or self.port}")
+        self.port = server.add_insecure_port(
+            format_address((self.host, self._requested_port or self.port))
+        )
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.host}:{self._requested_port}")
+            raise OSError(f"cannot listen on {format_address((self.host, self._requested_port))}")
         self._requested_port = self.port
         server.start()
         self._server = server
@@ -105,8 +117,8 @@ class AdsServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` to give a sidecar's ``--xds``."""
-        return f"{self.host}:{self.port}"
+        """``host:port`` to give a sidecar's ``--xds`` (``[host]:port`` for IPv6)."""
+        return format_address((self.host, self.port))
 
     # -- resources --------------------------------------------------------------
 
