@@ -27,7 +27,7 @@ from quic_helpers import (
     zero_rtt_bytes,
 )
 
-from quicmesh import ConfigError, QuicTransport, TunnelError
+from quicmesh import ConfigError, QuicTransport, TrustBundle, TunnelError
 from quicmesh.bench.relay import UdpRelay
 from quicmesh.transport import tickets
 from quicmesh.transport.quic import EARLY_DATA_OVERHEAD
@@ -315,6 +315,35 @@ def test_unknown_ticket_falls_back_to_a_full_handshake() -> None:
         assert results == [b"new"]
         assert conn.early_data == "rejected"
         assert server.counters["tickets_refused"] == 1
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_new_trust_bundle_forgets_the_tickets_issued() -> None:
+    """A review (2026-12-07): a client whose CA was taken out of the server's trust
+    bundle could still resume with a ticket issued before (no certificate is checked on
+    resumption). The server forgets its tickets when its trust bundle changes, as the
+    native engine's store is replaced with new roots."""
+    other_ca = quic_helpers.DevCA()
+
+    async def main() -> None:
+        server = server_transport()
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = client_transport()
+        await prime(client, listener.address)
+        assert len(server.ticket_store) > 0
+        server.set_identity(SERVER, CA.trust_bundle)  # the same bundle: the tickets stay
+        assert len(server.ticket_store) > 0
+        both = TrustBundle.from_pem(CA.trust_bundle.pem + other_ca.trust_bundle.pem)
+        server.set_identity(SERVER, both)
+        assert len(server.ticket_store) == 0
+        conn, results = await early_exchange(client, listener.address, [b"again"])
+        assert results == [b"again"]
+        assert conn.early_data == "rejected"  # a full handshake: the client verified anew
         conn.close()
         await conn.wait_closed()
         listener.close()

@@ -11,12 +11,14 @@ presents and verifies with, and where they come from:
   when any of them changes; a half-written or mismatched set, or one a transport
   in use cannot load (a key type the native QUIC engine does not know), is logged
   and ignored until the next change; a set that loads but cannot be used (expired,
-  not yet valid, not trusted by its own bundle) is logged and waits while the
+  not yet valid, not trusted by its own bundle, or refused by peers:
+  :func:`~quicmesh.tls.check.own_certificate_problem`) is logged and waits while the
   current certificate can be used;
 - :meth:`CertificateSource.deliver` (SDS): a control plane pushes a new identity,
   trust bundle or both. What it delivered is the control plane's from then on:
   the dev CA issues no more certificates once SDS delivered the identity, and a
-  certificate it issues keeps the trust bundle SDS delivered.
+  certificate it issues keeps the trust bundle SDS delivered. A secret SDS sends again
+  as it delivered it last (a control plane that reconnects) changes nothing.
 
 Each change calls ``on_rotated(identity, trust)`` before it is taken; the runtime
 hands the new identity to every transport (new handshakes use it at once) and
@@ -25,8 +27,8 @@ pools replace connections made with the old one. A change is all or nothing: if
 trust bundle in use stay, and the change is refused (SDS: NACKed; files: logged
 until they change again; dev CA: tried again later).
 :meth:`CertificateSource.problem` says in one line why the current certificate
-cannot be used (expired, not yet valid, not trusted by our own bundle); the
-sidecar is then not ready.
+cannot be used (expired, not yet valid, not trusted by our own bundle, refused by
+peers); the sidecar is then not ready.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from typing import TypeVar
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import DevCA, Identity, TrustBundle
-from ..tls.check import RENEW_FRACTION, own_certificate_problem, renewal_time
+from ..tls.check import RENEW_FRACTION, key_refusal, own_certificate_problem, renewal_time
+from ..transport.base import transport_registry
 from .config import SidecarConfig
 
 T = TypeVar("T")
@@ -117,6 +120,49 @@ def _issue(ca: DevCA, config: SidecarConfig) -> Identity:
     )
 
 
+async def check_transports_take_identity(
+    config: SidecarConfig, identity: Identity, trust: TrustBundle
+) -> None:
+    """Refuse an identity a transport the configuration uses (its listeners' and
+    clusters') cannot load, in one line naming the key's type and size.
+
+    It is the probe a rotation runs (:meth:`Transport.identity_problem`: the native QUIC
+    engine loads the key into a listener on a loopback port, OpenSSL into a context):
+    without it, a P-521 or RSA-1024 key passed ``--check`` and the start then failed to
+    listen ("failed to parse private key as RSA, ECDSA, or EdDSA", "EE_KEY_TOO_SMALL").
+    One transport is built for each kind (and QUIC engine) in use, then closed.
+
+    :raises ConfigError: ``<source>: the native QUIC engine cannot use this key: ...``.
+    """
+    kinds: set[tuple[str, str]] = set()
+    for listener in config.inbound:
+        kinds.update(
+            (name, listener.engine if name == "quic" else "") for name in listener.transports
+        )
+    for cluster in config.clusters:
+        if cluster.transport in ("quic", "auto"):
+            kinds.add(("quic", cluster.engine))
+        if cluster.transport != "quic":
+            kinds.add(("h2" if cluster.transport == "auto" else cluster.transport, ""))
+    registry = transport_registry()
+    for name, engine in sorted(kinds):
+        options = {"engine": engine} if engine else {}
+        transport = registry.build(name, identity=identity, trust=trust, options=options)
+        try:
+            problem = transport.identity_problem(identity, trust)
+        finally:
+            await transport.aclose()
+        if problem is None:
+            continue
+        who = f"the {engine} QUIC engine" if engine else f"the {name} transport (OpenSSL)"
+        reason = key_refusal(identity, "rustls" if engine == "native" else "openssl")
+        raise ConfigError(
+            f"{config.source}: {who} cannot use this key: {reason}"
+            if reason
+            else f"{config.source}: {problem}"
+        )
+
+
 class CertificateSource:
     """The sidecar's current identity and trust bundle, and the task that renews them.
 
@@ -143,6 +189,10 @@ class CertificateSource:
         self._waiting_checked: datetime.datetime | None = None
         self.delivered: frozenset[str] = frozenset()
         """What SDS delivered (``identity``, ``trust``): the dev CA no longer replaces it."""
+        self._last_delivered: dict[str, bytes] = {}
+        """The content SDS delivered last and was taken, per secret (``identity``: chain and
+        key; ``trust``: the bundle): a control plane that reconnects re-sends what it sent
+        before, which is no change, and must not put it back over newer files."""
 
     # -- state -----------------------------------------------------------------
 
@@ -220,13 +270,29 @@ class CertificateSource:
 
     def deliver(self, identity: Identity | None, trust: TrustBundle | None) -> None:
         """A control plane's (SDS) identity, trust bundle, or both: used as :meth:`replace`
-        does (not at all if the same as in use), once it can be (not expired, not yet
-        valid, or untrusted by the bundle it comes with: :func:`own_certificate_problem`),
-        and the control plane's from then on.
+        does (not at all if the same as in use), once it can be (every rule peers apply
+        to it: :func:`own_certificate_problem`), and the control plane's from then on.
+
+        A secret with the content SDS delivered last is no change, only acknowledged:
+        what is in use stays, even when watched files replaced it since (the newest
+        change wins; a control plane that reconnects sends everything again).
 
         :raises QuicmeshError: it cannot be used, or as :meth:`replace`; nothing changed,
             nothing is the control plane's yet.
         """
+        contents = {}
+        if identity is not None:
+            contents["identity"] = identity.cert_chain_pem() + identity.private_key_pem()
+        if trust is not None:
+            contents["trust"] = trust.pem
+        if identity is not None and self._last_delivered.get("identity") == contents["identity"]:
+            identity = None  # re-sent as it was: keep what is in use
+        if trust is not None and self._last_delivered.get("trust") == contents["trust"]:
+            trust = None
+        self._take_delivered(identity, trust)
+        self._last_delivered.update(contents)
+
+    def _take_delivered(self, identity: Identity | None, trust: TrustBundle | None) -> None:
         new_identity = identity if identity is not None else self.identity
         new_trust = trust if trust is not None else self.trust
         if (

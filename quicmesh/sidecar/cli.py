@@ -168,17 +168,19 @@ def _load(path: str, xds: str | None) -> object:
 
 
 def _check_certificate(config: object) -> list[str]:
-    """Load the identity and check it as ``/ready`` would, the files the sidecar writes,
-    and the overload limits as the start does; ConfigError says what is wrong; returns
+    """Load the identity and check it as ``/ready`` would and as every TLS library and
+    QUIC engine the configuration uses loads it, the files the sidecar writes, and the
+    overload limits as the start does; ConfigError says what is wrong; returns
     warnings."""
     from ..tls.check import check_own_certificate
-    from .certs import load_identity
+    from .certs import check_transports_take_identity, load_identity
     from .config import SidecarConfig, check_files
     from .inbound import check_overload_limits
 
     assert isinstance(config, SidecarConfig)
     identity, trust = load_identity(config)
     check_own_certificate(identity, trust, config.source)
+    asyncio.run(check_transports_take_identity(config, identity, trust))
     warnings = check_files(config)
     check_overload_limits(config)
     return warnings

@@ -342,7 +342,9 @@ class FallbackConfig:
 
 @dataclass(frozen=True)
 class LivenessSettings:
-    """QUIC and auto clusters: keepalive and dead-peer detection (None: off)."""
+    """Keepalive and dead-peer detection (None: off), on every transport: QUIC's PINGs
+    and probe timeouts, h2's PINGs and the kernel's TCP keepalive (``max_probe_timeouts``
+    is QUIC's alone)."""
 
     keepalive_interval: float | None = 1.0
     max_probe_timeouts: int | None = 6
@@ -1544,7 +1546,8 @@ class _Loader:
         if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            for option in (congestion, datagram, early, liveness, engine, splice, ack_threshold):
+            # (liveness applies to h2 and tcp too: keepalive, and PINGs on h2.)
+            for option in (congestion, datagram, early, engine, splice, ack_threshold):
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))

@@ -19,10 +19,11 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, QuicmeshError, TunnelError, peer_text
+from ..errors import ConfigError, PeerVerificationError, QuicmeshError, TunnelError, peer_text
 from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
+from ..tls.verify import verify_peer
 from ..transport.base import (
     EngineFlowPlan,
     InboundEngineFlow,
@@ -60,6 +61,10 @@ OVERLOAD_SAMPLE_INTERVAL = 1.0
 """Seconds between two samples of memory and descriptors (:mod:`.overload`)."""
 
 _Made = TypeVar("_Made")
+
+UNTRUSTED_PEER_GRACE = 10.0
+"""Seconds the flows under way on a peer connection the trust bundle no longer
+verifies may go on after its GOAWAY (:meth:`InboundListener.refuse_untrusted_peers`)."""
 
 REFUSAL_LOG = RateLimitedLog(logger)
 """Streams refused by policy: a peer can send them at will, so one line per 10 s
@@ -489,10 +494,65 @@ class InboundListener:
         return None
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
-        """Present ``identity`` to peers from their next handshake on."""
+        """Present ``identity`` to peers and verify them with ``trust`` from their next
+        handshake on. A trust bundle without a CA the one in use had also reaches the
+        peers connected already: :meth:`refuse_untrusted_peers`, once this rotation is
+        decided (the next turn of the event loop: a rotation another transport refuses
+        puts the old bundle back first, and then every peer still verifies)."""
+        removed = any(root not in trust.certificates for root in self.trust.certificates)
         self.identity, self.trust = identity, trust
         for transport in self._transports:
             transport.set_identity(identity, trust)
+        if removed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # (not serving: no peer connected)
+            loop.call_soon(lambda: self.refuse_untrusted_peers(self.trust))
+
+    def refuse_untrusted_peers(
+        self, trust: TrustBundle, grace: float = UNTRUSTED_PEER_GRACE
+    ) -> list[PeerConnection]:
+        """Tell each open peer connection whose certificate chain ``trust`` no longer
+        verifies (a CA taken out of the bundle) to go away, and close it.
+
+        A handshake is verified once: without this, a peer connected with a certificate
+        of a CA removed after a compromise kept opening flows on its connection for as
+        long as it kept it. Each such connection gets a GOAWAY at once (new flows on it
+        are refused, so the peer dials again, and its new handshake meets ``trust``),
+        then is closed once its flows end or after ``grace`` seconds (those left are
+        reset). The chain checked is the one the peer presented (:func:`verify_peer`,
+        as a new handshake is); a connection whose chain cannot be read any more (an
+        aioquic session resumed from a ticket presents none) is refused too, since
+        nothing shows it is still trusted. Each is logged with the peer's identity and
+        why. Returns the connections refused.
+        """
+        refused: list[PeerConnection] = []
+        for transport, listener in zip(self._transports, self._listeners, strict=False):
+            if transport.connection_per_flow:
+                continue  # (TLS-over-TCP: every flow has its own handshake)
+            for connection in list(getattr(listener, "connections", ())):
+                if connection.is_closed:
+                    continue
+                reason = _untrusted_reason(connection, trust)
+                if reason is None:
+                    continue
+                logger.warning(
+                    "inbound listener %s: %s connection from %s (%s) no longer trusted: "
+                    "%s; told to go away, closed once its flows end (at most %g s)",
+                    self.config.name,
+                    connection.transport_name,
+                    connection.peer_identity,
+                    connection.peer_address,
+                    reason,
+                    grace,
+                )
+                connection.go_away()
+                refused.append(connection)
+                closing = asyncio.get_running_loop().create_task(_aclose(connection, grace))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        return refused
 
     def handshake_failures(self) -> dict[str, int]:
         """Peers' handshakes this listener refused, by reason."""
@@ -843,6 +903,19 @@ class InboundListener:
                 self.config.name,
                 rate,
             )
+
+
+def _untrusted_reason(connection: PeerConnection, trust: TrustBundle) -> str | None:
+    """Why the certificate chain ``connection``'s peer presented does not verify with
+    ``trust`` now (one line), or None if it does."""
+    certificate, chain = connection.peer_chain
+    if certificate is None:
+        return "its certificate chain cannot be read to check it again (a resumed session)"
+    try:
+        verify_peer(certificate, chain, trust)
+    except PeerVerificationError as exc:
+        return str(exc)
+    return None
 
 
 async def _aclose(connection: PeerConnection, timeout: float) -> None:

@@ -66,7 +66,11 @@ _CLUSTER_COUNTERS = (
     ("retries", "retries", "Flows retried on another endpoint."),
 )
 _CLUSTER_FALLBACK_COUNTERS = (
-    ("fallbacks", "HTTP/2 connections made because QUIC was broken or too slow (auto)."),
+    (
+        "fallbacks",
+        "HTTP/2 connections made because QUIC was broken or too slow, health checks'"
+        " included (auto).",
+    ),
     ("quic_marked_broken", "Times QUIC was marked broken for an endpoint (auto)."),
     ("quic_retries", "QUIC handshakes tried when a broken mark expired (auto)."),
     ("quic_retries_ok", "Of those, the ones that completed: HTTP/2 fallbacks retired (auto)."),

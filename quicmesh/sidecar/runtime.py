@@ -38,7 +38,7 @@ from .capture import (
     CaptureOutboundListener,
     DestinationCounts,
 )
-from .certs import CertificateSource, load_identity
+from .certs import CertificateSource, check_transports_take_identity, load_identity
 from .cluster import Cluster
 from .config import (
     INBOUND_LIVE_KEYS,
@@ -78,22 +78,31 @@ def cluster_transport(
         ticket cache (by default a new one).
     """
     registry = registry if registry is not None else transport_registry()
-    options: dict[str, Any] = {}
+    # Every transport notices a dead or hung peer (h2: PINGs and the kernel's TCP
+    # keepalive; tcp: the TCP keepalive alone). Until 2026-12-07 only QUIC did: an auto
+    # cluster that fell back to HTTP/2 kept a SIGSTOPped peer's flows open for ever.
+    liveness: dict[str, Any] = {
+        "keepalive_interval": config.liveness.keepalive_interval,
+        "dead_after": config.liveness.dead_after,
+    }
+    options: dict[str, Any] = liveness
     if config.transport in ("quic", "auto"):
         quic = {
             "congestion_control": config.congestion_control,
             "max_datagram_size": config.max_datagram_size,
             "ack_eliciting_threshold": config.ack_eliciting_threshold,
+            # The QUIC max_idle_timeout; the transport keeps a live connection open by
+            # PINGing at least every half of it, whatever keepalive_interval says.
             "idle_timeout": config.idle_timeout,
-            "keepalive_interval": config.liveness.keepalive_interval,
             "max_probe_timeouts": config.liveness.max_probe_timeouts,
-            "dead_after": config.liveness.dead_after,
             "engine": config.engine,
+            **liveness,
         }
         options = quic
         if config.transport == "auto":
             options = {
                 "quic": quic,
+                "h2": liveness,
                 "fallback_delay": config.fallback.delay,
                 "broken_backoff": config.fallback.broken_backoff,
                 "max_broken_backoff": config.fallback.max_broken_backoff,
@@ -167,6 +176,9 @@ class Sidecar:
 
         :raises QuicmeshError: an address cannot be bound; everything opened is closed.
         """
+        # A key a transport in use cannot load fails here in one line naming its type
+        # and size, not later as the engine's own words at the first listen.
+        await check_transports_take_identity(self.config, self.identity, self.trust)
         try:
             await self._bind(self.admin.start, "admin", self.config.admin.address)
             for cluster_config in self.config.clusters:

@@ -59,7 +59,7 @@ def verify_peer(
         verified = verifier.verify(certificate, chain)
     except VerificationError as exc:
         raise PeerVerificationError(f"peer certificate not signed by a trusted CA: {exc}") from exc
-    spiffe_id = _spiffe_id_of_verified(certificate)
+    spiffe_id = spiffe_id_of_leaf(certificate)
     check_trust_domain(spiffe_id, verified.chain[-1], trust)
     return spiffe_id
 
@@ -100,19 +100,43 @@ def check_server_certificate(
 
     :raises PeerVerificationError: with a one-line reason.
     """
-    try:
-        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
-    if usage is not None and ExtendedKeyUsageOID.SERVER_AUTH not in usage:
-        raise PeerVerificationError("peer certificate is not for servers (no serverAuth usage)")
-    spiffe_id = _spiffe_id_of_verified(certificate)
+    check_server_usage(certificate)
+    spiffe_id = spiffe_id_of_leaf(certificate)
     check_trust_domain(spiffe_id, chain[-1] if chain else certificate, trust)
     return spiffe_id
 
 
-def _spiffe_id_of_verified(certificate: x509.Certificate) -> str:
-    """Return the single, valid SPIFFE ID of a peer leaf; PeerVerificationError otherwise."""
+def check_server_usage(certificate: x509.Certificate) -> None:
+    """Refuse a leaf whose extended key usage, where it has one, does not allow
+    serverAuth: what a client checks of its server.
+
+    :raises PeerVerificationError: with a one-line reason.
+    """
+    _check_usage(certificate, ExtendedKeyUsageOID.SERVER_AUTH, "servers (no serverAuth usage)")
+
+
+def check_client_usage(certificate: x509.Certificate) -> None:
+    """Refuse a leaf whose extended key usage, where it has one, does not allow
+    clientAuth: what a server checks of its client (:func:`verify_peer`'s client
+    verifier refuses it too, in its own words).
+
+    :raises PeerVerificationError: with a one-line reason.
+    """
+    _check_usage(certificate, ExtendedKeyUsageOID.CLIENT_AUTH, "clients (no clientAuth usage)")
+
+
+def _check_usage(certificate: x509.Certificate, needed: x509.ObjectIdentifier, for_: str) -> None:
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if needed not in usage:
+        raise PeerVerificationError(f"peer certificate is not for {for_}")
+
+
+def spiffe_id_of_leaf(certificate: x509.Certificate) -> str:
+    """Return the single, valid SPIFFE ID of a peer leaf (the X509-SVID rules: exactly
+    one URI SAN, a valid SPIFFE ID); PeerVerificationError otherwise."""
     spiffe_id = spiffe_id_of(certificate)
     if spiffe_id is None:
         raise PeerVerificationError("peer certificate carries no SPIFFE ID")
@@ -143,7 +167,7 @@ def peer_identity_from_ssl(
     if der is None:
         raise PeerVerificationError("peer presented no certificate")
     certificate = x509.load_der_x509_certificate(der)
-    spiffe_id = _spiffe_id_of_verified(certificate)
+    spiffe_id = spiffe_id_of_leaf(certificate)
     context = getattr(ssl_object, "context", None)
     if trust is None and context is not None:
         roots = context.get_ca_certs(binary_form=True)
@@ -177,6 +201,26 @@ def _top_of_verified_chain(
     return chain[-2]
 
 
+def presented_chain_of(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate]:
+    """The certificates the peer of a completed ``ssl`` handshake sent, leaf first (what
+    :func:`verify_peer` takes to verify them again, with another bundle): Python 3.13's
+    ``get_unverified_chain``, or the ``_ssl`` method under it since 3.10; the leaf alone
+    if neither is there; empty if the peer sent none."""
+    method = getattr(ssl_object, "get_unverified_chain", None)
+    if method is None:
+        method = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if method is None:
+        der = ssl_object.getpeercert(binary_form=True)
+        return [x509.load_der_x509_certificate(der)] if der else []
+    return [_loaded(item) for item in method() or ()]
+
+
+def _loaded(item: object) -> x509.Certificate:
+    """A certificate ``ssl`` gave (DER bytes, or an ``_ssl.Certificate``)."""
+    der = item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER)  # type: ignore[attr-defined]
+    return x509.load_der_x509_certificate(der)
+
+
 def _verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate] | None:
     """The chain ``ssl`` verified, leaf first and root last (Python 3.13's
     ``get_verified_chain``, or the ``_ssl`` method under it since 3.10); None if neither
@@ -186,11 +230,7 @@ def _verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Cert
         method = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
     if method is None:
         return None
-    chain = []
-    for item in method() or ():
-        der = item if isinstance(item, bytes) else item.public_bytes(_ENCODING_DER)
-        chain.append(x509.load_der_x509_certificate(der))
-    return chain
+    return [_loaded(item) for item in method() or ()]
 
 
 _ENCODING_DER = 2

@@ -187,6 +187,10 @@ class SessionConnection(PeerConnection):
             self._wake_credit()
 
     async def aclose(self, timeout: float = 10.0) -> None:
+        # (accepting side) The peer is told first to open no new stream here, as a
+        # draining Envoy or nghttpx does: without it, requests kept coming while the
+        # running ones finished, and the last ones were reset by the close.
+        self.go_away()
         self._closing = True
         deadline = self._loop.time() + timeout
         while self._lost is None and not self._is_idle():

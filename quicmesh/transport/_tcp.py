@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import resource
 import socket
 import ssl
@@ -37,15 +38,23 @@ from typing import Any, cast
 
 from cryptography import x509
 
-from ..errors import ConnectError, ConnectionLost, PeerVerificationError, TunnelError
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    PeerUnresponsive,
+    PeerVerificationError,
+    TunnelError,
+)
 from ..tls import peer_identity_from_ssl
 from ..tls.check import handshake_failure_reason
+from ..tls.verify import presented_chain_of
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
 from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
 from ._stream_rate import StreamRate
 from .base import Address, Authorizer, Listener, StreamHandler, checked_address, host_port
+from .liveness import Liveness, LivenessConfig, Verdict
 
 logger = logging.getLogger("quicmesh.transport.tls")
 
@@ -98,6 +107,11 @@ def _handshake_admission() -> Admission:
 
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+MAX_KEEPALIVE_PROBES = 127
+"""The most ``TCP_KEEPCNT`` takes (Linux)."""
+KEEPALIVE_PING = b"qmalive!"
+"""The opaque data of the HTTP/2 keepalive PING (8 bytes)."""
 _CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
 _connection_ids = itertools.count(1)
 
@@ -170,6 +184,11 @@ class TlsPeerConnection(SessionConnection):
         der = self.protocol._ssl.getpeercert(binary_form=True)
         return x509.load_der_x509_certificate(der) if der else None
 
+    @property
+    def peer_chain(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+        sent = presented_chain_of(self.protocol._ssl)
+        return (sent[0], sent[1:]) if sent else (None, [])
+
     def stats(self) -> dict[str, Any]:
         result = super().stats()
         result.update(
@@ -200,6 +219,11 @@ class TlsTunnelProtocol(asyncio.Protocol):
     :param wait_for_ticket: (client) count the connection ready only once the
         server sent a TLS session ticket, that is once it accepted our certificate.
     :param handshake_timeout: (server) seconds allowed for the TLS handshake.
+    :param liveness: when to probe an idle peer and when to give up on it: applied to
+        the socket (:func:`tune_liveness`) and, on an HTTP/2 connection, by PINGs
+        (:meth:`_watch_liveness`). None: the kernel's defaults, no PING.
+    :param user_timeout: also bound unacknowledged data by ``liveness.dead_after``
+        (``TCP_USER_TIMEOUT``; see :func:`tune_liveness` for why HTTP/2 only).
     """
 
     def __init__(
@@ -217,8 +241,17 @@ class TlsTunnelProtocol(asyncio.Protocol):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_closed: Callable[[TlsTunnelProtocol], None] | None = None,
         half_open: Admission | None = None,
+        liveness: LivenessConfig | None = None,
+        user_timeout: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._liveness_config = liveness
+        self._user_timeout = user_timeout
+        self._liveness: Liveness | None = None
+        """(HTTP/2, once the handshake is done) The peer's liveness, from what it sends."""
+        self._liveness_timer: asyncio.TimerHandle | None = None
+        self._ping_outstanding = False
+        """A keepalive PING went out and nothing came from the peer since."""
         self._half_open = half_open
         """(server) The listener's handshakes under way, this one among them until its
         handshake is over."""
@@ -264,6 +297,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         _tune_socket(transport)
+        if self._liveness_config is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                tune_liveness(sock, self._liveness_config, user_timeout=self._user_timeout)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         if self._server_side:
             if self._half_open is not None:
@@ -288,6 +325,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)
+        if self._liveness is not None:
+            # (TLS records come from the peer's process, never from its kernel alone.)
+            self._liveness.received(self._loop.time())
+            self._ping_outstanding = False
+            if self._liveness_timer is None:
+                self._watch_liveness()
         if self._linger_timer is not None:
             return  # dropped: nothing of it is wanted
         self._incoming.write(data)
@@ -314,6 +357,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._stop_liveness()
         self._end_half_open()
         self._cancel_setup_timer()
         if self._linger_timer is not None:
@@ -487,6 +531,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
             log_id=self.log_id,
         )
         self.flush()
+        if self._liveness_config is not None and isinstance(self.session, H2TunnelSession):
+            self._liveness = Liveness(self._liveness_config, self._loop.time())
+            self._watch_liveness()
         self._read_records()
 
     def _verify_peer(self) -> str:
@@ -563,9 +610,50 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._transport.abort()
 
+    # -- liveness (HTTP/2) ---------------------------------------------------------
+
+    def _watch_liveness(self) -> None:
+        """Apply the liveness rules now and arm the timer for the next look.
+
+        After ``keepalive_interval`` with nothing from the peer, an HTTP/2 PING goes
+        out, which the peer's HTTP/2 stack answers; ``dead_after`` more with nothing
+        received fails the connection with :class:`PeerUnresponsive`, resetting every
+        stream on it (as a QUIC connection's liveness does). The kernel's own checks
+        (:func:`tune_liveness`) cannot notice a peer whose process hangs (``SIGSTOP``,
+        a stuck event loop): its kernel still acknowledges every TCP segment."""
+        self._liveness_timer = None
+        liveness, session = self._liveness, self.session
+        if liveness is None:
+            return
+        if self._closing or not isinstance(session, H2TunnelSession) or session.closed:
+            self._stop_liveness()  # (a closed session sends no PING: nothing to wait for)
+            return
+        now = self._loop.time()
+        verdict = liveness.check(now, probe_timeouts=0, awaiting_ack=self._ping_outstanding)
+        if verdict is Verdict.UNRESPONSIVE:
+            self._fail(PeerUnresponsive(f"HTTP/2 connection failed: {liveness.reason}"))
+            return
+        if verdict is Verdict.PING:
+            session.h2.ping(KEEPALIVE_PING)
+            self._ping_outstanding = True
+            liveness.check(now, probe_timeouts=0, awaiting_ack=True)  # (awaiting from now)
+            self.flush()
+            if self._closing:
+                return
+        deadline = liveness.deadline(now, awaiting_ack=self._ping_outstanding)
+        if deadline is not None:
+            self._liveness_timer = self._loop.call_at(deadline, self._watch_liveness)
+
+    def _stop_liveness(self) -> None:
+        self._liveness = None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
+
     # -- failures ------------------------------------------------------------------
 
     def _fail(self, error: TunnelError) -> None:
+        self._stop_liveness()
         if self.failure is None:
             self.failure = error
             self._log_failure(error)
@@ -668,6 +756,40 @@ def _tune_socket(transport: asyncio.Transport) -> None:
         pass
 
 
+def tune_liveness(sock: socket.socket, config: LivenessConfig, *, user_timeout: bool) -> None:
+    """Have the kernel notice a dead peer host or a dead path (Linux; best effort).
+
+    ``SO_KEEPALIVE`` probes a connection idle for ``keepalive_interval`` (whole
+    seconds, at least 1: ``TCP_KEEPIDLE``, ``TCP_KEEPINTVL``) and resets it after
+    enough unanswered probes to cover ``dead_after`` (``TCP_KEEPCNT``; 9, the kernel's
+    default, without it). With ``user_timeout``, ``TCP_USER_TIMEOUT`` also resets it
+    when sent data stays unacknowledged for ``dead_after``, but the kernel counts a
+    receive window kept closed that long too, probes answered or not: right on HTTP/2,
+    whose peer always reads (flow control bounds what it is sent), wrong on a ``tcp``
+    flow's own connection, whose peer stops reading while its destination does (a slow
+    consumer would be reset after ``dead_after``).
+
+    None of it sees a peer process that hangs (its kernel answers): HTTP/2 PINGs do
+    (:meth:`TlsTunnelProtocol._watch_liveness`).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if config.keepalive_interval is not None:
+            seconds = min(max(1, math.ceil(config.keepalive_interval)), 32767)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, seconds)
+            if config.dead_after is not None:
+                probes = min(max(1, math.ceil(config.dead_after / seconds)), MAX_KEEPALIVE_PROBES)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+        if user_timeout and config.dead_after is not None:
+            milliseconds = math.ceil(config.dead_after * 1000)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, milliseconds)
+    except OSError:
+        pass
+
+
 class TlsListener(Listener):
     """A TCP socket accepting mutual-TLS connections, each driving one tunnel session."""
 
@@ -716,11 +838,14 @@ async def start_server(
     high_water: int,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     handshake_failures: Counter[str] | None = None,
+    liveness: LivenessConfig | None = None,
+    user_timeout: bool = False,
 ) -> tuple[asyncio.Server, set[TlsTunnelProtocol]]:
     """Listen on ``address``; each accepted connection drives a session from ``session_factory``.
 
     :param handshake_failures: counts, by reason, the connections that ended before
         their handshake (and the check of the client's certificate) completed.
+    :param liveness: ``user_timeout``: see :class:`TlsTunnelProtocol`.
     """
     address = checked_address(address, "listen address")
     loop = asyncio.get_running_loop()
@@ -745,6 +870,8 @@ async def start_server(
             handshake_timeout=handshake_timeout,
             on_closed=closed,
             half_open=half_open,
+            liveness=liveness,
+            user_timeout=user_timeout,
         )
         protocols.add(protocol)
         return protocol
@@ -768,8 +895,11 @@ async def open_connection(
     high_water: int,
     timeout: float,
     wait_for_ticket: bool = False,
+    liveness: LivenessConfig | None = None,
+    user_timeout: bool = False,
 ) -> TlsTunnelProtocol:
-    """Connect to ``address``, run the TLS handshake, verify the server and wait until ready.
+    """Connect to ``address``, run the TLS handshake, verify the server and wait until ready
+    (``liveness``, ``user_timeout``: see :class:`TlsTunnelProtocol`).
 
     :raises ConnectError: (or :class:`PeerVerificationError`) naming why.
     """
@@ -789,6 +919,8 @@ async def open_connection(
             transport_name=transport_name,
             high_water=high_water,
             wait_for_ticket=wait_for_ticket,
+            liveness=liveness,
+            user_timeout=user_timeout,
         )
         return protocol
 

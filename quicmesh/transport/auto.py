@@ -1,7 +1,8 @@
 """AutoTransport: QUIC when it works, HTTP/2 when UDP does not.
 
 Many networks drop UDP. :class:`AutoTransport` connects with QUIC and, if the
-QUIC handshake has not completed after ``fallback_delay`` (300 ms by default),
+QUIC handshake has not completed after ``fallback_delay`` (300 ms by default;
+at most half the connect's timeout, so that HTTP/2 always gets the other half),
 races an HTTP/2 connection to the same address, happy-eyeballs style (RFC
 8305); the first to complete is used. The peer must accept both on one port
 number (UDP for QUIC, TCP for HTTP/2), as a quicmesh inbound listener with
@@ -41,7 +42,15 @@ from ..errors import (
     TunnelError,
 )
 from ..tls import Identity, TrustBundle
-from .base import Address, Authorizer, Listener, PeerConnection, StreamHandler, Transport
+from .base import (
+    Address,
+    Authorizer,
+    Listener,
+    PeerConnection,
+    StreamHandler,
+    Transport,
+    checked_address,
+)
 from .h2 import H2Transport
 from .quic import QuicTransport
 from .stream import check_seconds
@@ -80,6 +89,13 @@ class _Mark:
     failures: int = 0
     """Times QUIC failed since it last worked: the backoff is base * 2**(failures - 1)."""
     until: float | None = None
+
+
+def _budget(seconds: float) -> float:
+    """What is left of a connect's timeout for its HTTP/2 attempt, in whole
+    milliseconds (at least one): its error says "timed out after 0.699s", as a
+    configured timeout is written, not "after 0.699271s"."""
+    return max(int(seconds * 1000) / 1000, 0.001)
 
 
 class BrokenQuicMemory:
@@ -164,14 +180,17 @@ class AutoTransport(Transport):
     :param trust: the CAs peers' certificates must chain to.
     :param quic: the QUIC transport to use (by default one with this identity).
     :param h2: the HTTP/2 transport to fall back to (likewise).
-    :param fallback_delay: seconds a QUIC handshake gets before HTTP/2 is raced.
+    :param fallback_delay: seconds a QUIC handshake gets before HTTP/2 is raced (at
+        most half of :meth:`connect`'s ``timeout``: see there).
     :param broken_backoff: seconds QUIC stays marked broken for an address the
         first time it fails there.
     :param max_broken_backoff: the longest mark (the backoff doubles up to it).
 
     :attr:`fallback_counters` counts connections made per transport
     (``connections_quic``, ``connections_h2``), ``fallbacks`` (HTTP/2
-    connections made because QUIC was broken or lost the race),
+    connections made because QUIC was broken or lost the race), every
+    :meth:`connect` counted, a sidecar's health checks' included (the transport
+    does not know what a connection is for),
     ``quic_marked_broken`` (marks set), ``quic_retries`` and ``quic_retries_ok``
     (QUIC tried again when a mark expired); :meth:`stats` adds the addresses
     marked broken now.
@@ -251,6 +270,7 @@ class AutoTransport(Transport):
         number (tried a few times if that TCP port is taken). ``early_data`` is
         passed to the QUIC listener.
         """
+        address = checked_address(address, "listen address")
         attempts = 5 if address[1] == 0 else 1
         for attempt in range(attempts):
             quic_listener = await self.quic.listen(
@@ -276,9 +296,21 @@ class AutoTransport(Transport):
     ) -> PeerConnection:
         """Connect with QUIC, or HTTP/2 if QUIC is broken or too slow (see the class).
 
+        HTTP/2 is raced after ``fallback_delay``, or after half of ``timeout`` if that
+        is sooner: with a delay as long as the timeout, HTTP/2 was started with
+        nothing left of it (1 ms), and a peer whose UDP is blocked was never reached.
         ``early_data`` is ignored: a QUIC connection returned before its handshake
         would win the race with HTTP/2 whether or not QUIC gets through.
+
+        After :meth:`aclose` it still connects, as every transport does, but starts
+        nothing that would outlive the call: a QUIC handshake that loses the race is
+        abandoned (not watched), and no mark schedules a retry.
+
+        :raises ConfigError: ``address`` is not a ``(host, port)`` pair (checked
+            before anything is tried, as on every transport).
         """
+        address = checked_address(address, "connect address")
+        check_seconds("timeout", timeout, high=None)
         loop = asyncio.get_running_loop()
         spare = self._take_spare(address)
         if spare is not None:
@@ -295,12 +327,11 @@ class AutoTransport(Transport):
         winner: PeerConnection | None = None
         watching_quic = False
         try:
-            await asyncio.wait({quic}, timeout=self.fallback_delay)
+            await asyncio.wait({quic}, timeout=min(self.fallback_delay, timeout / 2))
             if quic.done() and quic.exception() is None:
                 winner = quic.result()
                 return self._quic_used(address, winner)
-            remaining = max(deadline - loop.time(), 0.001)
-            h2 = loop.create_task(self.h2.connect(address, timeout=remaining))
+            h2 = loop.create_task(self.h2.connect(address, timeout=_budget(deadline - loop.time())))
             pending: set[asyncio.Task[Any]] = {quic, h2}
             while pending:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -311,7 +342,7 @@ class AutoTransport(Transport):
                     winner = h2.result()
                     if quic.done():
                         self._quic_failed(address, quic.exception())
-                    else:
+                    elif not self._closing:
                         watching_quic = True
                         self._watch_late_quic(address, quic, identity)
                     return self._h2_used(address, winner)
@@ -415,7 +446,8 @@ class AutoTransport(Transport):
         timer = self._retry_timers.pop(address, None)
         if timer is not None:
             timer.cancel()
-        self._retry_timers[address] = loop.call_at(until, self._mark_expired, address)
+        if not self._closing:  # (after aclose() the mark just lapses: no retry)
+            self._retry_timers[address] = loop.call_at(until, self._mark_expired, address)
 
     def _mark_expired(self, address: Address) -> None:
         self._retry_timers.pop(address, None)
@@ -505,7 +537,9 @@ class AutoTransport(Transport):
 
     async def aclose(self) -> None:
         """Stop the background work (retry timers, QUIC retries) and wait until the
-        connections it closed (race losers, probes) are closed."""
+        connections it closed (race losers, probes) are closed. Later connects start
+        none (see :meth:`connect`): a connect after it left a QUIC handshake running
+        and, once that failed, a retry timer of up to ``max_broken_backoff``."""
         self._closing = True
         for timer in self._retry_timers.values():
             timer.cancel()

@@ -228,6 +228,12 @@ class PeerConnection(ABC):
         return None
 
     @property
+    def peer_chain(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+        """The certificate the peer presented and the intermediates it sent with it, to
+        verify them again (with a new trust bundle); ``(None, [])`` when unknown."""
+        return self.peer_certificate, []
+
+    @property
     def peer_address(self) -> str:
         """The peer sidecar's address now, ``host:port`` (``[v6]:port``); ``""`` if unknown."""
         return ""
@@ -364,6 +370,37 @@ class Listener(ABC):
         return False
 
 
+def engine_failure_text(error: str, lost: TunnelError | None) -> str:
+    """Why an engine-carried flow failed, as the engine words it (``error``), with the
+    reason its connection was lost (``lost``, :attr:`PeerConnection.lost_error`) where
+    the engine only knows that it was: quinn sees the close Python's liveness checks
+    made, or its own idle timer, not that the peer was unresponsive or unreachable."""
+    if lost is not None and error.startswith("connection lost"):
+        return f"connection lost: {lost}"
+    return error
+
+
+def checked_tls(identity: object, trust: object) -> None:
+    """Refuse an ``identity`` or ``trust`` of the wrong kind when a transport is made,
+    naming it, rather than with an internal error at the first handshake (a
+    :class:`~quicmesh.DevCA` passed as ``trust``, where its ``trust_bundle`` belongs, is
+    an easy slip).
+
+    :raises ConfigError: either is not of its type.
+    """
+    if not isinstance(identity, Identity):
+        raise ConfigError(
+            "identity must be a quicmesh.Identity (Identity.from_files(...) or DevCA().issue(...)),"
+            f" not {type(identity).__name__}"
+        )
+    if not isinstance(trust, TrustBundle):
+        hint = " (its trust_bundle?)" if hasattr(trust, "trust_bundle") else ""
+        raise ConfigError(
+            "trust must be a quicmesh.TrustBundle (TrustBundle.from_file(...) or"
+            f" DevCA().trust_bundle), not {type(trust).__name__}{hint}"
+        )
+
+
 class Transport(ABC):
     """A way of carrying flows between sidecars, with mutual TLS on every hop."""
 
@@ -374,6 +411,7 @@ class Transport(ABC):
     then do not apply, and a limit on flows bounds connections too."""
 
     def __init__(self, *, identity: Identity, trust: TrustBundle) -> None:
+        checked_tls(identity, trust)
         self.identity = identity
         self.trust = trust
         self.handshake_failures: Counter[str] = Counter()
@@ -396,7 +434,10 @@ class Transport(ABC):
         """Present ``identity`` and verify with ``trust`` in every handshake from now on.
 
         Connections already established keep the certificates they were made with.
+
+        :raises ConfigError: ``identity`` or ``trust`` is not what it must be.
         """
+        checked_tls(identity, trust)
         self.identity = identity
         self.trust = trust
 

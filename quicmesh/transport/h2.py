@@ -34,7 +34,8 @@ from ._tcp import (
     open_connection,
     start_server,
 )
-from .base import Address, Authorizer, StreamHandler, Transport
+from .base import Address, Authorizer, StreamHandler, Transport, checked_tls
+from .liveness import tcp_liveness
 from .stream import DEFAULT_HIGH_WATER, check_positive, check_seconds, check_whole
 
 ALPN = "h2"
@@ -64,6 +65,16 @@ class H2Transport(Transport):
         (after a first burst of 1,000; default ``H2_MAX_STREAM_RATE``, 10,000): those
         above are refused unprocessed (REFUSED_STREAM), and a peer far above it (rapid
         reset) loses the connection. None: no limit.
+    :param keepalive_interval: seconds without anything from the peer after which a
+        connection sends it an HTTP/2 PING (None: never); also the idle time and
+        interval of the kernel's TCP keepalive probes (whole seconds, at least 1).
+    :param dead_after: seconds after a keepalive PING with nothing from the peer after
+        which the connection fails with :class:`~quicmesh.errors.PeerUnresponsive` and
+        every stream on it is reset (None: no bound); also ``TCP_USER_TIMEOUT``, the
+        longest sent data may stay unacknowledged (:func:`._tcp.tune_liveness`). As on
+        QUIC (``QuicTransport``'s defaults): a dead or hung peer (``kill -9``,
+        ``SIGSTOP``, a path that drops everything) is noticed within about
+        ``keepalive_interval + dead_after`` seconds, on both sides of a connection.
 
     A value out of range (windows 1 KiB to :data:`MAX_WINDOW`, ``max_streams`` at
     least 1, positive seconds and bytes) is a :class:`~quicmesh.errors.ConfigError`
@@ -83,6 +94,8 @@ class H2Transport(Transport):
         max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_stream_rate: float | None = H2_MAX_STREAM_RATE,
+        keepalive_interval: float | None = 1.0,
+        dead_after: float | None = 10.0,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         # (Until 2026-12-07 unchecked: max_streams=0 or stream_window=0 hung the first
@@ -94,6 +107,10 @@ class H2Transport(Transport):
         check_seconds("handshake_timeout", handshake_timeout)
         if max_stream_rate is not None:
             check_positive("max_stream_rate", max_stream_rate)
+        # (Until 2026-12-07 none: a hung peer's flows stayed open for as long as the
+        # kernel kept its TCP connection, for ever when it was idle.)
+        self.liveness = tcp_liveness(keepalive_interval, dead_after)
+        """When a connection PINGs its peer and when it gives up on it."""
         self.max_stream_rate = max_stream_rate
         self.stream_window = stream_window
         self.connection_window = connection_window
@@ -113,6 +130,7 @@ class H2Transport(Transport):
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        checked_tls(identity, trust)  # before the TLS contexts take them
         self._tls.update(identity, trust)
         super().set_identity(identity, trust)
 
@@ -147,6 +165,8 @@ class H2Transport(Transport):
             high_water=self.high_water,
             handshake_timeout=self.handshake_timeout,
             handshake_failures=self.handshake_failures,
+            liveness=self.liveness,
+            user_timeout=True,
         )
         return H2Listener(server, protocols)
 
@@ -154,7 +174,11 @@ class H2Transport(Transport):
         self, address: Address, *, timeout: float = 10.0, early_data: bool = False
     ) -> H2PeerConnection:
         """Connect (see :meth:`Transport.connect`); ``early_data`` is ignored: the
-        connection is returned once the TLS handshake has completed."""
+        connection is returned once the TLS handshake has completed.
+
+        :raises ConfigError: ``timeout`` is not a positive, finite number of seconds.
+        """
+        check_seconds("timeout", timeout, high=None)
         protocol = await open_connection(
             address,
             context=self.ssl_context(server_side=False),
@@ -163,6 +187,8 @@ class H2Transport(Transport):
             transport_name=self.name,
             high_water=self.high_water,
             timeout=timeout,
+            liveness=self.liveness,
+            user_timeout=True,
         )
         assert protocol.connection is not None
         return protocol.connection

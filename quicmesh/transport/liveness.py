@@ -34,6 +34,7 @@ import enum
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .stream import check_seconds
 
 UNRESPONSIVE = "peer unresponsive"
 """How every unresponsive verdict's reason begins; it travels in the CONNECTION_CLOSE
@@ -179,3 +180,17 @@ class Liveness:
         if config.keepalive_interval is None:
             return None
         return self.last_received + config.keepalive_interval
+
+
+def tcp_liveness(keepalive_interval: float | None, dead_after: float | None) -> LivenessConfig:
+    """The liveness rules of a transport over TCP (h2, tcp), from its keyword arguments,
+    checked as every transport option is (a one-line :class:`ConfigError` naming it):
+    PINGs or the kernel's keepalive after ``keepalive_interval``, given up after
+    ``dead_after``; TCP retransmits itself, so no probe-timeout count."""
+    if keepalive_interval is not None:
+        check_seconds("keepalive_interval", keepalive_interval, high=MAX_LIVENESS_SECONDS)
+    if dead_after is not None:
+        check_seconds("dead_after", dead_after, high=MAX_LIVENESS_SECONDS)
+    return LivenessConfig(
+        keepalive_interval=keepalive_interval, max_probe_timeouts=None, dead_after=dead_after
+    )

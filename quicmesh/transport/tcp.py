@@ -20,22 +20,41 @@ import asyncio
 import ssl
 from typing import Any
 
-from ..errors import ConnectionLost, PeerVerificationError, TunnelError
+from cryptography import x509
+
+from ..errors import ConnectionLost, PeerVerificationError, StreamReset, TunnelError
 from ..tls import Identity, TrustBundle
 from ..tls.context import MutualTlsContexts
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
 from ._tcp import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    MAX_HALF_OPEN_PER_SOURCE,
     TlsListener,
     TlsTunnelProtocol,
     open_connection,
     start_server,
 )
-from .base import Address, Authorizer, PeerConnection, StreamHandler, Transport, host_port
+from .base import (
+    Address,
+    Authorizer,
+    PeerConnection,
+    StreamHandler,
+    Transport,
+    checked_tls,
+    host_port,
+)
+from .liveness import tcp_liveness
 from .stream import DEFAULT_HIGH_WATER, MeshStream, check_seconds, check_whole
 
 ALPN = "http/1.1"
+
+MAX_DIALS = MAX_HALF_OPEN_PER_SOURCE // 2
+"""Flows' connections a :class:`TcpPeerConnection` dials at once (in their TCP and TLS
+handshakes); more flows wait for one to finish. A peer takes at most
+:data:`~._tcp.MAX_HALF_OPEN_PER_SOURCE` handshakes from one address at once and resets
+the rest: a burst of 300 flows failed 23 of them (``ConnectError``) on loopback, and
+more the longer the round trip. Half leaves room for another client on the address."""
 
 
 class TcpListener(TlsListener):
@@ -52,6 +71,7 @@ class TcpPeerConnection(PeerConnection):
     ) -> None:
         assert first.connection is not None
         self.peer_identity = first.connection.peer_identity
+        self._peer_certificate = first.connection.peer_certificate
         self.connections_opened = 1
         self._transport = transport
         self._address = address
@@ -59,6 +79,7 @@ class TcpPeerConnection(PeerConnection):
         self._spare: TlsTunnelProtocol | None = first
         self._flows: set[TlsTunnelProtocol] = {first}
         self._closed = False
+        self._dialling = asyncio.Semaphore(MAX_DIALS)
         self._bytes_sent = 0
         self._bytes_received = 0
         self._streams_opened = 0
@@ -68,6 +89,12 @@ class TcpPeerConnection(PeerConnection):
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented on the latest flow's connection (each flow
+        has its own handshake; all present :attr:`peer_identity`)."""
+        return self._peer_certificate
 
     @property
     def peer_address(self) -> str:
@@ -120,7 +147,8 @@ class TcpPeerConnection(PeerConnection):
             raise ConnectionLost("connection to the peer is closed")
         protocol, self._spare = self._spare, None
         if protocol is None or protocol.closed.done():
-            protocol = await self._transport._dial(self._address, self._timeout)
+            async with self._dialling:  # (waits, as for stream credit on h2 and QUIC)
+                protocol = await self._transport._dial(self._address, self._timeout)
             self.connections_opened += 1
             if self._closed:  # closed while the flow's connection was dialled
                 protocol.close()
@@ -134,8 +162,17 @@ class TcpPeerConnection(PeerConnection):
             raise PeerVerificationError(
                 f"peer identity changed from {self.peer_identity} to {connection.peer_identity}"
             )
+        self._peer_certificate = connection.peer_certificate
         try:
             stream = await connection.open_stream(target, headers)
+        except StreamReset as exc:
+            # Lost with the flow's connection before its answer (no error code: not a
+            # reset the peer chose): the connection's failure is the error, as h2's
+            # connect would have raised it; a server that refused our certificate after
+            # the handshake is ConnectionLost here, as docs/api.md says.
+            if protocol.failure is not None and exc.error_code is None:
+                raise protocol.failure from None
+            raise
         except TunnelError:
             if protocol.failure is not None and not isinstance(protocol.failure, ConnectionLost):
                 raise protocol.failure from None
@@ -202,6 +239,16 @@ class TcpTransport(Transport):
     :param receive_window: unread bytes per flow above which the socket is not read.
     :param high_water: unsent bytes per stream above which ``drain()`` waits.
     :param handshake_timeout: seconds a server allows a client for its TLS handshake.
+    :param keepalive_interval: seconds a flow's connection may stay idle before the
+        kernel's TCP keepalive probes it, and between probes (whole seconds, at least
+        1; None: no keepalive).
+    :param dead_after: seconds of unanswered keepalive probes after which the kernel
+        resets the connection, so the flow on it fails (None: the kernel's 9 probes). A
+        dead peer host or a path that drops everything is noticed so on an idle flow,
+        in about ``keepalive_interval + dead_after`` seconds. Not a bound on
+        unacknowledged data (no ``TCP_USER_TIMEOUT``: the kernel would also reset a
+        flow whose destination reads slowly, see :func:`._tcp.tune_liveness`), and a
+        hung peer process is not seen (its kernel answers): HTTP/1.1 has no PING.
 
     A value out of range (``receive_window`` at least 1 KiB, positive seconds and
     bytes) is a :class:`~quicmesh.errors.ConfigError` naming the option, raised here.
@@ -218,6 +265,8 @@ class TcpTransport(Transport):
         receive_window: int = DEFAULT_RECEIVE_WINDOW,
         high_water: int = DEFAULT_HIGH_WATER,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        keepalive_interval: float | None = 1.0,
+        dead_after: float | None = 10.0,
     ) -> None:
         super().__init__(identity=identity, trust=trust)
         # (Until 2026-12-07 unchecked: receive_window=0 or handshake_timeout=0 hung or
@@ -225,6 +274,8 @@ class TcpTransport(Transport):
         check_whole("receive_window", receive_window, 1024, 1 << 40)
         check_whole("high_water", high_water, 1, 1 << 40)
         check_seconds("handshake_timeout", handshake_timeout)
+        self.liveness = tcp_liveness(keepalive_interval, dead_after)
+        """The TCP keepalive of each flow's connection (:func:`._tcp.tune_liveness`)."""
         self.receive_window = receive_window
         self.high_water = high_water
         self.handshake_timeout = handshake_timeout
@@ -245,6 +296,7 @@ class TcpTransport(Transport):
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
         """Present ``identity`` from the next handshake on (listeners' contexts too)."""
+        checked_tls(identity, trust)  # before the TLS contexts take them
         self._tls.update(identity, trust)
         super().set_identity(identity, trust)
 
@@ -273,6 +325,7 @@ class TcpTransport(Transport):
             high_water=self.high_water,
             handshake_timeout=self.handshake_timeout,
             handshake_failures=self.handshake_failures,
+            liveness=self.liveness,
         )
         return TcpListener(server, protocols)
 
@@ -280,7 +333,11 @@ class TcpTransport(Transport):
         self, address: Address, *, timeout: float = 10.0, early_data: bool = False
     ) -> TcpPeerConnection:
         """Connect (see :meth:`Transport.connect`): the first flow's TLS connection,
-        kept for the first stream; ``early_data`` is ignored."""
+        kept for the first stream; ``early_data`` is ignored.
+
+        :raises ConfigError: ``timeout`` is not a positive, finite number of seconds.
+        """
+        check_seconds("timeout", timeout, high=None)
         first = await self._dial(address, timeout, wait_for_ticket=True)
         return TcpPeerConnection(self, address, first, timeout)
 
@@ -296,4 +353,5 @@ class TcpTransport(Transport):
             high_water=self.high_water,
             timeout=timeout,
             wait_for_ticket=wait_for_ticket,
+            liveness=self.liveness,
         )

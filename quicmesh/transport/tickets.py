@@ -89,6 +89,12 @@ class TicketStore:
         while len(self._tickets) > self.capacity:
             self._tickets.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every ticket: their clients were verified with a trust bundle that
+        changed (a CA taken out of it must not let a client it vouched for resume), as
+        the native engine's store is replaced with new roots."""
+        self._tickets.clear()
+
     def redeem(self, label: bytes) -> IssuedTicket | None:
         """Take the ticket a ClientHello offers; None if unknown, used already or expired."""
         record = self._tickets.pop(label, None)

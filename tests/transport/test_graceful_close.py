@@ -113,3 +113,49 @@ def test_quic_peer_close_is_seen_before_the_draining_period_ends(engine: str) ->
         await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("name", ["quic", "quic-native", "h2"])
+def test_aclose_on_the_accepting_side_tells_the_peer_to_go_away(name: str) -> None:
+    """A review (2026-12-07): the accepting side's ``aclose()`` sent no GOAWAY, so its
+    peer kept opening streams that the draining side took (and reset at its deadline).
+    Now the peer hears it first: its next stream opens elsewhere, none is taken here."""
+    served: list[str] = []
+    first: asyncio.Future[None]
+    release: asyncio.Future[None]
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        served.append(stream.target.host)
+        if not first.done():
+            first.set_result(None)
+        await release
+        stream.write(await stream.read())
+        stream.write_eof()
+
+    async def main() -> None:
+        nonlocal first, release
+        first = asyncio.get_running_loop().create_future()
+        release = asyncio.get_running_loop().create_future()
+        server = MESH.transport(name, identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        conn = await MESH.transport(name).connect(listener.address)
+        running = await conn.open_stream("first:1")
+        running.write(b"kept")
+        running.write_eof()
+        await first
+        (accepted,) = listener.connections
+        closing = asyncio.ensure_future(accepted.aclose(timeout=30))
+        while not conn.going_away:  # (no event says so: looked at each turn)
+            await asyncio.sleep(0)
+        with pytest.raises(quicmesh.ConnectionLost):
+            await conn.open_stream("second:1")
+        release.set_result(None)
+        assert await running.read() == b"kept"  # the running stream finishes
+        await closing
+        assert served == ["first"]
+        conn.close()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

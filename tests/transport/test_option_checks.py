@@ -11,6 +11,7 @@ bytes; TLS-over-TCP's ``streams_opened`` left out refused and reset streams.
 from __future__ import annotations
 
 import array
+import re
 from typing import Any
 
 import pytest
@@ -212,3 +213,30 @@ def test_streams_opened_counts_every_connect_sent_on_every_transport(name: str) 
         await listener.wait_closed()
 
     run(main())
+
+
+@pytest.mark.parametrize("name", ["quic", "h2", "tcp", "auto"])
+@pytest.mark.parametrize(
+    ("which", "value", "named"),
+    [
+        ("trust", MESH.ca, "DevCA (its trust_bundle?)"),
+        ("trust", None, "NoneType"),
+        ("identity", None, "NoneType"),
+        ("identity", "client.pem", "str"),
+    ],
+)
+def test_an_identity_or_trust_of_the_wrong_kind_is_refused_when_built(
+    name: str, which: str, value: Any, named: str
+) -> None:
+    """A review (2026-12-07): ``H2Transport(identity=..., trust=ca)`` (the CA where its
+    ``trust_bundle`` belongs) was built, then failed at ``listen`` with an internal
+    ``AttributeError: 'DevCA' object has no attribute 'pem'``."""
+    arguments: dict[str, Any] = {"identity": MESH.client, "trust": MESH.ca.trust_bundle}
+    arguments[which] = value
+    with pytest.raises(
+        ConfigError, match=rf"^{which} must be a quicmesh\.\w+ .*not {re.escape(named)}$"
+    ):
+        quicmesh.TRANSPORTS[name](**arguments)
+    transport = build(name)
+    with pytest.raises(ConfigError, match=rf"^{which} must be"):
+        transport.set_identity(**arguments)

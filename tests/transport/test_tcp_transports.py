@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cert_helpers import odd_leaf
 from cryptography import x509
 from quic_helpers import until
 
 from quicmesh.errors import (
     ConnectError,
+    ConnectionLost,
     InvalidTarget,
     PeerVerificationError,
     StreamRefused,
@@ -803,3 +805,67 @@ def test_a_server_that_resets_during_the_handshake_is_not_blamed_on_our_certific
     assert "reset" in str(reset) and handshake_failure_reason(reset) == ("other", "unknown")
     closed = asyncio.run(main(reset=False))
     assert handshake_failure_reason(closed) == ("our_certificate_refused", "ours")
+
+
+# -- a review's findings (2026-12-07) -----------------------------------------------------
+
+
+def test_a_burst_of_flows_past_the_peers_handshake_cap_all_open() -> None:
+    """300 flows opened at once to one peer: the peer takes at most
+    MAX_HALF_OPEN_PER_SOURCE handshakes from one address and resets the rest, and 23
+    of them failed with ConnectError; a peer connection now dials at most half that
+    many at once, the others wait."""
+    count = 300
+    assert count > MAX_HALF_OPEN_PER_SOURCE
+
+    async def main() -> None:
+        async with peers(TcpTransport, echo) as conn:
+            payloads = [random.randbytes(64) for _ in range(count)]
+
+            async def one(payload: bytes) -> bytes:
+                stream = await conn.open_stream("reviews.default.svc:9080")
+                return await send_and_receive(stream, payload)
+
+            echoed = await asyncio.gather(*(one(p) for p in payloads))
+            assert echoed == payloads
+
+    run(main(), timeout=120)
+
+
+def test_the_client_knows_the_certificate_its_tcp_peer_presented() -> None:
+    """``peer_certificate`` was None on a TLS-over-TCP client (each flow has its own
+    handshake), which api.md lists for every PeerConnection."""
+
+    async def main() -> None:
+        async with peers(TcpTransport, echo) as conn:
+            assert conn.peer_certificate == mesh().server.certificate
+            stream = await conn.open_stream("reviews.default.svc:9080")
+            assert await send_and_receive(stream, b"x") == b"x"
+            assert conn.peer_certificate == mesh().server.certificate
+
+    run(main())
+
+
+@pytest.mark.parametrize("make", [H2Transport, TcpTransport], ids=["h2", "tcp"])
+def test_a_client_certificate_the_server_refuses_is_connection_lost(
+    make: TransportFactory,
+) -> None:
+    """A client certificate the server refuses for its SPIFFE ID (no URI SAN) after the
+    TLS handshake: ``ConnectionLost`` as api.md says, at the connect on h2, at the first
+    stream on TLS-over-TCP (a StreamReset there until 2026-12-07)."""
+    m = mesh()
+    nameless = odd_leaf(m.ca, [])
+
+    async def main() -> None:
+        server = make(identity=m.server, trust=m.ca.trust_bundle)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        client = make(identity=nameless, trust=m.ca.trust_bundle)
+        try:
+            with pytest.raises(ConnectionLost):
+                conn = await client.connect(listener.address)
+                await conn.open_stream("reviews.default.svc:9080")
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())

@@ -370,6 +370,11 @@ class QuicPeerConnection(SessionConnection):
         return certificate
 
     @property
+    def peer_chain(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+        certificate, chain = self.quic.peer_certificate()
+        return certificate, list(chain)
+
+    @property
     def terminated(self) -> bool:
         """Whether the engine reported the end of the connection (aioquic: after the
         closing or draining period; native: as it begins, quinn keeps that period to

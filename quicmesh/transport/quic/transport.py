@@ -42,9 +42,12 @@ transport (:attr:`QuicTransport.counters`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import struct
+import sys
 import time
 import weakref
 from collections import Counter
@@ -62,7 +65,7 @@ from ...errors import (
     os_error_text,
 )
 from ...tls import Identity, TrustBundle
-from ...tls.check import handshake_failure_reason
+from ...tls.check import handshake_failure_reason, key_refusal
 from ...tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from .. import _udp
 from .._admission import ADMISSION_COUNTERS, AdmissionConfig
@@ -78,6 +81,7 @@ from ..base import (
     StreamHandler,
     Transport,
     checked_address,
+    checked_tls,
     default_quic_engine,
     exposed_secret,
 )
@@ -114,6 +118,18 @@ logger = logging.getLogger("quicmesh.transport.quic")
 
 RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
 """Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
+
+IP_RECVERR = 11
+"""Linux's ``IP_RECVERR`` (``IPV6_RECVERR`` below), which Python 3.11's ``socket`` lacks."""
+IPV6_RECVERR = 25
+_RECVERR_MESSAGES = frozenset(
+    {(socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)}
+)
+"""The control messages (level, type) that carry an error queue entry's ``sock_extended_err``."""
+
+MAX_QUEUED_ERRORS = 256
+"""Error queue entries read in one go at most (the rest on the next wake-up), as the
+native engine reads them."""
 
 
 class QuicTransport(Transport):
@@ -177,6 +193,8 @@ class QuicTransport(Transport):
         10.3) instead of waiting for its idle timeout. Random by default.
     :param keepalive_interval: seconds of silence after which an idle connection
         PINGs its peer (None: never), so a dead peer is noticed while no flow sends.
+        At most half of ``idle_timeout`` in effect (RFC 9000 10.1.2), so that a live
+        connection is never dropped as idle (:attr:`liveness` holds the value used).
     :param max_probe_timeouts: consecutive probe timeouts without an acknowledgement
         after which the connection fails with :class:`~quicmesh.errors.PeerUnresponsive`
         and every stream on it is reset (None: only the idle timeout ends it).
@@ -340,11 +358,18 @@ class QuicTransport(Transport):
         self.mtu_discovery = mtu_discovery
         self.ack_eliciting_threshold = ack_eliciting_threshold
         self.send_window = send_window
+        if keepalive_interval is not None:
+            # RFC 9000 10.1.2: PING more often than the idle timeout. At or below it, a
+            # live flow quiet for the idle timeout was dropped ("timed out") before its
+            # first keepalive was due. (A peer whose idle timeout is shorter than ours
+            # PINGs within its own half, which keeps the connection open both ways.)
+            keepalive_interval = min(keepalive_interval, idle_timeout / 2)
         self.liveness = LivenessConfig(
             keepalive_interval=keepalive_interval,
             max_probe_timeouts=max_probe_timeouts,
             dead_after=dead_after,
         )
+        """The rules every connection's liveness runs (``keepalive_interval`` as in effect)."""
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
         self.admission = admission if admission is not None else AdmissionConfig()
@@ -387,13 +412,20 @@ class QuicTransport(Transport):
                     exc,
                 )
                 return None
-            return f"the {self.engine.name} QUIC engine cannot use the new certificate: {exc}"
+            reason = key_refusal(identity, "rustls") or exc
+            return f"the {self.engine.name} QUIC engine cannot use the new certificate: {reason}"
         probe.close()
         return None
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
-        """Present ``identity`` from the next handshake on, on listeners too."""
+        """Present ``identity`` from the next handshake on, on listeners too. A new trust
+        bundle forgets the session tickets issued (the native engine's store too): a
+        client verified with the old one resumes no session."""
+        checked_tls(identity, trust)
+        trust_changed = trust.pem != self.trust.pem
         super().set_identity(identity, trust)
+        if trust_changed:
+            self.ticket_store.clear()
         for config in self._server_configurations:
             config.certificate = identity.certificate
             config.certificate_chain = identity.chain
@@ -550,8 +582,13 @@ class QuicTransport(Transport):
             are single use, as quicmesh's are). Without a cached ticket this is
             an ordinary connect (:attr:`QuicPeerConnection.early_data` ``"none"``).
             A handshake failure then surfaces on the streams, not here.
+        :raises ConfigError: ``address`` is not a ``(host, port)`` pair, or ``timeout``
+            not a positive, finite number of seconds (the caller's mistake: until
+            2026-12-07 ``timeout=-1`` was a ConnectError "timed out after -1s").
         """
-        address = await numeric_address(checked_address(address, "connect address"), "connect to")
+        address = checked_address(address, "connect address")
+        check_seconds("timeout", timeout, high=None)
+        address = await numeric_address(address, "connect to")
         if self.engine.io == "socket":
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
         loop = asyncio.get_running_loop()
@@ -575,14 +612,20 @@ class QuicTransport(Transport):
             ticket_identity=cached.identity if cached is not None else None,
         )
         try:
-            # Connected: the kernel then reports ICMP unreachable errors to the socket.
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: SocketReceiver(connection, self.receive_batch), remote_addr=address
-            )
+            # Connected, and asking for every ICMP error (IP_RECVERR) where the event loop
+            # takes it: the kernel then reports port, host and network unreachable.
+            sock = client_udp_socket(address, recverr=takes_error_queue(loop))
         except OSError as exc:
             raise ConnectError(
                 f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"
             ) from None
+        try:
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: ErrorQueueReceiver(connection, self.receive_batch, sock), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
         connection.connected_socket = udp
         connection.connection_made(udp)
         tune_udp_socket(udp)
@@ -709,6 +752,105 @@ class QuicTransport(Transport):
         if not connection.established:
             raise connection.failure or ConnectError("QUIC handshake failed")
         return connection
+
+
+def takes_error_queue(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a UDP socket of ``loop`` may ask for ICMP errors (``IP_RECVERR``):
+    asyncio's own (selector) loops, which leave the socket's error queue to
+    :class:`ErrorQueueReceiver`. Not uvloop: its libuv reads the error queue itself
+    on ``EPOLLERR`` and hands the error to uvloop as a positive length, which
+    crashed the process (segmentation fault, uvloop 0.23, at the first ICMP error);
+    there a host or network unreachable goes unseen, as before, and the connect
+    waits for its timeout."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+
+def client_udp_socket(address: Address, *, recverr: bool = True) -> socket.socket:
+    """A non-blocking UDP socket connected to ``address`` (an IP address and a port)
+    that asks the kernel for every ICMP error its datagrams draw (Linux: ``IP_RECVERR``,
+    and ``IPV6_RECVERR`` too on an IPv6 socket), unless ``recverr`` is False.
+
+    Without the option Linux reports to a connected UDP socket only the ICMP errors it
+    counts as fatal (port unreachable, administratively prohibited): a host or network
+    unreachable was dropped, and an aioquic connect to such a peer waited out its whole
+    timeout where the native engine (whose socket asks for them) failed at once. With
+    it every error is also queued on the socket's error queue, charged to its receive
+    buffer, which :class:`ErrorQueueReceiver` empties.
+    """
+    (family, kind, proto, _, sockaddr), *_ = socket.getaddrinfo(
+        address[0], address[1], type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+    )
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        if recverr and sys.platform.startswith("linux"):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+                # Best effort: an IPv4-mapped peer's errors come as IPv4 ones.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_error_queue(sock: socket.socket) -> list[OSError]:
+    """The errors queued on ``sock``'s error queue (``IP_RECVERR``), oldest first,
+    which this empties without waiting (up to :data:`MAX_QUEUED_ERRORS` of them)."""
+    errors: list[OSError] = []
+    for _ in range(MAX_QUEUED_ERRORS):
+        try:
+            # (The start of the datagram that drew the error is not needed.)
+            _, ancillary, _, _ = sock.recvmsg(64, 512, socket.MSG_ERRQUEUE)
+        except InterruptedError:
+            continue
+        except OSError:
+            break  # EAGAIN: the queue is empty (or the socket is closed)
+        for level, kind, data in ancillary:
+            if (level, kind) in _RECVERR_MESSAGES and len(data) >= 4:
+                (number,) = struct.unpack_from("=I", data)  # sock_extended_err.ee_errno
+                errors.append(OSError(number, os.strerror(number)))
+    return errors
+
+
+class ErrorQueueReceiver(SocketReceiver):
+    """The receiver of a client's UDP socket from :func:`client_udp_socket`: takes the
+    ICMP errors off the socket's error queue.
+
+    The kernel queues each error and also makes it the socket's pending error, which
+    the next read or send raises once (asyncio then calls :meth:`error_received`, and
+    so does the batch reader): the queue is emptied there and each error in it reported
+    to the connection once (the pending one is the last of them). A queue left as it is
+    kept the socket readable (``EPOLLERR``) with nothing to read, and, charged to the
+    receive buffer, would in the end have crowded out the peer's datagrams.
+    """
+
+    def __init__(
+        self, connection: QuicPeerConnection, max_datagrams: int, sock: socket.socket
+    ) -> None:
+        super().__init__(connection, max_datagrams)
+        self._socket = sock
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.reader = _udp.BatchReader(
+            cast(asyncio.DatagramTransport, transport),
+            self._connection.datagram_received,
+            max_datagrams=self._max_datagrams,
+            on_error=self.error_received,
+        )
+
+    def error_received(self, exc: Exception) -> None:
+        if not isinstance(exc, OSError):
+            return
+        errors = read_error_queue(self._socket)
+        if all(error.errno != exc.errno for error in errors):
+            errors.append(exc)  # not a queued one: a send's own error, or the queue was full
+        for error in errors:
+            self._connection.socket_error(error)
 
 
 def load_stateless_reset_key(path: str | os.PathLike[str]) -> bytes:

@@ -1,0 +1,79 @@
+"""Our own certificate is held to the rules every peer applies to it.
+
+A certificate with two URI SANs, an extended key usage without serverAuth or
+clientAuth, or a SPIFFE ID outside the trust domain its CA serves passed
+:func:`own_certificate_problem` (it checked only the dates and the chain): SDS
+deliveries of it were ACKed, ``--check`` said ok, ``/ready`` answered 200, and then
+every peer refused it. A sidecar is both a server and a client, so both sides' rules
+apply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cert_helpers import BOTH, odd_leaf
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from quicmesh.sidecar import cli
+from quicmesh.tls import DevCA
+from quicmesh.tls.check import own_certificate_problem
+
+ID = "spiffe://mesh.local/ns/default/sa/a"
+
+
+REFUSED = {
+    "two SPIFFE URI SANs": (
+        [ID, "spiffe://mesh.local/ns/default/sa/evil"],
+        BOTH,
+        "it carries more than one URI SAN",
+    ),
+    "SPIFFE and https URI SANs": ([ID, "https://example.com/x"], BOTH, "more than one URI SAN"),
+    "clientAuth only": ([ID], (ExtendedKeyUsageOID.CLIENT_AUTH,), "no serverAuth usage"),
+    "serverAuth only": ([ID], (ExtendedKeyUsageOID.SERVER_AUTH,), "no clientAuth usage"),
+    "another trust domain": (
+        ["spiffe://other.local/ns/default/sa/a"],
+        BOTH,
+        "is in trust domain 'other.local', but its CA vouches only for mesh.local",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_certificate_peers_refuse_is_not_usable_as_ours(case: str) -> None:
+    ca = DevCA()
+    uris, usages, reason = REFUSED[case]
+    problem = own_certificate_problem(odd_leaf(ca, uris, usages), ca.trust_bundle)
+    assert problem is not None, case
+    assert problem.startswith("our certificate (spiffe://") and "refused by peers" in problem
+    assert reason in problem
+    assert "\n" not in problem
+
+
+def test_certificates_peers_accept_are_still_usable() -> None:
+    ca = DevCA()
+    assert own_certificate_problem(ca.issue(ID), ca.trust_bundle) is None
+    # No extended key usage at all allows every use (RFC 5280 4.2.1.12).
+    assert own_certificate_problem(odd_leaf(ca, [ID], ()), ca.trust_bundle) is None
+
+
+@pytest.mark.parametrize("case", ["two SPIFFE URI SANs", "clientAuth only"])
+def test_check_refuses_a_certificate_peers_refuse(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``quicmesh sidecar --check`` (in process, so that it runs this checkout's code)."""
+    ca = DevCA()
+    uris, usages, reason = REFUSED[case]
+    odd_leaf(ca, uris, usages).save(tmp_path / "c.pem", tmp_path / "k.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    (tmp_path / "s.yaml").write_text(
+        f"node: {{name: a, identity: '{ID}'}}\n"
+        "tls: {cert: c.pem, key: k.pem, trust_bundle: ca.pem}\n"
+        "admin: {address: '127.0.0.1:15000'}\n"
+        "listeners: {inbound: [{name: m, address: '127.0.0.1:15008', transports: [quic],"
+        " destinations: ['127.0.0.1:80']}]}\n"
+    )
+    assert cli.main(["-c", str(tmp_path / "s.yaml"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and "our certificate" in err
