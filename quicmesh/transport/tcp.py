@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ..errors import ConnectionLost, PeerVerificationError, StreamReset, TunnelError
+from ..errors import ConnectionLost, PeerVerificationError, TunnelError
 from ..tls import Identity, TrustBundle
 from ..tls.context import MutualTlsContexts
 from ..tunnel.connect import parse_target, validate_headers
@@ -165,14 +165,6 @@ class TcpPeerConnection(PeerConnection):
         self._peer_certificate = connection.peer_certificate
         try:
             stream = await connection.open_stream(target, headers)
-        except StreamReset as exc:
-            # Lost with the flow's connection before its answer (no error code: not a
-            # reset the peer chose): the connection's failure is the error, as h2's
-            # connect would have raised it; a server that refused our certificate after
-            # the handshake is ConnectionLost here, as docs/api.md says.
-            if protocol.failure is not None and exc.error_code is None:
-                raise protocol.failure from None
-            raise
         except TunnelError:
             if protocol.failure is not None and not isinstance(protocol.failure, ConnectionLost):
                 raise protocol.failure from None
