@@ -1546,8 +1546,12 @@ class _Loader:
         if transport not in ("quic", "auto"):
             # Checked like on a quic cluster but ignored: switching a cluster's transport
             # is a one-line change (examples/README.md).
-            # (liveness applies to h2 and tcp too: keepalive, and PINGs on h2.)
-            for option in (congestion, datagram, early, engine, splice, ack_threshold):
+            # (liveness applies to h2 and tcp too: keepalive, and PINGs on h2; TCP
+            # retransmits itself, so not max_probe_timeouts.)
+            quic_only = [congestion, datagram, early, engine, splice, ack_threshold]
+            if isinstance(liveness.value, dict):
+                quic_only.append(liveness.child("max_probe_timeouts"))
+            for option in quic_only:
                 if option.value is not None:
                     self.warnings.append(
                         str(option.error(f"applies to quic clusters only: ignored for {transport}"))

@@ -24,6 +24,7 @@ from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
 from ..tls.verify import verify_peer
+from ..transport._tcp import DEFAULT_HANDSHAKE_TIMEOUT
 from ..transport.base import (
     EngineFlowPlan,
     InboundEngineFlow,
@@ -499,7 +500,7 @@ class InboundListener:
         peers connected already: :meth:`refuse_untrusted_peers`, once this rotation is
         decided (the next turn of the event loop: a rotation another transport refuses
         puts the old bundle back first, and then every peer still verifies)."""
-        removed = any(root not in trust.certificates for root in self.trust.certificates)
+        removed = trust.lacks_a_root_of(self.trust)
         self.identity, self.trust = identity, trust
         for transport in self._transports:
             transport.set_identity(identity, trust)
@@ -509,6 +510,14 @@ class InboundListener:
             except RuntimeError:
                 return  # (not serving: no peer connected)
             loop.call_soon(lambda: self.refuse_untrusted_peers(self.trust))
+            # A handshake under way now was begun with the old bundle and is verified
+            # with it when it ends: looked at again once every such one has ended (the
+            # transports' handshake timeouts), or one kept slow escaped the sweep.
+            longest = max(
+                self.config.handshake_timeout if t.name == "quic" else DEFAULT_HANDSHAKE_TIMEOUT
+                for t in self._transports
+            )
+            loop.call_later(longest + 1.0, lambda: self.refuse_untrusted_peers(self.trust))
 
     def refuse_untrusted_peers(
         self, trust: TrustBundle, grace: float = UNTRUSTED_PEER_GRACE
@@ -908,13 +917,15 @@ class InboundListener:
 def _untrusted_reason(connection: PeerConnection, trust: TrustBundle) -> str | None:
     """Why the certificate chain ``connection``'s peer presented does not verify with
     ``trust`` now (one line), or None if it does."""
-    certificate, chain = connection.peer_chain
-    if certificate is None:
-        return "its certificate chain cannot be read to check it again (a resumed session)"
     try:
+        certificate, chain = connection.peer_chain
+        if certificate is None:
+            return "its certificate chain cannot be read to check it again (a resumed session)"
         verify_peer(certificate, chain, trust)
     except PeerVerificationError as exc:
         return str(exc)
+    except Exception as exc:  # (one connection's odd chain must not stop the sweep)
+        return f"its certificate chain could not be checked again: {exc}"
     return None
 
 

@@ -32,6 +32,7 @@ from ..errors import (
     StreamReset,
     TunnelError,
 )
+from ..tls import TrustBundle
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
@@ -138,6 +139,11 @@ class PooledConnection:
     retired_stats: dict[str, Any] = field(default_factory=dict)
     identity: object = None
     """The identity the transport presented when this connection was dialled."""
+    trust: TrustBundle | None = None
+    """The trust bundle that verified the peer then."""
+    untrusted: bool = False
+    """A CA of that bundle was taken out of the transport's since (the peer's
+    certificate may be one only it vouched for): the connection takes no new flow."""
     retired: str | None = None
     """Why the connection takes no new flow (its endpoint failed health checks or
     was ejected), or None."""
@@ -232,11 +238,13 @@ class EndpointPool:
                     turned_away = connection.going_away or rejected
                     if not (connection.is_closed or turned_away):
                         raise
-                    if isinstance(connection.lost_error, PeerUnresponsive):
+                    lost = connection.lost_error
+                    if isinstance(lost, PeerUnresponsive):
                         # Its liveness checks found the peer dead or hung: a new
                         # connection to it would wait out the whole connect timeout.
-                        # The flow's retries go to another endpoint instead.
-                        raise connection.lost_error from None
+                        # The flow's retries go to another endpoint instead. (A new
+                        # exception each: the connection's own would gather tracebacks.)
+                        raise PeerUnresponsive(str(lost)) from None
                     if lost_once:
                         if turned_away:
                             raise self._turned_away(connection, exc) from None
@@ -328,6 +336,7 @@ class EndpointPool:
                 label,
                 opened_at=self._loop.time(),
                 identity=identity,
+                trust=self.transport.trust,
                 replace_after=_replace_after(connection),
             )
             self.connections.append(pooled)
@@ -410,9 +419,21 @@ class EndpointPool:
 
     def is_stale(self, pooled: PooledConnection) -> bool:
         """Whether ``pooled`` should be replaced: it was made with an identity the
-        transport no longer presents (ours rotated), or the peer's certificate is
-        two thirds of the way to expiring (the peer has rotated by then)."""
+        transport no longer presents (ours rotated), a CA of the trust bundle that
+        verified its peer was taken out of the transport's since (whichever CA the
+        peer's certificate chains to: its new connection is verified anew), or the
+        peer's certificate is two thirds of the way to expiring (the peer has rotated
+        by then)."""
         if pooled.identity is not None and pooled.identity is not self.transport.identity:
+            return True
+        trust = self.transport.trust
+        if pooled.trust is not None and pooled.trust is not trust and not pooled.untrusted:
+            # (Looked at once per new bundle: a CA added keeps the connection.)
+            if trust.lacks_a_root_of(pooled.trust):
+                pooled.untrusted = True
+            else:
+                pooled.trust = trust
+        if pooled.untrusted:
             return True
         return pooled.replace_after is not None and time.time() >= pooled.replace_after
 

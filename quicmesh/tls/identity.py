@@ -167,6 +167,11 @@ class TrustBundle:
         """The CA certificates, in file order."""
         return list(self._certificates)
 
+    def lacks_a_root_of(self, other: TrustBundle) -> bool:
+        """Whether a CA of ``other`` is not in this bundle (taken out of it: what it
+        vouched for must stop being trusted, on connections and tickets too)."""
+        return any(root not in self._certificates for root in other.certificates)
+
     def trust_domains_for(self, certificate: x509.Certificate) -> set[str | None]:
         """The trust domains of the roots that directly signed ``certificate``.
 

@@ -328,7 +328,13 @@ class TlsTunnelProtocol(asyncio.Protocol):
         if self._liveness is not None:
             # (TLS records come from the peer's process, never from its kernel alone.)
             self._liveness.received(self._loop.time())
-            self._ping_outstanding = False
+            answered, self._ping_outstanding = self._ping_outstanding, False
+            if answered and self._liveness_timer is not None:
+                # The timer waits for the PING's deadline (dead_after): the next PING
+                # is due keepalive_interval from now, not then (a peer hung just after
+                # answering was noticed after twice dead_after).
+                self._liveness_timer.cancel()
+                self._liveness_timer = None
             if self._liveness_timer is None:
                 self._watch_liveness()
         if self._linger_timer is not None:

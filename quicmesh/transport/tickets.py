@@ -54,6 +54,9 @@ class IssuedTicket:
     ticket: SessionTicket
     identity: str
     issued_at: float
+    valid_until: float | None = None
+    """When the client's certificate expires (``time.time()`` seconds; None: not
+    known): a resumption carries no certificate, so none is accepted after it."""
 
 
 class TicketStore:
@@ -82,9 +85,10 @@ class TicketStore:
     def __len__(self) -> int:
         return len(self._tickets)
 
-    def add(self, ticket: SessionTicket, identity: str) -> None:
-        """Record a ticket just issued to the client whose verified SPIFFE ID is ``identity``."""
-        self._tickets[ticket.ticket] = IssuedTicket(ticket, identity, self.clock())
+    def add(self, ticket: SessionTicket, identity: str, valid_until: float | None = None) -> None:
+        """Record a ticket just issued to the client whose verified SPIFFE ID is ``identity``
+        and whose certificate is good until ``valid_until`` (``time.time()`` seconds)."""
+        self._tickets[ticket.ticket] = IssuedTicket(ticket, identity, self.clock(), valid_until)
         self.issued += 1
         while len(self._tickets) > self.capacity:
             self._tickets.popitem(last=False)
@@ -98,7 +102,12 @@ class TicketStore:
     def redeem(self, label: bytes) -> IssuedTicket | None:
         """Take the ticket a ClientHello offers; None if unknown, used already or expired."""
         record = self._tickets.pop(label, None)
-        if record is None or self.clock() - record.issued_at > self.lifetime:
+        now = self.clock()
+        if (
+            record is None
+            or now - record.issued_at > self.lifetime
+            or (record.valid_until is not None and now > record.valid_until)
+        ):
             self.refused += 1
             return None
         self.redeemed += 1

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from ..errors import ConfigError, QuicmeshError
+from ..errors import QuicmeshError
 from ..sidecar.config import XdsConfig, format_address
 from ..tls import Identity, TrustBundle
+from ..transport.stream import check_seconds
 from .mapping import (
     MappedConfig,
     MappingError,
@@ -61,11 +62,13 @@ BACKOFF_INITIAL = 0.25
 BACKOFF_MAX = 10.0
 """Longest wait between reconnect attempts."""
 
-KEEPALIVE_TIME = 30.0
-"""Seconds between HTTP/2 pings on the ADS connection (Istio's xDS cluster: 30 s). A
-control plane must accept pings this often on an idle stream (istiod allows one every
-15 s; a gRPC server that refuses them answers GOAWAY ``too_many_pings``, after which
-gRPC pings half as often)."""
+KEEPALIVE_TIME = 300.0
+"""Seconds between HTTP/2 pings on the ADS connection: gRPC servers' default policy
+refuses pings more often than every 5 minutes on an idle stream (GOAWAY
+``too_many_pings``, and the stream ends: a new channel starts again at this time, so
+it would every few minutes for ever), as Istio keeps its xDS connection alive with
+TCP keepalive every 300 s. A control plane gone silent is noticed within about
+5 minutes and :data:`KEEPALIVE_TIMEOUT`."""
 
 KEEPALIVE_TIMEOUT = 10.0
 """Seconds a ping may go unanswered before the connection counts as dead (and the
@@ -107,11 +110,8 @@ class AdsClient:
         keepalive_time: float = KEEPALIVE_TIME,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
     ) -> None:
-        if keepalive_time <= 0 or keepalive_timeout <= 0:
-            raise ConfigError(
-                f"ADS keepalive: keepalive_time {keepalive_time:g}s and keepalive_timeout "
-                f"{keepalive_timeout:g}s must both be more than zero"
-            )
+        check_seconds("keepalive_time", keepalive_time)
+        check_seconds("keepalive_timeout", keepalive_timeout)
         self.sidecar = sidecar
         self.config = config
         self._channel_options = (

@@ -5,7 +5,16 @@ from __future__ import annotations
 from quicmesh.sidecar.circuit import CircuitBreaker
 from quicmesh.sidecar.config import CircuitBreakerConfig
 from quicmesh.sidecar.pool import EndpointPool
-from tests.quic_helpers import TARGET, Recorder, client_transport, run, server_transport, until
+from quicmesh.tls import DevCA, TrustBundle
+from tests.quic_helpers import (
+    CA,
+    TARGET,
+    Recorder,
+    client_transport,
+    run,
+    server_transport,
+    until,
+)
 
 
 def test_retired_connections_take_no_new_flow_and_close_when_idle() -> None:
@@ -36,6 +45,42 @@ def test_retired_connections_take_no_new_flow_and_close_when_idle() -> None:
         await until(lambda: first.is_closed, timeout=10)
         assert pool.connections == []
         assert breaker.connections == 0
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_ca_taken_out_of_the_trust_bundle_retires_the_connections_it_verified() -> None:
+    """A review of the day's change: the inbound side refused peers a removed CA had
+    vouched for, but a cluster's pooled connections (verified with the old bundle) kept
+    taking new flows when only the trust bundle changed. A bundle that adds a CA keeps
+    them (the first step of a CA rotation)."""
+
+    async def main() -> None:
+        listener = await server_transport().listen(("127.0.0.1", 0), Recorder())
+        breaker = CircuitBreaker(CircuitBreakerConfig())
+        transport = client_transport()
+        pool = EndpointPool(listener.address, transport, breaker, connect_timeout=5)
+        stream, first, _ = await pool.open_stream(TARGET, {})
+        stream.write_eof()
+        await stream.read()
+        await until(lambda: first.active_streams == 0)
+        other = DevCA().trust_bundle
+        both = TrustBundle.from_pem(CA.trust_bundle.pem + other.pem)
+        transport.set_identity(transport.identity, both)  # a CA added: kept
+        stream, same, _ = await pool.open_stream(TARGET, {})
+        assert same is first and pool.connections_opened == 1
+        stream.write_eof()
+        await stream.read()
+        await until(lambda: first.active_streams == 0)
+        transport.set_identity(transport.identity, CA.trust_bundle)  # the other removed
+        stream, second, _ = await pool.open_stream(TARGET, {})
+        assert second is not first and pool.connections_opened == 2
+        pool.close_idle(0.0, 60.0)
+        await until(lambda: first.is_closed, timeout=10)
+        stream.close()
         await pool.close()
         listener.close()
         await listener.wait_closed()

@@ -23,9 +23,11 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import h2.connection
 import pytest
 
 from quicmesh import ConnectError, H2Transport, StreamReset, TcpTransport
@@ -383,3 +385,39 @@ def test_an_icmp_error_does_not_crash_an_aioquic_client_under_uvloop() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused:" in done.stdout
+
+
+def test_an_answered_h2_ping_rearms_the_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review of the day's change: the timer armed for a PING's deadline (dead_after)
+    was kept when the answer came, so an idle connection PINGed every dead_after, not
+    every keepalive_interval, and a peer hung just after an answer was noticed after
+    twice dead_after."""
+    pings: list[float] = []
+    ping = h2.connection.H2Connection.ping
+
+    def counted(self: h2.connection.H2Connection, data: bytes) -> Any:
+        if self.config.client_side:
+            pings.append(time.monotonic())
+        return ping(self, data)
+
+    monkeypatch.setattr(h2.connection.H2Connection, "ping", counted)
+
+    async def main() -> None:
+        server = H2Transport(
+            identity=SERVER, trust=CA.trust_bundle, keepalive_interval=None, dead_after=None
+        )
+        listener = await server.listen(("127.0.0.1", 0), Recorder())
+        client = H2Transport(
+            identity=CLIENT, trust=CA.trust_bundle, keepalive_interval=0.2, dead_after=5.0
+        )
+        connection = await client.connect(listener.address, timeout=5.0)
+        await asyncio.sleep(2.0)  # the idle period under test, not synchronisation
+        # Every 0.2 s of silence: about ten; one (at 0.2 s) when the answer was ignored.
+        assert len(pings) >= 4, pings
+        assert not connection.is_closed
+        connection.close()
+        await connection.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
