@@ -326,8 +326,9 @@ def test_unknown_ticket_falls_back_to_a_full_handshake() -> None:
 def test_a_new_trust_bundle_forgets_the_tickets_issued() -> None:
     """A review (2026-12-07): a client whose CA was taken out of the server's trust
     bundle could still resume with a ticket issued before (no certificate is checked on
-    resumption). The server forgets its tickets when its trust bundle changes, as the
-    native engine's store is replaced with new roots."""
+    resumption). The server forgets its tickets when its trust bundle drops a CA, as the
+    native engine's store is replaced with new roots; adding one (a CA rotation's first
+    step) keeps them (review 28)."""
     other_ca = quic_helpers.DevCA()
 
     async def main() -> None:
@@ -339,7 +340,9 @@ def test_a_new_trust_bundle_forgets_the_tickets_issued() -> None:
         server.set_identity(SERVER, CA.trust_bundle)  # the same bundle: the tickets stay
         assert len(server.ticket_store) > 0
         both = TrustBundle.from_pem(CA.trust_bundle.pem + other_ca.trust_bundle.pem)
-        server.set_identity(SERVER, both)
+        server.set_identity(SERVER, both)  # a CA added: the tickets stay
+        assert len(server.ticket_store) > 0
+        server.set_identity(SERVER, CA.trust_bundle)  # a CA removed: they go
         assert len(server.ticket_store) == 0
         conn, results = await early_exchange(client, listener.address, [b"again"])
         assert results == [b"again"]

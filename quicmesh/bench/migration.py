@@ -53,7 +53,7 @@ from typing import Any
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser, positive_number
+from . import OneLineParser, positive_integer, positive_number
 from ._engine import add_engine_argument, engine_problem
 from .relay import TcpRelay, UdpRelay
 
@@ -286,13 +286,25 @@ reset ms: (death, hang) from the event until the client saw the last flow fail
 """The legend printed under :func:`format_table`."""
 
 
+def _cases_problem(cases: list[str], known: tuple[str, ...]) -> str | None:
+    """What is wrong with ``--cases`` (one line naming it), or None."""
+    if not cases:
+        return f"argument --cases: no case given: choose from {','.join(known)}"
+    unknown = [case for case in cases if case not in known]
+    if unknown:
+        return f"argument --cases: unknown case {unknown[0]!r}: choose from {','.join(known)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench migration [--rtt MS] [--flows N] [--duration S] [--quick] [--json F]``."""
     parser = OneLineParser(prog="quicmesh bench migration", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--rtt", type=positive_number, default=40.0, help="round-trip time, ms (40)"
     )
-    parser.add_argument("--flows", type=int, default=4, help="flows on the connection (4)")
+    parser.add_argument(
+        "--flows", type=positive_integer, default=4, help="flows on the connection (4)"
+    )
     parser.add_argument(
         "--duration", type=positive_number, default=None, help="seconds per case (4)"
     )
@@ -303,11 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--failover", action="store_true", help=f"run {','.join(FAILOVER_CASES)}")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run the cases this many times, interleaved (1)"
+        "--repeat",
+        type=positive_integer,
+        default=1,
+        help="run the cases this many times, interleaved (1)",
     )
     parser.add_argument(
         "--rate",
-        type=float,
+        type=positive_number,
         default=None,
         help="pace each flow's download at this many Mbit/s (default: as fast as it may;"
         " paced, the stall is not hidden by a window-limited flow's per-RTT bursts)",
@@ -322,20 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration if args.duration is not None else (1.5 if args.quick else 4.0)
     default = FAILOVER_CASES if args.failover else CASES
     cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
-    known = CASES + FAILOVER_CASES
-    if (
-        args.rtt <= 0
-        or args.flows < 1
-        or duration <= 0
-        or args.repeat < 1
-        or (args.rate is not None and not args.rate > 0)
-        or any(c not in known for c in cases)
-    ):
-        print(
-            "quicmesh bench migration: need --rtt > 0, --flows >= 1, --duration > 0, "
-            f"--repeat >= 1, --rate > 0, --cases from {known}",
-            file=sys.stderr,
-        )
+    problem = _cases_problem(cases, CASES + FAILOVER_CASES)
+    if problem is not None:
+        print(f"quicmesh bench migration: {problem}", file=sys.stderr)
         return 2
     problem = engine_problem(args.engine)
     if problem is not None:

@@ -278,6 +278,9 @@ class QuicPeerConnection(SessionConnection):
         self._resumed_identity = ticket_identity
         """The identity the session ticket recorded (client: the one offered;
         server: the one redeemed)."""
+        self._resumed_valid_until: float | None = None
+        """(server) When the redeemed ticket's client certificate expires: the tickets
+        a resumed connection issues are good no longer than the one it came with."""
         if self.is_client and hasattr(quic, "resend_allowed"):
             quic.resend_allowed = self._same_peer_as_ticket
         self._issued_tickets: list[SessionTicket] = []
@@ -597,7 +600,11 @@ class QuicPeerConnection(SessionConnection):
             is used, so the two paths cannot be linked by an observer (when the
             server has issued none, the current one is kept). Streams carry on:
             packets lost on the way are retransmitted. Raises
-            :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened.
+            :class:`~quicmesh.errors.ConnectError` if the socket cannot be opened,
+            or before the handshake completed (RFC 9000 section 9: a client does not
+            migrate before then; a 0-RTT connection is usable earlier) and, on the
+            native engine, while another connection of the endpoint, which moves
+            with it, is in its handshake.
         """
         if not self.supports_migration:
             # (On the native engine an accepted connection shares the listener's socket:
@@ -608,6 +615,8 @@ class QuicPeerConnection(SessionConnection):
         self._raise_if_lost()
         if self._closing:
             raise ConnectionLost("the connection is closing: it cannot migrate")
+        if not self._handshake_done:
+            raise ConnectError("cannot migrate before the handshake completes")
         if local_address is not None:
             local_address = await numeric_address(
                 checked_address(local_address, "migrate address"),
@@ -690,6 +699,11 @@ class QuicPeerConnection(SessionConnection):
 
     def on_connection_lost(self, error: TunnelError) -> None:
         super().on_connection_lost(error)
+        if self.is_client and self._early_data == "attempted":
+            # The handshake failed (or the peer was refused): the 0-RTT flight was not
+            # accepted, and each attempt is counted with its outcome.
+            self._early_data = "rejected"
+            self._count("zero_rtt_rejected")
         self._budget.settle()
         self._deferred.clear()
         if not self._handshake_waiter.done():
@@ -1016,6 +1030,7 @@ class QuicPeerConnection(SessionConnection):
             return None
         self._count("tickets_redeemed")
         self._resumed_identity = record.identity
+        self._resumed_valid_until = record.valid_until
         return record.ticket
 
     def ticket_issued(self, ticket: SessionTicket) -> None:
@@ -1038,8 +1053,18 @@ class QuicPeerConnection(SessionConnection):
                 )
                 self._count("tickets_received")
             else:
-                self.options.ticket_store.add(ticket, identity)
+                self.options.ticket_store.add(ticket, identity, self._client_valid_until())
                 self._count("tickets_issued")
+
+    def _client_valid_until(self) -> float | None:
+        """(server) Until when the tickets issued may be redeemed: the expiry of the
+        client certificate verified, or, on a resumed connection (which presents none),
+        of the ticket it came with, so a chain of resumptions never outlives the
+        certificate (nor an intermediate CA it presented)."""
+        certificate, chain = self.peer_chain
+        if certificate is None:
+            return self._resumed_valid_until
+        return min(cert.not_valid_after_utc.timestamp() for cert in [certificate, *chain])
 
     def go_away(self) -> bool:
         if self.is_client or self._lost is not None or self._closing:
@@ -1257,7 +1282,10 @@ class QuicPeerConnection(SessionConnection):
             self._refuse(exc)
             return
         if not self._established:
-            self._establish(identity)
+            # (server) A native listener serves a 0-RTT connection from here (aioquic's
+            # from its first early stream data): it arrived in 0-RTT all the same.
+            accepted = not self.is_client and event.early_data_accepted
+            self._establish(identity, early_data="accepted" if accepted else "none")
         if not self.is_client:
             bucket = self.options.stream_rates.for_identity(identity, time.monotonic())
             if bucket is not None:

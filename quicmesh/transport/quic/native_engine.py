@@ -46,10 +46,11 @@ rather than pretending:
   it and hands out the same stream IDs again; the engine kept every byte written
   before the server answered and sends it again at once on the re-opened streams
   (:meth:`NativeConnection.resend_early_data`), so nothing is lost. The
-  server's 0-RTT cap (``max_early_data`` + ``EARLY_DATA_OVERHEAD``; QUIC requires
-  ``max_early_data_size`` 0xffffffff in tickets, RFC 9001 4.6.1, so rustls cannot
-  apply it) is checked when a 0-RTT connection's handshake completes, against the
-  UDP bytes the client sent until then (quinn does not count 0-RTT payload
+  server's 0-RTT cap (``EARLY_RECEIVE_FACTOR`` times ``max_early_data``, plus
+  ``EARLY_DATA_OVERHEAD``; QUIC requires ``max_early_data_size`` 0xffffffff in
+  tickets, RFC 9001 4.6.1, so rustls cannot apply it) is checked when a 0-RTT
+  connection's handshake completes, against the UDP bytes received from the client
+  until then, resends and duplicates included (quinn does not count 0-RTT payload
   apart): over it, the connection is closed (H3_EXCESSIVE_LOAD). The ticket
   counters of :attr:`QuicTransport.counters` stay 0.
 * **Listener admission** (issue 13) is the aioquic listener's
@@ -197,6 +198,14 @@ from .engine import (
 )
 from .options import CRYPTO_ERROR_BAD_CERTIFICATE, EARLY_DATA_OVERHEAD, OLD_SOCKET_GRACE
 
+EARLY_RECEIVE_FACTOR = 3
+"""(server) The 0-RTT cap of a native listener is this many times ``max_early_data``,
+plus ``EARLY_DATA_OVERHEAD``, of UDP bytes received before the handshake completed: quinn does
+not count 0-RTT payload apart, and what it receives includes the client's resends
+(probe timeouts) and the path's duplicates, so a client within its budget may deliver
+twice its flight and more when a datagram is lost or duplicated. The cap bounds the
+memory a resuming client can hold before its handshake, not the exact payload."""
+
 logger = logging.getLogger("quicmesh.transport.quic")
 
 H3_REQUEST_CANCELLED = 0x10C
@@ -333,8 +342,11 @@ def _endpoint(
     )
     try:
         return native.Endpoint(address[0], address[1], **options, **newer)
-    except TypeError:
-        pass
+    except TypeError as exc:
+        # Only an option the extension does not know means a stale build; a value of
+        # the wrong type is the caller's (say so, not "rebuild it").
+        if "unexpected keyword argument" not in str(exc):
+            raise ConfigError(f"native endpoint: {exc}") from None
     # An extension built before these options existed (a stale build in the tree):
     # run without them, and say so once.
     global _STALE_WARNED
@@ -485,7 +497,7 @@ class _Pump:
         self.on_accepted: Callable[[NativeConnection], None] | None = None
         self.on_accept_failed: Callable[[str, str, str], None] | None = None
         self.on_admission: Callable[[str, str], None] | None = None
-        self.max_early_bytes = limits.max_early_data + EARLY_DATA_OVERHEAD
+        self.max_early_bytes = EARLY_RECEIVE_FACTOR * limits.max_early_data + EARLY_DATA_OVERHEAD
         self.max_streams = limits.max_streams
         self.splices: dict[int, asyncio.Future[tuple[int, int, str, bool] | OSError]] = {}
         """Spliced flows by splice ID: their outcome (bytes each way, failure, whether the
@@ -1155,17 +1167,20 @@ class NativeConnection:
 
     def _check_early_data(self, received: int) -> None:
         """(server) The handshake of a 0-RTT connection completed after ``received``
-        bytes from the client: over ``max_early_data`` + ``EARLY_DATA_OVERHEAD``, the
-        connection is closed (as the aioquic engine's driver closes it).
+        bytes from the client: over :data:`EARLY_RECEIVE_FACTOR` times
+        ``max_early_data``, plus ``EARLY_DATA_OVERHEAD``, the connection is closed (as the
+        aioquic engine's driver closes one over its budget).
 
         quinn does not count 0-RTT payload apart, so this is the UDP payload received
-        before the handshake completed (the client's Initial and Handshake packets
-        included, within the overhead); the check runs when the handshake completes,
-        before the streams' data is read (reads are driven from here)."""
+        before the handshake completed (the client's Initial and Handshake packets, its
+        resends and the path's duplicates included: hence the factor, which keeps a
+        client within its budget served on a lossy path); the check runs when the
+        handshake completes, before the streams' data is read (reads are driven from
+        here)."""
         limit = self._pump.max_early_bytes
         if received <= limit:
             return
-        reason = f"more than {limit} bytes of 0-RTT data"
+        reason = f"more than {limit} bytes received before the 0-RTT handshake completed"
         logger.warning("[%s] closing: %s (%d received)", self.log_id, reason, received)
         with contextlib.suppress(QuicmeshError):
             self._native.close_connection(self.conn, H3_EXCESSIVE_LOAD, reason)
@@ -2145,7 +2160,15 @@ class NativeConnection:
         connection ID there, sends a PING at once, and the server validates the path.
         The old socket is still read for :data:`~.options.OLD_SOCKET_GRACE` seconds
         (what the server sent there before it noticed the move: native/src/rebind.rs).
-        Every connection of the endpoint moves (one socket per transport and event loop)."""
+        Every connection of the endpoint moves (one socket per transport and event loop):
+        refused while one of them is in its handshake, which a move would break (RFC
+        9000 section 9; quinn sends its handshake packets from the new port, which the
+        server takes for another client)."""
+        if self._pump.connecting or any(c.early for c in self._pump.connections.values()):
+            raise EngineError(
+                "cannot migrate while another connection of this endpoint (moved with it) "
+                "is in its handshake"
+            )
         host = local_address[0] if local_address is not None else self.local_address()[0]
         port = local_address[1] if local_address is not None else 0
         try:

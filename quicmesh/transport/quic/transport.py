@@ -132,6 +132,13 @@ MAX_QUEUED_ERRORS = 256
 native engine reads them."""
 
 
+def check_early_data(early_data: object) -> None:
+    """``early_data`` must be a bool: aioquic took any truthy value (``"false"``
+    included) as True, and the native engine failed with PyO3's TypeError."""
+    if not isinstance(early_data, bool):
+        raise ConfigError(f"early_data must be true or false, not {early_data!r}")
+
+
 class QuicTransport(Transport):
     """Flows as HTTP/3 CONNECT streams, many per QUIC connection.
 
@@ -418,14 +425,17 @@ class QuicTransport(Transport):
         return None
 
     def set_identity(self, identity: Identity, trust: TrustBundle) -> None:
-        """Present ``identity`` from the next handshake on, on listeners too. A new trust
-        bundle forgets the session tickets issued (the native engine's store too): a
-        client verified with the old one resumes no session."""
+        """Present ``identity`` from the next handshake on, on listeners too. A trust
+        bundle that drops a CA forgets the session tickets this (aioquic) side issued and
+        the ones cached for peers: a client or server verified under the old bundle
+        resumes no session; adding a CA (the first step of a CA rotation) keeps them.
+        (A native listener starts a new ticket store with any new bundle.)"""
         checked_tls(identity, trust)
-        trust_changed = trust.pem != self.trust.pem
+        root_removed = trust.lacks_a_root_of(self.trust)
         super().set_identity(identity, trust)
-        if trust_changed:
+        if root_removed:
             self.ticket_store.clear()
+            self.ticket_cache.clear()
         for config in self._server_configurations:
             config.certificate = identity.certificate
             config.certificate_chain = identity.chain
@@ -506,8 +516,9 @@ class QuicTransport(Transport):
             their 0-RTT is rejected, which the clients then send again in 1-RTT; the
             native engine issues no tickets then, so every handshake is a full one.
         :raises ConfigError: our certificate carries no SPIFFE ID (no client could
-            verify it), as :meth:`connect` raises.
+            verify it), as :meth:`connect` raises; ``early_data`` is not a bool.
         """
+        check_early_data(early_data)
         self.identity.spiffe_id  # noqa: B018 - raises ConfigError naming the certificate
         address = await numeric_address(checked_address(address, "listen address"), "listen on")
         if self.engine.io == "socket":
@@ -584,10 +595,12 @@ class QuicTransport(Transport):
             A handshake failure then surfaces on the streams, not here.
         :raises ConfigError: ``address`` is not a ``(host, port)`` pair, or ``timeout``
             not a positive, finite number of seconds (the caller's mistake: until
-            2026-12-07 ``timeout=-1`` was a ConnectError "timed out after -1s").
+            2026-12-07 ``timeout=-1`` was a ConnectError "timed out after -1s"), or
+            ``early_data`` not a bool.
         """
         address = checked_address(address, "connect address")
         check_seconds("timeout", timeout, high=None)
+        check_early_data(early_data)
         address = await numeric_address(address, "connect to")
         if self.engine.io == "socket":
             return await self._connect_socket(address, timeout=timeout, early_data=early_data)
