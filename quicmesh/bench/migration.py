@@ -26,7 +26,8 @@ What one run measures, on loopback through a relay that adds a one-way delay of
   - ``quic-hang`` / ``h2-hang``: the peer hangs (``SIGSTOP``) or the path
     blackholes: the relay drops everything both ways and closes nothing.
     QUIC's liveness checks (keepalive, probe timeouts) fail the connection;
-    HTTP/2 has none, so its flows wait (``never`` within the run).
+    HTTP/2's keepalive PING fails it ``dead_after`` later (10 s by default;
+    until 2026-12-07 it had none, and its flows waited: ``never`` within the run).
 
 * **Result.** The stall: the longest gap between two reads (over all flows) from
   the event to the end, in milliseconds and in RTTs; next to it the longest gap

@@ -224,7 +224,8 @@ class PeerConnection(ABC):
     @property
     def peer_certificate(self) -> x509.Certificate | None:
         """The certificate the peer presented in the handshake; None when unknown (a
-        resumed QUIC session presents none, a TCP connection has one per flow)."""
+        resumed QUIC session presents none). TLS-over-TCP, a handshake per flow: the
+        latest flow's."""
         return None
 
     @property
