@@ -24,8 +24,8 @@ from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
 from ..tls import Identity, TrustBundle
 from ..tls.verify import verify_peer
-from ..transport._tcp import DEFAULT_HANDSHAKE_TIMEOUT
 from ..transport.base import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     EngineFlowPlan,
     InboundEngineFlow,
     Listener,

@@ -53,7 +53,15 @@ from ..tunnel.http1 import Http1TunnelSession
 from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
 from ._stream_rate import StreamRate
-from .base import Address, Authorizer, Listener, StreamHandler, checked_address, host_port
+from .base import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Address,
+    Authorizer,
+    Listener,
+    StreamHandler,
+    checked_address,
+    host_port,
+)
 from .liveness import Liveness, LivenessConfig, Verdict
 
 logger = logging.getLogger("quicmesh.transport.tls")
@@ -79,9 +87,6 @@ READ_CHUNK = 256 * 1024
 LINGER_TIMEOUT = 2.0
 """Seconds a finished TLS connection keeps reading (and dropping) what its peer still
 sends before it closes (:meth:`TlsTunnelProtocol._linger`)."""
-
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a server waits for a client to finish its TLS handshake."""
 
 MAX_HALF_OPEN = AdmissionConfig.max_half_open
 """TLS handshakes a listener runs at once (the QUIC listener's ``max_half_open``

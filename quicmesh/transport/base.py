@@ -371,6 +371,11 @@ class Listener(ABC):
         return False
 
 
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a server waits for a client to finish its TLS handshake (h2 and TLS-over-TCP;
+the QUIC listener's admission ``handshake_timeout`` has the same default)."""
+
+
 def engine_failure_text(error: str, lost: TunnelError | None) -> str:
     """Why an engine-carried flow failed, as the engine words it (``error``), with the
     reason its connection was lost (``lost``, :attr:`PeerConnection.lost_error`) where

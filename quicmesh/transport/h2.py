@@ -28,13 +28,19 @@ from ..tunnel.h2 import (
     H2TunnelSession,
 )
 from ._tcp import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
     TlsListener,
     TlsPeerConnection,
     open_connection,
     start_server,
 )
-from .base import Address, Authorizer, StreamHandler, Transport, checked_tls
+from .base import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Address,
+    Authorizer,
+    StreamHandler,
+    Transport,
+    checked_tls,
+)
 from .liveness import tcp_liveness
 from .stream import DEFAULT_HIGH_WATER, check_positive, check_seconds, check_whole
 

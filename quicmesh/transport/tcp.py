@@ -28,7 +28,6 @@ from ..tls.context import MutualTlsContexts
 from ..tunnel.connect import parse_target, validate_headers
 from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
 from ._tcp import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
     MAX_HALF_OPEN_PER_SOURCE,
     TlsListener,
     TlsTunnelProtocol,
@@ -36,6 +35,7 @@ from ._tcp import (
     start_server,
 )
 from .base import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     Address,
     Authorizer,
     PeerConnection,
