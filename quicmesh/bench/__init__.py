@@ -46,6 +46,17 @@ def positive_integer(text: str) -> int:
     return value
 
 
+def cases_problem(cases: list[str], known: tuple[str, ...]) -> str | None:
+    """What is wrong with a benchmark's ``--cases`` (one line naming it, for the
+    parser's error), or None: ``cases`` empty or naming one not in ``known``."""
+    if not cases:
+        return f"argument --cases: no case given: choose from {','.join(known)}"
+    unknown = [case for case in cases if case not in known]
+    if unknown:
+        return f"argument --cases: unknown case {unknown[0]!r}: choose from {','.join(known)}"
+    return None
+
+
 def source_state() -> dict[str, Any]:
     """The git commit of the code about to run and its locally modified files (best
     effort: empty outside a git checkout). Take it when a run starts: a commit made

@@ -54,7 +54,7 @@ from typing import Any
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser, positive_integer, positive_number
+from . import OneLineParser, cases_problem, positive_integer, positive_number
 from ._engine import add_engine_argument, engine_problem
 from .relay import TcpRelay, UdpRelay
 
@@ -287,16 +287,6 @@ reset ms: (death, hang) from the event until the client saw the last flow fail
 """The legend printed under :func:`format_table`."""
 
 
-def _cases_problem(cases: list[str], known: tuple[str, ...]) -> str | None:
-    """What is wrong with ``--cases`` (one line naming it), or None."""
-    if not cases:
-        return f"argument --cases: no case given: choose from {','.join(known)}"
-    unknown = [case for case in cases if case not in known]
-    if unknown:
-        return f"argument --cases: unknown case {unknown[0]!r}: choose from {','.join(known)}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench migration [--rtt MS] [--flows N] [--duration S] [--quick] [--json F]``."""
     parser = OneLineParser(prog="quicmesh bench migration", description=__doc__.split("\n")[0])
@@ -338,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration if args.duration is not None else (1.5 if args.quick else 4.0)
     default = FAILOVER_CASES if args.failover else CASES
     cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
-    problem = _cases_problem(cases, CASES + FAILOVER_CASES)
+    problem = cases_problem(cases, CASES + FAILOVER_CASES)
     if problem is not None:
         print(f"quicmesh bench migration: {problem}", file=sys.stderr)
         return 2

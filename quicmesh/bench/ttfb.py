@@ -53,7 +53,7 @@ from typing import Any, cast
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from ..errors import QuicmeshError
 from ..outputs import output_file
-from . import OneLineParser, positive_integer, positive_number
+from . import OneLineParser, cases_problem, positive_integer, positive_number
 from ._engine import add_engine_argument, engine_problem
 
 REQUEST = b"G" * 64
@@ -423,16 +423,6 @@ def _rtt_ms(text: str) -> float:
     return value
 
 
-def _cases_problem(cases: list[str], known: tuple[str, ...]) -> str | None:
-    """What is wrong with ``--cases`` (one line naming it), or None."""
-    if not cases:
-        return f"argument --cases: no case given: choose from {','.join(known)}"
-    unknown = [case for case in cases if case not in known]
-    if unknown:
-        return f"argument --cases: unknown case {unknown[0]!r}: choose from {','.join(known)}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """``quicmesh bench ttfb [--rtt MS] [--trials N] [--cases ...] [--quick] [--json FILE]``."""
     parser = OneLineParser(prog="quicmesh bench ttfb", description=__doc__.split("\n")[0])
@@ -464,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = args.trials if args.trials is not None else (3 if args.quick else 10)
     default = UDP_BLOCKED_CASES if args.udp_blocked else CASES
     cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
-    problem = _cases_problem(cases, CASES + UDP_BLOCKED_CASES)
+    problem = cases_problem(cases, CASES + UDP_BLOCKED_CASES)
     if problem is not None:
         print(f"quicmesh bench ttfb: {problem}", file=sys.stderr)
         return 2

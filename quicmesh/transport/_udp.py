@@ -24,8 +24,10 @@ reader cannot know which connections a batch touches until they say so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -152,3 +154,43 @@ class BatchReader:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+IP_RECVERR = 11
+"""Linux's ``IP_RECVERR`` (``IPV6_RECVERR`` below), which Python 3.11's ``socket`` lacks."""
+IPV6_RECVERR = 25
+
+
+def client_udp_socket(address: tuple[str, int], *, recverr: bool = True) -> socket.socket:
+    """A non-blocking UDP socket connected to ``address`` (an IP address and a port)
+    that asks the kernel for every ICMP error its datagrams draw (Linux: ``IP_RECVERR``,
+    and ``IPV6_RECVERR`` too on an IPv6 socket), unless ``recverr`` is False.
+
+    Without the option Linux reports to a connected UDP socket only the ICMP errors it
+    counts as fatal (port unreachable, administratively prohibited): a host or network
+    unreachable was dropped, and an aioquic connect to such a peer waited out its whole
+    timeout where the native engine (whose socket asks for them) failed at once. With
+    it every error is also queued on the socket's error queue, charged to its receive
+    buffer, which the aioquic client's receiver
+    (:class:`~.quic.transport.ErrorQueueReceiver`) empties. The native engine connects
+    one, without the option, only to ask the kernel for a route (``_check_route``).
+    """
+    (family, kind, proto, _, sockaddr), *_ = socket.getaddrinfo(
+        address[0], address[1], type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+    )
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        if recverr and sys.platform.startswith("linux"):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+                # Best effort: an IPv4-mapped peer's errors come as IPv4 ones.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

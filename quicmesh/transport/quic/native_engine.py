@@ -183,6 +183,7 @@ from ...errors import ConfigError, ConnectError, ConnectionLost, QuicmeshError
 from ...logs import RateLimitedLog
 from ...tls.spiffe import spiffe_id_of
 from .._stream_rate import StreamRate
+from .._udp import client_udp_socket
 from ..native import accept_failure_text, log_accept_failure, native_module
 from .engine import (
     Address,
@@ -708,10 +709,8 @@ def _check_route(address: Address) -> None:
 
     :raises EngineError: the kernel refused, with its reason.
     """
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(address)
+        client_udp_socket(address, recverr=False).close()
     except OSError as exc:
         raise EngineError(
             f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"

@@ -42,12 +42,10 @@ transport (:attr:`QuicTransport.counters`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import struct
-import sys
 import time
 import weakref
 from collections import Counter
@@ -119,11 +117,8 @@ logger = logging.getLogger("quicmesh.transport.quic")
 RECEIVE_BATCH = _udp.DEFAULT_MAX_DATAGRAMS
 """Datagrams a QUIC socket reads per readiness event by default (``receive_batch``)."""
 
-IP_RECVERR = 11
-"""Linux's ``IP_RECVERR`` (``IPV6_RECVERR`` below), which Python 3.11's ``socket`` lacks."""
-IPV6_RECVERR = 25
 _RECVERR_MESSAGES = frozenset(
-    {(socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)}
+    {(socket.IPPROTO_IP, _udp.IP_RECVERR), (socket.IPPROTO_IPV6, _udp.IPV6_RECVERR)}
 )
 """The control messages (level, type) that carry an error queue entry's ``sock_extended_err``."""
 
@@ -627,7 +622,7 @@ class QuicTransport(Transport):
         try:
             # Connected, and asking for every ICMP error (IP_RECVERR) where the event loop
             # takes it: the kernel then reports port, host and network unreachable.
-            sock = client_udp_socket(address, recverr=takes_error_queue(loop))
+            sock = _udp.client_udp_socket(address, recverr=takes_error_queue(loop))
         except OSError as exc:
             raise ConnectError(
                 f"cannot open a UDP socket to {address[0]}:{address[1]}: {exc.strerror or exc}"
@@ -776,39 +771,6 @@ def takes_error_queue(loop: asyncio.AbstractEventLoop) -> bool:
     there a host or network unreachable goes unseen, as before, and the connect
     waits for its timeout."""
     return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-
-
-def client_udp_socket(address: Address, *, recverr: bool = True) -> socket.socket:
-    """A non-blocking UDP socket connected to ``address`` (an IP address and a port)
-    that asks the kernel for every ICMP error its datagrams draw (Linux: ``IP_RECVERR``,
-    and ``IPV6_RECVERR`` too on an IPv6 socket), unless ``recverr`` is False.
-
-    Without the option Linux reports to a connected UDP socket only the ICMP errors it
-    counts as fatal (port unreachable, administratively prohibited): a host or network
-    unreachable was dropped, and an aioquic connect to such a peer waited out its whole
-    timeout where the native engine (whose socket asks for them) failed at once. With
-    it every error is also queued on the socket's error queue, charged to its receive
-    buffer, which :class:`ErrorQueueReceiver` empties.
-    """
-    (family, kind, proto, _, sockaddr), *_ = socket.getaddrinfo(
-        address[0], address[1], type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
-    )
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setblocking(False)
-        if recverr and sys.platform.startswith("linux"):
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-                # Best effort: an IPv4-mapped peer's errors come as IPv4 ones.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-        sock.connect(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def read_error_queue(sock: socket.socket) -> list[OSError]:
