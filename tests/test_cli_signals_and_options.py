@@ -123,7 +123,7 @@ def test_throughput_server_child_ends_with_the_parent(
     assert len(_session(process.pid)) >= 2  # the parent and its server process
     os.kill(process.pid, signum)  # the parent only: ``kill PID``, the OOM killer
     code, err = _finish(process)
-    assert code == (143 if signum == signal.SIGTERM else -9)
+    assert code == (143 if signum == signal.SIGTERM else -9), err
     _until(lambda: not _session(process.pid), 20, "the server process did not end")
     if signum == signal.SIGTERM:
         assert not any(word in err for word in NOISE), err

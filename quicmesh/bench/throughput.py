@@ -61,7 +61,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent
 from .. import TRANSPORTS, DevCA, Identity, MeshStream, PeerConnection, TrustBundle
 from ..errors import QuicmeshError
 from ..outputs import output_dir, output_file
-from ..sidecar.launch import die_with_parent, terminate_as_exit
+from ..sidecar.launch import die_with_parent, run_async, terminate_as_exit
 from ..transport.base import default_quic_engine
 from ..transport.quic import UDP_SOCKET_BUFFER
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
@@ -249,6 +249,17 @@ class ReferenceClientProtocol(QuicConnectionProtocol):
         self._done: dict[int, asyncio.Future[None]] = {}
         self._block = pattern_block()
         self.on_bytes: Callable[[int], None] = lambda n: None
+
+    async def wait_connected(self) -> None:
+        """aioquic's, except that a handshake given up (the case cancelled: SIGTERM) leaves
+        no "Future exception was never retrieved" behind: aioquic shields the future it
+        waits on, and the close() that follows fails that future with ConnectionError."""
+        try:
+            await super().wait_connected()
+        except asyncio.CancelledError:
+            if (waiter := self._connected_waiter) is not None:
+                waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
 
     async def get(self, size: int) -> None:
         """Fetch ``size`` bytes on a new request stream; raise BenchmarkError if they are wrong."""
@@ -794,6 +805,8 @@ def main(argv: list[str]) -> int:
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     # ``kill PID`` (SIGTERM) becomes SystemExit: the finally below stops the server process.
+    # While a case runs, the signal cancels it instead (run_async): a SystemExit raised in
+    # whatever code runs broke aioquic's connect() half-way, and its clean-up raised KeyError.
     with terminate_as_exit():
         return _run(args, plan)
 
@@ -824,7 +837,7 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
             print(f"[{index}/{total_cases}] {name:8s} {streams:3d} streams ...", flush=True)
             sizes = split_size(plan.size, streams)
             try:
-                result = asyncio.run(_run_case(name, sizes, server, setup, label))
+                result = run_async(_run_case(name, sizes, server, setup, label))
             except (QuicmeshError, OSError, asyncio.IncompleteReadError) as exc:
                 failures.append(f"{label}: {type(exc).__name__}: {exc}")
                 print(f"      FAILED: {exc}", flush=True)

@@ -6,10 +6,14 @@ bulk load) moves exactly the right bytes.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import socket
 from pathlib import Path
 
 import pytest
+from aioquic.asyncio.client import connect
 
 from quicmesh.bench import throughput
 
@@ -54,3 +58,35 @@ def test_checker_catches_wrong_and_missing_bytes() -> None:
     short.feed(block[:-1])
     with pytest.raises(throughput.BenchmarkError, match="expected"):
         short.finish()
+
+
+def test_a_reference_handshake_given_up_leaves_no_unretrieved_error() -> None:
+    """``bench throughput`` cancels a case on SIGTERM; cancelled in its handshake, the raw
+    aioquic client left a "Future exception was never retrieved" (ConnectionError) in the log."""
+    reported: list[str] = []
+
+    async def give_up_a_handshake() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.setblocking(False)
+
+            async def handshake() -> None:
+                async with connect(
+                    *silent.getsockname(),
+                    configuration=throughput.reference_configuration(is_client=True),
+                    create_protocol=throughput.ReferenceClientProtocol,
+                ):
+                    pass
+
+            attempt = asyncio.ensure_future(handshake())
+            await loop.sock_recv(silent, 2048)  # its Initial: the client waits for an answer
+            attempt.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+            del attempt
+            gc.collect()
+
+    asyncio.run(give_up_a_handshake())
+    assert reported == []
