@@ -120,6 +120,12 @@ class FailedOpen:
     refused: FlowRefused
 
 
+def _naming(endpoint_name: str, reason: str) -> str:
+    """``reason`` prefixed with the endpoint's name, unless the transport named it already
+    (an auto transport's reason starts with the address it dialled)."""
+    return reason if reason.startswith(f"{endpoint_name}: ") else f"{endpoint_name}: {reason}"
+
+
 def _refused_by(endpoint: Endpoint, refusal: StreamRefused) -> FlowRefused:
     """What the peer's refusal of a stream on ``endpoint`` makes of the flow: a draining
     peer's 503 lets another endpoint take it (a failed attempt), any other refuses it."""
@@ -391,7 +397,7 @@ class Cluster:
                 self._record_connect_failure(endpoint, exc)
             # Either way another endpoint may take the flow (a retry).
             raise FlowRefused(
-                Outcome.CONNECT_FAILED, f"{endpoint.name}: {reason}", endpoint.name
+                Outcome.CONNECT_FAILED, _naming(endpoint.name, reason), endpoint.name
             ) from None
         finally:
             if pending:
@@ -490,7 +496,7 @@ class Cluster:
             return FailedOpen(flow.endpoint, _refused_by(flow.endpoint, refusal))
         if unresponsive is not None:
             self._record_connect_failure(flow.endpoint, unresponsive)
-            refused = FlowRefused(Outcome.CONNECT_FAILED, f"{name}: {unresponsive}", name)
+            refused = FlowRefused(Outcome.CONNECT_FAILED, _naming(name, str(unresponsive)), name)
             return FailedOpen(flow.endpoint, refused)
         if failure is None:
             return None

@@ -23,6 +23,7 @@ from quicmesh.sidecar.accesslog import Outcome
 from quicmesh.sidecar.cluster import Cluster, FailedOpen, FlowRefused, is_connection_failure
 from quicmesh.sidecar.config import Address, format_address, parse_config
 from quicmesh.sidecar.health import HealthState
+from quicmesh.sidecar.launch import free_port
 from quicmesh.sidecar.stats import ClusterStats
 
 from .test_sidecar_config import VALID
@@ -356,3 +357,23 @@ def test_flows_on_a_ready_connection_are_not_pending_opens(transport: str) -> No
             await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_auto_endpoints_failure_names_it_once() -> None:
+    """An auto transport's reason starts with the address it dialled: the cluster does not
+    prefix it again ("127.0.0.1:N: 127.0.0.1:N: QUIC: ...")."""
+
+    async def main() -> None:
+        ca = DevCA()
+        address = ("127.0.0.1", free_port())  # nothing listens there, on TCP or UDP
+        cluster = _h2_cluster(ca, [address], transport="auto")
+        try:
+            with pytest.raises(FlowRefused) as refused:
+                await cluster.open_flow()
+        finally:
+            await cluster.close()
+        name = format_address(address)
+        assert refused.value.reason.startswith(f"{name}: QUIC: "), refused.value.reason
+        assert not refused.value.reason.startswith(f"{name}: {name}"), refused.value.reason
+
+    asyncio.run(main())

@@ -297,6 +297,8 @@ def test_the_native_probe_after_an_icmp_error_sends_an_ack_eliciting_packet() ->
         quic.send_ping(0)
         # Its acknowledgement is the peer's answer: a datagram arrives.
         await until(lambda: counters()[0] > sent and counters()[1] > received, timeout=5.0)
+        stream.write_eof()  # (an open stream holds aclose() for its 10 s)
+        assert await stream.read() == b""
         await connection.aclose()
         listener.close()
         await client.aclose()
@@ -417,6 +419,8 @@ def test_a_native_server_connection_ignores_icmp_errors() -> None:
         stream.write(b"two")
         assert await stream.readexactly(3) == b"two"
         assert server_connection.lost_error is None
+        stream.write_eof()  # (an open stream holds aclose() for its 10 s)
+        assert await stream.read() == b""
         await connection.aclose()
         listener.close()
         await client.aclose()
