@@ -127,7 +127,7 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["fuzz", "--seconds", "-1"], "quicmesh fuzz: --seconds must be at least 1, not -1"),
         (["fuzz", "--target", "nope"], "quicmesh fuzz: argument --target: invalid choice"),
         (["bench", "attack", "--probe", "nope"], "argument --probe: invalid choice"),
-        (["bench", "hol", "--loss", "abc"], "--loss: loss must be percentages, not 'abc'"),
+        (["bench", "hol", "--loss", "abc"], "--loss: cannot read percentage 'abc'"),
         (["bench", "xds", "--frob"], "quicmesh bench xds: unrecognized arguments: --frob"),
         (["bench", "intercept", "--frob"], "unrecognized arguments: --frob"),
         (["sidecar", "-c", "/dev/zero", "--check"], "/dev/zero: larger than 16 MiB"),

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..errors import ConfigError
+from ..netem.config import parse_percent
+
 
 class OneLineParser(argparse.ArgumentParser):
     """The benchmarks' argument parser: a bad option is one line on stderr, exit code 2."""
@@ -33,6 +36,22 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text!r}")
     return value
+
+
+def loss_percentages(text: str) -> tuple[float, ...]:
+    """An ``argparse`` type: a benchmark's loss rates, ``0,0.5,2%``, as fractions. A bare
+    number is a percentage, as ``quicmesh netem --loss`` reads it (one parser for both:
+    :func:`~quicmesh.netem.config.parse_percent`); each below 100 %."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = parse_percent(part.strip(), bare="percent")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value >= 1:
+            raise argparse.ArgumentTypeError(f"loss must be below 100 %, not {part.strip()!r}")
+        values.append(value)
+    return tuple(values)
 
 
 def positive_integer(text: str) -> int:

@@ -74,7 +74,7 @@ from ..outputs import output_dir
 from ..sidecar.launch import die_with_parent, terminate_as_exit
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
-from . import OneLineParser, positive_number, source_state
+from . import OneLineParser, loss_percentages, positive_number, source_state
 from ._engine import add_engine_argument, engine_problem
 
 RATE_BPS = 20e6
@@ -1200,21 +1200,11 @@ def _rate_series(timeline: Sequence[Sequence[float]]) -> tuple[list[float], list
 # -- command line ------------------------------------------------------------------
 
 
-def _percent_list(text: str) -> list[float]:
-    try:
-        values = [float(part.strip().rstrip("%")) / 100 for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of percentages: {text!r}") from None
-    if not values or any(not 0 <= v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"losses must be in [0, 100) %: {text!r}")
-    return values
-
-
-def _percent(text: str) -> float:
-    """One loss percentage in [0, 100), as a fraction."""
+def _loss(text: str) -> float:
+    """One loss percentage below 100 %, as a fraction."""
     if "," in text:
         raise argparse.ArgumentTypeError(f"one percentage, not a list: {text!r}")
-    (value,) = _percent_list(text)
+    (value,) = loss_percentages(text)
     return value
 
 
@@ -1241,7 +1231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: congestion-results)",
     )
     parser.add_argument("--quick", action="store_true", help="loss 0 and 2 %%, short flows")
-    parser.add_argument("--losses", type=_percent_list, help="e.g. 0,0.5,1,2,5 (percent)")
+    parser.add_argument("--losses", type=loss_percentages, help="e.g. 0,0.5,1,2,5 (percent)")
     parser.add_argument("--flows", type=_flow_list, help=f"default {','.join(FLOWS)}")
     parser.add_argument(
         "--fairness",
@@ -1250,7 +1240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--fairness-loss",
-        type=_percent,
+        type=_loss,
         help="also run fairness at this loss %% (in [0, 100); added to --losses if missing)",
     )
     parser.add_argument("--duration", type=positive_number, help=f"seconds per flow ({DURATION:g})")

@@ -69,7 +69,7 @@ from ..outputs import output_dir
 from ..sidecar.launch import terminate_as_exit
 from ..tls import DevCA
 from ..transport.base import default_quic_engine
-from . import OneLineParser, source_state
+from . import OneLineParser, loss_percentages, source_state
 from . import _hol_report as report
 from ._engine import add_engine_argument, engine_problem
 from ._hol_worker import MIN_INTERVAL, PARENT_VARIABLE, WorkerConfig
@@ -561,23 +561,6 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _percent_list(text: str) -> tuple[float, ...]:
-    values = []
-    for part in text.split(","):
-        part = part.strip().rstrip("%")
-        if part:
-            try:
-                value = float(part) / 100
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"loss must be percentages, not {part!r}"
-                ) from None
-            if not 0 <= value < 1:
-                raise argparse.ArgumentTypeError(f"loss must be in [0, 100) %, not {part}")
-            values.append(value)
-    return tuple(values)
-
-
 def _variants(text: str) -> tuple[Variant, ...]:
     try:
         return tuple(Variant.parse(part) for part in text.split(",") if part.strip())
@@ -663,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--loss",
-        type=_percent_list,
+        type=loss_percentages,
         default=None,
         help="random loss rates in %% (default 0,0.5,1,2,5; quick 0,2)",
     )
@@ -697,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lowbuf-loss",
-        type=_percent_list,
+        type=loss_percentages,
         default=(0.0, 0.02),
         help="loss rates at which --lowbuf variants run (default: 0,2)",
     )

@@ -41,7 +41,7 @@ from .base import (
     Transport,
     checked_tls,
 )
-from .liveness import tcp_liveness
+from .liveness import checked_liveness
 from .stream import DEFAULT_HIGH_WATER, check_positive, check_seconds, check_whole
 
 ALPN = "h2"
@@ -115,7 +115,7 @@ class H2Transport(Transport):
             check_positive("max_stream_rate", max_stream_rate)
         # (Until 2026-12-07 none: a hung peer's flows stayed open for as long as the
         # kernel kept its TCP connection, for ever when it was idle.)
-        self.liveness = tcp_liveness(keepalive_interval, dead_after)
+        self.liveness = checked_liveness(keepalive_interval, dead_after)
         """When a connection PINGs its peer and when it gives up on it."""
         self.max_stream_rate = max_stream_rate
         self.stream_window = stream_window

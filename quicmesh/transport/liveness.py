@@ -34,7 +34,7 @@ import enum
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .stream import check_seconds
+from .stream import check_seconds, check_whole
 
 UNRESPONSIVE = "peer unresponsive"
 """How every unresponsive verdict's reason begins; it travels in the CONNECTION_CLOSE
@@ -182,15 +182,24 @@ class Liveness:
         return self.last_received + config.keepalive_interval
 
 
-def tcp_liveness(keepalive_interval: float | None, dead_after: float | None) -> LivenessConfig:
-    """The liveness rules of a transport over TCP (h2, tcp), from its keyword arguments,
-    checked as every transport option is (a one-line :class:`ConfigError` naming it):
-    PINGs or the kernel's keepalive after ``keepalive_interval``, given up after
-    ``dead_after``; TCP retransmits itself, so no probe-timeout count."""
+def checked_liveness(
+    keepalive_interval: float | None,
+    dead_after: float | None,
+    max_probe_timeouts: int | None = None,
+) -> LivenessConfig:
+    """A transport's liveness rules from its keyword arguments, checked as every
+    transport option is (a one-line :class:`ConfigError` naming it): PINGs (or the
+    kernel's keepalive) after ``keepalive_interval``, given up after ``dead_after`` or
+    (QUIC) ``max_probe_timeouts`` probe timeouts in a row; over TCP (h2, tcp) there is
+    no probe-timeout count, as TCP retransmits itself."""
     if keepalive_interval is not None:
         check_seconds("keepalive_interval", keepalive_interval, high=MAX_LIVENESS_SECONDS)
+    if max_probe_timeouts is not None:
+        check_whole("max_probe_timeouts", max_probe_timeouts, 1, 1 << 30)
     if dead_after is not None:
         check_seconds("dead_after", dead_after, high=MAX_LIVENESS_SECONDS)
     return LivenessConfig(
-        keepalive_interval=keepalive_interval, max_probe_timeouts=None, dead_after=dead_after
+        keepalive_interval=keepalive_interval,
+        max_probe_timeouts=max_probe_timeouts,
+        dead_after=dead_after,
     )

@@ -44,7 +44,7 @@ from .base import (
     checked_tls,
     host_port,
 )
-from .liveness import tcp_liveness
+from .liveness import checked_liveness
 from .stream import DEFAULT_HIGH_WATER, MeshStream, check_seconds, check_whole
 
 ALPN = "http/1.1"
@@ -266,7 +266,7 @@ class TcpTransport(Transport):
         check_whole("receive_window", receive_window, 1024, 1 << 40)
         check_whole("high_water", high_water, 1, 1 << 40)
         check_seconds("handshake_timeout", handshake_timeout)
-        self.liveness = tcp_liveness(keepalive_interval, dead_after)
+        self.liveness = checked_liveness(keepalive_interval, dead_after)
         """The TCP keepalive of each flow's connection (:func:`._tcp.tune_liveness`)."""
         self.receive_window = receive_window
         self.high_water = high_water

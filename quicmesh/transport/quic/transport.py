@@ -49,6 +49,7 @@ import struct
 import time
 import weakref
 from collections import Counter
+from dataclasses import replace
 from typing import cast
 
 from aioquic.h3.connection import H3_ALPN
@@ -83,7 +84,7 @@ from ..base import (
     default_quic_engine,
     exposed_secret,
 )
-from ..liveness import MAX_LIVENESS_SECONDS, LivenessConfig
+from ..liveness import MAX_LIVENESS_SECONDS, checked_liveness
 from ..stream import check_positive, check_seconds, check_whole
 from ..tickets import TicketCache, TicketStore
 from . import aioquic_engine
@@ -318,12 +319,7 @@ class QuicTransport(Transport):
         )
         if send_window is not None:
             check_whole("send_window", send_window, 16 * 1024, 1 << 40, span="16 KiB to 1 TiB")
-        if keepalive_interval is not None:
-            check_seconds("keepalive_interval", keepalive_interval, high=MAX_LIVENESS_SECONDS)
-        if max_probe_timeouts is not None:
-            check_whole("max_probe_timeouts", max_probe_timeouts, 1, 1 << 30)
-        if dead_after is not None:
-            check_seconds("dead_after", dead_after, high=MAX_LIVENESS_SECONDS)
+        liveness = checked_liveness(keepalive_interval, dead_after, max_probe_timeouts)
         if max_stream_rate is not None:
             check_positive("max_stream_rate", max_stream_rate)
         if qlog_dir is not None and not isinstance(qlog_dir, str | os.PathLike):
@@ -365,12 +361,10 @@ class QuicTransport(Transport):
             # live flow quiet for the idle timeout was dropped ("timed out") before its
             # first keepalive was due. (A peer whose idle timeout is shorter than ours
             # PINGs within its own half, which keeps the connection open both ways.)
-            keepalive_interval = min(keepalive_interval, idle_timeout / 2)
-        self.liveness = LivenessConfig(
-            keepalive_interval=keepalive_interval,
-            max_probe_timeouts=max_probe_timeouts,
-            dead_after=dead_after,
-        )
+            liveness = replace(
+                liveness, keepalive_interval=min(keepalive_interval, idle_timeout / 2)
+            )
+        self.liveness = liveness
         """The rules every connection's liveness runs (``keepalive_interval`` as in effect)."""
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.counters.update({name: 0 for name in ADMISSION_COUNTERS})
