@@ -437,7 +437,7 @@ class QuicPeerConnection(SessionConnection):
             idle_timeout=idle_timeout,
             **await self._let_go(stream),
         )
-        return SpliceOutcome(sent, received, engine_failure_text(error, self._lost))
+        return self._engine_outcome(sent, received, error)
 
     async def connect_and_splice_stream(
         self,
@@ -469,6 +469,15 @@ class QuicPeerConnection(SessionConnection):
             idle_timeout=idle_timeout,
             **await self._let_go(stream),
         )
+        return self._engine_outcome(sent, received, error, connected)
+
+    def _engine_outcome(
+        self, sent: int, received: int, error: str, connected: bool = True
+    ) -> SpliceOutcome:
+        """What the engine reports at the end of a flow it carried (a splice, a
+        connect-and-splice, an engine flow), its error worded with the reason this
+        connection was lost where the engine knows only that it was
+        (:func:`~quicmesh.transport.base.engine_failure_text`)."""
         error = engine_failure_text(error, self._lost)
         return SpliceOutcome(sent, received, error, connected=connected)
 
@@ -1195,9 +1204,7 @@ class QuicPeerConnection(SessionConnection):
             if isinstance(outcome, OSError):
                 plan.ended(outcome)
             else:
-                sent, received, error, connected = outcome
-                error = engine_failure_text(error, self._lost)
-                plan.ended(SpliceOutcome(sent, received, error, connected=connected))
+                plan.ended(self._engine_outcome(*outcome))
 
         self.engine_flows += 1
         self.streams_opened += 1
