@@ -16,9 +16,11 @@ import http
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import h11
 
@@ -69,6 +71,8 @@ class Response:
     body: bytes
     allow: str = ""
     """The methods the path takes (the ``allow`` header of a 405)."""
+    retry_after: int = 0
+    """Seconds to wait before asking again (the ``retry-after`` header of a 429)."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,13 @@ ROUTES = {
 
 
 def route(view: AdminView, method: str, target: str) -> Response | Deferred:
-    """The response to ``method target`` (query strings are ignored)."""
-    path = target.split("?", 1)[0]
+    """The response to ``method target`` (query strings are ignored; an absolute-form
+    target, ``http://host/ready`` as a client set to use a proxy sends it, is its path,
+    as RFC 9112 3.2.2 asks of a server)."""
+    if target.lower().startswith(("http://", "https://")):
+        path = urlsplit(target).path or "/"
+    else:
+        path = target.split("?", 1)[0]
     if path == "/":
         return _text(200, "\n".join(f"{m} {p}" for p, m in ROUTES.items()))
     expected = ROUTES.get(path)
@@ -130,7 +139,8 @@ async def _migrated(view: AdminView) -> Response:
     try:
         return _json(200, await view.migrate())
     except QuicmeshError as exc:  # MigrationRefused: too soon after the last one
-        return _text(429, str(exc))
+        wait = math.ceil(getattr(exc, "retry_after", 1.0))
+        return replace(_text(429, str(exc)), retry_after=max(1, wait))
 
 
 class AdminServer:
@@ -227,6 +237,8 @@ class AdminServer:
         ]
         if response.allow:
             headers.append(("allow", response.allow))
+        if response.retry_after:
+            headers.append(("retry-after", str(response.retry_after)))
         answer = h11.Response(
             status_code=response.status, headers=headers, reason=_reason(response.status)
         )

@@ -1205,9 +1205,9 @@ class _Loader:
             for service in cluster.all_services:
                 key = (normalise_ip(service[0]), service[1])
                 if key in owners and owners[key] != cluster.name:
-                    raise node.error(
-                        f"[{index}].services: {format_address(service)} is also a service "
-                        f"of cluster {owners[key]!r}"
+                    services = _Field(node.source, f"{node.path}[{index}].services", None)
+                    raise services.error(
+                        f"{format_address(service)} is also a service of cluster {owners[key]!r}"
                     )
                 owners[key] = cluster.name
 

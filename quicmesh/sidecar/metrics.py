@@ -205,7 +205,8 @@ def _intercept_families(intercept: dict[str, Any]) -> Iterator[Metric]:
     flows = CounterMetricFamily(
         "quicmesh_intercept_flows",
         "Captured flows by original destination and route (a cluster, passthrough, "
-        "registry_only: refused, local: inbound, not_redirected: refused).",
+        "registry_only: refused, local: inbound, not_redirected: refused, loop: refused, "
+        "the sidecar's own connection captured again).",
         labels=["direction", "original_destination", "route"],
     )
     for entry in intercept["destinations"]:

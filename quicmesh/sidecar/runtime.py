@@ -115,7 +115,12 @@ MIGRATE_INTERVAL = 1.0
 
 
 class MigrationRefused(QuicmeshError):
-    """``POST /migrate`` came too soon after the last one (429)."""
+    """``POST /migrate`` came too soon after the last one (429, with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds until a migration is taken again."""
 
 
 class Sidecar:
@@ -802,7 +807,8 @@ class Sidecar:
         if now - self._last_migration < MIGRATE_INTERVAL:
             raise MigrationRefused(
                 f"a migration ran {now - self._last_migration:.2f}s ago: at most one every "
-                f"{MIGRATE_INTERVAL:g}s"
+                f"{MIGRATE_INTERVAL:g}s",
+                retry_after=MIGRATE_INTERVAL - (now - self._last_migration),
             )
         self._last_migration = now
         clusters = list(self.clusters.values()) + self.retired_clusters

@@ -206,7 +206,7 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
                     {**CLUSTER, "name": "x", "endpoints": ["b:1"], "services": ["10.96.0.1:80"]},
                 ],
             },
-            "clusters: [1].services: 10.96.0.1:80 is also a service of cluster 'reviews'",
+            "clusters[1].services: 10.96.0.1:80 is also a service of cluster 'reviews'",
         ),
         (
             # The same service spelt as an IPv4-mapped IPv6 address: the destination
@@ -223,7 +223,7 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
                     },
                 ],
             },
-            "clusters: [1].services: [::ffff:a60:a]:80 is also a service of cluster 'reviews'",
+            "clusters[1].services: [::ffff:a60:a]:80 is also a service of cluster 'reviews'",
         ),
         (
             # A scoped IPv6 literal: the table drops the zone (so did --check pass it).
@@ -234,7 +234,7 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
                     {**CLUSTER, "name": "y", "endpoints": ["b:1"], "services": ["[fe80::1]:80"]},
                 ],
             },
-            "clusters: [1].services: [fe80::1]:80 is also a service of cluster 'reviews'",
+            "clusters[1].services: [fe80::1]:80 is also a service of cluster 'reviews'",
         ),
     ],
 )

@@ -402,6 +402,10 @@ def test_admin_routes() -> None:
     assert route(view, "GET", "/ready").status == 503
     assert route(view, "POST", "/drain").body == b"already draining\n"
     assert route(view, "GET", "/nope").status == 404
+    # Absolute-form targets (a client set to use a proxy; RFC 9112 3.2.2) are their path.
+    assert json.loads(route(view, "GET", "http://127.0.0.1:15000/stats?x=1").body) == {"x": 1}
+    assert route(view, "GET", "HTTP://localhost").status == 200  # the listing at /
+    assert route(view, "GET", "http://localhost/nope").status == 404
     assert route(view, "GET", "/migrate").status == 405
     deferred = route(view, "POST", "/migrate")
     assert isinstance(deferred, Deferred)
