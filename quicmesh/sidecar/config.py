@@ -1087,7 +1087,8 @@ class _Loader:
         names = [c.name for c in clusters]
         for index, name in enumerate(names):
             if name in names[:index]:
-                raise root.child("clusters").error(f"[{index}].name: duplicate cluster {name!r}")
+                field = root.child("clusters").items()[index].child("name")
+                raise field.error(f"duplicate cluster {name!r}")
         outbound: tuple[OutboundListenerConfig, ...] = ()
         inbound: tuple[InboundListenerConfig, ...] = ()
         listeners = root.child("listeners")

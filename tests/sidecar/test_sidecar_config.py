@@ -830,3 +830,12 @@ def test_xds_initial_fetch_timeout_of_0s_waits_for_ever(
         document["xds"]["initial_fetch_timeout"] = value
     config = load(document)
     assert config.xds is not None and config.xds.initial_fetch_timeout == seconds
+
+
+def test_a_cluster_name_given_twice_names_the_second_one() -> None:
+    """Said "clusters: [1].name: ..." before (a review, 2026-12-07)."""
+    document = copy.deepcopy(VALID)
+    document["clusters"].append(copy.deepcopy(document["clusters"][0]))
+    with pytest.raises(ConfigError) as error:
+        parse_config(yaml.safe_dump(document), source="sidecar.yaml")
+    assert str(error.value) == "sidecar.yaml: clusters[1].name: duplicate cluster 'reviews'"
