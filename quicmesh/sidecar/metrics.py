@@ -145,6 +145,14 @@ _CLUSTER_QUIC = (
 )
 _LISTENER_QUIC = (
     (
+        "zero_rtt",
+        "result",
+        ("accepted",),
+        "zero_rtt_{}",
+        "QUIC peer connections whose 0-RTT this listener accepted (resumed with a ticket"
+        " it issued; streams to destinations not marked replay-safe are refused in 0-RTT).",
+    ),
+    (
         "session_tickets",
         "result",
         ("issued", "redeemed", "refused"),

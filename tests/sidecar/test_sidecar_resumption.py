@@ -60,6 +60,9 @@ def test_a_restarted_sidecar_resumes_with_0rtt(aioquic_mesh: Mesh, tmp_path: Pat
         redeemed_before = metric(
             mesh.b.metrics(), "quicmesh_listener_session_tickets_total", result="redeemed"
         )
+        accepted_before = metric(
+            mesh.b.metrics(), "quicmesh_listener_zero_rtt_total", result="accepted"
+        )
 
         a.start()  # the same configuration: the same ticket cache file
         a.wait_ready()
@@ -78,6 +81,11 @@ def test_a_restarted_sidecar_resumes_with_0rtt(aioquic_mesh: Mesh, tmp_path: Pat
         assert (
             metric(mesh.b.metrics(), "quicmesh_listener_session_tickets_total", result="redeemed")
             == redeemed_before + 1
+        )
+        # B counts the 0-RTT it took too.
+        assert (
+            metric(mesh.b.metrics(), "quicmesh_listener_zero_rtt_total", result="accepted")
+            == accepted_before + 1
         )
         lines = wait_until(
             lambda: (

@@ -265,6 +265,9 @@ def test_the_listeners_connection_that_arrived_in_0rtt_reports_it_accepted(engin
         assert conn.early_data == "accepted"
         outcomes = [c.early_data for c in listener.connections if not c.is_closed]
         assert outcomes == ["accepted"]
+        # And the listener counts it (its zero_rtt_accepted stayed 0 before).
+        assert server.counters["zero_rtt_accepted"] == 1
+        assert client.counters["zero_rtt_accepted"] == 1
         conn.close()
         await conn.wait_closed()
         relay.close()

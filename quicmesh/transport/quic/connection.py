@@ -1269,6 +1269,10 @@ class QuicPeerConnection(SessionConnection):
         self._early_data = early_data
         if early_data == "attempted":
             self._budget = EarlyDataBudget(remaining=self.options.max_early_data)
+        elif early_data == "accepted":
+            # (server) The client's count is at its handshake's end; a listener's is here
+            # (it stayed 0: a listener could not tell how much 0-RTT it took).
+            self._count("zero_rtt_accepted")
         self._established = True
         self.lost_before = self.quic.stats()["packets_lost"]
         pending, self._pending = self._pending, []
