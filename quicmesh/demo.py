@@ -34,13 +34,13 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from ._signals import scratch_directory
 from .errors import QuicmeshError
 from .sidecar.launch import (
     LOOPBACK,
@@ -573,7 +573,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     # ``kill PID`` (SIGTERM) becomes SystemExit: the finally blocks stop both sidecars
     # and the temporary directory goes (and the sidecars die with this process anyway).
-    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="quicmesh-demo-") as workdir:
+    with terminate_as_exit(), scratch_directory("quicmesh-demo-") as workdir:
         try:
             return int(run_async(_demo(args, Path(workdir))))
         except QuicmeshError as exc:

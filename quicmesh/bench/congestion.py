@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import DevCA, Identity, QuicTransport, TrustBundle
+from .._signals import signals_deferred
 from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
@@ -1318,16 +1319,17 @@ def main(argv: list[str] | None = None) -> int:
         # stopped and the link's namespaces deleted on the way out, as after Ctrl-C.
         with terminate_as_exit():
             document = run(args)
+            table = markdown(document)
+            with signals_deferred():  # the measurements are written whole, then a signal acts
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "congestion.json").write_text(json.dumps(document, indent=1) + "\n")
+                (args.out / "congestion.md").write_text(table)
+            print()
+            print(table)
+            for path in plot(document, args.out):
+                print(f"wrote {path}")
+            print(f"wrote {args.out / 'congestion.json'} and {args.out / 'congestion.md'}")
     except QuicmeshError as exc:
         print(f"quicmesh bench congestion: {exc}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "congestion.json").write_text(json.dumps(document, indent=1) + "\n")
-    table = markdown(document)
-    (args.out / "congestion.md").write_text(table)
-    print()
-    print(table)
-    for path in plot(document, args.out):
-        print(f"wrote {path}")
-    print(f"wrote {args.out / 'congestion.json'} and {args.out / 'congestion.md'}")
     return 0

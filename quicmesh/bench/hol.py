@@ -47,7 +47,6 @@ import queue
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._child import child_environment, python_command
+from .._signals import scratch_directory, signals_deferred
 from ..netem import (
     GilbertElliottConfig,
     Link,
@@ -824,8 +824,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     failures: list[dict[str, Any]] = []
     interrupted: int | None = None
     source = source_state()
-    with tempfile.TemporaryDirectory(prefix="quicmesh-hol-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    with scratch_directory("quicmesh-hol-") as scratch:
         ca_dir = scratch / "ca"
         DevCA().save(ca_dir)
         try:
@@ -852,14 +851,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                     }
                 )
             progress.update(len(plan), "done")
+            progress.finish()
         except (KeyboardInterrupt, SystemExit) as exc:
             # Ctrl-C, or SIGTERM/SIGHUP (terminate_as_exit): the link is torn down by now.
+            # (Up to the last progress line: a signal after the loop lost the whole run.)
             interrupted = 130 if isinstance(exc, KeyboardInterrupt) else _exit_status(exc)
             progress.finish()
             print("interrupted; writing what was measured", file=sys.stderr)
-        progress.finish()
-    result = assemble(args, settings, runs, failures, source)
-    write_outputs(result, runs, out)
+    with signals_deferred():  # what was measured is written whole, then a signal acts
+        result = assemble(args, settings, runs, failures, source)
+        write_outputs(result, runs, out)
     for failure in failures:
         print(
             f"FAILED {failure['experiment']} {failure['link']} {failure['variant']} "

@@ -49,13 +49,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._signals import scratch_directory, signals_deferred
 from ..errors import QuicmeshError
 from ..intercept import lab as L
 from ..intercept.lab import InterceptLab, NamespacedSidecar
@@ -179,8 +179,7 @@ def measure_connections(connections: int, rounds: int) -> list[ConnectionRow]:
     }
     samples: dict[str, list[float]] = {case: [] for case in CONNECTION_CASES}
     cpu: dict[str, list[float]] = {case: [0.0, 0.0] for case in CONNECTION_CASES}
-    with tempfile.TemporaryDirectory(prefix="quicmesh-bench-intercept-") as tmp:
-        workdir = Path(tmp)
+    with scratch_directory("quicmesh-bench-intercept-") as workdir:
         DevCA().save(workdir / "ca")
         a_config, b_config = _sidecar_configs(workdir)
         with InterceptLab() as lab:
@@ -288,8 +287,9 @@ def measure_lookups(sizes: tuple[int, ...], rounds: int, window: float) -> list[
     samples: dict[tuple[str, int], list[float]] = {
         (style, n): [] for n in sizes for style in LOOKUP_STYLES
     }
-    system.ip("netns", "add", namespace)
     try:
+        with signals_deferred():  # made in full before a signal ends the run (and deletes it)
+            system.ip("netns", "add", namespace)
         system.ip("link", "set", "dev", "lo", "up", namespace=namespace)
         with system.in_namespace(namespace):
             sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._signals import scratch_directory
 from ..errors import QuicmeshError
 from ..outputs import output_file
 from ..sidecar.launch import LOOPBACK, SidecarProcess, free_port, terminate_as_exit
@@ -210,8 +210,7 @@ def main(argv: list[str]) -> int:
 
 def _measure_all(args: Any, cases: list[tuple[int, int]]) -> list[Run]:
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="quicmesh-bench-xds-") as directory:
-        workdir = Path(directory)
+    with scratch_directory("quicmesh-bench-xds-") as workdir:
         DevCA().save(workdir / "ca")
         for repeat in range(args.repeat):
             for clusters, endpoints in cases:

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .._signals import signals_deferred
 from ..netem import system
 from ..netem.system import NetemError
 from ..sidecar.launch import SidecarProcess
@@ -171,8 +172,9 @@ class InterceptLab:
 
     def _set_up(self) -> None:
         for name in (self.app_ns, self.service_ns):
-            system.ip("netns", "add", name)
-            self._namespaces.append(name)
+            with signals_deferred():  # made and recorded, or neither (see netem's Link)
+                system.ip("netns", "add", name)
+                self._namespaces.append(name)
             system.ip("link", "set", "dev", "lo", "up", namespace=name)
         system.ip(
             "link", "add", INTERFACE, "netns", self.app_ns,
@@ -253,10 +255,11 @@ class InterceptLab:
                     sidecar.process.wait()
             self.sidecars.clear()
             self._servers.clear()
-            for name in reversed(self._namespaces):
-                with contextlib.suppress(NetemError):
-                    system.delete_namespace(name)
-            self._namespaces.clear()
+            with signals_deferred():  # (a SystemExit half-way left the rest behind)
+                for name in reversed(self._namespaces):
+                    with contextlib.suppress(NetemError):
+                        system.delete_namespace(name)
+                self._namespaces.clear()
 
 
 def cleanup_stale_namespaces() -> list[str]:

@@ -39,6 +39,7 @@ from quicmesh.netem.model import DirectionStats
 from quicmesh.netem.system import NetemError
 
 from .._child import child_environment, python_command
+from .._signals import signals_deferred
 
 __all__ = [
     "CLIENT_ADDRESS",
@@ -171,12 +172,13 @@ class Link:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._tun_fds.clear()
-        for name in reversed(self._namespaces):
-            try:
-                system.delete_namespace(name)
-            except NetemError as exc:
-                errors.append(str(exc))
-        self._namespaces.clear()
+        with signals_deferred():  # (a SystemExit half-way left the rest behind)
+            for name in reversed(self._namespaces):
+                try:
+                    system.delete_namespace(name)
+                except NetemError as exc:
+                    errors.append(str(exc))
+            self._namespaces.clear()
         if errors:
             raise NetemError("tear-down incomplete: " + "; ".join(errors))
 
@@ -186,9 +188,11 @@ class Link:
             ("server", self.server_ns, SERVER_ADDRESS),
         )
         for _side, namespace, _address in sides:
-            # Kept first: a signal while `ip` makes it (SystemExit) must not leave it behind.
+            # Recorded first, made with signals held: a SystemExit while `ip` made it left
+            # it behind (`ip` ran on after the tear-down had looked).
             self._namespaces.append(namespace)
-            system.ip("netns", "add", namespace)
+            with signals_deferred():
+                system.ip("netns", "add", namespace)
             for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
                 with contextlib.suppress(FileNotFoundError):
                     system.write_sysctl(namespace, key, "1")

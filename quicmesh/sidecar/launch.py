@@ -42,6 +42,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .._child import child_environment, python_command
+from .._signals import restore_handlers
 from ..errors import QuicmeshError
 
 LOOPBACK = "127.0.0.1"
@@ -62,18 +63,31 @@ def terminate_as_exit(
     child processes are stopped, temporary directories removed (SIGINT is
     KeyboardInterrupt already); or call ``handler`` instead. Outside the main thread
     it does nothing. In asyncio code use :func:`run_async`, which cancels the main
-    task rather than raising in whatever task happens to run."""
+    task rather than raising in whatever task happens to run.
+
+    A SystemExit raised where Python discards exceptions (a ``__del__``, a weakref
+    callback: "Exception ignored in ...") would lose the signal, and the command ran
+    on to exit 0: if the block then ends without an exception, the SystemExit is
+    raised again there."""
     taken = (signal.SIGTERM, signal.SIGHUP)
+    received: list[int] = []
+
+    def exit_on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        raise SystemExit(128 + signum)
+
+    chosen = exit_on_signal if handler is _exit_on_signal else handler
     try:
-        previous = {signum: signal.signal(signum, handler) for signum in taken}
+        previous = {signum: signal.signal(signum, chosen) for signum in taken}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
+        restore_handlers(previous)
+    if received:
+        raise SystemExit(128 + received[0])
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

@@ -20,11 +20,11 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .._signals import scratch_directory
 from ..errors import QuicmeshError
 from ..sidecar.launch import (
     LOOPBACK,
@@ -67,7 +67,10 @@ async def _client(port: int, size: int, deadline: float, tally: dict[str, int]) 
             reader, writer = await asyncio.open_connection(LOOPBACK, port)
             writer.write(payload)
             writer.write_eof()
-            received = await asyncio.wait_for(reader.read(-1), 30)
+            # (Not wait_for: on Python 3.11 it loses a cancellation that comes as the read
+            # completes, and the client went on until the deadline after SIGTERM.)
+            async with asyncio.timeout(30):
+                received = await reader.read(-1)
             writer.close()
             ok = received == payload
         except (OSError, TimeoutError):
@@ -198,7 +201,7 @@ def run_xds_demo(args: argparse.Namespace) -> int:
         return 2
     # ``kill PID`` (SIGTERM) becomes SystemExit and Ctrl-C cancels the run: either way
     # the finally blocks stop both sidecars and the temporary directory goes.
-    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="quicmesh-xds-demo-") as workdir:
+    with terminate_as_exit(), scratch_directory("quicmesh-xds-demo-") as workdir:
         try:
             return run_async(_run(args, Path(workdir)))
         except QuicmeshError as exc:

@@ -1,0 +1,66 @@
+"""Signals in the commands' own steps: handlers put back, and steps a signal must not
+cut in two (making or deleting a network namespace, removing a scratch directory).
+
+:func:`~quicmesh.sidecar.launch.terminate_as_exit` turns SIGTERM into SystemExit for a
+command's body; what is here keeps that SystemExit out of the steps it would break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+
+def restore_handlers(previous: Mapping[signal.Signals, Any]) -> None:
+    """Put back the handlers ``signal.signal`` returned."""
+    for signum, before in previous.items():
+        # (None: the handler was not set from Python; the default is the nearest.)
+        signal.signal(signum, signal.SIG_DFL if before is None else before)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for the block, then act on the first that
+    came once it ends (the handler in force then raises, or the signal's default stops
+    the process): for a step a signal must not cut in two. A SystemExit between
+    ``ip netns add`` and its end left the namespace behind (``ip`` ran on and made it
+    after the link's tear-down had looked), one in the middle of the tear-down left the
+    namespaces not yet deleted, and one inside a temporary directory's removal left it,
+    with a CA's private key, in place. Outside the main thread it does nothing."""
+    taken = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    received: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    try:
+        previous = {signum: signal.signal(signum, note) for signum in taken}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
+        if received:
+            signal.raise_signal(received[0])
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A private temporary directory (0700) for the block, removed at its end with
+    signals held back (:func:`signals_deferred`): ``tempfile.TemporaryDirectory``
+    forgets its directory before removing it, so a SystemExit between the two left it,
+    and the benchmarks keep a CA's private key there."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        with signals_deferred():
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""SIGTERM in the commands' own steps (quicmesh/_signals.py, terminate_as_exit): a sweep
+that sent the signal at the N-th Python call found it lost in a finalizer (the command
+ran on to exit 0), namespaces left when it cut ``ip netns add`` or the tear-down in two,
+and a scratch directory with a CA's key left when it cut the directory's removal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+
+import pytest
+
+from quicmesh._signals import scratch_directory, signals_deferred
+from quicmesh.sidecar.launch import terminate_as_exit
+
+
+def _signal_self(signum: int = signal.SIGTERM) -> None:
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # bytecode boundaries: the Python handler runs by the end
+        pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_lost_in_a_finalizer_still_ends_the_block() -> None:
+    class Dropped:
+        def __del__(self) -> None:
+            _signal_self()  # the SystemExit is raised here, and Python discards it
+
+    ran_on = False
+    with pytest.raises(SystemExit) as exited, terminate_as_exit():
+        Dropped()  # collected at once: its __del__ runs here
+        ran_on = True
+    assert ran_on  # (what the lost signal let the command do)
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
+def test_a_signal_during_a_held_step_acts_when_the_step_ends() -> None:
+    steps: list[str] = []
+    with pytest.raises(SystemExit) as exited, terminate_as_exit():
+        with signals_deferred():
+            _signal_self()
+            steps.append("finished")  # the step is not cut in two
+        steps.append("after")  # not reached: the signal acted as the step ended
+    assert steps == ["finished"]
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
+def test_ctrl_c_during_a_held_step_is_a_keyboard_interrupt_after_it() -> None:
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        _signal_self(signal.SIGINT)
+        steps.append("finished")
+    assert steps == ["finished"]
+
+
+def test_held_steps_nest_and_the_handlers_come_back() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with pytest.raises(SystemExit), terminate_as_exit(), signals_deferred():
+        with signals_deferred():
+            _signal_self()
+        _signal_self(signal.SIGHUP)  # held by the outer step: the first one acts
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_scratch_directory_is_private_and_goes_even_when_a_signal_comes() -> None:
+    with (
+        pytest.raises(SystemExit),
+        terminate_as_exit(),
+        scratch_directory("quicmesh-test-") as scratch,
+    ):
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
+        (scratch / "ca-key.pem").write_text("secret")
+        _signal_self()
+    assert not scratch.exists()
