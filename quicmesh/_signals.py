@@ -1,4 +1,4 @@
-"""Signals in the commands' own steps: handlers put back, and steps a signal must not
+"""Signals in the commands' own steps: handlers set for a block, and steps a signal must not
 cut in two (making or deleting a network namespace, removing a scratch directory).
 
 :func:`~quicmesh.sidecar.launch.terminate_as_exit` turns SIGTERM into SystemExit for a
@@ -11,17 +11,28 @@ import contextlib
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 
-def restore_handlers(previous: Mapping[signal.Signals, Any]) -> None:
-    """Put back the handlers ``signal.signal`` returned."""
-    for signum, before in previous.items():
-        # (None: the handler was not set from Python; the default is the nearest.)
-        signal.signal(signum, signal.SIG_DFL if before is None else before)
+@contextlib.contextmanager
+def signal_handlers(
+    signums: tuple[signal.Signals, ...], handler: Callable[[int, FrameType | None], None]
+) -> Iterator[None]:
+    """``handler`` for ``signums`` for the block, the earlier handlers put back after it
+    (outside the main thread, where Python takes no handler, nothing is set)."""
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum in signums}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            # (None: the handler was not set from Python; the default is the nearest.)
+            signal.signal(signum, signal.SIG_DFL if before is None else before)
 
 
 @contextlib.contextmanager
@@ -40,14 +51,9 @@ def signals_deferred() -> Iterator[None]:
         received.append(signum)
 
     try:
-        previous = {signum: signal.signal(signum, note) for signum in taken}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
+        with signal_handlers(taken, note):
+            yield
     finally:
-        restore_handlers(previous)
         if received:
             signal.raise_signal(received[0])
 

@@ -42,7 +42,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .._child import child_environment, python_command
-from .._signals import restore_handlers
+from .._signals import signal_handlers
 from ..errors import QuicmeshError
 
 LOOPBACK = "127.0.0.1"
@@ -76,16 +76,8 @@ def terminate_as_exit(
         received.append(signum)
         raise SystemExit(128 + signum)
 
-    chosen = exit_on_signal if handler is _exit_on_signal else handler
-    try:
-        previous = {signum: signal.signal(signum, chosen) for signum in taken}
-    except ValueError:  # not the main thread
+    with signal_handlers(taken, exit_on_signal if handler is _exit_on_signal else handler):
         yield
-        return
-    try:
-        yield
-    finally:
-        restore_handlers(previous)
     if received:
         raise SystemExit(128 + received[0])
 
