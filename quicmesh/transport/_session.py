@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConnectionLost, StreamReset, TunnelError
+from ..errors import ConnectionLost, StreamReset, TunnelError, TunnelUsageError
 from ..logs import RateLimitedLog
 from ..tunnel import events
 from ..tunnel.connect import parse_target, validate_headers
@@ -131,6 +131,8 @@ class SessionConnection(PeerConnection):
         """
         parsed = parse_target(target)
         checked = validate_headers(headers)
+        if not isinstance(wait_response, bool):  # ("no" was taken as true)
+            raise TunnelUsageError(f"wait_response must be true or false, not {wait_response!r}")
         self._raise_if_closing()
         while not self.session.can_open_stream():
             self._raise_if_closing()

@@ -9,7 +9,10 @@ connection implements.
 
 Backpressure works both ways: ``drain()`` waits while more than
 ``high_water`` bytes of this stream are still unsent, and the connection only
-credits the peer (flow-control window) for bytes the application has read.
+credits the peer (flow-control window) for bytes the application has read. (On
+the native QUIC engine a reader that stops can have about twice ``stream_window``
+held for it: one window in quinn, which the engine reads from for Python, and one
+in the stream's buffer here; the other transports hold about one.)
 
 Splicing: where the transport can copy a flow between the stream and a TCP
 socket itself (the native QUIC engine), :meth:`MeshStream.can_splice` says so and
@@ -604,7 +607,11 @@ class MeshStream:
         self._fail(StreamReset(f"stream {self.stream_id} aborted locally ({reason.value})"))
 
     def close(self) -> None:
-        """Half-close our side and stop reading: the stream ends once the peer's FIN is in."""
+        """Half-close our side and stop reading (bytes not read yet are dropped): the
+        stream counts as closed at once (:attr:`closed`, :meth:`wait_closed`), while the
+        bytes written before go out in the background, as long as the connection lasts
+        (unlike asyncio's ``writer.close(); await writer.wait_closed()``, that does not
+        wait for them: use :meth:`wait_sent`, or :meth:`write_eof` and read to EOF)."""
         self.write_eof()
         if not self._eof_received and not self._reading_stopped and self._error is None:
             self._reading_stopped = True
