@@ -205,6 +205,19 @@ class TlsPeerConnection(SessionConnection):
         result.update(self.protocol.tcp_info())
         return result
 
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Close gracefully (see :meth:`PeerConnection.aclose`). A connection carrying
+        one flow (HTTP/1.1) gives it ``timeout`` seconds to end, and its bytes to
+        leave: it closes by itself then (:meth:`TlsTunnelProtocol.flush`); a flow
+        still open, or still sending, after ``timeout`` is reset by the close."""
+        if isinstance(self.session, Http1TunnelSession) and not self.is_closed:
+            self._closing = True  # (no new stream, as in SessionConnection.aclose)
+            start = self._loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.protocol.closed), timeout)
+            timeout = max(0.0, timeout - (self._loop.time() - start))
+        await super().aclose(timeout)
+
     async def wait_closed(self) -> None:
         await asyncio.shield(self.protocol.closed)
         await super().wait_closed()
@@ -465,17 +478,29 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._transport.close()
 
     def close(self) -> None:
-        """Close gracefully: send what is queued, our close_notify, then close."""
-        if self._transport is None or self._closing:
+        """Close gracefully: send what is queued, our close_notify, then close.
+
+        A connection carrying one flow (HTTP/1.1) whose bytes cannot all leave now
+        is reset instead (the session's close resets a flow with bytes it has not
+        handed out; this, one whose bytes wait in the socket transport's buffer), as
+        is one already closing that way: its peer may never read them, and
+        ``transport.close()`` waits for that buffer to drain, so the close (and
+        ``wait_closed()``, a listener's too) never ended (until 2026-12). A flow
+        that ends by itself keeps its graceful close (and :meth:`_linger`)."""
+        transport = self._transport
+        if transport is None or self.closed.done():
             return
-        if self.session is not None and not self._handshaking:
+        if not self._closing and self.session is not None and not self._handshaking:
             self.flush()
-            if self._closing:
-                return
-            if not self._close_notify_sent:
+            if not self._closing and not self._close_notify_sent:
                 self._send_close_notify()
-        self._closing = True
-        self._transport.close()
+        if self.closed.done():
+            return
+        if isinstance(self.session, Http1TunnelSession) and transport.get_write_buffer_size():
+            self._abort()
+        elif not self._closing:
+            self._closing = True
+            transport.close()
 
     def abort(self) -> None:
         """Reset the TCP connection (RST)."""

@@ -17,16 +17,17 @@ reported) before any flow; that connection then carries the first flow.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 from typing import Any
 
 from cryptography import x509
 
-from ..errors import ConnectionLost, PeerVerificationError, TunnelError
+from ..errors import ConnectionLost, PeerVerificationError, TunnelError, TunnelUsageError
 from ..tls import Identity, TrustBundle
 from ..tls.context import MutualTlsContexts
 from ..tunnel.connect import parse_target, validate_headers
-from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, Http1TunnelSession
+from ..tunnel.http1 import DEFAULT_RECEIVE_WINDOW, STREAM_ID, Http1TunnelSession
 from ._tcp import (
     MAX_HALF_OPEN_PER_SOURCE,
     TlsListener,
@@ -84,6 +85,9 @@ class TcpPeerConnection(PeerConnection):
         self._bytes_received = 0
         self._streams_opened = 0
         """CONNECTs sent on the flows' connections that closed (the open ones count theirs)."""
+        self._stream_ids = itertools.count(STREAM_ID)
+        """The flows' stream IDs, 1, 2, 3... in the order their CONNECTs go (for logs:
+        until 2026-12 every flow was stream 1)."""
         first.closed.add_done_callback(lambda _: self._flow_closed(first))
 
     @property
@@ -143,6 +147,8 @@ class TcpPeerConnection(PeerConnection):
         """
         target = parse_target(target)
         validate_headers(headers)
+        if not isinstance(wait_response, bool):  # ("no" was taken as true, as on QUIC and h2)
+            raise TunnelUsageError(f"wait_response must be true or false, not {wait_response!r}")
         if self._closed:
             raise ConnectionLost("connection to the peer is closed")
         protocol, self._spare = self._spare, None
@@ -163,6 +169,9 @@ class TcpPeerConnection(PeerConnection):
                 f"peer identity changed from {self.peer_identity} to {connection.peer_identity}"
             )
         self._peer_certificate = connection.peer_certificate
+        session = connection.session
+        if isinstance(session, Http1TunnelSession) and session.can_open_stream():
+            session.stream_id = next(self._stream_ids)
         try:
             stream = await connection.open_stream(target, headers)
         except TunnelError:
@@ -292,9 +301,11 @@ class TcpTransport(Transport):
         self._tls.update(identity, trust)
         super().set_identity(identity, trust)
 
-    def session(self, *, is_client: bool) -> Http1TunnelSession:
-        """A new sans-IO session for one flow's connection."""
-        return Http1TunnelSession(is_client=is_client, receive_window=self.receive_window)
+    def session(self, *, is_client: bool, stream_id: int = STREAM_ID) -> Http1TunnelSession:
+        """A new sans-IO session for one flow's connection (its stream ``stream_id``)."""
+        return Http1TunnelSession(
+            is_client=is_client, receive_window=self.receive_window, stream_id=stream_id
+        )
 
     async def listen(
         self,
@@ -305,12 +316,16 @@ class TcpTransport(Transport):
         early_data: bool = True,
     ) -> TcpListener:
         """Accept peer connections (see :meth:`Transport.listen`); ``early_data`` is
-        ignored (no 0-RTT over TLS here)."""
+        ignored (no 0-RTT over TLS here).
+
+        The flows it accepts are numbered (their ``stream_id``) 1, 2, 3... in the order
+        their connections completed the TLS handshake."""
+        stream_ids = itertools.count(STREAM_ID)
         server, protocols = await start_server(
             address,
             context=self.ssl_context(server_side=True),
             alpn=ALPN,
-            session_factory=lambda: self.session(is_client=False),
+            session_factory=lambda: self.session(is_client=False, stream_id=next(stream_ids)),
             transport_name=self.name,
             handler=handler,
             authorize=authorize,

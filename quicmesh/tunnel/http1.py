@@ -1,11 +1,12 @@
 """One CONNECT tunnel over an HTTP/1.1 connection, sans-IO (the per-flow baseline).
 
-:class:`Http1TunnelSession` carries exactly one flow, stream :data:`STREAM_ID`,
-on its own connection. The client sends ``CONNECT host:port HTTP/1.1`` with a
-``Host`` header and the extra headers; the server answers ``200`` (the tunnel is
-open) or an error status with a ``proxy-status`` reason, ``Content-Length: 0``
-and ``Connection: close``. h11 reads and writes that preamble; after a 200 both
-directions carry the flow's bytes unframed.
+:class:`Http1TunnelSession` carries exactly one flow on its own connection
+(its ID, for logs, given by the transport: :data:`STREAM_ID` by default). The
+client sends ``CONNECT host:port HTTP/1.1`` with a ``Host`` header and the
+extra headers; the server answers ``200`` (the tunnel is open) or an error status
+with a ``proxy-status`` reason, ``Content-Length: 0`` and ``Connection: close``.
+h11 reads and writes that preamble; after a 200 both directions carry the flow's
+bytes unframed.
 
 HTTP/1.1 has no frames to mark a half-close or an abort, so they are the
 connection's: the session reports :attr:`~Http1TunnelSession.output_ended` once
@@ -37,7 +38,8 @@ from .connect import (
 from .session import ResetReason, TunnelSession
 
 STREAM_ID = 1
-"""The ID of the one stream an HTTP/1.1 tunnel connection carries."""
+"""The default ID of the one stream an HTTP/1.1 tunnel connection carries (the ``tcp``
+transport numbers the flows of a peer connection, and of a listener, 1, 2, 3...)."""
 
 DEFAULT_RECEIVE_WINDOW = 1024 * 1024
 """Unread bytes above which the session asks for the socket not to be read."""
@@ -62,10 +64,20 @@ class Http1TunnelSession(TunnelSession):
 
     :param is_client: which side of the connection this is.
     :param receive_window: unread bytes above which :attr:`input_paused` turns True.
+    :param stream_id: the ID of its one stream (for logs; a client may change it with
+        :attr:`stream_id` until :meth:`open_stream`).
     """
 
-    def __init__(self, *, is_client: bool, receive_window: int = DEFAULT_RECEIVE_WINDOW) -> None:
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        receive_window: int = DEFAULT_RECEIVE_WINDOW,
+        stream_id: int = STREAM_ID,
+    ) -> None:
         self.is_client = is_client
+        self.stream_id = stream_id
+        """The ID of the connection's one stream (until 2026-12 always 1)."""
         self.abort_requested = False
         """True once the flow was aborted: reset the connection."""
         self._h11 = h11.Connection(
@@ -143,12 +155,12 @@ class Http1TunnelSession(TunnelSession):
         self._input_ended = True
         state = self._state
         if state is _State.OPEN:
-            return [] if self._reading_stopped else [events.DataReceived(STREAM_ID, b"", True)]
+            return [] if self._reading_stopped else [events.DataReceived(self.stream_id, b"", True)]
         if state is _State.DONE or (state is _State.REQUESTED and not self.is_client):
             return []  # a server delivers the FIN once respond() opens the tunnel
         self._finish()
         if self.is_client and state is _State.REQUESTED:
-            return [events.StreamReset(STREAM_ID, 0)]
+            return [events.StreamReset(self.stream_id, 0)]
         return []
 
     def pending_events(self) -> list[events.TunnelEvent]:
@@ -173,7 +185,7 @@ class Http1TunnelSession(TunnelSession):
         if self._reading_stopped or not data:
             return []
         self._unread += len(data)
-        return [events.DataReceived(STREAM_ID, data)]
+        return [events.DataReceived(self.stream_id, data)]
 
     def _server_events(self) -> list[events.TunnelEvent]:
         try:
@@ -196,7 +208,7 @@ class Http1TunnelSession(TunnelSession):
             return self._reject(400, f"malformed request: {exc}")
         self._state = _State.REQUESTED
         self._early = len(self._h11.trailing_data[0])  # (read with the request head)
-        return [events.StreamRequested(STREAM_ID, request.target, request.headers)]
+        return [events.StreamRequested(self.stream_id, request.target, request.headers)]
 
     def _client_events(self) -> list[events.TunnelEvent]:
         if self._state is not _State.REQUESTED:
@@ -216,7 +228,9 @@ class Http1TunnelSession(TunnelSession):
             if bytes(raw_name) == b"proxy-status":
                 proxy_status = bytes(raw_value).decode("utf-8", "replace")
         result: list[events.TunnelEvent] = [
-            events.ResponseReceived(STREAM_ID, event.status_code, decode_proxy_status(proxy_status))
+            events.ResponseReceived(
+                self.stream_id, event.status_code, decode_proxy_status(proxy_status)
+            )
         ]
         if event.status_code != 200:
             self._finish()
@@ -230,11 +244,11 @@ class Http1TunnelSession(TunnelSession):
 
     def _fail_client(self, reason: str) -> list[events.TunnelEvent]:
         self._finish()
-        return [events.ResponseReceived(STREAM_ID, 502, reason)]
+        return [events.ResponseReceived(self.stream_id, 502, reason)]
 
     def _reject(self, status: int, reason: str) -> list[events.TunnelEvent]:
-        self.respond(STREAM_ID, status, reason)
-        return [events.RequestRejected(STREAM_ID, status, reason)]
+        self.respond(self.stream_id, status, reason)
+        return [events.RequestRejected(self.stream_id, status, reason)]
 
     def _finish(self) -> None:
         self._state = _State.DONE
@@ -258,7 +272,7 @@ class Http1TunnelSession(TunnelSession):
         self._outgoing += self._h11.send(request) or b""
         self._outgoing += self._h11.send(h11.EndOfMessage()) or b""
         self._state = _State.REQUESTED
-        return STREAM_ID
+        return self.stream_id
 
     def respond(self, stream_id: int, status: int, reason: str = "") -> None:
         if self.is_client or self._state is _State.OPEN or self._state is _State.DONE:
@@ -270,7 +284,7 @@ class Http1TunnelSession(TunnelSession):
             self._early = 0
             self._pending.extend(self._tunnel_data(bytes(trailing)))
             if self._input_ended:
-                self._pending.append(events.DataReceived(STREAM_ID, b"", True))
+                self._pending.append(events.DataReceived(self.stream_id, b"", True))
             return
         fields = [("content-length", "0"), ("connection", "close")]
         if reason:
@@ -315,9 +329,13 @@ class Http1TunnelSession(TunnelSession):
         return self.finished and not self.unsent_bytes(1)
 
     def close(self, reason: str = "") -> None:
-        """Close the connection: a tunnel still open in either direction is reset."""
+        """Close the connection: a tunnel still open in either direction is reset, and
+        so is one whose bytes are not all handed out yet (a peer that does not read
+        would otherwise hold the close for ever; until 2026-12 its FIN went after a
+        truncated flow, or never)."""
         if self._state is _State.OPEN:
-            if not (self._fin_requested and (self._input_ended or self._reading_stopped)):
+            done_reading = self._input_ended or self._reading_stopped
+            if not (self._fin_requested and done_reading and not self.unsent_bytes(0)):
                 self.abort_requested = True
                 self._finish()
         elif self._state is not _State.DONE:
