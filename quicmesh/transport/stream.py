@@ -249,6 +249,9 @@ class MeshStream:
         self._peer_stopped_reading = False
         self._reading_stopped = False
         self._error: TunnelError | None = None
+        self._input_complete_at_failure = False
+        """The peer's FIN was in when the stream failed (reset by the peer, its connection
+        lost): reads still give what came, then EOF."""
         self._response = _Response.PENDING
         self._responded = self._loop.create_future()
         self._read_waiter: asyncio.Future[None] | None = None
@@ -324,9 +327,9 @@ class MeshStream:
                     return b"".join(chunks)
                 chunks.append(chunk)
         while not self._buffer and not self._input_over:
-            self._raise_error()
+            self._raise_read_error()
             await self._wait_readable()
-        self._raise_error()
+        self._raise_read_error()
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         if data:
@@ -346,7 +349,7 @@ class MeshStream:
         collected = bytearray()
         try:
             while len(collected) < n:
-                self._raise_error()
+                self._raise_read_error()
                 if self._buffer:
                     taken = self._buffer[: n - len(collected)]
                     del self._buffer[: len(taken)]
@@ -674,6 +677,11 @@ class MeshStream:
         self._maybe_closed()
 
     def _on_reset(self, error: TunnelError) -> None:
+        if self._error is None and not self._closed.done():
+            # Every byte of the peer's side came (its FIN too): a failure after that, its
+            # connection closed say, takes the writing side, not a complete answer
+            # (RFC 9000 3.2 "Data Recvd"; TLS-over-TCP delivered it, QUIC and h2 did not).
+            self._input_complete_at_failure = self._eof_received
         self._fail(error)
 
     def _on_writable(self) -> None:
@@ -690,6 +698,10 @@ class MeshStream:
 
     def _raise_error(self) -> None:
         if self._error is not None:
+            raise self._error
+
+    def _raise_read_error(self) -> None:
+        if self._error is not None and not self._input_complete_at_failure:
             raise self._error
 
     def _set_responded(self) -> None:

@@ -429,6 +429,57 @@ def test_invalid_target_is_refused_locally(name: str, target: str) -> None:
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_wait_response_must_be_a_bool(name: str) -> None:
+    """``wait_response="no"`` was taken as true (a review, 2026-12-07), as
+    ``early_data="false"`` was before it had to be a bool."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        with pytest.raises(quicmesh.TunnelUsageError, match="wait_response must be true or false"):
+            await conn.open_stream(TARGET, wait_response="no")  # type: ignore[arg-type]
+        await echoed(conn, b"still fine")
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["peer-resets", "connection-closes"])
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_complete_answer_outlives_a_later_failure(name: str, how: str) -> None:
+    """The peer's answer and FIN came, unread; then the peer reset the stream, or closed
+    the connection: the answer is read whole (QUIC and h2 raised StreamReset, TLS-over-TCP
+    gave it; a review, 2026-12-07). Only the writing side fails."""
+    if how == "connection-closes" and name == "tcp":
+        pytest.skip("a TLS-over-TCP listener has no connection apart from the flow's own")
+    arrived = asyncio.Event()
+
+    async def answer_then_fail(stream: MeshStream) -> None:
+        stream.write(b"complete answer")
+        stream.write_eof()
+        await arrived.wait()  # (a reset sent before the end arrives may overtake it)
+        if how == "peer-resets":
+            stream.abort()
+        else:
+            await stream.read()  # the upload never ends: the connection's close ends it
+
+    async def main() -> None:
+        listener, conn = await pair(name, answer_then_fail)
+        stream = await conn.open_stream(TARGET)
+        await until(lambda: stream.bytes_received == 15 and stream._eof_received)
+        arrived.set()
+        if how == "connection-closes":
+            for accepted in listener.connections:
+                accepted.close()
+        if name != "tcp":  # (TLS-over-TCP sees a reset after the peer's FIN only on a write)
+            await until(lambda: stream.exception() is not None or stream.closed)
+        assert await stream.read() == b"complete answer"
+        assert await stream.read() == b""
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_client_from_another_ca_is_refused(name: str) -> None:
     rogue_ca = DevCA()
     rogue = rogue_ca.issue("spiffe://mesh.local/ns/default/sa/client")
