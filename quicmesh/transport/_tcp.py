@@ -216,6 +216,8 @@ class TlsPeerConnection(SessionConnection):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.protocol.closed), timeout)
             timeout = max(0.0, timeout - (self._loop.time() - start))
+            if timeout == 0.0:
+                self.protocol.reset_if_open()  # (its time is up: no close's grace on top)
         await super().aclose(timeout)
 
     async def wait_closed(self) -> None:
@@ -305,6 +307,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._close_notify_sent = False
         self._close_notify_received = False
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._close_deadline: asyncio.TimerHandle | None = None
+        """(:meth:`close`) When a close still waiting for its bytes to leave resets."""
         """While set, the session is over and ours is sent, and what the peer still
         sends is read and dropped until its end, or the timer's (:meth:`_linger`)."""
 
@@ -384,6 +388,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._stop_liveness()
         self._end_half_open()
         self._cancel_setup_timer()
+        if self._close_deadline is not None:
+            self._close_deadline.cancel()
+            self._close_deadline = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -480,13 +487,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def close(self) -> None:
         """Close gracefully: send what is queued, our close_notify, then close.
 
-        A connection carrying one flow (HTTP/1.1) whose bytes cannot all leave now
-        is reset instead (the session's close resets a flow with bytes it has not
-        handed out; this, one whose bytes wait in the socket transport's buffer), as
-        is one already closing that way: its peer may never read them, and
-        ``transport.close()`` waits for that buffer to drain, so the close (and
-        ``wait_closed()``, a listener's too) never ended (until 2026-12). A flow
-        that ends by itself keeps its graceful close (and :meth:`_linger`)."""
+        ``transport.close()`` waits for the socket transport's buffer to drain, so a
+        peer that does not read held the close (and ``wait_closed()``, a listener's
+        too) for ever (until 2026-12): a connection carrying one flow (HTTP/1.1) with
+        bytes still in that buffer, closing now or closing already, is reset if they
+        have not left after :data:`LINGER_TIMEOUT` (a peer that reads gets them all;
+        the session's own close resets a flow with bytes it has not handed out)."""
         transport = self._transport
         if transport is None or self.closed.done():
             return
@@ -496,11 +502,19 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 self._send_close_notify()
         if self.closed.done():
             return
-        if isinstance(self.session, Http1TunnelSession) and transport.get_write_buffer_size():
-            self._abort()
-        elif not self._closing:
+        stuck = isinstance(self.session, Http1TunnelSession) and transport.get_write_buffer_size()
+        if stuck and self._close_deadline is None:
+            self._close_deadline = self._loop.call_later(LINGER_TIMEOUT, self.reset_if_open)
+        if not self._closing:
             self._closing = True
             transport.close()
+
+    def reset_if_open(self) -> None:
+        """Reset the connection unless it is closed (the bytes queued by a :meth:`close`
+        did not leave in time, or an ``aclose`` timeout is up)."""
+        self._close_deadline = None
+        if self._transport is not None and not self.closed.done():
+            self._abort()
 
     def abort(self) -> None:
         """Reset the TCP connection (RST)."""
