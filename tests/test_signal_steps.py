@@ -12,6 +12,7 @@ import stat
 import pytest
 
 from quicmesh._signals import scratch_directory, signals_deferred
+from quicmesh.errors import QuicmeshError
 from quicmesh.sidecar.launch import terminate_as_exit
 
 
@@ -32,6 +33,21 @@ def test_a_signal_lost_in_a_finalizer_still_ends_the_block() -> None:
         Dropped()  # collected at once: its __del__ runs here
         ran_on = True
     assert ran_on  # (what the lost signal let the command do)
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_lost_in_a_finalizer_wins_over_a_later_failure() -> None:
+    """The block then failed for another reason (a QuicmeshError, which the command
+    would have reported with exit 1): the exit is still the signal's."""
+
+    class Dropped:
+        def __del__(self) -> None:
+            _signal_self()
+
+    with pytest.raises(SystemExit) as exited, terminate_as_exit():
+        Dropped()
+        raise QuicmeshError("a case failed")
     assert exited.value.code == 128 + signal.SIGTERM
 
 

@@ -824,10 +824,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     failures: list[dict[str, Any]] = []
     interrupted: int | None = None
     source = source_state()
-    with scratch_directory("quicmesh-hol-") as scratch:
-        ca_dir = scratch / "ca"
-        DevCA().save(ca_dir)
-        try:
+    try:
+        with scratch_directory("quicmesh-hol-") as scratch:
+            ca_dir = scratch / "ca"
+            DevCA().save(ca_dir)
             for index, spec in enumerate(plan):
                 label = f"{spec.experiment} {spec.profile.name} {spec.variant.name} s{spec.seed}"
                 progress.update(index, label)
@@ -852,12 +852,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                 )
             progress.update(len(plan), "done")
             progress.finish()
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # Ctrl-C, or SIGTERM/SIGHUP (terminate_as_exit): the link is torn down by now.
-            # (Up to the last progress line: a signal after the loop lost the whole run.)
-            interrupted = 130 if isinstance(exc, KeyboardInterrupt) else _exit_status(exc)
-            progress.finish()
-            print("interrupted; writing what was measured", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C, or SIGTERM/SIGHUP (terminate_as_exit): the link is torn down by now.
+        # (Around the scratch directory's removal too: a signal held during it acted
+        # after the loop's handler, and a finished run was lost.)
+        interrupted = 130 if isinstance(exc, KeyboardInterrupt) else _exit_status(exc)
+        progress.finish()
+        print("interrupted; writing what was measured", file=sys.stderr)
     with signals_deferred():  # what was measured is written whole, then a signal acts
         result = assemble(args, settings, runs, failures, source)
         write_outputs(result, runs, out)

@@ -304,7 +304,8 @@ def measure_lookups(sizes: tuple[int, ...], rounds: int, window: float) -> list[
                         _send_window(sender, window / 5)  # warm up
                         samples[(style, services)].append(_send_window(sender, window) * 1e9)
     finally:
-        system.delete_namespace(namespace)
+        with signals_deferred():  # (a second signal killed `ip` half-way)
+            system.delete_namespace(namespace)
     rows = []
     for services in sizes:
         floor = statistics.median(samples[("none", services)])

@@ -67,8 +67,8 @@ def terminate_as_exit(
 
     A SystemExit raised where Python discards exceptions (a ``__del__``, a weakref
     callback: "Exception ignored in ...") would lose the signal, and the command ran
-    on to exit 0: if the block then ends without an exception, the SystemExit is
-    raised again there."""
+    on to exit 0: when the block ends, without an exception or with another one, the
+    SystemExit is raised again there."""
     taken = (signal.SIGTERM, signal.SIGHUP)
     received: list[int] = []
 
@@ -76,8 +76,13 @@ def terminate_as_exit(
         received.append(signum)
         raise SystemExit(128 + signum)
 
-    with signal_handlers(taken, exit_on_signal if handler is _exit_on_signal else handler):
-        yield
+    try:
+        with signal_handlers(taken, exit_on_signal if handler is _exit_on_signal else handler):
+            yield
+    except Exception:
+        if received:  # (discarded, then the block failed for another reason)
+            raise SystemExit(128 + received[0]) from None
+        raise
     if received:
         raise SystemExit(128 + received[0])
 
