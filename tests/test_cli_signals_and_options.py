@@ -272,3 +272,39 @@ def test_fuzz_help_states_the_crashes_default() -> None:
     done = subprocess.run([QUICMESH, "fuzz", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     assert "default: tests/fuzz_regressions/" in " ".join(done.stdout.split())
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_bench_overhead_sigterm_stops_its_proxies_and_leaves_nothing(
+    sessions: list[int], tmp_path: Path
+) -> None:
+    """``kill PID`` stopped only the command's own process: as root it runs the benchmark
+    again in a child (a private network namespace), which ran on, orphaned, with nginx,
+    the sidecars and h2load (a review, 2026-12-07). The signal is handed on now, and
+    the child stops them."""
+    process = _start("bench", "overhead", "--quick", env=_tmp_env(tmp_path))
+    sessions.append(process.pid)
+    _until(
+        lambda: any("sidecar -c" in c for c in _processes_mentioning(str(tmp_path))),
+        60,
+        "the benchmark did not start its proxies",
+    )
+    os.kill(process.pid, signal.SIGTERM)  # the command's own process only
+    code, err = _finish(process)
+    assert code == 143, err
+    assert not any(word in err for word in NOISE), err
+    _until(lambda: not _processes_mentioning(str(tmp_path)), 20, "a process was left")
+    assert list(tmp_path.iterdir()) == []  # the scratch directory, with its CA key, is gone

@@ -61,11 +61,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -73,8 +73,10 @@ from pathlib import Path
 from typing import Any
 
 from .._child import child_environment, python_command
+from .._signals import scratch_directory, signal_handlers
 from ..errors import QuicmeshError
 from ..outputs import output_file
+from ..sidecar.launch import terminate_as_exit
 from . import OneLineParser, positive_number, source_state
 from ._measure import (
     MeasureError,
@@ -1043,7 +1045,13 @@ def _reexec_in_namespace(argv: list[str]) -> int | None:
         unshare, "--net", "sh", "-c", script, "sh",
         *python_command("-m", "quicmesh", "bench", "overhead", *argv),
     ]  # fmt: skip
-    return subprocess.run(command, env=env).returncode
+    # The benchmark runs in the child, in a session of its own: ``kill PID`` (SIGTERM,
+    # SIGHUP) and Ctrl-C reach this process only, which hands them on, once, so the
+    # child stops its proxies and backend (the child ran on, orphaned, before).
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    taken = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    with signal_handlers(taken, lambda signum, frame: child.send_signal(signum)):
+        return child.wait()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1157,8 +1165,7 @@ def run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, An
     samples: dict[str, list[Sample]] = {}
     why: dict[str, str] = {}
     failed_rounds: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(prefix="quicmesh-bench-overhead-") as directory:
-        workdir = Path(directory)
+    with scratch_directory("quicmesh-bench-overhead-") as workdir:
         backend = Backend(workdir, plan.bulk_bytes)
         if backend.kind != "nginx":
             report("nginx is not installed (apt-get install nginx-light): the backend is a"
@@ -1254,7 +1261,9 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
     try:
-        result = run(args, lambda line: print(line, file=sys.stderr, flush=True))
+        # ``kill PID`` becomes SystemExit: the proxies and the backend are stopped.
+        with terminate_as_exit():
+            result = run(args, lambda line: print(line, file=sys.stderr, flush=True))
     except (QuicmeshError, MeasureError) as exc:
         print(f"quicmesh bench overhead: {exc}", file=sys.stderr)
         return 1
