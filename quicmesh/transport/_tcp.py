@@ -307,10 +307,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._close_notify_sent = False
         self._close_notify_received = False
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._close_deadline: asyncio.TimerHandle | None = None
-        """(:meth:`close`) When a close still waiting for its bytes to leave resets."""
         """While set, the session is over and ours is sent, and what the peer still
         sends is read and dropped until its end, or the timer's (:meth:`_linger`)."""
+        self._close_deadline: asyncio.TimerHandle | None = None
+        """(:meth:`close`) When a close still waiting for its bytes to leave resets."""
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
