@@ -19,6 +19,7 @@ pub mod outbound;
 pub mod rebind;
 pub mod release;
 pub mod splice;
+pub mod tickets;
 pub mod verify;
 
 use std::future::Future;
@@ -389,9 +390,17 @@ struct ServerTls {
     transport: Arc<quinn::TransportConfig>,
     /// The single-use ticket store (with `early_data`) and the trust bundle its tickets' clients
     /// were verified with: kept across a new certificate, replaced with new roots.
-    session_storage: std::sync::Mutex<(Vec<u8>, Arc<rustls::server::ServerSessionMemoryCache>)>,
+    session_storage: std::sync::Mutex<(Vec<u8>, Arc<tickets::ExpiringSessions>)>,
     /// The configuration new connections get now (each qlog connection takes a copy).
     current: std::sync::Mutex<Option<quinn::ServerConfig>>,
+}
+
+/// A server's ticket store: 4,096 tickets at most, each redeemable once within an hour.
+fn new_ticket_store() -> Arc<tickets::ExpiringSessions> {
+    Arc::new(tickets::ExpiringSessions::new(
+        4096,
+        tickets::TICKET_LIFETIME,
+    ))
 }
 
 impl ServerTls {
@@ -415,14 +424,12 @@ impl ServerTls {
         tls.alpn_protocols = self.alpn.clone();
         if self.early_data {
             // Stateful tickets: rustls `take`s a ticket from this store when a client
-            // resumes with it, so each ticket is good for one resumption (one 0-RTT flight);
-            // a resumed handshake restores the client certificate chain the ticket recorded.
+            // resumes with it, so each ticket is good for one resumption (one 0-RTT flight),
+            // within an hour (`tickets.rs`); a resumed handshake restores the client
+            // certificate chain the ticket recorded.
             let mut storage = lock(&self.session_storage);
             if storage.0 != trust_pem {
-                *storage = (
-                    trust_pem.to_vec(),
-                    rustls::server::ServerSessionMemoryCache::new(4096),
-                );
+                *storage = (trust_pem.to_vec(), new_ticket_store());
             }
             tls.session_storage =
                 Arc::clone(&storage.1) as Arc<dyn rustls::server::StoresServerSessions>;
@@ -538,10 +545,7 @@ impl Endpoint {
                 allowed_clients,
                 early_data,
                 transport: Arc::clone(&transport),
-                session_storage: std::sync::Mutex::new((
-                    trust_pem.to_vec(),
-                    rustls::server::ServerSessionMemoryCache::new(4096),
-                )),
+                session_storage: std::sync::Mutex::new((trust_pem.to_vec(), new_ticket_store())),
                 current: std::sync::Mutex::new(None),
             };
             let config = tls.build(chain.clone(), key.clone_key(), &roots, trust_pem)?;
