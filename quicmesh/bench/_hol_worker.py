@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from .. import TRANSPORTS, DevCA, MeshStream, Transport
+from .._timeouts import wait_within
 from ..errors import QuicmeshError
 from ..sidecar.launch import die_with_parent
 
@@ -342,20 +343,20 @@ async def run_server(config: WorkerConfig) -> dict[str, Any]:
     # Snapshot connection state in the middle of the measurement and at the end.
     snapshot_at = config.warmup + config.measure / 2
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), snapshot_at + 1.0)
+        await wait_within(stop.wait(), snapshot_at + 1.0)
     server.snapshot_connections()
     while not server.connection_stats and not stop.is_set():
         # No connection answered yet (a client that started late on a loaded machine):
         # try again until one does or the run ends.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), SNAPSHOT_RETRY)
+            await wait_within(stop.wait(), SNAPSHOT_RETRY)
         server.snapshot_connections()
     await stop.wait()
     monitor_task.cancel()
     probe_transport.close()
     listener.close()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(listener.wait_closed(), 2.0)
+        await wait_within(listener.wait_closed(), 2.0)
     return {
         "kernel_congestion_control": _kernel_congestion_control(),
         "quic_congestion_control": getattr(transport, "congestion_control", None),
@@ -525,7 +526,7 @@ async def run_client(config: WorkerConfig) -> dict[str, Any]:
         stream.abort()
     connection.close()
     with contextlib.suppress(TimeoutError, QuicmeshError):
-        await asyncio.wait_for(connection.wait_closed(), 2.0)
+        await wait_within(connection.wait_closed(), 2.0)
     return {
         "handshake": handshake,
         "warmup_start": warmup_start,

@@ -68,6 +68,7 @@ from typing import Any
 
 from .. import DevCA, Identity, QuicTransport, TrustBundle
 from .._signals import signals_deferred
+from .._timeouts import wait_within
 from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
@@ -261,9 +262,9 @@ async def _receive(setup: ReceiverSetup, control: Connection) -> None:
     for writer in list(tcp_flows):
         writer.transport.abort()
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 2.0)
+        await wait_within(asyncio.gather(*running, return_exceptions=True), 2.0)
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(listener.wait_closed(), 2.0)
+        await wait_within(listener.wait_closed(), 2.0)
 
 
 def _receiver_main(setup: ReceiverSetup, control: Connection, parent: int) -> None:
@@ -557,11 +558,11 @@ async def _quic_flow(
         # ACKs, logged "peer unresponsive" 10 s later, into the next flow's run.
         stream.write_eof()
         with contextlib.suppress(asyncio.TimeoutError, QuicmeshError):
-            await asyncio.wait_for(stream.read(), FLOW_END_TIMEOUT)
+            await wait_within(stream.read(), FLOW_END_TIMEOUT)
     finally:
         connection.close()
         with contextlib.suppress(asyncio.TimeoutError, QuicmeshError):
-            await asyncio.wait_for(connection.wait_closed(), 2.0)
+            await wait_within(connection.wait_closed(), 2.0)
     min_rtt = stats["rtt_min"]
     detail: dict[str, Any] = {
         "packets_sent": stats["packets_sent"],

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import DevCA, H2Transport, MeshStream, QuicTransport, Transport, TunnelError
+from .._timeouts import wait_within
 from ..errors import QuicmeshError
 from ..outputs import output_file
 from . import OneLineParser, cases_problem, positive_integer, positive_number
@@ -218,7 +219,7 @@ async def run_case(
             # (Ctrl-C cancels the flows before this wait: their gathering's CancelledError
             # was an error nobody retrieved.)
             gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
-            results = await asyncio.wait_for(gathered, 30)
+            results = await wait_within(gathered, 30)
     finally:
         conn.close()
         await conn.wait_closed()

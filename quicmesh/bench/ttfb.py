@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
+from .._timeouts import wait_within
 from ..errors import QuicmeshError
 from ..outputs import output_file
 from . import OneLineParser, cases_problem, positive_integer, positive_number
@@ -237,7 +238,7 @@ async def measure_path_rtt(
                 start = time.perf_counter()
                 client.sendto(REQUEST)
                 try:
-                    arrived = await asyncio.wait_for(protocol.waiter, 5.0)
+                    arrived = await wait_within(protocol.waiter, 5.0)
                 except TimeoutError:
                     return None
                 times.append(arrived - start)

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .._timeouts import wait_within
 from ..errors import QuicmeshError
 from .config import format_address
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -176,7 +177,7 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(self._serve(reader, writer), 10.0)
+            await wait_within(self._serve(reader, writer), 10.0)
         except (OSError, TimeoutError, h11.ProtocolError) as exc:
             logger.debug("admin connection failed: %s", exc)
         finally:

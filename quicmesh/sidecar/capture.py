@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from .._timeouts import wait_within
 from ..errors import os_error_text
 from ..logs import RateLimitedLog
 from ..splice import FlowIdle, idle_watch, run_copies, unwritten_bytes
@@ -248,9 +249,7 @@ class _CaptureListener:
         number = next(_CONNECT_NUMBERS)
         _CONNECTING.setdefault(dialled, set()).add(number)
         try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(*destination), timeout
-            )
+            up_reader, up_writer = await wait_within(asyncio.open_connection(*destination), timeout)
             port = up_writer.get_extra_info("sockname")[1]
             _OWN_CONNECTS[port] = dialled
         except (OSError, TimeoutError) as exc:

@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from .._timeouts import wait_within
 from ..errors import (
     ConnectError,
     ConnectionLost,
@@ -669,7 +670,7 @@ class Cluster:
             return
         connection.close()
         with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
-            await asyncio.wait_for(connection.wait_closed(), timeout)
+            await wait_within(connection.wait_closed(), timeout)
         if endpoint.address in self.endpoints:
             health = self.health[endpoint.address]
             was = health.state(self._loop.time())

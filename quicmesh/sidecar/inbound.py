@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
+from .._timeouts import wait_within
 from ..errors import ConfigError, PeerVerificationError, QuicmeshError, TunnelError, peer_text
 from ..logs import RateLimitedLog
 from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
@@ -598,7 +599,7 @@ class InboundListener:
         """
         self.begin_drain()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._local_flows.wait_idle(), grace)
+            await wait_within(self._local_flows.wait_idle(), grace)
         connections = self._accepted_connections()
         await asyncio.gather(
             *(_aclose(connection, ACK_TIMEOUT) for connection in connections),
@@ -844,7 +845,7 @@ class InboundListener:
             if result is None and engine_socket is None:
                 reader, writer = await _unless_given_up(
                     stream,
-                    asyncio.wait_for(asyncio.open_connection(host, port), config.connect_timeout),
+                    wait_within(asyncio.open_connection(host, port), config.connect_timeout),
                     lambda made: made[1].close(),
                 )
         except _GivenUp as given_up:
@@ -931,7 +932,7 @@ def _untrusted_reason(connection: PeerConnection, trust: TrustBundle) -> str | N
 
 async def _aclose(connection: PeerConnection, timeout: float) -> None:
     with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
-        await asyncio.wait_for(connection.aclose(timeout), timeout + ACK_TIMEOUT)
+        await wait_within(connection.aclose(timeout), timeout + ACK_TIMEOUT)
 
 
 class _GivenUp(Exception):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._timeouts import wait_within
 from ..errors import PeerUnresponsive, QuicmeshError, StreamRefused, TunnelError
 from ..splice import reset_socket, splice, splice_accepted
 from ..transport.base import EngineAcceptor, engine_failure_text
@@ -499,7 +500,7 @@ async def proxy_to_cluster(
 async def _refusal(stream: MeshStream) -> StreamRefused | None:
     """The peer's refusal of a stream opened without waiting for its answer, if it refused."""
     try:
-        await asyncio.wait_for(stream.wait_accepted(), REFUSAL_WAIT)
+        await wait_within(stream.wait_accepted(), REFUSAL_WAIT)
     except StreamRefused as exc:
         return exc
     except (TunnelError, TimeoutError):

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._timeouts import wait_within
 from ..errors import (
     ConnectError,
     ConnectionLost,
@@ -470,7 +471,7 @@ class EndpointPool:
     def _close_gracefully(self, connection: PeerConnection) -> None:
         async def close() -> None:
             with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
-                await asyncio.wait_for(connection.aclose(CLOSE_TIMEOUT), 2 * CLOSE_TIMEOUT)
+                await wait_within(connection.aclose(CLOSE_TIMEOUT), 2 * CLOSE_TIMEOUT)
 
         task = self._loop.create_task(close())
         self._closing.add(task)
@@ -511,7 +512,7 @@ class EndpointPool:
 
         async def close_one(item: PooledConnection) -> None:
             with contextlib.suppress(QuicmeshError, OSError, TimeoutError):
-                await asyncio.wait_for(item.connection.aclose(grace), grace + CLOSE_TIMEOUT)
+                await wait_within(item.connection.aclose(grace), grace + CLOSE_TIMEOUT)
 
         await asyncio.gather(*(close_one(item) for item in pooled))
         for item in pooled:

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .._timeouts import wait_within
 from ..errors import ConnectionLost, StreamReset, TunnelError, TunnelUsageError
 from ..logs import RateLimitedLog
 from ..tunnel import events
@@ -202,7 +203,7 @@ class SessionConnection(PeerConnection):
                 break
             self._idle_waiter = self._loop.create_future()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._idle_waiter), remaining)
+                await wait_within(asyncio.shield(self._idle_waiter), remaining)
         self.close()
         await self.wait_closed()
 

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
+from .._timeouts import wait_within
 from ..errors import (
     ConnectError,
     ConnectionLost,
@@ -214,7 +215,7 @@ class TlsPeerConnection(SessionConnection):
             self._closing = True  # (no new stream, as in SessionConnection.aclose)
             start = self._loop.time()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.protocol.closed), timeout)
+                await wait_within(asyncio.shield(self.protocol.closed), timeout)
             timeout = max(0.0, timeout - (self._loop.time() - start))
             if timeout == 0.0:
                 self.protocol.reset_if_open()  # (its time is up: no close's grace on top)

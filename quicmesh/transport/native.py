@@ -34,6 +34,7 @@ from typing import Any
 
 from cryptography import x509
 
+from quicmesh._timeouts import wait_within
 from quicmesh.errors import (
     ConfigError,
     ConnectError,
@@ -230,11 +231,17 @@ class NativeEndpoint:
         future: asyncio.Future[NativeConnection] = self._loop.create_future()
         self._connecting[token] = future
         try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise ConnectError(
-                f"QUIC handshake with {host}:{port} timed out after {timeout:g}s"
-            ) from None
+            return await wait_within(future, timeout)
+        except BaseException as exc:
+            # A connection the engine made as the time ran out or the caller was
+            # cancelled (in the same loop iteration) is nobody's: close it.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectError(
+                    f"QUIC handshake with {host}:{port} timed out after {timeout:g}s"
+                ) from None
+            raise
         finally:
             self._connecting.pop(token, None)
 

@@ -56,6 +56,7 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
 from ..._aioquic import MeshQuicConnection
+from ..._timeouts import wait_within
 from ...errors import (
     ConfigError,
     ConnectError,
@@ -648,7 +649,7 @@ class QuicTransport(Transport):
             return connection
         try:
             connection.connect(peer)
-            await asyncio.wait_for(asyncio.shield(connection.handshake_finished), timeout)
+            await wait_within(asyncio.shield(connection.handshake_finished), timeout)
         except (TimeoutError, ConnectionError, OSError) as exc:
             connection.abandon()
             if connection.failure is not None:
@@ -742,7 +743,7 @@ class QuicTransport(Transport):
             return connection
         try:
             connection.connect(address)
-            await asyncio.wait_for(asyncio.shield(connection.handshake_finished), timeout)
+            await wait_within(asyncio.shield(connection.handshake_finished), timeout)
         except TimeoutError:
             connection.abandon()
             raise ConnectError(
