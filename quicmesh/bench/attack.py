@@ -39,7 +39,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,7 +48,10 @@ from typing import Any, cast
 import pylsqpack
 
 from .. import DevCA, Identity, MeshStream, QuicTransport, _aioquic
+from .._signals import scratch_directory
+from .._timeouts import wait_within
 from ..errors import QuicmeshError
+from ..sidecar.launch import run_async, terminate_as_exit
 from ..transport._stream_rate import DEFAULT_STREAM_RATE
 from ..transport.base import QUIC_ENGINE_NAMES, default_quic_engine
 from ..tunnel.h3 import H3TunnelSession
@@ -273,10 +275,10 @@ async def _good_traffic(
     async def one_flow() -> None:
         started = loop.time()
         try:
-            stream = await asyncio.wait_for(conn.open_stream(TARGET), 5)  # type: ignore[attr-defined]
+            stream = await wait_within(conn.open_stream(TARGET), 5)  # type: ignore[attr-defined]
             stream.write(payload)
             stream.write_eof()
-            data = await asyncio.wait_for(stream.read(), 5)
+            data = await wait_within(stream.read(), 5)
             if data != payload:
                 raise ValueError("corrupted echo")
             phase.latencies.append(loop.time() - started)
@@ -305,10 +307,10 @@ async def _good_traffic(
 async def _overload_of(admin_port: int) -> dict[str, Any]:
     """Sidecar B's inbound overload view from its admin ``/stats`` (empty if unreadable)."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", admin_port), 2)
+        reader, writer = await wait_within(asyncio.open_connection("127.0.0.1", admin_port), 2)
         try:
             writer.write(b"GET /stats HTTP/1.0\r\nHost: b\r\n\r\n")
-            raw = await asyncio.wait_for(reader.read(), 2)
+            raw = await wait_within(reader.read(), 2)
         finally:
             writer.close()
         stats = json.loads(raw.partition(b"\r\n\r\n")[2])
@@ -337,11 +339,11 @@ async def _good_tcp_traffic(
     async def one_flow() -> None:
         started = loop.time()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            reader, writer = await wait_within(asyncio.open_connection("127.0.0.1", port), 5)
             try:
                 writer.write(payload)
                 writer.write_eof()
-                data = await asyncio.wait_for(reader.read(), 5)
+                data = await wait_within(reader.read(), 5)
             finally:
                 writer.close()
             if data != payload:
@@ -495,6 +497,7 @@ async def _probe_phases(
         for attacker in attackers:
             if attacker.returncode is None:
                 attacker.kill()
+                await attacker.wait()  # (not left to the loop's end: "Event loop is closed")
     if probe == "churn":
         print(
             f"  one identity, {processes} connections: offered {args.churn_rate:.0f}/s,"
@@ -679,8 +682,11 @@ def main(argv: list[str]) -> int:
     probes = args.probe or list(PROBES)
     who = "sidecar B" if args.sidecars else "listener"
     failed = False
-    with tempfile.TemporaryDirectory(prefix="quicmesh-bench-attack-") as directory:
-        workdir = Path(directory)
+    # ``kill PID`` (SIGTERM) and SIGHUP become SystemExit, 128 + the signal (while a
+    # probe runs they cancel it first, run_async): the probe's finally blocks stop the
+    # listener, the attackers and the sidecars, and the scratch directory with the CA's
+    # private key goes (the signal's default left both).
+    with terminate_as_exit(), scratch_directory("quicmesh-bench-attack-") as workdir:
         ca = DevCA()
         ca.save(workdir)
         ca.issue(f"spiffe://{ca.trust_domain}/{ATTACKER_PATH}").save(
@@ -689,7 +695,7 @@ def main(argv: list[str]) -> int:
         for probe in probes:
             print(f"probe {probe}:")
             try:
-                phases = asyncio.run(_run_probe(probe, args, workdir))
+                phases = run_async(_run_probe(probe, args, workdir))
             except QuicmeshError as exc:
                 print(f"quicmesh bench attack: probe {probe}: {exc}", file=sys.stderr)
                 return 1
