@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -21,18 +22,42 @@ def signal_handlers(
     signums: tuple[signal.Signals, ...], handler: Callable[[int, FrameType | None], None]
 ) -> Iterator[None]:
     """``handler`` for ``signums`` for the block, the earlier handlers put back after it
-    (outside the main thread, where Python takes no handler, nothing is set)."""
+    (outside the main thread, where Python takes no handler, nothing is set).
+
+    The handlers change all together (:func:`_signals_blocked`): one by one, a signal
+    that came between two changes met an old handler where the block had begun (or a
+    new one where it had ended), and one whose handler raised there (Ctrl-C,
+    SystemExit) left the handlers set so far in place for good."""
+    previous: dict[signal.Signals, Any] = {}
     try:
-        previous = {signum: signal.signal(signum, handler) for signum in signums}
-    except ValueError:  # not the main thread
+        with _signals_blocked(signums):
+            try:
+                for signum in signums:
+                    previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread (the first one fails)
+                pass
+        # (A signal that came meanwhile is handled now, by ``handler``.)
         yield
-        return
+    finally:
+        with _signals_blocked(signums):
+            for signum, before in previous.items():
+                # (None: the handler was not set from Python; the default is the nearest.)
+                signal.signal(signum, signal.SIG_DFL if before is None else before)
+
+
+@contextlib.contextmanager
+def _signals_blocked(signums: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Hold ``signums`` back in the kernel (this thread's signal mask) for the block;
+    one that came meanwhile is delivered as the old mask comes back, to the handler in
+    force then (Python runs it before ``pthread_sigmask`` returns). (Only this thread's:
+    another thread that does not block them can still take one meanwhile, and Python
+    runs the handler in force at its next check; if that raises during an install,
+    :func:`signal_handlers` still puts back each handler it had changed.)"""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     try:
         yield
     finally:
-        for signum, before in previous.items():
-            # (None: the handler was not set from Python; the default is the nearest.)
-            signal.signal(signum, signal.SIG_DFL if before is None else before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import stat
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import pytest
 
-from quicmesh._signals import scratch_directory, signals_deferred
+from quicmesh._signals import scratch_directory, signal_handlers, signals_deferred
 from quicmesh.errors import QuicmeshError
 from quicmesh.sidecar.launch import terminate_as_exit
 
@@ -89,3 +92,86 @@ def test_a_scratch_directory_is_private_and_goes_even_when_a_signal_comes() -> N
         (scratch / "ca-key.pem").write_text("secret")
         _signal_self()
     assert not scratch.exists()
+
+
+# -- the handlers change all together (signal_handlers) --------------------------------
+
+TAKEN = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture
+def handlers_kept() -> Iterator[None]:
+    """The test's handlers for SIGINT, SIGTERM and SIGHUP are undone after it."""
+    before = {signum: signal.getsignal(signum) for signum in TAKEN}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def _sigterm_after_change(monkeypatch: pytest.MonkeyPatch, change: int) -> None:
+    """SIGTERM comes right after the ``change``-th ``signal.signal`` call (counted from
+    1): between two of the changes signal_handlers makes."""
+    real_signal = signal.signal
+    calls: list[int] = []
+
+    def changing(signum: int, handler: Any) -> Any:
+        before = real_signal(signum, handler)
+        calls.append(signum)
+        if len(calls) == change:
+            signal.raise_signal(signal.SIGTERM)
+        return before
+
+    monkeypatch.setattr(signal, "signal", changing)
+
+
+def _noting(name: str, noted: list[str]) -> Callable[[int, FrameType | None], None]:
+    def note(signum: int, frame: FrameType | None) -> None:
+        noted.append(name)
+
+    return note
+
+
+def test_a_signal_while_the_handlers_are_set_goes_to_the_new_handler(
+    handlers_kept: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after SIGINT's handler was set, before SIGTERM's: the old handler took it."""
+    noted: list[str] = []
+    signal.signal(signal.SIGTERM, _noting("old", noted))
+    _sigterm_after_change(monkeypatch, 1)
+    with signal_handlers(TAKEN, _noting("new", noted)):
+        noted.append("block")
+    assert noted == ["new", "block"]
+
+
+def test_a_signal_while_the_handlers_are_put_back_goes_to_the_old_handler(
+    handlers_kept: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after SIGINT's handler was put back, before SIGTERM's: the block's took it."""
+    noted: list[str] = []
+    signal.signal(signal.SIGTERM, _noting("old", noted))
+    _sigterm_after_change(monkeypatch, len(TAKEN) + 1)
+    with signal_handlers(TAKEN, _noting("new", noted)):
+        noted.append("block")
+    assert noted == ["block", "old"]
+
+
+def test_a_handler_raising_while_the_handlers_are_set_leaves_none_behind(
+    handlers_kept: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that raised between two changes (SystemExit, Ctrl-C) left SIGINT's new
+    handler in place for good."""
+
+    def old(signum: int, frame: FrameType | None) -> None:
+        raise RuntimeError("the old handler ran")
+
+    def new(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, old)
+    before = {signum: signal.getsignal(signum) for signum in TAKEN}
+    _sigterm_after_change(monkeypatch, 1)
+    ran = False
+    with pytest.raises(SystemExit), signal_handlers(TAKEN, new):
+        ran = True
+    assert not ran  # (the signal came before the block began: it acted first)
+    assert {signum: signal.getsignal(signum) for signum in TAKEN} == before
