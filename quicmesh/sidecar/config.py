@@ -1738,6 +1738,11 @@ def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
         return False
     if rule.network is not None:
         address = _ip_address(host)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            # An IPv4-mapped IPv6 target reaches that IPv4 address: it is the IPv4 rules'
+            # (until 2026-12-07 a "[::/0]" rule let "[::ffff:127.0.0.1]" past an IPv4
+            # allow-list that left loopback out).
+            address = address.ipv4_mapped
         return address is not None and address in rule.network
     return rule.host == host.lower().rstrip(".")
 
