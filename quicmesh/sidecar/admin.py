@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
-import ipaddress
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,11 +24,14 @@ from urllib.parse import urlsplit
 import h11
 
 from .._timeouts import wait_within
-from ..errors import QuicmeshError
-from .config import format_address
+from ..errors import QuicmeshError, peer_text
+from ..logs import RateLimitedLog
+from .config import format_address, loopback_only, normalise_ip
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("quicmesh.sidecar.admin")
+WEB_REFUSALS = RateLimitedLog(logger)
+"""Requests refused as a web page's (:func:`web_refusal`): one line per 10 s at most."""
 
 MAX_REQUEST_BYTES = 64 * 1024
 """Largest admin request (headers and body) read."""
@@ -103,6 +105,34 @@ ROUTES = {
 """Admin paths and the method each takes."""
 
 
+def web_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request that a web browser was made to send is refused, or None.
+
+    The admin API has no authentication (as Envoy's): whoever reaches it may drain the
+    sidecar. A web page cannot reach a loopback port by itself, but it can make the
+    browser of someone on the host do so: a cross-site POST (which carries an
+    ``Origin``), or a name the page's site resolves to 127.0.0.1 (DNS rebinding: the
+    ``Host`` is that name). Tools (curl, probes, Prometheus) send neither, so a request
+    with an ``Origin``, or with a ``Host`` that is a name other than ``localhost``, is
+    refused (403); a ``Host`` that is an IP address, any, is served.
+    """
+    for name, value in headers:
+        if name.lower() == b"origin":
+            return "requests from web pages (with an Origin header) are refused"
+        if name.lower() == b"host":
+            host = value.decode("ascii", "replace").strip()
+            if host.startswith("["):  # [IPv6]:port
+                host = host[1 : host.find("]")] if "]" in host else host
+            elif host.count(":") == 1:
+                host = host.split(":", 1)[0]
+            if host and not loopback_only(host) and normalise_ip(host) is None:
+                return (
+                    f"Host {peer_text(host, 64)!r} refused: the admin answers requests to an"
+                    " IP address or localhost (a name could be a DNS rebinding)"
+                )
+    return None
+
+
 def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     """The response to ``method target`` (query strings are ignored; an absolute-form
     target, ``http://host/ready`` as a client set to use a proxy sends it, is its path,
@@ -160,7 +190,7 @@ class AdminServer:
         self._server = await asyncio.start_server(
             self._handle, self.address[0], self.address[1], reuse_address=True
         )
-        if not _is_loopback(self.address[0]):
+        if not loopback_only(self.address[0]):
             # As Envoy's admin: no authentication, so say where it can be reached from.
             logger.warning(
                 "admin on %s is reachable from other hosts, and POST /drain and /migrate "
@@ -219,13 +249,26 @@ class AdminServer:
                 + body
             )
             await writer.drain()
+            await _lingering_close(reader, writer)
             return
         if request is None:
             return
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
+        refusal = web_refusal(request.headers)
         try:
-            response = route(self.view, method, target)
+            if refusal is not None:
+                WEB_REFUSALS.log(
+                    logging.WARNING,
+                    "web",
+                    "admin: refused %s %s: %s",
+                    peer_text(method, 16),
+                    peer_text(target, 128),
+                    refusal,
+                )
+                response: Response | Deferred = _text(403, refusal)
+            else:
+                response = route(self.view, method, target)
             if isinstance(response, Deferred):
                 response = await response.respond()
         except Exception:
@@ -250,19 +293,26 @@ class AdminServer:
         await writer.drain()
 
 
+LINGER_SECONDS = 2.0
+"""How long a refused request's unread bytes are read and dropped before the close."""
+
+
+async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close after an answer sent before the request was read whole (431, 413), and
+    drop what the client still sends for a while: closing a socket with unread bytes
+    resets the connection, and the reset can reach the client before it read the answer
+    (RFC 9112 9.6, "lingering close", as nginx does)."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while await reader.read(65536):
+                pass
+
+
 def _reason(status: int) -> bytes:
     """The status line's reason phrase (h11 sends none unless given one)."""
     try:
         return http.HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP literal or a name) is this host's loopback only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -150,7 +150,8 @@ _LISTENER_QUIC = (
         ("accepted",),
         "zero_rtt_{}",
         "QUIC peer connections whose 0-RTT this listener accepted (resumed with a ticket"
-        " it issued; streams to destinations not marked replay-safe are refused in 0-RTT).",
+        " it issued; the peer's cluster sends 0-RTT only with early_data on, and the"
+        " listener's early_data: false refuses it).",
     ),
     (
         "session_tickets",

@@ -418,10 +418,11 @@ def test_admin_routes() -> None:
     [
         (b"GET /stats HTTP/1.1\r\n\r\n", b"400"),  # no Host
         (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
-        (b"GET /stats HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 100_000 + b"\r\n\r\n", b"431"),
-        (b"POST /stats HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"v" * 100_000 + b"\r\n\r\n", b"431"),
+        (b"POST /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", b"405"),
         (
-            b"POST /drain HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000,
+            b"POST /drain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+            + b"x" * 100_000,
             b"413",
         ),
     ],
@@ -470,6 +471,47 @@ def test_an_admin_reachable_from_other_hosts_is_named_in_a_warning(
         asyncio.run(main())
     said = [r.getMessage() for r in caplog.records if "need no authentication" in r.getMessage()]
     assert bool(said) is warned, said
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (b"Host: 127.0.0.1:15000\r\n", b"202"),
+        (b"Host: localhost\r\n", b"202"),
+        (b"Host: [::1]:15000\r\n", b"202"),
+        (b"Host: 10.1.2.3:15000\r\n", b"202"),  # a probe or a scraper, by pod IP
+        (b"Host: evil.example\r\n", b"403"),  # DNS rebinding
+        (b"Host: 127.0.0.1\r\nOrigin: http://evil.example\r\n", b"403"),  # cross-site
+        (b"Host: 127.0.0.1\r\nOrigin: null\r\n", b"403"),
+    ],
+    ids=["ip", "localhost", "ipv6", "pod-ip", "rebinding", "origin", "origin-null"],
+)
+def test_the_admin_refuses_what_a_web_page_makes_a_browser_send(
+    headers: bytes, status: bytes
+) -> None:
+    """The admin has no authentication: a web page could make a browser on the host POST
+    /drain (it has an Origin) or reach it under the page's own name (a Host that is a
+    name); both are refused, 403, and the sidecar does not drain (they were served)."""
+    from quicmesh.sidecar.admin import AdminServer
+
+    view = FakeView()
+
+    async def main() -> bytes:
+        server = AdminServer(view, ("127.0.0.1", 0))
+        await server.start()
+        assert server._server is not None
+        port = server._server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /drain HTTP/1.1\r\n" + headers + b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await server.close()
+        return answer
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert view.drains == (1 if status == b"202" else 0)
 
 
 def test_access_log_line_is_one_json_object() -> None:
