@@ -758,6 +758,14 @@ def normalise_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return address
 
 
+def loopback_only(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name) is reachable from this host alone."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    address = normalise_ip(host)
+    return address is not None and address.is_loopback
+
+
 def format_address(address: Address) -> str:
     """``host:port``, with IPv6 literals in brackets."""
     host, port = address
@@ -1330,9 +1338,24 @@ class _Loader:
         cluster = cluster_field.name()
         if cluster not in clusters:
             raise cluster_field.error(f"no cluster named {cluster!r}")
+        address_field = node.child("address").required()
+        address = address_field.address()
+        if not loopback_only(address[0]):
+            # As the admin's warning: a workload's outbound listener is for the workloads
+            # of this host; bound wider, any host that reaches it sends flows into the mesh
+            # under this sidecar's identity.
+            self.warnings.append(
+                str(
+                    address_field.error(
+                        f"{format_address(address)} takes flows from other hosts too, and"
+                        " sends them to the mesh as this sidecar's identity (a workload's"
+                        " listener belongs on 127.0.0.1)"
+                    )
+                )
+            )
         return OutboundListenerConfig(
             name=node.child("name").required().name(),
-            address=node.child("address").required().address(),
+            address=address,
             cluster=cluster,
             flow_idle_timeout=_flow_idle_timeout(node.child("flow_idle_timeout")),
         )

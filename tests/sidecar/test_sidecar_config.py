@@ -858,3 +858,32 @@ def test_an_ipv4_mapped_target_is_matched_as_its_ipv4_address(
     assert destination_matches(parsed, mapped, port) == destination_matches(
         parsed, str(address), port
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "warned"),
+    [
+        ("127.0.0.1:15001", False),
+        ("[::1]:15001", False),
+        ("localhost:15001", False),
+        ("0.0.0.0:15001", True),
+        ("[::]:15001", True),
+        ("10.1.2.3:15001", True),
+    ],
+)
+def test_an_outbound_listener_other_hosts_reach_is_warned(address: str, warned: bool) -> None:
+    """An outbound listener sends what it takes into the mesh as this sidecar's identity:
+    one bound beyond loopback (any host that reaches it may use that identity) is said so
+    at load and by --check, as the admin's address is (it was silent)."""
+    document = copy.deepcopy(VALID)
+    document["listeners"]["outbound"][0]["address"] = address
+    expected = (
+        [
+            f"sidecar.yaml: listeners.outbound[0].address: {address} takes flows from other"
+            " hosts too, and sends them to the mesh as this sidecar's identity (a"
+            " workload's listener belongs on 127.0.0.1)"
+        ]
+        if warned
+        else []
+    )
+    assert [w for w in load(document).warnings if "outbound" in w] == expected
