@@ -86,6 +86,18 @@ pub fn spiffe_id_problem(value: &str) -> Option<&'static str> {
     None
 }
 
+/// Why a valid SPIFFE ID cannot name a leaf (a workload), or `None`: X509-SVID 5.2 wants
+/// a path; a trust domain's own ID names its CA (quicmesh/tls/verify.py says it alike).
+fn leaf_id_problem(spiffe_id: &str) -> Option<String> {
+    let rest = spiffe_id.strip_prefix(SPIFFE_SCHEME_PREFIX)?;
+    if rest.contains('/') {
+        return None;
+    }
+    Some(format!(
+        "{spiffe_id}, a trust domain's ID with no path, not a workload's"
+    ))
+}
+
 /// The trust domain of a valid SPIFFE ID.
 fn trust_domain_of(spiffe_id: &str) -> &str {
     let rest = spiffe_id
@@ -208,6 +220,9 @@ impl SpiffeVerifier {
             return Err(VerifyError(format!(
                 "peer certificate carries an invalid SPIFFE ID '{spiffe_id}': {problem}"
             )));
+        }
+        if let Some(problem) = leaf_id_problem(&spiffe_id) {
+            return Err(VerifyError(format!("peer certificate carries {problem}")));
         }
         if let Some(domain) = domain {
             let peer_domain = trust_domain_of(&spiffe_id);
@@ -357,6 +372,10 @@ fn chain_problem(error: &webpki::Error, usage: Usage) -> String {
             "peer certificate not signed by a trusted CA (its signature does not verify)".to_owned()
         }
         Error::CertRevoked => "peer certificate is revoked".to_owned(),
+        Error::CaUsedAsEndEntity => {
+            "peer certificate is a CA certificate (basicConstraints CA:true), not a workload's"
+                .to_owned()
+        }
         other => format!("peer certificate chain refused: {other:?}"),
     }
 }
@@ -385,6 +404,19 @@ mod tests {
         assert_eq!(
             chain_problem(&expired, server),
             "peer certificate has expired"
+        );
+        assert_eq!(
+            chain_problem(&webpki::Error::CaUsedAsEndEntity, client),
+            "peer certificate is a CA certificate (basicConstraints CA:true), not a workload's"
+        );
+    }
+
+    #[test]
+    fn a_leaf_id_has_a_path() {
+        assert_eq!(leaf_id_problem("spiffe://mesh.local/ns/default/sa/x"), None);
+        assert_eq!(
+            leaf_id_problem("spiffe://mesh.local").as_deref(),
+            Some("spiffe://mesh.local, a trust domain's ID with no path, not a workload's")
         );
     }
 

@@ -58,11 +58,16 @@ class MutualTlsContexts:
     already established keep the certificates they were made with.
 
     :param alpn_protocols: ALPN protocol names offered, most preferred first.
-    :param session_tickets: TLS 1.3 session tickets a server context sends (None: ``ssl``'s
-        default).
+    :param session_tickets: TLS 1.3 session tickets a server context sends after each
+        handshake: none by default (``ssl``'s default is 2). A resumed session presents no
+        certificate, so the listeners refuse every resumption
+        (:meth:`~quicmesh.transport._tcp.TlsTunnelProtocol._verify_peer`): a ticket only
+        tells a client that the server accepted its certificate (TcpTransport's use).
+        Not ``ssl.OP_NO_TICKET``: under TLS 1.3, OpenSSL 3 then keeps stateful tickets in
+        the server's session cache, which resume all the same.
     """
 
-    def __init__(self, alpn_protocols: list[str], *, session_tickets: int | None = None) -> None:
+    def __init__(self, alpn_protocols: list[str], *, session_tickets: int = 0) -> None:
         self._alpn = alpn_protocols
         self._session_tickets = session_tickets
         self._contexts: dict[bool, ssl.SSLContext] = {}
@@ -99,8 +104,7 @@ class MutualTlsContexts:
         if not server_side:
             return client_ssl_context(identity, trust, self._alpn)
         context = server_ssl_context(identity, trust, self._alpn)
-        if self._session_tickets is not None:
-            context.num_tickets = self._session_tickets
+        context.num_tickets = self._session_tickets
         context.sni_callback = self._to_newest
         return context
 

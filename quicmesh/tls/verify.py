@@ -19,7 +19,13 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from quicmesh.errors import PeerVerificationError
 from quicmesh.tls.identity import TrustBundle
-from quicmesh.tls.spiffe import spiffe_id_of, trust_domain_of, uri_sans_of, validate_spiffe_id
+from quicmesh.tls.spiffe import (
+    SPIFFE_SCHEME_PREFIX,
+    spiffe_id_of,
+    trust_domain_of,
+    uri_sans_of,
+    validate_spiffe_id,
+)
 
 
 def verify_peer(
@@ -95,8 +101,9 @@ def check_server_certificate(
 ) -> str:
     """The rules of a server certificate whose chain a TLS library verified already (for
     a client that cannot hand the whole check to :func:`verify_peer`): an extended key
-    usage, where there is one, that allows serverAuth, exactly one URI SAN, a valid SPIFFE
-    ID, and the trust domain of the root that vouched for it. Returns the SPIFFE ID.
+    usage, where there is one, that allows serverAuth, the leaf rules
+    (:func:`spiffe_id_of_leaf`), and the trust domain of the root that vouched for it.
+    Returns the SPIFFE ID.
 
     :raises PeerVerificationError: with a one-line reason.
     """
@@ -135,17 +142,37 @@ def _check_usage(certificate: x509.Certificate, needed: x509.ObjectIdentifier, f
 
 
 def spiffe_id_of_leaf(certificate: x509.Certificate) -> str:
-    """Return the single, valid SPIFFE ID of a peer leaf (the X509-SVID rules: exactly
-    one URI SAN, a valid SPIFFE ID); PeerVerificationError otherwise."""
+    """Return the SPIFFE ID of a peer leaf, by the X509-SVID leaf rules (its section
+    5.2): not a CA certificate, exactly one URI SAN, a valid SPIFFE ID with a path (a
+    trust domain's own ID names its CA, no workload); PeerVerificationError otherwise.
+
+    OpenSSL and aioquic take a CA:true leaf that its issuer signed (and aioquic the
+    CA's own certificate, as a server's); rustls and ``cryptography``'s verifier do not.
+    """
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if constraints.value.ca:
+            raise PeerVerificationError(
+                "peer certificate is a CA certificate (basicConstraints CA:true), not a workload's"
+            )
     spiffe_id = spiffe_id_of(certificate)
     if spiffe_id is None:
         raise PeerVerificationError("peer certificate carries no SPIFFE ID")
     if len(uri_sans_of(certificate)) != 1:
         raise PeerVerificationError("peer certificate carries more than one URI SAN")
     try:
-        return validate_spiffe_id(spiffe_id)
+        validate_spiffe_id(spiffe_id)
     except ValueError as exc:
         raise PeerVerificationError(f"peer certificate carries an {exc}") from exc
+    if "/" not in spiffe_id.removeprefix(SPIFFE_SCHEME_PREFIX):
+        raise PeerVerificationError(
+            f"peer certificate carries {spiffe_id}, a trust domain's ID with no path, "
+            "not a workload's"
+        )
+    return spiffe_id
 
 
 def peer_identity_from_ssl(
@@ -160,8 +187,9 @@ def peer_identity_from_ssl(
     :param trust: the bundle the chain was verified with, to check the trust
         domain (:func:`check_trust_domain`); by default the CA certificates loaded
         in the SSL context.
-    :raises PeerVerificationError: if the peer sent no certificate, it carries
-        no (or an invalid) SPIFFE ID, or one of a trust domain its CA does not serve.
+    :raises PeerVerificationError: if the peer sent no certificate, it breaks a leaf
+        rule (:func:`spiffe_id_of_leaf`: a CA's, no or an invalid SPIFFE ID), or its ID is
+        of a trust domain its CA does not serve.
     """
     der = ssl_object.getpeercert(binary_form=True)
     if der is None:

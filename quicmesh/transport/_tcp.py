@@ -556,7 +556,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._send_tls()  # the alert tells the peer why
             self._fail(self._tls_error(exc))
             return
-        self._send_tls()
+        if not self._server_side:
+            self._send_tls()  # our certificate and Finished
         self._handshaking = False
         self._end_half_open()
         self._cancel_setup_timer()
@@ -565,6 +566,10 @@ class TlsTunnelProtocol(asyncio.Protocol):
         except TunnelError as exc:
             self._fail(exc)
             return
+        # (server) Only now the session ticket, the tcp client's sign that its certificate
+        # was accepted: sent before the SPIFFE checks, it told a client they refused that
+        # they had not (its connect() returned, its first flow was reset).
+        self._send_tls()
         self.session = self._session_factory()
         if self._server_side and self.session.awaiting_request:
             # One flow per connection (the tcp transport): its request is due within
@@ -591,6 +596,16 @@ class TlsTunnelProtocol(asyncio.Protocol):
         alpn = self._ssl.selected_alpn_protocol()
         if alpn != self._alpn:
             raise ConnectError(f"peer does not speak {self._alpn} (ALPN {alpn!r})")
+        if self._ssl.session_reused:
+            # A resumed session presents no certificate, and the one verified when its
+            # ticket was issued is not looked at again: a client whose certificate has
+            # expired since, or whose CA was taken out of the trust bundle, got in with
+            # an old ticket (until 2026-12-07). Our own clients never resume.
+            whose = "client" if self._server_side else "server"
+            raise PeerVerificationError(
+                f"refused a {whose} at {self.peer_address()}: TLS session resumption is not "
+                "accepted (every peer's certificate is verified)"
+            )
         try:
             return peer_identity_from_ssl(self._ssl)
         except PeerVerificationError as exc:

@@ -285,8 +285,9 @@ class TcpTransport(Transport):
     def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
         """The current mutual-TLS context for one side (:class:`MutualTlsContexts`).
 
-        The server sends one TLS session ticket, which is also how
-        :meth:`connect` learns that the server accepted our certificate.
+        The server sends one TLS session ticket, once it accepted the client's
+        certificate: that is how :meth:`connect` learns it. The ticket resumes nothing:
+        a listener refuses every resumed session (it would present no certificate).
         """
         return self._tls.get(self.identity, self.trust, server_side=server_side)
 

@@ -129,6 +129,16 @@ BAD = {
     "a SPIFFE and an https URI SAN": Identity(
         *_cert(MESH.certificate, MESH.private_key, ["https://example.com/", GOOD])
     ),
+    # (Until 2026-12-07 h2 and tcp took this one both ways, and aioquic's client as a server.)
+    "a leaf with basicConstraints CA:true": Identity(
+        *_cert(MESH.certificate, MESH.private_key, [GOOD], ca=True)
+    ),
+    # (aioquic's client took it as a server's, identity spiffe://mesh.local.)
+    "the CA's own certificate": Identity(MESH.certificate, MESH.private_key),
+    # (Every transport took it; X509-SVID 5.2: a leaf's SPIFFE ID has a path.)
+    "a trust domain's ID, with no path": Identity(
+        *_cert(MESH.certificate, MESH.private_key, ["spiffe://mesh.local"])
+    ),
 }
 
 

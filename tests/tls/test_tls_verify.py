@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from quicmesh.errors import PeerVerificationError
 from quicmesh.tls import DevCA, TrustBundle, peer_identity_from_ssl, verify_peer
+from quicmesh.tls.verify import check_server_certificate
 
 REVIEWS = "spiffe://mesh.local/ns/default/sa/reviews"
 DAY = datetime.timedelta(days=1)
@@ -28,6 +29,8 @@ def _leaf(
     ca: DevCA,
     names: list[x509.GeneralName],
     usages: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    *,
+    ca_flag: bool = False,
 ) -> x509.Certificate:
     """Sign an unusual leaf with ``ca``'s key (DevCA.issue only makes well-formed SVIDs)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -41,7 +44,7 @@ def _leaf(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - DAY)
         .not_valid_after(now + DAY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(
@@ -137,3 +140,45 @@ def test_peer_identity_from_ssl_errors(ca: DevCA) -> None:
     der = _leaf(ca, [x509.DNSName("x")]).public_bytes(serialization.Encoding.DER)
     with pytest.raises(PeerVerificationError, match="no SPIFFE ID"):
         peer_identity_from_ssl(cast(ssl.SSLObject, _FakeSSLObject(der)))
+
+
+_CA_WORDS = r"^peer certificate is a CA certificate \(basicConstraints CA:true\), not a workload's$"
+_NO_PATH_WORDS = (
+    r"^peer certificate carries spiffe://mesh.local, a trust domain's ID with no path, "
+    r"not a workload's$"
+)
+
+
+def _not_a_workload(ca: DevCA) -> list[tuple[x509.Certificate, str]]:
+    """Leaves the X509-SVID rules refuse (its section 5.2) that OpenSSL's and aioquic's
+    chain checks take, with the words of the refusal."""
+    both = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return [
+        (_leaf(ca, [x509.UniformResourceIdentifier(REVIEWS)], both, ca_flag=True), _CA_WORDS),
+        (ca.certificate, _CA_WORDS),
+        (_leaf(ca, [x509.UniformResourceIdentifier("spiffe://mesh.local")], both), _NO_PATH_WORDS),
+    ]
+
+
+def test_a_server_certificate_must_be_a_workloads(ca: DevCA) -> None:
+    """(aioquic's client; until 2026-12-07 it took all three, the CA's own certificate
+    as a server with the identity spiffe://mesh.local)"""
+    for certificate, words in _not_a_workload(ca):
+        with pytest.raises(PeerVerificationError, match=words):
+            check_server_certificate(certificate, [], ca.trust_bundle)
+
+
+def test_a_peer_of_a_tls_handshake_must_be_a_workload(ca: DevCA) -> None:
+    """(h2 and tcp, both sides; until 2026-12-07 they took the CA:true leaf and the
+    trust domain's ID)"""
+    for certificate, words in _not_a_workload(ca):
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        with pytest.raises(PeerVerificationError, match=words):
+            peer_identity_from_ssl(cast(ssl.SSLObject, _FakeSSLObject(der)))
+
+
+def test_verify_peer_refuses_a_trust_domains_id(ca: DevCA) -> None:
+    """(aioquic's server; CA:true leaves its chain verifier refuses already)"""
+    leaf = _leaf(ca, [x509.UniformResourceIdentifier("spiffe://mesh.local")])
+    with pytest.raises(PeerVerificationError, match=_NO_PATH_WORDS):
+        verify_peer(leaf, [], ca.trust_bundle)
