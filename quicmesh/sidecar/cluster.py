@@ -374,9 +374,12 @@ class Cluster:
                 endpoint.name,
             )
         try:
-            async with asyncio.timeout(self.config.connect_timeout):  # no task, as wait_for's
-                stream, connection, early = await endpoint.pool.open_stream(target, headers)
+            # (Within connect_timeout: the pool keeps it, as it alone knows whether a
+            # flow that ran out of it was queued there, which is no endpoint failure.)
+            stream, connection, early = await endpoint.pool.open_stream(target, headers)
         except PoolOverflow as exc:
+            # Also a flow that timed out queued for stream credit: what held it was
+            # the max_connections limit.
             self.stats.overflows["max_connections"] += 1
             raise FlowRefused(
                 Outcome.OVERFLOW, f"cluster {self.config.name}: {exc}", endpoint.name

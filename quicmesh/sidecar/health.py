@@ -8,8 +8,10 @@ socket; the runtime passes ``loop.time()``.
 
 States: ``healthy``; ``unhealthy`` (``unhealthy_threshold`` active checks in a
 row failed, until ``healthy_threshold`` pass); ``ejected`` (``consecutive_connect_failures``
-connect failures in a row, for ``base_ejection_time`` times the number of
-ejections so far, capped at ten times).
+connect failures in a row, for ``base_ejection_time`` times a multiplier: the
+ejections so far, capped at ten, less one for each ``base_ejection_time`` the endpoint
+then stayed un-ejected without a connect failure; Envoy takes one off for each
+outlier-detection ``interval`` a host is not ejected, and quicmesh has no such key).
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ class EndpointHealth:
     passing_checks: int = 0
     active_unhealthy: bool = False
     connect_failures: int = 0
-    ejections: int = 0
+    ejection_multiplier: int = 0
+    """The last ejection's length in ``base_ejection_time``, less one for each
+    ``base_ejection_time`` of clean stretch since (:meth:`_forgive`): the next ejection
+    lasts one more (at most :data:`MAX_EJECTION_MULTIPLIER`)."""
+    clean_since: float | None = None
+    """When the stretch without ejection or connect failure began (the last ejection's
+    end, or the last failure), or None before any failure."""
     ejected_until: float | None = None
     our_certificate_refused: bool = False
     """Every connect failure of the current run was the peer refusing our certificate:
@@ -75,6 +83,7 @@ class EndpointHealth:
         ):
             # ``healthy_threshold`` checks passed in a row since the ejection began end
             # it early (docs/config.md; one passing check did before).
+            self.clean_since = min(now, self.ejected_until)
             self.ejected_until = None
             self.connect_failures = 0
 
@@ -92,19 +101,36 @@ class EndpointHealth:
 
     def connect_failed(self, now: float, *, may_eject: bool = True) -> bool:
         """A connect to the endpoint failed; returns True if this ejected it."""
+        self._forgive(now)
+        # (A failure during an ejection leaves the stretch to begin at its end.)
+        self.clean_since = now if self.clean_since is None else max(now, self.clean_since)
         self.connect_failures += 1
         if (
             may_eject
             and self.connect_failures >= self.outlier.consecutive_connect_failures
             and self.state(now) is not HealthState.EJECTED
         ):
-            self.ejections += 1
-            multiplier = min(self.ejections, MAX_EJECTION_MULTIPLIER)
-            self.ejected_until = now + self.outlier.base_ejection_time * multiplier
+            self.ejection_multiplier = min(self.ejection_multiplier + 1, MAX_EJECTION_MULTIPLIER)
+            self.ejected_until = now + self.outlier.base_ejection_time * self.ejection_multiplier
+            self.clean_since = self.ejected_until
             self.connect_failures = 0
             self.passing_checks = 0  # the checks that end it early count from now
             return True
         return False
+
+    def _forgive(self, now: float) -> None:
+        """Take one off :attr:`ejection_multiplier` for each whole ``base_ejection_time``
+        of the clean stretch up to ``now``: an endpoint that recovered and served well
+        for long is not ejected for ten times the base at its next failures. (Envoy
+        takes one off for each outlier-detection ``interval`` a host is not ejected;
+        quicmesh has no ``interval``, so the base ejection time is the period.)"""
+        base = self.outlier.base_ejection_time
+        if self.ejection_multiplier == 0 or self.clean_since is None or base <= 0:
+            return
+        periods = int((now - self.clean_since) // base)
+        if periods > 0:
+            self.ejection_multiplier = max(0, self.ejection_multiplier - periods)
+            self.clean_since += periods * base
 
 
 class HealthTracker:
@@ -135,7 +161,8 @@ class HealthTracker:
                 health.connect_failures = 0
                 if health.state(now) is HealthState.EJECTED:
                     health.ejected_until = None
-                    health.ejections = max(0, health.ejections - 1)
+                    health.ejection_multiplier = max(0, health.ejection_multiplier - 1)
+                    health.clean_since = now
                     ended += 1
             health.our_certificate_refused = False
         return ended

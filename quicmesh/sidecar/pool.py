@@ -126,7 +126,17 @@ def _rejected_unprocessed(error: TunnelError) -> bool:
 
 
 class PoolOverflow(QuicmeshError):
-    """The cluster's ``max_connections`` is reached and this endpoint has no connection."""
+    """The cluster's ``max_connections`` is reached and this endpoint has no connection,
+    or the flow's ``connect_timeout`` passed while it was queued for stream credit."""
+
+
+@dataclass
+class _Opening:
+    """Where one :meth:`EndpointPool.open_stream` call is, for its timeout to read."""
+
+    queued: bool = False
+    """Waiting for stream credit on a connection at the peer's stream limit, no other
+    connection allowed (:attr:`Action.QUEUE`): a timeout now is an overflow."""
 
 
 @dataclass
@@ -198,10 +208,34 @@ class EndpointPool:
         connection; turned away twice, it is refused (503). One flow dials at most
         :data:`MAX_DIALS_PER_FLOW` connections.
 
+        All of it within ``connect_timeout``. A flow queued for stream credit (the
+        cluster at ``max_connections``, this endpoint's connections at the peer's stream
+        limit) that runs out of it overflows the cluster's limit: the endpoint did
+        nothing wrong, and its outlier detection must not count it (Envoy's pending
+        request timing out in the pool's queue).
+
         :raises ConnectError: the endpoint could not be reached.
-        :raises PoolOverflow: no connection may be opened and none exists.
+        :raises TimeoutError: ``connect_timeout`` passed while a connection was dialled
+            or the peer's answer awaited.
+        :raises PoolOverflow: no connection may be opened and none exists, or
+            ``connect_timeout`` passed while the flow was queued for stream credit.
         :raises TunnelError: the stream could not be opened (refused, connection lost).
         """
+        opening = _Opening()
+        try:
+            async with asyncio.timeout(self.connect_timeout):  # no task, as wait_for's
+                return await self._open_stream(target, headers, opening)
+        except TimeoutError:
+            if not opening.queued:
+                raise
+            raise PoolOverflow(
+                f"timed out after {self.connect_timeout:g}s waiting for a stream slot "
+                f"(max_connections {self.breaker.limits.max_connections} reached)"
+            ) from None
+
+    async def _open_stream(
+        self, target: str, headers: dict[str, str], opening: _Opening
+    ) -> tuple[MeshStream, PeerConnection, bool]:
         lost_once = False
         dialled = 0
         mine: PeerConnection | None = None  # the connection this flow dialled last
@@ -220,15 +254,26 @@ class EndpointPool:
             if plan.action is Action.USE or plan.action is Action.QUEUE:
                 connection: PeerConnection = plan.connection
                 self._mark_busy(connection)
-                if connection.early_data == "attempted":
-                    # Still in its handshake: the CONNECT and first bytes go as 0-RTT.
-                    stream = await connection.open_stream(target, headers, wait_response=False)
-                    return stream, connection, True
+                early = False
                 try:
-                    stream = await connection.open_stream(target, headers)
+                    if plan.action is Action.QUEUE:
+                        opening.queued = True
+                        try:
+                            await connection.wait_for_stream_credit()
+                        except TunnelError:
+                            # No credit will come (lost, closing, going away): the
+                            # flow may be opened again below, no longer queued.
+                            opening.queued = False
+                            raise
+                        opening.queued = False
+                    # Still in its handshake: the CONNECT and first bytes go as 0-RTT.
+                    early = connection.early_data == "attempted"
+                    stream = await connection.open_stream(target, headers, wait_response=not early)
                 except StreamRefused:
                     raise
                 except TunnelError as exc:
+                    if early:
+                        raise
                     # The peer took no part of the request: its connection was closed,
                     # it is going away (GOAWAY), or it reset the stream unprocessed (an
                     # H3_REQUEST_REJECTED: its GOAWAY may be on the way, or the
@@ -257,7 +302,7 @@ class EndpointPool:
                         exc,
                     )
                     continue
-                return stream, connection, False
+                return stream, connection, early
             if plan.action is Action.CONNECT and dialled == MAX_DIALS_PER_FLOW:
                 raise self._dials_spent(mine)
             if plan.action is Action.CONNECT:

@@ -854,7 +854,8 @@ class Sidecar:
     def _clusters_snapshot(self) -> dict[str, Any]:
         """Each cluster's view, with the connections of its retired versions (a reload
         that made it again: their flows run on to their end) counted in: they left the
-        metrics while they still carried flows. A removed cluster is shown while it
+        metrics while they still carried flows. An endpoint only a retired version has
+        is ``removed``, as one removed in place is. A removed cluster is shown while it
         has connections open."""
         views = {name: c.snapshot() for name, c in self.clusters.items()}
         for number, retired in enumerate(self.retired_clusters, 1):
@@ -873,13 +874,19 @@ class Sidecar:
             current = views.get(retired.config.name)
             if current is None:
                 if view["connections_active"]:
+                    for endpoint in view["endpoints"].values():
+                        endpoint["health"] = "removed"  # (with its cluster)
                     views[retired.config.name] = view
                 continue
             current["connections_active"] += view["connections_active"]
             for name, endpoint in view["endpoints"].items():
                 if not endpoint["connections"]:
                     continue
-                kept = current["endpoints"].setdefault(name, {**endpoint, "connections": []})
+                # One the current version lacks was removed by the reload that retired
+                # this one (whose health for it, kept from before, says nothing now).
+                kept = current["endpoints"].setdefault(
+                    name, {**endpoint, "health": "removed", "connections": []}
+                )
                 kept["connections"] = [*kept["connections"], *endpoint["connections"]]
         return views
 

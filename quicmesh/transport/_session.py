@@ -134,13 +134,7 @@ class SessionConnection(PeerConnection):
         checked = validate_headers(headers)
         if not isinstance(wait_response, bool):  # ("no" was taken as true)
             raise TunnelUsageError(f"wait_response must be true or false, not {wait_response!r}")
-        self._raise_if_closing()
-        while not self.session.can_open_stream():
-            self._raise_if_closing()
-            if self._credit is None:
-                self._credit = self._loop.create_future()
-            await asyncio.shield(self._credit)
-        self._raise_if_closing()
+        await self.wait_for_stream_credit()
         stream_id = self.session.open_stream(parsed, checked)
         stream = MeshStream(
             self,
@@ -170,6 +164,15 @@ class SessionConnection(PeerConnection):
             stream.abort()
             raise
         return stream
+
+    async def wait_for_stream_credit(self) -> None:
+        self._raise_if_closing()
+        while not self.session.can_open_stream():
+            self._raise_if_closing()
+            if self._credit is None:
+                self._credit = self._loop.create_future()
+            await asyncio.shield(self._credit)
+        self._raise_if_closing()
 
     def close(self) -> None:
         # No new stream from now on, even before the close takes effect (on QUIC, at the

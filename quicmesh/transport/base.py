@@ -249,6 +249,20 @@ class PeerConnection(ABC):
     def can_open_stream(self) -> bool:
         """Whether a stream can be opened now without waiting for the peer's credit."""
 
+    async def wait_for_stream_credit(self) -> None:
+        """Return once a stream can be opened without waiting for the peer's credit.
+
+        The wait :meth:`open_stream` makes first, on its own: a caller that must tell
+        waiting for credit from waiting for the peer's answer (a pool whose queued flow
+        timed out; its endpoint is not at fault) awaits this, then :meth:`open_stream`.
+        The default returns at once, for connections without a stream limit of their
+        own (TCP: a connection per flow).
+
+        :raises ~quicmesh.errors.ConnectionLost: the connection takes no new stream
+            (closed, lost, or its peer going away), as :meth:`open_stream` would.
+        """
+        return
+
     @property
     def stream_needs_dial(self) -> bool:
         """Whether a stream opened now would first dial a connection of its own (TCP:

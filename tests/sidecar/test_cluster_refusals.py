@@ -377,3 +377,79 @@ def test_an_auto_endpoints_failure_names_it_once() -> None:
         assert not refused.value.reason.startswith(f"{name}: {name}"), refused.value.reason
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["h2", "quic"])
+def test_a_flow_timed_out_queued_for_stream_credit_overflows_and_blames_no_endpoint(
+    transport: str,
+) -> None:
+    """At ``max_connections``, on a connection at the peer's stream limit, a flow waits
+    in the pool's queue for credit. Running out of ``connect_timeout`` there was counted
+    as the endpoint's connect failure: a healthy busy peer was ejected, and the flow
+    logged ``connect_failed``. It overflows ``max_connections`` (Envoy's pending request
+    timing out in the queue). A CONNECT sent once credit came and left unanswered is
+    still the endpoint's failure."""
+
+    async def main() -> None:
+        ca = DevCA()
+        release = asyncio.Event()
+        seen: list[MeshStream] = []
+
+        async def first_two_answered(stream: MeshStream) -> None:
+            seen.append(stream)
+            if len(seen) <= 2:
+                stream.accept()
+            await release.wait()  # later CONNECTs are never answered
+
+        server = TRANSPORTS[transport](
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"),
+            trust=ca.trust_bundle,
+            max_streams=2,
+        )
+        listener = await server.listen(("127.0.0.1", 0), first_two_answered)
+        cluster = _h2_cluster(
+            ca,
+            [listener.address],
+            transport,
+            circuit_breakers={"max_connections": 1},
+            connect_timeout="1s",
+            outlier_detection={"consecutive_connect_failures": 1},
+        )
+        endpoint = format_address(listener.address)
+        try:
+            held = [await cluster.open_flow(), await cluster.open_flow()]
+            with pytest.raises(FlowRefused) as queued:
+                await cluster.open_flow()
+            assert queued.value.outcome is Outcome.OVERFLOW
+            assert queued.value.reason == (
+                f"cluster {cluster.config.name}: timed out after 1s waiting for a stream "
+                "slot (max_connections 1 reached)"
+            )
+            assert cluster.stats.overflows["max_connections"] == 1
+            assert cluster.stats.connect_failures == 0
+            assert cluster.stats.endpoint(endpoint).connect_failures == 0
+            assert cluster.healthy_endpoints() == 1
+            assert len(seen) == 2  # it never reached the peer
+
+            # Queued again, credit comes (a held flow ends), the CONNECT goes unanswered.
+            unanswered = asyncio.ensure_future(cluster.open_flow())
+            await asyncio.sleep(0.2)
+            held[0].stream.abort()
+            cluster.flow_finished(held[0], 0, 0)
+            with pytest.raises(FlowRefused) as timed_out:
+                await unanswered
+            assert timed_out.value.outcome is Outcome.CONNECT_FAILED
+            assert timed_out.value.reason == f"{endpoint}: timed out after 1s"
+            assert len(seen) == 3
+            assert cluster.stats.connect_failures == 1
+            assert cluster.stats.overflows["max_connections"] == 1
+            assert cluster.stats.endpoint(endpoint).ejections == 1
+            held[1].stream.abort()
+            cluster.flow_finished(held[1], 0, 0)
+        finally:
+            release.set()
+            await cluster.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

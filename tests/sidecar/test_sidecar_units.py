@@ -110,8 +110,57 @@ def test_repeated_ejections_last_longer() -> None:
         health.connect_failed(0.0)
     assert health.ejected_until == 10.0
     for _ in range(3):
-        health.connect_failed(20.0)
-    assert health.ejected_until == 40.0
+        health.connect_failed(15.0)  # back 5 s: less than a base ejection time
+    assert health.ejected_until == 35.0
+
+
+def _eject(health: EndpointHealth, now: float) -> float:
+    """Fail ``health`` at ``now`` until it is ejected; how long the ejection lasts."""
+    while not health.connect_failed(now):
+        pass
+    assert health.ejected_until is not None
+    return health.ejected_until - now
+
+
+def test_the_ejection_multiplier_decays_while_the_endpoint_stays_clean() -> None:
+    """The multiplier only went up: an endpoint that recovered and served well for long
+    was ejected for ten times the base at its next failures. One comes off for each
+    ``base_ejection_time`` (Envoy: each ``interval``) it stays un-ejected without a
+    connect failure; never below zero; it stays at most ten."""
+    health = EndpointHealth(OUTLIER)  # 3 failures eject, for 10 s times the multiplier
+    assert _eject(health, 0.0) == 10.0
+    assert _eject(health, 15.0) == 20.0  # back 5 s before it failed again
+    assert _eject(health, 40.0) == 30.0  # (ended at 35)
+    # Ended at 70; 25 s clean: two base ejection times come off (3 - 2, then one more).
+    assert _eject(health, 95.0) == 20.0
+    # Ended at 115; a failure at 124 (not ejecting) starts the clean stretch afresh:
+    # 9 s later, nothing comes off.
+    assert not health.connect_failed(124.0)
+    assert _eject(health, 133.0) == 30.0
+    # A failure during an ejection (a flow already opening) does not start it early.
+    assert not health.connect_failed(140.0)
+    assert health.state(140.0) is HealthState.EJECTED
+    assert _eject(health, 163.0 + 9.0) == 40.0  # ended at 163: 9 s clean
+    # A long healthy stretch takes it to zero, not below.
+    assert _eject(health, 1000.0) == 10.0
+    # At most ten: twenty ejections back to back, then 20 s clean take two off.
+    for _ in range(20):
+        assert health.ejected_until is not None
+        _eject(health, health.ejected_until)
+    assert health.ejection_multiplier == 10
+    assert health.ejected_until is not None
+    assert _eject(health, health.ejected_until + 20.0) == 90.0
+
+
+def test_an_ejection_ended_early_starts_the_clean_stretch() -> None:
+    """An ejection that healthy checks end early (or our new certificate) is over from
+    then: the clean stretch that takes the multiplier down counts from that moment."""
+    health = EndpointHealth(OUTLIER, HealthCheckConfig(healthy_threshold=1))
+    assert _eject(health, 0.0) == 10.0
+    assert _eject(health, 10.0) == 20.0  # until 30
+    health.check_passed(12.0)
+    assert health.state(12.0) is HealthState.HEALTHY
+    assert _eject(health, 22.0) == 20.0  # 10 s clean since 12: 2 - 1 + 1
 
 
 def test_active_checks_mark_unhealthy_and_back() -> None:
@@ -191,7 +240,7 @@ def test_a_new_certificate_of_ours_forgives_only_what_our_old_one_caused() -> No
     assert tracker.available(1.0) == ["counting"]
     assert tracker.our_identity_changed(1.0) == 1
     assert tracker.available(1.0) == ["ours", "counting"]
-    assert tracker["ours"].ejections == 0 and tracker["counting"].connect_failures == 0
+    assert tracker["ours"].ejection_multiplier == 0 and tracker["counting"].connect_failures == 0
     assert tracker["dead"].state(1.0) is HealthState.EJECTED
     assert tracker["mixed"].state(1.0) is HealthState.EJECTED
     # Once forgiven, a later refusal of the new certificate counts afresh.

@@ -13,19 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from quicmesh import DevCA, H2Transport, MeshStream
 from quicmesh.sidecar.cluster import SWEEP_INTERVAL
 from quicmesh.sidecar.config import (
     ClusterConfig,
     InboundListenerConfig,
+    format_address,
     parse_config,
     parse_destination,
 )
 from quicmesh.sidecar.launch import LOOPBACK, free_port
+from quicmesh.sidecar.metrics import SnapshotCollector
 from quicmesh.sidecar.runtime import Sidecar
 from quicmesh.sidecar.stats import ClosedCounters, retire_counters, sum_counters
 from quicmesh.splice import FlowIdle, IdleClock
 
-from .conftest import IDENTITY_A
+from .conftest import IDENTITY_A, IDENTITY_B
 
 
 def test_retired_counters_fold_into_one_total() -> None:
@@ -214,5 +217,62 @@ def test_an_endpoint_gone_keeps_its_counters_while_a_flow_there_is_counted(
         finally:
             sidecar.begin_drain()
             await sidecar.wait_drained()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["endpoints-only", "rebuilt"])
+def test_an_endpoint_a_reload_removed_shows_removed_while_its_flow_runs_on(
+    workdir: Path, rebuilt: bool
+) -> None:
+    """An endpoint a reload removed while a flow ran on it is ``removed`` in /stats and
+    quicmesh_endpoint_health until the flow ends. When the reload rebuilt the cluster
+    (another key changed too) it showed ``healthy``: the retired version's own view of
+    it was taken as it was."""
+
+    async def main() -> None:
+        ca = DevCA.load(workdir / "ca")
+        server = H2Transport(identity=ca.issue(IDENTITY_B), trust=ca.trust_bundle)
+        hold = asyncio.Event()
+
+        async def held(stream: MeshStream) -> None:
+            stream.accept()
+            await hold.wait()
+
+        listeners = [await server.listen((LOOPBACK, 0), held) for _ in range(2)]
+        gone, kept = (format_address(listener.address) for listener in listeners)
+        text = _sidecar_text(workdir).replace(f"['{LOOPBACK}:9']", f"['{gone}']")
+        base = parse_config(text, source="a.yaml")
+        sidecar = Sidecar(base, None)
+        await sidecar.start()
+        first = sidecar.clusters["bad"]
+        try:
+            flow = await first.open_flow()
+            cluster = replace(base.clusters[0], endpoints=(listeners[1].address,))
+            if rebuilt:
+                cluster = replace(cluster, load_balancing="random")
+            await sidecar.apply_config(replace(base, clusters=(cluster,)))
+            assert (sidecar.clusters["bad"] is not first) is rebuilt
+            endpoints = sidecar.snapshot()["clusters"]["bad"]["endpoints"]
+            assert endpoints[gone]["health"] == "removed"
+            assert endpoints[gone]["streams_active"] == 1
+            assert endpoints[kept]["health"] == "healthy"
+            states = {
+                sample.labels["endpoint"]: sample.labels["state"]
+                for family in SnapshotCollector(sidecar.snapshot).collect()
+                if family.name == "quicmesh_endpoint_health"
+                for sample in family.samples
+                if sample.value == 1.0
+            }
+            assert states == {gone: "removed", kept: "healthy"}
+            flow.stream.abort()
+            first.flow_finished(flow, 0, 0)
+        finally:
+            hold.set()
+            sidecar.begin_drain()
+            await sidecar.wait_drained()
+            for listener in listeners:
+                listener.close()
+                await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 60))
