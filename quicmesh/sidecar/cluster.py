@@ -43,6 +43,7 @@ from .circuit import CircuitBreaker
 from .config import MIN_HEALTH_CHECK_INTERVAL, MIN_IDLE_TIMEOUT, ClusterConfig, format_address
 from .health import HealthState, HealthTracker
 from .lb import make_balancer
+from .policy import server_refusal
 from .pool import EndpointPool, PooledConnection, PoolOverflow
 from .stats import ClusterStats, sum_counters
 
@@ -234,6 +235,7 @@ class Cluster:
                     self.breaker,
                     connect_timeout=self.config.connect_timeout,
                     early_data=self.config.early_data,
+                    server_identities=self.config.server_identities,
                     on_connected=self._connected,
                 ),
             )
@@ -660,6 +662,10 @@ class Cluster:
     async def _check(self, endpoint: Endpoint, timeout: float) -> None:
         try:
             connection = await self.transport.connect(endpoint.address, timeout=timeout)
+            refusal = server_refusal(connection.peer_identity, self.config.server_identities)
+            if refusal is not None:  # (a handshake it could not serve flows on)
+                connection.close()
+                raise PeerVerificationError(refusal)
         except (QuicmeshError, OSError) as exc:
             if endpoint.address in self.endpoints:
                 health = self.health[endpoint.address]

@@ -399,6 +399,11 @@ class ClusterConfig:
 
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    server_identities: tuple[str, ...] = ()
+    """The SPIFFE IDs (or ``prefix/*`` patterns) the cluster's endpoints may present: a
+    connection to one presenting another identity is closed before any flow goes on it,
+    as a handshake failure of that endpoint (Istio's expected service accounts; Envoy's
+    ``match_typed_subject_alt_names``). Empty: any identity the trust bundle vouches for."""
     splice: bool = True
     """QUIC only, native engine: let the engine copy each flow between the local TCP
     connection and its stream itself, once the peer accepted the CONNECT (False:
@@ -1505,7 +1510,7 @@ class _Loader:
     def policy(self, node: _Field) -> IdentityPolicy:
         node.only_keys({"identity", "destinations"})
         return IdentityPolicy(
-            identity=node.child("identity").required().convert(_identity_pattern),
+            identity=node.child("identity").required().convert(parse_identity_pattern),
             destinations=self.destinations(node.child("destinations").required()),
         )
 
@@ -1533,6 +1538,7 @@ class _Loader:
                 "services",
                 "liveness",
                 "fallback",
+                "server_identities",
             }
         )
         transport = node.child("transport").required().choice(CLUSTER_TRANSPORT_NAMES)
@@ -1616,7 +1622,20 @@ class _Loader:
             liveness=self.liveness(liveness),
             fallback=self.fallback(fallback),
             splice=splice.boolean() if splice.value is not None else True,
+            server_identities=self.identity_patterns(node.child("server_identities")),
         )
+
+    def identity_patterns(self, node: _Field) -> tuple[str, ...]:
+        """A list of SPIFFE IDs or ``prefix/*`` patterns, each given once; () if absent."""
+        if node.value is None:
+            return ()
+        patterns: list[str] = []
+        for item in node.items():
+            pattern = item.convert(parse_identity_pattern)
+            if pattern in patterns:
+                raise item.error(f"{pattern} is given twice")
+            patterns.append(pattern)
+        return tuple(patterns)
 
     def liveness(self, node: _Field) -> LivenessSettings:
         if node.value is None:
@@ -1737,7 +1756,11 @@ def _spiffe_id(value: object) -> str:
     return validate_spiffe_id(value)
 
 
-def _identity_pattern(value: object) -> str:
+def parse_identity_pattern(value: object) -> str:
+    """A SPIFFE ID, a ``spiffe://domain/prefix/*`` pattern or ``*``, as policies and
+    ``server_identities`` take them.
+
+    :raises ValueError: anything else, saying why."""
     if value == "*":
         return "*"
     if isinstance(value, str) and value.endswith("/*"):

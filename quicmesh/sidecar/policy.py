@@ -1,4 +1,5 @@
-"""Inbound authorization: may this peer identity reach this destination?
+"""Authorization: may this peer identity reach this destination (inbound), and may this
+server serve this cluster (outbound, :func:`server_refusal`)?
 
 Sans-IO. A flow is allowed when its target is in the inbound listener's
 ``destinations`` allow-list and, if the listener has ``policies``, one policy
@@ -64,6 +65,15 @@ def refusal_reason(
         if any(destination_matches(rule, host, port) for rule in policy.destinations):
             return None
     return f"identity {identity} may not reach {target}"
+
+
+def server_refusal(identity: str, allowed: Collection[str]) -> str | None:
+    """Why a cluster's endpoint presenting ``identity`` may not serve it (the cluster's
+    ``server_identities``, SPIFFE IDs or ``prefix/*`` patterns; empty: any), or None."""
+    if not allowed or any(identity_matches(pattern, identity) for pattern in allowed):
+        return None
+    listed = ", ".join(allowed)
+    return f"peer certificate's identity {identity} is not one of server_identities ({listed})"
 
 
 def allowed_nowhere(config: InboundListenerConfig, identity: str) -> bool:

@@ -28,6 +28,7 @@ from ..errors import (
     ConnectError,
     ConnectionLost,
     PeerUnresponsive,
+    PeerVerificationError,
     QuicmeshError,
     StreamRefused,
     StreamReset,
@@ -37,6 +38,7 @@ from ..tls import TrustBundle
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.stream import MeshStream
 from .circuit import CircuitBreaker
+from .policy import server_refusal
 
 logger = logging.getLogger("quicmesh.sidecar.pool")
 
@@ -174,10 +176,13 @@ class EndpointPool:
         *,
         connect_timeout: float,
         early_data: bool = False,
+        server_identities: tuple[str, ...] = (),
         on_connected: Any = None,
         on_closed: Any = None,
     ) -> None:
         self.address = address
+        self.server_identities = server_identities
+        """The identities the endpoint may present (:func:`.policy.server_refusal`)."""
         self.transport = transport
         self.breaker = breaker
         self.connect_timeout = connect_timeout
@@ -375,6 +380,13 @@ class EndpointPool:
             except BaseException:
                 self.breaker.release_connection()
                 raise
+            refusal = server_refusal(connection.peer_identity, self.server_identities)
+            if refusal is not None:
+                # Before any flow goes on it (a 0-RTT connection's identity is the one its
+                # ticket recorded, checked again when its handshake completes).
+                connection.close()
+                self.breaker.release_connection()
+                raise PeerVerificationError(f"{self._label()}: {refusal}")
             self.connections_opened += 1
             label = f"{self.connections_opened}"
             pooled = PooledConnection(

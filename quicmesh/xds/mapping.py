@@ -52,6 +52,7 @@ from ..sidecar.config import (
     OutlierDetectionConfig,
     format_seconds,
     parse_destination,
+    parse_identity_pattern,
 )
 from ..tls._pem import read_file
 from ..tunnel.connect import Target, parse_target
@@ -61,9 +62,11 @@ from .resources import (
     HttpConnectionManager,
     HttpProtocolOptions,
     Listener,
+    QuicUpstreamTransport,
     Router,
     Secret,
     TcpProxy,
+    UpstreamTlsContext,
 )
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -455,6 +458,7 @@ def map_cluster(
         assignment = cluster.load_assignment
     else:
         raise MappingError(f"{where}: type {kind} is not supported (EDS or STATIC)")
+    server_identities: tuple[str, ...] = ()
     if cluster.HasField("transport_socket"):
         socket = cluster.transport_socket
         if socket.name not in ("envoy.transport_sockets.tls", "envoy.transport_sockets.quic"):
@@ -462,6 +466,7 @@ def map_cluster(
                 f"{where}: transport_socket {socket.name!r} is not supported: quicmesh always "
                 "uses mutual TLS with the sidecar's own identity"
             )
+        server_identities = _server_identities(socket, f"{where}.transport_socket")
     if cluster.lb_policy not in LB_POLICIES:
         raise MappingError(
             f"{where}: lb_policy {_enum_name(cluster, 'lb_policy')} is not supported "
@@ -478,6 +483,58 @@ def map_cluster(
         outlier_detection=_outlier(cluster, where),
         circuit_breakers=_breakers(cluster, where),
         connect_timeout=connect_timeout,
+        server_identities=server_identities,
+    )
+
+
+def _server_identities(socket: Any, where: str) -> tuple[str, ...]:
+    """The SPIFFE IDs a cluster's endpoints may present (``server_identities``), from its
+    TLS transport socket's subject alternative name matchers, as Istio sends them (the
+    destination's service accounts). The rest of the socket is quicmesh's own mutual TLS.
+
+    :raises MappingError: a matcher quicmesh cannot hold to (only URIs, exact or a
+        prefix ending in ``/``), rather than a cluster that would accept any identity.
+    """
+    if not socket.HasField("typed_config"):
+        return ()
+    if socket.typed_config.TypeName() == QuicUpstreamTransport.DESCRIPTOR.full_name:
+        tls = _unpack(socket.typed_config, QuicUpstreamTransport(), where).upstream_tls_context
+    else:
+        tls = _unpack(socket.typed_config, UpstreamTlsContext(), where)
+    common = tls.common_tls_context
+    if common.HasField("combined_validation_context"):
+        context = common.combined_validation_context.default_validation_context
+        where = f"{where}: combined_validation_context.default_validation_context"
+    else:
+        context = common.validation_context
+        where = f"{where}: validation_context"
+    patterns: list[str] = []
+    for index, typed in enumerate(context.match_typed_subject_alt_names):
+        if typed.san_type != typed.URI:
+            raise MappingError(
+                f"{where}.match_typed_subject_alt_names[{index}]: san_type "
+                f"{_enum_name(typed, 'san_type')} is not supported (URI: a SPIFFE ID)"
+            )
+        patterns.append(_san_pattern(typed.matcher, f"{where}.match_typed_subject_alt_names"))
+    for index, matcher in enumerate(context.match_subject_alt_names):
+        patterns.append(_san_pattern(matcher, f"{where}.match_subject_alt_names[{index}]"))
+    return tuple(dict.fromkeys(patterns))
+
+
+def _san_pattern(matcher: Any, where: str) -> str:
+    """A ``StringMatcher`` on a SPIFFE ID as a quicmesh identity pattern."""
+    kind = matcher.WhichOneof("match_pattern")
+    value: str = getattr(matcher, kind) if kind in ("exact", "prefix") else ""
+    try:
+        if kind == "exact" and not matcher.ignore_case and "*" not in value:
+            return parse_identity_pattern(value)
+        if kind == "prefix" and not matcher.ignore_case and value.endswith("/"):
+            return parse_identity_pattern(value + "*")
+    except ValueError as exc:
+        raise MappingError(f"{where}: {exc}") from None
+    raise MappingError(
+        f"{where}: only an exact SPIFFE ID or a prefix ending in '/' (case-sensitive) is"
+        f" supported, not {kind or 'no matcher'} {value!r}"
     )
 
 

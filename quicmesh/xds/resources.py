@@ -33,7 +33,9 @@ TcpProxy = tcp_proxy_pb2.TcpProxy
 HttpConnectionManager = http_connection_manager_pb2.HttpConnectionManager
 HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 Router = router_pb2.Router
-TRANSPORT_SOCKETS = (tls_pb2.UpstreamTlsContext, quic_transport_pb2.QuicUpstreamTransport)
+UpstreamTlsContext = tls_pb2.UpstreamTlsContext
+QuicUpstreamTransport = quic_transport_pb2.QuicUpstreamTransport
+TRANSPORT_SOCKETS = (UpstreamTlsContext, QuicUpstreamTransport)
 """The transport sockets a cluster may name (docs/xds.md), imported so that their
 ``typed_config`` parses: quicmesh uses its own mutual TLS in their place."""
 

@@ -830,3 +830,77 @@ def test_config_source_fields_are_read_or_refused(
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert message in line, line
+
+
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _with_tls(validation: dict[str, Any], *, combined: bool = True) -> Cluster:
+    doc = cluster_doc("c", "quic")
+    common = (
+        {"combined_validation_context": {"default_validation_context": validation}}
+        if combined
+        else {"validation_context": validation}
+    )
+    doc["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": UPSTREAM_TLS, "common_tls_context": common},
+    }
+    return _cluster(doc)
+
+
+def _mapped_identities(cluster: Cluster) -> tuple[str, ...]:
+    mapped = map_cluster(cluster, "h:1", _cla(cla_doc("c", [("127.0.0.1", 1, "HEALTHY", None)])))
+    assert mapped is not None
+    return mapped.server_identities
+
+
+def test_a_clusters_subject_alt_names_are_its_server_identities() -> None:
+    """Istio names a destination's service accounts in its cluster's TLS context
+    (match_subject_alt_names, exact SPIFFE IDs): they become the cluster's
+    server_identities, so a connection to an endpoint presenting another identity is
+    refused (they were ignored: any identity the trust bundle vouched for was served)."""
+    istio = _with_tls(
+        {"match_subject_alt_names": [{"exact": "spiffe://mesh.local/ns/default/sa/reviews"}]}
+    )
+    assert _mapped_identities(istio) == ("spiffe://mesh.local/ns/default/sa/reviews",)
+    typed = _with_tls(
+        {
+            "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": "spiffe://mesh.local/ns/a/sa/x"}},
+                {"san_type": "URI", "matcher": {"prefix": "spiffe://mesh.local/ns/b/"}},
+            ]
+        },
+        combined=False,
+    )
+    assert _mapped_identities(typed) == (
+        "spiffe://mesh.local/ns/a/sa/x",
+        "spiffe://mesh.local/ns/b/*",
+    )
+    assert _mapped_identities(_with_tls({})) == ()
+
+
+@pytest.mark.parametrize(
+    ("validation", "problem"),
+    [
+        (
+            {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "a"}}]},
+            "san_type DNS is not supported",
+        ),
+        ({"match_subject_alt_names": [{"safe_regex": {"regex": ".*"}}]}, "not safe_regex"),
+        ({"match_subject_alt_names": [{"prefix": "spiffe://mesh.local/ns"}]}, "prefix"),
+        ({"match_subject_alt_names": [{"exact": "spiffe://x/*"}]}, "exact"),
+        ({"match_subject_alt_names": [{"exact": "reviews"}]}, "invalid SPIFFE ID"),
+        (
+            {"match_subject_alt_names": [{"exact": "spiffe://x/a", "ignore_case": True}]},
+            "case-sensitive",
+        ),
+    ],
+)
+def test_a_subject_alt_name_matcher_quicmesh_cannot_hold_to_is_refused(
+    validation: dict[str, Any], problem: str
+) -> None:
+    """Refused by name, rather than mapped to a cluster that would serve any identity."""
+    with pytest.raises(MappingError, match="transport_socket") as info:
+        _mapped_identities(_with_tls(validation))
+    assert problem in str(info.value)

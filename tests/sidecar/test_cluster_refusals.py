@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from quic_helpers import require_engine
 
 from quicmesh import TRANSPORTS, DevCA, H2Transport, MeshStream, TrustBundle
 from quicmesh.errors import (
@@ -453,3 +454,78 @@ def test_a_flow_timed_out_queued_for_stream_credit_overflows_and_blames_no_endpo
             await listener.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize(
+    ("transport", "engine"),
+    [("quic", "aioquic"), ("quic", "native"), ("h2", None), ("tcp", None)],
+    ids=["quic-aioquic", "quic-native", "h2", "tcp"],
+)
+def test_an_endpoint_presenting_an_identity_the_cluster_does_not_list_serves_no_flow(
+    transport: str, engine: str | None
+) -> None:
+    """A cluster's ``server_identities`` (Istio's expected service accounts): an endpoint
+    presenting another identity the trust bundle vouches for (a reused pod IP, a wrong
+    endpoint list) gets no flow, and its connection counts as a handshake failure of
+    that endpoint; until 2026-12-07 any identity of the trust bundle was served. A
+    pattern that matches serves as before."""
+    if engine == "native":
+        require_engine("native")
+
+    async def main() -> None:
+        ca = DevCA()
+        seen: list[MeshStream] = []
+
+        async def handler(stream: MeshStream) -> None:
+            seen.append(stream)
+            await _echo(stream)
+
+        server = TRANSPORTS[transport](
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/billing"), trust=ca.trust_bundle
+        )
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        keys: dict[str, Any] = {"engine": engine} if engine else {}
+        pinned = _h2_cluster(
+            ca,
+            [listener.address],
+            transport,
+            server_identities=["spiffe://mesh.local/ns/default/sa/reviews"],
+            **keys,
+        )
+        endpoint = format_address(listener.address)
+        try:
+            with pytest.raises(FlowRefused) as refused:
+                await pinned.open_flow()
+            assert refused.value.outcome is Outcome.CONNECT_FAILED
+            assert refused.value.reason == (
+                f"{endpoint}: peer certificate's identity spiffe://mesh.local/ns/default/sa/"
+                "billing is not one of server_identities (spiffe://mesh.local/ns/default/sa/"
+                "reviews)"
+            )
+            assert pinned.stats.handshake_failures == {"peer_certificate_invalid": 1}
+            assert pinned.stats.endpoint(endpoint).connect_failures == 1
+            assert seen == []  # no flow reached it
+        finally:
+            await pinned.close()
+        matching = _h2_cluster(
+            ca,
+            [listener.address],
+            transport,
+            server_identities=[
+                "spiffe://mesh.local/ns/other/*",
+                "spiffe://mesh.local/ns/default/*",
+            ],
+            **keys,
+        )
+        try:
+            flow = await matching.open_flow()
+            flow.stream.write(b"ping")
+            flow.stream.write_eof()
+            assert await flow.stream.read() == b"ping"
+            matching.flow_finished(flow, 4, 4)
+        finally:
+            await matching.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(main())
