@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from quic_helpers import require_engine
+from quic_helpers import require_engine, until
 
 from quicmesh import TRANSPORTS, DevCA, H2Transport, MeshStream, TrustBundle
 from quicmesh.errors import (
@@ -434,7 +434,7 @@ def test_a_flow_timed_out_queued_for_stream_credit_overflows_and_blames_no_endpo
 
             # Queued again, credit comes (a held flow ends), the CONNECT goes unanswered.
             unanswered = asyncio.ensure_future(cluster.open_flow())
-            await asyncio.sleep(0.2)
+            await until(lambda: cluster.breaker.pending == 1)  # waiting for a slot
             held[0].stream.abort()
             cluster.flow_finished(held[0], 0, 0)
             with pytest.raises(FlowRefused) as timed_out:
