@@ -956,23 +956,29 @@ async def _unless_given_up(
     """
     connecting = asyncio.ensure_future(connect)
     failed = asyncio.ensure_future(stream.wait_closed())
+
+    def abandon() -> None:
+        """Stop the connect; a connection it made (or makes as it is stopped) is
+        discarded."""
+
+        def abandoned(task: asyncio.Future[_Made]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                discard(task.result())
+
+        connecting.cancel()
+        connecting.add_done_callback(abandoned)
+
     try:
         await asyncio.wait((connecting, failed), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # (cancelled: the listener is closing)
-        connecting.cancel()
+        abandon()  # (the connect may have finished in the same turn: its connection too)
         raise
     finally:
         failed.cancel()
     error = stream.exception()
     if connecting.done() or error is None:
         return await connecting
-
-    def abandoned(task: asyncio.Future[_Made]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            discard(task.result())
-
-    connecting.cancel()
-    connecting.add_done_callback(abandoned)
+    abandon()
     raise _GivenUp(error)
 
 
