@@ -28,6 +28,8 @@ from .stream import DEFAULT_HIGH_WATER, EngineSocket, MeshStream, SpliceOutcome
 logger = logging.getLogger("quicmesh.transport")
 
 REFUSAL_LOG = RateLimitedLog(logger)
+PEER_VIOLATION_LOG = RateLimitedLog(logger)
+"""Connections closed for the peer's protocol violations (one line per code per 10 s)."""
 """Refused and rejected streams, logged at most once per 10 s per kind (with a count)."""
 
 
@@ -296,11 +298,31 @@ class SessionConnection(PeerConnection):
                 self._on_peer_going_away(event.stream_id, event.notice)
             elif isinstance(event, events.ConnectionTerminated):
                 reason = event.reason or f"error code {event.error_code:#x}"
-                self.on_connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
+                if event.by_peer:
+                    self.on_connection_lost(ConnectionLost(f"connection closed by peer: {reason}"))
+                else:
+                    self._closed_for_violation(event.error_code, reason)
         self.stream_credit_changed()
         # No transmit here: both adaptors send right after feeding input to the session.
         if self._idle_waiter is not None:
             self._wake_if_idle()
+
+    def _closed_for_violation(self, code: int, reason: str) -> None:
+        """This side closed the connection (GOAWAY ``code``): the peer's traffic broke
+        the protocol or its limits, and every stream went with it. One line naming the
+        peer and what it did (rate-limited per code: a peer can cause these at will), as
+        the QUIC connections say it; the streams fail with that reason."""
+        PEER_VIOLATION_LOG.log(
+            logging.WARNING,
+            f"violation {code:#x}",
+            "[%s] closed the connection with %s%s: %s (error code %#x)",
+            self._log_id,
+            self.peer_identity or "the peer",
+            f" at {self.peer_address}" if self.peer_address else "",
+            reason,
+            code,
+        )
+        self.on_connection_lost(ConnectionLost(f"connection closed by us: {reason}"))
 
     def _tell_rejected(
         self, hook: Callable[[Any, int, str], None], status: int, reason: str

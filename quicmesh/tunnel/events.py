@@ -91,7 +91,9 @@ class PeerGoingAway(TunnelEvent):
 
 @dataclass
 class ConnectionTerminated(TunnelEvent):
-    """The connection is closed; every stream on it is gone."""
+    """The connection is closed; every stream on it is gone. ``by_peer`` False: this side
+    closed it (a GOAWAY with ``error_code``) because the peer broke the protocol."""
 
     error_code: int
     reason: str = ""
+    by_peer: bool = True

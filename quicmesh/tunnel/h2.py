@@ -532,7 +532,9 @@ class H2TunnelSession(TunnelSession):
         except h2.exceptions.ProtocolError as exc:
             self._close_all()
             code = int(exc.error_code)
-            return [events.ConnectionTerminated(code, f"HTTP/2 protocol error: {exc}")]
+            return [
+                events.ConnectionTerminated(code, f"HTTP/2 protocol error: {exc}", by_peer=False)
+            ]
         result: list[events.TunnelEvent] = []
         for event in h2_events:
             if self.closed:
@@ -997,7 +999,9 @@ class H2TunnelSession(TunnelSession):
                 last_stream_id=self.goaway_last_stream,
             )
         self._close_all()
-        return [events.ConnectionTerminated(int(code), reason)]
+        # With an error code, for what the peer sent (a violation, a flood); NO_ERROR
+        # answers the peer's own graceful GOAWAY.
+        return [events.ConnectionTerminated(int(code), reason, by_peer=not code)]
 
     def _close_all(self) -> None:
         self.closed = True

@@ -679,7 +679,7 @@ def test_malformed_requests_spend_the_refusal_budget() -> None:
             break
     assert server.closed, len(got)
     assert got[-1] == events.ConnectionTerminated(
-        ErrorCodes.ENHANCE_YOUR_CALM, "too many malformed requests"
+        ErrorCodes.ENHANCE_YOUR_CALM, "too many malformed requests", by_peer=False
     ), got[-1]
     assert 0 < sum(isinstance(e, events.RequestRejected) for e in got) < 1000
 

@@ -295,3 +295,58 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
         await close_both(connection, listener)
 
     run(main())
+
+
+def test_an_h2_peer_over_the_header_list_limit_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header list over 60 KiB closes the HTTP/2 connection (GOAWAY, h2's
+    ENHANCE_YOUR_CALM): the server says so once, naming the peer, its address and the
+    code, as QUIC's servers do; it said nothing, and its flows read "closed by peer"."""
+    import quicmesh.transport._session as session_module
+
+    monkeypatch.setattr(session_module, "PEER_VIOLATION_LOG", RateLimitedLog(session_module.logger))
+    ca = DevCA()
+    server = H2Transport(
+        identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+    )
+    ca.issue("spiffe://mesh.local/ns/default/sa/big").save(tmp_path / "c.pem", tmp_path / "k.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(tmp_path / "ca.pem")
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    context.set_alpn_protocols(["h2"])
+
+    async def main() -> tuple[list[Any], str]:
+        listener = await server.listen(("127.0.0.1", 0), _Echo())
+        reader, writer = await asyncio.open_connection(*listener.address, ssl=context)
+        local = "{}:{}".format(*writer.get_extra_info("sockname")[:2])
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        client.initiate_connection()
+        client.send_headers(1, [*GOOD, *((f"x-{i}".encode(), b"v" * 4096) for i in range(20))])
+        writer.write(client.data_to_send())
+        seen: list[Any] = []
+        while data := await asyncio.wait_for(reader.read(65536), 5):
+            seen += client.receive_data(data)
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+        return seen, local
+
+    with caplog.at_level("WARNING", logger="quicmesh.transport"):
+        seen, local = run(main())
+    (terminated,) = [e for e in seen if isinstance(e, h2.events.ConnectionTerminated)]
+    assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    said = [
+        r.getMessage().split("] ", 1)[1]  # (after the connection's log id, "[h2-N]")
+        for r in caplog.records
+        if "closed the connection with" in r.getMessage()
+    ]
+    assert said == [
+        f"closed the connection with spiffe://mesh.local/ns/default/sa/big at {local}:"
+        " HTTP/2 protocol error: Oversized header block: A header list larger than 61440 has"
+        " been received (error code 0xb)"
+    ], said
