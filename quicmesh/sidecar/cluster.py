@@ -207,7 +207,13 @@ class Cluster:
         self.stats = stats
         self.headers = headers or {}
         self.breaker = CircuitBreaker(config.circuit_breakers)
-        self.health = HealthTracker(config.outlier_detection, config.health_check)
+        self.health = HealthTracker(
+            config.outlier_detection,
+            config.health_check,
+            panic_threshold=config.healthy_panic_threshold,
+        )
+        self._in_panic = False
+        """Whether the last flow chosen was chosen in panic (:meth:`_panic`)."""
         self.balancer = make_balancer(config.load_balancing, rng)
         self.endpoints: dict[Address, Endpoint] = {}
         self.retired: list[Endpoint] = []
@@ -326,12 +332,13 @@ class Cluster:
             first = 1
         for attempt in range(first, self.config.connect_retries + 1):
             now = self._loop.time()
+            panic = self._panic(now)
             candidates = _staying(
                 [
                     e
                     for e in self.endpoints.values()
                     if e.address not in tried
-                    and self.health[e.address].is_available(now)
+                    and self.health.may_take_flows(e.address, now, panic)
                     and (pinned is None or e.address == pinned)
                 ],
                 now,
@@ -450,8 +457,13 @@ class Cluster:
         endpoint: Endpoint | None = None
         try:
             now = self._loop.time()
+            panic = self._panic(now)
             candidates = _staying(
-                [e for e in self.endpoints.values() if self.health[e.address].is_available(now)],
+                [
+                    e
+                    for e in self.endpoints.values()
+                    if self.health.may_take_flows(e.address, now, panic)
+                ],
                 now,
             )
             if not candidates:
@@ -743,6 +755,8 @@ class Cluster:
             "connections_by_transport": dict(stats.connections_by_transport),
             "outcomes": dict(stats.outcomes),
             "handshake_failures": dict(stats.handshake_failures),
+            "panic": self._in_panic,
+            "panic_flows": stats.panic_flows,
             "endpoints": endpoints,
         }
         if stats.quic_counters:
@@ -751,6 +765,27 @@ class Cluster:
         if fallback:
             view["fallback"] = fallback
         return view
+
+    def _panic(self, now: float) -> bool:
+        """Whether a flow chosen now ignores health (:meth:`HealthTracker.in_panic`):
+        counted, and said once as the cluster enters and leaves panic."""
+        panic = self.health.in_panic(now)
+        if panic:
+            self.stats.panic_flows += 1
+        if panic is not self._in_panic:
+            self._in_panic = panic
+            if panic:
+                logger.warning(
+                    "cluster %s: panic: %d of %d endpoints healthy, under %d%%"
+                    " (healthy_panic_threshold): flows go to every endpoint",
+                    self.config.name,
+                    len(self.health.available(now)),
+                    len(self.endpoints),
+                    self.config.healthy_panic_threshold,
+                )
+            else:
+                logger.info("cluster %s: out of panic", self.config.name)
+        return panic
 
     def healthy_endpoints(self) -> int:
         """How many endpoints may take flows now."""

@@ -399,6 +399,10 @@ class ClusterConfig:
 
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    healthy_panic_threshold: int = 50
+    """Percent: while fewer of the cluster's endpoints than this are healthy (not ejected,
+    not failing health checks), flows go to all of them, health ignored, as Envoy's
+    panic mode (its default, 50); 0: never (flows are refused ``no_healthy_endpoint``)."""
     server_identities: tuple[str, ...] = ()
     """The SPIFFE IDs (or ``prefix/*`` patterns) the cluster's endpoints may present: a
     connection to one presenting another identity is closed before any flow goes on it,
@@ -1539,6 +1543,7 @@ class _Loader:
                 "liveness",
                 "fallback",
                 "server_identities",
+                "healthy_panic_threshold",
             }
         )
         transport = node.child("transport").required().choice(CLUSTER_TRANSPORT_NAMES)
@@ -1623,6 +1628,7 @@ class _Loader:
             fallback=self.fallback(fallback),
             splice=splice.boolean() if splice.value is not None else True,
             server_identities=self.identity_patterns(node.child("server_identities")),
+            healthy_panic_threshold=_int_or(node.child("healthy_panic_threshold"), 50, 0, 100),
         )
 
     def identity_patterns(self, node: _Field) -> tuple[str, ...]:

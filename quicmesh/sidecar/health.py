@@ -137,10 +137,16 @@ class HealthTracker:
     """The health of every endpoint of one cluster, keyed by endpoint."""
 
     def __init__(
-        self, outlier: OutlierDetectionConfig, check: HealthCheckConfig | None = None
+        self,
+        outlier: OutlierDetectionConfig,
+        check: HealthCheckConfig | None = None,
+        *,
+        panic_threshold: int = 0,
     ) -> None:
         self.outlier = outlier
         self.check = check
+        self.panic_threshold = panic_threshold
+        """Percent of available endpoints below which all take flows (Envoy's panic)."""
         self.endpoints: dict[object, EndpointHealth] = {}
 
     def set_endpoints(self, keys: Iterable[object]) -> None:
@@ -173,6 +179,21 @@ class HealthTracker:
     def available(self, now: float) -> list[object]:
         """Endpoints that may take flows now, in endpoint order."""
         return [key for key, health in self.endpoints.items() if health.is_available(now)]
+
+    def in_panic(self, now: float) -> bool:
+        """Whether fewer than ``panic_threshold`` percent of the endpoints are available:
+        then every endpoint takes flows, health ignored (Envoy's panic mode), so a
+        cluster whose endpoints were all ejected or failed their checks (a restarted
+        peer, a network blip) keeps trying them rather than refusing every flow until
+        an ejection ends."""
+        if not self.endpoints or not self.panic_threshold:
+            return False
+        share = 100 * len(self.available(now)) / len(self.endpoints)
+        return share < self.panic_threshold
+
+    def may_take_flows(self, key: object, now: float, panic: bool) -> bool:
+        """Whether endpoint ``key`` may be chosen now (``panic``: :meth:`in_panic`)."""
+        return panic or self.endpoints[key].is_available(now)
 
     def connect_failed(
         self, key: object, now: float, *, our_certificate_refused: bool = False

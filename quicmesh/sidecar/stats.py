@@ -157,6 +157,9 @@ class ClusterStats:
     endpoints: dict[str, EndpointStats] = field(default_factory=dict)
     handshake_failures: Counter[str] = field(default_factory=Counter)
     """Connections the cluster could not make because a TLS handshake failed, by reason."""
+    panic_flows: int = 0
+    """Flows balanced over every endpoint, health ignored (panic mode; Envoy's
+    ``lb_healthy_panic``)."""
 
     def endpoint(self, name: str) -> EndpointStats:
         """The counters of endpoint ``name`` (``host:port``), created on first use."""

@@ -389,6 +389,7 @@ _CLUSTER_FIELDS = {
     "typed_extension_protocol_options",
     "outlier_detection",
     "transport_socket",
+    "common_lb_config",
 }
 
 
@@ -484,7 +485,26 @@ def map_cluster(
         circuit_breakers=_breakers(cluster, where),
         connect_timeout=connect_timeout,
         server_identities=server_identities,
+        healthy_panic_threshold=_panic_threshold(cluster, where),
     )
+
+
+def _panic_threshold(cluster: Cluster, where: str) -> int:
+    """``common_lb_config.healthy_panic_threshold`` (a percent; unset: Envoy's 50),
+    the cluster's ``healthy_panic_threshold``; the rest of ``common_lb_config`` is
+    refused by name."""
+    if not cluster.HasField("common_lb_config"):
+        return 50
+    common = cluster.common_lb_config
+    _only(common, {"healthy_panic_threshold"}, f"{where}: common_lb_config")
+    if not common.HasField("healthy_panic_threshold"):
+        return 50
+    value = common.healthy_panic_threshold.value
+    if not 0 <= value <= 100:
+        raise MappingError(
+            f"{where}: common_lb_config.healthy_panic_threshold {value:g} is not a percent"
+        )
+    return int(round(value))
 
 
 def _server_identities(socket: Any, where: str) -> tuple[str, ...]:

@@ -850,9 +850,7 @@ def _with_tls(validation: dict[str, Any], *, combined: bool = True) -> Cluster:
 
 
 def _mapped_identities(cluster: Cluster) -> tuple[str, ...]:
-    mapped = map_cluster(cluster, "h:1", _cla(cla_doc("c", [("127.0.0.1", 1, "HEALTHY", None)])))
-    assert mapped is not None
-    return mapped.server_identities
+    return _mapped_cluster(cluster).server_identities
 
 
 def test_a_clusters_subject_alt_names_are_its_server_identities() -> None:
@@ -904,3 +902,30 @@ def test_a_subject_alt_name_matcher_quicmesh_cannot_hold_to_is_refused(
     with pytest.raises(MappingError, match="transport_socket") as info:
         _mapped_identities(_with_tls(validation))
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 50), (0.0, 0), (25.0, 25), (100.0, 100)])
+def test_a_clusters_panic_threshold_is_mapped(value: float | None, expected: int) -> None:
+    """``common_lb_config.healthy_panic_threshold`` is the cluster's panic threshold
+    (Envoy's default, 50, when unset); a value that is not a percent is refused."""
+    doc = cluster_doc("c", "h2")
+    if value is not None:
+        doc["common_lb_config"] = {"healthy_panic_threshold": {"value": value}}
+    assert _mapped_cluster(_cluster(doc)).healthy_panic_threshold == expected
+
+
+def test_a_panic_threshold_that_is_not_a_percent_is_refused() -> None:
+    doc = cluster_doc("c", "h2")
+    doc["common_lb_config"] = {"healthy_panic_threshold": {"value": 150.0}}
+    with pytest.raises(MappingError, match="healthy_panic_threshold 150 is not a percent"):
+        _mapped_cluster(_cluster(doc))
+    doc["common_lb_config"] = {"zone_aware_lb_config": {}}
+    with pytest.raises(MappingError, match="zone_aware_lb_config"):
+        _mapped_cluster(_cluster(doc))
+
+
+def _mapped_cluster(cluster: Cluster) -> Any:
+    """The cluster mapped, with one endpoint."""
+    mapped = map_cluster(cluster, "h:1", _cla(cla_doc("c", [("127.0.0.1", 1, "HEALTHY", None)])))
+    assert mapped is not None
+    return mapped

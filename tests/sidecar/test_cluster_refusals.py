@@ -269,7 +269,9 @@ def test_an_endpoint_ejected_for_refusing_our_certificate_returns_when_ours_chan
         )
         listener = await server.listen(("127.0.0.1", 0), _echo)
         outlier = {"consecutive_connect_failures": 3, "max_ejection_percent": 100}
-        cluster = _h2_cluster(ours, [listener.address], outlier_detection=outlier)
+        cluster = _h2_cluster(
+            ours, [listener.address], outlier_detection=outlier, healthy_panic_threshold=0
+        )  # (its only endpoint ejected: refused, not tried in panic)
         # We trust them; they do not trust us.
         both = TrustBundle(ours.trust_bundle.certificates + theirs.trust_bundle.certificates)
         cluster.transport.set_identity(ours.issue("spiffe://mesh.local/ns/default/sa/a"), both)
@@ -525,6 +527,58 @@ def test_an_endpoint_presenting_an_identity_the_cluster_does_not_list_serves_no_
             matching.flow_finished(flow, 4, 4)
         finally:
             await matching.close()
+            listener.close()
+            await listener.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("threshold", [50, 0])
+def test_a_cluster_whose_only_endpoint_was_ejected_tries_it_again_in_panic(
+    threshold: int,
+) -> None:
+    """A one-endpoint cluster's peer restarts: its connect failures eject it, and the
+    cluster refused every flow ``no_healthy_endpoint`` for the whole ejection, the peer
+    back or not (a review: 30 s). In panic (fewer than ``healthy_panic_threshold``
+    percent healthy, Envoy's 50 by default) the flows try it anyway and go through as
+    soon as it is back; 0 keeps the refusal."""
+
+    async def main() -> None:
+        ca = DevCA()
+        server = H2Transport(
+            identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
+        )
+        listener = await server.listen(("127.0.0.1", 0), _echo)
+        address = listener.address
+        cluster = _h2_cluster(
+            ca,
+            [address],
+            outlier_detection={"consecutive_connect_failures": 1, "base_ejection_time": "60s"},
+            healthy_panic_threshold=threshold,
+        )
+        try:
+            listener.close()
+            await listener.wait_closed()
+            with pytest.raises(FlowRefused) as down:
+                await cluster.open_flow()
+            assert down.value.outcome is Outcome.CONNECT_FAILED
+            assert cluster.healthy_endpoints() == 0  # ejected, for a minute
+            listener = await server.listen(address, _echo)  # the peer is back
+            if threshold == 0:
+                with pytest.raises(FlowRefused) as refused:
+                    await cluster.open_flow()
+                assert refused.value.outcome is Outcome.NO_HEALTHY_ENDPOINT
+                assert cluster.snapshot()["panic"] is False
+                return
+            flow = await cluster.open_flow()
+            flow.stream.write(b"back")
+            flow.stream.write_eof()
+            assert await flow.stream.read() == b"back"
+            cluster.flow_finished(flow, 4, 4)
+            snapshot = cluster.snapshot()
+            assert snapshot["panic"] is True and snapshot["panic_flows"] >= 1
+        finally:
+            await cluster.close()
             listener.close()
             await listener.wait_closed()
 

@@ -733,3 +733,22 @@ def test_the_demo_keeps_the_ports_it_is_given_and_chooses_the_others() -> None:
     assert ports.admin_a == 15001
     chosen = [ports.admin_b, ports.tunnel_b, ports.echo_a, ports.http_a]
     assert len(set(chosen)) == 4 and 15001 not in chosen and all(chosen)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "ejected", "panic"),
+    [(50, 3, True), (50, 2, False), (50, 4, True), (0, 4, False), (100, 1, True), (100, 0, False)],
+)
+def test_a_cluster_panics_below_its_healthy_share(
+    threshold: int, ejected: int, panic: bool
+) -> None:
+    """Envoy's panic mode: under ``healthy_panic_threshold`` percent of endpoints
+    available, every endpoint may take flows, health ignored; 0 turns it off."""
+    outlier = OutlierDetectionConfig(consecutive_connect_failures=1, max_ejection_percent=100)
+    tracker = HealthTracker(outlier, panic_threshold=threshold)
+    tracker.set_endpoints(["a", "b", "c", "d"])
+    for key in ["a", "b", "c", "d"][:ejected]:
+        assert tracker.connect_failed(key, 0.0)
+    assert tracker.in_panic(1.0) is panic
+    chosen = [k for k in "abcd" if tracker.may_take_flows(k, 1.0, tracker.in_panic(1.0))]
+    assert chosen == (list("abcd") if panic else list("abcd")[ejected:])
