@@ -1,13 +1,15 @@
 """Circuit breakers: a cluster's limits on connections, streams and pending opens.
 
-Sans-IO counters. Each ``try_*`` method either takes a slot and returns True,
-or counts an overflow for that limit and returns False; the caller refuses the
-flow. Every taken slot is given back with the matching ``release_*``.
+Sans-IO slot counts. Each ``try_*`` method either takes a slot and returns True, or
+returns False; the caller refuses the flow and counts the overflow where the
+cluster's counters live (``ClusterStats.overflows``: the refusal's other ways, a flow
+timing out queued at ``max_connections`` say, are counted there too). Every taken
+slot is given back with the matching ``release_*``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import CircuitBreakerConfig
 
@@ -17,18 +19,16 @@ LIMITS = ("max_connections", "max_concurrent_streams", "max_pending_opens")
 
 @dataclass
 class CircuitBreaker:
-    """Slots in use and overflows, per limit, for one cluster."""
+    """Slots in use, per limit, for one cluster."""
 
     limits: CircuitBreakerConfig
     connections: int = 0
     streams: int = 0
     pending: int = 0
-    overflows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
 
     def try_open_connection(self) -> bool:
         """Take a connection slot (a new peer connection)."""
         if self.connections >= self.limits.max_connections:
-            self.overflows["max_connections"] += 1
             return False
         self.connections += 1
         return True
@@ -40,7 +40,6 @@ class CircuitBreaker:
     def try_open_stream(self) -> bool:
         """Take a stream slot (a flow through the cluster)."""
         if self.streams >= self.limits.max_concurrent_streams:
-            self.overflows["max_concurrent_streams"] += 1
             return False
         self.streams += 1
         return True
@@ -52,7 +51,6 @@ class CircuitBreaker:
     def try_begin_pending(self) -> bool:
         """Take a pending-open slot (a flow waiting for a connection or stream credit)."""
         if self.pending >= self.limits.max_pending_opens:
-            self.overflows["max_pending_opens"] += 1
             return False
         self.pending += 1
         return True

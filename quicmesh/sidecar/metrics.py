@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .circuit import LIMITS as CIRCUIT_LIMITS
 from .overload import STATES as OVERLOAD_STATES
 
 Snapshot = dict[str, Any]
@@ -348,7 +349,7 @@ def _cluster_families(clusters: dict[str, Any]) -> Iterator[Metric]:
         "quicmesh_cluster_flows", "Flows ended, by outcome.", labels=["cluster", "outcome"]
     )
     for cluster, data in clusters.items():
-        for limit in ("max_connections", "max_concurrent_streams", "max_pending_opens"):
+        for limit in CIRCUIT_LIMITS:
             overflows.add_metric([cluster, limit], data["circuit_breaker_overflows"].get(limit, 0))
         for outcome, count in data["outcomes"].items():
             outcomes.add_metric([cluster, outcome], count)

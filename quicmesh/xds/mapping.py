@@ -504,7 +504,7 @@ def _panic_threshold(cluster: Cluster, where: str) -> int:
         raise MappingError(
             f"{where}: common_lb_config.healthy_panic_threshold {value:g} is not a percent"
         )
-    return int(round(value))
+    return round(float(value))
 
 
 def _server_identities(socket: Any, where: str) -> tuple[str, ...]:

@@ -250,7 +250,7 @@ def test_a_new_certificate_of_ours_forgives_only_what_our_old_one_caused() -> No
 # -- circuit breakers ---------------------------------------------------------------
 
 
-def test_circuit_breaker_counts_overflows_per_limit() -> None:
+def test_circuit_breaker_holds_each_limit() -> None:
     breaker = CircuitBreaker(
         CircuitBreakerConfig(max_connections=1, max_concurrent_streams=2, max_pending_opens=0)
     )
@@ -259,12 +259,10 @@ def test_circuit_breaker_counts_overflows_per_limit() -> None:
     breaker.release_stream()
     assert breaker.try_open_stream()
     assert breaker.try_open_connection() and not breaker.try_open_connection()
+    breaker.release_connection()
+    assert breaker.try_open_connection()
     assert not breaker.try_begin_pending()
-    assert breaker.overflows == {
-        "max_connections": 1,
-        "max_concurrent_streams": 1,
-        "max_pending_opens": 1,
-    }
+    assert (breaker.connections, breaker.streams, breaker.pending) == (1, 2, 0)
 
 
 # -- the pool's choice ------------------------------------------------------------------
