@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -174,11 +175,13 @@ async def splice(
             data = await stream.read(CHUNK)
             if not data:
                 if writer.can_write_eof():
-                    writer.write_eof()
+                    with _tcp_reset_as_os_error(writer):
+                        writer.write_eof()
                 return
             moved()
             result.bytes_from_stream += len(data)
-            writer.write(data)
+            with _tcp_reset_as_os_error(writer):
+                writer.write(data)
             await writer.drain()
             moved()
 
@@ -207,6 +210,23 @@ async def splice(
             await writer.wait_closed()
         stream.close()
     return result
+
+
+@contextlib.contextmanager
+def _tcp_reset_as_os_error(writer: asyncio.StreamWriter) -> Iterator[None]:
+    """A write to a TCP connection its peer reset: uvloop raises RuntimeError ("unable
+    to perform operation on <TCPTransport closed=True ...>; the handler is closed")
+    where asyncio's own transports drop the bytes and let ``drain()`` raise
+    ``ConnectionResetError``. Taken as that OSError, so the flow is reset on both sides;
+    uncaught, it escaped the splice and the flow's stream, and the peer's side with its
+    destination connection, were held for ever (a soak review: hundreds of flows a
+    sidecar)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not writer.transport.is_closing():
+            raise
+        raise ConnectionResetError(errno.ECONNRESET, f"TCP connection closed: {exc}") from None
 
 
 async def splice_accepted(

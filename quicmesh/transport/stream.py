@@ -441,8 +441,18 @@ class MeshStream:
         return len(self._buffer) + self._channel.stream_unsent_bytes(self)
 
     async def drain(self) -> None:
-        """Wait until this stream's unsent bytes fall to the high-water mark."""
-        await self._wait_unsent_at_most(self._high_water)
+        """Wait until this stream's unsent bytes fall to the high-water mark.
+
+        It lets the event loop run once even when there is no need to wait: the
+        transport may drop what is written before this stream hears why (the peer's
+        STOP_SENDING or reset, on its way in a batch of events), and a
+        ``write(); await drain()`` loop that never waited then never let that news in
+        (a review froze the native engine's event loop with 200 such handlers).
+        """
+        waited = await self._wait_unsent_at_most(self._high_water)
+        if not waited:
+            await asyncio.sleep(0)
+            self._raise_error()
 
     async def wait_sent(self) -> None:
         """Wait until every byte written so far has been handed to the network.
@@ -452,15 +462,18 @@ class MeshStream:
         """
         await self._wait_unsent_at_most(0)
 
-    async def _wait_unsent_at_most(self, limit: int) -> None:
+    async def _wait_unsent_at_most(self, limit: int) -> bool:
+        """Wait until at most ``limit`` bytes are unsent; whether it let the loop run."""
         self._raise_error()
         if self._peer_stopped_reading:
             # Writes are discarded from now on: yield to the event loop anyway, so that
             # a ``write(); await drain()`` loop lets the others run (asyncio's
             # StreamWriter.drain does the same on a closing transport).
             await asyncio.sleep(0)
-            return
+            return True
+        waited = False
         while not self._peer_stopped_reading and self._channel.stream_unsent_bytes(self) > limit:
+            waited = True
             # One future for every task waiting here (drain() and wait_sent() from
             # several tasks, as asyncio's StreamWriter.drain allows).
             waiter = self._drain_waiter
@@ -475,6 +488,7 @@ class MeshStream:
                 if not self._drain_waiters:
                     self._drain_waiter = None
             self._raise_error()
+        return waited
 
     # -- splicing ------------------------------------------------------------
 

@@ -1353,6 +1353,14 @@ class QuicPeerConnection(SessionConnection):
             return check_server_certificate(certificate, chain, trust)
         return verify_peer(certificate, chain, trust)
 
+    def limit_early_handshake(self, timeout: float) -> None:
+        """(client, early data) Fail the connection unless its handshake completes within
+        ``timeout`` seconds; the timer goes once it does or the connection ends (left
+        armed, it held every closed 0-RTT connection for that long: a soak review)."""
+        timer = self._loop.call_later(timeout, self.handshake_timed_out, timeout)
+        self.handshake_finished.add_done_callback(lambda _: timer.cancel())
+        self.add_lost_callback(lambda _: timer.cancel())
+
     def handshake_timed_out(self, timeout: float) -> None:
         """(client, early data) The handshake did not complete in time."""
         if self._handshake_done or not self._established:

@@ -645,7 +645,7 @@ class QuicTransport(Transport):
                     f"QUIC connection to {address[0]}:{address[1]} failed: {exc}"
                 ) from None
             connection.start_early(cached.identity)
-            loop.call_later(timeout, connection.handshake_timed_out, timeout)
+            connection.limit_early_handshake(timeout)
             return connection
         try:
             connection.connect(peer)
@@ -717,7 +717,6 @@ class QuicTransport(Transport):
     ) -> QuicPeerConnection:
         """:meth:`connect` on a socket engine (its first flight is on its way when
         it returns the connection; 0-RTT when it resumed a session)."""
-        loop = asyncio.get_running_loop()
         tls = EngineTls(identity=self.identity, trust=self.trust)
         try:
             # Resumed only when asked (as the aioquic engine): an ordinary connect verifies
@@ -739,7 +738,7 @@ class QuicTransport(Transport):
         if early_data and quic.early and identity is not None:
             connection.start_early(identity)
             connection.connect(address)
-            loop.call_later(timeout, connection.handshake_timed_out, timeout)
+            connection.limit_early_handshake(timeout)
             return connection
         try:
             connection.connect(address)
