@@ -26,7 +26,7 @@ import h11
 from .._timeouts import wait_within
 from ..errors import QuicmeshError, peer_text
 from ..logs import RateLimitedLog
-from .config import format_address, loopback_only, normalise_ip
+from .config import format_address, loopback_only
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("quicmesh.sidecar.admin")
@@ -106,30 +106,18 @@ ROUTES = {
 
 
 def web_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """Why a request that a web browser was made to send is refused, or None.
+    """Why a request that a web page made a browser send is refused, or None.
 
     The admin API has no authentication (as Envoy's): whoever reaches it may drain the
     sidecar. A web page cannot reach a loopback port by itself, but it can make the
-    browser of someone on the host do so: a cross-site POST (which carries an
-    ``Origin``), or a name the page's site resolves to 127.0.0.1 (DNS rebinding: the
-    ``Host`` is that name). Tools (curl, probes, Prometheus) send neither, so a request
-    with an ``Origin``, or with a ``Host`` that is a name other than ``localhost``, is
-    refused (403); a ``Host`` that is an IP address, any, is served.
-    """
-    for name, value in headers:
+    browser of someone on the host send a request there: a cross-site form or script,
+    or the page's own site resolved to 127.0.0.1 (DNS rebinding). Browsers put an
+    ``Origin`` on every such POST (same-origin ones too) and tools (curl, probes,
+    Prometheus) send none, so a request with an ``Origin`` is refused (403). A rebound
+    page can still read what a GET returns (``/config_dump`` holds no secrets)."""
+    for name, _ in headers:
         if name.lower() == b"origin":
             return "requests from web pages (with an Origin header) are refused"
-        if name.lower() == b"host":
-            host = value.decode("ascii", "replace").strip()
-            if host.startswith("["):  # [IPv6]:port
-                host = host[1 : host.find("]")] if "]" in host else host
-            elif host.count(":") == 1:
-                host = host.split(":", 1)[0]
-            if host and not loopback_only(host) and normalise_ip(host) is None:
-                return (
-                    f"Host {peer_text(host, 64)!r} refused: the admin answers requests to an"
-                    " IP address or localhost (a name could be a DNS rebinding)"
-                )
     return None
 
 

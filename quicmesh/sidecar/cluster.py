@@ -355,6 +355,8 @@ class Cluster:
                 endpoint = chosen
             else:
                 endpoint = self.balancer.choose(candidates)
+            if panic:
+                self.stats.panic_flows += 1  # (per choice, retries too: Envoy's lb_healthy_panic)
             tried.add(endpoint.address)
             if attempt > 0:
                 self.stats.retries += 1
@@ -478,8 +480,10 @@ class Cluster:
                 self.config.connect_timeout,
                 idle_timeout,
             ):
-                return endpoint
+                return endpoint  # (open_flow chooses again, and counts a panic there)
             started = EngineFlow(endpoint, connection)
+            if panic:
+                self.stats.panic_flows += 1
         except TunnelUsageError:
             return endpoint  # open_flow refuses it, with the reason
         finally:
@@ -755,7 +759,7 @@ class Cluster:
             "connections_by_transport": dict(stats.connections_by_transport),
             "outcomes": dict(stats.outcomes),
             "handshake_failures": dict(stats.handshake_failures),
-            "panic": self._in_panic,
+            "panic": self.health.in_panic(now),
             "panic_flows": stats.panic_flows,
             "endpoints": endpoints,
         }
@@ -767,11 +771,9 @@ class Cluster:
         return view
 
     def _panic(self, now: float) -> bool:
-        """Whether a flow chosen now ignores health (:meth:`HealthTracker.in_panic`):
-        counted, and said once as the cluster enters and leaves panic."""
+        """Whether a flow chosen now ignores health (:meth:`HealthTracker.in_panic`),
+        said once as the cluster enters panic and once as a flow finds it out of it."""
         panic = self.health.in_panic(now)
-        if panic:
-            self.stats.panic_flows += 1
         if panic is not self._in_panic:
             self._in_panic = panic
             if panic:

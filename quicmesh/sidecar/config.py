@@ -798,7 +798,7 @@ def parse_destination(text: str) -> DestinationRule:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     name: str | None = None
     try:
-        network = ipaddress.ip_network(host, strict=False)
+        network = _unmapped_network(ipaddress.ip_network(host, strict=False))
     except ValueError:
         try:
             # The tunnel's host-name grammar: a rule no CONNECT target can match
@@ -807,6 +807,21 @@ def parse_destination(text: str) -> DestinationRule:
         except InvalidTarget:
             raise ValueError(f"{host!r} is not a host name, IP address or CIDR block") from None
     return DestinationRule(text=text, host=name, network=network, port=port)
+
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped_network(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network of IPv4-mapped IPv6 addresses as the IPv4 network it maps, as targets
+    are matched (:func:`normalise_ip`): ``[::ffff:10.0.0.0/104]`` is ``10.0.0.0/8``."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_duration(value: object) -> float:
@@ -1772,7 +1787,14 @@ def parse_identity_pattern(value: object) -> str:
     if isinstance(value, str) and value.endswith("/*"):
         _spiffe_id(value[:-2] + "/x")
         return value
-    return _spiffe_id(value)
+    identity = _spiffe_id(value)
+    if "/" not in identity.removeprefix("spiffe://"):
+        # No peer presents one: a leaf's ID has a path (X509-SVID 5.2), refused otherwise.
+        raise ValueError(
+            f"{identity} names a trust domain, not a workload: no peer can present it"
+            " (give a workload's ID, or a pattern such as '" + identity + "/*')"
+        )
+    return identity
 
 
 def identity_matches(pattern: str, identity: str) -> bool:
@@ -1789,12 +1811,10 @@ def destination_matches(rule: DestinationRule, host: str, port: int) -> bool:
     if rule.port is not None and rule.port != port:
         return False
     if rule.network is not None:
-        address = _ip_address(host)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            # An IPv4-mapped IPv6 target reaches that IPv4 address: it is the IPv4 rules'
-            # (until 2026-12-07 a "[::/0]" rule let "[::ffff:127.0.0.1]" past an IPv4
-            # allow-list that left loopback out).
-            address = address.ipv4_mapped
+        # An IPv4-mapped IPv6 target reaches that IPv4 address: the IPv4 rules decide it
+        # (mapped rules are read as IPv4 ones; until 2026-12-07 a "[::/0]" rule let
+        # "[::ffff:127.0.0.1]" past an IPv4 allow-list that left loopback out).
+        address = normalise_ip(host)
         return address is not None and address in rule.network
     return rule.host == host.lower().rstrip(".")
 

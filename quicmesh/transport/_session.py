@@ -28,9 +28,9 @@ from .stream import DEFAULT_HIGH_WATER, EngineSocket, MeshStream, SpliceOutcome
 logger = logging.getLogger("quicmesh.transport")
 
 REFUSAL_LOG = RateLimitedLog(logger)
+"""Refused and rejected streams, logged at most once per 10 s per kind (with a count)."""
 PEER_VIOLATION_LOG = RateLimitedLog(logger)
 """Connections closed for the peer's protocol violations (one line per code per 10 s)."""
-"""Refused and rejected streams, logged at most once per 10 s per kind (with a count)."""
 
 
 class SessionConnection(PeerConnection):

@@ -504,7 +504,8 @@ def _panic_threshold(cluster: Cluster, where: str) -> int:
         raise MappingError(
             f"{where}: common_lb_config.healthy_panic_threshold {value:g} is not a percent"
         )
-    return round(float(value))
+    # Whole percents here; a threshold above 0 stays one (0.5 % panics with none healthy).
+    return max(1, round(float(value))) if value > 0 else 0
 
 
 def _server_identities(socket: Any, where: str) -> tuple[str, ...]:

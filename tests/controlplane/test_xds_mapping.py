@@ -904,7 +904,9 @@ def test_a_subject_alt_name_matcher_quicmesh_cannot_hold_to_is_refused(
     assert problem in str(info.value)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, 50), (0.0, 0), (25.0, 25), (100.0, 100)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, 50), (0.0, 0), (0.4, 1), (25.0, 25), (100.0, 100)]
+)
 def test_a_clusters_panic_threshold_is_mapped(value: float | None, expected: int) -> None:
     """``common_lb_config.healthy_panic_threshold`` is the cluster's panic threshold
     (Envoy's default, 50, when unset); a value that is not a percent is refused."""

@@ -844,7 +844,17 @@ def test_a_cluster_name_given_twice_names_the_second_one() -> None:
 
 @given(
     address=st.ip_addresses(v=4),
-    rule=st.sampled_from(["10.0.0.0/8:*", "127.0.0.1:*", "0.0.0.0/0:443", "[::/0]:*", "[::1]:*"]),
+    rule=st.sampled_from(
+        [
+            "10.0.0.0/8:*",
+            "127.0.0.1:*",
+            "0.0.0.0/0:443",
+            "[::/0]:*",
+            "[::1]:*",
+            "[::ffff:10.0.0.0/104]:*",
+            "[::ffff:127.0.0.1]:*",
+        ]
+    ),
     port=st.sampled_from([80, 443]),
 )
 def test_an_ipv4_mapped_target_is_matched_as_its_ipv4_address(
@@ -887,3 +897,36 @@ def test_an_outbound_listener_other_hosts_reach_is_warned(address: str, warned: 
         else []
     )
     assert [w for w in load(document).warnings if "outbound" in w] == expected
+
+
+@pytest.mark.parametrize(
+    ("rule", "ipv4"),
+    [("[::ffff:10.0.0.0/104]:*", "10.0.0.0/8:*"), ("[::ffff:10.0.0.1]:80", "10.0.0.1:80")],
+)
+def test_a_rule_written_ipv4_mapped_is_its_ipv4_rule(rule: str, ipv4: str) -> None:
+    """A rule in IPv4-mapped form names the IPv4 addresses it maps, as targets are read
+    (until 2026-12-07 it matched no target once those were read as IPv4)."""
+    mapped, plain = parse_destination(rule), parse_destination(ipv4)
+    assert mapped.network == plain.network and mapped.port == plain.port
+    for host in ("10.0.0.1", "::ffff:10.0.0.1", "10.9.9.9", "11.0.0.1"):
+        assert destination_matches(mapped, host, 80) == destination_matches(plain, host, 80)
+    assert destination_matches(mapped, "::ffff:10.0.0.1", 80)
+
+
+@pytest.mark.parametrize("where", ["policy", "server_identities"])
+def test_a_trust_domains_own_id_is_refused_as_an_identity_to_match(where: str) -> None:
+    """No peer may present ``spiffe://mesh.local`` (a leaf's ID has a path, X509-SVID
+    5.2, refused at every handshake since 2026-12-07): a rule naming it matched nothing
+    and loaded silently."""
+    document = copy.deepcopy(VALID)
+    if where == "policy":
+        document["listeners"]["inbound"][0]["policies"][0]["identity"] = "spiffe://mesh.local"
+        field = "listeners.inbound[0].policies[0].identity"
+    else:
+        document["clusters"][0]["server_identities"] = ["spiffe://mesh.local"]
+        field = "clusters[0].server_identities[0]"
+    assert error_of(document) == (
+        f"sidecar.yaml: {field}: spiffe://mesh.local names a trust domain, not a workload:"
+        " no peer can present it (give a workload's ID, or a pattern such as"
+        " 'spiffe://mesh.local/*')"
+    )

@@ -527,18 +527,20 @@ def test_an_admin_reachable_from_other_hosts_is_named_in_a_warning(
         (b"Host: localhost\r\n", b"202"),
         (b"Host: [::1]:15000\r\n", b"202"),
         (b"Host: 10.1.2.3:15000\r\n", b"202"),  # a probe or a scraper, by pod IP
-        (b"Host: evil.example\r\n", b"403"),  # DNS rebinding
+        (b"Host: sidecar:15000\r\n", b"202"),  # a scraper, by a service name
+        (b"Host: evil.example\r\nOrigin: http://evil.example\r\n", b"403"),  # rebinding
         (b"Host: 127.0.0.1\r\nOrigin: http://evil.example\r\n", b"403"),  # cross-site
         (b"Host: 127.0.0.1\r\nOrigin: null\r\n", b"403"),
     ],
-    ids=["ip", "localhost", "ipv6", "pod-ip", "rebinding", "origin", "origin-null"],
+    ids=["ip", "localhost", "ipv6", "pod-ip", "name", "rebinding", "origin", "origin-null"],
 )
 def test_the_admin_refuses_what_a_web_page_makes_a_browser_send(
     headers: bytes, status: bytes
 ) -> None:
     """The admin has no authentication: a web page could make a browser on the host POST
-    /drain (it has an Origin) or reach it under the page's own name (a Host that is a
-    name); both are refused, 403, and the sidecar does not drain (they were served)."""
+    /drain, cross-site or under the page's own name resolved to 127.0.0.1 (DNS
+    rebinding); a browser's POST carries an Origin either way: refused, 403, and the
+    sidecar does not drain (they were served). Tools send no Origin, by any Host."""
     from quicmesh.sidecar.admin import AdminServer
 
     view = FakeView()
