@@ -57,6 +57,9 @@ def check_idle_timeout(idle_timeout: float | None) -> None:
 DEFAULT_HIGH_WATER = 64 * 1024
 """Unsent bytes above which :meth:`MeshStream.drain` waits."""
 
+DRAINS_BEFORE_YIELD = 16
+"""``drain()`` calls in a row without a wait after which one lets the event loop run."""
+
 MAX_SETTING_SECONDS = 86_400.0
 """The longest time in seconds a transport option takes (:func:`check_seconds`: a day)."""
 
@@ -257,6 +260,8 @@ class MeshStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._drain_waiters = 0
+        self._drains_unwaited = 0
+        """drain() calls in a row that did not wait (:meth:`drain`)."""
         self._closed = self._loop.create_future()
         self._spliced = False
 
@@ -443,14 +448,19 @@ class MeshStream:
     async def drain(self) -> None:
         """Wait until this stream's unsent bytes fall to the high-water mark.
 
-        It lets the event loop run once even when there is no need to wait: the
-        transport may drop what is written before this stream hears why (the peer's
-        STOP_SENDING or reset, on its way in a batch of events), and a
-        ``write(); await drain()`` loop that never waited then never let that news in
-        (a review froze the native engine's event loop with 200 such handlers).
+        Every :data:`DRAINS_BEFORE_YIELD` calls in a row that did not wait, it lets the
+        event loop run once anyway: the transport may drop what is written before this
+        stream hears why (the peer's STOP_SENDING or reset, on its way in a batch of
+        events), and a ``write(); await drain()`` loop that never waited then never let
+        that news in (a review froze the native engine's event loop with 200 such
+        handlers). Not on every call: a loop turn per chunk cost the Python copy path.
         """
-        waited = await self._wait_unsent_at_most(self._high_water)
-        if not waited:
+        if await self._wait_unsent_at_most(self._high_water):
+            self._drains_unwaited = 0
+            return
+        self._drains_unwaited += 1
+        if self._drains_unwaited >= DRAINS_BEFORE_YIELD:
+            self._drains_unwaited = 0
             await asyncio.sleep(0)
             self._raise_error()
 
