@@ -332,13 +332,13 @@ class Cluster:
             first = 1
         for attempt in range(first, self.config.connect_retries + 1):
             now = self._loop.time()
-            panic = self._panic(now)
+            routable, panic = self._routable(now)
             candidates = _staying(
                 [
                     e
                     for e in self.endpoints.values()
                     if e.address not in tried
-                    and self.health.may_take_flows(e.address, now, panic)
+                    and e.address in routable
                     and (pinned is None or e.address == pinned)
                 ],
                 now,
@@ -459,14 +459,9 @@ class Cluster:
         endpoint: Endpoint | None = None
         try:
             now = self._loop.time()
-            panic = self._panic(now)
+            routable, panic = self._routable(now)
             candidates = _staying(
-                [
-                    e
-                    for e in self.endpoints.values()
-                    if self.health.may_take_flows(e.address, now, panic)
-                ],
-                now,
+                [e for e in self.endpoints.values() if e.address in routable], now
             )
             if not candidates:
                 return None
@@ -770,10 +765,10 @@ class Cluster:
             view["fallback"] = fallback
         return view
 
-    def _panic(self, now: float) -> bool:
-        """Whether a flow chosen now ignores health (:meth:`HealthTracker.in_panic`),
-        said once as the cluster enters panic and once as a flow finds it out of it."""
-        panic = self.health.in_panic(now)
+    def _routable(self, now: float) -> tuple[set[object], bool]:
+        """:meth:`HealthTracker.routable`; panic said once as a flow finds the cluster
+        in it and once as a flow finds it out of it."""
+        routable, panic = self.health.routable(now)
         if panic is not self._in_panic:
             self._in_panic = panic
             if panic:
@@ -787,7 +782,7 @@ class Cluster:
                 )
             else:
                 logger.info("cluster %s: out of panic", self.config.name)
-        return panic
+        return routable, panic
 
     def healthy_endpoints(self) -> int:
         """How many endpoints may take flows now."""

@@ -181,19 +181,25 @@ class HealthTracker:
         return [key for key, health in self.endpoints.items() if health.is_available(now)]
 
     def in_panic(self, now: float) -> bool:
-        """Whether fewer than ``panic_threshold`` percent of the endpoints are available:
-        then every endpoint takes flows, health ignored (Envoy's panic mode), so a
-        cluster whose endpoints were all ejected or failed their checks (a restarted
-        peer, a network blip) keeps trying them rather than refusing every flow until
-        an ejection ends."""
+        """Whether fewer than ``panic_threshold`` percent of the endpoints are available
+        (:meth:`routable`)."""
+        return self._panics(len(self.available(now)))
+
+    def routable(self, now: float) -> tuple[set[object], bool]:
+        """The endpoints that may take flows now, and whether the cluster is in panic:
+        fewer than ``panic_threshold`` percent of them available, every endpoint takes
+        flows, health ignored (Envoy's panic mode), so a cluster whose endpoints were
+        all ejected or failed their checks (a restarted peer, a network blip) keeps
+        trying them rather than refusing every flow until an ejection ends."""
+        available = self.available(now)
+        if self._panics(len(available)):
+            return set(self.endpoints), True
+        return set(available), False
+
+    def _panics(self, available: int) -> bool:
         if not self.endpoints or not self.panic_threshold:
             return False
-        share = 100 * len(self.available(now)) / len(self.endpoints)
-        return share < self.panic_threshold
-
-    def may_take_flows(self, key: object, now: float, panic: bool) -> bool:
-        """Whether endpoint ``key`` may be chosen now (``panic``: :meth:`in_panic`)."""
-        return panic or self.endpoints[key].is_available(now)
+        return 100 * available / len(self.endpoints) < self.panic_threshold
 
     def connect_failed(
         self, key: object, now: float, *, our_certificate_refused: bool = False

@@ -750,5 +750,7 @@ def test_a_cluster_panics_below_its_healthy_share(
     for key in ["a", "b", "c", "d"][:ejected]:
         assert tracker.connect_failed(key, 0.0)
     assert tracker.in_panic(1.0) is panic
-    chosen = [k for k in "abcd" if tracker.may_take_flows(k, 1.0, tracker.in_panic(1.0))]
+    routable, in_panic = tracker.routable(1.0)
+    assert in_panic is panic
+    chosen = [k for k in "abcd" if k in routable]
     assert chosen == (list("abcd") if panic else list("abcd")[ejected:])
