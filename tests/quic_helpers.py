@@ -1,9 +1,10 @@
-"""Shared helpers for the 0-RTT and migration tests: identities, servers, waiting, packets."""
+"""Shared test helpers: identities, servers, waiting (in the loop, for processes), packets."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -82,6 +83,16 @@ async def flows_through(
         await conn.wait_closed()
         listener.close()
         await listener.wait_closed()
+
+
+def poll_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` (another process's state) until it holds; fail, saying ``what``
+    was expected, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout:g} s")
+        time.sleep(0.05)  # polling a condition of other processes, bounded by the deadline
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -14,10 +14,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from quic_helpers import poll_until
 
 QUICMESH = shutil.which("quicmesh") or "quicmesh"
 NOISE = ("Traceback", "ERROR", "never retrieved", "Exception ignored", "was never awaited")
@@ -73,14 +74,6 @@ def _session(sid: int) -> list[int]:
     return found
 
 
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.05)  # polling a condition of other processes, bounded by the deadline
-
-
 @pytest.fixture
 def sessions() -> Iterator[list[int]]:
     """Session ids to clean up whatever the test did (SIGKILL to what is left)."""
@@ -124,7 +117,7 @@ def test_throughput_server_child_ends_with_the_parent(
     os.kill(process.pid, signum)  # the parent only: ``kill PID``, the OOM killer
     code, err = _finish(process)
     assert code == (143 if signum == signal.SIGTERM else -9), err
-    _until(lambda: not _session(process.pid), 20, "the server process did not end")
+    poll_until(lambda: not _session(process.pid), 20, "the server process did not end")
     if signum == signal.SIGTERM:
         assert not any(word in err for word in NOISE), err
 
@@ -297,7 +290,7 @@ def test_bench_overhead_sigterm_stops_its_proxies_and_leaves_nothing(
     the child stops them."""
     process = _start("bench", "overhead", "--quick", env=_tmp_env(tmp_path))
     sessions.append(process.pid)
-    _until(
+    poll_until(
         lambda: any("sidecar -c" in c for c in _processes_mentioning(str(tmp_path))),
         60,
         "the benchmark did not start its proxies",
@@ -306,5 +299,5 @@ def test_bench_overhead_sigterm_stops_its_proxies_and_leaves_nothing(
     code, err = _finish(process)
     assert code == 143, err
     assert not any(word in err for word in NOISE), err
-    _until(lambda: not _processes_mentioning(str(tmp_path)), 20, "a process was left")
+    poll_until(lambda: not _processes_mentioning(str(tmp_path)), 20, "a process was left")
     assert list(tmp_path.iterdir()) == []  # the scratch directory, with its CA key, is gone

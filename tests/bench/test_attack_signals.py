@@ -15,11 +15,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from quic_helpers import poll_until
 
 QUICMESH = shutil.which("quicmesh") or "quicmesh"
 NOISE = ("Traceback", "ERROR", "never retrieved", "Exception ignored", "was never awaited")
@@ -51,14 +51,6 @@ def _attacking(scratch_parent: Path) -> bool:
     return False
 
 
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.05)  # polling a condition of other processes, bounded by the deadline
-
-
 @pytest.fixture
 def scratch_parent(tmp_path: Path) -> Iterator[Path]:
     """The run's TMPDIR; whatever process still names it is killed after the test."""
@@ -88,7 +80,7 @@ def test_sigterm_during_an_attack_exits_143_and_leaves_nothing(
             start_new_session=True,
         )
     try:
-        _until(lambda: _attacking(scratch_parent), 90, "no attacker process started")
+        poll_until(lambda: _attacking(scratch_parent), 90, "no attacker process started")
         os.kill(process.pid, signal.SIGTERM)  # the command's own process only
         code = process.wait(timeout=60)
     finally:
@@ -98,5 +90,5 @@ def test_sigterm_during_an_attack_exits_143_and_leaves_nothing(
     err = stderr_path.read_text()
     assert code == 143, err
     assert not any(word in err for word in NOISE), err
-    _until(lambda: not _processes_mentioning(str(scratch_parent)), 20, "a process was left")
+    poll_until(lambda: not _processes_mentioning(str(scratch_parent)), 20, "a process was left")
     assert list(scratch_parent.iterdir()) == []  # the scratch directory, with its CA key

@@ -21,7 +21,13 @@ from quicmesh.errors import (
     StreamReset,
 )
 from quicmesh.sidecar.accesslog import Outcome
-from quicmesh.sidecar.cluster import Cluster, FailedOpen, FlowRefused, is_connection_failure
+from quicmesh.sidecar.cluster import (
+    Cluster,
+    FailedOpen,
+    FlowRefused,
+    OpenedFlow,
+    is_connection_failure,
+)
 from quicmesh.sidecar.config import Address, format_address, parse_config
 from quicmesh.sidecar.health import HealthState
 from quicmesh.sidecar.launch import free_port
@@ -34,6 +40,14 @@ async def _echo(stream: MeshStream) -> None:
     while data := await stream.read(65536):
         stream.write(data)
     stream.write_eof()
+
+
+async def _echoed(cluster: Cluster, flow: OpenedFlow, data: bytes) -> None:
+    """Send ``data`` and EOF on ``flow`` (to an echo), read it all back, end the flow."""
+    flow.stream.write(data)
+    flow.stream.write_eof()
+    assert await flow.stream.read() == data
+    cluster.flow_finished(flow, len(data), len(data))
 
 
 def _h2_cluster(ca: DevCA, endpoints: list[Address], transport: str = "h2", **keys: Any) -> Cluster:
@@ -87,11 +101,7 @@ def test_an_invalid_target_is_refused_and_never_ejects_the_endpoint() -> None:
             assert cluster.stats.retries == 0
             now = asyncio.get_running_loop().time()
             assert cluster.health[listener.address].state(now) is HealthState.HEALTHY
-            flow = await cluster.open_flow()
-            flow.stream.write(b"ping")
-            flow.stream.write_eof()
-            assert await flow.stream.read() == b"ping"
-            cluster.flow_finished(flow, 4, 4)
+            await _echoed(cluster, await cluster.open_flow(), b"ping")
         finally:
             await cluster.close()
             listener.close()
@@ -155,11 +165,8 @@ def test_a_first_attempt_made_outside_is_the_flows_answer_or_retried_elsewhere()
             flow = await cluster.open_flow(failed=FailedOpen(first, draining))
             assert flow.endpoint.address == listeners[1].address  # not the one that refused
             assert cluster.stats.retries == 1
-            flow.stream.write(b"ping")
-            flow.stream.write_eof()
-            assert await flow.stream.read() == b"ping"
+            await _echoed(cluster, flow, b"ping")
             assert opened == [1]
-            cluster.flow_finished(flow, 4, 4)
         finally:
             await cluster.close()
             for listener in listeners:
@@ -520,11 +527,7 @@ def test_an_endpoint_presenting_an_identity_the_cluster_does_not_list_serves_no_
             **keys,
         )
         try:
-            flow = await matching.open_flow()
-            flow.stream.write(b"ping")
-            flow.stream.write_eof()
-            assert await flow.stream.read() == b"ping"
-            matching.flow_finished(flow, 4, 4)
+            await _echoed(matching, await matching.open_flow(), b"ping")
         finally:
             await matching.close()
             listener.close()
@@ -570,11 +573,7 @@ def test_a_cluster_whose_only_endpoint_was_ejected_tries_it_again_in_panic(
                 assert refused.value.outcome is Outcome.NO_HEALTHY_ENDPOINT
                 assert cluster.snapshot()["panic"] is False
                 return
-            flow = await cluster.open_flow()
-            flow.stream.write(b"back")
-            flow.stream.write_eof()
-            assert await flow.stream.read() == b"back"
-            cluster.flow_finished(flow, 4, 4)
+            await _echoed(cluster, await cluster.open_flow(), b"back")
             snapshot = cluster.snapshot()
             assert snapshot["panic"] is True and snapshot["panic_flows"] == 1
         finally:

@@ -460,6 +460,24 @@ def test_admin_routes() -> None:
     assert response.status == 200 and json.loads(response.body)["migrated"] == 1
 
 
+async def _ask_admin(view: Any, request: bytes) -> bytes:
+    """Send ``request`` to an admin server on a loopback port serving ``view``; its
+    whole answer (the server closes the connection after it)."""
+    from quicmesh.sidecar.admin import AdminServer
+
+    server = AdminServer(view, ("127.0.0.1", 0))
+    await server.start()
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await server.close()
+    return answer
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -478,22 +496,7 @@ def test_admin_routes() -> None:
 def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: bytes) -> None:
     """A malformed or oversized request is answered (400, 431), not dropped; a 405 says
     which methods the path takes (``allow``)."""
-    from quicmesh.sidecar.admin import AdminServer
-
-    async def main() -> bytes:
-        server = AdminServer(FakeView(), ("127.0.0.1", 0))
-        await server.start()
-        assert server._server is not None
-        port = server._server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request_bytes)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await server.close()
-        return answer
-
-    answer = asyncio.run(main())
+    answer = asyncio.run(_ask_admin(FakeView(), request_bytes))
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
     status_line = answer.split(b"\r\n", 1)[0]
     assert status_line.split(b" ", 2)[2].strip(), status_line  # a reason phrase (h11: none)
@@ -541,24 +544,9 @@ def test_the_admin_refuses_what_a_web_page_makes_a_browser_send(
     /drain, cross-site or under the page's own name resolved to 127.0.0.1 (DNS
     rebinding); a browser's POST carries an Origin either way: refused, 403, and the
     sidecar does not drain (they were served). Tools send no Origin, by any Host."""
-    from quicmesh.sidecar.admin import AdminServer
-
     view = FakeView()
-
-    async def main() -> bytes:
-        server = AdminServer(view, ("127.0.0.1", 0))
-        await server.start()
-        assert server._server is not None
-        port = server._server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /drain HTTP/1.1\r\n" + headers + b"Content-Length: 0\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await server.close()
-        return answer
-
-    answer = asyncio.run(main())
+    request = b"POST /drain HTTP/1.1\r\n" + headers + b"Content-Length: 0\r\n\r\n"
+    answer = asyncio.run(_ask_admin(view, request))
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     assert view.drains == (1 if status == b"202" else 0)
 

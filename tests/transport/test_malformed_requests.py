@@ -157,20 +157,28 @@ def test_malformed_trailers_end_their_flow_with_the_reason(engine: str) -> None:
     assert echo.refused == []
 
 
-def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
-    """The same on HTTP/2 (RFC 9113 8.1.1): h2 made it a connection error (GOAWAY).
-    The handler's hook hears of it, as on HTTP/3."""
+def _h2_server_and_raw_client(tmp_path: Path, client: str) -> tuple[H2Transport, ssl.SSLContext]:
+    """An HTTP/2 transport to listen with, and an ``ssl`` client context presenting
+    ``client`` (a SPIFFE ID of the same CA) for a raw h2 client to send what quicmesh's
+    own would not."""
     ca = DevCA()
     server = H2Transport(
         identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
     )
-    ca.issue("spiffe://mesh.local/ns/default/sa/a").save(tmp_path / "c.pem", tmp_path / "k.pem")
+    ca.issue(client).save(tmp_path / "c.pem", tmp_path / "k.pem")
     (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.load_verify_locations(tmp_path / "ca.pem")
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
     context.set_alpn_protocols(["h2"])
+    return server, context
+
+
+def test_a_malformed_h2_request_resets_its_stream_only(tmp_path: Path) -> None:
+    """The same on HTTP/2 (RFC 9113 8.1.1): h2 made it a connection error (GOAWAY).
+    The handler's hook hears of it, as on HTTP/3."""
+    server, context = _h2_server_and_raw_client(tmp_path, "spiffe://mesh.local/ns/default/sa/a")
 
     echo = _Echo()
 
@@ -306,17 +314,7 @@ def test_an_h2_peer_over_the_header_list_limit_is_named_in_one_warning(
     import quicmesh.transport._session as session_module
 
     monkeypatch.setattr(session_module, "PEER_VIOLATION_LOG", RateLimitedLog(session_module.logger))
-    ca = DevCA()
-    server = H2Transport(
-        identity=ca.issue("spiffe://mesh.local/ns/default/sa/b"), trust=ca.trust_bundle
-    )
-    ca.issue("spiffe://mesh.local/ns/default/sa/big").save(tmp_path / "c.pem", tmp_path / "k.pem")
-    (tmp_path / "ca.pem").write_bytes(ca.trust_bundle.pem)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(tmp_path / "ca.pem")
-    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    context.set_alpn_protocols(["h2"])
+    server, context = _h2_server_and_raw_client(tmp_path, "spiffe://mesh.local/ns/default/sa/big")
 
     async def main() -> tuple[list[Any], str]:
         listener = await server.listen(("127.0.0.1", 0), _Echo())
