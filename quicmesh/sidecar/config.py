@@ -1787,9 +1787,10 @@ def parse_identity_pattern(value: object) -> str:
     if isinstance(value, str) and value.endswith("/*"):
         _spiffe_id(value[:-2] + "/x")
         return value
+    from ..tls.spiffe import names_a_trust_domain
+
     identity = _spiffe_id(value)
-    if "/" not in identity.removeprefix("spiffe://"):
-        # No peer presents one: a leaf's ID has a path (X509-SVID 5.2), refused otherwise.
+    if names_a_trust_domain(identity):  # (no peer may present one: the handshake refuses it)
         raise ValueError(
             f"{identity} names a trust domain, not a workload: no peer can present it"
             " (give a workload's ID, or a pattern such as '" + identity + "/*')"

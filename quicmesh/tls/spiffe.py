@@ -82,6 +82,12 @@ def trust_domain_of(spiffe_id: str) -> str:
     return spiffe_id[len(SPIFFE_SCHEME_PREFIX) :].partition("/")[0]
 
 
+def names_a_trust_domain(spiffe_id: str) -> bool:
+    """Whether a valid SPIFFE ID has no path (``spiffe://mesh.local``): it names a trust
+    domain (its CA), never a workload, and no leaf may carry it (X509-SVID 5.2)."""
+    return "/" not in spiffe_id.removeprefix(SPIFFE_SCHEME_PREFIX)
+
+
 def uri_sans_of(certificate: x509.Certificate) -> list[str]:
     """Return every URI subject alternative name of ``certificate``, in order."""
     try:

@@ -20,7 +20,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from quicmesh.errors import PeerVerificationError
 from quicmesh.tls.identity import TrustBundle
 from quicmesh.tls.spiffe import (
-    SPIFFE_SCHEME_PREFIX,
+    names_a_trust_domain,
     spiffe_id_of,
     trust_domain_of,
     uri_sans_of,
@@ -167,7 +167,7 @@ def spiffe_id_of_leaf(certificate: x509.Certificate) -> str:
         validate_spiffe_id(spiffe_id)
     except ValueError as exc:
         raise PeerVerificationError(f"peer certificate carries an {exc}") from exc
-    if "/" not in spiffe_id.removeprefix(SPIFFE_SCHEME_PREFIX):
+    if names_a_trust_domain(spiffe_id):
         raise PeerVerificationError(
             f"peer certificate carries {spiffe_id}, a trust domain's ID with no path, "
             "not a workload's"
