@@ -108,8 +108,47 @@ fn trust_domain_of(spiffe_id: &str) -> &str {
 
 /// Every URI subject alternative name of a DER certificate, in order.
 pub fn uri_sans_of(der: &[u8]) -> Result<Vec<String>, VerifyError> {
+    uri_sans_in(&parse_peer_certificate(der)?)
+}
+
+fn parse_peer_certificate(der: &[u8]) -> Result<X509Certificate<'_>, VerifyError> {
     let (_, certificate) = X509Certificate::from_der(der)
         .map_err(|e| VerifyError(format!("peer certificate cannot be parsed: {e}")))?;
+    Ok(certificate)
+}
+
+/// Why a leaf's key usages are a CA's or cannot sign a handshake (X509-SVID 4.3), or
+/// `None`; a leaf that names none is taken (quicmesh/tls/verify.py says it alike).
+/// webpki checks a leaf's extended key usage, not these.
+fn leaf_key_usage_problem(
+    certificate: &X509Certificate<'_>,
+) -> Result<Option<String>, VerifyError> {
+    let extension = certificate
+        .key_usage()
+        .map_err(|e| VerifyError(format!("peer certificate has a malformed keyUsage: {e}")))?;
+    let Some(usage) = extension.map(|e| e.value) else {
+        return Ok(None);
+    };
+    if usage.key_cert_sign() || usage.crl_sign() {
+        let signs = if usage.key_cert_sign() {
+            "keyCertSign"
+        } else {
+            "cRLSign"
+        };
+        return Ok(Some(format!(
+            "peer certificate's key usage is a CA's (keyUsage {signs}), not a workload's"
+        )));
+    }
+    if !usage.digital_signature() {
+        return Ok(Some(
+            "peer certificate's keyUsage lacks digitalSignature: its key may not sign a handshake"
+                .to_owned(),
+        ));
+    }
+    Ok(None)
+}
+
+fn uri_sans_in(certificate: &X509Certificate<'_>) -> Result<Vec<String>, VerifyError> {
     let extension = certificate
         .subject_alternative_name()
         .map_err(|e| VerifyError(format!("peer certificate has a malformed SAN: {e}")))?;
@@ -203,7 +242,11 @@ impl SpiffeVerifier {
                     && a.subject_public_key_info == anchor.subject_public_key_info
             })
             .and_then(|i| self.domains[i].clone());
-        let uris = uri_sans_of(end_entity.as_ref())?;
+        let parsed = parse_peer_certificate(end_entity.as_ref())?;
+        if let Some(problem) = leaf_key_usage_problem(&parsed)? {
+            return Err(VerifyError(problem));
+        }
+        let uris = uri_sans_in(&parsed)?;
         let spiffe_id = match uris
             .iter()
             .find(|uri| uri.starts_with(SPIFFE_SCHEME_PREFIX))
@@ -476,6 +519,83 @@ AiBlqIBaFNpXCYmBAot/RxRRi1RSSBjPhiApzugqz6TeJAIhAPWpl4DbcElfxbzc
 YMl3BJFcg+9yOUWohDCdCQwAyWNF
 -----END CERTIFICATE-----
 ";
+
+    /// A self-signed test certificate, keyUsage keyCertSign,digitalSignature (openssl req -x509).
+    const CERT_SIGNING_LEAF: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBezCCASKgAwIBAgIUVBghdiX4WYu1IUxltQu6NRV/kYwwCgYIKoZIzj0EAwIw
+DDEKMAgGA1UEAwwBdDAgFw0yNjEyMDcxMjUzMTJaGA8yMTI2MTExMzEyNTMxMlow
+DDEKMAgGA1UEAwwBdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABKvKgutCGy3O
+dAyi/Qf6RIImYZ0UVuz+BBK/D0a6QNJOqX5JxiMC1ibhiaZi6Rq5ORUr2VspqoCF
+OYyhaOOzew2jYDBeMB0GA1UdDgQWBBQT7uxalSzOT1KPNQeEbO22moW0VzAfBgNV
+HSMEGDAWgBQT7uxalSzOT1KPNQeEbO22moW0VzAOBgNVHQ8BAf8EBAMCAoQwDAYD
+VR0TAQH/BAIwADAKBggqhkjOPQQDAgNHADBEAiBTafqfWX9YjAh4IUsQSmIUwC7f
+nd9VvvK7qCXJvhUpEAIgDzQMhjPwfm3UoAnIOVCj93ny+rDQhOYujsYizd4yxfc=
+-----END CERTIFICATE-----
+";
+    /// A self-signed test certificate, keyUsage cRLSign,digitalSignature (openssl req -x509).
+    const CRL_SIGNING_LEAF: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBezCCASKgAwIBAgIUSIvCQnbBesAzUo+g9nX+7iDWSzEwCgYIKoZIzj0EAwIw
+DDEKMAgGA1UEAwwBdDAgFw0yNjEyMDcxMjUzMTJaGA8yMTI2MTExMzEyNTMxMlow
+DDEKMAgGA1UEAwwBdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABPHI03k3JzR9
+ba6Orbw8xVo+N9ZcW3vcmb5nlANNyHEhiWRnt9/aeCiiwtkyTRk5fN8Ix5f2K69Z
+bNc0B4kMQ+KjYDBeMB0GA1UdDgQWBBQzWiDWalJ+VnQOj4B2Nqpv75E7wzAfBgNV
+HSMEGDAWgBQzWiDWalJ+VnQOj4B2Nqpv75E7wzAOBgNVHQ8BAf8EBAMCAYIwDAYD
+VR0TAQH/BAIwADAKBggqhkjOPQQDAgNHADBEAiAiK5xIXKq6Sk4cGiHf/n9Sf8lx
+SBe1TmRqI3Ee8aqSowIgffbji7CijJx9zc5YzJzoRkdwmySvbogQzfcp8HHhUyU=
+-----END CERTIFICATE-----
+";
+    /// A self-signed test certificate, keyUsage keyEncipherment (openssl req -x509).
+    const NO_SIGNATURE_LEAF: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBezCCASKgAwIBAgIUeJFNmpvj9lQjnMsxP37XhOsLMU0wCgYIKoZIzj0EAwIw
+DDEKMAgGA1UEAwwBdDAgFw0yNjEyMDcxMjUzMTJaGA8yMTI2MTExMzEyNTMxMlow
+DDEKMAgGA1UEAwwBdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABL0jXbGhK0Ue
+ap+pHUQvaM/PpJb7LvEhwb7So90oreIFE0q9EslUMAHqZRUrfC3MNUpB1jkY7v6k
+6gRrT1RHc1WjYDBeMB0GA1UdDgQWBBRwMkkdPqTUWytLg1z+v1CkY0FEjDAfBgNV
+HSMEGDAWgBRwMkkdPqTUWytLg1z+v1CkY0FEjDAOBgNVHQ8BAf8EBAMCBSAwDAYD
+VR0TAQH/BAIwADAKBggqhkjOPQQDAgNHADBEAiBdSjsxBBbxPA2HQm0+4DfaRJUH
+laGXWvkiB6EvXzuoMQIgVUvEhq+mnYpgmysSx+rMVdZ1oM1cXZT9Xd1/NAUDFSo=
+-----END CERTIFICATE-----
+";
+    /// A self-signed test certificate, keyUsage digitalSignature,keyEncipherment (openssl req -x509).
+    const USUAL_LEAF: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBezCCASKgAwIBAgIUQt+a1dotiHtlJiWIC5zgk6klWpQwCgYIKoZIzj0EAwIw
+DDEKMAgGA1UEAwwBdDAgFw0yNjEyMDcxMjUzMTJaGA8yMTI2MTExMzEyNTMxMlow
+DDEKMAgGA1UEAwwBdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABNn6Lbf2ML33
+ezUZbKCeyXATOHCHISWZFZk8uBvUBjhMKr1T35kG4uC2nVVSNdYH57lHVhvzhQff
+Zybq8jO4TjajYDBeMB0GA1UdDgQWBBT4cCsHCCB5F743sCENy7MjMfMPWTAfBgNV
+HSMEGDAWgBT4cCsHCCB5F743sCENy7MjMfMPWTAOBgNVHQ8BAf8EBAMCBaAwDAYD
+VR0TAQH/BAIwADAKBggqhkjOPQQDAgNHADBEAiBSsJ3TpEgLnetM/sdzMU23oxEF
+mJPS4wy4PNEWgenvsQIgY8z3bqAZMAjCWekwh1j+r6L4atQDcuMGIneoiJayfDE=
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn a_leafs_key_usages_are_a_workloads() {
+        use rustls::pki_types::pem::PemObject;
+        let problem = |pem: &str| {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("test certificate");
+            let parsed = parse_peer_certificate(der.as_ref()).expect("parses");
+            leaf_key_usage_problem(&parsed).expect("a well-formed keyUsage")
+        };
+        assert_eq!(problem(USUAL_LEAF), None);
+        assert_eq!(problem(HINT_TEST_CA), None); // names no key usage
+        assert_eq!(
+            problem(CERT_SIGNING_LEAF).as_deref(),
+            Some("peer certificate's key usage is a CA's (keyUsage keyCertSign), not a workload's")
+        );
+        assert_eq!(
+            problem(CRL_SIGNING_LEAF).as_deref(),
+            Some("peer certificate's key usage is a CA's (keyUsage cRLSign), not a workload's")
+        );
+        assert_eq!(
+            problem(NO_SIGNATURE_LEAF).as_deref(),
+            Some("peer certificate's keyUsage lacks digitalSignature: its key may not sign a handshake")
+        );
+    }
 
     #[test]
     fn client_certificate_hints_are_whole_names() {

@@ -238,13 +238,17 @@ def _signature_hash(key: TLSPrivateKey) -> hashes.SHA256 | None:
 
 
 def _key_usage(
-    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+    *,
+    digital_signature: bool = False,
+    key_encipherment: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
 ) -> x509.KeyUsage:
     """Return a KeyUsage extension with only the named bits set."""
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
-        key_encipherment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=key_cert_sign,

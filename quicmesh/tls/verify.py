@@ -141,13 +141,35 @@ def _check_usage(certificate: x509.Certificate, needed: x509.ObjectIdentifier, f
         raise PeerVerificationError(f"peer certificate is not for {for_}")
 
 
+def _check_leaf_key_usage(certificate: x509.Certificate) -> None:
+    """X509-SVID 4.3: a leaf's key signs handshakes, never certificates or CRLs.
+    A leaf that names no key usage at all is taken (RFC 5280 4.2.1.3 makes the
+    extension optional; quicmesh's CA always writes it)."""
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if usage.key_cert_sign or usage.crl_sign:
+        signs = "keyCertSign" if usage.key_cert_sign else "cRLSign"
+        raise PeerVerificationError(
+            f"peer certificate's key usage is a CA's (keyUsage {signs}), not a workload's"
+        )
+    if not usage.digital_signature:
+        raise PeerVerificationError(
+            "peer certificate's keyUsage lacks digitalSignature: its key may not sign a handshake"
+        )
+
+
 def spiffe_id_of_leaf(certificate: x509.Certificate) -> str:
-    """Return the SPIFFE ID of a peer leaf, by the X509-SVID leaf rules (its section
-    5.2): not a CA certificate, exactly one URI SAN, a valid SPIFFE ID with a path (a
-    trust domain's own ID names its CA, no workload); PeerVerificationError otherwise.
+    """Return the SPIFFE ID of a peer leaf, by the X509-SVID leaf rules (its sections
+    4.3 and 5.2): not a CA certificate, no key usage a CA's (``keyCertSign``,
+    ``cRLSign``) and ``digitalSignature`` where it names its key usages, exactly one
+    URI SAN, a valid SPIFFE ID with a path (a trust domain's own ID names its CA, no
+    workload); PeerVerificationError otherwise.
 
     OpenSSL and aioquic take a CA:true leaf that its issuer signed (and aioquic the
     CA's own certificate, as a server's); rustls and ``cryptography``'s verifier do not.
+    None of them looks at a leaf's ``keyCertSign``.
     """
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -158,6 +180,7 @@ def spiffe_id_of_leaf(certificate: x509.Certificate) -> str:
             raise PeerVerificationError(
                 "peer certificate is a CA certificate (basicConstraints CA:true), not a workload's"
             )
+    _check_leaf_key_usage(certificate)
     spiffe_id = spiffe_id_of(certificate)
     if spiffe_id is None:
         raise PeerVerificationError("peer certificate carries no SPIFFE ID")

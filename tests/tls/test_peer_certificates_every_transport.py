@@ -22,6 +22,7 @@ from quic_helpers import require_engine
 
 import quicmesh
 from quicmesh import DevCA, Identity, TrustBundle
+from quicmesh.tls.ca import _key_usage
 
 NOW = datetime.datetime.now(datetime.UTC)
 GOOD = "spiffe://mesh.local/ns/default/sa/good"
@@ -40,6 +41,7 @@ def _cert(
     *,
     ca: bool = False,
     eku: tuple[x509.ObjectIdentifier, ...] = BOTH_EKU,
+    key_usage: x509.KeyUsage | None = None,
 ) -> tuple[x509.Certificate, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -65,6 +67,8 @@ def _cert(
         ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     elif eku:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
     if uris:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
@@ -133,6 +137,31 @@ BAD = {
     "a leaf with basicConstraints CA:true": Identity(
         *_cert(MESH.certificate, MESH.private_key, [GOOD], ca=True)
     ),
+    # (Until 2026-12-07 every transport took the next three; X509-SVID 4.3.)
+    "a leaf whose key may sign certificates (keyCertSign)": Identity(
+        *_cert(
+            MESH.certificate,
+            MESH.private_key,
+            [GOOD],
+            key_usage=_key_usage(digital_signature=True, key_cert_sign=True),
+        )
+    ),
+    "a leaf whose key may sign CRLs (cRLSign)": Identity(
+        *_cert(
+            MESH.certificate,
+            MESH.private_key,
+            [GOOD],
+            key_usage=_key_usage(digital_signature=True, crl_sign=True),
+        )
+    ),
+    "a leaf whose keyUsage lacks digitalSignature": Identity(
+        *_cert(
+            MESH.certificate,
+            MESH.private_key,
+            [GOOD],
+            key_usage=_key_usage(key_encipherment=True),
+        )
+    ),
     # (aioquic's client took it as a server's, identity spiffe://mesh.local.)
     "the CA's own certificate": Identity(MESH.certificate, MESH.private_key),
     # (Every transport took it; X509-SVID 5.2: a leaf's SPIFFE ID has a path.)
@@ -165,4 +194,14 @@ def test_a_certificate_from_an_intermediate_of_its_own_domain_is_taken(kind: str
     client = _via_intermediate(MESH, GOOD)
     server = _via_intermediate(MESH, SERVER)
     outcome = asyncio.run(_flow(kind, server, client, TWO_ROOTS))
+    assert outcome == f"b'hi' {SERVER} ['{GOOD}']", outcome
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_leaf_naming_the_usual_key_usages_is_taken(kind: str) -> None:
+    # Istio's workload certificates: digitalSignature and keyEncipherment.
+    usual = _key_usage(digital_signature=True, key_encipherment=True)
+    server = Identity(*_cert(MESH.certificate, MESH.private_key, [SERVER], key_usage=usual))
+    client = Identity(*_cert(MESH.certificate, MESH.private_key, [GOOD], key_usage=usual))
+    outcome = asyncio.run(_flow(kind, server, client, MESH.trust_bundle))
     assert outcome == f"b'hi' {SERVER} ['{GOOD}']", outcome
