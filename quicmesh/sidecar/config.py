@@ -775,6 +775,22 @@ def loopback_only(host: str) -> bool:
     return address is not None and address.is_loopback
 
 
+def wide_outbound_listener(address: Address) -> str | None:
+    """Why an outbound listener at ``address`` deserves a warning, or None (on loopback).
+
+    As the admin's warning: a workload's outbound listener is for the workloads of this
+    host; bound wider, any host that reaches it sends flows into the mesh under this
+    sidecar's identity. Said at load (and by ``--check``) for the configuration file's
+    listeners, and as the control plane's listeners are applied (xDS).
+    """
+    if loopback_only(address[0]):
+        return None
+    return (
+        f"{format_address(address)} takes flows from other hosts too, and sends them to the"
+        " mesh as this sidecar's identity (a workload's listener belongs on 127.0.0.1)"
+    )
+
+
 def format_address(address: Address) -> str:
     """``host:port``, with IPv6 literals in brackets."""
     host, port = address
@@ -1364,19 +1380,9 @@ class _Loader:
             raise cluster_field.error(f"no cluster named {cluster!r}")
         address_field = node.child("address").required()
         address = address_field.address()
-        if not loopback_only(address[0]):
-            # As the admin's warning: a workload's outbound listener is for the workloads
-            # of this host; bound wider, any host that reaches it sends flows into the mesh
-            # under this sidecar's identity.
-            self.warnings.append(
-                str(
-                    address_field.error(
-                        f"{format_address(address)} takes flows from other hosts too, and"
-                        " sends them to the mesh as this sidecar's identity (a workload's"
-                        " listener belongs on 127.0.0.1)"
-                    )
-                )
-            )
+        wide = wide_outbound_listener(address)
+        if wide is not None:
+            self.warnings.append(str(address_field.error(wide)))
         return OutboundListenerConfig(
             name=node.child("name").required().name(),
             address=address,

@@ -36,6 +36,7 @@ from ..sidecar.config import (
     load_yaml,
     parse_config,
     read_config_text,
+    wide_outbound_listener,
 )
 
 ENVOY_KEYS = {"static_resources", "dynamic_resources"}
@@ -152,6 +153,11 @@ def _map_bootstrap(bootstrap: Any, source: str, base_dir: Path) -> SidecarConfig
         outbound=mapped.outbound,
         inbound=mapped.inbound,
         clusters=mapped.clusters,
+        warnings=tuple(
+            f"{source}: Listener {listener.name!r}: {wide}"
+            for listener in mapped.outbound
+            if (wide := wide_outbound_listener(listener.address)) is not None
+        ),
     )
     if xds is not None:
         metadata = tuple(

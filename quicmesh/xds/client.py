@@ -36,7 +36,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from ..errors import QuicmeshError
-from ..sidecar.config import XdsConfig, format_address
+from ..sidecar.config import XdsConfig, format_address, wide_outbound_listener
 from ..tls import Identity, TrustBundle
 from ..transport.stream import check_seconds
 from .mapping import (
@@ -339,6 +339,11 @@ class AdsClient:
             base, outbound=mapped.outbound, inbound=mapped.inbound, clusters=mapped.clusters
         )
         await self.sidecar.apply_config(new)
+        serving_before = {(listener.name, listener.address) for listener in base.outbound}
+        for listener in new.outbound:
+            wide = wide_outbound_listener(listener.address)
+            if wide is not None and (listener.name, listener.address) not in serving_before:
+                logger.warning("Listener %r from the control plane: %s", listener.name, wide)
         self.warming = mapped.warming
         self._fetched(update.type_url)
 
