@@ -16,6 +16,7 @@ import http
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -198,6 +199,11 @@ class AdminServer:
             await wait_within(self._serve(reader, writer), 10.0)
         except (OSError, TimeoutError, h11.ProtocolError) as exc:
             logger.debug("admin connection failed: %s", exc)
+        except asyncio.CancelledError:
+            # The loop is shutting down with this connection open (a lingering close,
+            # say): ended here, as asyncio's start_server callback of Python 3.11 calls
+            # a cancelled handler task's exception(), which logs "Exception in callback".
+            pass
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -229,7 +235,7 @@ class AdminServer:
         except h11.RemoteProtocolError as exc:
             # The client's fault: said in one answer (h11 cannot frame one any more).
             status = exc.error_status_hint if exc.error_status_hint in _REASONS else 400
-            body = f"bad request: {exc}\n".encode()
+            body = f"bad request: {_protocol_error_text(exc)}\n".encode()
             reason = _REASONS[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -255,6 +261,10 @@ class AdminServer:
                     refusal,
                 )
                 response: Response | Deferred = _text(403, refusal)
+            elif request.http_version not in (b"1.0", b"1.1"):
+                # h11 takes any HTTP/d.d (RFC 9110 15.6.6).
+                version = request.http_version.decode("ascii", "replace")
+                response = _text(505, f"HTTP/{version} is not supported: HTTP/1.1")
             else:
                 response = route(self.view, method, target)
             if isinstance(response, Deferred):
@@ -279,6 +289,13 @@ class AdminServer:
             writer.write(conn.send(h11.Data(data=response.body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
         await writer.drain()
+
+
+def _protocol_error_text(error: h11.RemoteProtocolError) -> str:
+    """h11's words for a malformed request, fit to send back: it quotes the client's
+    bytes as a Python ``bytearray(b'...')`` repr; the quoted bytes alone, bounded."""
+    text = re.sub(r"bytearray\((b(['\"]).*\2)\)", r"\1", str(error))
+    return peer_text(text, 200)
 
 
 LINGER_SECONDS = 2.0

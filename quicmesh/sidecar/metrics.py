@@ -65,6 +65,11 @@ _CLUSTER_COUNTERS = (
     ("bytes_received", "bytes_received", "Bytes received from the tunnel."),
     ("connect_failures", "connect_failures", "Failed connects or stream opens."),
     ("retries", "retries", "Flows retried on another endpoint."),
+    (
+        "panic_flows",
+        "panic_flows",
+        "Endpoint choices made while the cluster was in panic (Envoy's lb_healthy_panic).",
+    ),
 )
 _CLUSTER_FALLBACK_COUNTERS = (
     (
@@ -79,6 +84,18 @@ _CLUSTER_FALLBACK_COUNTERS = (
 _CLUSTER_GAUGES = (
     ("connections_active", "connections_active", "Peer connections open now."),
     ("streams_active", "streams_active", "Flows open now."),
+    (
+        "panic",
+        "panic",
+        "1 while the cluster is in panic (fewer healthy endpoints than "
+        "healthy_panic_threshold: flows go to every endpoint).",
+    ),
+)
+_XDS_COUNTERS = (
+    ("acks", "acks", "Control-plane responses applied and acknowledged (ACK)."),
+    ("nacks", "nacks", "Control-plane responses refused (NACK), the running configuration kept."),
+    ("streams", "streams", "Streams opened to the control plane."),
+    ("stream_failures", "stream_failures", "Streams to the control plane that failed."),
 )
 _CONNECTION_GAUGES = (
     ("rtt", "rtt_seconds", "Smoothed round-trip time of the peer connection."),
@@ -254,6 +271,25 @@ def _sidecar_families(snap: Snapshot) -> Iterator[Metric]:
     for outcome, count in snap.get("access_log", {}).get("suppressed", {}).items():
         suppressed.add_metric([outcome], count)
     yield suppressed
+    if "started_at" in snap:
+        started = GaugeMetricFamily(
+            "quicmesh_start_time_seconds",
+            "When the sidecar started, in seconds since the Unix epoch (/stats uptime).",
+            labels=["node"],
+        )
+        started.add_metric([snap["node"]], snap["started_at"])
+        yield started
+    xds = snap.get("xds")
+    if xds is not None:
+        for key, name, doc in _XDS_COUNTERS:
+            family = CounterMetricFamily(f"quicmesh_xds_{name}", doc)
+            family.add_metric([], xds[key])
+            yield family
+        connected = GaugeMetricFamily(
+            "quicmesh_xds_connected", "1 while the stream to the control plane is open."
+        )
+        connected.add_metric([], 1.0 if xds["connected"] else 0.0)
+        yield connected
     yield from _certificate_families(snap)
 
 

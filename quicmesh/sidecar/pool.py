@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -139,6 +140,13 @@ class _Opening:
     queued: bool = False
     """Waiting for stream credit on a connection at the peer's stream limit, no other
     connection allowed (:attr:`Action.QUEUE`): a timeout now is an overflow."""
+
+
+_CONNECTION_NUMBERS = itertools.count(1)
+"""The peer connections' labels (``connection`` in the metrics), one count for the whole
+process: a series is never taken over by another connection, so a counter never goes
+back. (Each pool counted its own: a reload that rebuilt a cluster gave its new
+connections the old ones' numbers, and the live old ones were renamed.)"""
 
 
 @dataclass
@@ -388,7 +396,7 @@ class EndpointPool:
                 self.breaker.release_connection()
                 raise PeerVerificationError(f"{self._label()}: {refusal}")
             self.connections_opened += 1
-            label = f"{self.connections_opened}"
+            label = f"{next(_CONNECTION_NUMBERS)}"
             pooled = PooledConnection(
                 connection,
                 label,

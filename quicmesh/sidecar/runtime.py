@@ -858,17 +858,13 @@ class Sidecar:
         is ``removed``, as one removed in place is. A removed cluster is shown while it
         has connections open."""
         views = {name: c.snapshot() for name, c in self.clusters.items()}
-        for number, retired in enumerate(self.retired_clusters, 1):
+        for retired in self.retired_clusters:
             view = retired.snapshot()
             for endpoint in view["endpoints"].values():
-                # Its pools numbered their connections from 1 too, and its transport
-                # may not be the current version's: named apart in the metrics.
+                # Its transport may not be the current version's (its connections keep
+                # their labels: numbered in one count for the process, pool.py).
                 endpoint["connections"] = [
-                    {
-                        **conn,
-                        "id": f"{conn['id']}-retired{number}",
-                        "cluster_transport": retired.config.transport,
-                    }
+                    {**conn, "cluster_transport": retired.config.transport}
                     for conn in endpoint["connections"]
                 ]
             current = views.get(retired.config.name)
@@ -923,6 +919,7 @@ class Sidecar:
             "ready": self.is_ready(),
             "draining": self.draining,
             "uptime": round(time.time() - self.started_at, 3),
+            "started_at": round(self.started_at, 3),
             "flows_active": self.flows.active,
             "reloads": dict(self.reloads),
             "access_log": {"suppressed": dict(self.access_log.refusals.suppressed)},

@@ -437,6 +437,12 @@ def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_
         assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
 
 
+def _connection_ids(stats: dict[str, Any]) -> set[str]:
+    """The labels of cluster ``echo``'s peer connections in a /stats answer."""
+    endpoints = stats["clusters"]["echo"]["endpoints"].values()
+    return {c["id"] for endpoint in endpoints for c in endpoint["connections"]}
+
+
 def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: Path) -> None:
     endpoints_file = tmp_path / "endpoints.yaml"
     endpoints_file.write_text(yaml.safe_dump([mesh.endpoint("quic")]))
@@ -457,6 +463,7 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
 
         async def main() -> list[bool]:
             held = [await HeldFlow.open(ports["echo"]) for _ in range(8)]
+            before = _connection_ids(await asyncio.to_thread(a.stats))
             # Rebuild the cluster on another transport: live QUIC flows must survive.
             new = yaml.safe_load(yaml.safe_dump(config))
             new["clusters"][0] = mesh.cluster("echo", "h2")
@@ -471,8 +478,15 @@ def test_reload_keeps_live_flows_and_refuses_bad_configs(mesh: Mesh, tmp_path: P
             assert sum(c["streams_active"] for c in carried) == 8
             assert len({c["id"] for c in carried}) == len(carried)  # no id twice
             assert {c.get("cluster_transport") for c in carried if c["streams_active"]} == {"quic"}
+            # The old connections keep their labels, and the new version's take none of
+            # them (each pool counted from 1: a new connection took an old one's series,
+            # its counters went back, and the live old one was renamed "1-retired1").
+            assert {c["id"] for c in carried if c["streams_active"]} <= before
             fresh = os.urandom(50_000)
             assert await echo_flow(ports["echo"], fresh) == fresh
+            after = _connection_ids(await asyncio.to_thread(a.stats))
+            assert after - before, after  # the new version's connection, a label of its own
+            assert before <= after  # (the old connections still carry the held flows)
             return [await f.finish(os.urandom(100_000)) for f in held]
 
         assert asyncio.run(main()) == [True] * 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import random
 import socket
 from collections import Counter
@@ -490,18 +491,26 @@ async def _ask_admin(view: Any, request: bytes) -> bytes:
             + b"x" * 100_000,
             b"413",
         ),
+        (b"GET /ready HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n", b"505"),
     ],
-    ids=["no-host", "not-http", "too-large", "wrong-method", "body-too-large"],
+    ids=["no-host", "not-http", "too-large", "wrong-method", "body-too-large", "http-9.9"],
 )
-def test_the_admin_server_answers_a_bad_request(request_bytes: bytes, status: bytes) -> None:
+def test_the_admin_server_answers_a_bad_request(
+    request_bytes: bytes, status: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     """A malformed or oversized request is answered (400, 431), not dropped; a 405 says
-    which methods the path takes (``allow``)."""
-    answer = asyncio.run(_ask_admin(FakeView(), request_bytes))
+    which methods the path takes (``allow``); an HTTP version other than 1.x is 505 (it
+    was served 200). The answer quotes no Python repr of the client's bytes, and a loop
+    that ends during the lingering close logs nothing ("Exception in callback" did)."""
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        answer = asyncio.run(_ask_admin(FakeView(), request_bytes))
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
     status_line = answer.split(b"\r\n", 1)[0]
     assert status_line.split(b" ", 2)[2].strip(), status_line  # a reason phrase (h11: none)
     if status == b"405":
         assert b"\r\nallow: GET, HEAD\r\n" in answer
+    assert b"bytearray" not in answer, answer
 
 
 @pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])
@@ -580,7 +589,9 @@ def test_metrics_exposition_from_a_snapshot() -> None:
         "node": "a",
         "ready": True,
         "draining": False,
+        "started_at": 1_700_000_000.5,
         "reloads": {"ok": 1, "rejected": 2},
+        "xds": {"connected": True, "acks": 4, "nacks": 2, "streams": 1, "stream_failures": 0},
         "listeners": {
             "app": {
                 "kind": "outbound",
@@ -629,6 +640,8 @@ def test_metrics_exposition_from_a_snapshot() -> None:
                 "bytes_received": 200,
                 "connect_failures": 4,
                 "retries": 1,
+                "panic": True,
+                "panic_flows": 6,
                 "quic": {
                     **dict.fromkeys(QUIC_COUNTERS, 0),
                     "zero_rtt_attempted": 3,
@@ -688,6 +701,13 @@ def test_metrics_exposition_from_a_snapshot() -> None:
     assert metric(samples, "quicmesh_peer_connection_cwnd_bytes") == 13000
     assert metric(samples, "quicmesh_peer_connection_packets_lost_total") == 7
     assert metric(samples, "quicmesh_config_reloads_total", result="rejected") == 2
+    # (In /stats alone until 2026-12-07.)
+    assert metric(samples, "quicmesh_start_time_seconds", node="a") == 1_700_000_000.5
+    assert metric(samples, "quicmesh_cluster_panic", cluster="c") == 1
+    assert metric(samples, "quicmesh_cluster_panic_flows_total", cluster="c") == 6
+    assert metric(samples, "quicmesh_xds_nacks_total") == 2
+    assert metric(samples, "quicmesh_xds_acks_total") == 4
+    assert metric(samples, "quicmesh_xds_connected") == 1
 
 
 def test_chosen_ports_lie_below_the_kernels_ephemeral_range_and_differ() -> None:
