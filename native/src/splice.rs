@@ -483,7 +483,10 @@ impl Failure {
         }
     }
 
-    fn describe(&self, stream: u64) -> String {
+    /// What happened, for the flow's end; `opened_here`: whether this side opened the
+    /// stream (H3_CONNECT_ERROR from the peer then means its destination failed, else
+    /// that the peer's client reset its TCP connection, as `_session.py` says it).
+    fn describe(&self, stream: u64, opened_here: bool) -> String {
         match self {
             Failure::Tcp(error) => match error.raw_os_error() {
                 Some(errno) => format!(
@@ -494,7 +497,8 @@ impl Failure {
             },
             Failure::PeerReset(code) | Failure::PeerStopped(code) => {
                 let kind = match self {
-                    _ if *code == H3_CONNECT_ERROR => "destination connect error",
+                    _ if *code == H3_CONNECT_ERROR && opened_here => "destination connect error",
+                    _ if *code == H3_CONNECT_ERROR => "client TCP reset",
                     Failure::PeerStopped(_) => "stopped (STOP_SENDING)",
                     _ => "reset",
                 };
@@ -509,6 +513,12 @@ impl Failure {
             ),
         }
     }
+}
+
+/// Whether this side of `connection` opened `stream` (a QUIC stream ID's lowest bit
+/// names its initiator: 0 the client, RFC 9000 2.1).
+fn opened_here(connection: &Connection, stream: u64) -> bool {
+    (stream & 1 == 0) == connection.side().is_client()
 }
 
 /// Whether the peer closed the connection without an error (an application close with
@@ -931,10 +941,13 @@ pub async fn carry(
             if let Failure::Frame(error) = failure {
                 // RFC 9114 8.1: a frame the request stream may not carry, or one cut short,
                 // is a connection error, as Python's session makes it.
-                let reason = failure.describe(stream);
+                let reason = failure.describe(stream, opened_here(&connection, stream));
                 shared.close_for_violation(conn, &connection, error.code, &reason);
             }
-            (failure.describe(stream), code)
+            (
+                failure.describe(stream, opened_here(&connection, stream)),
+                code,
+            )
         }
     };
     drop(tcp);
@@ -1089,7 +1102,7 @@ pub async fn connect_and_run(
                 stream,
                 sent: 0,
                 received: 0,
-                error: failure.describe(stream),
+                error: failure.describe(stream, opened_here(&connection, stream)),
                 code: failure.code(),
                 connected: false,
             });
@@ -1350,8 +1363,17 @@ mod tests {
             }
         });
         assert_eq!(
-            Failure::Idle(Duration::from_millis(700)).describe(4),
+            Failure::Idle(Duration::from_millis(700)).describe(4, true),
             "idle timeout: no bytes either way for 0.7s"
+        );
+        // The peer's H3_CONNECT_ERROR: its destination (a stream we opened), its client.
+        assert_eq!(
+            Failure::PeerReset(H3_CONNECT_ERROR).describe(0, true),
+            "stream 0 destination connect error by peer (error code 0x10f)"
+        );
+        assert_eq!(
+            Failure::PeerReset(H3_CONNECT_ERROR).describe(0, false),
+            "stream 0 client TCP reset by peer (error code 0x10f)"
         );
     }
 
