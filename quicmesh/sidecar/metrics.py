@@ -30,7 +30,12 @@ _LISTENER_COUNTERS = (
         "connections",
         "Connections accepted (outbound) or made to destinations (inbound).",
     ),
-    ("streams_total", "streams", "Tunnel streams opened (outbound) or accepted (inbound)."),
+    (
+        "streams_total",
+        "streams",
+        "Tunnel streams the peer accepted (outbound) or CONNECTs received (inbound, refused "
+        "ones included).",
+    ),
     ("bytes_received", "bytes_received", "Bytes received from the downstream side."),
     ("bytes_sent", "bytes_sent", "Bytes sent to the downstream side."),
     (
@@ -60,7 +65,7 @@ _LISTENER_GAUGES = (
 )
 _CLUSTER_COUNTERS = (
     ("connections_total", "connections", "Peer connections opened."),
-    ("streams_total", "streams", "Flows opened through the cluster."),
+    ("streams_total", "streams", "Flows opened through the cluster (the peer accepted them)."),
     ("bytes_sent", "bytes_sent", "Bytes sent into the tunnel."),
     ("bytes_received", "bytes_received", "Bytes received from the tunnel."),
     ("connect_failures", "connect_failures", "Failed connects or stream opens."),
@@ -526,7 +531,7 @@ def _endpoint_families(clusters: dict[str, Any]) -> Iterator[Metric]:
     counters = {
         key: CounterMetricFamily(f"quicmesh_endpoint_{key}", doc, labels=labels)
         for key, doc in (
-            ("streams_total", "Flows opened to the endpoint."),
+            ("streams_total", "Flows opened to the endpoint (the peer accepted them)."),
             ("connect_failures", "Failed connects to the endpoint."),
             ("ejections", "Times the endpoint was ejected."),
             ("connections_total", "Peer connections opened to the endpoint."),
