@@ -49,8 +49,11 @@ TESTCASES: dict[str, TestCase] = {
         TestCase("http3", (5 * KIB,) * 3, (5 * KIB,) * 3),
         TestCase("keyupdate", (3 * MIB,), (MIB,)),
         TestCase("chacha20", (3 * MIB,), (MIB,)),
-        TestCase("rebind-port", (5 * MIB,), (2 * MIB,), rebind="port"),
-        TestCase("rebind-addr", (5 * MIB,), (2 * MIB,), rebind="addr"),
+        # (Quick runs keep 5 MiB here: 2 MiB from a native server drew fewer than the
+        # relay's 50 short-header client datagrams between rebinds from an aioquic client,
+        # which acknowledges each batch it reads once, and the case tested no rebind.)
+        TestCase("rebind-port", (5 * MIB,), (5 * MIB,), rebind="port"),
+        TestCase("rebind-addr", (5 * MIB,), (5 * MIB,), rebind="addr"),
         TestCase("connectionmigration", (5 * MIB,), (2 * MIB,)),
         TestCase("handshakeloss", (KIB,) * 50, (KIB,) * 5, loss=0.3),
         TestCase("transferloss", (MIB,), (512 * KIB,), loss=0.02),
