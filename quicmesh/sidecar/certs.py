@@ -181,6 +181,9 @@ class CertificateSource:
         self._issued_at = datetime.datetime.now(datetime.UTC)
         self._on_rotated: Rotated | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._logged_problem: str | None = None
+        """The problem last logged (:meth:`_watch_problem`), so each one is said once."""
         self._versions = self._file_versions()
         self._waiting: tuple[Identity, TrustBundle] | None = None
         """Files that loaded but cannot be used yet (expired, not yet valid, not trusted
@@ -267,6 +270,7 @@ class CertificateSource:
         problem = self.problem()
         if problem is not None:
             logger.error("%s", problem)
+        self._logged_problem = problem
 
     def deliver(self, identity: Identity | None, trust: TrustBundle | None) -> None:
         """A control plane's (SDS) identity, trust bundle, or both: used as :meth:`replace`
@@ -311,16 +315,45 @@ class CertificateSource:
     def start(self, on_rotated: Rotated) -> None:
         """Start renewing (``ca_dir``) or watching the files; ``on_rotated`` hears of changes."""
         self._on_rotated = on_rotated
+        loop = asyncio.get_running_loop()
         if self.config.tls.ca_dir is not None or self.config.tls.cert is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
+        self._logged_problem = self.problem()  # (the runtime says it as it starts)
+        self._watch = loop.create_task(self._watch_problem())
 
     async def close(self) -> None:
-        """Stop the background task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the background tasks."""
+        for task in (self._task, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._watch = None
+
+    async def _watch_problem(self) -> None:
+        """Say when the certificate in use turns unusable as time passes (it expired, or
+        a certificate of its chain or trust bundle did), or usable again: ``/ready``
+        answered 503 with the reason and nothing was logged. Wakes at the next validity
+        boundary of those certificates (at least every minute: a rotation may bring
+        earlier ones)."""
+        while True:
+            now = datetime.datetime.now(datetime.UTC)
+            problem = self.problem(now)
+            if problem != self._logged_problem:
+                if problem is not None:
+                    logger.error("not ready: %s", problem)
+                else:
+                    logger.info("ready again: the certificate in use can be presented")
+                self._logged_problem = problem
+            certificates = [self.identity.certificate, *self.identity.chain]
+            boundaries = [
+                moment
+                for certificate in [*certificates, *self.trust.certificates]
+                for moment in (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+                if moment >= now
+            ]
+            wait = min([60.0, *((moment - now).total_seconds() for moment in boundaries)])
+            await asyncio.sleep(wait + 0.05)  # (just past it: "expired" is after not_after)
 
     async def _run(self) -> None:
         while True:

@@ -209,6 +209,33 @@ def test_unusable_own_certificate_refuses_ready_and_check(tmp_path: Path, case: 
         assert sidecar.stop() == 0
 
 
+def test_a_certificate_expiring_while_the_sidecar_runs_is_logged_once(tmp_path: Path) -> None:
+    """/ready turned 503 with the reason and nothing was logged (only a problem found at
+    start or at a rotation was); one ERROR now, as it expires."""
+    ca = DevCA()
+    now = datetime.datetime.now(datetime.UTC)
+    _write_identity(
+        tmp_path,
+        "b",
+        ca.issue(IDENTITY_B, not_before=now - datetime.timedelta(minutes=1),
+                 not_after=now + datetime.timedelta(seconds=3)),
+    )  # fmt: skip
+    (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
+    config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
+    sidecar = SidecarProcess("b", config, tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        assert "not ready" not in sidecar.stderr()
+        wait_until(lambda: "expired at" in sidecar.stderr(), timeout=20, what="expiry logged")
+        status, body = _try_request(sidecar, "/ready") or (0, b"")
+        assert status == 503 and b"expired at" in body
+        lines = [line for line in sidecar.stderr().splitlines() if "expired at" in line]
+        assert len(lines) == 1 and "not ready: our certificate" in lines[0], lines
+    finally:
+        assert sidecar.stop() == 0
+
+
 def _past_starting(answer: tuple[int, bytes] | None) -> tuple[int, bytes] | None:
     if answer is None or answer[1] == b"not ready: starting\n":
         return None
