@@ -46,7 +46,8 @@ _LISTENER_COUNTERS = (
     (
         "engine_flows",
         "engine_flows",
-        "Outbound flows the native engine ran from accept to end.",
+        "Flows the native engine ran from accept (outbound) or from the CONNECT (inbound) "
+        "to the end.",
     ),
     (
         "engine_flows_returned",

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, QuicmeshError
 from ..tls import Identity, TrustBundle
-from ..transport.base import Transport, transport_registry
+from ..transport.base import (
+    BUILT_IN_DEFAULT_ENGINE,
+    DEFAULT_ENGINE_VARIABLE,
+    Transport,
+    default_quic_engine,
+    transport_registry,
+)
 from .accesslog import AccessLog, FlowRecord
 from .admin import AdminServer
 from .capture import (
@@ -222,6 +228,7 @@ class Sidecar:
             )
             or "-",
         )
+        _log_default_engine()
 
     async def _bind(self, start: Any, what: str, address: tuple[str, int]) -> None:
         try:
@@ -973,3 +980,18 @@ def _file_version(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def _log_default_engine() -> None:
+    """Say which QUIC engine the clusters and listeners that name none run on, once
+    started: the transports' own note of a fallback to aioquic is below the sidecar's
+    log level."""
+    engine = default_quic_engine()
+    named = os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip()
+    logger.info(
+        "QUIC engine where none is named: %s%s",
+        engine,
+        " (the native engine is not built: no quicmesh._native)"
+        if engine != BUILT_IN_DEFAULT_ENGINE and not named
+        else "",
+    )

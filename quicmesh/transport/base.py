@@ -581,9 +581,10 @@ def default_quic_engine() -> str:
     cluster or QUIC inbound listener without ``engine``, the demo, the benchmarks,
     xDS clusters): the one ``QUICMESH_QUIC_ENGINE`` names, else
     :data:`BUILT_IN_DEFAULT_ENGINE`; ``"native"`` falls back to ``"aioquic"`` where
-    the extension ``quicmesh._native`` is not built (logged once at INFO). The one
-    place that decides. An unknown name raises :class:`~quicmesh.errors.ConfigError`
-    naming the variable."""
+    the extension ``quicmesh._native`` is not built (logged once at INFO), unless the
+    variable names it. The one place that decides. An unknown name, or ``native``
+    named by the variable where it is not built, raises
+    :class:`~quicmesh.errors.ConfigError` naming the variable."""
     global _fallback_logged
     from .native import native_available  # the implementations import this module
 
@@ -595,6 +596,11 @@ def default_quic_engine() -> str:
         )
     if wanted == "aioquic" or native_available():
         return wanted
+    if os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip() == "native":
+        # Asked for by name, as engine="native" is: not quietly another engine.
+        from .quic.native_engine import NOT_BUILT
+
+        raise ConfigError(f"environment: {DEFAULT_ENGINE_VARIABLE}=native: {NOT_BUILT}")
     if not _fallback_logged:
         _fallback_logged = True
         logging.getLogger(__name__).info(

@@ -26,6 +26,7 @@ import yaml
 
 from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
 from quicmesh.tls import DevCA
+from quicmesh.transport.base import default_quic_engine
 
 from .conftest import (
     IDENTITY_B,
@@ -416,6 +417,8 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
         assert "asked again to stop: ending the grace period now" in a.stderr()
         assert "grace period ended early: closing 1 live flows" in a.stderr()
         assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
+        # Which engine the clusters and listeners that name none run on, said at start.
+        assert f"QUIC engine where none is named: {default_quic_engine()}" in a.stderr()
 
 
 def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_port: int) -> None:

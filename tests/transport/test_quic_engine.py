@@ -104,6 +104,33 @@ def test_without_the_extension_the_default_falls_back_to_aioquic_logged_once() -
     assert len(logged) == 1 and logged[0].startswith("LOG INFO "), done.stderr
 
 
+def test_native_named_by_the_environment_without_the_extension_is_a_one_line_error() -> None:
+    """QUICMESH_QUIC_ENGINE=native on a machine without the extension ran aioquic, saying
+    nothing; it is refused as engine="native" is."""
+    script = (
+        "import sys\n"
+        'sys.modules["quicmesh._native"] = None\n'
+        "from quicmesh.errors import ConfigError\n"
+        "from quicmesh.transport.base import default_quic_engine\n"
+        "try:\n"
+        "    print(default_quic_engine())\n"
+        "except ConfigError as exc:\n"
+        "    print('refused', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, DEFAULT_ENGINE_VARIABLE: "native"},
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.startswith("refused environment: QUICMESH_QUIC_ENGINE=native: "), line
+    assert "no quicmesh._native extension" in line, line
+
+
 def test_an_unknown_engine_in_the_environment_is_a_one_line_error(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.yaml"
     config.write_text(FALLBACK_CONFIG)
@@ -128,7 +155,7 @@ def test_unknown_engine_is_a_one_line_error_naming_the_valid_ones() -> None:
         QuicTransport(identity=IDENTITY, trust=CA.trust_bundle, engine="quiche")
     message = str(raised.value)
     assert "\n" not in message
-    assert "'quiche'" in message and "aioquic" in message
+    assert "'quiche'" in message and "valid engines are aioquic, native" in message
 
 
 def test_aioquic_connections_implement_the_engine_interface() -> None:

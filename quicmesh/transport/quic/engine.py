@@ -592,7 +592,10 @@ def get_engine(name: str) -> QuicEngine:
 
         raise ConfigError(NOT_BUILT)
     if factory is None:
-        valid = ", ".join(sorted(_ENGINES))
+        # Every engine quicmesh knows, built here or not, and any registered besides.
+        from ..base import QUIC_ENGINE_NAMES
+
+        valid = ", ".join(sorted({*_ENGINES, *QUIC_ENGINE_NAMES}))
         raise ValueError(f"unknown QUIC engine {name!r}: valid engines are {valid}")
     return factory()
 

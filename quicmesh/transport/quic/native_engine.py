@@ -229,7 +229,8 @@ READ_CHUNK = 64 * 1024
 """The most one read request takes out of quinn."""
 
 NOT_BUILT = (
-    "the native QUIC engine is not built: install quicmesh with Rust and cargo "
+    "the native QUIC engine is not built (no quicmesh._native extension): install "
+    "quicmesh with Rust and cargo "
     "(pip install -e .; README, 'The native engine and machines without Rust') "
     "or use engine 'aioquic'"
 )
