@@ -353,7 +353,9 @@ class CertificateSource:
                 if moment >= now
             ]
             wait = min([60.0, *((moment - now).total_seconds() for moment in boundaries)])
-            await asyncio.sleep(wait + 0.05)  # (just past it: "expired" is after not_after)
+            # A second past it: "expired" is after not_after, and the trust bundle's
+            # check (cryptography's verifier) reads the time in whole seconds.
+            await asyncio.sleep(wait + 1.0)
 
     async def _run(self) -> None:
         while True:

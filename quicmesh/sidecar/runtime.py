@@ -985,8 +985,11 @@ def _file_version(path: str) -> tuple[int, int, int] | None:
 def _log_default_engine() -> None:
     """Say which QUIC engine the clusters and listeners that name none run on, once
     started: the transports' own note of a fallback to aioquic is below the sidecar's
-    log level."""
-    engine = default_quic_engine()
+    log level. (Never raises: the sidecar is up by now.)"""
+    try:
+        engine = default_quic_engine()
+    except QuicmeshError:  # an unknown name in the environment: the configuration said so
+        return
     named = os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip()
     logger.info(
         "QUIC engine where none is named: %s%s",

@@ -91,7 +91,11 @@ def _as_ours(error: PeerVerificationError) -> str:
     """A peer's reason for refusing a certificate, said of ours: "it carries ..."
     rather than "peer certificate carries ..." (which reads as the peer's)."""
     text = str(error)
-    for peers, ours in (("peer certificate ", "it "), ("peer identity ", "its identity ")):
+    for peers, ours in (
+        ("peer certificate's ", "its "),
+        ("peer certificate ", "it "),
+        ("peer identity ", "its identity "),
+    ):
         if text.startswith(peers):
             return ours + text[len(peers) :]
     return text

@@ -581,10 +581,9 @@ def default_quic_engine() -> str:
     cluster or QUIC inbound listener without ``engine``, the demo, the benchmarks,
     xDS clusters): the one ``QUICMESH_QUIC_ENGINE`` names, else
     :data:`BUILT_IN_DEFAULT_ENGINE`; ``"native"`` falls back to ``"aioquic"`` where
-    the extension ``quicmesh._native`` is not built (logged once at INFO), unless the
-    variable names it. The one place that decides. An unknown name, or ``native``
-    named by the variable where it is not built, raises
-    :class:`~quicmesh.errors.ConfigError` naming the variable."""
+    the extension ``quicmesh._native`` is not built (logged once: at INFO, at WARNING
+    where the variable named native). The one place that decides. An unknown name
+    raises :class:`~quicmesh.errors.ConfigError` naming the variable."""
     global _fallback_logged
     from .native import native_available  # the implementations import this module
 
@@ -596,16 +595,17 @@ def default_quic_engine() -> str:
         )
     if wanted == "aioquic" or native_available():
         return wanted
-    if os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip() == "native":
-        # Asked for by name, as engine="native" is: not quietly another engine.
-        from .quic.native_engine import NOT_BUILT
-
-        raise ConfigError(f"environment: {DEFAULT_ENGINE_VARIABLE}=native: {NOT_BUILT}")
     if not _fallback_logged:
         _fallback_logged = True
-        logging.getLogger(__name__).info(
-            "the native QUIC engine is not built (no quicmesh._native): QUIC runs on aioquic "
-            "(README, 'The native engine and machines without Rust')"
+        # A WARNING where the variable asked for native by name (it ran aioquic without a
+        # word a user would see); refusing instead would refuse h2-only configurations and
+        # the benchmarks' --help, which resolve the default whatever the transport.
+        named = os.environ.get(DEFAULT_ENGINE_VARIABLE, "").strip() == "native"
+        logging.getLogger(__name__).log(
+            logging.WARNING if named else logging.INFO,
+            "%sthe native QUIC engine is not built (no quicmesh._native): QUIC runs on "
+            "aioquic (README, 'The native engine and machines without Rust')",
+            f"{DEFAULT_ENGINE_VARIABLE}=native, but " if named else "",
         )
     return "aioquic"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cert_helpers import BOTH, odd_leaf
+from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from quicmesh.tls import DevCA
@@ -81,3 +82,33 @@ def test_check_refuses_a_certificate_peers_refuse(tmp_path: Path, case: str) -> 
     assert result.returncode == 2, result
     err = result.stderr
     assert reason in err and "our certificate" in err
+
+
+def test_a_certificate_whose_key_usage_is_a_cas_is_not_usable_as_ours() -> None:
+    """Peers refuse a leaf with keyCertSign (X509-SVID 4.3, since 2026-12-07), so ours is
+    refused too, said of ours ("its key usage"), not in the peer's words."""
+    from cryptography.hazmat.primitives import hashes
+
+    from quicmesh.tls import Identity
+    from quicmesh.tls.ca import _key_usage
+
+    ca = DevCA()
+    usual = ca.issue(ID)
+    builder = x509.CertificateBuilder(
+        issuer_name=usual.certificate.issuer,
+        subject_name=usual.certificate.subject,
+        public_key=usual.private_key.public_key(),  # type: ignore[arg-type]
+        serial_number=x509.random_serial_number(),
+        not_valid_before=usual.certificate.not_valid_before_utc,
+        not_valid_after=usual.certificate.not_valid_after_utc,
+        extensions=[
+            e for e in usual.certificate.extensions if not isinstance(e.value, x509.KeyUsage)
+        ],
+    ).add_extension(_key_usage(digital_signature=True, key_cert_sign=True), critical=True)
+    leaf = builder.sign(ca.private_key, hashes.SHA256())  # type: ignore[arg-type]
+    problem = own_certificate_problem(Identity(leaf, usual.private_key), ca.trust_bundle)
+    assert problem is not None
+    assert problem.endswith(
+        "would be refused by peers: its key usage is a CA's (keyUsage keyCertSign), "
+        "not a workload's"
+    ), problem
