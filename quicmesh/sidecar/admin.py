@@ -97,6 +97,7 @@ def _text(status: int, text: str) -> Response:
 
 ROUTES = {
     "/metrics": "GET",
+    "/stats/prometheus": "GET",
     "/stats": "GET",
     "/config_dump": "GET",
     "/ready": "GET",
@@ -138,7 +139,7 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     allowed = {expected, "HEAD"} if expected == "GET" else {expected}
     if method not in allowed:
         return replace(_text(405, f"{path} takes {expected}"), allow=", ".join(sorted(allowed)))
-    if path == "/metrics":
+    if path in ("/metrics", "/stats/prometheus"):  # (Envoy's path, which Istio scrapes)
         return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
     if path == "/stats":
         return _json(200, view.snapshot())

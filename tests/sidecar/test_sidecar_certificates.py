@@ -230,6 +230,9 @@ def test_a_certificate_expiring_while_the_sidecar_runs_is_logged_once(tmp_path: 
         wait_until(lambda: "expired at" in sidecar.stderr(), timeout=20, what="expiry logged")
         status, body = _try_request(sidecar, "/ready") or (0, b"")
         assert status == 503 and b"expired at" in body
+        status, body = _try_request(sidecar, "/stats/prometheus") or (0, b"")
+        valid = f'\nquicmesh_certificate_valid{{identity="{IDENTITY_B}"}} 0.0\n'.encode()
+        assert status == 200 and valid in body, body[:300]
         lines = [line for line in sidecar.stderr().splitlines() if "expired at" in line]
         assert len(lines) == 1 and "not ready: our certificate" in lines[0], lines
     finally:

@@ -440,6 +440,8 @@ class FakeView:
 def test_admin_routes() -> None:
     view = FakeView()
     assert route(view, "GET", "/metrics").body == b"m 1\n"
+    # Envoy's path for the same text, which Istio's scrape configuration asks for.
+    assert route(view, "GET", "/stats/prometheus") == route(view, "GET", "/metrics")
     assert json.loads(route(view, "GET", "/stats").body) == {"x": 1}
     assert json.loads(route(view, "GET", "/config_dump?x=1").body)["node"]["name"] == "n"
     assert route(view, "GET", "/ready").status == 200
