@@ -20,7 +20,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 
@@ -124,13 +124,15 @@ def web_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 
 def route(view: AdminView, method: str, target: str) -> Response | Deferred:
-    """The response to ``method target`` (query strings are ignored; an absolute-form
+    """The response to ``method target`` (query strings are ignored but for ``/stats``'s
+    ``format``; an absolute-form
     target, ``http://host/ready`` as a client set to use a proxy sends it, is its path,
     as RFC 9112 3.2.2 asks of a server)."""
     if target.lower().startswith(("http://", "https://")):
-        path = urlsplit(target).path or "/"
+        split = urlsplit(target)
+        path, query = split.path or "/", split.query
     else:
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
     if path == "/":
         return _text(200, "\n".join(f"{m} {p}" for p, m in ROUTES.items()))
     expected = ROUTES.get(path)
@@ -142,6 +144,14 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     if path in ("/metrics", "/stats/prometheus"):  # (Envoy's path, which Istio scrapes)
         return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
     if path == "/stats":
+        # Envoy's /stats?format=prometheus is its /stats/prometheus; other parameters
+        # (its filter=, a regex over flat stat names) have no meaning here.
+        formats = parse_qs(query).get("format", ["json"])
+        if formats == ["prometheus"]:
+            return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
+        if formats != ["json"]:
+            shown = peer_text(",".join(formats), 64)
+            return _text(400, f"/stats format {shown!r}: json (the default) or prometheus")
         return _json(200, view.snapshot())
     if path == "/config_dump":
         return _json(200, view.config_dump())

@@ -442,6 +442,10 @@ def test_admin_routes() -> None:
     assert route(view, "GET", "/metrics").body == b"m 1\n"
     # Envoy's path for the same text, which Istio's scrape configuration asks for.
     assert route(view, "GET", "/stats/prometheus") == route(view, "GET", "/metrics")
+    assert route(view, "GET", "/stats?format=prometheus") == route(view, "GET", "/metrics")
+    assert json.loads(route(view, "GET", "/stats?format=json").body) == {"x": 1}
+    refused = route(view, "GET", "/stats?format=yaml")
+    assert refused.status == 400 and b"'yaml'" in refused.body
     assert json.loads(route(view, "GET", "/stats").body) == {"x": 1}
     assert json.loads(route(view, "GET", "/config_dump?x=1").body)["node"]["name"] == "n"
     assert route(view, "GET", "/ready").status == 200
