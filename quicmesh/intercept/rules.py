@@ -86,6 +86,19 @@ class InterceptRules:
             for first, last in ranges:
                 if not 1 <= first <= last <= 65535:
                     raise ValueError(f"port range {first}-{last} is not within 1-65535")
+        # The capture ports are never redirected: a list of them alone captures nothing
+        # (an empty list is refused where it is parsed, for the same reason).
+        own = {self.outbound_port, self.inbound_port} - {None}
+        for name, ranges in (
+            ("include-ports", self.include_ports),
+            ("inbound-ports", self.inbound_ports),
+        ):
+            if ranges and all(first == last and first in own for first, last in ranges):
+                ports = ", ".join(str(first) for first, _ in ranges)
+                raise ValueError(
+                    f"--{name} {ports}: only the capture ports, which are never redirected, "
+                    "so nothing would be captured"
+                )
 
 
 def render_install(rules: InterceptRules) -> str:

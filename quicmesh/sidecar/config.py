@@ -1255,9 +1255,9 @@ class _Loader:
                 key = (normalise_ip(service[0]), service[1])
                 if key in owners and owners[key] != cluster.name:
                     services = _Field(node.source, f"{node.path}[{index}].services", None)
-                    raise services.error(
-                        f"{format_address(service)} is also a service of cluster {owners[key]!r}"
-                    )
+                    # (Named as compared: an IPv4-mapped spelling is its IPv4 address.)
+                    shown = format_address((str(key[0] or service[0]), service[1]))
+                    raise services.error(f"{shown} is also a service of cluster {owners[key]!r}")
                 owners[key] = cluster.name
 
     def check_ports(

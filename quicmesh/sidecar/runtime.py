@@ -215,8 +215,15 @@ class Sidecar:
         for warning in self.config.warnings:
             logger.warning("%s", warning)
         waiting = self.not_ready_reason()
+        intercept = self.config.intercept
+        captured = (
+            f", intercept outbound *:{intercept.outbound_port}"
+            + (f" inbound *:{intercept.inbound_port}" if intercept.inbound_port else "")
+            if intercept is not None
+            else ""
+        )
         logger.info(
-            "sidecar %s (%s) %s: admin %s, outbound %s, inbound %s",
+            "sidecar %s (%s) %s: admin %s, outbound %s, inbound %s%s",
             self.config.node.name,
             self.identity.spiffe_id,
             f"started, not ready ({waiting})" if waiting else "ready",
@@ -227,6 +234,7 @@ class Sidecar:
                 for i in self.config.inbound
             )
             or "-",
+            captured,
         )
         _log_default_engine()
 

@@ -89,6 +89,9 @@ def test_dry_run_prints_the_script_without_privileges() -> None:
         (["install", "--include-cidrs", ""], "--include-cidrs: lists nothing"),
         (["install", "--include-ports", ",,"], "--include-ports: lists nothing"),
         (["install", "--inbound-ports", ""], "--inbound-ports: lists nothing"),
+        # Only the capture ports, never redirected: rules that captured nothing, exit 0.
+        (["install", "--include-ports", "15001"], "--include-ports 15001: only the capture"),
+        (["install", "--inbound-ports", "15006"], "--inbound-ports 15006: only the capture"),
         (["frobnicate"], "invalid choice"),
     ],
 )

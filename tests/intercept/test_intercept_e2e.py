@@ -178,6 +178,9 @@ def test_curl_to_a_vip_nobody_owns_reaches_the_backend_over_quic(world: World) -
         lambda: log_lines(world.b, listener="mesh", target="127.0.0.1:9080"), what="B's log"
     )[-1]
     assert b_line["peer_identity"] == IDENTITY_A  # B sees A's SPIFFE identity
+    # The start line names the capture listeners (it read "outbound -, inbound -").
+    started = world.a.stderr_path.read_text()
+    assert ", intercept outbound *:15001 inbound *:15006" in started, started[-2000:]
     samples = world.a.metrics()
     assert (
         metric(

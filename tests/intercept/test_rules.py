@@ -9,7 +9,7 @@ import subprocess
 import uuid
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from quicmesh.intercept.rules import (
@@ -46,6 +46,12 @@ def rule_sets(draw: st.DrawFn) -> InterceptRules:
     inbound = draw(st.none() | ports.filter(lambda p: p != outbound))
     uids = tuple(draw(st.lists(ids, max_size=3)))
     gids = tuple(draw(st.lists(ids, min_size=0 if uids else 1, max_size=3)))
+    include_ports = tuple(draw(st.lists(port_ranges, max_size=4)))
+    inbound_ports = tuple(draw(st.lists(port_ranges, max_size=4)))
+    own = {outbound, inbound}
+    for ranges in (include_ports, inbound_ports):
+        # (Lists of the capture ports alone are refused: they would capture nothing.)
+        assume(not ranges or not all(a == b and a in own for a, b in ranges))
     return InterceptRules(
         outbound_port=outbound,
         inbound_port=inbound,
@@ -53,9 +59,9 @@ def rule_sets(draw: st.DrawFn) -> InterceptRules:
         proxy_gids=gids,
         include_cidrs=tuple(draw(st.lists(networks, max_size=4))),
         exclude_cidrs=tuple(draw(st.lists(networks, max_size=4))),
-        include_ports=tuple(draw(st.lists(port_ranges, max_size=4))),
+        include_ports=include_ports,
         exclude_ports=tuple(draw(st.lists(port_ranges, max_size=4))),
-        inbound_ports=tuple(draw(st.lists(port_ranges, max_size=4))),
+        inbound_ports=inbound_ports,
         exclude_inbound_ports=tuple(draw(st.lists(port_ranges, max_size=4))),
     )
 

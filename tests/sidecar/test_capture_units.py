@@ -223,7 +223,8 @@ def test_intercept_section_alone_is_a_valid_sidecar() -> None:
                     },
                 ],
             },
-            "clusters[1].services: [::ffff:a60:a]:80 is also a service of cluster 'reviews'",
+            # (Named as compared, IPv4; it read [::ffff:a60:a]:80 until 2026-12-07.)
+            "clusters[1].services: 10.96.0.10:80 is also a service of cluster 'reviews'",
         ),
         (
             # A scoped IPv6 literal: the table drops the zone (so did --check pass it).
