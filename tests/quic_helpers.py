@@ -105,6 +105,16 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def only_connection(listener: Any) -> Any:
+    """The one connection ``listener`` accepted, once it has: a client's ``connect()``
+    returns when its own handshake completes, and the server completes its side when
+    the client's Finished arrives, so right after ``connect()`` the listener may not
+    know the connection yet (a CI run under load found it empty)."""
+    await until(lambda: bool(listener.connections))
+    (accepted,) = listener.connections
+    return accepted
+
+
 async def exchange(conn: Any, payload: bytes, request_id: str = "x", **kwargs: Any) -> bytes:
     """Open a stream, send ``payload`` and half-close, return what came back."""
     stream = await conn.open_stream(TARGET, headers={"x-request-id": request_id}, **kwargs)

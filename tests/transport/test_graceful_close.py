@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 
 import pytest
-from quic_helpers import require_engine
+from quic_helpers import only_connection, require_engine
 from test_contract import MESH, TARGET, TRANSPORT_NAMES
 
 import quicmesh
@@ -69,7 +69,7 @@ def test_finished_streams_are_forgotten_on_both_sides(name: str) -> None:
             assert await stream.read() == b"bye"
             assert stream.closed
         assert conn.active_streams == 0
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         assert accepted.active_streams == 0
         await conn.aclose()
         listener.close()
@@ -93,7 +93,7 @@ def test_quic_peer_close_is_seen_before_the_draining_period_ends(engine: str) ->
         conn = await transport(MESH.client).connect(listener.address)
         assert isinstance(conn, QuicPeerConnection)
         stream = await conn.open_stream(TARGET)
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         accepted.close()
         with pytest.raises(quicmesh.StreamReset):
             await stream.read()
@@ -144,7 +144,7 @@ def test_aclose_on_the_accepting_side_tells_the_peer_to_go_away(name: str) -> No
         running.write(b"kept")
         running.write_eof()
         await first
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         closing = asyncio.ensure_future(accepted.aclose(timeout=30))
         while not conn.going_away:  # (no event says so: looked at each turn)
             await asyncio.sleep(0)

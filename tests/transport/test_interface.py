@@ -16,6 +16,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
+from quic_helpers import only_connection
 
 from quicmesh import ConfigError, ConnectError, DevCA, MeshStream, StreamRefused
 from quicmesh.transport._admission import ADMISSION_COUNTERS, AdmissionConfig
@@ -113,7 +114,7 @@ def test_migrate_on_an_accepted_connection_is_refused_and_moves_nothing(engine: 
         stream = await bystander.open_stream(TARGET)
         stream.write(b"1")
         assert await stream.read(1) == b"1"
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         with pytest.raises(NotImplementedError, match="only a client connection can migrate"):
             await accepted.migrate()
         stream.write(b"2")
@@ -163,7 +164,7 @@ def test_a_server_connection_does_not_migrate() -> None:
         stream = await conn.open_stream(TARGET)
         stream.write(b"x")
         assert await stream.read(1) == b"x"
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         assert conn.supports_migration and not accepted.supports_migration
         counts = dict(server.counters)
         await conn.migrate()

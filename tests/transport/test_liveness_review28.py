@@ -40,6 +40,7 @@ from tests.quic_helpers import (
     TARGET,
     Recorder,
     client_transport,
+    only_connection,
     require_engine,
     round_trip,
     run,
@@ -222,7 +223,7 @@ def test_an_h2_connection_to_a_hung_peer_fails_after_dead_after() -> None:
         connection = await client.connect(listener.address, timeout=5.0)
         stream = await connection.open_stream(TARGET)
         assert await stream_echo(stream, b"hello") == b"hello"
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         accepted.protocol._transport.pause_reading()  # the peer hangs
         stream.write(b"more data while the peer hangs")
         with pytest.raises(StreamReset, match="peer unresponsive"):

@@ -20,6 +20,7 @@ from quic_helpers import (
     CLIENT,
     client_transport,
     close_both,
+    only_connection,
     require_engine,
     round_trip,
     run,
@@ -142,7 +143,7 @@ def test_malformed_trailers_end_their_flow_with_the_reason(engine: str) -> None:
         connection.transmit()  # type: ignore[attr-defined]
         while not echo.reset:
             await asyncio.sleep(0.01)
-        (accepted,) = listener.connections  # type: ignore[attr-defined]
+        accepted = await only_connection(listener)
         while accepted._streams:
             await asyncio.sleep(0.01)
         fresh = await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
@@ -245,7 +246,7 @@ def test_a_peer_that_breaks_http3_is_named_in_one_warning(
 
     async def main() -> None:
         listener, connection, held = await _a_held_flow(engine, echo)
-        (accepted,) = listener.connections  # type: ignore[attr-defined]
+        accepted = await only_connection(listener)
         quic: Any = connection.quic  # type: ignore[attr-defined]
         quic.send_stream_data(quic.get_next_available_stream_id(), b"\x00\x03abc")
         connection.transmit()  # type: ignore[attr-defined]
@@ -296,7 +297,7 @@ def test_a_handler_with_a_rejected_hook_hears_of_each_refused_request(
         with pytest.raises(quicmesh.StreamRefused) as refused:
             await asyncio.wait_for(connection.open_stream("x.svc:80"), 5)
         assert refused.value.status == 400
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         assert [(c, s) for c, s, _ in heard] == [(accepted, 400)]
         assert "x.svc" in heard[0][2]
         assert await round_trip(held, b"after", 5) == b"after"

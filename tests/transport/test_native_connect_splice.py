@@ -17,7 +17,15 @@ from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import pytest
-from quic_helpers import TARGET, client_transport, require_engine, run, server_transport, until
+from quic_helpers import (
+    TARGET,
+    client_transport,
+    only_connection,
+    require_engine,
+    run,
+    server_transport,
+    until,
+)
 
 from quicmesh.errors import StreamRefused, StreamReset
 from quicmesh.sidecar.launch import held_port
@@ -215,7 +223,7 @@ def test_a_flow_aborted_while_its_destination_connects_is_reset_at_once() -> Non
             async def client(conn: Any, listener: Any) -> str:
                 stream = await conn.open_stream(TARGET, wait_response=False)
                 stream.write(b"x")
-                (accepted,) = listener.connections
+                accepted = await only_connection(listener)
                 await until(lambda: bool(accepted.quic._pump.splices))  # connecting
                 streams[0].abort()
                 with pytest.raises(StreamReset) as reset:

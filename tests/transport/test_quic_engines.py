@@ -32,6 +32,7 @@ from quic_helpers import (
     Recorder,
     exchange,
     first_flight,
+    only_connection,
     require_engine,
     run,
     until,
@@ -651,7 +652,7 @@ def test_native_client_migrates_mid_transfer_on_many_streams(server_engine: str)
         assert conn.stats()["migrations_active"] == 1
         new_port = conn.local_address[1]
         assert new_port != old_port
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         await until(lambda: accepted.stats()["path"][1] == new_port)
         assert accepted.stats()["path_validated"]
         if server_engine == "aioquic":
@@ -872,7 +873,7 @@ def test_what_arrived_before_the_peers_close_is_still_read_after_it(engine: str)
             stream.write(payload)
             stream.write_eof()
             assert await stream.read() == b""
-            (accepted,) = listener.connections
+            accepted = await only_connection(listener)
             await conn.aclose()  # returns once the peer acknowledged every byte
             await until(lambda: accepted.is_closed)  # the engine reported the close
             closed[0].set_result(None)
@@ -910,7 +911,7 @@ def test_the_native_engine_forgets_finished_streams() -> None:
         server = transport("native", SERVER)
         listener = await server.listen(("127.0.0.1", 0), handler)
         conn = await transport("native").connect(listener.address)
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         engines = [conn.quic, accepted.quic]  # type: ignore[attr-defined]
         try:
             for n in range(30):
@@ -1001,7 +1002,7 @@ def test_the_http3_session_forgets_finished_streams(engine: str) -> None:
         server = transport(engine, SERVER)
         listener = await server.listen(("127.0.0.1", 0), handler)
         conn = await transport(engine).connect(listener.address)
-        (accepted,) = listener.connections
+        accepted = await only_connection(listener)
         sessions = [conn.session, accepted.session]  # type: ignore[attr-defined]
 
         def request_streams() -> list[int]:
