@@ -125,9 +125,8 @@ def web_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     """The response to ``method target`` (query strings are ignored but for ``/stats``'s
-    ``format``; an absolute-form
-    target, ``http://host/ready`` as a client set to use a proxy sends it, is its path,
-    as RFC 9112 3.2.2 asks of a server)."""
+    ``format``; an absolute-form target, ``http://host/ready`` as a client set to use a
+    proxy sends it, is its path, as RFC 9112 3.2.2 asks of a server)."""
     if target.lower().startswith(("http://", "https://")):
         split = urlsplit(target)
         path, query = split.path or "/", split.query

@@ -82,9 +82,13 @@ clusters:
 """
 
 
-def test_without_the_extension_the_default_falls_back_to_aioquic_logged_once() -> None:
-    """A machine without Rust: no ``quicmesh._native``; QuicTransport() and a sidecar
-    config without ``engine`` run on aioquic, and the fallback is logged once."""
+def _without_the_extension(*, variable: str | None) -> subprocess.CompletedProcess[str]:
+    """:data:`FALLBACK` run on :data:`FALLBACK_CONFIG` as on a machine without
+    ``quicmesh._native``, with ``QUICMESH_QUIC_ENGINE`` set to ``variable`` (None:
+    unset); it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != DEFAULT_ENGINE_VARIABLE}
+    if variable is not None:
+        env[DEFAULT_ENGINE_VARIABLE] = variable
     done = subprocess.run(
         [sys.executable, "-c", FALLBACK],
         input=FALLBACK_CONFIG,
@@ -92,9 +96,16 @@ def test_without_the_extension_the_default_falls_back_to_aioquic_logged_once() -
         text=True,
         timeout=60,
         check=False,
-        env={k: v for k, v in os.environ.items() if k != DEFAULT_ENGINE_VARIABLE},
+        env=env,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_without_the_extension_the_default_falls_back_to_aioquic_logged_once() -> None:
+    """A machine without Rust: no ``quicmesh._native``; QuicTransport() and a sidecar
+    config without ``engine`` run on aioquic, and the fallback is logged once."""
+    done = _without_the_extension(variable=None)
     assert done.stdout.splitlines() == [
         "default aioquic aioquic",
         "transport aioquic",
@@ -108,16 +119,7 @@ def test_native_named_by_the_environment_without_the_extension_is_a_warning() ->
     """QUICMESH_QUIC_ENGINE=native on a machine without the extension ran aioquic with a
     note below every log level a user sees; a WARNING now, once (still aioquic: refusing
     refused h2-only configurations and the benchmarks' --help)."""
-    done = subprocess.run(
-        [sys.executable, "-c", FALLBACK],
-        input=FALLBACK_CONFIG,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, DEFAULT_ENGINE_VARIABLE: "native"},
-    )
-    assert done.returncode == 0, done.stderr
+    done = _without_the_extension(variable="native")
     assert done.stdout.splitlines()[0] == "default aioquic aioquic"
     logged = [line for line in done.stderr.splitlines() if "QUIC engine is not built" in line]
     assert len(logged) == 1, done.stderr
