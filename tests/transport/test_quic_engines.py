@@ -42,6 +42,7 @@ from test_migration import STREAMS, Transfer, echo
 
 from quicmesh import ConfigError, DevCA, QuicmeshError, QuicTransport, TrustBundle
 from quicmesh.bench.relay import UdpRelay
+from quicmesh.transport.quic.native_engine import READ_AHEAD
 
 PAIRS = [("native", "aioquic"), ("aioquic", "native"), ("native", "native")]
 """(client engine, server engine)."""
@@ -845,12 +846,12 @@ def test_a_graceful_close_waits_until_the_peer_has_every_byte(engine: str) -> No
 def test_what_arrived_before_the_peers_close_is_still_read_after_it(engine: str) -> None:
     # The server's application reads nothing until its connection has ended. The
     # upload is what the engine takes in without the application reading: half a
-    # stream window, plus, on the native engine, the window it reads ahead of the
-    # application out of quinn. So part of it is still in quinn when the client's
+    # stream window, plus, on the native engine, what it reads ahead of the
+    # application out of quinn (READ_AHEAD). So part of it is still in quinn when the client's
     # CONNECTION_CLOSE arrives; all of it, and the end of the stream, must still
     # reach the application (the native engine once dropped quinn's part).
     window = 256 << 10
-    read_ahead = window if engine == "native" else 0
+    read_ahead = READ_AHEAD if engine == "native" else 0
     payload = random.Random(11).randbytes(read_ahead + window // 2)
     closed: list[asyncio.Future[None]] = []
     uploads: list[asyncio.Future[bytes]] = []

@@ -20,8 +20,13 @@ out of it, and this engine takes data out only with read requests. An untracked
 stream (HTTP/3 control and QPACK streams) is read as fast as it arrives; a
 tracked one (a tunnel's request stream) only while the payload delivered to the
 application and not yet read (:meth:`NativeConnection.stream_delivered` /
-:meth:`NativeConnection.stream_consumed`) is below the stream window. A stalled
-reader therefore holds at most one stream window here and one in quinn. The
+:meth:`NativeConnection.stream_consumed`) is below :data:`READ_AHEAD` (or the
+stream window, if smaller). A stalled reader therefore holds at most the stream
+window in quinn and ``READ_AHEAD`` here, so its peer stops after about one stream
+window, as with aioquic. (Until 2026-12-07 the engine read ahead up to a whole
+stream window: a stalled stream took two windows, and its sender kept on twice as
+long, taking the link from the connection's other streams meanwhile, docs/hol.md
+"Stall isolation on the native engine".) The
 first read of a stream the peer opens is the engine's own (``first_read``: what
 Python's first request would ask for, :data:`READ_CHUNK`), so a new request's
 bytes reach Python without a read request going to the engine and back.
@@ -149,7 +154,7 @@ rather than pretending:
 * **Connection window**: quinn's connection credit (``connection_window``) reopens
   as the engine reads, and the engine reads for Python; so the engine stops reading
   the streams Python has not drained once their unread payload adds up to
-  ``connection_window`` (each still within ``stream_window``), and reads on as Python
+  ``connection_window`` (each within :data:`READ_AHEAD`), and reads on as Python
   reads: as aioquic's and h2's connection credit bounds a connection's stalled
   streams. A read asked for just before may add a chunk (64 KiB) a stream. Spliced
   streams are bounded by their sockets instead. (Until 2026-12-07 only each stream
@@ -227,6 +232,10 @@ _PATH_EVENTS: dict[str, type[PathValidated | PathAbandoned | PeerAddressChanged]
 
 READ_CHUNK = 64 * 1024
 """The most one read request takes out of quinn."""
+
+READ_AHEAD = 2 * READ_CHUNK
+"""The most payload of a tracked stream the engine takes out of quinn ahead of the
+application's reads (quinn reopens the peer's credit as it is taken out)."""
 
 NOT_BUILT = (
     "the native QUIC engine is not built (no quicmesh._native extension): install "
@@ -1298,7 +1307,7 @@ class NativeConnection:
             return True
         size = READ_CHUNK
         if state.tracked:
-            room = self._window - state.buffered
+            room = min(self._window, READ_AHEAD) - state.buffered
             if room <= 0:
                 return False
             shared = self._connection_window - self._buffered_total
