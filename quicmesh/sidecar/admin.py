@@ -123,10 +123,99 @@ def web_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+MAX_FILTER_LENGTH = 256
+"""Longest ``filter=`` pattern taken."""
+
+
+def stats_filter(query: str) -> re.Pattern[str] | Response | None:
+    """The ``filter=`` of a stats query, compiled (None: every stat), or the 400 naming
+    what is wrong with it. As Envoy's ``/stats?filter=``: a regular expression searched
+    for in each stat's name (here Python's ``re``, not RE2)."""
+    patterns = parse_qs(query, keep_blank_values=True).get("filter")
+    if not patterns:
+        return None
+    if len(patterns) > 1:
+        return _text(400, "stats filter given more than once")
+    pattern = patterns[0]
+    shown = peer_text(pattern, 64)
+    if len(pattern) > MAX_FILTER_LENGTH:
+        return _text(400, f"stats filter {shown!r} is longer than {MAX_FILTER_LENGTH} characters")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        return _text(400, f"stats filter {shown!r} is not a regular expression: {exc}")
+
+
+def filter_exposition(text: bytes, pattern: re.Pattern[str]) -> bytes:
+    """The Prometheus text with only the samples whose series (name and labels,
+    ``quicmesh_cluster_flows_total{cluster="reviews",...}``) ``pattern`` finds, and the
+    ``# HELP``/``# TYPE`` lines of the metrics they belong to."""
+    out: list[str] = []
+    comments: list[str] = []  # the current metric's, held until a sample of it is kept
+    after_samples = False
+    for line in text.decode().split("\n"):  # (not splitlines: \x1c-\x1e, \x85 in labels)
+        if not line:
+            continue
+        if line.startswith("#"):
+            if after_samples:  # the next metric's
+                comments, after_samples = [], False
+            comments.append(line)
+            continue
+        after_samples = True
+        # name{labels} value [timestamp]: a label value may hold spaces and braces, the
+        # value and timestamp never do.
+        series = line[: line.rindex("}") + 1] if "{" in line else line.split(" ", 1)[0]
+        if pattern.search(series):
+            out.extend(comments)
+            comments = []
+            out.append(line)
+    return "".join(f"{line}\n" for line in out).encode()
+
+
+def filter_snapshot(value: object, pattern: re.Pattern[str], name: str = "") -> object:
+    """The ``/stats`` JSON with only the values whose dotted name
+    (``clusters.reviews.streams_total``; list items by index; an empty list or object is
+    a value) ``pattern`` finds, in their place; a branch with nothing left goes.
+    :data:`_NOTHING` if nothing is left."""
+    if isinstance(value, dict) and value:
+        kept = {}
+        for key, item in value.items():
+            left = filter_snapshot(item, pattern, f"{name}.{key}" if name else str(key))
+            if left is not _NOTHING:
+                kept[key] = left
+        return kept if kept else _NOTHING
+    if isinstance(value, list) and value:
+        items = [filter_snapshot(item, pattern, f"{name}.{i}") for i, item in enumerate(value)]
+        kept_items = [item for item in items if item is not _NOTHING]
+        return kept_items if kept_items else _NOTHING
+    return value if pattern.search(name) else _NOTHING
+
+
+_NOTHING = object()
+"""What :func:`filter_snapshot` leaves of a branch none of whose stats match."""
+
+
+def _stats(view: AdminView, query: str, prometheus: bool) -> Response:
+    pattern = stats_filter(query)
+    if isinstance(pattern, Response):
+        return pattern
+    if prometheus:
+        text = view.metrics_text()
+        return Response(
+            200, METRICS_CONTENT_TYPE, text if pattern is None else filter_exposition(text, pattern)
+        )
+    snapshot: object = view.snapshot()
+    if pattern is not None:
+        snapshot = filter_snapshot(snapshot, pattern)
+        if snapshot is _NOTHING:
+            snapshot = {}
+    return _json(200, snapshot)
+
+
 def route(view: AdminView, method: str, target: str) -> Response | Deferred:
-    """The response to ``method target`` (query strings are ignored but for ``/stats``'s
-    ``format``; an absolute-form target, ``http://host/ready`` as a client set to use a
-    proxy sends it, is its path, as RFC 9112 3.2.2 asks of a server)."""
+    """The response to ``method target`` (query strings are ignored but for the stats'
+    ``format`` and ``filter``; an absolute-form target, ``http://host/ready`` as a client
+    set to use a proxy sends it, is its path, as RFC 9112 3.2.2 asks of a server)."""
     if target.lower().startswith(("http://", "https://")):
         split = urlsplit(target)
         path, query = split.path or "/", split.query
@@ -141,17 +230,14 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     if method not in allowed:
         return replace(_text(405, f"{path} takes {expected}"), allow=", ".join(sorted(allowed)))
     if path in ("/metrics", "/stats/prometheus"):  # (Envoy's path, which Istio scrapes)
-        return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
+        return _stats(view, query, prometheus=True)
     if path == "/stats":
-        # Envoy's /stats?format=prometheus is its /stats/prometheus; other parameters
-        # (its filter=, a regex over flat stat names) have no meaning here.
+        # Envoy's /stats?format=prometheus is its /stats/prometheus.
         formats = parse_qs(query).get("format", ["json"])
-        if formats == ["prometheus"]:
-            return Response(200, METRICS_CONTENT_TYPE, view.metrics_text())
-        if formats != ["json"]:
+        if formats not in (["json"], ["prometheus"]):
             shown = peer_text(",".join(formats), 64)
             return _text(400, f"/stats format {shown!r}: json (the default) or prometheus")
-        return _json(200, view.snapshot())
+        return _stats(view, query, prometheus=formats == ["prometheus"])
     if path == "/config_dump":
         return _json(200, view.config_dump())
     if path == "/ready":

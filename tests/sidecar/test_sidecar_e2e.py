@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from quicmesh.sidecar.launch import SidecarProcess, free_port, metric
+from quicmesh.sidecar.launch import SidecarProcess, free_port, metric, parse_metrics
 from quicmesh.tls import DevCA
 from quicmesh.transport.base import default_quic_engine
 
@@ -116,6 +116,17 @@ def test_many_concurrent_flows_arrive_intact(
     assert {r["transport"] for r in lines} == {transport}
     assert {r["peer_identity"] for r in lines} == {"spiffe://mesh.local/ns/default/sa/reviews"}
     assert sum(r["bytes_sent"] for r in lines) == total
+    # Envoy's ?filter= (a regex searched in each stat's name), on both formats.
+    status, body = a.request("GET", f"/stats/prometheus?filter=cluster_flows_total.*{cluster}")
+    assert status == 200
+    filtered = parse_metrics(body.decode())
+    assert {name for name, _ in filtered} == {"quicmesh_cluster_flows_total"}
+    assert [dict(labels)["cluster"] for _, labels in filtered] == [cluster]
+    status, body = a.request("GET", f"/stats?filter=^clusters\\.{cluster}\\.streams_total$")
+    assert status == 200
+    assert json.loads(body) == {"clusters": {cluster: {"streams_total": 48}}}
+    status, body = a.request("GET", "/stats?filter=(")
+    assert status == 400 and b"not a regular expression" in body
 
 
 def test_bbr_cluster_carries_flows_with_bbr(
