@@ -48,7 +48,8 @@ class Outcome(enum.Enum):
     CONNECT_FAILED = "connect_failed"
     """No endpoint could be reached within the retries."""
     UNREACHABLE = "destination_unreachable"
-    """(inbound) The destination refused or did not answer the TCP connect."""
+    """The destination refused or did not answer the TCP connect (inbound), or the peer
+    sidecar answered 502 for that reason (outbound)."""
     DRAINING = "draining"
     """The sidecar was draining and took no new flows."""
 

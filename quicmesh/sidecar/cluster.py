@@ -128,9 +128,17 @@ def _naming(endpoint_name: str, reason: str) -> str:
     return reason if reason.startswith(f"{endpoint_name}: ") else f"{endpoint_name}: {reason}"
 
 
+def refusal_outcome(refusal: StreamRefused) -> Outcome:
+    """The outcome of a flow the peer sidecar answered ``refusal``: ``destination_unreachable``
+    for its 502 (it could not connect the destination, as its own log says), ``refused`` for
+    any other (its policy's 403, a limit's 429 or 503)."""
+    return Outcome.UNREACHABLE if refusal.status == 502 else Outcome.REFUSED
+
+
 def _refused_by(endpoint: Endpoint, refusal: StreamRefused) -> FlowRefused:
     """What the peer's refusal of a stream on ``endpoint`` makes of the flow: a draining
-    peer's 503 lets another endpoint take it (a failed attempt), any other refuses it."""
+    peer's 503 lets another endpoint take it (a failed attempt), any other ends it
+    (:func:`refusal_outcome`)."""
     identity = refusal.peer_identity
     if refusal.status == 503:
         return FlowRefused(
@@ -140,7 +148,9 @@ def _refused_by(endpoint: Endpoint, refusal: StreamRefused) -> FlowRefused:
             peer_identity=identity,
             final=Outcome.REFUSED,
         )
-    return FlowRefused(Outcome.REFUSED, str(refusal), endpoint.name, peer_identity=identity)
+    return FlowRefused(
+        refusal_outcome(refusal), str(refusal), endpoint.name, peer_identity=identity
+    )
 
 
 @dataclass

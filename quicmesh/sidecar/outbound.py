@@ -30,7 +30,7 @@ from ..transport.base import EngineAcceptor, engine_failure_text
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
 from .accesslog import FlowRecord, Outcome
-from .cluster import Cluster, Endpoint, EngineFlow, FailedOpen, FlowRefused
+from .cluster import Cluster, Endpoint, EngineFlow, FailedOpen, FlowRefused, refusal_outcome
 from .config import Address, OutboundListenerConfig, format_address
 from .flows import FLUSH_TIMEOUT, FlowTracker, wait_sent
 from .stats import ListenerStats
@@ -494,7 +494,7 @@ async def proxy_to_cluster(
         record.outcome, record.reason = Outcome.RESET, result.error
         refusal = await _refusal(flow.stream) if flow.early else None
         if refusal is not None:
-            record.outcome, record.reason = Outcome.REFUSED, str(refusal)
+            record.outcome, record.reason = refusal_outcome(refusal), str(refusal)
 
 
 async def _refusal(stream: MeshStream) -> StreamRefused | None:

@@ -216,6 +216,66 @@ def test_circuit_breaker_overflow_is_refused_and_counted(
     assert outcomes == ["completed", "completed", "overflow"]
 
 
+def test_a_destination_the_peer_cannot_reach_is_logged_unreachable_on_both_sides(
+    workdir: Path,
+) -> None:
+    """B answers a flow whose destination refuses its connect 502: both sidecars log the
+    flow ``destination_unreachable`` (A logged it ``refused``, as a policy's 403), on
+    every transport and with the native engine's outbound engine flows."""
+    with dead_port() as dead:
+        unreachable = Mesh(workdir, dead, name="b-unreachable")
+        unreachable.b.start()
+        unreachable.b.wait_ready()
+        try:
+            config, ports = unreachable.a_config(
+                [unreachable.cluster(f"dead_{t}", t) for t in TRANSPORTS]
+            )
+            a = SidecarProcess("a-unreachable", config, workdir)
+            a.start()
+            a.wait_ready()
+            try:
+                for transport in TRANSPORTS:
+                    assert asyncio.run(refused(ports[f"dead_{transport}"])), transport
+                for transport in TRANSPORTS:
+                    line = wait_until(
+                        lambda t=transport: [
+                            r for r in a.access_log() if r["listener"] == f"dead_{t}"
+                        ],
+                        what=f"A's access-log line ({transport})",
+                    )[0]
+                    assert line["outcome"] == "destination_unreachable", line
+                    assert "502" in line["reason"], line
+                    assert line["peer_identity"] == IDENTITY_B
+                b_lines = wait_until(
+                    lambda: (
+                        [
+                            r
+                            for r in unreachable.b.access_log()
+                            if r["outcome"] == "destination_unreachable"
+                        ]
+                        if len(unreachable.b.access_log()) >= len(TRANSPORTS)
+                        else []
+                    ),
+                    what="B's access-log lines",
+                )
+                assert len(b_lines) == len(TRANSPORTS)
+                samples = a.metrics()
+                for transport in TRANSPORTS:
+                    assert (
+                        metric(
+                            samples,
+                            "quicmesh_listener_flows_total",
+                            listener=f"dead_{transport}",
+                            outcome="destination_unreachable",
+                        )
+                        == 1
+                    ), transport
+            finally:
+                assert a.stop() == 0
+        finally:
+            unreachable.b.stop()
+
+
 @pytest.mark.parametrize(
     ("listener", "b_listener", "reason"),
     [
