@@ -35,7 +35,7 @@ from ..transport.base import (
     default_quic_engine,
     transport_registry,
 )
-from .accesslog import AccessLog, FlowRecord
+from .accesslog import AccessLog, FlowRecord, Outcome
 from .admin import AdminServer
 from .capture import (
     INBOUND_NAME,
@@ -171,6 +171,9 @@ class Sidecar:
         self.started_at = time.time()
         self._drained = asyncio.Event()
         self._grace_ended = asyncio.Event()
+        self._cut_by = ""
+        """Set once a drain's grace period ended with flows live: the reason prefix of
+        the flows it cut."""
         self._last_migration = float("-inf")
         self._drain_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -349,6 +352,10 @@ class Sidecar:
         return DestinationTable(entries, policy)
 
     def _log_flow(self, record: FlowRecord) -> None:
+        if self._cut_by and record.outcome is Outcome.RESET:
+            # A flow still live when the drain's grace period ended: its reason says so
+            # (what follows is how its connection or socket went).
+            record.reason = f"{self._cut_by}: {record.reason}" if record.reason else self._cut_by
         self.access_log.write(record)
 
     def reopen_logs(self) -> None:
@@ -762,6 +769,7 @@ class Sidecar:
         if self.flows.active:
             why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
             logger.warning("%s: closing %d live flows", why, self.flows.active)
+            self._cut_by = f"cut by the drain ({why})"
         # Flows are done (or out of time): close every peer connection gracefully, so
         # the last bytes of finished flows are acknowledged before CONNECTION_CLOSE.
         await asyncio.gather(

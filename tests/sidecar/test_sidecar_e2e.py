@@ -488,6 +488,9 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
         assert "asked again to stop: ending the grace period now" in a.stderr()
         assert "grace period ended early: closing 1 live flows" in a.stderr()
         assert "drained in" in a.stderr() and "Traceback" not in a.stderr()
+        (line,) = [r for r in a.access_log() if r["listener"] == "echo"]
+        assert line["outcome"] == "reset", line
+        assert line["reason"].startswith("cut by the drain (grace period ended early)"), line
         # Which engine the clusters and listeners that name none run on, said at start.
         assert f"QUIC engine where none is named: {default_quic_engine()}" in a.stderr()
 
