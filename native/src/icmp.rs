@@ -36,6 +36,7 @@ use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use crate::hold::HeldDestinations;
 use crate::release::SocketHold;
 
 /// The errnos of an ICMP destination unreachable (port, host, network), as the aioquic engine's
@@ -266,6 +267,8 @@ impl ErrorQueue {
 /// reported (see the module documentation). Sending and receiving are quinn's own.
 pub struct ErrorQueueSocket {
     inner: Arc<dyn AsyncUdpSocket>,
+    /// Destinations whose datagrams are held back for a moment ([`crate::hold`]).
+    held: Arc<HeldDestinations>,
     /// The error queue and its watcher, where the option could be set.
     queue: Option<(Arc<ErrorQueue>, tokio::task::AbortHandle)>,
     /// Counts the socket open (its descriptor and the queue's duplicate) until both are closed.
@@ -280,6 +283,7 @@ impl ErrorQueueSocket {
         socket: std::net::UdpSocket,
         sink: Sink,
         open: SocketHold,
+        held: Arc<HeldDestinations>,
     ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         let enabled = enable(&socket).is_ok();
         let duplicate = socket.try_clone()?;
@@ -298,6 +302,7 @@ impl ErrorQueueSocket {
         };
         Ok(Arc::new(ErrorQueueSocket {
             inner,
+            held,
             queue,
             _open: open,
         }))
@@ -323,12 +328,16 @@ impl Drop for ErrorQueueSocket {
 #[derive(Debug)]
 struct Poller {
     inner: Pin<Box<dyn UdpPoller>>,
-    _socket: Arc<ErrorQueueSocket>,
+    socket: Arc<ErrorQueueSocket>,
 }
 
 impl UdpPoller for Poller {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.get_mut().inner.as_mut().poll_writable(cx)
+        let this = self.get_mut();
+        if this.socket.held.still_holding(cx) {
+            return Poll::Pending; // woken when the destination is released
+        }
+        this.inner.as_mut().poll_writable(cx)
     }
 }
 
@@ -344,11 +353,15 @@ impl AsyncUdpSocket for ErrorQueueSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(Poller {
             inner: Arc::clone(&self.inner).create_io_poller(),
-            _socket: self,
+            socket: self,
         })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if self.held.holds(transmit.destination) {
+            // quinn keeps the datagram and asks the poller, which waits for the release.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         // An ICMP error that arrived since the last send or receive left its errno as the
         // socket's pending error (`sk_err`), and the next `sendmsg` returns that instead of
         // sending, whatever its destination; quinn-udp logs and drops that datagram. After a NAT
@@ -510,7 +523,13 @@ mod tests {
             let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             let local = socket.local_addr().unwrap();
             let sender_socket = socket.try_clone().unwrap();
-            let wrapped = ErrorQueueSocket::wrap(socket, sink, OpenSockets::new().hold()).unwrap();
+            let wrapped = ErrorQueueSocket::wrap(
+                socket,
+                sink,
+                OpenSockets::new().hold(),
+                HeldDestinations::new(),
+            )
+            .unwrap();
             let target = closed_port();
             sender_socket.send_to(b"hello", target).unwrap();
             let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
@@ -557,8 +576,13 @@ mod tests {
         let _entered = rt.enter();
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let probe = socket.try_clone().unwrap();
-        let wrapped =
-            ErrorQueueSocket::wrap(socket, Arc::new(|_| {}), OpenSockets::new().hold()).unwrap();
+        let wrapped = ErrorQueueSocket::wrap(
+            socket,
+            Arc::new(|_| {}),
+            OpenSockets::new().hold(),
+            HeldDestinations::new(),
+        )
+        .unwrap();
         // Learn that the socket is writable once; the sends below then never wait.
         let mut poller = Arc::clone(&wrapped).create_io_poller();
         rt.block_on(std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)))

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod bbr;
 pub mod engine;
+pub mod hold;
 pub mod icmp;
 pub mod outbound;
 pub mod rebind;
@@ -44,6 +45,7 @@ use admission::{Admission, AdmissionConfig, RetryMode};
 use engine::{
     lock, runtime, Event, RecvCmd, RecvHandover, SendCmd, Shared, TcpSlot, TransportOptions,
 };
+use hold::HeldDestinations;
 use release::OpenSockets;
 use verify::{SpiffeVerifier, TrustRoot, SPIFFE_SCHEME_PREFIX};
 
@@ -368,6 +370,8 @@ struct Endpoint {
     socket: Mutex<Option<Arc<dyn quinn::AsyncUdpSocket>>>,
     /// Every socket the endpoint bound, counted until closed (`wait_released`).
     sockets: Arc<OpenSockets>,
+    /// (client) Destinations whose datagrams wait for Python's requests ([`hold`]).
+    held: Arc<HeldDestinations>,
     /// The reading end of the wake-up socket pair, until closed.
     wake: Mutex<Option<UnixStream>>,
     client_crypto: Arc<ClientCrypto>,
@@ -654,8 +658,14 @@ impl Endpoint {
         shared.set_max_bidi_streams(options.max_bidi_streams);
         shared.set_first_read(first_read);
         let sockets = OpenSockets::new();
-        let socket = icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&shared), sockets.hold())
-            .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
+        let held = HeldDestinations::new();
+        let socket = icmp::ErrorQueueSocket::wrap(
+            socket,
+            icmp_sink(&shared),
+            sockets.hold(),
+            Arc::clone(&held),
+        )
+        .map_err(|e| config_error(format!("cannot start QUIC on {address}: {e}")))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             server_config,
@@ -692,6 +702,7 @@ impl Endpoint {
             endpoint: Mutex::new(Some(endpoint)),
             socket: Mutex::new(Some(socket)),
             sockets,
+            held,
             wake: Mutex::new(Some(wake)),
             client_crypto,
             transport,
@@ -798,11 +809,18 @@ impl Endpoint {
         config.transport_config(transport);
         // Registered before the first flight leaves: an ICMP error may come back at once.
         lock(&self.shared.connecting).insert(token, (address, None));
+        if self.early_data {
+            // A 0-RTT connection's first flight waits for Python's requests ([`hold`]).
+            self.held.hold(address);
+        }
         let connecting = self
             .quinn()?
             .connect_with(config, address, server_name)
             .map_err(|e| {
                 lock(&self.shared.connecting).remove(&token);
+                if self.early_data {
+                    self.held.release(address);
+                }
                 quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
             })?;
         let shared = Arc::clone(&self.shared);
@@ -811,9 +829,18 @@ impl Endpoint {
                 Ok((conn, accepted)) => {
                     lock(&shared.connecting).remove(&token);
                     shared.adopt_early_client(token, conn, accepted);
+                    let held = Arc::clone(&self.held);
+                    rt.spawn(async move {
+                        tokio::time::sleep(hold::HOLD_AT_MOST).await;
+                        held.release(address);
+                    });
                     return Ok(token);
                 }
-                Err(connecting) => connecting,
+                Err(connecting) => {
+                    // A full handshake: nothing can go before it, nothing to wait for.
+                    self.held.release(address);
+                    connecting
+                }
             }
         } else {
             connecting
@@ -1429,6 +1456,14 @@ impl Endpoint {
         self.shared.flush();
     }
 
+    /// (client) Send the first flights held for Python's requests ([`hold`]) once the
+    /// commands given before this one have run: Python gives it after the requests of the
+    /// turn that made a 0-RTT connection.
+    fn release_held(&self) {
+        let held = Arc::clone(&self.held);
+        self.shared.command(move || held.release_all());
+    }
+
     /// Close a connection with application error `code` and `reason`.
     #[pyo3(signature = (conn, code=0, reason=""))]
     fn close_connection(&self, conn: u64, code: u64, reason: &str) -> PyResult<()> {
@@ -1519,9 +1554,13 @@ impl Endpoint {
             .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let rt = runtime().map_err(|e| quicmesh_error("QuicmeshError", e))?;
         let _entered = rt.enter();
-        let socket =
-            icmp::ErrorQueueSocket::wrap(socket, icmp_sink(&self.shared), self.sockets.hold())
-                .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
+        let socket = icmp::ErrorQueueSocket::wrap(
+            socket,
+            icmp_sink(&self.shared),
+            self.sockets.hold(),
+            Arc::clone(&self.held),
+        )
+        .map_err(|e| config_error(format!("cannot bind UDP {address}: {e}")))?;
         let mut current = lock(&self.socket);
         let Some(old) = current.as_ref() else {
             return Err(quicmesh_error("ConnectError", "the endpoint is closed"));

@@ -228,6 +228,11 @@ class NativeEndpoint:
         token = self._endpoint.connect(
             host, port, allowed=list(allowed) if allowed is not None else None
         )
+        # The engine holds a 0-RTT first flight for requests written in this turn (the
+        # QUIC transport's engine writes them so); here they come after this call returns.
+        release_held = getattr(self._endpoint, "release_held", None)  # None: an older build
+        if release_held is not None:
+            release_held()
         future: asyncio.Future[NativeConnection] = self._loop.create_future()
         self._connecting[token] = future
         try:

@@ -47,7 +47,11 @@ rather than pretending:
   event is raised, and ``QuicTransport(ticket_cache=..., ticket_store=...)`` do
   not apply. The client's tickets are kept per server address and port (the
   server name it gives rustls is :func:`ticket_server_name`, never resolved).
-  When the server rejects a 0-RTT flight, quinn forgets the streams opened in
+  A 0-RTT connection's first flight waits in the engine until the commands of the
+  turn that made it (the requests written in it) have run, at most 5 ms
+  (native/src/hold.rs): quinn would send it as the connection is made, and on a
+  path of a millisecond or less the server's answer then overtook the requests,
+  which went in 1-RTT. When the server rejects a 0-RTT flight, quinn forgets the streams opened in
   it and hands out the same stream IDs again; the engine kept every byte written
   before the server answered and sends it again at once on the re-opened streams
   (:meth:`NativeConnection.resend_early_data`), so nothing is lost. The
@@ -521,6 +525,9 @@ class _Pump:
         if defer_commands is not None:  # None: an extension built before (runs them at once)
             defer_commands()
         self._flush_pending = False
+        self._release_held = False
+        """(client) A 0-RTT connection was made this turn: its first flight waits in the
+        engine until the turn's commands (its requests) have run (native/src/hold.rs)."""
         self.closed = False
         self.retiring = False
         """(client) Replaced by the endpoint of a new identity: closed once idle."""
@@ -551,9 +558,21 @@ class _Pump:
                 return _FlushedAtOnce(self.endpoint)
         return self.endpoint
 
+    def release_held_after_this_turn(self) -> None:
+        """Send the first flight of the 0-RTT connection just made once the commands of
+        this turn have run, so that the requests written meanwhile leave in 0-RTT right
+        behind it (the engine holds it until then, 5 ms at most)."""
+        self._release_held = True
+        self.commands  # noqa: B018 (schedules the end-of-turn flush)
+
     def flush(self) -> None:
         """Have the engine run the commands given so far."""
         self._flush_pending = False
+        if self._release_held:
+            self._release_held = False
+            release = getattr(self.endpoint, "release_held", None)  # None: an older build
+            if release is not None:
+                release()
         flush = getattr(self.endpoint, "flush", None)
         if flush is not None:
             flush()
@@ -2385,6 +2404,8 @@ class NativeEngine:
         for other in pump.route_waiting():
             if other is not connection:
                 pump.loop.call_soon(pump.run_contained, other, other.woke)
+        if connection.early:
+            pump.release_held_after_this_turn()
         return connection
 
     def close(self) -> None:
