@@ -99,6 +99,8 @@ ROUTES = {
     "/metrics": "GET",
     "/stats/prometheus": "GET",
     "/stats": "GET",
+    "/clusters": "GET",
+    "/listeners": "GET",
     "/config_dump": "GET",
     "/ready": "GET",
     "/drain": "POST",
@@ -238,6 +240,21 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
             shown = peer_text(",".join(formats), 64)
             return _text(400, f"/stats format {shown!r}: json (the default) or prometheus")
         return _stats(view, query, prometheus=formats == ["prometheus"])
+    if path in ("/clusters", "/listeners"):
+        formats = parse_qs(query).get("format", ["text"])
+        if formats not in (["text"], ["json"]):
+            shown = peer_text(",".join(formats), 64)
+            return _text(400, f"{path} format {shown!r}: text (the default) or json")
+        snapshot = view.snapshot()
+        if path == "/clusters":
+            clusters = snapshot.get("clusters", {})
+            if formats == ["json"]:
+                return _json(200, clusters)
+            return _text(200, "\n".join(cluster_lines(clusters)))
+        listeners = snapshot.get("listeners", {})
+        if formats == ["json"]:
+            return _json(200, listener_statuses(listeners))
+        return _text(200, "\n".join(f"{n}::{v.get('address', '')}" for n, v in listeners.items()))
     if path == "/config_dump":
         return _json(200, view.config_dump())
     if path == "/ready":
@@ -249,6 +266,51 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return Deferred(lambda: _migrated(view))
     started = view.begin_drain()
     return _text(202, "draining" if started else "already draining")
+
+
+_HEALTH_FLAGS = {
+    "healthy": "healthy",
+    "unhealthy": "/failed_active_hc",
+    "ejected": "/failed_outlier_check",
+    "removed": "/pending_dynamic_removal",
+}
+"""Envoy's ``health_flags`` for each endpoint health of ``/stats``."""
+
+
+def cluster_lines(clusters: dict[str, Any]) -> list[str]:
+    """``/clusters`` as Envoy's text: ``cluster::endpoint::stat::value`` per endpoint
+    (``cx_active``, ``cx_total``, ``cx_connect_fail``, ``rq_active``, ``rq_total``,
+    ``health_flags``, plus ``ejections``), after the cluster's own lines."""
+    lines = []
+    for name, cluster in clusters.items():
+        lines.append(f"{name}::observability_name::{name}")
+        lines.append(f"{name}::transport::{cluster.get('transport', '')}")
+        lines.append(f"{name}::panic::{str(bool(cluster.get('panic'))).lower()}")
+        for address, endpoint in cluster.get("endpoints", {}).items():
+            health = str(endpoint.get("health", ""))
+            for stat, value in (
+                ("cx_active", len(endpoint.get("connections", []))),
+                ("cx_total", endpoint.get("connections_total", 0)),
+                ("cx_connect_fail", endpoint.get("connect_failures", 0)),
+                ("rq_active", endpoint.get("streams_active", 0)),
+                ("rq_total", endpoint.get("streams_total", 0)),
+                ("ejections", endpoint.get("ejections", 0)),
+                ("health_flags", _HEALTH_FLAGS.get(health, health)),
+            ):
+                lines.append(f"{name}::{address}::{stat}::{value}")
+    return lines
+
+
+def listener_statuses(listeners: dict[str, Any]) -> dict[str, Any]:
+    """``/listeners?format=json`` in the shape of Envoy's ``listener_statuses``."""
+    statuses = []
+    for name, listener in listeners.items():
+        host, _, port = str(listener.get("address", "")).rpartition(":")
+        socket_address: dict[str, Any] = {"address": host.strip("[]")}
+        if port.isdigit():
+            socket_address["port_value"] = int(port)
+        statuses.append({"name": name, "local_address": {"socket_address": socket_address}})
+    return {"listener_statuses": statuses}
 
 
 async def _migrated(view: AdminView) -> Response:

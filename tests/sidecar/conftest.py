@@ -220,3 +220,29 @@ async def refused(port: int) -> bool:
     finally:
         writer.close()
     return data == b""
+
+
+class StaticView:
+    """An admin view (``quicmesh.sidecar.admin.AdminView``) answering with fixed data."""
+
+    def __init__(self, snapshot: dict[str, Any], metrics: bytes = b"") -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics
+
+    def metrics_text(self) -> bytes:
+        return self._metrics
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._snapshot
+
+    def config_dump(self) -> dict[str, Any]:
+        return {}
+
+    def is_ready(self) -> bool:
+        return True
+
+    def begin_drain(self) -> bool:
+        return True
+
+    async def migrate(self) -> dict[str, Any]:
+        return {}

@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quicmesh.sidecar.admin import filter_exposition, filter_snapshot, route
 
+from .conftest import StaticView
+
 EXPOSITION = b"""# HELP quicmesh_cluster_flows_total Flows.
 # TYPE quicmesh_cluster_flows_total counter
 quicmesh_cluster_flows_total{cluster="reviews",outcome="completed"} 5.0
@@ -25,31 +27,18 @@ quicmesh_ready{node="a"} 1.0
 """
 
 
-class View:
-    def metrics_text(self) -> bytes:
-        return EXPOSITION
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
+def View() -> StaticView:
+    return StaticView(
+        {
             "node": "a",
             "clusters": {
                 "reviews": {"streams_total": 5, "endpoints": {"127.0.0.1:15008": {"ejections": 0}}},
                 "ratings": {"streams_total": 2, "endpoints": {}},
             },
             "listeners": [{"name": "l1", "flows": 1}, {"name": "l2", "flows": 0}],
-        }
-
-    def config_dump(self) -> dict[str, Any]:
-        return {}
-
-    def is_ready(self) -> bool:
-        return True
-
-    def begin_drain(self) -> bool:
-        return True
-
-    async def migrate(self) -> dict[str, Any]:
-        return {}
+        },
+        EXPOSITION,
+    )
 
 
 def test_filter_on_the_prometheus_text_keeps_matching_series_and_their_help() -> None:

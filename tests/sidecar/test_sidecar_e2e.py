@@ -127,6 +127,14 @@ def test_many_concurrent_flows_arrive_intact(
     assert json.loads(body) == {"clusters": {cluster: {"streams_total": 48}}}
     status, body = a.request("GET", "/stats?filter=(")
     assert status == 400 and b"not a regular expression" in body
+    # Envoy's /clusters and /listeners (text).
+    status, body = a.request("GET", "/clusters")
+    lines = body.decode().splitlines()
+    assert status == 200
+    assert f"{cluster}::{mesh.endpoint(transport)}::rq_total::48" in lines
+    assert f"{cluster}::{mesh.endpoint(transport)}::health_flags::healthy" in lines
+    status, body = a.request("GET", "/listeners")
+    assert status == 200 and f"{cluster}::{addr(ports[cluster])}" in body.decode().splitlines()
 
 
 def test_bbr_cluster_carries_flows_with_bbr(

@@ -1,0 +1,98 @@
+"""The admin endpoint's ``/clusters`` and ``/listeners``, as Envoy's (text by default,
+``?format=json``): unit cases through :func:`route`. A running sidecar's are checked in
+test_sidecar_e2e.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from quicmesh.sidecar.admin import route
+
+from .conftest import StaticView
+
+SNAPSHOT: dict[str, Any] = {
+    "clusters": {
+        "reviews": {
+            "transport": "quic",
+            "panic": False,
+            "endpoints": {
+                "127.0.0.1:15008": {
+                    "health": "healthy",
+                    "streams_active": 2,
+                    "streams_total": 48,
+                    "connect_failures": 1,
+                    "ejections": 0,
+                    "connections_total": 3,
+                    "connections": [{"id": "7"}],
+                },
+                "[::1]:15008": {
+                    "health": "ejected",
+                    "streams_active": 0,
+                    "streams_total": 0,
+                    "connect_failures": 5,
+                    "ejections": 1,
+                    "connections_total": 0,
+                    "connections": [],
+                },
+            },
+        }
+    },
+    "listeners": {
+        "outbound_reviews": {"address": "127.0.0.1:15001", "cluster": "reviews"},
+        "mesh": {"address": "[::]:15008", "transports": ["quic"]},
+    },
+}
+
+
+def View() -> StaticView:
+    return StaticView(SNAPSHOT)
+
+
+def test_clusters_lists_each_endpoints_counters_as_envoy_does() -> None:
+    response = route(View(), "GET", "/clusters")
+    assert response.status == 200  # type: ignore[union-attr]
+    lines = response.body.decode().splitlines()  # type: ignore[union-attr]
+    assert lines[:3] == [
+        "reviews::observability_name::reviews",
+        "reviews::transport::quic",
+        "reviews::panic::false",
+    ]
+    for line in (
+        "reviews::127.0.0.1:15008::cx_active::1",
+        "reviews::127.0.0.1:15008::cx_total::3",
+        "reviews::127.0.0.1:15008::cx_connect_fail::1",
+        "reviews::127.0.0.1:15008::rq_active::2",
+        "reviews::127.0.0.1:15008::rq_total::48",
+        "reviews::127.0.0.1:15008::health_flags::healthy",
+        "reviews::[::1]:15008::health_flags::/failed_outlier_check",
+        "reviews::[::1]:15008::ejections::1",
+    ):
+        assert line in lines, (line, lines)
+    assert json.loads(route(View(), "GET", "/clusters?format=json").body) == SNAPSHOT["clusters"]  # type: ignore[union-attr]
+
+
+def test_listeners_name_their_addresses_as_envoy_does() -> None:
+    text = route(View(), "GET", "/listeners").body.decode()  # type: ignore[union-attr]
+    assert text.splitlines() == ["outbound_reviews::127.0.0.1:15001", "mesh::[::]:15008"]
+    statuses = json.loads(route(View(), "GET", "/listeners?format=json").body)  # type: ignore[union-attr]
+    assert statuses == {
+        "listener_statuses": [
+            {
+                "name": "outbound_reviews",
+                "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            },
+            {
+                "name": "mesh",
+                "local_address": {"socket_address": {"address": "::", "port_value": 15008}},
+            },
+        ]
+    }
+
+
+def test_another_format_is_a_400_naming_it() -> None:
+    for path in ("/clusters", "/listeners"):
+        response = route(View(), "GET", f"{path}?format=yaml")
+        assert response.status == 400  # type: ignore[union-attr]
+        assert f"{path} format 'yaml': text (the default) or json".encode() in response.body  # type: ignore[union-attr]
+    assert route(View(), "POST", "/clusters").status == 405  # type: ignore[union-attr]
