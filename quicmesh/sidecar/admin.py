@@ -1,5 +1,5 @@
-"""The admin endpoint: ``/metrics``, ``/stats``, ``/config_dump``, ``/ready``, and the
-actions ``POST /drain`` and ``POST /migrate``.
+"""The admin endpoint: ``/metrics``, ``/stats``, ``/clusters``, ``/listeners``, ``/config_dump``,
+``/ready``, and the actions ``POST /drain`` and ``POST /migrate``.
 
 :func:`route` is sans-IO: it maps a method and path to a :class:`Response`
 using an :class:`AdminView` of the runtime, or to a :class:`Deferred` response
