@@ -109,6 +109,18 @@ async def _own_connects_settled(destination: Address) -> None:
         await settled
 
 
+def _log_loop(listener: str, reason: str) -> None:
+    """One WARNING (at most every 10 s) for the sidecar's own connections captured."""
+    _LOOP_LOG.log(
+        logging.WARNING,
+        "loop",
+        "%s: %s (quicmesh intercept install --proxy-uid/--proxy-gid, 1337 by default; "
+        "docs/interception.md)",
+        listener,
+        reason,
+    )
+
+
 def _settle() -> None:
     """An own connect learnt its source port, or failed: the waiters look again."""
     waiters = list(_SETTLED)
@@ -190,14 +202,7 @@ class _CaptureListener:
                         "captured: run it with the user or group the intercept rules exempt"
                     )
                     route = "loop"
-                    _LOOP_LOG.log(
-                        logging.WARNING,
-                        "loop",
-                        "%s: %s (quicmesh intercept install --proxy-uid/--proxy-gid, 1337 "
-                        "by default; docs/interception.md)",
-                        self.name,
-                        record.reason,
-                    )
+                    _log_loop(self.name, record.reason)
                     reset_connection(writer)
                     return
                 if destination is None or self._is_own_port(destination):
@@ -340,6 +345,15 @@ class CaptureOutboundListener(_CaptureListener):
                 cluster.stats.outcomes[record.outcome.value] += 1
         elif route.kind is RouteKind.PASSTHROUGH:
             await self._direct(destination, reader, writer, record)
+        elif route.kind is RouteKind.TUNNEL:
+            record.outcome = Outcome.REFUSED
+            record.reason = (
+                f"a connection to {format_address(destination)}, a peer sidecar's tunnel "
+                "address, was captured: the sidecar's own, run it with the user or group "
+                "the intercept rules exempt"
+            )
+            _log_loop(self.name, record.reason)
+            reset_connection(writer)
         else:
             record.outcome = Outcome.REFUSED
             record.reason = (

@@ -35,6 +35,11 @@ class RouteKind(enum.Enum):
     CLUSTER = "cluster"
     PASSTHROUGH = "passthrough"
     REFUSE = "registry_only"
+    TUNNEL = "loop"
+    """The destination is a peer sidecar's tunnel address (a cluster endpoint, port and
+    all): the sidecar's own tunnel connection, captured because the sidecar does not run
+    as the user or group the rules exempt. Routed through its cluster, it would dial the
+    same address again, and be captured again."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class Route:
 
     @property
     def name(self) -> str:
-        """The cluster's name, or ``passthrough`` / ``registry_only``: a metrics label."""
+        """The cluster's name, or ``passthrough`` / ``registry_only`` / ``loop``: a
+        metrics label."""
         return self.cluster if self.kind is RouteKind.CLUSTER else self.kind.value
 
 
@@ -79,6 +85,7 @@ class DestinationTable:
         self.policy = RouteKind.PASSTHROUGH if policy == "passthrough" else RouteKind.REFUSE
         self._services: dict[tuple[IPAddress, int], str] = {}
         self._hosts: dict[IPAddress, tuple[str, Address]] = {}
+        self._tunnels: set[tuple[IPAddress, int]] = set()
         for entry in clusters:
             for host, port in entry.services:
                 ip = normalise_ip(host)
@@ -95,6 +102,7 @@ class DestinationTable:
                 ip = normalise_ip(endpoint[0])
                 if ip is not None:
                     self._hosts.setdefault(ip, (entry.cluster, endpoint))
+                    self._tunnels.add((ip, endpoint[1]))
 
     def __len__(self) -> int:
         """Number of service addresses."""
@@ -108,6 +116,8 @@ class DestinationTable:
             cluster = self._services.get((ip, port))
             if cluster is not None:
                 return Route(RouteKind.CLUSTER, cluster)
+            if (ip, port) in self._tunnels:
+                return Route(RouteKind.TUNNEL)
             fronted = self._hosts.get(ip)
             if fronted is not None:
                 return Route(

@@ -374,3 +374,38 @@ def test_a_sidecar_the_rules_do_not_exempt_refuses_its_own_captured_connections(
         assert int(listener["connections_total"]) == 2  # the flow, and its one loop back
         stderr = Path(a.stderr_path).read_text()
         assert "run it with the user or group the intercept rules exempt" in stderr
+
+
+@pytest.mark.parametrize("transport", ["h2", "tcp"])
+def test_a_sidecar_the_rules_do_not_exempt_refuses_its_own_tunnel_connections(
+    tmp_path: Path, transport: str
+) -> None:
+    """Without the exempted group, the sidecar's own h2 or tcp tunnel connection to its
+    peer (a TCP connection to the cluster endpoint's address) is captured too: it was
+    routed through the cluster that fronts the peer's address, which dialled the tunnel
+    again (over tcp, one connection more for each, without end). The captured one is now
+    refused as a loop, named as a tunnel address, and the flow fails."""
+    DevCA().save(tmp_path / "ca")
+    write_endpoints(tmp_path, [f"{ECHO_VIP}:7007"])
+    config = a_config(tmp_path, "registry_only")
+    config["clusters"][0]["transport"] = transport
+    config["clusters"][0]["connect_timeout"] = "2s"
+    config["clusters"][0]["connect_retries"] = 0
+    b = b_config(tmp_path)
+    b["listeners"]["inbound"][0]["transports"] = [transport]
+    with InterceptLab() as lab:
+        lab.sidecar("b", b, tmp_path, lab.service_ns)
+        a = lab.sidecar("a", config, tmp_path, lab.app_ns, proxy_group=False)
+        done = lab.intercept(lab.app_ns, "install")
+        assert done.returncode == 0, done.stderr
+        world = World(lab, a, a)
+        assert curl(world, f"http://{VIP}:9080/").returncode != 0
+        [loop] = wait_until(
+            lambda: log_lines(a, listener="intercept_outbound", original_destination=TUNNEL)
+        )
+        assert loop["outcome"] == "refused", loop
+        assert f"a connection to {TUNNEL}, a peer sidecar's tunnel address" in loop["reason"]
+        stderr = Path(a.stderr_path).read_text()
+        assert "run it with the user or group the intercept rules exempt" in stderr
+        # One loop back for the flow's one dial: not a dial for each captured one.
+        assert len(log_lines(a, listener="intercept_outbound", original_destination=TUNNEL)) == 1

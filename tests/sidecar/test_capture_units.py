@@ -84,6 +84,9 @@ def test_an_endpoint_host_routes_to_its_peer_with_the_dialled_target(
         "registry_only",
     )
     route = table.route((host, app_port))
+    if app_port == sidecar_port:  # the peer's tunnel address itself: our own connection
+        assert route.kind is RouteKind.TUNNEL and route.name == "loop"
+        return
     assert route.kind is RouteKind.CLUSTER and route.cluster == "first"
     assert route.endpoint == (host, sidecar_port)
     wrapped = f"[{host}]" if ":" in host else host
@@ -100,6 +103,9 @@ def test_a_service_wins_over_an_endpoint_host_and_names_are_ignored() -> None:
     )
     assert table.route(("10.0.0.2", 9080)).cluster == "svc"
     assert table.route(("10.0.0.2", 22)).cluster == "peer"
+    # The peer's tunnel address is where the sidecar's own tunnel connections go.
+    assert table.route(("10.0.0.2", 15008)).kind is RouteKind.TUNNEL
+    assert table.route(("::ffff:10.0.0.2", 15008)).kind is RouteKind.TUNNEL
     assert table.route(("b.example", 9080)).kind is RouteKind.PASSTHROUGH
 
 
