@@ -360,6 +360,14 @@ pub enum Event {
         chunks: Vec<Bytes>,
         fin: bool,
     },
+    /// What quinn held of a stream when Python asked (`RecvCmd::TakeReady`); a
+    /// pending read request stays pending.
+    Ready {
+        conn: u64,
+        stream: u64,
+        chunks: Vec<Bytes>,
+        fin: bool,
+    },
     /// `bytes` more of a stream's writes were taken by quinn (within the peer's credit).
     Written { conn: u64, stream: u64, bytes: u64 },
     /// Every byte of a finished stream, and its FIN, were acknowledged by the peer: quinn
@@ -467,6 +475,9 @@ pub enum SendCmd {
 #[derive(Debug)]
 pub enum RecvCmd {
     Read(usize),
+    /// Give at once what quinn holds of the stream, up to this many bytes (a `Ready` event,
+    /// maybe empty), without waiting for more and without changing the read asked for.
+    TakeReady(usize),
     StopSending(VarInt),
     /// (splicing) Stop reading and say so with `Event::ReadPaused`.
     Pause,
@@ -1557,6 +1568,20 @@ impl Shared {
                     paused = false;
                     log.requested();
                 }
+                Step::Command(Some(RecvCmd::TakeReady(max))) => {
+                    let (chunks, fin) = take_ready(&mut recv, Vec::new(), max);
+                    log.gave(&chunks);
+                    self.push(Event::Ready {
+                        conn,
+                        stream,
+                        chunks,
+                        fin,
+                    });
+                    if fin {
+                        end = RecvEnd::Fin;
+                        break;
+                    }
+                }
                 Step::Command(Some(RecvCmd::StopSending(code))) => {
                     let _ = recv.stop(code);
                     break;
@@ -1689,6 +1714,13 @@ impl Shared {
                         end: Some(end),
                     });
                 }
+                // Its data, FIN or reset went out before: nothing is left to take.
+                RecvCmd::TakeReady(_) => self.push(Event::Ready {
+                    conn: id.conn,
+                    stream: id.stream,
+                    chunks: Vec::new(),
+                    fin: false,
+                }),
                 _ => {}
             }
         }
@@ -1754,8 +1786,13 @@ impl Shared {
 /// After a first chunk, take whatever else is already buffered, up to `max` bytes in all, so
 /// one event carries a batch (read_chunk is cancel-safe: an unfinished poll takes nothing).
 fn drain_ready(recv: &mut RecvStream, first: Bytes, max: usize) -> (Vec<Bytes>, bool) {
-    let mut total = first.len();
-    let mut chunks = vec![first];
+    take_ready(recv, vec![first], max)
+}
+
+/// Add to `chunks` whatever quinn holds of the stream now, up to `max` bytes in all, and
+/// whether its FIN came with it (never waits: an unfinished poll takes nothing).
+fn take_ready(recv: &mut RecvStream, mut chunks: Vec<Bytes>, max: usize) -> (Vec<Bytes>, bool) {
+    let mut total: usize = chunks.iter().map(Bytes::len).sum();
     let mut context = Context::from_waker(Waker::noop());
     while total < max {
         let mut read = pin!(recv.read_chunk(max - total, true));

@@ -123,6 +123,19 @@ fn trust_roots(pem: &[u8]) -> PyResult<Vec<TrustRoot>> {
         .collect()
 }
 
+/// `chunks` as one Python `bytes`.
+fn joined<'py>(py: Python<'py>, chunks: &[Bytes]) -> PyResult<Bound<'py, PyBytes>> {
+    let total = chunks.iter().map(Bytes::len).sum();
+    PyBytes::new_with(py, total, |buffer| {
+        let mut at = 0;
+        for chunk in chunks {
+            buffer[at..at + chunk.len()].copy_from_slice(chunk);
+            at += chunk.len();
+        }
+        Ok(())
+    })
+}
+
 fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
     match event {
         Event::Connected { token, conn, early } => {
@@ -179,18 +192,13 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<PyObject> {
             stream,
             chunks,
             fin,
-        } => {
-            let total = chunks.iter().map(Bytes::len).sum();
-            let data = PyBytes::new_with(py, total, |buffer| {
-                let mut at = 0;
-                for chunk in &chunks {
-                    buffer[at..at + chunk.len()].copy_from_slice(chunk);
-                    at += chunk.len();
-                }
-                Ok(())
-            })?;
-            ("data", conn, stream, data, fin).into_py_any(py)
-        }
+        } => ("data", conn, stream, joined(py, &chunks)?, fin).into_py_any(py),
+        Event::Ready {
+            conn,
+            stream,
+            chunks,
+            fin,
+        } => ("ready", conn, stream, joined(py, &chunks)?, fin).into_py_any(py),
         Event::Written {
             conn,
             stream,
@@ -1018,6 +1026,14 @@ impl Endpoint {
     /// take data out of quinn, so only they open the peer's credit.
     fn read(&self, conn: u64, stream: u64, max_bytes: usize) -> PyResult<()> {
         self.recv_command(conn, stream, RecvCmd::Read(max_bytes))
+    }
+
+    /// Take what quinn holds of the stream now, up to `max_bytes`, without waiting: a
+    /// `ready` event answers (maybe empty; with the FIN if it came), and a pending `read`
+    /// stays pending. (Before the session aborts a stream on the peer's STOP_SENDING:
+    /// stopping the receiving half makes quinn drop what it holds, a complete answer too.)
+    fn take_ready(&self, conn: u64, stream: u64, max_bytes: usize) -> PyResult<()> {
+        self.recv_command(conn, stream, RecvCmd::TakeReady(max_bytes))
     }
 
     /// (server) Give connection `conn` `count` more permits to read a new request stream of

@@ -842,6 +842,54 @@ def test_a_graceful_close_waits_until_the_peer_has_every_byte(engine: str) -> No
     run(main())
 
 
+@pytest.mark.parametrize("direction", ["answer", "upload"])
+def test_a_native_stream_aborted_after_its_acknowledged_end_is_still_read_whole(
+    direction: str,
+) -> None:
+    """The writer sent 700 kB and its FIN, the reader's engine acknowledged them unread,
+    then the writer aborted (a STOP_SENDING alone: its own side was over). The reader
+    must read the whole stream, then EOF, as on aioquic (found by a review: after the
+    engine's read-ahead went down to READ_AHEAD, 128 KiB, the rest sat in quinn, the
+    session aborted the stream on the STOP_SENDING and quinn dropped it; 0 bytes read)."""
+    payload = random.Random(12).randbytes(700_000)
+    streams: list[Any] = []
+
+    async def handler(stream: Any) -> None:
+        stream.accept()
+        streams.append(stream)
+        await asyncio.Event().wait()  # the test drives both ends
+
+    def fin_acknowledged(connection: Any, stream_id: int) -> bool:
+        state = connection.quic._streams.get(stream_id)
+        return state is None or (state.send_done and not state.fin_unacked)
+
+    async def main() -> None:
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native").connect(listener.address)
+        try:
+            stream = await conn.open_stream(TARGET)
+            await until(lambda: bool(streams))
+            accepted = await only_connection(listener)
+            writer, reader = (streams[0], stream) if direction == "answer" else (stream, streams[0])
+            writing = accepted if direction == "answer" else conn
+            writer.write(payload)
+            writer.write_eof()
+            await until(lambda: fin_acknowledged(writing, writer.stream_id))
+            writer.abort()
+            got = bytearray()
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                got += chunk
+            assert len(got) == len(payload)
+            assert bytes(got) == payload
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
+
+
 @pytest.mark.parametrize("engine", ["aioquic", "native"])
 def test_what_arrived_before_the_peers_close_is_still_read_after_it(engine: str) -> None:
     # The server's application reads nothing until its connection has ended. The
