@@ -143,9 +143,23 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
              (restarted or dropped it)"
                 .to_owned()
         }
+        // quinn writes the code in decimal, bare ("closed by peer: 256"): as aioquic's.
+        ConnectionError::ApplicationClosed(close) => {
+            with_reason(u64::from(close.error_code), &close.reason)
+        }
         _ => readable(error.to_string()),
     };
     (kind, message)
+}
+
+/// "closed by peer: error code 0x100", with the peer's reason phrase if it gave one.
+fn with_reason(code: u64, reason: &[u8]) -> String {
+    let reason = String::from_utf8_lossy(reason);
+    if reason.is_empty() {
+        format!("closed by peer: error code {code:#x}")
+    } else {
+        format!("closed by peer: {reason} (error code {code:#x})")
+    }
 }
 
 /// rustls shows a verifier's own error in its Debug form,
@@ -2086,6 +2100,21 @@ mod tests {
             reason: bytes::Bytes::new(),
         });
         assert_eq!(classify(&closed).0, CloseKind::PeerClosed);
+    }
+
+    #[test]
+    fn an_application_close_gives_its_code_in_hex_as_aioquic_does() {
+        let close = |reason: &'static [u8]| {
+            ConnectionError::ApplicationClosed(quinn_proto::ApplicationClose {
+                error_code: VarInt::from_u32(0x100),
+                reason: bytes::Bytes::from_static(reason),
+            })
+        };
+        assert_eq!(classify(&close(b"")).1, "closed by peer: error code 0x100");
+        assert_eq!(
+            classify(&close(b"draining")).1,
+            "closed by peer: draining (error code 0x100)"
+        );
     }
 
     #[test]

@@ -268,6 +268,46 @@ def test_a_client_refused_for_its_certificate_is_told_it_was_its_own() -> None:
 
 
 @pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_server_certificate_we_refuse_is_named_the_servers(engine: str) -> None:
+    """Our verdict on the server's certificate names the server, in the verifier's words,
+    on both engines (native said "the cryptographic handshake failed: error 46: invalid
+    peer certificate: ...": no side, a TLS alert's number)."""
+    impostor = DevCA().issue("spiffe://mesh.local/ns/default/sa/server")
+
+    async def main() -> str:
+        listener = await transport(engine, impostor).listen(("127.0.0.1", 0), echo)
+        try:
+            with pytest.raises(PeerVerificationError) as refused:
+                await transport(engine, CLIENT).connect(listener.address)
+        finally:
+            listener.close()
+            await listener.wait_closed()
+        return str(refused.value)
+
+    message = run(main())
+    assert message.startswith("server certificate not trusted: "), message
+    assert "error 46" not in message and "cryptographic handshake" not in message, message
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
+def test_a_peers_close_gives_its_code_in_hex(engine: str) -> None:
+    """native said "closed by peer: 256" (quinn's decimal), aioquic "error code 0x100"."""
+
+    async def main() -> str:
+        listener = await transport(engine, SERVER).listen(("127.0.0.1", 0), echo)
+        conn = await transport(engine, CLIENT).connect(listener.address)
+        accepted = await only_connection(listener)
+        accepted.close()
+        await until(lambda: conn.lost_error is not None)
+        listener.close()
+        await listener.wait_closed()
+        return str(conn.lost_error)
+
+    message = run(main())
+    assert "error code 0x100" in message and "256" not in message, message
+
+
+@pytest.mark.parametrize("engine", ["native", "aioquic"])
 def test_stalled_streams_hold_at_most_the_connection_window(engine: str) -> None:
     """``connection_window`` bounds what all of a connection's unread streams hold at the
     receiver, as each stream's window bounds one. The native engine bounded only each

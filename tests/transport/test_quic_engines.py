@@ -40,7 +40,7 @@ from quic_helpers import (
 )
 from test_migration import STREAMS, Transfer, echo
 
-from quicmesh import ConfigError, DevCA, QuicmeshError, QuicTransport, TrustBundle
+from quicmesh import ConfigError, ConnectError, DevCA, QuicmeshError, QuicTransport, TrustBundle
 from quicmesh.bench.relay import UdpRelay
 from quicmesh.transport.quic.native_engine import READ_AHEAD
 
@@ -1154,3 +1154,37 @@ def test_a_closing_connection_does_not_migrate(engine: str) -> None:
         await listener.wait_closed()
 
     run(main())
+
+
+def test_an_aioquic_connect_to_a_closed_port_leaves_no_timer_firing_into_its_socket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review: each aioquic connect() to a UDP port nobody listens on raised its
+    ConnectError, and then the connection's timer fired into the closed socket
+    ("Exception in callback QuicPeerConnection._handle_timer()" with an AttributeError),
+    10 times in 10."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()
+
+    def timers(loop: asyncio.AbstractEventLoop) -> list[Any]:
+        scheduled = getattr(loop, "_scheduled", [])
+        return [
+            handle
+            for handle in scheduled
+            if not handle.cancelled()
+            and getattr(handle._callback, "__name__", "") == "_handle_timer"
+        ]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            client = transport("aioquic")
+            with pytest.raises(ConnectError):
+                await client.connect(closed, timeout=5)
+            await client.aclose()
+        await until(lambda: not timers(loop), timeout=10)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run(main())
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

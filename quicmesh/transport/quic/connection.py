@@ -795,7 +795,13 @@ class QuicPeerConnection(SessionConnection):
         assert self._transport is not None
         now = self._loop.time()
         connected = self._transport is self.connected_socket
+        # Once the socket is closed (a connect that failed, a draining end) nothing goes
+        # out, while aioquic's timers still run to its end: sent into the closed socket,
+        # "Exception in callback ..._handle_timer()" followed every such connect.
+        closed = self._transport.is_closing()
         for data, addr in self.quic.datagrams_to_send(now=now):
+            if closed:
+                continue
             self.bytes_sent += len(data)
             self.datagrams_sent += 1
             self._transport.sendto(data, None if connected else addr)
@@ -826,6 +832,8 @@ class QuicPeerConnection(SessionConnection):
         now = max(self._timer_at or 0.0, self._loop.time())
         self._timer = None
         self._timer_at = None
+        if self.quic.get_timer() is None:
+            return  # nothing is due any more (the connection ended since it was armed)
         self.quic.handle_timer(now=now)
         self._process_events()
         self.transmit()

@@ -178,6 +178,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import socket
 import time
 import weakref
@@ -238,6 +239,21 @@ _PATH_EVENTS: dict[str, type[PathValidated | PathAbandoned | PeerAddressChanged]
 
 READ_CHUNK = 64 * 1024
 """The most one read request takes out of quinn."""
+
+_RUSTLS_WRAPPING = re.compile(
+    r"^(?:aborted by peer: )?the cryptographic handshake failed: error \d+: "
+    r"(?:invalid peer certificate: )?"
+)
+"""What quinn and rustls put before a certificate verdict ("aborted by peer: the
+cryptographic handshake failed: error 46: invalid peer certificate: ...": the side,
+the TLS alert's number and its name)."""
+
+
+def verifier_text(message: str) -> str:
+    """A handshake failure's message without quinn's and rustls's wrapping: the verifier's
+    own words, which the caller names the side of, as the other engines' messages do."""
+    return _RUSTLS_WRAPPING.sub("", message) or message
+
 
 TAKE_READY_MAX = 1 << 62
 """What one ``take_ready`` may take: all quinn holds (at most a stream window)."""
@@ -1070,7 +1086,11 @@ class NativeConnection:
         for state in self._streams.values():
             if state.paused is not None and not state.paused.done():
                 state.paused.set_result(None)
+        if kind in ("verification", "peer_refused"):
+            message = verifier_text(message)
         if kind == "verification":
+            whose = "server" if self._is_client else "client"
+            message = f"{whose} certificate not trusted: {message}"
             self._events.append(PeerCertificateRefused(message))
         if kind == "violation":
             if self._local_close is None:
