@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 class RateLimitedLog:
     """Log one line per kind at most every ``interval`` seconds; the next line says
-    how many were suppressed meanwhile. For refusals an attacker can cause at will.
+    how many were suppressed since the last one, and how long ago that was (not "in
+    the last interval": the next line may come much later). For refusals an attacker
+    can cause at will.
     """
 
     def __init__(
@@ -27,6 +29,7 @@ class RateLimitedLog:
         self._interval = interval
         self._clock = clock
         self._next: dict[str, float] = {}
+        self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
     def log(
@@ -39,8 +42,11 @@ class RateLimitedLog:
             self._suppressed[kind] += 1
             return False
         self._next[kind] = now + self._interval
+        last, self._last[kind] = self._last.get(kind, now), now
         suppressed = self._suppressed.pop(kind, 0)
         if suppressed:
-            message += f" ({suppressed} more like this in the last {self._interval:g}s)"
+            message += (
+                f" ({suppressed} more like this since the last one logged, {now - last:.0f}s ago)"
+            )
         self._logger.log(level, message, *args, exc_info=exc_info)
         return True

@@ -197,7 +197,17 @@ def test_refusal_logs_are_rate_limited(caplog: Any) -> None:
         log.log(logging.WARNING, "k", "refused again")
     assert logged.count(True) == 1
     assert len(caplog.records) == 2
-    assert "999 more like this" in caplog.records[1].getMessage()
+    assert "999 more like this since the last one logged, 11s ago" in caplog.records[1].getMessage()
+    # A line long after: the count is of those since the last line, and says when that was
+    # (it read "in the last 10s" of refusals made ten minutes before).
+    log.log(logging.WARNING, "k", "refused once more")
+    now[0] = 611.0
+    log.log(logging.WARNING, "k", "refused much later")
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .endswith("(1 more like this since the last one logged, 600s ago)")
+    )
 
 
 def _decrypts_with_both_keys(data: bytes, cid_length: int) -> bool:
