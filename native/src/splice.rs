@@ -56,6 +56,7 @@ use quinn::{
     Connection, ConnectionError, ReadError, RecvStream, SendStream, StoppedError,
     TransportErrorCode, VarInt, WriteError,
 };
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -600,6 +601,20 @@ async fn write_tcp(tcp: &TcpStream, mut data: &[u8], held: &Held) -> std::io::Re
     Ok(())
 }
 
+/// The socket's error, once it has one (a reset from its peer): readiness for errors
+/// alone, so data waiting to be read and the peer's FIN do not wake it.
+async fn tcp_failed(tcp: &TcpStream) -> std::io::Error {
+    match tcp.ready(Interest::ERROR).await {
+        Ok(_) => match tcp.take_error() {
+            Ok(Some(error)) => error,
+            // (Taken already by the other direction's read or write, which fails too.)
+            Ok(None) => ErrorKind::ConnectionReset.into(),
+            Err(error) => error,
+        },
+        Err(error) => error,
+    }
+}
+
 /// quinn's `write_all_chunks`, telling `held` of each part the stream took (a peer that
 /// gives credit a little at a time keeps the flow from being idle).
 async fn write_all_chunks(
@@ -647,7 +662,14 @@ async fn upstream(
     loop {
         held.to_quic.store(total_len(&pending), Ordering::Relaxed);
         if !pending.is_empty() && !discard {
-            match write_all_chunks(send, &mut pending[..], held).await {
+            // While the stream waits for the peer's credit, the socket is not read: its
+            // reset is heard here, or it would wait for the credit (a stalled reader at
+            // the other end: up to the flow's idle timeout).
+            let written = tokio::select! {
+                written = write_all_chunks(send, &mut pending[..], held) => written,
+                error = tcp_failed(tcp) => return Err(Failure::Tcp(error)),
+            };
+            match written {
                 Ok(()) => {}
                 Err(WriteError::Stopped(code)) => {
                     peer_stopped(code)?;

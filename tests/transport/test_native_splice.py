@@ -22,6 +22,7 @@ from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, tcp_pair, u
 
 from quicmesh import QuicTransport
 from quicmesh.errors import StreamReset, TunnelError
+from quicmesh.transport.quic.native_engine import READ_AHEAD
 from quicmesh.transport.stream import MeshStream, SpliceOutcome
 
 T = TypeVar("T")
@@ -228,6 +229,33 @@ def test_a_peer_reset_resets_the_tcp_side_and_a_tcp_reset_the_stream() -> None:
     assert first.bytes_from_stream == 1
     assert "reset" in second.error.lower()
     assert "0x10f" in client_saw  # H3_CONNECT_ERROR, as the Python pump sends
+
+
+def test_a_tcp_reset_is_heard_while_the_stream_waits_for_credit() -> None:
+    """The TCP side writes until the peer's credit runs out (its reader reads nothing),
+    then resets: the splice fails the flow then. It read the socket only once the
+    stream took the last chunk, so the reset waited for the reader (a review: until the
+    flow's idle timeout, an hour by default, for a reader that never came back)."""
+
+    async def main() -> SpliceOutcome:
+        listener, conn, tcp_ends, results = await splicing_pair()
+        stream, _, writer = await spliced_flow(conn, tcp_ends, b"x")
+        writer.write(bytes(8 << 20))  # more than the stream's credit and the socket hold
+        # Blocked: the reader's engine took what it reads ahead, the rest waits in the
+        # writer's buffer (the splice stopped reading the socket).
+        await until(lambda: stream.buffered_bytes >= READ_AHEAD)
+        await until(lambda: writer.transport.get_write_buffer_size() > 0)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+        outcome = await asyncio.wait_for(results.get(), 10)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        return outcome
+
+    outcome = run(main())
+    assert "reset" in outcome.error.lower(), outcome
 
 
 def test_a_peer_stop_sending_resets_a_quiet_tcp_side_at_once() -> None:
