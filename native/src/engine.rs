@@ -1583,16 +1583,16 @@ impl Shared {
                     log.requested();
                 }
                 Step::Command(Some(RecvCmd::TakeReady(max))) => {
-                    let (chunks, fin) = take_ready(&mut recv, Vec::new(), max);
+                    let (chunks, ready) = take_ready(&mut recv, Vec::new(), max);
                     log.gave(&chunks);
                     self.push(Event::Ready {
                         conn,
                         stream,
                         chunks,
-                        fin,
+                        fin: ready == ReadyEnd::Fin,
                     });
-                    if fin {
-                        end = RecvEnd::Fin;
+                    if let Some(ended) = self.ended_by(ready, conn, stream) {
+                        end = ended;
                         break;
                     }
                 }
@@ -1624,16 +1624,16 @@ impl Shared {
                 }
                 Step::Read(Ok(Some(chunk))) => {
                     let max = wanted.take().unwrap_or(chunk.bytes.len());
-                    let (chunks, fin) = drain_ready(&mut recv, chunk.bytes, max);
+                    let (chunks, ready) = take_ready(&mut recv, vec![chunk.bytes], max);
                     log.gave(&chunks);
                     self.push(Event::Data {
                         conn,
                         stream,
                         chunks,
-                        fin,
+                        fin: ready == ReadyEnd::Fin,
                     });
-                    if fin {
-                        end = RecvEnd::Fin;
+                    if let Some(ended) = self.ended_by(ready, conn, stream) {
+                        end = ended;
                         break;
                     }
                 }
@@ -1797,15 +1797,35 @@ impl Shared {
     }
 }
 
-/// After a first chunk, take whatever else is already buffered, up to `max` bytes in all, so
-/// one event carries a batch (read_chunk is cancel-safe: an unfinished poll takes nothing).
-fn drain_ready(recv: &mut RecvStream, first: Bytes, max: usize) -> (Vec<Bytes>, bool) {
-    take_ready(recv, vec![first], max)
+/// What ended a [`take_ready`] besides the chunks it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadyEnd {
+    /// Nothing more now (or `max` reached): the stream goes on.
+    More,
+    Fin,
+    /// The peer's RESET_STREAM: quinn reports it once and then reads the stream as
+    /// finished, so it must be told now (a later read would say FIN after a cut stream).
+    Reset(u64),
 }
 
-/// Add to `chunks` whatever quinn holds of the stream now, up to `max` bytes in all, and
-/// whether its FIN came with it (never waits: an unfinished poll takes nothing).
-fn take_ready(recv: &mut RecvStream, mut chunks: Vec<Bytes>, max: usize) -> (Vec<Bytes>, bool) {
+impl Shared {
+    /// After a batch's event: the peer's reset told too; the receiving task's end, if it is.
+    fn ended_by(&self, ready: ReadyEnd, conn: u64, stream: u64) -> Option<RecvEnd> {
+        match ready {
+            ReadyEnd::More => None,
+            ReadyEnd::Fin => Some(RecvEnd::Fin),
+            ReadyEnd::Reset(code) => {
+                self.push(Event::ResetReceived { conn, stream, code });
+                Some(RecvEnd::Reset(code))
+            }
+        }
+    }
+}
+
+/// Add to `chunks` whatever quinn holds of the stream now, up to `max` bytes in all, so one
+/// event carries a batch, and how it ended (never waits: read_chunk is cancel-safe, an
+/// unfinished poll takes nothing).
+fn take_ready(recv: &mut RecvStream, mut chunks: Vec<Bytes>, max: usize) -> (Vec<Bytes>, ReadyEnd) {
     let mut total: usize = chunks.iter().map(Bytes::len).sum();
     let mut context = Context::from_waker(Waker::noop());
     while total < max {
@@ -1815,12 +1835,15 @@ fn take_ready(recv: &mut RecvStream, mut chunks: Vec<Bytes>, max: usize) -> (Vec
                 total += chunk.bytes.len();
                 chunks.push(chunk.bytes);
             }
-            Poll::Ready(Ok(None)) => return (chunks, true),
-            // Pending, or an error the next read request will report.
+            Poll::Ready(Ok(None)) => return (chunks, ReadyEnd::Fin),
+            Poll::Ready(Err(ReadError::Reset(code))) => {
+                return (chunks, ReadyEnd::Reset(code.into_inner()))
+            }
+            // Pending, or an error the next read request will report (quinn keeps those).
             Poll::Ready(Err(_)) | Poll::Pending => break,
         }
     }
-    (chunks, false)
+    (chunks, ReadyEnd::More)
 }
 
 /// The ack-eliciting frames among those counted (every kind but ACK, PADDING and

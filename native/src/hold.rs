@@ -17,8 +17,9 @@
 //! wait with it, for that moment.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Duration;
@@ -41,8 +42,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The destinations whose datagrams an endpoint holds back, and the drivers waiting.
 #[derive(Debug, Default)]
 pub struct HeldDestinations {
-    /// Destination -> how many holds on it (connections started to it and not released).
-    held: Mutex<HashMap<SocketAddr, usize>>,
+    /// Destination -> the holds on it (connections started to it and not released).
+    held: Mutex<HashMap<SocketAddr, HashSet<u64>>>,
+    next_hold: AtomicU64,
     /// Drivers told their socket is not writable, to wake at a release. Locked before
     /// `held` is read by a poller, and after `held` is changed by a release: a poller that
     /// saw a hold has registered before the release that ends it wakes the waiting ones.
@@ -54,22 +56,32 @@ impl HeldDestinations {
         Arc::new(Self::default())
     }
 
-    /// Hold datagrams to `destination` (until a release).
-    pub fn hold(&self, destination: SocketAddr) {
-        *lock(&self.held).entry(destination).or_insert(0) += 1;
+    /// Hold datagrams to `destination` until this hold (the number returned) or every hold
+    /// is released.
+    pub fn hold(&self, destination: SocketAddr) -> u64 {
+        let hold = self.next_hold.fetch_add(1, Ordering::Relaxed);
+        lock(&self.held)
+            .entry(destination)
+            .or_default()
+            .insert(hold);
+        hold
     }
 
-    /// Undo one [`Self::hold`] on `destination` (the timer's; after a `release_all`, none).
-    pub fn release(&self, destination: SocketAddr) {
+    /// Undo the [`Self::hold`] numbered `hold` (its timer's; gone after a `release_all`, and
+    /// a later connection's hold on the same destination is not this one).
+    pub fn release(&self, destination: SocketAddr, hold: u64) {
         {
             let mut held = lock(&self.held);
-            match held.get_mut(&destination) {
-                Some(count) if *count > 1 => *count -= 1,
-                Some(_) => {
-                    held.remove(&destination);
-                }
-                None => return,
+            let Some(holds) = held.get_mut(&destination) else {
+                return;
+            };
+            if !holds.remove(&hold) {
+                return;
             }
+            if !holds.is_empty() {
+                return;
+            }
+            held.remove(&destination);
         }
         self.wake_waiting();
     }
@@ -143,7 +155,7 @@ mod tests {
         let cx = Context::from_waker(&waker);
         assert!(!held.holds(a));
         assert!(!held.still_holding(&cx));
-        held.hold(a);
+        let first = held.hold(a);
         assert!(!held.holds(b));
         assert!(!held.still_holding(&cx));
         assert!(held.holds(a));
@@ -152,9 +164,12 @@ mod tests {
         held.release_all();
         assert_eq!(woken.0.load(Ordering::SeqCst), 1);
         assert!(!held.holds(a));
-        // The timer's release after a release_all does nothing.
-        held.release(a);
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        // The first hold's timer, after a release_all, does not end a later hold.
+        let later = held.hold(a);
+        held.release(a, first);
+        assert!(held.holds(a));
+        held.release(a, later);
+        assert!(!held.holds(a));
     }
 
     #[test]
@@ -164,17 +179,17 @@ mod tests {
         let woken = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&woken));
         let cx = Context::from_waker(&waker);
-        held.hold(a);
-        held.hold(a);
+        let one = held.hold(a);
+        let two = held.hold(a);
         assert!(held.holds(a));
-        held.release(a);
+        held.release(a, one);
         assert!(held.still_holding(&cx), "one hold is left");
-        held.release(a);
+        held.release(a, two);
         assert_eq!(woken.0.load(Ordering::SeqCst), 1);
         assert!(!held.holds(a));
-        held.hold(a);
+        let three = held.hold(a);
         assert!(held.holds(a));
-        held.release(a);
+        held.release(a, three);
         assert!(
             !held.still_holding(&cx),
             "released before the poll: the driver sends"

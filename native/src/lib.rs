@@ -815,19 +815,17 @@ impl Endpoint {
         };
         let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(transport);
+        let endpoint = self.quinn()?;
         // Registered before the first flight leaves: an ICMP error may come back at once.
         lock(&self.shared.connecting).insert(token, (address, None));
-        if self.early_data {
-            // A 0-RTT connection's first flight waits for Python's requests ([`hold`]).
-            self.held.hold(address);
-        }
-        let connecting = self
-            .quinn()?
+        // A 0-RTT connection's first flight waits for Python's requests ([`hold`]).
+        let hold = self.early_data.then(|| self.held.hold(address));
+        let connecting = endpoint
             .connect_with(config, address, server_name)
             .map_err(|e| {
                 lock(&self.shared.connecting).remove(&token);
-                if self.early_data {
-                    self.held.release(address);
+                if let Some(hold) = hold {
+                    self.held.release(address, hold);
                 }
                 quicmesh_error("ConnectError", format!("cannot connect to {address}: {e}"))
             })?;
@@ -837,16 +835,20 @@ impl Endpoint {
                 Ok((conn, accepted)) => {
                     lock(&shared.connecting).remove(&token);
                     shared.adopt_early_client(token, conn, accepted);
-                    let held = Arc::clone(&self.held);
-                    rt.spawn(async move {
-                        tokio::time::sleep(hold::HOLD_AT_MOST).await;
-                        held.release(address);
-                    });
+                    if let Some(hold) = hold {
+                        let held = Arc::clone(&self.held);
+                        rt.spawn(async move {
+                            tokio::time::sleep(hold::HOLD_AT_MOST).await;
+                            held.release(address, hold);
+                        });
+                    }
                     return Ok(token);
                 }
                 Err(connecting) => {
                     // A full handshake: nothing can go before it, nothing to wait for.
-                    self.held.release(address);
+                    if let Some(hold) = hold {
+                        self.held.release(address, hold);
+                    }
                     connecting
                 }
             }

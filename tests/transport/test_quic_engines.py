@@ -40,7 +40,15 @@ from quic_helpers import (
 )
 from test_migration import STREAMS, Transfer, echo
 
-from quicmesh import ConfigError, ConnectError, DevCA, QuicmeshError, QuicTransport, TrustBundle
+from quicmesh import (
+    ConfigError,
+    ConnectError,
+    DevCA,
+    QuicmeshError,
+    QuicTransport,
+    StreamReset,
+    TrustBundle,
+)
 from quicmesh.bench.relay import UdpRelay
 from quicmesh.transport.quic.native_engine import READ_AHEAD
 
@@ -881,6 +889,53 @@ def test_a_native_stream_aborted_after_its_acknowledged_end_is_still_read_whole(
                 got += chunk
             assert len(got) == len(payload)
             assert bytes(got) == payload
+        finally:
+            conn.close()
+            await conn.wait_closed()
+            listener.close()
+            await listener.wait_closed()
+
+    run(main())
+
+
+def test_a_reset_of_a_stream_stalled_at_the_read_ahead_is_reported_as_a_reset() -> None:
+    """The writer sends 700 kB without its FIN, then aborts (RESET_STREAM and STOP_SENDING)
+    while the reader's engine has no read in flight (stalled at READ_AHEAD): the engine
+    must report the reset. quinn gives a reset once and then reads the stream as ended,
+    and the engine's look at what quinn held (take_ready) swallowed it: the next read
+    would have said FIN after a cut stream (a review)."""
+    payload = random.Random(13).randbytes(700_000)
+    streams: list[Any] = []
+    kinds: list[str] = []
+
+    async def handler(stream: Any) -> None:
+        stream.accept()
+        streams.append(stream)
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native").connect(listener.address)
+        try:
+            stream = await conn.open_stream(TARGET)
+            await until(lambda: bool(streams))
+            accepted = await only_connection(listener)
+            engine = accepted.quic
+            taken = engine.on_native_event
+
+            def record(event: tuple[Any, ...]) -> None:
+                if len(event) > 2 and event[2] == streams[0].stream_id:
+                    kinds.append(event[0])
+                taken(event)
+
+            engine.on_native_event = record
+            stream.write(payload)  # no FIN
+            await until(lambda: streams[0].buffered_bytes >= READ_AHEAD)
+            stream.abort()
+            await until(lambda: "reset_received" in kinds)
+            with pytest.raises(StreamReset):
+                while await asyncio.wait_for(streams[0].read(65536), 10):
+                    pass
         finally:
             conn.close()
             await conn.wait_closed()
