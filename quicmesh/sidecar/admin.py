@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import importlib
 import json
 import logging
 import math
@@ -36,6 +37,9 @@ WEB_REFUSALS = RateLimitedLog(logger)
 
 MAX_REQUEST_BYTES = 64 * 1024
 """Largest admin request (headers and body) read."""
+
+_RE_PARSER: Any = importlib.import_module("re._parser")
+"""The ``re`` module's own parser (Python 3.11+), to look at a filter's structure."""
 
 _REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
 """The client errors the admin server answers by itself."""
@@ -143,9 +147,56 @@ def stats_filter(query: str) -> re.Pattern[str] | Response | None:
     if len(pattern) > MAX_FILTER_LENGTH:
         return _text(400, f"stats filter {shown!r} is longer than {MAX_FILTER_LENGTH} characters")
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
     except re.error as exc:
         return _text(400, f"stats filter {shown!r} is not a regular expression: {exc}")
+    problem = _backtracking_problem(pattern)
+    if problem:
+        return _text(400, f"stats filter {shown!r} {problem}")
+    return compiled
+
+
+def _backtracking_problem(pattern: str) -> str:
+    """Why ``pattern`` could take Python's backtracking ``re`` very long, or "". Envoy's
+    RE2 runs in linear time; ``re`` runs on the event loop, and a 27-character
+    ``(.*)(.*)(.*)(.*)(.*)!`` took 14 s on one series (a review): so at most one
+    repetition that can take more than one character, with no alternation or repetition
+    inside it, and no backreference (searched over a few hundred characters, at worst
+    quadratic)."""
+    repeats = 0
+
+    def walk(items: Any, inside_repeat: bool) -> str:
+        nonlocal repeats
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                _, most, body = arg
+                if most > 1:
+                    if inside_repeat:
+                        return "nests one repetition in another"
+                    repeats += 1
+                if why := walk(body, inside_repeat or most > 1):
+                    return why
+            elif name == "BRANCH":
+                if inside_repeat:
+                    return "repeats an alternation"
+                for alternative in arg[1]:
+                    if why := walk(alternative, inside_repeat):
+                        return why
+            elif name == "SUBPATTERN":
+                if why := walk(arg[3], inside_repeat):
+                    return why
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                if why := walk(arg[1], inside_repeat):
+                    return why
+            elif name.startswith("GROUPREF"):
+                return "has a backreference"
+        return ""
+
+    why = walk(_RE_PARSER.parse(pattern), False)
+    if not why and repeats > 1:
+        why = "has more than one repetition (*, + or {m,n})"
+    return f"{why} (Python's backtracking re could hold the sidecar's event loop)" if why else ""
 
 
 def filter_exposition(text: bytes, pattern: re.Pattern[str]) -> bytes:

@@ -55,6 +55,9 @@ def test_filter_on_the_prometheus_text_keeps_matching_series_and_their_help() ->
     assert only_ready.body.splitlines()[-1] == b'quicmesh_ready{node="a"} 1.0'  # type: ignore[union-attr]
     assert route(View(), "GET", "/metrics?filter=nothing_has_this").body == b""  # type: ignore[union-attr]
     assert route(View(), "GET", "/metrics?filter=").body == EXPOSITION  # type: ignore[union-attr]
+    # One repetition, a character class, an optional part: taken.
+    one = route(View(), "GET", "/metrics?filter=%5Equicmesh_cl.*ws_total%5C%7Bcolou%3Fr?")
+    assert one.status == 200  # type: ignore[union-attr]
 
 
 def test_filter_on_the_stats_json_keeps_matching_values_in_place() -> None:
@@ -83,6 +86,11 @@ def test_a_bad_filter_is_a_400_naming_it() -> None:
         ("filter=(", b"stats filter '(' is not a regular expression: missing )"),
         ("filter=a&filter=b", b"stats filter given more than once"),
         (f"filter={'a' * 300}", b"is longer than 256 characters"),
+        # Catastrophic backtracking in Python's re (14 s on one series for a review):
+        ("filter=(.*)(.*)(.*)(.*)(.*)!", b"has more than one repetition"),
+        ("filter=(a|aa)*!", b"repeats an alternation"),
+        ("filter=(a%2B)%2Bb", b"nests one repetition in another"),
+        ("filter=(a)%5C1", b"has a backreference"),
     ):
         for path in ("/stats", "/metrics"):
             response = route(View(), "GET", f"{path}?{query}")
