@@ -36,10 +36,10 @@ class RouteKind(enum.Enum):
     PASSTHROUGH = "passthrough"
     REFUSE = "registry_only"
     TUNNEL = "loop"
-    """The destination is a peer sidecar's tunnel address (a cluster endpoint, port and
-    all): the sidecar's own tunnel connection, captured because the sidecar does not run
-    as the user or group the rules exempt. Routed through its cluster, it would dial the
-    same address again, and be captured again."""
+    """The destination is a peer sidecar's TCP tunnel address (an h2, tcp or auto
+    cluster's endpoint, port and all): the sidecar's own tunnel connection, captured
+    because the sidecar does not run as the user or group the rules exempt. Routed
+    through its cluster, it would dial the same address again, and be captured again."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class ClusterDestinations:
     cluster: str
     services: tuple[Address, ...]
     endpoints: tuple[Address, ...]
+    tunnels_over_tcp: bool = True
+    """The cluster's tunnels are TCP connections to its endpoints (h2, tcp, auto's
+    fallback): a captured TCP connection to an endpoint's address is the sidecar's own.
+    A QUIC tunnel is UDP, never captured by the TCP rules."""
 
 
 class DuplicateService(ValueError):
@@ -102,7 +106,8 @@ class DestinationTable:
                 ip = normalise_ip(endpoint[0])
                 if ip is not None:
                     self._hosts.setdefault(ip, (entry.cluster, endpoint))
-                    self._tunnels.add((ip, endpoint[1]))
+                    if entry.tunnels_over_tcp:
+                        self._tunnels.add((ip, endpoint[1]))
 
     def __len__(self) -> int:
         """Number of service addresses."""

@@ -346,7 +346,11 @@ class Sidecar:
             endpoints = tuple(live.endpoints) if live is not None else cluster_config.endpoints
             entries.append(
                 ClusterDestinations(
-                    cluster_config.name, services.get(cluster_config.name, ()), endpoints
+                    cluster_config.name,
+                    services.get(cluster_config.name, ()),
+                    endpoints,
+                    # Its tunnel is a TCP connection to the endpoint (auto: its h2 fallback).
+                    tunnels_over_tcp=cluster_config.transport != "quic",
                 )
             )
         return DestinationTable(entries, policy)

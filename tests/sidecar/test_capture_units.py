@@ -106,6 +106,12 @@ def test_a_service_wins_over_an_endpoint_host_and_names_are_ignored() -> None:
     # The peer's tunnel address is where the sidecar's own tunnel connections go.
     assert table.route(("10.0.0.2", 15008)).kind is RouteKind.TUNNEL
     assert table.route(("::ffff:10.0.0.2", 15008)).kind is RouteKind.TUNNEL
+    # Over QUIC (UDP) none is a TCP connection: a TCP one to that port is the app's.
+    udp = DestinationTable(
+        [ClusterDestinations("peer", (), (("10.0.0.2", 443),), tunnels_over_tcp=False)],
+        "passthrough",
+    )
+    assert udp.route(("10.0.0.2", 443)).cluster == "peer"
     assert table.route(("b.example", 9080)).kind is RouteKind.PASSTHROUGH
 
 
