@@ -1584,14 +1584,7 @@ impl Shared {
                 }
                 Step::Command(Some(RecvCmd::TakeReady(max))) => {
                     let (chunks, ready) = take_ready(&mut recv, Vec::new(), max);
-                    log.gave(&chunks);
-                    self.push(Event::Ready {
-                        conn,
-                        stream,
-                        chunks,
-                        fin: ready == ReadyEnd::Fin,
-                    });
-                    if let Some(ended) = self.ended_by(ready, conn, stream) {
+                    if let Some(ended) = self.give(&mut log, id, chunks, ready, Batch::Ready) {
                         end = ended;
                         break;
                     }
@@ -1625,14 +1618,7 @@ impl Shared {
                 Step::Read(Ok(Some(chunk))) => {
                     let max = wanted.take().unwrap_or(chunk.bytes.len());
                     let (chunks, ready) = take_ready(&mut recv, vec![chunk.bytes], max);
-                    log.gave(&chunks);
-                    self.push(Event::Data {
-                        conn,
-                        stream,
-                        chunks,
-                        fin: ready == ReadyEnd::Fin,
-                    });
-                    if let Some(ended) = self.ended_by(ready, conn, stream) {
+                    if let Some(ended) = self.give(&mut log, id, chunks, ready, Batch::Read) {
                         end = ended;
                         break;
                     }
@@ -1808,9 +1794,43 @@ enum ReadyEnd {
     Reset(u64),
 }
 
+/// Which of Python's requests a batch of a stream answers.
+#[derive(Debug, Clone, Copy)]
+enum Batch {
+    /// A read request: a `Data` event.
+    Read,
+    /// A `TakeReady`: a `Ready` event.
+    Ready,
+}
+
 impl Shared {
-    /// After a batch's event: the peer's reset told too; the receiving task's end, if it is.
-    fn ended_by(&self, ready: ReadyEnd, conn: u64, stream: u64) -> Option<RecvEnd> {
+    /// Give Python a batch of a stream ([`take_ready`]'s), then the peer's reset if it
+    /// came; the receiving task's end, if this is it.
+    fn give(
+        &self,
+        log: &mut ReadLog,
+        id: StreamKey,
+        chunks: Vec<Bytes>,
+        ready: ReadyEnd,
+        batch: Batch,
+    ) -> Option<RecvEnd> {
+        let StreamKey { conn, stream, .. } = id;
+        let fin = ready == ReadyEnd::Fin;
+        log.gave(&chunks);
+        self.push(match batch {
+            Batch::Read => Event::Data {
+                conn,
+                stream,
+                chunks,
+                fin,
+            },
+            Batch::Ready => Event::Ready {
+                conn,
+                stream,
+                chunks,
+                fin,
+            },
+        });
         match ready {
             ReadyEnd::More => None,
             ReadyEnd::Fin => Some(RecvEnd::Fin),

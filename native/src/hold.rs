@@ -19,7 +19,7 @@
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Duration;
@@ -44,6 +44,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct HeldDestinations {
     /// Destination -> the holds on it (connections started to it and not released).
     held: Mutex<HashMap<SocketAddr, HashSet<u64>>>,
+    /// Whether `held` has any entry, set under its lock: every datagram's `try_send` asks,
+    /// and almost always nothing is held, so it asks without taking the lock.
+    any_held: AtomicBool,
     next_hold: AtomicU64,
     /// Drivers told their socket is not writable, to wake at a release. Locked before
     /// `held` is read by a poller, and after `held` is changed by a release: a poller that
@@ -60,10 +63,9 @@ impl HeldDestinations {
     /// is released.
     pub fn hold(&self, destination: SocketAddr) -> u64 {
         let hold = self.next_hold.fetch_add(1, Ordering::Relaxed);
-        lock(&self.held)
-            .entry(destination)
-            .or_default()
-            .insert(hold);
+        let mut held = lock(&self.held);
+        held.entry(destination).or_default().insert(hold);
+        self.any_held.store(true, Ordering::Release);
         hold
     }
 
@@ -82,14 +84,20 @@ impl HeldDestinations {
                 return;
             }
             held.remove(&destination);
+            self.any_held.store(!held.is_empty(), Ordering::Release);
         }
         self.wake_waiting();
     }
 
     /// Release every hold.
     pub fn release_all(&self) {
-        if std::mem::take(&mut *lock(&self.held)).is_empty() {
-            return;
+        {
+            let mut held = lock(&self.held);
+            if held.is_empty() {
+                return;
+            }
+            held.clear();
+            self.any_held.store(false, Ordering::Release);
         }
         self.wake_waiting();
     }
@@ -107,7 +115,7 @@ impl HeldDestinations {
     /// (the socket's `try_send`) Whether to hold back a datagram to `destination`; if so, the
     /// poller's next look on this thread reports the socket not writable.
     pub fn holds(&self, destination: SocketAddr) -> bool {
-        if lock(&self.held).is_empty() || !self.is_held(destination) {
+        if !self.any_held.load(Ordering::Acquire) || !self.is_held(destination) {
             return false;
         }
         JUST_HELD.with(|just| just.set(Some(destination)));
