@@ -286,24 +286,22 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return _stats(view, query, prometheus=True)
     if path == "/stats":
         # Envoy's /stats?format=prometheus is its /stats/prometheus.
-        formats = parse_qs(query).get("format", ["json"])
-        if formats not in (["json"], ["prometheus"]):
-            shown = peer_text(",".join(formats), 64)
-            return _text(400, f"/stats format {shown!r}: json (the default) or prometheus")
-        return _stats(view, query, prometheus=formats == ["prometheus"])
+        chosen = _format(path, query, "json", "prometheus")
+        if isinstance(chosen, Response):
+            return chosen
+        return _stats(view, query, prometheus=chosen == "prometheus")
     if path in ("/clusters", "/listeners"):
-        formats = parse_qs(query).get("format", ["text"])
-        if formats not in (["text"], ["json"]):
-            shown = peer_text(",".join(formats), 64)
-            return _text(400, f"{path} format {shown!r}: text (the default) or json")
+        chosen = _format(path, query, "text", "json")
+        if isinstance(chosen, Response):
+            return chosen
         snapshot = view.snapshot()
         if path == "/clusters":
             clusters = snapshot.get("clusters", {})
-            if formats == ["json"]:
+            if chosen == "json":
                 return _json(200, clusters)
             return _text(200, "\n".join(cluster_lines(clusters)))
         listeners = snapshot.get("listeners", {})
-        if formats == ["json"]:
+        if chosen == "json":
             return _json(200, listener_statuses(listeners))
         return _text(200, "\n".join(f"{n}::{v.get('address', '')}" for n, v in listeners.items()))
     if path == "/config_dump":
@@ -317,6 +315,15 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return Deferred(lambda: _migrated(view))
     started = view.begin_drain()
     return _text(202, "draining" if started else "already draining")
+
+
+def _format(path: str, query: str, default: str, other: str) -> str | Response:
+    """The ``format=`` a path was asked for (``default`` or ``other``), or the 400."""
+    formats = parse_qs(query).get("format", [default])
+    if formats in ([default], [other]):
+        return formats[0]
+    shown = peer_text(",".join(formats), 64)
+    return _text(400, f"{path} format {shown!r}: {default} (the default) or {other}")
 
 
 _HEALTH_FLAGS = {
