@@ -246,23 +246,23 @@ def test_a_frame_a_request_stream_may_not_carry_closes_the_connection(
     assert "(H3_FRAME_UNEXPECTED, 0x105)" in line, line
 
 
+async def refusal(engine: str, server: object, client: object) -> str:
+    """The PeerVerificationError's message of ``client`` connecting to ``server``."""
+    listener = await transport(engine, server).listen(("127.0.0.1", 0), echo)
+    try:
+        with pytest.raises(PeerVerificationError) as refused:
+            await transport(engine, client).connect(listener.address)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    return str(refused.value)
+
+
 def test_a_client_refused_for_its_certificate_is_told_it_was_its_own() -> None:
     """The native client's error read "handshake refused: ... invalid peer certificate:
     peer certificate has expired", as if the server's certificate had expired: the
     server's reason speaks of its peer, which is us."""
-    expired = expired_client()
-
-    async def main() -> str:
-        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), echo)
-        try:
-            with pytest.raises(PeerVerificationError) as refused:
-                await transport("native", expired).connect(listener.address)
-        finally:
-            listener.close()
-            await listener.wait_closed()
-        return str(refused.value)
-
-    message = run(main())
+    message = run(refusal("native", SERVER, expired_client()))
     assert message.startswith("handshake refused: the server refused our certificate: "), message
     assert "expired" in message, message
 
@@ -273,18 +273,7 @@ def test_a_server_certificate_we_refuse_is_named_the_servers(engine: str) -> Non
     on both engines (native said "the cryptographic handshake failed: error 46: invalid
     peer certificate: ...": no side, a TLS alert's number)."""
     impostor = DevCA().issue("spiffe://mesh.local/ns/default/sa/server")
-
-    async def main() -> str:
-        listener = await transport(engine, impostor).listen(("127.0.0.1", 0), echo)
-        try:
-            with pytest.raises(PeerVerificationError) as refused:
-                await transport(engine, CLIENT).connect(listener.address)
-        finally:
-            listener.close()
-            await listener.wait_closed()
-        return str(refused.value)
-
-    message = run(main())
+    message = run(refusal(engine, impostor, CLIENT))
     assert message.startswith("server certificate not trusted: "), message
     assert "error 46" not in message and "cryptographic handshake" not in message, message
 

@@ -19,7 +19,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -850,6 +850,30 @@ def test_a_graceful_close_waits_until_the_peer_has_every_byte(engine: str) -> No
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def native_stream_both_ends() -> AsyncIterator[tuple[Any, Any, Any, Any]]:
+    """A native connection, the listener's side of it, and one stream seen from both
+    ends (the test drives both; the handler only accepts it and waits)."""
+    served: list[Any] = []
+
+    async def handler(stream: Any) -> None:
+        stream.accept()
+        served.append(stream)
+        await asyncio.Event().wait()
+
+    listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+    conn = await transport("native").connect(listener.address)
+    try:
+        stream = await conn.open_stream(TARGET)
+        await until(lambda: bool(served))
+        yield conn, await only_connection(listener), stream, served[0]
+    finally:
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+
 @pytest.mark.parametrize("direction", ["answer", "upload"])
 def test_a_native_stream_aborted_after_its_acknowledged_end_is_still_read_whole(
     direction: str,
@@ -860,25 +884,14 @@ def test_a_native_stream_aborted_after_its_acknowledged_end_is_still_read_whole(
     engine's read-ahead went down to READ_AHEAD, 128 KiB, the rest sat in quinn, the
     session aborted the stream on the STOP_SENDING and quinn dropped it; 0 bytes read)."""
     payload = random.Random(12).randbytes(700_000)
-    streams: list[Any] = []
-
-    async def handler(stream: Any) -> None:
-        stream.accept()
-        streams.append(stream)
-        await asyncio.Event().wait()  # the test drives both ends
 
     def fin_acknowledged(connection: Any, stream_id: int) -> bool:
         state = connection.quic._streams.get(stream_id)
         return state is None or (state.send_done and not state.fin_unacked)
 
     async def main() -> None:
-        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport("native").connect(listener.address)
-        try:
-            stream = await conn.open_stream(TARGET)
-            await until(lambda: bool(streams))
-            accepted = await only_connection(listener)
-            writer, reader = (streams[0], stream) if direction == "answer" else (stream, streams[0])
+        async with native_stream_both_ends() as (conn, accepted, stream, served):
+            writer, reader = (served, stream) if direction == "answer" else (stream, served)
             writing = accepted if direction == "answer" else conn
             writer.write(payload)
             writer.write_eof()
@@ -889,11 +902,6 @@ def test_a_native_stream_aborted_after_its_acknowledged_end_is_still_read_whole(
                 got += chunk
             assert len(got) == len(payload)
             assert bytes(got) == payload
-        finally:
-            conn.close()
-            await conn.wait_closed()
-            listener.close()
-            await listener.wait_closed()
 
     run(main())
 
@@ -905,42 +913,26 @@ def test_a_reset_of_a_stream_stalled_at_the_read_ahead_is_reported_as_a_reset() 
     and the engine's look at what quinn held (take_ready) swallowed it: the next read
     would have said FIN after a cut stream (a review)."""
     payload = random.Random(13).randbytes(700_000)
-    streams: list[Any] = []
     kinds: list[str] = []
 
-    async def handler(stream: Any) -> None:
-        stream.accept()
-        streams.append(stream)
-        await asyncio.Event().wait()
-
     async def main() -> None:
-        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport("native").connect(listener.address)
-        try:
-            stream = await conn.open_stream(TARGET)
-            await until(lambda: bool(streams))
-            accepted = await only_connection(listener)
+        async with native_stream_both_ends() as (_, accepted, stream, served):
             engine = accepted.quic
             taken = engine.on_native_event
 
             def record(event: tuple[Any, ...]) -> None:
-                if len(event) > 2 and event[2] == streams[0].stream_id:
+                if len(event) > 2 and event[2] == served.stream_id:
                     kinds.append(event[0])
                 taken(event)
 
             engine.on_native_event = record
             stream.write(payload)  # no FIN
-            await until(lambda: streams[0].buffered_bytes >= READ_AHEAD)
+            await until(lambda: served.buffered_bytes >= READ_AHEAD)
             stream.abort()
             await until(lambda: "reset_received" in kinds)
             with pytest.raises(StreamReset):
-                while await asyncio.wait_for(streams[0].read(65536), 10):
+                while await asyncio.wait_for(served.read(65536), 10):
                     pass
-        finally:
-            conn.close()
-            await conn.wait_closed()
-            listener.close()
-            await listener.wait_closed()
 
     run(main())
 
