@@ -214,11 +214,12 @@ def test_a_certificate_expiring_while_the_sidecar_runs_is_logged_once(tmp_path: 
     start or at a rotation was); one ERROR now, as it expires."""
     ca = DevCA()
     now = datetime.datetime.now(datetime.UTC)
+    # 8 s: a loaded machine took more than 3 s to start the sidecar.
     _write_identity(
         tmp_path,
         "b",
         ca.issue(IDENTITY_B, not_before=now - datetime.timedelta(minutes=1),
-                 not_after=now + datetime.timedelta(seconds=3)),
+                 not_after=now + datetime.timedelta(seconds=8)),
     )  # fmt: skip
     (tmp_path / "bundle.pem").write_bytes(ca.trust_bundle.pem)
     config = _pem_config(tmp_path, "b", IDENTITY_B, admin=free_port(), mesh=free_port())
