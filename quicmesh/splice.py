@@ -132,6 +132,7 @@ async def splice(
     *,
     offload: bool = True,
     idle_timeout: float | None = None,
+    progress: SpliceResult | None = None,
 ) -> SpliceResult:
     """Copy bytes both ways between ``stream`` and a TCP connection until both ends close.
 
@@ -143,6 +144,8 @@ async def splice(
         (:meth:`MeshStream.can_splice`); False always copies here.
     :param idle_timeout: seconds with no byte read or written either way after which
         the flow fails as above (Envoy's ``tcp_proxy`` ``idle_timeout``); None: never.
+    :param progress: counted into as bytes move, for the caller to read while the flow
+        runs (:func:`moved_so_far`); the result when the flow was copied here.
     :raises TunnelUsageError: ``idle_timeout`` is out of range (nothing was done).
     """
     check_idle_timeout(idle_timeout)
@@ -150,7 +153,7 @@ async def splice(
         offloaded = await _offload(stream, reader, writer, idle_timeout)
         if offloaded is not None:
             return offloaded
-    result = SpliceResult()
+    result = progress if progress is not None else SpliceResult()
 
     def handed_off() -> int:
         unsent = stream.channel.stream_unsent_bytes(stream)
@@ -229,12 +232,23 @@ def _tcp_reset_as_os_error(writer: asyncio.StreamWriter) -> Iterator[None]:
         raise ConnectionResetError(errno.ECONNRESET, f"TCP connection closed: {exc}") from None
 
 
+def moved_so_far(stream: MeshStream, progress: SpliceResult) -> tuple[int, int]:
+    """(to the stream, from it): what a flow spliced with ``progress`` moved so far, the
+    engine's count while the stream's transport splices it, else the copy's here (the
+    engine's count is gone a moment before its outcome is returned: keep the last)."""
+    spliced = stream.spliced_bytes()
+    if spliced is not None:
+        return spliced
+    return progress.bytes_to_stream, progress.bytes_from_stream
+
+
 async def splice_accepted(
     stream: MeshStream,
     sock: socket.socket,
     *,
     offload: bool = True,
     idle_timeout: float | None = None,
+    progress: SpliceResult | None = None,
 ) -> SpliceResult:
     """:func:`splice` for an accepted socket that asyncio has no transport for yet
     (:class:`~quicmesh.sidecar.acceptor.SocketServer`): handed to the stream's
@@ -243,11 +257,15 @@ async def splice_accepted(
     check_idle_timeout(idle_timeout)
     if offload and stream.can_splice():
         return await _hand_over(stream, sock, b"", lambda: reset_socket(sock), idle_timeout)
-    return await _copy_socket(stream, sock, idle_timeout)
+    return await _copy_socket(stream, sock, idle_timeout, progress)
 
 
 async def splice_engine_socket(
-    stream: MeshStream, sock: EngineSocket, *, idle_timeout: float | None = None
+    stream: MeshStream,
+    sock: EngineSocket,
+    *,
+    idle_timeout: float | None = None,
+    progress: SpliceResult | None = None,
 ) -> SpliceResult:
     """:func:`splice` for a TCP connection the stream's transport made itself
     (:meth:`MeshStream.connect_for_splice`): the transport splices it; if the stream can
@@ -260,7 +278,7 @@ async def splice_engine_socket(
     if detached is None:
         stream.abort()
         return SpliceResult(error="the TCP connection was lost before the splice")
-    return await _copy_socket(stream, detached, idle_timeout)
+    return await _copy_socket(stream, detached, idle_timeout, progress)
 
 
 async def connect_and_splice(
@@ -299,7 +317,10 @@ async def connect_and_splice(
 
 
 async def _copy_socket(
-    stream: MeshStream, sock: socket.socket, idle_timeout: float | None
+    stream: MeshStream,
+    sock: socket.socket,
+    idle_timeout: float | None,
+    progress: SpliceResult | None = None,
 ) -> SpliceResult:
     """:func:`splice` in Python over asyncio streams made for ``sock``."""
     try:
@@ -308,7 +329,9 @@ async def _copy_socket(
         stream.abort(ResetReason.CONNECT_ERROR)
         reset_socket(sock)
         return SpliceResult(error=str(exc) or type(exc).__name__)
-    return await splice(stream, reader, writer, offload=False, idle_timeout=idle_timeout)
+    return await splice(
+        stream, reader, writer, offload=False, idle_timeout=idle_timeout, progress=progress
+    )
 
 
 async def _offload(

@@ -1459,6 +1459,15 @@ impl Endpoint {
             .map_or(0, |handle| handle.held.total())
     }
 
+    /// (splicing) The payload a spliced flow (or an engine flow) moved so far, (read from
+    /// TCP for the stream, written to TCP), as its `spliced` event will report them; None
+    /// once it ended (its event carries the totals).
+    fn splice_moved(&self, id: u64) -> Option<(u64, u64)> {
+        lock(&self.shared.splices)
+            .get(&id)
+            .map(|handle| handle.held.moved_so_far())
+    }
+
     /// From now on, hold this endpoint's commands (writes, reads, resets, splices, stream
     /// tasks, TCP connects, closes) until `flush`, which wakes the engine's thread once for
     /// all of them; an event loop flushes once per turn. Without it each command wakes the
@@ -1867,6 +1876,14 @@ impl FlowAcceptor {
             Some(handle) => handle.abort.send(code).is_ok(),
             None => false,
         }
+    }
+
+    /// The payload a running engine flow moved so far, (read from TCP for the stream,
+    /// written to TCP); None once it ended (its `spliced` event carries the totals).
+    fn moved(&self, flow: u64) -> Option<(u64, u64)> {
+        lock(&self.inner.shared.splices)
+            .get(&flow)
+            .map(|handle| handle.held.moved_so_far())
     }
 
     /// Stop accepting; flows accepted or running carry on. Once this returns, every

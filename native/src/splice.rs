@@ -401,13 +401,19 @@ pub struct SpliceHandle {
 }
 
 /// The bytes a splice holds in memory, each way (at most a chunk or two each: a direction
-/// reads its source only after its sink took the previous chunk), and when bytes last moved.
+/// reads its source only after its sink took the previous chunk), the bytes it moved so far,
+/// and when bytes last moved.
 #[derive(Debug)]
 pub struct Held {
     /// Read from TCP (or handed over by Python) and not yet taken by quinn.
     to_quic: AtomicU64,
     /// Received from quinn (or handed over by Python) and not yet written to TCP.
     to_tcp: AtomicU64,
+    /// Payload read from TCP (or handed over by Python) for the stream so far: the
+    /// `spliced` event's `sent` once the flow ends.
+    sent: AtomicU64,
+    /// Payload written to TCP so far: the `spliced` event's `received`.
+    received: AtomicU64,
     /// The flow's idle timeout (Envoy's `tcp_proxy` `idle_timeout`): reset both ways once no
     /// byte moved either way for this long. None: never.
     idle_timeout: Option<Duration>,
@@ -421,6 +427,8 @@ impl Held {
         Held {
             to_quic: AtomicU64::new(0),
             to_tcp: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             idle_timeout,
             started: Instant::now(),
             last_moved: AtomicU64::new(0),
@@ -429,6 +437,15 @@ impl Held {
 
     pub fn total(&self) -> u64 {
         self.to_quic.load(Ordering::Relaxed) + self.to_tcp.load(Ordering::Relaxed)
+    }
+
+    /// The payload moved so far, (sent on the stream, written to TCP): what a flow's
+    /// counters show while it runs (Envoy counts bytes as they move, not at a flow's end).
+    pub fn moved_so_far(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
     }
 
     /// Bytes moved (read or written, either way): the idle timeout starts again.
@@ -633,7 +650,7 @@ async fn write_all_chunks(
 }
 
 /// TCP -> QUIC: what the stream's task had queued, then Python's bytes, then the socket's,
-/// each chunk as one DATA frame; TCP EOF -> FIN. Counts the payload in `counted`.
+/// each chunk as one DATA frame; TCP EOF -> FIN. Counts the payload in `held.sent`.
 ///
 /// Done once the peer acknowledged every byte and the FIN, or closed the connection
 /// without an error after the FIN was sent. A connection that ends before the FIN went out
@@ -644,7 +661,6 @@ async fn upstream(
     connection: &Connection,
     send: Option<&mut SendHandover>,
     prefix: Bytes,
-    counted: &mut u64,
     held: &Held,
 ) -> Result<(), Failure> {
     let Some((send, queued)) = send else {
@@ -655,7 +671,7 @@ async fn upstream(
     let (mut buffer, mut limit) = (BytesMut::new(), FIRST_READ);
     let mut pending: Vec<Bytes> = queued.drain(..).collect();
     if !prefix.is_empty() {
-        *counted += prefix.len() as u64;
+        held.sent.fetch_add(prefix.len() as u64, Ordering::Relaxed);
         pending.push(Bytes::from(data_header(prefix.len())));
         pending.push(prefix);
     }
@@ -725,7 +741,7 @@ async fn upstream(
             }
             return Ok(());
         };
-        *counted += read as u64;
+        held.sent.fetch_add(read as u64, Ordering::Relaxed);
         held.moved();
         pending.push(frame);
     }
@@ -738,7 +754,6 @@ async fn upstream(
 /// after the close (at most the receive window), so this direction writes it all to the
 /// socket and ends with the FIN if it came; a close that cut the stream before its FIN
 /// fails it once the bytes before the cut are written (quinn's `ConnectionLost`).
-#[allow(clippy::too_many_arguments)]
 async fn downstream(
     tcp: &TcpStream,
     recv: Option<&mut RecvStream>,
@@ -746,7 +761,6 @@ async fn downstream(
     unparsed: Vec<Bytes>,
     deframer: &mut Deframer,
     recv_fin: bool,
-    counted: &mut u64,
     held: &Held,
 ) -> Result<(), Failure> {
     let mut payload = vec![prefix];
@@ -760,7 +774,8 @@ async fn downstream(
         for chunk in payload.drain(..) {
             if !chunk.is_empty() {
                 write_tcp(tcp, &chunk, held).await.map_err(Failure::Tcp)?;
-                *counted += chunk.len() as u64;
+                held.received
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 held.to_tcp.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
             }
         }
@@ -912,7 +927,6 @@ pub async fn carry(
         recv_fin,
         failed,
     } = halves;
-    let (mut sent, mut received) = (0u64, 0u64);
     // The idle timeout runs from the splice's start (not from the connect or the CONNECT
     // exchange before it, which have their own timeout).
     held.moved();
@@ -923,7 +937,7 @@ pub async fn carry(
         }
     };
     let result = {
-        let up = upstream(&tcp, &connection, send.as_mut(), to_quic, &mut sent, &held);
+        let up = upstream(&tcp, &connection, send.as_mut(), to_quic, &held);
         let down = downstream(
             &tcp,
             recv.as_mut(),
@@ -931,7 +945,6 @@ pub async fn carry(
             unparsed,
             &mut deframer,
             recv_fin,
-            &mut received,
             &held,
         );
         let both = async { tokio::try_join!(up, down).map(|_| ()) };
@@ -974,6 +987,7 @@ pub async fn carry(
     };
     drop(tcp);
     lock(&shared.splices).remove(&id);
+    let (sent, received) = held.moved_so_far();
     shared.stream_ended(conn, stream);
     shared.push(Event::Spliced {
         id,

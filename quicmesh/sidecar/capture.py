@@ -220,7 +220,11 @@ class _CaptureListener:
                 self.stats.connections_active -= 1
                 record.duration = time.monotonic() - started
                 self.stats.flow_ended(
-                    record.outcome, record.bytes_sent, record.bytes_received, record.reason
+                    record.outcome,
+                    record.bytes_sent,
+                    record.bytes_received,
+                    record.reason,
+                    flow=record,
                 )
                 self.counts.count(self.direction, record.original_destination or "none", route)
                 self._log(record)

@@ -548,7 +548,9 @@ class Cluster:
     def flow_finished(
         self, flow: OpenedFlow | EngineFlow, bytes_sent: int, bytes_received: int
     ) -> None:
-        """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes."""
+        """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes
+        (its running count in :attr:`ClusterStats.live` ends, if it had one)."""
+        self.stats.live.discard(flow)
         self.breaker.release_stream()
         self.stats.streams_active -= 1
         self.stats.bytes_sent += bytes_sent
@@ -749,6 +751,7 @@ class Cluster:
                 "connections_total": ep_stats.connections_total,
                 "connections": connections,
             }
+        bytes_sent, bytes_received = stats.moved()
         view = {
             "transport": self.config.transport,
             "target": self.config.target,
@@ -756,8 +759,8 @@ class Cluster:
             "connections_active": connections_active,
             "streams_total": stats.streams_total,
             "streams_active": stats.streams_active,
-            "bytes_sent": stats.bytes_sent,
-            "bytes_received": stats.bytes_received,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
             "connect_failures": stats.connect_failures,
             "retries": stats.retries,
             "circuit_breaker_overflows": dict(stats.overflows),

@@ -22,7 +22,13 @@ from typing import Any, TypeVar
 from .._timeouts import wait_within
 from ..errors import ConfigError, PeerVerificationError, QuicmeshError, TunnelError, peer_text
 from ..logs import RateLimitedLog
-from ..splice import SpliceResult, connect_and_splice, splice, splice_engine_socket
+from ..splice import (
+    SpliceResult,
+    connect_and_splice,
+    moved_so_far,
+    splice,
+    splice_engine_socket,
+)
 from ..tls import Identity, TrustBundle
 from ..tls.verify import verify_peer
 from ..transport.base import (
@@ -709,6 +715,7 @@ class InboundListener:
         record = self._record(flow, config)
         record.endpoint = format_address(parsed)
         self._active[flow] = None
+        stats.live.add(record, lambda: flow.spliced_bytes() or (0, 0))
 
         def ended(outcome: SpliceOutcome | OSError) -> None:
             stats.connections_active -= 1
@@ -730,7 +737,11 @@ class InboundListener:
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
             stats.flow_ended(
-                record.outcome, record.bytes_sent, record.bytes_received, record.reason
+                record.outcome,
+                record.bytes_sent,
+                record.bytes_received,
+                record.reason,
+                flow=record,
             )
             self._log(record)
             self._local_flows.end()
@@ -754,7 +765,11 @@ class InboundListener:
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
             stats.flow_ended(
-                record.outcome, record.bytes_sent, record.bytes_received, record.reason
+                record.outcome,
+                record.bytes_sent,
+                record.bytes_received,
+                record.reason,
+                flow=record,
             )
             self._log(record)
 
@@ -830,6 +845,8 @@ class InboundListener:
         record.endpoint = format_address(parsed)
         engine_socket: EngineSocket | None = None
         result: SpliceResult | None = None
+        progress = SpliceResult()
+        self.stats.live.add(record, lambda: moved_so_far(stream, progress))
         try:
             if config.splice:
                 # The engine that splices the flow connects, answers and splices in one
@@ -862,7 +879,10 @@ class InboundListener:
             try:
                 if engine_socket is not None:
                     result = await splice_engine_socket(
-                        stream, engine_socket, idle_timeout=config.flow_idle_timeout
+                        stream,
+                        engine_socket,
+                        idle_timeout=config.flow_idle_timeout,
+                        progress=progress,
                     )
                 else:
                     result = await splice(
@@ -871,6 +891,7 @@ class InboundListener:
                         writer,
                         offload=config.splice,
                         idle_timeout=config.flow_idle_timeout,
+                        progress=progress,
                     )
             finally:
                 self.stats.connections_active -= 1

@@ -25,7 +25,7 @@ from typing import Any
 
 from .._timeouts import wait_within
 from ..errors import PeerUnresponsive, QuicmeshError, StreamRefused, TunnelError
-from ..splice import reset_socket, splice, splice_accepted
+from ..splice import SpliceResult, moved_so_far, reset_socket, splice, splice_accepted
 from ..transport.base import EngineAcceptor, engine_failure_text
 from ..transport.stream import MeshStream
 from .acceptor import SocketServer
@@ -176,7 +176,9 @@ class OutboundListener:
         stats = self.stats
         stats.connections_active -= 1
         record.duration = time.monotonic() - started
-        stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received, record.reason)
+        stats.flow_ended(
+            record.outcome, record.bytes_sent, record.bytes_received, record.reason, flow=record
+        )
         cluster.stats.outcomes[record.outcome.value] += 1
         self._log(record)
         self._flows.end()
@@ -345,6 +347,13 @@ class _EngineFlows:
         record.peer_identity = opened.connection.peer_identity
         listener.stats.streams_active += 1  # (in streams_total once it got its 200: at its end)
         self.running[flow] = running
+        acceptor = self.acceptor
+
+        def moved() -> tuple[int, int]:
+            return acceptor.moved(flow) or (0, 0)
+
+        listener.stats.live.add(record, moved)
+        running.cluster.stats.live.add(opened, moved)
 
     def flow_refused(self, flow: int, refusal: StreamRefused) -> None:
         self.flow_unanswered(flow, "answered", str(refusal), refusal)
@@ -361,6 +370,8 @@ class _EngineFlows:
         stats.engine_flows_returned += 1
         engine_flow, running.flow = running.flow, None
         assert engine_flow is not None
+        stats.live.discard(running.record)  # (nothing moved: it was not answered)
+        running.cluster.stats.live.discard(engine_flow)
         # A refusal the engine read is the flow's answer (the peer is asked once); a
         # draining peer's 503 and a timeout were the flow's first attempt, and the usual
         # way makes the retries. A timeout counts against the endpoint, as a failed open
@@ -467,10 +478,21 @@ async def proxy_to_cluster(
     record.transport = flow.stream.transport
     stats.streams_total += 1
     stats.streams_active += 1
+    progress = SpliceResult()
+
+    def moved() -> tuple[int, int]:
+        return moved_so_far(flow.stream, progress)
+
+    stats.live.add(record, moved)
+    cluster.stats.live.add(flow, moved)
     try:
         if isinstance(reader, socket.socket):
             result = await splice_accepted(
-                flow.stream, reader, offload=cluster.config.splice, idle_timeout=idle_timeout
+                flow.stream,
+                reader,
+                offload=cluster.config.splice,
+                idle_timeout=idle_timeout,
+                progress=progress,
             )
         else:
             assert writer is not None
@@ -480,10 +502,14 @@ async def proxy_to_cluster(
                 writer,
                 offload=cluster.config.splice,
                 idle_timeout=idle_timeout,
+                progress=progress,
             )
         if not result.error and not result.offloaded:
             # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
+    except BaseException:
+        cluster.stats.live.discard(flow)  # (not counted: the flow was abandoned)
+        raise
     finally:
         stats.streams_active -= 1
     stats.streams_spliced += result.offloaded

@@ -47,6 +47,45 @@ def sum_counters(sources: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return total
 
 
+MovedSoFar = Callable[[], tuple[int, int]]
+"""A running flow's bytes so far, in its stream's terms: (to the stream, from it)."""
+
+
+class LiveBytes:
+    """The bytes running flows moved so far, so that byte counters move as the bytes
+    do (Envoy counts ``downstream_cx_rx_bytes_total`` and its kin as it reads, not at a
+    flow's end: a flow of an hour showed nothing for an hour, then all at once).
+
+    Each running flow is a poll, read at each ``/stats`` or scrape; a flow's reading
+    never goes below its last one (an engine's count leaves with its splice a moment
+    before the flow's end is counted), and its owner counts the flow's totals in the
+    same step as it drops the poll, so a counter never goes down."""
+
+    def __init__(self) -> None:
+        self._flows: dict[int, tuple[MovedSoFar, list[int]]] = {}
+
+    def add(self, flow: object, moved: MovedSoFar) -> None:
+        """Count ``flow``'s bytes as ``moved`` reports them until :meth:`discard`
+        (``flow`` is any object that lives as long, compared by identity)."""
+        self._flows[id(flow)] = (moved, [0, 0])
+
+    def discard(self, flow: object) -> None:
+        self._flows.pop(id(flow), None)
+
+    def totals(self) -> tuple[int, int]:
+        """(to the streams, from them) over the running flows."""
+        to_stream = from_stream = 0
+        for moved, last in self._flows.values():
+            now = moved()
+            last[0], last[1] = max(last[0], now[0]), max(last[1], now[1])
+            to_stream += last[0]
+            from_stream += last[1]
+        return to_stream, from_stream
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+
 @dataclass
 class ListenerStats:
     """One listener's counters.
@@ -64,9 +103,12 @@ class ListenerStats:
     streams_total: int = 0
     streams_active: int = 0
     bytes_received: int = 0
-    """Bytes from the downstream side (local client, or peer sidecar)."""
+    """Bytes from the downstream side (local client, or peer sidecar), of the flows that
+    ended (:meth:`to_dict` adds the running flows' :attr:`live` bytes)."""
     bytes_sent: int = 0
-    """Bytes to the downstream side."""
+    """Bytes to the downstream side, of the flows that ended."""
+    live: LiveBytes = field(default_factory=LiveBytes)
+    """The running flows' bytes so far."""
     streams_spliced: int = 0
     """Flows whose bytes the QUIC engine copied itself (``splice``), not the sidecar."""
     engine_flows: int = 0
@@ -88,25 +130,42 @@ class ListenerStats:
     """(inbound) A view of the listener's limits and overload state (:mod:`.overload`)."""
 
     def flow_ended(
-        self, outcome: Outcome, bytes_received: int, bytes_sent: int, reason: str = ""
+        self,
+        outcome: Outcome,
+        bytes_received: int,
+        bytes_sent: int,
+        reason: str = "",
+        *,
+        flow: object = None,
     ) -> None:
-        """Count a finished flow (``reason``: why it did not complete, if it did not)."""
+        """Count a finished flow (``reason``: why it did not complete, if it did not;
+        ``flow``: its key in :attr:`live`, if it was there)."""
+        self.live.discard(flow)
         self.outcomes[outcome.value] += 1
         if outcome is Outcome.RESET and reason.startswith(IDLE_TIMEOUT_REASON):
             self.idle_timeouts += 1
         self.bytes_received += bytes_received
         self.bytes_sent += bytes_sent
 
+    def moved(self) -> tuple[int, int]:
+        """(bytes received, bytes sent) from and to the downstream side, running flows'
+        bytes so far included."""
+        to_stream, from_stream = self.live.totals()
+        if self.kind.endswith("inbound"):  # the downstream side is the peer: the stream
+            return self.bytes_received + from_stream, self.bytes_sent + to_stream
+        return self.bytes_received + to_stream, self.bytes_sent + from_stream
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly view (``quic`` only for a listener that served QUIC)."""
+        bytes_received, bytes_sent = self.moved()
         view: dict[str, object] = {
             "kind": self.kind,
             "connections_total": self.connections_total,
             "connections_active": self.connections_active,
             "streams_total": self.streams_total,
             "streams_active": self.streams_active,
-            "bytes_received": self.bytes_received,
-            "bytes_sent": self.bytes_sent,
+            "bytes_received": bytes_received,
+            "bytes_sent": bytes_sent,
             "streams_spliced": self.streams_spliced,
             "engine_flows": self.engine_flows,
             "engine_flows_returned": self.engine_flows_returned,
@@ -140,9 +199,11 @@ class ClusterStats:
     streams_total: int = 0
     streams_active: int = 0
     bytes_sent: int = 0
-    """Bytes sent into the tunnel."""
+    """Bytes sent into the tunnel by the flows that ended (see :meth:`moved`)."""
     bytes_received: int = 0
-    """Bytes received from the tunnel."""
+    """Bytes received from the tunnel by the flows that ended."""
+    live: LiveBytes = field(default_factory=LiveBytes)
+    """The running flows' bytes so far."""
     connect_failures: int = 0
     retries: int = 0
     overflows: Counter[str] = field(default_factory=Counter)
@@ -160,6 +221,12 @@ class ClusterStats:
     panic_flows: int = 0
     """Flows balanced over every endpoint, health ignored (panic mode; Envoy's
     ``lb_healthy_panic``)."""
+
+    def moved(self) -> tuple[int, int]:
+        """(bytes sent into the tunnel, bytes received from it), running flows' bytes so
+        far included."""
+        to_stream, from_stream = self.live.totals()
+        return self.bytes_sent + to_stream, self.bytes_received + from_stream
 
     def endpoint(self, name: str) -> EndpointStats:
         """The counters of endpoint ``name`` (``host:port``), created on first use."""

@@ -444,6 +444,10 @@ class SessionConnection(PeerConnection):
         """False: only a connection whose engine copies between sockets itself can."""
         return False
 
+    def stream_spliced_bytes(self, stream: MeshStream) -> tuple[int, int] | None:
+        """None: only a connection whose engine copies between sockets splices."""
+        return None
+
     async def splice_stream(
         self,
         stream: MeshStream,

@@ -113,6 +113,12 @@ class EngineAcceptor(ABC):
         Whether it was still running."""
 
     @abstractmethod
+    def moved(self, flow: int) -> tuple[int, int] | None:
+        """(bytes read from the accepted connection and sent on the stream, bytes
+        received and written to it) so far by a running engine flow; None once it ended
+        (its end reports the totals) or before it started."""
+
+    @abstractmethod
     def stop(self) -> None:
         """Stop accepting; accepted and running flows carry on."""
 
@@ -140,6 +146,12 @@ class InboundEngineFlow(ABC):
     @abstractmethod
     def buffered_bytes(self) -> int:
         """What the flow holds in memory now (0 before it runs and after it ended)."""
+
+    @abstractmethod
+    def spliced_bytes(self) -> tuple[int, int] | None:
+        """(bytes read from the destination and sent on the stream, bytes received and
+        written to the destination) so far, while the engine carries the flow; None
+        before and after (its outcome has the totals)."""
 
     @abstractmethod
     def abort(self) -> None:

@@ -162,6 +162,10 @@ class StreamChannel(Protocol):
     def stream_unsent_bytes(self, stream: MeshStream) -> int:
         """Bytes written to the stream and not yet sent."""
 
+    def stream_spliced_bytes(self, stream: MeshStream) -> tuple[int, int] | None:
+        """(to the stream, from it) the engine moved so far while it splices the stream;
+        None when it does not."""
+
     def stream_closed(self, stream: MeshStream) -> None:
         """Both directions of the stream are finished: forget it."""
 
@@ -597,6 +601,14 @@ class MeshStream:
         return self._spliced_outcome(
             await self._channel.splice_stream(self, sock, pending, idle_timeout)
         )
+
+    def spliced_bytes(self) -> tuple[int, int] | None:
+        """While the transport's engine splices this flow (:meth:`splice_socket`,
+        :meth:`connect_and_splice`): (bytes read from the socket and sent on the
+        stream, bytes received and written to the socket) so far, as the outcome will
+        count them; None before and after (then :attr:`bytes_sent` and
+        :attr:`bytes_received` count them)."""
+        return self._channel.stream_spliced_bytes(self) if self._spliced else None
 
     def _spliced_outcome(self, outcome: SpliceOutcome) -> SpliceOutcome:
         """Count a splice's bytes and end the stream as its outcome says."""

@@ -22,6 +22,7 @@ from quic_helpers import CA, CLIENT, SERVER, TARGET, require_engine, tcp_pair, u
 
 from quicmesh import QuicTransport
 from quicmesh.errors import StreamReset, TunnelError
+from quicmesh.splice import SpliceResult, moved_so_far
 from quicmesh.transport.quic.native_engine import READ_AHEAD
 from quicmesh.transport.stream import MeshStream, SpliceOutcome
 
@@ -260,6 +261,55 @@ def test_a_tcp_reset_is_heard_while_the_stream_waits_for_credit() -> None:
 
     outcome = run(main())
     assert "reset" in outcome.error.lower(), outcome
+
+
+def test_a_spliced_stream_tells_its_bytes_while_the_engine_copies_it() -> None:
+    """``spliced_bytes()`` reads the engine's counts of a running splice, as its outcome
+    will give them (a sidecar's byte counters showed a flow only at its end); None
+    before the splice and after it."""
+
+    async def main() -> None:
+        spliced: asyncio.Queue[MeshStream] = asyncio.Queue()
+        before: list[tuple[int, int] | None] = []
+
+        async def handler(stream: MeshStream) -> None:
+            sock, reader, writer = await tcp_pair()
+            tcp_ends.put_nowait((reader, writer))
+            before.append(stream.spliced_bytes())
+            spliced.put_nowait(stream)
+            outcomes.put_nowait(await stream.splice_socket(sock))
+
+        tcp_ends: TcpEnds = asyncio.Queue()
+        outcomes: asyncio.Queue[SpliceOutcome] = asyncio.Queue()
+        listener = await transport("native", SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport("native", CLIENT).connect(listener.address)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"u" * 1000)
+        reader, writer = await asyncio.wait_for(tcp_ends.get(), 10)
+        assert await asyncio.wait_for(reader.readexactly(1000), 10) == b"u" * 1000
+        writer.write(b"d" * 3000)
+        assert await asyncio.wait_for(stream.readexactly(3000), 10) == b"d" * 3000
+        server_stream = await spliced.get()
+        assert before == [None]
+        await until(lambda: server_stream.spliced_bytes() == (3000, 1000))
+        assert moved_so_far(server_stream, SpliceResult()) == (3000, 1000)
+        stream.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.write_eof()
+        assert await asyncio.wait_for(stream.read(), 10) == b""
+        outcome = await asyncio.wait_for(outcomes.get(), 10)
+        assert (outcome.bytes_to_stream, outcome.bytes_from_stream, outcome.error) == (
+            3000,
+            1000,
+            "",
+        )
+        assert server_stream.spliced_bytes() is None
+        writer.close()
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+
+    run(main())
 
 
 def test_a_peer_stop_sending_resets_a_quiet_tcp_side_at_once() -> None:

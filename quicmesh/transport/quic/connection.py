@@ -198,6 +198,12 @@ class _EngineInboundFlow(InboundEngineFlow):
             return 0
         return int(self._quic._native.splice_buffered(self.splice_id))
 
+    def spliced_bytes(self) -> tuple[int, int] | None:
+        if self.splice_id is None:
+            return None
+        moved = self._quic._native.splice_moved(self.splice_id)
+        return None if moved is None else (int(moved[0]), int(moved[1]))
+
     def abort(self) -> None:
         if self.splice_id is not None:
             with contextlib.suppress(QuicmeshError):
@@ -405,6 +411,10 @@ class QuicPeerConnection(SessionConnection):
         offering ``can_splice``, e.g. the native one; not while 0-RTT is unsettled)."""
         can_splice = getattr(self.quic, "can_splice", None)
         return self._lost is None and can_splice is not None and bool(can_splice(stream.stream_id))
+
+    def stream_spliced_bytes(self, stream: MeshStream) -> tuple[int, int] | None:
+        spliced_bytes = getattr(self.quic, "stream_spliced_bytes", None)
+        return None if spliced_bytes is None else spliced_bytes(stream.stream_id)
 
     async def connect_for_splice(
         self, stream: MeshStream, host: str, port: int, timeout: float

@@ -1997,6 +1997,17 @@ class NativeConnection:
             return 0
         return state.unsent
 
+    def stream_spliced_bytes(self, stream_id: int) -> tuple[int, int] | None:
+        """(to the stream, from it) the stream's splice moved so far; None when it has
+        none running."""
+        state = self._streams.get(stream_id)
+        if state is None or state.splice_id is None:
+            return None
+        with contextlib.suppress(QuicmeshError, AttributeError):
+            moved = self._native.splice_moved(state.splice_id)
+            return None if moved is None else (int(moved[0]), int(moved[1]))
+        return None
+
     def stream_is_open(self, stream_id: int) -> bool:
         """Whether either direction of the stream can still carry something."""
         state = self._streams.get(stream_id)

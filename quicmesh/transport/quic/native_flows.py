@@ -117,6 +117,10 @@ class FlowAcceptor(EngineAcceptor):
             return bool(self.native.abort(flow, code))
         return False
 
+    def moved(self, flow: int) -> tuple[int, int] | None:
+        moved = self.native.moved(flow)
+        return None if moved is None else (int(moved[0]), int(moved[1]))
+
     def stop(self) -> None:
         """Stop accepting; accepted and running flows carry on."""
         self.native.stop()
