@@ -249,8 +249,12 @@ def test_listening_with_a_certificate_without_spiffe_id_is_a_config_error(engine
     [
         ("127.0.0.1", "127.0.0.1", "::1", "127.0.0.1"),
         ("::", "::ffff:127.0.0.1", "0.0.0.0", "::"),  # an IPv4-mapped peer: over IPv6
+        # ...yet an IPv4 host: not from a real IPv6 address, nor back (taken, then every
+        # flow was lost, a review).
+        ("::", "::ffff:127.0.0.1", "::1", "::ffff:127.0.0.1"),
+        ("::", "::1", "::ffff:127.0.0.1", "::1"),
     ],
-    ids=["ipv4", "ipv4-mapped"],
+    ids=["ipv4", "ipv4-mapped", "ipv4-mapped-to-ipv6", "ipv6-to-ipv4-mapped"],
 )
 def test_migrating_to_another_address_family_is_refused_before_anything_moves(
     engine: str, listen: str, peer: str, wrong: str, right: str

@@ -672,6 +672,17 @@ class QuicPeerConnection(SessionConnection):
                 f"cannot migrate to {host}: an IPv{local.version} address, and the peer "
                 f"({peer_host}) is reached over IPv{peer.version}"
             )
+        # An IPv4-mapped peer is an IPv4 host: an IPv6 socket on a real IPv6 address
+        # cannot reach it, nor one on a mapped address a real IPv6 peer (the migration
+        # was taken, then every flow was lost); the wildcard ``::`` reaches both.
+        if isinstance(local, ipaddress.IPv6Address) and not local.is_unspecified:
+            assert isinstance(peer, ipaddress.IPv6Address)
+            if (local.ipv4_mapped is None) != (peer.ipv4_mapped is None):
+                kinds = {True: "an IPv4-mapped IPv6 address", False: "an IPv6 address"}
+                raise ConnectError(
+                    f"cannot migrate to {host}: {kinds[local.ipv4_mapped is not None]}, and "
+                    f"the peer ({peer_host}) is {kinds[peer.ipv4_mapped is not None]}"
+                )
 
     # -- 0-RTT budget ----------------------------------------------------------------
 
