@@ -161,6 +161,23 @@ IP_RECVERR = 11
 IPV6_RECVERR = 25
 
 
+def has_route(local: tuple[str, int], peer: tuple[str, int]) -> bool:
+    """Whether this host can send to ``peer`` from the address of ``local`` (a socket's
+    own address) now: the address is still assigned and a route leads to the peer. A
+    throwaway UDP socket bound to the address and connected asks the kernel (three
+    system calls); a wildcard address only asks for the route."""
+    try:
+        (family, kind, proto, _, sockaddr), *_ = socket.getaddrinfo(
+            peer[0], peer[1], type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+        )
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind((local[0], 0))
+            sock.connect(sockaddr)
+    except OSError:
+        return False
+    return True
+
+
 def client_udp_socket(address: tuple[str, int], *, recverr: bool = True) -> socket.socket:
     """A non-blocking UDP socket connected to ``address`` (an IP address and a port)
     that asks the kernel for every ICMP error its datagrams draw (Linux: ``IP_RECVERR``,

@@ -912,7 +912,20 @@ class QuicPeerConnection(SessionConnection):
         if exc.errno not in UNREACHABLE_ERRNOS:
             logger.debug("[%s] UDP socket error ignored: %s", self.log_id, exc)
             return
+        if exc.errno != errno.ECONNREFUSED and self._handshake_done and not self._route_here():
+            # Our own send's error, not the peer's answer: the local address went away, or
+            # the route (a network change). The connection waits for a route or for
+            # migrate() as the native engine does (it died before migrate() came, a review).
+            logger.debug("[%s] no route to the peer from here: %s", self.log_id, exc)
+            return
         self._unreachable(exc.strerror or type(exc).__name__)
+
+    def _route_here(self) -> bool:
+        """Whether the socket in use can still reach the peer (:func:`_udp.has_route`)."""
+        if self._transport is None or self._peer_address is None:
+            return True
+        local = self._transport.get_extra_info("sockname")
+        return local is None or _udp.has_route(local, self._peer_address)
 
     def _unreachable(self, why: str) -> None:
         """An ICMP destination unreachable came back for the peer's address (``why``:
