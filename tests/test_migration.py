@@ -11,12 +11,14 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import quic_helpers
-from quic_helpers import TARGET, run, until
+from quic_helpers import TARGET, require_engine, run, until
 
 from quicmesh import MeshStream, QuicTransport
 from quicmesh import _aioquic as aioquic_layer
 from quicmesh.bench.relay import UdpRelay
+from quicmesh.errors import ConfigError
 
 STREAMS = 8
 SIZE = 192 * 1024
@@ -257,3 +259,11 @@ def test_pto_count_and_spare_connection_ids_are_visible() -> None:
         await teardown(listener, None, conn)
 
     run(main())
+
+
+def test_automatic_rebinding_is_refused_on_the_native_engine() -> None:
+    """The native engine does not run the rebind rule: the option was taken and the
+    connection died of probe timeouts where the user asked for a rebind (a review)."""
+    require_engine("native")
+    with pytest.raises(ConfigError, match=r"^rebind_after_ptos is not applied by the native"):
+        quic_helpers.client_transport(engine="native", rebind_after_ptos=2)

@@ -308,6 +308,12 @@ class QuicTransport(Transport):
         check_whole("max_early_data", max_early_data, 0, 1 << 32)
         if rebind_after_ptos is not None:
             check_whole("rebind_after_ptos", rebind_after_ptos, 1, 1 << 30)
+            if found.io == "socket":  # (it was taken, and the connection died unrebound)
+                raise ConfigError(
+                    f"rebind_after_ptos is not applied by the {found.name} QUIC engine "
+                    "(quinn 0.11 moves a connection only when asked): leave it unset, call "
+                    "migrate() on probe timeouts, or use engine='aioquic'"
+                )
         check_whole("max_datagram_size", max_datagram_size, 1200, 1452, span="1200 to 1452")
         if not isinstance(mtu_discovery, bool):
             raise ConfigError(f"mtu_discovery must be True or False, not {mtu_discovery!r}")
