@@ -5,6 +5,7 @@ and a scratch directory with a CA's key left when it cut the directory's removal
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -16,7 +17,7 @@ import pytest
 
 from quicmesh._signals import scratch_directory, signal_handlers, signals_deferred
 from quicmesh.errors import QuicmeshError
-from quicmesh.sidecar.launch import terminate_as_exit
+from quicmesh.sidecar.launch import run_async, terminate_as_exit
 
 
 def _signal_self(signum: int = signal.SIGTERM) -> None:
@@ -175,3 +176,21 @@ def test_a_handler_raising_while_the_handlers_are_set_leaves_none_behind(
         ran = True
     assert not ran  # (the signal came before the block began: it acted first)
     assert {signum: signal.getsignal(signum) for signum in TAKEN} == before
+
+
+def test_a_signal_ends_run_async_even_when_a_clean_up_then_fails() -> None:
+    """SIGTERM cancelled the main task and its ``finally`` then failed (a benchmark's
+    server process had gone with the signal): that error replaced the cancellation, the
+    signal was forgotten, and ``timeout 3 quicmesh bench throughput`` ran every case on
+    for a minute and exited 1 (a review). The signal ends the command now."""
+
+    async def main() -> None:
+        try:
+            asyncio.get_running_loop().call_soon(_signal_self)
+            await asyncio.sleep(30)
+        finally:
+            raise QuicmeshError("the server process did not answer 'end'")
+
+    with pytest.raises(SystemExit) as exited:
+        run_async(main())
+    assert exited.value.code == 128 + signal.SIGTERM

@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) and 2
     duration = args.duration if args.duration is not None else (1.5 if args.quick else 4.0)
     default = FAILOVER_CASES if args.failover else CASES
-    cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
+    given = args.cases if args.cases is not None else ",".join(default)
+    cases = [c.strip() for c in given.split(",") if c.strip()]
     problem = cases_problem(cases, CASES + FAILOVER_CASES)
     if problem is not None:
         print(f"quicmesh bench migration: {problem}", file=sys.stderr)

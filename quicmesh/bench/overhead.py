@@ -1100,6 +1100,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_RATE = 1_000_000
+"""The highest ``--rates`` rate: h2load refused 1e22 and every round failed."""
+
+
 def _plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
     rates = plan.rates
@@ -1108,8 +1112,8 @@ def _plan(args: argparse.Namespace) -> Plan:
             rates = tuple(int(r) for r in args.rates.split(","))
         except ValueError:
             raise BenchError(f"--rates {args.rates!r}: integers separated by commas") from None
-        if not rates or min(rates) < 1:
-            raise BenchError("--rates: each rate must be at least 1 rps")
+        if not rates or min(rates) < 1 or max(rates) > MAX_RATE:
+            raise BenchError(f"--rates: each rate must be 1 to {MAX_RATE:,} rps")
     rounds = plan.rounds if args.rounds is None else args.rounds
     if rounds < 1:
         raise BenchError("--rounds must be at least 1")
@@ -1278,6 +1282,9 @@ def main(argv: list[str] | None = None) -> int:
     print(result["table"], end="")
     if args.json:
         Path(args.json).write_text(json.dumps(_finite(result), indent=2) + "\n")
+    if not result["samples"]:  # (every path skipped or failed: it exited 0)
+        print("quicmesh bench overhead: no path was measured (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -102,12 +102,19 @@ _UNITS = {
 }
 
 
+MAX_SIZE = 1 << 40
+"""The largest ``--size`` (1 TiB: far beyond any download this benchmark makes)."""
+
+
 def parse_size(text: str) -> int:
     """Parse ``256MiB``, ``16M``, ``1.5GB`` or a plain byte count; always positive."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 256MiB, 16MB, 1048576)")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if number > MAX_SIZE:  # (a 400-digit count was an OverflowError's traceback)
+        raise ValueError(f"size must be at most {format_size(MAX_SIZE)}, not {text[:40]!r}")
+    value = int(number)
     if value < 1:
         raise ValueError(f"size must be at least one byte, not {text!r}")
     return value

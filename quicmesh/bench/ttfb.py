@@ -54,6 +54,7 @@ from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Tra
 from .._timeouts import wait_within
 from ..errors import QuicmeshError
 from ..outputs import output_file
+from ..sidecar.launch import terminate_as_exit
 from . import OneLineParser, cases_problem, positive_integer, positive_number
 from ._engine import add_engine_argument, engine_problem
 
@@ -454,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     rtt_ms = args.rtt if args.rtt is not None else (20.0 if args.quick else 50.0)
     trials = args.trials if args.trials is not None else (3 if args.quick else 10)
     default = UDP_BLOCKED_CASES if args.udp_blocked else CASES
-    cases = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
+    given = args.cases if args.cases is not None else ",".join(default)
+    cases = [c.strip() for c in given.split(",") if c.strip()]
     problem = cases_problem(cases, CASES + UDP_BLOCKED_CASES)
     if problem is not None:
         print(f"quicmesh bench ttfb: {problem}", file=sys.stderr)
@@ -464,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quicmesh bench ttfb: {problem}", file=sys.stderr)
         return 2
     try:
-        rows = run_on_link(rtt_ms / 1000, trials, cases, args.engine)
+        # ``kill PID`` and ``timeout`` (SIGTERM, SIGHUP) become SystemExit, so that the
+        # link's tear-down deletes its namespaces, as after Ctrl-C (they were left).
+        with terminate_as_exit():
+            rows = run_on_link(rtt_ms / 1000, trials, cases, args.engine)
     except QuicmeshError as exc:
         print(f"quicmesh bench ttfb: {exc}", file=sys.stderr)
         return 1

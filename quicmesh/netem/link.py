@@ -163,16 +163,19 @@ class Link:
             return
         self._closed = True
         errors: list[str] = []
-        for step in (self._stop_threads, self._stop_processes, self._stop_forwarder):
-            try:
-                step()
-            except Exception as exc:  # keep tearing down; report at the end
-                errors.append(str(exc))
-        for fd in self._tun_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._tun_fds.clear()
-        with signals_deferred():  # (a SystemExit half-way left the rest behind)
+        # Signals held back for the whole tear-down, acted on at its end: a second Ctrl-C
+        # or a SIGTERM while the server process was being stopped (up to _STOP_TIMEOUT)
+        # left the namespaces and that process behind (a review).
+        with signals_deferred():
+            for step in (self._stop_threads, self._stop_processes, self._stop_forwarder):
+                try:
+                    step()
+                except Exception as exc:  # keep tearing down; report at the end
+                    errors.append(str(exc))
+            for fd in self._tun_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._tun_fds.clear()
             for name in reversed(self._namespaces):
                 try:
                     system.delete_namespace(name)

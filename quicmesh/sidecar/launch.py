@@ -113,6 +113,14 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         with terminate_as_exit(handler):
             try:
                 result = runner.run(wrapper())
+            except Exception:
+                # Whatever the main task ended with once cancelled for a signal (a
+                # ``finally`` whose clean-up failed replaced the CancelledError: the
+                # signal was forgotten, and ``timeout`` ran a benchmark's every case on),
+                # the signal is what ends the command.
+                if received:
+                    raise SystemExit(128 + received[0]) from None
+                raise
             except asyncio.CancelledError:
                 if received:
                     raise SystemExit(128 + received[0]) from None

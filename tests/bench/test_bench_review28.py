@@ -156,6 +156,23 @@ def test_hol_sigterm_tears_down_link_scratch_and_workers(
     assert [pid for pid in workers if _running(pid)] == []
 
 
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_ttfb_termination_tears_its_link_down(
+    signum: int, tmp_path: Path, cleanup: list[subprocess.Popen[str]]
+) -> None:
+    """``kill`` or ``timeout`` (SIGTERM), or a hung-up terminal (SIGHUP), ended the ttfb
+    benchmark at once and left both namespaces of its link (a review); Ctrl-C did not."""
+    process, _ = _start(["bench", "ttfb", "--quick", "--trials", "50"], tmp_path)
+    cleanup.append(process)
+    _until(lambda: bool(_namespaces_of(process.pid)), 60, "the ttfb link was not set up")
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, output
+    assert _namespaces_of(process.pid) == []
+
+
 _SUBREAPER_DRIVER = """
 import ctypes, json, os, signal, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])

@@ -63,7 +63,8 @@ def test_a_paced_run_reports_its_rate_and_keeps_quic_flows(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "argv", [["--rtt", "-1"], ["--flows", "0"], ["--cases", "tcp"], ["--rate", "0"]]
+    "argv",
+    [["--rtt", "-1"], ["--flows", "0"], ["--cases", "tcp"], ["--rate", "0"], ["--cases", ""]],
 )
 def test_bad_options_exit_2(argv: list[str]) -> None:
     assert migration.main(argv) == 2

@@ -39,7 +39,13 @@ def test_parse_size(text: str, size: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--size", "12parsecs"], ["--streams", "0"], ["--transports", "udp"]]
+    "argv",
+    [
+        ["--size", "12parsecs"],
+        ["--size", "9" * 400],  # (an OverflowError's traceback, a review)
+        ["--streams", "0"],
+        ["--transports", "udp"],
+    ],
 )
 def test_bad_options_exit_2(argv: list[str]) -> None:
     assert throughput.main(argv) == 2

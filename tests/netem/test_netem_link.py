@@ -402,3 +402,48 @@ def test_the_command_line_tears_its_link_down_on_termination(signum: int) -> Non
         if netem.poll() is None:
             netem.kill()
             netem.wait()
+
+
+def _pids_running(argv: tuple[str, ...]) -> list[int]:
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if cmdline.read() == wanted:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_second_ctrl_c_during_the_tear_down_still_removes_everything() -> None:
+    """Ctrl-C, and Ctrl-C again while the tear-down waits for a server process that
+    ignores SIGTERM (up to 5 s, then SIGKILL): the second one cut the tear-down short,
+    and both namespaces and the server process were left behind (a review)."""
+    server_argv = ("sleep", "37.25")  # (a command line no other process has)
+    netem = subprocess.Popen(
+        [sys.executable, "-m", "quicmesh", "netem", "--quiet", "--delay", "5ms",
+         "--server-command", f"sh -c 'trap \"\" TERM INT; exec {' '.join(server_argv)}'",
+         "--", *SLEEP],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        prefix = f"qmnetem-{netem.pid}-"
+        wait_for(lambda: bool(_pids_running(server_argv)), what="the server process")
+        assert any(n.startswith(prefix) for n in list_namespaces())
+        netem.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the scenario: a second Ctrl-C while the server is being stopped
+        netem.send_signal(signal.SIGINT)
+        _, err = netem.communicate(timeout=30)
+        assert netem.returncode == 130, err
+        assert not [n for n in list_namespaces() if n.startswith(prefix)]
+        assert _pids_running(server_argv) == []
+    finally:
+        if netem.poll() is None:
+            netem.kill()
+            netem.wait()
+        for pid in _pids_running(server_argv):
+            os.kill(pid, signal.SIGKILL)
