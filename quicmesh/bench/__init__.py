@@ -26,6 +26,22 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+MAX_RTT_SECONDS = 60.0
+"""The longest ``--rtt`` a benchmark takes (a minute: ``1e9`` reached the link emulator,
+which refused it after the run had begun, naming its own one-way delay)."""
+
+
+def rtt_seconds(text: str) -> float:
+    """An ``argparse`` type: a round-trip time in seconds (``0.04``), above 0 and at
+    most :data:`MAX_RTT_SECONDS`."""
+    value = positive_number(text)
+    if value > MAX_RTT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_RTT_SECONDS:g} seconds, not {text!r} (0.04 is 40 ms)"
+        )
+    return value
+
+
 def positive_number(text: str) -> float:
     """An ``argparse`` type: a finite number above 0 (``nan`` ran a benchmark for ever,
     ``inf`` and negatives no better)."""

@@ -76,7 +76,7 @@ from ..outputs import output_dir
 from ..sidecar.launch import die_with_parent, terminate_as_exit
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
-from . import OneLineParser, loss_percentages, positive_number, source_state
+from . import OneLineParser, loss_percentages, positive_number, rtt_seconds, source_state
 from ._engine import add_engine_argument, engine_problem
 
 RATE_BPS = 20e6
@@ -1261,7 +1261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rtt",
-        type=positive_number,
+        type=rtt_seconds,
         default=RTT,
         help=f"round-trip time, seconds (default {RTT:g})",
     )

@@ -69,7 +69,7 @@ from ..outputs import output_dir
 from ..sidecar.launch import terminate_as_exit
 from ..tls import DevCA
 from ..transport.base import default_quic_engine
-from . import OneLineParser, loss_percentages, source_state
+from . import MAX_RTT_SECONDS, OneLineParser, loss_percentages, source_state
 from . import _hol_report as report
 from ._engine import add_engine_argument, engine_problem
 from ._hol_worker import MIN_INTERVAL, PARENT_VARIABLE, WorkerConfig
@@ -575,6 +575,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _rtt(text: str) -> float:
+    """``--rtt``: a duration (``40ms``; a bare number is seconds), above 0 and at most
+    :data:`MAX_RTT_SECONDS` (``1e9`` was refused by the link after the run had begun)."""
+    value = _seconds(text)
+    if not 0 < value <= MAX_RTT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be above 0 and at most {MAX_RTT_SECONDS:g}s, not {text!r} (40ms, or 0.04)"
+        )
+    return value
+
+
 def _interval(text: str) -> float:
     """``--interval``: at least :data:`MIN_INTERVAL` (with 0 the client sent requests
     without ever yielding, and its memory grew until it was killed)."""
@@ -715,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="how long to wait for the last answers (default 3s)",
     )
-    parser.add_argument("--rtt", type=_seconds, default=0.040, help="base RTT (default 40ms)")
+    parser.add_argument(
+        "--rtt", type=_rtt, default=0.040, help="base RTT (default 40ms; a bare number is seconds)"
+    )
     parser.add_argument("--rate", type=_rate, default=20e6, help="link rate (default 20mbit)")
     parser.add_argument(
         "--queue",

@@ -148,6 +148,7 @@ def test_goodput_interpolates_the_receiver_timeline() -> None:
         ["--duration", "0"],
         ["--repeat", "0"],
         ["--datagram-size", "1000"],
+        ["--rtt", "100"],  # seconds: over a minute (a review)
     ],
 )
 def test_bad_options_exit_2(argv: list[str]) -> None:

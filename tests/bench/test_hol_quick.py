@@ -87,7 +87,13 @@ def test_tiny_run_writes_expected_json(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--transports", "udp-bbr"], ["--transports", "quic-vegas"], ["--loss", "150"]],
+    [
+        ["--transports", "udp-bbr"],
+        ["--transports", "quic-vegas"],
+        ["--loss", "150"],
+        ["--rtt", "1e9"],  # (refused by the link once the run had begun, a review)
+        ["--rtt", "0"],
+    ],
 )
 def test_bad_options_exit_2(argv: list[str], tmp_path: Path) -> None:
     assert hol.main([*argv, "--out", str(tmp_path)]) == 2
