@@ -1290,12 +1290,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.repeat < 1 or (
-        args.datagram_size is not None and not 1200 <= args.datagram_size <= 1452
-    ):
+    if args.repeat < 1:
         print(
-            "quicmesh bench congestion: --repeat must be at least 1, --datagram-size within "
-            "1200-1452 (QuicTransport's max_datagram_size)",
+            f"quicmesh bench congestion: argument --repeat: must be at least 1, not {args.repeat}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.datagram_size is not None and not 1200 <= args.datagram_size <= 1452:
+        print(
+            "quicmesh bench congestion: argument --datagram-size: must be 1200 to 1452 "
+            f"(QuicTransport's max_datagram_size), not {args.datagram_size}",
             file=sys.stderr,
         )
         return 2
@@ -1308,6 +1312,12 @@ def main(argv: list[str] | None = None) -> int:
     args.flows = args.flows if args.flows is not None else [FlowKind.parse(f) for f in FLOWS]
     if args.fairness is None:
         args.fairness = [FlowKind.parse(f) for f in FAIRNESS_OPPONENTS]
+    if not args.flows and not args.fairness:  # (empty tables and plot, exit 0: a review)
+        print(
+            "quicmesh bench congestion: nothing to run: --flows and --fairness are both none",
+            file=sys.stderr,
+        )
+        return 2
     if args.fairness_loss is not None and args.fairness_loss not in args.losses:
         # Fairness runs inside the loop over --losses: without its loss there, it never ran.
         args.losses = sorted([*args.losses, args.fairness_loss])

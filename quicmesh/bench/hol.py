@@ -771,13 +771,17 @@ def _apply_defaults(args: argparse.Namespace) -> Settings:
     if args.transports is None:
         names = ("quic-bbr", "h2-bbr") if quick else TRANSPORT_VARIANTS
         args.transports = tuple(Variant.parse(n) for n in names)
+    if not args.transports:  # (it ran 0 of 0 and exited 1 saying nothing, a review)
+        raise ValueError("argument --transports: no transport given")
     if args.lowbuf is None:
         args.lowbuf = () if quick else _variants("h2lowbuf-bbr,h2lowbuf-cubic")
     if args.stall_transports is None:
         args.stall_transports = _variants("quic-bbr,h2-bbr")
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    if seeds < 1 or args.flows < 1:
-        raise ValueError("--seeds and --flows must be at least 1")
+    if seeds < 1:
+        raise ValueError(f"argument --seeds: must be at least 1, not {seeds}")
+    if args.flows < 1:
+        raise ValueError(f"argument --flows: must be at least 1, not {args.flows}")
     warmup = args.warmup if args.warmup is not None else 2.0
     measure = args.duration if args.duration is not None else (10.0 if quick else 8.0)
     stall = args.stall_duration if args.stall_duration is not None else (6.0 if quick else 10.0)

@@ -149,6 +149,7 @@ def test_goodput_interpolates_the_receiver_timeline() -> None:
         ["--repeat", "0"],
         ["--datagram-size", "1000"],
         ["--rtt", "100"],  # seconds: over a minute (a review)
+        ["--flows", "none", "--fairness", "none"],  # (empty tables, exit 0: a review)
     ],
 )
 def test_bad_options_exit_2(argv: list[str]) -> None:

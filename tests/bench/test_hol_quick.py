@@ -93,6 +93,7 @@ def test_tiny_run_writes_expected_json(tmp_path: Path) -> None:
         ["--loss", "150"],
         ["--rtt", "1e9"],  # (refused by the link once the run had begun, a review)
         ["--rtt", "0"],
+        ["--transports="],  # (ran 0 of 0 and exited 1 saying nothing, a review)
     ],
 )
 def test_bad_options_exit_2(argv: list[str], tmp_path: Path) -> None:
