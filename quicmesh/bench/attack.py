@@ -602,10 +602,13 @@ def main(argv: list[str]) -> int:
         "--churn-rate",
         type=positive_number,
         default=9000.0,
-        help="streams/s one identity offers in all",
+        help="streams/s one identity offers in all (default 9000)",
     )
     parser.add_argument(
-        "--attackers", type=positive_integer, default=1, help="churn attacker processes"
+        "--attackers",
+        type=positive_integer,
+        default=1,
+        help="churn attacker processes (default 1)",
     )
     parser.add_argument(
         "--churn-allowed",
@@ -618,7 +621,8 @@ def main(argv: list[str]) -> int:
         "--max-stream-rate",
         type=_number_in(0, MAX_STREAM_RATE),
         default=DEFAULT_STREAM_RATE,
-        help="the listener's max_stream_rate: new streams/s per identity (0: unlimited)",
+        help="the listener's max_stream_rate: new streams/s per identity (0: unlimited;"
+        f" default {DEFAULT_STREAM_RATE:g})",
     )
     parser.add_argument(
         "--attacker-nice",
@@ -649,7 +653,9 @@ def main(argv: list[str]) -> int:
         help="(--sidecars) the QUIC engine of both sidecars (B's listener, A's clusters;"
         f" default here: {default_engine}); the attackers stay aioquic clients",
     )
-    parser.add_argument("--role", choices=("bench", "server", "attacker"), default="bench")
+    parser.add_argument(
+        "--role", choices=("bench", "server", "attacker"), default="bench", help=argparse.SUPPRESS
+    )  # (the benchmark's own child processes)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
