@@ -515,7 +515,7 @@ impl Failure {
             },
             Failure::PeerReset(code) | Failure::PeerStopped(code) => {
                 let kind = match self {
-                    _ if *code == H3_CONNECT_ERROR && opened_here => "destination connect error",
+                    _ if *code == H3_CONNECT_ERROR && opened_here => "destination TCP reset",
                     _ if *code == H3_CONNECT_ERROR => "client TCP reset",
                     Failure::PeerStopped(_) => "stopped (STOP_SENDING)",
                     _ => "reset",
@@ -1405,7 +1405,7 @@ mod tests {
         // The peer's H3_CONNECT_ERROR: its destination (a stream we opened), its client.
         assert_eq!(
             Failure::PeerReset(H3_CONNECT_ERROR).describe(0, true),
-            "stream 0 destination connect error by peer (error code 0x10f)"
+            "stream 0 destination TCP reset by peer (error code 0x10f)"
         );
         assert_eq!(
             Failure::PeerReset(H3_CONNECT_ERROR).describe(0, false),

@@ -263,12 +263,13 @@ class SessionConnection(PeerConnection):
                     message = f"stream {event.stream_id}: {event.reason}"
                 else:
                     # H3_CONNECT_ERROR: the TCP connection at the peer's end of the flow
-                    # failed (RFC 9114 8.1): its destination's for a stream we opened,
-                    # its client's for one it opened (that read "destination" too).
+                    # was reset or closed abnormally (RFC 9114 8.1): its destination's for
+                    # a stream we opened, its client's for one it opened (that read
+                    # "destination" too; and a reset mid-flow read "connect error").
                     kind = "reset"
                     if event.connect_error:
                         opened_here = stream is not None and stream.is_client
-                        kind = "destination connect error" if opened_here else "client TCP reset"
+                        kind = "destination TCP reset" if opened_here else "client TCP reset"
                     message = (
                         f"stream {event.stream_id} {kind} by peer "
                         f"(error code {event.error_code:#x})"

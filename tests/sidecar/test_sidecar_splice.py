@@ -340,10 +340,11 @@ def test_half_close_both_ways_and_resets_both_ways(workdir: Path, app: _AppServe
         lines = wait_until(logged, what="three flows logged by both")
         assert [r["outcome"] for r in lines] == ["completed", "reset", "reset"] * 2
         # Each side names the end that failed: A hears of the backend's reset as its
-        # peer's destination error, B of the client's as its peer's client reset (the
-        # native engine said "destination connect error" both ways).
+        # peer's destination reset, B of the client's as its peer's client reset (the
+        # native engine said "destination connect error" both ways, and a reset of the
+        # destination mid-flow is no connect error).
         reasons = [r["reason"] for r in lines]
-        assert "destination connect error by peer" in reasons[1], reasons
+        assert "destination TCP reset by peer" in reasons[1], reasons
         assert "client TCP reset by peer" in reasons[5], reasons
         assert "Connection reset by peer" in reasons[2] + reasons[4], reasons
         assert mesh.spliced("a", "native") == 3
