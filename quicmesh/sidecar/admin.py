@@ -106,6 +106,7 @@ ROUTES = {
     "/clusters": "GET",
     "/listeners": "GET",
     "/config_dump": "GET",
+    "/server_info": "GET",
     "/ready": "GET",
     "/drain": "POST",
     "/migrate": "POST",
@@ -306,6 +307,8 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return _text(200, "\n".join(f"{n}::{v.get('address', '')}" for n, v in listeners.items()))
     if path == "/config_dump":
         return _json(200, view.config_dump())
+    if path == "/server_info":
+        return _json(200, server_info(view.snapshot()))
     if path == "/ready":
         if view.is_ready():
             return _text(200, "ready")
@@ -315,6 +318,29 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         return Deferred(lambda: _migrated(view))
     started = view.begin_drain()
     return _text(202, "draining" if started else "already draining")
+
+
+def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """``/server_info`` in the shape of Envoy's: the version, the state (``LIVE`` once
+    ready, ``DRAINING`` once draining, else ``INITIALIZING``: starting, or not ready,
+    ``/ready`` saying why), the uptime as a protobuf Duration's JSON (``"12s"``; there are
+    no hot restarts, so both epochs are one), and the node."""
+    from .. import __version__
+
+    if snapshot.get("draining"):
+        state = "DRAINING"
+    elif snapshot.get("ready"):
+        state = "LIVE"
+    else:
+        state = "INITIALIZING"
+    uptime = f"{int(snapshot.get('uptime', 0))}s"
+    return {
+        "version": f"quicmesh/{__version__}",
+        "state": state,
+        "uptime_current_epoch": uptime,
+        "uptime_all_epochs": uptime,
+        "node": {"id": snapshot.get("node", ""), "identity": snapshot.get("identity", "")},
+    }
 
 
 def _format(path: str, query: str, default: str, other: str) -> str | Response:

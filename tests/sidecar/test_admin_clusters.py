@@ -96,3 +96,21 @@ def test_another_format_is_a_400_naming_it() -> None:
         assert response.status == 400  # type: ignore[union-attr]
         assert f"{path} format 'yaml': text (the default) or json".encode() in response.body  # type: ignore[union-attr]
     assert route(View(), "POST", "/clusters").status == 405  # type: ignore[union-attr]
+
+
+def test_server_info_has_envoys_shape() -> None:
+    """``/server_info`` as Envoy's (its state for a probe or an operator, without the
+    whole of ``/stats``): ``LIVE`` when ready, ``DRAINING`` once draining."""
+    snapshot = {"node": "a", "identity": "spiffe://mesh.local/ns/default/sa/a", "uptime": 12.7}
+    for flags, state in (
+        ({"ready": True, "draining": False}, "LIVE"),
+        ({"ready": False, "draining": True}, "DRAINING"),
+        ({"ready": False, "draining": False}, "INITIALIZING"),
+    ):
+        response = route(StaticView({**snapshot, **flags}), "GET", "/server_info")
+        assert response.status == 200  # type: ignore[union-attr]
+        info = json.loads(response.body)  # type: ignore[union-attr]
+        assert info["state"] == state
+        assert info["version"].startswith("quicmesh/")
+        assert info["uptime_current_epoch"] == info["uptime_all_epochs"] == "12s"
+        assert info["node"] == {"id": "a", "identity": snapshot["identity"]}

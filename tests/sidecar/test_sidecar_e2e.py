@@ -475,12 +475,14 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
 
         async def main() -> None:
             held = await HeldFlow.open(ports["echo"])  # never finished
+            assert json.loads(a.request("GET", "/server_info")[1])["state"] == "LIVE"
             # A drain the admin began (a preStop hook), then the kubelet's SIGTERM: the
             # first signal does not cut the grace period (review of the first version).
             assert a.request("POST", "/drain")[0] == 202
             await asyncio.to_thread(
                 wait_until, lambda: "draining: 1 live flows" in a.stderr(), 10.0, "A draining"
             )
+            assert json.loads(a.request("GET", "/server_info")[1])["state"] == "DRAINING"
             a.signal(signal.SIGTERM)
             await asyncio.to_thread(
                 wait_until, lambda: "draining already" in a.stderr(), 10.0, "the SIGTERM"
