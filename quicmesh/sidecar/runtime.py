@@ -758,10 +758,13 @@ class Sidecar:
         self.ready = False
         grace = self.config.drain.grace_period
         logger.info("draining: %d live flows, grace period %gs", self.flows.active, grace)
-        for out in self.outbound.values():
-            out.close()
+        # Inbound only, as Istio drains a sidecar: peers are told to go away and new
+        # inbound flows are refused, while the outbound listeners keep taking the
+        # application's connections until the wait below ends (an application that is
+        # stopping too may still call out: to finish its work, to deregister).
         for capture in self.capture:
-            capture.close()
+            if capture.direction == "inbound":
+                capture.close()
         for inb in self.inbound.values():
             inb.begin_drain()
         started = time.monotonic()
@@ -770,6 +773,10 @@ class Sidecar:
         await asyncio.wait((idle, ended), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         idle.cancel()
         ended.cancel()
+        for out in self.outbound.values():
+            out.close()
+        for capture in self.capture:
+            capture.close()
         if self.flows.active:
             why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
             logger.warning("%s: closing %d live flows", why, self.flows.active)

@@ -465,6 +465,36 @@ def _quic_pair(
         mesh.b.stop()
 
 
+def test_a_draining_sidecar_still_carries_the_applications_new_outbound_flows(
+    workdir: Path, echo_port: int
+) -> None:
+    """A drain is inbound only, as Istio's: while live flows finish, the application's
+    new outbound connections are carried (they were refused from the drain's start, so
+    a request being served that had to call out failed)."""
+    with _quic_pair(workdir, echo_port, "drain-outbound", drain={"grace_period": "60s"}) as (
+        a,
+        ports,
+    ):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])  # keeps the drain waiting
+            assert a.request("POST", "/drain")[0] == 202
+            await asyncio.to_thread(
+                wait_until, lambda: "draining: 1 live flows" in a.stderr(), 10.0, "A draining"
+            )
+            late = await HeldFlow.open(ports["echo"])  # (echoed "hello": carried)
+            assert await late.finish(b"a call out while draining") is True
+            assert await held.finish(b"done") is True
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        assert [r["outcome"] for r in a.access_log() if r["listener"] == "echo"] == [
+            "completed",
+            "completed",
+        ]
+
+
 def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port: int) -> None:
     """Found by a review: with a long grace period (up to a day) and a flow that does
     not end, further signals did nothing; an operator's way out was kill -9."""
