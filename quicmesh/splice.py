@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -170,7 +171,10 @@ async def splice(
             moved()
             result.bytes_to_stream += len(data)
             stream.write(data)
-            await stream.drain()
+            if stream.drain_would_wait():
+                await _drain_watching_tcp(stream, writer)
+            else:
+                await stream.drain()
             moved()
 
     async def stream_to_tcp() -> None:
@@ -213,6 +217,53 @@ async def splice(
             await writer.wait_closed()
         stream.close()
     return result
+
+
+async def _drain_watching_tcp(stream: MeshStream, writer: asyncio.StreamWriter) -> None:
+    """``stream.drain()``, failing with the TCP connection's error if it is reset while
+    the stream waits for its peer's credit: the copy reads the socket no more meanwhile
+    (asyncio stops watching a socket whose reading is paused), so a reset was heard only
+    once the peer read again, or at the flow's idle timeout, an hour by default (a review;
+    the native engine's splice watches for it the same way). Only while the stream waits:
+    a watch costs an epoll instance, not a step per chunk."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        await stream.drain()
+        return
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[OSError] = loop.create_future()
+    # A socket's error (EPOLLERR; its reset) wakes an epoll instance of our own, which the
+    # event loop watches: the loop's own registration of the socket is left alone. A
+    # clean close both ways (EPOLLHUP alone) is no failure: the watch just ends.
+    watch = select.epoll(1)
+    try:
+        watch.register(sock.fileno(), select.EPOLLERR | select.EPOLLONESHOT)
+    except (OSError, ValueError):  # (closed meanwhile: uvloop's stand-in says -1)
+        watch.close()
+        await stream.drain()
+        return
+
+    def woken() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for _, events in watch.poll(0):
+                if events & select.EPOLLERR and not failed.done():
+                    # (Read, the error is cleared: the flow fails on it below.)
+                    number = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if number:
+                        failed.set_result(OSError(number, f"TCP connection: {os.strerror(number)}"))
+        loop.remove_reader(watch.fileno())
+
+    loop.add_reader(watch.fileno(), woken)
+    drained = asyncio.ensure_future(stream.drain())
+    try:
+        await asyncio.wait((drained, failed), return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+            raise failed.result()
+        await drained
+    finally:
+        drained.cancel()
+        loop.remove_reader(watch.fileno())
+        watch.close()
 
 
 @contextlib.contextmanager
@@ -415,6 +466,9 @@ def _reset_tcp(writer: asyncio.StreamWriter) -> None:
 
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # (uvloop's stand-in for a socket whose transport already closed, after the peer's
+        # reset, raises ValueError "negative file descriptor": it escaped the splice, and
+        # the flow's handler failed with a traceback.)
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()

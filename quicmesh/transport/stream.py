@@ -468,6 +468,15 @@ class MeshStream:
             await asyncio.sleep(0)
             self._raise_error()
 
+    def drain_would_wait(self) -> bool:
+        """Whether :meth:`drain` would wait now (more than ``high_water`` bytes unsent,
+        and the peer still reading)."""
+        return (
+            self._error is None
+            and not self._peer_stopped_reading
+            and self._channel.stream_unsent_bytes(self) > self._high_water
+        )
+
     async def wait_sent(self) -> None:
         """Wait until every byte written so far has been handed to the network.
 
