@@ -162,20 +162,29 @@ async def splice(
 
     moved, idle_watchers = idle_watch(idle_timeout, handed_off)
 
+    watch: list[_TcpResetWatch] = []
+
     async def tcp_to_stream() -> None:
-        while True:
-            data = await reader.read(CHUNK)
-            if not data:
-                stream.write_eof()
-                return
-            moved()
-            result.bytes_to_stream += len(data)
-            stream.write(data)
-            if stream.drain_would_wait():
-                await _drain_watching_tcp(stream, writer)
-            else:
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    stream.write_eof()
+                    return
+                moved()
+                result.bytes_to_stream += len(data)
+                stream.write(data)
+                if not watch and stream.drain_would_wait():
+                    sock = writer.get_extra_info("socket")
+                    task = asyncio.current_task()
+                    if sock is not None and task is not None:
+                        watch.append(_TcpResetWatch(sock, task))
                 await stream.drain()
-            moved()
+                moved()
+        except asyncio.CancelledError:
+            if watch and watch[0].error is not None:
+                raise watch[0].error from None  # the TCP side's reset: the flow fails
+            raise
 
     async def stream_to_tcp() -> None:
         while True:
@@ -200,7 +209,11 @@ async def splice(
             raise error
 
     try:
-        await run_copies([tcp_to_stream(), stream_to_tcp()], [stream_failure(), *idle_watchers])
+        try:
+            await run_copies([tcp_to_stream(), stream_to_tcp()], [stream_failure(), *idle_watchers])
+        finally:
+            for made in watch:
+                made.close()
     except (TunnelError, OSError, asyncio.IncompleteReadError, FlowIdle) as exc:
         result.error = str(exc) or type(exc).__name__
         is_tcp_error = isinstance(exc, OSError)
@@ -219,51 +232,48 @@ async def splice(
     return result
 
 
-async def _drain_watching_tcp(stream: MeshStream, writer: asyncio.StreamWriter) -> None:
-    """``stream.drain()``, failing with the TCP connection's error if it is reset while
-    the stream waits for its peer's credit: the copy reads the socket no more meanwhile
-    (asyncio stops watching a socket whose reading is paused), so a reset was heard only
-    once the peer read again, or at the flow's idle timeout, an hour by default (a review;
-    the native engine's splice watches for it the same way). Only while the stream waits:
-    a watch costs an epoll instance, not a step per chunk."""
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        await stream.drain()
-        return
-    loop = asyncio.get_running_loop()
-    failed: asyncio.Future[OSError] = loop.create_future()
-    # A socket's error (EPOLLERR; its reset) wakes an epoll instance of our own, which the
-    # event loop watches: the loop's own registration of the socket is left alone. A
-    # clean close both ways (EPOLLHUP alone) is no failure: the watch just ends.
-    watch = select.epoll(1)
-    try:
-        watch.register(sock.fileno(), select.EPOLLERR | select.EPOLLONESHOT)
-    except (OSError, ValueError):  # (closed meanwhile: uvloop's stand-in says -1)
-        watch.close()
-        await stream.drain()
-        return
+class _TcpResetWatch:
+    """Hears a TCP connection's reset while the copy does not read it, and fails the copy
+    task then: the copy from TCP to the stream stops reading while the stream waits for
+    its peer's credit (asyncio stops watching a socket whose reading is paused), so a
+    reset was heard only once the peer read again, or at the flow's idle timeout, an hour
+    by default (a review; the native engine's splice watches for it the same way).
 
-    def woken() -> None:
+    An epoll instance of its own, watched by the event loop, has the socket for its
+    error (EPOLLERR) alone: the loop's own registration of the socket is left alone, and
+    nothing happens while the connection is well. Made at a flow's first wait for credit
+    (three system calls), not for every flow; it stops at its first wake-up (an error, or
+    a clean close both ways, EPOLLHUP, which is none)."""
+
+    def __init__(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        self.error: OSError | None = None
+        self._sock = sock
+        self._task = task
+        self._loop = asyncio.get_running_loop()
+        self._epoll: select.epoll | None = select.epoll(1)
+        try:
+            self._epoll.register(sock.fileno(), select.EPOLLERR)
+            self._loop.add_reader(self._epoll.fileno(), self._woken)
+        except (OSError, ValueError):  # (closed meanwhile: uvloop's stand-in says -1)
+            self.close()
+
+    def _woken(self) -> None:
+        assert self._epoll is not None
         with contextlib.suppress(OSError, ValueError):
-            for _, events in watch.poll(0):
-                if events & select.EPOLLERR and not failed.done():
-                    # (Read, the error is cleared: the flow fails on it below.)
-                    number = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            for _, events in self._epoll.poll(0):
+                if events & select.EPOLLERR:
+                    # (Read, the error is cleared: the copy fails on it instead.)
+                    number = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if number:
-                        failed.set_result(OSError(number, f"TCP connection: {os.strerror(number)}"))
-        loop.remove_reader(watch.fileno())
+                        self.error = OSError(number, f"TCP connection: {os.strerror(number)}")
+                        self._task.cancel()
+        self.close()
 
-    loop.add_reader(watch.fileno(), woken)
-    drained = asyncio.ensure_future(stream.drain())
-    try:
-        await asyncio.wait((drained, failed), return_when=asyncio.FIRST_COMPLETED)
-        if failed.done():
-            raise failed.result()
-        await drained
-    finally:
-        drained.cancel()
-        loop.remove_reader(watch.fileno())
-        watch.close()
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
 
 
 @contextlib.contextmanager
