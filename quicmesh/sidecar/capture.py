@@ -225,6 +225,7 @@ class _CaptureListener:
                     record.bytes_received,
                     record.reason,
                     flow=record,
+                    duration=record.duration,
                 )
                 self.counts.count(self.direction, record.original_destination or "none", route)
                 self._log(record)

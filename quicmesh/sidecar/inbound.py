@@ -742,6 +742,7 @@ class InboundListener:
                 record.bytes_received,
                 record.reason,
                 flow=record,
+                duration=record.duration,
             )
             self._log(record)
             self._local_flows.end()
@@ -770,6 +771,7 @@ class InboundListener:
                 record.bytes_received,
                 record.reason,
                 flow=record,
+                duration=record.duration,
             )
             self._log(record)
 

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from .circuit import LIMITS as CIRCUIT_LIMITS
 from .overload import STATES as OVERLOAD_STATES
@@ -354,6 +359,21 @@ def _listener_families(listeners: dict[str, Any]) -> Iterator[Metric]:
         for outcome, count in data["outcomes"].items():
             flows.add_metric([listener, outcome], count)
     yield flows
+    durations = HistogramMetricFamily(
+        "quicmesh_listener_flow_duration_seconds",
+        "How long the listener's flows lasted (Envoy's downstream_cx_length_ms).",
+        labels=["listener", "kind"],
+    )
+    for listener, data in listeners.items():
+        histogram = data.get("flow_duration_seconds")
+        if histogram is not None:
+            buckets = [(repr(float(bound)), count) for bound, count in histogram["buckets"]]
+            durations.add_metric(
+                [listener, data["kind"]],
+                [*buckets, ("+Inf", histogram["count"])],
+                histogram["sum"],
+            )
+    yield durations
     yield from _overload_families(listeners)
     for name, label, values, key, doc in _LISTENER_QUIC:
         family = CounterMetricFamily(

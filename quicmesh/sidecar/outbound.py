@@ -177,7 +177,12 @@ class OutboundListener:
         stats.connections_active -= 1
         record.duration = time.monotonic() - started
         stats.flow_ended(
-            record.outcome, record.bytes_sent, record.bytes_received, record.reason, flow=record
+            record.outcome,
+            record.bytes_sent,
+            record.bytes_received,
+            record.reason,
+            flow=record,
+            duration=record.duration,
         )
         cluster.stats.outcomes[record.outcome.value] += 1
         self._log(record)

@@ -8,6 +8,7 @@ source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,39 @@ def sum_counters(sources: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for name, count in counters.items():
             total[name] = total.get(name, 0) + count
     return total
+
+
+FLOW_DURATION_BUCKETS = (
+    0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+"""Upper bounds, in seconds, of the flow-duration histogram's buckets: Envoy's default
+histogram buckets (0.5 ms to an hour), as its ``downstream_cx_length_ms`` uses them."""
+
+
+class DurationHistogram:
+    """How long flows lasted, in :data:`FLOW_DURATION_BUCKETS` (Envoy's
+    ``downstream_cx_length_ms``; a Prometheus histogram in ``/metrics``)."""
+
+    def __init__(self) -> None:
+        self._counts = [0] * (len(FLOW_DURATION_BUCKETS) + 1)  # the last one: above all
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(FLOW_DURATION_BUCKETS, seconds)
+        self._counts[index] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def to_dict(self) -> dict[str, object]:
+        """``buckets``: ``[upper bound, flows at most that long]`` pairs (cumulative, as
+        Prometheus's ``le``), then ``sum`` (seconds) and ``count``."""
+        cumulative, buckets = 0, []
+        for bound, count in zip(FLOW_DURATION_BUCKETS, self._counts, strict=False):
+            cumulative += count
+            buckets.append([bound, cumulative])
+        return {"buckets": buckets, "sum": round(self.sum, 6), "count": self.count}
 
 
 MovedSoFar = Callable[[], tuple[int, int]]
@@ -122,6 +156,9 @@ class ListenerStats:
     """Flows this listener reset for its ``flow_idle_timeout`` (Envoy's tcp_proxy
     ``idle_timeout`` counter)."""
     outcomes: Counter[str] = field(default_factory=Counter)
+    flow_durations: DurationHistogram = field(default_factory=DurationHistogram)
+    """How long the flows that ended lasted (those the listener took: not refusals
+    before a flow began)."""
     quic_counters: list[Counter[str]] = field(default_factory=list)
     """(inbound) The :attr:`~quicmesh.transport.base.Transport.counters` of every
     transport this listener served with that counts (QUIC), across reloads: tickets,
@@ -137,11 +174,15 @@ class ListenerStats:
         reason: str = "",
         *,
         flow: object = None,
+        duration: float | None = None,
     ) -> None:
         """Count a finished flow (``reason``: why it did not complete, if it did not;
-        ``flow``: its key in :attr:`live`, if it was there)."""
+        ``flow``: its key in :attr:`live`, if it was there; ``duration``: how long it
+        lasted, seconds, for :attr:`flow_durations`)."""
         self.live.discard(flow)
         self.outcomes[outcome.value] += 1
+        if duration is not None:
+            self.flow_durations.observe(duration)
         if outcome is Outcome.RESET and reason.startswith(IDLE_TIMEOUT_REASON):
             self.idle_timeouts += 1
         self.bytes_received += bytes_received
@@ -171,6 +212,7 @@ class ListenerStats:
             "engine_flows_returned": self.engine_flows_returned,
             "idle_timeouts": self.idle_timeouts,
             "outcomes": dict(self.outcomes),
+            "flow_duration_seconds": self.flow_durations.to_dict(),
         }
         if self.quic_counters:
             view["quic"] = sum_counters(self.quic_counters)

@@ -67,6 +67,9 @@ def test_a_flow_held_open_is_counted_while_it_runs_and_once(
     if cluster == "quic_native":
         require_engine("native")
     a, ports = sidecar_a
+    durations_before = metric(
+        a.metrics(), "quicmesh_listener_flow_duration_seconds_count", listener=cluster
+    )
     before = byte_counts(a, mesh.b, cluster)
     moved = len(b"hello") + len(PAYLOAD)
     expected = {name: count + moved for name, count in before.items()}
@@ -97,3 +100,9 @@ def test_a_flow_held_open_is_counted_while_it_runs_and_once(
     wait_until(logged, 20.0, "A logged the flow")
     wait_until(lambda: mesh.b.stats()["listeners"]["mesh"]["streams_active"] == 0, 20.0)
     assert byte_counts(a, mesh.b, cluster) == expected  # its end added nothing more
+    # And its duration is in the listener's histogram (Envoy's downstream_cx_length_ms).
+    on_a = a.metrics()
+    name = "quicmesh_listener_flow_duration_seconds"
+    assert metric(on_a, f"{name}_count", listener=cluster) == durations_before + 1
+    assert metric(on_a, f"{name}_bucket", listener=cluster, le="+Inf") == durations_before + 1
+    assert metric(on_a, f"{name}_bucket", listener=cluster, le="0.0005") <= durations_before
