@@ -178,19 +178,23 @@ def test_a_handler_raising_while_the_handlers_are_set_leaves_none_behind(
     assert {signum: signal.getsignal(signum) for signum in TAKEN} == before
 
 
-def test_a_signal_ends_run_async_even_when_a_clean_up_then_fails() -> None:
-    """SIGTERM cancelled the main task and its ``finally`` then failed (a benchmark's
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_run_async_even_when_a_clean_up_then_fails(signum: int) -> None:
+    """The signal cancelled the main task and its ``finally`` then failed (a benchmark's
     server process had gone with the signal): that error replaced the cancellation, the
     signal was forgotten, and ``timeout 3 quicmesh bench throughput`` ran every case on
-    for a minute and exited 1 (a review). The signal ends the command now."""
+    for a minute and exited 1 (a review; Ctrl-C alike, the review of the fix). The signal
+    ends the command now: SystemExit(143), or KeyboardInterrupt."""
 
     async def main() -> None:
         try:
-            asyncio.get_running_loop().call_soon(_signal_self)
+            asyncio.get_running_loop().call_soon(_signal_self, signum)
             await asyncio.sleep(30)
         finally:
             raise QuicmeshError("the server process did not answer 'end'")
 
-    with pytest.raises(SystemExit) as exited:
+    expected = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(expected) as ended:
         run_async(main())
-    assert exited.value.code == 128 + signal.SIGTERM
+    if signum == signal.SIGTERM:
+        assert isinstance(ended.value, SystemExit) and ended.value.code == 128 + signum

@@ -280,9 +280,19 @@ class _CaptureListener:
             _settle()
         self.stats.streams_total += 1
         self.stats.streams_active += 1
+        counts = [0, 0]  # (downstream to destination, back): read while the flow runs
+        if self.direction == "inbound":  # the downstream side is the peer, the "stream"
+            self.stats.live.add(record, lambda: (counts[1], counts[0]))
+        else:
+            self.stats.live.add(record, lambda: (counts[0], counts[1]))
         try:
             sent, received, error = await pipe(
-                reader, writer, up_reader, up_writer, idle_timeout=self.config.flow_idle_timeout
+                reader,
+                writer,
+                up_reader,
+                up_writer,
+                idle_timeout=self.config.flow_idle_timeout,
+                counts=counts,
             )
         finally:
             self.stats.streams_active -= 1
@@ -399,14 +409,17 @@ async def pipe(
     up_writer: asyncio.StreamWriter,
     *,
     idle_timeout: float | None = None,
+    counts: list[int] | None = None,
 ) -> tuple[int, int, str]:
     """Copy bytes both ways between two TCP connections, with half-close.
 
     Returns (bytes downstream to upstream, bytes upstream to downstream, error).
     On an error, or once no byte moved either way for ``idle_timeout`` seconds (None:
-    never), both connections are reset.
+    never), both connections are reset. ``counts``, if given, is counted into as the
+    bytes move (the same two numbers), for the caller to read meanwhile.
     """
-    counts = [0, 0]
+    if counts is None:
+        counts = [0, 0]
 
     def handed_off() -> int:
         return sum(counts) - unwritten_bytes(up_writer) - unwritten_bytes(writer)

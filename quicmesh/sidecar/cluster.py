@@ -550,11 +550,11 @@ class Cluster:
     ) -> None:
         """A flow opened by :meth:`open_flow` ended: give back its slot, count its bytes
         (its running count in :attr:`ClusterStats.live` ends, if it had one)."""
-        self.stats.live.discard(flow)
+        seen_sent, seen_received = self.stats.live.discard(flow)
         self.breaker.release_stream()
         self.stats.streams_active -= 1
-        self.stats.bytes_sent += bytes_sent
-        self.stats.bytes_received += bytes_received
+        self.stats.bytes_sent += max(bytes_sent, seen_sent)
+        self.stats.bytes_received += max(bytes_received, seen_received)
         self.stats.endpoint(flow.endpoint.name).streams_active -= 1
 
     def _record_connect_failure(self, endpoint: Endpoint, error: BaseException) -> None:

@@ -90,8 +90,11 @@ def terminate_as_exit(
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)``, except that SIGTERM and SIGHUP cancel the main task as
     asyncio does on SIGINT, so that its ``finally`` blocks run in the loop (stop the
-    sidecars, close the servers), and then raise ``SystemExit(128 + signal)``. A second
-    signal, or one before the loop runs, raises SystemExit at once (:func:`terminate_as_exit`)."""
+    sidecars, close the servers), and then raise ``SystemExit(128 + signal)``; after
+    SIGINT, KeyboardInterrupt. Whatever the cancelled task ends with, the signal ends the
+    command: a ``finally`` whose clean-up failed replaced the CancelledError, the signal
+    was forgotten, and ``timeout`` ran a benchmark's every case on. A second signal, or
+    one before the loop runs, raises at once (:func:`terminate_as_exit`)."""
     received: list[int] = []
     main_task: list[asyncio.Task[T]] = []
 
@@ -101,32 +104,33 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         main_task.append(task)
         return await main
 
+    def ending() -> BaseException:
+        if received[0] == signal.SIGINT:
+            return KeyboardInterrupt()
+        return SystemExit(128 + received[0])
+
     with asyncio.Runner() as runner:
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if received or not main_task or main_task[0].done():
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
                 raise SystemExit(128 + signum)
             received.append(signum)
             main_task[0].cancel()
             runner.get_loop().call_soon_threadsafe(lambda: None)  # wake the loop up
 
-        with terminate_as_exit(handler):
+        # (SIGINT too, in place of asyncio.Runner's own handler, which does the same but
+        # lets another exception from the cancelled task win over the KeyboardInterrupt.)
+        with terminate_as_exit(handler), signal_handlers((signal.SIGINT,), handler):
             try:
                 result = runner.run(wrapper())
-            except Exception:
-                # Whatever the main task ended with once cancelled for a signal (a
-                # ``finally`` whose clean-up failed replaced the CancelledError: the
-                # signal was forgotten, and ``timeout`` ran a benchmark's every case on),
-                # the signal is what ends the command.
+            except (Exception, asyncio.CancelledError):
                 if received:
-                    raise SystemExit(128 + received[0]) from None
-                raise
-            except asyncio.CancelledError:
-                if received:
-                    raise SystemExit(128 + received[0]) from None
+                    raise ending() from None
                 raise
             if received:
-                raise SystemExit(128 + received[0])
+                raise ending()
             return result
 
 

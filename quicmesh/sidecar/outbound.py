@@ -513,7 +513,10 @@ async def proxy_to_cluster(
             # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
     except BaseException:
-        cluster.stats.live.discard(flow)  # (not counted: the flow was abandoned)
+        # Abandoned (no totals): what its running count showed stays counted.
+        seen_sent, seen_received = cluster.stats.live.discard(flow)
+        cluster.stats.bytes_sent += seen_sent
+        cluster.stats.bytes_received += seen_received
         raise
     finally:
         stats.streams_active -= 1

@@ -9,6 +9,7 @@ source of both ``/stats`` (JSON) and ``/metrics`` (Prometheus, see
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -103,8 +104,18 @@ class LiveBytes:
         (``flow`` is any object that lives as long, compared by identity)."""
         self._flows[id(flow)] = (moved, [0, 0])
 
-    def discard(self, flow: object) -> None:
-        self._flows.pop(id(flow), None)
+    def discard(self, flow: object) -> tuple[int, int]:
+        """Stop counting ``flow``; its last reading, (to the stream, from it), read once
+        more now (a flow that ended by an exception, whose totals are not counted, still
+        counts what it moved, and no counter goes down)."""
+        entry = self._flows.pop(id(flow), None)
+        if entry is None:
+            return 0, 0
+        moved, last = entry
+        with contextlib.suppress(Exception):  # (an engine gone: its last reading stands)
+            now = moved()
+            return max(last[0], now[0]), max(last[1], now[1])
+        return last[0], last[1]
 
     def totals(self) -> tuple[int, int]:
         """(to the streams, from them) over the running flows."""
@@ -179,22 +190,29 @@ class ListenerStats:
         """Count a finished flow (``reason``: why it did not complete, if it did not;
         ``flow``: its key in :attr:`live`, if it was there; ``duration``: how long it
         lasted, seconds, for :attr:`flow_durations`)."""
-        self.live.discard(flow)
+        seen_received, seen_sent = self._downstream_terms(*self.live.discard(flow))
         self.outcomes[outcome.value] += 1
         if duration is not None:
             self.flow_durations.observe(duration)
         if outcome is Outcome.RESET and reason.startswith(IDLE_TIMEOUT_REASON):
             self.idle_timeouts += 1
-        self.bytes_received += bytes_received
-        self.bytes_sent += bytes_sent
+        # (Its totals, or more where its running count showed more: a flow abandoned by
+        # an exception has no totals, and its bytes were not to vanish from the counter.)
+        self.bytes_received += max(bytes_received, seen_received)
+        self.bytes_sent += max(bytes_sent, seen_sent)
+
+    def _downstream_terms(self, to_stream: int, from_stream: int) -> tuple[int, int]:
+        """A flow's (to the stream, from it) as (received from, sent to) the downstream
+        side: on an inbound listener the downstream side is the peer, at the stream."""
+        if self.kind.endswith("inbound"):
+            return from_stream, to_stream
+        return to_stream, from_stream
 
     def moved(self) -> tuple[int, int]:
         """(bytes received, bytes sent) from and to the downstream side, running flows'
         bytes so far included."""
-        to_stream, from_stream = self.live.totals()
-        if self.kind.endswith("inbound"):  # the downstream side is the peer: the stream
-            return self.bytes_received + from_stream, self.bytes_sent + to_stream
-        return self.bytes_received + to_stream, self.bytes_sent + from_stream
+        received, sent = self._downstream_terms(*self.live.totals())
+        return self.bytes_received + received, self.bytes_sent + sent
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly view (``quic`` only for a listener that served QUIC)."""

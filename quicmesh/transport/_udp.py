@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import socket
 import sys
 from collections.abc import Callable
@@ -161,20 +162,26 @@ IP_RECVERR = 11
 IPV6_RECVERR = 25
 
 
-def has_route(local: tuple[str, int], peer: tuple[str, int]) -> bool:
+NO_ROUTE_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
+"""What the kernel says, binding to a local address or connecting from it, when the
+address is gone or no route leads from it to the peer."""
+
+
+def has_route(local: tuple[Any, ...], peer: tuple[str, int]) -> bool:
     """Whether this host can send to ``peer`` from the address of ``local`` (a socket's
-    own address) now: the address is still assigned and a route leads to the peer. A
-    throwaway UDP socket bound to the address and connected asks the kernel (three
-    system calls); a wildcard address only asks for the route."""
+    own address, an IPv6 one with its flow info and scope) now: the address is still
+    assigned and a route leads to the peer. A throwaway UDP socket bound to the address
+    and connected asks the kernel (three system calls); a wildcard address only asks for
+    the route. Anything else going wrong is no answer: True (the caller's peer spoke)."""
     try:
         (family, kind, proto, _, sockaddr), *_ = socket.getaddrinfo(
             peer[0], peer[1], type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
         )
         with socket.socket(family, kind, proto) as sock:
-            sock.bind((local[0], 0))
+            sock.bind((local[0], 0, *local[2:]))  # (a link-local address needs its scope)
             sock.connect(sockaddr)
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno not in NO_ROUTE_ERRNOS
     return True
 
 

@@ -357,3 +357,57 @@ def test_pipe_copies_both_ways_with_half_close() -> None:
     sent, received, error, answer = asyncio.run(main())
     assert answer == b"HELLO " * 1000
     assert (sent, received, error) == (6000, 6000, "")
+
+
+def test_a_captured_direct_flow_is_counted_while_it_runs() -> None:
+    """Interception's direct flows (inbound to the application, outbound passthrough)
+    showed their bytes only at their end (a review of the live byte counters): 100,000
+    bytes in and 7,000 back, the flow still open, are counted now, each way, and once."""
+    from quicmesh.sidecar.accesslog import FlowRecord, Outcome
+    from quicmesh.sidecar.capture import CaptureInboundListener
+    from quicmesh.sidecar.config import InterceptConfig
+    from quicmesh.sidecar.flows import FlowTracker
+    from quicmesh.sidecar.stats import ListenerStats
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async def application(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(100_000)
+            writer.write(bytes(7_000))
+            await writer.drain()
+            await reader.read()  # until the flow ends
+            writer.close()
+
+        app = await asyncio.start_server(application, "127.0.0.1", 0)
+        stats = ListenerStats("intercept_inbound", "intercept_inbound")
+        listener = CaptureInboundListener(
+            InterceptConfig(), stats, FlowTracker(), DestinationCounts(), lambda record: None
+        )
+        ended = asyncio.Event()
+
+        async def captured(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            record = FlowRecord(
+                start=0.0, duration=0.0, listener="intercept_inbound", direction="inbound",
+                downstream="", target="", transport="", peer_identity="", endpoint="",
+                bytes_sent=0, bytes_received=0, outcome=Outcome.COMPLETED,
+            )  # fmt: skip
+            try:
+                await listener._direct(app.sockets[0].getsockname()[:2], reader, writer, record)
+            finally:
+                stats.flow_ended(record.outcome, record.bytes_sent, record.bytes_received,
+                                 record.reason, flow=record)  # fmt: skip
+                ended.set()
+
+        front = await asyncio.start_server(captured, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*front.sockets[0].getsockname()[:2])
+        writer.write(bytes(100_000))
+        assert await reader.readexactly(7_000) == bytes(7_000)
+        running = stats.to_dict()
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 10)
+        front.close()
+        app.close()
+        return running, stats.to_dict()
+
+    running, after = asyncio.run(main())
+    assert (running["bytes_received"], running["bytes_sent"]) == (100_000, 7_000), running
+    assert (after["bytes_received"], after["bytes_sent"]) == (100_000, 7_000), after

@@ -87,7 +87,11 @@ def namespace() -> Iterator[tuple[str, str, str]]:
     and the device inside."""
     tag = f"{os.getpid() % 100000}"
     name, outside, inside = f"qmmig{tag}", f"qmm{tag}o", f"qmm{tag}i"
-    net = f"10.234.{os.getpid() % 250}"
+    taken = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    number = os.getpid() % 250
+    while f" 10.234.{number}." in taken:  # (another test process's namespace: not that one)
+        number = (number + 1) % 250
+    net = f"10.234.{number}"
     ip("netns", "add", name)
     try:
         ip("link", "add", outside, "type", "veth", "peer", "name", inside)
@@ -138,3 +142,25 @@ def test_flows_survive_the_local_address_going_away_until_migrate(
 
     result = asyncio.run(main())
     assert result == {"lost_before_migrate": None, "flows": [True, True, True]}, result
+
+
+def test_a_link_local_address_has_a_route_to_its_neighbour(
+    namespace: tuple[str, str, str],
+) -> None:
+    """``has_route`` bound an IPv6 socket to a link-local address without its scope, which
+    the kernel refuses: a link-local peer's real ICMP unreachable was then taken for our
+    own lost route and never counted (a review)."""
+    name, _, device = namespace
+    ip("-n", name, "addr", "add", "fe80::2/64", "dev", device, "nodad")
+    probe = (
+        "import socket, sys\n"
+        "from quicmesh.transport._udp import has_route\n"
+        "scope = socket.if_nametoindex(sys.argv[1])\n"
+        "print(has_route(('fe80::2', 0, 0, scope), ('fe80::1', 4433)),"
+        " has_route(('fe80::3', 0, 0, scope), ('fe80::1', 4433)))\n"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", name, sys.executable, "-c", probe, device],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.split() == ["True", "False"]  # (fe80::3 is not ours: no route from it)
