@@ -768,3 +768,23 @@ def test_a_cluster_panics_below_its_healthy_share(
     assert in_panic is panic
     chosen = [k for k in "abcd" if k in routable]
     assert chosen == (list("abcd") if panic else list("abcd")[ejected:])
+
+
+def test_a_running_flows_bytes_stay_counted_when_it_ends_without_totals() -> None:
+    """A flow whose running count was scraped, then ended by an exception (no totals,
+    0 both ways), made the byte counters go down (a review of the live counters); an
+    outbound and an inbound listener each count it from its own side."""
+    from quicmesh.sidecar.accesslog import Outcome
+    from quicmesh.sidecar.stats import ListenerStats
+
+    moved = [5_000_000, 1_000]  # (to the stream, from it)
+    for kind, expected in (("outbound", (5_000_000, 1_000)), ("inbound", (1_000, 5_000_000))):
+        stats = ListenerStats("l", kind)
+        flow = object()
+        stats.live.add(flow, lambda: (moved[0], moved[1]))
+        running = stats.to_dict()
+        assert (running["bytes_received"], running["bytes_sent"]) == expected
+        stats.flow_ended(Outcome.RESET, 0, 0, "cancelled", flow=flow)
+        after = stats.to_dict()
+        assert (after["bytes_received"], after["bytes_sent"]) == expected
+        assert len(stats.live) == 0
