@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import errno
 import os
-import select
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import cast
 
 from .errors import QuicmeshError, TunnelError
+from .transport._socket_errors import SocketErrorWatch
 from .transport.stream import EngineSocket, MeshStream, check_idle_timeout
 from .tunnel.session import ResetReason
 
@@ -162,7 +162,11 @@ async def splice(
 
     moved, idle_watchers = idle_watch(idle_timeout, handed_off)
 
-    watch: list[_TcpResetWatch] = []
+    # The copy from TCP stops reading the socket while the stream waits for its peer's
+    # credit: a reset then was heard once the peer read again, or at the idle timeout (a
+    # review). A watch, made at the flow's first such wait, fails the copy at once.
+    watch: list[SocketErrorWatch] = []
+    reset: list[OSError] = []
 
     async def tcp_to_stream() -> None:
         try:
@@ -178,12 +182,13 @@ async def splice(
                     sock = writer.get_extra_info("socket")
                     task = asyncio.current_task()
                     if sock is not None and task is not None:
-                        watch.append(_TcpResetWatch(sock, task))
+                        watch.append(SocketErrorWatch(sock, _failing(task, reset)))
                 await stream.drain()
                 moved()
         except asyncio.CancelledError:
-            if watch and watch[0].error is not None:
-                raise watch[0].error from None  # the TCP side's reset: the flow fails
+            if reset:
+                error = reset[0]
+                raise OSError(error.errno, f"TCP connection: {error.strerror}") from None
             raise
 
     async def stream_to_tcp() -> None:
@@ -232,48 +237,15 @@ async def splice(
     return result
 
 
-class _TcpResetWatch:
-    """Hears a TCP connection's reset while the copy does not read it, and fails the copy
-    task then: the copy from TCP to the stream stops reading while the stream waits for
-    its peer's credit (asyncio stops watching a socket whose reading is paused), so a
-    reset was heard only once the peer read again, or at the flow's idle timeout, an hour
-    by default (a review; the native engine's splice watches for it the same way).
+def _failing(task: asyncio.Task[None], errors: list[OSError]) -> Callable[[OSError], None]:
+    """A :class:`SocketErrorWatch`'s callback: keep the error, cancel ``task`` (which
+    raises it in place of the cancellation)."""
 
-    An epoll instance of its own, watched by the event loop, has the socket for its
-    error (EPOLLERR) alone: the loop's own registration of the socket is left alone, and
-    nothing happens while the connection is well. Made at a flow's first wait for credit
-    (three system calls), not for every flow; it stops at its first wake-up (an error, or
-    a clean close both ways, EPOLLHUP, which is none)."""
+    def failed(error: OSError) -> None:
+        errors.append(error)
+        task.cancel()
 
-    def __init__(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
-        self.error: OSError | None = None
-        self._sock = sock
-        self._task = task
-        self._loop = asyncio.get_running_loop()
-        self._epoll: select.epoll | None = select.epoll(1)
-        try:
-            self._epoll.register(sock.fileno(), select.EPOLLERR)
-            self._loop.add_reader(self._epoll.fileno(), self._woken)
-        except (OSError, ValueError):  # (closed meanwhile: uvloop's stand-in says -1)
-            self.close()
-
-    def _woken(self) -> None:
-        assert self._epoll is not None
-        with contextlib.suppress(OSError, ValueError):
-            for _, events in self._epoll.poll(0):
-                if events & select.EPOLLERR:
-                    # (Read, the error is cleared: the copy fails on it instead.)
-                    number = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if number:
-                        self.error = OSError(number, f"TCP connection: {os.strerror(number)}")
-                        self._task.cancel()
-        self.close()
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            self._loop.remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
+    return failed
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -53,6 +54,7 @@ from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
 from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
+from ._socket_errors import SocketErrorWatch
 from ._stream_rate import StreamRate
 from .base import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -305,6 +307,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._closing = False
         self._write_paused = False
         self._read_paused = False
+        self._error_watch: SocketErrorWatch | None = None
+        """While reading is paused: hears the socket's reset, which the paused
+        transport would not (:meth:`_reset_while_paused`)."""
         self._close_notify_sent = False
         self._close_notify_received = False
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -386,6 +391,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._stop_watching_errors()
         self._stop_liveness()
         self._end_half_open()
         self._cancel_setup_timer()
@@ -459,7 +465,9 @@ class TlsTunnelProtocol(asyncio.Protocol):
             self._read_paused = session.input_paused
             if self._read_paused:
                 transport.pause_reading()
+                self._watch_errors(transport)
             else:
+                self._stop_watching_errors()
                 transport.resume_reading()
         connection.transmitted()
         connection.stream_credit_changed()
@@ -478,7 +486,33 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._linger_timer = self._loop.call_later(LINGER_TIMEOUT, self._end_linger)
         if self._read_paused:
             self._read_paused = False
+            self._stop_watching_errors()
             transport.resume_reading()
+
+    def _watch_errors(self, transport: asyncio.Transport) -> None:
+        """While reading is paused (the session's reader, a flow's destination, takes
+        nothing), a reset of the connection is heard all the same: a TLS-over-TCP flow
+        reset by its client while its destination did not read was held open, its
+        destination connection too, until the drain or the idle timeout (a review)."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self._error_watch is None:
+            self._error_watch = SocketErrorWatch(sock, self._reset_while_paused)
+
+    def _stop_watching_errors(self) -> None:
+        if self._error_watch is not None:
+            self._error_watch.close()
+            self._error_watch = None
+
+    def _reset_while_paused(self, error: OSError) -> None:
+        self._error_watch = None
+        if self.failure is None:
+            self.failure = (
+                ConnectionLost("connection reset by peer")
+                if error.errno == errno.ECONNRESET
+                else ConnectionLost(f"connection lost: {error}")
+            )
+        if self._transport is not None:
+            self._transport.abort()
 
     def _end_linger(self) -> None:
         if self._transport is not None and not self._closing:

@@ -98,3 +98,53 @@ def test_a_destination_reset_while_the_stream_waits_for_credit_fails_the_flow(
         result, reset_seen = runner.run(main())
     assert "reset" in result.error.lower(), result
     assert reset_seen
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("name", ["quic", "h2", "tcp"])
+def test_a_client_reset_while_the_destination_does_not_read_fails_the_flow(
+    name: str, loop: str
+) -> None:
+    """The other way round: the destination reads nothing, so the copy to it waits and
+    the stream's reading stops; the client then resets the flow. On TLS-over-TCP the
+    flow's own connection had its reading paused, its reset went unheard, and the flow
+    and its destination connection were held until the drain (a review)."""
+
+    async def main() -> SpliceResult:
+        destination_ended = asyncio.get_running_loop().create_future()
+
+        async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await destination_ended  # reads nothing; held until the test ends
+            writer.close()
+
+        backend = await asyncio.start_server(destination, "127.0.0.1", 0)
+        spliced: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
+
+        async def handler(stream: MeshStream) -> None:
+            stream.accept()
+            reader, writer = await asyncio.open_connection(*backend.sockets[0].getsockname()[:2])
+            spliced.set_result(await splice(stream, reader, writer, offload=False))
+
+        listener = await transport(name, SERVER).listen(("127.0.0.1", 0), handler)
+        conn = await transport(name, CLIENT).connect(listener.address)
+        stream = await conn.open_stream("backend.svc:80")
+        try:  # until the sidecar's side stops taking bytes
+            for _ in range(4096):
+                stream.write(bytes(1 << 16))
+                await asyncio.wait_for(stream.drain(), 2)
+        except TimeoutError:
+            pass
+        await asyncio.sleep(0.2)  # the copy to the destination waiting, its stream paused
+        stream.abort()
+        result = await asyncio.wait_for(spliced, 10)
+        destination_ended.set_result(None)
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        backend.close()
+        return result
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        result = runner.run(main())
+    assert result.error, result  # the flow failed, so both sides were reset
