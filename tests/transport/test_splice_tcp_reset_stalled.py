@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import uvloop
@@ -40,6 +41,36 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+Destination = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def spliced_flow(
+    name: str, destination: Destination
+) -> AsyncIterator[tuple[MeshStream, asyncio.Future[SpliceResult]]]:
+    """A flow from a client over transport ``name`` whose accepting side copies it in
+    Python (``splice(offload=False)``) to ``destination``: the client's stream, and the
+    splice's result to come."""
+    backend = await asyncio.start_server(destination, "127.0.0.1", 0)
+    spliced: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        reader, writer = await asyncio.open_connection(*backend.sockets[0].getsockname()[:2])
+        spliced.set_result(await splice(stream, reader, writer, offload=False))
+
+    listener = await transport(name, SERVER).listen(("127.0.0.1", 0), handler)
+    conn = await transport(name, CLIENT).connect(listener.address)
+    try:
+        yield await conn.open_stream("backend.svc:80"), spliced
+    finally:
+        conn.close()
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+        backend.close()
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))
@@ -67,31 +98,16 @@ def test_a_destination_reset_while_the_stream_waits_for_credit_fails_the_flow(
             )
             writer.transport.abort()
 
-        backend = await asyncio.start_server(destination, "127.0.0.1", 0)
-        spliced: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
-
-        async def handler(stream: MeshStream) -> None:
-            stream.accept()
-            reader, writer = await asyncio.open_connection(*backend.sockets[0].getsockname()[:2])
-            spliced.set_result(await splice(stream, reader, writer, offload=False))
-
-        listener = await transport(name, SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport(name, CLIENT).connect(listener.address)
-        stream = await conn.open_stream("backend.svc:80")  # never read
-        stream.write(b"x")
-        await asyncio.wait_for(blocked.wait(), 20)
-        result = await asyncio.wait_for(spliced, 10)
-        reset_seen = False
-        try:
-            while await asyncio.wait_for(stream.read(1 << 20), 10):
-                pass  # (what came before the reset, where the transport still gives it)
-        except quicmesh.TunnelError:
-            reset_seen = True  # the client hears of the failure too, not a clean end
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
-        backend.close()
+        async with spliced_flow(name, destination) as (stream, spliced):
+            stream.write(b"x")  # and never read
+            await asyncio.wait_for(blocked.wait(), 20)
+            result = await asyncio.wait_for(spliced, 10)
+            reset_seen = False
+            try:
+                while await asyncio.wait_for(stream.read(1 << 20), 10):
+                    pass  # (what came before the reset, where the transport still gives it)
+            except quicmesh.TunnelError:
+                reset_seen = True  # the client hears of the failure too, not a clean end
         return result, reset_seen
 
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
@@ -117,32 +133,17 @@ def test_a_client_reset_while_the_destination_does_not_read_fails_the_flow(
             await destination_ended  # reads nothing; held until the test ends
             writer.close()
 
-        backend = await asyncio.start_server(destination, "127.0.0.1", 0)
-        spliced: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
-
-        async def handler(stream: MeshStream) -> None:
-            stream.accept()
-            reader, writer = await asyncio.open_connection(*backend.sockets[0].getsockname()[:2])
-            spliced.set_result(await splice(stream, reader, writer, offload=False))
-
-        listener = await transport(name, SERVER).listen(("127.0.0.1", 0), handler)
-        conn = await transport(name, CLIENT).connect(listener.address)
-        stream = await conn.open_stream("backend.svc:80")
-        try:  # until the sidecar's side stops taking bytes
-            for _ in range(4096):
-                stream.write(bytes(1 << 16))
-                await asyncio.wait_for(stream.drain(), 2)
-        except TimeoutError:
-            pass
-        await asyncio.sleep(0.2)  # the copy to the destination waiting, its stream paused
-        stream.abort()
-        result = await asyncio.wait_for(spliced, 10)
-        destination_ended.set_result(None)
-        conn.close()
-        await conn.wait_closed()
-        listener.close()
-        await listener.wait_closed()
-        backend.close()
+        async with spliced_flow(name, destination) as (stream, spliced):
+            try:  # until the sidecar's side stops taking bytes
+                for _ in range(4096):
+                    stream.write(bytes(1 << 16))
+                    await asyncio.wait_for(stream.drain(), 2)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(0.2)  # the copy to the destination waiting, its stream paused
+            stream.abort()
+            result = await asyncio.wait_for(spliced, 10)
+            destination_ended.set_result(None)
         return result
 
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
