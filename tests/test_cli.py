@@ -109,7 +109,7 @@ def test_each_benchmark_has_help(name: str) -> None:
         (["bench", "ttfb", "--trials", "many"], "--trials"),
         (["netem", "--rate", "fast"], "--rate"),
         (["netem", "--wait-port", "70000", "--", "true"], "70000 is not a port number"),
-        (["bench", "congestion", "--datagram-size", "70000"], "--datagram-size within"),
+        (["bench", "congestion", "--datagram-size", "70000"], "--datagram-size: must be 1200"),
         (["bench", "xds", "--quick", "--clusters", "0"], "need --clusters >= 10"),
         (["demo", "--flows", "0"], "--flows and --size must be positive"),
         (["demo", "--flows", "100000000"], "(at most 10000 flows of 67108864 bytes)"),

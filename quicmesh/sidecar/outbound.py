@@ -219,6 +219,14 @@ class OutboundListener:
                 failed=failed,
                 idle_timeout=self.config.flow_idle_timeout,
             )
+        except Exception as exc:
+            # A fault of ours (a review met one: an exception from a pooled connection
+            # the peer had refused): the flow is reset and logged as reset, not left
+            # open, unlogged, or logged as completed.
+            record.outcome = Outcome.RESET
+            record.reason = f"internal error: {type(exc).__name__}: {exc}"
+            reset_socket(sock)
+            logger.exception("listener %s: a flow failed", self.config.name)
         finally:
             self._end(record, started, cluster)
 

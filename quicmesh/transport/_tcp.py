@@ -189,13 +189,20 @@ class TlsPeerConnection(SessionConnection):
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:
-        der = self.protocol._ssl.getpeercert(binary_form=True)
-        return x509.load_der_x509_certificate(der) if der else None
+        # (None once the TLS session is gone: ssl raises ValueError "handshake not done
+        # yet" for a pooled connection the peer refused meanwhile, which escaped a new
+        # flow's open with a traceback and left the flow unlogged, a review.)
+        with contextlib.suppress(ValueError):
+            der = self.protocol._ssl.getpeercert(binary_form=True)
+            return x509.load_der_x509_certificate(der) if der else None
+        return None
 
     @property
     def peer_chain(self) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
-        sent = presented_chain_of(self.protocol._ssl)
-        return (sent[0], sent[1:]) if sent else (None, [])
+        with contextlib.suppress(ValueError):  # (as peer_certificate)
+            sent = presented_chain_of(self.protocol._ssl)
+            return (sent[0], sent[1:]) if sent else (None, [])
+        return None, []
 
     def stats(self) -> dict[str, Any]:
         result = super().stats()
