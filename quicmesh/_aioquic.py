@@ -858,7 +858,18 @@ def closing_reason(quic: QuicConnection) -> str | None:
     event = quic._close_event
     if event is None:
         return None
-    return peer_text(event.reason_phrase) or f"error code {event.error_code:#x}"
+    return close_reason_text(event.error_code, event.reason_phrase)
+
+
+def close_reason_text(code: int, phrase: str) -> str:
+    """Why a connection closed, as its CONNECTION_CLOSE says: the peer's reason phrase
+    (made safe to show), else its code, H3_NO_ERROR named as the graceful close it is
+    (as the native engine words it)."""
+    if text := peer_text(phrase):
+        return text
+    if code == 0x100:
+        return f"error code {code:#x}, H3_NO_ERROR: a graceful close"
+    return f"error code {code:#x}"
 
 
 def is_draining(quic: QuicConnection) -> bool:

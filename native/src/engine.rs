@@ -152,13 +152,19 @@ pub fn classify(error: &ConnectionError) -> (CloseKind, String) {
     (kind, message)
 }
 
-/// "closed by peer: error code 0x100", with the peer's reason phrase if it gave one.
+/// "closed by peer: error code 0x100, H3_NO_ERROR: a graceful close", with the peer's
+/// reason phrase if it gave one (as the aioquic engine's `close_reason_text`).
 fn with_reason(code: u64, reason: &[u8]) -> String {
     let reason = String::from_utf8_lossy(reason);
-    if reason.is_empty() {
-        format!("closed by peer: error code {code:#x}")
+    let code = if code == crate::splice::H3_NO_ERROR {
+        format!("error code {code:#x}, H3_NO_ERROR: a graceful close")
     } else {
-        format!("closed by peer: {reason} (error code {code:#x})")
+        format!("error code {code:#x}")
+    };
+    if reason.is_empty() {
+        format!("closed by peer: {code}")
+    } else {
+        format!("closed by peer: {reason} ({code})")
     }
 }
 
@@ -2153,10 +2159,13 @@ mod tests {
                 reason: bytes::Bytes::from_static(reason),
             })
         };
-        assert_eq!(classify(&close(b"")).1, "closed by peer: error code 0x100");
+        assert_eq!(
+            classify(&close(b"")).1,
+            "closed by peer: error code 0x100, H3_NO_ERROR: a graceful close"
+        );
         assert_eq!(
             classify(&close(b"draining")).1,
-            "closed by peer: draining (error code 0x100)"
+            "closed by peer: draining (error code 0x100, H3_NO_ERROR: a graceful close)"
         );
     }
 

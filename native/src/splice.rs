@@ -542,6 +542,13 @@ fn opened_here(connection: &Connection, stream: u64) -> bool {
 /// Whether the peer closed the connection without an error (an application close with
 /// H3_NO_ERROR or quicmesh's 0, or a transport close with NO_ERROR): what it was sent
 /// before the close counts as delivered.
+/// The flow's failure for its connection's end, worded as the connection's own close is
+/// (`engine::classify`: quinn writes an application close's code bare, in decimal, and a
+/// read's or a write's loss of the connection as "connection lost: connection lost").
+fn lost(error: &ConnectionError) -> Failure {
+    Failure::Quic(crate::engine::classify(error).1)
+}
+
 pub fn closed_gracefully(error: &ConnectionError) -> bool {
     match error {
         ConnectionError::ApplicationClosed(close) => {
@@ -692,6 +699,7 @@ async fn upstream(
                     let _ = send.reset(code); // RFC 9000 3.5: RESET_STREAM answers it
                     discard = true;
                 }
+                Err(WriteError::ConnectionLost(error)) => return Err(lost(&error)),
                 Err(error) => return Err(Failure::Quic(error.to_string())),
             }
         }
@@ -702,7 +710,7 @@ async fn upstream(
         let stopped = send.stopped();
         let frame = tokio::select! {
             frame = read_data_frame(tcp, &mut buffer, &mut limit) => frame.map_err(Failure::Tcp)?,
-            error = connection.closed() => return Err(Failure::Quic(error.to_string())),
+            error = connection.closed() => return Err(lost(&error)),
             stopped = stopped, if !discard && watching => match stopped {
                 Ok(Some(code)) => {
                     peer_stopped(code)?;
@@ -714,6 +722,7 @@ async fn upstream(
                     watching = false; // finished and acknowledged: not before our FIN
                     continue;
                 }
+                Err(StoppedError::ConnectionLost(error)) => return Err(lost(&error)),
                 Err(error) => return Err(Failure::Quic(error.to_string())),
             },
         };
@@ -722,7 +731,7 @@ async fn upstream(
                 return Ok(());
             }
             if let Some(error) = connection.close_reason() {
-                return Err(Failure::Quic(error.to_string()));
+                return Err(lost(&error));
             }
             if send.finish().is_ok() {
                 // Done once the peer acknowledged every byte (not merely once quinn took
@@ -731,7 +740,7 @@ async fn upstream(
                 // (its close may overtake its acknowledgement) got every byte too.
                 match send.stopped().await {
                     Err(StoppedError::ConnectionLost(error)) if !closed_gracefully(&error) => {
-                        return Err(Failure::Quic(error.to_string()));
+                        return Err(lost(&error));
                     }
                     Err(StoppedError::ZeroRttRejected) => {
                         return Err(Failure::Quic("0-RTT rejected".into()));
@@ -798,6 +807,7 @@ async fn downstream(
             }
             Ok(None) => fin = true,
             Err(ReadError::Reset(code)) => return Err(Failure::PeerReset(code.into_inner())),
+            Err(ReadError::ConnectionLost(error)) => return Err(lost(&error)),
             Err(error) => return Err(Failure::Quic(error.to_string())),
         }
     }

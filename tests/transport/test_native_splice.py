@@ -542,3 +542,21 @@ def test_a_close_before_a_spliced_flow_ended_is_still_a_reset() -> None:
     assert first.bytes_to_stream < 8 << 20
     assert "connection lost" in second.error
     assert (second.bytes_from_stream, got, tcp_saw) == (7, b"partial", "reset")
+
+
+def test_a_spliced_flow_cut_by_its_peers_graceful_close_says_so() -> None:
+    """A splice whose connection the peer closed gracefully (a draining sidecar) read
+    "connection lost: closed by peer: 256" (quinn's words: the code bare, in decimal);
+    it names the code and what it means now, as the connection's own close does."""
+
+    async def main() -> SpliceOutcome:
+        listener, conn, tcp_ends, results = await splicing_pair()
+        await spliced_flow(conn, tcp_ends, b"x")
+        conn.close()  # the client side goes away gracefully mid-flow
+        outcome = await asyncio.wait_for(results.get(), 10)
+        await conn.wait_closed()
+        listener.close()
+        return outcome
+
+    outcome = run(main())
+    assert "closed by peer: error code 0x100, H3_NO_ERROR" in outcome.error, outcome

@@ -56,7 +56,6 @@ from ...errors import (
     TunnelError,
     TunnelUsageError,
     os_error_text,
-    peer_text,
 )
 from ...logs import RateLimitedLog
 from ...tls import verify_peer
@@ -1417,7 +1416,7 @@ class QuicPeerConnection(SessionConnection):
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
-        reason = peer_text(event.reason_phrase) or f"error code {event.error_code:#x}"
+        reason = _aioquic.close_reason_text(event.error_code, event.reason_phrase)
         if self._handshake_done and getattr(self.quic, "closed_by_us", False):
             self._log_peer_violation(event.error_code, reason)
         if self._established:
