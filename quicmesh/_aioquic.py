@@ -858,16 +858,17 @@ def closing_reason(quic: QuicConnection) -> str | None:
     event = quic._close_event
     if event is None:
         return None
-    return close_reason_text(event.error_code, event.reason_phrase)
+    return close_reason_text(event.error_code, event.reason_phrase, event.frame_type)
 
 
-def close_reason_text(code: int, phrase: str) -> str:
+def close_reason_text(code: int, phrase: str, frame_type: int | None) -> str:
     """Why a connection closed, as its CONNECTION_CLOSE says: the peer's reason phrase
-    (made safe to show), else its code, H3_NO_ERROR named as the graceful close it is
-    (as the native engine words it)."""
+    (made safe to show), else its code, an application close's H3_NO_ERROR named as the
+    graceful close it is (as the native engine words it; a transport close, with a
+    ``frame_type``, of code 0x100 is a TLS alert, CRYPTO_ERROR)."""
     if text := peer_text(phrase):
         return text
-    if code == 0x100:
+    if code == 0x100 and frame_type is None:
         return f"error code {code:#x}, H3_NO_ERROR: a graceful close"
     return f"error code {code:#x}"
 

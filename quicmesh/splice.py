@@ -224,8 +224,9 @@ async def splice(
         is_tcp_error = isinstance(exc, OSError)
         stream.abort(ResetReason.CONNECT_ERROR if is_tcp_error else ResetReason.CANCELLED)
         _reset_tcp(writer)
-    except asyncio.CancelledError:
-        # Abandoned (the caller's task was cancelled): reset both sides, not leak them.
+    except BaseException:
+        # Abandoned (the caller's task was cancelled), or a fault of ours: reset both
+        # sides, not leak them (the TCP side through its transport, which owns it).
         stream.abort()
         _reset_tcp(writer)
         raise
@@ -410,7 +411,7 @@ async def _hand_over(
         stream.abort()
         reset()
         return SpliceResult(len(pending), 0, str(exc) or type(exc).__name__, offloaded=True)
-    except asyncio.CancelledError:
+    except BaseException:  # (cancelled, or a fault of ours)
         stream.abort()  # once the transport has the socket, it resets it too
         reset()
         raise

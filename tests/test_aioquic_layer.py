@@ -1089,3 +1089,20 @@ def test_the_engines_200_decodes_whatever_the_dynamic_table_holds(
     assert (frame_type, length) == (0x01, len(block))  # HEADERS (RFC 9114 7.2.2)
     _, headers = decoder.feed_header(4, block)
     assert headers == [(b":status", b"200")]
+
+
+@pytest.mark.parametrize(
+    ("code", "phrase", "frame_type", "text"),
+    [
+        (0x100, "", None, "error code 0x100, H3_NO_ERROR: a graceful close"),
+        # A transport close (it names a frame type) of 0x100 is CRYPTO_ERROR, a TLS
+        # alert, not H3_NO_ERROR (the review of the wording).
+        (0x100, "", 0x6, "error code 0x100"),
+        (0x10C, "", None, "error code 0x10c"),
+        (0x100, "draining", None, "draining"),
+    ],
+)
+def test_a_close_reads_as_what_it_is(
+    code: int, phrase: str, frame_type: int | None, text: str
+) -> None:
+    assert _aioquic.close_reason_text(code, phrase, frame_type) == text

@@ -198,3 +198,33 @@ def test_a_signal_ends_run_async_even_when_a_clean_up_then_fails(signum: int) ->
         run_async(main())
     if signum == signal.SIGTERM:
         assert isinstance(ended.value, SystemExit) and ended.value.code == 128 + signum
+
+
+IGNORING = """
+import asyncio, os, signal, sys
+from quicmesh.sidecar.launch import run_async
+for name in sys.argv[1:]:
+    signal.signal(getattr(signal, name), signal.SIG_IGN)  # as a shell's background job, nohup
+
+async def main():
+    for name in sys.argv[1:]:
+        os.kill(os.getpid(), getattr(signal, name))
+    await asyncio.sleep(0.3)  # (a signal not ignored ends the command in this wait)
+    return "finished"
+
+print(run_async(main()))
+"""
+
+
+@pytest.mark.parametrize("ignored", [["SIGINT"], ["SIGHUP"], ["SIGINT", "SIGHUP"]])
+def test_a_signal_the_process_ignores_stays_ignored(ignored: list[str]) -> None:
+    """A command run as a shell's background job has SIGINT ignored (``nohup``: SIGHUP):
+    run_async took them anyway, and such a benchmark or demo died of the terminal's
+    Ctrl-C or hang-up (a review; asyncio.run leaves an ignored SIGINT alone)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", IGNORING, *ignored], capture_output=True, text=True, timeout=30
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "finished"), done.stderr[-500:]

@@ -539,9 +539,6 @@ fn opened_here(connection: &Connection, stream: u64) -> bool {
     (stream & 1 == 0) == connection.side().is_client()
 }
 
-/// Whether the peer closed the connection without an error (an application close with
-/// H3_NO_ERROR or quicmesh's 0, or a transport close with NO_ERROR): what it was sent
-/// before the close counts as delivered.
 /// The flow's failure for its connection's end, worded as the connection's own close is
 /// (`engine::classify`: quinn writes an application close's code bare, in decimal, and a
 /// read's or a write's loss of the connection as "connection lost: connection lost").
@@ -549,6 +546,9 @@ fn lost(error: &ConnectionError) -> Failure {
     Failure::Quic(crate::engine::classify(error).1)
 }
 
+/// Whether the peer closed the connection without an error (an application close with
+/// H3_NO_ERROR or quicmesh's 0, or a transport close with NO_ERROR): what it was sent
+/// before the close counts as delivered.
 pub fn closed_gracefully(error: &ConnectionError) -> bool {
     match error {
         ConnectionError::ApplicationClosed(close) => {

@@ -68,8 +68,9 @@ def terminate_as_exit(
     A SystemExit raised where Python discards exceptions (a ``__del__``, a weakref
     callback: "Exception ignored in ...") would lose the signal, and the command ran
     on to exit 0: when the block ends, without an exception or with another one, the
-    SystemExit is raised again there."""
-    taken = (signal.SIGTERM, signal.SIGHUP)
+    SystemExit is raised again there. A signal the process was started with ignored
+    (``nohup``: SIGHUP) stays ignored."""
+    taken = _not_ignored(signal.SIGTERM, signal.SIGHUP)
     received: list[int] = []
 
     def exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -85,6 +86,22 @@ def terminate_as_exit(
         raise
     if received:
         raise SystemExit(128 + received[0])
+
+
+def _not_ignored(*signums: signal.Signals) -> tuple[signal.Signals, ...]:
+    """The signals of ``signums`` the process does not ignore (outside the main thread,
+    where no handler can be set, all of them: nothing is set there anyway)."""
+    try:
+        return tuple(s for s in signums if signal.getsignal(s) is not signal.SIG_IGN)
+    except ValueError:
+        return signums
+
+
+def _python_handles_sigint() -> tuple[signal.Signals, ...]:
+    """SIGINT, where Python's own handler (KeyboardInterrupt) is in place; else none."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        return (signal.SIGINT,)
+    return ()
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -121,8 +138,10 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
             runner.get_loop().call_soon_threadsafe(lambda: None)  # wake the loop up
 
         # (SIGINT too, in place of asyncio.Runner's own handler, which does the same but
-        # lets another exception from the cancelled task win over the KeyboardInterrupt.)
-        with terminate_as_exit(handler), signal_handlers((signal.SIGINT,), handler):
+        # lets another exception from the cancelled task win over the KeyboardInterrupt;
+        # as Runner, only where Python's own handler is in place: a job a shell started
+        # in the background has it ignored, and keeps it so.)
+        with terminate_as_exit(handler), signal_handlers(_python_handles_sigint(), handler):
             try:
                 result = runner.run(wrapper())
             except (Exception, asyncio.CancelledError):

@@ -221,11 +221,11 @@ class OutboundListener:
             )
         except Exception as exc:
             # A fault of ours (a review met one: an exception from a pooled connection
-            # the peer had refused): the flow is reset and logged as reset, not left
-            # open, unlogged, or logged as completed.
+            # the peer had refused): logged as reset, not as completed or not at all
+            # (proxy_to_cluster and splice reset both sides, each where it knows who
+            # owns the socket by then).
             record.outcome = Outcome.RESET
             record.reason = f"internal error: {type(exc).__name__}: {exc}"
-            reset_socket(sock)
             logger.exception("listener %s: a flow failed", self.config.name)
         finally:
             self._end(record, started, cluster)
@@ -485,6 +485,12 @@ async def proxy_to_cluster(
             assert writer is not None
             reset_connection(writer)
         return
+    except Exception:  # a fault of ours before the flow began: its client is reset
+        if isinstance(reader, socket.socket):
+            reset_socket(reader)
+        elif writer is not None:
+            reset_connection(writer)
+        raise
     record.endpoint = flow.endpoint.name
     record.peer_identity = flow.connection.peer_identity
     # (An `auto` cluster's flow goes over QUIC or, while UDP is broken, h2: say which.)
@@ -521,10 +527,10 @@ async def proxy_to_cluster(
             # (A splice ended once the peer acknowledged every byte: nothing is left.)
             await wait_sent(flow.stream, FLUSH_TIMEOUT)
     except BaseException:
-        # Abandoned (no totals): what its running count showed stays counted.
-        seen_sent, seen_received = cluster.stats.live.discard(flow)
-        cluster.stats.bytes_sent += seen_sent
-        cluster.stats.bytes_received += seen_received
+        # Abandoned, or a fault of ours (splice reset the TCP side): the stream is reset,
+        # the flow's slot given back, and what its running count showed stays counted.
+        flow.stream.abort()
+        cluster.flow_finished(flow, 0, 0)
         raise
     finally:
         stats.streams_active -= 1

@@ -1416,7 +1416,7 @@ class QuicPeerConnection(SessionConnection):
 
     def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._stop_liveness()
-        reason = _aioquic.close_reason_text(event.error_code, event.reason_phrase)
+        reason = _aioquic.close_reason_text(event.error_code, event.reason_phrase, event.frame_type)
         if self._handshake_done and getattr(self.quic, "closed_by_us", False):
             self._log_peer_violation(event.error_code, reason)
         if self._established:
