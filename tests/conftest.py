@@ -8,7 +8,9 @@ by skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import socketserver
 import threading
@@ -20,6 +22,16 @@ from quicmesh.netem.system import missing_privileges
 from quicmesh.sidecar.launch import LOOPBACK
 from quicmesh.transport.native import HANDSHAKE_FAILURE_LOG as NATIVE_HANDSHAKE_FAILURE_LOG
 from quicmesh.transport.quic.connection import HANDSHAKE_FAILURE_LOG, PEER_VIOLATION_LOG
+
+# Tests signal the commands they start as a terminal would (Ctrl-C, a hang-up) and expect
+# what that does; the commands leave a signal they were started with ignored alone (a
+# shell's background job, nohup), so a test run started that way hands its children the
+# defaults back.
+with contextlib.suppress(ValueError):  # (not the main thread: nothing to hand on)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
