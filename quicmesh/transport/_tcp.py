@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import math
@@ -235,6 +234,14 @@ class TlsPeerConnection(SessionConnection):
         await super().wait_closed()
 
 
+def _lost_with(exc: BaseException) -> ConnectionLost:
+    """How an established connection that ``exc`` ended is lost (a reset the socket
+    reported, read or heard while reading was paused, or another error)."""
+    if isinstance(exc, ConnectionResetError):
+        return ConnectionLost("connection reset by peer")
+    return ConnectionLost(f"connection lost: {exc}")
+
+
 class TlsTunnelProtocol(asyncio.Protocol):
     """TLS over a TCP socket, driving one tunnel session.
 
@@ -414,10 +421,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 # Before the client is ready (TLS done, the peer's first message still to
                 # come) a lost connection most likely means the server refused us.
                 self.failure = self._early_close_error(exc)
-            elif isinstance(exc, ConnectionResetError):
-                self.failure = ConnectionLost("connection reset by peer")
             elif exc is not None:
-                self.failure = ConnectionLost(f"connection lost: {exc}")
+                self.failure = _lost_with(exc)
         error = self.failure or ConnectionLost("connection closed")
         self._settle_ready(error)
         if self.connection is not None:
@@ -513,11 +518,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def _reset_while_paused(self, error: OSError) -> None:
         self._error_watch = None
         if self.failure is None:
-            self.failure = (
-                ConnectionLost("connection reset by peer")
-                if error.errno == errno.ECONNRESET
-                else ConnectionLost(f"connection lost: {error}")
-            )
+            self.failure = _lost_with(error)
         if self._transport is not None:
             self._transport.abort()
 
