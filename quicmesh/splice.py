@@ -269,7 +269,8 @@ def _tcp_reset_as_os_error(writer: asyncio.StreamWriter) -> Iterator[None]:
 def moved_so_far(stream: MeshStream, progress: SpliceResult) -> tuple[int, int]:
     """(to the stream, from it): what a flow spliced with ``progress`` moved so far, the
     engine's count while the stream's transport splices it, else the copy's here (the
-    engine's count is gone a moment before its outcome is returned: keep the last)."""
+    engine's count is gone a moment before its outcome is returned: a caller that must
+    not go back, as the sidecar's counters, keeps its last reading)."""
     spliced = stream.spliced_bytes()
     if spliced is not None:
         return spliced

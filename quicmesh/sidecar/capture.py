@@ -219,14 +219,7 @@ class _CaptureListener:
             finally:
                 self.stats.connections_active -= 1
                 record.duration = time.monotonic() - started
-                self.stats.flow_ended(
-                    record.outcome,
-                    record.bytes_sent,
-                    record.bytes_received,
-                    record.reason,
-                    flow=record,
-                    duration=record.duration,
-                )
+                self.stats.flow_logged(record)
                 self.counts.count(self.direction, record.original_destination or "none", route)
                 self._log(record)
 

@@ -736,14 +736,7 @@ class InboundListener:
                     record.outcome, record.reason = Outcome.RESET, outcome.error
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
-            stats.flow_ended(
-                record.outcome,
-                record.bytes_sent,
-                record.bytes_received,
-                record.reason,
-                flow=record,
-                duration=record.duration,
-            )
+            stats.flow_logged(record)
             self._log(record)
             self._local_flows.end()
             self._flows.end()
@@ -765,14 +758,7 @@ class InboundListener:
         finally:
             stats.streams_active -= 1
             record.duration = time.monotonic() - started
-            stats.flow_ended(
-                record.outcome,
-                record.bytes_sent,
-                record.bytes_received,
-                record.reason,
-                flow=record,
-                duration=record.duration,
-            )
+            stats.flow_logged(record)
             self._log(record)
 
     async def _forward(

@@ -176,14 +176,7 @@ class OutboundListener:
         stats = self.stats
         stats.connections_active -= 1
         record.duration = time.monotonic() - started
-        stats.flow_ended(
-            record.outcome,
-            record.bytes_sent,
-            record.bytes_received,
-            record.reason,
-            flow=record,
-            duration=record.duration,
-        )
+        stats.flow_logged(record)
         cluster.stats.outcomes[record.outcome.value] += 1
         self._log(record)
         self._flows.end()

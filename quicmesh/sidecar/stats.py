@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..splice import IDLE_TIMEOUT_REASON
-from .accesslog import Outcome
+from .accesslog import FlowRecord, Outcome
 
 
 class ClosedCounters(Counter[str]):
@@ -200,6 +200,20 @@ class ListenerStats:
         # an exception has no totals, and its bytes were not to vanish from the counter.)
         self.bytes_received += max(bytes_received, seen_received)
         self.bytes_sent += max(bytes_sent, seen_sent)
+
+    def flow_logged(self, record: FlowRecord) -> None:
+        """Count the flow ``record`` describes, now it ended (:meth:`flow_ended` with its
+        outcome, bytes, reason and duration; ``record`` was its key in :attr:`live`).
+        Its ``bytes_sent`` went towards the destination: received from the downstream
+        side, on either kind of listener."""
+        self.flow_ended(
+            record.outcome,
+            record.bytes_sent,
+            record.bytes_received,
+            record.reason,
+            flow=record,
+            duration=record.duration,
+        )
 
     def _downstream_terms(self, to_stream: int, from_stream: int) -> tuple[int, int]:
         """A flow's (to the stream, from it) as (received from, sent to) the downstream
