@@ -1013,6 +1013,14 @@ impl Shared {
         connection.close(code, message.as_bytes());
     }
 
+    /// The payload a running splice or engine flow `id` moved so far (`Held::moved_so_far`);
+    /// None once it ended (its `spliced` event carries the totals).
+    pub fn splice_moved(&self, id: u64) -> Option<(u64, u64)> {
+        lock(&self.splices)
+            .get(&id)
+            .map(|handle| handle.held.moved_so_far())
+    }
+
     pub fn stream_ended(&self, conn: u64, stream: u64) {
         let client_initiated = stream & 1 == 0;
         if client_initiated && lock(&self.paths).contains_key(&conn) {

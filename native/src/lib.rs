@@ -1463,9 +1463,7 @@ impl Endpoint {
     /// TCP for the stream, written to TCP), as its `spliced` event will report them; None
     /// once it ended (its event carries the totals).
     fn splice_moved(&self, id: u64) -> Option<(u64, u64)> {
-        lock(&self.shared.splices)
-            .get(&id)
-            .map(|handle| handle.held.moved_so_far())
+        self.shared.splice_moved(id)
     }
 
     /// From now on, hold this endpoint's commands (writes, reads, resets, splices, stream
@@ -1881,9 +1879,7 @@ impl FlowAcceptor {
     /// The payload a running engine flow moved so far, (read from TCP for the stream,
     /// written to TCP); None once it ended (its `spliced` event carries the totals).
     fn moved(&self, flow: u64) -> Option<(u64, u64)> {
-        lock(&self.inner.shared.splices)
-            .get(&flow)
-            .map(|handle| handle.held.moved_so_far())
+        self.inner.shared.splice_moved(flow)
     }
 
     /// Stop accepting; flows accepted or running carry on. Once this returns, every
