@@ -1013,6 +1013,15 @@ impl Shared {
         connection.close(code, message.as_bytes());
     }
 
+    /// Fail a running splice or engine flow `id` (its `spliced` event follows); whether it
+    /// was still running.
+    pub fn abort_splice(&self, id: u64, code: u64) -> bool {
+        match lock(&self.splices).remove(&id) {
+            Some(handle) => handle.abort.send(code).is_ok(),
+            None => false,
+        }
+    }
+
     /// The payload a running splice or engine flow `id` moved so far (`Held::moved_so_far`);
     /// None once it ended (its `spliced` event carries the totals).
     pub fn splice_moved(&self, id: u64) -> Option<(u64, u64)> {

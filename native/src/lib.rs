@@ -1444,10 +1444,7 @@ impl Endpoint {
     /// (splicing) Fail a spliced flow: both sides are reset (the stream with `code`), and
     /// its `spliced` event follows. Returns whether it was still running.
     fn splice_abort(&self, id: u64, code: u64) -> bool {
-        match lock(&self.shared.splices).remove(&id) {
-            Some(handle) => handle.abort.send(code).is_ok(),
-            None => false,
-        }
+        self.shared.abort_splice(id, code)
     }
 
     /// (splicing) The bytes a spliced flow holds now: read from the TCP socket and not yet
@@ -1870,10 +1867,7 @@ impl FlowAcceptor {
     /// Fail a running engine flow: both sides are reset (the stream with `code`), and its
     /// `spliced` event follows. Returns whether it was still running.
     fn abort(&self, flow: u64, code: u64) -> bool {
-        match lock(&self.inner.shared.splices).remove(&flow) {
-            Some(handle) => handle.abort.send(code).is_ok(),
-            None => false,
-        }
+        self.inner.shared.abort_splice(flow, code)
     }
 
     /// The payload a running engine flow moved so far, (read from TCP for the stream,
