@@ -2,6 +2,8 @@
 
 :class:`RateLimitedLog` keeps a line per kind of event an attacker can cause at
 will (refused Initials, refused streams) from flooding the log.
+:func:`quicmesh_loggers` and :func:`set_log_level` are the levels of quicmesh's own
+loggers as an operator reads and changes them at run time (the admin's ``/logging``).
 """
 
 from __future__ import annotations
@@ -50,3 +52,52 @@ class RateLimitedLog:
             )
         self._logger.log(level, message, *args, exc_info=exc_info)
         return True
+
+
+LEVELS = {
+    "trace": logging.DEBUG,  # (Envoy's finest level; Python's is debug)
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 10,
+}
+"""The level names an operator may give (Envoy's, and Python's ``warning``)."""
+
+ROOT_LOGGER = "quicmesh"
+
+
+def quicmesh_loggers() -> dict[str, str]:
+    """quicmesh's loggers made so far (``quicmesh`` and those below it), by name, with
+    the level each logs at now (its effective level, lower case; ``off`` above
+    critical)."""
+    below = (
+        name
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if name.startswith(ROOT_LOGGER + ".") and isinstance(logger, logging.Logger)
+    )
+    names = [ROOT_LOGGER, *sorted(below)]
+    return {name: _level_name(logging.getLogger(name).getEffectiveLevel()) for name in names}
+
+
+def set_log_level(level: str, name: str | None = None) -> None:
+    """Log at ``level`` (a name of :data:`LEVELS`) from now on: in logger ``name`` (one
+    of :func:`quicmesh_loggers`), or in every one of them.
+
+    :raises ValueError: an unknown level or logger, named.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown level {level!r}: one of {', '.join(LEVELS)}")
+    known = quicmesh_loggers()
+    if name is not None and name not in known:
+        raise ValueError(f"unknown logger {name!r}: one of {', '.join(known)}")
+    for each in [name] if name is not None else known:
+        logging.getLogger(each).setLevel(LEVELS[level.lower()])
+
+
+def _level_name(level: int) -> str:
+    if level > logging.CRITICAL:
+        return "off"
+    return logging.getLevelName(level).lower()

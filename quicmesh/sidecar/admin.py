@@ -1,5 +1,6 @@
 """The admin endpoint: ``/metrics``, ``/stats``, ``/clusters``, ``/listeners``, ``/config_dump``,
-``/ready``, and the actions ``POST /drain`` and ``POST /migrate``.
+``/server_info``, ``/certs``, ``/ready``, and the actions ``POST /drain`` (and Envoy's
+``/drain_listeners``), ``/quitquitquit``, ``/logging`` and ``/migrate``.
 
 :func:`route` is sans-IO: it maps a method and path to a :class:`Response`
 using an :class:`AdminView` of the runtime, or to a :class:`Deferred` response
@@ -27,7 +28,7 @@ import h11
 
 from .._timeouts import wait_within
 from ..errors import QuicmeshError, peer_text
-from ..logs import RateLimitedLog
+from ..logs import RateLimitedLog, quicmesh_loggers, set_log_level
 from .config import format_address, loopback_only
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -60,8 +61,15 @@ class AdminView(Protocol):
     def is_ready(self) -> bool:
         """Whether the sidecar takes traffic."""
 
-    def begin_drain(self) -> bool:
-        """Start draining; False if a drain was already under way."""
+    def certificates(self) -> dict[str, Any]:
+        """The certificate presented and the trust bundle (``/certs``, Envoy's shape)."""
+
+    def begin_drain(self, outbound_now: bool = False) -> bool:
+        """Start draining; False if a drain was already under way. ``outbound_now``: the
+        outbound listeners close at once, not at the drain's end."""
+
+    def quit(self) -> None:
+        """Stop now: a drain whose grace period is over at once."""
 
     async def migrate(self) -> dict[str, Any]:
         """Move every QUIC peer connection to a new local port; what moved, as JSON.
@@ -107,8 +115,12 @@ ROUTES = {
     "/listeners": "GET",
     "/config_dump": "GET",
     "/server_info": "GET",
+    "/certs": "GET",
     "/ready": "GET",
     "/drain": "POST",
+    "/drain_listeners": "POST",
+    "/quitquitquit": "POST",
+    "/logging": "POST",
     "/migrate": "POST",
 }
 """Admin paths and the method each takes."""
@@ -314,10 +326,53 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
             return _text(200, "ready")
         reason = getattr(view, "not_ready_reason", lambda: "")()
         return _text(503, f"not ready: {reason}" if reason else "not ready")
+    if path == "/certs":
+        return _json(200, view.certificates())
     if path == "/migrate":
         return Deferred(lambda: _migrated(view))
+    if path == "/drain_listeners":
+        return _drain_listeners(view, query)
+    if path == "/quitquitquit":
+        view.quit()
+        return _text(200, "OK")
+    if path == "/logging":
+        return _logging(query)
     started = view.begin_drain()
     return _text(202, "draining" if started else "already draining")
+
+
+DRAIN_FLAGS = ("inboundonly", "graceful")
+"""The flags ``/drain_listeners`` takes (Envoy's)."""
+
+
+def _drain_listeners(view: AdminView, query: str) -> Response:
+    """Envoy's ``POST /drain_listeners[?inboundonly][&graceful]``, as Istio's agent sends it
+    before it stops the proxy: the sidecar's drain (``/drain``), which is always graceful
+    (``drain.grace_period``) and ends with the process's exit; without ``inboundonly``
+    the outbound listeners also stop taking connections at once. 200 ``OK``, as Envoy."""
+    flags = parse_qs(query, keep_blank_values=True)
+    if "skip_exit" in flags:
+        return _text(400, "drain_listeners: skip_exit is not supported: a drain ends the sidecar")
+    unknown = sorted(set(flags) - set(DRAIN_FLAGS))
+    if unknown:
+        shown = peer_text(",".join(unknown), 64)
+        return _text(400, f"drain_listeners: unknown flag {shown!r}: {', '.join(DRAIN_FLAGS)}")
+    view.begin_drain(outbound_now="inboundonly" not in flags)
+    return _text(200, "OK")
+
+
+def _logging(query: str) -> Response:
+    """Envoy's ``POST /logging``: ``?level=L`` sets every quicmesh logger to L,
+    ``?<logger>=L`` one of them; then (or with no query) the loggers and their levels,
+    ``active loggers:`` and a line each. 400 names an unknown level or logger."""
+    try:
+        for name, values in parse_qs(query, keep_blank_values=True).items():
+            for level in values:
+                set_log_level(level, None if name == "level" else name)
+    except ValueError as exc:
+        return _text(400, peer_text(f"logging: {exc}", 512))
+    lines = [f"  {name}: {level}" for name, level in quicmesh_loggers().items()]
+    return _text(200, "\n".join(["active loggers:", *lines]))
 
 
 def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:

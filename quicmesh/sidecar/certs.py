@@ -42,8 +42,11 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from cryptography import x509
+
 from ..errors import ConfigError, QuicmeshError
 from ..tls import DevCA, Identity, TrustBundle
+from ..tls.ca import CA_CERT_FILE
 from ..tls.check import RENEW_FRACTION, key_refusal, own_certificate_problem, renewal_time
 from ..transport.base import transport_registry
 from .config import SidecarConfig
@@ -163,6 +166,35 @@ async def check_transports_take_identity(
         )
 
 
+def certificate_details(
+    certificate: x509.Certificate, path: str, now: datetime.datetime
+) -> dict[str, object]:
+    """One certificate as Envoy's ``admin.v3.CertificateDetails`` (JSON: the serial
+    number in hex, 64-bit counts as strings, times in RFC 3339 UTC)."""
+    expires = certificate.not_valid_after_utc
+    sans: list[dict[str, str]] = []
+    with contextlib.suppress(x509.ExtensionNotFound):
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        for uri in names.value.get_values_for_type(x509.UniformResourceIdentifier):
+            sans.append({"uri": uri})
+        for dns in names.value.get_values_for_type(x509.DNSName):
+            sans.append({"dns": dns})
+        for ip in names.value.get_values_for_type(x509.IPAddress):
+            sans.append({"ip_address": str(ip)})
+    return {
+        "path": path,
+        "serial_number": format(certificate.serial_number, "x"),
+        "subject_alt_names": sans,
+        "days_until_expiration": str(max(0, (expires - now).days)),
+        "valid_from": _rfc3339(certificate.not_valid_before_utc),
+        "expiration_time": _rfc3339(expires),
+    }
+
+
+def _rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class CertificateSource:
     """The sidecar's current identity and trust bundle, and the task that renews them.
 
@@ -233,6 +265,33 @@ class CertificateSource:
             "rotations": self.rotations,
             "failures": self.failures,
             "problem": self.problem() or "",
+        }
+
+    def envoy_certs(self, now: datetime.datetime | None = None) -> dict[str, object]:
+        """``/certs`` in the shape of Envoy's ``admin.v3.Certificates``: one entry whose
+        ``ca_cert`` is the trust bundle's roots and whose ``cert_chain`` is the leaf then
+        the intermediates presented, each with where it came from (``path``: the file, or
+        ``<inline>`` for what SDS delivered, or the development CA's directory), serial
+        number, SANs, validity and whole days until it expires. No private key."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        tls = self.config.tls
+        if tls.ca_dir is not None:
+            chain_path = f"<issued by the development CA in {tls.ca_dir}>"
+            ca_path = os.path.join(tls.ca_dir, CA_CERT_FILE)
+        else:
+            chain_path, ca_path = tls.cert or "", tls.trust_bundle or ""
+        chain_path = "<inline>" if "identity" in self.delivered else chain_path
+        ca_path = "<inline>" if "trust" in self.delivered else ca_path
+        leaf_and_chain = [self.identity.certificate, *self.identity.chain]
+        return {
+            "certificates": [
+                {
+                    "ca_cert": [
+                        certificate_details(c, ca_path, now) for c in self.trust.certificates
+                    ],
+                    "cert_chain": [certificate_details(c, chain_path, now) for c in leaf_and_chain],
+                }
+            ]
         }
 
     # -- changes ---------------------------------------------------------------

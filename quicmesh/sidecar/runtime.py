@@ -742,12 +742,27 @@ class Sidecar:
 
     # -- drain -----------------------------------------------------------------
 
-    def begin_drain(self) -> bool:
-        """Start a drain in the background; False if one is already running."""
+    def begin_drain(self, outbound_now: bool = False) -> bool:
+        """Start a drain in the background; False if one is already running.
+
+        ``outbound_now``: the outbound listeners (and interception's outbound capture)
+        close as it starts rather than when its wait ends (Envoy's ``/drain_listeners``
+        without ``inboundonly``); their live flows carry on, as every flow does."""
+        if outbound_now:
+            for out in self.outbound.values():
+                out.close()
+            for capture in self.capture:
+                capture.close()
         if self.draining:
             return False
         self._drain_task = asyncio.get_running_loop().create_task(self.drain())
         return True
+
+    def quit(self) -> None:
+        """Stop now (Envoy's ``/quitquitquit``): a drain with its grace period ended at
+        once, so live flows are cut, peers are closed gracefully and the process exits."""
+        self.begin_drain()
+        self.end_grace_period("asked to quit")
 
     async def drain(self) -> None:
         """Stop taking flows, let live ones finish within the grace period, close cleanly."""
@@ -795,11 +810,12 @@ class Sidecar:
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
 
-    def end_grace_period(self) -> None:
+    def end_grace_period(self, why: str = "asked again to stop") -> None:
         """(draining) Close the live flows now rather than at the grace period's end (a
         second SIGTERM or SIGINT: an operator's way out of a long grace period)."""
-        if self.draining and not self._grace_ended.is_set():
-            logger.warning("asked again to stop: ending the grace period now")
+        begun = self.draining or self._drain_task is not None  # (its task may not have run)
+        if begun and not self._grace_ended.is_set():
+            logger.warning("%s: ending the grace period now", why)
             self._grace_ended.set()
 
     async def wait_drained(self) -> None:
@@ -974,6 +990,10 @@ class Sidecar:
         )
         server = sum_counters(inbound.handshake_failures() for inbound in self.inbound.values())
         return {"client": client, "server": server}
+
+    def certificates(self) -> dict[str, Any]:
+        """``/certs``: the certificate presented and the trust bundle, as Envoy's."""
+        return self.certs.envoy_certs()
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of :meth:`snapshot`."""

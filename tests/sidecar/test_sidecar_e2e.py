@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import http.client
 import json
 import os
@@ -29,6 +30,7 @@ from quicmesh.tls import DevCA
 from quicmesh.transport.base import default_quic_engine
 
 from .conftest import (
+    IDENTITY_A,
     IDENTITY_B,
     HeldFlow,
     Mesh,
@@ -533,6 +535,111 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(workdir: Path, echo_port
         assert line["reason"].startswith("cut by the drain (grace period ended early)"), line
         # Which engine the clusters and listeners that name none run on, said at start.
         assert f"QUIC engine where none is named: {default_quic_engine()}" in a.stderr()
+
+
+def test_drain_listeners_as_istios_agent_sends_it(workdir: Path, echo_port: int) -> None:
+    """Envoy's ``POST /drain_listeners?inboundonly&graceful`` (what Istio's agent sends
+    before it stops the proxy) is the sidecar's drain: the outbound side keeps carrying
+    the application's new flows, live ones finish, the process exits 0."""
+    with _quic_pair(workdir, echo_port, "drain-listeners", drain={"grace_period": "60s"}) as (
+        a,
+        ports,
+    ):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])
+            assert a.request("POST", "/drain_listeners?skip_exit")[0] == 400
+            assert json.loads(a.request("GET", "/server_info")[1])["state"] == "LIVE"
+            assert a.request("POST", "/drain_listeners?inboundonly&graceful") == (200, b"OK\n")
+            await asyncio.to_thread(
+                wait_until, lambda: "draining: 1 live flows" in a.stderr(), 10.0, "A draining"
+            )
+            assert json.loads(a.request("GET", "/server_info")[1])["state"] == "DRAINING"
+            late = await HeldFlow.open(ports["echo"])
+            assert await late.finish(b"a call out while draining") is True
+            assert await held.finish(b"done") is True
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        outcomes = [r["outcome"] for r in a.access_log() if r["listener"] == "echo"]
+        assert outcomes == ["completed", "completed"]
+
+
+def test_drain_listeners_without_inboundonly_stops_the_outbound_listeners_at_once(
+    workdir: Path, echo_port: int
+) -> None:
+    """Without ``inboundonly`` Envoy drains every listener: the outbound one takes no new
+    connection from the drain's start, while the flow it carries finishes."""
+    with _quic_pair(workdir, echo_port, "drain-all", drain={"grace_period": "60s"}) as (a, ports):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])
+            assert a.request("POST", "/drain_listeners?graceful") == (200, b"OK\n")
+            assert await refused(ports["echo"])
+            assert await held.finish(b"finished after the listener closed") is True
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        assert [r["outcome"] for r in a.access_log() if r["listener"] == "echo"] == ["completed"]
+
+
+def test_quitquitquit_stops_the_sidecar_now(workdir: Path, echo_port: int) -> None:
+    """Envoy's ``POST /quitquitquit``: however long the grace period, the live flow is
+    cut (logged as such) and the process exits 0 at once."""
+    with _quic_pair(workdir, echo_port, "quit", drain={"grace_period": "3600s"}) as (a, ports):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])  # never finished
+            assert a.request("POST", "/quitquitquit") == (200, b"OK\n")
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+            held.writer.close()
+
+        asyncio.run(main())
+        assert "asked to quit: ending the grace period now" in a.stderr()
+        assert "Traceback" not in a.stderr()
+        (line,) = [r for r in a.access_log() if r["listener"] == "echo"]
+        assert line["outcome"] == "reset", line
+        assert line["reason"].startswith("cut by the drain (grace period ended early)"), line
+
+
+def test_certs_shows_the_chain_presented_and_the_roots(workdir: Path, echo_port: int) -> None:
+    """``GET /certs`` in Envoy's shape: the development CA's root from its file, the
+    certificate the sidecar issued itself (the serial ``/stats`` reports, its SPIFFE ID),
+    whole days to expiry; never a private key."""
+    with _quic_pair(workdir, echo_port, "certs") as (a, _ports):
+        status, body = a.request("GET", "/certs")
+        assert status == 200 and b"PRIVATE KEY" not in body
+        (entry,) = json.loads(body)["certificates"]
+        root = DevCA.load(workdir / "ca").trust_bundle.certificates[0]
+        (ca,) = entry["ca_cert"]
+        assert ca["path"] == str(workdir / "ca" / "ca.pem")
+        assert ca["serial_number"] == format(root.serial_number, "x")
+        assert ca["expiration_time"] == root.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        (leaf,) = entry["cert_chain"]
+        assert leaf["serial_number"] == a.stats()["certificate"]["serial"]
+        assert leaf["subject_alt_names"] == [{"uri": IDENTITY_A}]
+        assert leaf["path"].startswith("<issued by the development CA in ")
+        expires = datetime.datetime.strptime(leaf["expiration_time"], "%Y-%m-%dT%H:%M:%S%z")
+        left = (expires - datetime.datetime.now(datetime.UTC)).days
+        assert leaf["days_until_expiration"] in (str(left), str(left + 1))  # (whole days)
+        assert expires > datetime.datetime.now(datetime.UTC)
+
+
+def test_logging_levels_change_what_the_sidecar_logs(workdir: Path, echo_port: int) -> None:
+    """``POST /logging?level=warning`` on a running sidecar: its drain's INFO lines
+    (which every other drain test reads) are no longer written."""
+    with _quic_pair(workdir, echo_port, "logging") as (a, _ports):
+        status, body = a.request("POST", "/logging")
+        assert status == 200 and b"  quicmesh.sidecar: info\n" in body
+        status, body = a.request("POST", "/logging?level=warning")
+        assert status == 200 and b"  quicmesh.sidecar: warning\n" in body
+        assert a.request("POST", "/logging?level=chatty")[0] == 400
+        a.signal(signal.SIGTERM)
+        assert a.process is not None and a.process.wait(15) == 0
+        assert "draining:" not in a.stderr() and "drained in" not in a.stderr()
 
 
 def test_a_drain_ends_when_the_access_log_cannot_be_written(workdir: Path, echo_port: int) -> None:

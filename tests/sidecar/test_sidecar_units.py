@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quicmesh.errors import ConfigError
+from quicmesh.logs import quicmesh_loggers
 from quicmesh.sidecar.accesslog import FlowRecord, Outcome
 from quicmesh.sidecar.admin import Deferred, Response, route
 from quicmesh.sidecar.circuit import CircuitBreaker
@@ -428,10 +431,17 @@ class FakeView:
     def is_ready(self) -> bool:
         return self.ready
 
-    def begin_drain(self) -> bool:
+    def begin_drain(self, outbound_now: bool = False) -> bool:
         self.drains += 1
+        self.outbound_now = outbound_now
         self.ready = False
         return self.drains == 1
+
+    def quit(self) -> None:
+        self.quits = getattr(self, "quits", 0) + 1
+
+    def certificates(self) -> dict[str, Any]:
+        return {"certificates": []}
 
     async def migrate(self) -> dict[str, Any]:
         return {"migrated": 1, "failed": 0, "connections": [{"cluster": "c"}]}
@@ -465,6 +475,75 @@ def test_admin_routes() -> None:
     assert isinstance(deferred, Deferred)
     response = asyncio.run(deferred.respond())
     assert response.status == 200 and json.loads(response.body)["migrated"] == 1
+
+
+def test_admin_envoy_actions_take_envoys_flags() -> None:
+    """``/drain_listeners`` as Istio's agent sends it, ``/quitquitquit``, ``/certs``:
+    what each asks of the sidecar, and the flags refused by name."""
+    view = FakeView()
+    assert route(view, "GET", "/drain_listeners").status == 405
+    for query in ("?skip_exit", "?graceful&skip_exit", "?inbound", "?inboundonly=x&x"):
+        refused = route(view, "POST", f"/drain_listeners{query}")
+        assert refused.status == 400 and view.drains == 0, query
+    assert b"skip_exit is not supported" in route(view, "POST", "/drain_listeners?skip_exit").body
+    assert b"unknown flag 'inbound'" in route(view, "POST", "/drain_listeners?inbound").body
+    ok = route(view, "POST", "/drain_listeners?inboundonly&graceful")
+    assert (ok.status, ok.body, view.drains, view.outbound_now) == (200, b"OK\n", 1, False)
+    assert route(view, "POST", "/drain_listeners?graceful").status == 200
+    assert (view.drains, view.outbound_now) == (2, True)
+    assert route(view, "POST", "/quitquitquit").body == b"OK\n" and view.quits == 1
+    assert json.loads(route(view, "GET", "/certs").body) == {"certificates": []}
+    assert route(view, "POST", "/certs").status == 405
+
+
+def test_admin_logging_lists_and_sets_quicmesh_loggers() -> None:
+    """Envoy's ``POST /logging``: the list, ``level=`` for all, ``<logger>=`` for one,
+    and a 400 naming an unknown level or logger (the levels are put back after)."""
+    view = FakeView()
+    names = ("quicmesh", "quicmesh.sidecar", "quicmesh.sidecar.admin")
+    before = {name: logging.getLogger(name).level for name in names}
+    try:
+        assert route(view, "GET", "/logging").status == 405
+        listing = route(view, "POST", "/logging").body.decode()
+        assert listing.startswith("active loggers:\n  quicmesh: ")
+        assert "\n  quicmesh.sidecar.admin: " in listing
+        one = route(view, "POST", "/logging?quicmesh.sidecar.admin=debug").body.decode()
+        assert "  quicmesh.sidecar.admin: debug\n" in one
+        assert logging.getLogger("quicmesh.sidecar.admin").isEnabledFor(logging.DEBUG)
+        every = route(view, "POST", "/logging?level=off").body.decode()
+        assert set(every.splitlines()[1:]) == {f"  {n}: off" for n in quicmesh_loggers()}
+        assert not logging.getLogger("quicmesh.sidecar.admin").isEnabledFor(logging.CRITICAL)
+        route(view, "POST", "/logging?level=WARN")
+        assert logging.getLogger("quicmesh.sidecar").getEffectiveLevel() == logging.WARNING
+        loud = route(view, "POST", "/logging?level=loud")
+        assert loud.status == 400 and b"unknown level 'loud'" in loud.body
+        nosuch = route(view, "POST", "/logging?nosuch=debug")
+        assert nosuch.status == 400 and b"unknown logger 'nosuch'" in nosuch.body
+        forged = route(view, "POST", "/logging?level=%0Aforged")
+        assert forged.status == 400 and b"\nforged" not in forged.body
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+        for name in quicmesh_loggers():
+            if name not in before:
+                logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80), st.sampled_from(["/logging", "/drain_listeners"]))
+def test_admin_action_queries_never_raise(query: str, path: str) -> None:
+    """Any query string on the admin actions is a 200 or a one-line 400, never an
+    exception (the admin's loop would log a traceback and close the connection)."""
+    view = FakeView()
+    levels = {name: logging.getLogger(name).level for name in quicmesh_loggers()}
+    try:
+        response = route(view, "POST", f"{path}?{query}")
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert isinstance(response, Response) and response.status in (200, 400)
+    if response.status == 400:
+        assert response.body.count(b"\n") == 1
 
 
 async def _ask_admin(view: Any, request: bytes) -> bytes:
