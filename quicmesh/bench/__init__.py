@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from ..errors import ConfigError
 from ..netem.config import parse_percent
+from ..outputs import output_dir
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -90,6 +91,21 @@ def cases_problem(cases: list[str], known: tuple[str, ...]) -> str | None:
     if unknown:
         return f"argument --cases: unknown case {unknown[0]!r}: choose from {','.join(known)}"
     return None
+
+
+def tried_output_dir(text: str) -> Path:
+    """An ``argparse`` type: ``--out DIR``, tried as :func:`~quicmesh.outputs.output_dir`
+    tries it, then left as it was: the directories made for the trial are removed again
+    (the run makes them when it writes), so that a run refused after its arguments were
+    read (no root) leaves nothing behind."""
+    path = Path(text)
+    made = [directory for directory in (path, *path.parents) if not directory.exists()]
+    try:
+        return output_dir(text)
+    finally:
+        for directory in made:  # the deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def source_state() -> dict[str, Any]:

@@ -72,11 +72,18 @@ from .._timeouts import wait_within
 from ..congestion import BbrCongestionControl, congestion_controller
 from ..errors import QuicmeshError
 from ..netem import SERVER_ADDRESS, Link, LinkConfig, LinkStats
-from ..outputs import output_dir
+from ..netem.system import missing_privileges
 from ..sidecar.launch import die_with_parent, terminate_as_exit
 from ..transport.base import default_quic_engine
 from ..transport.stream import MeshStream
-from . import OneLineParser, loss_percentages, positive_number, rtt_seconds, source_state
+from . import (
+    OneLineParser,
+    loss_percentages,
+    positive_number,
+    rtt_seconds,
+    source_state,
+    tried_output_dir,
+)
 from ._engine import add_engine_argument, engine_problem
 
 RATE_BPS = 20e6
@@ -968,10 +975,13 @@ def markdown(document: dict[str, Any]) -> str:
             f"{_mbit(row['goodput_bps'])} ({100 * row['goodput_bps'] / rate:.0f} %)" + _starved(row)
         ),
     )
+    if any(_starved(row) for rows in table.values() for row in rows.values()):
+        lines += [
+            "",
+            f"† the sender's event loop woke up more than {STARVED_LOOP_LAG * 1e3:g} ms late "
+            "(99th percentile): the CPU, not the congestion controller, may have limited it.",
+        ]
     lines += [
-        "",
-        f"† the sender's event loop woke up more than {STARVED_LOOP_LAG * 1e3:g} ms late "
-        "(99th percentile): the CPU, not the congestion controller, may have limited it.",
         "",
         "Queueing delay (smoothed RTT minus minimum RTT), median / 95th percentile, ms:",
         "",
@@ -1228,7 +1238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=output_dir,
+        type=tried_output_dir,
         default=Path("congestion-results"),
         help="output folder (default: congestion-results)",
     )
@@ -1325,6 +1335,10 @@ def main(argv: list[str] | None = None) -> int:
     args.fairness_duration = args.fairness_duration or (
         QUICK_FAIRNESS_DURATION if args.quick else FAIRNESS_DURATION
     )
+    reason = missing_privileges()
+    if reason is not None:  # (it was the link's error, exit 1; 2 as `quicmesh netem`)
+        print(f"quicmesh bench congestion: the link emulator {reason}", file=sys.stderr)
+        return 2
     try:
         # ``kill PID`` and ``timeout`` (SIGTERM) become SystemExit: the receiver is
         # stopped and the link's namespaces deleted on the way out, as after Ctrl-C.

@@ -65,11 +65,16 @@ from ..netem import (
     parse_rate,
 )
 from ..netem.system import NetemError, missing_privileges, write_sysctl
-from ..outputs import output_dir
 from ..sidecar.launch import terminate_as_exit
 from ..tls import DevCA
 from ..transport.base import default_quic_engine
-from . import MAX_RTT_SECONDS, OneLineParser, loss_percentages, source_state
+from . import (
+    MAX_RTT_SECONDS,
+    OneLineParser,
+    loss_percentages,
+    source_state,
+    tried_output_dir,
+)
 from . import _hol_report as report
 from ._engine import add_engine_argument, engine_problem
 from ._hol_worker import MIN_INTERVAL, PARENT_VARIABLE, WorkerConfig
@@ -643,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=output_dir,
+        type=tried_output_dir,
         default=Path("hol-results"),
         help="output folder (default: hol-results)",
     )
@@ -824,7 +829,7 @@ def main(argv: list[str]) -> int:
     reason = missing_privileges()
     if reason is not None:
         print(f"quicmesh bench hol: the link emulator {reason}", file=sys.stderr)
-        return 1
+        return 2  # (as `quicmesh netem`: 2 is bad arguments or no root)
     # ``kill PID`` and ``timeout`` (SIGTERM) become SystemExit: the link's tear-down
     # stops the workers and deletes the namespaces, and the scratch directory with the
     # CA's key is removed, as after Ctrl-C.

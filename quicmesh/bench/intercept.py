@@ -29,10 +29,11 @@ Two measurements, both as root in network namespaces made for the run
   iptables/kube-proxy style). A loop sends 1-byte UDP datagrams to loopback whose
   destination matches no service (the worst case for rules, which are all
   evaluated), for ``--window`` seconds per case; the cost per packet minus the
-  cost with no table is the lookup cost. Cases (none, set, rules) and sizes are
-  interleaved and repeated ``--rounds`` times; the median is reported. The NAT
-  chains ``quicmesh intercept`` installs match this way on the first packet of
-  each connection.
+  cost with no table is the lookup cost (0 at least; one no higher than the spread
+  of the no-table samples, the run's resolution, is marked ``*``). Cases (none,
+  set, rules) and sizes are interleaved and repeated ``--rounds`` times; the
+  median is reported. The NAT chains ``quicmesh intercept`` installs match this
+  way on the first packet of each connection.
 
 Ratios are against baselines measured in the same run: ``intercepted /
 explicit`` and ``explicit / direct`` for connections, ``rules / set`` for
@@ -99,8 +100,18 @@ class LookupRow:
     services: int
     median_ns_per_packet: float
     lookup_ns: float
-    """Median per-packet cost minus the median with no table (same size's rounds)."""
+    """Median per-packet cost minus the median with no table (same size's rounds), 0 at
+    least: a difference of two noisy timings, it came out negative on a quick run."""
+    resolution_ns: float
+    """The spread (max - min) of every no-table sample of the run: a lookup cost up to
+    this much is not told apart from noise."""
     samples_ns: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether ``lookup_ns`` is above the run's resolution (no table is 0 by
+        definition: resolved)."""
+        return self.style == "none" or self.lookup_ns > self.resolution_ns
 
 
 # -- per connection -----------------------------------------------------------------
@@ -306,6 +317,9 @@ def measure_lookups(sizes: tuple[int, ...], rounds: int, window: float) -> list[
     finally:
         with signals_deferred():  # (a second signal killed `ip` half-way)
             system.delete_namespace(namespace)
+    # The no-table case is the same at every size: all its samples show the noise.
+    floors = [sample for services in sizes for sample in samples[("none", services)]]
+    resolution = max(floors) - min(floors)
     rows = []
     for services in sizes:
         floor = statistics.median(samples[("none", services)])
@@ -316,7 +330,8 @@ def measure_lookups(sizes: tuple[int, ...], rounds: int, window: float) -> list[
                     style=style,
                     services=services,
                     median_ns_per_packet=median,
-                    lookup_ns=median - floor,
+                    lookup_ns=max(0.0, median - floor),
+                    resolution_ns=resolution,
                     samples_ns=samples[(style, services)],
                 )
             )
@@ -354,7 +369,12 @@ def format_report(connections: list[ConnectionRow], lookups: list[LookupRow]) ->
     for lookup in lookups:
         out.append(
             f"  {lookup.services:>8} {lookup.style:<6} {lookup.median_ns_per_packet:>10.0f} "
-            f"{lookup.lookup_ns:>10.0f}"
+            f"{lookup.lookup_ns:>10.0f}" + ("" if lookup.resolved else "*")
+        )
+    if not all(lookup.resolved for lookup in lookups):
+        out.append(
+            f"  * below the resolution ({lookups[0].resolution_ns:.0f} ns: how much the cost "
+            "with no table varied over the run): not told apart from 0"
         )
     sizes = sorted({row.services for row in lookups})
     by = {(row.style, row.services): row for row in lookups}
@@ -440,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = system.missing_privileges()
     if reason is not None:
         print(f"quicmesh bench intercept: {reason}", file=sys.stderr)
-        return 1
+        return 2  # (as `quicmesh netem`: 2 is bad arguments or no root)
     try:
         # kill (SIGTERM) runs the lab's tear-down too: namespaces, sidecars, rules.
         with terminate_as_exit():

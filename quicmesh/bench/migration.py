@@ -249,11 +249,14 @@ async def run_case(
 
 def format_table(rows: list[Row]) -> str:
     """The human-readable result table."""
-    event = (
-        "the peer dies or hangs"
-        if all(row.case in FAILOVER_CASES for row in rows)
-        else "the client address changes"
-    )
+    never = "the connection broke and no flow resumed"
+    if all(row.case in FAILOVER_CASES for row in rows):  # (no address changes)
+        event, since = "the peer dies or hangs", "the death or hang"
+        never = f"no flow resumed; the end: when the last flow failed, {FAILOVER_WAIT:g} s at most"
+    elif any(row.case in FAILOVER_CASES for row in rows):
+        event, since = "the client address changes or the peer dies or hangs", "the event"
+    else:
+        event, since = "the client address changes", "the address change"
     rate = rows[0].rate_mbit
     pace = "as fast as each flow allows" if rate is None else f"each paced at {rate:g} Mbit/s"
     lines = [
@@ -273,19 +276,20 @@ def format_table(rows: list[Row]) -> str:
             f"{row.case:<13} {stall} {rtts} {row.steady_gap_ms:>14.1f} "
             f"{row.flows_lost:>5} of {row.flows:<3} {row.received_bytes / 1e6:>12.1f} {reset}"
         )
-    lines += COLUMNS.splitlines()
+    lines += COLUMNS.format(since=since, never=never).splitlines()
     return "\n".join(lines)
 
 
 COLUMNS = """
-stall ms: longest gap between two reads (any flow) from the address change to the end
-  ('never': the connection broke and no flow resumed)
+stall ms: longest gap between two reads (any flow) from {since} to the end
+  ('never': {never})
 RTTs: that stall divided by the round-trip time
-steady gap ms: longest gap between two reads before the change (the normal pace, for reference)
+steady gap ms: longest gap between two reads before {since} (the normal pace, for reference)
 flows lost: flows that failed; MB received: payload read by the client over all flows
 reset ms: (death, hang) from the event until the client saw the last flow fail
   ('never': not all failed within the wait)"""
-"""The legend printed under :func:`format_table`."""
+"""The legend printed under :func:`format_table`; ``since`` names the event the stall
+is measured from (the address change, the peer's death or hang)."""
 
 
 def main(argv: list[str] | None = None) -> int:

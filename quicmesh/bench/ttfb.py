@@ -53,6 +53,7 @@ from typing import Any, cast
 from .. import AutoTransport, DevCA, H2Transport, MeshStream, QuicTransport, Transport
 from .._timeouts import wait_within
 from ..errors import QuicmeshError
+from ..netem.system import missing_privileges
 from ..outputs import output_file
 from ..sidecar.launch import terminate_as_exit
 from . import OneLineParser, cases_problem, positive_integer, positive_number
@@ -464,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = engine_problem(args.engine)
     if problem is not None:
         print(f"quicmesh bench ttfb: {problem}", file=sys.stderr)
+        return 2
+    reason = missing_privileges()
+    if reason is not None:  # (it was the link's error, exit 1; 2 as `quicmesh netem`)
+        print(f"quicmesh bench ttfb: the link emulator {reason}", file=sys.stderr)
         return 2
     try:
         # ``kill PID`` and ``timeout`` (SIGTERM, SIGHUP) become SystemExit, so that the

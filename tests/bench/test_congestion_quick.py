@@ -125,6 +125,18 @@ def test_summary_checks_the_target(
     assert "| 2 % | 97.0 % busy, 95.5 % payload | - |" in text
 
 
+def test_the_dagger_legend_is_printed_only_under_a_cell_that_carries_one() -> None:
+    # A review: the "†" line was printed under every goodput table, daggers or none.
+    document = _document(17e6, 16e6, 0.010)
+    document["summary"] = congestion.summarize(document, 20e6)
+    assert "†" not in congestion.markdown(document)
+    document["cases"][1]["flows"][0]["loop_lag_p99"] = 2 * congestion.STARVED_LOOP_LAG
+    document["summary"] = congestion.summarize(document, 20e6)
+    text = congestion.markdown(document)
+    assert "| 2 % | 17.0 (85 %) | 16.0 (80 %) † |" in text
+    assert "\n† the sender's event loop woke up more than 10 ms late" in text
+
+
 def test_link_use_separates_overhead_from_idle_time() -> None:
     # 1000 payload bytes per 1100 link bytes; 2 MB/s of goodput on a 20 Mbit/s link.
     use = congestion.link_use(2e6, 1000, 1100, 20e6)

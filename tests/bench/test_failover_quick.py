@@ -4,6 +4,8 @@ first byte with UDP blocked (ttfb bench). Bounds are the issue's, not performanc
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,21 @@ def test_dead_and_hung_peers_reset_quic_flows(tmp_path: Path) -> None:
         assert rows[case]["reset_ms"] is not None
     assert rows["quic-death"]["reset_ms"] < 3000  # ICMP port unreachable
     assert rows["quic-hang"]["reset_ms"] < migration.FAILOVER_WAIT * 1000
+
+
+def test_the_failover_legend_measures_from_the_death_or_hang() -> None:
+    # A review: it said "from the address change", which a failover case has none of.
+    script = shutil.which("quicmesh")
+    assert script is not None, "the quicmesh console script is not on PATH: pip install -e ."
+    argv = ["--failover", "--cases", "quic-death", "--flows", "1", "--duration", "0.4"]
+    done = subprocess.run(
+        [script, "bench", "migration", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stall when the peer dies or hangs" in done.stdout
+    assert "address change" not in done.stdout and "the change" not in done.stdout
+    assert "from the death or hang to the end" in done.stdout
+    assert "before the death or hang" in done.stdout
 
 
 def test_failover_options_are_checked() -> None:

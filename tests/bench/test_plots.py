@@ -109,3 +109,22 @@ def test_hol_plot_tolerates_a_point_without_p99(tmp_path: Path, saved: list[Figu
     written = _hol_report.plot(result, {}, tmp_path)
     assert "hol-p99.png" in [p.name for p in written]
     assert {text.get_text() for text in saved[-1].axes[0].texts} == {"300"}
+
+
+def test_hol_goodput_axis_has_headroom_over_its_top_point(
+    tmp_path: Path, saved: list[Figure]
+) -> None:
+    """A review: the axis ended 0.1 Mbit/s above the highest point (its marker was cut)."""
+    points = [
+        {"variant": variant, "loss": loss, "latency_ms": {"p99": 200.0}, "bulk_mbps_mean": mbps}
+        for variant, top in (("quic-bbr", 18.0), ("h2-bbr", 17.0))
+        for loss, mbps in ((0.0, top), (0.02, top - 1))
+    ]
+    result = {
+        "settings": {"slow_threshold_ms": {}, "rtt": 0.04, "rate_bps": 20e6,
+                     "queue": {"queue_delay": 0.06}},
+        "points": points,
+    }  # fmt: skip
+    _hol_report.plot(result, {}, tmp_path)
+    bottom, top = saved[-1].axes[1].get_ylim()
+    assert bottom == 0 and top >= 1.05 * 18.0, (bottom, top)
