@@ -625,6 +625,29 @@ async fn write_tcp(tcp: &TcpStream, mut data: &[u8], held: &Held) -> std::io::Re
     Ok(())
 }
 
+/// QUIC FIN -> `shutdown(SHUT_WR)`, where a peer that closed first is no failure.
+///
+/// A TCP peer that closed its connection in order (its FIN came) answers the bytes written
+/// to it after with RST, and the socket is no longer connected: `shutdown` fails with
+/// ENOTCONN, the socket's pending error being EPIPE (Linux's `tcp_reset` in CLOSE_WAIT, the
+/// FIN before the RST). The peer said all it would and closed: nothing is left to close, as
+/// the Python pump's half-close (asyncio's `write_eof`, whose error uvloop drops) and
+/// Envoy's `tcp_proxy` end it (a review: the native engine alone logged such a flow
+/// `reset`, "[Errno 107] Transport endpoint is not connected"). A peer that reset its
+/// connection without a FIN first leaves ECONNRESET pending: that fails the flow, named.
+/// (A write that meets EPIPE fails the flow, as in the Python pump: that is
+/// [`write_tcp`]'s.)
+fn shut_write(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+    match socket.shutdown(Shutdown::Write) {
+        Err(error) if error.kind() == ErrorKind::NotConnected => match socket.take_error() {
+            Ok(Some(pending)) if pending.kind() == ErrorKind::BrokenPipe => Ok(()),
+            Ok(Some(pending)) => Err(pending),
+            Ok(None) | Err(_) => Err(error),
+        },
+        result => result,
+    }
+}
+
 /// The socket's error, once it has one (a reset from its peer): readiness for errors
 /// alone, so data waiting to be read and the peer's FIN do not wake it.
 async fn tcp_failed(tcp: &TcpStream) -> std::io::Error {
@@ -790,9 +813,7 @@ async fn downstream(
         }
         if fin {
             deframer.finish().map_err(Failure::Frame)?;
-            socket2::SockRef::from(tcp)
-                .shutdown(Shutdown::Write)
-                .map_err(Failure::Tcp)?;
+            shut_write(socket2::SockRef::from(tcp)).map_err(Failure::Tcp)?;
             return Ok(());
         }
         let Some(stream) = recv.as_deref_mut() else {
@@ -1463,5 +1484,63 @@ mod tests {
             };
             tokio::join!(reading, writing);
         });
+    }
+
+    /// A connected pair on loopback: (ours, the peer's).
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (ours, peer)
+    }
+
+    /// Waits (a while at most) for `ours` to hear its peer's RST: its error, pending.
+    fn wait_reset(ours: &std::net::TcpStream) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        for _ in 0..500 {
+            // (No events asked for: only POLLERR, or POLLHUP, wakes it.)
+            let mut fds = [PollFd::new(ours.as_fd(), PollFlags::empty())];
+            poll(&mut fds, PollTimeout::from(10u16)).unwrap();
+            if fds[0]
+                .revents()
+                .is_some_and(|events| events.contains(PollFlags::POLLERR))
+            {
+                return;
+            }
+        }
+        panic!("no reset came");
+    }
+
+    #[test]
+    fn a_peer_that_closed_in_order_and_reset_our_later_bytes_is_no_failure_at_our_fin() {
+        use std::io::{Read, Write};
+        let (mut ours, peer) = tcp_pair();
+        drop(peer); // an orderly close: FIN
+        assert_eq!(ours.read(&mut [0; 16]).unwrap(), 0);
+        ours.write_all(b"later").unwrap(); // answered with RST
+        wait_reset(&ours);
+        shut_write(socket2::SockRef::from(&ours)).unwrap();
+    }
+
+    #[test]
+    fn a_peer_that_reset_its_connection_is_a_failure_at_our_fin() {
+        let (ours, peer) = tcp_pair();
+        socket2::SockRef::from(&peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(peer); // RST, no FIN before it
+        wait_reset(&ours);
+        let error = shut_write(socket2::SockRef::from(&ours)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}");
+    }
+
+    #[test]
+    fn our_fin_to_a_peer_that_only_half_closed_goes_out() {
+        use std::io::Read;
+        let (ours, mut peer) = tcp_pair();
+        peer.shutdown(Shutdown::Write).unwrap();
+        shut_write(socket2::SockRef::from(&ours)).unwrap();
+        assert_eq!(peer.read(&mut [0; 16]).unwrap(), 0);
     }
 }
