@@ -196,8 +196,7 @@ async def splice(
             data = await stream.read(CHUNK)
             if not data:
                 if writer.can_write_eof():
-                    with _tcp_reset_as_os_error(writer):
-                        writer.write_eof()
+                    _write_eof(writer)
                 return
             moved()
             result.bytes_from_stream += len(data)
@@ -264,6 +263,39 @@ def _tcp_reset_as_os_error(writer: asyncio.StreamWriter) -> Iterator[None]:
         if not writer.transport.is_closing():
             raise
         raise ConnectionResetError(errno.ECONNRESET, f"TCP connection closed: {exc}") from None
+
+
+def _write_eof(writer: asyncio.StreamWriter) -> None:
+    """The stream's FIN -> the TCP half-close, where a peer that closed first is no failure
+    (the twin of the native engine's ``shut_write``, native/src/splice.rs).
+
+    A TCP peer that closed in order (its FIN came) answers the bytes written to it after
+    with RST, and the socket is no longer connected: ``shutdown(SHUT_WR)`` fails with
+    ENOTCONN, the socket's pending error being EPIPE (Linux's ``tcp_reset`` in CLOSE_WAIT,
+    the FIN before the RST). The peer said all it would: the flow ended in order. asyncio's
+    own loop raised that ENOTCONN here (the flow was logged ``reset``, "[Errno 107]
+    Transport endpoint is not connected") where uvloop drops the shutdown's error. A peer
+    that reset without a FIN first leaves ECONNRESET pending: that fails the flow, named
+    (as any other pending error does, as in ``shut_write``); other errors of the
+    half-close, or ENOTCONN with none pending, fail it as before. (A write that meets
+    EPIPE fails the flow: that is ``drain()``'s.)
+    """
+    try:
+        with _tcp_reset_as_os_error(writer):
+            writer.write_eof()
+    except OSError as exc:
+        sock = writer.get_extra_info("socket")
+        if exc.errno != errno.ENOTCONN or sock is None:
+            raise
+        try:
+            pending = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            raise exc from None
+        if pending == errno.EPIPE:
+            return
+        if pending:
+            raise OSError(pending, os.strerror(pending)) from None
+        raise
 
 
 def moved_so_far(stream: MeshStream, progress: SpliceResult) -> tuple[int, int]:
