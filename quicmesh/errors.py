@@ -7,7 +7,9 @@ package, so callers only ever catch this family.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 
 
 class QuicmeshError(Exception):
@@ -103,6 +105,28 @@ def os_error_text(exc: OSError) -> str:
         # uvloop's "could not bind to local_addr (...)" carries the reason as its cause
         return f"{exc}: {os_error_text(cause)}"
     return str(exc) or type(exc).__name__
+
+
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""The errors of an ``accept()`` that failed for want of descriptors or memory: the
+connection waits in the listen backlog, and accepting pauses a while."""
+
+
+def accept_failure_text(exc: OSError) -> str:
+    """Why ``accept()`` failed, in the system's words and, when a descriptor limit was
+    hit, with the limit: "Too many open files (the process's nofile limit 1024)"."""
+    text = os_error_text(exc)
+    if exc.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        return f"{text} (the process's nofile limit {limit})"
+    if exc.errno == errno.ENFILE:
+        try:
+            with open("/proc/sys/fs/file-max") as file:
+                return f"{text} (the system's fs.file-max {int(file.read())})"
+        except (OSError, ValueError):
+            return f"{text} (the system's limit)"
+    return text
 
 
 def peer_text(text: str | bytes, limit: int = 256) -> str:

@@ -45,12 +45,14 @@ from ..errors import (
     PeerUnresponsive,
     PeerVerificationError,
     TunnelError,
+    os_error_text,
 )
 from ..tls import peer_identity_from_ssl
 from ..tls.check import handshake_failure_reason
 from ..tls.verify import presented_chain_of
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
+from ._accept import SocketServer
 from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
 from ._socket_errors import SocketErrorWatch
@@ -64,7 +66,7 @@ from .base import (
     checked_address,
     host_port,
 )
-from .liveness import Liveness, LivenessConfig, Verdict
+from .liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
 
 logger = logging.getLogger("quicmesh.transport.tls")
 
@@ -234,12 +236,39 @@ class TlsPeerConnection(SessionConnection):
         await super().wait_closed()
 
 
-def _lost_with(exc: BaseException) -> ConnectionLost:
+def _lost_with(exc: BaseException, unanswered: float | None = None) -> ConnectionLost:
     """How an established connection that ``exc`` ended is lost (a reset the socket
-    reported, read or heard while reading was paused, or another error)."""
+    reported, read or heard while reading was paused, or another error).
+
+    A timeout is the kernel's verdict that the peer stopped acknowledging (the
+    ``TCP_USER_TIMEOUT`` or keepalive probes :func:`tune_liveness` set from the
+    liveness rules, or the retransmissions' limit): :class:`PeerUnresponsive`, as the
+    PING's verdict, which it often beats (the kernel counts from the first byte left
+    unacknowledged). ``unanswered``: (HTTP/2) seconds since a keepalive PING still
+    unanswered went out; then a broken pipe, what the socket says once that verdict
+    was read elsewhere, is one too. Both were "connection lost: [Errno 110] Connection
+    timed out" (or "[Errno 32] Broken pipe") until 2026-12."""
     if isinstance(exc, ConnectionResetError):
         return ConnectionLost("connection reset by peer")
+    if isinstance(exc, TimeoutError) or (
+        unanswered is not None and isinstance(exc, BrokenPipeError)
+    ):
+        if unanswered is not None:
+            return PeerUnresponsive(
+                f"connection lost: {UNRESPONSIVE}: the peer stopped answering (no PING "
+                f"reply in {unanswered:.1f}s, and the kernel gave up on what it sent: "
+                f"{_os_error_words(exc)})"
+            )
+        return PeerUnresponsive(
+            f"connection lost: {UNRESPONSIVE}: the peer stopped answering (the kernel gave "
+            f"up on what it sent: {_os_error_words(exc)})"
+        )
     return ConnectionLost(f"connection lost: {exc}")
+
+
+def _os_error_words(exc: BaseException) -> str:
+    """An OSError's reason in the system's words, lower case ("connection timed out")."""
+    return os_error_text(exc).lower() if isinstance(exc, OSError) else str(exc)
 
 
 class TlsTunnelProtocol(asyncio.Protocol):
@@ -289,6 +318,8 @@ class TlsTunnelProtocol(asyncio.Protocol):
         self._liveness_timer: asyncio.TimerHandle | None = None
         self._ping_outstanding = False
         """A keepalive PING went out and nothing came from the peer since."""
+        self._ping_sent_at = 0.0
+        """(loop time) When the outstanding PING went out."""
         self._half_open = half_open
         """(server) The listener's handshakes under way, this one among them until its
         handshake is over."""
@@ -406,6 +437,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._stop_watching_errors()
+        unanswered = self._ping_unanswered()
         self._stop_liveness()
         self._end_half_open()
         self._cancel_setup_timer()
@@ -422,7 +454,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
                 # come) a lost connection most likely means the server refused us.
                 self.failure = self._early_close_error(exc)
             elif exc is not None:
-                self.failure = _lost_with(exc)
+                self.failure = _lost_with(exc, unanswered)
         error = self.failure or ConnectionLost("connection closed")
         self._settle_ready(error)
         if self.connection is not None:
@@ -518,7 +550,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
     def _reset_while_paused(self, error: OSError) -> None:
         self._error_watch = None
         if self.failure is None:
-            self.failure = _lost_with(error)
+            self.failure = _lost_with(error, self._ping_unanswered())
         if self._transport is not None:
             self._transport.abort()
 
@@ -739,11 +771,20 @@ class TlsTunnelProtocol(asyncio.Protocol):
         now = self._loop.time()
         verdict = liveness.check(now, probe_timeouts=0, awaiting_ack=self._ping_outstanding)
         if verdict is Verdict.UNRESPONSIVE:
-            self._fail(PeerUnresponsive(f"HTTP/2 connection failed: {liveness.reason}"))
+            # Named as the kernel's verdict is (_lost_with), in the QUIC liveness's
+            # words: until 2026-12 "HTTP/2 connection failed: peer unresponsive: no ACK
+            # for 10.0s", when it won the race at all.
+            self._fail(
+                PeerUnresponsive(
+                    f"connection lost: {UNRESPONSIVE}: the peer stopped answering (no PING "
+                    f"reply in {now - self._ping_sent_at:.1f}s)"
+                )
+            )
             return
         if verdict is Verdict.PING:
             session.h2.ping(KEEPALIVE_PING)
             self._ping_outstanding = True
+            self._ping_sent_at = now
             liveness.check(now, probe_timeouts=0, awaiting_ack=True)  # (awaiting from now)
             self.flush()
             if self._closing:
@@ -751,6 +792,12 @@ class TlsTunnelProtocol(asyncio.Protocol):
         deadline = liveness.deadline(now, awaiting_ack=self._ping_outstanding)
         if deadline is not None:
             self._liveness_timer = self._loop.call_at(deadline, self._watch_liveness)
+
+    def _ping_unanswered(self) -> float | None:
+        """Seconds since the keepalive PING still unanswered went out (None: none is)."""
+        if self._liveness is None or not self._ping_outstanding:
+            return None
+        return max(0.0, self._loop.time() - self._ping_sent_at)
 
     def _stop_liveness(self) -> None:
         self._liveness = None
@@ -901,7 +948,7 @@ def tune_liveness(sock: socket.socket, config: LivenessConfig, *, user_timeout: 
 class TlsListener(Listener):
     """A TCP socket accepting mutual-TLS connections, each driving one tunnel session."""
 
-    def __init__(self, server: asyncio.Server, protocols: set[TlsTunnelProtocol]) -> None:
+    def __init__(self, server: SocketServer, protocols: set[TlsTunnelProtocol]) -> None:
         self._server = server
         self._protocols = protocols
         sockname = server.sockets[0].getsockname()
@@ -948,15 +995,17 @@ async def start_server(
     handshake_failures: Counter[str] | None = None,
     liveness: LivenessConfig | None = None,
     user_timeout: bool = False,
-) -> tuple[asyncio.Server, set[TlsTunnelProtocol]]:
+) -> tuple[SocketServer, set[TlsTunnelProtocol]]:
     """Listen on ``address``; each accepted connection drives a session from ``session_factory``.
+    The listener accepts itself (:class:`~._accept.SocketServer`: out of descriptors,
+    the connections wait in the backlog and one line says why) and hands each
+    connection to ``loop.connect_accepted_socket``.
 
     :param handshake_failures: counts, by reason, the connections that ended before
         their handshake (and the check of the client's certificate) completed.
     :param liveness: ``user_timeout``: see :class:`TlsTunnelProtocol`.
     """
     address = checked_address(address, "listen address")
-    loop = asyncio.get_running_loop()
     protocols: set[TlsTunnelProtocol] = set()
     half_open = _handshake_admission()
 
@@ -984,8 +1033,17 @@ async def start_server(
         protocols.add(protocol)
         return protocol
 
+    loop = asyncio.get_running_loop()
+
+    async def connect(sock: socket.socket, _peer: Any) -> None:
+        try:
+            await loop.connect_accepted_socket(create_protocol, sock)
+        except Exception as exc:  # (the connection, already gone; or out of memory)
+            sock.close()
+            logger.debug("%s: an accepted connection was lost: %s", transport_name, exc)
+
     try:
-        server = await loop.create_server(create_protocol, address[0], address[1])
+        server = await SocketServer.start(address[0], address[1], connect, transport_name)
     except OSError as exc:
         raise ConnectError(
             f"cannot listen on TCP {address[0]}:{address[1]}: {exc.strerror or exc}"

@@ -77,7 +77,9 @@ class H2Transport(Transport):
     :param dead_after: seconds after a keepalive PING with nothing from the peer after
         which the connection fails with :class:`~quicmesh.errors.PeerUnresponsive` and
         every stream on it is reset (None: no bound); also ``TCP_USER_TIMEOUT``, the
-        longest sent data may stay unacknowledged (:func:`._tcp.tune_liveness`). As on
+        longest sent data may stay unacknowledged (:func:`._tcp.tune_liveness`), which
+        fails it with :class:`~quicmesh.errors.PeerUnresponsive` too, often first
+        ("the peer stopped answering (no PING reply in ...)" either way). As on
         QUIC (``QuicTransport``'s defaults): a dead or hung peer (``kill -9``,
         ``SIGSTOP``, a path that drops everything) is noticed within about
         ``keepalive_interval + dead_after`` seconds, on both sides of a connection.

@@ -244,7 +244,8 @@ class TcpTransport(Transport):
         kernel's TCP keepalive probes it, and between probes (whole seconds, at least
         1; None: no keepalive).
     :param dead_after: seconds of unanswered keepalive probes after which the kernel
-        resets the connection, so the flow on it fails (None: the kernel's 9 probes). A
+        resets the connection, so the flow on it fails with
+        :class:`~quicmesh.errors.PeerUnresponsive` (None: the kernel's 9 probes). A
         dead peer host or a path that drops everything is noticed so on an idle flow,
         in about ``keepalive_interval + dead_after`` seconds. Not a bound on
         unacknowledged data (no ``TCP_USER_TIMEOUT``: the kernel would also reset a
