@@ -60,6 +60,13 @@ DEFAULT_HIGH_WATER = 64 * 1024
 DRAINS_BEFORE_YIELD = 16
 """``drain()`` calls in a row without a wait after which one lets the event loop run."""
 
+LINGER_TIMEOUT = 2.0
+"""Seconds a side that is done with a flow drops what its peer still sends without an
+error: on QUIC and h2 the writer told to stop (STOP_SENDING, RST_STREAM with NO_ERROR)
+has its writes discarded this long, then :meth:`MeshStream.drain` raises; TLS-over-TCP
+keeps reading (and dropping) this long before it closes (nginx's and Apache's
+lingering close)."""
+
 MAX_SETTING_SECONDS = 86_400.0
 """The longest time in seconds a transport option takes (:func:`check_seconds`: a day)."""
 
@@ -254,6 +261,9 @@ class MeshStream:
         self._eof_received = False
         self._eof_sent = False
         self._peer_stopped_reading = False
+        self._writing_stopped_at: float | None = None
+        """(loop time) When the peer told us to stop sending while we still wrote (our
+        side not half-closed yet)."""
         self._reading_stopped = False
         self._error: TunnelError | None = None
         self._input_complete_at_failure = False
@@ -461,12 +471,30 @@ class MeshStream:
         """
         if await self._wait_unsent_at_most(self._high_water):
             self._drains_unwaited = 0
+            self._raise_if_discarding_too_long()
             return
         self._drains_unwaited += 1
         if self._drains_unwaited >= DRAINS_BEFORE_YIELD:
             self._drains_unwaited = 0
             await asyncio.sleep(0)
             self._raise_error()
+
+    def _raise_if_discarding_too_long(self) -> None:
+        """The peer told us to stop sending (it answered and needs nothing more: RFC 9114
+        4.1.2, RFC 9113 8.1) while we still wrote, :data:`LINGER_TIMEOUT` or more ago: a
+        writer that never stops (``while True: write(); await drain()``) learns of it,
+        as TLS-over-TCP's does once its peer's lingering close ends (broken pipe). A
+        finite upload cut short by an early answer still ends quietly, and the answer can
+        be read. (Its writes were discarded without an error for as long as it wrote: a
+        review's uploader ran at a whole core for ever.)"""
+        stopped = self._writing_stopped_at
+        if stopped is None or self._loop.time() - stopped < LINGER_TIMEOUT:
+            return
+        raise StreamReset(
+            f"stream {self.stream_id}: the peer stopped reading {self._loop.time() - stopped:.1f}s"
+            " ago (it answered and needs no more of our bytes): what is written is discarded",
+            0,
+        )
 
     def drain_would_wait(self) -> bool:
         """Whether :meth:`drain` would wait now (more than ``high_water`` bytes unsent,
@@ -715,6 +743,8 @@ class MeshStream:
         self._maybe_closed()
 
     def _on_peer_stopped_reading(self) -> None:
+        if not self._eof_sent:
+            self._writing_stopped_at = self._loop.time()
         self._peer_stopped_reading = True
         self._eof_sent = True
         if self._drain_waiter is not None and not self._drain_waiter.done():

@@ -237,6 +237,40 @@ def test_writing_after_the_peer_stopped_reading_still_yields_to_the_loop(name: s
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_writer_that_never_stops_learns_the_peer_stopped_reading(name: str) -> None:
+    """A server that answered and closed its stream while the client uploads for ever
+    (``while True: write(); await drain()``): the client reads the whole answer, and its
+    drain fails once the peer has dropped its bytes for the lingering close's time, on
+    every transport (QUIC and h2 discarded them without an error for as long as it
+    wrote: a review's uploader ran at a whole core; TLS-over-TCP's broken pipe came
+    after its linger already)."""
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"done")
+        stream.close()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        assert await asyncio.wait_for(stream.read(), 10) == b"done"
+
+        async def upload_for_ever() -> None:
+            while True:
+                stream.write(b"x" * 1024)
+                await stream.drain()
+                await asyncio.sleep(0.001)
+
+        with pytest.raises(quicmesh.StreamReset) as failed:
+            await asyncio.wait_for(upload_for_ever(), 15)
+        if name != "tcp":
+            assert "the peer stopped reading" in str(failed.value)
+        assert await stream.read() == b""  # the answer's end was read; reading still ends
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_client_abort_reaches_server(name: str) -> None:
     outcome: asyncio.Future[BaseException | None]
 
