@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import socket
 from collections.abc import Callable
@@ -533,7 +534,13 @@ class SessionConnection(PeerConnection):
         if self._authorize is None:
             return True
         try:
-            return bool(self._authorize(self.peer_identity, target))
+            answer = self._authorize(self.peer_identity, target)
+            if inspect.isawaitable(answer):  # (listen() refuses async functions; a
+                # callable may still return an awaitable: fail closed, not "true")
+                if inspect.iscoroutine(answer):
+                    answer.close()
+                raise TunnelUsageError("authorize returned an awaitable, not a bool")
+            return bool(answer)
         except Exception:
             REFUSAL_LOG.log(
                 logging.ERROR,

@@ -16,6 +16,7 @@ from its per-transport options (:mod:`quicmesh.transport.registry`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError, TunnelError, os_error_text
+from ..errors import ConfigError, TunnelError, TunnelUsageError, os_error_text
 from ..tls import Identity, TrustBundle
 from .stream import MeshStream, SpliceOutcome
 
@@ -61,7 +62,29 @@ StreamHandler = Callable[[MeshStream], Awaitable[None]]
 """Called once per accepted stream, in its own task."""
 
 Authorizer = Callable[[str, str], bool]
-"""``authorize(peer_spiffe_id, target) -> bool``: may this peer reach this target?"""
+"""``authorize(peer_spiffe_id, target) -> bool``: may this peer reach this target? It
+answers at once, on the event loop (an ``async def`` one is refused by ``listen``)."""
+
+
+def checked_authorizer(authorize: Authorizer | None) -> Authorizer | None:
+    """``authorize`` as ``listen`` takes it: None, or a plain callable.
+
+    :raises TunnelUsageError: it is an ``async def`` function (or an object whose
+        ``__call__`` is one): its answer would be a coroutine, which is true, so every
+        stream would be allowed (a review found it so on every transport).
+    """
+    if authorize is None:
+        return None
+    if not callable(authorize):
+        raise TunnelUsageError(f"authorize must be callable, not {type(authorize).__name__}")
+    call = type(authorize).__call__  # (an object's own; a function's is the function)
+    if inspect.iscoroutinefunction(authorize) or inspect.iscoroutinefunction(call):
+        raise TunnelUsageError(
+            "authorize must answer at once (a plain function returning a bool), not be an"
+            " async function: look up what it needs before listen(), or refuse in the"
+            " stream handler (stream.refuse(403, ...))"
+        )
+    return authorize
 
 
 def host_port(address: Any) -> str:

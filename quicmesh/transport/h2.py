@@ -39,6 +39,7 @@ from .base import (
     Authorizer,
     StreamHandler,
     Transport,
+    checked_authorizer,
     checked_tls,
 )
 from .liveness import checked_liveness
@@ -162,6 +163,7 @@ class H2Transport(Transport):
     ) -> H2Listener:
         """Accept peer connections (see :meth:`Transport.listen`); TLS over TCP has
         no 0-RTT here, so ``early_data`` is ignored."""
+        authorize = checked_authorizer(authorize)
         server, protocols = await start_server(
             address,
             context=self.ssl_context(server_side=True),

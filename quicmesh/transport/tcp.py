@@ -42,6 +42,7 @@ from .base import (
     PeerConnection,
     StreamHandler,
     Transport,
+    checked_authorizer,
     checked_tls,
     host_port,
 )
@@ -322,6 +323,7 @@ class TcpTransport(Transport):
 
         The flows it accepts are numbered (their ``stream_id``) 1, 2, 3... in the order
         their connections completed the TLS handshake."""
+        authorize = checked_authorizer(authorize)
         stream_ids = itertools.count(STREAM_ID)
         server, protocols = await start_server(
             address,

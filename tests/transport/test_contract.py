@@ -12,8 +12,9 @@ import hashlib
 import os
 import random
 import re
+import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from quic_helpers import require_engine, until
@@ -704,6 +705,37 @@ def test_an_authorize_callback_that_raises_refuses_only_that_stream(name: str) -
         await shutdown(listener, conn)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_an_async_authorize_is_refused_and_an_awaitable_answer_refuses(name: str) -> None:
+    """An ``async def`` authorize is a usage error at ``listen()``; a callable that
+    returns an awaitable all the same refuses the stream (403), never allows it. Its
+    answer, a coroutine, is true: every stream was allowed, on every transport (a
+    review of the library)."""
+
+    async def deny(identity: str, target: str) -> bool:
+        return False
+
+    class AsyncDeny:
+        async def __call__(self, identity: str, target: str) -> bool:
+            return False
+
+    async def main() -> None:
+        server = MESH.transport(name, identity=MESH.server)
+        for authorize in (deny, AsyncDeny()):
+            with pytest.raises(quicmesh.TunnelUsageError, match="not be an async function"):
+                await server.listen(("127.0.0.1", 0), echo, authorize=authorize)  # type: ignore[arg-type]
+        sneaky = cast(Callable[[str, str], bool], lambda identity, target: deny(identity, target))
+        listener, conn = await pair(name, echo, authorize=sneaky)
+        with pytest.raises(quicmesh.StreamRefused) as refused:
+            await asyncio.wait_for(conn.open_stream(TARGET), 10)
+        assert refused.value.status == 403
+        await shutdown(listener, conn)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no "coroutine was never awaited")
+        run(main())
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)

@@ -81,6 +81,7 @@ from ..base import (
     StreamHandler,
     Transport,
     checked_address,
+    checked_authorizer,
     checked_tls,
     default_quic_engine,
     exposed_secret,
@@ -515,6 +516,7 @@ class QuicTransport(Transport):
             verify it), as :meth:`connect` raises; ``early_data`` is not a bool.
         """
         check_early_data(early_data)
+        authorize = checked_authorizer(authorize)
         self.identity.spiffe_id  # noqa: B018 - raises ConfigError naming the certificate
         address = await numeric_address(checked_address(address, "listen address"), "listen on")
         if self.engine.io == "socket":
