@@ -97,7 +97,8 @@ class SessionConnection(PeerConnection):
     @property
     def can_open_stream(self) -> bool:
         return (
-            self._lost is None
+            self.session.is_client
+            and self._lost is None
             and not self._closing
             and self._going_away is None
             and self.session.can_open_stream()
@@ -133,6 +134,7 @@ class SessionConnection(PeerConnection):
             :class:`~quicmesh.errors.StreamRefused` from the stream's next read,
             write or drain.
         """
+        self._raise_if_accepted()
         parsed = parse_target(target)
         checked = validate_headers(headers)
         if not isinstance(wait_response, bool):  # ("no" was taken as true)
@@ -169,6 +171,7 @@ class SessionConnection(PeerConnection):
         return stream
 
     async def wait_for_stream_credit(self) -> None:
+        self._raise_if_accepted()
         self._raise_if_closing()
         while not self.session.can_open_stream():
             self._raise_if_closing()
@@ -176,6 +179,16 @@ class SessionConnection(PeerConnection):
                 self._credit = self._loop.create_future()
             await asyncio.shield(self._credit)
         self._raise_if_closing()
+
+    def _raise_if_accepted(self) -> None:
+        """A connection a listener accepted opens no flow: CONNECT requests go from the
+        side that connected (RFC 9114 4.4 and 6.1, RFC 9113 8.5). It waited for ever on
+        QUIC and TLS-over-TCP (a review); h2's peer refused it (403)."""
+        if not self.session.is_client:
+            raise TunnelUsageError(
+                "an accepted connection opens no stream: flows are opened by the side"
+                " that connected (CONNECT requests go from client to server)"
+            )
 
     def close(self) -> None:
         # No new stream from now on, even before the close takes effect (on QUIC, at the

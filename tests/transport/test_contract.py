@@ -739,6 +739,29 @@ def test_an_async_authorize_is_refused_and_an_awaitable_answer_refuses(name: str
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_an_accepted_connection_refuses_to_open_a_stream_at_once(name: str) -> None:
+    """``open_stream`` on a connection a listener accepted is a usage error at once
+    (flows go from the side that connected): it waited for ever on QUIC (both engines)
+    and TLS-over-TCP, and h2's peer refused it with a 403 (a review)."""
+
+    async def main() -> None:
+        listener, conn = await pair(name)
+        stream = await conn.open_stream(TARGET)  # (TLS-over-TCP: the flow's connection)
+        stream.write(b"before")
+        await until(lambda: bool(listener.connections))
+        accepted = listener.connections[0]
+        assert not accepted.can_open_stream
+        with pytest.raises(quicmesh.TunnelUsageError, match="accepted connection opens no"):
+            await asyncio.wait_for(accepted.open_stream(TARGET), 5)
+        with pytest.raises(quicmesh.TunnelUsageError):
+            await asyncio.wait_for(accepted.wait_for_stream_credit(), 5)
+        await carries_on(conn, stream)
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_no_stream_opens_on_a_connection_closed_a_moment_ago(name: str) -> None:
     """Right after ``close()`` a QUIC connection still took a new stream (its close
     takes effect at the loop's next turn), which then failed with StreamReset: it is
