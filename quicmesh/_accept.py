@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..errors import OUT_OF_RESOURCES, accept_failure_text
-from .base import host_port
+from .errors import OUT_OF_RESOURCES, accept_failure_text
+from .transport.base import host_port
 
-logger = logging.getLogger("quicmesh.transport.accept")
+logger = logging.getLogger("quicmesh.accept")
 
 Handler = Callable[[socket.socket, Any], Coroutine[Any, Any, None]]
 

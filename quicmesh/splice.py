@@ -318,7 +318,7 @@ async def splice_accepted(
     progress: SpliceResult | None = None,
 ) -> SpliceResult:
     """:func:`splice` for an accepted socket that asyncio has no transport for yet
-    (:class:`~quicmesh.transport._accept.SocketServer`): handed to the stream's
+    (:class:`~quicmesh._accept.SocketServer`): handed to the stream's
     transport as it is where that can splice it (nothing was read from it), else
     wrapped in asyncio streams and copied here."""
     check_idle_timeout(idle_timeout)

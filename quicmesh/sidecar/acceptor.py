@@ -1,6 +1,6 @@
 """The sidecar's event-loop exception handler, for the asyncio servers it still runs
 (the admin's): running out of descriptors is one line, as the listeners'
-:class:`~quicmesh.transport._accept.SocketServer` (the outbound listeners, and the
+:class:`~quicmesh._accept.SocketServer` (the outbound listeners, and the
 h2 and tcp inbound ones) logs it.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..errors import OUT_OF_RESOURCES
-from ..transport._accept import (
+from .._accept import (
     ACCEPT_BACKLOG,
     ACCEPT_RETRY_DELAY,
     AcceptPauseLog,
@@ -18,6 +17,7 @@ from ..transport._accept import (
     listener_name,
     logger,
 )
+from ..errors import OUT_OF_RESOURCES
 
 __all__ = ["ACCEPT_BACKLOG", "ACCEPT_RETRY_DELAY", "SocketServer", "report_loop_exception"]
 
@@ -28,7 +28,7 @@ _loop_servers: dict[str, AcceptPauseLog] = {}
 def report_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The sidecar's event-loop exception handler: asyncio's own, except that a
     server it runs (the admin's; the listeners accept themselves, see
-    :class:`~quicmesh.transport._accept.SocketServer`) running out of descriptors or
+    :class:`~quicmesh._accept.SocketServer`) running out of descriptors or
     memory is one line naming it, rate-limited, as :class:`SocketServer` logs it, not a
     traceback (asyncio pauses that server's accepting for a second and carries on; it
     reports it once per connection waiting, up to 100 times a wake-up)."""

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
+from .._accept import SocketServer
 from .._timeouts import wait_within
 from ..errors import (
     ConnectError,
@@ -52,7 +53,6 @@ from ..tls.check import handshake_failure_reason
 from ..tls.verify import presented_chain_of
 from ..tunnel.h2 import H2TunnelSession
 from ..tunnel.http1 import Http1TunnelSession
-from ._accept import SocketServer
 from ._admission import Admission, AdmissionConfig, Decision
 from ._session import SessionConnection
 from ._socket_errors import SocketErrorWatch
@@ -67,6 +67,7 @@ from .base import (
     host_port,
 )
 from .liveness import UNRESPONSIVE, Liveness, LivenessConfig, Verdict
+from .stream import LINGER_TIMEOUT
 
 logger = logging.getLogger("quicmesh.transport.tls")
 
@@ -88,9 +89,6 @@ SEND_BUDGET = 64 * 1024
 READ_CHUNK = 256 * 1024
 """Largest plaintext read from TLS at once."""
 
-LINGER_TIMEOUT = 2.0
-"""Seconds a finished TLS connection keeps reading (and dropping) what its peer still
-sends before it closes (:meth:`TlsTunnelProtocol._linger`)."""
 
 MAX_HALF_OPEN = AdmissionConfig.max_half_open
 """TLS handshakes a listener runs at once (the QUIC listener's ``max_half_open``
@@ -997,7 +995,7 @@ async def start_server(
     user_timeout: bool = False,
 ) -> tuple[SocketServer, set[TlsTunnelProtocol]]:
     """Listen on ``address``; each accepted connection drives a session from ``session_factory``.
-    The listener accepts itself (:class:`~._accept.SocketServer`: out of descriptors,
+    The listener accepts itself (:class:`~quicmesh._accept.SocketServer`: out of descriptors,
     the connections wait in the backlog and one line says why) and hands each
     connection to ``loop.connect_accepted_socket``.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from quicmesh import DevCA, H2Transport, TcpTransport
-from quicmesh.transport._accept import AcceptPauseLog
+from quicmesh._accept import AcceptPauseLog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,7 +128,7 @@ def test_a_listener_out_of_descriptors_says_so_once_and_its_clients_wait(
         lines = [line for line in err.splitlines() if "cannot accept" in line]
         assert len(lines) == 1, err[-3000:]  # rate-limited: one, not one per try
         assert lines[0] == (
-            f"ERROR quicmesh.transport.accept {kind} listener on 127.0.0.1:{port}: cannot accept"
+            f"ERROR quicmesh.accept {kind} listener on 127.0.0.1:{port}: cannot accept"
             f" a connection: Too many open files (the process's nofile limit "
             f"{lines[0].split('nofile limit ')[1].split(')')[0]}); accepting paused for 1s,"
             " new connections wait"
