@@ -229,7 +229,9 @@ class SessionConnection(PeerConnection):
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
         if self._handler_tasks:
-            await asyncio.gather(*self._handler_tasks, return_exceptions=True)
+            # Shielded: a caller that gives up waiting (``wait_for``) must not cancel the
+            # handlers themselves (it cancelled them in the middle of their clean-up).
+            await asyncio.shield(asyncio.gather(*self._handler_tasks, return_exceptions=True))
 
     def stats(self) -> dict[str, Any]:
         return {"streams_opened": self.streams_opened, "streams_active": len(self._streams)}

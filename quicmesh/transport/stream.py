@@ -261,6 +261,8 @@ class MeshStream:
         self._eof_received = False
         self._eof_sent = False
         self._peer_stopped_reading = False
+        self._closed_here = False
+        """:meth:`close` was called: a :meth:`drain` does not wait."""
         self._writing_stopped_at: float | None = None
         """(loop time) When the peer told us to stop sending while we still wrote (our
         side not half-closed yet)."""
@@ -334,17 +336,23 @@ class MeshStream:
         return self._eof_received or self._reading_stopped
 
     async def read(self, n: int = -1) -> bytes:
-        """Read up to ``n`` bytes (at least one unless at EOF); ``n=-1`` reads to EOF."""
+        """Read up to ``n`` bytes (at least one unless at EOF); ``n=-1`` reads to EOF.
+        Interrupted (cancelled, or the stream failed), a read to EOF leaves what it took
+        in the stream for the next read, as :meth:`readexactly` does (it was lost)."""
         self.accept()
         if n == 0:
             return b""
         if n < 0:
-            chunks: list[bytes] = []
-            while True:
-                chunk = await self.read(1 << 20)
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
+            taken = bytearray()
+            try:
+                while True:
+                    chunk = await self.read(1 << 20)
+                    if not chunk:
+                        return bytes(taken)
+                    taken += chunk
+            except BaseException:
+                self._put_back(taken)
+                raise
         while not self._buffer and not self._input_over:
             self._raise_read_error()
             await self._wait_readable()
@@ -379,12 +387,17 @@ class MeshStream:
                 else:
                     await self._wait_readable()
         except BaseException:
-            self._buffer[:0] = collected
-            self._credited_ahead += len(collected)
+            self._put_back(collected)
             raise
         if len(collected) < n:
             raise asyncio.IncompleteReadError(bytes(collected), n)
         return bytes(collected)
+
+    def _put_back(self, taken: bytearray) -> None:
+        """Bytes an interrupted read took go back to the front of the buffer (their
+        credit was given when they were taken)."""
+        self._buffer[:0] = taken
+        self._credited_ahead += len(taken)
 
     def _consumed(self, amount: int) -> None:
         """Give the peer credit for ``amount`` bytes taken from the buffer, less those
@@ -523,7 +536,11 @@ class MeshStream:
             await asyncio.sleep(0)
             return True
         waited = False
-        while not self._peer_stopped_reading and self._channel.stream_unsent_bytes(self) > limit:
+        while (
+            not self._peer_stopped_reading
+            and not (self._closed_here and limit > 0)  # (drain(); wait_sent() still waits)
+            and self._channel.stream_unsent_bytes(self) > limit
+        ):
             waited = True
             # One future for every task waiting here (drain() and wait_sent() from
             # several tasks, as asyncio's StreamWriter.drain allows).
@@ -689,6 +706,11 @@ class MeshStream:
         (unlike asyncio's ``writer.close(); await writer.wait_closed()``, that does not
         wait for them: use :meth:`wait_sent`, or :meth:`write_eof` and read to EOF)."""
         self.write_eof()
+        self._closed_here = True
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            # A drain() waiting returns (the native engine's did; the others waited for
+            # as long as the peer did not read): the bytes go out in the background.
+            self._drain_waiter.set_result(None)
         if not self._eof_received and not self._reading_stopped and self._error is None:
             self._reading_stopped = True
             self._channel.stop_stream_reading(self)

@@ -762,6 +762,97 @@ def test_an_accepted_connection_refuses_to_open_a_stream_at_once(name: str) -> N
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_a_cancelled_read_to_eof_leaves_what_it_took(name: str) -> None:
+    """``read()`` (to EOF) given up on (``wait_for``) leaves the bytes it had taken for
+    the next read, as ``readexactly`` does: they were lost (a review)."""
+    release = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.write(b"first-part;")
+        await release.wait()
+        stream.write(b"second-part")
+        stream.write_eof()
+        await stream.read()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        await until(lambda: stream.bytes_received == len(b"first-part;"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stream.read(), 0.2)
+        release.set()
+        assert await asyncio.wait_for(stream.read(), 10) == b"first-part;second-part"
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_close_wakes_a_drain_waiting_for_a_peer_that_does_not_read(name: str) -> None:
+    """A task blocked in ``drain()`` (the peer reads nothing) returns when the stream is
+    closed, on every transport: only the native engine's did (a review)."""
+    never = asyncio.Event()
+
+    async def handler(stream: MeshStream) -> None:
+        stream.accept()
+        await never.wait()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        chunk = b"x" * 65536
+
+        async def fill() -> None:
+            while True:
+                stream.write(chunk)
+                await stream.drain()
+
+        filling = asyncio.create_task(fill())
+        await until(lambda: stream.drain_would_wait())
+        await asyncio.sleep(0.05)  # (let it block in drain)
+        assert not filling.done()
+        stream.close()
+        with pytest.raises(quicmesh.TunnelError, match="write after write_eof"):
+            await asyncio.wait_for(filling, 5)
+        never.set()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_giving_up_on_wait_closed_does_not_cancel_the_handlers(name: str) -> None:
+    """``wait_for(conn.wait_closed(), t)`` timing out leaves the connection's handlers
+    running: it cancelled one in the middle of its clean-up (a review)."""
+    cleaned = asyncio.Event()
+    accepted: list[quicmesh.PeerConnection] = []
+
+    async def handler(stream: MeshStream) -> None:
+        try:
+            await stream.read()
+        finally:
+            await asyncio.sleep(0.3)  # (a clean-up that takes a while)
+            cleaned.set()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        stream.write(b"x")
+        await until(lambda: bool(listener.connections))
+        accepted.append(listener.connections[0])
+        conn.close()  # the peer goes: the handler's read ends, its clean-up begins
+        await until(lambda: accepted[0].is_closed)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(accepted[0].wait_closed(), 0.05)
+        await asyncio.wait_for(cleaned.wait(), 10)
+        await conn.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_no_stream_opens_on_a_connection_closed_a_moment_ago(name: str) -> None:
     """Right after ``close()`` a QUIC connection still took a new stream (its close
     takes effect at the loop's next turn), which then failed with StreamReset: it is
