@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import resource
 import socket
 import ssl
@@ -1100,7 +1101,10 @@ async def open_connection(
             f"connecting to {host}:{port} over {transport_name} timed out after {timeout:g}s"
         ) from None
     except OSError as exc:
-        raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        # asyncio's strerror is "Connect call failed ('127.0.0.1', 9)": the errno's words
+        # ("Connection refused"), as QUIC's connect says them.
+        reason = os.strerror(exc.errno) if exc.errno else os_error_text(exc)
+        raise ConnectError(f"cannot connect to {host}:{port}: {reason}") from None
     except asyncio.CancelledError:
         # Abandoned mid-dial (the caller timed out): no half-open connection is kept.
         if protocol is not None:

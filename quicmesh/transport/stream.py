@@ -437,7 +437,8 @@ class MeshStream:
         if self._peer_stopped_reading:
             return  # the peer asked for no more bytes: discard, as HTTP/3 allows
         if self._eof_sent:
-            raise TunnelError(f"stream {self.stream_id}: write after write_eof")
+            done = "close()" if self._closed_here else "write_eof()"
+            raise TunnelError(f"stream {self.stream_id}: write after {done}")
         if not data:
             return
         self.accept()

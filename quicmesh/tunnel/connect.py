@@ -136,6 +136,8 @@ def _parse_authority(value: str) -> tuple[str, int]:
     """:func:`parse_authority` of a string of at most 300 characters; a peer's flows
     name the same few targets again and again, so the answers are kept (bounded;
     refusals are not kept)."""
+    if not value.isprintable():  # (a CR/LF read as a misplaced IPv6 address's colon)
+        raise InvalidTarget(f"{value!r} holds a control character")
     if "://" in value:
         raise InvalidTarget(f"{value!r} is a URL: give host:port")
     if value.startswith("["):

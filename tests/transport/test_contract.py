@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import re
+import socket
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -812,7 +813,7 @@ def test_close_wakes_a_drain_waiting_for_a_peer_that_does_not_read(name: str) ->
         await asyncio.sleep(0.05)  # (let it block in drain)
         assert not filling.done()
         stream.close()
-        with pytest.raises(quicmesh.TunnelError, match="write after write_eof"):
+        with pytest.raises(quicmesh.TunnelError, match=r"write after close\(\)"):
             await asyncio.wait_for(filling, 5)
         never.set()
         await shutdown(listener, conn)
@@ -848,6 +849,22 @@ def test_giving_up_on_wait_closed_does_not_cancel_the_handlers(name: str) -> Non
         await conn.wait_closed()
         listener.close()
         await listener.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["h2", "tcp"])
+def test_a_refused_tcp_connect_says_connection_refused(name: str) -> None:
+    """Nothing listening: the error names it in the system's words, as QUIC's does (it
+    read "Connect call failed ('127.0.0.1', 9)", asyncio's wording; a review)."""
+
+    async def main() -> None:
+        with socket.socket() as held:  # bound, not listening: a connect is refused
+            held.bind(("127.0.0.1", 0))
+            port = held.getsockname()[1]
+            with pytest.raises(quicmesh.ConnectError, match=r": Connection refused$") as failed:
+                await (await MESH.transport(name).connect(("127.0.0.1", port))).open_stream(TARGET)
+            assert "Connect call failed" not in str(failed.value)
 
     run(main())
 

@@ -112,6 +112,14 @@ def test_a_url_given_as_a_target_is_named_a_url(url: str) -> None:
         parse_target(url)
 
 
+@pytest.mark.parametrize("value", ["svc:80\r\nx-injected: 1", "svc\n:80", "a\x00b:80", "svc:8\t0"])
+def test_a_target_with_a_control_character_is_named_so(value: str) -> None:
+    """A CR/LF in a target was refused as "write IPv6 addresses as [address]:port" (the
+    colon of the header it smuggled read as an IPv6 address's; a review)."""
+    with pytest.raises(InvalidTarget, match=r"holds a control character$"):
+        parse_target(value)
+
+
 header_names = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,30}\Z").filter(
     lambda name: name not in RESERVED_HEADERS
 )
