@@ -611,11 +611,13 @@ class SessionConnection(PeerConnection):
         except TunnelError as exc:
             self.log.info("stream %d to %s ended: %s", stream.stream_id, stream.target, exc)
             stream.abort()
-        except Exception:
-            # Rate-limited: if a peer can make a handler fail, it can do so per stream.
+        except Exception as exc:
+            # Rate-limited: if a peer can make a handler fail, it can do so per stream;
+            # per failure (the exception's type and where it was raised), so that a
+            # second bug is logged too (one kind for all hid every other for 10 s).
             REFUSAL_LOG.log(
                 logging.ERROR,
-                "handler_failed",
+                f"handler_failed {_failure_site(exc)}",
                 "[%s] handler failed on stream %d to %s",
                 self._log_id,
                 stream.stream_id,
@@ -636,3 +638,12 @@ class SessionConnection(PeerConnection):
         else:
             if not stream.closed:
                 stream.close()
+
+
+def _failure_site(exc: BaseException) -> str:
+    """``ValueError at app.py:12``: an exception's type and the line that raised it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+    return f"{type(exc).__qualname__} at {where}"

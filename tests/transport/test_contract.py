@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import re
@@ -867,6 +868,37 @@ def test_a_refused_tcp_connect_says_connection_refused(name: str) -> None:
             assert "Connect call failed" not in str(failed.value)
 
     run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_two_different_handler_bugs_are_both_logged(
+    name: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler's failures are rate-limited per failure (type and line), not all as
+    one: a second, different bug within the interval was never logged (a review)."""
+    from quicmesh.logs import RateLimitedLog
+    from quicmesh.transport import _session
+
+    # (A limiter of its own: the process-wide one remembers the other parameters' lines.)
+    monkeypatch.setattr(_session, "REFUSAL_LOG", RateLimitedLog(_session.logger))
+
+    async def handler(stream: MeshStream) -> None:
+        if stream.target.host == "first.svc":
+            raise KeyError("the first bug")
+        raise ZeroDivisionError("the second bug")
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        for target in ("first.svc:1", "first.svc:1", "second.svc:1"):
+            with pytest.raises(quicmesh.StreamRefused):
+                await asyncio.wait_for(conn.open_stream(target), 10)
+        await shutdown(listener, conn)
+
+    with caplog.at_level(logging.ERROR, logger="quicmesh"):
+        run(main())
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    raised = [r.exc_info[1].args[0] for r in failures if r.exc_info and r.exc_info[1]]
+    assert raised == ["the first bug", "the second bug"]  # the repeat of the first: held
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
