@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from ..errors import ConfigError, TunnelError, TunnelUsageError, os_error_text
 from ..tls import Identity, TrustBundle
@@ -350,6 +350,16 @@ class PeerConnection(ABC):
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed."""
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """``async with await transport.connect(...) as conn:`` closes it at the block's
+        end (:meth:`close`: streams still open are reset; call :meth:`aclose` in the
+        block for a graceful end) and waits until it is closed."""
+        self.close()
+        await self.wait_closed()
+
     async def aclose(self, timeout: float = 10.0) -> None:
         """Close gracefully: open no new stream, let open ones finish, then close.
 
@@ -411,6 +421,15 @@ class Listener(ABC):
     async def wait_closed(self) -> None:
         """Wait until the listener and its connections are closed (stream handlers still
         running carry on: :meth:`PeerConnection.wait_closed` waits for its own)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """``async with await transport.listen(...) as listener:`` closes it at the
+        block's end and waits until its port is free."""
+        self.close()
+        await self.wait_closed()
 
     def set_engine_flows(self, decide: InboundDecider | None) -> bool:
         """Offer each peer CONNECT the engine could carry itself to ``decide`` first
@@ -567,6 +586,13 @@ class Transport(ABC):
         """Stop the transport's own background work, if any (listeners and
         connections are closed through their own objects)."""
         return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """``async with QuicTransport(...) as transport:``: :meth:`aclose` at the end."""
+        await self.aclose()
 
 
 DEFAULT_ACK_ELICITING_THRESHOLD = 1

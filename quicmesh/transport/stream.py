@@ -28,7 +28,7 @@ import enum
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 from ..errors import ConfigError, StreamRefused, StreamReset, TunnelError, TunnelUsageError
 from ..tunnel.connect import Target
@@ -721,6 +721,18 @@ class MeshStream:
             self._buffer.clear()
         self._wake_reader()  # a read waiting ends as at EOF
         self._maybe_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """``async with await conn.open_stream(target) as stream:`` closes the stream at
+        the block's end (:meth:`close`: what was written still goes out), or aborts it
+        (:meth:`abort`, a reset both ways) when the block raised."""
+        if exc_type is not None and self._error is None and not self._closed.done():
+            self.abort()
+        else:
+            self.close()
 
     def exception(self) -> TunnelError | None:
         """Why the stream failed (reset by either side, refused, its connection lost), as

@@ -902,6 +902,40 @@ def test_two_different_handler_bugs_are_both_logged(
 
 
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
+def test_async_with_closes_transports_listeners_connections_and_streams(name: str) -> None:
+    """Transport, Listener, PeerConnection and MeshStream are async context managers,
+    as asyncio's servers and writers are: each is closed at the block's end, and a
+    stream whose block raised is reset (they raised TypeError; a review)."""
+    seen: list[str] = []
+
+    async def handler(stream: MeshStream) -> None:
+        try:
+            seen.append((await stream.read()).decode())
+        except quicmesh.StreamReset:
+            seen.append("reset")
+
+    async def main() -> None:
+        async with (
+            MESH.transport(name, identity=MESH.server) as server,
+            await server.listen(("127.0.0.1", 0), handler) as listener,
+            MESH.transport(name) as client,
+            await client.connect(listener.address) as conn,
+        ):
+            async with await conn.open_stream(TARGET) as stream:
+                stream.write(b"whole")
+            with pytest.raises(KeyError):
+                async with await conn.open_stream(TARGET) as failing:
+                    failing.write(b"part")
+                    await until(lambda: failing.bytes_sent > 0)
+                    raise KeyError("the caller's bug")
+            await until(lambda: len(seen) == 2)
+        assert conn.is_closed
+        assert seen == ["whole", "reset"]
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_no_stream_opens_on_a_connection_closed_a_moment_ago(name: str) -> None:
     """Right after ``close()`` a QUIC connection still took a new stream (its close
     takes effect at the loop's next turn), which then failed with StreamReset: it is
