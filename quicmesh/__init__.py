@@ -8,7 +8,10 @@ The public API (see docs/api.md)::
     conn = await t.connect(listener.address)
     stream = await conn.open_stream("reviews.default.svc:9080")
 
-Everything not exported here is internal.
+Everything not exported here is internal, but for what docs/api.md names by its
+module (``quicmesh.transport.tickets.TicketCache``,
+``quicmesh.transport.base.transport_registry``, ``quicmesh.splice.SpliceResult`` and
+``moved_so_far``, ``quicmesh.transport.stream.LINGER_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .errors import (
 from .splice import splice
 from .tls import DevCA, Identity, TrustBundle
 from .transport.auto import AutoTransport
-from .transport.base import Listener, PeerConnection, Transport
+from .transport.base import Authorizer, Listener, PeerConnection, StreamHandler, Transport
 from .transport.h2 import H2Transport
 from .transport.quic import QuicTransport
 from .transport.stream import MeshStream
@@ -49,6 +52,7 @@ TRANSPORTS: dict[str, type[Transport]] = {
 
 __all__ = [
     "TRANSPORTS",
+    "Authorizer",
     "AutoTransport",
     "ConfigError",
     "ConnectError",
@@ -66,6 +70,7 @@ __all__ = [
     "QuicTransport",
     "QuicmeshError",
     "ResetReason",
+    "StreamHandler",
     "StreamRefused",
     "StreamReset",
     "TcpTransport",
