@@ -1543,6 +1543,11 @@ class MeshQuicConnection(QuicConnection):
         """See :func:`closing_reason`."""
         return closing_reason(self)
 
+    def closing_error_code(self) -> int | None:
+        """The error code of the close :meth:`closing_reason` describes (None: open)."""
+        event = self._close_event
+        return None if event is None else int(event.error_code)
+
     def is_draining(self) -> bool:
         """See :func:`is_draining`."""
         return is_draining(self)

@@ -269,6 +269,35 @@ def test_client_from_another_ca_gets_a_connect_error() -> None:
         asyncio.run(_connect_and_open(SERVER_IDENTITY, stranger))
 
 
+def test_a_client_certificate_refused_after_the_handshake_names_ours() -> None:
+    """TLS 1.3: the client's handshake is done before the server checks its certificate,
+    so the server's refusal (its TLS alert) comes after, on the first stream. It must
+    name our certificate, as the native engine's connect() does: it read "QUIC
+    connection closed: peer certificate not signed by a trusted CA", as if the server's
+    were at fault (a review of the library)."""
+    stranger = DevCA().issue("spiffe://mesh.local/ns/default/sa/stranger")
+
+    async def main() -> None:
+        async def handler(stream: Any) -> None:
+            await stream.read()
+
+        server = QuicTransport(identity=SERVER_IDENTITY, trust=CA.trust_bundle, engine="aioquic")
+        client = QuicTransport(identity=stranger, trust=CA.trust_bundle, engine="aioquic")
+        listener = await server.listen(("127.0.0.1", 0), handler)
+        connection = await client.connect(listener.address, timeout=5)
+        with pytest.raises(StreamReset, match="the server refused our certificate"):
+            stream = await connection.open_stream("reviews.default.svc:9080")
+            stream.write(b"x")  # (the refusal may come with the answer or after it)
+            await asyncio.wait_for(stream.read(), 10)
+        assert isinstance(connection.lost_error, PeerVerificationError)
+        connection.close()
+        await connection.wait_closed()
+        listener.close()
+        await listener.wait_closed()
+
+    asyncio.run(main())
+
+
 def test_server_from_another_ca_is_refused_end_to_end() -> None:
     """Our own verdict on the server's certificate names the server (aioquic closes
     through the same call as for the peer's verdict: "handshake refused" named it wrong)."""

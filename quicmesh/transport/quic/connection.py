@@ -794,7 +794,7 @@ class QuicPeerConnection(SessionConnection):
             reason = self.quic.closing_reason()
             if reason is not None:
                 # The peer closed: say so now, not when the draining period ends.
-                self.on_connection_lost(closed_error(reason))
+                self.on_connection_lost(self._peer_closed(self.quic.closing_error_code(), reason))
                 if self.quic.is_draining():
                     # A draining endpoint sends nothing more (RFC 9000 10.2.2).
                     self.close_socket()
@@ -1422,7 +1422,7 @@ class QuicPeerConnection(SessionConnection):
         if self._established:
             if self._handshake_done:
                 # (A socket engine reports the peer's close only here.)
-                self.on_connection_lost(closed_error(reason))
+                self.on_connection_lost(self._peer_closed(event.error_code, reason))
             else:
                 self.on_connection_lost(
                     ConnectError(f"QUIC connection closed during handshake: {reason}")
@@ -1457,6 +1457,23 @@ class QuicPeerConnection(SessionConnection):
                     self._count_handshake_failure("we refused a client", self.failure)
         if self._close_socket:
             self.close_socket()
+
+    def _peer_closed(self, error_code: int | None, reason: str) -> TunnelError:
+        """What an established connection the peer closed is lost with. A client's
+        TLS 1.3 handshake is done before the server has checked its certificate, so the
+        server's refusal, its TLS alert (a CRYPTO_ERROR, 0x100-0x1ff, saying
+        "certificate"), comes after: :class:`PeerVerificationError`, the server refused
+        our certificate (it read "QUIC connection closed: peer certificate not signed by a
+        trusted CA", as if the server's were at fault; a review of the library)."""
+        if (
+            self.is_client
+            and error_code is not None
+            and 0x100 <= error_code < 0x200
+            and not getattr(self.quic, "closed_by_us", False)
+            and "certificate" in reason.lower()
+        ):
+            return PeerVerificationError(refused_by_peer("server", reason))
+        return closed_error(reason)
 
     def _count_handshake_failure(self, what: str, failure: Exception) -> None:
         """(server) A client's handshake failed: counted by reason, and logged at most once
