@@ -341,18 +341,19 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     return _text(202, "draining" if started else "already draining")
 
 
-DRAIN_FLAGS = ("inboundonly", "graceful")
+DRAIN_FLAGS = ("inboundonly", "graceful", "skip_exit")
 """The flags ``/drain_listeners`` takes (Envoy's)."""
 
 
 def _drain_listeners(view: AdminView, query: str) -> Response:
-    """Envoy's ``POST /drain_listeners[?inboundonly][&graceful]``, as Istio's agent sends it
-    before it stops the proxy: the sidecar's drain (``/drain``), which is always graceful
-    (``drain.grace_period``) and ends with the process's exit; without ``inboundonly``
-    the outbound listeners also stop taking connections at once. 200 ``OK``, as Envoy."""
+    """Envoy's ``POST /drain_listeners[?inboundonly][&graceful][&skip_exit]``, as Istio's
+    agent sends it before it stops the proxy: the sidecar's drain (``/drain``), which is
+    always graceful (``drain.grace_period``, ``drain.min_duration``) and ends with the
+    process's exit (``skip_exit`` is taken, for the agent's sake, and changes nothing:
+    the agent's later ``/quitquitquit`` finds the sidecar gone or ends it); without
+    ``inboundonly`` the outbound listeners also stop taking connections at once.
+    200 ``OK``, as Envoy."""
     flags = parse_qs(query, keep_blank_values=True)
-    if "skip_exit" in flags:
-        return _text(400, "drain_listeners: skip_exit is not supported: a drain ends the sidecar")
     unknown = sorted(set(flags) - set(DRAIN_FLAGS))
     if unknown:
         shown = peer_text(",".join(unknown), 64)

@@ -144,6 +144,10 @@ class DrainConfig:
 
     grace_period: float = 10.0
     """Seconds live flows get to finish before connections are closed."""
+    min_duration: float = 0.0
+    """Seconds a drain lasts at least, live flows or not (Istio's
+    ``terminationDrainDuration``, 5 s there): the outbound listeners keep taking the
+    application's calls meanwhile. At most ``grace_period``."""
 
 
 @dataclass(frozen=True)
@@ -1366,11 +1370,20 @@ class _Loader:
     def drain(self, node: _Field) -> DrainConfig:
         if node.value is None:
             return DrainConfig()
-        node.only_keys({"grace_period"})
-        grace = node.child("grace_period")
-        if grace.value is None:
-            return DrainConfig()
-        return DrainConfig(grace_period=grace.duration(positive=False))
+        node.only_keys({"grace_period", "min_duration"})
+        grace_node, minimum_node = node.child("grace_period"), node.child("min_duration")
+        grace = DrainConfig.grace_period
+        if grace_node.value is not None:
+            grace = grace_node.duration(positive=False)
+        minimum = 0.0
+        if minimum_node.value is not None:
+            minimum = minimum_node.duration(positive=False)
+            if minimum > grace:
+                raise minimum_node.error(
+                    f"{minimum:g}s is longer than drain.grace_period ({grace:g}s), which"
+                    " bounds the whole drain"
+                )
+        return DrainConfig(grace_period=grace, min_duration=minimum)
 
     def outbound(self, node: _Field, clusters: set[str]) -> OutboundListenerConfig:
         node.only_keys({"name", "address", "cluster", "flow_idle_timeout"})

@@ -172,6 +172,8 @@ class Sidecar:
         self._drained = asyncio.Event()
         self._grace_ended = asyncio.Event()
         self._cut_by = ""
+        self._quitting = False
+        """(:meth:`quit`) The drain closes peer connections without waiting for acks."""
         """Set once a drain's grace period ended with flows live: the reason prefix of
         the flows it cut."""
         self._last_migration = float("-inf")
@@ -760,9 +762,11 @@ class Sidecar:
 
     def quit(self) -> None:
         """Stop now (Envoy's ``/quitquitquit``): a drain with its grace period ended at
-        once, so live flows are cut, peers are closed gracefully and the process exits."""
-        self.begin_drain()
-        self.end_grace_period("asked to quit")
+        once, so live flows are cut (their peer connections closed without waiting for
+        them), and the process exits."""
+        self._quitting = True
+        if not self.begin_drain():  # (one under way: else drain() ends it, once it said so)
+            self.end_grace_period("asked to quit")
 
     async def drain(self) -> None:
         """Stop taking flows, let live ones finish within the grace period, close cleanly."""
@@ -771,8 +775,11 @@ class Sidecar:
             return
         self.draining = True
         self.ready = False
-        grace = self.config.drain.grace_period
-        logger.info("draining: %d live flows, grace period %gs", self.flows.active, grace)
+        grace, minimum = self.config.drain.grace_period, self.config.drain.min_duration
+        at_least = f", for at least {minimum:g}s" if minimum else ""
+        logger.info(
+            "draining: %d live flows, grace period %gs%s", self.flows.active, grace, at_least
+        )
         # Inbound only, as Istio drains a sidecar: peers are told to go away and new
         # inbound flows are refused, while the outbound listeners keep taking the
         # application's connections until the wait below ends (an application that is
@@ -782,12 +789,10 @@ class Sidecar:
                 capture.close()
         for inb in self.inbound.values():
             inb.begin_drain()
+        if self._quitting:
+            self.end_grace_period("asked to quit")
         started = time.monotonic()
-        idle = asyncio.ensure_future(self.flows.wait_idle())
-        ended = asyncio.ensure_future(self._grace_ended.wait())
-        await asyncio.wait((idle, ended), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-        idle.cancel()
-        ended.cancel()
+        await self._wait_for_the_drain(started)
         for out in self.outbound.values():
             out.close()
         for capture in self.capture:
@@ -797,11 +802,13 @@ class Sidecar:
             logger.warning("%s: closing %d live flows", why, self.flows.active)
             self._cut_by = f"cut by the drain ({why})"
         # Flows are done (or out of time): close every peer connection gracefully, so
-        # the last bytes of finished flows are acknowledged before CONNECTION_CLOSE.
+        # the last bytes of finished flows are acknowledged before CONNECTION_CLOSE;
+        # asked to quit, at once (the live flows carried on for those 2 s; a review).
+        acks = 0.0 if self._quitting else ACK_TIMEOUT
         await asyncio.gather(
             *(inb.drain_and_close(0.0) for inb in self.inbound.values()),
             *(
-                cluster.close(ACK_TIMEOUT)
+                cluster.close(acks)
                 for cluster in list(self.clusters.values()) + self.retired_clusters
             ),
             return_exceptions=True,
@@ -809,6 +816,32 @@ class Sidecar:
         await self._close_everything()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
+
+    async def _wait_for_the_drain(self, started: float) -> None:
+        """Until the live flows are over and ``drain.min_duration`` has passed, within
+        the grace period; at once when it is ended early (a second signal, a quit).
+        Flows the outbound listeners take meanwhile count: the wait for them starts
+        again once the minimum is over."""
+        drain = self.config.drain
+        ended = asyncio.ensure_future(self._grace_ended.wait())
+        try:
+            while not ended.done():
+                left = started + drain.grace_period - time.monotonic()
+                if left <= 0:
+                    return
+                idle = asyncio.ensure_future(self.flows.wait_idle())
+                await asyncio.wait((idle, ended), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                idle.cancel()
+                if not idle.done() or ended.done():
+                    return  # the grace period is over, or was ended
+                minimum = started + drain.min_duration - time.monotonic()
+                if minimum <= 0:
+                    return
+                await asyncio.wait((ended,), timeout=minimum)
+                if not self.flows.active:
+                    return
+        finally:
+            ended.cancel()
 
     def end_grace_period(self, why: str = "asked again to stop") -> None:
         """(draining) Close the live flows now rather than at the grace period's end (a

@@ -930,3 +930,18 @@ def test_a_trust_domains_own_id_is_refused_as_an_identity_to_match(where: str) -
         " no peer can present it (give a workload's ID, or a pattern such as"
         " 'spiffe://mesh.local/*')"
     )
+
+
+def test_a_drain_minimum_is_read_and_bounded_by_the_grace_period() -> None:
+    """``drain.min_duration`` (Istio's terminationDrainDuration) defaults to none, and
+    one longer than the grace period, which bounds the whole drain, is a one-line error."""
+    assert load(VALID).drain.min_duration == 0.0
+    document = copy.deepcopy(VALID)
+    document["drain"] = {"grace_period": "5s", "min_duration": "2s"}
+    drain = load(document).drain
+    assert (drain.grace_period, drain.min_duration) == (5.0, 2.0)
+    document["drain"] = {"min_duration": "11s"}  # (the grace period's default: 10 s)
+    assert error_of(document) == (
+        f"{SOURCE}: drain.min_duration: 11s is longer than drain.grace_period (10s),"
+        " which bounds the whole drain"
+    )

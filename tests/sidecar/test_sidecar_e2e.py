@@ -548,7 +548,7 @@ def test_drain_listeners_as_istios_agent_sends_it(workdir: Path, echo_port: int)
 
         async def main() -> None:
             held = await HeldFlow.open(ports["echo"])
-            assert a.request("POST", "/drain_listeners?skip_exit")[0] == 400
+            assert a.request("POST", "/drain_listeners?drain_time_s=1")[0] == 400
             assert json.loads(a.request("GET", "/server_info")[1])["state"] == "LIVE"
             assert a.request("POST", "/drain_listeners?inboundonly&graceful") == (200, b"OK\n")
             await asyncio.to_thread(
@@ -598,11 +598,44 @@ def test_quitquitquit_stops_the_sidecar_now(workdir: Path, echo_port: int) -> No
             held.writer.close()
 
         asyncio.run(main())
-        assert "asked to quit: ending the grace period now" in a.stderr()
+        said = a.stderr()
+        assert "asked to quit: ending the grace period now" in said
+        assert said.index("draining: 1 live flows") < said.index("asked to quit")
         assert "Traceback" not in a.stderr()
         (line,) = [r for r in a.access_log() if r["listener"] == "echo"]
         assert line["outcome"] == "reset", line
         assert line["reason"].startswith("cut by the drain (grace period ended early)"), line
+
+
+def test_a_drain_lasts_its_minimum_and_carries_the_applications_calls_meanwhile(
+    workdir: Path, echo_port: int
+) -> None:
+    """``drain.min_duration`` (Istio's terminationDrainDuration): an idle sidecar told to
+    drain keeps its outbound listeners for that long, so an application that is
+    stopping too can still call out (it exited at once, refusing them; a review), and
+    a second SIGTERM still ends it at once."""
+    drain = {"grace_period": "60s", "min_duration": "60s"}
+    with _quic_pair(workdir, echo_port, "drain-minimum", drain=drain) as (a, ports):
+
+        async def main() -> None:
+            a.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until,
+                lambda: "draining: 0 live flows, grace period 60s, for at least 60s" in a.stderr(),
+                10.0,
+                "A draining",
+            )
+            for _ in range(2):
+                late = await HeldFlow.open(ports["echo"])
+                assert await late.finish(b"a call out while draining") is True
+            assert a.process is not None and a.process.poll() is None  # (still draining)
+            a.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        outcomes = [r["outcome"] for r in a.access_log() if r["listener"] == "echo"]
+        assert outcomes == ["completed", "completed"]
+        assert "asked again to stop: ending the grace period now" in a.stderr()
 
 
 def test_certs_shows_the_chain_presented_and_the_roots(workdir: Path, echo_port: int) -> None:
