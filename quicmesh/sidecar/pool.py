@@ -35,6 +35,7 @@ from ..errors import (
     StreamReset,
     TunnelError,
 )
+from ..logs import RateLimitedLog
 from ..tls import TrustBundle
 from ..transport.base import Address, PeerConnection, Transport
 from ..transport.stream import MeshStream
@@ -42,6 +43,9 @@ from .circuit import CircuitBreaker
 from .policy import server_refusal
 
 logger = logging.getLogger("quicmesh.sidecar.pool")
+POOL_LOG = RateLimitedLog(logger)
+"""A pool's lines that a draining peer makes once per flow (its GOAWAY, its refused
+requests): one per kind every 10 s, with a count (a review saw 400 lines a second)."""
 
 
 class Poolable(Protocol):
@@ -309,9 +313,11 @@ class EndpointPool:
                             raise self._turned_away(connection, exc) from None
                         raise
                     lost_once = True
-                    logger.info(
+                    POOL_LOG.log(
+                        logging.INFO,
+                        f"not taken {self._label()}",
                         "flow to %s:%d not taken (%s): opening it again",
-                        *self.address,
+                        *self.address[:2],
                         exc,
                     )
                     continue
@@ -416,10 +422,12 @@ class EndpointPool:
     def _retire(self, connection: PeerConnection, reason: str) -> None:
         for pooled in self.connections:
             if pooled.connection is connection and pooled.retired is None:
-                logger.info(
+                POOL_LOG.log(
+                    logging.INFO,
+                    f"retired {self._label()} {reason}",
                     "connection %s to %s:%d: %s: no new flow on it, %d open carry on",
                     pooled.label,
-                    *self.address,
+                    *self.address[:2],
                     reason,
                     connection.active_streams,
                 )
@@ -468,11 +476,13 @@ class EndpointPool:
                 # (Also one retired for a refusal that overtook its GOAWAY.)
                 pooled.retired = GOING_AWAY
                 self._gone_away_at = self._loop.time()
-                logger.info(
+                POOL_LOG.log(
+                    logging.INFO,
+                    f"going away {self._label()}",
                     "connection %s to %s:%d: the peer is going away (GOAWAY): "
                     "no new flow on it, %d open carry on",
                     pooled.label,
-                    *self.address,
+                    *self.address[:2],
                     pooled.connection.active_streams,
                 )
 
@@ -514,12 +524,16 @@ class EndpointPool:
             if (
                 self.is_stale(pooled) or pooled.retired is not None
             ) and pooled.connection.active_streams == 0:
-                logger.info(
+                why = pooled.retired or (
+                    "replaced (our certificate rotated, or the peer's is near expiry)"
+                )
+                POOL_LOG.log(
+                    logging.INFO,
+                    f"closing {self._label()} {why}",
                     "closing connection %s to %s:%d: %s",
                     pooled.label,
-                    *self.address,
-                    pooled.retired
-                    or "replaced (our certificate rotated, or the peer's is near expiry)",
+                    *self.address[:2],
+                    why,
                 )
                 self._close_gracefully(pooled.connection)
                 self._forget(pooled)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from quicmesh.sidecar.circuit import CircuitBreaker
 from quicmesh.sidecar.config import CircuitBreakerConfig
 from quicmesh.sidecar.pool import EndpointPool
@@ -86,3 +90,37 @@ def test_a_ca_taken_out_of_the_trust_bundle_retires_the_connections_it_verified(
         await listener.wait_closed()
 
     run(main())
+
+
+def test_a_peer_going_away_on_every_connection_is_logged_once_an_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A draining peer sends a GOAWAY on every connection dialled to it, one a flow: the
+    pool says so once per 10 s with a count, not a line per connection (a review of a
+    drain saw 400 such lines a second)."""
+    from quicmesh.logs import RateLimitedLog
+    from quicmesh.sidecar import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "POOL_LOG", RateLimitedLog(pool_module.logger))
+
+    async def main() -> None:
+        listener = await server_transport().listen(("127.0.0.1", 0), Recorder())
+        breaker = CircuitBreaker(CircuitBreakerConfig())
+        pool = EndpointPool(listener.address, client_transport(), breaker, connect_timeout=5)
+        for _ in range(5):
+            stream, connection, _ = await pool.open_stream(TARGET, {})
+            await until(lambda: any(not c.going_away for c in listener.connections))
+            for accepted in listener.connections:
+                accepted.go_away()
+            await until(lambda c=connection: c.going_away)
+            pool.sweep_closed()  # (retires it: "the peer is going away")
+            stream.write_eof()
+            await stream.read()
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+    with caplog.at_level(logging.INFO, logger="quicmesh.sidecar.pool"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "going away (GOAWAY)" in r.getMessage()]
+    assert len(said) == 1, said
