@@ -380,7 +380,8 @@ def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:
     """``/server_info`` in the shape of Envoy's: the version, the state (``LIVE`` once
     ready, ``DRAINING`` once draining, else ``INITIALIZING``: starting, or not ready,
     ``/ready`` saying why), the uptime as a protobuf Duration's JSON (``"12s"``; there are
-    no hot restarts, so both epochs are one), and the node."""
+    no hot restarts, so both epochs are one), and the node (its SPIFFE ID in the node's
+    ``metadata``), each field one of ``envoy.admin.v3.ServerInfo``'s."""
     from .. import __version__
 
     if snapshot.get("draining"):
@@ -395,7 +396,12 @@ def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:
         "state": state,
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
-        "node": {"id": snapshot.get("node", ""), "identity": snapshot.get("identity", "")},
+        # (The identity in the node's metadata: Envoy's Node has no other field for it,
+        # and a client parsing with Envoy's protos refused an "identity" field.)
+        "node": {
+            "id": snapshot.get("node", ""),
+            "metadata": {"identity": snapshot.get("identity", "")},
+        },
     }
 
 
