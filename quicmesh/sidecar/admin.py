@@ -364,12 +364,20 @@ def _drain_listeners(view: AdminView, query: str) -> Response:
 
 def _logging(query: str) -> Response:
     """Envoy's ``POST /logging``: ``?level=L`` sets every quicmesh logger to L,
-    ``?<logger>=L`` one of them; then (or with no query) the loggers and their levels,
-    ``active loggers:`` and a line each. 400 names an unknown level or logger."""
+    ``?<logger>=L`` or ``?paths=<logger>:L,<logger>:L`` some of them; then (or with no
+    query) the loggers and their levels, ``active loggers:`` and a line each. 400 names
+    an unknown level or logger."""
     try:
         for name, values in parse_qs(query, keep_blank_values=True).items():
             for level in values:
-                set_log_level(level, None if name == "level" else name)
+                if name == "paths":  # Envoy's ?paths=logger:level,logger:level
+                    for pair in level.split(","):
+                        logger_name, sep, path_level = pair.rpartition(":")
+                        if not sep or not logger_name:
+                            raise ValueError(f"paths: {pair!r} is not logger:level")
+                        set_log_level(path_level, logger_name)
+                else:
+                    set_log_level(level, None if name == "level" else name)
     except ValueError as exc:
         return _text(400, peer_text(f"logging: {exc}", 512))
     lines = [f"  {name}: {level}" for name, level in quicmesh_loggers().items()]

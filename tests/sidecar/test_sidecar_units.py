@@ -515,6 +515,9 @@ def test_admin_logging_lists_and_sets_quicmesh_loggers() -> None:
         every = route(view, "POST", "/logging?level=off").body.decode()
         assert set(every.splitlines()[1:]) == {f"  {n}: off" for n in quicmesh_loggers()}
         assert not logging.getLogger("quicmesh.sidecar.admin").isEnabledFor(logging.CRITICAL)
+        paths = route(view, "POST", "/logging?paths=quicmesh.sidecar:error,quicmesh:info")
+        assert paths.status == 200 and b"  quicmesh.sidecar: error\n" in paths.body
+        assert route(view, "POST", "/logging?paths=quicmesh.sidecar").status == 400
         route(view, "POST", "/logging?level=WARN")
         assert logging.getLogger("quicmesh.sidecar").getEffectiveLevel() == logging.WARNING
         loud = route(view, "POST", "/logging?level=loud")
