@@ -61,6 +61,13 @@ class StreamReset(TunnelError):
         super().__init__(message)
 
 
+class StreamWriteStopped(StreamReset):
+    """Our side of the stream stopped: the peer said it needs no more of our bytes (it
+    answered: QUIC STOP_SENDING, an HTTP/2 RST_STREAM with NO_ERROR) and we wrote on for
+    longer than a lingering close allows (:meth:`~quicmesh.MeshStream.drain`). Reading
+    goes on: the peer's answer can still be read."""
+
+
 class ConnectionLost(TunnelError):
     """The peer connection closed or failed while it was in use."""
 

@@ -86,6 +86,16 @@ def set_log_level(level: str, name: str | None = None) -> None:
     """Log at ``level`` (a name of :data:`LEVELS`) from now on: in logger ``name`` (one
     of :func:`quicmesh_loggers`), or in every one of them.
 
+    :raises ValueError: an unknown level or logger, named (nothing changed).
+    """
+    check_log_level(level, name)
+    for each in [name] if name is not None else quicmesh_loggers():
+        logging.getLogger(each).setLevel(LEVELS[level.lower()])
+
+
+def check_log_level(level: str, name: str | None = None) -> None:
+    """What :func:`set_log_level` checks first.
+
     :raises ValueError: an unknown level or logger, named.
     """
     if level.lower() not in LEVELS:
@@ -93,8 +103,6 @@ def set_log_level(level: str, name: str | None = None) -> None:
     known = quicmesh_loggers()
     if name is not None and name not in known:
         raise ValueError(f"unknown logger {name!r}: one of {', '.join(known)}")
-    for each in [name] if name is not None else known:
-        logging.getLogger(each).setLevel(LEVELS[level.lower()])
 
 
 def _level_name(level: int) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import cast
 
-from .errors import QuicmeshError, TunnelError
+from .errors import QuicmeshError, StreamWriteStopped, TunnelError
 from .transport._socket_errors import SocketErrorWatch
 from .transport.stream import EngineSocket, MeshStream, check_idle_timeout
 from .tunnel.session import ResetReason
@@ -183,7 +183,12 @@ async def splice(
                     task = asyncio.current_task()
                     if sock is not None and task is not None:
                         watch.append(SocketErrorWatch(sock, _failing(task, reset)))
-                await stream.drain()
+                with contextlib.suppress(StreamWriteStopped):
+                    # The peer answered and needs no more: the client's upload is dropped
+                    # until it ends it, the answer still relayed, as the native engine's
+                    # splice does (a drain that gave up after the linger reset the flow,
+                    # and the client lost the answer; a review).
+                    await stream.drain()
                 moved()
         except asyncio.CancelledError:
             if reset:

@@ -28,7 +28,7 @@ import h11
 
 from .._timeouts import wait_within
 from ..errors import QuicmeshError, peer_text
-from ..logs import RateLimitedLog, quicmesh_loggers, set_log_level
+from ..logs import RateLimitedLog, check_log_level, quicmesh_loggers, set_log_level
 from .config import format_address, loopback_only
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -366,7 +366,8 @@ def _logging(query: str) -> Response:
     """Envoy's ``POST /logging``: ``?level=L`` sets every quicmesh logger to L,
     ``?<logger>=L`` or ``?paths=<logger>:L,<logger>:L`` some of them; then (or with no
     query) the loggers and their levels, ``active loggers:`` and a line each. 400 names
-    an unknown level or logger."""
+    an unknown level or logger, and then nothing was changed."""
+    changes: list[tuple[str, str | None]] = []  # (level, logger or None: all)
     try:
         for name, values in parse_qs(query, keep_blank_values=True).items():
             for level in values:
@@ -375,11 +376,15 @@ def _logging(query: str) -> Response:
                         logger_name, sep, path_level = pair.rpartition(":")
                         if not sep or not logger_name:
                             raise ValueError(f"paths: {pair!r} is not logger:level")
-                        set_log_level(path_level, logger_name)
+                        changes.append((path_level, logger_name))
                 else:
-                    set_log_level(level, None if name == "level" else name)
+                    changes.append((level, None if name == "level" else name))
+        for level, which in changes:  # all checked before any is made
+            check_log_level(level, which)
     except ValueError as exc:
         return _text(400, peer_text(f"logging: {exc}", 512))
+    for level, which in changes:
+        set_log_level(level, which)
     lines = [f"  {name}: {level}" for name, level in quicmesh_loggers().items()]
     return _text(200, "\n".join(["active loggers:", *lines]))
 
@@ -494,8 +499,9 @@ class AdminServer:
         if not loopback_only(self.address[0]):
             # As Envoy's admin: no authentication, so say where it can be reached from.
             logger.warning(
-                "admin on %s is reachable from other hosts, and POST /drain and /migrate "
-                "need no authentication (Istio keeps it on 127.0.0.1)",
+                "admin on %s is reachable from other hosts, and its POST actions (/drain, "
+                "/drain_listeners, /quitquitquit, /logging, /migrate) need no authentication "
+                "(Istio keeps it on 127.0.0.1)",
                 format_address(self.address),
             )
 

@@ -45,7 +45,8 @@ from .policy import server_refusal
 logger = logging.getLogger("quicmesh.sidecar.pool")
 POOL_LOG = RateLimitedLog(logger)
 """A pool's lines that a draining peer makes once per flow (its GOAWAY, its refused
-requests): one per kind every 10 s, with a count (a review saw 400 lines a second)."""
+requests): one per kind every 10 s, with a count (a review saw 400 lines a second).
+Per kind, not per endpoint: the kinds kept stay few whatever the endpoints' churn."""
 
 
 class Poolable(Protocol):
@@ -315,7 +316,7 @@ class EndpointPool:
                     lost_once = True
                     POOL_LOG.log(
                         logging.INFO,
-                        f"not taken {self._label()}",
+                        "not taken",
                         "flow to %s:%d not taken (%s): opening it again",
                         *self.address[:2],
                         exc,
@@ -424,7 +425,7 @@ class EndpointPool:
             if pooled.connection is connection and pooled.retired is None:
                 POOL_LOG.log(
                     logging.INFO,
-                    f"retired {self._label()} {reason}",
+                    f"retired: {reason}",
                     "connection %s to %s:%d: %s: no new flow on it, %d open carry on",
                     pooled.label,
                     *self.address[:2],
@@ -478,7 +479,7 @@ class EndpointPool:
                 self._gone_away_at = self._loop.time()
                 POOL_LOG.log(
                     logging.INFO,
-                    f"going away {self._label()}",
+                    "going away",
                     "connection %s to %s:%d: the peer is going away (GOAWAY): "
                     "no new flow on it, %d open carry on",
                     pooled.label,
@@ -529,7 +530,7 @@ class EndpointPool:
                 )
                 POOL_LOG.log(
                     logging.INFO,
-                    f"closing {self._label()} {why}",
+                    "closing",
                     "closing connection %s to %s:%d: %s",
                     pooled.label,
                     *self.address[:2],

@@ -172,10 +172,10 @@ class Sidecar:
         self._drained = asyncio.Event()
         self._grace_ended = asyncio.Event()
         self._cut_by = ""
-        self._quitting = False
-        """(:meth:`quit`) The drain closes peer connections without waiting for acks."""
         """Set once a drain's grace period ended with flows live: the reason prefix of
         the flows it cut."""
+        self._quitting = False
+        """(:meth:`quit`) The drain closes peer connections without waiting for acks."""
         self._last_migration = float("-inf")
         self._drain_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -747,8 +747,9 @@ class Sidecar:
     def begin_drain(self, outbound_now: bool = False) -> bool:
         """Start a drain in the background; False if one is already running.
 
-        ``outbound_now``: the outbound listeners (and interception's outbound capture)
-        close as it starts rather than when its wait ends (Envoy's ``/drain_listeners``
+        ``outbound_now``: the outbound listeners (and interception's captures: the drain
+        closes the inbound one at once anyway) close as it starts rather than when its
+        wait ends (Envoy's ``/drain_listeners``
         without ``inboundonly``); their live flows carry on, as every flow does."""
         if outbound_now:
             for out in self.outbound.values():

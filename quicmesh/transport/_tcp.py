@@ -1033,8 +1033,14 @@ async def start_server(
         return protocol
 
     loop = asyncio.get_running_loop()
+    listening: list[SocketServer] = []
 
     async def connect(sock: socket.socket, _peer: Any) -> None:
+        if listening and listening[0].closed:
+            # Accepted in the turn the listener closed, before this task ran: close()
+            # did not see it (no protocol yet), so it is not served (a review).
+            sock.close()
+            return
         try:
             await loop.connect_accepted_socket(create_protocol, sock)
         except Exception as exc:  # (the connection, already gone; or out of memory)
@@ -1043,6 +1049,7 @@ async def start_server(
 
     try:
         server = await SocketServer.start(address[0], address[1], connect, transport_name)
+        listening.append(server)
     except OSError as exc:
         raise ConnectError(
             f"cannot listen on TCP {address[0]}:{address[1]}: {exc.strerror or exc}"
@@ -1103,7 +1110,8 @@ async def open_connection(
     except OSError as exc:
         # asyncio's strerror is "Connect call failed ('127.0.0.1', 9)": the errno's words
         # ("Connection refused"), as QUIC's connect says them.
-        reason = os.strerror(exc.errno) if exc.errno else os_error_text(exc)
+        number = exc.errno if not isinstance(exc, socket.gaierror) else None  # (EAI codes)
+        reason = os.strerror(number) if number is not None and number > 0 else os_error_text(exc)
         raise ConnectError(f"cannot connect to {host}:{port}: {reason}") from None
     except asyncio.CancelledError:
         # Abandoned mid-dial (the caller timed out): no half-open connection is kept.

@@ -30,7 +30,14 @@ import sys
 from dataclasses import dataclass
 from typing import Protocol, Self
 
-from ..errors import ConfigError, StreamRefused, StreamReset, TunnelError, TunnelUsageError
+from ..errors import (
+    ConfigError,
+    StreamRefused,
+    StreamReset,
+    StreamWriteStopped,
+    TunnelError,
+    TunnelUsageError,
+)
 from ..tunnel.connect import Target
 from ..tunnel.session import ResetReason
 
@@ -504,7 +511,7 @@ class MeshStream:
         stopped = self._writing_stopped_at
         if stopped is None or self._loop.time() - stopped < LINGER_TIMEOUT:
             return
-        raise StreamReset(
+        raise StreamWriteStopped(
             f"stream {self.stream_id}: the peer stopped reading {self._loop.time() - stopped:.1f}s"
             " ago (it answered and needs no more of our bytes): what is written is discarded",
             0,

@@ -524,6 +524,11 @@ def test_admin_logging_lists_and_sets_quicmesh_loggers() -> None:
         assert loud.status == 400 and b"unknown level 'loud'" in loud.body
         nosuch = route(view, "POST", "/logging?nosuch=debug")
         assert nosuch.status == 400 and b"unknown logger 'nosuch'" in nosuch.body
+        # A 400 changed nothing (the valid part of a query was applied; a review).
+        levels = quicmesh_loggers()
+        for query in ("level=debug&bogus=warning", "paths=quicmesh.sidecar:debug,quicmesh.x:info"):
+            assert route(view, "POST", f"/logging?{query}").status == 400
+            assert quicmesh_loggers() == levels, query
         forged = route(view, "POST", "/logging?level=%0Aforged")
         assert forged.status == 400 and b"\nforged" not in forged.body
     finally:

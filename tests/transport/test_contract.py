@@ -273,6 +273,54 @@ def test_a_writer_that_never_stops_learns_the_peer_stopped_reading(name: str) ->
     run(main())
 
 
+@pytest.mark.parametrize("name", ["quic", "quic-native", "h2"])
+def test_a_spliced_upload_cut_short_by_an_early_answer_still_gets_the_answer(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python copy (``splice``, as the sidecar's h2 and aioquic flows) of a client
+    uploading for longer than the lingering close, to a peer that answered at once and
+    stopped reading: the upload is dropped and the answer relayed, as the native
+    engine's own splice does. The drain that gives up after the linger reset the flow,
+    and the client lost the answer (a review of the change that made it give up)."""
+    from quicmesh.transport import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "LINGER_TIMEOUT", 0.2)  # (2 s: the same, slower)
+    answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"
+
+    async def handler(stream: MeshStream) -> None:
+        await stream.read(100)
+        stream.write(answer)
+        stream.close()
+
+    async def main() -> None:
+        listener, conn = await pair(name, handler)
+        stream = await conn.open_stream(TARGET)
+        spliced: list[Any] = []
+
+        async def on_local(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            spliced.append(await quicmesh.splice(stream, reader, writer, offload=False))
+
+        local = await asyncio.start_server(on_local, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", local.sockets[0].getsockname()[1]
+        )
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0  # (five lingers after the answer, which comes at once)
+        while loop.time() < end:
+            writer.write(b"x" * 16384)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == answer
+        await until(lambda: bool(spliced))
+        assert not spliced[0].error, spliced[0].error
+        writer.close()
+        local.close()
+        await shutdown(listener, conn)
+
+    run(main())
+
+
 @pytest.mark.parametrize("name", TRANSPORT_NAMES)
 def test_client_abort_reaches_server(name: str) -> None:
     outcome: asyncio.Future[BaseException | None]
@@ -931,6 +979,59 @@ def test_async_with_closes_transports_listeners_connections_and_streams(name: st
             await until(lambda: len(seen) == 2)
         assert conn.is_closed
         assert seen == ["whole", "reset"]
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["h2", "tcp"])
+def test_a_name_that_does_not_resolve_is_said_in_the_resolvers_words(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolver's failure (a ``gaierror``, whose errno is an EAI code, negative) reads
+    as the resolver says it, not "Unknown error -2" (the errno's text, which the
+    "Connection refused" wording took for it; a review)."""
+
+    async def main() -> None:
+        async def no_such_name(*args: Any, **kwargs: Any) -> Any:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_such_name)
+        with pytest.raises(quicmesh.ConnectError) as failed:
+            conn = await MESH.transport(name).connect(("no-such-host.invalid", 4443))
+            await conn.open_stream(TARGET)
+        assert str(failed.value).endswith(": Name or service not known"), failed.value
+        assert "Unknown error" not in str(failed.value)
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["h2", "tcp"])
+def test_a_connection_accepted_as_the_listener_closes_is_not_served(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection accepted in the loop turn that closes the listener is closed, not
+    served past ``close()`` with ``wait_closed()`` waiting for it: the listener accepts
+    itself now, and hands a connection over a turn later (a review)."""
+
+    from quicmesh import _accept
+
+    async def main() -> None:
+        accept = _accept.SocketServer._accept
+        listening: list[quicmesh.Listener] = []
+
+        def accept_then_close(self: Any, sock: Any) -> None:
+            accept(self, sock)  # the connection is taken, its hand-over a task...
+            listening[0].close()  # ...and something else in this loop turn closes the listener
+
+        # (Before listen(): the listener registers its bound method.)
+        monkeypatch.setattr(_accept.SocketServer, "_accept", accept_then_close)
+        server = MESH.transport(name, identity=MESH.server)
+        listener = await server.listen(("127.0.0.1", 0), echo)
+        listening.append(listener)
+        reader, writer = await asyncio.open_connection(*listener.address)
+        await asyncio.wait_for(listener.wait_closed(), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not served
+        writer.close()
 
     run(main())
 
