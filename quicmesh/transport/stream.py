@@ -509,13 +509,15 @@ class MeshStream:
         be read. (Its writes were discarded without an error for as long as it wrote: a
         review's uploader ran at a whole core for ever.)"""
         stopped = self._writing_stopped_at
-        if stopped is None or self._loop.time() - stopped < LINGER_TIMEOUT:
+        if stopped is None:
             return
-        raise StreamWriteStopped(
-            f"stream {self.stream_id}: the peer stopped reading {self._loop.time() - stopped:.1f}s"
-            " ago (it answered and needs no more of our bytes): what is written is discarded",
-            0,
-        )
+        ago = self._loop.time() - stopped
+        if ago >= LINGER_TIMEOUT:
+            raise StreamWriteStopped(
+                f"stream {self.stream_id}: the peer stopped reading {ago:.1f}s ago (it"
+                " answered and needs no more of our bytes): what is written is discarded",
+                0,
+            )
 
     def drain_would_wait(self) -> bool:
         """Whether :meth:`drain` would wait now (more than ``high_water`` bytes unsent,
@@ -715,10 +717,9 @@ class MeshStream:
         wait for them: use :meth:`wait_sent`, or :meth:`write_eof` and read to EOF)."""
         self.write_eof()
         self._closed_here = True
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            # A drain() waiting returns (the native engine's did; the others waited for
-            # as long as the peer did not read): the bytes go out in the background.
-            self._drain_waiter.set_result(None)
+        # A drain() waiting returns (the native engine's did; the others waited for as
+        # long as the peer did not read): the bytes go out in the background.
+        self._wake_drainers()
         if not self._eof_received and not self._reading_stopped and self._error is None:
             self._reading_stopped = True
             self._channel.stop_stream_reading(self)
@@ -789,8 +790,7 @@ class MeshStream:
             self._writing_stopped_at = self._loop.time()
         self._peer_stopped_reading = True
         self._eof_sent = True
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._wake_drainers()
         self._maybe_closed()
 
     def _on_reset(self, error: TunnelError) -> None:
@@ -803,9 +803,7 @@ class MeshStream:
 
     def _on_writable(self) -> None:
         # Bytes left: the waiter re-checks its own limit (high water, or 0 for wait_sent).
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_drainers()
 
     @property
     def _wants_writable(self) -> bool:
@@ -825,6 +823,13 @@ class MeshStream:
         if not self._responded.done():
             self._responded.set_result(None)
 
+    def _wake_drainers(self) -> None:
+        """Wake the tasks in :meth:`drain` and :meth:`wait_sent`: each looks again at
+        what it waits for (unsent bytes under its limit, the peer's stop, a failure)."""
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _wake_reader(self) -> None:
         waiter, self._read_waiter = self._read_waiter, None
         if waiter is not None and not waiter.done():
@@ -835,8 +840,7 @@ class MeshStream:
             self._error = error
         self._set_responded()
         self._wake_reader()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._wake_drainers()
         self._set_closed()
 
     def _maybe_closed(self) -> None:
