@@ -252,22 +252,23 @@ def _lost_with(exc: BaseException, unanswered: float | None = None) -> Connectio
     if isinstance(exc, TimeoutError) or (
         unanswered is not None and isinstance(exc, BrokenPipeError)
     ):
-        if unanswered is not None:
-            return PeerUnresponsive(
-                f"connection lost: {UNRESPONSIVE}: the peer stopped answering (no PING "
-                f"reply in {unanswered:.1f}s, and the kernel gave up on what it sent: "
-                f"{_os_error_words(exc)})"
-            )
-        return PeerUnresponsive(
-            f"connection lost: {UNRESPONSIVE}: the peer stopped answering (the kernel gave "
-            f"up on what it sent: {_os_error_words(exc)})"
-        )
+        return _stopped_answering(unanswered, kernel=exc)
     return ConnectionLost(f"connection lost: {exc}")
 
 
-def _os_error_words(exc: BaseException) -> str:
-    """An OSError's reason in the system's words, lower case ("connection timed out")."""
-    return os_error_text(exc).lower() if isinstance(exc, OSError) else str(exc)
+def _stopped_answering(
+    unanswered: float | None, kernel: BaseException | None = None
+) -> PeerUnresponsive:
+    """A peer that stopped answering, in the QUIC liveness's words: the PING left
+    unanswered ``unanswered`` seconds (if one is), the kernel's verdict (if it gave one:
+    the error it reported, in the system's words, lower case)."""
+    why = [] if unanswered is None else [f"no PING reply in {unanswered:.1f}s"]
+    if kernel is not None:
+        words = os_error_text(kernel).lower() if isinstance(kernel, OSError) else str(kernel)
+        why.append(f"the kernel gave up on what it sent: {words}")
+    return PeerUnresponsive(
+        f"connection lost: {UNRESPONSIVE}: the peer stopped answering ({', and '.join(why)})"
+    )
 
 
 class TlsTunnelProtocol(asyncio.Protocol):
@@ -773,12 +774,7 @@ class TlsTunnelProtocol(asyncio.Protocol):
             # Named as the kernel's verdict is (_lost_with), in the QUIC liveness's
             # words: until 2026-12 "HTTP/2 connection failed: peer unresponsive: no ACK
             # for 10.0s", when it won the race at all.
-            self._fail(
-                PeerUnresponsive(
-                    f"connection lost: {UNRESPONSIVE}: the peer stopped answering (no PING "
-                    f"reply in {now - self._ping_sent_at:.1f}s)"
-                )
-            )
+            self._fail(_stopped_answering(now - self._ping_sent_at))
             return
         if verdict is Verdict.PING:
             session.h2.ping(KEEPALIVE_PING)
