@@ -752,10 +752,7 @@ class Sidecar:
         wait ends (Envoy's ``/drain_listeners``
         without ``inboundonly``); their live flows carry on, as every flow does."""
         if outbound_now:
-            for out in self.outbound.values():
-                out.close()
-            for capture in self.capture:
-                capture.close()
+            self._stop_outbound_listeners()
         if self.draining:
             return False
         self._drain_task = asyncio.get_running_loop().create_task(self.drain())
@@ -794,10 +791,7 @@ class Sidecar:
             self.end_grace_period("asked to quit")
         started = time.monotonic()
         await self._wait_for_the_drain(started)
-        for out in self.outbound.values():
-            out.close()
-        for capture in self.capture:
-            capture.close()
+        self._stop_outbound_listeners()
         if self.flows.active:
             why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
             logger.warning("%s: closing %d live flows", why, self.flows.active)
@@ -817,6 +811,14 @@ class Sidecar:
         await self._close_everything()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
+
+    def _stop_outbound_listeners(self) -> None:
+        """The outbound listeners and interception's captures take no new connection
+        (their live flows carry on); again is harmless."""
+        for out in self.outbound.values():
+            out.close()
+        for capture in self.capture:
+            capture.close()
 
     async def _wait_for_the_drain(self, started: float) -> None:
         """Until the live flows are over and ``drain.min_duration`` has passed, within
@@ -862,10 +864,7 @@ class Sidecar:
             await self.xds.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
-        for out in self.outbound.values():
-            out.close()
-        for capture in self.capture:
-            capture.close()
+        self._stop_outbound_listeners()
         for inb in self.inbound.values():
             inb.close()
         for cluster in list(self.clusters.values()) + self.retired_clusters:
