@@ -100,16 +100,23 @@ def destinations() -> Iterator[dict[str, _Destination]]:
         destination.stop()
 
 
-@pytest.fixture(scope="module")
-def sidecars(
-    workdir: Path, destinations: dict[str, _Destination]
+@contextlib.contextmanager
+def running_sidecars(
+    workdir: Path,
+    destinations: dict[str, _Destination],
+    paths: tuple[str, ...],
+    label: str,
+    *options: str,
 ) -> Iterator[tuple[SidecarProcess, SidecarProcess, dict[str, int]]]:
-    require_engine("native")
+    """Sidecars ``a-<label>`` and ``b-<label>`` (started with ``options``), B with a
+    listener ``mesh_<path>`` for each of ``paths`` (:data:`LISTENERS`), A with a cluster
+    ``<path>_<close>`` through it to each destination; yields A, B and A's listening
+    ports by cluster."""
     targets = [addr(d.port) for d in destinations.values()]
-    *b_listening, b_admin = free_ports(len(LISTENERS) + 1)
-    b_ports = dict(zip(LISTENERS, b_listening, strict=True))
+    *b_listening, b_admin = free_ports(len(paths) + 1)
+    b_ports = dict(zip(paths, b_listening, strict=True))
     b = SidecarProcess(
-        "b-destination-close",
+        f"b-{label}",
         {
             "node": {"name": "b", "identity": IDENTITY_B},
             "tls": {"ca_dir": str(workdir / "ca")},
@@ -121,9 +128,9 @@ def sidecars(
                         "name": f"mesh_{name}",
                         "address": addr(b_ports[name]),
                         "destinations": targets,
-                        **options,
+                        **LISTENERS[name],
                     }
-                    for name, options in LISTENERS.items()
+                    for name in paths
                 ]
             },
         },
@@ -134,15 +141,15 @@ def sidecars(
             "name": f"{name}_{close}",
             "target": addr(destination.port),
             "endpoints": [addr(b_ports[name])],
-            **options,
+            **CLUSTER_OPTIONS[name],
         }
-        for name, options in CLUSTER_OPTIONS.items()
+        for name in paths
         for close, destination in destinations.items()
     ]
     *listening, a_admin = free_ports(len(clusters) + 1)
     a_ports = {c["name"]: port for c, port in zip(clusters, listening, strict=True)}
     a = SidecarProcess(
-        "a-destination-close",
+        f"a-{label}",
         {
             "node": {"name": "a", "identity": IDENTITY_A},
             "tls": {"ca_dir": str(workdir / "ca")},
@@ -158,10 +165,10 @@ def sidecars(
         },
         workdir,
     )
-    b.start()
+    b.start(*options)
     try:
         b.wait_ready()
-        a.start()
+        a.start(*options)
         try:
             a.wait_ready()
             yield a, b, a_ports
@@ -169,6 +176,15 @@ def sidecars(
             a.stop()
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def sidecars(
+    workdir: Path, destinations: dict[str, _Destination]
+) -> Iterator[tuple[SidecarProcess, SidecarProcess, dict[str, int]]]:
+    require_engine("native")
+    with running_sidecars(workdir, destinations, tuple(LISTENERS), "destination-close") as up:
+        yield up
 
 
 async def client(port: int, later: int) -> bytes:
@@ -226,11 +242,13 @@ def outcomes(
     sidecars: tuple[SidecarProcess, SidecarProcess, dict[str, int]],
     destination: _Destination,
     later: int,
+    paths: tuple[str, ...] = tuple(CLUSTER_OPTIONS),
 ) -> dict[str, tuple[str, str]]:
-    """One flow through each cluster to ``destination``: (A's outcome, B's) by cluster."""
+    """One flow through each of ``paths``' clusters to ``destination``: (A's outcome,
+    B's) by path."""
     a, b, ports = sidecars
     found: dict[str, tuple[str, str]] = {}
-    for name in CLUSTER_OPTIONS:
+    for name in paths:
         lines = functools.partial(logged_lines, a, b, name, destination)
         before = tuple(map(len, lines()))
         received = asyncio.run(client(ports[f"{name}_{destination.close}"], later))

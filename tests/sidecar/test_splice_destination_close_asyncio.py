@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import select
 import socket
 import struct
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess, free_ports
+from quicmesh.sidecar.launch import LOOPBACK, SidecarProcess
 from quicmesh.splice import _write_eof
 
 from . import test_splice_destination_close as scenario
-from .conftest import IDENTITY_A, IDENTITY_B, addr, wait_until
 
 PYTHON_PATHS = ("aioquic", "h2", "tcp")
 """The listeners and clusters (:data:`scenario.LISTENERS`) whose flows Python copies."""
@@ -44,70 +42,9 @@ destinations = scenario.destinations
 def sidecars(
     workdir: Path, destinations: dict[str, scenario._Destination]
 ) -> Iterator[tuple[SidecarProcess, SidecarProcess, dict[str, int]]]:
-    targets = [addr(d.port) for d in destinations.values()]
-    *b_listening, b_admin = free_ports(len(PYTHON_PATHS) + 1)
-    b_ports = dict(zip(PYTHON_PATHS, b_listening, strict=True))
-    b = SidecarProcess(
-        "b-destination-close-asyncio",
-        {
-            "node": {"name": "b", "identity": IDENTITY_B},
-            "tls": {"ca_dir": str(workdir / "ca")},
-            "admin": {"address": addr(b_admin)},
-            "drain": {"grace_period": "10s"},
-            "listeners": {
-                "inbound": [
-                    {
-                        "name": f"mesh_{name}",
-                        "address": addr(b_ports[name]),
-                        "destinations": targets,
-                        **scenario.LISTENERS[name],
-                    }
-                    for name in PYTHON_PATHS
-                ]
-            },
-        },
-        workdir,
-    )
-    clusters = [
-        {
-            "name": f"{name}_{close}",
-            "target": addr(destination.port),
-            "endpoints": [addr(b_ports[name])],
-            **scenario.CLUSTER_OPTIONS[name],
-        }
-        for name in PYTHON_PATHS
-        for close, destination in destinations.items()
-    ]
-    *listening, a_admin = free_ports(len(clusters) + 1)
-    a_ports = {c["name"]: port for c, port in zip(clusters, listening, strict=True)}
-    a = SidecarProcess(
-        "a-destination-close-asyncio",
-        {
-            "node": {"name": "a", "identity": IDENTITY_A},
-            "tls": {"ca_dir": str(workdir / "ca")},
-            "admin": {"address": addr(a_admin)},
-            "drain": {"grace_period": "10s"},
-            "listeners": {
-                "outbound": [
-                    {"name": name, "address": addr(port), "cluster": name}
-                    for name, port in a_ports.items()
-                ]
-            },
-            "clusters": clusters,
-        },
-        workdir,
-    )
-    b.start(*ASYNCIO)
-    try:
-        b.wait_ready()
-        a.start(*ASYNCIO)
-        try:
-            a.wait_ready()
-            yield a, b, a_ports
-        finally:
-            a.stop()
-    finally:
-        b.stop()
+    label = "destination-close-asyncio"
+    with scenario.running_sidecars(workdir, destinations, PYTHON_PATHS, label, *ASYNCIO) as up:
+        yield up
 
 
 def outcomes(
@@ -116,19 +53,7 @@ def outcomes(
     later: int,
 ) -> dict[str, tuple[str, str]]:
     """:func:`scenario.outcomes` over the Python copy paths alone."""
-    a, b, ports = sidecars
-    found: dict[str, tuple[str, str]] = {}
-    for name in PYTHON_PATHS:
-        lines = functools.partial(scenario.logged_lines, a, b, name, destination)
-        before = tuple(map(len, lines()))
-        received = asyncio.run(scenario.client(ports[f"{name}_{destination.close}"], later))
-        if destination.close == "fin":
-            assert received == scenario.RESPONSE, name
-        logged = functools.partial(scenario.counted, lines, (before[0] + 1, before[1] + 1))
-        wait_until(logged, 20.0, f"{name}: both sidecars logged the flow")
-        on_a, on_b = lines()
-        found[name] = (scenario.outcome(on_a[-1]), scenario.outcome(on_b[-1]))
-    return found
+    return scenario.outcomes(sidecars, destination, later, PYTHON_PATHS)
 
 
 def test_a_destination_closing_while_the_client_sends_completes_on_asyncio(

@@ -66,6 +66,13 @@ async def echo(stream: MeshStream) -> None:
     stream.write_eof()
 
 
+async def answers_and_closes(stream: MeshStream) -> None:
+    """A handler that answers ``done`` at once and closes: the peer is told to stop
+    sending (STOP_SENDING, RST_STREAM with NO_ERROR), whatever it still uploads."""
+    stream.write(b"done")
+    stream.close()
+
+
 async def pair(
     name: str,
     handler: Callable[[MeshStream], Awaitable[None]] = echo,
@@ -208,12 +215,8 @@ def test_writing_after_the_peer_stopped_reading_still_yields_to_the_loop(name: s
     then on, but a ``write(); await drain()`` loop must still let other tasks run
     (it spun without ever yielding before). TLS-over-TCP has no such signal."""
 
-    async def handler(stream: MeshStream) -> None:
-        stream.write(b"done")
-        stream.close()
-
     async def main() -> None:
-        listener, conn = await pair(name, handler)
+        listener, conn = await pair(name, answers_and_closes)
         stream = await conn.open_stream(TARGET)
         assert await stream.read() == b"done"
         while not stream._peer_stopped_reading:  # the peer's stop, right behind its FIN
@@ -248,12 +251,8 @@ def test_a_writer_that_never_stops_learns_the_peer_stopped_reading(name: str) ->
     wrote: a review's uploader ran at a whole core; TLS-over-TCP's broken pipe came
     after its linger already)."""
 
-    async def handler(stream: MeshStream) -> None:
-        stream.write(b"done")
-        stream.close()
-
     async def main() -> None:
-        listener, conn = await pair(name, handler)
+        listener, conn = await pair(name, answers_and_closes)
         stream = await conn.open_stream(TARGET)
         assert await asyncio.wait_for(stream.read(), 10) == b"done"
 
