@@ -52,7 +52,6 @@ import contextlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import signal
 import socket
@@ -85,6 +84,7 @@ from . import (
     tried_output_dir,
 )
 from ._engine import add_engine_argument, engine_problem
+from ._spawned import ChildUnanswered, SpawnedChild
 
 RATE_BPS = 20e6
 """The bottleneck rate, bits per second."""
@@ -287,46 +287,30 @@ class Receiver:
     """The receiver process in the server namespace; commands go over a pipe."""
 
     def __init__(self, link: Link, setup: ReceiverSetup) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._control, child_end = context.Pipe()
-        self._process = context.Process(
-            target=_receiver_main,
-            args=(setup, child_end, os.getpid()),
-            name="quicmesh-bench-receiver",
-        )
-        with link.entered("server"):  # the child is created in the server namespace
-            self._process.start()
-        child_end.close()
         try:
-            if not self._control.poll(60):
-                raise BenchmarkError("it did not start within 60 s")
-            ports: dict[str, int] = self._control.recv()
-        except (BenchmarkError, EOFError, OSError) as exc:
-            self.stop()
-            raise BenchmarkError(f"the receiver process failed to start: {exc!r}") from None
+            self._child = SpawnedChild(
+                _receiver_main,
+                setup,
+                "quicmesh-bench-receiver",
+                started_in=lambda: link.entered("server"),  # created in the server namespace
+            )
+        except ChildUnanswered as exc:
+            raise BenchmarkError(f"the receiver process failed to start: {exc}") from None
+        ports: dict[str, int] = self._child.ready
         self.quic_address = (SERVER_ADDRESS, ports["quic"])
         self.tcp_address = (SERVER_ADDRESS, ports["tcp"])
 
     def report(self, label: str) -> tuple[list[tuple[float, int]], float]:
         """The byte-count timeline of flow ``label`` and the process's CPU seconds."""
         try:
-            self._control.send(("report", label))
-            if not self._control.poll(30):
-                raise EOFError
-            timeline, cpu = self._control.recv()
-        except (EOFError, OSError):
+            timeline, cpu = self._child.ask(("report", label), 30)
+        except ChildUnanswered:
             raise BenchmarkError("the receiver process stopped answering") from None
         return [(float(t), int(n)) for t, n in timeline], float(cpu)
 
     def stop(self) -> None:
         """Stop the receiver and wait for it."""
-        with contextlib.suppress(OSError):
-            self._control.send(("stop", None))
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._control.close()
+        self._child.stop(("stop", None))
 
 
 # -- the senders (in the client namespace) -----------------------------------------

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import cProfile
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -66,6 +65,7 @@ from ..transport.base import default_quic_engine
 from ..transport.quic import UDP_SOCKET_BUFFER
 from ..tunnel.h3 import DEFAULT_CONNECTION_WINDOW, DEFAULT_STREAM_WINDOW
 from . import OneLineParser
+from ._spawned import ChildUnanswered, SpawnedChild
 
 REFERENCE = "aioquic"
 """Name of the raw-aioquic reference in the table and the JSON output."""
@@ -439,44 +439,23 @@ class ServerProcess:
     """The child process hosting every server; commands go over a pipe."""
 
     def __init__(self, setup: ServerSetup) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._control, child_end = context.Pipe()
-        self._process = context.Process(
-            target=_server_main,
-            args=(setup, child_end, os.getpid()),
-            name="quicmesh-bench-server",
-            daemon=True,
-        )
-        self._process.start()
-        child_end.close()
         try:
-            if not self._control.poll(60):
-                raise BenchmarkError("the server process did not start within 60 s")
-            self.addresses: dict[str, tuple[str, int]] = self._control.recv()
-        except (BenchmarkError, EOFError) as exc:
-            self._process.kill()
+            self._child = SpawnedChild(_server_main, setup, "quicmesh-bench-server")
+        except ChildUnanswered as exc:
             raise BenchmarkError(f"the server process failed to start: {exc}") from None
+        self.addresses: dict[str, tuple[str, int]] = self._child.ready
 
     def command(self, command: str, label: str = "") -> float:
-        """Send ``begin``/``end``/``stop``; returns the server's process CPU time."""
+        """Send ``begin``/``end``; returns the server's process CPU time."""
         try:
-            self._control.send((command, label))
-            if self._control.poll(60):
-                value: float = self._control.recv()
-                return value
-        except (EOFError, OSError):
-            pass
-        raise BenchmarkError(f"the server process did not answer {command!r}")
+            value: float = self._child.ask((command, label), 60)
+        except ChildUnanswered:
+            raise BenchmarkError(f"the server process did not answer {command!r}") from None
+        return value
 
     def stop(self) -> None:
         """Stop the servers and wait for the process to end."""
-        if self._process.is_alive():
-            with contextlib.suppress(OSError, BenchmarkError):
-                self.command("stop")
-            self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-        self._control.close()
+        self._child.stop(("stop", ""))
 
 
 # -- the client side -------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from process_helpers import descendants, running
 
 from quicmesh.bench._hol_worker import WorkerConfig
 
@@ -43,45 +44,11 @@ def _start(argv: list[str], tmp_path: Path) -> tuple[subprocess.Popen[str], Path
     return process, scratch
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[1])
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (the workers, the forwarder, the receiver)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            parent = _parent_of(int(entry))
-            if parent is not None:
-                children.setdefault(parent, []).append(int(entry))
-    found: list[int] = []
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting for init to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -106,7 +73,7 @@ def cleanup() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
     for process in started:
-        for pid in _descendants(process.pid):
+        for pid in descendants(process.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if process.poll() is None:
@@ -124,7 +91,7 @@ HOL = [
 
 
 def _hol_workers(bench: int) -> list[int]:
-    return [pid for pid in _descendants(bench) if "_hol_worker" in _command_line(pid)]
+    return [pid for pid in descendants(bench) if "_hol_worker" in _command_line(pid)]
 
 
 def _wait_for_hol_client(process: subprocess.Popen[str]) -> list[int]:
@@ -153,7 +120,7 @@ def test_hol_sigterm_tears_down_link_scratch_and_workers(
     assert process.returncode == 128 + signal.SIGTERM, output
     assert _namespaces_of(process.pid) == []
     assert list(scratch.iterdir()) == []
-    assert [pid for pid in workers if _running(pid)] == []
+    assert [pid for pid in workers if running(pid)] == []
 
 
 @pytest.mark.netns
@@ -175,8 +142,9 @@ def test_ttfb_termination_tears_its_link_down(
 
 _SUBREAPER_DRIVER = """
 import ctypes, json, os, signal, subprocess, sys, time
-sys.path.insert(0, sys.argv[1])
-from test_bench_review28 import _command_line, _descendants
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # tests/bench, tests
+from process_helpers import descendants
+from test_bench_review28 import _command_line
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the bench's orphans become ours
@@ -202,8 +170,8 @@ while not (len(workers) == 2 and all(has_socket(pid) for pid in workers)):
         print(json.dumps({"error": "the hol workers did not start"}), flush=True)
         sys.exit(1)
     time.sleep(0.1)
-    workers = [p for p in _descendants(bench.pid) if "_hol_worker" in _command_line(p)]
-others = [p for p in _descendants(bench.pid) if p not in workers]
+    workers = [p for p in descendants(bench.pid) if "_hol_worker" in _command_line(p)]
+others = [p for p in descendants(bench.pid) if p not in workers]
 bench.kill()  # SIGKILL: no finally block runs; only the kernel can stop the workers
 bench.wait()
 ended = {}
@@ -267,18 +235,18 @@ def test_congestion_sigterm_tears_down_link_and_receiver(
     def receiver_running() -> bool:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
         return bool(_namespaces_of(process.pid)) and any(
-            "multiprocessing" in _command_line(pid) for pid in _descendants(process.pid)
+            "multiprocessing" in _command_line(pid) for pid in descendants(process.pid)
         )
 
     _until(receiver_running, 90, "the congestion receiver did not start")
-    children = _descendants(process.pid)
+    children = descendants(process.pid)
 
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
 
     assert process.returncode == 128 + signal.SIGTERM, output
     assert _namespaces_of(process.pid) == []
-    assert [pid for pid in children if _running(pid)] == []
+    assert [pid for pid in children if running(pid)] == []
 
 
 @pytest.mark.parametrize("interval", ["0", "0ms", "0.5ms", "-1ms"])
