@@ -29,7 +29,7 @@ import h11
 from .._timeouts import wait_within
 from ..errors import QuicmeshError, peer_text
 from ..logs import RateLimitedLog, check_log_level, quicmesh_loggers, set_log_level
-from .config import format_address, loopback_only
+from .config import format_address, ip_address_of, loopback_only
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("quicmesh.sidecar.admin")
@@ -311,7 +311,7 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
         if path == "/clusters":
             clusters = snapshot.get("clusters", {})
             if chosen == "json":
-                return _json(200, clusters)
+                return _json(200, cluster_statuses(clusters))
             return _text(200, "\n".join(cluster_lines(clusters)))
         listeners = snapshot.get("listeners", {})
         if chosen == "json":
@@ -447,29 +447,84 @@ def cluster_lines(clusters: dict[str, Any]) -> list[str]:
         lines.append(f"{name}::panic::{str(bool(cluster.get('panic'))).lower()}")
         for address, endpoint in cluster.get("endpoints", {}).items():
             health = str(endpoint.get("health", ""))
-            for stat, value in (
-                ("cx_active", len(endpoint.get("connections", []))),
-                ("cx_total", endpoint.get("connections_total", 0)),
-                ("cx_connect_fail", endpoint.get("connect_failures", 0)),
-                ("rq_active", endpoint.get("streams_active", 0)),
-                ("rq_total", endpoint.get("streams_total", 0)),
-                ("ejections", endpoint.get("ejections", 0)),
+            for stat, value in [
+                *_endpoint_stats(endpoint),
                 ("health_flags", _HEALTH_FLAGS.get(health, health)),
-            ):
+            ]:
                 lines.append(f"{name}::{address}::{stat}::{value}")
     return lines
 
 
+_GAUGES = {"cx_active", "rq_active"}
+"""The endpoint stats that are gauges (Envoy's ``SimpleMetric`` type; the rest count)."""
+
+_HEALTH_FIELDS = {
+    "unhealthy": "failed_active_health_check",
+    "ejected": "failed_outlier_check",
+    "removed": "pending_dynamic_removal",
+}
+"""The ``HostHealthStatus`` flag set for each endpoint health but healthy."""
+
+
+def cluster_statuses(clusters: dict[str, Any]) -> dict[str, Any]:
+    """``/clusters?format=json`` as Envoy's ``envoy.admin.v3.Clusters`` in protobuf's
+    JSON mapping (what ``istioctl proxy-config endpoint`` parses): per cluster its
+    ``host_statuses``, each endpoint's address, the stats of the text form as
+    ``SimpleMetric`` (64-bit values as strings, gauges typed) and its health."""
+    statuses = []
+    for name, cluster in clusters.items():
+        hosts = []
+        for address, endpoint in cluster.get("endpoints", {}).items():
+            stats = [
+                {"name": stat, "value": str(value)} | ({"type": "GAUGE"} if stat in _GAUGES else {})
+                for stat, value in _endpoint_stats(endpoint)
+            ]
+            health: dict[str, Any] = {"eds_health_status": "HEALTHY"}
+            flag = _HEALTH_FIELDS.get(str(endpoint.get("health", "")))
+            if flag is not None:
+                health[flag] = True
+            host = {"address": _address_json(address), "stats": stats, "health_status": health}
+            hostname = _socket_address(address)["address"]
+            if ip_address_of(hostname) is None:
+                host["hostname"] = hostname
+            hosts.append(host)
+        statuses.append({"name": name, "observability_name": name, "host_statuses": hosts})
+    return {"cluster_statuses": statuses}
+
+
+def _endpoint_stats(endpoint: dict[str, Any]) -> list[tuple[str, Any]]:
+    """An endpoint's stats by Envoy's names, in the order of ``/clusters``'s text."""
+    return [
+        ("cx_active", len(endpoint.get("connections", []))),
+        ("cx_total", endpoint.get("connections_total", 0)),
+        ("cx_connect_fail", endpoint.get("connect_failures", 0)),
+        ("rq_active", endpoint.get("streams_active", 0)),
+        ("rq_total", endpoint.get("streams_total", 0)),
+        ("ejections", endpoint.get("ejections", 0)),
+    ]
+
+
 def listener_statuses(listeners: dict[str, Any]) -> dict[str, Any]:
     """``/listeners?format=json`` in the shape of Envoy's ``listener_statuses``."""
-    statuses = []
-    for name, listener in listeners.items():
-        host, _, port = str(listener.get("address", "")).rpartition(":")
-        socket_address: dict[str, Any] = {"address": host.strip("[]")}
-        if port.isdigit():
-            socket_address["port_value"] = int(port)
-        statuses.append({"name": name, "local_address": {"socket_address": socket_address}})
-    return {"listener_statuses": statuses}
+    return {
+        "listener_statuses": [
+            {"name": name, "local_address": _address_json(str(listener.get("address", "")))}
+            for name, listener in listeners.items()
+        ]
+    }
+
+
+def _address_json(address: str) -> dict[str, Any]:
+    """``host:port`` as an ``envoy.config.core.v3.Address`` in protobuf's JSON mapping."""
+    return {"socket_address": _socket_address(address)}
+
+
+def _socket_address(address: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    socket_address: dict[str, Any] = {"address": host.strip("[]")}
+    if port.isdigit():
+        socket_address["port_value"] = int(port)
+    return socket_address
 
 
 async def _migrated(view: AdminView) -> Response:

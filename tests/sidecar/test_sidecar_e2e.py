@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
+from envoy.admin.v3 import clusters_pb2
+from google.protobuf import json_format
 
 from quicmesh.sidecar.launch import SidecarProcess, free_port, metric, parse_metrics
 from quicmesh.tls import DevCA
@@ -135,6 +137,12 @@ def test_many_concurrent_flows_arrive_intact(
     assert status == 200
     assert f"{cluster}::{mesh.endpoint(transport)}::rq_total::48" in lines
     assert f"{cluster}::{mesh.endpoint(transport)}::health_flags::healthy" in lines
+    status, body = a.request("GET", "/clusters?format=json")  # as istioctl reads it
+    assert status == 200
+    statuses = json_format.Parse(body, clusters_pb2.Clusters()).cluster_statuses
+    (hosts,) = [c.host_statuses for c in statuses if c.name == cluster]
+    (rq_total,) = [m.value for h in hosts for m in h.stats if m.name == "rq_total"]
+    assert rq_total == 48
     status, body = a.request("GET", "/listeners")
     assert status == 200 and f"{cluster}::{addr(ports[cluster])}" in body.decode().splitlines()
 
