@@ -64,9 +64,10 @@ class AdminView(Protocol):
     def certificates(self) -> dict[str, Any]:
         """The certificate presented and the trust bundle (``/certs``, Envoy's shape)."""
 
-    def begin_drain(self, outbound_now: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
         """Start draining; False if a drain was already under way. ``outbound_now``: the
-        outbound listeners close at once, not at the drain's end."""
+        outbound listeners close at once, not at the drain's end; ``graceful``: inbound
+        flows are still taken for ``drain.min_duration``."""
 
     def quit(self) -> None:
         """Stop now: a drain whose grace period is over at once."""
@@ -347,18 +348,19 @@ DRAIN_FLAGS = ("inboundonly", "graceful", "skip_exit")
 
 def _drain_listeners(view: AdminView, query: str) -> Response:
     """Envoy's ``POST /drain_listeners[?inboundonly][&graceful][&skip_exit]``, as Istio's
-    agent sends it before it stops the proxy: the sidecar's drain (``/drain``), which is
-    always graceful (``drain.grace_period``, ``drain.min_duration``) and ends with the
-    process's exit (``skip_exit`` is taken, for the agent's sake, and changes nothing:
-    the agent's later ``/quitquitquit`` finds the sidecar gone or ends it); without
-    ``inboundonly`` the outbound listeners also stop taking connections at once.
-    200 ``OK``, as Envoy."""
+    agent sends it before it stops the proxy: the sidecar's drain (``/drain``: peers told
+    to go away, then ``drain.grace_period`` and ``drain.min_duration``), which ends with
+    the process's exit (``skip_exit`` is taken, for the agent's sake, and changes nothing:
+    the agent's later ``/quitquitquit`` finds the sidecar gone or ends it). Without
+    ``inboundonly`` the outbound listeners also stop taking connections at once; with
+    ``graceful`` the inbound listeners take new flows until ``drain.min_duration`` is
+    over, else they refuse them at once. 200 ``OK``, as Envoy."""
     flags = parse_qs(query, keep_blank_values=True)
     unknown = sorted(set(flags) - set(DRAIN_FLAGS))
     if unknown:
         shown = peer_text(",".join(unknown), 64)
         return _text(400, f"drain_listeners: unknown flag {shown!r}: {', '.join(DRAIN_FLAGS)}")
-    view.begin_drain(outbound_now="inboundonly" not in flags)
+    view.begin_drain(outbound_now="inboundonly" not in flags, graceful="graceful" in flags)
     return _text(200, "OK")
 
 

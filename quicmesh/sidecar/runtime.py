@@ -744,19 +744,28 @@ class Sidecar:
 
     # -- drain -----------------------------------------------------------------
 
-    def begin_drain(self, outbound_now: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
         """Start a drain in the background; False if one is already running.
 
-        ``outbound_now``: the outbound listeners (and interception's captures: the drain
-        closes the inbound one at once anyway) close as it starts rather than when its
-        wait ends (Envoy's ``/drain_listeners``
-        without ``inboundonly``); their live flows carry on, as every flow does."""
-        if outbound_now:
+        ``outbound_now``: the outbound listeners (and interception's captures) stop taking
+        connections when the inbound ones start refusing new flows (Envoy's
+        ``/drain_listeners`` without ``inboundonly``), rather than when the drain's wait
+        ends; their live flows carry on, as every flow does. ``graceful`` (its
+        ``graceful``): that moment is ``drain.min_duration`` after the start, not the
+        start; meanwhile every peer connection is told to go away."""
+        graceful = self._graceful(graceful)
+        if outbound_now and (self.draining or not graceful):
             self._stop_outbound_listeners()
         if self.draining:
             return False
-        self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+        self._drain_task = asyncio.get_running_loop().create_task(
+            self.drain(graceful, outbound_too=outbound_now)
+        )
         return True
+
+    def _graceful(self, asked: bool) -> bool:
+        """Whether a drain asked to be graceful is: with a minimum, and not a quit."""
+        return asked and self.config.drain.min_duration > 0 and not self._quitting
 
     def quit(self) -> None:
         """Stop now (Envoy's ``/quitquitquit``): a drain with its grace period ended at
@@ -766,31 +775,49 @@ class Sidecar:
         if not self.begin_drain():  # (one under way: else drain() ends it, once it said so)
             self.end_grace_period("asked to quit")
 
-    async def drain(self) -> None:
-        """Stop taking flows, let live ones finish within the grace period, close cleanly."""
+    async def drain(self, graceful: bool = False, *, outbound_too: bool = False) -> None:
+        """Stop taking flows, let live ones finish within the grace period, close cleanly.
+        ``graceful``: inbound flows are still taken for ``drain.min_duration``;
+        ``outbound_too``: the outbound listeners stop when inbound flows are refused."""
         if self.draining:
             await self._drained.wait()
             return
         self.draining = True
         self.ready = False
         grace, minimum = self.config.drain.grace_period, self.config.drain.min_duration
+        graceful = self._graceful(graceful)
         at_least = f", for at least {minimum:g}s" if minimum else ""
+        if graceful:
+            at_least += " (graceful: inbound flows taken until then)"
         logger.info(
             "draining: %d live flows, grace period %gs%s", self.flows.active, grace, at_least
         )
         # Inbound only, as Istio drains a sidecar: peers are told to go away and new
-        # inbound flows are refused, while the outbound listeners keep taking the
-        # application's connections until the wait below ends (an application that is
-        # stopping too may still call out: to finish its work, to deregister).
-        for capture in self.capture:
-            if capture.direction == "inbound":
-                capture.close()
+        # inbound flows are refused (graceful: once the minimum is over), while the
+        # outbound listeners keep taking the application's connections until the wait
+        # below ends (an application that is stopping too may still call out: to finish
+        # its work, to deregister).
         for inb in self.inbound.values():
-            inb.begin_drain()
+            inb.begin_drain(refuse=False)
+        refusing = None
+        if graceful:
+
+            def graceful_period_over() -> None:
+                logger.info("draining: graceful period over, new inbound flows are refused")
+                self._refuse_inbound_flows()
+                if outbound_too:
+                    self._stop_outbound_listeners()
+
+            refusing = asyncio.get_running_loop().call_later(minimum, graceful_period_over)
+        else:
+            self._refuse_inbound_flows()
         if self._quitting:
             self.end_grace_period("asked to quit")
         started = time.monotonic()
         await self._wait_for_the_drain(started)
+        if refusing is not None:
+            refusing.cancel()
+            self._refuse_inbound_flows()
         self._stop_outbound_listeners()
         if self.flows.active:
             why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
@@ -811,6 +838,15 @@ class Sidecar:
         await self._close_everything()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
+
+    def _refuse_inbound_flows(self) -> None:
+        """The inbound listeners refuse new flows, the inbound capture takes no new
+        connection; again is harmless."""
+        for capture in self.capture:
+            if capture.direction == "inbound":
+                capture.close()
+        for inb in self.inbound.values():
+            inb.refuse_new_flows()
 
     def _stop_outbound_listeners(self) -> None:
         """The outbound listeners and interception's captures take no new connection

@@ -593,6 +593,80 @@ def test_drain_listeners_without_inboundonly_stops_the_outbound_listeners_at_onc
         assert [r["outcome"] for r in a.access_log() if r["listener"] == "echo"] == ["completed"]
 
 
+def test_a_graceful_drain_serves_new_inbound_flows_for_its_minimum(
+    workdir: Path, echo_port: int
+) -> None:
+    """``/drain_listeners?inboundonly&graceful`` on the serving side B, as Istio's agent
+    sends it: its peers are told to go away, yet for ``drain.min_duration`` the flows
+    that still reach it (A, with no other endpoint, dials it again) are served, not
+    refused with 503 (they were, from the drain's start); after it, they are refused,
+    and B exits once its live flow is done."""
+    mesh = Mesh(workdir, echo_port, name="b-graceful")
+    mesh.b.config["drain"] = {"grace_period": "60s", "min_duration": "4s"}
+    mesh.b.start()
+    config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
+    a = SidecarProcess("a-graceful", config, workdir)
+    a.start()
+    b = mesh.b
+    try:
+        b.wait_ready()
+        a.wait_ready()
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])  # keeps B's drain waiting
+            assert b.request("POST", "/drain_listeners?inboundonly&graceful") == (200, b"OK\n")
+            await asyncio.to_thread(
+                wait_until, lambda: "(graceful: inbound flows taken" in b.stderr(), 10.0, "B"
+            )
+            for _ in range(3):
+                late = await HeldFlow.open(ports["echo"])
+                assert await late.finish(b"served while B drains") is True
+            await asyncio.to_thread(
+                wait_until, lambda: "graceful period over" in b.stderr(), 20.0, "the minimum"
+            )
+            assert await refused(ports["echo"])
+            assert await held.finish(b"done") is True
+            assert b.process is not None
+            assert await asyncio.to_thread(b.process.wait, 15) == 0
+
+        asyncio.run(main())
+    finally:
+        a.stop()
+        b.stop()
+    outcomes = [r["outcome"] for r in b.access_log() if r["listener"] == "mesh"]
+    assert outcomes.count("completed") == 4, outcomes
+    assert "draining" in outcomes, outcomes  # the flow after the minimum
+    assert "told 1 peer connection(s) to go away" in b.stderr()
+    assert "Traceback" not in b.stderr()
+
+
+def test_a_graceful_drain_of_every_listener_closes_the_outbound_ones_after_its_minimum(
+    workdir: Path, echo_port: int
+) -> None:
+    """``/drain_listeners?graceful`` without ``inboundonly``: Envoy's graceful drain
+    period applies to the outbound listeners too, which take new connections for
+    ``drain.min_duration`` and stop then, not at once."""
+    drain = {"grace_period": "60s", "min_duration": "3s"}
+    with _quic_pair(workdir, echo_port, "graceful-all", drain=drain) as (a, ports):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])
+            assert a.request("POST", "/drain_listeners?graceful") == (200, b"OK\n")
+            late = await HeldFlow.open(ports["echo"])
+            assert await late.finish(b"taken in the graceful period") is True
+            await asyncio.to_thread(
+                wait_until, lambda: "graceful period over" in a.stderr(), 20.0, "the minimum"
+            )
+            assert await refused(ports["echo"])
+            assert await held.finish(b"finished after the listener closed") is True
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        outcomes = [r["outcome"] for r in a.access_log() if r["listener"] == "echo"]
+        assert outcomes == ["completed", "completed"]
+
+
 def test_quitquitquit_stops_the_sidecar_now(workdir: Path, echo_port: int) -> None:
     """Envoy's ``POST /quitquitquit``: however long the grace period, the live flow is
     cut (logged as such) and the process exits 0 at once."""

@@ -431,9 +431,10 @@ class FakeView:
     def is_ready(self) -> bool:
         return self.ready
 
-    def begin_drain(self, outbound_now: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
         self.drains += 1
         self.outbound_now = outbound_now
+        self.graceful = graceful
         self.ready = False
         return self.drains == 1
 
@@ -488,11 +489,14 @@ def test_admin_envoy_actions_take_envoys_flags() -> None:
     assert b"unknown flag 'inbound'" in route(view, "POST", "/drain_listeners?inbound").body
     ok = route(view, "POST", "/drain_listeners?inboundonly&graceful")
     assert (ok.status, ok.body, view.drains, view.outbound_now) == (200, b"OK\n", 1, False)
+    assert view.graceful is True
     assert route(view, "POST", "/drain_listeners?graceful").status == 200
-    assert (view.drains, view.outbound_now) == (2, True)
+    assert (view.drains, view.outbound_now, view.graceful) == (2, True, True)
+    assert route(view, "POST", "/drain_listeners?inboundonly").status == 200
+    assert (view.drains, view.outbound_now, view.graceful) == (3, False, False)
     # Istio's agent may add skip_exit: taken (the drain still ends the sidecar).
     assert route(view, "POST", "/drain_listeners?inboundonly&graceful&skip_exit").status == 200
-    assert (view.drains, view.outbound_now) == (3, False)
+    assert (view.drains, view.outbound_now) == (4, False)
     assert route(view, "POST", "/quitquitquit").body == b"OK\n" and view.quits == 1
     assert json.loads(route(view, "GET", "/certs").body) == {"certificates": []}
     assert route(view, "POST", "/certs").status == 405
