@@ -21,6 +21,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .._signals import signals_deferred
 from ..errors import QuicmeshError
 
 Entered = Callable[[], contextlib.AbstractContextManager[object]]
@@ -55,18 +56,16 @@ class SpawnedChild:
             target=target, args=(setup, child_end, os.getpid()), name=name, daemon=True
         )
         try:
-            with started_in():
+            # A signal inside start() (SIGTERM, Ctrl-C) acts once it has returned: cut
+            # short, the child found its pipe empty and died with a traceback, unreaped.
+            with signals_deferred(), started_in():
                 self._process.start()
-        except BaseException:
-            self._control.close()
-            raise
-        finally:
-            child_end.close()
-        try:
             self.ready: Any = self._answer(start_timeout)
         except BaseException:
             self.kill()
             raise
+        finally:
+            child_end.close()
 
     def ask(self, message: object, timeout: float) -> Any:
         """Send ``message`` and return the child's answer."""
@@ -86,9 +85,10 @@ class SpawnedChild:
 
     def kill(self) -> None:
         """End the child at once (if it still runs), reap it, and stop the resource tracker."""
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join()
+        if self._process.pid is not None:  # (started)
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join()
         self._control.close()
         stop_resource_tracker()
 
@@ -103,9 +103,16 @@ class SpawnedChild:
 
 def stop_resource_tracker() -> None:
     """Stop multiprocessing's resource tracker and wait for it to end (the next spawned
-    child starts another). Left alone it ends only after this process has, when it reads
-    the end of its pipe. Its ``_stop`` is private (CPython 3.8 and later): where it is
-    missing, the tracker is left to end on its own."""
+    child starts another), unless another child of this process is alive: each holds the
+    tracker's pipe, so the wait would last until they had all ended. Left alone the
+    tracker ends only after this process has, when it reads the end of its pipe.
+
+    Stopping it releases whatever it still tracks (a ``SharedMemory`` block, a named
+    semaphore), as this process's exit would: the benchmarks that use this hold none.
+    Its ``_stop`` is private (CPython 3.8 and later): where it is missing, the tracker is
+    left to end on its own."""
+    if multiprocessing.active_children():
+        return
     stop = getattr(getattr(resource_tracker, "_resource_tracker", None), "_stop", None)
     if stop is not None:
         stop()

@@ -52,6 +52,13 @@ PARENT = textwrap.dedent(
     with terminate_as_exit():
         if sys.argv[1] == "start":
             SpawnedChild(targets.never_ready, None, "never-ready")
+        elif sys.argv[1] == "two":
+            first = SpawnedChild(targets.echo, 1, "first")
+            second = SpawnedChild(targets.echo, 2, "second")
+            first.stop("stop")
+            assert second.ask("still here", 10) == "still here"
+            second.stop("stop")
+            print("both stopped", flush=True)
         else:
             child = SpawnedChild(targets.echo, "hello", "echo")
             assert child.ready == "hello"
@@ -116,3 +123,15 @@ def test_a_stopped_child_and_its_tracker_are_gone_before_stop_returns(tmp_path: 
     finally:
         parent.kill()
     assert parent.returncode == 0, output
+
+
+@pytest.mark.timeout(120)
+def test_stopping_one_child_does_not_wait_for_another(tmp_path: Path) -> None:
+    # Found by a review: stopping the resource tracker waited for it, and it ends only
+    # once every child holding its pipe has: stop() hung while another child ran.
+    parent = _parent(tmp_path, "two")
+    try:
+        output, _ = parent.communicate("", timeout=60)
+    finally:
+        parent.kill()
+    assert (parent.returncode, output) == (0, "both stopped\n"), output
