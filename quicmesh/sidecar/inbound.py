@@ -240,8 +240,6 @@ class InboundListener:
         self.stats = stats
         self.draining = False
         """New flows are refused (503): the drain began, or its graceful period is over."""
-        self.sending_goaway = False
-        """The drain began: each peer connection is told to go away (GOAWAY), new ones too."""
         self._flows = flows
         self._log = log
         self._listeners: list[Listener] = []
@@ -620,17 +618,26 @@ class InboundListener:
 
     def begin_drain(self, *, refuse: bool = True) -> None:
         """Tell the peers to open no new flow (a GOAWAY on each QUIC or HTTP/2
-        connection, :meth:`~quicmesh.PeerConnection.go_away`, and on each connection made
-        from now on, at its first flow); the flows under way carry on. ``refuse``: new
-        streams are refused (503) from now on, else only from :meth:`refuse_new_flows`
-        (Envoy's graceful drain: a peer that has not yet learnt of it is still served).
-        (A quicmesh peer's cluster sends new flows to its other endpoints,
-        :data:`~.pool.GOING_AWAY_SECONDS`; with none, it dials this one again.)"""
+        connection, :meth:`~quicmesh.PeerConnection.go_away`); the flows under way carry
+        on. ``refuse``: new streams are refused (503) from now on, else only from
+        :meth:`refuse_new_flows` (Envoy's graceful drain: a peer that has not yet learnt of
+        the drain, or has no other endpoint and dials this one again, is still served,
+        and its new connection is told only then). (A quicmesh peer's cluster sends new
+        flows to its other endpoints, :data:`~.pool.GOING_AWAY_SECONDS`.)"""
         if refuse:
             self.refuse_new_flows()
-        if self.sending_goaway:
+        else:
+            self._tell_peers_to_go_away()
+
+    def refuse_new_flows(self) -> None:
+        """Refuse new streams (503) from now on, every peer connection told to go away
+        (one made later hears it at its first, refused, flow)."""
+        if self.draining:
             return
-        self.sending_goaway = True
+        self.draining = True
+        self._tell_peers_to_go_away()
+
+    def _tell_peers_to_go_away(self) -> None:
         told = sum(connection.go_away() for connection in self._accepted_connections())
         if told:
             logger.info(
@@ -638,10 +645,6 @@ class InboundListener:
                 self.config.name,
                 told,
             )
-
-    def refuse_new_flows(self) -> None:
-        """Refuse new streams (503) from now on: the drain's graceful period is over."""
-        self.draining = True
 
     def _accepted_connections(self) -> list[PeerConnection]:
         return [
@@ -700,8 +703,8 @@ class InboundListener:
         else (None) goes to :meth:`_handle`, which refuses it with its reason."""
         config = self.config
         identity = flow.peer_identity
-        if self.sending_goaway or not config.splice:
-            return None  # (draining: its connection is told to go away, in _forward)
+        if self.draining or not config.splice:
+            return None
         if self._refusal(config, identity, flow.target) is not None:
             return None
         parsed = split_target(flow.target)
@@ -775,13 +778,13 @@ class InboundListener:
     async def _forward(
         self, stream: MeshStream, config: InboundListenerConfig, record: FlowRecord
     ) -> None:
-        if self.sending_goaway and isinstance(stream.channel, PeerConnection):
-            # A connection made (or finishing its handshake) after the drain began: told
-            # now, so that its peer opens no more flows on it (begin_drain told the rest).
-            stream.channel.go_away()
         if self.draining:
             record.outcome, record.reason = Outcome.DRAINING, "sidecar is draining"
             _refuse(stream, 503, record.reason)
+            # A connection made (or finishing its handshake) after the refusals began:
+            # told now, so that its peer opens no more flows on it (the rest were told).
+            if isinstance(stream.channel, PeerConnection):
+                stream.channel.go_away()
             return
         # Limits and overload first: a refused stream costs no destination connection.
         connection_refusal = self._admit_connection(stream)

@@ -178,6 +178,11 @@ class Sidecar:
         """(:meth:`quit`) The drain closes peer connections without waiting for acks."""
         self._last_migration = float("-inf")
         self._drain_task: asyncio.Task[None] | None = None
+        self._graceful_period: asyncio.TimerHandle | None = None
+        """(a graceful drain, until ``drain.min_duration``) Inbound flows are still taken."""
+        self._outbound_with_inbound = False
+        """(``/drain_listeners`` without ``inboundonly``, graceful) The outbound listeners
+        stop when the graceful period ends."""
         self._watch_task: asyncio.Task[None] | None = None
         self._watched: dict[str, tuple[int, int, int] | None] = {}
         self._reload_lock = asyncio.Lock()
@@ -752,15 +757,17 @@ class Sidecar:
         ``/drain_listeners`` without ``inboundonly``), rather than when the drain's wait
         ends; their live flows carry on, as every flow does. ``graceful`` (its
         ``graceful``): that moment is ``drain.min_duration`` after the start, not the
-        start; meanwhile every peer connection is told to go away."""
-        graceful = self._graceful(graceful)
-        if outbound_now and (self.draining or not graceful):
-            self._stop_outbound_listeners()
+        start (the peer connections open then are told to go away at once, those made
+        meanwhile at its end); a drain under way keeps its own."""
+        if outbound_now:
+            starting_graceful = not self.draining and self._graceful(graceful)
+            if self._graceful_period is not None or starting_graceful:
+                self._outbound_with_inbound = True  # (stopped when the graceful period ends)
+            else:
+                self._stop_outbound_listeners()
         if self.draining:
             return False
-        self._drain_task = asyncio.get_running_loop().create_task(
-            self.drain(graceful, outbound_too=outbound_now)
-        )
+        self._drain_task = asyncio.get_running_loop().create_task(self.drain(graceful))
         return True
 
     def _graceful(self, asked: bool) -> bool:
@@ -775,10 +782,9 @@ class Sidecar:
         if not self.begin_drain():  # (one under way: else drain() ends it, once it said so)
             self.end_grace_period("asked to quit")
 
-    async def drain(self, graceful: bool = False, *, outbound_too: bool = False) -> None:
+    async def drain(self, graceful: bool = False) -> None:
         """Stop taking flows, let live ones finish within the grace period, close cleanly.
-        ``graceful``: inbound flows are still taken for ``drain.min_duration``;
-        ``outbound_too``: the outbound listeners stop when inbound flows are refused."""
+        ``graceful``: inbound flows are still taken for ``drain.min_duration``."""
         if self.draining:
             await self._drained.wait()
             return
@@ -798,26 +804,20 @@ class Sidecar:
         # below ends (an application that is stopping too may still call out: to finish
         # its work, to deregister).
         for inb in self.inbound.values():
-            inb.begin_drain(refuse=False)
-        refusing = None
+            inb.begin_drain(refuse=not graceful)
         if graceful:
-
-            def graceful_period_over() -> None:
-                logger.info("draining: graceful period over, new inbound flows are refused")
-                self._refuse_inbound_flows()
-                if outbound_too:
-                    self._stop_outbound_listeners()
-
-            refusing = asyncio.get_running_loop().call_later(minimum, graceful_period_over)
+            self._graceful_period = asyncio.get_running_loop().call_later(
+                minimum, self._end_graceful_period, "graceful period over"
+            )
         else:
             self._refuse_inbound_flows()
         if self._quitting:
             self.end_grace_period("asked to quit")
         started = time.monotonic()
         await self._wait_for_the_drain(started)
-        if refusing is not None:
-            refusing.cancel()
-            self._refuse_inbound_flows()
+        if self._graceful_period is not None:  # (the grace period was ended early)
+            self._graceful_period.cancel()
+            self._end_graceful_period("graceful period ended early")
         self._stop_outbound_listeners()
         if self.flows.active:
             why = "grace period ended early" if self._grace_ended.is_set() else "grace period over"
@@ -838,6 +838,15 @@ class Sidecar:
         await self._close_everything()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self._drained.set()
+
+    def _end_graceful_period(self, why: str) -> None:
+        """A graceful drain's inbound listeners refuse new flows from now on, and the
+        outbound ones stop too if ``/drain_listeners`` asked without ``inboundonly``."""
+        self._graceful_period = None
+        logger.info("draining: %s, new inbound flows are refused", why)
+        self._refuse_inbound_flows()
+        if self._outbound_with_inbound:
+            self._stop_outbound_listeners()
 
     def _refuse_inbound_flows(self) -> None:
         """The inbound listeners refuse new flows, the inbound capture takes no new
