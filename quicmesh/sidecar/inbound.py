@@ -596,21 +596,20 @@ class InboundListener:
             with contextlib.suppress(QuicmeshError, OSError):
                 await listener.wait_closed()
 
-    async def drain_and_close(self, grace: float) -> None:
+    async def drain_and_close(self, grace: float, acks: float = ACK_TIMEOUT) -> None:
         """Refuse new streams, wait up to ``grace`` seconds for live ones, then close.
 
         Peers are told first, where the protocol can say it (:meth:`begin_drain`).
         Peer connections are then closed gracefully
         (:meth:`~quicmesh.PeerConnection.aclose`): the last bytes of finished flows get
-        :data:`~.flows.ACK_TIMEOUT` seconds to be acknowledged.
+        ``acks`` seconds (:data:`~.flows.ACK_TIMEOUT`; none when the sidecar is asked to
+        quit) to be acknowledged.
         """
         self.begin_drain()
         with contextlib.suppress(TimeoutError):
             await wait_within(self._local_flows.wait_idle(), grace)
         connections = self._accepted_connections()
-        await asyncio.gather(
-            *(_aclose(connection, ACK_TIMEOUT) for connection in connections),
-        )
+        await asyncio.gather(*(_aclose(connection, acks) for connection in connections))
         self.close()
         await self.wait_closed()
         for transport in self._transports:  # (a listener of its name may go on counting)

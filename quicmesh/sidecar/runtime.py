@@ -828,7 +828,7 @@ class Sidecar:
         # asked to quit, at once (the live flows carried on for those 2 s; a review).
         acks = 0.0 if self._quitting else ACK_TIMEOUT
         await asyncio.gather(
-            *(inb.drain_and_close(0.0) for inb in self.inbound.values()),
+            *(inb.drain_and_close(0.0, acks) for inb in self.inbound.values()),
             *(
                 cluster.close(acks)
                 for cluster in list(self.clusters.values()) + self.retired_clusters
