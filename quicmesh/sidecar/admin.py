@@ -30,6 +30,7 @@ from .._timeouts import wait_within
 from ..errors import QuicmeshError, peer_text
 from ..logs import RateLimitedLog, check_log_level, quicmesh_loggers, set_log_level
 from .config import format_address, ip_address_of, loopback_only
+from .envoy_stats import envoy_stats, envoy_stats_text, server_state
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger("quicmesh.sidecar.admin")
@@ -262,10 +263,15 @@ _NOTHING = object()
 """What :func:`filter_snapshot` leaves of a branch none of whose stats match."""
 
 
-def _stats(view: AdminView, query: str, prometheus: bool) -> Response:
+def _stats(view: AdminView, query: str, prometheus: bool, envoy_text: bool = False) -> Response:
     pattern = stats_filter(query)
     if isinstance(pattern, Response):
         return pattern
+    if envoy_text:
+        stats = envoy_stats(view.snapshot())
+        if pattern is not None:
+            stats = {name: value for name, value in stats.items() if pattern.search(name)}
+        return Response(200, "text/plain; charset=utf-8", envoy_stats_text(stats).encode())
     if prometheus:
         text = view.metrics_text()
         return Response(
@@ -299,11 +305,16 @@ def route(view: AdminView, method: str, target: str) -> Response | Deferred:
     if path in ("/metrics", "/stats/prometheus"):  # (Envoy's path, which Istio scrapes)
         return _stats(view, query, prometheus=True)
     if path == "/stats":
-        # Envoy's /stats?format=prometheus is its /stats/prometheus.
-        chosen = _format(path, query, "json", "prometheus")
+        # Envoy's /stats?format=prometheus is its /stats/prometheus. Its default is the
+        # text, quicmesh's its JSON, but for Envoy's usedonly (Istio's agent sends it).
+        if "usedonly" in parse_qs(query, keep_blank_values=True):
+            chosen = _format(path, query, "text", "json", "prometheus")
+        else:
+            chosen = _format(path, query, "json", "prometheus", "text")
         if isinstance(chosen, Response):
             return chosen
-        return _stats(view, query, prometheus=chosen == "prometheus")
+        prometheus, envoy_text = chosen == "prometheus", chosen == "text"
+        return _stats(view, query, prometheus=prometheus, envoy_text=envoy_text)
     if path in ("/clusters", "/listeners"):
         chosen = _format(path, query, "text", "json")
         if isinstance(chosen, Response):
@@ -399,12 +410,7 @@ def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:
     ``metadata``), each field one of ``envoy.admin.v3.ServerInfo``'s."""
     from .. import __version__
 
-    if snapshot.get("draining"):
-        state = "DRAINING"
-    elif snapshot.get("ready"):
-        state = "LIVE"
-    else:
-        state = "INITIALIZING"
+    state = server_state(snapshot)
     uptime = f"{int(snapshot.get('uptime', 0))}s"
     return {
         "version": f"quicmesh/{__version__}",
@@ -420,13 +426,13 @@ def server_info(snapshot: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _format(path: str, query: str, default: str, other: str) -> str | Response:
-    """The ``format=`` a path was asked for (``default`` or ``other``), or the 400."""
+def _format(path: str, query: str, default: str, *others: str) -> str | Response:
+    """The ``format=`` a path was asked for (``default`` or one of ``others``), or the 400."""
     formats = parse_qs(query).get("format", [default])
-    if formats in ([default], [other]):
+    if len(formats) == 1 and formats[0] in (default, *others):
         return formats[0]
     shown = peer_text(",".join(formats), 64)
-    return _text(400, f"{path} format {shown!r}: {default} (the default) or {other}")
+    return _text(400, f"{path} format {shown!r}: {default} (the default) or {' or '.join(others)}")
 
 
 _HEALTH_FLAGS = {

@@ -144,6 +144,10 @@ class AdsClient:
         ``config.initial_fetch_timeout`` after LDS and CDS if one still is (the
         sidecar is then ready)."""
         self.counters = {"acks": 0, "nacks": 0, "streams": 0, "stream_failures": 0}
+        self.updates: dict[str, dict[str, int]] = {}
+        """Per discovery service (``LDS``, ``CDS``, ...) the responses applied
+        (``success``) and refused (``rejected``): Envoy's ``update_success`` and
+        ``update_rejected``."""
         self.connected = False
         self.last_error = ""
         self.warming: tuple[str, ...] = ()
@@ -185,6 +189,7 @@ class AdsClient:
             "warming": list(self.warming),
             "last_error": self.last_error,
             **self.counters,
+            "updates": {kind: dict(counts) for kind, counts in sorted(self.updates.items())},
         }
 
     # -- the stream -------------------------------------------------------------
@@ -302,12 +307,12 @@ class AdsClient:
                 # stream and the running configuration carry on.
                 logger.exception("applying %s version %s failed", kind, update.version)
                 exc = MappingError(f"cannot apply it here ({type(exc).__name__}: {exc})")
-            self.counters["nacks"] += 1
+            self._count(kind, ack=False)
             self.last_error = f"{kind} version {update.version}: {exc}"
             logger.error("NACK %s version %s: %s", kind, update.version, exc)
             self._fetched(update.type_url)
             return self.state.reject(update, str(exc))
-        self.counters["acks"] += 1
+        self._count(kind, ack=True)
         logger.info(
             "ACK %s version %s (%d resources%s)",
             kind,
@@ -317,8 +322,13 @@ class AdsClient:
         )
         return self.state.accept(update)
 
+    def _count(self, kind: str, *, ack: bool) -> None:
+        self.counters["acks" if ack else "nacks"] += 1
+        counts = self.updates.setdefault(kind, {"success": 0, "rejected": 0})
+        counts["success" if ack else "rejected"] += 1
+
     def _nack_response(self, response: Any, kind: str, error: str) -> list[Any]:
-        self.counters["nacks"] += 1
+        self._count(kind, ack=False)
         self.last_error = f"{kind} version {response.version_info}: {error}"
         logger.error("NACK %s version %s: %s", kind, response.version_info, error)
         return self.state.reject_response(response, error)

@@ -79,6 +79,9 @@ def test_not_ready_until_the_first_clusters_have_endpoints(
     wait_until(lambda: _warming(a) == ["echo"], what="echo warming")
     status, body = a.request("GET", "/ready")
     assert status == 503 and b"endpoints of echo" in body, body
+    # Istio's agent, asking as it asks Envoy, waits too (server.state 3: INITIALIZING).
+    status, body = a.request("GET", AGENT_READINESS)
+    assert (status, body) == (200, b"listener_manager.workers_started: 0\nserver.state: 3\n")
     assert asyncio.run(refused(ports["out"]))
     ads.set_resources(
         ENDPOINT_TYPE,
@@ -89,6 +92,13 @@ def test_not_ready_until_the_first_clusters_have_endpoints(
     b.wait_ready()
     a.wait_ready()
     assert _flow_ok(ports["out"])
+    assert a.request("GET", AGENT_READINESS)[1] == (
+        b"listener_manager.workers_started: 1\nserver.state: 0\n"
+    )
+
+
+AGENT_READINESS = "/stats?usedonly&filter=^(server\\.state|listener_manager\\.workers_started)"
+"""Istio's agent's readiness query, as it sends it to Envoy (status/util/stats.go)."""
 
 
 def test_ready_without_endpoints_after_the_initial_fetch_timeout(
@@ -151,6 +161,15 @@ def test_unsupported_field_is_nacked_and_last_good_config_kept(
     assert _flow_ok(ports["out"])
     stats = a.stats()
     assert stats["xds"]["nacks"] == 1 and stats["xds"]["versions"]["CDS"] == "1"
+    # The counters Istio's agent reads for "configuration received", under Envoy's names.
+    status, body = a.request("GET", "/stats?usedonly&filter=update_(success|rejected)$")
+    assert status == 200
+    assert body.decode().splitlines() == [
+        "cluster_manager.cds.update_rejected: 1",
+        "cluster_manager.cds.update_success: 1",
+        "listener_manager.lds.update_rejected: 0",
+        "listener_manager.lds.update_success: 1",
+    ]
     assert stats["clusters"]["echo"]["transport"] == "h2"
     assert "respect_dns_ttl" in stats["xds"]["last_error"]
 

@@ -145,6 +145,11 @@ def test_many_concurrent_flows_arrive_intact(
     assert rq_total == 48
     status, body = a.request("GET", "/listeners")
     assert status == 200 and f"{cluster}::{addr(ports[cluster])}" in body.decode().splitlines()
+    # Envoy's stat names in its text form, as Istio's agent asks for them.
+    status, body = a.request("GET", "/stats?usedonly&filter=^(server\\.state|cluster\\.echo_)")
+    lines = body.decode().splitlines()
+    assert status == 200 and "server.state: 0" in lines
+    assert f"cluster.{cluster}.upstream_rq_total: 48" in lines
 
 
 def test_bbr_cluster_carries_flows_with_bbr(
