@@ -65,7 +65,7 @@ class AdminView(Protocol):
     def certificates(self) -> dict[str, Any]:
         """The certificate presented and the trust bundle (``/certs``, Envoy's shape)."""
 
-    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool | None = None) -> bool:
         """Start draining; False if a drain was already under way. ``outbound_now``: the
         outbound listeners close at once, not at the drain's end; ``graceful``: inbound
         flows are still taken for ``drain.min_duration``."""

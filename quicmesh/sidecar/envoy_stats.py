@@ -44,8 +44,9 @@ def envoy_stats(snapshot: dict[str, Any]) -> dict[str, int]:
     for listener in listeners.values():
         prefix = f"listener.{_address_name(str(listener.get('address', '')))}"
         active, total = _downstream(listener)
-        stats[f"{prefix}.downstream_cx_active"] = active
-        stats[f"{prefix}.downstream_cx_total"] = total
+        # (Listeners on one address, a QUIC and a TCP one, share its stats, as in Envoy.)
+        for stat, value in (("downstream_cx_active", active), ("downstream_cx_total", total)):
+            stats[f"{prefix}.{stat}"] = stats.get(f"{prefix}.{stat}", 0) + value
     for name, cluster in clusters.items():
         endpoints: dict[str, Any] = cluster.get("endpoints", {})
         for stat, key in (

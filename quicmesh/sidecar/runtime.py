@@ -749,7 +749,7 @@ class Sidecar:
 
     # -- drain -----------------------------------------------------------------
 
-    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool | None = None) -> bool:
         """Start a drain in the background; False if one is already running.
 
         ``outbound_now``: the outbound listeners (and interception's captures) stop taking
@@ -758,16 +758,24 @@ class Sidecar:
         ends; their live flows carry on, as every flow does. ``graceful`` (its
         ``graceful``): that moment is ``drain.min_duration`` after the start, not the
         start (the peer connections open then are told to go away at once, those made
-        meanwhile at its end); a drain under way keeps its own."""
+        meanwhile at its end). ``graceful=False`` (``/drain_listeners`` without it) ends a
+        graceful period under way, which None (a signal, ``/drain``) leaves to run."""
+        if self._graceful_period is not None and graceful is False:
+            # Envoy's drain without ``graceful`` stops the listeners at once: the
+            # graceful period under way ends now.
+            self._outbound_with_inbound = self._outbound_with_inbound or outbound_now
+            self._graceful_period.cancel()
+            self._end_graceful_period("asked to drain without graceful")
+            return False
         if outbound_now:
-            starting_graceful = not self.draining and self._graceful(graceful)
+            starting_graceful = not self.draining and self._graceful(bool(graceful))
             if self._graceful_period is not None or starting_graceful:
                 self._outbound_with_inbound = True  # (stopped when the graceful period ends)
             else:
                 self._stop_outbound_listeners()
         if self.draining:
             return False
-        self._drain_task = asyncio.get_running_loop().create_task(self.drain(graceful))
+        self._drain_task = asyncio.get_running_loop().create_task(self.drain(bool(graceful)))
         return True
 
     def _graceful(self, asked: bool) -> bool:

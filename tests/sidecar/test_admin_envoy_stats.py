@@ -202,3 +202,17 @@ def test_every_line_is_one_the_agent_parses(
     assert stats["cluster.reviews.membership_total"] == sum(
         1 for e in endpoints.values() if e["health"] != "removed"
     )
+
+
+def test_listeners_on_one_address_add_up_as_envoys_shared_stats() -> None:
+    # Found by a review: a QUIC and a TCP listener on one port wrote one name, the last
+    # listed won, and a live flow on the other read 0 (the agent's drain poll then
+    # stopped the sidecar mid-flow).
+    listeners = {
+        "mesh": {"kind": "inbound", "address": "127.0.0.1:15008", "streams_active": 1},
+        "mesh_tcp": {"kind": "inbound", "address": "127.0.0.1:15008", "streams_active": 0},
+    }
+    _, body = _get(
+        dict(SNAPSHOT, listeners=listeners), "/stats?usedonly&filter=downstream_cx_active$"
+    )
+    assert _parse_as_pilot_agent(body) == {"listener.127.0.0.1_15008.downstream_cx_active": 1}

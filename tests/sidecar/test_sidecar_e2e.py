@@ -434,9 +434,12 @@ def test_drain_on_sigterm_loses_nothing(workdir: Path, echo_port: int, transport
             # Every flow is established through both sidecars: now drain both.
             a.signal(signal.SIGTERM)
             mesh.b.signal(signal.SIGTERM)
-            await asyncio.to_thread(
-                wait_until, lambda: a.request("GET", "/ready")[0] == 503, 10.0, "A draining"
-            )
+            for sidecar in (a, mesh.b):  # (B too: a loaded machine was slow to signal it,
+                # B served the late flow, and the test read its echo until its timeout)
+                await asyncio.to_thread(
+                    wait_until, lambda s=sidecar: s.request("GET", "/ready")[0] == 503, 10.0,
+                    f"{sidecar.name} draining",
+                )  # fmt: skip
             late = await refused(ports["echo"])
             results = await asyncio.gather(
                 *(f.finish(p) for f, p in zip(held, payloads, strict=True))
@@ -611,7 +614,9 @@ def test_a_graceful_drain_serves_new_inbound_flows_for_its_minimum(
     refused with 503 (they were, from the drain's start); after it, they are refused,
     and B exits once its live flow is done."""
     mesh = Mesh(workdir, echo_port, name="b-graceful")
-    mesh.b.config["drain"] = {"grace_period": "60s", "min_duration": "4s"}
+    # (The minimum leaves a loaded machine time for the flows below: they take well
+    # under a second here.)
+    mesh.b.config["drain"] = {"grace_period": "60s", "min_duration": "8s"}
     mesh.b.start()
     config, ports = mesh.a_config([mesh.cluster("echo", "quic")])
     a = SidecarProcess("a-graceful", config, workdir)
@@ -672,7 +677,7 @@ def test_a_graceful_drain_of_every_listener_closes_the_outbound_ones_after_its_m
     """``/drain_listeners?graceful`` without ``inboundonly``: Envoy's graceful drain
     period applies to the outbound listeners too, which take new connections for
     ``drain.min_duration`` and stop then, not at once."""
-    drain = {"grace_period": "60s", "min_duration": "3s"}
+    drain = {"grace_period": "60s", "min_duration": "6s"}
     with _quic_pair(workdir, echo_port, f"graceful-all-{len(calls)}", drain=drain) as (a, ports):
 
         async def main() -> None:
@@ -686,6 +691,37 @@ def test_a_graceful_drain_of_every_listener_closes_the_outbound_ones_after_its_m
             )
             assert await refused(ports["echo"])
             assert await held.finish(b"finished after the listener closed") is True
+            assert a.process is not None
+            assert await asyncio.to_thread(a.process.wait, 15) == 0
+
+        asyncio.run(main())
+        outcomes = [r["outcome"] for r in a.access_log() if r["listener"] == "echo"]
+        assert outcomes == ["completed", "completed"]
+
+
+def test_a_drain_without_graceful_ends_a_graceful_period_at_once(
+    workdir: Path, echo_port: int
+) -> None:
+    """Envoy's ``/drain_listeners`` without ``graceful`` stops the listeners at once:
+    during a graceful period (an hour here) it ends that period (found by a review: it
+    ran on), while a SIGTERM, the usual stop, leaves it to run."""
+    drain = {"grace_period": "7200s", "min_duration": "3600s"}
+    with _quic_pair(workdir, echo_port, "graceful-ended", drain=drain) as (a, ports):
+
+        async def main() -> None:
+            held = await HeldFlow.open(ports["echo"])
+            assert a.request("POST", "/drain_listeners?graceful") == (200, b"OK\n")
+            a.signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                wait_until, lambda: "draining already" in a.stderr(), 10.0, "the SIGTERM"
+            )
+            late = await HeldFlow.open(ports["echo"])
+            assert await late.finish(b"taken: the graceful period runs on") is True
+            assert a.request("POST", "/drain_listeners") == (200, b"OK\n")
+            assert await refused(ports["echo"])
+            assert "asked to drain without graceful" in a.stderr()
+            assert await held.finish(b"still carried") is True
+            assert a.request("POST", "/quitquitquit") == (200, b"OK\n")  # (the minimum: 1 h)
             assert a.process is not None
             assert await asyncio.to_thread(a.process.wait, 15) == 0
 

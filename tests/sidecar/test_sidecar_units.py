@@ -431,7 +431,7 @@ class FakeView:
     def is_ready(self) -> bool:
         return self.ready
 
-    def begin_drain(self, outbound_now: bool = False, graceful: bool = False) -> bool:
+    def begin_drain(self, outbound_now: bool = False, graceful: bool | None = None) -> bool:
         self.drains += 1
         self.outbound_now = outbound_now
         self.graceful = graceful
