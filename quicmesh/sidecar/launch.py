@@ -42,7 +42,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .._child import child_environment, python_command
-from .._signals import signal_handlers
+from .._signals import signal_handlers, signals_deferred
 from ..errors import QuicmeshError
 
 LOOPBACK = "127.0.0.1"
@@ -356,7 +356,14 @@ class SidecarProcess:
         # the main thread lives as long as the process.
         if threading.current_thread() is threading.main_thread():
             env[_PARENT_VARIABLE] = str(os.getpid())
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+        # A signal that becomes SystemExit (terminate_as_exit) acts once the child is
+        # known here, so that stop() ends it: raised inside Popen it left the sidecar
+        # running after the command had exited, until its parent-death signal came.
+        with (
+            signals_deferred(),
+            open(self.stdout_path, "ab") as out,
+            open(self.stderr_path, "ab") as err,
+        ):
             self.process = subprocess.Popen(
                 python_command("-c", _SIDECAR_MAIN, "sidecar", "-c", str(self.config_path), *extra),
                 stdout=out,

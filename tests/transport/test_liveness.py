@@ -189,10 +189,10 @@ def test_connect_to_a_closed_udp_port_fails_at_once(engine: str) -> None:
     async def main() -> None:
         port = closed_udp_port()
         client = client_transport(engine=engine)
-        started = time.monotonic()
+        # "unreachable", not the handshake's timeout: the ICMP error ended the wait
+        # (no timed assertion: a loaded CI machine took 0.26 s where 0.1 s was asked).
         with pytest.raises(ConnectError, match="unreachable"):
-            await client.connect(("127.0.0.1", port), timeout=5.0)
-        assert time.monotonic() - started < 0.1
+            await client.connect(("127.0.0.1", port), timeout=30.0)
 
     run(main())
 
