@@ -284,13 +284,17 @@ class Link:
         """
         self._check_open()
         kwargs.setdefault("start_new_session", True)
-        try:
-            process: subprocess.Popen[Any] = subprocess.Popen(
-                system.namespace_argv(self.namespace(side), argv), **kwargs
-            )
-        except OSError as exc:
-            raise NetemError(f"cannot run {argv[0] if argv else '?'}: {exc}") from None
-        self._processes.append((process, bool(kwargs["start_new_session"])))
+        # Signals held until the process is recorded: a Ctrl-C (KeyboardInterrupt) raised
+        # inside Popen after the command had started left it unknown to the tear-down,
+        # running on with this process's stderr open (a CI run's double Ctrl-C test).
+        with signals_deferred():
+            try:
+                process: subprocess.Popen[Any] = subprocess.Popen(
+                    system.namespace_argv(self.namespace(side), argv), **kwargs
+                )
+            except OSError as exc:
+                raise NetemError(f"cannot run {argv[0] if argv else '?'}: {exc}") from None
+            self._processes.append((process, bool(kwargs["start_new_session"])))
         return process
 
     def run_in_thread(

@@ -465,4 +465,7 @@ def test_a_closed_udp_port_fails_the_connect_at_once(mesh: Mesh) -> None:
         return time.monotonic() - started
 
     elapsed = mesh.link.run_in_thread("client", main).result(30)
-    assert elapsed < 0.1, elapsed
+    # "unreachable" (above), not the handshake's timeout, shows that the ICMP error
+    # ended the wait; the bound is only a generous "well before the 5 s timeout" (a
+    # loaded CI machine took 0.26 s for the loopback case where 0.1 s was asked).
+    assert elapsed < 2.5, elapsed

@@ -187,10 +187,11 @@ def test_a_closed_udp_port_falls_back_at_once(engine: str) -> None:
         peer = Peer()
         address = await peer.start(quic=False)
         client = auto(engine, fallback_delay=0.3)
-        started = time.monotonic()
         connection = await client.connect(address, timeout=5)
         assert connection.transport_name == "h2"
-        assert time.monotonic() - started < 0.3  # ICMP: no need to wait for the delay
+        # Marked broken as the connect returns: by the ICMP error, since a QUIC handshake
+        # that heard nothing would run on to its timeout (no timed assertion: a loaded
+        # CI machine is slow to schedule, never early).
         assert client.stats()["endpoints_quic_broken"] == 1
         await connection.aclose()
         await client.aclose()
